@@ -1,0 +1,285 @@
+"""Reading and writing catalog files (one JSON format for every cloud, see docs/catalog.md).
+
+Where a cloud's catalog comes from, first match wins:
+  1. `$SKYHEDGE_CATALOG_DIR/<cloud>.json` when that variable is set (tests, CI, air-gapped hosts);
+  2. `~/.cache/skyhedge/catalog/<cloud>.json` when present (written by `skyhedge catalog refresh`);
+  3. the bundled `skyhedge/catalog/data/<cloud>.json`.
+A user file replaces the bundled one whole, so what `catalog show` prints is exactly what plans use.
+Parsed catalogs are cached per process, keyed by the file's path and mtime so a refresh is seen.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import threading
+from pathlib import Path
+from typing import Any
+
+from skyhedge.catalog.model import CloudCatalog, InstanceType, Offer, did_you_mean
+from skyhedge.errors import CatalogError
+
+CLOUDS: tuple[str, ...] = ("aws", "gcp", "local")
+FORMAT_VERSION = 1
+ENV_DIR = "SKYHEDGE_CATALOG_DIR"
+
+_DATA_DIR = Path(__file__).resolve().parent / "data"
+_cache: dict[tuple[str, str, int, int], CloudCatalog] = {}
+_lock = threading.Lock()
+
+
+def check_cloud(cloud: str) -> str:
+    if cloud not in CLOUDS:
+        raise CatalogError(
+            f"unknown cloud {cloud!r}: expected one of {', '.join(CLOUDS)}{did_you_mean(cloud, CLOUDS)}"
+        )
+    return cloud
+
+
+def bundled_path(cloud: str) -> Path:
+    return _DATA_DIR / f"{check_cloud(cloud)}.json"
+
+
+def user_cache_dir() -> Path:
+    """Where refreshes are written and user catalogs are read from."""
+    env = os.environ.get(ENV_DIR)
+    if env:
+        return Path(env).expanduser()
+    return Path.home() / ".cache" / "skyhedge" / "catalog"
+
+
+def user_cache_path(cloud: str) -> Path:
+    return user_cache_dir() / f"{check_cloud(cloud)}.json"
+
+
+def catalog_path(cloud: str) -> Path:
+    """The file `load_catalog(cloud)` reads: the user cache if present, else the bundled file."""
+    user = user_cache_path(cloud)
+    return user if user.is_file() else bundled_path(cloud)
+
+
+def load_catalog(cloud: str) -> CloudCatalog:
+    """The catalog of `cloud` ("aws", "gcp" or "local"); CatalogError for an unknown cloud or a bad file."""
+    path = catalog_path(cloud)
+    try:
+        st = path.stat()
+    except OSError as exc:
+        raise CatalogError(f"{path}: cannot read catalog: {exc.strerror or exc}") from exc
+    key = (cloud, str(path), st.st_mtime_ns, st.st_size)
+    with _lock:
+        hit = _cache.get(key)
+    if hit is not None:
+        return hit
+    catalog = read_catalog_file(path, expect_cloud=cloud)
+    with _lock:
+        _cache[key] = catalog
+    return catalog
+
+
+def clear_cache() -> None:
+    """Forget parsed catalogs (tests; a long-lived process after a refresh sees mtimes anyway)."""
+    with _lock:
+        _cache.clear()
+
+
+def read_catalog_file(path: Path, *, expect_cloud: str | None = None) -> CloudCatalog:
+    """Parse and validate one catalog file; every problem is one CatalogError naming file and field."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise CatalogError(f"{path}: cannot read catalog: {exc.strerror or exc}") from exc
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise CatalogError(
+            f"{path}: not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
+        ) from exc
+    return catalog_from_dict(data, origin=str(path), expect_cloud=expect_cloud)
+
+
+class _Fields:
+    """Typed access to one JSON object with errors that name `origin: field.path`."""
+
+    def __init__(self, origin: str, path: str, data: Any) -> None:
+        self.origin = origin
+        self.path = path
+        if not isinstance(data, dict):
+            self.fail(path, "expected an object", data)
+        self.data: dict[str, Any] = data
+
+    def fail(self, path: str, expected: str, got: Any) -> None:
+        where = f"{self.origin}: {path}" if path else self.origin
+        raise CatalogError(f"{where}: {expected}, got {got!r}")
+
+    def _sub(self, key: str) -> str:
+        return f"{self.path}.{key}" if self.path else key
+
+    def _get(self, key: str, required: bool) -> Any:
+        if key not in self.data and required:
+            raise CatalogError(f"{self.origin}: {self._sub(key)}: missing")
+        return self.data.get(key)
+
+    def str(self, key: str, *, required: bool = True) -> str | None:
+        """A non-empty string; with required=False a missing key or null gives None."""
+        value = self._get(key, required)
+        if value is None and not required:
+            return None
+        if not isinstance(value, str) or not value:
+            self.fail(self._sub(key), "expected a non-empty string", value)
+        return value
+
+    def number(self, key: str, *, nullable: bool = False, minimum: float = 0.0) -> float | None:
+        value = self._get(key, required=not nullable)
+        if value is None and nullable:
+            return None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            self.fail(
+                self._sub(key), f"expected a number >= {minimum:g}" + (" or null" if nullable else ""), value
+            )
+        if value < minimum:
+            self.fail(self._sub(key), f"expected a number >= {minimum:g}", value)
+        return float(value)
+
+    def int(self, key: str, *, minimum: int = 0) -> int:
+        value = self._get(key, required=True)
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            self.fail(self._sub(key), f"expected an integer >= {minimum}", value)
+        return value
+
+
+def catalog_from_dict(data: Any, *, origin: str, expect_cloud: str | None = None) -> CloudCatalog:
+    """Build a validated `CloudCatalog` from the documented JSON shape."""
+    top = _Fields(origin, "", data)
+    version = top.int("format", minimum=1)
+    if version != FORMAT_VERSION:
+        top.fail("format", f"expected {FORMAT_VERSION}", version)
+    cloud = top.str("cloud")
+    assert cloud is not None
+    if cloud not in CLOUDS:
+        top.fail("cloud", f"expected one of {', '.join(CLOUDS)}", cloud)
+    if expect_cloud is not None and cloud != expect_cloud:
+        top.fail("cloud", f"expected {expect_cloud!r} (file is for another cloud)", cloud)
+    source = top.str("source")
+    taken_at = top.str("taken_at")
+
+    raw_types = top.data.get("instance_types")
+    if not isinstance(raw_types, dict) or not raw_types:
+        top.fail("instance_types", "expected a non-empty object of name -> instance type", raw_types)
+    types: dict[str, InstanceType] = {}
+    for name, raw in raw_types.items():
+        f = _Fields(origin, f"instance_types.{name}", raw)
+        accelerator = f.str("accelerator", required=False)
+        count = f.int("accelerator_count", minimum=0) if "accelerator_count" in f.data else 0
+        if accelerator is not None and count < 1:
+            f.fail(f"{f.path}.accelerator_count", "expected an integer >= 1 with an accelerator", count)
+        if accelerator is None and count != 0:
+            f.fail(f"{f.path}.accelerator_count", "expected 0 without an accelerator", count)
+        vcpus = f.number("vcpus")
+        memory = f.number("memory_gib")
+        assert vcpus is not None and memory is not None
+        types[name] = InstanceType(name, accelerator, count, vcpus, memory)
+
+    raw_offers = top.data.get("offers")
+    if not isinstance(raw_offers, list) or not raw_offers:
+        top.fail("offers", "expected a non-empty list of offers", raw_offers)
+    offers: list[Offer] = []
+    seen: set[tuple[str, str]] = set()
+    zone_region: dict[str, str] = {}
+    for i, raw in enumerate(raw_offers):
+        f = _Fields(origin, f"offers[{i}]", raw)
+        itype = f.str("instance_type")
+        region = f.str("region")
+        zone = f.str("zone")
+        assert itype is not None and region is not None and zone is not None
+        if itype not in types:
+            f.fail(f"{f.path}.instance_type", "expected a name listed in instance_types", itype)
+        if zone_region.setdefault(zone, region) != region:
+            f.fail(
+                f"{f.path}.region", f"expected {zone_region[zone]!r} (zone {zone!r} is listed there)", region
+            )
+        if (itype, zone) in seen:
+            f.fail(f.path, "expected one offer per (instance_type, zone)", f"{itype} in {zone} again")
+        seen.add((itype, zone))
+        ondemand = f.number("ondemand_price")
+        spot = f.number("spot_price", nullable=True)
+        assert ondemand is not None
+        offers.append(
+            Offer(
+                instance_type=itype,
+                region=region,
+                zone=zone,
+                ondemand_price=ondemand,
+                spot_price=spot,
+                spot_taken_at=f.str("spot_taken_at", required=False),
+                spot_source=f.str("spot_source", required=False),
+            )
+        )
+    return CloudCatalog(
+        cloud=cloud,
+        source=source or "",
+        taken_at=taken_at or "",
+        instance_types=types,
+        offers=tuple(offers),
+        path=origin,
+    )
+
+
+def catalog_to_dict(catalog: CloudCatalog, *, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The documented JSON shape of `catalog` (round-trips through `catalog_from_dict`)."""
+    out: dict[str, Any] = {
+        "format": FORMAT_VERSION,
+        "cloud": catalog.cloud,
+        "source": catalog.source,
+        "taken_at": catalog.taken_at,
+    }
+    if extra:
+        out.update(extra)
+    out["instance_types"] = {
+        t.name: {
+            "accelerator": t.accelerator,
+            "accelerator_count": t.accelerator_count,
+            "vcpus": t.vcpus,
+            "memory_gib": t.memory_gib,
+        }
+        for t in catalog.instance_types.values()
+    }
+    offers = []
+    for o in catalog.offers:
+        row: dict[str, Any] = {
+            "instance_type": o.instance_type,
+            "region": o.region,
+            "zone": o.zone,
+            "ondemand_price": o.ondemand_price,
+            "spot_price": o.spot_price,
+        }
+        if o.spot_taken_at is not None:
+            row["spot_taken_at"] = o.spot_taken_at
+        if o.spot_source is not None:
+            row["spot_source"] = o.spot_source
+        offers.append(row)
+    out["offers"] = offers
+    return out
+
+
+def write_catalog_file(catalog: CloudCatalog, path: Path, *, extra: dict[str, Any] | None = None) -> None:
+    """Write `catalog` to `path` atomically (temp file in the same directory + os.replace)."""
+    data = catalog_to_dict(catalog, extra=extra)
+    # Validate what we are about to write so a bad refresh never leaves a file plans cannot read.
+    catalog_from_dict(data, origin=str(path), expect_cloud=catalog.cloud)
+    text = json.dumps(data, indent=1) + "\n"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                fh.write(text)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+    except OSError as exc:
+        raise CatalogError(f"{path}: cannot write catalog: {exc.strerror or exc}") from exc

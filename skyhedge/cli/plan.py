@@ -1,0 +1,88 @@
+"""`skyhedge plan`: the desired layout and what changes, like `terraform plan`."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import click
+from rich.table import Table
+
+from skyhedge.cli._app import console, main, spec_argument, state_dir_option
+from skyhedge.planner import CREATE, DELETE, Plan
+from skyhedge.service import compute_plan
+from skyhedge.spec import load_spec
+from skyhedge.state import default_state_dir, load_state
+
+
+def plan_to_json(plan: Plan) -> dict[str, object]:
+    """The documented `plan --json` object (see README, "plan --json")."""
+    return {
+        "service": plan.service,
+        "target": plan.target,
+        "policy": plan.policy,
+        "replicas": [
+            {
+                "id": r.id,
+                "cloud": r.location.cloud,
+                "region": r.location.region,
+                "zone": r.location.zone,
+                "market": r.market.value,
+                "action": r.action,
+                "price_per_hour": r.price_per_hour,
+            }
+            for r in plan.replicas
+        ],
+        "summary": plan.summary(),
+    }
+
+
+_ACTION_STYLE = {CREATE: "[green]+ create[/]", DELETE: "[red]- delete[/]", "keep": "[dim]  keep[/]"}
+
+
+def render_plan_table(plan: Plan) -> Table:
+    """Group by cloud/region/zone, market and action, with counts and hourly prices."""
+    groups: dict[tuple[str, str, str, str, str], list[float]] = defaultdict(list)
+    for r in plan.replicas:
+        loc = r.location
+        groups[(loc.cloud, loc.region, loc.zone, r.market.value, r.action)].append(r.price_per_hour)
+    table = Table(title=f"skyhedge plan: {plan.service} (target {plan.target} ready, policy {plan.policy})")
+    for col in ("cloud", "region", "zone", "market", "change", "count", "$/h each", "$/h"):
+        table.add_column(col, justify="right" if col in {"count", "$/h each", "$/h"} else "left")
+    for (cloud, region, zone, market, action), prices in sorted(groups.items()):
+        table.add_row(
+            cloud, region, zone, market, _ACTION_STYLE[action], str(len(prices)), f"{prices[0]:.4f}",
+            f"{sum(prices):.4f}" if action != DELETE else "-",
+        )
+    s = plan.summary()
+    table.add_section()
+    table.add_row("total", "", f"{s['zones_used']} zones", f"{s['spot']} spot / {s['on_demand']} od", "", "",
+                  "", f"{s['hourly_cost']:.4f}")
+    table.add_row("on-demand only", "", "", "", "", str(plan.target), "", f"{s['ondemand_only_hourly_cost']:.4f}")
+    table.add_row("savings", "", "", "", "", "", "", f"{s['savings_pct']:.1f}%")
+    return table
+
+
+@main.command()
+@spec_argument
+@state_dir_option
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the table.")
+@click.option("--detailed-exitcode", is_flag=True, help="Exit 0 when nothing changes, 2 when something does.")
+@click.option("--policy", default=None, help="Override replica_policy.policy for this plan.")
+def plan(spec: Path, state_dir: Path | None, as_json: bool, detailed_exitcode: bool, policy: str | None) -> None:
+    """Compute the desired layout of SPEC and show what would change against the state."""
+    service = load_spec(spec)
+    sdir = state_dir or default_state_dir(service.name)
+    state = load_state(sdir, service.name)
+    result, _memory = compute_plan(service, state, now=time.time(), policy_name=policy)
+    if as_json:
+        click.echo(json.dumps(plan_to_json(result), indent=2))
+    else:
+        console.print(render_plan_table(result))
+        s = result.summary()
+        console.print(f"Plan: {s['create']} to create, {s['keep']} to keep, {s['delete']} to delete.")
+    if detailed_exitcode and result.has_changes:
+        sys.exit(2)

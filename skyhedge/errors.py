@@ -1,0 +1,79 @@
+"""One exception tree for skyhedge. The CLI turns any `SkyhedgeError` into one line and exit 1.
+
+    SkyhedgeError
+    ├── SpecError            a spec file is invalid (carries file + field path)
+    ├── CatalogError         unknown cloud / instance type / zone, unreadable catalog
+    ├── StateError           state dir unreadable, wrong version, locked by another writer
+    ├── PolicyError          unknown policy name, bad plug-in
+    ├── TraceError           a trace file/dir is malformed
+    ├── RenderError          templates/modules missing or rendering failed
+    ├── EngineError          Terraform failed (carries Terraform's own stderr)
+    │   └── InsufficientCapacity   a spot launch was refused for capacity
+    ├── CloudError           a cloud API call failed (boto3 / REST), converted at the boundary
+    │   └── NotFound
+    └── RoutingError         nginx config test/reload failed (carries nginx's stderr)
+"""
+
+from __future__ import annotations
+
+
+class SkyhedgeError(Exception):
+    """Base of every error skyhedge raises on purpose; the message is one user-facing line."""
+
+
+class SpecError(SkyhedgeError):
+    """An invalid service spec: `file: field.path: what was expected, got what`."""
+
+    def __init__(self, message: str, *, file: str | None = None, path: str | None = None) -> None:
+        self.file = file
+        self.path = path
+        self.reason = message
+        parts = [p for p in (file, path) if p]
+        super().__init__(": ".join([*parts, message]))
+
+
+class CatalogError(SkyhedgeError):
+    pass
+
+
+class StateError(SkyhedgeError):
+    pass
+
+
+class PolicyError(SkyhedgeError):
+    pass
+
+
+class TraceError(SkyhedgeError):
+    pass
+
+
+class RenderError(SkyhedgeError):
+    pass
+
+
+class EngineError(SkyhedgeError):
+    """Terraform failed. `stderr` holds Terraform's own text, shown to the user as is."""
+
+    def __init__(self, message: str, *, stderr: str = "", root: str | None = None) -> None:
+        self.stderr = stderr
+        self.root = root
+        super().__init__(message)
+
+
+class InsufficientCapacity(EngineError):
+    pass
+
+
+class CloudError(SkyhedgeError):
+    pass
+
+
+class NotFound(CloudError):
+    pass
+
+
+class RoutingError(SkyhedgeError):
+    def __init__(self, message: str, *, stderr: str = "") -> None:
+        self.stderr = stderr
+        super().__init__(message)

@@ -1,0 +1,145 @@
+"""PURE. Turn the current replicas plus a policy's decisions into the desired layout and its diff.
+
+Replica IDs are stable strings (`r-0007`) handed out from a counter kept in state: Terraform's
+`for_each` keys on them, so a preemption of one replica must never rename another. The planner
+does no I/O; prices come in as a mapping so that `plan`, `watch` and `simulate` share it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+from skyhedge.policy.types import (
+    Decision,
+    LaunchOnDemand,
+    LaunchSpot,
+    Location,
+    Market,
+    ReplicaFact,
+    Terminate,
+)
+
+CREATE = "create"
+KEEP = "keep"
+DELETE = "delete"
+
+
+def replica_id(n: int) -> str:
+    return f"r-{n:04d}"
+
+
+def replica_number(rid: str) -> int:
+    """The counter value inside an ID (`r-0007` -> 7); IDs beyond 9999 simply grow wider."""
+    return int(rid.split("-", 1)[1])
+
+
+@dataclass(frozen=True)
+class PlannedReplica:
+    id: str
+    location: Location
+    market: Market
+    action: str
+    price_per_hour: float
+
+    @property
+    def root(self) -> tuple[str, str]:
+        """The Terraform root (cloud, region) this replica is rendered into."""
+        return (self.location.cloud, self.location.region)
+
+
+@dataclass(frozen=True)
+class Plan:
+    service: str
+    target: int
+    policy: str
+    replicas: tuple[PlannedReplica, ...]
+    next_id: int
+    ondemand_only_hourly_cost: float
+
+    @property
+    def desired(self) -> tuple[PlannedReplica, ...]:
+        """Replicas that exist after the plan is applied (created or kept)."""
+        return tuple(r for r in self.replicas if r.action != DELETE)
+
+    @property
+    def changes(self) -> tuple[PlannedReplica, ...]:
+        return tuple(r for r in self.replicas if r.action != KEEP)
+
+    @property
+    def has_changes(self) -> bool:
+        return bool(self.changes)
+
+    def changed_roots(self) -> set[tuple[str, str]]:
+        return {r.root for r in self.changes}
+
+    def roots(self) -> set[tuple[str, str]]:
+        return {r.root for r in self.replicas}
+
+    @property
+    def hourly_cost(self) -> float:
+        return sum(r.price_per_hour for r in self.desired)
+
+    def summary(self) -> dict[str, object]:
+        desired = self.desired
+        cost = self.hourly_cost
+        od = self.ondemand_only_hourly_cost
+        return {
+            "spot": sum(1 for r in desired if r.market is Market.SPOT),
+            "on_demand": sum(1 for r in desired if r.market is Market.ON_DEMAND),
+            "hourly_cost": round(cost, 6),
+            "ondemand_only_hourly_cost": round(od, 6),
+            "savings_pct": round(100.0 * (1 - cost / od), 2) if od > 0 else 0.0,
+            "zones_used": len({r.location for r in desired}),
+            "create": sum(1 for r in self.replicas if r.action == CREATE),
+            "delete": sum(1 for r in self.replicas if r.action == DELETE),
+            "keep": sum(1 for r in self.replicas if r.action == KEEP),
+        }
+
+
+def make_plan(
+    *,
+    service: str,
+    target: int,
+    policy: str,
+    current: Sequence[ReplicaFact],
+    decisions: Iterable[Decision],
+    next_id: int,
+    prices: Mapping[tuple[Location, Market], float],
+    ondemand_price: float,
+) -> Plan:
+    """Apply decisions to the current live replicas.
+
+    Terminations of unknown IDs are ignored (a repeated tick must be harmless); new replicas get
+    fresh IDs above every ID already in use, so IDs are never reused.
+    """
+    live = {r.id: r for r in current if r.alive}
+    in_use = [replica_number(rid) for rid in live]
+    counter = max([next_id, *(n + 1 for n in in_use)])
+    deleted: set[str] = set()
+    created: list[PlannedReplica] = []
+    for d in decisions:
+        if isinstance(d, Terminate):
+            if d.replica_id in live:
+                deleted.add(d.replica_id)
+        elif isinstance(d, (LaunchSpot, LaunchOnDemand)):
+            market = Market.SPOT if isinstance(d, LaunchSpot) else Market.ON_DEMAND
+            created.append(
+                PlannedReplica(replica_id(counter), d.location, market, CREATE, prices.get((d.location, market), 0.0))
+            )
+            counter += 1
+    kept = [
+        PlannedReplica(
+            r.id, r.location, r.market, DELETE if r.id in deleted else KEEP, prices.get((r.location, r.market), 0.0)
+        )
+        for r in live.values()
+    ]
+    replicas = tuple(sorted([*kept, *created], key=lambda r: replica_number(r.id)))
+    return Plan(
+        service=service,
+        target=target,
+        policy=policy,
+        replicas=replicas,
+        next_id=counter,
+        ondemand_only_hourly_cost=target * ondemand_price,
+    )

@@ -1,0 +1,169 @@
+"""Glue between a spec, the catalog, the persisted state and the pure policy/planner.
+
+`plan`, `apply` and `watch` all call `compute_plan`, so they can never disagree about the layout.
+This module reads the catalog (bundled files) but does no cloud or Terraform I/O.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from skyhedge.catalog import load_catalog, parse_accelerator
+from skyhedge.catalog.model import did_you_mean
+from skyhedge.errors import CatalogError, SpecError
+from skyhedge.planner import Plan, make_plan
+from skyhedge.policy import Candidate, Location, Market, Observation, Terminate, make_policy
+from skyhedge.spec import ServiceSpec
+from skyhedge.state import ServiceState
+
+
+@dataclass(frozen=True)
+class Placement:
+    """The spec joined with the catalog: where replicas may go and what they cost there."""
+
+    candidates: tuple[Candidate, ...]
+    instance_types: dict[str, str]  # cloud -> instance type
+
+    def prices(self) -> dict[tuple[Location, Market], float]:
+        out: dict[tuple[Location, Market], float] = {}
+        for c in self.candidates:
+            out[(c.location, Market.SPOT)] = c.spot_price
+            out[(c.location, Market.ON_DEMAND)] = c.ondemand_price
+        return out
+
+    @property
+    def cheapest_ondemand(self) -> float:
+        return min(c.ondemand_price for c in self.candidates)
+
+
+def _instance_type(spec: ServiceSpec, cloud: str) -> str:
+    catalog = load_catalog(cloud)
+    explicit = spec.resources.instance_type.get(cloud)
+    if explicit:
+        try:
+            catalog.instance_type(explicit)
+        except CatalogError as exc:
+            raise SpecError(str(exc), file=spec.source, path=f"resources.instance_type.{cloud}") from None
+        return explicit
+    if cloud == "local":
+        return next(iter(sorted(catalog.instance_types)))
+    if spec.resources.accelerators:
+        try:
+            name, count = parse_accelerator(spec.resources.accelerators)
+        except CatalogError as exc:
+            raise SpecError(str(exc), file=spec.source, path="resources.accelerators") from None
+        types = [t for t in catalog.instance_types_for(name, count) if catalog.offers_for(t)]
+        if not types:
+            raise SpecError(
+                f"no {cloud} instance type carries {count} x {name} in the catalog",
+                file=spec.source,
+                path="resources.accelerators",
+            )
+        return types[0]
+    raise SpecError(
+        f"cloud {cloud!r} needs resources.accelerators or resources.instance_type.{cloud}",
+        file=spec.source,
+        path="resources",
+    )
+
+
+def resolve_placement(spec: ServiceSpec) -> Placement:
+    """Candidates = allowed zones of every allowed cloud that sell the instance type on spot.
+
+    `placement.regions` / `placement.zones` filter a cloud only when they name at least one of that
+    cloud's regions/zones, so one list can serve a multi-cloud spec. A name no selected cloud knows
+    is an error naming it.
+    """
+    p = spec.placement
+    catalogs = {}
+    for cloud in p.clouds:
+        try:
+            catalogs[cloud] = load_catalog(cloud)
+        except CatalogError as exc:
+            raise SpecError(str(exc), file=spec.source, path="placement.clouds") from None
+    all_regions = {r for c in catalogs.values() for r in c.regions()}
+    all_zones = {z for c in catalogs.values() for z in c.zones()}
+    for field, names, known, what in (
+        ("regions", p.regions, all_regions, "region"),
+        ("zones", p.zones, all_zones, "zone"),
+        ("exclude_zones", p.exclude_zones, all_zones, "zone"),
+    ):
+        for i, name in enumerate(names):
+            if name not in known:
+                raise SpecError(
+                    f"unknown {what} {name!r} for clouds {', '.join(p.clouds)}{did_you_mean(name, known)}",
+                    file=spec.source,
+                    path=f"placement.{field}[{i}]",
+                )
+    candidates: list[Candidate] = []
+    types: dict[str, str] = {}
+    for cloud, catalog in catalogs.items():
+        itype = _instance_type(spec, cloud)
+        types[cloud] = itype
+        regions = set(p.regions) & catalog.regions()
+        zones = set(p.zones) & catalog.zones()
+        for offer in catalog.offers_for(itype):
+            if regions and offer.region not in regions:
+                continue
+            if zones and offer.zone not in zones:
+                continue
+            if offer.zone in p.exclude_zones or offer.spot_price is None:
+                continue
+            candidates.append(
+                Candidate(Location(cloud, offer.region, offer.zone), float(offer.spot_price), float(offer.ondemand_price))
+            )
+    if not candidates:
+        raise SpecError(
+            "no allowed zone sells the instance type on spot "
+            f"({', '.join(f'{c}: {t}' for c, t in types.items())}); widen clouds/regions/zones",
+            file=spec.source,
+            path="placement",
+        )
+    candidates.sort(key=lambda c: (c.spot_price, c.location))
+    return Placement(tuple(candidates), types)
+
+
+def service_target(spec: ServiceSpec, state: ServiceState) -> int:
+    """The number of READY replicas wanted now: the autoscaler's last word, else min_replicas."""
+    rp = spec.replica_policy
+    target = state.target if state.target is not None else rp.min_replicas
+    upper = rp.max_replicas if rp.max_replicas is not None else max(rp.min_replicas, target)
+    return max(rp.min_replicas, min(target, upper))
+
+
+def compute_plan(
+    spec: ServiceSpec,
+    state: ServiceState,
+    *,
+    now: float,
+    policy_name: str | None = None,
+    placement: Placement | None = None,
+) -> tuple[Plan, dict[str, Any]]:
+    """One decision: observation from state -> policy -> planner. Returns the plan and the
+    policy's memory after deciding (the caller persists it only if it acts on the plan)."""
+    placement = placement or resolve_placement(spec)
+    allowed = {c.location for c in placement.candidates}
+    facts = state.facts()
+    outside = [f for f in facts if f.location not in allowed]  # spec narrowed: replace these
+    inside = tuple(f for f in facts if f.location in allowed)
+    target = service_target(spec, state)
+    name = policy_name or spec.replica_policy.policy
+    policy = make_policy(name, spec.replica_policy.policy_config(), seed=0)
+    if state.policy_memory.get("policy") == name:
+        policy.restore(state.policy_memory.get("memory", {}))
+    obs = Observation(
+        now=now, target=target, candidates=placement.candidates, replicas=inside, events=state.events()
+    )
+    decisions = [Terminate(f.id) for f in outside] + policy.decide(obs)
+    plan = make_plan(
+        service=spec.name,
+        target=target,
+        policy=name,
+        current=facts,
+        decisions=decisions,
+        next_id=state.next_id,
+        prices=placement.prices(),
+        ondemand_price=placement.cheapest_ondemand,
+    )
+    return plan, {"policy": name, "memory": policy.snapshot()}

@@ -1,0 +1,481 @@
+"""The service spec: YAML in, frozen dataclasses out, or one `SpecError` line naming the field.
+
+Field names follow SkyServe's where it has them (`replica_policy.min_replicas`,
+`num_overprovision`, `base_ondemand_fallback_replicas`, `dynamic_ondemand_fallback`,
+`readiness_probe.post_data`, ...). Every field is checked here, unknown fields included (with a
+did-you-mean), so nothing downstream has to re-validate. Checks that need the catalog (unknown
+instance type or zone) live in `skyhedge.layout` where the catalog is joined in.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from skyhedge.errors import SpecError
+from skyhedge.policy.types import PolicyConfig
+
+CLOUDS = ("aws", "gcp", "local")
+NAME_RE = re.compile(r"^[a-z]([a-z0-9-]{0,38}[a-z0-9])?$")
+ZONE_RE = re.compile(r"^[a-z0-9][a-z0-9-]*$")
+LB_POLICIES = ("round_robin", "least_load")
+BACKENDS = ("local", "s3", "gcs")
+BACKEND_KEYS = {
+    "local": {"path"},
+    "s3": {"bucket", "key", "region", "dynamodb_table", "use_lockfile", "encrypt"},
+    "gcs": {"bucket", "prefix"},
+}
+BACKEND_REQUIRED = {"local": set(), "s3": {"bucket", "region"}, "gcs": {"bucket"}}
+
+
+@dataclass(frozen=True)
+class Resources:
+    accelerators: str | None = None
+    instance_type: dict[str, str] = field(default_factory=dict)
+    disk_size: int = 100
+    ports: int = 8000
+    local_base_port: int = 18000
+    image_id: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Placement:
+    clouds: tuple[str, ...] = ()
+    regions: tuple[str, ...] = ()
+    zones: tuple[str, ...] = ()
+    exclude_zones: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class ReplicaPolicy:
+    min_replicas: int = 1
+    max_replicas: int | None = None
+    target_qps_per_replica: float | None = None
+    num_overprovision: int = 1
+    base_ondemand_fallback_replicas: int = 0
+    dynamic_ondemand_fallback: bool = True
+    upscale_delay_seconds: int = 300
+    downscale_delay_seconds: int = 1200
+    availability_target: float | None = None
+    policy: str = "skyhedge"
+
+    def policy_config(self) -> PolicyConfig:
+        return PolicyConfig(
+            num_overprovision=self.num_overprovision,
+            base_ondemand_fallback_replicas=self.base_ondemand_fallback_replicas,
+            dynamic_ondemand_fallback=self.dynamic_ondemand_fallback,
+            availability_target=self.availability_target,
+        )
+
+
+@dataclass(frozen=True)
+class ReadinessProbe:
+    path: str = "/health"
+    initial_delay_seconds: int = 1200
+    timeout_seconds: int = 15
+    post_data: dict[str, Any] | str | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    load_balancing_policy: str = "least_load"
+
+
+@dataclass(frozen=True)
+class Run:
+    command: str | None = None
+    image: str | None = None
+    env: dict[str, str] = field(default_factory=dict)
+    setup: str | None = None
+
+
+@dataclass(frozen=True)
+class TerraformConfig:
+    backend: str = "local"
+    config: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class AwsConfig:
+    events_queue: str | None = None
+
+
+@dataclass(frozen=True)
+class GcpConfig:
+    project: str | None = None
+
+
+@dataclass(frozen=True)
+class ServiceSpec:
+    name: str
+    resources: Resources
+    placement: Placement
+    replica_policy: ReplicaPolicy
+    readiness_probe: ReadinessProbe
+    service: ServiceConfig
+    run: Run
+    terraform: TerraformConfig
+    aws: AwsConfig = field(default_factory=AwsConfig)
+    gcp: GcpConfig = field(default_factory=GcpConfig)
+    source: str = "<spec>"
+
+    @property
+    def clouds(self) -> tuple[str, ...]:
+        return self.placement.clouds
+
+
+# --------------------------------------------------------------------------------------------
+# Validation helpers: each returns the checked value or raises SpecError(path=...)
+
+
+class _Ctx:
+    def __init__(self, file: str) -> None:
+        self.file = file
+
+    def fail(self, path: str, message: str) -> SpecError:
+        return SpecError(message, file=self.file, path=path or None)
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, str):
+        return repr(value)
+    if isinstance(value, bool):
+        return str(value).lower()
+    if value is None:
+        return "null"
+    if isinstance(value, (int, float)):
+        return str(value)
+    return type(value).__name__ if isinstance(value, (list, dict)) else repr(value)
+
+
+def _mapping(ctx: _Ctx, path: str, value: Any, allowed: set[str]) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise ctx.fail(path, f"expected a mapping, got {_show(value)}")
+    for key in value:
+        if not isinstance(key, str):
+            raise ctx.fail(path, f"expected string keys, got {_show(key)}")
+        if key not in allowed:
+            where = f"{path}.{key}" if path else key
+            close = difflib.get_close_matches(key, sorted(allowed), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else f" (allowed: {', '.join(sorted(allowed))})"
+            raise ctx.fail(where, f"unknown field{hint}")
+    return dict(value)
+
+
+def _int(ctx: _Ctx, path: str, value: Any, *, lo: int | None = None, hi: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        bound = _bounds(lo, hi)
+        raise ctx.fail(path, f"expected an integer{bound}, got {_show(value)}")
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        raise ctx.fail(path, f"expected an integer{_bounds(lo, hi)}, got {value}")
+    return value
+
+
+def _bounds(lo: float | None, hi: float | None) -> str:
+    if lo is not None and hi is not None:
+        return f" in [{lo}, {hi}]"
+    if lo is not None:
+        return f" >= {lo}"
+    if hi is not None:
+        return f" <= {hi}"
+    return ""
+
+
+def _number(
+    ctx: _Ctx, path: str, value: Any, *, lo: float | None = None, hi: float | None = None, open_lo: bool = False
+) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ctx.fail(path, f"expected a number{_bounds(lo, hi)}, got {_show(value)}")
+    v = float(value)
+    if v != v or (lo is not None and (v < lo or (open_lo and v == lo))) or (hi is not None and v > hi):
+        word = f" > {lo}" if open_lo and hi is None else _bounds(lo, hi)
+        raise ctx.fail(path, f"expected a number{word}, got {value}")
+    return v
+
+
+def _bool(ctx: _Ctx, path: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ctx.fail(path, f"expected true or false, got {_show(value)}")
+    return value
+
+
+def _str(ctx: _Ctx, path: str, value: Any, *, nonempty: bool = True) -> str:
+    if not isinstance(value, str):
+        raise ctx.fail(path, f"expected a string, got {_show(value)}")
+    if nonempty and not value.strip():
+        raise ctx.fail(path, "expected a non-empty string")
+    return value
+
+
+def _choice(ctx: _Ctx, path: str, value: Any, choices: tuple[str, ...]) -> str:
+    if not isinstance(value, str) or value not in choices:
+        close = difflib.get_close_matches(str(value), choices, n=1) if isinstance(value, str) else []
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ctx.fail(path, f"expected one of {', '.join(choices)}, got {_show(value)}{hint}")
+    return value
+
+
+def _str_list(ctx: _Ctx, path: str, value: Any, check: Callable[[str, str], None] | None = None) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list):
+        raise ctx.fail(path, f"expected a list of strings, got {_show(value)}")
+    out: list[str] = []
+    for i, item in enumerate(value):
+        item_path = f"{path}[{i}]"
+        s = _str(ctx, item_path, item)
+        if check:
+            check(item_path, s)
+        if s in out:
+            raise ctx.fail(item_path, f"duplicate entry {s!r}")
+        out.append(s)
+    return tuple(out)
+
+
+def _str_map(ctx: _Ctx, path: str, value: Any) -> dict[str, str]:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise ctx.fail(path, f"expected a mapping of strings, got {_show(value)}")
+    out: dict[str, str] = {}
+    for k, v in value.items():
+        if not isinstance(k, str) or not k:
+            raise ctx.fail(path, f"expected string keys, got {_show(k)}")
+        if isinstance(v, bool) or not isinstance(v, (str, int, float)):
+            raise ctx.fail(f"{path}.{k}", f"expected a string, got {_show(v)}")
+        out[k] = str(v)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Sections
+
+
+def _resources(ctx: _Ctx, raw: Any) -> Resources:
+    d = _mapping(ctx, "resources", raw, {"accelerators", "instance_type", "disk_size", "ports",
+                                         "local_base_port", "image_id"})
+    acc = None
+    if d.get("accelerators") is not None:
+        acc = _str(ctx, "resources.accelerators", d["accelerators"])
+        if not re.fullmatch(r"[A-Za-z0-9_-]+(:[1-9][0-9]*)?", acc):
+            raise ctx.fail("resources.accelerators", f"expected NAME or NAME:COUNT (e.g. 'A10G:1'), got {acc!r}")
+    itypes = _cloud_map(ctx, "resources.instance_type", d.get("instance_type"))
+    images = _cloud_map(ctx, "resources.image_id", d.get("image_id"))
+    ports = d.get("ports", 8000)
+    if isinstance(ports, list) and len(ports) == 1:
+        ports = ports[0]
+    if isinstance(ports, str) and ports.isdigit():
+        ports = int(ports)
+    return Resources(
+        accelerators=acc,
+        instance_type=itypes,
+        disk_size=_int(ctx, "resources.disk_size", d.get("disk_size", 100), lo=10, hi=65536),
+        ports=_int(ctx, "resources.ports", ports, lo=1, hi=65535),
+        local_base_port=_int(ctx, "resources.local_base_port", d.get("local_base_port", 18000), lo=1024, hi=60000),
+        image_id=images,
+    )
+
+
+def _cloud_map(ctx: _Ctx, path: str, value: Any) -> dict[str, str]:
+    if value is None:
+        return {}
+    if isinstance(value, str):
+        raise ctx.fail(path, f"expected a mapping of cloud to value (e.g. {{aws: ...}}), got {value!r}")
+    d = _mapping(ctx, path, value, set(CLOUDS))
+    return {k: _str(ctx, f"{path}.{k}", v) for k, v in d.items()}
+
+
+def _placement(ctx: _Ctx, raw: Any) -> Placement:
+    d = _mapping(ctx, "placement", raw, {"clouds", "regions", "zones", "exclude_zones"})
+
+    def cloud_ok(p: str, s: str) -> None:
+        _choice(ctx, p, s, CLOUDS)
+
+    def zone_ok(p: str, s: str) -> None:
+        if not ZONE_RE.fullmatch(s):
+            raise ctx.fail(p, f"expected a zone name like 'us-east-1a', got {s!r}")
+
+    clouds = _str_list(ctx, "placement.clouds", d.get("clouds"), cloud_ok)
+    if not clouds:
+        raise ctx.fail("placement.clouds", "expected at least one of aws, gcp, local")
+    return Placement(
+        clouds=clouds,
+        regions=_str_list(ctx, "placement.regions", d.get("regions"), zone_ok),
+        zones=_str_list(ctx, "placement.zones", d.get("zones"), zone_ok),
+        exclude_zones=_str_list(ctx, "placement.exclude_zones", d.get("exclude_zones"), zone_ok),
+    )
+
+
+def _replica_policy(ctx: _Ctx, raw: Any) -> ReplicaPolicy:
+    p = "replica_policy"
+    d = _mapping(ctx, p, raw, {f.name for f in ReplicaPolicy.__dataclass_fields__.values()})
+    min_r = _int(ctx, f"{p}.min_replicas", d.get("min_replicas", 1), lo=0)
+    max_r = d.get("max_replicas")
+    if max_r is not None:
+        max_r = _int(ctx, f"{p}.max_replicas", max_r, lo=1, hi=10000)
+        if max_r < min_r:
+            raise ctx.fail(f"{p}.max_replicas", f"expected an integer >= min_replicas ({min_r}), got {max_r}")
+    qps = d.get("target_qps_per_replica")
+    if qps is not None:
+        qps = _number(ctx, f"{p}.target_qps_per_replica", qps, lo=0, open_lo=True)
+    elif max_r is not None and max_r != min_r:
+        raise ctx.fail(f"{p}.target_qps_per_replica", "required when max_replicas differs from min_replicas")
+    base = _int(ctx, f"{p}.base_ondemand_fallback_replicas", d.get("base_ondemand_fallback_replicas", 0), lo=0)
+    if base > max(min_r, max_r or 0) and base > 0:
+        raise ctx.fail(f"{p}.base_ondemand_fallback_replicas",
+                       f"expected an integer <= the replica count ({max(min_r, max_r or 0)}), got {base}")
+    target = d.get("availability_target")
+    if target is not None:
+        target = _number(ctx, f"{p}.availability_target", target, lo=0.5, hi=1.0)
+    policy = _str(ctx, f"{p}.policy", d.get("policy", "skyhedge"))
+    return ReplicaPolicy(
+        min_replicas=min_r,
+        max_replicas=max_r,
+        target_qps_per_replica=qps,
+        num_overprovision=_int(ctx, f"{p}.num_overprovision", d.get("num_overprovision", 1), lo=0, hi=100),
+        base_ondemand_fallback_replicas=base,
+        dynamic_ondemand_fallback=_bool(ctx, f"{p}.dynamic_ondemand_fallback",
+                                        d.get("dynamic_ondemand_fallback", True)),
+        upscale_delay_seconds=_int(ctx, f"{p}.upscale_delay_seconds", d.get("upscale_delay_seconds", 300), lo=0),
+        downscale_delay_seconds=_int(ctx, f"{p}.downscale_delay_seconds",
+                                     d.get("downscale_delay_seconds", 1200), lo=0),
+        availability_target=target,
+        policy=policy,
+    )
+
+
+def _probe(ctx: _Ctx, raw: Any) -> ReadinessProbe:
+    p = "readiness_probe"
+    if isinstance(raw, str):
+        raw = {"path": raw}
+    d = _mapping(ctx, p, raw, {"path", "initial_delay_seconds", "timeout_seconds", "post_data", "headers"})
+    path = _str(ctx, f"{p}.path", d.get("path", "/health"))
+    if not path.startswith("/") or any(c.isspace() for c in path):
+        raise ctx.fail(f"{p}.path", f"expected an absolute URL path like '/health', got {path!r}")
+    post = d.get("post_data")
+    if post is not None and not isinstance(post, (dict, str)):
+        raise ctx.fail(f"{p}.post_data", f"expected a mapping (sent as JSON) or a string, got {_show(post)}")
+    return ReadinessProbe(
+        path=path,
+        initial_delay_seconds=_int(ctx, f"{p}.initial_delay_seconds", d.get("initial_delay_seconds", 1200), lo=0),
+        timeout_seconds=_int(ctx, f"{p}.timeout_seconds", d.get("timeout_seconds", 15), lo=1, hi=3600),
+        post_data=post,
+        headers=_str_map(ctx, f"{p}.headers", d.get("headers")),
+    )
+
+
+def _service(ctx: _Ctx, raw: Any) -> ServiceConfig:
+    d = _mapping(ctx, "service", raw, {"host", "port", "load_balancing_policy"})
+    host = _str(ctx, "service.host", d.get("host", "127.0.0.1"))
+    if not re.fullmatch(r"[A-Za-z0-9.:\-\[\]]+", host):
+        raise ctx.fail("service.host", f"expected an IP address or host name, got {host!r}")
+    return ServiceConfig(
+        host=host,
+        port=_int(ctx, "service.port", d.get("port", 8080), lo=1, hi=65535),
+        load_balancing_policy=_choice(ctx, "service.load_balancing_policy",
+                                      d.get("load_balancing_policy", "least_load"), LB_POLICIES),
+    )
+
+
+def _run(ctx: _Ctx, raw: Any) -> Run:
+    if raw is None:
+        raise ctx.fail("run", "required: a mapping with 'command' or 'image'")
+    d = _mapping(ctx, "run", raw, {"command", "image", "env", "setup"})
+    command = _str(ctx, "run.command", d["command"]) if d.get("command") is not None else None
+    image = _str(ctx, "run.image", d["image"]) if d.get("image") is not None else None
+    if command is None and image is None:
+        raise ctx.fail("run", "expected 'command' or 'image'")
+    env = _str_map(ctx, "run.env", d.get("env"))
+    for k in env:
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", k):
+            raise ctx.fail(f"run.env.{k}", "expected an environment variable name ([A-Za-z_][A-Za-z0-9_]*)")
+    setup = _str(ctx, "run.setup", d["setup"]) if d.get("setup") is not None else None
+    return Run(command=command, image=image, env=env, setup=setup)
+
+
+def _terraform(ctx: _Ctx, raw: Any) -> TerraformConfig:
+    d = _mapping(ctx, "terraform", raw, {"backend", "config"})
+    backend = _choice(ctx, "terraform.backend", d.get("backend", "local"), BACKENDS)
+    cfg = _mapping(ctx, "terraform.config", d.get("config"), BACKEND_KEYS[backend])
+    missing = sorted(BACKEND_REQUIRED[backend] - set(cfg))
+    if missing:
+        raise ctx.fail(f"terraform.config.{missing[0]}", f"required for the {backend} backend")
+    for k, v in cfg.items():
+        if k in {"use_lockfile", "encrypt"}:
+            _bool(ctx, f"terraform.config.{k}", v)
+        else:
+            _str(ctx, f"terraform.config.{k}", v)
+    return TerraformConfig(backend=backend, config=cfg)
+
+
+TOP_LEVEL = {"name", "resources", "placement", "replica_policy", "readiness_probe", "service", "run",
+             "terraform", "aws", "gcp"}
+
+
+def parse_spec(data: Any, *, source: str = "<spec>") -> ServiceSpec:
+    """Validate already-parsed YAML data into a `ServiceSpec`."""
+    ctx = _Ctx(source)
+    if not isinstance(data, Mapping):
+        raise ctx.fail("", f"expected a mapping at the top level, got {_show(data)}")
+    d = _mapping(ctx, "", data, TOP_LEVEL)
+    if "name" not in d:
+        raise ctx.fail("name", "required")
+    name = _str(ctx, "name", d["name"])
+    if not NAME_RE.fullmatch(name):
+        raise ctx.fail("name", f"expected lowercase letters, digits and '-', starting with a letter "
+                               f"(at most 40 characters), got {name!r}")
+    if "placement" not in d:
+        raise ctx.fail("placement", "required (at least placement.clouds)")
+    aws = _mapping(ctx, "aws", d.get("aws"), {"events_queue"})
+    gcp = _mapping(ctx, "gcp", d.get("gcp"), {"project"})
+    return ServiceSpec(
+        name=name,
+        resources=_resources(ctx, d.get("resources")),
+        placement=_placement(ctx, d.get("placement")),
+        replica_policy=_replica_policy(ctx, d.get("replica_policy")),
+        readiness_probe=_probe(ctx, d.get("readiness_probe")),
+        service=_service(ctx, d.get("service")),
+        run=_run(ctx, d.get("run")),
+        terraform=_terraform(ctx, d.get("terraform")),
+        aws=AwsConfig(events_queue=_str(ctx, "aws.events_queue", aws["events_queue"])
+                      if aws.get("events_queue") is not None else None),
+        gcp=GcpConfig(project=_str(ctx, "gcp.project", gcp["project"]) if gcp.get("project") is not None else None),
+        source=source,
+    )
+
+
+def load_spec(path: str | Path) -> ServiceSpec:
+    """Read and validate a spec file. Every failure is a `SpecError` naming the file."""
+    p = Path(path)
+    name = str(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SpecError("no such file", file=name) from None
+    except IsADirectoryError:
+        raise SpecError("is a directory, expected a YAML file", file=name) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SpecError(f"cannot read ({exc.__class__.__name__}: {exc})", file=name) from exc
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise SpecError(f"invalid YAML: {where}{problem}", file=name) from exc
+    if data is None:
+        raise SpecError("empty file, expected a service spec", file=name)
+    return parse_spec(data, source=name)

@@ -1,0 +1,31 @@
+"""Shared fixtures: paths, the shared/ data dir (skip cleanly when absent), spec writers."""
+
+from __future__ import annotations
+
+import textwrap
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+
+
+@pytest.fixture
+def shared_dir() -> Path:
+    if not SHARED.is_dir():
+        pytest.skip("../shared is not present (only on the team's machines)")
+    return SHARED
+
+
+@pytest.fixture
+def write_spec(tmp_path: Path) -> Callable[[str], Path]:
+    """Write a YAML spec (dedented) into a temp dir and return its path."""
+
+    def _write(text: str, name: str = "service.yaml") -> Path:
+        path = tmp_path / name
+        path.write_text(textwrap.dedent(text).lstrip(), encoding="utf-8")
+        return path
+
+    return _write
