@@ -56,6 +56,7 @@ class Plan:
     replicas: tuple[PlannedReplica, ...]
     next_id: int
     ondemand_only_hourly_cost: float
+    base_ondemand: int = 0
 
     @property
     def desired(self) -> tuple[PlannedReplica, ...]:
@@ -84,12 +85,17 @@ class Plan:
         desired = self.desired
         cost = self.hourly_cost
         od = self.ondemand_only_hourly_cost
+        spot_cost = sum(r.price_per_hour for r in desired if r.market is Market.SPOT)
+        od_prices = sorted(r.price_per_hour for r in desired if r.market is Market.ON_DEMAND)
+        steady = spot_cost + sum(od_prices[: self.base_ondemand])
         return {
             "spot": sum(1 for r in desired if r.market is Market.SPOT),
             "on_demand": sum(1 for r in desired if r.market is Market.ON_DEMAND),
             "hourly_cost": round(cost, 6),
             "ondemand_only_hourly_cost": round(od, 6),
             "savings_pct": round(100.0 * (1 - cost / od), 2) if od > 0 else 0.0,
+            "steady_state_hourly_cost": round(steady, 6),
+            "steady_state_savings_pct": round(100.0 * (1 - steady / od), 2) if od > 0 else 0.0,
             "zones_used": len({r.location for r in desired}),
             "create": sum(1 for r in self.replicas if r.action == CREATE),
             "delete": sum(1 for r in self.replicas if r.action == DELETE),
@@ -107,6 +113,7 @@ def make_plan(
     next_id: int,
     prices: Mapping[tuple[Location, Market], float],
     ondemand_price: float,
+    base_ondemand: int = 0,
 ) -> Plan:
     """Apply decisions to the current live replicas.
 
@@ -142,4 +149,5 @@ def make_plan(
         replicas=replicas,
         next_id=counter,
         ondemand_only_hourly_cost=target * ondemand_price,
+        base_ondemand=base_ondemand,
     )

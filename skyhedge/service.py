@@ -165,5 +165,6 @@ def compute_plan(
         next_id=state.next_id,
         prices=placement.prices(),
         ondemand_price=placement.cheapest_ondemand,
+        base_ondemand=spec.replica_policy.base_ondemand_fallback_replicas,
     )
     return plan, {"policy": name, "memory": policy.snapshot()}

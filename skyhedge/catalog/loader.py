@@ -23,6 +23,23 @@ from skyhedge.errors import CatalogError
 
 CLOUDS: tuple[str, ...] = ("aws", "gcp", "local")
 FORMAT_VERSION = 1
+TOP_KEYS = frozenset(
+    {"format", "cloud", "source", "taken_at", "sources", "notes", "instance_types", "offers"}
+)
+TYPE_KEYS = frozenset({"accelerator", "accelerator_count", "vcpus", "memory_gib"})
+OFFER_KEYS = frozenset(
+    {
+        "instance_type",
+        "region",
+        "zone",
+        "ondemand_price",
+        "spot_price",
+        "spot_taken_at",
+        "spot_source",
+        "ondemand_taken_at",
+        "ondemand_source",
+    }
+)
 ENV_DIR = "SKYHEDGE_CATALOG_DIR"
 
 _DATA_DIR = Path(__file__).resolve().parent / "data"
@@ -109,6 +126,14 @@ class _Fields:
             self.fail(path, "expected an object", data)
         self.data: dict[str, Any] = data
 
+    def only(self, allowed: frozenset[str]) -> None:
+        """Unknown keys are errors: a typo (`spot_prise`) must not silently drop a price."""
+        for key in self.data:
+            if key not in allowed:
+                hint = did_you_mean(key, sorted(allowed))
+                where = self._sub(key)
+                raise CatalogError(f"{self.origin}: {where}: unknown field{hint}")
+
     def fail(self, path: str, expected: str, got: Any) -> None:
         where = f"{self.origin}: {path}" if path else self.origin
         raise CatalogError(f"{where}: {expected}, got {got!r}")
@@ -152,6 +177,7 @@ class _Fields:
 def catalog_from_dict(data: Any, *, origin: str, expect_cloud: str | None = None) -> CloudCatalog:
     """Build a validated `CloudCatalog` from the documented JSON shape."""
     top = _Fields(origin, "", data)
+    top.only(TOP_KEYS)
     version = top.int("format", minimum=1)
     if version != FORMAT_VERSION:
         top.fail("format", f"expected {FORMAT_VERSION}", version)
@@ -170,6 +196,7 @@ def catalog_from_dict(data: Any, *, origin: str, expect_cloud: str | None = None
     types: dict[str, InstanceType] = {}
     for name, raw in raw_types.items():
         f = _Fields(origin, f"instance_types.{name}", raw)
+        f.only(TYPE_KEYS)
         accelerator = f.str("accelerator", required=False)
         count = f.int("accelerator_count", minimum=0) if "accelerator_count" in f.data else 0
         if accelerator is not None and count < 1:
@@ -189,6 +216,7 @@ def catalog_from_dict(data: Any, *, origin: str, expect_cloud: str | None = None
     zone_region: dict[str, str] = {}
     for i, raw in enumerate(raw_offers):
         f = _Fields(origin, f"offers[{i}]", raw)
+        f.only(OFFER_KEYS)
         itype = f.str("instance_type")
         region = f.str("region")
         zone = f.str("zone")
@@ -214,8 +242,18 @@ def catalog_from_dict(data: Any, *, origin: str, expect_cloud: str | None = None
                 spot_price=spot,
                 spot_taken_at=f.str("spot_taken_at", required=False),
                 spot_source=f.str("spot_source", required=False),
+                ondemand_taken_at=f.str("ondemand_taken_at", required=False),
+                ondemand_source=f.str("ondemand_source", required=False),
             )
         )
+    extra: dict[str, object] = {}
+    if "sources" in top.data:
+        if not isinstance(top.data["sources"], list):
+            top.fail("sources", "expected a list", top.data["sources"])
+        extra["sources"] = top.data["sources"]
+    if "notes" in top.data:
+        top.str("notes")
+        extra["notes"] = top.data["notes"]
     return CloudCatalog(
         cloud=cloud,
         source=source or "",
@@ -223,10 +261,11 @@ def catalog_from_dict(data: Any, *, origin: str, expect_cloud: str | None = None
         instance_types=types,
         offers=tuple(offers),
         path=origin,
+        extra=extra,
     )
 
 
-def catalog_to_dict(catalog: CloudCatalog, *, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+def catalog_to_dict(catalog: CloudCatalog) -> dict[str, Any]:
     """The documented JSON shape of `catalog` (round-trips through `catalog_from_dict`)."""
     out: dict[str, Any] = {
         "format": FORMAT_VERSION,
@@ -234,8 +273,9 @@ def catalog_to_dict(catalog: CloudCatalog, *, extra: dict[str, Any] | None = Non
         "source": catalog.source,
         "taken_at": catalog.taken_at,
     }
-    if extra:
-        out.update(extra)
+    for key in ("notes", "sources"):
+        if key in catalog.extra:
+            out[key] = catalog.extra[key]
     out["instance_types"] = {
         t.name: {
             "accelerator": t.accelerator,
@@ -254,18 +294,18 @@ def catalog_to_dict(catalog: CloudCatalog, *, extra: dict[str, Any] | None = Non
             "ondemand_price": o.ondemand_price,
             "spot_price": o.spot_price,
         }
-        if o.spot_taken_at is not None:
-            row["spot_taken_at"] = o.spot_taken_at
-        if o.spot_source is not None:
-            row["spot_source"] = o.spot_source
+        for key in ("spot_taken_at", "spot_source", "ondemand_taken_at", "ondemand_source"):
+            value = getattr(o, key)
+            if value is not None:
+                row[key] = value
         offers.append(row)
     out["offers"] = offers
     return out
 
 
-def write_catalog_file(catalog: CloudCatalog, path: Path, *, extra: dict[str, Any] | None = None) -> None:
+def write_catalog_file(catalog: CloudCatalog, path: Path) -> None:
     """Write `catalog` to `path` atomically (temp file in the same directory + os.replace)."""
-    data = catalog_to_dict(catalog, extra=extra)
+    data = catalog_to_dict(catalog)
     # Validate what we are about to write so a bad refresh never leaves a file plans cannot read.
     catalog_from_dict(data, origin=str(path), expect_cloud=catalog.cloud)
     text = json.dumps(data, indent=1) + "\n"

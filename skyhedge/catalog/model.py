@@ -28,8 +28,9 @@ class InstanceType:
 class Offer:
     """One instance type in one zone, with hourly prices in USD.
 
-    `spot_price` is None where spot is not sold. `spot_taken_at`/`spot_source` are set when the spot
-    price came from somewhere other than the catalog's own `source`/`taken_at` (e.g. a refresh).
+    `spot_price` is None where spot is not sold. The `*_taken_at`/`*_source` fields are set when that
+    price came from somewhere other than the catalog's own `source`/`taken_at` (e.g. a refresh), so
+    every price can say when and where it was taken.
     """
 
     instance_type: str
@@ -39,6 +40,8 @@ class Offer:
     spot_price: float | None
     spot_taken_at: str | None = None
     spot_source: str | None = None
+    ondemand_taken_at: str | None = None
+    ondemand_source: str | None = None
 
 
 def did_you_mean(name: str, choices: object) -> str:
@@ -57,6 +60,8 @@ class CloudCatalog:
     instance_types: dict[str, InstanceType]
     offers: tuple[Offer, ...]
     path: str | None = field(default=None, compare=False)
+    # Documented optional top-level keys kept verbatim (`sources`, `notes`), so refreshes keep them.
+    extra: dict[str, object] = field(default_factory=dict, compare=False)
 
     def __hash__(self) -> int:  # dict field: hash by identity-ish content that is hashable
         return hash((self.cloud, self.source, self.taken_at, self.offers))

@@ -49,21 +49,31 @@ def render_plan_table(plan: Plan) -> Table:
     for r in plan.replicas:
         loc = r.location
         groups[(loc.cloud, loc.region, loc.zone, r.market.value, r.action)].append(r.price_per_hour)
-    table = Table(title=f"skyhedge plan: {plan.service} (target {plan.target} ready, policy {plan.policy})")
-    for col in ("cloud", "region", "zone", "market", "change", "count", "$/h each", "$/h"):
-        table.add_column(col, justify="right" if col in {"count", "$/h each", "$/h"} else "left")
+    table = Table(title=f"{plan.service}: target {plan.target} ready, policy {plan.policy}", title_justify="left")
+    table.add_column("cloud/region/zone", no_wrap=True)
+    table.add_column("market", no_wrap=True)
+    table.add_column("change", no_wrap=True)
+    table.add_column("n", justify="right", min_width=2, no_wrap=True)
+    table.add_column("each", justify="right", no_wrap=True)
+    table.add_column("$/h", justify="right", no_wrap=True)
     for (cloud, region, zone, market, action), prices in sorted(groups.items()):
         table.add_row(
-            cloud, region, zone, market, _ACTION_STYLE[action], str(len(prices)), f"{prices[0]:.4f}",
+            f"{cloud}/{region}/{zone}", market, _ACTION_STYLE[action], str(len(prices)), f"{prices[0]:.4f}",
             f"{sum(prices):.4f}" if action != DELETE else "-",
         )
     s = plan.summary()
     table.add_section()
-    table.add_row("total", "", f"{s['zones_used']} zones", f"{s['spot']} spot / {s['on_demand']} od", "", "",
-                  "", f"{s['hourly_cost']:.4f}")
-    table.add_row("on-demand only", "", "", "", "", str(plan.target), "", f"{s['ondemand_only_hourly_cost']:.4f}")
-    table.add_row("savings", "", "", "", "", "", "", f"{s['savings_pct']:.1f}%")
+    table.add_row("total", f"{s['spot']}+{s['on_demand']}od", "", str(s["spot"] + s["on_demand"]), "",
+                  f"{s['hourly_cost']:.4f}")
+    table.add_row("when spot is READY", "", "", "", "", f"{s['steady_state_hourly_cost']:.4f}")
+    table.add_row("on-demand only", "", "", str(plan.target), "", f"{s['ondemand_only_hourly_cost']:.4f}")
     return table
+
+
+def render_savings(plan: Plan) -> str:
+    s = plan.summary()
+    return (f"Savings against on-demand only: {s['savings_pct']:.1f}% now, "
+            f"{s['steady_state_savings_pct']:.1f}% once spot replicas are READY.")
 
 
 @main.command()
@@ -82,6 +92,7 @@ def plan(spec: Path, state_dir: Path | None, as_json: bool, detailed_exitcode: b
         click.echo(json.dumps(plan_to_json(result), indent=2))
     else:
         console.print(render_plan_table(result))
+        console.print(render_savings(result))
         s = result.summary()
         console.print(f"Plan: {s['create']} to create, {s['keep']} to keep, {s['delete']} to delete.")
     if detailed_exitcode and result.has_changes:

@@ -1,0 +1,68 @@
+# One `terraform_data` per replica. Creating it starts the replica as a detached process (its own
+# session, a pid file and a log file under runtime_dir); destroying it stops that process group.
+#
+# No shell ever sees a spec value: the launcher is started through `interpreter` (an argv list)
+# with only the replica ID as an argument, and the replica's settings travel as one JSON document
+# in an environment variable. Only `run.command` itself is given to /bin/sh, as the user wrote it.
+
+locals {
+  launcher = [var.launcher.python, "-m", "skyhedge.clouds.local.launcher"]
+}
+
+resource "terraform_data" "replica" {
+  for_each = var.replicas
+
+  # A change to any of these is a different replica: replace it (stop, then start).
+  triggers_replace = {
+    zone    = each.value.zone
+    market  = each.value.market
+    port    = each.value.port
+    command = var.run.command
+    setup   = var.run.setup
+    env     = var.run.env
+  }
+
+  # What the destroy-time provisioner needs: it may only read `self`.
+  input = {
+    id          = each.key
+    runtime_dir = var.runtime_dir
+    python      = var.launcher.python
+    pythonpath  = var.launcher.pythonpath
+    grace       = var.stop_grace_seconds
+  }
+
+  provisioner "local-exec" {
+    interpreter = concat(local.launcher, ["start"])
+    command     = each.key
+    environment = {
+      PYTHONPATH = var.launcher.pythonpath
+      SKYHEDGE_LOCAL_REPLICA = jsonencode({
+        id          = each.key
+        service     = var.service
+        region      = var.region
+        zone        = each.value.zone
+        market      = each.value.market
+        port        = each.value.port
+        command     = var.run.command
+        setup       = var.run.setup
+        env         = var.run.env
+        workdir     = var.run.workdir
+        runtime_dir = var.runtime_dir
+      })
+    }
+  }
+
+  provisioner "local-exec" {
+    when        = destroy
+    interpreter = [self.input.python, "-m", "skyhedge.clouds.local.launcher", "stop"]
+    command     = self.input.id
+    environment = {
+      PYTHONPATH = self.input.pythonpath
+      SKYHEDGE_LOCAL_REPLICA = jsonencode({
+        id          = self.input.id
+        runtime_dir = self.input.runtime_dir
+        grace       = self.input.grace
+      })
+    }
+  }
+}

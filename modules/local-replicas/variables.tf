@@ -1,0 +1,92 @@
+variable "service" {
+  description = "The skyhedge service name; replica processes carry it in SKYHEDGE_SERVICE."
+  type        = string
+
+  validation {
+    condition     = can(regex("^[a-z]([a-z0-9-]{0,38}[a-z0-9])?$", var.service))
+    error_message = "The service name must be lowercase letters, digits and '-', starting with a letter, at most 40 characters."
+  }
+}
+
+variable "region" {
+  description = "The local cloud region this root manages (a label only: every local zone is this machine)."
+  type        = string
+}
+
+variable "replicas" {
+  description = "Replicas keyed by their stable skyhedge ID (r-0001): zone, market (spot or on-demand) and the TCP port the process listens on."
+  type = map(object({
+    zone   = string
+    market = string
+    port   = number
+  }))
+
+  validation {
+    condition     = alltrue([for id in keys(var.replicas) : can(regex("^r-[0-9]{4,}$", id))])
+    error_message = "Replica IDs must look like r-0001."
+  }
+
+  validation {
+    condition     = alltrue([for r in values(var.replicas) : contains(["spot", "on-demand"], r.market)])
+    error_message = "Each replica's market must be \"spot\" or \"on-demand\"."
+  }
+
+  validation {
+    condition     = alltrue([for r in values(var.replicas) : r.port >= 1024 && r.port <= 65535 && floor(r.port) == r.port])
+    error_message = "Each replica's port must be an integer in [1024, 65535]."
+  }
+
+  validation {
+    condition     = length(distinct([for r in values(var.replicas) : r.port])) == length(var.replicas)
+    error_message = "Two replicas cannot share a port."
+  }
+
+  validation {
+    condition     = alltrue([for r in values(var.replicas) : can(regex("^[a-z0-9][a-z0-9-]*$", r.zone))])
+    error_message = "Each replica's zone must be a local zone name such as local-a."
+  }
+}
+
+variable "run" {
+  description = "What each replica runs: `command` (run by /bin/sh -c with $PORT set), an optional `setup` run first, `env` added to the process environment, and `workdir` the directory both run in."
+  type = object({
+    command = string
+    setup   = optional(string)
+    env     = optional(map(string), {})
+    workdir = string
+  })
+
+  validation {
+    condition     = length(trimspace(var.run.command)) > 0
+    error_message = "run.command must not be empty."
+  }
+}
+
+variable "runtime_dir" {
+  description = "Absolute directory holding the replicas' pid and log files (replicas/) and the zone capacity file (capacity.json)."
+  type        = string
+
+  validation {
+    condition     = startswith(var.runtime_dir, "/")
+    error_message = "runtime_dir must be an absolute path."
+  }
+}
+
+variable "launcher" {
+  description = "The Python interpreter that runs skyhedge's replica launcher, and the PYTHONPATH it needs to import skyhedge (empty when skyhedge is installed)."
+  type = object({
+    python     = string
+    pythonpath = optional(string, "")
+  })
+}
+
+variable "stop_grace_seconds" {
+  description = "On destroy, seconds between SIGTERM and SIGKILL for a replica's process group."
+  type        = number
+  default     = 10
+
+  validation {
+    condition     = var.stop_grace_seconds >= 0 && var.stop_grace_seconds <= 3600
+    error_message = "stop_grace_seconds must be between 0 and 3600."
+  }
+}

@@ -1,0 +1,5 @@
+"""`python -m skyhedge ...` runs the CLI."""
+
+from skyhedge.cli import main
+
+main()

@@ -1,0 +1,649 @@
+"""Orchestrate one apply (or destroy) of a service: plan -> state -> render -> Terraform -> state.
+
+    report = apply_service(spec, state_dir)          # what `skyhedge apply` runs
+    report = destroy_service(spec, state_dir)        # what `skyhedge destroy` runs
+
+Order matters for crash safety (every step is safe to repeat, and a crash between two steps
+leaves state that the next apply converges from):
+
+  1. compute_plan (policy + planner) under the service's writer lock;
+  2. record it: new replicas as PROVISIONING records, deleted ones as draining, the policy's
+     memory, the consumed zone events;
+  3. render every root and compare each root's digest with the one last applied successfully:
+     only roots whose inputs changed are applied, in parallel (one Terraform process per root);
+  4. read each root's result replica by replica: endpoints and cloud IDs from the outputs,
+     destroyed replicas marked gone, a launch refused for capacity marked gone ("failed") with a
+     LAUNCH_FAILED zone event, after which the plan is computed again (up to `max_rounds`) so the
+     policy can place that replica elsewhere;
+  5. wait for readiness (skyhedge.probe), then bring routing up / reload it (skyhedge.routing).
+
+A root whose apply failed keeps its old digest, so the next apply retries it.
+
+Where things live under the state dir:
+
+    tf/tree/                  the rendered tree (replaced atomically on every render)
+    tf/data/<cloud>-<region>/ Terraform's working data for that root (TF_DATA_DIR)
+    tf/state/<cloud>-<region>.tfstate   Terraform state (local backend without `path` only)
+    tf/terraformrc            the empty CLI config used when the user has none
+"""
+
+from __future__ import annotations
+
+import contextlib
+import site
+import sys
+import time
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import skyhedge
+from skyhedge.clouds import RenderContext
+from skyhedge.engine import ApplyResult, EventCallback, PlanResult, Terraform, TerraformRoot, run_parallel
+from skyhedge.errors import EngineError, SpecError
+from skyhedge.planner import CREATE, DELETE, KEEP, Plan, PlannedReplica
+from skyhedge.policy.types import EventKind, Location, Market, ZoneEvent
+from skyhedge.render import RenderedRoot, RenderedTree, render_tree, write_tree
+from skyhedge.service import Placement, compute_plan, resolve_placement
+from skyhedge.spec import ServiceSpec
+from skyhedge.state import ReplicaRecord, ServiceState, load_state, save_state, writer_lock
+
+EXTRA_KEY = "terraform"
+PLAN_FILE = "skyhedge.tfplan"
+
+Confirm = Callable[[Plan, Sequence[RenderedRoot], dict[str, PlanResult]], bool]
+Clock = Callable[[], float]
+Say = Callable[[str], None]
+
+
+# ------------------------------------------------------------------------------------------------
+# Where a service's Terraform lives
+
+
+class Workspace:
+    """The paths of one service's Terraform under its state dir, and how to run each root."""
+
+    def __init__(self, spec: ServiceSpec, state_dir: Path) -> None:
+        self.spec = spec
+        self.state_dir = Path(state_dir).resolve()
+        self.tf_dir = self.state_dir / "tf"
+        self.tree_dir = self.tf_dir / "tree"
+
+    def context(self) -> RenderContext:
+        package_parent = str(Path(skyhedge.__file__).resolve().parent.parent)
+        installed = package_parent in {str(Path(p).resolve()) for p in site.getsitepackages()}
+        return RenderContext(
+            state_dir=self.state_dir,
+            workdir=Path.cwd().resolve(),
+            python=sys.executable,
+            pythonpath="" if installed else package_parent,
+        )
+
+    def root(self, cloud: str, region: str) -> TerraformRoot:
+        slug = f"{cloud}-{region}"
+        extra: tuple[str, ...] = ()
+        if self.spec.terraform.backend == "local" and not self.spec.terraform.config.get("path"):
+            extra = (f"path={self.tf_dir / 'state' / f'{slug}.tfstate'}",)
+        return TerraformRoot(
+            path=self.tree_dir / cloud / region,
+            name=f"{cloud}/{region}",
+            data_dir=self.tf_dir / "data" / slug,
+            backend_config=extra,
+        )
+
+    def engine(self, terraform_bin: str | None = None) -> Terraform:
+        return Terraform(home=self.tf_dir, binary=terraform_bin)
+
+
+# ------------------------------------------------------------------------------------------------
+# What Terraform holds, per root, as far as skyhedge knows (in state.extra["terraform"])
+
+
+def _tracked(state: ServiceState) -> dict[str, dict[str, Any]]:
+    return state.extra.setdefault(EXTRA_KEY, {}).setdefault("roots", {})
+
+
+def _root_key(path: str) -> tuple[str, str]:
+    cloud, region = path.split("/", 1)
+    return cloud, region
+
+
+def roots_with_resources(state: ServiceState) -> set[tuple[str, str]]:
+    """Roots whose Terraform state may still hold replicas (so they must stay rendered)."""
+    return {
+        _root_key(p) for p, info in _tracked(state).items() if info.get("replicas") or not info.get("digest")
+    }
+
+
+def changed_roots(state: ServiceState, tree: RenderedTree) -> list[RenderedRoot]:
+    tracked = _tracked(state)
+    return [r for r in tree.roots if tracked.get(r.path, {}).get("digest") != r.digest]
+
+
+# ------------------------------------------------------------------------------------------------
+# Reports
+
+
+@dataclass(frozen=True)
+class LaunchFailure:
+    replica_id: str
+    location: Location
+    market: str
+    message: str
+
+
+@dataclass
+class ApplyReport:
+    plan: Plan | None = None
+    cancelled: bool = False
+    rounds: int = 0
+    applied_roots: list[str] = field(default_factory=list)
+    created: list[str] = field(default_factory=list)
+    deleted: list[str] = field(default_factory=list)
+    launch_failures: list[LaunchFailure] = field(default_factory=list)
+    errors: list[EngineError] = field(default_factory=list)
+    ready: list[str] = field(default_factory=list)
+    not_ready: list[str] = field(default_factory=list)
+    router: dict[str, Any] | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors and not self.cancelled
+
+
+# ------------------------------------------------------------------------------------------------
+# Recording a plan and a root's result in state
+
+
+def record_plan(
+    state: ServiceState, plan: Plan, memory: dict[str, Any], placement: Placement, now: float
+) -> None:
+    """Act on `plan` in state: new records for creates, draining for deletes, policy memory kept."""
+    state.policy_memory = memory
+    state.pending_events.clear()  # the policy has seen them; its memory now holds their effect
+    state.next_id = max(state.next_id, plan.next_id)
+    for r in plan.replicas:
+        if r.action == CREATE and r.id not in state.replicas:
+            state.replicas[r.id] = ReplicaRecord(
+                id=r.id,
+                cloud=r.location.cloud,
+                region=r.location.region,
+                zone=r.location.zone,
+                market=r.market.value,
+                launched_at=now,
+                instance_type=placement.instance_types.get(r.location.cloud),
+            )
+        elif r.action == DELETE and r.id in state.replicas:
+            state.replicas[r.id].draining = True
+    if plan.has_changes:
+        state.log(
+            {
+                "event": "plan",
+                "at": now,
+                "policy": plan.policy,
+                "target": plan.target,
+                "create": [r.id for r in plan.replicas if r.action == CREATE],
+                "delete": [r.id for r in plan.replicas if r.action == DELETE],
+            }
+        )
+
+
+def absorb_result(
+    state: ServiceState, root: RenderedRoot, result: ApplyResult | None, error: Exception | None, now: float
+) -> list[LaunchFailure]:
+    """Update the records of `root`'s replicas from one apply (complete, partial or failed)."""
+    tracked = _tracked(state)
+    in_root = [rec for rec in state.replicas.values() if (rec.cloud, rec.region) == root.key]
+    desired = set(root.replicas)
+    failures: list[LaunchFailure] = []
+    if result is None:  # Terraform did not even run to completion: nothing is known to have changed
+        for rec in in_root:
+            if rec.gone_at is None and rec.id not in desired:
+                rec.draining = False  # still there; the next plan decides again
+        entry = tracked.setdefault(root.path, {})
+        entry["digest"] = None
+        entry["replicas"] = sorted(set(entry.get("replicas", [])) | desired)
+        return failures
+    errors = {d.replica_id: d for d in result.errors if d.replica_id}
+    done = {c.replica_id: c.action for c in result.completed if c.replica_id}
+    outputs = (result.outputs or {}).get("replicas") or {}
+    for rec in in_root:
+        if rec.id in desired and rec.gone_at is None:
+            diag = errors.get(rec.id)
+            if diag is not None:
+                if diag.capacity and rec.provisioned_at is None:
+                    rec.gone_at, rec.reason = now, "failed"
+                    state.record_event(ZoneEvent(EventKind.LAUNCH_FAILED, rec.location, now, rec.id))
+                    failures.append(
+                        LaunchFailure(rec.id, rec.location, rec.market, diag.detail or diag.summary)
+                    )
+                continue
+            if rec.id in outputs:
+                out = dict(outputs[rec.id] or {})
+                if rec.cloud_id is not None and out.get("cloud_id") != rec.cloud_id:
+                    # Replaced (its command or env changed): a new process that must become ready again.
+                    rec.provisioned_at, rec.ready_at, rec.not_ready_since = now, None, None
+                rec.endpoint = out.get("endpoint")
+                rec.cloud_id = out.get("cloud_id")
+                rec.outputs = out
+                if rec.provisioned_at is None:
+                    rec.provisioned_at = now
+            elif done.get(rec.id) in {"create", "replace"} and rec.provisioned_at is None:
+                rec.provisioned_at = now  # created, outputs come with the next complete apply
+        elif rec.id not in desired:
+            destroyed = result.ok or done.get(rec.id) == "delete"
+            if rec.gone_at is None:
+                if destroyed:
+                    rec.gone_at, rec.reason, rec.draining = now, "terminated", False
+                    state.log({"event": "terminated", "at": now, "replica_id": rec.id})
+                else:
+                    rec.draining = False  # still there; the next plan decides again
+            if destroyed:
+                rec.outputs = {}
+    if result.ok:
+        if outputs:
+            tracked[root.path] = {"digest": root.digest, "replicas": sorted(outputs)}
+        else:
+            tracked.pop(root.path, None)
+    else:
+        entry = tracked.setdefault(root.path, {})
+        entry["digest"] = None
+        entry["replicas"] = sorted(
+            (set(entry.get("replicas", [])) | desired | set(done))
+            - {rid for rid, action in done.items() if action == "delete"}
+        )
+    return failures
+
+
+# ------------------------------------------------------------------------------------------------
+# Readiness and routing (their modules are owned by the probe/routing code; imported lazily)
+
+
+def _probe_fn() -> Callable[..., bool]:
+    from skyhedge.probe import probe
+
+    return probe
+
+
+def wait_ready(
+    spec: ServiceSpec,
+    state: ServiceState,
+    *,
+    clock: Clock = time.time,
+    timeout: float | None = None,
+    interval: float = 0.25,
+    probe: Callable[..., bool] | None = None,
+) -> tuple[list[str], list[str]]:
+    """Probe live replicas that are not READY yet until they are, or `timeout` (default: the
+    spec's `initial_delay_seconds`) passes. Returns (became ready, still not ready)."""
+    probe = probe or _probe_fn()
+    readiness = spec.readiness_probe
+    pending = {r.id: r for r in state.live() if r.endpoint and r.ready_at is None and not r.draining}
+    limit = float(readiness.initial_delay_seconds if timeout is None else timeout)
+    deadline = time.monotonic() + limit
+    ready: list[str] = []
+    with ThreadPoolExecutor(max_workers=min(16, max(1, len(pending)))) as pool:
+        while pending:
+            recs = list(pending.values())
+            results = list(
+                pool.map(lambda r: probe(r.endpoint, readiness, timeout=readiness.timeout_seconds), recs)
+            )
+            for rec, ok in zip(recs, results, strict=True):
+                if ok:
+                    rec.ready_at, rec.not_ready_since = clock(), None
+                    ready.append(rec.id)
+                    del pending[rec.id]
+            if not pending or time.monotonic() >= deadline:
+                break
+            time.sleep(interval)
+    return sorted(ready), sorted(pending)
+
+
+def _upstreams(state: ServiceState) -> list[Any]:
+    from skyhedge.routing import Upstream
+
+    return [
+        Upstream(r.id, r.endpoint)
+        for r in sorted(state.live(), key=lambda r: r.id)
+        if r.endpoint and r.ready_at is not None and r.not_ready_since is None and not r.draining
+    ]
+
+
+def _router(spec: ServiceSpec, state_dir: Path) -> Any | None:
+    try:
+        from skyhedge.routing import Router
+    except ImportError:
+        return None
+    return Router(spec, state_dir)
+
+
+def drain_before_destroy(spec: ServiceSpec, state: ServiceState, state_dir: Path, say: Say) -> None:
+    """If routing is up and replicas are about to go, route around them first (drain)."""
+    if state.router is None or not any(r.draining for r in state.live()):
+        return
+    router = _router(spec, state_dir)
+    if router is None or router.pid() is None:
+        return
+    say(f"draining {', '.join(sorted(r.id for r in state.live() if r.draining))} from the router")
+    router.drain(_upstreams(state), timeout=30.0)
+
+
+def bring_routing_up(
+    spec: ServiceSpec, state: ServiceState, state_dir: Path, say: Say
+) -> dict[str, Any] | None:
+    router = _router(spec, state_dir)
+    if router is None:
+        say("routing is not available in this build; replicas are reachable at their endpoints")
+        return None
+    ups = _upstreams(state)
+    if not ups:
+        if router.pid() is not None:
+            state.router = router.status()
+        return state.router
+    state.router = router.up(ups)
+    return state.router
+
+
+# ------------------------------------------------------------------------------------------------
+# apply
+
+
+def _noop(_: str) -> None:
+    pass
+
+
+def apply_service(
+    spec: ServiceSpec,
+    state_dir: Path,
+    *,
+    engine: Terraform | None = None,
+    terraform_bin: str | None = None,
+    confirm: Confirm | None = None,
+    wait: bool = True,
+    route: bool = True,
+    on_event: EventCallback | None = None,
+    say: Say = _noop,
+    clock: Clock = time.time,
+    max_rounds: int = 3,
+    policy_name: str | None = None,
+) -> ApplyReport:
+    """Converge the service to its plan (see the module docstring). Never raises for a failed
+    root: the report lists what failed, and the state says what exists."""
+    ws = Workspace(spec, state_dir)
+    engine = engine or ws.engine(terraform_bin)
+    placement = resolve_placement(spec)
+    report = ApplyReport()
+    with writer_lock(ws.state_dir):
+        state = load_state(ws.state_dir, spec.name)
+        for round_no in range(1, max_rounds + 1):
+            now = clock()
+            plan, memory = compute_plan(spec, state, now=now, placement=placement, policy_name=policy_name)
+            tree = render_tree(
+                spec,
+                plan,
+                context=ws.context(),
+                instance_types=placement.instance_types,
+                extra_roots=roots_with_resources(state),
+            )
+            write_tree(tree, ws.tree_dir)
+            changed = changed_roots(state, tree)
+            plan_files: dict[str, str] = {}
+            if round_no == 1:
+                report.plan = plan
+                if confirm is not None and changed:
+                    previews = _preview(engine, ws, changed, on_event)
+                    if not confirm(plan, changed, previews):
+                        report.cancelled = True
+                        return report
+                    plan_files = {
+                        name: str(ws.root(*_root_key(name)).data_dir / PLAN_FILE) for name in previews
+                    }
+            record_plan(state, plan, memory, placement, now)
+            save_state(ws.state_dir, state)
+            report.rounds = round_no
+            if not changed:
+                break
+            if route:
+                drain_before_destroy(spec, state, ws.state_dir, say)
+            say(f"applying {len(changed)} root(s): {', '.join(r.path for r in changed)}")
+
+            def run(root: RenderedRoot, plan_files: dict[str, str] = plan_files) -> ApplyResult:
+                return engine.apply(
+                    ws.root(root.cloud, root.region),
+                    plan_file=plan_files.get(root.path),
+                    on_event=on_event,
+                    check=False,
+                )
+
+            results = run_parallel(changed, run)
+            retry = False
+            round_failures: list[LaunchFailure] = []
+            for root, result in zip(changed, results, strict=True):
+                done_at = clock()
+                if isinstance(result, Exception):
+                    err = (
+                        result
+                        if isinstance(result, EngineError)
+                        else EngineError(
+                            f"{root.path}: {result.__class__.__name__}: {result}", root=root.path
+                        )
+                    )
+                    report.errors.append(err)
+                    absorb_result(state, root, None, err, done_at)
+                    continue
+                failures = absorb_result(state, root, result, None, done_at)
+                report.applied_roots.append(root.path)
+                report.launch_failures.extend(failures)
+                round_failures.extend(failures)
+                report.created += [
+                    c.replica_id for c in result.completed if c.replica_id and c.action == "create"
+                ]
+                report.deleted += [
+                    c.replica_id for c in result.completed if c.replica_id and c.action == "delete"
+                ]
+                if not result.ok:
+                    failed_ids = {f.replica_id for f in failures}
+                    other = [d for d in result.errors if d.replica_id not in failed_ids]
+                    if other:
+                        first = other[0]
+                        report.errors.append(
+                            EngineError(
+                                f"terraform apply failed in {root.path}: {first.summary}"
+                                + (f" ({first.replica_id})" if first.replica_id else ""),
+                                stderr="\n".join(d.text for d in other)
+                                + ("\n" + result.stderr if result.stderr else ""),
+                                root=root.path,
+                            )
+                        )
+                    retry = retry or bool(failures)
+            state.log(
+                {
+                    "event": "apply",
+                    "at": clock(),
+                    "round": round_no,
+                    "roots": [r.path for r in changed],
+                    "errors": [str(e) for e in report.errors],
+                    "launch_failed": [f.replica_id for f in report.launch_failures],
+                }
+            )
+            save_state(ws.state_dir, state)
+            for f in round_failures:
+                say(f"{f.replica_id}: launch refused in {f.location} ({f.market}): {first_line(f.message)}")
+            if not retry or report.errors:
+                break
+            say("re-planning around the refused launches")
+        if wait:
+            report.ready, report.not_ready = wait_ready(spec, state, clock=clock)
+            save_state(ws.state_dir, state)
+        if route and not report.errors:
+            report.router = bring_routing_up(spec, state, ws.state_dir, say)
+            save_state(ws.state_dir, state)
+    return report
+
+
+def first_line(text: str) -> str:
+    for line in text.splitlines():
+        if line.strip():
+            return line.strip()
+    return text.strip()
+
+
+def _preview(
+    engine: Terraform, ws: Workspace, roots: Sequence[RenderedRoot], on_event: EventCallback | None
+) -> dict[str, PlanResult]:
+    """`terraform plan -out` for each root to be applied, so what the user confirms is what runs."""
+
+    def run(root: RenderedRoot) -> PlanResult:
+        troot = ws.root(root.cloud, root.region)
+        assert troot.data_dir is not None
+        troot.data_dir.mkdir(parents=True, exist_ok=True)
+        return engine.plan(troot, out=str(troot.data_dir / PLAN_FILE))
+
+    out: dict[str, PlanResult] = {}
+    for root, result in zip(roots, run_parallel(roots, run), strict=True):
+        if isinstance(result, Exception):
+            raise result
+        out[root.path] = result
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# destroy
+
+
+@dataclass
+class DestroyReport:
+    cancelled: bool = False
+    roots: list[str] = field(default_factory=list)
+    destroyed: list[str] = field(default_factory=list)
+    errors: list[EngineError] = field(default_factory=list)
+    strays: list[int] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors and not self.cancelled
+
+
+def _kept_plan(spec: ServiceSpec, state: ServiceState) -> Plan:
+    """The live replicas as a plan that changes nothing (to render the roots as they stand)."""
+    replicas = tuple(
+        PlannedReplica(r.id, r.location, Market(r.market), KEEP, 0.0)
+        for r in sorted(state.live(), key=lambda r: r.id)
+    )
+    return Plan(spec.name, len(replicas), "destroy", replicas, state.next_id, 0.0)
+
+
+def destroy_service(
+    spec: ServiceSpec,
+    state_dir: Path,
+    *,
+    engine: Terraform | None = None,
+    terraform_bin: str | None = None,
+    confirm: Callable[[Sequence[ReplicaRecord], Sequence[str]], bool] | None = None,
+    route: bool = True,
+    on_event: EventCallback | None = None,
+    say: Say = _noop,
+    clock: Clock = time.time,
+) -> DestroyReport:
+    """Take routing down, then destroy every root that may hold replicas (in parallel)."""
+    ws = Workspace(spec, state_dir)
+    engine = engine or ws.engine(terraform_bin)
+    report = DestroyReport()
+    with writer_lock(ws.state_dir):
+        state = load_state(ws.state_dir, spec.name)
+        keys = sorted(roots_with_resources(state) | {(r.cloud, r.region) for r in state.live()})
+        report.roots = [f"{c}/{r}" for c, r in keys]
+        if confirm is not None and keys and not confirm(state.live(), report.roots):
+            report.cancelled = True
+            return report
+        if route:
+            router = _router(spec, ws.state_dir)
+            if router is not None and (state.router is not None or router.pid() is not None):
+                say("taking the router down")
+                router.down()
+            state.router = None
+            save_state(ws.state_dir, state)
+        if keys:
+            types = {r.cloud: r.instance_type for r in state.replicas.values() if r.instance_type}
+            with contextlib.suppress(SpecError):  # else the spec dropped these clouds: records' types do
+                types.update(resolve_placement(spec).instance_types)
+            tree = render_tree(
+                spec, _kept_plan(spec, state), context=ws.context(), instance_types=types, extra_roots=keys
+            )
+            write_tree(tree, ws.tree_dir)
+            roots = [tree.root(c, r) for c, r in keys]
+            results = run_parallel(
+                roots,
+                lambda root: engine.destroy(ws.root(root.cloud, root.region), on_event=on_event, check=False),
+            )
+            for root, result in zip(roots, results, strict=True):
+                now = clock()
+                if isinstance(result, ApplyResult) and result.ok:
+                    for rec in state.replicas.values():
+                        if (rec.cloud, rec.region) == root.key:
+                            if rec.gone_at is None:
+                                rec.gone_at, rec.reason, rec.draining = now, "terminated", False
+                                report.destroyed.append(rec.id)
+                            rec.outputs = {}
+                    _tracked(state).pop(root.path, None)
+                elif isinstance(result, ApplyResult):
+                    first = result.errors[0].summary if result.errors else f"exit code {result.exit_code}"
+                    report.errors.append(
+                        EngineError(
+                            f"terraform destroy failed in {root.path}: {first}",
+                            stderr=result.error_text(),
+                            root=root.path,
+                        )
+                    )
+                else:
+                    report.errors.append(
+                        result
+                        if isinstance(result, EngineError)
+                        else EngineError(f"{root.path}: {result}", root=root.path)
+                    )
+            state.log(
+                {
+                    "event": "destroy",
+                    "at": clock(),
+                    "roots": report.roots,
+                    "errors": [str(e) for e in report.errors],
+                }
+            )
+            save_state(ws.state_dir, state)
+        if "local" in spec.placement.clouds or any(c == "local" for c, _ in keys):
+            report.strays = _stop_local_strays(ws, state, say) if not report.errors else []
+    return report
+
+
+def _stop_local_strays(ws: Workspace, state: ServiceState, say: Say) -> list[int]:
+    """After a clean destroy nothing of this service may run locally: stop leftovers of crashes."""
+    from skyhedge.clouds.local import runtime_dir
+    from skyhedge.clouds.local.processes import kill_all
+
+    live_local = [r for r in state.live() if r.cloud == "local"]
+    if live_local:
+        return []
+    pids = kill_all(runtime_dir(ws.state_dir))
+    if pids:
+        say(f"stopped {len(pids)} stray local process(es) left by an earlier crash: {pids}")
+    return pids
+
+
+def live_rows(state: ServiceState, *, include_gone: bool = False) -> list[dict[str, Any]]:
+    """The `status --json` replica rows: id, cloud, region, zone, market, endpoint, state."""
+    recs: Iterable[ReplicaRecord] = state.replicas.values() if include_gone else state.live()
+    return [
+        {
+            "id": r.id,
+            "cloud": r.cloud,
+            "region": r.region,
+            "zone": r.zone,
+            "market": r.market,
+            "endpoint": r.endpoint,
+            "state": r.fact().status.value,
+        }
+        for r in sorted(recs, key=lambda r: r.id)
+    ]

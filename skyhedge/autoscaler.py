@@ -1,0 +1,141 @@
+"""PURE. SkyServe's request-rate autoscaler, fed from the router's cumulative request counter.
+
+SkyServe (`sky/serve/autoscalers.py`, `RequestRateAutoscaler`) computes
+    target = ceil(qps / target_qps_per_replica), clipped to [min_replicas, max_replicas]
+over a 60 s window of requests, and only adopts a new target after it has wanted it for
+`upscale_delay_seconds` (up) or `downscale_delay_seconds` (down) — hysteresis, so a burst does
+not buy machines and a lull does not throw away warm replicas. SkyServe counts consecutive
+decision periods; our controller ticks on events, not on a fixed period, so the delays here are
+measured in seconds since the wish first appeared (the same thing at a fixed period).
+
+The input is nginx's `stub_status` `requests` counter: cumulative, reset when nginx restarts.
+A sample lower than the previous one is a reset; the window then starts over.
+
+No clock, no I/O: `step(state, now, count)` returns the new state; the caller persists it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Any
+
+QPS_WINDOW_SECONDS = 60.0
+MIN_SPAN_SECONDS = 1.0  # below this the rate is noise: keep the current target
+
+
+@dataclass(frozen=True)
+class AutoscalerConfig:
+    min_replicas: int
+    max_replicas: int | None
+    target_qps_per_replica: float | None
+    upscale_delay_seconds: float
+    downscale_delay_seconds: float
+    window_seconds: float = QPS_WINDOW_SECONDS
+
+    @property
+    def enabled(self) -> bool:
+        return self.target_qps_per_replica is not None and self.target_qps_per_replica > 0
+
+    @classmethod
+    def from_spec(cls, spec: Any) -> AutoscalerConfig:
+        rp = spec.replica_policy
+        return cls(
+            min_replicas=rp.min_replicas,
+            max_replicas=rp.max_replicas,
+            target_qps_per_replica=rp.target_qps_per_replica,
+            upscale_delay_seconds=float(rp.upscale_delay_seconds),
+            downscale_delay_seconds=float(rp.downscale_delay_seconds),
+        )
+
+    def clip(self, n: int) -> int:
+        upper = self.max_replicas if self.max_replicas is not None else max(self.min_replicas, n)
+        return max(self.min_replicas, min(n, upper))
+
+
+@dataclass(frozen=True)
+class AutoscalerState:
+    """The autoscaler's memory: counter samples in the window, the adopted target, the pending wish."""
+
+    samples: tuple[tuple[float, float], ...] = ()
+    target: int | None = None
+    pending: int | None = None
+    pending_since: float | None = None
+    qps: float | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "samples": [list(s) for s in self.samples],
+            "target": self.target,
+            "pending": self.pending,
+            "pending_since": self.pending_since,
+            "qps": self.qps,
+        }
+
+    @classmethod
+    def from_json(cls, data: Any) -> AutoscalerState:
+        if not isinstance(data, dict):
+            return cls()
+        try:
+            samples = tuple((float(t), float(c)) for t, c in data.get("samples") or ())
+            target = data.get("target")
+            pending = data.get("pending")
+            since = data.get("pending_since")
+            qps = data.get("qps")
+            return cls(
+                samples=samples,
+                target=int(target) if target is not None else None,
+                pending=int(pending) if pending is not None else None,
+                pending_since=float(since) if since is not None else None,
+                qps=float(qps) if qps is not None else None,
+            )
+        except (TypeError, ValueError):
+            return cls()
+
+
+def request_rate(samples: tuple[tuple[float, float], ...]) -> float | None:
+    """Requests per second over the samples' span, or None when the span is too short to tell."""
+    if len(samples) < 2:
+        return None
+    (t0, c0), (t1, c1) = samples[0], samples[-1]
+    span = t1 - t0
+    if span < MIN_SPAN_SECONDS:
+        return None
+    return max(0.0, (c1 - c0) / span)
+
+
+def raw_target(config: AutoscalerConfig, qps: float) -> int:
+    """SkyServe's formula before hysteresis."""
+    assert config.target_qps_per_replica
+    return config.clip(math.ceil(qps / config.target_qps_per_replica - 1e-9))
+
+
+def step(
+    config: AutoscalerConfig, state: AutoscalerState, now: float, count: float | None
+) -> AutoscalerState:
+    """Fold one counter sample in (None: the router could not be read) and maybe adopt a new target."""
+    current = config.clip(state.target if state.target is not None else config.min_replicas)
+    if not config.enabled:
+        return AutoscalerState(target=current)
+    samples = state.samples
+    if count is not None:
+        if samples and (count < samples[-1][1] or now < samples[-1][0]):
+            samples = ()  # counter reset (router restarted) or clock jump: start the window over
+        samples = (*samples, (now, float(count)))
+        # Keep one sample at or before the window start so the rate covers the whole window.
+        start = now - config.window_seconds
+        while len(samples) > 2 and samples[1][0] <= start:
+            samples = samples[1:]
+    qps = request_rate(samples)
+    state = replace(state, samples=samples, target=current, qps=qps)
+    if qps is None:
+        return state
+    wanted = raw_target(config, qps)
+    if wanted == current:
+        return replace(state, pending=None, pending_since=None)
+    same_direction = state.pending is not None and (state.pending > current) == (wanted > current)
+    since = state.pending_since if same_direction and state.pending_since is not None else now
+    delay = config.upscale_delay_seconds if wanted > current else config.downscale_delay_seconds
+    if now - since >= delay:
+        return replace(state, target=wanted, pending=None, pending_since=None)
+    return replace(state, pending=wanted, pending_since=since)

@@ -1,0 +1,150 @@
+"""`skyhedge catalog show|refresh`: look at zones and prices, refresh spot prices into the user cache."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from dataclasses import replace
+from typing import Any
+
+import click
+from rich.table import Table
+
+from skyhedge.catalog import (
+    CloudCatalog,
+    bundled_path,
+    catalog_to_dict,
+    load_catalog,
+    read_catalog_file,
+    user_cache_path,
+    write_catalog_file,
+)
+from skyhedge.catalog.loader import check_cloud
+from skyhedge.cli._app import console, main
+from skyhedge.errors import CatalogError
+
+_MAX_LISTED = 10
+
+
+def _split(value: str | None) -> list[str] | None:
+    if not value:
+        return None
+    items = [v.strip() for v in value.split(",") if v.strip()]
+    return items or None
+
+
+@main.group("catalog")
+def catalog_group() -> None:
+    """Zones and prices per cloud (bundled data, or your refreshed user cache)."""
+
+
+@catalog_group.command("show")
+@click.option("--cloud", required=True, help="aws, gcp or local.")
+@click.option("--instance-type", "instance_type", default=None, help="Only this instance type.")
+@click.option("--region", default=None, help="Only this region.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (the catalog file format).")
+def show(cloud: str, instance_type: str | None, region: str | None, as_json: bool) -> None:
+    """List zones with on-demand and spot prices, and where the prices come from."""
+    catalog = load_catalog(check_cloud(cloud))
+    offers = list(catalog.offers_for(instance_type)) if instance_type else list(catalog.offers)
+    if region:
+        catalog.zones_in(region)
+        offers = [o for o in offers if o.region == region]
+    if as_json:
+        data = catalog_to_dict(catalog)
+        keep = set(offers)
+        kept_types = {o.instance_type for o in offers}
+        data["instance_types"] = {k: v for k, v in data["instance_types"].items() if k in kept_types}
+        data["offers"] = [row for row, o in zip(data["offers"], catalog.offers, strict=True) if o in keep]
+        data["path"] = catalog.path
+        click.echo(json.dumps(data, indent=2))
+        return
+    console.print(f"[bold]{catalog.cloud}[/] catalog: {catalog.path}")
+    console.print(f"source: {catalog.source}  (taken {catalog.taken_at})")
+    table = Table(show_lines=False)
+    for header in (
+        "instance type",
+        "accelerator",
+        "region",
+        "zone",
+        "on-demand $/h",
+        "spot $/h",
+        "spot taken",
+    ):
+        table.add_column(header, justify="right" if "$" in header else "left")
+    for o in sorted(offers, key=lambda o: (o.instance_type, o.region, o.zone)):
+        itype = catalog.instance_types[o.instance_type]
+        acc = f"{itype.accelerator}:{itype.accelerator_count}" if itype.accelerator else "-"
+        spot = "-" if o.spot_price is None else f"{o.spot_price:.4f}"
+        table.add_row(
+            o.instance_type,
+            acc,
+            o.region,
+            o.zone,
+            f"{o.ondemand_price:.4f}",
+            spot,
+            o.spot_taken_at or catalog.taken_at,
+        )
+    console.print(table)
+    console.print(f"{len(offers)} offers, {len({o.zone for o in offers})} zones")
+
+
+@catalog_group.command("refresh")
+@click.option("--cloud", required=True, help="aws or gcp.")
+@click.option(
+    "--regions", default=None, help="Comma-separated regions (default: every region in the catalog)."
+)
+@click.option(
+    "--instance-types", "instance_types", default=None, help="Comma-separated instance types (default: all)."
+)
+@click.option(
+    "--reset", is_flag=True, help="Start from the bundled catalog instead of the current user cache."
+)
+def refresh(cloud: str, regions: str | None, instance_types: str | None, reset: bool) -> None:
+    """Fetch current prices from the cloud's API into the user cache (aws: spot; gcp: spot + on-demand)."""
+    check_cloud(cloud)
+    target = user_cache_path(cloud)
+    if cloud == "local":
+        raise CatalogError(
+            f"the local cloud has no price API; write prices into {target} (see docs/catalog.md)"
+        )
+    base = read_catalog_file(bundled_path(cloud), expect_cloud=cloud) if reset else load_catalog(cloud)
+    region_list = _split(regions)
+    type_list = _split(instance_types)
+    now = dt.datetime.now(dt.timezone.utc)
+    if cloud == "aws":
+        from skyhedge.catalog import aws
+
+        result: Any = aws.refresh_aws(base, regions=region_list, instance_types=type_list, now=now)
+        api = aws.SOURCE
+    else:
+        from skyhedge.catalog import gcp
+
+        result = gcp.refresh_gcp(base, regions=region_list, instance_types=type_list, now=now)
+        api = gcp.SOURCE
+    if result.updated == 0:
+        raise CatalogError(f"{cloud} refresh found no prices for the chosen offers; {target} left unchanged")
+    refreshed: CloudCatalog = result.catalog
+    record = {
+        "refresh": api,
+        "at": now.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "regions": list(result.regions),
+        "instance_types": type_list or "all",
+        "offers_updated": result.updated,
+    }
+    sources = list(refreshed.extra.get("sources", []))  # type: ignore[call-overload]
+    refreshed = _with_sources(refreshed, [*sources, record])
+    write_catalog_file(refreshed, target)
+    console.print(
+        f"updated {result.updated} offers in {len(result.regions)} regions from {api}; wrote {target}"
+    )
+    if result.unpriced:
+        shown = ", ".join(result.unpriced[:_MAX_LISTED])
+        more = f" and {len(result.unpriced) - _MAX_LISTED} more" if len(result.unpriced) > _MAX_LISTED else ""
+        console.print(
+            f"no current price for {len(result.unpriced)} offers (kept as they were): {shown}{more}"
+        )
+
+
+def _with_sources(catalog: CloudCatalog, sources: list[Any]) -> CloudCatalog:
+    return replace(catalog, extra={**catalog.extra, "sources": sources})

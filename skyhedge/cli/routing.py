@@ -1,0 +1,112 @@
+"""`skyhedge routing up|reload|down SPEC`: the nginx router in front of the service's replicas."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import click
+
+from skyhedge.cli._app import console, err_console, main, spec_argument, state_dir_option
+from skyhedge.policy.types import ReplicaStatus
+from skyhedge.probe import check_all
+from skyhedge.routing import Router, Upstream
+from skyhedge.spec import ServiceSpec, load_spec
+from skyhedge.state import ServiceState, default_state_dir, load_state, save_state, writer_lock
+
+_probe_option = click.option(
+    "--probe",
+    "probe_now",
+    is_flag=True,
+    help="Probe the live replicas now and route to those that pass, instead of the recorded READY status.",
+)
+_json_option = click.option("--json", "as_json", is_flag=True, help="Print the router's status as JSON.")
+
+
+def upstreams_from_state(service: ServiceSpec, state: ServiceState, *, probe_now: bool) -> list[Upstream]:
+    """READY replicas with an endpoint; with `probe_now`, the live non-draining ones that pass a probe."""
+    live = [r for r in state.live() if r.endpoint]
+    if not probe_now:
+        return [
+            Upstream(r.id, r.endpoint) for r in live if r.fact().status is ReplicaStatus.READY and r.endpoint
+        ]
+    candidates = [r for r in live if not r.draining]
+    results = check_all([r.endpoint or "" for r in candidates], service.readiness_probe)
+    out: list[Upstream] = []
+    for rec in candidates:
+        result = results[rec.endpoint or ""]
+        if result.ok:
+            out.append(Upstream(rec.id, rec.endpoint or ""))
+        else:
+            err_console.print(f"[yellow]{rec.id}[/] {rec.endpoint}: not ready ({result.error})")
+    return out
+
+
+def _show(verb: str, status: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps(status, indent=2, sort_keys=True))
+        return
+    ups = status["upstreams"]
+    console.print(
+        f"router {verb}: {status['endpoint']} (nginx pid {status['pid']}), "
+        f"{len(ups)} upstream{'s' if len(ups) != 1 else ''}"
+    )
+    for u in ups:
+        console.print(f"  {u['id']}  {u['endpoint']}")
+    if not ups:
+        console.print("  [yellow]no ready replica: requests get 503 until one is ready[/]")
+
+
+def _route(spec: Path, state_dir: Path | None, *, start: bool, probe_now: bool, as_json: bool) -> None:
+    service = load_spec(spec)
+    sdir = state_dir or default_state_dir(service.name)
+    with writer_lock(sdir):
+        state = load_state(sdir, service.name)
+        upstreams = upstreams_from_state(service, state, probe_now=probe_now)
+        router = Router(service, sdir)
+        status = router.up(upstreams) if start else router.reload(upstreams)
+        state.router = status
+        save_state(sdir, state)
+    _show("up" if start else "reloaded", status, as_json)
+
+
+@main.group()
+def routing() -> None:
+    """Run the nginx router: one stable endpoint in front of the READY replicas."""
+
+
+@routing.command()
+@spec_argument
+@state_dir_option
+@_probe_option
+@_json_option
+def up(spec: Path, state_dir: Path | None, probe_now: bool, as_json: bool) -> None:
+    """Start nginx for SPEC (or reload it when it already runs)."""
+    _route(spec, state_dir, start=True, probe_now=probe_now, as_json=as_json)
+
+
+@routing.command()
+@spec_argument
+@state_dir_option
+@_probe_option
+@_json_option
+def reload(spec: Path, state_dir: Path | None, probe_now: bool, as_json: bool) -> None:
+    """Route to the current READY replicas; a config nginx refuses never replaces the serving one."""
+    _route(spec, state_dir, start=False, probe_now=probe_now, as_json=as_json)
+
+
+@routing.command()
+@spec_argument
+@state_dir_option
+def down(spec: Path, state_dir: Path | None) -> None:
+    """Stop nginx gracefully (in-flight requests finish first)."""
+    service = load_spec(spec)
+    sdir = state_dir or default_state_dir(service.name)
+    with writer_lock(sdir):
+        state = load_state(sdir, service.name)
+        Router(service, sdir).down()
+        if state.router is not None:
+            state.router = None
+            save_state(sdir, state)
+    console.print(f"router down: {service.name}")

@@ -1,0 +1,188 @@
+"""`skyhedge simulate`: replay spot-capacity traces through policies; cost and availability."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from skyhedge.cli._app import console, err_console, main
+from skyhedge.errors import TraceError
+from skyhedge.simulator import OPTIMAL, SimConfig, load_prices, load_trace, simulate as run_simulation
+from skyhedge.simulator.latency import load_arrivals
+from skyhedge.simulator.runner import Summary, check_policies
+
+DEFAULT_POLICIES = "spothedge,skyserve,optimal,ondemand,even,rr,single-region"
+
+
+def _policy_names(text: str) -> list[str]:
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    if not names:
+        raise click.BadParameter("expected one or more policy names, comma-separated", param_hint="--policy")
+    return list(dict.fromkeys(names))
+
+
+@main.command()
+@click.option(
+    "--trace",
+    "trace_paths",
+    multiple=True,
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Trace directory (one JSON per zone) or CSV file; repeat for several traces.",
+)
+@click.option(
+    "--policy",
+    "policy_text",
+    default=DEFAULT_POLICIES,
+    show_default=True,
+    help="Comma-separated policy names; 'optimal' is the omniscient optimum; 'module:Class' loads a plug-in.",
+)
+@click.option("--repeats", default=10, show_default=True, type=click.IntRange(min=1), help="Windows per trace.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of window offsets and zone order.")
+@click.option("--target", default=3, show_default=True, type=click.IntRange(min=1), help="Ready replicas N.")
+@click.option(
+    "--cold-start",
+    default=120.0,
+    show_default=True,
+    type=click.FloatRange(min=0),
+    help="Seconds from launch to READY (rounded up to 30 s ticks).",
+)
+@click.option(
+    "--ondemand-cost-ratio",
+    default=3.0,
+    show_default=True,
+    type=click.FloatRange(min=0, min_open=True),
+    help="On-demand price / spot price.",
+)
+@click.option(
+    "--extra", default=1, show_default=True, type=click.IntRange(min=0), help="Over-provisioned spot replicas."
+)
+@click.option("--ticks", default=2880, show_default=True, type=click.IntRange(min=2), help="Window length (30 s).")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list, one object per trace and policy.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path), help="Write a PNG.")
+@click.option("--latency", is_flag=True, help="Request-level latency: P50/P90/P99 and failure rate.")
+@click.option(
+    "--arrivals",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Recorded request timestamps (one per line) instead of Poisson; implies --latency.",
+)
+@click.option(
+    "--prices",
+    "prices_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help='JSON {"zone": {"spot": $/h, "ondemand": $/h}}: also report dollars.',
+)
+def simulate(
+    trace_paths: tuple[Path, ...],
+    policy_text: str,
+    repeats: int,
+    seed: int,
+    target: int,
+    cold_start: float,
+    ondemand_cost_ratio: float,
+    extra: int,
+    ticks: int,
+    as_json: bool,
+    plot_path: Path | None,
+    latency: bool,
+    arrivals: Path | None,
+    prices_path: Path | None,
+) -> None:
+    """Replay spot-capacity traces through placement policies: cost and availability per policy."""
+    policies = _policy_names(policy_text)
+    check_policies(policies)
+    traces = [load_trace(path) for path in trace_paths]
+    names = [trace.name for trace in traces]
+    if len(set(names)) != len(names):
+        raise TraceError(f"two traces share the name {next(n for n in names if names.count(n) > 1)!r}")
+    config = SimConfig(
+        target=target,
+        cold_start_seconds=cold_start,
+        ondemand_cost_ratio=ondemand_cost_ratio,
+        extra=extra,
+        ticks=ticks,
+        repeats=repeats,
+        seed=seed,
+        latency=latency or arrivals is not None,
+        arrivals=load_arrivals(arrivals) if arrivals is not None else None,
+        prices=load_prices(prices_path) if prices_path is not None else None,
+    )
+    total = len(traces) * len(policies) * repeats
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=err_console,
+        transient=True,
+        disable=not err_console.is_terminal,
+    ) as progress:
+        task = progress.add_task("simulating", total=total)
+
+        def advance(trace: str, policy: str, window: int) -> None:
+            progress.update(task, advance=1, description=f"{trace} {policy} window {window + 1}/{repeats}")
+
+        summaries = run_simulation(
+            traces, policies, config, progress=advance, keep_timelines_of=0 if plot_path else None
+        )
+
+    if plot_path is not None:
+        from skyhedge.simulator.plot import plot_results  # matplotlib only when asked
+
+        plot_results(summaries, traces, plot_path, target=target)
+        err_console.print(f"wrote {plot_path}")
+    if as_json:
+        click.echo(json.dumps([s.to_json() for s in summaries], indent=2))
+    else:
+        console.print(_table(summaries, config))
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}%"
+
+
+def _table(summaries: list[Summary], config: SimConfig) -> Table:
+    table = Table(
+        title=(
+            f"N={config.target}, extra={config.extra}, cold start {config.cold_start_seconds:g}s, "
+            f"on-demand x{config.ondemand_cost_ratio:g}, {config.repeats} windows of {config.ticks} ticks"
+        )
+    )
+    table.add_column("trace")
+    table.add_column("policy")
+    table.add_column("availability", justify="right")
+    table.add_column("worst window", justify="right")
+    table.add_column("relative cost", justify="right")
+    table.add_column("spot share", justify="right")
+    table.add_column("runs", justify="right")
+    latency = config.latency
+    dollars = config.prices is not None
+    if latency:
+        for name in ("P50 s", "P90 s", "P99 s", "failed"):
+            table.add_column(name, justify="right")
+    if dollars:
+        table.add_column("$ / window", justify="right")
+        table.add_column("$ on-demand", justify="right")
+    for summary in summaries:
+        data = summary.to_json()
+        style = "bold" if summary.policy == OPTIMAL else None
+        row = [
+            data["trace"],
+            data["policy"],
+            _pct(data["availability"]),
+            _pct(data["availability_min"]),
+            f"{data['relative_cost']:.3f} ± {data['relative_cost_std']:.3f}",
+            _pct(data["spot_share"]),
+            str(data["runs"]),
+        ]
+        if latency:
+            row += [f"{data['latency_p50']:.1f}", f"{data['latency_p90']:.1f}", f"{data['latency_p99']:.1f}"]
+            row.append(_pct(data["failure_rate"]))
+        if dollars:
+            row += [f"{data['dollars']:,.2f}", f"{data['ondemand_dollars']:,.2f}"]
+        table.add_row(*row, style=style)
+    return table

@@ -1,0 +1,368 @@
+"""AWS event source: EventBridge -> SQS messages, plus a `describe_instances` reconcile.
+
+EC2 announces a spot interruption two minutes ahead (`EC2 Spot Instance Interruption Warning`),
+hints at elevated risk (`EC2 Instance Rebalance Recommendation`) and reports every state change
+(`EC2 Instance State-change Notification`). `skyhedge aws setup-events` routes these, per region,
+into one SQS queue; this source reads it. Messages can be lost or late (a queue not set up, a
+rule disabled), so every `reconcile_every` seconds the source also lists the service's instances
+by tag and reports the ones that are gone: the safety net Karpenter also keeps.
+
+`parse_message` is the pure parser (one message body in, one event or None out); it is what the
+tests feed with EventBridge's documented shapes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Callable, Sequence
+from datetime import datetime
+from typing import Any
+
+from skyhedge.errors import CloudError
+from skyhedge.events import EventSource, PreemptionEvent, Signal, unparseable
+from skyhedge.policy.types import Location
+from skyhedge.state import ReplicaRecord
+
+log = logging.getLogger("skyhedge.clouds.aws.events")
+
+DETAIL_WARNING = "EC2 Spot Instance Interruption Warning"
+DETAIL_REBALANCE = "EC2 Instance Rebalance Recommendation"
+DETAIL_STATE = "EC2 Instance State-change Notification"
+GONE_STATES = frozenset({"shutting-down", "terminated", "stopping", "stopped"})
+# Tags the aws-replicas Terraform module puts on every instance (modules/aws-replicas/main.tf).
+TAG_SERVICE = "skyhedge:service"
+TAG_REPLICA = "skyhedge:replica"
+SPOT_TERMINATION_CODES = frozenset({"Server.SpotInstanceTermination", "Server.SpotInstanceShutdown"})
+
+__all__ = [
+    "AwsEventSource",
+    "default_queue_name",
+    "parse_message",
+]
+
+
+def default_queue_name(service: str) -> str:
+    return f"skyhedge-{service}-events"
+
+
+def _epoch(text: Any, fallback: float) -> float:
+    if not isinstance(text, str):
+        return fallback
+    try:
+        return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return fallback
+
+
+def _zone_from_resources(resources: Any, region: str | None) -> Location | None:
+    """EC2's interruption events carry `arn:aws:ec2:<zone>:instance/<id>`; use the zone when present."""
+    if not isinstance(resources, list):
+        return None
+    for arn in resources:
+        parts = arn.split(":") if isinstance(arn, str) else []
+        if len(parts) >= 5 and parts[2] == "ec2":
+            where = parts[3]
+            if region and where.startswith(region) and where != region:
+                return Location("aws", region, where)
+    return None
+
+
+def parse_message(body: str, *, received_at: float, source: str = "aws-sqs") -> PreemptionEvent | None:
+    """One SQS message body (an EventBridge event, optionally wrapped by SNS) -> one event.
+
+    Returns None for input that carries nothing for us (an instance starting, another detail
+    type) and for input that cannot be parsed, which is logged; either way the caller deletes it.
+    """
+    try:
+        event = json.loads(body)
+    except (TypeError, ValueError):
+        unparseable(source, body, "not JSON")
+        return None
+    if (
+        isinstance(event, dict)
+        and event.get("Type") == "Notification"
+        and isinstance(event.get("Message"), str)
+    ):
+        return parse_message(event["Message"], received_at=received_at, source=source)
+    if not isinstance(event, dict) or not isinstance(event.get("detail"), dict):
+        unparseable(source, body, "not an EventBridge event")
+        return None
+    kind = event.get("detail-type")
+    detail = event["detail"]
+    instance = detail.get("instance-id")
+    if not isinstance(instance, str) or not instance:
+        unparseable(source, body, "no detail.instance-id")
+        return None
+    at = _epoch(event.get("time"), received_at)
+    region = event.get("region") if isinstance(event.get("region"), str) else None
+    location = _zone_from_resources(event.get("resources"), region)
+    if kind == DETAIL_WARNING:
+        action = detail.get("instance-action", "terminate")
+        return PreemptionEvent(
+            Signal.WARNING,
+            at,
+            source,
+            cloud_id=instance,
+            location=location,
+            detail=f"spot interruption warning ({action})",
+        )
+    if kind == DETAIL_REBALANCE:
+        return PreemptionEvent(
+            Signal.REBALANCE,
+            at,
+            source,
+            cloud_id=instance,
+            location=location,
+            detail="rebalance recommendation",
+        )
+    if kind == DETAIL_STATE:
+        state = detail.get("state")
+        if state in GONE_STATES:
+            # The notification does not say why; the controller decides by market (spot -> preempted).
+            return PreemptionEvent(
+                Signal.GONE,
+                at,
+                source,
+                cloud_id=instance,
+                location=location,
+                reason="",
+                detail=f"instance {state}",
+            )
+        return None
+    unparseable(source, body, f"unexpected detail-type {kind!r}")
+    return None
+
+
+def instance_gone_reason(instance: dict[str, Any]) -> str:
+    """Why a listed instance is gone: `preempted` when EC2 says the spot market took it, else ''."""
+    code = (instance.get("StateReason") or {}).get("Code", "")
+    return "preempted" if code in SPOT_TERMINATION_CODES else ""
+
+
+class AwsEventSource(EventSource):
+    """Reads the service's SQS queue in each region it uses and reconciles by tag.
+
+    `session` is a `boto3.Session` (tests pass one bound to moto); clients are made per thread.
+    """
+
+    name = "aws"
+
+    def __init__(
+        self,
+        service: str,
+        regions: Sequence[str],
+        *,
+        queue_name: str | None = None,
+        session: Any = None,
+        reconcile_every: float = 60.0,
+        wait_seconds: int = 20,
+    ) -> None:
+        import boto3  # imported here so that loading skyhedge never needs boto3
+
+        self.service = service
+        self.regions = tuple(sorted(set(regions)))
+        self.queue_name = queue_name or default_queue_name(service)
+        self.session = session or boto3.Session()
+        self.reconcile_every = reconcile_every
+        self.wait_seconds = wait_seconds
+        self._queue_urls: dict[str, str | None] = {}
+        self._last_reconcile: float | None = None
+        self._buffer: list[tuple[str, dict[str, Any]]] = []
+        self._to_ack: list[tuple[str, str]] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    # -- SQS ------------------------------------------------------------------------------------
+
+    def _client(self, service: str, region: str) -> Any:
+        return self.session.client(service, region_name=region)
+
+    def queue_url(self, region: str, sqs: Any = None) -> str | None:
+        """The queue's URL in `region`, or None (logged once) when setup-events was not run there."""
+        if region in self._queue_urls:
+            return self._queue_urls[region]
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        sqs = sqs or self._client("sqs", region)
+        try:
+            url: str | None = sqs.get_queue_url(QueueName=self.queue_name)["QueueUrl"]
+        except ClientError as exc:
+            code = exc.response.get("Error", {}).get("Code", "")
+            if "NonExistentQueue" not in code and code != "QueueDoesNotExist":
+                raise CloudError(f"aws {region}: sqs get_queue_url {self.queue_name}: {exc}") from exc
+            log.warning(
+                "aws %s: no SQS queue %r: run `skyhedge aws setup-events SPEC`; until then only the "
+                "describe_instances reconcile (every %.0f s) sees preemptions",
+                region,
+                self.queue_name,
+                self.reconcile_every,
+            )
+            url = None
+        except BotoCoreError as exc:
+            raise CloudError(f"aws {region}: sqs get_queue_url {self.queue_name}: {exc}") from exc
+        self._queue_urls[region] = url
+        return url
+
+    def _receive(self, region: str, sqs: Any, wait: int) -> list[dict[str, Any]]:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        url = self.queue_url(region, sqs)
+        if url is None:
+            return []
+        try:
+            reply = sqs.receive_message(QueueUrl=url, MaxNumberOfMessages=10, WaitTimeSeconds=wait)
+        except (ClientError, BotoCoreError) as exc:
+            raise CloudError(f"aws {region}: sqs receive_message: {exc}") from exc
+        return list(reply.get("Messages") or [])
+
+    def watch(self, wake: Callable[[], None]) -> None:
+        """Long-poll each region's queue in a daemon thread; a message wakes the controller."""
+        for region in self.regions:
+            thread = threading.Thread(
+                target=self._long_poll, args=(region, wake), daemon=True, name=f"skyhedge-sqs-{region}"
+            )
+            thread.start()
+            self._threads.append(thread)
+
+    def _long_poll(self, region: str, wake: Callable[[], None]) -> None:
+        sqs = self._client("sqs", region)
+        while not self._stop.is_set():
+            try:
+                messages = self._receive(region, sqs, self.wait_seconds)
+            except CloudError as exc:
+                log.warning("%s", exc)
+                self._stop.wait(5.0)
+                continue
+            if self.queue_url(region, sqs) is None:
+                return  # nothing to wait on; poll() still reconciles
+            if messages:
+                with self._lock:
+                    self._buffer.extend((region, m) for m in messages)
+                wake()
+
+    def poll(self, now: float, live: Sequence[ReplicaRecord]) -> list[PreemptionEvent]:
+        with self._lock:
+            received, self._buffer = self._buffer, []
+        if not self._threads:  # no background poller: read what is there now
+            for region in self.regions:
+                sqs = self._client("sqs", region)
+                for _ in range(10):  # at most 100 messages per region per tick
+                    batch = self._receive(region, sqs, 0)
+                    received.extend((region, m) for m in batch)
+                    if len(batch) < 10:
+                        break
+        events: list[PreemptionEvent] = []
+        for region, message in received:
+            event = parse_message(message.get("Body", ""), received_at=now)
+            if event is not None:
+                events.append(event)
+            with self._lock:
+                self._to_ack.append((region, message["ReceiptHandle"]))
+        mine = [r for r in live if r.cloud == "aws"]
+        if mine and (self._last_reconcile is None or now - self._last_reconcile >= self.reconcile_every):
+            events.extend(self.reconcile(now, mine))
+            self._last_reconcile = now
+        return events
+
+    def ack(self) -> None:
+        """Delete the messages returned by the previous poll (they are recorded in state now)."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        with self._lock:
+            pending, self._to_ack = self._to_ack, []
+        by_region: dict[str, list[str]] = {}
+        for region, handle in pending:
+            by_region.setdefault(region, []).append(handle)
+        for region, handles in by_region.items():
+            url = self.queue_url(region)
+            if url is None:
+                continue
+            sqs = self._client("sqs", region)
+            for start in range(0, len(handles), 10):
+                entries = [
+                    {"Id": str(i), "ReceiptHandle": h} for i, h in enumerate(handles[start : start + 10])
+                ]
+                try:
+                    sqs.delete_message_batch(QueueUrl=url, Entries=entries)
+                except (ClientError, BotoCoreError) as exc:
+                    # Not fatal: the messages come back after the visibility timeout, and
+                    # recording the same fact twice changes nothing.
+                    log.warning("aws %s: sqs delete_message_batch: %s", region, exc)
+
+    def close(self) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=0.2)
+        self._threads = []
+
+    # -- reconcile ------------------------------------------------------------------------------
+
+    def list_instances(self, region: str) -> list[dict[str, Any]]:
+        """Every instance tagged for this service in `region`, whatever its state."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        ec2 = self._client("ec2", region)
+        out: list[dict[str, Any]] = []
+        try:
+            pages = ec2.get_paginator("describe_instances").paginate(
+                Filters=[{"Name": f"tag:{TAG_SERVICE}", "Values": [self.service]}]
+            )
+            for page in pages:
+                for reservation in page.get("Reservations", []):
+                    out.extend(reservation.get("Instances", []))
+        except (ClientError, BotoCoreError) as exc:
+            raise CloudError(f"aws {region}: describe_instances: {exc}") from exc
+        return out
+
+    def reconcile(self, now: float, live: Sequence[ReplicaRecord]) -> list[PreemptionEvent]:
+        """GONE events for live replicas whose instance is terminated, stopped or missing.
+
+        Only replicas Terraform has already created (a cloud ID is recorded) are judged: one
+        still being launched may legitimately not be listed yet.
+        """
+        events: list[PreemptionEvent] = []
+        for region in sorted({r.region for r in live}):
+            instances = self.list_instances(region)
+            by_id = {i.get("InstanceId"): i for i in instances}
+            by_replica: dict[str, dict[str, Any]] = {}
+            for inst in instances:
+                tags = {t.get("Key"): t.get("Value") for t in inst.get("Tags") or []}
+                rid = tags.get(TAG_REPLICA)
+                if rid and (rid not in by_replica or _state(inst) not in GONE_STATES):
+                    by_replica[rid] = inst
+            for rec in live:
+                if rec.region != region or not rec.cloud_id:
+                    continue
+                inst = by_id.get(rec.cloud_id) or by_replica.get(rec.id)
+                if inst is None:
+                    events.append(
+                        PreemptionEvent(
+                            Signal.GONE,
+                            now,
+                            "aws-reconcile",
+                            replica_id=rec.id,
+                            cloud_id=rec.cloud_id,
+                            reason="",
+                            detail="instance no longer listed",
+                        )
+                    )
+                elif _state(inst) in GONE_STATES:
+                    events.append(
+                        PreemptionEvent(
+                            Signal.GONE,
+                            now,
+                            "aws-reconcile",
+                            replica_id=rec.id,
+                            cloud_id=inst.get("InstanceId"),
+                            reason=instance_gone_reason(inst),
+                            detail=f"instance {_state(inst)}",
+                        )
+                    )
+        return events
+
+
+def _state(instance: dict[str, Any]) -> str:
+    return str((instance.get("State") or {}).get("Name", ""))

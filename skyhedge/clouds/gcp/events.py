@@ -1,0 +1,227 @@
+"""GCP event source: zone operations `compute.instances.preempted` and instance status, polled.
+
+GCP has no push channel comparable to EventBridge for preemptions that needs no extra setup, but
+every preemption leaves a zone operation of type `compute.instances.preempted` naming the
+instance. This source lists those operations in the zones where the service has replicas, and the
+service's instances by label (a spot VM with `instance_termination_action = "DELETE"` simply
+disappears; one with STOP goes TERMINATED). Both go through google-auth's `AuthorizedSession` and
+the Compute REST API; `SKYHEDGE_GCP_COMPUTE_ENDPOINT` points it elsewhere (tests use a local
+server).
+
+`parse_operation` and `parse_instance` are the pure parsers.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+from skyhedge.errors import CloudError
+from skyhedge.events import EventSource, PreemptionEvent, Signal, unparseable
+from skyhedge.policy.types import Location
+from skyhedge.state import ReplicaRecord
+
+log = logging.getLogger("skyhedge.clouds.gcp.events")
+
+DEFAULT_ENDPOINT = "https://compute.googleapis.com/compute/v1"
+ENDPOINT_ENV = "SKYHEDGE_GCP_COMPUTE_ENDPOINT"
+PREEMPTED_OP = "compute.instances.preempted"
+GONE_STATUSES = frozenset({"STOPPING", "STOPPED", "TERMINATED", "SUSPENDING", "SUSPENDED"})
+# Labels the gcp-replicas Terraform module puts on every instance (labels cannot hold ':').
+LABEL_SERVICE = "skyhedge-service"
+LABEL_REPLICA = "skyhedge-replica"
+SCOPES = ("https://www.googleapis.com/auth/compute.readonly",)
+
+__all__ = ["GcpEventSource", "compute_endpoint", "parse_instance", "parse_operation"]
+
+
+def compute_endpoint() -> str:
+    return os.environ.get(ENDPOINT_ENV, DEFAULT_ENDPOINT).rstrip("/")
+
+
+def _epoch(text: Any) -> float | None:
+    if not isinstance(text, str):
+        return None
+    try:
+        return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None
+
+
+def _last(link: Any) -> str | None:
+    return link.rstrip("/").rsplit("/", 1)[-1] if isinstance(link, str) and link else None
+
+
+def parse_operation(op: Any, *, region_of: dict[str, str], received_at: float) -> PreemptionEvent | None:
+    """A zone operation -> GONE (preempted) for the instance it names, or None (logged if malformed)."""
+    if not isinstance(op, dict):
+        unparseable("gcp-operations", op, "not an object")
+        return None
+    if op.get("operationType") != PREEMPTED_OP:
+        return None
+    name = _last(op.get("targetLink"))
+    if not name:
+        unparseable("gcp-operations", op, "no targetLink")
+        return None
+    zone = _last(op.get("zone"))
+    location = Location("gcp", region_of[zone], zone) if zone in region_of else None
+    at = _epoch(op.get("insertTime")) or received_at
+    return PreemptionEvent(
+        Signal.GONE,
+        at,
+        "gcp-operations",
+        cloud_id=name,
+        location=location,
+        reason="preempted",
+        detail=f"operation {op.get('name', '?')}",
+    )
+
+
+def parse_instance(inst: Any) -> tuple[str, str, str | None] | None:
+    """(instance name, status, replica label) of one listed instance, or None if malformed."""
+    if not isinstance(inst, dict) or not isinstance(inst.get("name"), str):
+        unparseable("gcp-instances", inst, "no name")
+        return None
+    labels = inst.get("labels") if isinstance(inst.get("labels"), dict) else {}
+    return inst["name"], str(inst.get("status", "")), labels.get(LABEL_REPLICA)
+
+
+def default_session() -> Any:
+    """An `AuthorizedSession` with Application Default Credentials.
+
+    When the endpoint is overridden (a local test server) and no credentials exist, anonymous
+    credentials are used so tests need no Google account.
+    """
+    import google.auth
+    from google.auth.credentials import AnonymousCredentials
+    from google.auth.exceptions import DefaultCredentialsError
+    from google.auth.transport.requests import AuthorizedSession
+
+    try:
+        credentials, _project = google.auth.default(scopes=list(SCOPES))
+    except DefaultCredentialsError as exc:
+        if ENDPOINT_ENV not in os.environ:
+            raise CloudError(
+                f"gcp: no credentials ({exc}); run `gcloud auth application-default login`"
+            ) from exc
+        credentials = AnonymousCredentials()
+    return AuthorizedSession(credentials)
+
+
+class GcpEventSource(EventSource):
+    """Polls preemption operations and instance status in the zones holding live GCP replicas."""
+
+    name = "gcp"
+
+    def __init__(
+        self,
+        service: str,
+        project: str,
+        region_of: dict[str, str],
+        *,
+        session: Any = None,
+        poll_every: float = 10.0,
+        timeout: float = 10.0,
+    ) -> None:
+        self.service = service
+        self.project = project
+        self.region_of = dict(region_of)
+        self._session = session
+        self.poll_every = poll_every
+        self.timeout = timeout
+        self._last_poll: float | None = None
+        self._seen_ops: set[str] = set()
+
+    @property
+    def session(self) -> Any:
+        if self._session is None:
+            self._session = default_session()
+        return self._session
+
+    def _get(self, path: str, params: dict[str, str]) -> list[dict[str, Any]]:
+        """GET a Compute list, following `nextPageToken`."""
+        import requests
+
+        url = f"{compute_endpoint()}/projects/{self.project}/{path}"
+        items: list[dict[str, Any]] = []
+        params = dict(params)
+        for _ in range(50):
+            try:
+                reply = self.session.get(url, params=params, timeout=self.timeout)
+            except requests.RequestException as exc:
+                raise CloudError(f"gcp: GET {url}: {exc}") from exc
+            if reply.status_code != 200:
+                raise CloudError(f"gcp: GET {url}: HTTP {reply.status_code}: {reply.text[:200]}")
+            try:
+                body = reply.json()
+            except ValueError as exc:
+                raise CloudError(f"gcp: GET {url}: not JSON") from exc
+            items.extend(i for i in body.get("items") or [] if isinstance(i, dict))
+            token = body.get("nextPageToken")
+            if not token:
+                break
+            params["pageToken"] = token
+        return items
+
+    def poll(self, now: float, live: Sequence[ReplicaRecord]) -> list[PreemptionEvent]:
+        mine = [r for r in live if r.cloud == "gcp"]
+        if not mine or (self._last_poll is not None and now - self._last_poll < self.poll_every):
+            return []
+        self._last_poll = now
+        events: list[PreemptionEvent] = []
+        for zone in sorted({r.zone for r in mine}):
+            self.region_of.setdefault(zone, next(r.region for r in mine if r.zone == zone))
+            for op in self._get(f"zones/{zone}/operations", {"filter": f'operationType="{PREEMPTED_OP}"'}):
+                key = str(op.get("id") or op.get("name") or op)
+                if key in self._seen_ops:
+                    continue
+                self._seen_ops.add(key)
+                event = parse_operation(op, region_of=self.region_of, received_at=now)
+                if event is not None:
+                    events.append(event)
+            listed = self._get(
+                f"zones/{zone}/instances", {"filter": f"labels.{LABEL_SERVICE}={self.service}"}
+            )
+            status: dict[str, str] = {}
+            by_label: dict[str, str] = {}
+            for inst in listed:
+                parsed = parse_instance(inst)
+                if parsed is None:
+                    continue
+                name, st, rid = parsed
+                status[name] = st
+                if rid:
+                    by_label[rid] = name
+            for rec in mine:
+                if rec.zone != zone or not rec.cloud_id:
+                    continue
+                name = rec.cloud_id if rec.cloud_id in status else by_label.get(rec.id, rec.cloud_id)
+                st = status.get(name)
+                if st is None:
+                    events.append(
+                        PreemptionEvent(
+                            Signal.GONE,
+                            now,
+                            "gcp-instances",
+                            replica_id=rec.id,
+                            cloud_id=name,
+                            reason="",
+                            detail="instance no longer listed",
+                        )
+                    )
+                elif st in GONE_STATUSES:
+                    events.append(
+                        PreemptionEvent(
+                            Signal.GONE,
+                            now,
+                            "gcp-instances",
+                            replica_id=rec.id,
+                            cloud_id=name,
+                            reason="",
+                            detail=f"instance {st}",
+                        )
+                    )
+        return events

@@ -1,0 +1,240 @@
+"""Local event source: replica processes that exit, and the zone capacity file.
+
+The local cloud's "machines" are processes started by the launcher (pid files under
+`<state dir>/local/replicas/`, see `processes.py`); its "spot market" is `capacity.json` (see
+`capacity.py`). This source reports:
+
+- GONE for a live replica whose process no longer runs: `preempted` when its zone is marked
+  preempted in the capacity file (that is how `skyhedge preempt` and market traces take
+  capacity away), else `failed` (the process crashed);
+- ZONE_LOST when a zone becomes marked preempted.
+
+Waking: a background thread holds a pidfd (Linux >= 5.3) per replica process and `select`s on
+them, so a process exit wakes the controller within milliseconds; the capacity file's mtime is
+checked on the same loop. Without pidfds it falls back to checking liveness every 0.2 s.
+
+`preempt_zone` and `set_zone_capacity` are the local chaos tools behind `skyhedge preempt` and
+`skyhedge up --market-trace`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import select
+import signal
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from skyhedge.clouds.local import capacity, runtime_dir
+from skyhedge.clouds.local.processes import (
+    LocalProcess,
+    find_processes,
+    is_running,
+    list_pidfiles,
+    read_pidfile,
+    stop_replica,
+)
+from skyhedge.events import EventSource, PreemptionEvent, Signal
+from skyhedge.policy.types import Location
+from skyhedge.state import ReplicaRecord
+
+log = logging.getLogger("skyhedge.clouds.local.events")
+
+WATCH_PERIOD = 0.2
+
+__all__ = ["LocalEventSource", "kill_zone", "preempt_zone", "set_zone_capacity"]
+
+
+def _marked(runtime: Path, now: float) -> set[str]:
+    """Zones the capacity file marks preempted at `now` (an unreadable file marks none, logged)."""
+    try:
+        marks = capacity.read_capacity(runtime)
+    except capacity.CapacityFileError as exc:
+        log.warning("%s", exc)
+        return set()
+    return {zone for zone, until in marks.items() if until is None or until > now}
+
+
+class LocalEventSource(EventSource):
+    name = "local"
+
+    def __init__(self, state_dir: Path, region_of: dict[str, str]) -> None:
+        self.runtime = runtime_dir(state_dir)
+        self.region_of = dict(region_of)
+        self._known_marked: set[str] | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def poll(self, now: float, live: Sequence[ReplicaRecord]) -> list[PreemptionEvent]:
+        events: list[PreemptionEvent] = []
+        marked = _marked(self.runtime, now)
+        if self._known_marked is not None:
+            for zone in sorted(marked - self._known_marked):
+                region = self.region_of.get(zone, "local")
+                events.append(
+                    PreemptionEvent(
+                        Signal.ZONE_LOST,
+                        now,
+                        "local-capacity",
+                        location=Location("local", region, zone),
+                        detail=f"zone {zone} marked out of spot capacity",
+                    )
+                )
+        self._known_marked = marked
+        for rec in live:
+            if rec.cloud != "local" or rec.provisioned_at is None:
+                continue  # not launched yet: Terraform is the one to say whether it started
+            proc = read_pidfile(self.runtime, rec.id)
+            if proc is not None and is_running(proc):
+                continue
+            reason = "preempted" if rec.zone in marked and rec.market == "spot" else "failed"
+            why = "no pid file" if proc is None else f"process {proc.pid} exited"
+            events.append(
+                PreemptionEvent(
+                    Signal.GONE, now, "local-process", replica_id=rec.id, reason=reason, detail=why
+                )
+            )
+        return events
+
+    def sweep(self, live_ids: set[str]) -> list[str]:
+        """Stop replica processes of this service that no live replica owns (orphans); return their IDs.
+
+        Called by the controller only when every root is converged, so Terraform holds exactly the
+        live replicas and anything else running is left over from a crash.
+        """
+        stray: set[str] = set()
+        for proc in list_pidfiles(self.runtime):
+            if proc.id not in live_ids and is_running(proc):
+                stray.add(proc.id)
+        for pid in find_processes(self.runtime):
+            rid = _replica_of(pid)
+            if rid and rid not in live_ids:
+                stray.add(rid)
+        for rid in sorted(stray):
+            log.warning("stopping orphan local replica %s (not in the state)", rid)
+            stop_replica(self.runtime, rid, grace=2.0)
+        return sorted(stray)
+
+    # -- waking ---------------------------------------------------------------------------------
+
+    def watch(self, wake: Callable[[], None]) -> None:
+        self._thread = threading.Thread(
+            target=self._watch, args=(wake,), daemon=True, name="skyhedge-local-watch"
+        )
+        self._thread.start()
+
+    def _watch(self, wake: Callable[[], None]) -> None:
+        fds: dict[tuple[int, int], int] = {}  # (pid, starttime) -> pidfd
+        mtime = self._capacity_mtime()
+        use_pidfd = hasattr(os, "pidfd_open")
+        alive: set[tuple[int, int]] = set()
+        try:
+            while not self._stop.is_set():
+                procs = {(p.pid, p.starttime): p for p in list_pidfiles(self.runtime)}
+                current = {k for k, p in procs.items() if is_running(p)}
+                if alive - current:
+                    wake()
+                alive = current
+                for key in [k for k in fds if k not in current]:
+                    os.close(fds.pop(key))
+                if use_pidfd:
+                    for key in current - set(fds):
+                        try:
+                            fds[key] = os.pidfd_open(key[0])
+                        except OSError as exc:
+                            if exc.errno in (errno.ENOSYS, errno.EPERM):
+                                use_pidfd = False  # old kernel or sandbox: poll liveness instead
+                if fds:
+                    ready, _, _ = select.select(list(fds.values()), [], [], WATCH_PERIOD)
+                    if ready:
+                        wake()
+                else:
+                    self._stop.wait(WATCH_PERIOD)
+                new_mtime = self._capacity_mtime()
+                if new_mtime != mtime:
+                    mtime = new_mtime
+                    wake()
+        finally:
+            for fd in fds.values():
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+
+    def _capacity_mtime(self) -> float | None:
+        try:
+            return capacity.capacity_path(self.runtime).stat().st_mtime_ns / 1e9
+        except OSError:
+            return None
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=2.0)
+            self._thread = None
+
+
+def _replica_of(pid: int) -> str | None:
+    try:
+        raw = Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:
+        return None
+    for item in raw.split(b"\0"):
+        if item.startswith(b"SKYHEDGE_REPLICA_ID="):
+            return item.split(b"=", 1)[1].decode(errors="replace")
+    return None
+
+
+# -- chaos ----------------------------------------------------------------------------------------
+
+
+def kill_zone(
+    state_dir: Path, zone: str, *, market: str | None = "spot", keep: int = 0
+) -> list[LocalProcess]:
+    """SIGKILL the replica processes in `zone` (spot ones by default), all but the oldest `keep`.
+
+    An abrupt kill, as a preemption is: no graceful shutdown, the router sees failed connections.
+    """
+    runtime = runtime_dir(state_dir)
+    procs = [
+        p
+        for p in list_pidfiles(runtime)
+        if p.zone == zone and (market is None or p.market == market) and is_running(p)
+    ]
+    procs.sort(key=lambda p: p.started_at)
+    victims = procs[keep:]
+    for p in victims:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(p.pgid, signal.SIGKILL)
+    deadline = time.monotonic() + 5.0
+    while any(is_running(p) for p in victims) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return victims
+
+
+def preempt_zone(
+    state_dir: Path, zone: str, *, seconds: float | None = None, now: float | None = None
+) -> list[LocalProcess]:
+    """Mark `zone` out of spot capacity (for `seconds`, or until cleared) and kill its spot replicas.
+
+    The mark comes first, so the controller's replacement cannot land back in the same zone.
+    """
+    now = time.time() if now is None else now
+    capacity.mark_preempted(runtime_dir(state_dir), zone, until=None if seconds is None else now + seconds)
+    return kill_zone(state_dir, zone)
+
+
+def set_zone_capacity(state_dir: Path, zone: str, count: int) -> list[LocalProcess]:
+    """Drive a zone from a market trace: 0 -> preempted (its spot replicas killed); n > 0 -> open,
+    and spot replicas beyond n are killed (the trace says only n machines survive there)."""
+    runtime = runtime_dir(state_dir)
+    if count <= 0:
+        if zone not in _marked(runtime, time.time()):
+            capacity.mark_preempted(runtime, zone)
+        return kill_zone(state_dir, zone)
+    if zone in _marked(runtime, time.time()):
+        capacity.clear(runtime, zone)
+    return kill_zone(state_dir, zone, keep=count)

@@ -1,0 +1,207 @@
+"""What Terraform's `local-exec` runs to start and stop a local replica (no shell in between).
+
+    python -m skyhedge.clouds.local.launcher start r-0001
+    python -m skyhedge.clouds.local.launcher stop r-0001
+
+The replica's settings arrive as JSON in `$SKYHEDGE_LOCAL_REPLICA` (see
+modules/local-replicas/main.tf), so quotes, `${...}`, `%{...}` or newlines in a command or an env
+value are data, never syntax. `start` refuses a spot launch into a zone the capacity file marks
+preempted (exit 3, `InsufficientCapacity`, the marker skyhedge's engine recognises), then runs
+`run.setup` (if any) and starts `/bin/sh -c run.command` detached: its own session, stdin from
+/dev/null, output to the replica's log file, `$PORT` and `run.env` set. `stop` sends SIGTERM to the
+process group and SIGKILL after the grace period. Both are safe to repeat.
+
+Exit codes: 0 done, 1 failed (message on stderr), 2 bad invocation, 3 no spot capacity.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from skyhedge.clouds.local import capacity
+from skyhedge.clouds.local.processes import (
+    REPLICA_ENV,
+    RUNTIME_ENV,
+    LocalProcess,
+    log_path,
+    proc_starttime,
+    replicas_dir,
+    stop_replica,
+    write_pidfile,
+)
+
+CONFIG_ENV = "SKYHEDGE_LOCAL_REPLICA"
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_CAPACITY = 3
+# How long a fresh process must survive before the launch counts (catches `command not found`).
+STARTUP_CHECK_SECONDS = 0.15
+# Variables skyhedge sets for Terraform and the launcher; the replica should not inherit them.
+_PRIVATE_ENV = ("TF_IN_AUTOMATION", "TF_CLI_CONFIG_FILE", "TF_DATA_DIR", "TF_INPUT", CONFIG_ENV)
+
+
+class LaunchError(Exception):
+    def __init__(self, message: str, code: int = EXIT_FAILED) -> None:
+        self.code = code
+        super().__init__(message)
+
+
+def _port_in_use(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return True
+    return False
+
+
+def _log_tail(path: Path, lines: int = 20) -> str:
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def replica_env(cfg: dict[str, Any], runtime: Path) -> dict[str, str]:
+    """The replica's environment: ours minus skyhedge's private variables, plus run.env and PORT."""
+    env = {k: v for k, v in os.environ.items() if k not in _PRIVATE_ENV}
+    if not env.get("PYTHONPATH"):
+        env.pop("PYTHONPATH", None)
+    env.update({str(k): str(v) for k, v in (cfg.get("env") or {}).items()})
+    env.update(
+        {
+            "PORT": str(cfg["port"]),
+            REPLICA_ENV: cfg["id"],
+            "SKYHEDGE_SERVICE": cfg["service"],
+            "SKYHEDGE_ZONE": cfg["zone"],
+            "SKYHEDGE_MARKET": cfg["market"],
+            RUNTIME_ENV: str(runtime),
+        }
+    )
+    return env
+
+
+def start(cfg: dict[str, Any], *, now: float | None = None) -> LocalProcess:
+    runtime = Path(cfg["runtime_dir"]).resolve()
+    rid, zone, market, port = cfg["id"], cfg["zone"], cfg["market"], int(cfg["port"])
+    now = time.time() if now is None else now
+    if market == "spot":
+        try:
+            refused, until = capacity.preempted(runtime, zone, now)
+        except capacity.CapacityFileError as exc:
+            raise LaunchError(str(exc)) from exc
+        if refused:
+            when = (
+                "until cleared"
+                if until is None
+                else f"until {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(until))}"
+            )
+            raise LaunchError(
+                f"InsufficientCapacity: no spot capacity in local zone {zone} for {rid} "
+                f"(marked preempted {when} in {capacity.capacity_path(runtime)})",
+                EXIT_CAPACITY,
+            )
+    replicas_dir(runtime).mkdir(parents=True, exist_ok=True)
+    # Idempotent: a leftover process of the same ID (crash before Terraform recorded it) goes first.
+    stop_replica(runtime, rid, grace=2.0)
+    if _port_in_use(port):
+        raise LaunchError(f"{rid}: port 127.0.0.1:{port} is already in use by another process")
+    workdir = Path(cfg["workdir"])
+    if not workdir.is_dir():
+        raise LaunchError(f"{rid}: working directory {workdir} does not exist")
+    env = replica_env(cfg, runtime)
+    log = log_path(runtime, rid)
+    with open(log, "ab") as fh:
+        fh.write(
+            f"=== skyhedge: starting {rid} ({zone}, {market}) on port {port} at {now:.3f} ===\n".encode()
+        )
+        fh.flush()
+        if cfg.get("setup"):
+            done = subprocess.run(
+                ["/bin/sh", "-c", cfg["setup"]],
+                cwd=workdir,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=fh,
+                stderr=subprocess.STDOUT,
+                check=False,
+            )
+            if done.returncode != 0:
+                raise LaunchError(
+                    f"{rid}: run.setup exited with {done.returncode}; log {log}:\n{_log_tail(log)}"
+                )
+        child = subprocess.Popen(
+            ["/bin/sh", "-c", cfg["command"]],
+            cwd=workdir,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            close_fds=True,
+        )
+    starttime = proc_starttime(child.pid)
+    proc = LocalProcess(
+        id=rid,
+        pid=child.pid,
+        pgid=child.pid,
+        port=port,
+        zone=zone,
+        market=market,
+        started_at=now,
+        starttime=starttime if starttime is not None else -1,
+        log=str(log),
+    )
+    write_pidfile(runtime, proc)
+    time.sleep(STARTUP_CHECK_SECONDS)
+    code = child.poll()
+    if code is not None:
+        stop_replica(runtime, rid, grace=0.0)
+        raise LaunchError(f"{rid}: run.command exited at once with {code}; log {log}:\n{_log_tail(log)}")
+    return proc
+
+
+def stop(cfg: dict[str, Any]) -> bool:
+    return stop_replica(Path(cfg["runtime_dir"]), cfg["id"], grace=float(cfg.get("grace", 10)))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 2 or args[0] not in {"start", "stop"}:
+        print("usage: python -m skyhedge.clouds.local.launcher {start|stop} REPLICA_ID", file=sys.stderr)
+        return EXIT_USAGE
+    action, rid = args
+    try:
+        cfg = json.loads(os.environ[CONFIG_ENV])
+        if cfg.get("id") != rid:
+            raise ValueError(f"{CONFIG_ENV} is for {cfg.get('id')!r}, not {rid!r}")
+    except (KeyError, ValueError) as exc:
+        print(f"skyhedge-local: {action} {rid}: bad or missing ${CONFIG_ENV} ({exc})", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        if action == "start":
+            proc = start(cfg)
+            print(f"skyhedge-local: started {rid} (pid {proc.pid}) on port {proc.port} in {proc.zone}")
+        else:
+            was = stop(cfg)
+            print(f"skyhedge-local: {'stopped' if was else 'already stopped'} {rid}")
+    except LaunchError as exc:
+        print(f"skyhedge-local: {exc}", file=sys.stderr)
+        return exc.code
+    except (KeyError, OSError) as exc:
+        print(f"skyhedge-local: {action} {rid}: {exc.__class__.__name__}: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,189 @@
+"""Replica processes of the local cloud: pid files, liveness, stopping, and finding strays.
+
+A pid file alone is not proof: pids are reused. Each pid file therefore records the process's
+start time as the kernel counts it (`/proc/<pid>/stat`, field 22), and a pid only counts as our
+replica while that start time still matches. Zombies count as gone (the replica was reparented
+away from us, and whoever adopted it may never reap it).
+
+Every replica also carries `SKYHEDGE_LOCAL_RUNTIME=<runtime dir>` in its environment, so the
+processes of one service can be found even without their pid files (crash between launch and
+pid file, or a child that left the process group): see `find_processes`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+REPLICAS_SUBDIR = "replicas"
+RUNTIME_ENV = "SKYHEDGE_LOCAL_RUNTIME"
+REPLICA_ENV = "SKYHEDGE_REPLICA_ID"
+
+
+@dataclass(frozen=True)
+class LocalProcess:
+    """What the launcher recorded about one running replica."""
+
+    id: str
+    pid: int
+    pgid: int
+    port: int
+    zone: str
+    market: str
+    started_at: float
+    starttime: int
+    log: str
+
+    @classmethod
+    def from_json(cls, data: dict[str, object]) -> LocalProcess:
+        return cls(**{k: data[k] for k in cls.__dataclass_fields__})  # type: ignore[arg-type]
+
+
+def replicas_dir(runtime_dir: Path) -> Path:
+    return Path(runtime_dir) / REPLICAS_SUBDIR
+
+
+def pid_path(runtime_dir: Path, replica_id: str) -> Path:
+    return replicas_dir(runtime_dir) / f"{replica_id}.json"
+
+
+def log_path(runtime_dir: Path, replica_id: str) -> Path:
+    return replicas_dir(runtime_dir) / f"{replica_id}.log"
+
+
+def proc_starttime(pid: int) -> int | None:
+    """The kernel's start time of `pid` (clock ticks since boot), or None if it is gone or a zombie."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text(encoding="utf-8", errors="replace")
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return None
+    # The command name (field 2) is in parentheses and may itself contain spaces or ')'.
+    rest = raw[raw.rfind(")") + 2 :].split()
+    state, starttime = rest[0], rest[19]
+    if state in {"Z", "X"}:
+        return None
+    return int(starttime)
+
+
+def read_pidfile(runtime_dir: Path, replica_id: str) -> LocalProcess | None:
+    try:
+        return LocalProcess.from_json(
+            json.loads(pid_path(runtime_dir, replica_id).read_text(encoding="utf-8"))
+        )
+    except (FileNotFoundError, ValueError, KeyError, TypeError):
+        return None
+
+
+def write_pidfile(runtime_dir: Path, proc: LocalProcess) -> None:
+    path = pid_path(runtime_dir, proc.id)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(asdict(proc), indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def list_pidfiles(runtime_dir: Path) -> list[LocalProcess]:
+    out = []
+    for path in sorted(replicas_dir(runtime_dir).glob("r-*.json")):
+        proc = read_pidfile(runtime_dir, path.stem)
+        if proc is not None:
+            out.append(proc)
+    return out
+
+
+def is_running(proc: LocalProcess) -> bool:
+    return proc_starttime(proc.pid) == proc.starttime
+
+
+def _environ(pid: int) -> dict[str, str]:
+    try:
+        raw = Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:
+        return {}
+    env: dict[str, str] = {}
+    for item in raw.split(b"\0"):
+        key, sep, value = item.partition(b"=")
+        if sep:
+            env[key.decode(errors="replace")] = value.decode(errors="replace")
+    return env
+
+
+def find_processes(runtime_dir: Path, replica_id: str | None = None) -> list[int]:
+    """Live pids whose environment marks them as replicas of this runtime dir (optionally one ID)."""
+    marker = str(Path(runtime_dir).resolve())
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        pid = int(entry.name)
+        if pid == os.getpid():
+            continue
+        env = _environ(pid)
+        if env.get(RUNTIME_ENV) != marker:
+            continue
+        if replica_id is not None and env.get(REPLICA_ENV) != replica_id:
+            continue
+        if proc_starttime(pid) is not None:
+            found.append(pid)
+    return sorted(found)
+
+
+def _signal(pids: list[int], pgid: int | None, sig: signal.Signals) -> None:
+    if pgid is not None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pgid, sig)
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, sig)
+
+
+def _alive(pids: list[int], pgid: int | None, leader: LocalProcess | None) -> bool:
+    if leader is not None and is_running(leader):
+        return True
+    return any(proc_starttime(p) is not None for p in pids)
+
+
+def stop_replica(runtime_dir: Path, replica_id: str, *, grace: float = 10.0) -> bool:
+    """Stop a replica: SIGTERM its process group (and strays carrying its ID), SIGKILL after `grace`.
+
+    Returns True if something was running. Safe to repeat: a replica already gone is a no-op.
+    """
+    leader = read_pidfile(runtime_dir, replica_id)
+    if leader is not None and not is_running(leader):
+        leader = None
+    pgid = leader.pgid if leader is not None else None
+    strays = find_processes(runtime_dir, replica_id)
+    if leader is None and not strays:
+        pid_path(runtime_dir, replica_id).unlink(missing_ok=True)
+        return False
+    _signal(strays, pgid, signal.SIGTERM)
+    deadline = time.monotonic() + max(grace, 0.0)
+    while _alive(strays, pgid, leader) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if _alive(strays, pgid, leader):
+        _signal(strays + find_processes(runtime_dir, replica_id), pgid, signal.SIGKILL)
+        deadline = time.monotonic() + 5.0
+        while _alive(strays, pgid, leader) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    pid_path(runtime_dir, replica_id).unlink(missing_ok=True)
+    return True
+
+
+def kill_all(runtime_dir: Path) -> list[int]:
+    """SIGKILL every process of this runtime dir at once (test teardown, `destroy` safety net)."""
+    pids = set(find_processes(runtime_dir))
+    groups = {p.pgid for p in list_pidfiles(runtime_dir) if is_running(p)}
+    for pgid in groups:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pgid, signal.SIGKILL)
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 5.0
+    while any(proc_starttime(p) is not None for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return sorted(pids)

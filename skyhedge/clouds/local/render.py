@@ -1,0 +1,78 @@
+"""Terraform inputs for one local root (modules/local-replicas)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from skyhedge.clouds import RenderContext
+from skyhedge.clouds.local import runtime_dir
+from skyhedge.errors import RenderError
+from skyhedge.planner import replica_number
+
+if TYPE_CHECKING:
+    from skyhedge.planner import PlannedReplica
+    from skyhedge.spec import ServiceSpec
+
+MAX_PORT = 65535
+
+
+def replica_port(spec: ServiceSpec, replica_id: str) -> int:
+    """Replica r-000N listens on resources.local_base_port + N."""
+    port = spec.resources.local_base_port + replica_number(replica_id)
+    if port > MAX_PORT:
+        raise RenderError(
+            f"{spec.source}: resources.local_base_port: replica {replica_id} would listen on port {port} "
+            f"(> {MAX_PORT}); lower local_base_port"
+        )
+    return port
+
+
+class LocalCloud:
+    name = "local"
+    module_name = "local-replicas"
+    variables = (
+        ("service", "The skyhedge service name."),
+        ("region", "The local region of this root."),
+        ("replicas", "Replicas by stable ID: zone, market and port."),
+        ("run", "What each replica runs: command, setup, env and working directory."),
+        ("runtime_dir", "Where pid files, logs and the zone capacity file live."),
+        ("launcher", "The Python interpreter (and PYTHONPATH) that runs skyhedge's replica launcher."),
+    )
+    nullable: frozenset[str] = frozenset()
+
+    def root_inputs(
+        self,
+        spec: ServiceSpec,
+        replicas: Sequence[PlannedReplica],
+        region: str,
+        *,
+        instance_type: str | None,
+        context: RenderContext,
+    ) -> dict[str, Any]:
+        if not spec.run.command:
+            raise RenderError(
+                f"{spec.source}: run.command: the local cloud runs a command (run.image needs a VM cloud)"
+            )
+        reps = {
+            r.id: {"zone": r.location.zone, "market": r.market.value, "port": replica_port(spec, r.id)}
+            for r in sorted(replicas, key=lambda r: r.id)
+        }
+        run: dict[str, Any] = {
+            "command": spec.run.command,
+            "env": dict(sorted(spec.run.env.items())),
+            "workdir": str(context.workdir),
+        }
+        if spec.run.setup:
+            run["setup"] = spec.run.setup
+        return {
+            "service": spec.name,
+            "region": region,
+            "replicas": reps,
+            "run": run,
+            "runtime_dir": str(runtime_dir(context.state_dir)),
+            "launcher": {"python": context.python, "pythonpath": context.pythonpath},
+        }
+
+
+CLOUD = LocalCloud()

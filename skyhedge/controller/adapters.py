@@ -1,0 +1,84 @@
+"""The real implementations of the controller's seams: nginx routing and HTTP readiness probes.
+
+(The Terraform executor is in `executor.py`, GitOps in `gitops.py`.)
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+from skyhedge.errors import RoutingError
+from skyhedge.probe import check_all
+from skyhedge.routing import Router, Upstream, read_stub_status
+from skyhedge.spec import ServiceSpec
+from skyhedge.state import ReplicaRecord
+
+log = logging.getLogger("skyhedge.controller")
+
+
+class NginxRouter:
+    """`RouterPort` over `skyhedge.routing.Router`: start-or-reload, drain, request counter."""
+
+    def __init__(self, spec: ServiceSpec, state_dir: Path, *, drain_timeout: float = 30.0) -> None:
+        self.router = Router(spec, state_dir)
+        self.drain_timeout = drain_timeout
+        self._raw: int | None = None
+        self._count = 0
+
+    def running(self) -> bool:
+        return self.router.pid() is not None
+
+    def reload(self, upstreams: Sequence[tuple[str, str]]) -> None:
+        self.router.up([Upstream(rid, endpoint) for rid, endpoint in upstreams])
+
+    def drain(self, upstreams: Sequence[tuple[str, str]]) -> None:
+        ups = [Upstream(rid, endpoint) for rid, endpoint in upstreams]
+        if not self.running():
+            self.router.up(ups)
+            return
+        if not self.router.drain(ups, timeout=self.drain_timeout):
+            log.warning(
+                "requests still in flight to removed replicas after %.0fs; going on", self.drain_timeout
+            )
+
+    def request_count(self) -> int | None:
+        """Client requests seen by the router, monotonic across nginx restarts.
+
+        Each read of stub_status is itself one request; it is subtracted so an idle service reads
+        0 req/s. A restart (the raw counter going down) continues from where we were.
+        """
+        url = self.router.status().get("status_url")
+        if not url:
+            return None
+        try:
+            raw = read_stub_status(url)["requests"]
+        except RoutingError as exc:
+            log.debug("%s", exc)
+            return None
+        if self._raw is not None:
+            delta = raw - self._raw if raw >= self._raw else raw
+            self._count += max(0, delta - 1)
+        self._raw = raw
+        return self._count
+
+    def down(self) -> None:
+        self.router.down()
+
+
+class HttpProber:
+    """`Prober` over `skyhedge.probe`: the spec's readiness probe, all replicas concurrently."""
+
+    def __init__(self, spec: ServiceSpec) -> None:
+        self.readiness = spec.readiness_probe
+
+    def probe(self, records: Sequence[ReplicaRecord]) -> dict[str, tuple[bool, str]]:
+        by_endpoint = {r.endpoint: r.id for r in records if r.endpoint}
+        results = check_all(list(by_endpoint), self.readiness)
+        out: dict[str, tuple[bool, str]] = {}
+        for endpoint, rid in by_endpoint.items():
+            res = results.get(endpoint)
+            if res is not None:
+                out[rid] = (res.ok, res.error or f"HTTP {res.status}")
+        return out

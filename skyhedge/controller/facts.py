@@ -1,0 +1,186 @@
+"""Turning observations (source events, probe results, apply results) into facts in the state.
+
+Only facts are written: timestamps (`provisioned_at`, `ready_at`, `not_ready_since`, `gone_at`),
+a reason, the `draining` flag, and zone events for the policy. Status is derived from them
+(`ReplicaFact.status`). Every function here is safe to repeat: recording that a replica is gone a
+second time, or a probe result that matches what is known, changes nothing.
+
+Bookkeeping the controller keeps in `state.extra` (plain JSON):
+    warned      {replica_id: at}  replicas under an interruption warning: still serving, being
+                replaced, not counted by the policy (draining), terminated by the cloud soon
+    applied     {"cloud/region": digest}  the desired layout last applied to each Terraform root
+    routed      [[id, endpoint], ...]  the upstreams the router last loaded
+    autoscaler  the request-rate autoscaler's memory
+    launch_failures  consecutive failed applies (for backoff)
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from skyhedge.events import PreemptionEvent, Signal, find_replica
+from skyhedge.policy.types import EventKind, Market, ReplicaStatus, ZoneEvent
+from skyhedge.state import ReplicaRecord, ServiceState
+
+log = logging.getLogger("skyhedge.controller")
+
+# A READY replica failing its probe this long is replaced (SkyServe's 180 s threshold).
+NOT_READY_GRACE_SECONDS = 180.0
+# A warned replica the cloud has not taken after this long is terminated by us.
+WARNING_GRACE_SECONDS = 300.0
+
+
+def warned(state: ServiceState) -> dict[str, float]:
+    table = state.extra.setdefault("warned", {})
+    assert isinstance(table, dict)
+    return table
+
+
+def mark_gone(state: ServiceState, rec: ReplicaRecord, at: float, reason: str, why: str) -> bool:
+    """Record that a replica is gone; returns False if that was already known."""
+    if rec.gone_at is not None:
+        return False
+    rec.gone_at = at
+    rec.reason = reason
+    warned(state).pop(rec.id, None)
+    state.log(
+        {
+            "at": at,
+            "event": "gone",
+            "replica_id": rec.id,
+            "location": rec.location.key,
+            "reason": reason,
+            "why": why,
+        }
+    )
+    return True
+
+
+def _gone_reason(event: PreemptionEvent, rec: ReplicaRecord, state: ServiceState) -> str:
+    """Why a replica is gone, when the source did not know: spot -> preempted, on-demand -> failed.
+
+    A replica we were draining (scale-down) or that was already warned ended as planned:
+    its preemption, if any, was counted when the warning came.
+    """
+    if rec.draining:
+        return "terminated"
+    if event.reason:
+        return event.reason
+    return "preempted" if Market(rec.market) is Market.SPOT else "failed"
+
+
+def ingest(state: ServiceState, events: Iterable[PreemptionEvent], now: float) -> list[str]:
+    """Record source events as facts and zone events; returns one line per fact recorded."""
+    notes: list[str] = []
+    live = state.live()
+    for event in events:
+        if event.signal is Signal.ZONE_LOST:
+            if event.location is not None:
+                state.record_event(ZoneEvent(EventKind.PREEMPTED, event.location, event.at))
+                notes.append(event.describe())
+            continue
+        rec = find_replica(event, live)
+        if rec is None or rec.gone_at is not None:
+            log.debug("ignoring %s (not a live replica of %s)", event.describe(), state.service)
+            continue
+        if event.signal is Signal.REBALANCE:
+            state.record_event(ZoneEvent(EventKind.WARNING, rec.location, event.at, rec.id))
+            notes.append(f"{event.describe()} ({rec.id} in {rec.zone})")
+        elif event.signal is Signal.WARNING:
+            if rec.id in warned(state) or rec.draining:
+                continue
+            # Start the replacement now: the policy ignores draining replicas, so it launches one;
+            # routing keeps sending traffic here until the cloud actually takes the machine.
+            warned(state)[rec.id] = event.at
+            rec.draining = True
+            state.record_event(ZoneEvent(EventKind.PREEMPTED, rec.location, event.at, rec.id))
+            notes.append(f"{event.describe()} ({rec.id} in {rec.zone}): replacing it now")
+        elif event.signal is Signal.GONE:
+            reason = _gone_reason(event, rec, state)
+            was_warned = rec.id in warned(state)
+            if mark_gone(state, rec, min(event.at, now), reason, event.describe()):
+                if reason == "preempted" and not was_warned:
+                    state.record_event(ZoneEvent(EventKind.PREEMPTED, rec.location, event.at, rec.id))
+                notes.append(f"{event.describe()} ({rec.id} in {rec.zone}): {reason}")
+    return notes
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    replica_id: str
+    ok: bool
+    detail: str = ""
+
+
+def apply_probes(
+    state: ServiceState, results: Sequence[ProbeResult], now: float, *, initial_delay: float
+) -> list[str]:
+    """Fold readiness probe results into facts (SkyServe's semantics).
+
+    First success -> `ready_at` (READY). A failure of a READY replica -> `not_ready_since`
+    (NOT_READY); failing for longer than NOT_READY_GRACE_SECONDS -> FAILED (replaced). A replica
+    that never answered within `initial_delay` seconds of being provisioned -> FAILED.
+    """
+    notes: list[str] = []
+    by_id = {r.id: r for r in state.live()}
+    for res in results:
+        rec = by_id.get(res.replica_id)
+        if rec is None:
+            continue
+        if res.ok:
+            if rec.provisioned_at is None:
+                rec.provisioned_at = now
+            if rec.ready_at is None:
+                rec.ready_at = now
+                notes.append(f"{rec.id} READY in {rec.zone} after {now - rec.launched_at:.1f}s")
+                state.log({"at": now, "event": "ready", "replica_id": rec.id, "location": rec.location.key})
+            elif rec.not_ready_since is not None:
+                rec.not_ready_since = None
+                notes.append(f"{rec.id} READY again")
+            continue
+        if rec.draining:  # on its way out already: only stop routing to it
+            if rec.ready_at is not None and rec.not_ready_since is None:
+                rec.not_ready_since = now
+            continue
+        if rec.ready_at is not None:
+            if rec.not_ready_since is None:
+                rec.not_ready_since = now
+                notes.append(f"{rec.id} NOT_READY ({res.detail})")
+            elif now - rec.not_ready_since > NOT_READY_GRACE_SECONDS and mark_gone(
+                state, rec, now, "failed", f"not ready for {now - rec.not_ready_since:.0f}s ({res.detail})"
+            ):
+                notes.append(f"{rec.id} FAILED: not ready for {NOT_READY_GRACE_SECONDS:.0f}s")
+        else:
+            started = rec.provisioned_at if rec.provisioned_at is not None else rec.launched_at
+            if now - started > initial_delay and mark_gone(
+                state, rec, now, "failed", f"no passing probe within {initial_delay:.0f}s ({res.detail})"
+            ):
+                notes.append(f"{rec.id} FAILED: not ready within initial_delay_seconds={initial_delay:.0f}")
+    return notes
+
+
+def routable(state: ServiceState) -> list[ReplicaRecord]:
+    """Replicas the router should send traffic to: READY ones, and warned ones still answering.
+
+    A replica being drained for a scale-down is out (that is what draining means); a warned one
+    stays in until the cloud takes it, since it still serves and nginx retries elsewhere if not.
+    """
+    table = warned(state)
+    out = []
+    for rec in state.live():
+        if rec.endpoint is None or rec.ready_at is None or rec.not_ready_since is not None:
+            continue
+        if rec.draining and rec.id not in table:
+            continue
+        out.append(rec)
+    return sorted(out, key=lambda r: r.id)
+
+
+def status_counts(state: ServiceState) -> dict[ReplicaStatus, int]:
+    counts: dict[ReplicaStatus, int] = {}
+    for rec in state.live():
+        st = rec.fact().status
+        counts[st] = counts.get(st, 0) + 1
+    return counts

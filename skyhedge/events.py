@@ -1,0 +1,133 @@
+"""Normalised replica/zone events and the one interface every event source implements.
+
+Each cloud speaks its own dialect: AWS sends EventBridge messages through SQS, GCP keeps zone
+operations, the local cloud has pid files and a capacity file. One small parser per source
+(in `skyhedge/clouds/<cloud>/events.py`) turns that raw input into `PreemptionEvent`s, so the
+controller reasons about one shape only (as Karpenter's `interruption/messages` does).
+
+An event only *records a fact*; the controller's next tick decides what to do about it. Sources
+are therefore allowed to repeat themselves (an SQS message redelivered, an operation seen twice):
+recording "replica r-0003 is gone" twice changes nothing the second time.
+
+    source.watch(wake)                 # optional: a background waiter calls wake() on new input
+    events = source.poll(now, live)    # non-blocking: what happened since the last poll
+    ...record events in state, save state...
+    source.ack()                       # now the source may forget them (e.g. delete SQS messages)
+
+Input that cannot be parsed is logged and acknowledged (never retried forever): see `unparseable`.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from skyhedge.policy.types import Location
+from skyhedge.state import ReplicaRecord
+
+log = logging.getLogger("skyhedge.events")
+
+__all__ = [
+    "EventSource",
+    "PreemptionEvent",
+    "Signal",
+    "find_replica",
+    "unparseable",
+]
+
+
+class Signal(str, enum.Enum):
+    """What a source observed."""
+
+    WARNING = "warning"  # the replica will be taken soon (AWS 2-minute interruption warning)
+    REBALANCE = "rebalance"  # the replica's zone is at elevated risk (AWS rebalance recommendation)
+    GONE = "gone"  # the replica's machine or process no longer runs
+    ZONE_LOST = "zone_lost"  # a zone lost its spot capacity (local capacity file, market trace)
+
+    def __str__(self) -> str:
+        return self.value
+
+
+@dataclass(frozen=True)
+class PreemptionEvent:
+    """One normalised observation from any source.
+
+    A source names the replica it means by `replica_id` when it knows it, else by `cloud_id`
+    (EC2 instance ID, GCP instance name) which the controller maps through the replica records.
+    `reason` qualifies GONE: `preempted` (the cloud took it), `failed` (it died on its own) or
+    `terminated` (someone else stopped it on purpose).
+    """
+
+    signal: Signal
+    at: float
+    source: str
+    replica_id: str | None = None
+    cloud_id: str | None = None
+    location: Location | None = None
+    reason: str = "preempted"
+    detail: str = ""
+
+    def describe(self) -> str:
+        who = self.replica_id or self.cloud_id or (self.location.key if self.location else "?")
+        text = f"{self.source}: {self.signal.value} {who}"
+        if self.signal is Signal.GONE:
+            text += f" ({self.reason})"
+        return f"{text}: {self.detail}" if self.detail else text
+
+
+class EventSource:
+    """Base of every event source. Subclasses override `poll`, and `ack`/`watch`/`close` if needed.
+
+    `poll` must not block for long: the controller calls it once per tick. A source that can be
+    told about new input without polling (SQS long-polling, a pidfd becoming readable) does that
+    waiting in `watch`'s background thread and calls `wake()`, which makes the controller tick at
+    once instead of at its next period.
+    """
+
+    name: str = "source"
+
+    def poll(self, now: float, live: Sequence[ReplicaRecord]) -> list[PreemptionEvent]:
+        """Events since the previous poll. `live` are the replicas the controller believes alive."""
+        raise NotImplementedError
+
+    def ack(self) -> None:
+        """The events of the previous poll are durably recorded: the source may drop them."""
+
+    def watch(self, wake: Callable[[], None]) -> None:
+        """Start waiting for input in the background and call `wake()` when some may be there."""
+
+    def close(self) -> None:
+        """Stop background waiting and release clients."""
+
+
+def unparseable(source: str, raw: object, why: str) -> None:
+    """Log input a parser could not use. The caller acknowledges it anyway (no poison loops)."""
+    text = raw if isinstance(raw, str) else repr(raw)
+    if len(text) > 300:
+        text = text[:300] + "..."
+    log.warning("%s: ignoring unparseable input (%s): %s", source, why, text)
+
+
+def find_replica(event: PreemptionEvent, records: Sequence[ReplicaRecord]) -> ReplicaRecord | None:
+    """The replica record an event names, by replica ID first, then by cloud ID."""
+    if event.replica_id:
+        for rec in records:
+            if rec.id == event.replica_id:
+                return rec
+    if event.cloud_id:
+        for rec in records:
+            if rec.cloud_id == event.cloud_id or event.cloud_id in _aliases(rec):
+                return rec
+    return None
+
+
+def _aliases(rec: ReplicaRecord) -> set[str]:
+    """Other names a cloud may use for this replica (instance name, self link...) from its outputs."""
+    out: set[str] = set()
+    for key in ("instance_id", "id", "name", "instance_name", "self_link"):
+        value = rec.outputs.get(key) if isinstance(rec.outputs, dict) else None
+        if isinstance(value, str) and value:
+            out.add(value)
+    return out

@@ -1,0 +1,347 @@
+"""Render the Terraform tree of a plan in memory, then write it atomically.
+
+Tree layout (everything a GitOps repository needs, nothing machine-local but the local cloud's
+paths in its own tfvars):
+
+    skyhedge-tree.json                 manifest: service, backend, roots and their replica IDs
+    README.md, .gitignore
+    modules/<cloud>-replicas/          copies of the modules the roots call
+    <cloud>/<region>/main.tf           terraform block, provider, module call (no spec values)
+    <cloud>/<region>/variables.tf      root variables (typed and validated by the module)
+    <cloud>/<region>/outputs.tf
+    <cloud>/<region>/skyhedge.auto.tfvars.json   every spec-derived value
+    <cloud>/<region>/backend.tfbackend.json      backend settings for `init -backend-config`
+
+Rendering is a pure function of its inputs: sorted keys, fixed indentation, no timestamps, so the
+same spec and state give a byte-identical tree (and a root's digest says whether it changed).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+import uuid
+from collections import defaultdict
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jinja2
+
+from skyhedge._resources import modules_dir, templates_dir
+from skyhedge.clouds import RenderContext, get_cloud
+from skyhedge.errors import RenderError
+from skyhedge.planner import Plan, PlannedReplica
+from skyhedge.render.backend import backend_config
+from skyhedge.spec import ServiceSpec
+
+TREE_MANIFEST = "skyhedge-tree.json"
+TFVARS_FILE = "skyhedge.auto.tfvars.json"
+BACKEND_FILE = "backend.tfbackend.json"
+FORMAT = 1
+REQUIRED_VERSION = ">= 1.5.0, < 2.0.0"
+_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]*$")
+# Terraform's working files that live beside a root's configuration and must survive a re-render.
+_PRESERVED = (
+    ".terraform",
+    ".terraform.lock.hcl",
+    "terraform.tfstate",
+    "terraform.tfstate.backup",
+    "terraform.tfstate.d",
+)
+
+
+def hcl_string(value: str) -> str:
+    """An HCL string literal whose content is inert: JSON escapes, and `${`/`%{` doubled.
+
+    Templates only ever apply it to skyhedge's own constants; spec values go to JSON files.
+    """
+    return json.dumps(value, ensure_ascii=False).replace("${", "$${").replace("%{", "%%{")
+
+
+@functools.lru_cache(maxsize=4)
+def _environment(root: str) -> jinja2.Environment:
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(root),
+        undefined=jinja2.StrictUndefined,
+        autoescape=False,
+        keep_trailing_newline=True,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+    env.filters["hcl"] = hcl_string
+    return env
+
+
+def environment() -> jinja2.Environment:
+    return _environment(str(templates_dir() / "terraform"))
+
+
+def _json_bytes(data: Any) -> bytes:
+    return (json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode("utf-8")
+
+
+def _tidy(text: str) -> bytes:
+    """Collapse the blank-line runs Jinja blocks leave behind, so `terraform fmt` has nothing to do."""
+    text = re.sub(r"\n{3,}", "\n\n", text)
+    text = re.sub(r"\{\n\n", "{\n", text)
+    text = re.sub(r"\n\n(\s*\})", r"\n\1", text)
+    return (text.strip("\n") + "\n").encode("utf-8")
+
+
+@functools.lru_cache(maxsize=16)
+def _module_files_cached(
+    module_path: str, stamp: tuple[tuple[str, int, int], ...]
+) -> tuple[tuple[str, bytes], ...]:
+    base = Path(module_path)
+    return tuple((name, (base / name).read_bytes()) for name, _, _ in stamp)
+
+
+def module_files(module_name: str) -> tuple[tuple[str, bytes], ...]:
+    """The module's files (relative path, bytes), sorted; cached until a file changes."""
+    base = modules_dir() / module_name
+    if not base.is_dir():
+        raise RenderError(f"Terraform module {module_name!r} not found under {modules_dir()}")
+    stamp = []
+    for path in sorted(base.rglob("*")):
+        rel = path.relative_to(base)
+        if not path.is_file() or any(p.startswith(".") or p == "__pycache__" for p in rel.parts):
+            continue
+        st = path.stat()
+        stamp.append((rel.as_posix(), st.st_mtime_ns, st.st_size))
+    return _module_files_cached(str(base), tuple(stamp))
+
+
+@dataclass(frozen=True)
+class RenderedRoot:
+    """One Terraform root: its files (paths relative to the tree) and a digest of everything it uses."""
+
+    cloud: str
+    region: str
+    module: str
+    replicas: tuple[str, ...]
+    files: tuple[tuple[str, bytes], ...]
+    digest: str
+
+    @property
+    def path(self) -> str:
+        return f"{self.cloud}/{self.region}"
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.cloud, self.region)
+
+
+@dataclass(frozen=True)
+class RenderedTree:
+    service: str
+    roots: tuple[RenderedRoot, ...]
+    files: tuple[tuple[str, bytes], ...]
+
+    def root(self, cloud: str, region: str) -> RenderedRoot:
+        for r in self.roots:
+            if r.key == (cloud, region):
+                return r
+        raise KeyError(f"{cloud}/{region}")
+
+
+def _check_name(what: str, value: str) -> str:
+    if not _NAME_RE.fullmatch(value):
+        raise RenderError(f"cannot render a root for {what} {value!r}: expected [a-z0-9-] characters")
+    return value
+
+
+def _render_root(
+    spec: ServiceSpec,
+    cloud: str,
+    region: str,
+    replicas: list[PlannedReplica],
+    *,
+    instance_type: str | None,
+    context: RenderContext,
+) -> RenderedRoot:
+    try:
+        renderer = get_cloud(cloud)
+    except KeyError as exc:
+        raise RenderError(str(exc.args[0])) from None
+    inputs = renderer.root_inputs(spec, replicas, region, instance_type=instance_type, context=context)
+    names = [name for name, _ in renderer.variables]
+    if sorted(inputs) != sorted(names):
+        raise RenderError(
+            f"cloud {cloud!r}: root inputs {sorted(inputs)} do not match its variables {sorted(names)}"
+        )
+    env = environment()
+    ctx = {
+        "cloud": cloud,
+        "module_name": renderer.module_name,
+        "required_version": REQUIRED_VERSION,
+        "backend": spec.terraform.backend,
+        "variables": names,
+        "width": max(len(n) for n in names),
+    }
+    try:
+        main_tf = env.get_template("root/main.tf.j2").render(ctx)
+        variables_tf = env.get_template("root/variables.tf.j2").render(
+            module_name=renderer.module_name, variables=renderer.variables, nullable=renderer.nullable
+        )
+        outputs_tf = env.get_template("root/outputs.tf.j2").render(module_name=renderer.module_name)
+    except jinja2.TemplateError as exc:
+        raise RenderError(f"rendering the {cloud}/{region} root failed: {exc}") from exc
+    prefix = f"{cloud}/{region}/"
+    files = (
+        (prefix + BACKEND_FILE, _json_bytes(backend_config(spec, cloud, region))),
+        (prefix + "main.tf", _tidy(main_tf)),
+        (prefix + "outputs.tf", _tidy(outputs_tf)),
+        (prefix + TFVARS_FILE, _json_bytes(inputs)),
+        (prefix + "variables.tf", _tidy(variables_tf)),
+    )
+    digest = hashlib.sha256()
+    for name, data in (*files, *(("modules/" + n, b) for n, b in module_files(renderer.module_name))):
+        digest.update(name.encode() + b"\0" + hashlib.sha256(data).digest())
+    return RenderedRoot(
+        cloud=cloud,
+        region=region,
+        module=renderer.module_name,
+        replicas=tuple(sorted(r.id for r in replicas)),
+        files=files,
+        digest=digest.hexdigest(),
+    )
+
+
+def render_tree(
+    spec: ServiceSpec,
+    plan: Plan,
+    *,
+    context: RenderContext,
+    instance_types: Mapping[str, str] | None = None,
+    extra_roots: Iterable[tuple[str, str]] = (),
+) -> RenderedTree:
+    """Render the roots of `plan` (every root it touches, plus `extra_roots`) with its desired replicas.
+
+    A root whose replicas are all being deleted is still rendered (with none), so applying it
+    destroys them.
+    """
+    by_root: dict[tuple[str, str], list[PlannedReplica]] = defaultdict(list)
+    for r in plan.desired:
+        by_root[r.root].append(r)
+    keys = sorted({*plan.roots(), *extra_roots})
+    roots = []
+    for cloud, region in keys:
+        _check_name("cloud", cloud)
+        _check_name("region", region)
+        roots.append(
+            _render_root(
+                spec,
+                cloud,
+                region,
+                by_root.get((cloud, region), []),
+                instance_type=(instance_types or {}).get(cloud),
+                context=context,
+            )
+        )
+    files: dict[str, bytes] = {}
+    for root in roots:
+        files.update(root.files)
+        for name, data in module_files(root.module):
+            files[f"modules/{root.module}/{name}"] = data
+    manifest = {
+        "format": FORMAT,
+        "service": spec.name,
+        "backend": spec.terraform.backend,
+        "roots": [
+            {
+                "path": r.path,
+                "cloud": r.cloud,
+                "region": r.region,
+                "module": r.module,
+                "replicas": list(r.replicas),
+            }
+            for r in roots
+        ],
+    }
+    env = environment()
+    files[TREE_MANIFEST] = _json_bytes(manifest)
+    files["README.md"] = (
+        env.get_template("README.md.j2").render(service=spec.name, roots=roots).encode("utf-8")
+    )
+    files[".gitignore"] = env.get_template("gitignore.j2").render().encode("utf-8")
+    return RenderedTree(service=spec.name, roots=tuple(roots), files=tuple(sorted(files.items())))
+
+
+# ------------------------------------------------------------------------------------------------
+# Writing
+
+
+def _old_roots(out: Path) -> list[str]:
+    try:
+        manifest = json.loads((out / TREE_MANIFEST).read_text(encoding="utf-8"))
+        return [str(r["path"]) for r in manifest.get("roots", [])]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+
+
+def _has_local_state(root_dir: Path) -> bool:
+    return any(p.is_file() and p.stat().st_size > 0 for p in root_dir.glob("*.tfstate"))
+
+
+def write_tree(tree: RenderedTree, out: Path) -> None:
+    """Write `tree` to `out` so readers see the old tree or the new one, never a mix.
+
+    The new tree is written to a temp dir beside `out`, then swapped in by rename. Terraform's own
+    files inside a root (`.terraform/`, the lock file, local state) are carried over. `out` must be
+    absent, empty, or a tree skyhedge rendered (it holds `skyhedge-tree.json`): anything else is
+    refused rather than replaced.
+    """
+    out = Path(out)
+    if out.exists():
+        if not out.is_dir():
+            raise RenderError(f"{out}: exists and is not a directory")
+        if any(out.iterdir()) and not (out / TREE_MANIFEST).is_file():
+            raise RenderError(
+                f"{out}: not empty and not a skyhedge-rendered tree (no {TREE_MANIFEST}); "
+                "refusing to replace it"
+            )
+    new_roots = {r.path for r in tree.roots}
+    for old in _old_roots(out) if out.exists() else []:
+        if old not in new_roots and _has_local_state(out / old):
+            raise RenderError(
+                f"{out / old}: holds Terraform state but the plan has no {old} root any more; "
+                "destroy or move that state before rendering"
+            )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    moved: list[tuple[Path, Path]] = []
+    try:
+        for name, data in tree.files:
+            path = tmp / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(data)
+        if out.exists():
+            for root in new_roots:
+                for item in _PRESERVED:
+                    src = out / root / item
+                    if src.is_file():
+                        shutil.copy2(src, tmp / root / item)
+                    elif src.is_dir():
+                        moved.append((src, tmp / root / item))
+        backup = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
+        if out.exists():
+            os.rename(out, backup)
+            os.rename(tmp, out)
+            for src, _ in moved:  # .terraform dirs: big, so moved (not copied) once the swap is done
+                rel = src.relative_to(out)
+                with contextlib.suppress(OSError):
+                    os.rename(backup / rel, out / rel)
+            shutil.rmtree(backup, ignore_errors=True)
+        else:
+            os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -1,0 +1,250 @@
+"""nginx config generation: upstreams and options in, the text of one nginx.conf out. No I/O but
+reading the template.
+
+Every value is validated here before it reaches `templates/nginx/nginx.conf.j2` (addresses, ports,
+ids, paths), so the template never needs escaping and a replica endpoint cannot inject directives.
+"""
+
+from __future__ import annotations
+
+import functools
+import ipaddress
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import jinja2
+
+from skyhedge._resources import templates_dir
+from skyhedge.errors import RoutingError
+from skyhedge.spec import ServiceSpec
+
+_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_HOST_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?$")
+_UNSAFE_PATH_CHARS = re.compile(r'["\\$\x00-\x1f\x7f]')
+
+
+def _host_port(host: str, port: int, *, what: str) -> str:
+    """`host:port` as nginx wants it (`[v6]:port`), or RoutingError naming `what`."""
+    bare = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    try:
+        ip = ipaddress.ip_address(bare)
+    except ValueError:
+        if not _HOST_RE.fullmatch(bare):
+            raise RoutingError(f"{what}: {host!r} is not an IP address or host name") from None
+        return f"{bare}:{port}"
+    return f"[{ip}]:{port}" if ip.version == 6 else f"{ip}:{port}"
+
+
+@dataclass(frozen=True)
+class Upstream:
+    """One READY replica the router may send requests to: its stable id and `http://host:port`."""
+
+    id: str
+    endpoint: str
+
+    def __post_init__(self) -> None:
+        if not _ID_RE.fullmatch(self.id):
+            raise RoutingError(f"upstream id {self.id!r}: expected letters, digits, '.', '_' or '-'")
+        self.server  # noqa: B018 (validates the endpoint now rather than at render time)
+
+    @property
+    def server(self) -> str:
+        """The `host:port` of nginx's `server` line."""
+        parts = urlsplit(self.endpoint)
+        try:
+            port = parts.port or 80
+        except ValueError:
+            port = -1
+        if (
+            parts.scheme != "http"
+            or not parts.hostname
+            or parts.path not in ("", "/")
+            or parts.query
+            or parts.username
+            or not 0 < port < 65536
+        ):
+            raise RoutingError(
+                f"upstream {self.id}: endpoint {self.endpoint!r} is not of the form http://HOST:PORT"
+            )
+        host = parts.hostname if ":" not in parts.hostname else f"[{parts.hostname}]"
+        return _host_port(host, port, what=f"upstream {self.id}")
+
+    def to_json(self) -> dict[str, str]:
+        return {"id": self.id, "endpoint": self.endpoint}
+
+
+@dataclass(frozen=True)
+class RouterOptions:
+    """Knobs with defaults that suit LLM serving; times in seconds.
+
+    `read_timeout` is long because a generation may take minutes before its first byte (non-streamed)
+    or between tokens (streamed). `next_upstream_tries` counts the first attempt; retries stop after
+    `next_upstream_timeout` so a request never bounces for minutes. `status_port` None picks a free
+    127.0.0.1 port when nginx starts and keeps it across reloads.
+    """
+
+    max_fails: int = 1
+    fail_timeout: int = 10
+    keepalive: int = 32
+    next_upstream_tries: int = 3
+    next_upstream_timeout: int = 30
+    connect_timeout: int = 5
+    read_timeout: int = 600
+    worker_processes: str = "auto"
+    worker_connections: int = 1024
+    client_max_body_size: str = "32m"
+    status_port: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in (
+            "max_fails",
+            "fail_timeout",
+            "keepalive",
+            "next_upstream_tries",
+            "next_upstream_timeout",
+            "connect_timeout",
+            "read_timeout",
+            "worker_connections",
+        ):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise RoutingError(f"router option {name}: expected a positive integer, got {value!r}")
+        if not re.fullmatch(r"auto|[1-9][0-9]{0,2}", str(self.worker_processes)):
+            raise RoutingError(
+                f"router option worker_processes: expected 'auto' or a count, got {self.worker_processes!r}"
+            )
+        if not re.fullmatch(r"[1-9][0-9]*[kKmMgG]?", self.client_max_body_size):
+            raise RoutingError(
+                f"router option client_max_body_size: expected a size like '32m', got "
+                f"{self.client_max_body_size!r}"
+            )
+        if self.status_port is not None and not 0 < self.status_port < 65536:
+            raise RoutingError(f"router option status_port: expected a port, got {self.status_port!r}")
+
+
+@dataclass(frozen=True)
+class RouterPaths:
+    """Everything nginx reads or writes, under one prefix (`<state_dir>/router/`)."""
+
+    prefix: Path
+
+    def __post_init__(self) -> None:
+        if not self.prefix.is_absolute():
+            raise RoutingError(f"router prefix {self.prefix}: must be an absolute path")
+        if _UNSAFE_PATH_CHARS.search(str(self.prefix)):
+            raise RoutingError(
+                f"router prefix {self.prefix}: contains characters nginx cannot take in a path "
+                "(quote, backslash, '$' or control characters)"
+            )
+
+    @property
+    def conf(self) -> Path:
+        return self.prefix / "conf" / "nginx.conf"
+
+    @property
+    def candidate(self) -> Path:
+        return self.prefix / "conf" / "nginx.conf.candidate"
+
+    @property
+    def rejected(self) -> Path:
+        return self.prefix / "conf" / "nginx.conf.rejected"
+
+    @property
+    def pid(self) -> Path:
+        return self.prefix / "nginx.pid"
+
+    @property
+    def logs(self) -> Path:
+        return self.prefix / "logs"
+
+    @property
+    def error_log(self) -> Path:
+        return self.logs / "error.log"
+
+    @property
+    def access_log(self) -> Path:
+        return self.logs / "access.log"
+
+    @property
+    def temp(self) -> Path:
+        return self.prefix / "temp"
+
+    @property
+    def meta(self) -> Path:
+        """What the running nginx was last given (upstreams, status port), for `Router.status()`."""
+        return self.prefix / "router.json"
+
+    @property
+    def lock(self) -> Path:
+        return self.prefix / "router.lock"
+
+
+def listen_address(spec: ServiceSpec) -> str:
+    return _host_port(spec.service.host, spec.service.port, what="service.host")
+
+
+def sorted_upstreams(upstreams: Iterable[Upstream]) -> list[Upstream]:
+    """Sorted by id (stable config text) and checked for duplicate ids or endpoints."""
+    out = sorted(upstreams, key=lambda u: u.id)
+    ids: set[str] = set()
+    servers: dict[str, str] = {}
+    for u in out:
+        if u.id in ids:
+            raise RoutingError(f"upstream {u.id} is listed twice")
+        if u.server in servers:
+            raise RoutingError(f"upstreams {servers[u.server]} and {u.id} share the endpoint {u.endpoint}")
+        ids.add(u.id)
+        servers[u.server] = u.id
+    return out
+
+
+@functools.lru_cache(maxsize=1)
+def _template() -> jinja2.Template:
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(templates_dir() / "nginx")),
+        undefined=jinja2.StrictUndefined,
+        autoescape=False,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+    )
+    return env.get_template("nginx.conf.j2")
+
+
+def render_config(
+    spec: ServiceSpec,
+    upstreams: Iterable[Upstream],
+    *,
+    paths: RouterPaths,
+    options: RouterOptions = RouterOptions(),
+    status_port: int | None = None,
+    run_as: tuple[str, str] | None = None,
+) -> str:
+    """The nginx.conf text routing `spec`'s service address to `upstreams` (READY replicas only).
+
+    `status_port` None leaves out the stub_status server. `run_as` (user, group) emits nginx's
+    `user` directive, needed only when the master runs as root.
+    """
+    ups = sorted_upstreams(upstreams)
+    try:
+        return _template().render(
+            service=spec.name,
+            upstreams=[{"id": u.id, "server": u.server} for u in ups],
+            least_conn=spec.service.load_balancing_policy == "least_load",
+            listen=listen_address(spec),
+            status_listen=f"127.0.0.1:{status_port}" if status_port else None,
+            user=run_as[0] if run_as else None,
+            group=run_as[1] if run_as else None,
+            o=options,
+            paths={
+                "pid": paths.pid,
+                "error_log": paths.error_log,
+                "access_log": paths.access_log,
+                "temp": paths.temp,
+            },
+        )
+    except jinja2.TemplateError as exc:
+        raise RoutingError(f"cannot render the nginx template: {exc}") from exc

@@ -1,0 +1,184 @@
+"""The nginx binary and its processes: find it, test a config, start it, and look at its workers.
+
+Worker processes are read from /proc (Linux): after a reload the old generation of workers
+finishes its in-flight requests and exits, which is exactly the "drained" signal `Router.drain`
+needs. nginx is started as a daemon, so its master is not our child: "alive" means a /proc entry
+that is not a zombie (a container's init may never reap it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+from skyhedge.errors import RoutingError
+from skyhedge.routing.config import RouterPaths
+
+_FALLBACKS = (
+    "/usr/sbin/nginx",
+    "/usr/local/sbin/nginx",
+    "/usr/local/nginx/sbin/nginx",
+    "/opt/homebrew/bin/nginx",
+)
+_PROC = Path("/proc")
+CAN_SEE_WORKERS = (_PROC / "self" / "stat").is_file()
+
+
+def find_nginx(explicit: str | None = None) -> str:
+    """`explicit`, else $SKYHEDGE_NGINX, else nginx on PATH, else the usual sbin locations."""
+    wanted = explicit or os.environ.get("SKYHEDGE_NGINX")
+    if wanted:
+        found = shutil.which(wanted)
+        if not found:
+            raise RoutingError(f"nginx binary {wanted!r} not found or not executable")
+        return found
+    found = shutil.which("nginx")
+    if found:
+        return found
+    for path in _FALLBACKS:
+        if os.access(path, os.X_OK):
+            return path
+    raise RoutingError(
+        "nginx not found on PATH or in /usr/sbin: install it (Debian/Ubuntu: apt-get install nginx-light) "
+        "or set SKYHEDGE_NGINX to its path"
+    )
+
+
+@functools.lru_cache(maxsize=8)
+def has_stub_status(binary: str) -> bool:
+    """Whether this nginx was built with the stub_status module (Debian's nginx and nginx-light are)."""
+    try:
+        out = subprocess.run([binary, "-V"], capture_output=True, text=True, timeout=10, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return "--with-http_stub_status_module" in out.stderr + out.stdout
+
+
+def _base_args(binary: str, paths: RouterPaths, conf: Path) -> list[str]:
+    # -e: the error log before the config is read, so nginx never touches /var/log/nginx.
+    return [binary, "-p", f"{paths.prefix}/", "-c", str(conf), "-e", str(paths.error_log)]
+
+
+def ensure_dirs(paths: RouterPaths) -> None:
+    for d in (paths.conf.parent, paths.logs, paths.temp):
+        d.mkdir(parents=True, exist_ok=True)
+
+
+def check_config(binary: str, paths: RouterPaths, conf: Path) -> None:
+    """`nginx -t` on `conf`; RoutingError carrying nginx's own text when it refuses it."""
+    try:
+        out = subprocess.run(
+            [*_base_args(binary, paths, conf), "-t", "-q"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise RoutingError(f"cannot run {binary} -t: {exc}") from exc
+    if out.returncode != 0:
+        raise RoutingError(
+            f"nginx refused the new configuration ({conf})", stderr=(out.stderr or out.stdout).strip()
+        )
+
+
+def start(binary: str, paths: RouterPaths) -> None:
+    """Start the nginx master (it daemonizes); RoutingError with nginx's text if it cannot."""
+    # stderr goes to a file, not a pipe: the daemon inherits it and a pipe would never reach EOF.
+    with tempfile.TemporaryFile(mode="w+") as err:
+        try:
+            rc = subprocess.run(
+                _base_args(binary, paths, paths.conf),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=err,
+                timeout=30,
+                check=False,
+                start_new_session=True,
+            ).returncode
+        except (OSError, subprocess.SubprocessError) as exc:
+            raise RoutingError(f"cannot start {binary}: {exc}") from exc
+        err.seek(0)
+        text = err.read().strip()
+    if rc != 0:
+        raise RoutingError(f"nginx failed to start (exit {rc})", stderr=text)
+
+
+def _stat(pid: int) -> tuple[str, int] | None:
+    """(state letter, parent pid) of a process, or None when it does not exist."""
+    try:
+        raw = (_PROC / str(pid) / "stat").read_text()
+    except (OSError, ValueError):
+        return None
+    fields = raw.rsplit(")", 1)[1].split()
+    return fields[0], int(fields[1])
+
+
+def alive(pid: int) -> bool:
+    if not _PROC.is_dir():
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+    st = _stat(pid)
+    return st is not None and st[0] not in ("Z", "X")
+
+
+def cmdline(pid: int) -> str:
+    try:
+        return (
+            (_PROC / str(pid) / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+        )
+    except OSError:
+        return ""
+
+
+def is_master(pid: int, conf: Path) -> bool:
+    """Whether `pid` is a live nginx master started with `conf` (not a recycled pid)."""
+    if not alive(pid):
+        return False
+    if not _PROC.is_dir():
+        return True
+    cmd = cmdline(pid)
+    return "nginx: master process" in cmd and str(conf) in cmd
+
+
+def workers(master: int) -> dict[int, str]:
+    """Live children of the master: pid -> title ("nginx: worker process[ is shutting down]")."""
+    if not _PROC.is_dir():
+        return {}
+    out: dict[int, str] = {}
+    for entry in _PROC.iterdir():
+        if not entry.name.isdigit():
+            continue
+        st = _stat(int(entry.name))
+        if st is not None and st[1] == master and st[0] not in ("Z", "X"):
+            out[int(entry.name)] = cmdline(int(entry.name))
+    return out
+
+
+def read_pid(path: Path) -> int | None:
+    try:
+        return int(path.read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def signal_pid(pid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, sig)
+
+
+def log_tail(path: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""

@@ -1,0 +1,287 @@
+"""One service's nginx router: up, reload, drain, down, status. The lifecycle, not the config text.
+
+A reload never risks the serving config: the candidate is written next to it, `nginx -t` checks
+it, only then it replaces `conf/nginx.conf` (os.replace) and the master gets SIGHUP (what
+`nginx -s reload` sends). If nginx refuses the candidate, the old config keeps serving and the
+RoutingError carries nginx's own message. nginx runs as the current user with everything (pid,
+logs, temp, conf) under `<state_dir>/router/`.
+
+Drain: after a reload the old worker processes finish their in-flight requests and exit; the new
+workers do not know the removed replicas. So once every pre-reload worker is gone, no request is
+still in flight to a removed replica, and it is safe to destroy it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import grp
+import json
+import os
+import pwd
+import signal
+import socket
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+from filelock import FileLock, Timeout
+
+from skyhedge.errors import RoutingError
+from skyhedge.routing import nginx
+from skyhedge.routing.config import RouterOptions, RouterPaths, Upstream, render_config, sorted_upstreams
+from skyhedge.spec import ServiceSpec
+from skyhedge.state import atomic_write_text
+
+START_TIMEOUT = 10.0
+RELOAD_TIMEOUT = 10.0
+_POLL = 0.02
+_NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _quitting(pid: int) -> bool:
+    return not nginx.alive(pid) or "shutting down" in nginx.cmdline(pid)
+
+
+def _wait(predicate: Any, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while True:
+        if predicate():
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(_POLL)
+
+
+class Router:
+    """The nginx in front of `spec`'s replicas, listening on `spec.service.host:port`."""
+
+    def __init__(
+        self,
+        spec: ServiceSpec,
+        state_dir: str | Path,
+        *,
+        options: RouterOptions | None = None,
+        nginx_bin: str | None = None,
+    ) -> None:
+        self.spec = spec
+        self.options = options or RouterOptions()
+        self.paths = RouterPaths(Path(state_dir).resolve() / "router")
+        self._nginx_bin = nginx_bin
+        self._binary: str | None = None
+
+    # -- public surface -------------------------------------------------------------------------
+
+    @property
+    def endpoint(self) -> str:
+        host = self.spec.service.host.strip("[]")
+        return f"http://{f'[{host}]' if ':' in host else host}:{self.spec.service.port}"
+
+    def status(self) -> dict[str, Any]:
+        """`endpoint`, `pid` (None when not running), `upstreams` ([{id, endpoint}]), `status_url`."""
+        pid = self.pid()
+        meta = self._read_meta() if pid else {}
+        port = meta.get("status_port")
+        return {
+            "endpoint": self.endpoint,
+            "pid": pid,
+            "upstreams": list(meta.get("upstreams", [])),
+            "status_url": f"http://127.0.0.1:{port}/stub_status" if port else None,
+        }
+
+    def pid(self) -> int | None:
+        """The running master's pid, or None (no pid file, dead, or a recycled pid)."""
+        pid = nginx.read_pid(self.paths.pid)
+        return pid if pid and nginx.is_master(pid, self.paths.conf) else None
+
+    def up(self, upstreams: Iterable[Upstream]) -> dict[str, Any]:
+        """Start nginx routing to `upstreams`; if it already runs, reload it instead (idempotent)."""
+        ups = sorted_upstreams(upstreams)
+        with self._locked():
+            if self.pid():
+                self._reload(ups)
+            else:
+                self._start(ups)
+        return self.status()
+
+    def reload(self, upstreams: Iterable[Upstream]) -> dict[str, Any]:
+        """Route to exactly `upstreams` from now on; a config nginx refuses never replaces the old one."""
+        ups = sorted_upstreams(upstreams)
+        with self._locked():
+            self._reload(ups)
+        return self.status()
+
+    def drain(self, upstreams: Iterable[Upstream], *, timeout: float = 60.0) -> bool:
+        """Reload with `upstreams` (the survivors) and wait until requests in flight to the others end.
+
+        Call it before destroying replicas. True when every old worker finished within `timeout`
+        seconds; False when some request was still running (the caller may destroy anyway).
+        """
+        ups = sorted_upstreams(upstreams)
+        with self._locked():
+            old = self._reload(ups)
+        return _wait(lambda: not any(nginx.alive(p) for p in old), timeout)
+
+    def down(self, *, timeout: float = 10.0) -> None:
+        """Graceful quit (in-flight requests finish, bounded by `timeout`), then fast, then kill."""
+        self.paths.prefix.mkdir(parents=True, exist_ok=True)
+        with self._locked():
+            pid = self.pid()
+            if pid is not None:
+                self._stop(pid, timeout)
+            with contextlib.suppress(FileNotFoundError):
+                self.paths.pid.unlink()
+
+    def render(self, upstreams: Iterable[Upstream], status_port: int | None) -> str:
+        """The config text for `upstreams`; a method so a subclass can change it (tests do)."""
+        return render_config(
+            self.spec,
+            upstreams,
+            paths=self.paths,
+            options=self.options,
+            status_port=status_port,
+            run_as=self._run_as(),
+        )
+
+    # -- internals ------------------------------------------------------------------------------
+
+    @property
+    def binary(self) -> str:
+        if self._binary is None:
+            self._binary = nginx.find_nginx(self._nginx_bin)
+        return self._binary
+
+    @staticmethod
+    def _run_as() -> tuple[str, str] | None:
+        """As root, keep workers as root: nginx would otherwise drop them to nobody/www-data."""
+        if os.geteuid() != 0:
+            return None
+        try:
+            return pwd.getpwuid(os.geteuid()).pw_name, grp.getgrgid(os.getegid()).gr_name
+        except KeyError:
+            return None
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """One lifecycle change at a time per router (threads and processes alike)."""
+        self.paths.prefix.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(self.paths.lock), timeout=60)
+        try:
+            lock.acquire()
+        except Timeout:
+            raise RoutingError(
+                f"{self.paths.lock}: another skyhedge process is changing this router"
+            ) from None
+        try:
+            yield
+        finally:
+            lock.release()
+
+    def _install(self, text: str) -> None:
+        """Write the candidate, `nginx -t` it, then swap it in atomically; keep it aside if refused."""
+        nginx.ensure_dirs(self.paths)
+        atomic_write_text(self.paths.candidate, text)
+        try:
+            nginx.check_config(self.binary, self.paths, self.paths.candidate)
+        except RoutingError:
+            os.replace(self.paths.candidate, self.paths.rejected)
+            raise
+        os.replace(self.paths.candidate, self.paths.conf)
+
+    def _status_port(self) -> int | None:
+        if not nginx.has_stub_status(self.binary):
+            return None
+        return self.options.status_port or _free_port()
+
+    def _start(self, ups: list[Upstream]) -> None:
+        status_port = self._status_port()
+        self._install(self.render(ups, status_port))
+        with contextlib.suppress(FileNotFoundError):
+            self.paths.pid.unlink()  # stale: pid() said no live master owns it
+        nginx.start(self.binary, self.paths)
+        if not _wait(lambda: self.pid() is not None and self._healthy(), START_TIMEOUT):
+            pid = nginx.read_pid(self.paths.pid)
+            if pid and nginx.is_master(pid, self.paths.conf):
+                self._stop(pid, 2.0)
+            raise RoutingError(
+                f"nginx did not come up on {self.endpoint} within {START_TIMEOUT:.0f}s",
+                stderr=nginx.log_tail(self.paths.error_log),
+            )
+        self._write_meta(ups, status_port)
+
+    def _reload(self, ups: list[Upstream]) -> set[int]:
+        """Apply `ups` to the running nginx; return the workers that must exit before it is drained."""
+        pid = self.pid()
+        if pid is None:
+            raise RoutingError(
+                f"the router of {self.spec.name} is not running (start it with `skyhedge routing up`)"
+            )
+        status_port = self._read_meta().get("status_port")
+        text = self.render(ups, status_port)
+        before = nginx.workers(pid)
+        try:
+            current = self.paths.conf.read_text(encoding="utf-8")
+        except OSError:
+            current = None
+        if text == current:
+            # Nothing changes: no needless worker churn. Workers still finishing an earlier reload
+            # may hold requests to replicas removed then, so a drain waits for them.
+            self._write_meta(ups, status_port)
+            return {p for p, title in before.items() if "shutting down" in title}
+        self._install(text)
+        os.kill(pid, signal.SIGHUP)
+        if nginx.CAN_SEE_WORKERS:  # confirm a new generation of workers took over
+            started = _wait(lambda: bool(set(nginx.workers(pid)) - set(before)), RELOAD_TIMEOUT)
+            if not started:
+                if current is not None:
+                    atomic_write_text(self.paths.conf, current)
+                raise RoutingError(
+                    "nginx did not apply the new configuration (kept the old one)",
+                    stderr=nginx.log_tail(self.paths.error_log),
+                )
+            # An old worker renames itself "is shutting down" as it closes its listening sockets:
+            # from then on every new connection reaches a worker with the new config.
+            _wait(lambda: all(_quitting(p) for p in before), RELOAD_TIMEOUT)
+        self._write_meta(ups, status_port)
+        return set(before)
+
+    def _stop(self, pid: int, timeout: float) -> None:
+        workers = set(nginx.workers(pid))
+        for sig, wait in ((signal.SIGQUIT, timeout), (signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
+            nginx.signal_pid(pid, sig)
+            if _wait(lambda: not nginx.alive(pid), wait):
+                break
+        for w in workers:  # a master killed hard leaves its workers behind
+            if nginx.alive(w) and "nginx: worker" in nginx.cmdline(w):
+                nginx.signal_pid(w, signal.SIGKILL)
+        if nginx.alive(pid):
+            raise RoutingError(f"nginx master {pid} did not exit")
+
+    def _healthy(self) -> bool:
+        host = self.spec.service.host.strip("[]")
+        host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+        url = f"http://{f'[{host}]' if ':' in host else host}:{self.spec.service.port}/-/health"
+        try:
+            with _NO_PROXY.open(url, timeout=1.0) as resp:
+                return bool(resp.status == 200)
+        except (urllib.error.URLError, OSError):
+            return False
+
+    def _read_meta(self) -> dict[str, Any]:
+        try:
+            data = json.loads(self.paths.meta.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    def _write_meta(self, ups: list[Upstream], status_port: int | None) -> None:
+        meta = {"upstreams": [u.to_json() for u in ups], "status_port": status_port}
+        atomic_write_text(self.paths.meta, json.dumps(meta, indent=2, sort_keys=True) + "\n")

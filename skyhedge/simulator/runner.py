@@ -1,0 +1,332 @@
+"""Runs policies over random windows of traces and aggregates the paper's metrics.
+
+Windows: `repeats` windows of `ticks` ticks per trace, at offsets drawn with
+`numpy.random.RandomState(seed).randint(0, L - ticks)` (the draw the paper's simulator makes, so
+seed 0 gives its windows), then one zone permutation per window from the same generator: the
+candidate order, hence every tie-break, changes from window to window. Every policy sees the
+same windows. A fresh policy object per window (no memory carried across windows).
+
+Metrics per window: availability = share of scored ticks [cold, T) with >= N ready replicas;
+cost = spot replica-ticks + ratio x on-demand replica-ticks over the same ticks; relative cost =
+cost / (N x ratio x scored ticks), so on-demand only is exactly 1.0.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from skyhedge.errors import TraceError
+from skyhedge.policy import Candidate, PolicyConfig, make_policy, policy_class
+from skyhedge.simulator import latency as latency_model
+from skyhedge.simulator.optimum import solve_optimum
+from skyhedge.simulator.traces import TICK_SECONDS, Trace
+from skyhedge.simulator.world import Timeline, World, score
+
+__all__ = [
+    "OPTIMAL",
+    "PriceBook",
+    "SimConfig",
+    "Summary",
+    "Window",
+    "WindowResult",
+    "check_policies",
+    "load_prices",
+    "make_windows",
+    "run_window",
+    "simulate",
+]
+
+OPTIMAL = "optimal"
+SLO = 0.99  # the paper's availability objective, for `availability_target_met`
+
+
+@dataclass(frozen=True)
+class PriceBook:
+    """Dollar prices per zone name: spot $/h (optional when the trace has its own) and on-demand."""
+
+    spot: Mapping[str, float]
+    ondemand: Mapping[str, float]
+
+
+def load_prices(path: str | Path) -> PriceBook:
+    """A price file: ``{"<zone or cloud/region/zone>": {"spot": $/h, "ondemand": $/h}, ...}``.
+
+    "spot" may be left out for zones whose trace carries per-tick ``prices``.
+    """
+    path = Path(path)
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise TraceError(f"{path}: not a readable JSON price file ({exc})") from exc
+    if not isinstance(doc, dict) or not doc:
+        raise TraceError(f"{path}: expected an object mapping zones to {{'spot': $/h, 'ondemand': $/h}}")
+    spot: dict[str, float] = {}
+    ondemand: dict[str, float] = {}
+    for zone, entry in doc.items():
+        if not isinstance(entry, dict) or not set(entry) <= {"spot", "ondemand"} or "ondemand" not in entry:
+            raise TraceError(f"{path}: {zone}: expected {{'ondemand': $/h, 'spot': $/h (optional)}}")
+        for key, value in entry.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+                raise TraceError(f"{path}: {zone}.{key}: expected a price >= 0 in $/h, got {value!r}")
+        ondemand[zone] = float(entry["ondemand"])
+        if "spot" in entry:
+            spot[zone] = float(entry["spot"])
+    return PriceBook(spot, ondemand)
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    target: int = 3
+    cold_start_seconds: float = 120.0
+    ondemand_cost_ratio: float = 3.0
+    extra: int = 1
+    ticks: int = 2880
+    repeats: int = 10
+    seed: int = 0
+    latency: bool = False
+    arrivals: np.ndarray | None = None  # recorded timestamps; None = Poisson
+    request_rate: float = latency_model.DEFAULT_RATE
+    prices: PriceBook | None = None
+
+    @property
+    def cold_start_ticks(self) -> int:
+        return max(0, math.ceil(self.cold_start_seconds / TICK_SECONDS - 1e-9))
+
+    def policy_config(self) -> PolicyConfig:
+        return PolicyConfig(num_overprovision=self.extra)
+
+
+@dataclass(frozen=True)
+class Window:
+    index: int
+    offset: int
+    order: tuple[int, ...]  # zone permutation: candidate i is trace zone order[i]
+
+
+@dataclass
+class WindowResult:
+    policy: str
+    window: Window
+    availability: float
+    relative_cost: float
+    cost: float
+    spot_share: float
+    preemptions: int
+    launch_failures: int
+    seconds: float
+    dollars: float | None = None
+    ondemand_dollars: float | None = None
+    latency: latency_model.LatencyStats | None = None
+    timeline: Timeline | None = None
+
+
+@dataclass
+class Summary:
+    trace: str
+    policy: str
+    windows: list[WindowResult] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        av = np.array([w.availability for w in self.windows])
+        rc = np.array([w.relative_cost for w in self.windows])
+        out: dict[str, Any] = {
+            "trace": self.trace,
+            "policy": self.policy,
+            "availability": _num(av.mean()),
+            "availability_min": _num(av.min()),
+            "availability_std": _num(av.std()),
+            "relative_cost": _num(rc.mean()),
+            "relative_cost_std": _num(rc.std()),
+            "runs": len(self.windows),
+            "availability_target_met": _num(np.mean(av >= SLO)),
+            "spot_share": _num(np.mean([w.spot_share for w in self.windows])),
+            "preemptions": _num(np.mean([w.preemptions for w in self.windows])),
+            "launch_failures": _num(np.mean([w.launch_failures for w in self.windows])),
+            "seconds_per_window": _num(np.mean([w.seconds for w in self.windows])),
+            "offsets": [w.window.offset for w in self.windows],
+            "availability_per_window": [_num(x) for x in av],
+            "relative_cost_per_window": [_num(x) for x in rc],
+        }
+        if self.windows and self.windows[0].dollars is not None:
+            out["dollars"] = _num(np.mean([w.dollars for w in self.windows]))
+            out["ondemand_dollars"] = _num(np.mean([w.ondemand_dollars for w in self.windows]))
+        stats = [w.latency for w in self.windows if w.latency is not None]
+        if stats:
+            out.update({k: _num(v) for k, v in latency_model.summarize(stats).items()})
+        return out
+
+
+def _num(value: float) -> float | None:
+    value = float(value)
+    return None if math.isnan(value) else round(value, 6)
+
+
+def check_policies(names: Sequence[str]) -> None:
+    """Resolve every policy name up front so a typo fails before any work (PolicyError)."""
+    for name in names:
+        if name != OPTIMAL:
+            policy_class(name)
+
+
+def make_windows(trace: Trace, config: SimConfig) -> list[Window]:
+    if config.ticks <= config.cold_start_ticks:
+        raise TraceError(f"--ticks {config.ticks} must exceed the cold start ({config.cold_start_ticks} ticks)")
+    if trace.ticks < config.ticks:
+        raise TraceError(
+            f"{trace.source}: {trace.ticks} ticks ({trace.hours:.1f} h) of trace, "
+            f"shorter than one window of {config.ticks} ticks"
+        )
+    rng = np.random.RandomState(config.seed)
+    span = trace.ticks - config.ticks
+    offsets = rng.randint(0, span, size=config.repeats) if span > 0 else np.zeros(config.repeats, int)
+    zones = len(trace.zones)
+    return [
+        Window(i, int(offset), tuple(int(z) for z in rng.permutation(zones))) for i, offset in enumerate(offsets)
+    ]
+
+
+def _prices(trace: Trace, window: Window, config: SimConfig) -> tuple[np.ndarray, np.ndarray] | None:
+    """Per candidate: spot $/h per tick (zones x T) and on-demand $/h, or None without prices."""
+    book = config.prices
+    if book is None:
+        return None
+    order = list(window.order)
+    spot = np.full((len(order), config.ticks), np.nan)
+    if trace.spot_prices is not None:
+        spot[:] = trace.spot_prices[order, window.offset : window.offset + config.ticks]
+    ondemand = np.empty(len(order))
+    for i, z in enumerate(order):
+        location = trace.zones[z]
+        names = (location.zone, location.key)
+        od = next((book.ondemand[n] for n in names if n in book.ondemand), None)
+        if od is None:
+            raise TraceError(f"--prices: no on-demand price for zone {location.zone} of {trace.name}")
+        ondemand[i] = od
+        fixed = next((book.spot[n] for n in names if n in book.spot), None)
+        if fixed is not None:
+            spot[i] = np.where(np.isnan(spot[i]), fixed, spot[i])
+        if np.isnan(spot[i]).any():
+            raise TraceError(f"--prices: no spot price for zone {location.zone} of {trace.name}")
+    return spot, ondemand
+
+
+def run_window(
+    trace: Trace,
+    window: Window,
+    policy_name: str,
+    config: SimConfig,
+    *,
+    keep_timeline: bool = False,
+) -> WindowResult:
+    """Play one policy (or the optimum) over one window."""
+    order = list(window.order)
+    capacity = trace.capacity[order, window.offset : window.offset + config.ticks]
+    prices = _prices(trace, window, config)
+    cold = config.cold_start_ticks
+    started = time.perf_counter()
+    if policy_name == OPTIMAL:
+        result = solve_optimum(
+            capacity,
+            target=config.target,
+            cold_start_ticks=cold,
+            ondemand_cost_ratio=config.ondemand_cost_ratio,
+        )
+        timeline = result.timeline
+        od_zone = np.zeros_like(result.spot_plan)
+        if prices is not None:
+            od_zone[int(np.argmin(prices[1]))] = result.ondemand_plan
+        timeline = Timeline(
+            timeline.ready, timeline.spot, timeline.ondemand, result.spot_plan, od_zone, 0, 0
+        )
+    else:
+        if prices is None:
+            candidates = [Candidate(trace.zones[z], 1.0, config.ondemand_cost_ratio) for z in order]
+        else:
+            candidates = [
+                Candidate(trace.zones[z], float(np.mean(prices[0][i])), float(prices[1][i]))
+                for i, z in enumerate(order)
+            ]
+        seed = config.seed * 1_000_003 + window.index
+        policy = make_policy(policy_name, config.policy_config(), seed=seed)
+        world = World(
+            candidates,
+            capacity,
+            target=config.target,
+            cold_start_ticks=cold,
+            record_zones=keep_timeline or prices is not None,
+        )
+        timeline = world.run(policy)
+    seconds = time.perf_counter() - started
+    scored = score(timeline, target=config.target, start=cold, ondemand_cost_ratio=config.ondemand_cost_ratio)
+    spot_ticks = float(timeline.spot[cold:].sum())
+    od_ticks = float(timeline.ondemand[cold:].sum())
+    result_ = WindowResult(
+        policy=policy_name,
+        window=window,
+        availability=scored.availability,
+        relative_cost=scored.relative_cost,
+        cost=scored.cost,
+        spot_share=spot_ticks / (spot_ticks + od_ticks) if spot_ticks + od_ticks else 0.0,
+        preemptions=timeline.preemptions,
+        launch_failures=timeline.launch_failures,
+        seconds=seconds,
+        timeline=timeline if keep_timeline else None,
+    )
+    if prices is not None and timeline.spot_by_zone is not None and timeline.ondemand_by_zone is not None:
+        hours = TICK_SECONDS / 3600
+        spot_dollars = float((timeline.spot_by_zone[:, cold:] * prices[0][:, cold:]).sum()) * hours
+        od_dollars = float((timeline.ondemand_by_zone[:, cold:].sum(axis=1) * prices[1]).sum()) * hours
+        result_.dollars = spot_dollars + od_dollars
+        result_.ondemand_dollars = config.target * float(prices[1].min()) * (config.ticks - cold) * hours
+    if config.latency:
+        result_.latency = _latency(timeline, window, config)
+    return result_
+
+
+def _latency(timeline: Timeline, window: Window, config: SimConfig) -> latency_model.LatencyStats:
+    cold = config.cold_start_ticks
+    ready = timeline.ready[cold:]
+    duration = len(ready) * TICK_SECONDS
+    rng = np.random.default_rng([config.seed, window.index])
+    if config.arrivals is None:
+        arrivals = latency_model.poisson_arrivals(rng, duration, config.request_rate)
+    else:
+        arrivals = latency_model.replay_arrivals(config.arrivals, duration)
+    service = rng.exponential(latency_model.SERVICE_SECONDS, len(arrivals))
+    return latency_model.simulate_requests(ready, arrivals, service)
+
+
+def simulate(
+    traces: Sequence[Trace],
+    policies: Sequence[str],
+    config: SimConfig,
+    *,
+    progress: Callable[[str, str, int], None] | None = None,
+    keep_timelines_of: int | None = 0,
+) -> list[Summary]:
+    """Every policy over every trace's windows. `progress(trace, policy, window)` after each run.
+
+    `keep_timelines_of`: index of the window whose timelines are kept (for the plot); None keeps
+    none.
+    """
+    check_policies(policies)
+    summaries: list[Summary] = []
+    for trace in traces:
+        windows = make_windows(trace, config)
+        for name in policies:
+            summary = Summary(trace.name, name)
+            for window in windows:
+                keep = keep_timelines_of is not None and window.index == keep_timelines_of
+                summary.windows.append(run_window(trace, window, name, config, keep_timeline=keep))
+                if progress is not None:
+                    progress(trace.name, name, window.index)
+            summaries.append(summary)
+    return summaries

@@ -1,0 +1,247 @@
+"""Spot-capacity traces: loading, validation and resampling to the simulator's 30 s ticks.
+
+Two input formats (docs/simulate.md has the user-facing description):
+
+1. A directory with one JSON file per zone (the format of the public traces, see
+   `../shared/traces/README.md`): ``{"metadata": {"gap_seconds": G}, "data": [v0, v1, ...],
+   "prices": [...]?}``. The file name starts with the zone (``us-east-2a_v100_1.json``).
+   ``data[i]`` is the spot capacity of that zone during ``[i*G, (i+1)*G)``; optional ``prices``
+   are spot $/h per entry.
+2. A CSV file (or a directory holding exactly one): a header ``seconds,<zone>,<zone>,...`` and one
+   row per sample: the sample's start in seconds (evenly spaced, first row 0 or any start) and
+   each zone's capacity. A zone may be written ``cloud/region/zone`` to name it fully.
+
+Resampling: tick t (30 s) takes ``data[floor(t*30/G)]``; zones of one trace start at the same
+instant and the shortest decides the length. A trace whose values are all 0/1 is an availability
+trace ("could a spot instance be obtained?"): 1 then means "as many as asked" (`UNLIMITED`).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from skyhedge.errors import TraceError
+from skyhedge.policy.types import Location
+
+__all__ = ["TICK_SECONDS", "UNLIMITED", "Trace", "load_trace", "location_for_zone", "resample"]
+
+TICK_SECONDS = 30
+#: Capacity standing for "as many as asked" (a 1 in an availability trace).
+UNLIMITED = 1_000_000
+
+_AWS_ZONE = re.compile(r"^([a-z]{2}(?:-gov)?-[a-z]+-\d+)[a-z]$")
+_GCP_ZONE = re.compile(r"^([a-z]+-[a-z]+\d+)-[a-z]$")
+_AZURE_ZONE = re.compile(r"^([a-z]+[a-z0-9]*)-(\d)$")
+
+
+@dataclass(frozen=True)
+class Trace:
+    """Per-zone spot capacity on the simulator's tick grid.
+
+    `capacity[z, t]` is zone z's capacity at tick t (`UNLIMITED` for a 1 of an availability
+    trace); `spot_prices[z, t]` is the trace's own spot $/h or NaN where it has none.
+    """
+
+    name: str
+    source: str
+    zones: tuple[Location, ...]
+    capacity: np.ndarray
+    gap_seconds: tuple[float, ...]
+    availability_only: bool
+    spot_prices: np.ndarray | None = None
+
+    @property
+    def ticks(self) -> int:
+        return int(self.capacity.shape[1])
+
+    @property
+    def hours(self) -> float:
+        return self.ticks * TICK_SECONDS / 3600
+
+
+def location_for_zone(zone: str) -> Location:
+    """A `Location` for a zone name: `cloud/region/zone` as written, else inferred from its shape."""
+    if zone.count("/") == 2:
+        try:
+            return Location.parse(zone)
+        except ValueError:
+            pass
+    if match := _AWS_ZONE.match(zone):
+        return Location("aws", match.group(1), zone)
+    if match := _GCP_ZONE.match(zone):
+        return Location("gcp", match.group(1), zone)
+    if match := _AZURE_ZONE.match(zone):
+        return Location("azure", match.group(1), zone)
+    return Location("trace", zone, zone)
+
+
+def resample(values: Sequence[float] | np.ndarray, gap_seconds: float, ticks: int | None = None) -> np.ndarray:
+    """Values on the 30 s grid: tick t takes ``values[floor(t*30/gap)]``."""
+    values = np.asarray(values)
+    if ticks is None:
+        ticks = int(math.floor(len(values) * gap_seconds / TICK_SECONDS + 1e-9))
+    index = np.floor(np.arange(ticks) * TICK_SECONDS / gap_seconds + 1e-9).astype(np.int64)
+    return values[np.minimum(index, len(values) - 1)]
+
+
+def load_trace(path: str | Path, *, binary_is_unlimited: bool | None = None) -> Trace:
+    """Load a trace directory (JSON per zone, or one CSV) or a CSV file; raise `TraceError`.
+
+    `binary_is_unlimited`: None follows the README rule (all values 0/1 -> unlimited); True/False
+    force it.
+    """
+    path = Path(path)
+    if path.is_dir():
+        jsons = sorted(p for p in path.iterdir() if p.suffix == ".json" and p.is_file())
+        csvs = sorted(p for p in path.iterdir() if p.suffix == ".csv" and p.is_file())
+        if jsons:
+            zones, series, gaps, prices = _read_json_dir(jsons)
+        elif len(csvs) == 1:
+            zones, series, gaps, prices = _read_csv(csvs[0])
+        elif csvs:
+            raise TraceError(f"{path}: holds {len(csvs)} CSV files; point --trace at one of them")
+        else:
+            raise TraceError(f"{path}: no *.json zone traces or *.csv trace in this directory")
+    elif path.is_file() and path.suffix == ".csv":
+        zones, series, gaps, prices = _read_csv(path)
+    elif path.exists():
+        raise TraceError(f"{path}: expected a trace directory or a .csv file")
+    else:
+        raise TraceError(f"{path}: no such trace directory or file")
+    return _build(path, zones, series, gaps, prices, binary_is_unlimited)
+
+
+def _build(
+    path: Path,
+    zones: list[Location],
+    series: list[np.ndarray],
+    gaps: list[float],
+    prices: list[np.ndarray | None],
+    binary_is_unlimited: bool | None,
+) -> Trace:
+    seen: dict[Location, int] = {}
+    for i, zone in enumerate(zones):
+        if zone in seen:
+            raise TraceError(f"{path}: zone {zone.zone} appears twice; keep one instance type per trace")
+        seen[zone] = i
+    ticks = min(int(math.floor(len(s) * g / TICK_SECONDS + 1e-9)) for s, g in zip(series, gaps))
+    if ticks <= 0:
+        raise TraceError(f"{path}: the shortest zone trace is shorter than one 30 s tick")
+    capacity = np.stack([resample(s, g, ticks) for s, g in zip(series, gaps)]).astype(np.int64)
+    binary = bool(np.all(capacity <= 1))
+    availability_only = binary if binary_is_unlimited is None else binary_is_unlimited and binary
+    if availability_only:
+        capacity = np.where(capacity > 0, UNLIMITED, 0).astype(np.int64)
+    spot_prices = None
+    if any(p is not None for p in prices):
+        spot_prices = np.full(capacity.shape, np.nan)
+        for z, (p, g) in enumerate(zip(prices, gaps)):
+            if p is not None:
+                spot_prices[z] = resample(p, g, ticks)
+    name = path.stem if path.is_file() else path.name
+    return Trace(
+        name=name,
+        source=str(path),
+        zones=tuple(zones),
+        capacity=capacity,
+        gap_seconds=tuple(gaps),
+        availability_only=availability_only,
+        spot_prices=spot_prices,
+    )
+
+
+def _read_json_dir(
+    files: list[Path],
+) -> tuple[list[Location], list[np.ndarray], list[float], list[np.ndarray | None]]:
+    zones, series, gaps, prices = [], [], [], []
+    for file in files:
+        try:
+            doc = json.loads(file.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise TraceError(f"{file}: not a readable JSON trace ({exc})") from exc
+        if not isinstance(doc, dict):
+            raise TraceError(f"{file}: expected an object with 'metadata' and 'data'")
+        gap = _gap(file, doc.get("metadata"))
+        data = _numbers(file, "data", doc.get("data"), integral=True)
+        price = doc.get("prices")
+        price_arr = None
+        if price is not None:
+            price_arr = _numbers(file, "prices", price, integral=False)
+            if len(price_arr) != len(data):
+                raise TraceError(f"{file}: prices: expected {len(data)} entries like data, got {len(price_arr)}")
+        zone = file.stem.split("_", 1)[0]
+        zones.append(location_for_zone(zone))
+        series.append(data)
+        gaps.append(gap)
+        prices.append(price_arr)
+    return zones, series, gaps, prices
+
+
+def _gap(file: Path, metadata: object) -> float:
+    gap = metadata.get("gap_seconds") if isinstance(metadata, dict) else None
+    if isinstance(gap, bool) or not isinstance(gap, (int, float)) or not gap > 0 or not math.isfinite(gap):
+        raise TraceError(f"{file}: metadata.gap_seconds: expected a positive number, got {gap!r}")
+    return float(gap)
+
+
+def _numbers(file: Path, field: str, values: object, *, integral: bool) -> np.ndarray:
+    if not isinstance(values, list) or not values:
+        raise TraceError(f"{file}: {field}: expected a non-empty list of numbers")
+    for i, value in enumerate(values):
+        bad = isinstance(value, bool) or not isinstance(value, (int, float))
+        if not bad:
+            bad = not math.isfinite(value) or value < 0 or (integral and value != int(value))
+        if bad:
+            kind = "a non-negative integer" if integral else "a non-negative number"
+            raise TraceError(f"{file}: {field}[{i}]: expected {kind}, got {value!r}")
+    return np.asarray(values, dtype=np.int64 if integral else float)
+
+
+def _read_csv(file: Path) -> tuple[list[Location], list[np.ndarray], list[float], list[np.ndarray | None]]:
+    try:
+        with file.open(newline="") as handle:
+            rows = [row for row in csv.reader(handle) if row and any(cell.strip() for cell in row)]
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise TraceError(f"{file}: not a readable CSV trace ({exc})") from exc
+    if len(rows) < 2:
+        raise TraceError(f"{file}: expected a header 'seconds,<zone>,...' and at least one row")
+    header = [cell.strip() for cell in rows[0]]
+    if len(header) < 2 or header[0].lower() not in {"seconds", "time", "t"}:
+        raise TraceError(f"{file}: line 1: expected a header 'seconds,<zone>,<zone>,...', got {rows[0]!r}")
+    times: list[float] = []
+    columns: list[list[int]] = [[] for _ in header[1:]]
+    for line, row in enumerate(rows[1:], start=2):
+        if len(row) != len(header):
+            raise TraceError(f"{file}: line {line}: expected {len(header)} cells, got {len(row)}")
+        try:
+            times.append(float(row[0]))
+        except ValueError as exc:
+            raise TraceError(f"{file}: line {line}: seconds: expected a number, got {row[0]!r}") from exc
+        for z, cell in enumerate(row[1:]):
+            try:
+                value = float(cell)
+            except ValueError:
+                value = -1.0
+            if value < 0 or value != int(value):
+                raise TraceError(
+                    f"{file}: line {line}: {header[z + 1]}: expected a non-negative integer, got {cell!r}"
+                )
+            columns[z].append(int(value))
+    if len(times) >= 2:
+        steps = np.diff(np.asarray(times))
+        gap = float(steps[0])
+        if gap <= 0 or not np.allclose(steps, gap, rtol=1e-6, atol=1e-6):
+            raise TraceError(f"{file}: seconds: rows must be evenly spaced and increasing")
+    else:
+        gap = float(TICK_SECONDS)
+    zones = [location_for_zone(name) for name in header[1:]]
+    series = [np.asarray(column, dtype=np.int64) for column in columns]
+    return zones, series, [gap] * len(zones), [None] * len(zones)

@@ -1,0 +1,181 @@
+"""Helpers for the routing, probe and local-echo tests: real replica processes, a real nginx, and
+teardown that leaves no process behind even when a test fails half-way."""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from skyhedge.routing import Router, Upstream
+from skyhedge.routing import nginx as nginx_proc
+from skyhedge.spec import ServiceSpec, parse_spec
+
+REPO = Path(__file__).resolve().parents[1]
+ECHO = REPO / "examples" / "local-echo" / "server.py"
+
+
+def have_nginx() -> bool:
+    return bool(shutil.which("nginx") or os.access("/usr/sbin/nginx", os.X_OK))
+
+
+needs_nginx = pytest.mark.skipif(not have_nginx(), reason="nginx is not installed (.ci/run installs it)")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def make_spec(port: int, *, lb: str = "least_load", name: str = "echo") -> ServiceSpec:
+    return parse_spec(
+        {
+            "name": name,
+            "placement": {"clouds": ["local"]},
+            "run": {"command": "python3 examples/local-echo/server.py"},
+            "service": {"host": "127.0.0.1", "port": port, "load_balancing_policy": lb},
+            "readiness_probe": {"path": "/health", "timeout_seconds": 2},
+        }
+    )
+
+
+@dataclass
+class Response:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+    @property
+    def replica(self) -> str | None:
+        return self.headers.get("x-replica-id")
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+def request(
+    url_base: str,
+    method: str,
+    path: str,
+    body: dict[str, Any] | None = None,
+    *,
+    timeout: float = 10.0,
+    conn: http.client.HTTPConnection | None = None,
+) -> Response:
+    """One request; a fresh connection (closed after) unless `conn` is given."""
+    own = conn is None
+    if conn is None:
+        host, port = url_base.removeprefix("http://").rsplit(":", 1)
+        conn = http.client.HTTPConnection(host, int(port), timeout=timeout)
+    try:
+        data = json.dumps(body).encode() if body is not None else None
+        headers = {"Content-Type": "application/json"} if data is not None else {}
+        conn.request(method, path, body=data, headers=headers)
+        resp = conn.getresponse()
+        payload = resp.read()
+        return Response(resp.status, {k.lower(): v for k, v in resp.getheaders()}, payload)
+    finally:
+        if own:
+            conn.close()
+
+
+def complete(url_base: str, *, max_tokens: int = 4, **kw: Any) -> Response:
+    return request(url_base, "POST", "/v1/completions", {"prompt": "The keeper", "max_tokens": max_tokens}, **kw)
+
+
+@dataclass
+class Replica:
+    id: str
+    port: int
+    proc: subprocess.Popen[bytes]
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def upstream(self) -> Upstream:
+        return Upstream(self.id, self.endpoint)
+
+
+@dataclass
+class Fleet:
+    """Real local-echo processes; `close()` kills whatever is left (call it from a finalizer)."""
+
+    log_dir: Path
+    replicas: dict[str, Replica] = field(default_factory=dict)
+
+    def start(self, count: int, *, env: dict[str, str] | None = None, first: int = 1) -> list[Replica]:
+        started = []
+        for n in range(first, first + count):
+            rid = f"r-{n:04d}"
+            port = free_port()
+            full_env = {**os.environ, "PORT": str(port), "SKYHEDGE_REPLICA_ID": rid, **(env or {})}
+            log = open(self.log_dir / f"{rid}.log", "wb")  # noqa: SIM115 (the child owns it)
+            with log:
+                proc = subprocess.Popen(
+                    [sys.executable, str(ECHO)],
+                    env=full_env,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            self.replicas[rid] = Replica(rid, port, proc)
+            started.append(self.replicas[rid])
+        for r in started:
+            wait_healthy(r.endpoint, proc=r.proc)
+        return started
+
+    def upstreams(self) -> list[Upstream]:
+        return [r.upstream for r in self.replicas.values() if r.proc.poll() is None]
+
+    def kill(self, rid: str, sig: int = signal.SIGKILL, *, wait: float = 10.0) -> int:
+        proc = self.replicas[rid].proc
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(sig)
+        return proc.wait(timeout=wait)
+
+    def close(self) -> None:
+        for r in self.replicas.values():
+            if r.proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    r.proc.kill()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                r.proc.wait(timeout=5)
+
+
+def wait_healthy(endpoint: str, *, proc: subprocess.Popen[bytes] | None = None, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"{endpoint}: process exited with {proc.returncode}")
+        with contextlib.suppress(OSError, http.client.HTTPException):
+            if request(endpoint, "GET", "/health", timeout=1.0).status == 200:
+                return
+        time.sleep(0.02)
+    raise AssertionError(f"{endpoint} did not become healthy within {timeout}s")
+
+
+def teardown_router(router: Router) -> None:
+    """Stop nginx however it is (graceful, then by force), and check nothing is left listening."""
+    pid = nginx_proc.read_pid(router.paths.pid)
+    workers = set(nginx_proc.workers(pid)) if pid else set()
+    with contextlib.suppress(Exception):
+        router.down(timeout=3.0)
+    for p in [*(workers or ()), *([pid] if pid else [])]:
+        if nginx_proc.alive(p) and "nginx" in nginx_proc.cmdline(p):
+            nginx_proc.signal_pid(p, signal.SIGKILL)

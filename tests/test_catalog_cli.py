@@ -1,0 +1,253 @@
+"""`skyhedge catalog show|refresh` through click's CliRunner with a temporary SKYHEDGE_CATALOG_DIR."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import botocore.session
+import pytest
+from botocore.stub import ANY, Stubber
+from click.testing import CliRunner
+
+import skyhedge.catalog.aws as aws_reader
+import skyhedge.catalog.gcp as gcp_reader
+from skyhedge.catalog import bundled_path, clear_cache
+from skyhedge.cli import main
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+HISTORY = SHARED / "prices" / "aws-spot-history-2020"
+
+
+@pytest.fixture
+def cache_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("SKYHEDGE_CATALOG_DIR", str(cache))
+    clear_cache()
+    yield cache
+    clear_cache()
+
+
+def run(*args: str) -> tuple[int, str, str]:
+    result = CliRunner().invoke(main, list(args), catch_exceptions=False)
+    return result.exit_code, result.stdout, result.stderr
+
+
+def test_show_table_lists_zones(cache_dir: Path) -> None:
+    code, out, _ = run("catalog", "show", "--cloud", "local")
+    assert code == 0
+    for letter in "abcdef":
+        assert f"local-{letter}" in out
+    assert "6 offers, 6 zones" in out
+
+
+def test_show_json_filters(cache_dir: Path) -> None:
+    code, out, _ = run("catalog", "show", "--cloud", "aws", "--instance-type", "g5.xlarge", "--json")
+    assert code == 0
+    data = json.loads(out)
+    assert data["cloud"] == "aws" and data["source"] and data["taken_at"]
+    assert set(data["instance_types"]) == {"g5.xlarge"}
+    assert data["offers"] and all(o["instance_type"] == "g5.xlarge" for o in data["offers"])
+    assert data["path"] == str(bundled_path("aws"))
+    code, out, _ = run("catalog", "show", "--cloud", "aws", "--region", "eu-west-1", "--json")
+    assert {o["region"] for o in json.loads(out)["offers"]} == {"eu-west-1"}
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--cloud", "azure"], "error: unknown cloud 'azure': expected one of aws, gcp, local"),
+        (
+            ["--cloud", "aws", "--instance-type", "g5.xlarg"],
+            "unknown instance type 'g5.xlarg' for cloud 'aws'",
+        ),
+        (["--cloud", "gcp", "--region", "us-central2"], "unknown region 'us-central2' for cloud 'gcp'"),
+    ],
+)
+def test_show_bad_input_is_one_line(cache_dir: Path, args: list[str], message: str) -> None:
+    code, out, err = run("catalog", "show", *args)
+    assert code == 1
+    assert message in err
+    assert len(err.strip().splitlines()) == 1
+    assert out == ""
+
+
+def test_user_cache_is_shown(cache_dir: Path) -> None:
+    cache_dir.mkdir()
+    data = json.loads(bundled_path("local").read_text())
+    for offer in data["offers"]:
+        offer["ondemand_price"] = 0.5
+    (cache_dir / "local.json").write_text(json.dumps(data))
+    code, out, _ = run("catalog", "show", "--cloud", "local", "--json")
+    assert code == 0
+    shown = json.loads(out)
+    assert shown["path"] == str(cache_dir / "local.json")
+    assert {o["ondemand_price"] for o in shown["offers"]} == {0.5}
+
+
+def test_bad_user_cache_is_one_line(cache_dir: Path) -> None:
+    cache_dir.mkdir()
+    (cache_dir / "gcp.json").write_text("{}")
+    code, _, err = run("catalog", "show", "--cloud", "gcp")
+    assert code == 1
+    assert err.startswith(f"error: {cache_dir / 'gcp.json'}: format: missing")
+
+
+def test_refresh_local_is_refused(cache_dir: Path) -> None:
+    code, _, err = run("catalog", "refresh", "--cloud", "local")
+    assert code == 1
+    assert "the local cloud has no price API" in err
+    assert not cache_dir.exists()
+
+
+# --- refresh aws ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def stubbed_ec2(monkeypatch: pytest.MonkeyPatch) -> Iterator[Stubber]:
+    if not HISTORY.is_dir():
+        pytest.skip("../shared/prices is not available")
+    client = botocore.session.get_session().create_client(
+        "ec2", region_name="us-east-1", aws_access_key_id="testing", aws_secret_access_key="testing"
+    )
+    stubber = Stubber(client)
+    stubber.activate()
+    monkeypatch.setattr(aws_reader, "_boto3_client_factory", lambda: lambda region: client)
+    yield stubber
+    stubber.deactivate()
+    client.close()
+
+
+def _stub_us_east_1(stubber: Stubber, response_file: str) -> None:
+    zones = {
+        "us-east-1b": "use1-az1",
+        "us-east-1c": "use1-az2",
+        "us-east-1d": "use1-az4",
+        "us-east-1f": "use1-az5",
+    }
+    stubber.add_response(
+        "describe_availability_zones",
+        {"AvailabilityZones": [{"ZoneName": n, "ZoneId": z} for n, z in zones.items()]},
+        {"AllAvailabilityZones": True},
+    )
+    stubber.add_response(
+        "describe_spot_price_history",
+        json.loads((HISTORY / response_file).read_text()),
+        {"InstanceTypes": ["p3.2xlarge"], "ProductDescriptions": ["Linux/UNIX"], "StartTime": ANY},
+    )
+
+
+def test_refresh_aws_writes_user_cache(cache_dir: Path, stubbed_ec2: Stubber) -> None:
+    _stub_us_east_1(stubbed_ec2, "us-east-1/2020-02-27.p3.2xlarge.json")
+    code, out, err = run(
+        "catalog", "refresh", "--cloud", "aws", "--regions", "us-east-1", "--instance-types", "p3.2xlarge"
+    )
+    assert code == 0, err
+    assert "updated 4 offers in 1 regions" in out
+    written = cache_dir / "aws.json"
+    data = json.loads(written.read_text())
+    assert data["sources"][-1]["refresh"] == aws_reader.SOURCE
+    assert data["sources"][-1]["regions"] == ["us-east-1"]
+    refreshed = [o for o in data["offers"] if o.get("spot_source") == aws_reader.SOURCE]
+    assert len(refreshed) == 4
+    assert all(o["spot_taken_at"].startswith("2020-02-2") for o in refreshed)
+    assert [p.name for p in cache_dir.iterdir()] == ["aws.json"]  # atomic write left no temp file
+    code, out, _ = run("catalog", "show", "--cloud", "aws", "--instance-type", "p3.2xlarge", "--json")
+    assert json.loads(out)["path"] == str(written)
+
+
+def test_refresh_aws_unknown_region(cache_dir: Path, stubbed_ec2: Stubber) -> None:
+    code, _, err = run("catalog", "refresh", "--cloud", "aws", "--regions", "us-east-1,mars-1")
+    assert code == 1
+    assert "unknown region 'mars-1'" in err
+    assert not (cache_dir / "aws.json").exists()
+
+
+def test_refresh_aws_cloud_error_writes_nothing(cache_dir: Path, stubbed_ec2: Stubber) -> None:
+    stubbed_ec2.add_client_error("describe_availability_zones", "AuthFailure", "AWS was not able to validate")
+    code, _, err = run("catalog", "refresh", "--cloud", "aws", "--regions", "us-east-1")
+    assert code == 1
+    assert err.startswith("error: AWS DescribeAvailabilityZones failed")
+    assert not (cache_dir / "aws.json").exists()
+
+
+# --- refresh gcp ------------------------------------------------------------------------------
+
+
+def test_refresh_gcp_against_local_server(cache_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from google.auth.credentials import AnonymousCredentials
+    from google.auth.transport.requests import AuthorizedSession
+
+    def sku(description: str, usage: str, price_nanos: int, unit: str) -> dict:
+        return {
+            "description": description,
+            "category": {"usageType": usage},
+            "serviceRegions": ["us-east1"],
+            "pricingInfo": [
+                {
+                    "pricingExpression": {
+                        "usageUnit": unit,
+                        "tieredRates": [{"unitPrice": {"nanos": price_nanos}}],
+                    }
+                }
+            ],
+        }
+
+    pages = {  # test values, two pages
+        "": {
+            "skus": [
+                sku("G2 Instance Core running in Americas", "OnDemand", 20_000_000, "h"),
+                sku("G2 Instance Ram running in Americas", "OnDemand", 2_000_000, "GiBy.h"),
+            ],
+            "nextPageToken": "next",
+        },
+        "next": {"skus": [sku("Nvidia L4 GPU running in Americas", "OnDemand", 500_000_000, "h")]},
+    }
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802
+            token = self.path.partition("pageToken=")[2].split("&")[0]
+            body = json.dumps(pages[token]).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    session = AuthorizedSession(AnonymousCredentials())
+    try:
+        monkeypatch.setenv("SKYHEDGE_GCP_BILLING_ENDPOINT", f"http://127.0.0.1:{server.server_address[1]}")
+        monkeypatch.setattr(gcp_reader, "default_session", lambda: session)
+        code, out, err = run(
+            "catalog",
+            "refresh",
+            "--cloud",
+            "gcp",
+            "--regions",
+            "us-east1",
+            "--instance-types",
+            "g2-standard-8",
+        )
+    finally:
+        session.close()
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+    assert code == 0, err
+    assert "updated 3 offers in 1 regions" in out
+    data = json.loads((cache_dir / "gcp.json").read_text())
+    g2 = [o for o in data["offers"] if o["instance_type"] == "g2-standard-8" and o["region"] == "us-east1"]
+    assert len(g2) == 3
+    for offer in g2:
+        assert offer["ondemand_price"] == pytest.approx(8 * 0.02 + 32 * 0.002 + 0.5)
+        assert offer["ondemand_source"] == gcp_reader.SOURCE
+        assert "spot_source" not in offer  # no Preemptible SKUs served: spot kept from the bundle

@@ -1,0 +1,267 @@
+"""The reconcile tick against fakes: preemption -> replacement elsewhere, drain before destroy,
+launch failures -> zone marked preempted with backoff, restart after a crash mid-apply."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from controller_fakes import Clock, FakeExecutor, FakeProber, FakeRouter, FakeSource
+
+from skyhedge.controller.loop import Controller, ControllerOptions
+from skyhedge.events import PreemptionEvent, Signal
+from skyhedge.policy.types import TRANSITIONS, Location, ReplicaStatus
+from skyhedge.spec import load_spec
+from skyhedge.state import load_state
+
+SPEC = """
+name: svc
+placement:
+  clouds: [local]
+  zones: [local-a, local-b, local-c]
+replica_policy:
+  min_replicas: 2
+  max_replicas: 4
+  target_qps_per_replica: 10
+  num_overprovision: 1
+  upscale_delay_seconds: 5
+  downscale_delay_seconds: 10
+  policy: spothedge
+readiness_probe:
+  path: /health
+  initial_delay_seconds: 30
+run:
+  command: "true"
+"""
+
+
+@pytest.fixture
+def world(tmp_path: Path, write_spec):
+    spec = load_spec(write_spec(SPEC))
+    clock = Clock()
+    parts = {
+        "spec": spec,
+        "dir": tmp_path / "state",
+        "clock": clock,
+        "executor": FakeExecutor(),
+        "router": FakeRouter(),
+        "prober": FakeProber(),
+        "source": FakeSource(),
+    }
+    return parts
+
+
+def make(world, **opts) -> Controller:
+    return Controller(
+        world["spec"],
+        world["dir"],
+        executor=world["executor"],
+        router=world["router"],
+        prober=world["prober"],
+        sources=[world["source"]],
+        clock=world["clock"],
+        options=ControllerOptions(**opts),
+    )
+
+
+def zones(ctl: Controller) -> dict[str, str]:
+    return {r.id: r.zone for r in ctl.state.live()}
+
+
+def settle(ctl: Controller, clock: Clock, ticks: int = 3) -> None:
+    for _ in range(ticks):
+        ctl.tick()
+        clock.advance(1)
+
+
+def test_first_ticks_launch_spread_and_route(world):
+    ctl = make(world)
+    settle(ctl, world["clock"])
+    live = ctl.state.live()
+    assert len(live) == 3  # 2 + 1 overprovision
+    assert len({r.zone for r in live}) == 3
+    assert all(r.fact().status is ReplicaStatus.READY for r in live)
+    assert sorted(world["router"].current) == sorted(r.id for r in live)
+    assert world["executor"].ids() == {r.id for r in live}
+
+
+def test_preemption_is_replaced_in_another_zone_and_routing_follows(world):
+    ctl, clock, src = make(world), world["clock"], world["source"]
+    settle(ctl, clock)
+    victim = next(r for r in ctl.state.live() if r.zone == "local-a")
+    src.queue.append(PreemptionEvent(Signal.GONE, clock(), "fake", replica_id=victim.id, reason="preempted"))
+    ctl.tick()
+    assert victim.id not in zones(ctl)
+    assert victim.id not in world["router"].current
+    new = [r for r in ctl.state.live() if r.launched_at == clock()]
+    spot = [r for r in new if r.market == "spot"]
+    assert len(spot) == 1 and spot[0].zone != "local-a"
+    # SpotHedge's dynamic fallback covers the missing READY spot replica with an on-demand one
+    assert [r.market for r in new if r not in spot] in ([], ["on-demand"])
+    assert victim.id not in world["executor"].ids()
+    clock.advance(1)
+    ctl.tick()
+    assert spot[0].id in world["router"].current
+    settle(ctl, clock)
+    assert sorted(r.market for r in ctl.state.live()) == ["spot"] * 3  # fallback gone again
+    assert load_state(world["dir"], "svc").replicas[victim.id].reason == "preempted"
+    assert src.acked >= 2
+
+
+def test_interruption_warning_replaces_first_and_keeps_serving(world):
+    ctl, clock, src = make(world), world["clock"], world["source"]
+    settle(ctl, clock)
+    victim = next(r for r in ctl.state.live() if r.zone == "local-b")
+    src.queue.append(PreemptionEvent(Signal.WARNING, clock(), "fake", cloud_id=f"id-{victim.id}"))
+    ctl.tick()
+    assert victim.fact().status is ReplicaStatus.SHUTTING_DOWN
+    assert victim.id in world["router"].current  # still serving during its 2 minutes
+    assert victim.id in world["executor"].ids()  # not destroyed by us
+    new_spot = [r for r in ctl.state.live() if r.launched_at == clock() and r.market == "spot"]
+    assert len(new_spot) == 1 and new_spot[0].zone != "local-b"  # the replacement is already launching
+    clock.advance(1)
+    ctl.tick()
+    src.queue.append(PreemptionEvent(Signal.GONE, clock(), "fake", cloud_id=f"id-{victim.id}", reason=""))
+    ctl.tick()
+    assert victim.gone_at is not None and victim.reason == "terminated"
+    assert victim.id not in world["router"].current
+    settle(ctl, clock)
+    assert sorted(r.market for r in ctl.state.live()) == ["spot"] * 3
+
+
+def test_scale_down_drains_before_destroy(world):
+    ctl, clock, router = make(world), world["clock"], world["router"]
+    ctl.state.target = 3
+    settle(ctl, clock)
+    assert len(ctl.state.live()) == 4
+    ctl.state.target = 2
+    ctl.state.extra["autoscaler"] = {"target": 2}
+    order: list[str] = []
+    real_apply = world["executor"].apply
+    world["executor"].apply = lambda *a: (order.append("apply"), real_apply(*a))[1]
+    real_drain = router.drain
+    router.drain = lambda ups: (order.append(f"drain:{len(ups)}"), real_drain(ups))[1]
+    ctl.tick()
+    assert order[:2] == ["drain:3", "apply"]
+    assert len(ctl.state.live()) == 3
+
+
+def test_launch_refused_marks_zone_and_backs_off(world):
+    ex = world["executor"]
+    ex.refuse_zones = {"local-a"}
+    ctl, clock = make(world), world["clock"]
+    delay = ctl.tick()
+    assert delay >= 2.0  # backoff after a failed apply
+    failed = [r for r in ctl.state.replicas.values() if r.reason == "failed"]
+    assert [(r.zone, r.market) for r in failed] == [("local-a", "spot")]
+    assert failed[0].fact().status is ReplicaStatus.FAILED
+    clock.advance(delay)
+    ctl.tick()
+    settle(ctl, clock)
+    live = ctl.state.live()
+    assert len(live) == 3 and all(r.zone != "local-a" and r.market == "spot" for r in live)
+    assert ctl.state.policy_memory["memory"]["preempted"] == [Location("local", "local", "local-a").key]
+
+
+def test_crash_mid_apply_then_restart_converges_without_duplicates(world):
+    ex = world["executor"]
+    ctl, clock = make(world), world["clock"]
+    ex.crash_next = True
+    with pytest.raises(KeyboardInterrupt):
+        ctl.tick()
+    saved = load_state(world["dir"], "svc")
+    intents = sorted(saved.replicas)
+    assert len(intents) >= 3 and saved.next_id == len(intents) + 1  # intent written before the apply
+    # restart: a new controller over the same state dir
+    ctl2 = make(world)
+    settle(ctl2, clock)
+    assert sorted(ctl2.state.replicas) == intents  # the intents were applied: no new ID, no duplicate
+    assert ex.ids() == {r.id for r in ctl2.state.live()}  # Terraform holds exactly the live ones
+    assert all(r.reason == "terminated" for r in ctl2.state.replicas.values() if r.gone_at)
+
+
+def test_repeated_tick_is_a_no_op(world):
+    ctl, clock, ex = make(world), world["clock"], world["executor"]
+    settle(ctl, clock)
+    calls = len(ex.calls)
+    reloads = len(world["router"].reloads)
+    settle(ctl, clock, 3)
+    assert len(ex.calls) == calls
+    assert len(world["router"].reloads) == reloads
+
+
+def test_restart_reapplies_every_root_once(world):
+    ctl, clock, ex = make(world), world["clock"], world["executor"]
+    settle(ctl, clock)
+    ids = {r.id for r in ctl.state.live()}
+    calls = len(ex.calls)
+    ctl2 = make(world)
+    ctl2.tick()
+    assert len(ex.calls) == calls + 1 and {r.id for r in ctl2.state.live()} == ids
+
+
+def test_not_ready_too_long_is_replaced(world):
+    ctl, clock, prober = make(world), world["clock"], world["prober"]
+    settle(ctl, clock)
+    sick = ctl.state.live()[0]
+    prober.down.add(sick.id)
+    ctl.tick()
+    assert sick.fact().status is ReplicaStatus.NOT_READY
+    assert sick.id not in world["router"].current
+    clock.advance(200)
+    ctl.tick()
+    assert sick.reason == "failed"
+    settle(ctl, clock)
+    assert len(ctl.state.live()) == 3
+
+
+def test_never_ready_fails_after_initial_delay(world):
+    ctl, clock, prober = make(world), world["clock"], world["prober"]
+    prober.down = {"r-0001"}
+    ctl.tick()
+    clock.advance(31)
+    ctl.tick()
+    assert ctl.state.replicas["r-0001"].reason == "failed"
+
+
+def test_autoscaler_raises_target_after_upscale_delay(world):
+    ctl, clock, router = make(world), world["clock"], world["router"]
+    settle(ctl, clock)
+    for _ in range(20):  # 35 req/s for 100 s: ceil(35/10) = 4 wanted over the 60 s window
+        router.count += 5 * 35
+        clock.advance(5)
+        ctl.tick()
+    assert ctl.state.target == 4
+    assert len(ctl.state.live()) == 5  # 4 + 1 overprovision
+    for _ in range(30):  # idle: back to min_replicas after the downscale delay
+        clock.advance(5)
+        ctl.tick()
+    assert ctl.state.target == 2
+    assert len(ctl.state.live()) == 3
+
+
+def test_status_changes_follow_the_transition_table(world):
+    ctl, clock, src, prober = make(world), world["clock"], world["source"], world["prober"]
+    seen: dict[str, list[ReplicaStatus]] = {}
+
+    def record(c: Controller) -> None:
+        for r in c.state.replicas.values():
+            st = r.fact().status
+            if not seen.get(r.id) or seen[r.id][-1] is not st:
+                seen.setdefault(r.id, []).append(st)
+
+    real_save = ctl.save
+    ctl.save = lambda: (record(ctl), real_save())[1]  # every persisted state, intents included
+    settle(ctl, clock)
+    a, b, c = sorted(ctl.state.live(), key=lambda r: r.id)
+    src.queue.append(PreemptionEvent(Signal.WARNING, clock(), "fake", replica_id=a.id))
+    prober.down.add(b.id)
+    settle(ctl, clock, 2)
+    src.queue.append(PreemptionEvent(Signal.GONE, clock(), "fake", replica_id=a.id))
+    src.queue.append(PreemptionEvent(Signal.GONE, clock(), "fake", replica_id=c.id, reason="preempted"))
+    settle(ctl, clock, 2)
+    clock.advance(300)
+    settle(ctl, clock, 3)
+    for rid, chain in seen.items():
+        for before, after in zip(chain, chain[1:], strict=False):
+            assert after in TRANSITIONS[before], f"{rid}: {before} -> {after} ({chain})"

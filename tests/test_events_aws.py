@@ -1,0 +1,218 @@
+"""AWS events: the EventBridge message parser, setup-events, and the watcher on moto.
+
+EventBridge `put_events` of an interruption warning is delivered by moto to the SQS queue that
+`setup_events` created; the controller reads it and replaces the replica in another zone. A
+terminated instance that no message announced is found by the describe_instances reconcile.
+Terraform is replaced by an executor that launches and terminates moto instances.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Collection, Sequence
+
+import boto3
+import pytest
+from controller_fakes import Clock, FakeProber, FakeRouter
+from moto import mock_aws
+
+from skyhedge.clouds.aws.events import (
+    DETAIL_REBALANCE,
+    DETAIL_STATE,
+    DETAIL_WARNING,
+    AwsEventSource,
+    parse_message,
+)
+from skyhedge.clouds.aws.setup import event_patterns, rule_names, setup_events
+from skyhedge.controller.loop import Controller, ControllerOptions
+from skyhedge.controller.ports import ApplyReport, Present, Root, root_key
+from skyhedge.events import Signal
+from skyhedge.planner import Plan
+from skyhedge.spec import load_spec
+from skyhedge.state import ReplicaRecord
+
+REGION = "us-east-1"
+SPEC = """
+name: llm
+resources:
+  instance_type: {aws: g5.xlarge}
+placement:
+  clouds: [aws]
+  regions: [us-east-1]
+replica_policy:
+  min_replicas: 2
+  num_overprovision: 1
+  dynamic_ondemand_fallback: false
+  policy: spothedge
+readiness_probe: {initial_delay_seconds: 600}
+run: {command: serve}
+aws: {events_queue: llm-events}
+"""
+
+
+def _event(detail_type: str, detail: dict, **extra) -> str:
+    return json.dumps({
+        "version": "0", "id": "1", "detail-type": detail_type, "source": "aws.ec2", "account": "1",
+        "time": "2024-05-01T12:00:00Z", "region": REGION, "detail": detail, **extra,
+    })
+
+
+def test_parse_interruption_warning_with_zone():
+    body = _event(DETAIL_WARNING, {"instance-id": "i-1", "instance-action": "terminate"},
+                  resources=["arn:aws:ec2:us-east-1a:instance/i-1"])
+    ev = parse_message(body, received_at=0)
+    assert ev is not None and ev.signal is Signal.WARNING and ev.cloud_id == "i-1"
+    assert ev.location is not None and ev.location.zone == "us-east-1a"
+    assert ev.at == pytest.approx(1714564800.0)
+
+
+def test_parse_rebalance_and_state_changes():
+    assert parse_message(_event(DETAIL_REBALANCE, {"instance-id": "i-2"}), received_at=0).signal is Signal.REBALANCE
+    gone = parse_message(_event(DETAIL_STATE, {"instance-id": "i-3", "state": "terminated"}), received_at=0)
+    assert gone.signal is Signal.GONE and gone.reason == ""
+    assert parse_message(_event(DETAIL_STATE, {"instance-id": "i-3", "state": "running"}), received_at=0) is None
+
+
+def test_parse_sns_wrapped():
+    inner = _event(DETAIL_WARNING, {"instance-id": "i-4"})
+    ev = parse_message(json.dumps({"Type": "Notification", "Message": inner}), received_at=0)
+    assert ev is not None and ev.cloud_id == "i-4"
+
+
+@pytest.mark.parametrize("body", ["not json", "[]", json.dumps({"detail": {}}), _event("Other", {"instance-id": "i"})])
+def test_unparseable_is_logged_and_dropped(body, caplog):
+    with caplog.at_level(logging.WARNING, logger="skyhedge.events"):
+        assert parse_message(body, received_at=5.0) is None
+    assert "ignoring unparseable input" in caplog.text
+
+
+@pytest.fixture
+def aws():
+    with mock_aws():
+        yield boto3.Session(region_name=REGION, aws_access_key_id="testing", aws_secret_access_key="testing")
+
+
+def test_setup_events_is_idempotent(aws):
+    first = setup_events("llm", [REGION], queue_name="llm-events", session=aws)
+    second = setup_events("llm", [REGION], queue_name="llm-events", session=aws)
+    assert first == second
+    events = aws.client("events", region_name=REGION)
+    for name, pattern in zip(rule_names("llm"), event_patterns(), strict=True):
+        rule = events.describe_rule(Name=name)
+        assert json.loads(rule["EventPattern"]) == pattern
+        targets = events.list_targets_by_rule(Rule=name)["Targets"]
+        assert [t["Arn"] for t in targets] == [first[0].queue_arn]
+    policy = aws.client("sqs", region_name=REGION).get_queue_attributes(
+        QueueUrl=first[0].queue_url, AttributeNames=["Policy"])["Attributes"]["Policy"]
+    assert sorted(json.loads(policy)["Statement"][0]["Condition"]["ArnEquals"]["aws:SourceArn"]) == sorted(
+        first[0].rule_arns)
+
+
+class MotoExecutor:
+    """Stands in for Terraform on AWS: launches/terminates moto instances tagged like the module does."""
+
+    def __init__(self, session) -> None:
+        self.ec2 = session.client("ec2", region_name=REGION)
+        self.instances: dict[str, str] = {}  # replica ID -> instance ID
+
+    def apply(self, plan: Plan, roots: Collection[Root], records: Sequence[ReplicaRecord]) -> ApplyReport:
+        wanted = {r.id: r for r in plan.desired}
+        for rid in [r for r in self.instances if r not in wanted]:
+            self.ec2.terminate_instances(InstanceIds=[self.instances.pop(rid)])
+        for rid, r in wanted.items():
+            if rid in self.instances:
+                continue
+            tags = [{"Key": "skyhedge:service", "Value": plan.service}, {"Key": "skyhedge:replica", "Value": rid}]
+            reply = self.ec2.run_instances(
+                ImageId="ami-12c6146b", MinCount=1, MaxCount=1, InstanceType="t3.micro",
+                TagSpecifications=[{"ResourceType": "instance", "Tags": tags}],
+                InstanceMarketOptions={"MarketType": "spot"} if r.market.value == "spot" else {},
+            )
+            self.instances[rid] = reply["Instances"][0]["InstanceId"]
+        present = {rid: Present(rid, endpoint=f"http://10.0.0.{i}:8000", cloud_id=iid)
+                   for i, (rid, iid) in enumerate(sorted(self.instances.items()), start=1)}
+        return ApplyReport(present=present, applied=frozenset(root_key(r) for r in roots))
+
+
+def _controller(aws, tmp_path, write_spec, **source_opts):
+    setup_events("llm", [REGION], queue_name="llm-events", session=aws)
+    spec = load_spec(write_spec(SPEC))
+    source = AwsEventSource("llm", [REGION], queue_name="llm-events", session=aws, **source_opts)
+    clock = Clock(time.time())
+    ctl = Controller(spec, tmp_path / "state", executor=MotoExecutor(aws), router=FakeRouter(),
+                     prober=FakeProber(), sources=[source], clock=clock, options=ControllerOptions())
+    for _ in range(2):
+        ctl.tick()
+        clock.advance(1)
+    assert len(ctl.state.live()) == 3
+    return ctl, source, clock
+
+
+def test_interruption_warning_via_eventbridge_replaces_replica_elsewhere(aws, tmp_path, write_spec):
+    ctl, source, clock = _controller(aws, tmp_path, write_spec)
+    victim = ctl.state.live()[0]
+    aws.client("events", region_name=REGION).put_events(Entries=[{
+        "Source": "aws.ec2", "DetailType": DETAIL_WARNING,
+        "Detail": json.dumps({"instance-id": victim.cloud_id, "instance-action": "terminate"}),
+        "Resources": [f"arn:aws:ec2:us-east-1a:instance/{victim.cloud_id}"],
+    }])
+    ctl.tick()
+    assert victim.draining and victim.id in ctl.state.extra["warned"]
+    replacement = [r for r in ctl.state.live() if r.provisioned_at == clock() and r.id != victim.id]
+    assert len(replacement) == 1
+    others = {r.zone for r in ctl.state.live() if r.id not in (victim.id, replacement[0].id)}
+    assert replacement[0].zone != victim.zone and replacement[0].zone not in others
+    # the message was deleted once recorded: nothing is redelivered
+    url = aws.client("sqs", region_name=REGION).get_queue_url(QueueName="llm-events")["QueueUrl"]
+    attrs = aws.client("sqs", region_name=REGION).get_queue_attributes(
+        QueueUrl=url, AttributeNames=["ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"])
+    assert attrs["Attributes"] == {"ApproximateNumberOfMessages": "0", "ApproximateNumberOfMessagesNotVisible": "0"}
+    # two minutes later EC2 takes the machine: the state-change message closes the story
+    aws.client("ec2", region_name=REGION).terminate_instances(InstanceIds=[victim.cloud_id])
+    aws.client("events", region_name=REGION).put_events(Entries=[{
+        "Source": "aws.ec2", "DetailType": DETAIL_STATE,
+        "Detail": json.dumps({"instance-id": victim.cloud_id, "state": "terminated"}),
+    }])
+    clock.advance(120)
+    ctl.tick()
+    assert victim.gone_at is not None and victim.reason == "terminated"
+    assert len(ctl.state.live()) == 3
+
+
+def test_reconcile_finds_a_terminated_instance(aws, tmp_path, write_spec):
+    ctl, source, clock = _controller(aws, tmp_path, write_spec, reconcile_every=30)
+    victim = ctl.state.live()[1]
+    aws.client("ec2", region_name=REGION).terminate_instances(InstanceIds=[victim.cloud_id])  # no message
+    clock.advance(31)
+    ctl.tick()
+    assert victim.gone_at is not None and victim.reason == "preempted"  # spot, gone without us
+    assert ctl.state.policy_memory["memory"]["preempted"] == [victim.location.key]
+    live = ctl.state.live()
+    assert len(live) == 3 and all(r.zone != victim.zone for r in live)
+
+
+def test_missing_queue_falls_back_to_reconcile(aws, caplog):
+    source = AwsEventSource("nosvc", [REGION], session=aws)
+    with caplog.at_level(logging.WARNING):
+        assert source.poll(0.0, []) == []
+    assert "setup-events" in caplog.text
+
+
+def test_watch_wakes_on_a_message(aws):
+    setup_events("llm", [REGION], queue_name="llm-events", session=aws)
+    source = AwsEventSource("llm", [REGION], queue_name="llm-events", session=aws, wait_seconds=1)
+    woke = threading.Event()
+    source.watch(woke.set)
+    try:
+        aws.client("events", region_name=REGION).put_events(Entries=[{
+            "Source": "aws.ec2", "DetailType": DETAIL_WARNING, "Detail": json.dumps({"instance-id": "i-9"}),
+        }])
+        assert woke.wait(10)
+        events = source.poll(time.time(), [])
+        assert [e.cloud_id for e in events] == ["i-9"]
+        source.ack()
+    finally:
+        source.close()

@@ -1,0 +1,56 @@
+"""An installed skyhedge (`pip install .`, not editable) must still find its templates, modules and
+catalog data: checked on a freshly built wheel, and on the installed copy when there is one."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("wheel")
+    build = tmp_path_factory.mktemp("build")
+    proc = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out), str(REPO)],
+        capture_output=True, text=True, cwd=build,
+    )
+    if proc.returncode != 0:
+        pytest.fail(f"pip wheel failed:\n{proc.stderr[-2000:]}")
+    return next(out.glob("skyhedge-*.whl"))
+
+
+def test_wheel_carries_templates_modules_and_catalog(wheel):
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for tracked in sorted(p for p in (REPO / "templates").rglob("*") if p.is_file()):
+        assert f"skyhedge/_data/templates/{tracked.relative_to(REPO / 'templates')}" in names
+    for tracked in sorted(p for p in (REPO / "modules").rglob("*.tf") if p.is_file()):
+        assert f"skyhedge/_data/modules/{tracked.relative_to(REPO / 'modules')}" in names
+    assert "skyhedge/catalog/data/local.json" in names
+    assert "skyhedge/py.typed" in names
+    entry = [n for n in names if n.endswith("entry_points.txt")]
+    assert entry and "skyhedge = skyhedge.cli:main" in zipfile.ZipFile(wheel).read(entry[0]).decode()
+
+
+def test_installed_copy_finds_its_data_outside_the_checkout(tmp_path):
+    code = (
+        "import skyhedge, skyhedge._resources as r, pathlib;"
+        "p = pathlib.Path(skyhedge.__file__).resolve();"
+        "print(p.parent.parent == pathlib.Path(%r));"
+        "print(r.templates_dir()); print(r.modules_dir())" % str(REPO)
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    if proc.returncode != 0 and "No module named 'skyhedge'" in proc.stderr:
+        pytest.skip("skyhedge is not installed (run `pip install .`)")
+    assert proc.returncode == 0, proc.stderr
+    from_checkout, templates, modules = proc.stdout.split("\n")[:3]
+    if from_checkout == "True":
+        pytest.skip("the installed skyhedge is an editable install of this checkout")
+    assert "_data" in templates and Path(templates).is_dir() and any(Path(templates).rglob("*.j2"))
+    assert Path(modules).is_dir() and any(Path(modules).rglob("*.tf"))

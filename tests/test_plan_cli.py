@@ -1,0 +1,138 @@
+"""`skyhedge plan`: the table, the documented --json shape and Terraform-like exit codes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jsonschema
+import pytest
+from click.testing import CliRunner
+
+from skyhedge.cli import main
+from skyhedge.state import ReplicaRecord, ServiceState, load_state, save_state
+
+REPO = Path(__file__).resolve().parents[1]
+MULTICLOUD = REPO / "examples/llm-multicloud/service.yaml"
+
+# The documented shape of `plan --json` (README, "plan --json"); extra fields are allowed.
+PLAN_SCHEMA = {
+    "type": "object",
+    "required": ["service", "target", "replicas", "summary"],
+    "properties": {
+        "service": {"type": "string"},
+        "target": {"type": "integer", "minimum": 0},
+        "replicas": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["id", "cloud", "region", "zone", "market", "action", "price_per_hour"],
+                "properties": {
+                    "id": {"type": "string", "pattern": "^r-[0-9]{4,}$"},
+                    "cloud": {"enum": ["aws", "gcp", "local"]},
+                    "region": {"type": "string"},
+                    "zone": {"type": "string"},
+                    "market": {"enum": ["spot", "on-demand"]},
+                    "action": {"enum": ["create", "keep", "delete"]},
+                    "price_per_hour": {"type": "number", "minimum": 0},
+                },
+            },
+        },
+        "summary": {
+            "type": "object",
+            "required": ["spot", "on_demand", "hourly_cost", "ondemand_only_hourly_cost", "zones_used"],
+            "properties": {
+                "spot": {"type": "integer"},
+                "on_demand": {"type": "integer"},
+                "hourly_cost": {"type": "number"},
+                "ondemand_only_hourly_cost": {"type": "number"},
+                "zones_used": {"type": "integer"},
+            },
+        },
+    },
+}
+
+LOCAL = """
+name: echo
+placement: {clouds: [local], zones: [local-a, local-b, local-c]}
+replica_policy: {min_replicas: 2, policy: spothedge}
+run: {command: python3 server.py}
+"""
+
+
+def run(*args: str):
+    return CliRunner().invoke(main, list(args))
+
+
+@pytest.mark.parametrize("policy", ["spothedge", "skyhedge", "ondemand"])
+def test_multicloud_example_json_matches_the_documented_shape(tmp_path, policy):
+    result = run("plan", str(MULTICLOUD), "--state-dir", str(tmp_path), "--json", "--policy", policy)
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    jsonschema.validate(data, PLAN_SCHEMA)
+    assert data["service"] == "llama-8b" and data["target"] == 3
+    spot = [r for r in data["replicas"] if r["market"] == "spot"]
+    if policy == "ondemand":
+        assert not spot
+    else:
+        zones = [(r["cloud"], r["zone"]) for r in spot]
+        assert len(zones) == len(set(zones)), "spot replicas must sit in distinct zones while zones remain"
+    assert not tmp_path.joinpath("state.json").exists(), "plan never writes state"
+
+
+def test_table_shows_costs_and_change_counts(tmp_path):
+    result = run("plan", str(MULTICLOUD), "--state-dir", str(tmp_path), "--policy", "spothedge")
+    assert result.exit_code == 0, result.output
+    assert "on-demand only" in result.output and "when spot is READY" in result.output
+    assert "Plan: 7 to create, 0 to keep, 0 to delete." in result.output
+
+
+def test_detailed_exitcode_is_2_with_changes_and_0_without(tmp_path, write_spec):
+    spec = write_spec(LOCAL)
+    state_dir = tmp_path / "state"
+    assert run("plan", str(spec), "--state-dir", str(state_dir), "--detailed-exitcode").exit_code == 2
+    assert run("plan", str(spec), "--state-dir", str(state_dir)).exit_code == 0
+    # Converged state: 3 ready spot replicas in 3 zones (target 2 + 1 extra), nothing to change.
+    state = ServiceState(service="echo", next_id=4)
+    for i, zone in enumerate(["local-a", "local-b", "local-c"], start=1):
+        state.replicas[f"r-000{i}"] = ReplicaRecord(f"r-000{i}", "local", "local", zone, "spot", launched_at=0.0,
+                                                    provisioned_at=1.0, ready_at=2.0)
+    save_state(state_dir, state)
+    result = run("plan", str(spec), "--state-dir", str(state_dir), "--json", "--detailed-exitcode")
+    assert result.exit_code == 0, result.output
+    assert {r["action"] for r in json.loads(result.output)["replicas"]} == {"keep"}
+
+
+def test_preempted_replica_is_replaced_without_renaming_the_others(tmp_path, write_spec):
+    spec = write_spec(LOCAL)
+    state_dir = tmp_path / "state"
+    state = ServiceState(service="echo", next_id=4)
+    for i, zone in enumerate(["local-a", "local-b", "local-c"], start=1):
+        state.replicas[f"r-000{i}"] = ReplicaRecord(f"r-000{i}", "local", "local", zone, "spot", launched_at=0.0,
+                                                    provisioned_at=1.0, ready_at=2.0)
+    state.replicas["r-0002"].gone_at = 10.0
+    state.replicas["r-0002"].reason = "preempted"
+    save_state(state_dir, state)
+    result = run("plan", str(spec), "--state-dir", str(state_dir), "--json", "--detailed-exitcode")
+    assert result.exit_code == 2
+    actions = {r["id"]: r["action"] for r in json.loads(result.output)["replicas"]}
+    assert actions["r-0001"] == actions["r-0003"] == "keep"
+    assert "r-0002" not in actions
+    assert any(rid >= "r-0004" and a == "create" for rid, a in actions.items())
+    assert load_state(state_dir, "echo").replicas["r-0002"].reason == "preempted"  # untouched
+
+
+def test_state_of_another_service_is_refused(tmp_path, write_spec):
+    spec = write_spec(LOCAL)
+    save_state(tmp_path, ServiceState(service="other"))
+    result = run("plan", str(spec), "--state-dir", str(tmp_path))
+    assert result.exit_code == 1
+    assert "holds service 'other', not 'echo'" in result.output
+
+
+def test_corrupt_state_is_one_line(tmp_path, write_spec):
+    spec = write_spec(LOCAL)
+    (tmp_path / "state.json").write_text("{not json")
+    result = run("plan", str(spec), "--state-dir", str(tmp_path))
+    assert result.exit_code == 1
+    assert result.output.startswith(f"error: {tmp_path / 'state.json'}: not valid JSON")

@@ -1,0 +1,315 @@
+"""The router with a real nginx and real local-echo replicas on 127.0.0.1 (issue 4's tests)."""
+
+from __future__ import annotations
+
+import collections
+import http.client
+import json
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from routing_support import (
+    Fleet,
+    Response,
+    complete,
+    free_port,
+    make_spec,
+    needs_nginx,
+    request,
+    teardown_router,
+)
+
+from skyhedge.errors import RoutingError
+from skyhedge.probe import probe_all
+from skyhedge.routing import Router, Upstream, read_stub_status
+from skyhedge.routing import nginx as nginx_proc
+
+pytestmark = [needs_nginx, pytest.mark.timeout(60)]
+
+
+@pytest.fixture
+def fleet(tmp_path: Path) -> Iterator[Fleet]:
+    f = Fleet(tmp_path)
+    try:
+        yield f
+    finally:
+        f.close()
+
+
+@pytest.fixture
+def make_router(tmp_path: Path) -> Iterator[Callable[..., Router]]:
+    made: list[Router] = []
+
+    def _make(lb: str = "least_load", cls: type[Router] = Router) -> Router:
+        router = cls(make_spec(free_port(), lb=lb), tmp_path / f"state{len(made)}")
+        made.append(router)
+        return router
+
+    try:
+        yield _make
+    finally:
+        for router in made:
+            teardown_router(router)
+
+
+class Client(threading.Thread):
+    """Sends completions through the router in a loop (fresh connection each) until stopped."""
+
+    def __init__(self, endpoint: str, max_tokens: int = 2) -> None:
+        super().__init__(daemon=True)
+        self.endpoint = endpoint
+        self.max_tokens = max_tokens
+        self.results: list[tuple[float, Response | None, str | None]] = []
+        self._halt = threading.Event()
+
+    def run(self) -> None:
+        while not self._halt.is_set():
+            at = time.monotonic()
+            try:
+                self.results.append((at, complete(self.endpoint, max_tokens=self.max_tokens), None))
+            except (OSError, http.client.HTTPException) as exc:
+                self.results.append((at, None, repr(exc)))
+
+    def wait_for(self, n: int, timeout: float = 20.0) -> None:
+        deadline = time.monotonic() + timeout
+        while len(self.results) < n and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(self.results) >= n, f"client made only {len(self.results)} requests"
+
+    def stop(self) -> None:
+        self._halt.set()
+        self.join(timeout=15)
+
+    def failures(self) -> list[str]:
+        out = []
+        for _, resp, err in self.results:
+            if err is not None:
+                out.append(err)
+            elif resp is not None and resp.status != 200:
+                out.append(f"HTTP {resp.status}: {resp.body[:200]!r}")
+        return out
+
+
+@pytest.mark.parametrize("lb", ["least_load", "round_robin"])
+def test_300_requests_through_three_replicas_all_succeed_and_all_replicas_serve(fleet, make_router, lb):
+    fleet.start(3)
+    router = make_router(lb)
+    status = router.up(fleet.upstreams())
+    assert status["pid"] and len(status["upstreams"]) == 3
+    before = read_stub_status(status["status_url"])["requests"]
+
+    served: collections.Counter[str | None] = collections.Counter()
+    statuses: collections.Counter[int] = collections.Counter()
+    lock = threading.Lock()
+
+    def client(n: int) -> None:
+        host, port = router.endpoint.removeprefix("http://").rsplit(":", 1)
+        conn = http.client.HTTPConnection(host, int(port), timeout=10)  # keep-alive to nginx
+        try:
+            for _ in range(n):
+                resp = complete(router.endpoint, max_tokens=3, conn=conn)
+                with lock:
+                    statuses[resp.status] += 1
+                    served[resp.replica] += 1
+        finally:
+            conn.close()
+
+    threads = [threading.Thread(target=client, args=(75,)) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert statuses == {200: 300}
+    assert set(served) == {"r-0001", "r-0002", "r-0003"}
+    assert min(served.values()) >= 30, served  # spread, not one replica doing almost everything
+    assert read_stub_status(status["status_url"])["requests"] >= before + 300
+
+
+def test_killed_replica_requests_keep_succeeding_and_next_reload_drops_it(fleet, make_router):
+    fleet.start(3)
+    router = make_router()
+    router.up(fleet.upstreams())
+    client = Client(router.endpoint)
+    client.start()
+    try:
+        client.wait_for(40)
+        fleet.kill("r-0002", signal.SIGKILL)
+        killed_at = time.monotonic()
+        client.wait_for(len(client.results) + 150)
+    finally:
+        client.stop()
+    assert client.failures() == []
+    after = [r for at, r, _ in client.results if at > killed_at + 0.05 and r is not None]
+    assert after and all(r.replica in {"r-0001", "r-0003"} for r in after)
+
+    readiness = router.spec.readiness_probe
+    ready = probe_all([r.endpoint for r in fleet.replicas.values()], readiness, timeout=1.0)
+    upstreams = [r.upstream for r in fleet.replicas.values() if ready[r.endpoint]]
+    assert [u.id for u in upstreams] == ["r-0001", "r-0003"]
+    status = router.reload(upstreams)
+    assert [u["id"] for u in status["upstreams"]] == ["r-0001", "r-0003"]
+    conf = router.paths.conf.read_text()
+    assert f":{fleet.replicas['r-0002'].port} " not in conf
+    served = {complete(router.endpoint).replica for _ in range(20)}
+    assert served == {"r-0001", "r-0003"}
+
+
+def test_planned_scale_down_drains_before_the_replica_goes_with_zero_failures(fleet, make_router):
+    fleet.start(3, env={"ECHO_TOKEN_DELAY": "0.01"})
+    router = make_router()
+    router.up(fleet.upstreams())
+    client = Client(router.endpoint, max_tokens=2)
+
+    # Long streamed generations in flight on every replica when the drain starts.
+    streams: list[dict[str, object]] = []
+
+    def stream_one() -> None:
+        host, port = router.endpoint.removeprefix("http://").rsplit(":", 1)
+        conn = http.client.HTTPConnection(host, int(port), timeout=20)
+        body = {"prompt": "The light", "max_tokens": 60, "stream": True}
+        rec: dict[str, object] = {"ok": False}
+        try:
+            conn.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
+            resp = conn.getresponse()
+            rec["replica"] = resp.getheader("X-Replica-Id")
+            data = resp.read().decode()
+            rec["ok"] = resp.status == 200 and data.rstrip().endswith("data: [DONE]")
+        except (OSError, http.client.HTTPException) as exc:
+            rec["error"] = repr(exc)
+        finally:
+            rec["end"] = time.monotonic()
+            conn.close()
+            streams.append(rec)
+
+    client.start()
+    stream_threads = [threading.Thread(target=stream_one) for _ in range(6)]
+    try:
+        client.wait_for(20)
+        for t in stream_threads:
+            t.start()
+        time.sleep(0.15)  # the streams are now mid-generation (60 tokens x 10 ms)
+        victim = "r-0003"
+        survivors = [u for u in fleet.upstreams() if u.id != victim]
+        t0 = time.monotonic()
+        assert router.drain(survivors, timeout=20.0) is True
+        drained_at = time.monotonic()
+        exit_code = fleet.kill(victim, signal.SIGTERM)
+        client.wait_for(len(client.results) + 30)
+    finally:
+        client.stop()
+        for t in stream_threads:
+            t.join(timeout=20)
+
+    assert exit_code == 0
+    assert client.failures() == []
+    assert len(streams) == 6 and all(s["ok"] for s in streams), streams
+    on_victim = [s for s in streams if s.get("replica") == victim]
+    assert on_victim, f"least_conn put no stream on {victim}: {streams}"
+    # The drain returned only after the victim's in-flight generations had finished.
+    assert all(float(s["end"]) <= drained_at + 0.05 for s in on_victim)  # type: ignore[arg-type]
+    assert drained_at - t0 > 0.1
+    late = [r for at, r, _ in client.results if at > drained_at and r is not None]
+    assert late and all(r.replica != victim for r in late)
+
+
+class BrokenRouter(Router):
+    """Renders a config nginx -t refuses, as a bad template or value would."""
+
+    broken = False
+
+    def render(self, upstreams, status_port):
+        text = super().render(upstreams, status_port)
+        return text.replace("server_tokens off;", "server_tokens off;\n    no_such_directive on;") if self.broken else text
+
+
+def test_invalid_candidate_is_refused_and_the_old_config_keeps_serving(fleet, make_router):
+    fleet.start(3)
+    router = make_router(cls=BrokenRouter)
+    two = fleet.upstreams()[:2]
+    status = router.up(two)
+    conf_before = router.paths.conf.read_bytes()
+
+    router.broken = True
+    with pytest.raises(RoutingError) as info:
+        router.reload(fleet.upstreams())
+    assert "refused" in str(info.value)
+    assert "no_such_directive" in info.value.stderr and "unknown directive" in info.value.stderr
+    assert router.paths.conf.read_bytes() == conf_before
+    assert "no_such_directive" in router.paths.rejected.read_text()
+    after = router.status()
+    assert after["pid"] == status["pid"]
+    assert [u["id"] for u in after["upstreams"]] == ["r-0001", "r-0002"]
+    served = {complete(router.endpoint).replica for _ in range(20)}
+    assert served == {"r-0001", "r-0002"}
+
+    router.broken = False
+    assert len(router.reload(fleet.upstreams())["upstreams"]) == 3
+
+
+def test_no_ready_replica_answers_503_and_router_health_stays_up(fleet, make_router):
+    router = make_router()
+    router.up([])
+    resp = complete(router.endpoint)
+    assert resp.status == 503 and resp.json()["error"]["type"] == "service_unavailable"
+    assert resp.headers.get("retry-after") == "5"
+    health = request(router.endpoint, "GET", "/-/health")
+    assert health.status == 200 and health.json()["upstreams"] == 0
+
+    (replica,) = fleet.start(1)
+    router.reload([replica.upstream])
+    assert complete(router.endpoint).status == 200
+    assert request(router.endpoint, "GET", "/-/health").json()["upstreams"] == 1
+
+    fleet.kill(replica.id)  # the only replica dies: nginx's own 502 comes back as JSON 503
+    resp = complete(router.endpoint)
+    assert resp.status == 503 and "error" in resp.json()
+
+
+def test_up_is_idempotent_and_down_stops_nginx_and_frees_the_port(fleet, make_router):
+    fleet.start(2)
+    router = make_router()
+    first = router.up(fleet.upstreams()[:1])
+    again = router.up(fleet.upstreams())
+    assert again["pid"] == first["pid"] and len(again["upstreams"]) == 2
+    unchanged = router.up(fleet.upstreams())  # same config: no reload, same workers
+    assert unchanged == again
+    workers = set(nginx_proc.workers(first["pid"]))
+    assert workers
+
+    router.down()
+    assert router.status() == {"endpoint": router.endpoint, "pid": None, "upstreams": [], "status_url": None}
+    assert not router.paths.pid.exists()
+    assert not nginx_proc.alive(first["pid"]) and not any(nginx_proc.alive(w) for w in workers)
+    with pytest.raises(OSError):
+        request(router.endpoint, "GET", "/-/health", timeout=1.0)
+    router.down()  # idempotent too
+
+    restarted = router.up(fleet.upstreams())
+    assert restarted["pid"] and restarted["pid"] != first["pid"]
+
+
+def test_reload_without_a_running_router_is_a_clear_error(make_router):
+    router = make_router()
+    with pytest.raises(RoutingError, match="not running"):
+        router.reload([])
+
+
+def test_port_in_use_fails_with_nginx_message(make_router):
+    router = make_router()
+    with __import__("socket").socket() as busy:
+        busy.bind(("127.0.0.1", router.spec.service.port))
+        busy.listen()
+        with pytest.raises(RoutingError) as info:
+            router.up([])
+    assert "Address already in use" in info.value.stderr
+    assert router.status()["pid"] is None
+
+
+def test_missing_nginx_binary_is_a_clear_error(tmp_path):
+    router = Router(make_spec(free_port()), tmp_path, nginx_bin="/nonexistent/nginx")
+    with pytest.raises(RoutingError, match="not found"):
+        router.up([Upstream("r-0001", "http://127.0.0.1:1")])
