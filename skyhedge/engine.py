@@ -268,6 +268,10 @@ class Terraform:
             }
         )
         env.pop("TF_DATA_DIR", None)
+        if self.embedded:  # the child runs `python -m skyhedge.engine`: it must find this skyhedge
+            parent = str(Path(__file__).resolve().parent.parent)
+            paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+            env["PYTHONPATH"] = os.pathsep.join([parent, *[p for p in paths if p != parent]])
         if root is not None and root.data_dir is not None:
             env["TF_DATA_DIR"] = str(root.data_dir)
         env.update(self.extra_env)
@@ -358,19 +362,21 @@ class Terraform:
             )
         except OSError as exc:
             raise EngineError(f"cannot start Terraform ({self.description}): {exc}") from exc
-        err_chunks: list[str] = []
-        reader = threading.Thread(target=lambda: err_chunks.append(proc.stderr.read()), daemon=True)  # type: ignore[union-attr]
-        reader.start()
-        out_lines: list[str] = []
-        assert proc.stdout is not None
-        try:
-            for line in proc.stdout:
-                out_lines.append(line)
-                if on_line is not None:
-                    on_line(line.rstrip("\n"))
-        finally:
-            code = proc.wait()
-            reader.join()
+        with proc:
+            assert proc.stdout is not None and proc.stderr is not None
+            stderr = proc.stderr
+            err_chunks: list[str] = []
+            reader = threading.Thread(target=lambda: err_chunks.append(stderr.read()), daemon=True)
+            reader.start()
+            out_lines: list[str] = []
+            try:
+                for line in proc.stdout:
+                    out_lines.append(line)
+                    if on_line is not None:
+                        on_line(line.rstrip("\n"))
+            finally:
+                code = proc.wait()
+                reader.join()
         return Completed(code, "".join(out_lines), "".join(err_chunks))
 
     def _run_json(

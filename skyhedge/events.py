@@ -126,6 +126,8 @@ def find_replica(event: PreemptionEvent, records: Sequence[ReplicaRecord]) -> Re
 def _aliases(rec: ReplicaRecord) -> set[str]:
     """Other names a cloud may use for this replica (instance name, self link...) from its outputs."""
     out: set[str] = set()
+    if rec.cloud_id and "/" in rec.cloud_id:  # a self link: its last segment is the instance name
+        out.add(rec.cloud_id.rstrip("/").rsplit("/", 1)[-1])
     for key in ("instance_id", "id", "name", "instance_name", "self_link"):
         value = rec.outputs.get(key) if isinstance(rec.outputs, dict) else None
         if isinstance(value, str) and value:

@@ -5,12 +5,13 @@ Each records its calls and can be told to fail, so tests assert what the control
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Sequence
 
-from skyhedge.controller.ports import ApplyReport, Present, Root, root_key
+from skyhedge.controller.ports import ExecResult, root_key
 from skyhedge.events import EventSource, PreemptionEvent
-from skyhedge.planner import Plan
-from skyhedge.state import ReplicaRecord
+from skyhedge.planner import DELETE, Plan
+from skyhedge.policy.types import EventKind, ZoneEvent
+from skyhedge.state import ReplicaRecord, ServiceState
 
 
 class Clock:
@@ -25,52 +26,51 @@ class Clock:
 
 
 class FakeExecutor:
-    """Keeps a fake Terraform state per root: {root_key: {replica_id: zone}}."""
+    """A fake Terraform: keeps {root_key: {replica_id: zone}} and records outcomes like the real one."""
 
     def __init__(self) -> None:
         self.tf: dict[str, dict[str, str]] = {}
-        self.calls: list[tuple[list[str], list[str]]] = []  # (roots, desired ids)
+        self.calls: list[list[str]] = []  # desired IDs per call
         self.refuse_zones: set[str] = set()
         self.fail_next: str | None = None
         self.crash_next = False
 
-    def apply(self, plan: Plan, roots: Collection[Root], records: Sequence[ReplicaRecord]) -> ApplyReport:
-        keys = [root_key(r) for r in roots]
-        self.calls.append((keys, sorted(r.id for r in plan.desired if r.root in set(roots))))
+    def apply(self, state: ServiceState, plan: Plan, now: float) -> ExecResult:
+        self.calls.append(sorted(r.id for r in plan.desired))
         if self.crash_next:
             self.crash_next = False
             raise KeyboardInterrupt("simulated kill mid-apply")
         if self.fail_next:
             text, self.fail_next = self.fail_next, None
-            return ApplyReport(present={}, failed={k: text for k in keys})
-        present: dict[str, Present] = {}
-        failed: dict[str, str] = {}
-        capacity: set[str] = set()
-        for root in roots:
-            key = root_key(root)
-            state = self.tf.setdefault(key, {})
-            wanted = {r.id: r.location.zone for r in plan.desired if r.root == root}
-            spot = {r.id for r in plan.desired if r.market.value == "spot"}
-            for rid in list(state):
-                if rid not in wanted:
-                    del state[rid]
-            for rid, zone in wanted.items():
-                if rid in state:
-                    continue
-                if zone in self.refuse_zones and rid in spot:
-                    capacity.add(rid)
-                    failed[key] = f"launch of {rid} refused: zone {zone} has no capacity"
-                    continue
-                state[rid] = zone
-            for rid in state:
-                port = 20000 + int(rid.split("-")[1])
-                present[rid] = Present(rid, endpoint=f"http://127.0.0.1:{port}", cloud_id=f"id-{rid}")
-        return ApplyReport(
-            present=present,
-            applied=frozenset(k for k in keys if k not in failed),
-            failed=failed,
-            capacity=frozenset(capacity),
-        )
+            return ExecResult(errors=(text,))
+        refused: list[str] = []
+        applied = set()
+        for r in plan.replicas:
+            key = root_key(r.root)
+            applied.add(key)
+            tf = self.tf.setdefault(key, {})
+            rec = state.replicas[r.id]
+            if r.action == DELETE:
+                tf.pop(r.id, None)
+                if rec.gone_at is None:
+                    rec.gone_at, rec.reason, rec.draining = now, "terminated", False
+                continue
+            if r.id in tf:
+                continue
+            if r.location.zone in self.refuse_zones and r.market.value == "spot":
+                refused.append(r.id)
+                rec.gone_at, rec.reason = now, "failed"
+                state.record_event(ZoneEvent(EventKind.LAUNCH_FAILED, rec.location, now, r.id))
+                continue
+            tf[r.id] = r.location.zone
+            rec.endpoint = f"http://127.0.0.1:{20000 + int(r.id.split('-')[1])}"
+            rec.cloud_id = f"id-{r.id}"
+            rec.provisioned_at = now
+        for tf in self.tf.values():  # replicas gone without a plan (preempted): Terraform drops them
+            for rid in list(tf):
+                if state.replicas[rid].gone_at is not None:
+                    del tf[rid]
+        return ExecResult(applied=tuple(sorted(applied)), launch_failures=tuple(refused))
 
     def ids(self) -> set[str]:
         return {rid for root in self.tf.values() for rid in root}

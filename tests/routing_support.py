@@ -93,7 +93,9 @@ def request(
 
 
 def complete(url_base: str, *, max_tokens: int = 4, **kw: Any) -> Response:
-    return request(url_base, "POST", "/v1/completions", {"prompt": "The keeper", "max_tokens": max_tokens}, **kw)
+    return request(
+        url_base, "POST", "/v1/completions", {"prompt": "The keeper", "max_tokens": max_tokens}, **kw
+    )
 
 
 @dataclass
@@ -158,7 +160,9 @@ class Fleet:
                 r.proc.wait(timeout=5)
 
 
-def wait_healthy(endpoint: str, *, proc: subprocess.Popen[bytes] | None = None, timeout: float = 10.0) -> None:
+def wait_healthy(
+    endpoint: str, *, proc: subprocess.Popen[bytes] | None = None, timeout: float = 10.0
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:

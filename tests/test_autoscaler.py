@@ -7,8 +7,13 @@ from hypothesis import strategies as st
 
 from skyhedge.autoscaler import AutoscalerConfig, AutoscalerState, raw_target, request_rate, step
 
-CFG = AutoscalerConfig(min_replicas=1, max_replicas=5, target_qps_per_replica=2.0,
-                       upscale_delay_seconds=30, downscale_delay_seconds=120)
+CFG = AutoscalerConfig(
+    min_replicas=1,
+    max_replicas=5,
+    target_qps_per_replica=2.0,
+    upscale_delay_seconds=30,
+    downscale_delay_seconds=120,
+)
 
 
 def drive(cfg, state, start, seconds, qps, count=0.0, every=5.0):

@@ -12,7 +12,6 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Collection, Sequence
 
 import boto3
 import pytest
@@ -28,11 +27,11 @@ from skyhedge.clouds.aws.events import (
 )
 from skyhedge.clouds.aws.setup import event_patterns, rule_names, setup_events
 from skyhedge.controller.loop import Controller, ControllerOptions
-from skyhedge.controller.ports import ApplyReport, Present, Root, root_key
+from skyhedge.controller.ports import ExecResult
 from skyhedge.events import Signal
 from skyhedge.planner import Plan
 from skyhedge.spec import load_spec
-from skyhedge.state import ReplicaRecord
+from skyhedge.state import ServiceState
 
 REGION = "us-east-1"
 SPEC = """
@@ -54,15 +53,27 @@ aws: {events_queue: llm-events}
 
 
 def _event(detail_type: str, detail: dict, **extra) -> str:
-    return json.dumps({
-        "version": "0", "id": "1", "detail-type": detail_type, "source": "aws.ec2", "account": "1",
-        "time": "2024-05-01T12:00:00Z", "region": REGION, "detail": detail, **extra,
-    })
+    return json.dumps(
+        {
+            "version": "0",
+            "id": "1",
+            "detail-type": detail_type,
+            "source": "aws.ec2",
+            "account": "1",
+            "time": "2024-05-01T12:00:00Z",
+            "region": REGION,
+            "detail": detail,
+            **extra,
+        }
+    )
 
 
 def test_parse_interruption_warning_with_zone():
-    body = _event(DETAIL_WARNING, {"instance-id": "i-1", "instance-action": "terminate"},
-                  resources=["arn:aws:ec2:us-east-1a:instance/i-1"])
+    body = _event(
+        DETAIL_WARNING,
+        {"instance-id": "i-1", "instance-action": "terminate"},
+        resources=["arn:aws:ec2:us-east-1a:instance/i-1"],
+    )
     ev = parse_message(body, received_at=0)
     assert ev is not None and ev.signal is Signal.WARNING and ev.cloud_id == "i-1"
     assert ev.location is not None and ev.location.zone == "us-east-1a"
@@ -70,10 +81,15 @@ def test_parse_interruption_warning_with_zone():
 
 
 def test_parse_rebalance_and_state_changes():
-    assert parse_message(_event(DETAIL_REBALANCE, {"instance-id": "i-2"}), received_at=0).signal is Signal.REBALANCE
+    assert (
+        parse_message(_event(DETAIL_REBALANCE, {"instance-id": "i-2"}), received_at=0).signal
+        is Signal.REBALANCE
+    )
     gone = parse_message(_event(DETAIL_STATE, {"instance-id": "i-3", "state": "terminated"}), received_at=0)
     assert gone.signal is Signal.GONE and gone.reason == ""
-    assert parse_message(_event(DETAIL_STATE, {"instance-id": "i-3", "state": "running"}), received_at=0) is None
+    assert (
+        parse_message(_event(DETAIL_STATE, {"instance-id": "i-3", "state": "running"}), received_at=0) is None
+    )
 
 
 def test_parse_sns_wrapped():
@@ -82,7 +98,9 @@ def test_parse_sns_wrapped():
     assert ev is not None and ev.cloud_id == "i-4"
 
 
-@pytest.mark.parametrize("body", ["not json", "[]", json.dumps({"detail": {}}), _event("Other", {"instance-id": "i"})])
+@pytest.mark.parametrize(
+    "body", ["not json", "[]", json.dumps({"detail": {}}), _event("Other", {"instance-id": "i"})]
+)
 def test_unparseable_is_logged_and_dropped(body, caplog):
     with caplog.at_level(logging.WARNING, logger="skyhedge.events"):
         assert parse_message(body, received_at=5.0) is None
@@ -106,9 +124,11 @@ def test_setup_events_is_idempotent(aws):
         targets = events.list_targets_by_rule(Rule=name)["Targets"]
         assert [t["Arn"] for t in targets] == [first[0].queue_arn]
     policy = aws.client("sqs", region_name=REGION).get_queue_attributes(
-        QueueUrl=first[0].queue_url, AttributeNames=["Policy"])["Attributes"]["Policy"]
+        QueueUrl=first[0].queue_url, AttributeNames=["Policy"]
+    )["Attributes"]["Policy"]
     assert sorted(json.loads(policy)["Statement"][0]["Condition"]["ArnEquals"]["aws:SourceArn"]) == sorted(
-        first[0].rule_arns)
+        first[0].rule_arns
+    )
 
 
 class MotoExecutor:
@@ -118,23 +138,34 @@ class MotoExecutor:
         self.ec2 = session.client("ec2", region_name=REGION)
         self.instances: dict[str, str] = {}  # replica ID -> instance ID
 
-    def apply(self, plan: Plan, roots: Collection[Root], records: Sequence[ReplicaRecord]) -> ApplyReport:
+    def apply(self, state: ServiceState, plan: Plan, now: float) -> ExecResult:
         wanted = {r.id: r for r in plan.desired}
         for rid in [r for r in self.instances if r not in wanted]:
             self.ec2.terminate_instances(InstanceIds=[self.instances.pop(rid)])
+            rec = state.replicas[rid]
+            if rec.gone_at is None:
+                rec.gone_at, rec.reason, rec.draining = now, "terminated", False
         for rid, r in wanted.items():
             if rid in self.instances:
                 continue
-            tags = [{"Key": "skyhedge:service", "Value": plan.service}, {"Key": "skyhedge:replica", "Value": rid}]
+            tags = [
+                {"Key": "skyhedge:service", "Value": plan.service},
+                {"Key": "skyhedge:replica", "Value": rid},
+            ]
             reply = self.ec2.run_instances(
-                ImageId="ami-12c6146b", MinCount=1, MaxCount=1, InstanceType="t3.micro",
+                ImageId="ami-12c6146b",
+                MinCount=1,
+                MaxCount=1,
+                InstanceType="t3.micro",
                 TagSpecifications=[{"ResourceType": "instance", "Tags": tags}],
                 InstanceMarketOptions={"MarketType": "spot"} if r.market.value == "spot" else {},
             )
             self.instances[rid] = reply["Instances"][0]["InstanceId"]
-        present = {rid: Present(rid, endpoint=f"http://10.0.0.{i}:8000", cloud_id=iid)
-                   for i, (rid, iid) in enumerate(sorted(self.instances.items()), start=1)}
-        return ApplyReport(present=present, applied=frozenset(root_key(r) for r in roots))
+            rec = state.replicas[rid]
+            rec.cloud_id = self.instances[rid]
+            rec.endpoint = f"http://10.0.0.{len(self.instances)}:8000"
+            rec.provisioned_at = now
+        return ExecResult(applied=(f"aws/{REGION}",))
 
 
 def _controller(aws, tmp_path, write_spec, **source_opts):
@@ -142,8 +173,16 @@ def _controller(aws, tmp_path, write_spec, **source_opts):
     spec = load_spec(write_spec(SPEC))
     source = AwsEventSource("llm", [REGION], queue_name="llm-events", session=aws, **source_opts)
     clock = Clock(time.time())
-    ctl = Controller(spec, tmp_path / "state", executor=MotoExecutor(aws), router=FakeRouter(),
-                     prober=FakeProber(), sources=[source], clock=clock, options=ControllerOptions())
+    ctl = Controller(
+        spec,
+        tmp_path / "state",
+        executor=MotoExecutor(aws),
+        router=FakeRouter(),
+        prober=FakeProber(),
+        sources=[source],
+        clock=clock,
+        options=ControllerOptions(),
+    )
     for _ in range(2):
         ctl.tick()
         clock.advance(1)
@@ -154,11 +193,16 @@ def _controller(aws, tmp_path, write_spec, **source_opts):
 def test_interruption_warning_via_eventbridge_replaces_replica_elsewhere(aws, tmp_path, write_spec):
     ctl, source, clock = _controller(aws, tmp_path, write_spec)
     victim = ctl.state.live()[0]
-    aws.client("events", region_name=REGION).put_events(Entries=[{
-        "Source": "aws.ec2", "DetailType": DETAIL_WARNING,
-        "Detail": json.dumps({"instance-id": victim.cloud_id, "instance-action": "terminate"}),
-        "Resources": [f"arn:aws:ec2:us-east-1a:instance/{victim.cloud_id}"],
-    }])
+    aws.client("events", region_name=REGION).put_events(
+        Entries=[
+            {
+                "Source": "aws.ec2",
+                "DetailType": DETAIL_WARNING,
+                "Detail": json.dumps({"instance-id": victim.cloud_id, "instance-action": "terminate"}),
+                "Resources": [f"arn:aws:ec2:us-east-1a:instance/{victim.cloud_id}"],
+            }
+        ]
+    )
     ctl.tick()
     assert victim.draining and victim.id in ctl.state.extra["warned"]
     replacement = [r for r in ctl.state.live() if r.provisioned_at == clock() and r.id != victim.id]
@@ -168,14 +212,23 @@ def test_interruption_warning_via_eventbridge_replaces_replica_elsewhere(aws, tm
     # the message was deleted once recorded: nothing is redelivered
     url = aws.client("sqs", region_name=REGION).get_queue_url(QueueName="llm-events")["QueueUrl"]
     attrs = aws.client("sqs", region_name=REGION).get_queue_attributes(
-        QueueUrl=url, AttributeNames=["ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"])
-    assert attrs["Attributes"] == {"ApproximateNumberOfMessages": "0", "ApproximateNumberOfMessagesNotVisible": "0"}
+        QueueUrl=url, AttributeNames=["ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"]
+    )
+    assert attrs["Attributes"] == {
+        "ApproximateNumberOfMessages": "0",
+        "ApproximateNumberOfMessagesNotVisible": "0",
+    }
     # two minutes later EC2 takes the machine: the state-change message closes the story
     aws.client("ec2", region_name=REGION).terminate_instances(InstanceIds=[victim.cloud_id])
-    aws.client("events", region_name=REGION).put_events(Entries=[{
-        "Source": "aws.ec2", "DetailType": DETAIL_STATE,
-        "Detail": json.dumps({"instance-id": victim.cloud_id, "state": "terminated"}),
-    }])
+    aws.client("events", region_name=REGION).put_events(
+        Entries=[
+            {
+                "Source": "aws.ec2",
+                "DetailType": DETAIL_STATE,
+                "Detail": json.dumps({"instance-id": victim.cloud_id, "state": "terminated"}),
+            }
+        ]
+    )
     clock.advance(120)
     ctl.tick()
     assert victim.gone_at is not None and victim.reason == "terminated"
@@ -207,9 +260,15 @@ def test_watch_wakes_on_a_message(aws):
     woke = threading.Event()
     source.watch(woke.set)
     try:
-        aws.client("events", region_name=REGION).put_events(Entries=[{
-            "Source": "aws.ec2", "DetailType": DETAIL_WARNING, "Detail": json.dumps({"instance-id": "i-9"}),
-        }])
+        aws.client("events", region_name=REGION).put_events(
+            Entries=[
+                {
+                    "Source": "aws.ec2",
+                    "DetailType": DETAIL_WARNING,
+                    "Detail": json.dumps({"instance-id": "i-9"}),
+                }
+            ]
+        )
         assert woke.wait(10)
         events = source.poll(time.time(), [])
         assert [e.cloud_id for e in events] == ["i-9"]

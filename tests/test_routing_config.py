@@ -16,7 +16,9 @@ from skyhedge.routing.nginx import find_nginx
 UPS = [Upstream(f"r-000{i}", f"http://127.0.0.1:1800{i}") for i in (3, 1, 2)]
 
 
-def render(tmp_path: Path, upstreams=UPS, *, lb: str = "least_load", status_port: int | None = 9913, **kw) -> str:
+def render(
+    tmp_path: Path, upstreams=UPS, *, lb: str = "least_load", status_port: int | None = 9913, **kw
+) -> str:
     paths = RouterPaths(tmp_path / "router")
     return render_config(make_spec(8080, lb=lb), upstreams, paths=paths, status_port=status_port, **kw)
 
@@ -112,7 +114,9 @@ def test_good_endpoints_and_their_server_lines():
     assert Upstream("r-0001", "http://10.0.0.5:8000").server == "10.0.0.5:8000"
     assert Upstream("r-0001", "http://10.0.0.5").server == "10.0.0.5:80"
     assert Upstream("r-0001", "http://[fd00::1]:8000/").server == "[fd00::1]:8000"
-    assert Upstream("r-0001", "http://ip-10-0-0-5.ec2.internal:8000").server == "ip-10-0-0-5.ec2.internal:8000"
+    assert (
+        Upstream("r-0001", "http://ip-10-0-0-5.ec2.internal:8000").server == "ip-10-0-0-5.ec2.internal:8000"
+    )
 
 
 def test_duplicates_are_refused(tmp_path):
@@ -136,8 +140,15 @@ def test_listen_address_and_unsafe_prefix():
 
 
 @pytest.mark.parametrize(
-    "kw", [{"max_fails": 0}, {"keepalive": -1}, {"read_timeout": True}, {"worker_processes": "lots"},
-           {"client_max_body_size": "1 0m"}, {"status_port": 70000}],
+    "kw",
+    [
+        {"max_fails": 0},
+        {"keepalive": -1},
+        {"read_timeout": True},
+        {"worker_processes": "lots"},
+        {"client_max_body_size": "1 0m"},
+        {"status_port": 70000},
+    ],
 )
 def test_bad_options_are_refused(kw):
     with pytest.raises(RoutingError, match="router option"):
@@ -145,9 +156,20 @@ def test_bad_options_are_refused(kw):
 
 
 def test_stub_status_parser():
-    page = "Active connections: 2 \nserver accepts handled requests\n 16 16 31 \nReading: 0 Writing: 1 Waiting: 1 \n"
+    page = (
+        "Active connections: 2 \n"
+        "server accepts handled requests\n"
+        " 16 16 31 \n"
+        "Reading: 0 Writing: 1 Waiting: 1 \n"
+    )
     assert parse_stub_status(page) == {
-        "active": 2, "accepts": 16, "handled": 16, "requests": 31, "reading": 0, "writing": 1, "waiting": 1,
+        "active": 2,
+        "accepts": 16,
+        "handled": 16,
+        "requests": 31,
+        "reading": 0,
+        "writing": 1,
+        "waiting": 1,
     }
     with pytest.raises(RoutingError, match="not an nginx stub_status page"):
         parse_stub_status("<html>hello</html>")
@@ -170,7 +192,10 @@ def test_nginx_accepts_every_generated_variant(tmp_path, case):
     nginx = find_nginx()
     out = subprocess.run(
         [nginx, "-t", "-q", "-p", f"{paths.prefix}/", "-c", str(paths.conf), "-e", str(paths.error_log)],
-        capture_output=True, text=True, timeout=30, check=False,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
     )
     assert out.returncode == 0, out.stderr
     assert out.stderr.strip() == ""  # not even a warning

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import http.client
 import json
 import signal
@@ -223,7 +224,11 @@ class BrokenRouter(Router):
 
     def render(self, upstreams, status_port):
         text = super().render(upstreams, status_port)
-        return text.replace("server_tokens off;", "server_tokens off;\n    no_such_directive on;") if self.broken else text
+        return (
+            text.replace("server_tokens off;", "server_tokens off;\n    no_such_directive on;")
+            if self.broken
+            else text
+        )
 
 
 def test_invalid_candidate_is_refused_and_the_old_config_keeps_serving(fleet, make_router):
@@ -313,3 +318,40 @@ def test_missing_nginx_binary_is_a_clear_error(tmp_path):
     router = Router(make_spec(free_port()), tmp_path, nginx_bin="/nonexistent/nginx")
     with pytest.raises(RoutingError, match="not found"):
         router.up([Upstream("r-0001", "http://127.0.0.1:1")])
+
+
+def test_a_crashed_nginx_is_restarted_by_up(fleet, make_router):
+    fleet.start(1)
+    router = make_router()
+    pid = router.up(fleet.upstreams())["pid"]
+    for p in [*nginx_proc.workers(pid), pid]:
+        nginx_proc.signal_pid(p, signal.SIGKILL)
+    deadline = time.monotonic() + 5
+    while nginx_proc.alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert router.status()["pid"] is None  # the stale pid file is not trusted
+    new = router.up(fleet.upstreams())["pid"]
+    assert new and new != pid
+    assert complete(router.endpoint).status == 200
+
+
+def test_down_is_bounded_when_a_long_stream_is_in_flight(fleet, make_router):
+    fleet.start(1, env={"ECHO_TOKEN_DELAY": "0.05"})
+    router = make_router()
+    router.up(fleet.upstreams())
+    done = threading.Event()
+
+    def long_stream() -> None:
+        with contextlib.suppress(OSError, http.client.HTTPException):
+            request(
+                router.endpoint, "POST", "/v1/completions", {"prompt": "x", "max_tokens": 200, "stream": True}
+            )
+        done.set()
+
+    threading.Thread(target=long_stream, daemon=True).start()
+    time.sleep(0.2)
+    t0 = time.monotonic()
+    router.down(timeout=0.5)
+    assert time.monotonic() - t0 < 3.0  # graceful for 0.5 s, then a fast stop; not the stream's 10 s
+    assert router.status()["pid"] is None
+    assert done.wait(5)

@@ -11,7 +11,8 @@ from rich.table import Table
 
 from skyhedge.cli._app import console, err_console, main
 from skyhedge.errors import TraceError
-from skyhedge.simulator import OPTIMAL, SimConfig, load_prices, load_trace, simulate as run_simulation
+from skyhedge.simulator import OPTIMAL, SimConfig, load_prices, load_trace
+from skyhedge.simulator import simulate as run_simulation
 from skyhedge.simulator.latency import load_arrivals
 from skyhedge.simulator.runner import Summary, check_policies
 
@@ -41,7 +42,9 @@ def _policy_names(text: str) -> list[str]:
     show_default=True,
     help="Comma-separated policy names; 'optimal' is the omniscient optimum; 'module:Class' loads a plug-in.",
 )
-@click.option("--repeats", default=10, show_default=True, type=click.IntRange(min=1), help="Windows per trace.")
+@click.option(
+    "--repeats", default=10, show_default=True, type=click.IntRange(min=1), help="Windows per trace."
+)
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of window offsets and zone order.")
 @click.option("--target", default=3, show_default=True, type=click.IntRange(min=1), help="Ready replicas N.")
 @click.option(
@@ -59,9 +62,15 @@ def _policy_names(text: str) -> list[str]:
     help="On-demand price / spot price.",
 )
 @click.option(
-    "--extra", default=1, show_default=True, type=click.IntRange(min=0), help="Over-provisioned spot replicas."
+    "--extra",
+    default=1,
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="Over-provisioned spot replicas.",
 )
-@click.option("--ticks", default=2880, show_default=True, type=click.IntRange(min=2), help="Window length (30 s).")
+@click.option(
+    "--ticks", default=2880, show_default=True, type=click.IntRange(min=2), help="Window length (30 s)."
+)
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list, one object per trace and policy.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path), help="Write a PNG.")
 @click.option("--latency", is_flag=True, help="Request-level latency: P50/P90/P99 and failure rate.")
@@ -154,10 +163,11 @@ def _table(summaries: list[Summary], config: SimConfig) -> Table:
     )
     table.add_column("trace")
     table.add_column("policy")
-    table.add_column("availability", justify="right")
-    table.add_column("worst window", justify="right")
-    table.add_column("relative cost", justify="right")
-    table.add_column("spot share", justify="right")
+    table.add_column("avail.", justify="right")
+    table.add_column("worst", justify="right")
+    table.add_column("rel. cost", justify="right")
+    table.add_column("±", justify="right")
+    table.add_column("spot", justify="right")
     table.add_column("runs", justify="right")
     latency = config.latency
     dollars = config.prices is not None
@@ -165,8 +175,8 @@ def _table(summaries: list[Summary], config: SimConfig) -> Table:
         for name in ("P50 s", "P90 s", "P99 s", "failed"):
             table.add_column(name, justify="right")
     if dollars:
-        table.add_column("$ / window", justify="right")
-        table.add_column("$ on-demand", justify="right")
+        table.add_column("$/window", justify="right")
+        table.add_column("$ OD only", justify="right")
     for summary in summaries:
         data = summary.to_json()
         style = "bold" if summary.policy == OPTIMAL else None
@@ -175,7 +185,8 @@ def _table(summaries: list[Summary], config: SimConfig) -> Table:
             data["policy"],
             _pct(data["availability"]),
             _pct(data["availability_min"]),
-            f"{data['relative_cost']:.3f} ± {data['relative_cost_std']:.3f}",
+            f"{data['relative_cost']:.3f}",
+            f"{data['relative_cost_std']:.3f}",
             _pct(data["spot_share"]),
             str(data["runs"]),
         ]

@@ -6,44 +6,45 @@ Each tick is safe to repeat and safe to be killed at any point (`kill -9` includ
 
 1. Source events and probe results become facts in the state (`facts.py`).
 2. `compute_plan` (the same function `plan` and `apply` use) decides the layout.
-3. Before touching Terraform the tick *writes its intent*: new replicas get their records (so their
-   IDs are never handed out twice), replicas to remove are marked draining, the policy's memory and
-   consumed zone events are saved — all in one atomic state write.
-4. Removed replicas leave the router first (drain), then the changed roots are applied.
-5. Outputs (endpoints, cloud IDs) are recorded; a launch refused for capacity marks its zone
-   preempted (LAUNCH_FAILED) and the next tick places the replica elsewhere, with backoff.
+3. Before touching Terraform the tick *writes its intent* (`skyhedge.apply.record_plan`): new
+   replicas get their records (so their IDs are never handed out twice), replicas to remove are
+   marked draining, the policy's memory and the consumed zone events are saved — all in one
+   atomic state write.
+4. Removed replicas leave the router first (drain), then the executor applies the roots whose
+   rendered inputs differ from the ones last applied successfully (`skyhedge.apply` keeps that
+   digest per root in the state) and records outputs, destroyed replicas and refused launches.
+5. A launch refused for capacity marks its zone preempted (LAUNCH_FAILED); the next tick places
+   the replica elsewhere, with backoff while applies keep failing.
 
-A root is applied when its desired layout differs from the one last applied successfully (a
-digest kept in the state), so after a crash mid-apply the root is simply applied again: Terraform
-converges it, no replica is created twice, none is left behind. On start every root is applied
-once, which reconciles the state with Terraform's own.
+After a crash mid-apply the root's digest is still the old one, so the next tick (the first after
+a restart always runs the executor) applies it again: Terraform converges it, no replica ID is
+created twice, and the local event source stops any process no live replica owns.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 from skyhedge import autoscaler
+from skyhedge.apply import record_plan
 from skyhedge.controller.facts import (
     WARNING_GRACE_SECONDS,
     ProbeResult,
     apply_probes,
     ingest,
-    mark_gone,
     routable,
     warned,
 )
-from skyhedge.controller.ports import ApplyReport, Executor, Prober, Root, RouterPort, root_key
+from skyhedge.controller.ports import ExecResult, Executor, Prober, RouterPort
 from skyhedge.errors import SkyhedgeError
 from skyhedge.events import EventSource, PreemptionEvent
-from skyhedge.planner import CREATE, DELETE, KEEP, Plan
+from skyhedge.planner import CREATE, DELETE, KEEP, Plan, PlannedReplica
 from skyhedge.policy.types import EventKind, Market, ReplicaStatus, ZoneEvent
 from skyhedge.service import Placement, compute_plan, resolve_placement
 from skyhedge.spec import ServiceSpec
@@ -82,16 +83,6 @@ class Note:
     text: str
 
 
-def spec_digest(spec: ServiceSpec) -> str:
-    """Changes when anything rendered into the roots may change (command, env, ports...)."""
-    return hashlib.sha256(repr(replace(spec, source="")).encode()).hexdigest()[:16]
-
-
-def root_digest(spec_hash: str, plan: Plan, root: Root) -> str:
-    layout = sorted((r.id, r.location.zone, r.market.value) for r in plan.desired if r.root == root)
-    return hashlib.sha256(json.dumps([spec_hash, layout]).encode()).hexdigest()[:16]
-
-
 class Controller:
     """Owns one service's state while the supervisor holds its writer lock."""
 
@@ -118,7 +109,6 @@ class Controller:
         self.options = options or ControllerOptions()
         self.placement = placement or resolve_placement(spec)
         self.state: ServiceState = load_state(state_dir, spec.name)
-        self.spec_hash = spec_digest(spec)
         self.scaler = autoscaler.AutoscalerConfig.from_spec(spec)
         self.notes: deque[Note] = deque(maxlen=50)
         self.last_plan: Plan | None = None
@@ -160,15 +150,18 @@ class Controller:
             self.spec, self.state, now=now, policy_name=self.options.policy, placement=self.placement
         )
         plan = self._finalise(plan)
+        if plan.has_changes and self.options.assume_ready:
+            plan, memory = self._settle(plan, memory, now)
         self.last_plan = plan
-        self.state.policy_memory = memory
-        self.state.pending_events = []
-        roots = self._dirty_roots(plan)
-        report: ApplyReport | None = None
-        if roots:
-            report = self._act(plan, roots, now)
+        result: ExecResult | None = None
+        if plan.has_changes or not self._started or self._failures:
+            result = self._act(plan, memory, now)
         else:
+            self.state.policy_memory = memory
+            self.state.pending_events = []
             self.save()
+        if result is not None and not result.failed:
+            self._sweep()
         self._started = True
         self._route()
         self.save()
@@ -176,7 +169,7 @@ class Controller:
             source.ack()
         for listener in self._listeners:
             listener(self)
-        return self._next_delay(report)
+        return self._next_delay()
 
     def _poll(self, now: float) -> list[PreemptionEvent]:
         out: list[PreemptionEvent] = []
@@ -254,115 +247,105 @@ class Controller:
             out.append(r)
         return replace(plan, replicas=tuple(out))
 
-    def _dirty_roots(self, plan: Plan) -> list[Root]:
-        applied = self.state.extra.get("applied") or {}
-        roots = set(plan.roots()) | {tuple(k.split("/", 1)) for k in applied}  # type: ignore[misc]
-        dirty = []
-        for root in sorted(roots):
-            changed = any(r.root == root for r in plan.changes)
-            if (
-                changed
-                or not self._started
-                or applied.get(root_key(root)) != root_digest(self.spec_hash, plan, root)
-            ):
-                dirty.append(root)
-        return dirty
+    def _settle(self, plan: Plan, memory: dict[str, Any], now: float) -> tuple[Plan, dict[str, Any]]:
+        """GitOps: replicas count as READY once committed, so let the policy see that before committing.
+
+        Without this, SpotHedge's on-demand fallback (covering spot replicas that are not READY yet)
+        would be committed and removed again one commit later. The plans are folded into one net
+        plan: created-and-removed-in-between replicas vanish, the rest keep CREATE/DELETE/KEEP.
+        """
+        st = self.state
+        before = {r.id for r in st.live()}
+        prices = self.placement.prices()
+        for _ in range(4):
+            if not plan.has_changes:
+                break
+            record_plan(st, plan, memory, self.placement, now)
+            for r in plan.replicas:
+                rec = st.replicas[r.id]
+                if r.action == CREATE:
+                    rec.provisioned_at = rec.ready_at = now
+                    if r.market is Market.SPOT:
+                        st.record_event(ZoneEvent(EventKind.LAUNCHED, r.location, now, r.id))
+                elif r.action == DELETE and rec.gone_at is None:
+                    rec.gone_at, rec.reason, rec.draining = now, "terminated", False
+            plan, memory = compute_plan(
+                self.spec, st, now=now, policy_name=self.options.policy, placement=self.placement
+            )
+            plan = self._finalise(plan)
+        net = [replace(r, action=KEEP if r.id in before else CREATE) for r in plan.desired]
+        for rid in sorted(before - {r.id for r in plan.desired}):
+            rec = st.replicas[rid]
+            market = Market(rec.market)
+            net.append(
+                PlannedReplica(rid, rec.location, market, DELETE, prices.get((rec.location, market), 0.0))
+            )
+        net.sort(key=lambda r: r.id)
+        return replace(plan, replicas=tuple(net), next_id=max(plan.next_id, st.next_id)), memory
 
     # -- acting ----------------------------------------------------------------------------------
 
-    def _act(self, plan: Plan, roots: list[Root], now: float) -> ApplyReport:
+    def _act(self, plan: Plan, memory: dict[str, Any], now: float) -> ExecResult:
         st = self.state
         creates = [r for r in plan.replicas if r.action == CREATE]
         deletes = [r for r in plan.replicas if r.action == DELETE]
-        for r in creates:
-            st.replicas[r.id] = ReplicaRecord(
-                id=r.id,
-                cloud=r.location.cloud,
-                region=r.location.region,
-                zone=r.location.zone,
-                market=r.market.value,
-                launched_at=now,
-                instance_type=self.placement.instance_types.get(r.location.cloud),
-            )
-        for r in deletes:
-            st.replicas[r.id].draining = True
-        st.next_id = max(st.next_id, plan.next_id)
+        record_plan(st, plan, memory, self.placement, now)
         if creates or deletes:
             s = plan.summary()
-            text = (
-                f"plan: +{len(creates)} -{len(deletes)} -> {s['spot']} spot / {s['on_demand']} on-demand "
-                f"in {s['zones_used']} zones, ${s['hourly_cost']:.4f}/h"
-            )
             where = ", ".join(f"+{r.id} {r.location.zone} {r.market.value}" for r in creates)
-            self.note(f"{text}{' (' + where + ')' if where else ''}", now)
-            st.log(
-                {
-                    "at": now,
-                    "event": "plan",
-                    "create": [r.id for r in creates],
-                    "delete": [r.id for r in deletes],
-                    "hourly_cost": s["hourly_cost"],
-                }
+            gone = ", ".join(f"-{r.id}" for r in deletes)
+            self.note(
+                f"plan: {' '.join(x for x in (where, gone) if x)} -> {s['spot']} spot / {s['on_demand']} "
+                f"on-demand in {s['zones_used']} zones, ${s['hourly_cost']:.4f}/h",
+                now,
             )
         self.save()  # the intent is durable before anything changes outside
         routed_ids = {pair[0] for pair in st.extra.get("routed") or []}
-        if (
-            self.router is not None
-            and not self.options.assume_ready
-            and any(r.id in routed_ids for r in deletes)
-        ):
+        if any(r.id in routed_ids for r in deletes):
             self._route(drain=True)  # drain before destroy: removed replicas leave the router first
+        before = {r.id: r.provisioned_at for r in st.live()}
         try:
-            report = self.executor.apply(plan, roots, list(st.replicas.values()))
+            result = self.executor.apply(st, plan, self.clock())
         except SkyhedgeError as exc:
-            report = ApplyReport(present={}, failed={root_key(r): str(exc) for r in roots})
-        self._record(plan, roots, report)
-        return report
-
-    def _record(self, plan: Plan, roots: list[Root], report: ApplyReport) -> None:
-        st = self.state
-        now = self.clock()
-        keys = {root_key(r) for r in roots}
-        applied = st.extra.setdefault("applied", {})
-        for key in keys:
-            if key in report.applied and key not in report.failed:
-                cloud, region = key.split("/", 1)
-                applied[key] = root_digest(self.spec_hash, plan, (cloud, region))
-            else:
-                applied.pop(key, None)
-        for rid, p in report.present.items():
-            rec = st.replicas.get(rid)
-            if rec is None or rec.gone_at is not None:
-                continue
-            rec.endpoint = p.endpoint or rec.endpoint
-            rec.cloud_id = p.cloud_id or rec.cloud_id
-            if p.outputs:
-                rec.outputs = dict(p.outputs)
-            if rec.provisioned_at is None:
-                rec.provisioned_at = now
+            result = ExecResult(errors=(str(exc),), detail=getattr(exc, "stderr", "") or "")
+        done = self.clock()
+        for rec in st.live():
+            if rec.id in before and before[rec.id] is None and rec.provisioned_at is not None:
                 if Market(rec.market) is Market.SPOT:
-                    st.record_event(ZoneEvent(EventKind.LAUNCHED, rec.location, now, rec.id))
-            if self.options.assume_ready and rec.ready_at is None:
-                rec.ready_at = now
-        for r in plan.replicas:
-            rec = st.replicas.get(r.id)
-            if rec is None or rec.gone_at is not None or root_key(r.root) not in keys:
-                continue
-            failed_root = root_key(r.root) in report.failed
-            if r.action == DELETE and r.id not in report.present and not failed_root:
-                mark_gone(st, rec, now, "terminated", "destroyed by plan")
-            elif r.id in report.capacity and r.id not in report.present and rec.provisioned_at is None:
-                mark_gone(st, rec, now, "failed", "launch refused (capacity)")
-                st.record_event(ZoneEvent(EventKind.LAUNCH_FAILED, rec.location, now, rec.id))
-                self.note(f"launch of {r.id} in {rec.zone} refused: zone marked preempted", now)
-        if report.failed:
-            self._failures += 1
-            for key, text in sorted(report.failed.items()):
-                first = text.strip().splitlines()[0] if text.strip() else "failed"
-                self.note(f"apply {key} failed: {first}", now)
-        else:
-            self._failures = 0
+                    st.record_event(ZoneEvent(EventKind.LAUNCHED, rec.location, done, rec.id))
+                if self.options.assume_ready and rec.ready_at is None:
+                    rec.ready_at = done
+        for rid in result.launch_failures:
+            rec = st.replicas.get(rid)
+            zone = rec.zone if rec is not None else "?"
+            self.note(f"launch of {rid} refused in {zone}: zone marked preempted, re-planning", done)
+        if result.applied and not result.failed:
+            why = "" if plan.has_changes else " (reconciling with Terraform's state)"
+            self.note(f"applied {', '.join(result.applied)} in {done - now:.1f}s{why}", done)
+        for line in result.errors:
+            self.note(f"apply failed: {line}", done)
+        if result.detail:
+            log.debug("%s", result.detail)
+        if result.note:
+            self.note(result.note, done)
+        self._failures = self._failures + 1 if result.failed else 0
         self.save()
+        return result
+
+    def _sweep(self) -> None:
+        """Every root is converged: stop whatever runs that no live replica owns (crash leftovers)."""
+        live = {r.id for r in self.state.live()}
+        for source in self.sources:
+            sweep = getattr(source, "sweep", None)
+            if sweep is None:
+                continue
+            try:
+                stray = sweep(live)
+            except (OSError, SkyhedgeError) as exc:
+                self.note(f"orphan sweep ({source.name}) failed: {exc}")
+                continue
+            if stray:
+                self.note(f"stopped orphan replica(s) left by an earlier crash: {', '.join(stray)}")
 
     def _route(self, force: bool = False, drain: bool = False) -> None:
         if self.router is None or self.options.assume_ready:
@@ -394,7 +377,7 @@ class Controller:
             change = (f" +{','.join(added)}" if added else "") + (f" -{','.join(removed)}" if removed else "")
             self.note(f"routing: {len(wanted)} upstreams{change}", now)
 
-    def _next_delay(self, report: ApplyReport | None) -> float:
+    def _next_delay(self) -> float:
         opts = self.options
         if self._failures:
             return min(opts.max_backoff, opts.busy_interval * (2 ** min(self._failures, 10)))

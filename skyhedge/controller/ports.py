@@ -6,12 +6,12 @@ fakes (tests), and so GitOps mode is just another executor.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
 
 from skyhedge.planner import Plan
-from skyhedge.state import ReplicaRecord
+from skyhedge.state import ReplicaRecord, ServiceState
 
 Root = tuple[str, str]  # (cloud, region): one Terraform root
 
@@ -21,37 +21,34 @@ def root_key(root: Root) -> str:
 
 
 @dataclass(frozen=True)
-class Present:
-    """A replica that exists in a root's Terraform state after an apply, with its outputs."""
+class ExecResult:
+    """What one executor pass did. The facts themselves are already recorded in the state.
 
-    replica_id: str
-    endpoint: str | None = None
-    cloud_id: str | None = None
-    outputs: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class ApplyReport:
-    """What an apply achieved.
-
-    `present`: every replica the applied roots now hold (by ID). `failed`: root key -> error text
-    for roots whose apply failed (the replicas it did create are still in `present`).
-    `capacity`: IDs of replicas whose launch was refused for capacity or quota.
-    `applied`: root keys whose Terraform state now matches the desired layout.
+    `applied`: root keys applied (fully or partly); `errors`: one line per root that failed for a
+    reason other than capacity (retried with backoff); `launch_failures`: replica IDs whose launch
+    was refused for capacity or quota (recorded gone with a LAUNCH_FAILED zone event);
+    `detail`: the engine's full error text, for the log.
     """
 
-    present: dict[str, Present]
-    applied: frozenset[str] = frozenset()
-    failed: dict[str, str] = field(default_factory=dict)
-    capacity: frozenset[str] = frozenset()
+    applied: tuple[str, ...] = ()
+    errors: tuple[str, ...] = ()
+    launch_failures: tuple[str, ...] = ()
+    detail: str = ""
     note: str = ""
+
+    @property
+    def failed(self) -> bool:
+        return bool(self.errors or self.launch_failures)
 
 
 class Executor(Protocol):
-    """Makes Terraform roots match a plan's desired layout."""
+    """Makes the Terraform roots match a plan and records the outcome in the state."""
 
-    def apply(self, plan: Plan, roots: Collection[Root], records: Sequence[ReplicaRecord]) -> ApplyReport:
-        """Apply `plan.desired` for `roots` only; `records` are the state's replicas (for outputs)."""
+    def apply(self, state: ServiceState, plan: Plan, now: float) -> ExecResult:
+        """Apply `plan.desired` to every root that is not up to date (others are skipped), and
+        record in `state`: endpoints, cloud IDs and `provisioned_at` of created replicas; destroyed
+        ones gone (`terminated`); launches refused for capacity gone (`failed`) with a
+        LAUNCH_FAILED zone event. Must not raise for a failed root: report it."""
         ...
 
 

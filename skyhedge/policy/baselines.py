@@ -17,6 +17,7 @@ default. Like SpotHedge they work on any `Observation` (plan, watch, simulate).
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
@@ -105,15 +106,13 @@ class EvenSpread(_SpotBaseline):
     name: ClassVar[str] = "even"
 
     def _place(self, zones: list[Candidate], count: int, holding: dict[Location, int]) -> list[Location]:
+        heap = [(holding.get(c.location, 0), c.spot_price, i) for i, c in enumerate(zones)]
+        heapq.heapify(heap)
         chosen: list[Location] = []
         for _ in range(count):
-            best = min(
-                range(len(zones)),
-                key=lambda i: (holding.get(zones[i].location, 0), zones[i].spot_price, i),
-            )
-            location = zones[best].location
-            holding[location] = holding.get(location, 0) + 1
-            chosen.append(location)
+            held, price, i = heapq.heappop(heap)
+            chosen.append(zones[i].location)
+            heapq.heappush(heap, (held + 1, price, i))
         return chosen
 
 

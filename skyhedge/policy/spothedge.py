@@ -30,6 +30,7 @@ tuple.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from itertools import islice
 from typing import Any, ClassVar
 
 from skyhedge.errors import PolicyError
@@ -168,9 +169,7 @@ class SpotHedge(Policy):
 
     def zone_status(self, candidates: Sequence[Candidate]) -> dict[Location, str]:
         """ACTIVE/PREEMPTED per candidate location, as the next decision would see it."""
-        return {
-            c.location: ("PREEMPTED" if c.location in self._preempted else "ACTIVE") for c in candidates
-        }
+        return {c.location: ("PREEMPTED" if c.location in self._preempted else "ACTIVE") for c in candidates}
 
     def snapshot(self) -> dict[str, Any]:
         return {"preempted": sorted(location.key for location in self._preempted)}
@@ -195,25 +194,21 @@ class SpotHedge(Policy):
         self._ondemand_best = _cheapest_ondemand(candidates).location if candidates else None
 
     def place_spot(self, count: int, holding: dict[Location, int]) -> list[Location]:
-        """Locations for `count` new spot replicas given the spot replicas per location now."""
+        """Locations for `count` new spot replicas given the spot replicas per location now.
+
+        The cheapest ACTIVE locations holding none come first, one replica each (so replicas sit in
+        distinct zones while distinct ACTIVE zones remain); the rest go to the cheapest ACTIVE one.
+        """
+        if count <= 0:
+            return []
         preempted = self._preempted
-        chosen: list[Location] = []
-        for _ in range(count):
-            pick: Location | None = None
-            first_active: Location | None = None
-            for location in self._spot_order:
-                if location in preempted:
-                    continue
-                if first_active is None:
-                    first_active = location
-                if not holding.get(location):
-                    pick = location
-                    break
-            pick = pick or first_active
-            if pick is None:  # no candidate at all
-                break
-            holding[pick] = holding.get(pick, 0) + 1
-            chosen.append(pick)
+        active = [location for location in self._spot_order if location not in preempted]
+        if not active:
+            return []
+        chosen = list(islice((loc for loc in active if not holding.get(loc)), count))
+        chosen.extend([active[0]] * (count - len(chosen)))
+        for location in chosen:
+            holding[location] = holding.get(location, 0) + 1
         return chosen
 
     def decide(self, obs: Observation) -> list[Decision]:

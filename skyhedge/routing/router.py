@@ -132,7 +132,8 @@ class Router:
 
     def down(self, *, timeout: float = 10.0) -> None:
         """Graceful quit (in-flight requests finish, bounded by `timeout`), then fast, then kill."""
-        self.paths.prefix.mkdir(parents=True, exist_ok=True)
+        if not self.paths.prefix.is_dir():
+            return  # never started here
         with self._locked():
             pid = self.pid()
             if pid is not None:
@@ -234,7 +235,8 @@ class Router:
         if text == current:
             # Nothing changes: no needless worker churn. Workers still finishing an earlier reload
             # may hold requests to replicas removed then, so a drain waits for them.
-            self._write_meta(ups, status_port)
+            if self._read_meta() != self._meta(ups, status_port):
+                self._write_meta(ups, status_port)
             return {p for p, title in before.items() if "shutting down" in title}
         self._install(text)
         os.kill(pid, signal.SIGHUP)
@@ -282,6 +284,10 @@ class Router:
             return {}
         return data if isinstance(data, dict) else {}
 
+    @staticmethod
+    def _meta(ups: list[Upstream], status_port: int | None) -> dict[str, Any]:
+        return {"upstreams": [u.to_json() for u in ups], "status_port": status_port}
+
     def _write_meta(self, ups: list[Upstream], status_port: int | None) -> None:
-        meta = {"upstreams": [u.to_json() for u in ups], "status_port": status_port}
-        atomic_write_text(self.paths.meta, json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        text = json.dumps(self._meta(ups, status_port), indent=2, sort_keys=True) + "\n"
+        atomic_write_text(self.paths.meta, text)

@@ -164,7 +164,12 @@ def summarize(stats: Sequence[LatencyStats]) -> dict[str, float]:
     latencies = np.concatenate([s.latencies for s in stats]) if stats else np.zeros(0)
     failures = sum(s.failures for s in stats)
     if len(latencies) == 0:
-        return {"latency_p50": math.nan, "latency_p90": math.nan, "latency_p99": math.nan, "failure_rate": 0.0}
+        return {
+            "latency_p50": math.nan,
+            "latency_p90": math.nan,
+            "latency_p99": math.nan,
+            "failure_rate": 0.0,
+        }
     p50, p90, p99 = np.percentile(latencies, [50, 90, 99])
     return {
         "latency_p50": float(p50),

@@ -19,6 +19,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from skyhedge.simulator.runner import Summary  # noqa: E402
 from skyhedge.simulator.traces import TICK_SECONDS, Trace  # noqa: E402
@@ -83,11 +84,19 @@ def plot_results(
         for i, z in enumerate(order):
             zax = fig.add_subplot(grid[1 + i])
             zax.fill_between(
-                hours, np.minimum(capacity[i], ceiling), step="post", alpha=0.25, color="grey", label="capacity"
+                hours,
+                np.minimum(capacity[i], ceiling),
+                step="post",
+                alpha=0.25,
+                color="grey",
+                label="capacity",
             )
             if timeline.spot_by_zone is not None:
-                zax.step(hours, timeline.spot_by_zone[i], where="post", color="tab:blue", label="spot replicas")
+                zax.step(
+                    hours, timeline.spot_by_zone[i], where="post", color="tab:blue", label="spot replicas"
+                )
             zax.set_ylim(0, ceiling + 0.5)
+            zax.yaxis.set_major_locator(MaxNLocator(integer=True))
             zax.set_ylabel(trace.zones[z].zone, fontsize=8)
             zax.tick_params(labelbottom=False)
             if i == 0:
@@ -102,6 +111,7 @@ def plot_results(
         tax.axhline(target, color="black", linestyle=":", linewidth=1, label="target")
         tax.set_xlabel("hours into the window")
         tax.set_ylabel("replicas", fontsize=8)
+        tax.yaxis.set_major_locator(MaxNLocator(integer=True))
         tax.legend(fontsize=7, loc="upper right", ncol=3)
 
     fig.tight_layout()

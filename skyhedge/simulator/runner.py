@@ -118,7 +118,7 @@ class WindowResult:
     availability: float
     relative_cost: float
     cost: float
-    spot_share: float
+    spot_share: float  # spot replica-ticks / all replica-ticks; NaN when none ran
     preemptions: int
     launch_failures: int
     seconds: float
@@ -147,7 +147,7 @@ class Summary:
             "relative_cost_std": _num(rc.std()),
             "runs": len(self.windows),
             "availability_target_met": _num(np.mean(av >= SLO)),
-            "spot_share": _num(np.mean([w.spot_share for w in self.windows])),
+            "spot_share": _mean_defined([w.spot_share for w in self.windows]),
             "preemptions": _num(np.mean([w.preemptions for w in self.windows])),
             "launch_failures": _num(np.mean([w.launch_failures for w in self.windows])),
             "seconds_per_window": _num(np.mean([w.seconds for w in self.windows])),
@@ -164,6 +164,11 @@ class Summary:
         return out
 
 
+def _mean_defined(values: Sequence[float]) -> float | None:
+    defined = [v for v in values if not math.isnan(v)]
+    return _num(sum(defined) / len(defined)) if defined else None
+
+
 def _num(value: float) -> float | None:
     value = float(value)
     return None if math.isnan(value) else round(value, 6)
@@ -178,7 +183,9 @@ def check_policies(names: Sequence[str]) -> None:
 
 def make_windows(trace: Trace, config: SimConfig) -> list[Window]:
     if config.ticks <= config.cold_start_ticks:
-        raise TraceError(f"--ticks {config.ticks} must exceed the cold start ({config.cold_start_ticks} ticks)")
+        raise TraceError(
+            f"--ticks {config.ticks} must exceed the cold start ({config.cold_start_ticks} ticks)"
+        )
     if trace.ticks < config.ticks:
         raise TraceError(
             f"{trace.source}: {trace.ticks} ticks ({trace.hours:.1f} h) of trace, "
@@ -189,7 +196,8 @@ def make_windows(trace: Trace, config: SimConfig) -> list[Window]:
     offsets = rng.randint(0, span, size=config.repeats) if span > 0 else np.zeros(config.repeats, int)
     zones = len(trace.zones)
     return [
-        Window(i, int(offset), tuple(int(z) for z in rng.permutation(zones))) for i, offset in enumerate(offsets)
+        Window(i, int(offset), tuple(int(z) for z in rng.permutation(zones)))
+        for i, offset in enumerate(offsets)
     ]
 
 
@@ -243,9 +251,7 @@ def run_window(
         od_zone = np.zeros_like(result.spot_plan)
         if prices is not None:
             od_zone[int(np.argmin(prices[1]))] = result.ondemand_plan
-        timeline = Timeline(
-            timeline.ready, timeline.spot, timeline.ondemand, result.spot_plan, od_zone, 0, 0
-        )
+        timeline = Timeline(timeline.ready, timeline.spot, timeline.ondemand, result.spot_plan, od_zone, 0, 0)
     else:
         if prices is None:
             candidates = [Candidate(trace.zones[z], 1.0, config.ondemand_cost_ratio) for z in order]
@@ -274,7 +280,7 @@ def run_window(
         availability=scored.availability,
         relative_cost=scored.relative_cost,
         cost=scored.cost,
-        spot_share=spot_ticks / (spot_ticks + od_ticks) if spot_ticks + od_ticks else 0.0,
+        spot_share=spot_ticks / (spot_ticks + od_ticks) if spot_ticks + od_ticks else math.nan,
         preemptions=timeline.preemptions,
         launch_failures=timeline.launch_failures,
         seconds=seconds,

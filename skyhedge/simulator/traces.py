@@ -83,7 +83,9 @@ def location_for_zone(zone: str) -> Location:
     return Location("trace", zone, zone)
 
 
-def resample(values: Sequence[float] | np.ndarray, gap_seconds: float, ticks: int | None = None) -> np.ndarray:
+def resample(
+    values: Sequence[float] | np.ndarray, gap_seconds: float, ticks: int | None = None
+) -> np.ndarray:
     """Values on the 30 s grid: tick t takes ``values[floor(t*30/gap)]``."""
     values = np.asarray(values)
     if ticks is None:
@@ -132,10 +134,10 @@ def _build(
         if zone in seen:
             raise TraceError(f"{path}: zone {zone.zone} appears twice; keep one instance type per trace")
         seen[zone] = i
-    ticks = min(int(math.floor(len(s) * g / TICK_SECONDS + 1e-9)) for s, g in zip(series, gaps))
+    ticks = min(int(math.floor(len(s) * g / TICK_SECONDS + 1e-9)) for s, g in zip(series, gaps, strict=True))
     if ticks <= 0:
         raise TraceError(f"{path}: the shortest zone trace is shorter than one 30 s tick")
-    capacity = np.stack([resample(s, g, ticks) for s, g in zip(series, gaps)]).astype(np.int64)
+    capacity = np.stack([resample(s, g, ticks) for s, g in zip(series, gaps, strict=True)]).astype(np.int64)
     binary = bool(np.all(capacity <= 1))
     availability_only = binary if binary_is_unlimited is None else binary_is_unlimited and binary
     if availability_only:
@@ -143,7 +145,7 @@ def _build(
     spot_prices = None
     if any(p is not None for p in prices):
         spot_prices = np.full(capacity.shape, np.nan)
-        for z, (p, g) in enumerate(zip(prices, gaps)):
+        for z, (p, g) in enumerate(zip(prices, gaps, strict=True)):
             if p is not None:
                 spot_prices[z] = resample(p, g, ticks)
     name = path.stem if path.is_file() else path.name
@@ -176,7 +178,9 @@ def _read_json_dir(
         if price is not None:
             price_arr = _numbers(file, "prices", price, integral=False)
             if len(price_arr) != len(data):
-                raise TraceError(f"{file}: prices: expected {len(data)} entries like data, got {len(price_arr)}")
+                raise TraceError(
+                    f"{file}: prices: expected {len(data)} entries like data, got {len(price_arr)}"
+                )
         zone = file.stem.split("_", 1)[0]
         zones.append(location_for_zone(zone))
         series.append(data)

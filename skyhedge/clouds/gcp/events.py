@@ -198,7 +198,10 @@ class GcpEventSource(EventSource):
             for rec in mine:
                 if rec.zone != zone or not rec.cloud_id:
                     continue
-                name = rec.cloud_id if rec.cloud_id in status else by_label.get(rec.id, rec.cloud_id)
+                # The module records the self link as cloud ID and the instance name in its outputs.
+                name = str(rec.outputs.get("name") or _last(rec.cloud_id) or rec.cloud_id)
+                if name not in status:
+                    name = by_label.get(rec.id, name)
                 st = status.get(name)
                 if st is None:
                     events.append(

@@ -1,0 +1,69 @@
+"""Simulation speed on the paper's AWS2 trace: every policy but `optimal` over 10 windows of 24 h
+(one figure, and one per policy), then the omniscient optimum's integer program per window.
+Prints figures; asserts nothing.
+
+    PYTHONPATH=. python3 benchmarks/simulate_bench.py [--trace ../shared/traces/skyserve/AWS2]
+        [--repeats 10] [--optimal-windows 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+from skyhedge.simulator import OPTIMAL, SimConfig, load_trace, make_windows, run_window, simulate
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_TRACE = REPO.parent / "shared" / "traces" / "skyserve" / "AWS2"
+POLICIES = ["spothedge", "skyserve", "ondemand", "even", "rr", "single-region"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--trace", type=Path, default=DEFAULT_TRACE)
+    ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--optimal-windows", type=int, default=10)
+    args = ap.parse_args()
+
+    trace = load_trace(args.trace)
+    config = SimConfig(repeats=args.repeats)
+    print(
+        f"trace {trace.name}: {len(trace.zones)} zones, {trace.ticks} ticks; {args.repeats} windows of 2880"
+    )
+
+    started = time.perf_counter()
+    summaries = simulate([trace], POLICIES, config, keep_timelines_of=None)
+    wall = time.perf_counter() - started
+    decisions = len(POLICIES) * args.repeats * config.ticks
+    print(
+        f"all policies but optimal ({', '.join(POLICIES)}): {wall:.2f} s wall "
+        f"({decisions} decisions, {1e6 * wall / decisions:.0f} us per tick incl. the world)"
+    )
+    for summary in summaries:
+        seconds = sum(w.seconds for w in summary.windows)
+        data = summary.to_json()
+        print(
+            f"  {summary.policy:14s} {seconds:6.2f} s   availability {data['availability']:.3f}"
+            f"  relative cost {data['relative_cost']:.3f}"
+        )
+
+    windows = make_windows(trace, config)[: args.optimal_windows]
+    times = []
+    for window in windows:
+        started = time.perf_counter()
+        result = run_window(trace, window, OPTIMAL, config)
+        times.append(time.perf_counter() - started)
+        print(
+            f"  optimal window {window.index} (offset {window.offset}): {times[-1]:.2f} s, "
+            f"relative cost {result.relative_cost:.3f}"
+        )
+    print(
+        f"optimal per window: median {statistics.median(times):.2f} s, mean {statistics.mean(times):.2f} s, "
+        f"max {max(times):.2f} s over {len(times)} windows"
+    )
+
+
+if __name__ == "__main__":
+    main()

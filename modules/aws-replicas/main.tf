@@ -1,0 +1,119 @@
+# One EC2 instance per replica, keyed by its stable skyhedge ID. Spot replicas are one-time spot
+# requests that terminate on interruption: skyhedge replaces them, AWS must not restart them.
+
+locals {
+  zones  = toset([for r in values(var.replicas) : r.zone])
+  vpc_id = var.vpc_id != null ? var.vpc_id : data.aws_vpc.default[0].id
+  subnet_for_zone = var.subnet_ids != null ? var.subnet_ids : {
+    for zone, subnet in data.aws_subnet.zone : zone => subnet.id
+  }
+  image_id = var.image_id != null ? var.image_id : nonsensitive(data.aws_ssm_parameter.image[0].value)
+  tags = merge(var.tags, {
+    "skyhedge:service" = var.service
+    "ManagedBy"        = "skyhedge"
+  })
+}
+
+data "aws_ssm_parameter" "image" {
+  count = var.image_id == null ? 1 : 0
+  name  = var.image_ssm_parameter
+}
+
+data "aws_vpc" "default" {
+  count   = var.vpc_id == null ? 1 : 0
+  default = true
+}
+
+data "aws_subnet" "zone" {
+  for_each = var.subnet_ids == null ? local.zones : toset([])
+
+  vpc_id               = local.vpc_id
+  availability_zone_id = each.key
+  default_for_az       = true
+}
+
+resource "aws_security_group" "replicas" {
+  name_prefix = "skyhedge-${var.service}-"
+  description = "skyhedge service ${var.service}: model server port"
+  vpc_id      = local.vpc_id
+  tags        = local.tags
+
+  ingress {
+    description = "model server"
+    from_port   = var.port
+    to_port     = var.port
+    protocol    = "tcp"
+    cidr_blocks = var.ingress_cidrs
+  }
+
+  egress {
+    description = "all outbound (model downloads, package installs)"
+    from_port   = 0
+    to_port     = 0
+    protocol    = "-1"
+    cidr_blocks = ["0.0.0.0/0"]
+  }
+
+  lifecycle {
+    create_before_destroy = true
+  }
+}
+
+resource "aws_instance" "replica" {
+  for_each = var.replicas
+
+  ami                    = local.image_id
+  instance_type          = var.instance_type
+  subnet_id              = local.subnet_for_zone[each.value.zone]
+  vpc_security_group_ids = [aws_security_group.replicas.id]
+  key_name               = var.key_name
+  iam_instance_profile   = var.iam_instance_profile
+
+  # The boot script is module code; the spec's values reach it only as base64 JSON (inert).
+  user_data_base64 = base64encode(templatefile("${path.module}/user_data.sh.tftpl", {
+    config = base64encode(jsonencode({
+      replica_id = each.key
+      service    = var.service
+      port       = var.port
+      command    = var.run.command
+      image      = var.run.image
+      setup      = var.run.setup
+      env        = var.run.env
+    }))
+  }))
+
+  dynamic "instance_market_options" {
+    for_each = each.value.market == "spot" ? [each.key] : []
+    content {
+      market_type = "spot"
+      spot_options {
+        spot_instance_type             = "one-time"
+        instance_interruption_behavior = "terminate"
+      }
+    }
+  }
+
+  root_block_device {
+    volume_size           = var.disk_size
+    volume_type           = "gp3"
+    encrypted             = true
+    delete_on_termination = true
+  }
+
+  metadata_options {
+    http_tokens = "required"
+  }
+
+  tags = merge(local.tags, {
+    "Name"                = "skyhedge-${var.service}-${each.key}"
+    "skyhedge:replica"    = each.key
+    "skyhedge:market"     = each.value.market
+    "skyhedge:zone"       = each.value.zone
+    "skyhedge:managed-by" = "terraform"
+  })
+
+  lifecycle {
+    # A newer AMI behind the SSM parameter must not replace running replicas.
+    ignore_changes = [ami]
+  }
+}

@@ -1,0 +1,104 @@
+# One Compute Engine instance per replica, keyed by its stable skyhedge ID. Spot replicas use the
+# SPOT provisioning model and are deleted (not stopped) on preemption: skyhedge replaces them.
+
+locals {
+  image = var.image != null ? var.image : "projects/deeplearning-platform-release/global/images/family/common-cu124-ubuntu-2204-py310"
+  tag   = "skyhedge-${var.service}"
+  labels = merge(var.labels, {
+    "skyhedge-service" = var.service
+    "managed-by"       = "skyhedge"
+  })
+}
+
+resource "google_compute_firewall" "replicas" {
+  project       = var.project
+  name          = "skyhedge-${var.service}-${var.region}"
+  network       = var.network
+  description   = "skyhedge: model server port of the replicas"
+  direction     = "INGRESS"
+  source_ranges = var.ingress_cidrs
+  target_tags   = [local.tag]
+
+  allow {
+    protocol = "tcp"
+    ports    = [tostring(var.port)]
+  }
+}
+
+resource "google_compute_instance" "replica" {
+  for_each = var.replicas
+
+  project      = var.project
+  name         = "skyhedge-${var.service}-${each.key}"
+  zone         = each.value.zone
+  machine_type = var.machine_type
+  tags         = [local.tag]
+
+  labels = merge(local.labels, {
+    "skyhedge-replica" = each.key
+    "skyhedge-market"  = each.value.market
+  })
+
+  boot_disk {
+    auto_delete = true
+    initialize_params {
+      image = local.image
+      size  = var.disk_size
+      type  = "pd-balanced"
+    }
+  }
+
+  network_interface {
+    network = var.network
+    access_config {}
+  }
+
+  dynamic "guest_accelerator" {
+    for_each = var.accelerator == null ? [] : [var.accelerator]
+    content {
+      type  = guest_accelerator.value.type
+      count = guest_accelerator.value.count
+    }
+  }
+
+  # The boot script is module code; the spec's values reach it only as base64 JSON (inert).
+  metadata = {
+    startup-script = templatefile("${path.module}/startup.sh.tftpl", {
+      config = base64encode(jsonencode({
+        replica_id = each.key
+        service    = var.service
+        port       = var.port
+        command    = var.run.command
+        image      = var.run.image
+        setup      = var.run.setup
+        env        = var.run.env
+      }))
+    })
+  }
+
+  dynamic "scheduling" {
+    for_each = each.value.market == "spot" ? [each.key] : []
+    content {
+      provisioning_model          = "SPOT"
+      preemptible                 = true
+      automatic_restart           = false
+      instance_termination_action = "DELETE"
+      on_host_maintenance         = "TERMINATE"
+    }
+  }
+
+  dynamic "scheduling" {
+    for_each = each.value.market == "spot" ? [] : [each.key]
+    content {
+      provisioning_model  = "STANDARD"
+      preemptible         = false
+      automatic_restart   = true
+      on_host_maintenance = var.gpu ? "TERMINATE" : "MIGRATE"
+    }
+  }
+
+  lifecycle {
+    # A newer image in the family must not replace running replicas.
+    ignore_changes = [boot_disk[0].initialize_params[0].image]
+  }
+}

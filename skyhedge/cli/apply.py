@@ -1,0 +1,203 @@
+"""`skyhedge apply | destroy | status SPEC`: run the plan through Terraform and show what runs."""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from skyhedge.apply import ApplyReport, apply_service, destroy_service, live_rows
+from skyhedge.cli._app import console, err_console, main, report_error, spec_argument, state_dir_option
+from skyhedge.cli.plan import render_plan_table
+from skyhedge.engine import PlanResult, replica_of
+from skyhedge.planner import Plan
+from skyhedge.render import RenderedRoot
+from skyhedge.spec import load_spec
+from skyhedge.state import ReplicaRecord, default_state_dir, load_state
+
+_terraform_bin_option = click.option(
+    "--terraform-bin",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Use this terraform or tofu binary instead of the embedded engine (also: $SKYHEDGE_TERRAFORM).",
+)
+
+
+class ProgressView:
+    """Turns Terraform's -json events (from several roots at once) into one rich progress bar per root."""
+
+    def __init__(self, progress: Progress) -> None:
+        self.progress = progress
+        self.tasks: dict[str, Any] = {}
+        self.lock = threading.Lock()
+
+    def __call__(self, root: str, event: dict[str, Any]) -> None:
+        kind = event.get("type")
+        with self.lock:
+            if kind == "change_summary" and event.get("changes", {}).get("operation") == "plan":
+                ch = event["changes"]
+                total = int(ch.get("add", 0)) + int(ch.get("change", 0)) + int(ch.get("remove", 0))
+                if root not in self.tasks:
+                    self.tasks[root] = self.progress.add_task(root, total=max(total, 1))
+                if total == 0:
+                    self.progress.update(self.tasks[root], completed=1)
+            elif kind in {"apply_complete", "apply_errored"}:
+                hook = event.get("hook", {})
+                if root in self.tasks:
+                    self.progress.advance(self.tasks[root])
+                if kind == "apply_errored":
+                    rid = replica_of(hook.get("resource", {}).get("addr")) or hook.get("resource", {}).get("addr")
+                    self.progress.console.print(f"[red]{root}: {rid}: {hook.get('action', 'apply')} failed[/]")
+
+
+def _confirm_apply(auto_approve: bool):  # type: ignore[no-untyped-def]
+    def confirm(plan: Plan, roots: Sequence[RenderedRoot], previews: dict[str, PlanResult]) -> bool:
+        console.print(render_plan_table(plan))
+        console.print("Terraform roots to apply:")
+        for root in roots:
+            p = previews.get(root.path)
+            counts = f"+{p.add} ~{p.change} -{p.remove}" if p else "?"
+            console.print(f"  {root.path}: {counts}")
+        if auto_approve:
+            return True
+        return click.confirm("Apply these changes?", default=False)
+
+    return None if auto_approve else confirm
+
+
+def _print_apply_report(report: ApplyReport, state_dir: Path) -> None:
+    for f in report.launch_failures:
+        err_console.print(f"[yellow]{f.replica_id}[/]: {f.market} launch refused in {f.location}: {f.message.strip()}")
+    if report.applied_roots:
+        console.print(
+            f"Applied {', '.join(report.applied_roots)}: {len(report.created)} created, "
+            f"{len(report.deleted)} destroyed"
+            + (f" (in {report.rounds} rounds)" if report.rounds > 1 else "")
+            + "."
+        )
+    elif report.plan is not None and not report.errors:
+        console.print("No changes: every Terraform root is up to date.")
+    if report.ready:
+        console.print(f"Ready: {', '.join(report.ready)}")
+    if report.router:
+        console.print(f"Router: {report.router.get('endpoint')} ({len(report.router.get('upstreams', []))} upstreams)")
+    for note in report.notes:
+        console.print(f"[dim]{note}[/]")
+    for err in report.errors[1:]:
+        report_error(err)
+
+
+@main.command()
+@spec_argument
+@state_dir_option
+@click.option("--auto-approve", is_flag=True, help="Apply without showing the plan and asking.")
+@_terraform_bin_option
+@click.option("--no-wait", is_flag=True, help="Do not wait for new replicas to pass the readiness probe.")
+@click.option("--no-routing", is_flag=True, help="Leave the router alone (no drain, no reload).")
+def apply(
+    spec: Path, state_dir: Path | None, auto_approve: bool, terraform_bin: str | None, no_wait: bool,
+    no_routing: bool,
+) -> None:
+    """Plan, show, confirm, then apply the changed Terraform roots of SPEC in parallel."""
+    service = load_spec(spec)
+    sdir = state_dir or default_state_dir(service.name)
+    with Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console,
+    ) as progress:
+        report = apply_service(
+            service,
+            sdir,
+            terraform_bin=terraform_bin,
+            confirm=_confirm_apply(auto_approve),
+            wait=not no_wait,
+            route=not no_routing,
+            on_event=ProgressView(progress),
+            say=lambda text: progress.console.print(f"[dim]{text}[/]"),
+        )
+    if report.cancelled:
+        console.print("Apply cancelled; nothing changed.")
+        sys.exit(1)
+    _print_apply_report(report, sdir)
+    if report.errors:
+        raise report.errors[0]
+    if report.not_ready:
+        logs = f" (logs: {sdir / 'local' / 'replicas'}/ID.log)" if "local" in service.placement.clouds else ""
+        err_console.print(
+            f"error: not ready after {service.readiness_probe.initial_delay_seconds}s: "
+            f"{', '.join(report.not_ready)}{logs}"
+        )
+        sys.exit(1)
+
+
+def _confirm_destroy(records: Sequence[ReplicaRecord], roots: Sequence[str]) -> bool:
+    console.print(f"Destroying {len(records)} replica(s) in {', '.join(roots)}:")
+    for r in records:
+        console.print(f"  {r.id}  {r.location}  {r.market}")
+    return click.confirm("Destroy them?", default=False)
+
+
+@main.command()
+@spec_argument
+@state_dir_option
+@click.option("--auto-approve", is_flag=True, help="Destroy without asking.")
+@_terraform_bin_option
+def destroy(spec: Path, state_dir: Path | None, auto_approve: bool, terraform_bin: str | None) -> None:
+    """Take the router down and destroy every replica of SPEC (all Terraform roots, in parallel)."""
+    service = load_spec(spec)
+    sdir = state_dir or default_state_dir(service.name)
+    report = destroy_service(
+        service,
+        sdir,
+        terraform_bin=terraform_bin,
+        confirm=None if auto_approve else _confirm_destroy,
+        say=lambda text: console.print(f"[dim]{text}[/]"),
+    )
+    if report.cancelled:
+        console.print("Destroy cancelled; nothing changed.")
+        sys.exit(1)
+    for err in report.errors[1:]:
+        report_error(err)
+    if report.errors:
+        raise report.errors[0]
+    if not report.roots:
+        console.print("Nothing to destroy.")
+    else:
+        console.print(f"Destroyed {len(report.destroyed)} replica(s) in {', '.join(report.roots)}.")
+
+
+def status_json(service_name: str, rows: list[dict[str, Any]], router: dict[str, Any] | None) -> dict[str, Any]:
+    """The documented `status --json` object: `service`, `replicas` (rows) and `router`."""
+    return {"service": service_name, "replicas": rows, "router": router}
+
+
+@main.command()
+@spec_argument
+@state_dir_option
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the table.")
+@click.option("--all", "include_gone", is_flag=True, help="Include replicas that are gone (preempted, failed...).")
+def status(spec: Path, state_dir: Path | None, as_json: bool, include_gone: bool) -> None:
+    """Show the replicas of SPEC as recorded in the state: where, which market, endpoint and state."""
+    service = load_spec(spec)
+    sdir = state_dir or default_state_dir(service.name)
+    state = load_state(sdir, service.name)
+    rows = live_rows(state, include_gone=include_gone)
+    if as_json:
+        click.echo(json.dumps(status_json(service.name, rows, state.router), indent=2))
+        return
+    table = Table(title=f"skyhedge status: {service.name}")
+    for col in ("id", "cloud", "region", "zone", "market", "state", "endpoint"):
+        table.add_column(col)
+    for row in rows:
+        table.add_row(*(str(row[c] or "-") for c in ("id", "cloud", "region", "zone", "market", "state", "endpoint")))
+    console.print(table)
+    if state.router:
+        console.print(f"Router: {state.router.get('endpoint')} (pid {state.router.get('pid')})")
+    else:
+        console.print("Router: not running")

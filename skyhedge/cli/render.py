@@ -1,0 +1,48 @@
+"""`skyhedge render SPEC --out DIR`: write the plan's Terraform tree, e.g. into a GitOps repository."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import click
+
+from skyhedge.apply import Workspace, roots_with_resources
+from skyhedge.cli._app import console, main, spec_argument, state_dir_option
+from skyhedge.render import render_tree, write_tree
+from skyhedge.service import compute_plan, resolve_placement
+from skyhedge.spec import load_spec
+from skyhedge.state import default_state_dir, load_state
+
+
+@main.command()
+@spec_argument
+@click.option(
+    "--out",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Directory to write the tree into (created, or replaced if skyhedge rendered it before).",
+)
+@state_dir_option
+def render(spec: Path, out: Path, state_dir: Path | None) -> None:
+    """Render SPEC's plan as Terraform: one root per (cloud, region), values in *.auto.tfvars.json.
+
+    Reads the state (to keep replica IDs stable) but never writes it. Same spec and state give a
+    byte-identical tree; the tree is written to a temp dir and renamed into place.
+    """
+    service = load_spec(spec)
+    sdir = state_dir or default_state_dir(service.name)
+    state = load_state(sdir, service.name)
+    placement = resolve_placement(service)
+    plan, _memory = compute_plan(service, state, now=time.time(), placement=placement)
+    tree = render_tree(
+        service,
+        plan,
+        context=Workspace(service, sdir).context(),
+        instance_types=placement.instance_types,
+        extra_roots=roots_with_resources(state),
+    )
+    write_tree(tree, out)
+    console.print(f"Rendered {len(tree.roots)} Terraform root(s) for {service.name} into {out}:")
+    for root in tree.roots:
+        console.print(f"  {root.path}/  {len(root.replicas)} replica(s)  [dim]{root.digest[:12]}[/]")

@@ -1,0 +1,255 @@
+"""`skyhedge watch | up | preempt | aws setup-events`: the controller's commands."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from skyhedge.cli._app import console, err_console, main, spec_argument, state_dir_option
+from skyhedge.controller.loop import ControllerOptions
+from skyhedge.errors import SpecError
+from skyhedge.service import resolve_placement
+from skyhedge.spec import ServiceSpec, load_spec
+from skyhedge.state import default_state_dir
+
+_terraform_bin = click.option(
+    "--terraform-bin",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Use this terraform or tofu binary instead of the embedded engine (also: $SKYHEDGE_TERRAFORM).",
+)
+_interval = click.option(
+    "--interval",
+    type=click.FloatRange(min=0.1),
+    default=10.0,
+    show_default=True,
+    help="Seconds between reconcile passes when nothing happens (events wake it sooner).",
+)
+_policy = click.option("--policy", default=None, help="Override replica_policy.policy.")
+
+
+def _setup_logging(level: str, path: Path | None = None) -> None:
+    handler: logging.Handler = logging.FileHandler(path) if path else logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+    root = logging.getLogger("skyhedge")
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    root.propagate = False
+
+
+def _load(spec: Path, state_dir: Path | None) -> tuple[ServiceSpec, Path]:
+    service = load_spec(spec)
+    return service, state_dir or default_state_dir(service.name)
+
+
+@main.command()
+@spec_argument
+@state_dir_option
+@click.option(
+    "--gitops",
+    "gitops",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    metavar="REPO_DIR",
+    help="Write the re-rendered tree into this git working copy and commit it "
+    "instead of applying (CI applies).",
+)
+@click.option(
+    "--gitops-path",
+    default=None,
+    metavar="SUBDIR",
+    help="Folder of REPO_DIR the tree is written to (default: the service name).",
+)
+@click.option("--once", is_flag=True, help="Run one reconcile pass and exit.")
+@_interval
+@_terraform_bin
+@_policy
+@click.option("--no-routing", is_flag=True, help="Do not manage the nginx router.")
+@click.option(
+    "--log-level", type=click.Choice(["debug", "info", "warning"]), default="info", show_default=True
+)
+def watch(
+    spec: Path,
+    state_dir: Path | None,
+    gitops: Path | None,
+    gitops_path: str | None,
+    once: bool,
+    interval: float,
+    terraform_bin: str | None,
+    policy: str | None,
+    no_routing: bool,
+    log_level: str,
+) -> None:
+    """Keep SPEC's service up on spot capacity: react to preemptions, re-plan, apply, route."""
+    from skyhedge.controller.runner import Watcher
+
+    service, sdir = _load(spec, state_dir)
+    _setup_logging(log_level)
+    options = ControllerOptions(interval=interval, policy=policy)
+    with Watcher(
+        service,
+        sdir,
+        options=options,
+        gitops=gitops,
+        gitops_subdir=gitops_path,
+        terraform_bin=terraform_bin,
+        route=not no_routing,
+    ) as watcher:
+        mode = f"gitops into {gitops}" if gitops else "applying with Terraform"
+        err_console.print(
+            f"watching {service.name} ({mode}); state in {sdir}; Ctrl-C stops the watcher "
+            "(the service keeps running)"
+        )
+        watcher.run(once=once)
+
+
+@main.command()
+@spec_argument
+@state_dir_option
+@click.option(
+    "--market-trace",
+    type=click.Path(exists=True, path_type=Path),
+    default=None,
+    metavar="DIR",
+    help="Drive the local zones' spot capacity from a real trace (../shared/traces format).",
+)
+@click.option(
+    "--speedup",
+    type=click.FloatRange(min=0.001),
+    default=60.0,
+    show_default=True,
+    help="Trace seconds per real second.",
+)
+@click.option("--no-dashboard", is_flag=True, help="Log lines instead of the live dashboard.")
+@click.option("--down-on-exit", is_flag=True, help="Destroy the replicas and the router when stopped.")
+@_interval
+@_terraform_bin
+@_policy
+def up(
+    spec: Path,
+    state_dir: Path | None,
+    market_trace: Path | None,
+    speedup: float,
+    no_dashboard: bool,
+    down_on_exit: bool,
+    interval: float,
+    terraform_bin: str | None,
+    policy: str | None,
+) -> None:
+    """Apply SPEC, bring routing up and watch it, with a live dashboard (= apply + routing + watch)."""
+    from skyhedge.controller.runner import Watcher
+
+    service, sdir = _load(spec, state_dir)
+    sdir.mkdir(parents=True, exist_ok=True)
+    log_file = sdir / "watch.log"
+    _setup_logging("info", None if no_dashboard else log_file)
+    options = ControllerOptions(interval=interval, policy=policy, busy_interval=0.5)
+    replay = None
+    with Watcher(service, sdir, options=options, terraform_bin=terraform_bin) as watcher:
+        ctl = watcher.controller
+        assert ctl is not None
+        if market_trace is not None:
+            from skyhedge.controller.market import MarketReplay
+
+            zones = [c.location.zone for c in ctl.placement.candidates if c.location.cloud == "local"]
+            replay = MarketReplay(market_trace, zones, sdir, speedup=speedup, on_change=lambda t: ctl.note(t))
+            ctl.note(replay.describe())
+            replay.start()
+        endpoint = f"http://{service.service.host}:{service.service.port}"
+        try:
+            if no_dashboard:
+                err_console.print(
+                    f"{service.name}: serving at {endpoint} once replicas are READY; Ctrl-C stops"
+                )
+                watcher.run()
+            else:
+                from skyhedge.controller.dashboard import Dashboard
+
+                with Dashboard(ctl, endpoint=endpoint, console=console):
+                    watcher.run()
+        finally:
+            if replay is not None:
+                replay.stop()
+    if down_on_exit:
+        from skyhedge.apply import destroy_service
+
+        report = destroy_service(service, sdir, terraform_bin=terraform_bin)
+        console.print(f"destroyed {len(report.destroyed)} replica(s) and the router")
+    else:
+        console.print(
+            f"watcher stopped; {service.name} keeps serving at {endpoint} "
+            f"(`skyhedge destroy {spec}` removes it). Log: {log_file}"
+        )
+
+
+@main.command()
+@spec_argument
+@state_dir_option
+@click.option("--zone", required=True, help="The local zone to take capacity from.")
+@click.option(
+    "--for",
+    "seconds",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="Give the capacity back after this many seconds (default: until --clear).",
+)
+@click.option("--clear", is_flag=True, help="Give the zone its capacity back now instead.")
+def preempt(spec: Path, state_dir: Path | None, zone: str, seconds: float | None, clear: bool) -> None:
+    """Local chaos: mark a local zone out of spot capacity and kill its spot replicas."""
+    from skyhedge.clouds.local import capacity, runtime_dir
+    from skyhedge.clouds.local.events import preempt_zone
+
+    service, sdir = _load(spec, state_dir)
+    zones = sorted(
+        c.location.zone for c in resolve_placement(service).candidates if c.location.cloud == "local"
+    )
+    if zone not in zones:
+        raise SpecError(
+            f"--zone {zone!r} is not a local zone of this service (its local zones: "
+            f"{', '.join(zones) or 'none'})",
+            file=service.source,
+        )
+    if clear:
+        capacity.clear(runtime_dir(sdir), zone)
+        console.print(f"{zone}: capacity restored")
+        return
+    killed = preempt_zone(sdir, zone, seconds=seconds)
+    until = f"for {seconds:g}s" if seconds else "until `--clear`"
+    who = ", ".join(f"{p.id} (pid {p.pid})" for p in killed) or "no running spot replica"
+    console.print(f"{zone}: out of spot capacity {until}; preempted {who} at {time.strftime('%H:%M:%S')}")
+
+
+@main.group()
+def aws() -> None:
+    """AWS helpers."""
+
+
+@aws.command("setup-events")
+@spec_argument
+def setup_events_cmd(spec: Path) -> None:
+    """Create (or update) the EventBridge rules and SQS queue that carry EC2 interruption events."""
+    from skyhedge.clouds.aws.events import default_queue_name
+    from skyhedge.clouds.aws.setup import setup_events
+
+    service = load_spec(spec)
+    regions = sorted(
+        {c.location.region for c in resolve_placement(service).candidates if c.location.cloud == "aws"}
+    )
+    if not regions:
+        raise SpecError(
+            "the service uses no AWS region (placement.clouds has no aws)",
+            file=service.source,
+            path="placement.clouds",
+        )
+    queue = service.aws.events_queue or default_queue_name(service.name)
+    done = setup_events(service.name, regions, queue_name=queue)
+    for r in done:
+        console.print(
+            f"{r.region}: queue {r.queue_url}; rules {', '.join(a.rsplit('/', 1)[-1] for a in r.rule_arns)}"
+        )
+    if not service.aws.events_queue:
+        console.print(f"[dim]tip: set aws.events_queue: {queue} in {spec} to name the queue explicitly[/]")

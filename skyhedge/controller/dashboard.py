@@ -1,0 +1,137 @@
+"""The live dashboard of `skyhedge up`: replicas per zone and market, readiness, cost, events.
+
+`render(controller)` builds one rich renderable from the controller's state (pure: tests render
+it to text); `Dashboard` redraws it after every tick inside a `rich.live.Live`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections import Counter
+from typing import Any
+
+from rich.console import Console, Group
+from rich.live import Live
+from rich.panel import Panel
+from rich.table import Table
+from rich.text import Text
+
+from skyhedge.controller.loop import Controller
+from skyhedge.policy.types import ReplicaStatus
+
+STATUS_STYLE = {
+    ReplicaStatus.PROVISIONING: "yellow",
+    ReplicaStatus.STARTING: "yellow",
+    ReplicaStatus.READY: "green",
+    ReplicaStatus.NOT_READY: "red",
+    ReplicaStatus.SHUTTING_DOWN: "magenta",
+    ReplicaStatus.PREEMPTED: "red",
+    ReplicaStatus.FAILED: "red",
+    ReplicaStatus.TERMINATED: "dim",
+}
+
+
+def _age(seconds: float) -> str:
+    seconds = max(0.0, seconds)
+    if seconds < 120:
+        return f"{seconds:.0f}s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f}m"
+    return f"{seconds / 3600:.1f}h"
+
+
+def render(ctl: Controller, *, endpoint: str | None = None, now: float | None = None) -> Any:
+    now = ctl.clock() if now is None else now
+    state = ctl.state
+    live = sorted(state.live(), key=lambda r: r.id)
+    statuses = Counter(r.fact().status for r in live)
+    plan = ctl.last_plan
+    summary = plan.summary() if plan is not None else {}
+    preempted = set((state.policy_memory.get("memory") or {}).get("preempted") or [])
+    scaler = state.extra.get("autoscaler") or {}
+
+    head = Text()
+    head.append(f"{ctl.spec.name}", style="bold")
+    if endpoint:
+        head.append(f"  {endpoint}", style="cyan")
+    head.append(
+        f"  target {plan.target if plan else state.target or ctl.spec.replica_policy.min_replicas} ready"
+    )
+    head.append(
+        f"  ready {statuses.get(ReplicaStatus.READY, 0)}/{len(live)}",
+        style="green" if plan and statuses.get(ReplicaStatus.READY, 0) >= plan.target else "yellow",
+    )
+    if scaler.get("qps") is not None:
+        head.append(f"  {scaler['qps']:.1f} req/s")
+    if summary:
+        head.append(f"  ${summary['hourly_cost']:.4f}/h")
+        head.append(
+            f" (on-demand only ${summary['ondemand_only_hourly_cost']:.4f}/h, "
+            f"saving {summary['savings_pct']:.0f}%)"
+        )
+    head.append(
+        f"  policy {plan.policy if plan else ctl.spec.replica_policy.policy}  tick {ctl.ticks}", style="dim"
+    )
+
+    zones = Table(title="zones", expand=True, box=None)
+    for col in ("zone", "spot", "on-demand", "ready", "policy view"):
+        zones.add_column(col)
+    per_zone: dict[str, Counter[str]] = {}
+    for r in live:
+        c = per_zone.setdefault(r.location.key, Counter())
+        c[r.market] += 1
+        if r.fact().ready:
+            c["ready"] += 1
+    for cand in ctl.placement.candidates:
+        key = cand.location.key
+        c = per_zone.get(key, Counter())
+        view = Text("PREEMPTED", style="red") if key in preempted else Text("ACTIVE", style="green")
+        zones.add_row(key, str(c["spot"]), str(c["on-demand"]), str(c["ready"]), view)
+
+    reps = Table(title="replicas", expand=True, box=None)
+    for col in ("id", "zone", "market", "status", "age", "endpoint"):
+        reps.add_column(col)
+    for r in live:
+        st = r.fact().status
+        reps.add_row(
+            r.id,
+            r.zone,
+            r.market,
+            Text(st.value, style=STATUS_STYLE.get(st, "")),
+            _age(now - r.launched_at),
+            r.endpoint or "-",
+        )
+
+    events = Table(title="recent events", expand=True, box=None, show_header=False)
+    events.add_column("at", style="dim", no_wrap=True)
+    events.add_column("what")
+    for note in list(ctl.notes)[-10:]:
+        events.add_row(time.strftime("%H:%M:%S", time.localtime(note.at)), note.text)
+    return Panel(Group(head, zones, reps, events), title="skyhedge up", border_style="blue")
+
+
+class Dashboard:
+    """Redraws after every tick; `refresh_per_second` keeps ages ticking between ticks."""
+
+    def __init__(
+        self, ctl: Controller, *, endpoint: str | None = None, console: Console | None = None
+    ) -> None:
+        self.ctl = ctl
+        self.endpoint = endpoint
+        self._last = render(ctl, endpoint=endpoint)
+        self.live = Live(self._last, console=console, refresh_per_second=2, get_renderable=self._render)
+        ctl.subscribe(lambda _c: self.live.refresh())
+
+    def _render(self) -> Any:
+        # Drawn from rich's thread while a tick may be changing the state: keep the last good frame.
+        with contextlib.suppress(RuntimeError, KeyError, ValueError):
+            self._last = render(self.ctl, endpoint=self.endpoint)
+        return self._last
+
+    def __enter__(self) -> Dashboard:
+        self.live.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.live.__exit__(*exc)  # type: ignore[arg-type]

@@ -1,0 +1,103 @@
+"""The Terraform executor: render the plan, apply the roots that changed, record what happened.
+
+Built from `skyhedge.apply`'s steps (the same ones `skyhedge apply` runs), so `apply`, `destroy`
+and `watch` share one bookkeeping of what each root holds (`state.extra["terraform"]`): a root is
+applied only when its rendered inputs differ from the ones last applied successfully, roots apply
+in parallel, and each root's result is absorbed replica by replica (endpoints, cloud IDs,
+destroyed replicas, launches refused for capacity).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from skyhedge.apply import Workspace, absorb_result, changed_roots, roots_with_resources
+from skyhedge.controller.ports import ExecResult
+from skyhedge.engine import EventCallback, Terraform, run_parallel
+from skyhedge.errors import EngineError
+from skyhedge.planner import Plan
+from skyhedge.render import render_tree, write_tree
+from skyhedge.service import Placement, resolve_placement
+from skyhedge.spec import ServiceSpec
+from skyhedge.state import ServiceState
+
+
+def _first_line(text: str) -> str:
+    return next((line.strip() for line in text.splitlines() if line.strip()), text.strip())
+
+
+class TerraformExecutor:
+    def __init__(
+        self,
+        spec: ServiceSpec,
+        state_dir: Path,
+        *,
+        terraform_bin: str | None = None,
+        engine: Terraform | None = None,
+        placement: Placement | None = None,
+        on_event: EventCallback | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.spec = spec
+        self.clock = clock
+        self.workspace = Workspace(spec, state_dir)
+        self.engine = engine or self.workspace.engine(terraform_bin)
+        self.placement = placement or resolve_placement(spec)
+        self.on_event = on_event
+
+    def apply(self, state: ServiceState, plan: Plan, now: float) -> ExecResult:
+        ws = self.workspace
+        tree = render_tree(
+            self.spec,
+            plan,
+            context=ws.context(),
+            instance_types=self.placement.instance_types,
+            extra_roots=roots_with_resources(state),
+        )
+        changed = changed_roots(state, tree)
+        if not changed:
+            return ExecResult()
+        write_tree(tree, ws.tree_dir)
+        results = run_parallel(
+            changed,
+            lambda root: self.engine.apply(
+                ws.root(root.cloud, root.region), on_event=self.on_event, check=False
+            ),
+        )
+        now = self.clock()  # the results are as of now, after Terraform ran
+        errors: list[str] = []
+        refused: list[str] = []
+        detail: list[str] = []
+        for root, result in zip(changed, results, strict=True):
+            if isinstance(result, BaseException):
+                err = result if isinstance(result, EngineError) else EngineError(f"{root.path}: {result}")
+                absorb_result(state, root, None, err, now)
+                errors.append(f"{root.path}: {err}")
+                detail.append(err.stderr)
+                continue
+            failures = absorb_result(state, root, result, None, now)
+            refused += [f.replica_id for f in failures]
+            if not result.ok:
+                failed_ids = {f.replica_id for f in failures}
+                other = [d for d in result.errors if d.replica_id not in failed_ids]
+                if other or not result.errors:
+                    first = other[0].summary if other else f"exit code {result.exit_code}"
+                    errors.append(f"{root.path}: {_first_line(first)}")
+                detail.append(result.error_text())
+        state.log(
+            {
+                "event": "apply",
+                "at": now,
+                "roots": [r.path for r in changed],
+                "errors": errors,
+                "launch_failed": refused,
+            }
+        )
+        return ExecResult(
+            applied=tuple(r.path for r in changed),
+            errors=tuple(errors),
+            launch_failures=tuple(refused),
+            detail="\n".join(d for d in detail if d),
+        )

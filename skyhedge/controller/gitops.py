@@ -1,0 +1,174 @@
+"""GitOps mode: instead of applying, write the re-rendered tree into a git working copy and commit.
+
+For teams whose CI applies Terraform: `skyhedge watch SPEC --gitops REPO_DIR` keeps reacting to
+preemptions, but its output is a commit on the checked-out branch of REPO_DIR (push it, or let a
+CI job pick it up). The commit message says what was preempted, the new layout and the cost
+change. A plan that changes nothing writes an identical tree, so git sees no change and no commit
+is made.
+
+Replicas are recorded as provisioned (and, by the controller's `assume_ready`, READY) once
+committed: the watcher cannot probe what CI has not applied yet, and counting them as missing
+would make the policy buy on-demand fallback on every tick. Preemptions still arrive from the
+clouds' event sources.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+from skyhedge.apply import Workspace
+from skyhedge.controller.ports import ExecResult
+from skyhedge.errors import RenderError, StateError
+from skyhedge.planner import CREATE, DELETE, Plan
+from skyhedge.render import render_tree, write_tree
+from skyhedge.service import Placement, resolve_placement
+from skyhedge.spec import ServiceSpec
+from skyhedge.state import ServiceState
+
+EXTRA_KEY = "gitops"
+_GIT_ENV = {"GIT_TERMINAL_PROMPT": "0", "LC_ALL": "C"}
+
+
+def git(repo: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, **_GIT_ENV}
+    try:
+        done = subprocess.run(
+            ["git", "-C", str(repo), *args], capture_output=True, text=True, env=env, timeout=60, check=False
+        )
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise StateError(f"git {' '.join(args[:1])} in {repo}: {exc}") from exc
+    if check and done.returncode != 0:
+        raise StateError(f"git {' '.join(args)} in {repo} failed: {(done.stderr or done.stdout).strip()}")
+    return done
+
+
+def check_repo(repo: Path) -> Path:
+    """REPO_DIR must be a git working copy (its top level or a folder inside one)."""
+    if not repo.is_dir():
+        raise StateError(f"{repo}: --gitops expects a git working copy (directory not found)")
+    done = git(repo, "rev-parse", "--show-toplevel", check=False)
+    if done.returncode != 0:
+        raise StateError(
+            f"{repo}: --gitops expects a git working copy (`git init` it or clone your repository)"
+        )
+    return Path(done.stdout.strip())
+
+
+def commit_message(
+    service: str, plan: Plan, state: ServiceState, since: float | None, before: float | None
+) -> str:
+    """Subject: what happened; body: what was preempted, the new layout, the cost change."""
+    lost = [
+        h
+        for h in state.history
+        if h.get("event") in {"preempted", "launch_failed"}
+        and (since is None or float(h.get("at", 0)) > since)
+    ]
+    creates = [r for r in plan.replicas if r.action == CREATE]
+    deletes = [r for r in plan.replicas if r.action == DELETE]
+    s = plan.summary()
+    who = sorted({h["replica_id"] for h in lost if h.get("replica_id")})
+    if who:
+        subject = f"skyhedge: {service}: replace preempted {', '.join(who)}"
+    elif lost:
+        zones = sorted({str(h.get("location", "?")) for h in lost})
+        subject = f"skyhedge: {service}: move off preempted {', '.join(zones)}"
+    elif creates and not deletes:
+        subject = f"skyhedge: {service}: scale to {len(plan.desired)} replicas"
+    elif deletes and not creates:
+        subject = f"skyhedge: {service}: remove {', '.join(r.id for r in deletes)}"
+    else:
+        subject = f"skyhedge: {service}: re-render ({s['spot']} spot / {s['on_demand']} on-demand)"
+    lines = [subject, ""]
+    if lost:
+        lines.append("Preempted:")
+        for h in lost:
+            when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(float(h.get("at", 0))))
+            what = "launch refused" if h.get("event") == "launch_failed" else "preempted"
+            lines.append(f"  {h.get('replica_id') or 'zone'} in {h.get('location', '?')} ({what} at {when})")
+        lines.append("")
+    zones = Counter((r.location.key, r.market.value) for r in plan.desired)
+    lines.append(f"New layout ({s['spot']} spot, {s['on_demand']} on-demand, {s['zones_used']} zones):")
+    for (where, market), n in sorted(zones.items()):
+        lines.append(f"  {n} x {market} in {where}")
+    for r in creates:
+        lines.append(f"  + {r.id} {r.location.key} {r.market.value}")
+    for r in deletes:
+        lines.append(f"  - {r.id} {r.location.key} {r.market.value}")
+    lines.append("")
+    after = float(s["hourly_cost"])
+    if before is None:
+        lines.append(f"Cost: ${after:.4f}/h (on-demand only: ${s['ondemand_only_hourly_cost']:.4f}/h)")
+    else:
+        lines.append(
+            f"Cost: ${before:.4f}/h -> ${after:.4f}/h ({after - before:+.4f}; on-demand only: "
+            f"${s['ondemand_only_hourly_cost']:.4f}/h)"
+        )
+    return "\n".join(lines) + "\n"
+
+
+class GitOpsExecutor:
+    """`Executor` that renders into `repo/subdir` and commits instead of running Terraform."""
+
+    def __init__(
+        self,
+        spec: ServiceSpec,
+        state_dir: Path,
+        repo: Path,
+        *,
+        subdir: str | None = None,
+        placement: Placement | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.spec = spec
+        self.top = check_repo(Path(repo))
+        self.out = (Path(repo) / (subdir if subdir is not None else spec.name)).resolve()
+        if self.out == self.top:
+            raise StateError(
+                f"{repo}: --gitops writes the tree into a folder of the repository, not its top level"
+            )
+        self.workspace = Workspace(spec, state_dir)
+        self.placement = placement or resolve_placement(spec)
+        self.clock = clock
+        self.commits: list[str] = []
+
+    def apply(self, state: ServiceState, plan: Plan, now: float) -> ExecResult:
+        tree = render_tree(
+            self.spec, plan, context=self.workspace.context(), instance_types=self.placement.instance_types
+        )
+        try:
+            write_tree(tree, self.out)
+        except RenderError as exc:
+            return ExecResult(errors=(str(exc),))
+        rel = str(self.out.relative_to(self.top))
+        git(self.top, "add", "-A", "--", rel)
+        staged = git(self.top, "diff", "--cached", "--quiet", "--", rel, check=False)
+        note = ""
+        if staged.returncode != 0:
+            info = state.extra.setdefault(EXTRA_KEY, {})
+            message = commit_message(
+                self.spec.name, plan, state, info.get("committed_at"), info.get("hourly_cost")
+            )
+            identity: list[str] = []
+            if git(self.top, "config", "user.email", check=False).returncode != 0:
+                identity = ["-c", "user.name=skyhedge", "-c", "user.email=skyhedge@localhost"]
+            git(self.top, *identity, "commit", "-q", "-m", message, "--", rel)
+            sha = git(self.top, "rev-parse", "--short", "HEAD").stdout.strip()
+            self.commits.append(sha)
+            info.update({"committed_at": now, "hourly_cost": plan.hourly_cost, "commit": sha})
+            note = f"gitops: committed {sha} in {self.top}: {message.splitlines()[0]}"
+        done = self.clock()
+        for r in plan.replicas:  # CI applies what was committed: record it as the new layout
+            rec = state.replicas.get(r.id)
+            if rec is None or rec.gone_at is not None:
+                continue
+            if r.action == DELETE:
+                rec.gone_at, rec.reason, rec.draining = done, "terminated", False
+            elif rec.provisioned_at is None:
+                rec.provisioned_at = done
+        return ExecResult(applied=tuple(r.path for r in tree.roots), note=note)

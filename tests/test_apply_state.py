@@ -1,0 +1,180 @@
+"""apply/destroy orchestration: failures leave a consistent state that the next apply converges
+from, confirmation, the writer lock, routing hooks, and the CLI commands."""
+
+from __future__ import annotations
+
+import json
+import socket
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+from local_support import get, make_service
+
+from skyhedge import apply as apply_mod
+from skyhedge.apply import apply_service, destroy_service
+from skyhedge.cli import main
+from skyhedge.errors import StateError
+from skyhedge.spec import load_spec
+from skyhedge.state import STATE_FILE, load_state, writer_lock
+
+
+@pytest.fixture
+def svc(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    service = make_service(tmp_path, "applied")
+    yield service
+    service.cleanup()
+
+
+def test_a_failed_launch_leaves_a_consistent_state_and_the_next_apply_converges(svc):
+    spec = load_spec(svc.write(replicas=3))
+    with socket.socket() as squatter:  # r-0002's port is taken: its launch fails (not a capacity error)
+        squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        squatter.bind(("127.0.0.1", svc.port("r-0002")))
+        squatter.listen()
+        report = apply_service(spec, svc.state_dir, route=False)
+    assert not report.ok and not report.launch_failures
+    [err] = report.errors
+    assert "local/local" in str(err) and "r-0002" in str(err)
+    assert f"port 127.0.0.1:{svc.port('r-0002')} is already in use" in err.stderr
+    state = load_state(svc.state_dir, "applied")
+    recs = {r.id: r for r in state.live()}
+    assert sorted(recs) == ["r-0001", "r-0002", "r-0003"]
+    assert recs["r-0002"].provisioned_at is None and recs["r-0002"].fact().status.value == "PROVISIONING"
+    assert recs["r-0001"].provisioned_at is not None and recs["r-0003"].provisioned_at is not None
+    assert state.extra["terraform"]["roots"]["local/local"]["digest"] is None  # retried next time
+    before = svc.pids()
+    assert sorted(before) == ["r-0001", "r-0003"]
+
+    again = apply_service(spec, svc.state_dir, route=False)
+    assert again.ok and again.applied_roots == ["local/local"]
+    state = load_state(svc.state_dir, "applied")
+    assert all(r.ready_at is not None and r.endpoint for r in state.live())
+    after = svc.pids()
+    assert sorted(after) == ["r-0001", "r-0002", "r-0003"]
+    assert after["r-0001"] == before["r-0001"] and after["r-0003"] == before["r-0003"]
+    assert get(f"http://127.0.0.1:{svc.port('r-0002')}/health")[0] == 200
+
+
+def test_an_engine_that_cannot_run_records_nothing_as_running(svc, tmp_path):
+    spec = load_spec(svc.write(replicas=1))
+    broken = tmp_path / "terraform"
+    broken.write_text("#!/bin/sh\necho 'Error: this terraform is broken' >&2\nexit 1\n")
+    broken.chmod(0o755)
+    report = apply_service(spec, svc.state_dir, route=False, terraform_bin=str(broken))
+    assert not report.ok and "init failed" in str(report.errors[0])
+    assert "this terraform is broken" in report.errors[0].stderr
+    state = load_state(svc.state_dir, "applied")
+    [rec] = state.live()
+    assert rec.provisioned_at is None and rec.endpoint is None and svc.pids() == {}
+    assert state.policy_memory.get("policy") == "spothedge"
+    fixed = apply_service(spec, svc.state_dir, route=False)
+    assert fixed.ok and [r.id for r in load_state(svc.state_dir, "applied").live()] == [rec.id]
+
+
+def test_declining_the_confirmation_changes_nothing(svc):
+    spec = load_spec(svc.write(replicas=2))
+    seen: list[Any] = []
+
+    def decline(plan, roots, previews):
+        seen.append((plan.summary()["create"], [r.path for r in roots], {k: v.add for k, v in previews.items()}))
+        return False
+
+    report = apply_service(spec, svc.state_dir, route=False, confirm=decline)
+    assert report.cancelled and seen == [(2, ["local/local"], {"local/local": 2})]
+    assert not (svc.state_dir / STATE_FILE).exists() and svc.pids() == {}
+    accepted = apply_service(spec, svc.state_dir, route=False, confirm=lambda *a: True)
+    assert accepted.ok and sorted(svc.pids()) == ["r-0001", "r-0002"]  # applied the previewed plan files
+
+
+def test_one_writer_at_a_time(svc):
+    spec = load_spec(svc.write(replicas=1))
+    with writer_lock(svc.state_dir), pytest.raises(StateError, match="holds the lock"):
+        apply_service(spec, svc.state_dir, route=False)
+
+
+class FakeRouter:
+    calls: list[tuple[str, Any]] = []
+
+    def __init__(self, spec, state_dir) -> None:
+        self.running = bool(FakeRouter.calls)
+
+    def pid(self) -> int | None:
+        return 4242 if any(c[0] == "up" for c in FakeRouter.calls) else None
+
+    def up(self, upstreams):
+        FakeRouter.calls.append(("up", sorted(u.id for u in upstreams)))
+        return {"endpoint": "http://127.0.0.1:1", "pid": 4242, "upstreams": [u.id for u in upstreams]}
+
+    def drain(self, upstreams, *, timeout: float = 60.0) -> bool:
+        FakeRouter.calls.append(("drain", sorted(u.id for u in upstreams)))
+        return True
+
+    def down(self, *, timeout: float = 10.0) -> None:
+        FakeRouter.calls.append(("down", None))
+
+    def status(self) -> dict[str, Any]:
+        return {"endpoint": "http://127.0.0.1:1", "pid": 4242, "upstreams": []}
+
+
+def test_routing_goes_up_after_readiness_drains_before_destroy_and_goes_down(svc, monkeypatch):
+    FakeRouter.calls = []
+    monkeypatch.setattr(apply_mod, "_router", lambda spec, state_dir: FakeRouter(spec, state_dir))
+    report = apply_service(load_spec(svc.write(replicas=3)), svc.state_dir)
+    assert report.ok and FakeRouter.calls == [("up", ["r-0001", "r-0002", "r-0003"])]
+    assert load_state(svc.state_dir, "applied").router["pid"] == 4242
+    shrink = apply_service(load_spec(svc.write(replicas=2)), svc.state_dir)
+    [victim] = shrink.deleted
+    survivors = sorted({"r-0001", "r-0002", "r-0003"} - {victim})
+    assert FakeRouter.calls[1:] == [("drain", survivors), ("up", survivors)]
+    gone = destroy_service(load_spec(svc.spec_path), svc.state_dir)
+    assert gone.ok and FakeRouter.calls[-1] == ("down", None)
+    assert load_state(svc.state_dir, "applied").router is None
+
+
+def run_cli(*args: str, input: str | None = None):
+    return CliRunner().invoke(main, list(args), input=input, catch_exceptions=False)
+
+
+def test_cli_apply_status_destroy(svc):
+    spec = str(svc.write(replicas=2))
+    sd = str(svc.state_dir)
+    no = run_cli("apply", spec, "--state-dir", sd, "--no-routing", input="n\n")
+    assert no.exit_code == 1 and "Apply these changes?" in no.output and svc.pids() == {}
+    yes = run_cli("apply", spec, "--state-dir", sd, "--no-routing", input="y\n")
+    assert yes.exit_code == 0, yes.output
+    assert "local/local: +2 ~0 -0" in yes.output and "Ready: r-0001, r-0002" in yes.output
+    status = run_cli("status", spec, "--state-dir", sd, "--json")
+    data = json.loads(status.output)
+    assert data["router"] is None
+    assert [{k: r[k] for k in ("id", "cloud", "region", "zone", "market", "state")} for r in data["replicas"]] == [
+        {"id": "r-0001", "cloud": "local", "region": "local", "zone": "local-a", "market": "spot", "state": "READY"},
+        {"id": "r-0002", "cloud": "local", "region": "local", "zone": "local-b", "market": "spot", "state": "READY"},
+    ]
+    assert data["replicas"][0]["endpoint"] == f"http://127.0.0.1:{svc.port('r-0001')}"
+    table = run_cli("status", spec, "--state-dir", sd)
+    assert "r-0002" in table.output and "READY" in table.output
+    noop = run_cli("apply", spec, "--state-dir", sd, "--no-routing", "--auto-approve")
+    assert noop.exit_code == 0 and "No changes" in noop.output
+    gone = run_cli("destroy", spec, "--state-dir", sd, "--auto-approve")
+    assert gone.exit_code == 0 and "Destroyed 2 replica(s)" in gone.output
+    assert svc.processes() == []
+    assert json.loads(run_cli("status", spec, "--state-dir", sd, "--json").output)["replicas"] == []
+
+
+def test_cli_reports_a_failed_apply_in_one_line_plus_terraforms_text(svc):
+    spec = str(svc.write(replicas=1, command="exit 9"))
+    out = run_cli("apply", spec, "--state-dir", str(svc.state_dir), "--no-routing", "--auto-approve")
+    assert out.exit_code == 1
+    assert "error: terraform apply failed in local/local" in out.output
+    assert "exited at once with 9" in out.output
+    assert svc.pids() == {}
+
+
+def test_status_of_a_service_never_applied(tmp_path: Path):
+    spec = tmp_path / "s.yaml"
+    spec.write_text("name: idle\nplacement: {clouds: [local]}\nrun: {command: 'true'}\n")
+    out = run_cli("status", str(spec), "--state-dir", str(tmp_path / "st"), "--json")
+    assert json.loads(out.output) == {"service": "idle", "replicas": [], "router": None}

@@ -1,0 +1,325 @@
+"""The whole loop on the local cloud: real Terraform (embedded engine), real replica processes,
+real nginx, and `skyhedge watch` as a real process.
+
+1. Under a steady client load through the router, a zone is preempted: a replacement becomes READY
+   in another zone, routing follows, and at least 99.9% of the requests succeed.
+2. The watcher is killed with SIGKILL (its whole process group: Terraform and the launcher too)
+   in the middle of an apply; a new watcher converges: no orphan process, no duplicate replica,
+   Terraform's state holds exactly the live replicas.
+
+Every process started here (watchers, replicas, nginx) is stopped by the fixture, even on failure.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from skyhedge.clouds.local import runtime_dir
+from skyhedge.clouds.local.events import preempt_zone
+from skyhedge.clouds.local.processes import find_processes, kill_all, list_pidfiles
+from skyhedge.routing import Router
+from skyhedge.spec import load_spec
+from skyhedge.state import load_state
+
+REPO = Path(__file__).resolve().parents[1]
+SERVER = REPO / "examples" / "local-echo" / "server.py"
+pytestmark = pytest.mark.skipif(
+    shutil.which("nginx") is None and not Path("/usr/sbin/nginx").exists(), reason="nginx is not installed"
+)
+_NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def free_base(span: int = 40) -> int:
+    """A base port with `span` free ports above it (replica r-000N listens on base + N)."""
+    for _ in range(50):
+        base = free_port() % 20000 + 30000
+        ok = True
+        for p in range(base + 1, base + span):
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", p))
+                except OSError:
+                    ok = False
+                    break
+        if ok:
+            return base
+    raise RuntimeError("no free port range")
+
+
+class Service:
+    """One service under test: spec, state dir, and the watcher processes started for it."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.state_dir = tmp / "state"
+        self.port = free_port()
+        self.spec_path = tmp / "service.yaml"
+        self.spec_path.write_text(
+            f"""
+name: e2e
+placement:
+  clouds: [local]
+  zones: [local-a, local-b, local-c]
+resources:
+  local_base_port: {free_base()}
+replica_policy:
+  min_replicas: 2
+  num_overprovision: 1
+  policy: spothedge
+readiness_probe:
+  path: /health
+  initial_delay_seconds: 30
+  timeout_seconds: 2
+service:
+  port: {self.port}
+  load_balancing_policy: round_robin
+run:
+  command: {sys.executable} {SERVER}
+"""
+        )
+        self.spec = load_spec(self.spec_path)
+        self.watchers: list[subprocess.Popen[bytes]] = []
+
+    def start_watcher(self) -> subprocess.Popen[bytes]:
+        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        log = open(self.tmp / f"watch-{len(self.watchers)}.log", "wb")  # noqa: SIM115 (closed by the child's exit)
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "skyhedge",
+                "watch",
+                str(self.spec_path),
+                "--state-dir",
+                str(self.state_dir),
+                "--interval",
+                "2",
+                "--log-level",
+                "info",
+            ],
+            cwd=self.tmp,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        log.close()
+        self.watchers.append(proc)
+        return proc
+
+    def logs(self) -> str:
+        return "\n".join(p.read_text(errors="replace")[-4000:] for p in sorted(self.tmp.glob("watch-*.log")))
+
+    def state(self):
+        return load_state(self.state_dir, "e2e")
+
+    def wait(self, what: str, predicate, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                if predicate():
+                    return
+            except (OSError, ValueError):
+                pass
+            time.sleep(0.1)
+        raise AssertionError(f"timed out waiting for {what}\n{self.logs()}")
+
+    def converged(self) -> bool:
+        st = self.state()
+        live = st.live()
+        ready = [r for r in live if r.fact().ready and r.market == "spot"]
+        routed = {pair[0] for pair in st.extra.get("routed") or []}
+        return len(live) == 3 and len(ready) == 3 and routed == {r.id for r in live}
+
+    def kill_watchers(self) -> None:
+        for proc in self.watchers:
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+
+    def teardown(self) -> None:
+        self.kill_watchers()
+        try:
+            Router(self.spec, self.state_dir).down(timeout=5)
+        finally:
+            kill_all(runtime_dir(self.state_dir))
+
+
+@pytest.fixture
+def service(tmp_path: Path):
+    svc = Service(tmp_path)
+    try:
+        yield svc
+    finally:
+        svc.teardown()
+
+
+class Load:
+    """A steady client: completions through the router from 4 threads, counting outcomes."""
+
+    def __init__(self, url: str, threads: int = 4) -> None:
+        self.url = url
+        self.ok = 0
+        self.failed: list[str] = []
+        self.replicas: set[str] = set()
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(threads)]
+
+    def _run(self) -> None:
+        body = json.dumps({"model": "local-echo", "prompt": "the spot market", "max_tokens": 4}).encode()
+        while not self._stop.is_set():
+            req = urllib.request.Request(
+                self.url + "/v1/completions", data=body, headers={"Content-Type": "application/json"}
+            )
+            try:
+                with _NO_PROXY.open(req, timeout=10) as resp:
+                    resp.read()
+                    rid = resp.headers.get("X-Replica-Id", "?")
+                with self._lock:
+                    self.ok += 1
+                    self.replicas.add(rid)
+            except (urllib.error.URLError, OSError) as exc:
+                with self._lock:
+                    self.failed.append(f"{time.time():.3f} {exc}")
+            time.sleep(0.01)
+
+    def __enter__(self) -> Load:
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout=15)
+
+    @property
+    def total(self) -> int:
+        return self.ok + len(self.failed)
+
+
+def test_preemption_under_load_is_replaced_in_another_zone(service):
+    service.start_watcher()
+    service.wait("3 READY spot replicas routed", service.converged, timeout=90)
+    before = {r.id: r.zone for r in service.state().live()}
+    victim_id, victim_zone = sorted(before.items())[0]
+    url = f"http://127.0.0.1:{service.port}"
+    with Load(url) as load:
+        service.wait("traffic", lambda: load.ok > 50, timeout=20)
+        killed = preempt_zone(service.state_dir, victim_zone, seconds=120)
+        assert victim_id in {p.id for p in killed}
+        service.wait(
+            "the victim recorded preempted",
+            lambda: service.state().replicas[victim_id].reason == "preempted",
+            timeout=20,
+        )
+        service.wait(
+            "a READY replacement routed",
+            lambda: service.converged() and victim_id not in {r.id for r in service.state().live()},
+            timeout=60,
+        )
+        seen = load.total
+        service.wait("traffic after the change", lambda: load.total > seen + 100, timeout=20)
+    st = service.state()
+    new = [r for r in st.live() if r.id not in before]
+    assert new and all(r.zone != victim_zone for r in new)
+    routed = [pair[0] for pair in st.extra["routed"]]
+    assert sorted(routed) == sorted(r.id for r in st.live())
+    assert Router(service.spec, service.state_dir).status()["upstreams"] == [
+        {"id": r.id, "endpoint": r.endpoint} for r in sorted(st.live(), key=lambda r: r.id)
+    ]
+    assert new[0].id in load.replicas  # the replacement served traffic
+    success = load.ok / load.total
+    assert success >= 0.999, f"{len(load.failed)} of {load.total} failed: {load.failed[:5]}"
+    # no process of a gone replica is left
+    alive = {p.id for p in list_pidfiles(runtime_dir(service.state_dir))}
+    assert alive == {r.id for r in st.live()}
+
+
+def _tf_replicas(state_dir: Path) -> set[str]:
+    ids: set[str] = set()
+    for path in (state_dir / "tf" / "state").glob("*.tfstate"):
+        data = json.loads(path.read_text())
+        for res in data.get("resources", []):
+            if res.get("type") == "terraform_data":
+                ids |= {inst.get("index_key") for inst in res.get("instances", [])}
+    return ids
+
+
+def _processes_by_replica(state_dir: Path) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for pid in find_processes(runtime_dir(state_dir)):
+        try:
+            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        rid = next((e.split(b"=", 1)[1].decode() for e in env if e.startswith(b"SKYHEDGE_REPLICA_ID=")), "?")
+        counts[rid] = counts.get(rid, 0) + 1
+    return counts
+
+
+def test_kill_9_mid_apply_then_restart_converges_without_orphans(service):
+    first = service.start_watcher()
+    replicas = runtime_dir(service.state_dir) / "replicas"
+
+    def mid_apply() -> bool:  # the launcher has started a process, Terraform has not reported back
+        st = service.state()
+        return any(replicas.glob("r-*.json")) and any(r.endpoint is None for r in st.live())
+
+    service.wait("an apply in progress", mid_apply, timeout=60)
+    os.killpg(first.pid, signal.SIGKILL)  # the watcher, its Terraform and any launcher: mid-apply
+    first.wait(timeout=10)
+    intents = sorted(service.state().replicas)
+    service.start_watcher()
+    service.wait("convergence after the restart", service.converged, timeout=90)
+    st = service.state()
+    live = {r.id for r in st.live()}
+    # no duplicate: replicas launched before the kill kept their IDs; all IDs are distinct records
+    assert set(intents) <= set(st.replicas)
+    assert _tf_replicas(service.state_dir) == live
+    # no orphan: exactly one process group leader per live replica, nothing else of this service
+    procs = _processes_by_replica(service.state_dir)
+    assert set(procs) == live, procs
+    assert {p.id for p in list_pidfiles(runtime_dir(service.state_dir))} == live
+    # a second watcher is refused while this one runs
+    second = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "skyhedge",
+            "watch",
+            str(service.spec_path),
+            "--state-dir",
+            str(service.state_dir),
+            "--once",
+        ],
+        cwd=service.tmp,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert second.returncode == 1 and "already running" in second.stderr

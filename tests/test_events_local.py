@@ -1,0 +1,149 @@
+"""Local events: real replica processes started by the local launcher, the capacity file, wake-ups,
+the orphan sweep, and the chaos helpers behind `skyhedge preempt` and market replays."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from skyhedge.clouds.local import capacity, runtime_dir
+from skyhedge.clouds.local.events import LocalEventSource, kill_zone, preempt_zone, set_zone_capacity
+from skyhedge.clouds.local.processes import is_running, kill_all, read_pidfile
+from skyhedge.events import Signal
+from skyhedge.state import ReplicaRecord
+
+REPO = Path(__file__).resolve().parents[1]
+REGION_OF = {"local-a": "local", "local-b": "local"}
+SLEEPER = f"{sys.executable} -c 'import time; time.sleep(600)'"
+
+
+@pytest.fixture
+def state_dir(tmp_path: Path):
+    sdir = tmp_path / "state"
+    sdir.mkdir()
+    yield sdir
+    kill_all(runtime_dir(sdir))
+
+
+def launch(sdir: Path, rid: str, zone: str, market: str = "spot", port: int = 0) -> ReplicaRecord:
+    cfg = {
+        "id": rid,
+        "service": "svc",
+        "region": "local",
+        "zone": zone,
+        "market": market,
+        "port": port or 21000 + int(rid[2:]),
+        "command": SLEEPER,
+        "env": {},
+        "workdir": str(sdir),
+        "runtime_dir": str(runtime_dir(sdir)),
+    }
+    env = {**os.environ, "SKYHEDGE_LOCAL_REPLICA": json.dumps(cfg), "PYTHONPATH": str(REPO)}
+    done = subprocess.run(
+        [sys.executable, "-m", "skyhedge.clouds.local.launcher", "start", rid],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    proc = read_pidfile(runtime_dir(sdir), rid)
+    return ReplicaRecord(
+        id=rid,
+        cloud="local",
+        region="local",
+        zone=zone,
+        market=market,
+        launched_at=time.time(),
+        provisioned_at=time.time(),
+        cloud_id=f"tf-{rid}",
+        endpoint=f"http://127.0.0.1:{proc.port}",
+    )
+
+
+def test_exit_is_reported_as_failed_or_preempted(state_dir):
+    a = launch(state_dir, "r-0001", "local-a")
+    b = launch(state_dir, "r-0002", "local-b")
+    src = LocalEventSource(state_dir, REGION_OF)
+    assert src.poll(time.time(), [a, b]) == []
+    os.killpg(read_pidfile(runtime_dir(state_dir), "r-0002").pgid, signal.SIGKILL)  # a crash
+    killed = preempt_zone(state_dir, "local-a", seconds=30)  # a preemption
+    assert [p.id for p in killed] == ["r-0001"]
+    time.sleep(0.1)
+    events = src.poll(time.time(), [a, b])
+    kinds = sorted((e.signal.value, e.replica_id or e.location.zone, e.reason) for e in events)
+    assert kinds == [
+        ("gone", "r-0001", "preempted"),
+        ("gone", "r-0002", "failed"),
+        ("zone_lost", "local-a", "preempted"),
+    ]
+
+
+def test_replicas_not_yet_provisioned_are_not_judged(state_dir):
+    rec = ReplicaRecord(
+        id="r-0003", cloud="local", region="local", zone="local-a", market="spot", launched_at=time.time()
+    )
+    assert LocalEventSource(state_dir, REGION_OF).poll(time.time(), [rec]) == []
+
+
+def test_capacity_marks_are_edges_and_expire(state_dir):
+    src = LocalEventSource(state_dir, REGION_OF)
+    now = time.time()
+    assert src.poll(now, []) == []
+    capacity.mark_preempted(runtime_dir(state_dir), "local-b", until=now + 5)
+    assert [e.signal for e in src.poll(now, [])] == [Signal.ZONE_LOST]
+    assert src.poll(now + 1, []) == []  # still marked: no new event
+    assert src.poll(now + 6, []) == []  # expired
+    capacity.mark_preempted(runtime_dir(state_dir), "local-b")
+    assert [e.location.zone for e in src.poll(now + 7, [])] == ["local-b"]
+
+
+def test_watch_wakes_within_a_second_of_an_exit(state_dir):
+    rec = launch(state_dir, "r-0004", "local-a")
+    src = LocalEventSource(state_dir, REGION_OF)
+    woke = threading.Event()
+    src.watch(woke.set)
+    try:
+        time.sleep(0.5)
+        woke.clear()
+        started = time.monotonic()
+        kill_zone(state_dir, "local-a")
+        assert woke.wait(2.0)
+        assert time.monotonic() - started < 1.0
+        assert [e.replica_id for e in src.poll(time.time(), [rec])] == ["r-0004"]
+    finally:
+        src.close()
+
+
+def test_sweep_stops_orphans_only(state_dir):
+    keep = launch(state_dir, "r-0005", "local-a")
+    launch(state_dir, "r-0006", "local-b")
+    src = LocalEventSource(state_dir, REGION_OF)
+    assert src.sweep({keep.id}) == ["r-0006"]
+    rt = runtime_dir(state_dir)
+    assert is_running(read_pidfile(rt, "r-0005"))
+    assert read_pidfile(rt, "r-0006") is None
+
+
+def test_set_zone_capacity_keeps_the_oldest(state_dir):
+    for i in (7, 8, 9):
+        launch(state_dir, f"r-000{i}", "local-a")
+    launch(state_dir, "r-0010", "local-a", market="on-demand")
+    killed = set_zone_capacity(state_dir, "local-a", 1)
+    assert sorted(p.id for p in killed) == ["r-0008", "r-0009"]
+    assert capacity.read_capacity(runtime_dir(state_dir)) == {}
+    killed = set_zone_capacity(state_dir, "local-a", 0)
+    assert [p.id for p in killed] == ["r-0007"]
+    assert "local-a" in capacity.read_capacity(runtime_dir(state_dir))
+    assert is_running(read_pidfile(runtime_dir(state_dir), "r-0010"))  # on-demand is not spot capacity
+    set_zone_capacity(state_dir, "local-a", 2)
+    assert capacity.read_capacity(runtime_dir(state_dir)) == {}

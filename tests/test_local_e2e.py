@@ -1,0 +1,127 @@
+"""The local cloud end to end with the real (embedded) Terraform engine: processes start, change,
+stop and refuse launches exactly as the plan and the capacity file say."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+from local_support import get, make_service
+
+from skyhedge.apply import apply_service, destroy_service
+from skyhedge.clouds.local import capacity
+from skyhedge.clouds.local.processes import find_processes
+from skyhedge.policy.types import EventKind
+from skyhedge.spec import load_spec
+from skyhedge.state import load_state
+
+
+@pytest.fixture
+def svc(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # local replicas run in the directory skyhedge runs in
+    service = make_service(tmp_path, "e2e")
+    yield service
+    service.cleanup()
+
+
+def apply(svc, **spec_overrides):
+    svc.write(**spec_overrides)
+    spec = load_spec(svc.spec_path)
+    return spec, apply_service(spec, svc.state_dir, route=False)
+
+
+def test_three_replicas_change_the_target_then_destroy(svc):
+    spec, report = apply(svc, replicas=3)
+    assert report.ok, report.errors
+    state = load_state(svc.state_dir, "e2e")
+    live = sorted(state.live(), key=lambda r: r.id)
+    assert [(r.id, r.zone) for r in live] == [("r-0001", "local-a"), ("r-0002", "local-b"), ("r-0003", "local-c")]
+    for rec in live:
+        assert rec.endpoint == f"http://127.0.0.1:{svc.port(rec.id)}"
+        assert rec.ready_at is not None and rec.cloud_id and rec.provisioned_at
+        status, body = get(f"{rec.endpoint}/health")
+        assert status == 200 and body == {"replica": rec.id}
+    before = svc.pids()
+    assert sorted(before) == ["r-0001", "r-0002", "r-0003"]
+
+    _, grow = apply(svc, replicas=4)
+    assert grow.ok and grow.created == ["r-0004"] and grow.deleted == []
+    after_grow = svc.pids()
+    assert {k: after_grow[k] for k in before} == before  # the others were not touched
+    assert get(f"http://127.0.0.1:{svc.port('r-0004')}/health")[0] == 200
+
+    _, shrink = apply(svc, replicas=2)
+    assert shrink.ok and shrink.created == [] and len(shrink.deleted) == 2
+    after_shrink = svc.pids()
+    assert len(after_shrink) == 2
+    assert all(after_grow[k] == pid for k, pid in after_shrink.items())
+    state = load_state(svc.state_dir, "e2e")
+    for rid in shrink.deleted:
+        assert state.replicas[rid].reason == "terminated" and state.replicas[rid].gone_at is not None
+    assert sorted(find_processes(svc.runtime)) == sorted(after_shrink.values())
+
+    again = apply_service(load_spec(svc.spec_path), svc.state_dir, route=False)
+    assert again.ok and again.applied_roots == [] and svc.pids() == after_shrink  # converged: no-op
+
+    gone = destroy_service(load_spec(svc.spec_path), svc.state_dir, route=False)
+    assert gone.ok and sorted(gone.destroyed) == sorted(after_shrink)
+    assert find_processes(svc.runtime) == [] and svc.pids() == {}
+    assert load_state(svc.state_dir, "e2e").live() == []
+
+
+def test_injection_attempts_come_out_inert(svc):
+    evil = 'a "quoted" \'single\' ${path.module} %{if true}x%{endif} $(touch pwned) `touch pwned2`\nline two\\'
+    spec, report = apply(svc, replicas=1, env={"EVIL": evil, "SECOND": "${var.service}"})
+    assert report.ok, report.errors
+    port = svc.port("r-0001")
+    assert get(f"http://127.0.0.1:{port}/env/EVIL")[1] == evil
+    assert get(f"http://127.0.0.1:{port}/env/SECOND")[1] == "${var.service}"
+    assert not (svc.root / "pwned").exists() and not (svc.root / "pwned2").exists()
+    tree = svc.state_dir / "tf" / "tree"
+    for tf in tree.rglob("*.tf"):
+        assert "pwned" not in tf.read_text() and "EVIL" not in tf.read_text()
+    tfvars = json.loads((tree / "local" / "local" / "skyhedge.auto.tfvars.json").read_text())
+    assert tfvars["run"]["env"]["EVIL"] == evil
+
+
+def test_a_launch_into_a_preempted_zone_fails_clearly_and_orphans_nothing(svc):
+    capacity.mark_preempted(svc.runtime, "local-b")
+    spec, report = apply(svc, replicas=2)
+    # r-0002 went to local-b and was refused; the re-plan put its replacement elsewhere.
+    assert [f.replica_id for f in report.launch_failures] == ["r-0002"]
+    failure = report.launch_failures[0]
+    assert failure.location.zone == "local-b" and failure.market == "spot"
+    assert "InsufficientCapacity" in failure.message and "local-b" in failure.message
+    assert report.ok and report.rounds == 2
+    state = load_state(svc.state_dir, "e2e")
+    rec = state.replicas["r-0002"]
+    assert rec.gone_at is not None and rec.reason == "failed" and rec.fact().status.value == "FAILED"
+    assert any(e["kind"] == EventKind.LAUNCH_FAILED.value and e["location"].endswith("local-b")
+               for e in state.history if e.get("event") == "launch_failed")
+    zones = {r.zone for r in state.live()}
+    assert "local-b" not in zones and len(state.live()) == 2
+    assert "r-0002" not in svc.pids()
+    assert len(find_processes(svc.runtime)) == 2
+    # nothing left in Terraform for the refused launch (its tainted resource was destroyed)
+    tfstate = json.loads((svc.state_dir / "tf" / "state" / "local-local.tfstate").read_text())
+    keys = {i["index_key"] for r in tfstate["resources"] for i in r["instances"]}
+    assert keys == {r.id for r in state.live()}
+    destroy_service(spec, svc.state_dir, route=False)
+    assert find_processes(svc.runtime) == []
+
+
+def test_a_single_zone_that_stays_preempted_leaves_a_consistent_state_that_converges(svc):
+    capacity.mark_preempted(svc.runtime, "local-a")
+    spec, report = apply(svc, replicas=1, zones=("local-a",))
+    assert len(report.launch_failures) == 3 and report.rounds == 3  # tried, re-planned, gave up
+    assert find_processes(svc.runtime) == []
+    state = load_state(svc.state_dir, "e2e")
+    assert state.live() == [] and all(r.reason == "failed" for r in state.replicas.values())
+    capacity.clear(svc.runtime)
+    started = time.monotonic()
+    report = apply_service(spec, svc.state_dir, route=False)
+    assert report.ok and not report.launch_failures
+    state = load_state(svc.state_dir, "e2e")
+    assert len(state.live()) == 1 and state.live()[0].ready_at is not None
+    assert time.monotonic() - started < 30

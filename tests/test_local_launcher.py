@@ -1,0 +1,178 @@
+"""The local cloud's launcher and process bookkeeping, driven directly (no Terraform): fast checks of
+what the Terraform-level tests rely on."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from local_support import SERVER, free_base_port, get
+
+from skyhedge.clouds.local import capacity
+from skyhedge.clouds.local.launcher import CONFIG_ENV, EXIT_CAPACITY
+from skyhedge.clouds.local.processes import (
+    find_processes,
+    is_running,
+    kill_all,
+    read_pidfile,
+    stop_replica,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def runtime(tmp_path: Path):
+    rt = (tmp_path / "state" / "local").resolve()
+    rt.mkdir(parents=True)
+    yield rt
+    kill_all(rt)
+
+
+def launch(action: str, cfg: dict, rid: str | None = None) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, CONFIG_ENV: json.dumps(cfg), "PYTHONPATH": str(REPO)}
+    return subprocess.run(
+        [sys.executable, "-m", "skyhedge.clouds.local.launcher", action, rid or cfg["id"]],
+        env=env, capture_output=True, text=True, timeout=30,
+    )
+
+
+def config(runtime: Path, tmp_path: Path, port: int, **extra) -> dict:
+    server = tmp_path / "server.py"
+    server.write_text(SERVER, encoding="utf-8")
+    cfg = {
+        "id": "r-0001", "service": "svc", "region": "local", "zone": "local-a", "market": "spot", "port": port,
+        "command": f"exec {sys.executable} {server}", "setup": None, "env": {}, "workdir": str(tmp_path),
+        "runtime_dir": str(runtime),
+    }
+    cfg.update(extra)
+    return cfg
+
+
+def wait_health(port: int, timeout: float = 10.0) -> int:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return get(f"http://127.0.0.1:{port}/health")[0]
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
+def test_start_serves_and_stop_leaves_nothing(runtime, tmp_path):
+    port = free_base_port(1) + 1
+    cfg = config(runtime, tmp_path, port)
+    done = launch("start", cfg)
+    assert done.returncode == 0, done.stderr
+    assert wait_health(port) == 200
+    proc = read_pidfile(runtime, "r-0001")
+    assert proc is not None and is_running(proc) and proc.port == port
+    assert find_processes(runtime, "r-0001")
+    done = launch("stop", {"id": "r-0001", "runtime_dir": str(runtime), "grace": 5})
+    assert done.returncode == 0, done.stderr
+    assert "stopped r-0001" in done.stdout
+    assert find_processes(runtime) == []
+    assert read_pidfile(runtime, "r-0001") is None
+    again = launch("stop", {"id": "r-0001", "runtime_dir": str(runtime), "grace": 5})
+    assert again.returncode == 0 and "already stopped" in again.stdout
+
+
+def test_env_values_reach_the_process_literally(runtime, tmp_path):
+    evil = "it's \"quoted\" ${path.module} %{if true}x%{endif} $(touch pwned) `id`\nsecond line; rm -rf /"
+    port = free_base_port(1) + 1
+    done = launch("start", config(runtime, tmp_path, port, env={"EVIL": evil}))
+    assert done.returncode == 0, done.stderr
+    wait_health(port)
+    assert get(f"http://127.0.0.1:{port}/env/EVIL")[1] == evil
+    assert get(f"http://127.0.0.1:{port}/env/PORT")[1] == str(port)
+    assert get(f"http://127.0.0.1:{port}/env/TF_IN_AUTOMATION")[1] is None
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_spot_launch_into_a_preempted_zone_fails_like_a_capacity_error(runtime, tmp_path):
+    capacity.mark_preempted(runtime, "local-a")
+    port = free_base_port(1) + 1
+    done = launch("start", config(runtime, tmp_path, port))
+    assert done.returncode == EXIT_CAPACITY
+    assert "InsufficientCapacity" in done.stderr and "local-a" in done.stderr
+    assert find_processes(runtime) == [] and read_pidfile(runtime, "r-0001") is None
+    # on-demand is a different market: the zone still has on-demand capacity
+    od = launch("start", config(runtime, tmp_path, port, market="on-demand"))
+    assert od.returncode == 0, od.stderr
+
+
+def test_preemption_can_expire_and_be_cleared(runtime):
+    now = time.time()
+    capacity.mark_preempted(runtime, "local-a", until=now + 60)
+    capacity.mark_preempted(runtime, "local-b")
+    assert capacity.preempted(runtime, "local-a", now) == (True, now + 60)
+    assert capacity.preempted(runtime, "local-a", now + 61) == (False, None)
+    assert capacity.preempted(runtime, "local-b", now + 1e6) == (True, None)
+    capacity.clear(runtime, "local-b")
+    assert capacity.read_capacity(runtime) == {"local-a": now + 60}
+    capacity.clear(runtime)
+    assert capacity.read_capacity(runtime) == {}
+
+
+def test_a_malformed_capacity_file_is_an_error_naming_it(runtime, tmp_path):
+    capacity.capacity_path(runtime).write_text("{not json", encoding="utf-8")
+    done = launch("start", config(runtime, tmp_path, free_base_port(1) + 1))
+    assert done.returncode == 1
+    assert "capacity.json" in done.stderr
+
+
+def test_port_in_use_and_instant_exit_are_clear_failures(runtime, tmp_path):
+    port = free_base_port(1) + 1
+    with socket.socket() as holder:
+        holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        holder.bind(("127.0.0.1", port))
+        holder.listen()
+        done = launch("start", config(runtime, tmp_path, port))
+    assert done.returncode == 1 and f"port 127.0.0.1:{port} is already in use" in done.stderr
+    crash = launch("start", config(runtime, tmp_path, port, command="echo boom >&2; exit 7"))
+    assert crash.returncode == 1
+    assert "exited at once with 7" in crash.stderr and "boom" in crash.stderr
+    assert find_processes(runtime) == []
+
+
+def test_setup_runs_first_in_the_workdir(runtime, tmp_path):
+    port = free_base_port(1) + 1
+    cfg = config(runtime, tmp_path, port, setup="echo ready > setup-done", env={"X": "1"})
+    assert launch("start", cfg).returncode == 0
+    assert (tmp_path / "setup-done").read_text().strip() == "ready"
+    failing = config(runtime, tmp_path, port + 1, id="r-0002", setup="exit 4")
+    done = launch("start", failing)
+    assert done.returncode == 1 and "run.setup exited with 4" in done.stderr
+
+
+def test_stop_escalates_to_sigkill_for_the_whole_group(runtime, tmp_path):
+    port = free_base_port(1) + 1
+    stubborn = f"trap '' TERM; {sys.executable} -c 'import signal,time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(60)' & wait"
+    assert launch("start", config(runtime, tmp_path, port, command=stubborn)).returncode == 0
+    deadline = time.monotonic() + 5
+    while len(find_processes(runtime)) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(find_processes(runtime)) >= 2
+    started = time.monotonic()
+    assert stop_replica(runtime, "r-0001", grace=0.5) is True
+    assert time.monotonic() - started < 5
+    assert find_processes(runtime) == []
+
+
+def test_start_replaces_a_leftover_process_of_the_same_id(runtime, tmp_path):
+    port = free_base_port(1) + 1
+    cfg = config(runtime, tmp_path, port)
+    assert launch("start", cfg).returncode == 0
+    first = read_pidfile(runtime, "r-0001")
+    assert launch("start", cfg).returncode == 0  # e.g. Terraform re-running a create after a crash
+    second = read_pidfile(runtime, "r-0001")
+    assert first is not None and second is not None and first.pid != second.pid
+    assert not is_running(first)
+    assert find_processes(runtime) == [second.pid] or second.pid in find_processes(runtime)

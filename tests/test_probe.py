@@ -1,0 +1,144 @@
+"""Readiness probe semantics against a small in-process HTTP server that records what it got."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+from routing_support import free_port
+
+from skyhedge.probe import check, check_all, probe, probe_all
+from skyhedge.spec import ReadinessProbe
+
+
+class Recorder(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), Handler)
+        self.seen: list[dict[str, object]] = []
+
+
+class Handler(BaseHTTPRequestHandler):
+    server: Recorder
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+    def _answer(self) -> None:
+        length = int(self.headers.get("Content-Length") or 0)
+        body = self.rfile.read(length) if length else b""
+        self.server.seen.append(
+            {"method": self.command, "path": self.path, "headers": dict(self.headers), "body": body}
+        )
+        path = self.path
+        if path.startswith("/slow"):
+            time.sleep(2.0)
+            path = "/ok"
+        codes = {
+            "/ok": 200,
+            "/created": 204,
+            "/redirect": 302,
+            "/fail": 500,
+            "/missing": 404,
+            "/loading": 503,
+        }
+        code = codes.get(path, 404)
+        self.send_response(code)
+        if code == 302:
+            self.send_header("Location", "/ok")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    do_GET = _answer
+    do_POST = _answer
+
+
+@pytest.fixture
+def server() -> Iterator[Recorder]:
+    srv = Recorder()
+    thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        yield srv
+    finally:
+        srv.shutdown()
+        srv.server_close()
+        thread.join(timeout=5)
+
+
+def url(srv: Recorder) -> str:
+    return f"http://127.0.0.1:{srv.server_address[1]}"
+
+
+def test_get_by_default_and_only_2xx_counts(server):
+    assert probe(url(server), ReadinessProbe(path="/ok")) is True
+    assert probe(url(server) + "/", ReadinessProbe(path="/created")) is True
+    for path in ("/fail", "/missing", "/loading"):
+        assert probe(url(server), ReadinessProbe(path=path)) is False
+    assert {s["method"] for s in server.seen} == {"GET"}
+    result = check(url(server), ReadinessProbe(path="/loading"))
+    assert (result.ok, result.status, result.error) == (False, 503, "HTTP 503")
+
+
+def test_redirect_is_not_followed(server):
+    assert probe(url(server), ReadinessProbe(path="/redirect")) is False
+    assert [s["path"] for s in server.seen] == ["/redirect"]
+
+
+def test_post_with_json_body_and_headers(server):
+    rp = ReadinessProbe(
+        path="/ok", post_data={"prompt": "hi", "max_tokens": 1}, headers={"Authorization": "Bearer t"}
+    )
+    assert probe(url(server), rp) is True
+    (seen,) = server.seen
+    assert seen["method"] == "POST"
+    assert json.loads(seen["body"]) == {"prompt": "hi", "max_tokens": 1}
+    headers = {k.lower(): v for k, v in seen["headers"].items()}
+    assert headers["content-type"] == "application/json"
+    assert headers["authorization"] == "Bearer t"
+
+
+def test_string_post_data_is_sent_as_is(server):
+    assert probe(url(server), ReadinessProbe(path="/ok", post_data='{"a": 1}')) is True
+    assert server.seen[0]["body"] == b'{"a": 1}'
+
+
+def test_headers_on_get(server):
+    assert probe(url(server), ReadinessProbe(path="/ok", headers={"X-Probe": "yes"})) is True
+    assert {k.lower(): v for k, v in server.seen[0]["headers"].items()}["x-probe"] == "yes"
+
+
+def test_timeout_from_the_spec_and_override(server):
+    t0 = time.monotonic()
+    assert probe(url(server), ReadinessProbe(path="/slow", timeout_seconds=1)) is False
+    assert 0.9 < time.monotonic() - t0 < 1.8
+    t0 = time.monotonic()
+    result = check(url(server), ReadinessProbe(path="/slow", timeout_seconds=30), timeout=0.3)
+    assert result.ok is False and "timed out" in (result.error or "").lower()
+    assert time.monotonic() - t0 < 1.2
+
+
+def test_unreachable_and_malformed_endpoints_are_not_ready():
+    closed = f"http://127.0.0.1:{free_port()}"
+    result = check(closed, ReadinessProbe())
+    assert result.ok is False and result.status is None and "refused" in (result.error or "").lower()
+    assert probe("not a url", ReadinessProbe()) is False
+
+
+def test_probe_all_is_concurrent_and_keyed_by_endpoint(server):
+    base = url(server)
+    endpoints = [f"{base}", f"{base}/", f"http://localhost:{server.server_address[1]}"]
+    closed = f"http://127.0.0.1:{free_port()}"
+    t0 = time.monotonic()
+    results = probe_all([*endpoints, closed], ReadinessProbe(path="/slow", timeout_seconds=5))
+    elapsed = time.monotonic() - t0
+    assert results == {endpoints[0]: True, endpoints[1]: True, endpoints[2]: True, closed: False}
+    assert elapsed < 3.5  # three 2-second probes at once, not one after another
+    assert probe_all([], ReadinessProbe()) == {}
+    detail = check_all([closed], ReadinessProbe())
+    assert detail[closed].error

@@ -1,0 +1,179 @@
+"""The AWS and GCP modules as rendered: parsed with python-hcl2 (their providers cannot be downloaded
+here, so `terraform validate` runs only where a provider mirror is configured)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+import hcl2
+import pytest
+
+from skyhedge.clouds import RenderContext
+from skyhedge.engine import Terraform, TerraformRoot
+from skyhedge.planner import CREATE, KEEP, Plan, PlannedReplica
+from skyhedge.policy.types import Location, Market
+from skyhedge.render import TFVARS_FILE, render_tree, write_tree
+from skyhedge.spec import parse_spec
+
+CTX = RenderContext(Path("/srv/state"), Path("/srv/work"), sys.executable, "")
+MIRROR_ENV = "SKYHEDGE_TEST_PROVIDER_MIRROR"
+
+
+def unq(value: Any) -> Any:
+    """python-hcl2 keeps HCL's quotes: `"\\"spot\\""` -> `spot`."""
+    if isinstance(value, str) and len(value) >= 2 and value[0] == value[-1] == '"':
+        return value[1:-1]
+    return value
+
+
+def block(parsed: dict[str, Any], kind: str, *labels: str) -> dict[str, Any]:
+    for item in parsed.get(kind, []):
+        node: Any = item
+        for label in labels:
+            node = next((v for k, v in node.items() if unq(k) == label), None)
+            if node is None:
+                break
+        if node is not None:
+            return node
+    raise KeyError(f"{kind} {' '.join(labels)}")
+
+
+def dynamic(resource: dict[str, Any], name: str) -> list[dict[str, Any]]:
+    return [v for d in resource.get("dynamic", []) for k, v in d.items() if unq(k) == name]
+
+
+def plan(cloud: str, region: str, zones: list[str]) -> Plan:
+    replicas = tuple(
+        PlannedReplica(f"r-{i:04d}", Location(cloud, region, z), Market.SPOT if i % 2 else Market.ON_DEMAND,
+                       CREATE if i > 1 else KEEP, 0.0)
+        for i, z in enumerate(zones, start=1)
+    )
+    return Plan("llm", len(replicas), "test", replicas, 10, 0.0)
+
+
+def rendered(tmp_path: Path, cloud: str, itype: str, p: Plan, **extra: Any) -> Path:
+    spec = parse_spec({
+        "name": "llm",
+        "placement": {"clouds": [cloud]},
+        "resources": {"instance_type": {cloud: itype}, "disk_size": 250, "ports": 8000},
+        "run": {"image": "vllm/vllm-openai:v0.6.3", "command": "vllm serve m --port 8000", "env": {"K": "v"}},
+        "terraform": {"backend": "s3", "config": {"bucket": "state", "region": "us-east-1"}},
+        **extra,
+    })
+    out = tmp_path / "tree"
+    write_tree(render_tree(spec, p, context=CTX, instance_types={cloud: itype}), out)
+    return out
+
+
+def load(path: Path) -> dict[str, Any]:
+    with open(path, encoding="utf-8") as fh:
+        return hcl2.load(fh)
+
+
+def test_aws_module_spot_market_for_each_and_tags(tmp_path):
+    out = rendered(tmp_path, "aws", "g6.xlarge", plan("aws", "us-east-1", ["use1-az1", "use1-az2", "use1-az4"]))
+    main = load(out / "modules" / "aws-replicas" / "main.tf")
+    inst = block(main, "resource", "aws_instance", "replica")
+    assert inst["for_each"] == "${var.replicas}"
+    assert "local.subnet_for_zone[each.value.zone]" in inst["subnet_id"]
+    [market] = dynamic(inst, "instance_market_options")
+    assert 'each.value.market == "spot"' in market["for_each"]
+    [content] = market["content"]
+    assert unq(content["market_type"]) == "spot"
+    [spot] = content["spot_options"]
+    assert unq(spot["spot_instance_type"]) == "one-time"
+    assert unq(spot["instance_interruption_behavior"]) == "terminate"
+    for key in ('"skyhedge:replica" = each.key', '"skyhedge:market" = each.value.market'):
+        assert key in inst["tags"]
+    assert '"skyhedge:service" = var.service' in block(main, "locals")["tags"]
+    sg = block(main, "resource", "aws_security_group", "replicas")
+    assert sg["ingress"][0]["from_port"] == "${var.port}"
+    subnet = block(main, "data", "aws_subnet", "zone")
+    assert "availability_zone_id" in subnet  # catalog zones are zone IDs
+    tfvars = json.loads((out / "aws" / "us-east-1" / TFVARS_FILE).read_text())
+    assert sorted(tfvars["replicas"]) == ["r-0001", "r-0002", "r-0003"]
+    assert tfvars["replicas"]["r-0001"] == {"zone": "use1-az1", "market": "spot"}
+    assert tfvars["replicas"]["r-0002"]["market"] == "on-demand"
+    assert tfvars["instance_type"] == "g6.xlarge" and tfvars["disk_size"] == 250 and tfvars["image_id"] is None
+    root = load(out / "aws" / "us-east-1" / "main.tf")
+    assert unq(block(root, "module", "replicas")["source"]) == "../../modules/aws-replicas"
+    assert block(root, "provider", "aws")["region"] == "${var.region}"
+    [tf] = root["terraform"]
+    assert [unq(k) for b in tf["backend"] for k in b] == ["s3"]
+    variables = load(out / "modules" / "aws-replicas" / "variables.tf")
+    for item in variables["variable"]:
+        for name, body in item.items():
+            assert body.get("description"), f"variable {name} has no description"
+            assert "type" in body, f"variable {name} has no type"
+    outputs = load(out / "modules" / "aws-replicas" / "outputs.tf")
+    for item in outputs["output"]:
+        for name, body in item.items():
+            assert body.get("description") and "try(" in json.dumps(body["value"]), name
+
+
+def test_aws_boot_script_only_interpolates_the_base64_config():
+    script = (Path(__file__).resolve().parents[1] / "modules" / "aws-replicas" / "user_data.sh.tftpl").read_text()
+    assert re.findall(r"\$\{[^}]*\}", script) == ["${config}"]
+    assert "%{" not in script
+
+
+def test_gcp_module_spot_scheduling_gpus_and_labels(tmp_path):
+    out = rendered(tmp_path, "gcp", "n1-standard-4", plan("gcp", "us-central1", ["us-central1-a", "us-central1-b"]),
+                   gcp={"project": "my-proj"})
+    main = load(out / "modules" / "gcp-replicas" / "main.tf")
+    inst = block(main, "resource", "google_compute_instance", "replica")
+    assert inst["for_each"] == "${var.replicas}"
+    spot, standard = dynamic(inst, "scheduling")
+    assert 'each.value.market == "spot" ? [each.key] : []' in spot["for_each"]
+    [s] = spot["content"]
+    assert unq(s["provisioning_model"]) == "SPOT" and s["preemptible"] is True
+    assert s["automatic_restart"] is False and unq(s["instance_termination_action"]) == "DELETE"
+    assert unq(s["on_host_maintenance"]) == "TERMINATE"
+    [o] = standard["content"]
+    assert unq(o["provisioning_model"]) == "STANDARD" and "TERMINATE" in o["on_host_maintenance"]
+    for key in ('"skyhedge-replica" = each.key', '"skyhedge-market" = each.value.market'):
+        assert key in inst["labels"]
+    assert '"skyhedge-service" = var.service' in block(main, "locals")["labels"]
+    [acc] = dynamic(inst, "guest_accelerator")
+    assert "var.accelerator" in acc["for_each"]
+    tfvars = json.loads((out / "gcp" / "us-central1" / TFVARS_FILE).read_text())
+    assert tfvars["accelerator"] == {"type": "nvidia-tesla-t4", "count": 1} and tfvars["gpu"] is True
+    assert tfvars["project"] == "my-proj" and sorted(tfvars["replicas"]) == ["r-0001", "r-0002"]
+    g2 = rendered(tmp_path / "g2", "gcp", "g2-standard-4", plan("gcp", "us-east4", ["us-east4-a"]))
+    g2vars = json.loads((g2 / "gcp" / "us-east4" / TFVARS_FILE).read_text())
+    assert g2vars["accelerator"] is None and g2vars["gpu"] is True  # g2 carries its L4
+
+
+def _mirror_config(tmp_path: Path) -> Path | None:
+    mirror = os.environ.get(MIRROR_ENV)
+    if not mirror or not Path(mirror).is_dir():
+        return None
+    rc = tmp_path / "mirror.tfrc"
+    rc.write_text(
+        "provider_installation {\n"
+        f"  filesystem_mirror {{\n    path    = {json.dumps(mirror)}\n    include = [\"registry.terraform.io/*/*\"]\n  }}\n"
+        "  direct {\n    exclude = [\"registry.terraform.io/*/*\"]\n  }\n}\n"
+    )
+    return rc
+
+
+@pytest.mark.parametrize(("cloud", "itype", "region", "zones"), [
+    ("aws", "g6.xlarge", "us-east-1", ["use1-az1"]),
+    ("gcp", "g2-standard-4", "us-east4", ["us-east4-a"]),
+])
+def test_terraform_validate_where_a_provider_mirror_is_configured(tmp_path, cloud, itype, region, zones):
+    rc = _mirror_config(tmp_path)
+    if rc is None:
+        pytest.skip(f"no provider mirror: set {MIRROR_ENV} to a filesystem mirror holding the {cloud} provider")
+    out = rendered(tmp_path, cloud, itype, plan(cloud, region, zones))
+    root = out / cloud / region
+    (root / "backend.tfbackend.json").unlink()
+    (root / "main.tf").write_text((root / "main.tf").read_text().replace('backend "s3" {}', ""))
+    engine = Terraform(home=tmp_path / "home", extra_env={"TF_CLI_CONFIG_FILE": str(rc)})
+    diags = engine.validate(TerraformRoot(root, f"{cloud}/{region}", tmp_path / "data"))
+    assert [d.text for d in diags if d.severity == "error"] == []

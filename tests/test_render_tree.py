@@ -1,0 +1,222 @@
+"""Rendering: deterministic bytes, fmt-clean HCL, spec values only in JSON, atomic tree writes."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from skyhedge.clouds import RenderContext
+from skyhedge.engine import Terraform
+from skyhedge.errors import RenderError
+from skyhedge.planner import CREATE, DELETE, KEEP, Plan, PlannedReplica
+from skyhedge.policy.types import Location, Market
+from skyhedge.render import BACKEND_FILE, TFVARS_FILE, TREE_MANIFEST, backend_config, render_tree, write_tree
+from skyhedge.spec import parse_spec
+
+TERRAFORM_BIN = shutil.which("terraform")
+EVIL = 'q"uote \'s ${path.module} %{if true}x%{endif} $(id) `id`\nnext line \\ end'
+
+
+def spec_of(clouds=("local",), **extra):
+    data = {
+        "name": "render-test",
+        "placement": {"clouds": list(clouds)},
+        "resources": {"local_base_port": 30000, "instance_type": {"aws": "g6.xlarge", "gcp": "g2-standard-4"}},
+        "run": {"command": f"python3 server.py --flag '{EVIL}'", "env": {"EVIL": EVIL, "A": "1"}},
+        **extra,
+    }
+    if "local" in clouds and len(clouds) == 1:
+        del data["resources"]["instance_type"]
+    return parse_spec(data, source="/tmp/specs/service.yaml")
+
+
+def plan_of(*rows: tuple[str, str, str, str, str, str]) -> Plan:
+    replicas = tuple(
+        PlannedReplica(rid, Location(cloud, region, zone), Market(market), action, 0.0)
+        for rid, cloud, region, zone, market, action in rows
+    )
+    return Plan("render-test", len(replicas), "test", replicas, 100, 0.0)
+
+
+CTX = RenderContext(Path("/srv/state").resolve(), Path("/srv/work"), sys.executable, "/opt/skyhedge")
+TYPES = {"aws": "g6.xlarge", "gcp": "g2-standard-4", "local": "local"}
+
+MULTI = plan_of(
+    ("r-0001", "aws", "us-east-1", "use1-az1", "spot", CREATE),
+    ("r-0002", "aws", "us-east-1", "use1-az2", "on-demand", KEEP),
+    ("r-0003", "aws", "us-west-2", "usw2-az1", "spot", CREATE),
+    ("r-0004", "gcp", "us-central1", "us-central1-a", "spot", CREATE),
+    ("r-0005", "aws", "eu-west-1", "euw1-az1", "spot", DELETE),
+)
+LOCAL = plan_of(
+    ("r-0001", "local", "local", "local-a", "spot", CREATE),
+    ("r-0002", "local", "local", "local-b", "spot", CREATE),
+    ("r-0003", "local", "local", "local-c", "on-demand", KEEP),
+)
+
+
+def files_of(out: Path) -> dict[str, bytes]:
+    return {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+
+
+def test_rendering_twice_gives_byte_identical_trees(tmp_path):
+    spec = spec_of(("aws", "gcp"))
+    first = render_tree(spec, MULTI, context=CTX, instance_types=TYPES)
+    second = render_tree(spec, MULTI, context=CTX, instance_types=TYPES)
+    assert first == second
+    write_tree(first, tmp_path / "a")
+    write_tree(second, tmp_path / "b")
+    write_tree(second, tmp_path / "b")  # re-rendering over itself changes nothing
+    assert files_of(tmp_path / "a") == files_of(tmp_path / "b")
+    assert [r.path for r in first.roots] == ["aws/eu-west-1", "aws/us-east-1", "aws/us-west-2", "gcp/us-central1"]
+    # a root whose replicas are all deleted is still rendered, empty, so applying it destroys them
+    assert first.root("aws", "eu-west-1").replicas == ()
+    tfvars = json.loads((tmp_path / "a" / "aws" / "us-east-1" / TFVARS_FILE).read_text())
+    assert tfvars["replicas"] == {"r-0001": {"zone": "use1-az1", "market": "spot"},
+                                  "r-0002": {"zone": "use1-az2", "market": "on-demand"}}
+    manifest = json.loads((tmp_path / "a" / TREE_MANIFEST).read_text())
+    assert [r["path"] for r in manifest["roots"]] == [r.path for r in first.roots]
+    assert (tmp_path / "a" / "modules" / "aws-replicas" / "main.tf").is_file()
+    assert (tmp_path / "a" / "modules" / "gcp-replicas" / "main.tf").is_file()
+    assert not (tmp_path / "a" / "modules" / "local-replicas").exists()
+
+
+@pytest.mark.parametrize("binary", [None, TERRAFORM_BIN] if TERRAFORM_BIN else [None], ids=["embedded", "binary"][:2])
+def test_the_rendered_tree_is_terraform_fmt_clean(tmp_path, binary):
+    out = tmp_path / "tree"
+    tree = render_tree(spec_of(("aws", "gcp")), MULTI, context=CTX, instance_types=TYPES)
+    write_tree(tree, out)
+    local = tmp_path / "local-tree"
+    write_tree(render_tree(spec_of(), LOCAL, context=CTX, instance_types=TYPES), local)
+    engine = Terraform(home=tmp_path / "home", binary=binary)
+    assert engine.fmt_check(out) == []
+    assert engine.fmt_check(local) == []
+    (out / "aws" / "us-east-1" / "main.tf").write_text('terraform {\nrequired_version="1"\n}\n')
+    assert engine.fmt_check(out) == ["aws/us-east-1/main.tf"]  # the check can fail
+
+
+def test_spec_values_reach_terraform_only_as_json(tmp_path):
+    out = tmp_path / "tree"
+    for spec, plan in ((spec_of(), LOCAL), (spec_of(("aws", "gcp")), MULTI)):
+        tree = render_tree(spec, plan, context=CTX, instance_types=TYPES)
+        write_tree(tree, out)
+        for path in out.rglob("*.tf"):
+            text = path.read_text()
+            for needle in ("server.py", "EVIL", "render-test", "usw2-az1", "$(id)"):
+                assert needle not in text, f"{needle!r} spliced into {path}"
+        for root in tree.roots:
+            tfvars = json.loads((out / root.path / TFVARS_FILE).read_text())
+            assert tfvars["run"]["env"]["EVIL"] == EVIL
+            assert tfvars["run"]["command"] == f"python3 server.py --flag '{EVIL}'"
+            assert tfvars["service"] == "render-test"
+
+
+def test_local_inputs_carry_ports_runtime_and_launcher():
+    tree = render_tree(spec_of(), LOCAL, context=CTX, instance_types=TYPES)
+    tfvars = json.loads(dict(tree.files)[f"local/local/{TFVARS_FILE}"])
+    assert tfvars["replicas"]["r-0002"] == {"zone": "local-b", "market": "spot", "port": 30002}
+    assert tfvars["runtime_dir"] == str(CTX.state_dir / "local")
+    assert tfvars["run"]["workdir"] == "/srv/work"
+    assert tfvars["launcher"] == {"python": sys.executable, "pythonpath": "/opt/skyhedge"}
+
+
+def test_local_cloud_needs_a_command_and_ports_that_fit():
+    with pytest.raises(RenderError, match="run.command"):
+        render_tree(parse_spec({"name": "x", "placement": {"clouds": ["local"]}, "run": {"image": "nginx"}}),
+                    LOCAL, context=CTX)
+    big = parse_spec({"name": "x", "placement": {"clouds": ["local"]}, "resources": {"local_base_port": 60000},
+                      "run": {"command": "true"}})
+    with pytest.raises(RenderError, match="local_base_port"):
+        render_tree(big, plan_of(("r-9000", "local", "local", "local-a", "spot", CREATE)), context=CTX)
+
+
+def test_root_digests_change_only_where_the_inputs_do():
+    spec = spec_of(("aws", "gcp"))
+    before = render_tree(spec, MULTI, context=CTX, instance_types=TYPES)
+    moved = plan_of(
+        ("r-0001", "aws", "us-east-1", "use1-az1", "spot", KEEP),
+        ("r-0002", "aws", "us-east-1", "use1-az2", "on-demand", KEEP),
+        ("r-0003", "aws", "us-west-2", "usw2-az1", "spot", DELETE),
+        ("r-0006", "aws", "us-west-2", "usw2-az2", "spot", CREATE),
+        ("r-0004", "gcp", "us-central1", "us-central1-a", "spot", KEEP),
+    )
+    after = render_tree(spec, moved, context=CTX, instance_types=TYPES)
+    changed = {r.path for r in after.roots if before.root(r.cloud, r.region).digest != r.digest}
+    assert changed == {"aws/us-west-2"}
+    edited = render_tree(spec_of(("aws", "gcp"), run={"command": "other"}), moved, context=CTX, instance_types=TYPES)
+    assert all(edited.root(r.cloud, r.region).digest != r.digest for r in after.roots)
+
+
+def test_backend_settings_give_every_root_its_own_state():
+    s3 = spec_of(terraform={"backend": "s3", "config": {"bucket": "b", "region": "us-east-1", "key": "svc/"}})
+    assert backend_config(s3, "aws", "us-west-2") == {
+        "bucket": "b", "region": "us-east-1", "key": "svc/aws/us-west-2/terraform.tfstate",
+        "use_lockfile": True, "encrypt": True,
+    }
+    gcs = spec_of(terraform={"backend": "gcs", "config": {"bucket": "b"}})
+    assert backend_config(gcs, "gcp", "us-east4") == {"bucket": "b", "prefix": "skyhedge/render-test/gcp/us-east4"}
+    local = spec_of(terraform={"backend": "local", "config": {"path": "tfstate"}})
+    assert backend_config(local, "local", "local") == {"path": "/tmp/specs/tfstate/local-local.tfstate"}
+    tree = render_tree(s3, LOCAL, context=CTX, instance_types=TYPES)
+    files = dict(tree.files)
+    assert b'backend "s3" {}' in files["local/local/main.tf"]
+    assert json.loads(files[f"local/local/{BACKEND_FILE}"])["use_lockfile"] is True
+
+
+def test_write_tree_is_atomic_and_keeps_terraform_working_files(tmp_path):
+    out = tmp_path / "infra"
+    tree = render_tree(spec_of(), LOCAL, context=CTX, instance_types=TYPES)
+    write_tree(tree, out)
+    root = out / "local" / "local"
+    (root / ".terraform.lock.hcl").write_text("lock")
+    (root / "terraform.tfstate").write_text('{"version": 4}')
+    (root / ".terraform" / "modules").mkdir(parents=True)
+    (root / ".terraform" / "modules" / "modules.json").write_text("{}")
+    (root / "stray.tf").write_text("# not rendered: goes away")
+    write_tree(tree, out)
+    assert (root / ".terraform.lock.hcl").read_text() == "lock"
+    assert (root / "terraform.tfstate").read_text() == '{"version": 4}'
+    assert (root / ".terraform" / "modules" / "modules.json").is_file()
+    assert not (root / "stray.tf").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["infra"]  # no temp or backup dirs left
+    other = plan_of(("r-0001", "aws", "us-east-1", "use1-az1", "spot", CREATE))
+    with pytest.raises(RenderError, match="holds Terraform state"):
+        write_tree(render_tree(spec_of(("aws",)), other, context=CTX, instance_types=TYPES), out)
+    assert (root / "terraform.tfstate").is_file()
+
+
+def test_write_tree_refuses_to_replace_a_directory_it_did_not_render(tmp_path):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "precious.txt").write_text("keep me")
+    with pytest.raises(RenderError, match="not a skyhedge-rendered tree"):
+        write_tree(render_tree(spec_of(), LOCAL, context=CTX), out)
+    assert (out / "precious.txt").read_text() == "keep me"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]
+
+
+def test_cli_render_writes_the_tree_and_never_the_state(tmp_path, monkeypatch):
+    from skyhedge.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "service.yaml").write_text(
+        "name: cli-render\nplacement: {clouds: [local], zones: [local-a, local-b]}\n"
+        "replica_policy: {min_replicas: 2, num_overprovision: 0, dynamic_ondemand_fallback: false, policy: spothedge}\n"
+        "run: {command: 'python3 -m http.server $PORT'}\n"
+    )
+    runner = CliRunner()
+    args = ["render", "service.yaml", "--out", "infra", "--state-dir", "st"]
+    first = runner.invoke(main, args)
+    assert first.exit_code == 0, first.output
+    snapshot = files_of(tmp_path / "infra")
+    assert runner.invoke(main, args).exit_code == 0
+    assert files_of(tmp_path / "infra") == snapshot
+    assert not (tmp_path / "st").exists()
+    assert json.loads(snapshot[f"local/local/{TFVARS_FILE}"])["replicas"].keys() == {"r-0001", "r-0002"}
+    bad = runner.invoke(main, ["render", "missing.yaml", "--out", "x"])
+    assert bad.exit_code == 1 and "missing.yaml" in bad.output and not (tmp_path / "x").exists()

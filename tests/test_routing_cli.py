@@ -1,0 +1,104 @@
+"""`skyhedge routing up|reload|down SPEC`: upstreams from the state, `state.router` recorded."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from routing_support import Fleet, complete, free_port, needs_nginx, teardown_router
+
+from skyhedge.cli import main
+from skyhedge.routing import Router
+from skyhedge.spec import load_spec
+from skyhedge.state import ReplicaRecord, ServiceState, load_state, save_state
+
+pytestmark = [needs_nginx, pytest.mark.timeout(60)]
+
+
+@pytest.fixture
+def setup(tmp_path: Path, write_spec) -> Iterator[tuple[Path, Path, Fleet]]:
+    port = free_port()
+    spec_path = write_spec(
+        f"""
+        name: echo
+        placement: {{clouds: [local]}}
+        run: {{command: python3 examples/local-echo/server.py}}
+        readiness_probe: {{path: /health, timeout_seconds: 2}}
+        service: {{host: 127.0.0.1, port: {port}}}
+        """
+    )
+    state_dir = tmp_path / "state"
+    fleet = Fleet(tmp_path)
+    try:
+        yield spec_path, state_dir, fleet
+    finally:
+        teardown_router(Router(load_spec(spec_path), state_dir))
+        fleet.close()
+
+
+def record(rid: str, endpoint: str | None, *, ready: bool = True, **kw: object) -> ReplicaRecord:
+    now = time.time()
+    return ReplicaRecord(
+        id=rid,
+        cloud="local",
+        region="local",
+        zone="local-a",
+        market="spot",
+        launched_at=now - 60,
+        provisioned_at=now - 50,
+        ready_at=now - 40 if ready else None,
+        endpoint=endpoint,
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+def run(*args: str):
+    return CliRunner().invoke(main, list(args), catch_exceptions=False)
+
+
+def test_up_reload_down_from_the_state(setup):
+    spec_path, state_dir, fleet = setup
+    r1, r2, r3, r4 = fleet.start(4)
+    state = ServiceState(service="echo")
+    state.replicas = {
+        "r-0001": record("r-0001", r1.endpoint),
+        "r-0002": record("r-0002", r2.endpoint),
+        "r-0003": record("r-0003", r3.endpoint, ready=False),  # STARTING: not routed yet
+        "r-0004": record("r-0004", r4.endpoint, draining=True),  # SHUTTING_DOWN: not routed
+        "r-0005": record("r-0005", "http://127.0.0.1:1", gone_at=time.time(), reason="preempted"),
+    }
+    save_state(state_dir, state)
+
+    result = run("routing", "up", str(spec_path), "--state-dir", str(state_dir), "--json")
+    assert result.exit_code == 0, result.output
+    shown = json.loads(result.output)
+    saved = load_state(state_dir, "echo").router
+    assert saved == shown
+    assert [u["id"] for u in saved["upstreams"]] == ["r-0001", "r-0002"]
+    assert saved["pid"] and saved["endpoint"].endswith(f":{load_spec(spec_path).service.port}")
+    assert {complete(saved["endpoint"]).replica for _ in range(12)} == {"r-0001", "r-0002"}
+
+    # --probe: route to whatever answers now (r-0003 became ready, r-0002 died, r-0004 is draining).
+    fleet.kill("r-0002")
+    result = run("routing", "reload", str(spec_path), "--state-dir", str(state_dir), "--probe")
+    assert result.exit_code == 0, result.output
+    assert "r-0002" in result.output and "not ready" in result.output
+    saved = load_state(state_dir, "echo").router
+    assert [u["id"] for u in saved["upstreams"]] == ["r-0001", "r-0003"]
+    assert {complete(saved["endpoint"]).replica for _ in range(12)} == {"r-0001", "r-0003"}
+
+    result = run("routing", "down", str(spec_path), "--state-dir", str(state_dir))
+    assert result.exit_code == 0, result.output
+    assert load_state(state_dir, "echo").router is None
+    assert Router(load_spec(spec_path), state_dir).status()["pid"] is None
+
+
+def test_reload_when_not_running_is_one_clear_error(setup):
+    spec_path, state_dir, _ = setup
+    result = CliRunner().invoke(main, ["routing", "reload", str(spec_path), "--state-dir", str(state_dir)])
+    assert result.exit_code == 1
+    assert "not running" in result.output and "Traceback" not in result.output

@@ -1,0 +1,144 @@
+"""`skyhedge simulate` through click's CliRunner: output shapes, options, bad input."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from skyhedge.cli import main
+
+REQUIRED = {"trace", "policy", "availability", "availability_min", "relative_cost", "runs"}
+
+
+@pytest.fixture
+def trace_dir(tmp_path: Path) -> Path:
+    directory = tmp_path / "tiny"
+    directory.mkdir()
+    patterns = {
+        "us-east-1a_v100_1": [2, 2, 0, 0, 1, 2, 2, 2, 0, 1] * 4,
+        "us-east-2b_v100_1": [1, 1, 1, 2, 2, 0, 0, 1, 1, 1] * 4,
+        "us-west-2c_v100_1": [0, 1, 2, 2, 2, 2, 1, 0, 0, 2] * 4,
+    }
+    for name, data in patterns.items():
+        (directory / f"{name}.json").write_text(json.dumps({"metadata": {"gap_seconds": 60}, "data": data}))
+    return directory
+
+
+def invoke(*args: str):
+    return CliRunner().invoke(main, ["simulate", *args])
+
+
+def small(trace_dir: Path, *extra: str):
+    return invoke("--trace", str(trace_dir), "--ticks", "30", "--repeats", "3", "--cold-start", "60", *extra)
+
+
+def test_json_shape_and_ondemand_is_exactly_one(trace_dir):
+    result = small(
+        trace_dir, "--policy", "spothedge,skyserve,optimal,ondemand,even,rr,single-region", "--json"
+    )
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)
+    assert [r["policy"] for r in rows] == [
+        "spothedge",
+        "skyserve",
+        "optimal",
+        "ondemand",
+        "even",
+        "rr",
+        "single-region",
+    ]
+    for row in rows:
+        assert set(row) >= REQUIRED
+        assert row["trace"] == "tiny" and row["runs"] == 3
+        assert 0.0 <= row["availability_min"] <= row["availability"] <= 1.0
+    by = {r["policy"]: r for r in rows}
+    assert by["ondemand"]["relative_cost"] == 1.0 and by["ondemand"]["availability"] == 1.0
+    assert by["optimal"]["availability"] == 1.0
+    assert by["optimal"]["relative_cost"] <= by["ondemand"]["relative_cost"]
+
+
+def test_table_output_and_plot(trace_dir, tmp_path):
+    png = tmp_path / "out" / "sim.png"
+    result = small(trace_dir, "--policy", "spothedge,ondemand", "--plot", str(png))
+    assert result.exit_code == 0, result.output
+    assert "spothedge" in result.stdout and "ondemand" in result.stdout
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert [p.name for p in png.parent.iterdir()] == ["sim.png"]  # no temp file left behind
+
+
+def test_latency_poisson_and_recorded(trace_dir, tmp_path):
+    result = small(trace_dir, "--policy", "ondemand", "--latency", "--json")
+    assert result.exit_code == 0, result.output
+    row = json.loads(result.stdout)[0]
+    assert {"latency_p50", "latency_p90", "latency_p99", "failure_rate"} <= set(row)
+    arrivals = tmp_path / "arrivals.txt"
+    arrivals.write_text("\n".join(str(i * 7.5) for i in range(50)))
+    result = small(trace_dir, "--policy", "ondemand", "--arrivals", str(arrivals), "--json")
+    assert result.exit_code == 0, result.output
+    # 28 scored ticks (cold start 2 of 30) = 840 s: gaps of 7.5 s from 0 give 111 arrivals per window
+    assert json.loads(result.stdout)[0]["requests"] == 3 * 111
+
+
+def test_prices_report_dollars(trace_dir, tmp_path):
+    prices = tmp_path / "prices.json"
+    zones = ["us-east-1a", "us-east-2b", "us-west-2c"]
+    prices.write_text(json.dumps({z: {"spot": 1.0, "ondemand": 3.0} for z in zones}))
+    result = small(trace_dir, "--policy", "ondemand,spothedge", "--prices", str(prices), "--json")
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)
+    # 3 on-demand replicas x $3/h x 28 scored ticks of 30 s
+    assert rows[0]["dollars"] == pytest.approx(3 * 3.0 * 28 * 30 / 3600)
+    assert rows[0]["ondemand_dollars"] == pytest.approx(rows[0]["dollars"])
+    assert rows[1]["dollars"] / rows[1]["ondemand_dollars"] == pytest.approx(rows[1]["relative_cost"])
+
+
+def test_plugin_policy_by_module_and_class(trace_dir):
+    result = small(trace_dir, "--policy", "skyhedge.policy.baselines:EvenSpread,even", "--json")
+    assert result.exit_code == 0, result.output
+    plugin, builtin = json.loads(result.stdout)
+    assert plugin["policy"] == "skyhedge.policy.baselines:EvenSpread"
+    assert plugin["relative_cost"] == builtin["relative_cost"]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--trace", "/nonexistent/trace"], "error: /nonexistent/trace: no such trace directory or file"),
+        (["--policy", "nope"], "error: unknown policy 'nope'"),
+        (["--policy", "no.such.module:Thing"], "cannot load"),
+        (["--ticks", "100000"], "shorter than one window of 100000 ticks"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_1(trace_dir, args, message):
+    base = ["--trace", str(trace_dir), "--ticks", "30", "--repeats", "1"]
+    result = invoke(*base, *args)
+    assert result.exit_code == 1
+    assert message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert result.stdout == ""
+
+
+def test_bad_prices_and_arrivals_files(trace_dir, tmp_path):
+    prices = tmp_path / "p.json"
+    prices.write_text(json.dumps({"us-east-1a": {"spot": 1.0, "ondemand": 3.0}}))
+    result = small(trace_dir, "--policy", "ondemand", "--prices", str(prices))
+    assert result.exit_code == 1
+    assert re.search(r"no on-demand price for zone us-(east-2b|west-2c) of tiny", result.stderr)
+    prices.write_text("[]")
+    assert small(trace_dir, "--prices", str(prices)).exit_code == 1
+    missing = small(trace_dir, "--arrivals", str(tmp_path / "missing.txt"))
+    assert missing.exit_code == 1 and "cannot read the arrivals file" in missing.stderr
+
+
+def test_real_trace_smoke(shared_dir):
+    aws1 = shared_dir / "traces" / "skyserve" / "AWS1"
+    result = invoke("--trace", str(aws1), "--policy", "spothedge,ondemand,even", "--repeats", "2", "--json")
+    assert result.exit_code == 0, result.output
+    by = {r["policy"]: r for r in json.loads(result.stdout)}
+    assert by["ondemand"]["relative_cost"] == 1.0
+    assert by["spothedge"]["availability"] > 0.95 > by["even"]["availability"]
+    assert by["spothedge"]["relative_cost"] < 0.8

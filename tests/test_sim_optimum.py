@@ -1,0 +1,97 @@
+"""The omniscient optimum: hand-solved windows, brute force on tiny ones, a bound on policies."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from skyhedge.policy import Candidate, Location, PolicyConfig, make_policy
+from skyhedge.simulator.optimum import ready_counts, solve_optimum
+from skyhedge.simulator.world import World, score
+
+
+def test_ready_counts_is_the_minimum_over_the_cold_start():
+    assert ready_counts(np.array([1, 2, 2, 1, 2, 2, 2]), 2).tolist() == [0, 0, 1, 1, 1, 1, 2]
+    assert ready_counts(np.array([[1, 1], [2, 0]]), 0).tolist() == [3, 1]
+
+
+def test_plenty_of_capacity_runs_one_spot_replica_from_tick_zero():
+    result = solve_optimum([[5] * 6], target=1, cold_start_ticks=2)
+    assert result.spot_plan.tolist() == [[1] * 6]
+    assert result.ondemand_plan.tolist() == [0] * 6
+    assert result.objective == pytest.approx(6)  # warm-up ticks are paid for
+    scored = score(result.timeline, target=1, start=2, ondemand_cost_ratio=3)
+    assert scored.availability == 1.0 and scored.relative_cost == pytest.approx(4 / 12)
+
+
+def test_no_capacity_means_on_demand_only():
+    result = solve_optimum([[0] * 4, [0] * 4], target=2, cold_start_ticks=1)
+    assert result.ondemand_plan.tolist() == [2] * 4
+    assert score(result.timeline, target=2, start=1, ondemand_cost_ratio=3).relative_cost == 1.0
+
+
+def test_a_capacity_gap_is_bridged_by_on_demand_started_a_cold_start_early():
+    # Spot ready at t needs x[t-1] = x[t] = 1; the gap at t3, t4 also spoils t5 (x4 = 0).
+    # On-demand must be READY at t3..t5, so it runs t2..t5. Spot runs t0..t2 and t5..t9.
+    cap = [[1, 1, 1, 0, 0, 1, 1, 1, 1, 1]]
+    result = solve_optimum(cap, target=1, cold_start_ticks=1)
+    assert result.spot_plan.tolist() == [[1, 1, 1, 0, 0, 1, 1, 1, 1, 1]]
+    assert result.ondemand_plan.tolist() == [0, 0, 1, 1, 1, 1, 0, 0, 0, 0]
+    assert result.objective == pytest.approx(8 + 3 * 4)
+    scored = score(result.timeline, target=1, start=1, ondemand_cost_ratio=3)
+    assert scored.availability == 1.0
+    assert scored.relative_cost == pytest.approx((7 + 3 * 4) / 27)
+
+
+def brute_force(cap, target, cold, ratio=3.0):
+    cap = np.asarray(cap)
+    zones, ticks = cap.shape
+    spot_choices = [range(min(int(c), target) + 1) for c in cap.ravel()]
+    best = None
+    for xs in itertools.product(*spot_choices):
+        x = np.asarray(xs).reshape(zones, ticks)
+        spot_ready = ready_counts(x, cold)
+        for ys in itertools.product(range(target + 1), repeat=ticks):
+            y = np.asarray(ys)
+            ready = spot_ready + ready_counts(y, cold)
+            if (ready[cold:] >= target).all():
+                cost = x.sum() + ratio * y.sum()
+                best = cost if best is None else min(best, cost)
+    return best
+
+
+@settings(max_examples=12, deadline=None)
+@given(
+    shape=st.sampled_from([(1, 5, 2), (2, 4, 1)]),
+    data=st.data(),
+    cold=st.integers(0, 2),
+)
+def test_matches_brute_force_on_tiny_windows(shape, data, cold):
+    zones, ticks, target = shape
+    cap = data.draw(
+        st.lists(st.lists(st.integers(0, 2), min_size=ticks, max_size=ticks), min_size=zones, max_size=zones)
+    )
+    cold = min(cold, ticks - 1)
+    result = solve_optimum(cap, target=target, cold_start_ticks=cold)
+    assert result.objective == pytest.approx(brute_force(cap, target, cold))
+    assert (result.spot_plan <= np.asarray(cap)).all()
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    cap=st.lists(st.lists(st.integers(0, 3), min_size=20, max_size=20), min_size=1, max_size=3),
+    name=st.sampled_from(["spothedge", "skyserve", "ondemand", "rr"]),
+)
+def test_no_policy_that_is_always_available_costs_less(cap, name):
+    zones = [Location("aws", "us-east-1", f"us-east-1{c}") for c in "abc"[: len(cap)]]
+    world = World([Candidate(z, 1.0, 3.0) for z in zones], cap, target=2, cold_start_ticks=2)
+    timeline = world.run(make_policy(name, PolicyConfig(num_overprovision=1)))
+    optimum = solve_optimum(cap, target=2, cold_start_ticks=2)
+    assert score(optimum.timeline, target=2, start=2, ondemand_cost_ratio=3).availability == 1.0
+    if score(timeline, target=2, start=2, ondemand_cost_ratio=3).availability == 1.0:
+        policy_cost = timeline.spot.sum() + 3 * timeline.ondemand.sum()
+        assert optimum.objective <= policy_cost + 1e-6
