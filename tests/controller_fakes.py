@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from skyhedge.controller.ports import ExecResult, root_key
+from skyhedge.errors import RoutingError
 from skyhedge.events import EventSource, PreemptionEvent
 from skyhedge.planner import DELETE, Plan
 from skyhedge.policy.types import EventKind, ZoneEvent
@@ -81,13 +82,18 @@ class FakeRouter:
         self.reloads: list[list[str]] = []
         self.drains = 0
         self.count: int | None = 0
+        self.fail_next = False
 
-    def reload(self, upstreams: Sequence[tuple[str, str]]) -> None:
+    def reload(self, upstreams: Sequence[tuple[str, str]]) -> dict:
+        if self.fail_next:
+            self.fail_next = False
+            raise RoutingError("nginx refused the new configuration", stderr="nginx: [emerg] bad")
         self.reloads.append([rid for rid, _ in upstreams])
+        return {"endpoint": "http://127.0.0.1:8080", "upstreams": [{"id": rid} for rid, _ in upstreams]}
 
-    def drain(self, upstreams: Sequence[tuple[str, str]]) -> None:
+    def drain(self, upstreams: Sequence[tuple[str, str]]) -> dict:
         self.drains += 1
-        self.reload(upstreams)
+        return self.reload(upstreams)
 
     def running(self) -> bool:
         return bool(self.reloads)

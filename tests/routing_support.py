@@ -175,11 +175,12 @@ def wait_healthy(
 
 
 def teardown_router(router: Router) -> None:
-    """Stop nginx however it is (graceful, then by force), and check nothing is left listening."""
+    """Stop nginx however it is (graceful, then by force), leaving no process of it behind."""
     pid = nginx_proc.read_pid(router.paths.pid)
-    workers = set(nginx_proc.workers(pid)) if pid else set()
     with contextlib.suppress(Exception):
         router.down(timeout=3.0)
-    for p in [*(workers or ()), *([pid] if pid else [])]:
-        if nginx_proc.alive(p) and "nginx" in nginx_proc.cmdline(p):
-            nginx_proc.signal_pid(p, signal.SIGKILL)
+    if pid and "nginx" in nginx_proc.cmdline(pid):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, signal.SIGKILL)
+    for p in nginx_proc.leftovers(pid) if pid else []:
+        nginx_proc.signal_pid(p, signal.SIGKILL)

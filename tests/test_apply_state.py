@@ -79,7 +79,9 @@ def test_declining_the_confirmation_changes_nothing(svc):
     seen: list[Any] = []
 
     def decline(plan, roots, previews):
-        seen.append((plan.summary()["create"], [r.path for r in roots], {k: v.add for k, v in previews.items()}))
+        seen.append(
+            (plan.summary()["create"], [r.path for r in roots], {k: v.add for k, v in previews.items()})
+        )
         return False
 
     report = apply_service(spec, svc.state_dir, route=False, confirm=decline)
@@ -149,9 +151,25 @@ def test_cli_apply_status_destroy(svc):
     status = run_cli("status", spec, "--state-dir", sd, "--json")
     data = json.loads(status.output)
     assert data["router"] is None
-    assert [{k: r[k] for k in ("id", "cloud", "region", "zone", "market", "state")} for r in data["replicas"]] == [
-        {"id": "r-0001", "cloud": "local", "region": "local", "zone": "local-a", "market": "spot", "state": "READY"},
-        {"id": "r-0002", "cloud": "local", "region": "local", "zone": "local-b", "market": "spot", "state": "READY"},
+    assert [
+        {k: r[k] for k in ("id", "cloud", "region", "zone", "market", "state")} for r in data["replicas"]
+    ] == [
+        {
+            "id": "r-0001",
+            "cloud": "local",
+            "region": "local",
+            "zone": "local-a",
+            "market": "spot",
+            "state": "READY",
+        },
+        {
+            "id": "r-0002",
+            "cloud": "local",
+            "region": "local",
+            "zone": "local-b",
+            "market": "spot",
+            "state": "READY",
+        },
     ]
     assert data["replicas"][0]["endpoint"] == f"http://127.0.0.1:{svc.port('r-0001')}"
     table = run_cli("status", spec, "--state-dir", sd)

@@ -265,3 +265,19 @@ def test_status_changes_follow_the_transition_table(world):
     for rid, chain in seen.items():
         for before, after in zip(chain, chain[1:], strict=False):
             assert after in TRANSITIONS[before], f"{rid}: {before} -> {after} ({chain})"
+
+
+def test_a_routing_failure_does_not_block_replacement(world):
+    ctl, clock, src, router = make(world), world["clock"], world["source"], world["router"]
+    settle(ctl, clock)
+    assert ctl.state.router["endpoint"] == "http://127.0.0.1:8080"
+    victim = ctl.state.live()[0]
+    src.queue.append(PreemptionEvent(Signal.GONE, clock(), "fake", replica_id=victim.id, reason="preempted"))
+    router.fail_next = True
+    delay = ctl.tick()
+    assert any("nginx refused" in n.text for n in ctl.notes)
+    assert any(r.launched_at == clock() for r in ctl.state.live())  # the replacement launched anyway
+    assert delay <= 2.0
+    clock.advance(1)
+    ctl.tick()
+    assert victim.id not in router.current

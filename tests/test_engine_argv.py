@@ -22,7 +22,9 @@ from skyhedge.engine import (
 )
 from skyhedge.errors import EngineError, InsufficientCapacity
 
-ROOT = TerraformRoot(Path("/work/tree/local/local"), "local/local", Path("/work/data/local-local"), ("path=/s.tfstate",))
+ROOT = TerraformRoot(
+    Path("/work/tree/local/local"), "local/local", Path("/work/data/local-local"), ("path=/s.tfstate",)
+)
 
 
 @pytest.fixture
@@ -32,12 +34,29 @@ def embedded(tmp_path, monkeypatch):
 
 
 def test_every_command_is_non_interactive_colourless_and_locked(embedded):
-    assert embedded.plan_args() == ["plan", "-input=false", "-no-color", "-json", "-detailed-exitcode",
-                                    "-lock-timeout=30s", "-parallelism=4"]
+    assert embedded.plan_args() == [
+        "plan",
+        "-input=false",
+        "-no-color",
+        "-json",
+        "-detailed-exitcode",
+        "-lock-timeout=30s",
+        "-parallelism=4",
+    ]
     assert embedded.plan_args(out="/d/p.tfplan", destroy=True, refresh=False)[-3:] == [
-        "-destroy", "-refresh=false", "-out=/d/p.tfplan"]
-    assert embedded.apply_args() == ["apply", "-input=false", "-no-color", "-json", "-auto-approve",
-                                     "-lock-timeout=30s", "-parallelism=4"]
+        "-destroy",
+        "-refresh=false",
+        "-out=/d/p.tfplan",
+    ]
+    assert embedded.apply_args() == [
+        "apply",
+        "-input=false",
+        "-no-color",
+        "-json",
+        "-auto-approve",
+        "-lock-timeout=30s",
+        "-parallelism=4",
+    ]
     assert embedded.apply_args(plan_file="/d/p.tfplan")[-1] == "/d/p.tfplan"
     assert embedded.destroy_args()[:5] == ["destroy", "-input=false", "-no-color", "-json", "-auto-approve"]
     assert embedded.output_args() == ["output", "-no-color", "-json"]
@@ -103,16 +122,24 @@ def test_event_stream_parsing_and_replica_addresses():
 
 
 def _result(*errors: Diagnostic, code: int = 1) -> ApplyResult:
-    return ApplyResult("aws/us-east-1", code, completed=(ResourceChange("x", "create"),), errors=errors,
-                       stderr="stderr text")
+    return ApplyResult(
+        "aws/us-east-1", code, completed=(ResourceChange("x", "create"),), errors=errors, stderr="stderr text"
+    )
 
 
 def test_capacity_refusals_raise_insufficient_capacity_with_terraforms_text():
-    cap = Diagnostic("error", "creating EC2 Instance", "InsufficientInstanceCapacity: no g6 in use1-az1",
-                     'module.replicas.aws_instance.replica["r-0001"]')
-    local = Diagnostic("error", "local-exec provisioner error",
-                       "Output: skyhedge-local: InsufficientCapacity: no spot capacity in local zone local-b")
-    other = Diagnostic("error", "Unsupported argument", "An argument named \"x\" is not expected here.")
+    cap = Diagnostic(
+        "error",
+        "creating EC2 Instance",
+        "InsufficientInstanceCapacity: no g6 in use1-az1",
+        'module.replicas.aws_instance.replica["r-0001"]',
+    )
+    local = Diagnostic(
+        "error",
+        "local-exec provisioner error",
+        "Output: skyhedge-local: InsufficientCapacity: no spot capacity in local zone local-b",
+    )
+    other = Diagnostic("error", "Unsupported argument", 'An argument named "x" is not expected here.')
     assert cap.capacity and local.capacity and not other.capacity and cap.replica_id == "r-0001"
     with pytest.raises(InsufficientCapacity) as exc:
         _result(cap, local).raise_for_errors()

@@ -30,7 +30,7 @@ MAIN = textwrap.dedent(
       input    = each.key
 
       provisioner "local-exec" {
-        interpreter = [%s, "-c", "import os, sys; fail = os.environ['FAIL'] == 'true'; fail and print('InsufficientCapacity: no spot capacity in local zone z'); sys.exit(3 if fail else 0)"]
+        interpreter = [%s, "${path.module}/launch.py"]
         command     = each.key
         environment = { FAIL = tostring(each.value.fail) }
       }
@@ -43,11 +43,24 @@ MAIN = textwrap.dedent(
 ) % json.dumps(sys.executable)
 
 
+LAUNCH = textwrap.dedent(
+    """
+    import os, sys
+    if os.environ["FAIL"] == "true":
+        print("InsufficientCapacity: no spot capacity in local zone z")
+        sys.exit(3)
+    """
+)
+
+
 def make_root(base: Path, name: str, items: dict[str, bool]) -> TerraformRoot:
     path = base / name
     path.mkdir(parents=True, exist_ok=True)
     (path / "main.tf").write_text(MAIN)
-    (path / "x.auto.tfvars.json").write_text(json.dumps({"items": {k: {"fail": v} for k, v in items.items()}}))
+    (path / "launch.py").write_text(LAUNCH)
+    (path / "x.auto.tfvars.json").write_text(
+        json.dumps({"items": {k: {"fail": v} for k, v in items.items()}})
+    )
     return TerraformRoot(path, name, base / "data" / name, (f"path={base / 'state' / name}.tfstate",))
 
 
@@ -59,13 +72,19 @@ def engine(request, tmp_path, monkeypatch):
 
 def test_plan_apply_output_destroy(engine, tmp_path):
     root = make_root(tmp_path, "one", {"r-0001": False, "r-0002": False})
-    (root.path / "main.tf").write_text(MAIN.replace("variable", 'terraform {\n  backend "local" {}\n}\n\nvariable', 1))
+    (root.path / "main.tf").write_text(
+        MAIN.replace("variable", 'terraform {\n  backend "local" {}\n}\n\nvariable', 1)
+    )
     plan = engine.plan(root)
     assert plan.has_changes and plan.exit_code == 2 and plan.add == 2
     assert sorted(c.replica_id for c in plan.changes) == ["r-0001", "r-0002"]
     events: list[tuple[str, str]] = []
     result = engine.apply(root, on_event=lambda r, e: events.append((r, e.get("type", ""))))
-    assert result.ok and result.add == 2 and result.outputs == {"replicas": {"r-0001": "r-0001", "r-0002": "r-0002"}}
+    assert (
+        result.ok
+        and result.add == 2
+        and result.outputs == {"replicas": {"r-0001": "r-0001", "r-0002": "r-0002"}}
+    )
     assert ("one", "apply_complete") in events
     assert sorted(c.replica_id for c in result.completed) == ["r-0001", "r-0002"]
     assert engine.output(root) == result.outputs
@@ -105,7 +124,11 @@ def test_roots_apply_in_parallel(tmp_path):
     roots = [make_root(tmp_path, f"root{i}", {f"r-000{i}": False}) for i in range(1, 4)]
     results = run_parallel(roots, lambda r: engine.apply(r))
     assert all(not isinstance(r, Exception) and r.ok for r in results), results
-    assert [r.outputs["replicas"] for r in results] == [{"r-0001": "r-0001"}, {"r-0002": "r-0002"}, {"r-0003": "r-0003"}]
+    assert [r.outputs["replicas"] for r in results] == [
+        {"r-0001": "r-0001"},
+        {"r-0002": "r-0002"},
+        {"r-0003": "r-0003"},
+    ]
 
 
 def test_init_runs_once_per_configuration(tmp_path):

@@ -36,7 +36,11 @@ def test_three_replicas_change_the_target_then_destroy(svc):
     assert report.ok, report.errors
     state = load_state(svc.state_dir, "e2e")
     live = sorted(state.live(), key=lambda r: r.id)
-    assert [(r.id, r.zone) for r in live] == [("r-0001", "local-a"), ("r-0002", "local-b"), ("r-0003", "local-c")]
+    assert [(r.id, r.zone) for r in live] == [
+        ("r-0001", "local-a"),
+        ("r-0002", "local-b"),
+        ("r-0003", "local-c"),
+    ]
     for rec in live:
         assert rec.endpoint == f"http://127.0.0.1:{svc.port(rec.id)}"
         assert rec.ready_at is not None and rec.cloud_id and rec.provisioned_at
@@ -71,7 +75,9 @@ def test_three_replicas_change_the_target_then_destroy(svc):
 
 
 def test_injection_attempts_come_out_inert(svc):
-    evil = 'a "quoted" \'single\' ${path.module} %{if true}x%{endif} $(touch pwned) `touch pwned2`\nline two\\'
+    evil = (
+        "a \"quoted\" 'single' ${path.module} %{if true}x%{endif} $(touch pwned) `touch pwned2`\nline two\\"
+    )
     spec, report = apply(svc, replicas=1, env={"EVIL": evil, "SECOND": "${var.service}"})
     assert report.ok, report.errors
     port = svc.port("r-0001")
@@ -97,8 +103,11 @@ def test_a_launch_into_a_preempted_zone_fails_clearly_and_orphans_nothing(svc):
     state = load_state(svc.state_dir, "e2e")
     rec = state.replicas["r-0002"]
     assert rec.gone_at is not None and rec.reason == "failed" and rec.fact().status.value == "FAILED"
-    assert any(e["kind"] == EventKind.LAUNCH_FAILED.value and e["location"].endswith("local-b")
-               for e in state.history if e.get("event") == "launch_failed")
+    assert any(
+        e["kind"] == EventKind.LAUNCH_FAILED.value and e["location"].endswith("local-b")
+        for e in state.history
+        if e.get("event") == "launch_failed"
+    )
     zones = {r.zone for r in state.live()}
     assert "local-b" not in zones and len(state.live()) == 2
     assert "r-0002" not in svc.pids()

@@ -39,7 +39,10 @@ def launch(action: str, cfg: dict, rid: str | None = None) -> subprocess.Complet
     env = {**os.environ, CONFIG_ENV: json.dumps(cfg), "PYTHONPATH": str(REPO)}
     return subprocess.run(
         [sys.executable, "-m", "skyhedge.clouds.local.launcher", action, rid or cfg["id"]],
-        env=env, capture_output=True, text=True, timeout=30,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
 
 
@@ -47,8 +50,16 @@ def config(runtime: Path, tmp_path: Path, port: int, **extra) -> dict:
     server = tmp_path / "server.py"
     server.write_text(SERVER, encoding="utf-8")
     cfg = {
-        "id": "r-0001", "service": "svc", "region": "local", "zone": "local-a", "market": "spot", "port": port,
-        "command": f"exec {sys.executable} {server}", "setup": None, "env": {}, "workdir": str(tmp_path),
+        "id": "r-0001",
+        "service": "svc",
+        "region": "local",
+        "zone": "local-a",
+        "market": "spot",
+        "port": port,
+        "command": f"exec {sys.executable} {server}",
+        "setup": None,
+        "env": {},
+        "workdir": str(tmp_path),
         "runtime_dir": str(runtime),
     }
     cfg.update(extra)
@@ -85,7 +96,7 @@ def test_start_serves_and_stop_leaves_nothing(runtime, tmp_path):
 
 
 def test_env_values_reach_the_process_literally(runtime, tmp_path):
-    evil = "it's \"quoted\" ${path.module} %{if true}x%{endif} $(touch pwned) `id`\nsecond line; rm -rf /"
+    evil = 'it\'s "quoted" ${path.module} %{if true}x%{endif} $(touch pwned) `id`\nsecond line; rm -rf /'
     port = free_base_port(1) + 1
     done = launch("start", config(runtime, tmp_path, port, env={"EVIL": evil}))
     assert done.returncode == 0, done.stderr
@@ -154,7 +165,8 @@ def test_setup_runs_first_in_the_workdir(runtime, tmp_path):
 
 def test_stop_escalates_to_sigkill_for_the_whole_group(runtime, tmp_path):
     port = free_base_port(1) + 1
-    stubborn = f"trap '' TERM; {sys.executable} -c 'import signal,time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(60)' & wait"
+    ignore = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(60)"
+    stubborn = f"trap '' TERM; {sys.executable} -c '{ignore}' & wait"
     assert launch("start", config(runtime, tmp_path, port, command=stubborn)).returncode == 0
     deadline = time.monotonic() + 5
     while len(find_processes(runtime)) < 2 and time.monotonic() < deadline:

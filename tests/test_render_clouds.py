@@ -49,22 +49,33 @@ def dynamic(resource: dict[str, Any], name: str) -> list[dict[str, Any]]:
 
 def plan(cloud: str, region: str, zones: list[str]) -> Plan:
     replicas = tuple(
-        PlannedReplica(f"r-{i:04d}", Location(cloud, region, z), Market.SPOT if i % 2 else Market.ON_DEMAND,
-                       CREATE if i > 1 else KEEP, 0.0)
+        PlannedReplica(
+            f"r-{i:04d}",
+            Location(cloud, region, z),
+            Market.SPOT if i % 2 else Market.ON_DEMAND,
+            CREATE if i > 1 else KEEP,
+            0.0,
+        )
         for i, z in enumerate(zones, start=1)
     )
     return Plan("llm", len(replicas), "test", replicas, 10, 0.0)
 
 
 def rendered(tmp_path: Path, cloud: str, itype: str, p: Plan, **extra: Any) -> Path:
-    spec = parse_spec({
-        "name": "llm",
-        "placement": {"clouds": [cloud]},
-        "resources": {"instance_type": {cloud: itype}, "disk_size": 250, "ports": 8000},
-        "run": {"image": "vllm/vllm-openai:v0.6.3", "command": "vllm serve m --port 8000", "env": {"K": "v"}},
-        "terraform": {"backend": "s3", "config": {"bucket": "state", "region": "us-east-1"}},
-        **extra,
-    })
+    spec = parse_spec(
+        {
+            "name": "llm",
+            "placement": {"clouds": [cloud]},
+            "resources": {"instance_type": {cloud: itype}, "disk_size": 250, "ports": 8000},
+            "run": {
+                "image": "vllm/vllm-openai:v0.6.3",
+                "command": "vllm serve m --port 8000",
+                "env": {"K": "v"},
+            },
+            "terraform": {"backend": "s3", "config": {"bucket": "state", "region": "us-east-1"}},
+            **extra,
+        }
+    )
     out = tmp_path / "tree"
     write_tree(render_tree(spec, p, context=CTX, instance_types={cloud: itype}), out)
     return out
@@ -76,7 +87,9 @@ def load(path: Path) -> dict[str, Any]:
 
 
 def test_aws_module_spot_market_for_each_and_tags(tmp_path):
-    out = rendered(tmp_path, "aws", "g6.xlarge", plan("aws", "us-east-1", ["use1-az1", "use1-az2", "use1-az4"]))
+    out = rendered(
+        tmp_path, "aws", "g6.xlarge", plan("aws", "us-east-1", ["use1-az1", "use1-az2", "use1-az4"])
+    )
     main = load(out / "modules" / "aws-replicas" / "main.tf")
     inst = block(main, "resource", "aws_instance", "replica")
     assert inst["for_each"] == "${var.replicas}"
@@ -99,7 +112,9 @@ def test_aws_module_spot_market_for_each_and_tags(tmp_path):
     assert sorted(tfvars["replicas"]) == ["r-0001", "r-0002", "r-0003"]
     assert tfvars["replicas"]["r-0001"] == {"zone": "use1-az1", "market": "spot"}
     assert tfvars["replicas"]["r-0002"]["market"] == "on-demand"
-    assert tfvars["instance_type"] == "g6.xlarge" and tfvars["disk_size"] == 250 and tfvars["image_id"] is None
+    assert (
+        tfvars["instance_type"] == "g6.xlarge" and tfvars["disk_size"] == 250 and tfvars["image_id"] is None
+    )
     root = load(out / "aws" / "us-east-1" / "main.tf")
     assert unq(block(root, "module", "replicas")["source"]) == "../../modules/aws-replicas"
     assert block(root, "provider", "aws")["region"] == "${var.region}"
@@ -117,14 +132,21 @@ def test_aws_module_spot_market_for_each_and_tags(tmp_path):
 
 
 def test_aws_boot_script_only_interpolates_the_base64_config():
-    script = (Path(__file__).resolve().parents[1] / "modules" / "aws-replicas" / "user_data.sh.tftpl").read_text()
+    script = (
+        Path(__file__).resolve().parents[1] / "modules" / "aws-replicas" / "user_data.sh.tftpl"
+    ).read_text()
     assert re.findall(r"\$\{[^}]*\}", script) == ["${config}"]
     assert "%{" not in script
 
 
 def test_gcp_module_spot_scheduling_gpus_and_labels(tmp_path):
-    out = rendered(tmp_path, "gcp", "n1-standard-4", plan("gcp", "us-central1", ["us-central1-a", "us-central1-b"]),
-                   gcp={"project": "my-proj"})
+    out = rendered(
+        tmp_path,
+        "gcp",
+        "n1-standard-4",
+        plan("gcp", "us-central1", ["us-central1-a", "us-central1-b"]),
+        gcp={"project": "my-proj"},
+    )
     main = load(out / "modules" / "gcp-replicas" / "main.tf")
     inst = block(main, "resource", "google_compute_instance", "replica")
     assert inst["for_each"] == "${var.replicas}"
@@ -156,20 +178,26 @@ def _mirror_config(tmp_path: Path) -> Path | None:
     rc = tmp_path / "mirror.tfrc"
     rc.write_text(
         "provider_installation {\n"
-        f"  filesystem_mirror {{\n    path    = {json.dumps(mirror)}\n    include = [\"registry.terraform.io/*/*\"]\n  }}\n"
-        "  direct {\n    exclude = [\"registry.terraform.io/*/*\"]\n  }\n}\n"
+        f"  filesystem_mirror {{\n    path    = {json.dumps(mirror)}\n"
+        '    include = ["registry.terraform.io/*/*"]\n  }\n'
+        '  direct {\n    exclude = ["registry.terraform.io/*/*"]\n  }\n}\n'
     )
     return rc
 
 
-@pytest.mark.parametrize(("cloud", "itype", "region", "zones"), [
-    ("aws", "g6.xlarge", "us-east-1", ["use1-az1"]),
-    ("gcp", "g2-standard-4", "us-east4", ["us-east4-a"]),
-])
+@pytest.mark.parametrize(
+    ("cloud", "itype", "region", "zones"),
+    [
+        ("aws", "g6.xlarge", "us-east-1", ["use1-az1"]),
+        ("gcp", "g2-standard-4", "us-east4", ["us-east4-a"]),
+    ],
+)
 def test_terraform_validate_where_a_provider_mirror_is_configured(tmp_path, cloud, itype, region, zones):
     rc = _mirror_config(tmp_path)
     if rc is None:
-        pytest.skip(f"no provider mirror: set {MIRROR_ENV} to a filesystem mirror holding the {cloud} provider")
+        pytest.skip(
+            f"no provider mirror: set {MIRROR_ENV} to a filesystem mirror holding the {cloud} provider"
+        )
     out = rendered(tmp_path, cloud, itype, plan(cloud, region, zones))
     root = out / cloud / region
     (root / "backend.tfbackend.json").unlink()

@@ -16,17 +16,22 @@ from skyhedge.errors import RenderError
 from skyhedge.planner import CREATE, DELETE, KEEP, Plan, PlannedReplica
 from skyhedge.policy.types import Location, Market
 from skyhedge.render import BACKEND_FILE, TFVARS_FILE, TREE_MANIFEST, backend_config, render_tree, write_tree
+from skyhedge.service import compute_plan, resolve_placement
 from skyhedge.spec import parse_spec
+from skyhedge.state import ServiceState
 
 TERRAFORM_BIN = shutil.which("terraform")
-EVIL = 'q"uote \'s ${path.module} %{if true}x%{endif} $(id) `id`\nnext line \\ end'
+EVIL = "q\"uote 's ${path.module} %{if true}x%{endif} $(id) `id`\nnext line \\ end"
 
 
 def spec_of(clouds=("local",), **extra):
     data = {
         "name": "render-test",
         "placement": {"clouds": list(clouds)},
-        "resources": {"local_base_port": 30000, "instance_type": {"aws": "g6.xlarge", "gcp": "g2-standard-4"}},
+        "resources": {
+            "local_base_port": 30000,
+            "instance_type": {"aws": "g6.xlarge", "gcp": "g2-standard-4"},
+        },
         "run": {"command": f"python3 server.py --flag '{EVIL}'", "env": {"EVIL": EVIL, "A": "1"}},
         **extra,
     }
@@ -73,12 +78,19 @@ def test_rendering_twice_gives_byte_identical_trees(tmp_path):
     write_tree(second, tmp_path / "b")
     write_tree(second, tmp_path / "b")  # re-rendering over itself changes nothing
     assert files_of(tmp_path / "a") == files_of(tmp_path / "b")
-    assert [r.path for r in first.roots] == ["aws/eu-west-1", "aws/us-east-1", "aws/us-west-2", "gcp/us-central1"]
+    assert [r.path for r in first.roots] == [
+        "aws/eu-west-1",
+        "aws/us-east-1",
+        "aws/us-west-2",
+        "gcp/us-central1",
+    ]
     # a root whose replicas are all deleted is still rendered, empty, so applying it destroys them
     assert first.root("aws", "eu-west-1").replicas == ()
     tfvars = json.loads((tmp_path / "a" / "aws" / "us-east-1" / TFVARS_FILE).read_text())
-    assert tfvars["replicas"] == {"r-0001": {"zone": "use1-az1", "market": "spot"},
-                                  "r-0002": {"zone": "use1-az2", "market": "on-demand"}}
+    assert tfvars["replicas"] == {
+        "r-0001": {"zone": "use1-az1", "market": "spot"},
+        "r-0002": {"zone": "use1-az2", "market": "on-demand"},
+    }
     manifest = json.loads((tmp_path / "a" / TREE_MANIFEST).read_text())
     assert [r["path"] for r in manifest["roots"]] == [r.path for r in first.roots]
     assert (tmp_path / "a" / "modules" / "aws-replicas" / "main.tf").is_file()
@@ -86,7 +98,9 @@ def test_rendering_twice_gives_byte_identical_trees(tmp_path):
     assert not (tmp_path / "a" / "modules" / "local-replicas").exists()
 
 
-@pytest.mark.parametrize("binary", [None, TERRAFORM_BIN] if TERRAFORM_BIN else [None], ids=["embedded", "binary"][:2])
+@pytest.mark.parametrize(
+    "binary", [None, TERRAFORM_BIN] if TERRAFORM_BIN else [None], ids=["embedded", "binary"][:2]
+)
 def test_the_rendered_tree_is_terraform_fmt_clean(tmp_path, binary):
     out = tmp_path / "tree"
     tree = render_tree(spec_of(("aws", "gcp")), MULTI, context=CTX, instance_types=TYPES)
@@ -127,10 +141,19 @@ def test_local_inputs_carry_ports_runtime_and_launcher():
 
 def test_local_cloud_needs_a_command_and_ports_that_fit():
     with pytest.raises(RenderError, match="run.command"):
-        render_tree(parse_spec({"name": "x", "placement": {"clouds": ["local"]}, "run": {"image": "nginx"}}),
-                    LOCAL, context=CTX)
-    big = parse_spec({"name": "x", "placement": {"clouds": ["local"]}, "resources": {"local_base_port": 60000},
-                      "run": {"command": "true"}})
+        render_tree(
+            parse_spec({"name": "x", "placement": {"clouds": ["local"]}, "run": {"image": "nginx"}}),
+            LOCAL,
+            context=CTX,
+        )
+    big = parse_spec(
+        {
+            "name": "x",
+            "placement": {"clouds": ["local"]},
+            "resources": {"local_base_port": 60000},
+            "run": {"command": "true"},
+        }
+    )
     with pytest.raises(RenderError, match="local_base_port"):
         render_tree(big, plan_of(("r-9000", "local", "local", "local-a", "spot", CREATE)), context=CTX)
 
@@ -148,18 +171,26 @@ def test_root_digests_change_only_where_the_inputs_do():
     after = render_tree(spec, moved, context=CTX, instance_types=TYPES)
     changed = {r.path for r in after.roots if before.root(r.cloud, r.region).digest != r.digest}
     assert changed == {"aws/us-west-2"}
-    edited = render_tree(spec_of(("aws", "gcp"), run={"command": "other"}), moved, context=CTX, instance_types=TYPES)
+    edited = render_tree(
+        spec_of(("aws", "gcp"), run={"command": "other"}), moved, context=CTX, instance_types=TYPES
+    )
     assert all(edited.root(r.cloud, r.region).digest != r.digest for r in after.roots)
 
 
 def test_backend_settings_give_every_root_its_own_state():
     s3 = spec_of(terraform={"backend": "s3", "config": {"bucket": "b", "region": "us-east-1", "key": "svc/"}})
     assert backend_config(s3, "aws", "us-west-2") == {
-        "bucket": "b", "region": "us-east-1", "key": "svc/aws/us-west-2/terraform.tfstate",
-        "use_lockfile": True, "encrypt": True,
+        "bucket": "b",
+        "region": "us-east-1",
+        "key": "svc/aws/us-west-2/terraform.tfstate",
+        "use_lockfile": True,
+        "encrypt": True,
     }
     gcs = spec_of(terraform={"backend": "gcs", "config": {"bucket": "b"}})
-    assert backend_config(gcs, "gcp", "us-east4") == {"bucket": "b", "prefix": "skyhedge/render-test/gcp/us-east4"}
+    assert backend_config(gcs, "gcp", "us-east4") == {
+        "bucket": "b",
+        "prefix": "skyhedge/render-test/gcp/us-east4",
+    }
     local = spec_of(terraform={"backend": "local", "config": {"path": "tfstate"}})
     assert backend_config(local, "local", "local") == {"path": "/tmp/specs/tfstate/local-local.tfstate"}
     tree = render_tree(s3, LOCAL, context=CTX, instance_types=TYPES)
@@ -206,7 +237,8 @@ def test_cli_render_writes_the_tree_and_never_the_state(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "service.yaml").write_text(
         "name: cli-render\nplacement: {clouds: [local], zones: [local-a, local-b]}\n"
-        "replica_policy: {min_replicas: 2, num_overprovision: 0, dynamic_ondemand_fallback: false, policy: spothedge}\n"
+        "replica_policy: {min_replicas: 2, num_overprovision: 0, dynamic_ondemand_fallback: false,\n"
+        "  policy: spothedge}\n"
         "run: {command: 'python3 -m http.server $PORT'}\n"
     )
     runner = CliRunner()
@@ -220,3 +252,30 @@ def test_cli_render_writes_the_tree_and_never_the_state(tmp_path, monkeypatch):
     assert json.loads(snapshot[f"local/local/{TFVARS_FILE}"])["replicas"].keys() == {"r-0001", "r-0002"}
     bad = runner.invoke(main, ["render", "missing.yaml", "--out", "x"])
     assert bad.exit_code == 1 and "missing.yaml" in bad.output and not (tmp_path / "x").exists()
+
+
+def test_the_gitops_example_renders_fmt_clean_and_its_ci_runs_the_checks(tmp_path):
+    example = Path(__file__).resolve().parents[1] / "examples" / "gitops"
+    spec = parse_spec(
+        __import__("yaml").safe_load((example / "service.yaml").read_text()), source="service.yaml"
+    )
+    placement = resolve_placement(spec)
+    plan, _ = compute_plan(spec, ServiceState(service=spec.name), now=0.0, placement=placement)
+    write_tree(
+        render_tree(spec, plan, context=CTX, instance_types=placement.instance_types), tmp_path / "infra"
+    )
+    engine = Terraform(home=tmp_path / "home", binary=TERRAFORM_BIN)
+    assert engine.fmt_check(tmp_path / "infra") == []
+    backend = json.loads(next((tmp_path / "infra").glob(f"aws/*/{BACKEND_FILE}")).read_text())
+    assert backend["use_lockfile"] is True and backend["key"].startswith("skyhedge/chat-llm/aws/")
+    workflow = (example / ".github" / "workflows" / "skyhedge.yml").read_text()
+    for step in (
+        "skyhedge render",
+        "terraform fmt -check -recursive",
+        "skyhedge plan",
+        "--detailed-exitcode",
+        "terraform apply",
+        "-backend-config=backend.tfbackend.json",
+        "refs/heads/main",
+    ):
+        assert step in workflow

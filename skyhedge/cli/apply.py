@@ -38,43 +38,52 @@ class ProgressView:
         self.tasks: dict[str, Any] = {}
         self.lock = threading.Lock()
 
+    def expect(self, root: str, total: int | None) -> None:
+        with self.lock:
+            self._task(root, total)
+
+    def _task(self, root: str, total: int | None) -> Any:
+        if root not in self.tasks:
+            self.tasks[root] = self.progress.add_task(
+                root, total=max(total, 1) if total is not None else None
+            )
+            if total == 0:
+                self.progress.update(self.tasks[root], completed=1)
+        return self.tasks[root]
+
     def __call__(self, root: str, event: dict[str, Any]) -> None:
         kind = event.get("type")
         with self.lock:
             if kind == "change_summary" and event.get("changes", {}).get("operation") == "plan":
                 ch = event["changes"]
-                total = int(ch.get("add", 0)) + int(ch.get("change", 0)) + int(ch.get("remove", 0))
-                if root not in self.tasks:
-                    self.tasks[root] = self.progress.add_task(root, total=max(total, 1))
-                if total == 0:
-                    self.progress.update(self.tasks[root], completed=1)
+                self._task(root, int(ch.get("add", 0)) + int(ch.get("change", 0)) + int(ch.get("remove", 0)))
             elif kind in {"apply_complete", "apply_errored"}:
-                hook = event.get("hook", {})
-                if root in self.tasks:
-                    self.progress.advance(self.tasks[root])
+                self.progress.advance(self._task(root, None))
                 if kind == "apply_errored":
-                    rid = replica_of(hook.get("resource", {}).get("addr")) or hook.get("resource", {}).get("addr")
-                    self.progress.console.print(f"[red]{root}: {rid}: {hook.get('action', 'apply')} failed[/]")
+                    addr = event.get("hook", {}).get("resource", {}).get("addr")
+                    action = event.get("hook", {}).get("action", "apply")
+                    self.progress.console.print(
+                        f"[red]{root}: {replica_of(addr) or addr}: {action} failed[/]"
+                    )
 
 
-def _confirm_apply(auto_approve: bool):  # type: ignore[no-untyped-def]
-    def confirm(plan: Plan, roots: Sequence[RenderedRoot], previews: dict[str, PlanResult]) -> bool:
-        console.print(render_plan_table(plan))
-        console.print("Terraform roots to apply:")
-        for root in roots:
-            p = previews.get(root.path)
-            counts = f"+{p.add} ~{p.change} -{p.remove}" if p else "?"
-            console.print(f"  {root.path}: {counts}")
-        if auto_approve:
-            return True
-        return click.confirm("Apply these changes?", default=False)
-
-    return None if auto_approve else confirm
+def _confirm_apply(plan: Plan, roots: Sequence[RenderedRoot], previews: dict[str, PlanResult]) -> bool:
+    """Show skyhedge's plan and what Terraform will do in each root, then ask."""
+    console.print(render_plan_table(plan))
+    console.print("Terraform roots to apply:")
+    for root in roots:
+        p = previews.get(root.path)
+        console.print(f"  {root.path}: " + (f"+{p.add} ~{p.change} -{p.remove}" if p else "?"))
+    return click.confirm("Apply these changes?", default=False)
 
 
 def _print_apply_report(report: ApplyReport, state_dir: Path) -> None:
-    for f in report.launch_failures:
-        err_console.print(f"[yellow]{f.replica_id}[/]: {f.market} launch refused in {f.location}: {f.message.strip()}")
+    if report.launch_failures:
+        zones = sorted({str(f.location) for f in report.launch_failures})
+        err_console.print(
+            f"[yellow]{len(report.launch_failures)} launch(es) refused for capacity[/] "
+            f"in {', '.join(zones)}: recorded as zone events for the policy"
+        )
     if report.applied_roots:
         console.print(
             f"Applied {', '.join(report.applied_roots)}: {len(report.created)} created, "
@@ -87,7 +96,9 @@ def _print_apply_report(report: ApplyReport, state_dir: Path) -> None:
     if report.ready:
         console.print(f"Ready: {', '.join(report.ready)}")
     if report.router:
-        console.print(f"Router: {report.router.get('endpoint')} ({len(report.router.get('upstreams', []))} upstreams)")
+        console.print(
+            f"Router: {report.router.get('endpoint')} ({len(report.router.get('upstreams', []))} upstreams)"
+        )
     for note in report.notes:
         console.print(f"[dim]{note}[/]")
     for err in report.errors[1:]:
@@ -102,23 +113,43 @@ def _print_apply_report(report: ApplyReport, state_dir: Path) -> None:
 @click.option("--no-wait", is_flag=True, help="Do not wait for new replicas to pass the readiness probe.")
 @click.option("--no-routing", is_flag=True, help="Leave the router alone (no drain, no reload).")
 def apply(
-    spec: Path, state_dir: Path | None, auto_approve: bool, terraform_bin: str | None, no_wait: bool,
+    spec: Path,
+    state_dir: Path | None,
+    auto_approve: bool,
+    terraform_bin: str | None,
+    no_wait: bool,
     no_routing: bool,
 ) -> None:
     """Plan, show, confirm, then apply the changed Terraform roots of SPEC in parallel."""
     service = load_spec(spec)
     sdir = state_dir or default_state_dir(service.name)
-    with Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console,
-    ) as progress:
+    progress = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+    )
+    view = ProgressView(progress)
+
+    def confirm(plan: Plan, roots: Sequence[RenderedRoot], previews: dict[str, PlanResult]) -> bool:
+        progress.stop()  # no live display while asking
+        try:
+            return _confirm_apply(plan, roots, previews)
+        finally:
+            for root, preview in previews.items():
+                view.expect(root, preview.add + preview.change + preview.remove)
+            progress.start()
+
+    with progress:
         report = apply_service(
             service,
             sdir,
             terraform_bin=terraform_bin,
-            confirm=_confirm_apply(auto_approve),
+            confirm=None if auto_approve else confirm,
             wait=not no_wait,
             route=not no_routing,
-            on_event=ProgressView(progress),
+            on_event=view,
             say=lambda text: progress.console.print(f"[dim]{text}[/]"),
         )
     if report.cancelled:
@@ -172,7 +203,9 @@ def destroy(spec: Path, state_dir: Path | None, auto_approve: bool, terraform_bi
         console.print(f"Destroyed {len(report.destroyed)} replica(s) in {', '.join(report.roots)}.")
 
 
-def status_json(service_name: str, rows: list[dict[str, Any]], router: dict[str, Any] | None) -> dict[str, Any]:
+def status_json(
+    service_name: str, rows: list[dict[str, Any]], router: dict[str, Any] | None
+) -> dict[str, Any]:
     """The documented `status --json` object: `service`, `replicas` (rows) and `router`."""
     return {"service": service_name, "replicas": rows, "router": router}
 
@@ -181,7 +214,9 @@ def status_json(service_name: str, rows: list[dict[str, Any]], router: dict[str,
 @spec_argument
 @state_dir_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the table.")
-@click.option("--all", "include_gone", is_flag=True, help="Include replicas that are gone (preempted, failed...).")
+@click.option(
+    "--all", "include_gone", is_flag=True, help="Include replicas that are gone (preempted, failed...)."
+)
 def status(spec: Path, state_dir: Path | None, as_json: bool, include_gone: bool) -> None:
     """Show the replicas of SPEC as recorded in the state: where, which market, endpoint and state."""
     service = load_spec(spec)
@@ -195,7 +230,9 @@ def status(spec: Path, state_dir: Path | None, as_json: bool, include_gone: bool
     for col in ("id", "cloud", "region", "zone", "market", "state", "endpoint"):
         table.add_column(col)
     for row in rows:
-        table.add_row(*(str(row[c] or "-") for c in ("id", "cloud", "region", "zone", "market", "state", "endpoint")))
+        table.add_row(
+            *(str(row[c] or "-") for c in ("id", "cloud", "region", "zone", "market", "state", "endpoint"))
+        )
     console.print(table)
     if state.router:
         console.print(f"Router: {state.router.get('endpoint')} (pid {state.router.get('pid')})")

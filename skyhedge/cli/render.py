@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from skyhedge.apply import Workspace, roots_with_resources
+from skyhedge.apply import Workspace, instance_types, roots_with_resources
 from skyhedge.cli._app import console, main, spec_argument, state_dir_option
 from skyhedge.render import render_tree, write_tree
 from skyhedge.service import compute_plan, resolve_placement
@@ -39,7 +39,7 @@ def render(spec: Path, out: Path, state_dir: Path | None) -> None:
         service,
         plan,
         context=Workspace(service, sdir).context(),
-        instance_types=placement.instance_types,
+        instance_types=instance_types(state, placement),
         extra_roots=roots_with_resources(state),
     )
     write_tree(tree, out)

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import click
+from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -147,7 +148,12 @@ def simulate(
     if as_json:
         click.echo(json.dumps([s.to_json() for s in summaries], indent=2))
     else:
-        console.print(_table(summaries, config))
+        table = _table(summaries, config)
+        if console.is_terminal:
+            console.print(table)
+        else:  # rich assumes 80 columns in a pipe: too few for the numbers with latency or dollars
+            width = 100 + 30 * config.latency + 24 * (config.prices is not None)
+            Console(width=width).print(table)
 
 
 def _pct(value: float | None) -> str:
@@ -161,8 +167,8 @@ def _table(summaries: list[Summary], config: SimConfig) -> Table:
             f"on-demand x{config.ondemand_cost_ratio:g}, {config.repeats} windows of {config.ticks} ticks"
         )
     )
-    table.add_column("trace")
-    table.add_column("policy")
+    table.add_column("trace", no_wrap=True)
+    table.add_column("policy", no_wrap=True)
     table.add_column("avail.", justify="right")
     table.add_column("worst", justify="right")
     table.add_column("rel. cost", justify="right")

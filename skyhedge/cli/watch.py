@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import click
@@ -32,13 +34,21 @@ _interval = click.option(
 _policy = click.option("--policy", default=None, help="Override replica_policy.policy.")
 
 
-def _setup_logging(level: str, path: Path | None = None) -> None:
+@contextlib.contextmanager
+def _logging(level: str, path: Path | None = None) -> Iterator[None]:
+    """Log skyhedge's lines to stderr (or a file, under the dashboard) while the command runs."""
     handler: logging.Handler = logging.FileHandler(path) if path else logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
-    root = logging.getLogger("skyhedge")
-    root.handlers[:] = [handler]
-    root.setLevel(level.upper())
-    root.propagate = False
+    logger = logging.getLogger("skyhedge")
+    old_level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(level.upper())
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old_level)
+        handler.close()
 
 
 def _load(spec: Path, state_dir: Path | None) -> tuple[ServiceSpec, Path]:
@@ -88,17 +98,19 @@ def watch(
     from skyhedge.controller.runner import Watcher
 
     service, sdir = _load(spec, state_dir)
-    _setup_logging(log_level)
     options = ControllerOptions(interval=interval, policy=policy)
-    with Watcher(
-        service,
-        sdir,
-        options=options,
-        gitops=gitops,
-        gitops_subdir=gitops_path,
-        terraform_bin=terraform_bin,
-        route=not no_routing,
-    ) as watcher:
+    with (
+        _logging(log_level),
+        Watcher(
+            service,
+            sdir,
+            options=options,
+            gitops=gitops,
+            gitops_subdir=gitops_path,
+            terraform_bin=terraform_bin,
+            route=not no_routing,
+        ) as watcher,
+    ):
         mode = f"gitops into {gitops}" if gitops else "applying with Terraform"
         err_console.print(
             f"watching {service.name} ({mode}); state in {sdir}; Ctrl-C stops the watcher "
@@ -146,10 +158,12 @@ def up(
     service, sdir = _load(spec, state_dir)
     sdir.mkdir(parents=True, exist_ok=True)
     log_file = sdir / "watch.log"
-    _setup_logging("info", None if no_dashboard else log_file)
     options = ControllerOptions(interval=interval, policy=policy, busy_interval=0.5)
     replay = None
-    with Watcher(service, sdir, options=options, terraform_bin=terraform_bin) as watcher:
+    with (
+        _logging("info", None if no_dashboard else log_file),
+        Watcher(service, sdir, options=options, terraform_bin=terraform_bin) as watcher,
+    ):
         ctl = watcher.controller
         assert ctl is not None
         if market_trace is not None:
@@ -177,6 +191,7 @@ def up(
     if down_on_exit:
         from skyhedge.apply import destroy_service
 
+        console.print("destroying the replicas and the router (--down-on-exit)")
         report = destroy_service(service, sdir, terraform_bin=terraform_bin)
         console.print(f"destroyed {len(report.destroyed)} replica(s) and the router")
     else:

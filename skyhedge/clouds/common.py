@@ -25,10 +25,15 @@ def run_config(spec: ServiceSpec) -> dict[str, Any]:
 
 def replica_map(replicas: Sequence[PlannedReplica]) -> dict[str, dict[str, Any]]:
     """The `for_each` map keyed by stable replica ID: zone and market."""
-    return {r.id: {"zone": r.location.zone, "market": r.market.value} for r in sorted(replicas, key=lambda r: r.id)}
+    return {
+        r.id: {"zone": r.location.zone, "market": r.market.value}
+        for r in sorted(replicas, key=lambda r: r.id)
+    }
 
 
 def require_instance_type(spec: ServiceSpec, cloud: str, instance_type: str | None) -> str:
     if not instance_type:
-        raise RenderError(f"{spec.source}: no instance type resolved for cloud {cloud!r} (resources.instance_type)")
+        raise RenderError(
+            f"{spec.source}: no instance type resolved for cloud {cloud!r} (resources.instance_type)"
+        )
     return instance_type

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from skyhedge.errors import RoutingError
 from skyhedge.probe import check_all
@@ -30,18 +31,18 @@ class NginxRouter:
     def running(self) -> bool:
         return self.router.pid() is not None
 
-    def reload(self, upstreams: Sequence[tuple[str, str]]) -> None:
-        self.router.up([Upstream(rid, endpoint) for rid, endpoint in upstreams])
+    def reload(self, upstreams: Sequence[tuple[str, str]]) -> dict[str, Any]:
+        return self.router.up([Upstream(rid, endpoint) for rid, endpoint in upstreams])
 
-    def drain(self, upstreams: Sequence[tuple[str, str]]) -> None:
+    def drain(self, upstreams: Sequence[tuple[str, str]]) -> dict[str, Any]:
         ups = [Upstream(rid, endpoint) for rid, endpoint in upstreams]
         if not self.running():
-            self.router.up(ups)
-            return
+            return self.router.up(ups)
         if not self.router.drain(ups, timeout=self.drain_timeout):
             log.warning(
                 "requests still in flight to removed replicas after %.0fs; going on", self.drain_timeout
             )
+        return self.router.status()
 
     def request_count(self) -> int | None:
         """Client requests seen by the router, monotonic across nginx restarts.

@@ -42,7 +42,7 @@ from skyhedge.controller.facts import (
     warned,
 )
 from skyhedge.controller.ports import ExecResult, Executor, Prober, RouterPort
-from skyhedge.errors import SkyhedgeError
+from skyhedge.errors import RoutingError, SkyhedgeError
 from skyhedge.events import EventSource, PreemptionEvent
 from skyhedge.planner import CREATE, DELETE, KEEP, Plan, PlannedReplica
 from skyhedge.policy.types import EventKind, Market, ReplicaStatus, ZoneEvent
@@ -115,6 +115,7 @@ class Controller:
         self.ticks = 0
         self._failures = int(self.state.extra.get("launch_failures", 0))
         self._started = False
+        self._routing_failed = False
         self._listeners: list[Callable[[Controller], None]] = []
 
     # -- small helpers ---------------------------------------------------------------------------
@@ -352,13 +353,21 @@ class Controller:
             return
         wanted = [[r.id, r.endpoint] for r in routable(self.state)]
         routed = self.state.extra.get("routed")
-        if not force and wanted == routed and self.router.running():
+        if not force and not self._routing_failed and wanted == routed and self.router.running():
             return
         pairs = [(str(rid), str(ep)) for rid, ep in wanted]
-        if drain:
-            self.router.drain(pairs)
-        else:
-            self.router.reload(pairs)
+        try:
+            status = self.router.drain(pairs) if drain else self.router.reload(pairs)
+        except RoutingError as exc:
+            # Never let routing block replacing replicas: keep going, retry on the next tick.
+            self._routing_failed = True
+            self.note(
+                f"routing: {exc}" + (f" ({exc.stderr.strip().splitlines()[0]})" if exc.stderr.strip() else "")
+            )
+            return
+        self._routing_failed = False
+        if isinstance(status, dict):
+            self.state.router = status
         before = {pair[0] for pair in routed or []}
         self.state.extra["routed"] = wanted
         now = self.clock()
@@ -379,6 +388,8 @@ class Controller:
 
     def _next_delay(self) -> float:
         opts = self.options
+        if self._routing_failed and not self._failures:
+            return min(opts.interval, max(opts.busy_interval, 2.0))
         if self._failures:
             return min(opts.max_backoff, opts.busy_interval * (2 ** min(self._failures, 10)))
         delay = opts.interval

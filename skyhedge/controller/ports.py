@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from skyhedge.planner import Plan
 from skyhedge.state import ReplicaRecord, ServiceState
@@ -55,11 +55,12 @@ class Executor(Protocol):
 class RouterPort(Protocol):
     """The one endpoint in front of the replicas."""
 
-    def reload(self, upstreams: Sequence[tuple[str, str]]) -> None:
-        """Route to exactly these (replica ID, endpoint) pairs; start the router if needed."""
+    def reload(self, upstreams: Sequence[tuple[str, str]]) -> dict[str, Any] | None:
+        """Route to exactly these (replica ID, endpoint) pairs; start the router if needed.
+        Returns the router's status (kept in `state.router` for `skyhedge status`)."""
         ...
 
-    def drain(self, upstreams: Sequence[tuple[str, str]]) -> None:
+    def drain(self, upstreams: Sequence[tuple[str, str]]) -> dict[str, Any] | None:
         """Route to exactly these, then wait (bounded) until requests in flight to the others end."""
         ...
 

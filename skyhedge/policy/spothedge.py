@@ -9,7 +9,7 @@ PREEMPTED (every location starts ACTIVE), learned from `obs.events`:
 - when too few candidate locations remain ACTIVE, all become ACTIVE again (reset rule). SkyServe
   resets when fewer than 2 are ACTIVE. The paper's simulator resets when `active <= min(1, n-3)`:
   fewer than 2 with four or more locations, none left with three or fewer. On 3-zone traces this
-  difference alone moves SpotHedge's cost by ~0.2 of on-demand (see docs/simulate.md).
+  difference alone moves SpotHedge's cost by 0.1-0.2 of on-demand (see docs/simulate.md).
 
 Counts (SkyServe's `replica_policy` knobs, see `PolicyConfig`):
 

@@ -14,6 +14,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from skyhedge.errors import RoutingError
@@ -109,14 +110,14 @@ def start(binary: str, paths: RouterPaths) -> None:
         raise RoutingError(f"nginx failed to start (exit {rc})", stderr=text)
 
 
-def _stat(pid: int) -> tuple[str, int] | None:
-    """(state letter, parent pid) of a process, or None when it does not exist."""
+def _stat(pid: int) -> tuple[str, int, int] | None:
+    """(state letter, parent pid, process group) of a process, or None when it does not exist."""
     try:
         raw = (_PROC / str(pid) / "stat").read_text()
     except (OSError, ValueError):
         return None
     fields = raw.rsplit(")", 1)[1].split()
-    return fields[0], int(fields[1])
+    return fields[0], int(fields[1]), int(fields[2])
 
 
 def alive(pid: int) -> bool:
@@ -151,8 +152,7 @@ def is_master(pid: int, conf: Path) -> bool:
     return "nginx: master process" in cmd and str(conf) in cmd
 
 
-def workers(master: int) -> dict[int, str]:
-    """Live children of the master: pid -> title ("nginx: worker process[ is shutting down]")."""
+def _live_where(test: Callable[[tuple[str, int, int]], bool]) -> dict[int, str]:
     if not _PROC.is_dir():
         return {}
     out: dict[int, str] = {}
@@ -160,9 +160,32 @@ def workers(master: int) -> dict[int, str]:
         if not entry.name.isdigit():
             continue
         st = _stat(int(entry.name))
-        if st is not None and st[1] == master and st[0] not in ("Z", "X"):
+        if st is not None and st[0] not in ("Z", "X") and test(st):
             out[int(entry.name)] = cmdline(int(entry.name))
     return out
+
+
+def workers(master: int) -> dict[int, str]:
+    """Live children of the master: pid -> title ("nginx: worker process[ is shutting down]")."""
+    children = _PROC / str(master) / "task" / str(master) / "children"  # the master is single-threaded
+    try:
+        pids = [int(p) for p in children.read_text().split()]
+    except (OSError, ValueError):  # kernel without CONFIG_PROC_CHILDREN: scan every process
+        return _live_where(lambda st: st[1] == master)
+    return {p: cmdline(p) for p in pids if alive(p)}
+
+
+def leftovers(master: int) -> list[int]:
+    """nginx processes still in the (dead) master's process group: workers orphaned by a crash.
+
+    The daemonized master leads its own process group and its workers inherit it; Linux does not
+    reuse a pid while it still names a process group, so these can only be that master's workers.
+    """
+    if alive(master):
+        return []
+    return sorted(
+        p for p, title in _live_where(lambda st: st[2] == master).items() if title.startswith("nginx:")
+    )
 
 
 def read_pid(path: Path) -> int | None:

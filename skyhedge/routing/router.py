@@ -138,6 +138,10 @@ class Router:
             pid = self.pid()
             if pid is not None:
                 self._stop(pid, timeout)
+            else:
+                stale = nginx.read_pid(self.paths.pid)
+                if stale is not None:  # the master crashed: its workers may still hold the port
+                    self._reap(stale)
             with contextlib.suppress(FileNotFoundError):
                 self.paths.pid.unlink()
 
@@ -205,8 +209,11 @@ class Router:
     def _start(self, ups: list[Upstream]) -> None:
         status_port = self._status_port()
         self._install(self.render(ups, status_port))
-        with contextlib.suppress(FileNotFoundError):
-            self.paths.pid.unlink()  # stale: pid() said no live master owns it
+        stale = nginx.read_pid(self.paths.pid)
+        if stale is not None:  # pid() said no live master owns it: a crash or a reboot
+            self._reap(stale)
+            with contextlib.suppress(FileNotFoundError):
+                self.paths.pid.unlink()
         nginx.start(self.binary, self.paths)
         if not _wait(lambda: self.pid() is not None and self._healthy(), START_TIMEOUT):
             pid = nginx.read_pid(self.paths.pid)
@@ -226,6 +233,8 @@ class Router:
                 f"the router of {self.spec.name} is not running (start it with `skyhedge routing up`)"
             )
         status_port = self._read_meta().get("status_port")
+        if nginx.has_stub_status(self.binary) and self.options.status_port:
+            status_port = self.options.status_port
         text = self.render(ups, status_port)
         before = nginx.workers(pid)
         try:
@@ -256,16 +265,33 @@ class Router:
         return set(before)
 
     def _stop(self, pid: int, timeout: float) -> None:
-        workers = set(nginx.workers(pid))
-        for sig, wait in ((signal.SIGQUIT, timeout), (signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
+        """Graceful quit, then fast shutdown, then SIGKILL to the master's whole process group."""
+        for sig, wait in ((signal.SIGQUIT, timeout), (signal.SIGTERM, 5.0)):
             nginx.signal_pid(pid, sig)
             if _wait(lambda: not nginx.alive(pid), wait):
                 break
-        for w in workers:  # a master killed hard leaves its workers behind
-            if nginx.alive(w) and "nginx: worker" in nginx.cmdline(w):
-                nginx.signal_pid(w, signal.SIGKILL)
+        else:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pid, signal.SIGKILL)
+            _wait(lambda: not nginx.alive(pid), 5.0)
         if nginx.alive(pid):
             raise RoutingError(f"nginx master {pid} did not exit")
+        self._reap(pid)
+
+    @staticmethod
+    def _reap(master: int) -> None:
+        """Workers a dead master left behind would keep the port with the old config: quit them.
+
+        SIGQUIT makes a worker close its listening sockets at once and finish its in-flight
+        requests; one that does not react within 5 s is killed.
+        """
+        orphans = nginx.leftovers(master)
+        for p in orphans:
+            nginx.signal_pid(p, signal.SIGQUIT)
+        if not _wait(lambda: all(_quitting(p) for p in orphans), 5.0):
+            for p in orphans:
+                if not _quitting(p):
+                    nginx.signal_pid(p, signal.SIGKILL)
 
     def _healthy(self) -> bool:
         host = self.spec.service.host.strip("[]")

@@ -15,8 +15,11 @@ from __future__ import annotations
 
 import json
 import math
+import multiprocessing
+import os
 import time
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -317,22 +320,38 @@ def simulate(
     *,
     progress: Callable[[str, str, int], None] | None = None,
     keep_timelines_of: int | None = 0,
+    workers: int | None = None,
 ) -> list[Summary]:
     """Every policy over every trace's windows. `progress(trace, policy, window)` after each run.
 
     `keep_timelines_of`: index of the window whose timelines are kept (for the plot); None keeps
-    none.
+    none. `workers`: processes solving the optimum's windows in parallel (default: one per CPU);
+    policies run in this process (they take milliseconds per window).
     """
     check_policies(policies)
+    workers = max(1, workers if workers is not None else (os.cpu_count() or 1))
     summaries: list[Summary] = []
     for trace in traces:
         windows = make_windows(trace, config)
         for name in policies:
             summary = Summary(trace.name, name)
-            for window in windows:
-                keep = keep_timelines_of is not None and window.index == keep_timelines_of
-                summary.windows.append(run_window(trace, window, name, config, keep_timeline=keep))
-                if progress is not None:
-                    progress(trace.name, name, window.index)
+            keeps = [keep_timelines_of is not None and w.index == keep_timelines_of for w in windows]
+            if name == OPTIMAL and workers > 1 and len(windows) > 1:
+                # spawn: no fork of a threaded process (rich's progress thread), workers end with the pool
+                context = multiprocessing.get_context("spawn")
+                with ProcessPoolExecutor(max_workers=min(workers, len(windows)), mp_context=context) as pool:
+                    futures = [
+                        pool.submit(run_window, trace, window, name, config, keep_timeline=keep)
+                        for window, keep in zip(windows, keeps, strict=True)
+                    ]
+                    for window, future in zip(windows, futures, strict=True):
+                        summary.windows.append(future.result())
+                        if progress is not None:
+                            progress(trace.name, name, window.index)
+            else:
+                for window, keep in zip(windows, keeps, strict=True):
+                    summary.windows.append(run_window(trace, window, name, config, keep_timeline=keep))
+                    if progress is not None:
+                        progress(trace.name, name, window.index)
             summaries.append(summary)
     return summaries

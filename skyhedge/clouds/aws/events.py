@@ -17,6 +17,7 @@ import json
 import logging
 import threading
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from datetime import datetime
 from typing import Any
 
@@ -262,10 +263,30 @@ class AwsEventSource(EventSource):
             with self._lock:
                 self._to_ack.append((region, message["ReceiptHandle"]))
         mine = [r for r in live if r.cloud == "aws"]
+        events = self._name_replicas(events, mine)
         if mine and (self._last_reconcile is None or now - self._last_reconcile >= self.reconcile_every):
             events.extend(self.reconcile(now, mine))
             self._last_reconcile = now
         return events
+
+    def _name_replicas(
+        self, events: list[PreemptionEvent], live: Sequence[ReplicaRecord]
+    ) -> list[PreemptionEvent]:
+        """Name the replica of messages about instances whose ID is not recorded yet (an apply that
+        crashed before recording outputs, or GitOps mode where CI launched it) from its tags."""
+        known = {r.cloud_id for r in live if r.cloud_id}
+        unknown = sorted(
+            {e.cloud_id for e in events if e.cloud_id and e.cloud_id not in known and not e.replica_id}
+        )
+        if not unknown or not live:
+            return events
+        names: dict[str, str] = {}
+        for region in sorted({r.region for r in live}):
+            for inst in self.list_instances(region, instance_ids=unknown):
+                tags = {t.get("Key"): t.get("Value") for t in inst.get("Tags") or []}
+                if tags.get(TAG_SERVICE) == self.service and tags.get(TAG_REPLICA):
+                    names[inst["InstanceId"]] = tags[TAG_REPLICA]
+        return [replace(e, replica_id=names[e.cloud_id]) if e.cloud_id in names else e for e in events]
 
     def ack(self) -> None:
         """Delete the messages returned by the previous poll (they are recorded in state now)."""
@@ -300,16 +321,17 @@ class AwsEventSource(EventSource):
 
     # -- reconcile ------------------------------------------------------------------------------
 
-    def list_instances(self, region: str) -> list[dict[str, Any]]:
-        """Every instance tagged for this service in `region`, whatever its state."""
+    def list_instances(self, region: str, *, instance_ids: Sequence[str] = ()) -> list[dict[str, Any]]:
+        """Every instance tagged for this service in `region` (of `instance_ids` if given), any state."""
         from botocore.exceptions import BotoCoreError, ClientError
 
         ec2 = self._client("ec2", region)
         out: list[dict[str, Any]] = []
+        filters = [{"Name": f"tag:{TAG_SERVICE}", "Values": [self.service]}]
+        if instance_ids:
+            filters.append({"Name": "instance-id", "Values": list(instance_ids)})
         try:
-            pages = ec2.get_paginator("describe_instances").paginate(
-                Filters=[{"Name": f"tag:{TAG_SERVICE}", "Values": [self.service]}]
-            )
+            pages = ec2.get_paginator("describe_instances").paginate(Filters=filters)
             for page in pages:
                 for reservation in page.get("Reservations", []):
                     out.extend(reservation.get("Instances", []))
@@ -334,9 +356,11 @@ class AwsEventSource(EventSource):
                 if rid and (rid not in by_replica or _state(inst) not in GONE_STATES):
                     by_replica[rid] = inst
             for rec in live:
-                if rec.region != region or not rec.cloud_id:
+                if rec.region != region or rec.provisioned_at is None:
                     continue
                 inst = by_id.get(rec.cloud_id) or by_replica.get(rec.id)
+                if inst is None and not rec.cloud_id:
+                    continue  # never seen running (GitOps: CI may not have applied it yet)
                 if inst is None:
                     events.append(
                         PreemptionEvent(

@@ -44,7 +44,9 @@ def accelerator_for(spec: ServiceSpec, machine_type: str) -> tuple[dict[str, Any
     if not machine_type.startswith("n1-"):
         return None, True
     if name not in ACCELERATOR_TYPES:
-        raise RenderError(f"{spec.source}: resources.accelerators: no GCP accelerator type known for {name!r}")
+        raise RenderError(
+            f"{spec.source}: resources.accelerators: no GCP accelerator type known for {name!r}"
+        )
     return {"type": ACCELERATOR_TYPES[name], "count": count}, True
 
 

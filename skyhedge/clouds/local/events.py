@@ -87,8 +87,10 @@ class LocalEventSource(EventSource):
                 )
         self._known_marked = marked
         for rec in live:
-            if rec.cloud != "local" or rec.provisioned_at is None:
-                continue  # not launched yet: Terraform is the one to say whether it started
+            if rec.cloud != "local" or rec.provisioned_at is None or rec.cloud_id is None:
+                # Not launched by our Terraform yet (or, in GitOps mode, never by us): Terraform is
+                # the one to say whether it started.
+                continue
             proc = read_pidfile(self.runtime, rec.id)
             if proc is not None and is_running(proc):
                 continue

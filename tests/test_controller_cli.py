@@ -1,0 +1,157 @@
+"""The controller's commands and small parts: preempt, aws setup-events, the one-watcher lock,
+the supervisor, the dashboard, the market replay."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+
+import boto3
+import pytest
+from click.testing import CliRunner
+from controller_fakes import Clock, FakeExecutor, FakeProber, FakeRouter, FakeSource
+from moto import mock_aws
+from rich.console import Console
+
+from skyhedge.cli import main
+from skyhedge.clouds.local import capacity, runtime_dir
+from skyhedge.controller.dashboard import render
+from skyhedge.controller.loop import Controller, ControllerOptions
+from skyhedge.controller.market import MarketReplay
+from skyhedge.controller.runner import Watcher
+from skyhedge.controller.supervisor import Supervisor
+from skyhedge.errors import CloudError, StateError
+from skyhedge.spec import load_spec
+from skyhedge.state import writer_lock
+
+LOCAL = """
+name: svc
+placement:
+  clouds: [local]
+  zones: [local-a, local-b]
+replica_policy: {min_replicas: 1, policy: spothedge}
+run: {command: "true"}
+"""
+AWS = """
+name: llm
+resources: {instance_type: {aws: g5.xlarge}}
+placement: {clouds: [aws], regions: [us-east-1, us-west-2]}
+run: {command: serve}
+"""
+
+
+def test_preempt_marks_the_zone_and_validates_it(tmp_path, write_spec):
+    spec = write_spec(LOCAL)
+    sdir = tmp_path / "state"
+    bad = CliRunner().invoke(main, ["preempt", str(spec), "--state-dir", str(sdir), "--zone", "local-z"])
+    assert bad.exit_code == 1 and "not a local zone of this service" in bad.output
+    ok = CliRunner().invoke(
+        main, ["preempt", str(spec), "--state-dir", str(sdir), "--zone", "local-b", "--for", "60"]
+    )
+    assert ok.exit_code == 0, ok.output
+    assert "no running spot replica" in ok.output
+    until = capacity.read_capacity(runtime_dir(sdir))["local-b"]
+    assert until is not None and until == pytest.approx(time.time() + 60, abs=5)
+    cleared = CliRunner().invoke(
+        main, ["preempt", str(spec), "--state-dir", str(sdir), "--zone", "local-b", "--clear"]
+    )
+    assert cleared.exit_code == 0 and capacity.read_capacity(runtime_dir(sdir)) == {}
+
+
+@mock_aws
+def test_aws_setup_events_creates_one_queue_per_region(write_spec, monkeypatch):
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    spec = write_spec(AWS)
+    for _ in range(2):  # idempotent
+        out = CliRunner().invoke(main, ["aws", "setup-events", str(spec)])
+        assert out.exit_code == 0, out.output
+    for region in ("us-east-1", "us-west-2"):
+        sqs = boto3.client("sqs", region_name=region)
+        assert sqs.get_queue_url(QueueName="skyhedge-llm-events")["QueueUrl"]
+        rules = boto3.client("events", region_name=region).list_rules(NamePrefix="skyhedge-llm-")["Rules"]
+        assert sorted(r["Name"] for r in rules) == ["skyhedge-llm-interruption", "skyhedge-llm-state"]
+
+
+def test_aws_setup_events_refuses_a_spec_without_aws(write_spec):
+    out = CliRunner().invoke(main, ["aws", "setup-events", str(write_spec(LOCAL))])
+    assert out.exit_code == 1 and "uses no AWS region" in out.output
+
+
+def test_second_watcher_is_refused_clearly(tmp_path, write_spec):
+    spec = load_spec(write_spec(LOCAL))
+    sdir = tmp_path / "state"
+    with writer_lock(sdir), pytest.raises(StateError, match="already running for svc"), Watcher(spec, sdir):
+        pass
+    with Watcher(spec, sdir) as watcher:  # released: the next one gets it
+        assert watcher.controller is not None
+        with pytest.raises(StateError, match="holds the lock"), writer_lock(sdir):
+            pass
+
+
+def test_supervisor_backs_off_and_wakes():
+    calls: list[float] = []
+    failures = iter([CloudError("boom"), RuntimeError("bug"), None, None])
+
+    def tick() -> float:
+        calls.append(time.monotonic())
+        exc = next(failures)
+        if exc is not None:
+            raise exc
+        return 30.0
+
+    sup = Supervisor(tick, max_backoff=60)
+    assert sup.run_once() == 1.0 and sup.failures == 1
+    assert sup.run_once() == 2.0 and sup.failures == 2
+    assert sup.run_once() == 30.0 and sup.failures == 0
+    threading.Timer(0.2, sup.wake).start()
+    started = time.monotonic()
+    sup.run(max_ticks=5, until=lambda: len(calls) >= 4)
+    assert len(calls) == 4 and time.monotonic() - started < 5  # woken, not after 30 s
+
+
+def test_dashboard_renders_replicas_zones_cost_and_events(tmp_path, write_spec):
+    spec = load_spec(write_spec(LOCAL))
+    clock = Clock()
+    ctl = Controller(
+        spec,
+        tmp_path / "s",
+        executor=FakeExecutor(),
+        router=FakeRouter(),
+        prober=FakeProber(),
+        sources=[FakeSource()],
+        clock=clock,
+        options=ControllerOptions(),
+    )
+    for _ in range(2):
+        ctl.tick()
+        clock.advance(1)
+    console = Console(record=True, width=140)
+    console.print(render(ctl, endpoint="http://127.0.0.1:8080"))
+    text = console.export_text()
+    assert "http://127.0.0.1:8080" in text and "local/local/local-a" in text and "READY" in text
+    assert "$0.0000/h" in text and "plan: +r-0001" in text and "ACTIVE" in text
+
+
+def test_market_replay_drives_capacity(tmp_path: Path):
+    trace = tmp_path / "trace"
+    trace.mkdir()
+    for zone, data in (("us-east-1a", [2, 0, 1]), ("us-east-1b", [1, 1, 1])):
+        (trace / f"{zone}_v100_1.json").write_text(
+            json.dumps({"metadata": {"gap_seconds": 30}, "data": data})
+        )
+    seen: list[str] = []
+    replay = MarketReplay(
+        trace, ["local-a", "local-b", "local-c"], tmp_path / "state", speedup=30, on_change=seen.append
+    )
+    assert replay.period == 1.0 and "local-a<-us-east-1a" in replay.describe()
+    replay.step()
+    assert capacity.read_capacity(runtime_dir(tmp_path / "state")) == {}
+    replay.step()
+    assert list(capacity.read_capacity(runtime_dir(tmp_path / "state"))) == ["local-a"]
+    replay.step()
+    assert capacity.read_capacity(runtime_dir(tmp_path / "state")) == {}
+    assert seen[-1] == "market tick 2: local-a capacity 1"
