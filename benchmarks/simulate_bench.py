@@ -9,6 +9,7 @@ Prints figures; asserts nothing.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 from pathlib import Path
@@ -33,12 +34,12 @@ def main() -> None:
         f"trace {trace.name}: {len(trace.zones)} zones, {trace.ticks} ticks; {args.repeats} windows of 2880"
     )
 
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     summaries = simulate([trace], POLICIES, config, keep_timelines_of=None)
-    wall = time.perf_counter() - started
+    wall, cpu = time.perf_counter() - started, time.process_time() - cpu
     decisions = len(POLICIES) * args.repeats * config.ticks
     print(
-        f"all policies but optimal ({', '.join(POLICIES)}): {wall:.2f} s wall "
+        f"all policies but optimal ({', '.join(POLICIES)}): {wall:.2f} s wall, {cpu:.2f} s CPU "
         f"({decisions} decisions, {1e6 * wall / decisions:.0f} us per tick incl. the world)"
     )
     for summary in summaries:
@@ -52,13 +53,14 @@ def main() -> None:
     windows = make_windows(trace, config)[: args.optimal_windows]
     times = []
     for window in windows:
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.process_time()
         result = run_window(trace, window, OPTIMAL, config)
         times.append(time.perf_counter() - started)
         print(
-            f"  optimal window {window.index} (offset {window.offset}): {times[-1]:.2f} s, "
-            f"relative cost {result.relative_cost:.3f}"
+            f"  optimal window {window.index} (offset {window.offset}): {times[-1]:.2f} s wall, "
+            f"{time.process_time() - cpu:.2f} s CPU, relative cost {result.relative_cost:.3f}"
         )
+    print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs (wall times grow with it)")
     print(
         f"optimal per window: median {statistics.median(times):.2f} s, mean {statistics.mean(times):.2f} s, "
         f"max {max(times):.2f} s over {len(times)} windows"

@@ -30,7 +30,6 @@ Where things live under the state dir:
 from __future__ import annotations
 
 import contextlib
-import site
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -63,10 +62,13 @@ __all__ = [
     "DestroyReport",
     "LaunchFailure",
     "Workspace",
+    "absorb_result",
     "apply_service",
+    "changed_roots",
     "destroy_service",
     "instance_types",
     "live_rows",
+    "record_plan",
     "roots_with_resources",
     "wait_ready",
 ]
@@ -93,13 +95,11 @@ class Workspace:
         self.tree_dir = self.tf_dir / "tree"
 
     def context(self) -> RenderContext:
-        package_parent = str(Path(skyhedge.__file__).resolve().parent.parent)
-        installed = package_parent in {str(Path(p).resolve()) for p in site.getsitepackages()}
         return RenderContext(
             state_dir=self.state_dir,
             workdir=Path.cwd().resolve(),
             python=sys.executable,
-            pythonpath="" if installed else package_parent,
+            pythonpath=str(Path(skyhedge.__file__).resolve().parent.parent),
         )
 
     def root(self, cloud: str, region: str) -> TerraformRoot:
@@ -511,12 +511,13 @@ def _absorb_round(
             elif change.replica_id and change.action == "delete" and change.replica_id not in ever_refused:
                 report.deleted.append(change.replica_id)
         other = [d for d in result.errors if d.replica_id not in {f.replica_id for f in refused}]
-        if not result.ok and other:
-            first = other[0]
+        if not result.ok and (other or not result.errors):
+            first = other[0] if other else None
+            summary = first.summary if first else f"exit code {result.exit_code}"
             report.errors.append(
                 EngineError(
-                    f"terraform apply failed in {root.path}: {first.summary}"
-                    + (f" ({first.replica_id})" if first.replica_id else ""),
+                    f"terraform apply failed in {root.path}: {summary}"
+                    + (f" ({first.replica_id})" if first and first.replica_id else ""),
                     stderr="\n".join(d.text for d in other) + ("\n" + result.stderr if result.stderr else ""),
                     root=root.path,
                 )

@@ -53,7 +53,7 @@ def commits(repo: Path) -> list[str]:
 
 
 def tfvars_replicas(repo: Path) -> dict[str, dict]:
-    return json.loads((repo / "svc" / "local" / "local" / "skyhedge.auto.tfvars.json").read_text())[
+    return json.loads((repo / "infra" / "local" / "local" / "skyhedge.auto.tfvars.json").read_text())[
         "replicas"
     ]
 
@@ -116,4 +116,17 @@ def test_watch_gitops_once_from_the_cli(tmp_path, repo, write_spec):
     second = CliRunner().invoke(main, args)
     assert second.exit_code == 0, second.output
     assert len(commits(repo)) == 1
-    assert (repo / "svc" / "skyhedge-tree.json").is_file()
+    assert (repo / "infra" / "skyhedge-tree.json").is_file()
+
+
+def test_state_inside_the_repo_is_committed_with_the_tree(repo, write_spec):
+    spec = write_spec(SPEC)
+    args = ["watch", str(spec), "--state-dir", str(repo / "state"), "--gitops", str(repo), "--once"]
+    out = CliRunner().invoke(main, args)
+    assert out.exit_code == 0, out.output
+    files = set(git(repo, "show", "--name-only", "--format=", "HEAD").split())
+    assert "state/state.json" in files and "infra/skyhedge-tree.json" in files
+    assert not any(f.startswith("state/tf") or f.endswith(".lock") for f in files)
+    committed = json.loads(git(repo, "show", "HEAD:state/state.json"))
+    live = sorted(rid for rid, r in committed["replicas"].items() if r["gone_at"] is None)
+    assert live == sorted(tfvars_replicas(repo))

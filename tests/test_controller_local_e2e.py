@@ -135,12 +135,17 @@ run:
 
     def wait(self, what: str, predicate, timeout: float = 60.0) -> None:
         deadline = time.monotonic() + timeout
+        checked = time.monotonic()
         while time.monotonic() < deadline:
             try:
                 if predicate():
                     return
             except (OSError, ValueError):
                 pass
+            if time.monotonic() - checked > 1.0:  # a crashing watcher will not get there: fail now
+                checked = time.monotonic()
+                if "tick crashed" in self.logs():
+                    raise AssertionError(f"the watcher crashed while waiting for {what}\n{self.logs()}")
             time.sleep(0.1)
         raise AssertionError(f"timed out waiting for {what}\n{self.logs()}")
 
@@ -252,6 +257,7 @@ def test_preemption_under_load_is_replaced_in_another_zone(service):
     ]
     assert new[0].id in load.replicas  # the replacement served traffic
     success = load.ok / load.total
+    print(f"requests through the router: {load.ok} ok of {load.total} ({100 * success:.2f}%)")
     assert success >= 0.999, f"{len(load.failed)} of {load.total} failed: {load.failed[:5]}"
     # no process of a gone replica is left
     alive = {p.id for p in list_pidfiles(runtime_dir(service.state_dir))}

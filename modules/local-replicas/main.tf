@@ -6,7 +6,9 @@
 # in an environment variable. Only `run.command` itself is given to /bin/sh, as the user wrote it.
 
 locals {
-  launcher = [var.launcher.python, "-m", "skyhedge.clouds.local.launcher"]
+  # -S: skip site-packages start-up work (a launch is one short Python process per replica);
+  # PYTHONPATH names the directory holding skyhedge, so nothing else is needed.
+  launcher = [var.launcher.python, "-S", "-m", "skyhedge.clouds.local.launcher"]
 }
 
 resource "terraform_data" "replica" {
@@ -54,7 +56,7 @@ resource "terraform_data" "replica" {
 
   provisioner "local-exec" {
     when        = destroy
-    interpreter = [self.input.python, "-m", "skyhedge.clouds.local.launcher", "stop"]
+    interpreter = [self.input.python, "-S", "-m", "skyhedge.clouds.local.launcher", "stop"]
     command     = self.input.id
     environment = {
       PYTHONPATH = self.input.pythonpath

@@ -73,11 +73,16 @@ variable "runtime_dir" {
 }
 
 variable "launcher" {
-  description = "The Python interpreter that runs skyhedge's replica launcher, and the PYTHONPATH it needs to import skyhedge (empty when skyhedge is installed)."
+  description = "The Python interpreter that runs skyhedge's replica launcher (with -S), and the directory holding the skyhedge package (its PYTHONPATH)."
   type = object({
     python     = string
-    pythonpath = optional(string, "")
+    pythonpath = string
   })
+
+  validation {
+    condition     = startswith(var.launcher.pythonpath, "/")
+    error_message = "launcher.pythonpath must be the absolute directory holding the skyhedge package."
+  }
 }
 
 variable "stop_grace_seconds" {

@@ -72,7 +72,7 @@ def _load(spec: Path, state_dir: Path | None) -> tuple[ServiceSpec, Path]:
     "--gitops-path",
     default=None,
     metavar="SUBDIR",
-    help="Folder of REPO_DIR the tree is written to (default: the service name).",
+    help="Folder of REPO_DIR the tree is written to (default: infra).",
 )
 @click.option("--once", is_flag=True, help="Run one reconcile pass and exit.")
 @_interval

@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from skyhedge.apply import Workspace, absorb_result, changed_roots, roots_with_resources
+from skyhedge.apply import Workspace, absorb_result, changed_roots, instance_types, roots_with_resources
 from skyhedge.controller.ports import ExecResult
 from skyhedge.engine import EventCallback, Terraform, run_parallel
 from skyhedge.errors import EngineError
@@ -53,7 +53,7 @@ class TerraformExecutor:
             self.spec,
             plan,
             context=ws.context(),
-            instance_types=self.placement.instance_types,
+            instance_types=instance_types(state, self.placement),
             extra_roots=roots_with_resources(state),
         )
         changed = changed_roots(state, tree)
@@ -73,11 +73,11 @@ class TerraformExecutor:
         for root, result in zip(changed, results, strict=True):
             if isinstance(result, BaseException):
                 err = result if isinstance(result, EngineError) else EngineError(f"{root.path}: {result}")
-                absorb_result(state, root, None, err, now)
+                absorb_result(state, root, None, now)
                 errors.append(f"{root.path}: {err}")
                 detail.append(err.stderr)
                 continue
-            failures = absorb_result(state, root, result, None, now)
+            failures = absorb_result(state, root, result, now)
             refused += [f.replica_id for f in failures]
             if not result.ok:
                 failed_ids = {f.replica_id for f in failures}

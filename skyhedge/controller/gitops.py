@@ -2,9 +2,10 @@
 
 For teams whose CI applies Terraform: `skyhedge watch SPEC --gitops REPO_DIR` keeps reacting to
 preemptions, but its output is a commit on the checked-out branch of REPO_DIR (push it, or let a
-CI job pick it up). The commit message says what was preempted, the new layout and the cost
-change. A plan that changes nothing writes an identical tree, so git sees no change and no commit
-is made.
+CI job pick it up). The tree goes to `REPO_DIR/infra/` (the layout of examples/gitops); when the
+state dir is inside the repository too, its `state.json` is committed with the tree. The commit
+message says what was preempted, the new layout and the cost change. A plan that changes nothing
+writes an identical tree, so git sees no change and no commit is made.
 
 Replicas are recorded as provisioned (and, by the controller's `assume_ready`, READY) once
 committed: the watcher cannot probe what CI has not applied yet, and counting them as missing
@@ -28,9 +29,10 @@ from skyhedge.planner import CREATE, DELETE, Plan
 from skyhedge.render import render_tree, write_tree
 from skyhedge.service import Placement, resolve_placement
 from skyhedge.spec import ServiceSpec
-from skyhedge.state import ServiceState
+from skyhedge.state import STATE_FILE, ServiceState
 
 EXTRA_KEY = "gitops"
+DEFAULT_SUBDIR = "infra"  # examples/gitops: infra/ holds the tree, state/ the state dir
 _GIT_ENV = {"GIT_TERMINAL_PROMPT": "0", "LC_ALL": "C"}
 
 
@@ -127,7 +129,7 @@ class GitOpsExecutor:
     ) -> None:
         self.spec = spec
         self.top = check_repo(Path(repo))
-        self.out = (Path(repo) / (subdir if subdir is not None else spec.name)).resolve()
+        self.out = (Path(repo) / (subdir if subdir is not None else DEFAULT_SUBDIR)).resolve()
         if self.out == self.top:
             raise StateError(
                 f"{repo}: --gitops writes the tree into a folder of the repository, not its top level"
@@ -148,6 +150,13 @@ class GitOpsExecutor:
         rel = str(self.out.relative_to(self.top))
         git(self.top, "add", "-A", "--", rel)
         staged = git(self.top, "diff", "--cached", "--quiet", "--", rel, check=False)
+        paths = [rel]
+        state_file = self.workspace.state_dir / STATE_FILE
+        if staged.returncode != 0 and state_file.is_file() and state_file.resolve().is_relative_to(self.top):
+            # The state (saved with this plan's intent) goes in the same commit, so that CI re-rendering
+            # from the committed state gets the committed tree (examples/gitops).
+            paths.append(str(state_file.resolve().relative_to(self.top)))
+            git(self.top, "add", "--", paths[-1])
         note = ""
         if staged.returncode != 0:
             info = state.extra.setdefault(EXTRA_KEY, {})
@@ -157,7 +166,7 @@ class GitOpsExecutor:
             identity: list[str] = []
             if git(self.top, "config", "user.email", check=False).returncode != 0:
                 identity = ["-c", "user.name=skyhedge", "-c", "user.email=skyhedge@localhost"]
-            git(self.top, *identity, "commit", "-q", "-m", message, "--", rel)
+            git(self.top, *identity, "commit", "-q", "-m", message, "--", *paths)
             sha = git(self.top, "rev-parse", "--short", "HEAD").stdout.strip()
             self.commits.append(sha)
             info.update({"committed_at": now, "hourly_cost": plan.hourly_cost, "commit": sha})

@@ -157,10 +157,9 @@ class Controller:
         result: ExecResult | None = None
         if plan.has_changes or not self._started or self._failures:
             result = self._act(plan, memory, now)
-        else:
+        else:  # nothing to do: the policy has still seen the events (saved below)
             self.state.policy_memory = memory
             self.state.pending_events = []
-            self.save()
         if result is not None and not result.failed:
             self._sweep()
         self._started = True

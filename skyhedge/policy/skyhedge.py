@@ -30,7 +30,8 @@ _DEFAULTS: dict[str, float] = {
     "slack": 1.0,
     "hyst": 0.5,
     "max_extra": -1.0,  # -1: num_overprovision + 1
-    "od_mode": 0.0,  # 0: OD for alive-spot deficit at once; 1: only after spot failed
+    "od_mode": 0.0,
+    "beta": 1.0,  # 0: OD for alive-spot deficit at once; 1: only after spot failed
 }
 
 
@@ -90,9 +91,12 @@ class SkyHedge(Policy):
 
     # -- planning -----------------------------------------------------------------------------
 
-    @staticmethod
-    def _exposure(counts: dict[Location, int], total: int, target: int, hz: dict[Location, float]) -> float:
-        return sum(hz[z] for z, k in counts.items() if k and total - k < target)
+    def _exposure(self, counts: dict[Location, int], total: int, target: int, hz: dict[Location, float]) -> float:
+        slack = total - target
+        if slack < 0:
+            slack = 0
+        beta = self.k["beta"]
+        return sum(hz[z] * (1.0 + beta * (k - slack - 1)) for z, k in counts.items() if k > slack)
 
     def _place(
         self, counts: dict[Location, int], total_other: int, target: int, hz: dict[Location, float],
@@ -108,7 +112,10 @@ class SkyHedge(Policy):
             z = c.location
             k = counts.get(z, 0)
             closed = z in self._closed
-            key = (closed, k, regions.get(z.region, 0), hz[z], c.spot_price, self._closed.get(z, 0.0), i)
+            counts[z] = k + 1
+            exp = self._exposure(counts, total_other + 1, target, hz)
+            counts[z] = k
+            key = (closed, exp, k, regions.get(z.region, 0), hz[z], c.spot_price, self._closed.get(z, 0.0), i)
             if best_key is None or key < best_key:
                 best, best_key = z, key
         return best
@@ -131,55 +138,72 @@ class SkyHedge(Policy):
         max_extra = int(self.k["max_extra"]) if self.k["max_extra"] >= 0 else self.config.num_overprovision + 1
         budget = (1.0 - self.k["target"]) * self.k["slack"] / (self._cold + self._interval)
 
-        # Plan: greedily add replicas (to a hypothetical copy) until exposure is within budget.
+        theta = (1.0 - self.k["target"]) * self.k["slack"]
+        dur = self._cold + self._interval
+
+        def risk(plan: dict[Location, int], total: int) -> float:
+            return dur * self._exposure(plan, total, n, hz)
+
         plan = dict(counts)
         adds: list[Location] = []
         total = len(spot)
-        extra = 0
-        while True:
-            need_base = total < n
-            exp = self._exposure(plan, total, n, hz)
-            limit = budget if extra >= self._extra else budget * self.k["hyst"]
-            if not need_base and (exp <= budget or extra >= max_extra):
-                break
+        while total < n:
             z = self._place(plan, total, n, hz, cands)
             if z is None:
                 break
             plan[z] = plan.get(z, 0) + 1
             adds.append(z)
             total += 1
-            if total > n:
-                extra += 1
-            del limit
-        decisions: list[Decision] = [LaunchSpot(z) for z in adds]
-        # Drop surplus spot replicas (extra no longer needed, with hysteresis).
-        if not adds and len(spot) > n:
+        decisions: list[Decision] = []
+        base_total = total
+        cur_j = risk(plan, total) + theta * max(0, total - n)
+        # Options: add up to max_extra - extra replicas, or remove surplus down to n.
+        best_j, best_adds, best_victims = cur_j, list(adds), []
+        trial = dict(plan)
+        trial_adds = list(adds)
+        t_total = total
+        while t_total - n < max_extra:
+            z = self._place(trial, t_total, n, hz, cands)
+            if z is None:
+                break
+            trial[z] = trial.get(z, 0) + 1
+            trial_adds.append(z)
+            t_total += 1
+            j = risk(trial, t_total) + theta * (t_total - n)
+            if j < cur_j - theta * self.k["hyst"] and j < best_j:
+                best_j, best_adds = j, list(trial_adds)
+        if not adds and total > n:
             keep = list(spot)
+            cur = dict(plan)
+            removed: list[ReplicaFact] = []
             while len(keep) > n:
-                cur = {}
-                for r in keep:
-                    cur[r.location] = cur.get(r.location, 0) + 1
                 best = None
                 best_key = None
                 for r in keep:
-                    after = dict(cur)
-                    after[r.location] -= 1
-                    e = self._exposure(after, len(keep) - 1, n, hz)
+                    cur[r.location] -= 1
+                    e = risk(cur, len(keep) - 1)
+                    cur[r.location] += 1
                     key = (e, is_ready(r), -r.launched_at)
                     if best_key is None or key < best_key:
                         best, best_key = r, key
                 assert best is not None and best_key is not None
-                if best_key[0] > budget * self.k["hyst"]:
-                    break
                 keep.remove(best)
-                decisions.append(Terminate(best.id))
-            spot_total = len(keep)
-        else:
-            spot_total = len(spot) + len(adds)
-        self._extra = max(0, spot_total - n)
+                cur[best.location] -= 1
+                removed.append(best)
+                j = best_key[0] + theta * (len(keep) - n)
+                forced = total - len(removed) - n >= max_extra
+                if forced or j < cur_j - theta * self.k["hyst"] and j < best_j:
+                    best_j, best_adds, best_victims = j, [], list(removed)
+        decisions.extend(LaunchSpot(z) for z in best_adds)
+        decisions.extend(Terminate(r.id) for r in best_victims)
+        adds = best_adds
+        spot_total = base_total - len(best_victims) + len(best_adds) - len(adds[: base_total - len(spot)])
+        del spot_total
 
         # On-demand: only for the spot replicas we do not have (alive), kept while READY ones cover a gap.
-        spot_alive = len(spot) if self.k["od_mode"] < 0.5 else min(len(spot) + len(adds), n)
+        spot_alive = len(spot) - len(best_victims)
+        if self.k["od_mode"] >= 0.5:
+            spot_alive = min(spot_alive + len(adds), n)
         od_target = max(0, n - spot_alive)
         od_keep = max(od_target, min(od_ready, max(0, n - spot_ready)))
         od_keep = min(od_keep, n)

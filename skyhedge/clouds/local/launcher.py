@@ -44,7 +44,8 @@ EXIT_CAPACITY = 3
 # How long a fresh process must survive before the launch counts (catches `command not found`).
 STARTUP_CHECK_SECONDS = 0.15
 # Variables skyhedge sets for Terraform and the launcher; the replica should not inherit them.
-_PRIVATE_ENV = ("TF_IN_AUTOMATION", "TF_CLI_CONFIG_FILE", "TF_DATA_DIR", "TF_INPUT", CONFIG_ENV)
+# PYTHONPATH is the launcher's own (where skyhedge lives): a replica that needs one sets it in run.env.
+_PRIVATE_ENV = ("TF_IN_AUTOMATION", "TF_CLI_CONFIG_FILE", "TF_DATA_DIR", "TF_INPUT", "PYTHONPATH", CONFIG_ENV)
 
 
 class LaunchError(Exception):
@@ -74,8 +75,6 @@ def _log_tail(path: Path, lines: int = 20) -> str:
 def replica_env(cfg: dict[str, Any], runtime: Path) -> dict[str, str]:
     """The replica's environment: ours minus skyhedge's private variables, plus run.env and PORT."""
     env = {k: v for k, v in os.environ.items() if k not in _PRIVATE_ENV}
-    if not env.get("PYTHONPATH"):
-        env.pop("PYTHONPATH", None)
     env.update({str(k): str(v) for k, v in (cfg.get("env") or {}).items()})
     env.update(
         {
