@@ -1,17 +1,17 @@
 """One exception tree for skyhedge. The CLI turns any `SkyhedgeError` into one line and exit 1.
 
-    SkyhedgeError
-    ├── SpecError            a spec file is invalid (carries file + field path)
-    ├── CatalogError         unknown cloud / instance type / zone, unreadable catalog
-    ├── StateError           state dir unreadable, wrong version, locked by another writer
-    ├── PolicyError          unknown policy name, bad plug-in
-    ├── TraceError           a trace file/dir is malformed
-    ├── RenderError          templates/modules missing or rendering failed
-    ├── EngineError          Terraform failed (carries Terraform's own stderr)
-    │   └── InsufficientCapacity   a spot launch was refused for capacity
-    ├── CloudError           a cloud API call failed (boto3 / REST), converted at the boundary
-    │   └── NotFound
-    └── RoutingError         nginx config test/reload failed (carries nginx's stderr)
+SkyhedgeError
+├── SpecError            a spec file is invalid (carries file + field path)
+├── CatalogError         unknown cloud / instance type / zone, unreadable catalog
+├── StateError           state dir unreadable, wrong version, locked by another writer
+├── PolicyError          unknown policy name, bad plug-in
+├── TraceError           a trace file/dir is malformed
+├── RenderError          templates/modules missing or rendering failed
+├── EngineError          Terraform failed (carries Terraform's own stderr)
+│   └── InsufficientCapacity   a spot launch was refused for capacity
+├── CloudError           a cloud API call failed (boto3 / REST), converted at the boundary
+│   └── NotFound
+└── RoutingError         nginx config test/reload failed (carries nginx's stderr)
 """
 
 from __future__ import annotations

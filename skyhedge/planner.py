@@ -132,12 +132,18 @@ def make_plan(
         elif isinstance(d, (LaunchSpot, LaunchOnDemand)):
             market = Market.SPOT if isinstance(d, LaunchSpot) else Market.ON_DEMAND
             created.append(
-                PlannedReplica(replica_id(counter), d.location, market, CREATE, prices.get((d.location, market), 0.0))
+                PlannedReplica(
+                    replica_id(counter), d.location, market, CREATE, prices.get((d.location, market), 0.0)
+                )
             )
             counter += 1
     kept = [
         PlannedReplica(
-            r.id, r.location, r.market, DELETE if r.id in deleted else KEEP, prices.get((r.location, r.market), 0.0)
+            r.id,
+            r.location,
+            r.market,
+            DELETE if r.id in deleted else KEEP,
+            prices.get((r.location, r.market), 0.0),
         )
         for r in live.values()
     ]

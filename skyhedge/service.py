@@ -111,7 +111,11 @@ def resolve_placement(spec: ServiceSpec) -> Placement:
             if offer.zone in p.exclude_zones or offer.spot_price is None:
                 continue
             candidates.append(
-                Candidate(Location(cloud, offer.region, offer.zone), float(offer.spot_price), float(offer.ondemand_price))
+                Candidate(
+                    Location(cloud, offer.region, offer.zone),
+                    float(offer.spot_price),
+                    float(offer.ondemand_price),
+                )
             )
     if not candidates:
         raise SpecError(

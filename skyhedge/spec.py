@@ -193,7 +193,13 @@ def _bounds(lo: float | None, hi: float | None) -> str:
 
 
 def _number(
-    ctx: _Ctx, path: str, value: Any, *, lo: float | None = None, hi: float | None = None, open_lo: bool = False
+    ctx: _Ctx,
+    path: str,
+    value: Any,
+    *,
+    lo: float | None = None,
+    hi: float | None = None,
+    open_lo: bool = False,
 ) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ctx.fail(path, f"expected a number{_bounds(lo, hi)}, got {_show(value)}")
@@ -226,7 +232,9 @@ def _choice(ctx: _Ctx, path: str, value: Any, choices: tuple[str, ...]) -> str:
     return value
 
 
-def _str_list(ctx: _Ctx, path: str, value: Any, check: Callable[[str, str], None] | None = None) -> tuple[str, ...]:
+def _str_list(
+    ctx: _Ctx, path: str, value: Any, check: Callable[[str, str], None] | None = None
+) -> tuple[str, ...]:
     if value is None:
         return ()
     if isinstance(value, str):
@@ -265,13 +273,19 @@ def _str_map(ctx: _Ctx, path: str, value: Any) -> dict[str, str]:
 
 
 def _resources(ctx: _Ctx, raw: Any) -> Resources:
-    d = _mapping(ctx, "resources", raw, {"accelerators", "instance_type", "disk_size", "ports",
-                                         "local_base_port", "image_id"})
+    d = _mapping(
+        ctx,
+        "resources",
+        raw,
+        {"accelerators", "instance_type", "disk_size", "ports", "local_base_port", "image_id"},
+    )
     acc = None
     if d.get("accelerators") is not None:
         acc = _str(ctx, "resources.accelerators", d["accelerators"])
         if not re.fullmatch(r"[A-Za-z0-9_-]+(:[1-9][0-9]*)?", acc):
-            raise ctx.fail("resources.accelerators", f"expected NAME or NAME:COUNT (e.g. 'A10G:1'), got {acc!r}")
+            raise ctx.fail(
+                "resources.accelerators", f"expected NAME or NAME:COUNT (e.g. 'A10G:1'), got {acc!r}"
+            )
     itypes = _cloud_map(ctx, "resources.instance_type", d.get("instance_type"))
     images = _cloud_map(ctx, "resources.image_id", d.get("image_id"))
     ports = d.get("ports", 8000)
@@ -284,7 +298,9 @@ def _resources(ctx: _Ctx, raw: Any) -> Resources:
         instance_type=itypes,
         disk_size=_int(ctx, "resources.disk_size", d.get("disk_size", 100), lo=10, hi=65536),
         ports=_int(ctx, "resources.ports", ports, lo=1, hi=65535),
-        local_base_port=_int(ctx, "resources.local_base_port", d.get("local_base_port", 18000), lo=1024, hi=60000),
+        local_base_port=_int(
+            ctx, "resources.local_base_port", d.get("local_base_port", 18000), lo=1024, hi=60000
+        ),
         image_id=images,
     )
 
@@ -333,10 +349,14 @@ def _replica_policy(ctx: _Ctx, raw: Any) -> ReplicaPolicy:
         qps = _number(ctx, f"{p}.target_qps_per_replica", qps, lo=0, open_lo=True)
     elif max_r is not None and max_r != min_r:
         raise ctx.fail(f"{p}.target_qps_per_replica", "required when max_replicas differs from min_replicas")
-    base = _int(ctx, f"{p}.base_ondemand_fallback_replicas", d.get("base_ondemand_fallback_replicas", 0), lo=0)
+    base = _int(
+        ctx, f"{p}.base_ondemand_fallback_replicas", d.get("base_ondemand_fallback_replicas", 0), lo=0
+    )
     if base > max(min_r, max_r or 0) and base > 0:
-        raise ctx.fail(f"{p}.base_ondemand_fallback_replicas",
-                       f"expected an integer <= the replica count ({max(min_r, max_r or 0)}), got {base}")
+        raise ctx.fail(
+            f"{p}.base_ondemand_fallback_replicas",
+            f"expected an integer <= the replica count ({max(min_r, max_r or 0)}), got {base}",
+        )
     target = d.get("availability_target")
     if target is not None:
         target = _number(ctx, f"{p}.availability_target", target, lo=0.5, hi=1.0)
@@ -347,11 +367,15 @@ def _replica_policy(ctx: _Ctx, raw: Any) -> ReplicaPolicy:
         target_qps_per_replica=qps,
         num_overprovision=_int(ctx, f"{p}.num_overprovision", d.get("num_overprovision", 1), lo=0, hi=100),
         base_ondemand_fallback_replicas=base,
-        dynamic_ondemand_fallback=_bool(ctx, f"{p}.dynamic_ondemand_fallback",
-                                        d.get("dynamic_ondemand_fallback", True)),
-        upscale_delay_seconds=_int(ctx, f"{p}.upscale_delay_seconds", d.get("upscale_delay_seconds", 300), lo=0),
-        downscale_delay_seconds=_int(ctx, f"{p}.downscale_delay_seconds",
-                                     d.get("downscale_delay_seconds", 1200), lo=0),
+        dynamic_ondemand_fallback=_bool(
+            ctx, f"{p}.dynamic_ondemand_fallback", d.get("dynamic_ondemand_fallback", True)
+        ),
+        upscale_delay_seconds=_int(
+            ctx, f"{p}.upscale_delay_seconds", d.get("upscale_delay_seconds", 300), lo=0
+        ),
+        downscale_delay_seconds=_int(
+            ctx, f"{p}.downscale_delay_seconds", d.get("downscale_delay_seconds", 1200), lo=0
+        ),
         availability_target=target,
         policy=policy,
     )
@@ -370,7 +394,9 @@ def _probe(ctx: _Ctx, raw: Any) -> ReadinessProbe:
         raise ctx.fail(f"{p}.post_data", f"expected a mapping (sent as JSON) or a string, got {_show(post)}")
     return ReadinessProbe(
         path=path,
-        initial_delay_seconds=_int(ctx, f"{p}.initial_delay_seconds", d.get("initial_delay_seconds", 1200), lo=0),
+        initial_delay_seconds=_int(
+            ctx, f"{p}.initial_delay_seconds", d.get("initial_delay_seconds", 1200), lo=0
+        ),
         timeout_seconds=_int(ctx, f"{p}.timeout_seconds", d.get("timeout_seconds", 15), lo=1, hi=3600),
         post_data=post,
         headers=_str_map(ctx, f"{p}.headers", d.get("headers")),
@@ -385,8 +411,9 @@ def _service(ctx: _Ctx, raw: Any) -> ServiceConfig:
     return ServiceConfig(
         host=host,
         port=_int(ctx, "service.port", d.get("port", 8080), lo=1, hi=65535),
-        load_balancing_policy=_choice(ctx, "service.load_balancing_policy",
-                                      d.get("load_balancing_policy", "least_load"), LB_POLICIES),
+        load_balancing_policy=_choice(
+            ctx, "service.load_balancing_policy", d.get("load_balancing_policy", "least_load"), LB_POLICIES
+        ),
     )
 
 
@@ -421,8 +448,18 @@ def _terraform(ctx: _Ctx, raw: Any) -> TerraformConfig:
     return TerraformConfig(backend=backend, config=cfg)
 
 
-TOP_LEVEL = {"name", "resources", "placement", "replica_policy", "readiness_probe", "service", "run",
-             "terraform", "aws", "gcp"}
+TOP_LEVEL = {
+    "name",
+    "resources",
+    "placement",
+    "replica_policy",
+    "readiness_probe",
+    "service",
+    "run",
+    "terraform",
+    "aws",
+    "gcp",
+}
 
 
 def parse_spec(data: Any, *, source: str = "<spec>") -> ServiceSpec:
@@ -435,8 +472,11 @@ def parse_spec(data: Any, *, source: str = "<spec>") -> ServiceSpec:
         raise ctx.fail("name", "required")
     name = _str(ctx, "name", d["name"])
     if not NAME_RE.fullmatch(name):
-        raise ctx.fail("name", f"expected lowercase letters, digits and '-', starting with a letter "
-                               f"(at most 40 characters), got {name!r}")
+        raise ctx.fail(
+            "name",
+            f"expected lowercase letters, digits and '-', starting with a letter "
+            f"(at most 40 characters), got {name!r}",
+        )
     if "placement" not in d:
         raise ctx.fail("placement", "required (at least placement.clouds)")
     aws = _mapping(ctx, "aws", d.get("aws"), {"events_queue"})
@@ -450,9 +490,14 @@ def parse_spec(data: Any, *, source: str = "<spec>") -> ServiceSpec:
         service=_service(ctx, d.get("service")),
         run=_run(ctx, d.get("run")),
         terraform=_terraform(ctx, d.get("terraform")),
-        aws=AwsConfig(events_queue=_str(ctx, "aws.events_queue", aws["events_queue"])
-                      if aws.get("events_queue") is not None else None),
-        gcp=GcpConfig(project=_str(ctx, "gcp.project", gcp["project"]) if gcp.get("project") is not None else None),
+        aws=AwsConfig(
+            events_queue=_str(ctx, "aws.events_queue", aws["events_queue"])
+            if aws.get("events_queue") is not None
+            else None
+        ),
+        gcp=GcpConfig(
+            project=_str(ctx, "gcp.project", gcp["project"]) if gcp.get("project") is not None else None
+        ),
         source=source,
     )
 

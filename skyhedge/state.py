@@ -135,7 +135,9 @@ class ServiceState:
             raise StateError(f"{where}: not a skyhedge state file")
         version = data.get("version")
         if version != STATE_VERSION:
-            raise StateError(f"{where}: state version {version!r} is not supported (expected {STATE_VERSION})")
+            raise StateError(
+                f"{where}: state version {version!r} is not supported (expected {STATE_VERSION})"
+            )
         try:
             replicas = {k: ReplicaRecord.from_json(v) for k, v in (data.get("replicas") or {}).items()}
             return cls(

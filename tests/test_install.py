@@ -18,8 +18,21 @@ def wheel(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("wheel")
     build = tmp_path_factory.mktemp("build")
     proc = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out), str(REPO)],
-        capture_output=True, text=True, cwd=build,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(out),
+            str(REPO),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=build,
     )
     if proc.returncode != 0:
         pytest.fail(f"pip wheel failed:\n{proc.stderr[-2000:]}")
@@ -42,8 +55,8 @@ def test_installed_copy_finds_its_data_outside_the_checkout(tmp_path):
     code = (
         "import skyhedge, skyhedge._resources as r, pathlib;"
         "p = pathlib.Path(skyhedge.__file__).resolve();"
-        "print(p.parent.parent == pathlib.Path(%r));"
-        "print(r.templates_dir()); print(r.modules_dir())" % str(REPO)
+        f"print(p.parent.parent == pathlib.Path({str(REPO)!r}));"
+        "print(r.templates_dir()); print(r.modules_dir())"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
     if proc.returncode != 0 and "No module named 'skyhedge'" in proc.stderr:

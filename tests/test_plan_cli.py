@@ -95,8 +95,9 @@ def test_detailed_exitcode_is_2_with_changes_and_0_without(tmp_path, write_spec)
     # Converged state: 3 ready spot replicas in 3 zones (target 2 + 1 extra), nothing to change.
     state = ServiceState(service="echo", next_id=4)
     for i, zone in enumerate(["local-a", "local-b", "local-c"], start=1):
-        state.replicas[f"r-000{i}"] = ReplicaRecord(f"r-000{i}", "local", "local", zone, "spot", launched_at=0.0,
-                                                    provisioned_at=1.0, ready_at=2.0)
+        state.replicas[f"r-000{i}"] = ReplicaRecord(
+            f"r-000{i}", "local", "local", zone, "spot", launched_at=0.0, provisioned_at=1.0, ready_at=2.0
+        )
     save_state(state_dir, state)
     result = run("plan", str(spec), "--state-dir", str(state_dir), "--json", "--detailed-exitcode")
     assert result.exit_code == 0, result.output
@@ -108,8 +109,9 @@ def test_preempted_replica_is_replaced_without_renaming_the_others(tmp_path, wri
     state_dir = tmp_path / "state"
     state = ServiceState(service="echo", next_id=4)
     for i, zone in enumerate(["local-a", "local-b", "local-c"], start=1):
-        state.replicas[f"r-000{i}"] = ReplicaRecord(f"r-000{i}", "local", "local", zone, "spot", launched_at=0.0,
-                                                    provisioned_at=1.0, ready_at=2.0)
+        state.replicas[f"r-000{i}"] = ReplicaRecord(
+            f"r-000{i}", "local", "local", zone, "spot", launched_at=0.0, provisioned_at=1.0, ready_at=2.0
+        )
     state.replicas["r-0002"].gone_at = 10.0
     state.replicas["r-0002"].reason = "preempted"
     save_state(state_dir, state)

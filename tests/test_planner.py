@@ -23,7 +23,12 @@ from skyhedge.policy import (
 
 A = Location("aws", "us-east-1", "us-east-1a")
 B = Location("aws", "us-east-1", "us-east-1b")
-PRICES = {(A, Market.SPOT): 1.0, (A, Market.ON_DEMAND): 3.0, (B, Market.SPOT): 1.5, (B, Market.ON_DEMAND): 3.0}
+PRICES = {
+    (A, Market.SPOT): 1.0,
+    (A, Market.ON_DEMAND): 3.0,
+    (B, Market.SPOT): 1.5,
+    (B, Market.ON_DEMAND): 3.0,
+}
 
 
 def fact(rid: str, loc: Location = A, market: Market = Market.SPOT, ready: bool = True) -> ReplicaFact:
@@ -31,8 +36,16 @@ def fact(rid: str, loc: Location = A, market: Market = Market.SPOT, ready: bool 
 
 
 def _plan(current, decisions, next_id=1):
-    return make_plan(service="s", target=2, policy="p", current=current, decisions=decisions, next_id=next_id,
-                     prices=PRICES, ondemand_price=3.0)
+    return make_plan(
+        service="s",
+        target=2,
+        policy="p",
+        current=current,
+        decisions=decisions,
+        next_id=next_id,
+        prices=PRICES,
+        ondemand_price=3.0,
+    )
 
 
 def test_ids_are_stable_strings():
@@ -57,7 +70,11 @@ def test_empty_state_creates_fresh_ids_in_order():
 def test_preemption_replacement_never_renames_survivors_nor_reuses_ids():
     current = [fact("r-0001"), fact("r-0003", B)]  # r-0002 was preempted
     plan = _plan(current, [LaunchSpot(B)], next_id=3)
-    assert [(r.id, r.action) for r in plan.replicas] == [("r-0001", KEEP), ("r-0003", KEEP), ("r-0004", CREATE)]
+    assert [(r.id, r.action) for r in plan.replicas] == [
+        ("r-0001", KEEP),
+        ("r-0003", KEEP),
+        ("r-0004", CREATE),
+    ]
 
 
 def test_counter_never_goes_below_ids_in_use():
@@ -85,13 +102,18 @@ ZONES = [Location("aws", f"r{i // 3}", f"r{i // 3}{'abc'[i % 3]}") for i in rang
     n_zones=st.integers(2, 9),
     target=st.integers(1, 6),
     prices=st.lists(st.floats(0.1, 5.0), min_size=9, max_size=9),
-    script=st.lists(st.tuples(st.sampled_from(["tick", "preempt", "ready"]), st.integers(0, 50)), max_size=40),
+    script=st.lists(
+        st.tuples(st.sampled_from(["tick", "preempt", "ready"]), st.integers(0, 50)), max_size=40
+    ),
 )
 def test_spothedge_and_planner_keep_ids_stable_over_random_preemptions(n_zones, target, prices, script):
     """Drive policy + planner through preemptions: survivors keep their IDs, IDs are never reused."""
     cands = tuple(Candidate(z, p, 3 * max(prices)) for z, p in zip(ZONES[:n_zones], prices, strict=False))
-    pmap = {(c.location, m): (c.spot_price if m is Market.SPOT else c.ondemand_price)
-            for c in cands for m in Market}
+    pmap = {
+        (c.location, m): (c.spot_price if m is Market.SPOT else c.ondemand_price)
+        for c in cands
+        for m in Market
+    }
     policy = make_policy("spothedge", PolicyConfig())
     live: dict[str, ReplicaFact] = {}
     seen: set[str] = set()
@@ -104,12 +126,22 @@ def test_spothedge_and_planner_keep_ids_stable_over_random_preemptions(n_zones, 
             events.append(ZoneEvent(EventKind.PREEMPTED, gone.location, now, rid))
             continue
         if action == "ready":
-            live = {k: ReplicaFact(v.id, v.location, v.market, v.launched_at, now, now) for k, v in live.items()}
+            live = {
+                k: ReplicaFact(v.id, v.location, v.market, v.launched_at, now, now) for k, v in live.items()
+            }
             continue
         obs = Observation(now, target, cands, tuple(live.values()), tuple(events))
         events = []
-        plan = make_plan(service="s", target=target, policy="spothedge", current=tuple(live.values()),
-                         decisions=policy.decide(obs), next_id=next_id, prices=pmap, ondemand_price=1.0)
+        plan = make_plan(
+            service="s",
+            target=target,
+            policy="spothedge",
+            current=tuple(live.values()),
+            decisions=policy.decide(obs),
+            next_id=next_id,
+            prices=pmap,
+            ondemand_price=1.0,
+        )
         before = dict(live)
         for r in plan.replicas:
             if r.action == KEEP:

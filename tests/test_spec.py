@@ -67,80 +67,152 @@ BAD_SPECS: list[tuple[str, str]] = [
     ("- a\n- b\n", "expected a mapping at the top level, got list"),
     ("name: [unclosed\n", "invalid YAML: line 2, column 1: expected ',' or ']', but got '<stream end>'"),
     ("placement: {clouds: [local]}\nrun: {command: x}\n", "name: required"),
-    ("name: Echo\nplacement: {clouds: [local]}\nrun: {command: x}\n",
-     "name: expected lowercase letters, digits and '-', starting with a letter (at most 40 characters), got 'Echo'"),
+    (
+        "name: Echo\nplacement: {clouds: [local]}\nrun: {command: x}\n",
+        "name: expected lowercase letters, digits and '-', starting with a letter (at most 40 characters), got 'Echo'",
+    ),
     ("name: 42\nplacement: {clouds: [local]}\nrun: {command: x}\n", "name: expected a string, got 42"),
     ("name: echo\nrun: {command: x}\n", "placement: required (at least placement.clouds)"),
-    ("name: echo\nplacement: {clouds: []}\nrun: {command: x}\n",
-     "placement.clouds: expected at least one of aws, gcp, local"),
-    ("name: echo\nplacement: {clouds: [azure]}\nrun: {command: x}\n",
-     "placement.clouds[0]: expected one of aws, gcp, local, got 'azure'"),
-    ("name: echo\nplacement: {clouds: [aws, aws]}\nrun: {command: x}\n",
-     "placement.clouds[1]: duplicate entry 'aws'"),
-    ("name: echo\nplacement: {clouds: [local], zone: [local-a]}\nrun: {command: x}\n",
-     "placement.zone: unknown field (did you mean 'zones'?)"),
-    ("name: echo\nplacement: {clouds: [local], zones: [Local A]}\nrun: {command: x}\n",
-     "placement.zones[0]: expected a zone name like 'us-east-1a', got 'Local A'"),
+    (
+        "name: echo\nplacement: {clouds: []}\nrun: {command: x}\n",
+        "placement.clouds: expected at least one of aws, gcp, local",
+    ),
+    (
+        "name: echo\nplacement: {clouds: [azure]}\nrun: {command: x}\n",
+        "placement.clouds[0]: expected one of aws, gcp, local, got 'azure'",
+    ),
+    (
+        "name: echo\nplacement: {clouds: [aws, aws]}\nrun: {command: x}\n",
+        "placement.clouds[1]: duplicate entry 'aws'",
+    ),
+    (
+        "name: echo\nplacement: {clouds: [local], zone: [local-a]}\nrun: {command: x}\n",
+        "placement.zone: unknown field (did you mean 'zones'?)",
+    ),
+    (
+        "name: echo\nplacement: {clouds: [local], zones: [Local A]}\nrun: {command: x}\n",
+        "placement.zones[0]: expected a zone name like 'us-east-1a', got 'Local A'",
+    ),
     ("name: echo\nplacement: {clouds: [local]}\n", "run: required: a mapping with 'command' or 'image'"),
     ("name: echo\nplacement: {clouds: [local]}\nrun: {env: {A: b}}\n", "run: expected 'command' or 'image'"),
-    ("name: echo\nplacement: {clouds: [local]}\nrun: python3 server.py\n",
-     "run: expected a mapping, got 'python3 server.py'"),
-    (_with("replica_policy: {min_replicas: three}\n"),
-     "replica_policy.min_replicas: expected an integer >= 0, got 'three'"),
-    (_with("replica_policy: {min_replicas: -1}\n"), "replica_policy.min_replicas: expected an integer >= 0, got -1"),
-    (_with("replica_policy: {min_replicas: 1.5}\n"), "replica_policy.min_replicas: expected an integer >= 0, got 1.5"),
-    (_with("replica_policy: {min_replicas: true}\n"),
-     "replica_policy.min_replicas: expected an integer >= 0, got true"),
-    (_with("replica_policy: {min_replicas: 3, max_replicas: 2, target_qps_per_replica: 1}\n"),
-     "replica_policy.max_replicas: expected an integer >= min_replicas (3), got 2"),
-    (_with("replica_policy: {min_replicas: 1, max_replicas: 4}\n"),
-     "replica_policy.target_qps_per_replica: required when max_replicas differs from min_replicas"),
-    (_with("replica_policy: {target_qps_per_replica: 0}\n"),
-     "replica_policy.target_qps_per_replica: expected a number > 0, got 0"),
-    (_with("replica_policy: {num_overprovison: 2}\n"),
-     "replica_policy.num_overprovison: unknown field (did you mean 'num_overprovision'?)"),
-    (_with("replica_policy: {dynamic_ondemand_fallback: 'yes'}\n"),
-     "replica_policy.dynamic_ondemand_fallback: expected true or false, got 'yes'"),
-    (_with("replica_policy: {min_replicas: 2, base_ondemand_fallback_replicas: 3}\n"),
-     "replica_policy.base_ondemand_fallback_replicas: expected an integer <= the replica count (2), got 3"),
-    (_with("replica_policy: {availability_target: 1.5}\n"),
-     "replica_policy.availability_target: expected a number in [0.5, 1.0], got 1.5"),
-    (_with("replica_policy: {upscale_delay_seconds: -5}\n"),
-     "replica_policy.upscale_delay_seconds: expected an integer >= 0, got -5"),
-    (_with("readiness_probe: {path: health}\n"),
-     "readiness_probe.path: expected an absolute URL path like '/health', got 'health'"),
-    (_with("readiness_probe: {timeout_seconds: 0}\n"),
-     "readiness_probe.timeout_seconds: expected an integer in [1, 3600], got 0"),
-    (_with("readiness_probe: {post_data: [1, 2]}\n"),
-     "readiness_probe.post_data: expected a mapping (sent as JSON) or a string, got list"),
-    (_with("readiness_probe: {headers: {X-Token: [a]}}\n"),
-     "readiness_probe.headers.X-Token: expected a string, got list"),
+    (
+        "name: echo\nplacement: {clouds: [local]}\nrun: python3 server.py\n",
+        "run: expected a mapping, got 'python3 server.py'",
+    ),
+    (
+        _with("replica_policy: {min_replicas: three}\n"),
+        "replica_policy.min_replicas: expected an integer >= 0, got 'three'",
+    ),
+    (
+        _with("replica_policy: {min_replicas: -1}\n"),
+        "replica_policy.min_replicas: expected an integer >= 0, got -1",
+    ),
+    (
+        _with("replica_policy: {min_replicas: 1.5}\n"),
+        "replica_policy.min_replicas: expected an integer >= 0, got 1.5",
+    ),
+    (
+        _with("replica_policy: {min_replicas: true}\n"),
+        "replica_policy.min_replicas: expected an integer >= 0, got true",
+    ),
+    (
+        _with("replica_policy: {min_replicas: 3, max_replicas: 2, target_qps_per_replica: 1}\n"),
+        "replica_policy.max_replicas: expected an integer >= min_replicas (3), got 2",
+    ),
+    (
+        _with("replica_policy: {min_replicas: 1, max_replicas: 4}\n"),
+        "replica_policy.target_qps_per_replica: required when max_replicas differs from min_replicas",
+    ),
+    (
+        _with("replica_policy: {target_qps_per_replica: 0}\n"),
+        "replica_policy.target_qps_per_replica: expected a number > 0, got 0",
+    ),
+    (
+        _with("replica_policy: {num_overprovison: 2}\n"),
+        "replica_policy.num_overprovison: unknown field (did you mean 'num_overprovision'?)",
+    ),
+    (
+        _with("replica_policy: {dynamic_ondemand_fallback: 'yes'}\n"),
+        "replica_policy.dynamic_ondemand_fallback: expected true or false, got 'yes'",
+    ),
+    (
+        _with("replica_policy: {min_replicas: 2, base_ondemand_fallback_replicas: 3}\n"),
+        "replica_policy.base_ondemand_fallback_replicas: expected an integer <= the replica count (2), got 3",
+    ),
+    (
+        _with("replica_policy: {availability_target: 1.5}\n"),
+        "replica_policy.availability_target: expected a number in [0.5, 1.0], got 1.5",
+    ),
+    (
+        _with("replica_policy: {upscale_delay_seconds: -5}\n"),
+        "replica_policy.upscale_delay_seconds: expected an integer >= 0, got -5",
+    ),
+    (
+        _with("readiness_probe: {path: health}\n"),
+        "readiness_probe.path: expected an absolute URL path like '/health', got 'health'",
+    ),
+    (
+        _with("readiness_probe: {timeout_seconds: 0}\n"),
+        "readiness_probe.timeout_seconds: expected an integer in [1, 3600], got 0",
+    ),
+    (
+        _with("readiness_probe: {post_data: [1, 2]}\n"),
+        "readiness_probe.post_data: expected a mapping (sent as JSON) or a string, got list",
+    ),
+    (
+        _with("readiness_probe: {headers: {X-Token: [a]}}\n"),
+        "readiness_probe.headers.X-Token: expected a string, got list",
+    ),
     (_with("service: {port: 70000}\n"), "service.port: expected an integer in [1, 65535], got 70000"),
-    (_with("service: {load_balancing_policy: random}\n"),
-     "service.load_balancing_policy: expected one of round_robin, least_load, got 'random'"),
-    (_with("service: {load_balancing_policy: least_loaded}\n"),
-     "service.load_balancing_policy: expected one of round_robin, least_load, got 'least_loaded' "
-     "(did you mean 'least_load'?)"),
-    (_with("service: {host: 'bad host; rm -rf /'}\n"),
-     "service.host: expected an IP address or host name, got 'bad host; rm -rf /'"),
-    (_with("resources: {accelerators: 'A100 x 8'}\n"),
-     "resources.accelerators: expected NAME or NAME:COUNT (e.g. 'A10G:1'), got 'A100 x 8'"),
-    (_with("resources: {instance_type: g5.xlarge}\n"),
-     "resources.instance_type: expected a mapping of cloud to value (e.g. {aws: ...}), got 'g5.xlarge'"),
-    (_with("resources: {instance_type: {azure: x}}\n"),
-     "resources.instance_type.azure: unknown field (allowed: aws, gcp, local)"),
+    (
+        _with("service: {load_balancing_policy: random}\n"),
+        "service.load_balancing_policy: expected one of round_robin, least_load, got 'random'",
+    ),
+    (
+        _with("service: {load_balancing_policy: least_loaded}\n"),
+        "service.load_balancing_policy: expected one of round_robin, least_load, got 'least_loaded' "
+        "(did you mean 'least_load'?)",
+    ),
+    (
+        _with("service: {host: 'bad host; rm -rf /'}\n"),
+        "service.host: expected an IP address or host name, got 'bad host; rm -rf /'",
+    ),
+    (
+        _with("resources: {accelerators: 'A100 x 8'}\n"),
+        "resources.accelerators: expected NAME or NAME:COUNT (e.g. 'A10G:1'), got 'A100 x 8'",
+    ),
+    (
+        _with("resources: {instance_type: g5.xlarge}\n"),
+        "resources.instance_type: expected a mapping of cloud to value (e.g. {aws: ...}), got 'g5.xlarge'",
+    ),
+    (
+        _with("resources: {instance_type: {azure: x}}\n"),
+        "resources.instance_type.azure: unknown field (allowed: aws, gcp, local)",
+    ),
     (_with("resources: {disk_size: 5}\n"), "resources.disk_size: expected an integer in [10, 65536], got 5"),
     (_with("resources: {ports: http}\n"), "resources.ports: expected an integer in [1, 65535], got 'http'"),
-    (_with("run: {command: x, env: {BAD-NAME: v}}\n", base="name: echo\nplacement: {clouds: [local]}\n"),
-     "run.env.BAD-NAME: expected an environment variable name ([A-Za-z_][A-Za-z0-9_]*)"),
-    (_with("terraform: {backend: consul}\n"), "terraform.backend: expected one of local, s3, gcs, got 'consul'"),
-    (_with("terraform: {backend: s3, config: {region: us-east-1}}\n"),
-     "terraform.config.bucket: required for the s3 backend"),
-    (_with("terraform: {backend: gcs, config: {bucket: b, key: k}}\n"),
-     "terraform.config.key: unknown field (allowed: bucket, prefix)"),
+    (
+        _with("run: {command: x, env: {BAD-NAME: v}}\n", base="name: echo\nplacement: {clouds: [local]}\n"),
+        "run.env.BAD-NAME: expected an environment variable name ([A-Za-z_][A-Za-z0-9_]*)",
+    ),
+    (
+        _with("terraform: {backend: consul}\n"),
+        "terraform.backend: expected one of local, s3, gcs, got 'consul'",
+    ),
+    (
+        _with("terraform: {backend: s3, config: {region: us-east-1}}\n"),
+        "terraform.config.bucket: required for the s3 backend",
+    ),
+    (
+        _with("terraform: {backend: gcs, config: {bucket: b, key: k}}\n"),
+        "terraform.config.key: unknown field (allowed: bucket, prefix)",
+    ),
     (_with("replicas: 3\n"), "replicas: unknown field (did you mean 'replica_policy'?)"),
-    (_with("zzz: 3\n"), "zzz: unknown field (allowed: aws, gcp, name, placement, readiness_probe, "
-                            "replica_policy, resources, run, service, terraform)"),
+    (
+        _with("zzz: 3\n"),
+        "zzz: unknown field (allowed: aws, gcp, name, placement, readiness_probe, "
+        "replica_policy, resources, run, service, terraform)",
+    ),
     (_with("servce: {port: 1}\n"), "servce: unknown field (did you mean 'service'?)"),
 ]
 
@@ -159,20 +231,32 @@ def test_corpus_is_large_enough():
 
 # Errors that need the catalog (unknown zone / region / instance type), checked at placement.
 CATALOG_BAD: list[tuple[str, str]] = [
-    ("name: echo\nplacement: {clouds: [local], zones: [local-z]}\nrun: {command: x}\n",
-     "placement.zones[0]: unknown zone 'local-z' for clouds local (did you mean 'local-f'?)"),
-    ("name: echo\nplacement: {clouds: [local], exclude_zones: [us-east-1a]}\nrun: {command: x}\n",
-     "placement.exclude_zones[0]: unknown zone 'us-east-1a' for clouds local"),
-    ("name: echo\nplacement: {clouds: [local], regions: [locale]}\nrun: {command: x}\n",
-     "placement.regions[0]: unknown region 'locale' for clouds local (did you mean 'local'?)"),
-    ("name: echo\nplacement: {clouds: [local]}\nresources: {instance_type: {local: huge}}\nrun: {command: x}\n",
-     "resources.instance_type.local: unknown instance type 'huge' for cloud 'local'"),
-    ("name: echo\nplacement: {clouds: [local], zones: [local-a], exclude_zones: [local-a]}\nrun: {command: x}\n",
-     "placement: no allowed zone sells the instance type on spot (local: local); widen clouds/regions/zones"),
+    (
+        "name: echo\nplacement: {clouds: [local], zones: [local-z]}\nrun: {command: x}\n",
+        "placement.zones[0]: unknown zone 'local-z' for clouds local (did you mean 'local-f'?)",
+    ),
+    (
+        "name: echo\nplacement: {clouds: [local], exclude_zones: [us-east-1a]}\nrun: {command: x}\n",
+        "placement.exclude_zones[0]: unknown zone 'us-east-1a' for clouds local",
+    ),
+    (
+        "name: echo\nplacement: {clouds: [local], regions: [locale]}\nrun: {command: x}\n",
+        "placement.regions[0]: unknown region 'locale' for clouds local (did you mean 'local'?)",
+    ),
+    (
+        "name: echo\nplacement: {clouds: [local]}\nresources: {instance_type: {local: huge}}\nrun: {command: x}\n",
+        "resources.instance_type.local: unknown instance type 'huge' for cloud 'local'",
+    ),
+    (
+        "name: echo\nplacement: {clouds: [local], zones: [local-a], exclude_zones: [local-a]}\nrun: {command: x}\n",
+        "placement: no allowed zone sells the instance type on spot (local: local); widen clouds/regions/zones",
+    ),
 ]
 
 
-@pytest.mark.parametrize(("text", "expected"), CATALOG_BAD, ids=[f"cat{i:02d}" for i in range(len(CATALOG_BAD))])
+@pytest.mark.parametrize(
+    ("text", "expected"), CATALOG_BAD, ids=[f"cat{i:02d}" for i in range(len(CATALOG_BAD))]
+)
 def test_catalog_checked_spec_errors(write_spec, text, expected):
     path = write_spec(text)
     with pytest.raises(SpecError) as info:

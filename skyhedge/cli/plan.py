@@ -49,7 +49,9 @@ def render_plan_table(plan: Plan) -> Table:
     for r in plan.replicas:
         loc = r.location
         groups[(loc.cloud, loc.region, loc.zone, r.market.value, r.action)].append(r.price_per_hour)
-    table = Table(title=f"{plan.service}: target {plan.target} ready, policy {plan.policy}", title_justify="left")
+    table = Table(
+        title=f"{plan.service}: target {plan.target} ready, policy {plan.policy}", title_justify="left"
+    )
     table.add_column("cloud/region/zone", no_wrap=True)
     table.add_column("market", no_wrap=True)
     table.add_column("change", no_wrap=True)
@@ -58,13 +60,23 @@ def render_plan_table(plan: Plan) -> Table:
     table.add_column("$/h", justify="right", no_wrap=True)
     for (cloud, region, zone, market, action), prices in sorted(groups.items()):
         table.add_row(
-            f"{cloud}/{region}/{zone}", market, _ACTION_STYLE[action], str(len(prices)), f"{prices[0]:.4f}",
+            f"{cloud}/{region}/{zone}",
+            market,
+            _ACTION_STYLE[action],
+            str(len(prices)),
+            f"{prices[0]:.4f}",
             f"{sum(prices):.4f}" if action != DELETE else "-",
         )
     s = plan.summary()
     table.add_section()
-    table.add_row("total", f"{s['spot']}+{s['on_demand']}od", "", str(s["spot"] + s["on_demand"]), "",
-                  f"{s['hourly_cost']:.4f}")
+    table.add_row(
+        "total",
+        f"{s['spot']}+{s['on_demand']}od",
+        "",
+        str(s["spot"] + s["on_demand"]),
+        "",
+        f"{s['hourly_cost']:.4f}",
+    )
     table.add_row("when spot is READY", "", "", "", "", f"{s['steady_state_hourly_cost']:.4f}")
     table.add_row("on-demand only", "", "", str(plan.target), "", f"{s['ondemand_only_hourly_cost']:.4f}")
     return table
@@ -72,8 +84,10 @@ def render_plan_table(plan: Plan) -> Table:
 
 def render_savings(plan: Plan) -> str:
     s = plan.summary()
-    return (f"Savings against on-demand only: {s['savings_pct']:.1f}% now, "
-            f"{s['steady_state_savings_pct']:.1f}% once spot replicas are READY.")
+    return (
+        f"Savings against on-demand only: {s['savings_pct']:.1f}% now, "
+        f"{s['steady_state_savings_pct']:.1f}% once spot replicas are READY."
+    )
 
 
 @main.command()
@@ -82,7 +96,9 @@ def render_savings(plan: Plan) -> str:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the table.")
 @click.option("--detailed-exitcode", is_flag=True, help="Exit 0 when nothing changes, 2 when something does.")
 @click.option("--policy", default=None, help="Override replica_policy.policy for this plan.")
-def plan(spec: Path, state_dir: Path | None, as_json: bool, detailed_exitcode: bool, policy: str | None) -> None:
+def plan(
+    spec: Path, state_dir: Path | None, as_json: bool, detailed_exitcode: bool, policy: str | None
+) -> None:
     """Compute the desired layout of SPEC and show what would change against the state."""
     service = load_spec(spec)
     sdir = state_dir or default_state_dir(service.name)

@@ -37,7 +37,7 @@ class Policy(ABC):
         """The policy's memory as JSON-able data (default: none)."""
         return {}
 
-    def restore(self, data: dict[str, Any]) -> None:
+    def restore(self, data: dict[str, Any]) -> None:  # noqa: B027 - optional hook, memoryless by default
         """Load memory saved by `snapshot()`."""
 
 

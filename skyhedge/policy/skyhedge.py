@@ -31,7 +31,8 @@ _DEFAULTS: dict[str, float] = {
     "hyst": 0.5,
     "max_extra": -1.0,  # -1: num_overprovision + 1
     "od_mode": 0.0,
-    "beta": 1.0,  # 0: OD for alive-spot deficit at once; 1: only after spot failed
+    "beta": 1.0,
+    "reprobe": 300.0,  # 0: OD for alive-spot deficit at once; 1: only after spot failed
 }
 
 
@@ -54,6 +55,7 @@ class SkyHedge(Policy):
         self._interval = 30.0
         self._last_now: float | None = None
         self._extra = 0
+        self._now = 0.0
 
     # -- memory -------------------------------------------------------------------------------
 
@@ -111,7 +113,8 @@ class SkyHedge(Policy):
         for i, c in enumerate(cands):
             z = c.location
             k = counts.get(z, 0)
-            closed = z in self._closed
+            closed_at = self._closed.get(z)
+            closed = closed_at is not None and self._now - closed_at < self.k["reprobe"]
             counts[z] = k + 1
             exp = self._exposure(counts, total_other + 1, target, hz)
             counts[z] = k
@@ -128,6 +131,7 @@ class SkyHedge(Policy):
             spot, od = live_replicas(obs)
             return [Terminate(r.id) for r in spot + od]
         now = obs.now
+        self._now = now
         hz = {c.location: self._hazard(c.location, now) for c in cands}
         spot, od = live_replicas(obs)
         counts: dict[Location, int] = {}
