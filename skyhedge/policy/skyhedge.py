@@ -1,4 +1,4 @@
-"""SkyHedge: SpotHedge's hedge, held only while it buys availability (draft under measurement)."""
+"""SkyHedge (draft v2): a per-decision optimiser of predicted unavailability + theta x cost."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ from skyhedge.errors import PolicyError
 from skyhedge.policy.base import Policy
 from skyhedge.policy.spothedge import is_ready, live_replicas
 from skyhedge.policy.types import (
-    Candidate,
     Decision,
     EventKind,
     LaunchOnDemand,
@@ -23,16 +22,19 @@ from skyhedge.policy.types import (
 __all__ = ["SkyHedge"]
 
 _DEFAULTS: dict[str, float] = {
-    "shape": 0.7,  # hazard lambda(age) = shape / (age + scale)
+    "shape": 0.7,
     "scale": 1800.0,
     "prior_age": 3 * 3600.0,
     "target": 0.99,
     "slack": 1.0,
-    "hyst": 0.5,
-    "max_extra": -1.0,  # -1: num_overprovision + 1
-    "od_mode": 0.0,
+    "h_add": 0.0,
+    "h_rm": 0.5,
+    "max_extra": -1.0,
     "beta": 1.0,
-    "reprobe": 300.0,  # 0: OD for alive-spot deficit at once; 1: only after spot failed
+    "reprobe": 300.0,
+    "full_resets": 1.0,
+    "od_hedge": 1.0,
+    "insure": 1.0,
 }
 
 
@@ -49,13 +51,11 @@ class SkyHedge(Policy):
             knobs["target"] = float(self.config.availability_target)
         self.k = knobs
         self._start: float | None = None
-        self._on_since: dict[Location, float] = {}  # zone opened (age origin)
-        self._closed: dict[Location, float] = {}  # zone refused/preempted at, not reopened
+        self._on_since: dict[Location, float] = {}
+        self._closed: dict[Location, float] = {}
         self._cold = 120.0
         self._interval = 30.0
         self._last_now: float | None = None
-        self._extra = 0
-        self._now = 0.0
 
     # -- memory -------------------------------------------------------------------------------
 
@@ -74,16 +74,18 @@ class SkyHedge(Policy):
                 self._cold = r.ready_at - r.launched_at
         for e in obs.events:
             loc = e.location
-            if e.kind is EventKind.LAUNCHED:
+            kind = e.kind
+            if kind is EventKind.LAUNCHED:
                 if loc in self._closed:
                     del self._closed[loc]
-                    self._on_since[loc] = e.at
-            elif e.kind is EventKind.PREEMPTED or e.kind is EventKind.WARNING:
+                    if loc not in held or self._on_since.get(loc, -1e18) < e.at:
+                        pass
+            elif kind is EventKind.PREEMPTED or kind is EventKind.WARNING:
                 self._closed[loc] = e.at
                 self._on_since[loc] = e.at
-            elif e.kind is EventKind.LAUNCH_FAILED:
+            elif kind is EventKind.LAUNCH_FAILED:
                 self._closed[loc] = e.at
-                if loc not in held:
+                if loc not in held or self.k["full_resets"] > 0.5:
                     self._on_since[loc] = e.at
 
     def _hazard(self, loc: Location, now: float) -> float:
@@ -91,132 +93,163 @@ class SkyHedge(Policy):
         origin = self._on_since.get(loc, start - self.k["prior_age"])
         return self.k["shape"] / (max(0.0, now - origin) + self.k["scale"])
 
-    # -- planning -----------------------------------------------------------------------------
+    # -- the model ----------------------------------------------------------------------------
 
-    def _exposure(self, counts: dict[Location, int], total: int, target: int, hz: dict[Location, float]) -> float:
-        slack = total - target
+    def _risk(self, counts: dict[Location, int], ondemand: int, n: int, hz: dict[Location, float]) -> float:
+        """Predicted unavailability rate: P(a zone loses more than the slack) x outage length."""
+        slack = sum(counts.values()) + ondemand - n
         if slack < 0:
-            slack = 0
+            return 1e9 * -slack
         beta = self.k["beta"]
-        return sum(hz[z] * (1.0 + beta * (k - slack - 1)) for z, k in counts.items() if k > slack)
-
-    def _place(
-        self, counts: dict[Location, int], total_other: int, target: int, hz: dict[Location, float],
-        cands: tuple[Candidate, ...],
-    ) -> Location | None:
-        best = None
-        best_key = None
-        regions: dict[str, int] = {}
+        total = 0.0
         for z, k in counts.items():
-            if k:
-                regions[z.region] = regions.get(z.region, 0) + k
-        for i, c in enumerate(cands):
-            z = c.location
-            k = counts.get(z, 0)
-            closed_at = self._closed.get(z)
-            closed = closed_at is not None and self._now - closed_at < self.k["reprobe"]
-            counts[z] = k + 1
-            exp = self._exposure(counts, total_other + 1, target, hz)
-            counts[z] = k
-            key = (closed, exp, k, regions.get(z.region, 0), hz[z], c.spot_price, self._closed.get(z, 0.0), i)
-            if best_key is None or key < best_key:
-                best, best_key = z, key
-        return best
+            if k > slack:
+                total += hz[z] * (1.0 + beta * (k - slack - 1))
+        return total * (self._cold + self._interval)
 
     def decide(self, obs: Observation) -> list[Decision]:
         self._observe(obs)
         n = obs.target
         cands = obs.candidates
+        spot, od = live_replicas(obs)
         if n <= 0 or not cands:
-            spot, od = live_replicas(obs)
             return [Terminate(r.id) for r in spot + od]
         now = obs.now
-        self._now = now
+        k = self.k
         hz = {c.location: self._hazard(c.location, now) for c in cands}
-        spot, od = live_replicas(obs)
+        price = {c.location: c.spot_price for c in cands}
+        ref = sum(price.values()) / len(price) or 1.0
+        od_best = min(cands, key=lambda c: c.ondemand_price)
+        w_od = od_best.ondemand_price / ref
+        theta = (1.0 - k["target"]) * k["slack"]
+        max_extra = int(k["max_extra"]) if k["max_extra"] >= 0 else self.config.num_overprovision + 1
+        order = {c.location: i for i, c in enumerate(cands)}
+
         counts: dict[Location, int] = {}
         for r in spot:
             counts[r.location] = counts.get(r.location, 0) + 1
         spot_ready = sum(1 for r in spot if is_ready(r))
         od_ready = sum(1 for r in od if is_ready(r))
-        max_extra = int(self.k["max_extra"]) if self.k["max_extra"] >= 0 else self.config.num_overprovision + 1
-        budget = (1.0 - self.k["target"]) * self.k["slack"] / (self._cold + self._interval)
 
-        theta = (1.0 - self.k["target"]) * self.k["slack"]
-        dur = self._cold + self._interval
+        def is_open(z: Location) -> bool:
+            at = self._closed.get(z)
+            return at is None or now - at >= k["reprobe"]
 
-        def risk(plan: dict[Location, int], total: int) -> float:
-            return dur * self._exposure(plan, total, n, hz)
+        def best_zone(plan: dict[Location, int], n_od: int, allow_closed: bool) -> Location | None:
+            best = None
+            best_key = None
+            regions: dict[str, int] = {}
+            for z, c in plan.items():
+                if c:
+                    regions[z.region] = regions.get(z.region, 0) + c
+            for z in order:
+                opened = is_open(z)
+                if not opened and not allow_closed:
+                    continue
+                c = plan.get(z, 0)
+                plan[z] = c + 1
+                risk = self._risk(plan, n_od, n, hz)
+                plan[z] = c
+                key = (
+                    not opened,
+                    risk + theta * price[z] / ref,
+                    c,
+                    regions.get(z.region, 0),
+                    hz[z],
+                    self._closed.get(z, 0.0),
+                    order[z],
+                )
+                if best_key is None or key < best_key:
+                    best, best_key = z, key
+            return best
 
         plan = dict(counts)
         adds: list[Location] = []
-        total = len(spot)
-        while total < n:
-            z = self._place(plan, total, n, hz, cands)
+        # 1. Base: spot replicas for the missing ones; on-demand insures the ones not confirmed.
+        od_need = max(0, n - len(spot)) if k["insure"] > 0.5 else 0
+        n_od = max(len(od), od_need)
+        total_spot = len(spot)
+        while total_spot < n:
+            any_open = any(is_open(z) for z in order)
+            z = best_zone(plan, n_od, allow_closed=not any_open)
             if z is None:
                 break
             plan[z] = plan.get(z, 0) + 1
             adds.append(z)
-            total += 1
-        decisions: list[Decision] = []
-        base_total = total
-        cur_j = risk(plan, total) + theta * max(0, total - n)
-        # Options: add up to max_extra - extra replicas, or remove surplus down to n.
-        best_j, best_adds, best_victims = cur_j, list(adds), []
-        trial = dict(plan)
-        trial_adds = list(adds)
-        t_total = total
-        while t_total - n < max_extra:
-            z = self._place(trial, t_total, n, hz, cands)
-            if z is None:
-                break
-            trial[z] = trial.get(z, 0) + 1
-            trial_adds.append(z)
-            t_total += 1
-            j = risk(trial, t_total) + theta * (t_total - n)
-            if j < cur_j - theta * self.k["hyst"] and j < best_j:
-                best_j, best_adds = j, list(trial_adds)
-        if not adds and total > n:
-            keep = list(spot)
-            cur = dict(plan)
-            removed: list[ReplicaFact] = []
-            while len(keep) > n:
-                best = None
-                best_key = None
-                for r in keep:
-                    cur[r.location] -= 1
-                    e = risk(cur, len(keep) - 1)
-                    cur[r.location] += 1
-                    key = (e, is_ready(r), -r.launched_at)
-                    if best_key is None or key < best_key:
-                        best, best_key = r, key
-                assert best is not None and best_key is not None
-                keep.remove(best)
-                cur[best.location] -= 1
-                removed.append(best)
-                j = best_key[0] + theta * (len(keep) - n)
-                forced = total - len(removed) - n >= max_extra
-                if forced or j < cur_j - theta * self.k["hyst"] and j < best_j:
-                    best_j, best_adds, best_victims = j, [], list(removed)
-        decisions.extend(LaunchSpot(z) for z in best_adds)
-        decisions.extend(Terminate(r.id) for r in best_victims)
-        adds = best_adds
-        spot_total = base_total - len(best_victims) + len(best_adds) - len(adds[: base_total - len(spot)])
-        del spot_total
+            total_spot += 1
 
-        # On-demand: only for the spot replicas we do not have (alive), kept while READY ones cover a gap.
-        spot_alive = len(spot) - len(best_victims)
-        if self.k["od_mode"] >= 0.5:
-            spot_alive = min(spot_alive + len(adds), n)
-        od_target = max(0, n - spot_alive)
-        od_keep = max(od_target, min(od_ready, max(0, n - spot_ready)))
-        od_keep = min(od_keep, n)
-        if len(od) < od_target:
-            best_od = min(cands, key=lambda c: c.ondemand_price).location
-            decisions.extend(LaunchOnDemand(best_od) for _ in range(od_target - len(od)))
-        elif len(od) > od_keep:
-            order = sorted(od, key=lambda r: (is_ready(r), -r.launched_at))
-            decisions.extend(Terminate(r.id) for r in order[: len(od) - od_keep])
+        # 2. Improve: hedges (spot or on-demand) while they buy more availability than they cost.
+        victims: list[ReplicaFact] = []
+        live_spot = list(spot)
+        od_keep_ready = min(od_ready, max(0, n - spot_ready))
+        od_floor = max(od_need, od_keep_ready)
+        for _ in range(2 * (n + max_extra) + 2):
+            cur = self._risk(plan, n_od, n, hz) + theta * (
+                sum(price[z] * c for z, c in plan.items()) / ref + w_od * n_od
+            )
+            moves: list[tuple[float, str, Any]] = []
+            if total_spot - n < max_extra:
+                z = best_zone(plan, n_od, allow_closed=False)
+                if z is not None:
+                    plan[z] = plan.get(z, 0) + 1
+                    j = self._risk(plan, n_od, n, hz) + theta * (
+                        sum(price[q] * c for q, c in plan.items()) / ref + w_od * n_od
+                    )
+                    plan[z] -= 1
+                    if j < cur - theta * k["h_add"] * price[z] / ref:
+                        moves.append((j, "spot+", z))
+            if k["od_hedge"] > 0.5 and n_od < n:
+                j = self._risk(plan, n_od + 1, n, hz) + theta * (
+                    sum(price[q] * c for q, c in plan.items()) / ref + w_od * (n_od + 1)
+                )
+                if j < cur - theta * k["h_add"] * w_od:
+                    moves.append((j, "od+", None))
+            if total_spot > n and not adds:
+                best_r = None
+                best_key = None
+                for r in live_spot:
+                    if r in victims:
+                        continue
+                    plan[r.location] -= 1
+                    risk = self._risk(plan, n_od, n, hz)
+                    plan[r.location] += 1
+                    key = (risk - theta * price[r.location] / ref, is_ready(r), -r.launched_at)
+                    if best_key is None or key < best_key:
+                        best_r, best_key = r, key
+                if best_r is not None and best_key is not None:
+                    j = cur + best_key[0] - self._risk(plan, n_od, n, hz)
+                    if j < cur - theta * k["h_rm"] * price[best_r.location] / ref or total_spot - n > max_extra:
+                        moves.append((j, "spot-", best_r))
+            if n_od > od_floor and n_od > 0:
+                j = self._risk(plan, n_od - 1, n, hz) + theta * (
+                    sum(price[q] * c for q, c in plan.items()) / ref + w_od * (n_od - 1)
+                )
+                if j < cur - theta * k["h_rm"] * w_od:
+                    moves.append((j, "od-", None))
+            if not moves:
+                break
+            moves.sort(key=lambda m: m[0])
+            _, kind, arg = moves[0]
+            if kind == "spot+":
+                plan[arg] = plan.get(arg, 0) + 1
+                adds.append(arg)
+                total_spot += 1
+            elif kind == "spot-":
+                plan[arg.location] -= 1
+                victims.append(arg)
+                total_spot -= 1
+            elif kind == "od+":
+                n_od += 1
+            else:
+                n_od -= 1
+
+        decisions: list[Decision] = [LaunchSpot(z) for z in adds]
+        decisions.extend(Terminate(r.id) for r in victims)
+        if len(od) < n_od:
+            decisions.extend(LaunchOnDemand(od_best.location) for _ in range(n_od - len(od)))
+        elif len(od) > n_od:
+            order_od = sorted(od, key=lambda r: (is_ready(r), -r.launched_at))
+            decisions.extend(Terminate(r.id) for r in order_od[: len(od) - n_od])
         return decisions
 
     # -- persistence --------------------------------------------------------------------------
@@ -229,7 +262,6 @@ class SkyHedge(Policy):
             "cold": self._cold,
             "interval": self._interval,
             "last_now": self._last_now,
-            "extra": self._extra,
         }
 
     def restore(self, data: dict[str, Any]) -> None:
@@ -240,10 +272,5 @@ class SkyHedge(Policy):
             self._cold = float(data.get("cold", 120.0))
             self._interval = float(data.get("interval", 30.0))
             self._last_now = data.get("last_now")
-            self._extra = int(data.get("extra", 0))
         except (ValueError, TypeError, AttributeError) as exc:
             raise PolicyError(f"{self.name}: bad snapshot ({exc})") from exc
-
-
-def _unused(_: ReplicaFact) -> None:  # pragma: no cover - keeps imports honest in the draft
-    return None

@@ -19,8 +19,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import sparse
-from scipy.optimize import Bounds, LinearConstraint, milp
 
 from skyhedge.errors import SkyhedgeError
 from skyhedge.simulator.world import Timeline
@@ -125,6 +123,10 @@ def solve_optimum(
     cols.append(b0 + scored)
     vals.append(np.ones(len(scored)))
     row += len(scored)
+
+    # scipy is imported here, not at module level: it costs ~0.5 s, and every CLI start would pay it.
+    from scipy import sparse
+    from scipy.optimize import Bounds, LinearConstraint, milp
 
     matrix = sparse.csr_array(
         (np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))), shape=(row, count)
