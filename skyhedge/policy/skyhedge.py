@@ -1,12 +1,61 @@
-"""SkyHedge (draft v2): a per-decision optimiser of predicted unavailability + theta x cost."""
+"""SkyHedge: SpotHedge's hedge, held only while it buys availability (skyhedge's default policy).
+
+SpotHedge (SkyServe, EuroSys '25) keeps N + N_extra spot replicas spread over the zones it
+believes ACTIVE, plus on-demand replicas standing in for every spot replica not READY. The extra
+replica is what keeps it available when a zone takes a replica away, but it is paid for every
+second while, most seconds, nothing happens. SkyHedge *is* SpotHedge (a subclass: same zone memory,
+reset rule, placement and on-demand fallback) with different rules for how many extra replicas to
+hold and when to trust a spot replica. Each rule comes from a structure measured on the public
+spot traces (`benchmarks/policy_report.py`, docs/policy.md), never from one trace:
+
+1. **Zones age (the Lindy effect).** A zone's chance of losing capacity falls steeply with the time
+   since it last had trouble: on every public trace a zone that has been fine for 8 h is 10-30x
+   less likely to drop in the next minute than one in its first hour, close to a Lomax hazard
+   lambda(a) = 0.7 / (a + 30 min) per second. SkyHedge remembers, per zone, when it last saw
+   trouble there: a preemption, an interruption warning, a refused launch in a zone it does not
+   hold, or a refusal in a zone now holding *fewer* of its replicas than it did before (capacity
+   shrinking; a zone merely full at its usual size is not trouble). Trouble is assumed at start.
+2. **The extra replica only while it buys availability.** Without the extra, each held zone z
+   exposes the service to an outage of about one cold start plus one decision period (D) at rate
+   lambda(age_z). The extra replica is released (never below N READY spot replicas) while
+   D * sum_z lambda(age_z) <= 1 - availability_target, and comes back the moment trouble makes a
+   held zone young again. `availability_target` (spec: `replica_policy.availability_target`,
+   default 0.98) is thus the budget of predicted unhedged unavailability: 0.999 keeps the extra
+   for more than a day after any trouble, 0.95 drops it after about an hour.
+3. **On-demand until spot replicas settle.** Zones that just had trouble are most likely to have
+   it again within minutes (a zone whose capacity shrank drops to zero within 15 minutes a third of
+   the time). A READY spot replica counts as serving for the on-demand fallback only once its zone
+   has been trouble-free for two cold starts; until then on-demand replicas cover it, so that
+   losing the unsettled ones still leaves N. As in SpotHedge, on-demand also stands in for spot
+   replicas that are not READY (at most N on-demand replicas, SpotHedge's cap).
+4. **All-or-nothing markets: consolidate instead of hedging.** Until a zone is seen holding only
+   part of what was asked (a refusal while holding replicas, or a partial preemption), SkyHedge
+   assumes a zone either has room for everything or for nothing. Then every zone holding a replica
+   is a zone whose loss is an outage, and an extra replica helps only if it lets *every* zone hold
+   one replica (N + 1 zones); otherwise SkyHedge holds no extra and gathers the replicas, one at a
+   time, into the calmest held zone, which exposes one zone instead of several (SpotHedge's layout
+   also exposes one: the zone holding two).
+5. **Interruption warnings** (AWS two-minute notices, rebalance recommendations): the warned
+   replica is treated as already lost for planning, so its replacement starts at once; it keeps
+   serving until the cloud takes it, and its zone counts as troubled.
+
+Surplus spot replicas go from the most stacked zone (finite capacity) or the least stacked one
+(all-or-nothing, to consolidate), then the dearest, then the youngest; not-ready ones first.
+
+Budget rules (tests check them): at most N on-demand replicas; spot replicas alive never above
+N + N_extra + 1 (plus replacements of warned replicas); never fewer than N replicas asked for.
+Pure and deterministic: time is `obs.now`, no I/O, no randomness (the seed is unused).
+`snapshot()`/`restore()` carry the memory as JSON. For experiments, `PolicyConfig.extra` may
+override `settle_seconds` and `prior_age_seconds` (trouble assumed that long before start-up).
+"""
 
 from __future__ import annotations
 
+import math
 from typing import Any, ClassVar
 
 from skyhedge.errors import PolicyError
-from skyhedge.policy.base import Policy
-from skyhedge.policy.spothedge import is_ready, live_replicas
+from skyhedge.policy.spothedge import SpotHedge, is_ready, live_replicas
 from skyhedge.policy.types import (
     Decision,
     EventKind,
@@ -19,258 +68,260 @@ from skyhedge.policy.types import (
     Terminate,
 )
 
-__all__ = ["SkyHedge"]
+__all__ = ["DEFAULT_TARGET", "HAZARD_SCALE", "HAZARD_SHAPE", "SkyHedge", "hazard"]
 
-_DEFAULTS: dict[str, float] = {
-    "shape": 0.7,
-    "scale": 1800.0,
-    "prior_age": 3 * 3600.0,
-    "target": 0.99,
-    "slack": 1.0,
-    "h_add": 0.0,
-    "h_rm": 0.5,
-    "max_extra": -1.0,
-    "beta": 1.0,
-    "reprobe": 300.0,
-    "full_resets": 1.0,
-    "od_hedge": 1.0,
-    "insure": 1.0,
-}
+#: Availability target used when the spec sets none.
+DEFAULT_TARGET = 0.98
+#: Hazard (per second) of a zone trouble-free for `a` seconds: HAZARD_SHAPE / (a + HAZARD_SCALE).
+HAZARD_SHAPE = 0.7
+HAZARD_SCALE = 1800.0
+DEFAULT_COLD_START = 120.0
+DEFAULT_INTERVAL = 30.0
+#: A replica counts for the on-demand fallback once its zone was calm this many cold starts.
+SETTLE_COLD_STARTS = 2.0
+
+_TROUBLE = frozenset({EventKind.PREEMPTED, EventKind.LAUNCH_FAILED, EventKind.WARNING})
 
 
-class SkyHedge(Policy):
+def hazard(age_seconds: float) -> float:
+    """Per-second chance that a zone trouble-free for `age_seconds` loses capacity."""
+    return HAZARD_SHAPE / (max(0.0, age_seconds) + HAZARD_SCALE)
+
+
+def _number(value: object, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+        raise PolicyError(f"skyhedge: {name} must be a number, got {value!r}")
+    return float(value)
+
+
+class SkyHedge(SpotHedge):
+    """SpotHedge with a risk-adaptive hedge (see the module docstring for the rules and why)."""
+
     name: ClassVar[str] = "skyhedge"
 
     def __init__(self, config: PolicyConfig | None = None, *, seed: int = 0) -> None:
         super().__init__(config, seed=seed)
-        knobs = dict(_DEFAULTS)
-        for key, value in self.config.extra.items():
-            if key in knobs:
-                knobs[key] = float(value)  # type: ignore[arg-type]
-        if self.config.availability_target is not None:
-            knobs["target"] = float(self.config.availability_target)
-        self.k = knobs
+        target = self.config.availability_target
+        self.target = DEFAULT_TARGET if target is None else _number(target, "availability_target")
+        if not 0.0 < self.target <= 1.0:
+            raise PolicyError(f"skyhedge: availability_target must be in (0, 1], got {self.target}")
+        extra = self.config.extra
+        self._settle = (
+            _number(extra["settle_seconds"], "settle_seconds") if "settle_seconds" in extra else None
+        )
+        self.prior_age = _number(extra.get("prior_age_seconds", 0.0), "prior_age_seconds")
+        # memory, all JSON-able through snapshot()
         self._start: float | None = None
-        self._on_since: dict[Location, float] = {}
-        self._closed: dict[Location, float] = {}
-        self._cold = 120.0
-        self._interval = 30.0
+        self._trouble: dict[Location, float] = {}  # last trouble seen per zone
+        self._most_held: dict[Location, int] = {}  # most replicas a zone held at once
+        self._partial = False  # a zone held only part of what was asked: capacity is finite
+        self._warned: set[str] = set()
+        self._cold = DEFAULT_COLD_START
+        self._interval = DEFAULT_INTERVAL
         self._last_now: float | None = None
 
     # -- memory -------------------------------------------------------------------------------
 
-    def _observe(self, obs: Observation) -> None:
+    def _remember(self, obs: Observation, held: dict[Location, int]) -> None:
         now = obs.now
         if self._start is None:
             self._start = now
         if self._last_now is not None and now > self._last_now:
             self._interval = 0.8 * self._interval + 0.2 * (now - self._last_now)
         self._last_now = now
-        held: set[Location] = set()
-        for r in obs.replicas:
-            if r.is_spot and r.gone_at is None:
-                held.add(r.location)
-            if r.ready_at is not None and r.ready_at - r.launched_at > self._cold:
-                self._cold = r.ready_at - r.launched_at
-        for e in obs.events:
-            loc = e.location
-            kind = e.kind
-            if kind is EventKind.LAUNCHED:
-                if loc in self._closed:
-                    del self._closed[loc]
-                    if loc not in held or self._on_since.get(loc, -1e18) < e.at:
-                        pass
-            elif kind is EventKind.PREEMPTED or kind is EventKind.WARNING:
-                self._closed[loc] = e.at
-                self._on_since[loc] = e.at
-            elif kind is EventKind.LAUNCH_FAILED:
-                self._closed[loc] = e.at
-                if loc not in held or self.k["full_resets"] > 0.5:
-                    self._on_since[loc] = e.at
+        kept: set[Location] = set()
+        lost: set[Location] = set()
+        for event in obs.events:
+            kind = event.kind
+            where = event.location
+            if kind is EventKind.SURVIVED or kind is EventKind.LAUNCHED:
+                kept.add(where)
+                continue
+            if kind not in _TROUBLE:
+                continue
+            if kind is EventKind.LAUNCH_FAILED and held.get(where):
+                self._partial = True  # keeps ours, refuses one more
+                if held[where] >= self._most_held.get(where, 0):
+                    continue  # full at its usual size: not a sign of trouble
+            elif kind is EventKind.PREEMPTED:
+                lost.add(where)
+            elif kind is EventKind.WARNING and event.replica_id is not None:
+                self._warned.add(event.replica_id)
+            self._trouble[where] = max(event.at, self._trouble.get(where, event.at))
+        if lost & kept:
+            self._partial = True  # a zone took some of our replicas and left others
+        for where, count in held.items():
+            if count > self._most_held.get(where, 0):
+                self._most_held[where] = count
+        for replica in obs.replicas:
+            if replica.ready_at is not None and replica.ready_at - replica.launched_at > self._cold:
+                self._cold = replica.ready_at - replica.launched_at
+        if self._warned:
+            self._warned &= {r.id for r in obs.replicas}
 
-    def _hazard(self, loc: Location, now: float) -> float:
+    def zone_age(self, location: Location, now: float) -> float:
+        """Seconds since trouble was last seen in `location` (trouble assumed at start-up)."""
         start = self._start if self._start is not None else now
-        origin = self._on_since.get(loc, start - self.k["prior_age"])
-        return self.k["shape"] / (max(0.0, now - origin) + self.k["scale"])
+        return now - self._trouble.get(location, start - self.prior_age)
 
-    # -- the model ----------------------------------------------------------------------------
+    @property
+    def outage_seconds(self) -> float:
+        """Outage after an unhedged loss: a cold start plus one decision period."""
+        return self._cold + self._interval
 
-    def _risk(self, counts: dict[Location, int], ondemand: int, n: int, hz: dict[Location, float]) -> float:
-        """Predicted unavailability rate: P(a zone loses more than the slack) x outage length."""
-        slack = sum(counts.values()) + ondemand - n
-        if slack < 0:
-            return 1e9 * -slack
-        beta = self.k["beta"]
-        total = 0.0
-        for z, k in counts.items():
-            if k > slack:
-                total += hz[z] * (1.0 + beta * (k - slack - 1))
-        return total * (self._cold + self._interval)
+    @property
+    def settle_seconds(self) -> float:
+        return self._settle if self._settle is not None else SETTLE_COLD_STARTS * self._cold
+
+    def unhedged_risk(self, held: set[Location], now: float) -> float:
+        """Predicted unavailability without the extra replica: D * sum of held zones' hazards."""
+        return self.outage_seconds * sum(hazard(self.zone_age(z, now)) for z in held)
+
+    def extra_replicas(self, obs: Observation, spot: list[ReplicaFact], ready_spot: int) -> int:
+        """How many spot replicas beyond N to hold now (rules 2 and 4)."""
+        base = max(0, self.config.num_overprovision)
+        held = {r.location for r in spot}
+        if base == 0 or not held:
+            return base
+        n = obs.target
+        if len(spot) >= n and ready_spot >= n and self.unhedged_risk(held, obs.now) <= 1.0 - self.target:
+            return 0
+        if not self._partial:
+            active = sum(1 for c in obs.candidates if c.location not in self._preempted)
+            if active < n + base:
+                return 0
+        return base
+
+    # -- decisions ----------------------------------------------------------------------------
 
     def decide(self, obs: Observation) -> list[Decision]:
-        self._observe(obs)
+        spot_all, ondemand = live_replicas(obs)
+        held_all: dict[Location, int] = {}
+        for replica in spot_all:
+            held_all[replica.location] = held_all.get(replica.location, 0) + 1
+        self._remember(obs, held_all)
+        candidates = obs.candidates
+        self.observe(obs.events)
+        self._apply_reset_rule(candidates)
+        self._orderings(candidates)
         n = obs.target
-        cands = obs.candidates
-        spot, od = live_replicas(obs)
-        if n <= 0 or not cands:
-            return [Terminate(r.id) for r in spot + od]
+        if n <= 0 or not candidates:
+            return [Terminate(r.id) for r in spot_all + ondemand]
         now = obs.now
-        k = self.k
-        hz = {c.location: self._hazard(c.location, now) for c in cands}
-        price = {c.location: c.spot_price for c in cands}
-        ref = sum(price.values()) / len(price) or 1.0
-        od_best = min(cands, key=lambda c: c.ondemand_price)
-        w_od = od_best.ondemand_price / ref
-        theta = (1.0 - k["target"]) * k["slack"]
-        max_extra = int(k["max_extra"]) if k["max_extra"] >= 0 else self.config.num_overprovision + 1
-        order = {c.location: i for i, c in enumerate(cands)}
 
-        counts: dict[Location, int] = {}
-        for r in spot:
-            counts[r.location] = counts.get(r.location, 0) + 1
-        spot_ready = sum(1 for r in spot if is_ready(r))
-        od_ready = sum(1 for r in od if is_ready(r))
+        # Warned replicas keep serving but no longer count: their replacements start now.
+        spot = [r for r in spot_all if r.id not in self._warned]
+        ready_spot = sum(1 for r in spot if is_ready(r))
+        want = n + self.extra_replicas(obs, spot, ready_spot)
+        held: dict[Location, int] = {}
+        for replica in spot:
+            held[replica.location] = held.get(replica.location, 0) + 1
+        consolidate = want == n and not self._partial
+        anchor = self._anchor(obs, held) if consolidate else None
 
-        def is_open(z: Location) -> bool:
-            at = self._closed.get(z)
-            return at is None or now - at >= k["reprobe"]
-
-        def best_zone(plan: dict[Location, int], n_od: int, allow_closed: bool) -> Location | None:
-            best = None
-            best_key = None
-            regions: dict[str, int] = {}
-            for z, c in plan.items():
-                if c:
-                    regions[z.region] = regions.get(z.region, 0) + c
-            for z in order:
-                opened = is_open(z)
-                if not opened and not allow_closed:
-                    continue
-                c = plan.get(z, 0)
-                plan[z] = c + 1
-                risk = self._risk(plan, n_od, n, hz)
-                plan[z] = c
-                key = (
-                    not opened,
-                    risk + theta * price[z] / ref,
-                    c,
-                    regions.get(z.region, 0),
-                    hz[z],
-                    self._closed.get(z, 0.0),
-                    order[z],
-                )
-                if best_key is None or key < best_key:
-                    best, best_key = z, key
-            return best
-
-        plan = dict(counts)
-        adds: list[Location] = []
-        # 1. Base: spot replicas for the missing ones; on-demand insures the ones not confirmed.
-        od_need = max(0, n - len(spot)) if k["insure"] > 0.5 else 0
-        n_od = max(len(od), od_need)
-        total_spot = len(spot)
-        while total_spot < n:
-            any_open = any(is_open(z) for z in order)
-            z = best_zone(plan, n_od, allow_closed=not any_open)
-            if z is None:
-                break
-            plan[z] = plan.get(z, 0) + 1
-            adds.append(z)
-            total_spot += 1
-
-        # 2. Improve: hedges (spot or on-demand) while they buy more availability than they cost.
-        victims: list[ReplicaFact] = []
-        live_spot = list(spot)
-        od_keep_ready = min(od_ready, max(0, n - spot_ready))
-        od_floor = max(od_need, od_keep_ready)
-        for _ in range(2 * (n + max_extra) + 2):
-            cur = self._risk(plan, n_od, n, hz) + theta * (
-                sum(price[z] * c for z, c in plan.items()) / ref + w_od * n_od
-            )
-            moves: list[tuple[float, str, Any]] = []
-            if total_spot - n < max_extra:
-                z = best_zone(plan, n_od, allow_closed=False)
-                if z is not None:
-                    plan[z] = plan.get(z, 0) + 1
-                    j = self._risk(plan, n_od, n, hz) + theta * (
-                        sum(price[q] * c for q, c in plan.items()) / ref + w_od * n_od
-                    )
-                    plan[z] -= 1
-                    if j < cur - theta * k["h_add"] * price[z] / ref:
-                        moves.append((j, "spot+", z))
-            if k["od_hedge"] > 0.5 and n_od < n:
-                j = self._risk(plan, n_od + 1, n, hz) + theta * (
-                    sum(price[q] * c for q, c in plan.items()) / ref + w_od * (n_od + 1)
-                )
-                if j < cur - theta * k["h_add"] * w_od:
-                    moves.append((j, "od+", None))
-            if total_spot > n and not adds:
-                best_r = None
-                best_key = None
-                for r in live_spot:
-                    if r in victims:
-                        continue
-                    plan[r.location] -= 1
-                    risk = self._risk(plan, n_od, n, hz)
-                    plan[r.location] += 1
-                    key = (risk - theta * price[r.location] / ref, is_ready(r), -r.launched_at)
-                    if best_key is None or key < best_key:
-                        best_r, best_key = r, key
-                if best_r is not None and best_key is not None:
-                    j = cur + best_key[0] - self._risk(plan, n_od, n, hz)
-                    if j < cur - theta * k["h_rm"] * price[best_r.location] / ref or total_spot - n > max_extra:
-                        moves.append((j, "spot-", best_r))
-            if n_od > od_floor and n_od > 0:
-                j = self._risk(plan, n_od - 1, n, hz) + theta * (
-                    sum(price[q] * c for q, c in plan.items()) / ref + w_od * (n_od - 1)
-                )
-                if j < cur - theta * k["h_rm"] * w_od:
-                    moves.append((j, "od-", None))
-            if not moves:
-                break
-            moves.sort(key=lambda m: m[0])
-            _, kind, arg = moves[0]
-            if kind == "spot+":
-                plan[arg] = plan.get(arg, 0) + 1
-                adds.append(arg)
-                total_spot += 1
-            elif kind == "spot-":
-                plan[arg.location] -= 1
-                victims.append(arg)
-                total_spot -= 1
-            elif kind == "od+":
-                n_od += 1
+        decisions: list[Decision] = []
+        if len(spot) < want:
+            if anchor is not None:
+                decisions.extend(LaunchSpot(anchor) for _ in range(want - len(spot)))
             else:
-                n_od -= 1
+                decisions.extend(LaunchSpot(z) for z in self.place_spot(want - len(spot), dict(held)))
+        elif len(spot) > want:
+            decisions.extend(Terminate(r.id) for r in self._surplus(obs, spot, held, want, ready_spot))
+        elif anchor is not None and len(held) > 1 and ready_spot == len(spot):
+            decisions.append(LaunchSpot(anchor))  # one step of consolidation; surplus goes later
 
-        decisions: list[Decision] = [LaunchSpot(z) for z in adds]
-        decisions.extend(Terminate(r.id) for r in victims)
-        if len(od) < n_od:
-            decisions.extend(LaunchOnDemand(od_best.location) for _ in range(n_od - len(od)))
-        elif len(od) > n_od:
-            order_od = sorted(od, key=lambda r: (is_ready(r), -r.launched_at))
-            decisions.extend(Terminate(r.id) for r in order_od[: len(od) - n_od])
+        settle = self.settle_seconds
+        settled = sum(1 for r in spot if is_ready(r) and self.zone_age(r.location, now) >= settle)
+        od_target = min(n, max(0, want - ready_spot, n - settled))
+        if len(ondemand) < od_target:
+            if self._ondemand_best is not None:
+                launch = LaunchOnDemand(self._ondemand_best)
+                decisions.extend(launch for _ in range(od_target - len(ondemand)))
+        elif len(ondemand) > od_target:
+            ranked = sorted(ondemand, key=lambda r: (is_ready(r), -r.launched_at))
+            decisions.extend(Terminate(r.id) for r in ranked[: len(ondemand) - od_target])
         return decisions
+
+    def _anchor(self, obs: Observation, held: dict[Location, int]) -> Location | None:
+        """The calmest ACTIVE zone holding replicas: where consolidated replicas go."""
+        usable = [z for z in held if z not in self._preempted]
+        if not usable:
+            return None
+        order = {c.location: i for i, c in enumerate(obs.candidates)}
+        price = {c.location: c.spot_price for c in obs.candidates}
+        return max(
+            usable,
+            key=lambda z: (self.zone_age(z, obs.now), held[z], -price.get(z, 0.0), -order.get(z, 0)),
+        )
+
+    def _surplus(
+        self, obs: Observation, spot: list[ReplicaFact], held: dict[Location, int], want: int, ready_spot: int
+    ) -> list[ReplicaFact]:
+        """Spot replicas to release, never leaving fewer than `want` READY spot replicas."""
+        now = obs.now
+        price = {c.location: c.spot_price for c in obs.candidates}
+        order = {c.location: i for i, c in enumerate(obs.candidates)}
+        stack = 1 if self._partial else -1  # finite capacity: unstack; all-or-nothing: consolidate
+        counts = dict(held)
+        victims: list[ReplicaFact] = []
+        ready_left = ready_spot
+        for _ in range(len(spot) - want):
+            zone = max(
+                (z for z, c in counts.items() if c > 0),
+                key=lambda z: (
+                    stack * counts[z],
+                    price.get(z, 0.0),
+                    -self.zone_age(z, now),
+                    -order.get(z, 0),
+                ),
+            )
+            members = [r for r in spot if r.location == zone and r not in victims]
+            victim = min(members, key=lambda r: (is_ready(r), -r.launched_at))
+            if is_ready(victim) and ready_left - 1 < want:
+                break
+            victims.append(victim)
+            counts[zone] -= 1
+            ready_left -= is_ready(victim)
+        return victims
 
     # -- persistence --------------------------------------------------------------------------
 
     def snapshot(self) -> dict[str, Any]:
-        return {
-            "start": self._start,
-            "on_since": {z.key: t for z, t in sorted(self._on_since.items())},
-            "closed": {z.key: t for z, t in sorted(self._closed.items())},
-            "cold": self._cold,
-            "interval": self._interval,
-            "last_now": self._last_now,
-        }
+        data = super().snapshot()
+        data.update(
+            {
+                "start": self._start,
+                "trouble": {z.key: t for z, t in sorted(self._trouble.items())},
+                "most_held": {z.key: c for z, c in sorted(self._most_held.items())},
+                "partial": self._partial,
+                "warned": sorted(self._warned),
+                "cold_start": self._cold,
+                "interval": self._interval,
+                "last_now": self._last_now,
+            }
+        )
+        return data
 
     def restore(self, data: dict[str, Any]) -> None:
+        super().restore(data)
         try:
-            self._start = data.get("start")
-            self._on_since = {Location.parse(k): float(v) for k, v in data.get("on_since", {}).items()}
-            self._closed = {Location.parse(k): float(v) for k, v in data.get("closed", {}).items()}
-            self._cold = float(data.get("cold", 120.0))
-            self._interval = float(data.get("interval", 30.0))
-            self._last_now = data.get("last_now")
-        except (ValueError, TypeError, AttributeError) as exc:
+            start, last = data.get("start"), data.get("last_now")
+            self._start = None if start is None else float(start)
+            self._last_now = None if last is None else float(last)
+            trouble = data.get("trouble", {})
+            most_held = data.get("most_held", {})
+            warned = data.get("warned", [])
+            if (
+                not isinstance(trouble, dict)
+                or not isinstance(most_held, dict)
+                or not isinstance(warned, list)
+            ):
+                raise TypeError("'trouble' and 'most_held' must be objects, 'warned' a list")
+            self._trouble = {Location.parse(str(k)): float(v) for k, v in trouble.items()}
+            self._most_held = {Location.parse(str(k)): int(v) for k, v in most_held.items()}
+            self._partial = bool(data.get("partial", False))
+            self._warned = {str(x) for x in warned}
+            self._cold = float(data.get("cold_start", DEFAULT_COLD_START))
+            self._interval = float(data.get("interval", DEFAULT_INTERVAL))
+        except (ValueError, TypeError) as exc:
             raise PolicyError(f"{self.name}: bad snapshot ({exc})") from exc
