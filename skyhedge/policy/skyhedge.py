@@ -20,7 +20,7 @@ spot traces (`benchmarks/policy_report.py`, docs/policy.md), never from one trac
    lambda(age_z). The extra replica is released (never below N READY spot replicas) while
    D * sum_z lambda(age_z) <= 1 - availability_target, and comes back the moment trouble makes a
    held zone young again. `availability_target` (spec: `replica_policy.availability_target`,
-   default 0.98) is thus the budget of predicted unhedged unavailability: 0.999 keeps the extra
+   default 0.99) is thus the budget of predicted unhedged unavailability: 0.999 keeps the extra
    for more than a day after any trouble, 0.95 drops it after about an hour.
 3. **On-demand until spot replicas settle.** Zones that just had trouble are most likely to have
    it again within minutes (a zone whose capacity shrank drops to zero within 15 minutes a third of
@@ -71,12 +71,13 @@ from skyhedge.policy.types import (
 __all__ = ["DEFAULT_TARGET", "HAZARD_SCALE", "HAZARD_SHAPE", "SkyHedge", "hazard"]
 
 #: Availability target used when the spec sets none.
-DEFAULT_TARGET = 0.98
+DEFAULT_TARGET = 0.99
 #: Hazard (per second) of a zone trouble-free for `a` seconds: HAZARD_SHAPE / (a + HAZARD_SCALE).
 HAZARD_SHAPE = 0.7
 HAZARD_SCALE = 1800.0
 DEFAULT_COLD_START = 120.0
 DEFAULT_INTERVAL = 30.0
+MAX_INTERVAL = 300.0
 #: A replica counts for the on-demand fallback once its zone was calm this many cold starts.
 SETTLE_COLD_STARTS = 2.0
 
@@ -127,7 +128,9 @@ class SkyHedge(SpotHedge):
         if self._start is None:
             self._start = now
         if self._last_now is not None and now > self._last_now:
-            self._interval = 0.8 * self._interval + 0.2 * (now - self._last_now)
+            # the decision period; a long pause (restart, test) is not one
+            step = min(now - self._last_now, MAX_INTERVAL)
+            self._interval = 0.8 * self._interval + 0.2 * step
         self._last_now = now
         kept: set[Location] = set()
         lost: set[Location] = set()
@@ -202,6 +205,9 @@ class SkyHedge(SpotHedge):
         self._remember(obs, held_all)
         candidates = obs.candidates
         self.observe(obs.events)
+        for event in obs.events:  # a warned zone is about to preempt: no new replicas there
+            if event.kind is EventKind.WARNING:
+                self._preempted.add(event.location)
         self._apply_reset_rule(candidates)
         self._orderings(candidates)
         n = obs.target
@@ -231,7 +237,7 @@ class SkyHedge(SpotHedge):
             decisions.append(LaunchSpot(anchor))  # one step of consolidation; surplus goes later
 
         settle = self.settle_seconds
-        settled = sum(1 for r in spot if is_ready(r) and self.zone_age(r.location, now) >= settle)
+        settled = sum(1 for r in spot if is_ready(r) and self._settled(r, now, settle))
         od_target = min(n, max(0, want - ready_spot, n - settled))
         if len(ondemand) < od_target:
             if self._ondemand_best is not None:
@@ -241,6 +247,15 @@ class SkyHedge(SpotHedge):
             ranked = sorted(ondemand, key=lambda r: (is_ready(r), -r.launched_at))
             decisions.extend(Terminate(r.id) for r in ranked[: len(ondemand) - od_target])
         return decisions
+
+    def _settled(self, replica: ReplicaFact, now: float, settle: float) -> bool:
+        """Its zone has been trouble-free for `settle` seconds (start-up counts as trouble for the
+        replicas launched since, not for ones found running by a freshly started controller)."""
+        origin = self._trouble.get(replica.location)
+        if origin is None:
+            start = self._start if self._start is not None else now
+            origin = start - self.prior_age if replica.launched_at >= start else -math.inf
+        return now - origin >= settle
 
     def _anchor(self, obs: Observation, held: dict[Location, int]) -> Location | None:
         """The calmest ACTIVE zone holding replicas: where consolidated replicas go."""

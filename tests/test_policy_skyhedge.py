@@ -1,0 +1,355 @@
+"""SkyHedge: budget properties (hypothesis), determinism, snapshot round trips, worked scenarios.
+
+The properties drive the policy through a tiny fake cloud defined here (per-zone capacity per
+tick, newest replicas cut first, a fixed cold start, optional interruption warnings), so they do
+not depend on the simulator's internals.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from skyhedge.errors import PolicyError
+from skyhedge.policy import (
+    Candidate,
+    EventKind,
+    LaunchOnDemand,
+    LaunchSpot,
+    Location,
+    Market,
+    Observation,
+    PolicyConfig,
+    ReplicaFact,
+    Terminate,
+    ZoneEvent,
+    make_policy,
+)
+from skyhedge.policy.skyhedge import SkyHedge, hazard
+
+TICK = 30.0
+HOUR = 3600.0
+
+
+def zones(count: int) -> list[Location]:
+    # two zones per region, so region structure exists
+    return [
+        Location("aws", f"us-test-{z // 2 + 1}", f"us-test-{z // 2 + 1}{'abcd'[z % 2]}") for z in range(count)
+    ]
+
+
+@dataclass
+class FakeCloud:
+    """Capacity per zone per tick; cuts the newest spot replicas first; READY after `cold` ticks."""
+
+    capacity: list[list[int]]
+    cold: int
+    warn_ticks: frozenset[int] = frozenset()
+    locations: list[Location] = field(init=False)
+    candidates: tuple[Candidate, ...] = field(init=False)
+    alive: dict[str, ReplicaFact] = field(default_factory=dict)
+    launched_tick: dict[str, int] = field(default_factory=dict)
+    events: tuple[ZoneEvent, ...] = ()
+    doomed: set[str] = field(default_factory=set)
+    warned: set[str] = field(default_factory=set)
+    next_id: int = 0
+
+    def __post_init__(self) -> None:
+        self.locations = zones(len(self.capacity))
+        self.candidates = tuple(Candidate(loc, 1.0 + 0.05 * z, 3.0) for z, loc in enumerate(self.locations))
+
+    def observation(self, t: int, target: int) -> Observation:
+        return Observation(t * TICK, target, self.candidates, tuple(self.alive.values()), self.events)
+
+    def apply(self, t: int, decisions: list) -> None:
+        now = t * TICK
+        fresh: set[str] = set()
+        for decision in decisions:
+            if isinstance(decision, Terminate):
+                self.alive.pop(decision.replica_id, None)
+            else:
+                market = Market.SPOT if isinstance(decision, LaunchSpot) else Market.ON_DEMAND
+                self.next_id += 1
+                rid = f"r-{self.next_id:04d}"
+                self.alive[rid] = ReplicaFact(rid, decision.location, market, now, now)
+                self.launched_tick[rid] = t
+                fresh.add(rid)
+        good: list[ZoneEvent] = []
+        bad: list[ZoneEvent] = []
+        for rid in sorted(self.doomed & set(self.alive)):  # warned last tick: taken now
+            bad.append(ZoneEvent(EventKind.PREEMPTED, self.alive.pop(rid).location, now, rid))
+        self.doomed.clear()
+        for z, loc in enumerate(self.locations):
+            stack = sorted(
+                (r for r in self.alive.values() if r.is_spot and r.location == loc),
+                key=lambda r: (r.launched_at, r.id),
+            )
+            cap = self.capacity[z][t]
+            for r in stack[cap:]:
+                del self.alive[r.id]
+                kind = EventKind.LAUNCH_FAILED if r.id in fresh else EventKind.PREEMPTED
+                bad.append(ZoneEvent(kind, loc, now, r.id))
+            kept = stack[:cap]
+            for r in kept:
+                if r.id in fresh:
+                    good.append(ZoneEvent(EventKind.LAUNCHED, loc, now, r.id))
+            if any(r.id not in fresh for r in kept):
+                good.append(ZoneEvent(EventKind.SURVIVED, loc, now))
+        if t in self.warn_ticks:
+            spot = sorted((r for r in self.alive.values() if r.is_spot), key=lambda r: r.id)
+            if spot:
+                victim = spot[t % len(spot)]
+                bad.append(ZoneEvent(EventKind.WARNING, victim.location, now, victim.id))
+                self.doomed.add(victim.id)
+                self.warned.add(victim.id)
+        for rid, fact in list(self.alive.items()):
+            if fact.ready_at is None and t - self.launched_tick[rid] >= self.cold:
+                self.alive[rid] = ReplicaFact(fact.id, fact.location, fact.market, fact.launched_at, now, now)
+        self.events = tuple(good + bad)
+
+
+def check_budget(obs: Observation, decisions: list, extra: int, warned_alive: int) -> None:
+    live = {r.id: r for r in obs.replicas if r.gone_at is None and not r.draining}
+    terminated = [d.replica_id for d in decisions if isinstance(d, Terminate)]
+    assert len(terminated) == len(set(terminated)), "terminates a replica twice"
+    assert set(terminated) <= set(live), "terminates a replica that is not live"
+    names = {c.location for c in obs.candidates}
+    launches = [d for d in decisions if isinstance(d, (LaunchSpot, LaunchOnDemand))]
+    assert all(d.location in names for d in launches), "launches outside the candidates"
+    kept = [r for rid, r in live.items() if rid not in terminated]
+    spot_after = sum(r.is_spot for r in kept) + sum(isinstance(d, LaunchSpot) for d in decisions)
+    od_after = sum(not r.is_spot for r in kept) + sum(isinstance(d, LaunchOnDemand) for d in decisions)
+    n = obs.target
+    assert spot_after + od_after >= n, "asks for fewer than N replicas in total"
+    assert od_after <= n, "more on-demand replicas than N"
+    assert spot_after <= n + extra + 1 + warned_alive, "more spot replicas than N + N_extra + 1"
+
+
+capacities = st.integers(min_value=1, max_value=4).flatmap(
+    lambda z: st.lists(
+        st.lists(st.sampled_from([0, 0, 1, 2, 3, 50]), min_size=4, max_size=4).map(
+            lambda steps: [v for v in steps for _ in range(15)]  # 15-tick plateaus, like real traces
+        ),
+        min_size=z,
+        max_size=z,
+    )
+)
+
+
+@st.composite
+def scenarios(draw: st.DrawFn) -> dict:
+    return {
+        "capacity": draw(capacities),
+        "cold": draw(st.integers(min_value=0, max_value=4)),
+        "target": draw(st.integers(min_value=1, max_value=4)),
+        "extra": draw(st.integers(min_value=0, max_value=2)),
+        "avail": draw(st.sampled_from([None, 0.9, 0.99, 0.999, 1.0])),
+        "warn": frozenset(draw(st.lists(st.integers(min_value=0, max_value=59), max_size=4))),
+        "seed": draw(st.integers(min_value=0, max_value=5)),
+    }
+
+
+def run(scenario: dict, *, snapshot_at: int | None = None) -> list[list]:
+    config = PolicyConfig(num_overprovision=scenario["extra"], availability_target=scenario["avail"])
+    policy = SkyHedge(config, seed=scenario["seed"])
+    twin: SkyHedge | None = None
+    cloud = FakeCloud(scenario["capacity"], scenario["cold"], scenario["warn"])
+    history: list[list] = []
+    for t in range(len(scenario["capacity"][0])):
+        obs = cloud.observation(t, scenario["target"])
+        if t == snapshot_at:
+            twin = SkyHedge(config, seed=scenario["seed"])
+            twin.restore(json.loads(json.dumps(policy.snapshot())))
+        decisions = policy.decide(obs)
+        if twin is not None:
+            assert twin.decide(obs) == decisions, f"restored policy diverged at tick {t}"
+        warned_alive = len(cloud.warned & {r.id for r in obs.replicas})
+        check_budget(obs, decisions, scenario["extra"], warned_alive)
+        history.append(decisions)
+        cloud.apply(t, decisions)
+    return history
+
+
+FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@FAST
+@given(scenarios())
+def test_budget_rules_hold_on_any_capacity(scenario: dict) -> None:
+    run(scenario)
+
+
+@FAST
+@given(scenarios())
+def test_deterministic_per_seed(scenario: dict) -> None:
+    assert run(scenario) == run(scenario)
+
+
+@FAST
+@given(scenarios(), st.integers(min_value=0, max_value=59))
+def test_snapshot_restore_round_trip(scenario: dict, at: int) -> None:
+    run(scenario, snapshot_at=at)
+
+
+# -- worked scenarios ---------------------------------------------------------------------------
+
+
+def fact(rid: str, loc: Location, *, ready: bool = True, at: float = 0.0, spot: bool = True) -> ReplicaFact:
+    market = Market.SPOT if spot else Market.ON_DEMAND
+    return ReplicaFact(rid, loc, market, at, at, at + 120 if ready else None)
+
+
+def kinds(decisions: list) -> tuple[int, int, int]:
+    return (
+        sum(isinstance(d, LaunchSpot) for d in decisions),
+        sum(isinstance(d, LaunchOnDemand) for d in decisions),
+        sum(isinstance(d, Terminate) for d in decisions),
+    )
+
+
+def test_registered_as_the_default_name() -> None:
+    assert isinstance(make_policy("skyhedge"), SkyHedge)
+
+
+def test_cold_start_hedges_like_spothedge() -> None:
+    z = zones(3)
+    cands = tuple(Candidate(loc, 1.0, 3.0) for loc in z)
+    decisions = SkyHedge().decide(Observation(0.0, 3, cands))
+    # N + 1 spot spread over the three zones, and N on-demand while nothing is READY
+    assert kinds(decisions) == (4, 3, 0)
+    assert {d.location for d in decisions if isinstance(d, LaunchSpot)} == set(z)
+
+
+def finite_capacity_policy(z: list[Location], target: float | None = None) -> SkyHedge:
+    """A policy that has seen a zone refuse one more replica (so it knows capacity is finite)."""
+    policy = SkyHedge(PolicyConfig(availability_target=target))
+    cands = tuple(Candidate(loc, 1.0, 3.0) for loc in z)
+    held = (fact("a1", z[0]), fact("a2", z[0]), fact("b1", z[1]), fact("c1", z[2]))
+    refused = (ZoneEvent(EventKind.LAUNCH_FAILED, z[0], 0.0, "a3"),)
+    policy.decide(Observation(30.0, 3, cands, held, refused))
+    return policy
+
+
+def test_extra_dropped_from_the_stacked_zone_once_every_held_zone_is_calm() -> None:
+    z = zones(3)
+    cands = tuple(Candidate(loc, 1.0, 3.0) for loc in z)
+    held = (fact("a1", z[0]), fact("a2", z[0], at=60.0), fact("b1", z[1]), fact("c1", z[2]))
+    policy = finite_capacity_policy(z)
+    # one hour in: zones are young, SpotHedge's extra stays
+    assert kinds(policy.decide(Observation(HOUR, 3, cands, held))) == (0, 0, 0)
+    # a day without trouble: D * sum(hazard) is below 1 - 0.99 (D = cold start + decision period,
+    # about 250 s after these sparse decisions), so the extra goes, from the zone holding two
+    assert policy.outage_seconds < 260 and 260 * 3 * hazard(24 * HOUR) < 0.01
+    assert policy.decide(Observation(24 * HOUR, 3, cands, held)) == [Terminate("a2")]
+
+
+def test_a_higher_availability_target_keeps_the_extra_longer() -> None:
+    z = zones(3)
+    cands = tuple(Candidate(loc, 1.0, 3.0) for loc in z)
+    held = (fact("a1", z[0]), fact("a2", z[0], at=60.0), fact("b1", z[1]), fact("c1", z[2]))
+    policy = finite_capacity_policy(z, target=0.999)
+    assert policy.decide(Observation(12 * HOUR, 3, cands, held)) == []
+
+
+def test_trouble_brings_the_extra_back() -> None:
+    z = zones(3)
+    cands = tuple(Candidate(loc, 1.0, 3.0) for loc in z)
+    policy = finite_capacity_policy(z)
+    calm = (fact("a1", z[0]), fact("b1", z[1]), fact("c1", z[2]))
+    assert kinds(policy.decide(Observation(12 * HOUR, 3, cands, calm))) == (0, 0, 0)
+    # a preemption in zone b: b is young again, its replica is gone -> replace it and re-hedge
+    lost = (ZoneEvent(EventKind.PREEMPTED, z[1], 12 * HOUR + 30, "b1"),)
+    left = (fact("a1", z[0]), fact("c1", z[2]))
+    decisions = policy.decide(Observation(12 * HOUR + 60, 3, cands, left, lost))
+    spot, ondemand, _ = kinds(decisions)
+    assert spot == 2  # the lost replica and the extra
+    assert ondemand == 2  # SpotHedge's fallback: N + 1 - READY spot (2)
+
+
+def test_all_or_nothing_zones_consolidate_instead_of_hedging() -> None:
+    z = zones(3)
+    cands = tuple(Candidate(loc, 1.0, 3.0) for loc in z)
+    policy = SkyHedge()  # never saw a partial zone: assumes all-or-nothing
+    held = (fact("a1", z[0]), fact("a2", z[0]), fact("b1", z[1]), fact("c1", z[2], at=90.0))
+    # 3 zones < N + 1: an extra would share a zone, so none is held; the surplus leaves a
+    # least stacked zone (a tie here: the first candidate of them)
+    decisions = policy.decide(Observation(HOUR, 3, cands, held))
+    assert decisions == [Terminate("b1")]
+    # with one replica per zone left, it gathers them into the held zone with most replicas
+    left = (fact("a1", z[0]), fact("a2", z[0]), fact("c1", z[2]))
+    assert policy.decide(Observation(HOUR + 30, 3, cands, left)) == [LaunchSpot(z[0])]
+
+
+def test_warning_starts_the_replacement_without_killing_the_warned_replica() -> None:
+    z = zones(4)
+    cands = tuple(Candidate(loc, 1.0, 3.0) for loc in z)
+    policy = SkyHedge()
+    held = tuple(fact(f"r{i}", loc) for i, loc in enumerate(z))
+    assert policy.decide(Observation(HOUR, 3, cands, held)) == []  # one per zone over 4 zones
+    warning = (ZoneEvent(EventKind.WARNING, z[2], HOUR + 10, "r2"),)
+    decisions = policy.decide(Observation(HOUR + 30, 3, cands, held, warning))
+    assert not any(isinstance(d, Terminate) for d in decisions)
+    launches = [d.location for d in decisions if isinstance(d, LaunchSpot)]
+    assert len(launches) == 1 and launches[0] != z[2]  # replacement elsewhere: z[2] is troubled
+    assert policy.snapshot()["warned"] == ["r2"]
+
+
+def test_on_demand_covers_replicas_until_their_zone_settles() -> None:
+    z = zones(3)
+    cands = tuple(Candidate(loc, 1.0, 3.0) for loc in z)
+    policy = finite_capacity_policy(z)
+    t0 = 10 * HOUR
+    lost = (ZoneEvent(EventKind.PREEMPTED, z[0], t0, "a1"),)
+    # two replicas in zone a are READY 150 s after its preemption, but zone a has not settled
+    # (2 cold starts = 240 s): losing both would leave 2 < N, so one on-demand replica stays
+    # (SpotHedge would release it: 4 READY spot replicas = N + 1)
+    held = (fact("a8", z[0], at=t0), fact("a9", z[0], at=t0), fact("b1", z[1]), fact("c1", z[2]))
+    od = (fact("od1", z[0], spot=False, at=t0),)
+    policy.decide(Observation(t0 + 30, 3, cands, held[2:] + od, lost))
+    assert policy.decide(Observation(t0 + 150, 3, cands, held + od)) == []
+    # once zone a has been calm for 240 s the on-demand replica goes
+    assert policy.decide(Observation(t0 + 300, 3, cands, held + od)) == [Terminate("od1")]
+
+
+def test_never_below_n_ready_when_releasing() -> None:
+    z = zones(3)
+    cands = tuple(Candidate(loc, 1.0, 3.0) for loc in z)
+    policy = finite_capacity_policy(z)
+    # four spot replicas, only three READY: the not-ready one is the one released
+    held = (fact("a1", z[0]), fact("a2", z[0], ready=False, at=12 * HOUR), fact("b1", z[1]), fact("c1", z[2]))
+    assert policy.decide(Observation(12 * HOUR + 30, 3, cands, held)) == [Terminate("a2")]
+
+
+@pytest.mark.parametrize("target", [0.0, 1.5, float("nan"), "high", True])
+def test_bad_availability_target_is_refused(target: object) -> None:
+    with pytest.raises(PolicyError, match="availability_target"):
+        SkyHedge(PolicyConfig(availability_target=target))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "snapshot",
+    [
+        {"trouble": ["aws/x/y"]},
+        {"trouble": {"not-a-location": 1.0}},
+        {"warned": "r1"},
+        {"cold_start": "slow"},
+    ],
+)
+def test_bad_snapshot_is_refused(snapshot: dict) -> None:
+    with pytest.raises(PolicyError):
+        SkyHedge().restore(snapshot)
+
+
+def test_snapshot_is_json_and_keeps_spothedge_memory() -> None:
+    z = zones(3)
+    policy = finite_capacity_policy(z)
+    data = json.loads(json.dumps(policy.snapshot()))
+    assert data["partial"] is True
+    assert "preempted" in data and "trouble" in data
+    restored = SkyHedge()
+    restored.restore(data)
+    assert restored.snapshot() == policy.snapshot()
