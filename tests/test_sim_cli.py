@@ -142,3 +142,19 @@ def test_real_trace_smoke(shared_dir):
     assert by["ondemand"]["relative_cost"] == 1.0
     assert by["spothedge"]["availability"] > 0.95 > by["even"]["availability"]
     assert by["spothedge"]["relative_cost"] < 0.8
+
+
+def test_availability_target_reaches_the_policy_and_the_report(trace_dir):
+    """`--availability-target` is judged against in the report, and the skyhedge policy hedges for it."""
+    loose = json.loads(small(trace_dir, "--policy", "ondemand,skyhedge", "--json").stdout)
+    strict = json.loads(
+        small(trace_dir, "--policy", "ondemand,skyhedge", "--availability-target", "0.9999", "--json").stdout
+    )
+    assert {r["availability_target"] for r in loose} == {0.99}
+    assert {r["availability_target"] for r in strict} == {0.9999}
+    assert loose[0]["availability_target_met"] is True  # on-demand only: availability 1.0
+    for row in strict:
+        assert row["availability_target_met"] == (row["availability"] >= 0.9999)
+    assert strict[1]["relative_cost"] >= loose[1]["relative_cost"]  # a stricter target never hedges less
+    bad = small(trace_dir, "--availability-target", "1.5")
+    assert bad.exit_code != 0 and "--availability-target" in bad.output

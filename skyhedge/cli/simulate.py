@@ -72,6 +72,13 @@ def _policy_names(text: str) -> list[str]:
 @click.option(
     "--ticks", default=2880, show_default=True, type=click.IntRange(min=2), help="Window length (30 s)."
 )
+@click.option(
+    "--availability-target",
+    type=click.FloatRange(min=0, max=1, min_open=True),
+    default=None,
+    help="Availability objective passed to the policies (replica_policy.availability_target) and "
+    "reported as met or not [default: 0.99, the paper's SLO].",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list, one object per trace and policy.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path), help="Write a PNG.")
 @click.option("--latency", is_flag=True, help="Request-level latency: P50/P90/P99 and failure rate.")
@@ -96,6 +103,7 @@ def simulate(
     ondemand_cost_ratio: float,
     extra: int,
     ticks: int,
+    availability_target: float | None,
     as_json: bool,
     plot_path: Path | None,
     latency: bool,
@@ -120,6 +128,7 @@ def simulate(
         latency=latency or arrivals is not None,
         arrivals=load_arrivals(arrivals) if arrivals is not None else None,
         prices=load_prices(prices_path) if prices_path is not None else None,
+        availability_target=availability_target,
     )
     total = len(traces) * len(policies) * repeats
     with Progress(
