@@ -227,12 +227,13 @@ def status(spec: Path, state_dir: Path | None, as_json: bool, include_gone: bool
         click.echo(json.dumps(status_json(service.name, rows, state.router), indent=2))
         return
     table = Table(title=f"skyhedge status: {service.name}")
-    for col in ("id", "cloud", "region", "zone", "market", "state", "endpoint"):
-        table.add_column(col)
+    # One location column keeps the endpoint readable (unwrapped) in an 80-column terminal.
+    for col in ("id", "cloud/region/zone", "market", "state", "endpoint"):
+        table.add_column(col, no_wrap=col in {"id", "endpoint", "state"})
     for row in rows:
-        table.add_row(
-            *(str(row[c] or "-") for c in ("id", "cloud", "region", "zone", "market", "state", "endpoint"))
-        )
+        where = f"{row['cloud']}/{row['region']}/{row['zone']}"
+        values = (row["id"], where, row["market"], row["state"], row["endpoint"])
+        table.add_row(*(str(v or "-") for v in values))
     console.print(table)
     if state.router:
         console.print(f"Router: {state.router.get('endpoint')} (pid {state.router.get('pid')})")
