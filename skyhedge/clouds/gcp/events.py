@@ -203,28 +203,18 @@ class GcpEventSource(EventSource):
                 if name not in status:
                     name = by_label.get(rec.id, name)
                 st = status.get(name)
-                if st is None:
-                    events.append(
-                        PreemptionEvent(
-                            Signal.GONE,
-                            now,
-                            "gcp-instances",
-                            replica_id=rec.id,
-                            cloud_id=name,
-                            reason="",
-                            detail="instance no longer listed",
-                        )
+                if st is not None and st not in GONE_STATUSES:
+                    continue
+                detail = "instance no longer listed" if st is None else f"instance {st}"
+                events.append(
+                    PreemptionEvent(
+                        Signal.GONE,
+                        now,
+                        "gcp-instances",
+                        replica_id=rec.id,
+                        cloud_id=name,
+                        reason="",
+                        detail=detail,
                     )
-                elif st in GONE_STATUSES:
-                    events.append(
-                        PreemptionEvent(
-                            Signal.GONE,
-                            now,
-                            "gcp-instances",
-                            replica_id=rec.id,
-                            cloud_id=name,
-                            reason="",
-                            detail=f"instance {st}",
-                        )
-                    )
+                )
         return events
