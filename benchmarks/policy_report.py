@@ -8,8 +8,7 @@ and prints availability and relative cost per policy, and whether skyhedge meets
 availability >= SpotHedge's and relative cost <= (SpotHedge's + optimum's) / 2.
 
 A directory holding several instance types per zone (cant-be-late's availability/1-node trace)
-is refused by `simulate` ("zone ... appears twice"); the report then evaluates each instance type
-as its own trace (temporary directory of symlinks, named DIR[type]) and says so.
+comes back from `simulate` as one trace per type, named DIR[type]; the report prints each.
 
     python benchmarks/policy_report.py                  # all shared traces, 2 at a time
     python benchmarks/policy_report.py --seed 1 --target 4 --json out.json
@@ -24,9 +23,7 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
-from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -45,7 +42,8 @@ DEFAULT_TRACES = [
 POLICIES = ("spothedge", "skyhedge", "optimal")
 
 
-def simulate(trace: Path, args: argparse.Namespace, label: str) -> tuple[str, list[dict] | str]:
+def simulate(trace: Path, args: argparse.Namespace) -> tuple[str, dict[str, list[dict]] | str]:
+    """Rows of one `--trace DIR` run, grouped by their `trace` field (one group per instance type)."""
     cmd = [
         sys.executable,
         "-m",
@@ -68,24 +66,11 @@ def simulate(trace: Path, args: argparse.Namespace, label: str) -> tuple[str, li
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
     if done.returncode != 0:
-        return label, (done.stderr.strip() or done.stdout.strip() or f"exit {done.returncode}")
-    return label, json.loads(done.stdout)
-
-
-def split_by_instance_type(trace: Path, scratch: Path) -> list[tuple[str, Path]]:
-    """One directory of symlinks per instance type (the file-name part after the zone)."""
-    groups: dict[str, list[Path]] = defaultdict(list)
-    for file in sorted(trace.glob("*.json")):
-        zone, _, kind = file.stem.partition("_")
-        groups[kind or "default"].append(file)
-    out = []
-    for kind, files in sorted(groups.items()):
-        target = scratch / f"{trace.name}[{kind}]"
-        target.mkdir()
-        for file in files:
-            (target / file.name).symlink_to(file.resolve())
-        out.append((f"{trace.name}[{kind}]", target))
-    return out
+        return trace.name, (done.stderr.strip() or done.stdout.strip() or f"exit {done.returncode}")
+    groups: dict[str, list[dict]] = {}
+    for row in json.loads(done.stdout):
+        groups.setdefault(row["trace"], []).append(row)
+    return trace.name, groups
 
 
 def main() -> int:
@@ -107,23 +92,14 @@ def main() -> int:
     started = time.perf_counter()
     notes: list[str] = []
     results: dict[str, list[dict] | str] = {}
-    with tempfile.TemporaryDirectory(prefix="policy-report-") as scratch:
-        jobs: list[tuple[str, Path]] = [(t.name, t) for t in traces]
-        with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-            for label, out in pool.map(lambda j: simulate(j[1], args, j[0]), jobs):
+    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        for label, out in pool.map(lambda t: simulate(t, args), traces):
+            if isinstance(out, str):
                 results[label] = out
-            retry = []
-            for label, trace in jobs:
-                out = results[label]
-                if isinstance(out, str) and "appears twice" in out:
-                    parts = split_by_instance_type(trace, Path(scratch))
-                    notes.append(
-                        f"{label}: simulate refuses it ({out.splitlines()[-1]}); one trace per instance type"
-                    )
-                    del results[label]
-                    retry.extend(parts)
-            for label, out in pool.map(lambda j: simulate(j[1], args, j[0]), retry):
-                results[label] = out
+                continue
+            results.update(out)
+            if len(out) > 1:
+                notes.append(f"{label}: {len(out)} instance types per zone; one trace per type")
 
     rows = []
     header = f"{'trace':<32} {'policy':<10} {'avail %':>8} {'worst %':>8} {'rel.cost':>9}   bar"

@@ -7,15 +7,17 @@ from pathlib import Path
 
 import click
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from skyhedge.cli._app import console, err_console, main
 from skyhedge.errors import TraceError
-from skyhedge.simulator import OPTIMAL, SimConfig, load_prices, load_trace
+from skyhedge.simulator import OPTIMAL, SimConfig, load_prices
 from skyhedge.simulator import simulate as run_simulation
 from skyhedge.simulator.latency import load_arrivals
 from skyhedge.simulator.runner import Summary, check_policies
+from skyhedge.simulator.traces import load_traces
 
 DEFAULT_POLICIES = "spothedge,skyserve,optimal,ondemand,even,rr,single-region"
 
@@ -27,6 +29,14 @@ def _policy_names(text: str) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+def _instance_types(values: tuple[str, ...]) -> list[str] | None:
+    """`--instance-type` values, each possibly comma-separated; None when not given."""
+    kinds = [kind.strip() for value in values for kind in value.split(",") if kind.strip()]
+    if values and not kinds:
+        raise click.BadParameter("expected one or more instance types", param_hint="--instance-type")
+    return list(dict.fromkeys(kinds)) or None
+
+
 @main.command()
 @click.option(
     "--trace",
@@ -34,7 +44,16 @@ def _policy_names(text: str) -> list[str]:
     multiple=True,
     required=True,
     type=click.Path(path_type=Path),
-    help="Trace directory (one JSON per zone) or CSV file; repeat for several traces.",
+    help="Trace directory (one JSON per zone) or CSV file; repeat for several traces. A directory "
+    "holding several instance types per zone gives one trace per type, named DIR[TYPE].",
+)
+@click.option(
+    "--instance-type",
+    "instance_type_values",
+    multiple=True,
+    metavar="TYPE[,TYPE...]",
+    help="Keep only the zone files of these instance types (the file name after the zone, e.g. "
+    "k80_1), one trace per type; repeatable or comma-separated.",
 )
 @click.option(
     "--policy",
@@ -95,6 +114,7 @@ def _policy_names(text: str) -> list[str]:
 )
 def simulate(
     trace_paths: tuple[Path, ...],
+    instance_type_values: tuple[str, ...],
     policy_text: str,
     repeats: int,
     seed: int,
@@ -113,7 +133,8 @@ def simulate(
     """Replay spot-capacity traces through placement policies: cost and availability per policy."""
     policies = _policy_names(policy_text)
     check_policies(policies)
-    traces = [load_trace(path) for path in trace_paths]
+    instance_types = _instance_types(instance_type_values)
+    traces = [trace for path in trace_paths for trace in load_traces(path, instance_types=instance_types)]
     names = [trace.name for trace in traces]
     if len(set(names)) != len(names):
         raise TraceError(f"two traces share the name {next(n for n in names if names.count(n) > 1)!r}")
@@ -143,7 +164,8 @@ def simulate(
         task = progress.add_task("simulating", total=total)
 
         def advance(trace: str, policy: str, window: int) -> None:
-            progress.update(task, advance=1, description=f"{trace} {policy} window {window + 1}/{repeats}")
+            text = escape(f"{trace} {policy} window {window + 1}/{repeats}")  # "aws[k80_1]": no markup
+            progress.update(task, advance=1, description=text)
 
         summaries = run_simulation(
             traces, policies, config, progress=advance, keep_timelines_of=0 if plot_path else None
@@ -153,7 +175,7 @@ def simulate(
         from skyhedge.simulator.plot import plot_results  # matplotlib only when asked
 
         plot_results(summaries, traces, plot_path, target=target)
-        err_console.print(f"wrote {plot_path}")
+        err_console.print(escape(f"wrote {plot_path}"))
     if as_json:
         click.echo(json.dumps([s.to_json() for s in summaries], indent=2))
     else:
@@ -196,8 +218,8 @@ def _table(summaries: list[Summary], config: SimConfig) -> Table:
         data = summary.to_json()
         style = "bold" if summary.policy == OPTIMAL else None
         row = [
-            data["trace"],
-            data["policy"],
+            escape(data["trace"]),  # "aws-10-26-2022[k80_1]" is not rich markup
+            escape(data["policy"]),
             _pct(data["availability"]),
             _pct(data["availability_min"]),
             f"{data['relative_cost']:.3f}",

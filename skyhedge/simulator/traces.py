@@ -6,7 +6,10 @@ Two input formats (docs/simulate.md has the user-facing description):
    `../shared/traces/README.md`): ``{"metadata": {"gap_seconds": G}, "data": [v0, v1, ...],
    "prices": [...]?}``. The file name starts with the zone (``us-east-2a_v100_1.json``).
    ``data[i]`` is the spot capacity of that zone during ``[i*G, (i+1)*G)``; optional ``prices``
-   are spot $/h per entry.
+   are spot $/h per entry. The rest of the stem after the first ``_`` is the file's instance type
+   (``v100_1``); a directory holding several instance types for one zone is split by `load_traces`
+   into one trace per type, named ``<dir>[<type>]``: a spot pool is one type in one zone, and a
+   service runs one type, so types (which differ in price) are never mixed into one market.
 2. A CSV file (or a directory holding exactly one): a header ``seconds,<zone>,<zone>,...`` and one
    row per sample: the sample's start in seconds (evenly spaced, first row 0 or any start) and
    each zone's capacity. A zone may be written ``cloud/region/zone`` to name it fully.
@@ -31,7 +34,16 @@ import numpy as np
 from skyhedge.errors import TraceError
 from skyhedge.policy.types import Location
 
-__all__ = ["TICK_SECONDS", "UNLIMITED", "Trace", "load_trace", "location_for_zone", "resample"]
+__all__ = [
+    "TICK_SECONDS",
+    "UNLIMITED",
+    "Trace",
+    "instance_type_of",
+    "load_trace",
+    "load_traces",
+    "location_for_zone",
+    "resample",
+]
 
 TICK_SECONDS = 30
 #: Capacity standing for "as many as asked" (a 1 in an availability trace).
@@ -94,19 +106,27 @@ def resample(
     return values[np.minimum(index, len(values) - 1)]
 
 
+def instance_type_of(file: str | Path) -> str | None:
+    """The instance type of a zone file: its stem after the first ``_`` (None when it has none)."""
+    _, sep, kind = Path(file).stem.partition("_")
+    return kind if sep and kind else None
+
+
 def load_trace(path: str | Path, *, binary_is_unlimited: bool | None = None) -> Trace:
     """Load a trace directory (JSON per zone, or one CSV) or a CSV file; raise `TraceError`.
 
     `binary_is_unlimited`: None follows the README rule (all values 0/1 -> unlimited); True/False
-    force it.
+    force it. A directory holding one zone several times (several instance types) is refused:
+    `load_traces` splits it.
     """
     path = Path(path)
+    jsons = _json_files(path)
+    if jsons:
+        _check_zones_once(path, jsons)
+        return _from_json_files(path, jsons, path.name, str(path), binary_is_unlimited)
     if path.is_dir():
-        jsons = sorted(p for p in path.iterdir() if p.suffix == ".json" and p.is_file())
         csvs = sorted(p for p in path.iterdir() if p.suffix == ".csv" and p.is_file())
-        if jsons:
-            zones, series, gaps, prices = _read_json_dir(jsons)
-        elif len(csvs) == 1:
+        if len(csvs) == 1:
             zones, series, gaps, prices = _read_csv(csvs[0])
         elif csvs:
             raise TraceError(f"{path}: holds {len(csvs)} CSV files; point --trace at one of them")
@@ -118,7 +138,102 @@ def load_trace(path: str | Path, *, binary_is_unlimited: bool | None = None) -> 
         raise TraceError(f"{path}: expected a trace directory or a .csv file")
     else:
         raise TraceError(f"{path}: no such trace directory or file")
-    return _build(path, zones, series, gaps, prices, binary_is_unlimited)
+    return _build(
+        path, zones, series, gaps, prices, binary_is_unlimited, path.stem if path.is_file() else path.name
+    )
+
+
+def load_traces(
+    path: str | Path,
+    *,
+    instance_types: Sequence[str] | None = None,
+    binary_is_unlimited: bool | None = None,
+) -> list[Trace]:
+    """The traces of one `--trace` path: one per instance type where a zone has several.
+
+    A directory whose zones each appear once gives exactly `load_trace`'s trace. One where some
+    zone appears more than once gives one trace per instance type (sorted; files without a type
+    first), each built from that type's files alone, so it is the very trace (capacity, length,
+    hence seeded windows) that a directory holding only those files would give; its name is
+    ``<dir>[<type>]``. `instance_types` keeps only those types' files, one trace per type; a type
+    the directory lacks raises `TraceError` naming the types it has. A trace holding every file
+    of its directory keeps the directory's name.
+    """
+    path = Path(path)
+    jsons = _json_files(path)
+    wanted = list(dict.fromkeys(instance_types)) if instance_types else None
+    if not jsons:
+        trace = load_trace(path, binary_is_unlimited=binary_is_unlimited)  # its errors first
+        if wanted:
+            raise TraceError(
+                f"{path}: no instance type {_quoted(wanted)}: a CSV trace has none (drop --instance-type)"
+            )
+        return [trace]
+    groups: dict[str | None, list[Path]] = {}
+    for file in jsons:
+        groups.setdefault(instance_type_of(file), []).append(file)
+    if wanted:
+        unknown = [kind for kind in wanted if kind not in groups]
+        if unknown:
+            known = sorted(kind for kind in groups if kind is not None)
+            has = ", ".join(known) if known else "none (no '_<type>' in its file names)"
+            raise TraceError(f"{path}: no instance type {_quoted(unknown)}; its instance types: {has}")
+        chosen: list[str | None] = sorted(wanted)
+    elif _repeated_zone(jsons) is not None:
+        chosen = sorted(groups, key=lambda kind: (kind is not None, kind or ""))
+    else:
+        return [_from_json_files(path, jsons, path.name, str(path), binary_is_unlimited)]
+    traces = []
+    for kind in chosen:
+        files = groups[kind]
+        whole = len(files) == len(jsons)
+        name = path.name if whole or kind is None else f"{path.name}[{kind}]"
+        source = str(path) if whole else f"{path} (instance type {kind or 'none'})"
+        _check_zones_once(path, files)
+        traces.append(_from_json_files(path, files, name, source, binary_is_unlimited))
+    return traces
+
+
+def _quoted(kinds: Sequence[str]) -> str:
+    return ", ".join(repr(kind) for kind in kinds)
+
+
+def _json_files(path: Path) -> list[Path]:
+    if not path.is_dir():
+        return []
+    return sorted(p for p in path.iterdir() if p.suffix == ".json" and p.is_file())
+
+
+def _zone_of(file: Path) -> Location:
+    return location_for_zone(file.stem.split("_", 1)[0])
+
+
+def _repeated_zone(files: Sequence[Path]) -> Location | None:
+    seen: set[Location] = set()
+    for file in files:
+        zone = _zone_of(file)
+        if zone in seen:
+            return zone
+        seen.add(zone)
+    return None
+
+
+def _check_zones_once(path: Path, files: Sequence[Path]) -> None:
+    """Refuse one zone twice (before reading any file), naming the instance types found."""
+    zone = _repeated_zone(files)
+    if zone is not None:
+        kinds = sorted({kind for kind in map(instance_type_of, files) if kind is not None})
+        raise TraceError(
+            f"{path}: zone {zone.zone} appears twice (instance types: {', '.join(kinds) or 'none'}); "
+            "keep one instance type per trace (skyhedge simulate splits it, --instance-type picks)"
+        )
+
+
+def _from_json_files(
+    path: Path, files: Sequence[Path], name: str, source: str, binary_is_unlimited: bool | None
+) -> Trace:
+    zones, series, gaps, prices = _read_json_dir(list(files))
+    return _build(path, zones, series, gaps, prices, binary_is_unlimited, name, source)
 
 
 def _build(
@@ -128,6 +243,8 @@ def _build(
     gaps: list[float],
     prices: list[np.ndarray | None],
     binary_is_unlimited: bool | None,
+    name: str,
+    source: str | None = None,
 ) -> Trace:
     seen: dict[Location, int] = {}
     for i, zone in enumerate(zones):
@@ -148,10 +265,9 @@ def _build(
         for z, (p, g) in enumerate(zip(prices, gaps, strict=True)):
             if p is not None:
                 spot_prices[z] = resample(p, g, ticks)
-    name = path.stem if path.is_file() else path.name
     return Trace(
         name=name,
-        source=str(path),
+        source=str(path) if source is None else source,
         zones=tuple(zones),
         capacity=capacity,
         gap_seconds=tuple(gaps),
@@ -181,8 +297,7 @@ def _read_json_dir(
                 raise TraceError(
                     f"{file}: prices: expected {len(data)} entries like data, got {len(price_arr)}"
                 )
-        zone = file.stem.split("_", 1)[0]
-        zones.append(location_for_zone(zone))
+        zones.append(_zone_of(file))
         series.append(data)
         gaps.append(gap)
         prices.append(price_arr)
