@@ -284,6 +284,25 @@ def test_all_or_nothing_zones_consolidate_instead_of_hedging() -> None:
     assert policy.decide(Observation(HOUR + 30, 3, cands, left)) == [LaunchSpot(z[0])]
 
 
+def test_equally_calm_zones_are_told_apart_by_their_region_mates() -> None:
+    # three zones of one region and one alone (gcp-04-30-2023's shape), all calm since start-up:
+    # the lone zone's replica is the surplus, and the replicas gather in the crowded region
+    crowd = [Location("gcp", "us-central1", f"us-central1-{x}") for x in "abc"]
+    lone = Location("gcp", "us-east1", "us-east1-b")
+    z = [lone, *crowd]  # the lone zone first: candidate order alone would keep it
+    cands = tuple(Candidate(loc, 1.0, 3.0) for loc in z)
+    policy = SkyHedge()
+    policy.decide(Observation(0.0, 3, cands))
+    held = tuple(fact(f"r{i}", loc) for i, loc in enumerate(z))
+    assert policy.decide(Observation(20 * HOUR, 3, cands, held)) == [Terminate("r0")]
+    left = held[1:]
+    decisions = policy.decide(Observation(20 * HOUR + 30, 3, cands, left))
+    assert len(decisions) == 1 and isinstance(decisions[0], LaunchSpot)
+    assert decisions[0].location in crowd
+    assert policy.region_calm(crowd[0], cands, 10 * HOUR) == 2 * 10 * HOUR
+    assert policy.region_calm(lone, cands, 10 * HOUR) == 0
+
+
 def test_warning_starts_the_replacement_without_killing_the_warned_replica() -> None:
     z = zones(4)
     cands = tuple(Candidate(loc, 1.0, 3.0) for loc in z)

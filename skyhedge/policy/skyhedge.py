@@ -40,7 +40,11 @@ spot traces (`benchmarks/policy_report.py`, docs/policy.md), never from one trac
    serving until the cloud takes it, and its zone counts as troubled.
 
 Surplus spot replicas go from the most stacked zone (finite capacity) or the least stacked one
-(all-or-nothing, to consolidate), then the dearest, then the youngest; not-ready ones first.
+(all-or-nothing, to consolidate), then the dearest, then the youngest, then the one whose
+region-mates have been calm the least; not-ready ones first. Between equally calm zones the
+consolidation anchor is likewise the one with the calmest region-mates: zones of one region share
+capacity and its waves, so their pooled calm is more evidence than one zone's (this is what keeps
+the replicas out of gcp-04-30-2023's lone us-east1-b zone, which drops once a day).
 
 Budget rules (tests check them): at most N on-demand replicas; spot replicas alive never above
 N + N_extra + 1 (plus replacements of warned replicas); never fewer than N replicas asked for.
@@ -57,6 +61,7 @@ from typing import Any, ClassVar
 from skyhedge.errors import PolicyError
 from skyhedge.policy.spothedge import SpotHedge, is_ready, live_replicas
 from skyhedge.policy.types import (
+    Candidate,
     Decision,
     EventKind,
     LaunchOnDemand,
@@ -176,6 +181,21 @@ class SkyHedge(SpotHedge):
     def settle_seconds(self) -> float:
         return self._settle if self._settle is not None else SETTLE_COLD_STARTS * self._cold
 
+    def region_calm(self, location: Location, candidates: tuple[Candidate, ...], now: float) -> float:
+        """Calm seconds seen in the *other* zones of `location`'s region: evidence about its region.
+
+        Zones of one region share a capacity pool and its waves, so between two zones equally calm
+        themselves, the one whose region-mates are calm too is the safer bet. Only a tie-breaker:
+        a zone's own age always comes first.
+        """
+        return sum(
+            self.zone_age(c.location, now)
+            for c in candidates
+            if c.location != location
+            and c.location.cloud == location.cloud
+            and c.location.region == location.region
+        )
+
     def unhedged_risk(self, held: set[Location], now: float) -> float:
         """Predicted unavailability without the extra replica: D * sum of held zones' hazards."""
         return self.outage_seconds * sum(hazard(self.zone_age(z, now)) for z in held)
@@ -264,9 +284,16 @@ class SkyHedge(SpotHedge):
             return None
         order = {c.location: i for i, c in enumerate(obs.candidates)}
         price = {c.location: c.spot_price for c in obs.candidates}
+        now = obs.now
         return max(
             usable,
-            key=lambda z: (self.zone_age(z, obs.now), held[z], -price.get(z, 0.0), -order.get(z, 0)),
+            key=lambda z: (
+                self.zone_age(z, now),
+                self.region_calm(z, obs.candidates, now),
+                held[z],
+                -price.get(z, 0.0),
+                -order.get(z, 0),
+            ),
         )
 
     def _surplus(
@@ -287,6 +314,7 @@ class SkyHedge(SpotHedge):
                     stack * counts[z],
                     price.get(z, 0.0),
                     -self.zone_age(z, now),
+                    -self.region_calm(z, obs.candidates, now),
                     -order.get(z, 0),
                 ),
             )
