@@ -12,6 +12,7 @@ comes back from `simulate` as one trace per type, named DIR[type]; the report pr
 
     python benchmarks/policy_report.py                  # all shared traces, 2 at a time
     python benchmarks/policy_report.py --seed 1 --target 4 --json out.json
+    python benchmarks/policy_report.py --holdout        # + recombined many-zone traces (HOLDOUT)
 
 Takes a few minutes: the optimum is an integer program per window (scipy/HiGHS).
 """
@@ -19,10 +20,12 @@ Takes a few minutes: the optimum is an integer program per window (scipy/HiGHS).
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -40,6 +43,54 @@ DEFAULT_TRACES = [
     "cant-be-late/preemption/4-node/aws-08-03-2023",
 ]
 POLICIES = ("spothedge", "skyhedge", "optimal")
+
+#: Recombined traces (`--holdout`): real zones of different shared traces side by side, as a
+#: stand-in for the many-zone traces the policy will be judged on (the SkyServe paper's 9-zone AWS
+#: and 6-zone GCP traces are not public). Each zone keeps its real history; the zones of different
+#: source traces were recorded on different dates, so their cross-zone timing is not real.
+HOLDOUT = {
+    "mix-aws1+aws2": ["skyserve/AWS1", "skyserve/AWS2"],
+    "mix-1node-all": [
+        "cant-be-late/preemption/1-node/aws-04-19-2023",
+        "cant-be-late/preemption/1-node/aws-04-22-2023",
+        "cant-be-late/preemption/1-node/gcp-04-30-2023",
+    ],
+    "mix-4node": ["cant-be-late/preemption/4-node/aws-08-03-2023", "skyserve/AWS1"],
+    "mix-16node": ["cant-be-late/availability/16-node/aws-08-27-2023", "skyserve/AWS2"],
+    "mix-gcp+aws-04-19": [
+        "cant-be-late/preemption/1-node/gcp-04-30-2023",
+        "cant-be-late/preemption/1-node/aws-04-19-2023",
+    ],
+    "mix-aws-04-22+gcp": [
+        "cant-be-late/preemption/1-node/aws-04-22-2023",
+        "cant-be-late/preemption/1-node/gcp-04-30-2023",
+    ],
+}
+
+
+def write_holdout(scratch: Path) -> list[Path]:
+    """The `HOLDOUT` traces as CSV files (`cloud/region/zone-K` columns, 30 s rows) in `scratch`."""
+    sys.path.insert(0, str(ROOT))
+    from skyhedge.simulator.traces import TICK_SECONDS, load_trace
+
+    out = []
+    for name, parts in HOLDOUT.items():
+        traces = [load_trace(SHARED / part) for part in parts]
+        ticks = min(t.ticks for t in traces)
+        header, columns = ["seconds"], []
+        for k, trace in enumerate(traces):
+            for z, location in enumerate(trace.zones):
+                values = trace.capacity[z, :ticks]
+                columns.append((values > 0).astype(int) if trace.availability_only else values)
+                header.append(f"{location.cloud}/{location.region}/{location.zone}-{k}")
+        path = scratch / f"{name}.csv"
+        with path.open("w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(header)
+            for i in range(ticks):
+                writer.writerow([i * TICK_SECONDS, *(int(c[i]) for c in columns)])
+        out.append(path)
+    return out
 
 
 def simulate(trace: Path, args: argparse.Namespace) -> tuple[str, dict[str, list[dict]] | str]:
@@ -75,7 +126,12 @@ def simulate(trace: Path, args: argparse.Namespace) -> tuple[str, dict[str, list
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--trace", action="append", type=Path, help="trace directory (repeatable)")
+    parser.add_argument("--trace", action="append", type=Path, help="trace directory or CSV (repeatable)")
+    parser.add_argument(
+        "--holdout",
+        action="store_true",
+        help="also run recombined many-zone traces built from the shared ones (slower: ~10 min)",
+    )
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--target", type=int, default=3)
@@ -84,16 +140,23 @@ def main() -> int:
     parser.add_argument("--json", type=Path, help="also write the rows as JSON")
     args = parser.parse_args()
     traces = args.trace or [SHARED / t for t in DEFAULT_TRACES]
-    missing = [t for t in traces if not t.is_dir()]
+    missing = [t for t in traces if not t.exists()]
     if missing:
-        print(f"error: no such trace directory: {missing[0]}", file=sys.stderr)
+        print(f"error: no such trace directory or file: {missing[0]}", file=sys.stderr)
         return 2
+    with tempfile.TemporaryDirectory(prefix="skyhedge-holdout-") as scratch:
+        if args.holdout:
+            traces = [*traces, *write_holdout(Path(scratch))]
+        return report(traces, args)
 
+
+def report(traces: list[Path], args: argparse.Namespace) -> int:
     started = time.perf_counter()
     notes: list[str] = []
     results: dict[str, list[dict] | str] = {}
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
         for label, out in pool.map(lambda t: simulate(t, args), traces):
+            label = label.removesuffix(".csv")
             if isinstance(out, str):
                 results[label] = out
                 continue
