@@ -361,30 +361,19 @@ class AwsEventSource(EventSource):
                 inst = by_id.get(rec.cloud_id) or by_replica.get(rec.id)
                 if inst is None and not rec.cloud_id:
                     continue  # never seen running (GitOps: CI may not have applied it yet)
-                if inst is None:
-                    events.append(
-                        PreemptionEvent(
-                            Signal.GONE,
-                            now,
-                            "aws-reconcile",
-                            replica_id=rec.id,
-                            cloud_id=rec.cloud_id,
-                            reason="",
-                            detail="instance no longer listed",
-                        )
+                if inst is not None and _state(inst) not in GONE_STATES:
+                    continue
+                events.append(
+                    PreemptionEvent(
+                        Signal.GONE,
+                        now,
+                        "aws-reconcile",
+                        replica_id=rec.id,
+                        cloud_id=rec.cloud_id if inst is None else inst.get("InstanceId"),
+                        reason="" if inst is None else instance_gone_reason(inst),
+                        detail="instance no longer listed" if inst is None else f"instance {_state(inst)}",
                     )
-                elif _state(inst) in GONE_STATES:
-                    events.append(
-                        PreemptionEvent(
-                            Signal.GONE,
-                            now,
-                            "aws-reconcile",
-                            replica_id=rec.id,
-                            cloud_id=inst.get("InstanceId"),
-                            reason=instance_gone_reason(inst),
-                            detail=f"instance {_state(inst)}",
-                        )
-                    )
+                )
         return events
 
 
