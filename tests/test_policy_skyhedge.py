@@ -299,8 +299,30 @@ def test_equally_calm_zones_are_told_apart_by_their_region_mates() -> None:
     decisions = policy.decide(Observation(20 * HOUR + 30, 3, cands, left))
     assert len(decisions) == 1 and isinstance(decisions[0], LaunchSpot)
     assert decisions[0].location in crowd
-    assert policy.region_calm(crowd[0], cands, 10 * HOUR) == 2 * 10 * HOUR
-    assert policy.region_calm(lone, cands, 10 * HOUR) == 0
+    assert policy.region_calm(crowd[0], cands, 10 * HOUR) == (10 * HOUR, 2 * 10 * HOUR)
+    assert policy.region_calm(lone, cands, 10 * HOUR) == (0.0, 0.0)
+
+
+def test_a_region_is_as_calm_as_its_least_calm_zone_not_as_its_zone_count() -> None:
+    # four zones of one region, one of which just had trouble, against two calm zones of another:
+    # the replicas gather in the smaller calm region, not where the summed calm is larger
+    big = [Location("aws", "us-east-1", f"us-east-1{x}") for x in "abcd"]
+    small = [Location("gcp", "us-central1", f"us-central1-{x}") for x in "ab"]
+    z = [*big, *small]
+    cands = tuple(Candidate(loc, 1.0, 3.0) for loc in z)
+    policy = SkyHedge()
+    policy.decide(Observation(0.0, 3, cands))
+    # us-east-1d refuses a launch at 20 h: the held zones themselves are all equally calm
+    refused = (ZoneEvent(EventKind.LAUNCH_FAILED, big[3], 20 * HOUR),)
+    held = (fact("a", big[0]), fact("b", big[1]), fact("c", small[0]), fact("d", small[1]))
+    policy.decide(Observation(20 * HOUR, 3, cands, held, refused))
+    assert policy.region_calm(big[0], cands, 21 * HOUR)[1] > policy.region_calm(small[0], cands, 21 * HOUR)[1]
+    decisions = policy.decide(Observation(21 * HOUR, 3, cands, held))
+    assert len(decisions) == 1 and isinstance(decisions[0], Terminate)
+    assert decisions[0].replica_id in {"a", "b"}  # the surplus leaves the troubled region
+    left = tuple(r for r in held if r.id != decisions[0].replica_id)
+    decisions = policy.decide(Observation(21 * HOUR + 30, 3, cands, left))
+    assert decisions == [LaunchSpot(decisions[0].location)] and decisions[0].location in small
 
 
 def test_warning_starts_the_replacement_without_killing_the_warned_replica() -> None:

@@ -43,8 +43,10 @@ Surplus spot replicas go from the most stacked zone (finite capacity) or the lea
 (all-or-nothing, to consolidate), then the dearest, then the youngest, then the one whose
 region-mates have been calm the least; not-ready ones first. Between equally calm zones the
 consolidation anchor is likewise the one with the calmest region-mates: zones of one region share
-capacity and its waves, so their pooled calm is more evidence than one zone's (this is what keeps
-the replicas out of gcp-04-30-2023's lone us-east1-b zone, which drops once a day).
+capacity and its waves, so their calm is evidence about each other (this keeps the replicas out of
+gcp-04-30-2023's lone us-east1-b zone, which drops once a day). A region is as calm as its least
+calm mate, then as their summed calm: a sum alone favours a region for having many zones, troubled
+ones included.
 
 Budget rules (tests check them): at most N on-demand replicas; spot replicas alive never above
 N + N_extra + 1 (plus replacements of warned replicas); never fewer than N replicas asked for.
@@ -181,20 +183,26 @@ class SkyHedge(SpotHedge):
     def settle_seconds(self) -> float:
         return self._settle if self._settle is not None else SETTLE_COLD_STARTS * self._cold
 
-    def region_calm(self, location: Location, candidates: tuple[Candidate, ...], now: float) -> float:
-        """Calm seconds seen in the *other* zones of `location`'s region: evidence about its region.
+    def region_calm(
+        self, location: Location, candidates: tuple[Candidate, ...], now: float
+    ) -> tuple[float, float]:
+        """Evidence about `location`'s region: (least calm region-mate's age, summed mates' ages).
 
         Zones of one region share a capacity pool and its waves, so between two zones equally calm
-        themselves, the one whose region-mates are calm too is the safer bet. Only a tie-breaker:
+        themselves, the one whose region-mates are calm too is the safer bet. The *least* calm mate
+        comes first: a region where one zone just had trouble is a troubled region, however many
+        zones it has (a sum alone would favour a region for having many zones, troubled ones
+        included). A zone alone in its region has no such evidence: (0, 0). Only a tie-breaker:
         a zone's own age always comes first.
         """
-        return sum(
+        ages = [
             self.zone_age(c.location, now)
             for c in candidates
             if c.location != location
             and c.location.cloud == location.cloud
             and c.location.region == location.region
-        )
+        ]
+        return (min(ages), sum(ages)) if ages else (0.0, 0.0)
 
     def unhedged_risk(self, held: set[Location], now: float) -> float:
         """Predicted unavailability without the extra replica: D * sum of held zones' hazards."""
@@ -289,7 +297,7 @@ class SkyHedge(SpotHedge):
             usable,
             key=lambda z: (
                 self.zone_age(z, now),
-                self.region_calm(z, obs.candidates, now),
+                *self.region_calm(z, obs.candidates, now),
                 held[z],
                 -price.get(z, 0.0),
                 -order.get(z, 0),
@@ -314,7 +322,7 @@ class SkyHedge(SpotHedge):
                     stack * counts[z],
                     price.get(z, 0.0),
                     -self.zone_age(z, now),
-                    -self.region_calm(z, obs.candidates, now),
+                    *(-x for x in self.region_calm(z, obs.candidates, now)),
                     -order.get(z, 0),
                 ),
             )
