@@ -377,6 +377,7 @@ def test_bad_availability_target_is_refused(target: object) -> None:
         {"trouble": ["aws/x/y"]},
         {"trouble": {"not-a-location": 1.0}},
         {"warned": "r1"},
+        {"refused": ["aws/x/y"]},
         {"cold_start": "slow"},
     ],
 )
@@ -394,3 +395,38 @@ def test_snapshot_is_json_and_keeps_spothedge_memory() -> None:
     restored = SkyHedge()
     restored.restore(data)
     assert restored.snapshot() == policy.snapshot()
+
+
+def _refusals_everywhere_but_the_held_zone(partial: bool) -> tuple[SkyHedge, list[Location], tuple]:
+    """Three replicas stacked in zone 0; zones 1-3 just refused a launch, so SpotHedge's memory
+    marked them PREEMPTED and, with one zone left ACTIVE, its reset rule made all ACTIVE again."""
+    z = zones(4)
+    cands = tuple(Candidate(loc, 1.0, 3.0) for loc in z)
+    policy = SkyHedge()
+    policy.decide(Observation(0.0, 3, cands))
+    if partial:  # zone 0 refused a third replica while holding two: capacity is finite
+        two = (fact("a1", z[0]), fact("a2", z[0]))
+        policy.decide(Observation(600.0, 3, cands, two, (ZoneEvent(EventKind.LAUNCH_FAILED, z[0], 590.0),)))
+    held = (fact("a1", z[0]), fact("a2", z[0]), fact("a3", z[0], at=700.0))
+    events = (ZoneEvent(EventKind.SURVIVED, z[0], HOUR - 30, "a1"),) + tuple(
+        ZoneEvent(EventKind.LAUNCH_FAILED, loc, HOUR - 30) for loc in z[1:]
+    )
+    decisions = policy.decide(Observation(HOUR, 3, cands, held, events))
+    assert policy.zone_status(cands) == dict.fromkeys(z, "ACTIVE")  # the reset happened
+    return policy, z, decisions
+
+
+def test_finite_pools_stack_the_extra_instead_of_asking_zones_that_just_refused() -> None:
+    policy, z, decisions = _refusals_everywhere_but_the_held_zone(partial=True)
+    assert [d.location for d in decisions if isinstance(d, LaunchSpot)] == [z[0]]
+    # half an hour later the refusals are old news: the extra is asked of another zone again
+    cands = tuple(Candidate(loc, 1.0, 3.0) for loc in z)
+    held = (fact("a1", z[0]), fact("a2", z[0]), fact("a3", z[0], at=700.0))
+    later = policy.decide(Observation(HOUR + 1801, 3, cands, held))
+    assert [d.location for d in later if isinstance(d, LaunchSpot)] == [z[1]]
+
+
+def test_all_or_nothing_zones_keep_spothedges_retries() -> None:
+    # a stacked extra hedges nothing when a zone loses all or nothing: the next zone is asked
+    _, z, decisions = _refusals_everywhere_but_the_held_zone(partial=False)
+    assert [d.location for d in decisions if isinstance(d, LaunchSpot)] == [z[1]]

@@ -39,6 +39,15 @@ spot traces (`benchmarks/policy_report.py`, docs/policy.md), never from one trac
    replica is treated as already lost for planning, so its replacement starts at once; it keeps
    serving until the cloud takes it, and its zone counts as troubled.
 
+6. **Region-mates break ties** between equally calm zones (below).
+7. **Finite pools: a zone that refused is not asked again for a while.** Once capacity is known to
+   be finite, a zone that refused a launch in the last HAZARD_SCALE (30 min, the age at which the
+   fitted hazard halves) gets no new replica while another ACTIVE zone can take it. SpotHedge's
+   reset rule makes such a zone ACTIVE again within minutes and retries it over and over, while an
+   on-demand replica stands in for the extra spot replica; skipping it stacks the extra in a held
+   zone instead: a spot replica hedging a partial shrink, at a third of the price. All-or-nothing
+   zones keep SpotHedge's retries (a stacked extra hedges nothing there).
+
 Surplus spot replicas go from the most stacked zone (finite capacity) or the least stacked one
 (all-or-nothing, to consolidate), then the dearest, then the youngest, then the one whose
 region-mates have been calm the least; not-ready ones first. Between equally calm zones the
@@ -121,6 +130,7 @@ class SkyHedge(SpotHedge):
         # memory, all JSON-able through snapshot()
         self._start: float | None = None
         self._trouble: dict[Location, float] = {}  # last trouble seen per zone
+        self._refused: dict[Location, float] = {}  # last refused launch per zone
         self._most_held: dict[Location, int] = {}  # most replicas a zone held at once
         self._partial = False  # a zone held only part of what was asked: capacity is finite
         self._warned: set[str] = set()
@@ -149,6 +159,8 @@ class SkyHedge(SpotHedge):
                 continue
             if kind not in _TROUBLE:
                 continue
+            if kind is EventKind.LAUNCH_FAILED:
+                self._refused[where] = max(event.at, self._refused.get(where, event.at))
             if kind is EventKind.LAUNCH_FAILED and held.get(where):
                 self._partial = True  # keeps ours, refuses one more
                 if held[where] >= self._most_held.get(where, 0):
@@ -258,7 +270,7 @@ class SkyHedge(SpotHedge):
             if anchor is not None:
                 decisions.extend(LaunchSpot(anchor) for _ in range(want - len(spot)))
             else:
-                decisions.extend(LaunchSpot(z) for z in self.place_spot(want - len(spot), dict(held)))
+                decisions.extend(LaunchSpot(z) for z in self._place(want - len(spot), dict(held), now))
         elif len(spot) > want:
             decisions.extend(Terminate(r.id) for r in self._surplus(obs, spot, held, want, ready_spot))
         elif anchor is not None and len(held) > 1 and ready_spot == len(spot):
@@ -275,6 +287,29 @@ class SkyHedge(SpotHedge):
             ranked = sorted(ondemand, key=lambda r: (is_ready(r), -r.launched_at))
             decisions.extend(Terminate(r.id) for r in ranked[: len(ondemand) - od_target])
         return decisions
+
+    def _place(self, count: int, holding: dict[Location, int], now: float) -> list[Location]:
+        """SpotHedge's placement, minus zones that refused a launch within the last HAZARD_SCALE.
+
+        Finite pools only (rule 7): there a full zone keeps refusing for a long while, but
+        SpotHedge's reset rule makes it ACTIVE again within minutes, so the extra replica is
+        retried there again and again while an on-demand replica stands in for it. Skipping the
+        recent refusers stacks the extra in a held zone instead, a spot replica hedging a partial
+        shrink. All-or-nothing zones keep SpotHedge's retries: a stacked extra hedges nothing there.
+        """
+        if not self._partial:
+            return self.place_spot(count, holding)
+        recent = {
+            z for z, at in self._refused.items() if now - at < HAZARD_SCALE and z not in self._preempted
+        }
+        if recent and len(self._preempted) + len(recent) < len(self._spot_order):
+            saved = self._preempted
+            self._preempted = saved | recent
+            try:
+                return self.place_spot(count, holding)
+            finally:
+                self._preempted = saved
+        return self.place_spot(count, holding)
 
     def _settled(self, replica: ReplicaFact, now: float, settle: float) -> bool:
         """Its zone has been trouble-free for `settle` seconds (start-up counts as trouble for the
@@ -343,6 +378,7 @@ class SkyHedge(SpotHedge):
             {
                 "start": self._start,
                 "trouble": {z.key: t for z, t in sorted(self._trouble.items())},
+                "refused": {z.key: t for z, t in sorted(self._refused.items())},
                 "most_held": {z.key: c for z, c in sorted(self._most_held.items())},
                 "partial": self._partial,
                 "warned": sorted(self._warned),
@@ -360,15 +396,18 @@ class SkyHedge(SpotHedge):
             self._start = None if start is None else float(start)
             self._last_now = None if last is None else float(last)
             trouble = data.get("trouble", {})
+            refused = data.get("refused", {})
             most_held = data.get("most_held", {})
             warned = data.get("warned", [])
             if (
                 not isinstance(trouble, dict)
+                or not isinstance(refused, dict)
                 or not isinstance(most_held, dict)
                 or not isinstance(warned, list)
             ):
-                raise TypeError("'trouble' and 'most_held' must be objects, 'warned' a list")
+                raise TypeError("'trouble', 'refused' and 'most_held' must be objects, 'warned' a list")
             self._trouble = {Location.parse(str(k)): float(v) for k, v in trouble.items()}
+            self._refused = {Location.parse(str(k)): float(v) for k, v in refused.items()}
             self._most_held = {Location.parse(str(k)): int(v) for k, v in most_held.items()}
             self._partial = bool(data.get("partial", False))
             self._warned = {str(x) for x in warned}
