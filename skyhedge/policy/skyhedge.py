@@ -161,10 +161,10 @@ class SkyHedge(SpotHedge):
                 continue
             if kind is EventKind.LAUNCH_FAILED:
                 self._refused[where] = max(event.at, self._refused.get(where, event.at))
-            if kind is EventKind.LAUNCH_FAILED and held.get(where):
-                self._partial = True  # keeps ours, refuses one more
-                if held[where] >= self._most_held.get(where, 0):
-                    continue  # full at its usual size: not a sign of trouble
+                if held.get(where):
+                    self._partial = True  # keeps ours, refuses one more
+                    if held[where] >= self._most_held.get(where, 0):
+                        continue  # full at its usual size: not a sign of trouble
             elif kind is EventKind.PREEMPTED:
                 lost.add(where)
             elif kind is EventKind.WARNING and event.replica_id is not None:
@@ -289,27 +289,11 @@ class SkyHedge(SpotHedge):
         return decisions
 
     def _place(self, count: int, holding: dict[Location, int], now: float) -> list[Location]:
-        """SpotHedge's placement, minus zones that refused a launch within the last HAZARD_SCALE.
-
-        Finite pools only (rule 7): there a full zone keeps refusing for a long while, but
-        SpotHedge's reset rule makes it ACTIVE again within minutes, so the extra replica is
-        retried there again and again while an on-demand replica stands in for it. Skipping the
-        recent refusers stacks the extra in a held zone instead, a spot replica hedging a partial
-        shrink. All-or-nothing zones keep SpotHedge's retries: a stacked extra hedges nothing there.
-        """
+        """SpotHedge's placement; in finite pools avoiding zones that refused lately (rule 7)."""
         if not self._partial:
             return self.place_spot(count, holding)
-        recent = {
-            z for z, at in self._refused.items() if now - at < HAZARD_SCALE and z not in self._preempted
-        }
-        if recent and len(self._preempted) + len(recent) < len(self._spot_order):
-            saved = self._preempted
-            self._preempted = saved | recent
-            try:
-                return self.place_spot(count, holding)
-            finally:
-                self._preempted = saved
-        return self.place_spot(count, holding)
+        recent = {z for z, at in self._refused.items() if now - at < HAZARD_SCALE}
+        return self.place_spot(count, holding, avoid=recent)
 
     def _settled(self, replica: ReplicaFact, now: float, settle: float) -> bool:
         """Its zone has been trouble-free for `settle` seconds (start-up counts as trouble for the

@@ -29,7 +29,7 @@ tuple.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from itertools import islice
 from typing import Any, ClassVar
 
@@ -193,16 +193,21 @@ class SpotHedge(Policy):
         self._spot_order = [candidates[i].location for i in ranked]
         self._ondemand_best = _cheapest_ondemand(candidates).location if candidates else None
 
-    def place_spot(self, count: int, holding: dict[Location, int]) -> list[Location]:
+    def place_spot(
+        self, count: int, holding: dict[Location, int], avoid: Collection[Location] = ()
+    ) -> list[Location]:
         """Locations for `count` new spot replicas given the spot replicas per location now.
 
         The cheapest ACTIVE locations holding none come first, one replica each (so replicas sit in
         distinct zones while distinct ACTIVE zones remain); the rest go to the cheapest ACTIVE one.
+        Locations in `avoid` are left out unless no other ACTIVE location remains.
         """
         if count <= 0:
             return []
         preempted = self._preempted
         active = [location for location in self._spot_order if location not in preempted]
+        if avoid:
+            active = [location for location in active if location not in avoid] or active
         if not active:
             return []
         chosen = list(islice((loc for loc in active if not holding.get(loc)), count))
