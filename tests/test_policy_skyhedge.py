@@ -234,7 +234,7 @@ def finite_capacity_policy(z: list[Location], target: float | None = None) -> Sk
     return policy
 
 
-def test_extra_dropped_from_the_stacked_zone_once_every_held_zone_is_calm() -> None:
+def test_extra_dropped_once_every_held_zone_is_calm_then_finite_pools_consolidate_too() -> None:
     z = zones(3)
     cands = tuple(Candidate(loc, 1.0, 3.0) for loc in z)
     held = (fact("a1", z[0]), fact("a2", z[0], at=60.0), fact("b1", z[1]), fact("c1", z[2]))
@@ -242,9 +242,33 @@ def test_extra_dropped_from_the_stacked_zone_once_every_held_zone_is_calm() -> N
     # one hour in: zones are young, SpotHedge's extra stays
     assert kinds(policy.decide(Observation(HOUR, 3, cands, held))) == (0, 0, 0)
     # a day without trouble: D * sum(hazard) is below 1 - 0.99 (D = cold start + decision period,
-    # about 250 s after these sparse decisions), so the extra goes, from the zone holding two
+    # about 250 s after these sparse decisions), so the extra goes; without it the replicas
+    # gather in one zone (rule 4, finite pools too), so it goes from a zone holding one
     assert policy.outage_seconds < 260 and 260 * 3 * hazard(24 * HOUR) < 0.01
-    assert policy.decide(Observation(24 * HOUR, 3, cands, held)) == [Terminate("a2")]
+    assert policy.decide(Observation(24 * HOUR, 3, cands, held)) == [Terminate("c1")]
+    # then the replica left alone in zone b moves to the zone holding two (ACTIVE again since a
+    # launch there succeeded), launched first there
+    left = held[:3]
+    launched = (ZoneEvent(EventKind.LAUNCHED, z[0], 60.0, "a2"),)
+    assert policy.decide(Observation(24 * HOUR + 30, 3, cands, left, launched)) == [LaunchSpot(z[0])]
+    gathered = (*left, fact("a3", z[0], at=24 * HOUR + 30))
+    assert policy.decide(Observation(24 * HOUR + 400, 3, cands, gathered)) == [Terminate("b1")]
+
+
+def test_finite_pools_do_not_gather_into_a_zone_that_just_refused() -> None:
+    z = zones(3)
+    cands = tuple(Candidate(loc, 1.0, 3.0) for loc in z)
+    policy = finite_capacity_policy(z)  # zone 0 refused a third replica at t=0
+    left = (fact("a1", z[0]), fact("a2", z[0]), fact("b1", z[1]))
+    launched = (ZoneEvent(EventKind.LAUNCHED, z[0], 60.0, "a2"),)  # ACTIVE again for SpotHedge
+    policy.decide(Observation(60.0, 3, cands, (*left, fact("c1", z[2])), launched))
+    assert policy.zone_status(cands)[z[0]] == "ACTIVE"
+    # a day on, the extra goes and the replicas gather in zone 0, the zone holding two ...
+    calm = 24 * HOUR
+    assert policy.decide(Observation(calm, 3, cands, left)) == [LaunchSpot(z[0])]
+    # ... unless it refused within half an hour: it may be full, so they gather in zone 1
+    refusal = (ZoneEvent(EventKind.LAUNCH_FAILED, z[0], calm + 30),)
+    assert policy.decide(Observation(calm + 60, 3, cands, left, refusal)) == [LaunchSpot(z[1])]
 
 
 def test_a_higher_availability_target_keeps_the_extra_longer() -> None:
@@ -260,7 +284,9 @@ def test_trouble_brings_the_extra_back() -> None:
     cands = tuple(Candidate(loc, 1.0, 3.0) for loc in z)
     policy = finite_capacity_policy(z)
     calm = (fact("a1", z[0]), fact("b1", z[1]), fact("c1", z[2]))
-    assert kinds(policy.decide(Observation(12 * HOUR, 3, cands, calm))) == (0, 0, 0)
+    # calm for 12 hours: no extra; the replicas start gathering into one zone (rule 4)
+    gather = policy.decide(Observation(12 * HOUR, 3, cands, calm))
+    assert kinds(gather) == (1, 0, 0)
     # a preemption in zone b: b is young again, its replica is gone -> replace it and re-hedge
     lost = (ZoneEvent(EventKind.PREEMPTED, z[1], 12 * HOUR + 30, "b1"),)
     left = (fact("a1", z[0]), fact("c1", z[2]))
@@ -359,10 +385,16 @@ def test_on_demand_covers_replicas_until_their_zone_settles() -> None:
 def test_never_below_n_ready_when_releasing() -> None:
     z = zones(3)
     cands = tuple(Candidate(loc, 1.0, 3.0) for loc in z)
-    policy = finite_capacity_policy(z)
-    # four spot replicas, only three READY: the not-ready one is the one released
-    held = (fact("a1", z[0]), fact("a2", z[0], ready=False, at=12 * HOUR), fact("b1", z[1]), fact("c1", z[2]))
-    assert policy.decide(Observation(12 * HOUR + 30, 3, cands, held)) == [Terminate("a2")]
+    policy = SkyHedge()
+    policy.decide(Observation(0.0, 3, cands))
+    # gathering into zone 0: its second replica is not READY yet, so the lone replicas it will
+    # replace keep serving (releasing one would leave two READY) and the new one is kept
+    held = (fact("a1", z[0]), fact("a2", z[0], ready=False, at=20 * HOUR), fact("b1", z[1]), fact("c1", z[2]))
+    assert policy.decide(Observation(20 * HOUR + 30, 3, cands, held)) == []
+    # once it is READY, one lone replica goes
+    ready = (fact("a1", z[0]), fact("a2", z[0], at=20 * HOUR), fact("b1", z[1]), fact("c1", z[2]))
+    decisions = policy.decide(Observation(20 * HOUR + 300, 3, cands, ready))
+    assert len(decisions) == 1 and decisions[0] in (Terminate("b1"), Terminate("c1"))
 
 
 @pytest.mark.parametrize("target", [0.0, 1.5, float("nan"), "high", True])

@@ -28,13 +28,18 @@ spot traces (`benchmarks/policy_report.py`, docs/policy.md), never from one trac
    has been trouble-free for two cold starts; until then on-demand replicas cover it, so that
    losing the unsettled ones still leaves N. As in SpotHedge, on-demand also stands in for spot
    replicas that are not READY (at most N on-demand replicas, SpotHedge's cap).
-4. **All-or-nothing markets: consolidate instead of hedging.** Until a zone is seen holding only
-   part of what was asked (a refusal while holding replicas, or a partial preemption), SkyHedge
-   assumes a zone either has room for everything or for nothing. Then every zone holding a replica
-   is a zone whose loss is an outage, and an extra replica helps only if it lets *every* zone hold
-   one replica (N + 1 zones); otherwise SkyHedge holds no extra and gathers the replicas, one at a
-   time, into the calmest held zone, which exposes one zone instead of several (SpotHedge's layout
-   also exposes one: the zone holding two).
+4. **Without the extra, consolidate.** When no extra replica is held, SkyHedge gathers the N
+   replicas, one at a time, into the calmest held zone (the *anchor*), which exposes one zone
+   instead of several (SpotHedge's layout also exposes one: the zone holding two). This holds in
+   both kinds of market. Until a zone is seen holding only part of what was asked (a refusal while
+   holding replicas, or a partial preemption), SkyHedge assumes a zone either has room for
+   everything or for nothing; there, every zone holding a replica is a zone whose loss is an
+   outage, so an extra replica helps only if it lets *every* zone hold one replica (N + 1 zones),
+   and none is held otherwise. Once capacity is known to be finite, a consolidated zone is exposed
+   only to shrinking below N, where N replicas spread over N zones are exposed to any of them
+   emptying: measured on the recombined finite traces, consolidating there too raises availability
+   at no extra cost (docs/policy.md). In finite pools the anchor is never a zone that refused a
+   launch within HAZARD_SCALE: it may be full.
 5. **Interruption warnings** (AWS two-minute notices, rebalance recommendations): the warned
    replica is treated as already lost for planning, so its replacement starts at once; it keeps
    serving until the cloud takes it, and its zone counts as troubled.
@@ -48,8 +53,8 @@ spot traces (`benchmarks/policy_report.py`, docs/policy.md), never from one trac
    zone instead: a spot replica hedging a partial shrink, at a third of the price. All-or-nothing
    zones keep SpotHedge's retries (a stacked extra hedges nothing there).
 
-Surplus spot replicas go from the most stacked zone (finite capacity) or the least stacked one
-(all-or-nothing, to consolidate), then the dearest, then the youngest, then the one whose
+Surplus spot replicas go from the most stacked zone (finite capacity, while an extra is held) or
+the least stacked one (to consolidate), then the dearest, then the youngest, then the one whose
 region-mates have been calm the least; not-ready ones first. Between equally calm zones the
 consolidation anchor is likewise the one with the calmest region-mates: zones of one region share
 capacity and its waves, so their calm is evidence about each other (this keeps the replicas out of
@@ -262,8 +267,7 @@ class SkyHedge(SpotHedge):
         held: dict[Location, int] = {}
         for replica in spot:
             held[replica.location] = held.get(replica.location, 0) + 1
-        consolidate = want == n and not self._partial
-        anchor = self._anchor(obs, held) if consolidate else None
+        anchor = self._anchor(obs, held) if want == n else None
 
         decisions: list[Decision] = []
         if len(spot) < want:
@@ -305,13 +309,16 @@ class SkyHedge(SpotHedge):
         return now - origin >= settle
 
     def _anchor(self, obs: Observation, held: dict[Location, int]) -> Location | None:
-        """The calmest ACTIVE zone holding replicas: where consolidated replicas go."""
+        """The calmest ACTIVE zone holding replicas: where replicas gather. In finite pools, not
+        a zone that refused lately (it may be full; all-or-nothing zones refuse only when empty)."""
+        now = obs.now
         usable = [z for z in held if z not in self._preempted]
+        if self._partial:
+            usable = [z for z in usable if now - self._refused.get(z, -math.inf) >= HAZARD_SCALE]
         if not usable:
             return None
         order = {c.location: i for i, c in enumerate(obs.candidates)}
         price = {c.location: c.spot_price for c in obs.candidates}
-        now = obs.now
         return max(
             usable,
             key=lambda z: (
@@ -330,7 +337,8 @@ class SkyHedge(SpotHedge):
         now = obs.now
         price = {c.location: c.spot_price for c in obs.candidates}
         order = {c.location: i for i, c in enumerate(obs.candidates)}
-        stack = 1 if self._partial else -1  # finite capacity: unstack; all-or-nothing: consolidate
+        # finite capacity with an extra held: unstack; otherwise consolidate (rule 4)
+        stack = 1 if self._partial and want > obs.target else -1
         counts = dict(held)
         victims: list[ReplicaFact] = []
         ready_left = ready_spot
