@@ -70,7 +70,7 @@ HOLDOUT = {
 
 #: Recombined the same way (`--validation`), but kept out of policy development: measured only to
 #: check that a rule found on `HOLDOUT` carries over to zone mixes it was not found on.
-#: `SPLIT:dir[type]` is one instance type of a multi-type directory.
+#: `dir[type]` is one instance type of a directory holding several.
 VALIDATION = {
     "val-4node+16node": [
         "cant-be-late/preemption/4-node/aws-08-03-2023",

@@ -296,8 +296,11 @@ class SkyHedge(SpotHedge):
         """SpotHedge's placement; in finite pools avoiding zones that refused lately (rule 7)."""
         if not self._partial:
             return self.place_spot(count, holding)
-        recent = {z for z, at in self._refused.items() if now - at < HAZARD_SCALE}
-        return self.place_spot(count, holding, avoid=recent)
+        return self.place_spot(count, holding, avoid=self._refused_lately(now))
+
+    def _refused_lately(self, now: float) -> set[Location]:
+        """Zones that refused a launch within HAZARD_SCALE: possibly full (finite pools)."""
+        return {z for z, at in self._refused.items() if now - at < HAZARD_SCALE}
 
     def _settled(self, replica: ReplicaFact, now: float, settle: float) -> bool:
         """Its zone has been trouble-free for `settle` seconds (start-up counts as trouble for the
@@ -314,7 +317,8 @@ class SkyHedge(SpotHedge):
         now = obs.now
         usable = [z for z in held if z not in self._preempted]
         if self._partial:
-            usable = [z for z in usable if now - self._refused.get(z, -math.inf) >= HAZARD_SCALE]
+            full = self._refused_lately(now)
+            usable = [z for z in usable if z not in full]
         if not usable:
             return None
         order = {c.location: i for i, c in enumerate(obs.candidates)}
