@@ -18,14 +18,15 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from datetime import datetime
 from pathlib import Path
+
+from skyhedge.catalog.aws import PRODUCT, as_datetime
 
 DEFAULT_HISTORY = Path(__file__).resolve().parents[3] / "shared" / "prices" / "aws-spot-history-2020"
 
 
 def read_history(root: Path, instance_type: str) -> dict[str, dict[float, float]]:
-    """Linux/UNIX spot prices of `instance_type` per zone: {zone: {unix time: $/h}}."""
+    """`PRODUCT` (Linux/UNIX) spot prices of `instance_type` per zone: {zone: {unix time: $/h}}."""
     prices: dict[str, dict[float, float]] = {}
     for file in sorted(root.glob("*/*.json")):
         if file.name != f"{instance_type}.json" and not file.name.endswith(f".{instance_type}.json"):
@@ -34,9 +35,9 @@ def read_history(root: Path, instance_type: str) -> dict[str, dict[float, float]
             doc = json.loads(file.read_text())
             rows = doc["SpotPriceHistory"]
             for row in rows:
-                if row["InstanceType"] != instance_type or row["ProductDescription"] != "Linux/UNIX":
+                if row["InstanceType"] != instance_type or row["ProductDescription"] != PRODUCT:
                     continue
-                at = datetime.fromisoformat(row["Timestamp"].replace("Z", "+00:00")).timestamp()
+                at = as_datetime(row["Timestamp"]).timestamp()
                 prices.setdefault(row["AvailabilityZone"], {})[at] = float(row["SpotPrice"])
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise SystemExit(f"error: {file}: not a DescribeSpotPriceHistory response ({exc})") from exc

@@ -32,7 +32,7 @@ class SpotQuote:
     timestamp: dt.datetime
 
 
-def _as_datetime(value: Any) -> dt.datetime:
+def as_datetime(value: Any) -> dt.datetime:
     """botocore parses timestamps to aware datetimes; raw JSON (tests, replays) gives ISO strings."""
     if isinstance(value, dt.datetime):
         return value if value.tzinfo else value.replace(tzinfo=dt.timezone.utc)
@@ -66,7 +66,7 @@ def read_spot_prices(
                     instance_type=item["InstanceType"],
                     zone=item["AvailabilityZone"],
                     price=float(item["SpotPrice"]),
-                    timestamp=_as_datetime(item["Timestamp"]),
+                    timestamp=as_datetime(item["Timestamp"]),
                 )
                 key = (quote.instance_type, quote.zone)
                 if key not in newest or quote.timestamp > newest[key].timestamp:
