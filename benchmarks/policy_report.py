@@ -226,10 +226,9 @@ def report(traces: list[Path], args: argparse.Namespace) -> int:
         by = {row["policy"]: row for row in out}
         sh, sky, opt = (by.get(p) for p in POLICIES)
         verdict = ""
-        if sh and sky and opt:
-            bar = (sh["relative_cost"] + opt["relative_cost"]) / 2
-            avail_ok = sky["availability"] >= sh["availability"]
-            cost_ok = sky["relative_cost"] <= bar
+        if sh and sky and opt and "vs_spothedge" in sky:
+            judged = sky["vs_spothedge"]  # simulate's own verdict (skyhedge.simulator.bar)
+            bar, avail_ok, cost_ok = judged["cost_limit"], judged["availability_ok"], judged["cost_ok"]
             total += 1
             met += avail_ok and cost_ok
             verdict = (

@@ -158,3 +158,23 @@ def test_availability_target_reaches_the_policy_and_the_report(trace_dir):
     assert strict[1]["relative_cost"] >= loose[1]["relative_cost"]  # a stricter target never hedges less
     bad = small(trace_dir, "--availability-target", "1.5")
     assert bad.exit_code != 0 and "--availability-target" in bad.output
+
+
+def test_policies_are_judged_against_spothedge_when_both_references_ran(trace_dir):
+    """With spothedge and optimal in the run, every other policy gets the bar's verdict."""
+    rows = json.loads(small(trace_dir, "--policy", "spothedge,skyhedge,optimal,even", "--json").stdout)
+    by = {r["policy"]: r for r in rows}
+    assert "vs_spothedge" not in by["spothedge"] and "vs_spothedge" not in by["optimal"]
+    for name in ("skyhedge", "even"):
+        verdict = by[name]["vs_spothedge"]
+        limit = (by["spothedge"]["relative_cost"] + by["optimal"]["relative_cost"]) / 2
+        assert verdict["cost_limit"] == pytest.approx(limit, abs=1e-6)
+        assert verdict["availability_ok"] == (by[name]["availability"] >= by["spothedge"]["availability"])
+        assert verdict["cost_ok"] == (by[name]["relative_cost"] <= limit + 1e-9)
+        assert verdict["met"] == (verdict["availability_ok"] and verdict["cost_ok"])
+    assert by["even"]["vs_spothedge"]["met"] is False  # even spread loses availability here
+    table = small(trace_dir, "--policy", "spothedge,even,optimal")
+    assert "vs SpotHedge" in table.stdout and "missed: avail" in table.stdout
+    without = json.loads(small(trace_dir, "--policy", "spothedge,skyhedge", "--json").stdout)
+    assert all("vs_spothedge" not in r for r in without)
+    assert "vs SpotHedge" not in small(trace_dir, "--policy", "spothedge,skyhedge").stdout

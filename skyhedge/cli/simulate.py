@@ -15,6 +15,7 @@ from skyhedge.cli._app import console, err_console, main
 from skyhedge.errors import TraceError
 from skyhedge.simulator import OPTIMAL, SimConfig, load_prices
 from skyhedge.simulator import simulate as run_simulation
+from skyhedge.simulator.bar import Verdict, annotate, judge
 from skyhedge.simulator.latency import load_arrivals
 from skyhedge.simulator.runner import Summary, check_policies
 from skyhedge.simulator.traces import load_traces
@@ -176,14 +177,16 @@ def simulate(
 
         plot_results(summaries, traces, plot_path, target=target)
         err_console.print(escape(f"wrote {plot_path}"))
+    rows = [summary.to_json() for summary in summaries]
     if as_json:
-        click.echo(json.dumps([s.to_json() for s in summaries], indent=2))
+        click.echo(json.dumps(annotate(rows), indent=2))
     else:
-        table = _table(summaries, config)
+        verdicts = judge(rows)
+        table = _table(summaries, rows, verdicts, config)
         if console.is_terminal:
             console.print(table)
         else:  # rich assumes 80 columns in a pipe: too few for the numbers with latency or dollars
-            width = 100 + 30 * config.latency + 24 * (config.prices is not None)
+            width = 100 + 30 * config.latency + 24 * (config.prices is not None) + 32 * bool(verdicts)
             Console(width=width).print(table)
 
 
@@ -191,7 +194,9 @@ def _pct(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.1f}%"
 
 
-def _table(summaries: list[Summary], config: SimConfig) -> Table:
+def _table(
+    summaries: list[Summary], rows: list[dict], verdicts: dict[tuple[str, str], Verdict], config: SimConfig
+) -> Table:
     table = Table(
         title=(
             f"N={config.target}, extra={config.extra}, cold start {config.cold_start_seconds:g}s, "
@@ -214,8 +219,9 @@ def _table(summaries: list[Summary], config: SimConfig) -> Table:
     if dollars:
         table.add_column("$/window", justify="right")
         table.add_column("$ OD only", justify="right")
-    for summary in summaries:
-        data = summary.to_json()
+    if verdicts:
+        table.add_column("vs SpotHedge", no_wrap=True)
+    for summary, data in zip(summaries, rows, strict=True):
         style = "bold" if summary.policy == OPTIMAL else None
         row = [
             escape(data["trace"]),  # "aws-10-26-2022[k80_1]" is not rich markup
@@ -232,5 +238,8 @@ def _table(summaries: list[Summary], config: SimConfig) -> Table:
             row.append(_pct(data["failure_rate"]))
         if dollars:
             row += [f"{data['dollars']:,.2f}", f"{data['ondemand_dollars']:,.2f}"]
+        if verdicts:
+            verdict = verdicts.get((summary.trace, summary.policy))
+            row.append("" if verdict is None else verdict.describe())
         table.add_row(*row, style=style)
     return table

@@ -2,8 +2,8 @@
 
 `traces` loads and resamples traces, `world` plays a window as a cloud for one policy, `runner`
 draws windows and aggregates metrics, `optimum` solves the omniscient integer program, `latency`
-models requests over a timeline and `plot` draws the results. Never imports engine, render,
-routing, clouds or controller (DESIGN.md, "Walls").
+models requests over a timeline, `bar` judges policies against SpotHedge and `plot` draws the
+results. Never imports engine, render, routing, clouds or controller (DESIGN.md, "Walls").
 """
 
 from skyhedge.simulator.runner import (
