@@ -29,7 +29,7 @@ from skyhedge.policy import (
     ZoneEvent,
     make_policy,
 )
-from skyhedge.policy.skyhedge import SkyHedge, hazard
+from skyhedge.policy.skyhedge import HAZARD_SCALE, SkyHedge, hazard
 
 TICK = 30.0
 HOUR = 3600.0
@@ -462,3 +462,53 @@ def test_all_or_nothing_zones_keep_spothedges_retries() -> None:
     # a stacked extra hedges nothing when a zone loses all or nothing: the next zone is asked
     _, z, decisions = _refusals_everywhere_but_the_held_zone(partial=False)
     assert [d.location for d in decisions if isinstance(d, LaunchSpot)] == [z[1]]
+
+
+def _spread_with_most_zones_marked(count: int, refused_at: float) -> tuple[SkyHedge, list[Location], tuple]:
+    """All-or-nothing zones: one READY replica in each of zones 0-2; every other zone refused a
+    launch at `refused_at`, so SpotHedge's memory marks it PREEMPTED (3 ACTIVE: no reset)."""
+    z = zones(count)
+    cands = tuple(Candidate(loc, 1.0, 3.0) for loc in z)
+    policy = SkyHedge()
+    policy.decide(Observation(0.0, 3, cands))
+    held = (fact("a1", z[0]), fact("b1", z[1]), fact("c1", z[2]))
+    refusals = tuple(ZoneEvent(EventKind.LAUNCH_FAILED, loc, refused_at) for loc in z[3:])
+    policy.decide(Observation(refused_at + 30, 3, cands, held, refusals))
+    return policy, z, held
+
+
+def spot_launches(decisions: list) -> list[Location]:
+    return [d.location for d in decisions if isinstance(d, LaunchSpot)]
+
+
+def test_many_marked_all_or_nothing_zones_are_asked_again_for_the_extra() -> None:
+    policy, z, held = _spread_with_most_zones_marked(9, refused_at=600.0)
+    cands = tuple(Candidate(loc, 1.0, 3.0) for loc in z)
+    assert list(policy.zone_status(cands).values()).count("ACTIVE") == 3
+    # 45 min in, every zone is young (the extra is wanted) and the marked ones have been calm
+    # for 30 min: the calmest marked zone (a tie: the first candidate) is ACTIVE again and the
+    # extra replica goes there, spread N + 1 over distinct zones instead of gathering
+    # (with SpotHedge's on-demand stand-in until it is READY)
+    now = 600.0 + HAZARD_SCALE + 300
+    decisions = policy.decide(Observation(now, 3, cands, held))
+    assert spot_launches(decisions) == [z[3]] and kinds(decisions) == (1, 1, 0)
+    assert policy.zone_status(cands)[z[3]] == "ACTIVE"
+    # it refuses: marked again, its calm starts over, and the next calmest zone is asked
+    refused = (ZoneEvent(EventKind.LAUNCH_FAILED, z[3], now + 15),)
+    assert spot_launches(policy.decide(Observation(now + 30, 3, cands, held, refused))) == [z[4]]
+    assert policy.zone_status(cands)[z[3]] == "PREEMPTED"
+
+
+def test_marked_zones_stay_marked_while_young_or_while_half_the_zones_are_active() -> None:
+    # marked 20 minutes ago: too young to ask again; no extra, the replicas start gathering
+    policy, z, held = _spread_with_most_zones_marked(9, refused_at=600.0)
+    cands = tuple(Candidate(loc, 1.0, 3.0) for loc in z)
+    decisions = policy.decide(Observation(600.0 + 1200, 3, cands, held))
+    assert decisions == [LaunchSpot(z[0])]  # one step of consolidation, no extra
+    assert list(policy.zone_status(cands).values()).count("ACTIVE") == 3
+    # five zones, three ACTIVE: more than half are, SpotHedge's memory is left alone
+    policy, z, held = _spread_with_most_zones_marked(5, refused_at=600.0)
+    cands = tuple(Candidate(loc, 1.0, 3.0) for loc in z)
+    decisions = policy.decide(Observation(600.0 + HAZARD_SCALE + 300, 3, cands, held))
+    assert decisions == [LaunchSpot(z[0])]
+    assert list(policy.zone_status(cands).values()).count("PREEMPTED") == 2

@@ -52,6 +52,13 @@ spot traces (`benchmarks/policy_report.py`, docs/policy.md), never from one trac
    on-demand replica stands in for the extra spot replica; skipping it stacks the extra in a held
    zone instead: a spot replica hedging a partial shrink, at a third of the price. All-or-nothing
    zones keep SpotHedge's retries (a stacked extra hedges nothing there).
+8. **Many all-or-nothing zones: marked zones are asked again when the extra needs them.** While
+   the extra replica is wanted but fewer than N + 1 zones are ACTIVE and at most half of the
+   zones are, the zones marked PREEMPTED that have been calm for HAZARD_SCALE are made ACTIVE
+   again, calmest first, as many as the spread needs. SpotHedge's reset waits until fewer than
+   two zones are ACTIVE; in a nine-zone market that leaves most zones marked for hours, and
+   skyhedge, with no N + 1 distinct zones for its extra (rule 4), held its replicas gathered in
+   one zone through the most turbulent hours.
 
 Surplus spot replicas go from the most stacked zone (finite capacity, while an extra is held) or
 the least stacked one (to consolidate), then the dearest, then the youngest, then the one whose
@@ -236,9 +243,33 @@ class SkyHedge(SpotHedge):
             return 0
         if not self._partial:
             active = sum(1 for c in obs.candidates if c.location not in self._preempted)
-            if active < n + base:
+            if active < n + base and not self._reopen(obs, active, n + base - active):
                 return 0
         return base
+
+    def _reopen(self, obs: Observation, active: int, wanted: int) -> bool:
+        """Rule 8: in a many-zone all-or-nothing market, make `wanted` marked zones ACTIVE again
+        for the extra replica (calmest first); False, changing nothing, when it cannot.
+
+        SpotHedge's reset makes every zone ACTIVE only when fewer than two are left: in a market of
+        three or four zones that comes soon, in one of nine most zones can stay PREEMPTED for
+        hours, and all-or-nothing zones give the extra replica no N + 1 distinct zones to spread
+        over (rule 4), so the replicas sat gathered through the most turbulent hours. Only while at
+        most half of the zones are ACTIVE, and only zones calm for HAZARD_SCALE since their last
+        trouble: a zone that refuses is marked again and its calm starts over.
+        """
+        if 2 * active >= len(obs.candidates):
+            return False
+        now = obs.now
+        rank = {c.location: (c.spot_price, i) for i, c in enumerate(obs.candidates)}
+        calm = sorted(
+            (z for z in self._preempted if z in rank and self.zone_age(z, now) >= HAZARD_SCALE),
+            key=lambda z: (-self.zone_age(z, now), rank[z]),
+        )
+        if len(calm) < wanted:
+            return False
+        self._preempted.difference_update(calm[:wanted])
+        return True
 
     # -- decisions ----------------------------------------------------------------------------
 
