@@ -17,7 +17,7 @@ from skyhedge.simulator import OPTIMAL, SimConfig, load_prices
 from skyhedge.simulator import simulate as run_simulation
 from skyhedge.simulator.bar import Verdict, annotate, judge
 from skyhedge.simulator.latency import load_arrivals
-from skyhedge.simulator.runner import Summary, check_policies
+from skyhedge.simulator.runner import check_policies
 from skyhedge.simulator.traces import load_traces
 
 DEFAULT_POLICIES = "spothedge,skyserve,optimal,ondemand,even,rr,single-region"
@@ -182,7 +182,7 @@ def simulate(
         click.echo(json.dumps(annotate(rows), indent=2))
     else:
         verdicts = judge(rows)
-        table = _table(summaries, rows, verdicts, config)
+        table = _table(rows, verdicts, config)
         if console.is_terminal:
             console.print(table)
         else:  # rich assumes 80 columns in a pipe: too few for the numbers with latency or dollars
@@ -194,9 +194,7 @@ def _pct(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.1f}%"
 
 
-def _table(
-    summaries: list[Summary], rows: list[dict], verdicts: dict[tuple[str, str], Verdict], config: SimConfig
-) -> Table:
+def _table(rows: list[dict], verdicts: dict[tuple[str, str], Verdict], config: SimConfig) -> Table:
     table = Table(
         title=(
             f"N={config.target}, extra={config.extra}, cold start {config.cold_start_seconds:g}s, "
@@ -221,8 +219,8 @@ def _table(
         table.add_column("$ OD only", justify="right")
     if verdicts:
         table.add_column("vs SpotHedge", no_wrap=True)
-    for summary, data in zip(summaries, rows, strict=True):
-        style = "bold" if summary.policy == OPTIMAL else None
+    for data in rows:
+        style = "bold" if data["policy"] == OPTIMAL else None
         row = [
             escape(data["trace"]),  # "aws-10-26-2022[k80_1]" is not rich markup
             escape(data["policy"]),
@@ -239,7 +237,7 @@ def _table(
         if dollars:
             row += [f"{data['dollars']:,.2f}", f"{data['ondemand_dollars']:,.2f}"]
         if verdicts:
-            verdict = verdicts.get((summary.trace, summary.policy))
+            verdict = verdicts.get((data["trace"], data["policy"]))
             row.append("" if verdict is None else verdict.describe())
         table.add_row(*row, style=style)
     return table

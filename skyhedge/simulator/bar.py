@@ -16,11 +16,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from skyhedge.policy.spothedge import SpotHedge
+from skyhedge.simulator.runner import OPTIMAL
+
 __all__ = ["BASELINE", "REFERENCE", "Verdict", "annotate", "judge"]
 
 #: The policy to dominate, and the lower bound its cost gap is measured to.
-BASELINE = "spothedge"
-REFERENCE = "optimal"
+BASELINE = SpotHedge.name
+REFERENCE = OPTIMAL
 
 
 @dataclass(frozen=True)
