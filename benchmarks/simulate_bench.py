@@ -1,9 +1,11 @@
 """Simulation speed on the paper's AWS2 trace: every policy but `optimal` over 10 windows of 24 h
-(one figure, and one per policy), then the omniscient optimum's integer program per window.
+(one figure, and one per policy), then the omniscient optimum per window, with the method that
+answered (`runs`: the shortest path, when capacity never binds; `milp`: HiGHS). With
+--compare-milp, each window is solved by HiGHS too, to time both and check they agree.
 Prints figures; asserts nothing.
 
     PYTHONPATH=. python3 benchmarks/simulate_bench.py [--trace ../shared/traces/skyserve/AWS2]
-        [--repeats 10] [--optimal-windows 10]
+        [--repeats 10] [--optimal-windows 10] [--compare-milp]
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ import statistics
 import time
 from pathlib import Path
 
-from skyhedge.simulator import OPTIMAL, SimConfig, load_trace, make_windows, run_window, simulate
+from skyhedge.simulator import SimConfig, load_trace, make_windows, simulate
+from skyhedge.simulator.optimum import solve_optimum
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_TRACE = REPO.parent / "shared" / "traces" / "skyserve" / "AWS2"
@@ -26,6 +29,7 @@ def main() -> None:
     ap.add_argument("--trace", type=Path, default=DEFAULT_TRACE)
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--optimal-windows", type=int, default=10)
+    ap.add_argument("--compare-milp", action="store_true", help="also solve each window with HiGHS")
     args = ap.parse_args()
 
     trace = load_trace(args.trace)
@@ -53,13 +57,22 @@ def main() -> None:
     windows = make_windows(trace, config)[: args.optimal_windows]
     times = []
     for window in windows:
+        capacity = trace.capacity[list(window.order), window.offset : window.offset + config.ticks]
+        solve = {"target": config.target, "cold_start_ticks": config.cold_start_ticks}
         started, cpu = time.perf_counter(), time.process_time()
-        result = run_window(trace, window, OPTIMAL, config)
+        result = solve_optimum(capacity, **solve)
         times.append(time.perf_counter() - started)
-        print(
-            f"  optimal window {window.index} (offset {window.offset}): {times[-1]:.2f} s wall, "
-            f"{time.process_time() - cpu:.2f} s CPU, relative cost {result.relative_cost:.3f}"
+        line = (
+            f"  optimal window {window.index} (offset {window.offset}): {result.method} "
+            f"{times[-1]:.2f} s wall, {time.process_time() - cpu:.2f} s CPU, objective {result.objective:.0f}"
         )
+        if args.compare_milp and result.method != "milp":
+            started = time.perf_counter()
+            milp = solve_optimum(capacity, **solve, method="milp")
+            same = abs(milp.objective - result.objective) < 1e-6
+            agree = "same" if same else f"DIFFERS: {milp.objective:.0f}"
+            line += f"; milp {time.perf_counter() - started:.2f} s, {agree}"
+        print(line)
     print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs (wall times grow with it)")
     print(
         f"optimal per window: median {statistics.median(times):.2f} s, mean {statistics.mean(times):.2f} s, "

@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from skyhedge.errors import SkyhedgeError
 from skyhedge.policy import Candidate, Location, PolicyConfig, make_policy
 from skyhedge.simulator.optimum import ready_counts, solve_optimum
 from skyhedge.simulator.world import World, score
@@ -95,3 +96,62 @@ def test_no_policy_that_is_always_available_costs_less(cap, name):
     if score(timeline, target=2, start=2, ondemand_cost_ratio=3).availability == 1.0:
         policy_cost = timeline.spot.sum() + 3 * timeline.ondemand.sum()
         assert optimum.objective <= policy_cost + 1e-6
+
+
+def _plan_cost(result, prices, ratio=3.0):
+    return float((result.spot_plan * prices).sum() + ratio * result.ondemand_plan.sum())
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.data(), target=st.integers(1, 3), cold=st.integers(0, 4), priced=st.booleans())
+def test_where_capacity_never_binds_the_shortest_path_equals_the_integer_program(data, target, cold, priced):
+    # Availability traces (a zone has room for all N or none) and pools never between 1 and N - 1.
+    zones = data.draw(st.integers(1, 3))
+    ticks = data.draw(st.integers(cold + 1, 40))
+    room = data.draw(st.sampled_from([10**6, target, target + 2]))
+    cap = (
+        np.asarray(
+            data.draw(
+                st.lists(
+                    st.lists(st.booleans(), min_size=ticks, max_size=ticks), min_size=zones, max_size=zones
+                )
+            ),
+            dtype=np.int64,
+        )
+        * room
+    )
+    prices = (
+        np.asarray(data.draw(st.lists(st.sampled_from([0.5, 0.8, 1.0, 1.3]), min_size=zones, max_size=zones)))
+        if priced
+        else None
+    )
+    fast = solve_optimum(cap, target=target, cold_start_ticks=cold, spot_prices=prices)
+    exact = solve_optimum(cap, target=target, cold_start_ticks=cold, spot_prices=prices, method="milp")
+    assert (fast.method, exact.method) == ("runs", "milp")
+    assert fast.objective == pytest.approx(exact.objective)
+    unit = np.ones((zones, 1)) if prices is None else prices.reshape(zones, 1)
+    assert _plan_cost(fast, unit) == pytest.approx(fast.objective)  # the plan is what it claims
+    assert (fast.spot_plan <= np.minimum(cap, target)).all()
+    assert (fast.timeline.ready[cold:] >= target).all()
+
+
+def test_a_zone_with_room_for_fewer_than_n_is_left_to_the_integer_program():
+    # Room for 1 of 2: one zone cannot hold every replica, so the copies are not independent.
+    assert solve_optimum([[1, 1, 1, 1], [2, 2, 0, 0]], target=2, cold_start_ticks=1).method == "milp"
+    assert solve_optimum([[2, 2, 2, 2], [2, 2, 0, 0]], target=2, cold_start_ticks=1).method == "runs"
+
+
+def test_switching_zones_pays_both_during_the_cold_start():
+    # Zone a until t4, zone b from t3: the replica in b starts at t4, ready at t5 when a is gone;
+    # the two overlap one tick (the cold start), cheaper than any on-demand bridge.
+    cap = [[1, 1, 1, 1, 1, 0, 0, 0], [0, 0, 0, 1, 1, 1, 1, 1]]
+    result = solve_optimum(cap, target=1, cold_start_ticks=1)
+    assert result.method == "runs"
+    assert result.spot_plan.tolist() == [[1, 1, 1, 1, 1, 0, 0, 0], [0, 0, 0, 0, 1, 1, 1, 1]]
+    assert result.ondemand_plan.tolist() == [0] * 8
+    assert result.objective == pytest.approx(9)
+
+
+def test_an_unknown_method_is_refused():
+    with pytest.raises(SkyhedgeError, match="method"):
+        solve_optimum([[1, 1]], target=1, cold_start_ticks=0, method="greedy")

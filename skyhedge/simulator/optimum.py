@@ -11,10 +11,20 @@ over the whole window, warm-up included (the replicas that must be ready at tick
 for from tick 0). It is scored like every policy, over [cold, T), so it is a lower bound on the
 cost of any policy reaching 100 % availability. No spot replica count above N is ever useful, so
 x <= N bounds the search; a and b are continuous (they take the integer window minima).
+
+When no zone ever holds between 1 and N - 1 (availability traces: a zone has room for everything
+or nothing), capacity never binds and the program splits into N copies of the one-replica
+problem, solved exactly by a shortest path over the window instead (`_solve_runs`): milliseconds
+where HiGHS takes 10-60 s per nine-zone window. Why it is exact: any plan is a set of *runs*
+(one replica in one zone, or on demand, paid over [s, e], ready over [s + cold, e]); covering
+every scored tick N times with runs is an interval-covering program, whose constraint matrix has
+consecutive ones (totally unimodular), so its optimum is N times the one-replica optimum.
 """
 
 from __future__ import annotations
 
+import math
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -33,6 +43,7 @@ class OptimumResult:
     ondemand_plan: np.ndarray  # (T,)
     objective: float
     status: str
+    method: str = "milp"  # "runs" (shortest path) or "milp" (HiGHS); "trivial" with nothing to do
 
 
 def ready_counts(plan: np.ndarray, cold: int) -> np.ndarray:
@@ -55,11 +66,14 @@ def solve_optimum(
     spot_prices: np.ndarray | None = None,
     ondemand_price: float | None = None,
     time_limit: float | None = None,
+    method: str = "auto",
 ) -> OptimumResult:
     """Solve the window's integer program. `capacity[z, t]`: zone z's spot capacity at tick t.
 
     Unit prices by default (spot 1, on-demand `ondemand_cost_ratio`); with `spot_prices` (zones x T
-    or zones) and `ondemand_price` the objective is in those prices instead.
+    or zones) and `ondemand_price` the objective is in those prices instead. `method` "auto" takes
+    the shortest path when capacity never binds (module docstring) and HiGHS otherwise; "milp"
+    always HiGHS. `OptimumResult.method` says which one answered.
     """
     cap = np.asarray(capacity, dtype=np.int64)
     zones, ticks = cap.shape
@@ -68,20 +82,40 @@ def solve_optimum(
     if n <= 0 or ticks == 0:
         empty = np.zeros(ticks, dtype=np.int64)
         timeline = Timeline(empty, empty, empty, np.zeros((zones, ticks), dtype=np.int64))
-        return OptimumResult(timeline, np.zeros((zones, ticks), dtype=np.int64), empty, 0.0, "trivial")
+        nothing = np.zeros((zones, ticks), dtype=np.int64)
+        return OptimumResult(timeline, nothing, empty, 0.0, "trivial", "trivial")
 
+    spot_cost = _spot_costs(spot_prices, zones, ticks)
+    od_cost = float(ondemand_cost_ratio if ondemand_price is None else ondemand_price)
+    if method not in ("auto", "milp"):
+        raise SkyhedgeError(f"optimum: method must be 'auto' or 'milp', got {method!r}")
+    if (
+        method == "auto"
+        and zones
+        and ticks > cold
+        and ((cap <= 0) | (cap >= n)).all()
+        and (spot_cost > 0).all()
+        and od_cost > 0
+    ):
+        runs = _solve_runs(cap > 0, n, cold, spot_cost, od_cost)
+        if runs is not None:
+            return runs
+    return _solve_milp(cap, n, cold, spot_cost, od_cost, time_limit)
+
+
+def _solve_milp(
+    cap: np.ndarray, n: int, cold: int, spot_cost: np.ndarray, od_cost: float, time_limit: float | None
+) -> OptimumResult:
+    """The integer program of the module docstring, solved by HiGHS."""
+    zones, ticks = cap.shape
     zt = zones * ticks
     # Variable layout: x (zt) | a (zt) | y (T) | b (T).
     x0, a0, y0, b0 = 0, zt, 2 * zt, 2 * zt + ticks
     count = 2 * zt + 2 * ticks
 
     cost = np.zeros(count)
-    if spot_prices is None:
-        cost[x0:a0] = 1.0
-    else:
-        prices = np.broadcast_to(np.asarray(spot_prices, dtype=float).reshape(zones, -1), (zones, ticks))
-        cost[x0:a0] = np.nan_to_num(prices, nan=1.0).ravel()
-    cost[y0:b0] = ondemand_cost_ratio if ondemand_price is None else ondemand_price
+    cost[x0:a0] = spot_cost.ravel()
+    cost[y0:b0] = od_cost
 
     upper = np.empty(count)
     upper[x0:a0] = np.minimum(cap, n).ravel()
@@ -153,3 +187,90 @@ def solve_optimum(
     timeline = Timeline(ready, spot_plan.sum(axis=0), ondemand_plan, spot_plan, None)
     status = "optimal" if result.status == 0 else str(result.message)
     return OptimumResult(timeline, spot_plan, ondemand_plan, float(result.fun), status)
+
+
+def _spot_costs(spot_prices: np.ndarray | None, zones: int, ticks: int) -> np.ndarray:
+    """Spot price per zone and tick (unit prices by default; a missing price counts as 1)."""
+    if spot_prices is None:
+        return np.ones((zones, ticks))
+    prices = np.broadcast_to(np.asarray(spot_prices, dtype=float).reshape(zones, -1), (zones, ticks))
+    return np.nan_to_num(prices, nan=1.0)
+
+
+def _solve_runs(
+    available: np.ndarray, target: int, cold: int, spot_cost: np.ndarray, od_cost: float
+) -> OptimumResult | None:
+    """The exact optimum when capacity never binds (module docstring): N copies of the cheapest
+    chain of runs covering [cold, T) once.
+
+    A chain is a sequence of runs, each in another zone than the one before (two runs of one
+    zone in a row merge into a cheaper one) and each starting `cold` ticks before the previous
+    one's coverage ends, so the next covers from the tick after it. best[k][e] is the cheapest
+    chain covering [cold, e] whose last run is in zone k (k = zones: on demand) and ends at e; a
+    run of zone k over [s, e'] needs k available at every tick of it. For each k, the
+    predecessors e of e' form a window [first_k(e'), e' - 1] whose ends only move forward, so a
+    monotone deque gives each minimum in amortised O(1): O(T x zones) in all. None if the chain
+    found would run more than N replicas in one zone (never for a cheapest chain: see above).
+    """
+    zones, ticks = available.shape
+    kinds = zones + 1  # the spot zones, then on demand
+    # prefix[k][t]: cost of one replica of kind k over ticks [0, t)
+    prefix = np.zeros((kinds, ticks + 1))
+    prefix[:zones, 1:] = np.cumsum(spot_cost, axis=1)
+    prefix[zones, 1:] = od_cost * np.arange(1, ticks + 1)
+    inf = math.inf
+    best = np.full((kinds, ticks), inf)
+    came = np.full((kinds, ticks), -1, dtype=np.int64)  # predecessor's end tick (cold - 1: start)
+    came_kind = np.full((kinds, ticks), -1, dtype=np.int64)
+    # the two cheapest chains ending at e, over all kinds: (cost, kind) each
+    tops: dict[int, list[tuple[float, int]]] = {cold - 1: [(0.0, -1), (inf, -1)]}
+    last_gap = np.full(kinds, -1, dtype=np.int64)  # last tick <= e' where kind k was unavailable
+    for k in range(zones):
+        gaps = np.flatnonzero(~available[k, :cold])
+        if len(gaps):
+            last_gap[k] = gaps[-1]
+    windows: list[deque[tuple[int, float]]] = [deque() for _ in range(kinds)]
+    for end in range(cold, ticks):
+        prev = end - 1  # a chain ending at `prev` becomes a predecessor of runs ending at `end`
+        pair = tops.get(prev)
+        for k in range(kinds):
+            if k < zones and not available[k, end]:
+                last_gap[k] = end
+            window = windows[k]
+            if pair is not None:
+                value, kind = pair[0] if pair[0][1] != k else pair[1]
+                if value < inf:
+                    # a run of k after a chain ending at prev starts at prev + 1 - cold
+                    key = value - prefix[k, prev + 1 - cold]
+                    while window and window[-1][1] >= key:
+                        window.pop()
+                    window.append((prev, key))
+            first = max(cold - 1, int(last_gap[k]) + cold)  # the run must start after the gap
+            while window and window[0][0] < first:
+                window.popleft()
+            if window:
+                prev_end, key = window[0]
+                best[k, end] = prefix[k, end + 1] + key
+                came[k, end] = prev_end
+                pair_prev = tops[prev_end]
+                came_kind[k, end] = pair_prev[0][1] if pair_prev[0][1] != k else pair_prev[1][1]
+        column = sorted((float(best[k, end]), k) for k in range(kinds))
+        tops[end] = column[:2]
+    k = int(np.argmin(best[:, ticks - 1]))
+    if not math.isfinite(best[k, ticks - 1]):  # on demand is always there: cannot happen
+        raise SkyhedgeError("optimum: no chain of runs covers the window")
+    spot_plan = np.zeros((zones, ticks), dtype=np.int64)
+    ondemand_plan = np.zeros(ticks, dtype=np.int64)
+    end = ticks - 1
+    while k >= 0:
+        prev = int(came[k, end])
+        start = prev + 1 - cold
+        plan = ondemand_plan if k == zones else spot_plan[k]
+        plan[start : end + 1] += target
+        k, end = int(came_kind[k, end]), prev
+    if (spot_plan > target).any():
+        return None
+    objective = float(target * best[:, ticks - 1].min())
+    ready = ready_counts(spot_plan, cold) + ready_counts(ondemand_plan, cold)
+    timeline = Timeline(ready, spot_plan.sum(axis=0), ondemand_plan, spot_plan, None)
+    return OptimumResult(timeline, spot_plan, ondemand_plan, objective, "optimal", "runs")
