@@ -33,7 +33,7 @@ import numpy as np
 from skyhedge.errors import SkyhedgeError
 from skyhedge.simulator.world import Timeline
 
-__all__ = ["OptimumResult", "ready_counts", "solve_optimum"]
+__all__ = ["OptimumResult", "capacity_never_binds", "ready_counts", "solve_optimum"]
 
 
 @dataclass(frozen=True)
@@ -55,6 +55,12 @@ def ready_counts(plan: np.ndarray, cold: int) -> np.ndarray:
         windows = np.lib.stride_tricks.sliding_window_view(plan, cold + 1, axis=1)
         ready[:, cold:] = windows.min(axis=2)
     return ready.sum(axis=0)
+
+
+def capacity_never_binds(capacity: np.ndarray, target: int) -> bool:
+    """No zone ever has room for between 1 and `target` - 1 replicas: the shortest path applies."""
+    cap = np.asarray(capacity)
+    return bool(((cap <= 0) | (cap >= target)).all())
 
 
 def solve_optimum(
@@ -93,7 +99,7 @@ def solve_optimum(
         method == "auto"
         and zones
         and ticks > cold
-        and ((cap <= 0) | (cap >= n)).all()
+        and capacity_never_binds(cap, n)
         and (spot_cost > 0).all()
         and od_cost > 0
     ):

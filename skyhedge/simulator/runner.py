@@ -29,7 +29,7 @@ import numpy as np
 from skyhedge.errors import TraceError
 from skyhedge.policy import Candidate, PolicyConfig, make_policy, policy_class
 from skyhedge.simulator import latency as latency_model
-from skyhedge.simulator.optimum import solve_optimum
+from skyhedge.simulator.optimum import capacity_never_binds, solve_optimum
 from skyhedge.simulator.traces import TICK_SECONDS, Trace
 from skyhedge.simulator.world import Timeline, World, score
 
@@ -334,8 +334,9 @@ def simulate(
     """Every policy over every trace's windows. `progress(trace, policy, window)` after each run.
 
     `keep_timelines_of`: index of the window whose timelines are kept (for the plot); None keeps
-    none. `workers`: processes solving the optimum's windows in parallel (default: one per CPU);
-    policies run in this process (they take milliseconds per window).
+    none. `workers`: processes solving the optimum's windows in parallel (default: one per CPU)
+    when they need the integer program; policies, and the optimum where capacity never binds, run
+    in this process (they take milliseconds per window).
     """
     check_policies(policies)
     workers = max(1, workers if workers is not None else (os.cpu_count() or 1))
@@ -345,7 +346,9 @@ def simulate(
         for name in policies:
             summary = Summary(trace.name, name, availability_target=config.slo)
             keeps = [keep_timelines_of is not None and w.index == keep_timelines_of for w in windows]
-            if name == OPTIMAL and workers > 1 and len(windows) > 1:
+            # the shortest path takes milliseconds per window: less than starting a process
+            parallel = not capacity_never_binds(trace.capacity, config.target)
+            if name == OPTIMAL and parallel and workers > 1 and len(windows) > 1:
                 # spawn: no fork of a threaded process (rich's progress thread), workers end with the pool
                 context = multiprocessing.get_context("spawn")
                 with ProcessPoolExecutor(max_workers=min(workers, len(windows)), mp_context=context) as pool:
