@@ -190,8 +190,8 @@ def simulate(
             Console(width=width).print(table)
 
 
-def _pct(value: float | None) -> str:
-    return "-" if value is None else f"{100 * value:.1f}%"
+def _pct(value: float | None, digits: int = 1) -> str:
+    return "-" if value is None else f"{100 * value:.{digits}f}%"
 
 
 def _table(rows: list[dict], verdicts: dict[tuple[str, str], Verdict], config: SimConfig) -> Table:
@@ -224,8 +224,8 @@ def _table(rows: list[dict], verdicts: dict[tuple[str, str], Verdict], config: S
         row = [
             escape(data["trace"]),  # "aws-10-26-2022[k80_1]" is not rich markup
             escape(data["policy"]),
-            _pct(data["availability"]),
-            _pct(data["availability_min"]),
+            _pct(data["availability"], 2),  # the SpotHedge bar is judged in hundredths of a point
+            _pct(data["availability_min"], 2),
             f"{data['relative_cost']:.3f}",
             f"{data['relative_cost_std']:.3f}",
             _pct(data["spot_share"]),
