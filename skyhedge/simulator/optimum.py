@@ -14,8 +14,8 @@ x <= N bounds the search; a and b are continuous (they take the integer window m
 
 When no zone ever holds between 1 and N - 1 (availability traces: a zone has room for everything
 or nothing), capacity never binds and the program splits into N copies of the one-replica
-problem, solved exactly by a shortest path over the window instead (`_solve_runs`): milliseconds
-where HiGHS takes 10-60 s per nine-zone window. Why it is exact: any plan is a set of *runs*
+problem, solved exactly by a shortest path over the window instead (`_solve_runs`): 0.1 s where
+HiGHS took 8-25 s per nine-zone window (docs/simulate.md). Why it is exact: any plan is a set of *runs*
 (one replica in one zone, or on demand, paid over [s, e], ready over [s + cold, e]); covering
 every scored tick N times with runs is an interval-covering program, whose constraint matrix has
 consecutive ones (totally unimodular), so its optimum is N times the one-replica optimum.
