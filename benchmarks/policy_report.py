@@ -174,7 +174,7 @@ def main() -> int:
     parser.add_argument(
         "--validation",
         action="store_true",
-        help="also run the recombined traces kept out of policy development (~10 min)",
+        help="also run the recombined traces kept out of policy development (~3.5 min)",
     )
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)

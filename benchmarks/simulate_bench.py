@@ -18,6 +18,7 @@ from pathlib import Path
 
 from skyhedge.simulator import SimConfig, load_trace, make_windows, simulate
 from skyhedge.simulator.optimum import solve_optimum
+from skyhedge.simulator.runner import window_capacity
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_TRACE = REPO.parent / "shared" / "traces" / "skyserve" / "AWS2"
@@ -57,7 +58,7 @@ def main() -> None:
     windows = make_windows(trace, config)[: args.optimal_windows]
     times = []
     for window in windows:
-        capacity = trace.capacity[list(window.order), window.offset : window.offset + config.ticks]
+        capacity = window_capacity(trace, window, config)
         solve = {"target": config.target, "cold_start_ticks": config.cold_start_ticks}
         started, cpu = time.perf_counter(), time.process_time()
         result = solve_optimum(capacity, **solve)

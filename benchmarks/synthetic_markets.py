@@ -26,6 +26,7 @@ import numpy as np
 
 from skyhedge.simulator import SimConfig, load_trace, simulate
 from skyhedge.simulator.bar import annotate
+from skyhedge.state import atomic_write_text
 
 GAP = 300
 DAYS = 21
@@ -77,7 +78,7 @@ def market(
 def write_csv(path: Path, names: list[str], rows: np.ndarray) -> None:
     lines = ["seconds," + ",".join(names)]
     lines += [f"{i * GAP}," + ",".join(str(int(v)) for v in rows[:, i]) for i in range(rows.shape[1])]
-    path.write_text("\n".join(lines) + "\n")
+    atomic_write_text(path, "\n".join(lines) + "\n")
 
 
 def main() -> None:

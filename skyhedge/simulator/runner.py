@@ -45,6 +45,7 @@ __all__ = [
     "make_windows",
     "run_window",
     "simulate",
+    "window_capacity",
 ]
 
 OPTIMAL = "optimal"
@@ -213,6 +214,11 @@ def make_windows(trace: Trace, config: SimConfig) -> list[Window]:
     ]
 
 
+def window_capacity(trace: Trace, window: Window, config: SimConfig) -> np.ndarray:
+    """The window's capacity (zones in the window's order x ticks): what policies and optimum see."""
+    return trace.capacity[list(window.order), window.offset : window.offset + config.ticks]
+
+
 def _prices(trace: Trace, window: Window, config: SimConfig) -> tuple[np.ndarray, np.ndarray] | None:
     """Per candidate: spot $/h per tick (zones x T) and on-demand $/h, or None without prices."""
     book = config.prices
@@ -248,7 +254,7 @@ def run_window(
 ) -> WindowResult:
     """Play one policy (or the optimum) over one window."""
     order = list(window.order)
-    capacity = trace.capacity[order, window.offset : window.offset + config.ticks]
+    capacity = window_capacity(trace, window, config)
     prices = _prices(trace, window, config)
     cold = config.cold_start_ticks
     started = time.perf_counter()
@@ -343,12 +349,14 @@ def simulate(
     summaries: list[Summary] = []
     for trace in traces:
         windows = make_windows(trace, config)
+        # the optimum needs processes only for the integer program: the shortest path (capacity
+        # never binding) takes milliseconds per window, less than starting a process
+        parallel = OPTIMAL in policies and workers > 1 and len(windows) > 1
+        parallel = parallel and not capacity_never_binds(trace.capacity, config.target)
         for name in policies:
             summary = Summary(trace.name, name, availability_target=config.slo)
             keeps = [keep_timelines_of is not None and w.index == keep_timelines_of for w in windows]
-            # the shortest path takes milliseconds per window: less than starting a process
-            parallel = not capacity_never_binds(trace.capacity, config.target)
-            if name == OPTIMAL and parallel and workers > 1 and len(windows) > 1:
+            if name == OPTIMAL and parallel:
                 # spawn: no fork of a threaded process (rich's progress thread), workers end with the pool
                 context = multiprocessing.get_context("spawn")
                 with ProcessPoolExecutor(max_workers=min(workers, len(windows)), mp_context=context) as pool:
