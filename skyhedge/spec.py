@@ -4,12 +4,13 @@ Field names follow SkyServe's where it has them (`replica_policy.min_replicas`,
 `num_overprovision`, `base_ondemand_fallback_replicas`, `dynamic_ondemand_fallback`,
 `readiness_probe.post_data`, ...). Every field is checked here, unknown fields included (with a
 did-you-mean), so nothing downstream has to re-validate. Checks that need the catalog (unknown
-instance type or zone) live in `skyhedge.layout` where the catalog is joined in.
+instance type or zone) live in `skyhedge.service.resolve_placement` where the catalog is joined in.
 """
 
 from __future__ import annotations
 
 import difflib
+import math
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -19,11 +20,17 @@ from typing import Any
 import yaml
 
 from skyhedge.errors import SpecError
+from skyhedge.policy import available_policies
 from skyhedge.policy.types import PolicyConfig
 
 CLOUDS = ("aws", "gcp", "local")
 NAME_RE = re.compile(r"^[a-z]([a-z0-9-]{0,38}[a-z0-9])?$")
 ZONE_RE = re.compile(r"^[a-z0-9][a-z0-9-]*$")
+# An AWS zone *name* (us-east-1a, us-gov-west-1a). The catalog and this product use zone IDs.
+AWS_ZONE_NAME_RE = re.compile(r"^[a-z]{2}(-gov)?-[a-z]+-[0-9]+[a-z]$")
+HEADER_NAME_RE = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")  # an RFC 9110 token
+PLUGIN_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*:[A-Za-z_][A-Za-z0-9_]*$")  # module:Class
+MAX_PORT = 65535
 LB_POLICIES = ("round_robin", "least_load")
 BACKENDS = ("local", "s3", "gcs")
 BACKEND_KEYS = {
@@ -201,11 +208,18 @@ def _number(
     hi: float | None = None,
     open_lo: bool = False,
 ) -> float:
+    """A finite int or float within the bounds. Non-finite values are refused first: `.inf` passes
+    a lower-only bound (`target_qps_per_replica`) and `.nan` passes every comparison."""
+    word = f" > {lo}" if open_lo and hi is None else _bounds(lo, hi)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ctx.fail(path, f"expected a number{_bounds(lo, hi)}, got {_show(value)}")
-    v = float(value)
-    if v != v or (lo is not None and (v < lo or (open_lo and v == lo))) or (hi is not None and v > hi):
-        word = f" > {lo}" if open_lo and hi is None else _bounds(lo, hi)
+        raise ctx.fail(path, f"expected a number{word}, got {_show(value)}")
+    try:
+        v = float(value)
+    except OverflowError:  # an integer literal too large for a float
+        v = math.inf
+    if not math.isfinite(v):
+        raise ctx.fail(path, f"expected a finite number{word}, got {value}")
+    if (lo is not None and (v < lo or (open_lo and v == lo))) or (hi is not None and v > hi):
         raise ctx.fail(path, f"expected a number{word}, got {value}")
     return v
 
@@ -253,7 +267,9 @@ def _str_list(
     return tuple(out)
 
 
-def _str_map(ctx: _Ctx, path: str, value: Any) -> dict[str, str]:
+def _str_map(ctx: _Ctx, path: str, value: Any, *, numbers: bool = True) -> dict[str, str]:
+    """A mapping of non-empty string keys to strings. With `numbers`, numeric values are taken
+    as their text (`PORT: 8000` in `run.env`); without, only strings are (probe headers)."""
     if value is None:
         return {}
     if not isinstance(value, Mapping):
@@ -262,7 +278,7 @@ def _str_map(ctx: _Ctx, path: str, value: Any) -> dict[str, str]:
     for k, v in value.items():
         if not isinstance(k, str) or not k:
             raise ctx.fail(path, f"expected string keys, got {_show(k)}")
-        if isinstance(v, bool) or not isinstance(v, (str, int, float)):
+        if isinstance(v, bool) or not isinstance(v, (str, int, float) if numbers else str):
             raise ctx.fail(f"{path}.{k}", f"expected a string, got {_show(v)}")
         out[k] = str(v)
     return out
@@ -320,16 +336,28 @@ def _placement(ctx: _Ctx, raw: Any) -> Placement:
     def cloud_ok(p: str, s: str) -> None:
         _choice(ctx, p, s, CLOUDS)
 
+    def region_ok(p: str, s: str) -> None:
+        if not ZONE_RE.fullmatch(s):
+            raise ctx.fail(p, f"expected a region like 'us-east-1' or 'us-central1', got {s!r}")
+
     def zone_ok(p: str, s: str) -> None:
         if not ZONE_RE.fullmatch(s):
-            raise ctx.fail(p, f"expected a zone name like 'us-east-1a', got {s!r}")
+            raise ctx.fail(p, f"expected a zone like 'use1-az1' (AWS zone ID) or 'us-central1-a', got {s!r}")
+        if "aws" in clouds and AWS_ZONE_NAME_RE.fullmatch(s):
+            # Zone names are shuffled per AWS account, so no table can turn one into the zone ID the
+            # catalog is keyed on; the user has to look it up in their own account.
+            raise ctx.fail(
+                p,
+                f"{s!r} is an AWS zone name; AWS zones are given as zone IDs such as 'use1-az1' "
+                "(the name-to-ID mapping differs per account: 'aws ec2 describe-availability-zones')",
+            )
 
     clouds = _str_list(ctx, "placement.clouds", d.get("clouds"), cloud_ok)
     if not clouds:
         raise ctx.fail("placement.clouds", "expected at least one of aws, gcp, local")
     return Placement(
         clouds=clouds,
-        regions=_str_list(ctx, "placement.regions", d.get("regions"), zone_ok),
+        regions=_str_list(ctx, "placement.regions", d.get("regions"), region_ok),
         zones=_str_list(ctx, "placement.zones", d.get("zones"), zone_ok),
         exclude_zones=_str_list(ctx, "placement.exclude_zones", d.get("exclude_zones"), zone_ok),
     )
@@ -360,7 +388,7 @@ def _replica_policy(ctx: _Ctx, raw: Any) -> ReplicaPolicy:
     target = d.get("availability_target")
     if target is not None:
         target = _number(ctx, f"{p}.availability_target", target, lo=0.5, hi=1.0)
-    policy = _str(ctx, f"{p}.policy", d.get("policy", "skyhedge"))
+    policy = _policy_name(ctx, f"{p}.policy", d.get("policy", "skyhedge"))
     return ReplicaPolicy(
         min_replicas=min_r,
         max_replicas=max_r,
@@ -381,6 +409,25 @@ def _replica_policy(ctx: _Ctx, raw: Any) -> ReplicaPolicy:
     )
 
 
+def _policy_name(ctx: _Ctx, path: str, value: Any) -> str:
+    """A built-in or entry-point policy name, or `module:Class`.
+
+    Names are checked against the registry here so a typo names the file and field; `module:Class`
+    is only checked for shape, because importing a plug-in is left to plan time (`make_policy`).
+    """
+    name = _str(ctx, path, value)
+    if ":" in name:
+        if not PLUGIN_RE.fullmatch(name):
+            raise ctx.fail(path, f"expected 'module:Class' (e.g. 'mypkg.policies:Greedy'), got {name!r}")
+        return name
+    known = available_policies()
+    if name not in known:
+        close = difflib.get_close_matches(name, known, n=1)
+        hint = f"did you mean {close[0]!r}?" if close else f"available: {', '.join(known)} or 'module:Class'"
+        raise ctx.fail(path, f"unknown policy {name!r} ({hint})")
+    return name
+
+
 def _probe(ctx: _Ctx, raw: Any) -> ReadinessProbe:
     p = "readiness_probe"
     if isinstance(raw, str):
@@ -399,8 +446,18 @@ def _probe(ctx: _Ctx, raw: Any) -> ReadinessProbe:
         ),
         timeout_seconds=_int(ctx, f"{p}.timeout_seconds", d.get("timeout_seconds", 15), lo=1, hi=3600),
         post_data=post,
-        headers=_str_map(ctx, f"{p}.headers", d.get("headers")),
+        headers=_headers(ctx, f"{p}.headers", d.get("headers")),
     )
+
+
+def _headers(ctx: _Ctx, path: str, value: Any) -> dict[str, str]:
+    """Probe headers: strings only (`X: 1` is a YAML int, not the header text the user may have
+    meant) under names that are HTTP tokens, so a bad one fails here and not at every probe."""
+    headers = _str_map(ctx, path, value, numbers=False)
+    for k in headers:
+        if not HEADER_NAME_RE.fullmatch(k):
+            raise ctx.fail(f"{path}.{k}", "expected an HTTP header name, a token like 'X-Api-Key'")
+    return headers
 
 
 def _service(ctx: _Ctx, raw: Any) -> ServiceConfig:
@@ -448,6 +505,26 @@ def _terraform(ctx: _Ctx, raw: Any) -> TerraformConfig:
     return TerraformConfig(backend=backend, config=cfg)
 
 
+def _check_local_ports(ctx: _Ctx, resources: Resources, rp: ReplicaPolicy) -> None:
+    """Refuse a `local_base_port` whose replicas could not all get a port on the first plan.
+
+    Local replica `r-000N` listens on local_base_port + N (`skyhedge.clouds.local.render`) and IDs
+    count up from 1, so a fresh service's first plan already uses N up to 2 x R + num_overprovision
+    for R = max(min_replicas, max_replicas): R + num_overprovision spot replicas and up to R
+    on-demand stand-ins while those are not READY (every built-in policy caps on-demand at R).
+    IDs are never reused, so later replacements go higher still; render refuses those in turn.
+    """
+    replicas = max(rp.min_replicas, rp.max_replicas or 0)
+    highest = resources.local_base_port + 2 * replicas + rp.num_overprovision
+    if highest > MAX_PORT:
+        raise ctx.fail(
+            "resources.local_base_port",
+            f"replicas would listen on ports up to {highest} (> {MAX_PORT}): {resources.local_base_port} "
+            f"+ 2 x {replicas} replicas (spot and on-demand stand-ins) + {rp.num_overprovision} "
+            "num_overprovision; lower local_base_port or the replica counts",
+        )
+
+
 TOP_LEVEL = {
     "name",
     "resources",
@@ -481,11 +558,16 @@ def parse_spec(data: Any, *, source: str = "<spec>") -> ServiceSpec:
         raise ctx.fail("placement", "required (at least placement.clouds)")
     aws = _mapping(ctx, "aws", d.get("aws"), {"events_queue"})
     gcp = _mapping(ctx, "gcp", d.get("gcp"), {"project"})
+    resources = _resources(ctx, d.get("resources"))
+    placement = _placement(ctx, d.get("placement"))
+    replica_policy = _replica_policy(ctx, d.get("replica_policy"))
+    if "local" in placement.clouds:
+        _check_local_ports(ctx, resources, replica_policy)
     return ServiceSpec(
         name=name,
-        resources=_resources(ctx, d.get("resources")),
-        placement=_placement(ctx, d.get("placement")),
-        replica_policy=_replica_policy(ctx, d.get("replica_policy")),
+        resources=resources,
+        placement=placement,
+        replica_policy=replica_policy,
         readiness_probe=_probe(ctx, d.get("readiness_probe")),
         service=_service(ctx, d.get("service")),
         run=_run(ctx, d.get("run")),
@@ -502,6 +584,35 @@ def parse_spec(data: Any, *, source: str = "<spec>") -> ServiceSpec:
     )
 
 
+class _SpecLoader(yaml.SafeLoader):
+    """`yaml.SafeLoader` (no Python tags) that refuses a key repeated in one mapping.
+
+    PyYAML keeps the last of duplicate keys silently, so a second `name:` would quietly win.
+    Keys brought in by a `<<` merge are not compared: overriding them is what merging is for.
+    """
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = seen.get(key)
+            except TypeError:  # unhashable key: the base class reports it
+                continue
+            if first is None:
+                seen[key] = key_node.start_mark.line
+            else:
+                raise yaml.constructor.ConstructorError(
+                    "while constructing a mapping",
+                    node.start_mark,
+                    f"duplicate key {key!r} (first on line {first + 1})",
+                    key_node.start_mark,
+                )
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_spec(path: str | Path) -> ServiceSpec:
     """Read and validate a spec file. Every failure is a `SpecError` naming the file."""
     p = Path(path)
@@ -515,7 +626,7 @@ def load_spec(path: str | Path) -> ServiceSpec:
     except (OSError, UnicodeDecodeError) as exc:
         raise SpecError(f"cannot read ({exc.__class__.__name__}: {exc})", file=name) from exc
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_SpecLoader)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""

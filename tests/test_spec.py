@@ -9,9 +9,11 @@ import pytest
 from click.testing import CliRunner
 
 from skyhedge.cli import main
+from skyhedge.clouds.local.render import replica_port
 from skyhedge.errors import SpecError
-from skyhedge.service import resolve_placement
+from skyhedge.service import compute_plan, resolve_placement
 from skyhedge.spec import load_spec
+from skyhedge.state import ServiceState
 
 GOOD = """
 name: echo
@@ -91,7 +93,20 @@ BAD_SPECS: list[tuple[str, str]] = [
     ),
     (
         "name: echo\nplacement: {clouds: [local], zones: [Local A]}\nrun: {command: x}\n",
-        "placement.zones[0]: expected a zone name like 'us-east-1a', got 'Local A'",
+        "placement.zones[0]: expected a zone like 'use1-az1' (AWS zone ID) or 'us-central1-a', got 'Local A'",
+    ),
+    (
+        "name: echo\nplacement: {clouds: [local], regions: [Local]}\nrun: {command: x}\n",
+        "placement.regions[0]: expected a region like 'us-east-1' or 'us-central1', got 'Local'",
+    ),
+    # AWS zones are zone IDs: a zone *name* gets that hint, not a bare "unknown zone".
+    (
+        "name: echo\nplacement: {clouds: [aws], zones: [us-east-1a]}\nrun: {command: x}\n",
+        "placement.zones[0]: 'us-east-1a' is an AWS zone name; AWS zones are given as zone IDs such as 'use1-az1' (the name-to-ID mapping differs per account: 'aws ec2 describe-availability-zones')",
+    ),
+    (
+        "name: echo\nplacement: {clouds: [gcp, aws], exclude_zones: [us-central1-a, eu-west-1b]}\nrun: {command: x}\n",
+        "placement.exclude_zones[1]: 'eu-west-1b' is an AWS zone name; AWS zones are given as zone IDs such as 'use1-az1' (the name-to-ID mapping differs per account: 'aws ec2 describe-availability-zones')",
     ),
     ("name: echo\nplacement: {clouds: [local]}\n", "run: required: a mapping with 'command' or 'image'"),
     ("name: echo\nplacement: {clouds: [local]}\nrun: {env: {A: b}}\n", "run: expected 'command' or 'image'"),
@@ -126,6 +141,70 @@ BAD_SPECS: list[tuple[str, str]] = [
     (
         _with("replica_policy: {target_qps_per_replica: 0}\n"),
         "replica_policy.target_qps_per_replica: expected a number > 0, got 0",
+    ),
+    # Non-finite numbers: .inf passed the lower-only bound of target_qps_per_replica.
+    (
+        _with("replica_policy: {target_qps_per_replica: .inf}\n"),
+        "replica_policy.target_qps_per_replica: expected a finite number > 0, got inf",
+    ),
+    (
+        _with("replica_policy: {target_qps_per_replica: .nan}\n"),
+        "replica_policy.target_qps_per_replica: expected a finite number > 0, got nan",
+    ),
+    (
+        _with("replica_policy: {target_qps_per_replica: 1" + "0" * 400 + "}\n"),
+        "replica_policy.target_qps_per_replica: expected a finite number > 0, got 1" + "0" * 400,
+    ),
+    (
+        _with("replica_policy: {availability_target: -.inf}\n"),
+        "replica_policy.availability_target: expected a finite number in [0.5, 1.0], got -inf",
+    ),
+    (
+        _with("replica_policy: {target_qps_per_replica: fast}\n"),
+        "replica_policy.target_qps_per_replica: expected a number > 0, got 'fast'",
+    ),
+    # Policy names are checked at load time (plug-ins `module:Class` only for shape).
+    (
+        _with("replica_policy: {policy: nosuch}\n"),
+        "replica_policy.policy: unknown policy 'nosuch' (available: even, ondemand, rr, single-region, skyhedge, skyserve, spothedge or 'module:Class')",
+    ),
+    (
+        _with("replica_policy: {policy: spothedg}\n"),
+        "replica_policy.policy: unknown policy 'spothedg' (did you mean 'spothedge'?)",
+    ),
+    (
+        _with("replica_policy: {policy: 'mypkg:policies:Greedy'}\n"),
+        "replica_policy.policy: expected 'module:Class' (e.g. 'mypkg.policies:Greedy'), got 'mypkg:policies:Greedy'",
+    ),
+    # Duplicate keys, at any depth, in block or flow style.
+    (
+        "name: echo\nname: other\nplacement: {clouds: [local]}\nrun: {command: x}\n",
+        "invalid YAML: line 2, column 1: duplicate key 'name' (first on line 1)",
+    ),
+    (
+        _with("replica_policy:\n  min_replicas: 1\n  num_overprovision: 0\n  min_replicas: 2\n"),
+        "invalid YAML: line 9, column 3: duplicate key 'min_replicas' (first on line 7)",
+    ),
+    (
+        "name: echo\nplacement: {clouds: [local], clouds: [aws]}\nrun: {command: x}\n",
+        "invalid YAML: line 2, column 30: duplicate key 'clouds' (first on line 2)",
+    ),
+    # Local replica r-000N listens on local_base_port + N; a fresh plan reaches N = 2 x R + overprovision.
+    (
+        _with("resources: {local_base_port: 60000}\nreplica_policy: {min_replicas: 9000}\n"),
+        "resources.local_base_port: replicas would listen on ports up to 78001 (> 65535): 60000 + 2 x 9000 replicas (spot and on-demand stand-ins) + 1 num_overprovision; lower local_base_port or the replica counts",
+    ),
+    (
+        _with(
+            "replica_policy: {min_replicas: 1, max_replicas: 10000, target_qps_per_replica: 5}\nresources: {local_base_port: 50000}\n"
+        ),
+        "resources.local_base_port: replicas would listen on ports up to 70001 (> 65535): 50000 + 2 x 10000 replicas (spot and on-demand stand-ins) + 1 num_overprovision; lower local_base_port or the replica counts",
+    ),
+    (
+        _with(
+            "resources: {local_base_port: 60000}\nreplica_policy: {min_replicas: 2767, num_overprovision: 2}\n"
+        ),
+        "resources.local_base_port: replicas would listen on ports up to 65536 (> 65535): 60000 + 2 x 2767 replicas (spot and on-demand stand-ins) + 2 num_overprovision; lower local_base_port or the replica counts",
     ),
     (
         _with("replica_policy: {num_overprovison: 2}\n"),
@@ -162,6 +241,16 @@ BAD_SPECS: list[tuple[str, str]] = [
     (
         _with("readiness_probe: {headers: {X-Token: [a]}}\n"),
         "readiness_probe.headers.X-Token: expected a string, got list",
+    ),
+    # Probe headers are strings only (run.env still takes numbers as text).
+    (_with("readiness_probe: {headers: {X: 1}}\n"), "readiness_probe.headers.X: expected a string, got 1"),
+    (
+        _with("readiness_probe: {headers: {X-Ratio: 0.5}}\n"),
+        "readiness_probe.headers.X-Ratio: expected a string, got 0.5",
+    ),
+    (
+        _with("readiness_probe: {headers: {'X Token': a}}\n"),
+        "readiness_probe.headers.X Token: expected an HTTP header name, a token like 'X-Api-Key'",
     ),
     (_with("service: {port: 70000}\n"), "service.port: expected an integer in [1, 65535], got 70000"),
     (
@@ -264,7 +353,15 @@ def test_catalog_checked_spec_errors(write_spec, text, expected):
     assert str(info.value) == f"{path}: {expected}"
 
 
-@pytest.mark.parametrize("text", [BAD_SPECS[15][0], CATALOG_BAD[0][0]])
+@pytest.mark.parametrize(
+    "text",
+    [
+        _with("replica_policy: {min_replicas: three}\n"),
+        _with("replica_policy: {policy: nosuch}\n"),  # once only `plan` found it, without file or field
+        CATALOG_BAD[0][0],
+    ],
+    ids=["type", "policy", "catalog"],
+)
 def test_cli_reports_one_line_exit_1_and_writes_nothing(tmp_path, write_spec, text):
     path = write_spec(text)
     state = tmp_path / "state"
@@ -279,3 +376,51 @@ def test_missing_file_is_one_line(tmp_path):
     result = CliRunner().invoke(main, ["plan", str(tmp_path / "nope.yaml")])
     assert result.exit_code == 1
     assert result.output.strip() == f"error: {tmp_path / 'nope.yaml'}: no such file"
+
+
+def test_merge_keys_may_be_overridden(write_spec):
+    """A `<<` merge is not a duplicate: overriding a merged key is what merging is for."""
+    spec = load_spec(
+        write_spec(
+            GOOD
+            + """
+readiness_probe:
+  headers: {<<: &auth {Authorization: Bearer a, X-Team: ml}, Authorization: Bearer b}
+"""
+        )
+    )
+    assert spec.readiness_probe.headers == {"Authorization": "Bearer b", "X-Team": "ml"}
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        # plug-in policies are imported at plan time, never when the spec is read
+        "replica_policy: {policy: 'not_installed_pkg.policies:Greedy'}\n",
+        # run.env still takes numbers as their text; only probe headers are strings-only
+        "run: {command: x, env: {PORT: 8000}}\n",
+        # local ports only matter when the local cloud is used
+        "resources: {local_base_port: 60000}\nreplica_policy: {min_replicas: 9000}\n",
+    ],
+    ids=["plugin-policy", "numeric-env", "ports-without-local"],
+)
+def test_new_checks_leave_these_alone(write_spec, extra):
+    run = "" if extra.startswith("run:") else "run: {command: x}\n"
+    load_spec(write_spec("name: echo\nplacement: {clouds: [aws]}\n" + run + extra))
+
+
+@pytest.mark.parametrize("policy", ["skyhedge", "spothedge"])
+def test_local_port_bound_is_the_first_plans_highest_port(write_spec, policy):
+    """At the load-time bound a fresh plan uses port 65535 exactly; one port higher is refused."""
+
+    def spec_text(extra: int) -> str:
+        return (
+            "name: echo\nplacement: {clouds: [local]}\nrun: {command: x}\nresources: {local_base_port: 60000}\n"
+            f"replica_policy: {{min_replicas: 2767, num_overprovision: {extra}, policy: {policy}}}\n"
+        )
+
+    spec = load_spec(write_spec(spec_text(1)))
+    plan, _ = compute_plan(spec, ServiceState(service="echo"), now=0.0)
+    assert max(replica_port(spec, r.id) for r in plan.desired) == 65535
+    with pytest.raises(SpecError, match=r"resources\.local_base_port: .* up to 65536 "):
+        load_spec(write_spec(spec_text(2)))
