@@ -11,7 +11,8 @@ SkyhedgeError
 │   └── InsufficientCapacity   a spot launch was refused for capacity
 ├── CloudError           a cloud API call failed (boto3 / REST), converted at the boundary
 │   └── NotFound
-└── RoutingError         nginx config test/reload failed (carries nginx's stderr)
+├── RoutingError         nginx config test/reload failed (carries nginx's stderr)
+└── OutputError          an output file (plot, report) cannot be written
 """
 
 from __future__ import annotations
@@ -77,3 +78,7 @@ class RoutingError(SkyhedgeError):
     def __init__(self, message: str, *, stderr: str = "") -> None:
         self.stderr = stderr
         super().__init__(message)
+
+
+class OutputError(SkyhedgeError):
+    """An output the user asked for (a `--plot` PNG, a report) cannot be written where asked."""

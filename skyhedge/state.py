@@ -15,16 +15,17 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import tempfile
-from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field, fields
+from collections.abc import Callable, Iterator
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from filelock import FileLock, Timeout
 
-from skyhedge.errors import StateError
+from skyhedge.errors import OutputError, StateError
 from skyhedge.policy.types import EventKind, Location, Market, ReplicaFact, ZoneEvent
 
 STATE_VERSION = 1
@@ -77,8 +78,152 @@ class ReplicaRecord:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> ReplicaRecord:
+        """A record from already-validated JSON (see `_check_replica`); unknown keys are dropped so
+        that a state file written by a newer skyhedge still loads."""
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
+
+
+# ------------------------------------------------------------------------------------------------
+# Validating a loaded state file
+#
+# state.json is meant to be written only by skyhedge, but people hand-edit it and disks corrupt it.
+# Everything is checked at load time so that a bad file is one `StateError` naming the field,
+# not a traceback from deep inside planning (or, worse, a wrong value accepted silently).
+
+_MISSING: Any = object()
+
+# A rule is (what is expected, in words; a test of a value).
+Rule = tuple[str, Callable[[Any], bool]]
+
+
+def _is_number(value: Any) -> bool:
+    """JSON numbers only: `true` is not 1 here, and NaN/Infinity (which `json` accepts) are no time."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_positive_int(value: Any) -> bool:
+    return _is_int(value) and value >= 1
+
+
+def _is_location(value: Any) -> bool:
+    """What `ServiceState.events` will hand to `Location.parse` later."""
+    if not isinstance(value, str):
+        return False
+    try:
+        Location.parse(value)
+    except ValueError:
+        return False
+    return True
+
+
+def _one_of(values: list[str]) -> Rule:
+    return f"one of {', '.join(values)}", lambda v: isinstance(v, str) and v in values
+
+
+def _or_null(rule: Rule) -> Rule:
+    expected, ok = rule
+    return f"{expected} or null", lambda v: v is None or ok(v)
+
+
+_STRING: Rule = ("a string", lambda v: isinstance(v, str))
+_NUMBER: Rule = ("a finite number", _is_number)
+_BOOL: Rule = ("true or false", lambda v: isinstance(v, bool))
+_OBJECT: Rule = ("an object", lambda v: isinstance(v, dict))
+_LIST: Rule = ("a list", lambda v: isinstance(v, list))
+
+# One rule per `ReplicaRecord` field (checked just below, so a new field cannot go unvalidated).
+_REPLICA_RULES: dict[str, Rule] = {
+    "id": _STRING,
+    "cloud": _STRING,
+    "region": _STRING,
+    "zone": _STRING,
+    "market": _one_of([m.value for m in Market]),
+    "launched_at": _NUMBER,
+    "instance_type": _or_null(_STRING),
+    "provisioned_at": _or_null(_NUMBER),
+    "ready_at": _or_null(_NUMBER),
+    "not_ready_since": _or_null(_NUMBER),
+    "gone_at": _or_null(_NUMBER),
+    "reason": _or_null(_STRING),
+    "draining": _BOOL,
+    "endpoint": _or_null(_STRING),
+    "cloud_id": _or_null(_STRING),
+    "outputs": _OBJECT,
+}
+if set(_REPLICA_RULES) != {f.name for f in fields(ReplicaRecord)}:
+    raise AssertionError("_REPLICA_RULES must have exactly one rule per ReplicaRecord field")
+# The fields without a default, which every record must have.
+_REPLICA_REQUIRED = {
+    f.name for f in fields(ReplicaRecord) if f.default is MISSING and f.default_factory is MISSING
+}
+
+_EVENT_RULES: dict[str, Rule] = {
+    "kind": _one_of([k.value for k in EventKind]),
+    "location": ("a location 'cloud/region/zone'", _is_location),
+    "at": _NUMBER,
+}
+
+
+class _Malformed(Exception):
+    """One field that failed its rule; `ServiceState.from_json` adds the file name."""
+
+    def __init__(self, path: str, expected: str, value: Any) -> None:
+        if value is _MISSING:
+            found = "nothing (the field is missing)"
+        else:
+            found = repr(value)  # repr escapes newlines: the message stays one line
+            found = found if len(found) <= 60 else found[:57] + "..."
+        super().__init__(f"{path}: expected {expected}, got {found}")
+
+
+def _key(parent: str, key: str) -> str:
+    """`parent.key`, quoting a key that would make the path ambiguous or span lines."""
+    part = key if key and key.isprintable() and "." not in key and " " not in key else repr(key)
+    return f"{parent}.{part}" if parent else part
+
+
+def _check(value: Any, rule: Rule, path: str) -> Any:
+    expected, ok = rule
+    if value is _MISSING or not ok(value):
+        raise _Malformed(path, expected, value)
+    return value
+
+
+def _check_fields(data: dict[str, Any], rules: dict[str, Rule], required: set[str], path: str) -> None:
+    """Every present field obeys its rule; the `required` ones must be present. Other keys pass."""
+    for name, rule in rules.items():
+        if name in data or name in required:
+            _check(data.get(name, _MISSING), rule, _key(path, name))
+
+
+def _check_replica(key: str, data: Any) -> ReplicaRecord:
+    path = _key("replicas", key)
+    _check(data, _OBJECT, path)
+    _check_fields(data, _REPLICA_RULES, _REPLICA_REQUIRED, path)
+    if data["id"] != key:  # save_state keys each record by its id; a mismatch is a hand edit gone wrong
+        raise _Malformed(_key(path, "id"), f"the record's key {key!r}", data["id"])
+    return ReplicaRecord.from_json(data)
+
+
+def _check_event(index: int, data: Any) -> dict[str, Any]:
+    path = f"pending_events[{index}]"
+    _check(data, _OBJECT, path)
+    _check_fields(data, _EVENT_RULES, set(_EVENT_RULES), path)
+    if "replica_id" in data:
+        _check(data["replica_id"], _or_null(_STRING), f"{path}.replica_id")
+    return data
+
+
+def _optional(data: dict[str, Any], key: str, rule: Rule, default: Any) -> Any:
+    """`data[key]` checked against `rule`, or `default` when it is absent or null (older files and
+    hand edits leave these out; the loader has always accepted that)."""
+    value = data.get(key)
+    return default if value is None else _check(value, rule, key)
 
 
 @dataclass
@@ -131,45 +276,82 @@ class ServiceState:
 
     @classmethod
     def from_json(cls, data: dict[str, Any], *, where: str) -> ServiceState:
+        """The state in `data` (parsed state.json), every field checked: a bad file raises one
+        `StateError` naming `where` and the field path, never a traceback later on."""
         if not isinstance(data, dict) or "service" not in data:
             raise StateError(f"{where}: not a skyhedge state file")
         version = data.get("version")
-        if version != STATE_VERSION:
+        if not _is_int(version) or version != STATE_VERSION:  # `true == 1` in Python
             raise StateError(
                 f"{where}: state version {version!r} is not supported (expected {STATE_VERSION})"
             )
         try:
-            replicas = {k: ReplicaRecord.from_json(v) for k, v in (data.get("replicas") or {}).items()}
+            replicas = _optional(data, "replicas", _OBJECT, {})
+            events = _optional(data, "pending_events", _LIST, [])
             return cls(
-                service=data["service"],
+                service=_check(data["service"], _STRING, "service"),
                 version=version,
-                next_id=int(data.get("next_id", 1)),
-                replicas=replicas,
-                policy_memory=dict(data.get("policy_memory") or {}),
-                pending_events=list(data.get("pending_events") or []),
-                history=list(data.get("history") or []),
-                router=data.get("router"),
-                target=data.get("target"),
-                extra=dict(data.get("extra") or {}),
+                next_id=_check(data.get("next_id", 1), ("a positive integer", _is_positive_int), "next_id"),
+                replicas={k: _check_replica(k, v) for k, v in replicas.items()},
+                policy_memory=dict(_optional(data, "policy_memory", _OBJECT, {})),
+                pending_events=[_check_event(i, e) for i, e in enumerate(events)],
+                history=list(_optional(data, "history", _LIST, [])),
+                router=_check(data.get("router"), _or_null(_OBJECT), "router"),
+                target=_check(data.get("target"), _or_null(("an integer", _is_int)), "target"),
+                extra=dict(_optional(data, "extra", _OBJECT, {})),
             )
-        except (TypeError, ValueError, KeyError) as exc:
-            raise StateError(f"{where}: malformed state ({exc})") from exc
+        except _Malformed as exc:
+            raise StateError(f"{where}: malformed state ({exc})") from None
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write `text` to `path` so readers see the old file or the new one, never half of one."""
+def umask_mode(kind: str = "file") -> int:
+    """The mode a plain `open()`/`mkdir()` would give under the current umask.
+
+    `tempfile` makes 0600 files and 0700 directories; a rendered tree, a plot or a catalog the
+    user shares or commits should get the same permissions as any file they create.
+    """
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return (0o777 if kind == "dir" else 0o666) & ~mask
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write `data` to `path` so readers see the old file or the new one, never half of one."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
+        os.chmod(tmp, umask_mode())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def check_writable(path: Path, what: str = "output", *, directory: bool = False) -> None:
+    """Raise `OutputError` unless `path` could be written now (a file, or with `directory` a
+    directory): checked before long work, so a typo in an output path fails at once, with the
+    reason, not after the work it was for or as the bare errno of a nested mkdir."""
+    if directory and path.exists() and not path.is_dir():
+        raise OutputError(f"{path}: exists and is not a directory; expected one for the {what}")
+    if not directory and path.is_dir():
+        raise OutputError(f"{path}: is a directory; expected a file path for the {what}")
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise OutputError(f"{path}: cannot write the {what}: {parent} is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputError(f"{path}: cannot write the {what}: {parent} is not writable")
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """`atomic_write_bytes` of `text` in UTF-8."""
+    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def load_state(state_dir: Path, service: str) -> ServiceState:

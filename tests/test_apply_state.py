@@ -16,8 +16,9 @@ from skyhedge import apply as apply_mod
 from skyhedge.apply import apply_service, destroy_service
 from skyhedge.cli import main
 from skyhedge.errors import StateError
+from skyhedge.policy.types import EventKind, Location, ZoneEvent
 from skyhedge.spec import load_spec
-from skyhedge.state import STATE_FILE, load_state, writer_lock
+from skyhedge.state import STATE_FILE, ReplicaRecord, ServiceState, load_state, writer_lock
 
 
 @pytest.fixture
@@ -196,3 +197,111 @@ def test_status_of_a_service_never_applied(tmp_path: Path):
     spec.write_text("name: idle\nplacement: {clouds: [local]}\nrun: {command: 'true'}\n")
     out = run_cli("status", str(spec), "--state-dir", str(tmp_path / "st"), "--json")
     assert json.loads(out.output) == {"service": "idle", "replicas": [], "router": None}
+
+
+# ------------------------------------------------------------------------------------------------
+# A hand-edited or corrupt state.json is one `StateError` at load time, naming the file and the field
+
+IDLE_SPEC = "name: idle\nplacement: {clouds: [local]}\nrun: {command: 'true'}\n"
+DELETE = object()
+
+
+def written_state() -> dict[str, Any]:
+    """state.json as skyhedge writes it: one live replica and one pending zone event."""
+    state = ServiceState(service="idle", next_id=2)
+    state.replicas["r-0001"] = ReplicaRecord("r-0001", "local", "local", "local-a", "spot", launched_at=1.0)
+    state.record_event(ZoneEvent(EventKind.PREEMPTED, Location.parse("local/local/local-b"), 2.0, "r-0000"))
+    return json.loads(json.dumps(state.to_json()))
+
+
+def edit(data: dict[str, Any], where: tuple[str | int, ...], value: Any) -> dict[str, Any]:
+    *parents, last = where
+    node: Any = data
+    for key in parents:
+        node = node[key]
+    if value is DELETE:
+        del node[last]
+    else:
+        node[last] = value
+    return data
+
+
+R1 = ("replicas", "r-0001")
+EV0 = ("pending_events", 0)
+KINDS = "preempted, launch_failed, launched, survived, warning"
+
+CORRUPT_STATES = [
+    # (where to edit, the value put there, the field path and problem the error must state)
+    (R1, "x", "replicas.r-0001: expected an object, got 'x'"),
+    ((*R1, "market"), "weird", "replicas.r-0001.market: expected one of spot, on-demand, got 'weird'"),
+    (
+        (*R1, "launched_at"),
+        "yesterday",
+        "replicas.r-0001.launched_at: expected a finite number, got 'yesterday'",
+    ),
+    ((*R1, "launched_at"), float("nan"), "replicas.r-0001.launched_at: expected a finite number, got nan"),
+    ((*R1, "ready_at"), True, "replicas.r-0001.ready_at: expected a finite number or null, got True"),
+    ((*R1, "zone"), DELETE, "replicas.r-0001.zone: expected a string, got nothing (the field is missing)"),
+    ((*R1, "cloud"), 7, "replicas.r-0001.cloud: expected a string, got 7"),
+    ((*R1, "id"), "r-0009", "replicas.r-0001.id: expected the record's key 'r-0001', got 'r-0009'"),
+    ((*R1, "draining"), "no", "replicas.r-0001.draining: expected true or false, got 'no'"),
+    ((*R1, "outputs"), [], "replicas.r-0001.outputs: expected an object, got []"),
+    ((*R1, "endpoint"), 8080, "replicas.r-0001.endpoint: expected a string or null, got 8080"),
+    (
+        EV0,
+        {"kind": "nope", "location": "x", "at": 1},
+        f"pending_events[0].kind: expected one of {KINDS}, got 'nope'",
+    ),
+    ((*EV0, "location"), "x", "pending_events[0].location: expected a location 'cloud/region/zone', got 'x'"),
+    ((*EV0, "at"), "1", "pending_events[0].at: expected a finite number, got '1'"),
+    ((*EV0, "replica_id"), 7, "pending_events[0].replica_id: expected a string or null, got 7"),
+    (EV0, "preempted", "pending_events[0]: expected an object, got 'preempted'"),
+    (("replicas",), [], "replicas: expected an object, got []"),
+    (("pending_events",), {}, "pending_events: expected a list, got {}"),
+    (("next_id",), 0, "next_id: expected a positive integer, got 0"),
+    (("next_id",), "2", "next_id: expected a positive integer, got '2'"),
+    (("policy_memory",), [], "policy_memory: expected an object, got []"),
+    (("history",), "log", "history: expected a list, got 'log'"),
+    (("router",), "up", "router: expected an object or null, got 'up'"),
+    (("target",), 2.5, "target: expected an integer or null, got 2.5"),
+    (("extra",), 1, "extra: expected an object, got 1"),
+]
+
+
+@pytest.mark.parametrize(
+    ("where", "value", "problem"), CORRUPT_STATES, ids=[p.split(":")[0] for _, _, p in CORRUPT_STATES]
+)
+def test_a_corrupt_state_file_is_one_state_error_naming_the_file_and_the_field(
+    tmp_path, where, value, problem
+):
+    path = tmp_path / STATE_FILE
+    path.write_text(json.dumps(edit(written_state(), where, value)))
+    with pytest.raises(StateError) as exc:
+        load_state(tmp_path, "idle")
+    assert str(exc.value) == f"{path}: malformed state ({problem})"
+
+
+def test_a_state_file_skyhedge_wrote_still_loads_with_unknown_replica_fields_and_null_lists(tmp_path):
+    written = written_state()
+    newer = edit(json.loads(json.dumps(written)), (*R1, "added_by_a_newer_skyhedge"), 1)
+    newer["history"] = None
+    (tmp_path / STATE_FILE).write_text(json.dumps(newer))
+    state = load_state(tmp_path, "idle")
+    assert state.to_json() == {**written, "history": []}
+    [fact] = state.facts()
+    assert fact.market.value == "spot" and [e.kind for e in state.events()] == [EventKind.PREEMPTED]
+
+
+@pytest.mark.parametrize("command", ["plan", "status"])
+def test_cli_reports_a_corrupt_state_file_as_one_error_line_without_a_traceback(tmp_path, command):
+    spec = tmp_path / "s.yaml"
+    spec.write_text(IDLE_SPEC)
+    state_file = tmp_path / "st" / STATE_FILE
+    state_file.parent.mkdir()
+    state_file.write_text('{"version": 1, "service": "idle", "replicas": {"r-0001": "x"}}')
+    out = run_cli(command, str(spec), "--state-dir", str(state_file.parent))  # any other exception escapes
+    assert out.exit_code == 1
+    assert out.stderr.splitlines() == [
+        f"error: {state_file}: malformed state (replicas.r-0001: expected an object, got 'x')"
+    ]
+    assert "Traceback" not in out.output

@@ -4,6 +4,7 @@ the supervisor, the dashboard, the market replay."""
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 from pathlib import Path
@@ -155,3 +156,25 @@ def test_market_replay_drives_capacity(tmp_path: Path):
     replay.step()
     assert capacity.read_capacity(runtime_dir(tmp_path / "state")) == {}
     assert seen[-1] == "market tick 2: local-a capacity 1"
+
+
+def test_market_replay_logs_each_change_once(tmp_path: Path, caplog):
+    """With a listener (the controller's `note`, which logs), the replay does not log it too;
+    without one, it logs it itself."""
+    trace = tmp_path / "trace"
+    trace.mkdir()
+    (trace / "us-east-1a_v100_1.json").write_text(
+        json.dumps({"metadata": {"gap_seconds": 30}, "data": [1, 0]})
+    )
+    caplog.set_level(logging.INFO, logger="skyhedge")
+    heard = MarketReplay(trace, ["local-a"], tmp_path / "a", speedup=30, on_change=lambda text: None)
+    heard.step()
+    heard.step()
+    assert not [r for r in caplog.records if "market tick" in r.getMessage()]
+    alone = MarketReplay(trace, ["local-a"], tmp_path / "b", speedup=30)
+    alone.step()
+    alone.step()
+    assert [r.getMessage() for r in caplog.records if "market tick" in r.getMessage()] == [
+        "market tick 0: local-a capacity unlimited",
+        "market tick 1: local-a capacity 0",
+    ]

@@ -71,10 +71,17 @@ def test_poisson_rate_and_recorded_replay(tmp_path):
 
 @pytest.mark.parametrize(
     ("text", "message"),
-    [("1\nx\n", "line 2: expected a timestamp"), ("5\n4\n", "backwards"), ("1\n", "at least two")],
+    [
+        ("1\nx\n", "line 2: expected a timestamp"),
+        ("5\n4\n", "backwards"),
+        ("1\n", "at least two"),
+        ("3\n3\n3\n", "all timestamps are equal"),
+    ],
 )
 def test_bad_arrival_files(tmp_path, text, message):
+    """Each refusal names the file: the error is read by someone who passed several."""
     path = tmp_path / "a.txt"
     path.write_text(text)
-    with pytest.raises(TraceError, match=message):
+    with pytest.raises(TraceError, match=message) as caught:
         load_arrivals(path)
+    assert str(caught.value).startswith(f"{path}: ")

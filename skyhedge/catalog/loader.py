@@ -13,13 +13,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 import threading
 from pathlib import Path
 from typing import Any
 
 from skyhedge.catalog.model import CloudCatalog, InstanceType, Offer, did_you_mean
 from skyhedge.errors import CatalogError
+from skyhedge.state import atomic_write_text
 
 CLOUDS: tuple[str, ...] = ("aws", "gcp", "local")
 FORMAT_VERSION = 1
@@ -310,16 +310,6 @@ def write_catalog_file(catalog: CloudCatalog, path: Path) -> None:
     catalog_from_dict(data, origin=str(path), expect_cloud=catalog.cloud)
     text = json.dumps(data, indent=1) + "\n"
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                fh.write(text)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write_text(path, text)
     except OSError as exc:
         raise CatalogError(f"{path}: cannot write catalog: {exc.strerror or exc}") from exc

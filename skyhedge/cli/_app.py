@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import os
 import sys
 from collections.abc import Callable
 from functools import wraps
@@ -16,12 +18,43 @@ from skyhedge.errors import EngineError, RoutingError, SkyhedgeError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-console = Console()
-err_console = Console(stderr=True)
+#: Width of tables written to a pipe or file, where rich would assume 80 columns and cut cells
+#: ("g6.xlar…"): wide enough for every table skyhedge prints; tables only take what they need.
+PIPE_WIDTH = 240
+
+
+def _console(*, stderr: bool = False) -> Console:
+    """A rich console; off a terminal (and without COLUMNS set) as wide as PIPE_WIDTH."""
+    probe = Console(stderr=stderr)
+    if probe.is_terminal or "COLUMNS" in os.environ:
+        return probe
+    return Console(stderr=stderr, width=PIPE_WIDTH)
+
+
+console = _console()
+err_console = _console(stderr=True)
 
 
 class SkyhedgeGroup(click.Group):
-    """Turns `SkyhedgeError` into `error: <one line>` on stderr and exit code 1 (no traceback)."""
+    """Turns `SkyhedgeError` and usage errors into `error: <one line>` on stderr and exit code 1.
+
+    Click prints a usage error as a usage block, a hint and the message, and exits 2; skyhedge
+    keeps 2 for `plan --detailed-exitcode`'s "changes present" (as Terraform does), so a wrong flag
+    is exit 1 like any other bad input, on one line a CI log shows whole.
+    """
+
+    group_class = type  # subgroups (`catalog`, `routing`, `aws`) are SkyhedgeGroups too
+
+    def make_context(
+        self, info_name: str | None, args: list[str], parent: click.Context | None = None, **extra: Any
+    ) -> click.Context:
+        try:
+            return super().make_context(info_name, args, parent=parent, **extra)
+        except click.UsageError as exc:
+            if isinstance(exc, click.exceptions.NoArgsIsHelpError):
+                raise  # bare `skyhedge`: the help text is the answer
+            report_usage_error(exc, parent.command_path if parent is not None else "skyhedge")
+            sys.exit(1)
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -29,6 +62,32 @@ class SkyhedgeGroup(click.Group):
         except SkyhedgeError as exc:
             report_error(exc)
             sys.exit(1)
+        except click.UsageError as exc:
+            if isinstance(exc, click.exceptions.NoArgsIsHelpError):
+                raise
+            report_usage_error(exc, " ".join(filter(None, (ctx.command_path, ctx.invoked_subcommand))))
+            sys.exit(1)
+
+
+def report_usage_error(exc: click.UsageError, command_path: str) -> None:
+    """`error: <click's message> (see 'skyhedge CMD --help')`, on one line; `command_path` names
+    the command when click could not build its context (an option missing its value)."""
+    message = " ".join(exc.format_message().split())
+    where = exc.ctx.command_path if exc.ctx is not None else command_path
+    click.echo(f"error: {message} (see '{where} --help')", err=True)
+
+
+class FiniteFloat(click.FloatRange):
+    """A `click.FloatRange` that also refuses nan and inf: `nan < 0` is false, so a plain range
+    lets `--cold-start nan` through to fail deep inside with a traceback."""
+
+    name = "finite float"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"expected a finite number, got {value!r}", param, ctx)
+        return number
 
 
 def report_error(exc: SkyhedgeError) -> None:

@@ -6,12 +6,11 @@ import json
 from pathlib import Path
 
 import click
-from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from skyhedge.cli._app import console, err_console, main
+from skyhedge.cli._app import FiniteFloat, console, err_console, main
 from skyhedge.errors import TraceError
 from skyhedge.simulator import OPTIMAL, SimConfig, load_prices
 from skyhedge.simulator import simulate as run_simulation
@@ -19,6 +18,7 @@ from skyhedge.simulator.bar import Verdict, annotate, judge
 from skyhedge.simulator.latency import load_arrivals
 from skyhedge.simulator.runner import check_policies
 from skyhedge.simulator.traces import load_traces
+from skyhedge.state import check_writable
 
 DEFAULT_POLICIES = "spothedge,skyserve,optimal,ondemand,even,rr,single-region"
 
@@ -66,20 +66,26 @@ def _instance_types(values: tuple[str, ...]) -> list[str] | None:
 @click.option(
     "--repeats", default=10, show_default=True, type=click.IntRange(min=1), help="Windows per trace."
 )
-@click.option("--seed", default=0, show_default=True, type=int, help="Seed of window offsets and zone order.")
+@click.option(
+    "--seed",
+    default=0,
+    show_default=True,
+    type=click.IntRange(0, 2**32 - 1),
+    help="Seed of window offsets and zone order.",
+)
 @click.option("--target", default=3, show_default=True, type=click.IntRange(min=1), help="Ready replicas N.")
 @click.option(
     "--cold-start",
     default=120.0,
     show_default=True,
-    type=click.FloatRange(min=0),
+    type=FiniteFloat(min=0),
     help="Seconds from launch to READY (rounded up to 30 s ticks).",
 )
 @click.option(
     "--ondemand-cost-ratio",
     default=3.0,
     show_default=True,
-    type=click.FloatRange(min=0, min_open=True),
+    type=FiniteFloat(min=0, min_open=True),
     help="On-demand price / spot price.",
 )
 @click.option(
@@ -94,7 +100,7 @@ def _instance_types(values: tuple[str, ...]) -> list[str] | None:
 )
 @click.option(
     "--availability-target",
-    type=click.FloatRange(min=0, max=1, min_open=True),
+    type=FiniteFloat(min=0.5, max=1),
     default=None,
     help="Availability objective passed to the policies (replica_policy.availability_target) and "
     "reported as met or not [default: 0.99, the paper's SLO].",
@@ -134,6 +140,8 @@ def simulate(
     """Replay spot-capacity traces through placement policies: cost and availability per policy."""
     policies = _policy_names(policy_text)
     check_policies(policies)
+    if plot_path is not None:
+        check_writable(plot_path, "plot")
     instance_types = _instance_types(instance_type_values)
     traces = [trace for path in trace_paths for trace in load_traces(path, instance_types=instance_types)]
     names = [trace.name for trace in traces]
@@ -172,22 +180,18 @@ def simulate(
             traces, policies, config, progress=advance, keep_timelines_of=0 if plot_path else None
         )
 
-    if plot_path is not None:
-        from skyhedge.simulator.plot import plot_results  # matplotlib only when asked
-
-        plot_results(summaries, traces, plot_path, target=target)
-        err_console.print(escape(f"wrote {plot_path}"))
     rows = [summary.to_json() for summary in summaries]
     if as_json:
         click.echo(json.dumps(annotate(rows), indent=2))
     else:
         verdicts = judge(rows)
         table = _table(rows, verdicts, config)
-        if console.is_terminal:
-            console.print(table)
-        else:  # rich assumes 80 columns in a pipe: too few for the numbers with latency or dollars
-            width = 100 + 30 * config.latency + 24 * (config.prices is not None) + 32 * bool(verdicts)
-            Console(width=width).print(table)
+        console.print(table)
+    if plot_path is not None:  # after the results: a plot that fails to write loses nothing else
+        from skyhedge.simulator.plot import plot_results  # matplotlib only when asked
+
+        plot_results(summaries, traces, plot_path, target=target)
+        err_console.print(escape(f"wrote {plot_path}"))
 
 
 def _pct(value: float | None, digits: int = 1) -> str:

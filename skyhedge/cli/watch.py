@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from skyhedge.cli._app import console, err_console, main, spec_argument, state_dir_option
+from skyhedge.cli._app import FiniteFloat, console, err_console, main, spec_argument, state_dir_option
 from skyhedge.controller.loop import ControllerOptions
 from skyhedge.errors import SpecError
 from skyhedge.service import resolve_placement
@@ -26,7 +26,7 @@ _terraform_bin = click.option(
 )
 _interval = click.option(
     "--interval",
-    type=click.FloatRange(min=0.1),
+    type=FiniteFloat(min=0.1),
     default=10.0,
     show_default=True,
     help="Seconds between reconcile passes when nothing happens (events wake it sooner).",
@@ -131,7 +131,7 @@ def watch(
 )
 @click.option(
     "--speedup",
-    type=click.FloatRange(min=0.001),
+    type=FiniteFloat(min=0.001),
     default=60.0,
     show_default=True,
     help="Trace seconds per real second.",
@@ -158,6 +158,8 @@ def up(
     service, sdir = _load(spec, state_dir)
     sdir.mkdir(parents=True, exist_ok=True)
     log_file = sdir / "watch.log"
+    # a live dashboard needs a terminal; in a pipe, a file or a service manager, log lines instead
+    no_dashboard = no_dashboard or not console.is_terminal
     options = ControllerOptions(interval=interval, policy=policy, busy_interval=0.5)
     replay = None
     with (
@@ -208,7 +210,7 @@ def up(
 @click.option(
     "--for",
     "seconds",
-    type=click.FloatRange(min=0, min_open=True),
+    type=FiniteFloat(min=0, min_open=True),
     default=None,
     help="Give the capacity back after this many seconds (default: until --clear).",
 )
@@ -218,6 +220,8 @@ def preempt(spec: Path, state_dir: Path | None, zone: str, seconds: float | None
     from skyhedge.clouds.local import capacity, runtime_dir
     from skyhedge.clouds.local.events import preempt_zone
 
+    if clear and seconds is not None:
+        raise click.UsageError("--clear gives the capacity back now; it takes no --for")
     service, sdir = _load(spec, state_dir)
     zones = sorted(
         c.location.zone for c in resolve_placement(service).candidates if c.location.cloud == "local"

@@ -79,9 +79,10 @@ class MarketReplay:
             notes.append(text)
         self.tick += 1
         for text in notes:
-            log.info("%s", text)
             if self.on_change:
-                self.on_change(text)
+                self.on_change(text)  # the controller's note logs it, once
+            else:
+                log.info("%s", text)
         return notes
 
     def start(self) -> None:

@@ -41,6 +41,7 @@ from skyhedge.errors import RenderError
 from skyhedge.planner import Plan, PlannedReplica
 from skyhedge.render.backend import backend_config
 from skyhedge.spec import ServiceSpec
+from skyhedge.state import check_writable, umask_mode
 
 TREE_MANIFEST = "skyhedge-tree.json"
 TFVARS_FILE = "skyhedge.auto.tfvars.json"
@@ -315,8 +316,21 @@ def write_tree(tree: RenderedTree, out: Path) -> None:
                 f"{out / old}: holds Terraform state but the plan has no {old} root any more; "
                 "destroy or move that state before rendering"
             )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    check_writable(out, "rendered tree", directory=True)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+        os.chmod(tmp, umask_mode("dir"))  # mkdtemp's 0700 would outlive the rename
+    except OSError as exc:
+        raise RenderError(f"{out}: cannot write the rendered tree ({exc.strerror or exc})") from exc
+    try:
+        _swap_in(tree, tmp, out, new_roots)
+    except OSError as exc:
+        raise RenderError(f"{out}: cannot write the rendered tree ({exc.strerror or exc})") from exc
+
+
+def _swap_in(tree: RenderedTree, tmp: Path, out: Path, new_roots: set[str]) -> None:
+    """Fill `tmp` with `tree` and Terraform's files from `out`, then rename it to `out`."""
     moved: list[tuple[Path, Path]] = []
     try:
         for name, data in tree.files:

@@ -94,6 +94,8 @@ def load_arrivals(path: str | Path) -> np.ndarray:
         times.append(value)
     if len(times) < 2:
         raise TraceError(f"{path}: expected at least two arrival timestamps")
+    if times[-1] == times[0]:
+        raise TraceError(f"{path}: all timestamps are equal; nothing to replay")
     return np.asarray(times)
 
 

@@ -9,8 +9,7 @@ display needed); written atomically.
 
 from __future__ import annotations
 
-import os
-import tempfile
+import io
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -21,8 +20,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
+from skyhedge.errors import OutputError  # noqa: E402
 from skyhedge.simulator.runner import Summary  # noqa: E402
 from skyhedge.simulator.traces import TICK_SECONDS, Trace  # noqa: E402
+from skyhedge.state import atomic_write_bytes  # noqa: E402
 
 __all__ = ["plot_results"]
 
@@ -115,15 +116,13 @@ def plot_results(
         tax.legend(fontsize=7, loc="upper right", ncol=3)
 
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(handle)
+    png = io.BytesIO()
     try:
-        fig.savefig(tmp, format="png", dpi=110)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        fig.savefig(png, format="png", dpi=110)
     finally:
         plt.close(fig)
+    try:
+        atomic_write_bytes(path, png.getvalue())
+    except OSError as exc:
+        raise OutputError(f"{path}: cannot write the plot ({exc.strerror or exc})") from exc
     return path

@@ -173,7 +173,8 @@ class Summary:
             out["ondemand_dollars"] = _num(np.mean([w.ondemand_dollars for w in self.windows]))
         stats = [w.latency for w in self.windows if w.latency is not None]
         if stats:
-            out.update({k: _num(v) for k, v in latency_model.summarize(stats).items()})
+            summary = latency_model.summarize(stats)  # "requests" is a count: stays an int
+            out.update({k: v if isinstance(v, int) else _num(v) for k, v in summary.items()})
         return out
 
 

@@ -60,6 +60,8 @@ def preempted(runtime_dir: Path, zone: str, now: float) -> tuple[bool, float | N
 
 
 def _write(runtime_dir: Path, marks: dict[str, float | None]) -> None:
+    # Its own atomic write, not skyhedge.state's: the launcher imports this module under
+    # `python -S`, where state's third-party imports (filelock) are not available.
     path = capacity_path(runtime_dir)
     path.parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps({"version": VERSION, "preempted": dict(sorted(marks.items()))}, indent=2) + "\n"
