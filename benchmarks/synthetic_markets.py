@@ -1,7 +1,7 @@
 """Synthetic many-zone availability markets, to stress a policy on shapes the shared traces lack.
 
 They are hypotheses, not data: use them to find structural weak spots, never to tune constants.
-Two shapes, both all-or-nothing (a 1 means "as many as asked"), 300 s samples, 21 days:
+Three shapes, all all-or-nothing (a 1 means "as many as asked"), 300 s samples, 21 days:
 
 - `aws9`: nine zones in three regions, independent. Each zone stays up for a Lomax time
   (scale 8 h, shape 1.3: heavy-tailed calm, as the public traces' zones age) and then is out
@@ -9,6 +9,10 @@ Two shapes, both all-or-nothing (a 1 means "as many as asked"), 300 s samples, 2
 - `gcp6`: six zones in two regions, each up for Lomax(4 h, 1.3), plus regional scarcity: every
   region goes through scarce spells (median 1 h, every Lomax(6 h, 1.5)) during which each of its
   zones is out 80 % of the samples.
+- `exp6`: the same six zones, independent and *memoryless*: up for an exponential time (mean
+  3 h), then out for an exponential time (mean 30 min). A zone's risk does not fall as it stays
+  up, against what every public trace shows (docs/policy.md, "Zones age"): this shape measures
+  what the policy loses where its main assumption is false.
 
 Writes one CSV per market and seed (the `seconds,<zone>,...` format `simulate` reads) to --out,
 then, unless --no-simulate, runs `skyhedge simulate --policy spothedge,skyhedge,optimal` on each
@@ -40,16 +44,29 @@ GCP6 = {
     "us-east1": ["us-east1-b", "us-east1-c"],
 }
 
+#: (name, cloud, regions, kind of market) per synthetic shape, generated in this order.
+SHAPES = (
+    ("aws9", "aws", AWS9, "calm"),
+    ("gcp6", "gcp", GCP6, "scarce"),
+    ("exp6", "gcp", GCP6, "memoryless"),
+)
+
 
 def _lomax(rng: np.random.Generator, scale: float, shape: float) -> float:
     return float(scale * rng.pareto(shape))
 
 
 def market(
-    rng: np.random.Generator, cloud: str, regions: dict[str, list[str]], *, scarce: bool
+    rng: np.random.Generator, cloud: str, regions: dict[str, list[str]], *, kind: str
 ) -> tuple[list[str], np.ndarray]:
-    """(zone names as cloud/region/zone, availability 0/1 per zone and sample)."""
+    """(zone names as cloud/region/zone, availability 0/1 per zone and sample).
+
+    `kind`: "calm" (aging zones), "scarce" (aging zones plus regional scarce spells) or
+    "memoryless" (exponential up and out times)."""
     samples = DAYS * 86400 // GAP
+    if kind == "memoryless":
+        return _memoryless(rng, cloud, regions, samples)
+    scarce = kind == "scarce"
     up_scale = (4 if scarce else 8) * 3600
     names, rows = [], []
     for region, zones in regions.items():
@@ -75,6 +92,23 @@ def market(
     return names, np.array(rows)
 
 
+def _memoryless(
+    rng: np.random.Generator, cloud: str, regions: dict[str, list[str]], samples: int
+) -> tuple[list[str], np.ndarray]:
+    names, rows = [], []
+    for region, zones in regions.items():
+        for zone in zones:
+            row = np.zeros(samples, dtype=np.int8)
+            t, up = 0, rng.random() < 6 / 7  # the stationary share of up-time
+            while t < samples:
+                length = int(rng.exponential(3 * 3600 if up else 1800) / GAP) + 1
+                row[t : t + length] = up
+                t, up = t + length, not up
+            names.append(f"{cloud}/{region}/{zone}")
+            rows.append(row)
+    return names, np.array(rows)
+
+
 def write_csv(path: Path, names: list[str], rows: np.ndarray) -> None:
     lines = ["seconds," + ",".join(names)]
     lines += [f"{i * GAP}," + ",".join(str(int(v)) for v in rows[:, i]) for i in range(rows.shape[1])]
@@ -94,8 +128,13 @@ def main() -> None:
     paths = []
     for m in range(args.markets):
         rng = np.random.default_rng(100 + m)
-        for shape, cloud, regions, scarce in (("aws9", "aws", AWS9, False), ("gcp6", "gcp", GCP6, True)):
-            names, rows = market(rng, cloud, regions, scarce=scarce)
+        shapes = (
+            ("aws9", "aws", AWS9, "calm"),
+            ("gcp6", "gcp", GCP6, "scarce"),
+            ("exp6", "gcp", GCP6, "memoryless"),
+        )
+        for shape, cloud, regions, kind in shapes:
+            names, rows = market(rng, cloud, regions, kind=kind)
             path = args.out / f"m{m}-{shape}.csv"
             write_csv(path, names, rows)
             paths.append(path)
