@@ -91,8 +91,11 @@ def resolve_placement(spec: ServiceSpec) -> Placement:
     ):
         for i, name in enumerate(names):
             if name not in known:
+                hint = did_you_mean(name, known)
+                if not hint and what == "zone" and "aws" in p.clouds:
+                    hint = " (AWS zones are zone IDs such as 'use1-az1')"
                 raise SpecError(
-                    f"unknown {what} {name!r} for clouds {', '.join(p.clouds)}{did_you_mean(name, known)}",
+                    f"unknown {what} {name!r} for clouds {', '.join(p.clouds)}{hint}",
                     file=spec.source,
                     path=f"placement.{field}[{i}]",
                 )

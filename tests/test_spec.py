@@ -329,6 +329,10 @@ CATALOG_BAD: list[tuple[str, str]] = [
         "placement.exclude_zones[0]: unknown zone 'us-east-1a' for clouds local",
     ),
     (
+        "name: echo\nplacement: {clouds: [aws], zones: [qqqq-az9]}\nrun: {command: x}\n",
+        "placement.zones[0]: unknown zone 'qqqq-az9' for clouds aws (AWS zones are zone IDs such as 'use1-az1')",
+    ),
+    (
         "name: echo\nplacement: {clouds: [local], regions: [locale]}\nrun: {command: x}\n",
         "placement.regions[0]: unknown region 'locale' for clouds local (did you mean 'local'?)",
     ),
