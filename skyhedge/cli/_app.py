@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import sys
+import traceback
 from collections.abc import Callable
 from functools import wraps
 from pathlib import Path
@@ -92,6 +93,9 @@ class FiniteFloat(click.FloatRange):
 
 def report_error(exc: SkyhedgeError) -> None:
     click.echo(f"error: {exc}", err=True)
+    if os.environ.get("SKYHEDGE_DEBUG") and exc.__cause__ is not None:
+        # for plug-in authors and bug reports: where the chained exception came from
+        traceback.print_exception(exc.__cause__, file=sys.stderr)
     detail = getattr(exc, "stderr", "")
     if isinstance(exc, (EngineError, RoutingError)) and detail:
         click.echo(detail.rstrip(), err=True)

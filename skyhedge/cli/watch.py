@@ -197,9 +197,10 @@ def up(
         report = destroy_service(service, sdir, terraform_bin=terraform_bin)
         console.print(f"destroyed {len(report.destroyed)} replica(s) and the router")
     else:
+        log_note = "" if no_dashboard else f" Log: {log_file}"  # without the dashboard it went to stderr
         console.print(
             f"watcher stopped; {service.name} keeps serving at {endpoint} "
-            f"(`skyhedge destroy {spec}` removes it). Log: {log_file}"
+            f"(`skyhedge destroy {spec}` removes it).{log_note}"
         )
 
 

@@ -80,5 +80,57 @@ def policy_class(name: str) -> type[Policy]:
     raise PolicyError(f"unknown policy {name!r} (available: {', '.join(available_policies())})")
 
 
+class GuardedPolicy(Policy):
+    """A plug-in policy behind skyhedge's error boundary.
+
+    A plug-in's bug (an exception, or decisions that are not a list of `Decision`) becomes one
+    `PolicyError` naming the policy and the method, which `plan`, `watch` and `simulate` report
+    as one line like any bad input; the original exception stays chained as its cause (the CLI
+    prints it with SKYHEDGE_DEBUG=1). Built-in policies are not wrapped.
+    """
+
+    def __init__(self, inner: Policy, label: str) -> None:
+        super().__init__(inner.config, seed=inner.seed)
+        self.inner = inner
+        self.label = label
+
+    def decide(self, obs: Observation) -> list[Decision]:
+        decisions = self._call("decide", obs)
+        if not isinstance(decisions, list) or not all(isinstance(d, Decision) for d in decisions):
+            raise PolicyError(
+                f"policy {self.label!r}: decide() must return a list of Decision "
+                f"(LaunchSpot, LaunchOnDemand, Terminate), got {decisions!r:.80}"
+            )
+        return decisions
+
+    def snapshot(self) -> dict[str, Any]:
+        memory = self._call("snapshot")
+        if not isinstance(memory, dict):
+            raise PolicyError(f"policy {self.label!r}: snapshot() must return a dict, got {memory!r:.80}")
+        return memory
+
+    def restore(self, data: dict[str, Any]) -> None:
+        self._call("restore", data)
+
+    def _call(self, method: str, *args: Any) -> Any:
+        try:
+            return getattr(self.inner, method)(*args)
+        except PolicyError:
+            raise
+        except Exception as exc:
+            raised = f"{type(exc).__name__}: {exc}"
+            raise PolicyError(f"policy {self.label!r}: {method}() raised {raised}") from exc
+
+
 def make_policy(name: str, config: PolicyConfig | None = None, *, seed: int = 0) -> Policy:
-    return policy_class(name)(config, seed=seed)
+    """A fresh policy by name; plug-ins (entry points, `module:Class`) come guarded."""
+    cls = policy_class(name)
+    if name in _BUILTINS:
+        return cls(config, seed=seed)
+    try:
+        policy = cls(config, seed=seed)
+    except PolicyError:
+        raise
+    except Exception as exc:
+        raise PolicyError(f"policy {name!r}: could not be created: {type(exc).__name__}: {exc}") from exc
+    return GuardedPolicy(policy, name)

@@ -1,0 +1,111 @@
+"""Plug-in policies sit behind an error boundary: their bugs are one `PolicyError` line, not a
+traceback through skyhedge; built-in policies are not wrapped."""
+
+from __future__ import annotations
+
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from skyhedge.cli import main
+from skyhedge.errors import PolicyError
+from skyhedge.policy import LaunchSpot, Location, Observation, make_policy
+from skyhedge.policy.base import GuardedPolicy
+from skyhedge.policy.spothedge import SpotHedge
+
+REPO = Path(__file__).resolve().parents[1]
+PLUGIN = textwrap.dedent(
+    """
+    from skyhedge.policy import LaunchSpot, Location, Policy
+
+    class Broken(Policy):
+        def decide(self, obs):
+            raise RuntimeError("boom")
+
+    class Junk(Policy):
+        def decide(self, obs):
+            return ["launch"]
+
+    class BadInit(Policy):
+        def __init__(self, config=None, *, seed=0):
+            raise ValueError("no config for me")
+
+        def decide(self, obs):
+            return []
+
+    class BadMemory(Policy):
+        def decide(self, obs):
+            return [LaunchSpot(Location("local", "local", "local-a"))]
+
+        def snapshot(self):
+            return ["not", "a", "dict"]
+
+    class Fine(Policy):
+        def decide(self, obs):
+            return [LaunchSpot(Location("local", "local", "local-a"))]
+    """
+)
+
+
+@pytest.fixture
+def plugin(tmp_path, monkeypatch):
+    """An importable module `shplug` holding the plug-ins above (removed again afterwards)."""
+    (tmp_path / "shplug.py").write_text(PLUGIN)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield "shplug"
+    sys.modules.pop("shplug", None)
+
+
+def observation() -> Observation:
+    return Observation(now=0.0, target=1, candidates=(), replicas=(), events=())
+
+
+@pytest.mark.parametrize(
+    ("cls", "call", "message"),
+    [
+        ("Broken", "decide", "policy 'shplug:Broken': decide() raised RuntimeError: boom"),
+        ("Junk", "decide", "policy 'shplug:Junk': decide() must return a list of Decision"),
+        ("BadMemory", "snapshot", "policy 'shplug:BadMemory': snapshot() must return a dict"),
+    ],
+)
+def test_a_plugins_bug_is_one_policy_error_naming_it(plugin, cls, call, message):
+    policy = make_policy(f"{plugin}:{cls}")
+    with pytest.raises(PolicyError) as caught:
+        policy.decide(observation()) if call == "decide" else policy.snapshot()
+    assert str(caught.value).startswith(message)
+
+
+def test_a_plugin_that_cannot_be_built_is_a_policy_error(plugin):
+    with pytest.raises(
+        PolicyError, match=r"policy 'shplug:BadInit': could not be created: ValueError: no config"
+    ):
+        make_policy(f"{plugin}:BadInit")
+
+
+def test_a_working_plugin_passes_through_and_builtins_are_not_wrapped(plugin):
+    policy = make_policy(f"{plugin}:Fine")
+    assert isinstance(policy, GuardedPolicy)
+    assert policy.decide(observation()) == [LaunchSpot(Location("local", "local", "local-a"))]
+    assert policy.snapshot() == {}
+    assert type(make_policy("spothedge")) is SpotHedge
+
+
+def test_plan_reports_a_broken_plugin_in_one_line(plugin, tmp_path, monkeypatch):
+    monkeypatch.delenv("SKYHEDGE_DEBUG", raising=False)
+    spec = REPO / "examples/local-echo/service.yaml"
+    args = ["plan", str(spec), "--state-dir", str(tmp_path / "state"), "--policy", f"{plugin}:Broken"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 1
+    assert result.output.strip() == "error: policy 'shplug:Broken': decide() raised RuntimeError: boom"
+
+
+def test_skyhedge_debug_shows_the_plugins_traceback(plugin, tmp_path, monkeypatch):
+    monkeypatch.setenv("SKYHEDGE_DEBUG", "1")
+    spec = REPO / "examples/local-echo/service.yaml"
+    args = ["plan", str(spec), "--state-dir", str(tmp_path / "state"), "--policy", f"{plugin}:Broken"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 1
+    assert "Traceback" in result.output and 'raise RuntimeError("boom")' in result.output
