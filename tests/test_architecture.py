@@ -110,3 +110,21 @@ def test_nothing_imports_the_cli():
             continue
         for name in imports_of(path):
             assert not name.startswith("skyhedge.cli"), f"{path.relative_to(PKG)} imports {name}"
+
+
+def test_the_local_launcher_imports_under_python_dash_S():
+    """Terraform's local-exec runs the launcher as `python -S` (no site-packages): it and what it
+    imports must need nothing but the standard library (a `skyhedge.state` import, which pulls in
+    filelock, once broke every local launch)."""
+    import subprocess
+    import sys
+
+    code = "import skyhedge.clouds.local.launcher, skyhedge.clouds.local.capacity"
+    done = subprocess.run(
+        [sys.executable, "-S", "-c", code],
+        env={"PYTHONPATH": str(PKG.parent), "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
