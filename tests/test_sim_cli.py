@@ -179,3 +179,19 @@ def test_policies_are_judged_against_spothedge_when_both_references_ran(trace_di
     without = json.loads(small(trace_dir, "--policy", "spothedge,skyhedge", "--json").stdout)
     assert all("vs_spothedge" not in r for r in without)
     assert "vs SpotHedge" not in small(trace_dir, "--policy", "spothedge,skyhedge").stdout
+
+
+def test_plot_draws_spothedge_and_skyhedge_side_by_side(trace_dir, tmp_path):
+    """The timelines shown are SpotHedge's and skyhedge's (not the optimum's), in that order."""
+    from skyhedge.simulator.plot import _timeline_policies
+    from skyhedge.simulator.runner import SimConfig, simulate
+    from skyhedge.simulator.traces import load_trace
+
+    trace = load_trace(trace_dir)
+    config = SimConfig(repeats=1, ticks=30)
+    summaries = simulate([trace], ["optimal", "even", "skyhedge", "spothedge"], config, keep_timelines_of=0)
+    assert [s.policy for s in _timeline_policies(summaries)] == ["spothedge", "skyhedge"]
+    png = tmp_path / "side.png"
+    result = small(trace_dir, "--policy", "optimal,skyhedge,spothedge", "--plot", str(png))
+    assert result.exit_code == 0, result.output
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

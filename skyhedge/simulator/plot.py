@@ -1,10 +1,11 @@
 """One PNG summarising a simulation: cost vs availability per policy, and one window's timeline.
 
 Top: relative cost (x) against availability (y) per policy and trace, with error bars of one
-standard deviation over the windows. Below, for the first trace's kept window: each zone's spot
-capacity (steps, capped at the plot's height) and the spot replicas a policy ran there, its
-on-demand count, and its ready replicas against the target. Uses matplotlib's Agg backend (no
-display needed); written atomically.
+standard deviation over the windows. Below, for the first trace's kept window, side by side for
+up to two policies (SpotHedge and skyhedge when both ran, so their choices can be compared tick
+by tick): each zone's spot capacity (steps, capped at the plot's height) and the spot replicas
+the policy ran there, its on-demand count, and its ready replicas against the target. Uses
+matplotlib's Agg backend (no display needed); written atomically.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import io
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -21,22 +23,28 @@ import numpy as np  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from skyhedge.errors import OutputError  # noqa: E402
-from skyhedge.simulator.runner import Summary  # noqa: E402
+from skyhedge.simulator.runner import OPTIMAL, Summary  # noqa: E402
 from skyhedge.simulator.traces import TICK_SECONDS, Trace  # noqa: E402
 from skyhedge.state import atomic_write_bytes  # noqa: E402
 
 __all__ = ["plot_results"]
 
 _PREFERRED = ("spothedge", "skyhedge", "skyserve")
+#: Timelines drawn side by side (SpotHedge next to skyhedge when both were run).
+MAX_TIMELINES = 2
 
 
-def _timeline_policy(summaries: Sequence[Summary]) -> Summary | None:
-    with_timeline = [s for s in summaries if s.windows and any(w.timeline is not None for w in s.windows)]
-    for name in _PREFERRED:
-        for summary in with_timeline:
-            if summary.policy == name:
-                return summary
-    return with_timeline[0] if with_timeline else None
+def _timeline_policies(summaries: Sequence[Summary]) -> list[Summary]:
+    """The policies whose window-0 timeline is drawn: the preferred ones first, at most
+    MAX_TIMELINES, never the optimum (its plan is not a policy's behaviour)."""
+    with_timeline = [
+        s
+        for s in summaries
+        if s.policy != OPTIMAL and s.windows and any(w.timeline is not None for w in s.windows)
+    ]
+    rank = {name: i for i, name in enumerate(_PREFERRED)}
+    ordered = sorted(with_timeline, key=lambda s: rank.get(s.policy, len(rank)))
+    return ordered[:MAX_TIMELINES]
 
 
 def plot_results(
@@ -44,13 +52,14 @@ def plot_results(
 ) -> Path:
     path = Path(path)
     first = traces[0].name if traces else None
-    shown = _timeline_policy([s for s in summaries if s.trace == first])
+    shown = _timeline_policies([s for s in summaries if s.trace == first]) if traces else []
     trace = traces[0] if traces else None
-    zones = len(trace.zones) if trace is not None and shown is not None else 0
-    fig = plt.figure(figsize=(10, 4.5 + 1.6 * (zones + 1)))
-    grid = fig.add_gridspec(2 + zones, 1, height_ratios=[4.5] + [1.6] * (zones + 1))
+    zones = len(trace.zones) if trace is not None and shown else 0
+    columns = max(1, len(shown))
+    fig = plt.figure(figsize=(10 if columns == 1 else 16, 4.5 + 1.6 * (zones + 1)))
+    grid = fig.add_gridspec(2 + zones, columns, height_ratios=[4.5] + [1.6] * (zones + 1))
 
-    ax = fig.add_subplot(grid[0])
+    ax = fig.add_subplot(grid[0, :])
     markers = "osD^vP*X"
     trace_names = sorted({s.trace for s in summaries})
     policies = list(dict.fromkeys(s.policy for s in summaries))
@@ -70,50 +79,14 @@ def plot_results(
         )
     ax.set_xlabel("relative cost (on-demand only = 1.0)")
     ax.set_ylabel("availability (%)")
+    ax.ticklabel_format(axis="y", useOffset=False)  # 99.98, not "-0.02 +1e2"
     ax.set_title("cost vs availability (mean ± std over windows)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2, loc="lower right")
 
-    if shown is not None and trace is not None:
-        window = next(w for w in shown.windows if w.timeline is not None)
-        timeline = window.timeline
-        assert timeline is not None
-        hours = np.arange(len(timeline.ready)) * TICK_SECONDS / 3600
-        order = list(window.window.order)
-        capacity = trace.capacity[order, window.window.offset : window.window.offset + len(hours)]
-        ceiling = max(target + 2, int(timeline.spot.max(initial=0)) + 1)
-        for i, z in enumerate(order):
-            zax = fig.add_subplot(grid[1 + i])
-            zax.fill_between(
-                hours,
-                np.minimum(capacity[i], ceiling),
-                step="post",
-                alpha=0.25,
-                color="grey",
-                label="capacity",
-            )
-            if timeline.spot_by_zone is not None:
-                zax.step(
-                    hours, timeline.spot_by_zone[i], where="post", color="tab:blue", label="spot replicas"
-                )
-            zax.set_ylim(0, ceiling + 0.5)
-            zax.yaxis.set_major_locator(MaxNLocator(integer=True))
-            zax.set_ylabel(trace.zones[z].zone, fontsize=8)
-            zax.tick_params(labelbottom=False)
-            if i == 0:
-                zax.set_title(
-                    f"{shown.policy} on {trace.name}, window {window.window.index} "
-                    f"(offset {window.window.offset} ticks)"
-                )
-                zax.legend(fontsize=7, loc="upper right")
-        tax = fig.add_subplot(grid[1 + zones])
-        tax.step(hours, timeline.ready, where="post", color="tab:green", label="ready")
-        tax.step(hours, timeline.ondemand, where="post", color="tab:red", label="on-demand")
-        tax.axhline(target, color="black", linestyle=":", linewidth=1, label="target")
-        tax.set_xlabel("hours into the window")
-        tax.set_ylabel("replicas", fontsize=8)
-        tax.yaxis.set_major_locator(MaxNLocator(integer=True))
-        tax.legend(fontsize=7, loc="upper right", ncol=3)
+    if trace is not None:
+        for column, summary in enumerate(shown):
+            _timeline(fig, grid, column, summary, trace, target)
 
     fig.tight_layout()
     png = io.BytesIO()
@@ -126,3 +99,41 @@ def plot_results(
     except OSError as exc:
         raise OutputError(f"{path}: cannot write the plot ({exc.strerror or exc})") from exc
     return path
+
+
+def _timeline(fig: Any, grid: Any, column: int, summary: Summary, trace: Trace, target: int) -> None:
+    """One policy's first kept window: spot replicas over capacity per zone, then ready and
+    on-demand replicas against the target."""
+    window = next(w for w in summary.windows if w.timeline is not None)
+    timeline = window.timeline
+    assert timeline is not None
+    hours = np.arange(len(timeline.ready)) * TICK_SECONDS / 3600
+    order = list(window.window.order)
+    capacity = trace.capacity[order, window.window.offset : window.window.offset + len(hours)]
+    ceiling = max(target + 2, int(timeline.spot.max(initial=0)) + 1)
+    zones = len(order)
+    for i, z in enumerate(order):
+        zax = fig.add_subplot(grid[1 + i, column])
+        zax.fill_between(
+            hours, np.minimum(capacity[i], ceiling), step="post", alpha=0.25, color="grey", label="capacity"
+        )
+        if timeline.spot_by_zone is not None:
+            zax.step(hours, timeline.spot_by_zone[i], where="post", color="tab:blue", label="spot replicas")
+        zax.set_ylim(0, ceiling + 0.5)
+        zax.yaxis.set_major_locator(MaxNLocator(integer=True))
+        zax.set_ylabel(trace.zones[z].zone, fontsize=8)
+        zax.tick_params(labelbottom=False)
+        if i == 0:
+            zax.set_title(
+                f"{summary.policy} on {trace.name}, window {window.window.index} "
+                f"(offset {window.window.offset} ticks)"
+            )
+            zax.legend(fontsize=7, loc="upper right")
+    tax = fig.add_subplot(grid[1 + zones, column])
+    tax.step(hours, timeline.ready, where="post", color="tab:green", label="ready")
+    tax.step(hours, timeline.ondemand, where="post", color="tab:red", label="on-demand")
+    tax.axhline(target, color="black", linestyle=":", linewidth=1, label="target")
+    tax.set_xlabel("hours into the window")
+    tax.set_ylabel("replicas", fontsize=8)
+    tax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    tax.legend(fontsize=7, loc="upper right", ncol=3)
