@@ -73,7 +73,12 @@ CAPACITY_MARKERS = (
     "ZONE_RESOURCE_POOL_EXHAUSTED",  # GCP
     "does not have enough resources available",
     "QUOTA_EXCEEDED",
+    "VcpuLimitExceeded",  # AWS: the account's vCPU quota for this family
+    "InstanceLimitExceeded",
 )
+# GCP's quota refusal ("Quota 'PREEMPTIBLE_NVIDIA_L4_GPUS' exceeded. Limit: 1.0 in region ..."):
+# per region, so the policy should try elsewhere as it does for a zone out of capacity.
+_QUOTA = re.compile(r"\bquota\b[^\n]*\bexceeded\b", re.IGNORECASE)
 
 _REPLICA_KEY = re.compile(r'\["(r-[0-9]+)"\]$')
 
@@ -103,7 +108,8 @@ class Diagnostic:
     @property
     def capacity(self) -> bool:
         blob = f"{self.summary}\n{self.detail}"
-        return any(marker in blob for marker in CAPACITY_MARKERS)
+        folded = blob.casefold()
+        return any(m.casefold() in folded for m in CAPACITY_MARKERS) or _QUOTA.search(blob) is not None
 
     @property
     def replica_id(self) -> str | None:
@@ -113,7 +119,8 @@ class Diagnostic:
 def capacity_reason(diag: Diagnostic) -> str:
     """The one line of a capacity refusal worth showing (the cloud's or the launcher's own words)."""
     for line in f"{diag.summary}\n{diag.detail}".splitlines():
-        if any(marker in line for marker in CAPACITY_MARKERS):
+        folded = line.casefold()
+        if any(m.casefold() in folded for m in CAPACITY_MARKERS) or _QUOTA.search(line):
             return line.split("Output:", 1)[-1].strip()
     return diag.summary
 
@@ -513,6 +520,7 @@ class Terraform:
             outputs = _final_outputs(events)
             if outputs is None:
                 outputs = self.output(root)
+
         result = ApplyResult(
             root=root.name,
             exit_code=done.exit_code,

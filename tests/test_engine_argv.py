@@ -15,6 +15,7 @@ from skyhedge.engine import (
     ResourceChange,
     Terraform,
     TerraformRoot,
+    capacity_reason,
     parse_event,
     replica_of,
     resolve_binary,
@@ -160,3 +161,22 @@ def test_run_parallel_keeps_order_and_returns_exceptions():
     out = run_parallel([1, 2, 3], work)
     assert out[0] == 10 and isinstance(out[1], EngineError) and out[2] == 30
     assert run_parallel([], work) == []
+
+
+@pytest.mark.parametrize(
+    ("text", "refused"),
+    [
+        # GCP's quota refusal (terraform-provider-google's wording): per region, the policy moves on
+        ("Error waiting for instance to create: Quota 'PREEMPTIBLE_NVIDIA_L4_GPUS' exceeded. Limit: 1", True),
+        ("VcpuLimitExceeded: You have requested more vCPU capacity than your current limit", True),
+        ("api error InsufficientInstanceCapacity: there is no capacity", True),
+        ("insufficientinstancecapacity", True),  # case does not matter
+        ("Error: quota project not set for this request", False),  # "quota" alone is not a refusal
+        ("InvalidAMIID.NotFound: The image id does not exist", False),
+    ],
+)
+def test_which_launch_errors_count_as_a_refusal_the_policy_routes_around(text, refused):
+    diag = Diagnostic("error", "creating instance", text, 'module.replicas.x["r-0001"]')
+    assert diag.capacity is refused
+    if refused:
+        assert capacity_reason(diag) == text

@@ -275,3 +275,72 @@ def test_watch_wakes_on_a_message(aws):
         source.ack()
     finally:
         source.close()
+
+
+def _warn(aws, instance_id: str) -> None:
+    aws.client("events", region_name=REGION).put_events(
+        Entries=[
+            {
+                "Source": "aws.ec2",
+                "DetailType": DETAIL_WARNING,
+                "Detail": json.dumps({"instance-id": instance_id, "instance-action": "terminate"}),
+            }
+        ]
+    )
+
+
+def _ec2_down(aws, *operations: str):
+    """Make these EC2 calls fail as an unreachable endpoint does; returns the undo."""
+    from botocore.exceptions import EndpointConnectionError
+
+    def boom(**_kw):
+        raise EndpointConnectionError(endpoint_url="https://ec2.us-east-1.amazonaws.com")
+
+    names = [f"before-call.ec2.{op}" for op in operations]
+    for name in names:
+        aws.events.register(name, boom)
+    return lambda: [aws.events.unregister(name, boom) for name in names]
+
+
+def test_a_warning_is_not_lost_when_naming_its_instance_fails(aws, tmp_path, write_spec):
+    """A message about an instance not recorded yet needs describe_instances to be named; while
+    that fails the message is kept (not deleted from the queue) and counts once it succeeds."""
+    ctl, source, clock = _controller(aws, tmp_path, write_spec, reconcile_every=3600)
+    victim = ctl.state.live()[0]
+    recorded, victim.cloud_id = victim.cloud_id, None  # as after an apply that crashed before outputs
+    _warn(aws, recorded)
+    undo = _ec2_down(aws, "DescribeInstances")
+    clock.advance(1)
+    ctl.tick()
+    assert victim.id not in ctl.state.extra.get("warned", {})
+    assert any("event source aws" in note.text for note in ctl.notes)
+    undo()
+    clock.advance(1)
+    ctl.tick()
+    assert victim.id in ctl.state.extra["warned"]
+
+
+def test_a_failing_reconcile_keeps_the_queues_events_and_waits_its_turn(aws, tmp_path, write_spec, caplog):
+    ctl, source, clock = _controller(aws, tmp_path, write_spec, reconcile_every=30)
+    victim = ctl.state.live()[0]
+    _warn(aws, victim.cloud_id)
+    undo = _ec2_down(aws, "DescribeInstances")
+    calls = []
+    aws.events.register("before-call.ec2.DescribeInstances", lambda **kw: calls.append(1))
+    clock.advance(31)
+    with caplog.at_level(logging.WARNING):
+        ctl.tick()
+    assert victim.id in ctl.state.extra["warned"]  # the queue's warning counted all the same
+    assert "next reconcile in 30 s" in caplog.text
+    tried = len(calls)
+    clock.advance(5)
+    ctl.tick()
+    assert len(calls) == tried  # not retried every tick: at the reconcile pace
+    undo()
+
+
+def test_clients_have_bounded_timeouts(aws):
+    source = AwsEventSource("llm", [REGION], session=aws, wait_seconds=20)
+    config = source._client("ec2", REGION).meta.config
+    assert config.connect_timeout == 5 and config.read_timeout == 30
+    assert config.retries["mode"] == "standard"

@@ -247,3 +247,66 @@ def test_api_errors_become_cloud_errors(compute, session, tmp_path, write_spec):
     clock.advance(200)  # failures are rate-limited like successes (poll_every)
     ctl.tick()  # the controller notes it and carries on
     assert any("event source gcp" in n.text for n in ctl.notes)
+
+
+def test_a_token_refresh_failure_is_a_cloud_error_noted_by_the_controller(
+    compute, session, tmp_path, write_spec, monkeypatch
+):
+    """AuthorizedSession raises google-auth's own errors (not requests') when the token cannot be
+    refreshed, e.g. while the metadata server blips."""
+    from google.auth.exceptions import RefreshError
+
+    ctl, clock = _controller(compute, session, tmp_path, write_spec)
+
+    def refresh_fails(*_args, **_kwargs):
+        raise RefreshError("metadata server unreachable")
+
+    monkeypatch.setattr(session, "request", refresh_fails)
+    with pytest.raises(CloudError, match="metadata server unreachable"):
+        ctl.sources[0].poll(clock() + 100, ctl.state.live())
+    clock.advance(200)
+    ctl.tick()  # noted, and the tick goes on (routing, state) instead of dying
+    assert any("event source gcp" in n.text and "metadata server" in n.text for n in ctl.notes)
+
+
+def test_a_response_that_is_not_an_object_is_a_cloud_error(compute, session, tmp_path, write_spec):
+    ctl, clock = _controller(compute, session, tmp_path, write_spec)
+    real = compute.handle
+    compute.handle = lambda path, query: (200, [])
+    try:
+        with pytest.raises(CloudError, match="expected a JSON object, got list"):
+            ctl.sources[0].poll(clock() + 100, ctl.state.live())
+    finally:
+        compute.handle = real
+
+
+def test_a_clock_stepped_back_does_not_pause_polling(compute, session, tmp_path, write_spec):
+    ctl, clock = _controller(compute, session, tmp_path, write_spec)
+    src, live = ctl.sources[0], ctl.state.live()
+    src.poll(clock() + 10, live)
+    n = len(compute.requests)
+    src.poll(clock() + 10 - 3600, live)  # NTP stepped the clock back an hour
+    assert len(compute.requests) > n
+
+
+def test_a_source_raising_a_plain_exception_does_not_stop_the_tick(compute, session, tmp_path, write_spec):
+    """A bug or an unwrapped library error in one source is noted; the others and the rest of
+    the tick (apply, probes, routing, state) go on."""
+    ctl, clock = _controller(compute, session, tmp_path, write_spec)
+
+    class Broken:
+        name = "broken"
+
+        def poll(self, now, live):
+            raise KeyError("surprise")
+
+        def ack(self):
+            pass
+
+    ctl.sources.append(Broken())
+    victim = ctl.state.live()[1]
+    compute.instances[victim.zone][f"llm-{victim.id}"]["status"] = "TERMINATED"
+    clock.advance(10)
+    ctl.tick()
+    assert victim.reason == "preempted"  # the GCP source still counted
+    assert any("event source broken: KeyError" in n.text for n in ctl.notes)

@@ -179,6 +179,9 @@ class Controller:
                 out.extend(source.poll(now, live))
             except SkyhedgeError as exc:  # one broken source must not blind the others
                 self.note(f"event source {source.name}: {exc}", now)
+            except Exception as exc:  # a bug or an unwrapped library error: contained the same way
+                log.exception("event source %s failed", source.name)
+                self.note(f"event source {source.name}: {type(exc).__name__}: {exc}", now)
         return out
 
     def _expire_warnings(self, now: float) -> None:

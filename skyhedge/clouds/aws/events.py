@@ -179,7 +179,16 @@ class AwsEventSource(EventSource):
     # -- SQS ------------------------------------------------------------------------------------
 
     def _client(self, service: str, region: str) -> Any:
-        return self.session.client(service, region_name=region)
+        """A boto3 client with bounded waits: botocore's defaults (60 s connect, 60 s read, legacy
+        retries) let one unresponsive endpoint hold a controller tick for five minutes."""
+        from botocore.config import Config
+
+        config = Config(
+            connect_timeout=5,
+            read_timeout=max(30, self.wait_seconds + 10),  # above the SQS long-poll wait
+            retries={"mode": "standard", "max_attempts": 3},
+        )
+        return self.session.client(service, region_name=region, config=config)
 
     def queue_url(self, region: str, sqs: Any = None) -> str | None:
         """The queue's URL in `region`, or None (logged once) when setup-events was not run there."""
@@ -255,18 +264,36 @@ class AwsEventSource(EventSource):
                     received.extend((region, m) for m in batch)
                     if len(batch) < 10:
                         break
-        events: list[PreemptionEvent] = []
-        for region, message in received:
-            event = parse_message(message.get("Body", ""), received_at=now)
-            if event is not None:
-                events.append(event)
-            with self._lock:
-                self._to_ack.append((region, message["ReceiptHandle"]))
+        # A message kept from a failed poll may come back from SQS (its visibility timeout ran
+        # out): keep one copy, with the newest receipt handle (the only one SQS still honours).
+        latest = {m.get("MessageId") or id(m): (region, m) for region, m in received}
+        received = list(latest.values())
         mine = [r for r in live if r.cloud == "aws"]
-        events = self._name_replicas(events, mine)
-        if mine and (self._last_reconcile is None or now - self._last_reconcile >= self.reconcile_every):
-            events.extend(self.reconcile(now, mine))
-            self._last_reconcile = now
+        try:
+            events = [
+                event
+                for _, message in received
+                if (event := parse_message(message.get("Body", ""), received_at=now)) is not None
+            ]
+            events = self._name_replicas(events, mine)
+        except BaseException:
+            # Nothing of these messages reached the controller: keep them for the next poll
+            # rather than acknowledging (deleting) a two-minute warning that was never recorded.
+            with self._lock:
+                self._buffer[:0] = received
+            raise
+        with self._lock:
+            self._to_ack.extend((region, message["ReceiptHandle"]) for region, message in received)
+        last = self._last_reconcile
+        # `now < last`: the wall clock stepped back; a reconcile is due rather than hours away
+        if mine and (last is None or now < last or now - last >= self.reconcile_every):
+            self._last_reconcile = now  # a failing reconcile is retried at the same pace, not every tick
+            try:
+                events.extend(self.reconcile(now, mine))
+            except CloudError as exc:
+                log.warning(
+                    "%s (the queue's events still count; next reconcile in %.0f s)", exc, self.reconcile_every
+                )
         return events
 
     def _name_replicas(

@@ -144,6 +144,7 @@ class GcpEventSource(EventSource):
     def _get(self, path: str, params: dict[str, str]) -> list[dict[str, Any]]:
         """GET a Compute list, following `nextPageToken`."""
         import requests
+        from google.auth.exceptions import GoogleAuthError
 
         url = f"{compute_endpoint()}/projects/{self.project}/{path}"
         items: list[dict[str, Any]] = []
@@ -151,7 +152,7 @@ class GcpEventSource(EventSource):
         for _ in range(50):
             try:
                 reply = self.session.get(url, params=params, timeout=self.timeout)
-            except requests.RequestException as exc:
+            except (requests.RequestException, GoogleAuthError) as exc:  # a token refresh can fail too
                 raise CloudError(f"gcp: GET {url}: {exc}") from exc
             if reply.status_code != 200:
                 raise CloudError(f"gcp: GET {url}: HTTP {reply.status_code}: {reply.text[:200]}")
@@ -159,6 +160,8 @@ class GcpEventSource(EventSource):
                 body = reply.json()
             except ValueError as exc:
                 raise CloudError(f"gcp: GET {url}: not JSON") from exc
+            if not isinstance(body, dict):
+                raise CloudError(f"gcp: GET {url}: expected a JSON object, got {type(body).__name__}")
             items.extend(i for i in body.get("items") or [] if isinstance(i, dict))
             token = body.get("nextPageToken")
             if not token:
@@ -168,8 +171,9 @@ class GcpEventSource(EventSource):
 
     def poll(self, now: float, live: Sequence[ReplicaRecord]) -> list[PreemptionEvent]:
         mine = [r for r in live if r.cloud == "gcp"]
-        if not mine or (self._last_poll is not None and now - self._last_poll < self.poll_every):
-            return []
+        last = self._last_poll
+        if not mine or (last is not None and last <= now < last + self.poll_every):
+            return []  # (`now < last`: the wall clock stepped back; poll now rather than in hours)
         self._last_poll = now
         events: list[PreemptionEvent] = []
         for zone in sorted({r.zone for r in mine}):
