@@ -215,6 +215,26 @@ def test_not_ready_too_long_is_replaced(world):
     assert len(ctl.state.live()) == 3
 
 
+def test_a_probe_round_failing_everywhere_keeps_the_last_routes(world):
+    """Panic mode: when every READY replica fails one probe round at once (more often the prober's
+    network than every replica down), they stay routed rather than nginx answering 503 to all;
+    as soon as one passes again, only passing ones are routed."""
+    ctl, clock, prober = make(world), world["clock"], world["prober"]
+    settle(ctl, clock)
+    before = sorted(world["router"].current)
+    assert len(before) == 3
+    prober.down = {r.id for r in ctl.state.live()}
+    ctl.tick()
+    assert {ctl.state.replicas[rid].fact().status for rid in before} == {ReplicaStatus.NOT_READY}
+    assert sorted(world["router"].current) == before
+    healthy = before[0]
+    prober.down.discard(healthy)
+    clock.advance(1)
+    ctl.tick()
+    routed = set(world["router"].current)
+    assert healthy in routed and not routed & (set(before) - {healthy})  # the failing ones are out
+
+
 def test_never_ready_fails_after_initial_delay(world):
     ctl, clock, prober = make(world), world["clock"], world["prober"]
     prober.down = {"r-0001"}

@@ -166,16 +166,22 @@ def routable(state: ServiceState) -> list[ReplicaRecord]:
 
     A replica being drained for a scale-down is out (that is what draining means); a warned one
     stays in until the cloud takes it, since it still serves and nginx retries elsewhere if not.
+    When no replica is READY but some were and only failed their last probes (NOT_READY, not yet
+    FAILED), those stay routed ("panic mode", as Envoy's panic threshold): a probe round failing
+    everywhere at once is more often the prober's network or a slow health endpoint than every
+    replica down, and nginx's own retries and timeouts still guard each request, where an empty
+    upstream list would answer 503 to all of them.
     """
     table = warned(state)
-    out = []
+    ready: list[ReplicaRecord] = []
+    failing: list[ReplicaRecord] = []
     for rec in state.live():
-        if rec.endpoint is None or rec.ready_at is None or rec.not_ready_since is not None:
+        if rec.endpoint is None or rec.ready_at is None:
             continue
         if rec.draining and rec.id not in table:
             continue
-        out.append(rec)
-    return sorted(out, key=lambda r: r.id)
+        (ready if rec.not_ready_since is None else failing).append(rec)
+    return sorted(ready or failing, key=lambda r: r.id)
 
 
 def status_counts(state: ServiceState) -> dict[ReplicaStatus, int]:
