@@ -301,3 +301,24 @@ def test_a_routing_failure_does_not_block_replacement(world):
     clock.advance(1)
     ctl.tick()
     assert victim.id not in router.current
+
+
+def test_a_failure_retried_every_pass_is_noted_once_a_minute(world):
+    """nginx refusing every reload is retried every 2 s; the note is not repeated each time (it
+    would flood the log and push everything else out of the dashboard's history)."""
+    from skyhedge.errors import RoutingError
+
+    ctl, clock, src, router = make(world), world["clock"], world["source"], world["router"]
+    settle(ctl, clock)
+
+    def refuse(upstreams):
+        raise RoutingError("nginx refused the config")
+
+    router.reload = refuse
+    victim = ctl.state.live()[0]
+    src.queue.append(PreemptionEvent(Signal.GONE, clock(), "fake", replica_id=victim.id, reason="preempted"))
+    for _ in range(60):  # two minutes of passes every 2 s
+        ctl.tick()
+        clock.advance(2)
+    refused = [n for n in ctl.notes if "nginx refused" in n.text]
+    assert 2 <= len(refused) <= 3  # at 0 s, 60 s (and 120 s): not 60 or 120 times

@@ -51,6 +51,8 @@ from skyhedge.spec import ServiceSpec
 from skyhedge.state import ReplicaRecord, ServiceState, load_state, save_state
 
 log = logging.getLogger("skyhedge.controller")
+#: A note identical to the previous one is repeated at most this often (see Controller.note).
+NOTE_REPEAT_SECONDS = 60.0
 
 BUSY = frozenset(
     {ReplicaStatus.PROVISIONING, ReplicaStatus.STARTING, ReplicaStatus.NOT_READY, ReplicaStatus.SHUTTING_DOWN}
@@ -111,6 +113,7 @@ class Controller:
         self.state: ServiceState = load_state(state_dir, spec.name)
         self.scaler = autoscaler.AutoscalerConfig.from_spec(spec)
         self.notes: deque[Note] = deque(maxlen=50)
+        self._noted: dict[str, float] = {}  # text -> when last noted (repeats suppressed)
         self.last_plan: Plan | None = None
         self.ticks = 0
         self._failures = int(self.state.extra.get("launch_failures", 0))
@@ -121,7 +124,16 @@ class Controller:
     # -- small helpers ---------------------------------------------------------------------------
 
     def note(self, text: str, at: float | None = None) -> None:
+        """Record and log a line for the operator. A line noted in the last NOTE_REPEAT_SECONDS (a
+        failure retried every pass) is not noted again, so it does not flood the log and push
+        everything else out of the dashboard's history."""
         at = self.clock() if at is None else at
+        last = self._noted.get(text)
+        if last is not None and 0 <= at - last < NOTE_REPEAT_SECONDS:
+            log.debug("%s: %s (repeated)", self.spec.name, text)
+            return
+        self._noted = {t: a for t, a in self._noted.items() if 0 <= at - a < NOTE_REPEAT_SECONDS}
+        self._noted[text] = at
         self.notes.append(Note(at, text))
         log.info("%s: %s", self.spec.name, text)
 
