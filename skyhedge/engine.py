@@ -55,6 +55,9 @@ __all__ = [
 ]
 
 ENGINE_ENV = "SKYHEDGE_TERRAFORM"
+#: Seconds one Terraform run may take before it is stopped (0: no limit); default DEFAULT_TIMEOUT.
+TIMEOUT_ENV = "SKYHEDGE_TERRAFORM_TIMEOUT"
+DEFAULT_TIMEOUT = 3600.0
 DEFAULT_LOCK_TIMEOUT = "120s"
 DEFAULT_PARALLELISM = 10
 CLI_CONFIG_NAME = "terraformrc"
@@ -222,6 +225,20 @@ class Completed:
     stderr: str
 
 
+def run_timeout() -> float:
+    """The per-run time limit from $SKYHEDGE_TERRAFORM_TIMEOUT (seconds; 0 disables it)."""
+    raw = os.environ.get(TIMEOUT_ENV, "").strip()
+    if not raw:
+        return DEFAULT_TIMEOUT
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not (value >= 0 and value < float("inf")):
+        raise EngineError(f"${TIMEOUT_ENV}: expected seconds >= 0 (0: no limit), got {raw!r}")
+    return value
+
+
 def resolve_binary(binary: str | os.PathLike[str] | None) -> str | None:
     """`--terraform-bin`, else `$SKYHEDGE_TERRAFORM`, else None (the embedded engine)."""
     chosen = str(binary) if binary else os.environ.get(ENGINE_ENV) or None
@@ -251,12 +268,14 @@ class Terraform:
         lock_timeout: str = DEFAULT_LOCK_TIMEOUT,
         parallelism: int = DEFAULT_PARALLELISM,
         extra_env: Mapping[str, str] | None = None,
+        timeout: float | None = None,
     ) -> None:
         self.home = Path(home)
         self.binary = resolve_binary(binary)
         self.lock_timeout = lock_timeout
         self.parallelism = parallelism
         self.extra_env = dict(extra_env or {})
+        self.timeout = run_timeout() if timeout is None else timeout
 
     # -- identity and environment ---------------------------------------------------------------
 
@@ -394,12 +413,22 @@ class Terraform:
             )
         except OSError as exc:
             raise EngineError(f"cannot start Terraform ({self.description}): {exc}") from exc
+        expired = threading.Event()
+
+        def expire() -> None:  # a hung apply must not hold the controller's pass forever
+            expired.set()
+            proc.kill()
+
+        watchdog = threading.Timer(self.timeout, expire) if self.timeout > 0 else None
         with proc:
             assert proc.stdout is not None and proc.stderr is not None
             stderr = proc.stderr
             err_chunks: list[str] = []
             reader = threading.Thread(target=lambda: err_chunks.append(stderr.read()), daemon=True)
             reader.start()
+            if watchdog is not None:
+                watchdog.daemon = True
+                watchdog.start()
             out_lines: list[str] = []
             try:
                 for line in proc.stdout:
@@ -408,7 +437,15 @@ class Terraform:
                         on_line(line.rstrip("\n"))
             finally:
                 code = proc.wait()
+                if watchdog is not None:
+                    watchdog.cancel()
                 reader.join()
+        if expired.is_set():
+            raise EngineError(
+                f"Terraform in {inv.cwd} did not finish within {self.timeout:g} s and was stopped "
+                f"(${TIMEOUT_ENV} sets the limit)",
+                stderr="".join(err_chunks).strip(),
+            )
         return Completed(code, "".join(out_lines), "".join(err_chunks))
 
     def _run_json(

@@ -20,6 +20,7 @@ from skyhedge.engine import (
     replica_of,
     resolve_binary,
     run_parallel,
+    run_timeout,
 )
 from skyhedge.errors import EngineError, InsufficientCapacity
 
@@ -180,3 +181,32 @@ def test_which_launch_errors_count_as_a_refusal_the_policy_routes_around(text, r
     assert diag.capacity is refused
     if refused:
         assert capacity_reason(diag) == text
+
+
+def test_a_hung_terraform_is_stopped_after_the_time_limit(tmp_path):
+    """A Terraform run that never ends (a provider waiting on a cloud API forever) is killed after
+    `timeout` seconds and reported as an EngineError, so the controller's pass goes on."""
+    import time
+
+    hung = tmp_path / "terraform"
+    hung.write_text("#!/bin/sh\necho 'starting' >&2\nexec sleep 60\n")
+    hung.chmod(0o755)
+    engine = Terraform(home=tmp_path, binary=hung, timeout=1)
+    started = time.monotonic()
+    with pytest.raises(EngineError, match=r"did not finish within 1 s and was stopped") as caught:
+        engine.run(engine.invocation(["apply"], tmp_path))
+    assert time.monotonic() - started < 10
+    assert "SKYHEDGE_TERRAFORM_TIMEOUT" in str(caught.value) and "starting" in caught.value.stderr
+
+
+@pytest.mark.parametrize(("raw", "limit"), [("", 3600.0), ("0", 0.0), ("90", 90.0)])
+def test_the_time_limit_comes_from_the_environment(raw, limit, monkeypatch):
+    monkeypatch.setenv("SKYHEDGE_TERRAFORM_TIMEOUT", raw)
+    assert run_timeout() == limit
+
+
+@pytest.mark.parametrize("raw", ["soon", "-1", "inf", "nan"])
+def test_a_bad_time_limit_is_one_error_naming_the_variable(raw, monkeypatch):
+    monkeypatch.setenv("SKYHEDGE_TERRAFORM_TIMEOUT", raw)
+    with pytest.raises(EngineError, match=r"\$SKYHEDGE_TERRAFORM_TIMEOUT: expected seconds >= 0"):
+        run_timeout()
