@@ -344,3 +344,47 @@ def test_clients_have_bounded_timeouts(aws):
     config = source._client("ec2", REGION).meta.config
     assert config.connect_timeout == 5 and config.read_timeout == 30
     assert config.retries["mode"] == "standard"
+
+
+def _leftover(aws, replica_id: str) -> str:
+    """An instance tagged like one of ours that Terraform never recorded (an apply killed between
+    RunInstances and saving its state)."""
+    tags = [{"Key": "skyhedge:service", "Value": "llm"}, {"Key": "skyhedge:replica", "Value": replica_id}]
+    reply = aws.client("ec2", region_name=REGION).run_instances(
+        ImageId="ami-12c6146b",
+        MinCount=1,
+        MaxCount=1,
+        InstanceType="t3.micro",
+        TagSpecifications=[{"ResourceType": "instance", "Tags": tags}],
+    )
+    return reply["Instances"][0]["InstanceId"]
+
+
+def test_a_leftover_instance_is_reported_once_after_a_grace(aws, tmp_path, write_spec, caplog):
+    ctl, source, clock = _controller(aws, tmp_path, write_spec, reconcile_every=30)
+    twin = _leftover(aws, ctl.state.live()[0].id)
+    with caplog.at_level(logging.WARNING):
+        for _ in range(25):  # 25 x 31 s: past the 10 min grace
+            clock.advance(31)
+            ctl.tick()
+    reports = [r.getMessage() for r in caplog.records if twin in r.getMessage()]
+    assert len(reports) == 1 and "belongs to no live replica" in reports[0]
+    assert f"--instance-ids {twin}" in reports[0]
+    assert aws.client("ec2", region_name=REGION).describe_instances(InstanceIds=[twin])["Reservations"]
+
+
+def test_a_leftover_twin_does_not_keep_a_terminated_replica_alive(aws, tmp_path, write_spec, monkeypatch):
+    """The recorded instance is gone from the listing (EC2 drops terminated instances after about
+    an hour); a leftover with the same replica tag must not pass for it."""
+    ctl, source, clock = _controller(aws, tmp_path, write_spec, reconcile_every=30)
+    victim = ctl.state.live()[0]
+    _leftover(aws, victim.id)
+    listed = source.list_instances
+    monkeypatch.setattr(
+        source,
+        "list_instances",
+        lambda region, **kw: [i for i in listed(region, **kw) if i["InstanceId"] != victim.cloud_id],
+    )
+    clock.advance(31)
+    ctl.tick()
+    assert victim.gone_at is not None

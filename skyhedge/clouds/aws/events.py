@@ -27,6 +27,8 @@ from skyhedge.policy.types import Location
 from skyhedge.state import ReplicaRecord
 
 log = logging.getLogger("skyhedge.clouds.aws.events")
+#: Seconds an instance must stay unowned before it is reported as a leftover.
+LEFTOVER_GRACE = 600.0
 
 DETAIL_WARNING = "EC2 Spot Instance Interruption Warning"
 DETAIL_REBALANCE = "EC2 Instance Rebalance Recommendation"
@@ -170,6 +172,8 @@ class AwsEventSource(EventSource):
         self.wait_seconds = wait_seconds
         self._queue_urls: dict[str, str | None] = {}
         self._last_reconcile: float | None = None
+        self._suspects: dict[tuple[str, str], float] = {}  # (region, instance) -> first seen unowned
+        self._reported: set[str] = set()
         self._buffer: list[tuple[str, dict[str, Any]]] = []
         self._to_ack: list[tuple[str, str]] = []
         self._lock = threading.Lock()
@@ -382,10 +386,13 @@ class AwsEventSource(EventSource):
                 rid = tags.get(TAG_REPLICA)
                 if rid and (rid not in by_replica or _state(inst) not in GONE_STATES):
                     by_replica[rid] = inst
+            self._check_leftovers(region, now, instances, [r for r in live if r.region == region])
             for rec in live:
                 if rec.region != region or rec.provisioned_at is None:
                     continue
-                inst = by_id.get(rec.cloud_id) or by_replica.get(rec.id)
+                # a recorded ID decides alone: a leftover instance with the same replica tag must
+                # not make a terminated replica look alive
+                inst = by_id.get(rec.cloud_id) if rec.cloud_id else by_replica.get(rec.id)
                 if inst is None and not rec.cloud_id:
                     continue  # never seen running (GitOps: CI may not have applied it yet)
                 if inst is not None and _state(inst) not in GONE_STATES:
@@ -402,6 +409,41 @@ class AwsEventSource(EventSource):
                     )
                 )
         return events
+
+    def _check_leftovers(
+        self, region: str, now: float, instances: Sequence[dict[str, Any]], live: Sequence[ReplicaRecord]
+    ) -> None:
+        """Warn (once per instance) about running instances tagged for this service that no live
+        replica owns: left by an apply killed between RunInstances and saving Terraform's state, or
+        by a destroy that failed. They bill until someone terminates them; skyhedge does not
+        terminate what it never recorded. An instance is reported only after LEFTOVER_GRACE
+        seconds of being unowned, so one just launched or just released is not."""
+        owned = {r.cloud_id for r in live if r.cloud_id}
+        unrecorded = {r.id for r in live if not r.cloud_id}
+        suspects: dict[tuple[str, str], float] = {}
+        for inst in instances:
+            iid = str(inst.get("InstanceId") or "")
+            tags = {t.get("Key"): t.get("Value") for t in inst.get("Tags") or []}
+            if not iid or _state(inst) in GONE_STATES or iid in owned or tags.get(TAG_REPLICA) in unrecorded:
+                continue
+            first = self._suspects.get((region, iid), now)
+            suspects[region, iid] = first
+            if now - first >= LEFTOVER_GRACE and iid not in self._reported:
+                self._reported.add(iid)
+                log.warning(
+                    "aws %s: instance %s (%s=%s) is running but belongs to no live replica of %s: a "
+                    "leftover of an interrupted apply or a failed destroy? It bills until terminated: "
+                    "aws ec2 terminate-instances --region %s --instance-ids %s",
+                    region,
+                    iid,
+                    TAG_REPLICA,
+                    tags.get(TAG_REPLICA),
+                    self.service,
+                    region,
+                    iid,
+                )
+        others = {key: at for key, at in self._suspects.items() if key[0] != region}
+        self._suspects = others | suspects  # an instance owned (or gone) again starts over
 
 
 def _state(instance: dict[str, Any]) -> str:
