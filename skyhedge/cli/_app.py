@@ -36,6 +36,12 @@ console = _console()
 err_console = _console(stderr=True)
 
 
+# click >= 8.2 shows a bare group's help by raising this usage error; 8.1 never raises it.
+_NO_ARGS_IS_HELP: tuple[type[BaseException], ...] = tuple(
+    getattr(click.exceptions, name) for name in ("NoArgsIsHelpError",) if hasattr(click.exceptions, name)
+)
+
+
 class SkyhedgeGroup(click.Group):
     """Turns `SkyhedgeError` and usage errors into `error: <one line>` on stderr and exit code 1.
 
@@ -52,7 +58,7 @@ class SkyhedgeGroup(click.Group):
         try:
             return super().make_context(info_name, args, parent=parent, **extra)
         except click.UsageError as exc:
-            if isinstance(exc, click.exceptions.NoArgsIsHelpError):
+            if isinstance(exc, _NO_ARGS_IS_HELP):
                 raise  # bare `skyhedge`: the help text is the answer
             report_usage_error(exc, parent.command_path if parent is not None else "skyhedge")
             sys.exit(1)
@@ -64,7 +70,7 @@ class SkyhedgeGroup(click.Group):
             report_error(exc)
             sys.exit(1)
         except click.UsageError as exc:
-            if isinstance(exc, click.exceptions.NoArgsIsHelpError):
+            if isinstance(exc, _NO_ARGS_IS_HELP):
                 raise
             report_usage_error(exc, " ".join(filter(None, (ctx.command_path, ctx.invoked_subcommand))))
             sys.exit(1)
