@@ -322,3 +322,19 @@ def test_a_failure_retried_every_pass_is_noted_once_a_minute(world):
         clock.advance(2)
     refused = [n for n in ctl.notes if "nginx refused" in n.text]
     assert 2 <= len(refused) <= 3  # at 0 s, 60 s (and 120 s): not 60 or 120 times
+
+
+def test_a_clock_stepped_back_does_not_postpone_replacing_a_sick_replica(world):
+    """NTP stepping the wall clock back an hour must not keep a NOT_READY replica for that hour:
+    its grace starts over at the new time."""
+    ctl, clock, prober = make(world), world["clock"], world["prober"]
+    settle(ctl, clock)
+    sick = ctl.state.live()[0]
+    prober.down.add(sick.id)
+    ctl.tick()
+    assert sick.fact().status is ReplicaStatus.NOT_READY
+    clock.advance(-3600)
+    ctl.tick()
+    clock.advance(200)
+    ctl.tick()
+    assert sick.reason == "failed"

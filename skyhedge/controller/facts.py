@@ -145,6 +145,8 @@ def apply_probes(
                 rec.not_ready_since = now
             continue
         if rec.ready_at is not None:
+            if rec.not_ready_since is not None and now < rec.not_ready_since:
+                rec.not_ready_since = now  # the wall clock stepped back: the grace starts over now
             if rec.not_ready_since is None:
                 rec.not_ready_since = now
                 notes.append(f"{rec.id} NOT_READY ({res.detail})")

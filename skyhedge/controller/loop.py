@@ -238,8 +238,8 @@ class Controller:
     def _survival(self, now: float) -> None:
         """Report zones whose spot replicas stayed READY through a period (SpotHedge's SURVIVED)."""
         last = self.state.extra.get("survival_at")
-        if last is not None and now - float(last) < self.options.survival_period:
-            return
+        if last is not None and 0 <= now - float(last) < self.options.survival_period:
+            return  # (`now < last`: the wall clock stepped back; report now rather than in hours)
         if last is not None:
             seen = set()
             for rec in self.state.live():
