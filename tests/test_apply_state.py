@@ -305,3 +305,22 @@ def test_cli_reports_a_corrupt_state_file_as_one_error_line_without_a_traceback(
         f"error: {state_file}: malformed state (replicas.r-0001: expected an object, got 'x')"
     ]
     assert "Traceback" not in out.output
+
+
+def test_only_the_newest_gone_replicas_are_kept():
+    """The state keeps at most GONE_KEPT gone replicas (history), the most recently gone; live
+    ones and the ID counter are untouched, so no ID is ever reused."""
+    from skyhedge.state import GONE_KEPT
+
+    state = ServiceState(service="svc", next_id=GONE_KEPT + 104)
+    for i in range(1, GONE_KEPT + 101):
+        rec = ReplicaRecord(f"r-{i:04d}", "local", "local", "local-a", "spot", launched_at=float(i))
+        rec.gone_at, rec.reason = float(i), "preempted"
+        state.replicas[rec.id] = rec
+    for i in range(GONE_KEPT + 101, GONE_KEPT + 104):
+        state.replicas[f"r-{i:04d}"] = ReplicaRecord(f"r-{i:04d}", "local", "local", "local-b", "spot", 0.0)
+    assert state.prune_gone() == 100
+    gone = sorted(r.id for r in state.replicas.values() if r.gone_at is not None)
+    assert len(gone) == GONE_KEPT and gone[0] == "r-0101"  # the oldest hundred went
+    assert len(state.live()) == 3 and state.next_id == GONE_KEPT + 104
+    assert state.prune_gone() == 0

@@ -143,6 +143,7 @@ class Controller:
 
     def save(self) -> None:
         self.state.extra["launch_failures"] = self._failures
+        self.state.prune_gone()
         save_state(self.state_dir, self.state)
 
     # -- the tick --------------------------------------------------------------------------------
