@@ -31,6 +31,7 @@ log = logging.getLogger("skyhedge.events")
 
 __all__ = [
     "EventSource",
+    "LeftoverWatch",
     "PreemptionEvent",
     "Signal",
     "find_replica",
@@ -133,3 +134,37 @@ def _aliases(rec: ReplicaRecord) -> set[str]:
         if isinstance(value, str) and value:
             out.add(value)
     return out
+
+
+#: Seconds an instance must stay unowned before it is reported as a leftover.
+LEFTOVER_GRACE = 600.0
+
+
+class LeftoverWatch:
+    """Which running instances tagged for a service, owned by no live replica, to warn about.
+
+    Such an instance was left by an apply killed between the cloud's create call and Terraform
+    saving its state, or by a destroy that failed; it bills until someone terminates it, and
+    skyhedge does not terminate what it never recorded. One is reported once, and only after it
+    stayed unowned for LEFTOVER_GRACE seconds (one just launched or just released is not).
+    """
+
+    def __init__(self, grace: float = LEFTOVER_GRACE) -> None:
+        self.grace = grace
+        self._first: dict[tuple[str, str], float] = {}  # (scope, instance) -> first seen unowned
+        self._reported: set[tuple[str, str]] = set()
+
+    def due(self, scope: str, unowned: Sequence[str], now: float) -> list[str]:
+        """Of the instances unowned now in `scope` (a region, a zone), the ones to report now.
+        One owned again, or gone, in the same scope starts over."""
+        keys = {(scope, name) for name in unowned}
+        self._first = {key: at for key, at in self._first.items() if key[0] != scope or key in keys}
+        out = []
+        for key in sorted(keys):
+            first = self._first.setdefault(key, now)
+            if now < first:  # the wall clock stepped back
+                self._first[key] = first = now
+            if now - first >= self.grace and key not in self._reported:
+                self._reported.add(key)
+                out.append(key[1])
+        return out

@@ -310,3 +310,26 @@ def test_a_source_raising_a_plain_exception_does_not_stop_the_tick(compute, sess
     ctl.tick()
     assert victim.reason == "preempted"  # the GCP source still counted
     assert any("event source broken: KeyError" in n.text for n in ctl.notes)
+
+
+def test_a_leftover_instance_is_reported_once_after_a_grace(compute, session, tmp_path, write_spec, caplog):
+    """A running instance labelled for the service that no live replica owns (an apply killed
+    before Terraform saved its state, or a failed delete) is reported once, after 10 minutes,
+    with the command that deletes it; an instance whose replica is still being created is not."""
+    import logging
+
+    ctl, clock = _controller(compute, session, tmp_path, write_spec)
+    zone = ctl.state.live()[0].zone
+    compute.instances[zone]["llm-r-0099"] = {
+        "status": "RUNNING",
+        "labels": {"skyhedge-service": "llm", "skyhedge-replica": "r-0099"},
+    }
+    with caplog.at_level(logging.WARNING):
+        for _ in range(70):  # 70 x 10 s: past the grace
+            clock.advance(10)
+            ctl.tick()
+    reports = [r.getMessage() for r in caplog.records if "llm-r-0099" in r.getMessage()]
+    assert len(reports) == 1 and "belongs to no live replica" in reports[0]
+    assert f"gcloud compute instances delete llm-r-0099 --zone {zone} --project {PROJECT}" in reports[0]
+    others = [m for m in (r.getMessage() for r in caplog.records) if "belongs to no live replica" in m]
+    assert others == reports  # the service's own replicas are never reported

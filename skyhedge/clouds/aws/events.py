@@ -22,13 +22,11 @@ from datetime import datetime
 from typing import Any
 
 from skyhedge.errors import CloudError
-from skyhedge.events import EventSource, PreemptionEvent, Signal, unparseable
+from skyhedge.events import EventSource, LeftoverWatch, PreemptionEvent, Signal, unparseable
 from skyhedge.policy.types import Location
 from skyhedge.state import ReplicaRecord
 
 log = logging.getLogger("skyhedge.clouds.aws.events")
-#: Seconds an instance must stay unowned before it is reported as a leftover.
-LEFTOVER_GRACE = 600.0
 
 DETAIL_WARNING = "EC2 Spot Instance Interruption Warning"
 DETAIL_REBALANCE = "EC2 Instance Rebalance Recommendation"
@@ -172,8 +170,7 @@ class AwsEventSource(EventSource):
         self.wait_seconds = wait_seconds
         self._queue_urls: dict[str, str | None] = {}
         self._last_reconcile: float | None = None
-        self._suspects: dict[tuple[str, str], float] = {}  # (region, instance) -> first seen unowned
-        self._reported: set[str] = set()
+        self._leftovers = LeftoverWatch()
         self._buffer: list[tuple[str, dict[str, Any]]] = []
         self._to_ack: list[tuple[str, str]] = []
         self._lock = threading.Lock()
@@ -413,37 +410,32 @@ class AwsEventSource(EventSource):
     def _check_leftovers(
         self, region: str, now: float, instances: Sequence[dict[str, Any]], live: Sequence[ReplicaRecord]
     ) -> None:
-        """Warn (once per instance) about running instances tagged for this service that no live
-        replica owns: left by an apply killed between RunInstances and saving Terraform's state, or
-        by a destroy that failed. They bill until someone terminates them; skyhedge does not
-        terminate what it never recorded. An instance is reported only after LEFTOVER_GRACE
-        seconds of being unowned, so one just launched or just released is not."""
+        """Warn about running instances tagged for this service that no live replica owns."""
         owned = {r.cloud_id for r in live if r.cloud_id}
-        unrecorded = {r.id for r in live if not r.cloud_id}
-        suspects: dict[tuple[str, str], float] = {}
-        for inst in instances:
-            iid = str(inst.get("InstanceId") or "")
-            tags = {t.get("Key"): t.get("Value") for t in inst.get("Tags") or []}
-            if not iid or _state(inst) in GONE_STATES or iid in owned or tags.get(TAG_REPLICA) in unrecorded:
-                continue
-            first = self._suspects.get((region, iid), now)
-            suspects[region, iid] = first
-            if now - first >= LEFTOVER_GRACE and iid not in self._reported:
-                self._reported.add(iid)
-                log.warning(
-                    "aws %s: instance %s (%s=%s) is running but belongs to no live replica of %s: a "
-                    "leftover of an interrupted apply or a failed destroy? It bills until terminated: "
-                    "aws ec2 terminate-instances --region %s --instance-ids %s",
-                    region,
-                    iid,
-                    TAG_REPLICA,
-                    tags.get(TAG_REPLICA),
-                    self.service,
-                    region,
-                    iid,
-                )
-        others = {key: at for key, at in self._suspects.items() if key[0] != region}
-        self._suspects = others | suspects  # an instance owned (or gone) again starts over
+        unrecorded = {r.id for r in live if not r.cloud_id}  # created, but its ID not recorded yet
+        tags_of = {
+            str(inst.get("InstanceId")): {t.get("Key"): t.get("Value") for t in inst.get("Tags") or []}
+            for inst in instances
+            if inst.get("InstanceId") and _state(inst) not in GONE_STATES
+        }
+        unowned = [
+            iid
+            for iid, tags in tags_of.items()
+            if iid not in owned and tags.get(TAG_REPLICA) not in unrecorded
+        ]
+        for iid in self._leftovers.due(region, unowned, now):
+            log.warning(
+                "aws %s: instance %s (%s=%s) is running but belongs to no live replica of %s: a leftover "
+                "of an interrupted apply or a failed destroy? It bills until terminated: "
+                "aws ec2 terminate-instances --region %s --instance-ids %s",
+                region,
+                iid,
+                TAG_REPLICA,
+                tags_of[iid].get(TAG_REPLICA),
+                self.service,
+                region,
+                iid,
+            )
 
 
 def _state(instance: dict[str, Any]) -> str:

@@ -20,7 +20,7 @@ from datetime import datetime
 from typing import Any
 
 from skyhedge.errors import CloudError
-from skyhedge.events import EventSource, PreemptionEvent, Signal, unparseable
+from skyhedge.events import EventSource, LeftoverWatch, PreemptionEvent, Signal, unparseable
 from skyhedge.policy.types import Location
 from skyhedge.state import ReplicaRecord
 
@@ -134,6 +134,7 @@ class GcpEventSource(EventSource):
         self.timeout = timeout
         self._last_poll: float | None = None
         self._seen_ops: set[str] = set()
+        self._leftovers = LeftoverWatch()
 
     @property
     def session(self) -> Any:
@@ -191,14 +192,17 @@ class GcpEventSource(EventSource):
             )
             status: dict[str, str] = {}
             by_label: dict[str, str] = {}
+            label_of: dict[str, str | None] = {}
             for inst in listed:
                 parsed = parse_instance(inst)
                 if parsed is None:
                     continue
                 name, st, rid = parsed
                 status[name] = st
+                label_of[name] = rid
                 if rid:
                     by_label[rid] = name
+            self._check_leftovers(zone, now, status, label_of, [r for r in mine if r.zone == zone])
             for rec in mine:
                 if rec.zone != zone or not rec.cloud_id:
                     continue
@@ -222,3 +226,35 @@ class GcpEventSource(EventSource):
                     )
                 )
         return events
+
+    def _check_leftovers(
+        self,
+        zone: str,
+        now: float,
+        status: dict[str, str],
+        label_of: dict[str, str | None],
+        live: Sequence[ReplicaRecord],
+    ) -> None:
+        """Warn about running instances labelled for this service that no live replica owns (see
+        `LeftoverWatch`); skyhedge does not delete what it never recorded."""
+        owned = {str(r.outputs.get("name") or _last(r.cloud_id) or r.cloud_id) for r in live if r.cloud_id}
+        unrecorded = {r.id for r in live if not r.cloud_id}
+        unowned = [
+            name
+            for name, st in status.items()
+            if st not in GONE_STATUSES and name not in owned and label_of.get(name) not in unrecorded
+        ]
+        for name in self._leftovers.due(zone, unowned, now):
+            log.warning(
+                "gcp %s: instance %s (%s=%s) is running but belongs to no live replica of %s: a leftover "
+                "of an interrupted apply or a failed destroy? It bills until deleted: "
+                "gcloud compute instances delete %s --zone %s --project %s",
+                zone,
+                name,
+                LABEL_REPLICA,
+                label_of.get(name),
+                self.service,
+                name,
+                zone,
+                self.project,
+            )
