@@ -135,16 +135,13 @@ def test_a_rendered_tree_has_ordinary_permissions(tmp_path):
 
 def test_tables_in_a_pipe_are_not_cut(monkeypatch):
     """CliRunner's output is not a terminal, as a pipe is: rich would assume 80 columns."""
-    monkeypatch.delenv("COLUMNS", raising=False)
-    import importlib
-
     import skyhedge.cli._app as app
+    import skyhedge.cli.catalog as catalog
 
+    monkeypatch.delenv("COLUMNS", raising=False)
     wide = app._console()
     assert wide.width == app.PIPE_WIDTH
-    monkeypatch.setattr(app, "console", wide)
-    catalog = importlib.import_module("skyhedge.cli.catalog")
-    monkeypatch.setattr(catalog, "console", wide, raising=False)
+    monkeypatch.setattr(catalog, "console", wide)  # the module's own name for it
     result = run("catalog", "show", "--cloud", "aws", "--instance-type", "g6.xlarge")
     assert result.exit_code == 0, result.output
     assert "…" not in result.output

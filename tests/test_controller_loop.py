@@ -200,13 +200,19 @@ def test_restart_reapplies_every_root_once(world):
     assert len(ex.calls) == calls + 1 and {r.id for r in ctl2.state.live()} == ids
 
 
-def test_not_ready_too_long_is_replaced(world):
+def sicken(world):
+    """A settled service whose first replica now fails its probes (NOT_READY after one tick)."""
     ctl, clock, prober = make(world), world["clock"], world["prober"]
     settle(ctl, clock)
     sick = ctl.state.live()[0]
     prober.down.add(sick.id)
     ctl.tick()
     assert sick.fact().status is ReplicaStatus.NOT_READY
+    return ctl, clock, sick
+
+
+def test_not_ready_too_long_is_replaced(world):
+    ctl, clock, sick = sicken(world)
     assert sick.id not in world["router"].current
     clock.advance(200)
     ctl.tick()
@@ -327,12 +333,7 @@ def test_a_failure_retried_every_pass_is_noted_once_a_minute(world):
 def test_a_clock_stepped_back_does_not_postpone_replacing_a_sick_replica(world):
     """NTP stepping the wall clock back an hour must not keep a NOT_READY replica for that hour:
     its grace starts over at the new time."""
-    ctl, clock, prober = make(world), world["clock"], world["prober"]
-    settle(ctl, clock)
-    sick = ctl.state.live()[0]
-    prober.down.add(sick.id)
-    ctl.tick()
-    assert sick.fact().status is ReplicaStatus.NOT_READY
+    ctl, clock, sick = sicken(world)
     clock.advance(-3600)
     ctl.tick()
     clock.advance(200)
