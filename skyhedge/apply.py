@@ -14,7 +14,9 @@ leaves state that the next apply converges from):
   4. read each root's result replica by replica: endpoints and cloud IDs from the outputs,
      destroyed replicas marked gone, a launch refused for capacity marked gone ("failed") with a
      LAUNCH_FAILED zone event, after which the plan is computed again (up to `max_rounds`) so the
-     policy can place that replica elsewhere;
+     policy can place that replica elsewhere. A failed apply saves no outputs, so they are read
+     back with a refresh-only apply: the replicas created beside a refused one get their endpoints
+     in the same pass;
   5. wait for readiness (skyhedge.probe), then bring routing up / reload it (skyhedge.routing).
 
 A root whose apply failed keeps its old digest, so the next apply retries it.
@@ -264,7 +266,7 @@ def absorb_result(
                 if rec.provisioned_at is None:
                     rec.provisioned_at = now
             elif done.get(rec.id) in {"create", "replace"} and rec.provisioned_at is None:
-                rec.provisioned_at = now  # created, outputs come with the next complete apply
+                rec.provisioned_at = now  # created; the outputs could not be read back
         elif rec.id not in desired:
             destroyed = result.ok or done.get(rec.id) == "delete"
             if rec.gone_at is None:

@@ -380,6 +380,18 @@ class Terraform:
             f"-parallelism={self.parallelism}",
         ]
 
+    def refresh_only_args(self) -> list[str]:
+        return [
+            "apply",
+            "-refresh-only",
+            "-input=false",
+            "-no-color",
+            "-json",
+            "-auto-approve",
+            f"-lock-timeout={self.lock_timeout}",
+            f"-parallelism={self.parallelism}",
+        ]
+
     def output_args(self) -> list[str]:
         return ["output", "-no-color", "-json"]
 
@@ -533,7 +545,9 @@ class Terraform:
         check: bool = True,
     ) -> ApplyResult:
         self.init(root)
-        return self._apply_like(root, self.apply_args(plan_file=plan_file), on_event, check)
+        return self._apply_like(
+            root, self.apply_args(plan_file=plan_file), on_event, check, recover_outputs=True
+        )
 
     def destroy(
         self, root: TerraformRoot, *, on_event: EventCallback | None = None, check: bool = True
@@ -542,7 +556,13 @@ class Terraform:
         return self._apply_like(root, self.destroy_args(), on_event, check)
 
     def _apply_like(
-        self, root: TerraformRoot, args: list[str], on_event: EventCallback | None, check: bool
+        self,
+        root: TerraformRoot,
+        args: list[str],
+        on_event: EventCallback | None,
+        check: bool,
+        *,
+        recover_outputs: bool = False,
     ) -> ApplyResult:
         done, events = self._run_json(root, args, on_event)
         diags = _diagnostics(events)
@@ -557,6 +577,8 @@ class Terraform:
             outputs = _final_outputs(events)
             if outputs is None:
                 outputs = self.output(root)
+        elif recover_outputs and any(c.action != "delete" for c in completed):
+            outputs = self.refreshed_outputs(root)
 
         result = ApplyResult(
             root=root.name,
@@ -573,6 +595,22 @@ class Terraform:
         if check:
             result.raise_for_errors()
         return result
+
+    def refreshed_outputs(self, root: TerraformRoot) -> dict[str, Any] | None:
+        """Outputs recomputed from the saved state by `apply -refresh-only`, or None if that fails.
+
+        Why: Terraform saves the resources a failed apply did create, but not the root outputs,
+        so without this one refused launch would leave every replica created beside it in the same
+        root without an endpoint until the root next applies cleanly. A refresh-only apply changes
+        no infrastructure; it only reads it back and re-evaluates the outputs."""
+        try:
+            done, events = self._run_json(root, self.refresh_only_args(), None)
+            if done.exit_code != 0:
+                return None
+            outputs = _final_outputs(events)
+            return outputs if outputs is not None else self.output(root)
+        except EngineError:
+            return None
 
     def output(self, root: TerraformRoot) -> dict[str, Any]:
         """Root outputs as plain values (`{"replicas": {...}}`)."""

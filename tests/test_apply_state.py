@@ -45,6 +45,10 @@ def test_a_failed_launch_leaves_a_consistent_state_and_the_next_apply_converges(
     assert sorted(recs) == ["r-0001", "r-0002", "r-0003"]
     assert recs["r-0002"].provisioned_at is None and recs["r-0002"].fact().status.value == "PROVISIONING"
     assert recs["r-0001"].provisioned_at is not None and recs["r-0003"].provisioned_at is not None
+    # the replicas created beside the refused one got their endpoints from the same pass
+    for rid in ("r-0001", "r-0003"):
+        assert recs[rid].endpoint == f"http://127.0.0.1:{svc.port(rid)}" and recs[rid].cloud_id
+    assert recs["r-0002"].endpoint is None
     assert state.extra["terraform"]["roots"]["local/local"]["digest"] is None  # retried next time
     before = svc.pids()
     assert sorted(before) == ["r-0001", "r-0003"]

@@ -112,6 +112,8 @@ def test_a_capacity_refusal_is_typed_and_partial_results_are_kept(engine, tmp_pa
     assert [c.replica_id for c in result.completed] == ["r-0001"]
     [err] = result.errors
     assert err.replica_id == "r-0002" and err.capacity and "InsufficientCapacity" in err.detail
+    # Terraform saves no outputs on a failed apply; they are read back by a refresh-only apply
+    assert result.outputs is not None and result.outputs["replicas"]["r-0001"] == "r-0001"
     with pytest.raises(InsufficientCapacity) as exc:
         result.raise_for_errors()
     assert "no spot capacity" in exc.value.stderr
