@@ -95,6 +95,20 @@ def test_prices_report_dollars(trace_dir, tmp_path):
     assert rows[0]["dollars"] == pytest.approx(3 * 3.0 * 28 * 30 / 3600)
     assert rows[0]["ondemand_dollars"] == pytest.approx(rows[0]["dollars"])
     assert rows[1]["dollars"] / rows[1]["ondemand_dollars"] == pytest.approx(rows[1]["relative_cost"])
+    assert "warning" not in result.stderr
+
+
+def test_price_entries_naming_no_zone_of_the_traces_are_named_in_one_warning(trace_dir, tmp_path):
+    prices = tmp_path / "prices.json"
+    zones = ["us-east-1a", "us-east-2b", "us-west-2c", "us-east-1z", "aws/us-east-2/us-east-2q"]
+    prices.write_text(json.dumps({z: {"spot": 1.0, "ondemand": 3.0} for z in zones}))
+    result = small(trace_dir, "--policy", "ondemand", "--prices", str(prices), "--json")
+    assert result.exit_code == 0, result.output
+    assert result.stderr.strip() == (
+        f"warning: {prices}: 2 price entries name no zone of the traces and are ignored: "
+        "aws/us-east-2/us-east-2q, us-east-1z"
+    )
+    assert json.loads(result.stdout)[0]["dollars"] > 0
 
 
 def test_plugin_policy_by_module_and_class(trace_dir):

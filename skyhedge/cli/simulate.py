@@ -12,7 +12,7 @@ from rich.table import Table
 
 from skyhedge.cli._app import FiniteFloat, console, err_console, main
 from skyhedge.errors import TraceError
-from skyhedge.simulator import OPTIMAL, SimConfig, load_prices
+from skyhedge.simulator import OPTIMAL, SimConfig, load_prices, unmatched_prices
 from skyhedge.simulator import simulate as run_simulation
 from skyhedge.simulator.bar import Verdict, annotate, judge
 from skyhedge.simulator.latency import load_arrivals
@@ -160,6 +160,14 @@ def simulate(
         prices=load_prices(prices_path) if prices_path is not None else None,
         availability_target=availability_target,
     )
+    if config.prices is not None and (unmatched := unmatched_prices(config.prices, traces)):
+        err_console.print(
+            escape(
+                f"warning: {prices_path}: {len(unmatched)} price entr{'y' if len(unmatched) == 1 else 'ies'} "
+                f"name no zone of the traces and are ignored: {', '.join(unmatched)}"
+            ),
+            soft_wrap=True,
+        )
     total = len(traces) * len(policies) * repeats
     with Progress(
         TextColumn("{task.description}"),

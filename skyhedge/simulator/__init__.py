@@ -15,6 +15,7 @@ from skyhedge.simulator.runner import (
     make_windows,
     run_window,
     simulate,
+    unmatched_prices,
 )
 from skyhedge.simulator.traces import TICK_SECONDS, UNLIMITED, Trace, load_trace
 from skyhedge.simulator.world import Timeline, World, score
@@ -35,4 +36,5 @@ __all__ = [
     "run_window",
     "score",
     "simulate",
+    "unmatched_prices",
 ]

@@ -45,6 +45,7 @@ __all__ = [
     "make_windows",
     "run_window",
     "simulate",
+    "unmatched_prices",
     "window_capacity",
 ]
 
@@ -84,6 +85,16 @@ def load_prices(path: str | Path) -> PriceBook:
         if "spot" in entry:
             spot[zone] = float(entry["spot"])
     return PriceBook(spot, ondemand)
+
+
+def unmatched_prices(book: PriceBook, traces: Sequence[Trace]) -> list[str]:
+    """The price file's entries that name no zone of `traces` (by zone or cloud/region/zone).
+
+    Why: such an entry is ignored, and it is most often a typo or the other cloud's name for a
+    zone (us-east-1a for use1-az1); the caller warns rather than refuses, since one price file
+    may well cover more zones than the traces of one run."""
+    names = {name for trace in traces for loc in trace.zones for name in (loc.zone, loc.key)}
+    return sorted((set(book.ondemand) | set(book.spot)) - names)
 
 
 @dataclass(frozen=True)
