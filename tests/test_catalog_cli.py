@@ -97,7 +97,14 @@ def test_bad_user_cache_is_one_line(cache_dir: Path) -> None:
 def test_refresh_local_is_refused(cache_dir: Path) -> None:
     code, _, err = run("catalog", "refresh", "--cloud", "local")
     assert code == 1
-    assert "the local cloud has no price API" in err
+    assert "the local cloud has no price API to refresh from (refresh works for aws, gcp)" in err
+    assert not cache_dir.exists()
+
+
+def test_refresh_of_an_unknown_cloud_names_the_known_ones(cache_dir: Path) -> None:
+    code, _, err = run("catalog", "refresh", "--cloud", "azure")
+    assert code == 1
+    assert err.strip() == "error: unknown cloud 'azure': expected one of aws, gcp, local"
     assert not cache_dir.exists()
 
 

@@ -22,6 +22,12 @@ from skyhedge.errors import CatalogError
 from skyhedge.state import atomic_write_text
 
 CLOUDS: tuple[str, ...] = ("aws", "gcp", "local")
+# Clouds whose prices `catalog refresh` fetches: (module, function(base, *, regions, instance_types,
+# now) -> RefreshResult). Named, not imported, so loading a catalog never imports a cloud SDK.
+PRICE_APIS: dict[str, tuple[str, str]] = {
+    "aws": ("skyhedge.catalog.aws", "refresh_aws"),
+    "gcp": ("skyhedge.catalog.gcp", "refresh_gcp"),
+}
 FORMAT_VERSION = 1
 TOP_KEYS = frozenset(
     {"format", "cloud", "source", "taken_at", "sources", "notes", "instance_types", "offers"}

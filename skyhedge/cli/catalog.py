@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import importlib
 import json
 from dataclasses import replace
 from typing import Any
@@ -19,7 +20,7 @@ from skyhedge.catalog import (
     user_cache_path,
     write_catalog_file,
 )
-from skyhedge.catalog.loader import check_cloud
+from skyhedge.catalog.loader import PRICE_APIS, check_cloud
 from skyhedge.cli._app import console, main
 from skyhedge.errors import CatalogError
 
@@ -104,29 +105,23 @@ def refresh(cloud: str, regions: str | None, instance_types: str | None, reset: 
     """Fetch current prices from the cloud's API into the user cache (aws: spot; gcp: spot + on-demand)."""
     check_cloud(cloud)
     target = user_cache_path(cloud)
-    if cloud == "local":
+    if cloud not in PRICE_APIS:
         raise CatalogError(
-            f"the local cloud has no price API; write prices into {target} (see docs/catalog.md)"
+            f"the {cloud} cloud has no price API to refresh from (refresh works for "
+            f"{', '.join(PRICE_APIS)}); write prices into {target} (see docs/catalog.md)"
         )
     base = read_catalog_file(bundled_path(cloud), expect_cloud=cloud) if reset else load_catalog(cloud)
     region_list = _split(regions)
     type_list = _split(instance_types)
     now = dt.datetime.now(dt.timezone.utc)
-    if cloud == "aws":
-        from skyhedge.catalog import aws
-
-        result: Any = aws.refresh_aws(base, regions=region_list, instance_types=type_list, now=now)
-        api = aws.SOURCE
-    else:
-        from skyhedge.catalog import gcp
-
-        result = gcp.refresh_gcp(base, regions=region_list, instance_types=type_list, now=now)
-        api = gcp.SOURCE
+    module_name, function = PRICE_APIS[cloud]
+    api = importlib.import_module(module_name)  # boto3 / google-auth only when refreshing that cloud
+    result: Any = getattr(api, function)(base, regions=region_list, instance_types=type_list, now=now)
     if result.updated == 0:
         raise CatalogError(f"{cloud} refresh found no prices for the chosen offers; {target} left unchanged")
     refreshed: CloudCatalog = result.catalog
     record = {
-        "refresh": api,
+        "refresh": api.SOURCE,
         "at": now.strftime("%Y-%m-%dT%H:%M:%SZ"),
         "regions": list(result.regions),
         "instance_types": type_list or "all",
