@@ -598,6 +598,7 @@ def destroy_service(
                 say("taking the router down")
                 router.down()
             state.router = None
+            state.extra.pop("routed", None)  # what the router served: gone with it
             save_state(ws.state_dir, state)
         if keys:
             placement: Placement | None = None
@@ -647,6 +648,12 @@ def destroy_service(
                 }
             )
             save_state(ws.state_dir, state)
+        if not report.errors and (state.target is not None or "autoscaler" in state.extra):
+            # The service is gone, and so is its load: the next apply starts from min_replicas,
+            # not from the target the autoscaler last chose for traffic that no longer exists.
+            state.target = None
+            state.extra.pop("autoscaler", None)
+            save_state(ws.state_dir, state)
         if "local" in spec.placement.clouds or any(c == "local" for c, _ in keys):
             report.strays = _stop_local_strays(ws, state, say) if not report.errors else []
     return report
@@ -664,6 +671,19 @@ def _stop_local_strays(ws: Workspace, state: ServiceState, say: Say) -> list[int
     if pids:
         say(f"stopped {len(pids)} stray local process(es) left by an earlier crash: {pids}")
     return pids
+
+
+def live_router(spec: ServiceSpec, state: ServiceState, state_dir: Path) -> dict[str, Any] | None:
+    """The router as recorded, if its nginx master still runs; None otherwise.
+
+    Why: the record outlives a router killed from outside (OOM killer, a reboot, `kill -9`), and
+    `status` must not report a dead router as serving."""
+    if state.router is None:
+        return None
+    router = _router(spec, state_dir)
+    if router is None or router.pid() is None:
+        return None
+    return state.router
 
 
 def live_rows(state: ServiceState, *, include_gone: bool = False) -> list[dict[str, Any]]:

@@ -328,3 +328,18 @@ def test_only_the_newest_gone_replicas_are_kept():
     assert len(gone) == GONE_KEPT and gone[0] == "r-0101"  # the oldest hundred went
     assert len(state.live()) == 3 and state.next_id == GONE_KEPT + 104
     assert state.prune_gone() == 0
+
+
+def test_destroy_forgets_the_autoscalers_target_so_the_next_apply_starts_from_min_replicas(svc):
+    from skyhedge.service import service_target
+    from skyhedge.state import save_state
+
+    spec = load_spec(svc.write(replicas=1))
+    state = ServiceState(service="applied", target=4)
+    state.extra["autoscaler"] = {"target": 4, "qps": 93.45}
+    save_state(svc.state_dir, state)
+    report = destroy_service(spec, svc.state_dir, route=False)
+    assert report.ok
+    state = load_state(svc.state_dir, "applied")
+    assert state.target is None and "autoscaler" not in state.extra
+    assert service_target(spec, state) == spec.replica_policy.min_replicas

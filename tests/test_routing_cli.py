@@ -102,3 +102,29 @@ def test_reload_when_not_running_is_one_clear_error(setup):
     result = CliRunner().invoke(main, ["routing", "reload", str(spec_path), "--state-dir", str(state_dir)])
     assert result.exit_code == 1
     assert "not running" in result.output and "Traceback" not in result.output
+
+
+def test_status_shows_the_router_only_while_its_nginx_runs(setup):
+    import os
+    import signal
+
+    spec_path, state_dir, fleet = setup
+    [r1] = fleet.start(1)
+    state = ServiceState(service="echo")
+    state.replicas = {"r-0001": record("r-0001", r1.endpoint)}
+    save_state(state_dir, state)
+    assert run("routing", "up", str(spec_path), "--state-dir", str(state_dir)).exit_code == 0
+    pid = load_state(state_dir, "echo").router["pid"]
+    shown = json.loads(run("status", str(spec_path), "--state-dir", str(state_dir), "--json").output)
+    assert shown["router"]["pid"] == pid
+
+    assert os.getpgid(pid) != os.getpgid(0)  # nginx runs in its own process group
+    os.killpg(os.getpgid(pid), signal.SIGKILL)  # killed from outside: the record stays behind
+    deadline = time.monotonic() + 10
+    while Router(load_spec(spec_path), state_dir).pid() is not None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert load_state(state_dir, "echo").router is not None
+    shown = json.loads(run("status", str(spec_path), "--state-dir", str(state_dir), "--json").output)
+    assert shown["router"] is None
+    table = run("status", str(spec_path), "--state-dir", str(state_dir)).output
+    assert f"Router: not running (nginx pid {pid} is gone" in table

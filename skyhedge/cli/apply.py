@@ -13,7 +13,7 @@ import click
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from skyhedge.apply import ApplyReport, apply_service, destroy_service, live_rows
+from skyhedge.apply import ApplyReport, apply_service, destroy_service, live_router, live_rows
 from skyhedge.cli._app import console, err_console, main, report_error, spec_argument, state_dir_option
 from skyhedge.cli.plan import render_plan_table
 from skyhedge.engine import PlanResult, replica_of
@@ -223,8 +223,9 @@ def status(spec: Path, state_dir: Path | None, as_json: bool, include_gone: bool
     sdir = state_dir or default_state_dir(service.name)
     state = load_state(sdir, service.name)
     rows = live_rows(state, include_gone=include_gone)
+    router = live_router(service, state, sdir)
     if as_json:
-        click.echo(json.dumps(status_json(service.name, rows, state.router), indent=2))
+        click.echo(json.dumps(status_json(service.name, rows, router), indent=2))
         return
     table = Table(title=f"skyhedge status: {service.name}")
     # One location column keeps the endpoint readable (unwrapped) in an 80-column terminal.
@@ -235,7 +236,12 @@ def status(spec: Path, state_dir: Path | None, as_json: bool, include_gone: bool
         values = (row["id"], where, row["market"], row["state"], row["endpoint"])
         table.add_row(*(str(v or "-") for v in values))
     console.print(table)
-    if state.router:
-        console.print(f"Router: {state.router.get('endpoint')} (pid {state.router.get('pid')})")
+    if router:
+        console.print(f"Router: {router.get('endpoint')} (pid {router.get('pid')})")
+    elif state.router:
+        console.print(
+            f"Router: not running (nginx pid {state.router.get('pid')} is gone; "
+            "'skyhedge routing up' or 'skyhedge watch' starts it again)"
+        )
     else:
         console.print("Router: not running")
