@@ -231,6 +231,28 @@ def test_write_tree_refuses_to_replace_a_directory_it_did_not_render(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]
 
 
+def test_write_tree_writes_through_a_symlink_and_leaves_nothing_beside_it(tmp_path):
+    target = tmp_path / "real"
+    link = tmp_path / "link"
+    link.symlink_to(target, target_is_directory=True)
+    write_tree(render_tree(spec_of(), LOCAL, context=CTX, instance_types=TYPES), link)
+    write_tree(render_tree(spec_of(), LOCAL, context=CTX, instance_types=TYPES), link)
+    assert link.is_symlink() and (target / TREE_MANIFEST).is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "real"]
+
+
+@pytest.mark.parametrize(("where", "given"), [("infra", "."), ("infra", "abs"), ("infra/local", "abs")])
+def test_write_tree_refuses_the_directory_the_shell_is_in(tmp_path, monkeypatch, where, given):
+    out = tmp_path / "infra"
+    tree = render_tree(spec_of(), LOCAL, context=CTX, instance_types=TYPES)
+    write_tree(tree, out)
+    before = files_of(out)
+    monkeypatch.chdir(tmp_path / where)
+    with pytest.raises(RenderError, match="is the current directory"):
+        write_tree(tree, Path(".") if given == "." else out)
+    assert files_of(out) == before and sorted(p.name for p in tmp_path.iterdir()) == ["infra"]
+
+
 def test_cli_render_writes_the_tree_and_never_the_state(tmp_path, monkeypatch):
     from skyhedge.cli import main
 

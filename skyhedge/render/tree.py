@@ -298,9 +298,16 @@ def write_tree(tree: RenderedTree, out: Path) -> None:
     The new tree is written to a temp dir beside `out`, then swapped in by rename. Terraform's own
     files inside a root (`.terraform/`, the lock file, local state) are carried over. `out` must be
     absent, empty, or a tree skyhedge rendered (it holds `skyhedge-tree.json`): anything else is
-    refused rather than replaced.
+    refused rather than replaced. A symlink is written through (its target is replaced, the link
+    stays), and `out` may not be the current directory or hold it: the swap would leave the shell
+    in a deleted directory.
     """
-    out = Path(out)
+    out = Path(out).resolve()  # "." has no name to rename; a link would itself be replaced
+    if Path.cwd().resolve().is_relative_to(out):
+        raise RenderError(
+            f"{out}: is the current directory (or holds it); the tree is swapped in by rename, so "
+            "render it from another directory (e.g. cd .. and --out with the directory's name)"
+        )
     if out.exists():
         if not out.is_dir():
             raise RenderError(f"{out}: exists and is not a directory")
