@@ -150,6 +150,11 @@ def test_port_in_use_and_instant_exit_are_clear_failures(runtime, tmp_path):
     crash = launch("start", config(runtime, tmp_path, port, command="echo boom >&2; exit 7"))
     assert crash.returncode == 1
     assert "exited at once with 7" in crash.stderr and "boom" in crash.stderr
+    # an interpreter that starts slowly, then fails on a missing script, is caught as well
+    slow = launch(
+        "start", config(runtime, tmp_path, port, command="sleep 0.3; echo 'no such file' >&2; exit 2")
+    )
+    assert slow.returncode == 1 and "exited at once with 2" in slow.stderr
     assert find_processes(runtime) == []
 
 

@@ -41,8 +41,10 @@ CONFIG_ENV = "SKYHEDGE_LOCAL_REPLICA"
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_CAPACITY = 3
-# How long a fresh process must survive before the launch counts (catches `command not found`).
-STARTUP_CHECK_SECONDS = 0.15
+# How long a fresh process must survive before the launch counts: catches `command not found` and
+# an interpreter that exits on a missing script. 0.15 s missed Python's own start-up on a busy
+# 2-core machine; what slips through is caught later by the readiness probe (never READY).
+STARTUP_CHECK_SECONDS = 0.5
 # Variables skyhedge sets for Terraform and the launcher; the replica should not inherit them.
 # PYTHONPATH is the launcher's own (where skyhedge lives): a replica that needs one sets it in run.env.
 _PRIVATE_ENV = ("TF_IN_AUTOMATION", "TF_CLI_CONFIG_FILE", "TF_DATA_DIR", "TF_INPUT", "PYTHONPATH", CONFIG_ENV)
@@ -161,8 +163,11 @@ def start(cfg: dict[str, Any], *, now: float | None = None) -> LocalProcess:
         log=str(log),
     )
     write_pidfile(runtime, proc)
-    time.sleep(STARTUP_CHECK_SECONDS)
+    deadline = time.monotonic() + STARTUP_CHECK_SECONDS
     code = child.poll()
+    while code is None and time.monotonic() < deadline:  # a failure is reported as soon as seen
+        time.sleep(0.02)
+        code = child.poll()
     if code is not None:
         stop_replica(runtime, rid, grace=0.0)
         raise LaunchError(f"{rid}: run.command exited at once with {code}; log {log}:\n{_log_tail(log)}")
