@@ -304,14 +304,17 @@ def test_reload_without_a_running_router_is_a_clear_error(make_router):
         router.reload([])
 
 
-def test_port_in_use_fails_with_nginx_message(make_router):
+def test_port_in_use_fails_with_nginx_message_of_this_attempt_only(make_router):
     router = make_router()
+    router.paths.error_log.parent.mkdir(parents=True, exist_ok=True)
+    router.paths.error_log.write_text("[emerg] 1#1: an earlier attempt's error\n")
     with __import__("socket").socket() as busy:
         busy.bind(("127.0.0.1", router.spec.service.port))
         busy.listen()
         with pytest.raises(RoutingError) as info:
             router.up([])
     assert "Address already in use" in info.value.stderr
+    assert "an earlier attempt" not in info.value.stderr
     assert router.status()["pid"] is None
 
 
@@ -361,3 +364,17 @@ def test_down_is_bounded_when_a_long_stream_is_in_flight(fleet, make_router):
     assert time.monotonic() - t0 < 3.0  # graceful for 0.5 s, then a fast stop; not the stream's 10 s
     assert router.status()["pid"] is None
     assert done.wait(5)
+
+
+def test_an_error_report_quotes_only_the_log_lines_of_this_attempt(tmp_path):
+    log = tmp_path / "error.log"
+    assert nginx_proc.log_size(log) == 0 and nginx_proc.log_tail(log) == ""
+    log.write_text("[emerg] old: bind() failed\n")
+    mark = nginx_proc.log_size(log)
+    assert nginx_proc.log_tail(log, since=mark) == ""
+    with log.open("a") as fh:
+        fh.write("[emerg] new: host not found\n[notice] new: exiting\n")
+    assert nginx_proc.log_tail(log, since=mark) == "[emerg] new: host not found\n[notice] new: exiting"
+    assert nginx_proc.log_tail(log, lines=1, since=mark) == "[notice] new: exiting"
+    log.write_text("[emerg] rotated\n")  # truncated since the mark: read it all
+    assert nginx_proc.log_tail(log, since=mark) == "[emerg] rotated"

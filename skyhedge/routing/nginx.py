@@ -200,8 +200,21 @@ def signal_pid(pid: int, sig: int) -> None:
         os.kill(pid, sig)
 
 
-def log_tail(path: Path, lines: int = 15) -> str:
+def log_size(path: Path) -> int:
+    """The error log's size now: `log_tail(path, since=...)` then shows only what came after."""
     try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
+def log_tail(path: Path, lines: int = 15, *, since: int = 0) -> str:
+    """The last `lines` lines written to `path` from byte `since` on (an earlier attempt's errors
+    would otherwise be reported as this one's)."""
+    try:
+        with path.open("rb") as fh:
+            fh.seek(since if 0 <= since <= path.stat().st_size else 0)
+            text = fh.read().decode(errors="replace")
     except OSError:
         return ""
+    return "\n".join(text.splitlines()[-lines:])

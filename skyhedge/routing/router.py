@@ -214,6 +214,7 @@ class Router:
             self._reap(stale)
             with contextlib.suppress(FileNotFoundError):
                 self.paths.pid.unlink()
+        mark = nginx.log_size(self.paths.error_log)
         nginx.start(self.binary, self.paths)
         if not _wait(lambda: self.pid() is not None and self._healthy(), START_TIMEOUT):
             pid = nginx.read_pid(self.paths.pid)
@@ -221,7 +222,7 @@ class Router:
                 self._stop(pid, 2.0)
             raise RoutingError(
                 f"nginx did not come up on {self.endpoint} within {START_TIMEOUT:.0f}s",
-                stderr=nginx.log_tail(self.paths.error_log),
+                stderr=nginx.log_tail(self.paths.error_log, since=mark),
             )
         self._write_meta(ups, status_port)
 
@@ -248,6 +249,7 @@ class Router:
                 self._write_meta(ups, status_port)
             return {p for p, title in before.items() if "shutting down" in title}
         self._install(text)
+        mark = nginx.log_size(self.paths.error_log)
         os.kill(pid, signal.SIGHUP)
         if nginx.CAN_SEE_WORKERS:  # confirm a new generation of workers took over
             started = _wait(lambda: bool(set(nginx.workers(pid)) - set(before)), RELOAD_TIMEOUT)
@@ -256,7 +258,7 @@ class Router:
                     atomic_write_text(self.paths.conf, current)
                 raise RoutingError(
                     "nginx did not apply the new configuration (kept the old one)",
-                    stderr=nginx.log_tail(self.paths.error_log),
+                    stderr=nginx.log_tail(self.paths.error_log, since=mark),
                 )
             # An old worker renames itself "is shutting down" as it closes its listening sockets:
             # from then on every new connection reaches a worker with the new config.
