@@ -412,6 +412,8 @@ def apply_service(
     report = ApplyReport()
     with writer_lock(ws.state_dir):
         state = load_state(ws.state_dir, spec.name)
+        if route and (router := _router(spec, ws.state_dir)) is not None:
+            router.preflight()  # before any replica is launched, not after
         for round_no in range(1, max_rounds + 1):
             now = clock()
             plan, memory = compute_plan(spec, state, now=now, placement=placement, policy_name=policy_name)

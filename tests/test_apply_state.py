@@ -111,6 +111,9 @@ class FakeRouter:
     def pid(self) -> int | None:
         return 4242 if any(c[0] == "up" for c in FakeRouter.calls) else None
 
+    def preflight(self) -> None:
+        pass
+
     def up(self, upstreams):
         FakeRouter.calls.append(("up", sorted(u.id for u in upstreams)))
         return {"endpoint": "http://127.0.0.1:1", "pid": 4242, "upstreams": [u.id for u in upstreams]}
@@ -139,6 +142,21 @@ def test_routing_goes_up_after_readiness_drains_before_destroy_and_goes_down(svc
     gone = destroy_service(load_spec(svc.spec_path), svc.state_dir)
     assert gone.ok and FakeRouter.calls[-1] == ("down", None)
     assert load_state(svc.state_dir, "applied").router is None
+
+
+def test_a_router_that_cannot_start_fails_the_apply_before_any_replica_is_launched(svc, monkeypatch):
+    from skyhedge.errors import RoutingError
+
+    class PortTaken(FakeRouter):
+        def preflight(self) -> None:
+            raise RoutingError("service.port 8080 on 127.0.0.1 is not available for the router")
+
+    monkeypatch.setattr(apply_mod, "_router", lambda spec, state_dir: PortTaken(spec, state_dir))
+    spec = load_spec(svc.write(replicas=2))
+    with pytest.raises(RoutingError, match="not available"):
+        apply_service(spec, svc.state_dir)
+    assert svc.pids() == {} and load_state(svc.state_dir, "applied").live() == []
+    assert apply_service(spec, svc.state_dir, route=False).ok  # --no-routing does not ask
 
 
 def run_cli(*args: str, input: str | None = None):

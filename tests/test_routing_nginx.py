@@ -378,3 +378,17 @@ def test_an_error_report_quotes_only_the_log_lines_of_this_attempt(tmp_path):
     assert nginx_proc.log_tail(log, lines=1, since=mark) == "[notice] new: exiting"
     log.write_text("[emerg] rotated\n")  # truncated since the mark: read it all
     assert nginx_proc.log_tail(log, since=mark) == "[emerg] rotated"
+
+
+def test_preflight_names_a_port_held_by_another_process_and_accepts_our_own_router(make_router):
+    import socket
+
+    router = make_router()
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", router.spec.service.port))
+        busy.listen()
+        with pytest.raises(RoutingError, match=f"service.port {router.spec.service.port} on 127.0.0.1"):
+            router.preflight()
+    router.preflight()
+    router.up([])
+    router.preflight()  # the port is held by this router itself: fine

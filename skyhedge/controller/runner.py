@@ -138,6 +138,7 @@ class Watcher:
             prober = HttpProber(spec)
             if self.route:
                 router = NginxRouter(spec, sdir)
+                router.router.preflight()  # no nginx or a taken port: one error now, not a banner
         return Controller(
             spec,
             sdir,

@@ -85,6 +85,25 @@ class Router:
         host = self.spec.service.host.strip("[]")
         return f"http://{f'[{host}]' if ':' in host else host}:{self.spec.service.port}"
 
+    def preflight(self) -> None:
+        """Raise RoutingError now if `up` could not work: no nginx, or the service port held by
+        another process. Why: `apply` launches replicas before routing comes up, and a failure
+        found only then leaves them running with no router and a failed command."""
+        _ = self.binary
+        if self.pid() is not None:
+            return  # ours holds the port
+        host = self.spec.service.host.strip("[]")
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind((host, self.spec.service.port))
+            except OSError as exc:
+                raise RoutingError(
+                    f"service.port {self.spec.service.port} on {host} is not available for the router "
+                    f"({exc.strerror or exc}): free it or choose another service.port"
+                ) from exc
+
     def status(self) -> dict[str, Any]:
         """`endpoint`, `pid` (None when not running), `upstreams` ([{id, endpoint}]), `status_url`."""
         pid = self.pid()
