@@ -17,6 +17,11 @@ DATA_DIRS = ("templates", "modules")
 
 class BuildWithData(build_py):
     def run(self) -> None:
+        # A build directory left by an earlier build (pip builds in place) would ship modules since
+        # deleted from the source: start the package's build copy afresh.
+        stale = Path(self.build_lib) / "skyhedge"
+        if stale.exists():
+            shutil.rmtree(stale)
         super().run()
         for name in DATA_DIRS:
             src = ROOT / name
