@@ -46,6 +46,13 @@ PLUGIN = textwrap.dedent(
     class Fine(Policy):
         def decide(self, obs):
             return [LaunchSpot(Location("local", "local", "local-a"))]
+
+    class OwnInit(Policy):
+        def __init__(self, config=None, *, seed=0):
+            self.zone = Location("local", "local", "local-b")  # never calls Policy.__init__
+
+        def decide(self, obs):
+            return [LaunchSpot(self.zone)]
     """
 )
 
@@ -91,6 +98,15 @@ def test_a_working_plugin_passes_through_and_builtins_are_not_wrapped(plugin):
     assert policy.decide(observation()) == [LaunchSpot(Location("local", "local", "local-a"))]
     assert policy.snapshot() == {}
     assert type(make_policy("spothedge")) is SpotHedge
+
+
+def test_a_plugin_with_its_own_init_is_wrapped_with_the_config_and_seed_it_was_given(plugin):
+    from skyhedge.policy import PolicyConfig
+
+    config = PolicyConfig(num_overprovision=2)
+    policy = make_policy(f"{plugin}:OwnInit", config, seed=7)
+    assert policy.config is config and policy.seed == 7
+    assert policy.decide(observation()) == [LaunchSpot(Location("local", "local", "local-b"))]
 
 
 def test_plan_reports_a_broken_plugin_in_one_line(plugin, tmp_path, monkeypatch):

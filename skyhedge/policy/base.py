@@ -89,8 +89,11 @@ class GuardedPolicy(Policy):
     prints it with SKYHEDGE_DEBUG=1). Built-in policies are not wrapped.
     """
 
-    def __init__(self, inner: Policy, label: str) -> None:
-        super().__init__(inner.config, seed=inner.seed)
+    def __init__(
+        self, inner: Policy, label: str, config: PolicyConfig | None = None, *, seed: int = 0
+    ) -> None:
+        # config and seed as given to the plug-in: one that never calls Policy.__init__ lacks them
+        super().__init__(config, seed=seed)
         self.inner = inner
         self.label = label
 
@@ -133,4 +136,4 @@ def make_policy(name: str, config: PolicyConfig | None = None, *, seed: int = 0)
         raise
     except Exception as exc:
         raise PolicyError(f"policy {name!r}: could not be created: {type(exc).__name__}: {exc}") from exc
-    return GuardedPolicy(policy, name)
+    return GuardedPolicy(policy, name, config, seed=seed)
