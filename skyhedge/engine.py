@@ -381,16 +381,7 @@ class Terraform:
         ]
 
     def refresh_only_args(self) -> list[str]:
-        return [
-            "apply",
-            "-refresh-only",
-            "-input=false",
-            "-no-color",
-            "-json",
-            "-auto-approve",
-            f"-lock-timeout={self.lock_timeout}",
-            f"-parallelism={self.parallelism}",
-        ]
+        return ["apply", "-refresh-only", *self.apply_args()[1:]]
 
     def output_args(self) -> list[str]:
         return ["output", "-no-color", "-json"]
