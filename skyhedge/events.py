@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import enum
 import logging
+import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -33,6 +35,7 @@ __all__ = [
     "EventSource",
     "LeftoverWatch",
     "PreemptionEvent",
+    "ProblemLog",
     "Signal",
     "find_replica",
     "unparseable",
@@ -99,6 +102,11 @@ class EventSource:
     def watch(self, wake: Callable[[], None]) -> None:
         """Start waiting for input in the background and call `wake()` when some may be there."""
 
+    def problems(self) -> list[str]:
+        """Failures met outside `poll` since the last call (a background waiter that cannot reach
+        its queue), for the controller to note: `poll` itself returns normally meanwhile."""
+        return []
+
     def close(self) -> None:
         """Stop background waiting and release clients."""
 
@@ -134,6 +142,52 @@ def _aliases(rec: ReplicaRecord) -> set[str]:
         if isinstance(value, str) and value:
             out.add(value)
     return out
+
+
+#: Seconds before the same failure of a background waiter is said again.
+PROBLEM_REPEAT_SECONDS = 60.0
+
+
+class ProblemLog:
+    """What a source's background thread failed at, said once and then at most once a minute.
+
+    A thread retrying every few seconds against an unreachable endpoint would otherwise log the
+    same line hundreds of times an hour, and `poll` would never know. Each failure is keyed (a
+    region, say): logged when its text changes or a minute has passed, and queued for `take()`,
+    which the source's `problems()` returns to the controller. `clear` says the key works again.
+    """
+
+    def __init__(self, logger: logging.Logger, repeat: float = PROBLEM_REPEAT_SECONDS) -> None:
+        self._log = logger
+        self.repeat = repeat
+        self._last: dict[str, tuple[str, float]] = {}
+        self._pending: list[str] = []
+        self._lock = threading.Lock()
+
+    def report(self, key: str, text: str) -> None:
+        now = time.monotonic()
+        with self._lock:
+            last = self._last.get(key)
+            if last is not None and last[0] == text and 0 <= now - last[1] < self.repeat:
+                return
+            self._last[key] = (text, now)
+            self._pending.append(text)
+        self._log.warning("%s", text)
+
+    def clear(self, key: str, recovered: str | None) -> None:
+        """`key` works again; `recovered` (if any) is said when it had failed."""
+        with self._lock:
+            if self._last.pop(key, None) is None:
+                return
+            if recovered:
+                self._pending.append(recovered)
+        if recovered:
+            self._log.warning("%s", recovered)
+
+    def take(self) -> list[str]:
+        with self._lock:
+            out, self._pending = self._pending, []
+        return out
 
 
 #: Seconds an instance must stay unowned before it is reported as a leftover.

@@ -77,6 +77,22 @@ def test_aws_setup_events_creates_one_queue_per_region(write_spec, monkeypatch):
         assert sorted(r["Name"] for r in rules) == ["skyhedge-llm-interruption", "skyhedge-llm-state"]
 
 
+def test_a_mistyped_aws_profile_is_one_line(write_spec, monkeypatch, tmp_path):
+    config = tmp_path / "aws-config"
+    config.write_text("[profile prod]\nregion = us-east-1\n")
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(config))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(config))
+    monkeypatch.setenv("AWS_PROFILE", "prod-typo")
+    spec = write_spec(AWS)
+    out = CliRunner().invoke(main, ["aws", "setup-events", str(spec)])
+    assert out.exit_code == 1 and "Traceback" not in out.output
+    assert out.output.strip() == "error: aws: The config profile (prod-typo) could not be found"
+    from skyhedge.clouds.aws.events import AwsEventSource
+
+    with pytest.raises(CloudError, match=r"^aws: The config profile \(prod-typo\)"):
+        AwsEventSource("llm", ["us-east-1"])  # what `watch` builds
+
+
 def test_aws_setup_events_refuses_a_spec_without_aws(write_spec):
     out = CliRunner().invoke(main, ["aws", "setup-events", str(write_spec(LOCAL))])
     assert out.exit_code == 1 and "uses no AWS region" in out.output

@@ -320,6 +320,84 @@ def test_a_warning_is_not_lost_when_naming_its_instance_fails(aws, tmp_path, wri
     assert victim.id in ctl.state.extra["warned"]
 
 
+def test_another_instances_message_does_not_hold_back_a_known_replicas_warning(aws, tmp_path, write_spec):
+    """The rules match every instance of the account. While describe_instances fails, a message
+    about an instance whose ID is not recorded waits; our known replica's warning counts now."""
+    ctl, source, clock = _controller(aws, tmp_path, write_spec, reconcile_every=3600)
+    victim = ctl.state.live()[0]
+    _warn(aws, "i-0123456789abcdef0")  # another team's instance
+    _warn(aws, victim.cloud_id)
+    undo = _ec2_down(aws, "DescribeInstances")
+    clock.advance(1)
+    ctl.tick()
+    assert victim.id in ctl.state.extra["warned"]
+    assert any("wait for the next poll" in note.text for note in ctl.notes)
+    assert len(source._buffer) == 1  # the other instance's message, kept for the lookup
+    undo()
+    lookups = []
+    aws.events.register("before-call.ec2.DescribeInstances", lambda **kw: lookups.append(1))
+    clock.advance(1)
+    ctl.tick()
+    assert source._buffer == [] and len(lookups) == 1
+    _warn(aws, "i-0123456789abcdef0")  # found not to be ours: not looked up again
+    clock.advance(1)
+    ctl.tick()
+    assert len(lookups) == 1
+    sqs = aws.client("sqs", region_name=REGION)
+    url = sqs.get_queue_url(QueueName="llm-events")["QueueUrl"]
+    attrs = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["ApproximateNumberOfMessages"])
+    assert attrs["Attributes"]["ApproximateNumberOfMessages"] == "0"  # every message deleted
+
+
+def test_a_queue_set_up_after_the_watcher_started_is_read(aws):
+    source = AwsEventSource("llm", [REGION], queue_name="llm-events", session=aws, reconcile_every=0.5)
+    assert source.poll(time.time(), []) == []
+    setup_events("llm", [REGION], queue_name="llm-events", session=aws)
+    _warn(aws, "i-9")
+    time.sleep(0.6)  # the next lookup is due
+    assert [e.cloud_id for e in source.poll(time.time(), [])] == ["i-9"]
+
+
+def test_a_waiter_that_cannot_reach_sqs_says_so_once_and_tells_the_controller(aws, caplog):
+    from botocore.exceptions import EndpointConnectionError
+
+    setup_events("llm", [REGION], queue_name="llm-events", session=aws)
+
+    down = threading.Event()
+    down.set()
+
+    def boom(**_kw):  # clients copy the session's handlers when made: switched off by a flag
+        if down.is_set():
+            raise EndpointConnectionError(endpoint_url="https://sqs.us-east-1.amazonaws.com")
+
+    aws.events.register("before-call.sqs.ReceiveMessage", boom)
+    source = AwsEventSource("llm", [REGION], queue_name="llm-events", session=aws, wait_seconds=1)
+    source._stop.wait = lambda _seconds: time.sleep(0.05)  # retry fast: many failures, one report
+    with caplog.at_level(logging.WARNING, logger="skyhedge.clouds.aws.events"):
+        source.watch(lambda: None)
+        try:
+            time.sleep(1.0)
+            problems = source.problems()
+            down.clear()
+            deadline = time.time() + 10
+            while "works again" not in caplog.text and time.time() < deadline:
+                time.sleep(0.05)
+        finally:
+            source.close()
+    assert len(problems) == 1 and "Could not connect" in problems[0]
+    assert caplog.text.count("Could not connect") == 1
+    assert "works again" in caplog.text
+    assert source.problems() == [f"aws {REGION}: sqs receive_message works again"]
+
+
+def test_setup_events_sets_the_retention_of_an_existing_queue(aws):
+    sqs = aws.client("sqs", region_name=REGION)
+    url = sqs.create_queue(QueueName="llm-events")["QueueUrl"]  # made by hand: 4-day retention
+    setup_events("llm", [REGION], queue_name="llm-events", session=aws)
+    attrs = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["MessageRetentionPeriod"])["Attributes"]
+    assert attrs["MessageRetentionPeriod"] == "3600"
+
+
 def test_a_failing_reconcile_keeps_the_queues_events_and_waits_its_turn(aws, tmp_path, write_spec, caplog):
     ctl, source, clock = _controller(aws, tmp_path, write_spec, reconcile_every=30)
     victim = ctl.state.live()[0]

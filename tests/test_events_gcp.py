@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
 
@@ -50,12 +51,13 @@ class FakeCompute:
         self.operations: dict[str, list[dict]] = {}
         self.requests: list[tuple[str, dict]] = []
         self.fail_next = False
+        self.fail_path: str | None = None  # fail the next request whose path contains this
 
     def handle(self, path: str, query: dict) -> tuple[int, dict]:
         self.requests.append((path, query))
-        if self.fail_next:
-            self.fail_next = False
-            return 503, {"error": {"message": "backend error"}}
+        if self.fail_next or (self.fail_path and self.fail_path in path):
+            self.fail_next, self.fail_path = False, None
+            return 503, {"error": {"code": 503, "message": "backend error", "errors": [{"reason": "x"}]}}
         parts = path.strip("/").split("/")
         # compute/v1/projects/{p}/zones/{z}/{kind}
         if len(parts) != 7 or parts[:3] != ["compute", "v1", "projects"] or parts[3] != PROJECT:
@@ -89,7 +91,7 @@ def compute(monkeypatch):
         def do_GET(self):  # noqa: N802
             url = urlsplit(self.path)
             code, body = fake.handle(url.path, parse_qs(url.query))
-            data = json.dumps(body).encode()
+            data = json.dumps(body, indent=2).encode()  # Google pretty-prints its replies
             self.send_response(code)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(data)))
@@ -158,14 +160,54 @@ class CloudSync:
         return result
 
 
-def _controller(compute, session, tmp_path, write_spec):
+class GitOpsSync(CloudSync):
+    """CI applies: the instances exist (module naming, labels), but nothing is recorded."""
+
+    listed = True
+
+    def apply(self, state, plan, now):
+        result = self.executor.apply(state, plan, now)
+        for rec in state.live():
+            rec.cloud_id = None
+            if not self.listed:
+                continue
+            self.compute.instances.setdefault(rec.zone, {}).setdefault(
+                f"skyhedge-llm-{rec.id}",
+                {"status": "RUNNING", "labels": {"skyhedge-service": "llm", "skyhedge-replica": rec.id}},
+            )
+        return result
+
+
+class NotAppliedYet(GitOpsSync):
+    """CI has not applied the commit yet: nothing listed, nothing recorded."""
+
+    listed = False
+
+
+def _rfc3339(epoch: float) -> str:
+    return datetime.fromtimestamp(epoch, timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+def _preempted(op_id: str, zone: str, instance: str, at: float) -> dict:
+    return {
+        "id": op_id,
+        "name": f"systemevent-{op_id}",
+        "operationType": PREEMPTED_OP,
+        "status": "DONE",
+        "targetLink": f"https://www.googleapis.com/compute/v1/projects/{PROJECT}/zones/{zone}/instances/{instance}",
+        "zone": f"projects/{PROJECT}/zones/{zone}",
+        "insertTime": _rfc3339(at),
+    }
+
+
+def _controller(compute, session, tmp_path, write_spec, sync=CloudSync):
     spec = load_spec(write_spec(SPEC))
     clock = Clock(time.time())
     source = GcpEventSource("llm", PROJECT, {}, session=session, poll_every=5)
     ctl = Controller(
         spec,
         tmp_path / "state",
-        executor=CloudSync(FakeExecutor(), compute),
+        executor=sync(FakeExecutor(), compute),
         router=FakeRouter(),
         prober=FakeProber(),
         sources=[source],
@@ -191,7 +233,7 @@ def test_preempted_operation_replaces_replica_in_another_zone(compute, session, 
             "status": "DONE",
             "targetLink": victim.cloud_id,
             "zone": f"projects/{PROJECT}/zones/{victim.zone}",
-            "insertTime": "2024-05-01T12:00:00Z",
+            "insertTime": _rfc3339(clock() + 5),
         }
     ]
     clock.advance(10)
@@ -235,14 +277,18 @@ def test_polls_are_rate_limited_and_paginated(compute, session, tmp_path, write_
     assert sorted(e.cloud_id for e in events if e.source == "gcp-operations") == ["other-0", "other-1"]
     n = len(compute.requests)
     assert src.poll(clock() + 1, live) == [] and len(compute.requests) == n  # within poll_every
-    assert [e for e in src.poll(clock() + 6, live) if e.source == "gcp-operations"] == []  # seen already
+    again = [e.cloud_id for e in src.poll(clock() + 6, live) if e.source == "gcp-operations"]
+    assert sorted(again) == ["other-0", "other-1"]  # not recorded yet (no ack): reported again
+    src.ack()
+    assert [e for e in src.poll(clock() + 12, live) if e.source == "gcp-operations"] == []  # seen already
 
 
 def test_api_errors_become_cloud_errors(compute, session, tmp_path, write_spec):
     ctl, clock = _controller(compute, session, tmp_path, write_spec)
     compute.fail_next = True
-    with pytest.raises(CloudError, match="HTTP 503"):
+    with pytest.raises(CloudError, match=r"HTTP 503: backend error$") as failed:
         ctl.sources[0].poll(clock() + 100, ctl.state.live())
+    assert "\n" not in str(failed.value)  # Google's pretty-printed error JSON, reduced to its message
     compute.fail_next = True
     clock.advance(200)  # failures are rate-limited like successes (poll_every)
     ctl.tick()  # the controller notes it and carries on
@@ -333,3 +379,93 @@ def test_a_leftover_instance_is_reported_once_after_a_grace(compute, session, tm
     assert f"gcloud compute instances delete llm-r-0099 --zone {zone} --project {PROJECT}" in reports[0]
     others = [m for m in (r.getMessage() for r in caplog.records) if "belongs to no live replica" in m]
     assert others == reports  # the service's own replicas are never reported
+
+
+def test_gitops_replicas_without_a_recorded_instance_are_still_watched(
+    compute, session, tmp_path, write_spec
+):
+    """In GitOps mode CI applies, so no instance name is recorded: operations and the instance list
+    are matched by the module's naming and the `skyhedge-replica` label."""
+    ctl, clock = _controller(compute, session, tmp_path, write_spec, sync=GitOpsSync)
+    first, second, third = ctl.state.live()
+    assert first.cloud_id is None
+    compute.operations[first.zone] = [_preempted("5", first.zone, f"skyhedge-llm-{first.id}", clock() + 2)]
+    clock.advance(10)
+    ctl.tick()
+    assert first.gone_at is not None and first.reason == "preempted"
+    assert any(f"gcp-operations: gone {first.id} (preempted)" in n.text for n in ctl.notes)
+    compute.instances[second.zone][f"skyhedge-llm-{second.id}"]["status"] = "TERMINATED"
+    clock.advance(10)
+    ctl.tick()
+    assert second.gone_at is not None  # seen listed, then stopped
+    assert third.gone_at is None  # listed and running
+
+
+def test_an_unrecorded_replica_never_listed_is_not_taken_for_gone(compute, session, tmp_path, write_spec):
+    ctl, clock = _controller(compute, session, tmp_path, write_spec, sync=NotAppliedYet)
+    clock.advance(10)
+    ctl.tick()
+    assert all(r.gone_at is None for r in ctl.state.replicas.values())
+
+
+def test_an_operation_older_than_the_replica_is_about_an_earlier_machine(
+    compute, session, tmp_path, write_spec
+):
+    """Replica IDs start over with a fresh state dir, and GCP keeps operations for weeks: a new
+    watcher reads them all. One dated before the replica's launch is not about it."""
+    ctl, clock = _controller(compute, session, tmp_path, write_spec)
+    victim = ctl.state.live()[0]
+    compute.operations[victim.zone] = [
+        _preempted("9", victim.zone, f"llm-{victim.id}", victim.launched_at - 86400)
+    ]
+    clock.advance(10)
+    ctl.tick()
+    assert victim.gone_at is None and len(ctl.state.live()) == 3
+
+
+def test_a_poll_failing_in_a_later_zone_loses_no_operation(compute, session, tmp_path, write_spec):
+    ctl, clock = _controller(compute, session, tmp_path, write_spec)
+    zones = sorted({r.zone for r in ctl.state.live()})
+    assert len(zones) >= 2
+    victim = next(r for r in ctl.state.live() if r.zone == zones[0])
+    compute.operations[victim.zone] = [_preempted("11", victim.zone, f"llm-{victim.id}", clock() + 1)]
+    compute.fail_path = f"zones/{zones[1]}/"
+    clock.advance(10)
+    ctl.tick()  # the first zone's operations were read, then the second zone failed
+    assert victim.gone_at is None and any("HTTP 503" in n.text for n in ctl.notes)
+    clock.advance(10)
+    ctl.tick()
+    assert victim.gone_at is not None and victim.reason == "preempted"
+    assert any("gcp-operations: gone" in n.text for n in ctl.notes)  # the operation, not the listing
+
+
+def test_the_watched_project_is_found_as_apply_finds_it(monkeypatch, write_spec, tmp_path):
+    """The google provider reads GOOGLE_PROJECT first; the watcher must poll the same project."""
+    import google.auth
+    from google.auth.exceptions import DefaultCredentialsError
+
+    from skyhedge.clouds.gcp import PROJECT_ENV, resolve_project
+    from skyhedge.controller.runner import event_sources
+    from skyhedge.service import resolve_placement
+
+    for name in PROJECT_ENV:
+        monkeypatch.delenv(name, raising=False)
+
+    def no_adc(*_args, **_kwargs):
+        raise DefaultCredentialsError("no ADC")
+
+    monkeypatch.setattr(google.auth, "default", no_adc)
+    spec = load_spec(write_spec(SPEC.replace(f"gcp: {{project: {PROJECT}}}", "")))
+    assert resolve_project(spec.gcp.project) is None
+    with pytest.raises(
+        CloudError, match=r"^gcp: no project to watch: set gcp.project in .* or \$GOOGLE_PROJECT"
+    ):
+        event_sources(spec, tmp_path, resolve_placement(spec))
+    monkeypatch.setenv("GCLOUD_PROJECT", "from-gcloud")
+    monkeypatch.setenv("GOOGLE_PROJECT", "from-provider")
+    assert resolve_project(None) == "from-provider" and resolve_project("mine") == "mine"
+    monkeypatch.delenv("GOOGLE_PROJECT")
+    assert resolve_project(None) == "from-gcloud"
+    monkeypatch.delenv("GCLOUD_PROJECT")
+    monkeypatch.setattr(google.auth, "default", lambda *a, **k: (AnonymousCredentials(), "from-adc"))
+    assert resolve_project(None) == "from-adc"

@@ -23,6 +23,7 @@ import requests
 from google.auth.exceptions import DefaultCredentialsError, GoogleAuthError
 
 from skyhedge.catalog.model import CloudCatalog, Offer
+from skyhedge.clouds.gcp import api_error_message
 from skyhedge.errors import CatalogError, CloudError
 
 COMPUTE_SERVICE = "6F81-5844-456A"
@@ -97,7 +98,7 @@ def list_skus(session: Any, *, base_url: str | None = None, service: str = COMPU
             raise CloudError(f"Google credentials were refused: {exc}") from exc
         if response.status_code != 200:
             raise CloudError(
-                f"Cloud Billing API answered HTTP {response.status_code}: {_error_text(response)}"
+                f"Cloud Billing API answered HTTP {response.status_code}: {api_error_message(response)}"
             )
         try:
             body = response.json()
@@ -115,13 +116,6 @@ def list_skus(session: Any, *, base_url: str | None = None, service: str = COMPU
             return
         if pages > 10_000:  # a server repeating tokens forever must not hang a refresh
             raise CatalogError("Cloud Billing API kept returning nextPageToken after 10000 pages")
-
-
-def _error_text(response: Any) -> str:
-    try:
-        return str(response.json()["error"]["message"])
-    except Exception:
-        return (response.text or "")[:200]
 
 
 def unit_price(money: dict) -> float:

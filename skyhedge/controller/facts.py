@@ -58,6 +58,11 @@ def mark_gone(state: ServiceState, rec: ReplicaRecord, at: float, reason: str, w
     return True
 
 
+#: An event dated this long before a replica's launch is about an earlier machine, not it (the
+#: margin allows for clock skew between this machine and the cloud's event times).
+EVENT_SKEW_SECONDS = 60.0
+
+
 def _gone_reason(event: PreemptionEvent, rec: ReplicaRecord, state: ServiceState) -> str:
     """Why a replica is gone, when the source did not know: spot -> preempted, on-demand -> failed.
 
@@ -84,6 +89,11 @@ def ingest(state: ServiceState, events: Iterable[PreemptionEvent], now: float) -
         rec = find_replica(event, live)
         if rec is None or rec.gone_at is not None:
             log.debug("ignoring %s (not a live replica of %s)", event.describe(), state.service)
+            continue
+        if event.at < rec.launched_at - EVENT_SKEW_SECONDS:
+            # about an earlier machine of the same name (replica IDs start over with a fresh state
+            # dir; GCP keeps operations for weeks and a new watcher reads them all again)
+            log.debug("ignoring %s (older than %s's launch)", event.describe(), rec.id)
             continue
         if event.signal is Signal.REBALANCE:
             state.record_event(ZoneEvent(EventKind.WARNING, rec.location, event.at, rec.id))

@@ -195,6 +195,9 @@ class Controller:
             except Exception as exc:  # a bug or an unwrapped library error: contained the same way
                 log.exception("event source %s failed", source.name)
                 self.note(f"event source {source.name}: {type(exc).__name__}: {exc}", now)
+            problems = getattr(source, "problems", None)  # duck-typed sources may lack it
+            for problem in problems() if problems is not None else ():
+                self.note(f"event source {source.name}: {problem}", now)
         return out
 
     def _expire_warnings(self, now: float) -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import signal
 import threading
 import time
@@ -21,7 +20,7 @@ from types import FrameType
 
 from skyhedge.controller.loop import Controller, ControllerOptions
 from skyhedge.controller.supervisor import Supervisor
-from skyhedge.errors import StateError
+from skyhedge.errors import CloudError, StateError
 from skyhedge.events import EventSource
 from skyhedge.service import Placement, resolve_placement
 from skyhedge.spec import ServiceSpec
@@ -45,19 +44,21 @@ def event_sources(spec: ServiceSpec, state_dir: Path, placement: Placement) -> l
         regions = sorted({c.location.region for c in placement.candidates if c.location.cloud == "aws"})
         sources.append(AwsEventSource(spec.name, regions, queue_name=spec.aws.events_queue))
     if "gcp" in clouds:
+        from skyhedge.clouds.gcp import PROJECT_ENV, resolve_project
         from skyhedge.clouds.gcp.events import GcpEventSource
 
-        project = (
-            spec.gcp.project
-            or os.environ.get("GOOGLE_CLOUD_PROJECT")
-            or os.environ.get("CLOUDSDK_CORE_PROJECT")
-        )
+        project = resolve_project(spec.gcp.project)
+        if not project:
+            raise CloudError(
+                f"gcp: no project to watch: set gcp.project in {spec.source} "
+                f"or ${PROJECT_ENV[0]} (as for apply)"
+            )
         gcp_zones = {
             z: r
             for z, r in region_of.items()
             if any(c.location.zone == z and c.location.cloud == "gcp" for c in placement.candidates)
         }
-        sources.append(GcpEventSource(spec.name, project or "", gcp_zones))
+        sources.append(GcpEventSource(spec.name, project, gcp_zones))
     return sources
 
 

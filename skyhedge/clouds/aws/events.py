@@ -16,13 +16,15 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from datetime import datetime
 from typing import Any
 
+from skyhedge.clouds.aws import new_session
 from skyhedge.errors import CloudError
-from skyhedge.events import EventSource, LeftoverWatch, PreemptionEvent, Signal, unparseable
+from skyhedge.events import EventSource, LeftoverWatch, PreemptionEvent, ProblemLog, Signal, unparseable
 from skyhedge.policy.types import Location
 from skyhedge.state import ReplicaRecord
 
@@ -160,19 +162,20 @@ class AwsEventSource(EventSource):
         reconcile_every: float = 60.0,
         wait_seconds: int = 20,
     ) -> None:
-        import boto3  # imported here so that loading skyhedge never needs boto3
-
         self.service = service
         self.regions = tuple(sorted(set(regions)))
         self.queue_name = queue_name or default_queue_name(service)
-        self.session = session or boto3.Session()
+        self.session = session or new_session()
         self.reconcile_every = reconcile_every
         self.wait_seconds = wait_seconds
-        self._queue_urls: dict[str, str | None] = {}
+        self._queue_urls: dict[str, str] = {}
+        self._queue_missing: dict[str, float] = {}  # region -> when a lookup last found no queue
         self._last_reconcile: float | None = None
         self._leftovers = LeftoverWatch()
+        self._foreign: set[str] = set()  # instance IDs looked up and found not to be ours
         self._buffer: list[tuple[str, dict[str, Any]]] = []
         self._to_ack: list[tuple[str, str]] = []
+        self._problems = ProblemLog(log)
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -192,30 +195,43 @@ class AwsEventSource(EventSource):
         return self.session.client(service, region_name=region, config=config)
 
     def queue_url(self, region: str, sqs: Any = None) -> str | None:
-        """The queue's URL in `region`, or None (logged once) when setup-events was not run there."""
-        if region in self._queue_urls:
-            return self._queue_urls[region]
+        """The queue's URL in `region`, or None while setup-events was not run there.
+
+        A missing queue is looked up again every `reconcile_every` seconds, so running
+        `skyhedge aws setup-events` while the watcher runs is enough: no restart needed.
+        """
+        url = self._queue_urls.get(region)
+        if url is not None:
+            return url
+        missing = self._queue_missing.get(region)
+        if missing is not None and 0 <= time.monotonic() - missing < self.reconcile_every:
+            return None
         from botocore.exceptions import BotoCoreError, ClientError
 
         sqs = sqs or self._client("sqs", region)
         try:
-            url: str | None = sqs.get_queue_url(QueueName=self.queue_name)["QueueUrl"]
+            url = sqs.get_queue_url(QueueName=self.queue_name)["QueueUrl"]
         except ClientError as exc:
             code = exc.response.get("Error", {}).get("Code", "")
             if "NonExistentQueue" not in code and code != "QueueDoesNotExist":
                 raise CloudError(f"aws {region}: sqs get_queue_url {self.queue_name}: {exc}") from exc
-            log.warning(
-                "aws %s: no SQS queue %r: run `skyhedge aws setup-events SPEC`; until then only the "
-                "describe_instances reconcile (every %.0f s) sees preemptions",
-                region,
-                self.queue_name,
-                self.reconcile_every,
-            )
-            url = None
+            if missing is None:
+                log.warning(
+                    "aws %s: no SQS queue %r: run `skyhedge aws setup-events SPEC`; until then only "
+                    "the describe_instances reconcile (every %.0f s) sees preemptions (the queue is "
+                    "looked up again at that pace)",
+                    region,
+                    self.queue_name,
+                    self.reconcile_every,
+                )
+            self._queue_missing[region] = time.monotonic()
+            return None
         except BotoCoreError as exc:
             raise CloudError(f"aws {region}: sqs get_queue_url {self.queue_name}: {exc}") from exc
-        self._queue_urls[region] = url
-        return url
+        if self._queue_missing.pop(region, None) is not None:
+            log.warning("aws %s: SQS queue %r found: reading its events now", region, self.queue_name)
+        self._queue_urls[region] = str(url)
+        return str(url)
 
     def _receive(self, region: str, sqs: Any, wait: int) -> list[dict[str, Any]]:
         from botocore.exceptions import BotoCoreError, ClientError
@@ -239,20 +255,31 @@ class AwsEventSource(EventSource):
             self._threads.append(thread)
 
     def _long_poll(self, region: str, wake: Callable[[], None]) -> None:
-        sqs = self._client("sqs", region)
+        try:
+            sqs = self._client("sqs", region)
+        except CloudError as exc:
+            self._problems.report(region, str(exc))
+            return
         while not self._stop.is_set():
             try:
                 messages = self._receive(region, sqs, self.wait_seconds)
             except CloudError as exc:
-                log.warning("%s", exc)
+                # SQS unreachable, credentials gone...: said once (then once a minute) and handed to
+                # the controller through problems(), not logged every retry
+                self._problems.report(region, str(exc))
                 self._stop.wait(5.0)
                 continue
-            if self.queue_url(region, sqs) is None:
-                return  # nothing to wait on; poll() still reconciles
+            self._problems.clear(region, f"aws {region}: sqs receive_message works again")
+            if region not in self._queue_urls:  # no queue yet: wait for the next lookup
+                self._stop.wait(max(1.0, min(self.reconcile_every, 60.0)))
+                continue
             if messages:
                 with self._lock:
                     self._buffer.extend((region, m) for m in messages)
                 wake()
+
+    def problems(self) -> list[str]:
+        return self._problems.take()
 
     def poll(self, now: float, live: Sequence[ReplicaRecord]) -> list[PreemptionEvent]:
         with self._lock:
@@ -270,21 +297,45 @@ class AwsEventSource(EventSource):
         latest = {m.get("MessageId") or id(m): (region, m) for region, m in received}
         received = list(latest.values())
         mine = [r for r in live if r.cloud == "aws"]
+        parsed = [
+            (region, message, parse_message(message.get("Body", ""), received_at=now))
+            for region, message in received
+        ]
         try:
-            events = [
-                event
-                for _, message in received
-                if (event := parse_message(message.get("Body", ""), received_at=now)) is not None
-            ]
-            events = self._name_replicas(events, mine)
-        except BaseException:
-            # Nothing of these messages reached the controller: keep them for the next poll
-            # rather than acknowledging (deleting) a two-minute warning that was never recorded.
+            names = self._name_replicas([e for _, _, e in parsed if e is not None], mine)
+            held: set[str] = set()
+        except CloudError as exc:
+            # Only the messages about instances whose ID is not recorded wait for the lookup to
+            # work again; a warning for a known replica goes through now. Most such messages are
+            # about other instances of the account (the rules match every instance).
+            names = {}
+            known = {r.cloud_id for r in mine if r.cloud_id}
+            held = {
+                e.cloud_id
+                for _, _, e in parsed
+                if e is not None
+                and e.cloud_id
+                and not e.replica_id
+                and e.cloud_id not in known
+                and e.cloud_id not in self._foreign
+            }
+            self._problems.report(
+                "lookup", f"{exc} (events about {len(held)} unrecorded instance(s) wait for the next poll)"
+            )
+        events: list[PreemptionEvent] = []
+        kept: list[tuple[str, dict[str, Any]]] = []
+        for region, message, event in parsed:
+            if event is not None and event.cloud_id in held:
+                kept.append((region, message))
+                continue
+            if event is not None:
+                named = event.cloud_id in names
+                events.append(replace(event, replica_id=names[str(event.cloud_id)]) if named else event)
             with self._lock:
-                self._buffer[:0] = received
-            raise
-        with self._lock:
-            self._to_ack.extend((region, message["ReceiptHandle"]) for region, message in received)
+                self._to_ack.append((region, message["ReceiptHandle"]))
+        if kept:
+            with self._lock:
+                self._buffer[:0] = kept
         last = self._last_reconcile
         # `now < last`: the wall clock stepped back; a reconcile is due rather than hours away
         if mine and (last is None or now < last or now - last >= self.reconcile_every):
@@ -298,23 +349,30 @@ class AwsEventSource(EventSource):
         return events
 
     def _name_replicas(
-        self, events: list[PreemptionEvent], live: Sequence[ReplicaRecord]
-    ) -> list[PreemptionEvent]:
-        """Name the replica of messages about instances whose ID is not recorded yet (an apply that
-        crashed before recording outputs, or GitOps mode where CI launched it) from its tags."""
+        self, events: Sequence[PreemptionEvent], live: Sequence[ReplicaRecord]
+    ) -> dict[str, str]:
+        """Replica IDs, by instance ID, of the instances events name whose ID is not recorded yet
+        (an apply that crashed before recording outputs, or GitOps mode where CI launched it), from
+        their tags. Instances found not to be ours are remembered and not looked up again."""
         known = {r.cloud_id for r in live if r.cloud_id}
+        skip = known | self._foreign
         unknown = sorted(
-            {e.cloud_id for e in events if e.cloud_id and e.cloud_id not in known and not e.replica_id}
+            {e.cloud_id for e in events if e.cloud_id and e.cloud_id not in skip and not e.replica_id}
         )
         if not unknown or not live:
-            return events
+            return {}
         names: dict[str, str] = {}
         for region in sorted({r.region for r in live}):
             for inst in self.list_instances(region, instance_ids=unknown):
                 tags = {t.get("Key"): t.get("Value") for t in inst.get("Tags") or []}
                 if tags.get(TAG_SERVICE) == self.service and tags.get(TAG_REPLICA):
                     names[inst["InstanceId"]] = tags[TAG_REPLICA]
-        return [replace(e, replica_id=names[e.cloud_id]) if e.cloud_id in names else e for e in events]
+        self._problems.clear("lookup", None)
+        if len(self._foreign) > 10_000:
+            self._foreign.clear()
+        # listed by tag: an instance not listed carries no tag of this service, now or later
+        self._foreign.update(i for i in unknown if i not in names)
+        return names
 
     def ack(self) -> None:
         """Delete the messages returned by the previous poll (they are recorded in state now)."""

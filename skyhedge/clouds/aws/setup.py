@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from skyhedge.clouds.aws import new_session
 from skyhedge.clouds.aws.events import (
     DETAIL_REBALANCE,
     DETAIL_STATE,
@@ -90,7 +91,12 @@ def _setup_region(session: Any, service: str, queue_name: str, region: str) -> R
         )
         rule_arns.append(reply["RuleArn"])
         events.put_targets(Rule=name, Targets=[{"Id": TARGET_ID, "Arn": arn}])
-    sqs.set_queue_attributes(QueueUrl=url, Attributes={"Policy": _queue_policy(arn, rule_arns)})
+    # the retention too: a queue made by hand (or by an older skyhedge) keeps AWS's 4-day default,
+    # and a watcher started days later would act on interruption warnings long past
+    sqs.set_queue_attributes(
+        QueueUrl=url,
+        Attributes={"Policy": _queue_policy(arn, rule_arns), "MessageRetentionPeriod": RETENTION_SECONDS},
+    )
     return RegionSetup(region, url, arn, tuple(rule_arns))
 
 
@@ -98,10 +104,9 @@ def setup_events(
     service: str, regions: Sequence[str], *, queue_name: str | None = None, session: Any = None
 ) -> list[RegionSetup]:
     """Create or update the queue, rules and policy in every region; idempotent."""
-    import boto3
     from botocore.exceptions import BotoCoreError, ClientError
 
-    session = session or boto3.Session()
+    session = session or new_session()
     queue_name = queue_name or default_queue_name(service)
     out = []
     for region in sorted(set(regions)):

@@ -16,9 +16,11 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Sequence
+from dataclasses import replace
 from datetime import datetime
 from typing import Any
 
+from skyhedge.clouds.gcp import api_error_message
 from skyhedge.errors import CloudError
 from skyhedge.events import EventSource, LeftoverWatch, PreemptionEvent, Signal, unparseable
 from skyhedge.policy.types import Location
@@ -134,6 +136,8 @@ class GcpEventSource(EventSource):
         self.timeout = timeout
         self._last_poll: float | None = None
         self._seen_ops: set[str] = set()
+        self._unacked: set[str] = set()  # operations returned by poll, not yet recorded
+        self._listed: set[str] = set()  # unrecorded replicas (GitOps) once seen listed
         self._leftovers = LeftoverWatch()
 
     @property
@@ -156,7 +160,7 @@ class GcpEventSource(EventSource):
             except (requests.RequestException, GoogleAuthError) as exc:  # a token refresh can fail too
                 raise CloudError(f"gcp: GET {url}: {exc}") from exc
             if reply.status_code != 200:
-                raise CloudError(f"gcp: GET {url}: HTTP {reply.status_code}: {reply.text[:200]}")
+                raise CloudError(f"gcp: GET {url}: HTTP {reply.status_code}: {api_error_message(reply)}")
             try:
                 body = reply.json()
             except ValueError as exc:
@@ -170,23 +174,34 @@ class GcpEventSource(EventSource):
             params["pageToken"] = token
         return items
 
+    def instance_name(self, replica_id: str) -> str:
+        """The name the gcp-replicas module gives a replica's instance (modules/gcp-replicas)."""
+        return f"skyhedge-{self.service}-{replica_id}"
+
     def poll(self, now: float, live: Sequence[ReplicaRecord]) -> list[PreemptionEvent]:
         mine = [r for r in live if r.cloud == "gcp"]
         last = self._last_poll
         if not mine or (last is not None and last <= now < last + self.poll_every):
             return []  # (`now < last`: the wall clock stepped back; poll now rather than in hours)
         self._last_poll = now
+        # Operations count as seen only once the controller recorded them (`ack`): a poll failing
+        # in a later zone must not lose the ones already read.
+        read: set[str] = set()
+        # A replica whose instance name is not recorded (GitOps mode: CI applied it) is known by
+        # the module's naming and its label.
+        by_name = {self.instance_name(r.id): r.id for r in mine if not r.cloud_id}
         events: list[PreemptionEvent] = []
         for zone in sorted({r.zone for r in mine}):
             self.region_of.setdefault(zone, next(r.region for r in mine if r.zone == zone))
             for op in self._get(f"zones/{zone}/operations", {"filter": f'operationType="{PREEMPTED_OP}"'}):
                 key = str(op.get("id") or op.get("name") or op)
-                if key in self._seen_ops:
+                if key in self._seen_ops or key in read:
                     continue
-                self._seen_ops.add(key)
+                read.add(key)
                 event = parse_operation(op, region_of=self.region_of, received_at=now)
                 if event is not None:
-                    events.append(event)
+                    rid = by_name.get(str(event.cloud_id))
+                    events.append(replace(event, replica_id=rid) if rid else event)
             listed = self._get(
                 f"zones/{zone}/instances", {"filter": f"labels.{LABEL_SERVICE}={self.service}"}
             )
@@ -204,12 +219,19 @@ class GcpEventSource(EventSource):
                     by_label[rid] = name
             self._check_leftovers(zone, now, status, label_of, [r for r in mine if r.zone == zone])
             for rec in mine:
-                if rec.zone != zone or not rec.cloud_id:
+                if rec.zone != zone:
                     continue
-                # The module records the self link as cloud ID and the instance name in its outputs.
-                name = str(rec.outputs.get("name") or _last(rec.cloud_id) or rec.cloud_id)
-                if name not in status:
-                    name = by_label.get(rec.id, name)
+                if rec.cloud_id:
+                    # The module records the self link as cloud ID and the instance name in its outputs.
+                    name = str(rec.outputs.get("name") or _last(rec.cloud_id) or rec.cloud_id)
+                    if name not in status:
+                        name = by_label.get(rec.id, name)
+                else:
+                    name = by_label.get(rec.id, self.instance_name(rec.id))
+                    if name in status:
+                        self._listed.add(rec.id)
+                    elif rec.id not in self._listed:
+                        continue  # never seen listed: CI may not have applied it yet
                 st = status.get(name)
                 if st is not None and st not in GONE_STATUSES:
                     continue
@@ -225,7 +247,13 @@ class GcpEventSource(EventSource):
                         detail=detail,
                     )
                 )
+        self._listed &= {r.id for r in mine}
+        self._unacked |= read
         return events
+
+    def ack(self) -> None:
+        self._seen_ops |= self._unacked
+        self._unacked = set()
 
     def _check_leftovers(
         self,
