@@ -377,7 +377,7 @@ def load_state(state_dir: Path, service: str) -> ServiceState:
         raw = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         return ServiceState(service=service)
-    except OSError as exc:
+    except (OSError, UnicodeDecodeError) as exc:
         raise StateError(f"{path}: cannot read ({exc})") from exc
     try:
         data = json.loads(raw)
@@ -396,14 +396,16 @@ def save_state(state_dir: Path, state: ServiceState) -> None:
 @contextlib.contextmanager
 def writer_lock(state_dir: Path, *, timeout: float = 0.0) -> Iterator[None]:
     """Hold the service's one-writer lock, or fail at once with a clear error."""
-    state_dir.mkdir(parents=True, exist_ok=True)
     lock = FileLock(str(state_dir / LOCK_FILE), timeout=timeout)
     try:
+        state_dir.mkdir(parents=True, exist_ok=True)
         lock.acquire()
     except Timeout:
         raise StateError(
             f"{state_dir}: another skyhedge process (apply, destroy or watch) holds the lock for this service"
         ) from None
+    except OSError as exc:  # a read-only file system, a path under a file, no permission
+        raise StateError(f"{state_dir}: cannot write the state dir ({exc.strerror or exc})") from exc
     try:
         yield
     finally:

@@ -361,3 +361,36 @@ def test_destroy_forgets_the_autoscalers_target_so_the_next_apply_starts_from_mi
     state = load_state(svc.state_dir, "applied")
     assert state.target is None and "autoscaler" not in state.extra
     assert service_target(spec, state) == spec.replica_policy.min_replicas
+
+
+def test_a_state_file_that_is_not_utf8_is_one_line(tmp_path):
+    (tmp_path / STATE_FILE).write_bytes(b"\xff\xfe{")
+    with pytest.raises(StateError, match=r"state.json: cannot read \('utf-8' codec"):
+        load_state(tmp_path, "svc")
+
+
+def test_a_state_dir_that_cannot_be_made_is_one_line(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with (
+        pytest.raises(StateError, match=r"file/state: cannot write the state dir \(Not a directory\)"),
+        writer_lock(blocker / "state"),
+    ):
+        pass
+
+
+def test_watch_once_exits_1_when_the_apply_fails_and_says_why(svc):
+    """`watch --once` is a check for CI or cron: a failed apply is exit 1, with the launcher's
+    reason rather than Terraform's "local-exec provisioner error" alone."""
+    from click.testing import CliRunner
+
+    from skyhedge.cli import main
+
+    spec = svc.write(replicas=1, command="echo boom >&2; exit 3")
+    result = CliRunner().invoke(
+        main, ["watch", str(spec), "--state-dir", str(svc.state_dir), "--once", "--no-routing"]
+    )
+    assert result.exit_code == 1, result.output
+    last = result.output.strip().splitlines()[-1]
+    assert last.startswith("error: apply failed: local/local:")
+    assert "run.command exited at once with 3" in last and "r-0001.log" in last

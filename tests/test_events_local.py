@@ -147,3 +147,40 @@ def test_set_zone_capacity_keeps_the_oldest(state_dir):
     assert is_running(read_pidfile(runtime_dir(state_dir), "r-0010"))  # on-demand is not spot capacity
     set_zone_capacity(state_dir, "local-a", 2)
     assert capacity.read_capacity(runtime_dir(state_dir)) == {}
+
+
+def test_concurrent_marks_are_never_lost(state_dir):
+    """`skyhedge preempt` in several shells at once (or beside a market replay): each
+    read-modify-write holds the file's lock, so every mark survives."""
+    runtime = runtime_dir(state_dir)
+    zones = [f"local-{c}" for c in "abcdefgh"]
+    for _ in range(5):
+        capacity.clear(runtime)
+        threads = [threading.Thread(target=capacity.mark_preempted, args=(runtime, z)) for z in zones]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert sorted(capacity.read_capacity(runtime)) == zones
+
+
+def test_preempt_with_a_malformed_capacity_file_is_one_line(state_dir, write_spec):
+    from click.testing import CliRunner
+
+    from skyhedge.cli import main
+
+    spec = write_spec("name: svc\nplacement: {clouds: [local], zones: [local-a]}\nrun: {command: 'true'}\n")
+    runtime = runtime_dir(state_dir)
+    runtime.mkdir(parents=True, exist_ok=True)
+    (runtime / capacity.CAPACITY_FILE).write_text("{garbage")
+    for extra in ([], ["--clear"]):
+        result = CliRunner().invoke(
+            main, ["preempt", str(spec), "--state-dir", str(state_dir), "--zone", "local-a", *extra]
+        )
+        assert result.exit_code == 1 and "Traceback" not in result.output
+        [line] = result.output.strip().splitlines()
+        assert (
+            line.startswith("error: ")
+            and "capacity.json: cannot read" in line
+            and "fix it or delete it" in line
+        )

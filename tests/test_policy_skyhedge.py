@@ -512,3 +512,35 @@ def test_marked_zones_stay_marked_while_young_or_while_half_the_zones_are_active
     decisions = policy.decide(Observation(600.0 + HAZARD_SCALE + 300, 3, cands, held))
     assert decisions == [LaunchSpot(z[0])]
     assert list(policy.zone_status(cands).values()).count("PREEMPTED") == 2
+
+
+def test_base_on_demand_replicas_always_run_and_the_rest_is_hedged_spot() -> None:
+    """`base_ondemand_fallback_replicas` is SkyServe's static floor: those run on-demand at all
+    times, and the rules place the remaining N - base as spot (plus the extra while it is held)."""
+    z = zones(3)
+    cands = tuple(Candidate(loc, 1.0, 3.0) for loc in z)
+    policy = SkyHedge(PolicyConfig(base_ondemand_fallback_replicas=2))
+    # N = 3: one spot replica + its extra, two base on-demand + one covering the not-READY spot
+    assert kinds(policy.decide(Observation(0.0, 3, cands))) == (2, 3, 0)
+    # settled spot: the dynamic cover goes, the base stays
+    held = (fact("a1", z[0]), fact("b1", z[1]))
+    od = tuple(fact(f"od{i}", z[0], spot=False) for i in range(3))
+    decisions = policy.decide(Observation(30 * HOUR, 3, cands, held + od))
+    assert (
+        kinds(decisions)[1] == 0
+        and sum(isinstance(d, Terminate) and d.replica_id.startswith("od") for d in decisions) == 1
+    )
+    # a base as large as N: on-demand only
+    everything = SkyHedge(PolicyConfig(base_ondemand_fallback_replicas=5))
+    assert kinds(everything.decide(Observation(0.0, 3, cands, held))) == (0, 3, 2)
+
+
+def test_without_dynamic_fallback_no_on_demand_covers_spot() -> None:
+    z = zones(3)
+    cands = tuple(Candidate(loc, 1.0, 3.0) for loc in z)
+    policy = SkyHedge(PolicyConfig(dynamic_ondemand_fallback=False))
+    assert kinds(policy.decide(Observation(0.0, 3, cands))) == (4, 0, 0)
+    od = (fact("od1", z[0], spot=False),)
+    lost = (ZoneEvent(EventKind.PREEMPTED, z[0], 10.0, "a1"),)
+    decisions = policy.decide(Observation(40.0, 3, cands, (fact("b1", z[1]), *od), lost))
+    assert Terminate("od1") in decisions and kinds(decisions)[1] == 0

@@ -129,6 +129,7 @@ def apply(
         MofNCompleteColumn(),
         TimeElapsedColumn(),
         console=console,
+        disable=not console.is_terminal,  # in a pipe no live bars (rich would leave a blank line)
     )
     view = ProgressView(progress)
 

@@ -13,7 +13,7 @@ import click
 
 from skyhedge.cli._app import FiniteFloat, console, err_console, main, spec_argument, state_dir_option
 from skyhedge.controller.loop import ControllerOptions
-from skyhedge.errors import SpecError
+from skyhedge.errors import SpecError, StateError
 from skyhedge.service import resolve_placement
 from skyhedge.spec import ServiceSpec, load_spec
 from skyhedge.state import default_state_dir
@@ -233,11 +233,16 @@ def preempt(spec: Path, state_dir: Path | None, zone: str, seconds: float | None
             f"{', '.join(zones) or 'none'})",
             file=service.source,
         )
-    if clear:
-        capacity.clear(runtime_dir(sdir), zone)
-        console.print(f"{zone}: capacity restored")
-        return
-    killed = preempt_zone(sdir, zone, seconds=seconds)
+    try:
+        if clear:
+            capacity.clear(runtime_dir(sdir), zone)
+            console.print(f"{zone}: capacity restored")
+            return
+        killed = preempt_zone(sdir, zone, seconds=seconds)
+    except capacity.CapacityFileError as exc:
+        raise StateError(f"{exc}; fix it or delete it") from exc
+    except OSError as exc:
+        raise StateError(f"{runtime_dir(sdir)}: cannot write ({exc.strerror or exc})") from exc
     until = f"for {seconds:g}s" if seconds else "until `--clear`"
     who = ", ".join(f"{p.id} (pid {p.pid})" for p in killed) or "no running spot replica"
     console.print(f"{zone}: out of spot capacity {until}; preempted {who} at {time.strftime('%H:%M:%S')}")

@@ -59,6 +59,22 @@ BUSY = frozenset(
 )
 
 
+def apply_cause(detail: str) -> str:
+    """The first line of an engine error that says *why* (Terraform's own first line, e.g.
+    "local-exec provisioner error", names only the mechanism): the output of the failed command
+    when there is one, else the first line that is not an `Error:` heading. Cut to 240 chars."""
+    lines = [line.strip() for line in detail.splitlines() if line.strip()]
+    for line in lines:
+        if "Output: " in line:
+            text = line.split("Output: ", 1)[1].strip()
+            if text:
+                return text.rstrip(":")[:240]
+    for line in lines:
+        if not line.startswith(("Error:", "│ Error:")):
+            return line.lstrip("│ ").strip()[:240]
+    return ""
+
+
 @dataclass(frozen=True)
 class ControllerOptions:
     """Timing and mode. Times in seconds.
@@ -117,6 +133,7 @@ class Controller:
         self.last_plan: Plan | None = None
         self.ticks = 0
         self._failures = int(self.state.extra.get("launch_failures", 0))
+        self.last_apply: ExecResult | None = None  # the last pass's apply (None: nothing applied)
         self._started = False
         self._routing_failed = False
         self._listeners: list[Callable[[Controller], None]] = []
@@ -341,10 +358,12 @@ class Controller:
         if result.applied and not result.failed:
             why = "" if plan.has_changes else " (reconciling with Terraform's state)"
             self.note(f"applied {', '.join(result.applied)} in {done - now:.1f}s{why}", done)
+        cause = apply_cause(result.detail)
         for line in result.errors:
-            self.note(f"apply failed: {line}", done)
+            self.note(f"apply failed: {line}" + (f" ({cause})" if cause and cause not in line else ""), done)
         if result.detail:
             log.debug("%s", result.detail)
+        self.last_apply = result
         if result.note:
             self.note(result.note, done)
         self._failures = self._failures + 1 if result.failed else 0

@@ -18,9 +18,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import FrameType
 
-from skyhedge.controller.loop import Controller, ControllerOptions
+from skyhedge.controller.loop import Controller, ControllerOptions, apply_cause
 from skyhedge.controller.supervisor import Supervisor
-from skyhedge.errors import CloudError, StateError
+from skyhedge.errors import CloudError, EngineError, StateError
 from skyhedge.events import EventSource
 from skyhedge.service import Placement, resolve_placement
 from skyhedge.spec import ServiceSpec
@@ -99,6 +99,8 @@ class Watcher:
         try:
             stack.enter_context(writer_lock(self.state_dir))
         except StateError as exc:
+            if "holds the lock" not in str(exc):
+                raise
             raise StateError(
                 f"{exc} (is `skyhedge watch` or `up` already running for {self.spec.name}?)"
             ) from None
@@ -167,6 +169,10 @@ class Watcher:
             self.supervisor.run(max_ticks=1)
             if self.supervisor.last_error is not None and self.supervisor.failures:
                 raise self.supervisor.last_error
+            applied = self.controller.last_apply
+            if applied is not None and applied.errors:  # a check for CI or cron: say it failed
+                cause = apply_cause(applied.detail)
+                raise EngineError(f"apply failed: {applied.errors[0]}" + (f" ({cause})" if cause else ""))
             return
         for source in self.controller.sources:
             source.watch(self.supervisor.wake)

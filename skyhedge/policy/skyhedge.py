@@ -69,6 +69,10 @@ gcp-04-30-2023's lone us-east1-b zone, which drops once a day). A region is as c
 calm mate, then as their summed calm: a sum alone favours a region for having many zones, troubled
 ones included.
 
+SkyServe's on-demand knobs hold as in SpotHedge: `base_ondemand_fallback_replicas` run on-demand
+at all times (the rules above then place the other N - base as spot), and with
+`dynamic_ondemand_fallback: false` no on-demand replica covers missing or unsettled spot ones.
+
 Budget rules (tests check them): at most N on-demand replicas; spot replicas alive never above
 N + N_extra + 1 (plus replacements of warned replicas); never fewer than N replicas asked for.
 Pure and deterministic: time is `obs.now`, no I/O, no randomness (the seed is unused).
@@ -79,6 +83,7 @@ override `settle_seconds` and `prior_age_seconds` (trouble assumed that long bef
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import Any, ClassVar
 
 from skyhedge.errors import PolicyError
@@ -274,6 +279,11 @@ class SkyHedge(SpotHedge):
     # -- decisions ----------------------------------------------------------------------------
 
     def decide(self, obs: Observation) -> list[Decision]:
+        # `base_ondemand_fallback_replicas` on-demand replicas always run (SkyServe's static floor):
+        # the rules below place the other N - base as spot, hedged and covered as usual.
+        base = min(max(0, self.config.base_ondemand_fallback_replicas), max(0, obs.target))
+        if base:
+            obs = replace(obs, target=obs.target - base)
         spot_all, ondemand = live_replicas(obs)
         held_all: dict[Location, int] = {}
         for replica in spot_all:
@@ -288,7 +298,9 @@ class SkyHedge(SpotHedge):
         self._orderings(candidates)
         n = obs.target
         if n <= 0 or not candidates:
-            return [Terminate(r.id) for r in spot_all + ondemand]
+            if not candidates:
+                return [Terminate(r.id) for r in spot_all + ondemand]
+            return [Terminate(r.id) for r in spot_all] + self._ondemand_to(ondemand, base)
         now = obs.now
 
         # Warned replicas keep serving but no longer count: their replacements start now.
@@ -311,17 +323,22 @@ class SkyHedge(SpotHedge):
         elif anchor is not None and len(held) > 1 and ready_spot == len(spot):
             decisions.append(LaunchSpot(anchor))  # one step of consolidation; surplus goes later
 
-        settle = self.settle_seconds
-        settled = sum(1 for r in spot if is_ready(r) and self._settled(r, now, settle))
-        od_target = min(n, max(0, want - ready_spot, n - settled))
-        if len(ondemand) < od_target:
-            if self._ondemand_best is not None:
-                launch = LaunchOnDemand(self._ondemand_best)
-                decisions.extend(launch for _ in range(od_target - len(ondemand)))
-        elif len(ondemand) > od_target:
-            ranked = sorted(ondemand, key=lambda r: (is_ready(r), -r.launched_at))
-            decisions.extend(Terminate(r.id) for r in ranked[: len(ondemand) - od_target])
+        dynamic = 0
+        if self.config.dynamic_ondemand_fallback:
+            settle = self.settle_seconds
+            settled = sum(1 for r in spot if is_ready(r) and self._settled(r, now, settle))
+            dynamic = min(n, max(0, want - ready_spot, n - settled))
+        decisions.extend(self._ondemand_to(ondemand, base + dynamic))
         return decisions
+
+    def _ondemand_to(self, ondemand: list[ReplicaFact], count: int) -> list[Decision]:
+        """Launch or release on-demand replicas to `count` (not-ready and newest released first)."""
+        if len(ondemand) < count:
+            if self._ondemand_best is None:
+                return []
+            return [LaunchOnDemand(self._ondemand_best) for _ in range(count - len(ondemand))]
+        ranked = sorted(ondemand, key=lambda r: (is_ready(r), -r.launched_at))
+        return [Terminate(r.id) for r in ranked[: len(ondemand) - count]]
 
     def _place(self, count: int, holding: dict[Location, int], now: float) -> list[Location]:
         """SpotHedge's placement; in finite pools avoiding zones that refused lately (rule 7)."""

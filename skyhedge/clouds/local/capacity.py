@@ -12,9 +12,11 @@ tools (`skyhedge preempt`, market traces) drive this file; the launcher only rea
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 CAPACITY_FILE = "capacity.json"
@@ -75,18 +77,38 @@ def _write(runtime_dir: Path, marks: dict[str, float | None]) -> None:
         raise
 
 
+@contextlib.contextmanager
+def _updating(runtime_dir: Path) -> Iterator[None]:
+    """Hold the capacity file's lock around a read-modify-write: two `skyhedge preempt` (or one
+    and a market-trace replay) changing it at once must not lose each other's marks. An advisory
+    `flock` (stdlib: the launcher's `python -S` has no filelock); readers need none, writes are
+    atomic renames."""
+    import fcntl
+
+    path = Path(runtime_dir) / (CAPACITY_FILE + ".lock")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+b") as fh:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
 def mark_preempted(runtime_dir: Path, zone: str, *, until: float | None = None) -> None:
     """Mark `zone` out of spot capacity (until a Unix time, or until cleared)."""
-    marks = read_capacity(runtime_dir)
-    marks[zone] = until
-    _write(runtime_dir, marks)
+    with _updating(runtime_dir):
+        marks = read_capacity(runtime_dir)
+        marks[zone] = until
+        _write(runtime_dir, marks)
 
 
 def clear(runtime_dir: Path, zone: str | None = None) -> None:
     """Give `zone` (or every zone) its capacity back."""
-    marks = read_capacity(runtime_dir)
-    if zone is None:
-        marks.clear()
-    else:
-        marks.pop(zone, None)
-    _write(runtime_dir, marks)
+    with _updating(runtime_dir):
+        marks = read_capacity(runtime_dir)
+        if zone is None:
+            marks.clear()
+        else:
+            marks.pop(zone, None)
+        _write(runtime_dir, marks)
