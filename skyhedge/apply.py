@@ -211,6 +211,7 @@ def record_plan(
                 market=r.market.value,
                 launched_at=now,
                 instance_type=placement.instance_types.get(r.location.cloud),
+                revision=r.revision or None,
             )
         elif r.action == DELETE and r.id in state.replicas:
             state.replicas[r.id].draining = True

@@ -41,6 +41,13 @@ class PlannedReplica:
     market: Market
     action: str
     price_per_hour: float
+    #: the replica's `spec.replica_revision`: rendered into its Terraform inputs, so a spec change
+    #: never replaces a running replica in place (a rolling update replaces it instead)
+    revision: str = ""
+    #: a port fixed at launch (local cloud), kept when `resources.local_base_port` changes
+    port: int | None = None
+    #: an outdated replica: kept until a replacement is READY, then released (rolling update)
+    outdated: bool = False
 
     @property
     def root(self) -> tuple[str, str]:
@@ -100,6 +107,7 @@ class Plan:
             "create": sum(1 for r in self.replicas if r.action == CREATE),
             "delete": sum(1 for r in self.replicas if r.action == DELETE),
             "keep": sum(1 for r in self.replicas if r.action == KEEP),
+            "outdated": sum(1 for r in desired if r.outdated),
         }
 
 

@@ -6,16 +6,17 @@ This module reads the catalog (bundled files) but does no cloud or Terraform I/O
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
+from urllib.parse import urlsplit
 
 from skyhedge.catalog import load_catalog, parse_accelerator
 from skyhedge.catalog.model import did_you_mean
 from skyhedge.errors import CatalogError, SpecError
 from skyhedge.planner import Plan, make_plan
 from skyhedge.policy import Candidate, Location, Market, Observation, Terminate, make_policy
-from skyhedge.spec import ServiceSpec
-from skyhedge.state import ServiceState
+from skyhedge.spec import ServiceSpec, replica_revision
+from skyhedge.state import ReplicaRecord, ServiceState
 
 
 @dataclass(frozen=True)
@@ -159,10 +160,23 @@ def compute_plan(
     policy = make_policy(name, spec.replica_policy.policy_config(), seed=0)
     if state.policy_memory.get("policy") == name:
         policy.restore(state.policy_memory.get("memory", {}))
+    revision = replica_revision(spec)
+    live = {r.id: r for r in state.live()}
+    outdated = {rid for rid, r in live.items() if r.revision is not None and r.revision != revision}
+    # A rolling update: while replicas of an older spec run, the policy is asked for one replica
+    # more (the surge); once that many are READY, the oldest outdated replica is released. So N
+    # stay READY throughout, and the update costs one replica more for a few cold starts.
     obs = Observation(
-        now=now, target=target, candidates=placement.candidates, replicas=inside, events=state.events()
+        now=now,
+        target=target + 1 if outdated and target > 0 else target,
+        candidates=placement.candidates,
+        replicas=inside,
+        events=state.events(),
     )
     decisions = [Terminate(f.id) for f in outside] + policy.decide(obs)
+    retire = _next_to_retire(live, outdated, decisions, target)
+    if retire is not None:
+        decisions.append(Terminate(retire))
     plan = make_plan(
         service=spec.name,
         target=target,
@@ -174,4 +188,49 @@ def compute_plan(
         ondemand_price=placement.cheapest_ondemand,
         base_ondemand=spec.replica_policy.base_ondemand_fallback_replicas,
     )
+    plan = replace(
+        plan,
+        replicas=tuple(
+            replace(
+                r,
+                revision=(live[r.id].revision or revision) if r.id in live else revision,
+                port=_launched_port(live[r.id]) if r.id in live else None,
+                outdated=r.id in outdated,
+            )
+            for r in plan.replicas
+        ),
+    )
     return plan, {"policy": name, "memory": policy.snapshot()}
+
+
+def _next_to_retire(
+    live: dict[str, ReplicaRecord], outdated: set[str], decisions: list[Any], target: int
+) -> str | None:
+    """The outdated replica to release in this pass, if any: only while more than `target` READY
+    replicas would remain (not counting ones already being released), the oldest first."""
+    if not outdated:
+        return None
+    leaving = {d.replica_id for d in decisions if isinstance(d, Terminate)}
+    if outdated & leaving:
+        return None  # one is already on its way out
+    ready = [
+        r
+        for r in live.values()
+        if r.ready_at is not None and r.not_ready_since is None and not r.draining and r.id not in leaving
+    ]
+    if len(ready) <= target:
+        return None
+    candidates = [live[rid] for rid in outdated if not live[rid].draining]
+    if not candidates:
+        return None
+    return min(candidates, key=lambda r: (r.ready_at is not None, r.launched_at, r.id)).id
+
+
+def _launched_port(rec: ReplicaRecord) -> int | None:
+    """The port a running replica listens on, from its endpoint (kept when the spec's ports move)."""
+    if not rec.endpoint:
+        return None
+    try:
+        return urlsplit(rec.endpoint).port
+    except ValueError:
+        return None

@@ -635,3 +635,17 @@ def load_spec(path: str | Path) -> ServiceSpec:
     if data is None:
         raise SpecError("empty file, expected a service spec", file=name)
     return parse_spec(data, source=name)
+
+
+def replica_revision(spec: ServiceSpec) -> str:
+    """A short digest of everything that makes up one replica's machine and process: `run` and
+    `resources`. Replicas launched under another revision are *outdated*: the planner replaces
+    them one at a time, each after a replacement is READY (a rolling update), and Terraform never
+    restarts or replaces them in place (docs/controller.md, "Changing the spec")."""
+    import hashlib
+    import json
+    from dataclasses import asdict
+
+    data = {"run": asdict(spec.run), "resources": asdict(spec.resources)}
+    text = json.dumps(data, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:12]

@@ -59,6 +59,7 @@ class ReplicaRecord:
     endpoint: str | None = None
     cloud_id: str | None = None
     outputs: dict[str, Any] = field(default_factory=dict)
+    revision: str | None = None  # `spec.replica_revision` at launch (None: before revisions existed)
 
     @property
     def location(self) -> Location:
@@ -156,6 +157,7 @@ _REPLICA_RULES: dict[str, Rule] = {
     "endpoint": _or_null(_STRING),
     "cloud_id": _or_null(_STRING),
     "outputs": _OBJECT,
+    "revision": _or_null(_STRING),
 }
 if set(_REPLICA_RULES) != {f.name for f in fields(ReplicaRecord)}:
     raise AssertionError("_REPLICA_RULES must have exactly one rule per ReplicaRecord field")

@@ -335,3 +335,45 @@ def test_kill_9_mid_apply_then_restart_converges_without_orphans(service):
         check=False,
     )
     assert second.returncode == 1 and "already running" in second.stderr
+
+
+def _environ(pid: int) -> dict[str, str]:
+    raw = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return dict(item.decode().split("=", 1) for item in raw if b"=" in item)
+
+
+def test_a_spec_change_rolls_over_under_load_without_an_outage(service):
+    """Changing `run.env` replaces the replicas one at a time, each once a replacement is READY
+    (the router always has READY upstreams); Terraform never restarts them all at once."""
+    from skyhedge.spec import replica_revision
+
+    service.start_watcher()
+    service.wait("3 READY spot replicas routed", service.converged, timeout=90)
+    before = {r.id for r in service.state().live()}
+    old_revision = replica_revision(service.spec)
+    assert {r.revision for r in service.state().live()} == {old_revision}
+    url = f"http://127.0.0.1:{service.port}"
+    with Load(url) as load:
+        service.wait("traffic", lambda: load.ok > 50, timeout=20)
+        service.watchers[-1].send_signal(signal.SIGTERM)  # a running watcher reads the spec once
+        service.watchers[-1].wait(timeout=30)
+        text = service.spec_path.read_text().replace("run:\n", "run:\n  env: {ROLL_MARK: '2'}\n")
+        service.spec_path.write_text(text)
+        new_spec = load_spec(service.spec_path)
+        new_revision = replica_revision(new_spec)
+        assert new_revision != old_revision
+        service.start_watcher()
+        service.wait(
+            "every replica replaced by one of the new revision",
+            lambda: service.converged() and not before & {r.id for r in service.state().live()},
+            timeout=180,
+        )
+        seen = load.total
+        service.wait("traffic after the roll-over", lambda: load.total > seen + 100, timeout=20)
+    live = service.state().live()
+    assert {r.revision for r in live} == {new_revision}
+    pids = {p.id: p.pid for p in list_pidfiles(runtime_dir(service.state_dir))}
+    assert all(_environ(pids[r.id]).get("ROLL_MARK") == "2" for r in live)
+    print(f"roll-over under load: {load.ok} ok, {len(load.failed)} failed")
+    assert len(load.failed) <= load.threads, load.failed
+    assert load.ok / load.total >= 0.995, (load.ok, load.failed)

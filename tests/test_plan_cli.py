@@ -138,3 +138,74 @@ def test_corrupt_state_is_one_line(tmp_path, write_spec):
     result = run("plan", str(spec), "--state-dir", str(tmp_path))
     assert result.exit_code == 1
     assert result.output.startswith(f"error: {tmp_path / 'state.json'}: not valid JSON")
+
+
+def _converged(state_dir: Path, revision: str | None) -> None:
+    state = ServiceState(service="echo", next_id=4)
+    for i, zone in enumerate(["local-a", "local-b", "local-c"], start=1):
+        state.replicas[f"r-000{i}"] = ReplicaRecord(
+            f"r-000{i}",
+            "local",
+            "local",
+            zone,
+            "spot",
+            launched_at=float(i),
+            provisioned_at=10.0,
+            ready_at=20.0,
+            endpoint=f"http://127.0.0.1:{18000 + i}",
+            revision=revision,
+        )
+    save_state(state_dir, state)
+
+
+def test_a_changed_run_is_a_rolling_update_not_an_in_place_restart(tmp_path, write_spec):
+    """Replicas launched under another `run` are outdated: the plan says so (exit 2), asks for one
+    replica more, and releases an outdated one only while more than N others are READY."""
+    from skyhedge.service import compute_plan
+    from skyhedge.spec import load_spec, replica_revision
+
+    spec_path = write_spec(LOCAL)
+    state_dir = tmp_path / "state"
+    old_revision = replica_revision(load_spec(spec_path))
+    _converged(state_dir, old_revision)
+    assert run("plan", str(spec_path), "--state-dir", str(state_dir), "--detailed-exitcode").exit_code == 0
+
+    changed = write_spec(
+        LOCAL.replace("run: {command: python3 server.py}", "run: {command: python3 server.py, env: {A: '1'}}")
+    )
+    result = run("plan", str(changed), "--state-dir", str(state_dir), "--json", "--detailed-exitcode")
+    assert result.exit_code == 2, result.output
+    data = json.loads(result.output)
+    assert data["summary"]["outdated"] == 2  # left after this pass: one goes now
+    # all three kept; one more spot replica launched (the surge: 3 READY are N + 1 already, so the
+    # oldest outdated one is released in the same pass)
+    actions = {r["id"]: (r["action"], r["outdated"]) for r in data["replicas"]}
+    assert actions["r-0001"] == ("delete", True)
+    assert actions["r-0002"] == actions["r-0003"] == ("keep", True)
+    new = [r for r in data["replicas"] if r["id"] >= "r-0004"]
+    assert all(r["action"] == "create" and not r["outdated"] for r in new)
+    assert [r["market"] for r in new if r["market"] == "spot"] == [
+        "spot"
+    ]  # (+ on-demand cover while it starts)
+    table = run("plan", str(changed), "--state-dir", str(state_dir))
+    assert "~ outdated" in table.output and "rolling update" in table.output
+
+    # with only N READY (one not ready yet), nothing outdated is released
+    state = load_state(state_dir, "echo")
+    state.replicas["r-0003"].ready_at = None
+    plan, _ = compute_plan(load_spec(changed), state, now=100.0)
+    assert not [r for r in plan.replicas if r.action == "delete"]
+    # the kept replicas keep their launch revision and port in the rendered inputs
+    kept = {r.id: r for r in plan.replicas if r.action == "keep"}
+    assert kept["r-0001"].revision == old_revision and kept["r-0001"].port == 18001
+    assert all(
+        r.revision == replica_revision(load_spec(changed)) for r in plan.replicas if r.action == "create"
+    )
+
+
+def test_replicas_from_before_revisions_are_not_rolled(tmp_path, write_spec):
+    spec_path = write_spec(LOCAL)
+    state_dir = tmp_path / "state"
+    _converged(state_dir, None)  # a state written before revisions were recorded
+    result = run("plan", str(spec_path), "--state-dir", str(state_dir), "--json", "--detailed-exitcode")
+    assert result.exit_code == 0 and json.loads(result.output)["summary"]["outdated"] == 0

@@ -17,7 +17,7 @@ from skyhedge.planner import CREATE, DELETE, KEEP, Plan, PlannedReplica
 from skyhedge.policy.types import Location, Market
 from skyhedge.render import BACKEND_FILE, TFVARS_FILE, TREE_MANIFEST, backend_config, render_tree, write_tree
 from skyhedge.service import compute_plan, resolve_placement
-from skyhedge.spec import parse_spec
+from skyhedge.spec import parse_spec, replica_revision
 from skyhedge.state import ServiceState
 
 TERRAFORM_BIN = shutil.which("terraform")
@@ -133,7 +133,12 @@ def test_spec_values_reach_terraform_only_as_json(tmp_path):
 def test_local_inputs_carry_ports_runtime_and_launcher():
     tree = render_tree(spec_of(), LOCAL, context=CTX, instance_types=TYPES)
     tfvars = json.loads(dict(tree.files)[f"local/local/{TFVARS_FILE}"])
-    assert tfvars["replicas"]["r-0002"] == {"zone": "local-b", "market": "spot", "port": 30002}
+    assert tfvars["replicas"]["r-0002"] == {
+        "zone": "local-b",
+        "market": "spot",
+        "port": 30002,
+        "revision": replica_revision(spec_of()),
+    }
     assert tfvars["runtime_dir"] == str(CTX.state_dir / "local")
     assert tfvars["run"]["workdir"] == "/srv/work"
     assert tfvars["launcher"] == {"python": sys.executable, "pythonpath": "/opt/skyhedge"}

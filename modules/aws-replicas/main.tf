@@ -113,7 +113,9 @@ resource "aws_instance" "replica" {
   })
 
   lifecycle {
-    # A newer AMI behind the SSM parameter must not replace running replicas.
-    ignore_changes = [ami]
+    # A newer AMI behind the SSM parameter must not replace running replicas, and a spec change
+    # (run, instance type) must not stop and restart them in place: skyhedge rolls new replicas
+    # in one at a time and releases the outdated ones as their replacements become READY.
+    ignore_changes = [ami, user_data_base64, instance_type]
   }
 }

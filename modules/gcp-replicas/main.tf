@@ -98,7 +98,16 @@ resource "google_compute_instance" "replica" {
   }
 
   lifecycle {
-    # A newer image in the family must not replace running replicas.
-    ignore_changes = [boot_disk[0].initialize_params[0].image]
+    # A newer image in the family must not replace running replicas, and a spec change (run,
+    # machine type, accelerator, disk) must not replace or restart them all at once: skyhedge
+    # rolls new replicas in one at a time and releases the outdated ones as their replacements
+    # become READY.
+    ignore_changes = [
+      boot_disk[0].initialize_params[0].image,
+      boot_disk[0].initialize_params[0].size,
+      metadata,
+      machine_type,
+      guest_accelerator,
+    ]
   }
 }

@@ -14,14 +14,14 @@ locals {
 resource "terraform_data" "replica" {
   for_each = var.replicas
 
-  # A change to any of these is a different replica: replace it (stop, then start).
+  # A change to any of these is a different replica: replace it (stop, then start). `run` is not
+  # here: a replica keeps the revision it was launched with, and a spec change reaches the service
+  # through new replicas that skyhedge rolls in one at a time (never all stopped at once).
   triggers_replace = {
-    zone    = each.value.zone
-    market  = each.value.market
-    port    = each.value.port
-    command = var.run.command
-    setup   = var.run.setup
-    env     = var.run.env
+    zone     = each.value.zone
+    market   = each.value.market
+    port     = each.value.port
+    revision = each.value.revision
   }
 
   # What the destroy-time provisioner needs: it may only read `self`.

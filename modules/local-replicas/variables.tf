@@ -14,11 +14,12 @@ variable "region" {
 }
 
 variable "replicas" {
-  description = "Replicas keyed by their stable skyhedge ID (r-0001): zone, market (spot or on-demand) and the TCP port the process listens on."
+  description = "Replicas keyed by their stable skyhedge ID (r-0001): zone, market (spot or on-demand), the TCP port the process listens on, and the spec revision it was launched with (a new revision never restarts it: skyhedge rolls replicas over one by one)."
   type = map(object({
-    zone   = string
-    market = string
-    port   = number
+    zone     = string
+    market   = string
+    port     = number
+    revision = optional(string, "")
   }))
 
   validation {

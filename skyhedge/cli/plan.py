@@ -33,6 +33,7 @@ def plan_to_json(plan: Plan) -> dict[str, object]:
                 "market": r.market.value,
                 "action": r.action,
                 "price_per_hour": r.price_per_hour,
+                "outdated": r.outdated,
             }
             for r in plan.replicas
         ],
@@ -40,7 +41,12 @@ def plan_to_json(plan: Plan) -> dict[str, object]:
     }
 
 
-_ACTION_STYLE = {CREATE: "[green]+ create[/]", DELETE: "[red]- delete[/]", "keep": "[dim]  keep[/]"}
+_ACTION_STYLE = {
+    CREATE: "[green]+ create[/]",
+    DELETE: "[red]- delete[/]",
+    "keep": "[dim]  keep[/]",
+    "outdated": "[yellow]~ outdated[/]",  # kept until its replacement is READY (rolling update)
+}
 
 
 def render_plan_table(plan: Plan) -> Table:
@@ -48,7 +54,8 @@ def render_plan_table(plan: Plan) -> Table:
     groups: dict[tuple[str, str, str, str, str], list[float]] = defaultdict(list)
     for r in plan.replicas:
         loc = r.location
-        groups[(loc.cloud, loc.region, loc.zone, r.market.value, r.action)].append(r.price_per_hour)
+        action = "outdated" if r.outdated and r.action == "keep" else r.action
+        groups[(loc.cloud, loc.region, loc.zone, r.market.value, action)].append(r.price_per_hour)
     table = Table(
         title=f"{plan.service}: target {plan.target} ready, policy {plan.policy}", title_justify="left"
     )
@@ -111,5 +118,10 @@ def plan(
         console.print(render_savings(result))
         s = result.summary()
         console.print(f"Plan: {s['create']} to create, {s['keep']} to keep, {s['delete']} to delete.")
-    if detailed_exitcode and result.has_changes:
+        if s["outdated"]:
+            console.print(
+                f"{s['outdated']} replica(s) run an older spec (run or resources changed): a rolling "
+                "update replaces them one at a time, each once a replacement is READY."
+            )
+    if detailed_exitcode and (result.has_changes or result.summary()["outdated"]):
         sys.exit(2)

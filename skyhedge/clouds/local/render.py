@@ -9,6 +9,7 @@ from skyhedge.clouds import RenderContext
 from skyhedge.clouds.local import runtime_dir
 from skyhedge.errors import RenderError
 from skyhedge.planner import replica_number
+from skyhedge.spec import replica_revision
 
 if TYPE_CHECKING:
     from skyhedge.planner import PlannedReplica
@@ -55,7 +56,12 @@ class LocalCloud:
                 f"{spec.source}: run.command: the local cloud runs a command (run.image needs a VM cloud)"
             )
         reps = {
-            r.id: {"zone": r.location.zone, "market": r.market.value, "port": replica_port(spec, r.id)}
+            r.id: {
+                "zone": r.location.zone,
+                "market": r.market.value,
+                "port": r.port or replica_port(spec, r.id),
+                "revision": r.revision or replica_revision(spec),
+            }
             for r in sorted(replicas, key=lambda r: r.id)
         }
         run: dict[str, Any] = {
