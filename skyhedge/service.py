@@ -12,7 +12,7 @@ from urllib.parse import urlsplit
 
 from skyhedge.catalog import load_catalog, parse_accelerator
 from skyhedge.catalog.model import did_you_mean
-from skyhedge.errors import CatalogError, SpecError
+from skyhedge.errors import CatalogError, PolicyError, SpecError
 from skyhedge.planner import Plan, make_plan
 from skyhedge.policy import Candidate, Location, Market, Observation, Terminate, make_policy
 from skyhedge.spec import ServiceSpec, replica_revision
@@ -157,7 +157,12 @@ def compute_plan(
     inside = tuple(f for f in facts if f.location in allowed)
     target = service_target(spec, state)
     name = policy_name or spec.replica_policy.policy
-    policy = make_policy(name, spec.replica_policy.policy_config(), seed=0)
+    try:
+        policy = make_policy(name, spec.replica_policy.policy_config(), seed=0)
+    except PolicyError as exc:
+        if policy_name:  # named on the command line: the message says which
+            raise
+        raise SpecError(str(exc), file=spec.source, path="replica_policy.policy") from exc
     if state.policy_memory.get("policy") == name:
         policy.restore(state.policy_memory.get("memory", {}))
     revision = replica_revision(spec)

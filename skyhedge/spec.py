@@ -31,6 +31,8 @@ AWS_ZONE_NAME_RE = re.compile(r"^[a-z]{2}(-gov)?-[a-z]+-[0-9]+[a-z]$")
 HEADER_NAME_RE = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")  # an RFC 9110 token
 PLUGIN_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*:[A-Za-z_][A-Za-z0-9_]*$")  # module:Class
 MAX_PORT = 65535
+#: What `http.client` can send as a header value: visible Latin-1, spaces and tabs, no CR/LF.
+HEADER_VALUE_RE = re.compile(r"[\t\x20-\x7e\xa0-\xff]*")
 LB_POLICIES = ("round_robin", "least_load")
 BACKENDS = ("local", "s3", "gcs")
 BACKEND_KEYS = {
@@ -366,7 +368,7 @@ def _placement(ctx: _Ctx, raw: Any) -> Placement:
 def _replica_policy(ctx: _Ctx, raw: Any) -> ReplicaPolicy:
     p = "replica_policy"
     d = _mapping(ctx, p, raw, {f.name for f in ReplicaPolicy.__dataclass_fields__.values()})
-    min_r = _int(ctx, f"{p}.min_replicas", d.get("min_replicas", 1), lo=0)
+    min_r = _int(ctx, f"{p}.min_replicas", d.get("min_replicas", 1), lo=0, hi=10000)
     max_r = d.get("max_replicas")
     if max_r is not None:
         max_r = _int(ctx, f"{p}.max_replicas", max_r, lo=1, hi=10000)
@@ -454,9 +456,14 @@ def _headers(ctx: _Ctx, path: str, value: Any) -> dict[str, str]:
     """Probe headers: strings only (`X: 1` is a YAML int, not the header text the user may have
     meant) under names that are HTTP tokens, so a bad one fails here and not at every probe."""
     headers = _str_map(ctx, path, value, numbers=False)
-    for k in headers:
+    for k, v in headers.items():
         if not HEADER_NAME_RE.fullmatch(k):
             raise ctx.fail(f"{path}.{k}", "expected an HTTP header name, a token like 'X-Api-Key'")
+        if not HEADER_VALUE_RE.fullmatch(v):
+            raise ctx.fail(
+                f"{path}.{k}",
+                "expected a header value of printable Latin-1 characters (no line breaks), got " + repr(v),
+            )
     return headers
 
 
@@ -487,6 +494,17 @@ def _run(ctx: _Ctx, raw: Any) -> Run:
         if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", k):
             raise ctx.fail(f"run.env.{k}", "expected an environment variable name ([A-Za-z_][A-Za-z0-9_]*)")
     setup = _str(ctx, "run.setup", d["setup"]) if d.get("setup") is not None else None
+    texts = {"run.command": command, "run.image": image, "run.setup": setup}
+    texts.update({f"run.env.{k}": v for k, v in env.items()})
+    for where, text in texts.items():
+        if text is not None and "\0" in text:
+            raise ctx.fail(where, "contains a NUL byte, which no command line or environment can hold")
+    if image is not None:
+        for k, v in env.items():
+            if "\n" in v or "\r" in v:
+                raise ctx.fail(
+                    f"run.env.{k}", "a line break cannot reach a container (docker env files are line-based)"
+                )
     return Run(command=command, image=image, env=env, setup=setup)
 
 
@@ -505,7 +523,7 @@ def _terraform(ctx: _Ctx, raw: Any) -> TerraformConfig:
     return TerraformConfig(backend=backend, config=cfg)
 
 
-def _check_local_ports(ctx: _Ctx, resources: Resources, rp: ReplicaPolicy) -> None:
+def _check_local_ports(ctx: _Ctx, resources: Resources, rp: ReplicaPolicy, service: ServiceConfig) -> None:
     """Refuse a `local_base_port` whose replicas could not all get a port on the first plan.
 
     Local replica `r-000N` listens on local_base_port + N (`skyhedge.clouds.local.render`) and IDs
@@ -522,6 +540,14 @@ def _check_local_ports(ctx: _Ctx, resources: Resources, rp: ReplicaPolicy) -> No
             f"replicas would listen on ports up to {highest} (> {MAX_PORT}): {resources.local_base_port} "
             f"+ 2 x {replicas} replicas (spot and on-demand stand-ins) + {rp.num_overprovision} "
             "num_overprovision; lower local_base_port or the replica counts",
+        )
+    if resources.local_base_port < service.port <= highest:
+        n = service.port - resources.local_base_port
+        raise ctx.fail(
+            "service.port",
+            f"{service.port} is the port of local replica r-{n:04d} (resources.local_base_port "
+            f"{resources.local_base_port} + {n}): the router and that replica cannot both listen "
+            "there; pick a service.port outside the replicas' range",
         )
 
 
@@ -561,15 +587,16 @@ def parse_spec(data: Any, *, source: str = "<spec>") -> ServiceSpec:
     resources = _resources(ctx, d.get("resources"))
     placement = _placement(ctx, d.get("placement"))
     replica_policy = _replica_policy(ctx, d.get("replica_policy"))
+    service = _service(ctx, d.get("service"))
     if "local" in placement.clouds:
-        _check_local_ports(ctx, resources, replica_policy)
+        _check_local_ports(ctx, resources, replica_policy, service)
     return ServiceSpec(
         name=name,
         resources=resources,
         placement=placement,
         replica_policy=replica_policy,
         readiness_probe=_probe(ctx, d.get("readiness_probe")),
-        service=_service(ctx, d.get("service")),
+        service=service,
         run=_run(ctx, d.get("run")),
         terraform=_terraform(ctx, d.get("terraform")),
         aws=AwsConfig(
@@ -627,6 +654,8 @@ def load_spec(path: str | Path) -> ServiceSpec:
         raise SpecError(f"cannot read ({exc.__class__.__name__}: {exc})", file=name) from exc
     try:
         data = yaml.load(text, Loader=_SpecLoader)
+    except RecursionError:
+        raise SpecError("invalid YAML: nested too deeply", file=name) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""

@@ -151,7 +151,8 @@ def test_refresh_aws_writes_user_cache(cache_dir: Path, stubbed_ec2: Stubber) ->
         "catalog", "refresh", "--cloud", "aws", "--regions", "us-east-1", "--instance-types", "p3.2xlarge"
     )
     assert code == 0, err
-    assert "updated 4 offers in 1 regions" in out
+    assert f"updated 4 offers in 1 regions from {aws_reader.SOURCE}; wrote" in out
+    assert "<module" not in out
     written = cache_dir / "aws.json"
     data = json.loads(written.read_text())
     assert data["sources"][-1]["refresh"] == aws_reader.SOURCE
@@ -258,3 +259,16 @@ def test_refresh_gcp_against_local_server(cache_dir: Path, monkeypatch: pytest.M
         assert offer["ondemand_price"] == pytest.approx(8 * 0.02 + 32 * 0.002 + 0.5)
         assert offer["ondemand_source"] == gcp_reader.SOURCE
         assert "spot_source" not in offer  # no Preemptible SKUs served: spot kept from the bundle
+
+
+def test_catalog_strings_are_shown_as_text_not_markup(cache_dir: Path) -> None:
+    code, out, _ = run("catalog", "show", "--cloud", "local", "--json")
+    data = json.loads(out)
+    data.pop("path")
+    data["offers"][0]["zone"] = "[bold red]x[/]"
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    (cache_dir / "local.json").write_text(json.dumps(data))
+    clear_cache()
+    code, out, err = run("catalog", "show", "--cloud", "local")
+    assert code == 0, err
+    assert "[bold red]x[/]" in out

@@ -116,19 +116,19 @@ BAD_SPECS: list[tuple[str, str]] = [
     ),
     (
         _with("replica_policy: {min_replicas: three}\n"),
-        "replica_policy.min_replicas: expected an integer >= 0, got 'three'",
+        "replica_policy.min_replicas: expected an integer in [0, 10000], got 'three'",
     ),
     (
         _with("replica_policy: {min_replicas: -1}\n"),
-        "replica_policy.min_replicas: expected an integer >= 0, got -1",
+        "replica_policy.min_replicas: expected an integer in [0, 10000], got -1",
     ),
     (
         _with("replica_policy: {min_replicas: 1.5}\n"),
-        "replica_policy.min_replicas: expected an integer >= 0, got 1.5",
+        "replica_policy.min_replicas: expected an integer in [0, 10000], got 1.5",
     ),
     (
         _with("replica_policy: {min_replicas: true}\n"),
-        "replica_policy.min_replicas: expected an integer >= 0, got true",
+        "replica_policy.min_replicas: expected an integer in [0, 10000], got true",
     ),
     (
         _with("replica_policy: {min_replicas: 3, max_replicas: 2, target_qps_per_replica: 1}\n"),
@@ -303,6 +303,45 @@ BAD_SPECS: list[tuple[str, str]] = [
         "replica_policy, resources, run, service, terraform)",
     ),
     (_with("servce: {port: 1}\n"), "servce: unknown field (did you mean 'service'?)"),
+    (
+        _with('run: {command: "a\\0b"}\n', base="name: echo\nplacement: {clouds: [local]}\n"),
+        "run.command: contains a NUL byte, which no command line or environment can hold",
+    ),
+    (
+        _with('run: {command: x, env: {A: "a\\0b"}}\n', base="name: echo\nplacement: {clouds: [local]}\n"),
+        "run.env.A: contains a NUL byte, which no command line or environment can hold",
+    ),
+    (
+        _with(
+            'run: {image: "vllm/vllm", env: {A: "a\\nb"}}\n', base="name: echo\nplacement: {clouds: [aws]}\n"
+        ),
+        "run.env.A: a line break cannot reach a container (docker env files are line-based)",
+    ),
+    (
+        _with('readiness_probe: {headers: {X: "a\\r\\nInjected: 1"}}\n'),
+        "readiness_probe.headers.X: expected a header value of printable Latin-1 characters (no line breaks), "
+        "got 'a\\r\\nInjected: 1'",
+    ),
+    (
+        _with('readiness_probe: {headers: {X: "\u20ac"}}\n'),
+        "readiness_probe.headers.X: expected a header value of printable Latin-1 characters (no line breaks), "
+        "got '\u20ac'",
+    ),
+    (
+        _with("replica_policy: {min_replicas: 100000}\n"),
+        "replica_policy.min_replicas: expected an integer in [0, 10000], got 100000",
+    ),
+    (
+        _with("resources: {local_base_port: 31100}\nservice: {port: 31101}\n"),
+        "service.port: 31101 is the port of local replica r-0001 (resources.local_base_port 31100 + 1): "
+        "the router and that replica cannot both listen there; pick a service.port outside the replicas' range",
+    ),
+    (
+        "name: echo\nplacement: {clouds: [local]}\nrun: {command: x}\nreplica_policy: "
+        + "[" * 1000
+        + "]" * 1000,
+        "invalid YAML: nested too deeply",
+    ),
 ]
 
 
@@ -428,3 +467,11 @@ def test_local_port_bound_is_the_first_plans_highest_port(write_spec, policy):
     assert max(replica_port(spec, r.id) for r in plan.desired) == 65535
     with pytest.raises(SpecError, match=r"resources\.local_base_port: .* up to 65536 "):
         load_spec(write_spec(spec_text(2)))
+
+
+def test_a_plug_in_policy_that_cannot_load_names_the_spec_field(write_spec):
+    path = write_spec(GOOD + "replica_policy: {policy: 'nosuchmod:Cls'}\n")
+    spec = load_spec(path)
+    with pytest.raises(SpecError) as info:
+        compute_plan(spec, ServiceState(service="echo"), now=0.0)
+    assert str(info.value).startswith(f"{path}: replica_policy.policy: policy 'nosuchmod:Cls': cannot load")

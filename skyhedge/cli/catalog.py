@@ -9,6 +9,7 @@ from dataclasses import replace
 from typing import Any
 
 import click
+from rich.markup import escape
 from rich.table import Table
 
 from skyhedge.catalog import (
@@ -60,8 +61,9 @@ def show(cloud: str, instance_type: str | None, region: str | None, as_json: boo
         data["path"] = catalog.path
         click.echo(json.dumps(data, indent=2))
         return
-    console.print(f"[bold]{catalog.cloud}[/] catalog: {catalog.path}")
-    console.print(f"source: {catalog.source}  (taken {catalog.taken_at})")
+    # catalog strings are data, not Rich markup (a user catalog file may hold anything)
+    console.print(f"[bold]{escape(catalog.cloud)}[/] catalog: {escape(str(catalog.path))}")
+    console.print(f"source: {escape(str(catalog.source))}  (taken {escape(str(catalog.taken_at))})")
     table = Table(show_lines=False)
     for header in (
         "instance type",
@@ -78,13 +80,18 @@ def show(cloud: str, instance_type: str | None, region: str | None, as_json: boo
         acc = f"{itype.accelerator}:{itype.accelerator_count}" if itype.accelerator else "-"
         spot = "-" if o.spot_price is None else f"{o.spot_price:.4f}"
         table.add_row(
-            o.instance_type,
-            acc,
-            o.region,
-            o.zone,
-            f"{o.ondemand_price:.4f}",
-            spot,
-            o.spot_taken_at or catalog.taken_at,
+            *(
+                escape(str(cell))
+                for cell in (
+                    o.instance_type,
+                    acc,
+                    o.region,
+                    o.zone,
+                    f"{o.ondemand_price:.4f}",
+                    spot,
+                    o.spot_taken_at or catalog.taken_at,
+                )
+            )
         )
     console.print(table)
     console.print(f"{len(offers)} offers, {len({o.zone for o in offers})} zones")
@@ -131,13 +138,14 @@ def refresh(cloud: str, regions: str | None, instance_types: str | None, reset: 
     refreshed = _with_sources(refreshed, [*sources, record])
     write_catalog_file(refreshed, target)
     console.print(
-        f"updated {result.updated} offers in {len(result.regions)} regions from {api}; wrote {target}"
+        f"updated {result.updated} offers in {len(result.regions)} regions from {escape(str(api.SOURCE))}; "
+        f"wrote {escape(str(target))}"
     )
     if result.unpriced:
         shown = ", ".join(result.unpriced[:_MAX_LISTED])
         more = f" and {len(result.unpriced) - _MAX_LISTED} more" if len(result.unpriced) > _MAX_LISTED else ""
         console.print(
-            f"no current price for {len(result.unpriced)} offers (kept as they were): {shown}{more}"
+            f"no current price for {len(result.unpriced)} offers (kept as they were): {escape(shown)}{more}"
         )
 
 
