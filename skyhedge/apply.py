@@ -684,15 +684,17 @@ def _stop_local_strays(ws: Workspace, state: ServiceState, say: Say) -> list[int
 
 
 def live_router(spec: ServiceSpec, state: ServiceState, state_dir: Path) -> dict[str, Any] | None:
-    """The router as recorded, if its nginx master still runs; None otherwise.
+    """The router as recorded, with `pid` null when its nginx master no longer runs; None when
+    no router was ever brought up (or it was taken down).
 
     Why: the record outlives a router killed from outside (OOM killer, a reboot, `kill -9`), and
-    `status` must not report a dead router as serving."""
+    `status` must not report a dead router as serving; its endpoint and upstreams are still what
+    a restart (`routing up`, `watch`) serves again, so they stay in the answer."""
     if state.router is None:
         return None
     router = _router(spec, state_dir)
     if router is None or router.pid() is None:
-        return None
+        return {**state.router, "pid": None}
     return state.router
 
 

@@ -27,6 +27,7 @@ from filelock import FileLock, Timeout
 
 from skyhedge.errors import OutputError, StateError
 from skyhedge.policy.types import EventKind, Location, Market, ReplicaFact, ZoneEvent
+from skyhedge.spec import CLOUDS
 
 STATE_VERSION = 1
 #: Gone replicas kept in the state as history (see ServiceState.prune_gone).
@@ -142,7 +143,7 @@ _LIST: Rule = ("a list", lambda v: isinstance(v, list))
 # One rule per `ReplicaRecord` field (checked just below, so a new field cannot go unvalidated).
 _REPLICA_RULES: dict[str, Rule] = {
     "id": _STRING,
-    "cloud": _STRING,
+    "cloud": _one_of(list(CLOUDS)),
     "region": _STRING,
     "zone": _STRING,
     "market": _one_of([m.value for m in Market]),
@@ -297,7 +298,9 @@ class ServiceState:
         """The state in `data` (parsed state.json), every field checked: a bad file raises one
         `StateError` naming `where` and the field path, never a traceback later on."""
         if not isinstance(data, dict) or "service" not in data:
-            raise StateError(f"{where}: not a skyhedge state file")
+            raise StateError(
+                f"{where}: not a skyhedge state file (expected an object with 'service' and 'version')"
+            )
         version = data.get("version")
         if not _is_int(version) or version != STATE_VERSION:  # `true == 1` in Python
             raise StateError(

@@ -83,11 +83,13 @@ class FakeRouter:
         self.drains = 0
         self.count: int | None = 0
         self.fail_next = False
+        self.dead = False  # nginx killed from outside
 
     def reload(self, upstreams: Sequence[tuple[str, str]]) -> dict:
         if self.fail_next:
             self.fail_next = False
             raise RoutingError("nginx refused the new configuration", stderr="nginx: [emerg] bad")
+        self.dead = False
         self.reloads.append([rid for rid, _ in upstreams])
         return {"endpoint": "http://127.0.0.1:8080", "upstreams": [{"id": rid} for rid, _ in upstreams]}
 
@@ -96,7 +98,7 @@ class FakeRouter:
         return self.reload(upstreams)
 
     def running(self) -> bool:
-        return bool(self.reloads)
+        return bool(self.reloads) and not self.dead
 
     def request_count(self) -> int | None:
         return self.count

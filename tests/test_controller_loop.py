@@ -339,3 +339,14 @@ def test_a_clock_stepped_back_does_not_postpone_replacing_a_sick_replica(world):
     clock.advance(200)
     ctl.tick()
     assert sick.reason == "failed"
+
+
+def test_a_router_killed_from_outside_is_started_again_and_said_so(world):
+    ctl, clock, router = make(world), world["clock"], world["router"]
+    settle(ctl, clock)
+    reloads = len(router.reloads)
+    router.dead = True
+    clock.advance(10)
+    ctl.tick()
+    assert len(router.reloads) == reloads + 1 and router.running()
+    assert any("router was not running" in n.text and "started it again" in n.text for n in ctl.notes)

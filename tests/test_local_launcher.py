@@ -155,6 +155,8 @@ def test_port_in_use_and_instant_exit_are_clear_failures(runtime, tmp_path):
         "start", config(runtime, tmp_path, port, command="sleep 0.3; echo 'no such file' >&2; exit 2")
     )
     assert slow.returncode == 1 and "exited at once with 2" in slow.stderr
+    # the log keeps every attempt of the ID; the error quotes only the last one
+    assert "boom" not in slow.stderr and slow.stderr.count("=== skyhedge: starting") == 1
     assert find_processes(runtime) == []
 
 

@@ -125,6 +125,8 @@ def test_status_shows_the_router_only_while_its_nginx_runs(setup):
         time.sleep(0.05)
     assert load_state(state_dir, "echo").router is not None
     shown = json.loads(run("status", str(spec_path), "--state-dir", str(state_dir), "--json").output)
-    assert shown["router"] is None
+    recorded = load_state(state_dir, "echo").router
+    assert shown["router"] == {**recorded, "pid": None}  # as documented: pid null when not running
+    assert shown["router"]["endpoint"] and "upstreams" in shown["router"]
     table = run("status", str(spec_path), "--state-dir", str(state_dir)).output
     assert f"Router: not running (nginx pid {pid} is gone" in table

@@ -237,7 +237,7 @@ def status(spec: Path, state_dir: Path | None, as_json: bool, include_gone: bool
         values = (row["id"], where, row["market"], row["state"], row["endpoint"])
         table.add_row(*(str(v or "-") for v in values))
     console.print(table)
-    if router:
+    if router and router.get("pid") is not None:
         console.print(f"Router: {router.get('endpoint')} (pid {router.get('pid')})")
     elif state.router:
         console.print(

@@ -155,8 +155,14 @@ def up(
     """Apply SPEC, bring routing up and watch it, with a live dashboard (= apply + routing + watch)."""
     from skyhedge.controller.runner import Watcher
 
+    source = click.get_current_context().get_parameter_source("speedup")
+    if market_trace is None and source is not None and source.name != "DEFAULT":
+        raise click.UsageError("--speedup paces a --market-trace replay; give one, or drop --speedup")
     service, sdir = _load(spec, state_dir)
-    sdir.mkdir(parents=True, exist_ok=True)
+    try:
+        sdir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StateError(f"{sdir}: cannot write the state dir ({exc.strerror or exc})") from exc
     log_file = sdir / "watch.log"
     # a live dashboard needs a terminal; in a pipe, a file or a service manager, log lines instead
     no_dashboard = no_dashboard or not console.is_terminal

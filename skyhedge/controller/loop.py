@@ -393,6 +393,7 @@ class Controller:
         if not force and not self._routing_failed and wanted == routed and self.router.running():
             return
         pairs = [(str(rid), str(ep)) for rid, ep in wanted]
+        was_down = routed is not None and not self.router.running()  # killed from outside
         try:
             status = self.router.drain(pairs) if drain else self.router.reload(pairs)
         except RoutingError as exc:
@@ -405,6 +406,9 @@ class Controller:
         self._routing_failed = False
         if isinstance(status, dict):
             self.state.router = status
+        if was_down:
+            pid = status.get("pid") if isinstance(status, dict) else None
+            self.note(f"routing: the router was not running (nginx gone); started it again (pid {pid})")
         before = {pair[0] for pair in routed or []}
         self.state.extra["routed"] = wanted
         now = self.clock()

@@ -67,11 +67,18 @@ def _port_in_use(port: int) -> bool:
 
 
 def _log_tail(path: Path, lines: int = 20) -> str:
+    """The last `lines` lines of this attempt's output: the log keeps every attempt of a replica
+    ID (each opened by a `=== skyhedge: starting` line), and an error should not repeat them all."""
     try:
         text = path.read_text(encoding="utf-8", errors="replace")
     except OSError:
         return ""
-    return "\n".join(text.splitlines()[-lines:])
+    attempt = text.splitlines()
+    for i in range(len(attempt) - 1, -1, -1):
+        if attempt[i].startswith("=== skyhedge: starting "):
+            attempt = attempt[i:]
+            break
+    return "\n".join(attempt[-lines:])
 
 
 def replica_env(cfg: dict[str, Any], runtime: Path) -> dict[str, str]:
