@@ -593,8 +593,10 @@ def destroy_service(
 ) -> DestroyReport:
     """Take routing down, then destroy every root that may hold replicas (in parallel)."""
     ws = Workspace(spec, state_dir)
-    engine = engine or ws.engine(terraform_bin)
     report = DestroyReport()
+    if not ws.state_dir.exists():
+        return report  # never applied: nothing to destroy, and nothing to create for it either
+    engine = engine or ws.engine(terraform_bin)
     with writer_lock(ws.state_dir):
         state = load_state(ws.state_dir, spec.name)
         keys = sorted(roots_with_resources(state) | {(r.cloud, r.region) for r in state.live()})

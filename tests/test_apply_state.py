@@ -20,6 +20,8 @@ from skyhedge.policy.types import EventKind, Location, ZoneEvent
 from skyhedge.spec import load_spec
 from skyhedge.state import STATE_FILE, ReplicaRecord, ServiceState, load_state, writer_lock
 
+REPO = Path(__file__).resolve().parents[1]
+
 
 @pytest.fixture
 def svc(tmp_path, monkeypatch):
@@ -396,3 +398,13 @@ def test_watch_once_exits_1_when_the_apply_fails_and_says_why(svc):
     last = result.output.strip().splitlines()[-1]
     assert last.startswith("error: apply failed: local/local:")
     assert "run.command exited at once with 3" in last and "r-0001.log" in last
+
+
+def test_destroying_a_service_never_applied_writes_nothing(tmp_path):
+    from click.testing import CliRunner
+
+    sdir = tmp_path / "never"
+    spec = REPO / "examples/llm-multicloud/service.yaml"
+    result = CliRunner().invoke(main, ["destroy", str(spec), "--state-dir", str(sdir), "--auto-approve"])
+    assert result.exit_code == 0 and "Nothing to destroy." in result.output
+    assert not sdir.exists()
