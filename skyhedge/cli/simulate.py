@@ -15,9 +15,9 @@ from skyhedge.errors import TraceError
 from skyhedge.simulator import OPTIMAL, SimConfig, load_prices, unmatched_prices
 from skyhedge.simulator import simulate as run_simulation
 from skyhedge.simulator.bar import Verdict, annotate, judge
-from skyhedge.simulator.latency import load_arrivals
+from skyhedge.simulator.latency import check_replay, load_arrivals
 from skyhedge.simulator.runner import check_policies
-from skyhedge.simulator.traces import load_traces
+from skyhedge.simulator.traces import TICK_SECONDS, load_traces
 from skyhedge.state import check_writable
 
 DEFAULT_POLICIES = "spothedge,skyserve,optimal,ondemand,even,rr,single-region"
@@ -106,7 +106,12 @@ def _instance_types(values: tuple[str, ...]) -> list[str] | None:
     "reported as met or not [default: 0.99, the paper's SLO].",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list, one object per trace and policy.")
-@click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path), help="Write a PNG.")
+@click.option(
+    "--plot",
+    "plot_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write a plot; the extension picks the format: .png, .svg, .pdf, .eps or .ps.",
+)
 @click.option("--latency", is_flag=True, help="Request-level latency: P50/P90/P99 and failure rate.")
 @click.option(
     "--arrivals",
@@ -141,6 +146,9 @@ def simulate(
     policies = _policy_names(policy_text)
     check_policies(policies)
     if plot_path is not None:
+        from skyhedge.simulator.plot import plot_format  # matplotlib only when asked
+
+        plot_format(plot_path)  # an extension it cannot honour fails before any work
         check_writable(plot_path, "plot")
     instance_types = _instance_types(instance_type_values)
     traces = [trace for path in trace_paths for trace in load_traces(path, instance_types=instance_types)]
@@ -160,11 +168,15 @@ def simulate(
         prices=load_prices(prices_path) if prices_path is not None else None,
         availability_target=availability_target,
     )
+    if config.arrivals is not None:  # gaps so short that a window gets millions of requests
+        check_replay(config.arrivals, (ticks - config.cold_start_ticks) * TICK_SECONDS, str(arrivals))
     if config.prices is not None and (unmatched := unmatched_prices(config.prices, traces)):
+        one = len(unmatched) == 1
         err_console.print(
             escape(
-                f"warning: {prices_path}: {len(unmatched)} price entr{'y' if len(unmatched) == 1 else 'ies'} "
-                f"name no zone of the traces and are ignored: {', '.join(unmatched)}"
+                f"warning: {prices_path}: {len(unmatched)} price "
+                f"{'entry names' if one else 'entries name'} no zone of the traces and "
+                f"{'is' if one else 'are'} ignored: {', '.join(unmatched)}"
             ),
             soft_wrap=True,
         )
@@ -206,6 +218,11 @@ def _pct(value: float | None, digits: int = 1) -> str:
     return "-" if value is None else f"{100 * value:.{digits}f}%"
 
 
+def _num(value: float | None, spec: str) -> str:
+    """`value` formatted, or "-" when undefined (latency of windows that received no request)."""
+    return "-" if value is None else format(value, spec)
+
+
 def _table(rows: list[dict], verdicts: dict[tuple[str, str], Verdict], config: SimConfig) -> Table:
     table = Table(
         title=(
@@ -244,10 +261,10 @@ def _table(rows: list[dict], verdicts: dict[tuple[str, str], Verdict], config: S
             str(data["runs"]),
         ]
         if latency:
-            row += [f"{data['latency_p50']:.1f}", f"{data['latency_p90']:.1f}", f"{data['latency_p99']:.1f}"]
-            row.append(_pct(data["failure_rate"]))
+            row += [_num(data.get(key), ".1f") for key in ("latency_p50", "latency_p90", "latency_p99")]
+            row.append(_pct(data.get("failure_rate")))
         if dollars:
-            row += [f"{data['dollars']:,.2f}", f"{data['ondemand_dollars']:,.2f}"]
+            row += [_num(data.get("dollars"), ",.2f"), _num(data.get("ondemand_dollars"), ",.2f")]
         if verdicts:
             verdict = verdicts.get((data["trace"], data["policy"]))
             row.append("" if verdict is None else verdict.describe())

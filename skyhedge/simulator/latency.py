@@ -30,8 +30,10 @@ from skyhedge.simulator.traces import TICK_SECONDS
 __all__ = [
     "DEFAULT_RATE",
     "LatencyStats",
+    "MAX_REQUESTS_PER_WINDOW",
     "SERVICE_SECONDS",
     "TIMEOUT_SECONDS",
+    "check_replay",
     "load_arrivals",
     "poisson_arrivals",
     "replay_arrivals",
@@ -43,6 +45,10 @@ SERVICE_SECONDS = 10.0
 TIMEOUT_SECONDS = 100.0
 #: Requests per second: the paper's three Poisson clients at 0.05 req/s each.
 DEFAULT_RATE = 0.15
+#: Requests one window may replay: each is simulated one by one (about a microsecond and a hundred
+#: bytes each), and 1e6 per 24 h window is 11.6 req/s, far beyond what the model's replicas (10 s
+#: per request) serve. Recorded gaps so short that a window would get more are refused.
+MAX_REQUESTS_PER_WINDOW = 1_000_000
 
 
 @dataclass(frozen=True)
@@ -75,7 +81,7 @@ def load_arrivals(path: str | Path) -> np.ndarray:
     """Recorded arrival timestamps (seconds, one per line; blank lines and #comments skipped)."""
     path = Path(path)
     try:
-        lines = path.read_text().splitlines()
+        lines = path.read_text(encoding="utf-8-sig").splitlines()
     except (OSError, UnicodeDecodeError) as exc:
         raise TraceError(f"{path}: cannot read the arrivals file ({exc})") from exc
     times: list[float] = []
@@ -96,15 +102,47 @@ def load_arrivals(path: str | Path) -> np.ndarray:
         raise TraceError(f"{path}: expected at least two arrival timestamps")
     if times[-1] == times[0]:
         raise TraceError(f"{path}: all timestamps are equal; nothing to replay")
+    if not math.isfinite(times[-1] - times[0]):
+        raise TraceError(f"{path}: timestamps: expected a finite span, got {times[0]:g} to {times[-1]:g}")
     return np.asarray(times)
 
 
+def _replay_count(gaps: np.ndarray, span: float, duration: float) -> float:
+    """The arrivals the cycled gaps put in [0, duration), counted without making them."""
+    cycles = duration / span
+    if not cycles < 2**53:
+        return math.inf
+    full = math.floor(cycles)
+    rest = duration - full * span
+    return float(full * len(gaps) + int(np.searchsorted(np.cumsum(gaps), rest, side="left")))
+
+
+def check_replay(recorded: np.ndarray, duration: float, source: str = "arrivals") -> None:
+    """Raise `TraceError` (naming `source`) when replaying `recorded` over a window of `duration`
+    seconds would give more than `MAX_REQUESTS_PER_WINDOW` requests: a gap of 1e-9 s is fine among
+    others, but timestamps all within a nanosecond, cycled over a day, are 1e14 requests."""
+    gaps = np.diff(recorded)
+    span = float(gaps.sum())
+    if span > 0 and duration > 0 and _replay_count(gaps, span, duration) > MAX_REQUESTS_PER_WINDOW:
+        rate = len(gaps) / span
+        raise TraceError(
+            f"{source}: timestamps: expected at most {MAX_REQUESTS_PER_WINDOW} requests per window, got "
+            f"about {rate * duration:.3g} ({len(gaps)} gap{'s' if len(gaps) != 1 else ''} over {span:g} s "
+            f"= {rate:.3g} req/s, cycled over a window of {duration:g} s)"
+        )
+
+
 def replay_arrivals(recorded: np.ndarray, duration: float) -> np.ndarray:
-    """The recorded inter-arrival gaps, replayed from 0 and cycled until `duration`."""
+    """The recorded inter-arrival gaps, replayed from 0 and cycled until `duration`.
+
+    Refused (`check_replay`) when that would be more than `MAX_REQUESTS_PER_WINDOW` arrivals."""
     gaps = np.diff(recorded)
     span = float(gaps.sum())
     if span <= 0:
         raise TraceError("arrivals: all timestamps are equal; nothing to replay")
+    if duration <= 0:
+        return np.zeros(0)
+    check_replay(recorded, duration)
     cycles = int(math.ceil(duration / span)) + 1
     times = np.cumsum(np.tile(gaps, cycles))
     return times[times < duration]
@@ -165,12 +203,13 @@ def summarize(stats: Sequence[LatencyStats]) -> dict[str, float]:
     """P50/P90/P99 (seconds) and failure rate over all requests of all windows."""
     latencies = np.concatenate([s.latencies for s in stats]) if stats else np.zeros(0)
     failures = sum(s.failures for s in stats)
-    if len(latencies) == 0:
+    if len(latencies) == 0:  # no request reached a window (recorded gaps longer than it)
         return {
             "latency_p50": math.nan,
             "latency_p90": math.nan,
             "latency_p99": math.nan,
-            "failure_rate": 0.0,
+            "failure_rate": math.nan,  # of no request: undefined like the percentiles (JSON null)
+            "requests": 0,
         }
     p50, p90, p99 = np.percentile(latencies, [50, 90, 99])
     return {

@@ -1,11 +1,12 @@
-"""One PNG summarising a simulation: cost vs availability per policy, and one window's timeline.
+"""One figure summarising a simulation: cost vs availability per policy, and one window's timeline.
 
 Top: relative cost (x) against availability (y) per policy and trace, with error bars of one
 standard deviation over the windows. Below, for the first trace's kept window, side by side for
 up to two policies (SpotHedge and skyhedge when both ran, so their choices can be compared tick
 by tick): each zone's spot capacity (steps, capped at the plot's height) and the spot replicas
 the policy ran there, its on-demand count, and its ready replicas against the target. Uses
-matplotlib's Agg backend (no display needed); written atomically.
+matplotlib's Agg backend (no display needed); the file's extension picks the format (`FORMATS`:
+PNG, SVG, PDF, EPS, PS); written atomically.
 """
 
 from __future__ import annotations
@@ -27,7 +28,11 @@ from skyhedge.simulator.runner import OPTIMAL, Summary  # noqa: E402
 from skyhedge.simulator.traces import TICK_SECONDS, Trace  # noqa: E402
 from skyhedge.state import atomic_write_bytes  # noqa: E402
 
-__all__ = ["plot_results"]
+__all__ = ["FORMATS", "plot_format", "plot_results"]
+
+#: File extensions the plot may have, and the matplotlib format each writes (vector formats and
+#: PNG need nothing beyond matplotlib itself).
+FORMATS = {".png": "png", ".svg": "svg", ".pdf": "pdf", ".eps": "eps", ".ps": "ps"}
 
 _PREFERRED = ("spothedge", "skyhedge", "skyserve")
 #: Timelines drawn side by side (SpotHedge next to skyhedge when both were run).
@@ -47,10 +52,26 @@ def _timeline_policies(summaries: Sequence[Summary]) -> list[Summary]:
     return ordered[:MAX_TIMELINES]
 
 
+def plot_format(path: str | Path) -> str:
+    """The format `path`'s extension asks for (case-insensitive); `OutputError` for any other, so
+    that an ``out.svg`` is an SVG and never PNG bytes under that name."""
+    path = Path(path)
+    fmt = FORMATS.get(path.suffix.lower())
+    if fmt is None:
+        names = list(FORMATS)
+        got = f"'{path.suffix}'" if path.suffix else "none"
+        raise OutputError(
+            f"{path}: expected a plot file name ending in {', '.join(names[:-1])} or {names[-1]} "
+            f"(the extension picks the format), got {got}"
+        )
+    return fmt
+
+
 def plot_results(
     summaries: Sequence[Summary], traces: Sequence[Trace], path: str | Path, *, target: int
 ) -> Path:
     path = Path(path)
+    fmt = plot_format(path)  # before drawing anything
     first = traces[0].name if traces else None
     shown = _timeline_policies([s for s in summaries if s.trace == first]) if traces else []
     trace = traces[0] if traces else None
@@ -89,13 +110,13 @@ def plot_results(
             _timeline(fig, grid, column, summary, trace, target)
 
     fig.tight_layout()
-    png = io.BytesIO()
+    image = io.BytesIO()
     try:
-        fig.savefig(png, format="png", dpi=110)
+        fig.savefig(image, format=fmt, dpi=110)
     finally:
         plt.close(fig)
     try:
-        atomic_write_bytes(path, png.getvalue())
+        atomic_write_bytes(path, image.getvalue())
     except OSError as exc:
         raise OutputError(f"{path}: cannot write the plot ({exc.strerror or exc})") from exc
     return path

@@ -26,11 +26,11 @@ from typing import Any
 
 import numpy as np
 
-from skyhedge.errors import TraceError
-from skyhedge.policy import Candidate, PolicyConfig, make_policy, policy_class
+from skyhedge.errors import PolicyError, TraceError
+from skyhedge.policy import Candidate, PolicyConfig, available_policies, make_policy, policy_class
 from skyhedge.simulator import latency as latency_model
 from skyhedge.simulator.optimum import capacity_never_binds, solve_optimum
-from skyhedge.simulator.traces import TICK_SECONDS, Trace
+from skyhedge.simulator.traces import MAX_PRICE, TICK_SECONDS, Trace
 from skyhedge.simulator.world import Timeline, World, score
 
 __all__ = [
@@ -68,7 +68,7 @@ def load_prices(path: str | Path) -> PriceBook:
     """
     path = Path(path)
     try:
-        doc = json.loads(path.read_text())
+        doc = json.loads(path.read_text(encoding="utf-8-sig"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise TraceError(f"{path}: not a readable JSON price file ({exc})") from exc
     if not isinstance(doc, dict) or not doc:
@@ -79,8 +79,12 @@ def load_prices(path: str | Path) -> PriceBook:
         if not isinstance(entry, dict) or not set(entry) <= {"spot", "ondemand"} or "ondemand" not in entry:
             raise TraceError(f"{path}: {zone}: expected {{'ondemand': $/h, 'spot': $/h (optional)}}")
         for key, value in entry.items():
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-                raise TraceError(f"{path}: {zone}.{key}: expected a price >= 0 in $/h, got {value!r}")
+            # NaN and inf (JSON 1e400, Infinity) fail too: dollars must stay finite
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= MAX_PRICE:
+                raise TraceError(
+                    f"{path}: {zone}.{key}: expected a price >= 0 in $/h (at most {MAX_PRICE:g}), "
+                    f"got {value!r}"
+                )
         ondemand[zone] = float(entry["ondemand"])
         if "spot" in entry:
             spot[zone] = float(entry["spot"])
@@ -200,10 +204,17 @@ def _num(value: float) -> float | None:
 
 
 def check_policies(names: Sequence[str]) -> None:
-    """Resolve every policy name up front so a typo fails before any work (PolicyError)."""
+    """Resolve every policy name up front so a typo fails before any work (PolicyError).
+
+    An unknown name lists what the simulator accepts: the policies and `optimal`."""
     for name in names:
-        if name != OPTIMAL:
-            policy_class(name)
+        if name == OPTIMAL:
+            continue
+        known = available_policies()
+        if ":" not in name and name not in known:
+            accepted = ", ".join(sorted([*known, OPTIMAL]))
+            raise PolicyError(f"unknown policy {name!r} (available: {accepted} or 'module:Class')")
+        policy_class(name)
 
 
 def make_windows(trace: Trace, config: SimConfig) -> list[Window]:

@@ -10,13 +10,17 @@ Two input formats (docs/simulate.md has the user-facing description):
    (``v100_1``); a directory holding several instance types for one zone is split by `load_traces`
    into one trace per type, named ``<dir>[<type>]``: a spot pool is one type in one zone, and a
    service runs one type, so types (which differ in price) are never mixed into one market.
-2. A CSV file (or a directory holding exactly one): a header ``seconds,<zone>,<zone>,...`` and one
-   row per sample: the sample's start in seconds (evenly spaced, first row 0 or any start) and
-   each zone's capacity. A zone may be written ``cloud/region/zone`` to name it fully.
+2. A CSV file (or a directory holding exactly one and no JSON): a header
+   ``seconds,<zone>,<zone>,...`` and one row per sample: the sample's start in seconds (evenly
+   spaced, first row 0 or any start) and each zone's capacity. A zone may be written
+   ``cloud/region/zone`` to name it fully.
 
 Resampling: tick t (30 s) takes ``data[floor(t*30/G)]``; zones of one trace start at the same
-instant and the shortest decides the length. A trace whose values are all 0/1 is an availability
-trace ("could a spot instance be obtained?"): 1 then means "as many as asked" (`UNLIMITED`).
+instant and the shortest decides the length. The whole trace is resampled up front, so a zone may
+span at most `MAX_TRACE_SECONDS` (10 years: about 10.5 million ticks, 84 MB per zone); capacities
+are integers up to `MAX_CAPACITY`, prices finite numbers up to `MAX_PRICE` $/h. A trace whose
+values are all 0/1 is an availability trace ("could a spot instance be obtained?"): 1 then means
+"as many as asked" (`UNLIMITED`).
 """
 
 from __future__ import annotations
@@ -35,6 +39,9 @@ from skyhedge.errors import TraceError
 from skyhedge.policy.types import Location
 
 __all__ = [
+    "MAX_CAPACITY",
+    "MAX_PRICE",
+    "MAX_TRACE_SECONDS",
     "TICK_SECONDS",
     "UNLIMITED",
     "Trace",
@@ -48,6 +55,14 @@ __all__ = [
 TICK_SECONDS = 30
 #: Capacity standing for "as many as asked" (a 1 in an availability trace).
 UNLIMITED = 1_000_000
+#: The longest span a zone trace may cover: 10 years of 365 days. Traces are resampled to 30 s
+#: ticks up front, so a few samples with an absurd gap would otherwise allocate terabytes.
+MAX_TRACE_SECONDS = 10 * 365 * 86400
+MAX_TRACE_DAYS = MAX_TRACE_SECONDS // 86400
+#: The largest capacity a trace may hold (the UNLIMITED of availability traces: as many as asked).
+MAX_CAPACITY = UNLIMITED
+#: The largest price ($/h) a trace or price file may hold: dollars must stay finite.
+MAX_PRICE = 1_000_000.0
 
 _AWS_ZONE = re.compile(r"^([a-z]{2}(?:-gov)?-[a-z]+-\d+)[a-z]$")
 _GCP_ZONE = re.compile(r"^([a-z]+-[a-z]+\d+)-[a-z]$")
@@ -199,9 +214,19 @@ def _quoted(kinds: Sequence[str]) -> str:
 
 
 def _json_files(path: Path) -> list[Path]:
+    """The zone files of a trace directory; a directory mixing them with a CSV trace is refused
+    (which one was meant is anyone's guess)."""
     if not path.is_dir():
         return []
-    return sorted(p for p in path.iterdir() if p.suffix == ".json" and p.is_file())
+    jsons = sorted(p for p in path.iterdir() if p.suffix == ".json" and p.is_file())
+    if jsons:
+        csvs = sorted(p.name for p in path.iterdir() if p.suffix == ".csv" and p.is_file())
+        if csvs:
+            raise TraceError(
+                f"{path}: mixes *.json zone traces with *.csv ({', '.join(csvs)}); expected one "
+                "format per directory (point --trace at a CSV file to use it)"
+            )
+    return jsons
 
 
 def _zone_of(file: Path) -> Location:
@@ -251,6 +276,9 @@ def _build(
         if zone in seen:
             raise TraceError(f"{path}: zone {zone.zone} appears twice; keep one instance type per trace")
         seen[zone] = i
+    for s, g in zip(series, gaps, strict=True):  # the readers check this per file; a backstop
+        if not len(s) * g <= MAX_TRACE_SECONDS:
+            raise TraceError(f"{path}: spans more than {MAX_TRACE_DAYS} days (10 years); expected less")
     ticks = min(int(math.floor(len(s) * g / TICK_SECONDS + 1e-9)) for s, g in zip(series, gaps, strict=True))
     if ticks <= 0:
         raise TraceError(f"{path}: the shortest zone trace is shorter than one 30 s tick")
@@ -282,13 +310,14 @@ def _read_json_dir(
     zones, series, gaps, prices = [], [], [], []
     for file in files:
         try:
-            doc = json.loads(file.read_text())
+            doc = json.loads(file.read_text(encoding="utf-8-sig"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise TraceError(f"{file}: not a readable JSON trace ({exc})") from exc
         if not isinstance(doc, dict):
             raise TraceError(f"{file}: expected an object with 'metadata' and 'data'")
         gap = _gap(file, doc.get("metadata"))
         data = _numbers(file, "data", doc.get("data"), integral=True)
+        _check_span(file, "metadata.gap_seconds", len(data), gap)
         price = doc.get("prices")
         price_arr = None
         if price is not None:
@@ -314,19 +343,30 @@ def _gap(file: Path, metadata: object) -> float:
 def _numbers(file: Path, field: str, values: object, *, integral: bool) -> np.ndarray:
     if not isinstance(values, list) or not values:
         raise TraceError(f"{file}: {field}: expected a non-empty list of numbers")
+    top = MAX_CAPACITY if integral else MAX_PRICE
     for i, value in enumerate(values):
         bad = isinstance(value, bool) or not isinstance(value, (int, float))
         if not bad:
-            bad = not math.isfinite(value) or value < 0 or (integral and value != int(value))
+            bad = not 0 <= value <= top or (integral and value != int(value))  # NaN fails too
         if bad:
-            kind = "a non-negative integer" if integral else "a non-negative number"
+            kind = f"a non-negative integer <= {MAX_CAPACITY}" if integral else f"a number in [0, {top:g}]"
             raise TraceError(f"{file}: {field}[{i}]: expected {kind}, got {value!r}")
     return np.asarray(values, dtype=np.int64 if integral else float)
 
 
+def _check_span(file: Path, field: str, samples: int, gap: float) -> None:
+    """Refuse a zone trace spanning more than `MAX_TRACE_SECONDS` (checked before resampling)."""
+    span = samples * gap
+    if not span <= MAX_TRACE_SECONDS:
+        raise TraceError(
+            f"{file}: {field}: expected at most {MAX_TRACE_DAYS} days (10 years) of trace, got "
+            f"{samples} sample{'s' if samples != 1 else ''} {gap:g} s apart ({span / 86400:.4g} days)"
+        )
+
+
 def _read_csv(file: Path) -> tuple[list[Location], list[np.ndarray], list[float], list[np.ndarray | None]]:
     try:
-        with file.open(newline="") as handle:
+        with file.open(newline="", encoding="utf-8-sig") as handle:  # Excel writes a BOM
             rows = [row for row in csv.reader(handle) if row and any(cell.strip() for cell in row)]
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise TraceError(f"{file}: not a readable CSV trace ({exc})") from exc
@@ -341,26 +381,33 @@ def _read_csv(file: Path) -> tuple[list[Location], list[np.ndarray], list[float]
         if len(row) != len(header):
             raise TraceError(f"{file}: line {line}: expected {len(header)} cells, got {len(row)}")
         try:
-            times.append(float(row[0]))
-        except ValueError as exc:
-            raise TraceError(f"{file}: line {line}: seconds: expected a number, got {row[0]!r}") from exc
+            seconds = float(row[0])
+        except ValueError:
+            seconds = math.nan
+        if not math.isfinite(seconds):
+            raise TraceError(f"{file}: line {line}: seconds: expected a finite number, got {row[0]!r}")
+        times.append(seconds)
         for z, cell in enumerate(row[1:]):
             try:
                 value = float(cell)
             except ValueError:
                 value = -1.0
-            if value < 0 or value != int(value):
+            if not 0 <= value <= MAX_CAPACITY or value != int(value):  # NaN and inf fail too
                 raise TraceError(
-                    f"{file}: line {line}: {header[z + 1]}: expected a non-negative integer, got {cell!r}"
+                    f"{file}: line {line}: {header[z + 1]}: expected a non-negative integer "
+                    f"<= {MAX_CAPACITY}, got {cell!r}"
                 )
             columns[z].append(int(value))
     if len(times) >= 2:
-        steps = np.diff(np.asarray(times))
-        gap = float(steps[0])
-        if gap <= 0 or not np.allclose(steps, gap, rtol=1e-6, atol=1e-6):
+        with np.errstate(over="ignore", invalid="ignore"):  # -1e308 to 1e308: inf, refused below
+            steps = np.diff(np.asarray(times))
+            gap = float(steps[0])
+            even = gap > 0 and np.allclose(steps, gap, rtol=1e-6, atol=1e-6)
+        if not even:
             raise TraceError(f"{file}: seconds: rows must be evenly spaced and increasing")
     else:
         gap = float(TICK_SECONDS)
+    _check_span(file, "seconds", len(times), gap)
     zones = [location_for_zone(name) for name in header[1:]]
     series = [np.asarray(column, dtype=np.int64) for column in columns]
     return zones, series, [gap] * len(zones), [None] * len(zones)
