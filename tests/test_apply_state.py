@@ -170,6 +170,9 @@ def test_cli_apply_status_destroy(svc):
     sd = str(svc.state_dir)
     no = run_cli("apply", spec, "--state-dir", sd, "--no-routing", input="n\n")
     assert no.exit_code == 1 and "Apply these changes?" in no.output and svc.pids() == {}
+    eof = run_cli("apply", spec, "--state-dir", sd, "--no-routing", input="")  # no answer at all
+    assert eof.exit_code == 1 and "Apply cancelled; nothing changed." in eof.output
+    assert "Aborted!" not in eof.output and svc.pids() == {}
     yes = run_cli("apply", spec, "--state-dir", sd, "--no-routing", input="y\n")
     assert yes.exit_code == 0, yes.output
     assert "local/local: +2 ~0 -0" in yes.output and "Ready: r-0001, r-0002" in yes.output

@@ -67,6 +67,16 @@ class ProgressView:
                     )
 
 
+def _ask(question: str) -> bool:
+    """A yes/no question; no answer at all (end of input: no terminal, a closed pipe) is a no,
+    reported as "cancelled" like any other no, not as click's bare "Aborted!"."""
+    try:
+        return click.confirm(question, default=False)
+    except click.Abort:
+        console.print()
+        return False
+
+
 def _confirm_apply(plan: Plan, roots: Sequence[RenderedRoot], previews: dict[str, PlanResult]) -> bool:
     """Show skyhedge's plan and what Terraform will do in each root, then ask."""
     console.print(render_plan_table(plan))
@@ -74,7 +84,7 @@ def _confirm_apply(plan: Plan, roots: Sequence[RenderedRoot], previews: dict[str
     for root in roots:
         p = previews.get(root.path)
         console.print(f"  {root.path}: " + (f"+{p.add} ~{p.change} -{p.remove}" if p else "?"))
-    return click.confirm("Apply these changes?", default=False)
+    return _ask("Apply these changes?")
 
 
 def _print_apply_report(report: ApplyReport, state_dir: Path) -> None:
@@ -172,7 +182,7 @@ def _confirm_destroy(records: Sequence[ReplicaRecord], roots: Sequence[str]) -> 
     console.print(f"Destroying {len(records)} replica(s) in {', '.join(roots)}:")
     for r in records:
         console.print(f"  {r.id}  {r.location}  {r.market}")
-    return click.confirm("Destroy them?", default=False)
+    return _ask("Destroy them?")
 
 
 @main.command()
