@@ -544,3 +544,41 @@ def test_without_dynamic_fallback_no_on_demand_covers_spot() -> None:
     lost = (ZoneEvent(EventKind.PREEMPTED, z[0], 10.0, "a1"),)
     decisions = policy.decide(Observation(40.0, 3, cands, (fact("b1", z[1]), *od), lost))
     assert Terminate("od1") in decisions and kinds(decisions)[1] == 0
+
+
+def test_a_wave_that_leaves_one_zone_keeps_one_on_demand_for_a_while() -> None:
+    """Rule 9: preemptions in several zones at once, the replicas left in one zone: one on-demand
+    replica stays for WAVE_HOLD_SECONDS, however settled that zone's replicas are."""
+    from skyhedge.policy.skyhedge import WAVE_HOLD_SECONDS
+
+    z = zones(4)
+    cands = tuple(Candidate(loc, 1.0, 3.0) for loc in z)
+    policy = SkyHedge()
+    t0 = 20 * HOUR
+    calm = (fact("a1", z[0]), fact("b1", z[1]), fact("c1", z[2]), fact("d1", z[3]))
+    policy.decide(Observation(0.0, 3, cands, calm))  # started long before: every zone calm for hours
+    wave = tuple(ZoneEvent(EventKind.PREEMPTED, z[i], t0, f"{'bcd'[i - 1]}1") for i in (1, 2, 3))
+    survivors = (fact("a1", z[0]), fact("a2", z[0], at=t0 - 600), fact("a3", z[0], at=t0 - 600))
+    od = (fact("od1", z[0], spot=False, at=t0),)
+    decisions = policy.decide(Observation(t0 + 30, 3, cands, survivors + od, wave))
+    assert Terminate("od1") not in decisions  # zone a is calm and holds N READY, but survived a wave
+    assert Terminate("od1") not in policy.decide(
+        Observation(t0 + WAVE_HOLD_SECONDS - 30, 3, cands, survivors + od)
+    )
+    restored = SkyHedge()
+    restored.restore(json.loads(json.dumps(policy.snapshot())))
+    later = restored.decide(Observation(t0 + WAVE_HOLD_SECONDS + 30, 3, cands, survivors + od))
+    assert Terminate("od1") in later
+
+
+def test_a_single_zone_preemption_is_no_wave() -> None:
+    z = zones(4)
+    cands = tuple(Candidate(loc, 1.0, 3.0) for loc in z)
+    policy = SkyHedge()
+    t0 = 20 * HOUR
+    calm = (fact("a1", z[0]), fact("a2", z[0]), fact("a3", z[0]), fact("b1", z[1]))
+    policy.decide(Observation(0.0, 3, cands, calm))
+    lost = (ZoneEvent(EventKind.PREEMPTED, z[1], t0, "b1"),)
+    od = (fact("od1", z[0], spot=False, at=t0),)
+    decisions = policy.decide(Observation(t0 + 30, 3, cands, calm[:3] + od, lost))
+    assert Terminate("od1") in decisions

@@ -60,6 +60,14 @@ spot traces (`benchmarks/policy_report.py`, docs/policy.md), never from one trac
    skyhedge, with no N + 1 distinct zones for its extra (rule 4), held its replicas gathered in
    one zone through the most turbulent hours.
 
+9. **A wave leaves the survivor squeezed.** When one observation shows preemptions in two or more
+   zones and the replicas are left gathered in a single zone, one on-demand replica stays for
+   WAVE_HOLD_SECONDS (15 min) however calm that zone looks: when capacity vanishes in several zones
+   at once, the zone that survived is where the displaced demand goes next, and a pool below its
+   usual size drops again within 15 minutes a third of the time (docs/policy.md). On the paper's
+   GCP trace a wave empties three zones and the survivor shrinks twice in the next ten minutes;
+   without this rule skyhedge lost a second cold start there.
+
 Surplus spot replicas go from the most stacked zone (finite capacity, while an extra is held) or
 the least stacked one (to consolidate), then the dearest, then the youngest, then the one whose
 region-mates have been calm the least; not-ready ones first. Between equally calm zones the
@@ -101,7 +109,7 @@ from skyhedge.policy.types import (
     Terminate,
 )
 
-__all__ = ["DEFAULT_TARGET", "HAZARD_SCALE", "HAZARD_SHAPE", "SkyHedge", "hazard"]
+__all__ = ["DEFAULT_TARGET", "HAZARD_SCALE", "HAZARD_SHAPE", "WAVE_HOLD_SECONDS", "SkyHedge", "hazard"]
 
 #: Availability target used when the spec sets none.
 DEFAULT_TARGET = 0.99
@@ -113,6 +121,8 @@ DEFAULT_INTERVAL = 30.0
 MAX_INTERVAL = 300.0
 #: A replica counts for the on-demand fallback once its zone was calm this many cold starts.
 SETTLE_COLD_STARTS = 2.0
+#: Rule 9: how long one on-demand replica stays after a wave leaves the replicas in one zone.
+WAVE_HOLD_SECONDS = 900.0
 
 _TROUBLE = frozenset({EventKind.PREEMPTED, EventKind.LAUNCH_FAILED, EventKind.WARNING})
 
@@ -154,6 +164,7 @@ class SkyHedge(SpotHedge):
         self._cold = DEFAULT_COLD_START
         self._interval = DEFAULT_INTERVAL
         self._last_now: float | None = None
+        self._wave_at: float | None = None  # last observation with preemptions in 2+ zones
 
     # -- memory -------------------------------------------------------------------------------
 
@@ -189,6 +200,8 @@ class SkyHedge(SpotHedge):
             self._trouble[where] = max(event.at, self._trouble.get(where, event.at))
         if lost & kept:
             self._partial = True  # a zone took some of our replicas and left others
+        if len(lost) >= 2:
+            self._wave_at = now  # a wave: several zones at once (rule 9)
         for where, count in held.items():
             if count > self._most_held.get(where, 0):
                 self._most_held[where] = count
@@ -328,6 +341,8 @@ class SkyHedge(SpotHedge):
             settle = self.settle_seconds
             settled = sum(1 for r in spot if is_ready(r) and self._settled(r, now, settle))
             dynamic = min(n, max(0, want - ready_spot, n - settled))
+            if len(held) == 1 and self._wave_at is not None and 0 <= now - self._wave_at < WAVE_HOLD_SECONDS:
+                dynamic = max(dynamic, 1)  # rule 9: the zone that survived a wave holds them all
         decisions.extend(self._ondemand_to(ondemand, base + dynamic))
         return decisions
 
@@ -429,6 +444,7 @@ class SkyHedge(SpotHedge):
                 "cold_start": self._cold,
                 "interval": self._interval,
                 "last_now": self._last_now,
+                "wave_at": self._wave_at,
             }
         )
         return data
@@ -455,6 +471,8 @@ class SkyHedge(SpotHedge):
             self._most_held = {Location.parse(str(k)): int(v) for k, v in most_held.items()}
             self._partial = bool(data.get("partial", False))
             self._warned = {str(x) for x in warned}
+            wave = data.get("wave_at")
+            self._wave_at = None if wave is None else float(wave)
             self._cold = float(data.get("cold_start", DEFAULT_COLD_START))
             self._interval = float(data.get("interval", DEFAULT_INTERVAL))
         except (ValueError, TypeError) as exc:
