@@ -104,7 +104,9 @@ def test_refresh_local_is_refused(cache_dir: Path) -> None:
 def test_refresh_of_an_unknown_cloud_names_the_known_ones(cache_dir: Path) -> None:
     code, _, err = run("catalog", "refresh", "--cloud", "azure")
     assert code == 1
-    assert err.strip() == "error: unknown cloud 'azure': expected one of aws, gcp, local"
+    assert (
+        err.strip() == "error: --cloud: expected one of aws, gcp (the clouds with a price API), got 'azure'"
+    )
     assert not cache_dir.exists()
 
 
@@ -272,3 +274,10 @@ def test_catalog_strings_are_shown_as_text_not_markup(cache_dir: Path) -> None:
     code, out, err = run("catalog", "show", "--cloud", "local")
     assert code == 0, err
     assert "[bold red]x[/]" in out
+
+
+def test_a_user_catalog_that_is_a_directory_is_refused_not_ignored(cache_dir: Path) -> None:
+    (cache_dir / "local.json").mkdir(parents=True)
+    clear_cache()
+    code, _, err = run("catalog", "show", "--cloud", "local")
+    assert code == 1 and "local.json: is a directory, expected a catalog file" in err

@@ -273,7 +273,8 @@ def test_invalid_json_names_line(empty_cache_dir: Path) -> None:
 
 
 def test_unreadable_file(empty_cache_dir: Path) -> None:
-    (empty_cache_dir / "local.json").mkdir()  # a directory is not a file: bundled is used
-    assert load_catalog("local").path == str(bundled_path("local"))
+    (empty_cache_dir / "local.json").mkdir()  # meant to override the bundled one: refused, not ignored
+    with pytest.raises(CatalogError, match="local.json: is a directory, expected a catalog file"):
+        load_catalog("local")
     with pytest.raises(CatalogError, match="cannot read catalog"):
         read_catalog_file(empty_cache_dir / "missing.json")

@@ -57,6 +57,7 @@ def one_error_line(result, *needles: str) -> str:
         (["simulate", "--trace", "x", "--repeats", "0"], ["'--repeats'", "'skyhedge simulate --help'"]),
         (["render", str(MULTICLOUD), "--out"], ["'--out' requires an argument"]),
         (["up", str(MULTICLOUD), "--speedup", "5"], ["--speedup paces a --market-trace replay"]),
+        (["preempt", str(MULTICLOUD), "--zone", "local-a", "--for", "1e12"], ["'--for'", "0<x<=31622400"]),
         (
             ["preempt", str(MULTICLOUD), "--zone", "local-a", "--clear", "--for", "5"],
             ["--clear gives the capacity back now; it takes no --for", "'skyhedge preempt --help'"],

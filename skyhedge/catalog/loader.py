@@ -80,6 +80,8 @@ def user_cache_path(cloud: str) -> Path:
 def catalog_path(cloud: str) -> Path:
     """The file `load_catalog(cloud)` reads: the user cache if present, else the bundled file."""
     user = user_cache_path(cloud)
+    if user.is_dir():  # not silently the bundled catalog: the user meant to override it
+        raise CatalogError(f"{user}: is a directory, expected a catalog file (or nothing)")
     return user if user.is_file() else bundled_path(cloud)
 
 

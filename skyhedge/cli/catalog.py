@@ -110,7 +110,14 @@ def show(cloud: str, instance_type: str | None, region: str | None, as_json: boo
 )
 def refresh(cloud: str, regions: str | None, instance_types: str | None, reset: bool) -> None:
     """Fetch current prices from the cloud's API into the user cache (aws: spot; gcp: spot + on-demand)."""
-    check_cloud(cloud)
+    if cloud not in PRICE_APIS:
+        try:
+            check_cloud(cloud)
+        except CatalogError:
+            raise CatalogError(
+                f"--cloud: expected one of {', '.join(PRICE_APIS)} (the clouds with a price API), "
+                f"got {cloud!r}"
+            ) from None
     target = user_cache_path(cloud)
     if cloud not in PRICE_APIS:
         raise CatalogError(

@@ -217,7 +217,7 @@ def up(
 @click.option(
     "--for",
     "seconds",
-    type=FiniteFloat(min=0, min_open=True),
+    type=FiniteFloat(min=0, min_open=True, max=366 * 86400),  # a year: longer is a typo
     default=None,
     help="Give the capacity back after this many seconds (default: until --clear).",
 )
