@@ -102,11 +102,14 @@ def resolve_placement(spec: ServiceSpec) -> Placement:
                 )
     candidates: list[Candidate] = []
     types: dict[str, str] = {}
+    disjoint: list[str] = []
     for cloud, catalog in catalogs.items():
         itype = _instance_type(spec, cloud)
         types[cloud] = itype
         regions = set(p.regions) & catalog.regions()
         zones = set(p.zones) & catalog.zones()
+        if regions and zones and not any(catalog.region_of(z) in regions for z in zones):
+            disjoint.append(cloud)
         for offer in catalog.offers_for(itype):
             if regions and offer.region not in regions:
                 continue
@@ -121,6 +124,13 @@ def resolve_placement(spec: ServiceSpec) -> Placement:
                     float(offer.ondemand_price),
                 )
             )
+    if not candidates and disjoint:
+        raise SpecError(
+            f"names no zone in placement.regions ({', '.join(disjoint)}): a zone must lie in an "
+            "allowed region; drop one of the lists or make them agree",
+            file=spec.source,
+            path="placement.zones",
+        )
     if not candidates:
         raise SpecError(
             "no allowed zone sells the instance type on spot "

@@ -383,6 +383,12 @@ CATALOG_BAD: list[tuple[str, str]] = [
         "name: echo\nplacement: {clouds: [local], zones: [local-a], exclude_zones: [local-a]}\nrun: {command: x}\n",
         "placement: no allowed zone sells the instance type on spot (local: local); widen clouds/regions/zones",
     ),
+    (
+        "name: x\nrun: {command: x}\nresources: {accelerators: L4}\n"
+        "placement: {clouds: [aws], regions: [us-east-1], zones: [usw2-az1]}\n",
+        "placement.zones: names no zone in placement.regions (aws): a zone must lie in an allowed region; "
+        "drop one of the lists or make them agree",
+    ),
 ]
 
 
