@@ -225,6 +225,33 @@ class Completed:
     stderr: str
 
 
+def local_state_problem(root: TerraformRoot) -> str | None:
+    """What is wrong with the root's local state file (`-backend-config=path=...`), if anything.
+
+    Terraform reports a state file it cannot parse as "Error acquiring the state lock", with advice
+    to force-unlock: the wrong lead. Checked before every command that reads the state."""
+    for item in root.backend_config:
+        if not item.startswith("path="):
+            continue
+        path = Path(item[len("path=") :])
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return None
+        except (OSError, UnicodeDecodeError) as exc:
+            return f"{root.name}: cannot read Terraform's state {path} ({exc})"
+        if not text.strip():
+            return None
+        try:
+            json.loads(text)
+        except ValueError as exc:
+            return (
+                f"{root.name}: Terraform's state {path} is not valid JSON ({exc}); restore it from "
+                f"{path}.backup if that is intact, or remove it only if nothing it tracked still runs"
+            )
+    return None
+
+
 def run_timeout() -> float:
     """The per-run time limit from $SKYHEDGE_TERRAFORM_TIMEOUT (seconds; 0 disables it)."""
     raw = os.environ.get(TIMEOUT_ENV, "").strip()
@@ -454,6 +481,9 @@ class Terraform:
     def _run_json(
         self, root: TerraformRoot, args: list[str], on_event: EventCallback | None
     ) -> tuple[Completed, list[Event]]:
+        problem = local_state_problem(root)
+        if problem is not None:
+            raise EngineError(problem, root=root.name)
         events: list[Event] = []
 
         def handle(line: str) -> None:

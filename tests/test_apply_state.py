@@ -411,3 +411,20 @@ def test_destroying_a_service_never_applied_writes_nothing(tmp_path):
     result = CliRunner().invoke(main, ["destroy", str(spec), "--state-dir", str(sdir), "--auto-approve"])
     assert result.exit_code == 0 and "Nothing to destroy." in result.output
     assert not sdir.exists()
+
+
+def test_a_corrupt_terraform_state_is_named_not_reported_as_a_lock(svc):
+    """Terraform reports a state file it cannot parse as "Error acquiring the state lock" and
+    advises force-unlock; the real cause and the way out come first instead."""
+    spec = load_spec(svc.write(replicas=1))
+    report = apply_service(spec, svc.state_dir, route=False)
+    assert report.ok, report.errors
+    [tfstate] = (svc.state_dir / "tf" / "state").glob("*.tfstate")
+    tfstate.write_text("{not json", encoding="utf-8")
+    result = CliRunner().invoke(
+        main, ["destroy", str(svc.spec_path), "--state-dir", str(svc.state_dir), "--auto-approve"]
+    )
+    assert result.exit_code == 1
+    first = result.output.strip().splitlines()[-1]
+    assert "is not valid JSON" in first and f"restore it from {tfstate}.backup" in first
+    assert "state lock" not in result.output
