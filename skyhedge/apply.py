@@ -55,8 +55,8 @@ from skyhedge.errors import EngineError, SpecError
 from skyhedge.planner import CREATE, DELETE, KEEP, Plan, PlannedReplica
 from skyhedge.policy.types import EventKind, Location, Market, ZoneEvent
 from skyhedge.render import RenderedRoot, RenderedTree, render_tree, write_tree
-from skyhedge.service import Placement, compute_plan, resolve_placement
-from skyhedge.spec import ServiceSpec, replica_revision
+from skyhedge.service import Placement, compute_plan, outdated_replicas, resolve_placement
+from skyhedge.spec import ServiceSpec
 from skyhedge.state import ReplicaRecord, ServiceState, load_state, save_state, writer_lock
 
 __all__ = [
@@ -477,8 +477,7 @@ def apply_service(
         if route and not report.errors:
             report.router = bring_routing_up(spec, state, ws.state_dir, say)
             save_state(ws.state_dir, state)
-        revision = replica_revision(spec)
-        outdated = sorted(r.id for r in state.live() if r.revision not in (None, revision))
+        outdated = outdated_replicas(spec, state)
         if outdated:
             report.notes.append(
                 f"{len(outdated)} replica(s) still run an older spec ({', '.join(outdated)}): each further "

@@ -177,7 +177,7 @@ def compute_plan(
         policy.restore(state.policy_memory.get("memory", {}))
     revision = replica_revision(spec)
     live = {r.id: r for r in state.live()}
-    outdated = {rid for rid, r in live.items() if r.revision is not None and r.revision != revision}
+    outdated = set(outdated_replicas(spec, state))
     # A rolling update: while replicas of an older spec run, the policy is asked for one replica
     # more (the surge); once that many are READY, the oldest outdated replica is released. So N
     # stay READY throughout, and the update costs one replica more for a few cold starts.
@@ -216,6 +216,13 @@ def compute_plan(
         ),
     )
     return plan, {"policy": name, "memory": policy.snapshot()}
+
+
+def outdated_replicas(spec: ServiceSpec, state: ServiceState) -> list[str]:
+    """IDs of the live replicas launched under another revision of `spec` (rolling update pending).
+    Replicas recorded before revisions existed count as current."""
+    revision = replica_revision(spec)
+    return sorted(r.id for r in state.live() if r.revision is not None and r.revision != revision)
 
 
 def _next_to_retire(

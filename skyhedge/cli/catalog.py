@@ -112,18 +112,17 @@ def refresh(cloud: str, regions: str | None, instance_types: str | None, reset: 
     """Fetch current prices from the cloud's API into the user cache (aws: spot; gcp: spot + on-demand)."""
     if cloud not in PRICE_APIS:
         try:
-            check_cloud(cloud)
+            target = user_cache_path(cloud)  # a known cloud without a price API
         except CatalogError:
             raise CatalogError(
                 f"--cloud: expected one of {', '.join(PRICE_APIS)} (the clouds with a price API), "
                 f"got {cloud!r}"
             ) from None
-    target = user_cache_path(cloud)
-    if cloud not in PRICE_APIS:
         raise CatalogError(
             f"the {cloud} cloud has no price API to refresh from (refresh works for "
             f"{', '.join(PRICE_APIS)}); write prices into {target} (see docs/catalog.md)"
         )
+    target = user_cache_path(cloud)
     base = read_catalog_file(bundled_path(cloud), expect_cloud=cloud) if reset else load_catalog(cloud)
     region_list = _split(regions)
     type_list = _split(instance_types)
