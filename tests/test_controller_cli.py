@@ -98,6 +98,32 @@ def test_aws_setup_events_refuses_a_spec_without_aws(write_spec):
     assert out.exit_code == 1 and "uses no AWS region" in out.output
 
 
+def test_a_stop_signal_arriving_inside_a_lock_does_not_deadlock(tmp_path, write_spec):
+    """A signal handler runs between two bytecodes of the main thread, possibly while it holds an
+    Event's lock (a first SIGTERM's handler setting it, the supervisor clearing it): the handler
+    must not take that lock itself. Two SIGTERMs in a row hung `up` for good."""
+    import signal as sig
+
+    spec = load_spec(write_spec(LOCAL))
+    with Watcher(spec, tmp_path / "state") as watcher, watcher._signals(True):
+        handler = sig.getsignal(sig.SIGTERM)
+        lock = watcher.supervisor._wake._cond  # what Event.set/clear hold
+
+        def interrupted_inside_the_lock() -> None:
+            with lock:
+                handler(sig.SIGTERM, None)
+                handler(sig.SIGTERM, None)  # the second one while the first is still on its way
+
+        worker = threading.Thread(target=interrupted_inside_the_lock, daemon=True)
+        worker.start()
+        worker.join(5)
+        assert not worker.is_alive(), "the signal handler blocked on a lock its caller holds"
+        deadline = time.monotonic() + 5
+        while not watcher.supervisor.stopped and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert watcher.supervisor.stopped
+
+
 def test_second_watcher_is_refused_clearly(tmp_path, write_spec):
     spec = load_spec(write_spec(LOCAL))
     sdir = tmp_path / "state"

@@ -186,12 +186,20 @@ class Watcher:
             return
         interrupted = {"n": 0}
 
+        def stop_requested(signum: int) -> None:
+            log.info("stopping after the current tick (signal %d)", signum)
+            self.stop()
+
         def on_signal(signum: int, frame: FrameType | None) -> None:
             interrupted["n"] += 1
             if signum == signal.SIGINT and interrupted["n"] > 1:
                 raise KeyboardInterrupt
-            log.info("stopping after the current tick (signal %d)", signum)
-            self.stop()
+            if interrupted["n"] > 1:
+                return  # a repeated SIGTERM: the stop is on its way
+            # A handler runs between two bytecodes of whatever the main thread was doing, possibly
+            # inside a lock (an Event's while it sets or clears, logging's): taking that lock here
+            # deadlocks (two SIGTERMs in a row did). The stop and its log line go to a thread.
+            threading.Thread(target=stop_requested, args=(signum,), daemon=True, name="skyhedge-stop").start()
 
         old = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         try:
