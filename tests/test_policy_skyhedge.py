@@ -29,7 +29,7 @@ from skyhedge.policy import (
     ZoneEvent,
     make_policy,
 )
-from skyhedge.policy.skyhedge import HAZARD_SCALE, SkyHedge, hazard
+from skyhedge.policy.skyhedge import HAZARD_SCALE, PRIOR_AGE_SECONDS, SkyHedge, hazard
 
 TICK = 30.0
 HOUR = 3600.0
@@ -302,11 +302,11 @@ def test_all_or_nothing_zones_consolidate_instead_of_hedging() -> None:
     policy = SkyHedge()  # never saw a partial zone: assumes all-or-nothing
     held = (fact("a1", z[0]), fact("a2", z[0]), fact("b1", z[1]), fact("c1", z[2], at=90.0))
     # 3 zones < N + 1: an extra would share a zone, so none is held; the surplus leaves a
-    # least stacked zone (a tie here: the first candidate of them)
+    # least stacked zone, the one alone in its region among them (no region-mate vouches for it)
     decisions = policy.decide(Observation(HOUR, 3, cands, held))
-    assert decisions == [Terminate("b1")]
+    assert decisions == [Terminate("c1")]
     # with one replica per zone left, it gathers them into the held zone with most replicas
-    left = (fact("a1", z[0]), fact("a2", z[0]), fact("c1", z[2]))
+    left = (fact("a1", z[0]), fact("a2", z[0]), fact("b1", z[1]))
     assert policy.decide(Observation(HOUR + 30, 3, cands, left)) == [LaunchSpot(z[0])]
 
 
@@ -325,7 +325,8 @@ def test_equally_calm_zones_are_told_apart_by_their_region_mates() -> None:
     decisions = policy.decide(Observation(20 * HOUR + 30, 3, cands, left))
     assert len(decisions) == 1 and isinstance(decisions[0], LaunchSpot)
     assert decisions[0].location in crowd
-    assert policy.region_calm(crowd[0], cands, 10 * HOUR) == (10 * HOUR, 2 * 10 * HOUR)
+    calm = 10 * HOUR + PRIOR_AGE_SECONDS  # trouble assumed just before start-up (t = 0)
+    assert policy.region_calm(crowd[0], cands, 10 * HOUR) == (calm, 2 * calm)
     assert policy.region_calm(lone, cands, 10 * HOUR) == (0.0, 0.0)
 
 
@@ -349,6 +350,27 @@ def test_a_region_is_as_calm_as_its_least_calm_zone_not_as_its_zone_count() -> N
     left = tuple(r for r in held if r.id != decisions[0].replica_id)
     decisions = policy.decide(Observation(21 * HOUR + 30, 3, cands, left))
     assert decisions == [LaunchSpot(decisions[0].location)] and decisions[0].location in small
+
+
+def test_a_refusal_seen_at_start_up_counts_against_its_region() -> None:
+    # as above, but us-east-1d refuses the very first launches: trouble is assumed everywhere at
+    # start-up, yet a refusal actually seen then is evidence, so the calm tie between the regions
+    # goes to the one nothing was seen in (with both dated at start-up, the larger region won on
+    # the summed calm of its mates: mix-1node-all gathered into us-east-1 and lost it)
+    big = [Location("aws", "us-east-1", f"us-east-1{x}") for x in "abcd"]
+    small = [Location("gcp", "us-central1", f"us-central1-{x}") for x in "ab"]
+    z = [*big, *small]
+    cands = tuple(Candidate(loc, 1.0, 3.0) for loc in z)
+    policy = SkyHedge()
+    policy.decide(Observation(0.0, 3, cands, (), (ZoneEvent(EventKind.LAUNCH_FAILED, big[3], 0.0),)))
+    held = (fact("a", big[0]), fact("b", big[1]), fact("c", small[0]), fact("d", small[1]))
+    assert policy.zone_age(big[3], 20 * HOUR) < policy.zone_age(big[0], 20 * HOUR)
+    decisions = policy.decide(Observation(20 * HOUR, 3, cands, held))
+    assert len(decisions) == 1 and isinstance(decisions[0], Terminate)
+    assert decisions[0].replica_id in {"a", "b"}  # the surplus leaves the region that refused
+    left = tuple(r for r in held if r.id != decisions[0].replica_id)
+    decisions = policy.decide(Observation(20 * HOUR + 30, 3, cands, left))
+    assert len(decisions) == 1 and isinstance(decisions[0], LaunchSpot) and decisions[0].location in small
 
 
 def test_warning_starts_the_replacement_without_killing_the_warned_replica() -> None:

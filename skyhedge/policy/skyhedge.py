@@ -14,7 +14,10 @@ spot traces (`benchmarks/policy_report.py`, docs/policy.md), never from one trac
    lambda(a) = 0.7 / (a + 30 min) per second. SkyHedge remembers, per zone, when it last saw
    trouble there: a preemption, an interruption warning, a refused launch in a zone it does not
    hold, or a refusal in a zone now holding *fewer* of its replicas than it did before (capacity
-   shrinking; a zone merely full at its usual size is not trouble). Trouble is assumed at start.
+   shrinking; a zone merely full at its usual size is not trouble). Trouble is assumed at start,
+   dated PRIOR_AGE_SECONDS (one second) before it: trouble actually *seen* at start-up, a zone
+   refusing the first launches, is evidence and the assumption is not, so that zone and its
+   region-mates count as less calm than zones nothing was seen in (rules 4 and 6).
 2. **The extra replica only while it buys availability.** Without the extra, each held zone z
    exposes the service to an outage of about one cold start plus one decision period (D) at rate
    lambda(age_z). The extra replica is released (never below N READY spot replicas) while
@@ -109,7 +112,15 @@ from skyhedge.policy.types import (
     Terminate,
 )
 
-__all__ = ["DEFAULT_TARGET", "HAZARD_SCALE", "HAZARD_SHAPE", "WAVE_HOLD_SECONDS", "SkyHedge", "hazard"]
+__all__ = [
+    "DEFAULT_TARGET",
+    "HAZARD_SCALE",
+    "HAZARD_SHAPE",
+    "PRIOR_AGE_SECONDS",
+    "WAVE_HOLD_SECONDS",
+    "SkyHedge",
+    "hazard",
+]
 
 #: Availability target used when the spec sets none.
 DEFAULT_TARGET = 0.99
@@ -121,6 +132,9 @@ DEFAULT_INTERVAL = 30.0
 MAX_INTERVAL = 300.0
 #: A replica counts for the on-demand fallback once its zone was calm this many cold starts.
 SETTLE_COLD_STARTS = 2.0
+#: Rule 1: trouble assumed at start-up is dated this long before it, so that trouble seen at
+#: start-up (a refused first launch) is younger than the assumption and breaks calm ties.
+PRIOR_AGE_SECONDS = 1.0
 #: Rule 9: how long one on-demand replica stays after a wave leaves the replicas in one zone.
 WAVE_HOLD_SECONDS = 900.0
 
@@ -153,7 +167,7 @@ class SkyHedge(SpotHedge):
         self._settle = (
             _number(extra["settle_seconds"], "settle_seconds") if "settle_seconds" in extra else None
         )
-        self.prior_age = _number(extra.get("prior_age_seconds", 0.0), "prior_age_seconds")
+        self.prior_age = _number(extra.get("prior_age_seconds", PRIOR_AGE_SECONDS), "prior_age_seconds")
         # memory, all JSON-able through snapshot()
         self._start: float | None = None
         self._trouble: dict[Location, float] = {}  # last trouble seen per zone
