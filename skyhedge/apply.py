@@ -55,7 +55,15 @@ from skyhedge.errors import EngineError, SpecError
 from skyhedge.planner import CREATE, DELETE, KEEP, Plan, PlannedReplica
 from skyhedge.policy.types import EventKind, Location, Market, ZoneEvent
 from skyhedge.render import RenderedRoot, RenderedTree, render_tree, write_tree
-from skyhedge.service import Placement, compute_plan, outdated_replicas, resolve_placement
+from skyhedge.service import (
+    GITOPS_KEY,
+    Placement,
+    compute_plan,
+    outdated_replicas,
+    remember_decision,
+    resolve_placement,
+    set_gitops,
+)
 from skyhedge.spec import ServiceSpec
 from skyhedge.state import ReplicaRecord, ServiceState, load_state, save_state, writer_lock
 
@@ -71,11 +79,14 @@ __all__ = [
     "instance_types",
     "live_rows",
     "record_plan",
+    "committed_roots",
     "roots_with_resources",
     "wait_ready",
 ]
 
 EXTRA_KEY = "terraform"
+#: GitOps: how long a root emptied by a commit stays rendered (empty) for CI to apply it.
+EMPTIED_ROOT_HOLD_SECONDS = 7 * 24 * 3600.0
 PLAN_FILE = "skyhedge.tfplan"
 
 Confirm = Callable[[Plan, Sequence[RenderedRoot], dict[str, PlanResult]], bool]
@@ -137,11 +148,34 @@ def _root_key(path: str) -> tuple[str, str]:
     return cloud, region
 
 
-def roots_with_resources(state: ServiceState) -> set[tuple[str, str]]:
-    """Roots whose Terraform state may still hold replicas (so they must stay rendered)."""
-    return {
+def committed_roots(state: ServiceState) -> dict[str, dict[str, Any]]:
+    """GitOps: per root path, the replica IDs of the last committed tree (`replicas`) and, for a
+    root a commit emptied, when (`emptied_at`). Read-only view: {} when there are none."""
+    info = state.extra.get(GITOPS_KEY)
+    roots = info.get("roots") if isinstance(info, dict) else None
+    return roots if isinstance(roots, dict) else {}
+
+
+def roots_with_resources(state: ServiceState, now: float | None = None) -> set[tuple[str, str]]:
+    """Roots whose Terraform state may still hold replicas (so they must stay rendered).
+
+    Applied roots stay until an apply has emptied them. Committed ones (GitOps) get no word back
+    from CI: a root a commit emptied stays rendered, empty, for EMPTIED_ROOT_HOLD_SECONDS after
+    `now`'s commit, so that CI applies it (destroying what ran there) however late or batched its
+    runs are; `now` None keeps it."""
+    keys = {
         _root_key(p) for p, info in _tracked(state).items() if info.get("replicas") or not info.get("digest")
     }
+    for path, info in committed_roots(state).items():
+        if not isinstance(info, dict):
+            continue
+        emptied = info.get("emptied_at")
+        held = isinstance(emptied, (int, float)) and (
+            now is None or now - float(emptied) < EMPTIED_ROOT_HOLD_SECONDS
+        )
+        if info.get("replicas") or held:
+            keys.add(_root_key(path))
+    return keys
 
 
 def instance_types(state: ServiceState, placement: Placement | None) -> dict[str, str]:
@@ -198,7 +232,7 @@ def record_plan(
     state: ServiceState, plan: Plan, memory: dict[str, Any], placement: Placement, now: float
 ) -> None:
     """Act on `plan` in state: new records for creates, draining for deletes, policy memory kept."""
-    state.policy_memory = memory
+    remember_decision(state, memory, now)
     state.pending_events.clear()  # the policy has seen them; its memory now holds their effect
     state.next_id = max(state.next_id, plan.next_id)
     for r in plan.replicas:
@@ -413,6 +447,7 @@ def apply_service(
     report = ApplyReport()
     with writer_lock(ws.state_dir):
         state = load_state(ws.state_dir, spec.name)
+        set_gitops(state, False)  # applied from here on, whatever advanced it before
         if route and (router := _router(spec, ws.state_dir)) is not None:
             router.preflight()  # before any replica is launched, not after
         for round_no in range(1, max_rounds + 1):

@@ -18,6 +18,43 @@ from skyhedge.policy import Candidate, Location, Market, Observation, Terminate,
 from skyhedge.spec import ServiceSpec, replica_revision
 from skyhedge.state import ReplicaRecord, ServiceState
 
+#: `state.extra` key of GitOps mode (`watch --gitops`): commits that CI applies later, not applies
+#: the watcher sees, advance the state (`active`; see `compute_plan`).
+GITOPS_KEY = "gitops"
+#: `state.extra` key: when the policy last decided (its memory is as of then).
+DECIDED_AT_KEY = "decided_at"
+
+
+def is_gitops(state: ServiceState) -> bool:
+    """The state is advanced by GitOps commits (`watch --gitops`), not by applies."""
+    info = state.extra.get(GITOPS_KEY)
+    return isinstance(info, dict) and info.get("active") is True
+
+
+def set_gitops(state: ServiceState, active: bool) -> None:
+    """Mark who advances the state: GitOps commits (`watch --gitops`) or applies (the rest). It
+    is kept in the state, so `plan` and `render` in CI judge a committed state as the watcher did."""
+    info = state.extra.get(GITOPS_KEY)
+    if active:
+        if not isinstance(info, dict):
+            info = state.extra[GITOPS_KEY] = {}
+        info["active"] = True
+    elif isinstance(info, dict):
+        info["active"] = False
+
+
+def decided_at(state: ServiceState) -> float | None:
+    """When the policy last decided for this state (None: never); `render` plans as of then, so
+    that re-rendering a committed state gives the committed tree whenever it runs."""
+    value = state.extra.get(DECIDED_AT_KEY)
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def remember_decision(state: ServiceState, memory: dict[str, Any], now: float) -> None:
+    """Keep the policy's memory after deciding at `now` (whether or not the plan changed)."""
+    state.policy_memory = memory
+    state.extra[DECIDED_AT_KEY] = now
+
 
 @dataclass(frozen=True)
 class Placement:
@@ -166,11 +203,18 @@ def compute_plan(
     outside = [f for f in facts if f.location not in allowed]  # spec narrowed: replace these
     inside = tuple(f for f in facts if f.location in allowed)
     target = service_target(spec, state)
-    name = policy_name or spec.replica_policy.policy
+    name = spec.replica_policy.policy if policy_name is None else policy_name  # "" is no name
+    config = spec.replica_policy.policy_config()
+    gitops = is_gitops(state)
+    if gitops:
+        # Committed replicas count as READY (the watcher cannot see CI's apply), so on-demand
+        # fallback, which covers spot replicas until they are READY, would only be committed and
+        # withdrawn again; `base_ondemand_fallback_replicas` still runs.
+        config = replace(config, dynamic_ondemand_fallback=False)
     try:
-        policy = make_policy(name, spec.replica_policy.policy_config(), seed=0)
+        policy = make_policy(name, config, seed=0)
     except PolicyError as exc:
-        if policy_name:  # named on the command line: the message says which
+        if policy_name is not None:  # named on the command line: the message says which
             raise
         raise SpecError(str(exc), file=spec.source, path="replica_policy.policy") from exc
     if state.policy_memory.get("policy") == name:
@@ -189,7 +233,11 @@ def compute_plan(
         events=state.events(),
     )
     decisions = [Terminate(f.id) for f in outside] + policy.decide(obs)
-    retire = _next_to_retire(live, outdated, decisions, target)
+    # GitOps: a replacement counts for the roll-over only once the readiness probe's initial delay
+    # (the time a replica is given to come up) has passed since it was committed, so that one
+    # outdated replica is released per cold start, never all in one commit.
+    grace = float(spec.readiness_probe.initial_delay_seconds) if gitops else 0.0
+    retire = _next_to_retire(live, outdated, decisions, target, now=now, grace=grace)
     if retire is not None:
         decisions.append(Terminate(retire))
     plan = make_plan(
@@ -226,10 +274,17 @@ def outdated_replicas(spec: ServiceSpec, state: ServiceState) -> list[str]:
 
 
 def _next_to_retire(
-    live: dict[str, ReplicaRecord], outdated: set[str], decisions: list[Any], target: int
+    live: dict[str, ReplicaRecord],
+    outdated: set[str],
+    decisions: list[Any],
+    target: int,
+    *,
+    now: float,
+    grace: float = 0.0,
 ) -> str | None:
     """The outdated replica to release in this pass, if any: only while more than `target` READY
-    replicas would remain (not counting ones already being released), the oldest first."""
+    replicas would remain (not counting ones already being released, nor ones READY for less
+    than `grace` seconds), the oldest first."""
     if not outdated:
         return None
     leaving = {d.replica_id for d in decisions if isinstance(d, Terminate)}
@@ -238,7 +293,11 @@ def _next_to_retire(
     ready = [
         r
         for r in live.values()
-        if r.ready_at is not None and r.not_ready_since is None and not r.draining and r.id not in leaving
+        if r.ready_at is not None
+        and r.not_ready_since is None
+        and not r.draining
+        and r.id not in leaving
+        and now - r.ready_at >= grace
     ]
     if len(ready) <= target:
         return None

@@ -130,3 +130,197 @@ def test_state_inside_the_repo_is_committed_with_the_tree(repo, write_spec):
     committed = json.loads(git(repo, "show", "HEAD:state/state.json"))
     live = sorted(rid for rid, r in committed["replicas"].items() if r["gone_at"] is None)
     assert live == sorted(tfvars_replicas(repo))
+
+
+def controller(spec_path: Path, state_dir: Path, repo: Path, clock: Clock, **kw) -> Controller:
+    spec = load_spec(spec_path)
+    return Controller(
+        spec,
+        state_dir,
+        executor=GitOpsExecutor(spec, state_dir, repo, clock=clock, **kw),
+        sources=[FakeSource()],
+        clock=clock,
+        options=ControllerOptions(assume_ready=True),
+    )
+
+
+def commit_ops(repo: Path) -> list[tuple[list[str], list[str]]]:
+    """(created, deleted) replica IDs per commit, newest first, from the commit messages."""
+    out = []
+    for msg in commits(repo):
+        lines = msg.splitlines()
+        out.append(
+            (
+                [x.split()[1] for x in lines if x.startswith("  + ")],
+                [x.split()[1] for x in lines if x.startswith("  - ")],
+            )
+        )
+    return out
+
+
+ROLLING = (
+    SPEC
+    + """
+readiness_probe:
+  initial_delay_seconds: 600
+"""
+)
+
+
+def test_a_spec_change_rolls_over_keeping_n_booted_replicas_at_every_commit(tmp_path, repo, write_spec):
+    # CI applies a commit as one Terraform apply: retiring every outdated replica in one commit
+    # would destroy them all while their replacements boot. The watcher cannot see CI's apply, so
+    # a replacement counts for the roll-over once the probe's initial delay has passed.
+    clock = Clock(1_700_000_000.0)
+    sdir = repo / "state"
+    ctl = controller(write_spec(ROLLING), sdir, repo, clock)
+    ctl.tick()
+    old = sorted(r.id for r in ctl.state.live())
+    assert len(old) == 3
+    clock.advance(3600)  # the fleet has long been up when the spec changes
+    changed = write_spec(ROLLING.replace("command: python3 server.py", "command: python3 server.py --v2"))
+    ctl = controller(changed, sdir, repo, clock)
+    for _ in range(80):  # 40 minutes of passes
+        clock.advance(30)
+        before = len(commits(repo))
+        ctl.tick()
+        if len(commits(repo)) > before:
+            assert git(repo, "status", "--porcelain") == ""  # the commit holds the pass's state
+            created, deleted = commit_ops(repo)[0]
+            # N = 2 stay up: replicas committed at least the initial delay ago (booted by now)
+            up = [r for r in ctl.state.live() if r.ready_at is not None and r.ready_at <= clock() - 600]
+            assert len(up) >= 2, (created, deleted)
+    retired = [rid for _, deleted in commit_ops(repo) for rid in deleted]
+    assert sorted(retired) == old  # every outdated replica went, over several commits
+    live = ctl.state.live()
+    assert len(live) == 3 and not any(r.id in old for r in live)
+
+
+REGIONS = """
+name: svc
+resources: {instance_type: {aws: g6.xlarge}}
+placement: {clouds: [aws], regions: [us-east-1, us-east-2], zones: [use1-az1, use2-az1]}
+replica_policy: {min_replicas: 2, num_overprovision: 0, policy: spothedge}
+terraform: {backend: s3, config: {bucket: b, region: us-east-1}}
+run: {command: serve}
+"""
+
+
+def test_the_working_copy_is_clean_after_each_commit_and_ci_rerenders_the_committed_tree(
+    tmp_path, repo, write_spec
+):
+    # the state committed is the one the pass ended with, and `render` plans as of the state's
+    # last decision, so re-rendering a committed state later gives the committed tree
+    clock = Clock(1_700_000_000.0)
+    spec = write_spec(REGIONS.replace("policy: spothedge", "policy: skyhedge"))
+    ctl = controller(spec, repo / "state", repo, clock)
+    ctl.tick()
+    assert git(repo, "status", "--porcelain") == ""
+    manifest = json.loads((repo / "infra" / "skyhedge-tree.json").read_text())
+    ids = [rid for root in manifest["roots"] for rid in root["replicas"]]
+    assert len(ids) == 2  # spot only: no on-demand fallback committed and withdrawn again
+    ci = tmp_path / "ci"
+    git(tmp_path, "clone", "-q", str(repo), str(ci))
+    args = ["render", str(spec), "--state-dir", str(ci / "state"), "--out", str(tmp_path / "again")]
+    out = CliRunner().invoke(main, args)
+    assert out.exit_code == 0, out.output
+    files = sorted(p.relative_to(repo / "infra") for p in (repo / "infra").rglob("*") if p.is_file())
+    assert files == sorted(
+        p.relative_to(tmp_path / "again") for p in (tmp_path / "again").rglob("*") if p.is_file()
+    )
+    for name in files:
+        assert (tmp_path / "again" / name).read_bytes() == (repo / "infra" / name).read_bytes(), name
+
+
+def test_an_emptied_region_stays_rendered_empty_so_ci_destroys_what_ran_there(tmp_path, repo, write_spec):
+    clock = Clock(1_700_000_000.0)
+    sdir = repo / "state"
+    ctl = controller(write_spec(REGIONS), sdir, repo, clock)
+    ctl.tick()
+    roots = {r["path"] for r in json.loads((repo / "infra" / "skyhedge-tree.json").read_text())["roots"]}
+    assert roots == {"aws/us-east-1", "aws/us-east-2"}
+    narrowed = REGIONS.replace("us-east-1, us-east-2], zones: [use1-az1, use2-az1]", "us-east-2]")
+    ctl = controller(write_spec(narrowed), sdir, repo, clock)
+    clock.advance(30)
+    ctl.tick()
+    ctl = controller(write_spec(narrowed), sdir, repo, clock)  # a restarted watcher re-renders
+    clock.advance(30)
+    ctl.tick()
+    manifest = json.loads((repo / "infra" / "skyhedge-tree.json").read_text())
+    by_path = {r["path"]: r["replicas"] for r in manifest["roots"]}
+    assert by_path["aws/us-east-1"] == [] and len(by_path["aws/us-east-2"]) == 2
+    # a week on, the next commit (here: after a preemption) drops the empty root
+    clock.advance(8 * 24 * 3600)
+    victim = ctl.state.live()[0]
+    ctl.sources[0].queue.append(
+        PreemptionEvent(Signal.GONE, clock(), "fake", replica_id=victim.id, reason="preempted")
+    )
+    ctl.tick()
+    roots = {r["path"] for r in json.loads((repo / "infra" / "skyhedge-tree.json").read_text())["roots"]}
+    assert roots == {"aws/us-east-2"}
+
+
+def test_moving_to_another_cloud_keeps_the_old_clouds_root_with_its_recorded_instance_type(
+    tmp_path, repo, write_spec
+):
+    clock = Clock(1_700_000_000.0)
+    sdir = repo / "state"
+    ctl = controller(write_spec(REGIONS), sdir, repo, clock)
+    ctl.tick()
+    moved = REGIONS.replace(
+        "clouds: [aws], regions: [us-east-1, us-east-2], zones: [use1-az1, use2-az1]",
+        "clouds: [gcp], regions: [us-east4]",
+    )
+    moved = moved.replace("{aws: g6.xlarge}", "{gcp: g2-standard-4}")
+    ctl = controller(write_spec(moved), sdir, repo, clock)
+    clock.advance(30)
+    ctl.tick()
+    assert ctl.last_apply is not None and not ctl.last_apply.errors
+    by_path = {
+        r["path"]: r["replicas"]
+        for r in json.loads((repo / "infra" / "skyhedge-tree.json").read_text())["roots"]
+    }
+    assert by_path["aws/us-east-1"] == [] and by_path["aws/us-east-2"] == []
+    assert len(by_path["gcp/us-east4"]) == 2
+
+
+@pytest.mark.parametrize("path", ["../outside", "ABSOLUTE", ".git/sub"])
+def test_gitops_path_outside_the_repository_is_refused_before_anything_is_written(
+    tmp_path, repo, write_spec, path
+):
+    path = str(tmp_path / "abs-out") if path == "ABSOLUTE" else path
+    spec = write_spec(SPEC)
+    args = ["watch", str(spec), "--state-dir", str(tmp_path / "st"), "--gitops", str(repo)]
+    out = CliRunner().invoke(main, [*args, "--gitops-path", path, "--once"])
+    assert out.exit_code == 1
+    assert "--gitops-path" in out.output and "inside the repository" in out.output
+    assert len(out.output.strip().splitlines()) == 1
+    assert not (tmp_path / "outside").exists() and not (tmp_path / "abs-out").exists()
+    assert not (repo / ".git" / "sub").exists()
+
+
+def test_a_detached_head_is_refused(tmp_path, repo, write_spec):
+    (repo / "f").write_text("x")
+    git(repo, "add", "f")
+    git(repo, "-c", "user.name=t", "-c", "user.email=t@x", "commit", "-qm", "init")
+    git(repo, "checkout", "-q", "--detach")
+    with pytest.raises(StateError, match="HEAD is detached"):
+        GitOpsExecutor(load_spec(write_spec(SPEC)), tmp_path / "state", repo)
+
+
+def test_an_ignored_state_dir_inside_the_repository_is_refused(repo, write_spec):
+    (repo / ".gitignore").write_text("state/\n")
+    with pytest.raises(StateError, match="ignored by git"):
+        GitOpsExecutor(load_spec(write_spec(SPEC)), repo / "state", repo)
+
+
+def test_a_configured_author_name_is_kept_when_only_the_email_is_missing(
+    tmp_path, repo, write_spec, monkeypatch
+):
+    monkeypatch.setenv("GIT_CONFIG_GLOBAL", str(tmp_path / "no-global-gitconfig"))
+    monkeypatch.setenv("GIT_CONFIG_NOSYSTEM", "1")
+    git(repo, "config", "user.name", "Platform Bot")
+    clock = Clock(1_700_000_000.0)
+    ctl = controller(write_spec(SPEC), tmp_path / "state", repo, clock)
+    ctl.tick()
+    assert git(repo, "log", "-1", "--format=%an <%ae>").strip() == "Platform Bot <skyhedge@localhost>"

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 from skyhedge.cli import main
 from skyhedge.errors import PolicyError
-from skyhedge.policy import LaunchSpot, Location, Observation, make_policy
+from skyhedge.policy import Candidate, LaunchSpot, Location, Observation, make_policy
 from skyhedge.policy.base import GuardedPolicy
 from skyhedge.policy.spothedge import SpotHedge
 
@@ -47,6 +47,14 @@ PLUGIN = textwrap.dedent(
         def decide(self, obs):
             return [LaunchSpot(Location("local", "local", "local-a"))]
 
+    class Outside(Policy):
+        def decide(self, obs):
+            return [LaunchSpot(Location("gcp", "europe-west4", "europe-west4-a"))]
+
+    class Exits(Policy):
+        def decide(self, obs):
+            raise SystemExit(3)
+
     class OwnInit(Policy):
         def __init__(self, config=None, *, seed=0):
             self.zone = Location("local", "local", "local-b")  # never calls Policy.__init__
@@ -67,7 +75,10 @@ def plugin(tmp_path, monkeypatch):
 
 
 def observation() -> Observation:
-    return Observation(now=0.0, target=1, candidates=(), replicas=(), events=())
+    zones = [Location("local", "local", f"local-{x}") for x in "ab"]
+    return Observation(
+        now=0.0, target=1, candidates=tuple(Candidate(z, 1.0, 3.0) for z in zones), replicas=(), events=()
+    )
 
 
 @pytest.mark.parametrize(
@@ -76,6 +87,10 @@ def observation() -> Observation:
         ("Broken", "decide", "policy 'shplug:Broken': decide() raised RuntimeError: boom"),
         ("Junk", "decide", "policy 'shplug:Junk': decide() must return a list of Decision"),
         ("BadMemory", "snapshot", "policy 'shplug:BadMemory': snapshot() must return a dict"),
+        # a launch outside the spec's placement would be priced at $0 and rendered, excluded
+        # zones included; sys.exit() would end `plan` with a bare exit code and no message
+        ("Outside", "decide", "policy 'shplug:Outside': decide() launched in gcp/europe-west4/"),
+        ("Exits", "decide", "policy 'shplug:Exits': decide() raised SystemExit: 3"),
     ],
 )
 def test_a_plugins_bug_is_one_policy_error_naming_it(plugin, cls, call, message):
@@ -116,6 +131,15 @@ def test_plan_reports_a_broken_plugin_in_one_line(plugin, tmp_path, monkeypatch)
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 1
     assert result.output.strip() == "error: policy 'shplug:Broken': decide() raised RuntimeError: boom"
+
+
+def test_an_empty_policy_name_on_the_command_line_is_refused_not_ignored(tmp_path, monkeypatch):
+    monkeypatch.delenv("SKYHEDGE_DEBUG", raising=False)
+    spec = REPO / "examples/local-echo/service.yaml"
+    args = ["plan", str(spec), "--state-dir", str(tmp_path / "state"), "--policy", ""]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 1
+    assert result.output.startswith("error: unknown policy '' (available:")
 
 
 def test_skyhedge_debug_shows_the_plugins_traceback(plugin, tmp_path, monkeypatch):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import sys
@@ -224,6 +225,59 @@ def test_write_tree_is_atomic_and_keeps_terraform_working_files(tmp_path):
     with pytest.raises(RenderError, match="holds Terraform state"):
         write_tree(render_tree(spec_of(("aws",)), other, context=CTX, instance_types=TYPES), out)
     assert (root / "terraform.tfstate").is_file()
+
+
+def test_a_root_holding_a_workspaces_state_is_not_dropped_either(tmp_path):
+    out = tmp_path / "infra"
+    write_tree(render_tree(spec_of(), LOCAL, context=CTX, instance_types=TYPES), out)
+    workspace = out / "local" / "local" / "terraform.tfstate.d" / "prod"
+    workspace.mkdir(parents=True)
+    (workspace / "terraform.tfstate").write_text('{"version": 4, "resources": [{}]}')
+    other = plan_of(("r-0001", "aws", "us-east-1", "use1-az1", "spot", CREATE))
+    with pytest.raises(RenderError, match="holds Terraform state"):
+        write_tree(render_tree(spec_of(("aws",)), other, context=CTX, instance_types=TYPES), out)
+    assert (workspace / "terraform.tfstate").is_file()
+
+
+def test_write_tree_refuses_the_tree_of_another_service(tmp_path):
+    # two services rendered into one directory (e.g. both `--gitops-path infra`) would silently
+    # take over each other's roots and state keys
+    out = tmp_path / "infra"
+    write_tree(render_tree(spec_of(), LOCAL, context=CTX, instance_types=TYPES), out)
+    before = files_of(out)
+    other = dataclasses.replace(spec_of(), name="another-service")
+    with pytest.raises(RenderError, match="holds the tree of service 'render-test', not 'another-service'"):
+        write_tree(render_tree(other, LOCAL, context=CTX, instance_types=TYPES), out)
+    assert files_of(out) == before
+
+
+def test_the_swap_never_leaves_the_directory_missing(tmp_path):
+    import threading
+
+    from skyhedge.render import tree as tree_module
+
+    if tree_module._renameat2() is None:
+        pytest.skip("no renameat2 here: the swap is two renames")
+    out = tmp_path / "infra"
+    tree = render_tree(spec_of(), LOCAL, context=CTX, instance_types=TYPES)
+    write_tree(tree, out)
+    missing, done = [], threading.Event()
+
+    def reader() -> None:
+        while not done.is_set():
+            if not (out / TREE_MANIFEST).is_file():
+                missing.append(1)
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    try:
+        for _ in range(40):
+            write_tree(tree, out)
+    finally:
+        done.set()
+        thread.join()
+    assert missing == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["infra"]
 
 
 def test_write_tree_refuses_to_replace_a_directory_it_did_not_render(tmp_path):

@@ -10,7 +10,7 @@ import click
 from skyhedge.apply import Workspace, instance_types, roots_with_resources
 from skyhedge.cli._app import console, main, spec_argument, state_dir_option
 from skyhedge.render import render_tree, write_tree
-from skyhedge.service import compute_plan, resolve_placement
+from skyhedge.service import compute_plan, decided_at, resolve_placement
 from skyhedge.spec import load_spec
 from skyhedge.state import default_state_dir, load_state
 
@@ -27,20 +27,25 @@ from skyhedge.state import default_state_dir, load_state
 def render(spec: Path, out: Path, state_dir: Path | None) -> None:
     """Render SPEC's plan as Terraform: one root per (cloud, region), values in *.auto.tfvars.json.
 
-    Reads the state (to keep replica IDs stable) but never writes it. Same spec and state give a
-    byte-identical tree; the tree is written to a temp dir and renamed into place.
+    Reads the state (to keep replica IDs stable) but never writes it, and plans as of the state's
+    last decision, not the clock: same spec and state give a byte-identical tree, whenever it
+    runs. The tree is written to a temp dir and swapped into place.
     """
     service = load_spec(spec)
     sdir = state_dir or default_state_dir(service.name)
     state = load_state(sdir, service.name)
     placement = resolve_placement(service)
-    plan, _memory = compute_plan(service, state, now=time.time(), placement=placement)
+    # As of the state's last decision, not the clock: re-rendering a committed state (GitOps CI)
+    # gives the committed tree however much later it runs.
+    now = decided_at(state)
+    now = time.time() if now is None else now
+    plan, _memory = compute_plan(service, state, now=now, placement=placement)
     tree = render_tree(
         service,
         plan,
         context=Workspace(service, sdir).context(),
         instance_types=instance_types(state, placement),
-        extra_roots=roots_with_resources(state),
+        extra_roots=roots_with_resources(state, now),
     )
     write_tree(tree, out)
     console.print(f"Rendered {len(tree.roots)} Terraform root(s) for {service.name} into {out}:")

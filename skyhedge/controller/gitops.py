@@ -9,8 +9,12 @@ writes an identical tree, so git sees no change and no commit is made.
 
 Replicas are recorded as provisioned (and, by the controller's `assume_ready`, READY) once
 committed: the watcher cannot probe what CI has not applied yet, and counting them as missing
-would make the policy buy on-demand fallback on every tick. Preemptions still arrive from the
-clouds' event sources.
+would make the policy buy on-demand fallback on every tick. The state records the mode
+(`service.set_gitops`), so that `compute_plan` (the watcher's, and `plan`/`render` in CI) runs the
+policy without on-demand fallback and counts a committed replacement for a rolling update only
+once the readiness probe's initial delay has passed. A root a commit empties stays rendered for
+a while (`apply.roots_with_resources`): nothing tells the watcher when CI has applied it.
+Preemptions still arrive from the clouds' event sources.
 """
 
 from __future__ import annotations
@@ -21,17 +25,18 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-from skyhedge.apply import Workspace
+from skyhedge.apply import Workspace, instance_types, roots_with_resources
 from skyhedge.controller.ports import ExecResult
 from skyhedge.errors import RenderError, StateError
 from skyhedge.planner import CREATE, DELETE, Plan
 from skyhedge.render import render_tree, write_tree
-from skyhedge.service import Placement, resolve_placement
+from skyhedge.service import GITOPS_KEY, Placement, resolve_placement
 from skyhedge.spec import ServiceSpec
 from skyhedge.state import STATE_FILE, ServiceState
 
-EXTRA_KEY = "gitops"
+EXTRA_KEY = GITOPS_KEY  # state.extra: mode, last commit's time and cost, committed roots
 DEFAULT_SUBDIR = "infra"  # examples/gitops: infra/ holds the tree, state/ the state dir
 _GIT_ENV = {"GIT_TERMINAL_PROMPT": "0", "LC_ALL": "C"}
 
@@ -115,7 +120,13 @@ def commit_message(
 
 
 class GitOpsExecutor:
-    """`Executor` that renders into `repo/subdir` and commits instead of running Terraform."""
+    """`Executor` that renders into `repo/subdir` and commits instead of running Terraform.
+
+    `apply` renders and stages the tree and records the committed layout in the state; `finish`,
+    called by the controller once the pass has saved the state, commits the tree together with
+    that final `state.json`, so the working copy is clean right after a commit and CI re-renders
+    from exactly the state the watcher ended the pass with.
+    """
 
     def __init__(
         self,
@@ -129,19 +140,43 @@ class GitOpsExecutor:
     ) -> None:
         self.spec = spec
         self.top = check_repo(Path(repo))
-        self.out = (Path(repo) / (subdir if subdir is not None else DEFAULT_SUBDIR)).resolve()
+        where = subdir if subdir is not None else DEFAULT_SUBDIR
+        self.out = (Path(repo) / where).resolve()
         if self.out == self.top:
             raise StateError(
                 f"{repo}: --gitops writes the tree into a folder of the repository, not its top level"
             )
+        if not self.out.is_relative_to(self.top) or self.out.is_relative_to(self.top / ".git"):
+            raise StateError(
+                f"--gitops-path {where}: must name a folder inside the repository {self.top} "
+                "(and not inside .git)"
+            )
+        if git(self.top, "symbolic-ref", "-q", "HEAD", check=False).returncode != 0:
+            raise StateError(
+                f"{self.top}: HEAD is detached; check out the branch the watcher should commit to"
+            )
         self.workspace = Workspace(spec, state_dir)
+        self.state_file = self.workspace.state_dir / STATE_FILE
+        if self.state_file.resolve().is_relative_to(self.top):
+            rel = str(self.state_file.resolve().relative_to(self.top))
+            if git(self.top, "check-ignore", "-q", "--", rel, check=False).returncode == 0:
+                raise StateError(
+                    f"{self.top / rel}: the state is ignored by git, so CI could not re-render the "
+                    "committed tree from it; ignore only state.lock, tf/ and local/ of the state dir, "
+                    "or keep the state dir outside the repository"
+                )
         self.placement = placement or resolve_placement(spec)
         self.clock = clock
         self.commits: list[str] = []
+        self._pending: str | None = None  # the message of the commit `finish` owes
 
     def apply(self, state: ServiceState, plan: Plan, now: float) -> ExecResult:
         tree = render_tree(
-            self.spec, plan, context=self.workspace.context(), instance_types=self.placement.instance_types
+            self.spec,
+            plan,
+            context=self.workspace.context(),
+            instance_types=instance_types(state, self.placement),
+            extra_roots=roots_with_resources(state, now),
         )
         try:
             write_tree(tree, self.out)
@@ -149,28 +184,23 @@ class GitOpsExecutor:
             return ExecResult(errors=(str(exc),))
         rel = str(self.out.relative_to(self.top))
         git(self.top, "add", "-A", "--", rel)
-        staged = git(self.top, "diff", "--cached", "--quiet", "--", rel, check=False)
-        paths = [rel]
-        state_file = self.workspace.state_dir / STATE_FILE
-        if staged.returncode != 0 and state_file.is_file() and state_file.resolve().is_relative_to(self.top):
-            # The state (saved with this plan's intent) goes in the same commit, so that CI re-rendering
-            # from the committed state gets the committed tree (examples/gitops).
-            paths.append(str(state_file.resolve().relative_to(self.top)))
-            git(self.top, "add", "--", paths[-1])
-        note = ""
-        if staged.returncode != 0:
-            info = state.extra.setdefault(EXTRA_KEY, {})
-            message = commit_message(
+        staged = git(self.top, "diff", "--cached", "--quiet", "--", rel, check=False).returncode != 0
+        info = state.extra.setdefault(GITOPS_KEY, {})
+        if staged:
+            self._pending = commit_message(
                 self.spec.name, plan, state, info.get("committed_at"), info.get("hourly_cost")
             )
-            identity: list[str] = []
-            if git(self.top, "config", "user.email", check=False).returncode != 0:
-                identity = ["-c", "user.name=skyhedge", "-c", "user.email=skyhedge@localhost"]
-            git(self.top, *identity, "commit", "-q", "-m", message, "--", *paths)
-            sha = git(self.top, "rev-parse", "--short", "HEAD").stdout.strip()
-            self.commits.append(sha)
-            info.update({"committed_at": now, "hourly_cost": plan.hourly_cost, "commit": sha})
-            note = f"gitops: committed {sha} in {self.top}: {message.splitlines()[0]}"
+            info.update({"committed_at": now, "hourly_cost": plan.hourly_cost})
+        # What CI will apply: roots emptied by this commit stay rendered a while (roots_with_resources)
+        before = info.get("roots") if isinstance(info.get("roots"), dict) else {}
+        roots: dict[str, dict[str, Any]] = {}
+        for root in tree.roots:
+            if root.replicas:
+                roots[root.path] = {"replicas": list(root.replicas)}
+            else:
+                emptied = (before.get(root.path) or {}).get("emptied_at")
+                roots[root.path] = {"replicas": [], "emptied_at": now if emptied is None else emptied}
+        info["roots"] = roots
         done = self.clock()
         for r in plan.replicas:  # CI applies what was committed: record it as the new layout
             rec = state.replicas.get(r.id)
@@ -180,4 +210,26 @@ class GitOpsExecutor:
                 rec.gone_at, rec.reason, rec.draining = done, "terminated", False
             elif rec.provisioned_at is None:
                 rec.provisioned_at = done
-        return ExecResult(applied=tuple(r.path for r in tree.roots), note=note)
+        return ExecResult()
+
+    def finish(self, state: ServiceState) -> str:
+        """Commit the staged tree with the saved state; returns a note ('' when nothing to commit).
+        A failed commit raises (StateError) and is retried by the next pass."""
+        if self._pending is None:
+            return ""
+        rel = str(self.out.relative_to(self.top))
+        paths = [rel]
+        if self.state_file.is_file() and self.state_file.resolve().is_relative_to(self.top):
+            # the state goes in the same commit, so that CI re-rendering from it gets this tree
+            paths.append(str(self.state_file.resolve().relative_to(self.top)))
+        git(self.top, "add", "-A", "--", *paths)
+        identity: list[str] = []
+        for key, default in (("user.name", "skyhedge"), ("user.email", "skyhedge@localhost")):
+            if git(self.top, "config", key, check=False).returncode != 0:
+                identity += ["-c", f"{key}={default}"]
+        git(self.top, *identity, "commit", "-q", "-m", self._pending, "--", *paths)
+        sha = git(self.top, "rev-parse", "--short", "HEAD").stdout.strip()
+        self.commits.append(sha)
+        subject = self._pending.splitlines()[0]
+        self._pending = None
+        return f"gitops: committed {sha} in {self.top}: {subject}"

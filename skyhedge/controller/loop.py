@@ -46,7 +46,7 @@ from skyhedge.errors import RoutingError, SkyhedgeError
 from skyhedge.events import EventSource, PreemptionEvent
 from skyhedge.planner import CREATE, DELETE, KEEP, Plan, PlannedReplica
 from skyhedge.policy.types import EventKind, Market, ReplicaStatus, ZoneEvent
-from skyhedge.service import Placement, compute_plan, resolve_placement
+from skyhedge.service import Placement, compute_plan, remember_decision, resolve_placement, set_gitops
 from skyhedge.spec import ServiceSpec
 from skyhedge.state import ReplicaRecord, ServiceState, load_state, save_state
 
@@ -127,6 +127,7 @@ class Controller:
         self.options = options or ControllerOptions()
         self.placement = placement or resolve_placement(spec)
         self.state: ServiceState = load_state(state_dir, spec.name)
+        set_gitops(self.state, self.options.assume_ready)
         self.scaler = autoscaler.AutoscalerConfig.from_spec(spec)
         self.notes: deque[Note] = deque(maxlen=50)
         self._noted: dict[str, float] = {}  # text -> when last noted (repeats suppressed)
@@ -188,13 +189,16 @@ class Controller:
         if plan.has_changes or not self._started or self._failures:
             result = self._act(plan, memory, now)
         else:  # nothing to do: the policy has still seen the events (saved below)
-            self.state.policy_memory = memory
+            remember_decision(self.state, memory, now)
             self.state.pending_events = []
         if result is not None and not result.failed:
             self._sweep()
         self._started = True
         self._route()
         self.save()
+        finish = getattr(self.executor, "finish", None)  # GitOps: commit with the state just saved
+        if finish is not None and (note := finish(self.state)):
+            self.note(note)
         for source in self.sources:
             source.ack()
         for listener in self._listeners:

@@ -48,7 +48,10 @@ class Executor(Protocol):
         """Apply `plan.desired` to every root that is not up to date (others are skipped), and
         record in `state`: endpoints, cloud IDs and `provisioned_at` of created replicas; destroyed
         ones gone (`terminated`); launches refused for capacity gone (`failed`) with a
-        LAUNCH_FAILED zone event. Must not raise for a failed root: report it."""
+        LAUNCH_FAILED zone event. Must not raise for a failed root: report it.
+
+        An executor may also have `finish(state) -> str`, called at the end of every pass once the
+        state is saved (GitOps commits there, with that state); it returns a note or ''."""
         ...
 
 

@@ -104,6 +104,14 @@ class GuardedPolicy(Policy):
                 f"policy {self.label!r}: decide() must return a list of Decision "
                 f"(LaunchSpot, LaunchOnDemand, Terminate), got {decisions!r:.80}"
             )
+        allowed = {c.location for c in obs.candidates}
+        for d in decisions:
+            where = getattr(d, "location", None)
+            if where is not None and where not in allowed:
+                raise PolicyError(
+                    f"policy {self.label!r}: decide() launched in {where.key}, which is not one of the "
+                    "observation's candidates (the spec's placement)"
+                )
         return decisions
 
     def snapshot(self) -> dict[str, Any]:
@@ -120,7 +128,7 @@ class GuardedPolicy(Policy):
             return getattr(self.inner, method)(*args)
         except PolicyError:
             raise
-        except Exception as exc:
+        except (Exception, SystemExit) as exc:  # sys.exit() in a plug-in is a bug too, not an exit
             raised = f"{type(exc).__name__}: {exc}"
             raise PolicyError(f"policy {self.label!r}: {method}() raised {raised}") from exc
 

@@ -25,6 +25,7 @@ import json
 import os
 import re
 import shutil
+import sys
 import tempfile
 import uuid
 from collections import defaultdict
@@ -280,22 +281,33 @@ def render_tree(
 # Writing
 
 
-def _old_roots(out: Path) -> list[str]:
+def _old_manifest(out: Path) -> dict[str, Any]:
     try:
         manifest = json.loads((out / TREE_MANIFEST).read_text(encoding="utf-8"))
-        return [str(r["path"]) for r in manifest.get("roots", [])]
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError):
+        return {}
+    return manifest if isinstance(manifest, dict) else {}
+
+
+def _old_roots(out: Path) -> list[str]:
+    try:
+        return [str(r["path"]) for r in _old_manifest(out).get("roots", [])]
+    except (KeyError, TypeError):
         return []
 
 
 def _has_local_state(root_dir: Path) -> bool:
-    return any(p.is_file() and p.stat().st_size > 0 for p in root_dir.glob("*.tfstate"))
+    """A root holding local Terraform state, its default workspace's or another workspace's."""
+    files = [*root_dir.glob("*.tfstate"), *root_dir.glob("terraform.tfstate.d/*/terraform.tfstate")]
+    return any(p.is_file() and p.stat().st_size > 0 for p in files)
 
 
 def write_tree(tree: RenderedTree, out: Path) -> None:
     """Write `tree` to `out` so readers see the old tree or the new one, never a mix.
 
-    The new tree is written to a temp dir beside `out`, then swapped in by rename. Terraform's own
+    The new tree is written to a temp dir beside `out`, then swapped in: on Linux by one atomic
+    exchange of the two directories (renameat2), elsewhere by two renames, between which a reader
+    may briefly find no tree (never a partial one). Terraform's own
     files inside a root (`.terraform/`, the lock file, local state) are carried over. `out` must be
     absent, empty, or a tree skyhedge rendered (it holds `skyhedge-tree.json`): anything else is
     refused rather than replaced. A symlink is written through (its target is replaced, the link
@@ -315,6 +327,12 @@ def write_tree(tree: RenderedTree, out: Path) -> None:
             raise RenderError(
                 f"{out}: not empty and not a skyhedge-rendered tree (no {TREE_MANIFEST}); "
                 "refusing to replace it"
+            )
+        owner = _old_manifest(out).get("service")
+        if owner is not None and owner != tree.service:
+            raise RenderError(
+                f"{out}: holds the tree of service {owner!r}, not {tree.service!r}; refusing to "
+                "replace it (render each service into its own directory)"
             )
     new_roots = {r.path for r in tree.roots}
     for old in _old_roots(out) if out.exists() else []:
@@ -336,6 +354,37 @@ def write_tree(tree: RenderedTree, out: Path) -> None:
         raise RenderError(f"{out}: cannot write the rendered tree ({exc.strerror or exc})") from exc
 
 
+_RENAME_EXCHANGE = 2  # linux/fs.h
+
+
+@functools.cache
+def _renameat2() -> Any:
+    """libc's renameat2 (Linux, glibc >= 2.28), or None where there is none."""
+    import ctypes
+    import ctypes.util
+
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        function = libc.renameat2
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    function.restype = ctypes.c_int
+    return function
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two directories atomically (renameat2 RENAME_EXCHANGE); False where the platform or
+    the file system cannot, so the caller falls back to two renames."""
+    function = _renameat2()
+    if function is None:
+        return False
+    at_fdcwd = -100
+    return function(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), _RENAME_EXCHANGE) == 0
+
+
 def _swap_in(tree: RenderedTree, tmp: Path, out: Path, new_roots: set[str]) -> None:
     """Fill `tmp` with `tree` and Terraform's files from `out`, then rename it to `out`."""
     moved: list[tuple[Path, Path]] = []
@@ -354,8 +403,11 @@ def _swap_in(tree: RenderedTree, tmp: Path, out: Path, new_roots: set[str]) -> N
                         moved.append((src, tmp / root / item))
         backup = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
         if out.exists():
-            os.rename(out, backup)
-            os.rename(tmp, out)
+            if _exchange(tmp, out):  # one atomic step: `out` is never absent
+                os.rename(tmp, backup)
+            else:
+                os.rename(out, backup)
+                os.rename(tmp, out)
             for src, _ in moved:  # .terraform dirs: big, so moved (not copied) once the swap is done
                 rel = src.relative_to(out)
                 with contextlib.suppress(OSError):
