@@ -512,10 +512,11 @@ def apply_service(
         if route and not report.errors:
             report.router = bring_routing_up(spec, state, ws.state_dir, say)
             save_state(ws.state_dir, state)
-        outdated = outdated_replicas(spec, state)
+        outdated = outdated_replicas(spec, state, placement)
         if outdated:
             report.notes.append(
-                f"{len(outdated)} replica(s) still run an older spec ({', '.join(outdated)}): each further "
+                f"{len(outdated)} replica(s) still run an older spec or outside the placement "
+                f"({', '.join(outdated)}): each further "
                 "`apply`, or `watch`, releases one as soon as a replacement is READY (a rolling update)"
             )
     return report

@@ -200,7 +200,10 @@ def compute_plan(
     placement = placement or resolve_placement(spec)
     allowed = {c.location for c in placement.candidates}
     facts = state.facts()
-    outside = [f for f in facts if f.location not in allowed]  # spec narrowed: replace these
+    # Replicas where the spec no longer allows them (placement narrowed) are moved like outdated
+    # ones: the policy, which sees only the others, places their replacements, and they are
+    # released one at a time while more than the target stay READY, never all at once.
+    outside = {f.id for f in facts if f.location not in allowed}
     inside = tuple(f for f in facts if f.location in allowed)
     target = service_target(spec, state)
     name = spec.replica_policy.policy if policy_name is None else policy_name  # "" is no name
@@ -221,7 +224,7 @@ def compute_plan(
         policy.restore(state.policy_memory.get("memory", {}))
     revision = replica_revision(spec)
     live = {r.id: r for r in state.live()}
-    outdated = set(outdated_replicas(spec, state))
+    outdated = set(outdated_replicas(spec, state)) - outside
     # A rolling update: while replicas of an older spec run, the policy is asked for one replica
     # more (the surge); once that many are READY, the oldest outdated replica is released. So N
     # stay READY throughout, and the update costs one replica more for a few cold starts.
@@ -232,12 +235,12 @@ def compute_plan(
         replicas=inside,
         events=state.events(),
     )
-    decisions = [Terminate(f.id) for f in outside] + policy.decide(obs)
+    decisions = policy.decide(obs)
     # GitOps: a replacement counts for the roll-over only once the readiness probe's initial delay
-    # (the time a replica is given to come up) has passed since it was committed, so that one
-    # outdated replica is released per cold start, never all in one commit.
+    # (the time a replica is given to come up) has passed since it was committed, so that every
+    # commit keeps N replicas that have had time to boot.
     grace = float(spec.readiness_probe.initial_delay_seconds) if gitops else 0.0
-    retire = _next_to_retire(live, outdated, decisions, target, now=now, grace=grace)
+    retire = _next_to_retire(live, outdated | outside, decisions, target, now=now, grace=grace)
     if retire is not None:
         decisions.append(Terminate(retire))
     plan = make_plan(
@@ -258,7 +261,7 @@ def compute_plan(
                 r,
                 revision=(live[r.id].revision or revision) if r.id in live else revision,
                 port=_launched_port(live[r.id]) if r.id in live else None,
-                outdated=r.id in outdated,
+                outdated=r.id in outdated or r.id in outside,
             )
             for r in plan.replicas
         ),
@@ -266,11 +269,20 @@ def compute_plan(
     return plan, {"policy": name, "memory": policy.snapshot()}
 
 
-def outdated_replicas(spec: ServiceSpec, state: ServiceState) -> list[str]:
-    """IDs of the live replicas launched under another revision of `spec` (rolling update pending).
+def outdated_replicas(
+    spec: ServiceSpec, state: ServiceState, placement: Placement | None = None
+) -> list[str]:
+    """IDs of the live replicas launched under another revision of `spec` (rolling update pending)
+    and, given the placement, those in a location it no longer allows (moved the same way).
     Replicas recorded before revisions existed count as current."""
     revision = replica_revision(spec)
-    return sorted(r.id for r in state.live() if r.revision is not None and r.revision != revision)
+    allowed = None if placement is None else {c.location for c in placement.candidates}
+    return sorted(
+        r.id
+        for r in state.live()
+        if (r.revision is not None and r.revision != revision)
+        or (allowed is not None and r.location not in allowed)
+    )
 
 
 def _next_to_retire(

@@ -242,6 +242,8 @@ def test_an_emptied_region_stays_rendered_empty_so_ci_destroys_what_ran_there(tm
     narrowed = REGIONS.replace("us-east-1, us-east-2], zones: [use1-az1, use2-az1]", "us-east-2]")
     ctl = controller(write_spec(narrowed), sdir, repo, clock)
     clock.advance(30)
+    ctl.tick()  # the replacement in us-east-2 is committed; us-east-1's replica keeps serving
+    clock.advance(1300)  # the probe's initial delay (1200 s by default) later, it is released
     ctl.tick()
     ctl = controller(write_spec(narrowed), sdir, repo, clock)  # a restarted watcher re-renders
     clock.advance(30)
@@ -274,7 +276,12 @@ def test_moving_to_another_cloud_keeps_the_old_clouds_root_with_its_recorded_ins
     moved = moved.replace("{aws: g6.xlarge}", "{gcp: g2-standard-4}")
     ctl = controller(write_spec(moved), sdir, repo, clock)
     clock.advance(30)
-    ctl.tick()
+    ctl.tick()  # gcp replicas committed; the aws ones serve on, rendered with their instance type
+    assert ctl.last_apply is not None and not ctl.last_apply.errors
+    clock.advance(1300)  # once the gcp ones have had time to boot, the aws ones go
+    for _ in range(3):
+        clock.advance(30)
+        ctl.tick()
     assert ctl.last_apply is not None and not ctl.last_apply.errors
     by_path = {
         r["path"]: r["replicas"]

@@ -350,3 +350,27 @@ def test_a_router_killed_from_outside_is_started_again_and_said_so(world):
     ctl.tick()
     assert len(router.reloads) == reloads + 1 and router.running()
     assert any("router was not running" in n.text and "started it again" in n.text for n in ctl.notes)
+
+
+def test_narrowing_the_placement_moves_replicas_without_dropping_below_n_ready(world, write_spec):
+    # zones a and b leave the placement: their replicas keep serving until replacements in the
+    # allowed zones are READY, then go one at a time (before: all terminated in the same apply)
+    ctl, clock = make(world), world["clock"]
+    settle(ctl, clock)
+    assert sorted(r.zone for r in ctl.state.live()) == ["local-a", "local-b", "local-c"]
+    world["spec"] = load_spec(
+        write_spec(
+            SPEC.replace("zones: [local-a, local-b, local-c]", "zones: [local-c, local-d]"), "moved.yaml"
+        )
+    )
+    ctl = make(world)
+    prober, booting, moved_at = world["prober"], {}, clock()
+    for _ in range(40):
+        for rec in ctl.state.live():  # a new replica answers its probe only after 5 ticks
+            booting.setdefault(rec.id, ctl.ticks if rec.launched_at >= moved_at else -99)
+        prober.down = {rid for rid, born in booting.items() if ctl.ticks - born < 5}
+        ctl.tick()
+        clock.advance(1)
+        ready = [r for r in ctl.state.live() if r.fact().status is ReplicaStatus.READY and not r.draining]
+        assert len(ready) >= 2, sorted((r.id, r.zone) for r in ctl.state.live())
+    assert {r.zone for r in ctl.state.live()} <= {"local-c", "local-d"}

@@ -120,8 +120,8 @@ def plan(
         console.print(f"Plan: {s['create']} to create, {s['keep']} to keep, {s['delete']} to delete.")
         if s["outdated"]:
             console.print(
-                f"{s['outdated']} replica(s) run an older spec (run or resources changed): a rolling "
-                "update replaces them one at a time, each once a replacement is READY."
+                f"{s['outdated']} replica(s) run an older spec (run, resources or placement changed): "
+                "a rolling update replaces them one at a time, each once a replacement is READY."
             )
     if detailed_exitcode and (result.has_changes or result.summary()["outdated"]):
         sys.exit(2)
