@@ -2,31 +2,26 @@
 
 SkyServe semantics: GET, or POST with `post_data` as a JSON body when it is set (a mapping is
 encoded; a string is sent as is, it is taken to be JSON already), with the spec's headers, within
-`timeout_seconds`. Only a 2xx counts: a redirect is not followed (it would probe something else),
-a refused connection, a timeout or any other status is "not ready". Probes go straight to the
-replica, never through an HTTP proxy from the environment.
+`timeout_seconds` for the whole answer (see `check`). Only a 2xx with its body counts: a redirect is
+not followed (it would probe something else), a refused connection, a timeout (also one in the
+middle of the body) or any other status is "not ready". Probes go straight to the replica, never
+through an HTTP proxy from the environment.
 """
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
+import socket
+import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 from skyhedge.spec import ReadinessProbe
-
-
-class _NoRedirect(urllib.request.HTTPRedirectHandler):
-    def redirect_request(self, *args: object, **kwargs: object) -> None:
-        return None
-
-
-_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}), _NoRedirect())
 
 
 @dataclass(frozen=True)
@@ -40,7 +35,12 @@ class ProbeResult:
     seconds: float
 
 
-def _request(endpoint: str, readiness: ReadinessProbe) -> urllib.request.Request:
+#: The part of the answer a probe reads: the whole body, or this much of a longer one.
+BODY_LIMIT = 65536
+
+
+def _request(endpoint: str, readiness: ReadinessProbe) -> tuple[str, str, bytes | None, dict[str, str]]:
+    """(method, url, body, headers) of the probe."""
     url = endpoint.rstrip("/") + readiness.path
     headers = {"User-Agent": "skyhedge-probe"}
     data = None
@@ -49,30 +49,62 @@ def _request(endpoint: str, readiness: ReadinessProbe) -> urllib.request.Request
         data = (post if isinstance(post, str) else json.dumps(post)).encode()
         headers["Content-Type"] = "application/json"
     headers.update(readiness.headers)
-    return urllib.request.Request(
-        url, data=data, headers=headers, method="POST" if data is not None else "GET"
-    )
+    return ("POST" if data is not None else "GET"), url, data, headers
+
+
+def _connection(url: str, timeout: float) -> tuple[http.client.HTTPConnection, str]:
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"not an http(s) URL: {url!r}")
+    cls = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+    target = parts.path or "/"
+    if parts.query:
+        target += "?" + parts.query
+    return cls(parts.hostname, parts.port, timeout=timeout), target
 
 
 def check(endpoint: str, readiness: ReadinessProbe, *, timeout: float | None = None) -> ProbeResult:
-    """Probe once and say why; `timeout` overrides `readiness.timeout_seconds`."""
+    """Probe once and say why; `timeout` overrides `readiness.timeout_seconds`.
+
+    The timeout bounds the whole probe, connection, headers and body (up to BODY_LIMIT bytes),
+    not each read: a server trickling its answer would otherwise hold the probe, and the pass that
+    runs it, for as long as it trickles. At the deadline the socket is shut down from a timer,
+    which ends any read in progress.
+    """
     started = time.monotonic()
     limit = float(readiness.timeout_seconds if timeout is None else timeout)
     status: int | None = None
     error: str | None = None
+    expired = threading.Event()
+    conn: http.client.HTTPConnection | None = None
+
+    def abort() -> None:
+        expired.set()
+        sock = conn.sock if conn is not None else None
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+    timer = threading.Timer(limit, abort)
+    timer.daemon = True
     try:
-        req = _request(endpoint, readiness)
-        with _OPENER.open(req, timeout=limit) as resp:
-            status = resp.status
-            resp.read(65536)
-    except urllib.error.HTTPError as exc:
-        status = exc.code
-        exc.close()
-    except (urllib.error.URLError, OSError, http.client.HTTPException, ValueError) as exc:
-        reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
-        error = f"{type(reason).__name__}: {reason}" if str(reason) else type(reason).__name__
-    ok = status is not None and 200 <= status < 300
-    if status is not None and not ok:
+        method, url, body, headers = _request(endpoint, readiness)
+        conn, target = _connection(url, limit)
+        timer.start()
+        conn.request(method, target, body=body, headers=headers)
+        resp = conn.getresponse()
+        status = resp.status
+        resp.read(BODY_LIMIT)
+    except (OSError, http.client.HTTPException, ValueError) as exc:
+        error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    finally:
+        timer.cancel()
+        if conn is not None:
+            conn.close()
+    if expired.is_set():
+        error = f"TimeoutError: timed out (no complete answer within {limit:g}s)"
+    ok = status is not None and 200 <= status < 300 and error is None
+    if status is not None and not 200 <= status < 300:
         error = f"HTTP {status}"
     return ProbeResult(endpoint, ok, status, error, time.monotonic() - started)
 

@@ -34,10 +34,13 @@ class FakeExecutor:
         self.calls: list[list[str]] = []  # desired IDs per call
         self.refuse_zones: set[str] = set()
         self.fail_next: str | None = None
+        self.broken: str | None = None  # every apply fails with this error until cleared
         self.crash_next = False
 
     def apply(self, state: ServiceState, plan: Plan, now: float) -> ExecResult:
         self.calls.append(sorted(r.id for r in plan.desired))
+        if self.broken:
+            return ExecResult(errors=(self.broken,))
         if self.crash_next:
             self.crash_next = False
             raise KeyboardInterrupt("simulated kill mid-apply")
@@ -83,12 +86,16 @@ class FakeRouter:
         self.drains = 0
         self.count: int | None = 0
         self.fail_next = False
+        self.unwritable = 0  # reloads left that fail with an OSError (router files not writable)
         self.dead = False  # nginx killed from outside
 
     def reload(self, upstreams: Sequence[tuple[str, str]]) -> dict:
         if self.fail_next:
             self.fail_next = False
             raise RoutingError("nginx refused the new configuration", stderr="nginx: [emerg] bad")
+        if self.unwritable:
+            self.unwritable -= 1
+            raise PermissionError(13, "Permission denied", "router/conf/.nginx.conf.candidate.tmp")
         self.dead = False
         self.reloads.append([rid for rid, _ in upstreams])
         return {"endpoint": "http://127.0.0.1:8080", "upstreams": [{"id": rid} for rid, _ in upstreams]}

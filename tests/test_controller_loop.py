@@ -374,3 +374,92 @@ def test_narrowing_the_placement_moves_replicas_without_dropping_below_n_ready(w
         ready = [r for r in ctl.state.live() if r.fact().status is ReplicaStatus.READY and not r.draining]
         assert len(ready) >= 2, sorted((r.id, r.zone) for r in ctl.state.live())
     assert {r.zone for r in ctl.state.live()} <= {"local-c", "local-d"}
+
+
+def test_a_pass_that_could_not_save_its_plan_is_applied_by_the_next_one(world, monkeypatch):
+    # the plan is recorded, then saving it fails (full disk, read-only state dir) and the pass
+    # dies before the executor runs; the next pass sees the recorded replicas as kept, so only
+    # the controller's memory of the unfinished pass makes it launch them (before: never)
+    import skyhedge.controller.loop as loop
+
+    ctl, clock, src = make(world), world["clock"], world["source"]
+    settle(ctl, clock)
+    victim = next(r for r in ctl.state.live() if r.zone == "local-a")
+    src.queue.append(PreemptionEvent(Signal.GONE, clock(), "fake", replica_id=victim.id, reason="preempted"))
+    real, calls = loop.save_state, {"n": 0}
+
+    def failing_once(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise OSError(28, "No space left on device")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "save_state", failing_once)
+    with pytest.raises(OSError):
+        ctl.tick()
+    planned = {r.id for r in ctl.state.live()} - world["executor"].ids()
+    assert planned  # recorded in memory, never launched
+    clock.advance(1)
+    ctl.tick()
+    assert planned <= world["executor"].ids()
+
+
+def test_router_files_that_cannot_be_written_never_block_replacing_a_replica(world):
+    ctl, clock, src = make(world), world["clock"], world["source"]
+    settle(ctl, clock)
+    victim = next(r for r in ctl.state.live() if r.zone == "local-a")
+    src.queue.append(PreemptionEvent(Signal.GONE, clock(), "fake", replica_id=victim.id, reason="preempted"))
+    world["router"].unwritable = 3
+    ctl.tick()  # before: PermissionError out of the pass, before planning
+    assert victim.id not in zones(ctl)
+    assert len(ctl.state.live()) >= 3 and ctl.state.live()[-1].id in world["executor"].ids()
+    assert any("routing:" in n.text and "Permission denied" in n.text for n in ctl.notes)
+    settle(ctl, clock, ticks=4)
+    assert sorted(world["router"].current) == sorted(r.id for r in routable_ids(ctl))
+
+
+def routable_ids(ctl: Controller) -> list:
+    from skyhedge.controller.facts import routable
+
+    return routable(ctl.state)
+
+
+def test_replicas_that_keep_crashing_soon_after_launch_are_relaunched_with_a_growing_hold(world):
+    # a command that exits at once: before, a new replica (and a Terraform apply, a VM on a cloud)
+    # every pass for as long as the watcher ran
+    ctl, clock, src = make(world), world["clock"], world["source"]
+    settle(ctl, clock)
+    for _ in range(120):  # two minutes of one-second passes; every replica dies as it comes up
+        for rec in ctl.state.live():
+            if rec.provisioned_at is not None:
+                src.queue.append(
+                    PreemptionEvent(Signal.GONE, clock(), "fake", replica_id=rec.id, reason="failed")
+                )
+        ctl.tick()
+        clock.advance(1)
+    applies = len(world["executor"].calls)
+    assert applies < 15, applies  # before: about one per pass
+    assert any(n.text.startswith("crash loop:") for n in ctl.notes)
+
+
+def test_a_launch_that_keeps_failing_is_given_up_and_replaced_under_a_new_id(world):
+    # e.g. another process holds the local port of that replica ID: retrying the same ID failed
+    # for good, and the replica stayed PROVISIONING
+    ctl, clock, src = make(world), world["clock"], world["source"]
+    settle(ctl, clock)
+    victim = next(r for r in ctl.state.live() if r.zone == "local-a")
+    src.queue.append(PreemptionEvent(Signal.GONE, clock(), "fake", replica_id=victim.id, reason="preempted"))
+    world[
+        "executor"
+    ].broken = "local/local: r-0004: port 127.0.0.1:20004 is already in use by another process"
+    for _ in range(4):
+        ctl.tick()
+        clock.advance(60)
+    stuck = [r for r in ctl.state.replicas.values() if r.reason == "failed" and r.provisioned_at is None]
+    assert stuck and all(r.gone_at is not None for r in stuck)
+    assert any("given up after" in n.text for n in ctl.notes)
+    world["executor"].broken = None
+    settle(ctl, clock, ticks=5)
+    live = ctl.state.live()
+    assert len(live) >= 3 and all(r.provisioned_at is not None for r in live)
+    assert not {r.id for r in stuck} & {r.id for r in live}

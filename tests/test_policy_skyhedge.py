@@ -568,6 +568,29 @@ def test_without_dynamic_fallback_no_on_demand_covers_spot() -> None:
     assert Terminate("od1") in decisions and kinds(decisions)[1] == 0
 
 
+def test_the_extras_on_demand_stand_in_is_bought_only_while_the_risk_pays_for_it() -> None:
+    # rule 10: the extra is wanted but not held on spot (N READY); an on-demand replica standing
+    # in for it costs on-demand / spot (3x here) the spot extra, so it runs only while the
+    # predicted unhedged risk exceeds the budget 3x: right after trouble, not an hour on
+    z = zones(3)
+    cands = tuple(Candidate(loc, 1.0, 3.0) for loc in z)
+    policy = finite_capacity_policy(z)
+    trouble = 10 * HOUR
+    lost = (ZoneEvent(EventKind.PREEMPTED, z[0], trouble, "a9"),)
+    held = tuple(fact(f"a{i}", z[0]) for i in range(3))
+    policy.decide(Observation(trouble, 3, cands, held, lost))
+    budget = 1 - 0.99
+    soon, later = trouble + 600, trouble + HOUR
+    seen = {}
+    for t in range(int(trouble) + 30, int(later) + 1, 30):  # decisions every 30 s
+        seen[t] = kinds(policy.decide(Observation(float(t), 3, cands, held)))
+        if t in (soon, later):
+            risk = policy.unhedged_risk({z[0]}, t)
+            assert risk > 3 * budget if t == soon else budget < risk <= 3 * budget
+    assert seen[soon][:2] == (1, 1)  # the extra is launched, and covered meanwhile
+    assert seen[later][:2] == (1, 0)  # still wanted, but no longer worth an on-demand stand-in
+
+
 def test_a_wave_that_leaves_one_zone_keeps_one_on_demand_for_a_while() -> None:
     """Rule 9: preemptions in several zones at once, the replicas left in one zone: one on-demand
     replica stays for WAVE_HOLD_SECONDS, however settled that zone's replicas are."""

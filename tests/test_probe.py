@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -142,3 +144,66 @@ def test_probe_all_is_concurrent_and_keyed_by_endpoint(server):
     assert probe_all([], ReadinessProbe()) == {}
     detail = check_all([closed], ReadinessProbe())
     assert detail[closed].error
+
+
+@pytest.fixture
+def raw_server() -> Iterator[tuple[int, dict[str, str]]]:
+    """A socket server misbehaving as told: mode 'trickle' (200, then one body byte every 0.2 s),
+    'hang' (200 and a Content-Length, then nothing) or 'dribble' (the status line byte by byte)."""
+    mode: dict[str, str] = {"mode": "trickle"}
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    listener.settimeout(0.1)
+    stop = threading.Event()
+    conns: list[socket.socket] = []
+
+    def handle(conn: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            conn.recv(65536)
+            if mode["mode"] == "trickle":
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n")
+                while not stop.is_set():
+                    conn.sendall(b"x")
+                    time.sleep(0.2)
+            elif mode["mode"] == "hang":
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n")
+                stop.wait(30)
+            else:
+                for ch in b"HTTP/1.1 200 OK\r\nX-A: " + b"a" * 200:
+                    if stop.is_set():
+                        break
+                    conn.sendall(bytes([ch]))
+                    time.sleep(0.2)
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                continue
+            conns.append(conn)
+            threading.Thread(target=handle, args=(conn,), daemon=True).start()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield listener.getsockname()[1], mode
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+        for conn in conns:
+            conn.close()
+        listener.close()
+
+
+@pytest.mark.parametrize("mode", ["trickle", "hang", "dribble"])
+def test_the_timeout_bounds_the_whole_answer_and_a_partial_one_is_not_ready(raw_server, mode):
+    # the timeout used to bound each read: a trickling answer held the probe (and the pass that
+    # ran it) for as long as it trickled, and 200 headers with a body that never came was READY
+    port, server_mode = raw_server
+    server_mode["mode"] = mode
+    t0 = time.monotonic()
+    result = check(f"http://127.0.0.1:{port}", ReadinessProbe(path="/health", timeout_seconds=1))
+    assert result.ok is False and "timed out" in (result.error or "")
+    assert time.monotonic() - t0 < 3

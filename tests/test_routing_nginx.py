@@ -7,6 +7,7 @@ import contextlib
 import http.client
 import json
 import signal
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -26,7 +27,7 @@ from routing_support import (
 
 from skyhedge.errors import RoutingError
 from skyhedge.probe import probe_all
-from skyhedge.routing import Router, Upstream, read_stub_status
+from skyhedge.routing import Router, RouterOptions, Upstream, read_stub_status
 from skyhedge.routing import nginx as nginx_proc
 
 pytestmark = [needs_nginx, pytest.mark.timeout(60)]
@@ -45,8 +46,10 @@ def fleet(tmp_path: Path) -> Iterator[Fleet]:
 def make_router(tmp_path: Path) -> Iterator[Callable[..., Router]]:
     made: list[Router] = []
 
-    def _make(lb: str = "least_load", cls: type[Router] = Router) -> Router:
-        router = cls(make_spec(free_port(), lb=lb), tmp_path / f"state{len(made)}")
+    def _make(
+        lb: str = "least_load", cls: type[Router] = Router, options: RouterOptions | None = None
+    ) -> Router:
+        router = cls(make_spec(free_port(), lb=lb), tmp_path / f"state{len(made)}", options=options)
         made.append(router)
         return router
 
@@ -392,3 +395,32 @@ def test_preflight_names_a_port_held_by_another_process_and_accepts_our_own_rout
     router.preflight()
     router.up([])
     router.preflight()  # the port is held by this router itself: fine
+
+
+def test_hundreds_of_upstreams_fit_the_shared_zone(make_router):
+    # a fixed 64 KiB zone held 63 peers: at 64 nginx refused the config, so `apply` launched the
+    # fleet and then failed with no router, and every later reload failed
+    router = make_router()
+    many = [Upstream(f"r-{i:04d}", f"http://127.0.0.1:{20000 + i}") for i in range(300)]  # never dialled
+    router.up(many[:10])
+    router.reload(many[:100])
+    router.reload(many)
+    assert request(router.endpoint, "GET", "/-/health").json()["upstreams"] == 300
+
+
+def test_the_routers_own_timeout_and_body_limit_answer_as_json(make_router):
+    # nginx's own 504 and 413 came back as HTML, which API clients cannot parse
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)  # accepts, never answers
+    try:
+        router = make_router(
+            options=RouterOptions(read_timeout=1, client_max_body_size="1k", next_upstream_tries=1)
+        )
+        router.up([Upstream("r-0001", f"http://127.0.0.1:{silent.getsockname()[1]}")])
+        resp = complete(router.endpoint)
+        assert resp.status == 504 and resp.json()["error"]["type"] == "timeout"
+        big = request(router.endpoint, "POST", "/v1/completions", {"prompt": "x" * 4096})
+        assert big.status == 413 and big.json()["error"]["type"] == "invalid_request_error"
+    finally:
+        silent.close()

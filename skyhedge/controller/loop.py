@@ -38,6 +38,7 @@ from skyhedge.controller.facts import (
     ProbeResult,
     apply_probes,
     ingest,
+    mark_gone,
     routable,
     warned,
 )
@@ -53,6 +54,19 @@ from skyhedge.state import ReplicaRecord, ServiceState, load_state, save_state
 log = logging.getLogger("skyhedge.controller")
 #: A note identical to the previous one is repeated at most this often (see Controller.note).
 NOTE_REPEAT_SECONDS = 60.0
+
+#: Crash loops: replicas that fail soon after launch (before READY, or within EARLY_FAILURE_SECONDS
+#: of it). CRASHES_BEFORE_HOLD of them within CRASH_WINDOW_SECONDS hold new launches for 30 s,
+#: doubling with every further one up to CRASH_HOLD_MAX_SECONDS (SkyServe, too, stops relaunching
+#: replicas that keep failing on the user's app): a replica command that exits at once, or a model
+#: slower to load than `initial_delay_seconds`, would otherwise launch (and bill) a machine a pass.
+EARLY_FAILURE_SECONDS = 120.0
+CRASH_WINDOW_SECONDS = 600.0
+CRASHES_BEFORE_HOLD = 3
+CRASH_HOLD_MAX_SECONDS = 600.0
+#: A replica whose launch failed this many applies in a row (not for capacity: e.g. its local
+#: port taken by another process) is given up, and the policy places a new one (new ID, port).
+LAUNCH_ATTEMPTS = 3
 
 BUSY = frozenset(
     {ReplicaStatus.PROVISIONING, ReplicaStatus.STARTING, ReplicaStatus.NOT_READY, ReplicaStatus.SHUTTING_DOWN}
@@ -136,6 +150,11 @@ class Controller:
         self._failures = int(self.state.extra.get("launch_failures", 0))
         self.last_apply: ExecResult | None = None  # the last pass's apply (None: nothing applied)
         self._started = False
+        # A pass that recorded a plan and then crashed before the executor finished (a failed
+        # save: full disk, read-only state dir) left intent that no later plan shows as a change:
+        # the next pass applies it anyway.
+        self._unsettled = False
+        self._given_up: set[str] = set()  # replicas whose launch kept failing (count as crashes)
         self._routing_failed = False
         self._listeners: list[Callable[[Controller], None]] = []
 
@@ -186,7 +205,14 @@ class Controller:
             plan, memory = self._settle(plan, memory, now)
         self.last_plan = plan
         result: ExecResult | None = None
-        if plan.has_changes or not self._started or self._failures:
+        hold = self._crash_hold(now) if any(r.action == CREATE for r in plan.replicas) else 0.0
+        if hold > 0 and self._started and not self._unsettled:
+            crashes = len(self._crashes(now))
+            self.note(
+                f"crash loop: {crashes} replicas failed soon after launch in the last "
+                f"{CRASH_WINDOW_SECONDS / 60:.0f} min; next launch in {hold:.0f}s (`skyhedge status --all`)"
+            )
+        elif plan.has_changes or not self._started or self._failures or self._unsettled:
             result = self._act(plan, memory, now)
         else:  # nothing to do: the policy has still seen the events (saved below)
             remember_decision(self.state, memory, now)
@@ -327,6 +353,7 @@ class Controller:
 
     def _act(self, plan: Plan, memory: dict[str, Any], now: float) -> ExecResult:
         st = self.state
+        self._unsettled = True  # until this pass's executor run is done and saved
         creates = [r for r in plan.replicas if r.action == CREATE]
         deletes = [r for r in plan.replicas if r.action == DELETE]
         record_plan(st, plan, memory, self.placement, now)
@@ -344,8 +371,9 @@ class Controller:
         if any(r.id in routed_ids for r in deletes):
             self._route(drain=True)  # drain before destroy: removed replicas leave the router first
         before = {r.id: r.provisioned_at for r in st.live()}
+        started = self.clock()
         try:
-            result = self.executor.apply(st, plan, self.clock())
+            result = self.executor.apply(st, plan, started)
         except SkyhedgeError as exc:
             result = ExecResult(errors=(str(exc),), detail=getattr(exc, "stderr", "") or "")
         done = self.clock()
@@ -361,7 +389,7 @@ class Controller:
             self.note(f"launch of {rid} refused in {zone}: zone marked preempted, re-planning", done)
         if result.applied and not result.failed:
             why = "" if plan.has_changes else " (reconciling with Terraform's state)"
-            self.note(f"applied {', '.join(result.applied)} in {done - now:.1f}s{why}", done)
+            self.note(f"applied {', '.join(result.applied)} in {done - started:.1f}s{why}", done)
         cause = apply_cause(result.detail)
         for line in result.errors:
             self.note(f"apply failed: {line}" + (f" ({cause})" if cause and cause not in line else ""), done)
@@ -371,7 +399,9 @@ class Controller:
         if result.note:
             self.note(result.note, done)
         self._failures = self._failures + 1 if result.failed else 0
+        self._give_up_launches(result, done)
         self.save()
+        self._unsettled = False
         return result
 
     def _sweep(self) -> None:
@@ -400,12 +430,12 @@ class Controller:
         was_down = routed is not None and not self.router.running()  # killed from outside
         try:
             status = self.router.drain(pairs) if drain else self.router.reload(pairs)
-        except RoutingError as exc:
-            # Never let routing block replacing replicas: keep going, retry on the next tick.
+        except (RoutingError, OSError) as exc:
+            # Never let routing block replacing replicas: keep going, retry on the next tick (an
+            # OSError: the router's files could not be written, e.g. a full disk).
             self._routing_failed = True
-            self.note(
-                f"routing: {exc}" + (f" ({exc.stderr.strip().splitlines()[0]})" if exc.stderr.strip() else "")
-            )
+            stderr = getattr(exc, "stderr", "") or ""
+            self.note(f"routing: {exc}" + (f" ({stderr.strip().splitlines()[0]})" if stderr.strip() else ""))
             return
         self._routing_failed = False
         if isinstance(status, dict):
@@ -431,6 +461,40 @@ class Controller:
             change = (f" +{','.join(added)}" if added else "") + (f" -{','.join(removed)}" if removed else "")
             self.note(f"routing: {len(wanted)} upstreams{change}", now)
 
+    def _crashes(self, now: float) -> list[float]:
+        """When replicas failed soon after launch within CRASH_WINDOW_SECONDS, oldest first: ones
+        that ran (a launch refused for capacity is the market's doing, not a crash) or whose
+        launch was given up."""
+        return sorted(
+            r.gone_at
+            for r in self.state.replicas.values()
+            if r.gone_at is not None
+            and r.reason == "failed"
+            and (r.provisioned_at is not None or r.id in self._given_up)
+            and 0 <= now - r.gone_at < CRASH_WINDOW_SECONDS
+            and (r.ready_at is None or r.gone_at - r.ready_at < EARLY_FAILURE_SECONDS)
+        )
+
+    def _crash_hold(self, now: float) -> float:
+        """Seconds left before new replicas may be launched (0: no crash loop)."""
+        crashes = self._crashes(now)
+        if len(crashes) < CRASHES_BEFORE_HOLD:
+            return 0.0
+        hold = min(CRASH_HOLD_MAX_SECONDS, 30.0 * 2 ** (len(crashes) - CRASHES_BEFORE_HOLD))
+        return max(0.0, crashes[-1] + hold - now)
+
+    def _give_up_launches(self, result: ExecResult, at: float) -> None:
+        """After LAUNCH_ATTEMPTS failed applies in a row, replicas still never provisioned are
+        recorded failed, so the policy places new ones instead of retrying the same for good."""
+        if not result.errors or self._failures < LAUNCH_ATTEMPTS:
+            return
+        for rec in self.state.live():
+            if rec.provisioned_at is None and rec.cloud_id is None:
+                why = f"launch failed {self._failures} times in a row: {result.errors[0]}"
+                if mark_gone(self.state, rec, at, "failed", why):
+                    self._given_up.add(rec.id)
+                    self.note(f"{rec.id} given up after {self._failures} failed launches: replacing it", at)
+
     def _next_delay(self) -> float:
         opts = self.options
         if self._routing_failed and not self._failures:
@@ -440,6 +504,9 @@ class Controller:
         delay = opts.interval
         if any(r.fact().status in BUSY for r in self.state.live()) or warned(self.state):
             delay = opts.busy_interval
+        hold = self._crash_hold(self.clock())
+        if hold > 0:
+            delay = max(delay, min(opts.interval, hold))
         scaler = self.state.extra.get("autoscaler") or {}
         if scaler.get("pending_since") is not None:
             delay = min(delay, max(opts.busy_interval, 1.0))

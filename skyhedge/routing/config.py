@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import ipaddress
+import math
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -214,6 +215,15 @@ def _template() -> jinja2.Template:
     return env.get_template("nginx.conf.j2")
 
 
+def upstream_zone_kb(count: int) -> int:
+    """Size of the upstream group's shared memory zone for `count` peers, in KiB.
+
+    nginx keeps each peer in it (about 1 KiB each: a 64 KiB zone holds 63 and refuses the config
+    at 64). Sized with a quarter to spare and rounded up to 64 KiB steps, so most reloads keep the
+    size; nginx reallocates the zone on a reload that changes it."""
+    return 64 * math.ceil((32 + 1.25 * max(0, count)) / 64)
+
+
 def render_config(
     spec: ServiceSpec,
     upstreams: Iterable[Upstream],
@@ -233,6 +243,7 @@ def render_config(
         return _template().render(
             service=spec.name,
             upstreams=[{"id": u.id, "server": u.server} for u in ups],
+            zone_kb=upstream_zone_kb(len(ups)),
             least_conn=spec.service.load_balancing_policy == "least_load",
             listen=listen_address(spec),
             status_listen=f"127.0.0.1:{status_port}" if status_port else None,
