@@ -57,6 +57,7 @@ from skyhedge.policy.types import EventKind, Location, Market, ZoneEvent
 from skyhedge.render import RenderedRoot, RenderedTree, render_tree, write_tree
 from skyhedge.service import (
     GITOPS_KEY,
+    TERRAFORM_KEY,
     Placement,
     compute_plan,
     outdated_replicas,
@@ -84,7 +85,7 @@ __all__ = [
     "wait_ready",
 ]
 
-EXTRA_KEY = "terraform"
+EXTRA_KEY = TERRAFORM_KEY
 #: GitOps: how long a root emptied by a commit stays rendered (empty) for CI to apply it.
 EMPTIED_ROOT_HOLD_SECONDS = 7 * 24 * 3600.0
 PLAN_FILE = "skyhedge.tfplan"

@@ -94,7 +94,9 @@ def check(endpoint: str, readiness: ReadinessProbe, *, timeout: float | None = N
         conn.request(method, target, body=body, headers=headers)
         resp = conn.getresponse()
         status = resp.status
-        resp.read(BODY_LIMIT)
+        body = resp.read(BODY_LIMIT)
+        if len(body) < BODY_LIMIT and resp.length:  # the server closed before its Content-Length
+            raise http.client.IncompleteRead(body, resp.length)
     except (OSError, http.client.HTTPException, ValueError) as exc:
         error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
     finally:

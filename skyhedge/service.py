@@ -21,6 +21,8 @@ from skyhedge.state import ReplicaRecord, ServiceState
 #: `state.extra` key of GitOps mode (`watch --gitops`): commits that CI applies later, not applies
 #: the watcher sees, advance the state (`active`; see `compute_plan`).
 GITOPS_KEY = "gitops"
+#: `state.extra` key of what Terraform holds per root, as far as skyhedge knows (`apply`).
+TERRAFORM_KEY = "terraform"
 #: `state.extra` key: when the policy last decided (its memory is as of then).
 DECIDED_AT_KEY = "decided_at"
 
@@ -33,7 +35,11 @@ def is_gitops(state: ServiceState) -> bool:
 
 def set_gitops(state: ServiceState, active: bool) -> None:
     """Mark who advances the state: GitOps commits (`watch --gitops`) or applies (the rest). It
-    is kept in the state, so `plan` and `render` in CI judge a committed state as the watcher did."""
+    is kept in the state, so `plan` and `render` in CI judge a committed state as the watcher did.
+
+    Leaving GitOps hands the committed roots to the applies: each becomes a root Terraform may
+    still hold replicas in (no applied digest yet), rendered and applied until an apply records
+    what it holds, then dropped when empty, like any root (`apply.roots_with_resources`)."""
     info = state.extra.get(GITOPS_KEY)
     if active:
         if not isinstance(info, dict):
@@ -41,6 +47,11 @@ def set_gitops(state: ServiceState, active: bool) -> None:
         info["active"] = True
     elif isinstance(info, dict):
         info["active"] = False
+        committed = info.pop("roots", None)
+        if isinstance(committed, dict) and committed:
+            applied = state.extra.setdefault(TERRAFORM_KEY, {}).setdefault("roots", {})
+            for path in committed:
+                applied.setdefault(path, {})
 
 
 def decided_at(state: ServiceState) -> float | None:

@@ -331,3 +331,24 @@ def test_a_configured_author_name_is_kept_when_only_the_email_is_missing(
     ctl = controller(write_spec(SPEC), tmp_path / "state", repo, clock)
     ctl.tick()
     assert git(repo, "log", "-1", "--format=%an <%ae>").strip() == "Platform Bot <skyhedge@localhost>"
+
+
+def test_leaving_gitops_hands_the_committed_roots_to_apply_once(tmp_path, repo, write_spec):
+    # an emptied root committed but maybe never applied by CI stays rendered until an apply has
+    # run it, then goes like any emptied root; before, it was kept (and applied) forever
+    from skyhedge.apply import roots_with_resources
+    from skyhedge.service import set_gitops
+
+    clock = Clock(1_700_000_000.0)
+    sdir = repo / "state"
+    ctl = controller(write_spec(REGIONS), sdir, repo, clock)
+    ctl.tick()
+    state = ctl.state
+    assert {("aws", "us-east-1"), ("aws", "us-east-2")} <= roots_with_resources(state)
+    set_gitops(state, False)
+    assert "roots" not in state.extra["gitops"]
+    tracked = state.extra["terraform"]["roots"]
+    assert set(tracked) == {"aws/us-east-1", "aws/us-east-2"} and all(v == {} for v in tracked.values())
+    assert {("aws", "us-east-1"), ("aws", "us-east-2")} <= roots_with_resources(state)
+    tracked["aws/us-east-1"] = {"replicas": [], "digest": "x"}  # an apply emptied it
+    assert ("aws", "us-east-1") not in roots_with_resources(state)

@@ -207,3 +207,25 @@ def test_the_timeout_bounds_the_whole_answer_and_a_partial_one_is_not_ready(raw_
     result = check(f"http://127.0.0.1:{port}", ReadinessProbe(path="/health", timeout_seconds=1))
     assert result.ok is False and "timed out" in (result.error or "")
     assert time.monotonic() - t0 < 3
+
+
+def test_a_body_cut_short_is_not_ready():
+    # 200 with Content-Length 100, three bytes, then the connection closes
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(4)
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            conn.recv(65536)
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nabc")
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        result = check(f"http://127.0.0.1:{listener.getsockname()[1]}", ReadinessProbe(timeout_seconds=5))
+    finally:
+        thread.join(timeout=5)
+        listener.close()
+    assert result.ok is False and "IncompleteRead" in (result.error or "")

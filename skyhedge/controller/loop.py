@@ -56,13 +56,14 @@ log = logging.getLogger("skyhedge.controller")
 NOTE_REPEAT_SECONDS = 60.0
 
 #: Crash loops: replicas that fail soon after launch (before READY, or within EARLY_FAILURE_SECONDS
-#: of it). CRASHES_BEFORE_HOLD of them within CRASH_WINDOW_SECONDS hold new launches for 30 s,
+#: of it). CRASHES_BEFORE_HOLD bursts of them within CRASH_WINDOW_SECONDS hold new launches for 30 s,
 #: doubling with every further one up to CRASH_HOLD_MAX_SECONDS (SkyServe, too, stops relaunching
 #: replicas that keep failing on the user's app): a replica command that exits at once, or a model
 #: slower to load than `initial_delay_seconds`, would otherwise launch (and bill) a machine a pass.
 EARLY_FAILURE_SECONDS = 120.0
 CRASH_WINDOW_SECONDS = 600.0
 CRASHES_BEFORE_HOLD = 3
+CRASH_BURST_SECONDS = 1.0
 CRASH_HOLD_MAX_SECONDS = 600.0
 #: A replica whose launch failed this many applies in a row (not for capacity: e.g. its local
 #: port taken by another process) is given up, and the policy places a new one (new ID, port).
@@ -154,7 +155,8 @@ class Controller:
         # save: full disk, read-only state dir) left intent that no later plan shows as a change:
         # the next pass applies it anyway.
         self._unsettled = False
-        self._given_up: set[str] = set()  # replicas whose launch kept failing (count as crashes)
+        self._given_up: set[str] = set()  # replicas whose launch kept failing (not crashes)
+        self._attempts: dict[str, int] = {}  # failed applies per replica never provisioned
         self._routing_failed = False
         self._listeners: list[Callable[[Controller], None]] = []
 
@@ -207,11 +209,19 @@ class Controller:
         result: ExecResult | None = None
         hold = self._crash_hold(now) if any(r.action == CREATE for r in plan.replicas) else 0.0
         if hold > 0 and self._started and not self._unsettled:
-            crashes = len(self._crashes(now))
+            # a crash loop: launch nothing for now, but release and drain what the plan releases
+            until = time.strftime("%H:%M:%S", time.localtime(now + hold))
             self.note(
-                f"crash loop: {crashes} replicas failed soon after launch in the last "
-                f"{CRASH_WINDOW_SECONDS / 60:.0f} min; next launch in {hold:.0f}s (`skyhedge status --all`)"
+                f"crash loop: {len(self._crashes(now))} bursts of replicas failing soon after launch in "
+                f"the last {CRASH_WINDOW_SECONDS / 60:.0f} min; new launches held until {until}"
             )
+            plan = replace(
+                plan,
+                replicas=tuple(r for r in plan.replicas if r.action != CREATE),
+                next_id=self.state.next_id,
+            )
+            if plan.has_changes:
+                result = self._act(plan, memory, now)
         elif plan.has_changes or not self._started or self._failures or self._unsettled:
             result = self._act(plan, memory, now)
         else:  # nothing to do: the policy has still seen the events (saved below)
@@ -462,18 +472,25 @@ class Controller:
             self.note(f"routing: {len(wanted)} upstreams{change}", now)
 
     def _crashes(self, now: float) -> list[float]:
-        """When replicas failed soon after launch within CRASH_WINDOW_SECONDS, oldest first: ones
-        that ran (a launch refused for capacity is the market's doing, not a crash) or whose
-        launch was given up."""
-        return sorted(
+        """Bursts of replicas failing soon after launch within CRASH_WINDOW_SECONDS (when each
+        began, oldest first). Only replicas that ran count: a launch refused for capacity is the
+        market's doing, one given up (LAUNCH_ATTEMPTS) was never the app's. Replicas failing
+        within CRASH_BURST_SECONDS of each other (what one pass finds) are one burst, not N crashes."""
+        times = sorted(
             r.gone_at
             for r in self.state.replicas.values()
             if r.gone_at is not None
             and r.reason == "failed"
-            and (r.provisioned_at is not None or r.id in self._given_up)
+            and r.provisioned_at is not None
+            and r.id not in self._given_up
             and 0 <= now - r.gone_at < CRASH_WINDOW_SECONDS
             and (r.ready_at is None or r.gone_at - r.ready_at < EARLY_FAILURE_SECONDS)
         )
+        bursts: list[float] = []
+        for at in times:
+            if not bursts or at - bursts[-1] > CRASH_BURST_SECONDS:
+                bursts.append(at)
+        return bursts
 
     def _crash_hold(self, now: float) -> float:
         """Seconds left before new replicas may be launched (0: no crash loop)."""
@@ -484,16 +501,22 @@ class Controller:
         return max(0.0, crashes[-1] + hold - now)
 
     def _give_up_launches(self, result: ExecResult, at: float) -> None:
-        """After LAUNCH_ATTEMPTS failed applies in a row, replicas still never provisioned are
-        recorded failed, so the policy places new ones instead of retrying the same for good."""
-        if not result.errors or self._failures < LAUNCH_ATTEMPTS:
+        """A replica still never provisioned after LAUNCH_ATTEMPTS failed applies of its own is
+        recorded failed, so the policy places a new one instead of retrying it for good."""
+        pending = {
+            rec.id: rec for rec in self.state.live() if rec.provisioned_at is None and rec.cloud_id is None
+        }
+        self._attempts = {rid: n for rid, n in self._attempts.items() if rid in pending}
+        if not result.errors:
             return
-        for rec in self.state.live():
-            if rec.provisioned_at is None and rec.cloud_id is None:
-                why = f"launch failed {self._failures} times in a row: {result.errors[0]}"
-                if mark_gone(self.state, rec, at, "failed", why):
-                    self._given_up.add(rec.id)
-                    self.note(f"{rec.id} given up after {self._failures} failed launches: replacing it", at)
+        for rid, rec in pending.items():
+            self._attempts[rid] = self._attempts.get(rid, 0) + 1
+            if self._attempts[rid] < LAUNCH_ATTEMPTS:
+                continue
+            why = f"launch failed {self._attempts[rid]} times: {result.errors[0]}"
+            if mark_gone(self.state, rec, at, "failed", why):
+                self._given_up.add(rid)
+                self.note(f"{rid} given up after {self._attempts[rid]} failed launches: replacing it", at)
 
     def _next_delay(self) -> float:
         opts = self.options
