@@ -352,3 +352,12 @@ def test_leaving_gitops_hands_the_committed_roots_to_apply_once(tmp_path, repo, 
     assert {("aws", "us-east-1"), ("aws", "us-east-2")} <= roots_with_resources(state)
     tracked["aws/us-east-1"] = {"replicas": [], "digest": "x"}  # an apply emptied it
     assert ("aws", "us-east-1") not in roots_with_resources(state)
+
+
+def test_a_refused_gitops_watch_leaves_no_state_dir_behind(tmp_path, repo, write_spec):
+    (repo / ".gitignore").write_text("state/\n")
+    spec = write_spec(SPEC)
+    args = ["watch", str(spec), "--state-dir", str(repo / "state"), "--gitops", str(repo), "--once"]
+    out = CliRunner().invoke(main, args)
+    assert out.exit_code == 1 and "ignored by git" in out.output
+    assert not (repo / "state").exists()

@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import FrameType
+from typing import TYPE_CHECKING
 
 from skyhedge.controller.loop import Controller, ControllerOptions, apply_cause
 from skyhedge.controller.supervisor import Supervisor
@@ -25,6 +26,10 @@ from skyhedge.events import EventSource
 from skyhedge.service import Placement, resolve_placement
 from skyhedge.spec import ServiceSpec
 from skyhedge.state import writer_lock
+
+if TYPE_CHECKING:
+    from skyhedge.controller.gitops import GitOpsExecutor
+    from skyhedge.controller.ports import Executor
 
 log = logging.getLogger("skyhedge.controller")
 
@@ -91,10 +96,23 @@ class Watcher:
         self.controller: Controller | None = None
         self.supervisor: Supervisor | None = None
         self._lock: contextlib.ExitStack | None = None
+        self._gitops_executor: GitOpsExecutor | None = None
 
     # -- lifecycle ------------------------------------------------------------------------------
 
     def __enter__(self) -> Watcher:
+        if self.gitops is not None:
+            # refused (not a repository, detached HEAD, ...) before the lock creates the state dir
+            from skyhedge.controller.gitops import GitOpsExecutor
+
+            self._gitops_executor = GitOpsExecutor(
+                self.spec,
+                self.state_dir,
+                self.gitops,
+                subdir=self.gitops_subdir,
+                placement=self.placement,
+                clock=self.clock,
+            )
         stack = contextlib.ExitStack()
         try:
             stack.enter_context(writer_lock(self.state_dir))
@@ -125,12 +143,9 @@ class Watcher:
         spec, sdir = self.spec, self.state_dir
         sources = event_sources(spec, sdir, self.placement)
         router = prober = None
-        if self.gitops is not None:
-            from skyhedge.controller.gitops import GitOpsExecutor
-
-            executor = GitOpsExecutor(
-                spec, sdir, self.gitops, subdir=self.gitops_subdir, placement=self.placement, clock=self.clock
-            )
+        executor: Executor
+        if self._gitops_executor is not None:
+            executor = self._gitops_executor
         else:
             from skyhedge.controller.adapters import HttpProber, NginxRouter
             from skyhedge.controller.executor import TerraformExecutor
