@@ -100,7 +100,8 @@ def commit_message(
             lines.append(f"  {h.get('replica_id') or 'zone'} in {h.get('location', '?')} ({what} at {when})")
         lines.append("")
     zones = Counter((r.location.key, r.market.value) for r in plan.desired)
-    lines.append(f"New layout ({s['spot']} spot, {s['on_demand']} on-demand, {s['zones_used']} zones):")
+    zones_used = f"{s['zones_used']} zone{'' if s['zones_used'] == 1 else 's'}"
+    lines.append(f"New layout ({s['spot']} spot, {s['on_demand']} on-demand, {zones_used}):")
     for (where, market), n in sorted(zones.items()):
         lines.append(f"  {n} x {market} in {where}")
     for r in creates:

@@ -373,7 +373,8 @@ class Controller:
             gone = ", ".join(f"-{r.id}" for r in deletes)
             self.note(
                 f"plan: {' '.join(x for x in (where, gone) if x)} -> {s['spot']} spot / {s['on_demand']} "
-                f"on-demand in {s['zones_used']} zones, ${s['hourly_cost']:.4f}/h",
+                f"on-demand in {s['zones_used']} zone{'' if s['zones_used'] == 1 else 's'}, "
+                f"${s['hourly_cost']:.4f}/h",
                 now,
             )
         self.save()  # the intent is durable before anything changes outside
