@@ -330,25 +330,35 @@ def test_equally_calm_zones_are_told_apart_by_their_region_mates() -> None:
     assert policy.region_calm(lone, cands, 10 * HOUR) == (0.0, 0.0)
 
 
+def _big_and_small_regions() -> tuple[list[Location], list[Location], tuple, tuple]:
+    """Four zones of us-east-1 and two of us-central1, one replica held in two zones of each."""
+    big = [Location("aws", "us-east-1", f"us-east-1{x}") for x in "abcd"]
+    small = [Location("gcp", "us-central1", f"us-central1-{x}") for x in "ab"]
+    cands = tuple(Candidate(loc, 1.0, 3.0) for loc in [*big, *small])
+    held = (fact("a", big[0]), fact("b", big[1]), fact("c", small[0]), fact("d", small[1]))
+    return big, small, cands, held
+
+
+def _released_and_gathered(policy: SkyHedge, cands: tuple, held: tuple, at: float) -> list:
+    """The extra released at `at` (asserted to leave the big region), then one gathering step."""
+    decisions = policy.decide(Observation(at, 3, cands, held))
+    assert len(decisions) == 1 and isinstance(decisions[0], Terminate)
+    assert decisions[0].replica_id in {"a", "b"}  # the surplus leaves the troubled region
+    left = tuple(r for r in held if r.id != decisions[0].replica_id)
+    return policy.decide(Observation(at + 30, 3, cands, left))
+
+
 def test_a_region_is_as_calm_as_its_least_calm_zone_not_as_its_zone_count() -> None:
     # four zones of one region, one of which just had trouble, against two calm zones of another:
     # the replicas gather in the smaller calm region, not where the summed calm is larger
-    big = [Location("aws", "us-east-1", f"us-east-1{x}") for x in "abcd"]
-    small = [Location("gcp", "us-central1", f"us-central1-{x}") for x in "ab"]
-    z = [*big, *small]
-    cands = tuple(Candidate(loc, 1.0, 3.0) for loc in z)
+    big, small, cands, held = _big_and_small_regions()
     policy = SkyHedge()
     policy.decide(Observation(0.0, 3, cands))
     # us-east-1d refuses a launch at 20 h: the held zones themselves are all equally calm
     refused = (ZoneEvent(EventKind.LAUNCH_FAILED, big[3], 20 * HOUR),)
-    held = (fact("a", big[0]), fact("b", big[1]), fact("c", small[0]), fact("d", small[1]))
     policy.decide(Observation(20 * HOUR, 3, cands, held, refused))
     assert policy.region_calm(big[0], cands, 21 * HOUR)[1] > policy.region_calm(small[0], cands, 21 * HOUR)[1]
-    decisions = policy.decide(Observation(21 * HOUR, 3, cands, held))
-    assert len(decisions) == 1 and isinstance(decisions[0], Terminate)
-    assert decisions[0].replica_id in {"a", "b"}  # the surplus leaves the troubled region
-    left = tuple(r for r in held if r.id != decisions[0].replica_id)
-    decisions = policy.decide(Observation(21 * HOUR + 30, 3, cands, left))
+    decisions = _released_and_gathered(policy, cands, held, 21 * HOUR)
     assert decisions == [LaunchSpot(decisions[0].location)] and decisions[0].location in small
 
 
@@ -357,19 +367,11 @@ def test_a_refusal_seen_at_start_up_counts_against_its_region() -> None:
     # start-up, yet a refusal actually seen then is evidence, so the calm tie between the regions
     # goes to the one nothing was seen in (with both dated at start-up, the larger region won on
     # the summed calm of its mates: mix-1node-all gathered into us-east-1 and lost it)
-    big = [Location("aws", "us-east-1", f"us-east-1{x}") for x in "abcd"]
-    small = [Location("gcp", "us-central1", f"us-central1-{x}") for x in "ab"]
-    z = [*big, *small]
-    cands = tuple(Candidate(loc, 1.0, 3.0) for loc in z)
+    big, small, cands, held = _big_and_small_regions()
     policy = SkyHedge()
     policy.decide(Observation(0.0, 3, cands, (), (ZoneEvent(EventKind.LAUNCH_FAILED, big[3], 0.0),)))
-    held = (fact("a", big[0]), fact("b", big[1]), fact("c", small[0]), fact("d", small[1]))
     assert policy.zone_age(big[3], 20 * HOUR) < policy.zone_age(big[0], 20 * HOUR)
-    decisions = policy.decide(Observation(20 * HOUR, 3, cands, held))
-    assert len(decisions) == 1 and isinstance(decisions[0], Terminate)
-    assert decisions[0].replica_id in {"a", "b"}  # the surplus leaves the region that refused
-    left = tuple(r for r in held if r.id != decisions[0].replica_id)
-    decisions = policy.decide(Observation(20 * HOUR + 30, 3, cands, left))
+    decisions = _released_and_gathered(policy, cands, held, 20 * HOUR)
     assert len(decisions) == 1 and isinstance(decisions[0], LaunchSpot) and decisions[0].location in small
 
 

@@ -221,10 +221,14 @@ def test_write_tree_is_atomic_and_keeps_terraform_working_files(tmp_path):
     assert (root / ".terraform" / "modules" / "modules.json").is_file()
     assert not (root / "stray.tf").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["infra"]  # no temp or backup dirs left
+    _render_without_the_local_root_is_refused(out)
+    assert (root / "terraform.tfstate").is_file()
+
+
+def _render_without_the_local_root_is_refused(out: Path) -> None:
     other = plan_of(("r-0001", "aws", "us-east-1", "use1-az1", "spot", CREATE))
     with pytest.raises(RenderError, match="holds Terraform state"):
         write_tree(render_tree(spec_of(("aws",)), other, context=CTX, instance_types=TYPES), out)
-    assert (root / "terraform.tfstate").is_file()
 
 
 def test_a_root_holding_a_workspaces_state_is_not_dropped_either(tmp_path):
@@ -233,9 +237,7 @@ def test_a_root_holding_a_workspaces_state_is_not_dropped_either(tmp_path):
     workspace = out / "local" / "local" / "terraform.tfstate.d" / "prod"
     workspace.mkdir(parents=True)
     (workspace / "terraform.tfstate").write_text('{"version": 4, "resources": [{}]}')
-    other = plan_of(("r-0001", "aws", "us-east-1", "use1-az1", "spot", CREATE))
-    with pytest.raises(RenderError, match="holds Terraform state"):
-        write_tree(render_tree(spec_of(("aws",)), other, context=CTX, instance_types=TYPES), out)
+    _render_without_the_local_root_is_refused(out)
     assert (workspace / "terraform.tfstate").is_file()
 
 

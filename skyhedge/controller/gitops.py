@@ -36,7 +36,6 @@ from skyhedge.service import GITOPS_KEY, Placement, resolve_placement
 from skyhedge.spec import ServiceSpec
 from skyhedge.state import STATE_FILE, ServiceState
 
-EXTRA_KEY = GITOPS_KEY  # state.extra: mode, last commit's time and cost, committed roots
 DEFAULT_SUBDIR = "infra"  # examples/gitops: infra/ holds the tree, state/ the state dir
 _GIT_ENV = {"GIT_TERMINAL_PROMPT": "0", "LC_ALL": "C"}
 
@@ -158,14 +157,16 @@ class GitOpsExecutor:
             )
         self.workspace = Workspace(spec, state_dir)
         self.state_file = self.workspace.state_dir / STATE_FILE
-        if self.state_file.resolve().is_relative_to(self.top):
-            rel = str(self.state_file.resolve().relative_to(self.top))
-            if git(self.top, "check-ignore", "-q", "--", rel, check=False).returncode == 0:
-                raise StateError(
-                    f"{self.top / rel}: the state is ignored by git, so CI could not re-render the "
-                    "committed tree from it; ignore only state.lock, tf/ and local/ of the state dir, "
-                    "or keep the state dir outside the repository"
-                )
+        # the state's path in the repository (None: kept outside it, so never committed)
+        state_path = self.state_file.resolve()
+        inside = state_path.is_relative_to(self.top)
+        self.state_rel = str(state_path.relative_to(self.top)) if inside else None
+        if inside and git(self.top, "check-ignore", "-q", "--", str(state_path), check=False).returncode == 0:
+            raise StateError(
+                f"{state_path}: the state is ignored by git, so CI could not "
+                "re-render the committed tree from it; ignore only state.lock, tf/ and local/ of "
+                "the state dir, or keep the state dir outside the repository"
+            )
         self.placement = placement or resolve_placement(spec)
         self.clock = clock
         self.commits: list[str] = []
@@ -220,9 +221,8 @@ class GitOpsExecutor:
             return ""
         rel = str(self.out.relative_to(self.top))
         paths = [rel]
-        if self.state_file.is_file() and self.state_file.resolve().is_relative_to(self.top):
-            # the state goes in the same commit, so that CI re-rendering from it gets this tree
-            paths.append(str(self.state_file.resolve().relative_to(self.top)))
+        if self.state_rel is not None and self.state_file.is_file():
+            paths.append(self.state_rel)  # same commit: CI re-rendering from it gets this tree
         git(self.top, "add", "-A", "--", *paths)
         identity: list[str] = []
         for key, default in (("user.name", "skyhedge"), ("user.email", "skyhedge@localhost")):

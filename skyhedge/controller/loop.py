@@ -65,7 +65,7 @@ CRASH_WINDOW_SECONDS = 600.0
 CRASHES_BEFORE_HOLD = 3
 CRASH_BURST_SECONDS = 1.0
 CRASH_HOLD_MAX_SECONDS = 600.0
-#: A replica whose launch failed this many applies in a row (not for capacity: e.g. its local
+#: A replica whose launch failed in this many applies of its own (not for capacity: e.g. its local
 #: port taken by another process) is given up, and the policy places a new one (new ID, port).
 LAUNCH_ATTEMPTS = 3
 
