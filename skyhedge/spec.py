@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from skyhedge.errors import SpecError
+from skyhedge.errors import RoutingError, SpecError
 from skyhedge.policy import available_policies
 from skyhedge.policy.types import PolicyConfig
 
@@ -93,10 +93,61 @@ class ReadinessProbe:
 
 
 @dataclass(frozen=True)
+class RouterOptions:
+    """The nginx router's knobs (spec: `service.router`), with defaults that suit LLM serving;
+    times in seconds.
+
+    `read_timeout` is long because a generation may take minutes before its first byte (non-streamed)
+    or between tokens (streamed). `next_upstream_tries` counts the first attempt; retries stop after
+    `next_upstream_timeout` so a request never bounces for minutes. `status_port` None picks a free
+    127.0.0.1 port when nginx starts and keeps it across reloads.
+    """
+
+    max_fails: int = 1
+    fail_timeout: int = 10
+    keepalive: int = 32
+    next_upstream_tries: int = 3
+    next_upstream_timeout: int = 30
+    connect_timeout: int = 5
+    read_timeout: int = 600
+    worker_processes: str = "auto"
+    worker_connections: int = 1024
+    client_max_body_size: str = "32m"
+    status_port: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in (
+            "max_fails",
+            "fail_timeout",
+            "keepalive",
+            "next_upstream_tries",
+            "next_upstream_timeout",
+            "connect_timeout",
+            "read_timeout",
+            "worker_connections",
+        ):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise RoutingError(f"router option {name}: expected a positive integer, got {value!r}")
+        if not re.fullmatch(r"auto|[1-9][0-9]{0,2}", str(self.worker_processes)):
+            raise RoutingError(
+                f"router option worker_processes: expected 'auto' or a count, got {self.worker_processes!r}"
+            )
+        if not re.fullmatch(r"[1-9][0-9]*[kKmMgG]?", self.client_max_body_size):
+            raise RoutingError(
+                f"router option client_max_body_size: expected a size like '32m', got "
+                f"{self.client_max_body_size!r}"
+            )
+        if self.status_port is not None and not 0 < self.status_port < 65536:
+            raise RoutingError(f"router option status_port: expected a port, got {self.status_port!r}")
+
+
+@dataclass(frozen=True)
 class ServiceConfig:
     host: str = "127.0.0.1"
     port: int = 8080
     load_balancing_policy: str = "least_load"
+    router: RouterOptions = field(default_factory=RouterOptions)
 
 
 @dataclass(frozen=True)
@@ -467,17 +518,57 @@ def _headers(ctx: _Ctx, path: str, value: Any) -> dict[str, str]:
     return headers
 
 
+_ROUTER_INTS = (
+    "max_fails",
+    "fail_timeout",
+    "keepalive",
+    "next_upstream_tries",
+    "next_upstream_timeout",
+    "connect_timeout",
+    "read_timeout",
+    "worker_connections",
+)
+
+
+def _router(ctx: _Ctx, raw: Any, port: int) -> RouterOptions:
+    """`service.router`: the nginx knobs. Sizes and counts may be written as YAML numbers."""
+    allowed = {*_ROUTER_INTS, "worker_processes", "client_max_body_size", "status_port"}
+    d = _mapping(ctx, "service.router", raw, allowed)
+    kw: dict[str, Any] = {k: _int(ctx, f"service.router.{k}", d[k], lo=1) for k in _ROUTER_INTS if k in d}
+    for k in ("worker_processes", "client_max_body_size"):
+        if k in d:
+            value = d[k]
+            if isinstance(value, bool) or not isinstance(value, (int, str)):
+                raise ctx.fail(f"service.router.{k}", f"expected a string or an integer, got {_show(value)}")
+            kw[k] = str(value)
+    if d.get("status_port") is not None:
+        status = _int(ctx, "service.router.status_port", d["status_port"], lo=1, hi=65535)
+        if status == port:
+            raise ctx.fail(
+                "service.router.status_port",
+                f"{status} is service.port: the status page needs a port of its own",
+            )
+        kw["status_port"] = status
+    try:
+        return RouterOptions(**kw)
+    except RoutingError as exc:
+        m = re.match(r"router option (\w+): (.*)", str(exc))
+        raise ctx.fail(f"service.router.{m[1]}" if m else "service.router", m[2] if m else str(exc)) from None
+
+
 def _service(ctx: _Ctx, raw: Any) -> ServiceConfig:
-    d = _mapping(ctx, "service", raw, {"host", "port", "load_balancing_policy"})
+    d = _mapping(ctx, "service", raw, {"host", "port", "load_balancing_policy", "router"})
     host = _str(ctx, "service.host", d.get("host", "127.0.0.1"))
     if not re.fullmatch(r"[A-Za-z0-9.:\-\[\]]+", host):
         raise ctx.fail("service.host", f"expected an IP address or host name, got {host!r}")
+    port = _int(ctx, "service.port", d.get("port", 8080), lo=1, hi=65535)
     return ServiceConfig(
         host=host,
-        port=_int(ctx, "service.port", d.get("port", 8080), lo=1, hi=65535),
+        port=port,
         load_balancing_policy=_choice(
             ctx, "service.load_balancing_policy", d.get("load_balancing_policy", "least_load"), LB_POLICIES
         ),
+        router=_router(ctx, d.get("router"), port),
     )
 
 
@@ -541,14 +632,16 @@ def _check_local_ports(ctx: _Ctx, resources: Resources, rp: ReplicaPolicy, servi
             f"+ 2 x {replicas} replicas (spot and on-demand stand-ins) + {rp.num_overprovision} "
             "num_overprovision; lower local_base_port or the replica counts",
         )
-    if resources.local_base_port < service.port <= highest:
-        n = service.port - resources.local_base_port
-        raise ctx.fail(
-            "service.port",
-            f"{service.port} is the port of local replica r-{n:04d} (resources.local_base_port "
-            f"{resources.local_base_port} + {n}): the router and that replica cannot both listen "
-            "there; pick a service.port outside the replicas' range",
-        )
+    ports = (("service.port", service.port), ("service.router.status_port", service.router.status_port))
+    for field_name, port in ports:
+        if port is not None and resources.local_base_port < port <= highest:
+            n = port - resources.local_base_port
+            raise ctx.fail(
+                field_name,
+                f"{port} is the port of local replica r-{n:04d} (resources.local_base_port "
+                f"{resources.local_base_port} + {n}): the router and that replica cannot both listen "
+                f"there; pick a {field_name} outside the replicas' range",
+            )
 
 
 TOP_LEVEL = {

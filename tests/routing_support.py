@@ -40,13 +40,18 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def make_spec(port: int, *, lb: str = "least_load", name: str = "echo") -> ServiceSpec:
+def make_spec(
+    port: int, *, lb: str = "least_load", name: str = "echo", router: dict[str, Any] | None = None
+) -> ServiceSpec:
+    service: dict[str, Any] = {"host": "127.0.0.1", "port": port, "load_balancing_policy": lb}
+    if router is not None:
+        service["router"] = router
     return parse_spec(
         {
             "name": name,
             "placement": {"clouds": ["local"]},
             "run": {"command": "python3 examples/local-echo/server.py"},
-            "service": {"host": "127.0.0.1", "port": port, "load_balancing_policy": lb},
+            "service": service,
             "readiness_probe": {"path": "/health", "timeout_seconds": 2},
         }
     )

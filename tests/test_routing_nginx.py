@@ -12,6 +12,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from routing_support import (
@@ -47,9 +48,13 @@ def make_router(tmp_path: Path) -> Iterator[Callable[..., Router]]:
     made: list[Router] = []
 
     def _make(
-        lb: str = "least_load", cls: type[Router] = Router, options: RouterOptions | None = None
+        lb: str = "least_load",
+        cls: type[Router] = Router,
+        options: RouterOptions | None = None,
+        spec_router: dict[str, Any] | None = None,
     ) -> Router:
-        router = cls(make_spec(free_port(), lb=lb), tmp_path / f"state{len(made)}", options=options)
+        spec = make_spec(free_port(), lb=lb, router=spec_router)
+        router = cls(spec, tmp_path / f"state{len(made)}", options=options)
         made.append(router)
         return router
 
@@ -422,5 +427,33 @@ def test_the_routers_own_timeout_and_body_limit_answer_as_json(make_router):
         assert resp.status == 504 and resp.json()["error"]["type"] == "timeout"
         big = request(router.endpoint, "POST", "/v1/completions", {"prompt": "x" * 4096})
         assert big.status == 413 and big.json()["error"]["type"] == "invalid_request_error"
+    finally:
+        silent.close()
+
+
+def test_the_specs_router_knobs_reach_nginx_and_a_fixed_status_port_is_checked_up_front(make_router):
+    # the knobs existed but no spec could set them: every router ran the defaults, and the
+    # stub_status page moved to a random port at each start, out of reach of a metrics scraper
+    status_port = free_port()
+    router = make_router(
+        spec_router={"read_timeout": 1, "next_upstream_tries": 1, "status_port": status_port}
+    )
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", status_port))
+        busy.listen()
+        with pytest.raises(RoutingError, match=f"service.router.status_port {status_port} on 127.0.0.1"):
+            router.preflight()
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)  # accepts, never answers
+    try:
+        status = router.up([Upstream("r-0001", f"http://127.0.0.1:{silent.getsockname()[1]}")])
+        assert status["status_url"] == f"http://127.0.0.1:{status_port}/stub_status"
+        assert read_stub_status(status["status_url"])["requests"] >= 1
+        started = time.monotonic()
+        resp = complete(router.endpoint)
+        assert resp.status == 504 and time.monotonic() - started < 10  # 1 s, not the default 600 s
+        router.reload([])
+        assert router.status()["status_url"] == status["status_url"]  # kept across reloads
     finally:
         silent.close()

@@ -12,7 +12,7 @@ from skyhedge.cli import main
 from skyhedge.clouds.local.render import replica_port
 from skyhedge.errors import SpecError
 from skyhedge.service import compute_plan, resolve_placement
-from skyhedge.spec import load_spec
+from skyhedge.spec import RouterOptions, load_spec
 from skyhedge.state import ServiceState
 
 GOOD = """
@@ -337,6 +337,32 @@ BAD_SPECS: list[tuple[str, str]] = [
         "the router and that replica cannot both listen there; pick a service.port outside the replicas' range",
     ),
     (
+        _with("service: {router: {read_timeout: 0}}\n"),
+        "service.router.read_timeout: expected an integer >= 1, got 0",
+    ),
+    (
+        _with("service: {router: {read_timeut: 60}}\n"),
+        "service.router.read_timeut: unknown field (did you mean 'read_timeout'?)",
+    ),
+    (
+        _with("service: {router: {client_max_body_size: '1 0m'}}\n"),
+        "service.router.client_max_body_size: expected a size like '32m', got '1 0m'",
+    ),
+    (
+        _with("service: {router: {worker_processes: [2]}}\n"),
+        "service.router.worker_processes: expected a string or an integer, got list",
+    ),
+    (
+        _with("service: {port: 9000, router: {status_port: 9000}}\n"),
+        "service.router.status_port: 9000 is service.port: the status page needs a port of its own",
+    ),
+    (
+        _with("resources: {local_base_port: 31100}\nservice: {router: {status_port: 31102}}\n"),
+        "service.router.status_port: 31102 is the port of local replica r-0002 (resources.local_base_port "
+        "31100 + 2): the router and that replica cannot both listen there; pick a "
+        "service.router.status_port outside the replicas' range",
+    ),
+    (
         "name: echo\nplacement: {clouds: [local]}\nrun: {command: x}\nreplica_policy: "
         + "[" * 1000
         + "]" * 1000,
@@ -481,3 +507,25 @@ def test_a_plug_in_policy_that_cannot_load_names_the_spec_field(write_spec):
     with pytest.raises(SpecError) as info:
         compute_plan(spec, ServiceState(service="echo"), now=0.0)
     assert str(info.value).startswith(f"{path}: replica_policy.policy: policy 'nosuchmod:Cls': cannot load")
+
+
+def test_router_knobs_reach_the_router_options(write_spec):
+    """`service.router` sets the nginx knobs; YAML numbers are fine for sizes and worker counts,
+    and anything unset keeps the LLM-serving defaults."""
+    spec = load_spec(
+        write_spec(
+            _with(
+                "service:\n  router: {read_timeout: 1800, client_max_body_size: 1024, worker_processes: 2,"
+                " status_port: 9145}\n"
+            )
+        )
+    )
+    opts = spec.service.router
+    assert (opts.read_timeout, opts.client_max_body_size, opts.worker_processes, opts.status_port) == (
+        1800,
+        "1024",
+        "2",
+        9145,
+    )
+    assert opts.max_fails == RouterOptions().max_fails
+    assert load_spec(write_spec(GOOD)).service.router == RouterOptions()

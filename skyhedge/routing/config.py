@@ -20,7 +20,7 @@ import jinja2
 
 from skyhedge._resources import templates_dir
 from skyhedge.errors import RoutingError
-from skyhedge.spec import ServiceSpec
+from skyhedge.spec import RouterOptions, ServiceSpec
 
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _HOST_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?$")
@@ -75,55 +75,6 @@ class Upstream:
 
     def to_json(self) -> dict[str, str]:
         return {"id": self.id, "endpoint": self.endpoint}
-
-
-@dataclass(frozen=True)
-class RouterOptions:
-    """Knobs with defaults that suit LLM serving; times in seconds.
-
-    `read_timeout` is long because a generation may take minutes before its first byte (non-streamed)
-    or between tokens (streamed). `next_upstream_tries` counts the first attempt; retries stop after
-    `next_upstream_timeout` so a request never bounces for minutes. `status_port` None picks a free
-    127.0.0.1 port when nginx starts and keeps it across reloads.
-    """
-
-    max_fails: int = 1
-    fail_timeout: int = 10
-    keepalive: int = 32
-    next_upstream_tries: int = 3
-    next_upstream_timeout: int = 30
-    connect_timeout: int = 5
-    read_timeout: int = 600
-    worker_processes: str = "auto"
-    worker_connections: int = 1024
-    client_max_body_size: str = "32m"
-    status_port: int | None = None
-
-    def __post_init__(self) -> None:
-        for name in (
-            "max_fails",
-            "fail_timeout",
-            "keepalive",
-            "next_upstream_tries",
-            "next_upstream_timeout",
-            "connect_timeout",
-            "read_timeout",
-            "worker_connections",
-        ):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise RoutingError(f"router option {name}: expected a positive integer, got {value!r}")
-        if not re.fullmatch(r"auto|[1-9][0-9]{0,2}", str(self.worker_processes)):
-            raise RoutingError(
-                f"router option worker_processes: expected 'auto' or a count, got {self.worker_processes!r}"
-            )
-        if not re.fullmatch(r"[1-9][0-9]*[kKmMgG]?", self.client_max_body_size):
-            raise RoutingError(
-                f"router option client_max_body_size: expected a size like '32m', got "
-                f"{self.client_max_body_size!r}"
-            )
-        if self.status_port is not None and not 0 < self.status_port < 65536:
-            raise RoutingError(f"router option status_port: expected a port, got {self.status_port!r}")
 
 
 @dataclass(frozen=True)
@@ -229,14 +180,15 @@ def render_config(
     upstreams: Iterable[Upstream],
     *,
     paths: RouterPaths,
-    options: RouterOptions = RouterOptions(),
+    options: RouterOptions | None = None,
     status_port: int | None = None,
     run_as: tuple[str, str] | None = None,
 ) -> str:
     """The nginx.conf text routing `spec`'s service address to `upstreams` (READY replicas only).
 
-    `status_port` None leaves out the stub_status server. `run_as` (user, group) emits nginx's
-    `user` directive, needed only when the master runs as root.
+    `options` None takes the spec's (`service.router`). `status_port` None leaves out the
+    stub_status server. `run_as` (user, group) emits nginx's `user` directive, needed only when
+    the master runs as root.
     """
     ups = sorted_upstreams(upstreams)
     try:
@@ -249,7 +201,7 @@ def render_config(
             status_listen=f"127.0.0.1:{status_port}" if status_port else None,
             user=run_as[0] if run_as else None,
             group=run_as[1] if run_as else None,
-            o=options,
+            o=options or spec.service.router,
             paths={
                 "pid": paths.pid,
                 "error_log": paths.error_log,

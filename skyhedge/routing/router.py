@@ -73,7 +73,7 @@ class Router:
         nginx_bin: str | None = None,
     ) -> None:
         self.spec = spec
-        self.options = options or RouterOptions()
+        self.options = options or spec.service.router
         self.paths = RouterPaths(Path(state_dir).resolve() / "router")
         self._nginx_bin = nginx_bin
         self._binary: str | None = None
@@ -86,23 +86,27 @@ class Router:
         return f"http://{f'[{host}]' if ':' in host else host}:{self.spec.service.port}"
 
     def preflight(self) -> None:
-        """Raise RoutingError now if `up` could not work: no nginx, or the service port held by
-        another process. Why: `apply` launches replicas before routing comes up, and a failure
-        found only then leaves them running with no router and a failed command."""
+        """Raise RoutingError now if `up` could not work: no nginx, or the service port (or a
+        set `service.router.status_port`) held by another process. Why: `apply` launches replicas
+        before routing comes up, and a failure found only then leaves them running with no router
+        and a failed command."""
         _ = self.binary
         if self.pid() is not None:
-            return  # ours holds the port
-        host = self.spec.service.host.strip("[]")
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        with socket.socket(family, socket.SOCK_STREAM) as sock:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                sock.bind((host, self.spec.service.port))
-            except OSError as exc:
-                raise RoutingError(
-                    f"service.port {self.spec.service.port} on {host} is not available for the router "
-                    f"({exc.strerror or exc}): free it or choose another service.port"
-                ) from exc
+            return  # ours holds the ports
+        ports = [("service.port", self.spec.service.host.strip("[]"), self.spec.service.port)]
+        if self.options.status_port is not None and nginx.has_stub_status(self.binary):
+            ports.append(("service.router.status_port", "127.0.0.1", self.options.status_port))
+        for name, host, port in ports:
+            family = socket.AF_INET6 if ":" in host else socket.AF_INET
+            with socket.socket(family, socket.SOCK_STREAM) as sock:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                try:
+                    sock.bind((host, port))
+                except OSError as exc:
+                    raise RoutingError(
+                        f"{name} {port} on {host} is not available for the router "
+                        f"({exc.strerror or exc}): free it or choose another {name}"
+                    ) from exc
 
     def status(self) -> dict[str, Any]:
         """`endpoint`, `pid` (None when not running), `upstreams` ([{id, endpoint}]), `status_url`."""
