@@ -323,6 +323,9 @@ def test_port_in_use_fails_with_nginx_message_of_this_attempt_only(make_router):
             router.up([])
     assert "Address already in use" in info.value.stderr
     assert "an earlier attempt" not in info.value.stderr
+    # nginx tries bind() five times and logs each: the report says it once, with the count
+    assert info.value.stderr.count("Address already in use") == 1
+    assert "times)" in info.value.stderr
     assert router.status()["pid"] is None
 
 
@@ -386,6 +389,15 @@ def test_an_error_report_quotes_only_the_log_lines_of_this_attempt(tmp_path):
     assert nginx_proc.log_tail(log, lines=1, since=mark) == "[notice] new: exiting"
     log.write_text("[emerg] rotated\n")  # truncated since the mark: read it all
     assert nginx_proc.log_tail(log, since=mark) == "[emerg] rotated"
+    log.write_text(
+        "2026/11/29 02:00:00 [emerg] 7#7: bind() failed (98: Address already in use)\n"
+        "2026/11/29 02:00:01 [emerg] 7#7: bind() failed (98: Address already in use)\n"
+        "2026/11/29 02:00:02 [emerg] 7#7: still could not bind()\n"
+    )  # repeats differing only in their timestamp are said once
+    assert nginx_proc.log_tail(log) == (
+        "2026/11/29 02:00:00 [emerg] 7#7: bind() failed (98: Address already in use) (2 times)\n"
+        "2026/11/29 02:00:02 [emerg] 7#7: still could not bind()"
+    )
 
 
 def test_preflight_names_a_port_held_by_another_process_and_accepts_our_own_router(make_router):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -107,7 +108,9 @@ def start(binary: str, paths: RouterPaths) -> None:
         err.seek(0)
         text = err.read().strip()
     if rc != 0:
-        raise RoutingError(f"nginx failed to start (exit {rc})", stderr=text)
+        raise RoutingError(
+            f"nginx failed to start (exit {rc})", stderr="\n".join(_collapse_repeats(text.splitlines()))
+        )
 
 
 def _stat(pid: int) -> tuple[str, int, int] | None:
@@ -217,4 +220,22 @@ def log_tail(path: Path, lines: int = 15, *, since: int = 0) -> str:
             text = fh.read().decode(errors="replace")
     except OSError:
         return ""
-    return "\n".join(text.splitlines()[-lines:])
+    return "\n".join(_collapse_repeats(text.splitlines())[-lines:])
+
+
+_LOG_PREFIX = re.compile(r"^(\d{4}/\d\d/\d\d \d\d:\d\d:\d\d |nginx: )")
+
+
+def _collapse_repeats(lines: list[str]) -> list[str]:
+    """Consecutive lines that differ only in their timestamp become one, marked `(N times)`:
+    nginx retries a busy port's bind() five times and logs each, which buried the one line that
+    matters in an error report."""
+    out: list[str] = []
+    counts: list[int] = []
+    for line in lines:
+        if out and _LOG_PREFIX.sub("", line) == _LOG_PREFIX.sub("", out[-1]):
+            counts[-1] += 1
+            continue
+        out.append(line)
+        counts.append(1)
+    return [f"{line} ({n} times)" if n > 1 else line for line, n in zip(out, counts, strict=True)]
