@@ -135,6 +135,47 @@ def test_where_capacity_never_binds_the_shortest_path_equals_the_integer_program
     assert (fast.timeline.ready[cold:] >= target).all()
 
 
+@settings(max_examples=60, deadline=None)
+@given(data=st.data(), target=st.integers(2, 3), cold=st.integers(0, 4), priced=st.booleans())
+def test_where_capacity_binds_the_auto_answer_is_still_the_integer_programs(data, target, cold, priced):
+    # Finite pools: the bound check may answer by shortest path, but only with the true optimum.
+    zones = data.draw(st.integers(1, 4))
+    ticks = data.draw(st.integers(cold + 1, 30))
+    cap = np.asarray(
+        data.draw(
+            st.lists(
+                st.lists(st.integers(0, target + 1), min_size=ticks, max_size=ticks),
+                min_size=zones,
+                max_size=zones,
+            )
+        ),
+        dtype=np.int64,
+    )
+    prices = (
+        np.asarray(data.draw(st.lists(st.sampled_from([0.5, 0.8, 1.0, 1.3]), min_size=zones, max_size=zones)))
+        if priced
+        else None
+    )
+    auto = solve_optimum(cap, target=target, cold_start_ticks=cold, spot_prices=prices)
+    exact = solve_optimum(cap, target=target, cold_start_ticks=cold, spot_prices=prices, method="milp")
+    assert auto.objective == pytest.approx(exact.objective)
+    unit = np.ones((zones, 1)) if prices is None else prices.reshape(zones, 1)
+    assert _plan_cost(auto, unit) == pytest.approx(auto.objective)
+    assert (auto.spot_plan <= np.minimum(cap, target)).all()
+    assert (auto.timeline.ready[cold:] >= target).all()
+
+
+def test_a_finite_window_with_a_roomy_zone_throughout_skips_the_integer_program():
+    # A dozen finite zones took HiGHS one to two minutes per window; one zone with room for N
+    # all along makes the relaxation's bound reachable, so the shortest path answers exactly.
+    rng = np.random.default_rng(0)
+    cap = rng.integers(0, 3, size=(12, 2880))
+    cap[5] = 3
+    result = solve_optimum(cap, target=3, cold_start_ticks=4)
+    assert result.method == "runs" and result.objective == pytest.approx(3 * 2880)
+    assert result.spot_plan[5].tolist() == [3] * 2880
+
+
 def test_a_zone_with_room_for_fewer_than_n_is_left_to_the_integer_program():
     # Room for 1 of 2: one zone cannot hold every replica, so the copies are not independent.
     assert solve_optimum([[1, 1, 1, 1], [2, 2, 0, 0]], target=2, cold_start_ticks=1).method == "milp"

@@ -15,7 +15,10 @@ x <= N bounds the search; a and b are continuous (they take the integer window m
 When no zone ever holds between 1 and N - 1 (availability traces: a zone has room for everything
 or nothing), capacity never binds and the program splits into N copies of the one-replica
 problem, solved exactly by a shortest path over the window instead (`_solve_runs`): 0.1 s where
-HiGHS took 8-25 s per nine-zone window (docs/simulate.md). Why it is exact: any plan is a set of *runs*
+HiGHS took 8-25 s per nine-zone window (docs/simulate.md). When capacity does bind, the same
+shortest path gives a lower bound (every zone with any room taken as having room for N) and a
+feasible plan (only ticks where a zone has room for N); when the plan meets the bound it is the
+optimum and HiGHS is skipped. Why the shortest path is exact: any plan is a set of *runs*
 (one replica in one zone, or on demand, paid over [s, e], ready over [s + cold, e]); covering
 every scored tick N times with runs is an interval-covering program, whose constraint matrix has
 consecutive ones (totally unimodular), so its optimum is N times the one-replica optimum.
@@ -95,17 +98,18 @@ def solve_optimum(
     od_cost = float(ondemand_cost_ratio if ondemand_price is None else ondemand_price)
     if method not in ("auto", "milp"):
         raise SkyhedgeError(f"optimum: method must be 'auto' or 'milp', got {method!r}")
-    if (
-        method == "auto"
-        and zones
-        and ticks > cold
-        and capacity_never_binds(cap, n)
-        and (spot_cost > 0).all()
-        and od_cost > 0
-    ):
+    if method == "auto" and zones and ticks > cold and (spot_cost > 0).all() and od_cost > 0:
         runs = _solve_runs(cap > 0, n, cold, spot_cost, od_cost)
-        if runs is not None:
+        if runs is not None and capacity_never_binds(cap, n):
             return runs
+        # Capacity binds somewhere. `runs` solved the relaxation in which a zone with any room
+        # has room for N: a lower bound. Using only the ticks a zone has room for all N gives a
+        # feasible plan; when it costs no more than the bound, it is the optimum, and HiGHS
+        # (minutes per window with a dozen finite zones) is not needed.
+        if runs is not None:
+            roomy = _solve_runs(cap >= n, n, cold, spot_cost, od_cost)
+            if roomy is not None and roomy.objective <= runs.objective + 1e-9 * max(1.0, abs(runs.objective)):
+                return roomy
     return _solve_milp(cap, n, cold, spot_cost, od_cost, time_limit)
 
 
