@@ -92,6 +92,23 @@ class ReadinessProbe:
     headers: dict[str, str] = field(default_factory=dict)
 
 
+#: The router's integer knobs and their largest accepted values: nginx refuses a config whose
+#: times or counts overflow, and refused only at `routing up` it would fail after `apply` launched
+#: the replicas. Times are seconds (a day at most), counts what one nginx can use.
+ROUTER_INT_LIMITS = {
+    "max_fails": 1000,
+    "fail_timeout": 86400,
+    "keepalive": 65535,
+    "next_upstream_tries": 100,
+    "next_upstream_timeout": 86400,
+    "connect_timeout": 86400,
+    "read_timeout": 86400,
+    "worker_connections": 1048576,
+}
+MAX_BODY_BYTES = 64 * 2**30
+_SIZE_UNITS = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30}
+
+
 @dataclass(frozen=True)
 class RouterOptions:
     """The nginx router's knobs (spec: `service.router`), with defaults that suit LLM serving;
@@ -116,26 +133,18 @@ class RouterOptions:
     status_port: int | None = None
 
     def __post_init__(self) -> None:
-        for name in (
-            "max_fails",
-            "fail_timeout",
-            "keepalive",
-            "next_upstream_tries",
-            "next_upstream_timeout",
-            "connect_timeout",
-            "read_timeout",
-            "worker_connections",
-        ):
+        for name, top in ROUTER_INT_LIMITS.items():
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise RoutingError(f"router option {name}: expected a positive integer, got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= top:
+                raise RoutingError(f"router option {name}: expected an integer in [1, {top}], got {value!r}")
         if not re.fullmatch(r"auto|[1-9][0-9]{0,2}", str(self.worker_processes)):
             raise RoutingError(
                 f"router option worker_processes: expected 'auto' or a count, got {self.worker_processes!r}"
             )
-        if not re.fullmatch(r"[1-9][0-9]*[kKmMgG]?", self.client_max_body_size):
+        size = re.fullmatch(r"([1-9][0-9]{0,15})([kKmMgG]?)", self.client_max_body_size)
+        if not size or int(size[1]) * _SIZE_UNITS[size[2].lower()] > MAX_BODY_BYTES:
             raise RoutingError(
-                f"router option client_max_body_size: expected a size like '32m', got "
+                f"router option client_max_body_size: expected a size like '32m', at most 64g, got "
                 f"{self.client_max_body_size!r}"
             )
         if self.status_port is not None and not 0 < self.status_port < 65536:
@@ -518,23 +527,15 @@ def _headers(ctx: _Ctx, path: str, value: Any) -> dict[str, str]:
     return headers
 
 
-_ROUTER_INTS = (
-    "max_fails",
-    "fail_timeout",
-    "keepalive",
-    "next_upstream_tries",
-    "next_upstream_timeout",
-    "connect_timeout",
-    "read_timeout",
-    "worker_connections",
-)
-
-
 def _router(ctx: _Ctx, raw: Any, port: int) -> RouterOptions:
     """`service.router`: the nginx knobs. Sizes and counts may be written as YAML numbers."""
-    allowed = {*_ROUTER_INTS, "worker_processes", "client_max_body_size", "status_port"}
+    allowed = {*ROUTER_INT_LIMITS, "worker_processes", "client_max_body_size", "status_port"}
     d = _mapping(ctx, "service.router", raw, allowed)
-    kw: dict[str, Any] = {k: _int(ctx, f"service.router.{k}", d[k], lo=1) for k in _ROUTER_INTS if k in d}
+    kw: dict[str, Any] = {
+        k: _int(ctx, f"service.router.{k}", d[k], lo=1, hi=top)
+        for k, top in ROUTER_INT_LIMITS.items()
+        if k in d
+    }
     for k in ("worker_processes", "client_max_body_size"):
         if k in d:
             value = d[k]

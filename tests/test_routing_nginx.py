@@ -398,6 +398,11 @@ def test_an_error_report_quotes_only_the_log_lines_of_this_attempt(tmp_path):
         "2026/11/29 02:00:00 [emerg] 7#7: bind() failed (98: Address already in use) (2 times)\n"
         "2026/11/29 02:00:02 [emerg] 7#7: still could not bind()"
     )
+    # two busy ports: nginx alternates their errors; each is still said once, blank lines dropped
+    log.write_text("nginx: [emerg] bind() to :80 failed\n\n\nnginx: [emerg] bind() to :81 failed\n" * 5)
+    assert nginx_proc.log_tail(log) == (
+        "nginx: [emerg] bind() to :80 failed (5 times)\nnginx: [emerg] bind() to :81 failed (5 times)"
+    )
 
 
 def test_preflight_names_a_port_held_by_another_process_and_accepts_our_own_router(make_router):
@@ -469,3 +474,35 @@ def test_the_specs_router_knobs_reach_nginx_and_a_fixed_status_port_is_checked_u
         assert router.status()["status_url"] == status["status_url"]  # kept across reloads
     finally:
         silent.close()
+
+
+def test_the_largest_router_values_the_spec_accepts_pass_nginx_t(make_router):
+    # values past these overflowed nginx's parser: refused only by `routing up`, after `apply`
+    # had launched the replicas; the spec now stops at them, and nginx takes every one of them
+    from skyhedge.spec import ROUTER_INT_LIMITS
+
+    knobs: dict[str, Any] = dict(ROUTER_INT_LIMITS)
+    knobs.update(client_max_body_size="64g", worker_processes=999)
+    router = make_router(spec_router=knobs)
+    nginx_proc.ensure_dirs(router.paths)
+    candidate = router.paths.candidate
+    candidate.write_text(router.render([Upstream("r-0001", "http://127.0.0.1:9")], None), encoding="utf-8")
+    nginx_proc.check_config(router.binary, router.paths, candidate)
+
+
+def test_preflight_checks_a_status_port_the_spec_changed_while_our_router_runs(make_router, tmp_path):
+    # a running router holds its own ports, but not a status port the spec moved since: that one
+    # was found busy only by the reload, after `apply` had launched the replicas
+    first, second = free_port(), free_port()
+    router = make_router(spec_router={"status_port": first})
+    router.up([])
+    router.preflight()  # our own router holds `first`
+    moved = Router(
+        make_spec(router.spec.service.port, router={"status_port": second}), router.paths.prefix.parent
+    )
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", second))
+        busy.listen()
+        with pytest.raises(RoutingError, match=f"service.router.status_port {second} on 127.0.0.1"):
+            moved.preflight()
+    moved.preflight()  # free again: fine

@@ -176,6 +176,12 @@ def test_a_finite_window_with_a_roomy_zone_throughout_skips_the_integer_program(
     assert result.spot_plan[5].tolist() == [3] * 2880
 
 
+def test_an_infinite_spot_price_is_refused_not_overflowed():
+    # it became the largest float, and the shortest path's running sums overflowed
+    with pytest.raises(SkyhedgeError, match="finite"):
+        solve_optimum([[1, 1], [2, 2]], target=2, cold_start_ticks=1, spot_prices=np.array([[np.inf], [1.0]]))
+
+
 def test_a_zone_with_room_for_fewer_than_n_is_left_to_the_integer_program():
     # Room for 1 of 2: one zone cannot hold every replica, so the copies are not independent.
     assert solve_optimum([[1, 1, 1, 1], [2, 2, 0, 0]], target=2, cold_start_ticks=1).method == "milp"

@@ -338,7 +338,11 @@ BAD_SPECS: list[tuple[str, str]] = [
     ),
     (
         _with("service: {router: {read_timeout: 0}}\n"),
-        "service.router.read_timeout: expected an integer >= 1, got 0",
+        "service.router.read_timeout: expected an integer in [1, 86400], got 0",
+    ),
+    (
+        _with("service: {router: {keepalive: 99999999999999999999}}\n"),
+        "service.router.keepalive: expected an integer in [1, 65535], got 99999999999999999999",
     ),
     (
         _with("service: {router: {read_timeut: 60}}\n"),
@@ -346,7 +350,12 @@ BAD_SPECS: list[tuple[str, str]] = [
     ),
     (
         _with("service: {router: {client_max_body_size: '1 0m'}}\n"),
-        "service.router.client_max_body_size: expected a size like '32m', got '1 0m'",
+        "service.router.client_max_body_size: expected a size like '32m', at most 64g, got '1 0m'",
+    ),
+    (
+        _with("service: {router: {client_max_body_size: 99999999999999999999g}}\n"),
+        "service.router.client_max_body_size: expected a size like '32m', at most 64g, got "
+        "'99999999999999999999g'",
     ),
     (
         _with("service: {router: {worker_processes: [2]}}\n"),

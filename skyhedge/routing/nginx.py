@@ -227,15 +227,20 @@ _LOG_PREFIX = re.compile(r"^(\d{4}/\d\d/\d\d \d\d:\d\d:\d\d |nginx: )")
 
 
 def _collapse_repeats(lines: list[str]) -> list[str]:
-    """Consecutive lines that differ only in their timestamp become one, marked `(N times)`:
-    nginx retries a busy port's bind() five times and logs each, which buried the one line that
-    matters in an error report."""
-    out: list[str] = []
-    counts: list[int] = []
+    """Lines that differ only in their timestamp are said once, where first seen, marked
+    `(N times)`: nginx retries a busy port's bind() five times and logs each (alternating when
+    two ports are busy), which buried the lines that matter in an error report. Blank lines
+    are dropped."""
+    order: list[str] = []
+    first: dict[str, str] = {}
+    counts: dict[str, int] = {}
     for line in lines:
-        if out and _LOG_PREFIX.sub("", line) == _LOG_PREFIX.sub("", out[-1]):
-            counts[-1] += 1
+        key = _LOG_PREFIX.sub("", line).strip()
+        if not key:
             continue
-        out.append(line)
-        counts.append(1)
-    return [f"{line} ({n} times)" if n > 1 else line for line, n in zip(out, counts, strict=True)]
+        if key not in counts:
+            order.append(key)
+            first[key] = line
+            counts[key] = 0
+        counts[key] += 1
+    return [f"{first[k]} ({counts[k]} times)" if counts[k] > 1 else first[k] for k in order]

@@ -87,15 +87,21 @@ class Router:
 
     def preflight(self) -> None:
         """Raise RoutingError now if `up` could not work: no nginx, or the service port (or a
-        set `service.router.status_port`) held by another process. Why: `apply` launches replicas
-        before routing comes up, and a failure found only then leaves them running with no router
-        and a failed command."""
+        set `service.router.status_port`) held by another process; a running router of ours holds
+        its own ports, but not a status port the spec changed since. Why: `apply` launches
+        replicas before routing comes up, and a failure found only then leaves them running with
+        no router and a failed command."""
         _ = self.binary
-        if self.pid() is not None:
-            return  # ours holds the ports
-        ports = [("service.port", self.spec.service.host.strip("[]"), self.spec.service.port)]
-        if self.options.status_port is not None and nginx.has_stub_status(self.binary):
-            ports.append(("service.router.status_port", "127.0.0.1", self.options.status_port))
+        running = self.pid() is not None
+        service = self.spec.service
+        ports = [] if running else [("service.port", service.host.strip("[]"), service.port)]
+        status_port = self.options.status_port
+        if (
+            status_port is not None
+            and nginx.has_stub_status(self.binary)
+            and (not running or self._read_meta().get("status_port") != status_port)
+        ):
+            ports.append(("service.router.status_port", "127.0.0.1", status_port))
         for name, host, port in ports:
             family = socket.AF_INET6 if ":" in host else socket.AF_INET
             with socket.socket(family, socket.SOCK_STREAM) as sock:

@@ -98,7 +98,7 @@ def solve_optimum(
     od_cost = float(ondemand_cost_ratio if ondemand_price is None else ondemand_price)
     if method not in ("auto", "milp"):
         raise SkyhedgeError(f"optimum: method must be 'auto' or 'milp', got {method!r}")
-    if method == "auto" and zones and ticks > cold and (spot_cost > 0).all() and od_cost > 0:
+    if method == "auto" and zones and ticks > cold and (spot_cost > 0).all() and 0 < od_cost < math.inf:
         runs = _solve_runs(cap > 0, n, cold, spot_cost, od_cost)
         if runs is not None and capacity_never_binds(cap, n):
             return runs
@@ -204,6 +204,8 @@ def _spot_costs(spot_prices: np.ndarray | None, zones: int, ticks: int) -> np.nd
     if spot_prices is None:
         return np.ones((zones, ticks))
     prices = np.broadcast_to(np.asarray(spot_prices, dtype=float).reshape(zones, -1), (zones, ticks))
+    if np.isinf(prices).any():
+        raise SkyhedgeError("optimum: spot prices must be finite (a missing price is NaN)")
     return np.nan_to_num(prices, nan=1.0)
 
 
