@@ -102,6 +102,24 @@ def _plan_cost(result, prices, ratio=3.0):
     return float((result.spot_plan * prices).sum() + ratio * result.ondemand_plan.sum())
 
 
+def _draw_prices(data, zones):
+    choices = st.sampled_from([0.5, 0.8, 1.0, 1.3])
+    return np.asarray(data.draw(st.lists(choices, min_size=zones, max_size=zones)))
+
+
+def _solve_both(cap, target, cold, prices):
+    """The default answer and HiGHS's, after checking the default one is HiGHS's optimum and a
+    feasible plan that costs what it claims."""
+    auto = solve_optimum(cap, target=target, cold_start_ticks=cold, spot_prices=prices)
+    exact = solve_optimum(cap, target=target, cold_start_ticks=cold, spot_prices=prices, method="milp")
+    assert auto.objective == pytest.approx(exact.objective)
+    unit = np.ones((len(cap), 1)) if prices is None else prices.reshape(len(cap), 1)
+    assert _plan_cost(auto, unit) == pytest.approx(auto.objective)  # the plan is what it claims
+    assert (auto.spot_plan <= np.minimum(cap, target)).all()
+    assert (auto.timeline.ready[cold:] >= target).all()
+    return auto, exact
+
+
 @settings(max_examples=60, deadline=None)
 @given(data=st.data(), target=st.integers(1, 3), cold=st.integers(0, 4), priced=st.booleans())
 def test_where_capacity_never_binds_the_shortest_path_equals_the_integer_program(data, target, cold, priced):
@@ -120,19 +138,9 @@ def test_where_capacity_never_binds_the_shortest_path_equals_the_integer_program
         )
         * room
     )
-    prices = (
-        np.asarray(data.draw(st.lists(st.sampled_from([0.5, 0.8, 1.0, 1.3]), min_size=zones, max_size=zones)))
-        if priced
-        else None
-    )
-    fast = solve_optimum(cap, target=target, cold_start_ticks=cold, spot_prices=prices)
-    exact = solve_optimum(cap, target=target, cold_start_ticks=cold, spot_prices=prices, method="milp")
+    prices = _draw_prices(data, zones) if priced else None
+    fast, exact = _solve_both(cap, target, cold, prices)
     assert (fast.method, exact.method) == ("runs", "milp")
-    assert fast.objective == pytest.approx(exact.objective)
-    unit = np.ones((zones, 1)) if prices is None else prices.reshape(zones, 1)
-    assert _plan_cost(fast, unit) == pytest.approx(fast.objective)  # the plan is what it claims
-    assert (fast.spot_plan <= np.minimum(cap, target)).all()
-    assert (fast.timeline.ready[cold:] >= target).all()
 
 
 @settings(max_examples=60, deadline=None)
@@ -151,18 +159,8 @@ def test_where_capacity_binds_the_auto_answer_is_still_the_integer_programs(data
         ),
         dtype=np.int64,
     )
-    prices = (
-        np.asarray(data.draw(st.lists(st.sampled_from([0.5, 0.8, 1.0, 1.3]), min_size=zones, max_size=zones)))
-        if priced
-        else None
-    )
-    auto = solve_optimum(cap, target=target, cold_start_ticks=cold, spot_prices=prices)
-    exact = solve_optimum(cap, target=target, cold_start_ticks=cold, spot_prices=prices, method="milp")
-    assert auto.objective == pytest.approx(exact.objective)
-    unit = np.ones((zones, 1)) if prices is None else prices.reshape(zones, 1)
-    assert _plan_cost(auto, unit) == pytest.approx(auto.objective)
-    assert (auto.spot_plan <= np.minimum(cap, target)).all()
-    assert (auto.timeline.ready[cold:] >= target).all()
+    prices = _draw_prices(data, zones) if priced else None
+    _solve_both(cap, target, cold, prices)
 
 
 def test_a_finite_window_with_a_roomy_zone_throughout_skips_the_integer_program():
