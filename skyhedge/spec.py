@@ -13,7 +13,7 @@ import difflib
 import math
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -157,6 +157,12 @@ class ServiceConfig:
     port: int = 8080
     load_balancing_policy: str = "least_load"
     router: RouterOptions = field(default_factory=RouterOptions)
+
+    @property
+    def url(self) -> str:
+        """Where clients reach the service (through the router), IPv6 hosts bracketed."""
+        host = self.host.strip("[]")
+        return f"http://{f'[{host}]' if ':' in host else host}:{self.port}"
 
 
 @dataclass(frozen=True)
@@ -758,6 +764,48 @@ def load_spec(path: str | Path) -> ServiceSpec:
     if data is None:
         raise SpecError("empty file, expected a service spec", file=name)
     return parse_spec(data, source=name)
+
+
+#: Spec fields whose values may hold secrets (a token in the command, the environment, a probe
+#: header or body, a backend setting): `spec_changes` names them without their values.
+_UNSHOWN = ("run", "terraform", "readiness_probe.headers", "readiness_probe.post_data")
+
+
+def _brief(value: Any) -> str:
+    if isinstance(value, tuple):
+        text = "[" + ", ".join(str(v) for v in value) + "]"
+    elif value is None:
+        text = "unset"
+    elif isinstance(value, bool):
+        text = str(value).lower()
+    else:
+        text = str(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def spec_changes(old: ServiceSpec, new: ServiceSpec) -> list[str]:
+    """What differs between two specs, one line per changed field, e.g.
+    `replica_policy.min_replicas: 2 -> 3` (fields that may hold secrets, and mappings, by name
+    only: `run.env changed`). Why: a watcher that reloads its spec says what it is about to act
+    on, in the log an operator reads; `source` (where the spec was read from) is not a change."""
+    out: list[str] = []
+
+    def walk(path: str, a: Any, b: Any) -> None:
+        if a == b:
+            return
+        if is_dataclass(a) and type(a) is type(b):
+            for f in fields(a):
+                if path or f.name != "source":
+                    walk(f"{path}.{f.name}" if path else f.name, getattr(a, f.name), getattr(b, f.name))
+            return
+        hidden = any(path == p or path.startswith(p + ".") for p in _UNSHOWN)
+        if hidden or isinstance(a, Mapping) or isinstance(b, Mapping):
+            out.append(f"{path} changed")
+        else:
+            out.append(f"{path}: {_brief(a)} -> {_brief(b)}")
+
+    walk("", old, new)
+    return out
 
 
 def replica_revision(spec: ServiceSpec) -> str:

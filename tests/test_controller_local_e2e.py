@@ -342,12 +342,22 @@ def _environ(pid: int) -> dict[str, str]:
     return dict(item.decode().split("=", 1) for item in raw if b"=" in item)
 
 
+def _edit_spec(path: Path, old: str, new: str) -> None:
+    text = path.read_text()
+    assert old in text
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(text.replace(old, new))
+    os.replace(tmp, path)  # as editors and `git checkout` do: the watcher never reads half a file
+
+
 def test_a_spec_change_rolls_over_under_load_without_an_outage(service):
-    """Changing `run.env` replaces the replicas one at a time, each once a replacement is READY
-    (the router always has READY upstreams); Terraform never restarts them all at once."""
+    """Editing `run.env` while the watcher runs: it re-reads the spec and replaces the replicas
+    one at a time, each once a replacement is READY (the router always has READY upstreams);
+    Terraform never restarts them all at once. Then `service.port` moves, and the same nginx
+    master answers on the new port."""
     from skyhedge.spec import replica_revision
 
-    service.start_watcher()
+    watcher = service.start_watcher()
     service.wait("3 READY spot replicas routed", service.converged, timeout=90)
     before = {r.id for r in service.state().live()}
     old_revision = replica_revision(service.spec)
@@ -355,14 +365,10 @@ def test_a_spec_change_rolls_over_under_load_without_an_outage(service):
     url = f"http://127.0.0.1:{service.port}"
     with Load(url) as load:
         service.wait("traffic", lambda: load.ok > 50, timeout=20)
-        service.watchers[-1].send_signal(signal.SIGTERM)  # a running watcher reads the spec once
-        service.watchers[-1].wait(timeout=30)
-        text = service.spec_path.read_text().replace("run:\n", "run:\n  env: {ROLL_MARK: '2'}\n")
-        service.spec_path.write_text(text)
+        _edit_spec(service.spec_path, "run:\n", "run:\n  env: {ROLL_MARK: '2'}\n")
         new_spec = load_spec(service.spec_path)
         new_revision = replica_revision(new_spec)
         assert new_revision != old_revision
-        service.start_watcher()
         service.wait(
             "every replica replaced by one of the new revision",
             lambda: service.converged() and not before & {r.id for r in service.state().live()},
@@ -377,3 +383,16 @@ def test_a_spec_change_rolls_over_under_load_without_an_outage(service):
     print(f"roll-over under load: {load.ok} ok, {len(load.failed)} failed")
     assert len(load.failed) <= load.threads, load.failed
     assert load.ok / load.total >= 0.995, (load.ok, load.failed)
+    assert "spec reloaded from" in service.logs() and "run.env changed" in service.logs()
+    assert watcher.poll() is None and len(service.watchers) == 1  # one watcher, never restarted
+
+    master = Router(service.spec, service.state_dir).pid()
+    moved = free_port()
+    _edit_spec(service.spec_path, f"port: {service.port}", f"port: {moved}")
+    service.wait(
+        "the router answering on the moved port",
+        lambda: _NO_PROXY.open(f"http://127.0.0.1:{moved}/-/health", timeout=2).status == 200,
+        timeout=30,
+    )
+    assert Router(load_spec(service.spec_path), service.state_dir).pid() == master  # reloaded, not restarted
+    assert f"service.port: {service.port} -> {moved}" in service.logs()

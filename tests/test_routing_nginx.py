@@ -506,3 +506,24 @@ def test_preflight_checks_a_status_port_the_spec_changed_while_our_router_runs(m
         with pytest.raises(RoutingError, match=f"service.router.status_port {second} on 127.0.0.1"):
             moved.preflight()
     moved.preflight()  # free again: fine
+
+
+def test_a_reloaded_spec_that_moves_the_port_is_checked_first_and_the_running_nginx_moves(make_router):
+    # `watch` reloading a spec with another service.port: the running router holds the old port,
+    # so preflight checks the new one, and a reload (same master, no restart) listens there
+    router = make_router()
+    router.up([])
+    master, old_port, new_port = router.pid(), router.spec.service.port, free_port()
+    moved = Router(make_spec(new_port), router.paths.prefix.parent)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", new_port))
+        busy.listen()
+        with pytest.raises(RoutingError, match=f"service.port {new_port} on 127.0.0.1 is not available"):
+            moved.preflight()
+    moved.preflight()
+    router.preflight()  # the port it listens on is its own
+    moved.up([])
+    assert moved.pid() == master
+    assert request(f"http://127.0.0.1:{new_port}", "GET", "/-/health", timeout=2.0).status == 200
+    with pytest.raises(OSError):
+        request(f"http://127.0.0.1:{old_port}", "GET", "/-/health", timeout=1.0)

@@ -32,6 +32,11 @@ _interval = click.option(
     help="Seconds between reconcile passes when nothing happens (events wake it sooner).",
 )
 _policy = click.option("--policy", default=None, help="Override replica_policy.policy.")
+_no_spec_reload = click.option(
+    "--no-spec-reload",
+    is_flag=True,
+    help="Do not re-read SPEC when the file changes (SIGHUP still re-reads it).",
+)
 
 
 @contextlib.contextmanager
@@ -78,6 +83,7 @@ def _load(spec: Path, state_dir: Path | None) -> tuple[ServiceSpec, Path]:
 @_interval
 @_terraform_bin
 @_policy
+@_no_spec_reload
 @click.option("--no-routing", is_flag=True, help="Do not manage the nginx router.")
 @click.option(
     "--log-level", type=click.Choice(["debug", "info", "warning"]), default="info", show_default=True
@@ -91,6 +97,7 @@ def watch(
     interval: float,
     terraform_bin: str | None,
     policy: str | None,
+    no_spec_reload: bool,
     no_routing: bool,
     log_level: str,
 ) -> None:
@@ -109,6 +116,8 @@ def watch(
             gitops_subdir=gitops_path,
             terraform_bin=terraform_bin,
             route=not no_routing,
+            spec_path=spec,
+            reload_on_change=not no_spec_reload,
         ) as watcher,
     ):
         mode = f"gitops into {gitops}" if gitops else "applying with Terraform"
@@ -141,6 +150,7 @@ def watch(
 @_interval
 @_terraform_bin
 @_policy
+@_no_spec_reload
 def up(
     spec: Path,
     state_dir: Path | None,
@@ -151,6 +161,7 @@ def up(
     interval: float,
     terraform_bin: str | None,
     policy: str | None,
+    no_spec_reload: bool,
 ) -> None:
     """Apply SPEC, bring routing up and watch it, with a live dashboard (= apply + routing + watch)."""
     from skyhedge.controller.runner import Watcher
@@ -170,7 +181,16 @@ def up(
     replay = None
     with (
         _logging("info", None if no_dashboard else log_file),
-        Watcher(service, sdir, options=options, terraform_bin=terraform_bin) as watcher,
+        Watcher(
+            service,
+            sdir,
+            options=options,
+            terraform_bin=terraform_bin,
+            spec_path=spec,
+            reload_on_change=not no_spec_reload,
+            # under the dashboard a hangup is the terminal going away: stop (SIGHUP's default)
+            reload_on_hangup=no_dashboard,
+        ) as watcher,
     ):
         ctl = watcher.controller
         assert ctl is not None
@@ -181,17 +201,16 @@ def up(
             replay = MarketReplay(market_trace, zones, sdir, speedup=speedup, on_change=lambda t: ctl.note(t))
             ctl.note(replay.describe())
             replay.start()
-        endpoint = f"http://{service.service.host}:{service.service.port}"
         try:
             if no_dashboard:
                 err_console.print(
-                    f"{service.name}: serving at {endpoint} once replicas are READY; Ctrl-C stops"
+                    f"{service.name}: serving at {service.service.url} once replicas are READY; Ctrl-C stops"
                 )
                 watcher.run()
             else:
                 from skyhedge.controller.dashboard import Dashboard
 
-                with Dashboard(ctl, endpoint=endpoint, console=console):
+                with Dashboard(ctl, console=console):
                     watcher.run()
         finally:
             if replay is not None:
@@ -200,12 +219,12 @@ def up(
         from skyhedge.apply import destroy_service
 
         console.print("destroying the replicas and the router (--down-on-exit)")
-        report = destroy_service(service, sdir, terraform_bin=terraform_bin)
+        report = destroy_service(watcher.spec, sdir, terraform_bin=terraform_bin)  # as last reloaded
         console.print(f"destroyed {len(report.destroyed)} replica(s) and the router")
     else:
         log_note = "" if no_dashboard else f" Log: {log_file}"  # without the dashboard it went to stderr
         console.print(
-            f"watcher stopped; {service.name} keeps serving at {endpoint} "
+            f"watcher stopped; {service.name} keeps serving at {watcher.spec.service.url} "
             f"(`skyhedge destroy {spec}` removes it).{log_note}"
         )
 

@@ -28,6 +28,11 @@ class NginxRouter:
         self._raw: int | None = None
         self._count = 0
 
+    def use(self, spec: ServiceSpec) -> None:
+        """Route for a reloaded spec (its port, its knobs) from the next reload on; the request
+        counter carries on, so the autoscaler sees no jump."""
+        self.router = Router(spec, self.router.paths.prefix.parent)
+
     def running(self) -> bool:
         return self.router.pid() is not None
 

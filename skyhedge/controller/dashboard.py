@@ -112,21 +112,22 @@ def render(ctl: Controller, *, endpoint: str | None = None, now: float | None = 
 
 
 class Dashboard:
-    """Redraws after every tick; `refresh_per_second` keeps ages ticking between ticks."""
+    """Redraws after every tick; `refresh_per_second` keeps ages ticking between ticks. Without an
+    `endpoint` it shows the service's address from the controller's spec (a reload may move it)."""
 
     def __init__(
         self, ctl: Controller, *, endpoint: str | None = None, console: Console | None = None
     ) -> None:
         self.ctl = ctl
         self.endpoint = endpoint
-        self._last = render(ctl, endpoint=endpoint)
+        self._last = render(ctl, endpoint=endpoint or ctl.spec.service.url)
         self.live = Live(self._last, console=console, refresh_per_second=2, get_renderable=self._render)
         ctl.subscribe(lambda _c: self.live.refresh())
 
     def _render(self) -> Any:
         # Drawn from rich's thread while a tick may be changing the state: keep the last good frame.
         with contextlib.suppress(RuntimeError, KeyError, ValueError):
-            self._last = render(self.ctl, endpoint=self.endpoint)
+            self._last = render(self.ctl, endpoint=self.endpoint or self.ctl.spec.service.url)
         return self._last
 
     def __enter__(self) -> Dashboard:

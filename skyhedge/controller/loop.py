@@ -160,6 +160,29 @@ class Controller:
         self._routing_failed = False
         self._listeners: list[Callable[[Controller], None]] = []
 
+    def reconfigure(
+        self,
+        spec: ServiceSpec,
+        *,
+        placement: Placement,
+        executor: Executor,
+        router: RouterPort | None,
+        prober: Prober | None,
+        sources: Sequence[EventSource],
+    ) -> None:
+        """Carry on under a reloaded spec (same service name, so the same state). The next pass
+        runs as the first after a restart does: it applies and routes whatever the plan says,
+        and a crash-loop hold is lifted (the new spec may be the fix). The operator's notes, the
+        launch bookkeeping and the autoscaler's history stay."""
+        self.spec = spec
+        self.placement = placement
+        self.executor = executor
+        self.router = router
+        self.prober = prober
+        self.sources = list(sources)
+        self.scaler = autoscaler.AutoscalerConfig.from_spec(spec)
+        self._started = False
+
     # -- small helpers ---------------------------------------------------------------------------
 
     def note(self, text: str, at: float | None = None) -> None:

@@ -82,8 +82,7 @@ class Router:
 
     @property
     def endpoint(self) -> str:
-        host = self.spec.service.host.strip("[]")
-        return f"http://{f'[{host}]' if ':' in host else host}:{self.spec.service.port}"
+        return self.spec.service.url
 
     def preflight(self) -> None:
         """Raise RoutingError now if `up` could not work: no nginx, or the service port (or a
@@ -94,7 +93,12 @@ class Router:
         _ = self.binary
         running = self.pid() is not None
         service = self.spec.service
-        ports = [] if running else [("service.port", service.host.strip("[]"), service.port)]
+        host = service.host.strip("[]")
+        listening = self._read_meta().get("listen") if running else None
+        # a running router of ours holds its port, unless the spec moved it (a reloaded spec):
+        # nginx binds the new one at its next reload, so it must be free now
+        moved = listening is not None and listening != [host, service.port]
+        ports = [] if running and not moved else [("service.port", host, service.port)]
         status_port = self.options.status_port
         if (
             status_port is not None
@@ -341,9 +345,9 @@ class Router:
             return {}
         return data if isinstance(data, dict) else {}
 
-    @staticmethod
-    def _meta(ups: list[Upstream], status_port: int | None) -> dict[str, Any]:
-        return {"upstreams": [u.to_json() for u in ups], "status_port": status_port}
+    def _meta(self, ups: list[Upstream], status_port: int | None) -> dict[str, Any]:
+        listen = [self.spec.service.host.strip("[]"), self.spec.service.port]
+        return {"upstreams": [u.to_json() for u in ups], "status_port": status_port, "listen": listen}
 
     def _write_meta(self, ups: list[Upstream], status_port: int | None) -> None:
         text = json.dumps(self._meta(ups, status_port), indent=2, sort_keys=True) + "\n"

@@ -1,0 +1,175 @@
+"""A running watcher re-reads its spec: when the file changes (checked before every pass) or on
+SIGHUP. A spec it can take is taken between two passes without a restart; one it cannot (does not
+load, renames the service, moves the router to a taken port) is refused in one line naming the
+file and field, and the running spec stays. (The whole loop, live, is in
+test_controller_local_e2e.py: a `run.env` change rolls the replicas over under load.)"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import time
+from pathlib import Path
+
+import pytest
+from routing_support import needs_nginx
+
+from skyhedge.controller.runner import Watcher
+from skyhedge.spec import load_spec, spec_changes
+
+LOCAL = """\
+name: svc
+placement:
+  clouds: [local]
+  zones: [local-a, local-b]
+replica_policy: {min_replicas: 1, policy: spothedge}
+run: {command: "true"}
+"""
+
+
+def rewrite(path: Path, old: str, new: str) -> None:
+    """Edit the spec as an editor would; the stamp moves even within one mtime tick (size, inode)."""
+    text = path.read_text()
+    assert old in text
+    tmp = path.with_suffix(".swp")
+    tmp.write_text(text.replace(old, new))
+    os.replace(tmp, path)
+
+
+@pytest.fixture
+def spec_file(tmp_path: Path) -> Path:
+    path = tmp_path / "service.yaml"
+    path.write_text(LOCAL)
+    return path
+
+
+def watcher_for(spec_file: Path, tmp_path: Path, **kw) -> Watcher:
+    kw.setdefault("route", False)
+    return Watcher(load_spec(spec_file), tmp_path / "state", spec_path=spec_file, **kw)
+
+
+def notes(w: Watcher) -> list[str]:
+    assert w.controller is not None
+    return [n.text for n in w.controller.notes]
+
+
+def test_an_edited_spec_is_taken_before_the_next_pass_and_the_change_is_named(spec_file, tmp_path):
+    with watcher_for(spec_file, tmp_path) as w:
+        w._check_spec()
+        assert notes(w) == []  # nothing changed since it started
+        rewrite(spec_file, "min_replicas: 1", "min_replicas: 2")
+        w._check_spec()
+        assert w.controller is not None
+        assert w.spec.replica_policy.min_replicas == 2
+        assert w.controller.spec is w.spec
+        assert notes(w)[-1] == f"spec reloaded from {spec_file}: replica_policy.min_replicas: 1 -> 2"
+        w._check_spec()  # read once: not again
+        assert len(notes(w)) == 1
+
+
+def test_a_run_change_names_no_value_and_says_the_replicas_roll_over(spec_file, tmp_path):
+    with watcher_for(spec_file, tmp_path) as w:
+        rewrite(spec_file, 'command: "true"', 'command: "serve --token s3cret"')
+        w._check_spec()
+        assert notes(w)[-1].endswith(
+            "run.command changed (replicas roll over to the new revision one at a time)"
+        )
+        assert "s3cret" not in notes(w)[-1]
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "why"),
+    [
+        ("min_replicas: 1", "min_replicas: many", "replica_policy.min_replicas"),
+        ("min_replicas: 1", "min_replicas: [1", "invalid YAML"),
+        ("name: svc", "name: other", "name: the service is named 'other' now, 'svc' when this watcher"),
+        ("zones: [local-a, local-b]", "zones: [local-a, mars-1]", "mars-1"),
+    ],
+)
+def test_a_spec_it_cannot_take_is_refused_in_one_line_and_the_running_one_stays(
+    spec_file, tmp_path, old, new, why
+):
+    with watcher_for(spec_file, tmp_path) as w:
+        running, controller = w.spec, w.controller
+        assert controller is not None
+        executor = controller.executor
+        rewrite(spec_file, old, new)
+        w._check_spec()
+        (line,) = notes(w)
+        assert line.startswith("spec reload refused: ") and str(spec_file) in line and why in line, line
+        assert line.endswith("; keeping the running spec") and "\n" not in line
+        assert w.spec is running and controller.spec is running and controller.executor is executor
+        w._check_spec()  # the same bad content is not refused again every pass
+        assert len(notes(w)) == 1
+        rewrite(spec_file, new, old)  # fixed: taken (here: identical to the running spec)
+        w._check_spec()
+        assert notes(w)[-1] == f"spec {spec_file} re-read: no change"
+
+
+def test_event_sources_are_rebuilt_only_when_the_locations_change(spec_file, tmp_path):
+    with watcher_for(spec_file, tmp_path) as w:
+        assert w.controller is not None
+        (source,) = w.controller.sources
+        rewrite(spec_file, "min_replicas: 1", "min_replicas: 2")
+        w._check_spec()
+        assert w.controller.sources == [source]  # kept, with whatever it holds
+        rewrite(spec_file, "zones: [local-a, local-b]", "zones: [local-a, local-b, local-c]")
+        w._check_spec()
+        (rebuilt,) = w.controller.sources
+        assert rebuilt is not source
+        assert "local-c" in rebuilt.region_of
+        assert "placement.zones: [local-a, local-b] -> [local-a, local-b, local-c]" in notes(w)[-1]
+
+
+def test_without_reload_on_change_only_sighup_reads_the_file(spec_file, tmp_path):
+    with watcher_for(spec_file, tmp_path, reload_on_change=False) as w, w._signals(True):
+        rewrite(spec_file, "min_replicas: 1", "min_replicas: 3")
+        w._check_spec()
+        assert w.spec.replica_policy.min_replicas == 1
+        os.kill(os.getpid(), signal.SIGHUP)  # the handler hands the request to a thread
+        deadline = time.monotonic() + 5
+        while not w._reload_asked and time.monotonic() < deadline:
+            time.sleep(0.01)
+        w._check_spec()
+        assert w.spec.replica_policy.min_replicas == 3
+        w.request_reload()  # a SIGHUP with nothing changed says so
+        w._check_spec()
+        assert notes(w)[-1] == f"spec {spec_file} re-read: no change"
+
+
+@needs_nginx
+def test_a_router_port_that_is_taken_is_refused_before_anything_switches(spec_file, tmp_path):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        taken = busy.getsockname()[1]
+        with watcher_for(spec_file, tmp_path, route=True) as w:
+            assert w.controller is not None
+            router = w.controller.router
+            rewrite(spec_file, "run:", f"service: {{port: {taken}}}\nrun:")
+            w._check_spec()
+            assert f"service.port {taken} on 127.0.0.1 is not available" in notes(w)[-1]
+            assert w.spec.service.port == 8080 and router.router.spec.service.port == 8080  # type: ignore[union-attr]
+
+
+def test_spec_changes_name_each_field_and_hide_values_that_may_be_secret(write_spec):
+    old = load_spec(write_spec(LOCAL))
+    new = load_spec(
+        write_spec(
+            LOCAL.replace("min_replicas: 1", "min_replicas: 2, availability_target: 0.999").replace(
+                'command: "true"', 'command: "true", env: {TOKEN: abc}'
+            )
+            + "readiness_probe: {headers: {Authorization: Bearer xyz}}\n"
+            + "service: {router: {read_timeout: 900}}\n",
+            name="other.yaml",
+        )
+    )
+    assert spec_changes(old, new) == [
+        "replica_policy.min_replicas: 1 -> 2",
+        "replica_policy.availability_target: unset -> 0.999",
+        "readiness_probe.headers changed",
+        "service.router.read_timeout: 600 -> 900",
+        "run.env changed",
+    ]
+    assert spec_changes(old, old) == []
