@@ -191,9 +191,12 @@ def resolve_placement(spec: ServiceSpec) -> Placement:
 
 
 def service_target(spec: ServiceSpec, state: ServiceState) -> int:
-    """The number of READY replicas wanted now: the autoscaler's last word, else min_replicas."""
+    """The number of READY replicas wanted now: the autoscaler's last word, else min_replicas.
+    A spec without autoscaling (no `target_qps_per_replica`) wants min_replicas whatever an
+    earlier spec's autoscaler chose: turning it off must not pin the last size it picked."""
     rp = spec.replica_policy
-    target = state.target if state.target is not None else rp.min_replicas
+    autoscaled = rp.target_qps_per_replica is not None and rp.target_qps_per_replica > 0
+    target = state.target if state.target is not None and autoscaled else rp.min_replicas
     upper = rp.max_replicas if rp.max_replicas is not None else max(rp.min_replicas, target)
     return max(rp.min_replicas, min(target, upper))
 

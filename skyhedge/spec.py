@@ -220,6 +220,17 @@ class _Ctx:
         return SpecError(message, file=self.file, path=path or None)
 
 
+def _kind(value: Any) -> str:
+    """What a value is, without the value (for fields that may hold secrets)."""
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int):
+        return "an integer (quote it)"
+    if isinstance(value, float):
+        return "a number (quote it)"
+    return type(value).__name__ if isinstance(value, (list, dict)) else "null" if value is None else "a value"
+
+
 def _show(value: Any) -> str:
     if isinstance(value, str):
         return repr(value)
@@ -347,7 +358,9 @@ def _str_map(ctx: _Ctx, path: str, value: Any, *, numbers: bool = True) -> dict[
         if not isinstance(k, str) or not k:
             raise ctx.fail(path, f"expected string keys, got {_show(k)}")
         if isinstance(v, bool) or not isinstance(v, (str, int, float) if numbers else str):
-            raise ctx.fail(f"{path}.{k}", f"expected a string, got {_show(v)}")
+            # (the kind only: a probe header's value may be a secret, and errors reach logs)
+            got = _show(v) if numbers else _kind(v)
+            raise ctx.fail(f"{path}.{k}", f"expected a string, got {got}")
         out[k] = str(v)
     return out
 
@@ -525,10 +538,14 @@ def _headers(ctx: _Ctx, path: str, value: Any) -> dict[str, str]:
     for k, v in headers.items():
         if not HEADER_NAME_RE.fullmatch(k):
             raise ctx.fail(f"{path}.{k}", "expected an HTTP header name, a token like 'X-Api-Key'")
-        if not HEADER_VALUE_RE.fullmatch(v):
+        bad = next((i for i, c in enumerate(v) if not HEADER_VALUE_RE.fullmatch(c)), None)
+        if bad is not None:
+            # the offending character only: the value may be a token, and errors reach logs
+            hint = " (a YAML block scalar ends in one: use |- or quote the value)" if v[bad] == "\n" else ""
             raise ctx.fail(
                 f"{path}.{k}",
-                "expected a header value of printable Latin-1 characters (no line breaks), got " + repr(v),
+                "expected a header value of printable Latin-1 characters (no line breaks), "
+                f"got {v[bad]!r} at character {bad + 1}{hint}",
             )
     return headers
 
@@ -768,13 +785,18 @@ def load_spec(path: str | Path) -> ServiceSpec:
 
 #: Spec fields whose values may hold secrets (a token in the command, the environment, a probe
 #: header or body, a backend setting): `spec_changes` names them without their values.
-_UNSHOWN = ("run", "terraform", "readiness_probe.headers", "readiness_probe.post_data")
+#: (A probe path may carry a token in its query string.)
+_UNSHOWN = (
+    "run",
+    "terraform",
+    "readiness_probe.headers",
+    "readiness_probe.post_data",
+    "readiness_probe.path",
+)
 
 
 def _brief(value: Any) -> str:
-    if isinstance(value, tuple):
-        text = "[" + ", ".join(str(v) for v in value) + "]"
-    elif value is None:
+    if value is None:
         text = "unset"
     elif isinstance(value, bool):
         text = str(value).lower()
@@ -801,6 +823,10 @@ def spec_changes(old: ServiceSpec, new: ServiceSpec) -> list[str]:
         hidden = any(path == p or path.startswith(p + ".") for p in _UNSHOWN)
         if hidden or isinstance(a, Mapping) or isinstance(b, Mapping):
             out.append(f"{path} changed")
+        elif isinstance(a, tuple) and isinstance(b, tuple):
+            added = [f"+{v}" for v in b if v not in a]
+            removed = [f"-{v}" for v in a if v not in b]
+            out.append(f"{path}: {' '.join(added + removed) or 'reordered'}")
         else:
             out.append(f"{path}: {_brief(a)} -> {_brief(b)}")
 

@@ -395,4 +395,6 @@ def test_a_spec_change_rolls_over_under_load_without_an_outage(service):
         timeout=30,
     )
     assert Router(load_spec(service.spec_path), service.state_dir).pid() == master  # reloaded, not restarted
-    assert f"service.port: {service.port} -> {moved}" in service.logs()
+    service.wait(  # (noted once the reload is taken, just after nginx moved)
+        "the reload noted", lambda: f"service.port: {service.port} -> {moved}" in service.logs(), timeout=10
+    )

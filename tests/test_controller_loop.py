@@ -466,3 +466,67 @@ def test_a_launch_that_keeps_failing_is_given_up_and_replaced_under_a_new_id(wor
     live = ctl.state.live()
     assert len(live) >= 3 and all(r.provisioned_at is not None for r in live)
     assert not {r.id for r in stuck} & {r.id for r in live}
+
+
+def _crash_loop(ctl: Controller, clock: Clock, src: FakeSource, passes: int = 60) -> None:
+    for _ in range(passes):
+        for rec in ctl.state.live():
+            if rec.provisioned_at is not None:
+                src.queue.append(
+                    PreemptionEvent(Signal.GONE, clock(), "fake", replica_id=rec.id, reason="failed")
+                )
+        ctl.tick()
+        clock.advance(1)
+
+
+def _reconfigure(ctl: Controller, spec) -> None:
+    ctl.reconfigure(
+        spec,
+        placement=ctl.placement,
+        executor=ctl.executor,
+        router=ctl.router,
+        prober=ctl.prober,
+        sources=ctl.sources,
+    )
+
+
+def test_a_reloaded_spec_with_a_new_revision_starts_the_crash_count_over(world, write_spec):
+    # the fixed command must not inherit the old one's crash loop (its replacements held back),
+    # and an edit that leaves the revision alone must not lift the hold on the crashing one
+    ctl, clock, src = make(world), world["clock"], world["source"]
+    settle(ctl, clock)
+    _crash_loop(ctl, clock, src)
+    assert ctl._crash_hold(clock()) > 0
+    _reconfigure(
+        ctl, load_spec(write_spec(SPEC.replace("num_overprovision: 1", "num_overprovision: 0"), "a.yaml"))
+    )
+    assert ctl._crash_hold(clock()) > 0  # same revision: still held
+    _reconfigure(ctl, load_spec(write_spec(SPEC.replace('command: "true"', 'command: "serve"'), "b.yaml")))
+    assert ctl._crash_hold(clock()) == 0
+    before = ctl.state.next_id
+    settle(ctl, clock)
+    victim = ctl.state.live()[0]
+    src.queue.append(PreemptionEvent(Signal.GONE, clock(), "fake", replica_id=victim.id, reason="preempted"))
+    n = ctl.state.next_id
+    settle(ctl, clock, ticks=1)
+    assert ctl.state.next_id > n > before  # the replacement is launched at once
+
+
+def test_turning_autoscaling_off_plans_min_replicas_not_the_last_autoscaled_size(world, write_spec):
+    from skyhedge.service import service_target
+
+    ctl, clock, router = make(world), world["clock"], world["router"]
+    for _ in range(200):  # 35 req/s against 10 per replica: the autoscaler goes to max_replicas
+        router.count = (router.count or 0) + 35
+        ctl.tick()
+        clock.advance(1)
+    assert ctl.state.target == 4
+    off = load_spec(
+        write_spec(
+            SPEC.replace("  target_qps_per_replica: 10\n", "").replace("  max_replicas: 4\n", ""), "off.yaml"
+        )
+    )
+    _reconfigure(ctl, off)
+    settle(ctl, clock, ticks=5)
+    assert service_target(off, ctl.state) == 2
+    assert ctl.last_plan is not None and ctl.last_plan.target == 2

@@ -243,10 +243,13 @@ BAD_SPECS: list[tuple[str, str]] = [
         "readiness_probe.headers.X-Token: expected a string, got list",
     ),
     # Probe headers are strings only (run.env still takes numbers as text).
-    (_with("readiness_probe: {headers: {X: 1}}\n"), "readiness_probe.headers.X: expected a string, got 1"),
+    (
+        _with("readiness_probe: {headers: {X: 1}}\n"),
+        "readiness_probe.headers.X: expected a string, got an integer (quote it)",
+    ),
     (
         _with("readiness_probe: {headers: {X-Ratio: 0.5}}\n"),
-        "readiness_probe.headers.X-Ratio: expected a string, got 0.5",
+        "readiness_probe.headers.X-Ratio: expected a string, got a number (quote it)",
     ),
     (
         _with("readiness_probe: {headers: {'X Token': a}}\n"),
@@ -320,12 +323,12 @@ BAD_SPECS: list[tuple[str, str]] = [
     (
         _with('readiness_probe: {headers: {X: "a\\r\\nInjected: 1"}}\n'),
         "readiness_probe.headers.X: expected a header value of printable Latin-1 characters (no line breaks), "
-        "got 'a\\r\\nInjected: 1'",
+        "got '\\r' at character 2",
     ),
     (
         _with('readiness_probe: {headers: {X: "\u20ac"}}\n'),
         "readiness_probe.headers.X: expected a header value of printable Latin-1 characters (no line breaks), "
-        "got '\u20ac'",
+        "got '\u20ac' at character 1",
     ),
     (
         _with("replica_policy: {min_replicas: 100000}\n"),

@@ -35,7 +35,7 @@ _policy = click.option("--policy", default=None, help="Override replica_policy.p
 _no_spec_reload = click.option(
     "--no-spec-reload",
     is_flag=True,
-    help="Do not re-read SPEC when the file changes (SIGHUP still re-reads it).",
+    help="Run with SPEC as it was at start: do not re-read it when the file changes or on SIGHUP.",
 )
 
 
@@ -118,6 +118,7 @@ def watch(
             route=not no_routing,
             spec_path=spec,
             reload_on_change=not no_spec_reload,
+            reload_on_hangup=not no_spec_reload,
         ) as watcher,
     ):
         mode = f"gitops into {gitops}" if gitops else "applying with Terraform"
@@ -189,7 +190,7 @@ def up(
             spec_path=spec,
             reload_on_change=not no_spec_reload,
             # under the dashboard a hangup is the terminal going away: stop (SIGHUP's default)
-            reload_on_hangup=no_dashboard,
+            reload_on_hangup=no_dashboard and not no_spec_reload,
         ) as watcher,
     ):
         ctl = watcher.controller

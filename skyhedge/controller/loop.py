@@ -48,7 +48,7 @@ from skyhedge.events import EventSource, PreemptionEvent
 from skyhedge.planner import CREATE, DELETE, KEEP, Plan, PlannedReplica
 from skyhedge.policy.types import EventKind, Market, ReplicaStatus, ZoneEvent
 from skyhedge.service import Placement, compute_plan, remember_decision, resolve_placement, set_gitops
-from skyhedge.spec import ServiceSpec
+from skyhedge.spec import ServiceSpec, replica_revision
 from skyhedge.state import ReplicaRecord, ServiceState, load_state, save_state
 
 log = logging.getLogger("skyhedge.controller")
@@ -159,6 +159,9 @@ class Controller:
         self._attempts: dict[str, int] = {}  # failed applies per replica never provisioned
         self._routing_failed = False
         self._listeners: list[Callable[[Controller], None]] = []
+        self._refresh = False  # a reloaded spec: apply and route on the next pass
+        self._retiring: list[EventSource] = []  # sources of an earlier spec: one last poll
+        self._crash_floor = float("-inf")  # crashes before it (an earlier revision's) do not count
 
     def reconfigure(
         self,
@@ -171,9 +174,14 @@ class Controller:
         sources: Sequence[EventSource],
     ) -> None:
         """Carry on under a reloaded spec (same service name, so the same state). The next pass
-        runs as the first after a restart does: it applies and routes whatever the plan says,
-        and a crash-loop hold is lifted (the new spec may be the fix). The operator's notes, the
-        launch bookkeeping and the autoscaler's history stay."""
+        applies and routes whatever the plan says, as the first after a restart does. Sources no
+        longer in `sources` are polled once more by it (what they caught since the last pass is
+        not lost), acknowledged and closed. A new revision (`run`, `resources`) starts the
+        crash-loop count over: the old revision's crashes say nothing about the new one. The
+        operator's notes, the launch bookkeeping and the autoscaler's history stay."""
+        if replica_revision(spec) != replica_revision(self.spec):
+            self._crash_floor = self.clock()
+        self._retiring += [s for s in self.sources if s not in sources]
         self.spec = spec
         self.placement = placement
         self.executor = executor
@@ -181,7 +189,12 @@ class Controller:
         self.prober = prober
         self.sources = list(sources)
         self.scaler = autoscaler.AutoscalerConfig.from_spec(spec)
-        self._started = False
+        self._refresh = True
+
+    @property
+    def retiring(self) -> list[EventSource]:
+        """Sources of an earlier spec, polled once more by the next pass, then closed."""
+        return list(self._retiring)
 
     # -- small helpers ---------------------------------------------------------------------------
 
@@ -221,7 +234,8 @@ class Controller:
         self._probe(now)
         self._autoscale(now)
         self._survival(now)
-        self._route(force=not self._started)  # gone or newly READY replicas: route before applying
+        refresh = not self._started or self._refresh
+        self._route(force=refresh)  # gone or newly READY replicas: route before applying
         plan, memory = compute_plan(
             self.spec, self.state, now=now, policy_name=self.options.policy, placement=self.placement
         )
@@ -245,7 +259,7 @@ class Controller:
             )
             if plan.has_changes:
                 result = self._act(plan, memory, now)
-        elif plan.has_changes or not self._started or self._failures or self._unsettled:
+        elif plan.has_changes or refresh or self._failures or self._unsettled:
             result = self._act(plan, memory, now)
         else:  # nothing to do: the policy has still seen the events (saved below)
             remember_decision(self.state, memory, now)
@@ -253,13 +267,20 @@ class Controller:
         if result is not None and not result.failed:
             self._sweep()
         self._started = True
+        self._refresh = False
         self._route()
         self.save()
         finish = getattr(self.executor, "finish", None)  # GitOps: commit with the state just saved
         if finish is not None and (note := finish(self.state)):
             self.note(note)
-        for source in self.sources:
+        for source in [*self.sources, *self._retiring]:
             source.ack()
+        for source in self._retiring:
+            try:
+                source.close()
+            except Exception as exc:  # closing must not cost the pass
+                log.debug("closing event source %s: %s", source.name, exc)
+        self._retiring = []
         for listener in self._listeners:
             listener(self)
         return self._next_delay()
@@ -267,7 +288,7 @@ class Controller:
     def _poll(self, now: float) -> list[PreemptionEvent]:
         out: list[PreemptionEvent] = []
         live = self.state.live()
-        for source in self.sources:
+        for source in [*self.sources, *self._retiring]:
             try:
                 out.extend(source.poll(now, live))
             except SkyhedgeError as exc:  # one broken source must not blind the others
@@ -507,6 +528,7 @@ class Controller:
             and r.reason == "failed"
             and r.provisioned_at is not None
             and r.id not in self._given_up
+            and r.gone_at >= self._crash_floor
             and 0 <= now - r.gone_at < CRASH_WINDOW_SECONDS
             and (r.ready_at is None or r.gone_at - r.ready_at < EARLY_FAILURE_SECONDS)
         )

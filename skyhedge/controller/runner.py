@@ -15,13 +15,14 @@ the previous spec keeps running.
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import logging
 import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -31,7 +32,7 @@ from skyhedge.controller.loop import Controller, ControllerOptions, apply_cause
 from skyhedge.controller.supervisor import Supervisor
 from skyhedge.errors import CloudError, EngineError, SkyhedgeError, SpecError, StateError
 from skyhedge.events import EventSource
-from skyhedge.service import Placement, resolve_placement
+from skyhedge.service import Placement, compute_plan, resolve_placement
 from skyhedge.spec import ServiceSpec, load_spec, replica_revision, spec_changes
 from skyhedge.state import writer_lock
 
@@ -42,11 +43,34 @@ if TYPE_CHECKING:
 log = logging.getLogger("skyhedge.controller")
 
 
-def event_sources(spec: ServiceSpec, state_dir: Path, placement: Placement) -> list[EventSource]:
-    """One source per cloud the spec uses (imported lazily: a local-only watcher needs no boto3)."""
+def event_sources(
+    spec: ServiceSpec, state_dir: Path, placement: Placement, *, only: Collection[str] | None = None
+) -> list[EventSource]:
+    """One source per cloud the spec uses (imported lazily: a local-only watcher needs no boto3);
+    `only`: just these clouds' (a reloaded spec rebuilds those whose locations changed). If one
+    cannot be built, those built before it are closed again."""
+    sources: list[EventSource] = []
+    try:
+        _build_sources(spec, state_dir, placement, sources, only)
+    except BaseException:
+        for source in sources:
+            with contextlib.suppress(Exception):
+                source.close()
+        raise
+    return sources
+
+
+def _build_sources(
+    spec: ServiceSpec,
+    state_dir: Path,
+    placement: Placement,
+    sources: list[EventSource],
+    only: Collection[str] | None,
+) -> None:
     region_of = {c.location.zone: c.location.region for c in placement.candidates}
     clouds = {c.location.cloud for c in placement.candidates}
-    sources: list[EventSource] = []
+    if only is not None:
+        clouds &= set(only)
     if "local" in clouds:
         from skyhedge.clouds.local.events import LocalEventSource
 
@@ -72,14 +96,16 @@ def event_sources(spec: ServiceSpec, state_dir: Path, placement: Placement) -> l
             if any(c.location.zone == z and c.location.cloud == "gcp" for c in placement.candidates)
         }
         sources.append(GcpEventSource(spec.name, project, gcp_zones))
-    return sources
 
 
-def sources_key(spec: ServiceSpec, placement: Placement) -> tuple[object, ...]:
-    """What `event_sources` builds from: a reloaded spec keeps its running sources (and the
-    events they hold) unless this changes."""
-    zones = sorted((c.location.cloud, c.location.region, c.location.zone) for c in placement.candidates)
-    return (tuple(zones), spec.aws.events_queue, spec.gcp.project)
+def source_keys(spec: ServiceSpec, placement: Placement) -> dict[str, tuple[object, ...]]:
+    """Per cloud (a source's `name`), what its event source is built from. A reloaded spec keeps
+    a cloud's running source, and whatever it holds, unless this changed."""
+    keys: dict[str, tuple[object, ...]] = {}
+    for cloud in sorted({c.location.cloud for c in placement.candidates}):
+        where = sorted((c.location.region, c.location.zone) for c in placement.candidates)
+        keys[cloud] = (tuple(where), spec.aws, spec.gcp)
+    return keys
 
 
 @dataclass
@@ -150,7 +176,8 @@ class Watcher:
             self._spec_file.changed()  # the content loaded as `spec` (reloads compare with it)
         self.reload_on_change = reload_on_change
         self.reload_on_hangup = reload_on_hangup and spec_path is not None
-        self._reload_asked = False
+        self._reload_asks = 0  # SIGHUPs so far (a counter: one arriving mid-check is not lost)
+        self._reloads_seen = 0
         self._watching = False  # sources deliver wake-ups (run() started them)
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -188,7 +215,7 @@ class Watcher:
 
     def __exit__(self, *exc: object) -> None:
         if self.controller is not None:
-            for source in self.controller.sources:
+            for source in [*self.controller.sources, *self.controller.retiring]:
                 with contextlib.suppress(Exception):
                     source.close()
         if self._lock is not None:
@@ -242,7 +269,7 @@ class Watcher:
 
     def request_reload(self) -> None:
         """Re-read the spec file before the next pass, even if it looks unchanged (SIGHUP)."""
-        self._reload_asked = True
+        self._reload_asks += 1
         if self.supervisor is not None:
             self.supervisor.wake()
 
@@ -252,34 +279,37 @@ class Watcher:
         return self.controller.tick()
 
     def _check_spec(self) -> None:
-        spec_file = self._spec_file
-        if spec_file is None:
+        spec_file, ctl = self._spec_file, self.controller
+        if spec_file is None or ctl is None:
             return
-        asked, self._reload_asked = self._reload_asked, False
+        asks = self._reload_asks
+        asked, self._reloads_seen = asks != self._reloads_seen, asks
         if asked:
             spec_file.stamp = spec_file.digest = None  # read it whatever its stamp says
         elif not self.reload_on_change:
             return
         if spec_file.changed() is None:
             if asked:
-                assert self.controller is not None
-                self.controller.note(f"spec reload: cannot read {spec_file.path}; keeping the running spec")
+                ctl.note(f"spec reload: cannot read {spec_file.path}; keeping the running spec")
             return
         try:
             self.reload(spec_file.path)
         except Exception as exc:  # a bug must not cost the pass: the running spec stays
             log.exception("spec reload failed")
-            assert self.controller is not None
-            self.controller.note(f"spec reload failed: {type(exc).__name__}: {exc}; keeping the running spec")
+            ctl.note(f"spec reload failed: {type(exc).__name__}: {exc}; keeping the running spec")
 
     def reload(self, path: Path) -> bool:
-        """Carry on under the spec in `path`; True if it was taken. Refused (one note naming the
-        file and field; the running spec stays) if it does not load, renames the service, names
-        a location the catalog lacks, or moves the router to a port that is taken."""
+        """Carry on under the spec in `path`; True if it was taken.
+
+        Everything the new spec needs is built and checked first: it loads, keeps the service's
+        name and Terraform backend, its locations are in the catalog, its policy loads and plans
+        (on a copy of the state), the router's new ports are free, and a running router takes
+        the new config (a graceful reload, with the replicas it routes now). Anything failing
+        refuses the spec with one note naming the file and field, and the running spec stays
+        whole (what was built for the new one is closed again)."""
         ctl = self.controller
         assert ctl is not None
         old = self.spec
-        sources: list[EventSource] = ctl.sources
         try:
             new = load_spec(path)
             if new.name != old.name:
@@ -289,25 +319,50 @@ class Watcher:
                     file=new.source,
                     path="name",
                 )
+            if new.terraform != old.terraform:
+                raise SpecError(
+                    "the Terraform backend of a running service cannot change under its watcher (its "
+                    "state would have to move): stop the watcher, migrate the state "
+                    "(`terraform init -migrate-state` in each root), then start it again",
+                    file=new.source,
+                    path="terraform",
+                )
             changes = spec_changes(old, new)
             if not changes:
                 ctl.note(f"spec {path} re-read: no change")
                 return False
             placement = resolve_placement(new)
+            compute_plan(  # a policy that does not load or plan: refused now, not every pass
+                new,
+                copy.deepcopy(ctl.state),
+                now=self.clock(),
+                policy_name=self.options.policy,
+                placement=placement,
+            )
             executor, router, prober = self._parts(new, placement, ctl.router)
-            if sources_key(new, placement) != sources_key(old, self.placement):
-                sources = event_sources(new, self.state_dir, placement)
         except SkyhedgeError as exc:
             ctl.note(f"spec reload refused: {exc}; keeping the running spec")
             return False
-        for source in ctl.sources:
-            if source not in sources:
+        old_keys, new_keys = source_keys(old, self.placement), source_keys(new, placement)
+        rebuild = {cloud for cloud, key in new_keys.items() if old_keys.get(cloud) != key}
+        kept = [s for s in ctl.sources if s.name in new_keys and s.name not in rebuild]
+        built: list[EventSource] = []
+        try:
+            built = event_sources(new, self.state_dir, placement, only=rebuild) if rebuild else []
+            if router is not None and router.running() and any(c.startswith("service.") for c in changes):
+                from skyhedge.routing import Router, Upstream
+
+                routed = ctl.state.extra.get("routed") or []
+                Router(new, self.state_dir).up([Upstream(str(rid), str(ep)) for rid, ep in routed])
+        except SkyhedgeError as exc:
+            for source in built:
                 with contextlib.suppress(Exception):
                     source.close()
+            ctl.note(f"spec reload refused: {exc}; keeping the running spec")
+            return False
         if self._watching and self.supervisor is not None:
-            for source in sources:
-                if source not in ctl.sources:
-                    source.watch(self.supervisor.wake)
+            for source in built:
+                source.watch(self.supervisor.wake)
         use = getattr(router, "use", None)  # the running NginxRouter: route for the new spec
         if use is not None:
             use(new)
@@ -315,7 +370,7 @@ class Watcher:
             self._gitops_executor = executor  # type: ignore[assignment]
         self.spec, self.placement = new, placement
         ctl.reconfigure(
-            new, placement=placement, executor=executor, router=router, prober=prober, sources=sources
+            new, placement=placement, executor=executor, router=router, prober=prober, sources=kept + built
         )
         shown = changes if len(changes) <= 6 else [*changes[:5], f"and {len(changes) - 5} more"]
         roll = replica_revision(old) != replica_revision(new)
@@ -353,18 +408,39 @@ class Watcher:
 
     @contextlib.contextmanager
     def _signals(self, enabled: bool) -> Iterator[None]:
+        """SIGTERM / a first Ctrl-C stop after the current pass; SIGHUP re-reads the spec (when
+        `reload_on_hangup`). A handler runs between two bytecodes of whatever the main thread was
+        doing, possibly inside a lock (an Event's while it sets or clears, logging's, a thread
+        start's): taking one there deadlocks (two SIGTERMs in a row did). So a handler only writes
+        the signal's number to a pipe (no lock), and a thread acts on it."""
         if not enabled or threading.current_thread() is not threading.main_thread():
             yield
             return
         interrupted = {"n": 0}
+        read_end, write_end = os.pipe()
+        os.set_blocking(write_end, False)
 
-        def stop_requested(signum: int) -> None:
-            log.info("stopping after the current tick (signal %d)", signum)
-            self.stop()
+        def relay() -> None:
+            while True:
+                try:
+                    data = os.read(read_end, 64)
+                except OSError:
+                    return
+                if not data:  # the write end closed: the watcher is done
+                    return
+                for signum in data:
+                    if signum == signal.SIGHUP:
+                        self.request_reload()
+                    else:
+                        log.info("stopping after the current tick (signal %d)", signum)
+                        self.stop()
+
+        def send(signum: int) -> None:
+            with contextlib.suppress(OSError):  # a full pipe: signals enough are on their way
+                os.write(write_end, bytes([signum]))
 
         def on_hangup(signum: int, frame: FrameType | None) -> None:
-            # (as on_signal: no lock may be taken in a handler, so the wake-up goes to a thread)
-            threading.Thread(target=self.request_reload, daemon=True, name="skyhedge-reload").start()
+            send(signum)
 
         def on_signal(signum: int, frame: FrameType | None) -> None:
             interrupted["n"] += 1
@@ -372,11 +448,10 @@ class Watcher:
                 raise KeyboardInterrupt
             if interrupted["n"] > 1:
                 return  # a repeated SIGTERM: the stop is on its way
-            # A handler runs between two bytecodes of whatever the main thread was doing, possibly
-            # inside a lock (an Event's while it sets or clears, logging's): taking that lock here
-            # deadlocks (two SIGTERMs in a row did). The stop and its log line go to a thread.
-            threading.Thread(target=stop_requested, args=(signum,), daemon=True, name="skyhedge-stop").start()
+            send(signum)
 
+        thread = threading.Thread(target=relay, daemon=True, name="skyhedge-signals")
+        thread.start()
         old = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         if self.reload_on_hangup:
             old[signal.SIGHUP] = signal.signal(signal.SIGHUP, on_hangup)
@@ -385,3 +460,6 @@ class Watcher:
         finally:
             for s, h in old.items():
                 signal.signal(s, h)
+            os.close(write_end)
+            thread.join(timeout=5)
+            os.close(read_end)

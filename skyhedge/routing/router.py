@@ -18,6 +18,7 @@ import grp
 import json
 import os
 import pwd
+import re
 import signal
 import socket
 import time
@@ -31,7 +32,14 @@ from filelock import FileLock, Timeout
 
 from skyhedge.errors import RoutingError
 from skyhedge.routing import nginx
-from skyhedge.routing.config import RouterOptions, RouterPaths, Upstream, render_config, sorted_upstreams
+from skyhedge.routing.config import (
+    RouterOptions,
+    RouterPaths,
+    Upstream,
+    listen_address,
+    render_config,
+    sorted_upstreams,
+)
 from skyhedge.spec import ServiceSpec
 from skyhedge.state import atomic_write_text
 
@@ -94,10 +102,17 @@ class Router:
         running = self.pid() is not None
         service = self.spec.service
         host = service.host.strip("[]")
-        listening = self._read_meta().get("listen") if running else None
+        listening = self._listening() if running else None
+        wanted = listen_address(self.spec)
         # a running router of ours holds its port, unless the spec moved it (a reloaded spec):
         # nginx binds the new one at its next reload, so it must be free now
-        moved = listening is not None and listening != [host, service.port]
+        moved = listening is not None and listening != wanted
+        if moved and listening.rsplit(":", 1)[1] == str(service.port):
+            raise RoutingError(
+                f"service.host: the router listens on {listening}; nginx cannot rebind port "
+                f"{service.port} to another address by a reload: restart the router "
+                "(`skyhedge routing down SPEC`, then `up`), or move the port too"
+            )
         ports = [] if running and not moved else [("service.port", host, service.port)]
         status_port = self.options.status_port
         if (
@@ -346,8 +361,21 @@ class Router:
         return data if isinstance(data, dict) else {}
 
     def _meta(self, ups: list[Upstream], status_port: int | None) -> dict[str, Any]:
-        listen = [self.spec.service.host.strip("[]"), self.spec.service.port]
+        listen = listen_address(self.spec)
         return {"upstreams": [u.to_json() for u in ups], "status_port": status_port, "listen": listen}
+
+    def _listening(self) -> str | None:
+        """The address the running nginx serves on (`host:port` as in its `listen`): from the
+        meta file, else (written by an older skyhedge) the config's first `listen` line."""
+        listen = self._read_meta().get("listen")
+        if isinstance(listen, str):
+            return listen
+        try:
+            text = self.paths.conf.read_text(encoding="utf-8")
+        except OSError:
+            return None
+        found = re.search(r"^\s*listen\s+(\S+?);", text, re.MULTILINE)
+        return found.group(1) if found else None
 
     def _write_meta(self, ups: list[Upstream], status_port: int | None) -> None:
         text = json.dumps(self._meta(ups, status_port), indent=2, sort_keys=True) + "\n"
