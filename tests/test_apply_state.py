@@ -223,7 +223,7 @@ def test_status_of_a_service_never_applied(tmp_path: Path):
     spec = tmp_path / "s.yaml"
     spec.write_text("name: idle\nplacement: {clouds: [local]}\nrun: {command: 'true'}\n")
     out = run_cli("status", str(spec), "--state-dir", str(tmp_path / "st"), "--json")
-    assert json.loads(out.output) == {"service": "idle", "replicas": [], "router": None}
+    assert json.loads(out.output) == {"service": "idle", "replicas": [], "router": None, "watcher": None}
 
 
 # ------------------------------------------------------------------------------------------------

@@ -1,26 +1,33 @@
 """A running watcher re-reads its spec: when the file changes (checked before every pass) or on
-SIGHUP. A spec it can take is taken between two passes without a restart; one it cannot (does not
-load, renames the service, moves the router to a taken port) is refused in one line naming the
-file and field, and the running spec stays. (The whole loop, live, is in
-test_controller_local_e2e.py: a `run.env` change rolls the replicas over under load.)"""
+request (SIGUSR1 from `skyhedge reload`, or SIGHUP). A spec it can take is taken between two
+passes without a restart; one it cannot (does not load, renames the service, moves the router to
+a taken port, ...) is refused in one line naming the file and field, and the running spec stays.
+(The whole loop, live, is in test_controller_local_e2e.py: a `run.env` change rolls the replicas
+over under load.)"""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
+import subprocess
+import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 from routing_support import needs_nginx
 
 from skyhedge.clouds.local import capacity, runtime_dir
+from skyhedge.controller import presence
 from skyhedge.controller.runner import Watcher
 from skyhedge.errors import RoutingError
 from skyhedge.routing import Router
 from skyhedge.spec import load_spec, spec_changes
 
+REPO = Path(__file__).resolve().parents[1]
 LOCAL = """\
 name: svc
 placement:
@@ -128,12 +135,13 @@ def test_event_sources_are_rebuilt_only_when_the_locations_change(spec_file, tmp
         assert notes(w)[-1].endswith(": placement.zones: +local-c")
 
 
-def test_without_reload_on_change_only_sighup_reads_the_file(spec_file, tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGHUP, signal.SIGUSR1])
+def test_without_reload_on_change_only_a_request_reads_the_file(spec_file, tmp_path, signum):
     with watcher_for(spec_file, tmp_path, reload_on_change=False) as w, w._signals(True):
         rewrite(spec_file, "min_replicas: 1", "min_replicas: 3")
         w._check_spec()
         assert w.spec.replica_policy.min_replicas == 1
-        os.kill(os.getpid(), signal.SIGHUP)  # the handler hands the request to a thread
+        os.kill(os.getpid(), signum)  # the handler hands the request to a thread
         deadline = time.monotonic() + 5
         while not w._reload_asks and time.monotonic() < deadline:
             time.sleep(0.01)
@@ -245,3 +253,106 @@ def test_a_router_that_refuses_the_new_config_keeps_the_old_spec_and_closes_what
         finally:
             monkeypatch.undo()
             router.down(timeout=5)
+
+
+# -- `skyhedge reload` and `status`: the running watcher's record --------------------------------
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run(
+        [sys.executable, "-m", "skyhedge", *args], capture_output=True, text=True, env=env, timeout=120
+    )
+
+
+@pytest.fixture
+def running_watcher(tmp_path: Path):
+    """`skyhedge watch` as a real process (no replica, no router), stopped however the test ends."""
+    spec = tmp_path / "service.yaml"
+    spec.write_text(LOCAL.replace("min_replicas: 1", "min_replicas: 0"))
+    state = tmp_path / "state"
+    log = open(tmp_path / "watch.log", "wb")  # noqa: SIM115 (closed by the child's exit)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "skyhedge", "watch", str(spec), "--state-dir", str(state), "--no-routing"],
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    log.close()
+    try:
+        deadline = time.monotonic() + 60
+        while presence.read(state) is None:
+            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "watch.log").read_text()
+            time.sleep(0.1)
+        yield proc, spec, state
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+
+
+def test_reload_asks_the_running_watcher_and_prints_its_answer(running_watcher):
+    proc, spec, state = running_watcher
+    shown = json.loads(_cli("status", str(spec), "--state-dir", str(state), "--json").stdout)["watcher"]
+    assert shown["pid"] == proc.pid and shown["reload"] == "on change and on request"
+    assert shown["spec"] == str(spec.resolve()) and shown["last_reload"] is None
+
+    done = _cli("reload", str(spec), "--state-dir", str(state))
+    assert done.returncode == 0 and f"spec {spec} re-read: no change" in done.stdout, done
+
+    # a spec that loads but that the watcher refuses (its plug-in policy does not import): exit 1
+    rewrite(spec, "policy: spothedge", "policy: 'nosuchmodule:Hedge'")
+    done = _cli("reload", str(spec), "--state-dir", str(state))
+    assert done.returncode == 1 and done.stderr.startswith("error: spec reload refused: "), done
+    assert "nosuchmodule" in done.stderr and done.stderr.count("\n") == 1
+
+    # one that does not load is refused here, without asking the watcher
+    rewrite(spec, "min_replicas: 0", "min_replicas: many")
+    done = _cli("reload", str(spec), "--state-dir", str(state))
+    assert done.returncode == 1 and "replica_policy.min_replicas" in done.stderr, done
+
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=30)
+    assert not (state / presence.WATCHER_FILE).exists()
+    spec.write_text(LOCAL)
+    assert "Watcher: not running" in _cli("status", str(spec), "--state-dir", str(state)).stdout
+
+
+def test_reload_refuses_when_no_watcher_would_hear_it(spec_file, tmp_path):
+    state = tmp_path / "state"
+    done = _cli("reload", str(spec_file), "--state-dir", str(state))
+    assert done.returncode == 1 and done.stderr.startswith("error: no watcher is running for svc"), done
+    mine = presence.WatcherRecord(
+        pid=os.getpid(),
+        started_at=time.time(),
+        spec=str(spec_file.resolve()),
+        mode="apply",
+        reload=presence.RELOAD_OFF,
+        process_start=presence.process_start(os.getpid()),
+    )
+    state.mkdir()
+    presence.write(state, mine)  # (this test process stands in for a watcher: no signal may reach it)
+    done = _cli("reload", str(spec_file), "--state-dir", str(state))
+    assert done.returncode == 1 and "does not re-read its spec on request" in done.stderr, done
+    other = tmp_path / "other.yaml"
+    other.write_text(LOCAL)
+    done = _cli("reload", str(other), "--state-dir", str(state))
+    assert done.returncode == 1 and f"reads {spec_file.resolve()}, not {other}" in done.stderr, done
+
+
+def test_a_record_left_by_a_killed_watcher_is_stale(tmp_path):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    record = presence.WatcherRecord(dead.pid, time.time(), "/x.yaml", "apply", presence.RELOAD_ON_CHANGE)
+    presence.write(tmp_path, record)
+    assert presence.read(tmp_path) is None  # its pid is gone
+    recycled = presence.WatcherRecord(os.getpid(), time.time(), "/x.yaml", "apply", "off", process_start="1")
+    presence.write(tmp_path, recycled)
+    assert presence.read(tmp_path) is None  # its pid belongs to another process now
+    presence.write(tmp_path, replace(recycled, process_start=presence.process_start(os.getpid())))
+    assert presence.read(tmp_path) is not None
+    presence.remove(tmp_path, os.getpid() + 1)  # another process's: kept
+    assert presence.read(tmp_path) is not None
+    presence.remove(tmp_path, os.getpid())
+    assert presence.read(tmp_path) is None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from rich.table import Table
 from skyhedge.apply import ApplyReport, apply_service, destroy_service, live_router, live_rows
 from skyhedge.cli._app import console, err_console, main, report_error, spec_argument, state_dir_option
 from skyhedge.cli.plan import render_plan_table
+from skyhedge.controller import presence
 from skyhedge.engine import PlanResult, replica_of
 from skyhedge.planner import Plan
 from skyhedge.render import RenderedRoot
@@ -215,10 +217,14 @@ def destroy(spec: Path, state_dir: Path | None, auto_approve: bool, terraform_bi
 
 
 def status_json(
-    service_name: str, rows: list[dict[str, Any]], router: dict[str, Any] | None
+    service_name: str,
+    rows: list[dict[str, Any]],
+    router: dict[str, Any] | None,
+    watcher: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The documented `status --json` object: `service`, `replicas` (rows) and `router`."""
-    return {"service": service_name, "replicas": rows, "router": router}
+    """The documented `status --json` object: `service`, `replicas` (rows), `router` and
+    `watcher` (the running watcher's record, or null)."""
+    return {"service": service_name, "replicas": rows, "router": router, "watcher": watcher}
 
 
 @main.command()
@@ -235,8 +241,10 @@ def status(spec: Path, state_dir: Path | None, as_json: bool, include_gone: bool
     state = load_state(sdir, service.name)
     rows = live_rows(state, include_gone=include_gone)
     router = live_router(service, state, sdir)
+    watcher = presence.read(sdir)  # the running watch/up, if any
     if as_json:
-        click.echo(json.dumps(status_json(service.name, rows, router), indent=2))
+        record = watcher.to_json() if watcher is not None else None
+        click.echo(json.dumps(status_json(service.name, rows, router, record), indent=2))
         return
     table = Table(title=f"skyhedge status: {service.name}")
     # One location column keeps the endpoint readable (unwrapped) in an 80-column terminal.
@@ -256,3 +264,13 @@ def status(spec: Path, state_dir: Path | None, as_json: bool, include_gone: bool
         )
     else:
         console.print("Router: not running")
+    if watcher is None:
+        console.print("Watcher: not running")
+    else:
+        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(watcher.started_at))
+        console.print(
+            f"Watcher: pid {watcher.pid} since {since} ({watcher.mode}; {watcher.spec}, "
+            f"spec reloads: {watcher.reload})"
+        )
+        if watcher.last_reload:
+            console.print(f"  last spec reload: {watcher.last_reload.get('text', '')}")

@@ -1,4 +1,4 @@
-"""`skyhedge watch | up | preempt | aws setup-events`: the controller's commands."""
+"""`skyhedge watch | up | reload | preempt | aws setup-events`: the controller's commands."""
 
 from __future__ import annotations
 
@@ -35,7 +35,8 @@ _policy = click.option("--policy", default=None, help="Override replica_policy.p
 _no_spec_reload = click.option(
     "--no-spec-reload",
     is_flag=True,
-    help="Run with SPEC as it was at start: do not re-read it when the file changes or on SIGHUP.",
+    help="Run with SPEC as it was at start: do not re-read it when the file changes, on SIGHUP "
+    "or on `skyhedge reload`.",
 )
 
 
@@ -118,7 +119,7 @@ def watch(
             route=not no_routing,
             spec_path=spec,
             reload_on_change=not no_spec_reload,
-            reload_on_hangup=not no_spec_reload,
+            reload_on_request=not no_spec_reload,
         ) as watcher,
     ):
         mode = f"gitops into {gitops}" if gitops else "applying with Terraform"
@@ -189,8 +190,9 @@ def up(
             terraform_bin=terraform_bin,
             spec_path=spec,
             reload_on_change=not no_spec_reload,
+            reload_on_request=not no_spec_reload,
             # under the dashboard a hangup is the terminal going away: stop (SIGHUP's default)
-            reload_on_hangup=no_dashboard and not no_spec_reload,
+            reload_on_hangup=no_dashboard,
         ) as watcher,
     ):
         ctl = watcher.controller
@@ -228,6 +230,62 @@ def up(
             f"watcher stopped; {service.name} keeps serving at {watcher.spec.service.url} "
             f"(`skyhedge destroy {spec}` removes it).{log_note}"
         )
+
+
+@main.command("reload")
+@spec_argument
+@state_dir_option
+@click.option(
+    "--timeout",
+    type=FiniteFloat(min=0, min_open=True, max=86400),
+    default=120.0,
+    show_default=True,
+    help="Seconds to wait for the watcher's answer (it re-reads the spec before its next pass).",
+)
+def reload_cmd(spec: Path, state_dir: Path | None, timeout: float) -> None:
+    """Make the running watcher of SPEC re-read it now, and say what it did with it."""
+    import os
+    import signal
+
+    from skyhedge.controller import presence
+
+    service, sdir = _load(spec, state_dir)  # a spec that does not load is refused here already
+    record = presence.read(sdir)
+    if record is None:
+        raise StateError(
+            f"no watcher is running for {service.name} (state dir {sdir}): `skyhedge watch {spec}` starts one"
+        )
+    if Path(record.spec) != Path(spec).resolve():
+        raise StateError(
+            f"the watcher of {service.name} (pid {record.pid}) reads {record.spec}, not {spec}: "
+            "edit that file, or restart the watcher on this one"
+        )
+    if not record.hears_requests:
+        raise StateError(
+            f"the watcher of {service.name} (pid {record.pid}) does not re-read its spec on request "
+            "(it runs with --no-spec-reload): restart it"
+        )
+    before = (record.last_reload or {}).get("at")
+    try:
+        os.kill(record.pid, signal.SIGUSR1)
+    except OSError as exc:
+        raise StateError(f"cannot signal the watcher (pid {record.pid}): {exc.strerror or exc}") from exc
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        time.sleep(0.1)
+        now = presence.read(sdir)
+        if now is None:
+            raise StateError(f"the watcher of {service.name} (pid {record.pid}) stopped before it answered")
+        last = now.last_reload or {}
+        if last.get("at") != before and last.get("outcome"):
+            if last["outcome"] in ("refused", "failed"):
+                raise SpecError(str(last.get("text", "refused")))
+            console.print(str(last.get("text", "")))
+            return
+    raise StateError(
+        f"the watcher of {service.name} (pid {record.pid}) has not answered within {timeout:g}s: it "
+        "re-reads the spec before its next pass, which a long apply delays; its log says when it does"
+    )
 
 
 @main.command()

@@ -6,7 +6,9 @@ Modules, one job each:
     loop.py        `Controller.tick() -> next_delay`: the reconcile pass
     facts.py       events, probe results -> facts in the state
     supervisor.py  runs ticks, wakes on events, backs off on errors
-    runner.py      `Watcher`: lock + sources + executor + router + supervisor for one spec
+    runner.py      `Watcher`: lock + sources + executor + router + supervisor for one spec;
+                   re-reads the spec between passes
+    presence.py    <state dir>/watcher.json: the running watcher, for `status` and `reload`
     ports.py       the seams (Executor, RouterPort, Prober) the loop is written against
     executor.py    Terraform executor (skyhedge.apply's steps); gitops.py: commit instead
     adapters.py    nginx router and HTTP readiness probes

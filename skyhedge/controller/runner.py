@@ -7,9 +7,10 @@ The lock is held for the watcher's whole life, so a second `watch`/`up`/`apply` 
 service fails at once with a clear error instead of fighting over the state.
 
 Given the spec's file, the watcher re-reads it when its content changes (checked before every
-pass) or on SIGHUP, and carries on under the new spec without a restart: a spec that does not
-load, renames the service, or asks for a router port that is taken is refused with one line, and
-the previous spec keeps running.
+pass) or on request (SIGUSR1, which `skyhedge reload` sends, or SIGHUP), and carries on under
+the new spec without a restart: a spec it cannot take (it does not load, renames the service,
+moves the router to a taken port, ...) is refused with one line, and the running spec stays.
+The running watcher is recorded in `<state dir>/watcher.json` (`presence.py`).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING
 
+from skyhedge.controller import presence
 from skyhedge.controller.loop import Controller, ControllerOptions, apply_cause
 from skyhedge.controller.supervisor import Supervisor
 from skyhedge.errors import CloudError, EngineError, SkyhedgeError, SpecError, StateError
@@ -154,6 +156,7 @@ class Watcher:
         clock: Callable[[], float] = time.time,
         spec_path: Path | None = None,
         reload_on_change: bool = True,
+        reload_on_request: bool = True,
         reload_on_hangup: bool = True,
     ) -> None:
         self.spec = spec
@@ -175,9 +178,11 @@ class Watcher:
         if self._spec_file is not None:
             self._spec_file.changed()  # the content loaded as `spec` (reloads compare with it)
         self.reload_on_change = reload_on_change
-        self.reload_on_hangup = reload_on_hangup and spec_path is not None
-        self._reload_asks = 0  # SIGHUPs so far (a counter: one arriving mid-check is not lost)
+        self.reload_on_request = reload_on_request and spec_path is not None  # SIGUSR1
+        self.reload_on_hangup = reload_on_hangup and self.reload_on_request  # SIGHUP too
+        self._reload_asks = 0  # requests so far (a counter: one arriving mid-check is not lost)
         self._reloads_seen = 0
+        self._record: presence.WatcherRecord | None = None  # <state dir>/watcher.json while running
         self._watching = False  # sources deliver wake-ups (run() started them)
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -214,6 +219,9 @@ class Watcher:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        if self._record is not None:
+            presence.remove(self.state_dir, self._record.pid)
+            self._record = None
         if self.controller is not None:
             for source in [*self.controller.sources, *self.controller.retiring]:
                 with contextlib.suppress(Exception):
@@ -268,7 +276,7 @@ class Watcher:
     # -- reloading the spec -----------------------------------------------------------------------
 
     def request_reload(self) -> None:
-        """Re-read the spec file before the next pass, even if it looks unchanged (SIGHUP)."""
+        """Re-read the spec file before the next pass, even if it looks unchanged (SIGUSR1, SIGHUP)."""
         self._reload_asks += 1
         if self.supervisor is not None:
             self.supervisor.wake()
@@ -290,13 +298,22 @@ class Watcher:
             return
         if spec_file.changed() is None:
             if asked:
-                ctl.note(f"spec reload: cannot read {spec_file.path}; keeping the running spec")
+                text = f"spec reload: cannot read {spec_file.path}; keeping the running spec"
+                self._outcome("failed", text)
             return
         try:
             self.reload(spec_file.path)
         except Exception as exc:  # a bug must not cost the pass: the running spec stays
             log.exception("spec reload failed")
-            ctl.note(f"spec reload failed: {type(exc).__name__}: {exc}; keeping the running spec")
+            text = f"spec reload failed: {type(exc).__name__}: {exc}; keeping the running spec"
+            self._outcome("failed", text)
+
+    def _outcome(self, outcome: str, text: str) -> None:
+        """Note a reload's outcome for the operator, and in watcher.json for `skyhedge reload`."""
+        assert self.controller is not None
+        self.controller.note(text)
+        if self._record is not None:
+            self._record = presence.record_reload(self.state_dir, self._record, self.clock(), outcome, text)
 
     def reload(self, path: Path) -> bool:
         """Carry on under the spec in `path`; True if it was taken.
@@ -329,7 +346,7 @@ class Watcher:
                 )
             changes = spec_changes(old, new)
             if not changes:
-                ctl.note(f"spec {path} re-read: no change")
+                self._outcome("unchanged", f"spec {path} re-read: no change")
                 return False
             placement = resolve_placement(new)
             compute_plan(  # a policy that does not load or plan: refused now, not every pass
@@ -341,7 +358,7 @@ class Watcher:
             )
             executor, router, prober = self._parts(new, placement, ctl.router)
         except SkyhedgeError as exc:
-            ctl.note(f"spec reload refused: {exc}; keeping the running spec")
+            self._outcome("refused", f"spec reload refused: {exc}; keeping the running spec")
             return False
         old_keys, new_keys = source_keys(old, self.placement), source_keys(new, placement)
         rebuild = {cloud for cloud, key in new_keys.items() if old_keys.get(cloud) != key}
@@ -358,7 +375,7 @@ class Watcher:
             for source in built:
                 with contextlib.suppress(Exception):
                     source.close()
-            ctl.note(f"spec reload refused: {exc}; keeping the running spec")
+            self._outcome("refused", f"spec reload refused: {exc}; keeping the running spec")
             return False
         if self._watching and self.supervisor is not None:
             for source in built:
@@ -374,9 +391,10 @@ class Watcher:
         )
         shown = changes if len(changes) <= 6 else [*changes[:5], f"and {len(changes) - 5} more"]
         roll = replica_revision(old) != replica_revision(new)
-        ctl.note(
+        self._outcome(
+            "taken",
             f"spec reloaded from {path}: {'; '.join(shown)}"
-            + (" (replicas roll over to the new revision one at a time)" if roll else "")
+            + (" (replicas roll over to the new revision one at a time)" if roll else ""),
         )
         return True
 
@@ -403,16 +421,42 @@ class Watcher:
         for source in self.controller.sources:
             source.watch(self.supervisor.wake)
         self._watching = True
+        signals = handle_signals and threading.current_thread() is threading.main_thread()
+        self._announce(on_request=signals and self.reload_on_request)
         with self._signals(handle_signals):
             self.supervisor.run(until=until)
 
+    def _announce(self, *, on_request: bool) -> None:
+        """Write watcher.json (see `presence`): best effort, the watcher runs without it."""
+        if self._spec_file is None or not (self.reload_on_change or on_request):
+            how = presence.RELOAD_OFF
+        else:
+            how = presence.RELOAD_ON_CHANGE if self.reload_on_change else presence.RELOAD_ON_REQUEST
+        pid = os.getpid()
+        spec = str(self._spec_file.path.resolve()) if self._spec_file is not None else self.spec.source
+        record = presence.WatcherRecord(
+            pid=pid,
+            started_at=self.clock(),
+            spec=spec,
+            mode="gitops" if self.gitops is not None else "apply",
+            reload=how,
+            process_start=presence.process_start(pid),
+        )
+        try:
+            presence.write(self.state_dir, record)
+        except OSError as exc:
+            log.warning("cannot write %s: %s", self.state_dir / presence.WATCHER_FILE, exc)
+            return
+        self._record = record
+
     @contextlib.contextmanager
     def _signals(self, enabled: bool) -> Iterator[None]:
-        """SIGTERM / a first Ctrl-C stop after the current pass; SIGHUP re-reads the spec (when
-        `reload_on_hangup`). A handler runs between two bytecodes of whatever the main thread was
-        doing, possibly inside a lock (an Event's while it sets or clears, logging's, a thread
-        start's): taking one there deadlocks (two SIGTERMs in a row did). So a handler only writes
-        the signal's number to a pipe (no lock), and a thread acts on it."""
+        """SIGTERM / a first Ctrl-C stop after the current pass; SIGUSR1 (`reload_on_request`)
+        and SIGHUP (`reload_on_hangup`) re-read the spec. A handler runs between two bytecodes of
+        whatever the main thread was doing, possibly inside a lock (an Event's while it sets or
+        clears, logging's, a thread start's): taking one there deadlocks (two SIGTERMs in a row
+        did). So a handler only writes the signal's number to a pipe (no lock), and a thread acts
+        on it."""
         if not enabled or threading.current_thread() is not threading.main_thread():
             yield
             return
@@ -429,7 +473,7 @@ class Watcher:
                 if not data:  # the write end closed: the watcher is done
                     return
                 for signum in data:
-                    if signum == signal.SIGHUP:
+                    if signum in (signal.SIGHUP, signal.SIGUSR1):
                         self.request_reload()
                     else:
                         log.info("stopping after the current tick (signal %d)", signum)
@@ -439,7 +483,7 @@ class Watcher:
             with contextlib.suppress(OSError):  # a full pipe: signals enough are on their way
                 os.write(write_end, bytes([signum]))
 
-        def on_hangup(signum: int, frame: FrameType | None) -> None:
+        def on_hangup(signum: int, frame: FrameType | None) -> None:  # SIGHUP, SIGUSR1
             send(signum)
 
         def on_signal(signum: int, frame: FrameType | None) -> None:
@@ -453,6 +497,8 @@ class Watcher:
         thread = threading.Thread(target=relay, daemon=True, name="skyhedge-signals")
         thread.start()
         old = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        if self.reload_on_request:
+            old[signal.SIGUSR1] = signal.signal(signal.SIGUSR1, on_hangup)
         if self.reload_on_hangup:
             old[signal.SIGHUP] = signal.signal(signal.SIGHUP, on_hangup)
         try:
