@@ -515,8 +515,14 @@ def _probe(ctx: _Ctx, raw: Any) -> ReadinessProbe:
         raw = {"path": raw}
     d = _mapping(ctx, p, raw, {"path", "initial_delay_seconds", "timeout_seconds", "post_data", "headers"})
     path = _str(ctx, f"{p}.path", d.get("path", "/health"))
-    if not path.startswith("/") or any(c.isspace() for c in path):
-        raise ctx.fail(f"{p}.path", f"expected an absolute URL path like '/health', got {path!r}")
+    # (where it goes wrong, not the value: a path may carry a token in its query, errors reach logs)
+    if not path.startswith("/"):
+        raise ctx.fail(f"{p}.path", "expected an absolute URL path like '/health', starting with '/'")
+    space = next((i for i, c in enumerate(path) if c.isspace()), None)
+    if space is not None:
+        raise ctx.fail(
+            f"{p}.path", f"expected an absolute URL path like '/health', got a space at character {space + 1}"
+        )
     post = d.get("post_data")
     if post is not None and not isinstance(post, (dict, str)):
         raise ctx.fail(f"{p}.post_data", f"expected a mapping (sent as JSON) or a string, got {_show(post)}")

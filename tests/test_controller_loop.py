@@ -530,3 +530,8 @@ def test_turning_autoscaling_off_plans_min_replicas_not_the_last_autoscaled_size
     settle(ctl, clock, ticks=5)
     assert service_target(off, ctl.state) == 2
     assert ctl.last_plan is not None and ctl.last_plan.target == 2
+    # forgotten, not kept aside: turned on again with no load, it starts from min_replicas
+    assert ctl.state.target is None and "autoscaler" not in ctl.state.extra
+    _reconfigure(ctl, world["spec"])
+    settle(ctl, clock, ticks=1)
+    assert ctl.last_plan.target == 2

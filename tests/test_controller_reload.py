@@ -117,7 +117,7 @@ def test_a_spec_it_cannot_take_is_refused_in_one_line_and_the_running_one_stays(
         assert len(notes(w)) == 1
         rewrite(spec_file, new, old)  # fixed: taken (here: identical to the running spec)
         w._check_spec()
-        assert notes(w)[-1] == f"spec {spec_file} re-read: no change"
+        assert notes(w)[-1] == f"spec {spec_file} re-read: no change from the running spec"
 
 
 def test_event_sources_are_rebuilt_only_when_the_locations_change(spec_file, tmp_path):
@@ -149,7 +149,7 @@ def test_without_reload_on_change_only_a_request_reads_the_file(spec_file, tmp_p
         assert w.spec.replica_policy.min_replicas == 3
         w.request_reload()  # a SIGHUP with nothing changed says so
         w._check_spec()
-        assert notes(w)[-1] == f"spec {spec_file} re-read: no change"
+        assert notes(w)[-1] == f"spec {spec_file} re-read: no change from the running spec"
 
 
 @needs_nginx
@@ -299,7 +299,9 @@ def test_reload_asks_the_running_watcher_and_prints_its_answer(running_watcher):
     assert shown["spec"] == str(spec.resolve()) and shown["last_reload"] is None
 
     done = _cli("reload", str(spec), "--state-dir", str(state))
-    assert done.returncode == 0 and f"spec {spec} re-read: no change" in done.stdout, done
+    assert done.returncode == 0 and f"spec {spec} re-read: no change from the running spec" in done.stdout, (
+        done
+    )
 
     # a spec that loads but that the watcher refuses (its plug-in policy does not import): exit 1
     rewrite(spec, "policy: spothedge", "policy: 'nosuchmodule:Hedge'")
@@ -356,3 +358,83 @@ def test_a_record_left_by_a_killed_watcher_is_stale(tmp_path):
     assert presence.read(tmp_path) is not None
     presence.remove(tmp_path, os.getpid())
     assert presence.read(tmp_path) is None
+
+
+def test_reload_never_signals_a_pid_it_cannot_prove_is_the_watcher(spec_file, tmp_path):
+    # SIGUSR1 kills a process that does not handle it: a record whose start time is unknown (or
+    # from a watcher that hears no requests, e.g. run off the main thread) is not signalled
+    state = tmp_path / "state"
+    state.mkdir()
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        unknown = presence.WatcherRecord(
+            sleeper.pid, time.time(), str(spec_file), "apply", presence.RELOAD_ON_CHANGE, process_start=None
+        )
+        presence.write(state, unknown)
+        done = _cli("reload", str(spec_file), "--state-dir", str(state))
+        assert done.returncode == 1 and "not signalling it" in done.stderr, done
+        assert sleeper.poll() is None
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+def test_a_watcher_that_hears_no_requests_says_so_and_ignores_a_late_sigusr1(spec_file, tmp_path):
+    with watcher_for(spec_file, tmp_path) as w:
+        w._announce(on_request=False)  # what run() records off the main thread
+        assert presence.read(tmp_path / "state").reload == presence.RELOAD_FILE_ONLY  # type: ignore[union-attr]
+        w._retract()
+        old = signal.getsignal(signal.SIGUSR1)
+        try:
+            signal.signal(signal.SIGUSR1, signal.SIG_DFL)
+            with w._signals(True) as heard:
+                assert heard
+            assert signal.getsignal(signal.SIGUSR1) == signal.SIG_IGN  # not the default: it kills
+        finally:
+            signal.signal(signal.SIGUSR1, old)
+
+
+def test_an_answer_counts_the_requests_so_reload_waits_for_its_own(spec_file, tmp_path):
+    with watcher_for(spec_file, tmp_path) as w:
+        w._announce(on_request=True)
+        rewrite(spec_file, "min_replicas: 1", "min_replicas: 2")
+        w._check_spec()  # taken because the file changed: no request answered
+        assert w._record is not None and w._record.last_reload["requests"] == 0  # type: ignore[index]
+        w.request_reload()
+        w._check_spec()
+        record = presence.read(tmp_path / "state")
+        assert record is not None and record.last_reload is not None
+        assert record.last_reload["requests"] == 1 and record.last_reload["outcome"] == "unchanged"
+
+
+def test_reload_finds_the_watcher_through_a_symlink_that_moved(tmp_path):
+    from skyhedge.cli.watch import _same_file
+
+    for version in ("v1", "v2"):
+        (tmp_path / version).mkdir()
+        (tmp_path / version / "service.yaml").write_text(LOCAL)
+    current = tmp_path / "current"
+    current.symlink_to(tmp_path / "v1")
+    recorded = os.path.abspath(current / "service.yaml")
+    current.unlink()
+    current.symlink_to(tmp_path / "v2")
+    assert _same_file(recorded, current / "service.yaml")
+    assert not _same_file(recorded, tmp_path / "v1" / "service.yaml")
+
+
+def test_changing_one_clouds_locations_rebuilds_only_that_clouds_source(write_spec):
+    from skyhedge.controller.runner import source_keys
+    from skyhedge.service import resolve_placement
+
+    text = """
+    name: llm
+    resources: {{instance_type: {{aws: g5.xlarge}}}}
+    placement: {{clouds: [aws, local], regions: [us-east-1, local], zones: {zones}}}
+    run: {{command: serve}}
+    """
+    aws_zones = "use1-az1, use1-az2"
+    one = load_spec(write_spec(text.format(zones=f"[{aws_zones}, local-a]"), "a.yaml"))
+    two = load_spec(write_spec(text.format(zones=f"[{aws_zones}, local-a, local-b]"), "b.yaml"))
+    keys_one, keys_two = source_keys(one, resolve_placement(one)), source_keys(two, resolve_placement(two))
+    assert set(keys_one) == {"aws", "local"}
+    assert keys_one["aws"] == keys_two["aws"] and keys_one["local"] != keys_two["local"]

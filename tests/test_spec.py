@@ -228,7 +228,11 @@ BAD_SPECS: list[tuple[str, str]] = [
     ),
     (
         _with("readiness_probe: {path: health}\n"),
-        "readiness_probe.path: expected an absolute URL path like '/health', got 'health'",
+        "readiness_probe.path: expected an absolute URL path like '/health', starting with '/'",
+    ),
+    (  # where, not the value: a probe path may carry a token
+        _with("readiness_probe: {path: '/health?token=s3cret x'}\n"),
+        "readiness_probe.path: expected an absolute URL path like '/health', got a space at character 21",
     ),
     (
         _with("readiness_probe: {timeout_seconds: 0}\n"),

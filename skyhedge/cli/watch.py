@@ -255,7 +255,7 @@ def reload_cmd(spec: Path, state_dir: Path | None, timeout: float) -> None:
         raise StateError(
             f"no watcher is running for {service.name} (state dir {sdir}): `skyhedge watch {spec}` starts one"
         )
-    if Path(record.spec) != Path(spec).resolve():
+    if not _same_file(record.spec, spec):
         raise StateError(
             f"the watcher of {service.name} (pid {record.pid}) reads {record.spec}, not {spec}: "
             "edit that file, or restart the watcher on this one"
@@ -263,9 +263,14 @@ def reload_cmd(spec: Path, state_dir: Path | None, timeout: float) -> None:
     if not record.hears_requests:
         raise StateError(
             f"the watcher of {service.name} (pid {record.pid}) does not re-read its spec on request "
-            "(it runs with --no-spec-reload): restart it"
+            f"(spec reloads: {record.reload}): restart it"
         )
-    before = (record.last_reload or {}).get("at")
+    if not presence.verified(record):  # SIGUSR1 kills a process that does not handle it
+        raise StateError(
+            f"cannot tell whether pid {record.pid} is still the watcher of {service.name} "
+            "(its start time is unknown): not signalling it"
+        )
+    answered = int((record.last_reload or {}).get("requests", 0))
     try:
         os.kill(record.pid, signal.SIGUSR1)
     except OSError as exc:
@@ -274,10 +279,10 @@ def reload_cmd(spec: Path, state_dir: Path | None, timeout: float) -> None:
     while time.monotonic() < deadline:
         time.sleep(0.1)
         now = presence.read(sdir)
-        if now is None:
+        if now is None or now.pid != record.pid:
             raise StateError(f"the watcher of {service.name} (pid {record.pid}) stopped before it answered")
         last = now.last_reload or {}
-        if last.get("at") != before and last.get("outcome"):
+        if int(last.get("requests", 0)) > answered and last.get("outcome"):  # this request's answer
             if last["outcome"] in ("refused", "failed"):
                 raise SpecError(str(last.get("text", "refused")))
             console.print(str(last.get("text", "")))
@@ -286,6 +291,17 @@ def reload_cmd(spec: Path, state_dir: Path | None, timeout: float) -> None:
         f"the watcher of {service.name} (pid {record.pid}) has not answered within {timeout:g}s: it "
         "re-reads the spec before its next pass, which a long apply delays; its log says when it does"
     )
+
+
+def _same_file(recorded: str, given: Path) -> bool:
+    """Whether `given` names the file the watcher re-reads (symlinks followed now, not when
+    recorded: a `current/` link that moved still names it)."""
+    import os
+
+    try:
+        return os.path.samefile(recorded, given)
+    except OSError:
+        return os.path.abspath(recorded) == os.path.abspath(given)
 
 
 @main.command()

@@ -161,7 +161,6 @@ class Controller:
         self._listeners: list[Callable[[Controller], None]] = []
         self._refresh = False  # a reloaded spec: apply and route on the next pass
         self._retiring: list[EventSource] = []  # sources of an earlier spec: one last poll
-        self._crash_floor = float("-inf")  # crashes before it (an earlier revision's) do not count
 
     def reconfigure(
         self,
@@ -177,10 +176,8 @@ class Controller:
         applies and routes whatever the plan says, as the first after a restart does. Sources no
         longer in `sources` are polled once more by it (what they caught since the last pass is
         not lost), acknowledged and closed. A new revision (`run`, `resources`) starts the
-        crash-loop count over: the old revision's crashes say nothing about the new one. The
+        crash-loop count over (`_crashes` counts the current revision's replicas only). The
         operator's notes, the launch bookkeeping and the autoscaler's history stay."""
-        if replica_revision(spec) != replica_revision(self.spec):
-            self._crash_floor = self.clock()
         self._retiring += [s for s in self.sources if s not in sources]
         self.spec = spec
         self.placement = placement
@@ -326,6 +323,11 @@ class Controller:
             self.note(line)
 
     def _autoscale(self, now: float) -> None:
+        if not self.scaler.enabled and (self.state.target is not None or "autoscaler" in self.state.extra):
+            # autoscaling turned off (a reloaded spec): forget its size and samples, or turning it
+            # back on later would start from the size it chose for the load of back then
+            self.state.target = None
+            self.state.extra.pop("autoscaler", None)
         if not self.options.autoscale or not self.scaler.enabled:
             return
         count = self.router.request_count() if self.router is not None else None
@@ -520,7 +522,10 @@ class Controller:
         """Bursts of replicas failing soon after launch within CRASH_WINDOW_SECONDS (when each
         began, oldest first). Only replicas that ran count: a launch refused for capacity is the
         market's doing, one given up (LAUNCH_ATTEMPTS) was never the app's. Replicas failing
-        within CRASH_BURST_SECONDS of each other (what one pass finds) are one burst, not N crashes."""
+        within CRASH_BURST_SECONDS of each other (what one pass finds) are one burst, not N crashes.
+        Only the current revision's replicas count (or ones recorded before revisions existed):
+        after a spec change, the old command's crashes say nothing about the new one."""
+        revision = replica_revision(self.spec)
         times = sorted(
             r.gone_at
             for r in self.state.replicas.values()
@@ -528,7 +533,7 @@ class Controller:
             and r.reason == "failed"
             and r.provisioned_at is not None
             and r.id not in self._given_up
-            and r.gone_at >= self._crash_floor
+            and r.revision in (None, revision)
             and 0 <= now - r.gone_at < CRASH_WINDOW_SECONDS
             and (r.ready_at is None or r.gone_at - r.ready_at < EARLY_FAILURE_SECONDS)
         )

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import subprocess
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -26,18 +27,31 @@ WATCHER_FILE = "watcher.json"
 #: `skyhedge reload` sends (and SIGHUP, except for `up` under its dashboard, where a hangup is
 #: the terminal going away).
 RELOAD_ON_CHANGE = "on change and on request"
+RELOAD_FILE_ONLY = "on change"  # e.g. a watcher run off the main thread: no signal handlers
 RELOAD_ON_REQUEST = "on request"
 RELOAD_OFF = "off"
 
 
 def process_start(pid: int) -> str | None:
-    """The process's start time in clock ticks since boot (Linux), or None where unknown."""
+    """When the process started, as an opaque stamp: clock ticks since boot from /proc (Linux),
+    else `ps -o lstart=` (macOS, BSD); None when neither can tell (no such process)."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
+        pass
+    else:
+        # the command name (field 2) may hold spaces or parentheses: fields count from the last ')'
+        return stat.rsplit(")", 1)[1].split()[19]
+    if Path("/proc/self/stat").exists():
+        return None  # Linux without that pid
+    try:
+        done = subprocess.run(
+            ["ps", "-o", "lstart=", "-p", str(pid)], capture_output=True, text=True, timeout=5, check=False
+        )
+    except (OSError, subprocess.SubprocessError):
         return None
-    # the command name (field 2) may hold spaces or parentheses: fields count from the last ')'
-    return stat.rsplit(")", 1)[1].split()[19]
+    stamp = done.stdout.strip()
+    return stamp if done.returncode == 0 and stamp else None
 
 
 def _alive(pid: int) -> bool:
@@ -76,10 +90,11 @@ def write(state_dir: Path, record: WatcherRecord) -> None:
 
 
 def record_reload(
-    state_dir: Path, record: WatcherRecord, at: float, outcome: str, text: str
+    state_dir: Path, record: WatcherRecord, at: float, outcome: str, text: str, *, requests: int
 ) -> WatcherRecord:
-    """Store a reload's outcome (best effort: a full disk must not cost the watcher its pass)."""
-    new = replace(record, last_reload={"at": at, "outcome": outcome, "text": text})
+    """Store a reload's outcome (best effort: a full disk must not cost the watcher its pass).
+    `requests`: how many reload requests the watcher had answered when it read the spec."""
+    new = replace(record, last_reload={"at": at, "outcome": outcome, "text": text, "requests": requests})
     with contextlib.suppress(OSError):
         write(state_dir, new)
     return new
@@ -111,10 +126,17 @@ def _read_file(path: Path) -> WatcherRecord | None:
 
 
 def read(state_dir: Path) -> WatcherRecord | None:
-    """The running watcher's record, or None: no record, an unreadable one, or a stale one."""
+    """The running watcher's record, or None: no record, an unreadable one, or a stale one (its
+    pid gone, or recycled by a process that started at another time)."""
     record = _read_file(Path(state_dir) / WATCHER_FILE)
     if record is None or not _alive(record.pid):
         return None
-    if record.process_start is not None and process_start(record.pid) not in (None, record.process_start):
-        return None  # the pid was recycled by another process
+    if record.process_start is not None and process_start(record.pid) != record.process_start:
+        return None
     return record
+
+
+def verified(record: WatcherRecord) -> bool:
+    """Whether the record's pid is provably the watcher that wrote it (its start time matches):
+    the condition for signalling it, since SIGUSR1 kills a process that does not handle it."""
+    return record.process_start is not None and process_start(record.pid) == record.process_start

@@ -105,8 +105,10 @@ def source_keys(spec: ServiceSpec, placement: Placement) -> dict[str, tuple[obje
     a cloud's running source, and whatever it holds, unless this changed."""
     keys: dict[str, tuple[object, ...]] = {}
     for cloud in sorted({c.location.cloud for c in placement.candidates}):
-        where = sorted((c.location.region, c.location.zone) for c in placement.candidates)
-        keys[cloud] = (tuple(where), spec.aws, spec.gcp)
+        where = sorted(
+            (c.location.region, c.location.zone) for c in placement.candidates if c.location.cloud == cloud
+        )
+        keys[cloud] = (tuple(where), getattr(spec, cloud, None))  # the cloud's own spec section, if any
     return keys
 
 
@@ -219,9 +221,7 @@ class Watcher:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self._record is not None:
-            presence.remove(self.state_dir, self._record.pid)
-            self._record = None
+        self._retract()
         if self.controller is not None:
             for source in [*self.controller.sources, *self.controller.retiring]:
                 with contextlib.suppress(Exception):
@@ -309,11 +309,14 @@ class Watcher:
             self._outcome("failed", text)
 
     def _outcome(self, outcome: str, text: str) -> None:
-        """Note a reload's outcome for the operator, and in watcher.json for `skyhedge reload`."""
+        """Note a reload's outcome for the operator, and in watcher.json for `skyhedge reload`
+        (with the number of requests answered so far: a `reload` waits for its own)."""
         assert self.controller is not None
         self.controller.note(text)
         if self._record is not None:
-            self._record = presence.record_reload(self.state_dir, self._record, self.clock(), outcome, text)
+            self._record = presence.record_reload(
+                self.state_dir, self._record, self.clock(), outcome, text, requests=self._reloads_seen
+            )
 
     def reload(self, path: Path) -> bool:
         """Carry on under the spec in `path`; True if it was taken.
@@ -346,7 +349,7 @@ class Watcher:
                 )
             changes = spec_changes(old, new)
             if not changes:
-                self._outcome("unchanged", f"spec {path} re-read: no change")
+                self._outcome("unchanged", f"spec {path} re-read: no change from the running spec")
                 return False
             placement = resolve_placement(new)
             compute_plan(  # a policy that does not load or plan: refused now, not every pass
@@ -421,19 +424,33 @@ class Watcher:
         for source in self.controller.sources:
             source.watch(self.supervisor.wake)
         self._watching = True
-        signals = handle_signals and threading.current_thread() is threading.main_thread()
-        self._announce(on_request=signals and self.reload_on_request)
-        with self._signals(handle_signals):
-            self.supervisor.run(until=until)
+        with self._signals(handle_signals) as requests_heard:
+            # announced once the handlers are in, retracted before they go: `skyhedge reload`
+            # never signals a watcher that would die of SIGUSR1's default action
+            self._announce(on_request=requests_heard)
+            try:
+                self.supervisor.run(until=until)
+            finally:
+                self._retract()
+
+    def _retract(self) -> None:
+        if self._record is not None:
+            presence.remove(self.state_dir, self._record.pid)
+            self._record = None
 
     def _announce(self, *, on_request: bool) -> None:
         """Write watcher.json (see `presence`): best effort, the watcher runs without it."""
-        if self._spec_file is None or not (self.reload_on_change or on_request):
-            how = presence.RELOAD_OFF
-        else:
-            how = presence.RELOAD_ON_CHANGE if self.reload_on_change else presence.RELOAD_ON_REQUEST
+        on_change = self._spec_file is not None and self.reload_on_change
+        on_request = self._spec_file is not None and on_request
+        how = {
+            (True, True): presence.RELOAD_ON_CHANGE,
+            (True, False): presence.RELOAD_FILE_ONLY,
+            (False, True): presence.RELOAD_ON_REQUEST,
+            (False, False): presence.RELOAD_OFF,
+        }[(on_change, on_request)]
         pid = os.getpid()
-        spec = str(self._spec_file.path.resolve()) if self._spec_file is not None else self.spec.source
+        # absolute, but through any symlink as given (a ConfigMap-style `current/` link may move)
+        spec = os.path.abspath(self._spec_file.path) if self._spec_file is not None else self.spec.source
         record = presence.WatcherRecord(
             pid=pid,
             started_at=self.clock(),
@@ -450,7 +467,7 @@ class Watcher:
         self._record = record
 
     @contextlib.contextmanager
-    def _signals(self, enabled: bool) -> Iterator[None]:
+    def _signals(self, enabled: bool) -> Iterator[bool]:
         """SIGTERM / a first Ctrl-C stop after the current pass; SIGUSR1 (`reload_on_request`)
         and SIGHUP (`reload_on_hangup`) re-read the spec. A handler runs between two bytecodes of
         whatever the main thread was doing, possibly inside a lock (an Event's while it sets or
@@ -458,7 +475,7 @@ class Watcher:
         did). So a handler only writes the signal's number to a pipe (no lock), and a thread acts
         on it."""
         if not enabled or threading.current_thread() is not threading.main_thread():
-            yield
+            yield False
             return
         interrupted = {"n": 0}
         read_end, write_end = os.pipe()
@@ -502,10 +519,11 @@ class Watcher:
         if self.reload_on_hangup:
             old[signal.SIGHUP] = signal.signal(signal.SIGHUP, on_hangup)
         try:
-            yield
+            yield self.reload_on_request
         finally:
             for s, h in old.items():
-                signal.signal(s, h)
+                # a late `skyhedge reload` must not kill the process SIGUSR1's default would
+                signal.signal(s, signal.SIG_IGN if s == signal.SIGUSR1 and h == signal.SIG_DFL else h)
             os.close(write_end)
             thread.join(timeout=5)
             os.close(read_end)
