@@ -14,6 +14,16 @@ from skyhedge.planner import DELETE, Plan
 from skyhedge.policy.types import EventKind, ZoneEvent
 from skyhedge.state import ReplicaRecord, ServiceState
 
+#: A local-cloud service of one replica, for tests of the watcher around the loop.
+LOCAL_SPEC = """\
+name: svc
+placement:
+  clouds: [local]
+  zones: [local-a, local-b]
+replica_policy: {min_replicas: 1, policy: spothedge}
+run: {command: "true"}
+"""
+
 
 class Clock:
     def __init__(self, start: float = 1000.0) -> None:

@@ -12,6 +12,7 @@ from pathlib import Path
 import boto3
 import pytest
 from click.testing import CliRunner
+from controller_fakes import LOCAL_SPEC as LOCAL
 from controller_fakes import Clock, FakeExecutor, FakeProber, FakeRouter, FakeSource
 from moto import mock_aws
 from rich.console import Console
@@ -27,14 +28,6 @@ from skyhedge.errors import CloudError, StateError
 from skyhedge.spec import load_spec
 from skyhedge.state import writer_lock
 
-LOCAL = """
-name: svc
-placement:
-  clouds: [local]
-  zones: [local-a, local-b]
-replica_policy: {min_replicas: 1, policy: spothedge}
-run: {command: "true"}
-"""
 AWS = """
 name: llm
 resources: {instance_type: {aws: g5.xlarge}}

@@ -424,13 +424,8 @@ def routable_ids(ctl: Controller) -> list:
     return routable(ctl.state)
 
 
-def test_replicas_that_keep_crashing_soon_after_launch_are_relaunched_with_a_growing_hold(world):
-    # a command that exits at once: before, a new replica (and a Terraform apply, a VM on a cloud)
-    # every pass for as long as the watcher ran
-    ctl, clock, src = make(world), world["clock"], world["source"]
-    settle(ctl, clock)
-    before = ctl.state.next_id
-    for _ in range(120):  # two minutes of one-second passes; every replica dies as it comes up
+def _crash_loop(ctl: Controller, clock: Clock, src: FakeSource, passes: int = 60) -> None:
+    for _ in range(passes):
         for rec in ctl.state.live():
             if rec.provisioned_at is not None:
                 src.queue.append(
@@ -438,6 +433,15 @@ def test_replicas_that_keep_crashing_soon_after_launch_are_relaunched_with_a_gro
                 )
         ctl.tick()
         clock.advance(1)
+
+
+def test_replicas_that_keep_crashing_soon_after_launch_are_relaunched_with_a_growing_hold(world):
+    # a command that exits at once: before, a new replica (and a Terraform apply, a VM on a cloud)
+    # every pass for as long as the watcher ran
+    ctl, clock, src = make(world), world["clock"], world["source"]
+    settle(ctl, clock)
+    before = ctl.state.next_id
+    _crash_loop(ctl, clock, src, passes=120)  # two minutes; every replica dies as it comes up
     launched = ctl.state.next_id - before
     assert launched < 40, launched  # without the hold: five per pass (three spot, two covers), 600
     assert any(n.text.startswith("crash loop:") for n in ctl.notes)
@@ -466,17 +470,6 @@ def test_a_launch_that_keeps_failing_is_given_up_and_replaced_under_a_new_id(wor
     live = ctl.state.live()
     assert len(live) >= 3 and all(r.provisioned_at is not None for r in live)
     assert not {r.id for r in stuck} & {r.id for r in live}
-
-
-def _crash_loop(ctl: Controller, clock: Clock, src: FakeSource, passes: int = 60) -> None:
-    for _ in range(passes):
-        for rec in ctl.state.live():
-            if rec.provisioned_at is not None:
-                src.queue.append(
-                    PreemptionEvent(Signal.GONE, clock(), "fake", replica_id=rec.id, reason="failed")
-                )
-        ctl.tick()
-        clock.advance(1)
 
 
 def _reconfigure(ctl: Controller, spec) -> None:

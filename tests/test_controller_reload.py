@@ -18,6 +18,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from controller_fakes import LOCAL_SPEC as LOCAL
 from routing_support import needs_nginx
 
 from skyhedge.clouds.local import capacity, runtime_dir
@@ -28,14 +29,6 @@ from skyhedge.routing import Router
 from skyhedge.spec import load_spec, spec_changes
 
 REPO = Path(__file__).resolve().parents[1]
-LOCAL = """\
-name: svc
-placement:
-  clouds: [local]
-  zones: [local-a, local-b]
-replica_policy: {min_replicas: 1, policy: spothedge}
-run: {command: "true"}
-"""
 
 
 def rewrite(path: Path, old: str, new: str) -> None:

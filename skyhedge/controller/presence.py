@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import subprocess
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from skyhedge.routing.nginx import alive  # (any pid: a zombie counts as gone)
 from skyhedge.state import atomic_write_text
 
 WATCHER_FILE = "watcher.json"
@@ -52,16 +52,6 @@ def process_start(pid: int) -> str | None:
         return None
     stamp = done.stdout.strip()
     return stamp if done.returncode == 0 and stamp else None
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 @dataclass(frozen=True)
@@ -129,7 +119,7 @@ def read(state_dir: Path) -> WatcherRecord | None:
     """The running watcher's record, or None: no record, an unreadable one, or a stale one (its
     pid gone, or recycled by a process that started at another time)."""
     record = _read_file(Path(state_dir) / WATCHER_FILE)
-    if record is None or not _alive(record.pid):
+    if record is None or not alive(record.pid):
         return None
     if record.process_start is not None and process_start(record.pid) != record.process_start:
         return None
