@@ -361,3 +361,22 @@ def test_a_refused_gitops_watch_leaves_no_state_dir_behind(tmp_path, repo, write
     out = CliRunner().invoke(main, args)
     assert out.exit_code == 1 and "ignored by git" in out.output
     assert not (repo / "state").exists()
+
+
+def test_a_reloaded_spec_is_committed_by_the_same_watcher(tmp_path, repo, write_spec):
+    # `watch --gitops` re-reads its spec like any watcher: the next commit carries the new layout
+    from skyhedge.controller.runner import Watcher
+
+    path = write_spec(SPEC)
+    sdir = tmp_path / "state"
+    with Watcher(load_spec(path), sdir, gitops=repo, spec_path=path) as w:
+        assert w.controller is not None
+        w._tick()
+        assert len(tfvars_replicas(repo)) == 3 and len(commits(repo)) == 1
+        first = w.controller.executor
+        path.write_text(path.read_text().replace("min_replicas: 2", "min_replicas: 3"))
+        w._tick()
+        assert w.controller.executor is not first and w.controller.executor.spec is w.spec
+        assert len(tfvars_replicas(repo)) == 4 and len(commits(repo)) == 2
+        assert any(n.text.endswith(": replica_policy.min_replicas: 2 -> 3") for n in w.controller.notes)
+        assert git(repo, "status", "--porcelain") == ""
