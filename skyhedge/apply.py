@@ -219,6 +219,7 @@ class ApplyReport:
     not_ready: list[str] = field(default_factory=list)
     router: dict[str, Any] | None = None
     notes: list[str] = field(default_factory=list)
+    rollout_steps: int = 0  # further steps of a rolling update taken after the first
 
     @property
     def ok(self) -> bool:
@@ -439,9 +440,16 @@ def apply_service(
     clock: Clock = time.time,
     max_rounds: int = 3,
     policy_name: str | None = None,
+    rollout: bool = True,
 ) -> ApplyReport:
     """Converge the service to its plan (see the module docstring). Never raises for a failed
-    root: the report lists what failed, and the state says what exists."""
+    root: the report lists what failed, and the state says what exists.
+
+    `rollout` (with `wait`): while replicas run an outdated spec (or sit outside the placement),
+    take further steps of the rolling update in the same apply, each releasing one once its
+    replacement is READY, as `watch` would; it stops when none is left or a step makes no
+    progress (a replacement that never became READY). The confirmation covers the first step:
+    it is the plan of the whole update, one replica at a time."""
     ws = Workspace(spec, state_dir)
     engine = engine or ws.engine(terraform_bin)
     placement = resolve_placement(spec)
@@ -451,41 +459,106 @@ def apply_service(
         set_gitops(state, False)  # applied from here on, whatever advanced it before
         if route and (router := _router(spec, ws.state_dir)) is not None:
             router.preflight()  # before any replica is launched, not after
+        first = True
+        budget: int | None = None  # steps left for a rolling update (two per outdated replica)
+        while True:
+            step = _Step(spec, ws, engine, placement, state, report, on_event, say, clock, policy_name)
+            before = (len(report.created), len(report.deleted))
+            if not step.converge(confirm if first else None, max_rounds, route):
+                return report
+            moved = (len(report.created), len(report.deleted)) != before
+            if wait:
+                ready, not_ready = wait_ready(spec, state, clock=clock)
+                report.ready = sorted({*report.ready, *ready} - set(not_ready))
+                report.not_ready = not_ready
+                save_state(ws.state_dir, state)
+            if route and not report.errors:
+                report.router = bring_routing_up(spec, state, ws.state_dir, say)
+                save_state(ws.state_dir, state)
+            outdated = set(outdated_replicas(spec, state, placement))
+            if not (rollout and wait and outdated and not report.errors and not report.not_ready):
+                break
+            if budget is None:
+                budget = 2 * len(outdated) + 2  # a step launches a replacement, the next releases
+            if (not first and not moved) or budget <= 0:
+                break  # no progress (the note below says what is left)
+            first = False
+            budget -= 1
+            report.rollout_steps += 1
+            say(f"rolling update: {len(outdated)} outdated replica(s) left")
+        if outdated:
+            report.notes.append(
+                f"{len(outdated)} replica(s) still run an older spec or outside the placement "
+                f"({', '.join(sorted(outdated))}): `apply` or `watch` continues the rolling update, "
+                "releasing each once its replacement is READY"
+            )
+    return report
+
+
+@dataclass
+class _Step:
+    """One step of an apply: plan, render, apply the changed roots, re-plan around refused
+    launches (up to `max_rounds`). Waiting and routing are the caller's."""
+
+    spec: ServiceSpec
+    ws: Workspace
+    engine: Terraform
+    placement: Placement
+    state: ServiceState
+    report: ApplyReport
+    on_event: EventCallback | None
+    say: Say
+    clock: Clock
+    policy_name: str | None
+
+    def converge(self, confirm: Confirm | None, max_rounds: int, route: bool) -> bool:
+        """False if the user declined the plan (`report.cancelled`)."""
+        spec, ws, engine, state, report, clock = (
+            self.spec,
+            self.ws,
+            self.engine,
+            self.state,
+            self.report,
+            self.clock,
+        )
         for round_no in range(1, max_rounds + 1):
             now = clock()
-            plan, memory = compute_plan(spec, state, now=now, placement=placement, policy_name=policy_name)
+            plan, memory = compute_plan(
+                spec, state, now=now, placement=self.placement, policy_name=self.policy_name
+            )
             tree = render_tree(
                 spec,
                 plan,
                 context=ws.context(),
-                instance_types=instance_types(state, placement),
+                instance_types=instance_types(state, self.placement),
                 extra_roots=roots_with_resources(state),
             )
             write_tree(tree, ws.tree_dir)
             changed = changed_roots(state, tree)
             plan_files: dict[str, str] = {}
             if round_no == 1:
-                report.plan = plan
+                if report.plan is None:
+                    report.plan = plan
                 if confirm is not None and changed:
                     previews = _preview(engine, ws, changed)
                     if not confirm(plan, changed, previews):
                         report.cancelled = True
-                        return report
+                        return False
                     plan_files = {name: str(ws.plan_file(*_root_key(name))) for name in previews}
-            record_plan(state, plan, memory, placement, now)
+            record_plan(state, plan, memory, self.placement, now)
             save_state(ws.state_dir, state)
-            report.rounds = round_no
+            report.rounds += 1
             if not changed:
                 break
             if route:
-                drain_before_destroy(spec, state, ws.state_dir, say)
-            say(f"applying {len(changed)} root(s): {', '.join(r.path for r in changed)}")
+                drain_before_destroy(spec, state, ws.state_dir, self.say)
+            self.say(f"applying {len(changed)} root(s): {', '.join(r.path for r in changed)}")
 
             def run(root: RenderedRoot, plan_files: dict[str, str] = plan_files) -> ApplyResult:
                 return engine.apply(
                     ws.root(root.cloud, root.region),
                     plan_file=plan_files.get(root.path),
-                    on_event=on_event,
+                    on_event=self.on_event,
                     check=False,
                 )
 
@@ -503,24 +576,13 @@ def apply_service(
             )
             save_state(ws.state_dir, state)
             for f in round_failures:
-                say(f"{f.replica_id}: launch refused in {f.location} ({f.market}): {first_line(f.message)}")
+                self.say(
+                    f"{f.replica_id}: launch refused in {f.location} ({f.market}): {first_line(f.message)}"
+                )
             if not round_failures or report.errors:
                 break
-            say("re-planning around the refused launches")
-        if wait:
-            report.ready, report.not_ready = wait_ready(spec, state, clock=clock)
-            save_state(ws.state_dir, state)
-        if route and not report.errors:
-            report.router = bring_routing_up(spec, state, ws.state_dir, say)
-            save_state(ws.state_dir, state)
-        outdated = outdated_replicas(spec, state, placement)
-        if outdated:
-            report.notes.append(
-                f"{len(outdated)} replica(s) still run an older spec or outside the placement "
-                f"({', '.join(outdated)}): each further "
-                "`apply`, or `watch`, releases one as soon as a replacement is READY (a rolling update)"
-            )
-    return report
+            self.say("re-planning around the refused launches")
+        return True
 
 
 def first_line(text: str) -> str:
@@ -550,7 +612,8 @@ def _absorb_round(
             continue
         refused = absorb_result(state, root, result, clock())
         failures += refused
-        report.applied_roots.append(root.path)
+        if root.path not in report.applied_roots:  # (once, over the rounds and steps of an apply)
+            report.applied_roots.append(root.path)
         report.launch_failures += refused
         ever_refused = {f.replica_id for f in report.launch_failures}  # their tainted leftovers too
         for change in result.completed:

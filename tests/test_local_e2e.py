@@ -134,3 +134,25 @@ def test_a_single_zone_that_stays_preempted_leaves_a_consistent_state_that_conve
     state = load_state(svc.state_dir, "e2e")
     assert len(state.live()) == 1 and state.live()[0].ready_at is not None
     assert time.monotonic() - started < 30
+
+
+def test_an_apply_after_a_spec_change_rolls_every_replica_over(svc):
+    """`apply` takes the whole rolling update, one replica at a time, each released once its
+    replacement is READY; `--no-rollout` (rollout=False) stops after the first step."""
+    _, first = apply(svc, replicas=2, env={"MARK": "1"})
+    assert first.ok
+    old = sorted(svc.pids())
+    svc.write(replicas=2, env={"MARK": "2"})
+    step = apply_service(load_spec(svc.spec_path), svc.state_dir, route=False, rollout=False)
+    assert step.ok and step.rollout_steps == 0 and len(step.created) == 1 and step.deleted == []
+    assert any("still run an older spec" in n for n in step.notes)
+    whole = apply_service(load_spec(svc.spec_path), svc.state_dir, route=False)
+    assert whole.ok and not whole.notes, whole.notes
+    assert whole.rollout_steps == 2  # two steps after the first, each launching or releasing one
+    state = load_state(svc.state_dir, "e2e")
+    live = state.live()
+    assert len(live) == 2 and not {r.id for r in live} & set(old)
+    assert sorted(whole.deleted) == old
+    for rec in live:  # the new processes carry the new environment
+        assert get(f"{rec.endpoint}/env/MARK") == (200, "2")
+    assert sorted(svc.pids()) == sorted(r.id for r in live)

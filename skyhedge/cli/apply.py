@@ -100,7 +100,13 @@ def _print_apply_report(report: ApplyReport, state_dir: Path) -> None:
         console.print(
             f"Applied {', '.join(report.applied_roots)}: {len(report.created)} created, "
             f"{len(report.deleted)} destroyed"
-            + (f" (in {report.rounds} rounds)" if report.rounds > 1 else "")
+            + (
+                f" (a rolling update in {report.rollout_steps + 1} steps)"
+                if report.rollout_steps
+                else f" (in {report.rounds} rounds)"
+                if report.rounds > 1
+                else ""
+            )
             + "."
         )
     elif report.plan is not None and not report.errors:
@@ -124,6 +130,12 @@ def _print_apply_report(report: ApplyReport, state_dir: Path) -> None:
 @_terraform_bin_option
 @click.option("--no-wait", is_flag=True, help="Do not wait for new replicas to pass the readiness probe.")
 @click.option("--no-routing", is_flag=True, help="Leave the router alone (no drain, no reload).")
+@click.option(
+    "--no-rollout",
+    is_flag=True,
+    help="Take one step of a rolling update and return (by default apply releases every outdated "
+    "replica, one at a time as its replacement becomes READY).",
+)
 def apply(
     spec: Path,
     state_dir: Path | None,
@@ -131,6 +143,7 @@ def apply(
     terraform_bin: str | None,
     no_wait: bool,
     no_routing: bool,
+    no_rollout: bool,
 ) -> None:
     """Plan, show, confirm, then apply the changed Terraform roots of SPEC in parallel."""
     service = load_spec(spec)
@@ -162,6 +175,7 @@ def apply(
             confirm=None if auto_approve else confirm,
             wait=not no_wait,
             route=not no_routing,
+            rollout=not no_rollout,
             on_event=view,
             say=lambda text: progress.console.print(f"[dim]{text}[/]"),
         )
