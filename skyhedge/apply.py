@@ -219,7 +219,8 @@ class ApplyReport:
     not_ready: list[str] = field(default_factory=list)
     router: dict[str, Any] | None = None
     notes: list[str] = field(default_factory=list)
-    rollout_steps: int = 0  # further steps of a rolling update taken after the first
+    rollout_steps: int = 0  # further steps of a rolling update that changed something
+    rollout_stopped: str | None = None  # why a rolling update stopped short of the end
 
     @property
     def ok(self) -> bool:
@@ -447,9 +448,12 @@ def apply_service(
 
     `rollout` (with `wait`): while replicas run an outdated spec (or sit outside the placement),
     take further steps of the rolling update in the same apply, each releasing one once its
-    replacement is READY, as `watch` would; it stops when none is left or a step makes no
-    progress (a replacement that never became READY). The confirmation covers the first step:
-    it is the plan of the whole update, one replica at a time."""
+    replacement is READY, as `watch` would. The confirmation is asked before the first step that
+    changes anything (its plan marks the outdated replicas; the CLI says the update continues).
+    It stops when none is outdated; short of that (a step changed nothing, the step budget ran
+    out, a READY replica stopped answering its probe) `report.rollout_stopped` says why. Without
+    routing while a router runs, it takes one step only: the router, not reloaded, would keep
+    sending requests to the replicas released."""
     ws = Workspace(spec, state_dir)
     engine = engine or ws.engine(terraform_bin)
     placement = resolve_placement(spec)
@@ -457,16 +461,24 @@ def apply_service(
     with writer_lock(ws.state_dir):
         state = load_state(ws.state_dir, spec.name)
         set_gitops(state, False)  # applied from here on, whatever advanced it before
-        if route and (router := _router(spec, ws.state_dir)) is not None:
+        router = _router(spec, ws.state_dir)
+        if route and router is not None:
             router.preflight()  # before any replica is launched, not after
-        first = True
-        budget: int | None = None  # steps left for a rolling update (two per outdated replica)
+        single = ""  # why a rolling update takes one step only
+        if rollout and not route and router is not None and router.pid() is not None:
+            rollout, single = False, " (one step only: --no-routing while the router runs)"
+        asking = confirm  # until a step that changes something has been confirmed
+        steps_left: int | None = None  # two per outdated replica: one launches, one releases
         while True:
             step = _Step(spec, ws, engine, placement, state, report, on_event, say, clock, policy_name)
             before = (len(report.created), len(report.deleted))
-            if not step.converge(confirm if first else None, max_rounds, route):
+            if not step.converge(asking, max_rounds, route):
                 return report
+            if step.asked:
+                asking = None
             moved = (len(report.created), len(report.deleted)) != before
+            if moved and steps_left is not None:
+                report.rollout_steps += 1
             if wait:
                 ready, not_ready = wait_ready(spec, state, clock=clock)
                 report.ready = sorted({*report.ready, *ready} - set(not_ready))
@@ -478,21 +490,43 @@ def apply_service(
             outdated = set(outdated_replicas(spec, state, placement))
             if not (rollout and wait and outdated and not report.errors and not report.not_ready):
                 break
-            if budget is None:
-                budget = 2 * len(outdated) + 2  # a step launches a replacement, the next releases
-            if (not first and not moved) or budget <= 0:
-                break  # no progress (the note below says what is left)
-            first = False
-            budget -= 1
-            report.rollout_steps += 1
+            if steps_left is None:
+                steps_left = 2 * len(outdated) + 2
+            elif not moved:
+                report.rollout_stopped = "a step changed nothing (no replacement could be placed)"
+                break
+            if steps_left <= 0:
+                report.rollout_stopped = "it took more steps than two per outdated replica"
+                break
+            silent = _not_answering(spec, state)
+            if silent:
+                report.rollout_stopped = (
+                    f"{', '.join(silent)} no longer answer(s) the readiness probe: not releasing "
+                    "more while fewer may be serving than the state says (`watch` replaces them)"
+                )
+                break
+            steps_left -= 1
             say(f"rolling update: {len(outdated)} outdated replica(s) left")
+        live = {r.id for r in state.live()}
+        report.ready = [rid for rid in report.ready if rid in live]  # not ones released since
         if outdated:
             report.notes.append(
                 f"{len(outdated)} replica(s) still run an older spec or outside the placement "
                 f"({', '.join(sorted(outdated))}): `apply` or `watch` continues the rolling update, "
-                "releasing each once its replacement is READY"
+                "releasing each once its replacement is READY" + single
             )
     return report
+
+
+def _not_answering(spec: ServiceSpec, state: ServiceState) -> list[str]:
+    """READY replicas that fail their readiness probe now (preempted or crashed during a long
+    rolling update, unseen by an apply that holds the lock `watch` would need)."""
+    probe = _probe_fn()
+    readiness = spec.readiness_probe
+    ready = [r for r in state.live() if r.endpoint and r.ready_at is not None and not r.draining]
+    with ThreadPoolExecutor(max_workers=min(16, max(1, len(ready)))) as pool:
+        ok = list(pool.map(lambda r: probe(r.endpoint, readiness, timeout=readiness.timeout_seconds), ready))
+    return sorted(r.id for r, good in zip(ready, ok, strict=True) if not good)
 
 
 @dataclass
@@ -510,6 +544,8 @@ class _Step:
     say: Say
     clock: Clock
     policy_name: str | None
+
+    asked: bool = False  # the confirmation was shown (and accepted)
 
     def converge(self, confirm: Confirm | None, max_rounds: int, route: bool) -> bool:
         """False if the user declined the plan (`report.cancelled`)."""
@@ -537,13 +573,14 @@ class _Step:
             changed = changed_roots(state, tree)
             plan_files: dict[str, str] = {}
             if round_no == 1:
-                if report.plan is None:
-                    report.plan = plan
+                if report.plan is None or confirm is not None:
+                    report.plan = plan  # the plan shown (or that would have been)
                 if confirm is not None and changed:
                     previews = _preview(engine, ws, changed)
                     if not confirm(plan, changed, previews):
                         report.cancelled = True
                         return False
+                    self.asked = True
                     plan_files = {name: str(ws.plan_file(*_root_key(name))) for name in previews}
             record_plan(state, plan, memory, self.placement, now)
             save_state(ws.state_dir, state)

@@ -156,3 +156,53 @@ def test_an_apply_after_a_spec_change_rolls_every_replica_over(svc):
     for rec in live:  # the new processes carry the new environment
         assert get(f"{rec.endpoint}/env/MARK") == (200, "2")
     assert sorted(svc.pids()) == sorted(r.id for r in live)
+
+
+def test_a_rollout_asks_before_the_first_step_that_changes_something(svc):
+    # a surge launched by an earlier `--no-wait` apply: the next apply's first step changes
+    # nothing (the surge is not READY yet), so the question comes with the step that releases
+    apply(svc, replicas=2, env={"MARK": "1"})
+    svc.write(replicas=2, env={"MARK": "2"})
+    apply_service(load_spec(svc.spec_path), svc.state_dir, route=False, wait=False, rollout=False)
+    asked = []
+
+    def confirm(plan, roots, previews):
+        asked.append(sorted(r.id for r in plan.replicas if r.action == "delete"))
+        return True
+
+    report = apply_service(load_spec(svc.spec_path), svc.state_dir, route=False, confirm=confirm)
+    assert report.ok and not report.notes and len(asked) == 1 and asked[0], asked
+
+
+def test_a_rollout_takes_one_step_without_routing_while_a_router_runs(svc, monkeypatch):
+    # the router would not be reloaded, and would keep sending requests to released replicas
+    class LiveRouter:
+        def pid(self):
+            return 4242
+
+    import skyhedge.apply as apply_mod
+
+    apply(svc, replicas=2, env={"MARK": "1"})
+    svc.write(replicas=2, env={"MARK": "2"})
+    monkeypatch.setattr(apply_mod, "_router", lambda spec, state_dir: LiveRouter())
+    report = apply_service(load_spec(svc.spec_path), svc.state_dir, route=False)
+    assert report.ok and report.rollout_steps == 0 and report.rollout_stopped is None
+    assert any("one step only: --no-routing while the router runs" in n for n in report.notes)
+
+
+def test_a_rollout_that_stops_short_fails_the_command(svc, monkeypatch):
+    from click.testing import CliRunner
+
+    import skyhedge.apply as apply_mod
+    from skyhedge.cli import main
+
+    apply(svc, replicas=2, env={"MARK": "1"})
+    svc.write(replicas=2, env={"MARK": "2"})
+    monkeypatch.setattr(apply_mod, "_not_answering", lambda spec, state: ["r-0001"])
+    args = ["apply", str(svc.spec_path), "--state-dir", str(svc.state_dir), "--no-routing"]
+    asked = CliRunner().invoke(main, args, input="n\n")
+    assert "Then the rolling update goes on: r-0001" in asked.output and "cancelled" in asked.output
+    done = CliRunner().invoke(main, [*args, "--auto-approve"])
+    assert done.exit_code == 1, done.output
+    assert "error: the rolling update stopped short: r-0001 no longer answer(s)" in done.output
+    assert "still run an older spec" in done.output

@@ -79,13 +79,23 @@ def _ask(question: str) -> bool:
         return False
 
 
-def _confirm_apply(plan: Plan, roots: Sequence[RenderedRoot], previews: dict[str, PlanResult]) -> bool:
-    """Show skyhedge's plan and what Terraform will do in each root, then ask."""
+def _confirm_apply(
+    plan: Plan, roots: Sequence[RenderedRoot], previews: dict[str, PlanResult], *, rollout: bool = True
+) -> bool:
+    """Show skyhedge's plan and what Terraform will do in each root, then ask. With outdated
+    replicas, say that the apply goes on to replace them all (the plan shows its first step)."""
     console.print(render_plan_table(plan))
     console.print("Terraform roots to apply:")
     for root in roots:
         p = previews.get(root.path)
         console.print(f"  {root.path}: " + (f"+{p.add} ~{p.change} -{p.remove}" if p else "?"))
+    outdated = sorted(r.id for r in plan.replicas if r.outdated)
+    if outdated and rollout:
+        console.print(
+            f"Then the rolling update goes on: {', '.join(outdated)} and any other outdated replica "
+            "are replaced one at a time, each released once its replacement is READY "
+            "(--no-rollout: this step only)."
+        )
     return _ask("Apply these changes?")
 
 
@@ -161,7 +171,7 @@ def apply(
     def confirm(plan: Plan, roots: Sequence[RenderedRoot], previews: dict[str, PlanResult]) -> bool:
         progress.stop()  # no live display while asking
         try:
-            return _confirm_apply(plan, roots, previews)
+            return _confirm_apply(plan, roots, previews, rollout=not no_rollout and not no_wait)
         finally:
             for root, preview in previews.items():
                 view.expect(root, preview.add + preview.change + preview.remove)
@@ -185,6 +195,9 @@ def apply(
     _print_apply_report(report, sdir)
     if report.errors:
         raise report.errors[0]
+    if report.rollout_stopped:  # N READY still serve, but CI must see the update did not finish
+        err_console.print(f"error: the rolling update stopped short: {report.rollout_stopped}")
+        sys.exit(1)
     if report.not_ready:
         logs = f" (logs: {sdir / 'local' / 'replicas'}/ID.log)" if "local" in service.placement.clouds else ""
         err_console.print(
