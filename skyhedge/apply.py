@@ -219,7 +219,7 @@ class ApplyReport:
     not_ready: list[str] = field(default_factory=list)
     router: dict[str, Any] | None = None
     notes: list[str] = field(default_factory=list)
-    rollout_steps: int = 0  # further steps of a rolling update that changed something
+    rollout_steps: int = 0  # steps that changed something (more than one: a rolling update)
     rollout_stopped: str | None = None  # why a rolling update stopped short of the end
 
     @property
@@ -465,8 +465,10 @@ def apply_service(
         if route and router is not None:
             router.preflight()  # before any replica is launched, not after
         single = ""  # why a rolling update takes one step only
-        if rollout and not route and router is not None and router.pid() is not None:
-            rollout, single = False, " (one step only: --no-routing while the router runs)"
+        if rollout and not rolls_on(spec, ws.state_dir, route=route, wait=wait):
+            rollout = False
+            if wait:
+                single = " (one step only: --no-routing while the router runs)"
         asking = confirm  # until a step that changes something has been confirmed
         steps_left: int | None = None  # two per outdated replica: one launches, one releases
         while True:
@@ -477,7 +479,7 @@ def apply_service(
             if step.asked:
                 asking = None
             moved = (len(report.created), len(report.deleted)) != before
-            if moved and steps_left is not None:
+            if moved:
                 report.rollout_steps += 1
             if wait:
                 ready, not_ready = wait_ready(spec, state, clock=clock)
@@ -496,7 +498,7 @@ def apply_service(
                 report.rollout_stopped = "a step changed nothing (no replacement could be placed)"
                 break
             if steps_left <= 0:
-                report.rollout_stopped = "it took more steps than two per outdated replica"
+                report.rollout_stopped = "it took more steps than two per outdated replica, plus two"
                 break
             silent = _not_answering(spec, state)
             if silent:
@@ -518,15 +520,39 @@ def apply_service(
     return report
 
 
+def rolls_on(spec: ServiceSpec, state_dir: Path, *, route: bool, wait: bool) -> bool:
+    """Whether an apply can take a rolling update past its first step: it must wait for
+    readiness (to know when a replacement is READY), and route, unless no router runs (one not
+    reloaded would keep sending requests to the replicas released)."""
+    if not wait:
+        return False
+    if route:
+        return True
+    router = _router(spec, Path(state_dir))
+    return router is None or router.pid() is None
+
+
 def _not_answering(spec: ServiceSpec, state: ServiceState) -> list[str]:
-    """READY replicas that fail their readiness probe now (preempted or crashed during a long
-    rolling update, unseen by an apply that holds the lock `watch` would need)."""
+    """READY replicas that fail their readiness probe now, twice (preempted or crashed during a
+    long rolling update, unseen by an apply that holds the lock `watch` would need)."""
     probe = _probe_fn()
     readiness = spec.readiness_probe
-    ready = [r for r in state.live() if r.endpoint and r.ready_at is not None and not r.draining]
-    with ThreadPoolExecutor(max_workers=min(16, max(1, len(ready)))) as pool:
-        ok = list(pool.map(lambda r: probe(r.endpoint, readiness, timeout=readiness.timeout_seconds), ready))
-    return sorted(r.id for r, good in zip(ready, ok, strict=True) if not good)
+    ready = [
+        r
+        for r in state.live()
+        if r.endpoint and r.ready_at is not None and r.not_ready_since is None and not r.draining
+    ]
+    for attempt in range(2):
+        with ThreadPoolExecutor(max_workers=min(16, max(1, len(ready)))) as pool:
+            ok = list(
+                pool.map(lambda r: probe(r.endpoint, readiness, timeout=readiness.timeout_seconds), ready)
+            )
+        ready = [r for r, good in zip(ready, ok, strict=True) if not good]
+        if not ready:
+            break
+        if attempt == 0:
+            time.sleep(1.0)  # one blip is not a lost replica
+    return sorted(r.id for r in ready)
 
 
 @dataclass

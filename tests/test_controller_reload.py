@@ -431,3 +431,40 @@ def test_changing_one_clouds_locations_rebuilds_only_that_clouds_source(write_sp
     keys_one, keys_two = source_keys(one, resolve_placement(one)), source_keys(two, resolve_placement(two))
     assert set(keys_one) == {"aws", "local"}
     assert keys_one["aws"] == keys_two["aws"] and keys_one["local"] != keys_two["local"]
+
+
+def test_reload_of_a_renamed_service_reaches_the_watcher_of_the_old_name(tmp_path):
+    # the state dir is found from the spec's name, which the edit changed: the watcher that reads
+    # this file is found by its record instead, and it answers (it refuses renames)
+    spec = tmp_path / "service.yaml"
+    spec.write_text(LOCAL.replace("min_replicas: 1", "min_replicas: 0"))
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "skyhedge", "watch", str(spec), "--no-routing"],
+        env=env,
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        state = tmp_path / ".skyhedge" / "svc"
+        deadline = time.monotonic() + 60
+        while presence.read(state) is None:
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.1)
+        rewrite(spec, "name: svc", "name: renamed")
+        done = subprocess.run(
+            [sys.executable, "-m", "skyhedge", "reload", str(spec)],
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=tmp_path,
+            timeout=120,
+        )
+        assert done.returncode == 1 and "spec reload refused" in done.stderr, done
+        assert "'renamed'" in done.stderr
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)

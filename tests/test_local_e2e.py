@@ -144,11 +144,11 @@ def test_an_apply_after_a_spec_change_rolls_every_replica_over(svc):
     old = sorted(svc.pids())
     svc.write(replicas=2, env={"MARK": "2"})
     step = apply_service(load_spec(svc.spec_path), svc.state_dir, route=False, rollout=False)
-    assert step.ok and step.rollout_steps == 0 and len(step.created) == 1 and step.deleted == []
+    assert step.ok and step.rollout_steps == 1 and len(step.created) == 1 and step.deleted == []
     assert any("still run an older spec" in n for n in step.notes)
     whole = apply_service(load_spec(svc.spec_path), svc.state_dir, route=False)
     assert whole.ok and not whole.notes, whole.notes
-    assert whole.rollout_steps == 2  # two steps after the first, each launching or releasing one
+    assert whole.rollout_steps == 3  # each step launching or releasing one replica
     state = load_state(svc.state_dir, "e2e")
     live = state.live()
     assert len(live) == 2 and not {r.id for r in live} & set(old)
@@ -186,7 +186,7 @@ def test_a_rollout_takes_one_step_without_routing_while_a_router_runs(svc, monke
     svc.write(replicas=2, env={"MARK": "2"})
     monkeypatch.setattr(apply_mod, "_router", lambda spec, state_dir: LiveRouter())
     report = apply_service(load_spec(svc.spec_path), svc.state_dir, route=False)
-    assert report.ok and report.rollout_steps == 0 and report.rollout_stopped is None
+    assert report.ok and report.rollout_steps == 1 and report.rollout_stopped is None
     assert any("one step only: --no-routing while the router runs" in n for n in report.notes)
 
 

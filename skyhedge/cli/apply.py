@@ -14,7 +14,7 @@ import click
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from skyhedge.apply import ApplyReport, apply_service, destroy_service, live_router, live_rows
+from skyhedge.apply import ApplyReport, apply_service, destroy_service, live_router, live_rows, rolls_on
 from skyhedge.cli._app import console, err_console, main, report_error, spec_argument, state_dir_option
 from skyhedge.cli.plan import render_plan_table
 from skyhedge.controller import presence
@@ -89,7 +89,7 @@ def _confirm_apply(
     for root in roots:
         p = previews.get(root.path)
         console.print(f"  {root.path}: " + (f"+{p.add} ~{p.change} -{p.remove}" if p else "?"))
-    outdated = sorted(r.id for r in plan.replicas if r.outdated)
+    outdated = sorted(r.id for r in plan.replicas if r.outdated and r.action != "delete")
     if outdated and rollout:
         console.print(
             f"Then the rolling update goes on: {', '.join(outdated)} and any other outdated replica "
@@ -111,8 +111,8 @@ def _print_apply_report(report: ApplyReport, state_dir: Path) -> None:
             f"Applied {', '.join(report.applied_roots)}: {len(report.created)} created, "
             f"{len(report.deleted)} destroyed"
             + (
-                f" (a rolling update in {report.rollout_steps + 1} steps)"
-                if report.rollout_steps
+                f" (a rolling update in {report.rollout_steps} steps)"
+                if report.rollout_steps > 1
                 else f" (in {report.rounds} rounds)"
                 if report.rounds > 1
                 else ""
@@ -167,11 +167,12 @@ def apply(
         disable=not console.is_terminal,  # in a pipe no live bars (rich would leave a blank line)
     )
     view = ProgressView(progress)
+    rolls = not no_rollout and rolls_on(service, sdir, route=not no_routing, wait=not no_wait)
 
     def confirm(plan: Plan, roots: Sequence[RenderedRoot], previews: dict[str, PlanResult]) -> bool:
         progress.stop()  # no live display while asking
         try:
-            return _confirm_apply(plan, roots, previews, rollout=not no_rollout and not no_wait)
+            return _confirm_apply(plan, roots, previews, rollout=rolls)
         finally:
             for root, preview in previews.items():
                 view.expect(root, preview.add + preview.change + preview.remove)

@@ -251,6 +251,14 @@ def reload_cmd(spec: Path, state_dir: Path | None, timeout: float) -> None:
 
     service, sdir = _load(spec, state_dir)  # a spec that does not load is refused here already
     record = presence.read(sdir)
+    if record is None and state_dir is None:
+        # the spec may rename the service: its watcher runs under the old name's state dir
+        # (and will refuse the rename, which is the answer to give)
+        for other in sorted(sdir.parent.glob("*/" + presence.WATCHER_FILE)):
+            found = presence.read(other.parent)
+            if found is not None and _same_file(found.spec, spec):
+                record, sdir = found, other.parent
+                break
     if record is None:
         raise StateError(
             f"no watcher is running for {service.name} (state dir {sdir}): `skyhedge watch {spec}` starts one"
