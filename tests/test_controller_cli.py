@@ -193,6 +193,24 @@ def test_market_replay_drives_capacity(tmp_path: Path):
     assert seen[-1] == "market tick 2: local-a capacity 1"
 
 
+def test_market_replay_follows_the_local_zones_of_a_reloaded_spec(tmp_path: Path):
+    trace = tmp_path / "trace"
+    trace.mkdir()
+    for zone, data in (("us-east-1a", [2, 0, 0]), ("us-east-1b", [1, 1, 1])):
+        (trace / f"{zone}_v100_1.json").write_text(
+            json.dumps({"metadata": {"gap_seconds": 30}, "data": data})
+        )
+    runtime = runtime_dir(tmp_path / "state")
+    replay = MarketReplay(trace, ["local-a", "local-b"], tmp_path / "state", speedup=30)
+    replay.step()
+    replay.step()
+    assert list(capacity.read_capacity(runtime)) == ["local-a"]
+    replay.remap(["local-c", "local-b"])  # the spec dropped local-a and added local-c
+    assert capacity.read_capacity(runtime) == {}  # local-a has its capacity back
+    replay.step()
+    assert list(capacity.read_capacity(runtime)) == ["local-c"]  # driven by the trace's first zone
+
+
 def test_market_replay_logs_each_change_once(tmp_path: Path, caplog):
     """With a listener (the controller's `note`, which logs), the replay does not log it too;
     without one, it logs it itself."""

@@ -468,3 +468,23 @@ def test_reload_of_a_renamed_service_reaches_the_watcher_of_the_old_name(tmp_pat
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=10)
+
+
+def test_followers_hear_of_a_taken_spec_and_cannot_undo_it(spec_file, tmp_path):
+    heard = []
+
+    def broken(spec, placement):
+        raise OSError("disk full")
+
+    with watcher_for(spec_file, tmp_path) as w:
+        w.on_reload(
+            lambda spec, placement: heard.append(sorted(c.location.zone for c in placement.candidates))
+        )
+        w.on_reload(broken)
+        rewrite(spec_file, "zones: [local-a, local-b]", "zones: [local-b, local-c]")
+        w._check_spec()
+        assert heard == [["local-b", "local-c"]]
+        assert notes(w)[-1].startswith("spec reloaded from")  # taken, whatever a follower did
+        rewrite(spec_file, "min_replicas: 1", "min_replicas: many")
+        w._check_spec()
+        assert len(heard) == 1  # a refused spec is nobody's news

@@ -14,7 +14,7 @@ import click
 from skyhedge.cli._app import FiniteFloat, console, err_console, main, spec_argument, state_dir_option
 from skyhedge.controller.loop import ControllerOptions
 from skyhedge.errors import SpecError, StateError
-from skyhedge.service import resolve_placement
+from skyhedge.service import Placement, resolve_placement
 from skyhedge.spec import ServiceSpec, load_spec
 from skyhedge.state import default_state_dir
 
@@ -200,9 +200,18 @@ def up(
         if market_trace is not None:
             from skyhedge.controller.market import MarketReplay
 
-            zones = [c.location.zone for c in ctl.placement.candidates if c.location.cloud == "local"]
-            replay = MarketReplay(market_trace, zones, sdir, speedup=speedup, on_change=lambda t: ctl.note(t))
+            def local_zones(placement: Placement) -> list[str]:
+                return [c.location.zone for c in placement.candidates if c.location.cloud == "local"]
+
+            replay = MarketReplay(
+                market_trace,
+                local_zones(ctl.placement),
+                sdir,
+                speedup=speedup,
+                on_change=lambda t: ctl.note(t),
+            )
             ctl.note(replay.describe())
+            watcher.on_reload(lambda _spec, placement: replay.remap(local_zones(placement)))
             replay.start()
         try:
             if no_dashboard:

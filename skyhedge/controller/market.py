@@ -47,6 +47,7 @@ class MarketReplay:
                 ", ".join(zones[n:]),
             )
         self.mapping = {zones[i]: i for i in range(n)}
+        self._lock = threading.Lock()  # remap (the watcher's thread) against step (the replay's)
         self.state_dir = state_dir
         self.period = TICK_SECONDS / speedup
         self.tick = start_tick
@@ -62,8 +63,23 @@ class MarketReplay:
             f"{self.period:.2f}s ({pairs})"
         )
 
+    def remap(self, zones: Sequence[str]) -> None:
+        """Drive these local zones from now on (a reloaded spec changed them): the trace's zones
+        in order, as at start; a zone no longer driven gets its capacity back."""
+        with self._lock:
+            n = min(len(zones), len(self.trace.zones))
+            dropped = [z for z in self.mapping if z not in zones[:n]]
+            self.mapping = {zones[i]: i for i in range(n)}
+            self._last = {}  # the next step sets every driven zone's capacity afresh
+            for zone in dropped:
+                set_zone_capacity(self.state_dir, zone, 1_000_000)
+
     def step(self) -> list[str]:
         """Apply the current tick's capacities (only changes act); advance; return what happened."""
+        with self._lock:
+            return self._step()
+
+    def _step(self) -> list[str]:
         t = self.tick % self.trace.ticks
         notes = []
         for zone, i in self.mapping.items():

@@ -185,6 +185,7 @@ class Watcher:
         self._reload_asks = 0  # requests so far (a counter: one arriving mid-check is not lost)
         self._reloads_seen = 0
         self._record: presence.WatcherRecord | None = None  # <state dir>/watcher.json while running
+        self._reloaded: list[Callable[[ServiceSpec, Placement], None]] = []
         self._watching = False  # sources deliver wake-ups (run() started them)
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -274,6 +275,11 @@ class Watcher:
         return executor, router, HttpProber(spec)
 
     # -- reloading the spec -----------------------------------------------------------------------
+
+    def on_reload(self, callback: Callable[[ServiceSpec, Placement], None]) -> None:
+        """Call `callback(spec, placement)` whenever a reloaded spec is taken (`up`'s market
+        replay follows the local zones)."""
+        self._reloaded.append(callback)
 
     def request_reload(self) -> None:
         """Re-read the spec file before the next pass, even if it looks unchanged (SIGUSR1, SIGHUP)."""
@@ -392,6 +398,11 @@ class Watcher:
         ctl.reconfigure(
             new, placement=placement, executor=executor, router=router, prober=prober, sources=kept + built
         )
+        for callback in self._reloaded:
+            try:
+                callback(new, placement)
+            except Exception as exc:  # the spec is taken; a follower failing must not say otherwise
+                log.warning("after the spec reload: %s: %s", type(exc).__name__, exc)
         shown = changes if len(changes) <= 6 else [*changes[:5], f"and {len(changes) - 5} more"]
         roll = replica_revision(old) != replica_revision(new)
         self._outcome(
