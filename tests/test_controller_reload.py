@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -488,3 +489,28 @@ def test_followers_hear_of_a_taken_spec_and_cannot_undo_it(spec_file, tmp_path):
         rewrite(spec_file, "min_replicas: 1", "min_replicas: many")
         w._check_spec()
         assert len(heard) == 1  # a refused spec is nobody's news
+
+
+def test_an_edit_wakes_the_watcher_rather_than_waiting_for_the_next_pass(spec_file, tmp_path):
+    # a 60 s interval: without the file poll the edit would wait up to a minute
+    spec_file.write_text(LOCAL.replace("min_replicas: 1", "min_replicas: 0"))
+    from skyhedge.controller.loop import ControllerOptions
+
+    with watcher_for(spec_file, tmp_path, options=ControllerOptions(interval=60.0)) as w:
+        runner = threading.Thread(target=w.run, kwargs={"handle_signals": False}, daemon=True)
+        runner.start()
+        try:
+            deadline = time.monotonic() + 30
+            while w.supervisor.ticks < 1 and time.monotonic() < deadline:  # type: ignore[union-attr]
+                time.sleep(0.05)
+            time.sleep(0.5)
+            rewrite(spec_file, "min_replicas: 0", "min_replicas: 0, availability_target: 0.995")
+            edited = time.monotonic()
+            while w.spec.replica_policy.availability_target is None and time.monotonic() < edited + 10:
+                time.sleep(0.05)
+            assert w.spec.replica_policy.availability_target == 0.995
+            assert time.monotonic() - edited < 5
+        finally:
+            w.stop()
+            runner.join(timeout=30)
+        assert not runner.is_alive()

@@ -6,10 +6,11 @@
 The lock is held for the watcher's whole life, so a second `watch`/`up`/`apply` of the same
 service fails at once with a clear error instead of fighting over the state.
 
-Given the spec's file, the watcher re-reads it when its content changes (checked before every
-pass) or on request (SIGUSR1, which `skyhedge reload` sends, or SIGHUP), and carries on under
-the new spec without a restart: a spec it cannot take (it does not load, renames the service,
-moves the router to a taken port, ...) is refused with one line, and the running spec stays.
+Given the spec's file, the watcher re-reads it when its content changes (a stat a second wakes
+the loop; the pass compares the content) or on request (SIGUSR1, which `skyhedge reload` sends,
+or SIGHUP), and carries on under the new spec without a restart: a spec it cannot take (it does
+not load, renames the service, moves the router to a taken port, ...) is refused with one line,
+and the running spec stays.
 The running watcher is recorded in `<state dir>/watcher.json` (`presence.py`).
 """
 
@@ -43,6 +44,8 @@ if TYPE_CHECKING:
     from skyhedge.controller.ports import Executor, Prober, RouterPort
 
 log = logging.getLogger("skyhedge.controller")
+#: How often a running watcher stats its spec file, to take an edit without waiting for a pass.
+SPEC_POLL_SECONDS = 1.0
 
 
 def event_sources(
@@ -120,15 +123,19 @@ class _SpecFile:
     stamp: tuple[int, int, int] | None = None
     digest: str | None = None
 
-    def changed(self) -> bytes | None:
-        """The file's bytes if they differ from the last read ones, else None (also when the
-        file cannot be read now: an editor between unlink and rename; the next pass retries)."""
+    def peek(self) -> tuple[int, int, int] | None:
+        """The file's stat stamp now (None: cannot stat it), without reading it."""
         try:
             st = os.stat(self.path)
         except OSError:
             return None
-        stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
-        if stamp == self.stamp:
+        return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+    def changed(self) -> bytes | None:
+        """The file's bytes if they differ from the last read ones, else None (also when the
+        file cannot be read now: an editor between unlink and rename; the next pass retries)."""
+        stamp = self.peek()
+        if stamp is None or stamp == self.stamp:
             return None
         try:
             data = self.path.read_bytes()
@@ -435,7 +442,7 @@ class Watcher:
         for source in self.controller.sources:
             source.watch(self.supervisor.wake)
         self._watching = True
-        with self._signals(handle_signals) as requests_heard:
+        with self._signals(handle_signals) as requests_heard, self._watch_spec_file():
             # announced once the handlers are in, retracted before they go: `skyhedge reload`
             # never signals a watcher that would die of SIGUSR1's default action
             self._announce(on_request=requests_heard)
@@ -443,6 +450,33 @@ class Watcher:
                 self.supervisor.run(until=until)
             finally:
                 self._retract()
+
+    @contextlib.contextmanager
+    def _watch_spec_file(self) -> Iterator[None]:
+        """Wake the loop within a second of an edit to the spec file, rather than at the next
+        pass (`--interval`, or a backoff after failed applies: the edit may be the fix). A stat a
+        second; the pass itself decides whether the content changed."""
+        spec_file, supervisor = self._spec_file, self.supervisor
+        if spec_file is None or not self.reload_on_change or supervisor is None:
+            yield
+            return
+        done = threading.Event()
+
+        def poll() -> None:
+            seen = spec_file.stamp
+            while not done.wait(SPEC_POLL_SECONDS):
+                stamp = spec_file.peek()
+                if stamp is not None and stamp != seen and stamp != spec_file.stamp:
+                    supervisor.wake()
+                seen = stamp
+
+        thread = threading.Thread(target=poll, daemon=True, name="skyhedge-spec-file")
+        thread.start()
+        try:
+            yield
+        finally:
+            done.set()
+            thread.join(timeout=5)
 
     def _retract(self) -> None:
         if self._record is not None:
