@@ -340,6 +340,13 @@ def _probe_fn() -> Callable[..., bool]:
     return probe
 
 
+def _probe_each(
+    pool: ThreadPoolExecutor, probe: Callable[..., bool], readiness: Any, records: Sequence[ReplicaRecord]
+) -> list[bool]:
+    """The readiness probe of every record, concurrently, in their order."""
+    return list(pool.map(lambda r: probe(r.endpoint, readiness, timeout=readiness.timeout_seconds), records))
+
+
 def wait_ready(
     spec: ServiceSpec,
     state: ServiceState,
@@ -360,9 +367,7 @@ def wait_ready(
     with ThreadPoolExecutor(max_workers=min(16, max(1, len(pending)))) as pool:
         while pending:
             recs = list(pending.values())
-            results = list(
-                pool.map(lambda r: probe(r.endpoint, readiness, timeout=readiness.timeout_seconds), recs)
-            )
+            results = _probe_each(pool, probe, readiness, recs)
             for rec, ok in zip(recs, results, strict=True):
                 if ok:
                     rec.ready_at, rec.not_ready_since = clock(), None
@@ -544,9 +549,7 @@ def _not_answering(spec: ServiceSpec, state: ServiceState) -> list[str]:
     ]
     for attempt in range(2):
         with ThreadPoolExecutor(max_workers=min(16, max(1, len(ready)))) as pool:
-            ok = list(
-                pool.map(lambda r: probe(r.endpoint, readiness, timeout=readiness.timeout_seconds), ready)
-            )
+            ok = _probe_each(pool, probe, readiness, ready)
         ready = [r for r, good in zip(ready, ok, strict=True) if not good]
         if not ready:
             break

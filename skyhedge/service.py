@@ -81,6 +81,10 @@ class Placement:
             out[(c.location, Market.ON_DEMAND)] = c.ondemand_price
         return out
 
+    def zones(self, cloud: str) -> list[str]:
+        """The zones of `cloud` among the candidates, in candidate order."""
+        return [c.location.zone for c in self.candidates if c.location.cloud == cloud]
+
     @property
     def cheapest_ondemand(self) -> float:
         return min(c.ondemand_price for c in self.candidates)

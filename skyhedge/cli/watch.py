@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import signal
 import sys
 import time
 from collections.abc import Iterator
@@ -14,7 +16,7 @@ import click
 from skyhedge.cli._app import FiniteFloat, console, err_console, main, spec_argument, state_dir_option
 from skyhedge.controller.loop import ControllerOptions
 from skyhedge.errors import SpecError, StateError
-from skyhedge.service import Placement, resolve_placement
+from skyhedge.service import resolve_placement
 from skyhedge.spec import ServiceSpec, load_spec
 from skyhedge.state import default_state_dir
 
@@ -200,18 +202,15 @@ def up(
         if market_trace is not None:
             from skyhedge.controller.market import MarketReplay
 
-            def local_zones(placement: Placement) -> list[str]:
-                return [c.location.zone for c in placement.candidates if c.location.cloud == "local"]
-
             replay = MarketReplay(
                 market_trace,
-                local_zones(ctl.placement),
+                ctl.placement.zones("local"),
                 sdir,
                 speedup=speedup,
                 on_change=lambda t: ctl.note(t),
             )
             ctl.note(replay.describe())
-            watcher.on_reload(lambda _spec, placement: replay.remap(local_zones(placement)))
+            watcher.on_reload(lambda _spec, placement: replay.remap(placement.zones("local")))
             replay.start()
         try:
             if no_dashboard:
@@ -253,9 +252,6 @@ def up(
 )
 def reload_cmd(spec: Path, state_dir: Path | None, timeout: float) -> None:
     """Make the running watcher of SPEC re-read it now, and say what it did with it."""
-    import os
-    import signal
-
     from skyhedge.controller import presence
 
     service, sdir = _load(spec, state_dir)  # a spec that does not load is refused here already
@@ -313,8 +309,6 @@ def reload_cmd(spec: Path, state_dir: Path | None, timeout: float) -> None:
 def _same_file(recorded: str, given: Path) -> bool:
     """Whether `given` names the file the watcher re-reads (symlinks followed now, not when
     recorded: a `current/` link that moved still names it)."""
-    import os
-
     try:
         return os.path.samefile(recorded, given)
     except OSError:
@@ -341,9 +335,7 @@ def preempt(spec: Path, state_dir: Path | None, zone: str, seconds: float | None
     if clear and seconds is not None:
         raise click.UsageError("--clear gives the capacity back now; it takes no --for")
     service, sdir = _load(spec, state_dir)
-    zones = sorted(
-        c.location.zone for c in resolve_placement(service).candidates if c.location.cloud == "local"
-    )
+    zones = sorted(resolve_placement(service).zones("local"))
     if zone not in zones:
         raise SpecError(
             f"--zone {zone!r} is not a local zone of this service (its local zones: "

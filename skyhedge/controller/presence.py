@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from skyhedge.routing.nginx import alive  # (any pid: a zombie counts as gone)
+from skyhedge.routing.nginx import alive, stat_fields  # (any pid: a zombie counts as gone)
 from skyhedge.state import atomic_write_text
 
 WATCHER_FILE = "watcher.json"
@@ -35,13 +35,9 @@ RELOAD_OFF = "off"
 def process_start(pid: int) -> str | None:
     """When the process started, as an opaque stamp: clock ticks since boot from /proc (Linux),
     else `ps -o lstart=` (macOS, BSD); None when neither can tell (no such process)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        pass
-    else:
-        # the command name (field 2) may hold spaces or parentheses: fields count from the last ')'
-        return stat.rsplit(")", 1)[1].split()[19]
+    fields = stat_fields(pid)
+    if fields is not None:
+        return fields[19]  # field 22, starttime
     if Path("/proc/self/stat").exists():
         return None  # Linux without that pid
     try:

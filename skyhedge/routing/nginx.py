@@ -113,14 +113,21 @@ def start(binary: str, paths: RouterPaths) -> None:
         )
 
 
-def _stat(pid: int) -> tuple[str, int, int] | None:
-    """(state letter, parent pid, process group) of a process, or None when it does not exist."""
+def stat_fields(pid: int) -> list[str] | None:
+    """/proc/<pid>/stat from field 3 on (state, ppid, pgrp, ...; Linux), or None when there is no
+    such process (or no /proc). The command name (field 2) may hold spaces or parentheses, so the
+    fields are counted from its last ')'."""
     try:
         raw = (_PROC / str(pid) / "stat").read_text()
     except (OSError, ValueError):
         return None
-    fields = raw.rsplit(")", 1)[1].split()
-    return fields[0], int(fields[1]), int(fields[2])
+    return raw.rsplit(")", 1)[1].split()
+
+
+def _stat(pid: int) -> tuple[str, int, int] | None:
+    """(state letter, parent pid, process group) of a process, or None when it does not exist."""
+    fields = stat_fields(pid)
+    return None if fields is None else (fields[0], int(fields[1]), int(fields[2]))
 
 
 def alive(pid: int) -> bool:
