@@ -457,19 +457,46 @@ def test_a_launch_that_keeps_failing_is_given_up_and_replaced_under_a_new_id(wor
     world[
         "executor"
     ].broken = "local/local: r-0004: port 127.0.0.1:20004 is already in use by another process"
-    for _ in range(12):
+    for _ in range(4):
         ctl.tick()
         clock.advance(20)
     stuck = [r for r in ctl.state.replicas.values() if r.reason == "failed" and r.provisioned_at is None]
-    assert len(stuck) >= 6 and all(r.gone_at is not None for r in stuck)
-    assert all("given up after 3 failed launches" in n.text for n in ctl.notes if "given up" in n.text)
-    # the app never ran: launches given up are no crash loop, and hold nothing back
-    assert not any(n.text.startswith("crash loop") for n in ctl.notes)
+    assert stuck and all(r.gone_at is not None for r in stuck)
+    assert sorted(n.text for n in ctl.notes if "given up" in n.text) == [
+        f"{r.id} given up after 3 failed launches: replacing it" for r in sorted(stuck, key=lambda r: r.id)
+    ]
     world["executor"].broken = None
     settle(ctl, clock, ticks=5)
     live = ctl.state.live()
     assert len(live) >= 3 and all(r.provisioned_at is not None for r in live)
     assert not {r.id for r in stuck} & {r.id for r in live}
+    # one launch given up is no loop: nothing was held back
+    assert not any(n.text.startswith(("crash loop", "launches keep failing")) for n in ctl.notes)
+
+
+def test_launches_that_keep_being_given_up_are_held_back_with_a_growing_hold(world):
+    # a run.command that exits before the local launcher returns fails the apply itself: before,
+    # each replica was given up after three applies and replaced at once, a Terraform apply (a VM
+    # on a cloud) and a new replica ID every pass for as long as the watcher ran
+    ctl, clock = make(world), world["clock"]
+    settle(ctl, clock)
+    for rec in ctl.state.live():  # the spec's new command: every replica must be replaced
+        rec.gone_at, rec.reason = clock(), "preempted"
+    world["executor"].broken = "local/local: r-0004: run.command exited at once with 2"
+    before = ctl.state.next_id
+    settle(ctl, clock, ticks=300)  # five minutes of one-second passes
+    launched = ctl.state.next_id - before
+    assert launched < 40, launched  # without the hold: three new replicas every three passes, 300
+    held = [n.text for n in ctl.notes if n.text.startswith("launches keep failing:")]
+    assert held and "given up after 3 failed applies" in held[0]
+    assert not any(n.text.startswith("crash loop") for n in ctl.notes)  # the apps never ran
+    # fixed: once the hold runs out, the service comes back by itself
+    world["executor"].broken = None
+    for _ in range(40):
+        ctl.tick()
+        clock.advance(30)
+    live = ctl.state.live()
+    assert len(live) >= 3 and all(r.provisioned_at is not None for r in live)
 
 
 def _reconfigure(ctl: Controller, spec) -> None:

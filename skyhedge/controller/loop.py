@@ -67,6 +67,7 @@ CRASH_BURST_SECONDS = 1.0
 CRASH_HOLD_MAX_SECONDS = 600.0
 #: A replica whose launch failed in this many applies of its own (not for capacity: e.g. its local
 #: port taken by another process) is given up, and the policy places a new one (new ID, port).
+#: Launches given up CRASHES_BEFORE_HOLD bursts running hold new launches as a crash loop does.
 LAUNCH_ATTEMPTS = 3
 
 BUSY = frozenset(
@@ -245,10 +246,17 @@ class Controller:
         if hold > 0 and self._started and not self._unsettled:
             # a crash loop: launch nothing for now, but release and drain what the plan releases
             until = time.strftime("%H:%M:%S", time.localtime(now + hold))
-            self.note(
-                f"crash loop: {len(self._crashes(now))} bursts of replicas failing soon after launch in "
-                f"the last {CRASH_WINDOW_SECONDS / 60:.0f} min; new launches held until {until}"
-            )
+            window = f"the last {CRASH_WINDOW_SECONDS / 60:.0f} min; new launches held until {until}"
+            if self._hold_after(self._crashes(now), now) > 0:
+                self.note(
+                    f"crash loop: {len(self._crashes(now))} bursts of replicas failing soon after "
+                    f"launch in {window}"
+                )
+            else:
+                self.note(
+                    f"launches keep failing: {len(self._give_ups(now))} bursts of launches given up "
+                    f"after {LAUNCH_ATTEMPTS} failed applies in {window} (see the apply errors above)"
+                )
             plan = replace(
                 plan,
                 replicas=tuple(r for r in plan.replicas if r.action != CREATE),
@@ -543,13 +551,41 @@ class Controller:
                 bursts.append(at)
         return bursts
 
+    def _give_ups(self, now: float) -> list[float]:
+        """Bursts of launches given up (LAUNCH_ATTEMPTS failed applies, never provisioned) within
+        CRASH_WINDOW_SECONDS, oldest first, counted as `_crashes` counts crashes. One given up is
+        replaced at once (a local port taken by another process is that ID's problem, not the next
+        one's); launches that keep being given up (a `run.command` that exits before the local
+        launcher returns, a quota or image error on a cloud) would otherwise apply and fail a
+        replica, or bill a machine, every pass for as long as the watcher runs."""
+        revision = replica_revision(self.spec)
+        times = sorted(
+            r.gone_at
+            for r in self.state.replicas.values()
+            if r.gone_at is not None
+            and r.reason == "failed"
+            and r.provisioned_at is None
+            and r.revision in (None, revision)
+            and 0 <= now - r.gone_at < CRASH_WINDOW_SECONDS
+        )
+        bursts: list[float] = []
+        for at in times:
+            if not bursts or at - bursts[-1] > CRASH_BURST_SECONDS:
+                bursts.append(at)
+        return bursts
+
     def _crash_hold(self, now: float) -> float:
-        """Seconds left before new replicas may be launched (0: no crash loop)."""
-        crashes = self._crashes(now)
-        if len(crashes) < CRASHES_BEFORE_HOLD:
+        """Seconds left before new replicas may be launched (0: no crash loop, and no run of
+        launches given up)."""
+        return max(self._hold_after(self._crashes(now), now), self._hold_after(self._give_ups(now), now))
+
+    @staticmethod
+    def _hold_after(bursts: list[float], now: float) -> float:
+        """30 s after the CRASHES_BEFORE_HOLD-th burst, doubling with each further one."""
+        if len(bursts) < CRASHES_BEFORE_HOLD:
             return 0.0
-        hold = min(CRASH_HOLD_MAX_SECONDS, 30.0 * 2 ** (len(crashes) - CRASHES_BEFORE_HOLD))
-        return max(0.0, crashes[-1] + hold - now)
+        hold = min(CRASH_HOLD_MAX_SECONDS, 30.0 * 2 ** (len(bursts) - CRASHES_BEFORE_HOLD))
+        return max(0.0, bursts[-1] + hold - now)
 
     def _give_up_launches(self, result: ExecResult, at: float) -> None:
         """A replica still never provisioned after LAUNCH_ATTEMPTS failed applies of its own is
