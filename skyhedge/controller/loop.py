@@ -70,6 +70,17 @@ CRASH_HOLD_MAX_SECONDS = 600.0
 #: Launches given up CRASHES_BEFORE_HOLD bursts running hold new launches as a crash loop does.
 LAUNCH_ATTEMPTS = 3
 
+
+def _bursts(times: list[float]) -> list[float]:
+    """When each burst began (oldest first): failures within CRASH_BURST_SECONDS of each other
+    (what one pass finds) are one burst, not N."""
+    bursts: list[float] = []
+    for at in sorted(times):
+        if not bursts or at - bursts[-1] > CRASH_BURST_SECONDS:
+            bursts.append(at)
+    return bursts
+
+
 BUSY = frozenset(
     {ReplicaStatus.PROVISIONING, ReplicaStatus.STARTING, ReplicaStatus.NOT_READY, ReplicaStatus.SHUTTING_DOWN}
 )
@@ -526,30 +537,35 @@ class Controller:
             change = (f" +{','.join(added)}" if added else "") + (f" -{','.join(removed)}" if removed else "")
             self.note(f"routing: {len(wanted)} upstreams{change}", now)
 
-    def _crashes(self, now: float) -> list[float]:
-        """Bursts of replicas failing soon after launch within CRASH_WINDOW_SECONDS (when each
-        began, oldest first). Only replicas that ran count: a launch refused for capacity is the
-        market's doing, one given up (LAUNCH_ATTEMPTS) was never the app's. Replicas failing
-        within CRASH_BURST_SECONDS of each other (what one pass finds) are one burst, not N crashes.
-        Only the current revision's replicas count (or ones recorded before revisions existed):
-        after a spec change, the old command's crashes say nothing about the new one."""
+    def _failed_lately(self, now: float) -> list[ReplicaRecord]:
+        """Replicas of the current revision (or recorded before revisions existed) that failed
+        within CRASH_WINDOW_SECONDS: after a spec change, the old command's failures say nothing
+        about the new one."""
         revision = replica_revision(self.spec)
-        times = sorted(
-            r.gone_at
+        return [
+            r
             for r in self.state.replicas.values()
             if r.gone_at is not None
             and r.reason == "failed"
-            and r.provisioned_at is not None
-            and r.id not in self._given_up
             and r.revision in (None, revision)
             and 0 <= now - r.gone_at < CRASH_WINDOW_SECONDS
-            and (r.ready_at is None or r.gone_at - r.ready_at < EARLY_FAILURE_SECONDS)
+        ]
+
+    def _crashes(self, now: float) -> list[float]:
+        """Bursts of replicas failing soon after launch within CRASH_WINDOW_SECONDS (when each
+        began, oldest first). Only replicas that ran count: a launch refused for capacity is the
+        market's doing, one given up (LAUNCH_ATTEMPTS) was never the app's (`_give_ups` counts
+        those)."""
+        return _bursts(
+            [
+                r.gone_at
+                for r in self._failed_lately(now)
+                if r.gone_at is not None
+                and r.provisioned_at is not None
+                and r.id not in self._given_up
+                and (r.ready_at is None or r.gone_at - r.ready_at < EARLY_FAILURE_SECONDS)
+            ]
         )
-        bursts: list[float] = []
-        for at in times:
-            if not bursts or at - bursts[-1] > CRASH_BURST_SECONDS:
-                bursts.append(at)
-        return bursts
 
     def _give_ups(self, now: float) -> list[float]:
         """Bursts of launches given up (LAUNCH_ATTEMPTS failed applies, never provisioned) within
@@ -558,21 +574,13 @@ class Controller:
         one's); launches that keep being given up (a `run.command` that exits before the local
         launcher returns, a quota or image error on a cloud) would otherwise apply and fail a
         replica, or bill a machine, every pass for as long as the watcher runs."""
-        revision = replica_revision(self.spec)
-        times = sorted(
-            r.gone_at
-            for r in self.state.replicas.values()
-            if r.gone_at is not None
-            and r.reason == "failed"
-            and r.provisioned_at is None
-            and r.revision in (None, revision)
-            and 0 <= now - r.gone_at < CRASH_WINDOW_SECONDS
+        return _bursts(
+            [
+                r.gone_at
+                for r in self._failed_lately(now)
+                if r.gone_at is not None and r.provisioned_at is None
+            ]
         )
-        bursts: list[float] = []
-        for at in times:
-            if not bursts or at - bursts[-1] > CRASH_BURST_SECONDS:
-                bursts.append(at)
-        return bursts
 
     def _crash_hold(self, now: float) -> float:
         """Seconds left before new replicas may be launched (0: no crash loop, and no run of
