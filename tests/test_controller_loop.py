@@ -474,6 +474,14 @@ def test_a_launch_that_keeps_failing_is_given_up_and_replaced_under_a_new_id(wor
     assert not any(n.text.startswith(("crash loop", "launches keep failing")) for n in ctl.notes)
 
 
+def _held_until(ctl: Controller) -> list[str]:
+    return [
+        n.text.rsplit("held until ", 1)[1].split()[0]
+        for n in ctl.notes
+        if n.text.startswith("launches keep failing:")
+    ]
+
+
 def test_launches_that_keep_being_given_up_are_held_back_with_a_growing_hold(world):
     # a run.command that exits before the local launcher returns fails the apply itself: before,
     # each replica was given up after three applies and replaced at once, a Terraform apply (a VM
@@ -486,17 +494,52 @@ def test_launches_that_keep_being_given_up_are_held_back_with_a_growing_hold(wor
     before = ctl.state.next_id
     settle(ctl, clock, ticks=300)  # five minutes of one-second passes
     launched = ctl.state.next_id - before
-    assert launched < 40, launched  # without the hold: three new replicas every three passes, 300
+    assert launched < 40, launched  # without the hold: five new replicas every three passes, 500
     held = [n.text for n in ctl.notes if n.text.startswith("launches keep failing:")]
     assert held and "given up after 3 failed applies" in held[0]
+    until = sorted(set(_held_until(ctl)))  # a note repeats after a minute: the same time
+    secs = [int(h) * 3600 + int(m) * 60 + int(x) for h, m, x in (t.split(":") for t in until)]
+    gaps = [b - a for a, b in zip(secs, secs[1:], strict=False)]
+    assert len(gaps) >= 2 and gaps == sorted(gaps) and gaps[-1] >= 2 * gaps[0]  # 30 s, 60 s, 120 s...
     assert not any(n.text.startswith("crash loop") for n in ctl.notes)  # the apps never ran
-    # fixed: once the hold runs out, the service comes back by itself
+    # fixed: the hold lifts by itself (at most 4 min after the last give-up here), well before the
+    # give-ups leave the 10-minute window, and the service comes back
     world["executor"].broken = None
-    for _ in range(40):
+    for _ in range(25):
         ctl.tick()
-        clock.advance(30)
+        clock.advance(10)
     live = ctl.state.live()
     assert len(live) >= 3 and all(r.provisioned_at is not None for r in live)
+
+
+def test_launches_refused_for_capacity_are_not_held_back(world):
+    # the market's refusals mark zones, and the policy moves on at once: holding launches there
+    # would keep a service down that an open zone or on-demand could serve
+    ctl, clock, src, ex = make(world), world["clock"], world["source"], world["executor"]
+    settle(ctl, clock)
+    ex.refuse_zones = {"local-a", "local-b", "local-c"}
+    for r in ctl.state.live():
+        src.queue.append(PreemptionEvent(Signal.GONE, clock(), "fake", replica_id=r.id, reason="preempted"))
+    for _ in range(30):
+        clock.advance(ctl.tick())
+    refused = [r for r in ctl.state.replicas.values() if r.reason == "failed" and r.provisioned_at is None]
+    assert len(refused) >= 6  # many refusals over many passes
+    assert ctl._give_ups(clock()) == [] and ctl._crash_hold(clock()) == 0
+    assert not any(n.text.startswith(("launches keep failing", "crash loop")) for n in ctl.notes)
+
+
+def test_a_restarted_watcher_still_holds_launches_that_keep_being_given_up(world):
+    ctl, clock = make(world), world["clock"]
+    settle(ctl, clock)
+    for rec in ctl.state.live():
+        rec.gone_at, rec.reason = clock(), "preempted"
+    world["executor"].broken = "local/local: r-0004: run.command exited at once with 2"
+    settle(ctl, clock, ticks=30)
+    assert ctl._crash_hold(clock()) > 0
+    ctl.save()
+    again = make(world)  # a new watcher on the same state directory
+    assert again._give_ups(clock()) == ctl._give_ups(clock())
+    assert again._crash_hold(clock()) == ctl._crash_hold(clock()) > 0
 
 
 def _reconfigure(ctl: Controller, spec) -> None:

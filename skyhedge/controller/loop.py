@@ -167,7 +167,14 @@ class Controller:
         # save: full disk, read-only state dir) left intent that no later plan shows as a change:
         # the next pass applies it anyway.
         self._unsettled = False
-        self._given_up: set[str] = set()  # replicas whose launch kept failing (not crashes)
+        # replicas whose launch kept failing (not crashes) -> when given up; in the state, so a
+        # restarted watcher still holds launches that keep failing (`_give_ups`)
+        given_up = self.state.extra.get("given_up")
+        self._given_up: dict[str, float] = {
+            str(k): float(v)
+            for k, v in (given_up.items() if isinstance(given_up, dict) else ())
+            if isinstance(v, (int, float)) and not isinstance(v, bool)
+        }
         self._attempts: dict[str, int] = {}  # failed applies per replica never provisioned
         self._routing_failed = False
         self._listeners: list[Callable[[Controller], None]] = []
@@ -578,7 +585,7 @@ class Controller:
             [
                 r.gone_at
                 for r in self._failed_lately(now)
-                if r.gone_at is not None and r.provisioned_at is None
+                if r.gone_at is not None and r.id in self._given_up and r.provisioned_at is None
             ]
         )
 
@@ -610,7 +617,11 @@ class Controller:
                 continue
             why = f"launch failed {self._attempts[rid]} times: {result.errors[0]}"
             if mark_gone(self.state, rec, at, "failed", why):
-                self._given_up.add(rid)
+                self._given_up = {
+                    k: t for k, t in self._given_up.items() if 0 <= at - t < CRASH_WINDOW_SECONDS
+                }
+                self._given_up[rid] = at
+                self.state.extra["given_up"] = dict(self._given_up)
                 self.note(f"{rid} given up after {self._attempts[rid]} failed launches: replacing it", at)
 
     def _next_delay(self) -> float:
