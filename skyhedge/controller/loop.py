@@ -67,7 +67,7 @@ CRASH_BURST_SECONDS = 1.0
 CRASH_HOLD_MAX_SECONDS = 600.0
 #: A replica whose launch failed in this many applies of its own (not for capacity: e.g. its local
 #: port taken by another process) is given up, and the policy places a new one (new ID, port).
-#: Launches given up CRASHES_BEFORE_HOLD bursts running hold new launches as a crash loop does.
+#: CRASHES_BEFORE_HOLD bursts of launches given up hold new launches as a crash loop does.
 LAUNCH_ATTEMPTS = 3
 
 
