@@ -527,3 +527,36 @@ def test_a_reloaded_spec_that_moves_the_port_is_checked_first_and_the_running_ng
     assert request(f"http://127.0.0.1:{new_port}", "GET", "/-/health", timeout=2.0).status == 200
     with pytest.raises(OSError):
         request(f"http://127.0.0.1:{old_port}", "GET", "/-/health", timeout=1.0)
+
+
+def test_the_controllers_request_counter_counts_client_requests_only_and_survives_an_nginx_restart(
+    fleet, tmp_path
+):
+    """The autoscaler's QPS comes from this counter: its own stub_status reads must not count as
+    traffic (an idle service reads 0 req/s), and a restarted nginx, whose raw counter starts
+    over, must not make it jump back or forward."""
+    from skyhedge.controller.adapters import NginxRouter
+
+    fleet.start(1)
+    upstreams = [(u.id, u.endpoint) for u in fleet.upstreams()]
+    adapter = NginxRouter(make_spec(free_port()), tmp_path / "ctl")
+    try:
+        adapter.reload(upstreams)
+        first = adapter.request_count()
+        assert first == 0
+        for _ in range(3):  # idle: the reads themselves are not traffic
+            assert adapter.request_count() == 0
+        for _ in range(5):
+            assert complete(adapter.router.endpoint, max_tokens=1).status == 200
+        assert adapter.request_count() == 5
+
+        adapter.down()
+        assert not adapter.running()
+        adapter.reload(upstreams)  # a fresh nginx: its raw counter starts over
+        assert adapter.running()
+        assert adapter.request_count() == 5
+        for _ in range(4):
+            assert complete(adapter.router.endpoint, max_tokens=1).status == 200
+        assert adapter.request_count() == 9
+    finally:
+        teardown_router(adapter.router)

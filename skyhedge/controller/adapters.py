@@ -37,25 +37,30 @@ class NginxRouter:
         return self.router.pid() is not None
 
     def reload(self, upstreams: Sequence[tuple[str, str]]) -> dict[str, Any]:
-        return self.router.up([Upstream(rid, endpoint) for rid, endpoint in upstreams])
+        return self._up([Upstream(rid, endpoint) for rid, endpoint in upstreams])
 
     def drain(self, upstreams: Sequence[tuple[str, str]]) -> dict[str, Any]:
         ups = [Upstream(rid, endpoint) for rid, endpoint in upstreams]
         if not self.running():
-            return self.router.up(ups)
+            return self._up(ups)
         if not self.router.drain(ups, timeout=self.drain_timeout):
             log.warning(
                 "requests still in flight to removed replicas after %.0fs; going on", self.drain_timeout
             )
         return self.router.status()
 
-    def request_count(self) -> int | None:
-        """Client requests seen by the router, monotonic across nginx restarts.
+    def _up(self, ups: list[Upstream]) -> dict[str, Any]:
+        """Start-or-reload; after a start, the fresh nginx's counter is read at once as the new
+        baseline: the router's own health check of the new nginx is not client traffic."""
+        started = not self.running()
+        status = self.router.up(ups)
+        if started and self._raw is not None:
+            self._raw = None
+            self._read_raw(status)
+        return status
 
-        Each read of stub_status is itself one request; it is subtracted so an idle service reads
-        0 req/s. A restart (the raw counter going down) continues from where we were.
-        """
-        url = self.router.status().get("status_url")
+    def _read_raw(self, status: dict[str, Any]) -> int | None:
+        url = status.get("status_url")
         if not url:
             return None
         try:
@@ -67,6 +72,18 @@ class NginxRouter:
             delta = raw - self._raw if raw >= self._raw else raw
             self._count += max(0, delta - 1)
         self._raw = raw
+        return raw
+
+    def request_count(self) -> int | None:
+        """Client requests seen by the router, monotonic across nginx restarts.
+
+        Each read of stub_status is itself one request; it is subtracted so an idle service reads
+        0 req/s. After a restart this adapter made, counting goes on from the new nginx's
+        counter as read right after its start; after one made by someone else (seen as the raw
+        counter going down), from zero, with their health check in it.
+        """
+        if self._read_raw(self.router.status()) is None:
+            return None
         return self._count
 
     def down(self) -> None:
