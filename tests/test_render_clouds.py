@@ -205,3 +205,47 @@ def test_terraform_validate_where_a_provider_mirror_is_configured(tmp_path, clou
     engine = Terraform(home=tmp_path / "home", extra_env={"TF_CLI_CONFIG_FILE": str(rc)})
     diags = engine.validate(TerraformRoot(root, f"{cloud}/{region}", tmp_path / "data"))
     assert [d.text for d in diags if d.severity == "error"] == []
+
+
+@pytest.mark.parametrize(
+    ("machine_type", "accelerators", "expected"),
+    [
+        # n1 machines take attached GPUs: from the catalog row, else from the spec's ask
+        ("n1-standard-4", None, ({"type": "nvidia-tesla-t4", "count": 1}, True)),
+        ("n1-highmem-16", "V100:2", ({"type": "nvidia-tesla-v100", "count": 2}, True)),
+        ("n1-highmem-16", "P100", ({"type": "nvidia-tesla-p100", "count": 1}, True)),
+        # a2/g2 machine types come with their GPUs: nothing to attach, but they are GPU replicas
+        ("a2-highgpu-1g", None, (None, True)),
+        ("g2-standard-4", None, (None, True)),
+        # no GPU anywhere: a CPU replica
+        ("e2-standard-4", None, (None, False)),
+    ],
+)
+def test_gcp_gpus_are_attached_only_to_n1_machine_types(machine_type, accelerators, expected):
+    from skyhedge.clouds.gcp.render import accelerator_for
+
+    resources: dict[str, Any] = {"instance_type": {"gcp": machine_type}}
+    if accelerators:
+        resources["accelerators"] = accelerators
+    spec = parse_spec(
+        {"name": "svc", "placement": {"clouds": ["gcp"]}, "resources": resources, "run": {"image": "x"}},
+        source="/tmp/svc.yaml",
+    )
+    assert accelerator_for(spec, machine_type) == expected
+
+
+def test_gcp_an_n1_gpu_with_no_compute_engine_type_is_a_one_line_render_error():
+    from skyhedge.clouds.gcp.render import accelerator_for
+    from skyhedge.errors import RenderError
+
+    spec = parse_spec(
+        {
+            "name": "svc",
+            "placement": {"clouds": ["gcp"]},
+            "resources": {"instance_type": {"gcp": "n1-highmem-16"}, "accelerators": "A10G:1"},
+            "run": {"image": "x"},
+        },
+        source="/tmp/svc.yaml",
+    )
+    with pytest.raises(RenderError, match=r"^/tmp/svc.yaml: resources.accelerators: .*'A10G'"):
+        accelerator_for(spec, "n1-highmem-16")
