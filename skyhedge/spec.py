@@ -217,7 +217,19 @@ class _Ctx:
         self.file = file
 
     def fail(self, path: str, message: str) -> SpecError:
-        return SpecError(message, file=self.file, path=path or None)
+        return SpecError(message, file=self.file, path=_display_path(path) or None)
+
+
+def _display_path(path: str) -> str:
+    """`path` for a one-line message: a key the user wrote with a line break, a tab or other
+    invisible characters in it (or an empty one) is shown quoted, so it is seen and the error
+    stays one line."""
+    if path.isprintable() and not any(c.isspace() for c in path):
+        return path
+    return ".".join(
+        seg if seg and seg.isprintable() and not any(c.isspace() for c in seg) else repr(seg)
+        for seg in path.split(".")
+    )
 
 
 def _kind(value: Any) -> str:

@@ -257,7 +257,7 @@ BAD_SPECS: list[tuple[str, str]] = [
     ),
     (
         _with("readiness_probe: {headers: {'X Token': a}}\n"),
-        "readiness_probe.headers.X Token: expected an HTTP header name, a token like 'X-Api-Key'",
+        "readiness_probe.headers.'X Token': expected an HTTP header name, a token like 'X-Api-Key'",
     ),
     (_with("service: {port: 70000}\n"), "service.port: expected an integer in [1, 65535], got 70000"),
     (
