@@ -12,7 +12,7 @@ from urllib.parse import urlsplit
 
 from skyhedge.catalog import load_catalog, parse_accelerator
 from skyhedge.catalog.model import did_you_mean
-from skyhedge.errors import CatalogError, PolicyError, SpecError
+from skyhedge.errors import CatalogError, PolicyError, SpecError, StateError
 from skyhedge.planner import Plan, make_plan
 from skyhedge.policy import Candidate, Location, Market, Observation, Terminate, make_policy
 from skyhedge.spec import ServiceSpec, replica_revision
@@ -239,7 +239,13 @@ def compute_plan(
             raise
         raise SpecError(str(exc), file=spec.source, path="replica_policy.policy") from exc
     if state.policy_memory.get("policy") == name:
-        policy.restore(state.policy_memory.get("memory", {}))
+        try:
+            policy.restore(state.policy_memory.get("memory", {}))
+        except PolicyError as exc:
+            where = state.source or "the state"
+            raise StateError(
+                f"{where}: policy_memory.memory: {exc} (remove policy_memory to start the policy afresh)"
+            ) from exc
     revision = replica_revision(spec)
     live = {r.id: r for r in state.live()}
     outdated = set(outdated_replicas(spec, state)) - outside

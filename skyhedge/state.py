@@ -180,6 +180,8 @@ class _Malformed(Exception):
     def __init__(self, path: str, expected: str, value: Any) -> None:
         if value is _MISSING:
             found = "nothing (the field is missing)"
+        elif value is None or isinstance(value, bool):
+            found = json.dumps(value)  # as the file has it: null, true, false
         else:
             found = repr(value)  # repr escapes newlines: the message stays one line
             found = found if len(found) <= 60 else found[:57] + "..."
@@ -224,6 +226,16 @@ def _check_event(index: int, data: Any) -> dict[str, Any]:
     return data
 
 
+def _check_policy_memory(data: dict[str, Any]) -> dict[str, Any]:
+    """`{"policy": name, "memory": {...}}`: the shape only; the policy's `restore()` reads the
+    memory itself (and `compute_plan` names this file if it refuses it)."""
+    if "policy" in data:
+        _check(data["policy"], _STRING, "policy_memory.policy")
+    if "memory" in data:
+        _check(data["memory"], _OBJECT, "policy_memory.memory")
+    return dict(data)
+
+
 def _optional(data: dict[str, Any], key: str, rule: Rule, default: Any) -> Any:
     """`data[key]` checked against `rule`, or `default` when it is absent or null (older files and
     hand edits leave these out; the loader has always accepted that)."""
@@ -243,6 +255,8 @@ class ServiceState:
     router: dict[str, Any] | None = None
     target: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    #: The file this state was read from (for error messages; not saved).
+    source: str = field(default="", compare=False, repr=False)
 
     HISTORY_LIMIT = 200
 
@@ -290,6 +304,7 @@ class ServiceState:
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
+        del data["source"]
         data["replicas"] = {k: asdict(v) for k, v in sorted(self.replicas.items())}
         return data
 
@@ -314,12 +329,13 @@ class ServiceState:
                 version=version,
                 next_id=_check(data.get("next_id", 1), ("a positive integer", _is_positive_int), "next_id"),
                 replicas={k: _check_replica(k, v) for k, v in replicas.items()},
-                policy_memory=dict(_optional(data, "policy_memory", _OBJECT, {})),
+                policy_memory=_check_policy_memory(_optional(data, "policy_memory", _OBJECT, {})),
                 pending_events=[_check_event(i, e) for i, e in enumerate(events)],
                 history=list(_optional(data, "history", _LIST, [])),
                 router=_check(data.get("router"), _or_null(_OBJECT), "router"),
                 target=_check(data.get("target"), _or_null(("an integer", _is_int)), "target"),
                 extra=dict(_optional(data, "extra", _OBJECT, {})),
+                source=where,
             )
         except _Malformed as exc:
             raise StateError(f"{where}: malformed state ({exc})") from None
