@@ -76,10 +76,18 @@ SKUS = [
     sku("N1 Predefined Instance Core running in Americas", "OnDemand", US, 0.03),
     sku("N1 Predefined Instance Ram running in Americas", "OnDemand", US, 0.004, unit="GiBy.h"),
     sku("Nvidia Tesla T4 GPU running in Americas", "OnDemand", US, 0.35),
+    sku("A3 Instance Core running in Americas", "OnDemand", US, 0.03),
+    sku("A3 Instance Ram running in Americas", "OnDemand", US, 0.003, unit="GiBy.h"),
+    sku("Spot Preemptible A3 Instance Core running in Americas", "Preemptible", US, 0.012),
+    sku("Spot Preemptible A3 Instance Ram running in Americas", "Preemptible", US, 0.0012, unit="GiBy.h"),
+    sku("Nvidia H100 80GB GPU running in Americas", "OnDemand", US, 5.0),
+    sku("Spot Preemptible Nvidia H100 80GB GPU running in Americas", "Preemptible", US, 2.0),
     # Noise the reader must skip: commitments, custom shapes, other GPUs, wrong units.
     sku("Commitment v1: G2 Cpu in Americas for 1 Year", "Commit1Yr", US, 0.001),
     sku("N1 Custom Instance Core running in Americas", "OnDemand", US, 9.0),
     sku("Nvidia Tesla A100 80GB GPU running in Americas", "OnDemand", US, 9.0),
+    sku("Nvidia H100 80GB Mega GPU running in Americas", "OnDemand", US, 9.0),  # a3-megagpu's
+    sku("DWS Defined Duration Nvidia H100 80GB GPU running in Americas", "OnDemand", US, 9.0),
     sku("Nvidia L4 GPU running in Americas", "OnDemand", ["europe-west4"], 0.6, unit="GiBy.mo"),
 ]
 
@@ -179,7 +187,8 @@ def test_sku_parsing_skips_noise() -> None:
     assert rates[("gpu:L4", "Preemptible", "us-west1")] == pytest.approx(0.25)
     assert rates[("gpu:T4", "OnDemand", "us-central1")] == pytest.approx(0.35)
     assert ("gpu:L4", "OnDemand", "europe-west4") not in rates  # wrong usage unit
-    assert all(price < 9.0 for price in rates.values())  # custom / A100 80GB not taken
+    assert rates[("gpu:H100 80GB", "Preemptible", "us-east1")] == pytest.approx(2.0)
+    assert all(price < 9.0 for price in rates.values())  # custom / A100 80GB / H100 Mega / DWS not taken
     assert not any(k[1] == "Commit1Yr" for k in rates)
     assert sku_rates({"description": "x"}) == []
 
@@ -200,6 +209,10 @@ def test_refresh_prices_offers(billing: tuple[FakeBilling, str], session: Author
     base_n1 = base.offer("n1-standard-8", "us-central1-a")
     assert n1.spot_price == base_n1.spot_price  # type: ignore[union-attr]  # no spot N1/T4 SKU served
     assert n1.spot_source is None
+    a3 = result.catalog.offer("a3-highgpu-8g", "us-central1-a")
+    assert a3 is not None  # 208 vCPU, 1872 GiB, 8 H100 80GB
+    assert a3.ondemand_price == pytest.approx(208 * 0.03 + 1872 * 0.003 + 8 * 5.0)
+    assert a3.spot_price == pytest.approx(208 * 0.012 + 1872 * 0.0012 + 8 * 2.0)
     a2 = result.catalog.offer("a2-highgpu-1g", "us-central1-a")
     assert a2 == base.offer("a2-highgpu-1g", "us-central1-a")  # no A2/A100 SKUs served: unchanged
     assert "a2-highgpu-1g@us-central1-a" in result.unpriced

@@ -108,7 +108,9 @@ def test_instance_types_for_is_cheapest_first_and_case_insensitive() -> None:
     assert cheapest == sorted(cheapest)
     assert all(aws.instance_types[n].accelerator_count == 1 for n in names)
     assert aws.instance_types_for("A10G", 3) == []
-    assert aws.instance_types_for("H100", 8) == []
+    assert aws.instance_types_for("H100", 8) == ["p5.48xlarge"]
+    assert aws.instance_types_for("h100", 1) == []
+    assert aws.instance_types_for("l40s", 4) == ["g6e.12xlarge", "g6e.24xlarge"]
 
 
 def test_offers_for_and_unknown_names() -> None:

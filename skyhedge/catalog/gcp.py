@@ -3,7 +3,7 @@
 GCP does not price a machine type as one SKU: a VM costs (vCPUs x core SKU) + (GiB x RAM SKU)
 + (GPUs x GPU SKU), each SKU per region and per usage type (`OnDemand`, `Preemptible` = spot).
 This module lists Compute Engine's SKUs (paged with `pageToken`), keeps the core/RAM SKUs of the
-families the bundled catalog uses (n1, a2, g2) and the GPU SKUs (T4, A100, L4), and prices each
+families the bundled catalog uses (n1, a2, a3, g2) and the GPU SKUs (T4, A100, H100 80GB, L4), and prices each
 bundled offer from them. GCP sets spot prices per region, so every zone of a region gets the same.
 
 HTTP and auth failures become `CloudError`, answers we cannot read become `CatalogError`, raised
@@ -37,16 +37,18 @@ ONDEMAND = "OnDemand"
 SPOT = "Preemptible"
 
 # Instance-type prefix -> the family words in the core/RAM SKU description.
-FAMILIES = {"n1": "N1 Predefined", "a2": "A2", "g2": "G2"}
+FAMILIES = {"n1": "N1 Predefined", "a2": "A2", "a3": "A3", "g2": "G2"}
 # Catalog accelerator name -> GPU name in the SKU description.
-GPUS = {"T4": "T4", "A100": "A100", "L4": "L4"}
+# (a2-highgpu carries the 40 GB A100, billed as plain "A100"; a3-highgpu the "H100 80GB", not the
+# "H100 80GB Mega" of a3-megagpu.)
+GPUS = {"T4": "T4", "A100": "A100", "H100": "H100 80GB", "L4": "L4"}
 
 _CORE_RAM = re.compile(
-    r"^(?:Spot Preemptible |Preemptible )?(?P<family>N1 Predefined|A2|G2) Instance (?P<kind>Core|Ram)"
+    r"^(?:Spot Preemptible |Preemptible )?(?P<family>N1 Predefined|A2|A3|G2) Instance (?P<kind>Core|Ram)"
     r" running in .+$"
 )
 _GPU = re.compile(
-    r"^(?:Spot Preemptible |Preemptible )?Nvidia (?:Tesla )?(?P<gpu>T4|A100|L4) GPU"
+    r"^(?:Spot Preemptible |Preemptible )?Nvidia (?:Tesla )?(?P<gpu>T4|A100|H100 80GB|L4) GPU"
     r"(?: attached to Spot Preemptible VMs)? running in .+$"
 )
 _UNITS = {"Core": "h", "Ram": "GiBy.h", "GPU": "h"}
