@@ -101,7 +101,7 @@ run:
         self.spec = load_spec(self.spec_path)
         self.watchers: list[subprocess.Popen[bytes]] = []
 
-    def start_watcher(self) -> subprocess.Popen[bytes]:
+    def start_watcher(self, *extra: str) -> subprocess.Popen[bytes]:
         env = {**os.environ, "PYTHONPATH": str(REPO)}
         log = open(self.tmp / f"watch-{len(self.watchers)}.log", "wb")  # noqa: SIM115 (closed by the child's exit)
         proc = subprocess.Popen(
@@ -117,6 +117,7 @@ run:
                 "2",
                 "--log-level",
                 "info",
+                *extra,
             ],
             cwd=self.tmp,
             env=env,
@@ -228,8 +229,17 @@ class Load:
         return self.ok + len(self.failed)
 
 
+def _scrape(url: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    from test_controller_metrics import parse
+
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with opener.open(url, timeout=5) as resp:
+        return parse(resp.read().decode())
+
+
 def test_preemption_under_load_is_replaced_in_another_zone(service):
-    service.start_watcher()
+    metrics_port = free_port()
+    service.start_watcher("--metrics-port", str(metrics_port))
     service.wait("3 READY spot replicas routed", service.converged, timeout=90)
     before = {r.id: r.zone for r in service.state().live()}
     victim_id, victim_zone = sorted(before.items())[0]
@@ -268,6 +278,18 @@ def test_preemption_under_load_is_replaced_in_another_zone(service):
     # no process of a gone replica is left
     alive = {p.id for p in list_pidfiles(runtime_dir(service.state_dir))}
     assert alive == {r.id for r in st.live()}
+    # the watcher's Prometheus endpoint saw it all
+    url = f"http://127.0.0.1:{metrics_port}/metrics"
+    serving = ("skyhedge_serving", frozenset())
+    service.wait("metrics of the settled fleet", lambda: _scrape(url)[serving] == 1, 20)
+    samples = _scrape(url)
+    where = frozenset({("cloud", "local"), ("region", "local"), ("zone", victim_zone), ("market", "spot")})
+    assert samples[("skyhedge_preemptions_total", where)] == 1
+    ready = sum(
+        v for (n, lab), v in samples.items() if n == "skyhedge_replicas" and ("state", "READY") in lab
+    )
+    assert ready == samples[("skyhedge_ready_replicas", frozenset())] >= 3
+    assert samples[("skyhedge_serving_seconds_total", frozenset())] > 0
 
 
 def _tf_replicas(state_dir: Path) -> set[str]:

@@ -10,6 +10,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -40,6 +41,38 @@ _no_spec_reload = click.option(
     help="Run with SPEC as it was at start: do not re-read it when the file changes, on SIGHUP "
     "or on `skyhedge reload`.",
 )
+
+_metrics_port = click.option(
+    "--metrics-port",
+    type=click.IntRange(1, 65535),
+    default=None,
+    help="Serve Prometheus metrics (replicas per zone and market, serving, cost, preemptions...) "
+    "at http://HOST:PORT/metrics.",
+)
+_metrics_host = click.option(
+    "--metrics-host",
+    default="127.0.0.1",
+    show_default=True,
+    help="Address the metrics endpoint listens on (0.0.0.0 for a scraper on another host).",
+)
+
+
+@contextlib.contextmanager
+def _metrics(controller: Any, host: str, port: int | None) -> Iterator[None]:
+    """Serve the watcher's metrics while it runs (nothing without --metrics-port)."""
+    if port is None:
+        yield
+        return
+    from skyhedge.controller.metrics import Metrics, MetricsServer
+
+    metrics = Metrics()
+    server = MetricsServer(metrics, host=host, port=port)
+    metrics.watch(controller)
+    err_console.print(f"metrics at {server.address}")
+    try:
+        yield
+    finally:
+        server.close()
 
 
 @contextlib.contextmanager
@@ -91,6 +124,8 @@ def _load(spec: Path, state_dir: Path | None) -> tuple[ServiceSpec, Path]:
 @click.option(
     "--log-level", type=click.Choice(["debug", "info", "warning"]), default="info", show_default=True
 )
+@_metrics_port
+@_metrics_host
 def watch(
     spec: Path,
     state_dir: Path | None,
@@ -103,6 +138,8 @@ def watch(
     no_spec_reload: bool,
     no_routing: bool,
     log_level: str,
+    metrics_port: int | None,
+    metrics_host: str,
 ) -> None:
     """Keep SPEC's service up on spot capacity: react to preemptions, re-plan, apply, route."""
     from skyhedge.controller.runner import Watcher
@@ -123,6 +160,7 @@ def watch(
             reload_on_change=not no_spec_reload,
             reload_on_request=not no_spec_reload,
         ) as watcher,
+        _metrics(watcher.controller, metrics_host, metrics_port),
     ):
         mode = f"gitops into {gitops}" if gitops else "applying with Terraform"
         err_console.print(
@@ -155,6 +193,8 @@ def watch(
 @_terraform_bin
 @_policy
 @_no_spec_reload
+@_metrics_port
+@_metrics_host
 def up(
     spec: Path,
     state_dir: Path | None,
@@ -166,6 +206,8 @@ def up(
     terraform_bin: str | None,
     policy: str | None,
     no_spec_reload: bool,
+    metrics_port: int | None,
+    metrics_host: str,
 ) -> None:
     """Apply SPEC, bring routing up and watch it, with a live dashboard (= apply + routing + watch)."""
     from skyhedge.controller.runner import Watcher
@@ -196,6 +238,7 @@ def up(
             # under the dashboard a hangup is the terminal going away: stop (SIGHUP's default)
             reload_on_hangup=no_dashboard,
         ) as watcher,
+        _metrics(watcher.controller, metrics_host, metrics_port),
     ):
         ctl = watcher.controller
         assert ctl is not None

@@ -1,0 +1,333 @@
+"""Prometheus metrics of a running watcher (`skyhedge watch|up --metrics-port PORT`).
+
+Platform teams watch fleets with Prometheus, not with a terminal dashboard, so the watcher can
+serve `GET /metrics` in Prometheus' text exposition format (0.0.4): what runs where (replicas
+per zone, market and state), whether the service is serving (READY >= target), what it costs,
+and counters of what happened (preemptions, launches, refused launches, interruption warnings,
+applies). The numbers come from the same state the dashboard and `status` read.
+
+Threading: the exposition is built in the controller's thread after every pass (a `subscribe`
+listener) and only handed over to the HTTP thread as a finished string, so a scrape never reads
+the state while a pass changes it. Counters are kept here, in memory, from the history entries
+each pass appends: they start at zero when the watcher starts, as Prometheus counters may.
+"""
+
+from __future__ import annotations
+
+import http.server
+import logging
+import math
+import socket
+import threading
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from skyhedge.controller.loop import Controller
+from skyhedge.errors import SkyhedgeError
+from skyhedge.policy.types import Location, ReplicaStatus
+
+log = logging.getLogger("skyhedge.controller")
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+#: History event -> (counter, help). Each counts one entry per replica (or per apply).
+_EVENT_COUNTERS = {
+    "launch_failed": (
+        "skyhedge_launch_failures_total",
+        "Launches a zone refused (no capacity, quota) or that failed.",
+    ),
+    "warning": (
+        "skyhedge_interruption_warnings_total",
+        "Interruption warnings and rebalance recommendations received.",
+    ),
+}
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _labels(labels: Mapping[str, str]) -> str:
+    if not labels:
+        return ""
+    return "{" + ",".join(f'{k}="{_escape(str(v))}"' for k, v in labels.items()) + "}"
+
+
+def _number(value: float) -> str:
+    if math.isnan(value):
+        return "NaN"
+    if math.isinf(value):
+        return "+Inf" if value > 0 else "-Inf"
+    if float(value).is_integer() and abs(value) < 2**53:
+        return str(int(value))
+    return repr(float(value))
+
+
+class _Family:
+    """One metric: HELP, TYPE and its samples."""
+
+    def __init__(self, name: str, kind: str, help_text: str) -> None:
+        self.name = name
+        self.kind = kind
+        self.help = help_text
+        self.samples: list[tuple[dict[str, str], float]] = []
+
+    def add(self, value: float, **labels: str) -> None:
+        self.samples.append((labels, value))
+
+    def text(self) -> str:
+        lines = [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} {self.kind}"]
+        lines += [f"{self.name}{_labels(lab)} {_number(v)}" for lab, v in self.samples]
+        return "\n".join(lines)
+
+
+def _where(key: str | None) -> dict[str, str]:
+    try:
+        loc = Location.parse(str(key))
+    except ValueError:
+        return {"cloud": "", "region": "", "zone": ""}
+    return {"cloud": loc.cloud, "region": loc.region, "zone": loc.zone}
+
+
+class Metrics:
+    """The watcher's metrics: counters fed from each pass's new history entries, gauges read from
+    the state at the end of each pass. `observe(ctl)` after a pass; `text()` any time."""
+
+    def __init__(self) -> None:
+        self._counts: Counter[tuple[str, tuple[tuple[str, str], ...]]] = Counter()
+        self._last_entry: dict[str, Any] | None = None
+        self._last_apply: object | None = None
+        self._provisioned: set[str] = set()  # replica IDs whose launch was counted (or predates us)
+        self._last_pass: float | None = None
+        self._serving_now = False
+        self.serving_seconds = 0.0
+        self.observed_seconds = 0.0
+        self._text = self._render(None)
+        self._lock = threading.Lock()
+
+    # -- from the controller's thread --------------------------------------------------------
+
+    def watch(self, ctl: Controller) -> None:
+        """Follow `ctl` from now on: what its state already holds (a restarted watcher's
+        replicas and history) is where the counters start, not something that happened."""
+        if ctl.state.history:
+            self._last_entry = ctl.state.history[-1]
+        self._provisioned = {r.id for r in ctl.state.replicas.values() if r.provisioned_at is not None}
+        self._last_apply = ctl.last_apply
+        ctl.subscribe(self.observe)
+
+    def observe(self, ctl: Controller) -> None:
+        """Take in one finished pass (a `Controller.subscribe` listener)."""
+        now = ctl.clock()
+        self._count(ctl, self._new_entries(ctl.state.history))
+        for rec in ctl.state.replicas.values():
+            if rec.provisioned_at is not None and rec.id not in self._provisioned:
+                self._provisioned.add(rec.id)
+                where = (("cloud", rec.cloud), ("region", rec.region), ("zone", rec.zone))
+                self._counts[("skyhedge_launches_total", (*where, ("market", rec.market)))] += 1
+        applied = ctl.last_apply  # kept until the next apply: a new object is a new apply
+        if applied is not None and applied is not self._last_apply:
+            result = "failed" if applied.errors else "ok"
+            self._counts[("skyhedge_applies_total", (("result", result),))] += 1
+        self._last_apply = applied
+        if self._last_pass is not None and now > self._last_pass:
+            # the time since the last pass counts as what that pass found: serving or not
+            self.observed_seconds += now - self._last_pass
+            if self._serving_now:
+                self.serving_seconds += now - self._last_pass
+        self._last_pass = now
+        target = self._target(ctl)
+        ready = sum(1 for r in ctl.state.live() if r.fact().status is ReplicaStatus.READY)
+        self._serving_now = target > 0 and ready >= target
+        text = self._render(ctl)
+        with self._lock:
+            self._text = text
+
+    def _new_entries(self, history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Entries appended since the last pass (the history is capped, so it is searched from
+        the end for the last entry seen, by identity)."""
+        start = 0
+        if self._last_entry is not None:
+            for i in range(len(history) - 1, -1, -1):
+                if history[i] is self._last_entry:
+                    start = i + 1
+                    break
+        new = history[start:]
+        if history:
+            self._last_entry = history[-1]
+        return new
+
+    def _count(self, ctl: Controller, entries: Iterable[dict[str, Any]]) -> None:
+        markets = {rid: rec.market for rid, rec in ctl.state.replicas.items()}
+        for entry in entries:
+            event = entry.get("event")
+            if event == "gone" and entry.get("reason") == "preempted":
+                where = _where(entry.get("location"))
+                market = markets.get(str(entry.get("replica_id")), "")
+                key = (*where.items(), ("market", market))
+                self._counts[("skyhedge_preemptions_total", tuple(key))] += 1
+            elif event in _EVENT_COUNTERS:
+                name = _EVENT_COUNTERS[str(event)][0]
+                self._counts[(name, tuple(_where(entry.get("location")).items()))] += 1
+
+    @staticmethod
+    def _target(ctl: Controller) -> int:
+        plan = ctl.last_plan
+        if plan is not None:
+            return plan.target
+        return ctl.state.target if ctl.state.target is not None else ctl.spec.replica_policy.min_replicas
+
+    # -- rendering ---------------------------------------------------------------------------
+
+    def _render(self, ctl: Controller | None) -> str:
+        families: list[_Family] = []
+
+        def family(name: str, kind: str, help_text: str) -> _Family:
+            fam = _Family(name, kind, help_text)
+            families.append(fam)
+            return fam
+
+        passes = family("skyhedge_passes_total", "counter", "Reconcile passes since the watcher started.")
+        passes.add(ctl.ticks if ctl is not None else 0)
+        if ctl is not None:
+            state = ctl.state
+            plan = ctl.last_plan
+            info = family("skyhedge_info", "gauge", "The watched service and its policy (always 1).")
+            info.add(
+                1,
+                service=ctl.spec.name,
+                policy=plan.policy if plan is not None else ctl.spec.replica_policy.policy,
+            )
+            last = family(
+                "skyhedge_last_pass_timestamp_seconds", "gauge", "When the last reconcile pass ended."
+            )
+            last.add(ctl.clock())
+            replicas = family(
+                "skyhedge_replicas",
+                "gauge",
+                "Live replicas by location, market and state (PROVISIONING, STARTING, READY...).",
+            )
+            per: Counter[tuple[str, str, str, str, str]] = Counter()
+            for rec in state.live():
+                per[(rec.cloud, rec.region, rec.zone, rec.market, rec.fact().status.value)] += 1
+            for (cloud, region, zone, market, status), n in sorted(per.items()):
+                replicas.add(n, cloud=cloud, region=region, zone=zone, market=market, state=status)
+            target = self._target(ctl)
+            family("skyhedge_target_replicas", "gauge", "Replicas the service must have READY.").add(target)
+            ready = sum(n for key, n in per.items() if key[4] == ReplicaStatus.READY.value)
+            family("skyhedge_ready_replicas", "gauge", "Live replicas that are READY.").add(ready)
+            family(
+                "skyhedge_serving", "gauge", "1 while at least the target number of replicas is READY."
+            ).add(1 if target > 0 and ready >= target else 0)
+            if plan is not None:
+                summary = plan.summary()
+                family(
+                    "skyhedge_hourly_cost_dollars", "gauge", "What the planned replicas cost per hour."
+                ).add(float(summary["hourly_cost"]))  # type: ignore[arg-type]
+                family(
+                    "skyhedge_ondemand_only_hourly_cost_dollars",
+                    "gauge",
+                    "What as many replicas would cost per hour on on-demand only.",
+                ).add(float(summary["ondemand_only_hourly_cost"]))  # type: ignore[arg-type]
+            qps = (state.extra.get("autoscaler") or {}).get("qps")
+            if isinstance(qps, (int, float)) and not isinstance(qps, bool):
+                family(
+                    "skyhedge_requests_per_second", "gauge", "Client requests per second through the router."
+                ).add(float(qps))
+            marked = {str(k) for k in ((state.policy_memory.get("memory") or {}).get("preempted") or [])}
+            zones = family(
+                "skyhedge_zone_marked_preempted",
+                "gauge",
+                "1 for a zone the policy currently avoids for spot (it lost capacity lately).",
+            )
+            for cand in ctl.placement.candidates:
+                loc = cand.location
+                zones.add(1 if loc.key in marked else 0, cloud=loc.cloud, region=loc.region, zone=loc.zone)
+        serving = family(
+            "skyhedge_serving_seconds_total",
+            "counter",
+            "Seconds the service was serving (READY >= target), as seen at passes.",
+        )
+        serving.add(self.serving_seconds)
+        observed = family(
+            "skyhedge_observed_seconds_total",
+            "counter",
+            "Seconds watched: availability = rate(serving_seconds) / rate(observed_seconds).",
+        )
+        observed.add(self.observed_seconds)
+        counters = {
+            "skyhedge_applies_total": "Terraform applies, by result (failed: an error other than a "
+            "refused launch).",
+            "skyhedge_preemptions_total": "Spot replicas the cloud took back, by location and market.",
+            "skyhedge_launches_total": "Replicas the cloud provisioned, by location and market.",
+            **{name: text for name, text in _EVENT_COUNTERS.values()},
+        }
+        for name, help_text in counters.items():
+            fam = family(name, "counter", help_text)
+            for (metric, labels), n in sorted(self._counts.items()):
+                if metric == name:
+                    fam.add(n, **dict(labels))
+        return "\n".join(f.text() for f in families) + "\n"
+
+    def text(self) -> str:
+        """The exposition as of the last pass (thread-safe)."""
+        with self._lock:
+            return self._text
+
+
+class MetricsServer:
+    """`GET /metrics` on `host:port`, from a daemon thread; `close()` stops it and frees the port.
+    Binding happens in the constructor, so a port in use is refused before the watcher starts."""
+
+    def __init__(self, metrics: Metrics, *, host: str = "127.0.0.1", port: int) -> None:
+        self.metrics = metrics
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 - http.server's name
+                if self.path.split("?", 1)[0] != "/metrics":
+                    self._send(404, b"not found: try /metrics\n", "text/plain; charset=utf-8")
+                    return
+                self._send(200, metrics.text().encode("utf-8"), CONTENT_TYPE)
+
+            def _send(self, status: int, body: bytes, ctype: str) -> None:
+                self.send_response(status)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - base's name
+                log.debug("metrics: " + format, *args)
+
+        server_cls = http.server.ThreadingHTTPServer
+        if ":" in host:  # an IPv6 address
+
+            class Server6(http.server.ThreadingHTTPServer):
+                address_family = socket.AF_INET6
+
+            server_cls = Server6
+        try:
+            self.server = server_cls((host, port), Handler)
+        except OSError as exc:
+            raise SkyhedgeError(
+                f"--metrics-port {port}: cannot listen on {host}:{port} ({exc.strerror or exc})"
+            ) from exc
+        self.server.daemon_threads = True
+        shown = f"[{host}]" if ":" in host else host
+        self.address = f"http://{shown}:{self.server.server_address[1]}/metrics"
+        self._thread = threading.Thread(
+            target=self.server.serve_forever, name="skyhedge-metrics", daemon=True
+        )
+        self._thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self._thread.join(timeout=5)
+
+    def __enter__(self) -> MetricsServer:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()

@@ -1,0 +1,229 @@
+"""The watcher's Prometheus metrics: what they say after real passes of the loop (against the
+fakes), that the exposition is valid text format 0.0.4, and the HTTP endpoint's behaviour."""
+
+from __future__ import annotations
+
+import re
+import socket
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+from controller_fakes import Clock, FakeExecutor, FakeProber, FakeRouter, FakeSource
+from routing_support import free_port
+
+from skyhedge.controller.loop import Controller, ControllerOptions
+from skyhedge.controller.metrics import CONTENT_TYPE, Metrics, MetricsServer, _labels
+from skyhedge.errors import SkyhedgeError
+from skyhedge.events import PreemptionEvent, Signal
+from skyhedge.spec import load_spec
+
+SPEC = """
+name: svc
+placement:
+  clouds: [local]
+  zones: [local-a, local-b, local-c]
+replica_policy: {min_replicas: 2, num_overprovision: 1, policy: spothedge}
+readiness_probe: {path: /health, initial_delay_seconds: 30}
+run: {command: "true"}
+"""
+
+SAMPLE = re.compile(
+    r'^(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)(\{(?P<labels>[a-zA-Z_][a-zA-Z0-9_]*="(?:[^"\\\n]|\\.)*"'
+    r'(?:,[a-zA-Z_][a-zA-Z0-9_]*="(?:[^"\\\n]|\\.)*")*)\})? (?P<value>-?[0-9.e+-]+|NaN|[+-]Inf)$'
+)
+
+
+def parse(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    """Strictly parse the exposition: HELP then TYPE before a family's samples, no family twice,
+    every sample line well-formed. Returns {(name, labels): value}."""
+    assert text.endswith("\n")
+    samples: dict[tuple[str, frozenset[tuple[str, str]]], float] = {}
+    typed: dict[str, str] = {}
+    current = None
+    for line in text.splitlines():
+        if line.startswith("# HELP "):
+            name = line.split()[2]
+            assert name not in typed, f"family {name} twice"
+            current = name
+        elif line.startswith("# TYPE "):
+            _, _, name, kind = line.split()
+            assert name == current and kind in ("counter", "gauge")
+            typed[name] = kind
+        else:
+            m = SAMPLE.match(line)
+            assert m, f"malformed sample line: {line!r}"
+            assert m["name"] == current, f"{m['name']} outside its family"
+            labels = frozenset(re.findall(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"', m["labels"] or ""))
+            key = (m["name"], labels)
+            assert key not in samples, f"sample {key} twice"
+            samples[key] = float(m["value"])
+    return samples
+
+
+def value(samples, name: str, **labels: str) -> float:
+    return samples[(name, frozenset(labels.items()))]
+
+
+def total(samples, name: str, **labels: str) -> float:
+    return sum(v for (n, lab), v in samples.items() if n == name and set(labels.items()) <= lab)
+
+
+@pytest.fixture
+def ctl(tmp_path: Path, write_spec) -> Controller:
+    return Controller(
+        load_spec(write_spec(SPEC)),
+        tmp_path / "state",
+        executor=FakeExecutor(),
+        router=FakeRouter(),
+        prober=FakeProber(),
+        sources=[FakeSource()],
+        clock=Clock(),
+        options=ControllerOptions(),
+    )
+
+
+def test_before_any_pass_the_metrics_are_valid_and_say_nothing_happened():
+    samples = parse(Metrics().text())
+    assert value(samples, "skyhedge_passes_total") == 0
+    assert value(samples, "skyhedge_observed_seconds_total") == 0
+
+
+def test_metrics_follow_the_fleet_through_a_preemption(ctl):
+    metrics = Metrics()
+    metrics.watch(ctl)
+    clock, source = ctl.clock, ctl.sources[0]
+    for _ in range(3):
+        ctl.tick()
+        clock.advance(10)  # type: ignore[attr-defined]
+    samples = parse(metrics.text())
+    live = ctl.state.live()
+    assert value(samples, "skyhedge_passes_total") == 3
+    assert value(samples, "skyhedge_info", service="svc", policy="spothedge") == 1
+    assert value(samples, "skyhedge_target_replicas") == 2
+    assert value(samples, "skyhedge_ready_replicas") == 3 == len(live)
+    assert value(samples, "skyhedge_serving") == 1
+    for rec in live:
+        where = {"cloud": "local", "region": "local", "zone": rec.zone, "market": "spot"}
+        assert value(samples, "skyhedge_replicas", **where, state="READY") == 1
+        assert value(samples, "skyhedge_launches_total", **where) == 1
+    # SpotHedge's on-demand fallback ran until the spot replicas were READY: launches, too
+    ever = [r for r in ctl.state.replicas.values() if r.provisioned_at is not None]
+    assert total(samples, "skyhedge_launches_total", market="spot") == 3
+    assert total(samples, "skyhedge_launches_total", market="on-demand") == len(ever) - 3 > 0
+    assert value(samples, "skyhedge_applies_total", result="ok") >= 1
+    assert total(samples, "skyhedge_preemptions_total") == 0
+    assert value(samples, "skyhedge_observed_seconds_total") == 20  # two intervals between passes
+    assert value(samples, "skyhedge_serving_seconds_total") == 10  # READY from the second pass on
+    assert value(samples, "skyhedge_hourly_cost_dollars") == 0  # the local cloud is free
+
+    victim = next(r for r in live if r.zone == "local-a")
+    source.queue.append(  # type: ignore[attr-defined]
+        PreemptionEvent(Signal.GONE, clock(), "fake", replica_id=victim.id, reason="preempted")
+    )
+    ctl.tick()
+    samples = parse(metrics.text())
+    local_a = {"cloud": "local", "region": "local", "zone": "local-a"}
+    assert value(samples, "skyhedge_preemptions_total", **local_a, market="spot") == 1
+    assert value(samples, "skyhedge_zone_marked_preempted", **local_a) == 1
+    local_b = {"cloud": "local", "region": "local", "zone": "local-b"}
+    assert value(samples, "skyhedge_zone_marked_preempted", **local_b) == 0
+    assert value(samples, "skyhedge_serving") == 1  # two READY spot replicas left: still the target
+    replacements = [r for r in ctl.state.live() if r.launched_at == clock()]
+    assert {r.market for r in replacements} == {"spot", "on-demand"}  # SpotHedge's fallback too
+    assert total(samples, "skyhedge_launches_total") == len(ever) + len(replacements)
+    assert total(samples, "skyhedge_launches_total", market="spot") == 4
+    ctl.tick()  # nothing new: counters stay, passes go on
+    again = parse(metrics.text())
+    assert value(again, "skyhedge_preemptions_total", **local_a, market="spot") == 1
+    assert value(again, "skyhedge_passes_total") == 5
+
+
+def test_label_values_are_escaped():
+    assert _labels({"a": 'x"y', "b": "c\\d", "n": "1\n2"}) == '{a="x\\"y",b="c\\\\d",n="1\\n2"}'
+
+
+def _get(url: str) -> tuple[int, str, str]:
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(url, timeout=5) as resp:
+            return resp.status, resp.headers["Content-Type"], resp.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.headers["Content-Type"], exc.read().decode()
+
+
+def test_the_endpoint_serves_metrics_404s_elsewhere_and_frees_its_port(ctl):
+    metrics = Metrics()
+    metrics.watch(ctl)
+    ctl.tick()
+    port = free_port()
+    with MetricsServer(metrics, port=port) as server:
+        assert server.address == f"http://127.0.0.1:{port}/metrics"
+        status, ctype, body = _get(server.address)
+        assert status == 200 and ctype == CONTENT_TYPE
+        assert value(parse(body), "skyhedge_passes_total") == 1
+        assert _get(f"http://127.0.0.1:{port}/")[0] == 404
+    with socket.socket() as s:  # closed: the port can be listened on again
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("127.0.0.1", port))
+        s.listen()
+
+
+def test_a_port_in_use_is_one_line_naming_the_flag():
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        message = rf"^--metrics-port {port}: cannot listen on 127.0.0.1:{port} "
+        with pytest.raises(SkyhedgeError, match=message):
+            MetricsServer(Metrics(), port=port)
+
+
+def test_a_restarted_watcher_counts_from_zero_not_its_predecessors_history(ctl):
+    first = Metrics()
+    first.watch(ctl)
+    for _ in range(3):
+        ctl.tick()
+    assert total(parse(first.text()), "skyhedge_launches_total") > 0
+    again = Metrics()  # a new watcher process over the same state
+    again.watch(ctl)
+    ctl.tick()
+    samples = parse(again.text())
+    assert total(samples, "skyhedge_launches_total") == 0
+    assert total(samples, "skyhedge_applies_total") == 0
+    assert value(samples, "skyhedge_ready_replicas") == 3  # gauges are the state as it is
+
+
+def test_watch_with_a_metrics_port_in_use_stops_before_any_pass(tmp_path, write_spec):
+    from click.testing import CliRunner
+
+    from skyhedge.cli import main
+
+    spec = write_spec(SPEC)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = CliRunner().invoke(
+            main,
+            ["watch", str(spec), "--state-dir", str(tmp_path / "st"), "--once", "--metrics-port", str(port)],
+        )
+    assert result.exit_code == 1
+    assert result.stderr.startswith(f"error: --metrics-port {port}: cannot listen on 127.0.0.1:{port} (")
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "st" / "state.json").exists()  # no pass ran
+
+
+def test_refused_launches_are_counted_per_zone(ctl):
+    metrics = Metrics()
+    metrics.watch(ctl)
+    ctl.executor.refuse_zones = {"local-a"}  # type: ignore[attr-defined]
+    for _ in range(3):
+        ctl.tick()
+        ctl.clock.advance(1)  # type: ignore[attr-defined]
+    samples = parse(metrics.text())
+    local_a = {"cloud": "local", "region": "local", "zone": "local-a"}
+    assert value(samples, "skyhedge_launch_failures_total", **local_a) >= 1
+    assert total(samples, "skyhedge_launches_total", zone="local-a", market="spot") == 0
+    assert value(samples, "skyhedge_zone_marked_preempted", **local_a) == 1
