@@ -290,6 +290,10 @@ def test_preemption_under_load_is_replaced_in_another_zone(service):
     )
     assert ready == samples[("skyhedge_ready_replicas", frozenset())] >= 3
     assert samples[("skyhedge_serving_seconds_total", frozenset())] > 0
+    from skyhedge.controller import presence
+
+    record = presence.read(service.state_dir)
+    assert record is not None and record.metrics == url  # `status` shows where they are
 
 
 def _tf_replicas(state_dir: Path) -> set[str]:

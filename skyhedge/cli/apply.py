@@ -300,5 +300,7 @@ def status(spec: Path, state_dir: Path | None, as_json: bool, include_gone: bool
             f"Watcher: pid {watcher.pid} since {since} ({watcher.mode}; {watcher.spec}, "
             f"spec reloads: {watcher.reload})"
         )
+        if watcher.metrics:
+            console.print(f"  metrics: {watcher.metrics}")
         if watcher.last_reload:
             console.print(f"  last spec reload: {watcher.last_reload.get('text', '')}")

@@ -58,7 +58,7 @@ _metrics_host = click.option(
 
 
 @contextlib.contextmanager
-def _metrics(controller: Any, host: str, port: int | None) -> Iterator[None]:
+def _metrics(watcher: Any, host: str, port: int | None) -> Iterator[None]:
     """Serve the watcher's metrics while it runs (nothing without --metrics-port)."""
     if port is None:
         yield
@@ -67,7 +67,8 @@ def _metrics(controller: Any, host: str, port: int | None) -> Iterator[None]:
 
     metrics = Metrics()
     server = MetricsServer(metrics, host=host, port=port)
-    metrics.watch(controller)
+    metrics.watch(watcher.controller)
+    watcher.metrics_url = server.address  # `status` shows it
     err_console.print(f"metrics at {server.address}")
     try:
         yield
@@ -160,7 +161,7 @@ def watch(
             reload_on_change=not no_spec_reload,
             reload_on_request=not no_spec_reload,
         ) as watcher,
-        _metrics(watcher.controller, metrics_host, metrics_port),
+        _metrics(watcher, metrics_host, metrics_port),
     ):
         mode = f"gitops into {gitops}" if gitops else "applying with Terraform"
         err_console.print(
@@ -238,7 +239,7 @@ def up(
             # under the dashboard a hangup is the terminal going away: stop (SIGHUP's default)
             reload_on_hangup=no_dashboard,
         ) as watcher,
-        _metrics(watcher.controller, metrics_host, metrics_port),
+        _metrics(watcher, metrics_host, metrics_port),
     ):
         ctl = watcher.controller
         assert ctl is not None

@@ -62,6 +62,8 @@ class WatcherRecord:
     process_start: str | None = None
     #: the last reload's outcome: {"at", "outcome": taken|unchanged|refused|failed, "text"}
     last_reload: dict[str, Any] | None = field(default=None)
+    #: where it serves Prometheus metrics (`--metrics-port`), or None
+    metrics: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -106,6 +108,7 @@ def _read_file(path: Path) -> WatcherRecord | None:
             reload=str(data["reload"]),
             process_start=data.get("process_start"),
             last_reload=data.get("last_reload") if isinstance(data.get("last_reload"), dict) else None,
+            metrics=data["metrics"] if isinstance(data.get("metrics"), str) else None,
         )
     except (OSError, ValueError, KeyError, TypeError):
         return None

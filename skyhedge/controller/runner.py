@@ -192,6 +192,7 @@ class Watcher:
         self._reload_asks = 0  # requests so far (a counter: one arriving mid-check is not lost)
         self._reloads_seen = 0
         self._record: presence.WatcherRecord | None = None  # <state dir>/watcher.json while running
+        self.metrics_url: str | None = None  # announced in watcher.json when metrics are served
         self._reloaded: list[Callable[[ServiceSpec, Placement], None]] = []
         self._watching = False  # sources deliver wake-ups (run() started them)
 
@@ -503,6 +504,7 @@ class Watcher:
             mode="gitops" if self.gitops is not None else "apply",
             reload=how,
             process_start=presence.process_start(pid),
+            metrics=self.metrics_url,
         )
         try:
             presence.write(self.state_dir, record)
