@@ -207,7 +207,16 @@ def test_watch_with_a_metrics_port_in_use_stops_before_any_pass(tmp_path, write_
         port = busy.getsockname()[1]
         result = CliRunner().invoke(
             main,
-            ["watch", str(spec), "--state-dir", str(tmp_path / "st"), "--once", "--metrics-port", str(port)],
+            [
+                "watch",
+                str(spec),
+                "--state-dir",
+                str(tmp_path / "st"),
+                "--once",
+                "--no-routing",
+                "--metrics-port",
+                str(port),
+            ],
         )
     assert result.exit_code == 1
     assert result.stderr.startswith(f"error: --metrics-port {port}: cannot listen on 127.0.0.1:{port} (")
@@ -227,3 +236,89 @@ def test_refused_launches_are_counted_per_zone(ctl):
     assert value(samples, "skyhedge_launch_failures_total", **local_a) >= 1
     assert total(samples, "skyhedge_launches_total", zone="local-a", market="spot") == 0
     assert value(samples, "skyhedge_zone_marked_preempted", **local_a) == 1
+
+
+def test_a_failing_listener_does_not_fail_the_pass(ctl, caplog):
+    def broken(_ctl: Controller) -> None:
+        raise RuntimeError("metrics bug")
+
+    ctl.subscribe(broken)
+    metrics = Metrics()
+    metrics.watch(ctl)  # subscribed after the broken one: still called
+    delay = ctl.tick()
+    assert delay > 0 and len(ctl.state.live()) == 5  # 3 spot + SpotHedge's 2 on-demand stand-ins
+    assert value(parse(metrics.text()), "skyhedge_passes_total") == 1
+    assert "a listener of the reconcile pass failed" in caplog.text
+
+
+def test_metrics_host_without_a_port_is_a_usage_error(tmp_path, write_spec):
+    from click.testing import CliRunner
+
+    from skyhedge.cli import main
+
+    result = CliRunner().invoke(main, ["watch", str(write_spec(SPEC)), "--metrics-host", "0.0.0.0"])
+    assert result.exit_code == 1
+    assert "--metrics-host is where --metrics-port listens: give --metrics-port too" in result.stderr
+
+
+def test_an_ipv6_host_in_brackets_is_served_and_shown_in_brackets():
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6 here")
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        pytest.skip("no ::1 here")
+    with MetricsServer(Metrics(), host="[::1]", port=0) as server:
+        assert re.fullmatch(r"http://\[::1\]:\d+/metrics", server.address)
+        assert _get(server.address)[0] == 200
+
+
+def test_an_interruption_warning_counts_once_as_a_warning_and_once_as_a_preemption(tmp_path, write_spec):
+    """AWS's two-minute notice: the replica is replaced at once (a preemption for the policy) and
+    then taken (gone, ending as planned): one preemption, one warning, never two."""
+    aws_like = Controller(
+        load_spec(write_spec(SPEC)),
+        tmp_path / "state",
+        executor=FakeExecutor(),
+        router=FakeRouter(),
+        prober=FakeProber(),
+        sources=[FakeSource()],
+        clock=Clock(),
+        options=ControllerOptions(),
+    )
+    metrics = Metrics()
+    metrics.watch(aws_like)
+    clock, source = aws_like.clock, aws_like.sources[0]
+    for _ in range(3):
+        aws_like.tick()
+        clock.advance(10)  # type: ignore[attr-defined]
+    victim = next(r for r in aws_like.state.live() if r.zone == "local-b")
+    source.queue.append(PreemptionEvent(Signal.WARNING, clock(), "fake", replica_id=victim.id))  # type: ignore[attr-defined]
+    aws_like.tick()
+    clock.advance(60)  # type: ignore[attr-defined]
+    source.queue.append(  # type: ignore[attr-defined]
+        PreemptionEvent(Signal.GONE, clock(), "fake", replica_id=victim.id, reason="preempted")
+    )
+    aws_like.tick()
+    samples = parse(metrics.text())
+    local_b = {"cloud": "local", "region": "local", "zone": "local-b"}
+    assert value(samples, "skyhedge_preemptions_total", **local_b, market="spot") == 1
+    assert value(samples, "skyhedge_interruption_warnings_total", **local_b, kind="interruption") == 1
+    assert total(samples, "skyhedge_preemptions_total") == 1
+
+
+def test_every_zone_shows_every_series_from_the_start(ctl):
+    metrics = Metrics()
+    metrics.watch(ctl)
+    ctl.tick()
+    samples = parse(metrics.text())
+    for zone in ("local-a", "local-b", "local-c"):
+        where = {"cloud": "local", "region": "local", "zone": zone}
+        assert value(samples, "skyhedge_preemptions_total", **where, market="spot") == 0
+        assert value(samples, "skyhedge_launch_failures_total", **where) == 0
+        assert (
+            "skyhedge_replicas",
+            frozenset({**where, "market": "on-demand", "state": "NOT_READY"}.items()),
+        ) in samples
+    assert value(samples, "skyhedge_applies_total", result="failed") == 0

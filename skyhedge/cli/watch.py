@@ -57,6 +57,12 @@ _metrics_host = click.option(
 )
 
 
+def _check_metrics_flags(port: int | None) -> None:
+    source = click.get_current_context().get_parameter_source("metrics_host")
+    if port is None and source is not None and source.name != "DEFAULT":
+        raise click.UsageError("--metrics-host is where --metrics-port listens: give --metrics-port too")
+
+
 @contextlib.contextmanager
 def _metrics(watcher: Any, host: str, port: int | None) -> Iterator[None]:
     """Serve the watcher's metrics while it runs (nothing without --metrics-port)."""
@@ -145,6 +151,7 @@ def watch(
     """Keep SPEC's service up on spot capacity: react to preemptions, re-plan, apply, route."""
     from skyhedge.controller.runner import Watcher
 
+    _check_metrics_flags(metrics_port)
     service, sdir = _load(spec, state_dir)
     options = ControllerOptions(interval=interval, policy=policy)
     with (
@@ -216,6 +223,7 @@ def up(
     source = click.get_current_context().get_parameter_source("speedup")
     if market_trace is None and source is not None and source.name != "DEFAULT":
         raise click.UsageError("--speedup paces a --market-trace replay; give one, or drop --speedup")
+    _check_metrics_flags(metrics_port)
     service, sdir = _load(spec, state_dir)
     try:
         sdir.mkdir(parents=True, exist_ok=True)

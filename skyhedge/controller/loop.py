@@ -305,7 +305,10 @@ class Controller:
                 log.debug("closing event source %s: %s", source.name, exc)
         self._retiring = []
         for listener in self._listeners:
-            listener(self)
+            try:
+                listener(self)
+            except Exception:  # a dashboard or metrics bug must not cost the pass its result
+                log.exception("%s: a listener of the reconcile pass failed", self.spec.name)
         return self._next_delay()
 
     def _poll(self, now: float) -> list[PreemptionEvent]:

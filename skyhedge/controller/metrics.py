@@ -31,17 +31,39 @@ log = logging.getLogger("skyhedge.controller")
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
-#: History event -> (counter, help). Each counts one entry per replica (or per apply).
-_EVENT_COUNTERS = {
-    "launch_failed": (
-        "skyhedge_launch_failures_total",
-        "Launches a zone refused (no capacity, quota) or that failed.",
+#: The counters: name -> (help, label names). Every series a placement zone can have is shown
+#: from the start at 0, so `increase()` sees the first event in a zone too.
+_COUNTERS = {
+    "skyhedge_launches_total": (
+        "Replicas the cloud provisioned, by location and market.",
+        ("cloud", "region", "zone", "market"),
     ),
-    "warning": (
-        "skyhedge_interruption_warnings_total",
-        "Interruption warnings and rebalance recommendations received.",
+    "skyhedge_preemptions_total": (
+        "Spot replicas the cloud took back or warned it would take, by location.",
+        ("cloud", "region", "zone", "market"),
+    ),
+    "skyhedge_launch_failures_total": (
+        "Spot launches a zone refused (no capacity, quota), by location.",
+        ("cloud", "region", "zone"),
+    ),
+    "skyhedge_interruption_warnings_total": (
+        "AWS interruption warnings (kind=interruption) and rebalance recommendations (kind=rebalance).",
+        ("cloud", "region", "zone", "kind"),
+    ),
+    "skyhedge_applies_total": (
+        "Terraform applies (GitOps: commits) that changed something, by result (failed: an error "
+        "other than a refused launch).",
+        ("result",),
     ),
 }
+#: The live replica states `skyhedge_replicas` shows (0 included).
+_LIVE_STATES = (
+    ReplicaStatus.PROVISIONING,
+    ReplicaStatus.STARTING,
+    ReplicaStatus.READY,
+    ReplicaStatus.NOT_READY,
+    ReplicaStatus.SHUTTING_DOWN,
+)
 
 
 def _escape(value: str) -> str:
@@ -82,6 +104,31 @@ class _Family:
         return "\n".join(lines)
 
 
+def _series(name: str, labels: Mapping[str, str]) -> tuple[str, tuple[tuple[str, str], ...]]:
+    return name, tuple((k, labels[k]) for k in _COUNTERS[name][1])
+
+
+def _zero_series(ctl: Controller) -> list[tuple[str, tuple[tuple[str, str], ...]]]:
+    """The counter series every placement zone has from the start (at 0)."""
+    out = [_series("skyhedge_applies_total", {"result": r}) for r in ("ok", "failed")]
+    for cand in ctl.placement.candidates:
+        where = {"cloud": cand.location.cloud, "region": cand.location.region, "zone": cand.location.zone}
+        out += [_series("skyhedge_launches_total", {**where, "market": m}) for m in ("spot", "on-demand")]
+        out.append(_series("skyhedge_preemptions_total", {**where, "market": "spot"}))
+        out.append(_series("skyhedge_launch_failures_total", where))
+        if cand.location.cloud == "aws":  # the only cloud that sends them
+            out += [
+                _series("skyhedge_interruption_warnings_total", {**where, "kind": k})
+                for k in ("interruption", "rebalance")
+            ]
+    return out
+
+
+def _warned_ids(ctl: Controller) -> list[str]:
+    table = ctl.state.extra.get("warned")
+    return [str(k) for k in table] if isinstance(table, dict) else []
+
+
 def _where(key: str | None) -> dict[str, str]:
     try:
         loc = Location.parse(str(key))
@@ -99,6 +146,7 @@ class Metrics:
         self._last_entry: dict[str, Any] | None = None
         self._last_apply: object | None = None
         self._provisioned: set[str] = set()  # replica IDs whose launch was counted (or predates us)
+        self._warned: set[str] = set()  # replica IDs whose interruption warning was counted
         self._last_pass: float | None = None
         self._serving_now = False
         self.serving_seconds = 0.0
@@ -114,6 +162,7 @@ class Metrics:
         if ctl.state.history:
             self._last_entry = ctl.state.history[-1]
         self._provisioned = {r.id for r in ctl.state.replicas.values() if r.provisioned_at is not None}
+        self._warned = set(_warned_ids(ctl))
         self._last_apply = ctl.last_apply
         ctl.subscribe(self.observe)
 
@@ -124,12 +173,27 @@ class Metrics:
         for rec in ctl.state.replicas.values():
             if rec.provisioned_at is not None and rec.id not in self._provisioned:
                 self._provisioned.add(rec.id)
-                where = (("cloud", rec.cloud), ("region", rec.region), ("zone", rec.zone))
-                self._counts[("skyhedge_launches_total", (*where, ("market", rec.market)))] += 1
+                self._add(
+                    "skyhedge_launches_total",
+                    cloud=rec.cloud,
+                    region=rec.region,
+                    zone=rec.zone,
+                    market=rec.market,
+                )
+        for rid in _warned_ids(ctl):
+            rec = ctl.state.replicas.get(rid)
+            if rid not in self._warned and rec is not None:
+                self._warned.add(rid)
+                self._add(
+                    "skyhedge_interruption_warnings_total",
+                    cloud=rec.cloud,
+                    region=rec.region,
+                    zone=rec.zone,
+                    kind="interruption",
+                )
         applied = ctl.last_apply  # kept until the next apply: a new object is a new apply
-        if applied is not None and applied is not self._last_apply:
-            result = "failed" if applied.errors else "ok"
-            self._counts[("skyhedge_applies_total", (("result", result),))] += 1
+        if applied is not None and applied is not self._last_apply and (applied.applied or applied.errors):
+            self._add("skyhedge_applies_total", result="failed" if applied.errors else "ok")
         self._last_apply = applied
         if self._last_pass is not None and now > self._last_pass:
             # the time since the last pass counts as what that pass found: serving or not
@@ -158,18 +222,23 @@ class Metrics:
             self._last_entry = history[-1]
         return new
 
+    def _add(self, name: str, **labels: str) -> None:
+        self._counts[_series(name, labels)] += 1
+
     def _count(self, ctl: Controller, entries: Iterable[dict[str, Any]]) -> None:
+        """Counters from the zone events the pass recorded: exactly one `preempted` event with a
+        replica ID per replica taken (at its warning, or when it went without one), one
+        `launch_failed` per refused launch, one `warning` per rebalance recommendation."""
         markets = {rid: rec.market for rid, rec in ctl.state.replicas.items()}
         for entry in entries:
-            event = entry.get("event")
-            if event == "gone" and entry.get("reason") == "preempted":
-                where = _where(entry.get("location"))
-                market = markets.get(str(entry.get("replica_id")), "")
-                key = (*where.items(), ("market", market))
-                self._counts[("skyhedge_preemptions_total", tuple(key))] += 1
-            elif event in _EVENT_COUNTERS:
-                name = _EVENT_COUNTERS[str(event)][0]
-                self._counts[(name, tuple(_where(entry.get("location")).items()))] += 1
+            event, rid = entry.get("event"), entry.get("replica_id")
+            where = _where(entry.get("location"))
+            if event == "preempted" and rid is not None:
+                self._add("skyhedge_preemptions_total", **where, market=markets.get(str(rid), "spot"))
+            elif event == "launch_failed":
+                self._add("skyhedge_launch_failures_total", **where)
+            elif event == "warning":
+                self._add("skyhedge_interruption_warnings_total", **where, kind="rebalance")
 
     @staticmethod
     def _target(ctl: Controller) -> int:
@@ -209,6 +278,11 @@ class Metrics:
                 "Live replicas by location, market and state (PROVISIONING, STARTING, READY...).",
             )
             per: Counter[tuple[str, str, str, str, str]] = Counter()
+            for cand in ctl.placement.candidates:  # every zone, market and state, 0 included
+                loc = cand.location
+                for market in ("spot", "on-demand"):
+                    for status in _LIVE_STATES:
+                        per[(loc.cloud, loc.region, loc.zone, market, status.value)] += 0
             for rec in state.live():
                 per[(rec.cloud, rec.region, rec.zone, rec.market, rec.fact().status.value)] += 1
             for (cloud, region, zone, market, status), n in sorted(per.items()):
@@ -256,16 +330,12 @@ class Metrics:
             "Seconds watched: availability = rate(serving_seconds) / rate(observed_seconds).",
         )
         observed.add(self.observed_seconds)
-        counters = {
-            "skyhedge_applies_total": "Terraform applies, by result (failed: an error other than a "
-            "refused launch).",
-            "skyhedge_preemptions_total": "Spot replicas the cloud took back, by location and market.",
-            "skyhedge_launches_total": "Replicas the cloud provisioned, by location and market.",
-            **{name: text for name, text in _EVENT_COUNTERS.values()},
-        }
-        for name, help_text in counters.items():
+        counts = Counter(self._counts)
+        for key in _zero_series(ctl) if ctl is not None else ():
+            counts[key] += 0
+        for name, (help_text, _) in _COUNTERS.items():
             fam = family(name, "counter", help_text)
-            for (metric, labels), n in sorted(self._counts.items()):
+            for (metric, labels), n in sorted(counts.items()):
                 if metric == name:
                     fam.add(n, **dict(labels))
         return "\n".join(f.text() for f in families) + "\n"
@@ -297,24 +367,26 @@ class MetricsServer:
                 self.end_headers()
                 self.wfile.write(body)
 
+            timeout = 10  # a client that connects and says nothing does not hold a thread for ever
+
             def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - base's name
                 log.debug("metrics: " + format, *args)
 
-        server_cls = http.server.ThreadingHTTPServer
-        if ":" in host:  # an IPv6 address
+        bare = host.strip("[]")  # "[::1]" as in a URL
 
-            class Server6(http.server.ThreadingHTTPServer):
-                address_family = socket.AF_INET6
+        class Server(http.server.ThreadingHTTPServer):
+            address_family = socket.AF_INET
 
-            server_cls = Server6
-        try:
-            self.server = server_cls((host, port), Handler)
+        try:  # the address family of what the host names (an IPv6 address or an IPv6-only name)
+            found = socket.getaddrinfo(bare, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+            Server.address_family = found[0][0]
+            self.server = Server((bare, port), Handler)
         except OSError as exc:
             raise SkyhedgeError(
                 f"--metrics-port {port}: cannot listen on {host}:{port} ({exc.strerror or exc})"
             ) from exc
         self.server.daemon_threads = True
-        shown = f"[{host}]" if ":" in host else host
+        shown = f"[{bare}]" if ":" in bare else bare
         self.address = f"http://{shown}:{self.server.server_address[1]}/metrics"
         self._thread = threading.Thread(
             target=self.server.serve_forever, name="skyhedge-metrics", daemon=True
