@@ -1,0 +1,80 @@
+"""examples/monitoring stays true: the alert rules use only metrics the watcher serves, and the
+systemd unit's command line is one `skyhedge watch` accepts."""
+
+from __future__ import annotations
+
+import configparser
+import re
+import shlex
+from pathlib import Path
+
+import yaml
+from controller_fakes import Clock, FakeExecutor, FakeProber, FakeRouter, FakeSource
+
+from skyhedge.cli import main
+from skyhedge.controller.loop import Controller, ControllerOptions
+from skyhedge.controller.metrics import Metrics
+from skyhedge.spec import load_spec
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "monitoring"
+AWS_SPEC = """
+name: svc
+placement: {clouds: [aws], regions: [us-east-1]}
+resources: {accelerators: "L4:1"}
+replica_policy: {min_replicas: 2}
+run: {image: "vllm/vllm-openai:v0.6.3"}
+"""
+
+
+def served_families(tmp_path: Path, write_spec) -> set[str]:
+    """The metric families a watcher of an AWS service serves after a pass."""
+    ctl = Controller(
+        load_spec(write_spec(AWS_SPEC)),
+        tmp_path / "state",
+        executor=FakeExecutor(),
+        router=FakeRouter(),
+        prober=FakeProber(),
+        sources=[FakeSource()],
+        clock=Clock(),
+        options=ControllerOptions(),
+    )
+    metrics = Metrics()
+    metrics.watch(ctl)
+    ctl.tick()
+    return set(re.findall(r"^# TYPE (\S+) ", metrics.text(), flags=re.M))
+
+
+def test_every_metric_an_alert_uses_is_served(tmp_path, write_spec):
+    rules = yaml.safe_load((EXAMPLE / "alerts.yml").read_text())["groups"][0]["rules"]
+    assert len(rules) >= 5
+    served = served_families(tmp_path, write_spec)
+    for rule in rules:
+        assert rule["alert"].startswith("Skyhedge") and rule["annotations"]["summary"]
+        used = set(re.findall(r"\bskyhedge_[a-z_]+\b", rule["expr"]))
+        assert used <= served, (rule["alert"], used - served)
+    assert {"skyhedge_serving", "skyhedge_last_pass_timestamp_seconds"} <= {
+        m for rule in rules for m in re.findall(r"\bskyhedge_[a-z_]+\b", rule["expr"])
+    }
+
+
+def test_the_scrape_config_loads_the_rules_and_targets_the_units_port():
+    config = yaml.safe_load((EXAMPLE / "prometheus.yml").read_text())
+    assert config["rule_files"] == ["alerts.yml"]
+    [job] = config["scrape_configs"]
+    assert job["job_name"] == "skyhedge"  # the name SkyhedgeWatcherDown selects
+    assert job["static_configs"][0]["targets"] == ["127.0.0.1:9464"]
+    assert 'up{job="skyhedge"}' in (EXAMPLE / "alerts.yml").read_text()
+
+
+def test_the_systemd_units_command_is_one_skyhedge_watch_accepts():
+    unit = configparser.ConfigParser(interpolation=None, strict=False)
+    unit.optionxform = str  # type: ignore[assignment,method-assign]
+    unit.read_string((EXAMPLE / "skyhedge-watch.service").read_text())
+    argv = shlex.split(unit["Service"]["ExecStart"])
+    assert Path(argv[0]).name == "skyhedge" and argv[1] == "watch"
+    command = main.commands["watch"]  # type: ignore[attr-defined]
+    ctx = command.make_context("watch", argv[2:], resilient_parsing=False)
+    assert ctx.params["metrics_port"] == 9464
+    assert ctx.params["state_dir"] == Path("/srv/skyhedge/state")
+    assert unit["Service"]["KillMode"] == "process"  # the router outlives a restart
+    assert unit["Service"]["ExecReload"] == "/bin/kill -HUP $MAINPID"
