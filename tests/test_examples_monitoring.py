@@ -50,6 +50,8 @@ def test_every_metric_an_alert_uses_is_served(tmp_path, write_spec):
     served = served_families(tmp_path, write_spec)
     for rule in rules:
         assert rule["alert"].startswith("Skyhedge") and rule["annotations"]["summary"]
+        # only skyhedge_info carries the service's name: the others are told apart by instance
+        assert "$labels.service" not in rule["annotations"]["summary"], rule["alert"]
         used = set(re.findall(r"\bskyhedge_[a-z_]+\b", rule["expr"]))
         assert used <= served, (rule["alert"], used - served)
     assert {"skyhedge_serving", "skyhedge_last_pass_timestamp_seconds"} <= {
