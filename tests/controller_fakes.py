@@ -6,12 +6,15 @@ Each records its calls and can be told to fail, so tests assert what the control
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
+from skyhedge.controller.loop import Controller, ControllerOptions
 from skyhedge.controller.ports import ExecResult, root_key
 from skyhedge.errors import RoutingError
 from skyhedge.events import EventSource, PreemptionEvent
 from skyhedge.planner import DELETE, Plan
 from skyhedge.policy.types import EventKind, ZoneEvent
+from skyhedge.spec import ServiceSpec
 from skyhedge.state import ReplicaRecord, ServiceState
 
 #: A local-cloud service of one replica, for tests of the watcher around the loop.
@@ -150,3 +153,17 @@ class FakeSource(EventSource):
 
     def ack(self) -> None:
         self.acked += 1
+
+
+def fake_controller(spec: ServiceSpec, state_dir: Path, **options: object) -> Controller:
+    """A controller of `spec` over all the fakes (one FakeSource; a Clock at 1000)."""
+    return Controller(
+        spec,
+        state_dir,
+        executor=FakeExecutor(),
+        router=FakeRouter(),
+        prober=FakeProber(),
+        sources=[FakeSource()],
+        clock=Clock(),
+        options=ControllerOptions(**options),  # type: ignore[arg-type]
+    )

@@ -10,10 +10,10 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from controller_fakes import Clock, FakeExecutor, FakeProber, FakeRouter, FakeSource
+from controller_fakes import fake_controller
 from routing_support import free_port
 
-from skyhedge.controller.loop import Controller, ControllerOptions
+from skyhedge.controller.loop import Controller
 from skyhedge.controller.metrics import CONTENT_TYPE, Metrics, MetricsServer, _labels
 from skyhedge.errors import SkyhedgeError
 from skyhedge.events import PreemptionEvent, Signal
@@ -70,18 +70,14 @@ def total(samples, name: str, **labels: str) -> float:
     return sum(v for (n, lab), v in samples.items() if n == name and set(labels.items()) <= lab)
 
 
+def send(ctl: Controller, event: PreemptionEvent) -> None:
+    """What the controller's (fake) event source reports at its next poll."""
+    ctl.sources[0].queue.append(event)  # type: ignore[attr-defined]
+
+
 @pytest.fixture
 def ctl(tmp_path: Path, write_spec) -> Controller:
-    return Controller(
-        load_spec(write_spec(SPEC)),
-        tmp_path / "state",
-        executor=FakeExecutor(),
-        router=FakeRouter(),
-        prober=FakeProber(),
-        sources=[FakeSource()],
-        clock=Clock(),
-        options=ControllerOptions(),
-    )
+    return fake_controller(load_spec(write_spec(SPEC)), tmp_path / "state")
 
 
 def test_before_any_pass_the_metrics_are_valid_and_say_nothing_happened():
@@ -93,7 +89,7 @@ def test_before_any_pass_the_metrics_are_valid_and_say_nothing_happened():
 def test_metrics_follow_the_fleet_through_a_preemption(ctl):
     metrics = Metrics()
     metrics.watch(ctl)
-    clock, source = ctl.clock, ctl.sources[0]
+    clock = ctl.clock
     for _ in range(3):
         ctl.tick()
         clock.advance(10)  # type: ignore[attr-defined]
@@ -119,9 +115,7 @@ def test_metrics_follow_the_fleet_through_a_preemption(ctl):
     assert value(samples, "skyhedge_hourly_cost_dollars") == 0  # the local cloud is free
 
     victim = next(r for r in live if r.zone == "local-a")
-    source.queue.append(  # type: ignore[attr-defined]
-        PreemptionEvent(Signal.GONE, clock(), "fake", replica_id=victim.id, reason="preempted")
-    )
+    send(ctl, PreemptionEvent(Signal.GONE, clock(), "fake", replica_id=victim.id, reason="preempted"))
     ctl.tick()
     samples = parse(metrics.text())
     local_a = {"cloud": "local", "region": "local", "zone": "local-a"}
@@ -274,33 +268,20 @@ def test_an_ipv6_host_in_brackets_is_served_and_shown_in_brackets():
         assert _get(server.address)[0] == 200
 
 
-def test_an_interruption_warning_counts_once_as_a_warning_and_once_as_a_preemption(tmp_path, write_spec):
+def test_an_interruption_warning_counts_once_as_a_warning_and_once_as_a_preemption(ctl):
     """AWS's two-minute notice: the replica is replaced at once (a preemption for the policy) and
     then taken (gone, ending as planned): one preemption, one warning, never two."""
-    aws_like = Controller(
-        load_spec(write_spec(SPEC)),
-        tmp_path / "state",
-        executor=FakeExecutor(),
-        router=FakeRouter(),
-        prober=FakeProber(),
-        sources=[FakeSource()],
-        clock=Clock(),
-        options=ControllerOptions(),
-    )
     metrics = Metrics()
-    metrics.watch(aws_like)
-    clock, source = aws_like.clock, aws_like.sources[0]
+    metrics.watch(ctl)
     for _ in range(3):
-        aws_like.tick()
-        clock.advance(10)  # type: ignore[attr-defined]
-    victim = next(r for r in aws_like.state.live() if r.zone == "local-b")
-    source.queue.append(PreemptionEvent(Signal.WARNING, clock(), "fake", replica_id=victim.id))  # type: ignore[attr-defined]
-    aws_like.tick()
-    clock.advance(60)  # type: ignore[attr-defined]
-    source.queue.append(  # type: ignore[attr-defined]
-        PreemptionEvent(Signal.GONE, clock(), "fake", replica_id=victim.id, reason="preempted")
-    )
-    aws_like.tick()
+        ctl.tick()
+        ctl.clock.advance(10)  # type: ignore[attr-defined]
+    victim = next(r for r in ctl.state.live() if r.zone == "local-b")
+    send(ctl, PreemptionEvent(Signal.WARNING, ctl.clock(), "fake", replica_id=victim.id))
+    ctl.tick()
+    ctl.clock.advance(60)  # type: ignore[attr-defined]
+    send(ctl, PreemptionEvent(Signal.GONE, ctl.clock(), "fake", replica_id=victim.id, reason="preempted"))
+    ctl.tick()
     samples = parse(metrics.text())
     local_b = {"cloud": "local", "region": "local", "zone": "local-b"}
     assert value(samples, "skyhedge_preemptions_total", **local_b, market="spot") == 1

@@ -9,10 +9,9 @@ import shlex
 from pathlib import Path
 
 import yaml
-from controller_fakes import Clock, FakeExecutor, FakeProber, FakeRouter, FakeSource
+from controller_fakes import fake_controller
 
 from skyhedge.cli import main
-from skyhedge.controller.loop import Controller, ControllerOptions
 from skyhedge.controller.metrics import Metrics
 from skyhedge.spec import load_spec
 
@@ -28,16 +27,7 @@ run: {image: "vllm/vllm-openai:v0.6.3"}
 
 def served_families(tmp_path: Path, write_spec) -> set[str]:
     """The metric families a watcher of an AWS service serves after a pass."""
-    ctl = Controller(
-        load_spec(write_spec(AWS_SPEC)),
-        tmp_path / "state",
-        executor=FakeExecutor(),
-        router=FakeRouter(),
-        prober=FakeProber(),
-        sources=[FakeSource()],
-        clock=Clock(),
-        options=ControllerOptions(),
-    )
+    ctl = fake_controller(load_spec(write_spec(AWS_SPEC)), tmp_path / "state")
     metrics = Metrics()
     metrics.watch(ctl)
     ctl.tick()
