@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 import subprocess
@@ -37,6 +38,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from skyhedge.errors import EngineError, InsufficientCapacity
+
+log = logging.getLogger("skyhedge.engine")
 
 __all__ = [
     "CAPACITY_MARKERS",
@@ -225,30 +228,79 @@ class Completed:
     stderr: str
 
 
+def _local_state_path(root: TerraformRoot) -> Path | None:
+    for item in root.backend_config:
+        if item.startswith("path="):
+            return Path(item[len("path=") :])
+    return None
+
+
+def restore_cut_short_state(root: TerraformRoot) -> str | None:
+    """Put back the root's local state when a write of it was cut short; returns what was done.
+
+    Terraform rewrites its local state file in place (truncate, then write) several times during
+    an apply, so a `kill -9` (power loss, OOM killer) at the wrong millisecond leaves it empty.
+    Read as "no state", every replica would be created again, healthy ones included (measured: a
+    watcher killed so, restarted, took the local example down to 0 READY replicas). Terraform
+    also keeps `<path>.backup`, the state as it was before that run's first write: restoring it
+    loses only what the interrupted run itself created, which the next apply reconciles. An empty
+    file is never a state Terraform wrote on purpose (even "nothing" is a JSON document)."""
+    path = _local_state_path(root)
+    if path is None:
+        return None
+    backup = path.with_name(path.name + ".backup")
+    try:
+        if path.read_text(encoding="utf-8").strip():
+            return None
+        saved = backup.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return None
+    try:
+        doc = json.loads(saved)
+    except ValueError:
+        return None
+    if not isinstance(doc, dict) or "version" not in doc:
+        return None
+    tmp = path.with_name(f".{path.name}.restore-{os.getpid()}")
+    try:
+        tmp.write_text(saved, encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise EngineError(  # going on would create every replica again
+            f"{root.name}: Terraform's state {path} is empty (a write cut short) and could not be "
+            f"restored from {backup} ({exc.strerror or exc}); copy it back by hand",
+            root=root.name,
+        ) from exc
+    return (
+        f"{root.name}: Terraform's state {path} was empty (a write cut short, e.g. a kill -9 mid-apply); "
+        f"restored it from {backup}"
+    )
+
+
 def local_state_problem(root: TerraformRoot) -> str | None:
     """What is wrong with the root's local state file (`-backend-config=path=...`), if anything.
 
     Terraform reports a state file it cannot parse as "Error acquiring the state lock", with advice
     to force-unlock: the wrong lead. Checked before every command that reads the state."""
-    for item in root.backend_config:
-        if not item.startswith("path="):
-            continue
-        path = Path(item[len("path=") :])
-        try:
-            text = path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            return None
-        except (OSError, UnicodeDecodeError) as exc:
-            return f"{root.name}: cannot read Terraform's state {path} ({exc})"
-        if not text.strip():
-            return None
-        try:
-            json.loads(text)
-        except ValueError as exc:
-            return (
-                f"{root.name}: Terraform's state {path} is not valid JSON ({exc}); restore it from "
-                f"{path}.backup if that is intact, or remove it only if nothing it tracked still runs"
-            )
+    path = _local_state_path(root)
+    if path is None:
+        return None
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError) as exc:
+        return f"{root.name}: cannot read Terraform's state {path} ({exc})"
+    if not text.strip():
+        return None
+    try:
+        json.loads(text)
+    except ValueError as exc:
+        return (
+            f"{root.name}: Terraform's state {path} is not valid JSON ({exc}); restore it from "
+            f"{path}.backup if that is intact, or remove it only if nothing it tracked still runs"
+        )
     return None
 
 
@@ -481,6 +533,9 @@ class Terraform:
     def _run_json(
         self, root: TerraformRoot, args: list[str], on_event: EventCallback | None
     ) -> tuple[Completed, list[Event]]:
+        restored = restore_cut_short_state(root)
+        if restored is not None:
+            log.warning("%s", restored)
         problem = local_state_problem(root)
         if problem is not None:
             raise EngineError(problem, root=root.name)

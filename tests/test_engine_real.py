@@ -53,10 +53,15 @@ LAUNCH = textwrap.dedent(
 )
 
 
-def make_root(base: Path, name: str, items: dict[str, bool]) -> TerraformRoot:
+def make_root(base: Path, name: str, items: dict[str, bool], *, backend: bool = False) -> TerraformRoot:
+    """A root of `terraform_data` replicas; `backend`: a local backend whose state goes to
+    `<base>/state/<name>.tfstate` (as skyhedge's roots), else Terraform's default."""
     path = base / name
     path.mkdir(parents=True, exist_ok=True)
-    (path / "main.tf").write_text(MAIN)
+    main = (
+        MAIN.replace("variable", 'terraform {\n  backend "local" {}\n}\n\nvariable', 1) if backend else MAIN
+    )
+    (path / "main.tf").write_text(main)
     (path / "launch.py").write_text(LAUNCH)
     (path / "x.auto.tfvars.json").write_text(
         json.dumps({"items": {k: {"fail": v} for k, v in items.items()}})
@@ -71,10 +76,7 @@ def engine(request, tmp_path, monkeypatch):
 
 
 def test_plan_apply_output_destroy(engine, tmp_path):
-    root = make_root(tmp_path, "one", {"r-0001": False, "r-0002": False})
-    (root.path / "main.tf").write_text(
-        MAIN.replace("variable", 'terraform {\n  backend "local" {}\n}\n\nvariable', 1)
-    )
+    root = make_root(tmp_path, "one", {"r-0001": False, "r-0002": False}, backend=True)
     plan = engine.plan(root)
     assert plan.has_changes and plan.exit_code == 2 and plan.add == 2
     assert sorted(c.replica_id for c in plan.changes) == ["r-0001", "r-0002"]
@@ -141,3 +143,33 @@ def test_init_runs_once_per_configuration(tmp_path):
     (root.path / "main.tf").write_text(MAIN + "\n# changed\n")
     assert engine.init(root) is True
     assert engine.version().count(".") == 2
+
+
+def test_a_state_file_left_empty_by_a_cut_short_write_is_restored_from_terraforms_backup(
+    engine, tmp_path, caplog
+):
+    """Terraform truncates and rewrites its local state during an apply: a kill -9 then leaves
+    it empty, which reads as "nothing exists" and would create every replica again."""
+    root = make_root(tmp_path, "cut", {"r-0001": False, "r-0002": False}, backend=True)
+    assert engine.apply(root).ok
+    make_root(tmp_path, "cut", {"r-0001": False, "r-0002": False, "r-0003": False}, backend=True)
+    assert engine.apply(root).ok  # Terraform kept the two-replica state as .backup
+    state = tmp_path / "state" / "cut.tfstate"
+    backup = state.with_name("cut.tfstate.backup")
+    assert backup.is_file()
+    state.write_text("")  # the write the kill cut short
+    plan = engine.plan(root)
+    assert plan.add == 1 and [c.replica_id for c in plan.changes] == ["r-0003"]  # not all three
+    assert json.loads(state.read_text()) == json.loads(backup.read_text())
+    assert (
+        f"Terraform's state {state} was empty" in caplog.text and f"restored it from {backup}" in caplog.text
+    )
+
+
+def test_an_empty_state_without_a_backup_is_left_alone(engine, tmp_path):
+    root = make_root(tmp_path, "fresh", {"r-0001": False}, backend=True)
+    state = tmp_path / "state" / "fresh.tfstate"
+    state.parent.mkdir(parents=True, exist_ok=True)
+    state.write_text("")
+    assert engine.plan(root).add == 1
+    assert state.read_text() == ""
