@@ -306,7 +306,8 @@ def test_reload_asks_the_running_watcher_and_prints_its_answer(running_watcher):
     # one that does not load is refused here, without asking the watcher
     rewrite(spec, "min_replicas: 0", "min_replicas: many")
     done = _cli("reload", str(spec), "--state-dir", str(state))
-    assert done.returncode == 1 and "replica_policy.min_replicas" in done.stderr, done
+    assert done.returncode == 1 and done.stderr.startswith(f"error: spec reload refused: {spec}: "), done
+    assert "replica_policy.min_replicas" in done.stderr and done.stderr.count("\n") == 1
 
     proc.send_signal(signal.SIGTERM)
     proc.wait(timeout=30)

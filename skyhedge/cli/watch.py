@@ -306,7 +306,10 @@ def reload_cmd(spec: Path, state_dir: Path | None, timeout: float) -> None:
     """Make the running watcher of SPEC re-read it now, and say what it did with it."""
     from skyhedge.controller import presence
 
-    service, sdir = _load(spec, state_dir)  # a spec that does not load is refused here already
+    try:
+        service, sdir = _load(spec, state_dir)
+    except SpecError as exc:  # refused here already, without asking the watcher: said the same way
+        raise SpecError(f"spec reload refused: {exc}") from exc
     record = presence.read(sdir)
     if record is None and state_dir is None:
         # the spec may rename the service: its watcher runs under the old name's state dir
