@@ -122,11 +122,14 @@ def make_plan(
     prices: Mapping[tuple[Location, Market], float],
     ondemand_price: float,
     base_ondemand: int = 0,
+    skip_numbers: frozenset[int] = frozenset(),
 ) -> Plan:
     """Apply decisions to the current live replicas.
 
     Terminations of unknown IDs are ignored (a repeated tick must be harmless); new replicas get
-    fresh IDs above every ID already in use, so IDs are never reused.
+    fresh IDs above every ID already in use, so IDs are never reused. `skip_numbers`: ID numbers
+    never handed out (a local replica's port is derived from its number, and some ports are taken
+    by the router).
     """
     live = {r.id: r for r in current if r.alive}
     in_use = [replica_number(rid) for rid in live]
@@ -139,6 +142,8 @@ def make_plan(
                 deleted.add(d.replica_id)
         elif isinstance(d, (LaunchSpot, LaunchOnDemand)):
             market = Market.SPOT if isinstance(d, LaunchSpot) else Market.ON_DEMAND
+            while counter in skip_numbers:
+                counter += 1
             created.append(
                 PlannedReplica(
                     replica_id(counter), d.location, market, CREATE, prices.get((d.location, market), 0.0)

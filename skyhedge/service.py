@@ -205,6 +205,18 @@ def service_target(spec: ServiceSpec, state: ServiceState) -> int:
     return max(rp.min_replicas, min(target, upper))
 
 
+def _router_port_numbers(spec: ServiceSpec) -> frozenset[int]:
+    """Replica numbers whose local port (resources.local_base_port + N) the router listens on:
+    those IDs are skipped, so a replacement never fails for a port its own router holds (IDs grow
+    for ever, so a router port above the base is reached one day; `spec` refuses only the first
+    plan's range)."""
+    if "local" not in spec.placement.clouds:
+        return frozenset()
+    base = spec.resources.local_base_port
+    ports = (spec.service.port, spec.service.router.status_port)
+    return frozenset(p - base for p in ports if p is not None and p > base)
+
+
 def compute_plan(
     spec: ServiceSpec,
     state: ServiceState,
@@ -277,6 +289,7 @@ def compute_plan(
         prices=placement.prices(),
         ondemand_price=placement.cheapest_ondemand,
         base_ondemand=spec.replica_policy.base_ondemand_fallback_replicas,
+        skip_numbers=_router_port_numbers(spec),
     )
     plan = replace(
         plan,

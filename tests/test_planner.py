@@ -67,6 +67,22 @@ def test_empty_state_creates_fresh_ids_in_order():
     assert plan.changed_roots() == {("aws", "us-east-1")}
 
 
+def test_skipped_numbers_are_never_handed_out():
+    plan = make_plan(
+        service="s",
+        target=2,
+        policy="p",
+        current=[fact("r-0001")],
+        decisions=[LaunchSpot(A), LaunchSpot(B), LaunchOnDemand(A)],
+        next_id=2,
+        prices=PRICES,
+        ondemand_price=3.0,
+        skip_numbers=frozenset({3, 4}),
+    )
+    assert [r.id for r in plan.replicas] == ["r-0001", "r-0002", "r-0005", "r-0006"]
+    assert plan.next_id == 7
+
+
 def test_preemption_replacement_never_renames_survivors_nor_reuses_ids():
     current = [fact("r-0001"), fact("r-0003", B)]  # r-0002 was preempted
     plan = _plan(current, [LaunchSpot(B)], next_id=3)

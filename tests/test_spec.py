@@ -545,3 +545,27 @@ def test_router_knobs_reach_the_router_options(write_spec):
     )
     assert opts.max_fails == RouterOptions().max_fails
     assert load_spec(write_spec(GOOD)).service.router == RouterOptions()
+
+
+def test_a_local_replica_never_gets_the_number_whose_port_the_router_holds(tmp_path):
+    """Local replica r-000N listens on local_base_port + N and IDs grow for ever: a router port
+    above the base is reached one day (say after a spec reload moved it there). That number is
+    skipped instead of launching a replica that cannot listen."""
+    from skyhedge.spec import parse_spec
+
+    spec = parse_spec(
+        {
+            "name": "echo",
+            "placement": {"clouds": ["local"], "zones": ["local-a", "local-b"]},
+            "resources": {"local_base_port": 19000},
+            "replica_policy": {"min_replicas": 1, "num_overprovision": 0, "policy": "spothedge"},
+            "service": {"port": 19038, "router": {"status_port": 19040}},
+            "run": {"command": "true"},
+        },
+        source=str(tmp_path / "s.yaml"),
+    )
+    plan, _ = compute_plan(spec, ServiceState(service="echo", next_id=38), now=0.0)
+    created = [r.id for r in plan.replicas]
+    assert created and "r-0038" not in created and "r-0040" not in created
+    assert created[0] == "r-0039"
+    assert {replica_port(spec, rid) for rid in created}.isdisjoint({19038, 19040})
