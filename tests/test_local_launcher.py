@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,7 @@ from skyhedge.clouds.local.processes import (
     kill_all,
     read_pidfile,
     stop_replica,
+    write_pidfile,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -195,3 +197,17 @@ def test_start_replaces_a_leftover_process_of_the_same_id(runtime, tmp_path):
     assert first is not None and second is not None and first.pid != second.pid
     assert not is_running(first)
     assert find_processes(runtime) == [second.pid] or second.pid in find_processes(runtime)
+
+
+def test_kill_all_stops_everything_and_clears_pid_files_a_crash_left(runtime, tmp_path):
+    """`destroy`'s safety net after a crash: nothing runs afterwards, and no pid file is left
+    claiming a replica (the launcher's own stop, which removes it, never ran)."""
+    port = free_base_port(2) + 1
+    assert launch("start", config(runtime, tmp_path, port)).returncode == 0
+    running = read_pidfile(runtime, "r-0001")
+    assert running is not None
+    dead = replace(running, id="r-0002", pid=os.getpid(), starttime=-1)  # a process long gone
+    write_pidfile(runtime, dead)
+    assert running.pid in kill_all(runtime)
+    assert find_processes(runtime) == []
+    assert read_pidfile(runtime, "r-0001") is None and read_pidfile(runtime, "r-0002") is None

@@ -174,7 +174,8 @@ def stop_replica(runtime_dir: Path, replica_id: str, *, grace: float = 10.0) -> 
 
 
 def kill_all(runtime_dir: Path) -> list[int]:
-    """SIGKILL every process of this runtime dir at once (test teardown, `destroy` safety net)."""
+    """SIGKILL every process of this runtime dir at once (test teardown, `destroy` safety net),
+    and remove the pid files left without a process (a crash skips the launcher's own cleanup)."""
     pids = set(find_processes(runtime_dir))
     groups = {p.pgid for p in list_pidfiles(runtime_dir) if is_running(p)}
     for pgid in groups:
@@ -186,4 +187,7 @@ def kill_all(runtime_dir: Path) -> list[int]:
     deadline = time.monotonic() + 5.0
     while any(proc_starttime(p) is not None for p in pids) and time.monotonic() < deadline:
         time.sleep(0.02)
+    for proc in list_pidfiles(runtime_dir):
+        if not is_running(proc):
+            pid_path(runtime_dir, proc.id).unlink(missing_ok=True)
     return sorted(pids)
