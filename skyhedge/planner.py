@@ -94,7 +94,11 @@ class Plan:
         od = self.ondemand_only_hourly_cost
         spot_cost = sum(r.price_per_hour for r in desired if r.market is Market.SPOT)
         od_prices = sorted(r.price_per_hour for r in desired if r.market is Market.ON_DEMAND)
-        steady = spot_cost + sum(od_prices[: self.base_ondemand])
+        spot_count = sum(1 for r in desired if r.market is Market.SPOT)
+        # once spot replicas are READY the fallback goes; on-demand replicas that stand in for no
+        # spot replica (the static base, or a policy that runs on-demand only) stay
+        lasting = max(self.base_ondemand, self.target - spot_count)
+        steady = spot_cost + sum(od_prices[:lasting])
         return {
             "spot": sum(1 for r in desired if r.market is Market.SPOT),
             "on_demand": sum(1 for r in desired if r.market is Market.ON_DEMAND),

@@ -209,3 +209,17 @@ def test_replicas_from_before_revisions_are_not_rolled(tmp_path, write_spec):
     _converged(state_dir, None)  # a state written before revisions were recorded
     result = run("plan", str(spec_path), "--state-dir", str(state_dir), "--json", "--detailed-exitcode")
     assert result.exit_code == 0 and json.loads(result.output)["summary"]["outdated"] == 0
+
+
+def test_steady_state_counts_on_demand_replicas_that_stand_in_for_no_spot_replica(tmp_path):
+    """The `ondemand` policy runs N on-demand replicas for good: its steady state is what it
+    costs now, with no savings, not the spot-only cost of a fallback that will go away."""
+    spec = REPO / "examples" / "llm-multicloud" / "service.yaml"
+    result = CliRunner().invoke(
+        main, ["plan", str(spec), "--state-dir", str(tmp_path / "st"), "--policy", "ondemand", "--json"]
+    )
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)["summary"]
+    assert summary["spot"] == 0 and summary["on_demand"] == 3
+    assert summary["steady_state_hourly_cost"] == summary["hourly_cost"] > 0
+    assert summary["steady_state_savings_pct"] == 0.0

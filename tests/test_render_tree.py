@@ -302,6 +302,14 @@ def test_write_tree_writes_through_a_symlink_and_leaves_nothing_beside_it(tmp_pa
     assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "real"]
 
 
+def test_write_tree_refuses_a_symlink_loop_in_one_line(tmp_path):
+    loop = tmp_path / "loop"
+    loop.symlink_to(loop)
+    with pytest.raises(RenderError, match=rf"^{loop}: cannot resolve the path \("):
+        write_tree(render_tree(spec_of(), LOCAL, context=CTX, instance_types=TYPES), loop)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["loop"]
+
+
 @pytest.mark.parametrize(("where", "given"), [("infra", "."), ("infra", "abs"), ("infra/local", "abs")])
 def test_write_tree_refuses_the_directory_the_shell_is_in(tmp_path, monkeypatch, where, given):
     out = tmp_path / "infra"

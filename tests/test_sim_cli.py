@@ -209,3 +209,17 @@ def test_plot_draws_spothedge_and_skyhedge_side_by_side(trace_dir, tmp_path):
     result = small(trace_dir, "--policy", "optimal,skyhedge,spothedge", "--plot", str(png))
     assert result.exit_code == 0, result.output
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_policy_may_be_repeated_and_names_count_once(trace_dir):
+    result = small(trace_dir, "--policy", "spothedge", "--policy", "optimal,spothedge", "--json")
+    assert result.exit_code == 0, result.output
+    assert [row["policy"] for row in json.loads(result.stdout)] == ["spothedge", "optimal"]
+
+
+@pytest.mark.parametrize(("flag", "value"), [("--target", "1001"), ("--extra", "101")])
+def test_replica_counts_beyond_any_real_service_are_one_line(trace_dir, flag, value):
+    """Each replica is simulated tick by tick: a huge count would run for hours, silently."""
+    result = small(trace_dir, flag, value)
+    assert result.exit_code == 1 and result.stderr.startswith("error: ")
+    assert flag in result.stderr and len(result.stderr.strip().splitlines()) == 1

@@ -9,7 +9,7 @@ import traceback
 from collections.abc import Callable
 from functools import wraps
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import click
 from rich.console import Console
@@ -58,8 +58,8 @@ class SkyhedgeGroup(click.Group):
         try:
             return super().make_context(info_name, args, parent=parent, **extra)
         except click.UsageError as exc:
-            if isinstance(exc, _NO_ARGS_IS_HELP):
-                raise  # bare `skyhedge`: the help text is the answer
+            if isinstance(exc, _NO_ARGS_IS_HELP):  # bare `skyhedge` (or `skyhedge catalog`): help,
+                _show_help(exc)  # and exit 0, not click's 2 (`plan --detailed-exitcode`'s)
             report_usage_error(exc, parent.command_path if parent is not None else "skyhedge")
             sys.exit(1)
 
@@ -71,9 +71,15 @@ class SkyhedgeGroup(click.Group):
             sys.exit(1)
         except click.UsageError as exc:
             if isinstance(exc, _NO_ARGS_IS_HELP):
-                raise
+                _show_help(exc)
             report_usage_error(exc, " ".join(filter(None, (ctx.command_path, ctx.invoked_subcommand))))
             sys.exit(1)
+
+
+def _show_help(exc: click.UsageError) -> NoReturn:
+    if exc.ctx is not None:
+        click.echo(exc.ctx.get_help())
+    sys.exit(0)
 
 
 def report_usage_error(exc: click.UsageError, command_path: str) -> None:

@@ -23,8 +23,10 @@ from skyhedge.state import check_writable
 DEFAULT_POLICIES = "spothedge,skyserve,optimal,ondemand,even,rr,single-region"
 
 
-def _policy_names(text: str) -> list[str]:
-    names = [name.strip() for name in text.split(",") if name.strip()]
+def _policy_names(texts: tuple[str, ...] | str) -> list[str]:
+    """`--policy` values (the option may be repeated), each comma-separated; duplicates once."""
+    texts = (texts,) if isinstance(texts, str) else texts or (DEFAULT_POLICIES,)
+    names = [name.strip() for text in texts for name in text.split(",") if name.strip()]
     if not names:
         raise click.BadParameter("expected one or more policy names, comma-separated", param_hint="--policy")
     return list(dict.fromkeys(names))
@@ -59,9 +61,10 @@ def _instance_types(values: tuple[str, ...]) -> list[str] | None:
 @click.option(
     "--policy",
     "policy_text",
-    default=DEFAULT_POLICIES,
-    show_default=True,
-    help="Comma-separated policy names; 'optimal' is the omniscient optimum; 'module:Class' loads a plug-in.",
+    multiple=True,
+    help="Comma-separated policy names (repeatable) [default: "
+    + DEFAULT_POLICIES
+    + "]; 'optimal' is the omniscient optimum; 'module:Class' loads a plug-in.",
 )
 @click.option(
     "--repeats", default=10, show_default=True, type=click.IntRange(min=1), help="Windows per trace."
@@ -73,7 +76,9 @@ def _instance_types(values: tuple[str, ...]) -> list[str] | None:
     type=click.IntRange(0, 2**32 - 1),
     help="Seed of window offsets and zone order.",
 )
-@click.option("--target", default=3, show_default=True, type=click.IntRange(min=1), help="Ready replicas N.")
+@click.option(
+    "--target", default=3, show_default=True, type=click.IntRange(1, 1000), help="Ready replicas N."
+)
 @click.option(
     "--cold-start",
     default=120.0,
@@ -92,7 +97,7 @@ def _instance_types(values: tuple[str, ...]) -> list[str] | None:
     "--extra",
     default=1,
     show_default=True,
-    type=click.IntRange(min=0),
+    type=click.IntRange(0, 100),  # as the spec's num_overprovision
     help="Over-provisioned spot replicas.",
 )
 @click.option(
@@ -127,7 +132,7 @@ def _instance_types(values: tuple[str, ...]) -> list[str] | None:
 def simulate(
     trace_paths: tuple[Path, ...],
     instance_type_values: tuple[str, ...],
-    policy_text: str,
+    policy_text: tuple[str, ...],
     repeats: int,
     seed: int,
     target: int,

@@ -314,7 +314,10 @@ def write_tree(tree: RenderedTree, out: Path) -> None:
     stays), and `out` may not be the current directory or hold it: the swap would leave the shell
     in a deleted directory.
     """
-    out = Path(out).resolve()  # "." has no name to rename; a link would itself be replaced
+    try:
+        out = Path(out).resolve()  # "." has no name to rename; a link would itself be replaced
+    except (RuntimeError, OSError) as exc:  # a symlink loop (RuntimeError before Python 3.13)
+        raise RenderError(f"{out}: cannot resolve the path ({exc})") from exc
     if Path.cwd().resolve().is_relative_to(out):
         raise RenderError(
             f"{out}: is the current directory (or holds it); the tree is swapped in by rename, so "
