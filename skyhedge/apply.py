@@ -850,7 +850,7 @@ def _stop_local_strays(ws: Workspace, state: ServiceState, say: Say) -> list[int
     return pids
 
 
-def live_router(spec: ServiceSpec, state: ServiceState, state_dir: Path) -> dict[str, Any] | None:
+def live_router(state: ServiceState, state_dir: Path) -> dict[str, Any] | None:
     """The router as recorded, with `pid` null when its nginx master no longer runs; None when
     no router was ever brought up (or it was taken down).
 
@@ -859,8 +859,11 @@ def live_router(spec: ServiceSpec, state: ServiceState, state_dir: Path) -> dict
     a restart (`routing up`, `watch`) serves again, so they stay in the answer."""
     if state.router is None:
         return None
-    router = _router(spec, state_dir)
-    if router is None or router.pid() is None:
+    try:
+        from skyhedge.routing import running_router_pid
+    except ImportError:
+        return {**state.router, "pid": None}
+    if running_router_pid(state_dir) is None:
         return {**state.router, "pid": None}
     return state.router
 

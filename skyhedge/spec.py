@@ -775,6 +775,19 @@ class _SpecLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+def service_name_in(path: str | Path) -> str | None:
+    """The service `name` a spec file gives, read leniently (the rest may be wrong), or None.
+
+    For `status` while the spec on disk does not load (an edit in progress, a typo the running
+    watcher refused): the name alone finds the state to show."""
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, RecursionError):
+        return None
+    name = data.get("name") if isinstance(data, dict) else None
+    return name if isinstance(name, str) and NAME_RE.fullmatch(name) else None
+
+
 def load_spec(path: str | Path) -> ServiceSpec:
     """Read and validate a spec file. Every failure is a `SpecError` naming the file."""
     p = Path(path)

@@ -226,6 +226,29 @@ def test_status_of_a_service_never_applied(tmp_path: Path):
     assert json.loads(out.output) == {"service": "idle", "replicas": [], "router": None, "watcher": None}
 
 
+def test_status_still_shows_the_state_while_the_spec_on_disk_does_not_load(tmp_path: Path):
+    """An edit in progress, or a typo the running watcher refused: the service goes on, and so
+    must `status`. It warns in one line and shows what the state records."""
+    spec = tmp_path / "s.yaml"
+    state_dir = tmp_path / "st"
+    state = ServiceState(service="idle", next_id=2)
+    state.replicas["r-0001"] = ReplicaRecord(
+        id="r-0001", cloud="local", region="local", zone="local-a", market="spot", launched_at=1.0
+    )
+    state_dir.mkdir()
+    (state_dir / STATE_FILE).write_text(json.dumps(state.to_json()))
+    spec.write_text("name: idle\nplacement: {clouds: [local]}\nrun: {command: 'true'}\nreplica_polcy: {}\n")
+    out = CliRunner().invoke(main, ["status", str(spec), "--state-dir", str(state_dir), "--json"])
+    assert out.exit_code == 0, out.output
+    assert out.stderr.startswith(f"warning: {spec}: replica_polcy: unknown field")
+    assert out.stderr.strip().endswith("(showing idle's recorded state)")
+    assert [r["id"] for r in json.loads(out.stdout)["replicas"]] == ["r-0001"]
+    # no name to go by: the spec's own error, as before
+    spec.write_text("name: [not, a, name]\n")
+    out = CliRunner().invoke(main, ["status", str(spec), "--state-dir", str(state_dir)])
+    assert out.exit_code == 1 and out.stderr.startswith(f"error: {spec}: name: ")
+
+
 # ------------------------------------------------------------------------------------------------
 # A hand-edited or corrupt state.json is one `StateError` at load time, naming the file and the field
 

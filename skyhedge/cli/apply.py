@@ -19,9 +19,10 @@ from skyhedge.cli._app import console, err_console, main, report_error, spec_arg
 from skyhedge.cli.plan import render_plan_table
 from skyhedge.controller import presence
 from skyhedge.engine import PlanResult, replica_of
+from skyhedge.errors import SpecError
 from skyhedge.planner import Plan
 from skyhedge.render import RenderedRoot
-from skyhedge.spec import load_spec
+from skyhedge.spec import load_spec, service_name_in
 from skyhedge.state import ReplicaRecord, default_state_dir, load_state
 
 _terraform_bin_option = click.option(
@@ -264,17 +265,25 @@ def status_json(
 )
 def status(spec: Path, state_dir: Path | None, as_json: bool, include_gone: bool) -> None:
     """Show the replicas of SPEC as recorded in the state: where, which market, endpoint and state."""
-    service = load_spec(spec)
-    sdir = state_dir or default_state_dir(service.name)
-    state = load_state(sdir, service.name)
+    try:
+        name = load_spec(spec).name
+    except SpecError as exc:
+        # an edit in progress or a typo the running watcher refused: its state is still worth seeing
+        found = service_name_in(spec)
+        if found is None:
+            raise
+        name = found
+        err_console.print(f"warning: {exc} (showing {name}'s recorded state)", markup=False, highlight=False)
+    sdir = state_dir or default_state_dir(name)
+    state = load_state(sdir, name)
     rows = live_rows(state, include_gone=include_gone)
-    router = live_router(service, state, sdir)
+    router = live_router(state, sdir)
     watcher = presence.read(sdir)  # the running watch/up, if any
     if as_json:
         record = watcher.to_json() if watcher is not None else None
-        click.echo(json.dumps(status_json(service.name, rows, router, record), indent=2))
+        click.echo(json.dumps(status_json(name, rows, router, record), indent=2))
         return
-    table = Table(title=f"skyhedge status: {service.name}")
+    table = Table(title=f"skyhedge status: {name}")
     # One location column keeps the endpoint readable (unwrapped) in an 80-column terminal.
     for col in ("id", "cloud/region/zone", "market", "state", "endpoint"):
         table.add_column(col, no_wrap=col in {"id", "endpoint", "state"})

@@ -147,8 +147,7 @@ class Router:
 
     def pid(self) -> int | None:
         """The running master's pid, or None (no pid file, dead, or a recycled pid)."""
-        pid = nginx.read_pid(self.paths.pid)
-        return pid if pid and nginx.is_master(pid, self.paths.conf) else None
+        return _master_pid(self.paths)
 
     def up(self, upstreams: Iterable[Upstream]) -> dict[str, Any]:
         """Start nginx routing to `upstreams`; if it already runs, reload it instead (idempotent)."""
@@ -380,3 +379,14 @@ class Router:
     def _write_meta(self, ups: list[Upstream], status_port: int | None) -> None:
         text = json.dumps(self._meta(ups, status_port), indent=2, sort_keys=True) + "\n"
         atomic_write_text(self.paths.meta, text)
+
+
+def _master_pid(paths: RouterPaths) -> int | None:
+    pid = nginx.read_pid(paths.pid)
+    return pid if pid and nginx.is_master(pid, paths.conf) else None
+
+
+def running_router_pid(state_dir: Path) -> int | None:
+    """The pid of the nginx master routing for the service whose state is in `state_dir`, or
+    None: no spec needed (`status` works while the spec on disk does not load)."""
+    return _master_pid(RouterPaths(Path(state_dir).resolve() / "router"))
