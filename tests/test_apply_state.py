@@ -4,6 +4,7 @@ from, confirmation, the writer lock, routing hooks, and the CLI commands."""
 from __future__ import annotations
 
 import json
+import re
 import socket
 from pathlib import Path
 from typing import Any
@@ -426,6 +427,26 @@ def test_watch_once_exits_1_when_the_apply_fails_and_says_why(svc):
     last = result.output.strip().splitlines()[-1]
     assert last.startswith("error: apply failed: local/local:")
     assert "run.command exited at once with 3" in last and "r-0001.log" in last
+
+
+def test_watch_logs_one_json_object_per_line_with_log_format_json(svc):
+    """For a log pipeline: every log line is a JSON object, the watcher's own notices included;
+    the command's final error stays its one `error:` line."""
+    from click.testing import CliRunner
+
+    from skyhedge.cli import main
+
+    spec = svc.write(replicas=1, command="echo boom >&2; exit 3")
+    args = ["watch", str(spec), "--state-dir", str(svc.state_dir), "--once", "--no-routing"]
+    result = CliRunner().invoke(main, [*args, "--log-format", "json"])
+    assert result.exit_code == 1, result.output
+    *logged, last = result.stderr.strip().splitlines()
+    assert last.startswith("error: apply failed: local/local:")
+    records = [json.loads(line) for line in logged]
+    assert records and all(set(r) >= {"time", "level", "logger", "message"} for r in records)
+    assert all(re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", r["time"]) for r in records)
+    assert records[0]["message"].startswith("watching ") and records[0]["level"] == "info"
+    assert any("apply failed" in r["message"] for r in records)
 
 
 def test_destroying_a_service_never_applied_writes_nothing(tmp_path):

@@ -231,3 +231,22 @@ def test_market_replay_logs_each_change_once(tmp_path: Path, caplog):
         "market tick 0: local-a capacity unlimited",
         "market tick 1: local-a capacity 0",
     ]
+
+
+def test_the_json_log_formatter_keeps_one_record_on_one_line():
+    import json
+    import logging
+    import sys
+
+    from skyhedge.cli.watch import JsonLogFormatter
+
+    try:
+        raise ValueError("bad\nthing")
+    except ValueError:
+        info = sys.exc_info()
+        record = logging.LogRecord("skyhedge.x", logging.WARNING, __file__, 1, "a %s\nb", ("c",), info)
+    line = JsonLogFormatter().format(record)
+    assert "\n" not in line
+    out = json.loads(line)
+    assert out["level"] == "warning" and out["logger"] == "skyhedge.x" and out["message"] == "a c\nb"
+    assert "ValueError: bad\nthing" in out["exception"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -64,7 +65,7 @@ def _check_metrics_flags(port: int | None) -> None:
 
 
 @contextlib.contextmanager
-def _metrics(watcher: Any, host: str, port: int | None) -> Iterator[None]:
+def _metrics(watcher: Any, host: str, port: int | None, log_format: str = "text") -> Iterator[None]:
     """Serve the watcher's metrics while it runs (nothing without --metrics-port)."""
     if port is None:
         yield
@@ -75,18 +76,57 @@ def _metrics(watcher: Any, host: str, port: int | None) -> Iterator[None]:
     server = MetricsServer(metrics, host=host, port=port)
     metrics.watch(watcher.controller)
     watcher.metrics_url = server.address  # `status` shows it
-    err_console.print(f"metrics at {server.address}")
+    _say(f"metrics at {server.address}", log_format)
     try:
         yield
     finally:
         server.close()
 
 
+_log_format = click.option(
+    "--log-format",
+    type=click.Choice(["text", "json"]),
+    default="text",
+    show_default=True,
+    help="json: one JSON object per line (time, level, logger, message) for a log pipeline; the "
+    "watcher's own notices go through the log too.",
+)
+
+
+class JsonLogFormatter(logging.Formatter):
+    """One JSON object per record: `time` (UTC, ISO 8601, ms), `level`, `logger`, `message`, and
+    `exception` when there is one. Newlines stay escaped inside the object: one record, one line."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+        out = {
+            "time": f"{stamp}.{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            out["exception"] = self.formatException(record.exc_info)
+        return json.dumps(out, ensure_ascii=False)
+
+
+def _say(text: str, log_format: str) -> None:
+    """A notice for the operator: plain on stderr, or a log record when logs are JSON (a log
+    pipeline must not meet a line that is not JSON)."""
+    if log_format == "json":
+        logging.getLogger("skyhedge").info("%s", text)
+    else:
+        err_console.print(text)
+
+
 @contextlib.contextmanager
-def _logging(level: str, path: Path | None = None) -> Iterator[None]:
+def _logging(level: str, path: Path | None = None, log_format: str = "text") -> Iterator[None]:
     """Log skyhedge's lines to stderr (or a file, under the dashboard) while the command runs."""
     handler: logging.Handler = logging.FileHandler(path) if path else logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+    if log_format == "json":
+        handler.setFormatter(JsonLogFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
     logger = logging.getLogger("skyhedge")
     old_level = logger.level
     logger.addHandler(handler)
@@ -133,6 +173,7 @@ def _load(spec: Path, state_dir: Path | None) -> tuple[ServiceSpec, Path]:
 )
 @_metrics_port
 @_metrics_host
+@_log_format
 def watch(
     spec: Path,
     state_dir: Path | None,
@@ -147,6 +188,7 @@ def watch(
     log_level: str,
     metrics_port: int | None,
     metrics_host: str,
+    log_format: str,
 ) -> None:
     """Keep SPEC's service up on spot capacity: react to preemptions, re-plan, apply, route."""
     from skyhedge.controller.runner import Watcher
@@ -155,7 +197,7 @@ def watch(
     service, sdir = _load(spec, state_dir)
     options = ControllerOptions(interval=interval, policy=policy)
     with (
-        _logging(log_level),
+        _logging(log_level, log_format=log_format),
         Watcher(
             service,
             sdir,
@@ -168,12 +210,13 @@ def watch(
             reload_on_change=not no_spec_reload,
             reload_on_request=not no_spec_reload,
         ) as watcher,
-        _metrics(watcher, metrics_host, metrics_port),
+        _metrics(watcher, metrics_host, metrics_port, log_format),
     ):
         mode = f"gitops into {gitops}" if gitops else "applying with Terraform"
-        err_console.print(
+        _say(
             f"watching {service.name} ({mode}); state in {sdir}; Ctrl-C stops the watcher "
-            "(the service keeps running)"
+            "(the service keeps running)",
+            log_format,
         )
         watcher.run(once=once)
 
@@ -203,6 +246,7 @@ def watch(
 @_no_spec_reload
 @_metrics_port
 @_metrics_host
+@_log_format
 def up(
     spec: Path,
     state_dir: Path | None,
@@ -216,6 +260,7 @@ def up(
     no_spec_reload: bool,
     metrics_port: int | None,
     metrics_host: str,
+    log_format: str,
 ) -> None:
     """Apply SPEC, bring routing up and watch it, with a live dashboard (= apply + routing + watch)."""
     from skyhedge.controller.runner import Watcher
@@ -235,7 +280,7 @@ def up(
     options = ControllerOptions(interval=interval, policy=policy, busy_interval=0.5)
     replay = None
     with (
-        _logging("info", None if no_dashboard else log_file),
+        _logging("info", None if no_dashboard else log_file, log_format),
         Watcher(
             service,
             sdir,
@@ -247,7 +292,7 @@ def up(
             # under the dashboard a hangup is the terminal going away: stop (SIGHUP's default)
             reload_on_hangup=no_dashboard,
         ) as watcher,
-        _metrics(watcher, metrics_host, metrics_port),
+        _metrics(watcher, metrics_host, metrics_port, log_format),
     ):
         ctl = watcher.controller
         assert ctl is not None
@@ -266,8 +311,9 @@ def up(
             replay.start()
         try:
             if no_dashboard:
-                err_console.print(
-                    f"{service.name}: serving at {service.service.url} once replicas are READY; Ctrl-C stops"
+                _say(
+                    f"{service.name}: serving at {service.service.url} once replicas are READY; Ctrl-C stops",
+                    log_format,
                 )
                 watcher.run()
             else:
