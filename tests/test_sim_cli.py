@@ -223,3 +223,21 @@ def test_replica_counts_beyond_any_real_service_are_one_line(trace_dir, flag, va
     result = small(trace_dir, flag, value)
     assert result.exit_code == 1 and result.stderr.startswith("error: ")
     assert flag in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_a_price_may_name_a_zone_file_so_each_instance_type_has_its_own(trace_dir, tmp_path):
+    """A directory with two instance types per zone is two traces; `<zone>_<type>` keys (the
+    files' stems) price each type, ahead of a plain `<zone>` key for both."""
+    for path in list(trace_dir.glob("*_v100_1.json")):
+        (trace_dir / path.name.replace("_v100_1", "_v100_8")).write_text(path.read_text())
+    prices = tmp_path / "prices.json"
+    zones = ["us-east-1a", "us-east-2b", "us-west-2c"]
+    book = {z: {"spot": 1.0, "ondemand": 3.0} for z in zones}  # the v100_1 files fall back to these
+    book.update({f"{z}_v100_8": {"spot": 8.0, "ondemand": 24.0} for z in zones})
+    prices.write_text(json.dumps(book))
+    result = small(trace_dir, "--policy", "ondemand", "--prices", str(prices), "--json")
+    assert result.exit_code == 0, result.output
+    by_trace = {row["trace"]: row["dollars"] for row in json.loads(result.stdout)}
+    assert by_trace["tiny[v100_1]"] == pytest.approx(3 * 3.0 * 28 * 30 / 3600)
+    assert by_trace["tiny[v100_8]"] == pytest.approx(8 * by_trace["tiny[v100_1]"])
+    assert "warning" not in result.stderr  # every key names a zone of some trace

@@ -62,7 +62,8 @@ class PriceBook:
 
 
 def load_prices(path: str | Path) -> PriceBook:
-    """A price file: ``{"<zone or cloud/region/zone>": {"spot": $/h, "ondemand": $/h}, ...}``.
+    """A price file: ``{"<zone or cloud/region/zone>": {"spot": $/h, "ondemand": $/h}, ...}``; a key
+    may also be a zone file's stem (`us-west-2a_v100_8`): a price for that instance type only.
 
     "spot" may be left out for zones whose trace carries per-tick ``prices``.
     """
@@ -97,7 +98,7 @@ def unmatched_prices(book: PriceBook, traces: Sequence[Trace]) -> list[str]:
     Why: such an entry is ignored, and it is most often a typo or the other cloud's name for a
     zone (us-east-1a for use1-az1); the caller warns rather than refuses, since one price file
     may well cover more zones than the traces of one run."""
-    names = {name for trace in traces for loc in trace.zones for name in (loc.zone, loc.key)}
+    names = {name for trace in traces for loc in trace.zones for name in trace.price_names(loc)}
     return sorted((set(book.ondemand) | set(book.spot)) - names)
 
 
@@ -254,7 +255,7 @@ def _prices(trace: Trace, window: Window, config: SimConfig) -> tuple[np.ndarray
     ondemand = np.empty(len(order))
     for i, z in enumerate(order):
         location = trace.zones[z]
-        names = (location.zone, location.key)
+        names = trace.price_names(location)
         od = next((book.ondemand[n] for n in names if n in book.ondemand), None)
         if od is None:
             raise TraceError(f"--prices: no on-demand price for zone {location.zone} of {trace.name}")

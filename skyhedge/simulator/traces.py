@@ -30,7 +30,7 @@ import json
 import math
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -84,6 +84,14 @@ class Trace:
     gap_seconds: tuple[float, ...]
     availability_only: bool
     spot_prices: np.ndarray | None = None
+    #: the instance type all its files share (`<zone>_<type>.json`), if any
+    instance_type: str | None = None
+
+    def price_names(self, location: Location) -> tuple[str, ...]:
+        """The names a `--prices` entry may give `location` by, most specific first: the zone's
+        file stem (`us-west-2a_v100_8`: one price per instance type), its zone, `cloud/region/zone`."""
+        stem = (f"{location.zone}_{self.instance_type}",) if self.instance_type else ()
+        return (*stem, location.zone, location.key)
 
     @property
     def ticks(self) -> int:
@@ -197,7 +205,9 @@ def load_traces(
     elif _repeated_zone(jsons) is not None:
         chosen = sorted(groups, key=lambda kind: (kind is not None, kind or ""))
     else:
-        return [_from_json_files(path, jsons, path.name, str(path), binary_is_unlimited)]
+        kinds = set(groups)
+        trace = _from_json_files(path, jsons, path.name, str(path), binary_is_unlimited)
+        return [replace(trace, instance_type=kinds.pop()) if len(kinds) == 1 else trace]
     traces = []
     for kind in chosen:
         files = groups[kind]
@@ -205,7 +215,8 @@ def load_traces(
         name = path.name if whole or kind is None else f"{path.name}[{kind}]"
         source = str(path) if whole else f"{path} (instance type {kind or 'none'})"
         _check_zones_once(path, files)
-        traces.append(_from_json_files(path, files, name, source, binary_is_unlimited))
+        trace = _from_json_files(path, files, name, source, binary_is_unlimited)
+        traces.append(replace(trace, instance_type=kind))
     return traces
 
 
