@@ -379,6 +379,8 @@ def check_writable(path: Path, what: str = "output", *, directory: bool = False)
         raise OutputError(f"{path}: is a directory; expected a file path for the {what}")
     parent = path.parent
     while not parent.exists() and parent != parent.parent:
+        if parent.is_symlink():  # dangling or a loop: no directory can be made there
+            raise OutputError(f"{path}: cannot write the {what}: {parent} is a symbolic link to nowhere")
         parent = parent.parent
     if not parent.is_dir():
         raise OutputError(f"{path}: cannot write the {what}: {parent} is not a directory")

@@ -100,6 +100,15 @@ def test_a_plot_that_cannot_be_written_fails_before_simulating(trace_csv, tmp_pa
     one_error_line(result, f"{blocker / 'p.png'}: cannot write the plot", "is not a directory")
 
 
+@pytest.mark.parametrize("link_to", ["loop", "missing"])
+def test_a_plot_under_a_symlink_to_nowhere_fails_before_simulating(trace_csv, tmp_path, link_to):
+    link = tmp_path / "link"
+    link.symlink_to(link if link_to == "loop" else tmp_path / "missing")
+    result = run("simulate", "--trace", str(trace_csv), "--repeats", "1", "--plot", str(link / "p.png"))
+    nowhere = f"{link} is a symbolic link to nowhere"
+    one_error_line(result, f"{link / 'p.png'}: cannot write the plot", nowhere)
+
+
 def test_a_plot_into_an_unwritable_directory_is_refused(trace_csv, tmp_path, monkeypatch):
     """Checked with os.access, which the test fakes: CI runs as root, for whom every dir is writable."""
     real_access = os.access
