@@ -231,6 +231,23 @@ class ApplyReport:
 # Recording a plan and a root's result in state
 
 
+def reopen_unfinished_deletes(state: ServiceState) -> list[str]:
+    """Clear `draining` on replicas a killed run left marked for deletion; returns their IDs.
+
+    A delete is recorded (draining) before Terraform runs and settled by the result; a run
+    killed in between (kill -9, OOM) leaves the mark, and a draining replica is one neither the
+    policy nor the rolling update looks at any more: it stayed SHUTTING_DOWN, serving nothing,
+    for good. Called at the start of a run that holds the writer lock, when any mark is such a
+    leftover, so the next plan decides again. Interruption warnings keep theirs (the replica
+    still serves until the cloud takes it)."""
+    warned = state.extra.get("warned")
+    keep = set(warned) if isinstance(warned, dict) else set()
+    reopened = [r.id for r in state.live() if r.draining and r.id not in keep]
+    for rid in reopened:
+        state.replicas[rid].draining = False
+    return sorted(reopened)
+
+
 def record_plan(
     state: ServiceState, plan: Plan, memory: dict[str, Any], placement: Placement, now: float
 ) -> None:
@@ -465,6 +482,8 @@ def apply_service(
     report = ApplyReport()
     with writer_lock(ws.state_dir):
         state = load_state(ws.state_dir, spec.name)
+        if reopened := reopen_unfinished_deletes(state):
+            say(f"{', '.join(reopened)}: deletes a killed run left unfinished; the plan decides again")
         set_gitops(state, False)  # applied from here on, whatever advanced it before
         router = _router(spec, ws.state_dir)
         if route and router is not None:

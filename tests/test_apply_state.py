@@ -474,3 +474,33 @@ def test_a_corrupt_terraform_state_is_named_not_reported_as_a_lock(svc):
     first = result.output.strip().splitlines()[-1]
     assert "is not valid JSON" in first and f"restore it from {tfstate}.backup" in first
     assert "state lock" not in result.output
+
+
+def test_a_delete_a_killed_run_left_unfinished_is_decided_again(svc):
+    """Deletes are recorded (draining) before Terraform runs. A run killed in between left the
+    mark, and neither the policy nor the rolling update looks at a draining replica: it stayed
+    SHUTTING_DOWN, out of the router, for good. The next run clears such marks (not those of
+    interruption warnings: that replica serves until the cloud takes it) and plans again."""
+    from skyhedge.apply import reopen_unfinished_deletes
+
+    spec = load_spec(svc.write(replicas=2))
+    assert apply_service(spec, svc.state_dir, route=False).ok
+    state = load_state(svc.state_dir, spec.name)
+    left, warned = sorted(r.id for r in state.live() if r.market == "spot")[:2]
+    for rid in (left, warned):
+        state.replicas[rid].draining = True  # as a run killed mid-delete leaves them
+    state.extra["warned"] = {warned: 1.0}
+    assert reopen_unfinished_deletes(state) == [left]
+    assert not state.replicas[left].draining and state.replicas[warned].draining
+    state.replicas[left].draining = True
+    state.extra.pop("warned")
+    (svc.state_dir / STATE_FILE).write_text(json.dumps(state.to_json()))
+    said: list[str] = []
+    report = apply_service(spec, svc.state_dir, route=False, say=said.append)
+    assert report.ok, report.errors
+    assert (
+        f"{', '.join(sorted([left, warned]))}: deletes a killed run left unfinished; the plan decides again"
+        in said
+    )
+    after = load_state(svc.state_dir, spec.name)
+    assert not any(r.draining for r in after.live())

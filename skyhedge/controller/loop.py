@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from skyhedge import autoscaler
-from skyhedge.apply import record_plan
+from skyhedge.apply import record_plan, reopen_unfinished_deletes
 from skyhedge.controller.facts import (
     WARNING_GRACE_SECONDS,
     ProbeResult,
@@ -154,6 +154,8 @@ class Controller:
         self.options = options or ControllerOptions()
         self.placement = placement or resolve_placement(spec)
         self.state: ServiceState = load_state(state_dir, spec.name)
+        if reopened := reopen_unfinished_deletes(self.state):  # the lock is ours: a killed run's
+            log.info("%s: %s: deletes a killed run left unfinished", spec.name, ", ".join(reopened))
         set_gitops(self.state, self.options.assume_ready)
         self.scaler = autoscaler.AutoscalerConfig.from_spec(spec)
         self.notes: deque[Note] = deque(maxlen=50)
