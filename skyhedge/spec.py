@@ -224,12 +224,13 @@ def _display_path(path: str) -> str:
     """`path` for a one-line message: a key the user wrote with a line break, a tab or other
     invisible characters in it (or an empty one) is shown quoted, so it is seen and the error
     stays one line."""
-    if path.isprintable() and not any(c.isspace() for c in path):
+    if _plain(path):
         return path
-    return ".".join(
-        seg if seg and seg.isprintable() and not any(c.isspace() for c in seg) else repr(seg)
-        for seg in path.split(".")
-    )
+    return ".".join(seg if seg and _plain(seg) else repr(seg) for seg in path.split("."))
+
+
+def _plain(text: str) -> bool:
+    return text.isprintable() and not any(c.isspace() for c in text)
 
 
 def _kind(value: Any) -> str:

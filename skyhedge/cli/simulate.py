@@ -23,10 +23,10 @@ from skyhedge.state import check_writable
 DEFAULT_POLICIES = "spothedge,skyserve,optimal,ondemand,even,rr,single-region"
 
 
-def _policy_names(texts: tuple[str, ...] | str) -> list[str]:
+def _policy_names(texts: tuple[str, ...]) -> list[str]:
     """`--policy` values (the option may be repeated), each comma-separated; duplicates once."""
-    texts = (texts,) if isinstance(texts, str) else texts or (DEFAULT_POLICIES,)
-    names = [name.strip() for text in texts for name in text.split(",") if name.strip()]
+    given = texts or (DEFAULT_POLICIES,)
+    names = [name.strip() for text in given for name in text.split(",") if name.strip()]
     if not names:
         raise click.BadParameter("expected one or more policy names, comma-separated", param_hint="--policy")
     return list(dict.fromkeys(names))

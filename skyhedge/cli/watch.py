@@ -58,9 +58,14 @@ _metrics_host = click.option(
 )
 
 
+def _given(param: str) -> bool:
+    """Whether the command line (or the environment) set `param`, rather than its default."""
+    source = click.get_current_context().get_parameter_source(param)
+    return source is not None and source.name != "DEFAULT"
+
+
 def _check_metrics_flags(port: int | None) -> None:
-    source = click.get_current_context().get_parameter_source("metrics_host")
-    if port is None and source is not None and source.name != "DEFAULT":
+    if port is None and _given("metrics_host"):
         raise click.UsageError("--metrics-host is where --metrics-port listens: give --metrics-port too")
 
 
@@ -265,8 +270,7 @@ def up(
     """Apply SPEC, bring routing up and watch it, with a live dashboard (= apply + routing + watch)."""
     from skyhedge.controller.runner import Watcher
 
-    source = click.get_current_context().get_parameter_source("speedup")
-    if market_trace is None and source is not None and source.name != "DEFAULT":
+    if market_trace is None and _given("speedup"):
         raise click.UsageError("--speedup paces a --market-trace replay; give one, or drop --speedup")
     _check_metrics_flags(metrics_port)
     service, sdir = _load(spec, state_dir)
