@@ -6,6 +6,7 @@ This module reads the catalog (bundled files) but does no cloud or Terraform I/O
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from typing import Any
 from urllib.parse import urlsplit
@@ -71,23 +72,31 @@ def remember_decision(state: ServiceState, memory: dict[str, Any], now: float) -
 class Placement:
     """The spec joined with the catalog: where replicas may go and what they cost there."""
 
-    candidates: tuple[Candidate, ...]
+    candidates: tuple[Candidate, ...]  # zones selling the type on spot, cheapest spot first
     instance_types: dict[str, str]  # cloud -> instance type
+    #: allowed zones that sell the type on-demand only (spot_price inf): on-demand replicas only
+    ondemand_only: tuple[Candidate, ...] = ()
+
+    @property
+    def locations(self) -> tuple[Candidate, ...]:
+        """Every allowed zone, spot-selling ones first: where replicas may run and events come from."""
+        return self.candidates + self.ondemand_only
 
     def prices(self) -> dict[tuple[Location, Market], float]:
         out: dict[tuple[Location, Market], float] = {}
-        for c in self.candidates:
-            out[(c.location, Market.SPOT)] = c.spot_price
+        for c in self.locations:
+            if c.sells_spot:
+                out[(c.location, Market.SPOT)] = c.spot_price
             out[(c.location, Market.ON_DEMAND)] = c.ondemand_price
         return out
 
     def zones(self, cloud: str) -> list[str]:
-        """The zones of `cloud` among the candidates, in candidate order."""
-        return [c.location.zone for c in self.candidates if c.location.cloud == cloud]
+        """The zones of `cloud` where replicas may run, spot-selling ones first."""
+        return [c.location.zone for c in self.locations if c.location.cloud == cloud]
 
     @property
     def cheapest_ondemand(self) -> float:
-        return min(c.ondemand_price for c in self.candidates)
+        return min(c.ondemand_price for c in self.locations)
 
 
 def _instance_type(spec: ServiceSpec, cloud: str) -> str:
@@ -122,7 +131,9 @@ def _instance_type(spec: ServiceSpec, cloud: str) -> str:
 
 
 def resolve_placement(spec: ServiceSpec) -> Placement:
-    """Candidates = allowed zones of every allowed cloud that sell the instance type on spot.
+    """Candidates = allowed zones of every allowed cloud that sell the instance type on spot; the
+    allowed zones that sell it on-demand only are kept apart (`ondemand_only`) for on-demand
+    replicas. A spec none of whose zones sells spot is refused unless its policy is `ondemand`.
 
     `placement.regions` / `placement.zones` filter a cloud only when they name at least one of that
     cloud's regions/zones, so one list can serve a multi-cloud spec. A name no selected cloud knows
@@ -153,6 +164,7 @@ def resolve_placement(spec: ServiceSpec) -> Placement:
                     path=f"placement.{field}[{i}]",
                 )
     candidates: list[Candidate] = []
+    ondemand_only: list[Candidate] = []
     types: dict[str, str] = {}
     disjoint: list[str] = []
     for cloud, catalog in catalogs.items():
@@ -167,31 +179,32 @@ def resolve_placement(spec: ServiceSpec) -> Placement:
                 continue
             if zones and offer.zone not in zones:
                 continue
-            if offer.zone in p.exclude_zones or offer.spot_price is None:
+            if offer.zone in p.exclude_zones:
                 continue
-            candidates.append(
-                Candidate(
-                    Location(cloud, offer.region, offer.zone),
-                    float(offer.spot_price),
-                    float(offer.ondemand_price),
-                )
-            )
-    if not candidates and disjoint:
+            where = Location(cloud, offer.region, offer.zone)
+            if offer.spot_price is None:
+                ondemand_only.append(Candidate(where, math.inf, float(offer.ondemand_price)))
+            else:
+                candidates.append(Candidate(where, float(offer.spot_price), float(offer.ondemand_price)))
+    if not candidates and not ondemand_only and disjoint:
         raise SpecError(
             f"names no zone in placement.regions ({', '.join(disjoint)}): a zone must lie in an "
             "allowed region; drop one of the lists or make them agree",
             file=spec.source,
             path="placement.zones",
         )
-    if not candidates:
+    if not candidates and not (ondemand_only and spec.replica_policy.policy == "ondemand"):
+        sold = ", ".join(f"{c}: {t}" for c, t in types.items())
+        if ondemand_only:
+            sold += "; sold there on-demand only, which replica_policy.policy 'ondemand' runs"
         raise SpecError(
-            "no allowed zone sells the instance type on spot "
-            f"({', '.join(f'{c}: {t}' for c, t in types.items())}); widen clouds/regions/zones",
+            f"no allowed zone sells the instance type on spot ({sold}); widen clouds/regions/zones",
             file=spec.source,
             path="placement",
         )
     candidates.sort(key=lambda c: (c.spot_price, c.location))
-    return Placement(tuple(candidates), types)
+    ondemand_only.sort(key=lambda c: (c.ondemand_price, c.location))
+    return Placement(tuple(candidates), types, tuple(ondemand_only))
 
 
 def service_target(spec: ServiceSpec, state: ServiceState) -> int:
@@ -228,7 +241,7 @@ def compute_plan(
     """One decision: observation from state -> policy -> planner. Returns the plan and the
     policy's memory after deciding (the caller persists it only if it acts on the plan)."""
     placement = placement or resolve_placement(spec)
-    allowed = {c.location for c in placement.candidates}
+    allowed = {c.location for c in placement.locations}
     facts = state.facts()
     # Replicas where the spec no longer allows them (placement narrowed) are moved like outdated
     # ones: the policy, which sees only the others, places their replacements, and they are
@@ -270,6 +283,7 @@ def compute_plan(
         candidates=placement.candidates,
         replicas=inside,
         events=state.events(),
+        ondemand_only=placement.ondemand_only,
     )
     decisions = policy.decide(obs)
     # GitOps: a replacement counts for the roll-over only once the readiness probe's initial delay
@@ -313,7 +327,7 @@ def outdated_replicas(
     and, given the placement, those in a location it no longer allows (moved the same way).
     Replicas recorded before revisions existed count as current."""
     revision = replica_revision(spec)
-    allowed = None if placement is None else {c.location for c in placement.candidates}
+    allowed = None if placement is None else {c.location for c in placement.locations}
     return sorted(
         r.id
         for r in state.live()

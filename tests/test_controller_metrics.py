@@ -303,3 +303,30 @@ def test_every_zone_shows_every_series_from_the_start(ctl):
             frozenset({**where, "market": "on-demand", "state": "NOT_READY"}.items()),
         ) in samples
     assert value(samples, "skyhedge_applies_total", result="failed") == 0
+
+
+def test_a_zone_selling_on_demand_only_has_on_demand_series_and_no_spot_ones(tmp_path, write_spec):
+    """use1-az3 sells p3.2xlarge on-demand only: on-demand replicas may run there, so its
+    on-demand series are there from the start; spot ones (preemptions, warnings) would be noise."""
+    spec = write_spec(
+        """
+        name: svc
+        placement: {clouds: [aws], zones: [use1-az1, use1-az3]}
+        resources: {instance_type: {aws: p3.2xlarge}}
+        replica_policy: {min_replicas: 1, policy: spothedge}
+        run: {command: "true"}
+        """
+    )
+    metrics = Metrics()
+    ctl = fake_controller(load_spec(spec), tmp_path / "state")
+    metrics.watch(ctl)
+    ctl.tick()
+    samples = parse(metrics.text())
+    az3 = {"cloud": "aws", "region": "us-east-1", "zone": "use1-az3"}
+    az1 = {**az3, "zone": "use1-az1"}
+    assert value(samples, "skyhedge_launches_total", **az3, market="on-demand") == 0
+    assert value(samples, "skyhedge_launches_total", **az1, market="spot") == 2  # N + the extra
+    assert value(samples, "skyhedge_interruption_warnings_total", **az1, kind="rebalance") == 0
+    in_az3 = [(name, dict(lab)) for (name, lab) in samples if ("zone", "use1-az3") in lab]
+    assert in_az3 and not [lab for _, lab in in_az3 if lab.get("market") == "spot"]
+    assert not any(("zone", "use1-az3") in lab for (name, lab) in samples if "warning" in name)

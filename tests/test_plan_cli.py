@@ -223,3 +223,55 @@ def test_steady_state_counts_on_demand_replicas_that_stand_in_for_no_spot_replic
     assert summary["spot"] == 0 and summary["on_demand"] == 3
     assert summary["steady_state_hourly_cost"] == summary["hourly_cost"] > 0
     assert summary["steady_state_savings_pct"] == 0.0
+
+
+ONDEMAND_ONLY_ZONES = """
+name: trainer
+placement: {clouds: [aws], zones: [%s]}
+resources: {instance_type: {aws: p3.2xlarge}}
+replica_policy: {min_replicas: 2, policy: %s}
+run: {command: python3 server.py}
+"""
+
+
+def test_ondemand_policy_runs_in_zones_that_sell_the_type_on_demand_only(tmp_path, write_spec):
+    """use1-az3 and use1-az4 sell p3.2xlarge on-demand but not on spot (the catalog has no spot
+    price there): the `ondemand` policy needs no spot, so the spec is not refused, and its
+    replicas land there and render."""
+    spec = write_spec(ONDEMAND_ONLY_ZONES % ("use1-az3, use1-az4", "ondemand"))
+    result = run("plan", str(spec), "--state-dir", str(tmp_path / "st"), "--json")
+    assert result.exit_code == 0, result.output
+    replicas = json.loads(result.stdout)["replicas"]
+    assert [(r["zone"], r["market"], r["price_per_hour"]) for r in replicas] == [
+        ("use1-az3", "on-demand", 3.06),
+        ("use1-az3", "on-demand", 3.06),
+    ]
+    result = run("render", str(spec), "--state-dir", str(tmp_path / "st"), "--out", str(tmp_path / "tf"))
+    assert result.exit_code == 0, result.output
+    tfvars = json.loads((tmp_path / "tf/aws/us-east-1/skyhedge.auto.tfvars.json").read_text())
+    assert tfvars["replicas"] == {
+        "r-0001": {"market": "on-demand", "zone": "use1-az3"},
+        "r-0002": {"market": "on-demand", "zone": "use1-az3"},
+    }
+
+
+def test_a_spot_policy_where_no_zone_sells_spot_is_refused_naming_the_way_out(tmp_path, write_spec):
+    spec = write_spec(ONDEMAND_ONLY_ZONES % ("use1-az3, use1-az4", "skyhedge"))
+    result = run("plan", str(spec), "--state-dir", str(tmp_path / "st"))
+    assert result.exit_code == 1
+    assert result.output.count("\n") == 1
+    assert "placement: no allowed zone sells the instance type on spot" in result.output
+    assert "on-demand only, which replica_policy.policy 'ondemand' runs" in result.output
+    assert not (tmp_path / "st").exists()
+
+
+@pytest.mark.parametrize("policy", ["spothedge", "skyhedge", "even", "rr"])
+def test_spot_replicas_never_go_to_a_zone_that_sells_on_demand_only(tmp_path, write_spec, policy):
+    """With one spot zone (use1-az1) and one on-demand-only zone (use1-az3) allowed, every spot
+    replica goes to use1-az1, the extra one included."""
+    spec = write_spec(ONDEMAND_ONLY_ZONES % ("use1-az1, use1-az3", policy))
+    result = run("plan", str(spec), "--state-dir", str(tmp_path / "st"), "--json")
+    assert result.exit_code == 0, result.output
+    replicas = json.loads(result.stdout)["replicas"]
+    spot = [r["zone"] for r in replicas if r["market"] == "spot"]
+    assert spot and set(spot) == {"use1-az1"}

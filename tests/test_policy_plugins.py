@@ -3,6 +3,7 @@ traceback through skyhedge; built-in policies are not wrapped."""
 
 from __future__ import annotations
 
+import math
 import sys
 import textwrap
 from pathlib import Path
@@ -12,7 +13,7 @@ from click.testing import CliRunner
 
 from skyhedge.cli import main
 from skyhedge.errors import PolicyError
-from skyhedge.policy import Candidate, LaunchSpot, Location, Observation, make_policy
+from skyhedge.policy import Candidate, LaunchOnDemand, LaunchSpot, Location, Observation, Policy, make_policy
 from skyhedge.policy.base import GuardedPolicy
 from skyhedge.policy.spothedge import SpotHedge
 
@@ -149,3 +150,28 @@ def test_skyhedge_debug_shows_the_plugins_traceback(plugin, tmp_path, monkeypatc
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 1
     assert "Traceback" in result.output and 'raise RuntimeError("boom")' in result.output
+
+
+def test_a_plugin_launching_spot_where_only_on_demand_is_sold_is_one_clear_error():
+    """Locations in `Observation.ondemand_only` take on-demand replicas only: the guard refuses a
+    plug-in's spot launch there, and lets its on-demand launch through."""
+    spot_zone = Location("aws", "us-east-1", "use1-az1")
+    od_zone = Location("aws", "us-east-1", "use1-az3")
+
+    class Launches(Policy):
+        def __init__(self, decision):
+            super().__init__()
+            self.decision = decision
+
+        def decide(self, obs):
+            return [self.decision]
+
+    obs = Observation(
+        now=0.0,
+        target=1,
+        candidates=(Candidate(spot_zone, 1.0, 3.0),),
+        ondemand_only=(Candidate(od_zone, math.inf, 3.0),),
+    )
+    assert GuardedPolicy(Launches(LaunchOnDemand(od_zone)), "p").decide(obs) == [LaunchOnDemand(od_zone)]
+    with pytest.raises(PolicyError, match=r"spot in aws/us-east-1/use1-az3, which sells on-demand only"):
+        GuardedPolicy(Launches(LaunchSpot(od_zone)), "p").decide(obs)

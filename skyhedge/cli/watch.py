@@ -476,7 +476,7 @@ def setup_events_cmd(spec: Path) -> None:
 
     service = load_spec(spec)
     regions = sorted(
-        {c.location.region for c in resolve_placement(service).candidates if c.location.cloud == "aws"}
+        {c.location.region for c in resolve_placement(service).locations if c.location.cloud == "aws"}
     )
     if not regions:
         raise SpecError(

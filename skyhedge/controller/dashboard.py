@@ -83,10 +83,15 @@ def render(ctl: Controller, *, endpoint: str | None = None, now: float | None = 
         c[r.market] += 1
         if r.fact().ready:
             c["ready"] += 1
-    for cand in ctl.placement.candidates:
+    for cand in ctl.placement.locations:
         key = cand.location.key
         c = per_zone.get(key, Counter())
-        view = Text("PREEMPTED", style="red") if key in preempted else Text("ACTIVE", style="green")
+        if not cand.sells_spot:
+            view = Text("on-demand only", style="dim")
+        elif key in preempted:
+            view = Text("PREEMPTED", style="red")
+        else:
+            view = Text("ACTIVE", style="green")
         zones.add_row(key, str(c["spot"]), str(c["on-demand"]), str(c["ready"]), view)
 
     reps = Table(title="replicas", expand=True, box=None)

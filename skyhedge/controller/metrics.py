@@ -111,11 +111,14 @@ def _series(name: str, labels: Mapping[str, str]) -> tuple[str, tuple[tuple[str,
 def _zero_series(ctl: Controller) -> list[tuple[str, tuple[tuple[str, str], ...]]]:
     """The counter series every placement zone has from the start (at 0)."""
     out = [_series("skyhedge_applies_total", {"result": r}) for r in ("ok", "failed")]
-    for cand in ctl.placement.candidates:
+    for cand in ctl.placement.locations:
         where = {"cloud": cand.location.cloud, "region": cand.location.region, "zone": cand.location.zone}
-        out += [_series("skyhedge_launches_total", {**where, "market": m}) for m in ("spot", "on-demand")]
-        out.append(_series("skyhedge_preemptions_total", {**where, "market": "spot"}))
+        out.append(_series("skyhedge_launches_total", {**where, "market": "on-demand"}))
         out.append(_series("skyhedge_launch_failures_total", where))
+        if not cand.sells_spot:  # on-demand only: no spot launch, preemption or warning there
+            continue
+        out.append(_series("skyhedge_launches_total", {**where, "market": "spot"}))
+        out.append(_series("skyhedge_preemptions_total", {**where, "market": "spot"}))
         if cand.location.cloud == "aws":  # the only cloud that sends them
             out += [
                 _series("skyhedge_interruption_warnings_total", {**where, "kind": k})
@@ -278,9 +281,9 @@ class Metrics:
                 "Live replicas by location, market and state (PROVISIONING, STARTING, READY...).",
             )
             per: Counter[tuple[str, str, str, str, str]] = Counter()
-            for cand in ctl.placement.candidates:  # every zone, market and state, 0 included
+            for cand in ctl.placement.locations:  # every zone, market and state, 0 included
                 loc = cand.location
-                for market in ("spot", "on-demand"):
+                for market in ("spot", "on-demand") if cand.sells_spot else ("on-demand",):
                     for status in _LIVE_STATES:
                         per[(loc.cloud, loc.region, loc.zone, market, status.value)] += 0
             for rec in state.live():

@@ -72,8 +72,8 @@ def _build_sources(
     sources: list[EventSource],
     only: Collection[str] | None,
 ) -> None:
-    region_of = {c.location.zone: c.location.region for c in placement.candidates}
-    clouds = {c.location.cloud for c in placement.candidates}
+    region_of = {c.location.zone: c.location.region for c in placement.locations}
+    clouds = {c.location.cloud for c in placement.locations}
     if only is not None:
         clouds &= set(only)
     if "local" in clouds:
@@ -83,7 +83,7 @@ def _build_sources(
     if "aws" in clouds:
         from skyhedge.clouds.aws.events import AwsEventSource
 
-        regions = sorted({c.location.region for c in placement.candidates if c.location.cloud == "aws"})
+        regions = sorted({c.location.region for c in placement.locations if c.location.cloud == "aws"})
         sources.append(AwsEventSource(spec.name, regions, queue_name=spec.aws.events_queue))
     if "gcp" in clouds:
         from skyhedge.clouds.gcp import PROJECT_ENV, resolve_project
@@ -98,7 +98,7 @@ def _build_sources(
         gcp_zones = {
             z: r
             for z, r in region_of.items()
-            if any(c.location.zone == z and c.location.cloud == "gcp" for c in placement.candidates)
+            if any(c.location.zone == z and c.location.cloud == "gcp" for c in placement.locations)
         }
         sources.append(GcpEventSource(spec.name, project, gcp_zones))
 
@@ -107,9 +107,9 @@ def source_keys(spec: ServiceSpec, placement: Placement) -> dict[str, tuple[obje
     """Per cloud (a source's `name`), what its event source is built from. A reloaded spec keeps
     a cloud's running source, and whatever it holds, unless this changed."""
     keys: dict[str, tuple[object, ...]] = {}
-    for cloud in sorted({c.location.cloud for c in placement.candidates}):
+    for cloud in sorted({c.location.cloud for c in placement.locations}):
         where = sorted(
-            (c.location.region, c.location.zone) for c in placement.candidates if c.location.cloud == cloud
+            (c.location.region, c.location.zone) for c in placement.locations if c.location.cloud == cloud
         )
         keys[cloud] = (tuple(where), getattr(spec, cloud, None))  # the cloud's own spec section, if any
     return keys

@@ -17,7 +17,7 @@ from importlib.metadata import entry_points
 from typing import Any, ClassVar
 
 from skyhedge.errors import PolicyError
-from skyhedge.policy.types import Decision, Observation, PolicyConfig
+from skyhedge.policy.types import Decision, LaunchSpot, Observation, PolicyConfig
 
 
 class Policy(ABC):
@@ -104,13 +104,19 @@ class GuardedPolicy(Policy):
                 f"policy {self.label!r}: decide() must return a list of Decision "
                 f"(LaunchSpot, LaunchOnDemand, Terminate), got {decisions!r:.80}"
             )
-        allowed = {c.location for c in obs.candidates}
+        spot = {c.location for c in obs.candidates}
+        anywhere = spot | {c.location for c in obs.ondemand_only}
         for d in decisions:
             where = getattr(d, "location", None)
-            if where is not None and where not in allowed:
+            if where is not None and where not in anywhere:
                 raise PolicyError(
                     f"policy {self.label!r}: decide() launched in {where.key}, which is not one of the "
                     "observation's candidates (the spec's placement)"
+                )
+            if isinstance(d, LaunchSpot) and where not in spot:
+                raise PolicyError(
+                    f"policy {self.label!r}: decide() launched spot in {where.key}, "
+                    "which sells on-demand only"
                 )
         return decisions
 

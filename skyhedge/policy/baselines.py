@@ -84,7 +84,7 @@ class _SpotBaseline(Policy):
             if zones:
                 placed = self._place(zones, spot_wanted - len(spot), _counts(spot))
                 decisions.extend(LaunchSpot(location) for location in placed)
-        decisions.extend(_ondemand_decisions(obs.candidates, ondemand, ondemand_wanted))
+        decisions.extend(_ondemand_decisions(obs.ondemand_choices(), ondemand, ondemand_wanted))
         return decisions
 
 
@@ -96,7 +96,7 @@ class OnDemandOnly(Policy):
     def decide(self, obs: Observation) -> list[Decision]:
         spot, ondemand = live_replicas(obs)
         decisions: list[Decision] = [Terminate(r.id) for r in spot]
-        decisions.extend(_ondemand_decisions(obs.candidates, ondemand, max(0, obs.target)))
+        decisions.extend(_ondemand_decisions(obs.ondemand_choices(), ondemand, max(0, obs.target)))
         return decisions
 
 

@@ -330,7 +330,7 @@ class SkyHedge(SpotHedge):
             if event.kind is EventKind.WARNING:
                 self._preempted.add(event.location)
         self._apply_reset_rule(candidates)
-        self._orderings(candidates)
+        self._orderings(candidates, obs.ondemand_choices())
         n = obs.target
         if n <= 0 or not candidates:
             if not candidates:
@@ -376,7 +376,7 @@ class SkyHedge(SpotHedge):
         extra (on-demand over spot price, 3 on the paper's traces), so it is bought only while
         the predicted unhedged risk exceeds the budget by that ratio."""
         spot = min((c.spot_price for c in obs.candidates), default=0.0)
-        ondemand = min((c.ondemand_price for c in obs.candidates), default=0.0)
+        ondemand = min((c.ondemand_price for c in obs.ondemand_choices()), default=0.0)
         ratio = ondemand / spot if spot > 0 else 1.0
         return self.unhedged_risk(held, now) > (1.0 - self.target) * max(1.0, ratio)
 

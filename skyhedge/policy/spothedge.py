@@ -129,6 +129,7 @@ class SpotHedge(Policy):
         super().__init__(config, seed=seed)
         self._preempted: set[Location] = set()
         self._cached_for: tuple[Candidate, ...] | None = None
+        self._cached_ondemand: tuple[Candidate, ...] | None = None
         self._spot_order: list[Location] = []
         self._ondemand_best: Location | None = None
 
@@ -185,13 +186,13 @@ class SpotHedge(Policy):
 
     # -- decisions ----------------------------------------------------------------------------
 
-    def _orderings(self, candidates: tuple[Candidate, ...]) -> None:
-        if candidates is self._cached_for:
+    def _orderings(self, candidates: tuple[Candidate, ...], ondemand: tuple[Candidate, ...]) -> None:
+        if candidates is self._cached_for and ondemand is self._cached_ondemand:
             return
-        self._cached_for = candidates
+        self._cached_for, self._cached_ondemand = candidates, ondemand
         ranked = sorted(range(len(candidates)), key=lambda i: (candidates[i].spot_price, i))
         self._spot_order = [candidates[i].location for i in ranked]
-        self._ondemand_best = _cheapest_ondemand(candidates).location if candidates else None
+        self._ondemand_best = _cheapest_ondemand(ondemand).location if ondemand else None
 
     def place_spot(
         self, count: int, holding: dict[Location, int], avoid: Collection[Location] = ()
@@ -220,7 +221,7 @@ class SpotHedge(Policy):
         candidates = obs.candidates
         self.observe(obs.events)
         self._apply_reset_rule(candidates)
-        self._orderings(candidates)
+        self._orderings(candidates, obs.ondemand_choices())
         spot, ondemand = live_replicas(obs)
         ready_spot = 0
         for replica in spot:

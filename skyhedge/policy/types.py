@@ -8,6 +8,7 @@ controller (from real clouds) and by the simulator (from traces), so there is on
 from __future__ import annotations
 
 import enum
+import math
 from dataclasses import dataclass, field
 
 
@@ -42,11 +43,17 @@ class Location:
 
 @dataclass(frozen=True)
 class Candidate:
-    """A location a replica may be placed in, with its hourly prices there."""
+    """A location a replica may be placed in, with its hourly prices there. `spot_price` is
+    `math.inf` where the location sells the instance type on-demand only (those locations come in
+    `Observation.ondemand_only`, never in `candidates`)."""
 
     location: Location
     spot_price: float
     ondemand_price: float
+
+    @property
+    def sells_spot(self) -> bool:
+        return math.isfinite(self.spot_price)
 
 
 class ReplicaStatus(str, enum.Enum):
@@ -162,7 +169,9 @@ class Observation:
 
     `replicas` holds only live replicas (gone ones are reported through `events`).
     `events` are the zone events since the previous decision, oldest first.
-    `candidates` are the allowed locations with prices, in a stable order (ties break by it).
+    `candidates` are the allowed locations that sell spot, with prices, in a stable order (ties
+    break by it). `ondemand_only` are allowed locations that sell the type on-demand only: an
+    on-demand replica may go there (`ondemand_choices()`), a spot one never.
     """
 
     now: float
@@ -170,6 +179,11 @@ class Observation:
     candidates: tuple[Candidate, ...]
     replicas: tuple[ReplicaFact, ...] = ()
     events: tuple[ZoneEvent, ...] = ()
+    ondemand_only: tuple[Candidate, ...] = ()
+
+    def ondemand_choices(self) -> tuple[Candidate, ...]:
+        """Where an on-demand replica may go: every candidate, then the on-demand-only locations."""
+        return self.candidates + self.ondemand_only if self.ondemand_only else self.candidates
 
     def spot(self) -> list[ReplicaFact]:
         return [r for r in self.replicas if r.market is Market.SPOT]
