@@ -5,6 +5,7 @@ Each records its calls and can be told to fail, so tests assert what the control
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -17,14 +18,33 @@ from skyhedge.policy.types import EventKind, ZoneEvent
 from skyhedge.spec import ServiceSpec
 from skyhedge.state import ReplicaRecord, ServiceState
 
+
+def _free_router_port() -> int:
+    """A port free now, below Linux's ephemeral range (no client socket is handed it later) and
+    away from local replicas' ports (18000 + N): the suite must pass while a developer's own
+    service holds the default 8080."""
+    for port in range(24080, 32000, 101):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port in 24080-32000 for the tests' router")
+
+
+#: The router port of LOCAL_SPEC (the spec's `service.port`).
+ROUTER_PORT = _free_router_port()
+
 #: A local-cloud service of one replica, for tests of the watcher around the loop.
-LOCAL_SPEC = """\
+LOCAL_SPEC = f"""\
 name: svc
 placement:
   clouds: [local]
   zones: [local-a, local-b]
-replica_policy: {min_replicas: 1, policy: spothedge}
-run: {command: "true"}
+replica_policy: {{min_replicas: 1, policy: spothedge}}
+service: {{port: {ROUTER_PORT}}}
+run: {{command: "true"}}
 """
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 from controller_fakes import LOCAL_SPEC as LOCAL
+from controller_fakes import ROUTER_PORT
 from routing_support import needs_nginx
 
 from skyhedge.clouds.local import capacity, runtime_dir
@@ -155,10 +156,11 @@ def test_a_router_port_that_is_taken_is_refused_before_anything_switches(spec_fi
         with watcher_for(spec_file, tmp_path, route=True) as w:
             assert w.controller is not None
             router = w.controller.router
-            rewrite(spec_file, "run:", f"service: {{port: {taken}}}\nrun:")
+            rewrite(spec_file, f"port: {ROUTER_PORT}", f"port: {taken}")
             w._check_spec()
             assert f"service.port {taken} on 127.0.0.1 is not available" in notes(w)[-1]
-            assert w.spec.service.port == 8080 and router.router.spec.service.port == 8080  # type: ignore[union-attr]
+            assert w.spec.service.port == ROUTER_PORT
+            assert router.router.spec.service.port == ROUTER_PORT  # type: ignore[union-attr]
 
 
 def test_spec_changes_name_each_field_and_hide_values_that_may_be_secret(write_spec):
@@ -168,8 +170,8 @@ def test_spec_changes_name_each_field_and_hide_values_that_may_be_secret(write_s
             LOCAL.replace("min_replicas: 1", "min_replicas: 2, availability_target: 0.999").replace(
                 'command: "true"', 'command: "true", env: {TOKEN: abc}'
             )
-            + "readiness_probe: {headers: {Authorization: Bearer xyz}}\n"
-            + "service: {router: {read_timeout: 900}}\n",
+            .replace(f"port: {ROUTER_PORT}", f"port: {ROUTER_PORT}, router: {{read_timeout: 900}}")
+            + "readiness_probe: {headers: {Authorization: Bearer xyz}}\n",
             name="other.yaml",
         )
     )
@@ -216,9 +218,9 @@ def test_a_host_change_on_the_same_port_needs_a_router_restart_and_says_so(spec_
         router = Router(w.spec, tmp_path / "state")
         try:
             router.up([])
-            rewrite(spec_file, "run:", "service: {host: 0.0.0.0}\nrun:")
+            rewrite(spec_file, f"port: {ROUTER_PORT}", f"port: {ROUTER_PORT}, host: 0.0.0.0")
             w._check_spec()
-            assert "service.host: the router listens on 127.0.0.1:8080" in notes(w)[-1]
+            assert f"service.host: the router listens on 127.0.0.1:{ROUTER_PORT}" in notes(w)[-1]
             assert "restart the router" in notes(w)[-1] and w.spec.service.host == "127.0.0.1"
         finally:
             router.down(timeout=5)
@@ -240,7 +242,7 @@ def test_a_router_that_refuses_the_new_config_keeps_the_old_spec_and_closes_what
 
             monkeypatch.setattr(Router, "up", refuse)
             rewrite(spec_file, "zones: [local-a, local-b]", "zones: [local-a, local-c]")
-            rewrite(spec_file, "run:", "service: {router: {read_timeout: 900}}\nrun:")
+            rewrite(spec_file, f"port: {ROUTER_PORT}", f"port: {ROUTER_PORT}, router: {{read_timeout: 900}}")
             w._check_spec()
             assert "spec reload refused: nginx did not apply the new configuration" in notes(w)[-1]
             assert w.controller.sources == [source] and w.spec.service.router.read_timeout == 600
