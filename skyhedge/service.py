@@ -7,12 +7,13 @@ This module reads the catalog (bundled files) but does no cloud or Terraform I/O
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 from urllib.parse import urlsplit
 
 from skyhedge.catalog import load_catalog, parse_accelerator
-from skyhedge.catalog.model import did_you_mean
+from skyhedge.catalog.model import Offer, did_you_mean
 from skyhedge.errors import CatalogError, PolicyError, SpecError, StateError
 from skyhedge.planner import Plan, make_plan
 from skyhedge.policy import Candidate, Location, Market, Observation, Terminate, make_policy
@@ -99,7 +100,11 @@ class Placement:
         return min(c.ondemand_price for c in self.locations)
 
 
-def _instance_type(spec: ServiceSpec, cloud: str) -> str:
+def _instance_type(spec: ServiceSpec, cloud: str, allowed: Callable[[Offer], bool]) -> str:
+    """The cloud's instance type: the one the spec names, else the cheapest (on-demand) type
+    carrying its accelerators that the placement can run, i.e. sold in an `allowed` zone: on spot
+    there first, unless the policy is `ondemand`. A cheaper type sold only outside the placement
+    (or only on-demand inside it) must not make a spec fail that another type would serve."""
     catalog = load_catalog(cloud)
     explicit = spec.resources.instance_type.get(cloud)
     if explicit:
@@ -122,7 +127,13 @@ def _instance_type(spec: ServiceSpec, cloud: str) -> str:
                 file=spec.source,
                 path="resources.accelerators",
             )
-        return types[0]
+        spot_first = spec.replica_policy.policy != "ondemand"
+        for need_spot in (True, False) if spot_first else (False,):
+            for itype in types:
+                offers = (o for o in catalog.offers_for(itype) if allowed(o))
+                if any(o.spot_price is not None or not need_spot for o in offers):
+                    return itype
+        return types[0]  # sold nowhere the placement allows: resolve_placement says so
     raise SpecError(
         f"cloud {cloud!r} needs resources.accelerators or resources.instance_type.{cloud}",
         file=spec.source,
@@ -168,18 +179,22 @@ def resolve_placement(spec: ServiceSpec) -> Placement:
     types: dict[str, str] = {}
     disjoint: list[str] = []
     for cloud, catalog in catalogs.items():
-        itype = _instance_type(spec, cloud)
-        types[cloud] = itype
         regions = set(p.regions) & catalog.regions()
         zones = set(p.zones) & catalog.zones()
         if regions and zones and not any(catalog.region_of(z) in regions for z in zones):
             disjoint.append(cloud)
+
+        def allowed(offer: Offer, regions: set[str] = regions, zones: set[str] = zones) -> bool:
+            return (
+                (not regions or offer.region in regions)
+                and (not zones or offer.zone in zones)
+                and offer.zone not in p.exclude_zones
+            )
+
+        itype = _instance_type(spec, cloud, allowed)
+        types[cloud] = itype
         for offer in catalog.offers_for(itype):
-            if regions and offer.region not in regions:
-                continue
-            if zones and offer.zone not in zones:
-                continue
-            if offer.zone in p.exclude_zones:
+            if not allowed(offer):
                 continue
             where = Location(cloud, offer.region, offer.zone)
             if offer.spot_price is None:

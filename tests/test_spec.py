@@ -569,3 +569,71 @@ def test_a_local_replica_never_gets_the_number_whose_port_the_router_holds(tmp_p
     assert created and "r-0038" not in created and "r-0040" not in created
     assert created[0] == "r-0039"
     assert {replica_port(spec, rid) for rid in created}.isdisjoint({19038, 19040})
+
+
+def _gpu_catalog(offers: list[tuple[str, str, float | None]]) -> dict:
+    """An AWS catalog of two L4 types (g6.xlarge the cheaper on-demand) sold as `offers` say."""
+    types = {
+        t: {"accelerator": "L4", "accelerator_count": 1, "vcpus": v, "memory_gib": 4 * v}
+        for t, v in (("g6.xlarge", 4), ("g6.2xlarge", 8))
+    }
+    ondemand = {"g6.xlarge": 0.80, "g6.2xlarge": 0.98}
+    return {
+        "format": 1,
+        "cloud": "aws",
+        "source": "test fixture",
+        "taken_at": "2026-01-01",
+        "instance_types": types,
+        "offers": [
+            {
+                "instance_type": t,
+                "region": "us-west-2",
+                "zone": z,
+                "ondemand_price": ondemand[t],
+                "spot_price": s,
+            }
+            for t, z, s in offers
+        ],
+    }
+
+
+@pytest.mark.parametrize(
+    ("offers", "policy", "expected"),
+    [
+        # the cheaper type is sold only outside the allowed zone: the one sold inside is chosen
+        ([("g6.xlarge", "usw2-az1", 0.4), ("g6.2xlarge", "usw2-az2", 0.5)], "skyhedge", "g6.2xlarge"),
+        # sold in the allowed zone on-demand only: a spot policy takes the type sold there on spot...
+        ([("g6.xlarge", "usw2-az2", None), ("g6.2xlarge", "usw2-az2", 0.5)], "skyhedge", "g6.2xlarge"),
+        # ...the ondemand policy the cheaper one
+        ([("g6.xlarge", "usw2-az2", None), ("g6.2xlarge", "usw2-az2", 0.5)], "ondemand", "g6.xlarge"),
+        # both sold there on spot: the cheaper, as before
+        ([("g6.xlarge", "usw2-az2", 0.4), ("g6.2xlarge", "usw2-az2", 0.5)], "skyhedge", "g6.xlarge"),
+    ],
+)
+def test_accelerators_pick_the_cheapest_type_the_placement_can_run(
+    write_spec, tmp_path, monkeypatch, offers, policy, expected
+):
+    import json
+
+    from skyhedge.catalog import clear_cache
+
+    cache = tmp_path / "catalogs"
+    cache.mkdir()
+    (cache / "aws.json").write_text(json.dumps(_gpu_catalog(offers)))
+    monkeypatch.setenv("SKYHEDGE_CATALOG_DIR", str(cache))
+    clear_cache()
+    try:
+        spec = load_spec(
+            write_spec(
+                f"""
+                name: llm
+                placement: {{clouds: [aws], zones: [usw2-az2]}}
+                resources: {{accelerators: "L4:1"}}
+                replica_policy: {{policy: {policy}}}
+                run: {{command: serve}}
+                """
+            )
+        )
+        assert resolve_placement(spec).instance_types == {"aws": expected}
+    finally:
+        clear_cache()
