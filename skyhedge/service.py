@@ -100,7 +100,7 @@ class Placement:
         return min(c.ondemand_price for c in self.locations)
 
 
-def _instance_type(spec: ServiceSpec, cloud: str, allowed: Callable[[Offer], bool]) -> str:
+def _instance_type(spec: ServiceSpec, cloud: str, allowed: Callable[[Offer], bool], policy: str) -> str:
     """The cloud's instance type: the one the spec names, else the cheapest (on-demand) type
     carrying its accelerators that the placement can run, i.e. sold in an `allowed` zone: on spot
     there first, unless the policy is `ondemand`. A cheaper type sold only outside the placement
@@ -127,7 +127,7 @@ def _instance_type(spec: ServiceSpec, cloud: str, allowed: Callable[[Offer], boo
                 file=spec.source,
                 path="resources.accelerators",
             )
-        spot_first = spec.replica_policy.policy != "ondemand"
+        spot_first = policy != "ondemand"
         for need_spot in (True, False) if spot_first else (False,):
             for itype in types:
                 offers = (o for o in catalog.offers_for(itype) if allowed(o))
@@ -141,16 +141,18 @@ def _instance_type(spec: ServiceSpec, cloud: str, allowed: Callable[[Offer], boo
     )
 
 
-def resolve_placement(spec: ServiceSpec) -> Placement:
+def resolve_placement(spec: ServiceSpec, policy: str | None = None) -> Placement:
     """Candidates = allowed zones of every allowed cloud that sell the instance type on spot; the
     allowed zones that sell it on-demand only are kept apart (`ondemand_only`) for on-demand
-    replicas. A spec none of whose zones sells spot is refused unless its policy is `ondemand`.
+    replicas. A spec none of whose zones sells spot is refused unless its policy (`policy`, a
+    command line's choice, else the spec's) is `ondemand`.
 
     `placement.regions` / `placement.zones` filter a cloud only when they name at least one of that
     cloud's regions/zones, so one list can serve a multi-cloud spec. A name no selected cloud knows
     is an error naming it.
     """
     p = spec.placement
+    policy = spec.replica_policy.policy if policy is None else policy
     catalogs = {}
     for cloud in p.clouds:
         try:
@@ -191,7 +193,7 @@ def resolve_placement(spec: ServiceSpec) -> Placement:
                 and offer.zone not in p.exclude_zones
             )
 
-        itype = _instance_type(spec, cloud, allowed)
+        itype = _instance_type(spec, cloud, allowed, policy)
         types[cloud] = itype
         for offer in catalog.offers_for(itype):
             if not allowed(offer):
@@ -208,7 +210,7 @@ def resolve_placement(spec: ServiceSpec) -> Placement:
             file=spec.source,
             path="placement.zones",
         )
-    if not candidates and not (ondemand_only and spec.replica_policy.policy == "ondemand"):
+    if not candidates and not (ondemand_only and policy == "ondemand"):
         sold = ", ".join(f"{c}: {t}" for c, t in types.items())
         if ondemand_only:
             sold += "; sold there on-demand only, which replica_policy.policy 'ondemand' runs"
@@ -255,7 +257,7 @@ def compute_plan(
 ) -> tuple[Plan, dict[str, Any]]:
     """One decision: observation from state -> policy -> planner. Returns the plan and the
     policy's memory after deciding (the caller persists it only if it acts on the plan)."""
-    placement = placement or resolve_placement(spec)
+    placement = placement or resolve_placement(spec, policy_name)
     allowed = {c.location for c in placement.locations}
     facts = state.facts()
     # Replicas where the spec no longer allows them (placement narrowed) are moved like outdated

@@ -263,6 +263,10 @@ def test_a_spot_policy_where_no_zone_sells_spot_is_refused_naming_the_way_out(tm
     assert "placement: no allowed zone sells the instance type on spot" in result.output
     assert "on-demand only, which replica_policy.policy 'ondemand' runs" in result.output
     assert not (tmp_path / "st").exists()
+    # the policy chosen on the command line counts as the spec's would
+    result = run("plan", str(spec), "--state-dir", str(tmp_path / "st"), "--policy", "ondemand", "--json")
+    assert result.exit_code == 0, result.output
+    assert {r["market"] for r in json.loads(result.stdout)["replicas"]} == {"on-demand"}
 
 
 @pytest.mark.parametrize("policy", ["spothedge", "skyhedge", "even", "rr"])
