@@ -29,6 +29,11 @@ ZONE_RE = re.compile(r"^[a-z0-9][a-z0-9-]*$")
 # An AWS zone *name* (us-east-1a, us-gov-west-1a). The catalog and this product use zone IDs.
 AWS_ZONE_NAME_RE = re.compile(r"^[a-z]{2}(-gov)?-[a-z]+-[0-9]+[a-z]$")
 HEADER_NAME_RE = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")  # an RFC 9110 token
+#: A GCP project ID (6-30 of a-z, 0-9, '-', a letter first), optionally domain-scoped
+#: (`example.com:my-project`): it goes into API paths, so nothing else may pass.
+GCP_PROJECT_RE = re.compile(r"^(?:[a-z0-9][a-z0-9.-]{0,61}[a-z0-9]:)?[a-z][a-z0-9-]{4,28}[a-z0-9]$")
+#: An SQS queue name (1-80 of A-Z, a-z, 0-9, '-', '_'; `.fifo` ends a FIFO queue's).
+SQS_QUEUE_RE = re.compile(r"^[A-Za-z0-9_-]{1,80}$|^[A-Za-z0-9_-]{1,75}\.fifo$")
 PLUGIN_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*:[A-Za-z_][A-Za-z0-9_]*$")  # module:Class
 MAX_PORT = 65535
 #: What `http.client` can send as a header value: visible Latin-1, spaces and tabs, no CR/LF.
@@ -328,6 +333,16 @@ def _str(ctx: _Ctx, path: str, value: Any, *, nonempty: bool = True) -> str:
     if nonempty and not value.strip():
         raise ctx.fail(path, "expected a non-empty string")
     return value
+
+
+def _matching(ctx: _Ctx, path: str, value: Any, pattern: re.Pattern[str], what: str) -> str | None:
+    """An optional string that must be `what` (`pattern`): cloud names go into API calls."""
+    if value is None:
+        return None
+    text = _str(ctx, path, value)
+    if not pattern.fullmatch(text):
+        raise ctx.fail(path, f"expected {what}, got {_show(text)}")
+    return text
 
 
 def _choice(ctx: _Ctx, path: str, value: Any, choices: tuple[str, ...]) -> str:
@@ -736,12 +751,12 @@ def parse_spec(data: Any, *, source: str = "<spec>") -> ServiceSpec:
         run=_run(ctx, d.get("run")),
         terraform=_terraform(ctx, d.get("terraform")),
         aws=AwsConfig(
-            events_queue=_str(ctx, "aws.events_queue", aws["events_queue"])
-            if aws.get("events_queue") is not None
-            else None
+            events_queue=_matching(
+                ctx, "aws.events_queue", aws.get("events_queue"), SQS_QUEUE_RE, "an SQS queue name"
+            )
         ),
         gcp=GcpConfig(
-            project=_str(ctx, "gcp.project", gcp["project"]) if gcp.get("project") is not None else None
+            project=_matching(ctx, "gcp.project", gcp.get("project"), GCP_PROJECT_RE, "a GCP project ID")
         ),
         source=source,
     )

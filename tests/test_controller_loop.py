@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from controller_fakes import Clock, FakeExecutor, FakeProber, FakeRouter, FakeSource
 
+from skyhedge.controller.facts import WARNING_GRACE_SECONDS
 from skyhedge.controller.loop import Controller, ControllerOptions
 from skyhedge.events import PreemptionEvent, Signal
 from skyhedge.policy.types import TRANSITIONS, Location, ReplicaStatus
@@ -128,6 +129,22 @@ def test_interruption_warning_replaces_first_and_keeps_serving(world):
     settle(ctl, clock)
     assert sorted(r.market for r in ctl.state.live()) == ["spot"] * 3
 
+
+
+@pytest.mark.parametrize("ahead", [0.0, 5 * 365 * 86400.0], ids=["on-time", "dated-years-ahead"])
+def test_a_warned_replica_the_cloud_does_not_take_is_terminated_after_the_grace(world, ahead):
+    """The grace counts from when the warning reached us at the latest: a warning dated in the
+    future (a cloud's clock ahead of ours, or a forged time) must not keep the replica for ever."""
+    ctl, clock, src = make(world), world["clock"], world["source"]
+    settle(ctl, clock)
+    victim = next(r for r in ctl.state.live() if r.zone == "local-b")
+    dated = clock() + ahead
+    src.queue.append(PreemptionEvent(Signal.WARNING, dated, "fake", cloud_id=f"id-{victim.id}"))
+    ctl.tick()
+    assert victim.draining and victim.gone_at is None
+    clock.advance(WARNING_GRACE_SECONDS + 1)
+    ctl.tick()
+    assert victim.gone_at is not None and victim.id not in world["executor"].ids()
 
 def test_scale_down_drains_before_destroy(world):
     ctl, clock, router = make(world), world["clock"], world["router"]

@@ -22,6 +22,7 @@ from skyhedge.clouds.aws.events import (
     DETAIL_REBALANCE,
     DETAIL_STATE,
     DETAIL_WARNING,
+    FILTER_VALUES_MAX,
     AwsEventSource,
     parse_message,
 )
@@ -99,7 +100,8 @@ def test_parse_sns_wrapped():
 
 
 @pytest.mark.parametrize(
-    "body", ["not json", "[]", json.dumps({"detail": {}}), _event("Other", {"instance-id": "i"})]
+    "body",
+    ["not json", "[" * 100_000, "[]", json.dumps({"detail": {}}), _event("Other", {"instance-id": "i"})],
 )
 def test_unparseable_is_logged_and_dropped(body, caplog):
     with caplog.at_level(logging.WARNING, logger="skyhedge.events"):
@@ -466,3 +468,26 @@ def test_a_leftover_twin_does_not_keep_a_terminated_replica_alive(aws, tmp_path,
     clock.advance(31)
     ctl.tick()
     assert victim.gone_at is not None
+
+
+def test_naming_many_unknown_instances_stays_within_ec2s_filter_limit(aws, tmp_path, write_spec):
+    """EC2 takes at most 200 values per filter. A backlog of events about other instances of the
+    account (the rules match them all) is looked up in chunks, and our replica is still named."""
+    from skyhedge.events import PreemptionEvent
+
+    ctl, source, _clock = _controller(aws, tmp_path, write_spec, reconcile_every=3600)
+    ours = ctl.state.live()[0]
+    sizes: list[int] = []
+
+    def at_most_200(params, **_kwargs):
+        values = [f["Values"] for f in params.get("Filters", []) if f["Name"] == "instance-id"]
+        sizes.extend(len(v) for v in values)
+        if any(len(v) > FILTER_VALUES_MAX for v in values):
+            raise AssertionError("more filter values than EC2 accepts")
+
+    aws.events.register("provide-client-params.ec2.DescribeInstances", at_most_200)
+    recorded, ours.cloud_id = ours.cloud_id, None  # as after an apply that crashed before outputs
+    foreign = [f"i-{n:017x}" for n in range(450)]
+    events = [PreemptionEvent(Signal.WARNING, 1.0, "aws-sqs", cloud_id=i) for i in [*foreign, recorded]]
+    assert source._name_replicas(events, ctl.state.live()) == {recorded: ours.id}
+    assert sorted(sizes) == [51, 200, 200]

@@ -268,6 +268,7 @@ def test_polls_are_rate_limited_and_paginated(compute, session, tmp_path, write_
             "operationType": PREEMPTED_OP,
             "targetLink": f"x/instances/other-{i}",
             "zone": f"zones/{zone}",
+            "insertTime": _rfc3339(clock()),
         }
         for i in range(2)
     ]
@@ -324,6 +325,61 @@ def test_a_response_that_is_not_an_object_is_a_cloud_error(compute, session, tmp
             ctl.sources[0].poll(clock() + 100, ctl.state.live())
     finally:
         compute.handle = real
+
+
+def _instances_reply(odd):
+    """A handler answering instance listings with `odd(items)`, everything else as usual."""
+
+    def handle(real, path, query):
+        code, body = real(path, query)
+        return (code, odd(body["items"])) if path.endswith("/instances") and code == 200 else (code, body)
+
+    return handle
+
+
+@pytest.mark.parametrize(
+    ("odd", "message"),
+    [
+        (lambda items: {"error": {"code": 403, "message": "quota check failed"}}, "quota check failed"),
+        (lambda items: {"items": {"x": items}}, "items: expected a list, got dict"),
+        (lambda items: {"items": [{**i, "name": None} for i in items]}, r"items\[0\]: no instance name"),
+        (lambda items: {"items": ["junk", *items]}, r"items\[0\]: no instance name"),
+        (lambda items: {"items": items[:1], "nextPageToken": "again"}, "more than 50 pages"),
+    ],
+    ids=["error-with-200", "items-not-a-list", "name-null", "item-not-an-object", "endless-pages"],
+)
+def test_a_listing_that_cannot_be_trusted_is_an_error_not_a_preemption(
+    compute, session, tmp_path, write_spec, odd, message
+):
+    """Replicas missing from the instance listing are taken for gone, so a reply that is not a
+    plain, complete listing must fail the poll, never report the replicas as preempted."""
+    ctl, clock = _controller(compute, session, tmp_path, write_spec)
+    live = ctl.state.live()
+    real = compute.handle
+    compute.handle = lambda path, query: _instances_reply(odd)(real, path, query)
+    try:
+        with pytest.raises(CloudError, match=message):
+            ctl.sources[0].poll(clock() + 100, live)
+        clock.advance(200)
+        ctl.tick()
+    finally:
+        compute.handle = real
+    assert [r.id for r in ctl.state.live()] == [r.id for r in live]  # nobody taken for gone
+    assert any("event source gcp" in n.text for n in ctl.notes)
+
+
+@pytest.mark.parametrize("when", [None, "garbage", 1714564800], ids=["missing", "garbage", "a-number"])
+def test_an_operation_with_no_readable_time_is_not_taken_for_a_preemption_now(when, caplog):
+    op = {
+        "id": "7",
+        "operationType": PREEMPTED_OP,
+        "targetLink": f"https://www.googleapis.com/compute/v1/projects/{PROJECT}/zones/us-central1-a/instances/x-1",
+        "zone": f"https://www.googleapis.com/compute/v1/projects/{PROJECT}/zones/us-central1-a",
+    }
+    if when is not None:
+        op["insertTime"] = when
+    assert parse_operation(op, region_of={"us-central1-a": "us-central1"}, received_at=1e9) is None
+    assert "no readable insertTime" in caplog.text
 
 
 def test_a_clock_stepped_back_does_not_pause_polling(compute, session, tmp_path, write_spec):

@@ -286,6 +286,9 @@ BAD_SPECS: list[tuple[str, str]] = [
         "resources.instance_type.azure: unknown field (allowed: aws, gcp, local)",
     ),
     (_with("resources: {disk_size: 5}\n"), "resources.disk_size: expected an integer in [10, 65536], got 5"),
+    (_with('gcp: {project: "a/b?c=d"}\n'), "gcp.project: expected a GCP project ID, got 'a/b?c=d'"),
+    (_with("gcp: {project: My-Project}\n"), "gcp.project: expected a GCP project ID, got 'My-Project'"),
+    (_with("aws: {events_queue: q/1}\n"), "aws.events_queue: expected an SQS queue name, got 'q/1'"),
     (_with("resources: {ports: http}\n"), "resources.ports: expected an integer in [1, 65535], got 'http'"),
     (
         _with("run: {command: x, env: {BAD-NAME: v}}\n", base="name: echo\nplacement: {clouds: [local]}\n"),

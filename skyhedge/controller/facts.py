@@ -81,38 +81,41 @@ def ingest(state: ServiceState, events: Iterable[PreemptionEvent], now: float) -
     notes: list[str] = []
     live = state.live()
     for event in events:
+        # A source's clock (or a cloud's) may run ahead of ours: an event dated in the future would
+        # stretch every grace counted from it (a warned replica never terminated), so it is now.
+        at = min(event.at, now)
         if event.signal is Signal.ZONE_LOST:
             if event.location is not None:
-                state.record_event(ZoneEvent(EventKind.PREEMPTED, event.location, event.at))
+                state.record_event(ZoneEvent(EventKind.PREEMPTED, event.location, at))
                 notes.append(event.describe())
             continue
         rec = find_replica(event, live)
         if rec is None or rec.gone_at is not None:
             log.debug("ignoring %s (not a live replica of %s)", event.describe(), state.service)
             continue
-        if event.at < rec.launched_at - EVENT_SKEW_SECONDS:
+        if at < rec.launched_at - EVENT_SKEW_SECONDS:
             # about an earlier machine of the same name (replica IDs start over with a fresh state
             # dir; GCP keeps operations for weeks and a new watcher reads them all again)
             log.debug("ignoring %s (older than %s's launch)", event.describe(), rec.id)
             continue
         if event.signal is Signal.REBALANCE:
-            state.record_event(ZoneEvent(EventKind.WARNING, rec.location, event.at, rec.id))
+            state.record_event(ZoneEvent(EventKind.WARNING, rec.location, at, rec.id))
             notes.append(f"{event.describe()} ({rec.id} in {rec.zone})")
         elif event.signal is Signal.WARNING:
             if rec.id in warned(state) or rec.draining:
                 continue
             # Start the replacement now: the policy ignores draining replicas, so it launches one;
             # routing keeps sending traffic here until the cloud actually takes the machine.
-            warned(state)[rec.id] = event.at
+            warned(state)[rec.id] = at
             rec.draining = True
-            state.record_event(ZoneEvent(EventKind.PREEMPTED, rec.location, event.at, rec.id))
+            state.record_event(ZoneEvent(EventKind.PREEMPTED, rec.location, at, rec.id))
             notes.append(f"{event.describe()} ({rec.id} in {rec.zone}): replacing it now")
         elif event.signal is Signal.GONE:
             reason = _gone_reason(event, rec, state)
             was_warned = rec.id in warned(state)
-            if mark_gone(state, rec, min(event.at, now), reason, event.describe()):
+            if mark_gone(state, rec, at, reason, event.describe()):
                 if reason == "preempted" and not was_warned:
-                    state.record_event(ZoneEvent(EventKind.PREEMPTED, rec.location, event.at, rec.id))
+                    state.record_event(ZoneEvent(EventKind.PREEMPTED, rec.location, at, rec.id))
                 notes.append(f"{event.describe()} ({rec.id} in {rec.zone}): {reason}")
     return notes
 

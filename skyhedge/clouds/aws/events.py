@@ -38,6 +38,8 @@ GONE_STATES = frozenset({"shutting-down", "terminated", "stopping", "stopped"})
 TAG_SERVICE = "skyhedge:service"
 TAG_REPLICA = "skyhedge:replica"
 SPOT_TERMINATION_CODES = frozenset({"Server.SpotInstanceTermination", "Server.SpotInstanceShutdown"})
+#: DescribeInstances takes at most this many values per filter.
+FILTER_VALUES_MAX = 200
 
 __all__ = [
     "AwsEventSource",
@@ -80,7 +82,7 @@ def parse_message(body: str, *, received_at: float, source: str = "aws-sqs") -> 
     """
     try:
         event = json.loads(body)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, RecursionError):  # nesting deeper than the parser's stack
         unparseable(source, body, "not JSON")
         return None
     if (
@@ -413,14 +415,23 @@ class AwsEventSource(EventSource):
 
         ec2 = self._client("ec2", region)
         out: list[dict[str, Any]] = []
-        filters = [{"Name": f"tag:{TAG_SERVICE}", "Values": [self.service]}]
-        if instance_ids:
-            filters.append({"Name": "instance-id", "Values": list(instance_ids)})
+        tagged = {"Name": f"tag:{TAG_SERVICE}", "Values": [self.service]}
+        ids = list(instance_ids)
+        # EC2 takes at most FILTER_VALUES_MAX values per filter: a burst of events about other
+        # instances of the account must not turn every lookup into an error
+        requests = (
+            [
+                [tagged, {"Name": "instance-id", "Values": ids[i : i + FILTER_VALUES_MAX]}]
+                for i in range(0, len(ids), FILTER_VALUES_MAX)
+            ]
+            if ids
+            else [[tagged]]
+        )
         try:
-            pages = ec2.get_paginator("describe_instances").paginate(Filters=filters)
-            for page in pages:
-                for reservation in page.get("Reservations", []):
-                    out.extend(reservation.get("Instances", []))
+            for filters in requests:
+                for page in ec2.get_paginator("describe_instances").paginate(Filters=filters):
+                    for reservation in page.get("Reservations", []):
+                        out.extend(reservation.get("Instances", []))
         except (ClientError, BotoCoreError) as exc:
             raise CloudError(f"aws {region}: describe_instances: {exc}") from exc
         return out

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 from datetime import datetime
 from typing import Any
+from urllib.parse import quote
 
 from skyhedge.clouds.gcp import api_error_message
 from skyhedge.errors import CloudError
@@ -36,6 +37,8 @@ GONE_STATUSES = frozenset({"STOPPING", "STOPPED", "TERMINATED", "SUSPENDING", "S
 LABEL_SERVICE = "skyhedge-service"
 LABEL_REPLICA = "skyhedge-replica"
 SCOPES = ("https://www.googleapis.com/auth/compute.readonly",)
+#: A Compute listing longer than this many pages (500 items each by default) is an error.
+MAX_PAGES = 50
 
 __all__ = ["GcpEventSource", "compute_endpoint", "parse_instance", "parse_operation"]
 
@@ -70,7 +73,12 @@ def parse_operation(op: Any, *, region_of: dict[str, str], received_at: float) -
         return None
     zone = _last(op.get("zone"))
     location = Location("gcp", region_of[zone], zone) if zone in region_of else None
-    at = _epoch(op.get("insertTime")) or received_at
+    at = _epoch(op.get("insertTime"))
+    if at is None:
+        # Undated, it could be weeks old (GCP keeps operations) and would pass for a preemption
+        # of the replica holding that name now; a real one also shows in the instance listing.
+        unparseable("gcp-operations", op, "no readable insertTime")
+        return None
     return PreemptionEvent(
         Signal.GONE,
         at,
@@ -146,15 +154,17 @@ class GcpEventSource(EventSource):
             self._session = default_session()
         return self._session
 
-    def _get(self, path: str, params: dict[str, str]) -> list[dict[str, Any]]:
-        """GET a Compute list, following `nextPageToken`."""
+    def _get(self, path: str, params: dict[str, str]) -> list[Any]:
+        """GET a Compute list, following `nextPageToken`. A reply that is not a list page (an
+        `error` object, `items` not a list) or a listing longer than MAX_PAGES pages is an error,
+        never a shorter list: an instance missing from the list reads as a preemption."""
         import requests
         from google.auth.exceptions import GoogleAuthError
 
-        url = f"{compute_endpoint()}/projects/{self.project}/{path}"
-        items: list[dict[str, Any]] = []
+        url = f"{compute_endpoint()}/projects/{quote(self.project, safe=':')}/{path}"  # from env too
+        items: list[Any] = []
         params = dict(params)
-        for _ in range(50):
+        for _ in range(MAX_PAGES):
             try:
                 reply = self.session.get(url, params=params, timeout=self.timeout)
             except (requests.RequestException, GoogleAuthError) as exc:  # a token refresh can fail too
@@ -167,12 +177,17 @@ class GcpEventSource(EventSource):
                 raise CloudError(f"gcp: GET {url}: not JSON") from exc
             if not isinstance(body, dict):
                 raise CloudError(f"gcp: GET {url}: expected a JSON object, got {type(body).__name__}")
-            items.extend(i for i in body.get("items") or [] if isinstance(i, dict))
+            if "error" in body:
+                raise CloudError(f"gcp: GET {url}: {api_error_message(reply)}")
+            page = body.get("items", [])
+            if not isinstance(page, list):
+                raise CloudError(f"gcp: GET {url}: items: expected a list, got {type(page).__name__}")
+            items.extend(page)
             token = body.get("nextPageToken")
             if not token:
-                break
+                return items
             params["pageToken"] = token
-        return items
+        raise CloudError(f"gcp: GET {url}: more than {MAX_PAGES} pages; the listing was not read to its end")
 
     def instance_name(self, replica_id: str) -> str:
         """The name the gcp-replicas module gives a replica's instance (modules/gcp-replicas)."""
@@ -194,7 +209,7 @@ class GcpEventSource(EventSource):
         for zone in sorted({r.zone for r in mine}):
             self.region_of.setdefault(zone, next(r.region for r in mine if r.zone == zone))
             for op in self._get(f"zones/{zone}/operations", {"filter": f'operationType="{PREEMPTED_OP}"'}):
-                key = str(op.get("id") or op.get("name") or op)
+                key = str(op.get("id") or op.get("name") or op) if isinstance(op, dict) else repr(op)
                 if key in self._seen_ops or key in read:
                     continue
                 read.add(key)
@@ -208,10 +223,10 @@ class GcpEventSource(EventSource):
             status: dict[str, str] = {}
             by_label: dict[str, str] = {}
             label_of: dict[str, str | None] = {}
-            for inst in listed:
+            for i, inst in enumerate(listed):
                 parsed = parse_instance(inst)
-                if parsed is None:
-                    continue
+                if parsed is None:  # which instance it is is unknown: "not listed" proves nothing
+                    raise CloudError(f"gcp: zones/{zone}/instances: items[{i}]: no instance name")
                 name, st, rid = parsed
                 status[name] = st
                 label_of[name] = rid
