@@ -85,6 +85,17 @@ CAPACITY_MARKERS = (
 # GCP's quota refusal ("Quota 'PREEMPTIBLE_NVIDIA_L4_GPUS' exceeded. Limit: 1.0 in region ..."):
 # per region, so the policy should try elsewhere as it does for a zone out of capacity.
 _QUOTA = re.compile(r"\bquota\b[^\n]*\bexceeded\b", re.IGNORECASE)
+# ...but not GCP's API rate limit, worded alike ("Quota exceeded for quota metric 'Queries' and
+# limit 'Queries per minute' of service 'compute.googleapis.com'", reason rateLimitExceeded): a
+# throttled call says nothing about the zone, and is retried like any other failure.
+_RATE_LIMIT = re.compile(r"quota metric|rateLimitExceeded|userRateLimitExceeded", re.IGNORECASE)
+
+
+def _is_capacity(text: str) -> bool:
+    folded = text.casefold()
+    if any(m.casefold() in folded for m in CAPACITY_MARKERS):
+        return True
+    return _QUOTA.search(text) is not None and _RATE_LIMIT.search(text) is None
 
 _REPLICA_KEY = re.compile(r'\["(r-[0-9]+)"\]$')
 
@@ -113,9 +124,7 @@ class Diagnostic:
 
     @property
     def capacity(self) -> bool:
-        blob = f"{self.summary}\n{self.detail}"
-        folded = blob.casefold()
-        return any(m.casefold() in folded for m in CAPACITY_MARKERS) or _QUOTA.search(blob) is not None
+        return _is_capacity(f"{self.summary}\n{self.detail}")
 
     @property
     def replica_id(self) -> str | None:
@@ -125,8 +134,7 @@ class Diagnostic:
 def capacity_reason(diag: Diagnostic) -> str:
     """The one line of a capacity refusal worth showing (the cloud's or the launcher's own words)."""
     for line in f"{diag.summary}\n{diag.detail}".splitlines():
-        folded = line.casefold()
-        if any(m.casefold() in folded for m in CAPACITY_MARKERS) or _QUOTA.search(line):
+        if _is_capacity(line):
             return line.split("Output:", 1)[-1].strip()
     return diag.summary
 

@@ -173,6 +173,12 @@ def test_run_parallel_keeps_order_and_returns_exceptions():
         ("api error InsufficientInstanceCapacity: there is no capacity", True),
         ("insufficientinstancecapacity", True),  # case does not matter
         ("Error: quota project not set for this request", False),  # "quota" alone is not a refusal
+        # GCP's API rate limit is worded like a quota refusal, but says nothing about the zone
+        (
+            "googleapi: Error 403: Quota exceeded for quota metric 'Queries' and limit 'Queries per "
+            "minute' of service 'compute.googleapis.com', rateLimitExceeded",
+            False,
+        ),
         ("InvalidAMIID.NotFound: The image id does not exist", False),
     ],
 )
