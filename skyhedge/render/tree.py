@@ -297,8 +297,13 @@ def _old_roots(out: Path) -> list[str]:
 
 
 def _has_local_state(root_dir: Path) -> bool:
-    """A root holding local Terraform state, its default workspace's or another workspace's."""
-    files = [*root_dir.glob("*.tfstate"), *root_dir.glob("terraform.tfstate.d/*/terraform.tfstate")]
+    """A root holding local Terraform state, its default workspace's or another workspace's; a
+    backup counts too (a run killed mid-write leaves the state empty, its backup the real one)."""
+    files = [
+        *root_dir.glob("*.tfstate"),
+        *root_dir.glob("*.tfstate.backup"),
+        *root_dir.glob("terraform.tfstate.d/*/terraform.tfstate*"),
+    ]
     return any(p.is_file() and p.stat().st_size > 0 for p in files)
 
 
