@@ -212,10 +212,11 @@ def resolve_placement(spec: ServiceSpec, policy: str | None = None) -> Placement
         )
     if not candidates and not (ondemand_only and policy == "ondemand"):
         sold = ", ".join(f"{c}: {t}" for c, t in types.items())
+        how = " on spot" if ondemand_only else ""  # not sold there at all, else on-demand only
         if ondemand_only:
             sold += "; sold there on-demand only, which replica_policy.policy 'ondemand' runs"
         raise SpecError(
-            f"no allowed zone sells the instance type on spot ({sold}); widen clouds/regions/zones",
+            f"no allowed zone sells the instance type{how} ({sold}); widen clouds/regions/zones",
             file=spec.source,
             path="placement",
         )

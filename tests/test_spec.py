@@ -426,7 +426,12 @@ CATALOG_BAD: list[tuple[str, str]] = [
     ),
     (
         "name: echo\nplacement: {clouds: [local], zones: [local-a], exclude_zones: [local-a]}\nrun: {command: x}\n",
-        "placement: no allowed zone sells the instance type on spot (local: local); widen clouds/regions/zones",
+        "placement: no allowed zone sells the instance type (local: local); widen clouds/regions/zones",
+    ),
+    (
+        "name: x\nplacement: {clouds: [aws], regions: [eu-west-1]}\n"
+        "resources: {instance_type: {aws: p5.48xlarge}}\nrun: {command: x}\n",
+        "placement: no allowed zone sells the instance type (aws: p5.48xlarge); widen clouds/regions/zones",
     ),
     (
         "name: x\nrun: {command: x}\nresources: {accelerators: L4}\n"
