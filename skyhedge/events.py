@@ -76,7 +76,7 @@ class PreemptionEvent:
     def describe(self) -> str:
         who = self.replica_id or self.cloud_id or (self.location.key if self.location else "?")
         text = f"{self.source}: {self.signal.value} {who}"
-        if self.signal is Signal.GONE:
+        if self.signal is Signal.GONE and self.reason:  # "" = the controller judges why
             text += f" ({self.reason})"
         return f"{text}: {self.detail}" if self.detail else text
 

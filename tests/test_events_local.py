@@ -184,3 +184,12 @@ def test_preempt_with_a_malformed_capacity_file_is_one_line(state_dir, write_spe
             and "capacity.json: cannot read" in line
             and "fix it or delete it" in line
         )
+
+
+def test_a_gone_event_whose_reason_the_controller_judges_shows_no_empty_brackets():
+    from skyhedge.events import PreemptionEvent, Signal
+
+    judged = PreemptionEvent(Signal.GONE, 1.0, "gcp-instances", replica_id="r-0003", reason="", detail="x")
+    assert judged.describe() == "gcp-instances: gone r-0003: x"
+    known = PreemptionEvent(Signal.GONE, 1.0, "gcp-operations", replica_id="r-0003", reason="preempted")
+    assert known.describe() == "gcp-operations: gone r-0003 (preempted)"
