@@ -7,7 +7,7 @@ This module reads the catalog (bundled files) but does no cloud or Terraform I/O
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 from urllib.parse import urlsplit
@@ -16,7 +16,7 @@ from skyhedge.catalog import load_catalog, parse_accelerator
 from skyhedge.catalog.model import Offer, did_you_mean
 from skyhedge.errors import CatalogError, PolicyError, SpecError, StateError
 from skyhedge.planner import Plan, make_plan
-from skyhedge.policy import Candidate, Location, Market, Observation, Terminate, make_policy
+from skyhedge.policy import Candidate, Location, Market, Observation, ReplicaFact, Terminate, make_policy
 from skyhedge.spec import ServiceSpec, replica_revision
 from skyhedge.state import ReplicaRecord, ServiceState
 
@@ -318,7 +318,7 @@ def compute_plan(
         current=facts,
         decisions=decisions,
         next_id=state.next_id,
-        prices=placement.prices(),
+        prices=_prices_with_outside(placement, facts, outside),
         ondemand_price=placement.cheapest_ondemand,
         base_ondemand=spec.replica_policy.base_ondemand_fallback_replicas,
         skip_numbers=_router_port_numbers(spec),
@@ -336,6 +336,34 @@ def compute_plan(
         ),
     )
     return plan, {"policy": name, "memory": policy.snapshot()}
+
+
+def _prices_with_outside(
+    placement: Placement, facts: Sequence[ReplicaFact], outside: set[str]
+) -> dict[tuple[Location, Market], float]:
+    """The placement's prices, plus the catalog's for replicas in zones it no longer allows
+    (excluded, or a region dropped): they still bill until they are moved, so `plan` counts them.
+    A zone the catalog no longer lists keeps price 0 (unknown)."""
+    prices = placement.prices()
+    for fact in facts:
+        key = (fact.location, fact.market)
+        itype = placement.instance_types.get(fact.location.cloud)
+        if fact.id not in outside or key in prices or itype is None:
+            continue
+        try:
+            offer = load_catalog(fact.location.cloud).offer(itype, fact.location.zone)
+        except CatalogError:
+            continue
+        price = (
+            None
+            if offer is None
+            else offer.spot_price
+            if fact.market is Market.SPOT
+            else offer.ondemand_price
+        )
+        if price is not None:
+            prices[key] = float(price)
+    return prices
 
 
 def outdated_replicas(

@@ -279,3 +279,21 @@ def test_spot_replicas_never_go_to_a_zone_that_sells_on_demand_only(tmp_path, wr
     replicas = json.loads(result.stdout)["replicas"]
     spot = [r["zone"] for r in replicas if r["market"] == "spot"]
     assert spot and set(spot) == {"use1-az1"}
+
+
+def test_a_replica_in_a_zone_the_spec_no_longer_allows_is_priced_until_it_moves(tmp_path, write_spec):
+    """Dropping a zone from the placement moves its replicas one at a time; until then they bill,
+    so the plan prices them from the catalog rather than at 0."""
+    spec = write_spec(ONDEMAND_ONLY_ZONES % ("use1-az1, use1-az2", "spothedge"))
+    state_dir = tmp_path / "state"
+    state = ServiceState(service="trainer", next_id=3)
+    for i, zone in enumerate(["use1-az1", "use1-az5"], start=1):
+        state.replicas[f"r-000{i}"] = ReplicaRecord(
+            f"r-000{i}", "aws", "us-east-1", zone, "spot", launched_at=0.0, provisioned_at=1.0, ready_at=2.0
+        )
+    save_state(state_dir, state)
+    result = run("plan", str(spec), "--state-dir", str(state_dir), "--json")
+    assert result.exit_code == 0, result.output
+    moved = next(r for r in json.loads(result.output)["replicas"] if r["id"] == "r-0002")
+    assert moved["zone"] == "use1-az5" and moved["action"] == "keep"
+    assert moved["price_per_hour"] == 0.7031  # p3.2xlarge spot in use1-az5, bundled catalog
