@@ -123,12 +123,41 @@ def test_client_error_becomes_cloud_error(ec2: tuple[object, Stubber]) -> None:
 
 def test_malformed_record_is_a_catalog_error(ec2: tuple[object, Stubber]) -> None:
     client, stubber = ec2
-    item = dict(real("us-east-1/2020-02-27.p3.2xlarge.json")["SpotPriceHistory"][0], SpotPrice="n/a")
+    item = dict(real("us-east-1/2020-02-27.p3.2xlarge.json")["SpotPriceHistory"][0])
+    del item["InstanceType"]
     stubber.add_response(
         "describe_spot_price_history", {"SpotPriceHistory": [item]}, history_params(["p3.2xlarge"])
     )
     with pytest.raises(CatalogError, match="malformed record"):
         read_spot_prices(client, ["p3.2xlarge"], start_time=NOW)
+
+
+@pytest.mark.parametrize("price", ["n/a", "NaN", "Infinity", "-inf", "-1.0", "1e308", "1000000.01"])
+def test_a_spot_price_that_is_not_a_price_names_the_record(ec2: tuple[object, Stubber], price: str) -> None:
+    """Checked where the API answer is read, so the error blames AWS, not the cache file never written."""
+    client, stubber = ec2
+    good = real("us-east-1/2020-02-27.p3.2xlarge.json")["SpotPriceHistory"][0]
+    item = dict(good, AvailabilityZone="us-east-1b", SpotPrice=price)
+    stubber.add_response(
+        "describe_spot_price_history", {"SpotPriceHistory": [good, item]}, history_params(["p3.2xlarge"])
+    )
+    with pytest.raises(CatalogError) as info:
+        read_spot_prices(client, ["p3.2xlarge"], start_time=NOW)
+    assert str(info.value).startswith(
+        f"AWS DescribeSpotPriceHistory: p3.2xlarge in us-east-1b: SpotPrice {price!r} is not a price"
+    )
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("price", ["0", "0.000001", "1000000"])
+def test_spot_prices_from_zero_to_the_cap_are_taken(ec2: tuple[object, Stubber], price: str) -> None:
+    client, stubber = ec2
+    item = dict(real("us-east-1/2020-02-27.p3.2xlarge.json")["SpotPriceHistory"][0], SpotPrice=price)
+    stubber.add_response(
+        "describe_spot_price_history", {"SpotPriceHistory": [item]}, history_params(["p3.2xlarge"])
+    )
+    quotes = read_spot_prices(client, ["p3.2xlarge"], start_time=NOW)
+    assert [q.price for q in quotes.values()] == [float(price)]
 
 
 def zones_response() -> dict:
@@ -143,6 +172,19 @@ def zones_response() -> dict:
 def test_zone_ids(ec2: tuple[object, Stubber]) -> None:
     client, stubber = ec2
     stubber.add_response("describe_availability_zones", zones_response(), {"AllAvailabilityZones": True})
+    assert zone_ids(client) == US_EAST_1_ZONES
+
+
+def test_zone_ids_skips_entries_without_a_name_or_an_id(ec2: tuple[object, Stubber]) -> None:
+    """Like an entry without ZoneId, one without ZoneName cannot be mapped: skipped, not a KeyError."""
+    client, stubber = ec2
+    answer = zones_response()
+    answer["AvailabilityZones"] += [
+        {"ZoneId": "use1-az9"},
+        {"ZoneName": "us-east-1z"},
+        {"State": "available"},
+    ]
+    stubber.add_response("describe_availability_zones", answer, {"AllAvailabilityZones": True})
     assert zone_ids(client) == US_EAST_1_ZONES
 
 

@@ -182,6 +182,57 @@ def test_refresh_aws_cloud_error_writes_nothing(cache_dir: Path, stubbed_ec2: St
     assert not (cache_dir / "aws.json").exists()
 
 
+def test_refresh_aws_skips_zone_entries_without_a_name(cache_dir: Path, stubbed_ec2: Stubber) -> None:
+    """Bug-bash: a DescribeAvailabilityZones entry without ZoneName was a KeyError traceback."""
+    stubbed_ec2.add_response(
+        "describe_availability_zones",
+        {"AvailabilityZones": [{"ZoneId": "use1-az2"}, {"ZoneName": "us-east-1b", "ZoneId": "use1-az1"}]},
+        {"AllAvailabilityZones": True},
+    )
+    item = {
+        "InstanceType": "g6.xlarge",
+        "AvailabilityZone": "us-east-1b",
+        "SpotPrice": "0.3",
+        "Timestamp": "2020-01-01T00:00:00Z",
+    }
+    stubbed_ec2.add_response("describe_spot_price_history", {"SpotPriceHistory": [item]})
+    code, out, err = run(
+        "catalog", "refresh", "--cloud", "aws", "--regions", "us-east-1", "--instance-types", "g6.xlarge"
+    )
+    assert code == 0, err
+    assert "updated 1 offers in 1 regions" in out
+    data = json.loads((cache_dir / "aws.json").read_text())
+    (offer,) = [o for o in data["offers"] if o.get("spot_source") == aws_reader.SOURCE]
+    assert (offer["instance_type"], offer["zone"], offer["spot_price"]) == ("g6.xlarge", "use1-az1", 0.3)
+
+
+@pytest.mark.parametrize("price", ["NaN", "Infinity", "-1.0", "1e308"])
+def test_refresh_aws_bad_spot_price_blames_the_api_not_the_cache_file(
+    cache_dir: Path, stubbed_ec2: Stubber, price: str
+) -> None:
+    stubbed_ec2.add_response(
+        "describe_availability_zones",
+        {"AvailabilityZones": [{"ZoneName": "us-east-1b", "ZoneId": "use1-az1"}]},
+        {"AllAvailabilityZones": True},
+    )
+    item = {
+        "InstanceType": "g6.xlarge",
+        "AvailabilityZone": "us-east-1b",
+        "SpotPrice": price,
+        "Timestamp": "2020-01-01T00:00:00Z",
+    }
+    stubbed_ec2.add_response("describe_spot_price_history", {"SpotPriceHistory": [item]})
+    code, out, err = run(
+        "catalog", "refresh", "--cloud", "aws", "--regions", "us-east-1", "--instance-types", "g6.xlarge"
+    )
+    assert code == 1
+    assert err.startswith(
+        f"error: AWS DescribeSpotPriceHistory: g6.xlarge in us-east-1b: SpotPrice {price!r} is not a price"
+    )
+    assert err.count("\n") == 1 and "aws.json" not in err
+    assert not (cache_dir / "aws.json").exists()
+
+
 # --- refresh gcp ------------------------------------------------------------------------------
 
 
@@ -281,3 +332,176 @@ def test_a_user_catalog_that_is_a_directory_is_refused_not_ignored(cache_dir: Pa
     clear_cache()
     code, _, err = run("catalog", "show", "--cloud", "local")
     assert code == 1 and "local.json: is a directory, expected a catalog file" in err
+
+
+@pytest.fixture
+def billing_pages(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[object]]:
+    """A local Cloud Billing server answering one page with whatever SKUs the test puts in the list."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from google.auth.credentials import AnonymousCredentials
+    from google.auth.transport.requests import AuthorizedSession
+
+    skus: list[object] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802
+            body = json.dumps({"skus": skus}).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    session = AuthorizedSession(AnonymousCredentials())
+    monkeypatch.setenv("SKYHEDGE_GCP_BILLING_ENDPOINT", f"http://127.0.0.1:{server.server_address[1]}")
+    monkeypatch.setattr(gcp_reader, "default_session", lambda: session)
+    try:
+        yield skus
+    finally:
+        session.close()
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+
+def _gcp_sku(description: str, usage: str, unit: str, unit_price: object) -> dict:
+    return {
+        "skuId": "T",
+        "description": description,
+        "category": {"usageType": usage},
+        "serviceRegions": ["us-central1"],
+        "pricingInfo": [
+            {
+                "pricingExpression": {
+                    "usageUnit": unit,
+                    "tieredRates": [{"startUsageAmount": 0, "unitPrice": unit_price}],
+                }
+            }
+        ],
+    }
+
+
+def _g2_skus() -> list[dict]:
+    return [
+        _gcp_sku("G2 Instance Core running in Americas", "OnDemand", "h", {"nanos": 20_000_000}),
+        _gcp_sku("G2 Instance Ram running in Americas", "OnDemand", "GiBy.h", {"nanos": 3_000_000}),
+        _gcp_sku("Nvidia L4 GPU running in Americas", "OnDemand", "h", {"nanos": 500_000_000}),
+    ]
+
+
+def _with(index: int, **changes: object) -> list[object]:
+    skus: list[object] = list(_g2_skus())
+    skus[index] = {**skus[index], **changes}  # type: ignore[dict-item]
+    return skus
+
+
+@pytest.mark.parametrize(
+    ("skus", "message"),
+    [
+        (
+            _with(0, category="Compute"),
+            "error: Cloud Billing API: SKU 'T' (G2 Instance Core running in Americas): category: "
+            "expected an object, got 'Compute'",
+        ),
+        (["x", *_g2_skus()], "error: Cloud Billing API: expected a SKU object, got 'x'"),
+        (
+            _with(0, pricingInfo={"a": 1}),
+            "error: Cloud Billing API: SKU 'T' (G2 Instance Core running in Americas): pricingInfo: "
+            "expected a list, got {'a': 1}",
+        ),
+        (
+            _with(
+                0,
+                pricingInfo=[
+                    {"pricingExpression": {"usageUnit": "h", "tieredRates": [{"startUsageAmount": "lots"}]}}
+                ],
+            ),
+            "error: Cloud Billing API: SKU 'T' (G2 Instance Core running in Americas): "
+            "pricingInfo[-1].pricingExpression.tieredRates[0].startUsageAmount: "
+            "expected a number >= 0, got 'lots'",
+        ),
+        (
+            [
+                *_g2_skus()[:2],
+                _gcp_sku(
+                    "Nvidia L4 GPU running in Americas",
+                    "OnDemand",
+                    "h",
+                    {"units": "0", "nanos": -900_000_000},
+                ),
+            ],
+            "error: Cloud Billing API: SKU 'T' (Nvidia L4 GPU running in Americas): "
+            "pricingInfo[-1].pricingExpression.tieredRates[0].unitPrice {'units': '0', 'nanos': -900000000} "
+            "is not a price (expected 0 to 1e+06 $ per hour)",
+        ),
+    ],
+)
+def test_refresh_gcp_malformed_sku_is_one_line_and_writes_nothing(
+    cache_dir: Path, billing_pages: list[object], skus: list[object], message: str
+) -> None:
+    billing_pages.extend(skus)
+    code, _, err = run(
+        "catalog",
+        "refresh",
+        "--cloud",
+        "gcp",
+        "--regions",
+        "us-central1",
+        "--instance-types",
+        "g2-standard-4",
+    )
+    assert code == 1
+    assert err.startswith(message), err
+    assert err.count("\n") == 1 and "gcp.json" not in err
+    assert not (cache_dir / "gcp.json").exists()
+
+
+def test_refresh_gcp_good_skus_still_price(cache_dir: Path, billing_pages: list[object]) -> None:
+    billing_pages.extend(_g2_skus())
+    code, out, err = run(
+        "catalog",
+        "refresh",
+        "--cloud",
+        "gcp",
+        "--regions",
+        "us-central1",
+        "--instance-types",
+        "g2-standard-4",
+    )
+    assert code == 0, err
+    assert "updated 3 offers in 1 regions" in out
+
+
+PLAN_SPEC = """
+name: echo
+placement: {clouds: [local], zones: [local-a, local-b, local-c]}
+replica_policy: {min_replicas: 2, policy: spothedge}
+run: {command: python3 server.py}
+"""
+
+
+@pytest.mark.parametrize("field", ["ondemand_price", "spot_price"])
+def test_plan_refuses_an_absurd_catalog_price_instead_of_printing_infinity(
+    cache_dir: Path, tmp_path: Path, field: str
+) -> None:
+    """Bug-bash: ondemand_price 1e308 was accepted; plan --json then printed Infinity and NaN."""
+    data = json.loads(bundled_path("local").read_text())
+    data["offers"][1][field] = 1e308
+    cache_dir.mkdir()
+    (cache_dir / "local.json").write_text(json.dumps(data))
+    spec = tmp_path / "service.yaml"
+    spec.write_text(PLAN_SPEC)
+    code, out, err = run("plan", str(spec), "--state-dir", str(tmp_path / "state"), "--json")
+    assert code == 1
+    assert "Infinity" not in out and "NaN" not in out
+    assert err.startswith("error: ") and err.count("\n") == 1  # plan names the spec field, then the file's
+    assert err.endswith(
+        f"{cache_dir / 'local.json'}: offers[1].{field}: expected a price <= 1e+06 $/h, got 1e+308\n"
+    )

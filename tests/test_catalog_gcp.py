@@ -6,6 +6,7 @@ and the vCPU x core + GiB x RAM + GPUs x GPU arithmetic, not the market.
 
 from __future__ import annotations
 
+import copy
 import json
 import threading
 from collections.abc import Iterator
@@ -20,9 +21,11 @@ from google.auth.transport.requests import AuthorizedSession
 from skyhedge.catalog import load_catalog
 from skyhedge.catalog.gcp import (
     COMPUTE_SERVICE,
+    ONDEMAND,
     SOURCE,
     collect_rates,
     list_skus,
+    price_offer,
     refresh_gcp,
     sku_rates,
     unit_price,
@@ -249,3 +252,142 @@ def test_unreachable_server_is_a_cloud_error(session: AuthorizedSession) -> None
 def test_unknown_region_is_named() -> None:
     with pytest.raises(CatalogError, match="unknown region 'us-central9'"):
         refresh_gcp(load_catalog("gcp"), regions=["us-central9"], session=object())
+
+
+# --- malformed SKUs: one line naming the SKU and the field, never a traceback ---------------------
+
+L4 = "Nvidia L4 GPU running in Americas"
+
+
+def broken(path: str, value: object, base: dict | None = None) -> dict:
+    """A copy of the on-demand L4 SKU (or `base`) with the dotted `path` set to `value`."""
+    out = copy.deepcopy(base or sku(L4, "OnDemand", US, 0.5))
+    node: object = out
+    *parents, last = path.split(".")
+    for part in parents:
+        node = node[int(part)] if isinstance(node, list) else node[part]  # type: ignore[index]
+    if isinstance(node, list):
+        node[int(last)] = value
+    else:
+        node[last] = value  # type: ignore[index]
+    return out
+
+
+MALFORMED = [
+    (broken("category", "Compute"), r"category: expected an object, got 'Compute'"),
+    (broken("category.usageType", 7), r"category.usageType: expected a string, got 7"),
+    (broken("pricingInfo", {"a": 1}), r"pricingInfo: expected a list, got \{'a': 1\}"),
+    (broken("pricingInfo.0", "x"), r"pricingInfo\[-1\]: expected an object, got 'x'"),
+    (broken("pricingInfo.0.pricingExpression", []), r"pricingExpression: expected an object, got \[\]"),
+    (broken("pricingInfo.0.pricingExpression.tieredRates", "0.5"), r"tieredRates: expected a list"),
+    (broken("pricingInfo.0.pricingExpression.tieredRates.0", 3), r"tieredRates\[0\]: expected an object"),
+    (
+        broken("pricingInfo.0.pricingExpression.tieredRates.0.startUsageAmount", "lots"),
+        r"tieredRates\[0\].startUsageAmount: expected a number >= 0, got 'lots'",
+    ),
+    (
+        broken("pricingInfo.0.pricingExpression.tieredRates.0.startUsageAmount", float("nan")),
+        r"startUsageAmount: expected a number >= 0, got nan",
+    ),
+    (
+        broken("pricingInfo.0.pricingExpression.tieredRates.0.unitPrice", "0.5"),
+        r"unitPrice: expected an object",
+    ),
+    (
+        broken(
+            "pricingInfo.0.pricingExpression.tieredRates.0.unitPrice", {"units": "0", "nanos": -900000000}
+        ),
+        r"unitPrice \{'units': '0', 'nanos': -900000000\} is not a price",
+    ),
+    (
+        broken("pricingInfo.0.pricingExpression.tieredRates.0.unitPrice", {"units": 0.5}),
+        r"unitPrice \{'units': 0.5\} is not a price",
+    ),
+    (
+        broken("pricingInfo.0.pricingExpression.tieredRates.0.unitPrice", {"units": "1000001"}),
+        r"unitPrice \{'units': '1000001'\} is not a price",
+    ),
+    (broken("serviceRegions", "us-central1"), r"serviceRegions: expected a list of region names"),
+    (broken("serviceRegions", ["us-central1", None]), r"serviceRegions: expected a list of region names"),
+]
+
+
+@pytest.mark.parametrize(("bad", "message"), MALFORMED)
+def test_a_malformed_sku_we_use_is_one_line_naming_sku_and_field(bad: dict, message: str) -> None:
+    with pytest.raises(CatalogError, match=message) as info:
+        collect_rates([*SKUS[:4], bad, *SKUS[4:]])
+    text = str(info.value)
+    assert text.startswith(f"Cloud Billing API: SKU 'TEST' ({L4}): ")
+    assert "\n" not in text
+
+
+def test_a_sku_that_is_not_an_object_is_one_line() -> None:
+    with pytest.raises(CatalogError, match=r"^Cloud Billing API: expected a SKU object, got 'x'$"):
+        collect_rates(["x", *SKUS])  # type: ignore[list-item]
+
+
+def test_skus_we_do_not_use_are_skipped_whatever_their_shape() -> None:
+    """Compute Engine lists thousands of SKUs; an odd one we never price must not stop a refresh."""
+    noise = [
+        {"description": "Cloud SQL for MySQL: Zonal - vCPU", "category": "x", "pricingInfo": {}},
+        {"description": 7, "category": {"usageType": "OnDemand"}},
+        {"skuId": "no description"},
+        broken(
+            "category.usageType",
+            "Commit1Yr",
+            sku("G2 Instance Core running in Americas", "OnDemand", US, 1.0),
+        ),
+    ]
+    assert all(sku_rates(n) == [] for n in noise)
+    assert collect_rates([*noise, *SKUS]) == collect_rates(SKUS)
+
+
+def test_missing_price_fields_are_still_skipped() -> None:
+    """An absent or empty pricingInfo / tieredRates is a SKU without a price, as before (not malformed)."""
+    for path, value in [
+        ("pricingInfo", []),
+        ("pricingInfo", None),
+        ("pricingInfo.0.pricingExpression.tieredRates", []),
+        ("category", None),
+    ]:
+        assert sku_rates(broken(path, value)) == [], path
+
+
+def test_the_top_tier_wins() -> None:
+    tiered = broken(
+        "pricingInfo.0.pricingExpression.tieredRates",
+        [
+            {"startUsageAmount": 0, "unitPrice": money(0.9)},
+            {"startUsageAmount": "100", "unitPrice": money(0.4)},
+            {"unitPrice": money(0.7)},
+        ],
+    )
+    assert [r.price for r in sku_rates(tiered)] == [pytest.approx(0.4)] * len(US)
+
+
+def test_refresh_with_a_malformed_sku_is_a_catalog_error(
+    billing: tuple[FakeBilling, str], session: AuthorizedSession
+) -> None:
+    state, url = billing
+    state.skus = [*SKUS, broken("pricingInfo", {"a": 1})]
+    with pytest.raises(CatalogError, match=r"SKU 'TEST' \(Nvidia L4 GPU running in Americas\): pricingInfo"):
+        refresh_gcp(load_catalog("gcp"), regions=["us-central1"], session=session, base_url=url)
+
+
+def test_a_computed_price_above_the_cap_names_the_offer() -> None:
+    """Each rate may be sane while vCPUs x core + GiB x RAM is not: checked before the file is."""
+    base = load_catalog("gcp")
+    offer = base.offer("g2-standard-4", "us-central1-a")
+    assert offer is not None
+    rates = collect_rates(
+        [
+            sku("G2 Instance Core running in Americas", "OnDemand", US, 1_000_000.0),
+            sku("G2 Instance Ram running in Americas", "OnDemand", US, 0.002, unit="GiBy.h"),
+            sku(L4, "OnDemand", US, 0.5),
+        ]
+    )
+    with pytest.raises(CatalogError) as info:
+        price_offer(offer, base, rates, ONDEMAND)
+    assert str(info.value).startswith(
+        "Cloud Billing API: g2-standard-4 in us-central1: OnDemand price 4000000.532 $/h is not a price"
+    )

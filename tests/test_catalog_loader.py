@@ -10,6 +10,7 @@ import pytest
 
 from skyhedge.catalog import (
     CLOUDS,
+    MAX_PRICE,
     bundled_path,
     catalog_from_dict,
     catalog_path,
@@ -205,6 +206,26 @@ def test_write_refuses_an_invalid_catalog(tmp_path: Path) -> None:
     assert not target.exists()
 
 
+def test_prices_up_to_the_cap_are_accepted(empty_cache_dir: Path) -> None:
+    data = minimal("local")
+    data["offers"][0].update(ondemand_price=MAX_PRICE, spot_price=MAX_PRICE)  # type: ignore[index]
+    (empty_cache_dir / "local.json").write_text(json.dumps(data))
+    offer = load_catalog("local").offer("m", "r1-a")
+    assert offer is not None and offer.ondemand_price == offer.spot_price == 1_000_000.0
+
+
+def test_write_refuses_a_price_above_the_cap(tmp_path: Path) -> None:
+    """A price that would make plan costs overflow to Infinity never reaches a file."""
+    from dataclasses import replace
+
+    catalog = catalog_from_dict(minimal("local"), origin="fixture")
+    broken = replace(catalog, offers=(replace(catalog.offers[0], spot_price=1e308), *catalog.offers[1:]))
+    target = tmp_path / "local.json"
+    with pytest.raises(CatalogError, match=r"offers\[0\].spot_price: expected a price <= 1e\+06"):
+        write_catalog_file(broken, target)
+    assert not target.exists()
+
+
 # --- bad files ----------------------------------------------------------------------------------
 
 
@@ -235,6 +256,8 @@ BAD_FILES = [
     (_bad(offers__0__ondemand_price=-1), r"offers\[0\].ondemand_price: expected a number >= 0"),
     (_bad(offers__0__spot_price="cheap"), r"offers\[0\].spot_price: expected a number >= 0 or null"),
     (_bad(offers__0__ondemand_price=True), r"offers\[0\].ondemand_price"),
+    (_bad(offers__0__ondemand_price=1e308), r"offers\[0\].ondemand_price: expected a price <= 1e\+06 \$/h"),
+    (_bad(offers__1__spot_price=1_000_000.5), r"offers\[1\].spot_price: expected a price <= 1e\+06 \$/h"),
     (
         _bad(offers__1__instance_type="n"),
         r"offers\[1\].instance_type: expected a name listed in instance_types",

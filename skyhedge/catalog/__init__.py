@@ -25,10 +25,11 @@ from skyhedge.catalog.loader import (
     user_cache_path,
     write_catalog_file,
 )
-from skyhedge.catalog.model import CloudCatalog, InstanceType, Offer
+from skyhedge.catalog.model import MAX_PRICE, CloudCatalog, InstanceType, Offer
 
 __all__ = [
     "CLOUDS",
+    "MAX_PRICE",
     "CloudCatalog",
     "InstanceType",
     "Offer",

@@ -9,13 +9,14 @@ shuffled per account; the API answers with names, so each region's names are map
 from __future__ import annotations
 
 import datetime as dt
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
 from botocore.exceptions import BotoCoreError, ClientError
 
-from skyhedge.catalog.model import CloudCatalog, Offer
+from skyhedge.catalog.model import MAX_PRICE, CloudCatalog, Offer, is_price
 from skyhedge.errors import CatalogError, CloudError
 
 PRODUCT = "Linux/UNIX"
@@ -39,6 +40,25 @@ def as_datetime(value: Any) -> dt.datetime:
     text = str(value).replace("Z", "+00:00")
     parsed = dt.datetime.fromisoformat(text)
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.timezone.utc)
+
+
+def spot_price(item: Mapping[str, Any]) -> float:
+    """The record's SpotPrice as a number, checked here so a bad price blames AWS's answer.
+
+    Left to the catalog validator, "NaN" or "-1" would be reported against the cache file that the
+    refresh never wrote; "1e308" would pass as a number and overflow plan costs to Infinity.
+    """
+    text = item["SpotPrice"]
+    try:
+        price = float(text)
+    except (TypeError, ValueError):
+        price = math.nan
+    if not is_price(price):
+        raise CatalogError(
+            f"AWS DescribeSpotPriceHistory: {item['InstanceType']} in {item['AvailabilityZone']}: "
+            f"SpotPrice {text!r} is not a price (expected 0 to {MAX_PRICE:g} $/h)"
+        )
+    return price
 
 
 def read_spot_prices(
@@ -65,7 +85,7 @@ def read_spot_prices(
                 quote = SpotQuote(
                     instance_type=item["InstanceType"],
                     zone=item["AvailabilityZone"],
-                    price=float(item["SpotPrice"]),
+                    price=spot_price(item),
                     timestamp=as_datetime(item["Timestamp"]),
                 )
                 key = (quote.instance_type, quote.zone)
@@ -84,7 +104,22 @@ def zone_ids(client: Any) -> dict[str, str]:
         answer = client.describe_availability_zones(AllAvailabilityZones=True)
     except (BotoCoreError, ClientError) as exc:
         raise CloudError(f"AWS DescribeAvailabilityZones failed: {exc}") from exc
-    return {z["ZoneName"]: z["ZoneId"] for z in answer.get("AvailabilityZones", []) if "ZoneId" in z}
+    pairs = (_zone_name_and_id(z) for z in answer.get("AvailabilityZones", []))
+    return dict(pair for pair in pairs if pair is not None)
+
+
+def _zone_name_and_id(zone: Any) -> tuple[str, str] | None:
+    """(ZoneName, ZoneId) of one entry, or None when either is missing: that zone cannot be mapped.
+
+    Skipped, not an error, as entries without a ZoneId always were: prices quoted for an unmapped
+    zone name match no catalog zone, so those offers are listed as unpriced and keep their price.
+    """
+    if not isinstance(zone, Mapping):
+        return None
+    name, zone_id = zone.get("ZoneName"), zone.get("ZoneId")
+    if not isinstance(name, str) or not name or not isinstance(zone_id, str) or not zone_id:
+        return None
+    return name, zone_id
 
 
 @dataclass(frozen=True)

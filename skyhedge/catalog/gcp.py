@@ -13,16 +13,17 @@ HTTP and auth failures become `CloudError`, answers we cannot read become `Catal
 from __future__ import annotations
 
 import datetime as dt
+import math
 import os
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, NoReturn
 
 import requests
 from google.auth.exceptions import DefaultCredentialsError, GoogleAuthError
 
-from skyhedge.catalog.model import CloudCatalog, Offer
+from skyhedge.catalog.model import MAX_PRICE, CloudCatalog, Offer, is_price
 from skyhedge.clouds.gcp import api_error_message
 from skyhedge.errors import CatalogError, CloudError
 
@@ -52,6 +53,7 @@ _GPU = re.compile(
     r"(?: attached to Spot Preemptible VMs)? running in .+$"
 )
 _UNITS = {"Core": "h", "Ram": "GiBy.h", "GPU": "h"}
+_UNIT_WORDS = {"h": "hour", "GiBy.h": "GiB-hour"}
 
 
 @dataclass(frozen=True)
@@ -121,41 +123,145 @@ def list_skus(session: Any, *, base_url: str | None = None, service: str = COMPU
 
 
 def unit_price(money: dict) -> float:
-    """`{units: "1", nanos: 500000000}` -> 1.5 (units is an int64 sent as a string)."""
-    return int(money.get("units") or 0) + int(money.get("nanos") or 0) / 1e9
+    """`{units: "1", nanos: 500000000}` -> 1.5 (units is an int64 sent as a string, nanos an int32).
+
+    Both must be whole numbers: int() would silently truncate a `units` of 0.5 to a price of 0.
+    ValueError otherwise (the caller names the SKU).
+    """
+    return _whole(money.get("units")) + _whole(money.get("nanos")) / 1e9
 
 
-def sku_rates(sku: dict) -> list[Rate]:
-    """The hourly rates one SKU contributes (one per service region), or [] if irrelevant."""
-    category = sku.get("category") or {}
-    usage = category.get("usageType")
-    if usage not in (ONDEMAND, SPOT):
-        return []
-    description = sku.get("description") or ""
+def _whole(value: object) -> int:
+    """An absent field is 0 (proto3 JSON leaves out zeros); ints and integer strings are read as is."""
+    if value is None:
+        return 0
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise ValueError(f"not a whole number: {value!r}")
+    return int(value)
+
+
+def _short(value: object) -> str:
+    """repr() cut to one short line: an error quotes the bad value, not a whole page of JSON."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _fail(where: str, path: str, expected: str, got: object) -> NoReturn:
+    raise CatalogError(f"{where}: {path}: {expected}, got {_short(got)}")
+
+
+def _optional(where: str, path: str, value: object, kind: type, expected: str) -> Any:
+    """`value` when it is a non-empty `kind`; None when absent or empty (the SKU gives no price,
+    skipped as always); CatalogError naming the field when it has another type (a broken answer)."""
+    if value is None:
+        return None
+    if not isinstance(value, kind):
+        _fail(where, path, expected, value)
+    return value or None
+
+
+def _component(description: object) -> tuple[str, str] | None:
+    """(component, usage unit) of a core/RAM/GPU SKU we price, or None for every other SKU."""
+    if not isinstance(description, str):
+        return None
     if m := _CORE_RAM.match(description):
         kind = m.group("kind")
-        component = f"{kind.lower()}:{m.group('family')}"
-        unit = _UNITS[kind]
-    elif m := _GPU.match(description):
-        component = f"gpu:{m.group('gpu')}"
-        unit = _UNITS["GPU"]
-    else:
-        return []
-    infos = sku.get("pricingInfo") or []
-    if not infos:
-        return []
-    expression = (infos[-1] or {}).get("pricingExpression") or {}
-    if expression.get("usageUnit") != unit:
-        return []
-    tiers = expression.get("tieredRates") or []
-    if not tiers:
-        return []
-    top = max(tiers, key=lambda t: float(t.get("startUsageAmount") or 0))
+        return f"{kind.lower()}:{m.group('family')}", _UNITS[kind]
+    if m := _GPU.match(description):
+        return f"gpu:{m.group('gpu')}", _UNITS["GPU"]
+    return None
+
+
+def _tier_start(where: str, path: str, tier: object) -> float:
+    """A tier's startUsageAmount (absent = 0), so the top tier can be found."""
+    if not isinstance(tier, dict):
+        _fail(where, path, "expected an object", tier)
+    raw = tier.get("startUsageAmount") or 0
     try:
-        price = unit_price(top.get("unitPrice") or {})
-    except (TypeError, ValueError) as exc:
-        raise CatalogError(f"SKU {sku.get('skuId', '?')}: unreadable unitPrice: {exc}") from exc
-    return [Rate(component, usage, region, price) for region in sku.get("serviceRegions") or []]
+        start = math.nan if isinstance(raw, bool) else float(raw)
+    except (TypeError, ValueError):
+        start = math.nan
+    if not 0 <= start < math.inf:  # NaN fails too
+        _fail(where, f"{path}.startUsageAmount", "expected a number >= 0", raw)
+    return start
+
+
+def _top_tier(where: str, sku: dict, unit: str) -> tuple[str, dict] | None:
+    """(field path, tier) of the highest-usage tier of the SKU's current price in `unit`, or None
+    when the SKU has no such price (no pricingInfo, no tiers, another usage unit)."""
+    infos = _optional(where, "pricingInfo", sku.get("pricingInfo"), list, "expected a list")
+    if infos is None:
+        return None
+    path = "pricingInfo[-1]"
+    info = _optional(where, path, infos[-1], dict, "expected an object") or {}
+    path += ".pricingExpression"
+    expression = _optional(where, path, info.get("pricingExpression"), dict, "expected an object")
+    if expression is None or expression.get("usageUnit") != unit:
+        return None
+    path += ".tieredRates"
+    tiers = _optional(where, path, expression.get("tieredRates"), list, "expected a list")
+    if tiers is None:
+        return None
+    starts = [_tier_start(where, f"{path}[{i}]", tier) for i, tier in enumerate(tiers)]
+    top = starts.index(max(starts))
+    return f"{path}[{top}]", tiers[top]
+
+
+def _tier_price(where: str, path: str, tier: dict, unit: str) -> float:
+    """The tier's unitPrice in USD, checked here so a bad price blames the API answer, not the
+    catalog file the refresh would have written (and never does)."""
+    money = tier.get("unitPrice")
+    if money is None:
+        money = {}  # proto3 JSON leaves out a zero price
+    if not isinstance(money, dict):
+        _fail(where, f"{path}.unitPrice", "expected an object", money)
+    try:
+        price = unit_price(money)
+    except (TypeError, ValueError):
+        price = math.nan
+    if not is_price(price):
+        raise CatalogError(
+            f"{where}: {path}.unitPrice {_short(money)} is not a price "
+            f"(expected 0 to {MAX_PRICE:g} $ per {_UNIT_WORDS.get(unit, unit)})"
+        )
+    return price
+
+
+def _regions(where: str, sku: dict) -> list[str]:
+    """serviceRegions; a string would otherwise be read as one region per character."""
+    regions = sku.get("serviceRegions")
+    if regions is None:
+        return []
+    if not isinstance(regions, list) or not all(isinstance(r, str) and r for r in regions):
+        _fail(where, "serviceRegions", "expected a list of region names", regions)
+    return regions
+
+
+def sku_rates(sku: Any) -> list[Rate]:
+    """The hourly rates one SKU contributes (one per service region), or [] if irrelevant.
+
+    Compute Engine lists thousands of SKUs: one we never price is skipped whatever its shape, so an
+    odd SKU elsewhere cannot stop a refresh. One we do price (its description names a core, RAM or
+    GPU we use) must be readable: a field of the wrong type or a price that is not a price is one
+    CatalogError naming the SKU and the field. An absent or empty field means the SKU gives no
+    price and is skipped, as before.
+    """
+    if not isinstance(sku, dict):
+        raise CatalogError(f"Cloud Billing API: expected a SKU object, got {_short(sku)}")
+    found = _component(sku.get("description"))
+    if found is None:
+        return []
+    component, unit = found
+    where = f"Cloud Billing API: SKU {_short(sku.get('skuId', '?'))} ({' '.join(sku['description'].split())})"
+    category = _optional(where, "category", sku.get("category"), dict, "expected an object") or {}
+    usage = _optional(where, "category.usageType", category.get("usageType"), str, "expected a string")
+    if usage not in (ONDEMAND, SPOT):
+        return []
+    top = _top_tier(where, sku, unit)
+    if top is None:
+        return []
+    price = _tier_price(where, *top, unit)
+    return [Rate(component, usage, region, price) for region in _regions(where, sku)]
 
 
 def collect_rates(skus: Iterable[dict]) -> dict[tuple[str, str, str], float]:
@@ -195,7 +301,13 @@ def price_offer(
         if rate is None:
             return None
         total += rate * amount
-    return round(total, 5)
+    total = round(total, 5)
+    if not is_price(total):  # each rate is capped, but vCPUs x core + GiB x RAM + GPUs x GPU need not be
+        raise CatalogError(
+            f"Cloud Billing API: {offer.instance_type} in {offer.region}: {usage} price {total} $/h "
+            f"is not a price (expected 0 to {MAX_PRICE:g} $/h from its core, RAM and GPU SKUs)"
+        )
+    return total
 
 
 def refresh_gcp(

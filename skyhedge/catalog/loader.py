@@ -17,7 +17,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from skyhedge.catalog.model import CloudCatalog, InstanceType, Offer, did_you_mean
+from skyhedge.catalog.model import MAX_PRICE, CloudCatalog, InstanceType, Offer, did_you_mean
 from skyhedge.errors import CatalogError
 from skyhedge.state import atomic_write_text
 
@@ -175,6 +175,13 @@ class _Fields:
             self.fail(self._sub(key), f"expected a number >= {minimum:g}", value)
         return float(value)
 
+    def price(self, key: str, *, nullable: bool = False) -> float | None:
+        """An hourly price: a number >= 0 and at most MAX_PRICE, so plan costs stay finite."""
+        value = self.number(key, nullable=nullable)
+        if value is not None and value > MAX_PRICE:
+            self.fail(self._sub(key), f"expected a price <= {MAX_PRICE:g} $/h", value)
+        return value
+
     def int(self, key: str, *, minimum: int = 0) -> int:
         value = self._get(key, required=True)
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
@@ -238,8 +245,8 @@ def catalog_from_dict(data: Any, *, origin: str, expect_cloud: str | None = None
         if (itype, zone) in seen:
             f.fail(f.path, "expected one offer per (instance_type, zone)", f"{itype} in {zone} again")
         seen.add((itype, zone))
-        ondemand = f.number("ondemand_price")
-        spot = f.number("spot_price", nullable=True)
+        ondemand = f.price("ondemand_price")
+        spot = f.price("spot_price", nullable=True)
         assert ondemand is not None
         offers.append(
             Offer(

@@ -12,6 +12,16 @@ from dataclasses import dataclass, field
 
 from skyhedge.errors import CatalogError
 
+#: The largest hourly price (USD) the catalog holds. Dollars must stay finite: a price like 1e308
+#: passes "a number >= 0" but overflows plan costs to Infinity (and savings to NaN). The simulator
+#: has its own cap of the same value; the catalog does not import the simulator.
+MAX_PRICE = 1_000_000.0
+
+
+def is_price(value: float) -> bool:
+    """A finite hourly price in [0, MAX_PRICE]; NaN fails the comparison too."""
+    return 0.0 <= value <= MAX_PRICE
+
 
 @dataclass(frozen=True)
 class InstanceType:
