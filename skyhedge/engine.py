@@ -97,6 +97,7 @@ def _is_capacity(text: str) -> bool:
         return True
     return _QUOTA.search(text) is not None and _RATE_LIMIT.search(text) is None
 
+
 _REPLICA_KEY = re.compile(r'\["(r-[0-9]+)"\]$')
 
 Event = dict[str, Any]

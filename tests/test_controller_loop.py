@@ -130,7 +130,6 @@ def test_interruption_warning_replaces_first_and_keeps_serving(world):
     assert sorted(r.market for r in ctl.state.live()) == ["spot"] * 3
 
 
-
 @pytest.mark.parametrize("ahead", [0.0, 5 * 365 * 86400.0], ids=["on-time", "dated-years-ahead"])
 def test_a_warned_replica_the_cloud_does_not_take_is_terminated_after_the_grace(world, ahead):
     """The grace counts from when the warning reached us at the latest: a warning dated in the
@@ -145,6 +144,7 @@ def test_a_warned_replica_the_cloud_does_not_take_is_terminated_after_the_grace(
     clock.advance(WARNING_GRACE_SECONDS + 1)
     ctl.tick()
     assert victim.gone_at is not None and victim.id not in world["executor"].ids()
+
 
 def test_scale_down_drains_before_destroy(world):
     ctl, clock, router = make(world), world["clock"], world["router"]

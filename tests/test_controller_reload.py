@@ -167,9 +167,8 @@ def test_spec_changes_name_each_field_and_hide_values_that_may_be_secret(write_s
     old = load_spec(write_spec(LOCAL))
     new = load_spec(
         write_spec(
-            LOCAL.replace("min_replicas: 1", "min_replicas: 2, availability_target: 0.999").replace(
-                'command: "true"', 'command: "true", env: {TOKEN: abc}'
-            )
+            LOCAL.replace("min_replicas: 1", "min_replicas: 2, availability_target: 0.999")
+            .replace('command: "true"', 'command: "true", env: {TOKEN: abc}')
             .replace(f"port: {ROUTER_PORT}", f"port: {ROUTER_PORT}, router: {{read_timeout: 900}}")
             + "readiness_probe: {headers: {Authorization: Bearer xyz}}\n",
             name="other.yaml",

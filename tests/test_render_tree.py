@@ -241,7 +241,6 @@ def test_a_root_holding_a_workspaces_state_is_not_dropped_either(tmp_path):
     assert (workspace / "terraform.tfstate").is_file()
 
 
-
 def test_a_root_whose_state_a_killed_run_left_only_in_its_backup_is_not_dropped(tmp_path):
     """`kill -9` while Terraform rewrites its state leaves terraform.tfstate empty and the real
     state in terraform.tfstate.backup (engine.restore_cut_short_state puts it back): dropping that
@@ -253,6 +252,7 @@ def test_a_root_whose_state_a_killed_run_left_only_in_its_backup_is_not_dropped(
     (root / "terraform.tfstate.backup").write_text('{"version": 4, "resources": [{}]}')
     _render_without_the_local_root_is_refused(out)
     assert (root / "terraform.tfstate.backup").is_file()
+
 
 def test_write_tree_refuses_the_tree_of_another_service(tmp_path):
     # two services rendered into one directory (e.g. both `--gitops-path infra`) would silently
