@@ -175,6 +175,16 @@ def test_list_skus_follows_page_tokens(billing: tuple[FakeBilling, str], session
     assert all(q["currencyCode"] == ["USD"] for q in state.requests)
 
 
+def test_a_listing_that_repeats_a_page_token_is_an_error_not_a_hang(
+    billing: tuple[FakeBilling, str], session: AuthorizedSession
+) -> None:
+    state, url = billing
+    state.raw_body = json.dumps({"skus": SKUS[:1], "nextPageToken": "again"}).encode()
+    with pytest.raises(CatalogError, match="page token 'again' twice"):
+        list(list_skus(session, base_url=url))
+    assert len(state.requests) == 2
+
+
 def test_endpoint_from_env(
     billing: tuple[FakeBilling, str], session: AuthorizedSession, monkeypatch: pytest.MonkeyPatch
 ) -> None:

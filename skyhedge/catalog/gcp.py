@@ -90,6 +90,7 @@ def list_skus(session: Any, *, base_url: str | None = None, service: str = COMPU
     url = f"{base_url or endpoint()}/v1/services/{service}/skus"
     token = ""
     pages = 0
+    seen: set[str] = set()
     while True:
         params = {"currencyCode": "USD"}
         if token:
@@ -118,6 +119,9 @@ def list_skus(session: Any, *, base_url: str | None = None, service: str = COMPU
         token = body.get("nextPageToken") or ""
         if not token:
             return
+        if token in seen:  # the same page again: following it would never end
+            raise CatalogError(f"Cloud Billing API answered page token {token!r} twice; the listing loops")
+        seen.add(str(token))
         if pages > 10_000:  # a server repeating tokens forever must not hang a refresh
             raise CatalogError("Cloud Billing API kept returning nextPageToken after 10000 pages")
 
