@@ -516,3 +516,30 @@ def test_an_edit_wakes_the_watcher_rather_than_waiting_for_the_next_pass(spec_fi
             w.stop()
             runner.join(timeout=30)
         assert not runner.is_alive()
+
+
+def test_replicas_left_where_the_spec_no_longer_allows_are_still_watched(spec_file, tmp_path):
+    """Dropping a cloud (or a zone) from the placement moves its replicas one at a time; until
+    then they serve and can be preempted, so their cloud keeps an event source."""
+    from moto import mock_aws
+
+    from skyhedge.controller.runner import event_sources
+    from skyhedge.service import resolve_placement
+    from skyhedge.state import ReplicaRecord
+
+    spec = load_spec(spec_file)
+    left = [
+        ReplicaRecord("r-0001", "aws", "us-east-1", "use1-az1", "spot", launched_at=0.0),
+        ReplicaRecord("r-0002", "local", "local", "local-f", "spot", launched_at=0.0),
+    ]
+    with mock_aws():
+        sources = event_sources(spec, tmp_path / "state", resolve_placement(spec), live=left)
+        try:
+            by_name = {s.name: s for s in sources}
+            assert sorted(by_name) == ["aws", "local"]
+            assert list(by_name["aws"].regions) == ["us-east-1"]  # type: ignore[attr-defined]
+            assert by_name["local"].region_of["local-f"] == "local"  # type: ignore[attr-defined]
+        finally:
+            for source in sources:
+                source.close()
+    assert [s.name for s in event_sources(spec, tmp_path / "state", resolve_placement(spec))] == ["local"]

@@ -24,7 +24,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -37,7 +37,7 @@ from skyhedge.errors import CloudError, EngineError, SkyhedgeError, SpecError, S
 from skyhedge.events import EventSource
 from skyhedge.service import Placement, compute_plan, resolve_placement
 from skyhedge.spec import ServiceSpec, load_spec, replica_revision, spec_changes
-from skyhedge.state import writer_lock
+from skyhedge.state import ReplicaRecord, writer_lock
 
 if TYPE_CHECKING:
     from skyhedge.controller.gitops import GitOpsExecutor
@@ -49,14 +49,20 @@ SPEC_POLL_SECONDS = 1.0
 
 
 def event_sources(
-    spec: ServiceSpec, state_dir: Path, placement: Placement, *, only: Collection[str] | None = None
+    spec: ServiceSpec,
+    state_dir: Path,
+    placement: Placement,
+    *,
+    only: Collection[str] | None = None,
+    live: Sequence[ReplicaRecord] = (),
 ) -> list[EventSource]:
-    """One source per cloud the spec uses (imported lazily: a local-only watcher needs no boto3);
-    `only`: just these clouds' (a reloaded spec rebuilds those whose locations changed). If one
-    cannot be built, those built before it are closed again."""
+    """One source per cloud the spec uses, or that still holds one of the `live` replicas
+    (imported lazily: a local-only watcher needs no boto3); `only`: just these clouds' (a reloaded
+    spec rebuilds those whose locations changed). If one cannot be built, those built before it
+    are closed again."""
     sources: list[EventSource] = []
     try:
-        _build_sources(spec, state_dir, placement, sources, only)
+        _build_sources(spec, state_dir, _watched(placement, live), sources, only)
     except BaseException:
         for source in sources:
             with contextlib.suppress(Exception):
@@ -65,54 +71,62 @@ def event_sources(
     return sources
 
 
+def _watched(placement: Placement, live: Sequence[ReplicaRecord]) -> dict[str, dict[str, str]]:
+    """Per cloud, zone -> region of every location to watch: the placement's, and those of live
+    replicas it no longer allows (a cloud, region or zone dropped from the spec), whose replicas
+    still serve until they are moved and can still be preempted."""
+    where: dict[str, dict[str, str]] = {}
+    for c in placement.locations:
+        where.setdefault(c.location.cloud, {})[c.location.zone] = c.location.region
+    for r in live:
+        where.setdefault(r.cloud, {}).setdefault(r.zone, r.region)
+    return where
+
+
 def _build_sources(
     spec: ServiceSpec,
     state_dir: Path,
-    placement: Placement,
+    watched: dict[str, dict[str, str]],
     sources: list[EventSource],
     only: Collection[str] | None,
 ) -> None:
-    region_of = {c.location.zone: c.location.region for c in placement.locations}
-    clouds = {c.location.cloud for c in placement.locations}
-    if only is not None:
-        clouds &= set(only)
+    clouds = set(watched) if only is None else set(watched) & set(only)
     if "local" in clouds:
         from skyhedge.clouds.local.events import LocalEventSource
 
-        sources.append(LocalEventSource(state_dir, region_of))
+        sources.append(
+            LocalEventSource(state_dir, {z: r for zones in watched.values() for z, r in zones.items()})
+        )
     if "aws" in clouds:
         from skyhedge.clouds.aws.events import AwsEventSource
 
-        regions = sorted({c.location.region for c in placement.locations if c.location.cloud == "aws"})
+        regions = sorted(set(watched["aws"].values()))
         sources.append(AwsEventSource(spec.name, regions, queue_name=spec.aws.events_queue))
     if "gcp" in clouds:
         from skyhedge.clouds.gcp import PROJECT_ENV, resolve_project
         from skyhedge.clouds.gcp.events import GcpEventSource
 
         project = resolve_project(spec.gcp.project)
-        if not project:
+        if project:
+            sources.append(GcpEventSource(spec.name, project, dict(watched["gcp"])))
+        elif "gcp" in spec.placement.clouds:
             raise CloudError(
                 f"gcp: no project to watch: set gcp.project in {spec.source} "
                 f"or ${PROJECT_ENV[0]} (as for apply)"
             )
-        gcp_zones = {
-            z: r
-            for z, r in region_of.items()
-            if any(c.location.zone == z and c.location.cloud == "gcp" for c in placement.locations)
-        }
-        sources.append(GcpEventSource(spec.name, project, gcp_zones))
+        else:  # only replicas the spec moves away from GCP are left there: watch what can be
+            log.warning("gcp: replicas remain there but no project is known: their preemptions go unseen")
 
 
-def source_keys(spec: ServiceSpec, placement: Placement) -> dict[str, tuple[object, ...]]:
+def source_keys(
+    spec: ServiceSpec, placement: Placement, live: Sequence[ReplicaRecord] = ()
+) -> dict[str, tuple[object, ...]]:
     """Per cloud (a source's `name`), what its event source is built from. A reloaded spec keeps
     a cloud's running source, and whatever it holds, unless this changed."""
-    keys: dict[str, tuple[object, ...]] = {}
-    for cloud in sorted({c.location.cloud for c in placement.locations}):
-        where = sorted(
-            (c.location.region, c.location.zone) for c in placement.locations if c.location.cloud == cloud
-        )
-        keys[cloud] = (tuple(where), getattr(spec, cloud, None))  # the cloud's own spec section, if any
-    return keys
+    return {
+        cloud: (tuple(sorted((r, z) for z, r in zones.items())), getattr(spec, cloud, None))
+        for cloud, zones in sorted(_watched(placement, live).items())
+    }
 
 
 @dataclass
@@ -240,17 +254,20 @@ class Watcher:
 
     def _build(self) -> Controller:
         executor, router, prober = self._parts(self.spec, self.placement)
-        return Controller(
+        ctl = Controller(
             self.spec,
             self.state_dir,
             executor=executor,
             router=router,
             prober=prober,
-            sources=event_sources(self.spec, self.state_dir, self.placement),
+            sources=[],
             clock=self.clock,
             options=self.options,
             placement=self.placement,
         )
+        # built once the state is read: replicas left where the spec no longer allows are watched too
+        ctl.sources = event_sources(self.spec, self.state_dir, self.placement, live=ctl.state.live())
+        return ctl
 
     def _parts(
         self, spec: ServiceSpec, placement: Placement, running: RouterPort | None = None
@@ -377,12 +394,13 @@ class Watcher:
         except SkyhedgeError as exc:
             self._outcome("refused", f"spec reload refused: {exc}; keeping the running spec")
             return False
-        old_keys, new_keys = source_keys(old, self.placement), source_keys(new, placement)
+        live = ctl.state.live()
+        old_keys, new_keys = source_keys(old, self.placement, live), source_keys(new, placement, live)
         rebuild = {cloud for cloud, key in new_keys.items() if old_keys.get(cloud) != key}
         kept = [s for s in ctl.sources if s.name in new_keys and s.name not in rebuild]
         built: list[EventSource] = []
         try:
-            built = event_sources(new, self.state_dir, placement, only=rebuild) if rebuild else []
+            built = event_sources(new, self.state_dir, placement, only=rebuild, live=live) if rebuild else []
             if router is not None and router.running() and any(c.startswith("service.") for c in changes):
                 from skyhedge.routing import Router, Upstream
 
