@@ -236,13 +236,11 @@ def test_refresh_aws_bad_spot_price_blames_the_api_not_the_cache_file(
 # --- refresh gcp ------------------------------------------------------------------------------
 
 
-def test_refresh_gcp_against_local_server(cache_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import threading
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+def refresh_gcp(region: str, instance_type: str) -> tuple[int, str, str]:
+    return run("catalog", "refresh", "--cloud", "gcp", "--regions", region, "--instance-types", instance_type)
 
-    from google.auth.credentials import AnonymousCredentials
-    from google.auth.transport.requests import AuthorizedSession
 
+def test_refresh_gcp_against_local_server(cache_dir: Path, billing: dict[str, dict]) -> None:
     def sku(description: str, usage: str, price_nanos: int, unit: str) -> dict:
         return {
             "description": description,
@@ -258,51 +256,19 @@ def test_refresh_gcp_against_local_server(cache_dir: Path, monkeypatch: pytest.M
             ],
         }
 
-    pages = {  # test values, two pages
-        "": {
-            "skus": [
-                sku("G2 Instance Core running in Americas", "OnDemand", 20_000_000, "h"),
-                sku("G2 Instance Ram running in Americas", "OnDemand", 2_000_000, "GiBy.h"),
-            ],
-            "nextPageToken": "next",
-        },
-        "next": {"skus": [sku("Nvidia L4 GPU running in Americas", "OnDemand", 500_000_000, "h")]},
-    }
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802
-            token = self.path.partition("pageToken=")[2].split("&")[0]
-            body = json.dumps(pages[token]).encode()
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    session = AuthorizedSession(AnonymousCredentials())
-    try:
-        monkeypatch.setenv("SKYHEDGE_GCP_BILLING_ENDPOINT", f"http://127.0.0.1:{server.server_address[1]}")
-        monkeypatch.setattr(gcp_reader, "default_session", lambda: session)
-        code, out, err = run(
-            "catalog",
-            "refresh",
-            "--cloud",
-            "gcp",
-            "--regions",
-            "us-east1",
-            "--instance-types",
-            "g2-standard-8",
-        )
-    finally:
-        session.close()
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=5)
+    billing.update(
+        {  # test values, two pages
+            "": {
+                "skus": [
+                    sku("G2 Instance Core running in Americas", "OnDemand", 20_000_000, "h"),
+                    sku("G2 Instance Ram running in Americas", "OnDemand", 2_000_000, "GiBy.h"),
+                ],
+                "nextPageToken": "next",
+            },
+            "next": {"skus": [sku("Nvidia L4 GPU running in Americas", "OnDemand", 500_000_000, "h")]},
+        }
+    )
+    code, out, err = refresh_gcp("us-east1", "g2-standard-8")
     assert code == 0, err
     assert "updated 3 offers in 1 regions" in out
     data = json.loads((cache_dir / "gcp.json").read_text())
@@ -335,19 +301,20 @@ def test_a_user_catalog_that_is_a_directory_is_refused_not_ignored(cache_dir: Pa
 
 
 @pytest.fixture
-def billing_pages(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[object]]:
-    """A local Cloud Billing server answering one page with whatever SKUs the test puts in the list."""
+def billing(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, dict]]:
+    """A local Cloud Billing server: `pageToken` -> the answer the test puts in the dict."""
     import threading
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
     from google.auth.credentials import AnonymousCredentials
     from google.auth.transport.requests import AuthorizedSession
 
-    skus: list[object] = []
+    pages: dict[str, dict] = {}
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:  # noqa: N802
-            body = json.dumps({"skus": skus}).encode()
+            token = self.path.partition("pageToken=")[2].split("&")[0]
+            body = json.dumps(pages[token]).encode()
             self.send_response(200)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
@@ -363,12 +330,20 @@ def billing_pages(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[object]]:
     monkeypatch.setenv("SKYHEDGE_GCP_BILLING_ENDPOINT", f"http://127.0.0.1:{server.server_address[1]}")
     monkeypatch.setattr(gcp_reader, "default_session", lambda: session)
     try:
-        yield skus
+        yield pages
     finally:
         session.close()
         server.shutdown()
         server.server_close()
         thread.join(timeout=5)
+
+
+@pytest.fixture
+def billing_pages(billing: dict[str, dict]) -> list[object]:
+    """One page holding whatever SKUs the test puts in the list."""
+    skus: list[object] = []
+    billing[""] = {"skus": skus}
+    return skus
 
 
 def _gcp_sku(description: str, usage: str, unit: str, unit_price: object) -> dict:
@@ -447,16 +422,7 @@ def test_refresh_gcp_malformed_sku_is_one_line_and_writes_nothing(
     cache_dir: Path, billing_pages: list[object], skus: list[object], message: str
 ) -> None:
     billing_pages.extend(skus)
-    code, _, err = run(
-        "catalog",
-        "refresh",
-        "--cloud",
-        "gcp",
-        "--regions",
-        "us-central1",
-        "--instance-types",
-        "g2-standard-4",
-    )
+    code, _, err = refresh_gcp("us-central1", "g2-standard-4")
     assert code == 1
     assert err.startswith(message), err
     assert err.count("\n") == 1 and "gcp.json" not in err
@@ -465,16 +431,7 @@ def test_refresh_gcp_malformed_sku_is_one_line_and_writes_nothing(
 
 def test_refresh_gcp_good_skus_still_price(cache_dir: Path, billing_pages: list[object]) -> None:
     billing_pages.extend(_g2_skus())
-    code, out, err = run(
-        "catalog",
-        "refresh",
-        "--cloud",
-        "gcp",
-        "--regions",
-        "us-central1",
-        "--instance-types",
-        "g2-standard-4",
-    )
+    code, out, err = refresh_gcp("us-central1", "g2-standard-4")
     assert code == 0, err
     assert "updated 3 offers in 1 regions" in out
 
