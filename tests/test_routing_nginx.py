@@ -346,6 +346,7 @@ def test_a_crashed_master_is_replaced_by_up_and_its_orphaned_workers_quit(fleet,
         time.sleep(0.02)
     assert router.status()["pid"] is None  # the stale pid file is not trusted
     assert set(nginx_proc.leftovers(pid)) == orphans
+    router.preflight()  # `apply`/`watch` check first: the orphans' port is not another process's
     new = router.up(fleet.upstreams())["pid"]
     assert new and new != pid
     assert complete(router.endpoint).status == 200

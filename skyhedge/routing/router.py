@@ -14,6 +14,7 @@ still in flight to a removed replica, and it is safe to destroy it.
 from __future__ import annotations
 
 import contextlib
+import errno
 import grp
 import json
 import os
@@ -121,6 +122,10 @@ class Router:
             and (not running or self._read_meta().get("status_port") != status_port)
         ):
             ports.append(("service.router.status_port", "127.0.0.1", status_port))
+        # A master killed by `kill -9` leaves its workers serving on its ports: `up` quits them
+        # (`_reap`) before it starts nginx again, so ports they hold are not another process's.
+        stale = None if running else nginx.read_pid(self.paths.pid)
+        orphaned = bool(stale is not None and nginx.leftovers(stale))
         for name, host, port in ports:
             family = socket.AF_INET6 if ":" in host else socket.AF_INET
             with socket.socket(family, socket.SOCK_STREAM) as sock:
@@ -128,6 +133,8 @@ class Router:
                 try:
                     sock.bind((host, port))
                 except OSError as exc:
+                    if orphaned and exc.errno == errno.EADDRINUSE:
+                        continue
                     raise RoutingError(
                         f"{name} {port} on {host} is not available for the router "
                         f"({exc.strerror or exc}): free it or choose another {name}"
