@@ -615,3 +615,23 @@ def test_turning_autoscaling_off_plans_min_replicas_not_the_last_autoscaled_size
     _reconfigure(ctl, world["spec"])
     settle(ctl, clock, ticks=1)
     assert ctl.last_plan.target == 2
+
+
+def test_a_crash_loop_found_by_probes_holds_launches_from_the_third_burst(world):
+    """Probing takes time, and a failure it finds is stamped when found, after the pass began:
+    that burst must count in the same pass (it was counted one pass, and one burst, late)."""
+    clock = world["clock"]
+
+    class SlowBrokenApp(FakeProber):
+        def probe(self, records):
+            clock.advance(0.5)
+            return {r.id: (False, "HTTP 500") for r in records}
+
+    world["prober"] = SlowBrokenApp()
+    ctl = make(world)
+    for _ in range(240):
+        ctl.tick()
+        clock.advance(1)
+    held = next(n for n in ctl.notes if n.text.startswith("crash loop: 3 bursts"))
+    rounds = {r.launched_at for r in ctl.state.replicas.values() if r.launched_at <= held.at}
+    assert len(rounds) == 3  # the first launch and two relaunches; none after the third burst

@@ -250,6 +250,9 @@ class Controller:
             self.note(line, now)
         self._expire_warnings(now)
         self._probe(now)
+        # Probing takes time and stamps what it finds when found: the rest of the pass must see
+        # those failures as past, or a crash loop found by probes is relaunched before it counts.
+        now = max(now, self.clock())
         self._autoscale(now)
         self._survival(now)
         refresh = not self._started or self._refresh
