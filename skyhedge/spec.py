@@ -110,6 +110,9 @@ ROUTER_INT_LIMITS = {
     "read_timeout": 86400,
     "worker_connections": 1048576,
 }
+#: Smallest accepted values where 1 is not usable: an nginx worker needs connections for its
+#: listening sockets, every client and every upstream, so a handful fails at start or under load.
+ROUTER_INT_MINIMA = {"worker_connections": 64}
 MAX_BODY_BYTES = 64 * 2**30
 _SIZE_UNITS = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30}
 
@@ -140,8 +143,11 @@ class RouterOptions:
     def __post_init__(self) -> None:
         for name, top in ROUTER_INT_LIMITS.items():
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= top:
-                raise RoutingError(f"router option {name}: expected an integer in [1, {top}], got {value!r}")
+            low = ROUTER_INT_MINIMA.get(name, 1)
+            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= top:
+                raise RoutingError(
+                    f"router option {name}: expected an integer in [{low}, {top}], got {value!r}"
+                )
         if not re.fullmatch(r"auto|[1-9][0-9]{0,2}", str(self.worker_processes)):
             raise RoutingError(
                 f"router option worker_processes: expected 'auto' or a count, got {self.worker_processes!r}"
@@ -589,7 +595,7 @@ def _router(ctx: _Ctx, raw: Any, port: int) -> RouterOptions:
     allowed = {*ROUTER_INT_LIMITS, "worker_processes", "client_max_body_size", "status_port"}
     d = _mapping(ctx, "service.router", raw, allowed)
     kw: dict[str, Any] = {
-        k: _int(ctx, f"service.router.{k}", d[k], lo=1, hi=top)
+        k: _int(ctx, f"service.router.{k}", d[k], lo=ROUTER_INT_MINIMA.get(k, 1), hi=top)
         for k, top in ROUTER_INT_LIMITS.items()
         if k in d
     }

@@ -350,6 +350,10 @@ BAD_SPECS: list[tuple[str, str]] = [
         _with("service: {router: {read_timeout: 0}}\n"),
         "service.router.read_timeout: expected an integer in [1, 86400], got 0",
     ),
+    (  # nginx starts with 3, then fails every request ("worker_connections are not enough")
+        _with("service: {router: {worker_connections: 3}}\n"),
+        "service.router.worker_connections: expected an integer in [64, 1048576], got 3",
+    ),
     (
         _with("service: {router: {keepalive: 99999999999999999999}}\n"),
         "service.router.keepalive: expected an integer in [1, 65535], got 99999999999999999999",
