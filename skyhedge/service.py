@@ -236,16 +236,25 @@ def service_target(spec: ServiceSpec, state: ServiceState) -> int:
     return max(rp.min_replicas, min(target, upper))
 
 
-def _router_port_numbers(spec: ServiceSpec) -> frozenset[int]:
+def _router_port_numbers(spec: ServiceSpec, state: ServiceState) -> frozenset[int]:
     """Replica numbers whose local port (resources.local_base_port + N) the router listens on:
     those IDs are skipped, so a replacement never fails for a port its own router holds (IDs grow
     for ever, so a router port above the base is reached one day; `spec` refuses only the first
-    plan's range)."""
+    plan's range). The running router's status port counts too: a spec that stops naming one
+    leaves nginx on the port it had (the state records it)."""
     if "local" not in spec.placement.clouds:
         return frozenset()
     base = spec.resources.local_base_port
-    ports = (spec.service.port, spec.service.router.status_port)
+    ports = {spec.service.port, spec.service.router.status_port, _recorded_status_port(state)}
     return frozenset(p - base for p in ports if p is not None and p > base)
+
+
+def _recorded_status_port(state: ServiceState) -> int | None:
+    url = (state.router or {}).get("status_url")
+    try:
+        return urlsplit(url).port if isinstance(url, str) else None
+    except ValueError:  # a state file edited by hand: no port to avoid
+        return None
 
 
 def compute_plan(
@@ -321,7 +330,7 @@ def compute_plan(
         prices=_prices_with_outside(placement, facts, outside),
         ondemand_price=placement.cheapest_ondemand,
         base_ondemand=spec.replica_policy.base_ondemand_fallback_replicas,
-        skip_numbers=_router_port_numbers(spec),
+        skip_numbers=_router_port_numbers(spec, state),
     )
     plan = replace(
         plan,

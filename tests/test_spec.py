@@ -583,6 +583,27 @@ def test_a_local_replica_never_gets_the_number_whose_port_the_router_holds(tmp_p
     assert {replica_port(spec, rid) for rid in created}.isdisjoint({19038, 19040})
 
 
+def test_the_status_port_the_running_router_kept_is_skipped_too(tmp_path):
+    """A spec that stops naming a status port leaves nginx on the one it had (a reload keeps
+    it): the state's router records it, and that replica number is skipped as well."""
+    from skyhedge.spec import parse_spec
+
+    spec = parse_spec(
+        {
+            "name": "echo",
+            "placement": {"clouds": ["local"], "zones": ["local-a", "local-b"]},
+            "resources": {"local_base_port": 19000},
+            "replica_policy": {"min_replicas": 1, "num_overprovision": 0, "policy": "spothedge"},
+            "run": {"command": "true"},
+        },
+        source=str(tmp_path / "s.yaml"),
+    )
+    state = ServiceState(service="echo", next_id=59)
+    state.router = {"endpoint": "http://127.0.0.1:8080", "status_url": "http://127.0.0.1:19059/stub_status"}
+    plan, _ = compute_plan(spec, state, now=0.0)
+    assert [r.id for r in plan.replicas][0] == "r-0060"
+
+
 def _gpu_catalog(offers: list[tuple[str, str, float | None]]) -> dict:
     """An AWS catalog of two L4 types (g6.xlarge the cheaper on-demand) sold as `offers` say."""
     types = {
