@@ -250,7 +250,11 @@ def test_invalid_candidate_is_refused_and_the_old_config_keeps_serving(fleet, ma
     router.broken = True
     with pytest.raises(RoutingError) as info:
         router.reload(fleet.upstreams())
-    assert "refused" in str(info.value)
+    # one line that says why, naming the file the refused config was kept in (it exists)
+    assert str(info.value).startswith(
+        f"nginx refused the new configuration (kept as {router.paths.rejected}): "
+    )
+    assert '[emerg] unknown directive "no_such_directive"' in str(info.value) and "\n" not in str(info.value)
     assert "no_such_directive" in info.value.stderr and "unknown directive" in info.value.stderr
     assert router.paths.conf.read_bytes() == conf_before
     assert "no_such_directive" in router.paths.rejected.read_text()

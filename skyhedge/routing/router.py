@@ -60,6 +60,14 @@ def _quitting(pid: int) -> bool:
     return not nginx.alive(pid) or "shutting down" in nginx.cmdline(pid)
 
 
+def _first_problem(text: str) -> str:
+    """nginx's own reason in one line: its first `[emerg]`/`[alert]` line (else its first line),
+    without the `nginx: ` prefix, so a one-line refusal still says why."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    serious = [line for line in lines if "[emerg]" in line or "[alert]" in line]
+    return (serious or lines or [""])[0].removeprefix("nginx: ")
+
+
 def _wait(predicate: Any, timeout: float) -> bool:
     deadline = time.monotonic() + timeout
     while True:
@@ -250,9 +258,14 @@ class Router:
         atomic_write_text(self.paths.candidate, text)
         try:
             nginx.check_config(self.binary, self.paths, self.paths.candidate)
-        except RoutingError:
+        except RoutingError as exc:
             os.replace(self.paths.candidate, self.paths.rejected)
-            raise
+            reason = _first_problem(exc.stderr)
+            raise RoutingError(
+                f"nginx refused the new configuration (kept as {self.paths.rejected})"
+                + (f": {reason}" if reason else ""),
+                stderr=exc.stderr,
+            ) from exc
         os.replace(self.paths.candidate, self.paths.conf)
 
     def _status_port(self) -> int | None:
