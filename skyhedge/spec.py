@@ -803,9 +803,15 @@ def service_name_in(path: str | Path) -> str | None:
     For `status` while the spec on disk does not load (an edit in progress, a typo the running
     watcher refused): the name alone finds the state to show."""
     try:
-        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError, RecursionError):
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
         return None
+    try:
+        data = yaml.safe_load(text)
+    except (yaml.YAMLError, RecursionError):
+        # not YAML at all yet (half written): a top-level `name:` line still names the service
+        line = re.search(r"^name:[ \t]*['\"]?([a-z0-9-]+)['\"]?[ \t]*(?:#.*)?$", text, re.MULTILINE)
+        data = {"name": line[1]} if line else None
     name = data.get("name") if isinstance(data, dict) else None
     return name if isinstance(name, str) and NAME_RE.fullmatch(name) else None
 

@@ -244,6 +244,12 @@ def test_status_still_shows_the_state_while_the_spec_on_disk_does_not_load(tmp_p
     assert out.stderr.startswith(f"warning: {spec}: replica_polcy: unknown field")
     assert out.stderr.strip().endswith("(showing idle's recorded state)")
     assert [r["id"] for r in json.loads(out.stdout)["replicas"]] == ["r-0001"]
+    # half written, not even YAML yet: its `name:` line still finds the state
+    spec.write_text("name: idle\nplacement: {clouds: [local\nrun: {command: 'true'}\n")
+    out = CliRunner().invoke(main, ["status", str(spec), "--state-dir", str(state_dir), "--json"])
+    assert out.exit_code == 0, out.output
+    assert out.stderr.startswith(f"warning: {spec}: ") and out.stderr.count("\n") == 1
+    assert [r["id"] for r in json.loads(out.stdout)["replicas"]] == ["r-0001"]
     # no name to go by: the spec's own error, as before
     spec.write_text("name: [not, a, name]\n")
     out = CliRunner().invoke(main, ["status", str(spec), "--state-dir", str(state_dir)])
