@@ -206,3 +206,22 @@ def test_a_rollout_that_stops_short_fails_the_command(svc, monkeypatch):
     assert done.exit_code == 1, done.output
     assert "error: the rolling update stopped short: r-0001 no longer answer(s)" in done.output
     assert "still run an older spec" in done.output
+
+
+def test_replicas_launched_by_another_install_of_skyhedge_are_still_destroyed(svc):
+    """Terraform runs a replica's stop step with the Python path recorded when it was launched:
+    after `pip install --upgrade` (or a switch between a wheel and an editable install) that
+    directory may be gone. The stop step must still find skyhedge, or `destroy` fails and leaves
+    the replica running."""
+    _, report = apply(svc, replicas=1)
+    assert report.ok, report.errors
+    (tfstate,) = [p for p in svc.state_dir.rglob("*.tfstate") if "resources" in json.loads(p.read_text())]
+    state = json.loads(tfstate.read_text())
+    for resource in state["resources"]:
+        for instance in resource["instances"]:
+            recorded = instance["attributes"]["input"]["value"]
+            recorded["pythonpath"] = str(svc.state_dir / "an-uninstalled-skyhedge")
+    tfstate.write_text(json.dumps(state))
+    gone = destroy_service(load_spec(svc.spec_path), svc.state_dir, route=False)
+    assert gone.ok, gone.errors
+    assert find_processes(svc.runtime) == [] and svc.pids() == {}

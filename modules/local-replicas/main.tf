@@ -54,9 +54,12 @@ resource "terraform_data" "replica" {
     }
   }
 
+  # Stop runs with site-packages (no -S): the PYTHONPATH recorded at launch may name a skyhedge
+  # since uninstalled or moved (an upgrade, a wheel replaced by an editable install), and the
+  # interpreter's own site-packages then still find the installed one.
   provisioner "local-exec" {
     when        = destroy
-    interpreter = [self.input.python, "-S", "-m", "skyhedge.clouds.local.launcher", "stop"]
+    interpreter = [self.input.python, "-m", "skyhedge.clouds.local.launcher", "stop"]
     command     = self.input.id
     environment = {
       PYTHONPATH = self.input.pythonpath
