@@ -171,9 +171,14 @@ def test_gcp_module_spot_scheduling_gpus_and_labels(tmp_path):
     assert g2vars["accelerator"] is None and g2vars["gpu"] is True  # g2 carries its L4
 
 
-def _mirror_config(tmp_path: Path) -> Path | None:
+#: The provider each cloud's module needs, as the mirror lays it out.
+PROVIDERS = {"aws": "hashicorp/aws", "gcp": "hashicorp/google"}
+
+
+def _mirror_config(tmp_path: Path, cloud: str) -> Path | None:
+    """A CLI config reading providers from the mirror only, or None when it lacks `cloud`'s."""
     mirror = os.environ.get(MIRROR_ENV)
-    if not mirror or not Path(mirror).is_dir():
+    if not mirror or not (Path(mirror) / "registry.terraform.io" / PROVIDERS[cloud]).is_dir():
         return None
     rc = tmp_path / "mirror.tfrc"
     rc.write_text(
@@ -193,7 +198,7 @@ def _mirror_config(tmp_path: Path) -> Path | None:
     ],
 )
 def test_terraform_validate_where_a_provider_mirror_is_configured(tmp_path, cloud, itype, region, zones):
-    rc = _mirror_config(tmp_path)
+    rc = _mirror_config(tmp_path, cloud)
     if rc is None:
         pytest.skip(
             f"no provider mirror: set {MIRROR_ENV} to a filesystem mirror holding the {cloud} provider"
