@@ -176,6 +176,7 @@ def resolve_placement(spec: ServiceSpec, policy: str | None = None) -> Placement
                     file=spec.source,
                     path=f"placement.{field}[{i}]",
                 )
+    _check_subnet_zones(spec, catalogs)
     candidates: list[Candidate] = []
     ondemand_only: list[Candidate] = []
     types: dict[str, str] = {}
@@ -186,11 +187,20 @@ def resolve_placement(spec: ServiceSpec, policy: str | None = None) -> Placement
         if regions and zones and not any(catalog.region_of(z) in regions for z in zones):
             disjoint.append(cloud)
 
-        def allowed(offer: Offer, regions: set[str] = regions, zones: set[str] = zones) -> bool:
+        # with aws.subnets, AWS replicas go only where a subnet is given
+        subnets = {z for z, _ in spec.aws.subnets} if cloud == "aws" and spec.aws.subnets else None
+
+        def allowed(
+            offer: Offer,
+            regions: set[str] = regions,
+            zones: set[str] = zones,
+            subnets: set[str] | None = subnets,
+        ) -> bool:
             return (
                 (not regions or offer.region in regions)
                 and (not zones or offer.zone in zones)
                 and offer.zone not in p.exclude_zones
+                and (subnets is None or offer.zone in subnets)
             )
 
         itype = _instance_type(spec, cloud, allowed, policy)
@@ -223,6 +233,24 @@ def resolve_placement(spec: ServiceSpec, policy: str | None = None) -> Placement
     candidates.sort(key=lambda c: (c.spot_price, c.location))
     ondemand_only.sort(key=lambda c: (c.ondemand_price, c.location))
     return Placement(tuple(candidates), types, tuple(ondemand_only))
+
+
+def _check_subnet_zones(spec: ServiceSpec, catalogs: dict[str, Any]) -> None:
+    """`aws.subnets` keys must be AWS zone IDs the catalog knows (a typo would silently drop a zone)."""
+    if not spec.aws.subnets:
+        return
+    if "aws" not in catalogs:
+        raise SpecError(
+            "AWS subnets given but aws is not among the clouds", file=spec.source, path="aws.subnets"
+        )
+    known = catalogs["aws"].zones()
+    for zone, _ in spec.aws.subnets:
+        if zone not in known:
+            raise SpecError(
+                f"unknown AWS zone ID {zone!r}{did_you_mean(zone, known)}",
+                file=spec.source,
+                path=f"aws.subnets.{zone}",
+            )
 
 
 def service_target(spec: ServiceSpec, state: ServiceState) -> int:

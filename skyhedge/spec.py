@@ -10,6 +10,7 @@ instance type or zone) live in `skyhedge.service.resolve_placement` where the ca
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import math
 import re
 from collections.abc import Callable, Mapping
@@ -32,6 +33,10 @@ HEADER_NAME_RE = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")  # an RFC 9110 tok
 #: A GCP project ID (6-30 of a-z, 0-9, '-', a letter first), optionally domain-scoped
 #: (`example.com:my-project`): it goes into API paths, so nothing else may pass.
 GCP_PROJECT_RE = re.compile(r"^(?:[a-z0-9][a-z0-9.-]{0,61}[a-z0-9]:)?[a-z][a-z0-9-]{4,28}[a-z0-9]$")
+#: An EC2 subnet ID.
+SUBNET_RE = re.compile(r"^subnet-[0-9a-f]{8,17}$")
+#: An EC2 key pair or IAM instance profile name (printable ASCII, no quotes or spaces).
+AWS_NAME_RE = re.compile(r"^[A-Za-z0-9_+=,.@/-]{1,128}$")
 #: An SQS queue name (1-80 of A-Z, a-z, 0-9, '-', '_'; `.fifo` ends a FIFO queue's).
 SQS_QUEUE_RE = re.compile(r"^[A-Za-z0-9_-]{1,80}$|^[A-Za-z0-9_-]{1,75}\.fifo$")
 PLUGIN_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*:[A-Za-z_][A-Za-z0-9_]*$")  # module:Class
@@ -192,7 +197,21 @@ class TerraformConfig:
 
 @dataclass(frozen=True)
 class AwsConfig:
+    """`aws:`: where AWS replicas live on the network and what they may use.
+
+    `subnets` (availability zone ID -> subnet ID) launches into those subnets, and only into their
+    zones, instead of each zone's default subnet: an account without a default VPC needs it. The
+    replicas' VPC is the subnets'. `ingress_cidrs` may reach the model server port (the router
+    must be among them)."""
+
     events_queue: str | None = None
+    subnets: tuple[tuple[str, str], ...] = ()
+    key_name: str | None = None
+    iam_instance_profile: str | None = None
+    ingress_cidrs: tuple[str, ...] = ("0.0.0.0/0",)
+
+    def subnet_of(self, zone: str) -> str | None:
+        return dict(self.subnets).get(zone)
 
 
 @dataclass(frozen=True)
@@ -339,6 +358,46 @@ def _str(ctx: _Ctx, path: str, value: Any, *, nonempty: bool = True) -> str:
     if nonempty and not value.strip():
         raise ctx.fail(path, "expected a non-empty string")
     return value
+
+
+def _aws(ctx: _Ctx, d: dict[str, Any]) -> AwsConfig:
+    subnets = _str_map(ctx, "aws.subnets", d.get("subnets"), numbers=False)
+    for zone, subnet in subnets.items():
+        if not ZONE_RE.fullmatch(zone) or AWS_ZONE_NAME_RE.fullmatch(zone):
+            raise ctx.fail(f"aws.subnets.{zone}", "expected an availability zone ID such as 'use1-az1'")
+        _matching(ctx, f"aws.subnets.{zone}", subnet, SUBNET_RE, "a subnet ID such as 'subnet-0123abcd'")
+    cidrs = _str_list(ctx, "aws.ingress_cidrs", d.get("ingress_cidrs", ["0.0.0.0/0"]), _cidr_ok(ctx))
+    if not cidrs:
+        raise ctx.fail(
+            "aws.ingress_cidrs", "expected at least one CIDR block (the router must reach the replicas)"
+        )
+    return AwsConfig(
+        events_queue=_matching(
+            ctx, "aws.events_queue", d.get("events_queue"), SQS_QUEUE_RE, "an SQS queue name"
+        ),
+        subnets=tuple(sorted((str(z), str(s)) for z, s in subnets.items())),
+        key_name=_matching(ctx, "aws.key_name", d.get("key_name"), AWS_NAME_RE, "an EC2 key pair name"),
+        iam_instance_profile=_matching(
+            ctx,
+            "aws.iam_instance_profile",
+            d.get("iam_instance_profile"),
+            AWS_NAME_RE,
+            "an instance profile name",
+        ),
+        ingress_cidrs=cidrs,
+    )
+
+
+def _cidr_ok(ctx: _Ctx) -> Callable[[str, str], None]:
+    def check(path: str, text: str) -> None:
+        try:
+            if "/" not in text:
+                raise ValueError("no prefix length")
+            ipaddress.ip_network(text, strict=False)
+        except ValueError:
+            raise ctx.fail(path, f"expected a CIDR block such as '10.0.0.0/8', got {text!r}") from None
+
+    return check
 
 
 def _matching(ctx: _Ctx, path: str, value: Any, pattern: re.Pattern[str], what: str) -> str | None:
@@ -739,7 +798,7 @@ def parse_spec(data: Any, *, source: str = "<spec>") -> ServiceSpec:
         )
     if "placement" not in d:
         raise ctx.fail("placement", "required (at least placement.clouds)")
-    aws = _mapping(ctx, "aws", d.get("aws"), {"events_queue"})
+    aws = _mapping(ctx, "aws", d.get("aws"), {f.name for f in fields(AwsConfig)})
     gcp = _mapping(ctx, "gcp", d.get("gcp"), {"project"})
     resources = _resources(ctx, d.get("resources"))
     placement = _placement(ctx, d.get("placement"))
@@ -756,11 +815,7 @@ def parse_spec(data: Any, *, source: str = "<spec>") -> ServiceSpec:
         service=service,
         run=_run(ctx, d.get("run")),
         terraform=_terraform(ctx, d.get("terraform")),
-        aws=AwsConfig(
-            events_queue=_matching(
-                ctx, "aws.events_queue", aws.get("events_queue"), SQS_QUEUE_RE, "an SQS queue name"
-            )
-        ),
+        aws=_aws(ctx, aws),
         gcp=GcpConfig(
             project=_matching(ctx, "gcp.project", gcp.get("project"), GCP_PROJECT_RE, "a GCP project ID")
         ),

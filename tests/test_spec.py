@@ -289,6 +289,23 @@ BAD_SPECS: list[tuple[str, str]] = [
     (_with('gcp: {project: "a/b?c=d"}\n'), "gcp.project: expected a GCP project ID, got 'a/b?c=d'"),
     (_with("gcp: {project: My-Project}\n"), "gcp.project: expected a GCP project ID, got 'My-Project'"),
     (_with("aws: {events_queue: q/1}\n"), "aws.events_queue: expected an SQS queue name, got 'q/1'"),
+    (
+        _with("aws: {subnets: {us-east-1a: subnet-0123abcd}}\n"),
+        "aws.subnets.us-east-1a: expected an availability zone ID such as 'use1-az1'",
+    ),
+    (
+        _with('aws: {subnets: {use1-az1: "subnet-1\\"}"}}\n'),
+        "aws.subnets.use1-az1: expected a subnet ID such as 'subnet-0123abcd', got 'subnet-1\"}'",
+    ),
+    (
+        _with("aws: {ingress_cidrs: [10.0.0.1]}\n"),
+        "aws.ingress_cidrs[0]: expected a CIDR block such as '10.0.0.0/8', got '10.0.0.1'",
+    ),
+    (
+        _with("aws: {ingress_cidrs: []}\n"),
+        "aws.ingress_cidrs: expected at least one CIDR block (the router must reach the replicas)",
+    ),
+    (_with("aws: {key_name: 'my key'}\n"), "aws.key_name: expected an EC2 key pair name, got 'my key'"),
     (_with("resources: {ports: http}\n"), "resources.ports: expected an integer in [1, 65535], got 'http'"),
     (
         _with("run: {command: x, env: {BAD-NAME: v}}\n", base="name: echo\nplacement: {clouds: [local]}\n"),
@@ -670,3 +687,20 @@ def test_accelerators_pick_the_cheapest_type_the_placement_can_run(
         assert resolve_placement(spec).instance_types == {"aws": expected}
     finally:
         clear_cache()
+
+
+def test_aws_subnets_place_aws_replicas_only_in_their_zones(write_spec):
+    """An account without a default VPC names its subnets; the zones that have one are where AWS
+    replicas go, and a zone ID the catalog does not know is named, not silently dropped."""
+    base = (
+        "name: llm\nplacement: {clouds: [aws]}\nresources: {instance_type: {aws: g6.xlarge}}\n"
+        "run: {command: serve}\naws: {subnets: %s}\n"
+    )
+    placement = resolve_placement(
+        load_spec(write_spec(base % "{use1-az1: subnet-0123abcd, usw2-az2: subnet-4567ef01}"))
+    )
+    assert sorted(c.location.zone for c in placement.locations) == ["use1-az1", "usw2-az2"]
+    with pytest.raises(
+        SpecError, match=r"aws.subnets.use1-az9: unknown AWS zone ID 'use1-az9' \(did you mean"
+    ):
+        resolve_placement(load_spec(write_spec(base % "{use1-az9: subnet-0123abcd}")))

@@ -2,8 +2,12 @@
 # requests that terminate on interruption: skyhedge replaces them, AWS must not restart them.
 
 locals {
-  zones  = toset([for r in values(var.replicas) : r.zone])
-  vpc_id = var.vpc_id != null ? var.vpc_id : data.aws_vpc.default[0].id
+  zones = toset([for r in values(var.replicas) : r.zone])
+  # the VPC: given, else the given subnets' (the first one's), else the region's default VPC
+  vpc_id = (
+    var.vpc_id != null ? var.vpc_id :
+    var.subnet_ids != null ? data.aws_subnet.given[0].vpc_id : data.aws_vpc.default[0].id
+  )
   subnet_for_zone = var.subnet_ids != null ? var.subnet_ids : {
     for zone, subnet in data.aws_subnet.zone : zone => subnet.id
   }
@@ -20,8 +24,13 @@ data "aws_ssm_parameter" "image" {
 }
 
 data "aws_vpc" "default" {
-  count   = var.vpc_id == null ? 1 : 0
+  count   = var.vpc_id == null && var.subnet_ids == null ? 1 : 0
   default = true
+}
+
+data "aws_subnet" "given" {
+  count = var.vpc_id == null && var.subnet_ids != null ? 1 : 0
+  id    = values(var.subnet_ids)[0]
 }
 
 data "aws_subnet" "zone" {

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from skyhedge.catalog import load_catalog
 from skyhedge.clouds import RenderContext
 from skyhedge.clouds.common import replica_map, require_instance_type, run_config
 
@@ -25,8 +26,12 @@ class AwsCloud:
         ("port", "The model server's TCP port on each replica."),
         ("replicas", "Replicas by stable ID: availability zone ID and market."),
         ("run", "What each replica runs at boot: command or image, setup and env."),
+        ("subnet_ids", "Subnet per availability zone ID (null: each zone's default subnet)."),
+        ("key_name", "An EC2 key pair for SSH (null: none)."),
+        ("iam_instance_profile", "An IAM instance profile for the replicas (null: none)."),
+        ("ingress_cidrs", "CIDR blocks that may reach the model server port."),
     )
-    nullable = frozenset({"image_id"})
+    nullable = frozenset({"image_id", "subnet_ids", "key_name", "iam_instance_profile"})
 
     def root_inputs(
         self,
@@ -46,7 +51,20 @@ class AwsCloud:
             "port": spec.resources.ports,
             "replicas": replica_map(replicas),
             "run": run_config(spec),
+            "subnet_ids": _region_subnets(spec, region),
+            "key_name": spec.aws.key_name,
+            "iam_instance_profile": spec.aws.iam_instance_profile,
+            "ingress_cidrs": list(spec.aws.ingress_cidrs),
         }
+
+
+def _region_subnets(spec: ServiceSpec, region: str) -> dict[str, str] | None:
+    """`aws.subnets` of this region's zones (the spec's map spans regions; subnets are zonal),
+    all of them whichever hold replicas now, so the root's inputs do not churn as replicas move."""
+    if not spec.aws.subnets:
+        return None
+    catalog = load_catalog("aws")
+    return {zone: subnet for zone, subnet in spec.aws.subnets if catalog.region_of(zone) == region}
 
 
 CLOUD = AwsCloud()
