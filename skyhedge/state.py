@@ -386,6 +386,15 @@ def check_writable(path: Path, what: str = "output", *, directory: bool = False)
         raise OutputError(f"{path}: cannot write the {what}: {parent} is not a directory")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise OutputError(f"{path}: cannot write the {what}: {parent} is not writable")
+    # access() trusts the mode bits, and root passes them: a pseudo file system (/sys, /proc) or
+    # a read-only mount still refuses. Creating (and removing) a file there is the real answer.
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".skyhedge-probe-", dir=parent)
+    except OSError as exc:
+        raise OutputError(f"{path}: cannot write the {what}: {parent}: {exc.strerror or exc}") from exc
+    os.close(fd)
+    with contextlib.suppress(OSError):
+        os.unlink(probe)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
