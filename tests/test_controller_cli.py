@@ -209,6 +209,8 @@ def test_market_replay_follows_the_local_zones_of_a_reloaded_spec(tmp_path: Path
     assert capacity.read_capacity(runtime) == {}  # local-a has its capacity back
     replay.step()
     assert list(capacity.read_capacity(runtime)) == ["local-c"]  # driven by the trace's first zone
+    replay.stop()  # `up` ends: the trace's marks end with it, or a plain `up` later finds them
+    assert capacity.read_capacity(runtime) == {}
 
 
 def test_market_replay_logs_each_change_once(tmp_path: Path, caplog):

@@ -116,6 +116,14 @@ class MarketReplay:
             self._stop.wait(max(0.0, next_at - time.monotonic()))
 
     def stop(self) -> None:
+        """Stop replaying and give the driven zones their capacity back: the trace's marks end
+        with the replay (a later plain `up` would otherwise find zones it never preempted closed)."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5.0)
+        with self._lock:
+            for zone in self.mapping:
+                try:
+                    set_zone_capacity(self.state_dir, zone, 1_000_000)
+                except (OSError, ValueError) as exc:
+                    log.warning("market replay: %s: capacity not restored: %s", zone, exc)
