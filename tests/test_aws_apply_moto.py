@@ -6,8 +6,6 @@ everything. Skipped where no mirror holds the AWS provider (see docs/terraform.m
 
 from __future__ import annotations
 
-import json
-import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,6 +13,7 @@ from pathlib import Path
 import boto3
 import pytest
 from routing_support import free_port
+from terraform_support import MIRROR_ENV, mirror_config, mirror_holding
 
 from skyhedge.apply import apply_service, destroy_service
 from skyhedge.clouds.aws.events import AwsEventSource
@@ -22,20 +21,12 @@ from skyhedge.events import Signal
 from skyhedge.spec import load_spec
 from skyhedge.state import load_state
 
-MIRROR_ENV = "SKYHEDGE_TEST_PROVIDER_MIRROR"
 REGION = "us-east-1"
 AMI = "ami-12c6146b"  # one of moto's built-in images
 
 
-def _mirror() -> Path | None:
-    mirror = os.environ.get(MIRROR_ENV)
-    if mirror and (Path(mirror) / "registry.terraform.io" / "hashicorp" / "aws").is_dir():
-        return Path(mirror)
-    return None
-
-
 pytestmark = pytest.mark.skipif(
-    _mirror() is None,
+    mirror_holding("aws") is None,
     reason=f"no provider mirror: set {MIRROR_ENV} to a filesystem mirror holding the aws provider",
 )
 
@@ -49,13 +40,7 @@ def moto_endpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[s
     port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
-    rc = tmp_path / "mirror.tfrc"
-    rc.write_text(
-        "provider_installation {\n"
-        f"  filesystem_mirror {{\n    path    = {json.dumps(str(_mirror()))}\n"
-        '    include = ["registry.terraform.io/*/*"]\n  }\n'
-        '  direct {\n    exclude = ["registry.terraform.io/*/*"]\n  }\n}\n'
-    )
+    rc = mirror_config(tmp_path, "aws")
     endpoint = f"http://127.0.0.1:{port}"
     for name, value in {
         "TF_CLI_CONFIG_FILE": str(rc),

@@ -120,7 +120,6 @@ def test_a_plot_into_an_unwritable_directory_is_refused(trace_csv, tmp_path, mon
     assert list(locked.iterdir()) == []
 
 
-
 @pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs /proc")
 def test_a_plot_where_even_root_cannot_create_a_file_fails_before_simulating(trace_csv, monkeypatch):
     """/proc passes access() for root (CI runs as root) but refuses any new file: the check
@@ -132,6 +131,7 @@ def test_a_plot_where_even_root_cannot_create_a_file_fails_before_simulating(tra
     result = run("simulate", "--trace", str(trace_csv), "--repeats", "1", "--plot", "/proc/p.png")
     one_error_line(result, "/proc/p.png: cannot write the plot: /proc: ")
     assert ran == []
+
 
 def test_the_plot_has_ordinary_permissions(trace_csv, tmp_path):
     png = tmp_path / "p.png"

@@ -4,7 +4,6 @@ here, so `terraform validate` runs only where a provider mirror is configured)."
 from __future__ import annotations
 
 import json
-import os
 import re
 import sys
 from pathlib import Path
@@ -12,6 +11,7 @@ from typing import Any
 
 import hcl2
 import pytest
+from terraform_support import MIRROR_ENV, mirror_config
 
 from skyhedge.clouds import RenderContext
 from skyhedge.engine import Terraform, TerraformRoot
@@ -21,7 +21,6 @@ from skyhedge.render import TFVARS_FILE, render_tree, write_tree
 from skyhedge.spec import parse_spec
 
 CTX = RenderContext(Path("/srv/state"), Path("/srv/work"), sys.executable, "")
-MIRROR_ENV = "SKYHEDGE_TEST_PROVIDER_MIRROR"
 
 
 def unq(value: Any) -> Any:
@@ -171,25 +170,6 @@ def test_gcp_module_spot_scheduling_gpus_and_labels(tmp_path):
     assert g2vars["accelerator"] is None and g2vars["gpu"] is True  # g2 carries its L4
 
 
-#: The provider each cloud's module needs, as the mirror lays it out.
-PROVIDERS = {"aws": "hashicorp/aws", "gcp": "hashicorp/google"}
-
-
-def _mirror_config(tmp_path: Path, cloud: str) -> Path | None:
-    """A CLI config reading providers from the mirror only, or None when it lacks `cloud`'s."""
-    mirror = os.environ.get(MIRROR_ENV)
-    if not mirror or not (Path(mirror) / "registry.terraform.io" / PROVIDERS[cloud]).is_dir():
-        return None
-    rc = tmp_path / "mirror.tfrc"
-    rc.write_text(
-        "provider_installation {\n"
-        f"  filesystem_mirror {{\n    path    = {json.dumps(mirror)}\n"
-        '    include = ["registry.terraform.io/*/*"]\n  }\n'
-        '  direct {\n    exclude = ["registry.terraform.io/*/*"]\n  }\n}\n'
-    )
-    return rc
-
-
 @pytest.mark.parametrize(
     ("cloud", "itype", "region", "zones"),
     [
@@ -198,7 +178,7 @@ def _mirror_config(tmp_path: Path, cloud: str) -> Path | None:
     ],
 )
 def test_terraform_validate_where_a_provider_mirror_is_configured(tmp_path, cloud, itype, region, zones):
-    rc = _mirror_config(tmp_path, cloud)
+    rc = mirror_config(tmp_path, cloud)
     if rc is None:
         pytest.skip(
             f"no provider mirror: set {MIRROR_ENV} to a filesystem mirror holding the {cloud} provider"
