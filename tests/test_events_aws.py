@@ -101,7 +101,15 @@ def test_parse_sns_wrapped():
 
 @pytest.mark.parametrize(
     "body",
-    ["not json", "[" * 100_000, "[]", json.dumps({"detail": {}}), _event("Other", {"instance-id": "i"})],
+    [
+        "not json",
+        "[" * 100_000,
+        "[]",
+        json.dumps({"detail": {}}),
+        _event("Other", {"instance-id": "i"}),
+        _event(DETAIL_STATE, {"instance-id": "i-1", "state": ["terminated"]}),
+        _event(DETAIL_STATE, {"instance-id": "i-1", "state": {"a": 1}}),
+    ],
 )
 def test_unparseable_is_logged_and_dropped(body, caplog):
     with caplog.at_level(logging.WARNING, logger="skyhedge.events"):
@@ -491,3 +499,22 @@ def test_naming_many_unknown_instances_stays_within_ec2s_filter_limit(aws, tmp_p
     events = [PreemptionEvent(Signal.WARNING, 1.0, "aws-sqs", cloud_id=i) for i in [*foreign, recorded]]
     assert source._name_replicas(events, ctl.state.live()) == {recorded: ours.id}
     assert sorted(sizes) == [51, 200, 200]
+
+
+def test_an_odd_message_does_not_hold_back_the_valid_ones_of_its_batch(aws, tmp_path, write_spec):
+    ctl, source, clock = _controller(aws, tmp_path, write_spec, reconcile_every=3600)
+    victim = ctl.state.live()[0]
+    sqs = aws.client("sqs", region_name=REGION)
+    url = sqs.get_queue_url(QueueName="llm-events")["QueueUrl"]
+    odd = _event(DETAIL_STATE, {"instance-id": victim.cloud_id, "state": ["terminated"]})
+    sqs.send_message(QueueUrl=url, MessageBody=odd)
+    _warn(aws, str(victim.cloud_id))
+    clock.advance(1)
+    ctl.tick()
+    assert victim.id in ctl.state.extra["warned"] and victim.gone_at is None
+    clock.advance(1)
+    ctl.tick()  # both were deleted: nothing comes back
+    attrs = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["All"])["Attributes"]
+    assert (
+        attrs["ApproximateNumberOfMessages"] == "0" and attrs["ApproximateNumberOfMessagesNotVisible"] == "0"
+    )

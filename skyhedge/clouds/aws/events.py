@@ -124,6 +124,9 @@ def parse_message(body: str, *, received_at: float, source: str = "aws-sqs") -> 
         )
     if kind == DETAIL_STATE:
         state = detail.get("state")
+        if not isinstance(state, str):
+            unparseable(source, body, "detail.state is not a string")
+            return None
         if state in GONE_STATES:
             # The notification does not say why; the controller decides by market (spot -> preempted).
             return PreemptionEvent(
@@ -299,10 +302,7 @@ class AwsEventSource(EventSource):
         latest = {m.get("MessageId") or id(m): (region, m) for region, m in received}
         received = list(latest.values())
         mine = [r for r in live if r.cloud == "aws"]
-        parsed = [
-            (region, message, parse_message(message.get("Body", ""), received_at=now))
-            for region, message in received
-        ]
+        parsed = [(region, message, _parse_safely(message, now)) for region, message in received]
         try:
             names = self._name_replicas([e for _, _, e in parsed if e is not None], mine)
             held: set[str] = set()
@@ -505,6 +505,17 @@ class AwsEventSource(EventSource):
                 region,
                 iid,
             )
+
+
+def _parse_safely(message: dict[str, Any], now: float) -> PreemptionEvent | None:
+    """`parse_message`, with any failure on one message logged as unparseable (and the message
+    then deleted like any other): one odd message must not hold back the batch it came in."""
+    body = message.get("Body", "")
+    try:
+        return parse_message(body if isinstance(body, str) else "", received_at=now)
+    except Exception as exc:  # a shape parse_message does not expect yet: log, drop, go on
+        unparseable("aws-sqs", body, f"{type(exc).__name__}: {exc}")
+        return None
 
 
 def _state(instance: dict[str, Any]) -> str:
