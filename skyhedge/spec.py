@@ -390,12 +390,15 @@ def _aws(ctx: _Ctx, d: dict[str, Any]) -> AwsConfig:
 
 def _cidr_ok(ctx: _Ctx) -> Callable[[str, str], None]:
     def check(path: str, text: str) -> None:
+        # what the security group's cidr_blocks take: IPv4, written as its network address
         try:
             if "/" not in text:
                 raise ValueError("no prefix length")
-            ipaddress.ip_network(text, strict=False)
+            ipaddress.IPv4Network(text, strict=True)
         except ValueError:
-            raise ctx.fail(path, f"expected a CIDR block such as '10.0.0.0/8', got {text!r}") from None
+            raise ctx.fail(
+                path, f"expected an IPv4 CIDR block (its network address) such as '10.0.0.0/8', got {text!r}"
+            ) from None
 
     return check
 

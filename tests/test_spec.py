@@ -299,7 +299,15 @@ BAD_SPECS: list[tuple[str, str]] = [
     ),
     (
         _with("aws: {ingress_cidrs: [10.0.0.1]}\n"),
-        "aws.ingress_cidrs[0]: expected a CIDR block such as '10.0.0.0/8', got '10.0.0.1'",
+        "aws.ingress_cidrs[0]: expected an IPv4 CIDR block (its network address) such as '10.0.0.0/8', got '10.0.0.1'",
+    ),
+    (  # the AWS provider refuses a host address with a prefix, and IPv6 in cidr_blocks
+        _with("aws: {ingress_cidrs: [10.0.0.0/8, 10.0.0.1/8]}\n"),
+        "aws.ingress_cidrs[1]: expected an IPv4 CIDR block (its network address) such as '10.0.0.0/8', got '10.0.0.1/8'",
+    ),
+    (
+        _with("aws: {ingress_cidrs: ['::/0']}\n"),
+        "aws.ingress_cidrs[0]: expected an IPv4 CIDR block (its network address) such as '10.0.0.0/8', got '::/0'",
     ),
     (
         _with("aws: {ingress_cidrs: []}\n"),
