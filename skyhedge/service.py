@@ -95,6 +95,11 @@ class Placement:
         """The zones of `cloud` where replicas may run, spot-selling ones first."""
         return [c.location.zone for c in self.locations if c.location.cloud == cloud]
 
+    def allows(self, location: Location, market: Market) -> bool:
+        """May a replica of `market` run in `location`: spot only where spot is sold."""
+        zones = self.candidates if market is Market.SPOT else self.locations
+        return any(c.location == location for c in zones)
+
     @property
     def cheapest_ondemand(self) -> float:
         return min(c.ondemand_price for c in self.locations)
@@ -292,13 +297,13 @@ def compute_plan(
     """One decision: observation from state -> policy -> planner. Returns the plan and the
     policy's memory after deciding (the caller persists it only if it acts on the plan)."""
     placement = placement or resolve_placement(spec, policy_name)
-    allowed = {c.location for c in placement.locations}
     facts = state.facts()
-    # Replicas where the spec no longer allows them (placement narrowed) are moved like outdated
-    # ones: the policy, which sees only the others, places their replacements, and they are
-    # released one at a time while more than the target stay READY, never all at once.
-    outside = {f.id for f in facts if f.location not in allowed}
-    inside = tuple(f for f in facts if f.location in allowed)
+    # Replicas where the spec no longer allows them (placement narrowed, or a zone that stopped
+    # selling spot under a spot replica) are moved like outdated ones: the policy, which sees only
+    # the others, places their replacements, and they are released one at a time while more than
+    # the target stay READY, never all at once.
+    outside = {f.id for f in facts if not placement.allows(f.location, f.market)}
+    inside = tuple(f for f in facts if f.id not in outside)
     target = service_target(spec, state)
     name = spec.replica_policy.policy if policy_name is None else policy_name  # "" is no name
     config = spec.replica_policy.policy_config()
@@ -406,12 +411,11 @@ def outdated_replicas(
     and, given the placement, those in a location it no longer allows (moved the same way).
     Replicas recorded before revisions existed count as current."""
     revision = replica_revision(spec)
-    allowed = None if placement is None else {c.location for c in placement.locations}
     return sorted(
         r.id
         for r in state.live()
         if (r.revision is not None and r.revision != revision)
-        or (allowed is not None and r.location not in allowed)
+        or (placement is not None and not placement.allows(r.location, Market(r.market)))
     )
 
 

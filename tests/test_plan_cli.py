@@ -297,3 +297,39 @@ def test_a_replica_in_a_zone_the_spec_no_longer_allows_is_priced_until_it_moves(
     moved = next(r for r in json.loads(result.output)["replicas"] if r["id"] == "r-0002")
     assert moved["zone"] == "use1-az5" and moved["action"] == "keep"
     assert moved["price_per_hour"] == 0.7031  # p3.2xlarge spot in use1-az5, bundled catalog
+
+
+def test_a_spot_replica_in_a_zone_that_stopped_selling_spot_is_moved_not_kept(tmp_path, monkeypatch):
+    """After a catalog refresh a zone may sell the type on-demand only: a spot replica there is
+    outside the placement (outdated, moved one at a time), and the spot replica in a zone that
+    still sells spot is kept."""
+    from skyhedge.catalog import bundled_path, clear_cache
+
+    catalog = json.loads(bundled_path("local").read_text())
+    for offer in catalog["offers"]:
+        if offer["zone"] == "local-a":
+            offer["spot_price"] = None
+    (tmp_path / "cat").mkdir()
+    (tmp_path / "cat" / "local.json").write_text(json.dumps(catalog))
+    monkeypatch.setenv("SKYHEDGE_CATALOG_DIR", str(tmp_path / "cat"))
+    clear_cache()
+    spec = tmp_path / "svc.yaml"
+    spec.write_text(LOCAL.replace("min_replicas: 2, policy: spothedge", "min_replicas: 2, policy: skyhedge"))
+    state_dir = tmp_path / "state"
+    state = ServiceState(service="echo", next_id=3)
+    for i, zone in enumerate(["local-a", "local-b"], start=1):
+        state.replicas[f"r-000{i}"] = ReplicaRecord(
+            f"r-000{i}", "local", "local", zone, "spot", launched_at=0.0, provisioned_at=1.0, ready_at=2.0
+        )
+    save_state(state_dir, state)
+    try:
+        result = run("plan", str(spec), "--state-dir", str(state_dir), "--json")
+    finally:
+        clear_cache()
+    assert result.exit_code == 0, result.output
+    replicas = {r["id"]: r for r in json.loads(result.output)["replicas"]}
+    assert replicas["r-0001"]["outdated"] is True  # spot where only on-demand is sold now
+    assert replicas["r-0002"]["action"] == "keep" and replicas["r-0002"]["outdated"] is False
+    assert all(
+        r["zone"] != "local-a" for r in replicas.values() if r["market"] == "spot" and r["action"] == "create"
+    )
