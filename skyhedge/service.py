@@ -254,6 +254,28 @@ def _check_subnet_zones(spec: ServiceSpec, catalogs: dict[str, Any]) -> None:
             )
 
 
+def check_subnets_cover(spec: ServiceSpec, state: ServiceState) -> None:
+    """With `aws.subnets`, every live AWS replica's zone must keep a subnet: Terraform evaluates
+    each replica's subnet (for the ones being moved or destroyed too), and a region's VPC is its
+    subnets'. Dropping a zone's subnet under running replicas would fail every apply and
+    destroy of that region, so it is refused here, with the order that works."""
+    if not spec.aws.subnets:
+        return
+    listed = {zone for zone, _ in spec.aws.subnets}
+    stranded: dict[str, list[str]] = {}
+    for rec in state.live():
+        if rec.cloud == "aws" and rec.zone not in listed:
+            stranded.setdefault(rec.zone, []).append(rec.id)
+    if stranded:
+        zone, ids = sorted(stranded.items())[0]
+        raise SpecError(
+            f"no subnet for {zone}, where {', '.join(sorted(ids))} still run: keep its subnet and put the "
+            "zone in placement.exclude_zones; once they have moved, remove the subnet",
+            file=spec.source,
+            path="aws.subnets",
+        )
+
+
 def service_target(spec: ServiceSpec, state: ServiceState) -> int:
     """The number of READY replicas wanted now: the autoscaler's last word, else min_replicas.
     A spec without autoscaling (no `target_qps_per_replica`) wants min_replicas whatever an
@@ -297,6 +319,7 @@ def compute_plan(
     """One decision: observation from state -> policy -> planner. Returns the plan and the
     policy's memory after deciding (the caller persists it only if it acts on the plan)."""
     placement = placement or resolve_placement(spec, policy_name)
+    check_subnets_cover(spec, state)
     facts = state.facts()
     # Replicas where the spec no longer allows them (placement narrowed, or a zone that stopped
     # selling spot under a spot replica) are moved like outdated ones: the policy, which sees only

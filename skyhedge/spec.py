@@ -952,14 +952,17 @@ def spec_changes(old: ServiceSpec, new: ServiceSpec) -> list[str]:
 
 
 def replica_revision(spec: ServiceSpec) -> str:
-    """A short digest of everything that makes up one replica's machine and process: `run` and
-    `resources`. Replicas launched under another revision are *outdated*: the planner replaces
-    them one at a time, each after a replacement is READY (a rolling update), and Terraform never
-    restarts or replaces them in place (docs/controller.md, "Changing the spec")."""
+    """A short digest of everything that makes up one replica's machine and process: `run`,
+    `resources` and the AWS key pair. Replicas launched under another revision are *outdated*:
+    the planner replaces them one at a time, each after a replacement is READY (a rolling
+    update), and Terraform never restarts or replaces them in place (docs/controller.md,
+    "Changing the spec")."""
     import hashlib
     import json
     from dataclasses import asdict
 
-    data = {"run": asdict(spec.run), "resources": asdict(spec.resources)}
+    data: dict[str, object] = {"run": asdict(spec.run), "resources": asdict(spec.resources)}
+    if spec.aws.key_name is not None:  # a new key pair means new machines (absent: digest as before)
+        data["aws_key_name"] = spec.aws.key_name
     text = json.dumps(data, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:12]

@@ -10,6 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 from skyhedge.cli import main
+from skyhedge.errors import SpecError
 from skyhedge.state import ReplicaRecord, ServiceState, load_state, save_state
 
 REPO = Path(__file__).resolve().parents[1]
@@ -333,3 +334,65 @@ def test_a_spot_replica_in_a_zone_that_stopped_selling_spot_is_moved_not_kept(tm
     assert all(
         r["zone"] != "local-a" for r in replicas.values() if r["market"] == "spot" and r["action"] == "create"
     )
+
+
+AWS_SUBNETS = """
+name: llm
+placement: {clouds: [aws], regions: [us-east-1]}
+resources: {instance_type: {aws: g6.xlarge}}
+replica_policy: {min_replicas: 1, num_overprovision: 0, policy: spothedge}
+run: {command: serve}
+aws: {subnets: {%s}%s}
+"""
+
+
+def _aws_state(state_dir: Path, zone: str) -> None:
+    state = ServiceState(service="llm", next_id=2)
+    state.replicas["r-0001"] = ReplicaRecord(
+        "r-0001", "aws", "us-east-1", zone, "spot", launched_at=0.0, provisioned_at=1.0, ready_at=2.0
+    )
+    save_state(state_dir, state)
+
+
+def test_dropping_the_subnet_of_a_zone_replicas_still_run_in_is_refused_with_the_way_out(
+    tmp_path, write_spec
+):
+    """Terraform evaluates every replica's subnet, the ones being moved or destroyed too: a zone's
+    subnet removed under running replicas would fail each apply and destroy of that region."""
+    from skyhedge.apply import destroy_service
+    from skyhedge.spec import load_spec
+
+    spec = write_spec(AWS_SUBNETS % ("use1-az2: subnet-0123abcd", ""))
+    _aws_state(tmp_path / "st", "use1-az1")
+    result = run("plan", str(spec), "--state-dir", str(tmp_path / "st"))
+    assert result.exit_code == 1 and result.output.count("\n") == 1
+    assert "aws.subnets: no subnet for use1-az1, where r-0001 still run: keep its subnet" in result.output
+    with pytest.raises(SpecError, match="no subnet for use1-az1"):
+        destroy_service(load_spec(spec), tmp_path / "st", route=False)
+    # the order that works: subnet kept, zone excluded; the replica is moved
+    moving = write_spec(
+        AWS_SUBNETS.replace("regions: [us-east-1]", "regions: [us-east-1], exclude_zones: [use1-az1]")
+        % ("use1-az1: subnet-0aaaaaaa, use1-az2: subnet-0123abcd", ""),
+        name="moving.yaml",
+    )
+    result = run("plan", str(moving), "--state-dir", str(tmp_path / "st"), "--json")
+    assert result.exit_code == 0, result.output
+    planned = {r["id"]: r for r in json.loads(result.output)["replicas"]}
+    assert planned["r-0001"]["outdated"] is True and any(r["zone"] == "use1-az2" for r in planned.values())
+
+
+def test_a_new_key_pair_rolls_the_replicas_over(tmp_path, write_spec):
+    """Terraform would replace every instance at once for a new key pair: the key is part of the
+    replicas' revision, so they roll over one at a time (the module ignores the change in place)."""
+    from skyhedge.spec import load_spec, replica_revision
+
+    plain = load_spec(write_spec(AWS_SUBNETS % ("use1-az1: subnet-0123abcd", "")))
+    keyed = load_spec(
+        write_spec(AWS_SUBNETS % ("use1-az1: subnet-0123abcd", ", key_name: ops"), name="k.yaml")
+    )
+    other = load_spec(
+        write_spec(AWS_SUBNETS % ("use1-az1: subnet-0123abcd", ", key_name: other"), name="o.yaml")
+    )
+    no_aws = load_spec(write_spec(AWS_SUBNETS.replace("aws: {subnets: {%s}%s}\n", ""), name="n.yaml"))
+    assert replica_revision(plain) == replica_revision(no_aws)  # no key: the digest as before
+    assert len({replica_revision(plain), replica_revision(keyed), replica_revision(other)}) == 3

@@ -125,6 +125,9 @@ resource "aws_instance" "replica" {
     # A newer AMI behind the SSM parameter must not replace running replicas, and a spec change
     # (run, instance type) must not stop and restart them in place: skyhedge rolls new replicas
     # in one at a time and releases the outdated ones as their replacements become READY.
-    ignore_changes = [ami, user_data_base64, instance_type]
+    # The same for the key pair and the subnet: a replica keeps those it was launched with (a
+    # changed aws.key_name rolls replicas over through their revision; a zone's new subnet is
+    # where its next replicas go).
+    ignore_changes = [ami, user_data_base64, instance_type, key_name, subnet_id]
   }
 }

@@ -64,7 +64,8 @@ def _region_subnets(spec: ServiceSpec, region: str) -> dict[str, str] | None:
     if not spec.aws.subnets:
         return None
     catalog = load_catalog("aws")
-    return {zone: subnet for zone, subnet in spec.aws.subnets if catalog.region_of(zone) == region}
+    mine = {zone: subnet for zone, subnet in spec.aws.subnets if catalog.region_of(zone) == region}
+    return mine or None  # a region none is listed for: its default VPC (the module needs one subnet)
 
 
 CLOUD = AwsCloud()
