@@ -91,9 +91,14 @@ class Placement:
             out[(c.location, Market.ON_DEMAND)] = c.ondemand_price
         return out
 
-    def zones(self, cloud: str) -> list[str]:
-        """The zones of `cloud` where replicas may run, spot-selling ones first."""
-        return [c.location.zone for c in self.locations if c.location.cloud == cloud]
+    def zones(self, cloud: str, *, spot: bool = False) -> list[str]:
+        """The zones of `cloud` where replicas may run, spot-selling ones first (`spot`: only
+        those, e.g. for a spot-market replay: an on-demand-only zone has no spot to lose)."""
+        return [
+            c.location.zone
+            for c in (self.candidates if spot else self.locations)
+            if c.location.cloud == cloud
+        ]
 
     def allows(self, location: Location, market: Market) -> bool:
         """May a replica of `market` run in `location`: spot only where spot is sold."""
@@ -227,6 +232,8 @@ def resolve_placement(spec: ServiceSpec, policy: str | None = None) -> Placement
         )
     if not candidates and not (ondemand_only and policy == "ondemand"):
         sold = ", ".join(f"{c}: {t}" for c, t in types.items())
+        if spec.aws.subnets and "aws" in types:
+            sold += "; AWS zones are those of aws.subnets"
         how = " on spot" if ondemand_only else ""  # not sold there at all, else on-demand only
         if ondemand_only:
             sold += "; sold there on-demand only, which replica_policy.policy 'ondemand' runs"

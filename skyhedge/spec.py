@@ -362,7 +362,13 @@ def _str(ctx: _Ctx, path: str, value: Any, *, nonempty: bool = True) -> str:
 
 def _aws(ctx: _Ctx, d: dict[str, Any]) -> AwsConfig:
     subnets = _str_map(ctx, "aws.subnets", d.get("subnets"), numbers=False)
+    seen: dict[str, str] = {}
     for zone, subnet in subnets.items():
+        if subnet in seen:  # a subnet lies in one zone: the second zone's replicas would land in the first
+            raise ctx.fail(
+                f"aws.subnets.{zone}", f"{subnet} is given for {seen[subnet]} too; a subnet lies in one zone"
+            )
+        seen[subnet] = zone
         if not ZONE_RE.fullmatch(zone) or AWS_ZONE_NAME_RE.fullmatch(zone):
             raise ctx.fail(f"aws.subnets.{zone}", "expected an availability zone ID such as 'use1-az1'")
         _matching(ctx, f"aws.subnets.{zone}", subnet, SUBNET_RE, "a subnet ID such as 'subnet-0123abcd'")

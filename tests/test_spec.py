@@ -314,6 +314,10 @@ BAD_SPECS: list[tuple[str, str]] = [
         "aws.ingress_cidrs: expected at least one CIDR block (the router must reach the replicas)",
     ),
     (_with("aws: {key_name: 'my key'}\n"), "aws.key_name: expected an EC2 key pair name, got 'my key'"),
+    (
+        _with("aws: {subnets: {use1-az1: subnet-0123abcd, use1-az2: subnet-0123abcd}}\n"),
+        "aws.subnets.use1-az2: subnet-0123abcd is given for use1-az1 too; a subnet lies in one zone",
+    ),
     (_with("resources: {ports: http}\n"), "resources.ports: expected an integer in [1, 65535], got 'http'"),
     (
         _with("run: {command: x, env: {BAD-NAME: v}}\n", base="name: echo\nplacement: {clouds: [local]}\n"),

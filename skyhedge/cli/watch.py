@@ -305,13 +305,13 @@ def up(
 
             replay = MarketReplay(
                 market_trace,
-                ctl.placement.zones("local"),
+                ctl.placement.zones("local", spot=True),
                 sdir,
                 speedup=speedup,
                 on_change=lambda t: ctl.note(t),
             )
             ctl.note(replay.describe())
-            watcher.on_reload(lambda _spec, placement: replay.remap(placement.zones("local")))
+            watcher.on_reload(lambda _spec, placement: replay.remap(placement.zones("local", spot=True)))
             replay.start()
         try:
             if no_dashboard:
