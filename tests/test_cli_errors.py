@@ -188,3 +188,22 @@ def test_the_readme_plan_json_example_is_real_output():
         k: shown[k] for k in ("service", "target", "policy", "summary")
     }
     assert shown["replicas"] == [real["replicas"][0], real["replicas"][-1]]
+
+
+def test_a_destroy_failing_in_one_root_still_says_what_the_others_destroyed(tmp_path, monkeypatch):
+    import skyhedge.cli.apply as apply_cli
+    from skyhedge.apply import DestroyReport
+    from skyhedge.errors import EngineError
+
+    spec = tmp_path / "s.yaml"
+    spec.write_text("name: two\nplacement: {clouds: [local]}\nrun: {command: 'true'}\n")
+    report = DestroyReport(
+        roots=["aws/eu-central-1", "aws/us-west-2"],
+        destroyed=["r-0001", "r-0002"],
+        errors=[EngineError("terraform destroy failed in aws/us-west-2: Invalid index")],
+    )
+    monkeypatch.setattr(apply_cli, "destroy_service", lambda *a, **k: report)
+    result = run("destroy", str(spec), "--auto-approve", "--state-dir", str(tmp_path / "st"))
+    assert result.exit_code == 1
+    assert "Destroyed 2 replica(s): r-0001, r-0002." in result.stdout
+    assert result.stderr.startswith("error: terraform destroy failed in aws/us-west-2")

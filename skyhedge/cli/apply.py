@@ -238,6 +238,10 @@ def destroy(spec: Path, state_dir: Path | None, auto_approve: bool, terraform_bi
     for err in report.errors[1:]:
         report_error(err)
     if report.errors:
+        if report.destroyed:  # what did go, before the error that stops the command
+            console.print(
+                f"Destroyed {len(report.destroyed)} replica(s): {', '.join(sorted(report.destroyed))}."
+            )
         raise report.errors[0]
     if not report.roots:
         console.print("Nothing to destroy.")
