@@ -61,6 +61,16 @@ run: {command: python3 server.py}
 """
 
 
+def save_ready_spot(state_dir: Path, service: str, cloud: str, region: str, zones: list[str]) -> None:
+    """A saved state holding one READY spot replica per zone given, r-0001 onwards."""
+    state = ServiceState(service=service, next_id=len(zones) + 1)
+    for i, zone in enumerate(zones, start=1):
+        state.replicas[f"r-{i:04d}"] = ReplicaRecord(
+            f"r-{i:04d}", cloud, region, zone, "spot", launched_at=0.0, provisioned_at=1.0, ready_at=2.0
+        )
+    save_state(state_dir, state)
+
+
 def run(*args: str):
     return CliRunner().invoke(main, list(args))
 
@@ -287,12 +297,7 @@ def test_a_replica_in_a_zone_the_spec_no_longer_allows_is_priced_until_it_moves(
     so the plan prices them from the catalog rather than at 0."""
     spec = write_spec(ONDEMAND_ONLY_ZONES % ("use1-az1, use1-az2", "spothedge"))
     state_dir = tmp_path / "state"
-    state = ServiceState(service="trainer", next_id=3)
-    for i, zone in enumerate(["use1-az1", "use1-az5"], start=1):
-        state.replicas[f"r-000{i}"] = ReplicaRecord(
-            f"r-000{i}", "aws", "us-east-1", zone, "spot", launched_at=0.0, provisioned_at=1.0, ready_at=2.0
-        )
-    save_state(state_dir, state)
+    save_ready_spot(state_dir, "trainer", "aws", "us-east-1", ["use1-az1", "use1-az5"])
     result = run("plan", str(spec), "--state-dir", str(state_dir), "--json")
     assert result.exit_code == 0, result.output
     moved = next(r for r in json.loads(result.output)["replicas"] if r["id"] == "r-0002")
@@ -317,12 +322,7 @@ def test_a_spot_replica_in_a_zone_that_stopped_selling_spot_is_moved_not_kept(tm
     spec = tmp_path / "svc.yaml"
     spec.write_text(LOCAL.replace("min_replicas: 2, policy: spothedge", "min_replicas: 2, policy: skyhedge"))
     state_dir = tmp_path / "state"
-    state = ServiceState(service="echo", next_id=3)
-    for i, zone in enumerate(["local-a", "local-b"], start=1):
-        state.replicas[f"r-000{i}"] = ReplicaRecord(
-            f"r-000{i}", "local", "local", zone, "spot", launched_at=0.0, provisioned_at=1.0, ready_at=2.0
-        )
-    save_state(state_dir, state)
+    save_ready_spot(state_dir, "echo", "local", "local", ["local-a", "local-b"])
     try:
         result = run("plan", str(spec), "--state-dir", str(state_dir), "--json")
     finally:
@@ -346,14 +346,6 @@ aws: {subnets: {%s}%s}
 """
 
 
-def _aws_state(state_dir: Path, zone: str) -> None:
-    state = ServiceState(service="llm", next_id=2)
-    state.replicas["r-0001"] = ReplicaRecord(
-        "r-0001", "aws", "us-east-1", zone, "spot", launched_at=0.0, provisioned_at=1.0, ready_at=2.0
-    )
-    save_state(state_dir, state)
-
-
 def test_dropping_the_subnet_of_a_zone_replicas_still_run_in_is_refused_with_the_way_out(
     tmp_path, write_spec
 ):
@@ -363,7 +355,7 @@ def test_dropping_the_subnet_of_a_zone_replicas_still_run_in_is_refused_with_the
     from skyhedge.spec import load_spec
 
     spec = write_spec(AWS_SUBNETS % ("use1-az2: subnet-0123abcd", ""))
-    _aws_state(tmp_path / "st", "use1-az1")
+    save_ready_spot(tmp_path / "st", "llm", "aws", "us-east-1", ["use1-az1"])
     result = run("plan", str(spec), "--state-dir", str(tmp_path / "st"))
     assert result.exit_code == 1 and result.output.count("\n") == 1
     assert "aws.subnets: no subnet for use1-az1, where r-0001 still run: keep its subnet" in result.output

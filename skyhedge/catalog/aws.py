@@ -9,14 +9,13 @@ shuffled per account; the API answers with names, so each region's names are map
 from __future__ import annotations
 
 import datetime as dt
-import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
 from botocore.exceptions import BotoCoreError, ClientError
 
-from skyhedge.catalog.model import MAX_PRICE, CloudCatalog, Offer, is_price
+from skyhedge.catalog.model import MAX_PRICE, CloudCatalog, Offer, read_price
 from skyhedge.errors import CatalogError, CloudError
 
 PRODUCT = "Linux/UNIX"
@@ -49,16 +48,13 @@ def spot_price(item: Mapping[str, Any]) -> float:
     refresh never wrote; "1e308" would pass as a number and overflow plan costs to Infinity.
     """
     text = item["SpotPrice"]
-    try:
-        price = float(text)
-    except (TypeError, ValueError):
-        price = math.nan
-    if not is_price(price):
-        raise CatalogError(
+    return read_price(
+        lambda: float(text),
+        lambda: CatalogError(
             f"AWS DescribeSpotPriceHistory: {item['InstanceType']} in {item['AvailabilityZone']}: "
             f"SpotPrice {text!r} is not a price (expected 0 to {MAX_PRICE:g} $/h)"
-        )
-    return price
+        ),
+    )
 
 
 def read_spot_prices(

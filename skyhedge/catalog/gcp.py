@@ -23,7 +23,7 @@ from typing import Any, NoReturn
 import requests
 from google.auth.exceptions import DefaultCredentialsError, GoogleAuthError
 
-from skyhedge.catalog.model import MAX_PRICE, CloudCatalog, Offer, is_price
+from skyhedge.catalog.model import MAX_PRICE, CloudCatalog, Offer, is_price, read_price
 from skyhedge.clouds.gcp import api_error_message
 from skyhedge.errors import CatalogError, CloudError
 
@@ -219,16 +219,13 @@ def _tier_price(where: str, path: str, tier: dict, unit: str) -> float:
         money = {}  # proto3 JSON leaves out a zero price
     if not isinstance(money, dict):
         _fail(where, f"{path}.unitPrice", "expected an object", money)
-    try:
-        price = unit_price(money)
-    except (TypeError, ValueError):
-        price = math.nan
-    if not is_price(price):
-        raise CatalogError(
+    return read_price(
+        lambda: unit_price(money),
+        lambda: CatalogError(
             f"{where}: {path}.unitPrice {_short(money)} is not a price "
             f"(expected 0 to {MAX_PRICE:g} $ per {_UNIT_WORDS.get(unit, unit)})"
-        )
-    return price
+        ),
+    )
 
 
 def _regions(where: str, sku: dict) -> list[str]:

@@ -8,6 +8,8 @@ anyone changing prices under another's feet. Lookups that name something unknown
 from __future__ import annotations
 
 import difflib
+import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from skyhedge.errors import CatalogError
@@ -21,6 +23,18 @@ MAX_PRICE = 1_000_000.0
 def is_price(value: float) -> bool:
     """A finite hourly price in [0, MAX_PRICE]; NaN fails the comparison too."""
     return 0.0 <= value <= MAX_PRICE
+
+
+def read_price(parse: Callable[[], float], refuse: Callable[[], CatalogError]) -> float:
+    """`parse()` as a price, or `refuse()` raised: an API answer that does not parse, or parses to
+    something no price is (NaN, negative, above MAX_PRICE), blames the answer, not the cache."""
+    try:
+        price = parse()
+    except (TypeError, ValueError):
+        price = math.nan
+    if not is_price(price):
+        raise refuse()
+    return price
 
 
 @dataclass(frozen=True)
