@@ -710,7 +710,7 @@ def _absorb_round(
         other = [d for d in result.errors if d.replica_id not in {f.replica_id for f in refused}]
         if not result.ok and (other or not result.errors):
             first = other[0] if other else None
-            summary = first.summary if first else f"exit code {result.exit_code}"
+            summary = first.headline if first else f"exit code {result.exit_code}"
             report.errors.append(
                 EngineError(
                     f"terraform apply failed in {root.path}: {summary}"
@@ -823,7 +823,7 @@ def destroy_service(
                             rec.outputs = {}
                     _tracked(state).pop(root.path, None)
                 elif isinstance(result, ApplyResult):
-                    first = result.errors[0].summary if result.errors else f"exit code {result.exit_code}"
+                    first = result.errors[0].headline if result.errors else f"exit code {result.exit_code}"
                     report.errors.append(
                         EngineError(
                             f"terraform destroy failed in {root.path}: {first}",

@@ -109,6 +109,10 @@ T = TypeVar("T")
 # Results
 
 
+#: How much of a diagnostic's detail an error's one line carries (the rest is in `stderr`).
+HEADLINE_DETAIL_CHARS = 240
+
+
 @dataclass(frozen=True)
 class Diagnostic:
     severity: str
@@ -122,6 +126,18 @@ class Diagnostic:
         return f"{self.severity.capitalize()}: {self.summary}{where}" + (
             f"\n{self.detail.rstrip()}" if self.detail else ""
         )
+
+    @property
+    def headline(self) -> str:
+        """One line for an error message: the summary and the first line of the detail, where
+        Terraform's summary alone says too little ("Resource precondition failed": the module's
+        own message is the detail's first line)."""
+        first = next((line.strip() for line in self.detail.splitlines() if line.strip()), "")
+        if not first or first in self.summary:
+            return self.summary
+        if len(first) > HEADLINE_DETAIL_CHARS:
+            first = first[: HEADLINE_DETAIL_CHARS - 3].rstrip() + "..."
+        return f"{self.summary}: {first}"
 
     @property
     def capacity(self) -> bool:
@@ -203,7 +219,7 @@ class ApplyResult:
     def raise_for_errors(self) -> None:
         if self.ok:
             return
-        first = self.errors[0].summary if self.errors else f"exit code {self.exit_code}"
+        first = self.errors[0].headline if self.errors else f"exit code {self.exit_code}"
         cls = InsufficientCapacity if self.errors and all(d.capacity for d in self.errors) else EngineError
         raise cls(f"terraform failed in {self.root}: {first}", stderr=self.error_text(), root=self.root)
 
@@ -609,7 +625,7 @@ class Terraform:
             text = "\n".join(d.text for d in errors) + (
                 "\n" + done.stderr.strip() if done.stderr.strip() else ""
             )
-            first = errors[0].summary if errors else f"exit code {done.exit_code}"
+            first = errors[0].headline if errors else f"exit code {done.exit_code}"
             raise EngineError(
                 f"terraform plan failed in {root.name}: {first}", stderr=text.strip(), root=root.name
             )

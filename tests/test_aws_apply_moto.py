@@ -121,3 +121,43 @@ def test_apply_preempt_and_destroy_through_the_real_provider(tmp_path: Path, mot
     states = {i["State"]["Name"] for r in left["Reservations"] for i in r["Instances"]}
     assert states <= {"terminated"}
     assert load_state(state_dir, "llm").live() == []
+
+
+def test_subnets_of_two_vpcs_or_filed_under_another_zone_are_refused_before_anything_runs(
+    tmp_path: Path, moto_endpoint: str
+) -> None:
+    """AWS would refuse such replicas one by one (a security group serves one VPC), or launch them
+    in a zone skyhedge does not watch: the module's preconditions stop the plan instead."""
+    ec2 = boto3.client("ec2", region_name=REGION, endpoint_url=moto_endpoint)
+    default = {
+        s["AvailabilityZoneId"]: s["SubnetId"] for s in ec2.describe_subnets()["Subnets"] if s["DefaultForAz"]
+    }
+    other_vpc = ec2.create_vpc(CidrBlock="10.9.0.0/16")["Vpc"]["VpcId"]
+    az2 = next(z for z in ec2.describe_availability_zones()["AvailabilityZones"] if z["ZoneId"] == "use1-az2")
+    foreign = ec2.create_subnet(VpcId=other_vpc, CidrBlock="10.9.1.0/24", AvailabilityZone=az2["ZoneName"])
+    cases = {
+        "two-vpcs": (
+            f"{{use1-az1: {default['use1-az1']}, use1-az2: {foreign['Subnet']['SubnetId']}}}",
+            "one VPC",
+        ),
+        "swapped": (
+            f"{{use1-az1: {default['use1-az2']}, use1-az2: {default['use1-az1']}}}",
+            "is in use1-az2, not use1-az1",
+        ),
+    }
+    for name, (subnets, reason) in cases.items():
+        spec_path = tmp_path / f"{name}.yaml"
+        spec_path.write_text(
+            f"name: {name}\n"
+            "placement: {clouds: [aws], regions: [us-east-1]}\n"
+            f"resources: {{instance_type: {{aws: g6.xlarge}}, image_id: {{aws: {AMI}}}}}\n"
+            "replica_policy: {min_replicas: 2, policy: spothedge}\n"
+            "run: {command: 'python3 -m http.server 8000'}\n"
+            f"aws: {{subnets: {subnets}}}\n"
+        )
+        report = apply_service(load_spec(spec_path), tmp_path / name, route=False, wait=False)
+        assert not report.ok
+        assert any(reason in str(e) for e in report.errors), report.errors
+        running = ec2.describe_instances(Filters=[{"Name": "tag:skyhedge:service", "Values": [name]}])
+        assert running["Reservations"] == []
+        assert all(r.cloud_id is None for r in load_state(tmp_path / name, name).live())  # none created

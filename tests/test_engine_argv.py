@@ -153,6 +153,27 @@ def test_capacity_refusals_raise_insufficient_capacity_with_terraforms_text():
     _result(code=0).raise_for_errors()
 
 
+def test_an_errors_one_line_carries_the_first_line_of_terraforms_detail():
+    """'Resource precondition failed' alone does not say which: the module's message does."""
+    failed = Diagnostic(
+        "error",
+        "Resource precondition failed",
+        "aws.subnets: the subnets of one region must be in one VPC, found vpc-1, vpc-2.\n\n"
+        "This was checked by the condition at main.tf:61,7-16.",
+    )
+    assert failed.headline == (
+        "Resource precondition failed: aws.subnets: the subnets of one region must be in one VPC, "
+        "found vpc-1, vpc-2."
+    )
+    with pytest.raises(EngineError, match="in one VPC, found vpc-1, vpc-2.$"):
+        _result(failed).raise_for_errors()
+    assert (
+        Diagnostic("error", "creating EC2 Instance: api error").headline == "creating EC2 Instance: api error"
+    )
+    long = Diagnostic("error", "local-exec provisioner error", "x" * 1000 + "\nmore")
+    assert len(long.headline) < 300 and long.headline.endswith("...")
+
+
 def test_run_parallel_keeps_order_and_returns_exceptions():
     def work(n: int) -> int:
         if n == 2:

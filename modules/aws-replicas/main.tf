@@ -3,11 +3,17 @@
 
 locals {
   zones = toset([for r in values(var.replicas) : r.zone])
-  # the VPC: given, else the given subnets' (the first one's), else the region's default VPC
+  # the VPC: given, else the given subnets' (checked to be one), else the region's default VPC
   vpc_id = (
     var.vpc_id != null ? var.vpc_id :
-    var.subnet_ids != null ? data.aws_subnet.given[0].vpc_id : data.aws_vpc.default[0].id
+    var.subnet_ids != null ? data.aws_subnet.given[keys(var.subnet_ids)[0]].vpc_id : data.aws_vpc.default[0].id
   )
+  # given subnets that are not where the spec says: another VPC, or another zone than their key
+  subnet_vpcs = distinct([for s in values(data.aws_subnet.given) : s.vpc_id])
+  misplaced_subnets = [
+    for zone, s in data.aws_subnet.given : "${s.id} is in ${s.availability_zone_id}, not ${zone}"
+    if s.availability_zone_id != zone
+  ]
   subnet_for_zone = var.subnet_ids != null ? var.subnet_ids : {
     for zone, subnet in data.aws_subnet.zone : zone => subnet.id
   }
@@ -29,8 +35,8 @@ data "aws_vpc" "default" {
 }
 
 data "aws_subnet" "given" {
-  count = var.vpc_id == null && var.subnet_ids != null ? 1 : 0
-  id    = values(var.subnet_ids)[0]
+  for_each = var.subnet_ids != null ? var.subnet_ids : {}
+  id       = each.value
 }
 
 data "aws_subnet" "zone" {
@@ -65,6 +71,18 @@ resource "aws_security_group" "replicas" {
 
   lifecycle {
     create_before_destroy = true
+
+    # Caught here, before anything is created: AWS would refuse the replicas of another VPC's
+    # subnets one by one, and a subnet of another zone would put replicas where skyhedge does
+    # not watch for their preemption.
+    precondition {
+      condition     = length(local.subnet_vpcs) <= 1 && (var.vpc_id == null || alltrue([for v in local.subnet_vpcs : v == var.vpc_id]))
+      error_message = "aws.subnets: the subnets of one region must be in one VPC, found ${join(", ", concat(local.subnet_vpcs, var.vpc_id == null ? [] : [var.vpc_id]))}."
+    }
+    precondition {
+      condition     = length(local.misplaced_subnets) == 0
+      error_message = "aws.subnets: ${join("; ", local.misplaced_subnets)}."
+    }
   }
 }
 

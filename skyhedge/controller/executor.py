@@ -83,7 +83,7 @@ class TerraformExecutor:
                 failed_ids = {f.replica_id for f in failures}
                 other = [d for d in result.errors if d.replica_id not in failed_ids]
                 if other or not result.errors:
-                    first = other[0].summary if other else f"exit code {result.exit_code}"
+                    first = other[0].headline if other else f"exit code {result.exit_code}"
                     errors.append(f"{root.path}: {_first_line(first)}")
                 detail.append(result.error_text())
         state.log(
