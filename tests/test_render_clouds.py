@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -138,6 +139,56 @@ def test_aws_boot_script_only_interpolates_the_base64_config():
     assert "%{" not in script
 
 
+def _boot_files(tmp_path: Path, module: str, template: str, config: dict[str, Any]) -> dict[str, str]:
+    """Run the boot script's own Python part (what the VM runs before systemd) on `config`, with
+    /opt/skyhedge moved under tmp_path; return the files it wrote."""
+    script = (Path(__file__).resolve().parents[1] / "modules" / module / template).read_text()
+    body = script.split("python3 - <<'PY'\n", 1)[1].split("\nPY\n", 1)[0]
+    home = tmp_path / module
+    home.mkdir(parents=True)
+    (home / "replica.json").write_text(json.dumps(config))
+    subprocess.run([sys.executable, "-c", body.replace("/opt/skyhedge", str(home))], check=True)
+    return {f.name: f.read_text() for f in home.iterdir()}
+
+
+@pytest.mark.parametrize(
+    ("module", "template"), [("aws-replicas", "user_data.sh.tftpl"), ("gcp-replicas", "startup.sh.tftpl")]
+)
+def test_a_container_gets_the_gpus_only_where_the_replica_has_them(tmp_path, module, template):
+    """Docker refuses `--gpus all` without the NVIDIA runtime: a CPU type (a user catalog's) must
+    run its container without it. A config from before the flag existed keeps it."""
+    config = {
+        "replica_id": "r-0001",
+        "service": "svc",
+        "port": 8000,
+        "image": "ghcr.io/o/m:1",
+        "env": {"A": "x y"},
+    }
+    gpu = _boot_files(tmp_path / "gpu", module, template, {**config, "gpu": True})
+    cpu = _boot_files(tmp_path / "cpu", module, template, {**config, "gpu": False})
+    older = _boot_files(tmp_path / "older", module, template, config)
+    assert "--gpus all" in gpu["run.sh"] and "--gpus all" in older["run.sh"]
+    assert "--gpus" not in cpu["run.sh"] and "ghcr.io/o/m:1" in cpu["run.sh"]
+    assert "export A='x y'" in cpu["env"]
+
+
+def test_replicas_have_gpus_as_the_catalog_says_else_as_the_spec_asks():
+    from skyhedge.clouds.common import has_gpus
+
+    def spec(accelerators: str | None) -> Any:
+        resources: dict[str, Any] = {"instance_type": {"aws": "g6.xlarge"}}
+        if accelerators:
+            resources["accelerators"] = accelerators
+        return parse_spec(
+            {"name": "svc", "placement": {"clouds": ["aws"]}, "resources": resources, "run": {"image": "x"}},
+            source="/tmp/svc.yaml",
+        )
+
+    assert has_gpus(spec(None), "aws", "g6.xlarge")  # L4 in the catalog
+    assert not has_gpus(spec(None), "aws", "c7i.large")  # unknown to the catalog, no accelerator asked
+    assert has_gpus(spec("A10G:1"), "aws", "c7i.large")
+
+
 def test_gcp_module_spot_scheduling_gpus_and_labels(tmp_path):
     out = rendered(
         tmp_path,
@@ -202,6 +253,9 @@ def test_terraform_validate_where_a_provider_mirror_is_configured(tmp_path, clou
         # a2/g2 machine types come with their GPUs: nothing to attach, but they are GPU replicas
         ("a2-highgpu-1g", None, (None, True)),
         ("g2-standard-4", None, (None, True)),
+        # built-in GPU families the catalog does not list are GPU replicas all the same
+        ("a3-megagpu-8g", None, (None, True)),
+        ("g4-standard-48", None, (None, True)),
         # no GPU anywhere: a CPU replica
         ("e2-standard-4", None, (None, False)),
     ],
@@ -234,3 +288,23 @@ def test_gcp_an_n1_gpu_with_no_compute_engine_type_is_a_one_line_render_error():
     )
     with pytest.raises(RenderError, match=r"^/tmp/svc.yaml: resources.accelerators: .*'A10G'"):
         accelerator_for(spec, "n1-highmem-16")
+
+
+def test_gcp_a_gpu_that_comes_only_built_in_is_not_attached_to_n1():
+    """L4, A100 and H100 come only inside g2/a2/a3 machines: GCE refuses them on n1."""
+    from skyhedge.clouds.gcp.render import accelerator_for
+    from skyhedge.errors import RenderError
+
+    spec = parse_spec(
+        {
+            "name": "svc",
+            "placement": {"clouds": ["gcp"]},
+            "resources": {"instance_type": {"gcp": "n1-highmem-8"}, "accelerators": "L4:1"},
+            "run": {"image": "x"},
+        },
+        source="/tmp/svc.yaml",
+    )
+    with pytest.raises(
+        RenderError, match=r"'L4' cannot be attached to the n1 .* built into g2 machine types"
+    ):
+        accelerator_for(spec, "n1-highmem-8")

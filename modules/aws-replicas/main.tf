@@ -106,6 +106,7 @@ resource "aws_instance" "replica" {
       image      = var.run.image
       setup      = var.run.setup
       env        = var.run.env
+      gpu        = var.gpu
     }))
   }))
 

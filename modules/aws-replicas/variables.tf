@@ -51,6 +51,12 @@ variable "replicas" {
   }
 }
 
+variable "gpu" {
+  description = "Whether replicas have NVIDIA GPUs (a container then gets them with --gpus all)."
+  type        = bool
+  default     = true
+}
+
 variable "run" {
   description = "What each replica runs at boot: `command` (bash), or `image` (a container run with Docker, `command` as its arguments), an optional `setup` run first, and `env`."
   type = object({
@@ -82,8 +88,8 @@ variable "disk_size" {
   default     = 100
 
   validation {
-    condition     = var.disk_size >= 10 && var.disk_size <= 65536
-    error_message = "disk_size must be between 10 and 65536 GiB."
+    condition     = var.disk_size >= 10 && var.disk_size <= 65536 && floor(var.disk_size) == var.disk_size
+    error_message = "disk_size must be a whole number of GiB between 10 and 65536."
   }
 }
 
@@ -105,8 +111,8 @@ variable "ingress_cidrs" {
   default     = ["0.0.0.0/0"]
 
   validation {
-    condition     = alltrue([for c in var.ingress_cidrs : can(cidrhost(c, 0))])
-    error_message = "ingress_cidrs must be CIDR blocks such as 10.0.0.0/8."
+    condition     = length(var.ingress_cidrs) > 0 && alltrue([for c in var.ingress_cidrs : can(cidrhost(c, 0))])
+    error_message = "ingress_cidrs must be at least one CIDR block such as 10.0.0.0/8 (the router must reach the replicas)."
   }
 }
 

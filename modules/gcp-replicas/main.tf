@@ -4,6 +4,11 @@
 locals {
   image = var.image != null ? var.image : "projects/deeplearning-platform-release/global/images/family/common-cu124-ubuntu-2204-py310"
   tag   = "skyhedge-${var.service}"
+  # GCE names are at most 63 characters: a long service and region name gets a hashed tail
+  firewall_full = "skyhedge-${var.service}-${var.region}"
+  firewall_name = length(local.firewall_full) <= 63 ? local.firewall_full : "${substr(local.firewall_full, 0, 54)}-${substr(sha1(local.firewall_full), 0, 8)}"
+  # GPUs attached (n1) or built in (a2, a3, a4, g2, g4): such VMs cannot live-migrate
+  gpu = var.gpu || var.accelerator != null || can(regex("^(a2|a3|a4|g2|g4)-", var.machine_type))
   labels = merge(var.labels, {
     "skyhedge-service" = var.service
     "managed-by"       = "skyhedge"
@@ -12,7 +17,7 @@ locals {
 
 resource "google_compute_firewall" "replicas" {
   project       = var.project
-  name          = "skyhedge-${var.service}-${var.region}"
+  name          = local.firewall_name
   network       = var.network
   description   = "skyhedge: model server port of the replicas"
   direction     = "INGRESS"
@@ -72,6 +77,7 @@ resource "google_compute_instance" "replica" {
         image      = var.run.image
         setup      = var.run.setup
         env        = var.run.env
+        gpu        = local.gpu
       }))
     })
   }
@@ -93,11 +99,18 @@ resource "google_compute_instance" "replica" {
       provisioning_model  = "STANDARD"
       preemptible         = false
       automatic_restart   = true
-      on_host_maintenance = var.gpu ? "TERMINATE" : "MIGRATE"
+      on_host_maintenance = local.gpu ? "TERMINATE" : "MIGRATE"
     }
   }
 
   lifecycle {
+    # (A precondition, not a variable validation: those may refer to other variables only since
+    # Terraform 1.9, and the module supports 1.5.)
+    precondition {
+      condition     = startswith(each.value.zone, "${var.region}-")
+      error_message = "Replica ${each.key}'s zone ${each.value.zone} is not in the root's region ${var.region}."
+    }
+
     # A newer image in the family must not replace running replicas, and a spec change (run,
     # machine type, accelerator, disk) must not replace or restart them all at once: skyhedge
     # rolls new replicas in one at a time and releases the outdated ones as their replacements

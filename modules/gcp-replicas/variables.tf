@@ -65,11 +65,6 @@ variable "replicas" {
     condition     = alltrue([for r in values(var.replicas) : contains(["spot", "on-demand"], r.market)])
     error_message = "Each replica's market must be \"spot\" or \"on-demand\"."
   }
-
-  validation {
-    condition     = alltrue([for r in values(var.replicas) : startswith(r.zone, "${var.region}-")])
-    error_message = "Each replica's zone must be in the root's region."
-  }
 }
 
 variable "run" {
@@ -103,8 +98,8 @@ variable "disk_size" {
   default     = 100
 
   validation {
-    condition     = var.disk_size >= 10 && var.disk_size <= 65536
-    error_message = "disk_size must be between 10 and 65536 GB."
+    condition     = var.disk_size >= 10 && var.disk_size <= 65536 && floor(var.disk_size) == var.disk_size
+    error_message = "disk_size must be a whole number of GB between 10 and 65536."
   }
 }
 
@@ -126,8 +121,8 @@ variable "ingress_cidrs" {
   default     = ["0.0.0.0/0"]
 
   validation {
-    condition     = alltrue([for c in var.ingress_cidrs : can(cidrhost(c, 0))])
-    error_message = "ingress_cidrs must be CIDR blocks such as 10.0.0.0/8."
+    condition     = length(var.ingress_cidrs) > 0 && alltrue([for c in var.ingress_cidrs : can(cidrhost(c, 0))])
+    error_message = "ingress_cidrs must be at least one CIDR block such as 10.0.0.0/8 (the router must reach the replicas)."
   }
 }
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from skyhedge.errors import RenderError
+from skyhedge.catalog import load_catalog
+from skyhedge.errors import CatalogError, RenderError
 
 if TYPE_CHECKING:
     from skyhedge.planner import PlannedReplica
@@ -21,6 +22,25 @@ def run_config(spec: ServiceSpec) -> dict[str, Any]:
         if value is not None:
             run[key] = value
     return run
+
+
+def catalog_gpus(cloud: str, instance_type: str) -> tuple[str | None, int] | None:
+    """(accelerator, count) of `instance_type` in `cloud`'s catalog; None when it has no entry."""
+    try:
+        itype = load_catalog(cloud).instance_type(instance_type)
+    except CatalogError:
+        return None
+    return itype.accelerator, itype.accelerator_count
+
+
+def has_gpus(spec: ServiceSpec, cloud: str, instance_type: str) -> bool:
+    """Whether `instance_type` has NVIDIA GPUs: the catalog says, else the spec's accelerators.
+    A container replica gets `--gpus all` only then (Docker fails it without the NVIDIA runtime,
+    as on a CPU type a user catalog adds)."""
+    known = catalog_gpus(cloud, instance_type)
+    if known is not None:
+        return known[0] is not None and known[1] > 0
+    return bool(spec.resources.accelerators)
 
 
 def replica_map(replicas: Sequence[PlannedReplica]) -> dict[str, dict[str, Any]]:

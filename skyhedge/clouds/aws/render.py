@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 from skyhedge.catalog import load_catalog
 from skyhedge.clouds import RenderContext
-from skyhedge.clouds.common import replica_map, require_instance_type, run_config
+from skyhedge.clouds.common import has_gpus, replica_map, require_instance_type, run_config
 
 if TYPE_CHECKING:
     from skyhedge.planner import PlannedReplica
@@ -26,6 +26,7 @@ class AwsCloud:
         ("port", "The model server's TCP port on each replica."),
         ("replicas", "Replicas by stable ID: availability zone ID and market."),
         ("run", "What each replica runs at boot: command or image, setup and env."),
+        ("gpu", "Whether replicas have NVIDIA GPUs (a container gets them)."),
         ("subnet_ids", "Subnet per availability zone ID (null: each zone's default subnet)."),
         ("key_name", "An EC2 key pair for SSH (null: none)."),
         ("iam_instance_profile", "An IAM instance profile for the replicas (null: none)."),
@@ -42,15 +43,17 @@ class AwsCloud:
         instance_type: str | None,
         context: RenderContext,
     ) -> dict[str, Any]:
+        itype = require_instance_type(spec, self.name, instance_type)
         return {
             "service": spec.name,
             "region": region,
-            "instance_type": require_instance_type(spec, self.name, instance_type),
+            "instance_type": itype,
             "image_id": spec.resources.image_id.get("aws"),
             "disk_size": spec.resources.disk_size,
             "port": spec.resources.ports,
             "replicas": replica_map(replicas),
             "run": run_config(spec),
+            "gpu": has_gpus(spec, self.name, itype),
             "subnet_ids": _region_subnets(spec, region),
             "key_name": spec.aws.key_name,
             "iam_instance_profile": spec.aws.iam_instance_profile,

@@ -237,7 +237,8 @@ class GcpEventSource(EventSource):
                 if rec.zone != zone:
                     continue
                 if rec.cloud_id:
-                    # The module records the self link as cloud ID and the instance name in its outputs.
+                    # The module records the instance ID as cloud ID (a self link before) and the name in
+                    # its outputs.
                     name = str(rec.outputs.get("name") or _last(rec.cloud_id) or rec.cloud_id)
                     if name not in status:
                         name = by_label.get(rec.id, name)

@@ -5,49 +5,60 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from skyhedge.catalog import load_catalog
 from skyhedge.clouds import RenderContext
-from skyhedge.clouds.common import replica_map, require_instance_type, run_config
-from skyhedge.errors import CatalogError, RenderError
+from skyhedge.clouds.common import catalog_gpus, replica_map, require_instance_type, run_config
+from skyhedge.errors import RenderError
 
 if TYPE_CHECKING:
     from skyhedge.planner import PlannedReplica
     from skyhedge.spec import ServiceSpec
 
-# Catalog accelerator names -> Compute Engine accelerator types (attached to n1 machines only;
-# a2/a3/g2 machine types come with their GPUs).
-ACCELERATOR_TYPES = {
+# Catalog accelerator names -> the Compute Engine accelerator types an n1 machine can attach.
+N1_ACCELERATOR_TYPES = {
     "T4": "nvidia-tesla-t4",
     "V100": "nvidia-tesla-v100",
     "P100": "nvidia-tesla-p100",
     "P4": "nvidia-tesla-p4",
-    "K80": "nvidia-tesla-k80",
-    "L4": "nvidia-l4",
-    "A100": "nvidia-tesla-a100",
-    "A100-80GB": "nvidia-a100-80gb",
-    "H100": "nvidia-h100-80gb",
 }
+# GPUs that come only built into their own machine families (never attached to n1).
+BUILT_IN_FAMILIES = {
+    "L4": "g2",
+    "A100": "a2",
+    "A100-80GB": "a2-ultragpu",
+    "H100": "a3",
+    "H100-MEGA": "a3-megagpu",
+    "H200": "a3-ultragpu",
+    "B200": "a4",
+    "RTX-PRO-6000": "g4",
+}
+# Machine families whose GPUs are built in: they have GPUs whatever the catalog knows of them.
+BUILT_IN_PREFIXES = ("a2-", "a3-", "a4-", "g2-", "g4-")
 
 
 def accelerator_for(spec: ServiceSpec, machine_type: str) -> tuple[dict[str, Any] | None, bool]:
-    """(guest_accelerator to attach or None, whether the replica has GPUs at all)."""
-    try:
-        itype = load_catalog("gcp").instance_type(machine_type)
-        name, count = itype.accelerator, itype.accelerator_count
-    except CatalogError:
-        name, count = None, 0
+    """(guest_accelerator to attach or None, whether the replica has GPUs at all).
+
+    GPUs are attached only to n1 machines, and only the kinds n1 takes; a2/a3/a4/g2/g4 carry
+    theirs (a GPU-less `on_host_maintenance = MIGRATE` would be refused for them)."""
+    known = catalog_gpus("gcp", machine_type)
+    name, count = known if known is not None else (None, 0)
     if name is None and spec.resources.accelerators:
         acc, _, n = spec.resources.accelerators.partition(":")
         name, count = acc, int(n or 1)
+    if machine_type.startswith(BUILT_IN_PREFIXES):
+        return None, True
     if name is None:
         return None, False
     if not machine_type.startswith("n1-"):
         return None, True
-    if name not in ACCELERATOR_TYPES:
+    if name not in N1_ACCELERATOR_TYPES:
+        family = BUILT_IN_FAMILIES.get(name)
+        hint = f" ({name} comes built into {family} machine types)" if family else ""
         raise RenderError(
-            f"{spec.source}: resources.accelerators: no GCP accelerator type known for {name!r}"
+            f"{spec.source}: resources.accelerators: {name!r} cannot be attached to the n1 machine "
+            f"type {machine_type}{hint}; n1 takes {', '.join(N1_ACCELERATOR_TYPES)}"
         )
-    return {"type": ACCELERATOR_TYPES[name], "count": count}, True
+    return {"type": N1_ACCELERATOR_TYPES[name], "count": count}, True
 
 
 class GcpCloud:
