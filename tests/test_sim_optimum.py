@@ -24,7 +24,7 @@ def test_plenty_of_capacity_runs_one_spot_replica_from_tick_zero():
     result = solve_optimum([[5] * 6], target=1, cold_start_ticks=2)
     assert result.spot_plan.tolist() == [[1] * 6]
     assert result.ondemand_plan.tolist() == [0] * 6
-    assert result.objective == pytest.approx(6)  # warm-up ticks are paid for
+    assert result.objective == pytest.approx(4)  # the scored ticks' cost (the warm-up is not scored)
     scored = score(result.timeline, target=1, start=2, ondemand_cost_ratio=3)
     assert scored.availability == 1.0 and scored.relative_cost == pytest.approx(4 / 12)
 
@@ -42,7 +42,7 @@ def test_a_capacity_gap_is_bridged_by_on_demand_started_a_cold_start_early():
     result = solve_optimum(cap, target=1, cold_start_ticks=1)
     assert result.spot_plan.tolist() == [[1, 1, 1, 0, 0, 1, 1, 1, 1, 1]]
     assert result.ondemand_plan.tolist() == [0, 0, 1, 1, 1, 1, 0, 0, 0, 0]
-    assert result.objective == pytest.approx(8 + 3 * 4)
+    assert result.objective == pytest.approx(7 + 3 * 4)
     scored = score(result.timeline, target=1, start=1, ondemand_cost_ratio=3)
     assert scored.availability == 1.0
     assert scored.relative_cost == pytest.approx((7 + 3 * 4) / 27)
@@ -60,7 +60,7 @@ def brute_force(cap, target, cold, ratio=3.0):
             y = np.asarray(ys)
             ready = spot_ready + ready_counts(y, cold)
             if (ready[cold:] >= target).all():
-                cost = x.sum() + ratio * y.sum()
+                cost = x[:, cold:].sum() + ratio * y[cold:].sum()  # the scored ticks
                 best = cost if best is None else min(best, cost)
     return best
 
@@ -94,12 +94,12 @@ def test_no_policy_that_is_always_available_costs_less(cap, name):
     optimum = solve_optimum(cap, target=2, cold_start_ticks=2)
     assert score(optimum.timeline, target=2, start=2, ondemand_cost_ratio=3).availability == 1.0
     if score(timeline, target=2, start=2, ondemand_cost_ratio=3).availability == 1.0:
-        policy_cost = timeline.spot.sum() + 3 * timeline.ondemand.sum()
+        policy_cost = timeline.spot[2:].sum() + 3 * timeline.ondemand[2:].sum()
         assert optimum.objective <= policy_cost + 1e-6
 
 
-def _plan_cost(result, prices, ratio=3.0):
-    return float((result.spot_plan * prices).sum() + ratio * result.ondemand_plan.sum())
+def _plan_cost(result, prices, cold, ratio=3.0):
+    return float((result.spot_plan * prices)[:, cold:].sum() + ratio * result.ondemand_plan[cold:].sum())
 
 
 def _draw_prices(data, zones):
@@ -114,7 +114,7 @@ def _solve_both(cap, target, cold, prices):
     exact = solve_optimum(cap, target=target, cold_start_ticks=cold, spot_prices=prices, method="milp")
     assert auto.objective == pytest.approx(exact.objective)
     unit = np.ones((len(cap), 1)) if prices is None else prices.reshape(len(cap), 1)
-    assert _plan_cost(auto, unit) == pytest.approx(auto.objective)  # the plan is what it claims
+    assert _plan_cost(auto, unit, cold) == pytest.approx(auto.objective)  # the plan is what it claims
     assert (auto.spot_plan <= np.minimum(cap, target)).all()
     assert (auto.timeline.ready[cold:] >= target).all()
     return auto, exact
@@ -170,7 +170,7 @@ def test_a_finite_window_with_a_roomy_zone_throughout_skips_the_integer_program(
     cap = rng.integers(0, 3, size=(12, 2880))
     cap[5] = 3
     result = solve_optimum(cap, target=3, cold_start_ticks=4)
-    assert result.method == "runs" and result.objective == pytest.approx(3 * 2880)
+    assert result.method == "runs" and result.objective == pytest.approx(3 * (2880 - 4))
     assert result.spot_plan[5].tolist() == [3] * 2880
 
 
@@ -194,7 +194,19 @@ def test_switching_zones_pays_both_during_the_cold_start():
     assert result.method == "runs"
     assert result.spot_plan.tolist() == [[1, 1, 1, 1, 1, 0, 0, 0], [0, 0, 0, 0, 1, 1, 1, 1]]
     assert result.ondemand_plan.tolist() == [0] * 8
-    assert result.objective == pytest.approx(9)
+    assert result.objective == pytest.approx(8)  # from t1: a over t1..t4, b over t4..t7
+
+
+def test_the_unscored_warm_up_never_buys_a_dearer_scored_window():
+    """A zone that empties just after the cold start: spot through the warm-up and on-demand from
+    tick 4 cost less over the whole window (8 + 3 x 26) than on-demand alone (90), but more over
+    the scored ticks (82 against 78). The optimum is the cheapest scored window: on-demand alone."""
+    cap = [[1] * 8 + [0] * 22]
+    for method in ("auto", "milp"):
+        result = solve_optimum(cap, target=1, cold_start_ticks=4, method=method)
+        scored = score(result.timeline, target=1, start=4, ondemand_cost_ratio=3)
+        assert scored.availability == 1.0 and scored.relative_cost == pytest.approx(1.0)
+        assert result.objective == pytest.approx(78)
 
 
 def test_an_unknown_method_is_refused():

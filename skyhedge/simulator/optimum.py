@@ -7,10 +7,13 @@ simulator's rule: a[z,t] <= x[z,t'] for every t' in [t - cold, t] (a zone's coun
 through the cold start), likewise for on-demand; nothing is ready before tick `cold`.
 
 Cost minimised: spot replica-ticks (x spot price) + on-demand replica-ticks (x on-demand price)
-over the whole window, warm-up included (the replicas that must be ready at tick `cold` are paid
-for from tick 0). It is scored like every policy, over [cold, T), so it is a lower bound on the
-cost of any policy reaching 100 % availability. No spot replica count above N is ever useful, so
-x <= N bounds the search; a and b are continuous (they take the integer window minima).
+over the scored ticks [cold, T), the ticks every policy is scored on, so it is a lower bound on
+the cost of any policy reaching 100 % availability. The warm-up ticks [0, cold) weigh
+WARMUP_WEIGHT of a scored tick: they only break ties. (Weighed fully, the optimum traded scored
+cost for warm-up cost nobody counts, and could score above on-demand only: 1.05 on a zone that
+empties just after the cold start.) `objective` is the scored cost of the plan. No spot
+replica count above N is ever useful, so x <= N bounds the search; a and b are continuous (they
+take the integer window minima).
 
 When no zone ever holds between 1 and N - 1 (availability traces: a zone has room for everything
 or nothing), capacity never binds and the program splits into N copies of the one-replica
@@ -29,14 +32,17 @@ from __future__ import annotations
 import math
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from skyhedge.errors import SkyhedgeError
 from skyhedge.simulator.world import Timeline
 
-__all__ = ["OptimumResult", "capacity_never_binds", "ready_counts", "solve_optimum"]
+__all__ = ["WARMUP_WEIGHT", "OptimumResult", "capacity_never_binds", "ready_counts", "solve_optimum"]
+
+#: What a replica-tick of the unscored warm-up weighs against a scored one (a tie-breaker).
+WARMUP_WEIGHT = 1e-6
 
 
 @dataclass(frozen=True)
@@ -98,25 +104,36 @@ def solve_optimum(
     od_cost = float(ondemand_cost_ratio if ondemand_price is None else ondemand_price)
     if method not in ("auto", "milp"):
         raise SkyhedgeError(f"optimum: method must be 'auto' or 'milp', got {method!r}")
+    weight = np.ones(ticks)
+    weight[:cold] = WARMUP_WEIGHT
+    spot_weighted = spot_cost * weight
+    od_weighted = od_cost * weight
+    result = None
     if method == "auto" and zones and ticks > cold and (spot_cost > 0).all() and 0 < od_cost < math.inf:
-        runs = _solve_runs(cap > 0, n, cold, spot_cost, od_cost)
+        runs = _solve_runs(cap > 0, n, cold, spot_weighted, od_weighted)
         if runs is not None and capacity_never_binds(cap, n):
-            return runs
+            result = runs
         # Capacity binds somewhere. `runs` solved the relaxation in which a zone with any room
         # has room for N: a lower bound. Using only the ticks a zone has room for all N gives a
         # feasible plan; when it costs no more than the bound, it is the optimum, and HiGHS
         # (minutes per window with a dozen finite zones) is not needed.
-        if runs is not None:
-            roomy = _solve_runs(cap >= n, n, cold, spot_cost, od_cost)
+        elif runs is not None:
+            roomy = _solve_runs(cap >= n, n, cold, spot_weighted, od_weighted)
             if roomy is not None and roomy.objective <= runs.objective + 1e-9 * max(1.0, abs(runs.objective)):
-                return roomy
-    return _solve_milp(cap, n, cold, spot_cost, od_cost, time_limit)
+                result = roomy
+    if result is None:
+        result = _solve_milp(cap, n, cold, spot_weighted, od_weighted, time_limit)
+    scored = float(
+        (result.spot_plan[:, cold:] * spot_cost[:, cold:]).sum() + od_cost * result.ondemand_plan[cold:].sum()
+    )
+    return replace(result, objective=scored)
 
 
 def _solve_milp(
-    cap: np.ndarray, n: int, cold: int, spot_cost: np.ndarray, od_cost: float, time_limit: float | None
+    cap: np.ndarray, n: int, cold: int, spot_cost: np.ndarray, od_cost: np.ndarray, time_limit: float | None
 ) -> OptimumResult:
-    """The integer program of the module docstring, solved by HiGHS."""
+    """The integer program of the module docstring, solved by HiGHS (costs per zone and tick, and
+    per tick for on-demand)."""
     zones, ticks = cap.shape
     zt = zones * ticks
     # Variable layout: x (zt) | a (zt) | y (T) | b (T).
@@ -177,7 +194,8 @@ def _solve_milp(
     )
     lower_b = np.concatenate([np.full(readiness_rows, -np.inf), np.full(len(scored), float(n))])
     upper_b = np.concatenate([np.zeros(readiness_rows), np.full(len(scored), np.inf)])
-    # Objectives are integers in unit prices: a relative gap of 1e-7 makes the answer exact.
+    # Scored costs are integers in unit prices (the warm-up adds under 1e-4): a relative gap of
+    # 1e-7 makes the answer exact.
     options = {"disp": False, "mip_rel_gap": 1e-7}
     if time_limit is not None:
         options["time_limit"] = float(time_limit)
@@ -210,7 +228,7 @@ def _spot_costs(spot_prices: np.ndarray | None, zones: int, ticks: int) -> np.nd
 
 
 def _solve_runs(
-    available: np.ndarray, target: int, cold: int, spot_cost: np.ndarray, od_cost: float
+    available: np.ndarray, target: int, cold: int, spot_cost: np.ndarray, od_cost: np.ndarray
 ) -> OptimumResult | None:
     """The exact optimum when capacity never binds (module docstring): N copies of the cheapest
     chain of runs covering [cold, T) once.
@@ -229,7 +247,7 @@ def _solve_runs(
     # prefix[k][t]: cost of one replica of kind k over ticks [0, t)
     prefix = np.zeros((kinds, ticks + 1))
     prefix[:zones, 1:] = np.cumsum(spot_cost, axis=1)
-    prefix[zones, 1:] = od_cost * np.arange(1, ticks + 1)
+    prefix[zones, 1:] = np.cumsum(od_cost)
     inf = math.inf
     best = np.full((kinds, ticks), inf)
     came = np.full((kinds, ticks), -1, dtype=np.int64)  # predecessor's end tick (cold - 1: start)
