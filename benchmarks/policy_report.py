@@ -15,7 +15,9 @@ comes back from `simulate` as one trace per type, named DIR[type]; the report pr
     python benchmarks/policy_report.py --holdout        # + recombined many-zone traces (HOLDOUT)
     python benchmarks/policy_report.py --validation     # + recombined traces kept out of tuning
 
-Takes a few minutes: the optimum is an integer program per window (scipy/HiGHS).
+Takes a few minutes: the optimum is an integer program per window (scipy/HiGHS). Exits 1 when a
+simulation failed (its error is printed in place of the trace's rows), or when an input is refused
+before running: two traces with the same name, or a --json path that cannot be written.
 """
 
 from __future__ import annotations
@@ -132,6 +134,26 @@ def write_holdout(scratch: Path, sets: dict[str, list[str]] = HOLDOUT) -> list[P
     return out
 
 
+def label_of(trace: Path) -> str:
+    """The name `skyhedge simulate` reports a `--trace` path by: a file's stem, a directory's name."""
+    if trace.is_file():
+        return trace.stem
+    return trace.resolve().name if trace.name in ("", "..") else trace.name
+
+
+def duplicate_label(traces: list[Path]) -> str | None:
+    """One line naming two traces that would be reported under the same name, or None.
+
+    Rows are keyed by that name, so the second trace's rows would silently replace the first's."""
+    seen: dict[str, Path] = {}
+    for trace in traces:
+        label = label_of(trace)
+        if label in seen:
+            return f"{seen[label]} and {trace} share the name {label!r}; copy or link one under another name"
+        seen[label] = trace
+    return None
+
+
 def simulate(trace: Path, args: argparse.Namespace) -> tuple[str, dict[str, list[dict]] | str]:
     """Rows of one `--trace DIR` run, grouped by their `trace` field (one group per instance type)."""
     cmd = [
@@ -156,11 +178,12 @@ def simulate(trace: Path, args: argparse.Namespace) -> tuple[str, dict[str, list
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
     if done.returncode != 0:
-        return trace.name, (done.stderr.strip() or done.stdout.strip() or f"exit {done.returncode}")
+        message = done.stderr.strip() or done.stdout.strip() or f"exit {done.returncode}"
+        return label_of(trace), message.splitlines()[-1].removeprefix("error: ")  # printed as "error: ..."
     groups: dict[str, list[dict]] = {}
     for row in json.loads(done.stdout):
         groups.setdefault(row["trace"], []).append(row)
-    return trace.name, groups
+    return label_of(trace), groups
 
 
 def main() -> int:
@@ -187,12 +210,24 @@ def main() -> int:
     missing = [t for t in traces if not t.exists()]
     if missing:
         print(f"error: no such trace directory or file: {missing[0]}", file=sys.stderr)
-        return 2
+        return 1
+    if args.json is not None:  # before minutes of simulation, not after them
+        from skyhedge.errors import OutputError
+        from skyhedge.state import check_writable
+
+        try:
+            check_writable(args.json, "report")
+        except OutputError as exc:
+            print(f"error: --json: {exc}", file=sys.stderr)
+            return 1
     with tempfile.TemporaryDirectory(prefix="skyhedge-holdout-") as scratch:
         if args.holdout:
             traces = [*traces, *write_holdout(Path(scratch))]
         if args.validation:
             traces = [*traces, *write_holdout(Path(scratch), VALIDATION)]
+        if clash := duplicate_label(traces):
+            print(f"error: --trace: {clash}", file=sys.stderr)
+            return 1
         return report(traces, args)
 
 
@@ -202,9 +237,11 @@ def report(traces: list[Path], args: argparse.Namespace) -> int:
     results: dict[str, list[dict] | str] = {}
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
         for label, out in pool.map(lambda t: simulate(t, args), traces):
-            label = label.removesuffix(".csv")
             if isinstance(out, str):
                 results[label] = out
+                continue
+            if clash := sorted(set(out) & set(results)):  # `d[t]` of one trace named like another
+                results[label] = f"trace {clash[0]!r} already reported by another --trace; rename one"
                 continue
             results.update(out)
             if len(out) > 1:
@@ -221,7 +258,7 @@ def report(traces: list[Path], args: argparse.Namespace) -> int:
     met = total = 0
     for label, out in results.items():
         if isinstance(out, str):
-            print(f"{label:<32} error: {out.splitlines()[-1]}")
+            print(f"{label:<32} error: {out}")
             continue
         by = {row["policy"]: row for row in out}
         sh, sky, opt = (by.get(p) for p in POLICIES)
@@ -260,13 +297,20 @@ def report(traces: list[Path], args: argparse.Namespace) -> int:
     print(f"bar met on {met}/{total} traces; {time.perf_counter() - started:.0f} s")
     for note in notes:
         print(f"note: {note}")
+    failed = sum(isinstance(out, str) for out in results.values())
+    if failed:
+        print(f"error: {failed} of {len(results)} traces failed to simulate", file=sys.stderr)
     if args.json:
-        args.json.write_text(
-            json.dumps(
-                {"config": vars(args) | {"json": str(args.json), "trace": None}, "rows": rows}, indent=2
-            )
-        )
-    return 0
+        from skyhedge.errors import OutputError
+        from skyhedge.state import atomic_write_text
+
+        doc = {"config": vars(args) | {"json": str(args.json), "trace": None}, "rows": rows}
+        try:  # atomically: a failure leaves the previous report whole, never half of one
+            atomic_write_text(args.json, json.dumps(doc, indent=2))
+        except (OSError, OutputError) as exc:
+            print(f"error: --json: {args.json}: cannot write the report ({exc})", file=sys.stderr)
+            return 1
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from functools import wraps
 from pathlib import Path
+from typing import Any, ParamSpec
 
 import click
 from rich.markup import escape
@@ -11,16 +14,64 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from skyhedge.cli._app import FiniteFloat, console, err_console, main
-from skyhedge.errors import TraceError
+from skyhedge.errors import SkyhedgeError, TraceError
 from skyhedge.simulator import OPTIMAL, SimConfig, load_prices, unmatched_prices
 from skyhedge.simulator import simulate as run_simulation
 from skyhedge.simulator.bar import Verdict, annotate, judge
 from skyhedge.simulator.latency import check_replay, load_arrivals
-from skyhedge.simulator.runner import check_policies
+from skyhedge.simulator.runner import (
+    MAX_ONDEMAND_COST_RATIO,
+    MAX_REPEATS,
+    MIN_ONDEMAND_COST_RATIO,
+    check_inputs,
+    check_policies,
+)
 from skyhedge.simulator.traces import TICK_SECONDS, load_traces
 from skyhedge.state import check_writable
 
+P = ParamSpec("P")
 DEFAULT_POLICIES = "spothedge,skyserve,optimal,ondemand,even,rr,single-region"
+
+
+class TracePath(click.Path):
+    """A `click.Path` refusing an empty value: `Path("")` is the current directory, so an unset
+    shell variable (`--trace "$DIR"`) would silently simulate whatever traces the cwd holds."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, str) and not value.strip():
+            self.fail("expected a trace directory or file, got an empty value", param, ctx)
+        return super().convert(value, param, ctx)
+
+
+def _memory_error_is_one_line(command: Callable[P, None]) -> Callable[P, None]:
+    """Turn running out of memory into one `error:` line: numpy's "Unable to allocate 7.28 TiB
+    for an array ..." is a traceback otherwise, and the bounds on --repeats and trace sizes cannot
+    foresee every machine's memory."""
+
+    @wraps(command)
+    def run(*args: P.args, **kwargs: P.kwargs) -> None:
+        try:
+            command(*args, **kwargs)
+        except MemoryError as exc:
+            reason = " ".join(str(exc).split()) or "no details"
+            raise SkyhedgeError(
+                f"out of memory while simulating ({reason}); use fewer or shorter traces, or fewer --repeats"
+            ) from exc
+
+    return run
+
+
+def _ratio_in_range(ctx: click.Context, param: click.Parameter, ratio: float) -> float:
+    """`--ondemand-cost-ratio` within bounds: finite extremes (1e-308, 1e308) overflow costs into
+    `Infinity` and the optimum's objective into nonsense. Checked after `FiniteFloat`, so `inf`
+    still says it is not a finite number."""
+    if not MIN_ONDEMAND_COST_RATIO <= ratio <= MAX_ONDEMAND_COST_RATIO:
+        raise click.BadParameter(
+            f"expected {MIN_ONDEMAND_COST_RATIO:g} to {MAX_ONDEMAND_COST_RATIO:g} "
+            f"(on-demand price / spot price), got {ratio:g}",
+            param_hint="'--ondemand-cost-ratio'",
+        )
+    return ratio
 
 
 def _policy_names(texts: tuple[str, ...]) -> list[str]:
@@ -46,8 +97,9 @@ def _instance_types(values: tuple[str, ...]) -> list[str] | None:
     "trace_paths",
     multiple=True,
     required=True,
-    type=click.Path(path_type=Path),
-    help="Trace directory (one JSON per zone) or CSV file; repeat for several traces. A directory "
+    type=TracePath(path_type=Path),
+    help="Trace directory (one JSON per zone), CSV file or one zone's JSON file; repeat for several "
+    "traces. A directory "
     "holding several instance types per zone gives one trace per type, named DIR[TYPE].",
 )
 @click.option(
@@ -67,7 +119,11 @@ def _instance_types(values: tuple[str, ...]) -> list[str] | None:
     + "]; 'optimal' is the omniscient optimum; 'module:Class' loads a plug-in.",
 )
 @click.option(
-    "--repeats", default=10, show_default=True, type=click.IntRange(min=1), help="Windows per trace."
+    "--repeats",
+    default=10,
+    show_default=True,
+    type=click.IntRange(1, MAX_REPEATS),
+    help="Windows per trace.",
 )
 @click.option(
     "--seed",
@@ -91,7 +147,8 @@ def _instance_types(values: tuple[str, ...]) -> list[str] | None:
     default=3.0,
     show_default=True,
     type=FiniteFloat(min=0, min_open=True),
-    help="On-demand price / spot price.",
+    callback=_ratio_in_range,
+    help=f"On-demand price / spot price ({MIN_ONDEMAND_COST_RATIO:g} to {MAX_ONDEMAND_COST_RATIO:g}).",
 )
 @click.option(
     "--extra",
@@ -129,6 +186,7 @@ def _instance_types(values: tuple[str, ...]) -> list[str] | None:
     type=click.Path(dir_okay=False, path_type=Path),
     help='JSON {"zone": {"spot": $/h, "ondemand": $/h}}: also report dollars.',
 )
+@_memory_error_is_one_line
 def simulate(
     trace_paths: tuple[Path, ...],
     instance_type_values: tuple[str, ...],
@@ -175,6 +233,7 @@ def simulate(
     )
     if config.arrivals is not None:  # gaps so short that a window gets millions of requests
         check_replay(config.arrivals, (ticks - config.cold_start_ticks) * TICK_SECONDS, str(arrivals))
+    check_inputs(traces, config)  # every trace's window length and prices, before any is simulated
     if config.prices is not None and (unmatched := unmatched_prices(config.prices, traces)):
         one = len(unmatched) == 1
         err_console.print(
@@ -207,7 +266,7 @@ def simulate(
 
     rows = [summary.to_json() for summary in summaries]
     if as_json:
-        click.echo(json.dumps(annotate(rows), indent=2))
+        click.echo(json.dumps(annotate(rows), indent=2, allow_nan=False))  # undefined numbers are null
     else:
         verdicts = judge(rows)
         table = _table(rows, verdicts, config)
@@ -260,8 +319,8 @@ def _table(rows: list[dict], verdicts: dict[tuple[str, str], Verdict], config: S
             escape(data["policy"]),
             _pct(data["availability"], 2),  # the SpotHedge bar is judged in hundredths of a point
             _pct(data["availability_min"], 2),
-            f"{data['relative_cost']:.3f}",
-            f"{data['relative_cost_std']:.3f}",
+            _num(data["relative_cost"], ".3f"),
+            _num(data["relative_cost_std"], ".3f"),
             _pct(data["spot_share"]),
             str(data["runs"]),
         ]

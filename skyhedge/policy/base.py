@@ -55,14 +55,21 @@ def available_policies() -> list[str]:
 
 
 def _load_target(target: str) -> type[Policy]:
+    """The class `module:Class` names; `PolicyError` for anything that keeps it from loading.
+
+    Importing runs the plug-in's module code, which may raise anything (a KeyError at import,
+    a SyntaxError): each becomes one line naming the policy, like any other bad input, with
+    the original chained for SKYHEDGE_DEBUG."""
     module_name, _, attr = target.partition(":")
-    if not attr:
+    if not module_name.strip() or not attr.strip():
         raise PolicyError(f"policy {target!r}: expected 'module:Class'")
+    if module_name.startswith("."):  # nothing for a relative import to be relative to
+        raise PolicyError(f"policy {target!r}: expected an absolute module name, not a relative one")
     try:
         module = importlib.import_module(module_name)
         cls = getattr(module, attr)
-    except (ImportError, AttributeError) as exc:
-        raise PolicyError(f"policy {target!r}: cannot load ({exc})") from exc
+    except (Exception, SystemExit) as exc:  # sys.exit() at import is a plug-in bug, not an exit
+        raise PolicyError(f"policy {target!r}: cannot load ({type(exc).__name__}: {exc})") from exc
     if not (isinstance(cls, type) and issubclass(cls, Policy)):
         raise PolicyError(f"policy {target!r}: not a skyhedge.policy.Policy subclass")
     return cls

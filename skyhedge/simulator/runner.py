@@ -34,12 +34,16 @@ from skyhedge.simulator.traces import MAX_PRICE, TICK_SECONDS, Trace
 from skyhedge.simulator.world import Timeline, World, score
 
 __all__ = [
+    "MAX_ONDEMAND_COST_RATIO",
+    "MAX_REPEATS",
+    "MIN_ONDEMAND_COST_RATIO",
     "OPTIMAL",
     "PriceBook",
     "SimConfig",
     "Summary",
     "Window",
     "WindowResult",
+    "check_inputs",
     "check_policies",
     "load_prices",
     "make_windows",
@@ -51,6 +55,14 @@ __all__ = [
 
 OPTIMAL = "optimal"
 SLO = 0.99  # the paper's availability objective, for `availability_target_met`
+#: The most windows per trace: each window's offset and zone order are drawn up front, so an
+#: absurd count (1e12) would otherwise fail allocating terabytes instead of saying so.
+MAX_REPEATS = 100_000
+#: On-demand / spot price ratios accepted: wide enough for any real market (on-demand is 1.5-10x
+#: spot), narrow enough that costs stay finite (1e-308 made relative costs `Infinity`, 1e308
+#: overflowed the optimum's objective).
+MIN_ONDEMAND_COST_RATIO = 1e-3
+MAX_ONDEMAND_COST_RATIO = 1e3
 
 
 @dataclass(frozen=True)
@@ -174,8 +186,11 @@ class Summary:
             "relative_cost_std": _num(rc.std()),
             "runs": len(self.windows),
             "availability_target": self.availability_target,
-            "availability_target_met": bool(av.size and av.mean() >= self.availability_target),
-            "windows_meeting_target": _num(np.mean(av >= self.availability_target)),
+            # judged on the rounded figures printed beside them (as bar.py judges), so a reader
+            # recomputing from the output agrees: 0.7 printed is 0.7 met, even where the float
+            # mean of [0.7, 0.7, 0.7] lies one ulp below 0.7
+            "availability_target_met": bool(av.size) and _at_least(av.mean(), self.availability_target),
+            "windows_meeting_target": _num(np.mean([_at_least(x, self.availability_target) for x in av])),
             "spot_share": _mean_defined([w.spot_share for w in self.windows]),
             "preemptions": _num(np.mean([w.preemptions for w in self.windows])),
             "launch_failures": _num(np.mean([w.launch_failures for w in self.windows])),
@@ -200,8 +215,16 @@ def _mean_defined(values: Sequence[float]) -> float | None:
 
 
 def _num(value: float) -> float | None:
+    """`value` rounded as printed; None (JSON null) when not finite: `NaN`/`Infinity` are not
+    JSON, and a reader's parser would refuse the whole output."""
     value = float(value)
-    return None if math.isnan(value) else round(value, 6)
+    return round(value, 6) if math.isfinite(value) else None
+
+
+def _at_least(value: float, target: float) -> bool:
+    """`value`, rounded as printed, is at least `target` (False when undefined)."""
+    shown = _num(value)
+    return shown is not None and shown >= target
 
 
 def check_policies(names: Sequence[str]) -> None:
@@ -219,6 +242,8 @@ def check_policies(names: Sequence[str]) -> None:
 
 
 def make_windows(trace: Trace, config: SimConfig) -> list[Window]:
+    if not 1 <= config.repeats <= MAX_REPEATS:
+        raise TraceError(f"--repeats: expected 1 to {MAX_REPEATS} windows per trace, got {config.repeats}")
     if config.ticks <= config.cold_start_ticks:
         raise TraceError(
             f"--ticks {config.ticks} must exceed the cold start ({config.cold_start_ticks} ticks)"
@@ -243,6 +268,31 @@ def window_capacity(trace: Trace, window: Window, config: SimConfig) -> np.ndarr
     return trace.capacity[list(window.order), window.offset : window.offset + config.ticks]
 
 
+def check_inputs(traces: Sequence[Trace], config: SimConfig) -> None:
+    """Raise `TraceError` for the first trace no window fits in, or whose zone `--prices` leaves
+    unpriced: checked for every trace before any is simulated, so a mistake about the last trace
+    fails at once, not after minutes of simulating (and optimising) the ones before it."""
+    for trace in traces:
+        make_windows(trace, config)
+        if config.prices is not None:
+            for z in range(len(trace.zones)):
+                _zone_prices(trace, z, config.prices)
+
+
+def _zone_prices(trace: Trace, z: int, book: PriceBook) -> tuple[float, float | None]:
+    """Zone z's on-demand $/h and fixed spot $/h from `book` (None: the trace's own per-tick
+    prices); `TraceError` when the zone lacks either."""
+    location = trace.zones[z]
+    names = trace.price_names(location)
+    ondemand = next((book.ondemand[n] for n in names if n in book.ondemand), None)
+    if ondemand is None:
+        raise TraceError(f"--prices: no on-demand price for zone {location.zone} of {trace.name}")
+    fixed = next((book.spot[n] for n in names if n in book.spot), None)
+    if fixed is None and (trace.spot_prices is None or np.isnan(trace.spot_prices[z]).any()):
+        raise TraceError(f"--prices: no spot price for zone {location.zone} of {trace.name}")
+    return ondemand, fixed
+
+
 def _prices(trace: Trace, window: Window, config: SimConfig) -> tuple[np.ndarray, np.ndarray] | None:
     """Per candidate: spot $/h per tick (zones x T) and on-demand $/h, or None without prices."""
     book = config.prices
@@ -254,17 +304,9 @@ def _prices(trace: Trace, window: Window, config: SimConfig) -> tuple[np.ndarray
         spot[:] = trace.spot_prices[order, window.offset : window.offset + config.ticks]
     ondemand = np.empty(len(order))
     for i, z in enumerate(order):
-        location = trace.zones[z]
-        names = trace.price_names(location)
-        od = next((book.ondemand[n] for n in names if n in book.ondemand), None)
-        if od is None:
-            raise TraceError(f"--prices: no on-demand price for zone {location.zone} of {trace.name}")
-        ondemand[i] = od
-        fixed = next((book.spot[n] for n in names if n in book.spot), None)
+        ondemand[i], fixed = _zone_prices(trace, z, book)
         if fixed is not None:
             spot[i] = np.where(np.isnan(spot[i]), fixed, spot[i])
-        if np.isnan(spot[i]).any():
-            raise TraceError(f"--prices: no spot price for zone {location.zone} of {trace.name}")
     return spot, ondemand
 
 
@@ -369,6 +411,7 @@ def simulate(
     in this process (they take milliseconds per window).
     """
     check_policies(policies)
+    check_inputs(traces, config)
     workers = max(1, workers if workers is not None else (os.cpu_count() or 1))
     summaries: list[Summary] = []
     for trace in traces:

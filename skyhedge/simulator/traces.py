@@ -14,13 +14,18 @@ Two input formats (docs/simulate.md has the user-facing description):
    ``seconds,<zone>,<zone>,...`` and one row per sample: the sample's start in seconds (evenly
    spaced, first row 0 or any start) and each zone's capacity. A zone may be written
    ``cloud/region/zone`` to name it fully.
+3. One zone's JSON file alone: a one-zone trace named after the file's stem.
+
+Extensions match in any case (``.JSON``, ``.Csv``); files whose name starts with ``.`` are skipped
+in a directory (macOS leaves ``._<name>.json`` AppleDouble files beside copies on FAT/SMB shares).
 
 Resampling: tick t (30 s) takes ``data[floor(t*30/G)]``; zones of one trace start at the same
 instant and the shortest decides the length. The whole trace is resampled up front, so a zone may
 span at most `MAX_TRACE_SECONDS` (10 years: about 10.5 million ticks, 84 MB per zone); capacities
-are integers up to `MAX_CAPACITY`, prices finite numbers up to `MAX_PRICE` $/h. A trace whose
-values are all 0/1 is an availability trace ("could a spot instance be obtained?"): 1 then means
-"as many as asked" (`UNLIMITED`).
+are integers up to `MAX_CAPACITY`, prices finite numbers up to `MAX_PRICE` $/h; one trace holds at
+most `MAX_TRACE_CELLS` zone-ticks. A trace whose values are all 0/1 (every sample of every zone
+file, including those past the shortest zone's end) is an availability trace ("could a spot
+instance be obtained?"): 1 then means "as many as asked" (`UNLIMITED`).
 """
 
 from __future__ import annotations
@@ -29,18 +34,20 @@ import csv
 import json
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 
-from skyhedge.errors import TraceError
+from skyhedge.errors import CatalogError, TraceError
 from skyhedge.policy.types import Location
 
 __all__ = [
     "MAX_CAPACITY",
     "MAX_PRICE",
+    "MAX_TRACE_CELLS",
     "MAX_TRACE_SECONDS",
     "TICK_SECONDS",
     "UNLIMITED",
@@ -59,6 +66,10 @@ UNLIMITED = 1_000_000
 #: ticks up front, so a few samples with an absurd gap would otherwise allocate terabytes.
 MAX_TRACE_SECONDS = 10 * 365 * 86400
 MAX_TRACE_DAYS = MAX_TRACE_SECONDS // 86400
+#: The most zone-ticks one trace may hold (800 MB of int64 capacity): `MAX_TRACE_SECONDS` bounds
+#: each zone, this bounds their sum, so a directory of many one-sample ten-year files is refused
+#: before it is resampled rather than allocating 84 MB per file until memory runs out.
+MAX_TRACE_CELLS = 100_000_000
 #: The largest capacity a trace may hold (the UNLIMITED of availability traces: as many as asked).
 MAX_CAPACITY = UNLIMITED
 #: The largest price ($/h) a trace or price file may hold: dollars must stay finite.
@@ -67,6 +78,44 @@ MAX_PRICE = 1_000_000.0
 _AWS_ZONE = re.compile(r"^([a-z]{2}(?:-gov)?-[a-z]+-\d+)[a-z]$")
 _GCP_ZONE = re.compile(r"^([a-z]+-[a-z]+\d+)-[a-z]$")
 _AZURE_ZONE = re.compile(r"^([a-z]+[a-z0-9]*)-(\d)$")
+#: AWS zone IDs (`use1-az1`), skyhedge's own name for AWS zones (docs/catalog.md): the same
+#: physical zone in every account, unlike zone names.
+_AWS_ZONE_ID = re.compile(r"^([a-z]{2,4}\d+)-az\d+$")
+#: Zone ID prefix -> region, for prefixes the bundled catalog does not list (AWS's documented
+#: region codes; the catalog wins where it has the prefix).
+_AWS_ZONE_ID_PREFIXES: dict[str, str] = {
+    "use1": "us-east-1",
+    "use2": "us-east-2",
+    "usw1": "us-west-1",
+    "usw2": "us-west-2",
+    "usge1": "us-gov-east-1",
+    "usgw1": "us-gov-west-1",
+    "cac1": "ca-central-1",
+    "caw1": "ca-west-1",
+    "sae1": "sa-east-1",
+    "euw1": "eu-west-1",
+    "euw2": "eu-west-2",
+    "euw3": "eu-west-3",
+    "euc1": "eu-central-1",
+    "euc2": "eu-central-2",
+    "eun1": "eu-north-1",
+    "eus1": "eu-south-1",
+    "eus2": "eu-south-2",
+    "aps1": "ap-south-1",
+    "aps2": "ap-south-2",
+    "ape1": "ap-east-1",
+    "apne1": "ap-northeast-1",
+    "apne2": "ap-northeast-2",
+    "apne3": "ap-northeast-3",
+    "apse1": "ap-southeast-1",
+    "apse2": "ap-southeast-2",
+    "apse3": "ap-southeast-3",
+    "apse4": "ap-southeast-4",
+    "mes1": "me-south-1",
+    "mec1": "me-central-1",
+    "afs1": "af-south-1",
+    "ilc1": "il-central-1",
+}
 
 
 @dataclass(frozen=True)
@@ -109,6 +158,8 @@ def location_for_zone(zone: str) -> Location:
             return Location.parse(zone)
         except ValueError:
             pass
+    if (match := _AWS_ZONE_ID.match(zone)) and (region := _aws_zone_id_regions().get(match.group(1))):
+        return Location("aws", region, zone)  # the zone stays the zone ID, as in the catalog
     if match := _AWS_ZONE.match(zone):
         return Location("aws", match.group(1), zone)
     if match := _GCP_ZONE.match(zone):
@@ -116,6 +167,25 @@ def location_for_zone(zone: str) -> Location:
     if match := _AZURE_ZONE.match(zone):
         return Location("azure", match.group(1), zone)
     return Location("trace", zone, zone)
+
+
+@lru_cache(maxsize=1)
+def _aws_zone_id_regions() -> Mapping[str, str]:
+    """Zone ID prefix -> region: the bundled AWS catalog's zones over the fixed table.
+
+    The bundled file, not the user's refreshed one: a trace's regions must not depend on what
+    a user cache happens to hold (or fail to load because of it)."""
+    from skyhedge.catalog.loader import bundled_path, read_catalog_file  # only for zone IDs
+
+    regions = dict(_AWS_ZONE_ID_PREFIXES)
+    try:
+        offers = read_catalog_file(bundled_path("aws"), expect_cloud="aws").offers
+    except CatalogError:
+        return regions
+    for offer in offers:
+        if match := _AWS_ZONE_ID.match(offer.zone):
+            regions[match.group(1)] = offer.region
+    return regions
 
 
 def resample(
@@ -136,7 +206,8 @@ def instance_type_of(file: str | Path) -> str | None:
 
 
 def load_trace(path: str | Path, *, binary_is_unlimited: bool | None = None) -> Trace:
-    """Load a trace directory (JSON per zone, or one CSV) or a CSV file; raise `TraceError`.
+    """Load a trace directory (JSON per zone, or one CSV), a CSV file or one zone's JSON file;
+    raise `TraceError`.
 
     `binary_is_unlimited`: None follows the README rule (all values 0/1 -> unlimited); True/False
     force it. A directory holding one zone several times (several instance types) is refused:
@@ -146,24 +217,24 @@ def load_trace(path: str | Path, *, binary_is_unlimited: bool | None = None) -> 
     jsons = _json_files(path)
     if jsons:
         _check_zones_once(path, jsons)
-        return _from_json_files(path, jsons, path.name, str(path), binary_is_unlimited)
+        trace = _from_json_files(path, jsons, _trace_name(path), str(path), binary_is_unlimited)
+        # one zone file alone is one instance type, as its directory holding only it would be
+        return replace(trace, instance_type=instance_type_of(path)) if path.is_file() else trace
     if path.is_dir():
-        csvs = sorted(p for p in path.iterdir() if p.suffix == ".csv" and p.is_file())
+        csvs = [p for p in _visible_files(path) if _has_suffix(p, ".csv")]
         if len(csvs) == 1:
             zones, series, gaps, prices = _read_csv(csvs[0])
         elif csvs:
             raise TraceError(f"{path}: holds {len(csvs)} CSV files; point --trace at one of them")
         else:
             raise TraceError(f"{path}: no *.json zone traces or *.csv trace in this directory")
-    elif path.is_file() and path.suffix == ".csv":
+    elif path.is_file() and _has_suffix(path, ".csv"):
         zones, series, gaps, prices = _read_csv(path)
     elif path.exists():
-        raise TraceError(f"{path}: expected a trace directory or a .csv file")
+        raise TraceError(f"{path}: expected a trace directory, a .csv file or one zone's .json file")
     else:
         raise TraceError(f"{path}: no such trace directory or file")
-    return _build(
-        path, zones, series, gaps, prices, binary_is_unlimited, path.stem if path.is_file() else path.name
-    )
+    return _build(path, zones, series, gaps, prices, binary_is_unlimited, _trace_name(path))
 
 
 def load_traces(
@@ -206,13 +277,13 @@ def load_traces(
         chosen = sorted(groups, key=lambda kind: (kind is not None, kind or ""))
     else:
         kinds = set(groups)
-        trace = _from_json_files(path, jsons, path.name, str(path), binary_is_unlimited)
+        trace = _from_json_files(path, jsons, _trace_name(path), str(path), binary_is_unlimited)
         return [replace(trace, instance_type=kinds.pop()) if len(kinds) == 1 else trace]
     traces = []
     for kind in chosen:
         files = groups[kind]
         whole = len(files) == len(jsons)
-        name = path.name if whole or kind is None else f"{path.name}[{kind}]"
+        name = _trace_name(path) if whole or kind is None else f"{_trace_name(path)}[{kind}]"
         source = str(path) if whole else f"{path} (instance type {kind or 'none'})"
         _check_zones_once(path, files)
         trace = _from_json_files(path, files, name, source, binary_is_unlimited)
@@ -224,14 +295,39 @@ def _quoted(kinds: Sequence[str]) -> str:
     return ", ".join(repr(kind) for kind in kinds)
 
 
+def _trace_name(path: Path) -> str:
+    """A trace's name: a file's stem, a directory's name. `.` and `..` (and `""`, which `Path`
+    reads as `.`) name the directory they stand for, never an empty label in the report."""
+    if path.is_file():
+        return path.stem
+    if path.name in ("", "..", "."):
+        resolved = path.resolve()
+        return resolved.name or str(resolved)
+    return path.name
+
+
+def _has_suffix(path: Path, suffix: str) -> bool:
+    """Extensions in any case: `.JSON` from a Windows share is the same format as `.json`."""
+    return path.suffix.lower() == suffix
+
+
+def _visible_files(path: Path) -> list[Path]:
+    """A directory's files, sorted, without dotfiles: `._x.json` is macOS metadata (AppleDouble),
+    not a zone, and would otherwise fail the whole directory as unreadable JSON."""
+    return sorted(p for p in path.iterdir() if not p.name.startswith(".") and p.is_file())
+
+
 def _json_files(path: Path) -> list[Path]:
-    """The zone files of a trace directory; a directory mixing them with a CSV trace is refused
-    (which one was meant is anyone's guess)."""
+    """The zone files of a trace: a directory's, or a `.json` file itself (a one-zone trace); a
+    directory mixing them with a CSV trace is refused (which one was meant is anyone's guess)."""
+    if path.is_file():
+        return [path] if _has_suffix(path, ".json") else []
     if not path.is_dir():
         return []
-    jsons = sorted(p for p in path.iterdir() if p.suffix == ".json" and p.is_file())
+    files = _visible_files(path)
+    jsons = [p for p in files if _has_suffix(p, ".json")]
     if jsons:
-        csvs = sorted(p.name for p in path.iterdir() if p.suffix == ".csv" and p.is_file())
+        csvs = [p.name for p in files if _has_suffix(p, ".csv")]
         if csvs:
             raise TraceError(
                 f"{path}: mixes *.json zone traces with *.csv ({', '.join(csvs)}); expected one "
@@ -293,8 +389,15 @@ def _build(
     ticks = min(int(math.floor(len(s) * g / TICK_SECONDS + 1e-9)) for s, g in zip(series, gaps, strict=True))
     if ticks <= 0:
         raise TraceError(f"{path}: the shortest zone trace is shorter than one 30 s tick")
+    if len(series) * ticks > MAX_TRACE_CELLS:  # before resampling allocates them
+        raise TraceError(
+            f"{path}: {len(series)} zones x {ticks} ticks of 30 s is {len(series) * ticks} cells; "
+            f"expected at most {MAX_TRACE_CELLS} per trace (split the zones over several traces)"
+        )
+    # judged on every sample read, not the resampled ticks: a 4 past the shortest zone's end
+    # still makes this a capacity trace, whose 1s mean one replica
+    binary = all(bool(np.all(s <= 1)) for s in series)
     capacity = np.stack([resample(s, g, ticks) for s, g in zip(series, gaps, strict=True)]).astype(np.int64)
-    binary = bool(np.all(capacity <= 1))
     availability_only = binary if binary_is_unlimited is None else binary_is_unlimited and binary
     if availability_only:
         capacity = np.where(capacity > 0, UNLIMITED, 0).astype(np.int64)
@@ -386,6 +489,9 @@ def _read_csv(file: Path) -> tuple[list[Location], list[np.ndarray], list[float]
     header = [cell.strip() for cell in rows[0]]
     if len(header) < 2 or header[0].lower() not in {"seconds", "time", "t"}:
         raise TraceError(f"{file}: line 1: expected a header 'seconds,<zone>,<zone>,...', got {rows[0]!r}")
+    for column, (zone, cell) in enumerate(zip(header[1:], rows[0][1:], strict=True), start=2):
+        if not zone:  # `a,,b` or a trailing comma: a zone without a name
+            raise TraceError(f"{file}: line 1: column {column}: expected a zone name, got {cell!r}")
     times: list[float] = []
     columns: list[list[int]] = [[] for _ in header[1:]]
     for line, row in enumerate(rows[1:], start=2):

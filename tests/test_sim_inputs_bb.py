@@ -1,0 +1,286 @@
+"""`skyhedge simulate` on the inputs of bug-bash #2 (findings 3-10, 12): each is read as meant,
+or refused in one line `error: <file or flag>: <reason>` with exit 1, never a traceback, and never
+after minutes of simulating the traces before it."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from skyhedge.cli import main
+from skyhedge.policy import Location
+from skyhedge.simulator import runner
+from skyhedge.simulator.runner import Summary, Window, WindowResult
+from skyhedge.simulator.traces import UNLIMITED, load_trace, load_traces, location_for_zone
+
+TEN_YEARS = 10 * 365 * 86400
+
+
+def invoke(*args: str):
+    return CliRunner().invoke(main, ["simulate", *args])
+
+
+def small(trace: Path | str, *extra: str):
+    return invoke("--trace", str(trace), "--ticks", "30", "--repeats", "2", "--cold-start", "60", *extra)
+
+
+def rows_of(result) -> list[dict]:
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+def one_error_line(result, *needles: str) -> str:
+    assert result.exit_code == 1, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert result.stdout == ""
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+def write_zone(directory: Path, name: str, data: list[int], gap: float = 60) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / name
+    path.write_text(json.dumps({"metadata": {"gap_seconds": gap}, "data": data}))
+    return path
+
+
+def three_zones(directory: Path, names: tuple[str, str, str]) -> Path:
+    patterns = ([2, 2, 0, 0, 1, 2, 2, 2, 0, 1] * 4, [1, 1, 1, 2, 2, 0, 0, 1, 1, 1] * 4, [0, 1, 2] * 14)
+    for name, data in zip(names, patterns, strict=True):
+        write_zone(directory, f"{name}.json", data)
+    return directory
+
+
+def without_timing(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in row.items() if k not in ("trace", "seconds_per_window")} for row in rows]
+
+
+# --- finding 3: AWS zone IDs are AWS zones of their region ---------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("zone", "region"),
+    [
+        ("use1-az1", "us-east-1"),  # in the bundled catalog
+        ("usw2-az3", "us-west-2"),
+        ("usw1-az1", "us-west-1"),  # not in the catalog: AWS's region codes
+        ("apse2-az1", "ap-southeast-2"),
+    ],
+)
+def test_an_aws_zone_id_is_an_aws_zone_of_the_region_its_prefix_names(zone, region):
+    assert location_for_zone(zone) == Location("aws", region, zone)
+
+
+def test_a_zone_id_with_an_unknown_prefix_keeps_the_trace_fallback():
+    assert location_for_zone("xyz9-az1") == Location("trace", "xyz9-az1", "xyz9-az1")
+
+
+def test_zone_ids_and_zone_names_of_one_region_simulate_alike(tmp_path):
+    """Same data, both sets of names zones of us-east-1: `single-region` must see one region."""
+    names = three_zones(tmp_path / "names", ("us-east-1a", "us-east-1b", "us-east-1c"))
+    ids = three_zones(tmp_path / "ids", ("use1-az1", "use1-az2", "use1-az4"))
+    assert {z.region for z in load_trace(ids).zones} == {"us-east-1"}
+    policy = ("--policy", "single-region,spothedge", "--json")
+    assert without_timing(rows_of(small(ids, *policy))) == without_timing(rows_of(small(names, *policy)))
+
+
+# --- finding 4: availability_target_met agrees with the printed availability ---------------------
+
+
+def test_availability_target_met_is_judged_on_the_printed_availability(tmp_path):
+    """Every window at exactly 0.7: the float mean lies one ulp below 0.7, the verdict must not."""
+    write_zone(tmp_path / "slo", "us-east-1a.json", [1] * 74 + [0] * 30, gap=30)
+    result = invoke(
+        "--trace", str(tmp_path / "slo"), "--ticks", "104", "--repeats", "3", "--target", "1",
+        "--extra", "0", "--policy", "rr", "--availability-target", "0.7", "--json",
+    )  # fmt: skip
+    [row] = rows_of(result)
+    assert row["availability"] == 0.7 and row["availability_per_window"] == [0.7, 0.7, 0.7]
+    assert row["availability_target_met"] is True
+    assert row["windows_meeting_target"] == 1.0
+
+
+# --- finding 5: plug-in names that cannot load ---------------------------------------------------
+
+
+def test_a_plugin_module_raising_at_import_is_one_line(tmp_path, monkeypatch):
+    (tmp_path / "bb_raises_at_import.py").write_text('raise KeyError("at import")\n')
+    monkeypatch.syspath_prepend(str(tmp_path))
+    trace = three_zones(tmp_path / "t", ("us-east-1a", "us-east-1b", "us-east-1c"))
+    line = one_error_line(small(trace, "--policy", "bb_raises_at_import:X"))
+    assert line == "error: policy 'bb_raises_at_import:X': cannot load (KeyError: 'at import')"
+
+
+@pytest.mark.parametrize(
+    ("name", "reason"),
+    [
+        (":X", "expected 'module:Class'"),
+        ("os:", "expected 'module:Class'"),
+        (".relative:X", "expected an absolute module name"),
+    ],
+)
+def test_a_plugin_name_without_a_module_or_class_is_one_line(tmp_path, name, reason):
+    trace = three_zones(tmp_path / "t", ("us-east-1a", "us-east-1b", "us-east-1c"))
+    one_error_line(small(trace, "--policy", name), f"error: policy {name!r}: {reason}")
+
+
+# --- finding 6: `--trace .` and `--trace ""` ------------------------------------------------------
+
+
+def test_trace_dot_is_named_after_the_current_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(three_zones(tmp_path / "here", ("us-east-1a", "us-east-1b", "us-east-1c")))
+    assert {row["trace"] for row in rows_of(small(".", "--policy", "spothedge", "--json"))} == {"here"}
+
+
+def test_an_empty_trace_value_is_refused_not_read_as_the_current_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(three_zones(tmp_path / "here", ("us-east-1a", "us-east-1b", "us-east-1c")))
+    one_error_line(small("", "--policy", "spothedge"), "'--trace'", "empty value")
+
+
+# --- finding 7: CSV header cells without a zone ----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "column"),
+    [
+        ("seconds,,us-west-2b\n0,1,2\n60,1,2\n", 2),
+        ("seconds,us-east-1a,us-west-2b,\n0,1,2,\n60,1,2,\n", 4),  # trailing comma on every line
+    ],
+)
+def test_a_csv_header_cell_naming_no_zone_is_refused_naming_the_column(tmp_path, text, column):
+    path = tmp_path / "t.csv"
+    path.write_text(text)
+    one_error_line(small(path), f"error: {path}: line 1: column {column}: expected a zone name, got ''")
+
+
+# --- finding 8: memory --------------------------------------------------------------------------
+
+
+def test_repeats_beyond_the_bound_are_one_line_naming_the_flag(tmp_path):
+    trace = three_zones(tmp_path / "t", ("us-east-1a", "us-east-1b", "us-east-1c"))
+    result = invoke("--trace", str(trace), "--ticks", "30", "--repeats", "1000000000000")
+    one_error_line(result, "'--repeats'", "1<=x<=100000")
+
+
+def test_a_trace_of_too_many_zone_ticks_is_refused_before_it_is_resampled(tmp_path):
+    """Thirty one-sample ten-year zones: each within the span limit, 2.5 GB together."""
+    directory = tmp_path / "many10y"
+    for i in range(30):
+        write_zone(directory, f"z{i:02d}.json", [i % 3 + 1], gap=TEN_YEARS)
+    one_error_line(
+        small(directory, "--policy", "spothedge"),
+        f"error: {directory}: 30 zones x 10512000 ticks",
+        "expected at most 100000000 per trace",
+    )
+
+
+def test_running_out_of_memory_is_one_line(tmp_path, monkeypatch):
+    def exhausted(*args: object, **kwargs: object) -> None:
+        raise MemoryError("Unable to allocate 7.28 TiB for an array with shape (1000000000000,)")
+
+    monkeypatch.setattr(importlib.import_module("skyhedge.cli.simulate"), "run_simulation", exhausted)
+    trace = three_zones(tmp_path / "t", ("us-east-1a", "us-east-1b", "us-east-1c"))
+    one_error_line(small(trace, "--policy", "spothedge"), "error: out of memory", "7.28 TiB")
+
+
+# --- finding 9: on-demand cost ratio and JSON ------------------------------------------------------
+
+
+@pytest.mark.parametrize("ratio", ["1e-308", "1e308", "0.0009", "1001"])
+def test_an_absurd_ondemand_cost_ratio_is_one_line_naming_the_flag(tmp_path, ratio):
+    trace = three_zones(tmp_path / "t", ("us-east-1a", "us-east-1b", "us-east-1c"))
+    one_error_line(small(trace, "--ondemand-cost-ratio", ratio), "'--ondemand-cost-ratio'")
+
+
+def test_a_non_finite_number_is_null_in_the_json_never_infinity():
+    window = Window(0, 0, (0,))
+    result = WindowResult("p", window, 1.0, math.inf, math.inf, math.nan, 0, 0, 0.0)
+    with np.errstate(invalid="ignore"):  # the std of [inf] is NaN: null as well
+        row = Summary("t", "p", [result]).to_json()
+    assert row["relative_cost"] is None and row["relative_cost_per_window"] == [None]
+    json.dumps(row, allow_nan=False)  # valid JSON
+
+
+# --- finding 10: public-trace-family inputs ---------------------------------------------------------
+
+
+def test_one_zone_json_file_is_a_one_zone_trace_named_after_its_stem(tmp_path):
+    path = write_zone(tmp_path / "d", "us-east-1f_v100_1.json", [2, 1, 0, 3] * 10)
+    [trace] = load_traces(path)
+    assert trace.name == "us-east-1f_v100_1" and trace.instance_type == "v100_1"
+    assert trace.zones == (Location("aws", "us-east-1", "us-east-1f"),)
+    assert {row["trace"] for row in rows_of(small(path, "--policy", "spothedge", "--json"))} == {
+        "us-east-1f_v100_1"
+    }
+
+
+def test_extensions_match_in_any_case(tmp_path):
+    write_zone(tmp_path / "lower", "us-east-1a.json", [2, 1, 0, 3] * 10)
+    write_zone(tmp_path / "upper", "us-east-1a.JSON", [2, 1, 0, 3] * 10)
+    assert (
+        load_trace(tmp_path / "upper").capacity.tolist() == load_trace(tmp_path / "lower").capacity.tolist()
+    )
+    (tmp_path / "CAPS.CSV").write_text("seconds,us-east-1a\n0,2\n60,1\n")
+    assert load_trace(tmp_path / "CAPS.CSV").capacity.tolist() == [[2, 2, 1, 1]]
+
+
+def test_dotfiles_in_a_trace_directory_are_skipped(tmp_path):
+    """macOS AppleDouble files: binary metadata beside every file copied to a FAT/SMB share."""
+    directory = tmp_path / "copied"
+    write_zone(directory, "us-east-1a.json", [2, 1, 0, 3] * 10)
+    (directory / "._us-east-1a.json").write_bytes(b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X")
+    trace = load_trace(directory)
+    assert trace.zones == (Location("aws", "us-east-1", "us-east-1a"),)
+
+
+def test_a_capacity_past_the_shortest_zones_end_still_makes_a_capacity_trace(tmp_path):
+    """The 4s lie beyond the shortest zone, so the resampled trace holds only 0/1: it is still a
+    capacity trace (1 = one replica), not an availability trace (1 = as many as asked)."""
+    directory = tmp_path / "binary_tail"
+    write_zone(directory, "us-east-1a.json", [1, 0] * 20 + [4] * 5)
+    write_zone(directory, "us-east-1b.json", [1, 0] * 20)
+    trace = load_trace(directory)
+    assert not trace.availability_only
+    assert trace.capacity.max() == 1 and UNLIMITED not in trace.capacity
+
+
+# --- finding 12: every trace checked before any is simulated ----------------------------------------
+
+
+@pytest.fixture
+def nothing_simulated(monkeypatch):
+    def simulated(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a window was simulated before every trace was checked")
+
+    monkeypatch.setattr(runner, "run_window", simulated)
+
+
+def test_a_window_longer_than_a_later_trace_fails_before_any_is_simulated(tmp_path, nothing_simulated):
+    long = three_zones(tmp_path / "long", ("us-east-1a", "us-east-1b", "us-east-1c"))
+    short = tmp_path / "short"
+    write_zone(short, "us-east-1a.json", [1, 2] * 5)
+    result = invoke("--trace", str(long), "--trace", str(short), "--ticks", "30", "--policy", "spothedge")
+    one_error_line(result, f"error: {short}: 20 ticks", "shorter than one window of 30 ticks")
+
+
+def test_a_zone_of_a_later_trace_missing_from_prices_fails_before_any_is_simulated(
+    tmp_path, nothing_simulated
+):
+    first = three_zones(tmp_path / "first", ("us-east-1a", "us-east-1b", "us-east-1c"))
+    second = tmp_path / "second"
+    write_zone(second, "us-west-2a.json", [1, 2] * 20)
+    prices = tmp_path / "prices.json"
+    prices.write_text(
+        json.dumps({z: {"spot": 1.0, "ondemand": 3.0} for z in ("us-east-1a", "us-east-1b", "us-east-1c")})
+    )
+    result = small(first, "--trace", str(second), "--prices", str(prices), "--policy", "spothedge")
+    one_error_line(result, "error: --prices: no on-demand price for zone us-west-2a of second")
