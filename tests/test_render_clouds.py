@@ -213,6 +213,10 @@ def test_gcp_module_spot_scheduling_gpus_and_labels(tmp_path):
     assert '"skyhedge-service" = var.service' in block(main, "locals")["labels"]
     [acc] = dynamic(inst, "guest_accelerator")
     assert "var.accelerator" in acc["for_each"]
+    # Deep Learning VM images install the NVIDIA driver only when the metadata asks, GPU VMs only
+    assert 'local.gpu ? {install-nvidia-driver = "True"} : {}' in inst["metadata"]
+    locals_ = block(main, "locals")
+    assert "a2|a3|a4|g2|g4" in locals_["gpu"] and "sha1(local.firewall_full)" in locals_["firewall_name"]
     tfvars = json.loads((out / "gcp" / "us-central1" / TFVARS_FILE).read_text())
     assert tfvars["accelerator"] == {"type": "nvidia-tesla-t4", "count": 1} and tfvars["gpu"] is True
     assert tfvars["project"] == "my-proj" and sorted(tfvars["replicas"]) == ["r-0001", "r-0002"]

@@ -67,7 +67,8 @@ resource "google_compute_instance" "replica" {
   }
 
   # The boot script is module code; the spec's values reach it only as base64 JSON (inert).
-  metadata = {
+  # Deep Learning VM images install the NVIDIA driver at first boot only when asked to.
+  metadata = merge(local.gpu ? { install-nvidia-driver = "True" } : {}, {
     startup-script = templatefile("${path.module}/startup.sh.tftpl", {
       config = base64encode(jsonencode({
         replica_id = each.key
@@ -80,7 +81,7 @@ resource "google_compute_instance" "replica" {
         gpu        = local.gpu
       }))
     })
-  }
+  })
 
   dynamic "scheduling" {
     for_each = each.value.market == "spot" ? [each.key] : []
