@@ -17,7 +17,7 @@ from skyhedge.catalog.model import Offer, did_you_mean
 from skyhedge.errors import CatalogError, PolicyError, SpecError, StateError
 from skyhedge.planner import Plan, make_plan
 from skyhedge.policy import Candidate, Location, Market, Observation, ReplicaFact, Terminate, make_policy
-from skyhedge.spec import ServiceSpec, replica_revision
+from skyhedge.spec import AwsConfig, GcpConfig, ServiceSpec, replica_revision
 from skyhedge.state import ReplicaRecord, ServiceState
 
 #: `state.extra` key of GitOps mode (`watch --gitops`): commits that CI applies later, not applies
@@ -197,20 +197,20 @@ def resolve_placement(spec: ServiceSpec, policy: str | None = None) -> Placement
         if regions and zones and not any(catalog.region_of(z) in regions for z in zones):
             disjoint.append(cloud)
 
-        # with aws.subnets, AWS replicas go only where a subnet is given
-        subnets = {z for z, _ in spec.aws.subnets} if cloud == "aws" and spec.aws.subnets else None
+        # with aws.subnets / gcp.subnetworks, replicas go only where the network reaches
+        network = spec.network(cloud)
 
         def allowed(
             offer: Offer,
             regions: set[str] = regions,
             zones: set[str] = zones,
-            subnets: set[str] | None = subnets,
+            network: AwsConfig | GcpConfig | None = network,
         ) -> bool:
             return (
                 (not regions or offer.region in regions)
                 and (not zones or offer.zone in zones)
                 and offer.zone not in p.exclude_zones
-                and (subnets is None or offer.zone in subnets)
+                and (network is None or network.confines(offer.region, offer.zone))
             )
 
         itype = _instance_type(spec, cloud, allowed, policy)
@@ -232,8 +232,10 @@ def resolve_placement(spec: ServiceSpec, policy: str | None = None) -> Placement
         )
     if not candidates and not (ondemand_only and policy == "ondemand"):
         sold = ", ".join(f"{c}: {t}" for c, t in types.items())
-        if spec.aws.subnets and "aws" in types:
-            sold += "; AWS zones are those of aws.subnets"
+        for cloud in types:
+            network = spec.network(cloud)
+            if network is not None and network.confined:
+                sold += f"; {network.confinement}"
         how = " on spot" if ondemand_only else ""  # not sold there at all, else on-demand only
         if ondemand_only:
             sold += "; sold there on-demand only, which replica_policy.policy 'ondemand' runs"
@@ -248,17 +250,27 @@ def resolve_placement(spec: ServiceSpec, policy: str | None = None) -> Placement
 
 
 def _check_subnet_zones(spec: ServiceSpec, catalogs: dict[str, Any]) -> None:
-    """`aws.subnets` keys must be AWS zone IDs the catalog knows (a typo would silently drop a zone)."""
-    if not spec.aws.subnets or "aws" not in catalogs:  # (unused without aws, like gcp.project)
-        return
-    known = catalogs["aws"].zones()
-    for zone, _ in spec.aws.subnets:
-        if zone not in known:
-            raise SpecError(
-                f"unknown AWS zone ID {zone!r}{did_you_mean(zone, known)}",
-                file=spec.source,
-                path=f"aws.subnets.{zone}",
-            )
+    """`aws.subnets` keys must be AWS zone IDs the catalog knows, `gcp.subnetworks` keys GCP
+    regions it knows (a typo would silently drop a zone or region). Unused without the cloud,
+    like gcp.project."""
+    if spec.aws.subnets and "aws" in catalogs:
+        known = catalogs["aws"].zones()
+        for zone, _ in spec.aws.subnets:
+            if zone not in known:
+                raise SpecError(
+                    f"unknown AWS zone ID {zone!r}{did_you_mean(zone, known)}",
+                    file=spec.source,
+                    path=f"aws.subnets.{zone}",
+                )
+    if spec.gcp.subnetworks and "gcp" in catalogs:
+        known = catalogs["gcp"].regions()
+        for region, _ in spec.gcp.subnetworks:
+            if region not in known:
+                raise SpecError(
+                    f"unknown GCP region {region!r}{did_you_mean(region, known)}",
+                    file=spec.source,
+                    path=f"gcp.subnetworks.{region}",
+                )
 
 
 def check_subnets_cover(spec: ServiceSpec, state: ServiceState) -> None:
@@ -280,6 +292,34 @@ def check_subnets_cover(spec: ServiceSpec, state: ServiceState) -> None:
             "zone in placement.exclude_zones; once they have moved, remove the subnet",
             file=spec.source,
             path="aws.subnets",
+        )
+
+
+def _gcp_name(network: str) -> str:
+    """A network's name, from a name or any form of its link (the API answers with full links)."""
+    return network.rstrip("/").rsplit("/", 1)[-1]
+
+
+def check_gcp_network_kept(spec: ServiceSpec, state: ServiceState) -> None:
+    """GCP replicas keep the network they were launched in, but the firewall rule opening their
+    port belongs to one network: a new `gcp.network` would move the rule away from the running
+    replicas (the router could no longer reach them). Refused, with the order that works."""
+    wanted = _gcp_name(spec.gcp.network or "default")
+    elsewhere = sorted(
+        rec.id
+        for rec in state.live()
+        if rec.cloud == "gcp"
+        and isinstance(rec.outputs.get("network"), str)
+        and _gcp_name(rec.outputs["network"]) != wanted
+    )
+    if elsewhere:
+        had = _gcp_name(state.replicas[elsewhere[0]].outputs["network"])
+        raise SpecError(
+            f"{', '.join(elsewhere)} run in network {had}, not {wanted}: a new network takes the "
+            f"firewall rule away from them; keep gcp.network {had} until they are gone (remove gcp "
+            "from placement.clouds and apply, or destroy), then change it",
+            file=spec.source,
+            path="gcp.network",
         )
 
 
@@ -327,6 +367,7 @@ def compute_plan(
     policy's memory after deciding (the caller persists it only if it acts on the plan)."""
     placement = placement or resolve_placement(spec, policy_name)
     check_subnets_cover(spec, state)
+    check_gcp_network_kept(spec, state)  # (not at destroy: destroying needs no firewall rule)
     facts = state.facts()
     # Replicas where the spec no longer allows them (placement narrowed, or a zone that stopped
     # selling spot under a spot replica) are moved like outdated ones: the policy, which sees only

@@ -35,6 +35,16 @@ HEADER_NAME_RE = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")  # an RFC 9110 tok
 GCP_PROJECT_RE = re.compile(r"^(?:[a-z0-9][a-z0-9.-]{0,61}[a-z0-9]:)?[a-z][a-z0-9-]{4,28}[a-z0-9]$")
 #: An EC2 subnet ID.
 SUBNET_RE = re.compile(r"^subnet-[0-9a-f]{8,17}$")
+#: A GCE resource name (RFC 1035), or a path to one (`projects/P/global/networks/N`,
+#: `projects/P/regions/R/subnetworks/S`, optionally as a full https self link).
+_GCE_NAME = r"[a-z](?:[-a-z0-9]{0,61}[a-z0-9])?"
+_GCE_PROJECT = r"(?:[a-z0-9][a-z0-9.-]{0,61}[a-z0-9]:)?[a-z][a-z0-9-]{4,28}[a-z0-9]"
+_GCE_LINK = r"(?:https://www\.googleapis\.com/compute/v1/)?projects/" + _GCE_PROJECT
+GCP_NETWORK_RE = re.compile(rf"^(?:{_GCE_NAME}|{_GCE_LINK}/global/networks/{_GCE_NAME})$")
+GCP_SUBNETWORK_RE = re.compile(
+    rf"^(?:{_GCE_NAME}|{_GCE_LINK}/regions/[a-z]+-[a-z]+[0-9]+/subnetworks/{_GCE_NAME})$"
+)
+GCP_REGION_RE = re.compile(r"^[a-z]+-[a-z]+[0-9]+$")
 #: An EC2 key pair or IAM instance profile name (printable ASCII, no quotes or spaces).
 AWS_NAME_RE = re.compile(r"^[A-Za-z0-9_+=,.@/-]{1,128}$")
 #: An SQS queue name (1-80 of A-Z, a-z, 0-9, '-', '_'; `.fifo` ends a FIFO queue's).
@@ -213,10 +223,45 @@ class AwsConfig:
     def subnet_of(self, zone: str) -> str | None:
         return dict(self.subnets).get(zone)
 
+    def confines(self, region: str, zone: str) -> bool:
+        """Whether AWS replicas may go to `zone`: with `subnets`, only to the zones they list."""
+        return not self.subnets or zone in dict(self.subnets)
+
+    @property
+    def confined(self) -> bool:
+        return bool(self.subnets)
+
+    #: What `confines` keeps replicas to, for errors that say why no zone is left.
+    confinement = "AWS zones are those of aws.subnets"
+
 
 @dataclass(frozen=True)
 class GcpConfig:
+    """`gcp:`: the project, and where GCP replicas live on the network.
+
+    `network` (default: the project's `default` network) holds the replicas and their firewall
+    rule; `subnetworks` (region -> subnetwork) launches into those subnetworks, and only into their
+    regions: a custom-mode network (an organisation without the default network) needs both.
+    `ingress_cidrs` may reach the model server port (the router must be among them)."""
+
     project: str | None = None
+    network: str | None = None
+    subnetworks: tuple[tuple[str, str], ...] = ()
+    ingress_cidrs: tuple[str, ...] = ("0.0.0.0/0",)
+
+    def subnetwork_of(self, region: str) -> str | None:
+        return dict(self.subnetworks).get(region)
+
+    def confines(self, region: str, zone: str) -> bool:
+        """Whether GCP replicas may go to `region`: with `subnetworks`, only to the regions they list."""
+        return not self.subnetworks or region in dict(self.subnetworks)
+
+    @property
+    def confined(self) -> bool:
+        return bool(self.subnetworks)
+
+    #: What `confines` keeps replicas to, for errors that say why no zone is left.
+    confinement = "GCP regions are those of gcp.subnetworks"
 
 
 @dataclass(frozen=True)
@@ -236,6 +281,10 @@ class ServiceSpec:
     @property
     def clouds(self) -> tuple[str, ...]:
         return self.placement.clouds
+
+    def network(self, cloud: str) -> AwsConfig | GcpConfig | None:
+        """The cloud's network settings (`aws:` / `gcp:`): what confines its replicas to some zones."""
+        return {"aws": self.aws, "gcp": self.gcp}.get(cloud)
 
 
 # --------------------------------------------------------------------------------------------
@@ -390,6 +439,46 @@ def _aws(ctx: _Ctx, d: dict[str, Any]) -> AwsConfig:
             AWS_NAME_RE,
             "an instance profile name",
         ),
+        ingress_cidrs=cidrs,
+    )
+
+
+def _gcp(ctx: _Ctx, d: dict[str, Any]) -> GcpConfig:
+    subnetworks = _str_map(ctx, "gcp.subnetworks", d.get("subnetworks"), numbers=False)
+    for region, subnetwork in subnetworks.items():
+        if not GCP_REGION_RE.fullmatch(region):
+            raise ctx.fail(f"gcp.subnetworks.{region}", "expected a GCP region such as 'us-central1'")
+        _matching(
+            ctx,
+            f"gcp.subnetworks.{region}",
+            subnetwork,
+            GCP_SUBNETWORK_RE,
+            "a subnetwork name or 'projects/P/regions/R/subnetworks/S'",
+        )
+        link_region = re.search(r"/regions/([^/]+)/", subnetwork)
+        if link_region and link_region.group(1) != region:  # a subnetwork lies in one region
+            raise ctx.fail(
+                f"gcp.subnetworks.{region}", f"{subnetwork} is in {link_region.group(1)}, not {region}"
+            )
+    network = _matching(
+        ctx,
+        "gcp.network",
+        d.get("network"),
+        GCP_NETWORK_RE,
+        "a network name or 'projects/P/global/networks/N'",
+    )
+    if subnetworks and network is None:
+        # the firewall rule belongs to a network: it would open the port on `default` instead
+        raise ctx.fail("gcp.subnetworks", "needs gcp.network too: the network the subnetworks belong to")
+    cidrs = _str_list(ctx, "gcp.ingress_cidrs", d.get("ingress_cidrs", ["0.0.0.0/0"]), _cidr_ok(ctx))
+    if not cidrs:
+        raise ctx.fail(
+            "gcp.ingress_cidrs", "expected at least one CIDR block (the router must reach the replicas)"
+        )
+    return GcpConfig(
+        project=_matching(ctx, "gcp.project", d.get("project"), GCP_PROJECT_RE, "a GCP project ID"),
+        network=network,
+        subnetworks=tuple(sorted((str(r), str(s)) for r, s in subnetworks.items())),
         ingress_cidrs=cidrs,
     )
 
@@ -808,7 +897,7 @@ def parse_spec(data: Any, *, source: str = "<spec>") -> ServiceSpec:
     if "placement" not in d:
         raise ctx.fail("placement", "required (at least placement.clouds)")
     aws = _mapping(ctx, "aws", d.get("aws"), {f.name for f in fields(AwsConfig)})
-    gcp = _mapping(ctx, "gcp", d.get("gcp"), {"project"})
+    gcp = _mapping(ctx, "gcp", d.get("gcp"), {f.name for f in fields(GcpConfig)})
     resources = _resources(ctx, d.get("resources"))
     placement = _placement(ctx, d.get("placement"))
     replica_policy = _replica_policy(ctx, d.get("replica_policy"))
@@ -825,9 +914,7 @@ def parse_spec(data: Any, *, source: str = "<spec>") -> ServiceSpec:
         run=_run(ctx, d.get("run")),
         terraform=_terraform(ctx, d.get("terraform")),
         aws=_aws(ctx, aws),
-        gcp=GcpConfig(
-            project=_matching(ctx, "gcp.project", gcp.get("project"), GCP_PROJECT_RE, "a GCP project ID")
-        ),
+        gcp=_gcp(ctx, gcp),
         source=source,
     )
 

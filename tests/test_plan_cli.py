@@ -388,3 +388,31 @@ def test_a_new_key_pair_rolls_the_replicas_over(tmp_path, write_spec):
     no_aws = load_spec(write_spec(AWS_SUBNETS.replace("aws: {subnets: {%s}%s}\n", ""), name="n.yaml"))
     assert replica_revision(plain) == replica_revision(no_aws)  # no key: the digest as before
     assert len({replica_revision(plain), replica_revision(keyed), replica_revision(other)}) == 3
+
+
+GCP_NETWORK = """
+name: llm
+placement: {clouds: [gcp], regions: [us-east4]}
+resources: {instance_type: {gcp: g2-standard-4}}
+replica_policy: {min_replicas: 1, num_overprovision: 0, policy: spothedge}
+run: {command: serve}
+gcp: {network: %s}
+"""
+
+
+def test_a_new_gcp_network_under_running_replicas_is_refused_with_the_way_out(tmp_path, write_spec):
+    """The firewall rule opening the replicas' port belongs to one network: moving it to a new one
+    would cut the router off from the replicas still running in the old one."""
+    save_ready_spot(tmp_path / "st", "llm", "gcp", "us-east4", ["us-east4-a"])
+    state = load_state(tmp_path / "st", "llm")
+    state.replicas["r-0001"].outputs = {
+        "network": "https://www.googleapis.com/compute/v1/projects/p-123456/global/networks/default"
+    }
+    save_state(tmp_path / "st", state)
+    moved = write_spec(GCP_NETWORK % "prod")
+    result = run("plan", str(moved), "--state-dir", str(tmp_path / "st"))
+    assert result.exit_code == 1 and result.output.count("\n") == 1
+    assert "gcp.network: r-0001 run in network default, not prod" in result.output
+    assert "keep gcp.network default until they are gone" in result.output
+    same = write_spec(GCP_NETWORK % "projects/p-123456/global/networks/default", name="same.yaml")
+    assert run("plan", str(same), "--state-dir", str(tmp_path / "st")).exit_code == 0

@@ -223,6 +223,27 @@ def test_gcp_module_spot_scheduling_gpus_and_labels(tmp_path):
     g2 = rendered(tmp_path / "g2", "gcp", "g2-standard-4", plan("gcp", "us-east4", ["us-east4-a"]))
     g2vars = json.loads((g2 / "gcp" / "us-east4" / TFVARS_FILE).read_text())
     assert g2vars["accelerator"] is None and g2vars["gpu"] is True  # g2 carries its L4
+    assert (tfvars["network"], tfvars["subnetwork"], tfvars["ingress_cidrs"]) == (
+        "default",
+        None,
+        ["0.0.0.0/0"],
+    )
+    custom = rendered(
+        tmp_path / "custom",
+        "gcp",
+        "g2-standard-4",
+        plan("gcp", "us-east4", ["us-east4-a"]),
+        gcp={"network": "prod", "subnetworks": {"us-east4": "serving-e4"}, "ingress_cidrs": ["10.0.0.0/8"]},
+    )
+    cvars = json.loads((custom / "gcp" / "us-east4" / TFVARS_FILE).read_text())
+    assert (cvars["network"], cvars["subnetwork"], cvars["ingress_cidrs"]) == (
+        "prod",
+        "serving-e4",
+        ["10.0.0.0/8"],
+    )
+    nic = inst["network_interface"][0]
+    assert nic["subnetwork"] == "${var.subnetwork}"
+    assert "network_interface[0].subnetwork" in str(inst["lifecycle"][0]["ignore_changes"])
 
 
 @pytest.mark.parametrize(

@@ -716,3 +716,63 @@ def test_aws_subnets_place_aws_replicas_only_in_their_zones(write_spec):
         SpecError, match=r"aws.subnets.use1-az9: unknown AWS zone ID 'use1-az9' \(did you mean"
     ):
         resolve_placement(load_spec(write_spec(base % "{use1-az9: subnet-0123abcd}")))
+
+
+GCP_NET = (
+    "name: llm\nplacement: {clouds: [gcp]}\nresources: {instance_type: {gcp: g2-standard-4}}\n"
+    "run: {command: serve}\ngcp: %s\n"
+)
+
+
+def test_gcp_subnetworks_place_gcp_replicas_only_in_their_regions(write_spec):
+    """An organisation without the default network names its network and one subnetwork per
+    region; those regions are where GCP replicas go, and a region the catalog does not know is
+    named, not silently dropped."""
+    spec = load_spec(
+        write_spec(
+            GCP_NET % "{network: prod, subnetworks: {us-east4: serving-e4, "
+            "us-central1: projects/net-host/regions/us-central1/subnetworks/serving}}"
+        )
+    )
+    assert spec.gcp.network == "prod" and spec.gcp.subnetwork_of("us-east4") == "serving-e4"
+    assert {c.location.region for c in resolve_placement(spec).locations} == {"us-east4", "us-central1"}
+    with pytest.raises(
+        SpecError, match=r"gcp.subnetworks.us-east9: unknown GCP region 'us-east9' \(did you mean"
+    ):
+        resolve_placement(load_spec(write_spec(GCP_NET % "{network: prod, subnetworks: {us-east9: s}}")))
+
+
+@pytest.mark.parametrize(
+    ("gcp", "message"),
+    [
+        ("{subnetworks: {us-east4: s}}", "gcp.subnetworks: needs gcp.network too"),
+        (
+            "{network: prod, subnetworks: {us-east4: projects/p-123456/regions/us-west1/subnetworks/s}}",
+            "gcp.subnetworks.us-east4: projects/p-123456/regions/us-west1/subnetworks/s is in us-west1, not us-east4",
+        ),
+        ("{network: Prod_Net}", "gcp.network: expected a network name or 'projects/P/global/networks/N'"),
+        ("{network: 'prod; rm -rf /'}", "gcp.network: expected a network name"),
+        (
+            "{network: prod, subnetworks: {us-east4: 'a/b'}}",
+            "gcp.subnetworks.us-east4: expected a subnetwork name",
+        ),
+        ("{network: prod, subnetworks: {us_east4: s}}", "gcp.subnetworks.us_east4: expected a GCP region"),
+        ("{ingress_cidrs: []}", "gcp.ingress_cidrs: expected at least one CIDR block"),
+        ("{ingress_cidrs: [10.0.0.1/8]}", r"gcp.ingress_cidrs\[0\]: expected an IPv4 CIDR block"),
+        ("{vpc: prod}", "gcp"),
+    ],
+)
+def test_gcp_network_settings_are_checked_with_the_field_named(write_spec, gcp, message):
+    with pytest.raises(SpecError, match=message):
+        load_spec(write_spec(GCP_NET % gcp))
+
+
+def test_gcp_network_by_link_and_default_ingress(write_spec):
+    spec = load_spec(
+        write_spec(
+            GCP_NET
+            % "{network: 'https://www.googleapis.com/compute/v1/projects/host-proj/global/networks/prod'}"
+        )
+    )
+    assert spec.gcp.network.endswith("/networks/prod") and spec.gcp.ingress_cidrs == ("0.0.0.0/0",)
+    assert not spec.gcp.confined and spec.network("gcp") is spec.gcp and spec.network("local") is None

@@ -54,7 +54,8 @@ resource "google_compute_instance" "replica" {
   }
 
   network_interface {
-    network = var.network
+    network    = var.network
+    subnetwork = var.subnetwork
     access_config {}
   }
 
@@ -122,6 +123,10 @@ resource "google_compute_instance" "replica" {
       metadata,
       machine_type,
       guest_accelerator,
+      # a replica keeps the subnetwork it was launched in (a region's new subnetwork is where its
+      # next replicas go; moving a running VM needs it stopped)
+      network_interface[0].subnetwork,
+      network_interface[0].subnetwork_project,
     ]
   }
 }

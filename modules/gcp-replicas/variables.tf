@@ -110,9 +110,16 @@ variable "image" {
 }
 
 variable "network" {
-  description = "The VPC network to attach to."
+  description = "The VPC network of the replicas and their firewall rule (a name or a link)."
   type        = string
   default     = "default"
+  nullable    = false
+}
+
+variable "subnetwork" {
+  description = "The subnetwork of this region to launch into (null: the network's own, auto mode only)."
+  type        = string
+  default     = null
 }
 
 variable "ingress_cidrs" {

@@ -76,8 +76,11 @@ class GcpCloud:
         ("port", "The model server's TCP port on each replica."),
         ("replicas", "Replicas by stable ID: zone and market."),
         ("run", "What each replica runs at boot: command or image, setup and env."),
+        ("network", "The VPC network of the replicas and their firewall rule."),
+        ("subnetwork", "The subnetwork of this region (null: the network's own, auto mode only)."),
+        ("ingress_cidrs", "CIDR blocks that may reach the model server port."),
     )
-    nullable = frozenset({"project", "accelerator", "image"})
+    nullable = frozenset({"project", "accelerator", "image", "subnetwork"})
 
     def root_inputs(
         self,
@@ -102,6 +105,9 @@ class GcpCloud:
             "port": spec.resources.ports,
             "replicas": replica_map(replicas),
             "run": run_config(spec),
+            "network": spec.gcp.network or "default",
+            "subnetwork": spec.gcp.subnetwork_of(region),
+            "ingress_cidrs": list(spec.gcp.ingress_cidrs),
         }
 
 
