@@ -334,16 +334,21 @@ def service_target(spec: ServiceSpec, state: ServiceState) -> int:
     return max(rp.min_replicas, min(target, upper))
 
 
-def _router_port_numbers(spec: ServiceSpec, state: ServiceState) -> frozenset[int]:
-    """Replica numbers whose local port (resources.local_base_port + N) the router listens on:
-    those IDs are skipped, so a replacement never fails for a port its own router holds (IDs grow
-    for ever, so a router port above the base is reached one day; `spec` refuses only the first
-    plan's range). The running router's status port counts too: a spec that stops naming one
-    leaves nginx on the port it had (the state records it)."""
+def _taken_port_numbers(spec: ServiceSpec, state: ServiceState) -> frozenset[int]:
+    """Replica numbers whose local port (resources.local_base_port + N) is already taken: those
+    IDs are skipped, so a replacement never fails for a port its own service holds.
+
+    - The router's ports: IDs grow for ever, so a router port above the base is reached one day
+      (`spec` refuses only the first plan's range). The running router's status port counts too:
+      a spec that stops naming one leaves nginx on the port it had (the state records it).
+    - Running local replicas' ports: a replica keeps the port it was launched on when
+      `local_base_port` changes, so after the base is lowered, new IDs would land on the ports
+      of the outdated replicas still serving until their replacements are READY."""
     if "local" not in spec.placement.clouds:
         return frozenset()
     base = spec.resources.local_base_port
     ports = {spec.service.port, spec.service.router.status_port, _recorded_status_port(state)}
+    ports |= {_launched_port(rec) for rec in state.live() if rec.cloud == "local"}
     return frozenset(p - base for p in ports if p is not None and p > base)
 
 
@@ -430,7 +435,7 @@ def compute_plan(
         prices=_prices_with_outside(placement, facts, outside),
         ondemand_price=placement.cheapest_ondemand,
         base_ondemand=spec.replica_policy.base_ondemand_fallback_replicas,
-        skip_numbers=_router_port_numbers(spec, state),
+        skip_numbers=_taken_port_numbers(spec, state),
     )
     plan = replace(
         plan,

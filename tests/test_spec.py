@@ -633,6 +633,45 @@ def test_the_status_port_the_running_router_kept_is_skipped_too(tmp_path):
     assert [r.id for r in plan.replicas][0] == "r-0060"
 
 
+def test_after_the_base_port_is_lowered_new_ids_skip_the_ports_old_replicas_still_hold(tmp_path):
+    """Replicas keep the port they were launched on when local_base_port changes, and outdated
+    ones serve until their replacements are READY: a new ID whose port one of them holds would
+    fail the whole root ("Two replicas cannot share a port") on every apply."""
+    from skyhedge.spec import parse_spec
+    from skyhedge.state import ReplicaRecord
+
+    spec = parse_spec(
+        {
+            "name": "echo",
+            "placement": {"clouds": ["local"], "zones": ["local-a", "local-b"]},
+            "resources": {"local_base_port": 23699},  # was 23700
+            "replica_policy": {"min_replicas": 5, "num_overprovision": 0, "policy": "spothedge"},
+            "service": {"port": 23710},
+            "run": {"command": "true"},
+        },
+        source=str(tmp_path / "s.yaml"),
+    )
+    state = ServiceState(service="echo", next_id=6)
+    for n in range(1, 6):  # r-0001..r-0005 on 23701..23705, launched under the old base
+        state.replicas[f"r-{n:04d}"] = ReplicaRecord(
+            f"r-{n:04d}",
+            "local",
+            "local",
+            "local-a" if n % 2 else "local-b",
+            "spot",
+            launched_at=0.0,
+            provisioned_at=1.0,
+            ready_at=2.0,
+            endpoint=f"http://127.0.0.1:{23700 + n}",
+            revision="old",
+        )
+    plan, _ = compute_plan(spec, state, now=10.0)
+    created = [r.id for r in plan.replicas if r.action == "create"]
+    assert created and "r-0006" not in created  # 23699 + 6 = 23705, r-0005's port
+    ports = {r.port or replica_port(spec, r.id) for r in plan.replicas}
+    assert len(ports) == len(plan.replicas)  # no two replicas share a port
+
+
 def _gpu_catalog(offers: list[tuple[str, str, float | None]]) -> dict:
     """An AWS catalog of two L4 types (g6.xlarge the cheaper on-demand) sold as `offers` say."""
     types = {
