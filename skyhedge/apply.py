@@ -511,7 +511,11 @@ def apply_service(
                 report.ready = sorted({*report.ready, *ready} - set(not_ready))
                 report.not_ready = not_ready
                 save_state(ws.state_dir, state)
-            if route and not report.errors:
+            if route:
+                if report.errors and (kept := reopen_unfinished_deletes(state)):
+                    # drained for a delete the failed apply did not carry out: they still serve,
+                    # so the router takes them back (the next plan decides about them again)
+                    say(f"{', '.join(kept)}: not deleted (the apply failed); routing to them again")
                 report.router = bring_routing_up(spec, state, ws.state_dir, say)
                 save_state(ws.state_dir, state)
             outdated = set(outdated_replicas(spec, state, placement))
@@ -790,14 +794,7 @@ def destroy_service(
         if confirm is not None and keys and not confirm(state.live(), report.roots):
             report.cancelled = True
             return report
-        if route:
-            router = _router(spec, ws.state_dir)
-            if router is not None and (state.router is not None or router.pid() is not None):
-                say("taking the router down")
-                router.down()
-            state.router = None
-            state.extra.pop("routed", None)  # what the router served: gone with it
-            save_state(ws.state_dir, state)
+        roots: list[RenderedRoot] = []
         if keys:
             placement: Placement | None = None
             with contextlib.suppress(SpecError):  # else the spec dropped these clouds: records' types do
@@ -808,6 +805,26 @@ def destroy_service(
             )
             write_tree(tree, ws.tree_dir)
             roots = [tree.root(c, r) for c, r in keys]
+            # Every root must initialise (a changed backend, a provider that cannot be installed)
+            # before the router goes down: failing after it would leave the replicas running and
+            # unrouted, the service down with nothing destroyed.
+            inits = run_parallel(roots, lambda root: engine.init(ws.root(root.cloud, root.region)))
+            failed = [r for r in inits if isinstance(r, Exception)]
+            if failed:
+                report.errors += [
+                    r if isinstance(r, EngineError) else EngineError(f"{r.__class__.__name__}: {r}")
+                    for r in failed
+                ]
+                return report
+        if route:
+            router = _router(spec, ws.state_dir)
+            if router is not None and (state.router is not None or router.pid() is not None):
+                say("taking the router down")
+                router.down()
+            state.router = None
+            state.extra.pop("routed", None)  # what the router served: gone with it
+            save_state(ws.state_dir, state)
+        if roots:
             results = run_parallel(
                 roots,
                 lambda root: engine.destroy(ws.root(root.cloud, root.region), on_event=on_event, check=False),

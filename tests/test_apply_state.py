@@ -147,6 +147,45 @@ def test_routing_goes_up_after_readiness_drains_before_destroy_and_goes_down(svc
     assert load_state(svc.state_dir, "applied").router is None
 
 
+def _broken_terraform(tmp_path: Path) -> str:
+    broken = tmp_path / "terraform"
+    broken.write_text("#!/bin/sh\necho 'Error: Backend configuration changed' >&2\nexit 1\n")
+    broken.chmod(0o755)
+    return str(broken)
+
+
+def test_a_failed_apply_routes_again_to_the_replicas_it_drained_but_did_not_delete(
+    svc, monkeypatch, tmp_path
+):
+    """The drain comes before Terraform runs; when the apply then fails, the replica still runs
+    and serves: leaving it out of nginx would silently lose its capacity."""
+    FakeRouter.calls = []
+    monkeypatch.setattr(apply_mod, "_router", lambda spec, state_dir: FakeRouter(spec, state_dir))
+    assert apply_service(load_spec(svc.write(replicas=3)), svc.state_dir).ok
+    failed = apply_service(
+        load_spec(svc.write(replicas=2)), svc.state_dir, terraform_bin=_broken_terraform(tmp_path)
+    )
+    assert not failed.ok and not failed.deleted
+    everyone = ["r-0001", "r-0002", "r-0003"]
+    assert FakeRouter.calls[1][0] == "drain" and FakeRouter.calls[-1] == ("up", everyone)
+    state = load_state(svc.state_dir, "applied")
+    assert not any(r.draining for r in state.live()) and state.router["upstreams"] == everyone
+
+
+def test_destroy_keeps_the_router_up_when_terraform_cannot_even_initialise(svc, monkeypatch, tmp_path):
+    """A changed backend (or any init failure) would fail every root after the router went down:
+    the service down, nothing destroyed. Every root initialises first."""
+    FakeRouter.calls = []
+    monkeypatch.setattr(apply_mod, "_router", lambda spec, state_dir: FakeRouter(spec, state_dir))
+    assert apply_service(load_spec(svc.write(replicas=2)), svc.state_dir).ok
+    spec = load_spec(svc.spec_path)
+    failed = destroy_service(spec, svc.state_dir, terraform_bin=_broken_terraform(tmp_path))
+    assert not failed.ok and "init failed" in str(failed.errors[0]) and not failed.destroyed
+    assert ("down", None) not in FakeRouter.calls and sorted(svc.pids()) == ["r-0001", "r-0002"]
+    assert load_state(svc.state_dir, "applied").router is not None
+    assert destroy_service(spec, svc.state_dir).ok and FakeRouter.calls[-1] == ("down", None)
+
+
 def test_a_router_that_cannot_start_fails_the_apply_before_any_replica_is_launched(svc, monkeypatch):
     from skyhedge.errors import RoutingError
 
