@@ -249,6 +249,27 @@ def reopen_unfinished_deletes(state: ServiceState) -> list[str]:
     return sorted(reopened)
 
 
+def notice_dead_local_replicas(state: ServiceState, state_dir: Path, now: float) -> list[str]:
+    """Record local replicas whose process died since the state was written (a preemption, a
+    crash) as gone; returns one line per replica. Without a watcher nothing else would notice:
+    Terraform's refresh cannot (a `terraform_data` launch has no remote object to read), so
+    `apply` said "No changes" and kept routing to the dead replica. (VM clouds need no such step
+    here: their refresh sees a terminated instance and Terraform replaces it.)"""
+    live = state.live()
+    if not any(r.cloud == "local" for r in live):
+        return []
+    from skyhedge.clouds.local.events import LocalEventSource
+    from skyhedge.controller.facts import ingest
+    from skyhedge.events import Signal
+
+    source = LocalEventSource(state_dir, {r.zone: r.region for r in live if r.cloud == "local"})
+    try:
+        gone = [e for e in source.poll(now, live) if e.signal is Signal.GONE]
+    finally:
+        source.close()
+    return ingest(state, gone, now)
+
+
 def record_plan(
     state: ServiceState, plan: Plan, memory: dict[str, Any], placement: Placement, now: float
 ) -> None:
@@ -485,6 +506,8 @@ def apply_service(
         state = load_state(ws.state_dir, spec.name)
         if reopened := reopen_unfinished_deletes(state):
             say(f"{', '.join(reopened)}: deletes a killed run left unfinished; the plan decides again")
+        for note in notice_dead_local_replicas(state, ws.state_dir, clock()):
+            say(note)
         set_gitops(state, False)  # applied from here on, whatever advanced it before
         router = _router(spec, ws.state_dir)
         if route and router is not None:

@@ -147,6 +147,33 @@ def test_routing_goes_up_after_readiness_drains_before_destroy_and_goes_down(svc
     assert load_state(svc.state_dir, "applied").router is None
 
 
+def test_apply_notices_a_local_replica_that_died_and_replaces_it(svc):
+    """Without a watcher nothing else notices: Terraform's refresh cannot see a dead process, so
+    apply said "No changes" and kept routing to it."""
+    import os
+    import signal
+    import time
+
+    spec = load_spec(svc.write(replicas=2))
+    assert apply_service(spec, svc.state_dir, route=False).ok
+    pid = svc.pids()["r-0001"]
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.time() + 10
+    while time.time() < deadline:  # until it is gone (reaped: the launcher detached it)
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.05)
+    said: list[str] = []
+    again = apply_service(spec, svc.state_dir, route=False, say=said.append)
+    assert again.ok and again.created, said
+    assert any("r-0001" in line for line in said)
+    state = load_state(svc.state_dir, "applied")
+    assert state.replicas["r-0001"].gone_at is not None and "r-0001" not in {r.id for r in state.live()}
+    assert len(state.live()) == 2 and all(r.ready_at is not None for r in state.live())
+
+
 def _broken_terraform(tmp_path: Path) -> str:
     broken = tmp_path / "terraform"
     broken.write_text("#!/bin/sh\necho 'Error: Backend configuration changed' >&2\nexit 1\n")
