@@ -891,8 +891,8 @@ def parse_spec(data: Any, *, source: str = "<spec>") -> ServiceSpec:
     if not NAME_RE.fullmatch(name):
         raise ctx.fail(
             "name",
-            f"expected lowercase letters, digits and '-', starting with a letter "
-            f"(at most 40 characters), got {name!r}",
+            f"expected lowercase letters, digits and '-', starting with a letter and not ending "
+            f"with '-' (at most 40 characters), got {name!r}",
         )
     if "placement" not in d:
         raise ctx.fail("placement", "required (at least placement.clouds)")

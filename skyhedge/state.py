@@ -389,9 +389,18 @@ def check_writable(path: Path, what: str = "output", *, directory: bool = False)
     # access() trusts the mode bits, and root passes them: a pseudo file system (/sys, /proc) or
     # a read-only mount still refuses. Creating (and removing) a file there is the real answer.
     try:
-        fd, probe = tempfile.mkstemp(prefix=".skyhedge-probe-", dir=parent)
+        probe_new_file(parent)
     except OSError as exc:
         raise OutputError(f"{path}: cannot write the {what}: {parent}: {exc.strerror or exc}") from exc
+
+
+def probe_new_file(directory: Path) -> None:
+    """Create (and remove) a temp file in `directory`; raises the `OSError` that refused it.
+
+    The only reliable test that a directory takes new files: mode bits lie to root, and a
+    read-only mount, an immutable directory (`chattr +i`) or a full quota show only when tried.
+    Atomic writes need exactly this (a new temp file next to the target)."""
+    fd, probe = tempfile.mkstemp(prefix=".skyhedge-probe-", dir=directory)
     os.close(fd)
     with contextlib.suppress(OSError):
         os.unlink(probe)
@@ -421,13 +430,26 @@ def load_state(state_dir: Path, service: str) -> ServiceState:
     return state
 
 
+def _unwritable(state_dir: Path, exc: OSError) -> StateError:
+    """The one-line error for a state dir that refuses a write (the CLI prints it, exit 1; a
+    watcher logs it and retries at its next pass, rather than a traceback per pass)."""
+    return StateError(f"{state_dir}: cannot write the state dir ({exc.strerror or exc})")
+
+
 def save_state(state_dir: Path, state: ServiceState) -> None:
-    atomic_write_text(state_dir / STATE_FILE, json.dumps(state.to_json(), indent=2, sort_keys=True) + "\n")
+    """Write `state` atomically; a state dir that refuses it (read-only, immutable, full, no
+    permission) raises `StateError`, and the previous state.json stays as it was."""
+    text = json.dumps(state.to_json(), indent=2, sort_keys=True) + "\n"
+    try:
+        atomic_write_text(state_dir / STATE_FILE, text)
+    except OSError as exc:
+        raise _unwritable(state_dir, exc) from exc
 
 
 @contextlib.contextmanager
 def writer_lock(state_dir: Path, *, timeout: float = 0.0) -> Iterator[None]:
-    """Hold the service's one-writer lock, or fail at once with a clear error."""
+    """Hold the service's one-writer lock, or fail at once with a clear error: another writer
+    holds it, or the state dir cannot take the new files every writer needs (`StateError`)."""
     lock = FileLock(str(state_dir / LOCK_FILE), timeout=timeout)
     try:
         state_dir.mkdir(parents=True, exist_ok=True)
@@ -437,8 +459,15 @@ def writer_lock(state_dir: Path, *, timeout: float = 0.0) -> Iterator[None]:
             f"{state_dir}: another skyhedge process (apply, destroy or watch) holds the lock for this service"
         ) from None
     except OSError as exc:  # a read-only file system, a path under a file, no permission
-        raise StateError(f"{state_dir}: cannot write the state dir ({exc.strerror or exc})") from exc
+        raise _unwritable(state_dir, exc) from exc
     try:
+        # The lock file of an earlier run opens even where no new file can be made (a directory
+        # made read-only, immutable or mounted read-only since): refuse here, before the holder
+        # changes anything (starts nginx, runs Terraform), not at its first save_state.
+        try:
+            probe_new_file(state_dir)
+        except OSError as exc:
+            raise _unwritable(state_dir, exc) from exc
         yield
     finally:
         lock.release()

@@ -416,3 +416,43 @@ def test_a_new_gcp_network_under_running_replicas_is_refused_with_the_way_out(tm
     assert "keep gcp.network default until they are gone" in result.output
     same = write_spec(GCP_NETWORK % "projects/p-123456/global/networks/default", name="same.yaml")
     assert run("plan", str(same), "--state-dir", str(tmp_path / "st")).exit_code == 0
+
+
+# `plan --json` marks the replicas (and roots) a failed or interrupted apply left undone
+# (README, "plan --json"): the documented shape above, extended, never renamed.
+_REPLICA_SCHEMA = PLAN_SCHEMA["properties"]["replicas"]["items"]
+_REPLICA_SCHEMA["required"].append("pending")
+_REPLICA_SCHEMA["properties"]["pending"] = {"type": "boolean"}
+PLAN_SCHEMA["required"].append("pending_roots")
+PLAN_SCHEMA["properties"]["pending_roots"] = {
+    "type": "array",
+    "items": {"type": "string", "pattern": "^[^/]+/[^/]+$"},
+}
+PLAN_SCHEMA["properties"]["summary"]["required"].append("pending")
+PLAN_SCHEMA["properties"]["summary"]["properties"]["pending"] = {"type": "integer", "minimum": 0}
+
+
+def test_a_recorded_replica_never_created_is_pending_not_kept(tmp_path, write_spec):
+    """A replica recorded by an apply that failed before creating it (no cloud ID, never
+    provisioned) is still to be created: `plan` says so, and --detailed-exitcode exits 2."""
+    spec = write_spec(LOCAL)
+    state_dir = tmp_path / "state"
+    _converged(state_dir, None)
+    state = load_state(state_dir, "echo")
+    state.replicas["r-0002"].provisioned_at = state.replicas["r-0002"].ready_at = None
+    state.replicas["r-0002"].endpoint = None
+    save_state(state_dir, state)
+    result = run("plan", str(spec), "--state-dir", str(state_dir), "--json", "--detailed-exitcode")
+    assert result.exit_code == 2, result.output
+    data = json.loads(result.output)
+    jsonschema.validate(data, PLAN_SCHEMA)
+    kept = [r for r in data["replicas"] if r["action"] == "keep"]
+    assert {r["id"]: r["pending"] for r in kept} == {
+        "r-0001": False,
+        "r-0002": True,
+        "r-0003": False,
+    }
+    assert not any(r["pending"] for r in data["replicas"] if r["action"] == "create")
+    assert data["summary"]["pending"] == 1 and data["pending_roots"] == []
+    table = run("plan", str(spec), "--state-dir", str(state_dir)).output
+    assert "+ create (pending)" in table and "1 of them pending creation" in table

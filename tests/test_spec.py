@@ -71,7 +71,8 @@ BAD_SPECS: list[tuple[str, str]] = [
     ("placement: {clouds: [local]}\nrun: {command: x}\n", "name: required"),
     (
         "name: Echo\nplacement: {clouds: [local]}\nrun: {command: x}\n",
-        "name: expected lowercase letters, digits and '-', starting with a letter (at most 40 characters), got 'Echo'",
+        "name: expected lowercase letters, digits and '-', starting with a letter and not ending with '-' "
+        "(at most 40 characters), got 'Echo'",
     ),
     ("name: 42\nplacement: {clouds: [local]}\nrun: {command: x}\n", "name: expected a string, got 42"),
     ("name: echo\nrun: {command: x}\n", "placement: required (at least placement.clouds)"),

@@ -6,20 +6,101 @@ import json
 import sys
 import time
 from collections import defaultdict
+from collections.abc import Collection
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import click
 from rich.table import Table
 
+from skyhedge.apply import Workspace, changed_roots, instance_types, roots_with_resources
 from skyhedge.cli._app import console, main, spec_argument, state_dir_option
-from skyhedge.planner import CREATE, DELETE, Plan
-from skyhedge.service import compute_plan
-from skyhedge.spec import load_spec
-from skyhedge.state import default_state_dir, load_state
+from skyhedge.planner import CREATE, DELETE, KEEP, Plan
+from skyhedge.render import render_tree
+from skyhedge.service import TERRAFORM_KEY, Placement, compute_plan, is_gitops, resolve_placement
+from skyhedge.spec import ServiceSpec, load_spec
+from skyhedge.state import ServiceState, default_state_dir, load_state
+
+#: The table's name for a kept replica that was never created (see `Pending`).
+PENDING = "pending"
 
 
-def plan_to_json(plan: Plan) -> dict[str, object]:
-    """The documented `plan --json` object (see README, "plan --json")."""
+@dataclass(frozen=True)
+class Pending:
+    """Work the plan's actions do not show but the next `apply` does: a failed or interrupted
+    apply records its replicas (and plans nothing new for them afterwards), so without this
+    `plan` would call "keep" what does not exist and `--detailed-exitcode` would say "no
+    changes" while `apply` still has a root to apply.
+
+    `replicas`: kept replicas never created (no `cloud_id`, no `provisioned_at`).
+    `roots`: Terraform roots (`cloud/region`) whose rendered inputs differ from those of their
+    last successful apply (`skyhedge.apply.changed_roots`, the check `apply` makes), where the
+    plan creates and deletes nothing (a root with creates or deletes is a change already)."""
+
+    replicas: frozenset[str] = frozenset()
+    roots: tuple[str, ...] = ()
+
+    def __bool__(self) -> bool:
+        return bool(self.replicas or self.roots)
+
+
+def _applied_roots_readable(state: ServiceState) -> bool:
+    """Whether `state.extra["terraform"]["roots"]` holds applies to compare with, in the shape
+    `apply` writes (`plan` reads any state: a hand-edited one is not judged, never a traceback)."""
+    info = state.extra.get(TERRAFORM_KEY)
+    roots = info.get("roots") if isinstance(info, dict) else None
+    return (
+        isinstance(roots, dict)
+        and bool(roots)
+        and all(isinstance(k, str) and k.count("/") == 1 and isinstance(v, dict) for k, v in roots.items())
+    )
+
+
+def pending_work(
+    spec: ServiceSpec, state: ServiceState, plan: Plan, state_dir: Path, placement: Placement
+) -> Pending:
+    """What the next `apply` would still do although `plan` changes nothing (see `Pending`).
+
+    Under GitOps (`watch --gitops`) CI applies the commits and the state never learns the cloud
+    IDs: nothing is pending there. The roots are rendered as `apply` renders them (same context,
+    instance types and extra roots), in memory: `plan` writes nothing."""
+    if is_gitops(state):
+        return Pending()
+    live = {r.id: r for r in state.live()}
+    never_created = frozenset(
+        r.id
+        for r in plan.replicas
+        if r.action == KEEP
+        and r.id in live
+        and live[r.id].cloud_id is None
+        and live[r.id].provisioned_at is None
+    )
+    roots: tuple[str, ...] = ()
+    if _applied_roots_readable(state):
+        applied = state.extra[TERRAFORM_KEY]["roots"]
+        tree = render_tree(
+            spec,
+            plan,
+            context=Workspace(spec, state_dir).context(),
+            instance_types=instance_types(state, placement),
+            extra_roots=roots_with_resources(state),
+        )
+        touched = {f"{cloud}/{region}" for cloud, region in plan.changed_roots()}
+        roots = tuple(
+            sorted(r.path for r in changed_roots(state, tree) if r.path in applied and r.path not in touched)
+        )
+    return Pending(never_created, roots)
+
+
+def plan_to_json(plan: Plan, pending: Pending | None = None) -> dict[str, object]:
+    """The documented `plan --json` object (see README, "plan --json").
+
+    `pending` extends it (never renames): `"pending": true` on a kept replica never created,
+    `summary.pending` counting them, and `pending_roots` naming the roots `apply` would re-apply."""
+    pending = pending or Pending()
+    summary: dict[str, Any] = dict(plan.summary())
+    summary["pending"] = len(pending.replicas)
     return {
         "service": plan.service,
         "target": plan.target,
@@ -34,10 +115,12 @@ def plan_to_json(plan: Plan) -> dict[str, object]:
                 "action": r.action,
                 "price_per_hour": r.price_per_hour,
                 "outdated": r.outdated,
+                "pending": r.id in pending.replicas,
             }
             for r in plan.replicas
         ],
-        "summary": plan.summary(),
+        "pending_roots": list(pending.roots),
+        "summary": summary,
     }
 
 
@@ -46,15 +129,21 @@ _ACTION_STYLE = {
     DELETE: "[red]- delete[/]",
     "keep": "[dim]  keep[/]",
     "outdated": "[yellow]~ outdated[/]",  # kept until its replacement is READY (rolling update)
+    PENDING: "[green]+ create (pending)[/]",  # recorded by an apply that failed or was interrupted
 }
 
 
-def render_plan_table(plan: Plan) -> Table:
-    """Group by cloud/region/zone, market and action, with counts and hourly prices."""
+def render_plan_table(plan: Plan, pending: Collection[str] = frozenset()) -> Table:
+    """Group by cloud/region/zone, market and action, with counts and hourly prices. `pending`:
+    IDs of kept replicas never created, shown as `+ create (pending)`, not as kept."""
     groups: dict[tuple[str, str, str, str, str], list[float]] = defaultdict(list)
     for r in plan.replicas:
         loc = r.location
-        action = "outdated" if r.outdated and r.action == "keep" else r.action
+        action = r.action
+        if r.action == KEEP and r.id in pending:
+            action = PENDING
+        elif r.action == KEEP and r.outdated:
+            action = "outdated"
         groups[(loc.cloud, loc.region, loc.zone, r.market.value, action)].append(r.price_per_hour)
     table = Table(
         title=f"{plan.service}: target {plan.target} ready, policy {plan.policy}", title_justify="left"
@@ -110,18 +199,34 @@ def plan(
     service = load_spec(spec)
     sdir = state_dir or default_state_dir(service.name)
     state = load_state(sdir, service.name)
-    result, _memory = compute_plan(service, state, now=time.time(), policy_name=policy)
+    placement = resolve_placement(service, policy)
+    result, _memory = compute_plan(service, state, now=time.time(), placement=placement, policy_name=policy)
+    pending = pending_work(service, state, result, sdir, placement)
     if as_json:
-        click.echo(json.dumps(plan_to_json(result), indent=2))
+        click.echo(json.dumps(plan_to_json(result, pending), indent=2))
     else:
-        console.print(render_plan_table(result))
+        console.print(render_plan_table(result, pending.replicas))
         console.print(render_savings(result))
         s = result.summary()
-        console.print(f"Plan: {s['create']} to create, {s['keep']} to keep, {s['delete']} to delete.")
+        kept = f"{s['keep']} to keep"
+        if pending.replicas:
+            kept += f" ({len(pending.replicas)} of them pending creation)"
+        console.print(f"Plan: {s['create']} to create, {kept}, {s['delete']} to delete.")
+        if pending.replicas:
+            console.print(
+                f"{len(pending.replicas)} recorded replica(s) were never created "
+                f"({', '.join(sorted(pending.replicas))}): an apply failed or was interrupted; "
+                "the next `apply` creates them."
+            )
+        if pending.roots:
+            console.print(
+                f"{len(pending.roots)} root(s) differ from their last successful apply "
+                f"({', '.join(pending.roots)}): the next `apply` applies them."
+            )
         if s["outdated"]:
             console.print(
                 f"{s['outdated']} replica(s) run an older spec (run, resources or placement changed): "
                 "a rolling update replaces them one at a time, each once a replacement is READY."
             )
-    if detailed_exitcode and (result.has_changes or result.summary()["outdated"]):
+    if detailed_exitcode and (result.has_changes or result.summary()["outdated"] or pending):
         sys.exit(2)

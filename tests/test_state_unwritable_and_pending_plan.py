@@ -1,0 +1,317 @@
+"""Unwritable state dirs, work a failed apply left pending, and the service name rule.
+
+1. A state dir that holds its `state.lock` but takes no new file (made read-only, immutable or
+   mounted read-only after the first run) is refused in one line, `error: <state dir>: cannot
+   write the state dir (<reason>)`, exit 1, before anything is changed, by every writer; a write
+   that fails later is the same one line, and a long-running watcher logs it in one line per pass.
+2. `plan --detailed-exitcode` exits 2 while a failed or interrupted apply left work undone: a
+   recorded replica never created (`pending`), or a root whose inputs differ from its last
+   successful apply (`pending_roots`); the table shows such replicas as `+ create (pending)`.
+3. The service name's rule says a name may not end with '-'.
+
+A directory that refuses new files is simulated by refusing `tempfile.mkstemp` there (the tests
+run as root, whom `chmod` does not stop; one test uses a real `chmod` when not run as root).
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import socket
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner, Result
+from local_support import LocalService, make_service
+
+from skyhedge.apply import apply_service
+from skyhedge.cli import main
+from skyhedge.errors import SpecError, StateError
+from skyhedge.service import set_gitops
+from skyhedge.spec import load_spec
+from skyhedge.state import (
+    LOCK_FILE,
+    STATE_FILE,
+    ReplicaRecord,
+    ServiceState,
+    load_state,
+    save_state,
+    writer_lock,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+DENIED = f"cannot write the state dir ({os.strerror(errno.EACCES)})"
+
+
+def refuse_new_files(monkeypatch: pytest.MonkeyPatch, directory: Path, *, after: int = 0) -> list[str]:
+    """Make `directory` refuse new files as a `chmod a-w` directory does (existing files stay
+    writable, the lock file included), after `after` files were made there. Returns the
+    prefixes of the files asked for, in order."""
+    real = tempfile.mkstemp
+    target = directory.resolve()
+    asked: list[str] = []
+
+    def mkstemp(suffix: Any = None, prefix: Any = None, dir: Any = None, text: bool = False) -> Any:
+        if dir is not None and Path(dir).resolve() == target:
+            asked.append(str(prefix))
+            if len(asked) > after:
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(target / f"{prefix}x"))
+        return real(suffix, prefix, dir, text)
+
+    monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
+    return asked
+
+
+def run(*args: str) -> Result:
+    return CliRunner().invoke(main, list(args))
+
+
+def one_error_line(result: Result, state_dir: Path) -> None:
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+    assert result.exit_code == 1, result.output
+    assert result.stderr == f"error: {state_dir}: {DENIED}\n"
+
+
+# ------------------------------------------------------------------------------------------------
+# Finding 3: a state dir that takes no new file
+
+
+@pytest.fixture
+def svc(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.chdir(tmp_path)
+    service = make_service(tmp_path.resolve(), "frozen")
+    yield service
+    service.cleanup()
+
+
+def applied_once(svc: LocalService) -> bytes:
+    """The state an earlier run leaves: state.json with a replica recorded, and state.lock.
+    Returns the state file's bytes (which a refused command must leave as they are)."""
+    svc.write(replicas=1)
+    state = ServiceState(service="frozen", next_id=2)
+    state.replicas["r-0001"] = ReplicaRecord("r-0001", "local", "local", "local-a", "spot", launched_at=1.0)
+    with writer_lock(svc.state_dir):
+        save_state(svc.state_dir, state)
+    assert (svc.state_dir / LOCK_FILE).exists()
+    return (svc.state_dir / STATE_FILE).read_bytes()
+
+
+def test_the_writer_lock_refuses_a_state_dir_that_takes_no_new_file(tmp_path, monkeypatch):
+    with writer_lock(tmp_path):  # the first run: state.lock is made
+        pass
+    with monkeypatch.context() as m:
+        refuse_new_files(m, tmp_path)
+        with pytest.raises(StateError) as info, writer_lock(tmp_path):
+            pytest.fail("the lock was granted in a state dir that cannot be written")
+    assert str(info.value) == f"{tmp_path}: {DENIED}"
+    with writer_lock(tmp_path):  # refused, it was released: nothing is left held
+        pass
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into a read-only directory anyway")
+def test_the_writer_lock_refuses_a_read_only_state_dir_for_real(tmp_path):
+    with writer_lock(tmp_path):
+        pass
+    tmp_path.chmod(0o555)
+    try:
+        with (
+            pytest.raises(StateError, match=r": cannot write the state dir \(Permission denied\)$"),
+            writer_lock(tmp_path),
+        ):
+            pass
+    finally:
+        tmp_path.chmod(0o755)
+
+
+def test_a_state_write_that_fails_later_is_one_state_error_and_keeps_the_old_file(tmp_path, monkeypatch):
+    save_state(tmp_path, ServiceState(service="svc"))
+    before = (tmp_path / STATE_FILE).read_bytes()
+    refuse_new_files(monkeypatch, tmp_path)
+    with pytest.raises(StateError) as info:
+        save_state(tmp_path, ServiceState(service="svc", next_id=9))
+    assert str(info.value) == f"{tmp_path}: {DENIED}"
+    assert (tmp_path / STATE_FILE).read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == [STATE_FILE]  # no temp file left behind
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["apply", "--auto-approve", "--no-routing"],
+        ["apply", "--auto-approve"],
+        ["destroy", "--auto-approve"],
+        ["routing", "up"],
+        ["routing", "down"],
+        ["watch", "--once", "--no-routing"],
+        ["watch", "--once"],
+        ["up", "--no-dashboard"],
+    ],
+    ids=" ".join,
+)
+def test_every_writer_refuses_in_one_line_before_changing_anything(svc, monkeypatch, command):
+    from skyhedge.controller.runner import Watcher
+    from skyhedge.routing import Router
+
+    before = applied_once(svc)
+    touched: list[str] = []
+
+    def must_not_run(name: str) -> Any:
+        def record(*_args: Any, **_kwargs: Any) -> Any:
+            touched.append(name)
+            raise AssertionError(f"{name} ran although the state dir cannot be written")
+
+        return record
+
+    for method in ("up", "down", "reload", "drain", "preflight"):
+        monkeypatch.setattr(Router, method, must_not_run(f"router.{method}"))
+    monkeypatch.setattr(Watcher, "_build", must_not_run("the watcher's controller"))
+    monkeypatch.setattr("skyhedge.apply._Step.converge", must_not_run("terraform apply"))
+    monkeypatch.setattr("skyhedge.apply.run_parallel", must_not_run("terraform destroy"))
+    refuse_new_files(monkeypatch, svc.state_dir)
+
+    verb, *flags = command
+    if verb == "routing":
+        verb, flags = "routing", [flags[0]]
+        args = ["routing", *flags, str(svc.spec_path), "--state-dir", str(svc.state_dir)]
+    else:
+        args = [verb, str(svc.spec_path), "--state-dir", str(svc.state_dir), *flags]
+    result = run(*args)
+    one_error_line(result, svc.state_dir)
+    assert touched == []
+    assert (svc.state_dir / STATE_FILE).read_bytes() == before
+    assert svc.pids() == {}
+
+
+def test_a_watcher_whose_state_dir_stops_taking_files_logs_one_line_per_pass(tmp_path, monkeypatch, caplog):
+    """No traceback every pass: the pass fails as any `SkyhedgeError` does (one line, backoff),
+    and works again once the directory is writable."""
+    from controller_fakes import LOCAL_SPEC, fake_controller
+
+    from skyhedge.controller.supervisor import Supervisor
+
+    spec_path = tmp_path / "svc.yaml"
+    spec_path.write_text(LOCAL_SPEC)
+    sdir = tmp_path / "state"
+    with writer_lock(sdir):
+        ctl = fake_controller(load_spec(spec_path), sdir)
+        supervisor = Supervisor(ctl.tick)
+        with monkeypatch.context() as m:
+            refuse_new_files(m, sdir)
+            with caplog.at_level(logging.ERROR, logger="skyhedge"):
+                supervisor.run_once()
+                supervisor.run_once()
+        errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+        assert [r.getMessage() for r in errors] == [
+            f"tick failed (1 in a row): {sdir}: {DENIED}",
+            f"tick failed (2 in a row): {sdir}: {DENIED}",
+        ]
+        assert all(r.exc_info is None for r in errors), "no traceback in the log"
+        supervisor.run_once()  # writable again: the pass goes through
+        assert supervisor.failures == 0
+    assert load_state(sdir, "svc").live()
+
+
+# ------------------------------------------------------------------------------------------------
+# Finding 4: plan after a failed or interrupted apply
+
+
+def plan_json(svc: LocalService) -> tuple[int, dict[str, Any]]:
+    result = run(
+        "plan", str(svc.spec_path), "--state-dir", str(svc.state_dir), "--json", "--detailed-exitcode"
+    )
+    assert result.exit_code in (0, 2), result.output
+    return result.exit_code, json.loads(result.stdout)
+
+
+def test_a_replica_a_failed_apply_never_created_is_pending_until_an_apply_creates_it(svc):
+    spec = load_spec(svc.write(replicas=3))
+    with socket.socket() as squatter:  # r-0002's port is taken: its launch fails
+        squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        squatter.bind(("127.0.0.1", svc.port("r-0002")))
+        squatter.listen()
+        assert not apply_service(spec, svc.state_dir, route=False).ok
+
+    code, data = plan_json(svc)
+    assert code == 2, "the next apply has work to do: not 'no changes'"
+    replicas = {r["id"]: r for r in data["replicas"]}
+    assert replicas["r-0002"]["action"] == "keep" and replicas["r-0002"]["pending"] is True
+    assert replicas["r-0001"]["pending"] is replicas["r-0003"]["pending"] is False
+    assert data["summary"]["pending"] == 1 and data["summary"]["create"] == 0
+    assert data["pending_roots"] == ["local/local"]  # the failed root is applied again
+    table = run("plan", str(svc.spec_path), "--state-dir", str(svc.state_dir)).output
+    assert "+ create (pending)" in table
+    assert "Plan: 0 to create, 3 to keep (1 of them pending creation), 0 to delete." in table
+    assert "r-0002" in table and "the next `apply` creates them" in table
+
+    assert apply_service(spec, svc.state_dir, route=False).ok
+    code, data = plan_json(svc)
+    assert code == 0, "after a successful apply nothing is pending"
+    assert data["summary"]["pending"] == 0 and data["pending_roots"] == []
+    assert not any(r["pending"] for r in data["replicas"])
+    assert "pending" not in run("plan", str(svc.spec_path), "--state-dir", str(svc.state_dir)).output
+
+
+def test_a_root_whose_inputs_differ_from_its_last_successful_apply_is_pending(svc):
+    """Every replica exists, but the root's last apply did not finish (a Ctrl-C, a kill): its
+    recorded digest is not the rendered one, and `apply` would apply the root again."""
+    spec = load_spec(svc.write(replicas=1))
+    assert apply_service(spec, svc.state_dir, route=False).ok
+    assert plan_json(svc)[0] == 0
+    state = load_state(svc.state_dir, "frozen")
+    state.extra["terraform"]["roots"]["local/local"]["digest"] = None  # as an interrupted apply leaves it
+    save_state(svc.state_dir, state)
+    code, data = plan_json(svc)
+    assert code == 2
+    assert data["pending_roots"] == ["local/local"] and data["summary"]["pending"] == 0
+    table = run("plan", str(svc.spec_path), "--state-dir", str(svc.state_dir)).output
+    assert "1 root(s) differ from their last successful apply (local/local)" in table
+
+
+LOCAL = """
+name: echo
+placement: {clouds: [local], zones: [local-a, local-b, local-c]}
+replica_policy: {min_replicas: 2, policy: spothedge}
+run: {command: python3 server.py}
+"""
+
+
+def test_recorded_replicas_never_created_are_pending_unless_gitops_applies_them(tmp_path, write_spec):
+    """Under `watch --gitops`, CI applies the commits and the state never learns cloud IDs:
+    a committed replica is not "pending" there, or every GitOps plan would report changes."""
+    spec = write_spec(LOCAL)
+    sdir = tmp_path / "state"
+    state = ServiceState(service="echo", next_id=4)
+    for i, zone in enumerate(["local-a", "local-b", "local-c"], start=1):
+        rid = f"r-000{i}"
+        state.replicas[rid] = ReplicaRecord(
+            rid, "local", "local", zone, "spot", launched_at=0.0, ready_at=2.0
+        )
+    save_state(sdir, state)
+    result = run("plan", str(spec), "--state-dir", str(sdir), "--json", "--detailed-exitcode")
+    assert result.exit_code == 2, result.output
+    data = json.loads(result.stdout)
+    assert data["summary"]["pending"] == 3 and data["summary"]["create"] == 0
+
+    set_gitops(state, True)
+    save_state(sdir, state)
+    result = run("plan", str(spec), "--state-dir", str(sdir), "--json", "--detailed-exitcode")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["summary"]["pending"] == 0
+
+
+# ------------------------------------------------------------------------------------------------
+# Finding 9: the service name rule, as refused and as documented
+
+
+def test_a_name_ending_with_a_dash_is_refused_by_a_rule_that_says_so(write_spec):
+    spec = write_spec(LOCAL.replace("name: echo", "name: local-echo-"))
+    with pytest.raises(SpecError) as info:
+        load_spec(spec)
+    assert "not ending with '-'" in str(info.value) and "'local-echo-'" in str(info.value)
+    docs = (REPO / "docs" / "spec.md").read_text()
+    row = next(line for line in docs.splitlines() if line.startswith("| `name` |"))
+    assert "does not end with `-`" in row
