@@ -16,6 +16,7 @@ import contextlib
 import http.client
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -50,6 +51,19 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def free_port_below(limit: int) -> int:
+    """A free port under `limit`: a metrics port must stay out of the local replicas' range."""
+    for _ in range(200):
+        port = random.randrange(10000, limit)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError(f"no free port below {limit}")
+
+
 def free_base(span: int = 40) -> int:
     """A base port with `span` free ports above it (replica r-000N listens on base + N)."""
     for _ in range(50):
@@ -74,6 +88,7 @@ class Service:
         self.tmp = tmp
         self.state_dir = tmp / "state"
         self.port = free_port()
+        self.base = free_base()
         self.spec_path = tmp / "service.yaml"
         self.spec_path.write_text(
             f"""
@@ -82,7 +97,7 @@ placement:
   clouds: [local]
   zones: [local-a, local-b, local-c]
 resources:
-  local_base_port: {free_base()}
+  local_base_port: {self.base}
 replica_policy:
   min_replicas: 2
   num_overprovision: 1
@@ -238,7 +253,7 @@ def _scrape(url: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
 
 
 def test_preemption_under_load_is_replaced_in_another_zone(service):
-    metrics_port = free_port()
+    metrics_port = free_port_below(service.base)  # above the base is refused: a replica's port
     service.start_watcher("--metrics-port", str(metrics_port))
     service.wait("3 READY spot replicas routed", service.converged, timeout=90)
     before = {r.id: r.zone for r in service.state().live()}

@@ -3,6 +3,7 @@ fakes), that the exposition is valid text format 0.0.4, and the HTTP endpoint's 
 
 from __future__ import annotations
 
+import random
 import re
 import socket
 import urllib.error
@@ -189,6 +190,18 @@ def test_a_restarted_watcher_counts_from_zero_not_its_predecessors_history(ctl):
     assert value(samples, "skyhedge_ready_replicas") == 3  # gauges are the state as it is
 
 
+def _bind_below(sock: socket.socket, limit: int) -> int:
+    """Bind `sock` to a free 127.0.0.1 port under `limit` (the local replicas' base port: a
+    metrics port above it is refused before any bind is tried) and return it."""
+    for port in random.sample(range(10000, limit), 200):
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        return port
+    raise RuntimeError(f"no free port below {limit}")
+
+
 def test_watch_with_a_metrics_port_in_use_stops_before_any_pass(tmp_path, write_spec):
     from click.testing import CliRunner
 
@@ -196,9 +209,8 @@ def test_watch_with_a_metrics_port_in_use_stops_before_any_pass(tmp_path, write_
 
     spec = write_spec(SPEC)
     with socket.socket() as busy:
-        busy.bind(("127.0.0.1", 0))
+        port = _bind_below(busy, 18000)  # below the local base: a port replicas never take
         busy.listen()
-        port = busy.getsockname()[1]
         result = CliRunner().invoke(
             main,
             [

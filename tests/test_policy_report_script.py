@@ -1,4 +1,4 @@
-"""`benchmarks/policy_report.py` (bug-bash #2, finding 2): it never shows one trace's rows under
+"""`benchmarks/policy_report.py` : it never shows one trace's rows under
 another's name, exits 1 when a simulation failed, and refuses an unwritable --json path before it
 runs. `skyhedge simulate` is replaced by canned answers: these are specifications of the report,
 not of the simulator."""

@@ -1,4 +1,4 @@
-"""`skyhedge simulate` on the inputs of bug-bash #2 (findings 3-10, 12): each is read as meant,
+"""`skyhedge simulate` on unusual but reasonable inputs: each is read as meant,
 or refused in one line `error: <file or flag>: <reason>` with exit 1, never a traceback, and never
 after minutes of simulating the traces before it."""
 
@@ -64,7 +64,7 @@ def without_timing(rows: list[dict]) -> list[dict]:
     return [{k: v for k, v in row.items() if k not in ("trace", "seconds_per_window")} for row in rows]
 
 
-# --- finding 3: AWS zone IDs are AWS zones of their region ---------------------------------------
+# --- AWS zone IDs are AWS zones of their region ---------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -93,7 +93,7 @@ def test_zone_ids_and_zone_names_of_one_region_simulate_alike(tmp_path):
     assert without_timing(rows_of(small(ids, *policy))) == without_timing(rows_of(small(names, *policy)))
 
 
-# --- finding 4: availability_target_met agrees with the printed availability ---------------------
+# --- availability_target_met agrees with the printed availability ---------------------
 
 
 def test_availability_target_met_is_judged_on_the_printed_availability(tmp_path):
@@ -109,7 +109,7 @@ def test_availability_target_met_is_judged_on_the_printed_availability(tmp_path)
     assert row["windows_meeting_target"] == 1.0
 
 
-# --- finding 5: plug-in names that cannot load ---------------------------------------------------
+# --- plug-in names that cannot load ---------------------------------------------------
 
 
 def test_a_plugin_module_raising_at_import_is_one_line(tmp_path, monkeypatch):
@@ -133,7 +133,7 @@ def test_a_plugin_name_without_a_module_or_class_is_one_line(tmp_path, name, rea
     one_error_line(small(trace, "--policy", name), f"error: policy {name!r}: {reason}")
 
 
-# --- finding 6: `--trace .` and `--trace ""` ------------------------------------------------------
+# --- `--trace .` and `--trace ""` ------------------------------------------------------
 
 
 def test_trace_dot_is_named_after_the_current_directory(tmp_path, monkeypatch):
@@ -146,7 +146,7 @@ def test_an_empty_trace_value_is_refused_not_read_as_the_current_directory(tmp_p
     one_error_line(small("", "--policy", "spothedge"), "'--trace'", "empty value")
 
 
-# --- finding 7: CSV header cells without a zone ----------------------------------------------------
+# --- CSV header cells without a zone ----------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -162,7 +162,7 @@ def test_a_csv_header_cell_naming_no_zone_is_refused_naming_the_column(tmp_path,
     one_error_line(small(path), f"error: {path}: line 1: column {column}: expected a zone name, got ''")
 
 
-# --- finding 8: memory --------------------------------------------------------------------------
+# --- memory --------------------------------------------------------------------------
 
 
 def test_repeats_beyond_the_bound_are_one_line_naming_the_flag(tmp_path):
@@ -192,7 +192,7 @@ def test_running_out_of_memory_is_one_line(tmp_path, monkeypatch):
     one_error_line(small(trace, "--policy", "spothedge"), "error: out of memory", "7.28 TiB")
 
 
-# --- finding 9: on-demand cost ratio and JSON ------------------------------------------------------
+# --- on-demand cost ratio and JSON ------------------------------------------------------
 
 
 @pytest.mark.parametrize("ratio", ["1e-308", "1e308", "0.0009", "1001"])
@@ -210,7 +210,7 @@ def test_a_non_finite_number_is_null_in_the_json_never_infinity():
     json.dumps(row, allow_nan=False)  # valid JSON
 
 
-# --- finding 10: public-trace-family inputs ---------------------------------------------------------
+# --- public-trace-family inputs ---------------------------------------------------------
 
 
 def test_one_zone_json_file_is_a_one_zone_trace_named_after_its_stem(tmp_path):
@@ -253,7 +253,7 @@ def test_a_capacity_past_the_shortest_zones_end_still_makes_a_capacity_trace(tmp
     assert trace.capacity.max() == 1 and UNLIMITED not in trace.capacity
 
 
-# --- finding 12: every trace checked before any is simulated ----------------------------------------
+# --- every trace checked before any is simulated ----------------------------------------
 
 
 @pytest.fixture

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib
 import math
 import os
+import shlex
 import sys
 import traceback
 from collections.abc import Callable
@@ -51,6 +53,22 @@ class SkyhedgeGroup(click.Group):
     """
 
     group_class = type  # subgroups (`catalog`, `routing`, `aws`) are SkyhedgeGroups too
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        #: command name -> module that registers it when imported: a heavy command (`simulate`
+        #: imports numpy) is imported only when run or listed, so every other command starts
+        #: fast, and a Ctrl-C at start-up does not print numpy's import traceback.
+        self.lazy_commands: dict[str, str] = {}
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *self.lazy_commands})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        module = self.lazy_commands.get(cmd_name)
+        if module is not None and cmd_name not in self.commands:
+            importlib.import_module(module)  # registers itself on this group (`@main.command()`)
+        return super().get_command(ctx, cmd_name)
 
     def make_context(
         self, info_name: str | None, args: list[str], parent: click.Context | None = None, **extra: Any
@@ -144,3 +162,14 @@ def wraps_errors(func: F) -> F:
             sys.exit(1)
 
     return inner  # type: ignore[return-value]
+
+
+def command_line(verb: str, spec: Path, state_dir: Path | None) -> str:
+    """`skyhedge VERB SPEC [--state-dir DIR]` as a hint to paste: shell-quoted (a path with a
+    space is one argument), and with the --state-dir this command was given (as given: the hint
+    is pasted where this ran), since without it the command looks in the default state dir and
+    finds nothing there ("Nothing to destroy." while the service keeps running)."""
+    argv = ["skyhedge", *verb.split(), str(spec)]
+    if state_dir is not None:
+        argv += ["--state-dir", str(state_dir)]
+    return shlex.join(argv)

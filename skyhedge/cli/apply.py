@@ -11,11 +11,21 @@ from pathlib import Path
 from typing import Any
 
 import click
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
 from skyhedge.apply import ApplyReport, apply_service, destroy_service, live_router, live_rows, rolls_on
-from skyhedge.cli._app import console, err_console, main, report_error, spec_argument, state_dir_option
+from skyhedge.cli._app import (
+    command_line,
+    console,
+    err_console,
+    main,
+    report_error,
+    spec_argument,
+    state_dir_option,
+)
 from skyhedge.cli.plan import render_plan_table
 from skyhedge.controller import presence
 from skyhedge.engine import PlanResult, replica_of
@@ -66,7 +76,7 @@ class ProgressView:
                     addr = event.get("hook", {}).get("resource", {}).get("addr")
                     action = event.get("hook", {}).get("action", "apply")
                     self.progress.console.print(
-                        f"[red]{root}: {replica_of(addr) or addr}: {action} failed[/]"
+                        f"[red]{escape(f'{root}: {replica_of(addr) or addr}: {action} failed')}[/]"
                     )
 
 
@@ -89,13 +99,14 @@ def _confirm_apply(
     console.print("Terraform roots to apply:")
     for root in roots:
         p = previews.get(root.path)
-        console.print(f"  {root.path}: " + (f"+{p.add} ~{p.change} -{p.remove}" if p else "?"))
+        console.print(f"  {root.path}: " + (f"+{p.add} ~{p.change} -{p.remove}" if p else "?"), markup=False)
     outdated = sorted(r.id for r in plan.replicas if r.outdated and r.action != "delete")
     if outdated and rollout:
         console.print(
             f"Then the rolling update goes on: {', '.join(outdated)} and any other outdated replica "
             "are replaced one at a time, each released once its replacement is READY "
-            "(--no-rollout: this step only)."
+            "(--no-rollout: this step only).",
+            markup=False,
         )
     return _ask("Apply these changes?")
 
@@ -105,7 +116,7 @@ def _print_apply_report(report: ApplyReport, state_dir: Path) -> None:
         zones = sorted({str(f.location) for f in report.launch_failures})
         err_console.print(
             f"[yellow]{len(report.launch_failures)} launch(es) refused for capacity[/] "
-            f"in {', '.join(zones)}: recorded as zone events for the policy"
+            + escape(f"in {', '.join(zones)}: recorded as zone events for the policy")
         )
     if report.applied_roots:
         console.print(
@@ -118,18 +129,20 @@ def _print_apply_report(report: ApplyReport, state_dir: Path) -> None:
                 if report.rounds > 1
                 else ""
             )
-            + "."
+            + ".",
+            markup=False,
         )
     elif report.plan is not None and not report.errors:
         console.print("No changes: every Terraform root is up to date.")
     if report.ready:
-        console.print(f"Ready: {', '.join(report.ready)}")
+        console.print(f"Ready: {', '.join(report.ready)}", markup=False)
     if report.router:
         console.print(
-            f"Router: {report.router.get('endpoint')} ({len(report.router.get('upstreams', []))} upstreams)"
+            f"Router: {report.router.get('endpoint')} ({len(report.router.get('upstreams', []))} upstreams)",
+            markup=False,
         )
-    for note in report.notes:
-        console.print(f"[dim]{note}[/]")
+    for note in report.notes:  # notes name paths and quote errors: data, not markup
+        console.print(f"[dim]{escape(note)}[/]")
     for err in report.errors[1:]:
         report_error(err)
 
@@ -160,7 +173,7 @@ def apply(
     service = load_spec(spec)
     sdir = state_dir or default_state_dir(service.name)
     progress = Progress(
-        TextColumn("{task.description}"),
+        TextColumn("{task.description}", markup=False),  # root paths name regions: data
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),
@@ -189,7 +202,7 @@ def apply(
             route=not no_routing,
             rollout=not no_rollout,
             on_event=view,
-            say=lambda text: progress.console.print(f"[dim]{text}[/]"),
+            say=lambda text: progress.console.print(f"[dim]{escape(text)}[/]"),
         )
     if report.cancelled:
         console.print("Apply cancelled; nothing changed.")
@@ -198,21 +211,22 @@ def apply(
     if report.errors:
         raise report.errors[0]
     if report.rollout_stopped:  # N READY still serve, but CI must see the update did not finish
-        err_console.print(f"error: the rolling update stopped short: {report.rollout_stopped}")
+        err_console.print(f"error: the rolling update stopped short: {report.rollout_stopped}", markup=False)
         sys.exit(1)
     if report.not_ready:
         logs = f" (logs: {sdir / 'local' / 'replicas'}/ID.log)" if "local" in service.placement.clouds else ""
         err_console.print(
             f"error: not ready after {service.readiness_probe.initial_delay_seconds}s: "
-            f"{', '.join(report.not_ready)}{logs}"
+            f"{', '.join(report.not_ready)}{logs}",
+            markup=False,
         )
         sys.exit(1)
 
 
 def _confirm_destroy(records: Sequence[ReplicaRecord], roots: Sequence[str]) -> bool:
-    console.print(f"Destroying {len(records)} replica(s) in {', '.join(roots)}:")
+    console.print(f"Destroying {len(records)} replica(s) in {', '.join(roots)}:", markup=False)
     for r in records:
-        console.print(f"  {r.id}  {r.location}  {r.market}")
+        console.print(f"  {r.id}  {r.location}  {r.market}", markup=False)
     return _ask("Destroy them?")
 
 
@@ -230,7 +244,7 @@ def destroy(spec: Path, state_dir: Path | None, auto_approve: bool, terraform_bi
         sdir,
         terraform_bin=terraform_bin,
         confirm=None if auto_approve else _confirm_destroy,
-        say=lambda text: console.print(f"[dim]{text}[/]"),
+        say=lambda text: console.print(f"[dim]{escape(text)}[/]"),
     )
     if report.cancelled:
         console.print("Destroy cancelled; nothing changed.")
@@ -240,13 +254,16 @@ def destroy(spec: Path, state_dir: Path | None, auto_approve: bool, terraform_bi
     if report.errors:
         if report.destroyed:  # what did go, before the error that stops the command
             console.print(
-                f"Destroyed {len(report.destroyed)} replica(s): {', '.join(sorted(report.destroyed))}."
+                f"Destroyed {len(report.destroyed)} replica(s): {', '.join(sorted(report.destroyed))}.",
+                markup=False,
             )
         raise report.errors[0]
     if not report.roots:
         console.print("Nothing to destroy.")
     else:
-        console.print(f"Destroyed {len(report.destroyed)} replica(s) in {', '.join(report.roots)}.")
+        console.print(
+            f"Destroyed {len(report.destroyed)} replica(s) in {', '.join(report.roots)}.", markup=False
+        )
 
 
 def status_json(
@@ -287,21 +304,23 @@ def status(spec: Path, state_dir: Path | None, as_json: bool, include_gone: bool
         record = watcher.to_json() if watcher is not None else None
         click.echo(json.dumps(status_json(name, rows, router, record), indent=2))
         return
-    table = Table(title=f"skyhedge status: {name}")
+    table = Table(title=Text(f"skyhedge status: {name}"))
     # One location column keeps the endpoint readable (unwrapped) in an 80-column terminal.
     for col in ("id", "cloud/region/zone", "market", "state", "endpoint"):
         table.add_column(col, no_wrap=col in {"id", "endpoint", "state"})
     for row in rows:
         where = f"{row['cloud']}/{row['region']}/{row['zone']}"
         values = (row["id"], where, row["market"], row["state"], row["endpoint"])
-        table.add_row(*(str(v or "-") for v in values))
+        table.add_row(*(Text(str(v or "-")) for v in values))  # zones, endpoints: data, not markup
     console.print(table)
     if router and router.get("pid") is not None:
-        console.print(f"Router: {router.get('endpoint')} (pid {router.get('pid')})")
+        console.print(f"Router: {router.get('endpoint')} (pid {router.get('pid')})", markup=False)
     elif state.router:
         console.print(
             f"Router: not running (nginx pid {state.router.get('pid')} is gone; "
-            "'skyhedge routing up' or 'skyhedge watch' starts it again)"
+            f"`{command_line('routing up', spec, state_dir)}` or `{command_line('watch', spec, state_dir)}` "
+            "starts it again)",
+            markup=False,
         )
     else:
         console.print("Router: not running")
@@ -309,11 +328,13 @@ def status(spec: Path, state_dir: Path | None, as_json: bool, include_gone: bool
         console.print("Watcher: not running")
     else:
         since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(watcher.started_at))
+        # the spec's path and the reload's text are data: `[prod]/svc.yaml` must not lose `[prod]`
         console.print(
             f"Watcher: pid {watcher.pid} since {since} ({watcher.mode}; {watcher.spec}, "
-            f"spec reloads: {watcher.reload})"
+            f"spec reloads: {watcher.reload})",
+            markup=False,
         )
         if watcher.metrics:
-            console.print(f"  metrics: {watcher.metrics}")
+            console.print(f"  metrics: {watcher.metrics}", markup=False)
         if watcher.last_reload:
-            console.print(f"  last spec reload: {watcher.last_reload.get('text', '')}")
+            console.print(f"  last spec reload: {watcher.last_reload.get('text', '')}", markup=False)

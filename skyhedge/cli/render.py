@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 
 import click
+from rich.markup import escape
 
 from skyhedge.apply import Workspace, instance_types, roots_with_resources
 from skyhedge.cli._app import console, main, spec_argument, state_dir_option
@@ -48,6 +49,11 @@ def render(spec: Path, out: Path, state_dir: Path | None) -> None:
         extra_roots=roots_with_resources(state, now),
     )
     write_tree(tree, out)
-    console.print(f"Rendered {len(tree.roots)} Terraform root(s) for {service.name} into {out}:")
+    # paths are data, not rich markup: `out[/]` is a directory name, not a closing tag
+    console.print(
+        escape(f"Rendered {len(tree.roots)} Terraform root(s) for {service.name} into {out}:"),
+        highlight=False,
+    )
     for root in tree.roots:
-        console.print(f"  {root.path}/  {len(root.replicas)} replica(s)  [dim]{root.digest[:12]}[/]")
+        line = escape(f"  {root.path}/  {len(root.replicas)} replica(s)  ")
+        console.print(f"{line}[dim]{root.digest[:12]}[/]", highlight=False)

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+from rich.markup import escape
 
 from skyhedge.cli._app import console, err_console, main, spec_argument, state_dir_option
 from skyhedge.policy.types import ReplicaStatus
@@ -39,7 +40,8 @@ def upstreams_from_state(service: ServiceSpec, state: ServiceState, *, probe_now
         if result.ok:
             out.append(Upstream(rec.id, rec.endpoint or ""))
         else:
-            err_console.print(f"[yellow]{rec.id}[/] {rec.endpoint}: not ready ({result.error})")
+            detail = escape(f"{rec.endpoint}: not ready ({result.error})")  # error texts are data
+            err_console.print(f"[yellow]{escape(rec.id)}[/] {detail}")
     return out
 
 
@@ -50,10 +52,11 @@ def _show(verb: str, status: dict[str, Any], as_json: bool) -> None:
     ups = status["upstreams"]
     console.print(
         f"router {verb}: {status['endpoint']} (nginx pid {status['pid']}), "
-        f"{len(ups)} upstream{'s' if len(ups) != 1 else ''}"
+        f"{len(ups)} upstream{'s' if len(ups) != 1 else ''}",
+        markup=False,
     )
     for u in ups:
-        console.print(f"  {u['id']}  {u['endpoint']}")
+        console.print(f"  {u['id']}  {u['endpoint']}", markup=False)
     if not ups:
         console.print("  [yellow]no ready replica: requests get 503 until one is ready[/]")
 
@@ -109,4 +112,4 @@ def down(spec: Path, state_dir: Path | None) -> None:
         if state.router is not None:
             state.router = None
             save_state(sdir, state)
-    console.print(f"router down: {service.name}")
+    console.print(f"router down: {service.name}", markup=False)

@@ -14,13 +14,22 @@ from pathlib import Path
 from typing import Any
 
 import click
+from rich.markup import escape
 
-from skyhedge.cli._app import FiniteFloat, console, err_console, main, spec_argument, state_dir_option
+from skyhedge.cli._app import (
+    FiniteFloat,
+    command_line,
+    console,
+    err_console,
+    main,
+    spec_argument,
+    state_dir_option,
+)
 from skyhedge.controller.loop import ControllerOptions
 from skyhedge.errors import SpecError, StateError
 from skyhedge.service import resolve_placement
 from skyhedge.spec import ServiceSpec, load_spec
-from skyhedge.state import default_state_dir
+from skyhedge.state import ServiceState, default_state_dir
 
 _terraform_bin = click.option(
     "--terraform-bin",
@@ -69,6 +78,17 @@ def _check_metrics_flags(port: int | None) -> None:
         raise click.UsageError("--metrics-host is where --metrics-port listens: give --metrics-port too")
 
 
+def _check_metrics_port(service: ServiceSpec, port: int | None) -> None:
+    """Refuse a metrics port a local replica may need: its launch would fail ("port in use")."""
+    if port is None:
+        return
+    from skyhedge.controller.metrics import local_port_conflict
+
+    conflict = local_port_conflict(service, port)
+    if conflict is not None:
+        raise click.UsageError(conflict)
+
+
 @contextlib.contextmanager
 def _metrics(watcher: Any, host: str, port: int | None, log_format: str = "text") -> Iterator[None]:
     """Serve the watcher's metrics while it runs (nothing without --metrics-port)."""
@@ -81,6 +101,7 @@ def _metrics(watcher: Any, host: str, port: int | None, log_format: str = "text"
     server = MetricsServer(metrics, host=host, port=port)
     metrics.watch(watcher.controller)
     watcher.metrics_url = server.address  # `status` shows it
+    watcher.metrics_port = port  # a reloaded spec moving local replicas onto it is refused
     _say(f"metrics at {server.address}", log_format)
     try:
         yield
@@ -121,7 +142,7 @@ def _say(text: str, log_format: str) -> None:
     if log_format == "json":
         logging.getLogger("skyhedge").info("%s", text)
     else:
-        err_console.print(text)
+        err_console.print(text, markup=False)  # paths and names are data: `[prod]` stays
 
 
 @contextlib.contextmanager
@@ -200,6 +221,7 @@ def watch(
 
     _check_metrics_flags(metrics_port)
     service, sdir = _load(spec, state_dir)
+    _check_metrics_port(service, metrics_port)
     options = ControllerOptions(interval=interval, policy=policy)
     with (
         _logging(log_level, log_format=log_format),
@@ -274,6 +296,7 @@ def up(
         raise click.UsageError("--speedup paces a --market-trace replay; give one, or drop --speedup")
     _check_metrics_flags(metrics_port)
     service, sdir = _load(spec, state_dir)
+    _check_metrics_port(service, metrics_port)
     try:
         sdir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -335,11 +358,49 @@ def up(
         report = destroy_service(watcher.spec, sdir, terraform_bin=terraform_bin)  # as last reloaded
         console.print(f"destroyed {len(report.destroyed)} replica(s) and the router")
     else:
+        ctl = watcher.controller
+        assert ctl is not None
         log_note = "" if no_dashboard else f" Log: {log_file}"  # without the dashboard it went to stderr
-        console.print(
-            f"watcher stopped; {service.name} keeps serving at {watcher.spec.service.url} "
-            f"(`skyhedge destroy {spec}` removes it).{log_note}"
+        text = stopped_message(watcher.spec, ctl.state, spec, state_dir) + log_note
+        console.print(text, markup=False, highlight=False)
+
+
+def _routed_ids(state: ServiceState) -> set[str]:
+    """The replicas nginx was last given: the watcher's record, else the router's (an `apply`)."""
+    routed = state.extra.get("routed")
+    if routed is not None:
+        return {str(pair[0]) for pair in routed}
+    return {str(u.get("id")) for u in (state.router or {}).get("upstreams") or []}
+
+
+def stopped_message(service: ServiceSpec, state: ServiceState, spec: Path, state_dir: Path | None) -> str:
+    """What `up` leaves behind when its watcher stops, and the commands that finish or remove it.
+
+    "keeps serving" only when the router has an upstream: a Ctrl-C during the first apply leaves
+    replicas that are not ready and a router answering 503, and saying "serving" then sent the
+    operator away from a service that was not.
+    """
+    live = {r.id for r in state.live()}
+    routed = _routed_ids(state) & live
+    unrouted = len(live - routed)
+    destroy = command_line("destroy", spec, state_dir)
+    finish = command_line("up", spec, state_dir)
+    url = service.service.url
+    if routed:
+        rest = f", {unrouted} not routed yet" if unrouted else ""
+        return (
+            f"watcher stopped; {service.name} keeps serving at {url} with {len(routed)} routed "
+            f"replica(s){rest} (`{destroy}` removes it)."
         )
+    if unrouted:
+        return (
+            f"watcher stopped; {unrouted} replica(s) of {service.name} left starting, none routed "
+            f"({url} answers 503): `{finish}` finishes them, `{destroy}` removes them."
+        )
+    return (
+        f"watcher stopped; {service.name} has no replica running: `{finish}` starts it again, "
+        f"`{destroy}` removes the router."
+    )
 
 
 @main.command("reload")
@@ -371,7 +432,8 @@ def reload_cmd(spec: Path, state_dir: Path | None, timeout: float) -> None:
                 break
     if record is None:
         raise StateError(
-            f"no watcher is running for {service.name} (state dir {sdir}): `skyhedge watch {spec}` starts one"
+            f"no watcher is running for {service.name} (state dir {sdir}): "
+            f"`{command_line('watch', spec, state_dir)}` starts one"
         )
     if not _same_file(record.spec, spec):
         raise StateError(
@@ -403,7 +465,7 @@ def reload_cmd(spec: Path, state_dir: Path | None, timeout: float) -> None:
         if int(last.get("requests", 0)) > answered and last.get("outcome"):  # this request's answer
             if last["outcome"] in ("refused", "failed"):
                 raise SpecError(str(last.get("text", "refused")))
-            console.print(str(last.get("text", "")))
+            console.print(str(last.get("text", "")), markup=False, highlight=False)
             return
     raise StateError(
         f"the watcher of {service.name} (pid {record.pid}) has not answered within {timeout:g}s: it "
@@ -450,7 +512,7 @@ def preempt(spec: Path, state_dir: Path | None, zone: str, seconds: float | None
     try:
         if clear:
             capacity.clear(runtime_dir(sdir), zone)
-            console.print(f"{zone}: capacity restored")
+            console.print(f"{zone}: capacity restored", markup=False)
             return
         killed = preempt_zone(sdir, zone, seconds=seconds)
     except capacity.CapacityFileError as exc:
@@ -459,7 +521,9 @@ def preempt(spec: Path, state_dir: Path | None, zone: str, seconds: float | None
         raise StateError(f"{runtime_dir(sdir)}: cannot write ({exc.strerror or exc})") from exc
     until = f"for {seconds:g}s" if seconds else "until `--clear`"
     who = ", ".join(f"{p.id} (pid {p.pid})" for p in killed) or "no running spot replica"
-    console.print(f"{zone}: out of spot capacity {until}; preempted {who} at {time.strftime('%H:%M:%S')}")
+    console.print(
+        f"{zone}: out of spot capacity {until}; preempted {who} at {time.strftime('%H:%M:%S')}", markup=False
+    )
 
 
 @main.group()
@@ -488,7 +552,9 @@ def setup_events_cmd(spec: Path) -> None:
     done = setup_events(service.name, regions, queue_name=queue)
     for r in done:
         console.print(
-            f"{r.region}: queue {r.queue_url}; rules {', '.join(a.rsplit('/', 1)[-1] for a in r.rule_arns)}"
+            f"{r.region}: queue {r.queue_url}; rules {', '.join(a.rsplit('/', 1)[-1] for a in r.rule_arns)}",
+            markup=False,
         )
     if not service.aws.events_queue:
-        console.print(f"[dim]tip: set aws.events_queue: {queue} in {spec} to name the queue explicitly[/]")
+        tip = f"tip: set aws.events_queue: {queue} in {spec} to name the queue explicitly"
+        console.print(f"[dim]{escape(tip)}[/]")

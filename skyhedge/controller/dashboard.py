@@ -1,7 +1,9 @@
 """The live dashboard of `skyhedge up`: replicas per zone and market, readiness, cost, events.
 
 `render(controller)` builds one rich renderable from the controller's state (pure: tests render
-it to text); `Dashboard` redraws it after every tick inside a `rich.live.Live`.
+it to text); `Dashboard` redraws it after every tick inside a `rich.live.Live`. Every cell is a
+`Text`, never a markup string: zone names, endpoints and event notes (which quote paths and error
+texts) are data, and `[prod]` in one must show as written, not vanish or break the frame.
 """
 
 from __future__ import annotations
@@ -92,7 +94,7 @@ def render(ctl: Controller, *, endpoint: str | None = None, now: float | None = 
             view = Text("PREEMPTED", style="red")
         else:
             view = Text("ACTIVE", style="green")
-        zones.add_row(key, str(c["spot"]), str(c["on-demand"]), str(c["ready"]), view)
+        zones.add_row(Text(key), Text(str(c["spot"])), Text(str(c["on-demand"])), Text(str(c["ready"])), view)
 
     reps = Table(title="replicas", expand=True, box=None)
     for col in ("id", "zone", "market", "status", "age", "endpoint"):
@@ -100,19 +102,19 @@ def render(ctl: Controller, *, endpoint: str | None = None, now: float | None = 
     for r in live:
         st = r.fact().status
         reps.add_row(
-            r.id,
-            r.zone,
-            r.market,
+            Text(r.id),
+            Text(r.zone),
+            Text(r.market),
             Text(st.value, style=STATUS_STYLE.get(st, "")),
-            _age(now - r.launched_at),
-            r.endpoint or "-",
+            Text(_age(now - r.launched_at)),
+            Text(r.endpoint or "-"),
         )
 
     events = Table(title="recent events", expand=True, box=None, show_header=False)
     events.add_column("at", style="dim", no_wrap=True)
     events.add_column("what")
     for note in list(ctl.notes)[-10:]:
-        events.add_row(time.strftime("%H:%M:%S", time.localtime(note.at)), note.text)
+        events.add_row(Text(time.strftime("%H:%M:%S", time.localtime(note.at))), Text(note.text))
     return Panel(Group(head, zones, reps, events), title="skyhedge up", border_style="blue")
 
 

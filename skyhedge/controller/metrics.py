@@ -21,11 +21,15 @@ import socket
 import threading
 from collections import Counter
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from skyhedge.controller.loop import Controller
 from skyhedge.errors import SkyhedgeError
 from skyhedge.policy.types import Location, ReplicaStatus
+from skyhedge.spec import MAX_PORT
+
+if TYPE_CHECKING:
+    from skyhedge.spec import ServiceSpec
 
 log = logging.getLogger("skyhedge.controller")
 
@@ -347,6 +351,27 @@ class Metrics:
         """The exposition as of the last pass (thread-safe)."""
         with self._lock:
             return self._text
+
+
+def local_port_conflict(spec: ServiceSpec, port: int) -> str | None:
+    """Why `port` cannot be the metrics port of `spec`'s watcher (one line naming the flag and
+    the range), or None if it can.
+
+    Local replica r-N listens on `resources.local_base_port + N`, and N keeps growing as replicas
+    are replaced (up to MAX_PORT); a metrics listener on one of those ports made that replica's
+    launch fail three times ("port ... already in use") before the ID was given up, delaying
+    every recovery that reached it. The router's ports are skipped when IDs are handed out, but
+    the watcher's own listener is not known to the planner: refusing the port is the simple rule.
+    """
+    if "local" not in spec.placement.clouds:
+        return None
+    base = spec.resources.local_base_port
+    if base < port <= MAX_PORT:
+        return (
+            f"--metrics-port {port} is in the local replicas' port range {base + 1}-{MAX_PORT} "
+            f"(r-N listens on resources.local_base_port {base} + N): choose a port up to {base}"
+        )
+    return None
 
 
 class MetricsServer:

@@ -207,6 +207,9 @@ class Watcher:
         self._reloads_seen = 0
         self._record: presence.WatcherRecord | None = None  # <state dir>/watcher.json while running
         self.metrics_url: str | None = None  # announced in watcher.json when metrics are served
+        #: the port metrics are served on (`--metrics-port`): a reloaded spec whose local replicas
+        #: could one day need it is refused, as the command line refuses it at start
+        self.metrics_port: int | None = None
         self._reloaded: list[Callable[[ServiceSpec, Placement], None]] = []
         self._watching = False  # sources deliver wake-ups (run() started them)
 
@@ -378,6 +381,17 @@ class Watcher:
                     file=new.source,
                     path="terraform",
                 )
+            if self.metrics_port is not None:
+                from skyhedge.controller.metrics import local_port_conflict
+
+                if local_port_conflict(new, self.metrics_port) is not None:
+                    raise SpecError(
+                        f"{new.resources.local_base_port} puts the watcher's --metrics-port "
+                        f"{self.metrics_port} in the local replicas' port range (base + 1 and up): "
+                        f"keep it at {self.metrics_port} or above",
+                        file=new.source,
+                        path="resources.local_base_port",
+                    )
             changes = spec_changes(old, new)
             if not changes:
                 self._outcome("unchanged", f"spec {path} re-read: no change from the running spec")

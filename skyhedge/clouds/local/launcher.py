@@ -11,11 +11,15 @@ preempted (exit 3, `InsufficientCapacity`, the marker skyhedge's engine recognis
 /dev/null, output to the replica's log file, `$PORT` and `run.env` set. `stop` sends SIGTERM to the
 process group and SIGKILL after the grace period. Both are safe to repeat.
 
-Exit codes: 0 done, 1 failed (message on stderr), 2 bad invocation, 3 no spot capacity.
+Exit codes: 0 done, 1 failed (message on stderr), 2 bad invocation, 3 no spot capacity,
+130 interrupted (SIGINT: a Ctrl-C in the terminal reaches the whole foreground process group,
+Terraform's local-exec children included; the one-line reason is "interrupted", which skyhedge
+shows as the launch's failure, not the first line of a KeyboardInterrupt traceback).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -41,6 +45,7 @@ CONFIG_ENV = "SKYHEDGE_LOCAL_REPLICA"
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_CAPACITY = 3
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a process Ctrl-C ended
 # How long a fresh process must survive before the launch counts: catches `command not found` and
 # an interpreter that exits on a missing script. 0.15 s missed Python's own start-up on a busy
 # 2-core machine; what slips through is caught later by the readiness probe (never READY).
@@ -157,6 +162,21 @@ def start(cfg: dict[str, Any], *, now: float | None = None) -> LocalProcess:
             start_new_session=True,
             close_fds=True,
         )
+    try:
+        return _settle(runtime, cfg, child, log, now)
+    except KeyboardInterrupt:
+        # the launch counts as failed: a process nobody records as created must not stay behind
+        stop_replica(runtime, rid, grace=0.0)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            child.wait(timeout=5)  # reaped: no zombie, no "still running" warning
+        raise
+
+
+def _settle(
+    runtime: Path, cfg: dict[str, Any], child: subprocess.Popen[bytes], log: Path, now: float
+) -> LocalProcess:
+    """Record the started process and check it survives its first moments."""
+    rid, zone, market, port = cfg["id"], cfg["zone"], cfg["market"], int(cfg["port"])
     starttime = proc_starttime(child.pid)
     proc = LocalProcess(
         id=rid,
@@ -187,6 +207,14 @@ def stop(cfg: dict[str, Any]) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
+    try:
+        return _run(args)
+    except KeyboardInterrupt:  # Ctrl-C reached the launcher: say so in one line, no traceback
+        print(f"skyhedge-local: {' '.join(args)}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def _run(args: list[str]) -> int:
     if len(args) != 2 or args[0] not in {"start", "stop"}:
         print("usage: python -m skyhedge.clouds.local.launcher {start|stop} REPLICA_ID", file=sys.stderr)
         return EXIT_USAGE
