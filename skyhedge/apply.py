@@ -774,6 +774,8 @@ class DestroyReport:
     cancelled: bool = False
     roots: list[str] = field(default_factory=list)
     destroyed: list[str] = field(default_factory=list)
+    #: recorded replicas a failed or interrupted apply never created: forgotten, not destroyed
+    never_created: list[str] = field(default_factory=list)
     errors: list[EngineError] = field(default_factory=list)
     strays: list[int] = field(default_factory=list)
 
@@ -859,7 +861,8 @@ def destroy_service(
                         if (rec.cloud, rec.region) == root.key:
                             if rec.gone_at is None:
                                 rec.gone_at, rec.reason, rec.draining = now, "terminated", False
-                                report.destroyed.append(rec.id)
+                                created = rec.provisioned_at is not None or rec.cloud_id is not None
+                                (report.destroyed if created else report.never_created).append(rec.id)
                             rec.outputs = {}
                     _tracked(state).pop(root.path, None)
                 elif isinstance(result, ApplyResult):

@@ -576,3 +576,18 @@ def test_a_delete_a_killed_run_left_unfinished_is_decided_again(svc):
     )
     after = load_state(svc.state_dir, spec.name)
     assert not any(r.draining for r in after.live())
+
+
+def test_a_failed_apply_says_nothing_was_applied_and_destroy_does_not_claim_what_never_ran(svc, tmp_path):
+    """'Applied local/local: 0 created' before the error, and 'Destroyed 2 replica(s)' for
+    replicas that never existed, were both untrue."""
+    broken = _broken_terraform(tmp_path)
+    svc.write(replicas=2)
+    failed = run_cli("apply", str(svc.spec_path), "--auto-approve", "--no-routing", "--terraform-bin", broken)
+    assert failed.exit_code == 1 and "Applied" not in failed.output
+    gone = run_cli("destroy", str(svc.spec_path), "--auto-approve")
+    assert gone.exit_code == 0, gone.output
+    assert (
+        "Destroyed 0 replica(s) in local/local; 2 recorded but never created, forgotten (r-0001, r-0002)."
+        in (" ".join(gone.output.split()))
+    )

@@ -317,3 +317,14 @@ def test_status_of_a_dead_router_names_commands_that_work_for_this_spec_and_stat
         ["skyhedge", "routing", "up", str(prod_spec), "--state-dir", str(sdir)],
         ["skyhedge", "watch", str(prod_spec), "--state-dir", str(sdir)],
     ]
+
+
+@pytest.mark.parametrize("command", ["watch", "up"])
+def test_an_unknown_policy_is_refused_before_anything_starts(tmp_path, write_spec, command):
+    """As `plan --policy` does: in the loop it failed every pass for ever, behind a router
+    answering 503 to everyone."""
+    result = run(command, write_spec(BASED), "--state-dir", tmp_path / "state", "--policy", "nope")
+    assert result.exit_code == 1
+    (line,) = result.output.strip().splitlines()
+    assert line.startswith("error: ") and "unknown policy 'nope'" in line
+    assert not (tmp_path / "state").exists()

@@ -118,9 +118,11 @@ def _print_apply_report(report: ApplyReport, state_dir: Path) -> None:
             f"[yellow]{len(report.launch_failures)} launch(es) refused for capacity[/] "
             + escape(f"in {', '.join(zones)}: recorded as zone events for the policy")
         )
-    if report.applied_roots:
+    failed = {getattr(e, "root", None) for e in report.errors}
+    applied = [root for root in report.applied_roots if root not in failed]  # not a failed root's
+    if applied:
         console.print(
-            f"Applied {', '.join(report.applied_roots)}: {len(report.created)} created, "
+            f"Applied {', '.join(applied)}: {len(report.created)} created, "
             f"{len(report.deleted)} destroyed"
             + (
                 f" (a rolling update in {report.rollout_steps} steps)"
@@ -261,8 +263,15 @@ def destroy(spec: Path, state_dir: Path | None, auto_approve: bool, terraform_bi
     if not report.roots:
         console.print("Nothing to destroy.")
     else:
+        forgot = (
+            f"; {len(report.never_created)} recorded but never created, forgotten "
+            f"({', '.join(sorted(report.never_created))})"
+            if report.never_created
+            else ""
+        )
         console.print(
-            f"Destroyed {len(report.destroyed)} replica(s) in {', '.join(report.roots)}.", markup=False
+            f"Destroyed {len(report.destroyed)} replica(s) in {', '.join(report.roots)}{forgot}.",
+            markup=False,
         )
 
 

@@ -78,6 +78,17 @@ def _check_metrics_flags(port: int | None) -> None:
         raise click.UsageError("--metrics-host is where --metrics-port listens: give --metrics-port too")
 
 
+def _check_policy(service: ServiceSpec, policy: str | None) -> None:
+    """`--policy` is checked before anything starts, as `plan --policy` is: inside the loop an
+    unknown name failed every pass for ever, behind a router answering 503 to everyone."""
+    if policy is None:
+        return
+    from skyhedge.policy import policy_class
+
+    policy_class(policy)  # PolicyError: unknown name, plug-in that does not load
+    resolve_placement(service, policy)  # SpecError: e.g. no spot zone unless the policy is ondemand
+
+
 def _check_metrics_port(service: ServiceSpec, port: int | None) -> None:
     """Refuse a metrics port a local replica may need: its launch would fail ("port in use")."""
     if port is None:
@@ -221,6 +232,7 @@ def watch(
 
     _check_metrics_flags(metrics_port)
     service, sdir = _load(spec, state_dir)
+    _check_policy(service, policy)
     _check_metrics_port(service, metrics_port)
     options = ControllerOptions(interval=interval, policy=policy)
     with (
@@ -296,6 +308,7 @@ def up(
         raise click.UsageError("--speedup paces a --market-trace replay; give one, or drop --speedup")
     _check_metrics_flags(metrics_port)
     service, sdir = _load(spec, state_dir)
+    _check_policy(service, policy)
     _check_metrics_port(service, metrics_port)
     try:
         sdir.mkdir(parents=True, exist_ok=True)
