@@ -328,3 +328,20 @@ def test_an_unknown_policy_is_refused_before_anything_starts(tmp_path, write_spe
     (line,) = result.output.strip().splitlines()
     assert line.startswith("error: ") and "unknown policy 'nope'" in line
     assert not (tmp_path / "state").exists()
+
+
+def test_a_watcher_log_that_cannot_be_opened_is_one_state_error(tmp_path, monkeypatch):
+    """Under the dashboard `up` logs to <state dir>/watch.log, opened before the state lock: a
+    state dir that takes no new file was a PermissionError traceback there."""
+    import logging
+
+    from skyhedge.cli.watch import _logging
+    from skyhedge.errors import StateError
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(logging, "FileHandler", refuse)
+    with pytest.raises(StateError, match=r"watch.log: cannot write the watcher's log \(Permission denied\)"):
+        with _logging("info", tmp_path / "watch.log"):
+            pass

@@ -159,7 +159,10 @@ def _say(text: str, log_format: str) -> None:
 @contextlib.contextmanager
 def _logging(level: str, path: Path | None = None, log_format: str = "text") -> Iterator[None]:
     """Log skyhedge's lines to stderr (or a file, under the dashboard) while the command runs."""
-    handler: logging.Handler = logging.FileHandler(path) if path else logging.StreamHandler(sys.stderr)
+    try:
+        handler: logging.Handler = logging.FileHandler(path) if path else logging.StreamHandler(sys.stderr)
+    except OSError as exc:  # a state dir that takes no new file (read-only, immutable)
+        raise StateError(f"{path}: cannot write the watcher's log ({exc.strerror or exc})") from exc
     if log_format == "json":
         handler.setFormatter(JsonLogFormatter())
     else:
