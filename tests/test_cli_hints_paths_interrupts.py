@@ -342,6 +342,8 @@ def test_a_watcher_log_that_cannot_be_opened_is_one_state_error(tmp_path, monkey
         raise PermissionError(13, "Permission denied")
 
     monkeypatch.setattr(logging, "FileHandler", refuse)
-    with pytest.raises(StateError, match=r"watch.log: cannot write the watcher's log \(Permission denied\)"):
-        with _logging("info", tmp_path / "watch.log"):
-            pass
+    refused = pytest.raises(
+        StateError, match=r"watch.log: cannot write the watcher's log \(Permission denied\)"
+    )
+    with refused, _logging("info", tmp_path / "watch.log"):
+        pass
