@@ -462,3 +462,13 @@ def test_plan_refuses_an_absurd_catalog_price_instead_of_printing_infinity(
     assert err.endswith(
         f"{cache_dir / 'local.json'}: offers[1].{field}: expected a price <= 1e+06 $/h, got 1e+308\n"
     )
+
+
+@pytest.mark.parametrize("option", ["--regions", "--instance-types"])
+def test_refresh_with_an_empty_list_is_refused_not_taken_as_everything(cache_dir: Path, option: str) -> None:
+    """`--regions ,` (or an unset shell variable) meant every region: a refresh of the world."""
+    code, out, err = run("catalog", "refresh", "--cloud", "aws", option, " , ")
+    assert code == 1 and out == ""
+    assert f"Invalid value for '{option}': expected comma-separated names" in err
+    assert len(err.strip().splitlines()) == 1
+    assert not (cache_dir / "aws.json").exists()

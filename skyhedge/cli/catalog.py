@@ -28,11 +28,15 @@ from skyhedge.errors import CatalogError
 _MAX_LISTED = 10
 
 
-def _split(value: str | None) -> list[str] | None:
-    if not value:
+def _split(value: str | None, option: str = "") -> list[str] | None:
+    """A comma-separated option; None when not given. Given but naming nothing (`--regions ,`,
+    an unset shell variable) is refused: taken as "not given" it meant *every* region."""
+    if value is None:
         return None
     items = [v.strip() for v in value.split(",") if v.strip()]
-    return items or None
+    if not items:
+        raise click.BadParameter(f"expected comma-separated names, got {value!r}", param_hint=option or None)
+    return items
 
 
 @main.group("catalog")
@@ -124,8 +128,8 @@ def refresh(cloud: str, regions: str | None, instance_types: str | None, reset: 
         )
     target = user_cache_path(cloud)
     base = read_catalog_file(bundled_path(cloud), expect_cloud=cloud) if reset else load_catalog(cloud)
-    region_list = _split(regions)
-    type_list = _split(instance_types)
+    region_list = _split(regions, "'--regions'")
+    type_list = _split(instance_types, "'--instance-types'")
     now = dt.datetime.now(dt.timezone.utc)
     module_name, function = PRICE_APIS[cloud]
     api = importlib.import_module(module_name)  # boto3 / google-auth only when refreshing that cloud
