@@ -14,6 +14,7 @@ into place, so a crash never leaves half a state file.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import os
@@ -391,7 +392,10 @@ def check_writable(path: Path, what: str = "output", *, directory: bool = False)
     try:
         probe_new_file(parent)
     except OSError as exc:
-        raise OutputError(f"{path}: cannot write the {what}: {parent}: {exc.strerror or exc}") from exc
+        # a pseudo file system answers ENOENT for a file it cannot create (/proc), which reads
+        # as if the directory were missing
+        reason = "cannot create files there" if exc.errno == errno.ENOENT else exc.strerror or exc
+        raise OutputError(f"{path}: cannot write the {what}: {parent}: {reason}") from exc
 
 
 def probe_new_file(directory: Path) -> None:

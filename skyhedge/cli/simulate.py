@@ -139,8 +139,8 @@ def _instance_types(values: tuple[str, ...]) -> list[str] | None:
     "--cold-start",
     default=120.0,
     show_default=True,
-    type=FiniteFloat(min=0),
-    help="Seconds from launch to READY (rounded up to 30 s ticks).",
+    type=FiniteFloat(min=0, max=86400.0),
+    help="Seconds from launch to READY (rounded up to 30 s ticks; at most a day).",
 )
 @click.option(
     "--ondemand-cost-ratio",
