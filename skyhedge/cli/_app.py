@@ -115,10 +115,10 @@ class FiniteFloat(click.FloatRange):
     name = "finite float"
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
-        number = super().convert(value, param, ctx)
-        if not math.isfinite(number):
+        number = click.FLOAT.convert(value, param, ctx)
+        if not math.isfinite(number):  # before the range: "inf is not in 0<=x<=86400" hides why
             self.fail(f"expected a finite number, got {value!r}", param, ctx)
-        return number
+        return super().convert(number, param, ctx)
 
 
 def report_error(exc: SkyhedgeError) -> None:
