@@ -460,6 +460,8 @@ def bring_routing_up(
             state.router = router.status()
         return state.router
     state.router = router.up(ups)
+    # what the router serves, as the watcher records it: its next pass diffs against this
+    state.extra["routed"] = [[u.id, u.endpoint] for u in ups]
     return state.router
 
 

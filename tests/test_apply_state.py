@@ -137,7 +137,10 @@ def test_routing_goes_up_after_readiness_drains_before_destroy_and_goes_down(svc
     monkeypatch.setattr(apply_mod, "_router", lambda spec, state_dir: FakeRouter(spec, state_dir))
     report = apply_service(load_spec(svc.write(replicas=3)), svc.state_dir)
     assert report.ok and FakeRouter.calls == [("up", ["r-0001", "r-0002", "r-0003"])]
-    assert load_state(svc.state_dir, "applied").router["pid"] == 4242
+    state = load_state(svc.state_dir, "applied")
+    assert state.router["pid"] == 4242
+    # recorded as the watcher records it: a watcher's first pass diffs against what is served
+    assert [pair[0] for pair in state.extra["routed"]] == ["r-0001", "r-0002", "r-0003"]
     shrink = apply_service(load_spec(svc.write(replicas=2)), svc.state_dir)
     [victim] = shrink.deleted
     survivors = sorted({"r-0001", "r-0002", "r-0003"} - {victim})
