@@ -700,6 +700,16 @@ def _policy_name(ctx: _Ctx, path: str, value: Any) -> str:
     return name
 
 
+_WHITESPACE_NAMES = {" ": "a space", "\n": "a newline", "\t": "a tab", "\r": "a carriage return"}
+
+
+def _whitespace_name(char: str) -> str:
+    """What a whitespace character is called in an error: "a space" for a newline sent the
+    reader looking for a space that is not there (the value itself is not shown: it may hold a
+    token)."""
+    return _WHITESPACE_NAMES.get(char, f"a whitespace character (U+{ord(char):04X})")
+
+
 def _probe(ctx: _Ctx, raw: Any) -> ReadinessProbe:
     p = "readiness_probe"
     if isinstance(raw, str):
@@ -712,7 +722,9 @@ def _probe(ctx: _Ctx, raw: Any) -> ReadinessProbe:
     space = next((i for i, c in enumerate(path) if c.isspace()), None)
     if space is not None:
         raise ctx.fail(
-            f"{p}.path", f"expected an absolute URL path like '/health', got a space at character {space + 1}"
+            f"{p}.path",
+            f"expected an absolute URL path like '/health', got {_whitespace_name(path[space])} at "
+            f"character {space + 1}",
         )
     post = d.get("post_data")
     if post is not None and not isinstance(post, (dict, str)):

@@ -342,3 +342,129 @@ def test_a_zone_selling_on_demand_only_has_on_demand_series_and_no_spot_ones(tmp
     in_az3 = [(name, dict(lab)) for (name, lab) in samples if ("zone", "use1-az3") in lab]
     assert in_az3 and not [lab for _, lab in in_az3 if lab.get("market") == "spot"]
     assert not any(("zone", "use1-az3") in lab for (name, lab) in samples if "warning" in name)
+
+
+# --- bug-bash 3: HEAD, the router's ports, `--once` with routing down, GitOps commits counted ----
+
+
+def test_head_answers_like_get_without_a_body(ctl):
+    metrics = Metrics()
+    metrics.watch(ctl)
+    ctl.tick()
+    with MetricsServer(metrics, port=free_port()) as server:
+        request = urllib.request.Request(server.address, method="HEAD")
+        with urllib.request.urlopen(request, timeout=5) as resp:
+            assert resp.status == 200 and resp.headers["Content-Type"] == CONTENT_TYPE
+            assert int(resp.headers["Content-Length"]) == len(metrics.text().encode())
+            assert resp.read() == b""
+
+
+ROUTED = SPEC + "service: {port: 8080, router: {status_port: 17990}}\n"
+
+
+@pytest.mark.parametrize(("port", "field"), [(8080, "service.port"), (17990, "service.router.status_port")])
+def test_a_metrics_port_that_is_the_routers_own_is_refused_at_start_in_one_line(
+    tmp_path, write_spec, port, field
+):
+    from click.testing import CliRunner
+
+    from skyhedge.cli import main
+
+    spec = write_spec(ROUTED)
+    args = ["watch", str(spec), "--state-dir", str(tmp_path / "st"), "--once", "--metrics-port", str(port)]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 1
+    (line,) = result.output.strip().splitlines()
+    assert line.startswith(f"error: --metrics-port {port} is the router's {field} of svc: nginx could not")
+    assert not (tmp_path / "st").exists()
+
+
+def test_a_spec_reload_moving_the_router_onto_the_metrics_port_is_refused(tmp_path, write_spec):
+    from skyhedge.controller.runner import Watcher
+
+    spec = write_spec(ROUTED)
+    with Watcher(load_spec(spec), tmp_path / "state", spec_path=spec, route=False) as w:
+        w.metrics_port = 9464
+        spec.write_text(ROUTED.replace("port: 8080", "port: 9464"))
+        assert w.reload(spec) is False
+        assert w.spec.service.port == 8080
+        assert w.controller is not None
+        note = w.controller.notes[-1].text
+        assert note.startswith(
+            f"spec reload refused: {spec}: service.port: --metrics-port 9464 is the router's"
+        )
+
+
+def test_watch_once_exits_1_when_the_router_could_not_be_started(tmp_path, write_spec):
+    from controller_fakes import FakeRouter
+
+    from skyhedge.controller.runner import Watcher
+    from skyhedge.errors import RoutingError
+
+    class Refusing(FakeRouter):
+        def reload(self, upstreams):
+            raise RoutingError("nginx failed to start (exit 1)", stderr="nginx: [emerg] bind() failed")
+
+    def over_fakes(w: Watcher) -> Controller:
+        assert w.controller is not None
+        for source in w.controller.sources:
+            source.close()
+        w.controller = fake_controller(spec, tmp_path / "state")
+        return w.controller
+
+    spec = load_spec(write_spec(SPEC))
+    with Watcher(spec, tmp_path / "state", route=False) as w:
+        over_fakes(w).router = Refusing()
+        with pytest.raises(RoutingError, match=r"^routing failed: nginx failed to start \(exit 1\)"):
+            w.run(once=True, handle_signals=False)
+    with Watcher(spec, tmp_path / "state", route=False) as w:  # routing that works: exit 0
+        over_fakes(w)
+        w.run(once=True, handle_signals=False)
+
+
+def test_gitops_commits_are_counted_as_applies_and_a_refused_commit_as_failed(tmp_path, write_spec):
+    import subprocess
+
+    from controller_fakes import Clock, FakeSource
+
+    from skyhedge.controller.gitops import GitOpsExecutor
+    from skyhedge.controller.loop import ControllerOptions
+    from skyhedge.errors import StateError
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    subprocess.run(["git", "-C", str(repo), "init", "-q"], check=True)
+    spec = load_spec(write_spec(SPEC))
+    clock = Clock(1_700_000_000.0)
+    ctl = Controller(
+        spec,
+        tmp_path / "state",
+        executor=GitOpsExecutor(spec, tmp_path / "state", repo, clock=clock),
+        sources=[FakeSource()],
+        clock=clock,
+        options=ControllerOptions(assume_ready=True),
+    )
+    metrics = Metrics()
+    metrics.watch(ctl)
+    ctl.tick()  # the first commit
+    clock.advance(10)
+    ctl.tick()  # nothing changed: no commit, nothing counted
+    samples = parse(metrics.text())
+    assert value(samples, "skyhedge_applies_total", result="ok") == 1
+    assert value(samples, "skyhedge_applies_total", result="failed") == 0
+    hook = repo / ".git" / "hooks" / "pre-commit"
+    hook.write_text("#!/bin/sh\necho 'hook: rejected' >&2\nexit 1\n")
+    hook.chmod(0o755)
+    clock.advance(60)
+    victim = next(r for r in ctl.state.live() if r.zone == "local-b")
+    send(ctl, PreemptionEvent(Signal.GONE, clock(), "fake", replica_id=victim.id, reason="preempted"))
+    with pytest.raises(StateError, match="git commit .* failed: hook: rejected"):
+        ctl.tick()
+    samples = parse(metrics.text())  # the listener saw the failed pass
+    assert value(samples, "skyhedge_applies_total", result="failed") == 1
+    hook.unlink()
+    clock.advance(10)
+    ctl.tick()  # the retried commit lands
+    samples = parse(metrics.text())
+    assert value(samples, "skyhedge_applies_total", result="ok") == 2
+    assert value(samples, "skyhedge_applies_total", result="failed") == 1

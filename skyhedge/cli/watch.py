@@ -90,11 +90,16 @@ def _check_policy(service: ServiceSpec, policy: str | None) -> None:
 
 
 def _check_metrics_port(service: ServiceSpec, port: int | None) -> None:
-    """Refuse a metrics port a local replica may need: its launch would fail ("port in use")."""
+    """Refuse a metrics port the router or a local replica needs: bound first by the watcher, it
+    kept nginx from ever starting (the replicas launched, nothing routed to them), or made a
+    replica's launch fail ("port in use")."""
     if port is None:
         return
-    from skyhedge.controller.metrics import local_port_conflict
+    from skyhedge.controller.metrics import local_port_conflict, router_port_conflict
 
+    taken = router_port_conflict(service, port)
+    if taken is not None:
+        raise click.UsageError(taken[1])
     conflict = local_port_conflict(service, port)
     if conflict is not None:
         raise click.UsageError(conflict)

@@ -299,8 +299,23 @@ class Controller:
         self._route()
         self.save()
         finish = getattr(self.executor, "finish", None)  # GitOps: commit with the state just saved
-        if finish is not None and (note := finish(self.state)):
-            self.note(note)
+        commit_failed: SkyhedgeError | None = None
+        if finish is not None:
+            # In GitOps mode the commit is the pass's apply (`skyhedge_applies_total` counts
+            # commits): a commit that landed replaces the executor's empty result, a failed one
+            # is a failed apply. A failure is raised once the listeners have seen the pass.
+            landed = getattr(self.executor, "last_commit", None)
+            try:
+                note = finish(self.state)
+            except SkyhedgeError as exc:
+                commit_failed = exc
+                self.last_apply = ExecResult(errors=(str(exc),))
+            else:
+                committed = getattr(self.executor, "last_commit", None)
+                if isinstance(committed, ExecResult) and committed is not landed:
+                    self.last_apply = committed
+                if note:
+                    self.note(note)
         for source in [*self.sources, *self._retiring]:
             source.ack()
         for source in self._retiring:
@@ -314,6 +329,8 @@ class Controller:
                 listener(self)
             except Exception:  # a dashboard or metrics bug must not cost the pass its result
                 log.exception("%s: a listener of the reconcile pass failed", self.spec.name)
+        if commit_failed is not None:
+            raise commit_failed  # the supervisor backs off and retries; `watch --once` exits 1
         return self._next_delay()
 
     def _poll(self, now: float) -> list[PreemptionEvent]:

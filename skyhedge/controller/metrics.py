@@ -374,26 +374,51 @@ def local_port_conflict(spec: ServiceSpec, port: int) -> str | None:
     return None
 
 
+def router_port_conflict(spec: ServiceSpec, port: int) -> tuple[str, str] | None:
+    """The spec field whose port `port` is and why it cannot be the metrics port (one line naming
+    the flag and the field), or None if it is neither of the router's ports.
+
+    The watcher binds its metrics listener before its first pass, so on the router's own port
+    (`service.port`) or its status port nginx could never bind: replicas were launched that
+    nothing routed to. Refused whatever the cloud, the host or `--no-routing`: the router is the
+    service's, whoever runs it."""
+    for field_name, taken in (
+        ("service.port", spec.service.port),
+        ("service.router.status_port", spec.service.router.status_port),
+    ):
+        if taken == port:
+            return field_name, (
+                f"--metrics-port {port} is the router's {field_name} of {spec.name}: nginx could not "
+                "listen there; choose another port"
+            )
+    return None
+
+
 class MetricsServer:
-    """`GET /metrics` on `host:port`, from a daemon thread; `close()` stops it and frees the port.
+    """`GET /metrics` (and HEAD) on `host:port`, from a daemon thread; `close()` stops it and frees the port.
     Binding happens in the constructor, so a port in use is refused before the watcher starts."""
 
     def __init__(self, metrics: Metrics, *, host: str = "127.0.0.1", port: int) -> None:
         self.metrics = metrics
 
         class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            def do_GET(self, head: bool = False) -> None:  # noqa: N802 - http.server's name
                 if self.path.split("?", 1)[0] != "/metrics":
-                    self._send(404, b"not found: try /metrics\n", "text/plain; charset=utf-8")
+                    self._send(404, b"not found: try /metrics\n", "text/plain; charset=utf-8", head)
                     return
-                self._send(200, metrics.text().encode("utf-8"), CONTENT_TYPE)
+                self._send(200, metrics.text().encode("utf-8"), CONTENT_TYPE, head)
 
-            def _send(self, status: int, body: bytes, ctype: str) -> None:
+            def do_HEAD(self) -> None:  # noqa: N802 - http.server's name
+                """What GET answers, without the body: health checkers probe with HEAD."""
+                self.do_GET(head=True)
+
+            def _send(self, status: int, body: bytes, ctype: str, head: bool = False) -> None:
                 self.send_response(status)
                 self.send_header("Content-Type", ctype)
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
-                self.wfile.write(body)
+                if not head:
+                    self.wfile.write(body)
 
             timeout = 10  # a client that connects and says nothing does not hold a thread for ever
 

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING
 from skyhedge.controller import presence
 from skyhedge.controller.loop import Controller, ControllerOptions, apply_cause
 from skyhedge.controller.supervisor import Supervisor
-from skyhedge.errors import CloudError, EngineError, SkyhedgeError, SpecError, StateError
+from skyhedge.errors import CloudError, EngineError, RoutingError, SkyhedgeError, SpecError, StateError
 from skyhedge.events import EventSource
 from skyhedge.service import Placement, compute_plan, resolve_placement
 from skyhedge.spec import ServiceSpec, load_spec, replica_revision, spec_changes
@@ -382,8 +382,12 @@ class Watcher:
                     path="terraform",
                 )
             if self.metrics_port is not None:
-                from skyhedge.controller.metrics import local_port_conflict
+                from skyhedge.controller.metrics import local_port_conflict, router_port_conflict
 
+                taken = router_port_conflict(new, self.metrics_port)
+                if taken is not None:
+                    field_name, text = taken
+                    raise SpecError(text, file=new.source, path=field_name)
                 if local_port_conflict(new, self.metrics_port) is not None:
                     raise SpecError(
                         f"{new.resources.local_base_port} puts the watcher's --metrics-port "
@@ -433,6 +437,10 @@ class Watcher:
         if use is not None:
             use(new)
         if self.gitops is not None:
+            previous = self._gitops_executor
+            if previous is not None and previous is not executor:
+                # the commit it owes, and the spec changes the next commit's message names
+                executor.take_over(previous)  # type: ignore[attr-defined]
             self._gitops_executor = executor  # type: ignore[assignment]
         self.spec, self.placement = new, placement
         ctl.reconfigure(
@@ -471,6 +479,10 @@ class Watcher:
             if applied is not None and applied.errors:  # a check for CI or cron: say it failed
                 cause = apply_cause(applied.detail)
                 raise EngineError(f"apply failed: {applied.errors[0]}" + (f" ({cause})" if cause else ""))
+            if self.controller._routing_failed:  # replicas nothing routes to: not a success either
+                said = [n.text for n in self.controller.notes if n.text.startswith("routing: ")]
+                why = said[-1].removeprefix("routing: ") if said else "the router could not be updated"
+                raise RoutingError(f"routing failed: {why}")
             return
         for source in self.controller.sources:
             source.watch(self.supervisor.wake)
