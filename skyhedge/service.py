@@ -253,23 +253,17 @@ def _check_subnet_zones(spec: ServiceSpec, catalogs: dict[str, Any]) -> None:
     """`aws.subnets` keys must be AWS zone IDs the catalog knows, `gcp.subnetworks` keys GCP
     regions it knows (a typo would silently drop a zone or region). Unused without the cloud,
     like gcp.project."""
-    if spec.aws.subnets and "aws" in catalogs:
-        known = catalogs["aws"].zones()
-        for zone, _ in spec.aws.subnets:
-            if zone not in known:
+    for cloud, catalog in catalogs.items():
+        network = spec.network(cloud)
+        if network is None or not network.confined:
+            continue
+        known = getattr(catalog, network.confining_level)()
+        for key in network.confining_keys():
+            if key not in known:
                 raise SpecError(
-                    f"unknown AWS zone ID {zone!r}{did_you_mean(zone, known)}",
+                    f"unknown {network.confining_kind} {key!r}{did_you_mean(key, known)}",
                     file=spec.source,
-                    path=f"aws.subnets.{zone}",
-                )
-    if spec.gcp.subnetworks and "gcp" in catalogs:
-        known = catalogs["gcp"].regions()
-        for region, _ in spec.gcp.subnetworks:
-            if region not in known:
-                raise SpecError(
-                    f"unknown GCP region {region!r}{did_you_mean(region, known)}",
-                    file=spec.source,
-                    path=f"gcp.subnetworks.{region}",
+                    path=f"{network.confining_field}.{key}",
                 )
 
 

@@ -233,6 +233,11 @@ class AwsConfig:
 
     #: What `confines` keeps replicas to, for errors that say why no zone is left.
     confinement = "AWS zones are those of aws.subnets"
+    #: The field naming them, what its keys are, and the catalog's list they must be in.
+    confining_field, confining_kind, confining_level = "aws.subnets", "AWS zone ID", "zones"
+
+    def confining_keys(self) -> tuple[str, ...]:
+        return tuple(zone for zone, _ in self.subnets)
 
 
 @dataclass(frozen=True)
@@ -262,6 +267,11 @@ class GcpConfig:
 
     #: What `confines` keeps replicas to, for errors that say why no zone is left.
     confinement = "GCP regions are those of gcp.subnetworks"
+    #: The field naming them, what its keys are, and the catalog's list they must be in.
+    confining_field, confining_kind, confining_level = "gcp.subnetworks", "GCP region", "regions"
+
+    def confining_keys(self) -> tuple[str, ...]:
+        return tuple(region for region, _ in self.subnetworks)
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 from controller_fakes import Clock, FakeSource
+from test_controller_gitops import SPEC as GITOPS_SPEC
 
 from skyhedge.cli import main
 from skyhedge.controller.gitops import GitOpsExecutor
@@ -27,18 +28,7 @@ from skyhedge.spec import load_spec
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
-LOCAL = """\
-name: svc
-placement:
-  clouds: [local]
-  zones: [local-a, local-b, local-c]
-replica_policy:
-  min_replicas: 2
-  num_overprovision: 1
-  policy: spothedge
-run:
-  command: python3 server.py
-"""
+LOCAL = GITOPS_SPEC.lstrip("\n")  # the GitOps tests' local service
 
 #: No local paths in its tree: a clone renders it byte for byte (the local cloud's roots name
 #: the working directory and the state dir, see docs/terraform.md).
