@@ -618,6 +618,29 @@ def test_a_wave_that_leaves_one_zone_keeps_one_on_demand_for_a_while() -> None:
     assert Terminate("od1") in later
 
 
+def test_a_wave_seen_zone_by_zone_in_passes_seconds_apart_is_still_a_wave() -> None:
+    """The watcher runs a pass per event, so a wave's zones reach the policy seconds apart, one
+    per observation: rule 9 must hold the on-demand replica there too (it never fired under
+    `watch`). Losses a simulator tick apart (30 s) stay separate, as in one-observation waves."""
+    z = zones(4)
+    cands = tuple(Candidate(loc, 1.0, 3.0) for loc in z)
+    t0 = 20 * HOUR
+    calm = (fact("a1", z[0]), fact("b1", z[1]), fact("c1", z[2]), fact("d1", z[3]))
+    survivors = (fact("a1", z[0]), fact("a2", z[0], at=t0 - 600), fact("a3", z[0], at=t0 - 600))
+    od = (fact("od1", z[0], spot=False, at=t0),)
+
+    def after_losses(gap: float) -> list:
+        policy = SkyHedge()
+        policy.decide(Observation(0.0, 3, cands, calm))
+        first = (ZoneEvent(EventKind.PREEMPTED, z[1], t0, "b1"),)
+        second = (ZoneEvent(EventKind.PREEMPTED, z[2], t0 + gap, "c1"),)
+        policy.decide(Observation(t0 + 1, 3, cands, survivors + (fact("c1", z[2]),) + od, first))
+        return policy.decide(Observation(t0 + gap + 1, 3, cands, survivors + od, second))
+
+    assert Terminate("od1") not in after_losses(2.0)  # one wave, two passes
+    assert Terminate("od1") in after_losses(30.0)  # a tick apart: two separate losses
+
+
 def test_a_single_zone_preemption_is_no_wave() -> None:
     z = zones(4)
     cands = tuple(Candidate(loc, 1.0, 3.0) for loc in z)

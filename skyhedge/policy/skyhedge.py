@@ -63,13 +63,15 @@ spot traces (`benchmarks/policy_report.py`, docs/policy.md), never from one trac
    skyhedge, with no N + 1 distinct zones for its extra (rule 4), held its replicas gathered in
    one zone through the most turbulent hours.
 
-9. **A wave leaves the survivor squeezed.** When one observation shows preemptions in two or more
-   zones and the replicas are left gathered in a single zone, one on-demand replica stays for
-   WAVE_HOLD_SECONDS (15 min) however calm that zone looks: when capacity vanishes in several zones
-   at once, the zone that survived is where the displaced demand goes next, and a pool below its
-   usual size drops again within 15 minutes a third of the time (docs/policy.md). On the paper's
-   GCP trace a wave empties three zones and the survivor shrinks twice in the next ten minutes;
-   without this rule skyhedge lost a second cold start there.
+9. **A wave leaves the survivor squeezed.** When preemptions hit two or more zones within
+   WAVE_WINDOW_SECONDS (30 s: one observation of the simulator; the watcher observes each zone's
+   loss in a pass of its own) and the replicas are left gathered in a single zone, one on-demand
+   replica stays for WAVE_HOLD_SECONDS (15 min) however calm that zone looks: when capacity
+   vanishes in several zones at once, the zone that survived is where the displaced demand goes
+   next, and a pool below its usual size drops again within 15 minutes a third of the time
+   (docs/policy.md). On the paper's GCP trace a wave empties three zones and the survivor
+   shrinks twice in the next ten minutes; without this rule skyhedge lost a second cold start
+   there.
 
 10. **The extra's on-demand stand-in only while the risk pays for it.** When the extra replica is
    wanted but no spot replica holds it (N are READY on spot, the extra is not), SpotHedge buys an
@@ -145,6 +147,10 @@ SETTLE_COLD_STARTS = 2.0
 PRIOR_AGE_SECONDS = 1.0
 #: Rule 9: how long one on-demand replica stays after a wave leaves the replicas in one zone.
 WAVE_HOLD_SECONDS = 900.0
+#: Rule 9: preemptions in several zones closer together than this are one wave. The simulator
+#: observes every 30 s, so a wave there is one observation, as before; the watcher runs a pass
+#: per event, so the zones of one wave reach it a few seconds apart.
+WAVE_WINDOW_SECONDS = 30.0
 
 _TROUBLE = frozenset({EventKind.PREEMPTED, EventKind.LAUNCH_FAILED, EventKind.WARNING})
 
@@ -186,7 +192,8 @@ class SkyHedge(SpotHedge):
         self._cold = DEFAULT_COLD_START
         self._interval = DEFAULT_INTERVAL
         self._last_now: float | None = None
-        self._wave_at: float | None = None  # last observation with preemptions in 2+ zones
+        self._wave_at: float | None = None  # last time preemptions had hit 2+ zones (rule 9)
+        self._lost_at: dict[Location, float] = {}  # last preemption per zone (rule 9's window)
 
     # -- memory -------------------------------------------------------------------------------
 
@@ -217,13 +224,20 @@ class SkyHedge(SpotHedge):
                         continue  # full at its usual size: not a sign of trouble
             elif kind is EventKind.PREEMPTED:
                 lost.add(where)
+                self._lost_at[where] = max(event.at, self._lost_at.get(where, event.at))
             elif kind is EventKind.WARNING and event.replica_id is not None:
                 self._warned.add(event.replica_id)
             self._trouble[where] = max(event.at, self._trouble.get(where, event.at))
         if lost & kept:
             self._partial = True  # a zone took some of our replicas and left others
-        if len(lost) >= 2:
-            self._wave_at = now  # a wave: several zones at once (rule 9)
+        if lost:
+            # a wave: several zones lost within the window of the newest loss (rule 9); measured
+            # between the losses' own times, not to `now`: the simulator reports a tick's events
+            # at the next observation
+            newest = max(self._lost_at.values())
+            self._lost_at = {z: at for z, at in self._lost_at.items() if newest - at < WAVE_WINDOW_SECONDS}
+            if len(self._lost_at) >= 2:
+                self._wave_at = now
         for where, count in held.items():
             if count > self._most_held.get(where, 0):
                 self._most_held[where] = count
@@ -479,6 +493,7 @@ class SkyHedge(SpotHedge):
                 "interval": self._interval,
                 "last_now": self._last_now,
                 "wave_at": self._wave_at,
+                "lost_at": {z.key: t for z, t in sorted(self._lost_at.items())},
             }
         )
         return data
@@ -507,6 +522,10 @@ class SkyHedge(SpotHedge):
             self._warned = {str(x) for x in warned}
             wave = data.get("wave_at")
             self._wave_at = None if wave is None else float(wave)
+            lost_at = data.get("lost_at", {})
+            if not isinstance(lost_at, dict):
+                raise TypeError("'lost_at' must be an object")
+            self._lost_at = {Location.parse(str(k)): float(v) for k, v in lost_at.items()}
             self._cold = float(data.get("cold_start", DEFAULT_COLD_START))
             self._interval = float(data.get("interval", DEFAULT_INTERVAL))
         except (ValueError, TypeError) as exc:
