@@ -439,3 +439,73 @@ def test_a_spec_change_rolls_over_under_load_without_an_outage(service):
     service.wait(  # (noted once the reload is taken, just after nginx moved)
         "the reload noted", lambda: f"service.port: {service.port} -> {moved}" in service.logs(), timeout=10
     )
+
+
+def _stream(url: str, tokens: int, out: list[dict[str, object]]) -> None:
+    """One streamed completion through the router; records its replica, chunk count and end."""
+    body = json.dumps(
+        {"model": "local-echo", "prompt": "the spot market", "max_tokens": tokens, "stream": True}
+    ).encode()
+    req = urllib.request.Request(
+        url + "/v1/completions", data=body, headers={"Content-Type": "application/json"}
+    )
+    result: dict[str, object] = {"chunks": 0, "done": False}
+    try:
+        with _NO_PROXY.open(req, timeout=60) as resp:
+            result["replica"] = resp.headers.get("X-Replica-Id", "?")
+            for line in resp:
+                if line.startswith(b"data: [DONE]"):
+                    result["done"] = True
+                elif line.startswith(b"data: "):
+                    result["chunks"] = int(result["chunks"]) + 1  # type: ignore[call-overload]
+    except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
+        result["error"] = str(exc)
+    result["end"] = time.time()
+    out.append(result)
+
+
+def test_a_replica_released_mid_generation_finishes_it_while_the_watcher_goes_on(service):
+    """A scale-down releases a replica serving a long generation: it leaves the router at once,
+    keeps running until that generation is done, and only then is destroyed. Meanwhile the
+    watcher goes on with its passes (the drain no longer blocks one for up to 30 s, during which
+    a preemption went unnoticed and the replacement was not launched)."""
+    _edit_spec(service.spec_path, "run:\n", "run:\n  env: {ECHO_TOKEN_DELAY: '0.05'}\n")
+    service.start_watcher()
+    service.wait("3 READY spot replicas routed", service.converged, timeout=90)
+    url = f"http://127.0.0.1:{service.port}"
+    streams: list[dict[str, object]] = []
+    threads = [threading.Thread(target=_stream, args=(url, 300, streams), daemon=True) for _ in range(3)]
+    for t in threads:  # round robin over 3 upstreams: one 15 s generation on each replica
+        t.start()
+        time.sleep(0.3)
+    time.sleep(1.0)
+    _edit_spec(service.spec_path, "min_replicas: 2", "min_replicas: 1")
+    service.wait("a replica released", lambda: any(r.draining for r in service.state().live()), timeout=20)
+    victim = next(r for r in service.state().live() if r.draining)
+    released_at = time.time()
+    # the victim is out of the router at once, but still running
+    service.wait(
+        "the victim unrouted", lambda: victim.id not in {p[0] for p in service.state().extra["routed"]}, 10
+    )
+    assert victim.id in {p.id for p in list_pidfiles(runtime_dir(service.state_dir))}
+    # the watcher goes on meanwhile: a preemption elsewhere is seen within seconds
+    other = next(r for r in service.state().live() if r.id != victim.id and not r.draining)
+    preempt_zone(service.state_dir, other.zone, seconds=120)
+    service.wait(
+        "the preemption noticed during the drain",
+        lambda: service.state().replicas[other.id].gone_at is not None,
+        timeout=8,
+    )
+    noticed = time.time()
+    for t in threads:
+        t.join(timeout=40)
+    mine = [s for s in streams if s.get("replica") == victim.id]
+    assert mine and all(s["done"] and "error" not in s for s in mine), streams  # finished, not cut
+    service.wait(
+        "the victim destroyed once drained",
+        lambda: service.state().replicas[victim.id].gone_at is not None,
+        30,
+    )
+    assert noticed - released_at < 8
+    assert float(service.state().replicas[victim.id].gone_at) >= min(float(s["end"]) for s in mine) - 1.0  # type: ignore[arg-type]
+    assert "drain" not in service.state().extra  # the hold is released with the replica

@@ -635,3 +635,28 @@ def test_a_crash_loop_found_by_probes_holds_launches_from_the_third_burst(world)
     held = next(n for n in ctl.notes if n.text.startswith("crash loop: 3 bursts"))
     rounds = {r.launched_at for r in ctl.state.replicas.values() if r.launched_at <= held.at}
     assert len(rounds) == 3  # the first launch and two relaunches; none after the third burst
+
+
+def test_a_replica_being_released_serves_again_when_nothing_else_can():
+    """Its destroy waits for its requests to end; if every other replica is lost meanwhile (a
+    preemption during a scale-down), it is routed again rather than an empty router's 503s."""
+    from skyhedge.controller.facts import routable
+    from skyhedge.state import ReplicaRecord, ServiceState
+
+    st = ServiceState(service="svc")
+    for rid, draining in (("r-0001", True), ("r-0002", False)):
+        st.replicas[rid] = ReplicaRecord(
+            rid,
+            "local",
+            "local",
+            "local-a",
+            "spot",
+            launched_at=0.0,
+            provisioned_at=1.0,
+            ready_at=2.0,
+            endpoint=f"http://127.0.0.1:1800{rid[-1]}",
+            draining=draining,
+        )
+    assert [r.id for r in routable(st)] == ["r-0002"]
+    st.replicas["r-0002"].gone_at = 5.0  # preempted
+    assert [r.id for r in routable(st)] == ["r-0001"]

@@ -12,7 +12,7 @@ from typing import Any
 
 from skyhedge.errors import RoutingError
 from skyhedge.probe import check_all
-from skyhedge.routing import Router, Upstream, read_stub_status
+from skyhedge.routing import Router, Upstream, read_stub_status, workers_alive
 from skyhedge.spec import ServiceSpec
 from skyhedge.state import ReplicaRecord
 
@@ -48,6 +48,19 @@ class NginxRouter:
                 "requests still in flight to removed replicas after %.0fs; going on", self.drain_timeout
             )
         return self.router.status()
+
+    def begin_drain(self, upstreams: Sequence[tuple[str, str]]) -> tuple[dict[str, Any], list[int]]:
+        """Route to `upstreams` only, without waiting: (status, the old workers' pids). The
+        controller keeps the removed replicas running until `draining(pids)` is False (their
+        requests ended) or its deadline passes, and goes on with its passes meanwhile."""
+        ups = [Upstream(rid, endpoint) for rid, endpoint in upstreams]
+        if not self.running():
+            return self._up(ups), []
+        old = self.router.begin_drain(ups)
+        return self.router.status(), old
+
+    def draining(self, pids: Sequence[int]) -> bool:
+        return workers_alive(pids)
 
     def _up(self, ups: list[Upstream]) -> dict[str, Any]:
         """Start-or-reload; after a start, the fresh nginx's counter is read at once as the new

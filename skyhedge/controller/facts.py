@@ -185,18 +185,24 @@ def routable(state: ServiceState) -> list[ReplicaRecord]:
     FAILED), those stay routed ("panic mode", as Envoy's panic threshold): a probe round failing
     everywhere at once is more often the prober's network or a slow health endpoint than every
     replica down, and nginx's own retries and timeouts still guard each request, where an empty
-    upstream list would answer 503 to all of them.
+    upstream list would answer 503 to all of them. Failing that, READY replicas being released.
     """
     table = warned(state)
     ready: list[ReplicaRecord] = []
     failing: list[ReplicaRecord] = []
+    leaving: list[ReplicaRecord] = []
     for rec in state.live():
         if rec.endpoint is None or rec.ready_at is None:
             continue
         if rec.draining and rec.id not in table:
+            if rec.not_ready_since is None:
+                leaving.append(rec)
             continue
         (ready if rec.not_ready_since is None else failing).append(rec)
-    return sorted(ready or failing, key=lambda r: r.id)
+    # Last, replicas being released that still answer (their destroy waits for their requests):
+    # when every other one is gone (a preemption during a scale-down or a rolling update), they
+    # serve again rather than leaving the router with nothing but 503s.
+    return sorted(ready or failing or leaving, key=lambda r: r.id)
 
 
 def status_counts(state: ServiceState) -> dict[ReplicaStatus, int]:

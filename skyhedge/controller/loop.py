@@ -51,6 +51,10 @@ from skyhedge.service import Placement, compute_plan, remember_decision, resolve
 from skyhedge.spec import ServiceSpec, replica_revision
 from skyhedge.state import ReplicaRecord, ServiceState, load_state, save_state
 
+#: `state.extra` key: removed replicas kept running until their requests end, with when their
+#: drain began and the nginx workers that may still serve them.
+DRAIN_KEY = "drain"
+
 log = logging.getLogger("skyhedge.controller")
 #: A note identical to the previous one is repeated at most this often (see Controller.note).
 NOTE_REPEAT_SECONDS = 60.0
@@ -412,13 +416,33 @@ class Controller:
         """Delete draining replicas the policy no longer counts (scale-down victims whose destroy
         was interrupted, warned replicas past their grace); keep warned ones serving."""
         table = warned(self.state)
+        now = self.clock()
+        self._forget_stale_drains()
         out = []
         for r in plan.replicas:
             rec = self.state.replicas.get(r.id)
-            if r.action == KEEP and rec is not None and rec.draining and r.id not in table:
+            if (
+                r.action == KEEP
+                and rec is not None
+                and rec.draining
+                and r.id not in table
+                and self._drained(r.id, now)
+            ):
                 r = replace(r, action=DELETE)
             out.append(r)
         return replace(plan, replicas=tuple(out))
+
+    def _forget_stale_drains(self) -> None:
+        """Drop drain holds of replicas no longer draining (gone, or a restart reopened them)."""
+        table = self.state.extra.get(DRAIN_KEY)
+        if not table:
+            return
+        for rid in list(table):
+            rec = self.state.replicas.get(rid)
+            if rec is None or rec.gone_at is not None or not rec.draining:
+                table.pop(rid)
+        if not table:
+            self.state.extra.pop(DRAIN_KEY)
 
     def _settle(self, plan: Plan, memory: dict[str, Any], now: float) -> tuple[Plan, dict[str, Any]]:
         """GitOps: replicas count as READY once committed, so let the policy see that before committing.
@@ -477,7 +501,18 @@ class Controller:
         self.save()  # the intent is durable before anything changes outside
         routed_ids = {pair[0] for pair in st.extra.get("routed") or []}
         if any(r.id in routed_ids for r in deletes):
-            self._route(drain=True)  # drain before destroy: removed replicas leave the router first
+            # drain before destroy: removed replicas leave the router first. Without waiting:
+            # their destroy is held until their requests end (`_finalise`), and this pass goes
+            # on, launching the plan's replacements now and noticing preemptions meanwhile.
+            pids = self._route(drain=True)
+            needed = {r.id for r in routable(st)}  # panic: still the only ones that can answer
+            held = [r.id for r in deletes if r.id in routed_ids and (pids or r.id in needed)]
+            if held:
+                self._hold_for_drain(held, pids or [], now)
+                plan = replace(
+                    plan,
+                    replicas=tuple(replace(r, action=KEEP) if r.id in held else r for r in plan.replicas),
+                )
         before = {r.id: r.provisioned_at for r in st.live()}
         started = self.clock()
         try:
@@ -527,24 +562,31 @@ class Controller:
             if stray:
                 self.note(f"stopped orphan replica(s) left by an earlier crash: {', '.join(stray)}")
 
-    def _route(self, force: bool = False, drain: bool = False) -> None:
+    def _route(self, force: bool = False, drain: bool = False) -> list[int] | None:
+        """Route to the routable replicas. With `drain` and a router that can drain without
+        waiting, returns the old nginx workers' pids (empty: nothing was in flight)."""
         if self.router is None or self.options.assume_ready:
-            return
+            return None
         wanted = [[r.id, r.endpoint] for r in routable(self.state)]
         routed = self.state.extra.get("routed")
         if not force and not self._routing_failed and wanted == routed and self.router.running():
-            return
+            return None
         pairs = [(str(rid), str(ep)) for rid, ep in wanted]
         was_down = routed is not None and not self.router.running()  # killed from outside
+        old: list[int] | None = None
         try:
-            status = self.router.drain(pairs) if drain else self.router.reload(pairs)
+            begin = getattr(self.router, "begin_drain", None) if drain else None
+            if begin is not None:
+                status, old = begin(pairs)
+            else:
+                status = self.router.drain(pairs) if drain else self.router.reload(pairs)
         except (RoutingError, OSError) as exc:
             # Never let routing block replacing replicas: keep going, retry on the next tick (an
             # OSError: the router's files could not be written, e.g. a full disk).
             self._routing_failed = True
             stderr = getattr(exc, "stderr", "") or ""
             self.note(f"routing: {exc}" + (f" ({stderr.strip().splitlines()[0]})" if stderr.strip() else ""))
-            return
+            return None
         self._routing_failed = False
         if isinstance(status, dict):
             self.state.router = status
@@ -568,6 +610,36 @@ class Controller:
             )
             change = (f" +{','.join(added)}" if added else "") + (f" -{','.join(removed)}" if removed else "")
             self.note(f"routing: {len(wanted)} upstreams{change}", now)
+        return old
+
+    def _hold_for_drain(self, ids: Sequence[str], pids: Sequence[int], now: float) -> None:
+        """Keep `ids` running (out of the router) until the nginx workers that may still serve
+        them (`pids`) are gone, or `drain_deadline` passes: `_finalise` destroys them then."""
+        table = self.state.extra.setdefault(DRAIN_KEY, {})
+        for rid in ids:
+            entry = table.get(rid) or {"since": now, "pids": []}
+            entry["pids"] = sorted({*entry["pids"], *pids})
+            table[rid] = entry
+
+    def drain_deadline(self) -> float:
+        """How long a removed replica's requests may run on: the router's read timeout, the
+        longest a generation may go silent (a fixed 30 s cut generations that were still going)."""
+        return float(self.spec.service.router.read_timeout)
+
+    def _drained(self, rid: str, now: float) -> bool:
+        """`rid` may be destroyed: not held for a drain, or its drain finished or timed out."""
+        entry = (self.state.extra.get(DRAIN_KEY) or {}).get(rid)
+        if entry is None:
+            return True
+        pending = getattr(self.router, "draining", None)
+        if now - float(entry["since"]) >= self.drain_deadline():
+            self.note(f"{rid}: requests still in flight after {self.drain_deadline():.0f}s; removing it", now)
+        elif pending is not None and pending(entry["pids"]) or rid in {r.id for r in routable(self.state)}:
+            return False
+        self.state.extra[DRAIN_KEY].pop(rid, None)
+        if not self.state.extra[DRAIN_KEY]:
+            self.state.extra.pop(DRAIN_KEY)
+        return True
 
     def _failed_lately(self, now: float) -> list[ReplicaRecord]:
         """Replicas of the current revision (or recorded before revisions existed) that failed
@@ -658,6 +730,8 @@ class Controller:
         delay = opts.interval
         if any(r.fact().status in BUSY for r in self.state.live()) or warned(self.state):
             delay = opts.busy_interval
+        if self.state.extra.get(DRAIN_KEY):  # replicas wait for their requests to end
+            delay = min(delay, max(opts.busy_interval, 1.0))
         hold = self._crash_hold(self.clock())
         if hold > 0:
             delay = max(delay, min(opts.interval, hold))

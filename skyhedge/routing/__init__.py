@@ -9,7 +9,7 @@ lifecycle, `stub_status` reads the request counters the autoscaler uses.
 """
 
 from skyhedge.routing.config import RouterOptions, Upstream, render_config
-from skyhedge.routing.router import Router, running_router_pid
+from skyhedge.routing.router import Router, running_router_pid, workers_alive
 from skyhedge.routing.stub_status import parse_stub_status, read_stub_status
 
 __all__ = [
@@ -20,4 +20,5 @@ __all__ = [
     "read_stub_status",
     "render_config",
     "running_router_pid",
+    "workers_alive",
 ]

@@ -68,6 +68,11 @@ def _first_problem(text: str) -> str:
     return (serious or lines or [""])[0].removeprefix("nginx: ")
 
 
+def workers_alive(pids: Iterable[int]) -> bool:
+    """Whether any of these nginx workers (from before a reload) still serves a request."""
+    return any(nginx.alive(p) for p in pids)
+
+
 def _wait(predicate: Any, timeout: float) -> bool:
     deadline = time.monotonic() + timeout
     while True:
@@ -187,10 +192,16 @@ class Router:
         Call it before destroying replicas. True when every old worker finished within `timeout`
         seconds; False when some request was still running (the caller may destroy anyway).
         """
+        old = self.begin_drain(upstreams)
+        return _wait(lambda: not workers_alive(old), timeout)
+
+    def begin_drain(self, upstreams: Iterable[Upstream]) -> list[int]:
+        """Reload with `upstreams` (the survivors) without waiting: returns the old workers' pids,
+        whose exit (`workers_alive`) says the requests in flight to the others have ended. A
+        controller polls that between its passes instead of blocking one for the whole drain."""
         ups = sorted_upstreams(upstreams)
         with self._locked():
-            old = self._reload(ups)
-        return _wait(lambda: not any(nginx.alive(p) for p in old), timeout)
+            return self._reload(ups)
 
     def down(self, *, timeout: float = 10.0) -> None:
         """Graceful quit (in-flight requests finish, bounded by `timeout`), then fast, then kill."""
