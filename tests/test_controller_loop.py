@@ -660,3 +660,86 @@ def test_a_replica_being_released_serves_again_when_nothing_else_can():
     assert [r.id for r in routable(st)] == ["r-0002"]
     st.replicas["r-0002"].gone_at = 5.0  # preempted
     assert [r.id for r in routable(st)] == ["r-0001"]
+
+
+class DrainingRouter(FakeRouter):
+    """A router that drains without waiting, as nginx's does: old workers stay until told."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.busy: set[int] = set()
+        self._next = 1000
+
+    def begin_drain(self, upstreams):
+        self._next += 1
+        self.busy.add(self._next)
+        return self.reload(upstreams), [self._next]
+
+    def draining(self, pids) -> bool:
+        return bool(self.busy & set(pids))
+
+
+def test_a_released_replica_is_destroyed_only_after_its_requests_end_and_the_pass_goes_on(world, write_spec):
+    """The scale-down's victim leaves the router at once and keeps running while the old
+    workers serve it; later passes go on (a replacement is launched at once), and it is
+    destroyed only once those workers are gone."""
+    router = DrainingRouter()
+    world["router"] = router
+    ctl, clock = make(world), world["clock"]
+    settle(ctl, clock)
+    router.busy.clear()  # the start-up's on-demand covers drained
+    settle(ctl, clock)
+    assert len(ctl.state.live()) == 3 and "drain" not in ctl.state.extra
+    smaller = (
+        SPEC.replace("  min_replicas: 2\n", "  min_replicas: 1\n")
+        .replace("  target_qps_per_replica: 10\n", "")
+        .replace("  max_replicas: 4\n", "")
+    )
+    _reconfigure(ctl, load_spec(write_spec(smaller, "smaller.yaml")))
+    settle(ctl, clock, ticks=2)
+    victims = [r for r in ctl.state.live() if r.draining]
+    assert victims and all(r.id in world["executor"].ids() for r in victims)  # still running
+    assert not {r.id for r in victims} & set(router.current)  # but no longer routed
+    settle(ctl, clock, ticks=3)
+    assert all(ctl.state.replicas[r.id].gone_at is None for r in victims)  # requests still running
+    router.busy.clear()  # the old workers finished
+    settle(ctl, clock, ticks=2)
+    assert all(ctl.state.replicas[r.id].gone_at is not None for r in victims)
+    assert not {r.id for r in victims} & world["executor"].ids()
+    assert "drain" not in ctl.state.extra
+
+
+def test_a_released_replica_routed_back_in_a_pinch_drains_again_before_it_goes(world, write_spec):
+    """Every other replica lost during the drain: the released one serves again. Once the
+    replacements are READY it leaves the router again, and its destroy waits for the requests
+    it took meanwhile, not only for those of its first drain."""
+    router = DrainingRouter()
+    world["router"] = router
+    ctl, clock, src = make(world), world["clock"], world["source"]
+    settle(ctl, clock)
+    router.busy.clear()
+    settle(ctl, clock)
+    smaller = (
+        SPEC.replace("  min_replicas: 2\n", "  min_replicas: 1\n")
+        .replace("  target_qps_per_replica: 10\n", "")
+        .replace("  max_replicas: 4\n", "")
+    )
+    _reconfigure(ctl, load_spec(write_spec(smaller, "smaller.yaml")))
+    settle(ctl, clock, ticks=2)
+    victims = {r.id for r in ctl.state.live() if r.draining}
+    first = set(router.busy)
+    for rec in ctl.state.live():
+        if rec.id not in victims:
+            src.queue.append(
+                PreemptionEvent(Signal.GONE, clock(), "fake", replica_id=rec.id, reason="preempted")
+            )
+    ctl.tick()
+    assert victims & set(router.current)  # routed again: nothing else can answer
+    settle(ctl, clock, ticks=6)  # replacements READY: the victims leave the router again
+    assert not victims & set(router.current)
+    router.busy -= first  # the first drain's workers are gone; the second drain's still serve
+    settle(ctl, clock, ticks=3)
+    assert all(ctl.state.replicas[rid].gone_at is None for rid in victims)
+    router.busy.clear()
+    settle(ctl, clock, ticks=3)
+    assert all(ctl.state.replicas[rid].gone_at is not None for rid in victims)

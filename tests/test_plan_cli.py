@@ -421,15 +421,17 @@ def test_a_new_gcp_network_under_running_replicas_is_refused_with_the_way_out(tm
 # `plan --json` marks the replicas (and roots) a failed or interrupted apply left undone
 # (README, "plan --json"): the documented shape above, extended, never renamed.
 _REPLICA_SCHEMA = PLAN_SCHEMA["properties"]["replicas"]["items"]
-_REPLICA_SCHEMA["required"].append("pending")
+_REPLICA_SCHEMA["required"] += ["pending", "releasing"]
 _REPLICA_SCHEMA["properties"]["pending"] = {"type": "boolean"}
+_REPLICA_SCHEMA["properties"]["releasing"] = {"type": "boolean"}
 PLAN_SCHEMA["required"].append("pending_roots")
 PLAN_SCHEMA["properties"]["pending_roots"] = {
     "type": "array",
     "items": {"type": "string", "pattern": "^[^/]+/[^/]+$"},
 }
-PLAN_SCHEMA["properties"]["summary"]["required"].append("pending")
+PLAN_SCHEMA["properties"]["summary"]["required"] += ["pending", "releasing"]
 PLAN_SCHEMA["properties"]["summary"]["properties"]["pending"] = {"type": "integer", "minimum": 0}
+PLAN_SCHEMA["properties"]["summary"]["properties"]["releasing"] = {"type": "integer", "minimum": 0}
 
 
 def test_a_recorded_replica_never_created_is_pending_not_kept(tmp_path, write_spec):
@@ -456,3 +458,27 @@ def test_a_recorded_replica_never_created_is_pending_not_kept(tmp_path, write_sp
     assert data["summary"]["pending"] == 1 and data["pending_roots"] == []
     table = run("plan", str(spec), "--state-dir", str(state_dir)).output
     assert "+ create (pending)" in table and "1 of them pending creation" in table
+
+
+def test_a_replica_a_watcher_is_releasing_is_a_pending_delete(tmp_path, write_spec):
+    """Out of the router, running until its requests end (up to read_timeout): `plan` must not
+    call it kept, and `--detailed-exitcode` says a change is still to come."""
+    from skyhedge.spec import load_spec
+
+    spec = write_spec(
+        "name: svc\nplacement: {clouds: [local], zones: [local-a, local-b]}\n"
+        "replica_policy: {min_replicas: 1, num_overprovision: 0, policy: spothedge}\nrun: {command: serve}\n"
+    )
+    save_ready_spot(tmp_path / "st", "svc", "local", "local", ["local-a", "local-b"])
+    state = load_state(tmp_path / "st", "svc")
+    state.replicas["r-0002"].draining = True
+    state.replicas["r-0002"].cloud_id = state.replicas["r-0001"].cloud_id = "id"
+    save_state(tmp_path / "st", state)
+    assert load_spec(spec).name == "svc"
+    data = json.loads(run("plan", str(spec), "--state-dir", str(tmp_path / "st"), "--json").output)
+    jsonschema.validate(data, PLAN_SCHEMA)
+    releasing = {r["id"]: r["releasing"] for r in data["replicas"]}
+    assert releasing == {"r-0001": False, "r-0002": True} and data["summary"]["releasing"] == 1
+    table = run("plan", str(spec), "--state-dir", str(tmp_path / "st"), "--detailed-exitcode")
+    assert table.exit_code == 2
+    assert "- delete (draining)" in table.output and "1 replica(s) being released (r-0002)" in table.output

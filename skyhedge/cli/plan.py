@@ -24,6 +24,8 @@ from skyhedge.state import ServiceState, default_state_dir, load_state
 
 #: The table's name for a kept replica that was never created (see `Pending`).
 PENDING = "pending"
+#: The table's name for a replica released by a watcher, still running until its requests end.
+RELEASING = "releasing"
 
 
 @dataclass(frozen=True)
@@ -36,13 +38,16 @@ class Pending:
     `replicas`: kept replicas never created (no `cloud_id`, no `provisioned_at`).
     `roots`: Terraform roots (`cloud/region`) whose rendered inputs differ from those of their
     last successful apply (`skyhedge.apply.changed_roots`, the check `apply` makes), where the
-    plan creates and deletes nothing (a root with creates or deletes is a change already)."""
+    plan creates and deletes nothing (a root with creates or deletes is a change already).
+    `releasing`: replicas a watcher released that still run, out of the router, until their
+    requests end (docs/controller.md, step 7): the plan keeps them, their destroy is pending."""
 
     replicas: frozenset[str] = frozenset()
     roots: tuple[str, ...] = ()
+    releasing: frozenset[str] = frozenset()
 
     def __bool__(self) -> bool:
-        return bool(self.replicas or self.roots)
+        return bool(self.replicas or self.roots or self.releasing)
 
 
 def _applied_roots_readable(state: ServiceState) -> bool:
@@ -76,6 +81,9 @@ def pending_work(
         and live[r.id].cloud_id is None
         and live[r.id].provisioned_at is None
     )
+    releasing = frozenset(
+        r.id for r in plan.replicas if r.action == KEEP and r.id in live and live[r.id].draining
+    )
     roots: tuple[str, ...] = ()
     if _applied_roots_readable(state):
         applied = state.extra[TERRAFORM_KEY]["roots"]
@@ -90,7 +98,7 @@ def pending_work(
         roots = tuple(
             sorted(r.path for r in changed_roots(state, tree) if r.path in applied and r.path not in touched)
         )
-    return Pending(never_created, roots)
+    return Pending(never_created, roots, releasing)
 
 
 def plan_to_json(plan: Plan, pending: Pending | None = None) -> dict[str, object]:
@@ -101,6 +109,7 @@ def plan_to_json(plan: Plan, pending: Pending | None = None) -> dict[str, object
     pending = pending or Pending()
     summary: dict[str, Any] = dict(plan.summary())
     summary["pending"] = len(pending.replicas)
+    summary["releasing"] = len(pending.releasing)
     return {
         "service": plan.service,
         "target": plan.target,
@@ -116,6 +125,7 @@ def plan_to_json(plan: Plan, pending: Pending | None = None) -> dict[str, object
                 "price_per_hour": r.price_per_hour,
                 "outdated": r.outdated,
                 "pending": r.id in pending.replicas,
+                "releasing": r.id in pending.releasing,
             }
             for r in plan.replicas
         ],
@@ -130,10 +140,13 @@ _ACTION_STYLE = {
     "keep": "[dim]  keep[/]",
     "outdated": "[yellow]~ outdated[/]",  # kept until its replacement is READY (rolling update)
     PENDING: "[green]+ create (pending)[/]",  # recorded by an apply that failed or was interrupted
+    RELEASING: "[red]- delete (draining)[/]",  # out of the router, destroyed once its requests end
 }
 
 
-def render_plan_table(plan: Plan, pending: Collection[str] = frozenset()) -> Table:
+def render_plan_table(
+    plan: Plan, pending: Collection[str] = frozenset(), releasing: Collection[str] = frozenset()
+) -> Table:
     """Group by cloud/region/zone, market and action, with counts and hourly prices. `pending`:
     IDs of kept replicas never created, shown as `+ create (pending)`, not as kept."""
     groups: dict[tuple[str, str, str, str, str], list[float]] = defaultdict(list)
@@ -142,6 +155,8 @@ def render_plan_table(plan: Plan, pending: Collection[str] = frozenset()) -> Tab
         action = r.action
         if r.action == KEEP and r.id in pending:
             action = PENDING
+        elif r.action == KEEP and r.id in releasing:
+            action = RELEASING
         elif r.action == KEEP and r.outdated:
             action = "outdated"
         groups[(loc.cloud, loc.region, loc.zone, r.market.value, action)].append(r.price_per_hour)
@@ -205,7 +220,7 @@ def plan(
     if as_json:
         click.echo(json.dumps(plan_to_json(result, pending), indent=2))
     else:
-        console.print(render_plan_table(result, pending.replicas))
+        console.print(render_plan_table(result, pending.replicas, pending.releasing))
         console.print(render_savings(result))
         s = result.summary()
         kept = f"{s['keep']} to keep"
@@ -217,6 +232,12 @@ def plan(
                 f"{len(pending.replicas)} recorded replica(s) were never created "
                 f"({', '.join(sorted(pending.replicas))}): an apply failed or was interrupted; "
                 "the next `apply` creates them."
+            )
+        if pending.releasing:
+            console.print(
+                f"{len(pending.releasing)} replica(s) being released "
+                f"({', '.join(sorted(pending.releasing))}): out of the router until their requests end, "
+                "then destroyed."
             )
         if pending.roots:
             console.print(

@@ -574,10 +574,21 @@ class Controller:
         pairs = [(str(rid), str(ep)) for rid, ep in wanted]
         was_down = routed is not None and not self.router.running()  # killed from outside
         old: list[int] | None = None
+        # Released replicas leaving the router (again: routed back while nothing else could answer,
+        # then unrouted once replacements are READY) drain like any removal: their destroy waits
+        # for the requests they took meanwhile, not only for those of their first drain.
+        kept = {pair[0] for pair in wanted}
+        leaving = sorted(
+            rid
+            for rid in {pair[0] for pair in routed or []} - kept
+            if (rec := self.state.replicas.get(rid)) is not None and rec.gone_at is None and rec.draining
+        )
         try:
-            begin = getattr(self.router, "begin_drain", None) if drain else None
+            begin = getattr(self.router, "begin_drain", None) if drain or leaving else None
             if begin is not None:
                 status, old = begin(pairs)
+                if old and leaving:
+                    self._hold_for_drain(leaving, old, self.clock())
             else:
                 status = self.router.drain(pairs) if drain else self.router.reload(pairs)
         except (RoutingError, OSError) as exc:
