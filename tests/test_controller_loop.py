@@ -679,10 +679,9 @@ class DrainingRouter(FakeRouter):
         return bool(self.busy & set(pids))
 
 
-def test_a_released_replica_is_destroyed_only_after_its_requests_end_and_the_pass_goes_on(world, write_spec):
-    """The scale-down's victim leaves the router at once and keeps running while the old
-    workers serve it; later passes go on (a replacement is launched at once), and it is
-    destroyed only once those workers are gone."""
+def _scaled_down_while_draining(world, write_spec) -> tuple[Controller, Clock, DrainingRouter]:
+    """Three replicas settled behind a router that drains without waiting, then min_replicas
+    2 -> 1: the released replica's requests (the router's busy workers) still run."""
     router = DrainingRouter()
     world["router"] = router
     ctl, clock = make(world), world["clock"]
@@ -697,6 +696,14 @@ def test_a_released_replica_is_destroyed_only_after_its_requests_end_and_the_pas
     )
     _reconfigure(ctl, load_spec(write_spec(smaller, "smaller.yaml")))
     settle(ctl, clock, ticks=2)
+    return ctl, clock, router
+
+
+def test_a_released_replica_is_destroyed_only_after_its_requests_end_and_the_pass_goes_on(world, write_spec):
+    """The scale-down's victim leaves the router at once and keeps running while the old
+    workers serve it; later passes go on (a replacement is launched at once), and it is
+    destroyed only once those workers are gone."""
+    ctl, clock, router = _scaled_down_while_draining(world, write_spec)
     victims = [r for r in ctl.state.live() if r.draining]
     assert victims and all(r.id in world["executor"].ids() for r in victims)  # still running
     assert not {r.id for r in victims} & set(router.current)  # but no longer routed
@@ -713,19 +720,8 @@ def test_a_released_replica_routed_back_in_a_pinch_drains_again_before_it_goes(w
     """Every other replica lost during the drain: the released one serves again. Once the
     replacements are READY it leaves the router again, and its destroy waits for the requests
     it took meanwhile, not only for those of its first drain."""
-    router = DrainingRouter()
-    world["router"] = router
-    ctl, clock, src = make(world), world["clock"], world["source"]
-    settle(ctl, clock)
-    router.busy.clear()
-    settle(ctl, clock)
-    smaller = (
-        SPEC.replace("  min_replicas: 2\n", "  min_replicas: 1\n")
-        .replace("  target_qps_per_replica: 10\n", "")
-        .replace("  max_replicas: 4\n", "")
-    )
-    _reconfigure(ctl, load_spec(write_spec(smaller, "smaller.yaml")))
-    settle(ctl, clock, ticks=2)
+    ctl, clock, router = _scaled_down_while_draining(world, write_spec)
+    src = world["source"]
     victims = {r.id for r in ctl.state.live() if r.draining}
     first = set(router.busy)
     for rec in ctl.state.live():

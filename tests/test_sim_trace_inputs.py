@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from test_sim_bad_input import one_error_line
 
 from skyhedge.cli import main
 from skyhedge.policy import Location
@@ -33,17 +34,6 @@ def small(trace: Path | str, *extra: str):
 def rows_of(result) -> list[dict]:
     assert result.exit_code == 0, result.output
     return json.loads(result.stdout)
-
-
-def one_error_line(result, *needles: str) -> str:
-    assert result.exit_code == 1, result.output
-    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    assert result.stdout == ""
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    return lines[0]
 
 
 def write_zone(directory: Path, name: str, data: list[int], gap: float = 60) -> Path:
