@@ -232,7 +232,7 @@ class ApplyReport:
 # Recording a plan and a root's result in state
 
 
-def reopen_unfinished_deletes(state: ServiceState) -> list[str]:
+def reopen_unfinished_deletes(state: ServiceState, *, keep: Iterable[str] = ()) -> list[str]:
     """Clear `draining` on replicas a killed run left marked for deletion; returns their IDs.
 
     A delete is recorded (draining) before Terraform runs and settled by the result; a run
@@ -240,10 +240,11 @@ def reopen_unfinished_deletes(state: ServiceState) -> list[str]:
     policy nor the rolling update looks at any more: it stayed SHUTTING_DOWN, serving nothing,
     for good. Called at the start of a run that holds the writer lock, when any mark is such a
     leftover, so the next plan decides again. Interruption warnings keep theirs (the replica
-    still serves until the cloud takes it)."""
+    still serves until the cloud takes it), and so do the IDs in `keep` (a watcher's drains in
+    progress: their replicas wait, out of the router, for their requests to end)."""
     warned = state.extra.get("warned")
-    keep = set(warned) if isinstance(warned, dict) else set()
-    reopened = [r.id for r in state.live() if r.draining and r.id not in keep]
+    kept = set(keep) | (set(warned) if isinstance(warned, dict) else set())
+    reopened = [r.id for r in state.live() if r.draining and r.id not in kept]
     for rid in reopened:
         state.replicas[rid].draining = False
     return sorted(reopened)

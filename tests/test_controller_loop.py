@@ -739,3 +739,20 @@ def test_a_released_replica_routed_back_in_a_pinch_drains_again_before_it_goes(w
     router.busy.clear()
     settle(ctl, clock, ticks=3)
     assert all(ctl.state.replicas[rid].gone_at is not None for rid in victims)
+
+
+def test_a_watcher_restarted_mid_drain_carries_the_drain_on(world, write_spec):
+    """A restart reopens the deletes a killed run left unfinished (the plan decides again), but
+    not the replicas a drain holds: re-routing them sent new traffic to replicas on their way out
+    and pushed their deadline back."""
+    ctl, clock, router = _scaled_down_while_draining(world, write_spec)
+    victims = {r.id for r in ctl.state.live() if r.draining}
+    assert victims and set(ctl.state.extra["drain"]) >= victims
+    ctl.save()
+    again = make(world)  # a new watcher on the same state dir (and the same nginx)
+    assert {r.id for r in again.state.live() if r.draining} == victims
+    settle(again, clock, ticks=2)
+    assert not victims & set(router.current) and all(again.state.replicas[v].gone_at is None for v in victims)
+    router.busy.clear()
+    settle(again, clock, ticks=2)
+    assert all(again.state.replicas[v].gone_at is not None for v in victims)

@@ -24,6 +24,7 @@ created twice, and the local event source stops any process no live replica owns
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -158,7 +159,9 @@ class Controller:
         self.options = options or ControllerOptions()
         self.placement = placement or resolve_placement(spec)
         self.state: ServiceState = load_state(state_dir, spec.name)
-        if reopened := reopen_unfinished_deletes(self.state):  # the lock is ours: a killed run's
+        # the lock is ours: a killed run's deletes are decided again, its drains carry on
+        drains = self.state.extra.get(DRAIN_KEY)
+        if reopened := reopen_unfinished_deletes(self.state, keep=drains if isinstance(drains, dict) else ()):
             log.info("%s: %s: deletes a killed run left unfinished", spec.name, ", ".join(reopened))
         set_gitops(self.state, self.options.assume_ready)
         self.scaler = autoscaler.AutoscalerConfig.from_spec(spec)
@@ -642,6 +645,8 @@ class Controller:
         entry = (self.state.extra.get(DRAIN_KEY) or {}).get(rid)
         if entry is None:
             return True
+        if not isinstance(entry, dict) or not isinstance(entry.get("since"), (int, float)):
+            entry = {"since": -math.inf, "pids": []}  # a hand-edited hold: not one to wait for
         pending = getattr(self.router, "draining", None)
         if now - float(entry["since"]) >= self.drain_deadline():
             self.note(f"{rid}: requests still in flight after {self.drain_deadline():.0f}s; removing it", now)
