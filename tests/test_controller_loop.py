@@ -714,6 +714,18 @@ def test_a_released_replica_is_destroyed_only_after_its_requests_end_and_the_pas
     assert all(ctl.state.replicas[r.id].gone_at is not None for r in victims)
     assert not {r.id for r in victims} & world["executor"].ids()
     assert "drain" not in ctl.state.extra
+    assert any(n.text == f"{victims[0].id}: drained, its requests ended; removing it" for n in ctl.notes)
+
+
+def test_a_short_read_timeout_does_not_cut_a_drain_short(world, write_spec):
+    """`read_timeout` bounds a stream's silences, not its length: a drain may last at least 10 min."""
+    from skyhedge.controller.loop import DRAIN_FLOOR_SECONDS
+
+    ctl = make(world)
+    assert ctl.drain_deadline() == max(600.0, DRAIN_FLOOR_SECONDS)
+    short = SPEC + "service:\n  router: {read_timeout: 5}\n"
+    _reconfigure(ctl, load_spec(write_spec(short, "short.yaml")))
+    assert ctl.drain_deadline() == DRAIN_FLOOR_SECONDS
 
 
 def test_a_released_replica_routed_back_in_a_pinch_drains_again_before_it_goes(world, write_spec):

@@ -226,6 +226,8 @@ def plan(
         kept = f"{s['keep']} to keep"
         if pending.replicas:
             kept += f" ({len(pending.replicas)} of them pending creation)"
+        if pending.releasing:
+            kept += f" ({len(pending.releasing)} of them being released)"
         console.print(f"Plan: {s['create']} to create, {kept}, {s['delete']} to delete.")
         if pending.replicas:
             console.print(

@@ -55,6 +55,8 @@ from skyhedge.state import ReplicaRecord, ServiceState, load_state, save_state
 #: `state.extra` key: removed replicas kept running until their requests end, with when their
 #: drain began and the nginx workers that may still serve them.
 DRAIN_KEY = "drain"
+#: The shortest a drain may last before its replica is removed anyway (see `drain_deadline`).
+DRAIN_FLOOR_SECONDS = 600.0
 
 log = logging.getLogger("skyhedge.controller")
 #: A note identical to the previous one is repeated at most this often (see Controller.note).
@@ -636,9 +638,12 @@ class Controller:
             table[rid] = entry
 
     def drain_deadline(self) -> float:
-        """How long a removed replica's requests may run on: the router's read timeout, the
-        longest a generation may go silent (a fixed 30 s cut generations that were still going)."""
-        return float(self.spec.service.router.read_timeout)
+        """How long a removed replica's requests may run on: the router's read timeout, and at
+        least DRAIN_FLOOR_SECONDS. `read_timeout` bounds a generation's silences, not its length
+        (nginx never cuts a stream that keeps sending), so a short one must not cut generations
+        still going; a fixed 30 s did. The bound is there so a stuck worker cannot keep a
+        replica, paid for, for ever."""
+        return max(float(self.spec.service.router.read_timeout), DRAIN_FLOOR_SECONDS)
 
     def _drained(self, rid: str, now: float) -> bool:
         """`rid` may be destroyed: not held for a drain, or its drain finished or timed out."""
@@ -652,6 +657,8 @@ class Controller:
             self.note(f"{rid}: requests still in flight after {self.drain_deadline():.0f}s; removing it", now)
         elif pending is not None and pending(entry["pids"]) or rid in {r.id for r in routable(self.state)}:
             return False
+        else:  # (a line of its own: the plan that removes it repeats the one that released it)
+            self.note(f"{rid}: drained, its requests ended; removing it", now)
         self.state.extra[DRAIN_KEY].pop(rid, None)
         if not self.state.extra[DRAIN_KEY]:
             self.state.extra.pop(DRAIN_KEY)
