@@ -26,6 +26,7 @@ from click.testing import CliRunner
 from controller_fakes import LOCAL_SPEC, Clock, FakeExecutor, FakeProber, FakeRouter, FakeSource
 from local_support import free_base_port
 from rich.console import Console
+from test_local_launcher import config as launch_config
 
 from skyhedge.cli import main
 from skyhedge.cli._app import command_line
@@ -195,21 +196,11 @@ def runtime(tmp_path: Path):
 
 
 def _launch_config(runtime: Path, tmp_path: Path, **extra: object) -> dict:
-    cfg = {
-        "id": "r-0001",
-        "service": "svc",
-        "region": "local",
-        "zone": "local-a",
-        "market": "on-demand",
-        "port": free_base_port(1) + 1,
-        "command": "exec sleep 30",
-        "setup": None,
-        "env": {},
-        "workdir": str(tmp_path),
-        "runtime_dir": str(runtime),
-    }
-    cfg.update(extra)
-    return cfg
+    """The launcher tests' replica config, running a process that just waits."""
+    port = free_base_port(1) + 1
+    return launch_config(
+        runtime, tmp_path, port, **{"market": "on-demand", "command": "exec sleep 30", **extra}
+    )
 
 
 def test_a_launch_interrupted_after_the_start_fails_with_interrupted_and_leaves_no_process(

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 from controller_fakes import Clock, FakeSource
+from test_controller_gitops import REGIONS as GITOPS_REGIONS
 from test_controller_gitops import SPEC as GITOPS_SPEC
 
 from skyhedge.cli import main
@@ -32,14 +33,7 @@ LOCAL = GITOPS_SPEC.lstrip("\n")  # the GitOps tests' local service
 
 #: No local paths in its tree: a clone renders it byte for byte (the local cloud's roots name
 #: the working directory and the state dir, see docs/terraform.md).
-AWS = """\
-name: svc
-resources: {instance_type: {aws: g6.xlarge}}
-placement: {clouds: [aws], regions: [us-east-1, us-east-2], zones: [use1-az1, use2-az1]}
-replica_policy: {min_replicas: 2, num_overprovision: 0, policy: spothedge}
-terraform: {backend: s3, config: {bucket: b, region: us-east-1}}
-run: {command: serve}
-"""
+AWS = GITOPS_REGIONS.lstrip("\n")
 
 
 def git(repo: Path, *args: str) -> str:
