@@ -717,6 +717,26 @@ def test_a_released_replica_is_destroyed_only_after_its_requests_end_and_the_pas
     assert any(n.text == f"{victims[0].id}: drained, its requests ended; removing it" for n in ctl.notes)
 
 
+def test_the_plan_note_counts_replicas_on_their_way_out_apart(world, write_spec):
+    """A plan made while a released replica drains names the layout the service is headed for:
+    the draining replica is not one of its spot replicas, it is counted apart."""
+    ctl, clock, router = _scaled_down_while_draining(world, write_spec)
+    victims = sorted(r.id for r in ctl.state.live() if r.draining)
+    kept = [r for r in ctl.state.live() if not r.draining]
+    assert victims and kept
+    world["source"].queue.append(
+        PreemptionEvent(Signal.GONE, clock(), "fake", replica_id=kept[0].id, reason="preempted")
+    )
+    before = len(ctl.notes)
+    ctl.tick()
+    plans = [n.text for n in list(ctl.notes)[before:] if n.text.startswith("plan: ")]
+    assert plans, [n.text for n in ctl.notes]
+    line = plans[0]
+    assert line.endswith(f"; {len(victims)} more on their way out ({', '.join(victims)})")
+    live_spot = [r for r in ctl.state.live() if not r.draining and r.market == "spot"]
+    assert f"-> {len(live_spot)} spot / " in line
+
+
 def test_a_short_read_timeout_does_not_cut_a_drain_short(world, write_spec):
     """`read_timeout` bounds a stream's silences, not its length: a drain may last at least 10 min."""
     from skyhedge.controller.loop import DRAIN_FLOOR_SECONDS

@@ -487,6 +487,21 @@ class Controller:
 
     # -- acting ----------------------------------------------------------------------------------
 
+    def _plan_line(self, plan: Plan, creates: list[PlannedReplica], deletes: list[PlannedReplica]) -> str:
+        """`plan: +r7 zone spot, -r2 -> 3 spot / 0 on-demand in 3 zones, $x/h`: the layout the
+        service is headed for. Replicas kept only until they leave (released and draining, or
+        warned of their interruption) are not part of it: they are counted apart."""
+        leaving = {r.id for r in plan.desired if (rec := self.state.replicas.get(r.id)) and rec.draining}
+        s = replace(plan, replicas=tuple(r for r in plan.replicas if r.id not in leaving)).summary()
+        where = ", ".join(f"+{r.id} {r.location.zone} {r.market.value}" for r in creates)
+        gone = ", ".join(f"-{r.id}" for r in deletes)
+        zones = f"{s['zones_used']} zone{'' if s['zones_used'] == 1 else 's'}"
+        tail = f"; {len(leaving)} more on their way out ({', '.join(sorted(leaving))})" if leaving else ""
+        return (
+            f"plan: {' '.join(x for x in (where, gone) if x)} -> {s['spot']} spot / {s['on_demand']} "
+            f"on-demand in {zones}, ${s['hourly_cost']:.4f}/h{tail}"
+        )
+
     def _act(self, plan: Plan, memory: dict[str, Any], now: float) -> ExecResult:
         st = self.state
         self._unsettled = True  # until this pass's executor run is done and saved
@@ -494,15 +509,7 @@ class Controller:
         deletes = [r for r in plan.replicas if r.action == DELETE]
         record_plan(st, plan, memory, self.placement, now)
         if creates or deletes:
-            s = plan.summary()
-            where = ", ".join(f"+{r.id} {r.location.zone} {r.market.value}" for r in creates)
-            gone = ", ".join(f"-{r.id}" for r in deletes)
-            self.note(
-                f"plan: {' '.join(x for x in (where, gone) if x)} -> {s['spot']} spot / {s['on_demand']} "
-                f"on-demand in {s['zones_used']} zone{'' if s['zones_used'] == 1 else 's'}, "
-                f"${s['hourly_cost']:.4f}/h",
-                now,
-            )
+            self.note(self._plan_line(plan, creates, deletes), now)
         self.save()  # the intent is durable before anything changes outside
         routed_ids = {pair[0] for pair in st.extra.get("routed") or []}
         if any(r.id in routed_ids for r in deletes):
