@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+from routing_support import free_port
 
 from skyhedge.clouds.local import capacity, runtime_dir
 from skyhedge.clouds.local.events import LocalEventSource, kill_zone, preempt_zone, set_zone_capacity
@@ -40,7 +41,7 @@ def launch(sdir: Path, rid: str, zone: str, market: str = "spot", port: int = 0)
         "region": "local",
         "zone": zone,
         "market": market,
-        "port": port or 21000 + int(rid[2:]),
+        "port": port or free_port(),  # never a fixed port: a parallel run or a user's service may hold it
         "command": SLEEPER,
         "env": {},
         "workdir": str(sdir),
