@@ -165,10 +165,9 @@ def resolve_placement(spec: ServiceSpec, policy: str | None = None) -> Placement
     policy = spec.replica_policy.policy if policy is None else policy
     catalogs = {}
     for cloud in p.clouds:
-        try:
-            catalogs[cloud] = load_catalog(cloud)
-        except CatalogError as exc:
-            raise SpecError(str(exc), file=spec.source, path="placement.clouds") from None
+        # a catalog file that does not load is that file's error (it names itself and its field),
+        # not the spec's: `placement.clouds` only names clouds the spec check already accepted
+        catalogs[cloud] = load_catalog(cloud)
     all_regions = {r for c in catalogs.values() for r in c.regions()}
     all_zones = {z for c in catalogs.values() for z in c.zones()}
     for field, names, known, what in (

@@ -926,14 +926,21 @@ def parse_spec(data: Any, *, source: str = "<spec>") -> ServiceSpec:
     service = _service(ctx, d.get("service"))
     if "local" in placement.clouds:
         _check_local_ports(ctx, resources, replica_policy, service)
+    readiness_probe = _probe(ctx, d.get("readiness_probe"))
+    run = _run(ctx, d.get("run"))
+    if "local" in placement.clouds and run.command is None:
+        # refused when the file is read, as `apply` and `render` would refuse it: not a plan first
+        raise ctx.fail(
+            "run.command", "required with the local cloud, which runs a command (run.image needs a VM cloud)"
+        )
     return ServiceSpec(
         name=name,
         resources=resources,
         placement=placement,
         replica_policy=replica_policy,
-        readiness_probe=_probe(ctx, d.get("readiness_probe")),
+        readiness_probe=readiness_probe,
         service=service,
-        run=_run(ctx, d.get("run")),
+        run=run,
         terraform=_terraform(ctx, d.get("terraform")),
         aws=_aws(ctx, aws),
         gcp=_gcp(ctx, gcp),

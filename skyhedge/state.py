@@ -168,6 +168,19 @@ _REPLICA_REQUIRED = {
     f.name for f in fields(ReplicaRecord) if f.default is MISSING and f.default_factory is MISSING
 }
 
+# The controller's bookkeeping in `extra` that `apply`, `watch` and `destroy` read back as these
+# types (a hand edit that breaks one must be refused in one line, not crash them later).
+_EXTRA_RULES: dict[str, Rule] = {
+    "warned": (
+        "an object of replica id -> time",
+        lambda v: isinstance(v, dict) and all(map(_is_number, v.values())),
+    ),
+    "terraform": _OBJECT,
+    "launch_failures": ("a non-negative integer", lambda v: _is_int(v) and v >= 0),
+    "survival_at": _or_null(_NUMBER),
+    "decided_at": _or_null(_NUMBER),
+}
+
 _EVENT_RULES: dict[str, Rule] = {
     "kind": _one_of([k.value for k in EventKind]),
     "location": ("a location 'cloud/region/zone'", _is_location),
@@ -235,6 +248,11 @@ def _check_policy_memory(data: dict[str, Any]) -> dict[str, Any]:
     if "memory" in data:
         _check(data["memory"], _OBJECT, "policy_memory.memory")
     return dict(data)
+
+
+def _check_extra(data: dict[str, Any]) -> dict[str, Any]:
+    _check_fields(data, _EXTRA_RULES, set(), "extra")
+    return data
 
 
 def _optional(data: dict[str, Any], key: str, rule: Rule, default: Any) -> Any:
@@ -335,7 +353,7 @@ class ServiceState:
                 history=list(_optional(data, "history", _LIST, [])),
                 router=_check(data.get("router"), _or_null(_OBJECT), "router"),
                 target=_check(data.get("target"), _or_null(("an integer", _is_int)), "target"),
-                extra=dict(_optional(data, "extra", _OBJECT, {})),
+                extra=_check_extra(dict(_optional(data, "extra", _OBJECT, {}))),
                 source=where,
             )
         except _Malformed as exc:

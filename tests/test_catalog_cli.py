@@ -300,6 +300,17 @@ def test_a_user_catalog_that_is_a_directory_is_refused_not_ignored(cache_dir: Pa
     assert code == 1 and "local.json: is a directory, expected a catalog file" in err
 
 
+def test_a_broken_user_catalog_is_named_not_blamed_on_the_spec(cache_dir: Path, tmp_path: Path) -> None:
+    (cache_dir / "local.json").mkdir(parents=True)
+    clear_cache()
+    spec = tmp_path / "svc.yaml"
+    spec.write_text("name: svc\nplacement: {clouds: [local]}\nrun: {command: serve}\n")
+    code, _, err = run("plan", str(spec), "--state-dir", str(tmp_path / "st"))
+    assert code == 1 and err.startswith("error: ")
+    assert "local.json: is a directory, expected a catalog file" in err
+    assert "placement.clouds" not in err and "svc.yaml" not in err
+
+
 @pytest.fixture
 def billing(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, dict]]:
     """A local Cloud Billing server: `pageToken` -> the answer the test puts in the dict."""

@@ -788,3 +788,26 @@ def test_a_watcher_restarted_mid_drain_carries_the_drain_on(world, write_spec):
     router.busy.clear()
     settle(again, clock, ticks=2)
     assert all(again.state.replicas[v].gone_at is not None for v in victims)
+
+
+def test_an_apply_failure_names_the_commands_own_error_from_the_logs_tail():
+    from skyhedge.controller.loop import apply_cause, with_cause
+
+    detail = (
+        'Error: local-exec provisioner error (module.replicas.terraform_data.replica["r-0002"])\n'
+        "Error running command 'r-0002': exit status 1. Output: skyhedge-local: r-0002: run.command "
+        "exited at once with 2; log /s/local/replicas/r-0002.log:\n"
+        "=== skyhedge: starting r-0002 (local-b, spot) on port 18002 at 1795965368.450 ===\n"
+        "python3: can't open file '/w/missing.py': [Errno 2] No such file or directory\n"
+    )
+    cause = apply_cause(detail)
+    assert cause.endswith("python3: can't open file '/w/missing.py': [Errno 2] No such file or directory")
+    line = (
+        "local/local: local-exec provisioner error: Error running command 'r-0002': exit status 1. Output: "
+        "skyhedge-local: r-0002: run.command exited at once with 2; log /s/local/replicas/r-0002.log:"
+    )
+    said = with_cause(line, cause)
+    assert said == f"{line} (python3: can't open file '/w/missing.py': [Errno 2] No such file or directory)"
+    assert with_cause("local/local: boom", "") == "local/local: boom"
+    line = "x: port 1 is already in use"
+    assert with_cause(line, "port 1 is already in use") == line

@@ -400,7 +400,14 @@ def test_an_answer_counts_the_requests_so_reload_waits_for_its_own(spec_file, tm
         w._check_spec()
         record = presence.read(tmp_path / "state")
         assert record is not None and record.last_reload is not None
-        assert record.last_reload["requests"] == 1 and record.last_reload["outcome"] == "unchanged"
+        # the request raced the pass that took the edit: its answer is that edit, not "no change"
+        assert record.last_reload["requests"] == 1 and record.last_reload["outcome"] == "taken"
+        assert "replica_policy.min_replicas: 1 -> 2" in record.last_reload["text"]
+        w.request_reload()  # asked again, nothing new: "no change"
+        w._check_spec()
+        record = presence.read(tmp_path / "state")
+        assert record is not None and record.last_reload is not None
+        assert record.last_reload["requests"] == 2 and record.last_reload["outcome"] == "unchanged"
 
 
 def test_reload_finds_the_watcher_through_a_symlink_that_moved(tmp_path):

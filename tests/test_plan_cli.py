@@ -460,10 +460,13 @@ def test_a_recorded_replica_never_created_is_pending_not_kept(tmp_path, write_sp
     assert "+ create (pending)" in table and "1 of them pending creation" in table
 
 
-def test_a_replica_a_watcher_is_releasing_is_a_pending_delete(tmp_path, write_spec):
+def test_a_replica_a_watcher_is_releasing_is_a_pending_delete(tmp_path, write_spec, monkeypatch):
     """Out of the router, running until its requests end (up to read_timeout): `plan` must not
     call it kept, and `--detailed-exitcode` says a change is still to come."""
     from skyhedge.spec import load_spec
+
+    # the records stand for running processes this test does not start
+    monkeypatch.setattr("skyhedge.cli.plan.notice_dead_local_replicas", lambda *args: [])
 
     spec = write_spec(
         "name: svc\nplacement: {clouds: [local], zones: [local-a, local-b]}\n"
@@ -482,3 +485,20 @@ def test_a_replica_a_watcher_is_releasing_is_a_pending_delete(tmp_path, write_sp
     table = run("plan", str(spec), "--state-dir", str(tmp_path / "st"), "--detailed-exitcode")
     assert table.exit_code == 2
     assert "- delete (draining)" in table.output and "1 replica(s) being released (r-0002)" in table.output
+
+
+def test_plan_sees_a_dead_local_replica_as_apply_does(tmp_path, write_spec):
+    """`apply` first records local replicas whose process died (no pid file, or one that exited)
+    as gone; `plan` must show the same, not "keep" (and --detailed-exitcode 0) for them."""
+    spec = write_spec(
+        "name: svc\nplacement: {clouds: [local], zones: [local-a, local-b]}\n"
+        "replica_policy: {min_replicas: 1, num_overprovision: 0, policy: spothedge}\n"
+        "run: {command: serve}\n"
+    )
+    save_ready_spot(tmp_path / "st", "svc", "local", "local", ["local-a"])
+    state = load_state(tmp_path / "st", "svc")
+    state.replicas["r-0001"].cloud_id = "id"  # launched by Terraform; no process runs
+    save_state(tmp_path / "st", state)
+    result = run("plan", str(spec), "--state-dir", str(tmp_path / "st"), "--detailed-exitcode")
+    assert result.exit_code == 2, result.output
+    assert "gone r-0001" in result.output

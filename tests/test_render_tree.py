@@ -13,7 +13,7 @@ from click.testing import CliRunner
 
 from skyhedge.clouds import RenderContext
 from skyhedge.engine import Terraform
-from skyhedge.errors import RenderError
+from skyhedge.errors import RenderError, SpecError
 from skyhedge.planner import CREATE, DELETE, KEEP, Plan, PlannedReplica
 from skyhedge.policy.types import Location, Market
 from skyhedge.render import BACKEND_FILE, TFVARS_FILE, TREE_MANIFEST, backend_config, render_tree, write_tree
@@ -146,12 +146,8 @@ def test_local_inputs_carry_ports_runtime_and_launcher():
 
 
 def test_local_cloud_needs_a_command_and_ports_that_fit():
-    with pytest.raises(RenderError, match="run.command"):
-        render_tree(
-            parse_spec({"name": "x", "placement": {"clouds": ["local"]}, "run": {"image": "nginx"}}),
-            LOCAL,
-            context=CTX,
-        )
+    with pytest.raises(SpecError, match="run.command"):  # refused when read, before any plan
+        parse_spec({"name": "x", "placement": {"clouds": ["local"]}, "run": {"image": "nginx"}})
     big = parse_spec(
         {
             "name": "x",

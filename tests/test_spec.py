@@ -348,6 +348,10 @@ BAD_SPECS: list[tuple[str, str]] = [
         "run.command: contains a NUL byte, which no command line or environment can hold",
     ),
     (
+        _with("run: {image: vllm/vllm}\n", base="name: echo\nplacement: {clouds: [local]}\n"),
+        "run.command: required with the local cloud, which runs a command (run.image needs a VM cloud)",
+    ),
+    (
         _with('run: {command: x, env: {A: "a\\0b"}}\n', base="name: echo\nplacement: {clouds: [local]}\n"),
         "run.env.A: contains a NUL byte, which no command line or environment can hold",
     ),

@@ -126,6 +126,30 @@ def test_policy_memory_the_policy_refuses_names_the_file_and_the_way_out(spec_fi
     )
 
 
+@pytest.mark.parametrize(
+    ("key", "value", "expected"),
+    [
+        ("warned", None, "an object of replica id -> time, got null"),
+        ("warned", {"r-0002": "soon"}, "an object of replica id -> time, got {'r-0002': 'soon'}"),
+        ("terraform", "x", "an object, got 'x'"),
+        ("launch_failures", "x", "a non-negative integer, got 'x'"),
+        ("survival_at", [], "a finite number or null, got []"),
+    ],
+)
+def test_controller_bookkeeping_in_extra_is_checked_when_read(spec_file, tmp_path, key, value, expected):
+    """`apply` and `watch` read these back as their types: a bad one used to crash them with a
+    traceback (AssertionError, AttributeError, TypeError) after `plan` had accepted the file."""
+    data = copy.deepcopy(STATE)
+    data["extra"][key] = value
+    (tmp_path / "state.json").write_text(json.dumps(data))
+    for command in ("plan", "apply", "destroy"):
+        result = CliRunner().invoke(main, [command, str(spec_file), "--state-dir", str(tmp_path)])
+        assert result.exit_code == 1 and result.exception is None or isinstance(result.exception, SystemExit)
+        assert result.stderr == (
+            f"error: {tmp_path / 'state.json'}: malformed state (extra.{key}: expected {expected})\n"
+        ), (command, result.stderr)
+
+
 @st.composite
 def fuzzed_states(draw: st.DrawFn) -> Any:
     data = copy.deepcopy(STATE)

@@ -14,7 +14,13 @@ from typing import Any
 import click
 from rich.table import Table
 
-from skyhedge.apply import Workspace, changed_roots, instance_types, roots_with_resources
+from skyhedge.apply import (
+    Workspace,
+    changed_roots,
+    instance_types,
+    notice_dead_local_replicas,
+    roots_with_resources,
+)
 from skyhedge.cli._app import console, main, spec_argument, state_dir_option
 from skyhedge.planner import CREATE, DELETE, KEEP, Plan
 from skyhedge.render import render_tree
@@ -215,7 +221,11 @@ def plan(
     sdir = state_dir or default_state_dir(service.name)
     state = load_state(sdir, service.name)
     placement = resolve_placement(service, policy)
-    result, _memory = compute_plan(service, state, now=time.time(), placement=placement, policy_name=policy)
+    now = time.time()
+    # As `apply` does first: a local replica whose process died since the state was written is
+    # gone, so the plan shows its replacement, not "keep" (in memory only: plan never writes).
+    dead = notice_dead_local_replicas(state, sdir, now)
+    result, _memory = compute_plan(service, state, now=now, placement=placement, policy_name=policy)
     pending = pending_work(service, state, result, sdir, placement)
     if as_json:
         click.echo(json.dumps(plan_to_json(result, pending), indent=2))
@@ -229,6 +239,9 @@ def plan(
         if pending.releasing:
             kept += f" ({len(pending.releasing)} of them being released)"
         console.print(f"Plan: {s['create']} to create, {kept}, {s['delete']} to delete.")
+        for note in dead:
+            said = f"{note} (the next `apply` records it and replaces it)"
+            console.print(said, markup=False, highlight=False)
         if pending.replicas:
             console.print(
                 f"{len(pending.replicas)} recorded replica(s) were never created "

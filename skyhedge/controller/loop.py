@@ -96,17 +96,44 @@ BUSY = frozenset(
 def apply_cause(detail: str) -> str:
     """The first line of an engine error that says *why* (Terraform's own first line, e.g.
     "local-exec provisioner error", names only the mechanism): the output of the failed command
-    when there is one, else the first line that is not an `Error:` heading. Cut to 240 chars."""
+    when there is one, else the first line that is not an `Error:` heading. An output line
+    ending in ':' is followed by a log's tail (the local launcher's "exited at once ...; log
+    FILE:"): its last line, the command's own error, is appended. Cut to 400 chars."""
     lines = [line.strip() for line in detail.splitlines() if line.strip()]
-    for line in lines:
+    for i, line in enumerate(lines):
         if "Output: " in line:
             text = line.split("Output: ", 1)[1].strip()
             if text:
-                return text.rstrip(":")[:240]
+                if text.endswith(":"):
+                    tail = []
+                    for more in lines[i + 1 :]:
+                        if more.startswith(("Error:", "│ Error:", "Error running command")):
+                            break
+                        if not more.startswith("=== skyhedge: "):
+                            tail.append(more)
+                    if tail:
+                        return f"{text} {tail[-1]}"[:400]
+                return text.rstrip(":")[:400]
     for line in lines:
         if not line.startswith(("Error:", "│ Error:")):
             return line.lstrip("│ ").strip()[:240]
     return ""
+
+
+def with_cause(line: str, cause: str) -> str:
+    """`line`, and in parentheses what `cause` (`apply_cause`) adds to it: nothing when the line
+    says it already, only the tail when the line holds the cause's first part."""
+    if not cause or cause in line:
+        return line
+    lo, hi = 0, len(cause)
+    while lo < hi:  # the longest head of the cause that the line already holds
+        mid = (lo + hi + 1) // 2
+        if cause[:mid] in line:
+            lo = mid
+        else:
+            hi = mid - 1
+    rest = cause[lo:].strip() if lo >= 20 else cause
+    return f"{line} ({rest})" if rest else line
 
 
 @dataclass(frozen=True)
@@ -547,7 +574,7 @@ class Controller:
             self.note(f"applied {', '.join(result.applied)} in {done - started:.1f}s{why}", done)
         cause = apply_cause(result.detail)
         for line in result.errors:
-            self.note(f"apply failed: {line}" + (f" ({cause})" if cause and cause not in line else ""), done)
+            self.note(f"apply failed: {with_cause(line, cause)}", done)
         if result.detail:
             log.debug("%s", result.detail)
         self.last_apply = result

@@ -31,7 +31,7 @@ from types import FrameType
 from typing import TYPE_CHECKING
 
 from skyhedge.controller import presence
-from skyhedge.controller.loop import Controller, ControllerOptions, apply_cause
+from skyhedge.controller.loop import Controller, ControllerOptions, apply_cause, with_cause
 from skyhedge.controller.supervisor import Supervisor
 from skyhedge.errors import CloudError, EngineError, RoutingError, SkyhedgeError, SpecError, StateError
 from skyhedge.events import EventSource
@@ -205,6 +205,11 @@ class Watcher:
         self.reload_on_hangup = reload_on_hangup and self.reload_on_request  # SIGHUP too
         self._reload_asks = 0  # requests so far (a counter: one arriving mid-check is not lost)
         self._reloads_seen = 0
+        self._answering = False  # the current re-read answers a request (`skyhedge reload`, a signal)
+        #: an edit taken at the watcher's own pass (the file changed) since the last request was
+        #: answered: a request racing that pass re-reads an unchanged file, and its answer must
+        #: still say what was taken, not "no change"
+        self._taken_unasked: str | None = None
         self._record: presence.WatcherRecord | None = None  # <state dir>/watcher.json while running
         self.metrics_url: str | None = None  # announced in watcher.json when metrics are served
         #: the port metrics are served on (`--metrics-port`): a reloaded spec whose local replicas
@@ -335,18 +340,22 @@ class Watcher:
                 text = f"spec reload: cannot read {spec_file.path}; keeping the running spec"
                 self._outcome("failed", text)
             return
+        self._answering = asked
         try:
             self.reload(spec_file.path)
         except Exception as exc:  # a bug must not cost the pass: the running spec stays
             log.exception("spec reload failed")
             text = f"spec reload failed: {type(exc).__name__}: {exc}; keeping the running spec"
             self._outcome("failed", text)
+        finally:
+            self._answering = False
 
     def _outcome(self, outcome: str, text: str) -> None:
         """Note a reload's outcome for the operator, and in watcher.json for `skyhedge reload`
         (with the number of requests answered so far: a `reload` waits for its own)."""
         assert self.controller is not None
         self.controller.note(text)
+        self._taken_unasked = text if outcome == "taken" and not self._answering else None
         if self._record is not None:
             self._record = presence.record_reload(
                 self.state_dir, self._record, self.clock(), outcome, text, requests=self._reloads_seen
@@ -398,7 +407,11 @@ class Watcher:
                     )
             changes = spec_changes(old, new)
             if not changes:
-                self._outcome("unchanged", f"spec {path} re-read: no change from the running spec")
+                taken = self._taken_unasked if self._answering else None
+                if taken is not None:  # the edit this request is about, taken a moment before it
+                    self._outcome("taken", f"{taken} (taken at the watcher's own pass, before this request)")
+                else:
+                    self._outcome("unchanged", f"spec {path} re-read: no change from the running spec")
                 return False
             placement = resolve_placement(new)
             compute_plan(  # a policy that does not load or plan: refused now, not every pass
@@ -478,7 +491,7 @@ class Watcher:
             applied = self.controller.last_apply
             if applied is not None and applied.errors:  # a check for CI or cron: say it failed
                 cause = apply_cause(applied.detail)
-                raise EngineError(f"apply failed: {applied.errors[0]}" + (f" ({cause})" if cause else ""))
+                raise EngineError(f"apply failed: {with_cause(applied.errors[0], cause)}")
             if self.controller._routing_failed:  # replicas nothing routes to: not a success either
                 said = [n.text for n in self.controller.notes if n.text.startswith("routing: ")]
                 why = said[-1].removeprefix("routing: ") if said else "the router could not be updated"
