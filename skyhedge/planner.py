@@ -48,6 +48,9 @@ class PlannedReplica:
     port: int | None = None
     #: an outdated replica: kept until a replacement is READY, then released (rolling update)
     outdated: bool = False
+    #: the subnet a launched AWS replica runs in (from its outputs): it stays there, and in that
+    #: subnet's VPC and security group, whatever `aws.subnets` says now
+    subnet_id: str | None = None
 
     @property
     def root(self) -> tuple[str, str]:

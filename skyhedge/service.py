@@ -437,6 +437,7 @@ def compute_plan(
                 r,
                 revision=(live[r.id].revision or revision) if r.id in live else revision,
                 port=_launched_port(live[r.id]) if r.id in live else None,
+                subnet_id=_launched_subnet(live[r.id]) if r.id in live else None,
                 outdated=r.id in outdated or r.id in outside,
             )
             for r in plan.replicas
@@ -485,7 +486,19 @@ def outdated_replicas(
         for r in state.live()
         if (r.revision is not None and r.revision != revision)
         or (placement is not None and not placement.allows(r.location, Market(r.market)))
+        or _subnet_moved(spec, r)
     )
+
+
+def _subnet_moved(spec: ServiceSpec, rec: ReplicaRecord) -> bool:
+    """An AWS replica launched in another subnet than `aws.subnets` now gives its zone (or in a
+    subnet `aws.subnets` chose, when the spec names none any more): it moves like an outdated one
+    (a new VPC's replicas cannot share the old one's security group). A replica launched on its
+    zone's default subnet records none (module output), and never moves for it."""
+    if rec.cloud != "aws":
+        return False
+    launched = _launched_subnet(rec)
+    return launched is not None and launched != spec.aws.subnet_of(rec.zone)
 
 
 def _next_to_retire(
@@ -520,6 +533,12 @@ def _next_to_retire(
     if not candidates:
         return None
     return min(candidates, key=lambda r: (r.ready_at is not None, r.launched_at, r.id)).id
+
+
+def _launched_subnet(rec: ReplicaRecord) -> str | None:
+    """The subnet a launched AWS replica runs in, from its Terraform outputs (None: not known)."""
+    value = rec.outputs.get("subnet_id") if isinstance(rec.outputs, dict) else None
+    return value if isinstance(value, str) and value else None
 
 
 def _launched_port(rec: ReplicaRecord) -> int | None:

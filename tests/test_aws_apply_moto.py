@@ -18,6 +18,7 @@ from terraform_support import MIRROR_ENV, mirror_config, mirror_holding
 from skyhedge.apply import apply_service, destroy_service
 from skyhedge.clouds.aws.events import AwsEventSource
 from skyhedge.events import Signal
+from skyhedge.service import outdated_replicas
 from skyhedge.spec import load_spec
 from skyhedge.state import load_state
 
@@ -161,3 +162,86 @@ def test_subnets_of_two_vpcs_or_filed_under_another_zone_are_refused_before_anyt
         running = ec2.describe_instances(Filters=[{"Name": "tag:skyhedge:service", "Values": [name]}])
         assert running["Reservations"] == []
         assert all(r.cloud_id is None for r in load_state(tmp_path / name, name).live())  # none created
+
+
+def test_new_subnets_in_another_vpc_or_a_new_disk_size_leave_running_replicas_where_they_are(
+    tmp_path: Path, moto_endpoint: str
+) -> None:
+    """A security group serves one VPC: moving `aws.subnets` to another VPC used to move every
+    running replica's group to the new VPC's at once (AWS refuses that) and a new `disk_size`
+    resized every running replica's disk in place (EBS cannot shrink). Now the running replicas
+    keep their subnet, group and disk, and are rolled over like any outdated replica: the new
+    ones launch in the new VPC, with a group of their own."""
+    ec2 = boto3.client("ec2", region_name=REGION, endpoint_url=moto_endpoint)
+    old_subnets = {
+        s["AvailabilityZoneId"]: s["SubnetId"] for s in ec2.describe_subnets()["Subnets"] if s["DefaultForAz"]
+    }
+    new_vpc = ec2.create_vpc(CidrBlock="10.20.0.0/16")["Vpc"]["VpcId"]
+    names = {z["ZoneId"]: z["ZoneName"] for z in ec2.describe_availability_zones()["AvailabilityZones"]}
+    new_subnets = {
+        zone: ec2.create_subnet(VpcId=new_vpc, CidrBlock=cidr, AvailabilityZone=names[zone])["Subnet"][
+            "SubnetId"
+        ]
+        for zone, cidr in (("use1-az1", "10.20.1.0/24"), ("use1-az2", "10.20.2.0/24"))
+    }
+
+    def spec_with(subnets: dict[str, str], disk: int) -> Path:
+        path = tmp_path / f"service-{disk}.yaml"
+        path.write_text(
+            "name: mover\n"
+            "placement: {clouds: [aws], regions: [us-east-1]}\n"
+            f"resources: {{instance_type: {{aws: g6.xlarge}}, image_id: {{aws: {AMI}}}, disk_size: {disk}}}\n"
+            "replica_policy: {min_replicas: 1, num_overprovision: 0, policy: spothedge}\n"
+            "run: {command: 'python3 -m http.server 8000'}\n"
+            f"aws: {{subnets: {{use1-az1: {subnets['use1-az1']}, use1-az2: {subnets['use1-az2']}}}}}\n"
+        )
+        return path
+
+    def instances() -> dict[str, dict]:
+        found = ec2.describe_instances(Filters=[{"Name": "tag:skyhedge:service", "Values": ["mover"]}])
+        return {
+            i["InstanceId"]: i
+            for r in found["Reservations"]
+            for i in r["Instances"]
+            if i["State"]["Name"] != "terminated"
+        }
+
+    def group_vpc(inst: dict) -> set[str]:
+        ids = [g["GroupId"] for g in inst["SecurityGroups"]]
+        return {g["VpcId"] for g in ec2.describe_security_groups(GroupIds=ids)["SecurityGroups"]}
+
+    def disk_size(inst: dict) -> int:
+        volume = inst["BlockDeviceMappings"][0]["Ebs"]["VolumeId"]
+        return int(ec2.describe_volumes(VolumeIds=[volume])["Volumes"][0]["Size"])
+
+    state_dir = tmp_path / "state"
+    first = apply_service(load_spec(spec_with(old_subnets, 100)), state_dir, route=False, wait=False)
+    assert first.ok, first.errors
+    before = instances()
+    assert before and all(i["SubnetId"] in old_subnets.values() for i in before.values())
+    old_vpc = next(iter(before.values()))["VpcId"]
+    assert old_vpc != new_vpc
+
+    moved = load_spec(spec_with(new_subnets, 50))
+    second = apply_service(moved, state_dir, route=False, wait=False)
+    assert second.ok, second.errors
+    after = instances()
+    for iid, inst in before.items():  # still running, untouched
+        assert iid in after
+        assert after[iid]["SubnetId"] == inst["SubnetId"]
+        assert group_vpc(after[iid]) == {old_vpc}
+        assert disk_size(after[iid]) == 100
+    fresh = {iid: inst for iid, inst in after.items() if iid not in before}
+    assert fresh, "no replacement was launched in the new VPC"
+    for inst in fresh.values():
+        assert inst["SubnetId"] in new_subnets.values() and group_vpc(inst) == {new_vpc}
+        assert disk_size(inst) == 50
+    state = load_state(state_dir, "mover")
+    old_ids = {r.id for r in state.live() if r.cloud_id in before}
+    assert old_ids and old_ids <= set(outdated_replicas(moved, state))
+
+    destroyed = destroy_service(moved, state_dir, route=False)
+    assert destroyed.ok, destroyed.errors
+    assert instances() == {}
+    groups = ec2.describe_security_groups(Filters=[{"Name": "tag:skyhedge:service", "Values": ["mover"]}])
+    assert groups["SecurityGroups"] == []

@@ -93,7 +93,7 @@ def test_aws_module_spot_market_for_each_and_tags(tmp_path):
     main = load(out / "modules" / "aws-replicas" / "main.tf")
     inst = block(main, "resource", "aws_instance", "replica")
     assert inst["for_each"] == "${var.replicas}"
-    assert "local.subnet_for_zone[each.value.zone]" in inst["subnet_id"]
+    assert "local.replica_subnet[each.key]" in inst["subnet_id"]
     [market] = dynamic(inst, "instance_market_options")
     assert 'each.value.market == "spot"' in market["for_each"]
     [content] = market["content"]
@@ -129,6 +129,30 @@ def test_aws_module_spot_market_for_each_and_tags(tmp_path):
     for item in outputs["output"]:
         for name, body in item.items():
             assert body.get("description") and "try(" in json.dumps(body["value"]), name
+
+
+def test_aws_replicas_keep_the_subnet_they_were_launched_in_and_private_ingress_routes_privately(tmp_path):
+    """A launched replica whose recorded subnet is not the one `aws.subnets` now gives its zone is
+    pinned to it (so to its VPC and that VPC's security group); one in its zone's subnet, or on a
+    default subnet (which records none), renders as before: no input churn after each launch."""
+    from dataclasses import replace
+
+    base = plan("aws", "us-east-1", ["use1-az1", "use1-az2", "use1-az4"])
+    recorded = {"r-0001": "subnet-0aaaaaaaa", "r-0002": "subnet-0bbbbbbbb"}  # r-0003: default subnet
+    p = replace(base, replicas=tuple(replace(r, subnet_id=recorded.get(r.id)) for r in base.replicas))
+    subnets = {"use1-az1": "subnet-0aaaaaaaa", "use1-az2": "subnet-0cccccccc", "use1-az4": "subnet-0dddddddd"}
+    out = rendered(tmp_path, "aws", "g6.xlarge", p, aws={"subnets": subnets, "ingress_cidrs": ["10.0.0.0/8"]})
+    tfvars = json.loads((out / "aws" / "us-east-1" / TFVARS_FILE).read_text())
+    assert tfvars["replicas"]["r-0001"] == {"zone": "use1-az1", "market": "spot"}  # its zone's subnet
+    assert tfvars["replicas"]["r-0002"] == {
+        "zone": "use1-az2",
+        "market": "on-demand",
+        "subnet_id": "subnet-0bbbbbbbb",
+    }
+    assert "subnet_id" not in tfvars["replicas"]["r-0003"]
+    assert tfvars["private_endpoint"] is True  # the group admits private ranges only
+    public = rendered(tmp_path / "public", "aws", "g6.xlarge", p, aws={"subnets": subnets})
+    assert json.loads((public / "aws" / "us-east-1" / TFVARS_FILE).read_text())["private_endpoint"] is False
 
 
 def test_aws_boot_script_only_interpolates_the_base64_config():
@@ -241,6 +265,7 @@ def test_gcp_module_spot_scheduling_gpus_and_labels(tmp_path):
         "serving-e4",
         ["10.0.0.0/8"],
     )
+    assert cvars["private_endpoint"] is True and tfvars["private_endpoint"] is False  # as on AWS
     nic = inst["network_interface"][0]
     assert nic["subnetwork"] == "${var.subnetwork}"
     assert "network_interface[0].subnetwork" in str(inst["lifecycle"][0]["ignore_changes"])

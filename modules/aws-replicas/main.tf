@@ -17,6 +17,16 @@ locals {
   subnet_for_zone = var.subnet_ids != null ? var.subnet_ids : {
     for zone, subnet in data.aws_subnet.zone : zone => subnet.id
   }
+  # Each replica stays in the subnet it was launched in (skyhedge passes it back as subnet_id),
+  # and so in its VPC; new replicas go to their zone's subnet. One security group per VPC in use:
+  # replicas of a VPC the spec left keep theirs until they are gone (a security group serves one
+  # VPC, and AWS refuses to move an instance's group to another VPC's).
+  replica_subnet = {
+    for id, r in var.replicas : id => (r.subnet_id != null ? r.subnet_id : lookup(local.subnet_for_zone, r.zone, null))
+  }
+  replica_vpc = { for id, s in local.replica_subnet : id => data.aws_subnet.replica[s].vpc_id }
+  vpcs        = toset(concat([local.vpc_id], values(local.replica_vpc)))
+
   image_id = var.image_id != null ? var.image_id : nonsensitive(data.aws_ssm_parameter.image[0].value)
   tags = merge(var.tags, {
     "skyhedge:service" = var.service
@@ -47,10 +57,16 @@ data "aws_subnet" "zone" {
   default_for_az       = true
 }
 
+data "aws_subnet" "replica" {
+  for_each = toset([for s in values(local.replica_subnet) : s if s != null])
+  id       = each.key
+}
+
 resource "aws_security_group" "replicas" {
+  for_each    = local.vpcs
   name_prefix = "skyhedge-${var.service}-"
   description = "skyhedge service ${var.service}: model server port"
-  vpc_id      = local.vpc_id
+  vpc_id      = each.key
   tags        = local.tags
 
   ingress {
@@ -91,8 +107,8 @@ resource "aws_instance" "replica" {
 
   ami                    = local.image_id
   instance_type          = var.instance_type
-  subnet_id              = local.subnet_for_zone[each.value.zone]
-  vpc_security_group_ids = [aws_security_group.replicas.id]
+  subnet_id              = local.replica_subnet[each.key]
+  vpc_security_group_ids = [aws_security_group.replicas[local.replica_vpc[each.key]].id]
   key_name               = var.key_name
   iam_instance_profile   = var.iam_instance_profile
 
@@ -145,8 +161,15 @@ resource "aws_instance" "replica" {
     # (run, instance type) must not stop and restart them in place: skyhedge rolls new replicas
     # in one at a time and releases the outdated ones as their replacements become READY.
     # The same for the key pair and the subnet: a replica keeps those it was launched with (a
-    # changed aws.key_name rolls replicas over through their revision; a zone's new subnet is
-    # where its next replicas go).
-    ignore_changes = [ami, user_data_base64, instance_type, key_name, subnet_id]
+    # changed aws.key_name rolls replicas over through their revision; a zone's new subnet rolls
+    # over the replicas pinned to the old one, see local.replica_subnet).
+    ignore_changes = [
+      ami, user_data_base64, instance_type, key_name, subnet_id,
+      # disk_size changes roll replicas over (revision); EC2 cannot shrink a volume in place
+      root_block_device,
+      # a replica's market never changes under its ID: a read-back of the spot options (which
+      # depends on the spot request still being listed) must not replace a running replica
+      instance_market_options,
+    ]
   }
 }

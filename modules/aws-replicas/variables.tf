@@ -29,10 +29,11 @@ variable "instance_type" {
 }
 
 variable "replicas" {
-  description = "Replicas keyed by their stable skyhedge ID (r-0001): the availability zone ID (e.g. use1-az1, the same zone in every account) and the market."
+  description = "Replicas keyed by their stable skyhedge ID (r-0001): the availability zone ID (e.g. use1-az1, the same zone in every account), the market, and for a launched replica the subnet it runs in (null: its zone's subnet)."
   type = map(object({
-    zone   = string
-    market = string
+    zone      = string
+    market    = string
+    subnet_id = optional(string)
   }))
 
   validation {
@@ -114,6 +115,12 @@ variable "ingress_cidrs" {
     condition     = length(var.ingress_cidrs) > 0 && alltrue([for c in var.ingress_cidrs : can(cidrhost(c, 0))])
     error_message = "ingress_cidrs must be at least one CIDR block such as 10.0.0.0/8 (the router must reach the replicas)."
   }
+}
+
+variable "private_endpoint" {
+  description = "Endpoints use the private IP (the router is inside the VPC or a peered network); false: the public IP when there is one."
+  type        = bool
+  default     = false
 }
 
 variable "vpc_id" {

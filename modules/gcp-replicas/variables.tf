@@ -138,3 +138,9 @@ variable "labels" {
   type        = map(string)
   default     = {}
 }
+
+variable "private_endpoint" {
+  description = "Endpoints use the internal IP (the router is inside the VPC network or a peered one); false: the external IP when there is one."
+  type        = bool
+  default     = false
+}

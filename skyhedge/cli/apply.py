@@ -216,7 +216,11 @@ def apply(
         err_console.print(f"error: the rolling update stopped short: {report.rollout_stopped}", markup=False)
         sys.exit(1)
     if report.not_ready:
-        logs = f" (logs: {sdir / 'local' / 'replicas'}/ID.log)" if "local" in service.placement.clouds else ""
+        cloud_of = {r.id: r.location.cloud for r in report.plan.replicas} if report.plan else {}
+        local = [rid for rid in report.not_ready if cloud_of.get(rid, "local") == "local"]
+        logs = f" (logs: {sdir / 'local' / 'replicas'}/ID.log)" if local else ""
+        if len(local) < len(report.not_ready):  # cloud VMs: their boot log is the console output
+            logs += " (AWS: aws ec2 get-console-output; GCP: gcloud compute instances get-serial-port-output)"
         err_console.print(
             f"error: not ready after {service.readiness_probe.initial_delay_seconds}s: "
             f"{', '.join(report.not_ready)}{logs}",

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 from skyhedge.catalog import load_catalog
 from skyhedge.clouds import RenderContext
-from skyhedge.clouds.common import has_gpus, replica_map, require_instance_type, run_config
+from skyhedge.clouds.common import has_gpus, private_only, replica_map, require_instance_type, run_config
 
 if TYPE_CHECKING:
     from skyhedge.planner import PlannedReplica
@@ -31,6 +31,7 @@ class AwsCloud:
         ("key_name", "An EC2 key pair for SSH (null: none)."),
         ("iam_instance_profile", "An IAM instance profile for the replicas (null: none)."),
         ("ingress_cidrs", "CIDR blocks that may reach the model server port."),
+        ("private_endpoint", "Whether the router reaches replicas at their private IP."),
     )
     nullable = frozenset({"image_id", "subnet_ids", "key_name", "iam_instance_profile"})
 
@@ -44,6 +45,14 @@ class AwsCloud:
         context: RenderContext,
     ) -> dict[str, Any]:
         itype = require_instance_type(spec, self.name, instance_type)
+        # a launched replica stays in the subnet it was launched in (and so in its VPC): passed
+        # back only where aws.subnets now names another for its zone, or none at all. A replica on
+        # its zone's default subnet records no subnet (module output), so inputs do not churn.
+        pinned = {
+            r.id: r.subnet_id
+            for r in replicas
+            if r.subnet_id and r.subnet_id != spec.aws.subnet_of(r.location.zone)
+        }
         return {
             "service": spec.name,
             "region": region,
@@ -51,13 +60,18 @@ class AwsCloud:
             "image_id": spec.resources.image_id.get("aws"),
             "disk_size": spec.resources.disk_size,
             "port": spec.resources.ports,
-            "replicas": replica_map(replicas),
+            "replicas": {
+                # only where pinned: a replica in its zone's subnet renders as before
+                rid: {**value, "subnet_id": pinned[rid]} if rid in pinned else value
+                for rid, value in replica_map(replicas).items()
+            },
             "run": run_config(spec),
             "gpu": has_gpus(spec, self.name, itype),
             "subnet_ids": _region_subnets(spec, region),
             "key_name": spec.aws.key_name,
             "iam_instance_profile": spec.aws.iam_instance_profile,
             "ingress_cidrs": list(spec.aws.ingress_cidrs),
+            "private_endpoint": private_only(spec.aws.ingress_cidrs),
         }
 
 
