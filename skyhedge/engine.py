@@ -112,6 +112,28 @@ T = TypeVar("T")
 #: How much of a diagnostic's detail an error's one line carries (the rest is in `stderr`).
 HEADLINE_DETAIL_CHARS = 240
 
+#: Resource addresses whose errors come from one spec field (a data source reading what the spec
+#: named), as (pattern, field template with the pattern's groups): "aws.subnets.use1-az1: no
+#: matching EC2 Subnet found" says what to fix where Terraform's address does not. Each cloud
+#: registers its own (`register_spec_field`), so the engine names no cloud.
+_SPEC_FIELDS: list[tuple[re.Pattern[str], str]] = []
+
+
+def register_spec_field(address_pattern: str, field: str) -> None:
+    """Errors at addresses matching `address_pattern` (searched) are about spec field `field`
+    (a `str.format` template of the pattern's named groups)."""
+    entry = (re.compile(address_pattern), field)
+    if entry not in _SPEC_FIELDS:
+        _SPEC_FIELDS.append(entry)
+
+
+def spec_field_of(address: str | None) -> str | None:
+    for pattern, template in _SPEC_FIELDS if address else ():
+        found = pattern.search(address or "")
+        if found:
+            return template.format(**found.groupdict())
+    return None
+
 
 @dataclass(frozen=True)
 class Diagnostic:
@@ -132,12 +154,14 @@ class Diagnostic:
         """One line for an error message: the summary and the first line of the detail, where
         Terraform's summary alone says too little ("Resource precondition failed": the module's
         own message is the detail's first line)."""
+        named = spec_field_of(self.address)
+        said = f"{named}: {self.summary}" if named else self.summary
         first = next((line.strip() for line in self.detail.splitlines() if line.strip()), "")
         if not first or first in self.summary:
-            return self.summary
+            return said
         if len(first) > HEADLINE_DETAIL_CHARS:
             first = first[: HEADLINE_DETAIL_CHARS - 3].rstrip() + "..."
-        return f"{self.summary}: {first}"
+        return f"{said}: {first}"
 
     @property
     def capacity(self) -> bool:

@@ -145,6 +145,8 @@ def test_subnets_of_two_vpcs_or_filed_under_another_zone_are_refused_before_anyt
             f"{{use1-az1: {default['use1-az2']}, use1-az2: {default['use1-az1']}}}",
             "is in use1-az2, not use1-az1",
         ),
+        # a subnet that does not exist (a typo, another account): the error names the spec field
+        "missing": ("{use1-az1: subnet-0123456789abcdef0}", "aws.subnets.use1-az1: "),
     }
     for name, (subnets, reason) in cases.items():
         spec_path = tmp_path / f"{name}.yaml"

@@ -174,6 +174,23 @@ def test_an_errors_one_line_carries_the_first_line_of_terraforms_detail():
     assert len(long.headline) < 300 and long.headline.endswith("...")
 
 
+def test_an_error_at_a_data_source_reading_a_spec_value_names_the_spec_field():
+    """Terraform names the address; the user edits the spec: a cloud registers which field an
+    address reads (here AWS's `aws.subnets`, registered when its renderer loads)."""
+    import skyhedge.clouds.aws.render  # noqa: F401  (registers aws.subnets)
+
+    missing = Diagnostic(
+        "error",
+        "no matching EC2 Subnet found",
+        address='module.replicas.data.aws_subnet.given["use1-az1"]',
+    )
+    assert missing.headline == "aws.subnets.use1-az1: no matching EC2 Subnet found"
+    other = Diagnostic(
+        "error", "no matching EC2 VPC found", address="module.replicas.data.aws_vpc.default[0]"
+    )
+    assert other.headline == "no matching EC2 VPC found"
+
+
 def test_run_parallel_keeps_order_and_returns_exceptions():
     def work(n: int) -> int:
         if n == 2:

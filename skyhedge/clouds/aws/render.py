@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 from skyhedge.catalog import load_catalog
 from skyhedge.clouds import RenderContext
 from skyhedge.clouds.common import has_gpus, private_only, replica_map, require_instance_type, run_config
+from skyhedge.engine import register_spec_field
 
 if TYPE_CHECKING:
     from skyhedge.planner import PlannedReplica
@@ -84,5 +85,8 @@ def _region_subnets(spec: ServiceSpec, region: str) -> dict[str, str] | None:
     mine = {zone: subnet for zone, subnet in spec.aws.subnets if catalog.region_of(zone) == region}
     return mine or None  # a region none is listed for: its default VPC (the module needs one subnet)
 
+
+# a subnet ID the spec gave that the data source cannot read (a typo, another region or account)
+register_spec_field(r'data\.aws_subnet\.given\["(?P<zone>[^"]+)"\]', "aws.subnets.{zone}")
 
 CLOUD = AwsCloud()
