@@ -46,6 +46,11 @@ def test_preempt_marks_the_zone_and_validates_it(tmp_path, write_spec):
     )
     assert ok.exit_code == 0, ok.output
     assert "no running spot replica" in ok.output
+    # nothing deployed there yet: allowed (chaos before a deployment), but said
+    assert (
+        f"no service is deployed under {sdir} yet" in ok.stderr
+        and "local-b out of spot capacity" in ok.stderr
+    )
     until = capacity.read_capacity(runtime_dir(sdir))["local-b"]
     assert until is not None and until == pytest.approx(time.time() + 60, abs=5)
     cleared = CliRunner().invoke(

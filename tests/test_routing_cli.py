@@ -97,6 +97,26 @@ def test_up_reload_down_from_the_state(setup):
     assert Router(load_spec(spec_path), state_dir).status()["pid"] is None
 
 
+def test_a_local_replica_whose_process_died_is_not_routed_even_without_probe(setup):
+    """The state still says READY, but the launcher's process is gone (killed behind skyhedge's
+    back): `routing up` records it gone, as `apply` would, instead of routing to a dead port."""
+    spec_path, state_dir, fleet = setup
+    [r1] = fleet.start(1)
+    state = ServiceState(service="echo")
+    state.replicas = {
+        "r-0001": record("r-0001", r1.endpoint),
+        "r-0002": record("r-0002", "http://127.0.0.1:1", cloud_id="tf-r-0002"),  # launched; no process
+    }
+    save_state(state_dir, state)
+    result = run("routing", "up", str(spec_path), "--state-dir", str(state_dir))
+    assert result.exit_code == 0, result.output
+    assert "gone r-0002" in result.output
+    saved = load_state(state_dir, "echo")
+    assert [u["id"] for u in saved.router["upstreams"]] == ["r-0001"]
+    assert saved.replicas["r-0002"].gone_at is not None
+    assert run("routing", "down", str(spec_path), "--state-dir", str(state_dir)).exit_code == 0
+
+
 def test_reload_when_not_running_is_one_clear_error(setup):
     spec_path, state_dir, _ = setup
     result = CliRunner().invoke(main, ["routing", "reload", str(spec_path), "--state-dir", str(state_dir)])

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
 import click
 from rich.markup import escape
 
+from skyhedge.apply import notice_dead_local_replicas
 from skyhedge.cli._app import console, err_console, main, spec_argument, state_dir_option
 from skyhedge.policy.types import ReplicaStatus
 from skyhedge.probe import check_all
@@ -66,6 +68,10 @@ def _route(spec: Path, state_dir: Path | None, *, start: bool, probe_now: bool, 
     sdir = state_dir or default_state_dir(service.name)
     with writer_lock(sdir):
         state = load_state(sdir, service.name)
+        # as `apply` does: a local replica whose process died since the state was written is
+        # gone (recorded so), not an upstream, whatever its last recorded status
+        for line in notice_dead_local_replicas(state, sdir, time.time()):
+            err_console.print(line, markup=False)
         upstreams = upstreams_from_state(service, state, probe_now=probe_now)
         router = Router(service, sdir)
         status = router.up(upstreams) if start else router.reload(upstreams)

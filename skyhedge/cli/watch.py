@@ -29,7 +29,7 @@ from skyhedge.controller.loop import ControllerOptions
 from skyhedge.errors import SpecError, StateError
 from skyhedge.service import resolve_placement
 from skyhedge.spec import ServiceSpec, load_spec
-from skyhedge.state import ServiceState, default_state_dir
+from skyhedge.state import STATE_FILE, ServiceState, default_state_dir
 
 _terraform_bin = click.option(
     "--terraform-bin",
@@ -545,6 +545,12 @@ def preempt(spec: Path, state_dir: Path | None, zone: str, seconds: float | None
     console.print(
         f"{zone}: out of spot capacity {until}; preempted {who} at {time.strftime('%H:%M:%S')}", markup=False
     )
+    if not (sdir / STATE_FILE).exists():  # chaos before a deployment is allowed, but say what it does
+        err_console.print(
+            f"note: no service is deployed under {sdir} yet: its next deployment starts with {zone} out "
+            f"of spot capacity {until}",
+            markup=False,
+        )
 
 
 @main.group()
