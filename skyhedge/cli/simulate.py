@@ -288,10 +288,11 @@ def _num(value: float | None, spec: str) -> str:
 
 
 def _table(rows: list[dict], verdicts: dict[tuple[str, str], Verdict], config: SimConfig) -> Table:
+    windows = f"{config.repeats} window{'' if config.repeats == 1 else 's'}"
     table = Table(
         title=(
             f"N={config.target}, extra={config.extra}, cold start {config.cold_start_seconds:g}s, "
-            f"on-demand x{config.ondemand_cost_ratio:g}, {config.repeats} windows of {config.ticks} ticks"
+            f"on-demand x{config.ondemand_cost_ratio:g}, {windows} of {config.ticks} ticks"
         )
     )
     table.add_column("trace", no_wrap=True)

@@ -37,7 +37,8 @@ def find_nginx(explicit: str | None = None) -> str:
     if wanted:
         found = shutil.which(wanted)
         if not found:
-            raise RoutingError(f"nginx binary {wanted!r} not found or not executable")
+            source = "" if explicit else " (from $SKYHEDGE_NGINX)"
+            raise RoutingError(f"nginx binary {wanted!r}{source} not found or not executable")
         return found
     found = shutil.which("nginx")
     if found:
