@@ -14,10 +14,11 @@ from urllib.parse import urlsplit
 
 from skyhedge.catalog import load_catalog, parse_accelerator
 from skyhedge.catalog.model import Offer, did_you_mean
+from skyhedge.clouds.local.launcher import port_in_use
 from skyhedge.errors import CatalogError, PolicyError, SpecError, StateError
-from skyhedge.planner import Plan, make_plan
+from skyhedge.planner import Plan, make_plan, replica_number
 from skyhedge.policy import Candidate, Location, Market, Observation, ReplicaFact, Terminate, make_policy
-from skyhedge.spec import AwsConfig, GcpConfig, ServiceSpec, replica_revision
+from skyhedge.spec import MAX_PORT, AwsConfig, GcpConfig, ServiceSpec, replica_revision
 from skyhedge.state import ReplicaRecord, ServiceState
 
 #: `state.extra` key of GitOps mode (`watch --gitops`): commits that CI applies later, not applies
@@ -342,7 +343,26 @@ def _taken_port_numbers(spec: ServiceSpec, state: ServiceState) -> frozenset[int
     base = spec.resources.local_base_port
     ports = {spec.service.port, spec.service.router.status_port, _recorded_status_port(state)}
     ports |= {_launched_port(rec) for rec in state.live() if rec.cloud == "local"}
-    return frozenset(p - base for p in ports if p is not None and p > base)
+    taken = {p - base for p in ports if p is not None and p > base}
+    return frozenset(taken | _busy_numbers(spec, state, base, taken))
+
+
+def _busy_numbers(spec: ServiceSpec, state: ServiceState, base: int, taken: set[int]) -> set[int]:
+    """The next fresh IDs whose port another process holds (a user's dev server, a stray
+    replica): skipped too. Their launch would fail ("already in use") three times before the ID
+    was given up, and `apply` would stop on it, with nothing the user could change in the spec."""
+    rp = spec.replica_policy
+    wanted = 2 * max(rp.min_replicas, rp.max_replicas or 0) + max(0, rp.num_overprovision) + 1
+    number = max([state.next_id, *(replica_number(r.id) + 1 for r in state.live())])
+    busy: set[int] = set()
+    while wanted > 0 and base + number <= MAX_PORT:
+        if number not in taken:
+            if port_in_use(base + number):
+                busy.add(number)
+            else:
+                wanted -= 1
+        number += 1
+    return busy
 
 
 def _recorded_status_port(state: ServiceState) -> int | None:

@@ -502,3 +502,35 @@ def test_plan_sees_a_dead_local_replica_as_apply_does(tmp_path, write_spec):
     result = run("plan", str(spec), "--state-dir", str(tmp_path / "st"), "--detailed-exitcode")
     assert result.exit_code == 2, result.output
     assert "gone r-0001" in result.output
+
+
+def test_fresh_local_ids_skip_ports_another_process_holds(tmp_path, write_spec):
+    """A local replica listens on local_base_port + its number: a port some other process holds
+    (a dev server, a stray replica) would fail that replica's launch until its ID was given up,
+    so the plan hands out the next free numbers instead."""
+    import socket
+
+    from local_support import free_base_port
+
+    base = free_base_port(12)
+    held = []
+    try:
+        for number in (1, 3):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.bind(("127.0.0.1", base + number))
+            sock.listen()
+            held.append(sock)
+        spec = write_spec(
+            "name: svc\nplacement: {clouds: [local], zones: [local-a, local-b]}\n"
+            f"resources: {{local_base_port: {base}}}\n"
+            "replica_policy: {min_replicas: 2, num_overprovision: 0, policy: spothedge}\n"
+            "run: {command: serve}\n"
+        )
+        result = run("plan", str(spec), "--state-dir", str(tmp_path / "st"), "--json")
+        assert result.exit_code == 0, result.output
+        created = sorted(r["id"] for r in json.loads(result.output)["replicas"] if r["action"] == "create")
+        assert created and not {"r-0001", "r-0003"} & set(created)
+        assert created[0] == "r-0002"
+    finally:
+        for sock in held:
+            sock.close()

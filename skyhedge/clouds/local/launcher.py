@@ -61,7 +61,8 @@ class LaunchError(Exception):
         super().__init__(message)
 
 
-def _port_in_use(port: int) -> bool:
+def port_in_use(port: int) -> bool:
+    """Whether 127.0.0.1:`port` is held (a replica could not listen there)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
@@ -126,7 +127,7 @@ def start(cfg: dict[str, Any], *, now: float | None = None) -> LocalProcess:
     replicas_dir(runtime).mkdir(parents=True, exist_ok=True)
     # Idempotent: a leftover process of the same ID (crash before Terraform recorded it) goes first.
     stop_replica(runtime, rid, grace=2.0)
-    if _port_in_use(port):
+    if port_in_use(port):
         raise LaunchError(f"{rid}: port 127.0.0.1:{port} is already in use by another process")
     workdir = Path(cfg["workdir"])
     if not workdir.is_dir():
