@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import re
-import socket
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -33,16 +33,22 @@ def svc(tmp_path, monkeypatch):
 
 
 def test_a_failed_launch_leaves_a_consistent_state_and_the_next_apply_converges(svc):
-    spec = load_spec(svc.write(replicas=3))
-    with socket.socket() as squatter:  # r-0002's port is taken: its launch fails (not a capacity error)
-        squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        squatter.bind(("127.0.0.1", svc.port("r-0002")))
-        squatter.listen()
-        report = apply_service(spec, svc.state_dir, route=False)
+    # while the file exists, r-0002's command exits at once: its launch fails (not a capacity error).
+    # (A port another process holds no longer makes one fail: the plan skips that ID.)
+    fail = svc.root / "fail-r-0002"
+    command = (
+        f'if [ "$SKYHEDGE_REPLICA_ID" = r-0002 ] && [ -e {fail} ]; then '
+        'echo "refused: no GPU" >&2; exit 3; fi; '
+        f"exec {sys.executable} {svc.server}"
+    )
+    spec = load_spec(svc.write(replicas=3, command=command))
+    fail.touch()
+    report = apply_service(spec, svc.state_dir, route=False)
+    fail.unlink()
     assert not report.ok and not report.launch_failures
     [err] = report.errors
     assert "local/local" in str(err) and "r-0002" in str(err)
-    assert f"port 127.0.0.1:{svc.port('r-0002')} is already in use" in err.stderr
+    assert "refused: no GPU" in err.stderr
     state = load_state(svc.state_dir, "applied")
     recs = {r.id: r for r in state.live()}
     assert sorted(recs) == ["r-0001", "r-0002", "r-0003"]

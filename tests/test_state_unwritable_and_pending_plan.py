@@ -19,7 +19,7 @@ import errno
 import json
 import logging
 import os
-import socket
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -228,12 +228,15 @@ def plan_json(svc: LocalService) -> tuple[int, dict[str, Any]]:
 
 
 def test_a_replica_a_failed_apply_never_created_is_pending_until_an_apply_creates_it(svc):
-    spec = load_spec(svc.write(replicas=3))
-    with socket.socket() as squatter:  # r-0002's port is taken: its launch fails
-        squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        squatter.bind(("127.0.0.1", svc.port("r-0002")))
-        squatter.listen()
-        assert not apply_service(spec, svc.state_dir, route=False).ok
+    fail = svc.root / "fail-r-0002"  # while it exists, r-0002's command exits at once: its launch fails
+    command = (
+        f'if [ "$SKYHEDGE_REPLICA_ID" = r-0002 ] && [ -e {fail} ]; then echo refused >&2; exit 3; fi; '
+        f"exec {sys.executable} {svc.server}"
+    )
+    spec = load_spec(svc.write(replicas=3, command=command))
+    fail.touch()
+    assert not apply_service(spec, svc.state_dir, route=False).ok
+    fail.unlink()
 
     code, data = plan_json(svc)
     assert code == 2, "the next apply has work to do: not 'no changes'"
