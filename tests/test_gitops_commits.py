@@ -373,6 +373,8 @@ def test_a_repository_ignoring_the_trees_files_is_refused_in_one_line(tmp_path, 
     )
     assert "stop ignoring the tree's files in .gitignore" in last
     assert len(messages(repo)) == 2  # nothing committed
+    # and nothing left staged: a commit of the user's own would take a tree CI cannot apply
+    assert git(repo, "diff", "--cached", "--name-only").strip() == ""
 
 
 # --- 10: a --gitops-path the tree cannot own is refused at start --------------------------------

@@ -454,10 +454,21 @@ class GitOpsExecutor:
         rule = f"{m[1]} line {m[2]}: {m[3]}" if m else source
         more = f" (and {len(hits) - 1} more of the tree's files)" if len(hits) > 1 else ""
         where = m[1] if m else "the .gitignore"
+        self._unstage()  # the rest of the tree is not left staged: a commit of the user's own would
+        # take a tree without the ignored files, one CI cannot apply
         raise StateError(
             f"gitops: {path} is ignored by git ({rule}){more}, so the commit would lack it and "
             f"CI could not apply the tree; stop ignoring the tree's files in {where}"
         )
+
+    def _unstage(self) -> None:
+        """Take the tree's staged changes out of the index (back to HEAD's, or out of an index
+        with no commit yet); the files stay written in the working copy."""
+        rel = self._rel
+        if git(self.top, "rev-parse", "--verify", "-q", "HEAD", check=False).returncode == 0:
+            git(self.top, "reset", "-q", "--", rel, check=False)
+        else:
+            git(self.top, "rm", "-r", "-q", "--cached", "--ignore-unmatch", "--", rel, check=False)
 
     def _spec_for_commit(self) -> tuple[str | None, str]:
         """The spec file's repository path when this commit carries it, else None and what the
