@@ -165,7 +165,8 @@ class RouterOptions:
                 )
         if not re.fullmatch(r"auto|[1-9][0-9]{0,2}", str(self.worker_processes)):
             raise RoutingError(
-                f"router option worker_processes: expected 'auto' or a count, got {self.worker_processes!r}"
+                "router option worker_processes: expected 'auto' or a count from 1 to 999, "
+                f"got {self.worker_processes!r}"
             )
         size = re.fullmatch(r"([1-9][0-9]{0,15})([kKmMgG]?)", self.client_max_body_size)
         if not size or int(size[1]) * _SIZE_UNITS[size[2].lower()] > MAX_BODY_BYTES:
