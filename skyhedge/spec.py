@@ -481,6 +481,16 @@ def _gcp(ctx: _Ctx, d: dict[str, Any]) -> GcpConfig:
     if subnetworks and network is None:
         # the firewall rule belongs to a network: it would open the port on `default` instead
         raise ctx.fail("gcp.subnetworks", "needs gcp.network too: the network the subnetworks belong to")
+    net_project = re.match(r"projects/([^/]+)/", network or "")
+    for region, subnetwork in sorted(subnetworks.items()):
+        sub_project = re.match(r"projects/([^/]+)/", subnetwork)
+        if net_project and sub_project and sub_project.group(1) != net_project.group(1):
+            # a subnetwork lies in its network's project (a shared VPC's host project)
+            raise ctx.fail(
+                f"gcp.subnetworks.{region}",
+                f"{subnetwork} is in project {sub_project.group(1)}, but gcp.network is in "
+                f"{net_project.group(1)}; a subnetwork belongs to its network's project",
+            )
     cidrs = _str_list(ctx, "gcp.ingress_cidrs", d.get("ingress_cidrs", ["0.0.0.0/0"]), _cidr_ok(ctx))
     if not cidrs:
         raise ctx.fail(

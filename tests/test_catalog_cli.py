@@ -483,3 +483,35 @@ def test_refresh_with_an_empty_list_is_refused_not_taken_as_everything(cache_dir
     assert f"Invalid value for '{option}': expected comma-separated names" in err
     assert len(err.strip().splitlines()) == 1
     assert not (cache_dir / "aws.json").exists()
+
+
+def test_refresh_gcp_names_offers_whose_on_demand_price_it_could_not_take(
+    cache_dir: Path, billing_pages: list[object]
+) -> None:
+    """Only spot SKUs answered: the spot prices are taken, and the on-demand ones, kept from
+    before, are listed as unpriced, as a missing spot price is."""
+    billing_pages.extend(
+        [
+            _gcp_sku(
+                "Spot Preemptible G2 Instance Core running in Americas",
+                "Preemptible",
+                "h",
+                {"nanos": 8_000_000},
+            ),
+            _gcp_sku(
+                "Spot Preemptible G2 Instance Ram running in Americas",
+                "Preemptible",
+                "GiBy.h",
+                {"nanos": 1_000_000},
+            ),
+            _gcp_sku(
+                "Nvidia L4 GPU attached to Spot Preemptible VMs running in Americas",
+                "Preemptible",
+                "h",
+                {"nanos": 200_000_000},
+            ),
+        ]
+    )
+    code, out, err = refresh_gcp("us-central1", "g2-standard-4")
+    assert code == 0, err
+    assert "g2-standard-4@us-central1-a (on-demand)" in out

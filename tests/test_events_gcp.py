@@ -488,11 +488,36 @@ def test_a_poll_failing_in_a_later_zone_loses_no_operation(compute, session, tmp
     compute.fail_path = f"zones/{zones[1]}/"
     clock.advance(10)
     ctl.tick()  # the first zone's operations were read, then the second zone failed
-    assert victim.gone_at is None and any("HTTP 503" in n.text for n in ctl.notes)
+    assert any("HTTP 503" in n.text for n in ctl.notes)  # the failing zone is noted...
+    assert victim.gone_at is not None and victim.reason == "preempted"  # ...and costs the others nothing
+    assert any("gcp-operations: gone" in n.text for n in ctl.notes)  # the operation, not the listing
+
+
+def test_an_endpoint_refusing_the_newest_first_order_is_read_unordered(
+    compute, session, tmp_path, write_spec
+):
+    """Newest first (`orderBy`) lets a poll stop at what is too old to matter; an endpoint that
+    refuses the order with this filter must not blind the watcher: it reads everything instead."""
+    ctl, clock = _controller(compute, session, tmp_path, write_spec)
+    victim = ctl.state.live()[0]
+    compute.operations[victim.zone] = [_preempted("21", victim.zone, f"llm-{victim.id}", clock() + 1)]
+    real = compute.handle
+    refused = []
+
+    def handle(path, query):
+        if path.endswith("/operations") and "orderBy" in query:
+            refused.append(path)
+            return 400, {"error": {"code": 400, "message": "Invalid value for field 'orderBy'"}}
+        return real(path, query)
+
+    compute.handle = handle
     clock.advance(10)
     ctl.tick()
-    assert victim.gone_at is not None and victim.reason == "preempted"
-    assert any("gcp-operations: gone" in n.text for n in ctl.notes)  # the operation, not the listing
+    assert refused and victim.gone_at is not None and victim.reason == "preempted"
+    asked = len(refused)
+    clock.advance(10)
+    ctl.tick()
+    assert len(refused) == asked  # not asked again with the order
 
 
 def test_the_watched_project_is_found_as_apply_finds_it(monkeypatch, write_spec, tmp_path):
@@ -525,3 +550,76 @@ def test_the_watched_project_is_found_as_apply_finds_it(monkeypatch, write_spec,
     monkeypatch.delenv("GCLOUD_PROJECT")
     monkeypatch.setattr(google.auth, "default", lambda *a, **k: (AnonymousCredentials(), "from-adc"))
     assert resolve_project(None) == "from-adc"
+
+
+class ModuleSync(CloudSync):
+    """As the gcp-replicas module records a replica: the numeric instance ID as cloud ID, the name
+    `skyhedge-<service>-<id>` in its outputs."""
+
+    def apply(self, state, plan, now):
+        result = self.executor.apply(state, plan, now)
+        for rec in state.live():
+            name = f"skyhedge-llm-{rec.id}"
+            if not rec.cloud_id:
+                rec.cloud_id = str(1000 + int(rec.id[2:]))
+            rec.outputs = {"name": name, "cloud_id": rec.cloud_id}
+            self.compute.instances.setdefault(rec.zone, {}).setdefault(
+                name, {"status": "RUNNING", "labels": {"skyhedge-service": "llm", "skyhedge-replica": rec.id}}
+            )
+        return result
+
+
+def test_an_operation_about_an_earlier_vm_of_the_same_name_is_not_about_the_replica(
+    compute, session, tmp_path, write_spec
+):
+    """`apply` recreates a preempted VM under the same name (a new instance ID). A watcher started
+    later reads the old operation: its `targetId` is the earlier VM's, so the new one stays."""
+    ctl, clock = _controller(compute, session, tmp_path, write_spec, sync=ModuleSync)
+    victim = ctl.state.live()[0]
+    name = f"skyhedge-llm-{victim.id}"
+    op = _preempted("500", victim.zone, name, victim.launched_at + 120)
+    op["targetId"] = victim.cloud_id
+    compute.operations[victim.zone] = [op]
+    clock.advance(3600)
+    victim.cloud_id = "9999"  # recreated by an apply: a new instance ID under the same name
+    victim.outputs = {"name": name, "cloud_id": "9999"}
+    ctl.sources[0] = GcpEventSource("llm", PROJECT, {}, session=session, poll_every=5)  # a new watcher
+    ctl.tick()
+    assert victim.gone_at is None
+    op["targetId"] = "9999"  # the same operation about the VM it has now does count
+    ctl.sources[0] = GcpEventSource("llm", PROJECT, {}, session=session, poll_every=5)
+    clock.advance(10)
+    ctl.tick()
+    assert victim.gone_at is not None and victim.reason == "preempted"
+
+
+def test_operations_are_read_newest_first_down_to_the_oldest_live_replica(
+    compute, session, tmp_path, write_spec
+):
+    """GCP keeps operations for weeks and a project's other spot VMs leave theirs in the same zones:
+    the listing is asked newest first and read only as far back as a live replica's launch."""
+    ctl, clock = _controller(compute, session, tmp_path, write_spec, sync=ModuleSync)
+    live = ctl.state.live()
+    busy = live[0].zone
+    pages = []
+    real = compute.handle
+
+    def handle(path, query):
+        if path.endswith(f"zones/{busy}/operations"):
+            assert query.get("orderBy") == ["creationTimestamp desc"]
+            page = int(query.get("pageToken", ["0"])[0])
+            pages.append(page)
+            items = [
+                _preempted(f"{page}-{i}", busy, f"batch-{page}-{i}", live[0].launched_at - 3600 * (page + 1))
+                for i in range(500)
+            ]
+            return 200, {"items": items, "nextPageToken": str(page + 1)}  # weeks of them
+        return real(path, query)
+
+    compute.handle = handle
+    other = next(r for r in live if r.zone != busy)
+    compute.instances[other.zone][f"skyhedge-llm-{other.id}"]["status"] = "TERMINATED"
+    clock.advance(10)
+    ctl.tick()
+    assert pages == [0]  # stopped at the first operation older than the replicas
+    assert other.gone_at is not None

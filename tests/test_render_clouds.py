@@ -358,3 +358,30 @@ def test_gcp_a_gpu_that_comes_only_built_in_is_not_attached_to_n1():
         RenderError, match=r"'L4' cannot be attached to the n1 .* built into g2 machine types"
     ):
         accelerator_for(spec, "n1-highmem-8")
+
+
+@pytest.mark.parametrize(
+    ("accelerators", "message"),
+    [
+        ("V100:2", r"'V100:2' differs from the 1 x T4 the catalog prices n1-standard-8 with"),
+        ("T4:2", r"'T4:2' differs from the 1 x T4"),
+        ("A100:1", r"'A100' cannot be attached to the n1 machine type n1-standard-8 .*built into a2"),
+    ],
+)
+def test_gcp_an_n1_type_of_the_catalog_is_not_given_other_gpus_than_asked(accelerators, message):
+    """The catalog lists n1-standard-8 with one T4 and prices it so: a spec asking other GPUs of it
+    is refused, not launched with a T4 it did not ask for."""
+    from skyhedge.clouds.gcp.render import accelerator_for
+    from skyhedge.errors import RenderError
+
+    spec = parse_spec(
+        {
+            "name": "svc",
+            "placement": {"clouds": ["gcp"]},
+            "resources": {"instance_type": {"gcp": "n1-standard-8"}, "accelerators": accelerators},
+            "run": {"image": "x"},
+        },
+        source="/tmp/svc.yaml",
+    )
+    with pytest.raises(RenderError, match=rf"^/tmp/svc.yaml: resources.accelerators: {message}"):
+        accelerator_for(spec, "n1-standard-8")

@@ -820,3 +820,19 @@ def test_gcp_network_by_link_and_default_ingress(write_spec):
     )
     assert spec.gcp.network.endswith("/networks/prod") and spec.gcp.ingress_cidrs == ("0.0.0.0/0",)
     assert not spec.gcp.confined and spec.network("gcp") is spec.gcp and spec.network("local") is None
+
+
+def test_gcp_a_subnetwork_of_another_project_than_its_network_is_refused(tmp_path):
+    from skyhedge.errors import SpecError
+
+    path = tmp_path / "svc.yaml"
+    path.write_text(
+        "name: svc\nplacement: {clouds: [gcp]}\nresources: {accelerators: 'L4:1'}\nrun: {command: serve}\n"
+        "gcp: {network: projects/host-proj/global/networks/n,"
+        " subnetworks: {us-central1: projects/other-proj/regions/us-central1/subnetworks/s}}\n"
+    )
+    with pytest.raises(
+        SpecError,
+        match=r"gcp.subnetworks.us-central1: .* is in project other-proj, but gcp.network is in host-proj",
+    ):
+        load_spec(path)

@@ -4,6 +4,9 @@
 locals {
   image = var.image != null ? var.image : "projects/deeplearning-platform-release/global/images/family/common-cu124-ubuntu-2204-py310"
   tag   = "skyhedge-${var.service}"
+  # A network named by its link (a shared VPC) lives in its host project, and so must the firewall
+  # rule opening the port on it; a subnetwork named plainly is then looked up there too.
+  network_project = can(regex("^projects/([^/]+)/", var.network)) ? regex("^projects/([^/]+)/", var.network)[0] : var.project
   # GCE names are at most 63 characters: a long service and region name gets a hashed tail
   firewall_full = "skyhedge-${var.service}-${var.region}"
   firewall_name = length(local.firewall_full) <= 63 ? local.firewall_full : "${substr(local.firewall_full, 0, 54)}-${substr(sha1(local.firewall_full), 0, 8)}"
@@ -16,7 +19,7 @@ locals {
 }
 
 resource "google_compute_firewall" "replicas" {
-  project       = var.project
+  project       = local.network_project
   name          = local.firewall_name
   network       = var.network
   description   = "skyhedge: model server port of the replicas"
@@ -54,8 +57,9 @@ resource "google_compute_instance" "replica" {
   }
 
   network_interface {
-    network    = var.network
-    subnetwork = var.subnetwork
+    network            = var.network
+    subnetwork         = var.subnetwork
+    subnetwork_project = var.subnetwork != null && !can(regex("^projects/", coalesce(var.subnetwork, "-"))) ? local.network_project : null
     access_config {}
   }
 

@@ -351,6 +351,8 @@ def refresh_gcp(
             changed = replace(
                 changed, ondemand_price=ondemand, ondemand_taken_at=stamp, ondemand_source=SOURCE
             )
+        else:
+            unpriced.append(f"{offer.instance_type}@{offer.zone} (on-demand)")
         if spot is not None:
             changed = replace(changed, spot_price=spot, spot_taken_at=stamp, spot_source=SOURCE)
         else:

@@ -39,6 +39,9 @@ LABEL_REPLICA = "skyhedge-replica"
 SCOPES = ("https://www.googleapis.com/auth/compute.readonly",)
 #: A Compute listing longer than this many pages (500 items each by default) is an error.
 MAX_PAGES = 50
+#: Operations dated this long before the oldest live replica's launch in a zone cannot be about it
+#: (the controller ignores them too: controller/facts.py EVENT_SKEW_SECONDS).
+OPERATION_SKEW_SECONDS = 60.0
 
 __all__ = ["GcpEventSource", "compute_endpoint", "parse_instance", "parse_operation"]
 
@@ -147,6 +150,8 @@ class GcpEventSource(EventSource):
         self._unacked: set[str] = set()  # operations returned by poll, not yet recorded
         self._listed: set[str] = set()  # unrecorded replicas (GitOps) once seen listed
         self._leftovers = LeftoverWatch()
+        self._problems: list[str] = []  # zones whose poll failed while others reported events
+        self._ordered = True  # zone operations asked newest first (orderBy), read down to a cutoff
 
     @property
     def session(self) -> Any:
@@ -154,10 +159,12 @@ class GcpEventSource(EventSource):
             self._session = default_session()
         return self._session
 
-    def _get(self, path: str, params: dict[str, str]) -> list[Any]:
+    def _get(self, path: str, params: dict[str, str], *, stop: Any = None) -> list[Any]:
         """GET a Compute list, following `nextPageToken`. A reply that is not a list page (an
         `error` object, `items` not a list) or a listing longer than MAX_PAGES pages is an error,
-        never a shorter list: an instance missing from the list reads as a preemption."""
+        never a shorter list: an instance missing from the list reads as a preemption.
+        `stop(item)` true ends the listing before that item (a list sorted newest first, read
+        down to what is too old to matter)."""
         import requests
         from google.auth.exceptions import GoogleAuthError
 
@@ -182,7 +189,13 @@ class GcpEventSource(EventSource):
             page = body.get("items", [])
             if not isinstance(page, list):
                 raise CloudError(f"gcp: GET {url}: items: expected a list, got {type(page).__name__}")
-            items.extend(page)
+            if stop is not None:
+                for item in page:
+                    if stop(item):
+                        return items
+                    items.append(item)
+            else:
+                items.extend(page)
             token = body.get("nextPageToken")
             if not token:
                 return items
@@ -205,67 +218,125 @@ class GcpEventSource(EventSource):
         # A replica whose instance name is not recorded (GitOps mode: CI applied it) is known by
         # the module's naming and its label.
         by_name = {self.instance_name(r.id): r.id for r in mine if not r.cloud_id}
+        # The instance ID each recorded replica's VM has now: an operation naming the same instance
+        # name with another `targetId` is about an earlier VM of that name (one `apply` recreated).
+        id_of = {
+            str(r.outputs.get("name")): r.cloud_id
+            for r in mine
+            if r.cloud_id and r.cloud_id.isdigit() and r.outputs.get("name")
+        }
         events: list[PreemptionEvent] = []
+        failures: list[CloudError] = []
         for zone in sorted({r.zone for r in mine}):
             self.region_of.setdefault(zone, next(r.region for r in mine if r.zone == zone))
-            for op in self._get(f"zones/{zone}/operations", {"filter": f'operationType="{PREEMPTED_OP}"'}):
-                key = str(op.get("id") or op.get("name") or op) if isinstance(op, dict) else repr(op)
-                if key in self._seen_ops or key in read:
-                    continue
-                read.add(key)
-                event = parse_operation(op, region_of=self.region_of, received_at=now)
-                if event is not None:
-                    rid = by_name.get(str(event.cloud_id))
-                    events.append(replace(event, replica_id=rid) if rid else event)
-            listed = self._get(
-                f"zones/{zone}/instances", {"filter": f"labels.{LABEL_SERVICE}={self.service}"}
-            )
-            status: dict[str, str] = {}
-            by_label: dict[str, str] = {}
-            label_of: dict[str, str | None] = {}
-            for i, inst in enumerate(listed):
-                parsed = parse_instance(inst)
-                if parsed is None:  # which instance it is is unknown: "not listed" proves nothing
-                    raise CloudError(f"gcp: zones/{zone}/instances: items[{i}]: no instance name")
-                name, st, rid = parsed
-                status[name] = st
-                label_of[name] = rid
-                if rid:
-                    by_label[rid] = name
-            self._check_leftovers(zone, now, status, label_of, [r for r in mine if r.zone == zone])
-            for rec in mine:
-                if rec.zone != zone:
-                    continue
-                if rec.cloud_id:
-                    # The module records the instance ID as cloud ID (a self link before) and the name in
-                    # its outputs.
-                    name = str(rec.outputs.get("name") or _last(rec.cloud_id) or rec.cloud_id)
-                    if name not in status:
-                        name = by_label.get(rec.id, name)
-                else:
-                    name = by_label.get(rec.id, self.instance_name(rec.id))
-                    if name in status:
-                        self._listed.add(rec.id)
-                    elif rec.id not in self._listed:
-                        continue  # never seen listed: CI may not have applied it yet
-                st = status.get(name)
-                if st is not None and st not in GONE_STATUSES:
-                    continue
-                detail = "instance no longer listed" if st is None else f"instance {st}"
-                events.append(
-                    PreemptionEvent(
-                        Signal.GONE,
-                        now,
-                        "gcp-instances",
-                        replica_id=rec.id,
-                        cloud_id=name,
-                        reason="",
-                        detail=detail,
-                    )
-                )
+            try:
+                self._poll_zone(zone, now, mine, by_name, id_of, read, events)
+            except CloudError as exc:  # one zone's failure must not blind the others
+                failures.append(exc)
         self._listed &= {r.id for r in mine}
         self._unacked |= read
+        if failures and not events:
+            raise failures[0]
+        self._problems.extend(str(f) for f in failures)  # said by `problems()`, with the events kept
         return events
+
+    def problems(self) -> list[str]:
+        out, self._problems = self._problems, []
+        return out
+
+    def _poll_zone(
+        self,
+        zone: str,
+        now: float,
+        mine: Sequence[ReplicaRecord],
+        by_name: dict[str, str],
+        id_of: dict[str, str],
+        read: set[str],
+        events: list[PreemptionEvent],
+    ) -> None:
+        """One zone's preempted operations and instance listing, appended to `events`."""
+        # Newest first, and only as far back as the oldest live replica here: GCP keeps operations
+        # for weeks, and a project's other spot VMs leave theirs in the same zones.
+        cutoff = min(r.launched_at for r in mine if r.zone == zone) - OPERATION_SKEW_SECONDS
+
+        def too_old(op: Any) -> bool:
+            at = _epoch(op.get("insertTime")) if isinstance(op, dict) else None
+            return at is not None and at < cutoff
+
+        query = {"filter": f'operationType="{PREEMPTED_OP}"'}
+        if self._ordered:
+            try:
+                ops = self._get(
+                    f"zones/{zone}/operations", {**query, "orderBy": "creationTimestamp desc"}, stop=too_old
+                )
+            except CloudError as exc:
+                if ": HTTP 400:" not in str(exc):
+                    raise
+                # an endpoint refusing the order with this filter: read everything, as before
+                log.warning("%s; reading zone operations unordered from now on", exc)
+                self._ordered = False
+        if not self._ordered:
+            ops = [op for op in self._get(f"zones/{zone}/operations", query) if not too_old(op)]
+        for op in ops:
+            key = str(op.get("id") or op.get("name") or op) if isinstance(op, dict) else repr(op)
+            if key in self._seen_ops or key in read:
+                continue
+            read.add(key)
+            event = parse_operation(op, region_of=self.region_of, received_at=now)
+            if event is not None:
+                target_id = str(op.get("targetId") or "")
+                recorded = id_of.get(str(event.cloud_id))
+                if target_id and recorded and target_id != recorded:
+                    log.debug(
+                        "gcp %s: %s is about an earlier VM named %s", zone, event.detail, event.cloud_id
+                    )
+                    continue
+                rid = by_name.get(str(event.cloud_id))
+                events.append(replace(event, replica_id=rid) if rid else event)
+        listed = self._get(f"zones/{zone}/instances", {"filter": f"labels.{LABEL_SERVICE}={self.service}"})
+        status: dict[str, str] = {}
+        by_label: dict[str, str] = {}
+        label_of: dict[str, str | None] = {}
+        for i, inst in enumerate(listed):
+            parsed = parse_instance(inst)
+            if parsed is None:  # which instance it is is unknown: "not listed" proves nothing
+                raise CloudError(f"gcp: zones/{zone}/instances: items[{i}]: no instance name")
+            name, st, rid = parsed
+            status[name] = st
+            label_of[name] = rid
+            if rid:
+                by_label[rid] = name
+        self._check_leftovers(zone, now, status, label_of, [r for r in mine if r.zone == zone])
+        for rec in mine:
+            if rec.zone != zone:
+                continue
+            if rec.cloud_id:
+                # The module records the instance ID as cloud ID (a self link before) and the name in
+                # its outputs.
+                name = str(rec.outputs.get("name") or _last(rec.cloud_id) or rec.cloud_id)
+                if name not in status:
+                    name = by_label.get(rec.id, name)
+            else:
+                name = by_label.get(rec.id, self.instance_name(rec.id))
+                if name in status:
+                    self._listed.add(rec.id)
+                elif rec.id not in self._listed:
+                    continue  # never seen listed: CI may not have applied it yet
+            st = status.get(name)
+            if st is not None and st not in GONE_STATUSES:
+                continue
+            detail = "instance no longer listed" if st is None else f"instance {st}"
+            events.append(
+                PreemptionEvent(
+                    Signal.GONE,
+                    now,
+                    "gcp-instances",
+                    replica_id=rec.id,
+                    cloud_id=name,
+                    reason="",
+                    detail=detail,
+                )
+            )
 
     def ack(self) -> None:
         self._seen_ops |= self._unacked

@@ -39,26 +39,39 @@ def accelerator_for(spec: ServiceSpec, machine_type: str) -> tuple[dict[str, Any
     """(guest_accelerator to attach or None, whether the replica has GPUs at all).
 
     GPUs are attached only to n1 machines, and only the kinds n1 takes; a2/a3/a4/g2/g4 carry
-    theirs (a GPU-less `on_host_maintenance = MIGRATE` would be refused for them)."""
+    theirs (a GPU-less `on_host_maintenance = MIGRATE` would be refused for them). An n1 type
+    the catalog lists with its GPUs is priced with those: a spec asking other GPUs of it is
+    refused rather than launched (or priced) with GPUs it did not ask for."""
     known = catalog_gpus("gcp", machine_type)
-    name, count = known if known is not None else (None, 0)
-    if name is None and spec.resources.accelerators:
+    asked: tuple[str, int] | None = None
+    if spec.resources.accelerators:
         acc, _, n = spec.resources.accelerators.partition(":")
-        name, count = acc, int(n or 1)
+        asked = (acc.strip().upper(), int(n or 1))
+    name, count = known if known is not None else (None, 0)
+    if name is None and asked is not None:
+        name, count = asked
     if machine_type.startswith(BUILT_IN_PREFIXES):
         return None, True
     if name is None:
         return None, False
     if not machine_type.startswith("n1-"):
         return None, True
-    if name not in N1_ACCELERATOR_TYPES:
-        family = BUILT_IN_FAMILIES.get(name)
+    if asked is not None and asked[0] not in N1_ACCELERATOR_TYPES:
+        name = asked[0]
+    if name.upper() not in N1_ACCELERATOR_TYPES:
+        family = BUILT_IN_FAMILIES.get(name.upper())
         hint = f" ({name} comes built into {family} machine types)" if family else ""
         raise RenderError(
             f"{spec.source}: resources.accelerators: {name!r} cannot be attached to the n1 machine "
             f"type {machine_type}{hint}; n1 takes {', '.join(N1_ACCELERATOR_TYPES)}"
         )
-    return {"type": N1_ACCELERATOR_TYPES[name], "count": count}, True
+    if asked is not None and known is not None and known[0] and (known[0].upper(), known[1]) != asked:
+        raise RenderError(
+            f"{spec.source}: resources.accelerators: {spec.resources.accelerators!r} differs from the "
+            f"{known[1]} x {known[0]} the catalog prices {machine_type} with; ask for that, or list "
+            f"{machine_type} with {asked[1]} x {asked[0]} in a user catalog (docs/catalog.md)"
+        )
+    return {"type": N1_ACCELERATOR_TYPES[name.upper()], "count": count}, True
 
 
 class GcpCloud:
