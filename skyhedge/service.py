@@ -328,7 +328,7 @@ def service_target(spec: ServiceSpec, state: ServiceState) -> int:
     return max(rp.min_replicas, min(target, upper))
 
 
-def _taken_port_numbers(spec: ServiceSpec, state: ServiceState) -> frozenset[int]:
+def _taken_port_numbers(spec: ServiceSpec, state: ServiceState, *, probe: bool = True) -> frozenset[int]:
     """Replica numbers whose local port (resources.local_base_port + N) is already taken: those
     IDs are skipped, so a replacement never fails for a port its own service holds.
 
@@ -344,7 +344,7 @@ def _taken_port_numbers(spec: ServiceSpec, state: ServiceState) -> frozenset[int
     ports = {spec.service.port, spec.service.router.status_port, _recorded_status_port(state)}
     ports |= {_launched_port(rec) for rec in state.live() if rec.cloud == "local"}
     taken = {p - base for p in ports if p is not None and p > base}
-    return frozenset(taken | _busy_numbers(spec, state, base, taken))
+    return frozenset(taken | (_busy_numbers(spec, state, base, taken) if probe else set()))
 
 
 def _busy_numbers(spec: ServiceSpec, state: ServiceState, base: int, taken: set[int]) -> set[int]:
@@ -384,6 +384,7 @@ def compute_plan(
     now: float,
     policy_name: str | None = None,
     placement: Placement | None = None,
+    probe_ports: bool = True,
 ) -> tuple[Plan, dict[str, Any]]:
     """One decision: observation from state -> policy -> planner. Returns the plan and the
     policy's memory after deciding (the caller persists it only if it acts on the plan)."""
@@ -452,7 +453,9 @@ def compute_plan(
         prices=_prices_with_outside(placement, facts, outside),
         ondemand_price=placement.cheapest_ondemand,
         base_ondemand=spec.replica_policy.base_ondemand_fallback_replicas,
-        skip_numbers=_taken_port_numbers(spec, state),
+        # ports other processes hold are probed only where this machine launches the replicas:
+        # not for `render` (same spec and state -> same tree, on any machine) nor under GitOps
+        skip_numbers=_taken_port_numbers(spec, state, probe=probe_ports and not gitops),
     )
     plan = replace(
         plan,
@@ -461,7 +464,10 @@ def compute_plan(
                 r,
                 revision=(live[r.id].revision or revision) if r.id in live else revision,
                 port=_launched_port(live[r.id]) if r.id in live else None,
-                subnet_id=_launched_subnet(live[r.id]) if r.id in live else None,
+                # pinned only where the spec has moved it (else inputs churn after every launch)
+                subnet_id=_launched_subnet(live[r.id])
+                if r.id in live and _subnet_moved(spec, live[r.id])
+                else None,
                 outdated=r.id in outdated or r.id in outside,
             )
             for r in plan.replicas
@@ -518,11 +524,17 @@ def _subnet_moved(spec: ServiceSpec, rec: ReplicaRecord) -> bool:
     """An AWS replica launched in another subnet than `aws.subnets` now gives its zone (or in a
     subnet `aws.subnets` chose, when the spec names none any more): it moves like an outdated one
     (a new VPC's replicas cannot share the old one's security group). A replica launched on its
-    zone's default subnet records none (module output), and never moves for it."""
+    zone's default subnet records it with `subnet_default` (module output): it moves when
+    `aws.subnets` names another subnet for its zone (another VPC's, typically)."""
     if rec.cloud != "aws":
         return False
     launched = _launched_subnet(rec)
-    return launched is not None and launched != spec.aws.subnet_of(rec.zone)
+    if launched is None:  # not known (recorded before the module reported it)
+        return False
+    wanted = spec.aws.subnet_of(rec.zone)
+    if wanted is None:  # the zone's default subnet now: moved unless it runs on that one
+        return rec.outputs.get("subnet_default") is not True
+    return launched != wanted
 
 
 def _next_to_retire(

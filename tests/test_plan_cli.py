@@ -531,6 +531,12 @@ def test_fresh_local_ids_skip_ports_another_process_holds(tmp_path, write_spec):
         created = sorted(r["id"] for r in json.loads(result.output)["replicas"] if r["action"] == "create")
         assert created and not {"r-0001", "r-0003"} & set(created)
         assert created[0] == "r-0002"
+        # `render` does not look: the same spec and state give the same tree on any machine
+        out = tmp_path / "tree"
+        rendered = run("render", str(spec), "--state-dir", str(tmp_path / "st"), "--out", str(out))
+        assert rendered.exit_code == 0, rendered.output
+        tfvars = json.loads((out / "local" / "local" / "skyhedge.auto.tfvars.json").read_text())
+        assert "r-0001" in tfvars["replicas"]
     finally:
         for sock in held:
             sock.close()

@@ -155,6 +155,32 @@ def test_aws_replicas_keep_the_subnet_they_were_launched_in_and_private_ingress_
     assert json.loads((public / "aws" / "us-east-1" / TFVARS_FILE).read_text())["private_endpoint"] is False
 
 
+def test_a_replica_moves_when_aws_subnets_gives_its_zone_another_subnet():
+    """Rolled over like an outdated replica (a security group serves one VPC), judged from the
+    module's outputs: the subnet it runs in and whether that is its zone's default one."""
+    from skyhedge.service import _subnet_moved
+    from skyhedge.state import ReplicaRecord
+
+    def rec(**outputs: object) -> ReplicaRecord:
+        return ReplicaRecord(
+            id="r-0001", cloud="aws", region="us-east-1", zone="use1-az1", market="spot",
+            launched_at=0.0, outputs=dict(outputs),
+        )  # fmt: skip
+
+    def spec(subnets: dict[str, str] | None):
+        data = {"name": "x", "placement": {"clouds": ["aws"]}, "run": {"command": "serve"}}
+        return parse_spec({**data, "aws": {"subnets": subnets}} if subnets else data)
+
+    on_default = rec(subnet_id="subnet-0aaaaaaaa", subnet_default=True)
+    assert not _subnet_moved(spec(None), on_default)
+    assert _subnet_moved(spec({"use1-az1": "subnet-0bbbbbbbb"}), on_default)  # e.g. another VPC
+    assert not _subnet_moved(spec({"use1-az1": "subnet-0aaaaaaaa"}), on_default)
+    given = rec(subnet_id="subnet-0bbbbbbbb", subnet_default=False)
+    assert _subnet_moved(spec(None), given)  # back to the default subnet
+    assert not _subnet_moved(spec({"use1-az1": "subnet-0bbbbbbbb"}), given)
+    assert not _subnet_moved(spec({"use1-az1": "subnet-0ccccccccc"}), rec())  # recorded before: unknown
+
+
 def test_aws_boot_script_only_interpolates_the_base64_config():
     script = (
         Path(__file__).resolve().parents[1] / "modules" / "aws-replicas" / "user_data.sh.tftpl"

@@ -8,10 +8,11 @@ output "replicas" {
       public_ip         = try(inst.public_ip, null)
       zone              = try(var.replicas[id].zone, null)
       availability_zone = try(inst.availability_zone, null)
-      # the subnet, when the spec chose it (aws.subnets) or pinned it: a replica on its zone's
-      # default subnet reports none, so recording it does not change the next apply's inputs
-      subnet_id = try(var.subnet_ids != null || var.replicas[id].subnet_id != null ? inst.subnet_id : null, null)
-      market    = try(var.replicas[id].market, null)
+      # the subnet it runs in, and whether that is its zone's default subnet: skyhedge pins a
+      # replica to it only once the spec gives its zone another one (no input churn otherwise)
+      subnet_id      = try(inst.subnet_id, null)
+      subnet_default = try(data.aws_subnet.replica[local.replica_subnet[id]].default_for_az, null)
+      market         = try(var.replicas[id].market, null)
     }
   }
 }

@@ -40,7 +40,7 @@ def render(spec: Path, out: Path, state_dir: Path | None) -> None:
     # gives the committed tree however much later it runs.
     now = decided_at(state)
     now = time.time() if now is None else now
-    plan, _memory = compute_plan(service, state, now=now, placement=placement)
+    plan, _memory = compute_plan(service, state, now=now, placement=placement, probe_ports=False)
     tree = render_tree(
         service,
         plan,

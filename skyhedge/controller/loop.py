@@ -98,7 +98,7 @@ def apply_cause(detail: str) -> str:
     "local-exec provisioner error", names only the mechanism): the output of the failed command
     when there is one, else the first line that is not an `Error:` heading. An output line
     ending in ':' is followed by a log's tail (the local launcher's "exited at once ...; log
-    FILE:"): its last line, the command's own error, is appended. Cut to 400 chars."""
+    FILE:"): its last line, the command's own error, is appended (cut to 400 chars; other lines to 240)."""
     lines = [line.strip() for line in detail.splitlines() if line.strip()]
     for i, line in enumerate(lines):
         if "Output: " in line:
