@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from skyhedge.clouds.local.processes import kill_all
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 
@@ -29,3 +31,13 @@ def write_spec(tmp_path: Path) -> Callable[[str], Path]:
         return path
 
     return _write
+
+
+@pytest.fixture
+def runtime(tmp_path: Path):
+    """A local cloud runtime dir (`<state>/local`); every replica process started in it is
+    stopped at teardown, also when the test fails."""
+    rt = (tmp_path / "state" / "local").resolve()
+    rt.mkdir(parents=True)
+    yield rt
+    kill_all(rt)

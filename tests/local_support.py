@@ -130,6 +130,14 @@ class LocalService:
         self.spec_path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
         return self.spec_path
 
+    def failing_command(self, replica_id: str, flag: Path, message: str = "refused") -> str:
+        """The replica server's command, except that `replica_id` prints `message` and exits at
+        once while the file `flag` exists: a launch that fails on purpose, then succeeds."""
+        return (
+            f'if [ "$SKYHEDGE_REPLICA_ID" = {replica_id} ] && [ -e {flag} ]; then '
+            f'echo "{message}" >&2; exit 3; fi; exec {sys.executable} {self.server}'
+        )
+
     def port(self, replica_id: str) -> int:
         return self.base_port + int(replica_id.split("-")[1])
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import re
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -36,12 +35,7 @@ def test_a_failed_launch_leaves_a_consistent_state_and_the_next_apply_converges(
     # while the file exists, r-0002's command exits at once: its launch fails (not a capacity error).
     # (A port another process holds no longer makes one fail: the plan skips that ID.)
     fail = svc.root / "fail-r-0002"
-    command = (
-        f'if [ "$SKYHEDGE_REPLICA_ID" = r-0002 ] && [ -e {fail} ]; then '
-        'echo "refused: no GPU" >&2; exit 3; fi; '
-        f"exec {sys.executable} {svc.server}"
-    )
-    spec = load_spec(svc.write(replicas=3, command=command))
+    spec = load_spec(svc.write(replicas=3, command=svc.failing_command("r-0002", fail, "refused: no GPU")))
     fail.touch()
     report = apply_service(spec, svc.state_dir, route=False)
     fail.unlink()

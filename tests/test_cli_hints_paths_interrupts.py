@@ -33,7 +33,7 @@ from skyhedge.cli._app import command_line
 from skyhedge.cli.watch import _say, stopped_message
 from skyhedge.clouds.local import launcher
 from skyhedge.clouds.local.launcher import CONFIG_ENV, EXIT_INTERRUPTED
-from skyhedge.clouds.local.processes import find_processes, kill_all, read_pidfile
+from skyhedge.clouds.local.processes import find_processes, read_pidfile
 from skyhedge.controller import presence
 from skyhedge.controller.dashboard import render
 from skyhedge.controller.loop import Controller, ControllerOptions
@@ -185,14 +185,6 @@ def test_up_stopped_before_anything_was_routed_does_not_claim_to_serve(tmp_path,
 
 
 # --- Ctrl-C ----------------------------------------------------------------------------
-
-
-@pytest.fixture
-def runtime(tmp_path: Path):
-    rt = (tmp_path / "state" / "local").resolve()
-    rt.mkdir(parents=True)
-    yield rt
-    kill_all(rt)
 
 
 def _launch_config(runtime: Path, tmp_path: Path, **extra: object) -> dict:

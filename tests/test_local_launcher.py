@@ -12,7 +12,6 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-import pytest
 from local_support import SERVER, free_base_port, get
 
 from skyhedge.clouds.local import capacity
@@ -27,14 +26,6 @@ from skyhedge.clouds.local.processes import (
 )
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture
-def runtime(tmp_path: Path):
-    rt = (tmp_path / "state" / "local").resolve()
-    rt.mkdir(parents=True)
-    yield rt
-    kill_all(rt)
 
 
 def launch(action: str, cfg: dict, rid: str | None = None) -> subprocess.CompletedProcess[str]:

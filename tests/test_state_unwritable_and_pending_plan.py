@@ -19,7 +19,6 @@ import errno
 import json
 import logging
 import os
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -229,11 +228,7 @@ def plan_json(svc: LocalService) -> tuple[int, dict[str, Any]]:
 
 def test_a_replica_a_failed_apply_never_created_is_pending_until_an_apply_creates_it(svc):
     fail = svc.root / "fail-r-0002"  # while it exists, r-0002's command exits at once: its launch fails
-    command = (
-        f'if [ "$SKYHEDGE_REPLICA_ID" = r-0002 ] && [ -e {fail} ]; then echo refused >&2; exit 3; fi; '
-        f"exec {sys.executable} {svc.server}"
-    )
-    spec = load_spec(svc.write(replicas=3, command=command))
+    spec = load_spec(svc.write(replicas=3, command=svc.failing_command("r-0002", fail)))
     fail.touch()
     assert not apply_service(spec, svc.state_dir, route=False).ok
     fail.unlink()
