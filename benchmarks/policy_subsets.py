@@ -50,6 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--count", type=int, default=5, help="subsets to run (default 5)")
     ap.add_argument("--seeds", default="0", help="seed or range, e.g. 0-3 (default 0)")
     args = ap.parse_args(argv)
+    if not args.trace_dir.is_dir():
+        ap.error(f"{args.trace_dir}: not a trace directory")
     files = sorted(p for p in args.trace_dir.iterdir() if p.suffix.lower() in TRACE_SUFFIXES)
     if not 1 <= args.zones < len(files):
         ap.error(f"--zones must be from 1 to {len(files) - 1} ({args.trace_dir} has {len(files)} zones)")
