@@ -13,7 +13,7 @@ import difflib
 import ipaddress
 import math
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
@@ -206,6 +206,13 @@ class TerraformConfig:
     config: dict[str, Any] = field(default_factory=dict)
 
 
+def private_only(cidrs: Sequence[str]) -> bool:
+    """Whether the replicas' port is open to private address ranges only: the router is then
+    inside the network (or a peered one), and a connection to a replica's public IP would come
+    from a public address the firewall refuses, so the endpoint is the private IP."""
+    return bool(cidrs) and all(ipaddress.ip_network(c, strict=False).is_private for c in cidrs)
+
+
 @dataclass(frozen=True)
 class AwsConfig:
     """`aws:`: where AWS replicas live on the network and what they may use.
@@ -213,13 +220,21 @@ class AwsConfig:
     `subnets` (availability zone ID -> subnet ID) launches into those subnets, and only into their
     zones, instead of each zone's default subnet: an account without a default VPC needs it. The
     replicas' VPC is the subnets'. `ingress_cidrs` may reach the model server port (the router
-    must be among them)."""
+    must be among them). `public_ip` overrides the subnets' own public-IP setting: false keeps
+    replicas off the internet (organisations that forbid public IPs; the router then reaches them
+    at their private IPs, from inside the network)."""
 
     events_queue: str | None = None
     subnets: tuple[tuple[str, str], ...] = ()
     key_name: str | None = None
     iam_instance_profile: str | None = None
     ingress_cidrs: tuple[str, ...] = ("0.0.0.0/0",)
+    public_ip: bool | None = None
+
+    @property
+    def private_endpoint(self) -> bool:
+        """Whether the router reaches AWS replicas at their private IPs (see `private_only`)."""
+        return self.public_ip is False or private_only(self.ingress_cidrs)
 
     def subnet_of(self, zone: str) -> str | None:
         return dict(self.subnets).get(zone)
@@ -248,12 +263,21 @@ class GcpConfig:
     `network` (default: the project's `default` network) holds the replicas and their firewall
     rule; `subnetworks` (region -> subnetwork) launches into those subnetworks, and only into their
     regions: a custom-mode network (an organisation without the default network) needs both.
-    `ingress_cidrs` may reach the model server port (the router must be among them)."""
+    `ingress_cidrs` may reach the model server port (the router must be among them).
+    `external_ip: false` gives replicas no external IP (organisations whose policy forbids them);
+    they then need Cloud NAT for boot-time downloads, and the router reaches them at their
+    internal IPs, from inside the network."""
 
     project: str | None = None
     network: str | None = None
     subnetworks: tuple[tuple[str, str], ...] = ()
     ingress_cidrs: tuple[str, ...] = ("0.0.0.0/0",)
+    external_ip: bool = True
+
+    @property
+    def private_endpoint(self) -> bool:
+        """Whether the router reaches GCP replicas at their internal IPs (see `private_only`)."""
+        return not self.external_ip or private_only(self.ingress_cidrs)
 
     def subnetwork_of(self, region: str) -> str | None:
         return dict(self.subnetworks).get(region)
@@ -451,6 +475,7 @@ def _aws(ctx: _Ctx, d: dict[str, Any]) -> AwsConfig:
             "an instance profile name",
         ),
         ingress_cidrs=cidrs,
+        public_ip=None if d.get("public_ip") is None else _bool(ctx, "aws.public_ip", d["public_ip"]),
     )
 
 
@@ -501,6 +526,7 @@ def _gcp(ctx: _Ctx, d: dict[str, Any]) -> GcpConfig:
         network=network,
         subnetworks=tuple(sorted((str(r), str(s)) for r, s in subnetworks.items())),
         ingress_cidrs=cidrs,
+        external_ip=_bool(ctx, "gcp.external_ip", d.get("external_ip", True)),
     )
 
 
@@ -1086,10 +1112,10 @@ def spec_changes(old: ServiceSpec, new: ServiceSpec) -> list[str]:
 
 def replica_revision(spec: ServiceSpec) -> str:
     """A short digest of everything that makes up one replica's machine and process: `run`,
-    `resources` and the AWS key pair. Replicas launched under another revision are *outdated*:
-    the planner replaces them one at a time, each after a replacement is READY (a rolling
-    update), and Terraform never restarts or replaces them in place (docs/controller.md,
-    "Changing the spec")."""
+    `resources`, the AWS key pair and whether replicas get public IPs. Replicas launched under
+    another revision are *outdated*: the planner replaces them one at a time, each after a
+    replacement is READY (a rolling update), and Terraform never restarts or replaces them in
+    place (docs/controller.md, "Changing the spec")."""
     import hashlib
     import json
     from dataclasses import asdict
@@ -1097,5 +1123,10 @@ def replica_revision(spec: ServiceSpec) -> str:
     data: dict[str, object] = {"run": asdict(spec.run), "resources": asdict(spec.resources)}
     if spec.aws.key_name is not None:  # a new key pair means new machines (absent: digest as before)
         data["aws_key_name"] = spec.aws.key_name
+    # so is a public IP given or taken away (EC2 sets it at launch; GCE would change running VMs)
+    if spec.aws.public_ip is not None:
+        data["aws_public_ip"] = spec.aws.public_ip
+    if not spec.gcp.external_ip:
+        data["gcp_external_ip"] = False
     text = json.dumps(data, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:12]

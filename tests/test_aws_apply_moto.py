@@ -73,7 +73,7 @@ def test_apply_preempt_and_destroy_through_the_real_provider(tmp_path: Path, mot
         "replica_policy: {min_replicas: 2, policy: spothedge}\n"
         "run: {command: 'python3 -m http.server 8000'}\n"
         f"aws: {{subnets: {{use1-az1: {subnets['use1-az1']}, use1-az2: {subnets['use1-az2']}}},"
-        " ingress_cidrs: [10.0.0.0/8]}\n"
+        " ingress_cidrs: [10.0.0.0/8], public_ip: false}\n"
     )
     spec = load_spec(spec_path)
     state_dir = tmp_path / "state"
@@ -99,9 +99,13 @@ def test_apply_preempt_and_destroy_through_the_real_provider(tmp_path: Path, mot
         assert tags["skyhedge:replica"] == rec.id and inst["SubnetId"] == subnets[rec.zone]
         assert (inst.get("InstanceLifecycle") == "spot") == (rec.market == "spot")
         assert inst["InstanceType"] == "g6.xlarge" and inst["ImageId"] == AMI
-    groups = ec2.describe_security_groups(
-        GroupIds=[g["GroupId"] for g in next(iter(instances.values()))["SecurityGroups"]]
-    )["SecurityGroups"]
+        # aws.public_ip: false overrides the default subnets' map_public_ip_on_launch
+        assert "PublicIpAddress" not in inst and rec.endpoint == f"http://{inst['PrivateIpAddress']}:8000"
+    # the group is the primary interface's (with a public IP set, the provider launches through
+    # the interface, and moto lists the group there only)
+    group_ids = {g["GroupId"] for i in instances.values() for g in i["NetworkInterfaces"][0]["Groups"]}
+    assert len(group_ids) == 1
+    groups = ec2.describe_security_groups(GroupIds=sorted(group_ids))["SecurityGroups"]
     assert [p["IpRanges"] for p in groups[0]["IpPermissions"]] == [
         [{"CidrIp": "10.0.0.0/8", "Description": "model server"}]
     ]

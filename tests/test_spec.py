@@ -290,6 +290,7 @@ BAD_SPECS: list[tuple[str, str]] = [
     (_with('gcp: {project: "a/b?c=d"}\n'), "gcp.project: expected a GCP project ID, got 'a/b?c=d'"),
     (_with("gcp: {project: My-Project}\n"), "gcp.project: expected a GCP project ID, got 'My-Project'"),
     (_with("aws: {events_queue: q/1}\n"), "aws.events_queue: expected an SQS queue name, got 'q/1'"),
+    (_with("aws: {public_ip: 0}\n"), "aws.public_ip: expected true or false, got 0"),
     (
         _with("aws: {subnets: {us-east-1a: subnet-0123abcd}}\n"),
         "aws.subnets.us-east-1a: expected an availability zone ID such as 'use1-az1'",
@@ -804,6 +805,7 @@ def test_gcp_subnetworks_place_gcp_replicas_only_in_their_regions(write_spec):
         ("{ingress_cidrs: []}", "gcp.ingress_cidrs: expected at least one CIDR block"),
         ("{ingress_cidrs: [10.0.0.1/8]}", r"gcp.ingress_cidrs\[0\]: expected an IPv4 CIDR block"),
         ("{vpc: prod}", "gcp"),
+        ("{external_ip: 'no'}", "gcp.external_ip: expected true or false, got 'no'"),
     ],
 )
 def test_gcp_network_settings_are_checked_with_the_field_named(write_spec, gcp, message):
@@ -836,3 +838,24 @@ def test_gcp_a_subnetwork_of_another_project_than_its_network_is_refused(tmp_pat
         match=r"gcp.subnetworks.us-central1: .* is in project other-proj, but gcp.network is in host-proj",
     ):
         load_spec(path)
+
+
+def test_replicas_kept_off_the_internet_are_reached_privately_and_are_a_new_revision(write_spec):
+    """`aws.public_ip: false` / `gcp.external_ip: false`: the router can only reach the private
+    IPs, whatever `ingress_cidrs` admits; and since EC2 sets a public IP at launch only (GCE
+    would edit every running VM at once), the change rolls replicas over like a `run` change.
+    Left unset, neither moves the revision of replicas already running."""
+    from skyhedge.spec import replica_revision
+
+    plain = load_spec(write_spec(GCP_NET % "{}"))
+    assert plain.aws.public_ip is None and plain.gcp.external_ip is True
+    assert not plain.aws.private_endpoint and not plain.gcp.private_endpoint
+    internal = load_spec(write_spec(GCP_NET % "{external_ip: false}"))
+    assert internal.gcp.private_endpoint and replica_revision(internal) != replica_revision(plain)
+    explicit = load_spec(write_spec(GCP_NET % "{external_ip: true}"))
+    assert replica_revision(explicit) == replica_revision(plain)
+    text = (GCP_NET % "{}") + "aws: {public_ip: false}\n"
+    private = load_spec(write_spec(text))
+    assert private.aws.private_endpoint and replica_revision(private) != replica_revision(plain)
+    public = load_spec(write_spec((GCP_NET % "{}") + "aws: {public_ip: true}\n"))
+    assert not public.aws.private_endpoint and replica_revision(public) != replica_revision(private)

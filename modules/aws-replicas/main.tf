@@ -111,6 +111,8 @@ resource "aws_instance" "replica" {
   vpc_security_group_ids = [aws_security_group.replicas[local.replica_vpc[each.key]].id]
   key_name               = var.key_name
   iam_instance_profile   = var.iam_instance_profile
+  # null leaves it to the subnet; EC2 sets it at launch only (a change rolls replicas over)
+  associate_public_ip_address = var.public_ip
 
   # The boot script is module code; the spec's values reach it only as base64 JSON (inert).
   user_data_base64 = base64encode(templatefile("${path.module}/user_data.sh.tftpl", {
@@ -160,11 +162,11 @@ resource "aws_instance" "replica" {
     # A newer AMI behind the SSM parameter must not replace running replicas, and a spec change
     # (run, instance type) must not stop and restart them in place: skyhedge rolls new replicas
     # in one at a time and releases the outdated ones as their replacements become READY.
-    # The same for the key pair and the subnet: a replica keeps those it was launched with (a
-    # changed aws.key_name rolls replicas over through their revision; a zone's new subnet rolls
+    # The same for the key pair, public IP and subnet: a replica keeps those it was launched with
+    # (a changed aws.key_name or aws.public_ip rolls replicas over through their revision; a zone's new subnet rolls
     # over the replicas pinned to the old one, see local.replica_subnet).
     ignore_changes = [
-      ami, user_data_base64, instance_type, key_name, subnet_id,
+      ami, user_data_base64, instance_type, key_name, subnet_id, associate_public_ip_address,
       # disk_size changes roll replicas over (revision); EC2 cannot shrink a volume in place
       root_block_device,
       # a replica's market never changes under its ID: a read-back of the spot options (which

@@ -123,6 +123,12 @@ variable "private_endpoint" {
   default     = false
 }
 
+variable "public_ip" {
+  description = "Whether replicas get a public IPv4 address; null: as their subnet's map_public_ip_on_launch sets it. false keeps them off the internet (the router must then reach their private IPs)."
+  type        = bool
+  default     = null
+}
+
 variable "vpc_id" {
   description = "The VPC to launch into; null uses the region's default VPC."
   type        = string

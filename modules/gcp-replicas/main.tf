@@ -60,7 +60,11 @@ resource "google_compute_instance" "replica" {
     network            = var.network
     subnetwork         = var.subnetwork
     subnetwork_project = var.subnetwork != null && !can(regex("^projects/", coalesce(var.subnetwork, "-"))) ? local.network_project : null
-    access_config {}
+    # an ephemeral external IP, unless the spec keeps replicas internal (gcp.external_ip)
+    dynamic "access_config" {
+      for_each = var.external_ip ? [1] : []
+      content {}
+    }
   }
 
   dynamic "guest_accelerator" {
@@ -131,6 +135,8 @@ resource "google_compute_instance" "replica" {
       # next replicas go; moving a running VM needs it stopped)
       network_interface[0].subnetwork,
       network_interface[0].subnetwork_project,
+      # a changed gcp.external_ip rolls replicas over (revision) rather than editing them all
+      network_interface[0].access_config,
     ]
   }
 }

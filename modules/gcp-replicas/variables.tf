@@ -144,3 +144,9 @@ variable "private_endpoint" {
   type        = bool
   default     = false
 }
+
+variable "external_ip" {
+  description = "Whether each replica gets an ephemeral external IP. false: internal IP only (an organisation policy may forbid external IPs); boot-time downloads then need Cloud NAT, and the router must reach the internal IPs."
+  type        = bool
+  default     = true
+}

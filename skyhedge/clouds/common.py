@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -58,10 +57,3 @@ def require_instance_type(spec: ServiceSpec, cloud: str, instance_type: str | No
             f"{spec.source}: no instance type resolved for cloud {cloud!r} (resources.instance_type)"
         )
     return instance_type
-
-
-def private_only(cidrs: Sequence[str]) -> bool:
-    """Whether the replicas' port is open to private address ranges only: the router is then
-    inside the network (or a peered one), and a connection to a replica's public IP would come
-    from a public address the firewall refuses, so the endpoint is the private IP."""
-    return bool(cidrs) and all(ipaddress.ip_network(c, strict=False).is_private for c in cidrs)

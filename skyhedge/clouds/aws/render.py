@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 from skyhedge.catalog import load_catalog
 from skyhedge.clouds import RenderContext
-from skyhedge.clouds.common import has_gpus, private_only, replica_map, require_instance_type, run_config
+from skyhedge.clouds.common import has_gpus, replica_map, require_instance_type, run_config
 from skyhedge.engine import register_spec_field
 
 if TYPE_CHECKING:
@@ -33,8 +33,9 @@ class AwsCloud:
         ("iam_instance_profile", "An IAM instance profile for the replicas (null: none)."),
         ("ingress_cidrs", "CIDR blocks that may reach the model server port."),
         ("private_endpoint", "Whether the router reaches replicas at their private IP."),
+        ("public_ip", "Whether replicas get a public IP (null: as their subnet sets it)."),
     )
-    nullable = frozenset({"image_id", "subnet_ids", "key_name", "iam_instance_profile"})
+    nullable = frozenset({"image_id", "subnet_ids", "key_name", "iam_instance_profile", "public_ip"})
 
     def root_inputs(
         self,
@@ -72,7 +73,8 @@ class AwsCloud:
             "key_name": spec.aws.key_name,
             "iam_instance_profile": spec.aws.iam_instance_profile,
             "ingress_cidrs": list(spec.aws.ingress_cidrs),
-            "private_endpoint": private_only(spec.aws.ingress_cidrs),
+            "private_endpoint": spec.aws.private_endpoint,
+            "public_ip": spec.aws.public_ip,
         }
 
 

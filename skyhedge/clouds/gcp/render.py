@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from skyhedge.clouds import RenderContext
-from skyhedge.clouds.common import catalog_gpus, private_only, replica_map, require_instance_type, run_config
+from skyhedge.clouds.common import catalog_gpus, replica_map, require_instance_type, run_config
 from skyhedge.errors import RenderError
 
 if TYPE_CHECKING:
@@ -93,6 +93,7 @@ class GcpCloud:
         ("subnetwork", "The subnetwork of this region (null: the network's own, auto mode only)."),
         ("ingress_cidrs", "CIDR blocks that may reach the model server port."),
         ("private_endpoint", "Whether the router reaches replicas at their private IP."),
+        ("external_ip", "Whether replicas get an ephemeral external IP (false: internal only)."),
     )
     nullable = frozenset({"project", "accelerator", "image", "subnetwork"})
 
@@ -122,7 +123,8 @@ class GcpCloud:
             "network": spec.gcp.network or "default",
             "subnetwork": spec.gcp.subnetwork_of(region),
             "ingress_cidrs": list(spec.gcp.ingress_cidrs),
-            "private_endpoint": private_only(spec.gcp.ingress_cidrs),
+            "private_endpoint": spec.gcp.private_endpoint,
+            "external_ip": spec.gcp.external_ip,
         }
 
 
