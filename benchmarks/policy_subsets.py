@@ -9,8 +9,8 @@ shuffled order (seeded by K), so a run is reproducible.
     python benchmarks/policy_subsets.py DIR --zones 3 --count 6 --seeds 0-3
 
 Prints one line per subset and seed (availability / relative cost per policy, the verdict, the
-availability delta and the cost margin under the bar) and the count met. Results of session 18
-are in docs/policy.md ("Smaller markets").
+availability delta and the cost margin under the bar) and the count met. Results of sessions 18
+and 19 are in docs/policy.md ("Smaller markets", "GCP1's 3- and 4-zone subsets").
 """
 
 from __future__ import annotations
