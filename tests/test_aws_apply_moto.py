@@ -251,3 +251,47 @@ def test_new_subnets_in_another_vpc_or_a_new_disk_size_leave_running_replicas_wh
     assert instances() == {}
     groups = ec2.describe_security_groups(Filters=[{"Name": "tag:skyhedge:service", "Values": ["mover"]}])
     assert groups["SecurityGroups"] == []
+
+
+def test_without_aws_subnets_replicas_go_to_each_zones_default_subnet(
+    tmp_path: Path, moto_endpoint: str
+) -> None:
+    """The path of an account with its default VPC (no `aws.subnets`): the module finds each
+    zone's default subnet from the zone ID (by the account's own name for that zone), launches
+    there with a security group of the default VPC, and destroys it all again."""
+    ec2 = boto3.client("ec2", region_name=REGION, endpoint_url=moto_endpoint)
+    defaults = {
+        s["AvailabilityZoneId"]: s["SubnetId"] for s in ec2.describe_subnets()["Subnets"] if s["DefaultForAz"]
+    }
+    default_vpc = next(v["VpcId"] for v in ec2.describe_vpcs()["Vpcs"] if v["IsDefault"])
+    spec_path = tmp_path / "service.yaml"
+    spec_path.write_text(
+        "name: plain\n"
+        "placement: {clouds: [aws], regions: [us-east-1], zones: [use1-az1, use1-az2]}\n"
+        f"resources: {{instance_type: {{aws: g6.xlarge}}, image_id: {{aws: {AMI}}}}}\n"
+        "replica_policy: {min_replicas: 2, policy: spothedge}\n"
+        "run: {command: 'python3 -m http.server 8000'}\n"
+    )
+    spec = load_spec(spec_path)
+    state_dir = tmp_path / "state"
+    report = apply_service(spec, state_dir, route=False, wait=False)
+    assert report.ok, report.errors
+    live = load_state(state_dir, "plain").live()
+    assert live and {r.zone for r in live} <= {"use1-az1", "use1-az2"}
+    found = {
+        i["InstanceId"]: i
+        for r in ec2.describe_instances(Filters=[{"Name": "tag:skyhedge:service", "Values": ["plain"]}])[
+            "Reservations"
+        ]
+        for i in r["Instances"]
+    }
+    for rec in live:
+        inst = found[str(rec.cloud_id)]
+        assert inst["SubnetId"] == defaults[rec.zone] and inst["VpcId"] == default_vpc
+        # a default subnet gives a public IP, and the router reaches it there
+        assert rec.endpoint == f"http://{inst['PublicIpAddress']}:8000"
+
+    destroyed = destroy_service(spec, state_dir, route=False)
+    assert destroyed.ok, destroyed.errors
+    left = ec2.describe_instances(Filters=[{"Name": "tag:skyhedge:service", "Values": ["plain"]}])
+    assert {i["State"]["Name"] for r in left["Reservations"] for i in r["Instances"]} <= {"terminated"}

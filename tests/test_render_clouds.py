@@ -107,7 +107,7 @@ def test_aws_module_spot_market_for_each_and_tags(tmp_path):
     sg = block(main, "resource", "aws_security_group", "replicas")
     assert sg["ingress"][0]["from_port"] == "${var.port}"
     subnet = block(main, "data", "aws_subnet", "zone")
-    assert "availability_zone_id" in subnet  # catalog zones are zone IDs
+    assert "zone_ids" in subnet["availability_zone"]  # catalog zones are zone IDs, looked up by name
     tfvars = json.loads((out / "aws" / "us-east-1" / TFVARS_FILE).read_text())
     assert sorted(tfvars["replicas"]) == ["r-0001", "r-0002", "r-0003"]
     assert tfvars["replicas"]["r-0001"] == {"zone": "use1-az1", "market": "spot"}

@@ -49,12 +49,22 @@ data "aws_subnet" "given" {
   id       = each.value
 }
 
+# Zone IDs name the same physical zone in every account; subnets are looked up by the account's
+# own name for it (an unknown ID finds no subnet: "no matching EC2 Subnet found").
+data "aws_availability_zones" "region" {
+  count                  = var.subnet_ids == null && length(local.zones) > 0 ? 1 : 0
+  all_availability_zones = true
+}
+
 data "aws_subnet" "zone" {
   for_each = var.subnet_ids == null ? local.zones : toset([])
 
-  vpc_id               = local.vpc_id
-  availability_zone_id = each.key
-  default_for_az       = true
+  vpc_id = local.vpc_id
+  availability_zone = lookup(
+    zipmap(data.aws_availability_zones.region[0].zone_ids, data.aws_availability_zones.region[0].names),
+    each.key, "${each.key}-unknown"
+  )
+  default_for_az = true
 }
 
 data "aws_subnet" "replica" {
