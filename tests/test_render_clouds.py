@@ -413,40 +413,32 @@ def test_gcp_an_n1_type_of_the_catalog_is_not_given_other_gpus_than_asked(accele
         accelerator_for(spec, "n1-standard-8")
 
 
+def root_vars(out: Path, cloud: str, region: str) -> dict[str, Any]:
+    return json.loads((out / cloud / region / TFVARS_FILE).read_text())
+
+
 def test_replicas_without_public_addresses_render_for_private_routing(tmp_path):
     """`aws.public_ip` reaches the module as `public_ip` (null: the subnet decides) and
     `gcp.external_ip` as `external_ip`; either set false makes endpoints the private IPs, even
     with ingress open to the internet. The GCP module drops the access config (the external IP)
     only then, and a running VM keeps its own (the change rolls replicas over instead)."""
-    aws_plan = plan("aws", "us-east-1", ["use1-az1"])
-    default = json.loads(
-        (
-            rendered(tmp_path / "a", "aws", "g6.xlarge", aws_plan) / "aws" / "us-east-1" / TFVARS_FILE
-        ).read_text()
-    )
+    aws_plan, gcp_plan = plan("aws", "us-east-1", ["use1-az1"]), plan("gcp", "us-east4", ["us-east4-a"])
+    default = root_vars(rendered(tmp_path / "a", "aws", "g6.xlarge", aws_plan), "aws", "us-east-1")
     assert default["public_ip"] is None and default["private_endpoint"] is False
     off = rendered(tmp_path / "b", "aws", "g6.xlarge", aws_plan, aws={"public_ip": False})
-    offvars = json.loads((off / "aws" / "us-east-1" / TFVARS_FILE).read_text())
-    assert offvars["public_ip"] is False and offvars["private_endpoint"] is True
-    aws_inst = block(
-        load(off / "modules" / "aws-replicas" / "main.tf"), "resource", "aws_instance", "replica"
-    )
-    assert aws_inst["associate_public_ip_address"] == "${var.public_ip}"
-    assert "associate_public_ip_address" in str(aws_inst["lifecycle"][0]["ignore_changes"])
+    assert root_vars(off, "aws", "us-east-1")["public_ip"] is False
+    assert root_vars(off, "aws", "us-east-1")["private_endpoint"] is True
+    inst = block(load(off / "modules" / "aws-replicas" / "main.tf"), "resource", "aws_instance", "replica")
+    assert inst["associate_public_ip_address"] == "${var.public_ip}"
+    assert "associate_public_ip_address" in str(inst["lifecycle"][0]["ignore_changes"])
 
-    gcp_plan = plan("gcp", "us-east4", ["us-east4-a"])
-    gdefault = json.loads(
-        (
-            rendered(tmp_path / "c", "gcp", "g2-standard-4", gcp_plan) / "gcp" / "us-east4" / TFVARS_FILE
-        ).read_text()
-    )
+    gdefault = root_vars(rendered(tmp_path / "c", "gcp", "g2-standard-4", gcp_plan), "gcp", "us-east4")
     assert gdefault["external_ip"] is True and gdefault["private_endpoint"] is False
     goff = rendered(tmp_path / "d", "gcp", "g2-standard-4", gcp_plan, gcp={"external_ip": False})
-    goffvars = json.loads((goff / "gcp" / "us-east4" / TFVARS_FILE).read_text())
-    assert goffvars["external_ip"] is False and goffvars["private_endpoint"] is True
-    inst = block(
-        load(goff / "modules" / "gcp-replicas" / "main.tf"), "resource", "google_compute_instance", "replica"
-    )
+    assert root_vars(goff, "gcp", "us-east4")["external_ip"] is False
+    assert root_vars(goff, "gcp", "us-east4")["private_endpoint"] is True
+    main = load(goff / "modules" / "gcp-replicas" / "main.tf")
+    inst = block(main, "resource", "google_compute_instance", "replica")
     [access] = dynamic(inst["network_interface"][0], "access_config")
     assert access["for_each"] == "${var.external_ip ? [1] : []}"
     assert "network_interface[0].access_config" in str(inst["lifecycle"][0]["ignore_changes"])
