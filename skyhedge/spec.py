@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import difflib
 import ipaddress
+import json
 import math
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -29,6 +30,9 @@ NAME_RE = re.compile(r"^[a-z]([a-z0-9-]{0,38}[a-z0-9])?$")
 ZONE_RE = re.compile(r"^[a-z0-9][a-z0-9-]*$")
 # An AWS zone *name* (us-east-1a, us-gov-west-1a). The catalog and this product use zone IDs.
 AWS_ZONE_NAME_RE = re.compile(r"^[a-z]{2}(-gov)?-[a-z]+-[0-9]+[a-z]$")
+#: A host name the router may listen on (letters, digits, '.', '-'): `service.host`, checked when
+#: the spec is read and again by skyhedge.routing.config for what it writes into nginx's `listen`.
+HOST_NAME_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?$")
 HEADER_NAME_RE = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")  # an RFC 9110 token
 #: A GCP project ID (6-30 of a-z, 0-9, '-', a letter first), optionally domain-scoped
 #: (`example.com:my-project`): it goes into API paths, so nothing else may pass.
@@ -392,7 +396,7 @@ def _int(ctx: _Ctx, path: str, value: Any, *, lo: int | None = None, hi: int | N
         raise ctx.fail(path, f"expected an integer{bound}, got {_show(value)}")
     if (lo is not None and value < lo) or (hi is not None and value > hi):
         raise ctx.fail(path, f"expected an integer{_bounds(lo, hi)}, got {value}")
-    return value
+    return int(value)  # a plain int, not the loader's int that remembers its text
 
 
 def _bounds(lo: float | None, hi: float | None) -> str:
@@ -599,7 +603,8 @@ def _str_map(ctx: _Ctx, path: str, value: Any, *, numbers: bool = True) -> dict[
             # (the kind only: a probe header's value may be a secret, and errors reach logs)
             got = _show(v) if numbers else _kind(v)
             raise ctx.fail(f"{path}.{k}", f"expected a string, got {got}")
-        out[k] = str(v)
+        # a number as the user wrote it: YAML 1.1 reads 0755 as 493, 1.10 as 1.1 and 1:30 as 90
+        out[k] = getattr(v, "yaml_text", None) or str(v)
     return out
 
 
@@ -776,6 +781,23 @@ def _probe(ctx: _Ctx, raw: Any) -> ReadinessProbe:
     post = d.get("post_data")
     if post is not None and not isinstance(post, (dict, str)):
         raise ctx.fail(f"{p}.post_data", f"expected a mapping (sent as JSON) or a string, got {_show(post)}")
+    if isinstance(post, dict):
+        # Sent as JSON at every probe: a value JSON cannot hold (an unquoted YAML date such as
+        # 2024-01-01, `.nan`, `.inf`) would otherwise crash `apply` and every watcher pass after
+        # the replicas were launched. (The kind only: a probe body may carry a token.)
+        try:
+            json.dumps(post, allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            got = (
+                "a number that is not finite (.nan or .inf)"
+                if isinstance(exc, ValueError)
+                else f"a {type(_first_non_json(post)).__name__} (quote dates and times)"
+            )
+            raise ctx.fail(
+                f"{p}.post_data",
+                f"expected a mapping of JSON values (strings, finite numbers, booleans, null, lists, "
+                f"mappings), got {got}",
+            ) from None
     return ReadinessProbe(
         path=path,
         initial_delay_seconds=_int(
@@ -785,6 +807,23 @@ def _probe(ctx: _Ctx, raw: Any) -> ReadinessProbe:
         post_data=post,
         headers=_headers(ctx, f"{p}.headers", d.get("headers")),
     )
+
+
+def _first_non_json(value: Any) -> Any:
+    """The first value inside `value` that JSON has no type for (e.g. a `datetime.date`)."""
+    if isinstance(value, Mapping):
+        for v in value.values():
+            found = _first_non_json(v)
+            if found is not None:
+                return found
+        return None
+    if isinstance(value, list):
+        for v in value:
+            found = _first_non_json(v)
+            if found is not None:
+                return found
+        return None
+    return None if value is None or isinstance(value, (str, int, float, bool)) else value
 
 
 def _headers(ctx: _Ctx, path: str, value: Any) -> dict[str, str]:
@@ -839,8 +878,14 @@ def _router(ctx: _Ctx, raw: Any, port: int) -> RouterOptions:
 def _service(ctx: _Ctx, raw: Any) -> ServiceConfig:
     d = _mapping(ctx, "service", raw, {"host", "port", "load_balancing_policy", "router"})
     host = _str(ctx, "service.host", d.get("host", "127.0.0.1"))
-    if not re.fullmatch(r"[A-Za-z0-9.:\-\[\]]+", host):
-        raise ctx.fail("service.host", f"expected an IP address or host name, got {host!r}")
+    # what the router's `listen` takes (skyhedge.routing.config): refused here, when the file is
+    # read, rather than by `routing up` or `apply` after `plan` accepted it
+    bare = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    try:
+        ipaddress.ip_address(bare)
+    except ValueError:
+        if not HOST_NAME_RE.fullmatch(bare):
+            raise ctx.fail("service.host", f"expected an IP address or host name, got {host!r}") from None
     port = _int(ctx, "service.port", d.get("port", 8080), lo=1, hi=65535)
     return ServiceConfig(
         host=host,
@@ -985,6 +1030,31 @@ def parse_spec(data: Any, *, source: str = "<spec>") -> ServiceSpec:
     )
 
 
+class _YamlInt(int):
+    """An int read from YAML that remembers how it was written (`yaml_text`), so a text field
+    that takes numbers (`run.env`) gets `0755`, not `493`."""
+
+    yaml_text: str
+
+
+class _YamlFloat(float):
+    """A float read from YAML that remembers how it was written (see `_YamlInt`)."""
+
+    yaml_text: str
+
+
+def _int_as_written(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> int:
+    value = _YamlInt(loader.construct_yaml_int(node))
+    value.yaml_text = node.value
+    return value
+
+
+def _float_as_written(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> float:
+    value = _YamlFloat(loader.construct_yaml_float(node))
+    value.yaml_text = node.value
+    return value
+
+
 class _SpecLoader(yaml.SafeLoader):
     """`yaml.SafeLoader` (no Python tags) that refuses a key repeated in one mapping.
 
@@ -1012,6 +1082,10 @@ class _SpecLoader(yaml.SafeLoader):
                     key_node.start_mark,
                 )
         return super().construct_mapping(node, deep=deep)
+
+
+_SpecLoader.add_constructor("tag:yaml.org,2002:int", _int_as_written)
+_SpecLoader.add_constructor("tag:yaml.org,2002:float", _float_as_written)
 
 
 def service_name_in(path: str | Path) -> str | None:

@@ -243,6 +243,14 @@ BAD_SPECS: list[tuple[str, str]] = [
         _with("readiness_probe: {post_data: [1, 2]}\n"),
         "readiness_probe.post_data: expected a mapping (sent as JSON) or a string, got list",
     ),
+    (  # sent as JSON at every probe: a YAML date would crash apply after the launch
+        _with("readiness_probe: {post_data: {since: 2024-01-01}}\n"),
+        "readiness_probe.post_data: expected a mapping of JSON values (strings, finite numbers, booleans, null, lists, mappings), got a date (quote dates and times)",
+    ),
+    (
+        _with("readiness_probe: {post_data: {t: .nan}}\n"),
+        "readiness_probe.post_data: expected a mapping of JSON values (strings, finite numbers, booleans, null, lists, mappings), got a number that is not finite (.nan or .inf)",
+    ),
     (
         _with("readiness_probe: {headers: {X-Token: [a]}}\n"),
         "readiness_probe.headers.X-Token: expected a string, got list",
@@ -273,6 +281,10 @@ BAD_SPECS: list[tuple[str, str]] = [
     (
         _with("service: {host: 'bad host; rm -rf /'}\n"),
         "service.host: expected an IP address or host name, got 'bad host; rm -rf /'",
+    ),
+    (  # what the router's listen directive refuses is refused when the file is read
+        _with("service: {host: '-x-'}\n"),
+        "service.host: expected an IP address or host name, got '-x-'",
     ),
     (
         _with("resources: {accelerators: 'A100 x 8'}\n"),
@@ -859,3 +871,20 @@ def test_replicas_kept_off_the_internet_are_reached_privately_and_are_a_new_revi
     assert private.aws.private_endpoint and replica_revision(private) != replica_revision(plain)
     public = load_spec(write_spec((GCP_NET % "{}") + "aws: {public_ip: true}\n"))
     assert not public.aws.private_endpoint and replica_revision(public) != replica_revision(private)
+
+
+def test_env_numbers_are_taken_as_written(write_spec):
+    """YAML 1.1 reads 01234 as 668, 1.10 as 1.1 and 1:30 as 90: an env value is the text written."""
+    spec = load_spec(
+        write_spec(
+            "name: echo\nplacement: {clouds: [aws]}\n"
+            "run: {command: x, env: {ZIP: 01234, VERSION: 1.10, DURATION: 1:30, HEX: 0x1F, PORT: 8000}}\n"
+        )
+    )
+    assert spec.run.env == {
+        "ZIP": "01234",
+        "VERSION": "1.10",
+        "DURATION": "1:30",
+        "HEX": "0x1F",
+        "PORT": "8000",
+    }

@@ -1,5 +1,5 @@
 output "replicas" {
-  description = "Per replica ID: endpoint (http://IP:PORT: the private IP when ingress is private only, else the public IP when there is one), cloud_id (instance ID), private_ip, public_ip, zone (zone ID), availability_zone (name) and market."
+  description = "Per replica ID: endpoint (http://IP:PORT: the private IP when ingress is private only or public_ip is false, else the public IP when there is one), cloud_id (instance ID), private_ip, public_ip, zone (zone ID), availability_zone (name), subnet_id, subnet_default (whether that is its zone's default subnet) and market."
   value = {
     for id, inst in aws_instance.replica : id => {
       endpoint          = try("http://${var.private_endpoint ? inst.private_ip : coalesce(inst.public_ip, inst.private_ip)}:${var.port}", null)

@@ -289,9 +289,11 @@ def _num(value: float | None, spec: str) -> str:
 
 def _table(rows: list[dict], verdicts: dict[tuple[str, str], Verdict], config: SimConfig) -> Table:
     windows = f"{config.repeats} window{'' if config.repeats == 1 else 's'}"
+    # the cold start the run used: --cold-start rounded up to whole 30 s ticks
+    cold = config.cold_start_ticks * TICK_SECONDS
     table = Table(
         title=(
-            f"N={config.target}, extra={config.extra}, cold start {config.cold_start_seconds:g}s, "
+            f"N={config.target}, extra={config.extra}, cold start {cold:g}s, "
             f"on-demand x{config.ondemand_cost_ratio:g}, {windows} of {config.ticks} ticks"
         )
     )

@@ -20,10 +20,9 @@ import jinja2
 
 from skyhedge._resources import templates_dir
 from skyhedge.errors import RoutingError
-from skyhedge.spec import RouterOptions, ServiceSpec
+from skyhedge.spec import HOST_NAME_RE, RouterOptions, ServiceSpec
 
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-_HOST_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?$")
 _UNSAFE_PATH_CHARS = re.compile(r'["\\$\x00-\x1f\x7f]')
 
 
@@ -33,7 +32,7 @@ def _host_port(host: str, port: int, *, what: str) -> str:
     try:
         ip = ipaddress.ip_address(bare)
     except ValueError:
-        if not _HOST_RE.fullmatch(bare):
+        if not HOST_NAME_RE.fullmatch(bare):
             raise RoutingError(f"{what}: {host!r} is not an IP address or host name") from None
         return f"{bare}:{port}"
     return f"[{ip}]:{port}" if ip.version == 6 else f"{ip}:{port}"
