@@ -309,7 +309,7 @@ def test_an_unknown_policy_is_refused_before_anything_starts(tmp_path, write_spe
     result = run(command, write_spec(BASED), "--state-dir", tmp_path / "state", "--policy", "nope")
     assert result.exit_code == 1
     (line,) = result.output.strip().splitlines()
-    assert line.startswith("error: ") and "unknown policy 'nope'" in line
+    assert line.startswith("error: --policy: ") and "unknown policy 'nope'" in line
     assert not (tmp_path / "state").exists()
 
 

@@ -140,7 +140,7 @@ def test_an_empty_policy_name_on_the_command_line_is_refused_not_ignored(tmp_pat
     args = ["plan", str(spec), "--state-dir", str(tmp_path / "state"), "--policy", ""]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 1
-    assert result.output.startswith("error: unknown policy '' (available:")
+    assert result.output.startswith("error: --policy: unknown policy '' (available:")
 
 
 def test_skyhedge_debug_shows_the_plugins_traceback(plugin, tmp_path, monkeypatch):

@@ -123,7 +123,7 @@ def test_plugin_policy_by_module_and_class(trace_dir):
     ("args", "message"),
     [
         (["--trace", "/nonexistent/trace"], "error: /nonexistent/trace: no such trace directory or file"),
-        (["--policy", "nope"], "error: unknown policy 'nope'"),
+        (["--policy", "nope"], "error: --policy: unknown policy 'nope'"),
         (["--policy", "no.such.module:Thing"], "cannot load"),
         (["--ticks", "100000"], "shorter than one window of 100000 ticks"),
     ],

@@ -8,7 +8,8 @@ import os
 import shlex
 import sys
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from functools import wraps
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
@@ -119,6 +120,16 @@ class FiniteFloat(click.FloatRange):
         if not math.isfinite(number):  # before the range: "inf is not in 0<=x<=86400" hides why
             self.fail(f"expected a finite number, got {value!r}", param, ctx)
         return super().convert(number, param, ctx)
+
+
+@contextmanager
+def blamed_on(flag: str) -> Iterator[None]:
+    """An error of what a flag's value named (a policy that does not exist or does not load)
+    names the flag, as spec errors name the field."""
+    try:
+        yield
+    except SkyhedgeError as exc:
+        raise type(exc)(f"{flag}: {exc}") from exc
 
 
 def report_error(exc: SkyhedgeError) -> None:

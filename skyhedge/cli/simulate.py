@@ -13,7 +13,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from skyhedge.cli._app import FiniteFloat, console, err_console, main
+from skyhedge.cli._app import FiniteFloat, blamed_on, console, err_console, main
 from skyhedge.errors import SkyhedgeError, TraceError
 from skyhedge.simulator import OPTIMAL, SimConfig, load_prices, unmatched_prices
 from skyhedge.simulator import simulate as run_simulation
@@ -207,7 +207,8 @@ def simulate(
 ) -> None:
     """Replay spot-capacity traces through placement policies: cost and availability per policy."""
     policies = _policy_names(policy_text)
-    check_policies(policies)
+    with blamed_on("--policy"):
+        check_policies(policies)
     if plot_path is not None:
         from skyhedge.simulator.plot import plot_format  # matplotlib only when asked
 

@@ -18,6 +18,7 @@ from rich.markup import escape
 
 from skyhedge.cli._app import (
     FiniteFloat,
+    blamed_on,
     command_line,
     console,
     err_console,
@@ -85,7 +86,8 @@ def _check_policy(service: ServiceSpec, policy: str | None) -> None:
         return
     from skyhedge.policy import policy_class
 
-    policy_class(policy)  # PolicyError: unknown name, plug-in that does not load
+    with blamed_on("--policy"):
+        policy_class(policy)  # PolicyError: unknown name, plug-in that does not load
     resolve_placement(service, policy)  # SpecError: e.g. no spot zone unless the policy is ondemand
 
 
