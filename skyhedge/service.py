@@ -426,10 +426,14 @@ def compute_plan(
     outdated = set(outdated_replicas(spec, state)) - outside
     # A rolling update: while replicas of an older spec run, the policy is asked for one replica
     # more (the surge); once that many are READY, the oldest outdated replica is released. So N
-    # stay READY throughout, and the update costs one replica more for a few cold starts.
+    # stay READY throughout, and the update costs one replica more for a few cold starts. One
+    # already released (draining: the policy no longer counts it) needs no surge: asking for one
+    # more while the last of them drains launched a replica (and its on-demand cover) that was
+    # released again as soon as the drain ended.
+    rolling = {rid for rid in outdated if not live[rid].draining}
     obs = Observation(
         now=now,
-        target=target + 1 if outdated and target > 0 else target,
+        target=target + 1 if rolling and target > 0 else target,
         candidates=placement.candidates,
         replicas=inside,
         events=state.events(),

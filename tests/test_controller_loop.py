@@ -811,3 +811,31 @@ def test_an_apply_failure_names_the_commands_own_error_from_the_logs_tail():
     assert with_cause("local/local: boom", "") == "local/local: boom"
     line = "x: port 1 is already in use"
     assert with_cause(line, "port 1 is already in use") == line
+
+
+def test_a_rolling_update_launches_one_replacement_per_outdated_replica(world, write_spec):
+    """The surge (one replica more while outdated ones run) ends once the last outdated replica is
+    released: asked for while that one still drained, it launched a spot replica (and its
+    on-demand cover) that was released again as soon as the drain ended."""
+    router = DrainingRouter()
+    world["router"] = router
+    lean = SPEC.replace("num_overprovision: 1", "num_overprovision: 0")
+    world["spec"] = load_spec(write_spec(lean, "lean.yaml"))
+    ctl, clock = make(world), world["clock"]
+    settle(ctl, clock)
+    router.busy.clear()  # the start-up's on-demand covers drained
+    settle(ctl, clock)
+    old = {r.id for r in ctl.state.live()}
+    assert len(old) == 2 and "drain" not in ctl.state.extra
+    first_new = ctl.state.next_id
+    _reconfigure(ctl, load_spec(write_spec(lean.replace('command: "true"', 'command: "serve"'), "b.yaml")))
+    settle(ctl, clock, ticks=10)  # the released replicas' requests still run
+    router.busy.clear()
+    settle(ctl, clock, ticks=5)
+    live = ctl.state.live()
+    assert not {r.id for r in live} & old  # rolled over
+    assert sorted(r.market for r in live) == ["spot", "spot"]
+    launched = sorted(
+        (r.id, r.market) for r in ctl.state.replicas.values() if int(r.id.split("-")[1]) >= first_new
+    )
+    assert [rid for rid, market in launched if market == "spot"] == sorted(r.id for r in live), launched

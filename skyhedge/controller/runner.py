@@ -350,11 +350,15 @@ class Watcher:
         finally:
             self._answering = False
 
-    def _outcome(self, outcome: str, text: str) -> None:
+    def _outcome(self, outcome: str, text: str, *, note: bool = True) -> None:
         """Note a reload's outcome for the operator, and in watcher.json for `skyhedge reload`
-        (with the number of requests answered so far: a `reload` waits for its own)."""
+        (with the number of requests answered so far: a `reload` waits for its own). `note=False`:
+        the operator was already told (an answer repeating an edit the watcher's own pass took)."""
         assert self.controller is not None
-        self.controller.note(text)
+        if note:
+            self.controller.note(text)
+        else:
+            log.debug("%s", text)
         self._taken_unasked = text if outcome == "taken" and not self._answering else None
         if self._record is not None:
             self._record = presence.record_reload(
@@ -409,7 +413,11 @@ class Watcher:
             if not changes:
                 taken = self._taken_unasked if self._answering else None
                 if taken is not None:  # the edit this request is about, taken a moment before it
-                    self._outcome("taken", f"{taken} (taken at the watcher's own pass, before this request)")
+                    # the log said so at that pass: only the requester needs the answer (a
+                    # second "spec reloaded" line read as a second reload)
+                    self._outcome(
+                        "taken", f"{taken} (taken at the watcher's own pass, before this request)", note=False
+                    )
                 else:
                     self._outcome("unchanged", f"spec {path} re-read: no change from the running spec")
                 return False
