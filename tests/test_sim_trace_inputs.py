@@ -107,7 +107,7 @@ def test_a_plugin_module_raising_at_import_is_one_line(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(tmp_path))
     trace = three_zones(tmp_path / "t", ("us-east-1a", "us-east-1b", "us-east-1c"))
     line = one_error_line(small(trace, "--policy", "bb_raises_at_import:X"))
-    assert line == "error: policy 'bb_raises_at_import:X': cannot load (KeyError: 'at import')"
+    assert line == "error: --policy: policy 'bb_raises_at_import:X': cannot load (KeyError: 'at import')"
 
 
 @pytest.mark.parametrize(
@@ -120,7 +120,7 @@ def test_a_plugin_module_raising_at_import_is_one_line(tmp_path, monkeypatch):
 )
 def test_a_plugin_name_without_a_module_or_class_is_one_line(tmp_path, name, reason):
     trace = three_zones(tmp_path / "t", ("us-east-1a", "us-east-1b", "us-east-1c"))
-    one_error_line(small(trace, "--policy", name), f"error: policy {name!r}: {reason}")
+    one_error_line(small(trace, "--policy", name), f"error: --policy: policy {name!r}: {reason}")
 
 
 # --- `--trace .` and `--trace ""` ------------------------------------------------------
