@@ -421,7 +421,6 @@ def compute_plan(
             raise StateError(
                 f"{where}: policy_memory.memory: {exc} (remove policy_memory to start the policy afresh)"
             ) from exc
-    revision = replica_revision(spec)
     live = {r.id: r for r in state.live()}
     outdated = set(outdated_replicas(spec, state)) - outside
     # A rolling update: while replicas of an older spec run, the policy is asked for one replica
@@ -466,7 +465,8 @@ def compute_plan(
         replicas=tuple(
             replace(
                 r,
-                revision=(live[r.id].revision or revision) if r.id in live else revision,
+                revision=(live[r.id].revision if r.id in live else None)
+                or replica_revision(spec, r.location.cloud),
                 port=_launched_port(live[r.id]) if r.id in live else None,
                 # pinned only where the spec has moved it (else inputs churn after every launch)
                 subnet_id=_launched_subnet(live[r.id])
@@ -514,11 +514,10 @@ def outdated_replicas(
     """IDs of the live replicas launched under another revision of `spec` (rolling update pending)
     and, given the placement, those in a location it no longer allows (moved the same way).
     Replicas recorded before revisions existed count as current."""
-    revision = replica_revision(spec)
     return sorted(
         r.id
         for r in state.live()
-        if (r.revision is not None and r.revision != revision)
+        if (r.revision is not None and r.revision != replica_revision(spec, r.cloud))
         or (placement is not None and not placement.allows(r.location, Market(r.market)))
         or _subnet_moved(spec, r)
     )

@@ -210,6 +210,21 @@ class TerraformConfig:
     config: dict[str, Any] = field(default_factory=dict)
 
 
+def nginx_host(host: str) -> str | None:
+    """`host` as nginx's `listen` and `server` directives take it (an IPv6 address in brackets),
+    or None when it is neither an IP address nor a host name (`HOST_NAME_RE`). An IPv6 zone index
+    (`fe80::1%eth0`) is refused: nginx has no syntax for it. `service.host` is checked with this
+    when the spec is read, and skyhedge.routing.config writes what it returns."""
+    bare = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    try:
+        ip = ipaddress.ip_address(bare)
+    except ValueError:
+        return bare if HOST_NAME_RE.fullmatch(bare) else None
+    if ip.version == 6:
+        return None if ip.scope_id else f"[{ip}]"
+    return str(ip)
+
+
 def private_only(cidrs: Sequence[str]) -> bool:
     """Whether the replicas' port is open to private address ranges only: the router is then
     inside the network (or a peered one), and a connection to a replica's public IP would come
@@ -783,21 +798,18 @@ def _probe(ctx: _Ctx, raw: Any) -> ReadinessProbe:
         raise ctx.fail(f"{p}.post_data", f"expected a mapping (sent as JSON) or a string, got {_show(post)}")
     if isinstance(post, dict):
         # Sent as JSON at every probe: a value JSON cannot hold (an unquoted YAML date such as
-        # 2024-01-01, `.nan`, `.inf`) would otherwise crash `apply` and every watcher pass after
-        # the replicas were launched. (The kind only: a probe body may carry a token.)
-        try:
-            json.dumps(post, allow_nan=False)
-        except (TypeError, ValueError) as exc:
-            got = (
-                "a number that is not finite (.nan or .inf)"
-                if isinstance(exc, ValueError)
-                else f"a {type(_first_non_json(post)).__name__} (quote dates and times)"
-            )
+        # 2024-01-01, `.nan`, `.inf`, also as a key) would otherwise crash `apply` and every
+        # watcher pass after the replicas were launched. (The kind only: a probe body may carry a
+        # token.)
+        bad = _non_json(post, f"{p}.post_data")
+        if bad is not None:
+            where, got = bad
             raise ctx.fail(
-                f"{p}.post_data",
-                f"expected a mapping of JSON values (strings, finite numbers, booleans, null, lists, "
-                f"mappings), got {got}",
-            ) from None
+                where,
+                f"expected a JSON value (a string, finite number, boolean, null, list or mapping), got {got}",
+            )
+        # plain JSON types: not the loader's numbers that remember their text
+        post = json.loads(json.dumps(post, allow_nan=False))
     return ReadinessProbe(
         path=path,
         initial_delay_seconds=_int(
@@ -809,21 +821,30 @@ def _probe(ctx: _Ctx, raw: Any) -> ReadinessProbe:
     )
 
 
-def _first_non_json(value: Any) -> Any:
-    """The first value inside `value` that JSON has no type for (e.g. a `datetime.date`)."""
-    if isinstance(value, Mapping):
-        for v in value.values():
-            found = _first_non_json(v)
-            if found is not None:
-                return found
+def _non_json(value: Any, path: str) -> tuple[str, str] | None:
+    """Where inside `value` (at `path`) JSON cannot follow, and what kind of thing is there (a
+    `datetime.date`, bytes, a set, a non-finite number, or such a key), or None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return path, "a number that is not finite (.nan or .inf)"
+    if value is None or isinstance(value, (str, int, float, bool)):
         return None
     if isinstance(value, list):
-        for v in value:
-            found = _first_non_json(v)
+        for i, item in enumerate(value):
+            found = _non_json(item, f"{path}[{i}]")
             if found is not None:
                 return found
         return None
-    return None if value is None or isinstance(value, (str, int, float, bool)) else value
+    if isinstance(value, Mapping):
+        for k, v in value.items():
+            if k is not None and not isinstance(k, (str, int, float, bool)):
+                return path, f"a {type(k).__name__} as a key (quote dates and times)"
+            if isinstance(k, float) and not math.isfinite(k):
+                return path, "a key that is not a finite number (.nan or .inf)"
+            found = _non_json(v, f"{path}.{k}")
+            if found is not None:
+                return found
+        return None
+    return path, f"a {type(value).__name__} (quote dates and times)"
 
 
 def _headers(ctx: _Ctx, path: str, value: Any) -> dict[str, str]:
@@ -880,12 +901,8 @@ def _service(ctx: _Ctx, raw: Any) -> ServiceConfig:
     host = _str(ctx, "service.host", d.get("host", "127.0.0.1"))
     # what the router's `listen` takes (skyhedge.routing.config): refused here, when the file is
     # read, rather than by `routing up` or `apply` after `plan` accepted it
-    bare = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-    try:
-        ipaddress.ip_address(bare)
-    except ValueError:
-        if not HOST_NAME_RE.fullmatch(bare):
-            raise ctx.fail("service.host", f"expected an IP address or host name, got {host!r}") from None
+    if nginx_host(host) is None:
+        raise ctx.fail("service.host", f"expected an IP address or host name, got {host!r}")
     port = _int(ctx, "service.port", d.get("port", 8080), lo=1, hi=65535)
     return ServiceConfig(
         host=host,
@@ -1184,23 +1201,24 @@ def spec_changes(old: ServiceSpec, new: ServiceSpec) -> list[str]:
     return out
 
 
-def replica_revision(spec: ServiceSpec) -> str:
+def replica_revision(spec: ServiceSpec, cloud: str | None = None) -> str:
     """A short digest of everything that makes up one replica's machine and process: `run`,
-    `resources`, the AWS key pair and whether replicas get public IPs. Replicas launched under
-    another revision are *outdated*: the planner replaces them one at a time, each after a
-    replacement is READY (a rolling update), and Terraform never restarts or replaces them in
-    place (docs/controller.md, "Changing the spec")."""
+    `resources`, the AWS key pair and, for a replica of `cloud`, whether that cloud gives it a
+    public IP (`cloud=None`: of any cloud, e.g. to tell whether a spec change rolls anything).
+    Replicas launched under another revision are *outdated*: the planner replaces them one at a
+    time, each after a replacement is READY (a rolling update), and Terraform never restarts or
+    replaces them in place (docs/controller.md, "Changing the spec")."""
     import hashlib
-    import json
     from dataclasses import asdict
 
     data: dict[str, object] = {"run": asdict(spec.run), "resources": asdict(spec.resources)}
     if spec.aws.key_name is not None:  # a new key pair means new machines (absent: digest as before)
         data["aws_key_name"] = spec.aws.key_name
-    # so is a public IP given or taken away (EC2 sets it at launch; GCE would change running VMs)
-    if spec.aws.public_ip is not None:
+    # so is a public IP given or taken away (EC2 sets it at launch; GCE would change running VMs),
+    # for that cloud's replicas only: `gcp.external_ip` does not roll AWS or local replicas over
+    if spec.aws.public_ip is not None and cloud in (None, "aws"):
         data["aws_public_ip"] = spec.aws.public_ip
-    if not spec.gcp.external_ip:
+    if not spec.gcp.external_ip and cloud in (None, "gcp"):
         data["gcp_external_ip"] = False
     text = json.dumps(data, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:12]

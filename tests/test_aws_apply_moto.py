@@ -101,8 +101,8 @@ def test_apply_preempt_and_destroy_through_the_real_provider(tmp_path: Path, mot
         assert inst["InstanceType"] == "g6.xlarge" and inst["ImageId"] == AMI
         # aws.public_ip: false overrides the default subnets' map_public_ip_on_launch
         assert "PublicIpAddress" not in inst and rec.endpoint == f"http://{inst['PrivateIpAddress']}:8000"
-    # the group is the primary interface's (with a public IP set, the provider launches through
-    # the interface, and moto lists the group there only)
+    # the group as the primary interface lists it (where the provider sets the groups on the
+    # interface, moto leaves the instance's own list empty)
     group_ids = {g["GroupId"] for i in instances.values() for g in i["NetworkInterfaces"][0]["Groups"]}
     assert len(group_ids) == 1
     groups = ec2.describe_security_groups(GroupIds=sorted(group_ids))["SecurityGroups"]

@@ -403,6 +403,10 @@ def test_an_answer_counts_the_requests_so_reload_waits_for_its_own(spec_file, tm
         # the request raced the pass that took the edit: its answer is that edit, not "no change"
         assert record.last_reload["requests"] == 1 and record.last_reload["outcome"] == "taken"
         assert "replica_policy.min_replicas: 1 -> 2" in record.last_reload["text"]
+        # the log told the operator once, at the pass that took it: the answer is for the requester
+        assert [n for n in notes(w) if "min_replicas: 1 -> 2" in n] == [
+            f"spec reloaded from {spec_file}: replica_policy.min_replicas: 1 -> 2"
+        ]
         w.request_reload()  # asked again, nothing new: "no change"
         w._check_spec()
         record = presence.read(tmp_path / "state")

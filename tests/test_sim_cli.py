@@ -241,3 +241,21 @@ def test_a_price_may_name_a_zone_file_so_each_instance_type_has_its_own(trace_di
     assert by_trace["tiny[v100_1]"] == pytest.approx(3 * 3.0 * 28 * 30 / 3600)
     assert by_trace["tiny[v100_8]"] == pytest.approx(8 * by_trace["tiny[v100_1]"])
     assert "warning" not in result.stderr  # every key names a zone of some trace
+
+
+def test_the_title_shows_the_cold_start_the_run_used(trace_dir):
+    """--cold-start is rounded up to whole 30 s ticks; the table's title says what ran."""
+    result = invoke(
+        "--trace",
+        str(trace_dir),
+        "--ticks",
+        "30",
+        "--repeats",
+        "1",
+        "--cold-start",
+        "45",
+        "--policy",
+        "spothedge",
+    )
+    assert result.exit_code == 0, result.output
+    assert "cold start 60s" in result.output and "cold start 45s" not in result.output

@@ -56,6 +56,8 @@ readiness_probe:
         )
     )
     assert spec.readiness_probe.post_data == {"prompt": "hi", "max_tokens": 1}
+    # plain JSON types, not the loader's numbers that remember their text (json, YAML dumpers)
+    assert type(spec.readiness_probe.post_data["max_tokens"]) is int
     assert spec.readiness_probe.headers == {"Authorization": "Bearer x"}
 
 
@@ -245,11 +247,19 @@ BAD_SPECS: list[tuple[str, str]] = [
     ),
     (  # sent as JSON at every probe: a YAML date would crash apply after the launch
         _with("readiness_probe: {post_data: {since: 2024-01-01}}\n"),
-        "readiness_probe.post_data: expected a mapping of JSON values (strings, finite numbers, booleans, null, lists, mappings), got a date (quote dates and times)",
+        "readiness_probe.post_data.since: expected a JSON value (a string, finite number, boolean, null, list or mapping), got a date (quote dates and times)",
     ),
     (
         _with("readiness_probe: {post_data: {t: .nan}}\n"),
-        "readiness_probe.post_data: expected a mapping of JSON values (strings, finite numbers, booleans, null, lists, mappings), got a number that is not finite (.nan or .inf)",
+        "readiness_probe.post_data.t: expected a JSON value (a string, finite number, boolean, null, list or mapping), got a number that is not finite (.nan or .inf)",
+    ),
+    (  # the field inside the body is named, also in a list
+        _with("readiness_probe: {post_data: {a: {b: [1, 2024-01-01]}}}\n"),
+        "readiness_probe.post_data.a.b[1]: expected a JSON value (a string, finite number, boolean, null, list or mapping), got a date (quote dates and times)",
+    ),
+    (  # a key JSON cannot hold is named too (it was 'a NoneType')
+        _with("readiness_probe: {post_data: {2024-01-01: x}}\n"),
+        "readiness_probe.post_data: expected a JSON value (a string, finite number, boolean, null, list or mapping), got a date as a key (quote dates and times)",
     ),
     (
         _with("readiness_probe: {headers: {X-Token: [a]}}\n"),
@@ -285,6 +295,10 @@ BAD_SPECS: list[tuple[str, str]] = [
     (  # what the router's listen directive refuses is refused when the file is read
         _with("service: {host: '-x-'}\n"),
         "service.host: expected an IP address or host name, got '-x-'",
+    ),
+    (  # nginx has no syntax for an IPv6 zone index ("invalid IPv6 address" at routing up)
+        _with("service: {host: 'fe80::1%eth0'}\n"),
+        "service.host: expected an IP address or host name, got 'fe80::1%eth0'",
     ),
     (
         _with("resources: {accelerators: 'A100 x 8'}\n"),
@@ -871,6 +885,13 @@ def test_replicas_kept_off_the_internet_are_reached_privately_and_are_a_new_revi
     assert private.aws.private_endpoint and replica_revision(private) != replica_revision(plain)
     public = load_spec(write_spec((GCP_NET % "{}") + "aws: {public_ip: true}\n"))
     assert not public.aws.private_endpoint and replica_revision(public) != replica_revision(private)
+    # per cloud: gcp.external_ip rolls over GCP replicas only, aws.public_ip AWS replicas only
+    for cloud in ("aws", "local"):
+        assert replica_revision(internal, cloud) == replica_revision(plain, cloud)
+    assert replica_revision(internal, "gcp") != replica_revision(plain, "gcp")
+    for cloud in ("gcp", "local"):
+        assert replica_revision(private, cloud) == replica_revision(plain, cloud)
+    assert replica_revision(private, "aws") != replica_revision(plain, "aws")
 
 
 def test_env_numbers_are_taken_as_written(write_spec):
@@ -888,3 +909,22 @@ def test_env_numbers_are_taken_as_written(write_spec):
         "HEX": "0x1F",
         "PORT": "8000",
     }
+
+
+@pytest.mark.parametrize(
+    ("text", "digest"),
+    [
+        # pinned from before aws.public_ip, gcp.external_ip and env numbers as written (fba8884)
+        ("placement: {clouds: [local]}\nrun: {command: x, env: {N: 1.0}}\n", "fbe072bfb633"),
+        ("placement: {clouds: [local]}\nrun: {command: x, env: {PORT: 8000, A: abc}}\n", "da8056d70547"),
+        ("placement: {clouds: [aws]}\nrun: {command: x}\naws: {key_name: ops}\n", "d220face4f26"),
+    ],
+)
+def test_an_upgrade_keeps_the_revision_of_a_spec_without_the_new_fields(write_spec, text, digest):
+    """Running replicas roll over after an upgrade only where what they run changes: the digest of
+    a spec that sets none of the new fields, and whose env numbers read the same as written, is
+    the one recorded before (docs/controller.md, "Changing the spec")."""
+    from skyhedge.spec import replica_revision
+
+    spec = load_spec(write_spec("name: e\n" + text))
+    assert {replica_revision(spec), *(replica_revision(spec, c) for c in ("aws", "gcp", "local"))} == {digest}

@@ -65,6 +65,15 @@ data "aws_subnet" "zone" {
     each.key, "${each.key}-unknown"
   )
   default_for_az = true
+
+  lifecycle {
+    # a zone ID the account cannot use in this region (some accounts lack a region's oldest
+    # zones, e.g. use1-az3): named, rather than "no matching EC2 Subnet found"
+    precondition {
+      condition     = contains(data.aws_availability_zones.region[0].zone_ids, each.key)
+      error_message = "Zone ${each.key} is not available to this account in this region: leave it out (placement.exclude_zones) or give aws.subnets."
+    }
+  }
 }
 
 data "aws_subnet" "replica" {

@@ -18,7 +18,7 @@ import click
 from rich.console import Console
 
 from skyhedge import __version__
-from skyhedge.errors import EngineError, RoutingError, SkyhedgeError
+from skyhedge.errors import EngineError, PolicyError, RoutingError, SkyhedgeError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -125,11 +125,24 @@ class FiniteFloat(click.FloatRange):
 @contextmanager
 def blamed_on(flag: str) -> Iterator[None]:
     """An error of what a flag's value named (a policy that does not exist or does not load)
-    names the flag, as spec errors name the field."""
+    names the flag, as spec errors name the field. PolicyError only: a copy of another error
+    would lose what it carries besides its message (a SpecError's file and path, an
+    EngineError's stderr)."""
     try:
         yield
-    except SkyhedgeError as exc:
-        raise type(exc)(f"{flag}: {exc}") from exc
+    except PolicyError as exc:
+        raise PolicyError(f"{flag}: {exc}") from exc
+
+
+def check_policy_flag(policy: str | None) -> None:
+    """`--policy NAME` (plan, watch, up): an unknown name or a plug-in that does not load is
+    refused before anything starts, naming the flag."""
+    if policy is None:
+        return
+    from skyhedge.policy import policy_class
+
+    with blamed_on("--policy"):
+        policy_class(policy)
 
 
 def report_error(exc: SkyhedgeError) -> None:

@@ -21,7 +21,7 @@ from skyhedge.apply import (
     notice_dead_local_replicas,
     roots_with_resources,
 )
-from skyhedge.cli._app import blamed_on, console, main, spec_argument, state_dir_option
+from skyhedge.cli._app import check_policy_flag, console, main, spec_argument, state_dir_option
 from skyhedge.planner import CREATE, DELETE, KEEP, Plan
 from skyhedge.render import render_tree
 from skyhedge.service import TERRAFORM_KEY, Placement, compute_plan, is_gitops, resolve_placement
@@ -220,11 +220,7 @@ def plan(
     service = load_spec(spec)
     sdir = state_dir or default_state_dir(service.name)
     state = load_state(sdir, service.name)
-    if policy is not None:
-        from skyhedge.policy import policy_class
-
-        with blamed_on("--policy"):
-            policy_class(policy)
+    check_policy_flag(policy)
     placement = resolve_placement(service, policy)
     now = time.time()
     # As `apply` does first: a local replica whose process died since the state was written is

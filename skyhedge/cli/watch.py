@@ -18,7 +18,7 @@ from rich.markup import escape
 
 from skyhedge.cli._app import (
     FiniteFloat,
-    blamed_on,
+    check_policy_flag,
     command_line,
     console,
     err_console,
@@ -84,10 +84,7 @@ def _check_policy(service: ServiceSpec, policy: str | None) -> None:
     unknown name failed every pass for ever, behind a router answering 503 to everyone."""
     if policy is None:
         return
-    from skyhedge.policy import policy_class
-
-    with blamed_on("--policy"):
-        policy_class(policy)  # PolicyError: unknown name, plug-in that does not load
+    check_policy_flag(policy)  # PolicyError: unknown name, plug-in that does not load
     resolve_placement(service, policy)  # SpecError: e.g. no spot zone unless the policy is ondemand
 
 

@@ -702,13 +702,12 @@ class Controller:
         """Replicas of the current revision (or recorded before revisions existed) that failed
         within CRASH_WINDOW_SECONDS: after a spec change, the old command's failures say nothing
         about the new one."""
-        revision = replica_revision(self.spec)
         return [
             r
             for r in self.state.replicas.values()
             if r.gone_at is not None
             and r.reason == "failed"
-            and r.revision in (None, revision)
+            and r.revision in (None, replica_revision(self.spec, r.cloud))
             and 0 <= now - r.gone_at < CRASH_WINDOW_SECONDS
         ]
 

@@ -36,7 +36,7 @@ from skyhedge.controller.supervisor import Supervisor
 from skyhedge.errors import CloudError, EngineError, RoutingError, SkyhedgeError, SpecError, StateError
 from skyhedge.events import EventSource
 from skyhedge.service import Placement, compute_plan, resolve_placement
-from skyhedge.spec import ServiceSpec, load_spec, replica_revision, spec_changes
+from skyhedge.spec import CLOUDS, ServiceSpec, load_spec, replica_revision, spec_changes
 from skyhedge.state import ReplicaRecord, writer_lock
 
 if TYPE_CHECKING:
@@ -473,7 +473,9 @@ class Watcher:
             except Exception as exc:  # the spec is taken; a follower failing must not say otherwise
                 log.warning("after the spec reload: %s: %s", type(exc).__name__, exc)
         shown = changes if len(changes) <= 6 else [*changes[:5], f"and {len(changes) - 5} more"]
-        roll = replica_revision(old) != replica_revision(new)
+        # per cloud: a new gcp.external_ip rolls over GCP replicas only
+        clouds = {r.cloud for r in live} | set(new.placement.clouds or CLOUDS)
+        roll = any(replica_revision(old, c) != replica_revision(new, c) for c in clouds)
         self._outcome(
             "taken",
             f"spec reloaded from {path}: {'; '.join(shown)}"

@@ -8,7 +8,6 @@ ids, paths), so the template never needs escaping and a replica endpoint cannot 
 from __future__ import annotations
 
 import functools
-import ipaddress
 import math
 import re
 from collections.abc import Iterable
@@ -20,7 +19,7 @@ import jinja2
 
 from skyhedge._resources import templates_dir
 from skyhedge.errors import RoutingError
-from skyhedge.spec import HOST_NAME_RE, RouterOptions, ServiceSpec
+from skyhedge.spec import RouterOptions, ServiceSpec, nginx_host
 
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _UNSAFE_PATH_CHARS = re.compile(r'["\\$\x00-\x1f\x7f]')
@@ -28,14 +27,10 @@ _UNSAFE_PATH_CHARS = re.compile(r'["\\$\x00-\x1f\x7f]')
 
 def _host_port(host: str, port: int, *, what: str) -> str:
     """`host:port` as nginx wants it (`[v6]:port`), or RoutingError naming `what`."""
-    bare = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-    try:
-        ip = ipaddress.ip_address(bare)
-    except ValueError:
-        if not HOST_NAME_RE.fullmatch(bare):
-            raise RoutingError(f"{what}: {host!r} is not an IP address or host name") from None
-        return f"{bare}:{port}"
-    return f"[{ip}]:{port}" if ip.version == 6 else f"{ip}:{port}"
+    address = nginx_host(host)
+    if address is None:
+        raise RoutingError(f"{what}: {host!r} is not an IP address or host name")
+    return f"{address}:{port}"
 
 
 @dataclass(frozen=True)

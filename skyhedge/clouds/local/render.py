@@ -60,7 +60,7 @@ class LocalCloud:
                 "zone": r.location.zone,
                 "market": r.market.value,
                 "port": r.port or replica_port(spec, r.id),
-                "revision": r.revision or replica_revision(spec),
+                "revision": r.revision or replica_revision(spec, "local"),
             }
             for r in sorted(replicas, key=lambda r: r.id)
         }
