@@ -257,3 +257,24 @@ def test_the_json_log_formatter_keeps_one_record_on_one_line():
     out = json.loads(line)
     assert out["level"] == "warning" and out["logger"] == "skyhedge.x" and out["message"] == "a c\nb"
     assert "ValueError: bad\nthing" in out["exception"]
+
+
+def test_market_replay_gives_a_finite_zone_its_pool_size(tmp_path: Path):
+    """A trace value n > 0 is a pool of n: the launcher refuses spot launches beyond it (before,
+    only 0 was enforced, and a zone the trace gave 2 ran 4 spot replicas until its next change)."""
+    trace = tmp_path / "trace"
+    trace.mkdir()
+    (trace / "us-east-1a_v100_1.json").write_text(
+        json.dumps({"metadata": {"gap_seconds": 30}, "data": [3, 0, 16, 2]})
+    )
+    runtime = runtime_dir(tmp_path / "state")
+    replay = MarketReplay(trace, ["local-a"], tmp_path / "state", speedup=30)
+    replay.step()
+    assert capacity.read_limits(runtime) == {"local-a": 3} and capacity.read_capacity(runtime) == {}
+    replay.step()
+    assert list(capacity.read_capacity(runtime)) == ["local-a"]
+    replay.step()
+    replay.step()
+    assert capacity.read_limits(runtime) == {"local-a": 2} and capacity.read_capacity(runtime) == {}
+    replay.stop()  # the replay's end gives the zone its capacity back, limit included
+    assert capacity.read_limits(runtime) == {} and capacity.read_capacity(runtime) == {}

@@ -168,7 +168,8 @@ def test_launch_refused_marks_zone_and_backs_off(world):
     ex.refuse_zones = {"local-a"}
     ctl, clock = make(world), world["clock"]
     delay = ctl.tick()
-    assert delay >= 2.0  # backoff after a failed apply
+    # applies back off after a failed one (2 s); the replicas it did start are probed meanwhile
+    assert ctl._backoff() >= 2.0 and delay == ctl.options.busy_interval
     failed = [r for r in ctl.state.replicas.values() if r.reason == "failed"]
     assert [(r.zone, r.market) for r in failed] == [("local-a", "spot")]
     assert failed[0].fact().status is ReplicaStatus.FAILED
@@ -839,3 +840,36 @@ def test_a_rolling_update_launches_one_replacement_per_outdated_replica(world, w
         (r.id, r.market) for r in ctl.state.replicas.values() if int(r.id.split("-")[1]) >= first_new
     )
     assert [rid for rid, market in launched if market == "spot"] == sorted(r.id for r in live), launched
+
+
+def test_replicas_started_beside_refused_launches_are_probed_without_waiting_for_the_backoff(world):
+    """A market replay opened one zone after every zone had refused launches for a while: the
+    apply that launched into it had refusals too, so it counted as failed, and the next pass
+    came only after the grown backoff (measured: healthy replicas READY after 25, 33 and 61 s
+    instead of 1.5 s, their on-demand cover paid meanwhile). The backoff spaces applies, not
+    the probes of replicas that did start."""
+    ex, clock, prober = world["executor"], world["clock"], world["prober"]
+    ex.refuse_zones = {"local-a", "local-b", "local-c"}
+    ctl = make(world, busy_interval=0.5, max_backoff=60.0)
+    for _ in range(7):  # every spot launch refused, pass after pass: the backoff grows
+        clock.advance(ctl.tick())
+        ctl.woken = True
+    ex.refuse_zones = {"local-b", "local-c"}  # local-a has room again (the wake-up: capacity file)
+    delay = ctl.tick()
+    started = [r for r in ctl.state.live() if r.market == "spot"]
+    assert started and all(r.zone == "local-a" and r.fact().status is ReplicaStatus.STARTING for r in started)
+    assert delay <= 0.5  # was 0.5 * 2**8 -> 60 s
+    # a probe-paced pass that learns nothing new does not retry the refused launches yet
+    prober.down = {r.id for r in started}
+    calls = len(ex.calls)
+    clock.advance(delay)
+    ctl.woken = False
+    assert ctl.tick() <= 0.5
+    assert len(ex.calls) == calls
+    # the next one finds them READY: routed at once, and the plan acts on it
+    prober.down = set()
+    clock.advance(0.5)
+    ctl.tick()
+    assert all(r.fact().status is ReplicaStatus.READY for r in started)
+    assert {r.id for r in started} <= set(world["router"].current)
+    assert len(ex.calls) > calls

@@ -34,7 +34,10 @@ def state_dir(tmp_path: Path):
     kill_all(runtime_dir(sdir))
 
 
-def launch(sdir: Path, rid: str, zone: str, market: str = "spot", port: int = 0) -> ReplicaRecord:
+def start(
+    sdir: Path, rid: str, zone: str, market: str = "spot", port: int = 0
+) -> subprocess.CompletedProcess:
+    """Run the launcher's `start` as Terraform's local-exec does."""
     cfg = {
         "id": rid,
         "service": "svc",
@@ -48,7 +51,7 @@ def launch(sdir: Path, rid: str, zone: str, market: str = "spot", port: int = 0)
         "runtime_dir": str(runtime_dir(sdir)),
     }
     env = {**os.environ, "SKYHEDGE_LOCAL_REPLICA": json.dumps(cfg), "PYTHONPATH": str(REPO)}
-    done = subprocess.run(
+    return subprocess.run(
         [sys.executable, "-m", "skyhedge.clouds.local.launcher", "start", rid],
         env=env,
         capture_output=True,
@@ -56,6 +59,10 @@ def launch(sdir: Path, rid: str, zone: str, market: str = "spot", port: int = 0)
         timeout=30,
         check=False,
     )
+
+
+def launch(sdir: Path, rid: str, zone: str, market: str = "spot", port: int = 0) -> ReplicaRecord:
+    done = start(sdir, rid, zone, market, port)
     assert done.returncode == 0, done.stderr
     proc = read_pidfile(runtime_dir(sdir), rid)
     return ReplicaRecord(
@@ -148,6 +155,52 @@ def test_set_zone_capacity_keeps_the_oldest(state_dir):
     assert is_running(read_pidfile(runtime_dir(state_dir), "r-0010"))  # on-demand is not spot capacity
     set_zone_capacity(state_dir, "local-a", 2)
     assert capacity.read_capacity(runtime_dir(state_dir)) == {}
+
+
+def test_a_finite_pool_refuses_spot_launches_beyond_its_room(state_dir):
+    """A market trace's zone at capacity n has room for n spot replicas: a launch beyond them is
+    refused as a cloud's capacity error is (exit 3), not started (it was: 4 spot replicas ran in
+    a zone the trace gave 2, and the simulator's cut never happened)."""
+    launch(state_dir, "r-0011", "local-a")
+    assert set_zone_capacity(state_dir, "local-a", 2) == []
+    launch(state_dir, "r-0012", "local-a")
+    done = start(state_dir, "r-0013", "local-a")
+    assert done.returncode == 3 and "InsufficientCapacity" in done.stderr, done.stderr
+    assert read_pidfile(runtime_dir(state_dir), "r-0013") is None
+    launch(state_dir, "r-0014", "local-a", market="on-demand")  # on-demand is not the spot pool
+    launch(state_dir, "r-0015", "local-b")  # nor is another zone
+    set_zone_capacity(state_dir, "local-a", 1_000_000)  # unlimited (a replay's end) lifts the limit
+    launch(state_dir, "r-0013", "local-a")
+
+
+def test_parallel_launches_into_a_finite_pool_take_only_its_room(state_dir):
+    """Terraform starts a root's replicas side by side: the room check and the start hold the
+    capacity lock together, so three launches into a pool of two start exactly two."""
+    set_zone_capacity(state_dir, "local-a", 2)
+    results: dict[str, int] = {}
+
+    def one(rid: str) -> None:
+        results[rid] = start(state_dir, rid, "local-a").returncode
+
+    threads = [threading.Thread(target=one, args=(rid,)) for rid in ("r-0021", "r-0022", "r-0023")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(results.values()) == [0, 0, 3]
+
+
+def test_a_shrinking_pool_reports_its_victims_preempted(state_dir):
+    """A zone whose capacity drops from 2 to 1 stays open; the replica it took is preempted (a
+    PREEMPTED zone event for the policy, a preemption in the metrics), not a crash."""
+    a = launch(state_dir, "r-0016", "local-a")
+    b = launch(state_dir, "r-0017", "local-a")
+    src = LocalEventSource(state_dir, REGION_OF)
+    assert src.poll(time.time(), [a, b]) == []
+    killed = set_zone_capacity(state_dir, "local-a", 1)
+    assert [p.id for p in killed] == ["r-0017"]
+    events = src.poll(time.time(), [a, b])
+    assert [(e.signal.value, e.replica_id, e.reason) for e in events] == [("gone", "r-0017", "preempted")]
 
 
 def test_concurrent_marks_are_never_lost(state_dir):

@@ -91,6 +91,9 @@ def _bursts(times: list[float]) -> list[float]:
 BUSY = frozenset(
     {ReplicaStatus.PROVISIONING, ReplicaStatus.STARTING, ReplicaStatus.NOT_READY, ReplicaStatus.SHUTTING_DOWN}
 )
+#: Replicas whose next state only a probe can tell: probed at the busy pace even while failed
+#: applies back off (the backoff spaces applies, not probes).
+PROBED = frozenset({ReplicaStatus.STARTING, ReplicaStatus.NOT_READY})
 
 
 def apply_cause(detail: str) -> str:
@@ -199,6 +202,12 @@ class Controller:
         self.last_plan: Plan | None = None
         self.ticks = 0
         self._failures = int(self.state.extra.get("launch_failures", 0))
+        # after a failed apply (or a refused launch), no apply before this time unless a pass
+        # learns something new (a source event, a probe changing a replica's state)
+        self._retry_at: float | None = None
+        # the pass runs for a wake-up (a process exit, the capacity file, a message), not for
+        # the delay the last pass asked; the supervisor sets it (a direct caller acts as woken)
+        self.woken = True
         self.last_apply: ExecResult | None = None  # the last pass's apply (None: nothing applied)
         self._started = False
         # A pass that recorded a plan and then crashed before the executor finished (a failed
@@ -285,7 +294,7 @@ class Controller:
         for line in ingest(self.state, events, now):
             self.note(line, now)
         self._expire_warnings(now)
-        self._probe(now)
+        learned = self._probe(now) or bool(events)
         # Probing takes time and stamps what it finds when found: the rest of the pass must see
         # those failures as past, or a crash loop found by probes is relaunched before it counts.
         now = max(now, self.clock())
@@ -323,6 +332,16 @@ class Controller:
             )
             if plan.has_changes:
                 result = self._act(plan, memory, now)
+        elif (
+            self._failures
+            and self._retry_at is not None
+            and now < self._retry_at
+            and not (learned or refresh or self._unsettled or self.woken)
+        ):
+            # backing off after a failed apply, and this pass (run to probe the replicas that
+            # did start) learned nothing new: no apply yet, nothing consumed (the pass that
+            # applies decides with these events)
+            pass
         elif plan.has_changes or refresh or self._failures or self._unsettled:
             result = self._act(plan, memory, now)
         else:  # nothing to do: the policy has still seen the events (saved below)
@@ -397,17 +416,20 @@ class Controller:
                     f"{rid} still up {WARNING_GRACE_SECONDS:.0f}s after its warning: terminating it", now
                 )
 
-    def _probe(self, now: float) -> None:
+    def _probe(self, now: float) -> bool:
+        """Probe every replica with an endpoint; True when a replica changed state."""
         if self.options.assume_ready or self.prober is None:
-            return
+            return False
         targets = [r for r in self.state.live() if r.endpoint]
         if not targets:
-            return
+            return False
         results = self.prober.probe(targets)
         probes = [ProbeResult(rid, ok, detail) for rid, (ok, detail) in results.items()]
         delay = float(self.spec.readiness_probe.initial_delay_seconds)
-        for line in apply_probes(self.state, probes, self.clock(), initial_delay=delay):
+        lines = apply_probes(self.state, probes, self.clock(), initial_delay=delay)
+        for line in lines:
             self.note(line)
+        return bool(lines)
 
     def _autoscale(self, now: float) -> None:
         if not self.scaler.enabled and (self.state.target is not None or "autoscaler" in self.state.extra):
@@ -581,6 +603,7 @@ class Controller:
         if result.note:
             self.note(result.note, done)
         self._failures = self._failures + 1 if result.failed else 0
+        self._retry_at = done + self._backoff() if result.failed else None
         self._give_up_launches(result, done)
         self.save()
         self._unsettled = False
@@ -777,12 +800,24 @@ class Controller:
                 self.state.extra["given_up"] = dict(self._given_up)
                 self.note(f"{rid} given up after {self._attempts[rid]} failed launches: replacing it", at)
 
+    def _backoff(self) -> float:
+        """How long failed applies wait before the next one: busy_interval doubling per failure."""
+        opts = self.options
+        return min(opts.max_backoff, opts.busy_interval * (2 ** min(self._failures, 10)))
+
     def _next_delay(self) -> float:
         opts = self.options
         if self._routing_failed and not self._failures:
             return min(opts.interval, max(opts.busy_interval, 2.0))
         if self._failures:
-            return min(opts.max_backoff, opts.busy_interval * (2 ** min(self._failures, 10)))
+            now = self.clock()
+            left = self._backoff() if self._retry_at is None else max(0.0, self._retry_at - now)
+            if any(r.fact().status in PROBED for r in self.state.live()):
+                # replicas the failed apply did start (beside a refused launch) are probed at the
+                # busy pace: READY, routed and their on-demand cover released within a pass, not
+                # after up to max_backoff (measured under a market replay: 25-61 s)
+                return min(left, opts.busy_interval)
+            return left
         delay = opts.interval
         if any(r.fact().status in BUSY for r in self.state.live()) or warned(self.state):
             delay = opts.busy_interval

@@ -3,7 +3,8 @@
 `skyhedge up --market-trace DIR --speedup K` maps the trace's zones, in order, onto the spec's local
 zones and every 30/K seconds moves one 30 s tick forward: a zone whose capacity drops to 0 is
 marked preempted (spot launches refused) and its spot replicas are killed; a zone whose capacity
-drops to n keeps only n of its spot replicas; a zone back above 0 is open again. The controller
+is n has room for n spot replicas (launches beyond refused) and keeps only n of its spot replicas
+(the rest reported preempted); a zone back above 0 is open again. The controller
 sees exactly what it would see from a real cloud: processes dying and launches refused.
 """
 

@@ -323,6 +323,8 @@ class Watcher:
     def _tick(self) -> float:
         assert self.controller is not None
         self._check_spec()
+        if self.supervisor is not None:
+            self.controller.woken = self.supervisor.woken
         return self.controller.tick()
 
     def _check_spec(self) -> None:

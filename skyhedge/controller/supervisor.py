@@ -34,6 +34,7 @@ class Supervisor:
         self._stop = threading.Event()
         self.failures = 0
         self.ticks = 0
+        self.woken = False
         self.last_error: BaseException | None = None
 
     def wake(self) -> None:
@@ -53,6 +54,7 @@ class Supervisor:
 
     def run_once(self) -> float:
         """One guarded tick; returns the delay before the next."""
+        self.woken = self._wake.is_set()  # this tick runs for a wake-up, not the delay's end
         self._wake.clear()  # cleared before the tick, so a wake during it triggers the next at once
         self.ticks += 1
         try:

@@ -2,12 +2,17 @@
 
 `<runtime dir>/capacity.json`:
 
-    {"version": 1, "preempted": {"local-b": null, "local-c": 1767225600.0}}
+    {"version": 1, "preempted": {"local-b": null, "local-c": 1767225600.0},
+     "limits": {"local-a": 2}, "evicted": {"r-0007": 1767225000.0}}
 
 A zone listed under `preempted` has no spot capacity: indefinitely (`null`) or until the given
 Unix time. A spot launch into it fails the way a cloud's capacity error does (the launcher exits
-with code 3 and an `InsufficientCapacity` message); on-demand launches are unaffected. Later
-tools (`skyhedge preempt`, market traces) drive this file; the launcher only reads it.
+with code 3 and an `InsufficientCapacity` message); on-demand launches are unaffected. A zone
+under `limits` has room for that many spot replicas (a market trace's finite pool): a spot launch
+into it while that many run there fails the same way. `evicted` names the spot replicas a
+shrinking pool took (killed while their zone stayed open), so the event source reports them
+preempted, not crashed. Later tools (`skyhedge preempt`, market traces) drive this file; the
+launcher only reads it (and holds its lock while it checks the room left and starts a process).
 """
 
 from __future__ import annotations
@@ -31,8 +36,11 @@ def capacity_path(runtime_dir: Path) -> Path:
     return Path(runtime_dir) / CAPACITY_FILE
 
 
-def read_capacity(runtime_dir: Path) -> dict[str, float | None]:
-    """Zone -> preempted-until (None: indefinitely). A missing file means every zone has capacity."""
+#: Evictions older than this are forgotten (the event source has long reported them).
+EVICTED_KEEP_SECONDS = 3600.0
+
+
+def _read_doc(runtime_dir: Path) -> dict:
     path = capacity_path(runtime_dir)
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -40,14 +48,38 @@ def read_capacity(runtime_dir: Path) -> dict[str, float | None]:
         return {}
     except (OSError, ValueError) as exc:
         raise CapacityFileError(f"{path}: cannot read the local capacity file ({exc})") from exc
-    if not isinstance(data, dict) or not isinstance(data.get("preempted", {}), dict):
+    if not isinstance(data, dict) or not all(
+        isinstance(data.get(key, {}), dict) for key in ("preempted", "limits", "evicted")
+    ):
         raise CapacityFileError(f'{path}: expected {{"version": 1, "preempted": {{zone: until|null}}}}')
+    return data
+
+
+def read_capacity(runtime_dir: Path) -> dict[str, float | None]:
+    """Zone -> preempted-until (None: indefinitely). A missing file means every zone has capacity."""
+    path = capacity_path(runtime_dir)
     out: dict[str, float | None] = {}
-    for zone, until in data.get("preempted", {}).items():
+    for zone, until in _read_doc(runtime_dir).get("preempted", {}).items():
         if until is not None and (isinstance(until, bool) or not isinstance(until, (int, float))):
             raise CapacityFileError(f"{path}: preempted.{zone}: expected a Unix time or null, got {until!r}")
         out[str(zone)] = None if until is None else float(until)
     return out
+
+
+def read_limits(runtime_dir: Path) -> dict[str, int]:
+    """Zone -> spot replicas it has room for (zones not listed: no limit)."""
+    path = capacity_path(runtime_dir)
+    out: dict[str, int] = {}
+    for zone, count in _read_doc(runtime_dir).get("limits", {}).items():
+        if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+            raise CapacityFileError(f"{path}: limits.{zone}: expected a count >= 0, got {count!r}")
+        out[str(zone)] = count
+    return out
+
+
+def read_evicted(runtime_dir: Path) -> set[str]:
+    """Replica IDs a shrinking pool took (see the module docstring)."""
+    return {str(rid) for rid in _read_doc(runtime_dir).get("evicted", {})}
 
 
 def preempted(runtime_dir: Path, zone: str, now: float) -> tuple[bool, float | None]:
@@ -61,12 +93,19 @@ def preempted(runtime_dir: Path, zone: str, now: float) -> tuple[bool, float | N
     return True, until
 
 
-def _write(runtime_dir: Path, marks: dict[str, float | None]) -> None:
+def _write(runtime_dir: Path, marks: dict[str, float | None], **sections: dict) -> None:
+    """Write the marks; `limits` and `evicted` are kept as they are unless given."""
     # Its own atomic write, not skyhedge.state's: the launcher imports this module under
     # `python -S`, where state's third-party imports (filelock) are not available.
     path = capacity_path(runtime_dir)
     path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps({"version": VERSION, "preempted": dict(sorted(marks.items()))}, indent=2) + "\n"
+    doc: dict = {"version": VERSION, "preempted": dict(sorted(marks.items()))}
+    old = _read_doc(runtime_dir)
+    for key in ("limits", "evicted"):
+        value = sections[key] if key in sections else old.get(key, {})
+        if value:
+            doc[key] = dict(sorted(value.items()))
+    text = json.dumps(doc, indent=2) + "\n"
     fd, tmp = tempfile.mkstemp(prefix=".capacity.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
@@ -75,6 +114,15 @@ def _write(runtime_dir: Path, marks: dict[str, float | None]) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+@contextlib.contextmanager
+def locked(runtime_dir: Path) -> Iterator[None]:
+    """The capacity file's lock (see `_updating`), for a read-check-act that must not interleave
+    with a change of capacity: the launcher holds it from checking a zone's room until the new
+    process's pid file is written, and `set_zone_capacity` from its change until its kills."""
+    with _updating(runtime_dir):
+        yield
 
 
 @contextlib.contextmanager
@@ -95,20 +143,47 @@ def _updating(runtime_dir: Path) -> Iterator[None]:
             fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
 
-def mark_preempted(runtime_dir: Path, zone: str, *, until: float | None = None) -> None:
-    """Mark `zone` out of spot capacity (until a Unix time, or until cleared)."""
-    with _updating(runtime_dir):
+def mark_preempted(runtime_dir: Path, zone: str, *, until: float | None = None, lock: bool = True) -> None:
+    """Mark `zone` out of spot capacity (until a Unix time, or until cleared). `lock=False`: the
+    caller holds `locked()` already."""
+    with _updating(runtime_dir) if lock else contextlib.nullcontext():
         marks = read_capacity(runtime_dir)
         marks[zone] = until
         _write(runtime_dir, marks)
 
 
-def clear(runtime_dir: Path, zone: str | None = None) -> None:
-    """Give `zone` (or every zone) its capacity back."""
-    with _updating(runtime_dir):
+def set_limit(runtime_dir: Path, zone: str, count: int | None, *, lock: bool = True) -> None:
+    """`zone` has room for `count` spot replicas (None: no limit)."""
+    with _updating(runtime_dir) if lock else contextlib.nullcontext():
+        limits = read_limits(runtime_dir)
+        if count is None:
+            limits.pop(zone, None)
+        else:
+            limits[zone] = int(count)
+        _write(runtime_dir, read_capacity(runtime_dir), limits=limits)
+
+
+def record_evicted(runtime_dir: Path, ids: list[str], now: float, *, lock: bool = True) -> None:
+    """Note replicas a shrinking pool is about to take (before they are killed)."""
+    with _updating(runtime_dir) if lock else contextlib.nullcontext():
+        evicted = {
+            str(k): float(v)
+            for k, v in _read_doc(runtime_dir).get("evicted", {}).items()
+            if isinstance(v, (int, float)) and 0 <= now - float(v) < EVICTED_KEEP_SECONDS
+        }
+        evicted.update({rid: now for rid in ids})
+        _write(runtime_dir, read_capacity(runtime_dir), evicted=evicted)
+
+
+def clear(runtime_dir: Path, zone: str | None = None, *, lock: bool = True) -> None:
+    """Give `zone` (or every zone) its capacity back: no mark, no limit."""
+    with _updating(runtime_dir) if lock else contextlib.nullcontext():
         marks = read_capacity(runtime_dir)
+        limits = read_limits(runtime_dir)
         if zone is None:
             marks.clear()
+            limits.clear()
         else:
             marks.pop(zone, None)
-        _write(runtime_dir, marks)
+            limits.pop(zone, None)
+        _write(runtime_dir, marks, limits=limits)

@@ -46,6 +46,8 @@ from skyhedge.state import ReplicaRecord
 log = logging.getLogger("skyhedge.clouds.local.events")
 
 WATCH_PERIOD = 0.2
+#: `set_zone_capacity` counts from this up mean "no limit" (a trace's unlimited, a replay's end).
+UNLIMITED_COUNT = 1_000_000
 
 __all__ = ["LocalEventSource", "kill_zone", "preempt_zone", "set_zone_capacity"]
 
@@ -86,6 +88,7 @@ class LocalEventSource(EventSource):
                     )
                 )
         self._known_marked = marked
+        evicted: set[str] | None = None
         for rec in live:
             if rec.cloud != "local" or rec.provisioned_at is None or rec.cloud_id is None:
                 # Not launched by our Terraform yet (or, in GitOps mode, never by us): Terraform is
@@ -94,7 +97,10 @@ class LocalEventSource(EventSource):
             proc = read_pidfile(self.runtime, rec.id)
             if proc is not None and is_running(proc):
                 continue
-            reason = "preempted" if rec.zone in marked and rec.market == "spot" else "failed"
+            if rec.market == "spot" and rec.zone not in marked and evicted is None:
+                evicted = _evicted(self.runtime)
+            taken = rec.zone in marked or rec.id in (evicted or ())  # a pool emptied or shrunk
+            reason = "preempted" if taken and rec.market == "spot" else "failed"
             why = "no pid file" if proc is None else f"process {proc.pid} exited"
             events.append(
                 PreemptionEvent(
@@ -179,6 +185,15 @@ class LocalEventSource(EventSource):
             self._thread = None
 
 
+def _evicted(runtime: Path) -> set[str]:
+    """Replicas a shrinking pool took (an unreadable file names none, logged)."""
+    try:
+        return capacity.read_evicted(runtime)
+    except capacity.CapacityFileError as exc:
+        log.warning("%s", exc)
+        return set()
+
+
 def _replica_of(pid: int) -> str | None:
     try:
         raw = Path(f"/proc/{pid}/environ").read_bytes()
@@ -194,11 +209,13 @@ def _replica_of(pid: int) -> str | None:
 
 
 def kill_zone(
-    state_dir: Path, zone: str, *, market: str | None = "spot", keep: int = 0
+    state_dir: Path, zone: str, *, market: str | None = "spot", keep: int = 0, evict: bool = False
 ) -> list[LocalProcess]:
     """SIGKILL the replica processes in `zone` (spot ones by default), all but the oldest `keep`.
 
     An abrupt kill, as a preemption is: no graceful shutdown, the router sees failed connections.
+    `evict`: record the victims as taken by their pool first (`capacity.record_evicted`; the
+    caller holds the capacity lock), so a zone that stays open still reports them preempted.
     """
     runtime = runtime_dir(state_dir)
     procs = [
@@ -208,6 +225,8 @@ def kill_zone(
     ]
     procs.sort(key=lambda p: p.started_at)
     victims = procs[keep:]
+    if evict and victims:
+        capacity.record_evicted(runtime, [p.id for p in victims], time.time(), lock=False)
     for p in victims:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(p.pgid, signal.SIGKILL)
@@ -230,13 +249,23 @@ def preempt_zone(
 
 
 def set_zone_capacity(state_dir: Path, zone: str, count: int) -> list[LocalProcess]:
-    """Drive a zone from a market trace: 0 -> preempted (its spot replicas killed); n > 0 -> open,
-    and spot replicas beyond n are killed (the trace says only n machines survive there)."""
+    """Drive a zone from a market trace: 0 -> preempted (its spot replicas killed); n > 0 -> open
+    with room for n spot replicas (spot launches beyond n are refused, as a full pool refuses
+    them), and spot replicas beyond n are killed (the trace says only n machines survive there).
+    `count` >= UNLIMITED_COUNT: open without a limit.
+
+    Under the capacity file's lock, which the launcher holds from checking a zone's room to
+    recording its new process: a launch cannot slip in between the change and the kills.
+    """
     runtime = runtime_dir(state_dir)
-    if count <= 0:
-        if zone not in _marked(runtime, time.time()):
-            capacity.mark_preempted(runtime, zone)
-        return kill_zone(state_dir, zone)
-    if zone in _marked(runtime, time.time()):
-        capacity.clear(runtime, zone)
-    return kill_zone(state_dir, zone, keep=count)
+    with capacity.locked(runtime):
+        if count <= 0:
+            if zone not in _marked(runtime, time.time()):
+                capacity.mark_preempted(runtime, zone, lock=False)
+            return kill_zone(state_dir, zone)
+        if zone in _marked(runtime, time.time()):
+            capacity.clear(runtime, zone, lock=False)
+        limit = None if count >= UNLIMITED_COUNT else count
+        if capacity.read_limits(runtime).get(zone) != limit:
+            capacity.set_limit(runtime, zone, limit, lock=False)
+        return kill_zone(state_dir, zone, keep=count, evict=True)

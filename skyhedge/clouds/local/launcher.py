@@ -34,6 +34,8 @@ from skyhedge.clouds.local.processes import (
     REPLICA_ENV,
     RUNTIME_ENV,
     LocalProcess,
+    is_running,
+    list_pidfiles,
     log_path,
     proc_starttime,
     replicas_dir,
@@ -106,25 +108,63 @@ def replica_env(cfg: dict[str, Any], runtime: Path) -> dict[str, str]:
 
 def start(cfg: dict[str, Any], *, now: float | None = None) -> LocalProcess:
     runtime = Path(cfg["runtime_dir"]).resolve()
-    rid, zone, market, port = cfg["id"], cfg["zone"], cfg["market"], int(cfg["port"])
+    rid, zone, market = cfg["id"], cfg["zone"], cfg["market"]
     now = time.time() if now is None else now
-    if market == "spot":
-        try:
-            refused, until = capacity.preempted(runtime, zone, now)
-        except capacity.CapacityFileError as exc:
-            raise LaunchError(str(exc)) from exc
-        if refused:
-            when = (
-                "until cleared"
-                if until is None
-                else f"until {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(until))}"
-            )
+    replicas_dir(runtime).mkdir(parents=True, exist_ok=True)
+    # A spot launch holds the capacity file's lock from checking its zone's room until its pid
+    # file is written: parallel launches into one finite pool (Terraform runs them side by side)
+    # and a market replay shrinking it cannot each see a free slot that only one of them has.
+    with capacity.locked(runtime) if market == "spot" else contextlib.nullcontext():
+        if market == "spot":
+            _check_room(runtime, rid, zone, now)
+        child, log = _spawn(runtime, cfg, now)
+        proc = _record(runtime, cfg, child, log, now)
+    try:
+        return _settle(runtime, cfg, child, log, proc)
+    except KeyboardInterrupt:
+        # the launch counts as failed: a process nobody records as created must not stay behind
+        stop_replica(runtime, rid, grace=0.0)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            child.wait(timeout=5)  # reaped: no zombie, no "still running" warning
+        raise
+
+
+def _check_room(runtime: Path, rid: str, zone: str, now: float) -> None:
+    """Refuse a spot launch the way a cloud's capacity error does: the zone is marked preempted,
+    or its pool (`limits`) already holds as many spot replicas as it has room for."""
+    try:
+        refused, until = capacity.preempted(runtime, zone, now)
+        limit = capacity.read_limits(runtime).get(zone)
+    except capacity.CapacityFileError as exc:
+        raise LaunchError(str(exc)) from exc
+    if refused:
+        when = (
+            "until cleared"
+            if until is None
+            else f"until {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(until))}"
+        )
+        raise LaunchError(
+            f"InsufficientCapacity: no spot capacity in local zone {zone} for {rid} "
+            f"(marked preempted {when} in {capacity.capacity_path(runtime)})",
+            EXIT_CAPACITY,
+        )
+    if limit is not None:
+        held = [
+            p.id
+            for p in list_pidfiles(runtime)
+            if p.zone == zone and p.market == "spot" and p.id != rid and is_running(p)
+        ]
+        if len(held) >= limit:
             raise LaunchError(
                 f"InsufficientCapacity: no spot capacity in local zone {zone} for {rid} "
-                f"(marked preempted {when} in {capacity.capacity_path(runtime)})",
+                f"(its pool of {limit} is held by {', '.join(sorted(held)) or 'none'}; "
+                f"{capacity.capacity_path(runtime)})",
                 EXIT_CAPACITY,
             )
-    replicas_dir(runtime).mkdir(parents=True, exist_ok=True)
+
+
+def _spawn(runtime: Path, cfg: dict[str, Any], now: float) -> tuple[subprocess.Popen[bytes], Path]:
+    rid, zone, market, port = cfg["id"], cfg["zone"], cfg["market"], int(cfg["port"])
     # Idempotent: a leftover process of the same ID (crash before Terraform recorded it) goes first.
     stop_replica(runtime, rid, grace=2.0)
     if port_in_use(port):
@@ -163,34 +203,34 @@ def start(cfg: dict[str, Any], *, now: float | None = None) -> LocalProcess:
             start_new_session=True,
             close_fds=True,
         )
-    try:
-        return _settle(runtime, cfg, child, log, now)
-    except KeyboardInterrupt:
-        # the launch counts as failed: a process nobody records as created must not stay behind
-        stop_replica(runtime, rid, grace=0.0)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            child.wait(timeout=5)  # reaped: no zombie, no "still running" warning
-        raise
+    return child, log
 
 
-def _settle(
+def _record(
     runtime: Path, cfg: dict[str, Any], child: subprocess.Popen[bytes], log: Path, now: float
 ) -> LocalProcess:
-    """Record the started process and check it survives its first moments."""
-    rid, zone, market, port = cfg["id"], cfg["zone"], cfg["market"], int(cfg["port"])
+    """Write the started process's pid file."""
     starttime = proc_starttime(child.pid)
     proc = LocalProcess(
-        id=rid,
+        id=cfg["id"],
         pid=child.pid,
         pgid=child.pid,
-        port=port,
-        zone=zone,
-        market=market,
+        port=int(cfg["port"]),
+        zone=cfg["zone"],
+        market=cfg["market"],
         started_at=now,
         starttime=starttime if starttime is not None else -1,
         log=str(log),
     )
     write_pidfile(runtime, proc)
+    return proc
+
+
+def _settle(
+    runtime: Path, cfg: dict[str, Any], child: subprocess.Popen[bytes], log: Path, proc: LocalProcess
+) -> LocalProcess:
+    """Check the recorded process survives its first moments."""
+    rid = cfg["id"]
     deadline = time.monotonic() + STARTUP_CHECK_SECONDS
     code = child.poll()
     while code is None and time.monotonic() < deadline:  # a failure is reported as soon as seen
