@@ -1060,16 +1060,15 @@ class _YamlFloat(float):
     yaml_text: str
 
 
-def _int_as_written(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> int:
-    value = _YamlInt(loader.construct_yaml_int(node))
-    value.yaml_text = node.value
-    return value
+def _as_written(kind: type, construct: Callable[[yaml.SafeLoader, yaml.ScalarNode], Any]) -> Callable:
+    """A YAML constructor giving `kind` (`_YamlInt`, `_YamlFloat`) with the scalar's own text."""
 
+    def build(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> Any:
+        value = kind(construct(loader, node))
+        value.yaml_text = node.value
+        return value
 
-def _float_as_written(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> float:
-    value = _YamlFloat(loader.construct_yaml_float(node))
-    value.yaml_text = node.value
-    return value
+    return build
 
 
 class _SpecLoader(yaml.SafeLoader):
@@ -1101,8 +1100,9 @@ class _SpecLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-_SpecLoader.add_constructor("tag:yaml.org,2002:int", _int_as_written)
-_SpecLoader.add_constructor("tag:yaml.org,2002:float", _float_as_written)
+_INT_TAG, _FLOAT_TAG = "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"
+_SpecLoader.add_constructor(_INT_TAG, _as_written(_YamlInt, yaml.SafeLoader.construct_yaml_int))
+_SpecLoader.add_constructor(_FLOAT_TAG, _as_written(_YamlFloat, yaml.SafeLoader.construct_yaml_float))
 
 
 def service_name_in(path: str | Path) -> str | None:

@@ -118,19 +118,12 @@ def _write(runtime_dir: Path, marks: dict[str, float | None], **sections: dict) 
 
 @contextlib.contextmanager
 def locked(runtime_dir: Path) -> Iterator[None]:
-    """The capacity file's lock (see `_updating`), for a read-check-act that must not interleave
-    with a change of capacity: the launcher holds it from checking a zone's room until the new
-    process's pid file is written, and `set_zone_capacity` from its change until its kills."""
-    with _updating(runtime_dir):
-        yield
-
-
-@contextlib.contextmanager
-def _updating(runtime_dir: Path) -> Iterator[None]:
     """Hold the capacity file's lock around a read-modify-write: two `skyhedge preempt` (or one
-    and a market-trace replay) changing it at once must not lose each other's marks. An advisory
-    `flock` (stdlib: the launcher's `python -S` has no filelock); readers need none, writes are
-    atomic renames."""
+    and a market-trace replay) changing it at once must not lose each other's marks; and around
+    a read-check-act that must not interleave with a change of capacity: the launcher holds it
+    from checking a zone's room until the new process's pid file is written, `set_zone_capacity`
+    from its change until its kills. An advisory `flock` (stdlib: the launcher's `python -S` has
+    no filelock); readers need none, writes are atomic renames."""
     import fcntl
 
     path = Path(runtime_dir) / (CAPACITY_FILE + ".lock")
@@ -143,10 +136,15 @@ def _updating(runtime_dir: Path) -> Iterator[None]:
             fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
 
+def _held(runtime_dir: Path, lock: bool) -> contextlib.AbstractContextManager[None]:
+    """`locked(runtime_dir)`, or nothing where the caller holds it already (`lock=False`)."""
+    return locked(runtime_dir) if lock else contextlib.nullcontext()
+
+
 def mark_preempted(runtime_dir: Path, zone: str, *, until: float | None = None, lock: bool = True) -> None:
     """Mark `zone` out of spot capacity (until a Unix time, or until cleared). `lock=False`: the
     caller holds `locked()` already."""
-    with _updating(runtime_dir) if lock else contextlib.nullcontext():
+    with _held(runtime_dir, lock):
         marks = read_capacity(runtime_dir)
         marks[zone] = until
         _write(runtime_dir, marks)
@@ -154,7 +152,7 @@ def mark_preempted(runtime_dir: Path, zone: str, *, until: float | None = None, 
 
 def set_limit(runtime_dir: Path, zone: str, count: int | None, *, lock: bool = True) -> None:
     """`zone` has room for `count` spot replicas (None: no limit)."""
-    with _updating(runtime_dir) if lock else contextlib.nullcontext():
+    with _held(runtime_dir, lock):
         limits = read_limits(runtime_dir)
         if count is None:
             limits.pop(zone, None)
@@ -165,7 +163,7 @@ def set_limit(runtime_dir: Path, zone: str, count: int | None, *, lock: bool = T
 
 def record_evicted(runtime_dir: Path, ids: list[str], now: float, *, lock: bool = True) -> None:
     """Note replicas a shrinking pool is about to take (before they are killed)."""
-    with _updating(runtime_dir) if lock else contextlib.nullcontext():
+    with _held(runtime_dir, lock):
         evicted = {
             str(k): float(v)
             for k, v in _read_doc(runtime_dir).get("evicted", {}).items()
@@ -177,7 +175,7 @@ def record_evicted(runtime_dir: Path, ids: list[str], now: float, *, lock: bool 
 
 def clear(runtime_dir: Path, zone: str | None = None, *, lock: bool = True) -> None:
     """Give `zone` (or every zone) its capacity back: no mark, no limit."""
-    with _updating(runtime_dir) if lock else contextlib.nullcontext():
+    with _held(runtime_dir, lock):
         marks = read_capacity(runtime_dir)
         limits = read_limits(runtime_dir)
         if zone is None:
