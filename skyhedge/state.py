@@ -241,13 +241,20 @@ def _check_event(index: int, data: Any) -> dict[str, Any]:
 
 
 def _check_policy_memory(data: dict[str, Any]) -> dict[str, Any]:
-    """`{"policy": name, "memory": {...}}`: the shape only; the policy's `restore()` reads the
-    memory itself (and `compute_plan` names this file if it refuses it)."""
+    """`{"policy": name, "memory": {...}, "clock"?: [origin, rate]}`: the shape only; the
+    policy's `restore()` reads the memory itself (and `compute_plan` names this file if it
+    refuses it)."""
     if "policy" in data:
         _check(data["policy"], _STRING, "policy_memory.policy")
     if "memory" in data:
         _check(data["memory"], _OBJECT, "policy_memory.memory")
+    if "clock" in data:  # [origin, rate] of a market replay's policy clock (service.PolicyClock)
+        _check(data["clock"], ("a list [origin, rate] of numbers", _is_clock), "policy_memory.clock")
     return dict(data)
+
+
+def _is_clock(value: Any) -> bool:
+    return isinstance(value, list) and len(value) == 2 and all(_is_number(v) for v in value)
 
 
 def _check_extra(data: dict[str, Any]) -> dict[str, Any]:

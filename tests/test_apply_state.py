@@ -391,6 +391,11 @@ CORRUPT_STATES = [
     (("policy_memory",), [], "policy_memory: expected an object, got []"),
     (("policy_memory",), {"policy": 3}, "policy_memory.policy: expected a string, got 3"),
     (("policy_memory",), {"memory": None}, "policy_memory.memory: expected an object, got null"),
+    (
+        ("policy_memory",),
+        {"clock": [1.0, "36"]},
+        "policy_memory.clock: expected a list [origin, rate] of numbers, got [1.0, '36']",
+    ),
     (("history",), "log", "history: expected a list, got 'log'"),
     (("router",), "up", "router: expected an object or null, got 'up'"),
     (("target",), 2.5, "target: expected an integer or null, got 2.5"),

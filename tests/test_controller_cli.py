@@ -13,7 +13,7 @@ import boto3
 import pytest
 from click.testing import CliRunner
 from controller_fakes import LOCAL_SPEC as LOCAL
-from controller_fakes import Clock, FakeExecutor, FakeProber, FakeRouter, FakeSource
+from controller_fakes import Clock, FakeExecutor, FakeProber, FakeRouter, FakeSource, fake_controller
 from moto import mock_aws
 from rich.console import Console
 
@@ -25,6 +25,7 @@ from skyhedge.controller.market import MarketReplay
 from skyhedge.controller.runner import Watcher
 from skyhedge.controller.supervisor import Supervisor
 from skyhedge.errors import CloudError, StateError
+from skyhedge.service import PolicyClock
 from skyhedge.spec import load_spec
 from skyhedge.state import writer_lock
 
@@ -196,6 +197,25 @@ def test_market_replay_drives_capacity(tmp_path: Path):
     replay.step()
     assert capacity.read_capacity(runtime_dir(tmp_path / "state")) == {}
     assert seen[-1] == "market tick 2: local-a capacity 1"
+
+
+def test_a_controller_attached_to_a_replay_decides_on_trace_time(tmp_path: Path, write_spec):
+    """`up --market-trace` attaches the replay: the policy's clock runs at the market's pace from
+    that instant, and survival is reported once a minute of trace time."""
+    trace = tmp_path / "trace"
+    trace.mkdir()
+    (trace / "us-east-1a_v100_1.json").write_text(json.dumps({"metadata": {"gap_seconds": 30}, "data": [1]}))
+    ctl = fake_controller(load_spec(write_spec(LOCAL.replace("spothedge", "skyhedge"))), tmp_path / "state")
+    ctl.clock.advance(5)
+    replay = MarketReplay(trace, ["local-a", "local-b"], tmp_path / "state", speedup=30)
+    replay.attach(ctl)
+    assert ctl.policy_clock == PolicyClock(origin=1005.0, rate=30.0)
+    assert ctl.options.survival_period == 2.0
+    ctl.tick()
+    ctl.clock.advance(1)
+    ctl.tick()
+    memory = ctl.state.policy_memory
+    assert memory["clock"] == [1005.0, 30.0] and memory["memory"]["last_now"] == 1005.0 + 30
 
 
 def test_market_replay_follows_the_local_zones_of_a_reloaded_spec(tmp_path: Path):

@@ -29,6 +29,7 @@ from skyhedge.controller.runner import Watcher
 from skyhedge.errors import RoutingError
 from skyhedge.routing import Router
 from skyhedge.spec import load_spec, spec_changes
+from skyhedge.state import ReplicaRecord
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -196,12 +197,18 @@ def test_a_rejected_header_value_is_not_echoed_into_the_log(spec_file, tmp_path)
 
 
 def test_what_a_replaced_event_source_caught_between_passes_still_reaches_the_state(spec_file, tmp_path):
-    # a zone runs out of capacity, and before the next pass a zone is added to the placement: the
-    # local source is rebuilt, and the old one, polled once more, still reports the lost zone
+    # a zone holding a spot replica of ours runs out of capacity, and before the next pass a zone
+    # is added to the placement: the local source is rebuilt, and the old one, polled once more,
+    # still reports the lost zone
     with watcher_for(spec_file, tmp_path) as w:
         assert w.controller is not None
         rewrite(spec_file, "min_replicas: 1", "min_replicas: 0")
         w._tick()  # (no replica: nothing to launch)
+        # a launch Terraform has not confirmed yet (no process to judge): the zone is held
+        state = w.controller.state
+        state.replicas["r-0001"] = ReplicaRecord(
+            id="r-0001", cloud="local", region="local", zone="local-a", market="spot", launched_at=time.time()
+        )
         capacity.mark_preempted(runtime_dir(tmp_path / "state"), "local-a")
         rewrite(spec_file, "zones: [local-a, local-b]", "zones: [local-a, local-b, local-c]")
         (old,) = w.controller.sources

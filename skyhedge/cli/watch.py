@@ -354,6 +354,7 @@ def up(
                 on_change=lambda t: ctl.note(t),
             )
             ctl.note(replay.describe())
+            replay.attach(ctl)  # the policy decides on trace time
             watcher.on_reload(lambda _spec, placement: replay.remap(placement.zones("local", spot=True)))
             replay.start()
         try:

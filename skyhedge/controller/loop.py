@@ -48,7 +48,14 @@ from skyhedge.errors import RoutingError, SkyhedgeError
 from skyhedge.events import EventSource, PreemptionEvent
 from skyhedge.planner import CREATE, DELETE, KEEP, Plan, PlannedReplica
 from skyhedge.policy.types import EventKind, Market, ReplicaStatus, ZoneEvent
-from skyhedge.service import Placement, compute_plan, remember_decision, resolve_placement, set_gitops
+from skyhedge.service import (
+    Placement,
+    PolicyClock,
+    compute_plan,
+    remember_decision,
+    resolve_placement,
+    set_gitops,
+)
 from skyhedge.spec import ServiceSpec, replica_revision
 from skyhedge.state import ReplicaRecord, ServiceState, load_state, save_state
 
@@ -188,6 +195,8 @@ class Controller:
         self.prober = prober
         self.sources = list(sources)
         self.clock = clock
+        # the policy's time when it runs faster than `clock`: a market replay's (`up --market-trace`)
+        self.policy_clock: PolicyClock | None = None
         self.options = options or ControllerOptions()
         self.placement = placement or resolve_placement(spec)
         self.state: ServiceState = load_state(state_dir, spec.name)
@@ -303,7 +312,12 @@ class Controller:
         refresh = not self._started or self._refresh
         self._route(force=refresh)  # gone or newly READY replicas: route before applying
         plan, memory = compute_plan(
-            self.spec, self.state, now=now, policy_name=self.options.policy, placement=self.placement
+            self.spec,
+            self.state,
+            now=now,
+            policy_name=self.options.policy,
+            placement=self.placement,
+            clock=self.policy_clock,
         )
         plan = self._finalise(plan)
         if plan.has_changes and self.options.assume_ready:
@@ -521,7 +535,12 @@ class Controller:
                 elif r.action == DELETE and rec.gone_at is None:
                     rec.gone_at, rec.reason, rec.draining = now, "terminated", False
             plan, memory = compute_plan(
-                self.spec, st, now=now, policy_name=self.options.policy, placement=self.placement
+                self.spec,
+                st,
+                now=now,
+                policy_name=self.options.policy,
+                placement=self.placement,
+                clock=self.policy_clock,
             )
             plan = self._finalise(plan)
         net = [replace(r, action=KEEP if r.id in before else CREATE) for r in plan.desired]

@@ -7,7 +7,7 @@ The local cloud's "machines" are processes started by the launcher (pid files un
 - GONE for a live replica whose process no longer runs: `preempted` when its zone is marked
   preempted in the capacity file (that is how `skyhedge preempt` and market traces take
   capacity away), else `failed` (the process crashed);
-- ZONE_LOST when a zone becomes marked preempted.
+- ZONE_LOST when a zone holding spot replicas of the service becomes marked preempted.
 
 Waking: a background thread holds a pidfd (Linux >= 5.3) per replica process and `select`s on
 them, so a process exit wakes the controller within milliseconds; the capacity file's mtime is
@@ -76,7 +76,12 @@ class LocalEventSource(EventSource):
         events: list[PreemptionEvent] = []
         marked = _marked(self.runtime, now)
         if self._known_marked is not None:
-            for zone in sorted(marked - self._known_marked):
+            # only where the service holds spot replicas, as a cloud tells of its own machines
+            # only: a zone emptied around none of ours is learned, as in the simulator and on
+            # AWS or GCP, from a refused launch (before, a market replay's zones emptying 25 s
+            # apart around no replica of ours read as a preemption wave to the skyhedge policy)
+            held = {r.zone for r in live if r.cloud == "local" and r.market == "spot"}
+            for zone in sorted((marked - self._known_marked) & held):
                 region = self.region_of.get(zone, "local")
                 events.append(
                     PreemptionEvent(
