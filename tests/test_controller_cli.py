@@ -218,6 +218,25 @@ def test_a_controller_attached_to_a_replay_decides_on_trace_time(tmp_path: Path,
     assert memory["clock"] == [1005.0, 30.0] and memory["memory"]["last_now"] == 1005.0 + 30
 
 
+def test_an_idle_controller_attached_to_a_replay_decides_once_a_trace_tick(tmp_path: Path, write_spec):
+    """`simulate` decides every 30 s tick; a replay at speedup K must too, or, at the idle pace of
+    10 s real (5 min of trace at K=30), timers expire minutes of trace late and the skyhedge
+    policy learns a 300 s decision period where `simulate` teaches it 30 s (its outage estimate,
+    cold start + one period, and so the time its extra replica is held, grow with it)."""
+    trace = tmp_path / "trace"
+    trace.mkdir()
+    (trace / "us-east-1a_v100_1.json").write_text(json.dumps({"metadata": {"gap_seconds": 30}, "data": [1]}))
+    ctl = fake_controller(load_spec(write_spec(LOCAL.replace("spothedge", "skyhedge"))), tmp_path / "state")
+    replay = MarketReplay(trace, ["local-a", "local-b"], tmp_path / "state", speedup=30)
+    replay.attach(ctl)
+    assert ctl.options.interval <= replay.period == 1.0
+    for _ in range(40):  # replicas launched, READY, then idle passes at the controller's own pace
+        ctl.tick()
+        ctl.clock.advance(ctl._next_delay())
+    assert not any(r.fact().status.value in ("starting", "not_ready") for r in ctl.state.live())
+    assert ctl.state.policy_memory["memory"]["interval"] <= 2 * 30.0  # about one tick of trace
+
+
 def test_market_replay_follows_the_local_zones_of_a_reloaded_spec(tmp_path: Path):
     trace = tmp_path / "trace"
     trace.mkdir()

@@ -71,10 +71,18 @@ class MarketReplay:
         market `speedup` times calmer than the trace (measured on 12 h of AWS2 at speedup 36:
         relative cost 0.94 where `simulate` predicts 0.35). Spot replicas that stayed READY report
         their zone SURVIVED once a minute of trace time (SpotHedge's "survived a tick"). The
-        controller's own times (cold starts, probes, backoffs) stay real."""
+        controller's own times (cold starts, probes, backoffs) stay real. An idle controller
+        decides at least once a tick, as `simulate` does: at the idle pace of 10 s real (6 min of
+        trace at speedup 36) timers (settling, the extra's release, a wave's hold) would act up to
+        12 ticks late, and `skyhedge` would learn a 300 s decision period where `simulate` teaches
+        it 30 s, overestimating the outage an unhedged loss costs (cold start + one period)."""
         rate = TICK_SECONDS / self.period
         ctl.policy_clock = PolicyClock(origin=ctl.clock(), rate=rate)
-        ctl.options = replace(ctl.options, survival_period=ctl.options.survival_period / rate)
+        ctl.options = replace(
+            ctl.options,
+            survival_period=ctl.options.survival_period / rate,
+            interval=min(ctl.options.interval, self.period),
+        )
 
     def describe(self) -> str:
         pairs = ", ".join(f"{z}<-{self.trace.zones[i].zone}" for z, i in self.mapping.items())
