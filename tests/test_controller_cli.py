@@ -235,6 +235,10 @@ def test_an_idle_controller_attached_to_a_replay_decides_once_a_trace_tick(tmp_p
         ctl.clock.advance(ctl._next_delay())
     assert not any(r.fact().status.value in ("starting", "not_ready") for r in ctl.state.live())
     assert ctl.state.policy_memory["memory"]["interval"] <= 2 * 30.0  # about one tick of trace
+    # not faster than the busy pace, whatever the speedup: a pass every 50 ms would decide nothing new
+    fast = MarketReplay(trace, ["local-a", "local-b"], tmp_path / "state", speedup=600)
+    fast.attach(ctl)
+    assert ctl.options.interval == ctl.options.busy_interval == 1.0
 
 
 def test_market_replay_follows_the_local_zones_of_a_reloaded_spec(tmp_path: Path):

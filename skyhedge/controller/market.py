@@ -75,13 +75,15 @@ class MarketReplay:
         decides at least once a tick, as `simulate` does: at the idle pace of 10 s real (6 min of
         trace at speedup 36) timers (settling, the extra's release, a wave's hold) would act up to
         12 ticks late, and `skyhedge` would learn a 300 s decision period where `simulate` teaches
-        it 30 s, overestimating the outage an unhedged loss costs (cold start + one period)."""
+        it 30 s, overestimating the outage an unhedged loss costs (cold start + one period). Not
+        faster than the busy pace, though: at a speedup of 600 a pass every 50 ms would spend a
+        core on deciding nothing new."""
         rate = TICK_SECONDS / self.period
         ctl.policy_clock = PolicyClock(origin=ctl.clock(), rate=rate)
         ctl.options = replace(
             ctl.options,
             survival_period=ctl.options.survival_period / rate,
-            interval=min(ctl.options.interval, self.period),
+            interval=min(ctl.options.interval, max(self.period, ctl.options.busy_interval)),
         )
 
     def describe(self) -> str:
