@@ -57,6 +57,13 @@ def one_error_line(result, *needles: str) -> str:
         (["simulate", "--trace", "x", "--repeats", "0"], ["'--repeats'", "'skyhedge simulate --help'"]),
         (["render", str(MULTICLOUD), "--out"], ["'--out' requires an argument"]),
         (["up", str(MULTICLOUD), "--speedup", "5"], ["--speedup paces a --market-trace replay"]),
+        (["up", str(MULTICLOUD), "--market-start", "12h"], ["--market-start places a --market-trace replay"]),
+        (
+            ["up", str(MULTICLOUD), "--market-start", "12x"],
+            ["'--market-start'", "with s, m, h or d", "'12x'"],
+        ),
+        (["up", str(MULTICLOUD), "--market-start", "-1h"], ["'--market-start'", "a time of 0 or more"]),
+        (["up", str(MULTICLOUD), "--market-start", "nan"], ["'--market-start'", "a time of 0 or more"]),
         (["preempt", str(MULTICLOUD), "--zone", "local-a", "--for", "1e12"], ["'--for'", "0<x<=31622400"]),
         (
             ["preempt", str(MULTICLOUD), "--zone", "local-a", "--clear", "--for", "5"],

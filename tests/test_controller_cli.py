@@ -24,7 +24,7 @@ from skyhedge.controller.loop import Controller, ControllerOptions
 from skyhedge.controller.market import MarketReplay
 from skyhedge.controller.runner import Watcher
 from skyhedge.controller.supervisor import Supervisor
-from skyhedge.errors import CloudError, StateError
+from skyhedge.errors import CloudError, StateError, TraceError
 from skyhedge.service import PolicyClock
 from skyhedge.spec import load_spec
 from skyhedge.state import writer_lock
@@ -239,6 +239,29 @@ def test_an_idle_controller_attached_to_a_replay_decides_once_a_trace_tick(tmp_p
     fast = MarketReplay(trace, ["local-a", "local-b"], tmp_path / "state", speedup=600)
     fast.attach(ctl)
     assert ctl.options.interval == ctl.options.busy_interval == 1.0
+
+
+def test_market_replay_starts_where_asked_and_refuses_a_start_past_the_trace(tmp_path: Path):
+    """`up --market-start 1m` replays from the trace's third tick (30 s ticks): the window a user
+    compares with `simulate`; a start past the end is one error naming the flag."""
+    trace = tmp_path / "trace"
+    trace.mkdir()
+    (trace / "us-east-1a_v100_1.json").write_text(
+        json.dumps({"metadata": {"gap_seconds": 30}, "data": [1, 1, 0, 1]})
+    )
+    seen: list[str] = []
+    replay = MarketReplay(
+        trace, ["local-a"], tmp_path / "state", speedup=30, start_tick=2, on_change=seen.append
+    )
+    assert "from tick 2" in replay.describe()
+    replay.step()
+    assert seen == ["market tick 2: local-a capacity 0"]
+    assert list(capacity.read_capacity(runtime_dir(tmp_path / "state"))) == ["local-a"]
+    replay.stop()
+    with pytest.raises(
+        TraceError, match=r"^--market-start: tick 4 is not within the trace \(4 ticks of 30s, 2.0 min\)$"
+    ):
+        MarketReplay(trace, ["local-a"], tmp_path / "state", start_tick=4)
 
 
 def test_market_replay_follows_the_local_zones_of_a_reloaded_spec(tmp_path: Path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import signal
 import sys
@@ -66,6 +67,25 @@ _metrics_host = click.option(
     show_default=True,
     help="Address the metrics endpoint listens on (0.0.0.0 for a scraper on another host).",
 )
+
+
+class TraceTime(click.ParamType):
+    """A time into a trace: seconds, or a number with a unit (`90s`, `15m`, `12h`, `2d`)."""
+
+    name = "time"
+    UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float:
+        text = str(value).strip().lower()
+        scale = self.UNITS.get(text[-1:], 1) if text else 1
+        number = text[:-1] if text[-1:] in self.UNITS else text
+        try:
+            seconds = float(number) * scale
+        except ValueError:
+            self.fail(f"expected seconds or a number with s, m, h or d (e.g. 12h), got {value!r}", param, ctx)
+        if not math.isfinite(seconds) or seconds < 0:
+            self.fail(f"expected a time of 0 or more, got {value!r}", param, ctx)
+        return seconds
 
 
 def _given(param: str) -> bool:
@@ -284,6 +304,13 @@ def watch(
     show_default=True,
     help="Trace seconds per real second.",
 )
+@click.option(
+    "--market-start",
+    type=TraceTime(),
+    default=None,
+    metavar="TIME",
+    help="Start the replay this far into the trace: seconds, or 90m, 12h, 2d (default: its start).",
+)
 @click.option("--no-dashboard", is_flag=True, help="Log lines instead of the live dashboard.")
 @click.option("--down-on-exit", is_flag=True, help="Destroy the replicas and the router when stopped.")
 @_interval
@@ -298,6 +325,7 @@ def up(
     state_dir: Path | None,
     market_trace: Path | None,
     speedup: float,
+    market_start: float | None,
     no_dashboard: bool,
     down_on_exit: bool,
     interval: float,
@@ -313,6 +341,10 @@ def up(
 
     if market_trace is None and _given("speedup"):
         raise click.UsageError("--speedup paces a --market-trace replay; give one, or drop --speedup")
+    if market_trace is None and market_start is not None:
+        raise click.UsageError(
+            "--market-start places a --market-trace replay; give one, or drop --market-start"
+        )
     _check_metrics_flags(metrics_port)
     service, sdir = _load(spec, state_dir)
     _check_policy(service, policy)
@@ -345,12 +377,14 @@ def up(
         assert ctl is not None
         if market_trace is not None:
             from skyhedge.controller.market import MarketReplay
+            from skyhedge.simulator.traces import TICK_SECONDS
 
             replay = MarketReplay(
                 market_trace,
                 ctl.placement.zones("local", spot=True),
                 sdir,
                 speedup=speedup,
+                start_tick=int((market_start or 0.0) // TICK_SECONDS),
                 on_change=lambda t: ctl.note(t),
             )
             ctl.note(replay.describe())

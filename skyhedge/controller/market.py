@@ -57,9 +57,17 @@ class MarketReplay:
             )
         self.mapping = {zones[i]: i for i in range(n)}
         self._lock = threading.Lock()  # remap (the watcher's thread) against step (the replay's)
+        if not 0 <= start_tick < self.trace.ticks:
+            span = self.trace.ticks * TICK_SECONDS
+            length = f"{span / 3600:.1f} h" if span >= 3600 else f"{span / 60:.1f} min"
+            raise TraceError(
+                f"--market-start: tick {start_tick} is not within the trace ({self.trace.ticks} ticks "
+                f"of {TICK_SECONDS}s, {length})"
+            )
         self.state_dir = state_dir
         self.period = TICK_SECONDS / speedup
         self.tick = start_tick
+        self.start_tick = start_tick
         self.on_change = on_change
         self._last: dict[str, int] = {}
         self._stop = threading.Event()
@@ -88,8 +96,9 @@ class MarketReplay:
 
     def describe(self) -> str:
         pairs = ", ".join(f"{z}<-{self.trace.zones[i].zone}" for z, i in self.mapping.items())
+        start = f" from tick {self.start_tick}" if self.start_tick else ""
         return (
-            f"market trace {self.trace.name}: {self.trace.ticks} ticks of {TICK_SECONDS}s, one every "
+            f"market trace {self.trace.name}: {self.trace.ticks} ticks of {TICK_SECONDS}s{start}, one every "
             f"{self.period:.2f}s ({pairs})"
         )
 
