@@ -442,3 +442,33 @@ def test_replicas_without_public_addresses_render_for_private_routing(tmp_path):
     [access] = dynamic(inst["network_interface"][0], "access_config")
     assert access["for_each"] == "${var.external_ip ? [1] : []}"
     assert "network_interface[0].access_config" in str(inst["lifecycle"][0]["ignore_changes"])
+
+
+@pytest.mark.parametrize(
+    ("machine_type", "nic_type", "disk_type"),
+    [
+        ("n1-standard-4", None, "pd-balanced"),
+        ("g2-standard-4", None, "pd-balanced"),
+        ("a2-highgpu-1g", None, "pd-balanced"),
+        ("a3-highgpu-8g", "GVNIC", "pd-balanced"),  # H100: gVNIC required, Persistent Disk boots
+        ("a3-ultragpu-8g", "GVNIC", "hyperdisk-balanced"),  # H200: Hyperdisk only
+        ("a4-highgpu-8g", "GVNIC", "hyperdisk-balanced"),  # B200
+        ("g4-standard-48", "GVNIC", "hyperdisk-balanced"),  # RTX PRO 6000
+    ],
+)
+def test_gcp_machine_series_get_the_network_interface_and_boot_disk_they_require(
+    tmp_path, machine_type, nic_type, disk_type
+):
+    """A3/A4/G4 refuse a VirtIO interface, and A3 Ultra/A4/G4 a pd-balanced boot disk: launched
+    as other series are, every replica of theirs would fail at creation."""
+    out = rendered(tmp_path, "gcp", machine_type, plan("gcp", "us-central1", ["us-central1-a"]))
+    inputs = root_vars(out, "gcp", "us-central1")
+    assert (inputs["nic_type"], inputs["boot_disk_type"]) == (nic_type, disk_type)
+    inst = block(
+        load(out / "modules" / "gcp-replicas" / "main.tf"), "resource", "google_compute_instance", "replica"
+    )
+    assert inst["network_interface"][0]["nic_type"] == "${var.nic_type}"
+    assert inst["boot_disk"][0]["initialize_params"][0]["type"] == "${var.boot_disk_type}"
+    # a series change rolls the replicas over (revision) rather than replacing them all at once
+    kept = str(inst["lifecycle"][0]["ignore_changes"])
+    assert "network_interface[0].nic_type" in kept and "boot_disk[0].initialize_params[0].type" in kept

@@ -52,11 +52,12 @@ resource "google_compute_instance" "replica" {
     initialize_params {
       image = local.image
       size  = var.disk_size
-      type  = "pd-balanced"
+      type  = var.boot_disk_type
     }
   }
 
   network_interface {
+    nic_type           = var.nic_type
     network            = var.network
     subnetwork         = var.subnetwork
     subnetwork_project = var.subnetwork != null && !can(regex("^projects/", coalesce(var.subnetwork, "-"))) ? local.network_project : null
@@ -128,6 +129,7 @@ resource "google_compute_instance" "replica" {
     ignore_changes = [
       boot_disk[0].initialize_params[0].image,
       boot_disk[0].initialize_params[0].size,
+      boot_disk[0].initialize_params[0].type,
       metadata,
       machine_type,
       guest_accelerator,
@@ -137,6 +139,8 @@ resource "google_compute_instance" "replica" {
       network_interface[0].subnetwork_project,
       # a changed gcp.external_ip rolls replicas over (revision) rather than editing them all
       network_interface[0].access_config,
+      # set by the machine series (render.py): a new series rolls the replicas over (revision)
+      network_interface[0].nic_type,
     ]
   }
 }

@@ -150,3 +150,20 @@ variable "external_ip" {
   type        = bool
   default     = true
 }
+
+variable "nic_type" {
+  description = "The network interface type: GVNIC for the machine series that require it (A3, A4, G4); null for the default (VirtIO)."
+  type        = string
+  default     = null
+
+  validation {
+    condition     = var.nic_type == null ? true : contains(["GVNIC", "VIRTIO_NET"], var.nic_type)
+    error_message = "nic_type must be GVNIC, VIRTIO_NET or null."
+  }
+}
+
+variable "boot_disk_type" {
+  description = "The boot disk type: hyperdisk-balanced for the machine series that take Hyperdisk only (A3 Ultra, A4, G4), else pd-balanced."
+  type        = string
+  default     = "pd-balanced"
+}

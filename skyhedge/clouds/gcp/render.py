@@ -35,6 +35,23 @@ BUILT_IN_FAMILIES = {
 BUILT_IN_PREFIXES = ("a2-", "a3-", "a4-", "g2-", "g4-")
 
 
+# Machine series that need a gVNIC network interface (third-generation and later GPU series; a
+# VirtIO interface is refused at launch) and those that boot from Hyperdisk only (no pd-balanced).
+# From Compute Engine's machine series documentation; the module is not run against the provider
+# in CI (docs/terraform.md).
+GVNIC_PREFIXES = ("a3-", "a4-", "g4-")
+HYPERDISK_ONLY_PREFIXES = ("a3-ultragpu-", "a4-", "g4-")
+
+
+def nic_type_for(machine_type: str) -> str | None:
+    """GVNIC where the series requires it; None keeps Compute Engine's default (VirtIO)."""
+    return "GVNIC" if machine_type.startswith(GVNIC_PREFIXES) else None
+
+
+def boot_disk_type_for(machine_type: str) -> str:
+    return "hyperdisk-balanced" if machine_type.startswith(HYPERDISK_ONLY_PREFIXES) else "pd-balanced"
+
+
 def accelerator_for(spec: ServiceSpec, machine_type: str) -> tuple[dict[str, Any] | None, bool]:
     """(guest_accelerator to attach or None, whether the replica has GPUs at all).
 
@@ -94,8 +111,10 @@ class GcpCloud:
         ("ingress_cidrs", "CIDR blocks that may reach the model server port."),
         ("private_endpoint", "Whether the router reaches replicas at their private IP."),
         ("external_ip", "Whether replicas get an ephemeral external IP (false: internal only)."),
+        ("nic_type", "GVNIC for the machine series that require it (null: the default)."),
+        ("boot_disk_type", "The boot disk type the machine series takes."),
     )
-    nullable = frozenset({"project", "accelerator", "image", "subnetwork"})
+    nullable = frozenset({"project", "accelerator", "image", "subnetwork", "nic_type"})
 
     def root_inputs(
         self,
@@ -125,6 +144,8 @@ class GcpCloud:
             "ingress_cidrs": list(spec.gcp.ingress_cidrs),
             "private_endpoint": spec.gcp.private_endpoint,
             "external_ip": spec.gcp.external_ip,
+            "nic_type": nic_type_for(machine_type),
+            "boot_disk_type": boot_disk_type_for(machine_type),
         }
 
 
