@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 import time
 from pathlib import Path
@@ -282,6 +283,36 @@ def test_market_replay_follows_the_local_zones_of_a_reloaded_spec(tmp_path: Path
     assert list(capacity.read_capacity(runtime)) == ["local-c"]  # driven by the trace's first zone
     replay.stop()  # `up` ends: the trace's marks end with it, or a plain `up` later finds them
     assert capacity.read_capacity(runtime) == {}
+
+
+def test_a_running_replay_is_recorded_with_its_zones_until_it_stops(tmp_path: Path):
+    """So that a replay killed before `stop` can be found, and its zones opened, by the next launch
+    or watcher (capacity.recover_abandoned)."""
+    trace = tmp_path / "trace"
+    trace.mkdir()
+    (trace / "us-east-1a_v100_1.json").write_text(json.dumps({"metadata": {"gap_seconds": 30}, "data": [0]}))
+    (trace / "us-east-1b_v100_1.json").write_text(json.dumps({"metadata": {"gap_seconds": 30}, "data": [1]}))
+    runtime = runtime_dir(tmp_path / "state")
+    replay = MarketReplay(trace, ["local-a", "local-b"], tmp_path / "state", speedup=30)
+    replay.start()
+    try:
+        doc = json.loads(capacity.capacity_path(runtime).read_text())
+        assert doc["replay"]["zones"] == ["local-a", "local-b"] and doc["replay"]["pid"] == os.getpid()
+        replay.remap(["local-c"])
+        assert json.loads(capacity.capacity_path(runtime).read_text())["replay"]["zones"] == ["local-c"]
+    finally:
+        replay.stop()
+    assert "replay" not in json.loads(capacity.capacity_path(runtime).read_text())
+    assert capacity.recover_abandoned(runtime) == []
+
+
+def test_a_start_past_the_end_is_refused_before_any_warning(tmp_path: Path, caplog):
+    """One line: not the "market trace has N zones, the spec M" warning first (found by an audit)."""
+    trace = tmp_path / "t.csv"
+    trace.write_text("seconds,a\n0,1\n30,0\n")
+    with caplog.at_level(logging.WARNING), pytest.raises(TraceError, match="--market-start"):
+        MarketReplay(trace, ["local-a", "local-b"], tmp_path / "st", start_tick=10)
+    assert caplog.records == []
 
 
 def test_market_replay_logs_each_change_once(tmp_path: Path, caplog):

@@ -268,3 +268,64 @@ def test_a_gone_event_whose_reason_the_controller_judges_shows_no_empty_brackets
     assert judged.describe() == "gcp-instances: gone r-0003: x"
     known = PreemptionEvent(Signal.GONE, 1.0, "gcp-operations", replica_id="r-0003", reason="preempted")
     assert known.describe() == "gcp-operations: gone r-0003 (preempted)"
+
+
+def test_a_zone_emptied_and_reopened_before_the_poll_still_reports_preempted(state_dir):
+    """A market replay that empties a zone for one tick (0.5 s at --speedup 60, 0.05 s at 600)
+    reopens it before the controller polls: its victims must still read preempted, not failed
+    (seen: `gone r-0025 (failed)` after `market tick 0: local-d capacity 0, preempted r-0025`)."""
+    a = launch(state_dir, "r-0031", "local-a")
+    src = LocalEventSource(state_dir, REGION_OF)
+    assert src.poll(time.time(), [a]) == []
+    assert [p.id for p in set_zone_capacity(state_dir, "local-a", 0)] == ["r-0031"]
+    set_zone_capacity(state_dir, "local-a", 1_000_000)  # the next tick: open again
+    events = [e for e in src.poll(time.time(), [a]) if e.signal is Signal.GONE]
+    assert [(e.replica_id, e.reason) for e in events] == [("r-0031", "preempted")]
+
+
+def kill_a_replay_midway(sdir: Path) -> None:
+    """What `kill -9` of `up --market-trace` leaves: a replay recorded as driving local-a and
+    local-b, local-a emptied and local-b cut to a pool of 1, and no `stop` to give them back."""
+    code = (
+        "import os, sys; from pathlib import Path\n"
+        "from skyhedge.clouds.local import runtime_dir\n"
+        "from skyhedge.clouds.local.capacity import record_replay\n"
+        "from skyhedge.clouds.local.events import set_zone_capacity\n"
+        "sdir = Path(sys.argv[1]); record_replay(runtime_dir(sdir), ['local-a', 'local-b'])\n"
+        "set_zone_capacity(sdir, 'local-a', 0); set_zone_capacity(sdir, 'local-b', 1)\n"
+        "os._exit(0)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    subprocess.run([sys.executable, "-c", code, str(sdir)], env=env, check=True, timeout=30)
+    assert capacity.read_capacity(runtime_dir(sdir)) == {"local-a": None}
+    assert capacity.read_limits(runtime_dir(sdir)) == {"local-b": 1}
+
+
+def test_zones_a_killed_replay_left_closed_are_opened_by_the_next_launch(state_dir):
+    """Before, the zones stayed closed for good: a later plain `up` logged refused launches with
+    no hint why, until `skyhedge preempt --zone Z --clear` for each (found by an audit)."""
+    kill_a_replay_midway(state_dir)
+    launch(state_dir, "r-0041", "local-a")
+    runtime = runtime_dir(state_dir)
+    assert capacity.read_capacity(runtime) == {} and capacity.read_limits(runtime) == {}
+    assert "replay" not in json.loads(capacity.capacity_path(runtime).read_text())
+
+
+def test_a_watcher_reopens_what_a_killed_replay_left_and_says_so(state_dir, caplog):
+    kill_a_replay_midway(state_dir)
+    capacity.mark_preempted(runtime_dir(state_dir), "local-c")  # a `skyhedge preempt`: not the replay's
+    LocalEventSource(state_dir, REGION_OF)
+    assert capacity.read_capacity(runtime_dir(state_dir)) == {"local-c": None}
+    assert capacity.read_limits(runtime_dir(state_dir)) == {}
+    assert "local zones local-a, local-b were left without capacity by a market replay" in caplog.text
+
+
+def test_a_running_replay_keeps_its_zones(state_dir):
+    runtime = runtime_dir(state_dir)
+    capacity.record_replay(runtime, ["local-a"])  # this process: alive
+    set_zone_capacity(state_dir, "local-a", 0)
+    LocalEventSource(state_dir, REGION_OF)
+    assert capacity.recover_abandoned(runtime) == []
+    assert capacity.read_capacity(runtime) == {"local-a": None}
+    capacity.end_replay(runtime)
+    assert "replay" not in json.loads(capacity.capacity_path(runtime).read_text())

@@ -609,7 +609,7 @@ class Controller:
         for rid in result.launch_failures:
             rec = st.replicas.get(rid)
             zone = rec.zone if rec is not None else "?"
-            self.note(f"launch of {rid} refused in {zone}: zone marked preempted, re-planning", done)
+            self.note(f"launch of {rid} refused in {zone}: no spot capacity, re-planning", done)
         if result.applied and not result.failed:
             why = "" if plan.has_changes else " (reconciling with Terraform's state)"
             self.note(f"applied {', '.join(result.applied)} in {done - started:.1f}s{why}", done)

@@ -12,6 +12,7 @@ backoffs) keeps real time.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -20,6 +21,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from skyhedge.clouds.local import runtime_dir
+from skyhedge.clouds.local.capacity import end_replay, record_replay
 from skyhedge.clouds.local.events import set_zone_capacity
 from skyhedge.errors import TraceError
 from skyhedge.service import PolicyClock
@@ -48,6 +51,13 @@ class MarketReplay:
         n = min(len(zones), len(self.trace.zones))
         if n == 0:
             raise TraceError(f"{trace_dir}: no zone to replay onto (the spec has no local zone)")
+        if not 0 <= start_tick < self.trace.ticks:
+            span = self.trace.ticks * TICK_SECONDS
+            length = f"{span / 3600:.1f} h" if span >= 3600 else f"{span / 60:.1f} min"
+            raise TraceError(
+                f"--market-start: tick {start_tick} is not within the trace ({self.trace.ticks} ticks "
+                f"of {TICK_SECONDS}s, {length})"
+            )
         if len(self.trace.zones) < len(zones):
             log.warning(
                 "market trace has %d zones, the spec %d: zones %s keep full capacity",
@@ -57,13 +67,6 @@ class MarketReplay:
             )
         self.mapping = {zones[i]: i for i in range(n)}
         self._lock = threading.Lock()  # remap (the watcher's thread) against step (the replay's)
-        if not 0 <= start_tick < self.trace.ticks:
-            span = self.trace.ticks * TICK_SECONDS
-            length = f"{span / 3600:.1f} h" if span >= 3600 else f"{span / 60:.1f} min"
-            raise TraceError(
-                f"--market-start: tick {start_tick} is not within the trace ({self.trace.ticks} ticks "
-                f"of {TICK_SECONDS}s, {length})"
-            )
         self.state_dir = state_dir
         self.period = TICK_SECONDS / speedup
         self.tick = start_tick
@@ -112,6 +115,8 @@ class MarketReplay:
             self._last = {}  # the next step sets every driven zone's capacity afresh
             for zone in dropped:
                 set_zone_capacity(self.state_dir, zone, 1_000_000)
+            if self._thread is not None:
+                record_replay(runtime_dir(self.state_dir), list(self.mapping))
 
     def step(self) -> list[str]:
         """Apply the current tick's capacities (only changes act); advance; return what happened."""
@@ -141,6 +146,9 @@ class MarketReplay:
         return notes
 
     def start(self) -> None:
+        # recorded first: a replay killed before `stop` leaves its zones to be reopened by the next
+        # launch or watcher (capacity.recover_abandoned), not closed for good
+        record_replay(runtime_dir(self.state_dir), list(self.mapping))
         self._thread = threading.Thread(target=self._run, daemon=True, name="skyhedge-market")
         self._thread.start()
 
@@ -161,8 +169,13 @@ class MarketReplay:
         if self._thread is not None:
             self._thread.join(timeout=5.0)
         with self._lock:
+            restored = True
             for zone in self.mapping:
                 try:
                     set_zone_capacity(self.state_dir, zone, 1_000_000)
                 except (OSError, ValueError) as exc:
+                    restored = False
                     log.warning("market replay: %s: capacity not restored: %s", zone, exc)
+            if restored and self._thread is not None:
+                with contextlib.suppress(OSError, ValueError):
+                    end_replay(runtime_dir(self.state_dir))

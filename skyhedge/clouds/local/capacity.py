@@ -11,7 +11,10 @@ with code 3 and an `InsufficientCapacity` message); on-demand launches are unaff
 under `limits` has room for that many spot replicas (a market trace's finite pool): a spot launch
 into it while that many run there fails the same way. `evicted` names the spot replicas a
 shrinking pool took (killed while their zone stayed open), so the event source reports them
-preempted, not crashed. Later tools (`skyhedge preempt`, market traces) drive this file; the
+preempted, not crashed. `replay` names the market replay driving zones (`up --market-trace`: its
+pid, the kernel's start time of that pid, the zones): one that died without giving its zones
+their capacity back (`kill -9`) is found by the next launch or watcher (`recover_abandoned`),
+which opens them again. Later tools (`skyhedge preempt`, market traces) drive this file; the
 launcher only reads it (and holds its lock while it checks the room left and starts a process).
 """
 
@@ -23,6 +26,8 @@ import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+
+from skyhedge.clouds.local.processes import proc_starttime
 
 CAPACITY_FILE = "capacity.json"
 VERSION = 1
@@ -49,7 +54,7 @@ def _read_doc(runtime_dir: Path) -> dict:
     except (OSError, ValueError) as exc:
         raise CapacityFileError(f"{path}: cannot read the local capacity file ({exc})") from exc
     if not isinstance(data, dict) or not all(
-        isinstance(data.get(key, {}), dict) for key in ("preempted", "limits", "evicted")
+        isinstance(data.get(key, {}), dict) for key in ("preempted", "limits", "evicted", "replay")
     ):
         raise CapacityFileError(f'{path}: expected {{"version": 1, "preempted": {{zone: until|null}}}}')
     return data
@@ -94,14 +99,14 @@ def preempted(runtime_dir: Path, zone: str, now: float) -> tuple[bool, float | N
 
 
 def _write(runtime_dir: Path, marks: dict[str, float | None], **sections: dict) -> None:
-    """Write the marks; `limits` and `evicted` are kept as they are unless given."""
+    """Write the marks; `limits`, `evicted` and `replay` are kept as they are unless given."""
     # Its own atomic write, not skyhedge.state's: the launcher imports this module under
     # `python -S`, where state's third-party imports (filelock) are not available.
     path = capacity_path(runtime_dir)
     path.parent.mkdir(parents=True, exist_ok=True)
     doc: dict = {"version": VERSION, "preempted": dict(sorted(marks.items()))}
     old = _read_doc(runtime_dir)
-    for key in ("limits", "evicted"):
+    for key in ("limits", "evicted", "replay"):
         value = sections[key] if key in sections else old.get(key, {})
         if value:
             doc[key] = dict(sorted(value.items()))
@@ -185,3 +190,36 @@ def clear(runtime_dir: Path, zone: str | None = None, *, lock: bool = True) -> N
             marks.pop(zone, None)
             limits.pop(zone, None)
         _write(runtime_dir, marks, limits=limits)
+
+
+def record_replay(runtime_dir: Path, zones: list[str], *, lock: bool = True) -> None:
+    """This process drives `zones` from a market trace (see the module docstring)."""
+    pid = os.getpid()
+    with _held(runtime_dir, lock):
+        replay = {"pid": pid, "starttime": proc_starttime(pid), "zones": sorted(zones)}
+        _write(runtime_dir, read_capacity(runtime_dir), replay=replay)
+
+
+def end_replay(runtime_dir: Path, *, lock: bool = True) -> None:
+    """The replay gave its zones their capacity back: forget it."""
+    with _held(runtime_dir, lock):
+        _write(runtime_dir, read_capacity(runtime_dir), replay={})
+
+
+def recover_abandoned(runtime_dir: Path, *, lock: bool = True) -> list[str]:
+    """Open the zones of a market replay whose process is gone (killed before it could give them
+    their capacity back): no mark, no limit. Returns those zones (none: nothing was abandoned).
+    A zone marked by `skyhedge preempt` since is opened too: the replay's zones were its own."""
+    with _held(runtime_dir, lock):
+        replay = _read_doc(runtime_dir).get("replay") or {}
+        pid, started, zones = replay.get("pid"), replay.get("starttime"), replay.get("zones")
+        alive = isinstance(pid, int) and pid > 0 and started is not None and proc_starttime(pid) == started
+        if not replay or alive:
+            return []
+        zones = [str(z) for z in zones] if isinstance(zones, list) else []
+        marks, limits = read_capacity(runtime_dir), read_limits(runtime_dir)
+        for zone in zones:
+            marks.pop(zone, None)
+            limits.pop(zone, None)
+        _write(runtime_dir, marks, limits=limits, replay={})
+        return zones

@@ -68,6 +68,15 @@ class LocalEventSource(EventSource):
     def __init__(self, state_dir: Path, region_of: dict[str, str]) -> None:
         self.runtime = runtime_dir(state_dir)
         self.region_of = dict(region_of)
+        try:
+            if reopened := capacity.recover_abandoned(self.runtime):
+                log.warning(
+                    "local zones %s were left without capacity by a market replay that was killed; "
+                    "their capacity is back",
+                    ", ".join(reopened),
+                )
+        except (OSError, capacity.CapacityFileError) as exc:
+            log.warning("%s", exc)
         self._known_marked: set[str] | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -267,7 +276,9 @@ def set_zone_capacity(state_dir: Path, zone: str, count: int) -> list[LocalProce
         if count <= 0:
             if zone not in _marked(runtime, time.time()):
                 capacity.mark_preempted(runtime, zone, lock=False)
-            return kill_zone(state_dir, zone)
+            # evicted too: the next tick may reopen the zone before the controller polls, and a
+            # victim of an unmarked zone would read as a crash (`failed`), not a preemption
+            return kill_zone(state_dir, zone, evict=True)
         if zone in _marked(runtime, time.time()):
             capacity.clear(runtime, zone, lock=False)
         limit = None if count >= UNLIMITED_COUNT else count

@@ -133,6 +133,7 @@ def _check_room(runtime: Path, rid: str, zone: str, now: float) -> None:
     """Refuse a spot launch the way a cloud's capacity error does: the zone is marked preempted,
     or its pool (`limits`) already holds as many spot replicas as it has room for."""
     try:
+        capacity.recover_abandoned(runtime, lock=False)  # a killed replay's zones are open again
         refused, until = capacity.preempted(runtime, zone, now)
         limit = capacity.read_limits(runtime).get(zone)
     except capacity.CapacityFileError as exc:
