@@ -58,6 +58,7 @@ def one_error_line(result, *needles: str) -> str:
         (["render", str(MULTICLOUD), "--out"], ["'--out' requires an argument"]),
         (["up", str(MULTICLOUD), "--speedup", "5"], ["--speedup paces a --market-trace replay"]),
         (["up", str(MULTICLOUD), "--market-start", "12h"], ["--market-start places a --market-trace replay"]),
+        (["up", str(MULTICLOUD), "--market-instance-type", "v100_1"], ["--market-instance-type picks a"]),
         (
             ["up", str(MULTICLOUD), "--market-start", "12x"],
             ["'--market-start'", "with s, m, h or d", "'12x'"],

@@ -315,6 +315,33 @@ def test_a_start_past_the_end_is_refused_before_any_warning(tmp_path: Path, capl
     assert caplog.records == []
 
 
+def test_a_trace_with_several_instance_types_per_zone_replays_the_one_named(tmp_path: Path):
+    """One spot pool per zone and type: `up` replays one type, as a service runs one, and a
+    directory holding several is refused naming them and the flag that picks one."""
+    trace = tmp_path / "trace"
+    trace.mkdir()
+    for kind, data in (("v100_1", [1, 0]), ("k80_1", [0, 1])):
+        (trace / f"us-east-1a_{kind}.json").write_text(
+            json.dumps({"metadata": {"gap_seconds": 30}, "data": data})
+        )
+    with pytest.raises(
+        TraceError, match=r"several instance types per zone \(k80_1, v100_1\).*--market-instance-type"
+    ):
+        MarketReplay(trace, ["local-a"], tmp_path / "state")
+    seen: list[str] = []
+    replay = MarketReplay(
+        trace, ["local-a"], tmp_path / "state", instance_type="k80_1", on_change=seen.append
+    )
+    replay.step()
+    assert "[k80_1]" in replay.describe() and seen == ["market tick 0: local-a capacity 0"]
+    with pytest.raises(TraceError, match="no instance type 'p3'; its instance types: k80_1, v100_1"):
+        MarketReplay(trace, ["local-a"], tmp_path / "state", instance_type="p3")
+    csv = tmp_path / "t.csv"
+    csv.write_text("seconds,a\n0,1\n")
+    with pytest.raises(TraceError, match=r"drop --market-instance-type\)$"):
+        MarketReplay(csv, ["local-a"], tmp_path / "state", instance_type="p3")
+
+
 def test_market_replay_logs_each_change_once(tmp_path: Path, caplog):
     """With a listener (the controller's `note`, which logs), the replay does not log it too;
     without one, it logs it itself."""

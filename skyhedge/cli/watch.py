@@ -311,6 +311,12 @@ def watch(
     metavar="TIME",
     help="Start the replay this far into the trace: seconds, or 90m, 12h, 2d (default: its start).",
 )
+@click.option(
+    "--market-instance-type",
+    default=None,
+    metavar="TYPE",
+    help="Replay this instance type's files of a trace directory holding several per zone (v100_1).",
+)
 @click.option("--no-dashboard", is_flag=True, help="Log lines instead of the live dashboard.")
 @click.option("--down-on-exit", is_flag=True, help="Destroy the replicas and the router when stopped.")
 @_interval
@@ -326,6 +332,7 @@ def up(
     market_trace: Path | None,
     speedup: float,
     market_start: float | None,
+    market_instance_type: str | None,
     no_dashboard: bool,
     down_on_exit: bool,
     interval: float,
@@ -341,6 +348,10 @@ def up(
 
     if market_trace is None and _given("speedup"):
         raise click.UsageError("--speedup paces a --market-trace replay; give one, or drop --speedup")
+    if market_trace is None and market_instance_type is not None:
+        raise click.UsageError(
+            "--market-instance-type picks a --market-trace's files; give one, or drop --market-instance-type"
+        )
     if market_trace is None and market_start is not None:
         raise click.UsageError(
             "--market-start places a --market-trace replay; give one, or drop --market-start"
@@ -385,6 +396,7 @@ def up(
                 sdir,
                 speedup=speedup,
                 start_tick=int((market_start or 0.0) // TICK_SECONDS),
+                instance_type=market_instance_type,
                 on_change=lambda t: ctl.note(t),
             )
             ctl.note(replay.describe())

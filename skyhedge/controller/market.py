@@ -26,7 +26,7 @@ from skyhedge.clouds.local.capacity import end_replay, record_replay
 from skyhedge.clouds.local.events import set_zone_capacity
 from skyhedge.errors import TraceError
 from skyhedge.service import PolicyClock
-from skyhedge.simulator.traces import TICK_SECONDS, UNLIMITED, load_trace
+from skyhedge.simulator.traces import TICK_SECONDS, UNLIMITED, load_traces
 
 if TYPE_CHECKING:
     from skyhedge.controller.loop import Controller
@@ -43,11 +43,23 @@ class MarketReplay:
         *,
         speedup: float = 60.0,
         start_tick: int = 0,
+        instance_type: str | None = None,
         on_change: Callable[[str], None] | None = None,
     ) -> None:
         if speedup <= 0:
             raise TraceError(f"--speedup: expected a positive number, got {speedup}")
-        self.trace = load_trace(trace_dir)
+        # a directory with several instance types per zone (one spot pool each) replays one of them
+        try:
+            traces = load_traces(trace_dir, instance_types=[instance_type] if instance_type else None)
+        except TraceError as exc:  # (simulate's flag is --instance-type; up's names the trace)
+            raise TraceError(str(exc).replace("--instance-type", "--market-instance-type")) from exc
+        if len(traces) > 1:
+            kinds = ", ".join(t.instance_type or "(none)" for t in traces)
+            raise TraceError(
+                f"{trace_dir}: holds several instance types per zone ({kinds}); a service runs one: "
+                "pick it with --market-instance-type"
+            )
+        self.trace = traces[0]
         n = min(len(zones), len(self.trace.zones))
         if n == 0:
             raise TraceError(f"{trace_dir}: no zone to replay onto (the spec has no local zone)")
