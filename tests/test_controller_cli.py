@@ -277,7 +277,11 @@ def test_market_replay_follows_the_local_zones_of_a_reloaded_spec(tmp_path: Path
     replay.step()
     replay.step()
     assert list(capacity.read_capacity(runtime)) == ["local-a"]
-    replay.remap(["local-c", "local-b"])  # the spec dropped local-a and added local-c
+    # a reload that leaves the local zones as they were (or only adds one past the trace's zones)
+    # changes nothing: the marks stay, and `up` notes no new mapping
+    assert replay.remap(["local-a", "local-b", "local-z"]) is False
+    assert list(capacity.read_capacity(runtime)) == ["local-a"]
+    assert replay.remap(["local-c", "local-b"]) is True  # the spec dropped local-a, added local-c
     assert capacity.read_capacity(runtime) == {}  # local-a has its capacity back
     replay.step()
     assert list(capacity.read_capacity(runtime)) == ["local-c"]  # driven by the trace's first zone

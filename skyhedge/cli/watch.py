@@ -29,7 +29,7 @@ from skyhedge.cli._app import (
 )
 from skyhedge.controller.loop import ControllerOptions
 from skyhedge.errors import SpecError, StateError
-from skyhedge.service import resolve_placement
+from skyhedge.service import Placement, resolve_placement
 from skyhedge.spec import ServiceSpec, load_spec
 from skyhedge.state import STATE_FILE, ServiceState, default_state_dir
 
@@ -401,7 +401,12 @@ def up(
             )
             ctl.note(replay.describe())
             replay.attach(ctl)  # the policy decides on trace time
-            watcher.on_reload(lambda _spec, placement: replay.remap(placement.zones("local", spot=True)))
+
+            def follow(_spec: ServiceSpec, placement: Placement) -> None:
+                if replay.remap(placement.zones("local", spot=True)):
+                    ctl.note(replay.describe())  # the new mapping, as at start
+
+            watcher.on_reload(follow)
             replay.start()
         try:
             if no_dashboard:

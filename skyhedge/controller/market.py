@@ -117,18 +117,23 @@ class MarketReplay:
             f"{self.period:.2f}s ({pairs})"
         )
 
-    def remap(self, zones: Sequence[str]) -> None:
+    def remap(self, zones: Sequence[str]) -> bool:
         """Drive these local zones from now on (a reloaded spec changed them): the trace's zones
-        in order, as at start; a zone no longer driven gets its capacity back."""
+        in order, as at start; a zone no longer driven gets its capacity back. False: the same
+        mapping as before (a reload that left the local zones as they were), nothing done."""
         with self._lock:
             n = min(len(zones), len(self.trace.zones))
+            mapping = {zones[i]: i for i in range(n)}
+            if mapping == self.mapping:
+                return False
             dropped = [z for z in self.mapping if z not in zones[:n]]
-            self.mapping = {zones[i]: i for i in range(n)}
+            self.mapping = mapping
             self._last = {}  # the next step sets every driven zone's capacity afresh
             for zone in dropped:
                 set_zone_capacity(self.state_dir, zone, 1_000_000)
             if self._thread is not None:
                 record_replay(runtime_dir(self.state_dir), list(self.mapping))
+            return True
 
     def step(self) -> list[str]:
         """Apply the current tick's capacities (only changes act); advance; return what happened."""
