@@ -4,6 +4,7 @@ from, confirmation, the writer lock, routing hooks, and the CLI commands."""
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -293,7 +294,43 @@ def test_status_of_a_service_never_applied(tmp_path: Path):
     spec = tmp_path / "s.yaml"
     spec.write_text("name: idle\nplacement: {clouds: [local]}\nrun: {command: 'true'}\n")
     out = run_cli("status", str(spec), "--state-dir", str(tmp_path / "st"), "--json")
-    assert json.loads(out.output) == {"service": "idle", "replicas": [], "router": None, "watcher": None}
+    assert json.loads(out.output) == {
+        "service": "idle",
+        "replicas": [],
+        "router": None,
+        "watcher": None,
+        "local_capacity": None,
+    }
+
+
+def test_status_shows_what_the_local_capacity_file_holds_back(tmp_path: Path):
+    """A zone `skyhedge preempt` closed, a market replay's finite pool and the replay itself: a
+    user wondering why launches are refused sees why (status --json and the text alike)."""
+    from skyhedge.clouds.local import capacity, runtime_dir
+
+    spec = tmp_path / "s.yaml"
+    spec.write_text("name: idle\nplacement: {clouds: [local]}\nrun: {command: 'true'}\n")
+    runtime = runtime_dir(tmp_path / "st")
+    capacity.mark_preempted(runtime, "local-a")
+    capacity.set_limit(runtime, "local-b", 2)
+    capacity.record_replay(runtime, ["local-b"])
+    out = run_cli("status", str(spec), "--state-dir", str(tmp_path / "st"), "--json")
+    held = json.loads(out.output)["local_capacity"]
+    assert held["preempted"] == {"local-a": None} and held["limits"] == {"local-b": 2}
+    assert held["replay"]["zones"] == ["local-b"] and held["replay"]["pid"] == os.getpid()
+    text = " ".join(run_cli("status", str(spec), "--state-dir", str(tmp_path / "st")).output.split())
+    assert (
+        "Local capacity: local-a out of spot capacity until cleared; local-b has room for 2 spot replica(s) "
+        f"(a market replay, pid {os.getpid()}, drives local-b)"
+    ) in text
+    capacity.clear(runtime)
+    capacity.end_replay(runtime)
+    assert (
+        json.loads(run_cli("status", str(spec), "--state-dir", str(tmp_path / "st"), "--json").output)[
+            "local_capacity"
+        ]
+        is None
+    )
 
 
 def test_status_still_shows_the_state_while_the_spec_on_disk_does_not_load(tmp_path: Path):

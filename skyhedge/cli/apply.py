@@ -29,7 +29,7 @@ from skyhedge.cli._app import (
 from skyhedge.cli.plan import render_plan_table
 from skyhedge.controller import presence
 from skyhedge.engine import PlanResult, replica_of
-from skyhedge.errors import SpecError
+from skyhedge.errors import SpecError, StateError
 from skyhedge.planner import Plan
 from skyhedge.render import RenderedRoot
 from skyhedge.spec import load_spec, service_name_in
@@ -284,10 +284,36 @@ def status_json(
     rows: list[dict[str, Any]],
     router: dict[str, Any] | None,
     watcher: dict[str, Any] | None = None,
+    local_capacity: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The documented `status --json` object: `service`, `replicas` (rows), `router` and
-    `watcher` (the running watcher's record, or null)."""
-    return {"service": service_name, "replicas": rows, "router": router, "watcher": watcher}
+    """The documented `status --json` object: `service`, `replicas` (rows), `router`, `watcher`
+    (the running watcher's record, or null) and `local_capacity` (null: every local zone open)."""
+    return {
+        "service": service_name,
+        "replicas": rows,
+        "router": router,
+        "watcher": watcher,
+        "local_capacity": local_capacity,
+    }
+
+
+def local_capacity(sdir: Path) -> dict[str, Any] | None:
+    """What the local cloud's capacity file holds back (`skyhedge preempt`, a market replay):
+    zones out of spot capacity (until when, null: until cleared), pools with room for n, and the
+    replay driving them; None when every local zone is open."""
+    from skyhedge.clouds.local import capacity, runtime_dir
+
+    runtime = runtime_dir(sdir)
+    now = time.time()
+    try:
+        marks = {z: u for z, u in capacity.read_capacity(runtime).items() if u is None or u > now}
+        limits = capacity.read_limits(runtime)
+        replay = capacity.read_replay(runtime)
+    except capacity.CapacityFileError as exc:
+        raise StateError(str(exc)) from exc
+    if not (marks or limits or replay):
+        return None
+    return {"preempted": marks, "limits": limits, "replay": replay}
 
 
 @main.command()
@@ -313,9 +339,10 @@ def status(spec: Path, state_dir: Path | None, as_json: bool, include_gone: bool
     rows = live_rows(state, include_gone=include_gone)
     router = live_router(state, sdir)
     watcher = presence.read(sdir)  # the running watch/up, if any
+    held_back = local_capacity(sdir)
     if as_json:
         record = watcher.to_json() if watcher is not None else None
-        click.echo(json.dumps(status_json(name, rows, router, record), indent=2))
+        click.echo(json.dumps(status_json(name, rows, router, record, held_back), indent=2))
         return
     table = Table(title=Text(f"skyhedge status: {name}"))
     # One location column keeps the endpoint readable (unwrapped) in an 80-column terminal.
@@ -351,3 +378,19 @@ def status(spec: Path, state_dir: Path | None, as_json: bool, include_gone: bool
             console.print(f"  metrics: {watcher.metrics}", markup=False)
         if watcher.last_reload:
             console.print(f"  last spec reload: {watcher.last_reload.get('text', '')}", markup=False)
+    if held_back is not None:
+        console.print(f"Local capacity: {_describe_capacity(held_back)}", markup=False)
+
+
+def _describe_capacity(held: dict[str, Any]) -> str:
+    parts = [
+        f"{zone} out of spot capacity "
+        + ("until cleared" if until is None else time.strftime("until %H:%M:%S", time.localtime(until)))
+        for zone, until in sorted(held["preempted"].items())
+    ]
+    parts += [f"{zone} has room for {n} spot replica(s)" for zone, n in sorted(held["limits"].items())]
+    text = "; ".join(parts) or "every zone open"
+    replay = held.get("replay")
+    if replay:
+        text += f" (a market replay, pid {replay.get('pid')}, drives {', '.join(replay.get('zones') or [])})"
+    return text

@@ -82,6 +82,11 @@ def read_limits(runtime_dir: Path) -> dict[str, int]:
     return out
 
 
+def read_replay(runtime_dir: Path) -> dict | None:
+    """The market replay recorded as driving zones (`record_replay`), or None."""
+    return _read_doc(runtime_dir).get("replay") or None
+
+
 def read_evicted(runtime_dir: Path) -> set[str]:
     """Replica IDs a shrinking pool took (see the module docstring)."""
     return {str(rid) for rid in _read_doc(runtime_dir).get("evicted", {})}
