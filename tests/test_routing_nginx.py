@@ -94,8 +94,12 @@ class Client(threading.Thread):
         self.join(timeout=15)
 
     def failures(self) -> list[str]:
+        return self.failures_of(self.results)
+
+    @staticmethod
+    def failures_of(results: list[tuple[float, Response | None, str | None]]) -> list[str]:
         out = []
-        for _, resp, err in self.results:
+        for _, resp, err in results:
             if err is not None:
                 out.append(err)
             elif resp is not None and resp.status != 200:
@@ -151,7 +155,16 @@ def test_killed_replica_requests_keep_succeeding_and_next_reload_drops_it(fleet,
         client.wait_for(len(client.results) + 150)
     finally:
         client.stop()
-    assert client.failures() == []
+    # A response the replica had begun to send when it died cannot be saved by any proxy (nginx
+    # retries on another upstream only while nothing reached the client): the one request in
+    # flight at the kill may be cut short (seen once in CI: IncompleteRead); every other succeeds.
+    cut = [
+        i
+        for i, (at, _, err) in enumerate(client.results)
+        if err and "IncompleteRead" in err and at < killed_at
+    ]
+    assert len(cut) <= 1, client.failures()
+    assert Client.failures_of([r for i, r in enumerate(client.results) if i not in cut]) == []
     after = [r for at, r, _ in client.results if at > killed_at + 0.05 and r is not None]
     assert after and all(r.replica in {"r-0001", "r-0003"} for r in after)
 
