@@ -346,6 +346,45 @@ def test_a_trace_with_several_instance_types_per_zone_replays_the_one_named(tmp_
         MarketReplay(csv, ["local-a"], tmp_path / "state", instance_type="p3")
 
 
+@pytest.mark.parametrize(
+    ("extra", "needle"),
+    [
+        (
+            ["--market-start", "1d"],
+            "--market-start: tick 2880 is not within the trace (2 ticks of 30s, 1.0 min)",
+        ),
+        (["--market-instance-type", "p3"], "no instance type 'p3'"),
+    ],
+)
+def test_a_replay_that_cannot_start_is_one_line_and_leaves_no_state_dir(
+    tmp_path: Path, write_spec, extra, needle
+):
+    """The trace and its flags are checked before `up` writes or starts anything (found by an
+    audit: a start past the end printed a warning first and left a state dir behind)."""
+    trace = tmp_path / "trace"
+    trace.mkdir()
+    (trace / "us-east-1a_v100_1.json").write_text(
+        json.dumps({"metadata": {"gap_seconds": 30}, "data": [1, 0]})
+    )
+    sdir = tmp_path / "state"
+    args = ["up", str(write_spec(LOCAL)), "--state-dir", str(sdir), "--market-trace", str(trace), *extra]
+    out = CliRunner().invoke(main, args)
+    assert out.exit_code == 1
+    (line,) = out.output.strip().splitlines()
+    assert line.startswith("error: ") and needle in line
+    assert not sdir.exists()
+
+
+def test_zones_past_the_traces_are_named_in_the_replays_description(tmp_path: Path):
+    trace = tmp_path / "trace"
+    trace.mkdir()
+    (trace / "us-east-1a_v100_1.json").write_text(json.dumps({"metadata": {"gap_seconds": 30}, "data": [1]}))
+    replay = MarketReplay(trace, ["local-a", "local-b", "local-c"], tmp_path / "state")
+    assert replay.describe().endswith(
+        "(local-a<-us-east-1a; local-b, local-c keep full capacity (the trace has 1 zone))"
+    )
+
+
 def test_market_replay_logs_each_change_once(tmp_path: Path, caplog):
     """With a listener (the controller's `note`, which logs), the replay does not log it too;
     without one, it logs it itself."""

@@ -360,6 +360,21 @@ def up(
     service, sdir = _load(spec, state_dir)
     _check_policy(service, policy)
     _check_metrics_port(service, metrics_port)
+    replay = None
+    if market_trace is not None:
+        # read and checked before anything is written or started: a bad trace or start is one
+        # line, with no state dir left behind
+        from skyhedge.controller.market import MarketReplay
+        from skyhedge.simulator.traces import TICK_SECONDS
+
+        replay = MarketReplay(
+            market_trace,
+            resolve_placement(service, policy).zones("local", spot=True),
+            sdir,
+            speedup=speedup,
+            start_tick=int((market_start or 0.0) // TICK_SECONDS),
+            instance_type=market_instance_type,
+        )
     try:
         sdir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -368,7 +383,6 @@ def up(
     # a live dashboard needs a terminal; in a pipe, a file or a service manager, log lines instead
     no_dashboard = no_dashboard or not console.is_terminal
     options = ControllerOptions(interval=interval, policy=policy, busy_interval=0.5)
-    replay = None
     with (
         _logging("info", None if no_dashboard else log_file, log_format),
         Watcher(
@@ -386,25 +400,17 @@ def up(
     ):
         ctl = watcher.controller
         assert ctl is not None
-        if market_trace is not None:
-            from skyhedge.controller.market import MarketReplay
-            from skyhedge.simulator.traces import TICK_SECONDS
-
-            replay = MarketReplay(
-                market_trace,
-                ctl.placement.zones("local", spot=True),
-                sdir,
-                speedup=speedup,
-                start_tick=int((market_start or 0.0) // TICK_SECONDS),
-                instance_type=market_instance_type,
-                on_change=lambda t: ctl.note(t),
-            )
+        if replay is not None:
+            replay.on_change = ctl.note  # the controller's note logs each change, once
+            replay.remap(ctl.placement.zones("local", spot=True))  # (the same zones: a no-op)
             ctl.note(replay.describe())
             replay.attach(ctl)  # the policy decides on trace time
 
+            driven = replay
+
             def follow(_spec: ServiceSpec, placement: Placement) -> None:
-                if replay.remap(placement.zones("local", spot=True)):
-                    ctl.note(replay.describe())  # the new mapping, as at start
+                if driven.remap(placement.zones("local", spot=True)):
+                    ctl.note(driven.describe())  # the new mapping, as at start
 
             watcher.on_reload(follow)
             replay.start()

@@ -70,14 +70,8 @@ class MarketReplay:
                 f"--market-start: tick {start_tick} is not within the trace ({self.trace.ticks} ticks "
                 f"of {TICK_SECONDS}s, {length})"
             )
-        if len(self.trace.zones) < len(zones):
-            log.warning(
-                "market trace has %d zones, the spec %d: zones %s keep full capacity",
-                len(self.trace.zones),
-                len(zones),
-                ", ".join(zones[n:]),
-            )
         self.mapping = {zones[i]: i for i in range(n)}
+        self.undriven = list(zones[n:])  # beyond the trace's zones: full capacity throughout
         self._lock = threading.Lock()  # remap (the watcher's thread) against step (the replay's)
         self.state_dir = state_dir
         self.period = TICK_SECONDS / speedup
@@ -112,9 +106,15 @@ class MarketReplay:
     def describe(self) -> str:
         pairs = ", ".join(f"{z}<-{self.trace.zones[i].zone}" for z, i in self.mapping.items())
         start = f" from tick {self.start_tick}" if self.start_tick else ""
+        rest = (
+            f"; {', '.join(self.undriven)} keep full capacity (the trace has {len(self.trace.zones)} "
+            f"zone{'s' if len(self.trace.zones) != 1 else ''})"
+            if self.undriven
+            else ""
+        )
         return (
             f"market trace {self.trace.name}: {self.trace.ticks} ticks of {TICK_SECONDS}s{start}, one every "
-            f"{self.period:.2f}s ({pairs})"
+            f"{self.period:.2f}s ({pairs}{rest})"
         )
 
     def remap(self, zones: Sequence[str]) -> bool:
@@ -128,6 +128,7 @@ class MarketReplay:
                 return False
             dropped = [z for z in self.mapping if z not in zones[:n]]
             self.mapping = mapping
+            self.undriven = list(zones[n:])
             self._last = {}  # the next step sets every driven zone's capacity afresh
             for zone in dropped:
                 set_zone_capacity(self.state_dir, zone, 1_000_000)
