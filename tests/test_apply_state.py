@@ -313,10 +313,11 @@ def test_status_shows_what_the_local_capacity_file_holds_back(tmp_path: Path):
     runtime = runtime_dir(tmp_path / "st")
     capacity.mark_preempted(runtime, "local-a")
     capacity.set_limit(runtime, "local-b", 2)
+    capacity.set_limit(runtime, "local-a", 3)  # a pool's size is not shown while its zone is out
     capacity.record_replay(runtime, ["local-b"])
     out = run_cli("status", str(spec), "--state-dir", str(tmp_path / "st"), "--json")
     held = json.loads(out.output)["local_capacity"]
-    assert held["preempted"] == {"local-a": None} and held["limits"] == {"local-b": 2}
+    assert held["preempted"] == {"local-a": None} and held["limits"] == {"local-a": 3, "local-b": 2}
     assert held["replay"]["zones"] == ["local-b"] and held["replay"]["pid"] == os.getpid()
     text = " ".join(run_cli("status", str(spec), "--state-dir", str(tmp_path / "st")).output.split())
     assert (

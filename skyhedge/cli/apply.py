@@ -388,7 +388,11 @@ def _describe_capacity(held: dict[str, Any]) -> str:
         + ("until cleared" if until is None else time.strftime("until %H:%M:%S", time.localtime(until)))
         for zone, until in sorted(held["preempted"].items())
     ]
-    parts += [f"{zone} has room for {n} spot replica(s)" for zone, n in sorted(held["limits"].items())]
+    parts += [
+        f"{zone} has room for {n} spot replica(s)"
+        for zone, n in sorted(held["limits"].items())
+        if zone not in held["preempted"]  # (a pool's size while its zone is out says nothing)
+    ]
     text = "; ".join(parts) or "every zone open"
     replay = held.get("replay")
     if replay:
