@@ -242,6 +242,31 @@ def test_an_idle_controller_attached_to_a_replay_decides_once_a_trace_tick(tmp_p
     assert ctl.options.interval == ctl.options.busy_interval == 1.0
 
 
+def test_a_controller_attached_to_a_replay_retries_refused_launches_once_a_trace_tick(
+    tmp_path: Path, write_spec
+):
+    """`simulate` retries a refused spot launch every tick; under a replay the controller's backoff
+    after failed applies (doubling to 60 s real: 72 ticks at speedup 36) withheld every decision
+    meanwhile: timers (settling, on-demand release) waited, and the pass that ended it saw a full
+    zone's refusal batched with its later SURVIVED report, so the zone stayed ACTIVE and zones
+    that had reopened stayed PREEMPTED (measured on AWS1 from 120 h: 3 on-demand held for
+    hundreds of ticks where `simulate` runs spot)."""
+    trace = tmp_path / "trace"
+    trace.mkdir()
+    (trace / "us-east-1a_v100_1.json").write_text(json.dumps({"metadata": {"gap_seconds": 30}, "data": [0]}))
+    ctl = fake_controller(load_spec(write_spec(LOCAL.replace("spothedge", "skyhedge"))), tmp_path / "state")
+    ctl.executor.refuse_zones = {"local-a", "local-b"}  # every spot launch refused
+    replay = MarketReplay(trace, ["local-a", "local-b"], tmp_path / "state", speedup=30)
+    replay.attach(ctl)
+    delays = []
+    for _ in range(30):
+        ctl.tick()
+        delays.append(ctl._next_delay())
+        ctl.clock.advance(delays[-1])
+    assert ctl._failures >= 10  # the launches kept being refused
+    assert max(delays) <= replay.period == 1.0  # retried, and decided, once a tick of trace
+
+
 def test_market_replay_starts_where_asked_and_refuses_a_start_past_the_trace(tmp_path: Path):
     """`up --market-start 1m` replays from the trace's third tick (30 s ticks): the window a user
     compares with `simulate`; a start past the end is one error naming the flag."""

@@ -94,13 +94,21 @@ class MarketReplay:
         12 ticks late, and `skyhedge` would learn a 300 s decision period where `simulate` teaches
         it 30 s, overestimating the outage an unhedged loss costs (cold start + one period). Not
         faster than the busy pace, though: at a speedup of 600 a pass every 50 ms would spend a
-        core on deciding nothing new."""
+        core on deciding nothing new. Refused launches are retried at that pace too (the
+        controller's backoff after failed applies is capped at it), as `simulate` retries them
+        every tick."""
         rate = TICK_SECONDS / self.period
         ctl.policy_clock = PolicyClock(origin=ctl.clock(), rate=rate)
+        pace = max(self.period, ctl.options.busy_interval)
         ctl.options = replace(
             ctl.options,
             survival_period=ctl.options.survival_period / rate,
-            interval=min(ctl.options.interval, max(self.period, ctl.options.busy_interval)),
+            interval=min(ctl.options.interval, pace),
+            # refused launches are retried once a tick too, as `simulate` retries them: a backoff of
+            # up to 60 s real (72 ticks at speedup 36) withholds every decision meanwhile, and the
+            # pass that ends it sees a zone's refusal batched with its later SURVIVED report (the
+            # full zone stays ACTIVE, the reopened ones stay PREEMPTED, on-demand stays)
+            max_backoff=min(ctl.options.max_backoff, pace),
         )
 
     def describe(self) -> str:
