@@ -216,7 +216,7 @@ def recover_abandoned(runtime_dir: Path, *, lock: bool = True) -> list[str]:
     their capacity back): no mark, no limit. Returns those zones (none: nothing was abandoned).
     A zone marked by `skyhedge preempt` since is opened too: the replay's zones were its own."""
     with _held(runtime_dir, lock):
-        replay = _read_doc(runtime_dir).get("replay") or {}
+        replay = read_replay(runtime_dir) or {}
         pid, started, zones = replay.get("pid"), replay.get("starttime"), replay.get("zones")
         alive = isinstance(pid, int) and pid > 0 and started is not None and proc_starttime(pid) == started
         if not replay or alive:
