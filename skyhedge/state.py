@@ -478,8 +478,13 @@ def save_state(state_dir: Path, state: ServiceState) -> None:
 @contextlib.contextmanager
 def writer_lock(state_dir: Path, *, timeout: float = 0.0) -> Iterator[None]:
     """Hold the service's one-writer lock, or fail at once with a clear error: another writer
-    holds it, or the state dir cannot take the new files every writer needs (`StateError`)."""
+    holds it, or the state dir cannot take the new files every writer needs (`StateError`).
+
+    A state dir this call created is removed again if the holder wrote nothing into it (a run
+    refused before its first write: a missing Terraform binary, a busy port), so a failed
+    command leaves no directory holding only a lock file behind."""
     lock = FileLock(str(state_dir / LOCK_FILE), timeout=timeout)
+    created = _missing_dirs(state_dir)
     try:
         state_dir.mkdir(parents=True, exist_ok=True)
         lock.acquire()
@@ -499,4 +504,31 @@ def writer_lock(state_dir: Path, *, timeout: float = 0.0) -> Iterator[None]:
             raise _unwritable(state_dir, exc) from exc
         yield
     finally:
+        if created:
+            _remove_if_unused(created, state_dir / LOCK_FILE)
         lock.release()
+
+
+def _missing_dirs(path: Path) -> list[Path]:
+    """The directories `path.mkdir(parents=True)` would create, deepest first."""
+    missing: list[Path] = []
+    while not path.exists() and path != path.parent:
+        missing.append(path)
+        path = path.parent
+    return missing
+
+
+def _remove_if_unused(created: list[Path], lock_file: Path) -> None:
+    """Remove the lock file and the directories made for it, if nothing else was written there.
+
+    Called while the lock is still held: a process that opened the lock file before it was
+    unlinked is refused as "holds the lock" (every writer tries once, without waiting), never
+    handed a lock on a file no longer in the directory."""
+    try:
+        if [entry.name for entry in created[0].iterdir()] != [LOCK_FILE]:
+            return
+        lock_file.unlink()
+        for directory in created:  # deepest first; stops at the first one holding anything
+            directory.rmdir()
+    except OSError:
+        pass  # something else appeared meanwhile (another writer's file): keep it

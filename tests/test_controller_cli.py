@@ -400,6 +400,18 @@ def test_a_replay_that_cannot_start_is_one_line_and_leaves_no_state_dir(
     assert not sdir.exists()
 
 
+def test_an_up_refused_before_its_first_write_leaves_no_state_dir(tmp_path: Path, write_spec):
+    """Found by an audit: `up` with a Terraform binary that is not there made the state dir and
+    its lock file, then refused; the directory stayed behind holding only `state.lock`."""
+    sdir = tmp_path / "new" / "state"
+    args = ["up", str(write_spec(LOCAL)), "--state-dir", str(sdir), "--no-dashboard"]
+    out = CliRunner().invoke(main, [*args, "--terraform-bin", str(tmp_path / "no-terraform")])
+    assert out.exit_code == 1
+    (line,) = out.output.strip().splitlines()
+    assert line.startswith("error: Terraform binary") and "not found" in line
+    assert not (tmp_path / "new").exists()
+
+
 def test_zones_past_the_traces_are_named_in_the_replays_description(tmp_path: Path):
     trace = tmp_path / "trace"
     trace.mkdir()

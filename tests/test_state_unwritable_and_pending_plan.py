@@ -111,6 +111,31 @@ def test_the_writer_lock_refuses_a_state_dir_that_takes_no_new_file(tmp_path, mo
         pass
 
 
+def test_a_state_dir_the_lock_made_is_removed_again_if_nothing_was_written_there(tmp_path):
+    fresh = tmp_path / "a" / "b" / "state"
+    with pytest.raises(RuntimeError), writer_lock(fresh):
+        assert (fresh / LOCK_FILE).exists()
+        raise RuntimeError("refused before the first write")
+    assert list(tmp_path.iterdir()) == []  # the parents it made too
+    with writer_lock(fresh):
+        pass  # a run that wrote nothing, ended normally: nothing to keep either
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_state_dir_the_lock_made_is_kept_once_something_was_written(tmp_path):
+    fresh = tmp_path / "a" / "state"
+    with pytest.raises(RuntimeError), writer_lock(fresh):
+        save_state(fresh, ServiceState(service="svc"))
+        raise RuntimeError("failed after a write")
+    assert sorted(p.name for p in fresh.iterdir()) == sorted([LOCK_FILE, STATE_FILE])
+
+
+def test_a_state_dir_that_was_there_keeps_its_lock_file(tmp_path):
+    with writer_lock(tmp_path):
+        pass
+    assert [p.name for p in tmp_path.iterdir()] == [LOCK_FILE]
+
+
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into a read-only directory anyway")
 def test_the_writer_lock_refuses_a_read_only_state_dir_for_real(tmp_path):
     with writer_lock(tmp_path):

@@ -375,13 +375,14 @@ def up(
             start_tick=int((market_start or 0.0) // TICK_SECONDS),
             instance_type=market_instance_type,
         )
-    try:
-        sdir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise StateError(f"{sdir}: cannot write the state dir ({exc.strerror or exc})") from exc
-    log_file = sdir / "watch.log"
     # a live dashboard needs a terminal; in a pipe, a file or a service manager, log lines instead
     no_dashboard = no_dashboard or not console.is_terminal
+    log_file = sdir / "watch.log"
+    if not no_dashboard:  # the log goes to a file from the first line (otherwise the lock makes the dir,
+        try:  # and removes a new one again if the run is refused before it writes anything)
+            sdir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StateError(f"{sdir}: cannot write the state dir ({exc.strerror or exc})") from exc
     options = ControllerOptions(interval=interval, policy=policy, busy_interval=0.5)
     with (
         _logging("info", None if no_dashboard else log_file, log_format),
