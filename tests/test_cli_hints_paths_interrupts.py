@@ -187,6 +187,32 @@ def test_up_stopped_before_anything_was_routed_does_not_claim_to_serve(tmp_path,
 # --- Ctrl-C ----------------------------------------------------------------------------
 
 
+def _second_ctrl_c(self: Watcher, *args: object, **kwargs: object) -> None:
+    raise KeyboardInterrupt  # what the watcher's SIGINT handler raises at the second Ctrl-C
+
+
+@pytest.mark.parametrize("verb", ["up", "watch"])
+def test_a_second_ctrl_c_says_what_it_left_behind_and_exits_130(tmp_path, write_spec, monkeypatch, verb):
+    """Not click's bare "Aborted!": the pass was cut short, the service keeps what the state
+    last saved, and the hint to carry on works when pasted."""
+    spec, sdir = write_spec(BASED), tmp_path / "state dir"
+    save_state(sdir, _state(_replica("r-0001"), _replica("r-0002"), routed=["r-0001", "r-0002"]))
+    monkeypatch.setattr(Watcher, "run", _second_ctrl_c)
+    result = run(verb, spec, "--state-dir", sdir, *(["--no-dashboard"] if verb == "up" else []))
+    assert result.exit_code == 130, result.output
+    last = flat(result.output).split("Ctrl-C stops")[-1]
+    assert "Aborted" not in result.output
+    assert "watcher interrupted by a second Ctrl-C (its pass cut short)" in last
+    if verb == "up":
+        assert "svc keeps serving at http://127.0.0.1:" in last and "with 2 routed replica(s)" in last
+        hint = last.split("`")[1]
+        assert shlex.split(hint) == ["skyhedge", "destroy", str(spec), "--state-dir", str(sdir)]
+    else:
+        hint = last.split("`")[1]
+        assert shlex.split(hint) == ["skyhedge", "watch", str(spec), "--state-dir", str(sdir)]
+
+
+
 def _launch_config(runtime: Path, tmp_path: Path, **extra: object) -> dict:
     """The launcher tests' replica config, running a process that just waits."""
     port = free_base_port(1) + 1

@@ -31,7 +31,7 @@ from skyhedge.controller.loop import ControllerOptions
 from skyhedge.errors import SpecError, StateError
 from skyhedge.service import Placement, resolve_placement
 from skyhedge.spec import ServiceSpec, load_spec
-from skyhedge.state import STATE_FILE, ServiceState, default_state_dir
+from skyhedge.state import STATE_FILE, ServiceState, default_state_dir, load_state
 
 _terraform_bin = click.option(
     "--terraform-bin",
@@ -262,6 +262,7 @@ def watch(
     _check_policy(service, policy)
     _check_metrics_port(service, metrics_port)
     options = ControllerOptions(interval=interval, policy=policy)
+    interrupted = False
     with (
         _logging(log_level, log_format=log_format),
         Watcher(
@@ -284,7 +285,18 @@ def watch(
             "(the service keeps running)",
             log_format,
         )
-        watcher.run(once=once)
+        try:
+            watcher.run(once=once)
+        except KeyboardInterrupt:  # a second Ctrl-C: the pass in progress was cut short
+            interrupted = True
+    if interrupted:
+        console.print(
+            "watcher interrupted by a second Ctrl-C (its pass cut short); the service keeps what "
+            f"was last applied, and `{command_line('watch', spec, state_dir)}` resumes.",
+            markup=False,
+            highlight=False,
+        )
+        raise SystemExit(130)
 
 
 @main.command()
@@ -384,57 +396,70 @@ def up(
         except OSError as exc:
             raise StateError(f"{sdir}: cannot write the state dir ({exc.strerror or exc})") from exc
     options = ControllerOptions(interval=interval, policy=policy, busy_interval=0.5)
-    with (
-        _logging("info", None if no_dashboard else log_file, log_format),
-        Watcher(
-            service,
-            sdir,
-            options=options,
-            terraform_bin=terraform_bin,
-            spec_path=spec,
-            reload_on_change=not no_spec_reload,
-            reload_on_request=not no_spec_reload,
-            # under the dashboard a hangup is the terminal going away: stop (SIGHUP's default)
-            reload_on_hangup=no_dashboard,
-        ) as watcher,
-        _metrics(watcher, metrics_host, metrics_port, log_format),
-    ):
-        ctl = watcher.controller
-        assert ctl is not None
-        if replay is not None:
-            replay.on_change = ctl.note  # the controller's note logs each change, once
-            replay.remap(ctl.placement.zones("local", spot=True))  # (the same zones: a no-op)
-            ctl.note(replay.describe())
-            replay.attach(ctl)  # the policy decides on trace time
-
-            driven = replay
-
-            def follow(_spec: ServiceSpec, placement: Placement) -> None:
-                if driven.remap(placement.zones("local", spot=True)):
-                    ctl.note(driven.describe())  # the new mapping, as at start
-
-            watcher.on_reload(follow)
-            replay.start()
-        try:
-            if no_dashboard:
-                _say(
-                    f"{service.name}: serving at {service.service.url} once replicas are READY; Ctrl-C stops",
-                    log_format,
-                )
-                watcher.run()
-            else:
-                from skyhedge.controller.dashboard import Dashboard
-
-                with Dashboard(ctl, console=console):
-                    watcher.run()
-        finally:
+    try:
+        with (
+            _logging("info", None if no_dashboard else log_file, log_format),
+            Watcher(
+                service,
+                sdir,
+                options=options,
+                terraform_bin=terraform_bin,
+                spec_path=spec,
+                reload_on_change=not no_spec_reload,
+                reload_on_request=not no_spec_reload,
+                # under the dashboard a hangup is the terminal going away: stop (SIGHUP's default)
+                reload_on_hangup=no_dashboard,
+            ) as watcher,
+            _metrics(watcher, metrics_host, metrics_port, log_format),
+        ):
+            ctl = watcher.controller
+            assert ctl is not None
             if replay is not None:
-                replay.stop()
+                replay.on_change = ctl.note  # the controller's note logs each change, once
+                replay.remap(ctl.placement.zones("local", spot=True))  # (the same zones: a no-op)
+                ctl.note(replay.describe())
+                replay.attach(ctl)  # the policy decides on trace time
+
+                driven = replay
+
+                def follow(_spec: ServiceSpec, placement: Placement) -> None:
+                    if driven.remap(placement.zones("local", spot=True)):
+                        ctl.note(driven.describe())  # the new mapping, as at start
+
+                watcher.on_reload(follow)
+                replay.start()
+            try:
+                if no_dashboard:
+                    _say(
+                        f"{service.name}: serving at {service.service.url} once replicas are READY; "
+                        "Ctrl-C stops",
+                        log_format,
+                    )
+                    watcher.run()
+                else:
+                    from skyhedge.controller.dashboard import Dashboard
+
+                    with Dashboard(ctl, console=console):
+                        watcher.run()
+            finally:
+                if replay is not None:
+                    replay.stop()
+    except KeyboardInterrupt:  # a second Ctrl-C: the pass in progress was cut short
+        _interrupted(service, sdir, spec, state_dir, down_on_exit=down_on_exit)
     if down_on_exit:
         from skyhedge.apply import destroy_service
 
         console.print("destroying the replicas and the router (--down-on-exit)")
-        report = destroy_service(watcher.spec, sdir, terraform_bin=terraform_bin)  # as last reloaded
+        try:
+            report = destroy_service(watcher.spec, sdir, terraform_bin=terraform_bin)  # as last reloaded
+        except KeyboardInterrupt:
+            finish = f"{command_line('destroy', spec, state_dir)} --auto-approve"
+            console.print(
+                f"destroy interrupted; `{finish}` finishes it.",
+                markup=False,
+                highlight=False,
+            )
+            raise SystemExit(130) from None
         console.print(f"destroyed {len(report.destroyed)} replica(s) and the router")
     else:
         ctl = watcher.controller
@@ -442,6 +467,24 @@ def up(
         log_note = "" if no_dashboard else f" Log: {log_file}"  # without the dashboard it went to stderr
         text = stopped_message(watcher.spec, ctl.state, spec, state_dir) + log_note
         console.print(text, markup=False, highlight=False)
+
+
+def _interrupted(
+    service: ServiceSpec, sdir: Path, spec: Path, state_dir: Path | None, *, down_on_exit: bool = False
+) -> None:
+    """A second Ctrl-C stops the watcher at once, mid-pass (safe: see "Restart safety" in
+    docs/controller.md): say so, and what the state last saved leaves behind, instead of
+    click's bare "Aborted!"; exit 130, as a shell reports a Ctrl-C'd command."""
+    try:
+        state = load_state(sdir, service.name)
+    except StateError:  # unreadable: say what can be said without it
+        state = ServiceState(service=service.name)
+    how = "watcher interrupted by a second Ctrl-C (its pass cut short)"
+    text = stopped_message(service, state, spec, state_dir, how=how)
+    if down_on_exit:
+        text += " --down-on-exit was skipped."
+    console.print(text, markup=False, highlight=False)
+    raise SystemExit(130)
 
 
 def _routed_ids(state: ServiceState) -> set[str]:
@@ -452,7 +495,14 @@ def _routed_ids(state: ServiceState) -> set[str]:
     return {str(u.get("id")) for u in (state.router or {}).get("upstreams") or []}
 
 
-def stopped_message(service: ServiceSpec, state: ServiceState, spec: Path, state_dir: Path | None) -> str:
+def stopped_message(
+    service: ServiceSpec,
+    state: ServiceState,
+    spec: Path,
+    state_dir: Path | None,
+    *,
+    how: str = "watcher stopped",
+) -> str:
     """What `up` leaves behind when its watcher stops, and the commands that finish or remove it.
 
     "keeps serving" only when the router has an upstream: a Ctrl-C during the first apply leaves
@@ -468,16 +518,16 @@ def stopped_message(service: ServiceSpec, state: ServiceState, spec: Path, state
     if routed:
         rest = f", {unrouted} not routed yet" if unrouted else ""
         return (
-            f"watcher stopped; {service.name} keeps serving at {url} with {len(routed)} routed "
+            f"{how}; {service.name} keeps serving at {url} with {len(routed)} routed "
             f"replica(s){rest} (`{destroy}` removes it)."
         )
     if unrouted:
         return (
-            f"watcher stopped; {unrouted} replica(s) of {service.name} left starting, none routed "
+            f"{how}; {unrouted} replica(s) of {service.name} left starting, none routed "
             f"({url} answers 503): `{finish}` finishes them, `{destroy}` removes them."
         )
     return (
-        f"watcher stopped; {service.name} has no replica running: `{finish}` starts it again, "
+        f"{how}; {service.name} has no replica running: `{finish}` starts it again, "
         f"`{destroy}` removes the router."
     )
 
