@@ -212,7 +212,6 @@ def test_a_second_ctrl_c_says_what_it_left_behind_and_exits_130(tmp_path, write_
         assert shlex.split(hint) == ["skyhedge", "watch", str(spec), "--state-dir", str(sdir)]
 
 
-
 def _launch_config(runtime: Path, tmp_path: Path, **extra: object) -> dict:
     """The launcher tests' replica config, running a process that just waits."""
     port = free_base_port(1) + 1
