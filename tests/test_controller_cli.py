@@ -191,12 +191,14 @@ def test_market_replay_drives_capacity(tmp_path: Path):
         trace, ["local-a", "local-b", "local-c"], tmp_path / "state", speedup=30, on_change=seen.append
     )
     assert replay.period == 1.0 and "local-a<-us-east-1a" in replay.describe()
+    runtime = runtime_dir(tmp_path / "state")
     replay.step()
-    assert capacity.read_capacity(runtime_dir(tmp_path / "state")) == {}
+    assert list(capacity.read_capacity(runtime)) == ["local-c"]  # past the trace's two zones: closed
+    assert capacity.read_limits(runtime) == {"local-a": 2, "local-b": 1}
     replay.step()
-    assert list(capacity.read_capacity(runtime_dir(tmp_path / "state"))) == ["local-a"]
+    assert sorted(capacity.read_capacity(runtime)) == ["local-a", "local-c"]
     replay.step()
-    assert capacity.read_capacity(runtime_dir(tmp_path / "state")) == {}
+    assert list(capacity.read_capacity(runtime)) == ["local-c"]
     assert seen[-1] == "market tick 2: local-a capacity 1"
 
 
@@ -293,7 +295,7 @@ def test_market_replay_starts_where_asked_and_refuses_a_start_past_the_trace(tmp
 def test_market_replay_follows_the_local_zones_of_a_reloaded_spec(tmp_path: Path):
     trace = tmp_path / "trace"
     trace.mkdir()
-    for zone, data in (("us-east-1a", [2, 0, 0]), ("us-east-1b", [1, 1, 1])):
+    for zone, data in (("us-east-1a", [2, 0, 0, 0]), ("us-east-1b", [1, 1, 1, 1])):
         (trace / f"{zone}_v100_1.json").write_text(
             json.dumps({"metadata": {"gap_seconds": 30}, "data": data})
         )
@@ -302,16 +304,48 @@ def test_market_replay_follows_the_local_zones_of_a_reloaded_spec(tmp_path: Path
     replay.step()
     replay.step()
     assert list(capacity.read_capacity(runtime)) == ["local-a"]
-    # a reload that leaves the local zones as they were (or only adds one past the trace's zones)
-    # changes nothing: the marks stay, and `up` notes no new mapping
-    assert replay.remap(["local-a", "local-b", "local-z"]) is False
+    # a reload that leaves the local zones as they were changes nothing: the marks stay, and `up`
+    # notes no new mapping
+    assert replay.remap(["local-a", "local-b"]) is False
     assert list(capacity.read_capacity(runtime)) == ["local-a"]
-    assert replay.remap(["local-c", "local-b"]) is True  # the spec dropped local-a, added local-c
-    assert capacity.read_capacity(runtime) == {}  # local-a has its capacity back
+    assert replay.remap(["local-a", "local-b", "local-z"]) is True  # one past the trace's zones
+    replay.step()
+    assert sorted(capacity.read_capacity(runtime)) == ["local-a", "local-z"]  # closed: not the trace's
+    assert replay.remap(["local-c", "local-b"]) is True  # the spec dropped local-a and local-z
+    assert capacity.read_capacity(runtime) == {}  # they have their capacity back
     replay.step()
     assert list(capacity.read_capacity(runtime)) == ["local-c"]  # driven by the trace's first zone
     replay.stop()  # `up` ends: the trace's marks end with it, or a plain `up` later finds them
     assert capacity.read_capacity(runtime) == {}
+
+
+def test_spec_zones_past_the_traces_have_no_spot_capacity_while_the_replay_runs(tmp_path: Path):
+    """The replayed market is the trace's zones, as in `simulate`. Left open (found by an audit),
+    a fourth zone beside a three-zone trace never dropped, the policy parked every replica there,
+    and the replay exercised nothing."""
+    trace = tmp_path / "trace"
+    trace.mkdir()
+    (trace / "us-east-1a_v100_1.json").write_text(
+        json.dumps({"metadata": {"gap_seconds": 30}, "data": [1, 1]})
+    )
+    runtime = runtime_dir(tmp_path / "state")
+    seen: list[str] = []
+    replay = MarketReplay(
+        trace, ["local-a", "local-b", "local-c"], tmp_path / "state", speedup=30, on_change=seen.append
+    )
+    replay.start()
+    try:
+        deadline = time.monotonic() + 10
+        while sorted(capacity.read_capacity(runtime)) != ["local-b", "local-c"]:
+            assert time.monotonic() < deadline, capacity.read_capacity(runtime)
+            time.sleep(0.01)
+        assert capacity.read_limits(runtime) == {}  # local-a (the trace's zone) is open, unlimited
+        doc = json.loads(capacity.capacity_path(runtime).read_text())
+        assert doc["replay"]["zones"] == ["local-a", "local-b", "local-c"]  # reopened if abandoned
+        assert "market tick 0: local-b capacity 0" in seen
+    finally:
+        replay.stop()
+    assert capacity.read_capacity(runtime) == {}  # `up` ends: every zone has its capacity back
 
 
 def test_a_running_replay_is_recorded_with_its_zones_until_it_stops(tmp_path: Path):
@@ -418,7 +452,7 @@ def test_zones_past_the_traces_are_named_in_the_replays_description(tmp_path: Pa
     (trace / "us-east-1a_v100_1.json").write_text(json.dumps({"metadata": {"gap_seconds": 30}, "data": [1]}))
     replay = MarketReplay(trace, ["local-a", "local-b", "local-c"], tmp_path / "state")
     assert replay.describe().endswith(
-        "(local-a<-us-east-1a; local-b, local-c keep full capacity (the trace has 1 zone))"
+        "(local-a<-us-east-1a; local-b, local-c no spot capacity (the trace has 1 zone))"
     )
 
 

@@ -4,7 +4,10 @@
 zones and every 30/K seconds moves one 30 s tick forward: a zone whose capacity drops to 0 is
 marked preempted (spot launches refused) and its spot replicas are killed; a zone whose capacity
 is n has room for n spot replicas (launches beyond refused) and keeps only n of its spot replicas
-(the rest reported preempted); a zone back above 0 is open again. The controller
+(the rest reported preempted); a zone back above 0 is open again. Spec zones beyond the trace's
+have no spot capacity while the replay runs: the replayed market is the trace's zones, as in
+`simulate` (left open, they never dropped, and the policy parked every replica there, so a
+replay exercised nothing). The controller
 sees exactly what it would see from a real cloud: processes dying and launches refused. The
 policy's clock runs at the market's pace (`attach`); the controller's (cold starts, probes,
 backoffs) keeps real time.
@@ -71,7 +74,7 @@ class MarketReplay:
                 f"of {TICK_SECONDS}s, {length})"
             )
         self.mapping = {zones[i]: i for i in range(n)}
-        self.undriven = list(zones[n:])  # beyond the trace's zones: full capacity throughout
+        self.undriven = list(zones[n:])  # beyond the trace's zones: no spot capacity throughout
         self._lock = threading.Lock()  # remap (the watcher's thread) against step (the replay's)
         self.state_dir = state_dir
         self.period = TICK_SECONDS / speedup
@@ -115,7 +118,7 @@ class MarketReplay:
         pairs = ", ".join(f"{z}<-{self.trace.zones[i].zone}" for z, i in self.mapping.items())
         start = f" from tick {self.start_tick}" if self.start_tick else ""
         rest = (
-            f"; {', '.join(self.undriven)} keep full capacity (the trace has {len(self.trace.zones)} "
+            f"; {', '.join(self.undriven)} no spot capacity (the trace has {len(self.trace.zones)} "
             f"zone{'s' if len(self.trace.zones) != 1 else ''})"
             if self.undriven
             else ""
@@ -127,22 +130,28 @@ class MarketReplay:
 
     def remap(self, zones: Sequence[str]) -> bool:
         """Drive these local zones from now on (a reloaded spec changed them): the trace's zones
-        in order, as at start; a zone no longer driven gets its capacity back. False: the same
-        mapping as before (a reload that left the local zones as they were), nothing done."""
+        in order, as at start, the rest closed; a zone no longer in the spec gets its capacity back.
+        False: the same zones as before (a reload that left the local zones as they were), nothing
+        done."""
         with self._lock:
             n = min(len(zones), len(self.trace.zones))
             mapping = {zones[i]: i for i in range(n)}
-            if mapping == self.mapping:
+            undriven = list(zones[n:])
+            if mapping == self.mapping and undriven == self.undriven:
                 return False
-            dropped = [z for z in self.mapping if z not in zones[:n]]
+            dropped = [z for z in self._zones() if z not in zones]
             self.mapping = mapping
-            self.undriven = list(zones[n:])
-            self._last = {}  # the next step sets every driven zone's capacity afresh
+            self.undriven = undriven
+            self._last = {}  # the next step sets every zone's capacity afresh
             for zone in dropped:
                 set_zone_capacity(self.state_dir, zone, 1_000_000)
             if self._thread is not None:
-                record_replay(runtime_dir(self.state_dir), list(self.mapping))
+                record_replay(runtime_dir(self.state_dir), self._zones())
             return True
+
+    def _zones(self) -> list[str]:
+        """Every local zone the replay holds the capacity of: driven ones, then closed ones."""
+        return [*self.mapping, *self.undriven]
 
     def step(self) -> list[str]:
         """Apply the current tick's capacities (only changes act); advance; return what happened."""
@@ -152,8 +161,9 @@ class MarketReplay:
     def _step(self) -> list[str]:
         t = self.tick % self.trace.ticks
         notes = []
-        for zone, i in self.mapping.items():
-            cap = int(self.trace.capacity[i, t])
+        capacities = {zone: int(self.trace.capacity[i, t]) for zone, i in self.mapping.items()}
+        capacities.update(dict.fromkeys(self.undriven, 0))
+        for zone, cap in capacities.items():
             if self._last.get(zone) == cap:
                 continue
             self._last[zone] = cap
@@ -174,7 +184,7 @@ class MarketReplay:
     def start(self) -> None:
         # recorded first: a replay killed before `stop` leaves its zones to be reopened by the next
         # launch or watcher (capacity.recover_abandoned), not closed for good
-        record_replay(runtime_dir(self.state_dir), list(self.mapping))
+        record_replay(runtime_dir(self.state_dir), self._zones())
         self._thread = threading.Thread(target=self._run, daemon=True, name="skyhedge-market")
         self._thread.start()
 
@@ -189,14 +199,14 @@ class MarketReplay:
             self._stop.wait(max(0.0, next_at - time.monotonic()))
 
     def stop(self) -> None:
-        """Stop replaying and give the driven zones their capacity back: the trace's marks end
+        """Stop replaying and give its zones their capacity back: the trace's marks end
         with the replay (a later plain `up` would otherwise find zones it never preempted closed)."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5.0)
         with self._lock:
             restored = True
-            for zone in self.mapping:
+            for zone in self._zones():
                 try:
                     set_zone_capacity(self.state_dir, zone, 1_000_000)
                 except (OSError, ValueError) as exc:
