@@ -259,3 +259,27 @@ def test_the_title_shows_the_cold_start_the_run_used(trace_dir):
     )
     assert result.exit_code == 0, result.output
     assert "cold start 60s" in result.output and "cold start 45s" not in result.output
+
+
+def test_a_trace_shorter_than_the_default_window_is_simulated_whole_with_a_note(trace_dir):
+    """The tiny trace is 80 ticks (40 values of 60 s): without --ticks its windows are the whole
+    trace, said once on stderr, and the rows say how long their windows were."""
+    result = invoke("--trace", str(trace_dir), "--repeats", "2", "--policy", "spothedge,optimal", "--json")
+    assert result.exit_code == 0, result.output
+    assert result.stderr.strip() == (
+        "note: tiny: 80 ticks (0.7 h) of trace, shorter than a window of 2880: its windows are the "
+        "whole trace (--ticks refuses it instead)"
+    )
+    rows = json.loads(result.stdout)
+    assert [(r["policy"], r["window_ticks"], r["offsets"]) for r in rows] == [
+        ("spothedge", 80, [0, 0]),
+        ("optimal", 80, [0, 0]),
+    ]
+
+
+def test_a_window_asked_for_with_ticks_is_never_shortened(trace_dir):
+    result = invoke("--trace", str(trace_dir), "--ticks", "2880", "--policy", "spothedge")
+    assert result.exit_code == 1
+    assert result.output.strip().splitlines() == [
+        f"error: {trace_dir}: 80 ticks (0.7 h) of trace, shorter than one window of 2880 ticks"
+    ]

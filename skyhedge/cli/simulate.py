@@ -231,10 +231,21 @@ def simulate(
         arrivals=load_arrivals(arrivals) if arrivals is not None else None,
         prices=load_prices(prices_path) if prices_path is not None else None,
         availability_target=availability_target,
+        # --ticks given: the user asked for that window, and a trace too short for it is an error
+        whole_short_traces=_is_default("ticks"),
     )
     if config.arrivals is not None:  # gaps so short that a window gets millions of requests
         check_replay(config.arrivals, (ticks - config.cold_start_ticks) * TICK_SECONDS, str(arrivals))
     check_inputs(traces, config)  # every trace's window length and prices, before any is simulated
+    for trace in traces:
+        if config.for_trace(trace) is not config:
+            err_console.print(
+                escape(
+                    f"note: {trace.name}: {trace.ticks} ticks ({trace.hours:.1f} h) of trace, shorter than a "
+                    f"window of {config.ticks}: its windows are the whole trace (--ticks refuses it instead)"
+                ),
+                soft_wrap=True,
+            )
     if config.prices is not None and (unmatched := unmatched_prices(config.prices, traces)):
         one = len(unmatched) == 1
         err_console.print(
@@ -277,6 +288,12 @@ def simulate(
 
         plot_results(summaries, traces, plot_path, target=target)
         err_console.print(escape(f"wrote {plot_path}"))
+
+
+def _is_default(param: str) -> bool:
+    """The option `param` of the running command was not given (its default is in use)."""
+    source = click.get_current_context().get_parameter_source(param)
+    return source in (None, click.core.ParameterSource.DEFAULT)
 
 
 def _pct(value: float | None, digits: int = 1) -> str:
