@@ -22,7 +22,7 @@ from skyhedge.cli import main
 from skyhedge.clouds.local import capacity, runtime_dir
 from skyhedge.controller.dashboard import render
 from skyhedge.controller.loop import Controller, ControllerOptions
-from skyhedge.controller.market import MarketReplay
+from skyhedge.controller.market import MIN_PASS_SECONDS, MarketReplay
 from skyhedge.controller.runner import Watcher
 from skyhedge.controller.supervisor import Supervisor
 from skyhedge.errors import CloudError, StateError, TraceError
@@ -238,10 +238,14 @@ def test_an_idle_controller_attached_to_a_replay_decides_once_a_trace_tick(tmp_p
         ctl.clock.advance(ctl._next_delay())
     assert not any(r.fact().status.value in ("starting", "not_ready") for r in ctl.state.live())
     assert ctl.state.policy_memory["memory"]["interval"] <= 2 * 30.0  # about one tick of trace
-    # not faster than the busy pace, whatever the speedup: a pass every 50 ms would decide nothing new
+    # once a tick at speedups the controller's own busy pace (1 s here) would halve or quarter
+    faster = MarketReplay(trace, ["local-a", "local-b"], tmp_path / "state", speedup=120)
+    faster.attach(ctl)
+    assert ctl.options.interval == ctl.options.busy_interval == faster.period == 0.25
+    # but never faster than MIN_PASS_SECONDS: a pass every 50 ms would mostly decide nothing new
     fast = MarketReplay(trace, ["local-a", "local-b"], tmp_path / "state", speedup=600)
     fast.attach(ctl)
-    assert ctl.options.interval == ctl.options.busy_interval == 1.0
+    assert ctl.options.interval == ctl.options.busy_interval == MIN_PASS_SECONDS == 0.1
 
 
 def test_a_controller_attached_to_a_replay_retries_refused_launches_once_a_trace_tick(
