@@ -37,8 +37,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("skyhedge.controller")
 
 #: The fastest a replay makes the controller decide (real seconds): once a tick up to a speedup
-#: of 300. A pass that changes nothing costs a few milliseconds (measured: `up` at speedup 300
-#: with passes every 0.1 s), so this keeps a replay's controller well under a tenth of a core.
+#: of 300. A pass that changes nothing costs about 8 ms (measured: `up` at speedup 300, a pass
+#: every 0.1 s, used 3.9 s of CPU in 40 s, start-up included): under a tenth of a core.
 MIN_PASS_SECONDS = 0.1
 
 
