@@ -57,6 +57,21 @@ def test_prices_ride_along(tmp_path):
     assert np.isnan(trace.spot_prices[1]).all()
 
 
+def test_a_null_price_is_a_missing_sample_not_a_broken_trace(tmp_path):
+    """Price feeds have gaps; prices only matter with `simulate --prices`, where a zone with a
+    missing sample and no fixed price is then refused by name (runner._zone_prices)."""
+    write_zone(tmp_path, "us-east-1c_v100_1", [2, 2], gap=60, prices=[None, 1.1])
+    trace = load_trace(tmp_path)
+    assert trace.capacity.tolist() == [[2, 2, 2, 2]]
+    assert trace.spot_prices is not None
+    assert np.isnan(trace.spot_prices[0][:2]).all() and trace.spot_prices[0][2:].tolist() == [1.1, 1.1]
+    write_zone(tmp_path, "us-east-1c_v100_1", [1, 1], gap=60, prices=["1.0", 1.1])
+    with pytest.raises(
+        TraceError, match=r"prices\[0\]: expected a number in \[0, 1e\+06\] or null, got '1.0'$"
+    ):
+        load_trace(tmp_path)
+
+
 def test_csv_file_and_csv_in_a_directory(tmp_path):
     text = "seconds,us-east-1a,gcp/us-central1/us-central1-a,lab-zone\n0,1,2,0\n60,3,4,1\n"
     (tmp_path / "mine.csv").write_text(text)

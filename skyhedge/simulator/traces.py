@@ -455,15 +455,23 @@ def _gap(file: Path, metadata: object) -> float:
 
 
 def _numbers(file: Path, field: str, values: object, *, integral: bool) -> np.ndarray:
+    """`values` checked: capacities (`integral`) or prices, where `null` is a missing sample
+    (NaN: priced as no price at all, see `Trace.spot_prices`), as price feeds have gaps."""
     if not isinstance(values, list) or not values:
         raise TraceError(f"{file}: {field}: expected a non-empty list of numbers")
     top = MAX_CAPACITY if integral else MAX_PRICE
+    if not integral:
+        values = [math.nan if value is None else value for value in values]
     for i, value in enumerate(values):
+        if not integral and value is math.nan:
+            continue
         bad = isinstance(value, bool) or not isinstance(value, (int, float))
         if not bad:
             bad = not 0 <= value <= top or (integral and value != int(value))  # NaN fails too
         if bad:
-            kind = f"a non-negative integer <= {MAX_CAPACITY}" if integral else f"a number in [0, {top:g}]"
+            kind = f"a non-negative integer <= {MAX_CAPACITY}"
+            if not integral:
+                kind = f"a number in [0, {top:g}] or null"
             raise TraceError(f"{file}: {field}[{i}]: expected {kind}, got {value!r}")
     return np.asarray(values, dtype=np.int64 if integral else float)
 
