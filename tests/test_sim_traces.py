@@ -10,7 +10,7 @@ import pytest
 
 from skyhedge.errors import TraceError
 from skyhedge.policy import Location
-from skyhedge.simulator.traces import UNLIMITED, load_trace, location_for_zone, resample
+from skyhedge.simulator.traces import UNLIMITED, load_trace, load_traces, location_for_zone, resample
 
 
 def write_zone(directory: Path, name: str, data, gap=300, **extra) -> None:
@@ -140,3 +140,28 @@ def test_the_public_traces_load(shared_dir):
         shared_dir / "traces" / "cant-be-late" / "availability" / "16-node" / "aws-08-27-2023"
     )
     assert not binary.availability_only  # 0..16 values, not an availability trace
+
+
+def test_a_folder_of_traces_gives_every_trace_below_it_named_by_its_path(tmp_path):
+    """`--trace ../shared/traces` runs every trace in the tree; names stay unique (two `AWS1`
+    in different folders would not be) and say where each came from."""
+    write_zone(tmp_path / "skyserve" / "AWS1", "us-east-1a_v100_1", [1, 2])
+    write_zone(tmp_path / "cbl" / "1-node" / "aws", "us-east-1a_k80_1", [1, 0])
+    write_zone(tmp_path / "cbl" / "1-node" / "aws", "us-east-1a_v100_1", [1, 1])
+    write_zone(tmp_path / "cbl" / "1-node" / "aws", "us-east-1b_k80_1", [0, 1])
+    write_zone(tmp_path / ".hidden" / "x", "us-east-1a_v100_1", [1, 1])  # dot-folders skipped
+    (tmp_path / "README.md").write_text("not a trace")
+    names = [t.name for t in load_traces(tmp_path)]
+    assert names == ["cbl/1-node/aws[k80_1]", "cbl/1-node/aws[v100_1]", "skyserve/AWS1"]
+    assert [t.name for t in load_traces(tmp_path / "skyserve")] == ["AWS1"]  # one level: its own name
+    assert [t.name for t in load_traces(tmp_path, instance_types=["k80_1"])] == ["cbl/1-node/aws[k80_1]"]
+    with pytest.raises(TraceError, match=r"no trace directory below it holds instance type 'p3'$"):
+        load_traces(tmp_path, instance_types=["p3"])
+
+
+def test_a_folder_with_no_trace_in_or_below_it_is_one_error(tmp_path):
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    with pytest.raises(
+        TraceError, match=r"no \*.json zone traces or \*.csv trace in this directory or below it$"
+    ):
+        load_traces(tmp_path)

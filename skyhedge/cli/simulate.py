@@ -100,7 +100,8 @@ def _instance_types(values: tuple[str, ...]) -> list[str] | None:
     type=TracePath(path_type=Path),
     help="Trace directory (one JSON per zone), CSV file or one zone's JSON file; repeat for several "
     "traces. A directory "
-    "holding several instance types per zone gives one trace per type, named DIR[TYPE].",
+    "holding several instance types per zone gives one trace per type, named DIR[TYPE]; a folder "
+    "of trace directories (../shared/traces) gives every trace below it.",
 )
 @click.option(
     "--instance-type",

@@ -33,6 +33,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -227,7 +228,7 @@ def load_trace(path: str | Path, *, binary_is_unlimited: bool | None = None) -> 
         elif csvs:
             raise TraceError(f"{path}: holds {len(csvs)} CSV files; point --trace at one of them")
         else:
-            raise TraceError(f"{path}: no *.json zone traces or *.csv trace in this directory")
+            raise TraceError(f"{path}: no *.json zone traces or *.csv trace in this directory or below it")
     elif path.is_file() and _has_suffix(path, ".csv"):
         zones, series, gaps, prices = _read_csv(path)
     elif path.exists():
@@ -256,6 +257,8 @@ def load_traces(
     path = Path(path)
     jsons = _json_files(path)
     wanted = list(dict.fromkeys(instance_types)) if instance_types else None
+    if not jsons and (leaves := _trace_dirs(path)):
+        return _load_tree(path, leaves, wanted, binary_is_unlimited)
     if not jsons:
         trace = load_trace(path, binary_is_unlimited=binary_is_unlimited)  # its errors first
         if wanted:
@@ -288,6 +291,42 @@ def load_traces(
         _check_zones_once(path, files)
         trace = _from_json_files(path, files, name, source, binary_is_unlimited)
         traces.append(replace(trace, instance_type=kind))
+    return traces
+
+
+def _trace_dirs(path: Path) -> list[Path]:
+    """The trace directories below `path` when `path` holds none of a trace's files itself (a
+    folder of traces, such as ../shared/traces): every directory with *.json or *.csv files,
+    sorted, dot-directories skipped. Empty for anything else."""
+    if not path.is_dir() or _holds_trace_files(path):
+        return []
+    found = []
+    for directory, subdirs, _files in os.walk(path):
+        subdirs[:] = sorted(d for d in subdirs if not d.startswith("."))
+        if Path(directory) != path and _holds_trace_files(Path(directory)):
+            found.append(Path(directory))
+    return found
+
+
+def _holds_trace_files(directory: Path) -> bool:
+    return any(_has_suffix(p, ".json") or _has_suffix(p, ".csv") for p in _visible_files(directory))
+
+
+def _load_tree(
+    path: Path, leaves: list[Path], wanted: list[str] | None, binary_is_unlimited: bool | None
+) -> list[Trace]:
+    """Every trace of a folder of traces, named by its path below the folder
+    (`preemption/1-node/aws-04-22-2023`, `availability/1-node/aws-10-26-2022[k80_1]`), so that
+    names stay unique. With `wanted` instance types, only the directories holding one of them."""
+    traces = []
+    for leaf in leaves:
+        if wanted and not any(instance_type_of(f) in wanted for f in _json_files(leaf)):
+            continue
+        prefix = leaf.relative_to(path).parent.as_posix()
+        for trace in load_traces(leaf, instance_types=wanted, binary_is_unlimited=binary_is_unlimited):
+            traces.append(replace(trace, name=trace.name if prefix == "." else f"{prefix}/{trace.name}"))
+    if not traces:
+        raise TraceError(f"{path}: no trace directory below it holds instance type {_quoted(wanted or [])}")
     return traces
 
 
