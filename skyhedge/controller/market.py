@@ -29,7 +29,7 @@ from skyhedge.clouds.local.capacity import end_replay, record_replay
 from skyhedge.clouds.local.events import set_zone_capacity
 from skyhedge.errors import TraceError
 from skyhedge.service import PolicyClock
-from skyhedge.simulator.traces import TICK_SECONDS, UNLIMITED, load_traces
+from skyhedge.simulator.traces import TICK_SECONDS, UNLIMITED, load_traces, trace_dirs
 
 if TYPE_CHECKING:
     from skyhedge.controller.loop import Controller
@@ -56,6 +56,12 @@ class MarketReplay:
     ) -> None:
         if speedup <= 0:
             raise TraceError(f"--speedup: expected a positive number, got {speedup}")
+        if folders := trace_dirs(Path(trace_dir)):  # simulate takes a folder of traces; a replay is one
+            names = ", ".join(str(f.relative_to(trace_dir)) for f in folders[:4])
+            more = f" and {len(folders) - 4} more" if len(folders) > 4 else ""
+            raise TraceError(
+                f"{trace_dir}: a folder of {len(folders)} traces; replay one of them: {names}{more}"
+            )
         # a directory with several instance types per zone (one spot pool each) replays one of them
         try:
             traces = load_traces(trace_dir, instance_types=[instance_type] if instance_type else None)

@@ -257,7 +257,7 @@ def load_traces(
     path = Path(path)
     jsons = _json_files(path)
     wanted = list(dict.fromkeys(instance_types)) if instance_types else None
-    if not jsons and (leaves := _trace_dirs(path)):
+    if not jsons and (leaves := trace_dirs(path)):
         return _load_tree(path, leaves, wanted, binary_is_unlimited)
     if not jsons:
         trace = load_trace(path, binary_is_unlimited=binary_is_unlimited)  # its errors first
@@ -294,7 +294,7 @@ def load_traces(
     return traces
 
 
-def _trace_dirs(path: Path) -> list[Path]:
+def trace_dirs(path: Path) -> list[Path]:
     """The trace directories below `path` when `path` holds none of a trace's files itself (a
     folder of traces, such as ../shared/traces): every directory with *.json or *.csv files,
     sorted, dot-directories skipped. Empty for anything else."""
