@@ -450,6 +450,17 @@ def test_an_up_refused_before_its_first_write_leaves_no_state_dir(tmp_path: Path
     assert not (tmp_path / "new").exists()
 
 
+def test_a_folder_of_traces_is_refused_for_a_replay_naming_them(tmp_path: Path):
+    """`simulate --trace` takes a folder of traces; a replay drives one market."""
+    for name in ("AWS1", "AWS2"):
+        (tmp_path / "traces" / name).mkdir(parents=True)
+        (tmp_path / "traces" / name / "us-east-1a_v100_1.json").write_text(
+            json.dumps({"metadata": {"gap_seconds": 30}, "data": [1]})
+        )
+    with pytest.raises(TraceError, match=r"traces: a folder of 2 traces; replay one of them: AWS1, AWS2$"):
+        MarketReplay(tmp_path / "traces", ["local-a"], tmp_path / "state")
+
+
 def test_zones_past_the_traces_are_named_in_the_replays_description(tmp_path: Path):
     trace = tmp_path / "trace"
     trace.mkdir()
