@@ -380,6 +380,22 @@ def test_a_repository_ignoring_the_trees_files_is_refused_in_one_line(tmp_path, 
 # --- 10: a --gitops-path the tree cannot own is refused at start --------------------------------
 
 
+def test_gitops_path_without_gitops_is_a_usage_error_not_an_apply(tmp_path, write_spec):
+    """Forgetting `--gitops` once ran the watcher in apply mode on the GitOps state: it launched
+    the committed replicas itself and turned GitOps mode off (audit B, finding 1)."""
+    state, spec = tmp_path / "st", write_spec(LOCAL)
+    args = ["watch", str(spec), "--state-dir", str(state), "--gitops-path", "infra", "--once"]
+    try:
+        out = CliRunner().invoke(main, args)
+    finally:  # before the fix it applied: leave no replica or nginx behind
+        if state.exists():
+            CliRunner().invoke(main, ["destroy", str(spec), "--state-dir", str(state), "--auto-approve"])
+    assert out.exit_code == 1
+    (line,) = out.stderr.strip().splitlines()
+    assert line.startswith("error: --gitops-path is where --gitops writes the tree: give --gitops REPO_DIR")
+    assert not state.exists()  # nothing planned, launched or recorded
+
+
 @pytest.mark.parametrize(
     ("path", "says"),
     [

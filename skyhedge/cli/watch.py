@@ -99,6 +99,14 @@ def _check_metrics_flags(port: int | None) -> None:
         raise click.UsageError("--metrics-host is where --metrics-port listens: give --metrics-port too")
 
 
+def _check_gitops_flags(gitops: Path | None, gitops_path: str | None) -> None:
+    """`--gitops-path` alone is a usage error: ignored, the watcher ran in apply mode on the
+    GitOps state, launching the committed replicas itself (on a cloud, billed machines) and
+    turning GitOps mode off in the state, where the user had only forgotten `--gitops`."""
+    if gitops is None and gitops_path is not None:
+        raise click.UsageError("--gitops-path is where --gitops writes the tree: give --gitops REPO_DIR too")
+
+
 def _check_policy(service: ServiceSpec, policy: str | None) -> None:
     """`--policy` is checked before anything starts, as `plan --policy` is: inside the loop an
     unknown name failed every pass for ever, behind a router answering 503 to everyone."""
@@ -258,6 +266,7 @@ def watch(
     from skyhedge.controller.runner import Watcher
 
     _check_metrics_flags(metrics_port)
+    _check_gitops_flags(gitops, gitops_path)
     service, sdir = _load(spec, state_dir)
     _check_policy(service, policy)
     _check_metrics_port(service, metrics_port)
