@@ -377,6 +377,23 @@ def test_a_repository_ignoring_the_trees_files_is_refused_in_one_line(tmp_path, 
     assert git(repo, "diff", "--cached", "--name-only").strip() == ""
 
 
+@pytest.mark.parametrize("rule", ["infra/", "infra"])
+def test_a_repository_ignoring_the_trees_folder_names_the_file_and_the_rule(tmp_path, repo, write_spec, rule):
+    """Ignoring the whole folder made `git add` fail first, and the one line said only "The
+    following paths are ignored by one of your .gitignore files:" (audit B, finding 2)."""
+    (repo / ".gitignore").write_text(f"{rule}\n")
+    git(repo, "add", ".gitignore")
+    git(repo, "commit", "-qm", "ignore the tree")
+    args = ["watch", str(write_spec(LOCAL)), "--state-dir", str(tmp_path / "st"), "--gitops", str(repo)]
+    out = CliRunner().invoke(main, [*args, "--once"])
+    assert out.exit_code == 1
+    last = out.output.strip().splitlines()[-1]
+    assert last.startswith("error: apply failed: gitops: infra/"), last
+    assert f"is ignored by git (.gitignore line 1: {rule})" in last
+    assert len(messages(repo)) == 2  # nothing committed
+    assert git(repo, "diff", "--cached", "--name-only").strip() == ""
+
+
 # --- 10: a --gitops-path the tree cannot own is refused at start --------------------------------
 
 

@@ -398,7 +398,14 @@ class GitOpsExecutor:
         rel = self._rel
         self._unwritten = None
         self._files = [f"{rel}/{name}" for name, _ in tree.files]
-        git(self.top, "add", "-A", "--", rel)
+        try:
+            git(self.top, "add", "-A", "--", rel)
+        except StateError:
+            # a repository ignoring the whole folder (`infra/`) fails the add itself, with "The
+            # following paths are ignored..." and the path on a later line: the one-line error
+            # named neither the file nor the rule. Say that, as a commit would (`finish`).
+            self._check_not_ignored()
+            raise
         self._owed = git(self.top, "diff", "--cached", "--quiet", "--", rel, check=False).returncode != 0
 
     def apply(self, state: ServiceState, plan: Plan, now: float) -> ExecResult:
