@@ -380,3 +380,29 @@ def test_a_reloaded_spec_is_committed_by_the_same_watcher(tmp_path, repo, write_
         assert len(tfvars_replicas(repo)) == 4 and len(commits(repo)) == 2
         assert any(n.text.endswith(": replica_policy.min_replicas: 2 -> 3") for n in w.controller.notes)
         assert git(repo, "status", "--porcelain") == ""
+
+
+def test_a_spec_edited_while_head_is_detached_is_taken_and_committed_once_back_on_the_branch(
+    tmp_path, repo, write_spec
+):
+    """`git pull --rebase` detaches HEAD while it works: an edit it brought in was refused
+    ("HEAD is detached ...; keeping the running spec") and, the file not changing again, never
+    taken after the rebase (audit B, finding 3)."""
+    from skyhedge.controller.runner import Watcher
+
+    path = write_spec(SPEC)
+    with Watcher(load_spec(path), tmp_path / "state", gitops=repo, spec_path=path) as w:
+        assert w.controller is not None
+        w._tick()
+        assert len(commits(repo)) == 1
+        branch = git(repo, "symbolic-ref", "--short", "HEAD").strip()
+        git(repo, "checkout", "-q", "--detach")
+        path.write_text(path.read_text().replace("min_replicas: 2", "min_replicas: 3"))
+        w._tick()
+        assert w.spec.replica_policy.min_replicas == 3  # taken, not refused
+        assert len(commits(repo)) == 1  # but no commit while HEAD is detached
+        assert "while HEAD is detached" in w.controller.notes[-1].text
+        git(repo, "checkout", "-q", branch)
+        w._tick()
+        assert len(commits(repo)) == 2 and len(tfvars_replicas(repo)) == 4
+        assert "Spec reloaded: replica_policy.min_replicas: 2 -> 3" in commits(repo)[0]

@@ -314,7 +314,12 @@ class GitOpsExecutor:
         subdir: str | None = None,
         placement: Placement | None = None,
         clock: Callable[[], float] = time.time,
+        at_start: bool = True,
     ) -> None:
+        """`at_start`: refuse a detached HEAD or an operation in progress (the watcher's start).
+        A spec reload builds its executor with False: `apply` and `finish` wait those out, and a
+        reload refused for them was never retried once the branch was back (the file had not
+        changed again), so an edit pulled in by `git pull --rebase` was silently never taken."""
         self.spec = spec
         self.top = check_repo(Path(repo))
         where = subdir if subdir is not None else DEFAULT_SUBDIR
@@ -330,7 +335,7 @@ class GitOpsExecutor:
             )
         self.workspace = Workspace(spec, state_dir)
         _check_tree_dir(self.out, where, self.workspace.state_dir, spec.name)
-        blocked = branch_problem(self.top)
+        blocked = branch_problem(self.top) if at_start else None
         if blocked == "HEAD is detached":
             raise StateError(
                 f"{self.top}: HEAD is detached; check out the branch the watcher should commit to"

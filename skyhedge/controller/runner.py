@@ -289,8 +289,14 @@ class Watcher:
             if executor is None or executor.spec is not spec:
                 from skyhedge.controller.gitops import GitOpsExecutor
 
-                executor = GitOpsExecutor(
-                    spec, sdir, self.gitops, subdir=self.gitops_subdir, placement=placement, clock=self.clock
+                executor = GitOpsExecutor(  # a reload: a detached HEAD or a rebase is waited out
+                    spec,
+                    sdir,
+                    self.gitops,
+                    subdir=self.gitops_subdir,
+                    placement=placement,
+                    clock=self.clock,
+                    at_start=False,
                 )
             return executor, None, None
         from skyhedge.controller.adapters import HttpProber, NginxRouter
