@@ -133,23 +133,33 @@ def _check_metrics_port(service: ServiceSpec, port: int | None) -> None:
 
 
 @contextlib.contextmanager
-def _metrics(watcher: Any, host: str, port: int | None, log_format: str = "text") -> Iterator[None]:
-    """Serve the watcher's metrics while it runs (nothing without --metrics-port)."""
+def _metrics(host: str, port: int | None) -> Iterator[Any]:
+    """Listen for the watcher's metrics while it runs (None without --metrics-port).
+
+    Entered before the `Watcher`: a port that cannot be listened on is refused before the
+    watcher takes the lock and builds its event sources, which made the state dir (`local/`
+    beside the lock file), so a refused first run left a directory behind (docs/terraform.md:
+    a writer refused before it writes anything removes the state dir it made)."""
     if port is None:
-        yield
+        yield None
         return
     from skyhedge.controller.metrics import Metrics, MetricsServer
 
-    metrics = Metrics()
-    server = MetricsServer(metrics, host=host, port=port)
-    metrics.watch(watcher.controller)
+    server = MetricsServer(Metrics(), host=host, port=port)
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+def _serve_metrics(server: Any, watcher: Any, port: int | None, log_format: str) -> None:
+    """Feed the listening `server` (`_metrics`) from the watcher's passes, and say where."""
+    if server is None:
+        return
+    server.metrics.watch(watcher.controller)
     watcher.metrics_url = server.address  # `status` shows it
     watcher.metrics_port = port  # a reloaded spec moving local replicas onto it is refused
     _say(f"metrics at {server.address}", log_format)
-    try:
-        yield
-    finally:
-        server.close()
 
 
 _log_format = click.option(
@@ -274,6 +284,7 @@ def watch(
     interrupted = False
     with (
         _logging(log_level, log_format=log_format),
+        _metrics(metrics_host, metrics_port) as metrics_server,
         Watcher(
             service,
             sdir,
@@ -286,8 +297,8 @@ def watch(
             reload_on_change=not no_spec_reload,
             reload_on_request=not no_spec_reload,
         ) as watcher,
-        _metrics(watcher, metrics_host, metrics_port, log_format),
     ):
+        _serve_metrics(metrics_server, watcher, metrics_port, log_format)
         mode = f"gitops into {gitops}" if gitops else "applying with Terraform"
         _say(
             f"watching {service.name} ({mode}); state in {sdir}; Ctrl-C stops the watcher "
@@ -408,6 +419,7 @@ def up(
     try:
         with (
             _logging("info", None if no_dashboard else log_file, log_format),
+            _metrics(metrics_host, metrics_port) as metrics_server,
             Watcher(
                 service,
                 sdir,
@@ -419,8 +431,8 @@ def up(
                 # under the dashboard a hangup is the terminal going away: stop (SIGHUP's default)
                 reload_on_hangup=no_dashboard,
             ) as watcher,
-            _metrics(watcher, metrics_host, metrics_port, log_format),
         ):
+            _serve_metrics(metrics_server, watcher, metrics_port, log_format)
             ctl = watcher.controller
             assert ctl is not None
             if replay is not None:
