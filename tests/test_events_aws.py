@@ -408,6 +408,24 @@ def test_setup_events_sets_the_retention_of_an_existing_queue(aws):
     assert attrs["MessageRetentionPeriod"] == "3600"
 
 
+def test_a_fifo_events_queue_is_set_up_and_receives_the_warnings(aws):
+    """The spec takes a FIFO queue name (`.fifo`); SQS and EventBridge then need a FIFO queue with
+    content-based deduplication and a message group, else setup failed half-way (queue and rules
+    made, no targets) and no warning ever reached the watcher."""
+    sqs = aws.client("sqs", region_name=REGION)
+    setup = setup_events("llm", [REGION], queue_name="llm-events.fifo", session=aws)
+    setup_events("llm", [REGION], queue_name="llm-events.fifo", session=aws)  # still idempotent
+    attrs = sqs.get_queue_attributes(QueueUrl=setup[0].queue_url, AttributeNames=["All"])["Attributes"]
+    assert attrs["FifoQueue"] == "true" and attrs["ContentBasedDeduplication"] == "true"
+    _warn(aws, "i-0123456789abcdef0")
+    _warn(aws, "i-0fedcba9876543210")
+    bodies = [
+        json.loads(m["Body"])["detail"]["instance-id"]
+        for m in sqs.receive_message(QueueUrl=setup[0].queue_url, MaxNumberOfMessages=10).get("Messages", [])
+    ]
+    assert bodies == ["i-0123456789abcdef0", "i-0fedcba9876543210"]
+
+
 def test_a_failing_reconcile_keeps_the_queues_events_and_waits_its_turn(aws, tmp_path, write_spec, caplog):
     ctl, source, clock = _controller(aws, tmp_path, write_spec, reconcile_every=30)
     victim = ctl.state.live()[0]

@@ -74,12 +74,17 @@ def _queue_policy(queue_arn: str, rule_arns: Sequence[str]) -> str:
 def _setup_region(session: Any, service: str, queue_name: str, region: str) -> RegionSetup:
     sqs = session.client("sqs", region_name=region)
     events = session.client("events", region_name=region)
+    # `aws.events_queue` may name a FIFO queue (`.fifo`): SQS makes one only when asked to, and
+    # EventBridge sends to one only with a message group and content-based deduplication (each
+    # event's body holds its own ID, so no two events are taken for one), so these are set too
+    fifo = queue_name.endswith(".fifo")
     try:
         url = sqs.get_queue_url(QueueName=queue_name)["QueueUrl"]
     except sqs.exceptions.QueueDoesNotExist:
-        url = sqs.create_queue(
-            QueueName=queue_name, Attributes={"MessageRetentionPeriod": RETENTION_SECONDS}
-        )["QueueUrl"]
+        attributes = {"MessageRetentionPeriod": RETENTION_SECONDS}
+        if fifo:
+            attributes.update(FifoQueue="true", ContentBasedDeduplication="true")
+        url = sqs.create_queue(QueueName=queue_name, Attributes=attributes)["QueueUrl"]
     arn = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
     rule_arns = []
     for name, pattern in zip(rule_names(service), event_patterns(), strict=True):
@@ -90,13 +95,16 @@ def _setup_region(session: Any, service: str, queue_name: str, region: str) -> R
             Description=f"skyhedge: EC2 events for service {service} into SQS {queue_name}",
         )
         rule_arns.append(reply["RuleArn"])
-        events.put_targets(Rule=name, Targets=[{"Id": TARGET_ID, "Arn": arn}])
+        target: dict[str, Any] = {"Id": TARGET_ID, "Arn": arn}
+        if fifo:  # one group: the watcher reads every event of the queue anyway
+            target["SqsParameters"] = {"MessageGroupId": f"skyhedge-{service}"}
+        events.put_targets(Rule=name, Targets=[target])
     # the retention too: a queue made by hand (or by an older skyhedge) keeps AWS's 4-day default,
     # and a watcher started days later would act on interruption warnings long past
-    sqs.set_queue_attributes(
-        QueueUrl=url,
-        Attributes={"Policy": _queue_policy(arn, rule_arns), "MessageRetentionPeriod": RETENTION_SECONDS},
-    )
+    attributes = {"Policy": _queue_policy(arn, rule_arns), "MessageRetentionPeriod": RETENTION_SECONDS}
+    if fifo:  # a FIFO queue made by hand may lack it
+        attributes["ContentBasedDeduplication"] = "true"
+    sqs.set_queue_attributes(QueueUrl=url, Attributes=attributes)
     return RegionSetup(region, url, arn, tuple(rule_arns))
 
 
