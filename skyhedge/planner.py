@@ -67,6 +67,12 @@ class Plan:
     next_id: int
     ondemand_only_hourly_cost: float
     base_ondemand: int = 0
+    #: kept replicas being released (draining: warned by their cloud, or released by a watcher):
+    #: they run, and cost, until their requests end, but the plan has already replaced them
+    releasing: frozenset[str] = frozenset()
+    #: kept replicas recorded but never provisioned (the apply that launched them failed or was
+    #: interrupted): the next apply creates them, so a confirmation must not show them as kept
+    unlaunched: frozenset[str] = frozenset()
 
     @property
     def desired(self) -> tuple[PlannedReplica, ...]:
@@ -95,11 +101,13 @@ class Plan:
         desired = self.desired
         cost = self.hourly_cost
         od = self.ondemand_only_hourly_cost
-        spot_cost = sum(r.price_per_hour for r in desired if r.market is Market.SPOT)
-        od_prices = sorted(r.price_per_hour for r in desired if r.market is Market.ON_DEMAND)
-        spot_count = sum(1 for r in desired if r.market is Market.SPOT)
         # once spot replicas are READY the fallback goes; on-demand replicas that stand in for no
-        # spot replica (the static base, or a policy that runs on-demand only) stay
+        # spot replica (the static base, or a policy that runs on-demand only) stay; replicas
+        # being released go too (they cost now, not then)
+        settled = [r for r in desired if r.id not in self.releasing]
+        spot_cost = sum(r.price_per_hour for r in settled if r.market is Market.SPOT)
+        od_prices = sorted(r.price_per_hour for r in settled if r.market is Market.ON_DEMAND)
+        spot_count = sum(1 for r in settled if r.market is Market.SPOT)
         lasting = max(self.base_ondemand, self.target - spot_count)
         steady = spot_cost + sum(od_prices[:lasting])
         return {
@@ -168,6 +176,7 @@ def make_plan(
         for r in live.values()
     ]
     replicas = tuple(sorted([*kept, *created], key=lambda r: replica_number(r.id)))
+    kept_ids = [r.id for r in live.values() if r.id not in deleted]
     return Plan(
         service=service,
         target=target,
@@ -176,4 +185,6 @@ def make_plan(
         next_id=counter,
         ondemand_only_hourly_cost=target * ondemand_price,
         base_ondemand=base_ondemand,
+        releasing=frozenset(rid for rid in kept_ids if live[rid].draining),
+        unlaunched=frozenset(rid for rid in kept_ids if live[rid].provisioned_at is None),
     )

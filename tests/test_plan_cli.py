@@ -540,3 +540,33 @@ def test_fresh_local_ids_skip_ports_another_process_holds(tmp_path, write_spec):
     finally:
         for sock in held:
             sock.close()
+
+
+def test_apply_asks_with_the_pending_and_releasing_replicas_marked_as_plan_shows_them(
+    tmp_path, write_spec, monkeypatch
+):
+    """`apply`'s confirmation showed "keep" for a replica a failed apply never created (Terraform
+    creates it) and for one its cloud warned of an interruption, where `plan` says `+ create
+    (pending)` and `- delete (draining)`."""
+    # the records stand for running processes this test does not start
+    monkeypatch.setattr("skyhedge.apply.notice_dead_local_replicas", lambda *args: [])
+    monkeypatch.setattr("skyhedge.cli.plan.notice_dead_local_replicas", lambda *args: [])
+    spec = write_spec(
+        "name: svc\nplacement: {clouds: [local], zones: [local-a, local-b]}\n"
+        "replica_policy: {min_replicas: 1, num_overprovision: 0, policy: spothedge}\nrun: {command: serve}\n"
+    )
+    save_ready_spot(tmp_path / "st", "svc", "local", "local", ["local-a", "local-b"])
+    state = load_state(tmp_path / "st", "svc")
+    state.replicas["r-0001"].draining = True  # warned of its interruption: apply keeps the mark
+    state.replicas["r-0001"].cloud_id = "id"
+    state.extra["warned"] = {"r-0001": 0.0}
+    state.replicas["r-0002"].provisioned_at = state.replicas["r-0002"].ready_at = None
+    state.replicas["r-0002"].endpoint = None
+    save_state(tmp_path / "st", state)
+    args = (str(spec), "--state-dir", str(tmp_path / "st"), "--no-routing", "--no-wait")
+    asked = CliRunner().invoke(main, ["apply", *args], input="n\n")
+    assert asked.exit_code == 1 and "Apply cancelled" in asked.output, asked.output
+    planned = run("plan", str(spec), "--state-dir", str(tmp_path / "st"))
+    for shown in (asked.output, planned.output):
+        assert "+ create (pending)" in shown and "- delete (draining)" in shown, shown
+        assert "  keep " not in shown, shown

@@ -151,10 +151,15 @@ _ACTION_STYLE = {
 
 
 def render_plan_table(
-    plan: Plan, pending: Collection[str] = frozenset(), releasing: Collection[str] = frozenset()
+    plan: Plan, pending: Collection[str] | None = None, releasing: Collection[str] | None = None
 ) -> Table:
     """Group by cloud/region/zone, market and action, with counts and hourly prices. `pending`:
-    IDs of kept replicas never created, shown as `+ create (pending)`, not as kept."""
+    IDs of kept replicas never created, shown as `+ create (pending)`, not as kept; `releasing`:
+    those being released, shown as `- delete (draining)`. Unset, they are the plan's own (as
+    `apply` shows it before asking: a confirmation listing as kept the replicas it is about to
+    create, or one it is releasing, told the user less than `plan` did)."""
+    pending = plan.unlaunched if pending is None else pending
+    releasing = plan.releasing if releasing is None else releasing
     groups: dict[tuple[str, str, str, str, str], list[float]] = defaultdict(list)
     for r in plan.replicas:
         loc = r.location
