@@ -475,6 +475,18 @@ def compute_plan(
     # more while the last of them drains launched a replica (and its on-demand cover) that was
     # released again as soon as the drain ended.
     rolling = {rid for rid in outdated if not live[rid].draining}
+    # GitOps: a committed replica counts as READY only once the readiness probe's initial delay
+    # (the time a replica is given to come up) has passed since its commit, for the roll-over and
+    # for the policy alike, so that every commit keeps N replicas that have had time to boot. The
+    # policy saw a committed replica READY at once, and a move (skyhedge gathering its replicas
+    # into one zone) launched the new ones and released the old in one commit: CI applying it
+    # left fewer than N serving until the new ones booted (found by an audit).
+    grace = float(spec.readiness_probe.initial_delay_seconds) if gitops else 0.0
+    if grace > 0:
+        inside = tuple(
+            replace(f, ready_at=None) if f.ready_at is not None and now - f.ready_at < grace else f
+            for f in inside
+        )
     obs = Observation(
         now=now,
         target=target + 1 if rolling and target > 0 else target,
@@ -484,10 +496,6 @@ def compute_plan(
         ondemand_only=placement.ondemand_only,
     )
     decisions = policy.decide(obs if clock is None else clock.observe(obs))
-    # GitOps: a replacement counts for the roll-over only once the readiness probe's initial delay
-    # (the time a replica is given to come up) has passed since it was committed, so that every
-    # commit keeps N replicas that have had time to boot.
-    grace = float(spec.readiness_probe.initial_delay_seconds) if gitops else 0.0
     retire = _next_to_retire(live, outdated | outside, decisions, target, now=now, grace=grace)
     if retire is not None:
         decisions.append(Terminate(retire))

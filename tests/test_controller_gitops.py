@@ -406,3 +406,47 @@ def test_a_spec_edited_while_head_is_detached_is_taken_and_committed_once_back_o
         w._tick()
         assert len(commits(repo)) == 2 and len(tfvars_replicas(repo)) == 4
         assert "Spec reloaded: replica_policy.min_replicas: 2 -> 3" in commits(repo)[0]
+
+
+GATHERING = """
+name: svc
+placement:
+  clouds: [local]
+  zones: [local-a, local-b, local-c, local-d]
+replica_policy:
+  min_replicas: 3
+  num_overprovision: 1
+  policy: skyhedge
+readiness_probe: {path: /health, initial_delay_seconds: 900}
+run:
+  command: python3 server.py
+"""
+
+
+def test_a_policy_move_keeps_n_booted_replicas_in_every_commit(tmp_path, repo, write_spec):
+    """Committed replicas counted as READY at once, so a move (skyhedge gathering its replicas
+    into one zone after min_replicas 3 -> 4 left too few zones for an extra) launched three
+    replicas and released two in one commit: CI applying it left two of four serving while the
+    new ones booted (found by an audit). A committed replica now counts for the policy only once
+    `initial_delay_seconds` has passed since its commit, as a rolling update's replacement does."""
+    from skyhedge.controller.runner import Watcher
+
+    path, clock = write_spec(GATHERING), Clock(1_700_000_000.0)
+    with Watcher(load_spec(path), tmp_path / "state", gitops=repo, spec_path=path, clock=clock) as w:
+        assert w.controller is not None
+        w._tick()
+        clock.advance(1000)  # the four have booted
+        w._tick()
+        path.write_text(path.read_text().replace("min_replicas: 3", "min_replicas: 4"))
+        shown = len(commits(repo))
+        for _ in range(80):
+            w._tick()
+            booted = [
+                r for r in w.controller.state.live() if r.ready_at is not None and clock() - r.ready_at >= 900
+            ]
+            assert len(booted) >= 4, [(r.id, r.zone, r.ready_at) for r in w.controller.state.live()]
+            clock.advance(60)
+        zones = {r.zone for r in w.controller.state.live()}
+        messages = commits(repo)[: len(commits(repo)) - shown]
+    assert len(zones) == 1 and len(w.controller.state.live()) == 4  # gathered, one step a commit
+    assert len(messages) >= 4 and not any("replace r-0002, r-0003" in m for m in messages)

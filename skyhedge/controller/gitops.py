@@ -14,9 +14,10 @@ Replicas are recorded as provisioned (and, by the controller's `assume_ready`, R
 committed: the watcher cannot probe what CI has not applied yet, and counting them as missing
 would make the policy buy on-demand fallback on every tick. The state records the mode
 (`service.set_gitops`), so that `compute_plan` (the watcher's, and `plan`/`render` in CI) runs the
-policy without on-demand fallback and counts a committed replacement for a rolling update only
-once the readiness probe's initial delay has passed. A root a commit empties stays rendered for
-a while (`apply.roots_with_resources`): nothing tells the watcher when CI has applied it.
+policy without on-demand fallback and lets the policy and a rolling update count a committed
+replica as READY only once the readiness probe's initial delay has passed. A root a commit
+empties stays rendered for a while (`apply.roots_with_resources`): nothing tells the watcher when
+CI has applied it.
 Preemptions still arrive from the clouds' event sources.
 
 The user shares the working copy: while HEAD is detached or a rebase, merge, cherry-pick or
