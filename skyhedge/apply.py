@@ -54,7 +54,7 @@ from skyhedge.engine import (
 from skyhedge.errors import EngineError, SpecError
 from skyhedge.planner import CREATE, DELETE, KEEP, Plan, PlannedReplica
 from skyhedge.policy.types import EventKind, Location, Market, ZoneEvent
-from skyhedge.render import RenderedRoot, RenderedTree, render_tree, write_tree
+from skyhedge.render import RenderedRoot, RenderedTree, render_tree, restore_tree, snapshot_tree, write_tree
 from skyhedge.service import (
     GITOPS_KEY,
     TERRAFORM_KEY,
@@ -648,6 +648,8 @@ class _Step:
                 instance_types=instance_types(state, self.placement),
                 extra_roots=roots_with_resources(state),
             )
+            asking = round_no == 1 and confirm is not None
+            before = snapshot_tree(ws.tree_dir) if asking else None
             write_tree(tree, ws.tree_dir)
             changed = changed_roots(state, tree)
             plan_files: dict[str, str] = {}
@@ -655,8 +657,16 @@ class _Step:
                 if report.plan is None or confirm is not None:
                     report.plan = plan  # the plan shown (or that would have been)
                 if confirm is not None and changed:
-                    previews = _preview(engine, ws, changed)
+                    try:
+                        previews = _preview(engine, ws, changed)
+                    except BaseException:  # refused before anything was asked: as before it
+                        restore_tree(ws.tree_dir, before)
+                        raise
                     if not confirm(plan, changed, previews):
+                        # "nothing changed": the tree and saved plans go back to what they were
+                        restore_tree(ws.tree_dir, before)
+                        for name in previews:
+                            ws.plan_file(*_root_key(name)).unlink(missing_ok=True)
                         report.cancelled = True
                         return False
                     self.asked = True

@@ -236,6 +236,30 @@ def run_cli(*args: str, input: str | None = None):
     return CliRunner().invoke(main, list(args), input=input, catch_exceptions=False)
 
 
+def _tree_files(tree: Path) -> dict[str, bytes]:
+    return {p.relative_to(tree).as_posix(): p.read_bytes() for p in sorted(tree.rglob("*")) if p.is_file()}
+
+
+def test_a_declined_apply_leaves_the_tree_and_no_saved_plan_as_they_were(svc):
+    """The preview is rendered into the state's tree and planned with `-out`; a "no" left both
+    holding the declined plan, which a `terraform apply` run by hand there would carry out
+    (found by an audit), while the command said "nothing changed"."""
+    spec, sd = str(svc.write(replicas=1)), str(svc.state_dir)
+    assert run_cli("apply", spec, "--state-dir", sd, "--no-routing", "--auto-approve").exit_code == 0
+    tree, data = svc.state_dir / "tf" / "tree", svc.state_dir / "tf" / "data"
+    before = _tree_files(tree)
+    spec = str(svc.write(replicas=3))
+    no = run_cli("apply", spec, "--state-dir", sd, "--no-routing", input="n\n")
+    assert no.exit_code == 1 and "Apply cancelled; nothing changed." in no.output
+    assert "+2 ~0 -0" in no.output  # the preview was made (and shown)
+    assert _tree_files(tree) == before
+    assert not list(data.rglob(apply_mod.PLAN_FILE))
+    assert sorted(svc.pids()) == ["r-0001"]
+    fresh = svc.root / "fresh-state"  # a first apply declined: no tree is left at all
+    no = run_cli("apply", spec, "--state-dir", str(fresh), "--no-routing", input="n\n")
+    assert no.exit_code == 1 and not (fresh / "tf" / "tree").exists()
+
+
 def test_cli_apply_status_destroy(svc):
     spec = str(svc.write(replicas=2))
     sd = str(svc.state_dir)

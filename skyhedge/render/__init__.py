@@ -15,6 +15,8 @@ from skyhedge.render.tree import (
     RenderedRoot,
     RenderedTree,
     render_tree,
+    restore_tree,
+    snapshot_tree,
     write_tree,
 )
 
@@ -26,5 +28,7 @@ __all__ = [
     "RenderedTree",
     "backend_config",
     "render_tree",
+    "restore_tree",
+    "snapshot_tree",
     "write_tree",
 ]

@@ -362,6 +362,33 @@ def write_tree(tree: RenderedTree, out: Path) -> None:
         raise RenderError(f"{out}: cannot write the rendered tree ({exc.strerror or exc})") from exc
 
 
+def snapshot_tree(out: Path) -> tuple[tuple[str, bytes], ...] | None:
+    """The files of the rendered tree at `out` (Terraform's `.terraform` dirs aside), for
+    `restore_tree`; None when there is none."""
+    if not (out / TREE_MANIFEST).is_file():
+        return None
+    return tuple(
+        (path.relative_to(out).as_posix(), path.read_bytes())
+        for path in sorted(out.rglob("*"))
+        if path.is_file() and ".terraform" not in path.relative_to(out).parts
+    )
+
+
+def restore_tree(out: Path, files: tuple[tuple[str, bytes], ...] | None) -> None:
+    """Put the tree at `out` back as `snapshot_tree` found it (None: there was none), swapped in
+    as `write_tree` does; `.terraform` dirs stay. A declined `apply` renders its preview into the
+    state's tree: left there, the tree described a plan nobody accepted, which a `terraform
+    apply` run by hand in it (as the tree's README invites) would carry out."""
+    if files is None:
+        shutil.rmtree(out, ignore_errors=True)
+        return
+    out = Path(out).resolve()
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    os.chmod(tmp, umask_mode("dir"))
+    cached = {p.parent.relative_to(out).as_posix() for p in out.rglob(".terraform") if p.is_dir()}
+    _swap_in(RenderedTree(service="", roots=(), files=files), tmp, out, cached, carried=(".terraform",))
+
+
 _RENAME_EXCHANGE = 2  # linux/fs.h
 
 
@@ -393,8 +420,10 @@ def _exchange(a: Path, b: Path) -> bool:
     return function(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), _RENAME_EXCHANGE) == 0
 
 
-def _swap_in(tree: RenderedTree, tmp: Path, out: Path, new_roots: set[str]) -> None:
-    """Fill `tmp` with `tree` and Terraform's files from `out`, then rename it to `out`."""
+def _swap_in(
+    tree: RenderedTree, tmp: Path, out: Path, new_roots: set[str], carried: tuple[str, ...] = _PRESERVED
+) -> None:
+    """Fill `tmp` with `tree` and Terraform's files (`carried`) from `out`, then rename it to `out`."""
     moved: list[tuple[Path, Path]] = []
     try:
         for name, data in tree.files:
@@ -403,7 +432,7 @@ def _swap_in(tree: RenderedTree, tmp: Path, out: Path, new_roots: set[str]) -> N
             path.write_bytes(data)
         if out.exists():
             for root in new_roots:
-                for item in _PRESERVED:
+                for item in carried:
                     src = out / root / item
                     if src.is_file():
                         shutil.copy2(src, tmp / root / item)
