@@ -613,7 +613,8 @@ def _str_map(ctx: _Ctx, path: str, value: Any, *, numbers: bool = True) -> dict[
     out: dict[str, str] = {}
     for k, v in value.items():
         if not isinstance(k, str) or not k:
-            raise ctx.fail(path, f"expected string keys, got {_show(k)}")
+            expected = "non-empty keys" if isinstance(k, str) else "string keys"
+            raise ctx.fail(path, f"expected {expected}, got {_show(k)}")
         if isinstance(v, bool) or not isinstance(v, (str, int, float) if numbers else str):
             # (the kind only: a probe header's value may be a secret, and errors reach logs)
             got = _show(v) if numbers else _kind(v)

@@ -353,7 +353,7 @@ def test_with_the_documented_gitignore_the_working_copy_is_clean_while_the_watch
 
 def test_the_refusal_of_an_ignored_state_dir_names_watcher_json_among_what_to_ignore(repo, write_spec):
     (repo / ".gitignore").write_text("state/\n")
-    with pytest.raises(StateError, match=r"ignore only state\.lock, watcher\.json, tf/ and local/"):
+    with pytest.raises(StateError, match=r"ignore only state\.lock, watcher\.json, tf/, local/ and router/"):
         GitOpsExecutor(load_spec(write_spec(LOCAL)), repo / "state", repo)
 
 

@@ -502,6 +502,21 @@ def test_plan_sees_a_dead_local_replica_as_apply_does(tmp_path, write_spec):
     result = run("plan", str(spec), "--state-dir", str(tmp_path / "st"), "--detailed-exitcode")
     assert result.exit_code == 2, result.output
     assert "gone r-0001" in result.output
+    # --json says so too (found by an audit: it showed the replacement with no sign of r-0001)
+    shown = json.loads(run("plan", str(spec), "--state-dir", str(tmp_path / "st"), "--json").output)
+    assert shown["gone"] == [
+        {
+            "id": "r-0001",
+            "cloud": "local",
+            "region": "local",
+            "zone": "local-a",
+            "market": "spot",
+            "reason": "failed",
+        }
+    ]
+    assert {r["action"] for r in shown["replicas"]} == {"create"}  # its replacement (and cover)
+    assert "r-0001" not in {r["id"] for r in shown["replicas"]}
+    assert load_state(tmp_path / "st", "svc").replicas["r-0001"].gone_at is None  # plan writes nothing
 
 
 def test_fresh_local_ids_skip_ports_another_process_holds(tmp_path, write_spec):

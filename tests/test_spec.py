@@ -351,6 +351,10 @@ BAD_SPECS: list[tuple[str, str]] = [
         _with("run: {command: x, env: {BAD-NAME: v}}\n", base="name: echo\nplacement: {clouds: [local]}\n"),
         "run.env.BAD-NAME: expected an environment variable name ([A-Za-z_][A-Za-z0-9_]*)",
     ),
+    (  # an empty key is a string: what it lacks is a name (it said "expected string keys")
+        _with("run: {command: x, env: {'': v}}\n", base="name: echo\nplacement: {clouds: [local]}\n"),
+        "run.env: expected non-empty keys, got ''",
+    ),
     (
         _with("terraform: {backend: consul}\n"),
         "terraform.backend: expected one of local, s3, gcs, got 'consul'",

@@ -291,7 +291,7 @@ def test_a_root_whose_inputs_differ_from_its_last_successful_apply_is_pending(sv
     assert code == 2
     assert data["pending_roots"] == ["local/local"] and data["summary"]["pending"] == 0
     table = run("plan", str(svc.spec_path), "--state-dir", str(svc.state_dir)).output
-    assert "1 root(s) differ from their last successful apply (local/local)" in table
+    assert "1 root(s) not applied as rendered yet (local/local)" in table
 
 
 LOCAL = """

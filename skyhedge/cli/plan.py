@@ -6,7 +6,7 @@ import json
 import sys
 import time
 from collections import defaultdict
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,11 +22,11 @@ from skyhedge.apply import (
     roots_with_resources,
 )
 from skyhedge.cli._app import check_policy_flag, console, main, spec_argument, state_dir_option
-from skyhedge.planner import CREATE, DELETE, KEEP, Plan
+from skyhedge.planner import CREATE, DELETE, KEEP, Plan, replica_number
 from skyhedge.render import render_tree
 from skyhedge.service import TERRAFORM_KEY, Placement, compute_plan, is_gitops, resolve_placement
 from skyhedge.spec import ServiceSpec, load_spec
-from skyhedge.state import ServiceState, default_state_dir, load_state
+from skyhedge.state import ReplicaRecord, ServiceState, default_state_dir, load_state
 
 #: The table's name for a kept replica that was never created (see `Pending`).
 PENDING = "pending"
@@ -107,11 +107,16 @@ def pending_work(
     return Pending(never_created, roots, releasing)
 
 
-def plan_to_json(plan: Plan, pending: Pending | None = None) -> dict[str, object]:
+def plan_to_json(
+    plan: Plan, pending: Pending | None = None, gone: Sequence[ReplicaRecord] = ()
+) -> dict[str, object]:
     """The documented `plan --json` object (see README, "plan --json").
 
     `pending` extends it (never renames): `"pending": true` on a kept replica never created,
-    `summary.pending` counting them, and `pending_roots` naming the roots `apply` would re-apply."""
+    `summary.pending` counting them, and `pending_roots` naming the roots `apply` would re-apply.
+    `gone`: recorded replicas found gone since the state was written (a local process that
+    died), which the plan replaces and the next `apply` records: the table says so in a note,
+    and without this a CI reading the JSON saw a replacement with no sign of what it replaces."""
     pending = pending or Pending()
     summary: dict[str, Any] = dict(plan.summary())
     summary["pending"] = len(pending.replicas)
@@ -136,6 +141,17 @@ def plan_to_json(plan: Plan, pending: Pending | None = None) -> dict[str, object
             for r in plan.replicas
         ],
         "pending_roots": list(pending.roots),
+        "gone": [
+            {
+                "id": r.id,
+                "cloud": r.cloud,
+                "region": r.region,
+                "zone": r.zone,
+                "market": r.market,
+                "reason": r.reason,
+            }
+            for r in sorted(gone, key=lambda r: replica_number(r.id))
+        ],
         "summary": summary,
     }
 
@@ -230,11 +246,13 @@ def plan(
     now = time.time()
     # As `apply` does first: a local replica whose process died since the state was written is
     # gone, so the plan shows its replacement, not "keep" (in memory only: plan never writes).
+    before = {r.id for r in state.live()}
     dead = notice_dead_local_replicas(state, sdir, now)
+    gone = [state.replicas[rid] for rid in before - {r.id for r in state.live()}]
     result, _memory = compute_plan(service, state, now=now, placement=placement, policy_name=policy)
     pending = pending_work(service, state, result, sdir, placement)
     if as_json:
-        click.echo(json.dumps(plan_to_json(result, pending), indent=2))
+        click.echo(json.dumps(plan_to_json(result, pending, gone), indent=2))
     else:
         console.print(render_plan_table(result, pending.replicas, pending.releasing))
         console.print(render_savings(result))
@@ -262,7 +280,7 @@ def plan(
             )
         if pending.roots:
             console.print(
-                f"{len(pending.roots)} root(s) differ from their last successful apply "
+                f"{len(pending.roots)} root(s) not applied as rendered yet "
                 f"({', '.join(pending.roots)}): the next `apply` applies them."
             )
         if s["outdated"]:

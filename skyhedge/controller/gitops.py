@@ -53,8 +53,9 @@ DEFAULT_SUBDIR = "infra"  # examples/gitops: infra/ holds the tree, state/ the s
 _GIT_ENV = {"GIT_TERMINAL_PROMPT": "0", "LC_ALL": "C"}
 _GIT_TIMEOUT = 60.0
 #: What the state dir holds besides state.json, none of which belongs in a commit: the lock,
-#: the running watcher's record (pid, absolute spec path), Terraform's and the local cloud's files.
-UNCOMMITTED = "state.lock, watcher.json, tf/ and local/"
+#: the running watcher's record (pid, absolute spec path), Terraform's and the local cloud's files,
+#: and nginx's (`router/`: only where the state was ever used to apply, not under GitOps).
+UNCOMMITTED = "state.lock, watcher.json, tf/, local/ and router/"
 #: What git keeps in its dir while an operation waits for the user (a conflict to resolve).
 _IN_PROGRESS = (
     ("rebase-merge", "a rebase"),
