@@ -237,6 +237,20 @@ def test_a_root_holding_a_workspaces_state_is_not_dropped_either(tmp_path):
     assert (workspace / "terraform.tfstate").is_file()
 
 
+def test_state_in_a_folder_the_manifest_does_not_list_is_not_dropped_either(tmp_path):
+    """Only the roots the old manifest listed were checked: state copied into another folder of
+    the tree (by hand, or kept from an edited manifest) was deleted by the swap without a word
+    (found by an audit)."""
+    out = tmp_path / "infra"
+    write_tree(render_tree(spec_of(), LOCAL, context=CTX, instance_types=TYPES), out)
+    stray = out / "aws" / "us-east-1"
+    stray.mkdir(parents=True)
+    (stray / "terraform.tfstate").write_text('{"version": 4, "resources": [{}]}')
+    with pytest.raises(RenderError, match=r"infra/aws/us-east-1: holds Terraform state but the plan has no"):
+        write_tree(render_tree(spec_of(), LOCAL, context=CTX, instance_types=TYPES), out)
+    assert (stray / "terraform.tfstate").is_file()
+
+
 def test_a_root_whose_state_a_killed_run_left_only_in_its_backup_is_not_dropped(tmp_path):
     """`kill -9` while Terraform rewrites its state leaves terraform.tfstate empty and the real
     state in terraform.tfstate.backup (engine.restore_cut_short_state puts it back): dropping that

@@ -307,6 +307,19 @@ def _has_local_state(root_dir: Path) -> bool:
     return any(p.is_file() and p.stat().st_size > 0 for p in files)
 
 
+def _state_dirs(out: Path) -> set[str]:
+    """Every folder of `out` holding local Terraform state, listed in the manifest or not (a root
+    the manifest of an edited tree lost, state copied in by hand): the swap would delete it."""
+    found = set()
+    for path in out.rglob("*.tfstate*"):
+        parts = path.relative_to(out).parts
+        if ".terraform" in parts:
+            continue
+        cut = parts.index("terraform.tfstate.d") if "terraform.tfstate.d" in parts else len(parts) - 1
+        found.add("/".join(parts[:cut]) or ".")
+    return found
+
+
 def write_tree(tree: RenderedTree, out: Path) -> None:
     """Write `tree` to `out` so readers see the old tree or the new one, never a mix.
 
@@ -343,7 +356,7 @@ def write_tree(tree: RenderedTree, out: Path) -> None:
                 "replace it (render each service into its own directory)"
             )
     new_roots = {r.path for r in tree.roots}
-    for old in _old_roots(out) if out.exists() else []:
+    for old in sorted({*_old_roots(out), *_state_dirs(out)}) if out.exists() else []:
         if old not in new_roots and _has_local_state(out / old):
             raise RenderError(
                 f"{out / old}: holds Terraform state but the plan has no {old} root any more; "
