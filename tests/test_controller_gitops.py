@@ -387,7 +387,7 @@ def test_a_spec_edited_while_head_is_detached_is_taken_and_committed_once_back_o
 ):
     """`git pull --rebase` detaches HEAD while it works: an edit it brought in was refused
     ("HEAD is detached ...; keeping the running spec") and, the file not changing again, never
-    taken after the rebase (audit B, finding 3)."""
+    taken after the rebase (found by an audit)."""
     from skyhedge.controller.runner import Watcher
 
     path = write_spec(SPEC)

@@ -228,7 +228,7 @@ def test_watch_with_a_metrics_port_in_use_stops_before_any_pass(tmp_path, write_
     assert result.stderr.startswith(f"error: --metrics-port {port}: cannot listen on 127.0.0.1:{port} (")
     assert len(result.stderr.strip().splitlines()) == 1
     # refused before it wrote anything: no state dir left holding a lock file and `local/`
-    # (audit B, finding 4; docs/terraform.md: such a writer removes the directory it made)
+    # (found by an audit; docs/terraform.md: such a writer removes the directory it made)
     assert not (tmp_path / "st").exists()
 
 

@@ -360,38 +360,36 @@ def test_the_refusal_of_an_ignored_state_dir_names_watcher_json_among_what_to_ig
 # --- 9: a tree file the repository ignores is refused, not left out ---------------------------
 
 
-def test_a_repository_ignoring_the_trees_files_is_refused_in_one_line(tmp_path, repo, write_spec):
-    (repo / ".gitignore").write_text("*.json\n")
+def _watch_once_ignoring(rule: str, tmp_path: Path, repo: Path, write_spec) -> str:
+    """`watch --gitops --once` in a repository whose .gitignore holds `rule`: refused (exit 1),
+    nothing committed and nothing left staged (a commit of the user's own would take a tree CI
+    cannot apply); returns the error line."""
+    (repo / ".gitignore").write_text(f"{rule}\n")
     git(repo, "add", ".gitignore")
-    git(repo, "commit", "-qm", "ignore json")
+    git(repo, "commit", "-qm", "ignore some of the tree")
     args = ["watch", str(write_spec(LOCAL)), "--state-dir", str(tmp_path / "st"), "--gitops", str(repo)]
     out = CliRunner().invoke(main, [*args, "--once"])
     assert out.exit_code == 1
-    last = out.output.strip().splitlines()[-1]
+    assert len(messages(repo)) == 2  # nothing committed
+    assert git(repo, "diff", "--cached", "--name-only").strip() == ""
+    return out.output.strip().splitlines()[-1]
+
+
+def test_a_repository_ignoring_the_trees_files_is_refused_in_one_line(tmp_path, repo, write_spec):
+    last = _watch_once_ignoring("*.json", tmp_path, repo, write_spec)
     assert (
         last.startswith("error: gitops: infra/") and "is ignored by git (.gitignore line 1: *.json)" in last
     )
     assert "stop ignoring the tree's files in .gitignore" in last
-    assert len(messages(repo)) == 2  # nothing committed
-    # and nothing left staged: a commit of the user's own would take a tree CI cannot apply
-    assert git(repo, "diff", "--cached", "--name-only").strip() == ""
 
 
 @pytest.mark.parametrize("rule", ["infra/", "infra"])
 def test_a_repository_ignoring_the_trees_folder_names_the_file_and_the_rule(tmp_path, repo, write_spec, rule):
     """Ignoring the whole folder made `git add` fail first, and the one line said only "The
-    following paths are ignored by one of your .gitignore files:" (audit B, finding 2)."""
-    (repo / ".gitignore").write_text(f"{rule}\n")
-    git(repo, "add", ".gitignore")
-    git(repo, "commit", "-qm", "ignore the tree")
-    args = ["watch", str(write_spec(LOCAL)), "--state-dir", str(tmp_path / "st"), "--gitops", str(repo)]
-    out = CliRunner().invoke(main, [*args, "--once"])
-    assert out.exit_code == 1
-    last = out.output.strip().splitlines()[-1]
+    following paths are ignored by one of your .gitignore files:" (found by an audit)."""
+    last = _watch_once_ignoring(rule, tmp_path, repo, write_spec)
     assert last.startswith("error: apply failed: gitops: infra/"), last
     assert f"is ignored by git (.gitignore line 1: {rule})" in last
-    assert len(messages(repo)) == 2  # nothing committed
-    assert git(repo, "diff", "--cached", "--name-only").strip() == ""
 
 
 # --- 10: a --gitops-path the tree cannot own is refused at start --------------------------------
@@ -399,7 +397,7 @@ def test_a_repository_ignoring_the_trees_folder_names_the_file_and_the_rule(tmp_
 
 def test_gitops_path_without_gitops_is_a_usage_error_not_an_apply(tmp_path, write_spec):
     """Forgetting `--gitops` once ran the watcher in apply mode on the GitOps state: it launched
-    the committed replicas itself and turned GitOps mode off (audit B, finding 1)."""
+    the committed replicas itself and turned GitOps mode off (found by an audit)."""
     state, spec = tmp_path / "st", write_spec(LOCAL)
     args = ["watch", str(spec), "--state-dir", str(state), "--gitops-path", "infra", "--once"]
     try:

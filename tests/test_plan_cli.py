@@ -460,6 +460,17 @@ def test_a_recorded_replica_never_created_is_pending_not_kept(tmp_path, write_sp
     assert "+ create (pending)" in table and "1 of them pending creation" in table
 
 
+def _ready_pair(tmp_path: Path, write_spec) -> tuple[Path, ServiceState]:
+    """A one-replica spothedge service with READY spot replicas recorded in local-a and local-b
+    (state dir `tmp_path / "st"`): the spec's path and the state, to mark up and save."""
+    spec = write_spec(
+        "name: svc\nplacement: {clouds: [local], zones: [local-a, local-b]}\n"
+        "replica_policy: {min_replicas: 1, num_overprovision: 0, policy: spothedge}\nrun: {command: serve}\n"
+    )
+    save_ready_spot(tmp_path / "st", "svc", "local", "local", ["local-a", "local-b"])
+    return spec, load_state(tmp_path / "st", "svc")
+
+
 def test_a_replica_a_watcher_is_releasing_is_a_pending_delete(tmp_path, write_spec, monkeypatch):
     """Out of the router, running until its requests end (up to read_timeout): `plan` must not
     call it kept, and `--detailed-exitcode` says a change is still to come."""
@@ -468,12 +479,7 @@ def test_a_replica_a_watcher_is_releasing_is_a_pending_delete(tmp_path, write_sp
     # the records stand for running processes this test does not start
     monkeypatch.setattr("skyhedge.cli.plan.notice_dead_local_replicas", lambda *args: [])
 
-    spec = write_spec(
-        "name: svc\nplacement: {clouds: [local], zones: [local-a, local-b]}\n"
-        "replica_policy: {min_replicas: 1, num_overprovision: 0, policy: spothedge}\nrun: {command: serve}\n"
-    )
-    save_ready_spot(tmp_path / "st", "svc", "local", "local", ["local-a", "local-b"])
-    state = load_state(tmp_path / "st", "svc")
+    spec, state = _ready_pair(tmp_path, write_spec)
     state.replicas["r-0002"].draining = True
     state.replicas["r-0002"].cloud_id = state.replicas["r-0001"].cloud_id = "id"
     save_state(tmp_path / "st", state)
@@ -566,12 +572,7 @@ def test_apply_asks_with_the_pending_and_releasing_replicas_marked_as_plan_shows
     # the records stand for running processes this test does not start
     monkeypatch.setattr("skyhedge.apply.notice_dead_local_replicas", lambda *args: [])
     monkeypatch.setattr("skyhedge.cli.plan.notice_dead_local_replicas", lambda *args: [])
-    spec = write_spec(
-        "name: svc\nplacement: {clouds: [local], zones: [local-a, local-b]}\n"
-        "replica_policy: {min_replicas: 1, num_overprovision: 0, policy: spothedge}\nrun: {command: serve}\n"
-    )
-    save_ready_spot(tmp_path / "st", "svc", "local", "local", ["local-a", "local-b"])
-    state = load_state(tmp_path / "st", "svc")
+    spec, state = _ready_pair(tmp_path, write_spec)
     state.replicas["r-0001"].draining = True  # warned of its interruption: apply keeps the mark
     state.replicas["r-0001"].cloud_id = "id"
     state.extra["warned"] = {"r-0001": 0.0}
