@@ -472,3 +472,39 @@ def test_gcp_machine_series_get_the_network_interface_and_boot_disk_they_require
     # a series change rolls the replicas over (revision) rather than replacing them all at once
     kept = str(inst["lifecycle"][0]["ignore_changes"])
     assert "network_interface[0].nic_type" in kept and "boot_disk[0].initialize_params[0].type" in kept
+
+
+@pytest.mark.parametrize(
+    ("cloud", "region", "zone", "itype"),
+    [
+        ("aws", "us-east-1", "use1-az1", "g5g.xlarge"),  # Graviton2 + T4G
+        ("aws", "us-east-1", "use1-az1", "p6e-gb200.36xlarge"),  # NVIDIA Grace
+        ("gcp", "us-central1", "us-central1-a", "a4x-highgpu-4g"),  # NVIDIA Grace
+        ("gcp", "us-central1", "us-central1-a", "c4a-standard-8"),  # Google Axion
+    ],
+)
+def test_an_arm_machine_without_an_arm_image_is_refused_naming_the_field(
+    tmp_path, cloud, region, zone, itype
+):
+    """The modules' default image is an x86_64 Deep Learning image: an Arm machine would fail
+    at the cloud, launch after launch. With `resources.image_id` it renders."""
+    from skyhedge.errors import SpecError
+
+    with pytest.raises(SpecError, match=rf"resources\.image_id\.{cloud}: {re.escape(itype)} is an Arm"):
+        rendered(tmp_path, cloud, itype, plan(cloud, region, [zone]))
+    assert not (tmp_path / "tree").exists()
+    image = {"aws": "ami-0123456789abcdef0", "gcp": "projects/my-project/global/images/my-arm64-image"}
+    resources = {"instance_type": {cloud: itype}, "image_id": {cloud: image[cloud]}, "ports": 8000}
+    out = rendered(tmp_path, cloud, itype, plan(cloud, region, [zone]), resources=resources)
+    tfvars = json.loads((out / cloud / region / TFVARS_FILE).read_text())
+    assert tfvars["image_id" if cloud == "aws" else "image"] == image[cloud]
+
+
+def test_the_arm_families_are_told_from_the_x86_ones():
+    from skyhedge.clouds.aws.render import is_arm
+
+    arm = ["g5g.xlarge", "c7g.large", "c7gn.2xlarge", "m6gd.large", "t4g.micro", "im4gn.large"]
+    arm += ["is4gen.xlarge", "a1.large", "x2gd.large", "hpc7g.4xlarge", "p6e-gb200.36xlarge"]
+    x86 = ["g4dn.xlarge", "g5.xlarge", "g6e.xlarge", "p4d.24xlarge", "p5en.48xlarge", "inf2.xlarge"]
+    x86 += ["trn1.2xlarge", "m5zn.large", "c5n.large", "dl1.24xlarge"]
+    assert [t for t in arm if not is_arm(t)] == [] and [t for t in x86 if is_arm(t)] == []

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from skyhedge.catalog import load_catalog
-from skyhedge.errors import CatalogError, RenderError
+from skyhedge.errors import CatalogError, RenderError, SpecError
 
 if TYPE_CHECKING:
     from skyhedge.planner import PlannedReplica
@@ -49,6 +49,19 @@ def replica_map(replicas: Sequence[PlannedReplica]) -> dict[str, dict[str, Any]]
         r.id: {"zone": r.location.zone, "market": r.market.value}
         for r in sorted(replicas, key=lambda r: r.id)
     }
+
+
+def require_arm_image(spec: ServiceSpec, cloud: str, instance_type: str, arm: bool) -> None:
+    """An Arm instance type (AWS Graviton, NVIDIA Grace; GCP Axion, Ampere, Grace) cannot boot the
+    modules' default image, an x86_64 Deep Learning image: refused here, naming the field, rather
+    than by the cloud at launch, replica after replica."""
+    if arm and not spec.resources.image_id.get(cloud):
+        raise SpecError(
+            f"{instance_type} is an Arm (aarch64) machine and the default {cloud} image is x86_64: "
+            f"give an arm64 image",
+            file=spec.source,
+            path=f"resources.image_id.{cloud}",
+        )
 
 
 def require_instance_type(spec: ServiceSpec, cloud: str, instance_type: str | None) -> str:

@@ -2,17 +2,28 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from skyhedge.catalog import load_catalog
 from skyhedge.clouds import RenderContext
-from skyhedge.clouds.common import has_gpus, replica_map, require_instance_type, run_config
+from skyhedge.clouds.common import has_gpus, replica_map, require_arm_image, require_instance_type, run_config
 from skyhedge.engine import register_spec_field
 
 if TYPE_CHECKING:
     from skyhedge.planner import PlannedReplica
     from skyhedge.spec import ServiceSpec
+
+
+#: Arm instance families: Graviton's (a generation digit followed by `g`: c7g, m6gd, t4g, g5g,
+#: im4gn, is4gen), the first Graviton (a1) and NVIDIA Grace superchips (p6e-gb200).
+_ARM_FAMILY = re.compile(r"^(a1|[a-z]+\d+g[a-z]*|[a-z0-9]+-gb\d+)$")
+
+
+def is_arm(instance_type: str) -> bool:
+    """Whether an EC2 instance type runs aarch64 (its family, before the `.`)."""
+    return bool(_ARM_FAMILY.match(instance_type.split(".", 1)[0]))
 
 
 class AwsCloud:
@@ -47,6 +58,7 @@ class AwsCloud:
         context: RenderContext,
     ) -> dict[str, Any]:
         itype = require_instance_type(spec, self.name, instance_type)
+        require_arm_image(spec, self.name, itype, is_arm(itype))
         # a launched replica stays in the subnet it was launched in (and so in its VPC): passed
         # back only where aws.subnets now names another for its zone, or none at all. A replica on
         # its zone's default subnet records no subnet (module output), so inputs do not churn.

@@ -6,7 +6,13 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from skyhedge.clouds import RenderContext
-from skyhedge.clouds.common import catalog_gpus, replica_map, require_instance_type, run_config
+from skyhedge.clouds.common import (
+    catalog_gpus,
+    replica_map,
+    require_arm_image,
+    require_instance_type,
+    run_config,
+)
 from skyhedge.errors import RenderError
 
 if TYPE_CHECKING:
@@ -41,6 +47,10 @@ BUILT_IN_PREFIXES = ("a2-", "a3-", "a4-", "g2-", "g4-")
 # in CI (docs/terraform.md).
 GVNIC_PREFIXES = ("a3-", "a4-", "g4-")
 HYPERDISK_ONLY_PREFIXES = ("a3-ultragpu-", "a4-", "g4-")
+
+
+#: Arm machine series: Ampere Altra (T2A), Google Axion (C4A, N4A), NVIDIA Grace (A4X).
+ARM_PREFIXES = ("t2a-", "c4a-", "n4a-", "a4x-")
 
 
 def nic_type_for(machine_type: str) -> str | None:
@@ -126,6 +136,7 @@ class GcpCloud:
         context: RenderContext,
     ) -> dict[str, Any]:
         machine_type = require_instance_type(spec, self.name, instance_type)
+        require_arm_image(spec, self.name, machine_type, machine_type.startswith(ARM_PREFIXES))
         accelerator, gpu = accelerator_for(spec, machine_type)
         return {
             "service": spec.name,
