@@ -638,6 +638,30 @@ def test_a_crash_loop_found_by_probes_holds_launches_from_the_third_burst(world)
     assert len(rounds) == 3  # the first launch and two relaunches; none after the third burst
 
 
+def test_replicas_found_failed_during_a_crash_loop_hold_are_destroyed_at_once(world):
+    """A replica its probe failed still runs (on a cloud, a billed machine) until an apply drops
+    it from its root. The held launches used to be what carried that apply: the replicas of the
+    burst that started the hold kept running for the whole hold (30 s to 10 min, measured on the
+    local cloud with a run.command that never listens: three processes for 2 min)."""
+    clock = world["clock"]
+
+    class NeverListens(FakeProber):
+        def probe(self, records):
+            return {r.id: (False, "ConnectionRefusedError") for r in records}
+
+    world["prober"] = NeverListens()
+    ctl, ex = make(world), world["executor"]
+    held_passes = 0
+    for _ in range(240):
+        ctl.tick()
+        if ctl._crash_hold(clock()) > 0:
+            held_passes += 1
+            live = {r.id for r in ctl.state.live()}
+            assert ex.ids() <= live, sorted(ex.ids() - live)  # failed ones no longer applied
+        clock.advance(1)
+    assert held_passes > 30 and any(n.text.startswith("crash loop:") for n in ctl.notes)
+
+
 def test_a_replica_being_released_serves_again_when_nothing_else_can():
     """Its destroy waits for its requests to end; if every other replica is lost meanwhile (a
     preemption during a scale-down), it is routed again rather than an empty router's 503s."""

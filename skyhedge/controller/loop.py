@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from skyhedge import autoscaler
-from skyhedge.apply import record_plan, reopen_unfinished_deletes
+from skyhedge.apply import TERRAFORM_KEY, committed_roots, record_plan, reopen_unfinished_deletes
 from skyhedge.controller.facts import (
     WARNING_GRACE_SECONDS,
     ProbeResult,
@@ -344,7 +344,12 @@ class Controller:
                 replicas=tuple(r for r in plan.replicas if r.action != CREATE),
                 next_id=self.state.next_id,
             )
-            if plan.has_changes:
+            # Apply also when the plan changes nothing but replicas were found failed (this pass,
+            # or held by a root since): a replica its probe failed still runs (on a cloud, a
+            # billed machine) until an apply drops it from its root, and the held launches are
+            # what used to carry that apply, so it ran for as long as the hold lasted.
+            backing_off = self._retry_at is not None and now < self._retry_at
+            if plan.has_changes or ((learned or self._gone_still_applied()) and not backing_off):
                 result = self._act(plan, memory, now)
         elif (
             self._failures
@@ -783,6 +788,22 @@ class Controller:
                 if r.gone_at is not None and r.id in self._given_up and r.provisioned_at is None
             ]
         )
+
+    def _gone_still_applied(self) -> bool:
+        """Whether a root's last apply (or commit) still holds a replica the state records gone:
+        the next apply of that root destroys it, even when the plan changes nothing."""
+        live = {r.id for r in self.state.live()}
+        info = self.state.extra.get(TERRAFORM_KEY)
+        roots = info.get("roots") if isinstance(info, dict) else None
+        held: set[str] = set()
+        for root in [
+            *(roots.values() if isinstance(roots, dict) else ()),
+            *committed_roots(self.state).values(),
+        ]:
+            ids = root.get("replicas") if isinstance(root, dict) else None
+            if isinstance(ids, list):
+                held.update(rid for rid in ids if isinstance(rid, str))
+        return any(rid in self.state.replicas and rid not in live for rid in held)
 
     def _crash_hold(self, now: float) -> float:
         """Seconds left before new replicas may be launched (0: no crash loop, and no run of
