@@ -170,6 +170,10 @@ _REPLICA_REQUIRED = {
 
 # The controller's bookkeeping in `extra` that `apply`, `watch` and `destroy` read back as these
 # types (a hand edit that breaks one must be refused in one line, not crash them later).
+#: `extra` key of the launch hold in force (`until`, `reason`): set by the watcher while a crash
+#: loop (or launches given up) holds new launches back, shown by `status`.
+LAUNCH_HOLD_KEY = "launch_hold"
+
 _EXTRA_RULES: dict[str, Rule] = {
     "warned": (
         "an object of replica id -> time",
@@ -179,6 +183,12 @@ _EXTRA_RULES: dict[str, Rule] = {
     "launch_failures": ("a non-negative integer", lambda v: _is_int(v) and v >= 0),
     "survival_at": _or_null(_NUMBER),
     "decided_at": _or_null(_NUMBER),
+    LAUNCH_HOLD_KEY: _or_null(
+        (
+            "an object with until (a time) and reason (text)",
+            lambda v: isinstance(v, dict) and _is_number(v.get("until")) and isinstance(v.get("reason"), str),
+        )
+    ),
 }
 
 _EVENT_RULES: dict[str, Rule] = {

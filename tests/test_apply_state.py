@@ -324,6 +324,7 @@ def test_status_of_a_service_never_applied(tmp_path: Path):
         "router": None,
         "watcher": None,
         "local_capacity": None,
+        "launch_hold": None,
     }
 
 

@@ -662,6 +662,32 @@ def test_replicas_found_failed_during_a_crash_loop_hold_are_destroyed_at_once(wo
     assert held_passes > 30 and any(n.text.startswith("crash loop:") for n in ctl.notes)
 
 
+def test_a_launch_hold_is_recorded_for_status_while_it_lasts(world, tmp_path):
+    """`status` showed an empty table and no reason during a crash-loop hold: the reason was only
+    in the watcher's log (found by an audit). The state now carries the hold while it lasts."""
+    from skyhedge.cli.apply import launch_hold
+
+    clock = world["clock"]
+
+    class NeverListens(FakeProber):
+        def probe(self, records):
+            return {r.id: (False, "ConnectionRefusedError") for r in records}
+
+    world["prober"] = NeverListens()
+    ctl = make(world)
+    seen = None
+    for _ in range(240):
+        ctl.tick()
+        if ctl._crash_hold(clock()) > 0 and seen is None:
+            seen = launch_hold(ctl.state, clock())
+        clock.advance(1)
+    assert seen is not None and seen["reason"].startswith("crash loop: 3 bursts of replicas failing")
+    assert seen["until"] > 0
+    clock.advance(3600)  # the hold is long over, and the next pass launches again
+    ctl.tick()
+    assert launch_hold(ctl.state, clock()) is None
+
+
 def test_a_replica_being_released_serves_again_when_nothing_else_can():
     """Its destroy waits for its requests to end; if every other replica is lost meanwhile (a
     preemption during a scale-down), it is routed again rather than an empty router's 503s."""

@@ -33,7 +33,7 @@ from skyhedge.errors import SpecError, StateError
 from skyhedge.planner import Plan
 from skyhedge.render import RenderedRoot
 from skyhedge.spec import load_spec, service_name_in
-from skyhedge.state import ReplicaRecord, default_state_dir, load_state
+from skyhedge.state import LAUNCH_HOLD_KEY, ReplicaRecord, ServiceState, default_state_dir, load_state
 
 _terraform_bin_option = click.option(
     "--terraform-bin",
@@ -285,16 +285,25 @@ def status_json(
     router: dict[str, Any] | None,
     watcher: dict[str, Any] | None = None,
     local_capacity: dict[str, Any] | None = None,
+    launch_hold: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The documented `status --json` object: `service`, `replicas` (rows), `router`, `watcher`
-    (the running watcher's record, or null) and `local_capacity` (null: every local zone open)."""
+    (the running watcher's record, or null), `local_capacity` (null: every local zone open) and
+    `launch_hold` (the watcher holding new launches back: `until`, `reason`; null: none)."""
     return {
         "service": service_name,
         "replicas": rows,
         "router": router,
         "watcher": watcher,
         "local_capacity": local_capacity,
+        "launch_hold": launch_hold,
     }
+
+
+def launch_hold(state: ServiceState, now: float) -> dict[str, Any] | None:
+    """The crash-loop (or given-up launches) hold the watcher last recorded, while in force."""
+    hold = state.extra.get(LAUNCH_HOLD_KEY)
+    return hold if isinstance(hold, dict) and float(hold.get("until", 0.0)) > now else None
 
 
 def local_capacity(sdir: Path) -> dict[str, Any] | None:
@@ -340,9 +349,10 @@ def status(spec: Path, state_dir: Path | None, as_json: bool, include_gone: bool
     router = live_router(state, sdir)
     watcher = presence.read(sdir)  # the running watch/up, if any
     held_back = local_capacity(sdir)
+    hold = launch_hold(state, time.time())
     if as_json:
         record = watcher.to_json() if watcher is not None else None
-        click.echo(json.dumps(status_json(name, rows, router, record, held_back), indent=2))
+        click.echo(json.dumps(status_json(name, rows, router, record, held_back, hold), indent=2))
         return
     table = Table(title=Text(f"skyhedge status: {name}"))
     # One location column keeps the endpoint readable (unwrapped) in an 80-column terminal.
@@ -380,6 +390,9 @@ def status(spec: Path, state_dir: Path | None, as_json: bool, include_gone: bool
             console.print(f"  last spec reload: {watcher.last_reload.get('text', '')}", markup=False)
     if held_back is not None:
         console.print(f"Local capacity: {_describe_capacity(held_back)}", markup=False)
+    if hold is not None:
+        until = time.strftime("%H:%M:%S", time.localtime(float(hold["until"])))
+        console.print(f"Launches held until {until}: {hold['reason']}", markup=False)
 
 
 def _describe_capacity(held: dict[str, Any]) -> str:

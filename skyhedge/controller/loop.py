@@ -57,7 +57,7 @@ from skyhedge.service import (
     set_gitops,
 )
 from skyhedge.spec import ServiceSpec, replica_revision
-from skyhedge.state import ReplicaRecord, ServiceState, load_state, save_state
+from skyhedge.state import LAUNCH_HOLD_KEY, ReplicaRecord, ServiceState, load_state, save_state
 
 #: `state.extra` key: removed replicas kept running until their requests end, with when their
 #: drain began and the nginx workers that may still serve them.
@@ -325,20 +325,24 @@ class Controller:
         self.last_plan = plan
         result: ExecResult | None = None
         hold = self._crash_hold(now) if any(r.action == CREATE for r in plan.replicas) else 0.0
+        self.state.extra.pop(LAUNCH_HOLD_KEY, None)  # set again below while launches are held
         if hold > 0 and self._started and not self._unsettled:
             # a crash loop: launch nothing for now, but release and drain what the plan releases
             until = time.strftime("%H:%M:%S", time.localtime(now + hold))
-            window = f"the last {CRASH_WINDOW_SECONDS / 60:.0f} min; new launches held until {until}"
+            window = f"the last {CRASH_WINDOW_SECONDS / 60:.0f} min"
             if self._hold_after(self._crashes(now), now) > 0:
-                self.note(
-                    f"crash loop: {len(self._crashes(now))} bursts of replicas failing soon after "
-                    f"launch in {window}"
-                )
+                bursts = len(self._crashes(now))
+                why = f"crash loop: {bursts} bursts of replicas failing soon after launch in {window}"
+                see = ""
             else:
-                self.note(
+                why = (
                     f"launches keep failing: {len(self._give_ups(now))} bursts of launches given up "
-                    f"after {LAUNCH_ATTEMPTS} failed applies in {window} (see the apply errors above)"
+                    f"after {LAUNCH_ATTEMPTS} failed applies in {window}"
                 )
+                see = " (see the apply errors above)"
+            self.note(f"{why}; new launches held until {until}{see}")
+            # `status` says so too: an empty table with no reason sent the operator to the log
+            self.state.extra[LAUNCH_HOLD_KEY] = {"until": now + hold, "reason": why}
             plan = replace(
                 plan,
                 replicas=tuple(r for r in plan.replicas if r.action != CREATE),
