@@ -165,3 +165,17 @@ def test_a_folder_with_no_trace_in_or_below_it_is_one_error(tmp_path):
         TraceError, match=r"no \*.json zone traces or \*.csv trace in this directory or below it$"
     ):
         load_traces(tmp_path)
+
+
+def test_a_folder_of_traces_keeps_each_directory_to_the_wanted_types_it_holds(tmp_path):
+    """`--trace ../shared/traces --instance-type v100_1,k80_1`: a directory holding only v100_1
+    runs that type, a directory holding both runs both (found by an audit: the first directory
+    lacking one of the types failed the whole folder)."""
+    write_zone(tmp_path / "skyserve" / "AWS1", "us-east-1a_v100_1", [1, 2])
+    write_zone(tmp_path / "cbl" / "aws", "us-east-1a_k80_1", [1, 0])
+    write_zone(tmp_path / "cbl" / "aws", "us-east-1a_v100_1", [1, 1])
+    write_zone(tmp_path / "cbl" / "aws", "us-east-1a_k80_8", [0, 1])
+    names = [t.name for t in load_traces(tmp_path, instance_types=["v100_1", "k80_1"])]
+    assert names == ["cbl/aws[k80_1]", "cbl/aws[v100_1]", "skyserve/AWS1"]
+    with pytest.raises(TraceError, match=r"no trace directory below it holds instance type 'p3'$"):
+        load_traces(tmp_path, instance_types=["v100_1", "p3"])

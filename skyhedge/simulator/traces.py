@@ -317,16 +317,26 @@ def _load_tree(
 ) -> list[Trace]:
     """Every trace of a folder of traces, named by its path below the folder
     (`preemption/1-node/aws-04-22-2023`, `availability/1-node/aws-10-26-2022[k80_1]`), so that
-    names stay unique. With `wanted` instance types, only the directories holding one of them."""
+    names stay unique. With `wanted` instance types, only the directories holding one of them,
+    each with the wanted types it holds: a folder mixes directories of different types (k80_1
+    beside v100_1 only), so asking for both must not fail on the directory lacking one. A wanted
+    type that no directory below the folder holds is still refused."""
     traces = []
+    held: set[str] = set()
     for leaf in leaves:
-        if wanted and not any(instance_type_of(f) in wanted for f in _json_files(leaf)):
-            continue
+        here = None
+        if wanted:
+            kinds = {instance_type_of(f) for f in _json_files(leaf)}
+            here = [kind for kind in wanted if kind in kinds]
+            if not here:
+                continue
+            held.update(here)
         prefix = leaf.relative_to(path).parent.as_posix()
-        for trace in load_traces(leaf, instance_types=wanted, binary_is_unlimited=binary_is_unlimited):
+        for trace in load_traces(leaf, instance_types=here, binary_is_unlimited=binary_is_unlimited):
             traces.append(replace(trace, name=trace.name if prefix == "." else f"{prefix}/{trace.name}"))
-    if not traces:
-        raise TraceError(f"{path}: no trace directory below it holds instance type {_quoted(wanted or [])}")
+    missing = [kind for kind in wanted or [] if kind not in held]
+    if missing or not traces:
+        raise TraceError(f"{path}: no trace directory below it holds instance type {_quoted(missing)}")
     return traces
 
 
