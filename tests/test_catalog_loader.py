@@ -303,3 +303,11 @@ def test_unreadable_file(empty_cache_dir: Path) -> None:
         load_catalog("local")
     with pytest.raises(CatalogError, match="cannot read catalog"):
         read_catalog_file(empty_cache_dir / "missing.json")
+
+
+def test_a_file_that_is_not_utf8_is_one_error_naming_it(empty_cache_dir: Path) -> None:
+    """An editor's UTF-16 save (found by an audit: a UnicodeDecodeError traceback from every
+    command that loads the catalog)."""
+    (empty_cache_dir / "local.json").write_bytes('{"format": 1}'.encode("utf-16"))
+    with pytest.raises(CatalogError, match=r"local.json: not UTF-8 text \(byte 0: b'\\xff'\)"):
+        load_catalog("local")

@@ -115,6 +115,13 @@ def read_catalog_file(path: Path, *, expect_cloud: str | None = None) -> CloudCa
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise CatalogError(f"{path}: cannot read catalog: {exc.strerror or exc}") from exc
+    except UnicodeDecodeError as exc:
+        # a user file saved by an editor as UTF-16 or Latin-1 is bad input like any other: one
+        # line naming the file, not a traceback from `plan`, `watch` or `catalog show`
+        raise CatalogError(
+            f"{path}: not UTF-8 text (byte {exc.start}: {exc.object[exc.start : exc.start + 1]!r}); "
+            "save the catalog as UTF-8 JSON"
+        ) from exc
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
