@@ -28,6 +28,11 @@ def test_cost_limit_is_halfway_between_spothedge_and_the_optimum():
         (0.9895, 0.44, False, True, "missed: avail -0.05 pts"),
         (0.995, 0.454, True, False, "missed: cost +0.004 over"),
         (0.98, 0.47, False, False, "missed: avail -1.00 pts, cost +0.020 over"),
+        # misses too small for the usual places keep the digits that show them (found by an
+        # audit: "cost +0.000 over" for a cost 0.00014 over the limit)
+        (0.995, 0.45014, True, False, "missed: cost +0.0001 over"),
+        (0.98996, 0.44, False, True, "missed: avail -0.004 pts"),
+        (0.989999, 0.450001, False, False, "missed: avail -0.0001 pts, cost +0.000001 over"),
     ],
 )
 def test_each_bound_is_judged_and_named(availability, cost, availability_ok, cost_ok, text):

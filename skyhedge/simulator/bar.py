@@ -64,10 +64,21 @@ class Verdict:
             return "met"
         misses = []
         if not self.availability_ok:
-            misses.append(f"avail {100 * self.availability_delta:+.2f} pts")
+            misses.append(f"avail {_signed(100 * self.availability_delta, 2)} pts")
         if not self.cost_ok:
-            misses.append(f"cost {-self.cost_margin:+.3f} over")
+            misses.append(f"cost {_signed(-self.cost_margin, 3)} over")
         return "missed: " + ", ".join(misses)
+
+
+def _signed(value: float, places: int) -> str:
+    """`value` with its sign in `places` decimals, or in as many more as it takes to show it is not
+    zero: a miss by 0.00014 printed `cost +0.000 over` (README's p2.xlarge AWS2 row) reads as a
+    miss by nothing, and `avail -0.00 pts` beside two equal-looking percentages as a contradiction."""
+    text = f"{value:+.{places}f}"
+    while value and not text.strip("+-0.") and places < 9:
+        places += 1
+        text = f"{value:+.{places}f}"
+    return text
 
 
 def judge(rows: Sequence[Mapping[str, Any]]) -> dict[tuple[str, str], Verdict]:
