@@ -7,6 +7,8 @@ from __future__ import annotations
 import importlib
 import json
 import math
+from concurrent.futures import Future
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import numpy as np
@@ -274,3 +276,33 @@ def test_a_zone_of_a_later_trace_missing_from_prices_fails_before_any_is_simulat
     )
     result = small(first, "--trace", str(second), "--prices", str(prices), "--policy", "spothedge")
     one_error_line(result, "error: --prices: no on-demand price for zone us-west-2a of second")
+
+
+def test_a_worker_killed_while_solving_the_optimum_is_one_line(tmp_path, monkeypatch):
+    """The OOM killer ends a worker with SIGKILL, which the pool reports as BrokenProcessPool
+    (found by an audit: `--ticks 31559 --cold-start 86400` on AWS1 took 12 GB and printed a
+    traceback)."""
+
+    class KilledPool:
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            pass
+
+        def __enter__(self) -> KilledPool:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            return None
+
+        def submit(self, *args: object, **kwargs: object) -> Future:
+            future: Future = Future()
+            future.set_exception(BrokenProcessPool("A process in the process pool was terminated abruptly"))
+            return future
+
+    monkeypatch.setattr(runner, "ProcessPoolExecutor", KilledPool)
+    monkeypatch.setattr(runner.os, "cpu_count", lambda: 4)  # the optimum goes to worker processes
+    trace = three_zones(tmp_path / "t", ("us-east-1a", "us-east-1b", "us-east-1c"))
+    one_error_line(
+        small(trace, "--policy", "spothedge,optimal"),
+        "error: t: the process solving the optimum of window 1 died abruptly",
+        "running out of memory",
+    )

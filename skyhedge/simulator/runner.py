@@ -19,14 +19,15 @@ import multiprocessing
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from skyhedge.errors import PolicyError, TraceError
+from skyhedge.errors import PolicyError, SkyhedgeError, TraceError
 from skyhedge.policy import Candidate, PolicyConfig, available_policies, make_policy, policy_class
 from skyhedge.simulator import latency as latency_model
 from skyhedge.simulator.optimum import capacity_never_binds, solve_optimum
@@ -406,6 +407,21 @@ def _latency(timeline: Timeline, window: Window, config: SimConfig) -> latency_m
     return latency_model.simulate_requests(ready, arrivals, service)
 
 
+def _solved(future: Future[WindowResult], trace: Trace, window: Window) -> WindowResult:
+    """The optimum of one window from a worker process, or one `SkyhedgeError` when the worker
+    died: the kernel's OOM killer ends it with SIGKILL (a 31559-tick window with a one-day cold
+    start asked for 12 GB), which the pool reports as `BrokenProcessPool`, a traceback otherwise
+    and no `MemoryError` for the CLI's own out-of-memory line to catch."""
+    try:
+        return future.result()
+    except BrokenProcessPool as exc:
+        raise SkyhedgeError(
+            f"{trace.name}: the process solving the optimum of window {window.index + 1} died abruptly "
+            "(killed by the system, most often for running out of memory); use shorter --ticks or "
+            "--cold-start, fewer zones, or leave 'optimal' out"
+        ) from exc
+
+
 def simulate(
     traces: Sequence[Trace],
     policies: Sequence[str],
@@ -446,7 +462,7 @@ def simulate(
                         for window, keep in zip(windows, keeps, strict=True)
                     ]
                     for window, future in zip(windows, futures, strict=True):
-                        summary.windows.append(future.result())
+                        summary.windows.append(_solved(future, trace, window))
                         if progress is not None:
                             progress(trace.name, name, window.index)
             else:
