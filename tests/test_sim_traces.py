@@ -159,6 +159,18 @@ def test_a_folder_of_traces_gives_every_trace_below_it_named_by_its_path(tmp_pat
         load_traces(tmp_path, instance_types=["p3"])
 
 
+def test_a_folder_of_links_to_trace_directories_runs_them_and_stops_at_loops(tmp_path):
+    """Linked trace directories are traces of the folder (found by an audit: os.walk skipped them,
+    so a folder of links ran only its real directories and said nothing); a loop ends."""
+    elsewhere = tmp_path / "elsewhere" / "AWS2"
+    write_zone(elsewhere, "us-east-2b_v100_1", [1, 2])
+    folder = tmp_path / "mine"
+    write_zone(folder / "real", "us-east-1a_v100_1", [1, 2])
+    (folder / "AWS2").symlink_to(elsewhere, target_is_directory=True)
+    (folder / "real" / "back").symlink_to(folder, target_is_directory=True)  # a loop
+    assert [t.name for t in load_traces(folder)] == ["AWS2", "real"]
+
+
 def test_a_folder_with_no_trace_in_or_below_it_is_one_error(tmp_path):
     (tmp_path / "a" / "b").mkdir(parents=True)
     with pytest.raises(

@@ -297,14 +297,20 @@ def load_traces(
 def trace_dirs(path: Path) -> list[Path]:
     """The trace directories below `path` when `path` holds none of a trace's files itself (a
     folder of traces, such as ../shared/traces): every directory with *.json or *.csv files,
-    sorted, dot-directories skipped. Empty for anything else."""
+    sorted, dot-directories skipped. Empty for anything else.
+
+    Symbolic links to directories are followed: a folder of links to traces kept elsewhere is a
+    folder of traces, and skipping them dropped those traces from the comparison without a word.
+    A link back to a directory on the way down (a loop) is not followed."""
     if not path.is_dir() or _holds_trace_files(path):
         return []
     found = []
-    for directory, subdirs, _files in os.walk(path):
-        subdirs[:] = sorted(d for d in subdirs if not d.startswith("."))
-        if Path(directory) != path and _holds_trace_files(Path(directory)):
-            found.append(Path(directory))
+    for directory, subdirs, _files in os.walk(path, followlinks=True):
+        here = Path(directory)
+        above = {here.resolve(), *((path / parent).resolve() for parent in here.relative_to(path).parents)}
+        subdirs[:] = sorted(d for d in subdirs if not d.startswith(".") and (here / d).resolve() not in above)
+        if here != path and _holds_trace_files(here):
+            found.append(here)
     return found
 
 
