@@ -283,3 +283,14 @@ def test_a_window_asked_for_with_ticks_is_never_shortened(trace_dir):
     assert result.output.strip().splitlines() == [
         f"error: {trace_dir}: 80 ticks (0.7 h) of trace, shorter than one window of 2880 ticks"
     ]
+
+
+def test_names_with_dollar_signs_are_drawn_as_written(trace_dir, tmp_path):
+    """matplotlib reads `$...$` as math: a trace directory named `m$\\bad{$x` failed the plot
+    with a traceback after the results, and `price$5-$7` was drawn "price5 − 7" (found by an
+    audit)."""
+    named = trace_dir.rename(trace_dir.with_name("m$\\bad{$x"))
+    png = tmp_path / "dollars.png"
+    result = small(named, "--policy", "spothedge,rr", "--plot", str(png))
+    assert result.exit_code == 0, result.output
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -52,6 +52,13 @@ def _timeline_policies(summaries: Sequence[Summary]) -> list[Summary]:
     return ordered[:MAX_TIMELINES]
 
 
+def _literal(text: str) -> str:
+    """`text` drawn as written: trace, zone and policy names come from file and directory names,
+    and matplotlib reads `$...$` in a label as math (`price$5-$7` drew "price5 − 7", and
+    `m$\\bad{$x` failed the plot with a ParseFatalException traceback after the results)."""
+    return text.replace("$", r"\$")
+
+
 def plot_format(path: str | Path) -> str:
     """The format `path`'s extension asks for (case-insensitive); `OutputError` for any other, so
     that an ``out.svg`` is an SVG and never PNG bytes under that name."""
@@ -96,7 +103,7 @@ def plot_results(
             fmt=marker,
             color=colors[summary.policy],
             capsize=3,
-            label=f"{summary.policy} ({summary.trace})",
+            label=_literal(f"{summary.policy} ({summary.trace})"),
         )
     ax.set_xlabel("relative cost (on-demand only = 1.0)")
     ax.set_ylabel("availability (%)")
@@ -142,12 +149,14 @@ def _timeline(fig: Any, grid: Any, column: int, summary: Summary, trace: Trace, 
             zax.step(hours, timeline.spot_by_zone[i], where="post", color="tab:blue", label="spot replicas")
         zax.set_ylim(0, ceiling + 0.5)
         zax.yaxis.set_major_locator(MaxNLocator(integer=True))
-        zax.set_ylabel(trace.zones[z].zone, fontsize=8)
+        zax.set_ylabel(_literal(trace.zones[z].zone), fontsize=8)
         zax.tick_params(labelbottom=False)
         if i == 0:
             zax.set_title(
-                f"{summary.policy} on {trace.name}, window {window.window.index} "
-                f"(offset {window.window.offset} ticks)"
+                _literal(
+                    f"{summary.policy} on {trace.name}, window {window.window.index} "
+                    f"(offset {window.window.offset} ticks)"
+                )
             )
             zax.legend(fontsize=7, loc="upper right")
     tax = fig.add_subplot(grid[1 + zones, column])
