@@ -21,6 +21,15 @@ def test_cost_limit_is_halfway_between_spothedge_and_the_optimum():
     assert verdict.met and verdict.describe() == "met"  # both bounds are inclusive
 
 
+def test_the_printed_limit_is_the_one_judged():
+    """Two 6-decimal costs have a 7-decimal midpoint; printed rounded to 6 decimals, a cost equal
+    to the limit shown was judged over it (found by an audit). It is printed whole."""
+    refs = [row("spothedge", 0.99, 0.500001), row("optimal", 1.0, 0.400000)]
+    over = judge([*refs, row("skyhedge", 0.99, 0.450001)])[("t", "skyhedge")].to_json()
+    assert over["cost_limit"] == 0.4500005 and over["cost_margin"] == -0.0000005
+    assert over["cost_ok"] is False and float(over["cost_limit"]) < 0.450001
+
+
 @pytest.mark.parametrize(
     ("availability", "cost", "availability_ok", "cost_ok", "text"),
     [

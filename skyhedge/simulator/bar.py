@@ -53,9 +53,12 @@ class Verdict:
             "availability_ok": self.availability_ok,
             "cost_ok": self.cost_ok,
             "availability_floor": self.availability_floor,
-            "cost_limit": round(self.cost_limit, 6),
+            # the midpoint of two 6-decimal figures has 7 decimals, exactly: printed whole, so a
+            # cost equal to the limit as shown is within it (rounded to 6, a limit ending in 5
+            # read as met what `cost_ok` judged over; found by an audit)
+            "cost_limit": round(self.cost_limit, 7),
             "availability_delta": round(self.availability_delta, 6),
-            "cost_margin": round(self.cost_margin, 6),
+            "cost_margin": round(self.cost_margin, 7),
         }
 
     def describe(self) -> str:
