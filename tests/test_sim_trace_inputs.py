@@ -306,3 +306,20 @@ def test_a_worker_killed_while_solving_the_optimum_is_one_line(tmp_path, monkeyp
         "error: t: the process solving the optimum of window 1 died abruptly",
         "running out of memory",
     )
+
+
+def test_an_optimum_too_big_to_solve_is_refused_before_any_work(tmp_path):
+    """Its integer program grows with zones x ticks x cold-start ticks: a day-long window and cold
+    start on AWS1 took 12 GB before the system killed the solver (found by an audit). Refused in
+    one line, naming the flags, before a single window is simulated; where capacity never binds
+    (a shortest path solves it) the same flags run."""
+    finite = tmp_path / "finite"
+    for zone in ("us-east-1a", "us-east-1b", "us-east-1c"):
+        write_zone(finite, f"{zone}.json", [2] * 20000, gap=30)  # pools of 2 < N: capacity binds
+    args = ("--trace", str(finite), "--ticks", "20000", "--cold-start", "86400", "--repeats", "1")
+    one_error_line(
+        invoke(*args, "--policy", "spothedge,optimal"),
+        "error: finite: the optimum's integer program would have 197,290,880 constraint entries",
+        "use shorter --ticks or --cold-start, or leave 'optimal' out",
+    )
+    assert invoke(*args, "--policy", "spothedge").exit_code == 0  # no optimum asked: no limit

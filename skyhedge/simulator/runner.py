@@ -407,6 +407,28 @@ def _latency(timeline: Timeline, window: Window, config: SimConfig) -> latency_m
     return latency_model.simulate_requests(ready, arrivals, service)
 
 
+#: The largest integer program the optimum is allowed to build: constraint entries, about (zones
+#: + 1) x scored ticks x (cold-start ticks + 1). Measured: 3.3e8 of them (AWS1, `--ticks 31559
+#: --cold-start 86400`) took 12 GB before the system killed the solver; the paper's setup needs
+#: 1.4e5 for nine zones, a 12 h cold start on ten zones 2.3e7.
+MAX_OPTIMUM_ENTRIES = 50_000_000
+
+
+def _check_optimum_size(trace: Trace, config: SimConfig) -> None:
+    """Refuse, before any work, an optimum whose integer program would not fit in memory (where
+    capacity binds: otherwise a shortest path solves it in O(ticks x zones))."""
+    if capacity_never_binds(trace.capacity, config.target):
+        return
+    cold = config.cold_start_ticks
+    entries = (len(trace.zones) + 1) * max(0, config.ticks - cold) * (cold + 1)
+    if entries > MAX_OPTIMUM_ENTRIES:
+        raise TraceError(
+            f"{trace.name}: the optimum's integer program would have {entries:,} constraint entries "
+            f"(at most {MAX_OPTIMUM_ENTRIES:,}, about 2 GB): use shorter --ticks or --cold-start, "
+            "or leave 'optimal' out"
+        )
+
+
 def _solved(future: Future[WindowResult], trace: Trace, window: Window) -> WindowResult:
     """The optimum of one window from a worker process, or one `SkyhedgeError` when the worker
     died: the kernel's OOM killer ends it with SIGKILL (a 31559-tick window with a one-day cold
@@ -440,6 +462,9 @@ def simulate(
     """
     check_policies(policies)
     check_inputs(traces, config)
+    if OPTIMAL in policies:
+        for trace in traces:
+            _check_optimum_size(trace, config.for_trace(trace))
     workers = max(1, workers if workers is not None else (os.cpu_count() or 1))
     summaries: list[Summary] = []
     outer = config
