@@ -147,6 +147,20 @@ def _stub_us_east_1(stubber: Stubber, response_file: str) -> None:
     )
 
 
+def test_refresh_of_offers_the_catalog_lacks_says_so_without_asking_the_api(cache_dir: Path) -> None:
+    """g6 is not sold in eu-west-1: the refresh said "found no prices for the chosen offers",
+    pointing at the price API when there was nothing to price (found by an audit)."""
+    code, out, err = run(
+        "catalog", "refresh", "--cloud", "aws", "--regions", "eu-west-1", "--instance-types", "g6.xlarge"
+    )
+    assert code == 1 and out == ""
+    (line,) = err.strip().splitlines()
+    assert line.startswith(
+        "error: the aws catalog has no offer of g6.xlarge in eu-west-1: nothing to refresh"
+    )
+    assert not (cache_dir / "aws.json").exists()
+
+
 def test_refresh_aws_writes_user_cache(cache_dir: Path, stubbed_ec2: Stubber) -> None:
     _stub_us_east_1(stubbed_ec2, "us-east-1/2020-02-27.p3.2xlarge.json")
     code, out, err = run(

@@ -130,6 +130,18 @@ def refresh(cloud: str, regions: str | None, instance_types: str | None, reset: 
     base = read_catalog_file(bundled_path(cloud), expect_cloud=cloud) if reset else load_catalog(cloud)
     region_list = _split(regions, "'--regions'")
     type_list = _split(instance_types, "'--instance-types'")
+    chosen = [
+        o
+        for o in base.offers
+        if (not region_list or o.region in region_list) and (not type_list or o.instance_type in type_list)
+    ]
+    if not chosen:  # not the API's doing: said before asking it, naming what was chosen
+        types = ", ".join(type_list) if type_list else "any instance type"
+        where = ", ".join(region_list) if region_list else "any region"
+        raise CatalogError(
+            f"the {cloud} catalog has no offer of {types} in {where}: nothing to refresh "
+            f"(`skyhedge catalog show --cloud {cloud}` lists its offers); {target} left unchanged"
+        )
     now = dt.datetime.now(dt.timezone.utc)
     module_name, function = PRICE_APIS[cloud]
     api = importlib.import_module(module_name)  # boto3 / google-auth only when refreshing that cloud
@@ -148,7 +160,8 @@ def refresh(cloud: str, regions: str | None, instance_types: str | None, reset: 
     refreshed = _with_sources(refreshed, [*sources, record])
     write_catalog_file(refreshed, target)
     console.print(
-        f"updated {result.updated} offers in {len(result.regions)} regions from {escape(str(api.SOURCE))}; "
+        f"updated {result.updated} offers in {len({o.region for o in chosen})} regions from "
+        f"{escape(str(api.SOURCE))}; "
         f"wrote {escape(str(target))}"
     )
     if result.unpriced:
