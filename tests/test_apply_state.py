@@ -19,7 +19,7 @@ from skyhedge.cli import main
 from skyhedge.errors import StateError
 from skyhedge.policy.types import EventKind, Location, ZoneEvent
 from skyhedge.spec import load_spec
-from skyhedge.state import STATE_FILE, ReplicaRecord, ServiceState, load_state, writer_lock
+from skyhedge.state import STATE_FILE, ReplicaRecord, ServiceState, load_state, save_state, writer_lock
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -357,6 +357,25 @@ def test_status_shows_what_the_local_capacity_file_holds_back(tmp_path: Path):
         ]
         is None
     )
+
+
+def test_status_says_when_a_dead_masters_workers_still_answer(tmp_path: Path):
+    """`kill -9` of the nginx master alone leaves its workers serving the port with the last
+    config (docs/routing.md, "Crashes"); "not running" alone sent the operator after a router that
+    still answered (found by an audit)."""
+    import socket
+
+    spec = tmp_path / "s.yaml"
+    spec.write_text("name: idle\nplacement: {clouds: [local]}\nrun: {command: 'true'}\n")
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        endpoint = f"http://127.0.0.1:{listener.getsockname()[1]}"
+        save_state(tmp_path / "st", ServiceState(service="idle", router={"endpoint": endpoint, "pid": 4242}))
+        text = " ".join(run_cli("status", str(spec), "--state-dir", str(tmp_path / "st")).output.split())
+        assert "Router: not running (nginx pid 4242 is gone; its workers still answer on the port" in text
+    text = " ".join(run_cli("status", str(spec), "--state-dir", str(tmp_path / "st")).output.split())
+    assert "Router: not running (nginx pid 4242 is gone; `skyhedge routing up" in text  # port closed
 
 
 def test_status_still_shows_the_state_while_the_spec_on_disk_does_not_load(tmp_path: Path):

@@ -366,8 +366,12 @@ def status(spec: Path, state_dir: Path | None, as_json: bool, include_gone: bool
     if router and router.get("pid") is not None:
         console.print(f"Router: {router.get('endpoint')} (pid {router.get('pid')})", markup=False)
     elif state.router:
+        # workers of a killed master keep serving with the last config (docs/routing.md,
+        # "Crashes"): "not running" then sent the operator after a router that still answered
+        orphans = _answers(state.router.get("endpoint"))
+        still = "; its workers still answer on the port, with the last config" if orphans else ""
         console.print(
-            f"Router: not running (nginx pid {state.router.get('pid')} is gone; "
+            f"Router: not running (nginx pid {state.router.get('pid')} is gone{still}; "
             f"`{command_line('routing up', spec, state_dir)}` or `{command_line('watch', spec, state_dir)}` "
             "starts it again)",
             markup=False,
@@ -393,6 +397,21 @@ def status(spec: Path, state_dir: Path | None, as_json: bool, include_gone: bool
     if hold is not None:
         until = time.strftime("%H:%M:%S", time.localtime(float(hold["until"])))
         console.print(f"Launches held until {until}: {hold['reason']}", markup=False)
+
+
+def _answers(endpoint: object) -> bool:
+    """Something accepts connections at the router's `http://host:port` (a quick connect)."""
+    import socket
+    from urllib.parse import urlsplit
+
+    if not isinstance(endpoint, str):
+        return False
+    try:
+        url = urlsplit(endpoint)
+        with socket.create_connection((url.hostname or "127.0.0.1", url.port or 80), timeout=0.3):
+            return True
+    except (OSError, ValueError):
+        return False
 
 
 def _describe_capacity(held: dict[str, Any]) -> str:
