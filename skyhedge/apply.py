@@ -789,6 +789,9 @@ class DestroyReport:
     destroyed: list[str] = field(default_factory=list)
     #: recorded replicas a failed or interrupted apply never created: forgotten, not destroyed
     never_created: list[str] = field(default_factory=list)
+    #: replicas already recorded gone (failed, preempted) that a root's last apply still held:
+    #: their machines (local processes) are destroyed with the root, and said so
+    held_gone: list[str] = field(default_factory=list)
     errors: list[EngineError] = field(default_factory=list)
     strays: list[int] = field(default_factory=list)
 
@@ -870,8 +873,12 @@ def destroy_service(
             for root, result in zip(roots, results, strict=True):
                 now = clock()
                 if isinstance(result, ApplyResult) and result.ok:
+                    held = _tracked(state).get(root.path, {}).get("replicas")
+                    held = set(held) if isinstance(held, list) else set()
                     for rec in state.replicas.values():
                         if (rec.cloud, rec.region) == root.key:
+                            if rec.gone_at is not None and rec.id in held:
+                                report.held_gone.append(rec.id)
                             if rec.gone_at is None:
                                 rec.gone_at, rec.reason, rec.draining = now, "terminated", False
                                 created = rec.provisioned_at is not None or rec.cloud_id is not None

@@ -314,6 +314,24 @@ def test_cli_reports_a_failed_apply_in_one_line_plus_terraforms_text(svc):
     assert svc.pids() == {}
 
 
+def test_destroy_names_replicas_recorded_gone_that_terraform_still_held(svc):
+    """A watcher killed between recording a replica failed and the apply that drops it leaves
+    the replica's process (on a cloud, its machine) in Terraform's root: `destroy` stops it, and
+    said "Destroyed 1 replica(s)" as if there had been one (found by an audit)."""
+    spec, sd = str(svc.write(replicas=2)), str(svc.state_dir)
+    assert run_cli("apply", spec, "--state-dir", sd, "--no-routing", "--auto-approve").exit_code == 0
+    state = load_state(svc.state_dir, "applied")
+    state.replicas["r-0001"].gone_at, state.replicas["r-0001"].reason = 1.0, "failed"
+    save_state(svc.state_dir, state)
+    assert sorted(svc.pids()) == ["r-0001", "r-0002"]  # it still runs
+    out = run_cli("destroy", spec, "--state-dir", sd, "--auto-approve")
+    assert out.exit_code == 0, out.output
+    said = " ".join(out.output.split())
+    assert "Destroyed 1 replica(s) in local/local; also 1 already recorded gone" in said
+    assert "that Terraform still held (r-0001)." in said
+    assert svc.pids() == {} and svc.processes() == []
+
+
 def test_status_of_a_service_never_applied(tmp_path: Path):
     spec = tmp_path / "s.yaml"
     spec.write_text("name: idle\nplacement: {clouds: [local]}\nrun: {command: 'true'}\n")

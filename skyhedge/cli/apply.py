@@ -273,8 +273,14 @@ def destroy(spec: Path, state_dir: Path | None, auto_approve: bool, terraform_bi
             if report.never_created
             else ""
         )
+        held = (
+            f"; also {len(report.held_gone)} already recorded gone that Terraform still held "
+            f"({', '.join(sorted(report.held_gone))})"
+            if report.held_gone
+            else ""
+        )
         console.print(
-            f"Destroyed {len(report.destroyed)} replica(s) in {', '.join(report.roots)}{forgot}.",
+            f"Destroyed {len(report.destroyed)} replica(s) in {', '.join(report.roots)}{forgot}{held}.",
             markup=False,
         )
 
