@@ -124,6 +124,15 @@ def test_reload_when_not_running_is_one_clear_error(setup):
     assert "not running" in result.output and "Traceback" not in result.output
 
 
+def test_reload_when_never_started_leaves_no_state_dir_behind(setup):
+    """A failed first command leaves no directory holding only lock files (docs/terraform.md):
+    `routing reload` into a new --state-dir made router/router.lock before it found no router."""
+    spec_path, state_dir, _ = setup
+    result = CliRunner().invoke(main, ["routing", "reload", str(spec_path), "--state-dir", str(state_dir)])
+    assert result.exit_code == 1 and "not running" in result.output
+    assert not state_dir.exists(), sorted(p.name for p in state_dir.rglob("*"))
+
+
 def test_status_shows_the_router_only_while_its_nginx_runs(setup):
     import os
     import signal

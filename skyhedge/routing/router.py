@@ -182,6 +182,11 @@ class Router:
     def reload(self, upstreams: Iterable[Upstream]) -> dict[str, Any]:
         """Route to exactly `upstreams` from now on; a config nginx refuses never replaces the old one."""
         ups = sorted_upstreams(upstreams)
+        if not self.paths.prefix.is_dir():
+            # never started here: refused before `_locked` makes the router folder, so a reload
+            # by mistake into a new --state-dir leaves no directory behind (the writer lock
+            # removes a state dir that holds only its lock file)
+            raise self._not_running()
         with self._locked():
             self._reload(ups)
         return self.status()
@@ -263,6 +268,11 @@ class Router:
         finally:
             lock.release()
 
+    def _not_running(self) -> RoutingError:
+        return RoutingError(
+            f"the router of {self.spec.name} is not running (start it with `skyhedge routing up`)"
+        )
+
     def _install(self, text: str) -> None:
         """Write the candidate, `nginx -t` it, then swap it in atomically; keep it aside if refused."""
         nginx.ensure_dirs(self.paths)
@@ -308,9 +318,7 @@ class Router:
         """Apply `ups` to the running nginx; return the workers that must exit before it is drained."""
         pid = self.pid()
         if pid is None:
-            raise RoutingError(
-                f"the router of {self.spec.name} is not running (start it with `skyhedge routing up`)"
-            )
+            raise self._not_running()
         status_port = self._read_meta().get("status_port")
         if nginx.has_stub_status(self.binary) and self.options.status_port:
             status_port = self.options.status_port
