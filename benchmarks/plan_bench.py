@@ -34,10 +34,17 @@ def synthetic(n_zones: int, n_replicas: int) -> Observation:
     return Observation(now=100.0, target=n_replicas, candidates=cands, replicas=replicas)
 
 
+def positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text}")
+    return value
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--policy", default="spothedge")
-    ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--repeats", type=positive, default=20)
     args = ap.parse_args()
     obs = synthetic(300, 1000)
     prices = {

@@ -34,7 +34,13 @@ TRACE_SUFFIXES = {".json", ".csv"}
 
 def seeds(text: str) -> list[int]:
     first, _, last = text.partition("-")
-    return list(range(int(first), int(last or first) + 1))
+    try:
+        found = list(range(int(first), int(last or first) + 1))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a seed or a range such as 0-3, got {text!r}") from None
+    if not found:
+        raise argparse.ArgumentTypeError(f"empty seed range {text!r}: write it low-high, e.g. 0-3")
+    return found
 
 
 def subsets(files: list[Path], k: int, count: int) -> list[tuple[Path, ...]]:
@@ -48,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("trace_dir", type=Path, help="a trace directory with one file per zone")
     ap.add_argument("--zones", type=int, default=2, help="zones per subset (default 2)")
     ap.add_argument("--count", type=int, default=5, help="subsets to run (default 5)")
-    ap.add_argument("--seeds", default="0", help="seed or range, e.g. 0-3 (default 0)")
+    ap.add_argument("--seeds", type=seeds, default="0", help="seed or range, e.g. 0-3 (default 0)")
     args = ap.parse_args(argv)
     if not args.trace_dir.is_dir():
         ap.error(f"{args.trace_dir}: not a trace directory")
@@ -64,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
             for p in combo:
                 (where / p.name).symlink_to(p.resolve())
             trace = load_traces(where)[0]
-            for seed in seeds(args.seeds):
+            for seed in args.seeds:
                 policies = ["spothedge", "skyhedge", "optimal"]
                 runs = simulate([trace], policies, SimConfig(seed=seed), workers=2)
                 rows = [r.to_json() for r in runs]

@@ -83,11 +83,18 @@ def one_round(sdir: Path) -> dict[str, float]:
     }
 
 
+def positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text}")
+    return value
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=positive, default=5)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="skyhedge-reaction-") as tmp:
         tmpdir = Path(tmp)

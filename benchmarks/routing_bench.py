@@ -12,13 +12,14 @@ Printed (median of repeats where it makes sense):
   req/s       completions (max_tokens=4) from N threads over keep-alive connections, direct to
               one replica vs. through the router to all replicas; and the per-request latency
 
-Every process is stopped at the end.
+Every process is stopped and the temp dir removed at the end.
 """
 
 from __future__ import annotations
 
 import argparse
 import http.client
+import shutil
 import statistics
 import sys
 import tempfile
@@ -70,11 +71,18 @@ def load(endpoint: str, total: int, threads: int) -> tuple[float, float]:
     return len(latencies) / elapsed, statistics.median(latencies) * 1000
 
 
+def positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text}")
+    return value
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--replicas", type=int, default=3)
-    ap.add_argument("--requests", type=int, default=2000)
-    ap.add_argument("--threads", type=int, default=4)
+    ap.add_argument("--replicas", type=positive, default=3)
+    ap.add_argument("--requests", type=positive, default=2000)
+    ap.add_argument("--threads", type=positive, default=4)
     args = ap.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="routing-bench-"))
@@ -105,6 +113,7 @@ def main() -> None:
     finally:
         teardown_router(router)
         fleet.close()
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":

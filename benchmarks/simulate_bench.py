@@ -1,7 +1,8 @@
-"""Simulation speed on the paper's AWS2 trace: every policy but `optimal` over 10 windows of 24 h
-(one figure, and one per policy), then the omniscient optimum per window, with the method that
-answered (`runs`: the shortest path, when capacity never binds; `milp`: HiGHS). With
---compare-milp, each window is solved by HiGHS too, to time both and check they agree.
+"""Simulation speed on the paper's AWS2 trace: the six built-in policies other than `skyhedge`
+(spothedge, skyserve, ondemand, even, rr, single-region) over 10 windows of 24 h (one figure, and
+one per policy), then the omniscient optimum per window, with the method that answered (`runs`:
+the shortest path, when capacity never binds; `milp`: HiGHS); `--optimal-windows 0` skips it.
+With --compare-milp, each window is solved by HiGHS too, to time both and check they agree.
 Prints figures; asserts nothing.
 
     PYTHONPATH=. python3 benchmarks/simulate_bench.py [--trace ../shared/traces/skyserve/AWS2]
@@ -25,11 +26,21 @@ DEFAULT_TRACE = REPO.parent / "shared" / "traces" / "skyserve" / "AWS2"
 POLICIES = ["spothedge", "skyserve", "ondemand", "even", "rr", "single-region"]
 
 
+def count(least: int):
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < least:
+            raise argparse.ArgumentTypeError(f"expected a whole number >= {least}, got {text}")
+        return value
+
+    return parse
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--trace", type=Path, default=DEFAULT_TRACE)
-    ap.add_argument("--repeats", type=int, default=10)
-    ap.add_argument("--optimal-windows", type=int, default=10)
+    ap.add_argument("--repeats", type=count(1), default=10)
+    ap.add_argument("--optimal-windows", type=count(0), default=10)
     ap.add_argument("--compare-milp", action="store_true", help="also solve each window with HiGHS")
     args = ap.parse_args()
 
@@ -75,6 +86,8 @@ def main() -> None:
             line += f"; milp {time.perf_counter() - started:.2f} s, {agree}"
         print(line)
     print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs (wall times grow with it)")
+    if not times:
+        return
     print(
         f"optimal per window: median {statistics.median(times):.2f} s, mean {statistics.mean(times):.2f} s, "
         f"max {max(times):.2f} s over {len(times)} windows"
