@@ -15,7 +15,8 @@ comes back from `simulate` as one trace per type, named DIR[type]; the report pr
     python benchmarks/policy_report.py --holdout        # + recombined many-zone traces (HOLDOUT)
     python benchmarks/policy_report.py --validation     # + recombined traces kept out of tuning
 
-Takes a few minutes: the optimum is an integer program per window (scipy/HiGHS). Exits 1 when a
+Takes under a minute on 2 cores (more with --holdout or --validation): the optimum is a shortest
+path or an integer program per window (scipy/HiGHS). Exits 1 when a
 simulation failed (its error is printed in place of the trace's rows), or when an input is refused
 before running: two traces with the same name, or a --json path that cannot be written.
 """
@@ -192,12 +193,12 @@ def main() -> int:
     parser.add_argument(
         "--holdout",
         action="store_true",
-        help="also run recombined many-zone traces built from the shared ones (slower: ~10 min)",
+        help="also run recombined many-zone traces built from the shared ones (0.5-2.5 min on 2 cores)",
     )
     parser.add_argument(
         "--validation",
         action="store_true",
-        help="also run the recombined traces kept out of policy development (~3.5 min)",
+        help="also run the recombined traces kept out of policy development (1-3.5 min on 2 cores)",
     )
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)

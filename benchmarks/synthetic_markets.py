@@ -14,9 +14,9 @@ Three shapes, all all-or-nothing (a 1 means "as many as asked"), 300 s samples, 
   up, against what every public trace shows (docs/policy.md, "Zones age"): this shape measures
   what the policy loses where its main assumption is false.
 
-Writes one CSV per market and seed (the `seconds,<zone>,...` format `simulate` reads) to --out,
-then, unless --no-simulate, runs `skyhedge simulate --policy spothedge,skyhedge,optimal` on each
-and prints the SpotHedge bar per trace and seed.
+Writes one CSV per market (the `seconds,<zone>,...` format `simulate` reads) to --out, then,
+unless --no-simulate, runs `skyhedge simulate --policy spothedge,skyhedge,optimal` on each
+and prints the SpotHedge bar per trace and --seeds window seed.
 
     PYTHONPATH=. python3 benchmarks/synthetic_markets.py --out /tmp/synthetic [--markets 3] [--seeds 0,1,2]
 """
