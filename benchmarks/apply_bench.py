@@ -168,7 +168,12 @@ def main() -> None:
         "--terraform-bin", default=None, help="a terraform/tofu binary (default: embedded engine)"
     )
     args = parser.parse_args()
-    sizes = [int(s) for s in args.sizes.split(",") if s]
+    try:
+        sizes = [int(s) for s in args.sizes.split(",") if s]
+    except ValueError:
+        parser.error(f"--sizes: expected comma-separated whole numbers, got {args.sizes!r}")
+    if not sizes or min(sizes) < 1:
+        parser.error(f"--sizes: expected replica counts of at least 1, got {args.sizes!r}")
     work = Path(tempfile.mkdtemp(prefix="skyhedge-apply-bench-"))
     os.environ["SKYHEDGE_CATALOG_DIR"] = str(work / "catalog")
     write_catalog(work / "catalog")

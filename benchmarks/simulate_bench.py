@@ -17,6 +17,7 @@ import statistics
 import time
 from pathlib import Path
 
+from skyhedge.errors import TraceError
 from skyhedge.simulator import SimConfig, load_trace, make_windows, simulate
 from skyhedge.simulator.optimum import solve_optimum
 from skyhedge.simulator.runner import window_capacity
@@ -44,7 +45,10 @@ def main() -> None:
     ap.add_argument("--compare-milp", action="store_true", help="also solve each window with HiGHS")
     args = ap.parse_args()
 
-    trace = load_trace(args.trace)
+    try:
+        trace = load_trace(args.trace)
+    except TraceError as exc:  # a missing or malformed trace: a usage error, not a traceback
+        ap.error(f"--trace: {exc}")
     config = SimConfig(repeats=args.repeats)
     print(
         f"trace {trace.name}: {len(trace.zones)} zones, {trace.ticks} ticks; {args.repeats} windows of 2880"
