@@ -531,3 +531,43 @@ def test_market_replay_gives_a_finite_zone_its_pool_size(tmp_path: Path):
     assert capacity.read_limits(runtime) == {"local-a": 2} and capacity.read_capacity(runtime) == {}
     replay.stop()  # the replay's end gives the zone its capacity back, limit included
     assert capacity.read_limits(runtime) == {} and capacity.read_capacity(runtime) == {}
+
+
+def test_dashboard_fits_the_terminal_and_keeps_the_newest_events(tmp_path, write_spec):
+    """`Live` crops a frame taller than the terminal at the bottom, where the newest events are:
+    on 80x24 a preemption and its replacement never showed, and with eight replicas no event did.
+    The frame fits, the newest event stays, dropped replica rows are counted, and a narrow
+    terminal folds zone names rather than cutting every one to `local/local/loca…`."""
+    from skyhedge.controller.dashboard import fit
+
+    spec = load_spec(write_spec(LOCAL.replace("min_replicas: 1", "min_replicas: 8")))
+    ctl = fake_controller(spec, tmp_path / "s")
+    for _ in range(3):
+        ctl.tick()
+        ctl.clock.advance(1)  # type: ignore[attr-defined]
+    for i in range(12):
+        ctl.note(f"event {i}")
+    assert len(ctl.state.live()) >= 8
+    for width, height in ((80, 24), (60, 24), (200, 50), (40, 24)):
+        console = Console(record=True, width=width, height=height)
+        console.print(fit(ctl, console, width=width, height=height, endpoint="http://127.0.0.1:8080"))
+        lines = console.export_text().splitlines()
+        assert len(lines) <= height, (width, height, len(lines))
+        text = "\n".join(lines)
+        assert "event 11" in text and "target 8 ready" not in text
+        if width >= 60:
+            assert "local-a" in text and "local-b" in text  # zones told apart
+    console = Console(record=True, width=80, height=18)
+    console.print(fit(ctl, console, width=80, height=18))
+    text = console.export_text()
+    assert "more (skyhedge status lists all)" in text and "event 11" in text
+    assert len(text.splitlines()) <= 18
+    # the live dashboard draws through `fit` with its console's size (from its first frame on)
+    import io
+
+    from skyhedge.controller.dashboard import Dashboard
+
+    screen = Console(file=io.StringIO(), width=80, height=18, record=True)
+    screen.print(Dashboard(ctl, console=screen)._render())
+    drawn = screen.export_text()
+    assert len(drawn.splitlines()) <= 18 and "event 11" in drawn

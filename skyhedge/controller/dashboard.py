@@ -4,6 +4,11 @@
 it to text); `Dashboard` redraws it after every tick inside a `rich.live.Live`. Every cell is a
 `Text`, never a markup string: zone names, endpoints and event notes (which quote paths and error
 texts) are data, and `[prod]` in one must show as written, not vanish or break the frame.
+
+`fit` sizes the frame to the terminal: `rich.live.Live` crops a frame taller than the screen at
+its bottom, which is where the newest events are, so on an 80x24 terminal (or with eight
+replicas) a preemption and its replacement never showed. It shows fewer (older) events first,
+then fewer replica rows (saying how many more there are), so the newest events stay in view.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import time
 from collections import Counter
 from typing import Any
 
+from rich import get_console
 from rich.console import Console, Group
 from rich.live import Live
 from rich.panel import Panel
@@ -43,7 +49,22 @@ def _age(seconds: float) -> str:
     return f"{seconds / 3600:.1f}h"
 
 
-def render(ctl: Controller, *, endpoint: str | None = None, now: float | None = None) -> Any:
+#: Events shown when the terminal has room; `fit` shows fewer (down to MIN_EVENTS) before it
+#: drops replica rows, and fewer still only when a single replica row does not leave room.
+MAX_EVENTS = 10
+MIN_EVENTS = 3
+
+
+def render(
+    ctl: Controller,
+    *,
+    endpoint: str | None = None,
+    now: float | None = None,
+    max_events: int = MAX_EVENTS,
+    max_replicas: int | None = None,
+) -> Any:
+    """The frame: `max_events` newest events, and the first `max_replicas` replicas (all when
+    None) followed by a row counting the rest."""
     now = ctl.clock() if now is None else now
     state = ctl.state
     live = sorted(state.live(), key=lambda r: r.id)
@@ -57,9 +78,7 @@ def render(ctl: Controller, *, endpoint: str | None = None, now: float | None = 
     head.append(f"{ctl.spec.name}", style="bold")
     if endpoint:
         head.append(f"  {endpoint}", style="cyan")
-    head.append(
-        f"  target {plan.target if plan else state.target or ctl.spec.replica_policy.min_replicas} ready"
-    )
+    head.append(f"  target {plan.target if plan else state.target or ctl.spec.replica_policy.min_replicas}")
     head.append(
         f"  ready {statuses.get(ReplicaStatus.READY, 0)}/{len(live)}",
         style="green" if plan and statuses.get(ReplicaStatus.READY, 0) >= plan.target else "yellow",
@@ -77,7 +96,11 @@ def render(ctl: Controller, *, endpoint: str | None = None, now: float | None = 
     )
 
     zones = Table(title="zones", expand=True, box=None)
-    for col in ("zone", "spot", "on-demand", "ready", "policy view"):
+    # the zone keeps its width on a narrow terminal (the counts and headers give way): cut to
+    # `local/local/loca…` on every row, it hid which zone was PREEMPTED (its name ends the key)
+    longest = max((len(c.location.key) for c in ctl.placement.locations), default=4)
+    zones.add_column("zone", no_wrap=True, min_width=min(longest, 40))
+    for col in ("spot", "on-demand", "ready", "policy view"):
         zones.add_column(col)
     per_zone: dict[str, Counter[str]] = {}
     for r in live:
@@ -99,7 +122,8 @@ def render(ctl: Controller, *, endpoint: str | None = None, now: float | None = 
     reps = Table(title="replicas", expand=True, box=None)
     for col in ("id", "zone", "market", "status", "age", "endpoint"):
         reps.add_column(col)
-    for r in live:
+    shown = live if max_replicas is None else live[: max(0, max_replicas)]
+    for r in shown:
         st = r.fact().status
         reps.add_row(
             Text(r.id),
@@ -109,13 +133,49 @@ def render(ctl: Controller, *, endpoint: str | None = None, now: float | None = 
             Text(_age(now - r.launched_at)),
             Text(r.endpoint or "-"),
         )
+    if len(shown) < len(live):  # a caption: a row's first cell would wrap it in the id column
+        reps.caption = Text(f"... {len(live) - len(shown)} more (skyhedge status lists all)", style="dim")
 
     events = Table(title="recent events", expand=True, box=None, show_header=False)
     events.add_column("at", style="dim", no_wrap=True)
-    events.add_column("what")
-    for note in list(ctl.notes)[-10:]:
+    events.add_column("what", ratio=1)  # the time keeps its width on a wide terminal
+    for note in list(ctl.notes)[-max_events:] if max_events > 0 else []:
         events.add_row(Text(time.strftime("%H:%M:%S", time.localtime(note.at))), Text(note.text))
     return Panel(Group(head, zones, reps, events), title="skyhedge up", border_style="blue")
+
+
+def _height(console: Console, renderable: Any, width: int) -> int:
+    return len(console.render_lines(renderable, console.options.update(width=width, height=None), pad=False))
+
+
+def fit(
+    ctl: Controller,
+    console: Console,
+    *,
+    width: int,
+    height: int,
+    endpoint: str | None = None,
+    now: float | None = None,
+) -> Any:
+    """The frame, trimmed to `height` lines of `width` columns (see the module's docstring):
+    older events go first (down to MIN_EVENTS), then replica rows, then events down to one."""
+    total = len(ctl.state.live())
+    events, replicas = MAX_EVENTS, total
+    while True:
+        rows = None if replicas >= total else replicas
+        frame = render(ctl, endpoint=endpoint, now=now, max_events=events, max_replicas=rows)
+        over = _height(console, frame, width) - height
+        if over <= 0:
+            return frame
+        if events > MIN_EVENTS:
+            events = max(MIN_EVENTS, events - over)
+        elif replicas > 1:
+            # the "... N more" row takes a line of its own the first time rows are dropped
+            replicas = max(1, replicas - over - (1 if replicas >= total else 0))
+        elif events > 1:
+            events = max(1, events - over)
+        else:
+            return frame  # no room even for that: rich crops it
 
 
 class Dashboard:
@@ -127,6 +187,7 @@ class Dashboard:
     ) -> None:
         self.ctl = ctl
         self.endpoint = endpoint
+        self.console = console if console is not None else get_console()  # `Live` draws a frame at once
         self._last = render(ctl, endpoint=endpoint or ctl.spec.service.url)
         self.live = Live(self._last, console=console, refresh_per_second=2, get_renderable=self._render)
         ctl.subscribe(lambda _c: self.live.refresh())
@@ -134,7 +195,15 @@ class Dashboard:
     def _render(self) -> Any:
         # Drawn from rich's thread while a tick may be changing the state: keep the last good frame.
         with contextlib.suppress(RuntimeError, KeyError, ValueError):
-            self._last = render(self.ctl, endpoint=self.endpoint or self.ctl.spec.service.url)
+            console = self.console
+            size = console.size  # read per frame: a resized terminal (SIGWINCH) is followed
+            self._last = fit(
+                self.ctl,
+                console,
+                width=size.width,
+                height=size.height,
+                endpoint=self.endpoint or self.ctl.spec.service.url,
+            )
         return self._last
 
     def __enter__(self) -> Dashboard:
