@@ -923,3 +923,17 @@ def test_replicas_started_beside_refused_launches_are_probed_without_waiting_for
     assert all(r.fact().status is ReplicaStatus.READY for r in started)
     assert {r.id for r in started} <= set(world["router"].current)
     assert len(ex.calls) > calls
+
+
+def test_failures_are_logged_as_warnings_and_the_rest_as_info(world, caplog):
+    """A log pipeline alerting on warnings, and `--log-level warning`, saw no failure: every
+    notice was INFO, "apply failed" included (found by an audit)."""
+    import logging
+
+    ctl, ex = make(world), world["executor"]
+    ex.fail_next = "local/local: boom"
+    with caplog.at_level(logging.INFO, logger="skyhedge.controller"):
+        ctl.tick()
+    levels = {r.getMessage().split(": ", 1)[1].split(":")[0]: r.levelname for r in caplog.records}
+    assert levels["apply failed"] == "WARNING", levels
+    assert levels["plan"] == "INFO", levels

@@ -270,10 +270,12 @@ class Controller:
 
     # -- small helpers ---------------------------------------------------------------------------
 
-    def note(self, text: str, at: float | None = None) -> None:
+    def note(self, text: str, at: float | None = None, *, level: int = logging.INFO) -> None:
         """Record and log a line for the operator. A line noted in the last NOTE_REPEAT_SECONDS (a
         failure retried every pass) is not noted again, so it does not flood the log and push
-        everything else out of the dashboard's history."""
+        everything else out of the dashboard's history. `level`: WARNING for what failed (an
+        apply, routing, an event source, a crash loop), so that a log pipeline alerting on
+        warnings sees it and `--log-level warning` keeps it (every notice was INFO)."""
         at = self.clock() if at is None else at
         last = self._noted.get(text)
         if last is not None and 0 <= at - last < NOTE_REPEAT_SECONDS:
@@ -282,7 +284,7 @@ class Controller:
         self._noted = {t: a for t, a in self._noted.items() if 0 <= at - a < NOTE_REPEAT_SECONDS}
         self._noted[text] = at
         self.notes.append(Note(at, text))
-        log.info("%s: %s", self.spec.name, text)
+        log.log(level, "%s: %s", self.spec.name, text)
 
     def subscribe(self, listener: Callable[[Controller], None]) -> None:
         """Called after every tick (the dashboard redraws from it)."""
@@ -340,7 +342,7 @@ class Controller:
                     f"after {LAUNCH_ATTEMPTS} failed applies in {window}"
                 )
                 see = " (see the apply errors above)"
-            self.note(f"{why}; new launches held until {until}{see}")
+            self.note(f"{why}; new launches held until {until}{see}", level=logging.WARNING)
             # `status` says so too: an empty table with no reason sent the operator to the log
             self.state.extra[LAUNCH_HOLD_KEY] = {"until": now + hold, "reason": why}
             plan = replace(
@@ -418,13 +420,14 @@ class Controller:
             try:
                 out.extend(source.poll(now, live))
             except SkyhedgeError as exc:  # one broken source must not blind the others
-                self.note(f"event source {source.name}: {exc}", now)
+                self.note(f"event source {source.name}: {exc}", now, level=logging.WARNING)
             except Exception as exc:  # a bug or an unwrapped library error: contained the same way
                 log.exception("event source %s failed", source.name)
-                self.note(f"event source {source.name}: {type(exc).__name__}: {exc}", now)
+                text = f"event source {source.name}: {type(exc).__name__}: {exc}"
+                self.note(text, now, level=logging.WARNING)
             problems = getattr(source, "problems", None)  # duck-typed sources may lack it
             for problem in problems() if problems is not None else ():
-                self.note(f"event source {source.name}: {problem}", now)
+                self.note(f"event source {source.name}: {problem}", now, level=logging.WARNING)
         return out
 
     def _expire_warnings(self, now: float) -> None:
@@ -624,7 +627,7 @@ class Controller:
             self.note(f"applied {', '.join(result.applied)} in {done - started:.1f}s{why}", done)
         cause = apply_cause(result.detail)
         for line in result.errors:
-            self.note(f"apply failed: {with_cause(line, cause)}", done)
+            self.note(f"apply failed: {with_cause(line, cause)}", done, level=logging.WARNING)
         if result.detail:
             log.debug("%s", result.detail)
         self.last_apply = result
@@ -647,7 +650,7 @@ class Controller:
             try:
                 stray = sweep(live)
             except (OSError, SkyhedgeError) as exc:
-                self.note(f"orphan sweep ({source.name}) failed: {exc}")
+                self.note(f"orphan sweep ({source.name}) failed: {exc}", level=logging.WARNING)
                 continue
             if stray:
                 self.note(f"stopped orphan replica(s) left by an earlier crash: {', '.join(stray)}")
@@ -686,7 +689,8 @@ class Controller:
             # OSError: the router's files could not be written, e.g. a full disk).
             self._routing_failed = True
             stderr = getattr(exc, "stderr", "") or ""
-            self.note(f"routing: {exc}" + (f" ({stderr.strip().splitlines()[0]})" if stderr.strip() else ""))
+            detail = f" ({stderr.strip().splitlines()[0]})" if stderr.strip() else ""
+            self.note(f"routing: {exc}{detail}", level=logging.WARNING)
             return None
         self._routing_failed = False
         if isinstance(status, dict):
@@ -842,7 +846,11 @@ class Controller:
                 }
                 self._given_up[rid] = at
                 self.state.extra["given_up"] = dict(self._given_up)
-                self.note(f"{rid} given up after {self._attempts[rid]} failed launches: replacing it", at)
+                self.note(
+                    f"{rid} given up after {self._attempts[rid]} failed launches: replacing it",
+                    at,
+                    level=logging.WARNING,
+                )
 
     def _backoff(self) -> float:
         """How long failed applies wait before the next one: busy_interval doubling per failure."""

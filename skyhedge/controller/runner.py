@@ -363,8 +363,9 @@ class Watcher:
         (with the number of requests answered so far: a `reload` waits for its own). `note=False`:
         the operator was already told (an answer repeating an edit the watcher's own pass took)."""
         assert self.controller is not None
-        if note:
-            self.controller.note(text)
+        if note:  # a refused or failed reload is a warning (the running spec stays)
+            level = logging.INFO if outcome in ("taken", "unchanged") else logging.WARNING
+            self.controller.note(text, level=level)
         else:
             log.debug("%s", text)
         self._taken_unasked = text if outcome == "taken" and not self._answering else None
