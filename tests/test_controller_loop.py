@@ -937,3 +937,20 @@ def test_failures_are_logged_as_warnings_and_the_rest_as_info(world, caplog):
     levels = {r.getMessage().split(": ", 1)[1].split(":")[0]: r.levelname for r in caplog.records}
     assert levels["apply failed"] == "WARNING", levels
     assert levels["plan"] == "INFO", levels
+
+
+def test_a_command_that_died_in_a_python_traceback_is_explained_by_its_exception():
+    """A Ctrl-C reaching a local launcher while it imported its modules read `execution halted
+    (Traceback (most recent call last): File ".../urllib/parse.py" ...)` (found by an audit)."""
+    from skyhedge.controller.loop import apply_cause
+
+    frames = (
+        "Error: local-exec provisioner error\n"
+        "Error running command 'r-0002': exit status 1. Output: Traceback (most recent call last):\n"
+        '  File "/usr/lib/python3.11/runpy.py", line 198, in _run_module_as_main\n'
+        '  File "/usr/lib/python3.11/urllib/parse.py", line 40, in <module>\n'
+        "    import re\n"
+    )
+    assert apply_cause(frames + "KeyboardInterrupt\n") == "interrupted (a Ctrl-C reached the command)"
+    missing = frames + "ModuleNotFoundError: No module named 'yaml'\n"
+    assert apply_cause(missing) == "ModuleNotFoundError: No module named 'yaml'"

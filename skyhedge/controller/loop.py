@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -103,6 +104,29 @@ BUSY = frozenset(
 PROBED = frozenset({ReplicaStatus.STARTING, ReplicaStatus.NOT_READY})
 
 
+#: A traceback's last line: `[module.]NameError[: message]`.
+_EXCEPTION_LINE = re.compile(
+    r"^(?:[A-Za-z_][\w.]*\.)?([A-Za-z_]\w*(?:Error|Exception|Interrupt|Exit))\b(?::\s*(.*))?$"
+)
+
+
+def _python_exception(lines: list[str]) -> str | None:
+    """A command that died in a Python traceback is explained by its last line (the exception),
+    not its first ("Traceback (most recent call last):", or a frame's file): a Ctrl-C reaching a
+    local launcher while it still imported its modules read `execution halted (Traceback (most
+    recent call last): File ".../urllib/parse.py" ...)` (found by an audit). None: no traceback."""
+    start = next((i for i, line in enumerate(lines) if "Traceback (most recent call last):" in line), None)
+    if start is None:
+        return None
+    for line in reversed(lines[start + 1 :]):
+        match = _EXCEPTION_LINE.match(line)
+        if match:
+            if match.group(1) == "KeyboardInterrupt":
+                return "interrupted (a Ctrl-C reached the command)"
+            return line[:240]
+    return None
+
+
 def apply_cause(detail: str) -> str:
     """The first line of an engine error that says *why* (Terraform's own first line, e.g.
     "local-exec provisioner error", names only the mechanism): the output of the failed command
@@ -110,6 +134,9 @@ def apply_cause(detail: str) -> str:
     ending in ':' is followed by a log's tail (the local launcher's "exited at once ...; log
     FILE:"): its last line, the command's own error, is appended (cut to 400 chars; other lines to 240)."""
     lines = [line.strip() for line in detail.splitlines() if line.strip()]
+    raised = _python_exception(lines)
+    if raised is not None:
+        return raised
     for i, line in enumerate(lines):
         if "Output: " in line:
             text = line.split("Output: ", 1)[1].strip()
