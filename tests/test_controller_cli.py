@@ -340,8 +340,11 @@ def test_spec_zones_past_the_traces_have_no_spot_capacity_while_the_replay_runs(
     replay.start()
     try:
         deadline = time.monotonic() + 10
-        while sorted(capacity.read_capacity(runtime)) != ["local-b", "local-c"]:
-            assert time.monotonic() < deadline, capacity.read_capacity(runtime)
+        # the tick's notes follow its capacity changes: wait for both (the replay's own thread)
+        while sorted(capacity.read_capacity(runtime)) != ["local-b", "local-c"] or not any(
+            "local-c capacity 0" in n for n in seen
+        ):
+            assert time.monotonic() < deadline, (capacity.read_capacity(runtime), seen)
             time.sleep(0.01)
         assert capacity.read_limits(runtime) == {}  # local-a (the trace's zone) is open, unlimited
         doc = json.loads(capacity.capacity_path(runtime).read_text())

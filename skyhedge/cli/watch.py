@@ -436,19 +436,7 @@ def up(
             ctl = watcher.controller
             assert ctl is not None
             if replay is not None:
-                replay.on_change = ctl.note  # the controller's note logs each change, once
-                replay.remap(ctl.placement.zones("local", spot=True))  # (the same zones: a no-op)
-                ctl.note(replay.describe())
-                replay.attach(ctl)  # the policy decides on trace time
-
-                driven = replay
-
-                def follow(_spec: ServiceSpec, placement: Placement) -> None:
-                    if driven.remap(placement.zones("local", spot=True)):
-                        ctl.note(driven.describe())  # the new mapping, as at start
-
-                watcher.on_reload(follow)
-                replay.start()
+                _drive(replay, watcher)
             try:
                 if no_dashboard:
                     _say(
@@ -488,6 +476,23 @@ def up(
         log_note = "" if no_dashboard else f" Log: {log_file}"  # without the dashboard it went to stderr
         text = stopped_message(watcher.spec, ctl.state, spec, state_dir) + log_note
         console.print(text, markup=False, highlight=False)
+
+
+def _drive(replay: Any, watcher: Any) -> None:
+    """Start `replay` on the watcher's controller: its changes logged once through the
+    controller's notes, the policy on trace time, and the driven zones following spec reloads."""
+    ctl = watcher.controller
+    replay.on_change = ctl.note  # the controller's note logs each change, once
+    replay.remap(ctl.placement.zones("local", spot=True))  # (the same zones: a no-op)
+    ctl.note(replay.describe())
+    replay.attach(ctl)  # the policy decides on trace time
+
+    def follow(_spec: ServiceSpec, placement: Placement) -> None:
+        if replay.remap(placement.zones("local", spot=True)):
+            ctl.note(replay.describe())  # the new mapping, as at start
+
+    watcher.on_reload(follow)
+    replay.start()
 
 
 def _interrupted(
