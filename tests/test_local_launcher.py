@@ -163,6 +163,19 @@ def test_setup_runs_first_in_the_workdir(runtime, tmp_path):
     assert done.returncode == 1 and "run.setup exited with 4" in done.stderr
 
 
+def test_a_failed_setup_leaves_nothing_running(runtime, tmp_path):
+    """What a setup started in the background (a helper daemon, `cmd &`) must not outlive the
+    launch the setup failed: before, it ran on until a later `destroy` swept it up as a stray."""
+    port = free_base_port(1) + 1
+    helper = f"{sys.executable} -c 'import time; time.sleep(600)'"
+    failing = config(runtime, tmp_path, port, setup=f"{helper} & echo 'no model' >&2; exit 4")
+    done = launch("start", failing)
+    assert done.returncode == 1 and "run.setup exited with 4" in done.stderr
+    assert "no model" in done.stderr
+    assert find_processes(runtime) == []
+    assert read_pidfile(runtime, "r-0001") is None
+
+
 def test_stop_escalates_to_sigkill_for_the_whole_group(runtime, tmp_path):
     port = free_base_port(1) + 1
     ignore = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(60)"

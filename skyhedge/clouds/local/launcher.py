@@ -181,19 +181,26 @@ def _spawn(runtime: Path, cfg: dict[str, Any], now: float) -> tuple[subprocess.P
         )
         fh.flush()
         if cfg.get("setup"):
-            done = subprocess.run(
-                ["/bin/sh", "-c", cfg["setup"]],
-                cwd=workdir,
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=fh,
-                stderr=subprocess.STDOUT,
-                check=False,
-            )
-            if done.returncode != 0:
-                raise LaunchError(
-                    f"{rid}: run.setup exited with {done.returncode}; log {log}:\n{_log_tail(log)}"
+            try:
+                done = subprocess.run(
+                    ["/bin/sh", "-c", cfg["setup"]],
+                    cwd=workdir,
+                    env=env,
+                    stdin=subprocess.DEVNULL,
+                    stdout=fh,
+                    stderr=subprocess.STDOUT,
+                    check=False,
                 )
+                if done.returncode != 0:
+                    raise LaunchError(
+                        f"{rid}: run.setup exited with {done.returncode}; log {log}:\n{_log_tail(log)}"
+                    )
+            except BaseException:
+                # What the setup started in the background (`helper &`, which a non-interactive
+                # shell also shields from Ctrl-C) carries the replica's ID: a launch that failed
+                # must leave nothing running, as one whose command exits at once leaves nothing.
+                stop_replica(runtime, rid, grace=0.0)
+                raise
         child = subprocess.Popen(
             ["/bin/sh", "-c", cfg["command"]],
             cwd=workdir,
