@@ -942,6 +942,41 @@ def _run(ctx: _Ctx, raw: Any) -> Run:
     return Run(command=command, image=image, env=env, setup=setup)
 
 
+#: Linux holds one environment variable (NAME=value) to 128 KiB (MAX_ARG_STRLEN), and a local
+#: replica's `run.command`, `run.setup` and `run.env` reach its launcher as one JSON variable;
+#: 8 KiB of it stay for the rest (IDs, zone, port, the working and runtime directories).
+LOCAL_RUN_MAX_BYTES = 120 * 1024
+
+
+def _json_bytes(text: str) -> int:
+    """An upper bound of `text`'s size in Terraform's `jsonencode`: every non-ASCII character
+    counted as a `\\uXXXX` escape (never fewer bytes than its UTF-8), and `<`, `>` and `&`, which
+    Terraform escapes as `\\u003c`, as 6 bytes each."""
+    return len(json.dumps(text)) + 5 * sum(text.count(c) for c in "<>&")
+
+
+def _check_local_run_size(ctx: _Ctx, run: Run) -> None:
+    """Refuse a `run` too large to reach a local replica, naming its largest part.
+
+    Why: past the limit the kernel refuses to start the launcher, and the one thing the user saw
+    was Terraform's `fork/exec .../python: argument list too long`, after the plan was recorded
+    (a watcher retried the launch on every pass); the fix is to move a big value into a file.
+    """
+    parts = {"run.command": run.command or "", "run.setup": run.setup or ""}
+    parts.update({f"run.env.{k}": v for k, v in run.env.items()})
+    sizes = {where: _json_bytes(text) + len(where) + 4 for where, text in parts.items()}
+    total = sum(sizes.values())
+    if total > LOCAL_RUN_MAX_BYTES:
+        largest = max(sizes, key=lambda where: sizes[where])
+        raise ctx.fail(
+            largest,
+            f"run.command, run.setup and run.env come to about {total} bytes, more than the "
+            f"{LOCAL_RUN_MAX_BYTES} a local replica's launcher can be handed (Linux caps one "
+            "environment variable at 128 KiB); this is the largest part: put it in a file and "
+            "pass the file's path",
+        )
+
+
 def _terraform(ctx: _Ctx, raw: Any) -> TerraformConfig:
     d = _mapping(ctx, "terraform", raw, {"backend", "config"})
     backend = _choice(ctx, "terraform.backend", d.get("backend", "local"), BACKENDS)
@@ -1033,6 +1068,8 @@ def parse_spec(data: Any, *, source: str = "<spec>") -> ServiceSpec:
         raise ctx.fail(
             "run.command", "required with the local cloud, which runs a command (run.image needs a VM cloud)"
         )
+    if "local" in placement.clouds:
+        _check_local_run_size(ctx, run)
     return ServiceSpec(
         name=name,
         resources=resources,

@@ -467,6 +467,23 @@ def test_bad_spec_gets_one_exact_line(write_spec, text, expected):
     assert str(info.value) == f"{path}: {expected}"
 
 
+def test_a_local_run_too_large_for_the_launcher_is_refused_when_read(write_spec):
+    """A local replica's run.command, run.setup and run.env reach its launcher as one environment
+    variable, which Linux caps at 128 KiB: past it, the spec is refused naming the largest part,
+    not left to Terraform's `fork/exec ...: argument list too long` after the plan is recorded."""
+    big = "x" * 50_000
+    text = GOOD + f"  env: {{A: {big}, B: {big}, C: '{big}<&>'}}\n"
+    with pytest.raises(SpecError) as info:
+        load_spec(write_spec(text))
+    assert ": run.env.C: run.command, run.setup and run.env come to about 150112 bytes" in str(info.value)
+    assert "put it in a file" in str(info.value)
+    # one large value that fits (measured: 118,000 bytes start through Terraform) still loads
+    assert load_spec(write_spec(GOOD + f"  env: {{A: {'x' * 118_000}}}\n")).run.env["A"]
+    # the limit is the local launcher's: a VM cloud's spec is not held to it
+    vm = text.replace("clouds: [local]", "clouds: [aws]").replace("command:", "image: img\n  command:")
+    assert load_spec(write_spec(vm)).run.env["C"].endswith("<&>")
+
+
 def test_corpus_is_large_enough():
     assert len(BAD_SPECS) + len(CATALOG_BAD) >= 30
 
