@@ -51,7 +51,7 @@ from skyhedge.engine import (
     capacity_reason,
     run_parallel,
 )
-from skyhedge.errors import EngineError, SpecError
+from skyhedge.errors import EngineError, RenderError, SpecError
 from skyhedge.planner import CREATE, DELETE, KEEP, Plan, PlannedReplica
 from skyhedge.policy.types import EventKind, Location, Market, ZoneEvent
 from skyhedge.render import RenderedRoot, RenderedTree, render_tree, restore_tree, snapshot_tree, write_tree
@@ -110,9 +110,18 @@ class Workspace:
         self.tree_dir = self.tf_dir / "tree"
 
     def context(self) -> RenderContext:
+        try:
+            workdir = Path.cwd().resolve()
+        except FileNotFoundError:
+            # a watcher whose directory was deleted under it: each pass says why in one line
+            # (local replicas start there), not a FileNotFoundError from deep in the pass
+            raise RenderError(
+                "the current directory no longer exists: local replicas are started in it; "
+                "restart skyhedge from an existing directory"
+            ) from None
         return RenderContext(
             state_dir=self.state_dir,
-            workdir=Path.cwd().resolve(),
+            workdir=workdir,
             python=sys.executable,
             pythonpath=str(Path(skyhedge.__file__).resolve().parent.parent),
         )

@@ -355,3 +355,37 @@ def test_a_watcher_log_that_cannot_be_opened_is_one_state_error(tmp_path, monkey
     )
     with refused, _logging("info", tmp_path / "watch.log"):
         pass
+
+
+@pytest.mark.parametrize("verb", [["status"], ["destroy", "--auto-approve"], ["apply", "--auto-approve"]])
+def test_a_deleted_current_directory_is_one_line_not_a_traceback(tmp_path, write_spec, monkeypatch, verb):
+    """A shell left in a directory deleted under it (a `git checkout`, an `rm -rf` of a scratch
+    dir): relative paths and local replicas' working directory cannot be resolved, and the command
+    says so in one line with exit 1 (before: a FileNotFoundError traceback, no hint)."""
+    spec = write_spec(LOCAL_SPEC)
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    monkeypatch.chdir(gone)  # back to the test's directory at teardown
+    gone.rmdir()
+    result = CliRunner().invoke(main, [*verb, str(spec)])
+    assert result.exit_code == 1
+    assert not isinstance(result.exception, FileNotFoundError)
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: the current directory no longer exists")
+    assert "cd to an existing directory" in lines[0]
+
+
+def test_a_watchers_pass_in_a_deleted_directory_fails_in_one_line(tmp_path, write_spec, monkeypatch):
+    """The controller renders every pass: a directory deleted under a running watcher fails the
+    pass with a RenderError it reports in one line, not a FileNotFoundError from deep inside."""
+    from skyhedge.apply import Workspace
+    from skyhedge.errors import RenderError
+    from skyhedge.spec import load_spec
+
+    ws = Workspace(load_spec(write_spec(LOCAL_SPEC)), tmp_path / "state")
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    monkeypatch.chdir(gone)
+    gone.rmdir()
+    with pytest.raises(RenderError, match="current directory no longer exists"):
+        ws.context()

@@ -88,11 +88,35 @@ class SkyhedgeGroup(click.Group):
         except SkyhedgeError as exc:
             report_error(exc)
             sys.exit(1)
+        except FileNotFoundError:
+            if cwd_exists():
+                raise
+            report_error(SkyhedgeError(CWD_GONE))
+            sys.exit(1)
         except click.UsageError as exc:
             if isinstance(exc, _NO_ARGS_IS_HELP):
                 _show_help(exc)
             report_usage_error(exc, " ".join(filter(None, (ctx.command_path, ctx.invoked_subcommand))))
             sys.exit(1)
+
+
+#: Why a command run from a directory deleted under the shell stops (one line, not a traceback).
+CWD_GONE = (
+    "the current directory no longer exists (deleted or replaced while this shell was in it): "
+    "skyhedge resolves relative paths and starts local replicas there; cd to an existing "
+    "directory and run the command again"
+)
+
+
+def cwd_exists() -> bool:
+    """Whether the process's current directory still exists: `os.getcwd()` (and so
+    `Path.cwd()` and every relative `Path.resolve()`) raises FileNotFoundError once it is
+    deleted, which surfaced as a bare traceback from `status`, `apply`, `destroy` and `render`."""
+    try:
+        os.getcwd()
+    except FileNotFoundError:
+        return False
+    return True
 
 
 def _show_help(exc: click.UsageError) -> NoReturn:
