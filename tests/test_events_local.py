@@ -17,7 +17,7 @@ from routing_support import free_port
 
 from skyhedge.clouds.local import capacity, runtime_dir
 from skyhedge.clouds.local.events import LocalEventSource, kill_zone, preempt_zone, set_zone_capacity
-from skyhedge.clouds.local.processes import is_running, kill_all, read_pidfile
+from skyhedge.clouds.local.processes import find_processes, is_running, kill_all, read_pidfile
 from skyhedge.events import Signal
 from skyhedge.state import ReplicaRecord
 
@@ -161,6 +161,43 @@ def test_sweep_stops_orphans_only(state_dir):
     rt = runtime_dir(state_dir)
     assert is_running(read_pidfile(rt, "r-0005"))
     assert read_pidfile(rt, "r-0006") is None
+
+
+def test_preempt_kills_what_left_the_replica_group_too(state_dir):
+    """A preempted machine takes everything on it: a helper the replica started with `setsid`
+    (its own session, out of the process group) must not survive holding its port."""
+    cfg = {
+        "id": "r-0001",
+        "service": "svc",
+        "region": "local",
+        "zone": "local-a",
+        "market": "spot",
+        "port": free_port(),
+        "command": f"setsid {SLEEPER} & exec {SLEEPER}",
+        "env": {},
+        "workdir": str(state_dir),
+        "runtime_dir": str(runtime_dir(state_dir)),
+    }
+    env = {**os.environ, "SKYHEDGE_LOCAL_REPLICA": json.dumps(cfg), "PYTHONPATH": str(REPO)}
+    done = subprocess.run(
+        [sys.executable, "-m", "skyhedge.clouds.local.launcher", "start", "r-0001"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    runtime = runtime_dir(state_dir)
+    deadline = time.monotonic() + 5
+    while len(find_processes(runtime)) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(find_processes(runtime)) == 2  # the replica and its helper in a session of its own
+    assert [p.id for p in preempt_zone(state_dir, "local-a")] == ["r-0001"]
+    deadline = time.monotonic() + 5
+    while find_processes(runtime) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert find_processes(runtime) == []
 
 
 def test_set_zone_capacity_keeps_the_oldest(state_dir):

@@ -244,6 +244,16 @@ def kill_zone(
     for p in victims:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(p.pgid, signal.SIGKILL)
+    if victims:
+        # A process the replica started in a session of its own (`setsid helper &`, a server
+        # that daemonises a worker) left the group but carries the replica's ID: a preempted
+        # machine takes everything on it, and a survivor would hold its port or GPU until the
+        # replica's Terraform resource is destroyed.
+        ids = {p.id for p in victims}
+        for pid in find_processes(runtime):
+            if _replica_of(pid) in ids:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, signal.SIGKILL)
     deadline = time.monotonic() + 5.0
     while any(is_running(p) for p in victims) and time.monotonic() < deadline:
         time.sleep(0.01)
