@@ -153,6 +153,19 @@ def test_port_in_use_and_instant_exit_are_clear_failures(runtime, tmp_path):
     assert find_processes(runtime) == []
 
 
+def test_a_command_that_goes_to_the_background_is_told_so(runtime, tmp_path):
+    """A command that returns 0 at once (`server &`, a self-daemonising server) is no crash:
+    the error says it must stay in the foreground, and what it started is stopped with it."""
+    port = free_base_port(1) + 1
+    background = f"{sys.executable} -c 'import time; time.sleep(600)' &"
+    done = launch("start", config(runtime, tmp_path, port, command=background))
+    assert done.returncode == 1 and "exited at once with 0" in done.stderr
+    assert "must keep running in the foreground" in done.stderr
+    assert find_processes(runtime) == []
+    crash = launch("start", config(runtime, tmp_path, port, command="exit 3"))
+    assert "exited at once with 3;" in crash.stderr and "foreground" not in crash.stderr
+
+
 def test_setup_runs_first_in_the_workdir(runtime, tmp_path):
     port = free_base_port(1) + 1
     cfg = config(runtime, tmp_path, port, setup="echo ready > setup-done", env={"X": "1"})

@@ -246,7 +246,18 @@ def _settle(
         code = child.poll()
     if code is not None:
         stop_replica(runtime, rid, grace=0.0)
-        raise LaunchError(f"{rid}: run.command exited at once with {code}; log {log}:\n{_log_tail(log)}")
+        # Exit 0 is no crash: the command went to the background (a trailing `&`, a server that
+        # daemonises itself), and what it left there was just stopped with it. Say so, or the
+        # user hunts for an error in a log that holds none.
+        hint = (
+            " (run.command must keep running in the foreground: one that ends in `&` or "
+            "daemonises itself returns at once, and the launcher stops what it left behind)"
+            if code == 0
+            else ""
+        )
+        raise LaunchError(
+            f"{rid}: run.command exited at once with {code}{hint}; log {log}:\n{_log_tail(log)}"
+        )
     return proc
 
 
