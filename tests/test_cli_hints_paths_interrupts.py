@@ -225,8 +225,13 @@ def test_a_launch_interrupted_after_the_start_fails_with_interrupted_and_leaves_
 ):
     monkeypatch.setenv(CONFIG_ENV, json.dumps(_launch_config(runtime, tmp_path)))
 
-    def ctrl_c(_seconds: float) -> None:  # Ctrl-C during the start-up check
-        raise KeyboardInterrupt
+    real_sleep, pressed = time.sleep, []
+
+    def ctrl_c(seconds: float) -> None:  # Ctrl-C during the start-up check, once: the clean-up
+        if not pressed:  # that follows sleeps too (`time` is the global module), and must not
+            pressed.append(seconds)  # be interrupted by a second, imaginary Ctrl-C
+            raise KeyboardInterrupt
+        real_sleep(seconds)
 
     monkeypatch.setattr(launcher.time, "sleep", ctrl_c)
     assert launcher.main(["start", "r-0001"]) == EXIT_INTERRUPTED
