@@ -1109,8 +1109,43 @@ def _as_written(kind: type, construct: Callable[[yaml.SafeLoader, yaml.ScalarNod
     return build
 
 
-class _SpecLoader(yaml.SafeLoader):
-    """`yaml.SafeLoader` (no Python tags) that refuses a key repeated in one mapping.
+class _SafeLoader(yaml.SafeLoader):
+    """`yaml.SafeLoader` whose scalars that cannot be built are YAML errors at their line.
+
+    PyYAML's constructors raise bare `ValueError`, `KeyError` or `AttributeError` for a scalar
+    they match but cannot build: an impossible date (`2001-13-45`, which YAML 1.1 reads as a
+    timestamp), a wrong explicit tag (`!!int abc`, `!!bool maybe`, `!!timestamp x`), or an
+    integer Python will not turn into text (more than 4300 digits, also when written in hex).
+    Those escaped the loader's `YAMLError` handling as tracebacks. So did, later, a string holding
+    a lone UTF-16 surrogate (`"\\ud800"`), which no UTF-8 output (a message, a rendered tree) can
+    hold: refused here too.
+    """
+
+    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
+        try:
+            value = super().construct_object(node, deep=deep)
+            if isinstance(value, int):
+                str(value)  # every message and JSON body shows an int as text: refuse one that has none
+            elif isinstance(value, str):
+                value.encode("utf-8")  # UnicodeEncodeError (a ValueError) on a lone surrogate
+            return value
+        except (ValueError, LookupError, AttributeError, TypeError) as exc:
+            tag = node.tag.replace("tag:yaml.org,2002:", "!!")
+            text = node.value if isinstance(node, yaml.ScalarNode) else ""
+            shown = repr(text if len(text) <= 40 else text[:37] + "...")
+            if isinstance(exc, UnicodeEncodeError):  # its own message holds the surrogate
+                reason = " (a lone UTF-16 surrogate, not UTF-8 text)"
+            elif isinstance(exc, ValueError) and str(exc):
+                reason = f" ({str(exc).split(';')[0]})"  # not Python's advice after the ';'
+            else:
+                reason = ""
+            raise yaml.constructor.ConstructorError(
+                None, None, f"cannot read {shown} as {tag}{reason}", node.start_mark
+            ) from exc
+
+
+class _SpecLoader(_SafeLoader):
+    """`_SafeLoader` (no Python tags) that refuses a key repeated in one mapping.
 
     PyYAML keeps the last of duplicate keys silently, so a second `name:` would quietly win.
     Keys brought in by a `<<` merge are not compared: overriding them is what merging is for.
@@ -1153,7 +1188,7 @@ def service_name_in(path: str | Path) -> str | None:
     except (OSError, UnicodeDecodeError):
         return None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_SafeLoader)
     except (yaml.YAMLError, RecursionError):
         # not YAML at all yet (half written): a top-level `name:` line still names the service
         line = re.search(r"^name:[ \t]*['\"]?([a-z0-9-]+)['\"]?[ \t]*(?:#.*)?$", text, re.MULTILINE)
