@@ -802,7 +802,10 @@ def _probe(ctx: _Ctx, raw: Any) -> ReadinessProbe:
         # 2024-01-01, `.nan`, `.inf`, also as a key) would otherwise crash `apply` and every
         # watcher pass after the replicas were launched. (The kind only: a probe body may carry a
         # token.)
-        bad = _non_json(post, f"{p}.post_data")
+        try:
+            bad = _non_json(post, f"{p}.post_data")
+        except _TooLarge as exc:
+            raise ctx.fail(f"{p}.post_data", str(exc)) from None
         if bad is not None:
             where, got = bad
             raise ctx.fail(
@@ -822,16 +825,42 @@ def _probe(ctx: _Ctx, raw: Any) -> ReadinessProbe:
     )
 
 
-def _non_json(value: Any, path: str) -> tuple[str, str] | None:
+#: The most values, and levels of nesting, a probe body may hold. YAML aliases repeat what their
+#: anchor holds, so a few lines of nested aliases stand for billions of values, and an alias inside
+#: its own anchor for an endless body: checking it (and sending it at every probe) would never end.
+MAX_POST_VALUES = 100_000
+MAX_POST_DEPTH = 100
+
+
+class _TooLarge(Exception):
+    """A probe body past `MAX_POST_VALUES` or `MAX_POST_DEPTH` (the message says which)."""
+
+
+def _non_json(
+    value: Any, path: str, budget: list[int] | None = None, depth: int = 0
+) -> tuple[str, str] | None:
     """Where inside `value` (at `path`) JSON cannot follow, and what kind of thing is there (a
-    `datetime.date`, bytes, a set, a non-finite number, or such a key), or None."""
+    `datetime.date`, bytes, a set, a non-finite number, or such a key), or None. Raises
+    `_TooLarge` past the limits above (`budget`: the values still allowed, shared by the walk)."""
+    budget = [MAX_POST_VALUES] if budget is None else budget
+    budget[0] -= 1
+    if budget[0] < 0:
+        raise _TooLarge(
+            f"expected at most {MAX_POST_VALUES} values, got more "
+            "(YAML aliases repeat what their anchor holds)"
+        )
+    if depth > MAX_POST_DEPTH:
+        raise _TooLarge(
+            f"expected values nested at most {MAX_POST_DEPTH} levels deep, got deeper "
+            "(a YAML alias inside its own anchor never ends)"
+        )
     if isinstance(value, float) and not math.isfinite(value):
         return path, "a number that is not finite (.nan or .inf)"
     if value is None or isinstance(value, (str, int, float, bool)):
         return None
     if isinstance(value, list):
         for i, item in enumerate(value):
-            found = _non_json(item, f"{path}[{i}]")
+            found = _non_json(item, f"{path}[{i}]", budget, depth + 1)
             if found is not None:
                 return found
         return None
@@ -841,7 +870,7 @@ def _non_json(value: Any, path: str) -> tuple[str, str] | None:
                 return path, f"a {type(k).__name__} as a key (quote dates and times)"
             if isinstance(k, float) and not math.isfinite(k):
                 return path, "a key that is not a finite number (.nan or .inf)"
-            found = _non_json(v, f"{path}.{k}")
+            found = _non_json(v, f"{path}.{k}", budget, depth + 1)
             if found is not None:
                 return found
         return None
