@@ -26,6 +26,7 @@ from typing import Any
 
 from filelock import FileLock, Timeout
 
+from skyhedge._json import JSON_LIMITS, has_lone_surrogate, json_limit
 from skyhedge.errors import OutputError, StateError
 from skyhedge.policy.types import EventKind, Location, Market, ReplicaFact, ZoneEvent
 from skyhedge.spec import CLOUDS
@@ -463,6 +464,12 @@ def load_state(state_dir: Path, service: str) -> ServiceState:
         data = json.loads(raw)
     except json.JSONDecodeError as exc:
         raise StateError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from exc
+    except JSON_LIMITS as exc:  # past json's own limits (skyhedge._json)
+        raise StateError(f"{path}: not valid JSON ({json_limit(exc)})") from exc
+    if has_lone_surrogate(data):  # `status` and `plan` crashed printing it (UnicodeEncodeError)
+        raise StateError(
+            f"{path}: not valid JSON (a \\u escape of a lone UTF-16 surrogate, which is no text)"
+        )
     state = ServiceState.from_json(data, where=str(path))
     if state.service != service:
         raise StateError(f"{path}: holds service {state.service!r}, not {service!r}")

@@ -17,6 +17,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from skyhedge._json import JSON_LIMITS, has_lone_surrogate, json_limit
 from skyhedge.catalog.model import MAX_PRICE, CloudCatalog, InstanceType, Offer, did_you_mean
 from skyhedge.errors import CatalogError
 from skyhedge.state import atomic_write_text
@@ -128,6 +129,12 @@ def read_catalog_file(path: Path, *, expect_cloud: str | None = None) -> CloudCa
         raise CatalogError(
             f"{path}: not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
         ) from exc
+    except JSON_LIMITS as exc:  # past json's own limits (skyhedge._json)
+        raise CatalogError(f"{path}: not valid JSON: {json_limit(exc)}") from exc
+    if has_lone_surrogate(data):
+        raise CatalogError(
+            f"{path}: not valid JSON: a \\u escape of a lone UTF-16 surrogate, which is no text"
+        )
     return catalog_from_dict(data, origin=str(path), expect_cloud=expect_cloud)
 
 

@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from skyhedge._json import JSON_LIMITS, json_limit
 from skyhedge.errors import PolicyError, SkyhedgeError, TraceError
 from skyhedge.policy import Candidate, PolicyConfig, available_policies, make_policy, policy_class
 from skyhedge.simulator import latency as latency_model
@@ -85,6 +86,8 @@ def load_prices(path: str | Path) -> PriceBook:
         doc = json.loads(path.read_text(encoding="utf-8-sig"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise TraceError(f"{path}: not a readable JSON price file ({exc})") from exc
+    except JSON_LIMITS as exc:  # past json's own limits (skyhedge._json)
+        raise TraceError(f"{path}: not a readable JSON price file ({json_limit(exc)})") from exc
     if not isinstance(doc, dict) or not doc:
         raise TraceError(f"{path}: expected an object mapping zones to {{'spot': $/h, 'ondemand': $/h}}")
     spot: dict[str, float] = {}

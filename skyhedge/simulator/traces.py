@@ -42,6 +42,7 @@ from pathlib import Path
 
 import numpy as np
 
+from skyhedge._json import JSON_LIMITS, json_limit
 from skyhedge.errors import CatalogError, TraceError
 from skyhedge.policy.types import Location
 
@@ -482,6 +483,8 @@ def _read_json_dir(
             doc = json.loads(file.read_text(encoding="utf-8-sig"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise TraceError(f"{file}: not a readable JSON trace ({exc})") from exc
+        except JSON_LIMITS as exc:  # past json's own limits (skyhedge._json)
+            raise TraceError(f"{file}: not a readable JSON trace ({json_limit(exc)})") from exc
         if not isinstance(doc, dict):
             raise TraceError(f"{file}: expected an object with 'metadata' and 'data'")
         gap = _gap(file, doc.get("metadata"))
