@@ -323,3 +323,18 @@ def test_an_optimum_too_big_to_solve_is_refused_before_any_work(tmp_path):
         "use shorter --ticks or --cold-start, or leave 'optimal' out",
     )
     assert invoke(*args, "--policy", "spothedge").exit_code == 0  # no optimum asked: no limit
+
+
+def test_a_price_key_with_a_line_break_is_quoted_in_the_one_line(tmp_path):
+    """Found by an input audit: `{"a\\nb": ...}` split the error over two lines."""
+    from skyhedge.errors import TraceError
+    from skyhedge.simulator.runner import load_prices
+
+    prices = tmp_path / "p.json"
+    prices.write_text(json.dumps({"a\nb": {"ondemand": "x"}}))
+    with pytest.raises(TraceError) as info:
+        load_prices(prices)
+    assert (
+        str(info.value)
+        == f"{prices}: 'a\\nb'.ondemand: expected a price >= 0 in $/h (at most 1e+06), got 'x'"
+    )

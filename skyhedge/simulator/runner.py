@@ -93,13 +93,14 @@ def load_prices(path: str | Path) -> PriceBook:
     spot: dict[str, float] = {}
     ondemand: dict[str, float] = {}
     for zone, entry in doc.items():
+        shown = zone if zone.isprintable() else repr(zone)  # a line break must not split the error
         if not isinstance(entry, dict) or not set(entry) <= {"spot", "ondemand"} or "ondemand" not in entry:
-            raise TraceError(f"{path}: {zone}: expected {{'ondemand': $/h, 'spot': $/h (optional)}}")
+            raise TraceError(f"{path}: {shown}: expected {{'ondemand': $/h, 'spot': $/h (optional)}}")
         for key, value in entry.items():
             # NaN and inf (JSON 1e400, Infinity) fail too: dollars must stay finite
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= MAX_PRICE:
                 raise TraceError(
-                    f"{path}: {zone}.{key}: expected a price >= 0 in $/h (at most {MAX_PRICE:g}), "
+                    f"{path}: {shown}.{key}: expected a price >= 0 in $/h (at most {MAX_PRICE:g}), "
                     f"got {value!r}"
                 )
         ondemand[zone] = float(entry["ondemand"])
