@@ -311,3 +311,16 @@ def test_a_file_that_is_not_utf8_is_one_error_naming_it(empty_cache_dir: Path) -
     (empty_cache_dir / "local.json").write_bytes('{"format": 1}'.encode("utf-16"))
     with pytest.raises(CatalogError, match=r"local.json: not UTF-8 text \(byte 0: b'\\xff'\)"):
         load_catalog("local")
+
+
+def test_an_overlong_text_field_is_refused_naming_it(empty_cache_dir: Path) -> None:
+    """Found by an input audit: a `taken_at` of 100,000 characters made `catalog show` take a
+    minute of CPU (rich laying out one unbroken word); no real name, source or time is that long."""
+    data = json.loads(bundled_path("local").read_text())
+    data["taken_at"] = "x" * 100_000
+    (empty_cache_dir / "local.json").write_text(json.dumps(data))
+    with pytest.raises(
+        CatalogError,
+        match=r"local.json: taken_at: expected at most 1000 characters, got '100000 characters'$",
+    ):
+        load_catalog("local")

@@ -138,6 +138,11 @@ def read_catalog_file(path: Path, *, expect_cloud: str | None = None) -> CloudCa
     return catalog_from_dict(data, origin=str(path), expect_cloud=expect_cloud)
 
 
+#: The longest text a catalog field may hold (names, sources, times): found by an input audit, a
+#: hand-edited `taken_at` of 100,000 characters made `catalog show` take a minute to lay out.
+MAX_TEXT = 1000
+
+
 class _Fields:
     """Typed access to one JSON object with errors that name `origin: field.path`."""
 
@@ -175,6 +180,8 @@ class _Fields:
             return None
         if not isinstance(value, str) or not value:
             self.fail(self._sub(key), "expected a non-empty string", value)
+        if len(value) > MAX_TEXT:  # rich wrapped a 100,000-character word for a minute (`catalog show`)
+            self.fail(self._sub(key), f"expected at most {MAX_TEXT} characters", f"{len(value)} characters")
         return value
 
     def number(self, key: str, *, nullable: bool = False, minimum: float = 0.0) -> float | None:
