@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from routing_support import free_port
+from test_local_launcher import config as launch_config
 
 from skyhedge.clouds.local import capacity, runtime_dir
 from skyhedge.clouds.local.events import LocalEventSource, kill_zone, preempt_zone, set_zone_capacity
@@ -166,18 +167,14 @@ def test_sweep_stops_orphans_only(state_dir):
 def test_preempt_kills_what_left_the_replica_group_too(state_dir):
     """A preempted machine takes everything on it: a helper the replica started with `setsid`
     (its own session, out of the process group) must not survive holding its port."""
-    cfg = {
-        "id": "r-0001",
-        "service": "svc",
-        "region": "local",
-        "zone": "local-a",
-        "market": "spot",
-        "port": free_port(),
-        "command": f"setsid {SLEEPER} & exec {SLEEPER}",
-        "env": {},
-        "workdir": str(state_dir),
-        "runtime_dir": str(runtime_dir(state_dir)),
-    }
+    # the launcher tests' config: a spot replica in local-a running the command below
+    cfg = launch_config(
+        runtime_dir(state_dir),
+        state_dir,
+        free_port(),
+        command=f"setsid {SLEEPER} & exec {SLEEPER}",
+        workdir=str(state_dir),
+    )
     env = {**os.environ, "SKYHEDGE_LOCAL_REPLICA": json.dumps(cfg), "PYTHONPATH": str(REPO)}
     done = subprocess.run(
         [sys.executable, "-m", "skyhedge.clouds.local.launcher", "start", "r-0001"],

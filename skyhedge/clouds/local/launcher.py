@@ -180,17 +180,17 @@ def _spawn(runtime: Path, cfg: dict[str, Any], now: float) -> tuple[subprocess.P
             f"=== skyhedge: starting {rid} ({zone}, {market}) on port {port} at {now:.3f} ===\n".encode()
         )
         fh.flush()
+        # setup and command alike: in the replica's directory and environment, output to its log
+        shell: dict[str, Any] = {
+            "cwd": workdir,
+            "env": env,
+            "stdin": subprocess.DEVNULL,
+            "stdout": fh,
+            "stderr": subprocess.STDOUT,
+        }
         if cfg.get("setup"):
             try:
-                done = subprocess.run(
-                    ["/bin/sh", "-c", cfg["setup"]],
-                    cwd=workdir,
-                    env=env,
-                    stdin=subprocess.DEVNULL,
-                    stdout=fh,
-                    stderr=subprocess.STDOUT,
-                    check=False,
-                )
+                done = subprocess.run(["/bin/sh", "-c", cfg["setup"]], check=False, **shell)
                 if done.returncode != 0:
                     raise LaunchError(
                         f"{rid}: run.setup exited with {done.returncode}; log {log}:\n{_log_tail(log)}"
@@ -202,14 +202,7 @@ def _spawn(runtime: Path, cfg: dict[str, Any], now: float) -> tuple[subprocess.P
                 stop_replica(runtime, rid, grace=0.0)
                 raise
         child = subprocess.Popen(
-            ["/bin/sh", "-c", cfg["command"]],
-            cwd=workdir,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=fh,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            close_fds=True,
+            ["/bin/sh", "-c", cfg["command"]], start_new_session=True, close_fds=True, **shell
         )
     return child, log
 
