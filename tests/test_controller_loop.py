@@ -268,6 +268,31 @@ def test_never_ready_fails_after_initial_delay(world):
     assert ctl.state.replicas["r-0001"].reason == "failed"
 
 
+def test_a_replica_nothing_ever_listened_for_is_told_to_listen_on_its_port(world):
+    """Found by an audit: a command listening on a port of its own got only "not ready within
+    initial_delay_seconds", with nothing pointing at $PORT. A refused connection all along says so;
+    another failure (a 500, a timeout) does not get the hint."""
+
+    class Refused(FakeProber):
+        def probe(self, records):
+            return {
+                r.id: (r.id != "r-0001", "ConnectionRefusedError" if r.id == "r-0001" else "200")
+                for r in records
+            }
+
+    world["prober"] = Refused()
+    ctl, clock = make(world), world["clock"]
+    ctl.tick()
+    clock.advance(31)
+    ctl.tick()
+    said = [n.text for n in ctl.notes if n.text.startswith("r-0001 FAILED")]
+    endpoint = ctl.state.replicas["r-0001"].endpoint
+    assert said == [
+        "r-0001 FAILED: not ready within initial_delay_seconds=30 "
+        f"(nothing accepted connections at {endpoint}: does run.command listen on $PORT?)"
+    ]
+
+
 def test_autoscaler_raises_target_after_upscale_delay(world):
     ctl, clock, router = make(world), world["clock"], world["router"]
     settle(ctl, clock)

@@ -172,7 +172,16 @@ def apply_probes(
             if now - started > initial_delay and mark_gone(
                 state, rec, now, "failed", f"no passing probe within {initial_delay:.0f}s ({res.detail})"
             ):
-                notes.append(f"{rec.id} FAILED: not ready within initial_delay_seconds={initial_delay:.0f}")
+                # a refused connection all along: nothing ever listened where the probe looks
+                # (found by an audit: a command on a port of its own got only "not ready")
+                hint = (
+                    f" (nothing accepted connections at {rec.endpoint}: does run.command listen on $PORT?)"
+                    if "refused" in res.detail.lower() and rec.endpoint
+                    else ""
+                )
+                notes.append(
+                    f"{rec.id} FAILED: not ready within initial_delay_seconds={initial_delay:.0f}{hint}"
+                )
     return notes
 
 
