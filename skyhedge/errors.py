@@ -29,7 +29,10 @@ class SpecError(SkyhedgeError):
         self.file = file
         self.path = path
         self.reason = message
-        parts = [p for p in (file, path) if p]
+        # a path holding a line break (or another unprintable character) is quoted: the error
+        # stays one line (found by an input audit)
+        shown = file if file is None or file.isprintable() else repr(file)
+        parts = [p for p in (shown, path) if p]
         super().__init__(": ".join([*parts, message]))
 
 

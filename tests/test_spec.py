@@ -949,3 +949,12 @@ def test_an_upgrade_keeps_the_revision_of_a_spec_without_the_new_fields(write_sp
 
     spec = load_spec(write_spec("name: e\n" + text))
     assert {replica_revision(spec), *(replica_revision(spec, c) for c in ("aws", "gcp", "local"))} == {digest}
+
+
+def test_a_spec_path_with_a_line_break_is_quoted_in_the_one_line(tmp_path):
+    """Found by an input audit: `we\\nird.yaml` split every error about that spec in two."""
+    path = tmp_path / "we\nird.yaml"
+    path.write_text("name: x\n")
+    with pytest.raises(SpecError) as info:
+        load_spec(path)
+    assert "\n" not in str(info.value) and str(info.value).startswith(repr(str(path)))
