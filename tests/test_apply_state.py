@@ -332,6 +332,23 @@ def test_destroy_names_replicas_recorded_gone_that_terraform_still_held(svc):
     assert svc.pids() == {} and svc.processes() == []
 
 
+def test_a_local_setup_that_hangs_fails_the_apply_after_the_probes_initial_delay(svc):
+    """Through the real module and engine: the setup's time limit reaches the launcher, and a
+    setup that hangs fails that launch in one named line instead of holding the apply for good."""
+    import yaml
+
+    data = yaml.safe_load(svc.write(replicas=1).read_text())
+    data["run"]["setup"] = "sleep 600"
+    data["readiness_probe"]["initial_delay_seconds"] = 2
+    svc.spec_path.write_text(yaml.safe_dump(data))
+    out = run_cli(
+        "apply", str(svc.spec_path), "--state-dir", str(svc.state_dir), "--no-routing", "--auto-approve"
+    )
+    assert out.exit_code == 1
+    assert "run.setup did not finish within 2s (readiness_probe.initial_delay_seconds)" in out.output
+    assert svc.pids() == {} and svc.processes() == []
+
+
 def test_status_of_a_service_never_applied(tmp_path: Path):
     spec = tmp_path / "s.yaml"
     spec.write_text("name: idle\nplacement: {clouds: [local]}\nrun: {command: 'true'}\n")

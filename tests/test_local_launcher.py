@@ -189,6 +189,21 @@ def test_a_failed_setup_leaves_nothing_running(runtime, tmp_path):
     assert read_pidfile(runtime, "r-0001") is None
 
 
+def test_a_setup_that_hangs_is_stopped_after_its_timeout(runtime, tmp_path):
+    """Found by an audit: a hanging `run.setup` held the apply, and a watcher's whole pass, for
+    good. It gets `setup_timeout` (the spec's readiness_probe.initial_delay_seconds), then the
+    launch fails and nothing it started is left."""
+    port = free_base_port(1) + 1
+    helper = f"{sys.executable} -c 'import time; time.sleep(600)'"
+    hangs = config(runtime, tmp_path, port, setup=f"{helper} & sleep 600", setup_timeout=1)
+    started = time.monotonic()
+    done = launch("start", hangs)
+    assert time.monotonic() - started < 20
+    assert done.returncode == 1
+    assert "run.setup did not finish within 1s (readiness_probe.initial_delay_seconds)" in done.stderr
+    assert find_processes(runtime) == [] and read_pidfile(runtime, "r-0001") is None
+
+
 def test_stop_escalates_to_sigkill_for_the_whole_group(runtime, tmp_path):
     port = free_base_port(1) + 1
     ignore = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(60)"

@@ -393,3 +393,15 @@ def test_the_gitops_example_renders_fmt_clean_and_its_ci_runs_the_checks(tmp_pat
         "refs/heads/main",
     ):
         assert step in workflow
+
+
+def test_a_local_setup_is_given_the_probes_initial_delay_to_finish():
+    """A hanging `run.setup` held the apply for good (found by an audit): the launcher stops it
+    after `setup_timeout`, which is the time a replica is given to come up."""
+    run = {"command": "python3 server.py", "setup": "pip install -r req.txt"}
+    spec = spec_of(run=run, readiness_probe={"path": "/health", "initial_delay_seconds": 600})
+    tree = render_tree(spec, LOCAL, context=CTX, instance_types=TYPES)
+    tfvars = json.loads(dict(tree.files)[f"local/local/{TFVARS_FILE}"])
+    assert tfvars["run"]["setup"] == "pip install -r req.txt" and tfvars["run"]["setup_timeout"] == 600
+    plain = render_tree(spec_of(), LOCAL, context=CTX, instance_types=TYPES)
+    assert "setup_timeout" not in json.loads(dict(plain.files)[f"local/local/{TFVARS_FILE}"])["run"]

@@ -39,17 +39,18 @@ resource "terraform_data" "replica" {
     environment = {
       PYTHONPATH = var.launcher.pythonpath
       SKYHEDGE_LOCAL_REPLICA = jsonencode({
-        id          = each.key
-        service     = var.service
-        region      = var.region
-        zone        = each.value.zone
-        market      = each.value.market
-        port        = each.value.port
-        command     = var.run.command
-        setup       = var.run.setup
-        env         = var.run.env
-        workdir     = var.run.workdir
-        runtime_dir = var.runtime_dir
+        id            = each.key
+        service       = var.service
+        region        = var.region
+        zone          = each.value.zone
+        market        = each.value.market
+        port          = each.value.port
+        command       = var.run.command
+        setup         = var.run.setup
+        setup_timeout = var.run.setup_timeout
+        env           = var.run.env
+        workdir       = var.run.workdir
+        runtime_dir   = var.runtime_dir
       })
     }
   }

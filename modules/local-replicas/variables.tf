@@ -49,12 +49,13 @@ variable "replicas" {
 }
 
 variable "run" {
-  description = "What each replica runs: `command` (run by /bin/sh -c with $PORT set), an optional `setup` run first, `env` added to the process environment, and `workdir` the directory both run in."
+  description = "What each replica runs: `command` (run by /bin/sh -c with $PORT set), an optional `setup` run first (stopped, and the launch failed, after `setup_timeout` seconds when set), `env` added to the process environment, and `workdir` the directory both run in."
   type = object({
-    command = string
-    setup   = optional(string)
-    env     = optional(map(string), {})
-    workdir = string
+    command       = string
+    setup         = optional(string)
+    setup_timeout = optional(number)
+    env           = optional(map(string), {})
+    workdir       = string
   })
 
   validation {

@@ -190,7 +190,15 @@ def _spawn(runtime: Path, cfg: dict[str, Any], now: float) -> tuple[subprocess.P
         }
         if cfg.get("setup"):
             try:
-                done = subprocess.run(["/bin/sh", "-c", cfg["setup"]], check=False, **shell)
+                limit = cfg.get("setup_timeout")
+                try:
+                    setup = ["/bin/sh", "-c", cfg["setup"]]
+                    done = subprocess.run(setup, check=False, timeout=limit, **shell)
+                except subprocess.TimeoutExpired:
+                    raise LaunchError(
+                        f"{rid}: run.setup did not finish within {limit:g}s "
+                        f"(readiness_probe.initial_delay_seconds); log {log}:\n{_log_tail(log)}"
+                    ) from None
                 if done.returncode != 0:
                     raise LaunchError(
                         f"{rid}: run.setup exited with {done.returncode}; log {log}:\n{_log_tail(log)}"

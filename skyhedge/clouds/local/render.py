@@ -71,6 +71,9 @@ class LocalCloud:
         }
         if spec.run.setup:
             run["setup"] = spec.run.setup
+            # a setup that hangs would hold the apply (and a watcher's pass) for good: it gets the
+            # time a replica is given to come up, then the launch fails
+            run["setup_timeout"] = spec.readiness_probe.initial_delay_seconds
         return {
             "service": spec.name,
             "region": region,
