@@ -97,6 +97,21 @@ def test_exit_is_reported_as_failed_or_preempted(state_dir):
     ]
 
 
+def test_a_replica_whose_pid_was_reused_says_so(state_dir):
+    """Found by an audit: "process N exited" while N ran on (as another process) read as wrong."""
+    from dataclasses import replace
+
+    from skyhedge.clouds.local.processes import write_pidfile
+
+    rec = launch(state_dir, "r-0001", "local-a")
+    runtime = runtime_dir(state_dir)
+    proc = read_pidfile(runtime, "r-0001")
+    os.killpg(proc.pgid, signal.SIGKILL)
+    write_pidfile(runtime, replace(proc, pid=os.getpid()))  # the pid now names this very process
+    (event,) = LocalEventSource(state_dir, REGION_OF).poll(time.time(), [rec])
+    assert event.detail == f"process {os.getpid()} exited (its pid now belongs to another process)"
+
+
 def test_replicas_not_yet_provisioned_are_not_judged(state_dir):
     rec = ReplicaRecord(
         id="r-0003", cloud="local", region="local", zone="local-a", market="spot", launched_at=time.time()

@@ -36,6 +36,7 @@ from skyhedge.clouds.local.processes import (
     find_processes,
     is_running,
     list_pidfiles,
+    proc_starttime,
     read_pidfile,
     stop_replica,
 )
@@ -115,7 +116,12 @@ class LocalEventSource(EventSource):
                 evicted = _evicted(self.runtime)
             taken = rec.zone in marked or rec.id in (evicted or ())  # a pool emptied or shrunk
             reason = "preempted" if taken and rec.market == "spot" else "failed"
-            why = "no pid file" if proc is None else f"process {proc.pid} exited"
+            if proc is None:
+                why = "no pid file"
+            elif proc_starttime(proc.pid) is not None:  # the pid lives on, as another process
+                why = f"process {proc.pid} exited (its pid now belongs to another process)"
+            else:
+                why = f"process {proc.pid} exited"
             events.append(
                 PreemptionEvent(
                     Signal.GONE, now, "local-process", replica_id=rec.id, reason=reason, detail=why
