@@ -167,6 +167,20 @@ def committed_roots(state: ServiceState) -> dict[str, dict[str, Any]]:
     return roots if isinstance(roots, dict) else {}
 
 
+def held_replicas(state: ServiceState) -> dict[str, set[str]]:
+    """Per root path, the replica IDs its last apply (or, GitOps, its last commit) holds: what
+    Terraform destroys with the root, gone from the state or not. Read-only."""
+    info = state.extra.get(EXTRA_KEY)
+    applied = info.get("roots") if isinstance(info, dict) else None
+    held: dict[str, set[str]] = {}
+    for roots in (applied if isinstance(applied, dict) else {}, committed_roots(state)):
+        for path, root in roots.items():
+            ids = root.get("replicas") if isinstance(root, dict) else None
+            if isinstance(ids, list):
+                held.setdefault(path, set()).update(rid for rid in ids if isinstance(rid, str))
+    return held
+
+
 def roots_with_resources(state: ServiceState, now: float | None = None) -> set[tuple[str, str]]:
     """Roots whose Terraform state may still hold replicas (so they must stay rendered).
 
@@ -882,8 +896,7 @@ def destroy_service(
             for root, result in zip(roots, results, strict=True):
                 now = clock()
                 if isinstance(result, ApplyResult) and result.ok:
-                    held = _tracked(state).get(root.path, {}).get("replicas")
-                    held = set(held) if isinstance(held, list) else set()
+                    held = held_replicas(state).get(root.path, set())
                     for rec in state.replicas.values():
                         if (rec.cloud, rec.region) == root.key:
                             if rec.gone_at is not None and rec.id in held:

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from skyhedge import autoscaler
-from skyhedge.apply import TERRAFORM_KEY, committed_roots, record_plan, reopen_unfinished_deletes
+from skyhedge.apply import held_replicas, record_plan, reopen_unfinished_deletes
 from skyhedge.controller.facts import (
     WARNING_GRACE_SECONDS,
     ProbeResult,
@@ -828,16 +828,7 @@ class Controller:
         """Whether a root's last apply (or commit) still holds a replica the state records gone:
         the next apply of that root destroys it, even when the plan changes nothing."""
         live = {r.id for r in self.state.live()}
-        info = self.state.extra.get(TERRAFORM_KEY)
-        roots = info.get("roots") if isinstance(info, dict) else None
-        held: set[str] = set()
-        for root in [
-            *(roots.values() if isinstance(roots, dict) else ()),
-            *committed_roots(self.state).values(),
-        ]:
-            ids = root.get("replicas") if isinstance(root, dict) else None
-            if isinstance(ids, list):
-                held.update(rid for rid in ids if isinstance(rid, str))
+        held = set().union(*held_replicas(self.state).values())
         return any(rid in self.state.replicas and rid not in live for rid in held)
 
     def _crash_hold(self, now: float) -> float:
