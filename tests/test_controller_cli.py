@@ -3,6 +3,7 @@ the supervisor, the dashboard, the market replay."""
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -574,3 +575,44 @@ def test_dashboard_fits_the_terminal_and_keeps_the_newest_events(tmp_path, write
     screen.print(Dashboard(ctl, console=screen)._render())
     drawn = screen.export_text()
     assert len(drawn.splitlines()) <= 18 and "event 11" in drawn
+
+
+def test_dashboard_follows_the_terminal_size_even_with_columns_exported(tmp_path, write_spec):
+    """rich reads `COLUMNS`/`LINES` once and keeps them: with them exported (some shells and tools
+    do), `up`'s dashboard stayed at that size through every resize, cropped or half-empty. On a
+    terminal the dashboard reads the terminal's own size at every frame."""
+    import fcntl
+    import struct
+    import termios
+
+    from skyhedge.controller.dashboard import Dashboard
+
+    spec = load_spec(write_spec(LOCAL.replace("min_replicas: 1", "min_replicas: 8")))
+    ctl = fake_controller(spec, tmp_path / "s")
+    for _ in range(3):
+        ctl.tick()
+        ctl.clock.advance(1)  # type: ignore[attr-defined]
+    for i in range(12):
+        ctl.note(f"event {i}")
+    master, slave = os.openpty()
+    screen = open(slave, "w")  # noqa: SIM115 - closed below, with the master
+    try:
+
+        def resize(columns: int, lines: int) -> None:
+            fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", lines, columns, 0, 0))
+
+        resize(70, 20)
+        console = Console(file=screen, force_terminal=True, _environ={"COLUMNS": "200", "LINES": "60"})
+        assert console.size == (200, 60)  # what rich alone would draw at, for good
+        dashboard = Dashboard(ctl, console=console)
+        frame = dashboard._render()
+        assert console.size == (70, 20)
+        check = Console(record=True, width=70, height=20, file=io.StringIO())
+        check.print(frame)
+        assert len(check.export_text().splitlines()) <= 20
+        resize(120, 40)
+        dashboard._render()
+        assert console.size == (120, 40)
+    finally:
+        screen.close()
+        os.close(master)

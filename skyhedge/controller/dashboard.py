@@ -14,12 +14,13 @@ then fewer replica rows (saying how many more there are), so the newest events s
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from collections import Counter
 from typing import Any
 
 from rich import get_console
-from rich.console import Console, Group
+from rich.console import Console, ConsoleDimensions, Group
 from rich.live import Live
 from rich.panel import Panel
 from rich.table import Table
@@ -178,6 +179,19 @@ def fit(
             return frame  # no room even for that: rich crops it
 
 
+def terminal_size(console: Console) -> ConsoleDimensions:
+    """The size of the terminal the console draws on, now. rich takes `COLUMNS`/`LINES` from the
+    environment once, when they are set, and keeps them: a shell or tool that exported them froze the
+    dashboard at that size through every resize. On a terminal, its own size wins, and the console is
+    told (`Live` draws at the console's width)."""
+    if console.is_terminal:
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            size = os.get_terminal_size(console.file.fileno())
+            if size.columns > 0 and size.lines > 0:  # a pty nobody sized reports 0x0
+                console.size = (size.columns, size.lines)
+    return console.size
+
+
 class Dashboard:
     """Redraws after every tick; `refresh_per_second` keeps ages ticking between ticks. Without an
     `endpoint` it shows the service's address from the controller's spec (a reload may move it)."""
@@ -196,7 +210,7 @@ class Dashboard:
         # Drawn from rich's thread while a tick may be changing the state: keep the last good frame.
         with contextlib.suppress(RuntimeError, KeyError, ValueError):
             console = self.console
-            size = console.size  # read per frame: a resized terminal (SIGWINCH) is followed
+            size = terminal_size(console)  # read per frame: a resized terminal (SIGWINCH) is followed
             self._last = fit(
                 self.ctl,
                 console,
