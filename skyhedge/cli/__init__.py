@@ -19,6 +19,7 @@ _COMMAND_MODULES = (
     "apply",
     "routing",
     "watch",
+    "logs",
 )
 #: command name -> the module that registers it, imported on first use.
 _LAZY_COMMANDS = {"simulate": "skyhedge.cli.simulate"}

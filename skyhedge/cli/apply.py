@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 import sys
 import threading
 import time
@@ -216,14 +217,11 @@ def apply(
         err_console.print(f"error: the rolling update stopped short: {report.rollout_stopped}", markup=False)
         sys.exit(1)
     if report.not_ready:
-        cloud_of = {r.id: r.location.cloud for r in report.plan.replicas} if report.plan else {}
-        local = [rid for rid in report.not_ready if cloud_of.get(rid, "local") == "local"]
-        logs = f" (logs: {sdir / 'local' / 'replicas'}/ID.log)" if local else ""
-        if len(local) < len(report.not_ready):  # cloud VMs: their boot log is the console output
-            logs += " (AWS: aws ec2 get-console-output; GCP: gcloud compute instances get-serial-port-output)"
+        # local: the process's output; a cloud VM: its console, where the boot script's errors go
+        logs = f"`{command_line('logs', spec, state_dir)} {shlex.quote(report.not_ready[0])}`"
         err_console.print(
             f"error: not ready after {service.readiness_probe.initial_delay_seconds}s: "
-            f"{', '.join(report.not_ready)}{logs}",
+            f"{', '.join(report.not_ready)} (their logs: {logs})",
             markup=False,
         )
         sys.exit(1)

@@ -1,0 +1,163 @@
+"""`skyhedge logs`: a replica's log, read through its cloud (skyhedge/replica_logs.py)."""
+
+from __future__ import annotations
+
+import os
+import select
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from skyhedge.cli._app import command_line, err_console, main, spec_argument, state_dir_option
+from skyhedge.errors import CloudError, SkyhedgeError
+from skyhedge.replica_logs import last_lines, read_log
+from skyhedge.spec import ServiceSpec, load_spec
+from skyhedge.state import ReplicaRecord, default_state_dir, load_state
+
+#: Seconds between reads while following: a local file is cheap to read; a cloud API is rate
+#: limited (GetConsoleOutput, getSerialPortOutput), and its console changes slowly.
+FOLLOW_EVERY = {"local": 0.5}
+FOLLOW_EVERY_CLOUD = 5.0
+
+
+def _tail(_ctx: click.Context, _param: click.Parameter, value: str) -> int | None:
+    if value == "all":
+        return None
+    try:
+        count = int(value)
+    except ValueError:
+        count = -1
+    if count < 0:
+        raise click.BadParameter(f"expected a number of lines >= 0 or 'all', got {value!r}")
+    return count
+
+
+def _find(
+    records: dict[str, ReplicaRecord], replica: str, spec: Path, state_dir: Path | None
+) -> ReplicaRecord:
+    record = records.get(replica)
+    if record is not None:
+        return record
+    live = sorted(r.id for r in records.values() if r.gone_at is None)
+    known = f"live: {', '.join(live)}" if live else "no live replica"
+    raise SkyhedgeError(
+        f"REPLICA: no replica {replica!r} in the state ({known}; "
+        f"`{command_line('status', spec, state_dir)} --all` lists every one)"
+    )
+
+
+def _note(text: str) -> None:
+    """A line about the log, on stderr: stdout carries the log alone (`skyhedge logs ... | grep`)."""
+    err_console.print(text, markup=False, highlight=False, soft_wrap=True)
+
+
+def _write(text: str) -> None:
+    """Print log text; a reader that went away (`| head`) ends the command quietly, as `tail`."""
+    if not text:
+        return
+    try:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        _stop_quietly()
+
+
+def _stop_quietly() -> None:
+    # stdout onto /dev/null first: the interpreter's last flush at exit would hit the pipe again
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    sys.exit(0)
+
+
+def _reader_gone() -> bool:
+    """The pipe or terminal stdout writes to has no reader any more (`| head` exited). A follow
+    with nothing new to write would otherwise wait for the next line to find out, maybe never."""
+    try:
+        poll = select.poll()
+        poll.register(sys.stdout.fileno(), 0)  # errors and hang-ups only, reported whatever is asked
+        return any(events & (select.POLLERR | select.POLLHUP) for _fd, events in poll.poll(0))
+    except (OSError, ValueError, AttributeError):  # not a real file (tests), or no poll here
+        return False
+
+
+@main.command()
+@spec_argument
+@click.argument("replica")
+@state_dir_option
+@click.option(
+    "--tail",
+    default="200",
+    metavar="N|all",
+    callback=_tail,
+    show_default=True,
+    help="Show the last N lines of what the log holds now ('all': all of it, up to 1 MiB).",
+)
+@click.option("-f", "--follow", is_flag=True, help="Keep printing new output until the replica is gone.")
+@click.option(
+    "--interval",
+    type=click.FloatRange(min=0.1, max=3600),
+    default=None,
+    help="Seconds between reads with --follow (default 0.5 on local, 5 on a cloud).",
+)
+def logs(
+    spec: Path, replica: str, state_dir: Path | None, tail: int | None, follow: bool, interval: float | None
+) -> None:
+    """Print the log of one replica of SPEC (IDs as `skyhedge status` shows them).
+
+    local: the replica process's stdout and stderr. aws, gcp: the instance's console (EC2
+    GetConsoleOutput; serial port 1): the boot log, the boot script's errors included, which is
+    where a replica that never gets READY shows why. On a VM the service's own output is in its
+    journal: `journalctl -u skyhedge-replica`. The log's origin goes to stderr, the log to stdout.
+    """
+    service = load_spec(spec)
+    sdir = state_dir or default_state_dir(service.name)
+    record = _find(load_state(sdir, service.name).replicas, replica, spec, state_dir)
+    chunk = read_log(service, sdir, record, None)
+    where = f"{record.cloud}/{record.region}/{record.zone}, {record.market}"
+    gone = f", gone: {record.reason or 'gone'}" if record.gone_at is not None else ""
+    _note(f"==> {record.id} ({where}{gone}): {chunk.source} <==")
+    if chunk.skipped:
+        _note(f"({chunk.skipped})")
+    _write(last_lines(chunk.text, tail))
+    if not follow:
+        return
+    if record.gone_at is not None:
+        _note(f"{record.id} is gone: nothing more to follow")
+        return
+    every = interval or FOLLOW_EVERY.get(record.cloud, FOLLOW_EVERY_CLOUD)
+    try:
+        _follow(service, sdir, record.id, chunk.next, every)
+    except KeyboardInterrupt:  # how a follow ends by hand, as `tail -f`: no traceback, no "Aborted!"
+        sys.exit(130)
+
+
+def _follow(service: ServiceSpec, sdir: Path, rid: str, cursor: object, every: float) -> None:
+    """Read on from `cursor` every `every` seconds; stop after the read that follows the replica's
+    end in the state (a preemption, a scale-down). A failing read of a cloud API is told once and
+    retried; the replica's log file vanishing is an error."""
+    failing: str | None = None
+    while True:
+        time.sleep(every)
+        if _reader_gone():
+            _stop_quietly()
+        record = load_state(sdir, service.name).replicas.get(rid)
+        try:
+            chunk = read_log(service, sdir, record, cursor) if record is not None else None
+        except CloudError as exc:
+            if record is not None and record.cloud == "local":
+                raise
+            if str(exc) != failing:
+                failing = str(exc)
+                _note(f"warning: {exc} (retrying)")
+            continue
+        failing = None
+        if chunk is not None:
+            if chunk.skipped:
+                _note(f"({chunk.skipped})")
+            _write(chunk.text)
+            cursor = chunk.next
+        if record is None or record.gone_at is not None:
+            why = record.reason if record is not None and record.reason else "removed from the state"
+            _note(f"{rid} is gone ({why}): end of its log")
+            return

@@ -1,0 +1,309 @@
+"""`skyhedge logs SPEC REPLICA`: a replica's log, read through its cloud.
+
+local: the replica process's output, from a real launch by the real engine; aws: EC2's console
+output (moto); gcp: serial port 1 (a local server speaking Compute's REST shape).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, urlsplit
+
+import boto3
+import pytest
+from click.testing import CliRunner
+from google.auth.credentials import AnonymousCredentials
+from google.auth.transport.requests import AuthorizedSession
+from local_support import make_service
+from moto import mock_aws
+
+import skyhedge.replica_logs as replica_logs
+from skyhedge.apply import apply_service, destroy_service
+from skyhedge.cli import main
+from skyhedge.clouds.aws import logs as aws_logs
+from skyhedge.clouds.gcp import logs as gcp_logs
+from skyhedge.clouds.gcp.events import ENDPOINT_ENV
+from skyhedge.clouds.local import logs as local_logs
+from skyhedge.clouds.local.processes import log_path
+from skyhedge.errors import CloudError
+from skyhedge.spec import load_spec
+from skyhedge.state import ReplicaRecord, ServiceState, save_state
+
+
+@pytest.fixture
+def svc(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # local replicas run in the directory skyhedge runs in
+    service = make_service(tmp_path, "logs")
+    yield service
+    service.cleanup()
+
+
+def _chatty(svc) -> str:
+    """The replica server, saying two lines (one not ASCII) before it serves."""
+    return (
+        'echo "hello from $SKYHEDGE_REPLICA_ID"; echo "température: ok" >&2; '
+        f"exec {sys.executable} {svc.server}"
+    )
+
+
+def test_a_local_replica_log_is_its_process_output_and_follow_ends_when_it_is_gone(svc):
+    svc.write(replicas=1, command=_chatty(svc))
+    spec = load_spec(svc.spec_path)
+    report = apply_service(spec, svc.state_dir, route=False)
+    assert report.ok, report.errors
+    args = [str(svc.spec_path), "r-0001", "--state-dir", str(svc.state_dir)]
+
+    result = CliRunner().invoke(main, ["logs", *args])
+    assert result.exit_code == 0, result.output
+    assert "hello from r-0001\n" in result.stdout and "température: ok\n" in result.stdout
+    assert f"==> r-0001 (local/local/local-a, spot): {log_path(svc.runtime, 'r-0001')} <==" in result.stderr
+    tail = CliRunner().invoke(main, ["logs", *args, "--tail", "1"])
+    assert tail.exit_code == 0 and tail.stdout == "température: ok\n"
+
+    follow = subprocess.Popen(
+        [sys.executable, "-m", "skyhedge.cli", "logs", *args, "--tail", "0", "-f", "--interval", "0.1"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        time.sleep(1.5)  # the follower has read the log to its end by now
+        with open(log_path(svc.runtime, "r-0001"), "a", encoding="utf-8") as log:
+            log.write("a line written while following\n")
+        time.sleep(0.5)
+        assert destroy_service(spec, svc.state_dir, route=False).ok
+        out, err = follow.communicate(timeout=20)
+    finally:
+        if follow.poll() is None:
+            follow.kill()
+            follow.communicate()
+    assert follow.returncode == 0, err
+    assert out == "a line written while following\n"  # --tail 0: only what came after
+    assert err.strip().endswith("r-0001 is gone (terminated): end of its log")
+
+    gone = CliRunner().invoke(main, ["logs", *args, "-f"])  # a gone replica's log stays readable
+    assert gone.exit_code == 0 and "hello from r-0001" in gone.stdout
+    assert "r-0001 is gone: nothing more to follow" in gone.stderr
+
+
+def test_an_unknown_replica_or_a_bad_tail_is_one_line(svc):
+    svc.write(replicas=1)
+    state = ServiceState(service="logs")
+    state.replicas["r-0001"] = ReplicaRecord("r-0001", "local", "local", "local-a", "spot", launched_at=1.0)
+    save_state(svc.state_dir, state)
+    args = [str(svc.spec_path), "--state-dir", str(svc.state_dir)]
+    result = CliRunner().invoke(main, ["logs", *args[:1], "r-9", *args[1:]])
+    assert result.exit_code == 1
+    assert result.stderr.startswith("error: REPLICA: no replica 'r-9' in the state (live: r-0001; ")
+    assert "status" in result.stderr and "--all` lists every one)" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    never = CliRunner().invoke(main, ["logs", *args[:1], "r-0001", *args[1:]])
+    assert never.exit_code == 1
+    assert never.stderr.startswith("error: r-0001: no log yet (its process was never started): ")
+    for bad in ("-1", "many"):
+        result = CliRunner().invoke(main, ["logs", *args[:1], "r-0001", *args[1:], "--tail", bad])
+        assert result.exit_code == 1 and "--tail" in result.stderr and "'all'" in result.stderr
+
+
+def test_a_local_log_read_on_survives_truncation_long_logs_and_cut_characters(tmp_path, monkeypatch):
+    record = ReplicaRecord("r-0001", "local", "local", "local-a", "spot", launched_at=1.0, provisioned_at=2.0)
+    path = log_path(tmp_path / "local", "r-0001")
+    path.parent.mkdir(parents=True)
+    path.write_bytes("line one\nline two\nun café".encode()[:-1])  # the é half written
+    first = local_logs.read_log(None, tmp_path, record, None)  # type: ignore[arg-type]
+    assert first.text == "line one\nline two\nun caf" and not first.skipped
+    with open(path, "ab") as f:
+        f.write(b"\xa9\n")
+    second = local_logs.read_log(None, tmp_path, record, first.next)  # type: ignore[arg-type]
+    assert second.text == "é\n"
+    path.write_text("after a rotation\n")  # shorter than the cursor: read from its start
+    third = local_logs.read_log(None, tmp_path, record, second.next)  # type: ignore[arg-type]
+    assert third.text == "after a rotation\n" and third.skipped
+    monkeypatch.setattr(local_logs, "RECENT_BYTES", 20)
+    path.write_text("".join(f"line {i}\n" for i in range(10)))
+    recent = local_logs.read_log(None, tmp_path, record, None)  # type: ignore[arg-type]
+    assert recent.skipped == "the last 20 of 70 bytes: the whole log is that file"
+    assert recent.text == "line 8\nline 9\n"  # whole lines of the last 20 bytes
+    assert replica_logs.last_lines("a\nb\nc", 2) == "b\nc" and replica_logs.last_lines("a\n", 0) == ""
+
+
+AWS_SPEC = """
+name: llm
+resources:
+  instance_type: {aws: g5.xlarge}
+placement:
+  clouds: [aws]
+  regions: [us-east-1]
+run: {command: serve}
+"""
+
+
+@pytest.fixture
+def ec2_session(monkeypatch):
+    with mock_aws():
+        session = boto3.Session(
+            region_name="us-east-1", aws_access_key_id="testing", aws_secret_access_key="x"
+        )
+        monkeypatch.setattr(aws_logs, "SESSION", session)
+        yield session
+
+
+def test_an_aws_replica_log_is_its_instance_console_output(ec2_session, tmp_path, write_spec):
+    ec2 = ec2_session.client("ec2")
+    image = ec2.describe_images()["Images"][0]["ImageId"]
+    instance = ec2.run_instances(ImageId=image, MinCount=1, MaxCount=1)["Instances"][0]["InstanceId"]
+    spec_path = write_spec(AWS_SPEC)
+    state = ServiceState(service="llm")
+    state.replicas["r-0001"] = ReplicaRecord(
+        "r-0001", "aws", "us-east-1", "us-east-1a", "spot", launched_at=1.0, cloud_id=instance
+    )
+    state.replicas["r-0002"] = ReplicaRecord(
+        "r-0002", "aws", "us-east-1", "us-east-1b", "spot", launched_at=1.0, cloud_id="i-0123456789abcdef0"
+    )
+    state.replicas["r-0003"] = ReplicaRecord(
+        "r-0003", "aws", "us-east-1", "us-east-1c", "spot", launched_at=1.0
+    )
+    save_state(tmp_path / "state", state)
+    args = ["--state-dir", str(tmp_path / "state")]
+
+    result = CliRunner().invoke(main, ["logs", str(spec_path), "r-0001", *args, "--tail", "all"])
+    assert result.exit_code == 0, result.output
+    console = ec2.get_console_output(InstanceId=instance)["Output"]
+    assert "Linux version" in console and result.stdout == console
+    assert f"EC2 console output of {instance} (us-east-1)" in result.stderr
+    spec = load_spec(spec_path)
+    first = replica_logs.read_log(spec, tmp_path / "state", state.replicas["r-0001"])
+    assert replica_logs.read_log(spec, tmp_path / "state", state.replicas["r-0001"], first.next).text == ""
+    slid = aws_logs._after("new tail\n", first.next, "x")  # the window moved past the last read
+    assert slid.skipped and slid.text == "new tail\n"
+    grown = aws_logs._after(console + "more\n", first.next, "x")
+    assert grown.text == "more\n" and not grown.skipped
+
+    missing = CliRunner().invoke(main, ["logs", str(spec_path), "r-0002", *args])
+    assert missing.exit_code == 1
+    assert missing.stderr.startswith(
+        "error: aws: r-0002: GetConsoleOutput i-0123456789abcdef0: InvalidInstanceID"
+    )
+    unapplied = CliRunner().invoke(main, ["logs", str(spec_path), "r-0003", *args])
+    assert unapplied.exit_code == 1
+    assert unapplied.stderr == "error: r-0003: no EC2 instance recorded yet (not applied, or not created)\n"
+
+
+class SerialPort:
+    """One instance's serial port 1 as Compute keeps it: everything written, of which only the
+    newest `window` bytes are still readable."""
+
+    def __init__(self, window: int = 64) -> None:
+        self.written = b""
+        self.window = window
+        self.requests: list[tuple[str, dict]] = []
+
+    def reply(self, path: str, query: dict) -> tuple[int, dict]:
+        self.requests.append((path, query))
+        if path != "/compute/v1/projects/proj-1/zones/us-central1-a/instances/skyhedge-llm-r-0001/serialPort":
+            return 404, {"error": {"code": 404, "message": f"The resource '{path}' was not found"}}
+        oldest = max(0, len(self.written) - self.window)
+        start = max(int(query.get("start", ["0"])[0]), oldest)
+        return 200, {
+            "kind": "compute#serialPortOutput",
+            "contents": self.written[start:].decode(),
+            "start": str(start),
+            "next": str(len(self.written)),
+        }
+
+
+@pytest.fixture
+def serial(monkeypatch):
+    port = SerialPort()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            url = urlsplit(self.path)
+            code, body = port.reply(url.path, parse_qs(url.query))
+            data = json.dumps(body).encode()
+            self.send_response(code)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    monkeypatch.setenv(ENDPOINT_ENV, f"http://127.0.0.1:{server.server_address[1]}/compute/v1")
+    session = AuthorizedSession(AnonymousCredentials())
+    monkeypatch.setattr(gcp_logs, "SESSION", session)
+    try:
+        yield port
+    finally:
+        session.close()
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+
+GCP_SPEC = """
+name: llm
+resources:
+  instance_type: {gcp: g2-standard-4}
+placement:
+  clouds: [gcp]
+  regions: [us-central1]
+run: {command: serve}
+gcp: {project: proj-1}
+"""
+
+
+def test_a_gcp_replica_log_is_its_serial_port_read_on_from_where_it_stopped(serial, tmp_path, write_spec):
+    spec = load_spec(write_spec(GCP_SPEC))
+    record = ReplicaRecord("r-0001", "gcp", "us-central1", "us-central1-a", "spot", launched_at=1.0)
+    serial.written = b"boot: ok\nstartup-script: pip install\n"
+    first = replica_logs.read_log(spec, tmp_path, record)
+    assert first.text == "boot: ok\nstartup-script: pip install\n" and not first.skipped
+    assert first.source == "serial port 1 of skyhedge-llm-r-0001 (us-central1-a)"
+    assert "start" not in serial.requests[-1][1] and serial.requests[-1][1]["port"] == ["1"]
+    serial.written += b"startup-script: exit status 1\n"
+    second = replica_logs.read_log(spec, tmp_path, record, first.next)
+    assert second.text == "startup-script: exit status 1\n" and not second.skipped
+    assert serial.requests[-1][1]["start"] == [str(first.next)]
+    serial.written += b"x" * 100  # more than the port keeps: what the cursor pointed at is gone
+    third = replica_logs.read_log(spec, tmp_path, record, second.next)
+    assert third.skipped and third.text == "x" * 64
+    other = ReplicaRecord("r-0002", "gcp", "us-central1", "us-central1-a", "spot", launched_at=1.0)
+    with pytest.raises(
+        CloudError, match=r"^gcp: r-0002: GET .*/skyhedge-llm-r-0002/serialPort: HTTP 404: The"
+    ):
+        replica_logs.read_log(spec, tmp_path, other)
+
+
+def test_a_cloud_without_logs_says_so(tmp_path, write_spec):
+    record = ReplicaRecord("r-0001", "nocloud", "r", "z", "spot", launched_at=1.0)
+    with pytest.raises(CloudError, match=r"^nocloud: skyhedge cannot read replica logs on this cloud$"):
+        replica_logs.read_log(load_spec(write_spec(GCP_SPEC)), tmp_path, record)
+
+
+def test_an_apply_whose_replica_never_gets_ready_names_the_logs_command(svc):
+    """It named a file path for local replicas and the clouds' own CLIs for VMs; `skyhedge logs`
+    reads both, and the hint is a line to paste."""
+    import yaml
+
+    svc.write(replicas=1, command="echo 'loading weights'; exec sleep 120")
+    data = yaml.safe_load(svc.spec_path.read_text())
+    data["readiness_probe"]["initial_delay_seconds"] = 3
+    svc.spec_path.write_text(yaml.safe_dump(data))
+    args = [str(svc.spec_path), "--state-dir", str(svc.state_dir)]
+    result = CliRunner().invoke(main, ["apply", *args, "--auto-approve", "--no-routing"])
+    assert result.exit_code == 1
+    hint = f"(their logs: `skyhedge logs {svc.spec_path} --state-dir {svc.state_dir} r-0001`)"
+    assert result.stderr.strip().endswith(hint), result.stderr
+    logs = CliRunner().invoke(main, ["logs", *args[:1], "r-0001", *args[1:]])
+    assert logs.exit_code == 0 and logs.stdout.startswith("=== skyhedge: starting r-0001 (local-a, spot)")
+    assert logs.stdout.endswith("\nloading weights\n")
