@@ -17,6 +17,8 @@ SkyhedgeError
 
 from __future__ import annotations
 
+import re
+
 
 class SkyhedgeError(Exception):
     """Base of every error skyhedge raises on purpose; the message is one user-facing line."""
@@ -85,3 +87,15 @@ class RoutingError(SkyhedgeError):
 
 class OutputError(SkyhedgeError):
     """An output the user asked for (a `--plot` PNG, a report) cannot be written where asked."""
+
+
+#: Control characters (C0 but the tab, DEL, C1): what must not reach a terminal as is.
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f]")
+
+
+def escape_controls(text: str) -> str:
+    """`text` with its control characters shown escaped (`\\x1b`), tabs kept. For what a replica
+    said (its output, its answer to a probe) quoted in an error or a log line: an escape sequence
+    it printed must not retitle, clear or recolour the operator's terminal, and a line break in
+    it must not split a one-line error."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m[0]):02x}", text)

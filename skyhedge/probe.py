@@ -21,6 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
+from skyhedge.errors import escape_controls
 from skyhedge.spec import ReadinessProbe
 
 
@@ -37,6 +38,17 @@ class ProbeResult:
 
 #: The part of the answer a probe reads: the whole body, or this much of a longer one.
 BODY_LIMIT = 65536
+#: The most of an error's text a probe keeps (a bad status line may be 64 KiB long).
+ERROR_LIMIT = 300
+
+
+def _printable(text: str) -> str:
+    """An error's text as one line, its control characters shown escaped (`\\x1b`): it may quote
+    what a replica answered (`BadStatusLine: <its first line>`), and it reaches the operator's
+    terminal (`routing up --probe`), the watcher's log lines, the dashboard and the state's
+    history, where an escape sequence the replica sent must not act on a terminal."""
+    text = escape_controls(text.strip()).replace("\t", " ")
+    return text if len(text) <= ERROR_LIMIT else text[: ERROR_LIMIT - 3] + "..."
 
 
 def _request(endpoint: str, readiness: ReadinessProbe) -> tuple[str, str, bytes | None, dict[str, str]]:
@@ -98,7 +110,8 @@ def check(endpoint: str, readiness: ReadinessProbe, *, timeout: float | None = N
         if len(body) < BODY_LIMIT and resp.length:  # the server closed before its Content-Length
             raise http.client.IncompleteRead(body, resp.length)
     except (OSError, http.client.HTTPException, ValueError) as exc:
-        error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        text = _printable(str(exc))
+        error = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
     finally:
         timer.cancel()
         if conn is not None:

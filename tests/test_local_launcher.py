@@ -153,6 +153,18 @@ def test_port_in_use_and_instant_exit_are_clear_failures(runtime, tmp_path):
     assert find_processes(runtime) == []
 
 
+def test_escape_sequences_a_failed_replica_printed_reach_the_error_escaped(runtime, tmp_path):
+    """The log tail in a failed launch's error reaches the operator's terminal (apply's error,
+    the watcher's log line, the dashboard): what the replica printed may not retitle, clear or
+    recolour it. Control characters are shown escaped; the text around them stays."""
+    port = free_base_port(1) + 1
+    noisy = r"printf '\033]0;OWNED\007\033[2J\033[31mRED\bover\n'; exit 3"
+    crash = launch("start", config(runtime, tmp_path, port, command=noisy))
+    assert crash.returncode == 1 and "exited at once with 3;" in crash.stderr
+    assert r"\x1b]0;OWNED\x07\x1b[2J\x1b[31mRED\x08over" in crash.stderr
+    assert not any(c in crash.stderr for c in "\x1b\x07\b")
+
+
 def test_a_command_that_goes_to_the_background_is_told_so(runtime, tmp_path):
     """A command that returns 0 at once (`server &`, a self-daemonising server) is no crash:
     the error says it must stay in the foreground, and what it started is stopped with it."""

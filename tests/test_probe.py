@@ -229,3 +229,38 @@ def test_a_body_cut_short_is_not_ready():
         thread.join(timeout=5)
         listener.close()
     assert result.ok is False and "IncompleteRead" in (result.error or "")
+
+
+def test_what_a_replica_answers_reaches_the_error_as_one_line_without_control_characters():
+    """A malformed status line is quoted in the error (`BadStatusLine: <line>`), which reaches the
+    operator's terminal (`routing up --probe`), the watcher's log and the state's history: the
+    escape sequences and line breaks a replica sent are shown escaped, and a long line is cut."""
+    answers = [
+        b"\x1b]0;OWNED\x07\x1b[2J\x1b[31mRED\r\nsecond line\r\n",
+        b"HTTP/1.1 " + b"x" * 5000 + b"\r\n\r\n",
+    ]
+    listener = socket.socket()
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(4)
+
+    def serve() -> None:
+        for answer in answers:
+            conn, _ = listener.accept()
+            with conn:
+                conn.recv(65536)
+                conn.sendall(answer)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        endpoint = f"http://127.0.0.1:{listener.getsockname()[1]}"
+        escaped, long = (check(endpoint, ReadinessProbe(timeout_seconds=5)) for _ in answers)
+    finally:
+        thread.join(timeout=5)
+        listener.close()
+    assert escaped.ok is False
+    assert escaped.error == r"BadStatusLine: \x1b]0;OWNED\x07\x1b[2J\x1b[31mRED"
+    assert long.ok is False and long.error is not None
+    assert long.error.startswith("BadStatusLine: HTTP/1.1 xxx") and long.error.endswith("...")
+    assert len(long.error) < 350

@@ -42,6 +42,7 @@ from skyhedge.clouds.local.processes import (
     stop_replica,
     write_pidfile,
 )
+from skyhedge.errors import escape_controls
 
 CONFIG_ENV = "SKYHEDGE_LOCAL_REPLICA"
 EXIT_FAILED = 1
@@ -76,7 +77,10 @@ def port_in_use(port: int) -> bool:
 
 def _log_tail(path: Path, lines: int = 20) -> str:
     """The last `lines` lines of this attempt's output: the log keeps every attempt of a replica
-    ID (each opened by a `=== skyhedge: starting` line), and an error should not repeat them all."""
+    ID (each opened by a `=== skyhedge: starting` line), and an error should not repeat them all.
+    The tail reaches the operator's terminal and logs (apply's error, the watcher's log line,
+    the dashboard), so control characters in it are shown escaped: an escape sequence the
+    replica printed (a title, a cleared screen, a colour) must not act on the terminal."""
     try:
         text = path.read_text(encoding="utf-8", errors="replace")
     except OSError:
@@ -86,7 +90,7 @@ def _log_tail(path: Path, lines: int = 20) -> str:
         if attempt[i].startswith("=== skyhedge: starting "):
             attempt = attempt[i:]
             break
-    return "\n".join(attempt[-lines:])
+    return "\n".join(escape_controls(line) for line in attempt[-lines:])
 
 
 def replica_env(cfg: dict[str, Any], runtime: Path) -> dict[str, str]:
