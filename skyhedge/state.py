@@ -29,7 +29,7 @@ from filelock import FileLock, Timeout
 from skyhedge._json import JSON_LIMITS, has_lone_surrogate, json_limit
 from skyhedge.errors import OutputError, StateError
 from skyhedge.policy.types import EventKind, Location, Market, ReplicaFact, ZoneEvent
-from skyhedge.spec import CLOUDS
+from skyhedge.spec import CLOUDS, ZONE_RE
 
 STATE_VERSION = 1
 #: Gone replicas kept in the state as history (see ServiceState.prune_gone).
@@ -142,12 +142,24 @@ _BOOL: Rule = ("true or false", lambda v: isinstance(v, bool))
 _OBJECT: Rule = ("an object", lambda v: isinstance(v, dict))
 _LIST: Rule = ("a list", lambda v: isinstance(v, list))
 
+# A replica ID as `planner.replica_id` makes them (`r-0007`; wider past 9999): it keys Terraform's
+# `for_each`, names a local replica's pid and log files, and is shown in tables and logs.
+_REPLICA_ID: Rule = (
+    "a replica ID such as 'r-0007'",
+    lambda v: isinstance(v, str) and v.startswith("r-") and v[2:].isascii() and v[2:].isdigit(),
+)
+# A region or zone as the spec takes them (`spec.ZONE_RE`): shown in tables, logs and metrics.
+_PLACE: Rule = (
+    "a string of lowercase letters, digits and '-'",
+    lambda v: isinstance(v, str) and ZONE_RE.fullmatch(v) is not None,
+)
+
 # One rule per `ReplicaRecord` field (checked just below, so a new field cannot go unvalidated).
 _REPLICA_RULES: dict[str, Rule] = {
-    "id": _STRING,
+    "id": _REPLICA_ID,
     "cloud": _one_of(list(CLOUDS)),
-    "region": _STRING,
-    "zone": _STRING,
+    "region": _PLACE,
+    "zone": _PLACE,
     "market": _one_of([m.value for m in Market]),
     "launched_at": _NUMBER,
     "instance_type": _or_null(_STRING),

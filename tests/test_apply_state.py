@@ -484,7 +484,12 @@ CORRUPT_STATES = [
     ),
     ((*R1, "launched_at"), float("nan"), "replicas.r-0001.launched_at: expected a finite number, got nan"),
     ((*R1, "ready_at"), True, "replicas.r-0001.ready_at: expected a finite number or null, got true"),
-    ((*R1, "zone"), DELETE, "replicas.r-0001.zone: expected a string, got nothing (the field is missing)"),
+    (
+        (*R1, "zone"),
+        DELETE,
+        "replicas.r-0001.zone: expected a string of lowercase letters, digits and '-', "
+        "got nothing (the field is missing)",
+    ),
     ((*R1, "cloud"), 7, "replicas.r-0001.cloud: expected one of aws, gcp, local, got 7"),
     ((*R1, "cloud"), "azure", "replicas.r-0001.cloud: expected one of aws, gcp, local, got 'azure'"),
     ((*R1, "revision"), 5, "replicas.r-0001.revision: expected a string or null, got 5"),

@@ -150,6 +150,40 @@ def test_controller_bookkeeping_in_extra_is_checked_when_read(spec_file, tmp_pat
         ), (command, result.stderr)
 
 
+@pytest.mark.parametrize(
+    ("field", "value", "expected"),
+    [
+        ("id", "r-0009\x1b]0;owned\x07", "a replica ID such as 'r-0007', got 'r-0009\\x1b]0;owned\\x07'"),
+        ("id", "r-1/../../x", "a replica ID such as 'r-0007', got 'r-1/../../x'"),
+        ("id", "replica-9", "a replica ID such as 'r-0007', got 'replica-9'"),
+        ("zone", "local-a\x1b[2J", "a string of lowercase letters, digits and '-', got 'local-a\\x1b[2J'"),
+        ("region", "../local", "a string of lowercase letters, digits and '-', got '../local'"),
+    ],
+)
+def test_a_replica_whose_id_or_location_skyhedge_never_writes_is_refused_in_one_line(
+    spec_file, tmp_path, field, value, expected
+):
+    """A hand edit (or a GitOps pull request to the committed state.json) cannot slip a replica
+    ID or location past the loader that crashes `plan` with a traceback (`int()` of the ID),
+    names files outside the state dir, or puts escape sequences into `status`'s table: one line
+    naming the file and the field, from every command that reads the state."""
+    data = copy.deepcopy(STATE)
+    record = data["replicas"].pop("r-0004")
+    record[field] = value
+    key = record["id"]
+    data["replicas"][key] = record
+    (tmp_path / "state.json").write_text(json.dumps(data))
+    shown = repr(key) if not key.isprintable() or "." in key else key
+    for command in (["plan"], ["status"], ["render", "--out", str(tmp_path / "tree")]):
+        result = CliRunner().invoke(main, [*command, str(spec_file), "--state-dir", str(tmp_path)])
+        assert result.exit_code == 1 and isinstance(result.exception, SystemExit), (command, result.output)
+        assert result.stderr == (
+            f"error: {tmp_path / 'state.json'}: malformed state (replicas.{shown}.{field}: "
+            f"expected {expected})\n"
+        ), command
+        assert "\x1b" not in result.output
+
+
 @st.composite
 def fuzzed_states(draw: st.DrawFn) -> Any:
     data = copy.deepcopy(STATE)
