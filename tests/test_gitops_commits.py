@@ -417,12 +417,16 @@ def test_gitops_path_without_gitops_is_a_usage_error_not_an_apply(tmp_path, writ
         ("service.yaml", "is a file, not a folder"),
         ("state", "the state dir"),
         ("docs", "is not empty and holds no skyhedge-rendered tree"),
+        ("infra", "holds a git repository (.git), which replacing the tree would delete"),
     ],
 )
 def test_a_gitops_path_the_tree_cannot_own_is_refused_at_start_in_one_line(repo, path, says):
     (repo / "service.yaml").write_text(LOCAL)
     (repo / "docs").mkdir()
     (repo / "docs" / "runbook.md").write_text("x\n")
+    (repo / "infra").mkdir()  # a rendered tree made a submodule: its .git is a file
+    (repo / "infra" / "skyhedge-tree.json").write_text("{}\n")
+    (repo / "infra" / ".git").write_text("gitdir: ../.git/modules/infra\n")
     args = ["watch", str(repo / "service.yaml"), "--state-dir", str(repo / "state"), "--gitops", str(repo)]
     out = CliRunner().invoke(main, [*args, "--gitops-path", path, "--once"])
     assert out.exit_code == 1

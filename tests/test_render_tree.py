@@ -315,6 +315,27 @@ def test_write_tree_refuses_to_replace_a_directory_it_did_not_render(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]
 
 
+@pytest.mark.parametrize("dot_git", ["folder", "file"])
+def test_write_tree_refuses_a_rendered_tree_that_became_a_git_repository(tmp_path, dot_git):
+    """A tree rendered once and then `git init`ed in place (or made a submodule or worktree,
+    whose `.git` is a file) lost its repository, history and all, at the next render: the swap
+    replaces every file the plan does not render. It is refused in one line, nothing touched."""
+    out = tmp_path / "infra"
+    tree = render_tree(spec_of(), LOCAL, context=CTX, instance_types=TYPES)
+    write_tree(tree, out)
+    if dot_git == "folder":
+        (out / ".git" / "objects").mkdir(parents=True)
+        (out / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
+    else:
+        (out / ".git").write_text("gitdir: ../.git/modules/infra\n")
+    before = files_of(out)
+    with pytest.raises(RenderError, match=r"infra: holds a git repository \(\.git\), which replacing") as err:
+        write_tree(tree, out)
+    assert len(str(err.value).splitlines()) == 1
+    assert files_of(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["infra"]
+
+
 def test_write_tree_writes_through_a_symlink_and_leaves_nothing_beside_it(tmp_path):
     target = tmp_path / "real"
     link = tmp_path / "link"

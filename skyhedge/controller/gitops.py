@@ -44,7 +44,7 @@ from skyhedge.controller.ports import ExecResult
 from skyhedge.errors import RenderError, SkyhedgeError, StateError
 from skyhedge.planner import CREATE, DELETE, Plan
 from skyhedge.render import render_tree, write_tree
-from skyhedge.render.tree import TREE_MANIFEST, RenderedTree
+from skyhedge.render.tree import TREE_MANIFEST, RenderedTree, git_repository_in
 from skyhedge.service import GITOPS_KEY, Placement, resolve_placement
 from skyhedge.spec import ServiceSpec, load_spec, spec_changes
 from skyhedge.state import STATE_FILE, ServiceState, save_state
@@ -175,6 +175,9 @@ def _check_tree_dir(out: Path, where: str, state_dir: Path, service: str) -> Non
             f"{flag}: {out} is not empty and holds no skyhedge-rendered tree (no {TREE_MANIFEST}): "
             "name a new or empty folder for the tree"
         )
+    repo = git_repository_in(out)
+    if repo is not None:
+        raise StateError(f"{flag}: {repo}; name a folder of its own for the tree")
     try:
         owner = json.loads(manifest.read_text(encoding="utf-8")).get("service")
     except (OSError, ValueError, AttributeError):

@@ -320,6 +320,16 @@ def _state_dirs(out: Path) -> set[str]:
     return found
 
 
+def git_repository_in(out: Path) -> str | None:
+    """Why the rendered tree may not replace `out`, when `out` holds a git repository of its own
+    (`.git`: a folder, or a worktree's or submodule's file), else None. The swap replaces every
+    file the plan does not render, and a tree rendered once and then `git init`ed in place lost
+    its repository, history and all, at the next render."""
+    if not os.path.lexists(out / ".git"):
+        return None
+    return f"{out}: holds a git repository (.git), which replacing the tree would delete"
+
+
 def write_tree(tree: RenderedTree, out: Path) -> None:
     """Write `tree` to `out` so readers see the old tree or the new one, never a mix.
 
@@ -327,10 +337,10 @@ def write_tree(tree: RenderedTree, out: Path) -> None:
     exchange of the two directories (renameat2), elsewhere by two renames, between which a reader
     may briefly find no tree (never a partial one). Terraform's own
     files inside a root (`.terraform/`, the lock file, local state) are carried over. `out` must be
-    absent, empty, or a tree skyhedge rendered (it holds `skyhedge-tree.json`): anything else is
-    refused rather than replaced. A symlink is written through (its target is replaced, the link
-    stays), and `out` may not be the current directory or hold it: the swap would leave the shell
-    in a deleted directory.
+    absent, empty, or a tree skyhedge rendered (it holds `skyhedge-tree.json`) that holds no
+    git repository of its own (`.git`): anything else is refused rather than replaced. A
+    symlink is written through (its target is replaced, the link stays), and `out` may not be
+    the current directory or hold it: the swap would leave the shell in a deleted directory.
     """
     try:
         out = Path(out).resolve()  # "." has no name to rename; a link would itself be replaced
@@ -348,6 +358,11 @@ def write_tree(tree: RenderedTree, out: Path) -> None:
             raise RenderError(
                 f"{out}: not empty and not a skyhedge-rendered tree (no {TREE_MANIFEST}); "
                 "refusing to replace it"
+            )
+        repo = git_repository_in(out)
+        if repo is not None:
+            raise RenderError(
+                f"{repo}; render into a folder of the repository instead (e.g. {out / 'infra'})"
             )
         owner = _old_manifest(out).get("service")
         if owner is not None and owner != tree.service:
