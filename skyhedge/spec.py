@@ -14,6 +14,7 @@ import ipaddress
 import json
 import math
 import re
+import urllib.parse
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
@@ -793,6 +794,18 @@ def _probe(ctx: _Ctx, raw: Any) -> ReadinessProbe:
             f"{p}.path",
             f"expected an absolute URL path like '/health', got {_whitespace_name(path[space])} at "
             f"character {space + 1}",
+        )
+    # a control character or a non-ASCII one never reaches the replica (http.client refuses the
+    # request line): every probe failed, the replicas were never READY, and the error quoted the
+    # whole path, token and all; refused here instead, naming the character only
+    bad = next((i for i, c in enumerate(path) if not " " < c < "\x7f"), None)
+    if bad is not None:
+        char = path[bad]
+        hint = f" (percent-encode it: {urllib.parse.quote(char)})" if char.isprintable() else ""
+        raise ctx.fail(
+            f"{p}.path",
+            f"expected an absolute URL path of printable ASCII characters, got {char!r} at character "
+            f"{bad + 1}{hint}",
         )
     post = d.get("post_data")
     if post is not None and not isinstance(post, (dict, str)):

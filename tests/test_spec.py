@@ -237,6 +237,14 @@ BAD_SPECS: list[tuple[str, str]] = [
         _with("readiness_probe: {path: '/health?token=s3cret x'}\n"),
         "readiness_probe.path: expected an absolute URL path like '/health', got a space at character 21",
     ),
+    (  # never sendable (http.client refuses it): every probe failed, its error quoting the token
+        _with('readiness_probe: {path: "/health?token=s3cret\\e[2J"}\n'),
+        "readiness_probe.path: expected an absolute URL path of printable ASCII characters, got '\\x1b' at character 21",
+    ),
+    (
+        _with("readiness_probe: {path: '/health?name=caf\u00e9'}\n"),
+        "readiness_probe.path: expected an absolute URL path of printable ASCII characters, got '\u00e9' at character 17 (percent-encode it: %C3%A9)",
+    ),
     (
         _with("readiness_probe: {timeout_seconds: 0}\n"),
         "readiness_probe.timeout_seconds: expected an integer in [1, 3600], got 0",
