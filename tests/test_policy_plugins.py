@@ -4,6 +4,8 @@ traceback through skyhedge; built-in policies are not wrapped."""
 from __future__ import annotations
 
 import math
+import os
+import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -175,3 +177,29 @@ def test_a_plugin_launching_spot_where_only_on_demand_is_sold_is_one_clear_error
     assert GuardedPolicy(Launches(LaunchOnDemand(od_zone)), "p").decide(obs) == [LaunchOnDemand(od_zone)]
     with pytest.raises(PolicyError, match=r"spot in aws/us-east-1/use1-az3, which sells on-demand only"):
         GuardedPolicy(Launches(LaunchSpot(od_zone)), "p").decide(obs)
+
+
+@pytest.mark.parametrize("entry", ["skyhedge", "skyhedge.cli"])
+def test_python_m_imports_no_plugin_from_the_current_directory(tmp_path, entry):
+    """`python -m` puts the directory it runs in first on Python's path (the console script does
+    not): a `.py` file lying there, e.g. one a pull request added to a GitOps checkout, was
+    imported as the spec's `module:Class` policy, running its code with the watcher's cloud
+    credentials. It is taken off the path as `python -m pip` does; PYTHONPATH still works."""
+    (tmp_path / "cwdplug.py").write_text(
+        "import pathlib\npathlib.Path('IMPORTED').write_text('x')\n"
+        "from skyhedge.policy.spothedge import SpotHedge as P\n"
+    )
+    spec = REPO / "examples/local-echo/service.yaml"
+    argv = [sys.executable, "-m", entry, "plan", str(spec), "--state-dir", str(tmp_path / "state")]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    run = subprocess.run(
+        [*argv, "--policy", "cwdplug:P"], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert run.returncode == 1 and "No module named 'cwdplug'" in run.stderr, run.stderr
+    assert not (tmp_path / "IMPORTED").exists()
+    env["PYTHONPATH"] = str(tmp_path)  # asked for: taken
+    run = subprocess.run(
+        [*argv, "--policy", "cwdplug:P"], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert run.returncode == 0, run.stderr
+    assert (tmp_path / "IMPORTED").exists()
