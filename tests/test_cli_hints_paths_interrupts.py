@@ -212,6 +212,36 @@ def test_a_second_ctrl_c_says_what_it_left_behind_and_exits_130(tmp_path, write_
         assert shlex.split(hint) == ["skyhedge", "watch", str(spec), "--state-dir", str(sdir)]
 
 
+def _ctrl_c_during_shutdown(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first Ctrl-C ends `run` (the watcher idle between passes stops at once); the second,
+    a double tap ~0.1 s later, lands while the watcher shuts down, where the SIGINT handler is
+    Python's own again."""
+    monkeypatch.setattr(Watcher, "run", lambda self, *args, **kwargs: None)
+    real_exit = Watcher.__exit__
+
+    def exit_then_ctrl_c(self: Watcher, *exc: object) -> None:
+        real_exit(self, *exc)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Watcher, "__exit__", exit_then_ctrl_c)
+
+
+@pytest.mark.parametrize("verb", ["up", "watch"])
+def test_a_second_ctrl_c_during_the_shutdown_is_the_same_130_not_aborted(
+    tmp_path, write_spec, monkeypatch, verb
+):
+    """docs/controller.md: a second Ctrl-C exits 130 with the "interrupted" line, however soon
+    it follows the first (`watch` answered click's bare "Aborted!" and exit 1 when it came while
+    the watcher shut down; `up` did not)."""
+    spec, sdir = write_spec(BASED), tmp_path / "state"
+    save_state(sdir, _state(_replica("r-0001"), routed=["r-0001"]))
+    _ctrl_c_during_shutdown(monkeypatch)
+    result = run(verb, spec, "--state-dir", sdir, *(["--no-dashboard"] if verb == "up" else []))
+    assert result.exit_code == 130, result.output
+    assert "Aborted" not in result.output
+    assert "watcher interrupted by a second Ctrl-C (its pass cut short)" in flat(result.output)
+
+
 def _launch_config(runtime: Path, tmp_path: Path, **extra: object) -> dict:
     """The launcher tests' replica config, running a process that just waits."""
     port = free_base_port(1) + 1

@@ -282,33 +282,33 @@ def watch(
     _check_metrics_port(service, metrics_port)
     options = ControllerOptions(interval=interval, policy=policy)
     interrupted = False
-    with (
-        _logging(log_level, log_format=log_format),
-        _metrics(metrics_host, metrics_port) as metrics_server,
-        Watcher(
-            service,
-            sdir,
-            options=options,
-            gitops=gitops,
-            gitops_subdir=gitops_path,
-            terraform_bin=terraform_bin,
-            route=not no_routing,
-            spec_path=spec,
-            reload_on_change=not no_spec_reload,
-            reload_on_request=not no_spec_reload,
-        ) as watcher,
-    ):
-        _serve_metrics(metrics_server, watcher, metrics_port, log_format)
-        mode = f"gitops into {gitops}" if gitops else "applying with Terraform"
-        _say(
-            f"watching {service.name} ({mode}); state in {sdir}; Ctrl-C stops the watcher "
-            "(the service keeps running)",
-            log_format,
-        )
-        try:
+    try:
+        with (
+            _logging(log_level, log_format=log_format),
+            _metrics(metrics_host, metrics_port) as metrics_server,
+            Watcher(
+                service,
+                sdir,
+                options=options,
+                gitops=gitops,
+                gitops_subdir=gitops_path,
+                terraform_bin=terraform_bin,
+                route=not no_routing,
+                spec_path=spec,
+                reload_on_change=not no_spec_reload,
+                reload_on_request=not no_spec_reload,
+            ) as watcher,
+        ):
+            _serve_metrics(metrics_server, watcher, metrics_port, log_format)
+            mode = f"gitops into {gitops}" if gitops else "applying with Terraform"
+            _say(
+                f"watching {service.name} ({mode}); state in {sdir}; Ctrl-C stops the watcher "
+                "(the service keeps running)",
+                log_format,
+            )
             watcher.run(once=once)
-        except KeyboardInterrupt:  # a second Ctrl-C: the pass in progress was cut short
-            interrupted = True
+    except KeyboardInterrupt:  # a second Ctrl-C: the pass in progress, or the watcher's shutdown
+        interrupted = True  # after it (as for `up`: a double tap lands there), was cut short
     if interrupted:
         console.print(
             "watcher interrupted by a second Ctrl-C (its pass cut short); the service keeps what "
