@@ -133,6 +133,30 @@ def test_reload_when_never_started_leaves_no_state_dir_behind(setup):
     assert not state_dir.exists(), sorted(p.name for p in state_dir.rglob("*"))
 
 
+def test_up_refused_on_a_new_state_dir_leaves_no_state_dir_behind(setup, monkeypatch):
+    """The same for `routing up` (README: errors never leave state or configs behind): with no
+    nginx, or its port held by another process, it left state.lock and router/ (a config,
+    logs, temp dirs, a pid file) in a state dir it had just made. Checked before, as `apply` does."""
+    import socket
+
+    spec_path, state_dir, _ = setup
+    args = ["routing", "up", str(spec_path), "--state-dir", str(state_dir)]
+    monkeypatch.setenv("SKYHEDGE_NGINX", str(state_dir.parent / "no-nginx-here"))
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 1 and "not found" in result.output, result.output
+    assert not state_dir.exists(), sorted(str(p) for p in state_dir.rglob("*"))
+
+    monkeypatch.delenv("SKYHEDGE_NGINX")
+    port = load_spec(spec_path).service.port
+    with socket.socket() as holder:  # another process's server on service.port
+        holder.bind(("127.0.0.1", port))
+        holder.listen()
+        result = CliRunner().invoke(main, args)
+    assert result.exit_code == 1, result.output
+    assert f"service.port {port} on 127.0.0.1 is not available" in " ".join(result.output.split())
+    assert not state_dir.exists(), sorted(str(p) for p in state_dir.rglob("*"))
+
+
 def test_status_shows_the_router_only_while_its_nginx_runs(setup):
     import os
     import signal

@@ -74,6 +74,10 @@ def _route(spec: Path, state_dir: Path | None, *, start: bool, probe_now: bool, 
             err_console.print(line, markup=False)
         upstreams = upstreams_from_state(service, state, probe_now=probe_now)
         router = Router(service, sdir)
+        if start and router.pid() is None:
+            # nginx found and the ports free, checked before the router's folder is made: a
+            # refused first `up` leaves no state dir behind (as `apply` checks before it launches)
+            router.preflight()
         status = router.up(upstreams) if start else router.reload(upstreams)
         state.router = status
         save_state(sdir, state)
