@@ -175,6 +175,22 @@ def test_availability_target_reaches_the_policy_and_the_report(trace_dir):
     assert bad.exit_code != 0 and "--availability-target" in bad.output
 
 
+def test_the_table_says_whether_each_policy_met_a_given_availability_target(trace_dir):
+    """`--help`: the target is "reported as met or not"; the table said nothing about it (only
+    --json did), so a table reader could not tell. Given, it gets a column; not given, none."""
+    rows = json.loads(
+        small(trace_dir, "--policy", "ondemand,even", "--availability-target", "0.9", "--json").stdout
+    )
+    met = {r["policy"]: r["availability_target_met"] for r in rows}
+    assert met == {"ondemand": True, "even": False}  # the even spread loses availability here
+    table = small(trace_dir, "--policy", "ondemand,even", "--availability-target", "0.9")
+    assert table.exit_code == 0, table.output
+    assert "target 90%" in table.stdout
+    lines = {line.split("│")[2].strip(): line for line in table.stdout.splitlines() if line.count("│") > 3}
+    assert lines["ondemand"].rstrip(" │").endswith("met") and lines["even"].rstrip(" │").endswith("missed")
+    assert "target" not in small(trace_dir, "--policy", "ondemand,even").stdout
+
+
 def test_policies_are_judged_against_spothedge_when_both_references_ran(trace_dir):
     """With spothedge and optimal in the run, every other policy gets the bar's verdict."""
     rows = json.loads(small(trace_dir, "--policy", "spothedge,skyhedge,optimal,even", "--json").stdout)

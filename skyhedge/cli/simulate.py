@@ -332,6 +332,10 @@ def _table(rows: list[dict], verdicts: dict[tuple[str, str], Verdict], config: S
     if dollars:
         table.add_column("$/window", justify="right")
         table.add_column("$ OD only", justify="right")
+    # --availability-target given: whether each policy met it (the JSON's availability_target_met)
+    target = config.availability_target
+    if target is not None:
+        table.add_column(f"target {100 * target:g}%", justify="right")
     if verdicts:
         table.add_column("vs SpotHedge", no_wrap=True)
     for data in rows:
@@ -351,6 +355,8 @@ def _table(rows: list[dict], verdicts: dict[tuple[str, str], Verdict], config: S
             row.append(_pct(data.get("failure_rate")))
         if dollars:
             row += [_num(data.get("dollars"), ",.2f"), _num(data.get("ondemand_dollars"), ",.2f")]
+        if target is not None:
+            row.append("met" if data["availability_target_met"] else "missed")
         if verdicts:
             verdict = verdicts.get((data["trace"], data["policy"]))
             row.append("" if verdict is None else verdict.describe())
