@@ -91,6 +91,52 @@ def test_a_local_replica_log_is_its_process_output_and_follow_ends_when_it_is_go
     assert "r-0001 is gone: nothing more to follow" in gone.stderr
 
 
+def test_follow_ends_when_a_local_replica_process_dies_with_no_watcher_running(svc):
+    """README: `--follow` prints new output until the replica is gone. After `apply` (no watcher)
+    a preempted or crashed local replica is gone (`plan` says so) but nothing records it, and the
+    follow, waiting for the state, never ended. It ends as it does for a destroyed replica."""
+    import os
+    import signal
+
+    from skyhedge.clouds.local.processes import read_pidfile
+
+    svc.write(replicas=1, command=_chatty(svc))
+    spec = load_spec(svc.spec_path)
+    assert apply_service(spec, svc.state_dir, route=False).ok
+    args = [str(svc.spec_path), "r-0001", "--state-dir", str(svc.state_dir)]
+    follow = subprocess.Popen(
+        [sys.executable, "-m", "skyhedge.cli", "logs", *args, "--tail", "0", "-f", "--interval", "0.1"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        time.sleep(1.5)  # following by now
+        with open(log_path(svc.runtime, "r-0001"), "a", encoding="utf-8") as log:
+            log.write("its last words\n")
+        proc = read_pidfile(svc.runtime, "r-0001")
+        assert proc is not None
+        os.killpg(proc.pgid, signal.SIGKILL)  # the replica dies; no watcher records it
+        out, err = follow.communicate(timeout=20)
+    finally:
+        if follow.poll() is None:
+            follow.kill()
+            follow.communicate()
+    assert follow.returncode == 0, err
+    assert out == "its last words\n"  # what it wrote before it died is printed first
+    assert err.strip().endswith("r-0001 is gone (failed): end of its log")
+
+
+def test_interval_without_follow_is_a_usage_error(svc):
+    """README: `[-f/--follow [--interval S]]`. Without --follow the interval paced nothing and was
+    taken silently; refused in one line, as `up --speedup` without `--market-trace` is."""
+    svc.write(replicas=1)
+    result = CliRunner().invoke(main, ["logs", str(svc.spec_path), "r-0001", "--interval", "1"])
+    assert result.exit_code == 1, result.output
+    assert result.output.startswith("error: --interval paces --follow")
+    assert len(result.output.splitlines()) == 1
+
+
 def test_an_unknown_replica_or_a_bad_tail_is_one_line(svc):
     svc.write(replicas=1)
     state = ServiceState(service="logs")

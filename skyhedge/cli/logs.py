@@ -20,6 +20,10 @@ from skyhedge.state import ReplicaRecord, default_state_dir, load_state
 #: limited (GetConsoleOutput, getSerialPortOutput), and its console changes slowly.
 FOLLOW_EVERY = {"local": 0.5}
 FOLLOW_EVERY_CLOUD = 5.0
+#: How long a local replica's process must have been seen ended, its pid file left, before the
+#: follow takes it for gone. A stop by skyhedge (`destroy`, a release) removes the pid file within
+#: a few ms of the process's end and records the replica `terminated` itself: that is its verdict.
+LOCAL_EXIT_SECONDS = 1.0
 
 
 def _tail(_ctx: click.Context, _param: click.Parameter, value: str) -> int | None:
@@ -110,6 +114,8 @@ def logs(
     where a replica that never gets READY shows why. On a VM the service's own output is in its
     journal: `journalctl -u skyhedge-replica`. The log's origin goes to stderr, the log to stdout.
     """
+    if interval is not None and not follow:  # as --speedup without --market-trace: a usage error
+        raise click.UsageError("--interval paces --follow: give -f/--follow too, or drop --interval")
     service = load_spec(spec)
     sdir = state_dir or default_state_dir(service.name)
     record = _find(load_state(sdir, service.name).replicas, replica, spec, state_dir)
@@ -134,14 +140,26 @@ def logs(
 
 def _follow(service: ServiceSpec, sdir: Path, rid: str, cursor: object, every: float) -> None:
     """Read on from `cursor` every `every` seconds; stop after the read that follows the replica's
-    end in the state (a preemption, a scale-down). A failing read of a cloud API is told once and
-    retried; the replica's log file vanishing is an error."""
+    end in the state (a preemption, a scale-down), or a local replica's process ending unrecorded.
+    A failing read of a cloud API is told once and retried; the replica's log file vanishing is an
+    error."""
     failing: str | None = None
+    exited_at: float | None = None  # when a local replica's process was first seen ended
     while True:
         time.sleep(every)
         if _reader_gone():
             _stop_quietly()
-        record = load_state(sdir, service.name).replicas.get(rid)
+        state = load_state(sdir, service.name)
+        record = state.replicas.get(rid)
+        if record is not None and record.cloud == "local" and record.gone_at is None:
+            exited_at = _local_exit(sdir, rid, exited_at)
+            if exited_at is not None and time.monotonic() - exited_at >= LOCAL_EXIT_SECONDS:
+                # With no watcher running nothing records a local replica whose process died
+                # (a `preempt`, a crash), and the follow never ended: seen as `plan` sees it, in
+                # memory only (the reason, preempted or failed, included).
+                from skyhedge.apply import notice_dead_local_replicas
+
+                notice_dead_local_replicas(state, sdir, time.time())
         try:
             chunk = read_log(service, sdir, record, cursor) if record is not None else None
         except CloudError as exc:
@@ -161,3 +179,16 @@ def _follow(service: ServiceSpec, sdir: Path, rid: str, cursor: object, every: f
             why = record.reason if record is not None and record.reason else "removed from the state"
             _note(f"{rid} is gone ({why}): end of its log")
             return
+
+
+def _local_exit(sdir: Path, rid: str, since: float | None) -> float | None:
+    """When local replica `rid`'s process was first seen ended with its pid file left (a
+    `preempt`'s SIGKILL, a crash), keeping `since` while it stays so; None while it runs, or
+    while it has no pid file (not started yet, or stopped by skyhedge, which records it)."""
+    from skyhedge.clouds.local import runtime_dir
+    from skyhedge.clouds.local.processes import is_running, read_pidfile
+
+    proc = read_pidfile(runtime_dir(sdir), rid)
+    if proc is None or is_running(proc):
+        return None
+    return since if since is not None else time.monotonic()
