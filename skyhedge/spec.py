@@ -13,6 +13,7 @@ import difflib
 import ipaddress
 import json
 import math
+import os
 import re
 import urllib.parse
 from collections.abc import Callable, Mapping, Sequence
@@ -184,17 +185,29 @@ class RouterOptions:
 
 
 @dataclass(frozen=True)
+class TlsConfig:
+    """The router's certificate chain and private key (PEM files, absolute paths): with them it
+    serves HTTPS. Read by nginx's master at start and at every reload, so a renewed certificate
+    written in place is taken by `skyhedge routing reload` (or the watcher's next reload)."""
+
+    certfile: Path
+    keyfile: Path
+
+
+@dataclass(frozen=True)
 class ServiceConfig:
     host: str = "127.0.0.1"
     port: int = 8080
     load_balancing_policy: str = "least_load"
     router: RouterOptions = field(default_factory=RouterOptions)
+    tls: TlsConfig | None = None
 
     @property
     def url(self) -> str:
         """Where clients reach the service (through the router), IPv6 hosts bracketed."""
         host = self.host.strip("[]")
-        return f"http://{f'[{host}]' if ':' in host else host}:{self.port}"
+        scheme = "https" if self.tls is not None else "http"
+        return f"{scheme}://{f'[{host}]' if ':' in host else host}:{self.port}"
 
 
 @dataclass(frozen=True)
@@ -939,8 +952,36 @@ def _router(ctx: _Ctx, raw: Any, port: int) -> RouterOptions:
         raise ctx.fail(f"service.router.{m[1]}" if m else "service.router", m[2] if m else str(exc)) from None
 
 
+#: What nginx cannot take in a quoted path: a quote or backslash ends or escapes it, `$` starts a
+#: variable (ssl_certificate takes variables), control characters break the line.
+UNSAFE_NGINX_PATH_CHARS = re.compile(r'["\\$\x00-\x1f\x7f]')
+
+
+def _tls(ctx: _Ctx, raw: Any) -> TlsConfig | None:
+    """`service.tls`: the files as absolute paths, relative ones taken from the spec's folder (a
+    spec and its certificate move together; the watcher may run from anywhere)."""
+    if raw is None:
+        return None
+    d = _mapping(ctx, "service.tls", raw, {"certfile", "keyfile"})
+    base = Path(ctx.file).parent if not ctx.file.startswith("<") else Path.cwd()
+    found: dict[str, Path] = {}
+    for key in ("certfile", "keyfile"):
+        where = f"service.tls.{key}"
+        if d.get(key) is None:
+            raise ctx.fail(where, "required: the path of a PEM file (certificate chain, private key)")
+        text = _str(ctx, where, d[key])
+        bad = UNSAFE_NGINX_PATH_CHARS.search(text)
+        if bad:
+            raise ctx.fail(
+                where, f"expected a file path nginx can read from its config, got {bad[0]!r} in it"
+            )
+        path = Path(text).expanduser()
+        found[key] = Path(os.path.abspath(path if path.is_absolute() else base / path))
+    return TlsConfig(certfile=found["certfile"], keyfile=found["keyfile"])
+
+
 def _service(ctx: _Ctx, raw: Any) -> ServiceConfig:
-    d = _mapping(ctx, "service", raw, {"host", "port", "load_balancing_policy", "router"})
+    d = _mapping(ctx, "service", raw, {"host", "port", "load_balancing_policy", "router", "tls"})
     host = _str(ctx, "service.host", d.get("host", "127.0.0.1"))
     # what the router's `listen` takes (skyhedge.routing.config): refused here, when the file is
     # read, rather than by `routing up` or `apply` after `plan` accepted it
@@ -954,6 +995,7 @@ def _service(ctx: _Ctx, raw: Any) -> ServiceConfig:
             ctx, "service.load_balancing_policy", d.get("load_balancing_policy", "least_load"), LB_POLICIES
         ),
         router=_router(ctx, d.get("router"), port),
+        tls=_tls(ctx, d.get("tls")),
     )
 
 

@@ -395,6 +395,25 @@ def test_a_router_killed_from_outside_is_started_again_and_said_so(world):
     assert any("router was not running" in n.text and "started it again" in n.text for n in ctl.notes)
 
 
+def test_a_renewed_tls_certificate_reloads_the_router_with_the_same_upstreams(world):
+    """nginx reads service.tls's files only at start and at a reload, and the watcher reloads on
+    upstream changes only: a certificate renewed in place was served expired until the next
+    preemption. A router that says its config is outdated is reloaded once, and said so."""
+    ctl, clock, router = make(world), world["clock"], world["router"]
+    settle(ctl, clock)
+    reloads = len(router.reloads)
+    clock.advance(10)
+    ctl.tick()
+    assert len(router.reloads) == reloads  # nothing changed: no reload
+    router.outdated = lambda: len(router.reloads) == reloads  # renewed, until the next reload
+    clock.advance(10)
+    ctl.tick()
+    clock.advance(10)
+    ctl.tick()
+    assert len(router.reloads) == reloads + 1 and router.current == router.reloads[-2]
+    assert sum("TLS certificate or key changed" in n.text for n in ctl.notes) == 1
+
+
 def test_narrowing_the_placement_moves_replicas_without_dropping_below_n_ready(world, write_spec):
     # zones a and b leave the placement: their replicas keep serving until replacements in the
     # allowed zones are READY, then go one at a time (before: all terminated in the same apply)

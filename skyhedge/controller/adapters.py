@@ -36,6 +36,11 @@ class NginxRouter:
     def running(self) -> bool:
         return self.router.pid() is not None
 
+    def outdated(self) -> bool:
+        """The running config must be reloaded though the upstreams did not change: the TLS
+        certificate or key was renewed (`Router.tls_renewed`)."""
+        return self.router.tls_renewed()
+
     def reload(self, upstreams: Sequence[tuple[str, str]]) -> dict[str, Any]:
         return self._up([Upstream(rid, endpoint) for rid, endpoint in upstreams])
 

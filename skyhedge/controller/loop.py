@@ -689,8 +689,15 @@ class Controller:
             return None
         wanted = [[r.id, r.endpoint] for r in routable(self.state)]
         routed = self.state.extra.get("routed")
-        if not force and not self._routing_failed and wanted == routed and self.router.running():
+        # a router that can say its config is out of date (a renewed TLS certificate) is reloaded
+        # with the same upstreams: nginx reads the files only at start and at a reload
+        outdated = getattr(self.router, "outdated", None)
+        renewed = bool(outdated is not None and self.router.running() and outdated())
+        same = wanted == routed and self.router.running()
+        if not force and not self._routing_failed and same and not renewed:
             return None
+        if renewed:
+            self.note("routing: the TLS certificate or key changed; reloading nginx to serve them")
         pairs = [(str(rid), str(ep)) for rid, ep in wanted]
         was_down = routed is not None and not self.router.running()  # killed from outside
         old: list[int] | None = None

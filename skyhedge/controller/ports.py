@@ -75,6 +75,9 @@ class RouterPort(Protocol):
         """The router's cumulative request counter (stub_status `requests`), None if unreadable."""
         ...
 
+    # Optional: `outdated() -> bool`, the running config needs a reload though the upstreams are
+    # the same (a renewed TLS certificate); routers without it are reloaded on changes only.
+
 
 class Prober(Protocol):
     def probe(self, records: Sequence[ReplicaRecord]) -> dict[str, tuple[bool, str]]:

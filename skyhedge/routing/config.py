@@ -19,10 +19,10 @@ import jinja2
 
 from skyhedge._resources import templates_dir
 from skyhedge.errors import RoutingError
+from skyhedge.spec import UNSAFE_NGINX_PATH_CHARS as _UNSAFE_PATH_CHARS
 from skyhedge.spec import RouterOptions, ServiceSpec, nginx_host
 
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-_UNSAFE_PATH_CHARS = re.compile(r'["\\$\x00-\x1f\x7f]')
 
 
 def _host_port(host: str, port: int, *, what: str) -> str:
@@ -177,14 +177,21 @@ def render_config(
     options: RouterOptions | None = None,
     status_port: int | None = None,
     run_as: tuple[str, str] | None = None,
+    tls_digest: str | None = None,
 ) -> str:
     """The nginx.conf text routing `spec`'s service address to `upstreams` (READY replicas only).
 
     `options` None takes the spec's (`service.router`). `status_port` None leaves out the
     stub_status server. `run_as` (user, group) emits nginx's `user` directive, needed only when
-    the master runs as root.
+    the master runs as root. `tls_digest` (of `service.tls`'s files, read by the caller) goes
+    into the config as a comment: a renewed certificate changes the text, so a reload takes it.
     """
     ups = sorted_upstreams(upstreams)
+    tls = spec.service.tls
+    if tls is not None:
+        for what, path in (("certfile", tls.certfile), ("keyfile", tls.keyfile)):
+            if not path.is_absolute() or _UNSAFE_PATH_CHARS.search(str(path)):
+                raise RoutingError(f"service.tls.{what}: {str(path)!r} is not a path nginx can read")
     try:
         return _template().render(
             service=spec.name,
@@ -192,6 +199,7 @@ def render_config(
             zone_kb=upstream_zone_kb(len(ups)),
             least_conn=spec.service.load_balancing_policy == "least_load",
             listen=listen_address(spec),
+            tls={"cert": tls.certfile, "key": tls.keyfile, "digest": tls_digest} if tls is not None else None,
             status_listen=f"127.0.0.1:{status_port}" if status_port else None,
             user=run_as[0] if run_as else None,
             group=run_as[1] if run_as else None,

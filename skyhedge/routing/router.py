@@ -16,12 +16,14 @@ from __future__ import annotations
 import contextlib
 import errno
 import grp
+import hashlib
 import json
 import os
 import pwd
 import re
 import signal
 import socket
+import ssl
 import time
 import urllib.error
 import urllib.request
@@ -48,6 +50,12 @@ START_TIMEOUT = 10.0
 RELOAD_TIMEOUT = 10.0
 _POLL = 0.02
 _NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+# The router's own health check over HTTPS (service.tls): it asks its own nginx on this host, by
+# address, so the certificate (made out to the service's public name, maybe self-signed) is not
+# what is checked; nginx refusing the key or the chain fails the config test before this.
+_NO_PROXY_TLS = urllib.request.build_opener(
+    urllib.request.ProxyHandler({}), urllib.request.HTTPSHandler(context=ssl._create_unverified_context())
+)
 
 
 def _free_port() -> int:
@@ -113,6 +121,7 @@ class Router:
         replicas before routing comes up, and a failure found only then leaves them running with
         no router and a failed command."""
         _ = self.binary
+        self._check_tls_files()
         running = self.pid() is not None
         service = self.spec.service
         host = service.host.strip("[]")
@@ -152,6 +161,21 @@ class Router:
                         f"{name} {port} on {host} is not available for the router "
                         f"({exc.strerror or exc}): free it or choose another {name}"
                     ) from exc
+
+    def _check_tls_files(self) -> None:
+        """`service.tls`'s files exist and can be read: nginx's own error names neither the field
+        nor, for a key, which file; and a router up without them would be a router down."""
+        tls = self.spec.service.tls
+        if tls is None:
+            return
+        for what, path in (("certfile", tls.certfile), ("keyfile", tls.keyfile)):
+            try:
+                with open(path, "rb") as f:
+                    head = f.read(4096)
+            except OSError as exc:
+                raise RoutingError(f"service.tls.{what}: {path}: {exc.strerror or exc}") from exc
+            if b"-----BEGIN " not in head:
+                raise RoutingError(f"service.tls.{what}: {path}: not a PEM file (no -----BEGIN line)")
 
     def status(self) -> dict[str, Any]:
         """`endpoint`, `pid` (None when not running), `upstreams` ([{id, endpoint}]), `status_url`."""
@@ -232,7 +256,34 @@ class Router:
             options=self.options,
             status_port=status_port,
             run_as=self._run_as(),
+            tls_digest=self._tls_digest(),
         )
+
+    def _tls_digest(self) -> str | None:
+        """A digest of `service.tls`'s files as they are now, written into the config: a renewed
+        certificate changes the config's text, so the next reload (`routing reload`, the watcher's
+        next routing pass) makes nginx read it; an unchanged config is never reloaded."""
+        tls = self.spec.service.tls
+        if tls is None:
+            return None
+        digest = hashlib.sha256()
+        for path in (tls.certfile, tls.keyfile):
+            try:
+                digest.update(path.read_bytes())
+            except OSError:
+                digest.update(b"unreadable")  # `_check_tls_files` names it; nginx -t refuses it
+        return digest.hexdigest()[:16]
+
+    def tls_renewed(self) -> bool:
+        """`service.tls`'s files changed since the config nginx runs was written (a certificate
+        renewed in place): a reload makes nginx serve them. False without TLS."""
+        digest = self._tls_digest()
+        if digest is None:
+            return False
+        try:
+            return f"sha256 {digest}" not in self.paths.conf.read_text(encoding="utf-8")
+        except OSError:
+            return False
 
     # -- internals ------------------------------------------------------------------------------
 
@@ -295,6 +346,7 @@ class Router:
         return self.options.status_port or _free_port()
 
     def _start(self, ups: list[Upstream]) -> None:
+        self._check_tls_files()
         status_port = self._status_port()
         self._install(self.render(ups, status_port))
         stale = nginx.read_pid(self.paths.pid)
@@ -319,6 +371,7 @@ class Router:
         pid = self.pid()
         if pid is None:
             raise self._not_running()
+        self._check_tls_files()  # a renewal half-done (key gone, not yet replaced): the old config stays
         status_port = self._read_meta().get("status_port")
         if nginx.has_stub_status(self.binary) and self.options.status_port:
             status_port = self.options.status_port
@@ -384,9 +437,11 @@ class Router:
     def _healthy(self) -> bool:
         host = self.spec.service.host.strip("[]")
         host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
-        url = f"http://{f'[{host}]' if ':' in host else host}:{self.spec.service.port}/-/health"
+        tls = self.spec.service.tls is not None
+        scheme = "https" if tls else "http"
+        url = f"{scheme}://{f'[{host}]' if ':' in host else host}:{self.spec.service.port}/-/health"
         try:
-            with _NO_PROXY.open(url, timeout=1.0) as resp:
+            with (_NO_PROXY_TLS if tls else _NO_PROXY).open(url, timeout=1.0) as resp:
                 return bool(resp.status == 200)
         except (urllib.error.URLError, OSError):
             return False
@@ -412,7 +467,7 @@ class Router:
             text = self.paths.conf.read_text(encoding="utf-8")
         except OSError:
             return None
-        found = re.search(r"^\s*listen\s+(\S+?);", text, re.MULTILINE)
+        found = re.search(r"^\s*listen\s+(\S+?)(?:\s+ssl)?;", text, re.MULTILINE)
         return found.group(1) if found else None
 
     def _write_meta(self, ups: list[Upstream], status_port: int | None) -> None:
