@@ -657,6 +657,8 @@ def preempt(spec: Path, state_dir: Path | None, zone: str, seconds: float | None
     if clear and seconds is not None:
         raise click.UsageError("--clear gives the capacity back now; it takes no --for")
     service, sdir = _load(spec, state_dir)
+    # a --state-dir of another service (a pasted path): its replicas are not this spec's to kill
+    load_state(sdir, service.name)
     zones = sorted(resolve_placement(service).zones("local"))
     if zone not in zones:
         raise SpecError(
