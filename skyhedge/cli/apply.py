@@ -195,17 +195,25 @@ def apply(
                 view.expect(root, preview.add + preview.change + preview.remove)
             progress.start()
 
-    with progress:
-        report = apply_service(
-            service,
-            sdir,
-            terraform_bin=terraform_bin,
-            confirm=None if auto_approve else confirm,
-            wait=not no_wait,
-            route=not no_routing,
-            rollout=not no_rollout,
-            on_event=view,
-            say=lambda text: progress.console.print(f"[dim]{escape(text)}[/]"),
+    try:
+        with progress:
+            report = apply_service(
+                service,
+                sdir,
+                terraform_bin=terraform_bin,
+                confirm=None if auto_approve else confirm,
+                wait=not no_wait,
+                route=not no_routing,
+                rollout=not no_rollout,
+                on_event=view,
+                say=lambda text: progress.console.print(f"[dim]{escape(text)}[/]"),
+            )
+    except KeyboardInterrupt:
+        _interrupted(
+            "apply",
+            "what it launched is recorded",
+            f"`{command_line('apply', spec, state_dir)}` finishes it, "
+            f"`{command_line('destroy', spec, state_dir)}` removes it",
         )
     if report.cancelled:
         console.print("Apply cancelled; nothing changed.")
@@ -227,6 +235,18 @@ def apply(
         sys.exit(1)
 
 
+def _interrupted(verb: str, kept: str, finish: str) -> None:
+    """A Ctrl-C during `apply` or `destroy`: Terraform stops where it was (the terminal sent it the
+    signal too) and the state keeps what was done. Say so and what finishes it, in one line, and
+    exit 130 as a shell reports a Ctrl-C'd command, rather than click's bare "Aborted!" after the
+    replicas' "create failed" lines (which read as a Terraform failure)."""
+    # one line at any terminal width (rich would wrap it)
+    click.echo(
+        f"error: {verb} interrupted by Ctrl-C (Terraform stopped where it was; {kept}): {finish}.", err=True
+    )
+    raise SystemExit(130)
+
+
 def _confirm_destroy(records: Sequence[ReplicaRecord], roots: Sequence[str]) -> bool:
     console.print(f"Destroying {len(records)} replica(s) in {', '.join(roots)}:", markup=False)
     for r in records:
@@ -243,13 +263,20 @@ def destroy(spec: Path, state_dir: Path | None, auto_approve: bool, terraform_bi
     """Take the router down and destroy every replica of SPEC (all Terraform roots, in parallel)."""
     service = load_spec(spec)
     sdir = state_dir or default_state_dir(service.name)
-    report = destroy_service(
-        service,
-        sdir,
-        terraform_bin=terraform_bin,
-        confirm=None if auto_approve else _confirm_destroy,
-        say=lambda text: console.print(f"[dim]{escape(text)}[/]"),
-    )
+    try:
+        report = destroy_service(
+            service,
+            sdir,
+            terraform_bin=terraform_bin,
+            confirm=None if auto_approve else _confirm_destroy,
+            say=lambda text: console.print(f"[dim]{escape(text)}[/]"),
+        )
+    except KeyboardInterrupt:
+        _interrupted(
+            "destroy",
+            "what it destroyed is recorded",
+            f"`{command_line('destroy', spec, state_dir)}` finishes it",
+        )
     if report.cancelled:
         console.print("Destroy cancelled; nothing changed.")
         sys.exit(1)
