@@ -4,6 +4,7 @@ SkyhedgeError
 ├── SpecError            a spec file is invalid (carries file + field path)
 ├── CatalogError         unknown cloud / instance type / zone, unreadable catalog
 ├── StateError           state dir unreadable, wrong version, locked by another writer
+│   └── LockHeld         another writer holds the service's lock (carries the state dir)
 ├── PolicyError          unknown policy name, bad plug-in
 ├── TraceError           a trace file/dir is malformed
 ├── RenderError          templates/modules missing or rendering failed
@@ -44,6 +45,17 @@ class CatalogError(SkyhedgeError):
 
 class StateError(SkyhedgeError):
     pass
+
+
+class LockHeld(StateError):
+    """Another skyhedge process holds the service's writer lock. `state_dir`: whose lock, so the
+    CLI can name the running watcher (its record lives there) and how to stop it; `question`: a
+    guess at the holder, shown in parentheses unless the CLI knows the answer."""
+
+    def __init__(self, message: str, state_dir: object, *, question: str | None = None) -> None:
+        self.state_dir = state_dir
+        self.base = message
+        super().__init__(f"{message} ({question})" if question else message)
 
 
 class PolicyError(SkyhedgeError):

@@ -27,7 +27,7 @@ from typing import Any
 from filelock import FileLock, Timeout
 
 from skyhedge._json import JSON_LIMITS, has_lone_surrogate, json_limit
-from skyhedge.errors import OutputError, StateError
+from skyhedge.errors import LockHeld, OutputError, StateError
 from skyhedge.policy.types import EventKind, Location, Market, ReplicaFact, ZoneEvent
 from skyhedge.spec import CLOUDS, ZONE_RE
 
@@ -504,8 +504,27 @@ def save_state(state_dir: Path, state: ServiceState) -> None:
         raise _unwritable(state_dir, exc) from exc
 
 
+@dataclass(frozen=True)
+class HeldLock:
+    """The lock `writer_lock` holds. `lost()`: its file is no longer the one in the state dir
+    (the state dir was deleted or replaced under a long holder, a watcher): the state the holder
+    knows is gone, and another writer can take the lock on the new file."""
+
+    path: Path
+    identity: tuple[int, int] | None
+
+    def lost(self) -> bool:
+        try:
+            st = os.stat(self.path)
+        except (FileNotFoundError, NotADirectoryError):
+            return True
+        except OSError:  # cannot tell (no permission to look): not a reason to stop
+            return False
+        return self.identity is not None and (st.st_dev, st.st_ino) != self.identity
+
+
 @contextlib.contextmanager
-def writer_lock(state_dir: Path, *, timeout: float = 0.0) -> Iterator[None]:
+def writer_lock(state_dir: Path, *, timeout: float = 0.0) -> Iterator[HeldLock]:
     """Hold the service's one-writer lock, or fail at once with a clear error: another writer
     holds it, or the state dir cannot take the new files every writer needs (`StateError`).
 
@@ -518,9 +537,8 @@ def writer_lock(state_dir: Path, *, timeout: float = 0.0) -> Iterator[None]:
         state_dir.mkdir(parents=True, exist_ok=True)
         lock.acquire()
     except Timeout:
-        raise StateError(
-            f"{state_dir}: another skyhedge process (apply, destroy or watch) holds the lock for this service"
-        ) from None
+        held = "another skyhedge process (apply, destroy or watch) holds the lock for this service"
+        raise LockHeld(f"{state_dir}: {held}", state_dir) from None
     except OSError as exc:  # a read-only file system, a path under a file, no permission
         raise _unwritable(state_dir, exc) from exc
     try:
@@ -531,7 +549,12 @@ def writer_lock(state_dir: Path, *, timeout: float = 0.0) -> Iterator[None]:
             probe_new_file(state_dir)
         except OSError as exc:
             raise _unwritable(state_dir, exc) from exc
-        yield
+        try:
+            st = os.stat(state_dir / LOCK_FILE)
+            identity: tuple[int, int] | None = (st.st_dev, st.st_ino)
+        except OSError:
+            identity = None
+        yield HeldLock(state_dir / LOCK_FILE, identity)
     finally:
         if created:
             _remove_if_unused(created, state_dir / LOCK_FILE)

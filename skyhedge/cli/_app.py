@@ -18,7 +18,7 @@ import click
 from rich.console import Console
 
 from skyhedge import __version__
-from skyhedge.errors import EngineError, PolicyError, RoutingError, SkyhedgeError
+from skyhedge.errors import EngineError, LockHeld, PolicyError, RoutingError, SkyhedgeError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -86,7 +86,7 @@ class SkyhedgeGroup(click.Group):
         try:
             return super().invoke(ctx)
         except SkyhedgeError as exc:
-            report_error(exc)
+            report_error(_naming_the_holder(exc))
             sys.exit(1)
         except FileNotFoundError:
             if cwd_exists():
@@ -167,6 +167,27 @@ def check_policy_flag(policy: str | None) -> None:
 
     with blamed_on("--policy"):
         policy_class(policy)
+
+
+def _naming_the_holder(exc: SkyhedgeError) -> SkyhedgeError:
+    """A lock held by the service's running watcher (`destroy` or `apply` while `up` runs): name
+    it and say how to stop it, rather than leave the user to find which process it is."""
+    if not isinstance(exc, LockHeld):
+        return exc
+    from skyhedge.controller import presence
+
+    try:
+        record = presence.read(Path(str(exc.state_dir)))
+    except OSError:
+        return exc
+    if record is None:
+        return exc
+    return LockHeld(
+        f"{exc.base}: the watcher of this service runs (pid {record.pid}, spec {record.spec}): stop it first "
+        f"(Ctrl-C in its terminal, or `kill {record.pid}`: it stops after its current pass and the "
+        "service keeps serving), then run this again",
+        exc.state_dir,
+    )
 
 
 def report_error(exc: SkyhedgeError) -> None:

@@ -33,11 +33,19 @@ from typing import TYPE_CHECKING
 from skyhedge.controller import presence
 from skyhedge.controller.loop import Controller, ControllerOptions, apply_cause, with_cause
 from skyhedge.controller.supervisor import Supervisor
-from skyhedge.errors import CloudError, EngineError, RoutingError, SkyhedgeError, SpecError, StateError
+from skyhedge.errors import (
+    CloudError,
+    EngineError,
+    LockHeld,
+    RoutingError,
+    SkyhedgeError,
+    SpecError,
+    StateError,
+)
 from skyhedge.events import EventSource
 from skyhedge.service import Placement, compute_plan, resolve_placement
 from skyhedge.spec import CLOUDS, ServiceSpec, load_spec, replica_revision, spec_changes
-from skyhedge.state import ReplicaRecord, writer_lock
+from skyhedge.state import HeldLock, ReplicaRecord, writer_lock
 
 if TYPE_CHECKING:
     from skyhedge.controller.gitops import GitOpsExecutor
@@ -196,6 +204,9 @@ class Watcher:
         self.controller: Controller | None = None
         self.supervisor: Supervisor | None = None
         self._lock: contextlib.ExitStack | None = None
+        self._held: HeldLock | None = None
+        #: set when the state dir was deleted or replaced under the watcher: it stopped for that
+        self.lost: StateError | None = None
         self._gitops_executor: GitOpsExecutor | None = None
         self._spec_file = _SpecFile(Path(spec_path)) if spec_path is not None else None
         if self._spec_file is not None:
@@ -210,6 +221,7 @@ class Watcher:
         #: answered: a request racing that pass re-reads an unchanged file, and its answer must
         #: still say what was taken, not "no change"
         self._taken_unasked: str | None = None
+        self._spec_missing = 0  # passes in a row that found no spec file (moved, renamed, deleted)
         self._record: presence.WatcherRecord | None = None  # <state dir>/watcher.json while running
         self.metrics_url: str | None = None  # announced in watcher.json when metrics are served
         #: the port metrics are served on (`--metrics-port`): a reloaded spec whose local replicas
@@ -235,12 +247,12 @@ class Watcher:
             )
         stack = contextlib.ExitStack()
         try:
-            stack.enter_context(writer_lock(self.state_dir))
-        except StateError as exc:
-            if "holds the lock" not in str(exc):
-                raise
-            raise StateError(
-                f"{exc} (is `skyhedge watch` or `up` already running for {self.spec.name}?)"
+            self._held = stack.enter_context(writer_lock(self.state_dir))
+        except LockHeld as exc:
+            raise LockHeld(
+                exc.base,
+                exc.state_dir,
+                question=f"is `skyhedge watch` or `up` already running for {self.spec.name}?",
             ) from None
         self._lock = stack
         try:
@@ -328,15 +340,35 @@ class Watcher:
 
     def _tick(self) -> float:
         assert self.controller is not None
+        self._check_held()
         self._check_spec()
         if self.supervisor is not None:
             self.controller.woken = self.supervisor.woken
         return self.controller.tick()
 
+    def _check_held(self) -> None:
+        """Stop, touching nothing, once the state dir is not the one whose lock this watcher
+        holds (`rm -rf .skyhedge`, `git clean -fdx`): with the replicas' pid files and Terraform's
+        state gone, a pass read every replica as gone, launched a new set, stopped the serving
+        ones as orphans and could not start a router on the port the old nginx still held; and
+        another watcher could take the lock on the new file."""
+        if self._held is None or not self._held.lost():
+            return
+        self.lost = StateError(
+            f"{self.state_dir}: the state dir was deleted or replaced while this watcher ran (its lock "
+            f"file {self._held.path.name} is gone): stopped before acting on a state it no longer holds; "
+            "the replicas and the router it ran keep running, no longer recorded: restore the state dir "
+            "(from a copy) to manage them again, or stop them before starting the service anew"
+        )
+        self.stop()
+        raise self.lost
+
     def _check_spec(self) -> None:
         spec_file, ctl = self._spec_file, self.controller
         if spec_file is None or ctl is None:
             return
+        if self.reload_on_change or self.reload_on_request:
+            self._note_spec_file_gone(spec_file)
         asks = self._reload_asks
         asked, self._reloads_seen = asks != self._reloads_seen, asks
         if asked:
@@ -357,6 +389,26 @@ class Watcher:
             self._outcome("failed", text)
         finally:
             self._answering = False
+
+    def _note_spec_file_gone(self, spec_file: _SpecFile) -> None:
+        """Say once that the spec file is gone, and once that it is back: the watcher runs on the
+        spec it last read, and an edit to the file at a new path (a `git mv`, a rename) never
+        reaches it, which it used to keep quiet about. Gone at two passes in a row: an editor's
+        save (unlink, then rename) is not worth a warning."""
+        assert self.controller is not None
+        if spec_file.peek() is not None:
+            if self._spec_missing >= 2:
+                self.controller.note(f"spec file {spec_file.path} is back")
+            self._spec_missing = 0
+            return
+        self._spec_missing += 1
+        if self._spec_missing == 2:
+            self.controller.note(
+                f"spec file {spec_file.path} is gone (moved, renamed or deleted): running on with the spec "
+                "last read, and edits to a file elsewhere are not seen: put it back, or restart the "
+                "watcher on the new path",
+                level=logging.WARNING,
+            )
 
     def _outcome(self, outcome: str, text: str, *, note: bool = True) -> None:
         """Note a reload's outcome for the operator, and in watcher.json for `skyhedge reload`
@@ -527,6 +579,8 @@ class Watcher:
                 self.supervisor.run(until=until)
             finally:
                 self._retract()
+        if self.lost is not None:
+            raise self.lost
 
     @contextlib.contextmanager
     def _watch_spec_file(self) -> Iterator[None]:
