@@ -470,3 +470,25 @@ def test_gitops_commits_are_counted_as_applies_and_a_refused_commit_as_failed(tm
     samples = parse(metrics.text())
     assert value(samples, "skyhedge_applies_total", result="ok") == 2
     assert value(samples, "skyhedge_applies_total", result="failed") == 1
+
+
+def test_what_the_counters_remember_per_replica_stays_bounded_by_the_state(ctl):
+    """A watcher runs for weeks and a churny spot fleet launches replicas without end: what the
+    metrics remember per replica (to count each launch once) must shrink with the state, which
+    keeps only the last GONE_KEPT gone replicas, rather than grow by one per replica ever run."""
+    metrics = Metrics()
+    metrics.watch(ctl)
+    clock = ctl.clock
+    for _ in range(30):
+        for victim in [r for r in ctl.state.live() if r.market == "spot"][:1]:
+            send(ctl, PreemptionEvent(Signal.GONE, clock(), "fake", replica_id=victim.id, reason="preempted"))
+        for _ in range(2):
+            ctl.tick()
+            clock.advance(60)  # type: ignore[attr-defined]
+        ctl.state.prune_gone(keep=2)  # what `save` does past GONE_KEPT, sooner
+    ctl.tick()
+    launched = total(parse(metrics.text()), "skyhedge_launches_total")
+    assert launched > 20
+    assert len(metrics._provisioned) <= len(ctl.state.replicas) < 10
+    ctl.tick()
+    assert total(parse(metrics.text()), "skyhedge_launches_total") == launched  # nothing counted twice

@@ -198,6 +198,10 @@ class Metrics:
                     zone=rec.zone,
                     kind="interruption",
                 )
+        # IDs are never reused, so those the state forgot (`prune_gone`) cannot come back:
+        # remembering them grew these sets by one ID per replica ever launched
+        self._provisioned &= ctl.state.replicas.keys()
+        self._warned &= ctl.state.replicas.keys()
         applied = ctl.last_apply  # kept until the next apply: a new object is a new apply
         if applied is not None and applied is not self._last_apply and (applied.applied or applied.errors):
             self._add("skyhedge_applies_total", result="failed" if applied.errors else "ok")
