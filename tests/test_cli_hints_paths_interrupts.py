@@ -376,7 +376,7 @@ def test_an_unknown_policy_is_refused_before_anything_starts(tmp_path, write_spe
 def test_a_watcher_log_that_cannot_be_opened_is_one_state_error(tmp_path, monkeypatch):
     """Under the dashboard `up` logs to <state dir>/watch.log, opened before the state lock: a
     state dir that takes no new file was a PermissionError traceback there."""
-    import logging
+    import logging.handlers
 
     from skyhedge.cli.watch import _logging
     from skyhedge.errors import StateError
@@ -384,12 +384,31 @@ def test_a_watcher_log_that_cannot_be_opened_is_one_state_error(tmp_path, monkey
     def refuse(*args, **kwargs):
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(logging, "FileHandler", refuse)
+    monkeypatch.setattr(logging.handlers, "RotatingFileHandler", refuse)
     refused = pytest.raises(
         StateError, match=r"watch.log: cannot write the watcher's log \(Permission denied\)"
     )
     with refused, _logging("info", tmp_path / "watch.log"):
         pass
+
+
+def test_the_watchers_log_file_is_rotated_past_its_cap_and_keeps_one_old_generation(tmp_path, monkeypatch):
+    """`up` under its dashboard, left running for weeks, appended to <state dir>/watch.log
+    without end (and every later run on the state dir appended to the same file). Past its cap
+    it becomes watch.log.1, so the two together stay within about twice the cap."""
+    import logging
+
+    import skyhedge.cli.watch as watch
+
+    monkeypatch.setattr(watch, "LOG_FILE_MAX_BYTES", 2000)
+    path = tmp_path / "watch.log"
+    with watch._logging("info", path):
+        for i in range(400):
+            logging.getLogger("skyhedge.controller").info("svc: plan: +r-%04d local-a spot", i)
+    assert path.exists() and (tmp_path / "watch.log.1").exists()
+    assert not (tmp_path / "watch.log.2").exists()
+    assert path.stat().st_size <= 2000 and (tmp_path / "watch.log.1").stat().st_size <= 2000
+    assert "r-0399" in path.read_text()  # the newest lines are in the current file
 
 
 @pytest.mark.parametrize("verb", [["status"], ["destroy", "--auto-approve"], ["apply", "--auto-approve"]])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import logging.handlers
 import math
 import os
 import signal
@@ -198,11 +199,20 @@ def _say(text: str, log_format: str) -> None:
         err_console.print(text, markup=False)  # paths and names are data: `[prod]` stays
 
 
+#: `up`'s log file under the dashboard (`<state dir>/watch.log`) is rotated past this size, to
+#: `watch.log.1` (one old generation): `up` left running for weeks appended to it without end.
+LOG_FILE_MAX_BYTES = 16 * 2**20
+
+
 @contextlib.contextmanager
 def _logging(level: str, path: Path | None = None, log_format: str = "text") -> Iterator[None]:
     """Log skyhedge's lines to stderr (or a file, under the dashboard) while the command runs."""
     try:
-        handler: logging.Handler = logging.FileHandler(path) if path else logging.StreamHandler(sys.stderr)
+        handler: logging.Handler = (
+            logging.handlers.RotatingFileHandler(path, maxBytes=LOG_FILE_MAX_BYTES, backupCount=1)
+            if path
+            else logging.StreamHandler(sys.stderr)
+        )
     except OSError as exc:  # a state dir that takes no new file (read-only, immutable)
         raise StateError(f"{path}: cannot write the watcher's log ({exc.strerror or exc})") from exc
     if log_format == "json":
