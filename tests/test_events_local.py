@@ -179,6 +179,23 @@ def test_sweep_stops_orphans_only(state_dir):
     assert read_pidfile(rt, "r-0006") is None
 
 
+def test_the_logs_of_replicas_the_state_forgot_are_removed_and_the_others_kept(state_dir):
+    """Every launch writes a log under local/replicas/ and IDs are never reused: a churny fleet
+    left one file per replica it ever ran. The logs of replicas the state still records (live, or
+    among the gone it keeps) stay, as does that of a replica still running; the rest go."""
+    launch(state_dir, "r-0004", "local-a")  # running, whatever the state says
+    rt = runtime_dir(state_dir)
+    for rid in ("r-0001", "r-0002", "r-0003"):
+        (rt / "replicas" / f"{rid}.log").write_text(f"=== {rid} ===\n")
+    src = LocalEventSource(state_dir, REGION_OF)
+
+    assert src.forget({"r-0003"}) == ["r-0001", "r-0002"]
+
+    assert sorted(p.name for p in (rt / "replicas").glob("*.log")) == ["r-0003.log", "r-0004.log"]
+    assert is_running(read_pidfile(rt, "r-0004"))
+    assert src.forget({"r-0003"}) == []
+
+
 def test_preempt_kills_what_left_the_replica_group_too(state_dir):
     """A preempted machine takes everything on it: a helper the replica started with `setsid`
     (its own session, out of the process group) must not survive holding its port."""

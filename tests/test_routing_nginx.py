@@ -578,3 +578,29 @@ def test_the_controllers_request_counter_counts_client_requests_only_and_survive
         assert adapter.request_count() == 9
     finally:
         teardown_router(adapter.router)
+
+
+def test_a_log_past_its_cap_is_rotated_once_and_nginx_writes_a_fresh_one(fleet, make_router):
+    """A router serving for weeks: its access log (one line per request) must not grow without
+    end. Past the cap it becomes access.log.1 and the running nginx reopens a fresh access.log;
+    no request is lost from either, and the error log, under the cap, is left alone."""
+    fleet.start(1)
+    router = make_router()
+    router.up(fleet.upstreams())
+    access = router.paths.access_log
+    for _ in range(5):
+        assert complete(router.endpoint, max_tokens=1).status == 200
+    assert access.stat().st_size > 300
+
+    assert router.rotate_logs(max_bytes=300) == [access]
+
+    old = access.with_name("access.log.1")
+    assert old.read_text().count("POST /v1/completions") == 5
+    assert not router.paths.error_log.with_name("error.log.1").exists()
+    assert complete(router.endpoint, max_tokens=1).status == 200
+    deadline = time.monotonic() + 5
+    while not (access.exists() and "POST /v1/completions" in access.read_text()):
+        assert time.monotonic() < deadline, "nginx did not reopen its access log"
+        time.sleep(0.02)
+    assert old.read_text().count("POST /v1/completions") == 5
+    assert router.rotate_logs(max_bytes=300) == []  # under the cap again: nothing to do

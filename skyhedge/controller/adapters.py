@@ -104,6 +104,10 @@ class NginxRouter:
             return None
         return self._count
 
+    def rotate_logs(self) -> list[Path]:
+        """Keep nginx's logs bounded (see `Router.rotate_logs`); the watcher calls it once a minute."""
+        return self.router.rotate_logs()
+
     def down(self) -> None:
         self.router.down()
 

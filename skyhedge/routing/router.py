@@ -48,6 +48,10 @@ from skyhedge.state import atomic_write_text
 
 START_TIMEOUT = 10.0
 RELOAD_TIMEOUT = 10.0
+#: A router log (access.log, error.log) past this size is rotated by `Router.rotate_logs`: renamed
+#: `<name>.1` (replacing the one before), and nginx reopens its logs. The access log takes one
+#: line (about 130 bytes) per request, so without it a busy router filled the disk, slowly.
+LOG_ROTATE_BYTES = 64 * 2**20
 _POLL = 0.02
 _NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 # The router's own health check over HTTPS (service.tls): it asks its own nginx on this host, by
@@ -246,6 +250,29 @@ class Router:
                     self._reap(stale)
             with contextlib.suppress(FileNotFoundError):
                 self.paths.pid.unlink()
+
+    def rotate_logs(self, max_bytes: int | None = None) -> list[Path]:
+        """Rotate each log of the router larger than `max_bytes` (default LOG_ROTATE_BYTES): it
+        becomes `<name>.1` (one old generation kept, so a log takes at most about twice the cap)
+        and the running nginx reopens its logs (SIGUSR1, as logrotate would have it do). Lines
+        written between the rename and the reopen land in `<name>.1`: none is lost. Returns the
+        logs rotated."""
+        max_bytes = LOG_ROTATE_BYTES if max_bytes is None else max_bytes
+        logs = (self.paths.access_log, self.paths.error_log)
+        if all(nginx.log_size(path) <= max_bytes for path in logs):
+            return []
+        rotated: list[Path] = []
+        with self._locked():  # not while a start or reload reads the error log from a mark
+            for path in logs:
+                if nginx.log_size(path) <= max_bytes:
+                    continue
+                with contextlib.suppress(FileNotFoundError):
+                    os.replace(path, path.with_name(f"{path.name}.1"))
+                    rotated.append(path)
+            pid = self.pid()
+            if rotated and pid is not None:
+                nginx.signal_pid(pid, signal.SIGUSR1)
+        return rotated
 
     def render(self, upstreams: Iterable[Upstream], status_port: int | None) -> str:
         """The config text for `upstreams`; a method so a subclass can change it (tests do)."""

@@ -37,6 +37,7 @@ from skyhedge.clouds.local.processes import (
     is_running,
     list_pidfiles,
     proc_starttime,
+    prune_logs,
     read_pidfile,
     stop_replica,
 )
@@ -147,6 +148,11 @@ class LocalEventSource(EventSource):
             log.warning("stopping orphan local replica %s (not in the state)", rid)
             stop_replica(self.runtime, rid, grace=2.0)
         return sorted(stray)
+
+    def forget(self, known_ids: set[str]) -> list[str]:
+        """Remove the logs of replicas the state no longer records (it keeps the last
+        `state.GONE_KEPT` gone ones); returns their IDs."""
+        return prune_logs(self.runtime, known_ids)
 
     # -- waking ---------------------------------------------------------------------------------
 

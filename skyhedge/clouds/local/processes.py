@@ -173,6 +173,23 @@ def stop_replica(runtime_dir: Path, replica_id: str, *, grace: float = 10.0) -> 
     return True
 
 
+def prune_logs(runtime_dir: Path, keep: set[str]) -> list[str]:
+    """Remove the logs of replicas not in `keep` that do not run (no pid file); returns their IDs.
+
+    A replica's log outlives it, for `status --all` and post-mortems; but every launch writes a
+    new one (IDs are never reused), so without this a churny fleet's folder grew by a file per
+    replica for as long as the service ran."""
+    removed = []
+    for path in replicas_dir(runtime_dir).glob("r-*.log"):
+        rid = path.stem
+        if rid in keep or pid_path(runtime_dir, rid).exists():
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+            removed.append(rid)
+    return sorted(removed)
+
+
 def kill_all(runtime_dir: Path) -> list[int]:
     """SIGKILL every process of this runtime dir at once (test teardown, `destroy` safety net),
     and remove the pid files left without a process (a crash skips the launcher's own cleanup)."""
