@@ -14,6 +14,7 @@ from urllib.parse import urlsplit
 
 from skyhedge.catalog import load_catalog, parse_accelerator
 from skyhedge.catalog.model import Offer, did_you_mean
+from skyhedge.clouds.local import local_port
 from skyhedge.clouds.local.launcher import port_in_use
 from skyhedge.errors import CatalogError, PolicyError, SpecError, StateError
 from skyhedge.planner import Plan, make_plan, replica_number
@@ -383,8 +384,21 @@ def _taken_port_numbers(spec: ServiceSpec, state: ServiceState, *, probe: bool =
     base = spec.resources.local_base_port
     ports = {spec.service.port, spec.service.router.status_port, _recorded_status_port(state)}
     ports |= {_launched_port(rec) for rec in state.live() if rec.cloud == "local"}
-    taken = {p - base for p in ports if p is not None and p > base}
+    start = _first_fresh_number(state)
+    # the numbers from `start` on whose port is taken: ports wrap past MAX_PORT (`local_port`),
+    # so each taken port is one number in every span of IDs; the next two cover any plan
+    span = MAX_PORT - base
+    taken: set[int] = set()
+    for port in ports:
+        if port is not None and base < port <= MAX_PORT:
+            first = start + (port - base - 1 - (start - 1)) % span
+            taken |= {first, first + span}
     return frozenset(taken | (_busy_numbers(spec, state, base, taken) if probe else set()))
+
+
+def _first_fresh_number(state: ServiceState) -> int:
+    """The number the next new replica ID gets (the planner's counter starts there)."""
+    return max([state.next_id, *(replica_number(r.id) + 1 for r in state.live())])
 
 
 def _busy_numbers(spec: ServiceSpec, state: ServiceState, base: int, taken: set[int]) -> set[int]:
@@ -393,15 +407,13 @@ def _busy_numbers(spec: ServiceSpec, state: ServiceState, base: int, taken: set[
     was given up, and `apply` would stop on it, with nothing the user could change in the spec."""
     rp = spec.replica_policy
     wanted = 2 * max(rp.min_replicas, rp.max_replicas or 0) + max(0, rp.num_overprovision) + 1
-    number = max([state.next_id, *(replica_number(r.id) + 1 for r in state.live())])
+    number = _first_fresh_number(state)
     busy: set[int] = set()
-    while wanted > 0:
-        if base + number > MAX_PORT:
-            # skipping would push the last IDs past the highest port: a plan that renders beats
-            # one launch that may fail (the spec's bound is checked without other processes)
-            return set()
+    for _ in range(MAX_PORT - base):  # every port of the range once at most: all busy ends it
+        if wanted <= 0:
+            break
         if number not in taken:
-            if port_in_use(base + number):
+            if port_in_use(local_port(base, number, MAX_PORT)):
                 busy.add(number)
             else:
                 wanted -= 1

@@ -12,6 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 from skyhedge.clouds import RenderContext
+from skyhedge.clouds.local.render import replica_port
 from skyhedge.engine import Terraform
 from skyhedge.errors import RenderError, SpecError
 from skyhedge.planner import CREATE, DELETE, KEEP, Plan, PlannedReplica
@@ -145,7 +146,7 @@ def test_local_inputs_carry_ports_runtime_and_launcher():
     assert tfvars["launcher"] == {"python": sys.executable, "pythonpath": "/opt/skyhedge"}
 
 
-def test_local_cloud_needs_a_command_and_ports_that_fit():
+def test_local_cloud_needs_a_command_and_ports_wrap_past_the_highest():
     with pytest.raises(SpecError, match="run.command"):  # refused when read, before any plan
         parse_spec({"name": "x", "placement": {"clouds": ["local"]}, "run": {"image": "nginx"}})
     big = parse_spec(
@@ -156,8 +157,12 @@ def test_local_cloud_needs_a_command_and_ports_that_fit():
             "run": {"command": "true"},
         }
     )
-    with pytest.raises(RenderError, match="local_base_port"):
-        render_tree(big, plan_of(("r-9000", "local", "local", "local-a", "spot", CREATE)), context=CTX)
+    # IDs grow for ever: past the highest port they wrap to the bottom of the range (a service
+    # used to stop launching for good there: "would listen on port 65536")
+    assert replica_port(big, "r-5535") == 65535 and replica_port(big, "r-5536") == 60001
+    tree = render_tree(big, plan_of(("r-9000", "local", "local", "local-a", "spot", CREATE)), context=CTX)
+    tfvars = json.loads(dict(tree.files)[f"local/local/{TFVARS_FILE}"])
+    assert tfvars["replicas"]["r-9000"]["port"] == 60000 + 1 + (9000 - 1) % 5535 == 63465
 
 
 def test_root_digests_change_only_where_the_inputs_do():

@@ -694,6 +694,56 @@ def test_the_status_port_the_running_router_kept_is_skipped_too(tmp_path):
     assert [r.id for r in plan.replicas][0] == "r-0060"
 
 
+def test_ids_past_the_highest_port_wrap_and_skip_the_ports_in_use(tmp_path):
+    """Every launch takes a new ID, a refused one too (a market replay burned a thousand in half
+    an hour): once base + N passed 65535 no local replica could launch again. Ports wrap to the
+    bottom of the range, and a wrapped ID never lands on a live replica's or the router's port."""
+    from skyhedge.spec import parse_spec
+    from skyhedge.state import ReplicaRecord
+
+    spec = parse_spec(
+        {
+            "name": "echo",
+            "placement": {"clouds": ["local"], "zones": ["local-a", "local-b"]},
+            "resources": {"local_base_port": 60000},
+            "replica_policy": {"min_replicas": 3, "num_overprovision": 0, "policy": "spothedge"},
+            "run": {"command": "true"},
+        },
+        source=str(tmp_path / "s.yaml"),
+    )
+    state = ServiceState(service="echo", next_id=5535)
+    state.router = {"endpoint": "http://127.0.0.1:8080", "status_url": "http://127.0.0.1:60002/stub_status"}
+    state.replicas["r-5534"] = (
+        ReplicaRecord(  # serving on 65534; and on 60001 below, wrapped from an older cycle
+            "r-5534",
+            "local",
+            "local",
+            "local-a",
+            "spot",
+            0.0,
+            provisioned_at=1.0,
+            ready_at=2.0,
+            endpoint="http://127.0.0.1:65534",
+        )
+    )
+    state.replicas["r-0001"] = ReplicaRecord(
+        "r-0001",
+        "local",
+        "local",
+        "local-b",
+        "spot",
+        0.0,
+        provisioned_at=1.0,
+        ready_at=2.0,
+        endpoint="http://127.0.0.1:60001",
+    )
+    plan, _ = compute_plan(spec, state, now=10.0, probe_ports=False)
+    created = [r.id for r in plan.replicas if r.action == "create"]
+    ports = [replica_port(spec, rid) for rid in created]
+    assert created == ["r-5535", "r-5538"]  # 65535, then 60001 (live) and 60002 (router) skipped
+    assert ports == [65535, 60003]
+
+
 def test_after_the_base_port_is_lowered_new_ids_skip_the_ports_old_replicas_still_hold(tmp_path):
     """Replicas keep the port they were launched on when local_base_port changes, and outdated
     ones serve until their replacements are READY: a new ID whose port one of them holds would

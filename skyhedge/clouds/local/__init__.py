@@ -20,3 +20,15 @@ RUNTIME_SUBDIR = "local"
 def runtime_dir(state_dir: Path) -> Path:
     """The local cloud's runtime dir for a service state dir (always absolute)."""
     return (Path(state_dir) / RUNTIME_SUBDIR).resolve()
+
+
+def local_port(base: int, number: int, highest: int = 65535) -> int:
+    """The port of local replica r-N: `base + N`, wrapping around after `highest` to `base + 1`.
+
+    Replica IDs grow for ever (every launch, a refused one too, takes a new one: a churny market
+    replay used about a thousand in half an hour), and without the wrap a service stopped
+    launching for good once `base + N` passed the highest port. Ports of live replicas and of the
+    router are skipped when IDs are handed out, so a wrapped ID never lands on one in use.
+    """
+    span = highest - base
+    return base + 1 + (number - 1) % span

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from skyhedge.clouds import RenderContext
-from skyhedge.clouds.local import runtime_dir
+from skyhedge.clouds.local import local_port, runtime_dir
 from skyhedge.errors import RenderError
 from skyhedge.planner import replica_number
 from skyhedge.spec import replica_revision
@@ -19,14 +19,8 @@ MAX_PORT = 65535
 
 
 def replica_port(spec: ServiceSpec, replica_id: str) -> int:
-    """Replica r-000N listens on resources.local_base_port + N."""
-    port = spec.resources.local_base_port + replica_number(replica_id)
-    if port > MAX_PORT:
-        raise RenderError(
-            f"{spec.source}: resources.local_base_port: replica {replica_id} would listen on port {port} "
-            f"(> {MAX_PORT}); lower local_base_port"
-        )
-    return port
+    """Replica r-000N listens on resources.local_base_port + N (wrapping past MAX_PORT: `local_port`)."""
+    return local_port(spec.resources.local_base_port, replica_number(replica_id), MAX_PORT)
 
 
 class LocalCloud:
