@@ -6,6 +6,7 @@ import collections
 import contextlib
 import http.client
 import json
+import shutil
 import signal
 import socket
 import threading
@@ -371,6 +372,25 @@ def test_a_crashed_master_is_replaced_by_up_and_its_orphaned_workers_quit(fleet,
     while any(nginx_proc.alive(w) for w in orphans) and time.monotonic() < deadline:
         time.sleep(0.02)
     assert not any(nginx_proc.alive(w) for w in orphans)
+
+
+def test_a_router_whose_folder_was_deleted_is_found_and_reloaded_in_place(fleet, make_router):
+    """`rm -rf router/` (or a cleanup of the state dir) under a running nginx: it kept the port
+    with its old upstreams, while every start failed on it ("address in use") and new replicas
+    were never routed. It is found by its command line, reported outdated, and a reload writes
+    its config, folders and pid file again: the new replica is routed, by the same master."""
+    fleet.start(1)
+    router = make_router()
+    pid = router.up(fleet.upstreams())["pid"]
+    assert router.outdated() is None
+    shutil.rmtree(router.paths.prefix)
+    assert router.pid() == pid and router.outdated() == "the router's config is gone (its folder deleted?)"
+    fleet.start(1, first=2)
+    assert router.up(fleet.upstreams())["pid"] == pid  # a reload, not a start on a busy port
+    assert router.paths.conf.is_file() and nginx_proc.read_pid(router.paths.pid) == pid
+    assert router.outdated() is None
+    served = {complete(router.endpoint).replica for _ in range(20)}
+    assert served == {"r-0001", "r-0002"}
 
 
 def test_down_is_bounded_when_a_long_stream_is_in_flight(fleet, make_router):

@@ -36,10 +36,10 @@ class NginxRouter:
     def running(self) -> bool:
         return self.router.pid() is not None
 
-    def outdated(self) -> bool:
-        """The running config must be reloaded though the upstreams did not change: the TLS
-        certificate or key was renewed (`Router.tls_renewed`)."""
-        return self.router.tls_renewed()
+    def outdated(self) -> str | None:
+        """Why the running config must be reloaded though the upstreams did not change (a renewed
+        TLS certificate, a deleted config: `Router.outdated`), or None."""
+        return self.router.outdated()
 
     def reload(self, upstreams: Sequence[tuple[str, str]]) -> dict[str, Any]:
         return self._up([Upstream(rid, endpoint) for rid, endpoint in upstreams])

@@ -718,15 +718,15 @@ class Controller:
             return None
         wanted = [[r.id, r.endpoint] for r in routable(self.state)]
         routed = self.state.extra.get("routed")
-        # a router that can say its config is out of date (a renewed TLS certificate) is reloaded
-        # with the same upstreams: nginx reads the files only at start and at a reload
+        # a router that can say its config is out of date (a renewed TLS certificate, its config
+        # deleted) is reloaded with the same upstreams: nginx reads its files at a reload only
         outdated = getattr(self.router, "outdated", None)
-        renewed = bool(outdated is not None and self.router.running() and outdated())
+        stale = outdated() if outdated is not None and self.router.running() else None
         same = wanted == routed and self.router.running()
-        if not force and not self._routing_failed and same and not renewed:
+        if not force and not self._routing_failed and same and not stale:
             return None
-        if renewed:
-            self.note("routing: the TLS certificate or key changed; reloading nginx to serve them")
+        if stale:
+            self.note(f"routing: {stale}; reloading nginx")
         pairs = [(str(rid), str(ep)) for rid, ep in wanted]
         was_down = routed is not None and not self.router.running()  # killed from outside
         old: list[int] | None = None

@@ -75,8 +75,9 @@ class RouterPort(Protocol):
         """The router's cumulative request counter (stub_status `requests`), None if unreadable."""
         ...
 
-    # Optional: `outdated() -> bool`, the running config needs a reload though the upstreams are
-    # the same (a renewed TLS certificate); routers without it are reloaded on changes only.
+    # Optional: `outdated() -> str | None`, why the running config needs a reload though the
+    # upstreams are the same (a renewed TLS certificate, a deleted config); routers without it
+    # are reloaded on changes only.
 
 
 class Prober(Protocol):

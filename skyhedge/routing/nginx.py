@@ -163,6 +163,16 @@ def is_master(pid: int, conf: Path) -> bool:
     return "nginx: master process" in cmd and str(conf) in cmd
 
 
+def masters_of(conf: Path) -> list[int]:
+    """Live nginx masters started with `conf`, found by their command line: what a router whose
+    pid file is gone (its folder deleted under it, `rm -rf router/`) is still known by."""
+    return sorted(
+        pid
+        for pid, cmd in _live_where(lambda _st: True).items()
+        if "nginx: master process" in cmd and f" {conf} " in f" {cmd} "
+    )
+
+
 def _live_where(test: Callable[[tuple[str, int, int]], bool]) -> dict[int, str]:
     if not _PROC.is_dir():
         return {}

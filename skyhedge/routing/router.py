@@ -301,6 +301,16 @@ class Router:
                 digest.update(b"unreadable")  # `_check_tls_files` names it; nginx -t refuses it
         return digest.hexdigest()[:16]
 
+    def outdated(self) -> str | None:
+        """Why the running nginx must be reloaded though its upstreams did not change, or None:
+        its config file is gone (the router's folder deleted under it), or `service.tls`'s files
+        were renewed (`tls_renewed`)."""
+        if not self.paths.conf.is_file():
+            return "the router's config is gone (its folder deleted?)"
+        if self.tls_renewed():
+            return "the TLS certificate or key changed"
+        return None
+
     def tls_renewed(self) -> bool:
         """`service.tls`'s files changed since the config nginx runs was written (a certificate
         renewed in place): a reload makes nginx serve them. False without TLS."""
@@ -430,6 +440,8 @@ class Router:
             # from then on every new connection reaches a worker with the new config.
             _wait(lambda: all(_quitting(p) for p in before), RELOAD_TIMEOUT)
         self._write_meta(ups, status_port)
+        if nginx.read_pid(self.paths.pid) != pid:  # nginx writes it at start only
+            atomic_write_text(self.paths.pid, f"{pid}\n")
         return set(before)
 
     def _stop(self, pid: int, timeout: float) -> None:
@@ -504,7 +516,14 @@ class Router:
 
 def _master_pid(paths: RouterPaths) -> int | None:
     pid = nginx.read_pid(paths.pid)
-    return pid if pid and nginx.is_master(pid, paths.conf) else None
+    if pid is not None:
+        return pid if nginx.is_master(pid, paths.conf) else None
+    # No pid file: never started, or its folder was deleted under a running nginx (`rm -rf
+    # router/`), which then held the port with its old upstreams while every start failed on
+    # it ("address in use") and new replicas were never routed. Found by its command line, it is
+    # reloaded as ours: the reload writes the config, the folders and the pid file again.
+    found = nginx.masters_of(paths.conf)
+    return found[0] if len(found) == 1 else None
 
 
 def running_router_pid(state_dir: Path) -> int | None:
