@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import textwrap
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from routing_support import Fleet
 
 from skyhedge.clouds.local.processes import kill_all
 
@@ -41,3 +42,13 @@ def runtime(tmp_path: Path):
     rt.mkdir(parents=True)
     yield rt
     kill_all(rt)
+
+
+@pytest.fixture
+def fleet(tmp_path: Path) -> Iterator[Fleet]:
+    """Real local-echo replica processes (routing_support.Fleet); every one is killed at teardown."""
+    f = Fleet(tmp_path)
+    try:
+        yield f
+    finally:
+        f.close()

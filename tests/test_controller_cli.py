@@ -537,13 +537,8 @@ def test_market_replay_gives_a_finite_zone_its_pool_size(tmp_path: Path):
     assert capacity.read_limits(runtime) == {} and capacity.read_capacity(runtime) == {}
 
 
-def test_dashboard_fits_the_terminal_and_keeps_the_newest_events(tmp_path, write_spec):
-    """`Live` crops a frame taller than the terminal at the bottom, where the newest events are:
-    on 80x24 a preemption and its replacement never showed, and with eight replicas no event did.
-    The frame fits, the newest event stays, dropped replica rows are counted, and a narrow
-    terminal folds zone names rather than cutting every one to `local/local/loca…`."""
-    from skyhedge.controller.dashboard import fit
-
+def _busy_controller(tmp_path, write_spec) -> Controller:
+    """A controller of eight replicas with twelve events: more than an 80x24 dashboard shows."""
     spec = load_spec(write_spec(LOCAL.replace("min_replicas: 1", "min_replicas: 8")))
     ctl = fake_controller(spec, tmp_path / "s")
     for _ in range(3):
@@ -551,6 +546,17 @@ def test_dashboard_fits_the_terminal_and_keeps_the_newest_events(tmp_path, write
         ctl.clock.advance(1)  # type: ignore[attr-defined]
     for i in range(12):
         ctl.note(f"event {i}")
+    return ctl
+
+
+def test_dashboard_fits_the_terminal_and_keeps_the_newest_events(tmp_path, write_spec):
+    """`Live` crops a frame taller than the terminal at the bottom, where the newest events are:
+    on 80x24 a preemption and its replacement never showed, and with eight replicas no event did.
+    The frame fits, the newest event stays, dropped replica rows are counted, and a narrow
+    terminal folds zone names rather than cutting every one to `local/local/loca…`."""
+    from skyhedge.controller.dashboard import fit
+
+    ctl = _busy_controller(tmp_path, write_spec)
     assert len(ctl.state.live()) >= 8
     for width, height in ((80, 24), (60, 24), (200, 50), (40, 24)):
         console = Console(record=True, width=width, height=height)
@@ -587,13 +593,7 @@ def test_dashboard_follows_the_terminal_size_even_with_columns_exported(tmp_path
 
     from skyhedge.controller.dashboard import Dashboard
 
-    spec = load_spec(write_spec(LOCAL.replace("min_replicas: 1", "min_replicas: 8")))
-    ctl = fake_controller(spec, tmp_path / "s")
-    for _ in range(3):
-        ctl.tick()
-        ctl.clock.advance(1)  # type: ignore[attr-defined]
-    for i in range(12):
-        ctl.note(f"event {i}")
+    ctl = _busy_controller(tmp_path, write_spec)
     master, slave = os.openpty()
     screen = open(slave, "w")  # noqa: SIM115 - closed below, with the master
     try:

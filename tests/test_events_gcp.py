@@ -6,15 +6,12 @@ preempted and replaces it in another zone; an instance that disappears from the 
 
 from __future__ import annotations
 
-import json
-import threading
 import time
 from datetime import datetime, timezone
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import parse_qs, urlsplit
 
 import pytest
 from controller_fakes import Clock, FakeExecutor, FakeProber, FakeRouter
+from fake_http import json_server
 from google.auth.credentials import AnonymousCredentials
 from google.auth.transport.requests import AuthorizedSession
 
@@ -86,31 +83,10 @@ class FakeCompute:
 @pytest.fixture
 def compute(monkeypatch):
     fake = FakeCompute()
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self):  # noqa: N802
-            url = urlsplit(self.path)
-            code, body = fake.handle(url.path, parse_qs(url.query))
-            data = json.dumps(body, indent=2).encode()  # Google pretty-prints its replies
-            self.send_response(code)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        def log_message(self, *args):
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    monkeypatch.setenv(ENDPOINT_ENV, f"http://127.0.0.1:{server.server_address[1]}/compute/v1")
-    try:
+    # looked up per request: tests swap `fake.handle`; Google pretty-prints its replies
+    with json_server(lambda path, query: fake.handle(path, query), indent=2) as base:
+        monkeypatch.setenv(ENDPOINT_ENV, f"{base}/compute/v1")
         yield fake
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=5)
 
 
 @pytest.fixture

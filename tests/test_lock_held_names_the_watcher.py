@@ -14,6 +14,21 @@ from skyhedge.controller import presence
 from skyhedge.state import writer_lock
 
 
+def _record_watcher(sdir, spec, pid: int) -> None:
+    """What a running watcher of `spec` leaves in the state dir (this test process stands in)."""
+    presence.write(
+        sdir,
+        presence.WatcherRecord(
+            pid=pid,
+            started_at=0.0,
+            spec=str(spec),
+            mode="apply",
+            reload=presence.RELOAD_ON_CHANGE,
+            process_start=presence.process_start(pid),
+        ),
+    )
+
+
 @pytest.mark.parametrize(
     ("command", "flags"),
     [
@@ -32,15 +47,7 @@ def test_a_command_refused_by_a_running_watcher_names_it_and_how_to_stop_it(
     sdir = tmp_path / "state"
     pid = os.getpid()
     with writer_lock(sdir):
-        record = presence.WatcherRecord(
-            pid=pid,
-            started_at=0.0,
-            spec=str(spec),
-            mode="apply",
-            reload=presence.RELOAD_ON_CHANGE,
-            process_start=presence.process_start(pid),
-        )
-        presence.write(sdir, record)
+        _record_watcher(sdir, spec, pid)
         result = CliRunner().invoke(main, [*command, str(spec), "--state-dir", str(sdir), *flags])
     assert result.exit_code == 1, result.output
     (line,) = result.output.splitlines()
@@ -68,17 +75,7 @@ def test_a_second_watcher_is_told_which_one_runs_instead_of_asked(tmp_path, writ
     sdir = tmp_path / "state"
     pid = os.getpid()
     with writer_lock(sdir):
-        presence.write(
-            sdir,
-            presence.WatcherRecord(
-                pid=pid,
-                started_at=0.0,
-                spec=str(spec),
-                mode="apply",
-                reload=presence.RELOAD_ON_CHANGE,
-                process_start=presence.process_start(pid),
-            ),
-        )
+        _record_watcher(sdir, spec, pid)
         result = CliRunner().invoke(main, ["watch", str(spec), "--state-dir", str(sdir), "--once"])
     assert result.exit_code == 1
     assert "already running for svc?" not in result.output

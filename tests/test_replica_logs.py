@@ -6,17 +6,15 @@ output (moto); gcp: serial port 1 (a local server speaking Compute's REST shape)
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import parse_qs, urlsplit
+from collections.abc import Callable
 
 import boto3
 import pytest
 from click.testing import CliRunner
+from fake_http import json_server
 from google.auth.credentials import AnonymousCredentials
 from google.auth.transport.requests import AuthorizedSession
 from local_support import make_service
@@ -51,6 +49,26 @@ def _chatty(svc) -> str:
     )
 
 
+def _follow(args: list[str], meanwhile: Callable[[], None]) -> tuple[int, str, str]:
+    """`skyhedge logs ARGS --tail 0 -f` in a process of its own; once it follows, `meanwhile()`;
+    then its (exit code, stdout, stderr) when it ends by itself (20 s at most, else killed)."""
+    follow = subprocess.Popen(
+        [sys.executable, "-m", "skyhedge.cli", "logs", *args, "--tail", "0", "-f", "--interval", "0.1"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        time.sleep(1.5)  # the follower has read the log to its end by now
+        meanwhile()
+        out, err = follow.communicate(timeout=20)
+    finally:
+        if follow.poll() is None:
+            follow.kill()
+            follow.communicate()
+    return follow.returncode, out, err
+
+
 def test_a_local_replica_log_is_its_process_output_and_follow_ends_when_it_is_gone(svc):
     svc.write(replicas=1, command=_chatty(svc))
     spec = load_spec(svc.spec_path)
@@ -65,24 +83,14 @@ def test_a_local_replica_log_is_its_process_output_and_follow_ends_when_it_is_go
     tail = CliRunner().invoke(main, ["logs", *args, "--tail", "1"])
     assert tail.exit_code == 0 and tail.stdout == "température: ok\n"
 
-    follow = subprocess.Popen(
-        [sys.executable, "-m", "skyhedge.cli", "logs", *args, "--tail", "0", "-f", "--interval", "0.1"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        time.sleep(1.5)  # the follower has read the log to its end by now
+    def write_then_destroy() -> None:
         with open(log_path(svc.runtime, "r-0001"), "a", encoding="utf-8") as log:
             log.write("a line written while following\n")
         time.sleep(0.5)
         assert destroy_service(spec, svc.state_dir, route=False).ok
-        out, err = follow.communicate(timeout=20)
-    finally:
-        if follow.poll() is None:
-            follow.kill()
-            follow.communicate()
-    assert follow.returncode == 0, err
+
+    rc, out, err = _follow(args, write_then_destroy)
+    assert rc == 0, err
     assert out == "a line written while following\n"  # --tail 0: only what came after
     assert err.strip().endswith("r-0001 is gone (terminated): end of its log")
 
@@ -104,25 +112,16 @@ def test_follow_ends_when_a_local_replica_process_dies_with_no_watcher_running(s
     spec = load_spec(svc.spec_path)
     assert apply_service(spec, svc.state_dir, route=False).ok
     args = [str(svc.spec_path), "r-0001", "--state-dir", str(svc.state_dir)]
-    follow = subprocess.Popen(
-        [sys.executable, "-m", "skyhedge.cli", "logs", *args, "--tail", "0", "-f", "--interval", "0.1"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        time.sleep(1.5)  # following by now
+
+    def last_words_then_die() -> None:
         with open(log_path(svc.runtime, "r-0001"), "a", encoding="utf-8") as log:
             log.write("its last words\n")
         proc = read_pidfile(svc.runtime, "r-0001")
         assert proc is not None
         os.killpg(proc.pgid, signal.SIGKILL)  # the replica dies; no watcher records it
-        out, err = follow.communicate(timeout=20)
-    finally:
-        if follow.poll() is None:
-            follow.kill()
-            follow.communicate()
-    assert follow.returncode == 0, err
+
+    rc, out, err = _follow(args, last_words_then_die)
+    assert rc == 0, err
     assert out == "its last words\n"  # what it wrote before it died is printed first
     assert err.strip().endswith("r-0001 is gone (failed): end of its log")
 
@@ -266,34 +265,14 @@ class SerialPort:
 @pytest.fixture
 def serial(monkeypatch):
     port = SerialPort()
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self):  # noqa: N802
-            url = urlsplit(self.path)
-            code, body = port.reply(url.path, parse_qs(url.query))
-            data = json.dumps(body).encode()
-            self.send_response(code)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        def log_message(self, *args):
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    monkeypatch.setenv(ENDPOINT_ENV, f"http://127.0.0.1:{server.server_address[1]}/compute/v1")
-    session = AuthorizedSession(AnonymousCredentials())
-    monkeypatch.setattr(gcp_logs, "SESSION", session)
-    try:
-        yield port
-    finally:
-        session.close()
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=5)
+    with json_server(port.reply) as base:
+        monkeypatch.setenv(ENDPOINT_ENV, f"{base}/compute/v1")
+        session = AuthorizedSession(AnonymousCredentials())
+        monkeypatch.setattr(gcp_logs, "SESSION", session)
+        try:
+            yield port
+        finally:
+            session.close()
 
 
 GCP_SPEC = """

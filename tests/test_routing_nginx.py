@@ -17,7 +17,6 @@ from typing import Any
 
 import pytest
 from routing_support import (
-    Fleet,
     Response,
     complete,
     free_port,
@@ -33,15 +32,6 @@ from skyhedge.routing import Router, RouterOptions, Upstream, read_stub_status
 from skyhedge.routing import nginx as nginx_proc
 
 pytestmark = [needs_nginx, pytest.mark.timeout(60)]
-
-
-@pytest.fixture
-def fleet(tmp_path: Path) -> Iterator[Fleet]:
-    f = Fleet(tmp_path)
-    try:
-        yield f
-    finally:
-        f.close()
 
 
 @pytest.fixture

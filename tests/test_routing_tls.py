@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from routing_support import Fleet, free_port, needs_nginx, teardown_router
+from routing_support import free_port, needs_nginx, teardown_router
 
 from skyhedge.errors import RoutingError, SpecError
 from skyhedge.routing import Router
@@ -100,15 +100,6 @@ def routers(tmp_path: Path) -> Iterator[Callable[[Any], Router]]:
     yield make
     for router in made:
         teardown_router(router)
-
-
-@pytest.fixture
-def fleet(tmp_path: Path) -> Iterator[Fleet]:
-    f = Fleet(tmp_path)
-    try:
-        yield f
-    finally:
-        f.close()
 
 
 @needs_nginx
