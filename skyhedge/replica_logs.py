@@ -61,13 +61,19 @@ def read_log(spec: ServiceSpec, state_dir: Path, record: ReplicaRecord, start: o
 
 
 def last_lines(text: str, count: int | None) -> str:
-    """The last `count` lines of `text` (all of it for None), keeping a final partial line."""
+    """The last `count` lines of `text` (all of it for None), keeping a final partial line. Lines
+    end at a line feed only, as `tail -n` counts them: a progress bar's carriage returns (a model
+    download), form feeds or other separators `str.splitlines` knows do not end one."""
     if count is None:
         return text
     if count <= 0:
         return ""
-    lines = text.splitlines(keepends=True)
-    return "".join(lines[-count:])
+    cut = len(text) - 1 if text.endswith("\n") else len(text)
+    for _ in range(count):
+        cut = text.rfind("\n", 0, cut)
+        if cut < 0:
+            return text
+    return text[cut + 1 :]
 
 
 __all__ = ["RECENT_BYTES", "LogChunk", "last_lines", "read_log"]

@@ -188,6 +188,20 @@ run: {command: serve}
 """
 
 
+def test_tail_counts_lines_as_tail_does_a_progress_bar_is_one_line():
+    """A model download's progress bar redraws one line with carriage returns; `--tail N` shows
+    the last N lines a terminal shows, as `tail -n N`, not N pieces of that bar."""
+    bar = "".join(f"\rDownloading model: {p:3d}%" for p in range(101)) + "\n"
+    log = "replica: step 1\nreplica: step 2\n" + bar + "replica: model loaded\n"
+    assert replica_logs.last_lines(log, 3) == "replica: step 2\n" + bar + "replica: model loaded\n"
+    assert replica_logs.last_lines("a\fb\x1cc\u2028d\ne", 1) == "e"
+    assert replica_logs.last_lines("a\fb\x1cc\u2028d\ne", 2) == "a\fb\x1cc\u2028d\ne"
+    assert replica_logs.last_lines("a\nb\nc\n", 2) == "b\nc\n"
+    assert replica_logs.last_lines("a\nb\nc\n", 3) == "a\nb\nc\n"
+    assert replica_logs.last_lines("a\nb\nc\n", 9) == "a\nb\nc\n"
+    assert replica_logs.last_lines("\n\n", 1) == "\n" and replica_logs.last_lines("", 5) == ""
+
+
 @pytest.fixture
 def ec2_session(monkeypatch):
     with mock_aws():
@@ -237,6 +251,65 @@ def test_an_aws_replica_log_is_its_instance_console_output(ec2_session, tmp_path
     unapplied = CliRunner().invoke(main, ["logs", str(spec_path), "r-0003", *args])
     assert unapplied.exit_code == 1
     assert unapplied.stderr == "error: r-0003: no EC2 instance recorded yet (not applied, or not created)\n"
+
+
+def test_an_aws_replica_a_gitops_watcher_recorded_is_found_by_its_tags(ec2_session, tmp_path, write_spec):
+    """Under `watch --gitops` CI applies the tree: the state records the replica as provisioned,
+    never its instance ID. Its log is its tagged instance's console, not 'not applied'."""
+    ec2 = ec2_session.client("ec2")
+    image = ec2.describe_images()["Images"][0]["ImageId"]
+
+    def launch(service: str, rid: str) -> str:
+        tags = [{"Key": "skyhedge:service", "Value": service}, {"Key": "skyhedge:replica", "Value": rid}]
+        return ec2.run_instances(
+            ImageId=image,
+            MinCount=1,
+            MaxCount=1,
+            TagSpecifications=[{"ResourceType": "instance", "Tags": tags}],
+        )["Instances"][0]["InstanceId"]
+
+    ours = launch("llm", "r-0001")
+    launch("other-service", "r-0002")  # another service's replica of the same ID is not ours
+    spec_path = write_spec(AWS_SPEC)
+    state = ServiceState(service="llm")
+    for rid in ("r-0001", "r-0002"):
+        state.replicas[rid] = ReplicaRecord(
+            rid, "aws", "us-east-1", "us-east-1a", "spot", launched_at=1.0, provisioned_at=2.0, ready_at=3.0
+        )
+    save_state(tmp_path / "state", state)
+    args = ["--state-dir", str(tmp_path / "state")]
+
+    result = CliRunner().invoke(main, ["logs", str(spec_path), "r-0001", *args, "--tail", "all"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout == ec2.get_console_output(InstanceId=ours)["Output"]
+    assert f"EC2 console output of {ours} (us-east-1)" in result.stderr
+    other = CliRunner().invoke(main, ["logs", str(spec_path), "r-0002", *args])
+    assert other.exit_code == 1
+    assert other.stderr == "error: r-0002: no EC2 instance recorded yet (not applied, or not created)\n"
+
+
+def test_an_aws_console_follow_shows_text_printed_again_and_what_came_before_it():
+    """The console is read whole each time; what a follow shows is what follows the previous
+    read's end. Text printed again later (a service restarted by systemd, a retry loop printing
+    the same line) is not that end: the crash before a restart, or the repeats, are shown."""
+    started = "[  OK  ] Started skyhedge-replica.service.\n" + "replica: loading model ...\n" * 12
+    boot = "Linux version 6.1\ncloud-init: running boot script\n" + started
+    first = aws_logs._after(boot, None, "x")
+    assert first.text == boot
+    crash = "replica: CUDA error: out of memory\n[FAILED] skyhedge-replica.service: exited, status=1\n"
+    restarted = aws_logs._after(boot + crash + started, first.next, "x")
+    assert restarted.text == crash + started and not restarted.skipped
+
+    waiting = "boot: waiting for the GPU driver ...\n"
+    retries = aws_logs._after("boot\n" + waiting * 10, None, "x")
+    more = aws_logs._after("boot\n" + waiting * 13, retries.next, "x")
+    assert more.text == waiting * 3 and not more.skipped
+
+    window = 4 * aws_logs.ANCHOR_CHARS  # a console past its window: its oldest text drops out
+    old = "".join(f"line {n}\n" for n in range(200))[-window:]
+    start = aws_logs._after(old, None, "x")
+    slid = aws_logs._after((old + "line 200\nline 201\n")[-window:], start.next, "x")
+    assert slid.text == "line 200\nline 201\n" and not slid.skipped
 
 
 class SerialPort:

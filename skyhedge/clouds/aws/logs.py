@@ -2,9 +2,11 @@
 
 EC2 keeps the newest 64 KB of the serial console. `Latest=True` reads it as it is now; instance
 types that cannot do that (Xen, older generations) give the output buffered at the last state
-change instead. The console is a window that slides, so a byte offset means nothing from one read
-to the next: the cursor is the end of the previous read's text, and a read shows what follows it
-(the whole window, marked skipped, when that end has slid out of it).
+change instead. The console is a window that slides, so a byte offset alone means nothing from
+one read to the next: the cursor is the previous read's length and the end of its text, and a read
+shows what follows that end (the whole window, marked skipped, when it has slid out of it).
+A replica whose instance ID the state does not record (`watch --gitops`: CI applied it) is found
+by its `skyhedge:service` and `skyhedge:replica` tags.
 """
 
 from __future__ import annotations
@@ -25,8 +27,6 @@ SESSION: Any = None
 
 
 def read_log(spec: ServiceSpec, state_dir: Path, record: ReplicaRecord, start: object) -> LogChunk:
-    if not record.cloud_id:
-        raise CloudError(f"{record.id}: no EC2 instance recorded yet (not applied, or not created)")
     from botocore.config import Config
     from botocore.exceptions import BotoCoreError, ClientError
 
@@ -36,22 +36,52 @@ def read_log(spec: ServiceSpec, state_dir: Path, record: ReplicaRecord, start: o
         region_name=record.region,
         config=Config(connect_timeout=5, read_timeout=30, retries={"mode": "standard", "max_attempts": 3}),
     )
-    where = f"EC2 console output of {record.cloud_id} ({record.region})"
+    instance = record.cloud_id or _tagged_instance(ec2, spec, record)
+    if not instance:
+        raise CloudError(f"{record.id}: no EC2 instance recorded yet (not applied, or not created)")
+    where = f"EC2 console output of {instance} ({record.region})"
     try:
         try:
-            reply = ec2.get_console_output(InstanceId=record.cloud_id, Latest=True)
+            reply = ec2.get_console_output(InstanceId=instance, Latest=True)
         except ClientError as exc:
             if exc.response.get("Error", {}).get("Code") != "UnsupportedOperation":
                 raise
-            reply = ec2.get_console_output(InstanceId=record.cloud_id)  # not Nitro: the buffered one
+            reply = ec2.get_console_output(InstanceId=instance)  # not Nitro: the buffered one
     except ClientError as exc:
         error = exc.response.get("Error", {})
         what = f"{error.get('Code')}: {error.get('Message')}"
-        raise CloudError(f"aws: {record.id}: GetConsoleOutput {record.cloud_id}: {what}") from None
+        raise CloudError(f"aws: {record.id}: GetConsoleOutput {instance}: {what}") from None
     except BotoCoreError as exc:
-        raise CloudError(f"aws: {record.id}: GetConsoleOutput {record.cloud_id}: {exc}") from None
+        raise CloudError(f"aws: {record.id}: GetConsoleOutput {instance}: {exc}") from None
     text = str(reply.get("Output") or "")  # botocore decodes the base64
     return _after(text, start, where)
+
+
+def _tagged_instance(ec2: Any, spec: ServiceSpec, record: ReplicaRecord) -> str | None:
+    """The instance carrying the replica's tags, for a replica whose instance ID the state does
+    not record: under `watch --gitops` CI applies the tree, and the state never learns the IDs.
+    The newest one that is not terminated, else the newest (its console outlives it a while)."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    from skyhedge.clouds.aws.events import TAG_REPLICA, TAG_SERVICE
+
+    filters = [
+        {"Name": f"tag:{TAG_SERVICE}", "Values": [spec.name]},
+        {"Name": f"tag:{TAG_REPLICA}", "Values": [record.id]},
+    ]
+    found: list[dict[str, Any]] = []
+    try:
+        for page in ec2.get_paginator("describe_instances").paginate(Filters=filters):
+            for reservation in page.get("Reservations", []):
+                found.extend(reservation.get("Instances", []))
+    except ClientError as exc:
+        error = exc.response.get("Error", {})
+        what = f"{error.get('Code')}: {error.get('Message')}"
+        raise CloudError(f"aws: {record.id}: DescribeInstances ({record.region}): {what}") from None
+    except BotoCoreError as exc:
+        raise CloudError(f"aws: {record.id}: DescribeInstances ({record.region}): {exc}") from None
+    found.sort(key=lambda i: (i.get("State", {}).get("Name") != "terminated", str(i.get("LaunchTime", ""))))
+    return str(found[-1]["InstanceId"]) if found else None
 
 
 #: How much of the previous read's end the cursor keeps: enough to be found once only.
@@ -59,10 +89,16 @@ ANCHOR_CHARS = 256
 
 
 def _after(text: str, start: object, where: str) -> LogChunk:
-    cursor = text[-ANCHOR_CHARS:]
-    if not start or not isinstance(start, str):
+    cursor = (len(text), text[-ANCHOR_CHARS:])
+    if not isinstance(start, tuple) or len(start) != 2:
         return LogChunk(text, cursor, where)
-    at = text.rfind(start)
+    end, anchor = start
+    # The window only slides forward: the previous read's end is where it was (a console under
+    # 64 KB, as most boot logs are), or earlier, never later. The same text found further on is
+    # that text printed again (a service restarted, a retry loop): what lies before it is new.
+    if text[max(0, end - len(anchor)) : end] == anchor:
+        return LogChunk(text[end:], cursor, where)
+    at = text.rfind(anchor, 0, end) if anchor else -1
     if at < 0:
         return LogChunk(text, cursor, where, skipped="the console's 64 KB window moved past the last read")
-    return LogChunk(text[at + len(start) :], cursor, where)
+    return LogChunk(text[at + len(anchor) :], cursor, where)
