@@ -1344,6 +1344,11 @@ def spec_changes(old: ServiceSpec, new: ServiceSpec) -> list[str]:
                 if path or f.name != "source":
                     walk(f"{path}.{f.name}" if path else f.name, getattr(a, f.name), getattr(b, f.name))
             return
+        if (a is None and is_dataclass(b)) or (b is None and is_dataclass(a)):
+            # a section set or unset (`service.tls`): its fields, not the object's Python repr
+            for f in fields(a if a is not None else b):
+                walk(f"{path}.{f.name}", getattr(a, f.name, None), getattr(b, f.name, None))
+            return
         hidden = any(path == p or path.startswith(p + ".") for p in _UNSHOWN)
         if hidden or isinstance(a, Mapping) or isinstance(b, Mapping):
             out.append(f"{path} changed")

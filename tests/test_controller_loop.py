@@ -352,6 +352,30 @@ def test_a_routing_failure_does_not_block_replacement(world):
     assert victim.id not in router.current
 
 
+def test_a_refused_router_config_says_nginx_reason_once(world):
+    """A config nginx refuses is one line quoting nginx's first error (`Router._install`); the
+    watcher's note does not repeat that line after it."""
+    from skyhedge.errors import RoutingError
+
+    ctl, clock, src, router = make(world), world["clock"], world["source"], world["router"]
+    settle(ctl, clock)
+    reason = '[emerg] SSL_CTX_use_PrivateKey("/etc/tls/key.pem") failed (key values mismatch)'
+
+    def refuse(upstreams):
+        raise RoutingError(
+            f"nginx refused the new configuration (kept as nginx.conf.rejected): {reason}",
+            stderr=f"nginx: {reason}\nnginx: configuration file nginx.conf test failed\n",
+        )
+
+    router.reload = refuse
+    victim = ctl.state.live()[0]
+    src.queue.append(PreemptionEvent(Signal.GONE, clock(), "fake", replica_id=victim.id, reason="preempted"))
+    ctl.tick()
+    refused = [n.text for n in ctl.notes if "nginx refused" in n.text]
+    kept = "kept as nginx.conf.rejected"
+    assert refused == [f"routing: nginx refused the new configuration ({kept}): {reason}"]
+
+
 def test_a_failure_retried_every_pass_is_noted_once_a_minute(world):
     """nginx refusing every reload is retried every 2 s; the note is not repeated each time (it
     would flood the log and push everything else out of the dashboard's history)."""

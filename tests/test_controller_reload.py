@@ -185,6 +185,23 @@ def test_spec_changes_name_each_field_and_hide_values_that_may_be_secret(write_s
     assert spec_changes(old, old) == []
 
 
+def test_spec_changes_name_the_fields_of_a_section_set_or_unset(write_spec, tmp_path):
+    # turning HTTPS on or off under a running watcher: its log says which files, not a repr
+    old = load_spec(write_spec(LOCAL))
+    tls = ", tls: {certfile: /etc/tls/cert.pem, keyfile: /etc/tls/key.pem}}"
+    new = load_spec(
+        write_spec(LOCAL.replace(f"port: {ROUTER_PORT}}}", f"port: {ROUTER_PORT}{tls}"), name="t.yaml")
+    )
+    assert spec_changes(old, new) == [
+        "service.tls.certfile: unset -> /etc/tls/cert.pem",
+        "service.tls.keyfile: unset -> /etc/tls/key.pem",
+    ]
+    assert spec_changes(new, old) == [
+        "service.tls.certfile: /etc/tls/cert.pem -> unset",
+        "service.tls.keyfile: /etc/tls/key.pem -> unset",
+    ]
+
+
 def test_a_rejected_header_value_is_not_echoed_into_the_log(spec_file, tmp_path):
     # a rotated token pasted as a YAML block scalar ends in a line break, which no header takes
     with watcher_for(spec_file, tmp_path) as w:

@@ -158,6 +158,41 @@ def test_tls_files_that_cannot_be_read_are_one_line_naming_the_field_and_start_n
 
 
 @needs_nginx
+def test_an_encrypted_key_is_one_line_naming_the_field_before_nginx_asks_for_its_passphrase(
+    tmp_path, routers
+):
+    """nginx asks for an encrypted key's passphrase on the terminal: `routing up`, `apply` and
+    `up` waited at its prompt, and a watcher's reload has no terminal to ask."""
+    from cryptography.hazmat.primitives import serialization
+
+    certfile, keyfile = _write_cert(tmp_path, serial=9)
+    key = serialization.load_pem_private_key(keyfile.read_bytes(), None)
+    encrypted = tmp_path / "encrypted.pem"
+    encrypted.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(b"passphrase"),
+        )
+    )
+    traditional = tmp_path / "traditional.pem"  # `Proc-Type: 4,ENCRYPTED` after the BEGIN line
+    traditional.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.TraditionalOpenSSL,
+            serialization.BestAvailableEncryption(b"passphrase"),
+        )
+    )
+    for path in (encrypted, traditional):
+        router = routers(_spec(free_port(), {"certfile": str(certfile), "keyfile": str(path)}))
+        with pytest.raises(
+            RoutingError, match=rf"^service\.tls\.keyfile: .*{path.name}: the private key is encrypted"
+        ):
+            router.up([])
+        assert router.pid() is None and not router.paths.rejected.exists()
+
+
+@needs_nginx
 def test_a_running_router_keeps_its_config_when_the_key_vanishes_before_a_reload(tmp_path, routers, fleet):
     certfile, keyfile = _write_cert(tmp_path, serial=5)
     port = free_port()

@@ -752,7 +752,9 @@ class Controller:
             # OSError: the router's files could not be written, e.g. a full disk).
             self._routing_failed = True
             stderr = getattr(exc, "stderr", "") or ""
-            detail = f" ({stderr.strip().splitlines()[0]})" if stderr.strip() else ""
+            first = stderr.strip().splitlines()[0] if stderr.strip() else ""
+            # nginx's reason once: a refused config's error quotes it already (`Router._install`)
+            detail = f" ({first})" if first and first.removeprefix("nginx: ") not in str(exc) else ""
             self.note(f"routing: {exc}{detail}", level=logging.WARNING)
             return None
         self._routing_failed = False

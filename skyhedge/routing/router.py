@@ -175,11 +175,19 @@ class Router:
         for what, path in (("certfile", tls.certfile), ("keyfile", tls.keyfile)):
             try:
                 with open(path, "rb") as f:
-                    head = f.read(4096)
+                    head = f.read(4096 if what == "certfile" else 2**20)
             except OSError as exc:
                 raise RoutingError(f"service.tls.{what}: {path}: {exc.strerror or exc}") from exc
             if b"-----BEGIN " not in head:
                 raise RoutingError(f"service.tls.{what}: {path}: not a PEM file (no -----BEGIN line)")
+            if what == "keyfile" and (b"-----BEGIN ENCRYPTED " in head or b"Proc-Type: 4,ENCRYPTED" in head):
+                # nginx would ask for the passphrase on the terminal (`nginx -t` waited there for
+                # good under `apply` or `up`), and a reload by the watcher has no terminal to ask
+                raise RoutingError(
+                    f"service.tls.{what}: {path}: the private key is encrypted (nginx would ask for "
+                    "its passphrase): give it unencrypted, readable by this user only "
+                    "(`openssl pkey -in KEY -out KEY.plain`)"
+                )
 
     def status(self) -> dict[str, Any]:
         """`endpoint`, `pid` (None when not running), `upstreams` ([{id, endpoint}]), `status_url`."""
