@@ -18,7 +18,7 @@ from test_local_launcher import config as launch_config
 
 from skyhedge.clouds.local import capacity, runtime_dir
 from skyhedge.clouds.local.events import LocalEventSource, kill_zone, preempt_zone, set_zone_capacity
-from skyhedge.clouds.local.processes import find_processes, is_running, kill_all, read_pidfile
+from skyhedge.clouds.local.processes import find_processes, is_running, kill_all, read_pidfile, stop_replica
 from skyhedge.events import Signal
 from skyhedge.state import ReplicaRecord
 
@@ -194,6 +194,33 @@ def test_the_logs_of_replicas_the_state_forgot_are_removed_and_the_others_kept(s
     assert sorted(p.name for p in (rt / "replicas").glob("*.log")) == ["r-0003.log", "r-0004.log"]
     assert is_running(read_pidfile(rt, "r-0004"))
     assert src.forget({"r-0003"}) == []
+
+
+def test_a_running_replicas_log_is_rotated_past_its_cap_and_keeps_taking_lines(state_dir):
+    """The process writes to the log it was started with, for as long as it runs: a chatty
+    server running for weeks filled the disk. Past the cap the log is copied to `<id>.log.1` and
+    truncated in place, and the process's next lines land at its new start; a forgotten
+    replica's rotated part goes with its log."""
+    from skyhedge.clouds.local.processes import log_path, rotate_logs
+
+    launch(state_dir, "r-0001", "local-a")
+    rt = runtime_dir(state_dir)
+    log = log_path(rt, "r-0001")
+    with open(log, "ab") as process_output:  # as the launcher opens it for the replica: appending
+        process_output.write(b"x" * 5000 + b"\n")
+        process_output.flush()
+        assert rotate_logs(rt, max_bytes=1000) == ["r-0001"]
+        assert log.stat().st_size == 0 and (rt / "replicas" / "r-0001.log.1").stat().st_size > 5000
+        process_output.write(b"the next line\n")
+        process_output.flush()
+    assert log.read_bytes() == b"the next line\n"  # at the start, no hole of 5000 zero bytes
+    assert rotate_logs(rt, max_bytes=1000) == []
+    stop_replica(rt, "r-0001", grace=2.0)
+    (rt / "replicas" / "r-0002.log").write_text("old\n")
+    (rt / "replicas" / "r-0002.log.1").write_text("older\n")
+    src = LocalEventSource(state_dir, REGION_OF)
+    assert src.forget(set()) == ["r-0001", "r-0002"]
+    assert sorted(p.name for p in (rt / "replicas").iterdir() if "log" in p.name) == []
 
 
 def test_preempt_kills_what_left_the_replica_group_too(state_dir):

@@ -341,6 +341,22 @@ def test_write_tree_refuses_a_rendered_tree_that_became_a_git_repository(tmp_pat
     assert sorted(p.name for p in tmp_path.iterdir()) == ["infra"]
 
 
+def test_write_tree_refuses_a_git_repository_nested_in_a_root_but_not_in_terraforms_own_folders(tmp_path):
+    """A root `git init`ed in place went the same way as the whole tree. A git-sourced module
+    keeps its `.git` under the root's `.terraform/`, which is carried over: no refusal there."""
+    out = tmp_path / "infra"
+    tree = render_tree(spec_of(), LOCAL, context=CTX, instance_types=TYPES)
+    write_tree(tree, out)
+    root = out / tree.roots[0].path
+    (root / ".terraform" / "modules" / "m" / ".git").mkdir(parents=True)
+    write_tree(tree, out)  # carried over as before
+    assert (root / ".terraform" / "modules" / "m" / ".git").is_dir()
+    (root / ".git").mkdir()
+    with pytest.raises(RenderError, match=rf"infra: holds a git repository \({root}/\.git\)"):
+        write_tree(tree, out)
+    assert (root / ".git").is_dir()
+
+
 def test_write_tree_writes_through_a_symlink_and_leaves_nothing_beside_it(tmp_path):
     target = tmp_path / "real"
     link = tmp_path / "link"

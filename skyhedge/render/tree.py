@@ -325,9 +325,16 @@ def git_repository_in(out: Path) -> str | None:
     (`.git`: a folder, or a worktree's or submodule's file), else None. The swap replaces every
     file the plan does not render, and a tree rendered once and then `git init`ed in place lost
     its repository, history and all, at the next render."""
-    if not os.path.lexists(out / ".git"):
-        return None
-    return f"{out}: holds a git repository (.git), which replacing the tree would delete"
+    if os.path.lexists(out / ".git"):
+        return f"{out}: holds a git repository (.git), which replacing the tree would delete"
+    # one nested in the tree (a root `git init`ed): deleted the same way. Terraform's own
+    # `.terraform` folders (git-sourced modules keep their .git there) are carried over: skipped
+    for folder, dirs, files in os.walk(out):
+        dirs[:] = [d for d in dirs if d != ".terraform"]
+        if ".git" in dirs or ".git" in files:
+            where = Path(folder) / ".git"
+            return f"{out}: holds a git repository ({where}), which replacing the tree would delete"
+    return None
 
 
 def write_tree(tree: RenderedTree, out: Path) -> None:

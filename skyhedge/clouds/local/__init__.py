@@ -4,7 +4,8 @@ Everything the local cloud keeps lives under `<state dir>/local/` (its "runtime 
 
     replicas/<id>.json   pid file: pid, process group, port, zone, market, start time
     replicas/<id>.log    the replica's stdout and stderr (removed by a watcher once the state no
-                         longer records the replica: see `processes.prune_logs`)
+                         longer records the replica: see `processes.prune_logs`; past 64 MiB a
+                         watcher moves it to <id>.log.1: `processes.rotate_logs`)
     capacity.json        zones marked preempted (see `capacity`): spot launches there fail
 
 This package's `__init__` stays import-light: the launcher runs once per replica launch.

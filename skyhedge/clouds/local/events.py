@@ -39,6 +39,7 @@ from skyhedge.clouds.local.processes import (
     proc_starttime,
     prune_logs,
     read_pidfile,
+    rotate_logs,
     stop_replica,
 )
 from skyhedge.events import EventSource, PreemptionEvent, Signal
@@ -150,8 +151,10 @@ class LocalEventSource(EventSource):
         return sorted(stray)
 
     def forget(self, known_ids: set[str]) -> list[str]:
-        """Remove the logs of replicas the state no longer records (it keeps the last
-        `state.GONE_KEPT` gone ones); returns their IDs."""
+        """Bound the replicas' logs: remove those of replicas the state no longer records (it
+        keeps the last `state.GONE_KEPT` gone ones), and rotate those past 64 MiB
+        (`processes.rotate_logs`). Returns the IDs whose logs were removed."""
+        rotate_logs(self.runtime)
         return prune_logs(self.runtime, known_ids)
 
     # -- waking ---------------------------------------------------------------------------------

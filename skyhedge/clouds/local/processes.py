@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import time
 from dataclasses import asdict, dataclass
@@ -185,9 +186,33 @@ def prune_logs(runtime_dir: Path, keep: set[str]) -> list[str]:
         if rid in keep or pid_path(runtime_dir, rid).exists():
             continue
         with contextlib.suppress(FileNotFoundError):
+            path.with_name(f"{path.name}.1").unlink(missing_ok=True)  # its rotated part too
             path.unlink()
             removed.append(rid)
     return sorted(removed)
+
+
+#: A running local replica's log past this size is rotated by `rotate_logs`.
+LOG_ROTATE_BYTES = 64 * 2**20
+
+
+def rotate_logs(runtime_dir: Path, max_bytes: int = LOG_ROTATE_BYTES) -> list[str]:
+    """Rotate the logs of replicas past `max_bytes`: copied to `<id>.log.1` (replacing the one
+    before), then truncated in place, since the replica's process keeps writing to the file it
+    was started with (appending: its next line lands at the new start). A chatty server running
+    for weeks filled the disk. Lines written between the copy and the truncation are lost, as
+    with logrotate's copytruncate. Returns the IDs rotated."""
+    rotated = []
+    for path in replicas_dir(runtime_dir).glob("r-*.log"):
+        try:
+            if path.stat().st_size <= max_bytes:
+                continue
+            shutil.copyfile(path, path.with_name(f"{path.name}.1"))
+            os.truncate(path, 0)
+        except FileNotFoundError:
+            continue
+        rotated.append(path.stem)
+    return sorted(rotated)
 
 
 def kill_all(runtime_dir: Path) -> list[int]:
