@@ -731,6 +731,11 @@ def _replica_policy(ctx: _Ctx, raw: Any) -> ReplicaPolicy:
         qps = _number(ctx, f"{p}.target_qps_per_replica", qps, lo=0, open_lo=True)
     elif max_r is not None and max_r != min_r:
         raise ctx.fail(f"{p}.target_qps_per_replica", "required when max_replicas differs from min_replicas")
+    if qps is not None and max_r is None:
+        # without it the autoscaler's target had no upper bound: ceil(qps / target) replicas
+        raise ctx.fail(
+            f"{p}.max_replicas", "required when target_qps_per_replica is set (the autoscaler's upper bound)"
+        )
     base = _int(
         ctx, f"{p}.base_ondemand_fallback_replicas", d.get("base_ondemand_fallback_replicas", 0), lo=0
     )

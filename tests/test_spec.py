@@ -141,6 +141,12 @@ BAD_SPECS: list[tuple[str, str]] = [
         _with("replica_policy: {min_replicas: 1, max_replicas: 4}\n"),
         "replica_policy.target_qps_per_replica: required when max_replicas differs from min_replicas",
     ),
+    # Without max_replicas the autoscaler's target was unbounded: 120 req/s at 0.5 per replica
+    # asked for 240 replicas.
+    (
+        _with("replica_policy: {min_replicas: 1, target_qps_per_replica: 0.5}\n"),
+        "replica_policy.max_replicas: required when target_qps_per_replica is set (the autoscaler's upper bound)",
+    ),
     (
         _with("replica_policy: {target_qps_per_replica: 0}\n"),
         "replica_policy.target_qps_per_replica: expected a number > 0, got 0",
