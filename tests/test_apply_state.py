@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import time
 from pathlib import Path
 from typing import Any
 
@@ -360,7 +361,51 @@ def test_status_of_a_service_never_applied(tmp_path: Path):
         "watcher": None,
         "local_capacity": None,
         "launch_hold": None,
+        "autoscaler": None,
     }
+
+
+def test_status_says_what_the_autoscaler_decided_and_why(tmp_path: Path):
+    """Under load a user asks why there are 4 replicas and when they go back to 2: status showed
+    neither the target nor the rate nor the wish waiting out its delay (found by an audit: the
+    answers were only in state.json's `extra`)."""
+    spec = tmp_path / "s.yaml"
+    spec.write_text(
+        "name: busy\nplacement: {clouds: [local]}\nrun: {command: 'true'}\n"
+        "replica_policy: {min_replicas: 2, max_replicas: 4, target_qps_per_replica: 20,\n"
+        "  upscale_delay_seconds: 10, downscale_delay_seconds: 30}\n"
+    )
+    scaler = {"samples": [], "target": 4, "pending": 3, "pending_since": 1000.0, "qps": 51.5}
+    save_state(tmp_path / "st", ServiceState(service="busy", target=4, extra={"autoscaler": scaler}))
+    out = run_cli("status", str(spec), "--state-dir", str(tmp_path / "st"), "--json")
+    assert json.loads(out.output)["autoscaler"] == {
+        "target": 4,
+        "min_replicas": 2,
+        "max_replicas": 4,
+        "target_qps_per_replica": 20.0,
+        "qps": 51.5,
+        "window_seconds": 60.0,
+        "pending": 3,
+        "pending_since": 1000.0,
+        "adopt_at": 1030.0,  # a wish down waits downscale_delay_seconds
+    }
+    text = " ".join(run_cli("status", str(spec), "--state-dir", str(tmp_path / "st")).output.split())
+    when = time.strftime("%H:%M:%S", time.localtime(1030.0))
+    assert (
+        "Autoscaler: target 4 (51.5 req/s over the last 60 s, 20 req/s per replica, 2-4 replicas); "
+        f"wants 3, adopted at {when} if the rate holds"
+    ) in text
+    # a fresh service: min_replicas, no rate yet; a spec without target_qps_per_replica: null
+    save_state(tmp_path / "st", ServiceState(service="busy"))
+    scaled = json.loads(run_cli("status", str(spec), "--state-dir", str(tmp_path / "st"), "--json").output)
+    assert scaled["autoscaler"]["target"] == 2 and scaled["autoscaler"]["qps"] is None
+    spec.write_text("name: busy\nplacement: {clouds: [local]}\nrun: {command: 'true'}\n")
+    assert (
+        json.loads(run_cli("status", str(spec), "--state-dir", str(tmp_path / "st"), "--json").output)[
+            "autoscaler"
+        ]
+        is None
+    )
 
 
 def test_status_shows_what_the_local_capacity_file_holds_back(tmp_path: Path):

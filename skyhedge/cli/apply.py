@@ -33,7 +33,7 @@ from skyhedge.engine import PlanResult, replica_of
 from skyhedge.errors import SpecError, StateError
 from skyhedge.planner import Plan
 from skyhedge.render import RenderedRoot
-from skyhedge.spec import load_spec, service_name_in
+from skyhedge.spec import ServiceSpec, load_spec, service_name_in
 from skyhedge.state import LAUNCH_HOLD_KEY, ReplicaRecord, ServiceState, default_state_dir, load_state
 
 _terraform_bin_option = click.option(
@@ -317,10 +317,12 @@ def status_json(
     watcher: dict[str, Any] | None = None,
     local_capacity: dict[str, Any] | None = None,
     launch_hold: dict[str, Any] | None = None,
+    autoscaler: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The documented `status --json` object: `service`, `replicas` (rows), `router`, `watcher`
-    (the running watcher's record, or null), `local_capacity` (null: every local zone open) and
-    `launch_hold` (the watcher holding new launches back: `until`, `reason`; null: none)."""
+    (the running watcher's record, or null), `local_capacity` (null: every local zone open),
+    `launch_hold` (the watcher holding new launches back: `until`, `reason`; null: none) and
+    `autoscaler` (its target, the rate it is based on, the wish pending; null: autoscaling off)."""
     return {
         "service": service_name,
         "replicas": rows,
@@ -328,7 +330,51 @@ def status_json(
         "watcher": watcher,
         "local_capacity": local_capacity,
         "launch_hold": launch_hold,
+        "autoscaler": autoscaler,
     }
+
+
+def autoscaler_status(spec: ServiceSpec, state: ServiceState) -> dict[str, Any] | None:
+    """What the request-rate autoscaler decided and why, from the state the watcher saved: the
+    target, its bounds, the rate over the window, and a wish waiting out its delay (`pending`,
+    since when, and `adopt_at`: when it is adopted if the rate holds). None when it is off."""
+    from skyhedge.autoscaler import AutoscalerConfig, AutoscalerState
+    from skyhedge.service import service_target
+
+    config = AutoscalerConfig.from_spec(spec)
+    if not config.enabled:
+        return None
+    saved = AutoscalerState.from_json(state.extra.get("autoscaler"))
+    pending = saved.pending if saved.pending_since is not None else None
+    adopt_at = None
+    if pending is not None and saved.pending_since is not None:
+        up = pending > service_target(spec, state)
+        delay = config.upscale_delay_seconds if up else config.downscale_delay_seconds
+        adopt_at = saved.pending_since + delay
+    return {
+        "target": service_target(spec, state),
+        "min_replicas": config.min_replicas,
+        "max_replicas": config.max_replicas,
+        "target_qps_per_replica": config.target_qps_per_replica,
+        "qps": saved.qps,
+        "window_seconds": config.window_seconds,
+        "pending": pending,
+        "pending_since": saved.pending_since if pending is not None else None,
+        "adopt_at": adopt_at,
+    }
+
+
+def _describe_autoscaler(scaler: dict[str, Any]) -> str:
+    bounds = f"{scaler['min_replicas']}-{scaler['max_replicas']}"
+    rate = "rate not measured yet" if scaler["qps"] is None else f"{scaler['qps']:.1f} req/s"
+    text = (
+        f"target {scaler['target']} ({rate} over the last {scaler['window_seconds']:.0f} s, "
+        f"{scaler['target_qps_per_replica']:g} req/s per replica, {bounds} replicas)"
+    )
+    if scaler["pending"] is not None:
+        when = time.strftime("%H:%M:%S", time.localtime(float(scaler["adopt_at"])))
+        text += f"; wants {scaler['pending']}, adopted at {when} if the rate holds"
+    return text
 
 
 def launch_hold(state: ServiceState, now: float) -> dict[str, Any] | None:
@@ -365,8 +411,10 @@ def local_capacity(sdir: Path) -> dict[str, Any] | None:
 )
 def status(spec: Path, state_dir: Path | None, as_json: bool, include_gone: bool) -> None:
     """Show the replicas of SPEC as recorded in the state: where, which market, endpoint and state."""
+    loaded: ServiceSpec | None = None
     try:
-        name = load_spec(spec).name
+        loaded = load_spec(spec)
+        name = loaded.name
     except SpecError as exc:
         # an edit in progress or a typo the running watcher refused: its state is still worth seeing
         found = service_name_in(spec)
@@ -381,9 +429,10 @@ def status(spec: Path, state_dir: Path | None, as_json: bool, include_gone: bool
     watcher = presence.read(sdir)  # the running watch/up, if any
     held_back = local_capacity(sdir)
     hold = launch_hold(state, time.time())
+    scaler = autoscaler_status(loaded, state) if loaded is not None else None
     if as_json:
         record = watcher.to_json() if watcher is not None else None
-        click.echo(json.dumps(status_json(name, rows, router, record, held_back, hold), indent=2))
+        click.echo(json.dumps(status_json(name, rows, router, record, held_back, hold, scaler), indent=2))
         return
     table = Table(title=Text(f"skyhedge status: {name}"))
     # One location column keeps the endpoint readable (unwrapped) in an 80-column terminal.
@@ -428,6 +477,8 @@ def status(spec: Path, state_dir: Path | None, as_json: bool, include_gone: bool
     if hold is not None:
         until = time.strftime("%H:%M:%S", time.localtime(float(hold["until"])))
         console.print(f"Launches held until {until}: {hold['reason']}", markup=False)
+    if scaler is not None:
+        console.print(f"Autoscaler: {_describe_autoscaler(scaler)}", markup=False)
 
 
 def _answers(endpoint: object) -> bool:
