@@ -1108,3 +1108,26 @@ def test_a_pass_over_a_state_full_of_refused_launches_digests_the_spec_once_per_
     ctl.tick()
     assert 0 < len(digests) <= 4  # once per cloud for each of the pass's crash-loop checks
     assert ctl._crash_hold(now) == 0  # never provisioned: no crash loop, as before
+
+
+def test_the_log_says_what_the_autoscaler_waits_for_and_why_its_target_moved(world, write_spec):
+    """A wish waits out its delay (downscale_delay_seconds: 20 minutes by default) before it is
+    adopted: the log said nothing until then, and a target moved by a reloaded max_replicas was
+    put down to the request rate (found by an audit under real load)."""
+    ctl, clock, router = make(world), world["clock"], world["router"]
+    for _ in range(70):  # 35 req/s against 10 per replica: wants 4, adopted after 5 s
+        router.count = (router.count or 0) + 35
+        ctl.tick()
+        clock.advance(1)
+    texts = [n.text for n in ctl.notes if n.text.startswith("autoscaler:")]
+    wish = next(i for i, t in enumerate(texts) if t.startswith("autoscaler: wants "))
+    assert texts[wish].endswith("adopted after upscale_delay_seconds (5 s) if the rate holds")
+    assert "wants 3 replicas, not 2 (" in texts[wish] or "wants 4 replicas, not 2 (" in texts[wish]
+    adopted = next(i for i, t in enumerate(texts) if t.startswith("autoscaler: target 2 -> "))
+    assert wish < adopted and texts[adopted].endswith(" req/s)")
+    assert ctl.state.target == 4
+    _reconfigure(ctl, load_spec(write_spec(SPEC.replace("max_replicas: 4", "max_replicas: 3"), "m3.yaml")))
+    router.count += 35
+    ctl.tick()
+    assert ctl.state.target == 3
+    assert "autoscaler: target 4 -> 3 (min_replicas/max_replicas changed)" in [n.text for n in ctl.notes]

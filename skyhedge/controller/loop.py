@@ -502,10 +502,28 @@ class Controller:
             prev = replace(prev, target=self.state.target)
         new = autoscaler.step(self.scaler, prev, now, count)
         self.state.extra["autoscaler"] = new.to_json()
+        qps = f"{new.qps:.2f}" if new.qps is not None else "?"
+        if new.pending is not None and (
+            new.pending != prev.pending or new.pending_since != prev.pending_since
+        ):
+            # the wish starts its delay (up to downscale_delay_seconds: 20 minutes by default); said
+            # only at its adoption, the log was silent for the whole wait
+            up = new.pending > new.target
+            knob = "upscale_delay_seconds" if up else "downscale_delay_seconds"
+            delay = self.scaler.upscale_delay_seconds if up else self.scaler.downscale_delay_seconds
+            self.note(
+                f"autoscaler: wants {new.pending} replicas, not {new.target} ({qps} req/s); "
+                f"adopted after {knob} ({delay:g} s) if the rate holds",
+                now,
+            )
         if new.target != self.state.target:
             if self.state.target is not None:
-                qps = f"{new.qps:.2f}" if new.qps is not None else "?"
-                self.note(f"autoscaler: target {self.state.target} -> {new.target} ({qps} req/s)", now)
+                # a reloaded min_replicas/max_replicas moves the target at once, whatever the rate
+                clipped = (
+                    prev.target is not None and new.target == self.scaler.clip(prev.target) != prev.target
+                )
+                why = "min_replicas/max_replicas changed" if clipped else f"{qps} req/s"
+                self.note(f"autoscaler: target {self.state.target} -> {new.target} ({why})", now)
             self.state.target = new.target
 
     def _survival(self, now: float) -> None:
