@@ -366,9 +366,14 @@ def autoscaler_status(spec: ServiceSpec, state: ServiceState) -> dict[str, Any] 
 
 def _describe_autoscaler(scaler: dict[str, Any]) -> str:
     bounds = f"{scaler['min_replicas']}-{scaler['max_replicas']}"
-    rate = "rate not measured yet" if scaler["qps"] is None else f"{scaler['qps']:.1f} req/s"
+    window = f"{scaler['window_seconds']:.0f} s"
+    rate = (
+        "rate not measured yet"
+        if scaler["qps"] is None
+        else f"{scaler['qps']:.1f} req/s over the last {window}"
+    )
     text = (
-        f"target {scaler['target']} ({rate} over the last {scaler['window_seconds']:.0f} s, "
+        f"target {scaler['target']} ({rate}, "
         f"{scaler['target_qps_per_replica']:g} req/s per replica, {bounds} replicas)"
     )
     if scaler["pending"] is not None:
