@@ -11,6 +11,8 @@ by its `skyhedge:service` and `skyhedge:replica` tags.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -28,7 +30,7 @@ SESSION: Any = None
 
 def read_log(spec: ServiceSpec, state_dir: Path, record: ReplicaRecord, start: object) -> LogChunk:
     from botocore.config import Config
-    from botocore.exceptions import BotoCoreError, ClientError
+    from botocore.exceptions import ClientError
 
     session = SESSION or new_session()
     ec2 = session.client(
@@ -40,19 +42,13 @@ def read_log(spec: ServiceSpec, state_dir: Path, record: ReplicaRecord, start: o
     if not instance:
         raise CloudError(f"{record.id}: no EC2 instance recorded yet (not applied, or not created)")
     where = f"EC2 console output of {instance} ({record.region})"
-    try:
+    with _one_line(f"aws: {record.id}: GetConsoleOutput {instance}"):
         try:
             reply = ec2.get_console_output(InstanceId=instance, Latest=True)
         except ClientError as exc:
             if exc.response.get("Error", {}).get("Code") != "UnsupportedOperation":
                 raise
             reply = ec2.get_console_output(InstanceId=instance)  # not Nitro: the buffered one
-    except ClientError as exc:
-        error = exc.response.get("Error", {})
-        what = f"{error.get('Code')}: {error.get('Message')}"
-        raise CloudError(f"aws: {record.id}: GetConsoleOutput {instance}: {what}") from None
-    except BotoCoreError as exc:
-        raise CloudError(f"aws: {record.id}: GetConsoleOutput {instance}: {exc}") from None
     text = str(reply.get("Output") or "")  # botocore decodes the base64
     return _after(text, start, where)
 
@@ -61,8 +57,6 @@ def _tagged_instance(ec2: Any, spec: ServiceSpec, record: ReplicaRecord) -> str 
     """The instance carrying the replica's tags, for a replica whose instance ID the state does
     not record: under `watch --gitops` CI applies the tree, and the state never learns the IDs.
     The newest one that is not terminated, else the newest (its console outlives it a while)."""
-    from botocore.exceptions import BotoCoreError, ClientError
-
     from skyhedge.clouds.aws.events import TAG_REPLICA, TAG_SERVICE
 
     filters = [
@@ -70,18 +64,26 @@ def _tagged_instance(ec2: Any, spec: ServiceSpec, record: ReplicaRecord) -> str 
         {"Name": f"tag:{TAG_REPLICA}", "Values": [record.id]},
     ]
     found: list[dict[str, Any]] = []
-    try:
+    with _one_line(f"aws: {record.id}: DescribeInstances ({record.region})"):
         for page in ec2.get_paginator("describe_instances").paginate(Filters=filters):
             for reservation in page.get("Reservations", []):
                 found.extend(reservation.get("Instances", []))
-    except ClientError as exc:
-        error = exc.response.get("Error", {})
-        what = f"{error.get('Code')}: {error.get('Message')}"
-        raise CloudError(f"aws: {record.id}: DescribeInstances ({record.region}): {what}") from None
-    except BotoCoreError as exc:
-        raise CloudError(f"aws: {record.id}: DescribeInstances ({record.region}): {exc}") from None
     found.sort(key=lambda i: (i.get("State", {}).get("Name") != "terminated", str(i.get("LaunchTime", ""))))
     return str(found[-1]["InstanceId"]) if found else None
+
+
+@contextlib.contextmanager
+def _one_line(call: str) -> Iterator[None]:
+    """An AWS API failure inside the block as one CloudError line: `CALL: Code: Message`."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    try:
+        yield
+    except ClientError as exc:
+        error = exc.response.get("Error", {})
+        raise CloudError(f"{call}: {error.get('Code')}: {error.get('Message')}") from None
+    except BotoCoreError as exc:
+        raise CloudError(f"{call}: {exc}") from None
 
 
 #: How much of the previous read's end the cursor keeps: enough to be found once only.
