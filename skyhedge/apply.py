@@ -897,13 +897,20 @@ def destroy_service(
                 now = clock()
                 if isinstance(result, ApplyResult) and result.ok:
                     held = held_replicas(state).get(root.path, set())
+                    # what Terraform itself destroyed: an apply cut short (a SIGTERM, a kill)
+                    # may have created replicas the state still records as never launched
+                    deleted = {c.replica_id for c in result.completed if c.action in ("delete", "replace")}
                     for rec in state.replicas.values():
                         if (rec.cloud, rec.region) == root.key:
                             if rec.gone_at is not None and rec.id in held:
                                 report.held_gone.append(rec.id)
                             if rec.gone_at is None:
                                 rec.gone_at, rec.reason, rec.draining = now, "terminated", False
-                                created = rec.provisioned_at is not None or rec.cloud_id is not None
+                                created = (
+                                    rec.provisioned_at is not None
+                                    or rec.cloud_id is not None
+                                    or rec.id in deleted
+                                )
                                 (report.destroyed if created else report.never_created).append(rec.id)
                             rec.outputs = {}
                     _tracked(state).pop(root.path, None)

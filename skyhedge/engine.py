@@ -23,11 +23,13 @@ Terraform's own error text; a spot launch refused for capacity raises `Insuffici
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -51,6 +53,7 @@ __all__ = [
     "Terraform",
     "TerraformRoot",
     "capacity_reason",
+    "interrupt_running",
     "parse_event",
     "replica_of",
     "resolve_binary",
@@ -385,6 +388,63 @@ def resolve_binary(binary: str | os.PathLike[str] | None) -> str | None:
     )
 
 
+# The Terraform processes running now (any thread), so that a SIGTERM to skyhedge can be passed
+# on to them as the SIGINT a terminal's Ctrl-C sends the whole process group.
+_running: set[subprocess.Popen[str]] = set()
+_running_lock = threading.Lock()
+
+
+def interrupt_running() -> int:
+    """Send SIGINT where a terminal's Ctrl-C would have: to every Terraform process running now
+    and to what they run in skyhedge's process group (a local replica's launcher and its
+    `run.setup`; not the replicas, which run in their own sessions). Returns how many processes
+    were signalled.
+
+    Terraform takes SIGINT as a request to stop gracefully: it lets the resource operations in
+    flight finish and writes its state, where a SIGTERM'd skyhedge would otherwise leave it to
+    finish (or not) unseen, as an orphan. Called from a signal handler: no lock is taken (the
+    set is copied in one step)."""
+    pids = {p.pid for p in tuple(_running) if p.returncode is None}
+    if pids:
+        pids |= _group_descendants(pids)
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGINT)
+    return len(pids)
+
+
+def _group_descendants(roots: set[int]) -> set[int]:
+    """The processes below `roots` in this process's group, read from /proc (none without it)."""
+    me = os.getpgrp()
+    parent: dict[int, int] = {}
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return set()
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as fh:
+                stat = fh.read()
+        except OSError:
+            continue
+        # pid (comm) state ppid pgrp ...: comm may hold spaces and parentheses
+        fields = stat[stat.rfind(b")") + 2 :].split()
+        if len(fields) >= 3 and int(fields[2]) == me:
+            parent[int(entry)] = int(fields[1])
+    found: set[int] = set()
+    for pid in parent:
+        seen, up = set(), pid
+        while up in parent and up not in seen:
+            seen.add(up)
+            up = parent[up]
+            if up in roots:
+                found.add(pid)
+                break
+    return found
+
+
 class Terraform:
     """Runs Terraform commands in roots. Thread-safe: each command is its own child process."""
 
@@ -551,6 +611,8 @@ class Terraform:
             proc.kill()
 
         watchdog = threading.Timer(self.timeout, expire) if self.timeout > 0 else None
+        with _running_lock:
+            _running.add(proc)
         with proc:
             assert proc.stdout is not None and proc.stderr is not None
             stderr = proc.stderr
@@ -568,6 +630,8 @@ class Terraform:
                         on_line(line.rstrip("\n"))
             finally:
                 code = proc.wait()
+                with _running_lock:
+                    _running.discard(proc)
                 if watchdog is not None:
                     watchdog.cancel()
                 reader.join()

@@ -20,6 +20,7 @@ from skyhedge.clouds.local.processes import (
     find_processes,
     is_running,
     kill_all,
+    list_pidfiles,
     read_pidfile,
     stop_replica,
     write_pidfile,
@@ -255,3 +256,71 @@ def test_kill_all_stops_everything_and_clears_pid_files_a_crash_left(runtime, tm
     assert running.pid in kill_all(runtime)
     assert find_processes(runtime) == []
     assert read_pidfile(runtime, "r-0001") is None and read_pidfile(runtime, "r-0002") is None
+
+
+def _start_in_background(cfg: dict) -> subprocess.Popen[str]:
+    env = {**os.environ, CONFIG_ENV: json.dumps(cfg), "PYTHONPATH": str(REPO)}
+    return subprocess.Popen(
+        [sys.executable, "-m", "skyhedge.clouds.local.launcher", "start", cfg["id"]],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _wait_for(path: Path, procs: list[subprocess.Popen[str]], timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert all(p.poll() is None for p in procs), [p.communicate() for p in procs]
+        assert time.monotonic() < deadline, f"{path.name} never appeared"
+        time.sleep(0.02)
+
+
+def test_spot_launches_run_their_setups_side_by_side(runtime, tmp_path):
+    """Each setup waits for a file the test writes only once both setups run: under the capacity
+    lock (as before), the second setup waited for the first, which waited for good."""
+    base = free_base_port(2)
+    go = tmp_path / "go"
+    setup = f'touch "{tmp_path}/setup-$SKYHEDGE_REPLICA_ID"; while [ ! -e "{go}" ]; do sleep 0.02; done'
+    cfgs = [
+        config(runtime, tmp_path, base + i, id=f"r-000{i}", zone=zone, setup=setup)
+        for i, zone in ((1, "local-a"), (2, "local-b"))
+    ]
+    procs = [_start_in_background(cfg) for cfg in cfgs]
+    try:
+        for i in (1, 2):
+            _wait_for(tmp_path / f"setup-r-000{i}", procs)
+        go.touch()
+        for proc in procs:
+            _out, err = proc.communicate(timeout=30)
+            assert proc.returncode == 0, err
+        assert sorted(p.id for p in list_pidfiles(runtime)) == ["r-0001", "r-0002"]
+    finally:
+        go.touch()
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+        kill_all(runtime)
+
+
+def test_a_zone_preempted_while_the_setup_ran_refuses_the_launch_and_leaves_nothing(runtime, tmp_path):
+    """The zone's room is checked again once the setup is done, under the capacity lock."""
+    go = tmp_path / "go"
+    setup = f'sleep 300 & touch "{tmp_path}/setup-running"; while [ ! -e "{go}" ]; do sleep 0.02; done'
+    cfg = config(runtime, tmp_path, free_base_port(1) + 1, setup=setup)
+    proc = _start_in_background(cfg)
+    try:
+        _wait_for(tmp_path / "setup-running", [proc])
+        capacity.mark_preempted(runtime, "local-a")
+        go.touch()
+        _out, err = proc.communicate(timeout=30)
+        assert proc.returncode == EXIT_CAPACITY, err
+        assert "no spot capacity in local zone local-a" in err
+        assert read_pidfile(runtime, "r-0001") is None
+        assert find_processes(runtime) == []  # the setup's background `sleep 300` too
+    finally:
+        go.touch()
+        proc.kill()
+        proc.wait()
+        kill_all(runtime)

@@ -7,6 +7,7 @@ import math
 import os
 import shlex
 import sys
+import threading
 import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -117,6 +118,45 @@ def cwd_exists() -> bool:
     except FileNotFoundError:
         return False
     return True
+
+
+class Terminated(KeyboardInterrupt):
+    """A SIGTERM taken as a Ctrl-C: the same graceful stop, told apart in what is said."""
+
+
+@contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Within: a SIGTERM (a CI job cancelled, `timeout`, systemd stopping a unit) stops as a Ctrl-C
+    does. Ctrl-C reaches Terraform too (the terminal signals the whole process group), which then
+    finishes the operations in flight and writes its state; a SIGTERM reaches skyhedge alone, which
+    died at once while Terraform went on unseen, as an orphan. So pass it on to the running
+    Terraform processes as SIGINT, then raise `Terminated` (a KeyboardInterrupt) here, as the
+    Ctrl-C a terminal would have sent. A second SIGTERM changes nothing: the stop is on its way."""
+    import signal
+
+    from skyhedge.engine import interrupt_running
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    seen = {"n": 0}
+
+    def on_sigterm(signum: int, frame: object) -> None:
+        seen["n"] += 1
+        interrupt_running()
+        if seen["n"] == 1:
+            raise Terminated
+
+    old = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def interrupted_by(exc: KeyboardInterrupt) -> tuple[str, int]:
+    """What stopped a command, as said in its one line, and the exit code a shell reports for it."""
+    return ("SIGTERM", 143) if isinstance(exc, Terminated) else ("Ctrl-C", 130)
 
 
 def _show_help(exc: click.UsageError) -> NoReturn:

@@ -22,8 +22,10 @@ from skyhedge.cli._app import (
     command_line,
     console,
     err_console,
+    interrupted_by,
     main,
     report_error,
+    sigterm_as_interrupt,
     spec_argument,
     state_dir_option,
 )
@@ -196,7 +198,7 @@ def apply(
             progress.start()
 
     try:
-        with progress:
+        with sigterm_as_interrupt(), progress:
             report = apply_service(
                 service,
                 sdir,
@@ -208,8 +210,9 @@ def apply(
                 on_event=view,
                 say=lambda text: progress.console.print(f"[dim]{escape(text)}[/]"),
             )
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         _interrupted(
+            exc,
             "apply",
             "what it launched is recorded",
             f"`{command_line('apply', spec, state_dir)}` finishes it, "
@@ -235,16 +238,18 @@ def apply(
         sys.exit(1)
 
 
-def _interrupted(verb: str, kept: str, finish: str) -> None:
-    """A Ctrl-C during `apply` or `destroy`: Terraform stops where it was (the terminal sent it the
-    signal too) and the state keeps what was done. Say so and what finishes it, in one line, and
-    exit 130 as a shell reports a Ctrl-C'd command, rather than click's bare "Aborted!" after the
-    replicas' "create failed" lines (which read as a Terraform failure)."""
+def _interrupted(exc: KeyboardInterrupt, verb: str, kept: str, finish: str) -> None:
+    """A Ctrl-C (or SIGTERM, `sigterm_as_interrupt`) during `apply` or `destroy`: Terraform stops
+    where it was (the terminal sent it the signal too, or skyhedge passed it on) and the state keeps
+    what was done. Say so and what finishes it, in one line, and exit 130 (143) as a shell reports a
+    Ctrl-C'd (SIGTERM'd) command, rather than click's bare "Aborted!" after the replicas' "create
+    failed" lines (which read as a Terraform failure), or nothing at all."""
+    by, code = interrupted_by(exc)
     # one line at any terminal width (rich would wrap it)
     click.echo(
-        f"error: {verb} interrupted by Ctrl-C (Terraform stopped where it was; {kept}): {finish}.", err=True
+        f"error: {verb} interrupted by {by} (Terraform stopped where it was; {kept}): {finish}.", err=True
     )
-    raise SystemExit(130)
+    raise SystemExit(code)
 
 
 def _confirm_destroy(records: Sequence[ReplicaRecord], roots: Sequence[str]) -> bool:
@@ -264,15 +269,17 @@ def destroy(spec: Path, state_dir: Path | None, auto_approve: bool, terraform_bi
     service = load_spec(spec)
     sdir = state_dir or default_state_dir(service.name)
     try:
-        report = destroy_service(
-            service,
-            sdir,
-            terraform_bin=terraform_bin,
-            confirm=None if auto_approve else _confirm_destroy,
-            say=lambda text: console.print(f"[dim]{escape(text)}[/]"),
-        )
-    except KeyboardInterrupt:
+        with sigterm_as_interrupt():
+            report = destroy_service(
+                service,
+                sdir,
+                terraform_bin=terraform_bin,
+                confirm=None if auto_approve else _confirm_destroy,
+                say=lambda text: console.print(f"[dim]{escape(text)}[/]"),
+            )
+    except KeyboardInterrupt as exc:
         _interrupted(
+            exc,
             "destroy",
             "what it destroyed is recorded",
             f"`{command_line('destroy', spec, state_dir)}` finishes it",

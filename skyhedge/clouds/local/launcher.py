@@ -27,7 +27,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from skyhedge.clouds.local import capacity
 from skyhedge.clouds.local.processes import (
@@ -113,16 +113,29 @@ def replica_env(cfg: dict[str, Any], runtime: Path) -> dict[str, str]:
 def start(cfg: dict[str, Any], *, now: float | None = None) -> LocalProcess:
     runtime = Path(cfg["runtime_dir"]).resolve()
     rid, zone, market = cfg["id"], cfg["zone"], cfg["market"]
+    fixed_now = now
     now = time.time() if now is None else now
     replicas_dir(runtime).mkdir(parents=True, exist_ok=True)
-    # A spot launch holds the capacity file's lock from checking its zone's room until its pid
-    # file is written: parallel launches into one finite pool (Terraform runs them side by side)
-    # and a market replay shrinking it cannot each see a free slot that only one of them has.
-    with capacity.locked(runtime) if market == "spot" else contextlib.nullcontext():
-        if market == "spot":
+    spot = market == "spot"
+    if spot:  # a zone without room refuses at once, before a setup runs for nothing
+        with capacity.locked(runtime):
             _check_room(runtime, rid, zone, now)
-        child, log = _spawn(runtime, cfg, now)
-        proc = _record(runtime, cfg, child, log, now)
+    # run.setup runs outside the capacity lock: under it, every spot launch's setup waited for
+    # the one before (five replicas with a 60 s setup took five minutes)
+    log = _prepare(runtime, cfg, now)
+    try:
+        # A spot launch holds the capacity file's lock from checking its zone's room (again: it
+        # may have filled, or been marked preempted, during the setup) until its pid file is
+        # written: parallel launches into one finite pool (Terraform runs them side by side) and
+        # a market replay shrinking it cannot each see a free slot that only one of them has.
+        with capacity.locked(runtime) if spot else contextlib.nullcontext():
+            if spot:
+                _check_room(runtime, rid, zone, time.time() if fixed_now is None else fixed_now)
+            child = _spawn(runtime, cfg, log)
+            proc = _record(runtime, cfg, child, log, now)
+    except BaseException:
+        stop_replica(runtime, rid, grace=0.0)  # what the setup left in the background goes too
+        raise
     try:
         return _settle(runtime, cfg, child, log, proc)
     except KeyboardInterrupt:
@@ -168,7 +181,20 @@ def _check_room(runtime: Path, rid: str, zone: str, now: float) -> None:
             )
 
 
-def _spawn(runtime: Path, cfg: dict[str, Any], now: float) -> tuple[subprocess.Popen[bytes], Path]:
+def _shell(cfg: dict[str, Any], runtime: Path, log: IO[bytes]) -> dict[str, Any]:
+    """How setup and command alike run: in the replica's directory and environment, output to its log."""
+    return {
+        "cwd": Path(cfg["workdir"]),
+        "env": replica_env(cfg, runtime),
+        "stdin": subprocess.DEVNULL,
+        "stdout": log,
+        "stderr": subprocess.STDOUT,
+    }
+
+
+def _prepare(runtime: Path, cfg: dict[str, Any], now: float) -> Path:
+    """Everything before the command starts: a leftover of the same ID stopped, the port and the
+    directory checked, the log's header written, `run.setup` run. Returns the log's path."""
     rid, zone, market, port = cfg["id"], cfg["zone"], cfg["market"], int(cfg["port"])
     # Idempotent: a leftover process of the same ID (crash before Terraform recorded it) goes first.
     stop_replica(runtime, rid, grace=2.0)
@@ -177,21 +203,13 @@ def _spawn(runtime: Path, cfg: dict[str, Any], now: float) -> tuple[subprocess.P
     workdir = Path(cfg["workdir"])
     if not workdir.is_dir():
         raise LaunchError(f"{rid}: working directory {workdir} does not exist")
-    env = replica_env(cfg, runtime)
     log = log_path(runtime, rid)
     with open(log, "ab") as fh:
         fh.write(
             f"=== skyhedge: starting {rid} ({zone}, {market}) on port {port} at {now:.3f} ===\n".encode()
         )
         fh.flush()
-        # setup and command alike: in the replica's directory and environment, output to its log
-        shell: dict[str, Any] = {
-            "cwd": workdir,
-            "env": env,
-            "stdin": subprocess.DEVNULL,
-            "stdout": fh,
-            "stderr": subprocess.STDOUT,
-        }
+        shell = _shell(cfg, runtime, fh)
         if cfg.get("setup"):
             try:
                 limit = cfg.get("setup_timeout")
@@ -213,10 +231,18 @@ def _spawn(runtime: Path, cfg: dict[str, Any], now: float) -> tuple[subprocess.P
                 # must leave nothing running, as one whose command exits at once leaves nothing.
                 stop_replica(runtime, rid, grace=0.0)
                 raise
-        child = subprocess.Popen(
-            ["/bin/sh", "-c", cfg["command"]], start_new_session=True, close_fds=True, **shell
+    return log
+
+
+def _spawn(runtime: Path, cfg: dict[str, Any], log: Path) -> subprocess.Popen[bytes]:
+    """Start `run.command` detached: its own session, so that it outlives the launcher."""
+    with open(log, "ab") as fh:
+        return subprocess.Popen(
+            ["/bin/sh", "-c", cfg["command"]],
+            start_new_session=True,
+            close_fds=True,
+            **_shell(cfg, runtime, fh),
         )
-    return child, log
 
 
 def _record(
