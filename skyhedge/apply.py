@@ -111,7 +111,7 @@ class Workspace:
 
     def context(self) -> RenderContext:
         try:
-            workdir = Path.cwd().resolve()
+            workdir = self.spec.run.workdir or Path.cwd().resolve()
         except FileNotFoundError:
             # a watcher whose directory was deleted under it: each pass says why in one line
             # (local replicas start there), not a FileNotFoundError from deep in the pass

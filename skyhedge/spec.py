@@ -216,6 +216,9 @@ class Run:
     image: str | None = None
     env: dict[str, str] = field(default_factory=dict)
     setup: str | None = None
+    #: where local replicas run `setup` and `command` (absolute; None: the directory skyhedge was
+    #: started in, as before the field existed)
+    workdir: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -1007,7 +1010,7 @@ def _service(ctx: _Ctx, raw: Any) -> ServiceConfig:
 def _run(ctx: _Ctx, raw: Any) -> Run:
     if raw is None:
         raise ctx.fail("run", "required: a mapping with 'command' or 'image'")
-    d = _mapping(ctx, "run", raw, {"command", "image", "env", "setup"})
+    d = _mapping(ctx, "run", raw, {"command", "image", "env", "setup", "workdir"})
     command = _str(ctx, "run.command", d["command"]) if d.get("command") is not None else None
     image = _str(ctx, "run.image", d["image"]) if d.get("image") is not None else None
     if command is None and image is None:
@@ -1017,7 +1020,8 @@ def _run(ctx: _Ctx, raw: Any) -> Run:
         if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", k):
             raise ctx.fail(f"run.env.{k}", "expected an environment variable name ([A-Za-z_][A-Za-z0-9_]*)")
     setup = _str(ctx, "run.setup", d["setup"]) if d.get("setup") is not None else None
-    texts = {"run.command": command, "run.image": image, "run.setup": setup}
+    workdir_text = _str(ctx, "run.workdir", d["workdir"]) if d.get("workdir") is not None else None
+    texts = {"run.command": command, "run.image": image, "run.setup": setup, "run.workdir": workdir_text}
     texts.update({f"run.env.{k}": v for k, v in env.items()})
     for where, text in texts.items():
         if text is not None and "\0" in text:
@@ -1028,7 +1032,28 @@ def _run(ctx: _Ctx, raw: Any) -> Run:
                 raise ctx.fail(
                     f"run.env.{k}", "a line break cannot reach a container (docker env files are line-based)"
                 )
-    return Run(command=command, image=image, env=env, setup=setup)
+    workdir = None
+    if workdir_text is not None:
+        # as service.tls's files: relative to the spec's folder, so that the replicas run in the
+        # same place whichever directory `apply` or `watch` is started from
+        base = Path(ctx.file).parent if not ctx.file.startswith("<") else Path.cwd()
+        path = Path(workdir_text).expanduser()
+        workdir = Path(os.path.abspath(path if path.is_absolute() else base / path))
+    return Run(command=command, image=image, env=env, setup=setup, workdir=workdir)
+
+
+def _check_local_workdir(ctx: _Ctx, run: Run, clouds: Sequence[str]) -> None:
+    """`run.workdir` is a directory of this machine: only local replicas run in one."""
+    if run.workdir is None:
+        return
+    if "local" not in clouds:
+        raise ctx.fail(
+            "run.workdir",
+            "only local replicas run in a directory of this machine; a cloud VM runs run.command "
+            "in its own (cd in run.command or run.setup)",
+        )
+    if not run.workdir.is_dir():
+        raise ctx.fail("run.workdir", f"no such directory: {run.workdir}")
 
 
 #: Linux holds one environment variable (NAME=value) to 128 KiB (MAX_ARG_STRLEN), and a local
@@ -1159,6 +1184,7 @@ def parse_spec(data: Any, *, source: str = "<spec>") -> ServiceSpec:
         )
     if "local" in placement.clouds:
         _check_local_run_size(ctx, run)
+    _check_local_workdir(ctx, run, placement.clouds)
     return ServiceSpec(
         name=name,
         resources=resources,
@@ -1378,7 +1404,11 @@ def replica_revision(spec: ServiceSpec, cloud: str | None = None) -> str:
     import hashlib
     from dataclasses import asdict
 
-    data: dict[str, object] = {"run": asdict(spec.run), "resources": asdict(spec.resources)}
+    run = asdict(spec.run)
+    # where local replicas run (absent or for another cloud's replica: the digest as before)
+    if run.pop("workdir") is not None and cloud in (None, "local"):
+        run["workdir"] = str(spec.run.workdir)
+    data: dict[str, object] = {"run": run, "resources": asdict(spec.resources)}
     if spec.aws.key_name is not None:  # a new key pair means new machines (absent: digest as before)
         data["aws_key_name"] = spec.aws.key_name
     # so is a public IP given or taken away (EC2 sets it at launch; GCE would change running VMs),

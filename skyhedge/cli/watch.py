@@ -25,6 +25,7 @@ from skyhedge.cli._app import (
     console,
     err_console,
     main,
+    sigterm_as_interrupt,
     spec_argument,
     state_dir_option,
 )
@@ -470,7 +471,8 @@ def up(
 
         console.print("destroying the replicas and the router (--down-on-exit)")
         try:
-            report = destroy_service(watcher.spec, sdir, terraform_bin=terraform_bin)  # as last reloaded
+            with sigterm_as_interrupt():  # a SIGTERM stops Terraform gracefully, as a Ctrl-C does
+                report = destroy_service(watcher.spec, sdir, terraform_bin=terraform_bin)  # as last reloaded
         except KeyboardInterrupt:
             finish = f"{command_line('destroy', spec, state_dir)} --auto-approve"
             console.print(
