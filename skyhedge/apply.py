@@ -711,7 +711,11 @@ class _Step:
                     check=False,
                 )
 
-            results = run_parallel(changed, run)
+            try:
+                results = run_parallel(changed, run)
+            except KeyboardInterrupt:  # Terraform has stopped (the pool waited for it)
+                _stop_cut_short_launches(ws, changed, self.say)
+                raise
             round_failures = _absorb_round(report, state, changed, results, clock)
             state.log(
                 {
@@ -732,6 +736,19 @@ class _Step:
                 break
             self.say("re-planning around the refused launches")
         return True
+
+
+def _stop_cut_short_launches(ws: Workspace, roots: Sequence[RenderedRoot], say: Say) -> None:
+    """After an interrupted apply: Terraform killed the local launchers it was running, and what
+    their `run.setup` had started may still run, recorded nowhere. Stop it."""
+    if not any(root.cloud == "local" for root in roots):
+        return
+    from skyhedge.clouds.local import runtime_dir
+    from skyhedge.clouds.local.processes import stop_unrecorded
+
+    stopped = stop_unrecorded(runtime_dir(ws.state_dir))
+    if stopped:
+        say(f"stopped what the interrupted launches of {', '.join(stopped)} had started")
 
 
 def first_line(text: str) -> str:

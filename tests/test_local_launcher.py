@@ -17,12 +17,15 @@ from local_support import SERVER, free_base_port, get
 from skyhedge.clouds.local import capacity
 from skyhedge.clouds.local.launcher import CONFIG_ENV, EXIT_CAPACITY
 from skyhedge.clouds.local.processes import (
+    REPLICA_ENV,
+    RUNTIME_ENV,
     find_processes,
     is_running,
     kill_all,
     list_pidfiles,
     read_pidfile,
     stop_replica,
+    stop_unrecorded,
     write_pidfile,
 )
 
@@ -323,4 +326,25 @@ def test_a_zone_preempted_while_the_setup_ran_refuses_the_launch_and_leaves_noth
         go.touch()
         proc.kill()
         proc.wait()
+        kill_all(runtime)
+
+
+def test_stop_unrecorded_stops_what_a_cut_short_launch_left_and_spares_recorded_replicas(runtime, tmp_path):
+    """An interrupted apply: Terraform killed a launcher mid-setup, and the setup's process, which
+    carries the replica's ID but has no pid file, ran on."""
+    port = free_base_port(2)
+    assert launch("start", config(runtime, tmp_path, port + 1, market="on-demand")).returncode == 0
+    marker = {RUNTIME_ENV: str(runtime.resolve()), REPLICA_ENV: "r-0002"}
+    setup = subprocess.Popen(["sleep", "60"], env={**os.environ, **marker})
+    try:
+        deadline = time.monotonic() + 10
+        while setup.pid not in find_processes(runtime) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert stop_unrecorded(runtime) == ["r-0002"]
+        assert setup.wait(timeout=10) != 0
+        recorded = read_pidfile(runtime, "r-0001")
+        assert recorded is not None and is_running(recorded)
+    finally:
+        setup.kill()
+        setup.wait()
         kill_all(runtime)

@@ -174,6 +174,25 @@ def stop_replica(runtime_dir: Path, replica_id: str, *, grace: float = 10.0) -> 
     return True
 
 
+def stop_unrecorded(runtime_dir: Path) -> list[str]:
+    """Stop what launches cut short left running: processes of this runtime dir whose replica has
+    no running pid file (a `run.setup`, or what it started, whose launcher Terraform killed when
+    an apply was interrupted). A replica's pid file is written as its command starts, so a
+    recorded replica is never touched. Returns the replica IDs stopped."""
+    ids: set[str] = set()
+    for pid in find_processes(runtime_dir):
+        rid = _environ(pid).get(REPLICA_ENV)
+        if rid:
+            ids.add(rid)
+    stopped = []
+    for rid in sorted(ids):
+        proc = read_pidfile(runtime_dir, rid)
+        if proc is None or not is_running(proc):
+            stop_replica(runtime_dir, rid, grace=0.0)
+            stopped.append(rid)
+    return stopped
+
+
 def prune_logs(runtime_dir: Path, keep: set[str]) -> list[str]:
     """Remove the logs of replicas not in `keep` that do not run (no pid file); returns their IDs.
 
