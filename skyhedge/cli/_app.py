@@ -16,7 +16,10 @@ from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
 import click
+from rich import box
 from rich.console import Console
+from rich.measure import Measurement
+from rich.table import Table
 
 from skyhedge import __version__
 from skyhedge.errors import EngineError, LockHeld, PolicyError, RoutingError, SkyhedgeError
@@ -38,6 +41,22 @@ def _console(*, stderr: bool = False) -> Console:
 
 console = _console()
 err_console = _console(stderr=True)
+
+
+def fitted(table: Table, target: Console | None = None) -> Table:
+    """`table` as drawn on `target` (default: `console`): where its natural width exceeds the
+    console's (an 80-column terminal, `COLUMNS=80` in CI), without its frame and with one space
+    less per column, which gives back a dozen columns before rich starts cutting cells to `…`
+    (a `simulate` table at 120 columns showed no figure at all). Tables mark their figures
+    `no_wrap` and let names fold, so what still does not fit folds over lines, whole."""
+    out = target or console
+    if Measurement.get(out, out.options.update_width(10**6), table).maximum <= out.width:
+        return table
+    table.box = box.SIMPLE_HEAD
+    table.show_edge = False
+    table.pad_edge = False
+    table.collapse_padding = True
+    return table
 
 
 # click >= 8.2 shows a bare group's help by raising this usage error; 8.1 never raises it.

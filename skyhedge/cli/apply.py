@@ -22,6 +22,7 @@ from skyhedge.cli._app import (
     command_line,
     console,
     err_console,
+    fitted,
     interrupted_by,
     main,
     report_error,
@@ -83,14 +84,25 @@ class ProgressView:
                     )
 
 
-def _ask(question: str) -> bool:
-    """A yes/no question; no answer at all (end of input: no terminal, a closed pipe) is a no,
-    reported as "cancelled" like any other no, not as click's bare "Aborted!"."""
-    try:
-        return click.confirm(question, default=False)
-    except click.Abort:
-        console.print()
-        return False
+def _ask(question: str, verb: str) -> bool:
+    """A yes/no question; no answer at all (end of input: no terminal, a closed pipe, stdin
+    closed as some CI runners and daemons leave it) is a no, reported as "cancelled" like any
+    other no, not as click's bare "Aborted!" nor a traceback, with one `error:` line naming the
+    flag that skips the question: a CI log otherwise showed a plan and "cancelled", not why."""
+    stdin = sys.stdin
+    if stdin is not None and not stdin.closed:
+        try:
+            return click.confirm(question, default=False)
+        except click.Abort:
+            console.print()
+    else:  # fd 0 closed (`0<&-`): click's input() raised "lost sys.stdin"
+        console.print(f"{question} [y/N]: ", markup=False)
+    click.echo(
+        f"error: {verb} not confirmed: no answer on stdin (closed, or at its end): "
+        f"run with --auto-approve to {verb} without asking",
+        err=True,
+    )
+    return False
 
 
 def _confirm_apply(
@@ -98,7 +110,7 @@ def _confirm_apply(
 ) -> bool:
     """Show skyhedge's plan and what Terraform will do in each root, then ask. With outdated
     replicas, say that the apply goes on to replace them all (the plan shows its first step)."""
-    console.print(render_plan_table(plan))
+    console.print(fitted(render_plan_table(plan), console))
     console.print("Terraform roots to apply:")
     for root in roots:
         p = previews.get(root.path)
@@ -111,7 +123,7 @@ def _confirm_apply(
             "(--no-rollout: this step only).",
             markup=False,
         )
-    return _ask("Apply these changes?")
+    return _ask("Apply these changes?", "apply")
 
 
 def _print_apply_report(report: ApplyReport, state_dir: Path) -> None:
@@ -256,7 +268,7 @@ def _confirm_destroy(records: Sequence[ReplicaRecord], roots: Sequence[str]) -> 
     console.print(f"Destroying {len(records)} replica(s) in {', '.join(roots)}:", markup=False)
     for r in records:
         console.print(f"  {r.id}  {r.location}  {r.market}", markup=False)
-    return _ask("Destroy them?")
+    return _ask("Destroy them?", "destroy")
 
 
 @main.command()
@@ -448,13 +460,14 @@ def status(spec: Path, state_dir: Path | None, as_json: bool, include_gone: bool
         return
     table = Table(title=Text(f"skyhedge status: {name}"))
     # One location column keeps the endpoint readable (unwrapped) in an 80-column terminal.
+    # (narrower still, the location folds over lines, whole, rather than end in "…")
     for col in ("id", "cloud/region/zone", "market", "state", "endpoint"):
-        table.add_column(col, no_wrap=col in {"id", "endpoint", "state"})
+        table.add_column(col, no_wrap=col in {"id", "endpoint", "state"}, overflow="fold")
     for row in rows:
         where = f"{row['cloud']}/{row['region']}/{row['zone']}"
         values = (row["id"], where, row["market"], row["state"], row["endpoint"])
         table.add_row(*(Text(str(v or "-")) for v in values))  # zones, endpoints: data, not markup
-    console.print(table)
+    console.print(fitted(table, console))
     if router and router.get("pid") is not None:
         console.print(f"Router: {router.get('endpoint')} (pid {router.get('pid')})", markup=False)
     elif state.router:

@@ -22,7 +22,7 @@ from skyhedge.catalog import (
     write_catalog_file,
 )
 from skyhedge.catalog.loader import PRICE_APIS, check_cloud
-from skyhedge.cli._app import console, main
+from skyhedge.cli._app import console, fitted, main
 from skyhedge.errors import CatalogError
 
 _MAX_LISTED = 10
@@ -78,7 +78,11 @@ def show(cloud: str, instance_type: str | None, region: str | None, as_json: boo
         "spot $/h",
         "spot taken",
     ):
-        table.add_column(header, justify="right" if "$" in header else "left")
+        # prices never cut to "…"; names fold over lines, whole, where the terminal is narrow
+        if "$" in header:
+            table.add_column(header, justify="right", no_wrap=True)
+        else:
+            table.add_column(header, overflow="fold")
     for o in sorted(offers, key=lambda o: (o.instance_type, o.region, o.zone)):
         itype = catalog.instance_types[o.instance_type]
         acc = f"{itype.accelerator}:{itype.accelerator_count}" if itype.accelerator else "-"
@@ -97,7 +101,7 @@ def show(cloud: str, instance_type: str | None, region: str | None, as_json: boo
                 )
             )
         )
-    console.print(table)
+    console.print(fitted(table, console))
     console.print(f"{len(offers)} offers, {len({o.zone for o in offers})} zones")
 
 

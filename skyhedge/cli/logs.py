@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from skyhedge.cli._app import command_line, err_console, main, spec_argument, state_dir_option
+from skyhedge.cli._app import FiniteFloat, command_line, err_console, main, spec_argument, state_dir_option
 from skyhedge.errors import CloudError, SkyhedgeError
 from skyhedge.replica_logs import last_lines, read_log
 from skyhedge.spec import ServiceSpec, load_spec
@@ -100,7 +100,7 @@ def _reader_gone() -> bool:
 @click.option("-f", "--follow", is_flag=True, help="Keep printing new output until the replica is gone.")
 @click.option(
     "--interval",
-    type=click.FloatRange(min=0.1, max=3600),
+    type=FiniteFloat(min=0.1, max=3600),  # `nan` passed a plain range, to fail in time.sleep
     default=None,
     help="Seconds between reads with --follow (default 0.5 on local, 5 on a cloud).",
 )

@@ -21,7 +21,7 @@ from skyhedge.apply import (
     notice_dead_local_replicas,
     roots_with_resources,
 )
-from skyhedge.cli._app import check_policy_flag, console, main, spec_argument, state_dir_option
+from skyhedge.cli._app import check_policy_flag, console, fitted, main, spec_argument, state_dir_option
 from skyhedge.planner import CREATE, DELETE, KEEP, Plan, replica_number
 from skyhedge.render import render_tree
 from skyhedge.service import TERRAFORM_KEY, Placement, compute_plan, is_gitops, resolve_placement
@@ -190,9 +190,11 @@ def render_plan_table(
     table = Table(
         title=f"{plan.service}: target {plan.target} ready, policy {plan.policy}", title_justify="left"
     )
-    table.add_column("cloud/region/zone", no_wrap=True)
+    # narrower than the table (`fitted`), a location folds over lines, whole, and a change
+    # wraps at its words: the counts and prices are never cut to "…"
+    table.add_column("cloud/region/zone", overflow="fold")
     table.add_column("market", no_wrap=True)
-    table.add_column("change", no_wrap=True)
+    table.add_column("change")
     table.add_column("n", justify="right", min_width=2, no_wrap=True)
     table.add_column("each", justify="right", no_wrap=True)
     table.add_column("$/h", justify="right", no_wrap=True)
@@ -254,7 +256,7 @@ def plan(
     if as_json:
         click.echo(json.dumps(plan_to_json(result, pending, gone), indent=2))
     else:
-        console.print(render_plan_table(result, pending.replicas, pending.releasing))
+        console.print(fitted(render_plan_table(result, pending.replicas, pending.releasing), console))
         console.print(render_savings(result))
         s = result.summary()
         kept = f"{s['keep']} to keep"

@@ -11,7 +11,8 @@ import click
 from rich.markup import escape
 
 from skyhedge.apply import notice_dead_local_replicas
-from skyhedge.cli._app import console, err_console, main, spec_argument, state_dir_option
+from skyhedge.cli._app import command_line, console, err_console, main, spec_argument, state_dir_option
+from skyhedge.errors import RoutingError
 from skyhedge.policy.types import ReplicaStatus
 from skyhedge.probe import check_all
 from skyhedge.routing import Router, Upstream
@@ -68,12 +69,17 @@ def _route(spec: Path, state_dir: Path | None, *, start: bool, probe_now: bool, 
     sdir = state_dir or default_state_dir(service.name)
     with writer_lock(sdir):
         state = load_state(sdir, service.name)
+        router = Router(service, sdir)
+        if not start and router.pid() is None:  # the hint pasted as is: SPEC and --state-dir
+            raise RoutingError(
+                f"the router of {service.name} is not running "
+                f"(start it with `{command_line('routing up', spec, state_dir)}`)"
+            )
         # as `apply` does: a local replica whose process died since the state was written is
         # gone (recorded so), not an upstream, whatever its last recorded status
         for line in notice_dead_local_replicas(state, sdir, time.time()):
             err_console.print(line, markup=False)
         upstreams = upstreams_from_state(service, state, probe_now=probe_now)
-        router = Router(service, sdir)
         if start and router.pid() is None:
             # nginx found and the ports free, checked before the router's folder is made: a
             # refused first `up` leaves no state dir behind (as `apply` checks before it launches)

@@ -191,6 +191,17 @@ class JsonLogFormatter(logging.Formatter):
         return json.dumps(out, ensure_ascii=False)
 
 
+def _last_words(text: str, log_format: str, level: int = logging.INFO) -> None:
+    """What the command leaves behind, said once its log is closed: a line on stdout, or with
+    `--log-format json` one more JSON record on stderr, after the log's own (under systemd or
+    docker both streams reach the pipeline, which met this one line that was not JSON)."""
+    if log_format == "json":
+        record = logging.LogRecord("skyhedge", level, __file__, 0, "%s", (text,), None)
+        click.echo(JsonLogFormatter().format(record), err=True)
+    else:
+        console.print(text, markup=False, highlight=False)  # paths and names are data
+
+
 def _say(text: str, log_format: str) -> None:
     """A notice for the operator: plain on stderr, or a log record when logs are JSON (a log
     pipeline must not meet a line that is not JSON)."""
@@ -321,11 +332,11 @@ def watch(
     except KeyboardInterrupt:  # a second Ctrl-C: the pass in progress, or the watcher's shutdown
         interrupted = True  # after it (as for `up`: a double tap lands there), was cut short
     if interrupted:
-        console.print(
+        _last_words(
             "watcher interrupted by a second Ctrl-C (its pass cut short); the service keeps what "
             f"was last applied, and `{command_line('watch', spec, state_dir)}` resumes.",
-            markup=False,
-            highlight=False,
+            log_format,
+            logging.WARNING,
         )
         raise SystemExit(130)
 
@@ -427,6 +438,8 @@ def up(
         except OSError as exc:
             raise StateError(f"{sdir}: cannot write the state dir ({exc.strerror or exc})") from exc
     options = ControllerOptions(interval=interval, policy=policy, busy_interval=0.5)
+    # the last words: with the dashboard the log went to a file and they are for the terminal
+    said = log_format if no_dashboard else "text"
     try:
         with (
             _logging("info", None if no_dashboard else log_file, log_format),
@@ -465,29 +478,24 @@ def up(
                 if replay is not None:
                     replay.stop()
     except KeyboardInterrupt:  # a second Ctrl-C: the pass in progress was cut short
-        _interrupted(service, sdir, spec, state_dir, down_on_exit=down_on_exit)
+        _interrupted(service, sdir, spec, state_dir, down_on_exit=down_on_exit, log_format=said)
     if down_on_exit:
         from skyhedge.apply import destroy_service
 
-        console.print("destroying the replicas and the router (--down-on-exit)")
+        _last_words("destroying the replicas and the router (--down-on-exit)", said)
         try:
             with sigterm_as_interrupt():  # a SIGTERM stops Terraform gracefully, as a Ctrl-C does
                 report = destroy_service(watcher.spec, sdir, terraform_bin=terraform_bin)  # as last reloaded
         except KeyboardInterrupt:
             finish = f"{command_line('destroy', spec, state_dir)} --auto-approve"
-            console.print(
-                f"destroy interrupted; `{finish}` finishes it.",
-                markup=False,
-                highlight=False,
-            )
+            _last_words(f"destroy interrupted; `{finish}` finishes it.", said, logging.WARNING)
             raise SystemExit(130) from None
-        console.print(f"destroyed {len(report.destroyed)} replica(s) and the router")
+        _last_words(f"destroyed {len(report.destroyed)} replica(s) and the router", said)
     else:
         ctl = watcher.controller
         assert ctl is not None
         log_note = "" if no_dashboard else f" Log: {log_file}"  # without the dashboard it went to stderr
-        text = stopped_message(watcher.spec, ctl.state, spec, state_dir) + log_note
-        console.print(text, markup=False, highlight=False)
+        _last_words(stopped_message(watcher.spec, ctl.state, spec, state_dir) + log_note, said)
 
 
 def _drive(replay: Any, watcher: Any) -> None:
@@ -508,7 +516,13 @@ def _drive(replay: Any, watcher: Any) -> None:
 
 
 def _interrupted(
-    service: ServiceSpec, sdir: Path, spec: Path, state_dir: Path | None, *, down_on_exit: bool = False
+    service: ServiceSpec,
+    sdir: Path,
+    spec: Path,
+    state_dir: Path | None,
+    *,
+    down_on_exit: bool = False,
+    log_format: str = "text",
 ) -> None:
     """A second Ctrl-C stops the watcher at once, mid-pass (safe: see "Restart safety" in
     docs/controller.md): say so, and what the state last saved leaves behind, instead of
@@ -521,7 +535,7 @@ def _interrupted(
     text = stopped_message(service, state, spec, state_dir, how=how)
     if down_on_exit:
         text += " --down-on-exit was skipped."
-    console.print(text, markup=False, highlight=False)
+    _last_words(text, log_format, logging.WARNING)
     raise SystemExit(130)
 
 

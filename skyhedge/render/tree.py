@@ -86,8 +86,43 @@ def environment() -> jinja2.Environment:
     return _environment(str(templates_dir() / "terraform"))
 
 
-def _json_bytes(data: Any) -> bytes:
-    return (json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode("utf-8")
+def _json_bytes(data: Any, where: str = "") -> bytes:
+    """`data` as the tree's JSON (UTF-8, which Terraform reads). A value that is no text, a path
+    holding bytes outside UTF-8 (a state dir or working directory named so: Linux allows it), is
+    one line naming the root and the input, not a UnicodeEncodeError traceback."""
+    text = json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:
+        field, value = _not_utf8(data) or ("", text)
+        raise RenderError(
+            f"{where}{field}: {os.fsencode(value)!r} is not UTF-8 text, which Terraform needs: a path "
+            "holding bytes outside UTF-8 (the state dir, `run.workdir`, or the directory skyhedge runs "
+            "in); use one whose name is UTF-8"
+        ) from None
+
+
+def _not_utf8(data: Any, path: str = "") -> tuple[str, str] | None:
+    """The key path and value of the first string in `data` (a JSON value) that UTF-8 cannot
+    encode (surrogate escapes of undecodable bytes), or None."""
+    if isinstance(data, str):
+        try:
+            data.encode("utf-8")
+        except UnicodeEncodeError:
+            return path, data
+        return None
+    if isinstance(data, dict):
+        pairs = [(f"{path}.{key}" if path else str(key), value) for key, value in data.items()]
+        pairs = [(path, key) for key in data] + pairs
+    elif isinstance(data, list):
+        pairs = [(f"{path}[{i}]", value) for i, value in enumerate(data)]
+    else:
+        return None
+    for here, value in pairs:
+        found = _not_utf8(value, here)
+        if found is not None:
+            return found
+    return None
 
 
 def _tidy(text: str) -> bytes:
@@ -198,10 +233,10 @@ def _render_root(
         raise RenderError(f"rendering the {cloud}/{region} root failed: {exc}") from exc
     prefix = f"{cloud}/{region}/"
     files = (
-        (prefix + BACKEND_FILE, _json_bytes(backend_config(spec, cloud, region))),
+        (prefix + BACKEND_FILE, _json_bytes(backend_config(spec, cloud, region), f"{cloud}/{region}: ")),
         (prefix + "main.tf", _tidy(main_tf)),
         (prefix + "outputs.tf", _tidy(outputs_tf)),
-        (prefix + TFVARS_FILE, _json_bytes(inputs)),
+        (prefix + TFVARS_FILE, _json_bytes(inputs, f"{cloud}/{region}: ")),
         (prefix + "variables.tf", _tidy(variables_tf)),
     )
     digest = hashlib.sha256()

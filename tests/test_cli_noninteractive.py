@@ -1,0 +1,78 @@
+"""The CLI as CI runs it: no terminal, stdin at its end or closed, odd flag values.
+
+`apply` and `destroy` without `--auto-approve` ask; in CI nobody answers. They must not hang,
+not act, and say in one `error:` line which flag skips the question, whether stdin is
+`/dev/null` (end of input) or closed altogether (`0<&-`, as some runners and daemons leave it).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from local_support import make_service
+
+from skyhedge.cli import main
+
+
+@pytest.fixture
+def svc(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    service = make_service(tmp_path, "noninteractive", replicas=1)
+    yield service
+    service.cleanup()
+
+
+def skyhedge(cwd: Path, *args: str, stdin: str) -> subprocess.CompletedProcess[str]:
+    """Run `python -m skyhedge ARGS` as a CI job would: stdin `/dev/null` ("eof") or closed."""
+    argv = [sys.executable, "-m", "skyhedge", *args]
+    if stdin == "closed":
+        argv = ["sh", "-c", 'exec "$@" 0<&-', "sh", *argv]
+    return subprocess.run(
+        argv, cwd=cwd, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300
+    )
+
+
+def assert_not_confirmed(proc: subprocess.CompletedProcess[str], verb: str) -> None:
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert f"{verb.capitalize()} cancelled; nothing changed." in proc.stdout
+    [line] = proc.stderr.strip().splitlines()
+    assert line.startswith(f"error: {verb} not confirmed: no answer on stdin")
+    assert f"--auto-approve to {verb} without asking" in line
+
+
+@pytest.mark.parametrize("stdin", ["eof", "closed"])
+def test_apply_without_an_answer_applies_nothing_and_names_the_flag(svc, stdin):
+    spec = str(svc.write(replicas=1))
+    proc = skyhedge(svc.root, "apply", spec, "--state-dir", str(svc.state_dir), "--no-routing", stdin=stdin)
+    assert "Apply these changes? [y/N]" in proc.stdout
+    assert_not_confirmed(proc, "apply")
+    assert svc.pids() == {}
+
+
+@pytest.mark.parametrize("stdin", ["eof", "closed"])
+def test_destroy_without_an_answer_destroys_nothing_and_names_the_flag(svc, stdin):
+    spec = str(svc.write(replicas=1))
+    sd = str(svc.state_dir)
+    applied = CliRunner().invoke(main, ["apply", spec, "--state-dir", sd, "--no-routing", "--auto-approve"])
+    assert applied.exit_code == 0, applied.output
+    running = svc.pids()
+    assert sorted(running) == ["r-0001"]
+    proc = skyhedge(svc.root, "destroy", spec, "--state-dir", sd, stdin=stdin)
+    assert "Destroy them? [y/N]" in proc.stdout
+    assert_not_confirmed(proc, "destroy")
+    assert svc.pids() == running
+
+
+def test_a_declined_question_is_not_told_about_the_flag(svc):
+    """A "no" typed by someone is an answer: no `error:` line about stdin."""
+    spec = str(svc.write(replicas=1))
+    no = CliRunner().invoke(
+        main, ["apply", spec, "--state-dir", str(svc.state_dir), "--no-routing"], input="n\n"
+    )
+    assert no.exit_code == 1 and "Apply cancelled; nothing changed." in no.output
+    assert "not confirmed" not in no.output and svc.pids() == {}

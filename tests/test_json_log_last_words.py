@@ -1,0 +1,74 @@
+"""`up`/`watch --log-format json` under a service manager or docker: stdout and stderr both reach
+the log pipeline, so the command's last words (what `up` leaves behind, a second Ctrl-C, the
+`--down-on-exit` destroy) are one more JSON record on stderr, not a plain line on stdout
+(docs/controller.md: "the watcher's own notices included"; only a final error stays its
+`error:` line). In text, and under `up`'s dashboard, they stay a line on stdout."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+from controller_fakes import LOCAL_SPEC
+from local_support import free_base_port
+
+from skyhedge.cli import main
+from skyhedge.controller.runner import Watcher
+from skyhedge.state import ReplicaRecord, ServiceState, save_state
+
+
+@pytest.fixture
+def served(tmp_path, write_spec):
+    """A local service with one routed replica recorded, its state dir, and the spec."""
+    spec = write_spec(LOCAL_SPEC + f"resources: {{local_base_port: {free_base_port(4)}}}\n")
+    sdir = tmp_path / "state"
+    replica = ReplicaRecord(
+        id="r-0001", cloud="local", region="local", zone="local-a", market="spot", launched_at=1.0
+    )
+    state = ServiceState(service="svc", replicas={"r-0001": replica})
+    state.extra["routed"] = [["r-0001", "http://127.0.0.1:1"]]
+    save_state(sdir, state)
+    return spec, sdir
+
+
+def records(stderr: str) -> list[dict]:
+    return [json.loads(line) for line in stderr.strip().splitlines()]
+
+
+def test_up_json_logs_says_what_it_leaves_behind_as_a_json_record(served, monkeypatch):
+    spec, sdir = served
+    monkeypatch.setattr(Watcher, "run", lambda self, *args, **kwargs: None)  # stopped at once
+    args = ["up", str(spec), "--state-dir", str(sdir), "--no-dashboard", "--log-format", "json"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert result.stdout == ""
+    last = records(result.stderr)[-1]
+    assert last["level"] == "info" and last["logger"] == "skyhedge"
+    assert last["message"].startswith("watcher stopped; svc keeps serving at http://127.0.0.1:")
+
+
+def test_up_text_logs_keep_the_last_words_on_stdout(served, monkeypatch):
+    spec, sdir = served
+    monkeypatch.setattr(Watcher, "run", lambda self, *args, **kwargs: None)
+    result = CliRunner().invoke(main, ["up", str(spec), "--state-dir", str(sdir), "--no-dashboard"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith("watcher stopped; svc keeps serving at")
+
+
+@pytest.mark.parametrize("verb", ["up", "watch"])
+def test_a_second_ctrl_c_with_json_logs_is_a_json_warning(served, monkeypatch, verb):
+    spec, sdir = served
+
+    def second_ctrl_c(self, *args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Watcher, "run", second_ctrl_c)
+    extra = ["--no-dashboard"] if verb == "up" else []
+    args = [verb, str(spec), "--state-dir", str(sdir), *extra, "--log-format", "json"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 130, result.output
+    assert result.stdout == ""
+    last = records(result.stderr)[-1]
+    assert last["level"] == "warning"
+    assert last["message"].startswith("watcher interrupted by a second Ctrl-C (its pass cut short)")
