@@ -365,21 +365,6 @@ def test_status_of_a_service_never_applied(tmp_path: Path):
     }
 
 
-def test_status_without_a_state_says_so_rather_than_an_empty_table(tmp_path: Path):
-    """A mistyped --state-dir looked like a service with no replicas (found by an audit)."""
-    spec = tmp_path / "s.yaml"
-    spec.write_text("name: idle\nplacement: {clouds: [local]}\nrun: {command: 'true'}\n")
-    sdir = tmp_path / "typo"
-    out = run_cli("status", str(spec), "--state-dir", str(sdir))
-    assert out.exit_code == 0
-    flat = " ".join(out.output.split())
-    assert flat == (
-        f"No state of idle in {sdir}: nothing applied there yet "
-        f"(`skyhedge apply {spec} --state-dir {sdir}` creates it; or was it another --state-dir?)"
-    )
-    assert not sdir.exists()  # status writes nothing
-
-
 def test_status_says_what_the_autoscaler_decided_and_why(tmp_path: Path):
     """Under load a user asks why there are 4 replicas and when they go back to 2: status showed
     neither the target nor the rate nor the wish waiting out its delay (found by an audit: the

@@ -37,13 +37,7 @@ from skyhedge.errors import SpecError, StateError
 from skyhedge.planner import Plan
 from skyhedge.render import RenderedRoot
 from skyhedge.spec import ServiceSpec, load_spec, service_name_in
-from skyhedge.state import (
-    LAUNCH_HOLD_KEY,
-    ReplicaRecord,
-    ServiceState,
-    default_state_dir,
-    load_state,
-)
+from skyhedge.state import LAUNCH_HOLD_KEY, ReplicaRecord, ServiceState, default_state_dir, load_state
 
 _terraform_bin_option = click.option(
     "--terraform-bin",
@@ -463,15 +457,6 @@ def status(spec: Path, state_dir: Path | None, as_json: bool, include_gone: bool
     if as_json:
         record = watcher.to_json() if watcher is not None else None
         click.echo(json.dumps(status_json(name, rows, router, record, held_back, hold, scaler), indent=2))
-        return
-    if not sdir.exists():
-        # not an empty table: a mistyped --state-dir looked like a service with no replicas
-        console.print(
-            f"No state of {name} in {sdir}: nothing applied there yet "
-            f"(`{command_line('apply', spec, state_dir)}` creates it; or was it another --state-dir?)",
-            markup=False,
-            highlight=False,
-        )
         return
     table = Table(title=Text(f"skyhedge status: {name}"))
     # One location column keeps the endpoint readable (unwrapped) in an 80-column terminal.
