@@ -6,6 +6,7 @@ In a source checkout they sit at the repository root; an installed wheel carries
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from skyhedge.errors import RenderError
@@ -22,6 +23,13 @@ def data_dir(name: str) -> Path:
     for candidate in candidates:
         if candidate.is_dir():
             return candidate
+    if not (_PACKAGE / "__init__.py").is_file():
+        # a long-running process (a watcher, `up`) outliving its install: a wheel replaced by an
+        # editable install, or a checkout deleted after a wheel replaced it; its code is the old one
+        raise RenderError(
+            f"skyhedge is no longer installed in {_PACKAGE}, where this process (pid {os.getpid()}) "
+            "loaded it from: it was reinstalled elsewhere since it started; restart it"
+        )
     raise RenderError(f"skyhedge data directory {name!r} not found (broken install?)")
 
 

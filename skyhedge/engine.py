@@ -67,6 +67,7 @@ DEFAULT_TIMEOUT = 3600.0
 DEFAULT_LOCK_TIMEOUT = "120s"
 DEFAULT_PARALLELISM = 10
 CLI_CONFIG_NAME = "terraformrc"
+LAUNCHER_PYTHON_ENV = "SKYHEDGE_LAUNCHER_PYTHON"
 INIT_MARKER = "skyhedge-init.json"
 
 # Error text by which clouds (and the local launcher) refuse a launch for capacity or quota.
@@ -485,8 +486,11 @@ class Terraform:
         user = os.environ.get("TF_CLI_CONFIG_FILE")
         if user and Path(user).expanduser().is_file():
             return str(Path(user).expanduser())
-        rc = Path.home() / ".terraformrc"
-        if not user and rc.is_file():
+        try:
+            rc: Path | None = Path.home() / ".terraformrc"
+        except RuntimeError:  # no home directory (HOME unset, no passwd entry): no user CLI config
+            rc = None
+        if not user and rc is not None and rc.is_file():
             return str(rc)
         path = self.home / CLI_CONFIG_NAME
         if not path.is_file():
@@ -507,6 +511,9 @@ class Terraform:
             }
         )
         env.pop("TF_DATA_DIR", None)
+        # the local cloud's stop step runs under this interpreter when the one recorded at launch
+        # is gone (modules/local-replicas)
+        env[LAUNCHER_PYTHON_ENV] = sys.executable
         if self.embedded:  # the child runs `python -m skyhedge.engine`: it must find this skyhedge
             parent = str(Path(__file__).resolve().parent.parent)
             paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]

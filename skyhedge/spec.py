@@ -965,6 +965,18 @@ def _router(ctx: _Ctx, raw: Any, port: int) -> RouterOptions:
 UNSAFE_NGINX_PATH_CHARS = re.compile(r'["\\$\x00-\x1f\x7f]')
 
 
+def _expand_home(ctx: _Ctx, where: str, text: str) -> Path:
+    """`text` as a path, `~` expanded; one line naming the field when there is no home to expand
+    it to (HOME unset and no passwd entry: a container's arbitrary uid), not a traceback."""
+    try:
+        return Path(text).expanduser()
+    except RuntimeError:
+        raise ctx.fail(
+            where,
+            f"{text!r} starts with '~' but there is no home directory (HOME is unset): give a full path",
+        ) from None
+
+
 def _tls(ctx: _Ctx, raw: Any) -> TlsConfig | None:
     """`service.tls`: the files as absolute paths, relative ones taken from the spec's folder (a
     spec and its certificate move together; the watcher may run from anywhere)."""
@@ -983,7 +995,7 @@ def _tls(ctx: _Ctx, raw: Any) -> TlsConfig | None:
             raise ctx.fail(
                 where, f"expected a file path nginx can read from its config, got {bad[0]!r} in it"
             )
-        path = Path(text).expanduser()
+        path = _expand_home(ctx, where, text)
         found[key] = Path(os.path.abspath(path if path.is_absolute() else base / path))
     return TlsConfig(certfile=found["certfile"], keyfile=found["keyfile"])
 
@@ -1103,6 +1115,8 @@ def _terraform(ctx: _Ctx, raw: Any) -> TerraformConfig:
             _bool(ctx, f"terraform.config.{k}", v)
         else:
             _str(ctx, f"terraform.config.{k}", v)
+    if backend == "local" and cfg.get("path"):
+        _expand_home(ctx, "terraform.config.path", cfg["path"])
     return TerraformConfig(backend=backend, config=cfg)
 
 

@@ -3,6 +3,7 @@ catalog data: checked on a freshly built wheel, and on the installed copy when t
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -67,3 +68,36 @@ def test_installed_copy_finds_its_data_outside_the_checkout(tmp_path):
         pytest.skip("the installed skyhedge is an editable install of this checkout")
     assert "_data" in templates and Path(templates).is_dir() and any(Path(templates).rglob("*.j2"))
     assert Path(modules).is_dir() and any(Path(modules).rglob("*.tf"))
+
+
+def test_a_wheel_built_from_the_sdist_carries_the_same_data(tmp_path, wheel):
+    """`python -m build` (and `pip install skyhedge-*.tar.gz`, what an index serves without a
+    wheel) builds the wheel from the sdist, not from the checkout. The sdist held no `templates/`
+    nor `modules/`, so that build failed: `error: [Errno 2] No such file or directory: 'templates'`."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("setup.py", "setup.cfg", "pyproject.toml", "README.md", "MANIFEST.in"):
+        if (REPO / name).is_file():
+            shutil.copy2(REPO / name, src / name)
+    for name in ("skyhedge", "templates", "modules"):
+        shutil.copytree(REPO / name, src / name, ignore=shutil.ignore_patterns("__pycache__", ".terraform*"))
+    hook = "import sys; from setuptools import build_meta; print(build_meta.build_sdist(sys.argv[1]))"
+    made = subprocess.run(
+        [sys.executable, "-c", hook, str(tmp_path / "sdist")], capture_output=True, text=True, cwd=src
+    )
+    assert made.returncode == 0, made.stderr[-2000:]
+    sdist = tmp_path / "sdist" / made.stdout.strip().splitlines()[-1]
+    built = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q"]
+        + ["-w", str(tmp_path / "wheel"), str(sdist)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert built.returncode == 0, built.stderr[-2000:]
+    (from_sdist,) = (tmp_path / "wheel").glob("skyhedge-*.whl")
+
+    def data(path: Path) -> set[str]:
+        return {n for n in zipfile.ZipFile(path).namelist() if n.startswith("skyhedge/_data/")}
+
+    assert data(from_sdist) == data(wheel) and any(n.endswith("nginx.conf.j2") for n in data(wheel))

@@ -225,3 +225,22 @@ def test_replicas_launched_by_another_install_of_skyhedge_are_still_destroyed(sv
     gone = destroy_service(load_spec(svc.spec_path), svc.state_dir, route=False)
     assert gone.ok, gone.errors
     assert find_processes(svc.runtime) == [] and svc.pids() == {}
+
+
+def test_replicas_launched_from_a_venv_since_removed_are_still_destroyed(svc):
+    """Terraform runs a replica's stop step with the interpreter recorded when it was launched: a
+    venv replaced by one at another path (an upgrade into a fresh venv, the old one deleted) left
+    `destroy` failing with `fork/exec /old/venv/bin/python3: no such file or directory`, and the
+    replicas running, un-routed. The stop step falls back to the interpreter skyhedge runs under."""
+    _, report = apply(svc, replicas=2)
+    assert report.ok, report.errors
+    (tfstate,) = [p for p in svc.state_dir.rglob("*.tfstate") if "resources" in json.loads(p.read_text())]
+    state = json.loads(tfstate.read_text())
+    removed = svc.root / "old-venv" / "bin" / "python3"
+    for resource in state["resources"]:
+        for instance in resource["instances"]:
+            instance["attributes"]["input"]["value"]["python"] = str(removed)
+    tfstate.write_text(json.dumps(state))
+    gone = destroy_service(load_spec(svc.spec_path), svc.state_dir, route=False)
+    assert gone.ok, gone.errors
+    assert find_processes(svc.runtime) == [] and svc.pids() == {}

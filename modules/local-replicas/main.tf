@@ -57,11 +57,17 @@ resource "terraform_data" "replica" {
 
   # Stop runs with site-packages (no -S): the PYTHONPATH recorded at launch may name a skyhedge
   # since uninstalled or moved (an upgrade, a wheel replaced by an editable install), and the
-  # interpreter's own site-packages then still find the installed one.
+  # interpreter's own site-packages then still find the installed one. The interpreter recorded
+  # at launch may be gone too (a venv replaced by one at another path): then the one skyhedge runs
+  # under now ($SKYHEDGE_LAUNCHER_PYTHON, which skyhedge sets for Terraform; else python3) stops it.
+  # The shell sees a fixed script: the ID comes in as $0.
   provisioner "local-exec" {
-    when        = destroy
-    interpreter = [self.input.python, "-m", "skyhedge.clouds.local.launcher", "stop"]
-    command     = self.input.id
+    when = destroy
+    interpreter = (fileexists(self.input.python)
+      ? tolist([self.input.python, "-m", "skyhedge.clouds.local.launcher", "stop"])
+      : tolist(["/bin/sh", "-c", "exec \"$${SKYHEDGE_LAUNCHER_PYTHON:-python3}\" -m skyhedge.clouds.local.launcher stop \"$0\""])
+    )
+    command = self.input.id
     environment = {
       PYTHONPATH = self.input.pythonpath
       SKYHEDGE_LOCAL_REPLICA = jsonencode({

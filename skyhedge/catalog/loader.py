@@ -66,12 +66,25 @@ def bundled_path(cloud: str) -> Path:
     return _DATA_DIR / f"{check_cloud(cloud)}.json"
 
 
+def _user_cache_dir_or_none() -> Path | None:
+    env = os.environ.get(ENV_DIR)
+    try:
+        if env:
+            return Path(env).expanduser()
+        return Path.home() / ".cache" / "skyhedge" / "catalog"
+    except RuntimeError:  # HOME unset and no passwd entry (a container's arbitrary uid): no home
+        return None
+
+
 def user_cache_dir() -> Path:
     """Where refreshes are written and user catalogs are read from."""
-    env = os.environ.get(ENV_DIR)
-    if env:
-        return Path(env).expanduser()
-    return Path.home() / ".cache" / "skyhedge" / "catalog"
+    found = _user_cache_dir_or_none()
+    if found is None:
+        raise CatalogError(
+            f"no home directory for the user catalog (HOME is unset and uid {os.getuid()} has no "
+            f"passwd entry): set HOME or ${ENV_DIR}"
+        )
+    return found
 
 
 def user_cache_path(cloud: str) -> Path:
@@ -80,6 +93,8 @@ def user_cache_path(cloud: str) -> Path:
 
 def catalog_path(cloud: str) -> Path:
     """The file `load_catalog(cloud)` reads: the user cache if present, else the bundled file."""
+    if _user_cache_dir_or_none() is None:  # no home directory: no user catalog to read
+        return bundled_path(cloud)
     user = user_cache_path(cloud)
     if user.is_dir():  # not silently the bundled catalog: the user meant to override it
         raise CatalogError(f"{user}: is a directory, expected a catalog file (or nothing)")

@@ -292,6 +292,24 @@ def wraps_errors(func: F) -> F:
     return inner  # type: ignore[return-value]
 
 
+def no_state_note(sdir: Path, service: str, *, given: bool = False) -> str | None:
+    """The note for a command that found no state of `service` in `sdir`, naming it absolutely:
+    the default state dir is relative to the current directory, so a service deployed from
+    another one is not seen here ("Nothing to destroy." while it keeps running). `given`: the
+    user named `sdir` with --state-dir. None when the state exists."""
+    from skyhedge.state import STATE_FILE
+
+    if (sdir / STATE_FILE).exists():
+        return None
+    where = f"note: no state of {service} in {os.path.abspath(sdir)}"
+    if given:
+        return f"{where}: check --state-dir"
+    return (
+        f"{where}: a service deployed from another directory keeps its state there "
+        "(./.skyhedge/<name>/ is per directory); run this where it was deployed, or pass --state-dir"
+    )
+
+
 def command_line(verb: str, spec: Path, state_dir: Path | None) -> str:
     """`skyhedge VERB SPEC [--state-dir DIR]` as a hint to paste: shell-quoted (a path with a
     space is one argument), and with the --state-dir this command was given (as given: the hint

@@ -25,6 +25,7 @@ from skyhedge.cli._app import (
     fitted,
     interrupted_by,
     main,
+    no_state_note,
     report_error,
     sigterm_as_interrupt,
     spec_argument,
@@ -310,6 +311,9 @@ def destroy(spec: Path, state_dir: Path | None, auto_approve: bool, terraform_bi
         raise report.errors[0]
     if not report.roots:
         console.print("Nothing to destroy.")
+        note = no_state_note(sdir, service.name, given=state_dir is not None)
+        if note:
+            click.echo(note, err=True)
     else:
         forgot = (
             f"; {len(report.never_created)} recorded but never created, forgotten "
@@ -454,6 +458,10 @@ def status(spec: Path, state_dir: Path | None, as_json: bool, include_gone: bool
     held_back = local_capacity(sdir)
     hold = launch_hold(state, time.time())
     scaler = autoscaler_status(loaded, state) if loaded is not None else None
+    # --json: the object alone, for scripts
+    note = None if as_json else no_state_note(sdir, name, given=state_dir is not None)
+    if note:
+        click.echo(note, err=True)
     if as_json:
         record = watcher.to_json() if watcher is not None else None
         click.echo(json.dumps(status_json(name, rows, router, record, held_back, hold, scaler), indent=2))

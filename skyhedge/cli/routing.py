@@ -11,7 +11,15 @@ import click
 from rich.markup import escape
 
 from skyhedge.apply import notice_dead_local_replicas
-from skyhedge.cli._app import command_line, console, err_console, main, spec_argument, state_dir_option
+from skyhedge.cli._app import (
+    command_line,
+    console,
+    err_console,
+    main,
+    no_state_note,
+    spec_argument,
+    state_dir_option,
+)
 from skyhedge.errors import RoutingError
 from skyhedge.policy.types import ReplicaStatus
 from skyhedge.probe import check_all
@@ -129,3 +137,6 @@ def down(spec: Path, state_dir: Path | None) -> None:
             state.router = None
             save_state(sdir, state)
     console.print(f"router down: {service.name}", markup=False)
+    note = no_state_note(sdir, service.name, given=state_dir is not None)
+    if note:
+        click.echo(note, err=True)

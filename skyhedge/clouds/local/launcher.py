@@ -55,7 +55,15 @@ EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a process Ctrl-C ende
 STARTUP_CHECK_SECONDS = 0.5
 # Variables skyhedge sets for Terraform and the launcher; the replica should not inherit them.
 # PYTHONPATH is the launcher's own (where skyhedge lives): a replica that needs one sets it in run.env.
-_PRIVATE_ENV = ("TF_IN_AUTOMATION", "TF_CLI_CONFIG_FILE", "TF_DATA_DIR", "TF_INPUT", "PYTHONPATH", CONFIG_ENV)
+_PRIVATE_ENV = (
+    "TF_IN_AUTOMATION",
+    "TF_CLI_CONFIG_FILE",
+    "TF_DATA_DIR",
+    "TF_INPUT",
+    "PYTHONPATH",
+    "SKYHEDGE_LAUNCHER_PYTHON",  # skyhedge.engine's, for the stop step (modules/local-replicas)
+    CONFIG_ENV,
+)
 
 
 class LaunchError(Exception):
