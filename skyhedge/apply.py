@@ -245,6 +245,7 @@ class ApplyReport:
     notes: list[str] = field(default_factory=list)
     rollout_steps: int = 0  # steps that changed something (more than one: a rolling update)
     rollout_stopped: str | None = None  # why a rolling update stopped short of the end
+    warnings: list[str] = field(default_factory=list)  # `warning:` lines (instances left running)
 
     @property
     def ok(self) -> bool:
@@ -273,13 +274,17 @@ def reopen_unfinished_deletes(state: ServiceState, *, keep: Iterable[str] = ()) 
     return sorted(reopened)
 
 
-def notice_dead_local_replicas(state: ServiceState, state_dir: Path, now: float) -> list[str]:
+def notice_dead_local_replicas(
+    state: ServiceState, state_dir: Path, now: float, *, skip: Iterable[str] = ()
+) -> list[str]:
     """Record local replicas whose process died since the state was written (a preemption, a
     crash) as gone; returns one line per replica. Without a watcher nothing else would notice:
     Terraform's refresh cannot (a `terraform_data` launch has no remote object to read), so
     `apply` said "No changes" and kept routing to the dead replica. (VM clouds need no such step
-    here: their refresh sees a terminated instance and Terraform replaces it.)"""
-    live = state.live()
+    here: their refresh sees a terminated instance and Terraform replaces it.) Replicas in
+    `skip` are not judged."""
+    skipped = set(skip)
+    live = [r for r in state.live() if r.id not in skipped]
     if not any(r.cloud == "local" for r in live):
         return []
     from skyhedge.clouds.local.events import LocalEventSource
@@ -292,6 +297,54 @@ def notice_dead_local_replicas(state: ServiceState, state_dir: Path, now: float)
     finally:
         source.close()
     return ingest(state, gone, now)
+
+
+@dataclass(frozen=True)
+class InstancesLeft:
+    """Instances tagged for the service that run in `region` though no live replica owns them
+    (`instances`: instance ID and replica tag), or why the region could not be listed (`error`)."""
+
+    region: str
+    instances: tuple[tuple[str, str | None], ...] = ()
+    error: str | None = None
+
+    def warning(self, service: str, what: str = "") -> str:
+        if self.error is not None:
+            return f"aws {self.region}: could not look for instances of {service} left running ({self.error})"
+        ids = [iid for iid, _ in self.instances]
+        named = ", ".join(f"{iid} ({rid or 'no replica tag'})" for iid, rid in self.instances)
+        return (
+            f"aws {self.region}: {len(ids)} instance(s) tagged for {service} still run, in no Terraform "
+            f"state (an apply killed before Terraform saved them?): {named}; {what}they bill until "
+            f"terminated: aws ec2 terminate-instances --region {self.region} --instance-ids {' '.join(ids)}"
+        )
+
+
+def aws_instances_left(
+    service: str, regions: Iterable[str], *, replicas: Iterable[str] | None = None
+) -> list[InstancesLeft]:
+    """Per AWS region, the running instances tagged for `service` (`replicas`: only those tagged
+    for these replica IDs), for when no live replica may own any.
+
+    An apply killed between EC2's create call and Terraform saving its state leaves such an
+    instance: Terraform's state lacks it, skyhedge's records the replica as never created. The
+    next apply launched the replica again, `destroy` said it was "never created", and the
+    instance billed on, unseen (only a watcher warned, after 10 minutes). skyhedge does not
+    terminate what it never recorded: it names them, with the command that does."""
+    from skyhedge.clouds.aws.events import running_instances
+
+    mine = None if replicas is None else set(replicas)
+    out: list[InstancesLeft] = []
+    for region in sorted(set(regions)):
+        try:
+            found = running_instances(service, region)
+        except Exception as exc:  # no credentials, no endpoint: a warning, never the command's failure
+            out.append(InstancesLeft(region, error=f"{exc.__class__.__name__}: {exc}"))
+            continue
+        left = tuple((iid, rid) for iid, rid in found if mine is None or rid in mine)
+        if left:
+            out.append(InstancesLeft(region, left))
+    return out
 
 
 def record_plan(
@@ -534,6 +587,17 @@ def apply_service(
             say(f"{', '.join(reopened)}: deletes a killed run left unfinished; the plan decides again")
         for note in notice_dead_local_replicas(state, ws.state_dir, clock()):
             say(note)
+        # recorded by an earlier run that failed or was killed, never saved by Terraform: did EC2
+        # launch them all the same?
+        unsaved = [
+            r for r in state.live() if r.cloud == "aws" and r.cloud_id is None and r.provisioned_at is None
+        ]
+        if unsaved:
+            again = "this apply launches their replicas again; "
+            for left in aws_instances_left(
+                spec.name, {r.region for r in unsaved}, replicas={r.id for r in unsaved}
+            ):
+                report.warnings.append(left.warning(spec.name, again))
         set_gitops(state, False)  # applied from here on, whatever advanced it before
         router = _router(spec, ws.state_dir)
         if route and router is not None:
@@ -732,9 +796,30 @@ class _Step:
                 self.say(
                     f"{f.replica_id}: launch refused in {f.location} ({f.market}): {first_line(f.message)}"
                 )
-            if not round_failures or report.errors:
+            # A launch a killed run cut short (Terraform and its launcher killed together) stays
+            # in Terraform's state as created, with no process: this run changed nothing for it,
+            # read its endpoint back, and waited for it the whole initial_delay_seconds, then
+            # failed; only the next apply replaced it. Replicas this round launched are left to
+            # the readiness wait (a command that dies at start is reported, not relaunched).
+            touched = {
+                c.replica_id
+                for res in results
+                if isinstance(res, ApplyResult)
+                for c in res.completed
+                if c.replica_id
+            }
+            dead = notice_dead_local_replicas(state, ws.state_dir, clock(), skip=touched)
+            for note in dead:
+                self.say(note)
+            if dead:
+                save_state(ws.state_dir, state)
+            if not (round_failures or dead) or report.errors:
                 break
-            self.say("re-planning around the refused launches")
+            self.say(
+                "re-planning around the refused launches"
+                if round_failures
+                else "re-planning around the replicas that are not running"
+            )
         return True
 
 
@@ -834,6 +919,7 @@ class DestroyReport:
     held_gone: list[str] = field(default_factory=list)
     errors: list[EngineError] = field(default_factory=list)
     strays: list[int] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # `warning:` lines (instances left running)
 
     @property
     def ok(self) -> bool:
@@ -963,6 +1049,11 @@ def destroy_service(
             save_state(ws.state_dir, state)
         if "local" in spec.placement.clouds or any(c == "local" for c, _ in keys):
             report.strays = _stop_local_strays(ws, state, say) if not report.errors else []
+        aws_regions = {r for c, r in keys if c == "aws"}
+        if aws_regions and not report.errors and not any(r.cloud == "aws" for r in state.live()):
+            report.warnings += [
+                left.warning(spec.name) for left in aws_instances_left(spec.name, aws_regions)
+            ]
     return report
 
 

@@ -331,6 +331,19 @@ def restore_cut_short_state(root: TerraformRoot) -> str | None:
     )
 
 
+def _damaged_backend_file(data_dir: Path) -> Path | None:
+    """`<TF_DATA_DIR>/terraform.tfstate` (the backend settings `terraform init` recorded; no
+    resource is in it) when it is there but not a JSON object: empty or cut short."""
+    path = data_dir / "terraform.tfstate"
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError, ValueError):
+        return path
+    return None if isinstance(doc, dict) else path
+
+
 def local_state_problem(root: TerraformRoot) -> str | None:
     """What is wrong with the root's local state file (`-backend-config=path=...`), if anything.
 
@@ -688,6 +701,21 @@ class Terraform:
         Returns True if init ran."""
         key = self._init_key(root)
         marker = self._marker(root)
+        damaged = _damaged_backend_file(marker.parent)
+        if damaged is not None:
+            # `terraform init` rewrites it in place: a write cut short (a kill -9 of init, a
+            # crash on a file system that loses unsynced data) failed every command after it,
+            # `init` included ("Failed to load the backend state file"), naming no file, and the
+            # marker skipped `init` anyway; `destroy` took the router down, then failed. It holds
+            # only what `init` wrote from the root's own backend settings: made again now.
+            damaged.unlink(missing_ok=True)
+            log.warning(
+                "%s: Terraform's backend file %s was cut short (a write interrupted); removed it and "
+                "initialised the root again",
+                root.name,
+                damaged,
+            )
+            force = True
         if not force and marker.is_file() and marker.read_text(encoding="utf-8").strip() == key:
             return False
         done = self.run(self.invocation(self.init_args(root), root.path, root))

@@ -179,6 +179,49 @@ def test_apply_notices_a_local_replica_that_died_and_replaces_it(svc):
     assert len(state.live()) == 2 and all(r.ready_at is not None for r in state.live())
 
 
+def test_an_apply_after_a_killed_launch_replaces_the_replica_terraform_kept_but_never_started(svc):
+    """`kill -9` of an apply's process group (a runner cancelled, systemd) while a replica's
+    launcher ran: Terraform's state keeps that replica as created (its provisioner cut short),
+    skyhedge's as PROVISIONING, and no process runs it (measured: 3 of 7 replicas so). The next
+    apply found nothing to change, read the replica's endpoint back and waited the whole
+    `initial_delay_seconds` (1200 s by default) for it, failed with "not ready" naming a log that
+    did not exist, and only a second apply replaced it. It is now replaced in the same apply."""
+    import signal
+
+    spec = load_spec(svc.write(replicas=2))
+    assert apply_service(spec, svc.state_dir, route=False).ok
+    victim = "r-0002"
+    pid = svc.pids()[victim]
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.05)
+    (svc.runtime / "replicas" / f"{victim}.json").unlink()  # its launcher never wrote one
+    state = load_state(svc.state_dir, "applied")
+    rec = state.replicas[victim]
+    rec.cloud_id = rec.endpoint = rec.provisioned_at = rec.ready_at = None
+    rec.outputs = {}
+    state.extra["terraform"]["roots"]["local/local"]["digest"] = None  # the killed run's root
+    save_state(svc.state_dir, state)
+
+    said: list[str] = []
+    started = time.monotonic()
+    report = apply_service(spec, svc.state_dir, route=False, say=said.append)
+    took = time.monotonic() - started
+    assert report.ok and not report.not_ready, (report.errors, report.not_ready, said)
+    assert took < spec.readiness_probe.initial_delay_seconds, (took, said)
+    assert any(victim in line and "no pid file" in line for line in said), said
+    after = load_state(svc.state_dir, "applied")
+    assert after.replicas[victim].gone_at is not None
+    live = after.live()
+    assert len(live) == 2 and all(r.ready_at is not None for r in live)
+    assert sorted(svc.pids()) == sorted(r.id for r in live)
+
+
 def _broken_terraform(tmp_path: Path) -> str:
     broken = tmp_path / "terraform"
     broken.write_text("#!/bin/sh\necho 'Error: Backend configuration changed' >&2\nexit 1\n")
@@ -437,6 +480,38 @@ def test_status_shows_what_the_local_capacity_file_holds_back(tmp_path: Path):
         ]
         is None
     )
+
+
+def test_status_still_shows_the_service_when_the_capacity_file_is_damaged(tmp_path: Path):
+    """A capacity file cut short (`kill -9` or a power loss mid-write; it is written without
+    fsync) stopped `status`, the one command to look with, at `error: ...capacity.json: cannot
+    read the local capacity file (...)`, exit 1, without saying what to do; the launches it
+    refused under `apply` and `watch` did not say either. `status` now shows the replicas and
+    warns, and every command's message names the way out."""
+    from skyhedge.clouds.local import capacity, runtime_dir
+
+    spec = tmp_path / "s.yaml"
+    spec.write_text("name: idle\nplacement: {clouds: [local]}\nrun: {command: 'true'}\n")
+    sdir = tmp_path / "st"
+    state = ServiceState(service="idle")
+    state.replicas["r-0001"] = ReplicaRecord(
+        id="r-0001", cloud="local", region="local", zone="local-a", market="spot", launched_at=1.0
+    )
+    save_state(sdir, state)
+    runtime = runtime_dir(sdir)
+    capacity.mark_preempted(runtime, "local-a")
+    path = capacity.capacity_path(runtime)
+    path.write_bytes(path.read_bytes()[:20])  # as a write cut short leaves it
+    for args in ((), ("--json",)):
+        out = CliRunner().invoke(main, ["status", str(spec), "--state-dir", str(sdir), *args])
+        assert out.exit_code == 0, out.output
+        warnings = [line for line in out.output.splitlines() if line.startswith("warning: ")]
+        assert len(warnings) == 1, out.output
+        assert f"{path}: cannot read the local capacity file" in warnings[0]
+        assert warnings[0].endswith("fix it or delete it (every local zone then has its spot capacity)")
+        assert "r-0001" in out.output
+    with pytest.raises(capacity.CapacityFileError, match="fix it or delete it"):
+        capacity.preempted(runtime, "local-a", 0.0)  # what a spot launch asks (its error says it too)
 
 
 def test_status_says_when_a_dead_masters_workers_still_answer(tmp_path: Path):

@@ -295,3 +295,95 @@ def test_without_aws_subnets_replicas_go_to_each_zones_default_subnet(
     assert destroyed.ok, destroyed.errors
     left = ec2.describe_instances(Filters=[{"Name": "tag:skyhedge:service", "Values": ["plain"]}])
     assert {i["State"]["Name"] for r in left["Reservations"] for i in r["Instances"]} <= {"terminated"}
+
+
+def _killed_apply(tmp_path: Path, moto_endpoint: str, name: str) -> tuple[Path, Path, dict[str, str]]:
+    """What an apply killed (`kill -9`, OOM, a cancelled CI runner) between EC2's create calls and
+    Terraform saving its state leaves (measured with the real provider: 5 instances running,
+    Terraform's state empty, skyhedge's recording the 5 replicas as never created): the plan
+    recorded, and an instance per new replica tagged as the module tags it. Returns the spec, the
+    state dir and instance ID -> replica ID."""
+    from skyhedge.apply import record_plan
+    from skyhedge.service import compute_plan, resolve_placement
+    from skyhedge.state import ServiceState, save_state
+
+    ec2 = boto3.client("ec2", region_name=REGION, endpoint_url=moto_endpoint)
+    spec_path = tmp_path / f"{name}.yaml"
+    spec_path.write_text(
+        f"name: {name}\n"
+        "placement: {clouds: [aws], regions: [us-east-1], zones: [use1-az1]}\n"
+        f"resources: {{instance_type: {{aws: g6.xlarge}}, image_id: {{aws: {AMI}}}}}\n"
+        "replica_policy: {min_replicas: 1, num_overprovision: 0, dynamic_ondemand_fallback: false,"
+        " policy: spothedge}\n"
+        "run: {command: 'python3 -m http.server 8000'}\n"
+        "aws: {ingress_cidrs: [10.0.0.0/8], public_ip: false}\n"
+    )
+    spec = load_spec(spec_path)
+    state_dir = tmp_path / f"state-{name}"
+    state = ServiceState(service=name)
+    now = time.time()
+    placement = resolve_placement(spec)
+    plan, memory = compute_plan(spec, state, now=now, placement=placement)
+    record_plan(state, plan, memory, placement, now)
+    save_state(state_dir, state)
+    subnet = next(
+        s["SubnetId"]
+        for s in ec2.describe_subnets()["Subnets"]
+        if s["DefaultForAz"] and s["AvailabilityZoneId"] == "use1-az1"
+    )
+    launched = {}
+    for rec in state.live():
+        tags = [{"Key": "skyhedge:service", "Value": name}, {"Key": "skyhedge:replica", "Value": rec.id}]
+        inst = ec2.run_instances(
+            ImageId=AMI,
+            InstanceType="g6.xlarge",
+            MinCount=1,
+            MaxCount=1,
+            SubnetId=subnet,
+            TagSpecifications=[{"ResourceType": "instance", "Tags": tags}],
+        )["Instances"][0]
+        launched[inst["InstanceId"]] = rec.id
+    assert launched
+    return spec_path, state_dir, launched
+
+
+def test_destroy_after_a_killed_apply_names_the_instances_left_running(
+    tmp_path: Path, moto_endpoint: str
+) -> None:
+    """Before, `destroy` said "Destroyed 0 replica(s) ...; 1 recorded but never created,
+    forgotten" and exited 0 while the instance ran on, billing, with no word about it."""
+    from click.testing import CliRunner
+
+    from skyhedge.cli import main
+
+    spec_path, state_dir, launched = _killed_apply(tmp_path, moto_endpoint, "killed")
+    result = CliRunner().invoke(
+        main, ["destroy", str(spec_path), "--state-dir", str(state_dir), "--auto-approve"]
+    )
+    assert result.exit_code == 0, result.output
+    [warning] = [line for line in result.output.splitlines() if line.startswith("warning: ")]
+    assert warning.startswith(
+        "warning: aws us-east-1: 1 instance(s) tagged for killed still run, in no Terraform"
+    )
+    ((iid, rid),) = launched.items()
+    assert f"{iid} ({rid})" in warning
+    assert warning.endswith(f"aws ec2 terminate-instances --region {REGION} --instance-ids {iid}")
+    assert load_state(state_dir, "killed").live() == []
+
+
+def test_an_apply_after_a_killed_apply_warns_that_it_launches_those_replicas_again(
+    tmp_path: Path, moto_endpoint: str
+) -> None:
+    """Before, the next apply launched every such replica again, silently: two instances per
+    replica ID, the first in no Terraform state, billing until someone found it."""
+    spec_path, state_dir, launched = _killed_apply(tmp_path, moto_endpoint, "again")
+    report = apply_service(load_spec(spec_path), state_dir, route=False, wait=False)
+    assert report.ok, report.errors
+    [warning] = report.warnings
+    for iid, rid in launched.items():
+        assert f"{iid} ({rid})" in warning
+    assert "this apply launches their replicas again" in warning
+    assert warning.endswith(f"--instance-ids {' '.join(sorted(launched))}")
+    # the replicas themselves converge as before (the leftover is the user's to terminate)
+    assert all(r.cloud_id and r.cloud_id not in launched for r in load_state(state_dir, "again").live())
+    assert destroy_service(load_spec(spec_path), state_dir, route=False).ok

@@ -145,6 +145,26 @@ def test_init_runs_once_per_configuration(tmp_path):
     assert engine.version().count(".") == 2
 
 
+@pytest.mark.parametrize("cut", ["empty", "half"])
+def test_a_backend_file_cut_short_is_made_again_by_init(engine, tmp_path, caplog, cut):
+    """`terraform init` records the backend in `<TF_DATA_DIR>/terraform.tfstate`, rewriting it in
+    place. Cut short (measured: the first 100 bytes kept), every later command failed with
+    "Failed to load the backend state file: invalid syntax" (`apply`, `watch`, and `destroy`
+    after taking the router down), `terraform init` itself too, and nothing named the file.
+    It holds no resource: removed and initialised again, the root applies as before."""
+    root = make_root(tmp_path, "cut", {"r-0001": False}, backend=True)
+    assert engine.apply(root).ok
+    backend = root.data_dir / "terraform.tfstate"
+    text = backend.read_text()
+    backend.write_text("" if cut == "empty" else text[: len(text) // 2])
+    make_root(tmp_path, "cut", {"r-0001": False, "r-0002": False}, backend=True)
+    result = engine.apply(root)
+    assert result.ok, result.error_text()
+    assert [c.replica_id for c in result.completed] == ["r-0002"]  # r-0001 kept: the state was found
+    assert json.loads(backend.read_text())["backend"]["type"] == "local"
+    assert f"Terraform's backend file {backend} was cut short" in caplog.text
+
+
 def test_a_state_file_left_empty_by_a_cut_short_write_is_restored_from_terraforms_backup(
     engine, tmp_path, caplog
 ):

@@ -383,6 +383,32 @@ def test_a_router_whose_folder_was_deleted_is_found_and_reloaded_in_place(fleet,
     assert served == {"r-0001", "r-0002"}
 
 
+@pytest.mark.parametrize("lost", ["router.json", "the router's folder"])
+def test_a_router_that_lost_its_record_keeps_its_request_counter_across_a_reload(fleet, make_router, lost):
+    """router.json is written once nginx answers: a `kill -9` of `apply` or `routing up` in
+    between (measured: nginx running, no router.json) left it missing, as does the router's folder
+    deleted under a running nginx. The next reload rendered the config without the stub_status
+    server: `status_url` null and the autoscaler's request counter gone until nginx restarted.
+    The reload keeps the port the serving config has (or, with the config gone too, takes a free
+    one), and the counter answers on it."""
+    fleet.start(1)
+    router = make_router()
+    first = router.up(fleet.upstreams())
+    assert first["status_url"] is not None
+    if lost == "router.json":
+        router.paths.meta.unlink()
+    else:
+        shutil.rmtree(router.paths.prefix)
+    fleet.start(1, first=2)
+    status = router.up(fleet.upstreams())
+    assert status["pid"] == first["pid"]  # a reload of the same master
+    assert status["status_url"] is not None
+    if lost == "router.json":
+        assert status["status_url"] == first["status_url"]
+    assert read_stub_status(status["status_url"])["requests"] >= 1
+    assert [u["id"] for u in status["upstreams"]] == ["r-0001", "r-0002"]
+
+
 def test_down_is_bounded_when_a_long_stream_is_in_flight(fleet, make_router):
     fleet.start(1, env={"ECHO_TOKEN_DELAY": "0.05"})
     router = make_router()

@@ -161,6 +161,8 @@ def _print_apply_report(report: ApplyReport, state_dir: Path) -> None:
         )
     for note in report.notes:  # notes name paths and quote errors: data, not markup
         console.print(f"[dim]{escape(note)}[/]")
+    for line in report.warnings:
+        click.echo(f"warning: {line}", err=True)
     for err in report.errors[1:]:
         report_error(err)
 
@@ -331,6 +333,8 @@ def destroy(spec: Path, state_dir: Path | None, auto_approve: bool, terraform_bi
             f"Destroyed {len(report.destroyed)} replica(s) in {', '.join(report.roots)}{forgot}{held}.",
             markup=False,
         )
+    for line in report.warnings:
+        click.echo(f"warning: {line}", err=True)
 
 
 def status_json(
@@ -455,7 +459,11 @@ def status(spec: Path, state_dir: Path | None, as_json: bool, include_gone: bool
     rows = live_rows(state, include_gone=include_gone)
     router = live_router(state, sdir)
     watcher = presence.read(sdir)  # the running watch/up, if any
-    held_back = local_capacity(sdir)
+    try:
+        held_back = local_capacity(sdir)
+    except StateError as exc:  # a damaged capacity file: the rest of the state is still worth seeing
+        held_back = None
+        err_console.print(f"warning: {exc}", markup=False, highlight=False, soft_wrap=True)
     hold = launch_hold(state, time.time())
     scaler = autoscaler_status(loaded, state) if loaded is not None else None
     # --json: the object alone, for scripts

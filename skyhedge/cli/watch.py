@@ -699,7 +699,7 @@ def preempt(spec: Path, state_dir: Path | None, zone: str, seconds: float | None
             return
         killed = preempt_zone(sdir, zone, seconds=seconds)
     except capacity.CapacityFileError as exc:
-        raise StateError(f"{exc}; fix it or delete it") from exc
+        raise StateError(str(exc)) from exc
     except OSError as exc:
         raise StateError(f"{runtime_dir(sdir)}: cannot write ({exc.strerror or exc})") from exc
     until = f"for {seconds:g}s" if seconds else "until `--clear`"

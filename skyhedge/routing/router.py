@@ -420,6 +420,12 @@ class Router:
         status_port = self._read_meta().get("status_port")
         if nginx.has_stub_status(self.binary) and self.options.status_port:
             status_port = self.options.status_port
+        elif status_port is None and nginx.has_stub_status(self.binary):
+            # router.json is written once nginx is up: a kill -9 in between (or the router's
+            # folder deleted) lost it, and the config rendered without it dropped the request
+            # counter for good (the autoscaler measured nothing until nginx restarted). Keep the
+            # port the running config serves it on, else take a free one.
+            status_port = self._serving_status_port() or _free_port()
         text = self.render(ups, status_port)
         before = nginx.workers(pid)
         try:
@@ -503,6 +509,15 @@ class Router:
     def _meta(self, ups: list[Upstream], status_port: int | None) -> dict[str, Any]:
         listen = listen_address(self.spec)
         return {"upstreams": [u.to_json() for u in ups], "status_port": status_port, "listen": listen}
+
+    def _serving_status_port(self) -> int | None:
+        """The port of the `stub_status` server in the serving config, or None."""
+        try:
+            text = self.paths.conf.read_text(encoding="utf-8")
+        except OSError:
+            return None
+        found = re.search(r"listen\s+127\.0\.0\.1:(\d+);[^}]*?location = /stub_status", text)
+        return int(found.group(1)) if found else None
 
     def _listening(self) -> str | None:
         """The address the running nginx serves on (`host:port` as in its `listen`): from the

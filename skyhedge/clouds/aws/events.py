@@ -507,6 +507,23 @@ class AwsEventSource(EventSource):
             )
 
 
+def running_instances(service: str, region: str, *, session: Any = None) -> list[tuple[str, str | None]]:
+    """(instance ID, `skyhedge:replica` tag) of every instance tagged for `service` in `region`
+    that is not gone (shutting down, terminated, stopping, stopped): what still runs, and bills."""
+    source = AwsEventSource(service, [region], session=session)
+    try:
+        instances = source.list_instances(region)
+    finally:
+        source.close()
+    out: list[tuple[str, str | None]] = []
+    for inst in instances:
+        if not inst.get("InstanceId") or _state(inst) in GONE_STATES:
+            continue
+        tags = {t.get("Key"): t.get("Value") for t in inst.get("Tags") or []}
+        out.append((str(inst["InstanceId"]), tags.get(TAG_REPLICA)))
+    return sorted(out)
+
+
 def _parse_safely(message: dict[str, Any], now: float) -> PreemptionEvent | None:
     """`parse_message`, with any failure on one message logged as unparseable (and the message
     then deleted like any other): one odd message must not hold back the batch it came in."""

@@ -34,7 +34,12 @@ VERSION = 1
 
 
 class CapacityFileError(ValueError):
-    """The capacity file exists but cannot be understood (the launcher refuses to guess)."""
+    """The capacity file exists but cannot be understood (the launcher refuses to guess). The
+    message says what to do: every command that meets it (a launch under `apply` or `watch`,
+    `status`, `preempt`) repeats it."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(f"{message}; fix it or delete it (every local zone then has its spot capacity)")
 
 
 def capacity_path(runtime_dir: Path) -> Path:
