@@ -310,3 +310,58 @@ def test_names_with_dollar_signs_are_drawn_as_written(trace_dir, tmp_path):
     result = small(named, "--policy", "spothedge,rr", "--plot", str(png))
     assert result.exit_code == 0, result.output
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_plot_of_many_traces_keeps_its_legend_readable_and_off_the_points(trace_dir, tmp_path, monkeypatch):
+    """Thirty traces x two policies is sixty legend entries: drawn inside the axes, the legend
+    covered the points and ran off the top of the image, losing the first traces' entries (found
+    by an audit). Past a dozen entries it goes beside the axes, every entry inside the image."""
+    import matplotlib.pyplot as plt
+
+    from skyhedge.simulator import plot
+
+    folder = tmp_path / "many"
+    for i in range(30):
+        (folder / f"t{i:02d}").mkdir(parents=True)
+        for zone in trace_dir.iterdir():
+            (folder / f"t{i:02d}" / zone.name).write_bytes(zone.read_bytes())
+    figures = []
+    monkeypatch.setattr(plot.plt, "close", figures.append)  # keep the figure to measure it
+    png = tmp_path / "many.png"
+    result = small(folder, "--policy", "spothedge,rr", "--plot", str(png), "--repeats", "1")
+    assert result.exit_code == 0, result.output
+    [fig] = figures
+    try:
+        scatter = fig.axes[0]
+        legend = scatter.get_legend()
+        assert len(legend.get_texts()) == 60
+        renderer = fig.canvas.get_renderer()
+        box = legend.get_window_extent(renderer)
+        assert not box.overlaps(scatter.get_window_extent(renderer))  # no point hidden under it
+        image = fig.get_tightbbox(renderer).transformed(fig.dpi_scale_trans)  # what is saved, in pixels
+        assert image.x0 <= box.x0 and box.x1 <= image.x1 and image.y0 <= box.y0 and box.y1 <= image.y1
+        assert box.y1 <= fig.bbox.y1  # within the figure's height: nothing cut off at the top
+    finally:
+        plt.close(fig)
+
+
+def test_two_traces_of_one_name_are_refused_naming_both_paths_and_the_way_out(trace_dir, tmp_path):
+    """`--trace 2023/aws --trace 2024/aws`: results are reported by trace name, so two traces named
+    `aws` cannot both run. The error said only "two traces share the name 'aws'", naming neither
+    path nor flag; it names both and the folder form, whose traces are named by their paths."""
+    first, second = tmp_path / "years" / "2023" / "aws", tmp_path / "years" / "2024" / "aws"
+    for copy in (first, second):
+        copy.mkdir(parents=True)
+        for zone in trace_dir.iterdir():
+            (copy / zone.name).write_bytes(zone.read_bytes())
+    result = small(first, "--trace", str(second), "--policy", "spothedge")
+    assert result.exit_code == 1 and result.stdout == ""
+    assert result.stderr.strip().splitlines() == [
+        f"error: --trace: {first} and {second} share the name 'aws'; give their common parent folder "
+        "instead (each trace is then named by its path in it)"
+    ]
+    again = small(first, "--trace", str(first), "--policy", "spothedge")
+    assert again.stderr.strip().endswith("share the name 'aws'; the same trace given twice")
+    folder = small(tmp_path / "years", "--policy", "spothedge", "--json")
+    assert folder.exit_code == 0, folder.output
+    assert [row["trace"] for row in json.loads(folder.stdout)] == ["2023/aws", "2024/aws"]

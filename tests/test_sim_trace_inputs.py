@@ -234,6 +234,59 @@ def test_dotfiles_in_a_trace_directory_are_skipped(tmp_path):
     assert trace.zones == (Location("aws", "us-east-1", "us-east-1a"),)
 
 
+def test_a_zone_file_linking_to_missing_data_is_refused_naming_it_not_dropped(tmp_path):
+    """git-annex and DataLad keep each file as a symbolic link into an object store, dangling
+    until its data is fetched: a zone whose data was not fetched must fail the trace naming the
+    file, not vanish from it (the trace was simulated as if that zone did not exist)."""
+    directory = tmp_path / "annexed"
+    write_zone(directory, "us-east-1a.json", [2, 1, 0, 3] * 10)
+    (directory / "us-east-1b.json").symlink_to(tmp_path / "objects" / "missing")
+    line = one_error_line(small(directory, "--policy", "spothedge", "--json"), "us-east-1b.json")
+    assert "symbolic link to a missing file" in line
+
+    nothing_fetched = tmp_path / "folder" / "unfetched"  # a folder of traces: the same
+    nothing_fetched.mkdir(parents=True)
+    (nothing_fetched / "us-east-1a.json").symlink_to(tmp_path / "objects" / "missing")
+    one_error_line(small(tmp_path / "folder", "--json"), "unfetched/us-east-1a.json", "missing file")
+
+    one_error_line(small(directory / "us-east-1b.json", "--json"), "us-east-1b.json", "missing file")
+
+
+def test_a_trace_no_longer_than_the_cold_start_is_blamed_not_a_ticks_flag_never_given(tmp_path):
+    """Without --ticks a short trace is simulated whole; one of 4 ticks leaves nothing to score
+    after a 4-tick cold start. The error names the trace: "--ticks 4 must exceed the cold start"
+    sent the user looking for a flag they never gave."""
+    directory = tmp_path / "four_ticks"
+    write_zone(directory, "us-east-1a.json", [2, 2], gap=60)
+    line = one_error_line(invoke("--trace", str(directory), "--policy", "spothedge"), "four_ticks")
+    assert "--ticks" not in line and "cold start (4 ticks)" in line
+    given = invoke("--trace", str(directory), "--policy", "spothedge", "--ticks", "4")
+    one_error_line(given, "--ticks 4 must exceed the cold start")  # a --ticks given is still named
+
+
+def test_a_price_array_unlike_data_in_length_never_stops_the_simulation(tmp_path):
+    """A spot-price feed rarely ends exactly where the capacity samples do. The optional `prices`
+    (read only with --prices) refused the whole trace: "prices: expected 40 entries like data,
+    got 38", --prices or not. Samples past a short array's end are missing (null): --prices then
+    needs that zone's spot price; entries past the data's end are unused."""
+    directory = tmp_path / "priced"
+    for zone, prices in (("us-east-1a", [0.5] * 38), ("us-east-1b", [0.7] * 45)):
+        directory.mkdir(exist_ok=True)
+        doc = {"metadata": {"gap_seconds": 60}, "data": [2, 1, 0, 3] * 10, "prices": prices}
+        (directory / f"{zone}.json").write_text(json.dumps(doc))
+    assert len(rows_of(small(directory, "--policy", "spothedge,optimal", "--json"))) == 2
+    trace = load_trace(directory)
+    assert trace.spot_prices is not None and trace.spot_prices.shape == trace.capacity.shape
+    assert np.isnan(trace.spot_prices[0, 76:]).all() and (trace.spot_prices[0, :76] == 0.5).all()
+    assert (trace.spot_prices[1] == 0.7).all()
+    od_only = tmp_path / "od.json"
+    od_only.write_text(json.dumps({"us-east-1a": {"ondemand": 3}, "us-east-1b": {"ondemand": 3}}))
+    one_error_line(small(directory, "--prices", str(od_only)), "no spot price for zone us-east-1a")
+    both = tmp_path / "both.json"
+    both.write_text(json.dumps({"us-east-1a": {"ondemand": 3, "spot": 0.6}, "us-east-1b": {"ondemand": 3}}))
+    assert all(row["dollars"] > 0 for row in rows_of(small(directory, "--prices", str(both), "--json")))
+
+
 def test_a_capacity_past_the_shortest_zones_end_still_makes_a_capacity_trace(tmp_path):
     """The 4s lie beyond the shortest zone, so the resampled trace holds only 0/1: it is still a
     capacity trace (1 = one replica), not an availability trace (1 = as many as asked)."""
@@ -299,13 +352,81 @@ def test_a_worker_killed_while_solving_the_optimum_is_one_line(tmp_path, monkeyp
             return future
 
     monkeypatch.setattr(runner, "ProcessPoolExecutor", KilledPool)
-    monkeypatch.setattr(runner.os, "cpu_count", lambda: 4)  # the optimum goes to worker processes
+    monkeypatch.setattr(runner, "_usable_cpus", lambda: 4)  # the optimum goes to worker processes
     trace = three_zones(tmp_path / "t", ("us-east-1a", "us-east-1b", "us-east-1c"))
     one_error_line(
         small(trace, "--policy", "spothedge,optimal"),
         "error: t: the process solving the optimum of window 1 died abruptly",
         "running out of memory",
     )
+
+
+def test_a_worker_solving_one_window_is_sent_that_window_not_the_whole_trace(tmp_path, monkeypatch):
+    """Each window's task was pickled with the whole trace: ten 24 h windows of a 3-year nine-zone
+    trace (227 MB of capacity) took the process tree to 3.3 GB (1.3 GB sent the windows alone).
+    The results are those of solving in this process, offsets in the whole trace included."""
+    sent: list[tuple[int, int]] = []
+
+    class InlinePool:
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            pass
+
+        def __enter__(self) -> InlinePool:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            return None
+
+        def submit(self, fn, trace, window, *args: object, **kwargs: object) -> Future:
+            sent.append(trace.capacity.shape)
+            future: Future = Future()
+            future.set_result(fn(trace, window, *args, **kwargs))
+            return future
+
+    monkeypatch.setattr(runner, "ProcessPoolExecutor", InlinePool)
+    write_zone(tmp_path / "long", "us-east-1a.json", [2, 0, 3, 3, 1, 3] * 100)  # 600 min: 1200 ticks
+    write_zone(tmp_path / "long", "us-east-1b.json", [3, 3, 0, 1, 3, 2] * 100)
+    [trace] = load_traces(tmp_path / "long")
+    config = runner.SimConfig(ticks=40, repeats=3, cold_start_seconds=60)
+    inline = runner.simulate([trace], ["optimal"], config, workers=4)
+    assert sent == [(2, 40)] * 3  # two zones, one window's 40 ticks each
+    alone = runner.simulate([trace], ["optimal"], config, workers=1)
+    assert without_timing([s.to_json() for s in inline]) == without_timing([s.to_json() for s in alone])
+    assert [w.window for w in inline[0].windows] == [w.window for w in alone[0].windows]
+    assert max(w.window.offset for w in inline[0].windows) > 0
+
+
+def test_the_optimum_runs_one_process_per_cpu_the_process_may_use(tmp_path, monkeypatch):
+    """`taskset -c 0`, a container's cpuset or a batch job's CPUs: `os.cpu_count()` counts the
+    machine's CPUs, so a process pinned to one CPU of a 2-CPU machine started two solver
+    processes on it (measured), and pinned to 2 of 64, up to ten."""
+    pools: list[object] = []
+
+    class Pool:
+        def __init__(self, *args: object, max_workers: int, **kwargs: object) -> None:
+            pools.append(max_workers)
+
+        def __enter__(self) -> Pool:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            return None
+
+        def submit(self, fn, *args: object, **kwargs: object) -> Future:
+            future: Future = Future()
+            future.set_result(fn(*args, **kwargs))
+            return future
+
+    monkeypatch.setattr(runner, "ProcessPoolExecutor", Pool)
+    monkeypatch.setattr(runner.os, "cpu_count", lambda: 64)
+    trace = load_trace(three_zones(tmp_path / "t", ("us-east-1a", "us-east-1b", "us-east-1c")))
+    config = runner.SimConfig(ticks=30, repeats=10, cold_start_seconds=60)
+    monkeypatch.setattr(runner.os, "sched_getaffinity", lambda pid: {0}, raising=False)
+    runner.simulate([trace], ["optimal"], config)
+    assert pools == []  # one usable CPU: solved in this process
+    monkeypatch.setattr(runner.os, "sched_getaffinity", lambda pid: {2, 3}, raising=False)
+    runner.simulate([trace], ["optimal"], config)
+    assert pools == [2]
 
 
 def test_an_optimum_too_big_to_solve_is_refused_before_any_work(tmp_path):

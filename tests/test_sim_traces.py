@@ -102,7 +102,6 @@ def test_zone_names_map_to_locations():
         (lambda d: write_zone(d, "us-east-1a", [1, -2]), "data\\[1\\]: expected a non-negative integer"),
         (lambda d: write_zone(d, "us-east-1a", [1, 1.5]), "data\\[1\\]"),
         (lambda d: write_zone(d, "us-east-1a", []), "non-empty list"),
-        (lambda d: write_zone(d, "us-east-1a", [1, 2], prices=[1.0]), "prices: expected 2 entries"),
         (lambda d: (write_zone(d, "us-east-1a_x", [1]), write_zone(d, "us-east-1a_y", [1])), "appears twice"),
         (lambda d: write_zone(d, "us-east-1a", [1], gap=10), "shorter than one 30 s tick"),
     ],

@@ -31,6 +31,7 @@ from skyhedge.state import check_writable
 
 P = ParamSpec("P")
 DEFAULT_POLICIES = "spothedge,skyserve,optimal,ondemand,even,rr,single-region"
+_SAME_NAME_HINT = "give their common parent folder instead (each trace is then named by its path in it)"
 
 
 class TracePath(click.Path):
@@ -216,10 +217,14 @@ def simulate(
         plot_format(plot_path)  # an extension it cannot honour fails before any work
         check_writable(plot_path, "plot")
     instance_types = _instance_types(instance_type_values)
-    traces = [trace for path in trace_paths for trace in load_traces(path, instance_types=instance_types)]
-    names = [trace.name for trace in traces]
-    if len(set(names)) != len(names):
-        raise TraceError(f"two traces share the name {next(n for n in names if names.count(n) > 1)!r}")
+    traces = []
+    named: dict[str, Path] = {}  # results are reported by name: two of one name could not be told apart
+    for path in trace_paths:
+        for trace in load_traces(path, instance_types=instance_types):
+            if (other := named.setdefault(trace.name, path)) is not path:
+                hint = "the same trace given twice" if other.resolve() == path.resolve() else _SAME_NAME_HINT
+                raise TraceError(f"--trace: {other} and {path} share the name {trace.name!r}; {hint}")
+            traces.append(trace)
     config = SimConfig(
         target=target,
         cold_start_seconds=cold_start,

@@ -37,6 +37,10 @@ FORMATS = {".png": "png", ".svg": "svg", ".pdf": "pdf", ".eps": "eps", ".ps": "p
 _PREFERRED = ("spothedge", "skyhedge", "skyserve")
 #: Timelines drawn side by side (SpotHedge next to skyhedge when both were run).
 MAX_TIMELINES = 2
+#: Legend entries (policy x trace) drawn inside the cost/availability axes; more go beside it,
+#: in columns of at most LEGEND_ROWS entries.
+MAX_LEGEND_INSIDE = 12
+LEGEND_ROWS = 24
 
 
 def _timeline_policies(summaries: Sequence[Summary]) -> list[Summary]:
@@ -110,7 +114,14 @@ def plot_results(
     ax.ticklabel_format(axis="y", useOffset=False)  # 99.98, not "-0.02 +1e2"
     ax.set_title("cost vs availability (mean ± std over windows)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2, loc="lower right")
+    entries = len(summaries)
+    if entries <= MAX_LEGEND_INSIDE:
+        ax.legend(fontsize=7, ncol=2, loc="lower right")
+    else:  # beside the axes, in as many columns as it takes: inside, it hid the points and ran off the top
+        columns_needed = -(-entries // LEGEND_ROWS)
+        ax.legend(
+            fontsize=7, ncol=columns_needed, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0
+        )
 
     if trace is not None:
         for column, summary in enumerate(shown):
@@ -119,7 +130,7 @@ def plot_results(
     fig.tight_layout()
     image = io.BytesIO()
     try:
-        fig.savefig(image, format=fmt, dpi=110)
+        fig.savefig(image, format=fmt, dpi=110, bbox_inches="tight")
     finally:
         plt.close(fig)
     try:

@@ -234,6 +234,8 @@ def load_trace(path: str | Path, *, binary_is_unlimited: bool | None = None) -> 
         zones, series, gaps, prices = _read_csv(path)
     elif path.exists():
         raise TraceError(f"{path}: expected a trace directory, a .csv file or one zone's .json file")
+    elif path.is_symlink():
+        raise TraceError(f"{path}: a symbolic link to a missing file or directory ({os.readlink(path)})")
     else:
         raise TraceError(f"{path}: no such trace directory or file")
     return _build(path, zones, series, gaps, prices, binary_is_unlimited, _trace_name(path))
@@ -369,8 +371,16 @@ def _has_suffix(path: Path, suffix: str) -> bool:
 
 def _visible_files(path: Path) -> list[Path]:
     """A directory's files, sorted, without dotfiles: `._x.json` is macOS metadata (AppleDouble),
-    not a zone, and would otherwise fail the whole directory as unreadable JSON."""
-    return sorted(p for p in path.iterdir() if not p.name.startswith(".") and p.is_file())
+    not a zone, and would otherwise fail the whole directory as unreadable JSON.
+
+    A symbolic link whose target is missing counts as a file (reading it then fails naming it):
+    git-annex and DataLad keep data as links into an object store, dangling until fetched, and
+    skipping them dropped those zones from the trace without a word."""
+    return sorted(
+        p
+        for p in path.iterdir()
+        if not p.name.startswith(".") and (p.is_file() or (p.is_symlink() and not p.exists()))
+    )
 
 
 def _json_files(path: Path) -> list[Path]:
@@ -479,6 +489,11 @@ def _read_json_dir(
 ) -> tuple[list[Location], list[np.ndarray], list[float], list[np.ndarray | None]]:
     zones, series, gaps, prices = [], [], [], []
     for file in files:
+        if file.is_symlink() and not file.exists():
+            raise TraceError(
+                f"{file}: a symbolic link to a missing file ({os.readlink(file)}); fetch its data "
+                "(git annex get, datalad get) or remove the link"
+            )
         try:
             doc = json.loads(file.read_text(encoding="utf-8-sig"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -494,10 +509,12 @@ def _read_json_dir(
         price_arr = None
         if price is not None:
             price_arr = _numbers(file, "prices", price, integral=False)
-            if len(price_arr) != len(data):
-                raise TraceError(
-                    f"{file}: prices: expected {len(data)} entries like data, got {len(price_arr)}"
-                )
+            # A price feed rarely ends exactly with the capacity samples. Prices are only read with
+            # --prices; refusing the trace over them failed every run on it, --prices or not.
+            # Samples past the array's end are missing (null), entries past the data's are unused.
+            if len(price_arr) < len(data):
+                price_arr = np.concatenate([price_arr, np.full(len(data) - len(price_arr), np.nan)])
+            price_arr = price_arr[: len(data)]
         zones.append(_zone_of(file))
         series.append(data)
         gaps.append(gap)
