@@ -626,6 +626,11 @@ def test_a_log_past_its_cap_is_rotated_once_and_nginx_writes_a_fresh_one(fleet, 
     access = router.paths.access_log
     for _ in range(5):
         assert complete(router.endpoint, max_tokens=1).status == 200
+    # nginx logs a request after its response has gone out: wait for the fifth line
+    deadline = time.monotonic() + 5
+    while access.read_text().count("POST /v1/completions") < 5:
+        assert time.monotonic() < deadline, "nginx did not log the requests"
+        time.sleep(0.02)
     assert access.stat().st_size > 300
 
     assert router.rotate_logs(max_bytes=300) == [access]
