@@ -365,7 +365,8 @@ def local_state_problem(root: TerraformRoot) -> str | None:
     except ValueError as exc:
         return (
             f"{root.name}: Terraform's state {path} is not valid JSON ({exc}); restore it from "
-            f"{path}.backup if that is intact, or remove it only if nothing it tracked still runs"
+            f"{path}.backup if that is intact (it is the state before the last Terraform run: replicas "
+            "that run launched are then launched again), or remove it only if nothing it tracked still runs"
         )
     return None
 
