@@ -32,6 +32,7 @@ Where things live under the state dir:
 from __future__ import annotations
 
 import contextlib
+import shutil
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -67,7 +68,7 @@ from skyhedge.service import (
     set_gitops,
 )
 from skyhedge.spec import ServiceSpec
-from skyhedge.state import ReplicaRecord, ServiceState, load_state, save_state, writer_lock
+from skyhedge.state import STATE_FILE, ReplicaRecord, ServiceState, load_state, save_state, writer_lock
 
 __all__ = [
     "ApplyReport",
@@ -582,6 +583,7 @@ def apply_service(
     placement = resolve_placement(spec)
     report = ApplyReport()
     with writer_lock(ws.state_dir):
+        first = not ws.tf_dir.exists()  # no Terraform files yet: this run makes them
         state = load_state(ws.state_dir, spec.name)
         if reopened := reopen_unfinished_deletes(state):
             say(f"{', '.join(reopened)}: deletes a killed run left unfinished; the plan decides again")
@@ -612,7 +614,13 @@ def apply_service(
         while True:
             step = _Step(spec, ws, engine, placement, state, report, on_event, say, clock, policy_name)
             before = (len(report.created), len(report.deleted))
-            if not step.converge(asking, max_rounds, route):
+            try:
+                converged = step.converge(asking, max_rounds, route)
+            except BaseException:
+                _forget_unused_workspace(ws, first)
+                raise
+            if not converged:
+                _forget_unused_workspace(ws, first)
                 return report
             if step.asked:
                 asking = None
@@ -660,6 +668,15 @@ def apply_service(
                 "releasing each once its replacement is READY" + single
             )
     return report
+
+
+def _forget_unused_workspace(ws: Workspace, first: bool) -> None:
+    """Remove the Terraform files a first apply made when it recorded nothing (declined, or
+    refused before its plan was saved): "nothing changed" holds on disk too, and `writer_lock`
+    then removes the state dir it made. No `state.json` means nothing was applied (the plan is
+    saved before Terraform applies it); files that were there before this run are never touched."""
+    if first and not (ws.state_dir / STATE_FILE).exists():
+        shutil.rmtree(ws.tf_dir, ignore_errors=True)
 
 
 def rolls_on(spec: ServiceSpec, state_dir: Path, *, route: bool, wait: bool) -> bool:

@@ -304,6 +304,26 @@ def test_a_declined_apply_leaves_the_tree_and_no_saved_plan_as_they_were(svc):
     assert no.exit_code == 1 and not (fresh / "tf" / "tree").exists()
 
 
+def test_a_declined_first_apply_leaves_no_state_dir_behind(svc):
+    """A first apply declined, or unanswered in CI, says "Apply cancelled; nothing changed." but
+    left `<state dir>/` holding the lock file and Terraform's init data (found by an audit). Only
+    what that apply made goes."""
+    spec, fresh = str(svc.write(replicas=1)), svc.state_dir  # (the fixture stops what runs there)
+    assert not fresh.exists()
+    no = run_cli("apply", spec, "--state-dir", str(fresh), "--no-routing", input="n\n")
+    assert no.exit_code == 1 and "Apply cancelled; nothing changed." in no.output
+    assert not fresh.exists() and svc.pids() == {}
+    # a state dir that already held Terraform's files keeps them (they may hold its state)
+    kept = svc.root / "kept"
+    (kept / "tf" / "state").mkdir(parents=True)
+    (kept / "tf" / "state" / "local-local.tfstate").write_text("{}")
+    no = run_cli("apply", spec, "--state-dir", str(kept), "--no-routing", input="n\n")
+    assert no.exit_code == 1 and (kept / "tf" / "state" / "local-local.tfstate").read_text() == "{}"
+    yes = run_cli("apply", spec, "--state-dir", str(fresh), "--no-routing", input="y\n")
+    assert yes.exit_code == 0, yes.output
+    assert (fresh / STATE_FILE).exists() and sorted(svc.pids()) == ["r-0001"]
+
+
 def test_cli_apply_status_destroy(svc):
     spec = str(svc.write(replicas=2))
     sd = str(svc.state_dir)

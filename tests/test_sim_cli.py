@@ -293,6 +293,22 @@ def test_a_trace_shorter_than_the_default_window_is_simulated_whole_with_a_note(
     ]
 
 
+def test_the_title_gives_the_window_length_as_simulated(trace_dir, tmp_path):
+    """Without --ticks a short trace is simulated whole, but the table's title said "2 windows of
+    2880 ticks" over a trace of 80 (found by an audit); the JSON's `window_ticks` was right."""
+    result = invoke("--trace", str(trace_dir), "--repeats", "2", "--policy", "spothedge")
+    assert result.exit_code == 0, result.output
+    assert "2 windows of 80 ticks" in result.stdout and "2880" not in result.stdout
+    # beside a trace long enough for the default window, the short one is named with its length
+    day = tmp_path / "day"
+    day.mkdir()
+    (day / "us-east-1a.json").write_text(json.dumps({"metadata": {"gap_seconds": 30}, "data": [3] * 3000}))
+    result = invoke("--trace", str(day), "--trace", str(trace_dir), "--repeats", "2", "--policy", "spothedge")
+    assert result.exit_code == 0, result.output
+    title = " ".join(result.stdout.split())  # the title wraps at the table's width
+    assert "2 windows of 2880 ticks (tiny: 80, the whole trace)" in title
+
+
 def test_a_window_asked_for_with_ticks_is_never_shortened(trace_dir):
     result = invoke("--trace", str(trace_dir), "--ticks", "2880", "--policy", "spothedge")
     assert result.exit_code == 1

@@ -313,12 +313,19 @@ def _num(value: float | None, spec: str) -> str:
 
 def _table(rows: list[dict], verdicts: dict[tuple[str, str], Verdict], config: SimConfig) -> Table:
     windows = f"{config.repeats} window{'' if config.repeats == 1 else 's'}"
+    # the windows as simulated: a trace shorter than the default window is played whole
+    lengths = {row["trace"]: row["window_ticks"] or config.ticks for row in rows}
+    ticks = f"{config.ticks} ticks"
+    if len(set(lengths.values())) == 1:
+        ticks = f"{next(iter(lengths.values()), config.ticks)} ticks"
+    elif short := [f"{name}: {n}" for name, n in lengths.items() if n != config.ticks]:
+        ticks += f" ({', '.join(short)}, the whole trace)"
     # the cold start the run used: --cold-start rounded up to whole 30 s ticks
     cold = config.cold_start_ticks * TICK_SECONDS
     table = Table(
         title=(
             f"N={config.target}, extra={config.extra}, cold start {cold:g}s, "
-            f"on-demand x{config.ondemand_cost_ratio:g}, {windows} of {config.ticks} ticks"
+            f"on-demand x{config.ondemand_cost_ratio:g}, {windows} of {ticks}"
         )
     )
     # Where the terminal is narrower than the table, the figures keep their width (a figure is
