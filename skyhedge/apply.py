@@ -322,10 +322,11 @@ class InstancesLeft:
 
 
 def aws_instances_left(
-    service: str, regions: Iterable[str], *, replicas: Iterable[str] | None = None
+    service: str, regions: Iterable[str], *, replicas: Iterable[str] | None = None, owned: Iterable[str] = ()
 ) -> list[InstancesLeft]:
     """Per AWS region, the running instances tagged for `service` (`replicas`: only those tagged
-    for these replica IDs), for when no live replica may own any.
+    for these replica IDs), for when no live replica may own any (`owned`: instance IDs that
+    live replicas do own, left out).
 
     An apply killed between EC2's create call and Terraform saving its state leaves such an
     instance: Terraform's state lacks it, skyhedge's records the replica as never created. The
@@ -335,6 +336,7 @@ def aws_instances_left(
     from skyhedge.clouds.aws.events import running_instances
 
     mine = None if replicas is None else set(replicas)
+    skip = set(owned)
     out: list[InstancesLeft] = []
     for region in sorted(set(regions)):
         try:
@@ -342,10 +344,27 @@ def aws_instances_left(
         except Exception as exc:  # no credentials, no endpoint: a warning, never the command's failure
             out.append(InstancesLeft(region, error=f"{exc.__class__.__name__}: {exc}"))
             continue
-        left = tuple((iid, rid) for iid, rid in found if mine is None or rid in mine)
+        left = tuple((iid, rid) for iid, rid in found if (mine is None or rid in mine) and iid not in skip)
         if left:
             out.append(InstancesLeft(region, left))
     return out
+
+
+def _instances_left_unsaved(
+    spec: ServiceSpec, state: ServiceState, unsaved: Sequence[ReplicaRecord]
+) -> list[str]:
+    """`warning:` lines for the running instances tagged for the `unsaved` replicas (recorded by an
+    earlier run, never read back from Terraform) that no live replica owns now that an apply step
+    ran: those Terraform had saved were read back (their replica owns them), the rest are in no
+    Terraform state."""
+    owned = {r.cloud_id for r in state.live() if r.cloud_id}
+    again = "this apply launches their replicas again; "
+    return [
+        left.warning(spec.name, again)
+        for left in aws_instances_left(
+            spec.name, {r.region for r in unsaved}, replicas={r.id for r in unsaved}, owned=owned
+        )
+    ]
 
 
 def record_plan(
@@ -591,15 +610,12 @@ def apply_service(
             say(note)
         # recorded by an earlier run that failed or was killed, never saved by Terraform: did EC2
         # launch them all the same?
+        # (Terraform may have saved them though: a kill -9 of skyhedge alone, or a SIGTERM, after
+        # Terraform wrote its state but before skyhedge read its outputs. So they are looked for
+        # once the first step has run, and an instance a replica owns then is no leftover.)
         unsaved = [
             r for r in state.live() if r.cloud == "aws" and r.cloud_id is None and r.provisioned_at is None
         ]
-        if unsaved:
-            again = "this apply launches their replicas again; "
-            for left in aws_instances_left(
-                spec.name, {r.region for r in unsaved}, replicas={r.id for r in unsaved}
-            ):
-                report.warnings.append(left.warning(spec.name, again))
         set_gitops(state, False)  # applied from here on, whatever advanced it before
         router = _router(spec, ws.state_dir)
         if route and router is not None:
@@ -622,6 +638,9 @@ def apply_service(
             if not converged:
                 _forget_unused_workspace(ws, first)
                 return report
+            if unsaved:
+                report.warnings += _instances_left_unsaved(spec, state, unsaved)
+                unsaved = []
             if step.asked:
                 asking = None
             moved = (len(report.created), len(report.deleted)) != before

@@ -33,6 +33,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -407,9 +408,17 @@ def resolve_binary(binary: str | os.PathLike[str] | None) -> str | None:
 # on to them as the SIGINT a terminal's Ctrl-C sends the whole process group.
 _running: set[subprocess.Popen[str]] = set()
 _running_lock = threading.Lock()
+# The pids of those that said they are stopping: Terraform's answer to its first interrupt
+# (SIGINT or SIGTERM), "Interrupt received. Please wait for Terraform to exit...". A second one
+# makes it exit at once, without finishing what is in flight nor writing its state.
+_stopping: set[int] = set()
+_INTERRUPT_HEARD = "Interrupt received"
+#: How long a SIGTERM'd skyhedge waits for Terraform to say it heard the signal too before it
+#: passes it on (`interrupt_running`).
+INTERRUPT_GRACE_SECONDS = 0.5
 
 
-def interrupt_running() -> int:
+def interrupt_running(grace: float = 0.0) -> int:
     """Send SIGINT where a terminal's Ctrl-C would have: to every Terraform process running now
     and to what they run in skyhedge's process group (a local replica's launcher and its
     `run.setup`; not the replicas, which run in their own sessions). Returns how many processes
@@ -417,9 +426,17 @@ def interrupt_running() -> int:
 
     Terraform takes SIGINT as a request to stop gracefully: it lets the resource operations in
     flight finish and writes its state, where a SIGTERM'd skyhedge would otherwise leave it to
-    finish (or not) unseen, as an orphan. Called from a signal handler: no lock is taken (the
-    set is copied in one step)."""
-    pids = {p.pid for p in tuple(_running) if p.returncode is None}
+    finish (or not) unseen, as an orphan. But it takes a second interrupt as "exit now" ("Two
+    interrupts received. Exiting immediately. Note that data loss may have occurred."), and the
+    SIGTERM may have reached it too: `timeout` and CI runners signal the whole process group,
+    systemd the whole cgroup. So a Terraform that said it is stopping is left alone, and with
+    `grace` each gets that long to say so first. Called from a signal handler: no lock is taken
+    (the sets are copied in one step)."""
+    procs = [p for p in tuple(_running) if p.returncode is None]
+    deadline = time.monotonic() + grace
+    while procs and time.monotonic() < deadline and not {p.pid for p in procs} <= set(_stopping):
+        time.sleep(0.02)
+    pids = {p.pid for p in procs if p.pid not in _stopping}
     if pids:
         pids |= _group_descendants(pids)
     for pid in pids:
@@ -647,12 +664,15 @@ class Terraform:
             try:
                 for line in proc.stdout:
                     out_lines.append(line)
+                    if _INTERRUPT_HEARD in line:
+                        _stopping.add(proc.pid)
                     if on_line is not None:
                         on_line(line.rstrip("\n"))
             finally:
                 code = proc.wait()
                 with _running_lock:
                     _running.discard(proc)
+                    _stopping.discard(proc.pid)
                 if watchdog is not None:
                     watchdog.cancel()
                 reader.join()

@@ -1049,13 +1049,18 @@ def _run(ctx: _Ctx, raw: Any) -> Run:
         # as service.tls's files: relative to the spec's folder, so that the replicas run in the
         # same place whichever directory `apply` or `watch` is started from
         base = Path(ctx.file).parent if not ctx.file.startswith("<") else Path.cwd()
-        path = Path(workdir_text).expanduser()
-        workdir = Path(os.path.abspath(path if path.is_absolute() else base / path))
+        path = _expand_home(ctx, "run.workdir", workdir_text)
+        # with symbolic links resolved: it is part of the replicas' revision, and one directory
+        # reached two ways (`cd current && apply service.yaml`, where the relative spec path is
+        # taken from the physical current directory, and `apply current/service.yaml`) must not
+        # be two revisions, each apply rolling every replica over to its own
+        workdir = Path(os.path.realpath(path if path.is_absolute() else base / path))
     return Run(command=command, image=image, env=env, setup=setup, workdir=workdir)
 
 
-def _check_local_workdir(ctx: _Ctx, run: Run, clouds: Sequence[str]) -> None:
-    """`run.workdir` is a directory of this machine: only local replicas run in one."""
+def _check_local_workdir(ctx: _Ctx, run: Run, clouds: Sequence[str], *, launches: bool = True) -> None:
+    """`run.workdir` is a directory of this machine: only local replicas run in one. It must exist
+    for a command that may launch replicas (`launches`), not for one that stops or reads them."""
     if run.workdir is None:
         return
     if "local" not in clouds:
@@ -1064,7 +1069,7 @@ def _check_local_workdir(ctx: _Ctx, run: Run, clouds: Sequence[str]) -> None:
             "only local replicas run in a directory of this machine; a cloud VM runs run.command "
             "in its own (cd in run.command or run.setup)",
         )
-    if not run.workdir.is_dir():
+    if launches and not run.workdir.is_dir():
         raise ctx.fail("run.workdir", f"no such directory: {run.workdir}")
 
 
@@ -1164,8 +1169,9 @@ TOP_LEVEL = {
 }
 
 
-def parse_spec(data: Any, *, source: str = "<spec>") -> ServiceSpec:
-    """Validate already-parsed YAML data into a `ServiceSpec`."""
+def parse_spec(data: Any, *, source: str = "<spec>", launches: bool = True) -> ServiceSpec:
+    """Validate already-parsed YAML data into a `ServiceSpec`. `launches`: False for a command that
+    launches no replica (`destroy`, `logs`, ...): then `run.workdir` need not exist."""
     ctx = _Ctx(source)
     if not isinstance(data, Mapping):
         raise ctx.fail("", f"expected a mapping at the top level, got {_show(data)}")
@@ -1198,7 +1204,7 @@ def parse_spec(data: Any, *, source: str = "<spec>") -> ServiceSpec:
         )
     if "local" in placement.clouds:
         _check_local_run_size(ctx, run)
-    _check_local_workdir(ctx, run, placement.clouds)
+    _check_local_workdir(ctx, run, placement.clouds, launches=launches)
     return ServiceSpec(
         name=name,
         resources=resources,
@@ -1326,8 +1332,11 @@ def service_name_in(path: str | Path) -> str | None:
     return name if isinstance(name, str) and NAME_RE.fullmatch(name) else None
 
 
-def load_spec(path: str | Path) -> ServiceSpec:
-    """Read and validate a spec file. Every failure is a `SpecError` naming the file."""
+def load_spec(path: str | Path, *, launches: bool = True) -> ServiceSpec:
+    """Read and validate a spec file. Every failure is a `SpecError` naming the file.
+
+    `launches=False`: for a command that launches no replica; a deleted `run.workdir` then does
+    not stop it (`destroy` refused to take down the replicas still running from it)."""
     p = Path(path)
     name = str(path)
     try:
@@ -1349,7 +1358,7 @@ def load_spec(path: str | Path) -> ServiceSpec:
         raise SpecError(f"invalid YAML: {where}{problem}", file=name) from exc
     if data is None:
         raise SpecError("empty file, expected a service spec", file=name)
-    return parse_spec(data, source=name)
+    return parse_spec(data, source=name, launches=launches)
 
 
 #: Spec fields whose values may hold secrets (a token in the command, the environment, a probe

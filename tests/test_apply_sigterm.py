@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,8 +23,10 @@ import yaml
 from click.testing import CliRunner
 from local_support import LocalService, make_service
 
+import skyhedge.engine as engine_module
 from skyhedge.cli import main
-from skyhedge.engine import interrupt_running
+from skyhedge.cli._app import Terminated, sigterm_as_interrupt
+from skyhedge.engine import Invocation, Terraform, interrupt_running
 from skyhedge.state import load_state, save_state
 
 REPO = Path(__file__).resolve().parents[1]
@@ -126,3 +129,114 @@ def test_destroy_counts_replicas_an_apply_cut_short_created_as_destroyed(service
 
 def test_interrupt_running_with_nothing_running_signals_nothing():
     assert interrupt_running() == 0
+
+
+#: Terraform as it takes interrupts (SIGINT or SIGTERM): the first one is a request to stop
+#: gracefully, a second one makes it exit at once ("Two interrupts received. Exiting immediately.
+#: Note that data loss may have occurred.", its state unwritten).
+FAKE_TERRAFORM = """\
+import signal, sys, time
+heard = []
+def on(signum, frame):
+    heard.append(signum)
+    if len(heard) == 1:
+        print("Interrupt received. Please wait for Terraform to exit", flush=True)
+    else:
+        print("Two interrupts received. Exiting immediately.", flush=True)
+        sys.exit(2)
+signal.signal(signal.SIGINT, on)
+signal.signal(signal.SIGTERM, on)
+print("applying", flush=True)
+deadline = time.monotonic() + 30
+while not heard and time.monotonic() < deadline:
+    time.sleep(0.01)
+time.sleep(1.0)  # the operations in flight finish, the state is written
+print("stopped gracefully", flush=True)
+sys.exit(1)
+"""
+
+
+@pytest.fixture
+def fake_terraform(tmp_path: Path) -> Iterator[tuple[Terraform, Invocation, dict]]:
+    """A Terraform engine running FAKE_TERRAFORM; `run` it in a thread with `start()`."""
+    binary = tmp_path / "terraform"
+    binary.write_text(f"#!{sys.executable}\n{FAKE_TERRAFORM}", encoding="utf-8")
+    binary.chmod(0o755)
+    engine = Terraform(home=tmp_path / "tf", binary=str(binary))
+    inv = engine.invocation(["apply"], tmp_path)
+    box: dict = {"lines": []}
+
+    def start() -> threading.Thread:
+        thread = threading.Thread(target=lambda: box.update(done=engine.run(inv, box["lines"].append)))
+        thread.start()
+        deadline = time.monotonic() + 30
+        while "applying" not in box["lines"]:
+            assert time.monotonic() < deadline, "the fake Terraform never started"
+            time.sleep(0.01)
+        return thread
+
+    box["start"] = start
+    yield engine, inv, box
+    for proc in tuple(engine_module._running):
+        proc.kill()
+
+
+def test_a_sigterm_that_reached_terraform_too_is_not_passed_on_as_a_second_interrupt(
+    fake_terraform, sigterm_outside_ignored
+):
+    """`timeout` and CI runners signal the whole process group, systemd the whole cgroup: Terraform
+    got the SIGTERM too, and skyhedge's SIGINT on top of it made it exit at once."""
+    _engine, _inv, box = fake_terraform
+    with pytest.raises(Terminated), sigterm_as_interrupt():
+        thread = box["start"]()
+        [proc] = [p for p in engine_module._running if p.returncode is None]
+        os.kill(proc.pid, signal.SIGTERM)  # the group's signal reaches Terraform
+        os.kill(os.getpid(), signal.SIGTERM)  # and skyhedge
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            time.sleep(0.01)
+    thread.join(timeout=30)
+    assert box["lines"].count("Interrupt received. Please wait for Terraform to exit") == 1
+    assert "Two interrupts received. Exiting immediately." not in box["lines"]
+    assert box["lines"][-1] == "stopped gracefully"
+
+
+@pytest.fixture
+def sigterm_outside_ignored() -> Iterator[None]:
+    """A SIGTERM sent to this process after `sigterm_as_interrupt` gave its handler back must not
+    end the test run."""
+    old = signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def test_two_sigterms_to_skyhedge_alone_interrupt_terraform_once(fake_terraform, sigterm_outside_ignored):
+    """A second SIGTERM while the first stop is under way (apply waits for Terraform to finish
+    what is in flight) was passed on as a second SIGINT: Terraform exited at once."""
+    _engine, _inv, box = fake_terraform
+    with pytest.raises(Terminated), sigterm_as_interrupt():
+        thread = box["start"]()
+
+        go = threading.Event()
+
+        def twice() -> None:
+            go.wait()
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.7)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+        sender = threading.Thread(target=twice)
+        sender.start()
+        try:
+            go.set()
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                time.sleep(0.01)
+        finally:  # as apply's thread pool waits for Terraform, still within
+            thread.join(timeout=30)
+            sender.join()
+    assert box["lines"].count("Interrupt received. Please wait for Terraform to exit") == 1
+    assert "Two interrupts received. Exiting immediately." not in box["lines"]
+    assert box["lines"][-1] == "stopped gracefully"

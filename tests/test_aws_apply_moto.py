@@ -387,3 +387,43 @@ def test_an_apply_after_a_killed_apply_warns_that_it_launches_those_replicas_aga
     # the replicas themselves converge as before (the leftover is the user's to terminate)
     assert all(r.cloud_id and r.cloud_id not in launched for r in load_state(state_dir, "again").live())
     assert destroy_service(load_spec(spec_path), state_dir, route=False).ok
+
+
+def test_an_apply_after_one_killed_once_terraform_had_saved_its_state_warns_of_nothing(
+    tmp_path: Path, moto_endpoint: str
+) -> None:
+    """skyhedge killed (`kill -9`, the OOM killer; or a SIGTERM) after Terraform saved its state,
+    before skyhedge read the outputs back (measured: Terraform's state holds the instances,
+    skyhedge's records them as never created). The next apply reads them back and launches
+    nothing; it used to warn that they were "in no Terraform state" and print the command that
+    terminates them: the service's own replicas."""
+    from skyhedge.state import save_state
+
+    spec_path = tmp_path / "saved.yaml"
+    spec_path.write_text(
+        "name: saved\n"
+        "placement: {clouds: [aws], regions: [us-east-1], zones: [use1-az1]}\n"
+        f"resources: {{instance_type: {{aws: g6.xlarge}}, image_id: {{aws: {AMI}}}}}\n"
+        "replica_policy: {min_replicas: 2, num_overprovision: 0, dynamic_ondemand_fallback: false,"
+        " policy: spothedge}\n"
+        "run: {command: 'python3 -m http.server 8000'}\n"
+        "aws: {ingress_cidrs: [10.0.0.0/8], public_ip: false}\n"
+    )
+    spec = load_spec(spec_path)
+    state_dir = tmp_path / "state"
+    first = apply_service(spec, state_dir, route=False, wait=False)
+    assert first.ok, first.errors
+    state = load_state(state_dir, "saved")
+    instances = {r.id: r.cloud_id for r in state.live()}
+    assert len(instances) == 2 and all(instances.values())
+    for rec in state.live():  # as the killed run left them
+        rec.cloud_id, rec.provisioned_at, rec.outputs = None, None, {}
+    state.extra["terraform"]["roots"] = {}  # nor what was applied
+    save_state(state_dir, state)
+
+    again = apply_service(spec, state_dir, route=False, wait=False)
+    assert again.ok, again.errors
+    assert again.created == []
+    assert again.warnings == []
+    assert {r.id: r.cloud_id for r in load_state(state_dir, "saved").live()} == instances
+    assert destroy_service(spec, state_dir, route=False).ok

@@ -83,6 +83,33 @@ def test_simulate_table_keeps_every_figure_on_a_narrow_terminal(monkeypatch, lon
     assert "met" in table.output  # skyhedge's verdict against SpotHedge
 
 
+@pytest.mark.parametrize("width", [80, 100])
+def test_a_simulate_table_too_wide_for_whole_figures_folds_them_rather_than_cut_them(
+    monkeypatch, long_trace, tmp_path, width
+):
+    """`--latency --prices` make 14 columns: their figures alone do not fit 80 or 100 columns.
+    rich cut every one ("100.…", "89.1…") and squeezed the trace column out altogether."""
+    prices = tmp_path / "prices.json"
+    zones = ("us-east-1a", "us-east-1b", "us-west-2a")
+    prices.write_text(json.dumps({z: {"spot": 1.0, "ondemand": 3.0} for z in zones}), encoding="utf-8")
+    args = ["simulate", "--trace", str(long_trace), "--policy", "spothedge,skyhedge,optimal"]
+    args += ["--repeats", "2", "--latency", "--prices", str(prices)]
+    rows = json.loads(run(*args, "--json").output)
+    on_width(monkeypatch, width, simulate_cli)
+    table = run(*args)
+    assert table.exit_code == 0, table.output
+    assert "…" not in table.output, table.output
+    assert max(len(line) for line in table.output.splitlines()) <= width
+    lines = table.output.splitlines()
+    below = lines[next(i for i, line in enumerate(lines) if line.startswith("─")) + 1 :]
+    first = [line.split()[0] for line in below if line.strip()]
+    assert "".join(first).startswith(LONG_TRACE)  # the trace's name, folded down its column
+    if width == 100:  # room for a cost on one line (at 80 it folds too, whole, over two)
+        flat = "".join("".join(line.split()) for line in below)
+        for row in rows:
+            assert f"{row['relative_cost']:.3f}" in flat
+
+
 def test_simulate_table_keeps_its_frame_where_it_fits(monkeypatch, long_trace):
     on_width(monkeypatch, 240, simulate_cli)
     table = run("simulate", "--trace", str(long_trace), "--policy", "spothedge,optimal", "--repeats", "1")

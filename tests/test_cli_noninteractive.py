@@ -7,6 +7,8 @@ not act, and say in one `error:` line which flag skips the question, whether std
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -76,3 +78,59 @@ def test_a_declined_question_is_not_told_about_the_flag(svc):
     )
     assert no.exit_code == 1 and "Apply cancelled; nothing changed." in no.output
     assert "not confirmed" not in no.output and svc.pids() == {}
+
+
+def _interrupt_at_the_question(cwd: Path, signum: int, *args: str) -> tuple[int, str, str]:
+    """Run `python -m skyhedge ARGS` with stdin a pipe nobody writes to (someone at a terminal who
+    does not answer), send `signum` once the question is asked; its exit code and output."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "skyhedge", *args],
+        cwd=cwd,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+    try:
+        assert proc.stdout is not None
+        out = b""
+        while b"[y/N]" not in out:
+            chunk = os.read(proc.stdout.fileno(), 4096)
+            assert chunk, "the command ended without asking"
+            out += chunk
+        proc.send_signal(signum)
+        rest, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    return proc.returncode, (out + rest).decode(), err.decode()
+
+
+@pytest.mark.parametrize(
+    ("signum", "by", "code"), [(signal.SIGTERM, "SIGTERM", 143), (signal.SIGINT, "Ctrl-C", 130)]
+)
+def test_a_signal_at_the_apply_question_cancels_and_is_not_told_as_no_answer_on_stdin(svc, signum, by, code):
+    spec = str(svc.write(replicas=1))
+    rc, out, err = _interrupt_at_the_question(
+        svc.root, signum, "apply", spec, "--state-dir", str(svc.state_dir), "--no-routing"
+    )
+    assert rc == code, out + err
+    assert "Apply cancelled; nothing changed." in out
+    assert err.strip().splitlines() == [f"error: apply not confirmed: interrupted by {by} at the question"]
+    assert svc.pids() == {}
+
+
+def test_a_sigterm_at_the_destroy_question_cancels_with_exit_143(svc):
+    spec = str(svc.write(replicas=1))
+    sd = str(svc.state_dir)
+    applied = CliRunner().invoke(main, ["apply", spec, "--state-dir", sd, "--no-routing", "--auto-approve"])
+    assert applied.exit_code == 0, applied.output
+    running = svc.pids()
+    rc, out, err = _interrupt_at_the_question(svc.root, signal.SIGTERM, "destroy", spec, "--state-dir", sd)
+    assert rc == 143, out + err
+    assert "Destroy cancelled; nothing changed." in out
+    assert err.strip().splitlines() == [
+        "error: destroy not confirmed: interrupted by SIGTERM at the question"
+    ]
+    assert svc.pids() == running

@@ -76,3 +76,15 @@ def test_a_tilde_path_in_the_spec_without_a_home_directory_is_one_line(no_home, 
         f"error: {backend}: terraform.config.path: '~/tfstate' starts with '~' but there is no home "
         "directory (HOME is unset): give a full path\n"
     )
+
+
+def test_a_tilde_run_workdir_without_a_home_directory_is_one_line(no_home, write_spec):
+    """`run.workdir` expands `~` as the other spec paths do: without a home directory, one line
+    naming the field, not `RuntimeError: Could not determine home directory.`"""
+    spec = write_spec(LOCAL_SPEC.replace('run: {command: "true"}', 'run: {command: "true", workdir: ~/srv}'))
+    result = CliRunner().invoke(main, ["plan", str(spec)])
+    assert result.exit_code == 1
+    assert result.output == (
+        f"error: {spec}: run.workdir: '~/srv' starts with '~' but there is no home directory "
+        "(HOME is unset): give a full path\n"
+    )

@@ -562,6 +562,21 @@ def test_preflight_checks_a_status_port_the_spec_changed_while_our_router_runs(m
     moved.preflight()  # free again: fine
 
 
+def test_a_running_router_that_lost_its_record_still_holds_its_fixed_status_port(make_router):
+    """An `apply` stopped (SIGTERM, Ctrl-C, kill) after nginx started but before router.json was
+    written: the next `apply` refused "service.router.status_port N ... is not available for the
+    router (Address already in use)", the port held by the service's own nginx, and so did every
+    apply after it, while nginx served on."""
+    status_port = free_port()
+    router = make_router(spec_router={"status_port": status_port})
+    first = router.up([])
+    router.paths.meta.unlink()
+    router.preflight()  # our own router holds it
+    status = router.up([])
+    assert status["pid"] == first["pid"]
+    assert status["status_url"] == f"http://127.0.0.1:{status_port}/stub_status"
+
+
 def test_a_reloaded_spec_that_moves_the_port_is_checked_first_and_the_running_nginx_moves(make_router):
     # `watch` reloading a spec with another service.port: the running router holds the old port,
     # so preflight checks the new one, and a reload (same master, no restart) listens there

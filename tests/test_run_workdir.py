@@ -133,3 +133,52 @@ def test_replicas_start_in_the_workdir_when_apply_runs_from_elsewhere(service, t
     assert pids
     for pid in pids.values():
         assert Path(os.readlink(f"/proc/{pid}/cwd")) == service.root
+
+
+def test_a_deleted_workdir_does_not_stop_destroy_logs_nor_preempt_of_the_replicas_started_in_it(
+    service, tmp_path
+):
+    """A release directory removed while its replicas run: only a command that may launch needs
+    it. `destroy` used to refuse ("run.workdir: no such directory"), the replicas ran on."""
+    app = service.root / "app"
+    app.mkdir()
+    (app / "server.py").write_text(SERVER, encoding="utf-8")
+    data = yaml.safe_load(service.spec_path.read_text(encoding="utf-8"))
+    data["run"]["workdir"] = "app"
+    data["placement"]["zones"] = ["local-a"]
+    service.spec_path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    args = [str(service.spec_path), "--state-dir", str(service.state_dir)]
+    applied = CliRunner().invoke(main, ["apply", *args, "--auto-approve", "--no-routing"])
+    assert applied.exit_code == 0, applied.output
+    [rid] = service.pids()
+    app.rename(tmp_path / "app-removed")
+
+    refused = CliRunner().invoke(main, ["apply", *args, "--auto-approve", "--no-routing"])
+    assert refused.exit_code == 1
+    assert refused.output == f"error: {service.spec_path}: run.workdir: no such directory: {app}\n"
+
+    logs = CliRunner().invoke(main, ["logs", *args, rid])
+    assert logs.exit_code == 0, logs.output
+    preempted = CliRunner().invoke(main, ["preempt", *args, "--zone", "local-a"])
+    assert preempted.exit_code == 0, preempted.output
+    assert f"preempted {rid}" in preempted.output
+    assert CliRunner().invoke(main, ["preempt", *args, "--zone", "local-a", "--clear"]).exit_code == 0
+    destroyed = CliRunner().invoke(main, ["destroy", *args, "--auto-approve"])
+    assert destroyed.exit_code == 0, destroyed.output
+    assert "Destroyed 1 replica(s) in local/local" in " ".join(destroyed.output.split())
+    assert service.processes() == []
+
+
+def test_one_workdir_reached_through_a_symlink_or_not_is_one_revision(tmp_path, monkeypatch):
+    """A release directory behind a `current` link: `apply current/service.yaml` and `cd current &&
+    apply service.yaml` (whose relative path is taken from the physical current directory) named
+    the folder two ways, two revisions: each rolled every replica over to its own."""
+    release = tmp_path / "releases" / "v1"
+    _write(release, LOCAL + "  workdir: .\n")
+    (tmp_path / "current").symlink_to(release, target_is_directory=True)
+    monkeypatch.chdir(tmp_path)
+    through_link = load_spec(Path("current") / "service.yaml")
+    monkeypatch.chdir(tmp_path / "current")
+    from_inside = load_spec("service.yaml")
+    assert through_link.run.workdir == from_inside.run.workdir == release
+    assert replica_revision(through_link, "local") == replica_revision(from_inside, "local")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import io
 import math
 import os
 import shlex
@@ -20,6 +21,7 @@ from rich import box
 from rich.console import Console
 from rich.measure import Measurement
 from rich.table import Table
+from rich.text import Text
 
 from skyhedge import __version__
 from skyhedge.errors import EngineError, LockHeld, PolicyError, RoutingError, SkyhedgeError
@@ -48,7 +50,7 @@ def fitted(table: Table, target: Console | None = None) -> Table:
     console's (an 80-column terminal, `COLUMNS=80` in CI), without its frame and with one space
     less per column, which gives back a dozen columns before rich starts cutting cells to `…`
     (a `simulate` table at 120 columns showed no figure at all). Tables mark their figures
-    `no_wrap` and let names fold, so what still does not fit folds over lines, whole."""
+    `no_wrap` and let names fold; where even that is too wide, the figures fold over lines too."""
     out = target or console
     if Measurement.get(out, out.options.update_width(10**6), table).maximum <= out.width:
         return table
@@ -56,7 +58,29 @@ def fitted(table: Table, target: Console | None = None) -> Table:
     table.show_edge = False
     table.pad_edge = False
     table.collapse_padding = True
+    if _cuts_figures(table, out):
+        # the names folded as far as they go, the figures still do not fit (`simulate --latency
+        # --prices` at 80 or 100 columns): fold them too, over lines, rather than let rich cut
+        # every one to "…" ("100.…") and drop a column it squeezed to nothing
+        for column in table.columns:
+            column.no_wrap, column.overflow = False, "fold"
     return table
+
+
+def _cuts_figures(table: Table, out: Console) -> bool:
+    """Whether `table` drawn at `out`'s width shows a cell of a `no_wrap` column not whole."""
+    probe = Console(width=out.width, file=io.StringIO(), no_color=True, force_terminal=False)
+    with probe.capture() as drawn:
+        probe.print(table)
+    lines = drawn.get().splitlines()
+    for column in table.columns:
+        if not column.no_wrap:
+            continue
+        for cell in column.cells:
+            text = cell.plain if isinstance(cell, Text) else probe.render_str(str(cell)).plain
+            if text.strip() and not any(text.strip() in line for line in lines):
+                return True
+    return False
 
 
 # click >= 8.2 shows a bare group's help by raising this usage error; 8.1 never raises it.
@@ -149,11 +173,13 @@ def sigterm_as_interrupt() -> Iterator[None]:
     does. Ctrl-C reaches Terraform too (the terminal signals the whole process group), which then
     finishes the operations in flight and writes its state; a SIGTERM reaches skyhedge alone, which
     died at once while Terraform went on unseen, as an orphan. So pass it on to the running
-    Terraform processes as SIGINT, then raise `Terminated` (a KeyboardInterrupt) here, as the
-    Ctrl-C a terminal would have sent. A second SIGTERM changes nothing: the stop is on its way."""
+    Terraform processes as SIGINT (unless it reached them too: `timeout` and CI runners signal
+    the whole process group, systemd the whole cgroup), then raise `Terminated` (a
+    KeyboardInterrupt) here, as the Ctrl-C a terminal would have sent. A second SIGTERM changes
+    nothing: the stop is on its way (Terraform takes a second interrupt as "exit now")."""
     import signal
 
-    from skyhedge.engine import interrupt_running
+    from skyhedge.engine import INTERRUPT_GRACE_SECONDS, interrupt_running
 
     if threading.current_thread() is not threading.main_thread():
         yield
@@ -162,9 +188,11 @@ def sigterm_as_interrupt() -> Iterator[None]:
 
     def on_sigterm(signum: int, frame: object) -> None:
         seen["n"] += 1
-        interrupt_running()
-        if seen["n"] == 1:
-            raise Terminated
+        if seen["n"] > 1:
+            return  # passed on once: a second interrupt makes Terraform exit at once, state unwritten
+        # not to a Terraform the SIGTERM reached too (a process group's or cgroup's), for the same reason
+        interrupt_running(grace=INTERRUPT_GRACE_SECONDS)
+        raise Terminated
 
     old = signal.signal(signal.SIGTERM, on_sigterm)
     try:

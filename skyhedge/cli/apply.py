@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import shlex
 import sys
@@ -85,17 +86,27 @@ class ProgressView:
                     )
 
 
-def _ask(question: str, verb: str) -> bool:
+def _ask(question: str, verb: str, heard: list[KeyboardInterrupt] | None = None) -> bool:
     """A yes/no question; no answer at all (end of input: no terminal, a closed pipe, stdin
     closed as some CI runners and daemons leave it) is a no, reported as "cancelled" like any
     other no, not as click's bare "Aborted!" nor a traceback, with one `error:` line naming the
-    flag that skips the question: a CI log otherwise showed a plan and "cancelled", not why."""
+    flag that skips the question: a CI log otherwise showed a plan and "cancelled", not why.
+
+    A Ctrl-C or SIGTERM while asking is a no too (nothing has changed yet), kept in `heard` for
+    the command's exit code; click reports it as it reports the end of input (`Abort`), and it
+    was told as one ("no answer on stdin ... run with --auto-approve")."""
     stdin = sys.stdin
     if stdin is not None and not stdin.closed:
         try:
             return click.confirm(question, default=False)
-        except click.Abort:
+        except click.Abort as exc:
             console.print()
+            if isinstance(exc.__context__, KeyboardInterrupt):  # click: `raise Abort() from None`
+                if heard is not None:
+                    heard.append(exc.__context__)
+                by, _code = interrupted_by(exc.__context__)
+                click.echo(f"error: {verb} not confirmed: interrupted by {by} at the question", err=True)
+                return False
     else:  # fd 0 closed (`0<&-`): click's input() raised "lost sys.stdin"
         console.print(f"{question} [y/N]: ", markup=False)
     click.echo(
@@ -107,7 +118,12 @@ def _ask(question: str, verb: str) -> bool:
 
 
 def _confirm_apply(
-    plan: Plan, roots: Sequence[RenderedRoot], previews: dict[str, PlanResult], *, rollout: bool = True
+    plan: Plan,
+    roots: Sequence[RenderedRoot],
+    previews: dict[str, PlanResult],
+    *,
+    rollout: bool = True,
+    heard: list[KeyboardInterrupt] | None = None,
 ) -> bool:
     """Show skyhedge's plan and what Terraform will do in each root, then ask. With outdated
     replicas, say that the apply goes on to replace them all (the plan shows its first step)."""
@@ -124,7 +140,7 @@ def _confirm_apply(
             "(--no-rollout: this step only).",
             markup=False,
         )
-    return _ask("Apply these changes?", "apply")
+    return _ask("Apply these changes?", "apply", heard)
 
 
 def _print_apply_report(report: ApplyReport, state_dir: Path) -> None:
@@ -201,12 +217,13 @@ def apply(
         disable=not console.is_terminal,  # in a pipe no live bars (rich would leave a blank line)
     )
     view = ProgressView(progress)
+    heard: list[KeyboardInterrupt] = []  # a Ctrl-C or SIGTERM at the question
     rolls = not no_rollout and rolls_on(service, sdir, route=not no_routing, wait=not no_wait)
 
     def confirm(plan: Plan, roots: Sequence[RenderedRoot], previews: dict[str, PlanResult]) -> bool:
         progress.stop()  # no live display while asking
         try:
-            return _confirm_apply(plan, roots, previews, rollout=rolls)
+            return _confirm_apply(plan, roots, previews, rollout=rolls, heard=heard)
         finally:
             for root, preview in previews.items():
                 view.expect(root, preview.add + preview.change + preview.remove)
@@ -235,7 +252,7 @@ def apply(
         )
     if report.cancelled:
         console.print("Apply cancelled; nothing changed.")
-        sys.exit(1)
+        sys.exit(interrupted_by(heard[0])[1] if heard else 1)
     _print_apply_report(report, sdir)
     if report.errors:
         raise report.errors[0]
@@ -267,11 +284,13 @@ def _interrupted(exc: KeyboardInterrupt, verb: str, kept: str, finish: str) -> N
     raise SystemExit(code)
 
 
-def _confirm_destroy(records: Sequence[ReplicaRecord], roots: Sequence[str]) -> bool:
+def _confirm_destroy(
+    records: Sequence[ReplicaRecord], roots: Sequence[str], heard: list[KeyboardInterrupt] | None = None
+) -> bool:
     console.print(f"Destroying {len(records)} replica(s) in {', '.join(roots)}:", markup=False)
     for r in records:
         console.print(f"  {r.id}  {r.location}  {r.market}", markup=False)
-    return _ask("Destroy them?", "destroy")
+    return _ask("Destroy them?", "destroy", heard)
 
 
 @main.command()
@@ -281,15 +300,16 @@ def _confirm_destroy(records: Sequence[ReplicaRecord], roots: Sequence[str]) -> 
 @_terraform_bin_option
 def destroy(spec: Path, state_dir: Path | None, auto_approve: bool, terraform_bin: str | None) -> None:
     """Take the router down and destroy every replica of SPEC (all Terraform roots, in parallel)."""
-    service = load_spec(spec)
+    service = load_spec(spec, launches=False)
     sdir = state_dir or default_state_dir(service.name)
+    heard: list[KeyboardInterrupt] = []  # a Ctrl-C or SIGTERM at the question
     try:
         with sigterm_as_interrupt():
             report = destroy_service(
                 service,
                 sdir,
                 terraform_bin=terraform_bin,
-                confirm=None if auto_approve else _confirm_destroy,
+                confirm=None if auto_approve else functools.partial(_confirm_destroy, heard=heard),
                 say=lambda text: console.print(f"[dim]{escape(text)}[/]"),
             )
     except KeyboardInterrupt as exc:
@@ -301,7 +321,7 @@ def destroy(spec: Path, state_dir: Path | None, auto_approve: bool, terraform_bi
         )
     if report.cancelled:
         console.print("Destroy cancelled; nothing changed.")
-        sys.exit(1)
+        sys.exit(interrupted_by(heard[0])[1] if heard else 1)
     for err in report.errors[1:]:
         report_error(err)
     if report.errors:

@@ -116,7 +116,7 @@ def logs(
     """
     if interval is not None and not follow:  # as --speedup without --market-trace: a usage error
         raise click.UsageError("--interval paces --follow: give -f/--follow too, or drop --interval")
-    service = load_spec(spec)
+    service = load_spec(spec, launches=False)
     sdir = state_dir or default_state_dir(service.name)
     record = _find(load_state(sdir, service.name).replicas, replica, spec, state_dir)
     chunk = read_log(service, sdir, record, None)

@@ -128,7 +128,7 @@ def reload(spec: Path, state_dir: Path | None, probe_now: bool, as_json: bool) -
 @state_dir_option
 def down(spec: Path, state_dir: Path | None) -> None:
     """Stop nginx gracefully (in-flight requests finish first)."""
-    service = load_spec(spec)
+    service = load_spec(spec, launches=False)
     sdir = state_dir or default_state_dir(service.name)
     with writer_lock(sdir):
         state = load_state(sdir, service.name)

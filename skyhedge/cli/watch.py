@@ -243,8 +243,8 @@ def _logging(level: str, path: Path | None = None, log_format: str = "text") -> 
         handler.close()
 
 
-def _load(spec: Path, state_dir: Path | None) -> tuple[ServiceSpec, Path]:
-    service = load_spec(spec)
+def _load(spec: Path, state_dir: Path | None, *, launches: bool = True) -> tuple[ServiceSpec, Path]:
+    service = load_spec(spec, launches=launches)
     return service, state_dir or default_state_dir(service.name)
 
 
@@ -682,7 +682,7 @@ def preempt(spec: Path, state_dir: Path | None, zone: str, seconds: float | None
 
     if clear and seconds is not None:
         raise click.UsageError("--clear gives the capacity back now; it takes no --for")
-    service, sdir = _load(spec, state_dir)
+    service, sdir = _load(spec, state_dir, launches=False)
     # a --state-dir of another service (a pasted path): its replicas are not this spec's to kill
     load_state(sdir, service.name)
     zones = sorted(resolve_placement(service).zones("local"))

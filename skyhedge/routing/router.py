@@ -142,10 +142,16 @@ class Router:
             )
         ports = [] if running and not moved else [("service.port", host, service.port)]
         status_port = self.options.status_port
+        # the status port our running nginx holds: router.json's, else (router.json is written once
+        # nginx answers: an `apply` interrupted in between, a SIGTERM or kill, lost it) the serving
+        # config's; the port was refused as "not available", held by our own nginx
+        held = self._read_meta().get("status_port") if running else None
+        if running and held is None:
+            held = self._serving_status_port()
         if (
             status_port is not None
             and nginx.has_stub_status(self.binary)
-            and (not running or self._read_meta().get("status_port") != status_port)
+            and (not running or held != status_port)
         ):
             ports.append(("service.router.status_port", "127.0.0.1", status_port))
         # A master killed by `kill -9` leaves its workers serving on its ports: `up` quits them
