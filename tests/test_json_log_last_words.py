@@ -13,7 +13,9 @@ from click.testing import CliRunner
 from controller_fakes import LOCAL_SPEC
 from local_support import free_base_port
 
+import skyhedge.apply
 from skyhedge.cli import main
+from skyhedge.cli._app import Terminated
 from skyhedge.controller.runner import Watcher
 from skyhedge.state import ReplicaRecord, ServiceState, save_state
 
@@ -72,3 +74,27 @@ def test_a_second_ctrl_c_with_json_logs_is_a_json_warning(served, monkeypatch, v
     last = records(result.stderr)[-1]
     assert last["level"] == "warning"
     assert last["message"].startswith("watcher interrupted by a second Ctrl-C (its pass cut short)")
+
+
+@pytest.mark.parametrize(
+    ("stop", "by", "code"), [(KeyboardInterrupt, "Ctrl-C", 130), (Terminated, "SIGTERM", 143)]
+)
+def test_an_interrupted_down_on_exit_destroy_says_by_what_and_exits_as_a_shell_reports_it(
+    served, monkeypatch, stop, by, code
+):
+    """A second SIGTERM (systemd's stop, a cancelled CI job) during `--down-on-exit`'s destroy
+    exited 130, as a Ctrl-C does."""
+    spec, sdir = served
+    monkeypatch.setattr(Watcher, "run", lambda self, *args, **kwargs: None)
+
+    def interrupted(*args, **kwargs):
+        raise stop
+
+    monkeypatch.setattr(skyhedge.apply, "destroy_service", interrupted)
+    args = ["up", str(spec), "--state-dir", str(sdir), "--no-dashboard", "--down-on-exit"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == code, result.output
+    assert result.stdout.splitlines()[-1] == (
+        f"destroy interrupted by {by}; "
+        f"`skyhedge destroy {spec} --state-dir {sdir} --auto-approve` finishes it."
+    )

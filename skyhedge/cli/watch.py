@@ -24,6 +24,7 @@ from skyhedge.cli._app import (
     command_line,
     console,
     err_console,
+    interrupted_by,
     main,
     sigterm_as_interrupt,
     spec_argument,
@@ -486,10 +487,11 @@ def up(
         try:
             with sigterm_as_interrupt():  # a SIGTERM stops Terraform gracefully, as a Ctrl-C does
                 report = destroy_service(watcher.spec, sdir, terraform_bin=terraform_bin)  # as last reloaded
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as exc:
             finish = f"{command_line('destroy', spec, state_dir)} --auto-approve"
-            _last_words(f"destroy interrupted; `{finish}` finishes it.", said, logging.WARNING)
-            raise SystemExit(130) from None
+            by, code = interrupted_by(exc)
+            _last_words(f"destroy interrupted by {by}; `{finish}` finishes it.", said, logging.WARNING)
+            raise SystemExit(code) from None
         _last_words(f"destroyed {len(report.destroyed)} replica(s) and the router", said)
     else:
         ctl = watcher.controller
