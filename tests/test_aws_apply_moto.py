@@ -375,9 +375,18 @@ def test_an_apply_after_a_killed_apply_warns_that_it_launches_those_replicas_aga
     tmp_path: Path, moto_endpoint: str
 ) -> None:
     """Before, the next apply launched every such replica again, silently: two instances per
-    replica ID, the first in no Terraform state, billing until someone found it."""
+    replica ID, the first in no Terraform state, billing until someone found it.
+
+    Then the other kill: skyhedge killed (`kill -9`, the OOM killer; or a SIGTERM) after
+    Terraform saved its state, before skyhedge read the outputs back (measured: Terraform's state
+    holds the instances, skyhedge's records them as never created). The next apply reads them
+    back and launches nothing; it used to warn that they were "in no Terraform state" and print
+    the command that terminates them: the service's own replicas."""
+    from skyhedge.state import save_state
+
     spec_path, state_dir, launched = _killed_apply(tmp_path, moto_endpoint, "again")
-    report = apply_service(load_spec(spec_path), state_dir, route=False, wait=False)
+    spec = load_spec(spec_path)
+    report = apply_service(spec, state_dir, route=False, wait=False)
     assert report.ok, report.errors
     [warning] = report.warnings
     for iid, rid in launched.items():
@@ -385,45 +394,19 @@ def test_an_apply_after_a_killed_apply_warns_that_it_launches_those_replicas_aga
     assert "this apply launches their replicas again" in warning
     assert warning.endswith(f"--instance-ids {' '.join(sorted(launched))}")
     # the replicas themselves converge as before (the leftover is the user's to terminate)
-    assert all(r.cloud_id and r.cloud_id not in launched for r in load_state(state_dir, "again").live())
-    assert destroy_service(load_spec(spec_path), state_dir, route=False).ok
-
-
-def test_an_apply_after_one_killed_once_terraform_had_saved_its_state_warns_of_nothing(
-    tmp_path: Path, moto_endpoint: str
-) -> None:
-    """skyhedge killed (`kill -9`, the OOM killer; or a SIGTERM) after Terraform saved its state,
-    before skyhedge read the outputs back (measured: Terraform's state holds the instances,
-    skyhedge's records them as never created). The next apply reads them back and launches
-    nothing; it used to warn that they were "in no Terraform state" and print the command that
-    terminates them: the service's own replicas."""
-    from skyhedge.state import save_state
-
-    spec_path = tmp_path / "saved.yaml"
-    spec_path.write_text(
-        "name: saved\n"
-        "placement: {clouds: [aws], regions: [us-east-1], zones: [use1-az1]}\n"
-        f"resources: {{instance_type: {{aws: g6.xlarge}}, image_id: {{aws: {AMI}}}}}\n"
-        "replica_policy: {min_replicas: 2, num_overprovision: 0, dynamic_ondemand_fallback: false,"
-        " policy: spothedge}\n"
-        "run: {command: 'python3 -m http.server 8000'}\n"
-        "aws: {ingress_cidrs: [10.0.0.0/8], public_ip: false}\n"
-    )
-    spec = load_spec(spec_path)
-    state_dir = tmp_path / "state"
-    first = apply_service(spec, state_dir, route=False, wait=False)
-    assert first.ok, first.errors
-    state = load_state(state_dir, "saved")
+    state = load_state(state_dir, "again")
     instances = {r.id: r.cloud_id for r in state.live()}
-    assert len(instances) == 2 and all(instances.values())
-    for rec in state.live():  # as the killed run left them
+    assert instances and all(iid and iid not in launched for iid in instances.values())
+
+    for rec in state.live():  # as a run killed after Terraform saved its state leaves them
         rec.cloud_id, rec.provisioned_at, rec.outputs = None, None, {}
     state.extra["terraform"]["roots"] = {}  # nor what was applied
     save_state(state_dir, state)
-
+    ec2 = boto3.client("ec2", region_name=REGION, endpoint_url=moto_endpoint)
+    ec2.terminate_instances(InstanceIds=sorted(launched))  # the user took the first warning's advice
     again = apply_service(spec, state_dir, route=False, wait=False)
     assert again.ok, again.errors
     assert again.created == []
     assert again.warnings == []
-    assert {r.id: r.cloud_id for r in load_state(state_dir, "saved").live()} == instances
+    assert {r.id: r.cloud_id for r in load_state(state_dir, "again").live()} == instances
     assert destroy_service(spec, state_dir, route=False).ok
