@@ -51,6 +51,18 @@ def on_width(monkeypatch, width: int, *modules) -> None:
         monkeypatch.setattr(module, "console", Console(width=width))
 
 
+def simulated_on(monkeypatch, width: int, args: list[str]) -> tuple[list[dict], str]:
+    """`simulate ARGS`'s JSON rows, and its table as printed `width` columns wide: uncut (no `…`)
+    and no wider than the terminal."""
+    rows = json.loads(run(*args, "--json").output)
+    on_width(monkeypatch, width, simulate_cli)
+    table = run(*args)
+    assert table.exit_code == 0, table.output
+    assert "…" not in table.output, table.output
+    assert max(len(line) for line in table.output.splitlines()) <= width
+    return rows, table.output
+
+
 @pytest.fixture
 def long_trace(tmp_path: Path) -> Path:
     path = tmp_path / f"{LONG_TRACE}.csv"
@@ -71,16 +83,11 @@ def test_simulate_table_keeps_every_figure_on_a_narrow_terminal(monkeypatch, lon
         "--repeats",
         "2",
     ]
-    rows = json.loads(run(*args, "--json").output)
-    on_width(monkeypatch, width, simulate_cli)
-    table = run(*args)
-    assert table.exit_code == 0, table.output
-    assert "…" not in table.output, table.output
-    assert max(len(line) for line in table.output.splitlines()) <= width
+    rows, output = simulated_on(monkeypatch, width, args)
     for row in rows:
-        assert f"{100 * row['availability']:.2f}%" in table.output
-        assert f"{row['relative_cost']:.3f}" in table.output
-    assert "met" in table.output  # skyhedge's verdict against SpotHedge
+        assert f"{100 * row['availability']:.2f}%" in output
+        assert f"{row['relative_cost']:.3f}" in output
+    assert "met" in output  # skyhedge's verdict against SpotHedge
 
 
 @pytest.mark.parametrize("width", [80, 100])
@@ -94,13 +101,8 @@ def test_a_simulate_table_too_wide_for_whole_figures_folds_them_rather_than_cut_
     prices.write_text(json.dumps({z: {"spot": 1.0, "ondemand": 3.0} for z in zones}), encoding="utf-8")
     args = ["simulate", "--trace", str(long_trace), "--policy", "spothedge,skyhedge,optimal"]
     args += ["--repeats", "2", "--latency", "--prices", str(prices)]
-    rows = json.loads(run(*args, "--json").output)
-    on_width(monkeypatch, width, simulate_cli)
-    table = run(*args)
-    assert table.exit_code == 0, table.output
-    assert "…" not in table.output, table.output
-    assert max(len(line) for line in table.output.splitlines()) <= width
-    lines = table.output.splitlines()
+    rows, output = simulated_on(monkeypatch, width, args)
+    lines = output.splitlines()
     below = lines[next(i for i, line in enumerate(lines) if line.startswith("─")) + 1 :]
     first = [line.split()[0] for line in below if line.strip()]
     assert "".join(first).startswith(LONG_TRACE)  # the trace's name, folded down its column

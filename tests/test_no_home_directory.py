@@ -59,32 +59,37 @@ def test_terraform_gets_skyhedges_empty_cli_config_without_a_home_directory(no_h
     assert env["TF_CLI_CONFIG_FILE"] == str(tmp_path / "tf" / CLI_CONFIG_NAME)
 
 
-def test_a_tilde_path_in_the_spec_without_a_home_directory_is_one_line(no_home, write_spec):
-    """`service.tls` paths (and a local backend's `terraform.config.path`) expand `~`: without a
-    home directory that ended in a traceback instead of a line naming the field."""
-    tls = write_spec(LOCAL_SPEC.replace("service: {", "service: {tls: {certfile: ~/c.pem, keyfile: k.pem}, "))
-    result = CliRunner().invoke(main, ["plan", str(tls)])
-    assert result.exit_code == 1
-    assert result.output == (
-        f"error: {tls}: service.tls.certfile: '~/c.pem' starts with '~' but there is no home directory "
-        "(HOME is unset): give a full path\n"
-    )
-    backend = write_spec(LOCAL_SPEC + "terraform: {backend: local, config: {path: ~/tfstate}}\n", "b.yaml")
-    result = CliRunner().invoke(main, ["plan", str(backend)])
-    assert result.exit_code == 1
-    assert result.output == (
-        f"error: {backend}: terraform.config.path: '~/tfstate' starts with '~' but there is no home "
-        "directory (HOME is unset): give a full path\n"
-    )
-
-
-def test_a_tilde_run_workdir_without_a_home_directory_is_one_line(no_home, write_spec):
-    """`run.workdir` expands `~` as the other spec paths do: without a home directory, one line
-    naming the field, not `RuntimeError: Could not determine home directory.`"""
-    spec = write_spec(LOCAL_SPEC.replace('run: {command: "true"}', 'run: {command: "true", workdir: ~/srv}'))
+@pytest.mark.parametrize(
+    ("edit", "field", "value"),
+    [
+        (
+            lambda t: t.replace("service: {", "service: {tls: {certfile: ~/c.pem, keyfile: k.pem}, "),
+            "service.tls.certfile",
+            "~/c.pem",
+        ),
+        (
+            lambda t: t + "terraform: {backend: local, config: {path: ~/tfstate}}\n",
+            "terraform.config.path",
+            "~/tfstate",
+        ),
+        (
+            lambda t: t.replace('run: {command: "true"}', 'run: {command: "true", workdir: ~/srv}'),
+            "run.workdir",
+            "~/srv",
+        ),
+    ],
+    ids=["tls", "backend-path", "workdir"],
+)
+def test_a_tilde_path_in_the_spec_without_a_home_directory_is_one_line(
+    no_home, write_spec, edit, field, value
+):
+    """The spec's paths (`service.tls`'s files, a local backend's `terraform.config.path`,
+    `run.workdir`) expand `~`: without a home directory that ended in a traceback
+    (`RuntimeError: Could not determine home directory.`) instead of a line naming the field."""
+    spec = write_spec(edit(LOCAL_SPEC))
     result = CliRunner().invoke(main, ["plan", str(spec)])
     assert result.exit_code == 1
     assert result.output == (
-        f"error: {spec}: run.workdir: '~/srv' starts with '~' but there is no home directory "
+        f"error: {spec}: {field}: '{value}' starts with '~' but there is no home directory "
         "(HOME is unset): give a full path\n"
     )
