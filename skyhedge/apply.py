@@ -836,7 +836,9 @@ class _Step:
             # in Terraform's state as created, with no process: this run changed nothing for it,
             # read its endpoint back, and waited for it the whole initial_delay_seconds, then
             # failed; only the next apply replaced it. Replicas this round launched are left to
-            # the readiness wait (a command that dies at start is reported, not relaunched).
+            # this round's readiness wait; one whose command died since is replaced in a later
+            # round, if there is one (at most `max_rounds`: a crash-looping command is bounded,
+            # then reported as not ready).
             touched = {
                 c.replica_id
                 for res in results
