@@ -835,10 +835,10 @@ class _Step:
             # A launch a killed run cut short (Terraform and its launcher killed together) stays
             # in Terraform's state as created, with no process: this run changed nothing for it,
             # read its endpoint back, and waited for it the whole initial_delay_seconds, then
-            # failed; only the next apply replaced it. Replicas this round launched are left to
-            # this round's readiness wait; one whose command died since is replaced in a later
-            # round, if there is one (at most `max_rounds`: a crash-looping command is bounded,
-            # then reported as not ready).
+            # failed; only the next apply replaced it. Replicas this round launched are not
+            # judged here (a command that dies at start fails its launch); one whose command died
+            # since is replaced in a later round, if there is one (at most `max_rounds`: a
+            # crash-looping command is bounded, then left to the readiness wait to report).
             touched = {
                 c.replica_id
                 for res in results
