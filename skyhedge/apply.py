@@ -32,6 +32,7 @@ Where things live under the state dir:
 from __future__ import annotations
 
 import contextlib
+import importlib
 import shutil
 import sys
 import time
@@ -300,54 +301,27 @@ def notice_dead_local_replicas(
     return ingest(state, gone, now)
 
 
-@dataclass(frozen=True)
-class InstancesLeft:
-    """Instances tagged for the service that run in `region` though no live replica owns them
-    (`instances`: instance ID and replica tag), or why the region could not be listed (`error`)."""
-
-    region: str
-    instances: tuple[tuple[str, str | None], ...] = ()
-    error: str | None = None
-
-    def warning(self, service: str, what: str = "") -> str:
-        if self.error is not None:
-            return f"aws {self.region}: could not look for instances of {service} left running ({self.error})"
-        ids = [iid for iid, _ in self.instances]
-        named = ", ".join(f"{iid} ({rid or 'no replica tag'})" for iid, rid in self.instances)
-        return (
-            f"aws {self.region}: {len(ids)} instance(s) tagged for {service} still run, in no Terraform "
-            f"state (an apply killed before Terraform saved them?): {named}; {what}they bill until "
-            f"terminated: aws ec2 terminate-instances --region {self.region} --instance-ids {' '.join(ids)}"
-        )
+def _leftovers(cloud: str) -> Any:
+    """The cloud's `leftovers.py` (`instances_left`: machines tagged for the service that no
+    Terraform state holds), or None for a cloud without one. Adding the check to a cloud is adding
+    that file; this module only finds it (as `replica_logs` finds `logs.py`)."""
+    name = f"skyhedge.clouds.{cloud}.leftovers"
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as exc:
+        if exc.name not in {f"skyhedge.clouds.{cloud}", name}:
+            raise
+        return None
 
 
-def aws_instances_left(
-    service: str, regions: Iterable[str], *, replicas: Iterable[str] | None = None, owned: Iterable[str] = ()
-) -> list[InstancesLeft]:
-    """Per AWS region, the running instances tagged for `service` (`replicas`: only those tagged
-    for these replica IDs), for when no live replica may own any (`owned`: instance IDs that
-    live replicas do own, left out).
-
-    An apply killed between EC2's create call and Terraform saving its state leaves such an
-    instance: Terraform's state lacks it, skyhedge's records the replica as never created. The
-    next apply launched the replica again, `destroy` said it was "never created", and the
-    instance billed on, unseen (only a watcher warned, after 10 minutes). skyhedge does not
-    terminate what it never recorded: it names them, with the command that does."""
-    from skyhedge.clouds.aws.events import running_instances
-
-    mine = None if replicas is None else set(replicas)
-    skip = set(owned)
-    out: list[InstancesLeft] = []
-    for region in sorted(set(regions)):
-        try:
-            found = running_instances(service, region)
-        except Exception as exc:  # no credentials, no endpoint: a warning, never the command's failure
-            out.append(InstancesLeft(region, error=f"{exc.__class__.__name__}: {exc}"))
-            continue
-        left = tuple((iid, rid) for iid, rid in found if (mine is None or rid in mine) and iid not in skip)
-        if left:
-            out.append(InstancesLeft(region, left))
-    return out
+def _unsaved(state: ServiceState) -> list[ReplicaRecord]:
+    """Live replicas an earlier run recorded but never read back from Terraform, on clouds that
+    can look for the machines such a run may have left (`_leftovers`)."""
+    return [
+        r
+        for r in state.live()
+        if r.cloud_id is None and r.provisioned_at is None and _leftovers(r.cloud) is not None
+    ]
 
 
 def _instances_left_unsaved(
@@ -358,13 +332,17 @@ def _instances_left_unsaved(
     ran: those Terraform had saved were read back (their replica owns them), the rest are in no
     Terraform state."""
     owned = {r.cloud_id for r in state.live() if r.cloud_id}
-    again = "this apply launches their replicas again; "
-    return [
-        left.warning(spec.name, again)
-        for left in aws_instances_left(
-            spec.name, {r.region for r in unsaved}, replicas={r.id for r in unsaved}, owned=owned
+    lines: list[str] = []
+    for cloud in sorted({r.cloud for r in unsaved}):
+        mine = [r for r in unsaved if r.cloud == cloud]
+        lines += _leftovers(cloud).instances_left(
+            spec.name,
+            {r.region for r in mine},
+            replicas={r.id for r in mine},
+            owned=owned,
+            again="this apply launches their replicas again; ",
         )
-    ]
+    return lines
 
 
 def record_plan(
@@ -613,9 +591,7 @@ def apply_service(
         # (Terraform may have saved them though: a kill -9 of skyhedge alone, or a SIGTERM, after
         # Terraform wrote its state but before skyhedge read its outputs. So they are looked for
         # once the first step has run, and an instance a replica owns then is no leftover.)
-        unsaved = [
-            r for r in state.live() if r.cloud == "aws" and r.cloud_id is None and r.provisioned_at is None
-        ]
+        unsaved = _unsaved(state)
         set_gitops(state, False)  # applied from here on, whatever advanced it before
         router = _router(spec, ws.state_dir)
         if route and router is not None:
@@ -1087,11 +1063,11 @@ def destroy_service(
             save_state(ws.state_dir, state)
         if "local" in spec.placement.clouds or any(c == "local" for c, _ in keys):
             report.strays = _stop_local_strays(ws, state, say) if not report.errors else []
-        aws_regions = {r for c, r in keys if c == "aws"}
-        if aws_regions and not report.errors and not any(r.cloud == "aws" for r in state.live()):
-            report.warnings += [
-                left.warning(spec.name) for left in aws_instances_left(spec.name, aws_regions)
-            ]
+        if not report.errors:  # a cloud's machines of the service still running after a clean destroy
+            live_clouds = {r.cloud for r in state.live()}
+            for cloud in sorted({c for c, _ in keys} - live_clouds):
+                if (leftovers := _leftovers(cloud)) is not None:
+                    report.warnings += leftovers.instances_left(spec.name, {r for c, r in keys if c == cloud})
     return report
 
 

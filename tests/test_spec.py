@@ -679,21 +679,27 @@ def test_a_local_replica_never_gets_the_number_whose_port_the_router_holds(tmp_p
     assert {replica_port(spec, rid) for rid in created}.isdisjoint({19038, 19040})
 
 
-def test_the_status_port_the_running_router_kept_is_skipped_too(tmp_path):
-    """A spec that stops naming a status port leaves nginx on the one it had (a reload keeps
-    it): the state's router records it, and that replica number is skipped as well."""
+def _echo_spec(tmp_path, *, base_port: int, min_replicas: int):
+    """A local service on two zones whose replicas listen on base_port + N."""
     from skyhedge.spec import parse_spec
 
-    spec = parse_spec(
+    return parse_spec(
         {
             "name": "echo",
             "placement": {"clouds": ["local"], "zones": ["local-a", "local-b"]},
-            "resources": {"local_base_port": 19000},
-            "replica_policy": {"min_replicas": 1, "num_overprovision": 0, "policy": "spothedge"},
+            "resources": {"local_base_port": base_port},
+            "replica_policy": {"min_replicas": min_replicas, "num_overprovision": 0, "policy": "spothedge"},
             "run": {"command": "true"},
         },
         source=str(tmp_path / "s.yaml"),
     )
+
+
+def test_the_status_port_the_running_router_kept_is_skipped_too(tmp_path):
+    """A spec that stops naming a status port leaves nginx on the one it had (a reload keeps
+    it): the state's router records it, and that replica number is skipped as well."""
+
+    spec = _echo_spec(tmp_path, base_port=19000, min_replicas=1)
     state = ServiceState(service="echo", next_id=59)
     state.router = {"endpoint": "http://127.0.0.1:8080", "status_url": "http://127.0.0.1:19059/stub_status"}
     plan, _ = compute_plan(spec, state, now=0.0)
@@ -704,19 +710,9 @@ def test_ids_past_the_highest_port_wrap_and_skip_the_ports_in_use(tmp_path):
     """Every launch takes a new ID, a refused one too (a market replay burned a thousand in half
     an hour): once base + N passed 65535 no local replica could launch again. Ports wrap to the
     bottom of the range, and a wrapped ID never lands on a live replica's or the router's port."""
-    from skyhedge.spec import parse_spec
     from skyhedge.state import ReplicaRecord
 
-    spec = parse_spec(
-        {
-            "name": "echo",
-            "placement": {"clouds": ["local"], "zones": ["local-a", "local-b"]},
-            "resources": {"local_base_port": 60000},
-            "replica_policy": {"min_replicas": 3, "num_overprovision": 0, "policy": "spothedge"},
-            "run": {"command": "true"},
-        },
-        source=str(tmp_path / "s.yaml"),
-    )
+    spec = _echo_spec(tmp_path, base_port=60000, min_replicas=3)
     state = ServiceState(service="echo", next_id=5535)
     state.router = {"endpoint": "http://127.0.0.1:8080", "status_url": "http://127.0.0.1:60002/stub_status"}
     state.replicas["r-5534"] = (
