@@ -81,10 +81,13 @@ __all__ = [
     "changed_roots",
     "destroy_service",
     "instance_types",
+    "instances_left_unsaved",
     "live_rows",
     "record_plan",
     "committed_roots",
+    "deployment_id",
     "roots_with_resources",
+    "unsaved_replicas",
     "wait_ready",
 ]
 
@@ -92,6 +95,8 @@ EXTRA_KEY = TERRAFORM_KEY
 #: GitOps: how long a root emptied by a commit stays rendered (empty) for CI to apply it.
 EMPTIED_ROOT_HOLD_SECONDS = 7 * 24 * 3600.0
 PLAN_FILE = "skyhedge.tfplan"
+#: state.extra key of the state's deployment ID (`deployment_id`).
+DEPLOYMENT_KEY = "deployment"
 
 Confirm = Callable[[Plan, Sequence[RenderedRoot], dict[str, PlanResult]], bool]
 Clock = Callable[[], float]
@@ -111,7 +116,9 @@ class Workspace:
         self.tf_dir = self.state_dir / "tf"
         self.tree_dir = self.tf_dir / "tree"
 
-    def context(self) -> RenderContext:
+    def context(self, state: ServiceState | None = None) -> RenderContext:
+        """What the clouds need to render this workspace's roots; with the `state` that will
+        apply them, its deployment ID too (`deployment_id`; the tree of `render` carries none)."""
         try:
             workdir = self.spec.run.workdir or Path.cwd().resolve()
         except FileNotFoundError:
@@ -126,6 +133,7 @@ class Workspace:
             workdir=workdir,
             python=sys.executable,
             pythonpath=str(Path(skyhedge.__file__).resolve().parent.parent),
+            deployment=None if state is None else state.extra.get(DEPLOYMENT_KEY),
         )
 
     def root(self, cloud: str, region: str) -> TerraformRoot:
@@ -301,6 +309,23 @@ def notice_dead_local_replicas(
     return ingest(state, gone, now)
 
 
+def deployment_id(state: ServiceState) -> str:
+    """This state's deployment ID, made (random, kept in the state) on first use by a run that
+    applies: clouds tag what they launch with it (`RenderContext.deployment`), so that a later
+    run can terminate what an interrupted run of this state launched and Terraform never saved,
+    and only that (another state dir, or a GitOps CI, may run replicas of the same service name).
+    The state is saved before Terraform runs, so the ID is on disk before anything carries it."""
+    import re
+    import secrets
+
+    existing = state.extra.get(DEPLOYMENT_KEY)
+    if isinstance(existing, str) and re.fullmatch(r"[a-z0-9]{8,64}", existing):
+        return existing  # (anything else was never applied: the module's validation refuses it)
+
+    state.extra[DEPLOYMENT_KEY] = made = secrets.token_hex(8)
+    return made
+
+
 def _leftovers(cloud: str) -> Any:
     """The cloud's `leftovers.py` (`instances_left`: machines tagged for the service that no
     Terraform state holds), or None for a cloud without one. Adding the check to a cloud is adding
@@ -314,7 +339,7 @@ def _leftovers(cloud: str) -> Any:
         return None
 
 
-def _unsaved(state: ServiceState) -> list[ReplicaRecord]:
+def unsaved_replicas(state: ServiceState) -> list[ReplicaRecord]:
     """Live replicas an earlier run recorded but never read back from Terraform, on clouds that
     can look for the machines such a run may have left (`_leftovers`)."""
     return [
@@ -324,13 +349,13 @@ def _unsaved(state: ServiceState) -> list[ReplicaRecord]:
     ]
 
 
-def _instances_left_unsaved(
+def instances_left_unsaved(
     spec: ServiceSpec, state: ServiceState, unsaved: Sequence[ReplicaRecord]
 ) -> list[str]:
     """`warning:` lines for the running instances tagged for the `unsaved` replicas (recorded by an
     earlier run, never read back from Terraform) that no live replica owns now that an apply step
     ran: those Terraform had saved were read back (their replica owns them), the rest are in no
-    Terraform state."""
+    Terraform state. Those this state launched (its deployment tag) are terminated."""
     owned = {r.cloud_id for r in state.live() if r.cloud_id}
     lines: list[str] = []
     for cloud in sorted({r.cloud for r in unsaved}):
@@ -341,6 +366,7 @@ def _instances_left_unsaved(
             replicas={r.id for r in mine},
             owned=owned,
             again="this apply launches their replicas again; ",
+            deployment=state.extra.get(DEPLOYMENT_KEY),
         )
     return lines
 
@@ -591,7 +617,7 @@ def apply_service(
         # (Terraform may have saved them though: a kill -9 of skyhedge alone, or a SIGTERM, after
         # Terraform wrote its state but before skyhedge read its outputs. So they are looked for
         # once the first step has run, and an instance a replica owns then is no leftover.)
-        unsaved = _unsaved(state)
+        unsaved = unsaved_replicas(state)
         set_gitops(state, False)  # applied from here on, whatever advanced it before
         router = _router(spec, ws.state_dir)
         if route and router is not None:
@@ -615,7 +641,7 @@ def apply_service(
                 _forget_unused_workspace(ws, first)
                 return report
             if unsaved:
-                report.warnings += _instances_left_unsaved(spec, state, unsaved)
+                report.warnings += instances_left_unsaved(spec, state, unsaved)
                 unsaved = []
             if step.asked:
                 asking = None
@@ -740,10 +766,11 @@ class _Step:
             plan, memory = compute_plan(
                 spec, state, now=now, placement=self.placement, policy_name=self.policy_name
             )
+            deployment_id(state)
             tree = render_tree(
                 spec,
                 plan,
-                context=ws.context(),
+                context=ws.context(state),
                 instance_types=instance_types(state, self.placement),
                 extra_roots=roots_with_resources(state),
             )
@@ -982,7 +1009,11 @@ def destroy_service(
                 placement = resolve_placement(spec)
             types = instance_types(state, placement)
             tree = render_tree(
-                spec, _kept_plan(spec, state), context=ws.context(), instance_types=types, extra_roots=keys
+                spec,
+                _kept_plan(spec, state),
+                context=ws.context(state),
+                instance_types=types,
+                extra_roots=keys,
             )
             write_tree(tree, ws.tree_dir)
             roots = [tree.root(c, r) for c, r in keys]
@@ -1067,7 +1098,11 @@ def destroy_service(
             live_clouds = {r.cloud for r in state.live()}
             for cloud in sorted({c for c, _ in keys} - live_clouds):
                 if (leftovers := _leftovers(cloud)) is not None:
-                    report.warnings += leftovers.instances_left(spec.name, {r for c, r in keys if c == cloud})
+                    report.warnings += leftovers.instances_left(
+                        spec.name,
+                        {r for c, r in keys if c == cloud},
+                        deployment=state.extra.get(DEPLOYMENT_KEY),
+                    )
     return report
 
 

@@ -7,7 +7,7 @@ everything. Skipped where no mirror holds the AWS provider (see docs/terraform.m
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import boto3
@@ -297,13 +297,16 @@ def test_without_aws_subnets_replicas_go_to_each_zones_default_subnet(
     assert {i["State"]["Name"] for r in left["Reservations"] for i in r["Instances"]} <= {"terminated"}
 
 
-def _killed_apply(tmp_path: Path, moto_endpoint: str, name: str) -> tuple[Path, Path, dict[str, str]]:
+def _killed_apply(
+    tmp_path: Path, moto_endpoint: str, name: str, *, deployment_tag: bool = True
+) -> tuple[Path, Path, dict[str, str]]:
     """What an apply killed (`kill -9`, OOM, a cancelled CI runner) between EC2's create calls and
     Terraform saving its state leaves (measured with the real provider: 5 instances running,
     Terraform's state empty, skyhedge's recording the 5 replicas as never created): the plan
-    recorded, and an instance per new replica tagged as the module tags it. Returns the spec, the
-    state dir and instance ID -> replica ID."""
-    from skyhedge.apply import record_plan
+    recorded, and an instance per new replica tagged as the module tags it, with the state's
+    deployment ID (`deployment_tag=False`: as a skyhedge from before that tag launched them).
+    Returns the spec, the state dir and instance ID -> replica ID."""
+    from skyhedge.apply import deployment_id, record_plan
     from skyhedge.service import compute_plan, resolve_placement
     from skyhedge.state import ServiceState, save_state
 
@@ -325,6 +328,7 @@ def _killed_apply(tmp_path: Path, moto_endpoint: str, name: str) -> tuple[Path, 
     placement = resolve_placement(spec)
     plan, memory = compute_plan(spec, state, now=now, placement=placement)
     record_plan(state, plan, memory, placement, now)
+    deployment = deployment_id(state)
     save_state(state_dir, state)
     subnet = next(
         s["SubnetId"]
@@ -334,6 +338,8 @@ def _killed_apply(tmp_path: Path, moto_endpoint: str, name: str) -> tuple[Path, 
     launched = {}
     for rec in state.live():
         tags = [{"Key": "skyhedge:service", "Value": name}, {"Key": "skyhedge:replica", "Value": rec.id}]
+        if deployment_tag:
+            tags.append({"Key": "skyhedge:deployment", "Value": deployment})
         inst = ec2.run_instances(
             ImageId=AMI,
             InstanceType="g6.xlarge",
@@ -347,35 +353,57 @@ def _killed_apply(tmp_path: Path, moto_endpoint: str, name: str) -> tuple[Path, 
     return spec_path, state_dir, launched
 
 
-def test_destroy_after_a_killed_apply_names_the_instances_left_running(
-    tmp_path: Path, moto_endpoint: str
+def _instance_states(moto_endpoint: str, ids: Iterable[str]) -> dict[str, str]:
+    ec2 = boto3.client("ec2", region_name=REGION, endpoint_url=moto_endpoint)
+    found = ec2.describe_instances(InstanceIds=sorted(ids))["Reservations"]
+    return {i["InstanceId"]: i["State"]["Name"] for r in found for i in r["Instances"]}
+
+
+@pytest.mark.parametrize("tagged", [True, False], ids=["this-state", "before-the-tag"])
+def test_destroy_after_a_killed_apply_ends_the_instances_it_left_running(
+    tmp_path: Path, moto_endpoint: str, tagged: bool
 ) -> None:
     """Before, `destroy` said "Destroyed 0 replica(s) ...; 1 recorded but never created,
-    forgotten" and exited 0 while the instance ran on, billing, with no word about it."""
+    forgotten" and exited 0 while the instance ran on, billing, with no word about it.
+
+    An instance carrying this state's deployment tag was launched by this state's own killed
+    run: destroy terminates it and says so. One without the tag (launched by a skyhedge from
+    before it) could be anyone's: it is named, with the command that terminates it."""
     from click.testing import CliRunner
 
     from skyhedge.cli import main
 
-    spec_path, state_dir, launched = _killed_apply(tmp_path, moto_endpoint, "killed")
+    spec_path, state_dir, launched = _killed_apply(tmp_path, moto_endpoint, "killed", deployment_tag=tagged)
     result = CliRunner().invoke(
         main, ["destroy", str(spec_path), "--state-dir", str(state_dir), "--auto-approve"]
     )
     assert result.exit_code == 0, result.output
     [warning] = [line for line in result.output.splitlines() if line.startswith("warning: ")]
-    assert warning.startswith(
-        "warning: aws us-east-1: 1 instance(s) tagged for killed still run, in no Terraform"
-    )
     ((iid, rid),) = launched.items()
     assert f"{iid} ({rid})" in warning
-    assert warning.endswith(f"aws ec2 terminate-instances --region {REGION} --instance-ids {iid}")
+    if tagged:
+        assert warning == (
+            "warning: aws us-east-1: terminated 1 instance(s) of killed that an interrupted run of "
+            f"this state launched and Terraform never saved: {iid} ({rid})"
+        )
+        assert _instance_states(moto_endpoint, launched) == {iid: "terminated"}
+    else:
+        assert warning.startswith(
+            "warning: aws us-east-1: 1 instance(s) tagged for killed still run, in no Terraform"
+        )
+        assert warning.endswith(f"aws ec2 terminate-instances --region {REGION} --instance-ids {iid}")
+        assert _instance_states(moto_endpoint, launched) == {iid: "running"}
     assert load_state(state_dir, "killed").live() == []
 
 
-def test_an_apply_after_a_killed_apply_warns_that_it_launches_those_replicas_again(
+def test_an_apply_after_a_killed_apply_terminates_what_that_run_launched_and_nothing_else(
     tmp_path: Path, moto_endpoint: str
 ) -> None:
     """Before, the next apply launched every such replica again, silently: two instances per
-    replica ID, the first in no Terraform state, billing until someone found it.
+    replica ID, the first in no Terraform state, billing until someone found it. It now
+    launches them again and terminates the first ones, which carry this state's deployment tag.
+    An instance of the same service name and replica ID from another state (a second state dir,
+    a GitOps CI) is someone's live replica: named, never terminated.
 
     Then the other kill: skyhedge killed (`kill -9`, the OOM killer; or a SIGTERM) after
     Terraform saved its state, before skyhedge read the outputs back (measured: Terraform's state
@@ -385,28 +413,82 @@ def test_an_apply_after_a_killed_apply_warns_that_it_launches_those_replicas_aga
     from skyhedge.state import save_state
 
     spec_path, state_dir, launched = _killed_apply(tmp_path, moto_endpoint, "again")
+    ec2 = boto3.client("ec2", region_name=REGION, endpoint_url=moto_endpoint)
+    some_rid = sorted(launched.values())[0]
+    other_state = ec2.run_instances(
+        ImageId=AMI,
+        InstanceType="g6.xlarge",
+        MinCount=1,
+        MaxCount=1,
+        TagSpecifications=[
+            {
+                "ResourceType": "instance",
+                "Tags": [
+                    {"Key": "skyhedge:service", "Value": "again"},
+                    {"Key": "skyhedge:replica", "Value": some_rid},
+                    {"Key": "skyhedge:deployment", "Value": "0123456789abcdef"},
+                ],
+            }
+        ],
+    )["Instances"][0]["InstanceId"]
     spec = load_spec(spec_path)
     report = apply_service(spec, state_dir, route=False, wait=False)
     assert report.ok, report.errors
-    [warning] = report.warnings
+    terminated, named = report.warnings
+    assert terminated.startswith("aws us-east-1: terminated ")
     for iid, rid in launched.items():
-        assert f"{iid} ({rid})" in warning
-    assert "this apply launches their replicas again" in warning
-    assert warning.endswith(f"--instance-ids {' '.join(sorted(launched))}")
-    # the replicas themselves converge as before (the leftover is the user's to terminate)
+        assert f"{iid} ({rid})" in terminated
+    assert named.startswith("aws us-east-1: 1 instance(s) tagged for again still run")
+    assert f"{other_state} ({some_rid})" in named and "this apply launches their replicas again" in named
+    assert _instance_states(moto_endpoint, [*launched, other_state]) == {
+        **dict.fromkeys(launched, "terminated"),
+        other_state: "running",
+    }
+    # the replicas themselves converge as before, on instances of their own, tagged as this state's
     state = load_state(state_dir, "again")
     instances = {r.id: r.cloud_id for r in state.live()}
     assert instances and all(iid and iid not in launched for iid in instances.values())
+    assert set(_instance_states(moto_endpoint, instances.values()).values()) == {"running"}
+    tags = {
+        t["Key"]: t["Value"]
+        for r in ec2.describe_instances(InstanceIds=sorted(instances.values()))["Reservations"]
+        for i in r["Instances"]
+        for t in i["Tags"]
+    }
+    assert tags["skyhedge:deployment"] == state.extra["deployment"]
 
     for rec in state.live():  # as a run killed after Terraform saved its state leaves them
         rec.cloud_id, rec.provisioned_at, rec.outputs = None, None, {}
     state.extra["terraform"]["roots"] = {}  # nor what was applied
     save_state(state_dir, state)
-    ec2 = boto3.client("ec2", region_name=REGION, endpoint_url=moto_endpoint)
-    ec2.terminate_instances(InstanceIds=sorted(launched))  # the user took the first warning's advice
+    ec2.terminate_instances(InstanceIds=[other_state])
     again = apply_service(spec, state_dir, route=False, wait=False)
     assert again.ok, again.errors
     assert again.created == []
     assert again.warnings == []
     assert {r.id: r.cloud_id for r in load_state(state_dir, "again").live()} == instances
+    assert set(_instance_states(moto_endpoint, instances.values()).values()) == {"running"}
+    assert destroy_service(spec, state_dir, route=False).ok
+
+
+def test_a_watcher_restarted_after_a_killed_run_terminates_what_that_run_launched(
+    tmp_path: Path, moto_endpoint: str
+) -> None:
+    """`watch` killed while Terraform created instances, then started again (systemd's restart):
+    its first pass launches the replicas again, as `apply` does, and it too terminates the
+    instances the killed run launched and Terraform never saved, saying so in a warning note.
+    Before, they ran on; the watcher warned about each after ten minutes."""
+    from skyhedge.controller.executor import TerraformExecutor
+    from skyhedge.controller.loop import Controller
+
+    spec_path, state_dir, launched = _killed_apply(tmp_path, moto_endpoint, "watched")
+    spec = load_spec(spec_path)
+    ctl = Controller(spec, state_dir, executor=TerraformExecutor(spec, state_dir))
+    ctl.tick()
+    [note] = [n.text for n in ctl.notes if "terminated" in n.text]
+    for iid, rid in launched.items():
+        assert f"{iid} ({rid})" in note
+    assert _instance_states(moto_endpoint, launched) == dict.fromkeys(launched, "terminated")
+    live = load_state(state_dir, "watched").live()
+    assert live and all(r.cloud_id and r.cloud_id not in launched for r in live)
     assert destroy_service(spec, state_dir, route=False).ok

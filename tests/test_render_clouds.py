@@ -508,3 +508,44 @@ def test_the_arm_families_are_told_from_the_x86_ones():
     x86 = ["g4dn.xlarge", "g5.xlarge", "g6e.xlarge", "p4d.24xlarge", "p5en.48xlarge", "inf2.xlarge"]
     x86 += ["trn1.2xlarge", "m5zn.large", "c5n.large", "dl1.24xlarge"]
     assert [t for t in arm if not is_arm(t)] == [] and [t for t in x86 if is_arm(t)] == []
+
+
+def test_a_state_that_applies_tags_its_aws_machines_with_its_deployment_id_and_a_render_does_not(tmp_path):
+    """The tag lets a later apply terminate what an interrupted apply of this state launched and
+    Terraform never saved, and nothing else: a tree rendered to be applied elsewhere (`render`,
+    GitOps) carries none, so no state's apply can take its machines for its own leftovers."""
+    from dataclasses import replace
+
+    p = plan("aws", "us-east-1", ["use1-az1"])
+    applied = rendered(tmp_path / "a", "aws", "g6.xlarge", p)
+    assert json.loads((applied / "aws" / "us-east-1" / TFVARS_FILE).read_text())["deployment"] is None
+    main = load(applied / "modules" / "aws-replicas" / "main.tf")
+    assert '"skyhedge:deployment" = var.deployment' in block(main, "locals")["tags"]
+
+    spec = parse_spec(
+        {
+            "name": "llm",
+            "placement": {"clouds": ["aws"]},
+            "resources": {"instance_type": {"aws": "g6.xlarge"}},
+            "run": {"command": "python3 -m http.server 8000"},
+        }
+    )
+    ctx = replace(CTX, deployment="5f0c2a9d41b7e3c8")
+    tree = render_tree(spec, p, context=ctx, instance_types={"aws": "g6.xlarge"})
+    write_tree(tree, tmp_path / "b")
+    assert json.loads((tmp_path / "b" / "aws" / "us-east-1" / TFVARS_FILE).read_text())["deployment"] == (
+        "5f0c2a9d41b7e3c8"
+    )
+
+
+def test_a_state_gets_one_deployment_id_and_keeps_it():
+    from skyhedge.apply import deployment_id
+    from skyhedge.state import ServiceState
+
+    state = ServiceState(service="llm")
+    first = deployment_id(state)
+    assert re.fullmatch(r"[0-9a-f]{16}", first) and state.extra["deployment"] == first
+    assert deployment_id(state) == first
+    assert deployment_id(ServiceState(service="llm")) != first  # another state, another ID
+    state.extra["deployment"] = "Not; an ID"  # hand-edited: never applied (the module refuses it)
+    assert re.fullmatch(r"[0-9a-f]{16}", deployment_id(state))

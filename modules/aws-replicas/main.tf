@@ -31,7 +31,7 @@ locals {
   tags = merge(var.tags, {
     "skyhedge:service" = var.service
     "ManagedBy"        = "skyhedge"
-  })
+  }, var.deployment == null ? {} : { "skyhedge:deployment" = var.deployment })
 }
 
 data "aws_ssm_parameter" "image" {

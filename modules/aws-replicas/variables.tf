@@ -153,6 +153,17 @@ variable "iam_instance_profile" {
   default     = null
 }
 
+variable "deployment" {
+  description = "The skyhedge state (deployment) these replicas belong to, tagged skyhedge:deployment: skyhedge terminates instances carrying its own tag that its Terraform state never saved (an apply killed mid-create). null (a GitOps render): no tag."
+  type        = string
+  default     = null
+
+  validation {
+    condition     = var.deployment == null || can(regex("^[a-z0-9]{8,64}$", var.deployment))
+    error_message = "deployment: 8-64 lowercase letters and digits, or null."
+  }
+}
+
 variable "tags" {
   description = "Extra tags on every resource (skyhedge's own tags win on conflicts)."
   type        = map(string)

@@ -7,7 +7,7 @@ import sys
 import time
 from collections import defaultdict
 from collections.abc import Collection, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,7 @@ from skyhedge.apply import (
     roots_with_resources,
 )
 from skyhedge.cli._app import check_policy_flag, console, fitted, main, spec_argument, state_dir_option
+from skyhedge.clouds import RenderContext
 from skyhedge.planner import CREATE, DELETE, KEEP, Plan, replica_number
 from skyhedge.render import render_tree
 from skyhedge.service import TERRAFORM_KEY, Placement, compute_plan, is_gitops, resolve_placement
@@ -68,6 +69,13 @@ def _applied_roots_readable(state: ServiceState) -> bool:
     )
 
 
+def _as_apply_renders(context: RenderContext) -> RenderContext:
+    """`context` as the next apply renders with it: a state applied before deployment IDs
+    existed gets one at that apply (`deployment_id`), which tags its machines, so its roots
+    count as changed, as that apply will find them."""
+    return context if context.deployment else replace(context, deployment="0" * 16)
+
+
 def pending_work(
     spec: ServiceSpec, state: ServiceState, plan: Plan, state_dir: Path, placement: Placement
 ) -> Pending:
@@ -96,7 +104,7 @@ def pending_work(
         tree = render_tree(
             spec,
             plan,
-            context=Workspace(spec, state_dir).context(),
+            context=_as_apply_renders(Workspace(spec, state_dir).context(state)),
             instance_types=instance_types(state, placement),
             extra_roots=roots_with_resources(state),
         )

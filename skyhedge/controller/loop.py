@@ -34,7 +34,14 @@ from pathlib import Path
 from typing import Any
 
 from skyhedge import autoscaler
-from skyhedge.apply import held_replicas, record_plan, reopen_unfinished_deletes
+from skyhedge.apply import (
+    deployment_id,
+    held_replicas,
+    instances_left_unsaved,
+    record_plan,
+    reopen_unfinished_deletes,
+    unsaved_replicas,
+)
 from skyhedge.controller.facts import (
     WARNING_GRACE_SECONDS,
     ProbeResult,
@@ -53,6 +60,7 @@ from skyhedge.service import (
     Placement,
     PolicyClock,
     compute_plan,
+    is_gitops,
     remember_decision,
     resolve_placement,
     set_gitops,
@@ -266,6 +274,10 @@ class Controller:
         self._refresh = False  # a reloaded spec: apply and route on the next pass
         self._retiring: list[EventSource] = []  # sources of an earlier spec: one last poll
         self._housekept: float | None = None  # time.monotonic() of the last housekeeping
+        # replicas a killed run recorded and never read back: once this watcher's first apply has
+        # run, what such a run launched and Terraform never saved is found (and, where this
+        # state launched it, terminated), as `apply` does (GitOps: CI applies, not this state)
+        self._unsaved = [] if is_gitops(self.state) else unsaved_replicas(self.state)
 
     def reconfigure(
         self,
@@ -637,6 +649,7 @@ class Controller:
         creates = [r for r in plan.replicas if r.action == CREATE]
         deletes = [r for r in plan.replicas if r.action == DELETE]
         record_plan(st, plan, memory, self.placement, now)
+        deployment_id(st)  # what this pass launches carries it (saved below, before Terraform runs)
         if creates or deletes:
             self.note(self._plan_line(plan, creates, deletes), now)
         self.save()  # the intent is durable before anything changes outside
@@ -674,6 +687,10 @@ class Controller:
         if result.applied and not result.failed:
             why = "" if plan.has_changes else " (reconciling with Terraform's state)"
             self.note(f"applied {', '.join(result.applied)} in {done - started:.1f}s{why}", done)
+            if self._unsaved:
+                for line in instances_left_unsaved(self.spec, st, self._unsaved):
+                    self.note(line, done, level=logging.WARNING)
+                self._unsaved = []
         cause = apply_cause(result.detail)
         for line in result.errors:
             self.note(f"apply failed: {with_cause(line, cause)}", done, level=logging.WARNING)

@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 from skyhedge.clouds.aws import new_session
 from skyhedge.errors import CloudError
@@ -37,6 +37,8 @@ GONE_STATES = frozenset({"shutting-down", "terminated", "stopping", "stopped"})
 # Tags the aws-replicas Terraform module puts on every instance (modules/aws-replicas/main.tf).
 TAG_SERVICE = "skyhedge:service"
 TAG_REPLICA = "skyhedge:replica"
+#: The skyhedge state whose apply launched the instance (modules/aws-replicas, var.deployment).
+TAG_DEPLOYMENT = "skyhedge:deployment"
 SPOT_TERMINATION_CODES = frozenset({"Server.SpotInstanceTermination", "Server.SpotInstanceShutdown"})
 #: DescribeInstances takes at most this many values per filter.
 FILTER_VALUES_MAX = 200
@@ -409,6 +411,15 @@ class AwsEventSource(EventSource):
 
     # -- reconcile ------------------------------------------------------------------------------
 
+    def terminate_instances(self, region: str, instance_ids: Sequence[str]) -> None:
+        """Terminate `instance_ids` in `region`: CloudError naming the region if EC2 refuses."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            self._client("ec2", region).terminate_instances(InstanceIds=list(instance_ids))
+        except (ClientError, BotoCoreError) as exc:
+            raise CloudError(f"aws {region}: terminate_instances: {exc}") from exc
+
     def list_instances(self, region: str, *, instance_ids: Sequence[str] = ()) -> list[dict[str, Any]]:
         """Every instance tagged for this service in `region` (of `instance_ids` if given), any state."""
         from botocore.exceptions import BotoCoreError, ClientError
@@ -507,21 +518,39 @@ class AwsEventSource(EventSource):
             )
 
 
-def running_instances(service: str, region: str, *, session: Any = None) -> list[tuple[str, str | None]]:
-    """(instance ID, `skyhedge:replica` tag) of every instance tagged for `service` in `region`
-    that is not gone (shutting down, terminated, stopping, stopped): what still runs, and bills."""
+class Running(NamedTuple):
+    """An instance tagged for a service that still runs: its ID, its `skyhedge:replica` tag and
+    its `skyhedge:deployment` tag (None where absent)."""
+
+    instance_id: str
+    replica: str | None
+    deployment: str | None
+
+
+def running_instances(service: str, region: str, *, session: Any = None) -> list[Running]:
+    """Every instance tagged for `service` in `region` that is not gone (shutting down,
+    terminated, stopping, stopped): what still runs, and bills."""
     source = AwsEventSource(service, [region], session=session)
     try:
         instances = source.list_instances(region)
     finally:
         source.close()
-    out: list[tuple[str, str | None]] = []
+    out: list[Running] = []
     for inst in instances:
         if not inst.get("InstanceId") or _state(inst) in GONE_STATES:
             continue
         tags = {t.get("Key"): t.get("Value") for t in inst.get("Tags") or []}
-        out.append((str(inst["InstanceId"]), tags.get(TAG_REPLICA)))
-    return sorted(out)
+        out.append(Running(str(inst["InstanceId"]), tags.get(TAG_REPLICA), tags.get(TAG_DEPLOYMENT)))
+    return sorted(out, key=lambda r: r.instance_id)
+
+
+def terminate_instances(region: str, instance_ids: Sequence[str], *, session: Any = None) -> None:
+    """Terminate `instance_ids` in `region` (CloudError naming the region when EC2 refuses)."""
+    source = AwsEventSource("", [region], session=session)
+    try:
+        source.terminate_instances(region, instance_ids)
+    finally:
+        source.close()
 
 
 def _parse_safely(message: dict[str, Any], now: float) -> PreemptionEvent | None:

@@ -4,16 +4,25 @@ this file per cloud: `instances_left`).
 An apply killed between EC2's create call and Terraform saving its state leaves such an
 instance: Terraform's state lacks it, skyhedge's records the replica as never created. The next
 apply launched the replica again, `destroy` said it was "never created", and the instance billed
-on, unseen (only a watcher warned, after 10 minutes). skyhedge does not terminate what it never
-recorded: it names them, with the command that does.
+on, unseen (only a watcher warned, after 10 minutes).
+
+What skyhedge's own state launched carries that state's ID (`skyhedge:deployment`, set by the
+apply that renders the root): such an instance is terminated, named in one line. Anything else
+tagged for the service (a GitOps apply, another state dir of the same service name, an instance
+from before the tag) may be someone's live replica: skyhedge names it, with the command that
+terminates it, and leaves the choice to the user.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from skyhedge.clouds.aws.events import running_instances
+from skyhedge.clouds.aws.events import Running, running_instances, terminate_instances
+
+
+def _named(instances: Sequence[tuple[str, str | None]]) -> str:
+    return ", ".join(f"{iid} ({rid or 'no replica tag'})" for iid, rid in instances)
 
 
 @dataclass(frozen=True)
@@ -29,11 +38,17 @@ class InstancesLeft:
         if self.error is not None:
             return f"aws {self.region}: could not look for instances of {service} left running ({self.error})"
         ids = [iid for iid, _ in self.instances]
-        named = ", ".join(f"{iid} ({rid or 'no replica tag'})" for iid, rid in self.instances)
         return (
             f"aws {self.region}: {len(ids)} instance(s) tagged for {service} still run, in no Terraform "
-            f"state (an apply killed before Terraform saved them?): {named}; {what}they bill until "
-            f"terminated: aws ec2 terminate-instances --region {self.region} --instance-ids {' '.join(ids)}"
+            f"state (an apply killed before Terraform saved them?): {_named(self.instances)}; {what}they "
+            f"bill until terminated: aws ec2 terminate-instances --region {self.region} --instance-ids "
+            f"{' '.join(ids)}"
+        )
+
+    def terminated(self, service: str) -> str:
+        return (
+            f"aws {self.region}: terminated {len(self.instances)} instance(s) of {service} that an "
+            f"interrupted run of this state launched and Terraform never saved: {_named(self.instances)}"
         )
 
 
@@ -44,12 +59,17 @@ def instances_left(
     replicas: Iterable[str] | None = None,
     owned: Iterable[str] = (),
     again: str = "",
+    deployment: str | None = None,
 ) -> list[str]:
     """`warning:` lines, one per region holding running instances tagged for `service`
     (`replicas`: only those tagged for these replica IDs) that no live replica owns (`owned`:
-    instance IDs live replicas do own, left out); `again` is said of them before the command
-    that terminates them. A region that cannot be listed (no credentials, no endpoint) is a
-    warning too, never the command's failure."""
+    instance IDs live replicas do own, left out).
+
+    Those tagged with `deployment` (this state's ID) were launched by an interrupted run of this
+    very state: they are terminated, and the line says so. The others are named with the command
+    that terminates them; `again` is said of them before it. A region that cannot be listed or
+    refuses the termination (no credentials, no endpoint) is a warning too, never the command's
+    failure."""
     mine = None if replicas is None else set(replicas)
     skip = set(owned)
     out: list[str] = []
@@ -59,7 +79,21 @@ def instances_left(
         except Exception as exc:  # noqa: BLE001 - any failure to list is a warning, never the command's
             out.append(InstancesLeft(region, error=f"{exc.__class__.__name__}: {exc}").warning(service))
             continue
-        left = tuple((iid, rid) for iid, rid in found if (mine is None or rid in mine) and iid not in skip)
-        if left:
-            out.append(InstancesLeft(region, left).warning(service, again))
+        left = [r for r in found if (mine is None or r.replica in mine) and r.instance_id not in skip]
+        ours = _pairs(r for r in left if deployment is not None and r.deployment == deployment)
+        others = _pairs(r for r in left if deployment is None or r.deployment != deployment)
+        if ours:
+            try:
+                terminate_instances(region, [iid for iid, _ in ours])
+            except Exception as exc:  # noqa: BLE001 - as a listing failure: named, with the command
+                why = f"terminating them failed ({exc.__class__.__name__}: {exc}); "
+                out.append(InstancesLeft(region, ours).warning(service, why))
+            else:
+                out.append(InstancesLeft(region, ours).terminated(service))
+        if others:
+            out.append(InstancesLeft(region, others).warning(service, again))
     return out
+
+
+def _pairs(instances: Iterable[Running]) -> tuple[tuple[str, str | None], ...]:
+    return tuple((r.instance_id, r.replica) for r in instances)

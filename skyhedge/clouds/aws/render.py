@@ -45,8 +45,11 @@ class AwsCloud:
         ("ingress_cidrs", "CIDR blocks that may reach the model server port."),
         ("private_endpoint", "Whether the router reaches replicas at their private IP."),
         ("public_ip", "Whether replicas get a public IP (null: as their subnet sets it)."),
+        ("deployment", "The skyhedge state that applies this root (tag skyhedge:deployment; null: none)."),
     )
-    nullable = frozenset({"image_id", "subnet_ids", "key_name", "iam_instance_profile", "public_ip"})
+    nullable = frozenset(
+        {"image_id", "subnet_ids", "key_name", "iam_instance_profile", "public_ip", "deployment"}
+    )
 
     def root_inputs(
         self,
@@ -87,6 +90,7 @@ class AwsCloud:
             "ingress_cidrs": list(spec.aws.ingress_cidrs),
             "private_endpoint": spec.aws.private_endpoint,
             "public_ip": spec.aws.public_ip,
+            "deployment": context.deployment,
         }
 
 
