@@ -529,3 +529,31 @@ def test_refresh_gcp_names_offers_whose_on_demand_price_it_could_not_take(
     code, out, err = refresh_gcp("us-central1", "g2-standard-4")
     assert code == 0, err
     assert "g2-standard-4@us-central1-a (on-demand)" in out
+
+
+@pytest.mark.parametrize("json_flag", [[], ["--json"]], ids=["table", "json"])
+def test_a_reader_that_goes_away_ends_show_quietly_with_exit_0(json_flag: list[str], tmp_path: Path) -> None:
+    """`skyhedge catalog show --cloud aws | head -1` failed the pipeline under `set -o pipefail`:
+    exit 1 (rich's choice for a broken pipe, and click's for its own output) once the output
+    outgrew the pipe's buffer, while the shorter `--json` form exited 0. Here the reader is gone
+    before the first write, so every write meets the broken pipe."""
+    import os
+    import subprocess
+    import sys
+
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    err = tmp_path / "stderr"
+    try:
+        with open(err, "wb") as errfile:
+            done = subprocess.run(
+                [sys.executable, "-m", "skyhedge", "catalog", "show", "--cloud", "aws", *json_flag],
+                stdout=write_end,
+                stderr=errfile,
+                timeout=60,
+                check=False,
+            )
+    finally:
+        os.close(write_end)
+    assert done.returncode == 0, err.read_text()
+    assert err.read_text() == ""

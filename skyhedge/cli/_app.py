@@ -33,12 +33,22 @@ F = TypeVar("F", bound=Callable[..., Any])
 PIPE_WIDTH = 240
 
 
+class _Console(Console):
+    """rich's console, but a reader gone (`skyhedge catalog show | head -1`) ends the command
+    with exit 0, as it does for output written without rich (rich's own choice is exit 1: the
+    pipeline failed under `set -o pipefail` once the output outgrew the pipe's buffer)."""
+
+    def on_broken_pipe(self) -> None:
+        self.quiet = True
+        stop_quietly()
+
+
 def _console(*, stderr: bool = False) -> Console:
     """A rich console; off a terminal (and without COLUMNS set) as wide as PIPE_WIDTH."""
-    probe = Console(stderr=stderr)
+    probe = _Console(stderr=stderr)
     if probe.is_terminal or "COLUMNS" in os.environ:
         return probe
-    return Console(stderr=stderr, width=PIPE_WIDTH)
+    return _Console(stderr=stderr, width=PIPE_WIDTH)
 
 
 console = _console()
@@ -128,6 +138,18 @@ class SkyhedgeGroup(click.Group):
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
+            try:
+                return self._invoke(ctx)
+            finally:
+                sys.stdout.flush()  # here, not at exit: a reader gone (`| head`) is caught below
+        except BrokenPipeError:
+            # click made it exit 1 (and only once the output outgrew the pipe's buffer: `catalog
+            # show | head -1` failed where the shorter `--json` form did not): as `head`'s
+            # writer in a shell pipeline, stop quietly, exit 0
+            stop_quietly()
+
+    def _invoke(self, ctx: click.Context) -> Any:
+        try:
             return super().invoke(ctx)
         except SkyhedgeError as exc:
             report_error(_naming_the_holder(exc))
@@ -142,6 +164,13 @@ class SkyhedgeGroup(click.Group):
                 _show_help(exc)
             report_usage_error(exc, " ".join(filter(None, (ctx.command_path, ctx.invoked_subcommand))))
             sys.exit(1)
+
+
+def stop_quietly() -> NoReturn:
+    """End the command, exit 0, after stdout's reader went away (`skyhedge ... | head`)."""
+    # stdout onto /dev/null first: the interpreter's last flush at exit would hit the pipe again
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    sys.exit(0)
 
 
 #: Why a command run from a directory deleted under the shell stops (one line, not a traceback).

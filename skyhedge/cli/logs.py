@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import select
 import sys
 import time
@@ -10,7 +9,15 @@ from pathlib import Path
 
 import click
 
-from skyhedge.cli._app import FiniteFloat, command_line, err_console, main, spec_argument, state_dir_option
+from skyhedge.cli._app import (
+    FiniteFloat,
+    command_line,
+    err_console,
+    main,
+    spec_argument,
+    state_dir_option,
+    stop_quietly,
+)
 from skyhedge.errors import CloudError, SkyhedgeError
 from skyhedge.replica_logs import last_lines, read_log
 from skyhedge.spec import ServiceSpec, load_spec
@@ -65,13 +72,7 @@ def _write(text: str) -> None:
         sys.stdout.write(text)
         sys.stdout.flush()
     except BrokenPipeError:
-        _stop_quietly()
-
-
-def _stop_quietly() -> None:
-    # stdout onto /dev/null first: the interpreter's last flush at exit would hit the pipe again
-    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-    sys.exit(0)
+        stop_quietly()
 
 
 def _reader_gone() -> bool:
@@ -148,7 +149,7 @@ def _follow(service: ServiceSpec, sdir: Path, rid: str, cursor: object, every: f
     while True:
         time.sleep(every)
         if _reader_gone():
-            _stop_quietly()
+            stop_quietly()
         state = load_state(sdir, service.name)
         record = state.replicas.get(rid)
         if record is not None and record.cloud == "local" and record.gone_at is None:
