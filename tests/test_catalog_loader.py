@@ -165,6 +165,7 @@ def test_user_cache_overrides_bundled(empty_cache_dir: Path) -> None:
 
 def test_home_cache_used_without_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("SKYHEDGE_CATALOG_DIR")
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     target = tmp_path / "home" / ".cache" / "skyhedge" / "catalog" / "local.json"
     assert user_cache_path("local") == target
@@ -172,6 +173,41 @@ def test_home_cache_used_without_env(tmp_path: Path, monkeypatch: pytest.MonkeyP
     target.parent.mkdir(parents=True)
     target.write_text(json.dumps(minimal("local")))
     assert load_catalog("local").path == str(target)
+
+
+@pytest.mark.parametrize("xdg", ["absolute", "relative"])
+def test_the_user_catalog_lives_under_xdg_cache_home_when_that_is_an_absolute_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, xdg: str
+) -> None:
+    """XDG_CACHE_HOME was ignored: a refresh went to ~/.cache whatever it said. A relative value
+    is ignored, as the XDG base directory spec asks."""
+    monkeypatch.delenv("SKYHEDGE_CATALOG_DIR")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg") if xdg == "absolute" else "xdg")
+    base = tmp_path / "xdg" if xdg == "absolute" else tmp_path / "home" / ".cache"
+    target = base / "skyhedge" / "catalog" / "local.json"
+    assert user_cache_path("local") == target
+    target.parent.mkdir(parents=True)
+    target.write_text(json.dumps(minimal("local")))
+    assert load_catalog("local").path == str(target)
+
+
+def test_a_refresh_from_before_xdg_cache_home_was_read_is_still_used_until_one_is_written_there(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("SKYHEDGE_CATALOG_DIR")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    earlier = tmp_path / "home" / ".cache" / "skyhedge" / "catalog" / "local.json"
+    earlier.parent.mkdir(parents=True)
+    earlier.write_text(json.dumps(minimal("local")))
+    assert load_catalog("local").path == str(earlier)  # not silently the bundled prices
+    assert load_catalog("aws").path == str(bundled_path("aws"))
+    now = tmp_path / "xdg" / "skyhedge" / "catalog" / "local.json"
+    now.parent.mkdir(parents=True)
+    now.write_text(json.dumps(minimal("local")))
+    assert load_catalog("local").path == str(now)
 
 
 def test_parse_cache_sees_a_rewritten_file(empty_cache_dir: Path) -> None:

@@ -2,7 +2,9 @@
 
 Where a cloud's catalog comes from, first match wins:
   1. `$SKYHEDGE_CATALOG_DIR/<cloud>.json` when that variable is set (tests, CI, air-gapped hosts);
-  2. `~/.cache/skyhedge/catalog/<cloud>.json` when present (written by `skyhedge catalog refresh`);
+  2. `$XDG_CACHE_HOME/skyhedge/catalog/<cloud>.json` (default `~/.cache/...`) when present (written
+     by `skyhedge catalog refresh`; with XDG_CACHE_HOME set and no file there, the one in
+     `~/.cache/skyhedge/catalog`, where refreshes went before skyhedge read the variable);
   3. the bundled `skyhedge/catalog/data/<cloud>.json`.
 A user file replaces the bundled one whole, so what `catalog show` prints is exactly what plans use.
 Parsed catalogs are cached per process, keyed by the file's path and mtime so a refresh is seen.
@@ -68,12 +70,32 @@ def bundled_path(cloud: str) -> Path:
 
 def _user_cache_dir_or_none() -> Path | None:
     env = os.environ.get(ENV_DIR)
+    xdg = os.environ.get("XDG_CACHE_HOME", "")
     try:
         if env:
             return Path(env).expanduser()
-        return Path.home() / ".cache" / "skyhedge" / "catalog"
+        if os.path.isabs(xdg):  # the XDG base directory spec: a relative value is to be ignored
+            return Path(xdg) / "skyhedge" / "catalog"
+        return _home_cache_dir()
     except RuntimeError:  # HOME unset and no passwd entry (a container's arbitrary uid): no home
         return None
+
+
+def _home_cache_dir() -> Path:
+    return Path.home() / ".cache" / "skyhedge" / "catalog"
+
+
+def _earlier_refresh(cloud: str) -> Path | None:
+    """A refresh written to `~/.cache/skyhedge/catalog` by a skyhedge that did not read
+    XDG_CACHE_HOME yet: still read where the variable's directory holds none, so setting the
+    variable (or upgrading with it set) does not silently fall back to the bundled prices."""
+    if os.environ.get(ENV_DIR) or not os.path.isabs(os.environ.get("XDG_CACHE_HOME", "")):
+        return None
+    try:
+        path = _home_cache_dir() / f"{check_cloud(cloud)}.json"
+    except RuntimeError:
+        return None
+    return path if path.is_file() else None
 
 
 def user_cache_dir() -> Path:
@@ -98,7 +120,9 @@ def catalog_path(cloud: str) -> Path:
     user = user_cache_path(cloud)
     if user.is_dir():  # not silently the bundled catalog: the user meant to override it
         raise CatalogError(f"{user}: is a directory, expected a catalog file (or nothing)")
-    return user if user.is_file() else bundled_path(cloud)
+    if user.is_file():
+        return user
+    return _earlier_refresh(cloud) or bundled_path(cloud)
 
 
 def load_catalog(cloud: str) -> CloudCatalog:
