@@ -355,20 +355,33 @@ def instances_left_unsaved(
     """`warning:` lines for the running instances tagged for the `unsaved` replicas (recorded by an
     earlier run, never read back from Terraform) that no live replica owns now that an apply step
     ran: those Terraform had saved were read back (their replica owns them), the rest are in no
-    Terraform state. Those this state launched (its deployment tag) are terminated."""
+    Terraform state. Those this state launched (its deployment tag) are terminated, but only in
+    a region whose root's Terraform state was read back whole (`_read_back`): where its apply
+    failed, an instance Terraform saved is owned by no replica either, and is only named."""
     owned = {r.cloud_id for r in state.live() if r.cloud_id}
+    deployment = state.extra.get(DEPLOYMENT_KEY)
     lines: list[str] = []
     for cloud in sorted({r.cloud for r in unsaved}):
         mine = [r for r in unsaved if r.cloud == cloud]
-        lines += _leftovers(cloud).instances_left(
-            spec.name,
-            {r.region for r in mine},
-            replicas={r.id for r in mine},
-            owned=owned,
-            again="this apply launches their replicas again; ",
-            deployment=state.extra.get(DEPLOYMENT_KEY),
-        )
+        for region in sorted({r.region for r in mine}):
+            lines += _leftovers(cloud).instances_left(
+                spec.name,
+                {region},
+                replicas={r.id for r in mine},
+                owned=owned,
+                again="this apply launches their replicas again; ",
+                deployment=deployment,
+                unread=not _read_back(state, cloud, region),
+            )
     return lines
+
+
+def _read_back(state: ServiceState, cloud: str, region: str) -> bool:
+    """Whether every instance the root of `cloud`/`region` holds is known: its last apply was
+    clean (each replica it holds read its outputs back), or it holds nothing skyhedge tracks.
+    After a failed apply (digest None) the root may hold instances no record names yet."""
+    info = _tracked(state).get(f"{cloud}/{region}")
+    return info is None or info.get("digest") is not None
 
 
 def record_plan(

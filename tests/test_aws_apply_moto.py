@@ -15,8 +15,9 @@ import pytest
 from routing_support import free_port
 from terraform_support import MIRROR_ENV, mirror_config, mirror_holding
 
-from skyhedge.apply import apply_service, destroy_service
+from skyhedge.apply import Workspace, apply_service, destroy_service
 from skyhedge.clouds.aws.events import AwsEventSource
+from skyhedge.errors import EngineError
 from skyhedge.events import Signal
 from skyhedge.service import outdated_replicas
 from skyhedge.spec import load_spec
@@ -462,6 +463,22 @@ def test_an_apply_after_a_killed_apply_terminates_what_that_run_launched_and_not
     state.extra["terraform"]["roots"] = {}  # nor what was applied
     save_state(state_dir, state)
     ec2.terminate_instances(InstanceIds=[other_state])
+    # An apply whose Terraform then fails before reading them back (the state lock held, a
+    # provider that cannot start) cannot tell them from leftovers: it names them, never
+    # terminates them (before, it terminated the instances Terraform's state holds).
+    engine = Workspace(spec, state_dir).engine()
+
+    def locked(*_args: object, **_kwargs: object) -> None:
+        raise EngineError("Error acquiring the state lock", root=f"aws/{REGION}")
+
+    engine.apply = locked  # type: ignore[method-assign]
+    failed = apply_service(spec, state_dir, engine=engine, route=False, wait=False)
+    assert not failed.ok
+    [named] = failed.warnings
+    assert named.startswith("aws us-east-1: ") and "terminated" not in named.split(":", 2)[1]
+    assert all(f"{iid} ({rid})" in named for rid, iid in instances.items())
+    assert "not terminated: the apply failed there before reading Terraform's state back" in named
+    assert set(_instance_states(moto_endpoint, instances.values()).values()) == {"running"}
     again = apply_service(spec, state_dir, route=False, wait=False)
     assert again.ok, again.errors
     assert again.created == []
@@ -477,7 +494,11 @@ def test_a_watcher_restarted_after_a_killed_run_terminates_what_that_run_launche
     """`watch` killed while Terraform created instances, then started again (systemd's restart):
     its first pass launches the replicas again, as `apply` does, and it too terminates the
     instances the killed run launched and Terraform never saved, saying so in a warning note.
-    Before, they ran on; the watcher warned about each after ten minutes."""
+    Before, they ran on; the watcher warned about each after ten minutes.
+
+    What the watcher launches carries the tag too (before, its executor rendered without it:
+    a killed watcher's instances were never terminated, and each switch between `apply` and
+    `watch` re-applied every AWS root to add or remove the tag)."""
     from skyhedge.controller.executor import TerraformExecutor
     from skyhedge.controller.loop import Controller
 
@@ -489,6 +510,17 @@ def test_a_watcher_restarted_after_a_killed_run_terminates_what_that_run_launche
     for iid, rid in launched.items():
         assert f"{iid} ({rid})" in note
     assert _instance_states(moto_endpoint, launched) == dict.fromkeys(launched, "terminated")
-    live = load_state(state_dir, "watched").live()
+    state = load_state(state_dir, "watched")
+    live = state.live()
     assert live and all(r.cloud_id and r.cloud_id not in launched for r in live)
+    ec2 = boto3.client("ec2", region_name=REGION, endpoint_url=moto_endpoint)
+    found = ec2.describe_instances(InstanceIds=sorted(r.cloud_id for r in live))["Reservations"]
+    deployments = {
+        t["Value"]
+        for r in found
+        for i in r["Instances"]
+        for t in i["Tags"]
+        if t["Key"] == "skyhedge:deployment"
+    }
+    assert deployments == {state.extra["deployment"]}
     assert destroy_service(spec, state_dir, route=False).ok

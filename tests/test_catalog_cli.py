@@ -557,3 +557,78 @@ def test_a_reader_that_goes_away_ends_show_quietly_with_exit_0(json_flag: list[s
         os.close(write_end)
     assert done.returncode == 0, err.read_text()
     assert err.read_text() == ""
+
+
+def _with_reader_gone(args: list[str], tmp_path: Path, *, stderr_too: bool = False) -> tuple[int, str]:
+    """Run `args` with stdout (and stderr: `2>&1 | head`) a pipe whose reader is gone; (exit
+    code, stderr)."""
+    import os
+    import subprocess
+
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    err = tmp_path / "stderr"
+    try:
+        with open(err, "wb") as errfile:
+            done = subprocess.run(
+                args, stdout=write_end, stderr=write_end if stderr_too else errfile, timeout=60, check=False
+            )
+    finally:
+        os.close(write_end)
+    return done.returncode, err.read_text()
+
+
+@pytest.mark.parametrize("json_flag", [[], ["--json"]], ids=["table", "json"])
+def test_a_reader_gone_keeps_the_exit_status_the_command_decided(
+    json_flag: list[str], tmp_path: Path
+) -> None:
+    """`plan --detailed-exitcode | head -c1` must still say "changes present" (2): a reader gone
+    only silences the output. Before, it exited 0, which CI reads as "nothing to apply"."""
+    import sys
+
+    spec = tmp_path / "service.yaml"
+    spec.write_text(
+        "name: gone\nplacement:\n  clouds: [local]\n  zones: [local-a]\n"
+        "run:\n  command: python3 -m http.server\n"
+    )
+    args = [sys.executable, "-m", "skyhedge", "plan", str(spec), "--state-dir", str(tmp_path / "st")]
+    code, err = _with_reader_gone([*args, "--detailed-exitcode", *json_flag], tmp_path)
+    assert (code, err) == (2, "")
+    # an error said to a reader gone too (`2>&1 | head -1`): still a failure (it exited 0)
+    bad = [sys.executable, "-m", "skyhedge", "catalog", "show", "--cloud", "nope", *json_flag]
+    assert _with_reader_gone(bad, tmp_path, stderr_too=True) == (1, "")
+
+
+def test_a_reader_gone_never_cuts_a_command_short(tmp_path: Path) -> None:
+    """What `apply` and `watch` print goes through these consoles, between two rounds or two steps
+    of a rolling update: a reader gone (`skyhedge apply ... | head -3`) silences them, and the
+    command goes on to its own end and exit status. Before, the print raised SystemExit there
+    (rich: exit 1; then exit 0, telling CI an apply it cut short had finished)."""
+    import sys
+
+    script = (
+        "from skyhedge.cli._app import console, err_console\n"
+        "import sys\n"
+        "for n in range(2000):\n"
+        "    console.print(f'round {n}: ' + 'x' * 60)\n"
+        "err_console.print('finished')\n"
+        "sys.exit(3)\n"
+    )
+    assert _with_reader_gone([sys.executable, "-c", script], tmp_path) == (3, "finished\n")
+
+
+def test_a_broken_pipe_that_is_not_stdout_s_is_a_failure(tmp_path: Path) -> None:
+    """EPIPE from a socket or a child's pipe is an error like any other, not a reader gone: it
+    used to end the command with exit 0, silently (click's own handling of EPIPE: exit 1)."""
+    import subprocess
+    import sys
+
+    script = (
+        "from skyhedge.cli import main\n"
+        "@main.command('boom')\n"
+        "def boom():\n"
+        "    raise BrokenPipeError(32, 'Broken pipe (a socket)')\n"
+        "main(['boom'])\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1

@@ -6,6 +6,7 @@ import importlib
 import io
 import math
 import os
+import select
 import shlex
 import sys
 import threading
@@ -34,13 +35,16 @@ PIPE_WIDTH = 240
 
 
 class _Console(Console):
-    """rich's console, but a reader gone (`skyhedge catalog show | head -1`) ends the command
-    with exit 0, as it does for output written without rich (rich's own choice is exit 1: the
-    pipeline failed under `set -o pipefail` once the output outgrew the pipe's buffer)."""
+    """rich's console, but a reader gone (`skyhedge catalog show | head -1`) only silences it:
+    the command goes on to its own end and exit status. rich's own choice, SystemExit(1) at that
+    print, cut `apply` and `watch` short wherever they next printed (between two rounds, or two
+    steps of a rolling update), and failed `catalog show | head -1` under `set -o pipefail`;
+    exit 0 there instead told CI that an apply cut short had finished, and `plan
+    --detailed-exitcode` that nothing changed."""
 
     def on_broken_pipe(self) -> None:
         self.quiet = True
-        stop_quietly()
+        _to_devnull(self.file)
 
 
 def _console(*, stderr: bool = False) -> Console:
@@ -138,15 +142,20 @@ class SkyhedgeGroup(click.Group):
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
-            try:
-                return self._invoke(ctx)
-            finally:
-                sys.stdout.flush()  # here, not at exit: a reader gone (`| head`) is caught below
+            return self._invoke(ctx)
         except BrokenPipeError:
-            # click made it exit 1 (and only once the output outgrew the pipe's buffer: `catalog
-            # show | head -1` failed where the shorter `--json` form did not): as `head`'s
-            # writer in a shell pipeline, stop quietly, exit 0
+            if not stdout_reader_gone():
+                raise  # a socket's, a child's pipe: a failure like any other
+            # click.echo's output (`--json`) meeting a reader gone (`| head`): click made it exit
+            # 1, once the output outgrew the pipe's buffer; as `head`'s writer, stop quietly
             stop_quietly()
+        finally:
+            # here, not at exit (click: exit 1): the exit status stays the command's own
+            # (`plan --detailed-exitcode --json | head -c1` still exits 2)
+            try:
+                sys.stdout.flush()
+            except BrokenPipeError:
+                _to_devnull(sys.stdout)
 
     def _invoke(self, ctx: click.Context) -> Any:
         try:
@@ -169,8 +178,51 @@ class SkyhedgeGroup(click.Group):
 def stop_quietly() -> NoReturn:
     """End the command, exit 0, after stdout's reader went away (`skyhedge ... | head`)."""
     # stdout onto /dev/null first: the interpreter's last flush at exit would hit the pipe again
-    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    _to_devnull(sys.stdout)
     sys.exit(0)
+
+
+def echo(text: str, *, err: bool = False) -> None:
+    """`click.echo(text)` (to stderr with `err`), but a reader gone (`plan --json | head -c1`,
+    `apply ... 2>&1 | head -1`) only silences the stream, as it does the consoles: the command
+    goes on and keeps its own exit status (2 for `plan --detailed-exitcode`'s changes, 1 for an
+    error it goes on to report), not the 0 of a command stopped at that write."""
+    stream = sys.stderr if err else sys.stdout
+    try:
+        click.echo(text, err=err)
+    except BrokenPipeError:
+        if not _reader_gone(stream):
+            raise
+        _to_devnull(stream)
+
+
+def _to_devnull(stream: Any) -> None:
+    """Point `stream`'s file descriptor at /dev/null: what is still buffered for a reader gone
+    (and any later write) goes nowhere instead of failing again."""
+    try:
+        fd = stream.fileno()
+    except (AttributeError, OSError, ValueError):  # not a real file (tests)
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, fd)
+    finally:
+        os.close(devnull)
+
+
+def stdout_reader_gone() -> bool:
+    """The pipe or terminal stdout writes to has no reader any more (`| head` exited): what
+    tells a broken pipe of stdout's from another one (a socket, a child's pipe)."""
+    return _reader_gone(sys.stdout)
+
+
+def _reader_gone(stream: Any) -> bool:
+    try:
+        poll = select.poll()
+        poll.register(stream.fileno(), 0)  # errors and hang-ups only, reported whatever is asked
+        return any(events & (select.POLLERR | select.POLLHUP) for _fd, events in poll.poll(0))
+    except (OSError, ValueError, AttributeError):  # not a real file (tests), or no poll here
+        return False
 
 
 #: Why a command run from a directory deleted under the shell stops (one line, not a traceback).
@@ -246,7 +298,7 @@ def report_usage_error(exc: click.UsageError, command_path: str) -> None:
     the command when click could not build its context (an option missing its value)."""
     message = " ".join(exc.format_message().split())
     where = exc.ctx.command_path if exc.ctx is not None else command_path
-    click.echo(f"error: {message} (see '{where} --help')", err=True)
+    echo(f"error: {message} (see '{where} --help')", err=True)
 
 
 class FiniteFloat(click.FloatRange):
@@ -307,13 +359,13 @@ def _naming_the_holder(exc: SkyhedgeError) -> SkyhedgeError:
 
 
 def report_error(exc: SkyhedgeError) -> None:
-    click.echo(f"error: {exc}", err=True)
+    echo(f"error: {exc}", err=True)
     if os.environ.get("SKYHEDGE_DEBUG") and exc.__cause__ is not None:
         # for plug-in authors and bug reports: where the chained exception came from
         traceback.print_exception(exc.__cause__, file=sys.stderr)
     detail = getattr(exc, "stderr", "")
     if isinstance(exc, (EngineError, RoutingError)) and detail:
-        click.echo(detail.rstrip(), err=True)
+        echo(detail.rstrip(), err=True)
 
 
 @click.group(cls=SkyhedgeGroup, context_settings={"help_option_names": ["-h", "--help"]})

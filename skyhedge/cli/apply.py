@@ -22,6 +22,7 @@ from skyhedge.apply import ApplyReport, apply_service, destroy_service, live_rou
 from skyhedge.cli._app import (
     command_line,
     console,
+    echo,
     err_console,
     fitted,
     interrupted_by,
@@ -105,11 +106,11 @@ def _ask(question: str, verb: str, heard: list[KeyboardInterrupt] | None = None)
                 if heard is not None:
                     heard.append(exc.__context__)
                 by, _code = interrupted_by(exc.__context__)
-                click.echo(f"error: {verb} not confirmed: interrupted by {by} at the question", err=True)
+                echo(f"error: {verb} not confirmed: interrupted by {by} at the question", err=True)
                 return False
     else:  # fd 0 closed (`0<&-`): click's input() raised "lost sys.stdin"
         console.print(f"{question} [y/N]: ", markup=False)
-    click.echo(
+    echo(
         f"error: {verb} not confirmed: no answer on stdin (closed, or at its end): "
         f"run with --auto-approve to {verb} without asking",
         err=True,
@@ -178,7 +179,7 @@ def _print_apply_report(report: ApplyReport, state_dir: Path) -> None:
     for note in report.notes:  # notes name paths and quote errors: data, not markup
         console.print(f"[dim]{escape(note)}[/]")
     for line in report.warnings:
-        click.echo(f"warning: {line}", err=True)
+        echo(f"warning: {line}", err=True)
     for err in report.errors[1:]:
         report_error(err)
 
@@ -278,9 +279,7 @@ def _interrupted(exc: KeyboardInterrupt, verb: str, kept: str, finish: str) -> N
     failed" lines (which read as a Terraform failure), or nothing at all."""
     by, code = interrupted_by(exc)
     # one line at any terminal width (rich would wrap it)
-    click.echo(
-        f"error: {verb} interrupted by {by} (Terraform stopped where it was; {kept}): {finish}.", err=True
-    )
+    echo(f"error: {verb} interrupted by {by} (Terraform stopped where it was; {kept}): {finish}.", err=True)
     raise SystemExit(code)
 
 
@@ -335,7 +334,7 @@ def destroy(spec: Path, state_dir: Path | None, auto_approve: bool, terraform_bi
         console.print("Nothing to destroy.")
         note = no_state_note(sdir, service.name, given=state_dir is not None)
         if note:
-            click.echo(note, err=True)
+            echo(note, err=True)
     else:
         forgot = (
             f"; {len(report.never_created)} recorded but never created, forgotten "
@@ -354,7 +353,7 @@ def destroy(spec: Path, state_dir: Path | None, auto_approve: bool, terraform_bi
             markup=False,
         )
     for line in report.warnings:
-        click.echo(f"warning: {line}", err=True)
+        echo(f"warning: {line}", err=True)
 
 
 def status_json(
@@ -489,10 +488,10 @@ def status(spec: Path, state_dir: Path | None, as_json: bool, include_gone: bool
     # --json: the object alone, for scripts
     note = None if as_json else no_state_note(sdir, name, given=state_dir is not None)
     if note:
-        click.echo(note, err=True)
+        echo(note, err=True)
     if as_json:
         record = watcher.to_json() if watcher is not None else None
-        click.echo(json.dumps(status_json(name, rows, router, record, held_back, hold, scaler), indent=2))
+        echo(json.dumps(status_json(name, rows, router, record, held_back, hold, scaler), indent=2))
         return
     table = Table(title=Text(f"skyhedge status: {name}"))
     # One location column keeps the endpoint readable (unwrapped) in an 80-column terminal.

@@ -22,7 +22,7 @@ from skyhedge.catalog import (
     write_catalog_file,
 )
 from skyhedge.catalog.loader import PRICE_APIS, check_cloud
-from skyhedge.cli._app import console, fitted, main
+from skyhedge.cli._app import console, echo, fitted, main
 from skyhedge.errors import CatalogError
 
 _MAX_LISTED = 10
@@ -63,7 +63,7 @@ def show(cloud: str, instance_type: str | None, region: str | None, as_json: boo
         data["instance_types"] = {k: v for k, v in data["instance_types"].items() if k in kept_types}
         data["offers"] = [row for row, o in zip(data["offers"], catalog.offers, strict=True) if o in keep]
         data["path"] = catalog.path
-        click.echo(json.dumps(data, indent=2))
+        echo(json.dumps(data, indent=2))
         return
     # catalog strings are data, not Rich markup (a user catalog file may hold anything)
     console.print(f"[bold]{escape(catalog.cloud)}[/] catalog: {escape(str(catalog.path))}")

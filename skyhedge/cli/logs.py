@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import select
 import sys
 import time
 from pathlib import Path
@@ -16,6 +15,7 @@ from skyhedge.cli._app import (
     main,
     spec_argument,
     state_dir_option,
+    stdout_reader_gone,
     stop_quietly,
 )
 from skyhedge.errors import CloudError, SkyhedgeError
@@ -73,17 +73,6 @@ def _write(text: str) -> None:
         sys.stdout.flush()
     except BrokenPipeError:
         stop_quietly()
-
-
-def _reader_gone() -> bool:
-    """The pipe or terminal stdout writes to has no reader any more (`| head` exited). A follow
-    with nothing new to write would otherwise wait for the next line to find out, maybe never."""
-    try:
-        poll = select.poll()
-        poll.register(sys.stdout.fileno(), 0)  # errors and hang-ups only, reported whatever is asked
-        return any(events & (select.POLLERR | select.POLLHUP) for _fd, events in poll.poll(0))
-    except (OSError, ValueError, AttributeError):  # not a real file (tests), or no poll here
-        return False
 
 
 @main.command()
@@ -148,7 +137,7 @@ def _follow(service: ServiceSpec, sdir: Path, rid: str, cursor: object, every: f
     exited_at: float | None = None  # when a local replica's process was first seen ended
     while True:
         time.sleep(every)
-        if _reader_gone():
+        if stdout_reader_gone():
             stop_quietly()
         state = load_state(sdir, service.name)
         record = state.replicas.get(rid)

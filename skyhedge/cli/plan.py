@@ -21,7 +21,7 @@ from skyhedge.apply import (
     notice_dead_local_replicas,
     roots_with_resources,
 )
-from skyhedge.cli._app import check_policy_flag, console, fitted, main, spec_argument, state_dir_option
+from skyhedge.cli._app import check_policy_flag, console, echo, fitted, main, spec_argument, state_dir_option
 from skyhedge.clouds import RenderContext
 from skyhedge.planner import CREATE, DELETE, KEEP, Plan, replica_number
 from skyhedge.render import render_tree
@@ -262,7 +262,7 @@ def plan(
     result, _memory = compute_plan(service, state, now=now, placement=placement, policy_name=policy)
     pending = pending_work(service, state, result, sdir, placement)
     if as_json:
-        click.echo(json.dumps(plan_to_json(result, pending, gone), indent=2))
+        echo(json.dumps(plan_to_json(result, pending, gone), indent=2))
     else:
         console.print(fitted(render_plan_table(result, pending.replicas, pending.releasing), console))
         console.print(render_savings(result))

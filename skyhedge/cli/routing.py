@@ -14,6 +14,7 @@ from skyhedge.apply import notice_dead_local_replicas
 from skyhedge.cli._app import (
     command_line,
     console,
+    echo,
     err_console,
     main,
     no_state_note,
@@ -58,7 +59,7 @@ def upstreams_from_state(service: ServiceSpec, state: ServiceState, *, probe_now
 
 def _show(verb: str, status: dict[str, Any], as_json: bool) -> None:
     if as_json:
-        click.echo(json.dumps(status, indent=2, sort_keys=True))
+        echo(json.dumps(status, indent=2, sort_keys=True))
         return
     ups = status["upstreams"]
     console.print(
@@ -139,4 +140,4 @@ def down(spec: Path, state_dir: Path | None) -> None:
     console.print(f"router down: {service.name}", markup=False)
     note = no_state_note(sdir, service.name, given=state_dir is not None)
     if note:
-        click.echo(note, err=True)
+        echo(note, err=True)

@@ -13,7 +13,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from skyhedge.cli._app import FiniteFloat, blamed_on, console, err_console, fitted, main
+from skyhedge.cli._app import FiniteFloat, blamed_on, console, echo, err_console, fitted, main
 from skyhedge.errors import SkyhedgeError, TraceError
 from skyhedge.simulator import OPTIMAL, SimConfig, load_prices, unmatched_prices
 from skyhedge.simulator import simulate as run_simulation
@@ -284,7 +284,7 @@ def simulate(
 
     rows = [summary.to_json() for summary in summaries]
     if as_json:
-        click.echo(json.dumps(annotate(rows), indent=2, allow_nan=False))  # undefined numbers are null
+        echo(json.dumps(annotate(rows), indent=2, allow_nan=False))  # undefined numbers are null
     else:
         verdicts = judge(rows)
         table = _table(rows, verdicts, config)

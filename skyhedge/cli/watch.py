@@ -23,6 +23,7 @@ from skyhedge.cli._app import (
     check_policy_flag,
     command_line,
     console,
+    echo,
     err_console,
     interrupted_by,
     main,
@@ -198,7 +199,7 @@ def _last_words(text: str, log_format: str, level: int = logging.INFO) -> None:
     docker both streams reach the pipeline, which met this one line that was not JSON)."""
     if log_format == "json":
         record = logging.LogRecord("skyhedge", level, __file__, 0, "%s", (text,), None)
-        click.echo(JsonLogFormatter().format(record), err=True)
+        echo(JsonLogFormatter().format(record), err=True)
     else:
         console.print(text, markup=False, highlight=False)  # paths and names are data
 

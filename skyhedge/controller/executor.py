@@ -52,7 +52,7 @@ class TerraformExecutor:
         tree = render_tree(
             self.spec,
             plan,
-            context=ws.context(),
+            context=ws.context(state),  # its deployment ID: `_act` made it, as `apply` does
             instance_types=instance_types(state, self.placement),
             extra_roots=roots_with_resources(state),
         )

@@ -34,10 +34,18 @@ class InstancesLeft:
     instances: tuple[tuple[str, str | None], ...] = ()
     error: str | None = None
 
-    def warning(self, service: str, what: str = "") -> str:
+    def warning(self, service: str, what: str = "", *, unread: bool = False) -> str:
         if self.error is not None:
             return f"aws {self.region}: could not look for instances of {service} left running ({self.error})"
         ids = [iid for iid, _ in self.instances]
+        if unread:
+            return (
+                f"aws {self.region}: {len(ids)} instance(s) tagged for {service} still run that no replica "
+                f"owns: {_named(self.instances)}; not terminated: the apply failed there before reading "
+                "Terraform's state back, and that state may hold them; the next apply reads back those "
+                "it holds, the others bill until terminated: aws ec2 terminate-instances --region "
+                f"{self.region} --instance-ids {' '.join(ids)}"
+            )
         return (
             f"aws {self.region}: {len(ids)} instance(s) tagged for {service} still run, in no Terraform "
             f"state (an apply killed before Terraform saved them?): {_named(self.instances)}; {what}they "
@@ -60,6 +68,7 @@ def instances_left(
     owned: Iterable[str] = (),
     again: str = "",
     deployment: str | None = None,
+    unread: bool = False,
 ) -> list[str]:
     """`warning:` lines, one per region holding running instances tagged for `service`
     (`replicas`: only those tagged for these replica IDs) that no live replica owns (`owned`:
@@ -69,7 +78,9 @@ def instances_left(
     very state: they are terminated, and the line says so. The others are named with the command
     that terminates them; `again` is said of them before it. A region that cannot be listed or
     refuses the termination (no credentials, no endpoint) is a warning too, never the command's
-    failure."""
+    failure. `unread`: the regions' Terraform state was not read back (their apply failed), so
+    an instance there may be one Terraform saved, that no replica owns yet: nothing is
+    terminated, and the line says why."""
     mine = None if replicas is None else set(replicas)
     skip = set(owned)
     out: list[str] = []
@@ -80,6 +91,10 @@ def instances_left(
             out.append(InstancesLeft(region, error=f"{exc.__class__.__name__}: {exc}").warning(service))
             continue
         left = [r for r in found if (mine is None or r.replica in mine) and r.instance_id not in skip]
+        if unread:
+            if left:
+                out.append(InstancesLeft(region, _pairs(left)).warning(service, unread=True))
+            continue
         ours = _pairs(r for r in left if deployment is not None and r.deployment == deployment)
         others = _pairs(r for r in left if deployment is None or r.deployment != deployment)
         if ours:
