@@ -44,8 +44,10 @@ from typing import Any
 
 import skyhedge
 from skyhedge.clouds import RenderContext
+from skyhedge.clouds.common import Blocked, Cleared
 from skyhedge.engine import (
     ApplyResult,
+    Diagnostic,
     EventCallback,
     PlanResult,
     Terraform,
@@ -79,7 +81,9 @@ __all__ = [
     "absorb_result",
     "apply_service",
     "changed_roots",
+    "clear_before_apply",
     "destroy_service",
+    "explained",
     "instance_types",
     "instances_left_unsaved",
     "live_rows",
@@ -319,7 +323,8 @@ def deployment_id(state: ServiceState) -> str:
     import secrets
 
     existing = state.extra.get(DEPLOYMENT_KEY)
-    if isinstance(existing, str) and re.fullmatch(r"[a-z0-9]{8,64}", existing):
+    # (at most 63: a GCP label value's limit, and so every cloud's modules take it)
+    if isinstance(existing, str) and re.fullmatch(r"[a-z0-9]{8,63}", existing):
         return existing  # (anything else was never applied: the module's validation refuses it)
 
     state.extra[DEPLOYMENT_KEY] = made = secrets.token_hex(8)
@@ -372,6 +377,7 @@ def instances_left_unsaved(
                 again="this apply launches their replicas again; ",
                 deployment=deployment,
                 unread=not _read_back(state, cloud, region),
+                spec=spec,
             )
     return lines
 
@@ -382,6 +388,53 @@ def _read_back(state: ServiceState, cloud: str, region: str) -> bool:
     After a failed apply (digest None) the root may hold instances no record names yet."""
     info = _tracked(state).get(f"{cloud}/{region}")
     return info is None or info.get("digest") is not None
+
+
+def clear_before_apply(
+    spec: ServiceSpec,
+    state: ServiceState,
+    plan: Plan,
+    roots: Sequence[RenderedRoot],
+    ws: Workspace,
+    engine: Terraform,
+) -> Cleared:
+    """Before Terraform applies `roots`: what a cloud must clear first for the replicas an earlier
+    run recorded and Terraform never saved (kept by `plan`, not new in it), through the cloud's
+    optional `leftovers.clear_before_apply(spec, replicas, held=, deployment=)`. A cloud whose
+    machine names are the replica's (GCP: unique per zone) needs it: a machine such a run
+    launched would fail the replica's create ("already exists") at every apply.
+
+    What Terraform's state holds is read as saved (`Terraform.held_replicas`), never refreshed: a
+    replica Terraform saved before the kill is read back by the apply, not touched. A root whose
+    state cannot be read is not looked at (one warning): nothing is removed on a guess."""
+    earlier = {r.id for r in plan.replicas if r.action == KEEP}
+    unsaved = [r for r in unsaved_replicas(state) if r.id in earlier]
+    warnings: list[str] = []
+    blocked: dict[str, Blocked] = {}
+    for root in roots:
+        mine = [r for r in unsaved if (r.cloud, r.region) == root.key]
+        hook = getattr(_leftovers(root.cloud), "clear_before_apply", None) if mine else None
+        if hook is None:
+            continue
+        try:
+            held = engine.held_replicas(ws.root(root.cloud, root.region))
+        except EngineError as exc:
+            warnings.append(
+                f"{root.path}: could not read Terraform's state ({first_line(str(exc))}): machines an "
+                f"interrupted run may have left for {', '.join(r.id for r in mine)} were not looked for"
+            )
+            continue
+        cleared = hook(spec, mine, held=held, deployment=state.extra.get(DEPLOYMENT_KEY))
+        warnings += cleared.warnings
+        blocked.update(cleared.blocked)
+    return Cleared(tuple(warnings), blocked)
+
+
+def explained(blocked: dict[str, Blocked], diag: Diagnostic) -> str | None:
+    """The line `clear_before_apply` gave for the replica of `diag`, when Terraform's error is
+    about what it found there (names it); else None (Terraform's own headline says it)."""
+    found = blocked.get(diag.replica_id or "")
+    return found.line if found is not None and found.evidence in diag.text else None
 
 
 def record_plan(
@@ -654,6 +707,8 @@ def apply_service(
                 _forget_unused_workspace(ws, first)
                 return report
             if unsaved:
+                # (a replica whose create was blocked has its own error naming what holds it)
+                unsaved = [r for r in unsaved if r.id not in step.blocked]
                 report.warnings += instances_left_unsaved(spec, state, unsaved)
                 unsaved = []
             if step.asked:
@@ -763,6 +818,8 @@ class _Step:
     policy_name: str | None
 
     asked: bool = False  # the confirmation was shown (and accepted)
+    #: replicas whose create a cloud's `clear_before_apply` found blocked (their error says why)
+    blocked: dict[str, Blocked] = field(default_factory=dict)
 
     def converge(self, confirm: Confirm | None, max_rounds: int, route: bool) -> bool:
         """False if the user declined the plan (`report.cancelled`)."""
@@ -817,6 +874,9 @@ class _Step:
                 break
             if route:
                 drain_before_destroy(spec, state, ws.state_dir, self.say)
+            cleared = clear_before_apply(spec, state, plan, changed, ws, engine)
+            report.warnings += cleared.warnings
+            self.blocked.update(cleared.blocked)
             self.say(f"applying {len(changed)} root(s): {', '.join(r.path for r in changed)}")
 
             def run(root: RenderedRoot, plan_files: dict[str, str] = plan_files) -> ApplyResult:
@@ -832,7 +892,7 @@ class _Step:
             except KeyboardInterrupt:  # Terraform has stopped (the pool waited for it)
                 _stop_cut_short_launches(ws, changed, self.say)
                 raise
-            round_failures = _absorb_round(report, state, changed, results, clock)
+            round_failures = _absorb_round(report, state, changed, results, clock, cleared.blocked)
             state.log(
                 {
                     "event": "apply",
@@ -903,8 +963,11 @@ def _absorb_round(
     roots: Sequence[RenderedRoot],
     results: Sequence[ApplyResult | Exception],
     clock: Clock,
+    blocked: dict[str, Blocked] | None = None,
 ) -> list[LaunchFailure]:
-    """Record one round's per-root results in state and report; return its capacity refusals."""
+    """Record one round's per-root results in state and report; return its capacity refusals.
+    A replica's error `clear_before_apply` explained (`blocked`) is one error of its own, in
+    those words (Terraform's text in its detail)."""
     failures: list[LaunchFailure] = []
     for root, result in zip(roots, results, strict=True):
         if isinstance(result, Exception):
@@ -927,6 +990,14 @@ def _absorb_round(
             elif change.replica_id and change.action == "delete" and change.replica_id not in ever_refused:
                 report.deleted.append(change.replica_id)
         other = [d for d in result.errors if d.replica_id not in {f.replica_id for f in refused}]
+        for diag in list(other):
+            if (line := explained(blocked or {}, diag)) is not None:
+                other.remove(diag)
+                report.errors.append(
+                    EngineError(
+                        f"terraform apply failed in {root.path}: {line}", stderr=diag.text, root=root.path
+                    )
+                )
         if not result.ok and (other or not result.errors):
             first = other[0] if other else None
             summary = first.headline if first else f"exit code {result.exit_code}"
@@ -1115,6 +1186,7 @@ def destroy_service(
                         spec.name,
                         {r for c, r in keys if c == cloud},
                         deployment=state.extra.get(DEPLOYMENT_KEY),
+                        spec=spec,
                     )
     return report
 

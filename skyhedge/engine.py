@@ -857,6 +857,42 @@ class Terraform:
         except EngineError:
             return None
 
+    def held_replicas(self, root: TerraformRoot) -> set[str]:
+        """The replica IDs (`r-0003`) of the resource instances Terraform's state of `root` holds,
+        read as saved (`terraform state pull`: any backend, no refresh, no cloud call).
+
+        Why the state and not `output`: Terraform saves each resource as it is created, but the
+        root outputs only once the whole walk is done (a failed or killed apply leaves them as
+        before), so a replica saved just before a `kill -9` is in the resources, not the outputs."""
+        self.init(root)
+        restored = restore_cut_short_state(root)
+        if restored is not None:
+            log.warning("%s", restored)
+        problem = local_state_problem(root)
+        if problem is not None:
+            raise EngineError(problem, root=root.name)
+        done = self.run(self.invocation(["state", "pull"], root.path, root))
+        if done.exit_code != 0:
+            raise EngineError(
+                f"terraform state pull failed in {root.name}", stderr=done.stderr.strip(), root=root.name
+            )
+        if not done.stdout.strip():
+            return set()  # no state yet
+        try:
+            doc = json.loads(done.stdout)
+            held = {
+                str(inst["index_key"])
+                for res in doc.get("resources") or []
+                if res.get("mode") == "managed"
+                for inst in res.get("instances") or []
+                if isinstance(inst.get("index_key"), str)
+            }
+        except (ValueError, AttributeError, TypeError, KeyError) as exc:
+            raise EngineError(
+                f"terraform state pull in {root.name} is not a state ({exc})", root=root.name
+            ) from exc
+        return {key for key in held if replica_of(f'x["{key}"]') == key}
+
     def output(self, root: TerraformRoot) -> dict[str, Any]:
         """Root outputs as plain values (`{"replicas": {...}}`)."""
         done = self.run(self.invocation(self.output_args(), root.path, root))

@@ -861,3 +861,23 @@ def test_a_failed_apply_says_nothing_was_applied_and_destroy_does_not_claim_what
         "Destroyed 0 replica(s) in local/local; 2 recorded but never created, forgotten (r-0001, r-0002)."
         in (" ".join(gone.output.split()))
     )
+
+
+def test_the_replicas_terraform_saved_are_read_from_its_state_not_from_its_outputs(svc):
+    """`held_replicas` tells `clear_before_apply` which replicas Terraform saved (a machine of
+    one it saved is read back by the apply, never removed). Terraform saves each resource as it
+    is created, its root outputs only once the whole apply is done: a state as a kill -9 mid-apply
+    leaves it (outputs as before) still holds the replica."""
+    spec = load_spec(svc.write(replicas=2))
+    ws = apply_mod.Workspace(spec, svc.state_dir)
+    engine, root = ws.engine(None), ws.root("local", "local")
+    assert apply_service(spec, svc.state_dir, route=False, wait=False).ok
+    assert engine.held_replicas(root) == {"r-0001", "r-0002"}
+    tfstate = svc.state_dir / "tf" / "state" / "local-local.tfstate"
+    doc = json.loads(tfstate.read_text())
+    doc["outputs"] = {}
+    tfstate.write_text(json.dumps(doc))
+    assert engine.output(root) == {}  # what `terraform output` would say
+    assert engine.held_replicas(root) == {"r-0001", "r-0002"}
+    assert destroy_service(spec, svc.state_dir, route=False).ok
+    assert engine.held_replicas(root) == set()

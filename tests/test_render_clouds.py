@@ -549,3 +549,37 @@ def test_a_state_gets_one_deployment_id_and_keeps_it():
     assert deployment_id(ServiceState(service="llm")) != first  # another state, another ID
     state.extra["deployment"] = "Not; an ID"  # hand-edited: never applied (the module refuses it)
     assert re.fullmatch(r"[0-9a-f]{16}", deployment_id(state))
+
+
+def test_a_state_that_applies_labels_its_gcp_instances_with_its_deployment_id_and_a_render_does_not(tmp_path):
+    """The label lets a later apply delete an instance an interrupted apply of this state launched
+    and Terraform never saved, which holds its replica's name (GCE names are unique per zone: its
+    create failed with "already exists" at every apply), and nothing else: a tree rendered to be
+    applied elsewhere (`render`, GitOps) carries none."""
+    from dataclasses import replace
+
+    p = plan("gcp", "us-central1", ["us-central1-a"])
+    applied = rendered(tmp_path / "a", "gcp", "g2-standard-4", p, gcp={"project": "my-proj"})
+    assert root_vars(applied, "gcp", "us-central1")["deployment"] is None
+    main = load(applied / "modules" / "gcp-replicas" / "main.tf")
+    assert '"skyhedge-deployment" = var.deployment' in block(main, "locals")["labels"]
+    variables = load(applied / "modules" / "gcp-replicas" / "variables.tf")
+    [validation] = block(variables, "variable", "deployment")["validation"]
+    assert "^[a-z0-9]{8,63}$" in validation["condition"]  # a GCP label value: at most 63 characters
+    root_tf = load(applied / "gcp" / "us-central1" / "variables.tf")
+    assert block(root_tf, "variable", "deployment")["default"] is None
+
+    spec = parse_spec(
+        {
+            "name": "llm",
+            "placement": {"clouds": ["gcp"]},
+            "resources": {"instance_type": {"gcp": "g2-standard-4"}},
+            "run": {"command": "python3 -m http.server 8000"},
+            "gcp": {"project": "my-proj"},
+        }
+    )
+    ctx = replace(CTX, deployment="5f0c2a9d41b7e3c8")
+    write_tree(render_tree(spec, p, context=ctx, instance_types={"gcp": "g2-standard-4"}), tmp_path / "b")
+    assert json.loads((tmp_path / "b" / "gcp" / "us-central1" / TFVARS_FILE).read_text())["deployment"] == (
+        "5f0c2a9d41b7e3c8"
+    )

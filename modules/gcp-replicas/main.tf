@@ -15,7 +15,7 @@ locals {
   labels = merge(var.labels, {
     "skyhedge-service" = var.service
     "managed-by"       = "skyhedge"
-  })
+  }, var.deployment == null ? {} : { "skyhedge-deployment" = var.deployment })
 }
 
 resource "google_compute_firewall" "replicas" {

@@ -133,6 +133,18 @@ variable "ingress_cidrs" {
   }
 }
 
+variable "deployment" {
+  description = "The skyhedge state (deployment) these replicas belong to, labelled skyhedge-deployment: skyhedge deletes instances carrying its own label that its Terraform state never saved (an apply killed mid-create), which would otherwise hold their replica's instance name. null (a GitOps render): no label."
+  type        = string
+  default     = null
+
+  validation {
+    # a GCP label value: at most 63 lowercase letters, digits, '_' or '-'
+    condition     = var.deployment == null || can(regex("^[a-z0-9]{8,63}$", var.deployment))
+    error_message = "deployment: 8-63 lowercase letters and digits, or null."
+  }
+}
+
 variable "labels" {
   description = "Extra labels on every instance (skyhedge's own labels win on conflicts)."
   type        = map(string)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from skyhedge.catalog import load_catalog
@@ -70,3 +71,23 @@ def require_instance_type(spec: ServiceSpec, cloud: str, instance_type: str | No
             f"{spec.source}: no instance type resolved for cloud {cloud!r} (resources.instance_type)"
         )
     return instance_type
+
+
+@dataclass(frozen=True)
+class Blocked:
+    """Why a replica's create will fail, as a cloud's `clear_before_apply` found it: `line`, the
+    one line the apply's error for that replica says instead of Terraform's own (which stays in
+    the error's detail), when Terraform's error names `evidence` (the machine's name)."""
+
+    line: str
+    evidence: str
+
+
+@dataclass(frozen=True)
+class Cleared:
+    """What a cloud's `clear_before_apply` did before Terraform applied a root: `warnings`
+    (`warning:` lines: machines removed, lookups that failed) and the replicas whose create it
+    knows will fail (`blocked`, by replica ID)."""
+
+    warnings: tuple[str, ...] = ()
+    blocked: dict[str, Blocked] = field(default_factory=dict)

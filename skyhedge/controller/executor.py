@@ -13,7 +13,15 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from skyhedge.apply import Workspace, absorb_result, changed_roots, instance_types, roots_with_resources
+from skyhedge.apply import (
+    Workspace,
+    absorb_result,
+    changed_roots,
+    clear_before_apply,
+    explained,
+    instance_types,
+    roots_with_resources,
+)
 from skyhedge.controller.ports import ExecResult
 from skyhedge.engine import EventCallback, Terraform, run_parallel
 from skyhedge.errors import EngineError
@@ -52,7 +60,7 @@ class TerraformExecutor:
         tree = render_tree(
             self.spec,
             plan,
-            context=ws.context(state),  # its deployment ID: `_act` made it, as `apply` does
+            context=ws.context(state),  # its deployment ID (`_act` made it) tags what this pass launches
             instance_types=instance_types(state, self.placement),
             extra_roots=roots_with_resources(state),
         )
@@ -60,6 +68,7 @@ class TerraformExecutor:
         if not changed:
             return ExecResult()
         write_tree(tree, ws.tree_dir)
+        cleared = clear_before_apply(self.spec, state, plan, changed, ws, self.engine)
         results = run_parallel(
             changed,
             lambda root: self.engine.apply(
@@ -82,6 +91,10 @@ class TerraformExecutor:
             if not result.ok:
                 failed_ids = {f.replica_id for f in failures}
                 other = [d for d in result.errors if d.replica_id not in failed_ids]
+                for diag in list(other):
+                    if (line := explained(cleared.blocked, diag)) is not None:
+                        other.remove(diag)
+                        errors.append(f"{root.path}: {line}")
                 if other or not result.errors:
                     first = other[0].headline if other else f"exit code {result.exit_code}"
                     errors.append(f"{root.path}: {_first_line(first)}")
@@ -100,4 +113,5 @@ class TerraformExecutor:
             errors=tuple(errors),
             launch_failures=tuple(refused),
             detail="\n".join(d for d in detail if d),
+            warnings=cleared.warnings,
         )

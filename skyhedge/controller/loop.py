@@ -674,6 +674,8 @@ class Controller:
         except SkyhedgeError as exc:
             result = ExecResult(errors=(str(exc),), detail=getattr(exc, "stderr", "") or "")
         done = self.clock()
+        for line in result.warnings:
+            self.note(line, done, level=logging.WARNING)
         for rec in st.live():
             if rec.id in before and before[rec.id] is None and rec.provisioned_at is not None:
                 if Market(rec.market) is Market.SPOT:

@@ -27,7 +27,8 @@ class ExecResult:
     `applied`: root keys applied (fully or partly); `errors`: one line per root that failed for a
     reason other than capacity (retried with backoff); `launch_failures`: replica IDs whose launch
     was refused for capacity or quota (recorded gone with a LAUNCH_FAILED zone event);
-    `detail`: the engine's full error text, for the log.
+    `detail`: the engine's full error text, for the log; `warnings`: lines noted as warnings
+    (machines an interrupted run left, removed before Terraform ran, or lookups that failed).
     """
 
     applied: tuple[str, ...] = ()
@@ -35,6 +36,7 @@ class ExecResult:
     launch_failures: tuple[str, ...] = ()
     detail: str = ""
     note: str = ""
+    warnings: tuple[str, ...] = ()
 
     @property
     def failed(self) -> bool:

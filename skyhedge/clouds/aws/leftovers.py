@@ -17,8 +17,12 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from skyhedge.clouds.aws.events import Running, running_instances, terminate_instances
+
+if TYPE_CHECKING:
+    from skyhedge.spec import ServiceSpec
 
 
 def _named(instances: Sequence[tuple[str, str | None]]) -> str:
@@ -69,6 +73,7 @@ def instances_left(
     again: str = "",
     deployment: str | None = None,
     unread: bool = False,
+    spec: ServiceSpec | None = None,
 ) -> list[str]:
     """`warning:` lines, one per region holding running instances tagged for `service`
     (`replicas`: only those tagged for these replica IDs) that no live replica owns (`owned`:
@@ -80,7 +85,8 @@ def instances_left(
     refuses the termination (no credentials, no endpoint) is a warning too, never the command's
     failure. `unread`: the regions' Terraform state was not read back (their apply failed), so
     an instance there may be one Terraform saved, that no replica owns yet: nothing is
-    terminated, and the line says why."""
+    terminated, and the line says why. (`spec`: unused; EC2 needs the region only, where GCP
+    needs the spec's project.)"""
     mine = None if replicas is None else set(replicas)
     skip = set(owned)
     out: list[str] = []

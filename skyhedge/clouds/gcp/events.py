@@ -102,8 +102,9 @@ def parse_instance(inst: Any) -> tuple[str, str, str | None] | None:
     return inst["name"], str(inst.get("status", "")), labels.get(LABEL_REPLICA)
 
 
-def default_session() -> Any:
-    """An `AuthorizedSession` with Application Default Credentials.
+def default_session(scopes: Sequence[str] = SCOPES) -> Any:
+    """An `AuthorizedSession` with Application Default Credentials (`scopes`: read-only unless
+    the caller changes instances, as leftovers.py deletes some).
 
     When the endpoint is overridden (a local test server) and no credentials exist, anonymous
     credentials are used so tests need no Google account.
@@ -114,7 +115,7 @@ def default_session() -> Any:
     from google.auth.transport.requests import AuthorizedSession
 
     try:
-        credentials, _project = google.auth.default(scopes=list(SCOPES))
+        credentials, _project = google.auth.default(scopes=list(scopes))
     except DefaultCredentialsError as exc:
         if ENDPOINT_ENV not in os.environ:
             raise CloudError(

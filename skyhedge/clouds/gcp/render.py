@@ -123,8 +123,9 @@ class GcpCloud:
         ("external_ip", "Whether replicas get an ephemeral external IP (false: internal only)."),
         ("nic_type", "GVNIC for the machine series that require it (null: the default)."),
         ("boot_disk_type", "The boot disk type the machine series takes."),
+        ("deployment", "The skyhedge state that applies this root (label skyhedge-deployment; null: none)."),
     )
-    nullable = frozenset({"project", "accelerator", "image", "subnetwork", "nic_type"})
+    nullable = frozenset({"project", "accelerator", "image", "subnetwork", "nic_type", "deployment"})
 
     def root_inputs(
         self,
@@ -157,6 +158,7 @@ class GcpCloud:
             "external_ip": spec.gcp.external_ip,
             "nic_type": nic_type_for(machine_type),
             "boot_disk_type": boot_disk_type_for(machine_type),
+            "deployment": context.deployment,
         }
 
 

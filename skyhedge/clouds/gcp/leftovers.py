@@ -1,0 +1,412 @@
+"""GCE instances labelled for a service that no Terraform state holds (`skyhedge.apply` finds
+this file per cloud: `clear_before_apply` before Terraform applies a root, `instances_left`
+after).
+
+An apply killed (`kill -9`, the OOM killer, a cancelled CI runner) between Compute Engine's
+insert call and Terraform saving its state leaves a running instance that Terraform's state
+lacks, while skyhedge's state records its replica as never created. The module names each
+instance after its replica (`skyhedge-SERVICE-r-0003`), and an instance name is unique in its
+project and zone: the next apply's create of that replica failed with "googleapi: Error 409:
+The resource 'projects/P/zones/Z/instances/skyhedge-SERVICE-r-0003' already exists,
+alreadyExists", at every apply and every watcher pass, while the instance billed on.
+
+What skyhedge's own state launched carries that state's ID (label `skyhedge-deployment`, set by
+the apply that renders the root): before Terraform runs, such an instance that Terraform's state
+does not hold is deleted (the replica is then created again under its name), and said so in a
+`warning:` line. An instance holding the name without that label (a GitOps apply, another state
+dir of the same service name, an instance from before the label) may be someone's live replica:
+it is never deleted; the apply's failure for that replica says so in one line, with the
+`gcloud` command that deletes it. After the apply, and after `destroy`, instances labelled for
+the service that no live replica owns are handled the same way (`instances_left`).
+
+A lookup or a delete that fails or times out is a warning, never the command's failure.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
+
+from skyhedge.clouds.common import Blocked, Cleared
+from skyhedge.clouds.gcp import PROJECT_ENV, api_error_message, resolve_project
+from skyhedge.clouds.gcp.events import (
+    GONE_STATUSES,
+    LABEL_REPLICA,
+    LABEL_SERVICE,
+    MAX_PAGES,
+    compute_endpoint,
+    default_session,
+)
+from skyhedge.errors import CloudError
+
+if TYPE_CHECKING:
+    from skyhedge.spec import ServiceSpec
+    from skyhedge.state import ReplicaRecord
+
+#: The label the gcp-replicas module puts the applying state's deployment ID in (`deployment`).
+LABEL_DEPLOYMENT = "skyhedge-deployment"
+#: Deleting needs more than events.py's read-only scope.
+SCOPES = ("https://www.googleapis.com/auth/compute",)
+#: Seconds one Compute call may take.
+REQUEST_TIMEOUT = 30.0
+#: Seconds to wait for the zone operations of the deletes of one call to be DONE: the name is
+#: free only then. Bounded: a stuck delete must not hold the apply (its create then fails, the
+#: next apply tries again).
+DELETE_WAIT_SECONDS = 180.0
+#: Seconds between two reads of a pending zone operation.
+POLL_SECONDS = 2.0
+#: A test or a caller with its own authorized session sets this.
+SESSION: Any = None
+
+__all__ = ["LABEL_DEPLOYMENT", "clear_before_apply", "instance_name", "instances_left"]
+
+
+def instance_name(service: str, replica_id: str) -> str:
+    """The name the gcp-replicas module gives a replica's instance."""
+    return f"skyhedge-{service}-{replica_id}"
+
+
+def _last(link: Any) -> str:
+    return link.rstrip("/").rsplit("/", 1)[-1] if isinstance(link, str) and link else ""
+
+
+def _region_of(zone: str) -> str:
+    return zone.rsplit("-", 1)[0]
+
+
+def _delete_command(project: str, zone: str, names: Sequence[str]) -> str:
+    return f"gcloud compute instances delete {' '.join(names)} --zone {zone} --project {project}"
+
+
+def _project(spec: ServiceSpec | None) -> str:
+    project = resolve_project(spec.gcp.project if spec is not None else None)
+    if not project:
+        where = f"set gcp.project in {spec.source}" if spec is not None else "set gcp.project"
+        raise CloudError(f"no project ({where} or ${PROJECT_ENV[0]})")
+    return project
+
+
+class _Compute:
+    """The few Compute Engine calls this needs, on one project (google-auth + requests, as
+    events.py; `SKYHEDGE_GCP_COMPUTE_ENDPOINT` points them elsewhere)."""
+
+    def __init__(self, project: str) -> None:
+        self.project = project
+        self.session = SESSION if SESSION is not None else default_session(SCOPES)
+        self.base = f"{compute_endpoint()}/projects/{quote(project, safe=':')}"
+
+    def call(self, method: str, path: str, params: Mapping[str, str] | None = None) -> dict[str, Any] | None:
+        """The reply's JSON object; None for a 404 (no such instance or operation)."""
+        import requests
+        from google.auth.exceptions import GoogleAuthError
+
+        url = f"{self.base}/{path}"
+        try:
+            reply = self.session.request(method, url, params=dict(params or {}), timeout=REQUEST_TIMEOUT)
+        except (requests.RequestException, GoogleAuthError) as exc:  # a token refresh can fail too
+            raise CloudError(f"{method} {url}: {exc.__class__.__name__}: {exc}") from exc
+        if reply.status_code == 404:
+            return None
+        if reply.status_code != 200:
+            raise CloudError(f"{method} {url}: HTTP {reply.status_code}: {api_error_message(reply)}")
+        try:
+            body = reply.json()
+        except ValueError as exc:
+            raise CloudError(f"{method} {url}: not JSON") from exc
+        if not isinstance(body, dict):
+            raise CloudError(f"{method} {url}: expected a JSON object, got {type(body).__name__}")
+        return body
+
+    def instance(self, zone: str, name: str) -> dict[str, Any] | None:
+        return self.call("GET", f"zones/{quote(zone, safe='')}/instances/{quote(name, safe='')}")
+
+    def labelled(self, service: str) -> list[dict[str, Any]]:
+        """Every instance labelled for `service`, in every zone (one aggregated listing), each with
+        `zone` as a plain zone name."""
+        found: list[dict[str, Any]] = []
+        params = {"filter": f"labels.{LABEL_SERVICE}={service}"}
+        for _ in range(MAX_PAGES):
+            body = self.call("GET", "aggregated/instances", params) or {}
+            scopes = body.get("items") or {}
+            if not isinstance(scopes, dict):
+                raise CloudError(
+                    f"aggregated/instances: items: expected an object, got {type(scopes).__name__}"
+                )
+            for scope, held in scopes.items():
+                listed = held.get("instances") if isinstance(held, dict) else None
+                for inst in listed if isinstance(listed, list) else []:
+                    if isinstance(inst, dict) and isinstance(inst.get("name"), str):
+                        zone = _last(inst.get("zone")) or _last(scope)
+                        found.append({**inst, "zone": zone})
+            token = body.get("nextPageToken")
+            if not token:
+                return found
+            params["pageToken"] = str(token)
+        raise CloudError(f"aggregated/instances: more than {MAX_PAGES} pages; not read to its end")
+
+    def delete(self, targets: Sequence[tuple[str, str]]) -> dict[tuple[str, str], str | None]:
+        """Delete each (zone, name) and wait, at most DELETE_WAIT_SECONDS in all, for its zone
+        operation to be DONE. Returns (zone, name) -> None when deleted (or already gone), else
+        why not."""
+        pending: dict[tuple[str, str], str] = {}
+        out: dict[tuple[str, str], str | None] = {}
+        for zone, name in targets:
+            try:
+                op = self.call("DELETE", f"zones/{quote(zone, safe='')}/instances/{quote(name, safe='')}")
+            except CloudError as exc:
+                out[(zone, name)] = str(exc)
+                continue
+            if op is None:
+                out[(zone, name)] = None  # gone already
+            elif op.get("status") == "DONE":
+                out[(zone, name)] = _operation_error(op)
+            elif not isinstance(op.get("name"), str):
+                out[(zone, name)] = "the delete's reply names no operation"
+            else:
+                pending[(zone, name)] = op["name"]
+        deadline = time.monotonic() + DELETE_WAIT_SECONDS
+        while pending:
+            if time.monotonic() >= deadline:
+                for key, op_name in pending.items():
+                    out[key] = (
+                        f"its delete (operation {op_name}) did not finish within {DELETE_WAIT_SECONDS:g} s"
+                    )
+                break
+            time.sleep(POLL_SECONDS)
+            for key, op_name in list(pending.items()):
+                try:
+                    op = self.call(
+                        "GET", f"zones/{quote(key[0], safe='')}/operations/{quote(op_name, safe='')}"
+                    )
+                except CloudError as exc:
+                    out[key] = f"reading its delete's operation {op_name} failed ({exc})"
+                    del pending[key]
+                    continue
+                if op is None:
+                    out[key] = f"its delete's operation {op_name} is not found"
+                elif op.get("status") == "DONE":
+                    out[key] = _operation_error(op)
+                else:
+                    continue
+                del pending[key]
+        return out
+
+
+def _operation_error(op: Mapping[str, Any]) -> str | None:
+    """Why a DONE zone operation failed, or None if it did not."""
+    error = op.get("error")
+    if not error:
+        return None
+    errors = error.get("errors") if isinstance(error, dict) else None
+    if isinstance(errors, list) and errors and isinstance(errors[0], dict):
+        first = errors[0]
+        return f"the delete failed: {first.get('code', '?')}: {first.get('message', '')}".rstrip(": ")
+    return f"the delete failed: {error}"
+
+
+def clear_before_apply(
+    spec: ServiceSpec,
+    replicas: Sequence[ReplicaRecord],
+    *,
+    held: Iterable[str],
+    deployment: str | None,
+) -> Cleared:
+    """Before Terraform applies one root: for each of `replicas` (recorded by an earlier run,
+    never read back from Terraform) whose ID Terraform's state does not hold (`held`), the
+    instance already carrying its name in its zone, which Terraform's create would collide with.
+
+    Labelled with this state's `deployment` ID (and the service and replica): launched by an
+    interrupted run of this very state, so deleted (the apply creates the replica again), one
+    `warning:` line per root. Anything else holding the name is left alone: the replica is
+    `blocked`, and the apply's error for it names the instance and the command that deletes it.
+    A replica Terraform did save (a kill after the save) is in `held`: never looked at, the apply
+    reads it back. Failures to look or to delete are warnings, never raised."""
+    keep = set(held)
+    todo = [r for r in sorted(replicas, key=lambda r: r.id) if r.id not in keep]
+    if not todo:
+        return Cleared()
+    regions = ", ".join(sorted({r.region for r in todo}))
+    try:
+        project = _project(spec)
+        compute = _Compute(project)
+    except CloudError as exc:
+        return Cleared((f"gcp {regions}: could not look for instances an interrupted run left ({exc})",))
+    warnings: list[str] = []
+    blocked: dict[str, Blocked] = {}
+    ours: dict[tuple[str, str], ReplicaRecord] = {}
+    for rec in todo:
+        name = instance_name(spec.name, rec.id)
+        try:
+            inst = compute.instance(rec.zone, name)
+        except CloudError as exc:
+            warnings.append(
+                f"gcp {rec.zone}: could not look for instance {name} ({rec.id}) that an interrupted run "
+                f"may have left holding its name ({exc})"
+            )
+            continue
+        if inst is None:
+            continue
+        labels = inst.get("labels") if isinstance(inst.get("labels"), dict) else {}
+        if (
+            deployment is not None
+            and labels.get(LABEL_DEPLOYMENT) == deployment
+            and labels.get(LABEL_SERVICE) == spec.name
+            and labels.get(LABEL_REPLICA) == rec.id
+        ):
+            ours[(rec.zone, name)] = rec
+            continue
+        whose = (
+            f"labelled as another skyhedge state's ({LABEL_DEPLOYMENT}={labels[LABEL_DEPLOYMENT]})"
+            if labels.get(LABEL_DEPLOYMENT)
+            else f"with no {LABEL_DEPLOYMENT} label of this state"
+        )
+        blocked[rec.id] = Blocked(
+            f"{rec.id}: instance {name} already exists in {rec.zone}, in no Terraform state of this "
+            f"service and {whose} (another state dir, a GitOps CI, or a skyhedge from before the label "
+            "may run it): skyhedge leaves it alone and cannot create the replica under its name; if "
+            f"it is no one's, delete it and apply again: {_delete_command(project, rec.zone, [name])}",
+            evidence=name,
+        )
+    if ours:
+        outcome = compute.delete(sorted(ours))
+        done = [key for key in sorted(ours) if outcome.get(key) is None]
+        if done:
+            warnings.append(
+                f"gcp {regions}: deleted {len(done)} instance(s) of {spec.name} that an interrupted run of "
+                "this state launched and Terraform never saved, holding their replicas' names: "
+                + ", ".join(f"{name} ({ours[(zone, name)].id}, {zone})" for zone, name in done)
+                + "; this apply creates them again"
+            )
+        for key in sorted(ours):
+            why = outcome.get(key)
+            if why is None:
+                continue
+            (zone, name), rid = key, ours[key].id
+            warnings.append(
+                f"gcp {zone}: could not delete instance {name} ({rid}) that an interrupted run of this "
+                f"state launched and Terraform never saved: {why}"
+            )
+            blocked[rid] = Blocked(
+                f"{rid}: instance {name} in {zone}, launched by an interrupted run of this state and "
+                f"never saved by Terraform, still holds the replica's name ({why}); the next apply "
+                f"deletes it again, or: {_delete_command(project, zone, [name])}",
+                evidence=name,
+            )
+    return Cleared(tuple(warnings), blocked)
+
+
+@dataclass(frozen=True)
+class _Left:
+    name: str
+    zone: str
+    replica: str | None
+
+    def said(self) -> str:
+        return f"{self.name} ({self.replica or 'no replica label'}, {self.zone})"
+
+
+def _said(left: Sequence[_Left]) -> str:
+    return ", ".join(i.said() for i in left)
+
+
+def _commands(project: str, left: Sequence[_Left]) -> str:
+    zones = sorted({i.zone for i in left})
+    return "; ".join(_delete_command(project, z, [i.name for i in left if i.zone == z]) for z in zones)
+
+
+def _owned_keys(owned: Iterable[str]) -> set[str]:
+    """Instance IDs as recorded (the numeric instance ID; a self link in older states, compared
+    from `projects/` on, whatever host and API version it was written with)."""
+    keys: set[str] = set()
+    for item in owned:
+        keys.add(item)
+        if "projects/" in item:
+            keys.add(item[item.index("projects/") :])
+    return keys
+
+
+def instances_left(
+    service: str,
+    regions: Iterable[str],
+    *,
+    replicas: Iterable[str] | None = None,
+    owned: Iterable[str] = (),
+    again: str = "",
+    deployment: str | None = None,
+    unread: bool = False,
+    spec: ServiceSpec | None = None,
+) -> list[str]:
+    """`warning:` lines, per region holding instances labelled for `service` (`replicas`: only
+    those labelled for these replica IDs) that are not stopped and that no live replica owns
+    (`owned`: their recorded cloud IDs).
+
+    Those labelled with `deployment` (this state's ID) were launched by an interrupted run of
+    this very state: they are deleted, and the line says so. The others are named with the
+    command that deletes them; `again` is said of them before it. A listing, or a delete, that
+    fails is a warning too, never the command's failure. The project is the spec's, as `apply`
+    finds it. `unread`: the regions' Terraform state was not read back (their apply failed), so
+    an instance there may be one Terraform saved that no replica owns yet: nothing is deleted,
+    and the line says why (as AWS's)."""
+    wanted = sorted(set(regions))
+    mine = None if replicas is None else set(replicas)
+    skip = _owned_keys(owned)
+    try:
+        project = _project(spec)
+        compute = _Compute(project)
+        found = compute.labelled(service)
+    except CloudError as exc:
+        return [f"gcp {r}: could not look for instances of {service} left running ({exc})" for r in wanted]
+    out: list[str] = []
+    for region in wanted:
+        ours: list[_Left] = []
+        others: list[_Left] = []
+        for inst in found:
+            labels = inst.get("labels") if isinstance(inst.get("labels"), dict) else {}
+            rid = labels.get(LABEL_REPLICA)
+            link = str(inst.get("selfLink") or "")
+            if (
+                _region_of(inst["zone"]) != region
+                or str(inst.get("status", "")) in GONE_STATUSES
+                or (mine is not None and rid not in mine)
+                or str(inst.get("id", "")) in skip
+                or (link and _owned_keys([link]) & skip)
+            ):
+                continue
+            left = _Left(inst["name"], inst["zone"], rid)
+            if not unread and deployment is not None and labels.get(LABEL_DEPLOYMENT) == deployment:
+                ours.append(left)
+            else:
+                others.append(left)
+        if ours:
+            outcome = compute.delete([(i.zone, i.name) for i in ours])
+            done = [i for i in ours if outcome.get((i.zone, i.name)) is None]
+            failed = [i for i in ours if outcome.get((i.zone, i.name)) is not None]
+            if done:
+                out.append(
+                    f"gcp {region}: deleted {len(done)} instance(s) of {service} that an interrupted run of "
+                    f"this state launched and Terraform never saved: {_said(done)}"
+                )
+            if failed:
+                why = outcome[(failed[0].zone, failed[0].name)]
+                out.append(
+                    f"gcp {region}: {len(failed)} instance(s) of {service} that an interrupted run of this "
+                    f"state launched still run, in no Terraform state: {_said(failed)}; deleting them "
+                    f"failed ({why}); they bill until deleted: {_commands(project, failed)}"
+                )
+        if others and unread:
+            out.append(
+                f"gcp {region}: {len(others)} instance(s) labelled for {service} still run that no replica "
+                f"owns: {_said(others)}; not deleted: the apply failed there before reading Terraform's "
+                "state back, and that state may hold them; the next apply reads back those it holds, the "
+                f"others bill until deleted: {_commands(project, others)}"
+            )
+        elif others:
+            out.append(
+                f"gcp {region}: {len(others)} instance(s) labelled for {service} still run, in no Terraform "
+                f"state (an apply killed before Terraform saved them?): {_said(others)}; {again}they bill "
+                f"until deleted: {_commands(project, others)}"
+            )
+    return out

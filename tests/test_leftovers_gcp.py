@@ -1,0 +1,564 @@
+"""GCE instances an interrupted apply left, in no Terraform state (skyhedge/clouds/gcp/leftovers.py).
+
+The gcp-replicas module names each instance after its replica (`skyhedge-llm-r-0003`), and an
+instance name is unique per project and zone. An apply killed between Compute Engine's insert and
+Terraform saving its state left such an instance running while skyhedge recorded the replica as
+never created; every later create of that replica failed with the google provider's
+`Error creating instance: googleapi: Error 409: The resource '...' already exists, alreadyExists`
+(resource_compute_instance.go's create, googleapi.Error's format), at every apply and watcher pass,
+while the instance billed on.
+
+No google provider can run here: a local server speaks Compute's REST shapes on 127.0.0.1 (get,
+aggregated list, delete, zone operations), and `FakeGoogleTerraform` stands in for Terraform with
+the google provider (its state per root, the module's names and labels, that 409).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fake_http import json_methods_server
+
+from skyhedge.apply import apply_service, deployment_id, destroy_service, record_plan
+from skyhedge.clouds.gcp import leftovers
+from skyhedge.clouds.gcp.events import ENDPOINT_ENV
+from skyhedge.engine import ApplyResult, Diagnostic, ResourceChange, TerraformRoot
+from skyhedge.render import TFVARS_FILE
+from skyhedge.service import compute_plan, resolve_placement
+from skyhedge.spec import load_spec
+from skyhedge.state import ReplicaRecord, ServiceState, load_state, save_state
+
+PROJECT = "proj-1"
+SPEC = f"""
+name: llm
+resources:
+  instance_type: {{gcp: g2-standard-4}}
+placement:
+  clouds: [gcp]
+  regions: [us-central1]
+replica_policy:
+  min_replicas: 2
+  num_overprovision: 0
+  dynamic_ondemand_fallback: false
+  policy: spothedge
+run: {{command: serve}}
+gcp: {{project: {PROJECT}}}
+"""
+DEPLOYMENT = "5f0c2a9d41b7e3c8"
+ZONE = "us-central1-a"
+
+
+class FakeGce:
+    """Compute Engine's REST API for one project: instances by (zone, name), zone operations
+    (a delete is RUNNING for `polls_until_done` reads of its operation, then DONE and the instance
+    gone), and every request served."""
+
+    def __init__(self) -> None:
+        self.instances: dict[tuple[str, str], dict[str, Any]] = {}
+        self.operations: dict[tuple[str, str], dict[str, Any]] = {}
+        self.requests: list[tuple[str, str]] = []
+        self.polls_until_done = 1
+        self.fail: dict[tuple[str, str], tuple[int, dict[str, Any]]] = {}  # (method, path part) -> reply
+        self.op_error: dict[str, Any] | None = None  # a delete whose operation ends in this error
+        self._ids = itertools.count(7000000000000000001)
+        self.lock = threading.Lock()
+
+    def add(self, zone: str, name: str, labels: dict[str, str], status: str = "RUNNING") -> str:
+        iid = str(next(self._ids))
+        self.instances[(zone, name)] = {
+            "kind": "compute#instance",
+            "id": iid,
+            "name": name,
+            "status": status,
+            "labels": dict(labels),
+            "zone": f"https://www.googleapis.com/compute/v1/projects/{PROJECT}/zones/{zone}",
+            "selfLink": f"https://www.googleapis.com/compute/v1/projects/{PROJECT}/zones/{zone}/instances/{name}",
+        }
+        return iid
+
+    def names(self) -> set[tuple[str, str]]:
+        return set(self.instances)
+
+    def deletes(self) -> list[str]:
+        return [p.rsplit("/", 1)[-1] for m, p in self.requests if m == "DELETE"]
+
+    def handle(self, method: str, path: str, query: dict[str, list[str]]) -> tuple[int, Any]:
+        with self.lock:
+            self.requests.append((method, path))
+            for (m, part), reply in self.fail.items():
+                if m == method and part in path:
+                    return reply
+            parts = path.strip("/").split("/")
+            if parts[:4] != ["compute", "v1", "projects", PROJECT]:
+                return 404, {"error": {"code": 404, "message": f"no route {path}"}}
+            rest = parts[4:]
+            if rest == ["aggregated", "instances"] and method == "GET":
+                flt = query.get("filter", [""])[0]
+                items: dict[str, Any] = {}
+                for (zone, _name), inst in sorted(self.instances.items()):
+                    if flt == f"labels.skyhedge-service={inst['labels'].get('skyhedge-service')}":
+                        items.setdefault(f"zones/{zone}", {"instances": []})["instances"].append(inst)
+                items["zones/europe-west4-a"] = {"warning": {"code": "NO_RESULTS_ON_PAGE"}}
+                return 200, {"kind": "compute#instanceAggregatedList", "items": items}
+            if len(rest) == 4 and rest[0] == "zones" and rest[2] == "instances":
+                key = (rest[1], rest[3])
+                if key not in self.instances:
+                    msg = f"The resource 'projects/{PROJECT}/zones/{key[0]}/instances/{key[1]}' was not found"
+                    return 404, {"error": {"code": 404, "message": msg, "errors": [{"reason": "notFound"}]}}
+                if method == "GET":
+                    return 200, self.instances[key]
+                if method == "DELETE":
+                    op = f"operation-{len(self.operations) + 1}"
+                    self.operations[(key[0], op)] = {"instance": key, "reads": 0}
+                    return 200, {"kind": "compute#operation", "name": op, "status": "RUNNING"}
+            if len(rest) == 4 and rest[0] == "zones" and rest[2] == "operations" and method == "GET":
+                op = self.operations.get((rest[1], rest[3]))
+                if op is None:
+                    return 404, {"error": {"code": 404, "message": "no such operation"}}
+                op["reads"] += 1
+                if op["reads"] < self.polls_until_done:
+                    return 200, {"name": rest[3], "status": "RUNNING"}
+                body: dict[str, Any] = {"name": rest[3], "status": "DONE"}
+                if self.op_error is not None:
+                    body["error"] = self.op_error
+                else:
+                    self.instances.pop(op["instance"], None)
+                return 200, body
+            return 404, {"error": {"code": 404, "message": f"unknown {method} {path}"}}
+
+
+@pytest.fixture
+def gce(monkeypatch) -> Iterator[FakeGce]:
+    fake = FakeGce()
+    with json_methods_server(lambda m, p, q: fake.handle(m, p, q), indent=2) as base:
+        monkeypatch.setenv(ENDPOINT_ENV, f"{base}/compute/v1")
+        monkeypatch.setattr(leftovers, "POLL_SECONDS", 0.01)
+        monkeypatch.setattr(leftovers, "DELETE_WAIT_SECONDS", 5.0)
+        yield fake
+
+
+@pytest.fixture(autouse=True)
+def _anonymous(monkeypatch):
+    """No Google account: the leftovers' session is anonymous (as events.py's with a local endpoint)."""
+    from google.auth.credentials import AnonymousCredentials
+    from google.auth.transport.requests import AuthorizedSession
+
+    session = AuthorizedSession(AnonymousCredentials())
+    monkeypatch.setattr(leftovers, "SESSION", session)
+    yield
+    session.close()
+
+
+def labels(rid: str, deployment: str | None = DEPLOYMENT, service: str = "llm") -> dict[str, str]:
+    """The labels the gcp-replicas module gives a replica's instance."""
+    out = {"skyhedge-service": service, "managed-by": "skyhedge", "skyhedge-replica": rid}
+    out["skyhedge-market"] = "spot"
+    if deployment is not None:
+        out["skyhedge-deployment"] = deployment
+    return out
+
+
+def record(rid: str, zone: str = ZONE) -> ReplicaRecord:
+    return ReplicaRecord(
+        id=rid, cloud="gcp", region=zone.rsplit("-", 1)[0], zone=zone, market="spot", launched_at=1.0
+    )
+
+
+@pytest.fixture
+def spec(write_spec):
+    return load_spec(write_spec(SPEC))
+
+
+# ------------------------------------------------------------------------------------------------
+# clear_before_apply: what holds an unsaved replica's name, before Terraform creates it
+
+
+def test_before_an_apply_the_instance_this_state_launched_and_terraform_never_saved_is_deleted(gce, spec):
+    gce.add(ZONE, "skyhedge-llm-r-0003", labels("r-0003"))
+    gce.add(ZONE, "skyhedge-llm-r-0002", labels("r-0002"))  # Terraform saved it before the kill
+    gce.polls_until_done = 3
+    cleared = leftovers.clear_before_apply(
+        spec, [record("r-0002"), record("r-0003"), record("r-0004")], held={"r-0002"}, deployment=DEPLOYMENT
+    )
+    assert cleared.warnings == (
+        "gcp us-central1: deleted 1 instance(s) of llm that an interrupted run of this state launched and "
+        "Terraform never saved, holding their replicas' names: skyhedge-llm-r-0003 (r-0003, us-central1-a); "
+        "this apply creates them again",
+    )
+    assert cleared.blocked == {}
+    assert gce.deletes() == ["skyhedge-llm-r-0003"]
+    assert gce.names() == {(ZONE, "skyhedge-llm-r-0002")}  # gone once its operation was DONE
+    polls = [p for m, p in gce.requests if "/operations/" in p]
+    assert len(polls) == 3  # waited for the zone operation: the name is free only then
+    # the replica Terraform saved is never even looked up: the apply reads it back
+    assert not any(p.endswith("/skyhedge-llm-r-0002") for _m, p in gce.requests)
+
+
+@pytest.mark.parametrize(
+    ("found", "whose"),
+    [
+        (None, "with no skyhedge-deployment label of this state"),
+        ("0123456789abcdef", "labelled as another skyhedge state's (skyhedge-deployment=0123456789abcdef)"),
+    ],
+    ids=["no-label", "another-state"],
+)
+def test_an_instance_without_this_states_label_is_never_deleted_and_its_replica_is_blocked_in_one_line(
+    gce, spec, found, whose
+):
+    gce.add(ZONE, "skyhedge-llm-r-0003", labels("r-0003", deployment=found))
+    cleared = leftovers.clear_before_apply(spec, [record("r-0003")], held=set(), deployment=DEPLOYMENT)
+    assert gce.deletes() == [] and cleared.warnings == ()
+    [(rid, blocked)] = cleared.blocked.items()
+    assert rid == "r-0003" and blocked.evidence == "skyhedge-llm-r-0003"
+    assert "\n" not in blocked.line
+    assert blocked.line.startswith(
+        f"r-0003: instance skyhedge-llm-r-0003 already exists in us-central1-a, in no Terraform state of "
+        f"this service and {whose}"
+    )
+    assert blocked.line.endswith(
+        "gcloud compute instances delete skyhedge-llm-r-0003 --zone us-central1-a --project proj-1"
+    )
+
+
+def test_a_state_without_a_deployment_id_deletes_nothing(gce, spec):
+    gce.add(ZONE, "skyhedge-llm-r-0003", labels("r-0003"))
+    cleared = leftovers.clear_before_apply(spec, [record("r-0003")], held=set(), deployment=None)
+    assert gce.deletes() == [] and set(cleared.blocked) == {"r-0003"}
+
+
+def test_lookups_and_deletes_that_fail_or_hang_are_warnings_never_raised(gce, spec, monkeypatch):
+    err = {"error": {"code": 503, "message": "backend error", "errors": [{"reason": "backendError"}]}}
+    gce.add(ZONE, "skyhedge-llm-r-0003", labels("r-0003"))
+    gce.fail[("GET", "/instances/skyhedge-llm-r-0003")] = (503, err)
+    cleared = leftovers.clear_before_apply(spec, [record("r-0003")], held=set(), deployment=DEPLOYMENT)
+    [warning] = cleared.warnings
+    assert warning.startswith("gcp us-central1-a: could not look for instance skyhedge-llm-r-0003 (r-0003)")
+    assert "HTTP 503: backend error" in warning and cleared.blocked == {}
+
+    gce.fail = {("DELETE", "/instances/skyhedge-llm-r-0003"): (403, {"error": {"message": "denied"}})}
+    cleared = leftovers.clear_before_apply(spec, [record("r-0003")], held=set(), deployment=DEPLOYMENT)
+    [warning] = cleared.warnings
+    assert warning.startswith("gcp us-central1-a: could not delete instance skyhedge-llm-r-0003 (r-0003)")
+    assert "HTTP 403: denied" in warning
+    assert cleared.blocked["r-0003"].line.endswith("--zone us-central1-a --project proj-1")
+
+    gce.fail = {}
+    gce.polls_until_done = 10**9  # a delete that never finishes: bounded
+    monkeypatch.setattr(leftovers, "DELETE_WAIT_SECONDS", 0.2)
+    started = time.monotonic()
+    cleared = leftovers.clear_before_apply(spec, [record("r-0003")], held=set(), deployment=DEPLOYMENT)
+    assert time.monotonic() - started < 3
+    [warning] = cleared.warnings
+    assert "did not finish within 0.2 s" in warning and "r-0003" in cleared.blocked
+
+    gce.polls_until_done = 1
+    gce.op_error = {"errors": [{"code": "RESOURCE_IN_USE_BY_ANOTHER_RESOURCE", "message": "in use"}]}
+    cleared = leftovers.clear_before_apply(spec, [record("r-0003")], held=set(), deployment=DEPLOYMENT)
+    [warning] = cleared.warnings
+    assert "the delete failed: RESOURCE_IN_USE_BY_ANOTHER_RESOURCE: in use" in warning
+
+
+def test_an_unreachable_endpoint_or_no_project_is_a_warning(gce, spec, monkeypatch, write_spec):
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv(ENDPOINT_ENV, f"http://127.0.0.1:{port}/compute/v1")
+    cleared = leftovers.clear_before_apply(spec, [record("r-0003")], held=set(), deployment=DEPLOYMENT)
+    [warning] = cleared.warnings
+    assert warning.startswith("gcp us-central1-a: could not look for instance skyhedge-llm-r-0003")
+    assert leftovers.instances_left("llm", {"us-central1"}, spec=spec)[0].startswith(
+        "gcp us-central1: could not look for instances of llm left running (GET "
+    )
+
+    from skyhedge.clouds.gcp import PROJECT_ENV
+
+    for name in PROJECT_ENV:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr("google.auth.default", lambda *a, **k: (None, None))
+    bare = load_spec(write_spec(SPEC.replace(f"gcp: {{project: {PROJECT}}}\n", ""), name="bare.yaml"))
+    cleared = leftovers.clear_before_apply(bare, [record("r-0003")], held=set(), deployment=DEPLOYMENT)
+    assert cleared.warnings == (
+        "gcp us-central1: could not look for instances an interrupted run left (no project (set "
+        f"gcp.project in {bare.source} or $GOOGLE_PROJECT))",
+    )
+
+
+# ------------------------------------------------------------------------------------------------
+# instances_left: after an apply step, and after destroy
+
+
+def test_instances_left_deletes_this_states_and_names_the_others_with_the_gcloud_command(gce, spec):
+    mine = gce.add(ZONE, "skyhedge-llm-r-0003", labels("r-0003"))
+    gce.add("us-central1-b", "skyhedge-llm-r-0004", labels("r-0004", deployment=None))
+    gce.add("us-central1-c", "skyhedge-llm-r-0005", labels("r-0005", deployment="0123456789abcdef"))
+    gce.add("us-central1-c", "skyhedge-llm-r-0006", labels("r-0006", deployment=None))
+    served = gce.add(ZONE, "skyhedge-llm-r-0001", labels("r-0001"))  # a live replica owns it
+    gce.add(ZONE, "skyhedge-llm-r-0007", labels("r-0007", deployment=None), status="TERMINATED")
+    gce.add("europe-west4-a", "skyhedge-llm-r-0008", labels("r-0008", deployment=None))  # another region
+    gce.add(ZONE, "skyhedge-other-r-0003", labels("r-0003", service="other"))  # another service
+    lines = leftovers.instances_left(
+        "llm", {"us-central1"}, owned={served}, again="AGAIN; ", deployment=DEPLOYMENT, spec=spec
+    )
+    assert lines == [
+        "gcp us-central1: deleted 1 instance(s) of llm that an interrupted run of this state launched and "
+        "Terraform never saved: skyhedge-llm-r-0003 (r-0003, us-central1-a)",
+        "gcp us-central1: 3 instance(s) labelled for llm still run, in no Terraform state (an apply killed "
+        "before Terraform saved them?): skyhedge-llm-r-0004 (r-0004, us-central1-b), skyhedge-llm-r-0005 "
+        "(r-0005, us-central1-c), skyhedge-llm-r-0006 (r-0006, us-central1-c); AGAIN; they bill until "
+        "deleted: gcloud compute instances delete skyhedge-llm-r-0004 --zone us-central1-b --project proj-1; "
+        "gcloud compute instances delete skyhedge-llm-r-0005 skyhedge-llm-r-0006 --zone us-central1-c "
+        "--project proj-1",
+    ]
+    assert gce.deletes() == ["skyhedge-llm-r-0003"] and (ZONE, "skyhedge-llm-r-0003") not in gce.names()
+    assert mine not in {i["id"] for i in gce.instances.values()}
+    # only the replicas asked about; a recorded self link (older states) owns its instance too
+    gce.requests.clear()
+    link = f"https://compute.googleapis.com/compute/v1/projects/{PROJECT}/zones/us-central1-b/instances/skyhedge-llm-r-0004"
+    assert (
+        leftovers.instances_left("llm", {"us-central1"}, replicas={"r-0004"}, owned={link}, spec=spec) == []
+    )
+
+
+def test_where_the_apply_failed_before_reading_terraforms_state_back_nothing_is_deleted(gce, spec):
+    """An instance Terraform saved is owned by no replica until the apply reads it back: after
+    a failed apply there, even one labelled with this state's ID may be a live replica."""
+    gce.add(ZONE, "skyhedge-llm-r-0003", labels("r-0003"))
+    lines = leftovers.instances_left("llm", {"us-central1"}, deployment=DEPLOYMENT, unread=True, spec=spec)
+    assert lines == [
+        "gcp us-central1: 1 instance(s) labelled for llm still run that no replica owns: skyhedge-llm-r-0003 "
+        "(r-0003, us-central1-a); not deleted: the apply failed there before reading Terraform's state "
+        "back, and that state may hold them; the next apply reads back those it holds, the others bill "
+        "until deleted: gcloud compute instances delete skyhedge-llm-r-0003 --zone us-central1-a "
+        "--project proj-1"
+    ]
+    assert gce.deletes() == []
+
+
+def test_a_failing_listing_is_one_warning_per_region(gce, spec):
+    gce.fail[("GET", "/aggregated/instances")] = (
+        403,
+        {"error": {"message": "Required 'compute.instances.list'"}},
+    )
+    assert leftovers.instances_left("llm", {"us-central1", "us-east4"}, spec=spec) == [
+        f"gcp {r}: could not look for instances of llm left running (GET {gce_base()}/projects/proj-1/"
+        "aggregated/instances: HTTP 403: Required 'compute.instances.list')"
+        for r in ("us-central1", "us-east4")
+    ]
+
+
+def gce_base() -> str:
+    import os
+
+    return os.environ[ENDPOINT_ENV]
+
+
+# ------------------------------------------------------------------------------------------------
+# apply / destroy / watch, with Terraform and the google provider faked
+
+
+class FakeGoogleTerraform:
+    """Terraform with the google provider, as far as these replicas go: a state per root (replica
+    ID -> instance ID), each apply creating the module's instances (its names and labels, from the
+    root's tfvars) in `gce`, failing a create whose name is taken with the provider's error, and
+    destroying what the tfvars no longer hold."""
+
+    def __init__(self, gce: FakeGce) -> None:
+        self.gce = gce
+        self.state: dict[str, dict[str, str]] = {}
+        self.calls: list[tuple[str, str]] = []
+
+    def init(self, root: TerraformRoot, *, force: bool = False) -> bool:
+        return False
+
+    def held_replicas(self, root: TerraformRoot) -> set[str]:
+        self.calls.append(("held", root.name))
+        return set(self.state.get(root.name, {}))
+
+    def apply(self, root: TerraformRoot, *, plan_file=None, on_event=None, check=True) -> ApplyResult:
+        self.calls.append(("apply", root.name))
+        tfvars = json.loads((root.path / TFVARS_FILE).read_text())
+        held = self.state.setdefault(root.name, {})
+        completed: list[ResourceChange] = []
+        errors: list[Diagnostic] = []
+        for rid in sorted(set(held) - set(tfvars["replicas"])):
+            iid = held.pop(rid)
+            for key, inst in list(self.gce.instances.items()):
+                if inst["id"] == iid:
+                    del self.gce.instances[key]
+            completed.append(
+                ResourceChange(f'module.replicas.google_compute_instance.replica["{rid}"]', "delete")
+            )
+        for rid, r in sorted(tfvars["replicas"].items()):
+            if rid in held:
+                continue
+            name, address = (
+                f"skyhedge-{tfvars['service']}-{rid}",
+                f'module.replicas.google_compute_instance.replica["{rid}"]',
+            )
+            if (r["zone"], name) in self.gce.instances:
+                errors.append(
+                    Diagnostic(
+                        "error",
+                        "Error creating instance: googleapi: Error 409: The resource "
+                        f"'projects/{PROJECT}/zones/{r['zone']}/instances/{name}' already exists, "
+                        "alreadyExists",
+                        "",
+                        address,
+                    )
+                )
+                continue
+            lab = labels(rid, deployment=tfvars.get("deployment"), service=tfvars["service"])
+            held[rid] = self.gce.add(r["zone"], name, lab)
+            completed.append(ResourceChange(address, "create"))
+        outputs = {
+            "replicas": {
+                rid: {"cloud_id": iid, "name": f"skyhedge-llm-{rid}", "endpoint": f"http://10.0.0.{i}:8000"}
+                for i, (rid, iid) in enumerate(sorted(held.items()), start=2)
+            }
+        }
+        return ApplyResult(
+            root.name, 1 if errors else 0, completed=tuple(completed), errors=tuple(errors), outputs=outputs
+        )
+
+    def destroy(self, root: TerraformRoot, *, on_event=None, check=True) -> ApplyResult:
+        held = self.state.pop(root.name, {})
+        for (zone, name), inst in list(self.gce.instances.items()):
+            if inst["id"] in held.values():
+                del self.gce.instances[(zone, name)]
+        return ApplyResult(
+            root.name,
+            0,
+            completed=tuple(
+                ResourceChange(f'module.replicas.google_compute_instance.replica["{rid}"]', "delete")
+                for rid in held
+            ),
+        )
+
+
+def killed_apply(spec, state_dir: Path, gce: FakeGce, *, deployment_label: bool = True) -> dict[str, str]:
+    """What an apply killed between Compute Engine's inserts and Terraform saving its state leaves:
+    the plan recorded with the state's deployment ID, an instance per new replica, named and
+    labelled as the module does, and Terraform's state empty. Returns replica ID -> instance ID."""
+    state = ServiceState(service="llm")
+    now = time.time()
+    placement = resolve_placement(spec)
+    plan, memory = compute_plan(spec, state, now=now, placement=placement)
+    record_plan(state, plan, memory, placement, now)
+    deployment = deployment_id(state)
+    save_state(state_dir, state)
+    return {
+        rec.id: gce.add(
+            rec.zone, f"skyhedge-llm-{rec.id}", labels(rec.id, deployment if deployment_label else None)
+        )
+        for rec in state.live()
+    }
+
+
+def test_an_apply_after_a_killed_apply_deletes_what_that_run_launched_and_creates_the_replicas(
+    gce, spec, tmp_path
+):
+    """Before: every such replica's create failed with "already exists" (the replica stayed recorded
+    as never created), at this apply and every one after, while the first instances ran on."""
+    state_dir = tmp_path / "state"
+    launched = killed_apply(spec, state_dir, gce)
+    engine = FakeGoogleTerraform(gce)
+    report = apply_service(spec, state_dir, engine=engine, route=False, wait=False)
+    assert report.ok, [str(e) for e in report.errors]
+    [warning] = report.warnings
+    assert warning.startswith(
+        "gcp us-central1: deleted 2 instance(s) of llm that an interrupted run of this state"
+    )
+    assert engine.calls[:2] == [("held", "gcp/us-central1"), ("apply", "gcp/us-central1")]  # before Terraform
+    assert sorted(gce.deletes()) == sorted(f"skyhedge-llm-{rid}" for rid in launched)
+    state = load_state(state_dir, "llm")
+    live = {r.id: r.cloud_id for r in state.live()}
+    assert sorted(live) == sorted(launched) and all(
+        iid and iid not in launched.values() for iid in live.values()
+    )
+    # what the replicas run on now carries the state's label (the module's input `deployment`)
+    assert {i["labels"]["skyhedge-deployment"] for i in gce.instances.values()} == {state.extra["deployment"]}
+    assert apply_service(spec, state_dir, engine=engine, route=False, wait=False).warnings == []
+
+
+def test_a_replica_terraform_saved_before_the_kill_is_read_back_and_left_alone(gce, spec, tmp_path):
+    state_dir = tmp_path / "state"
+    launched = killed_apply(spec, state_dir, gce)
+    engine = FakeGoogleTerraform(gce)
+    saved = sorted(launched)[0]
+    engine.state["gcp/us-central1"] = {saved: launched[saved]}  # saved just before the kill
+    report = apply_service(spec, state_dir, engine=engine, route=False, wait=False)
+    assert report.ok, [str(e) for e in report.errors]
+    assert f"skyhedge-llm-{saved}" not in gce.deletes()
+    assert load_state(state_dir, "llm").replicas[saved].cloud_id == launched[saved]  # it serves
+
+
+def test_an_instance_of_someone_else_holding_the_name_fails_the_apply_in_one_clear_line(gce, spec, tmp_path):
+    """Never deleted (another state dir's or a GitOps CI's replica, or launched before the label);
+    before, the error was the provider's 409 text, naming no command."""
+    state_dir = tmp_path / "state"
+    launched = killed_apply(spec, state_dir, gce, deployment_label=False)
+    engine = FakeGoogleTerraform(gce)
+    report = apply_service(spec, state_dir, engine=engine, route=False, wait=False)
+    assert gce.deletes() == [] and len(gce.instances) == 2
+    first, second = (str(e) for e in report.errors)
+    for line, rid in zip((first, second), sorted(launched), strict=True):
+        zone = load_state(state_dir, "llm").replicas[rid].zone
+        assert line == (
+            f"terraform apply failed in gcp/us-central1: {rid}: instance skyhedge-llm-{rid} already exists "
+            f"in {zone}, in no Terraform state of this service and "
+            "with no skyhedge-deployment label of this state (another state dir, a GitOps CI, or a skyhedge "
+            "from before the label may run it): skyhedge leaves it alone and cannot create the replica under "
+            "its name; if it is no one's, delete it and apply again: gcloud compute instances delete "
+            f"skyhedge-llm-{rid} --zone {zone} --project proj-1"
+        )
+    assert "alreadyExists" in report.errors[0].stderr  # Terraform's own words stay in the detail
+    assert report.warnings == []  # said once, as the error
+
+
+def test_destroy_deletes_this_states_leftovers_in_the_regions_it_destroyed(gce, spec, tmp_path):
+    state_dir = tmp_path / "state"
+    engine = FakeGoogleTerraform(gce)
+    assert apply_service(spec, state_dir, engine=engine, route=False, wait=False).ok
+    deployment = load_state(state_dir, "llm").extra["deployment"]
+    gce.add("us-central1-f", "skyhedge-llm-r-0009", labels("r-0009", deployment))
+    report = destroy_service(spec, state_dir, engine=engine, route=False)
+    assert report.ok
+    assert report.warnings == [
+        "gcp us-central1: deleted 1 instance(s) of llm that an interrupted run of this state launched and "
+        "Terraform never saved: skyhedge-llm-r-0009 (r-0009, us-central1-f)"
+    ]
+    assert gce.instances == {}
+
+
+def test_a_restarted_watcher_deletes_what_the_killed_run_launched_and_labels_what_it_launches(
+    gce, spec, tmp_path, caplog
+):
+    """The watcher's executor renders with the state's deployment ID (it rendered none: what a
+    watcher launched could not be told from anyone's), clears before Terraform as `apply` does,
+    and notes what it deleted as a warning."""
+    from skyhedge.controller.executor import TerraformExecutor
+    from skyhedge.controller.loop import Controller
+
+    state_dir = tmp_path / "state"
+    launched = killed_apply(spec, state_dir, gce)
+    engine = FakeGoogleTerraform(gce)
+    ctl = Controller(spec, state_dir, executor=TerraformExecutor(spec, state_dir, engine=engine))
+    with caplog.at_level(logging.WARNING, logger="skyhedge"):
+        ctl.tick()
+    [note] = [n for n in ctl.notes if "deleted" in n.text]
+    assert note.text.startswith("gcp us-central1: deleted 2 instance(s) of llm")
+    assert any(r.levelno == logging.WARNING and note.text in r.getMessage() for r in caplog.records)
+    assert not any("apply failed" in n.text for n in ctl.notes)
+    state = load_state(state_dir, "llm")
+    assert sorted(r.id for r in state.live() if r.cloud_id) == sorted(launched)
+    assert {i["labels"]["skyhedge-deployment"] for i in gce.instances.values()} == {state.extra["deployment"]}
