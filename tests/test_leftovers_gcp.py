@@ -228,6 +228,23 @@ def test_an_instance_without_this_states_label_is_never_deleted_and_its_replica_
     )
 
 
+def test_an_instance_with_this_states_id_but_another_replicas_labels_is_kept_and_not_called_another_states(
+    gce, spec
+):
+    """Labels edited by hand: this state's ID on an instance not labelled as the replica whose name
+    it holds. What it runs is unknown, so it is kept; the line said it was labelled as "another
+    skyhedge state's", naming this state's own ID."""
+    gce.add(ZONE, "skyhedge-llm-r-0003", {**labels("r-0003"), "skyhedge-replica": "r-0009"})
+    cleared = leftovers.clear_before_apply(spec, [record("r-0003")], held=set(), deployment=DEPLOYMENT)
+    assert gce.deletes() == [] and cleared.warnings == ()
+    line = cleared.blocked["r-0003"].line
+    assert "another skyhedge state's" not in line
+    assert (
+        "in no Terraform state of this service and labelled with this state's skyhedge-deployment but as "
+        "skyhedge-service=llm, skyhedge-replica=r-0009 (labels edited by hand?): skyhedge leaves it alone"
+    ) in line
+
+
 def test_a_state_without_a_deployment_id_deletes_nothing(gce, spec):
     gce.add(ZONE, "skyhedge-llm-r-0003", labels("r-0003"))
     cleared = leftovers.clear_before_apply(spec, [record("r-0003")], held=set(), deployment=None)
@@ -500,6 +517,39 @@ def test_a_replica_terraform_saved_before_the_kill_is_read_back_and_left_alone(g
     assert report.ok, [str(e) for e in report.errors]
     assert f"skyhedge-llm-{saved}" not in gce.deletes()
     assert load_state(state_dir, "llm").replicas[saved].cloud_id == launched[saved]  # it serves
+
+
+def test_an_interactive_apply_deletes_only_once_confirmed_and_a_declined_one_deletes_nothing(
+    gce, spec, tmp_path
+):
+    """The plan shown is Terraform's (`plan -out`); what an interrupted run left is deleted after
+    the user said yes, never while asking, and never when they said no."""
+    from skyhedge.engine import PlanResult
+
+    class Planning(FakeGoogleTerraform):
+        def plan(self, root, *, out=None, destroy=False, refresh=True, on_event=None) -> PlanResult:
+            Path(out).write_text("a saved plan")
+            return PlanResult(root.name, 2, add=2)
+
+    state_dir = tmp_path / "state"
+    launched = killed_apply(spec, state_dir, gce)
+    engine = Planning(gce)
+    asked: list[list[str]] = []
+
+    def answer(yes: bool):
+        def confirm(plan, roots, previews) -> bool:
+            asked.append(gce.deletes())
+            return yes
+
+        return confirm
+
+    assert apply_service(
+        spec, state_dir, engine=engine, route=False, wait=False, confirm=answer(False)
+    ).cancelled
+    assert asked == [[]] and gce.deletes() == [] and len(gce.instances) == 2
+    report = apply_service(spec, state_dir, engine=engine, route=False, wait=False, confirm=answer(True))
+    assert report.ok and asked == [[], []]
+    assert sorted(gce.deletes()) == sorted(f"skyhedge-llm-{rid}" for rid in launched)
 
 
 def test_an_instance_of_someone_else_holding_the_name_fails_the_apply_in_one_clear_line(gce, spec, tmp_path):

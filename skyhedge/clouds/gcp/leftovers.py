@@ -258,16 +258,26 @@ def clear_before_apply(
         ):
             ours[(rec.zone, name)] = rec
             continue
-        whose = (
-            f"labelled as another skyhedge state's ({LABEL_DEPLOYMENT}={labels[LABEL_DEPLOYMENT]})"
-            if labels.get(LABEL_DEPLOYMENT)
-            else f"with no {LABEL_DEPLOYMENT} label of this state"
-        )
+        mark = labels.get(LABEL_DEPLOYMENT)
+        if mark and mark == deployment:
+            # this state's ID on an instance not labelled as this replica: its labels were edited,
+            # so what it runs is unknown (never this state's own ID called another state's)
+            whose = (
+                f"labelled with this state's {LABEL_DEPLOYMENT} but as {LABEL_SERVICE}="
+                f"{labels.get(LABEL_SERVICE, '(none)')}, "
+                f"{LABEL_REPLICA}={labels.get(LABEL_REPLICA, '(none)')} (labels edited by hand?)"
+            )
+        else:
+            whose = (
+                f"labelled as another skyhedge state's ({LABEL_DEPLOYMENT}={mark})"
+                if mark
+                else f"with no {LABEL_DEPLOYMENT} label of this state"
+            ) + " (another state dir, a GitOps CI, or a skyhedge from before the label may run it)"
         blocked[rec.id] = Blocked(
             f"{rec.id}: instance {name} already exists in {rec.zone}, in no Terraform state of this "
-            f"service and {whose} (another state dir, a GitOps CI, or a skyhedge from before the label "
-            "may run it): skyhedge leaves it alone and cannot create the replica under its name; if "
-            f"it is no one's, delete it and apply again: {_delete_command(project, rec.zone, [name])}",
+            f"service and {whose}: skyhedge leaves it alone and cannot create the replica under its "
+            "name; if it is no one's, delete it and apply again: "
+            + _delete_command(project, rec.zone, [name]),
             evidence=name,
         )
     if ours:
