@@ -477,6 +477,17 @@ def _group_descendants(roots: set[int]) -> set[int]:
     return found
 
 
+def _usable_local_state(root: TerraformRoot) -> None:
+    """Before Terraform reads `root`'s local state: a state file a kill cut short is restored
+    from its backup (said in a warning), and one that cannot be used is an EngineError naming it."""
+    restored = restore_cut_short_state(root)
+    if restored is not None:
+        log.warning("%s", restored)
+    problem = local_state_problem(root)
+    if problem is not None:
+        raise EngineError(problem, root=root.name)
+
+
 class Terraform:
     """Runs Terraform commands in roots. Thread-safe: each command is its own child process."""
 
@@ -687,12 +698,7 @@ class Terraform:
     def _run_json(
         self, root: TerraformRoot, args: list[str], on_event: EventCallback | None
     ) -> tuple[Completed, list[Event]]:
-        restored = restore_cut_short_state(root)
-        if restored is not None:
-            log.warning("%s", restored)
-        problem = local_state_problem(root)
-        if problem is not None:
-            raise EngineError(problem, root=root.name)
+        _usable_local_state(root)
         events: list[Event] = []
 
         def handle(line: str) -> None:
@@ -865,12 +871,7 @@ class Terraform:
         root outputs only once the whole walk is done (a failed or killed apply leaves them as
         before), so a replica saved just before a `kill -9` is in the resources, not the outputs."""
         self.init(root)
-        restored = restore_cut_short_state(root)
-        if restored is not None:
-            log.warning("%s", restored)
-        problem = local_state_problem(root)
-        if problem is not None:
-            raise EngineError(problem, root=root.name)
+        _usable_local_state(root)
         done = self.run(self.invocation(["state", "pull"], root.path, root))
         if done.exit_code != 0:
             raise EngineError(
