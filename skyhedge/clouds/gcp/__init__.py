@@ -5,7 +5,9 @@ from __future__ import annotations
 import os
 from typing import Any
 
-__all__ = ["PROJECT_ENV", "api_error_message", "resolve_project"]
+from skyhedge.errors import CloudError
+
+__all__ = ["PROJECT_ENV", "api_error_message", "json_object", "resolve_project"]
 
 #: Where the google Terraform provider looks for a project when the root sets none, in its order.
 PROJECT_ENV = ("GOOGLE_PROJECT", "GOOGLE_CLOUD_PROJECT", "GCLOUD_PROJECT", "CLOUDSDK_CORE_PROJECT")
@@ -18,6 +20,18 @@ def api_error_message(response: Any) -> str:
     except Exception:
         text = (getattr(response, "text", "") or "")[:200]
     return " ".join(text.split())
+
+
+def json_object(response: Any, where: str) -> dict[str, Any]:
+    """A Compute reply's body as a JSON object, or a CloudError saying so after `where` (the
+    call: `gcp: GET URL`): a proxy's HTML page or a truncated body is one line, not a traceback."""
+    try:
+        body = response.json()
+    except ValueError as exc:
+        raise CloudError(f"{where}: not JSON") from exc
+    if not isinstance(body, dict):
+        raise CloudError(f"{where}: expected a JSON object, got {type(body).__name__}")
+    return body
 
 
 def resolve_project(configured: str | None) -> str | None:

@@ -21,7 +21,7 @@ from datetime import datetime
 from typing import Any
 from urllib.parse import quote
 
-from skyhedge.clouds.gcp import api_error_message
+from skyhedge.clouds.gcp import api_error_message, json_object
 from skyhedge.errors import CloudError
 from skyhedge.events import EventSource, LeftoverWatch, PreemptionEvent, Signal, unparseable
 from skyhedge.policy.types import Location
@@ -179,12 +179,7 @@ class GcpEventSource(EventSource):
                 raise CloudError(f"gcp: GET {url}: {exc}") from exc
             if reply.status_code != 200:
                 raise CloudError(f"gcp: GET {url}: HTTP {reply.status_code}: {api_error_message(reply)}")
-            try:
-                body = reply.json()
-            except ValueError as exc:
-                raise CloudError(f"gcp: GET {url}: not JSON") from exc
-            if not isinstance(body, dict):
-                raise CloudError(f"gcp: GET {url}: expected a JSON object, got {type(body).__name__}")
+            body = json_object(reply, f"gcp: GET {url}")
             if "error" in body:
                 raise CloudError(f"gcp: GET {url}: {api_error_message(reply)}")
             page = body.get("items", [])

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 from skyhedge.clouds.common import Blocked, Cleared
-from skyhedge.clouds.gcp import PROJECT_ENV, api_error_message, resolve_project
+from skyhedge.clouds.gcp import PROJECT_ENV, api_error_message, json_object, resolve_project
 from skyhedge.clouds.gcp.events import (
     GONE_STATUSES,
     LABEL_REPLICA,
@@ -112,13 +112,7 @@ class _Compute:
             return None
         if reply.status_code != 200:
             raise CloudError(f"{method} {url}: HTTP {reply.status_code}: {api_error_message(reply)}")
-        try:
-            body = reply.json()
-        except ValueError as exc:
-            raise CloudError(f"{method} {url}: not JSON") from exc
-        if not isinstance(body, dict):
-            raise CloudError(f"{method} {url}: expected a JSON object, got {type(body).__name__}")
-        return body
+        return json_object(reply, f"{method} {url}")
 
     def instance(self, zone: str, name: str) -> dict[str, Any] | None:
         return self.call("GET", f"zones/{quote(zone, safe='')}/instances/{quote(name, safe='')}")
