@@ -21,6 +21,11 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 QPS_WINDOW_SECONDS = 60.0
+#: `AutoscalerState` fields that change with every sample, and that the next samples rebuild: the
+#: counter is cumulative, so the rate over the window needs only its first and last sample (a
+#: window restored a minute old still spans the requests in between). A watcher writes a state
+#: whose only changes are these at most once a minute; a new target or wish is written at once.
+MEASUREMENTS = ("samples", "qps")
 MIN_SPAN_SECONDS = 1.0  # below this the rate is noise: keep the current target
 
 

@@ -447,6 +447,7 @@ def test_status_says_what_the_autoscaler_decided_and_why(tmp_path: Path):
         "max_replicas": 4,
         "target_qps_per_replica": 20.0,
         "qps": 51.5,
+        "qps_at": None,  # no samples: when it was measured is not known
         "window_seconds": 60.0,
         "pending": 3,
         "pending_since": 1000.0,
@@ -458,6 +459,15 @@ def test_status_says_what_the_autoscaler_decided_and_why(tmp_path: Path):
         "Autoscaler: target 4 (51.5 req/s over the last 60 s, 20 req/s per replica, 2-4 replicas); "
         f"wants 3, adopted at {when} if the rate holds"
     ) in text
+    # a running watcher writes its samples once a minute (loop.SAVE_EVERY): the rate says when
+    # it was measured, not "the last 60 s" of a file that may be a minute old
+    scaler["samples"] = [[940.0, 0.0], [1000.0, 3090.0]]
+    save_state(tmp_path / "st", ServiceState(service="busy", target=4, extra={"autoscaler": scaler}))
+    out = run_cli("status", str(spec), "--state-dir", str(tmp_path / "st"), "--json")
+    assert json.loads(out.output)["autoscaler"]["qps_at"] == 1000.0
+    text = " ".join(run_cli("status", str(spec), "--state-dir", str(tmp_path / "st")).output.split())
+    at = time.strftime("%H:%M:%S", time.localtime(1000.0))
+    assert f"Autoscaler: target 4 (51.5 req/s over the 60 s to {at}, 20 req/s per replica" in text
     # a fresh service: min_replicas, no rate yet; a spec without target_qps_per_replica: null
     save_state(tmp_path / "st", ServiceState(service="busy"))
     scaled = json.loads(run_cli("status", str(spec), "--state-dir", str(tmp_path / "st"), "--json").output)

@@ -616,3 +616,72 @@ def test_dashboard_follows_the_terminal_size_even_with_columns_exported(tmp_path
     finally:
         screen.close()
         os.close(master)
+
+
+def test_a_watcher_stopped_by_sigterm_writes_the_clocks_it_held_back_and_the_next_resumes_them(
+    tmp_path, write_spec
+):
+    """Idle passes leave the autoscaler's samples (and the decision clocks) out of state.json for
+    up to SAVE_EVERY seconds; a watcher stopping (SIGTERM here) writes them, so the next one
+    resumes the request-rate window where this one left it, measuring a rate at its first pass."""
+    import signal
+
+    from skyhedge.state import load_state
+
+    scaled = LOCAL.replace(
+        "{min_replicas: 1,", "{min_replicas: 1, max_replicas: 3, target_qps_per_replica: 10,"
+    )
+    spec = load_spec(write_spec(scaled))
+    sdir, clock, router = tmp_path / "state", Clock(), FakeRouter()
+    with Watcher(spec, sdir, clock=clock, route=False) as watcher:
+        ctl = watcher.controller
+        assert ctl is not None
+        for source in ctl.sources:
+            source.close()
+        ctl.executor, ctl.router, ctl.prober, ctl.sources = (
+            FakeExecutor(),
+            router,
+            FakeProber(),
+            [FakeSource()],
+        )
+        for _ in range(40):
+            ctl.tick()
+            clock.advance(1)
+        for _ in range(20):  # idle passes 10 s apart, 6 req/s, until one holds its samples back
+            router.count += 60
+            ctl.tick()
+            clock.advance(10)
+            if load_state(sdir, "svc").extra["autoscaler"] != ctl.state.extra["autoscaler"]:
+                break
+        else:
+            raise AssertionError("every idle pass wrote its samples to state.json")
+        asked = []
+
+        def sigterm_once() -> bool:
+            if not asked:
+                asked.append(os.kill(os.getpid(), signal.SIGTERM))
+            return False
+
+        router.count += 60
+        watcher.run(until=sigterm_once)  # one more idle pass, then SIGTERM stops the watcher
+        assert asked and watcher.supervisor is not None and watcher.supervisor.stopped
+        held = ctl.state.extra["autoscaler"]
+        assert load_state(sdir, "svc").extra["autoscaler"] != held  # still held back: not yet stopped
+    assert load_state(sdir, "svc").extra["autoscaler"] == held  # written on the way out
+    restarted = Controller(
+        spec,
+        sdir,
+        executor=FakeExecutor(),
+        router=router,
+        prober=FakeProber(),
+        sources=[FakeSource()],
+        clock=clock,
+    )
+    assert restarted.state.extra["autoscaler"]["samples"] == held["samples"]
+    clock.advance(10)
+    router.count += 60
+    restarted.tick()
+    window = restarted.state.extra["autoscaler"]["samples"]
+    assert window[0] in held["samples"]  # the restored window goes on (the counter is cumulative)
+    (t0, c0) = window[0]
+    assert restarted.state.extra["autoscaler"]["qps"] == pytest.approx((router.count - c0) / (clock() - t0))

@@ -320,7 +320,7 @@ def test_status_changes_follow_the_transition_table(world):
                 seen.setdefault(r.id, []).append(st)
 
     real_save = ctl.save
-    ctl.save = lambda: (record(ctl), real_save())[1]  # every persisted state, intents included
+    ctl.save = lambda **kw: (record(ctl), real_save(**kw))[1]  # every persisted state, intents included
     settle(ctl, clock)
     a, b, c = sorted(ctl.state.live(), key=lambda r: r.id)
     src.queue.append(PreemptionEvent(Signal.WARNING, clock(), "fake", replica_id=a.id))
@@ -1131,3 +1131,118 @@ def test_the_log_says_what_the_autoscaler_waits_for_and_why_its_target_moved(wor
     ctl.tick()
     assert ctl.state.target == 3
     assert "autoscaler: target 4 -> 3 (min_replicas/max_replicas changed)" in [n.text for n in ctl.notes]
+
+
+def _count_writes(monkeypatch) -> list[float]:
+    """The controller's state.json writes from now on (each as the `decided_at` it wrote)."""
+    import skyhedge.controller.loop as loop
+
+    writes: list[float] = []
+    real = loop.save_state
+
+    def counted(state_dir, state):
+        writes.append(state.extra.get("decided_at"))
+        return real(state_dir, state)
+
+    monkeypatch.setattr(loop, "save_state", counted)
+    return writes
+
+
+def _just_written(ctl: Controller, clock: Clock, writes: list) -> None:
+    """Idle passes 10 s apart until one writes state.json (the clocks' flush, at most SAVE_EVERY
+    after the last write): the next SAVE_EVERY seconds of idle passes must then write nothing."""
+    for _ in range(20):
+        n = len(writes)
+        ctl.tick()
+        clock.advance(10)
+        if len(writes) > n:
+            return
+    raise AssertionError("no idle pass wrote state.json in 200 s")
+
+
+def _stamp(path: Path) -> tuple[int, int]:
+    st = path.stat()
+    return (st.st_ino, st.st_mtime_ns)
+
+
+@pytest.mark.parametrize("policy", ["spothedge", "skyhedge"])
+def test_idle_passes_do_not_rewrite_the_state_file_until_their_clocks_are_a_minute_old(
+    world, monkeypatch, policy
+):
+    """A soak audit: an idle watcher rewrote and fsynced state.json every pass, because the
+    autoscaler's samples, the decision time (`decided_at`) and the `skyhedge` policy's decision
+    clock move every pass (320 kB a pass at the GONE_KEPT cap: 2.8 GB a day at 10 s). Idle
+    passes write them at most once every SAVE_EVERY seconds (a crash loses a minute of them).
+    (SURVIVED reports, once a `survival_period`, are events: written when made, so kept apart.)"""
+    from skyhedge.controller.loop import SAVE_EVERY
+
+    ctl, clock, ex = make(world, policy=policy, survival_period=3600), world["clock"], world["executor"]
+    settle(ctl, clock, 40)
+    writes = _count_writes(monkeypatch)
+    _just_written(ctl, clock, writes)
+    path = world["dir"] / "state.json"
+    written_at, stamp, applies = clock() - 10, _stamp(path), len(ex.calls)
+    writes.clear()
+    while clock() - written_at < SAVE_EVERY:  # 5 idle passes
+        ctl.tick()
+        assert writes == [] and _stamp(path) == stamp
+        clock.advance(10)
+    assert len(ex.calls) == applies  # idle passes indeed
+    # the clocks did move: only state.json lags behind them
+    disk, mem = load_state(world["dir"], "svc"), ctl.state
+    assert disk.extra["decided_at"] < mem.extra["decided_at"]
+    assert disk.extra["autoscaler"]["samples"] != mem.extra["autoscaler"]["samples"]
+    if policy == "skyhedge":
+        assert disk.policy_memory["memory"]["last_now"] < mem.policy_memory["memory"]["last_now"]
+    assert {k: v for k, v in disk.extra.items() if k not in ("decided_at", "autoscaler", "survival_at")} == {
+        k: v for k, v in mem.extra.items() if k not in ("decided_at", "autoscaler", "survival_at")
+    }
+    ctl.tick()  # SAVE_EVERY after the last write: the clocks are written
+    assert len(writes) == 1 and _stamp(path) != stamp
+    assert load_state(world["dir"], "svc").to_json() == ctl.state.to_json()
+
+
+def test_a_change_beyond_the_clocks_is_written_by_the_pass_that_makes_it(world, monkeypatch):
+    """Replica records, events, the plan's intent and the autoscaler's wish never wait for the
+    clocks' minute: the intent is on disk before the executor runs, and the pass's outcome when
+    it ends."""
+    ctl, clock, ex, src = (
+        make(world, survival_period=3600),
+        world["clock"],
+        world["executor"],
+        world["source"],
+    )
+    settle(ctl, clock, 40)
+    writes = _count_writes(monkeypatch)
+    _just_written(ctl, clock, writes)
+    writes.clear()
+    ctl.tick()  # idle: its clocks are held back
+    clock.advance(10)
+    assert writes == []
+    victim = next(r for r in ctl.state.live() if r.zone == "local-a")
+    src.queue.append(PreemptionEvent(Signal.GONE, clock(), "fake", replica_id=victim.id, reason="preempted"))
+    before, seen_by_apply = set(ctl.state.replicas), []
+    real_apply = ex.apply
+
+    def apply(state, plan, now):
+        seen_by_apply.append(load_state(world["dir"], "svc"))
+        return real_apply(state, plan, now)
+
+    ex.apply = apply
+    ctl.tick()
+    intent = seen_by_apply[0]
+    assert intent.replicas[victim.id].gone_at is not None  # the event's fact
+    new = set(intent.replicas) - before
+    assert new and all(intent.replicas[rid].provisioned_at is None for rid in new)  # before Terraform ran
+    assert load_state(world["dir"], "svc").to_json() == ctl.state.to_json()  # and the pass's outcome
+    # a wish of the autoscaler (50 req/s against 10 per replica) is written at once, samples too
+    settle(ctl, clock, 40)
+    _just_written(ctl, clock, writes)
+    writes.clear()
+    ctl.tick()
+    clock.advance(10)
+    assert writes == []  # idle again
+    world["router"].count += 3000
+    ctl.tick()
+    assert ctl.state.extra["autoscaler"]["pending"] == 4 and len(writes) == 1
+    assert load_state(world["dir"], "svc").extra["autoscaler"] == ctl.state.extra["autoscaler"]

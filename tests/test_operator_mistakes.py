@@ -31,6 +31,8 @@ def test_a_watcher_whose_state_dir_is_deleted_stops_before_acting_on_it(tmp_path
         passes: list[float] = []
         watcher.controller.tick = lambda: passes.append(1.0) or 0.01  # type: ignore[method-assign]
         watcher._tick()
+        watcher.controller.save()
+        watcher.controller.state.extra["decided_at"] = 1.0  # a clock held back (loop.SAVE_EVERY)
         shutil.rmtree(sdir)
         with contextlib.ExitStack() as other:
             if how == "replaced":
@@ -42,3 +44,5 @@ def test_a_watcher_whose_state_dir_is_deleted_stops_before_acting_on_it(tmp_path
         text = str(err.value)
         assert text.startswith(f"{sdir}: the state dir was deleted or replaced while this watcher ran")
         assert "keep running" in text and "\n" not in text
+    # stopping writes held-back clocks (`Watcher._flush`), but never into a state dir not its own
+    assert not (sdir / "state.json").exists()

@@ -58,6 +58,12 @@ PLUGIN = textwrap.dedent(
         def decide(self, obs):
             raise SystemExit(3)
 
+    class Clocked(Fine):
+        clock_memory = frozenset({"tick"})
+
+    class BadClocks(Fine):
+        clock_memory = "tick"  # a string, not a collection of keys
+
     class OwnInit(Policy):
         def __init__(self, config=None, *, seed=0):
             self.zone = Location("local", "local", "local-b")  # never calls Policy.__init__
@@ -203,3 +209,16 @@ def test_python_m_imports_no_plugin_from_the_current_directory(tmp_path, entry):
     )
     assert run.returncode == 0, run.stderr
     assert (tmp_path / "IMPORTED").exists()
+
+
+def test_a_plugins_clock_memory_is_held_back_like_the_builtin_ones_and_a_bad_one_ignored(plugin):
+    """`Policy.clock_memory`: memory keys a watcher writes at most once a minute (loop.SAVE_EVERY).
+    A plug-in declaring something other than a collection of keys gets its every change written,
+    not a crash in the watcher's save."""
+    from skyhedge.policy.base import clock_memory
+
+    assert clock_memory("skyhedge") == {"last_now", "interval"}
+    assert clock_memory("spothedge") == frozenset()
+    assert clock_memory(f"{plugin}:Clocked") == {"tick"}
+    assert clock_memory(f"{plugin}:BadClocks") == frozenset()
+    assert clock_memory("no-such-policy") == frozenset()

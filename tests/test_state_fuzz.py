@@ -22,6 +22,8 @@ from hypothesis import strategies as st
 from test_spec_fuzz import ODD_VALUES, _drop, _get, _paths, _set
 
 from skyhedge.cli import main
+from skyhedge.errors import StateError
+from skyhedge.state import ServiceState, state_text
 
 ROOT = Path(__file__).resolve().parents[1]
 T0 = 1_795_941_370.0
@@ -219,3 +221,16 @@ def test_a_damaged_state_is_read_or_refused_in_one_line(spec_file, tmp_path, dat
             lines = result.stderr.strip().splitlines()
             assert len(lines) == 1 and lines[0].startswith("error: "), (args, result.stderr)
         assert (sdir / "state.json").read_text() == text  # read-only commands never rewrite it
+
+
+@settings(max_examples=120, deadline=None)
+@given(fuzzed_states())
+def test_the_state_is_written_as_to_json_has_it(data):
+    """`save_state` serialises a view sharing the state's objects (`ServiceState.json_view`: the
+    watcher serialises every pass to tell whether to write), not `to_json`'s deep copies: the same
+    text, whatever a loadable state holds."""
+    try:
+        state = ServiceState.from_json(copy.deepcopy(data), where="state.json")
+    except StateError:
+        return
+    assert state_text(state) == json.dumps(state.to_json(), indent=2, sort_keys=True) + "\n"

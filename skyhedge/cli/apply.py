@@ -382,8 +382,10 @@ def status_json(
 
 def autoscaler_status(spec: ServiceSpec, state: ServiceState) -> dict[str, Any] | None:
     """What the request-rate autoscaler decided and why, from the state the watcher saved: the
-    target, its bounds, the rate over the window, and a wish waiting out its delay (`pending`,
-    since when, and `adopt_at`: when it is adopted if the rate holds). None when it is off."""
+    target, its bounds, the rate over the window and when it was measured (`qps_at`: a running
+    watcher writes its samples once a minute, not every pass, see `loop.SAVE_EVERY`), and a wish
+    waiting out its delay (`pending`, since when, and `adopt_at`: when it is adopted if the rate
+    holds; written by the pass that makes it). None when it is off."""
     from skyhedge.autoscaler import AutoscalerConfig, AutoscalerState
     from skyhedge.service import service_target
 
@@ -403,6 +405,7 @@ def autoscaler_status(spec: ServiceSpec, state: ServiceState) -> dict[str, Any] 
         "max_replicas": config.max_replicas,
         "target_qps_per_replica": config.target_qps_per_replica,
         "qps": saved.qps,
+        "qps_at": saved.samples[-1][0] if saved.qps is not None and saved.samples else None,
         "window_seconds": config.window_seconds,
         "pending": pending,
         "pending_since": saved.pending_since if pending is not None else None,
@@ -413,11 +416,13 @@ def autoscaler_status(spec: ServiceSpec, state: ServiceState) -> dict[str, Any] 
 def _describe_autoscaler(scaler: dict[str, Any]) -> str:
     bounds = f"{scaler['min_replicas']}-{scaler['max_replicas']}"
     window = f"{scaler['window_seconds']:.0f} s"
-    rate = (
-        "rate not measured yet"
-        if scaler["qps"] is None
-        else f"{scaler['qps']:.1f} req/s over the last {window}"
-    )
+    if scaler["qps"] is None:
+        rate = "rate not measured yet"
+    elif scaler.get("qps_at") is None:
+        rate = f"{scaler['qps']:.1f} req/s over the last {window}"
+    else:  # as last saved: up to a minute behind the running watcher (its /metrics has it live)
+        at = time.strftime("%H:%M:%S", time.localtime(float(scaler["qps_at"])))
+        rate = f"{scaler['qps']:.1f} req/s over the {window} to {at}"
     text = (
         f"target {scaler['target']} ({rate}, "
         f"{scaler['target_qps_per_replica']:g} req/s per replica, {bounds} replicas)"

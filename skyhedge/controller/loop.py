@@ -23,8 +23,10 @@ created twice, and the local event source stops any process no live replica owns
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import os
 import re
 import time
 from collections import deque
@@ -55,8 +57,10 @@ from skyhedge.controller.ports import ExecResult, Executor, Prober, RouterPort
 from skyhedge.errors import RoutingError, SkyhedgeError
 from skyhedge.events import EventSource, PreemptionEvent
 from skyhedge.planner import CREATE, DELETE, KEEP, Plan, PlannedReplica
+from skyhedge.policy.base import clock_memory
 from skyhedge.policy.types import EventKind, Market, ReplicaStatus, ZoneEvent
 from skyhedge.service import (
+    DECIDED_AT_KEY,
     Placement,
     PolicyClock,
     compute_plan,
@@ -66,7 +70,14 @@ from skyhedge.service import (
     set_gitops,
 )
 from skyhedge.spec import ServiceSpec, replica_revision
-from skyhedge.state import LAUNCH_HOLD_KEY, ReplicaRecord, ServiceState, load_state, save_state
+from skyhedge.state import (
+    LAUNCH_HOLD_KEY,
+    STATE_FILE,
+    ReplicaRecord,
+    ServiceState,
+    load_state,
+    save_state,
+)
 
 #: `state.extra` key: removed replicas kept running until their requests end, with when their
 #: drain began and the nginx workers that may still serve them.
@@ -79,6 +90,24 @@ log = logging.getLogger("skyhedge.controller")
 NOTE_REPEAT_SECONDS = 60.0
 #: How often (real seconds) a pass bounds what grows with time and traffic (Controller._housekeep).
 HOUSEKEEP_SECONDS = 60.0
+#: `state.extra` key: when spot replicas that stayed READY last reported their zone SURVIVED.
+SURVIVAL_KEY = "survival_at"
+#: `state.extra` keys that move at every pass (or survival period) whatever happens: clocks.
+CLOCK_KEYS = (DECIDED_AT_KEY, SURVIVAL_KEY)
+#: The longest (controller clock seconds) state.json may lag behind the state in memory when all
+#: that changed are its clocks: `CLOCK_KEYS`, the autoscaler's `MEASUREMENTS` (samples, rate) and
+#: the policy's `clock_memory` (the `skyhedge` policy's decision clock and period). A pass that
+#: changes nothing else does not write (`Controller.save`): idle, a watcher rewrote and fsynced
+#: state.json every pass, 320 kB at the GONE_KEPT cap, 2.8 GB a day at the default 10 s interval.
+#: What a crash (kill -9, power loss) loses is at most this much of those: the rate is rebuilt
+#: from the next sample (nginx's counter is cumulative: a window restored a minute old still
+#: spans the requests since), the policy's period average skips a minute of updates (a restart's
+#: pause skews it more), and a SURVIVED report comes up to a minute early (for replicas that did
+#: stay READY). A minute is the autoscaler's window and the survival period: nothing held back is
+#: older than one of them. Everything else (replica records, events, launch failures and holds,
+#: the policy's other memory, the target and a pending wish, the intent before an apply) is
+#: written by the pass that changes it, and the clocks with it; a watcher stopping writes them too.
+SAVE_EVERY = 60.0
 
 #: Crash loops: replicas that fail soon after launch (before READY, or within EARLY_FAILURE_SECONDS
 #: of it). CRASHES_BEFORE_HOLD bursts of them within CRASH_WINDOW_SECONDS hold new launches for 30 s,
@@ -209,6 +238,19 @@ class Note:
     text: str
 
 
+@dataclass(frozen=True)
+class _Written:
+    """What the controller last wrote to state.json: the state without its clocks, the clocks
+    (both as compact JSON: 2 ms to make at the GONE_KEPT cap, where state.json's own indented
+    text takes 9 ms more), when, and the file's stat stamp then (a file written or removed by
+    anyone else since is written again)."""
+
+    durable: str
+    clocks: str
+    at: float
+    stamp: tuple[int, int, int, int] | None
+
+
 class Controller:
     """Owns one service's state while the supervisor holds its writer lock."""
 
@@ -278,6 +320,8 @@ class Controller:
         # run, what such a run launched and Terraform never saved is found (and, where this
         # state launched it, terminated), as `apply` does (GitOps: CI applies, not this state)
         self._unsaved = [] if is_gitops(self.state) else unsaved_replicas(self.state)
+        self._written: _Written | None = None  # what `save` last wrote (None: nothing yet)
+        self._policy_clocks: dict[str, frozenset[str]] = {}  # policy name -> its clock_memory
 
     def reconfigure(
         self,
@@ -332,10 +376,71 @@ class Controller:
         """Called after every tick (the dashboard redraws from it)."""
         self._listeners.append(listener)
 
-    def save(self) -> None:
+    def save(self, *, now: bool = False) -> None:
+        """Write the state, unless state.json holds it already, or all that changed since the last
+        write are clocks (see SAVE_EVERY) and that write is less than SAVE_EVERY old. `now`: write
+        any change (the intent before an apply, and its results)."""
         self.state.extra["launch_failures"] = self._failures
         self.state.prune_gone()
+        durable, clocks = self._texts()
+        at = self.clock()
+        last = self._written
+        if last is not None and durable == last.durable and last.stamp == self._stamp():
+            if clocks == last.clocks:
+                return  # state.json holds this very state
+            if not now and 0 <= at - last.at < SAVE_EVERY:  # (a clock stepped back: write)
+                return
+        self._write(durable, clocks, at)
+
+    def flush(self) -> None:
+        """Write the clocks `save` held back: a watcher stopping calls it, so that the next one
+        resumes from them (the autoscaler's window, the policy's clock). Only if the rest of the
+        state is as last written: a pass cut short (an error, a second Ctrl-C) leaves its
+        half-made changes unwritten, as it always has (its events are delivered again)."""
+        last = self._written
+        if last is None:
+            return
+        durable, clocks = self._texts()
+        if durable == last.durable and (clocks != last.clocks or last.stamp != self._stamp()):
+            self._write(durable, clocks, self.clock())
+
+    def _write(self, durable: str, clocks: str, at: float) -> None:
         save_state(self.state_dir, self.state)
+        self._written = _Written(durable, clocks, at, self._stamp())
+
+    def _stamp(self) -> tuple[int, int, int, int] | None:
+        try:
+            st = os.stat(self.state_dir / STATE_FILE)
+        except OSError:
+            return None
+        return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+    def _texts(self) -> tuple[str, str]:
+        """The state as compact JSON: everything but its clocks (see SAVE_EVERY), and the clocks.
+        Each present key goes to exactly one of the two, so equal pairs are an equal state."""
+        st = self.state
+        extra = dict(st.extra)
+        clocks: dict[str, Any] = {key: extra.pop(key) for key in CLOCK_KEYS if key in extra}
+        scaler = extra.get("autoscaler")
+        if isinstance(scaler, dict):
+            scaler = dict(scaler)
+            clocks["autoscaler"] = {k: scaler.pop(k) for k in autoscaler.MEASUREMENTS if k in scaler}
+            extra["autoscaler"] = scaler
+        memory = st.policy_memory
+        inner = memory.get("memory")
+        # only the policy that decides (and so was loaded already): a name state.json holds is
+        # never imported for this
+        running = self.spec.replica_policy.policy if self.options.policy is None else self.options.policy
+        if memory.get("policy") == running and isinstance(inner, dict):
+            if running not in self._policy_clocks:
+                self._policy_clocks[running] = clock_memory(running)
+            keys = self._policy_clocks[running]
+            if keys:
+                inner = dict(inner)
+                clocks["policy"] = {k: inner.pop(k) for k in sorted(keys) if k in inner}
+                memory = {**memory, "memory": inner}
+        durable = json.dumps(st.json_view(extra=extra, policy_memory=memory), sort_keys=True)
+        return durable, json.dumps(clocks, sort_keys=True)
 
     # -- the tick --------------------------------------------------------------------------------
 
@@ -540,7 +645,7 @@ class Controller:
 
     def _survival(self, now: float) -> None:
         """Report zones whose spot replicas stayed READY through a period (SpotHedge's SURVIVED)."""
-        last = self.state.extra.get("survival_at")
+        last = self.state.extra.get(SURVIVAL_KEY)
         if last is not None and 0 <= now - float(last) < self.options.survival_period:
             return  # (`now < last`: the wall clock stepped back; report now rather than in hours)
         if last is not None:
@@ -551,7 +656,7 @@ class Controller:
                 if survived and rec.location not in seen:
                     seen.add(rec.location)
                     self.state.record_event(ZoneEvent(EventKind.SURVIVED, rec.location, now, rec.id))
-        self.state.extra["survival_at"] = now
+        self.state.extra[SURVIVAL_KEY] = now
 
     def _finalise(self, plan: Plan) -> Plan:
         """Delete draining replicas the policy no longer counts (scale-down victims whose destroy
@@ -652,7 +757,7 @@ class Controller:
         deployment_id(st)  # what this pass launches carries it (saved below, before Terraform runs)
         if creates or deletes:
             self.note(self._plan_line(plan, creates, deletes), now)
-        self.save()  # the intent is durable before anything changes outside
+        self.save(now=True)  # the intent is durable before anything changes outside
         routed_ids = {pair[0] for pair in st.extra.get("routed") or []}
         if any(r.id in routed_ids for r in deletes):
             # drain before destroy: removed replicas leave the router first. Without waiting:
@@ -704,7 +809,7 @@ class Controller:
         self._failures = self._failures + 1 if result.failed else 0
         self._retry_at = done + self._backoff() if result.failed else None
         self._give_up_launches(result, done)
-        self.save()
+        self.save(now=True)
         self._unsettled = False
         return result
 

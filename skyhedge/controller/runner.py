@@ -265,12 +265,26 @@ class Watcher:
 
     def __exit__(self, *exc: object) -> None:
         self._retract()
+        self._flush()
         if self.controller is not None:
             for source in [*self.controller.sources, *self.controller.retiring]:
                 with contextlib.suppress(Exception):
                     source.close()
         if self._lock is not None:
             self._lock.close()
+
+    def _flush(self) -> None:
+        """Write what the controller held back (its clocks, see `loop.SAVE_EVERY`) before the lock
+        goes: a SIGTERM, a Ctrl-C, `--once` or a program's `stop()` all end here. Not into a state
+        dir deleted or replaced under the watcher (it stopped for that: `_check_held`), and a
+        failure is logged, never raised over the reason the watcher stops."""
+        ctl = self.controller
+        if ctl is None or self.lost is not None or (self._held is not None and self._held.lost()):
+            return
+        try:
+            ctl.flush()
+        except Exception as exc:  # a full disk at shutdown: the next watcher starts a minute behind
+            log.warning("%s: saving the state at shutdown failed: %s", self.spec.name, exc)
 
     def _build(self) -> Controller:
         executor, router, prober = self._parts(self.spec, self.placement)

@@ -24,6 +24,12 @@ class Policy(ABC):
     """Base class of every placement policy."""
 
     name: ClassVar[str] = "policy"
+    #: Keys of `snapshot()` that move at every decision whatever happens (a decision clock, a
+    #: running average of the period between decisions) and cost little to lose: after a crash
+    #: the policy restarts from values up to a minute old. A watcher writes a state whose only
+    #: changes are these at most once a minute (`Controller.save`), instead of every pass;
+    #: every other change of the memory is written at once.
+    clock_memory: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, config: PolicyConfig | None = None, *, seed: int = 0) -> None:
         self.config = config or PolicyConfig()
@@ -85,6 +91,18 @@ def policy_class(name: str) -> type[Policy]:
     if ":" in name:
         return _load_target(name)
     raise PolicyError(f"unknown policy {name!r} (available: {', '.join(available_policies())})")
+
+
+def clock_memory(name: str) -> frozenset[str]:
+    """`clock_memory` of the policy called `name`; none for a policy that does not load, or whose
+    `clock_memory` is no collection of strings (a plug-in's mistake: its every change is written)."""
+    try:
+        keys = getattr(policy_class(name), "clock_memory", frozenset())
+    except PolicyError:
+        return frozenset()
+    if not isinstance(keys, (frozenset, set, tuple, list)) or not all(isinstance(k, str) for k in keys):
+        return frozenset()
+    return frozenset(keys)
 
 
 class GuardedPolicy(Policy):

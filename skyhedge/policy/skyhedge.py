@@ -170,6 +170,9 @@ class SkyHedge(SpotHedge):
     """SpotHedge with a risk-adaptive hedge (see the module docstring for the rules and why)."""
 
     name: ClassVar[str] = "skyhedge"
+    # the decision clock and the running average of the period move at every pass; losing up to
+    # a minute of them after a crash skews the period a restart's pause skews anyway (capped)
+    clock_memory: ClassVar[frozenset[str]] = frozenset({"last_now", "interval"})
 
     def __init__(self, config: PolicyConfig | None = None, *, seed: int = 0) -> None:
         super().__init__(config, seed=seed)
