@@ -48,7 +48,7 @@ def test_preempt_marks_the_zone_and_validates_it(tmp_path, write_spec):
         main, ["preempt", str(spec), "--state-dir", str(sdir), "--zone", "local-b", "--for", "60"]
     )
     assert ok.exit_code == 0, ok.output
-    assert "no running spot replica" in ok.output
+    assert "no running spot replica there to preempt" in ok.output and "preempted no" not in ok.output
     # nothing deployed there yet: allowed (chaos before a deployment), but said
     assert (
         f"no service is deployed under {sdir} yet" in ok.stderr
@@ -128,7 +128,11 @@ def test_a_stop_signal_arriving_inside_a_lock_does_not_deadlock(tmp_path, write_
 def test_second_watcher_is_refused_clearly(tmp_path, write_spec):
     spec = load_spec(write_spec(LOCAL))
     sdir = tmp_path / "state"
-    with writer_lock(sdir), pytest.raises(StateError, match="already running for svc"), Watcher(spec, sdir):
+    with (
+        writer_lock(sdir),
+        pytest.raises(StateError, match="is an `apply`, `destroy` or `routing` command of svc running"),
+        Watcher(spec, sdir),
+    ):
         pass
     with Watcher(spec, sdir) as watcher:  # released: the next one gets it
         assert watcher.controller is not None

@@ -78,5 +78,5 @@ def test_a_second_watcher_is_told_which_one_runs_instead_of_asked(tmp_path, writ
         _record_watcher(sdir, spec, pid)
         result = CliRunner().invoke(main, ["watch", str(spec), "--state-dir", str(sdir), "--once"])
     assert result.exit_code == 1
-    assert "already running for svc?" not in result.output
+    assert "command of svc running?" not in result.output
     assert f"holds the lock for this service: the watcher of this service runs (pid {pid}," in result.output

@@ -706,10 +706,12 @@ def preempt(spec: Path, state_dir: Path | None, zone: str, seconds: float | None
     except OSError as exc:
         raise StateError(f"{runtime_dir(sdir)}: cannot write ({exc.strerror or exc})") from exc
     until = f"for {seconds:g}s" if seconds else "until `--clear`"
-    who = ", ".join(f"{p.id} (pid {p.pid})" for p in killed) or "no running spot replica"
-    console.print(
-        f"{zone}: out of spot capacity {until}; preempted {who} at {time.strftime('%H:%M:%S')}", markup=False
+    who = (
+        f"preempted {', '.join(f'{p.id} (pid {p.pid})' for p in killed)}"
+        if killed
+        else "no running spot replica there to preempt"
     )
+    console.print(f"{zone}: out of spot capacity {until}; {who} at {time.strftime('%H:%M:%S')}", markup=False)
     if not (sdir / STATE_FILE).exists():  # chaos before a deployment is allowed, but say what it does
         err_console.print(
             f"note: no service is deployed under {sdir} yet: its next deployment starts with {zone} out "

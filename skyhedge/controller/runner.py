@@ -252,7 +252,12 @@ class Watcher:
             raise LockHeld(
                 exc.base,
                 exc.state_dir,
-                question=f"is `skyhedge watch` or `up` already running for {self.spec.name}?",
+                # a running watcher of the service is named by the CLI from its record
+                # (`_naming_the_holder`); without one, the holder is a one-off command
+                question=(
+                    f"is an `apply`, `destroy` or `routing` command of {self.spec.name} running? "
+                    "Let it finish, then start watching again"
+                ),
             ) from None
         self._lock = stack
         try:
