@@ -208,3 +208,14 @@ def test_markov_model_is_deterministic_and_stays_in_vocabulary():
     greedy = model.generate("unknown words here", max_tokens=5, seed=1, temperature=0)
     assert len(greedy) == 5
     assert model.generate("", max_tokens=3, seed=0, temperature=1.0)
+
+
+def test_greedy_is_one_text_per_prompt_whatever_the_seed_or_choice(start):
+    """temperature 0 is greedy (docs/routing.md): the `n` choices of one prompt, and requests with
+    other seeds, all get the same text, also where the prompt ends in a word the corpus lacks."""
+    base, _ = start()
+    for prompt in ("The keeper", "b", "zzz unknown"):
+        body = {"prompt": [prompt, prompt], "n": 3, "temperature": 0, "max_tokens": 12}
+        texts = {c["text"] for c in post(base, body).json()["choices"]}
+        texts |= {c["text"] for c in post(base, {**body, "seed": 99}).json()["choices"]}
+        assert len(texts) == 1, (prompt, texts)

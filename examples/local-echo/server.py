@@ -86,8 +86,11 @@ class MarkovModel:
         return rng.choices(words, weights)[0]
 
     def generate(self, prompt: str, *, max_tokens: int, seed: int, temperature: float) -> list[str]:
-        """Token texts as they would be streamed (each carries its own leading space)."""
-        rng = random.Random(f"{seed}\x00{prompt}")
+        """Token texts as they would be streamed (each carries its own leading space). Greedy
+        (temperature 0) is one text per prompt, whatever the seed: the restarts from a sentence
+        start that an unknown word needs are then drawn as if the seed were 0, so `n` choices and
+        every request agree, as they do with a real model at temperature 0."""
+        rng = random.Random(f"{0 if temperature <= 0 else seed}\x00{prompt}")
         known = tokenize(prompt)
         if len(known) >= 2:
             state = (known[-2], known[-1])
