@@ -255,6 +255,9 @@ class ApplyReport:
     errors: list[EngineError] = field(default_factory=list)
     ready: list[str] = field(default_factory=list)
     not_ready: list[str] = field(default_factory=list)
+    # replicas whose process died while the apply waited for them to be READY (local: recorded
+    # gone at once, rather than waited on for the rest of the probe's initial delay)
+    exited: list[str] = field(default_factory=list)
     router: dict[str, Any] | None = None
     notes: list[str] = field(default_factory=list)
     rollout_steps: int = 0  # steps that changed something (more than one: a rolling update)
@@ -540,6 +543,10 @@ def absorb_result(
 # Readiness and routing (their modules are owned by the probe/routing code; imported lazily)
 
 
+#: How often (seconds) `wait_ready` asks whether a replica it waits on has died.
+DIED_CHECK_SECONDS = 1.0
+
+
 def _probe_fn() -> Callable[..., bool]:
     from skyhedge.probe import probe
 
@@ -561,17 +568,31 @@ def wait_ready(
     timeout: float | None = None,
     interval: float = 0.25,
     probe: Callable[..., bool] | None = None,
+    died: Callable[[float, Sequence[str]], list[str]] | None = None,
 ) -> tuple[list[str], list[str]]:
     """Probe live replicas that are not READY yet until they are, or `timeout` (default: the
-    spec's `initial_delay_seconds`) passes. Returns (became ready, still not ready)."""
+    spec's `initial_delay_seconds`) passes. Returns (became ready, still not ready).
+
+    `died(now, pending IDs)`, asked at most every DIED_CHECK_SECONDS, records replicas known to
+    be dead as gone in `state` (`notice_dead_local_replicas`) and returns a line for each: they are
+    waited on no longer. A model server that crashes while loading would otherwise hold the apply
+    for the rest of the initial delay (often 10 min for an LLM) before "not ready" said anything."""
     probe = probe or _probe_fn()
     readiness = spec.readiness_probe
     pending = {r.id: r for r in state.live() if r.endpoint and r.ready_at is None and not r.draining}
     limit = float(readiness.initial_delay_seconds if timeout is None else timeout)
     deadline = time.monotonic() + limit
     ready: list[str] = []
+    checked = time.monotonic()  # (the launch itself just checked the processes' first moments)
     with ThreadPoolExecutor(max_workers=min(16, max(1, len(pending)))) as pool:
         while pending:
+            if died is not None and time.monotonic() - checked >= DIED_CHECK_SECONDS:
+                checked = time.monotonic()
+                died(clock(), sorted(pending))
+                for rid in [rid for rid in pending if state.replicas[rid].gone_at is not None]:
+                    del pending[rid]
+                if not pending:
+                    break
             recs = list(pending.values())
             results = _probe_each(pool, probe, readiness, recs)
             for rec, ok in zip(recs, results, strict=True):
@@ -717,7 +738,17 @@ def apply_service(
             if moved:
                 report.rollout_steps += 1
             if wait:
-                ready, not_ready = wait_ready(spec, state, clock=clock)
+
+                def died(now: float, waiting: Sequence[str]) -> list[str]:
+                    others = {r.id for r in state.live()} - set(waiting)
+                    lines = notice_dead_local_replicas(state, ws.state_dir, now, skip=others)
+                    for line in lines:
+                        say(line)
+                    report.exited += [rid for rid in waiting if state.replicas[rid].gone_at is not None]
+                    return lines
+
+                report.exited = []
+                ready, not_ready = wait_ready(spec, state, clock=clock, died=died)
                 report.ready = sorted({*report.ready, *ready} - set(not_ready))
                 report.not_ready = not_ready
                 save_state(ws.state_dir, state)
@@ -729,7 +760,14 @@ def apply_service(
                 report.router = bring_routing_up(spec, state, ws.state_dir, say)
                 save_state(ws.state_dir, state)
             outdated = set(outdated_replicas(spec, state, placement))
-            if not (rollout and wait and outdated and not report.errors and not report.not_ready):
+            if not (
+                rollout
+                and wait
+                and outdated
+                and not report.errors
+                and not report.not_ready
+                and not report.exited
+            ):
                 break
             if steps_left is None:
                 steps_left = 2 * len(outdated) + 2

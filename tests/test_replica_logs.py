@@ -6,6 +6,7 @@ output (moto); gcp: serial port 1 (a local server speaking Compute's REST shape)
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -386,6 +387,33 @@ def test_a_cloud_without_logs_says_so(tmp_path, write_spec):
     record = ReplicaRecord("r-0001", "nocloud", "r", "z", "spot", launched_at=1.0)
     with pytest.raises(CloudError, match=r"^nocloud: skyhedge cannot read replica logs on this cloud$"):
         replica_logs.read_log(load_spec(write_spec(GCP_SPEC)), tmp_path, record)
+
+
+def test_an_apply_stops_waiting_on_a_replica_that_crashed_while_loading_and_says_so(svc):
+    """A model server that dies while loading (past the launch's first half second) held the
+    apply for the rest of the probe's initial delay (10 min for an LLM) before "not ready" said
+    anything, and `status` kept showing it STARTING: it is now recorded FAILED within seconds and
+    the error says it exited, with the logs command."""
+    import yaml
+
+    svc.write(replicas=1, command="echo 'loading weights'; sleep 1.5; echo 'CUDA out of memory' >&2; exit 3")
+    data = yaml.safe_load(svc.spec_path.read_text())
+    data["readiness_probe"]["initial_delay_seconds"] = 120
+    svc.spec_path.write_text(yaml.safe_dump(data))
+    args = [str(svc.spec_path), "--state-dir", str(svc.state_dir)]
+    started = time.monotonic()
+    result = CliRunner().invoke(main, ["apply", *args, "--auto-approve", "--no-routing"])
+    took = time.monotonic() - started
+    assert result.exit_code == 1
+    assert took < 60, f"waited {took:.0f}s on a replica that had exited"
+    hint = f"(their logs: `skyhedge logs {svc.spec_path} --state-dir {svc.state_dir} r-0001`)"
+    assert result.stderr.strip().endswith(f"error: exited before READY: r-0001 {hint}"), result.stderr
+    assert "not ready after" not in result.stderr
+    status = CliRunner().invoke(main, ["status", *args, "--json", "--all"])
+    (rec,) = [r for r in json.loads(status.stdout)["replicas"] if r["id"] == "r-0001"]
+    assert rec["state"] == "FAILED"
+    logs = CliRunner().invoke(main, ["logs", *args[:1], "r-0001", *args[1:]])
+    assert "CUDA out of memory" in logs.output
 
 
 def test_an_apply_whose_replica_never_gets_ready_names_the_logs_command(svc):

@@ -260,14 +260,17 @@ def apply(
     if report.rollout_stopped:  # N READY still serve, but CI must see the update did not finish
         err_console.print(f"error: the rolling update stopped short: {report.rollout_stopped}", markup=False)
         sys.exit(1)
-    if report.not_ready:
+    if report.exited or report.not_ready:
         # local: the process's output; a cloud VM: its console, where the boot script's errors go
-        logs = f"`{command_line('logs', spec, state_dir)} {shlex.quote(report.not_ready[0])}`"
-        err_console.print(
-            f"error: not ready after {service.readiness_probe.initial_delay_seconds}s: "
-            f"{', '.join(report.not_ready)} (their logs: {logs})",
-            markup=False,
-        )
+        first = (report.exited or report.not_ready)[0]
+        logs = f"`{command_line('logs', spec, state_dir)} {shlex.quote(first)}`"
+        why = []
+        if report.exited:
+            why.append(f"exited before READY: {', '.join(report.exited)}")
+        if report.not_ready:
+            delay = service.readiness_probe.initial_delay_seconds
+            why.append(f"not ready after {delay}s: {', '.join(report.not_ready)}")
+        err_console.print(f"error: {'; '.join(why)} (their logs: {logs})", markup=False)
         sys.exit(1)
 
 
