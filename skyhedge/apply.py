@@ -36,9 +36,9 @@ import importlib
 import shutil
 import sys
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -84,10 +84,12 @@ __all__ = [
     "clear_before_apply",
     "destroy_service",
     "explained",
+    "free_taken_names",
     "instance_types",
     "instances_left_unsaved",
     "live_rows",
     "record_plan",
+    "recreated_replicas",
     "committed_roots",
     "deployment_id",
     "roots_with_resources",
@@ -357,17 +359,37 @@ def unsaved_replicas(state: ServiceState) -> list[ReplicaRecord]:
     ]
 
 
+def recreated_replicas(state: ServiceState, before: Mapping[str, str | None]) -> list[ReplicaRecord]:
+    """Live replicas, on clouds that can look for leftover machines (`_leftovers`), that an apply
+    re-created under their ID: their cloud ID in `before` (taken before Terraform ran) was another.
+
+    Why they are looked for: Terraform re-creates a replica it holds whose machine is gone (a
+    spot VM the cloud took before any watcher noticed) under the same ID. An earlier apply killed
+    while it did so left the machine it launched in no Terraform state, and the replica was not
+    "unsaved" (`unsaved_replicas`: skyhedge still recorded the machine the cloud took), so nothing
+    looked: on AWS the apply after it launched the replica once more, and the first one billed on,
+    named only by a watcher after 10 minutes. Only a replica re-created now may have such a
+    machine, so a clean apply costs no cloud call (a fresh apply, a scale-up: none re-created)."""
+    return [
+        r
+        for r in state.live()
+        if before.get(r.id) and r.cloud_id and r.cloud_id != before[r.id] and _leftovers(r.cloud) is not None
+    ]
+
+
 def instances_left_unsaved(
     spec: ServiceSpec, state: ServiceState, unsaved: Sequence[ReplicaRecord]
 ) -> list[str]:
     """`warning:` lines for the running instances tagged for the `unsaved` replicas (recorded by an
-    earlier run, never read back from Terraform) that no live replica owns now that an apply step
-    ran: those Terraform had saved were read back (their replica owns them), the rest are in no
-    Terraform state. Those this state launched (its deployment tag) are terminated, but only in
-    a region whose root's Terraform state was read back whole (`_read_back`): where its apply
-    failed, an instance Terraform saved is owned by no replica either, and is only named."""
+    earlier run, never read back from Terraform; or re-created under their ID by this apply,
+    `recreated_replicas`) that no live replica owns now that an apply step ran: those Terraform
+    had saved were read back (their replica owns them), the rest are in no Terraform state. Those
+    this state launched (its deployment tag) are terminated, but only in a region whose root's
+    Terraform state was read back whole (`_read_back`): where its apply failed, an instance
+    Terraform saved is owned by no replica either, and is only named. One listing per region."""
     owned = {r.cloud_id for r in state.live() if r.cloud_id}
     deployment = state.extra.get(DEPLOYMENT_KEY)
+    unsaved = list({r.id: r for r in unsaved}.values())
     lines: list[str] = []
     for cloud in sorted({r.cloud for r in unsaved}):
         mine = [r for r in unsaved if r.cloud == cloud]
@@ -431,6 +453,78 @@ def clear_before_apply(
         warnings += cleared.warnings
         blocked.update(cleared.blocked)
     return Cleared(tuple(warnings), blocked)
+
+
+def free_taken_names(
+    spec: ServiceSpec,
+    state: ServiceState,
+    roots: Sequence[RenderedRoot],
+    results: Sequence[ApplyResult | BaseException],
+    ws: Workspace,
+    engine: Terraform,
+    again: Callable[[RenderedRoot], ApplyResult],
+    *,
+    blocked: Mapping[str, Blocked] | None = None,
+) -> tuple[list[ApplyResult | BaseException], Cleared]:
+    """After Terraform applied `roots`: where a replica's create failed because its machine name
+    is taken (a cloud's optional `leftovers.names_taken(service, errors)`: GCP's 409
+    alreadyExists), the cloud's `leftovers.clear_name_conflicts(spec, replicas, held=,
+    deployment=)` looks at what holds the name, against the machine IDs Terraform's state holds
+    (`Terraform.held_instances`, read only then), and deletes it when an interrupted run of this
+    state left it there. A root where it freed a name is applied `again`, once (without a saved
+    plan: the confirmed one is spent; the tree is the one confirmed), and its two results count
+    as one. Replicas `clear_before_apply` already explained (`blocked`) are not looked at again.
+
+    Returns the results (a retried root's merged) and what the clouds said (`warnings`; `blocked`:
+    the replicas whose name someone else holds, explained in one line by `explained`). Nothing
+    runs, and no cloud is called, unless a create failed on its name."""
+    out = list(results)
+    warnings: list[str] = []
+    found: dict[str, Blocked] = {}
+    for i, (root, result) in enumerate(zip(roots, results, strict=True)):
+        if not isinstance(result, ApplyResult) or not result.errors:
+            continue
+        leftovers = _leftovers(root.cloud)
+        taken = getattr(leftovers, "names_taken", None)
+        if taken is None:
+            continue
+        rids = sorted(taken(spec.name, result.errors) - set(blocked or {}))
+        mine = [state.replicas[rid] for rid in rids if rid in state.replicas]
+        mine = [r for r in mine if (r.cloud, r.region) == root.key]
+        if not mine:
+            continue
+        try:
+            held = engine.held_instances(ws.root(root.cloud, root.region), *leftovers.INSTANCE_RESOURCE)
+        except EngineError as exc:
+            warnings.append(
+                f"{root.path}: could not read Terraform's state ({first_line(str(exc))}): what holds the "
+                f"names of {', '.join(r.id for r in mine)} was not looked at"
+            )
+            continue
+        cleared = leftovers.clear_name_conflicts(
+            spec, mine, held=held, deployment=state.extra.get(DEPLOYMENT_KEY)
+        )
+        warnings += cleared.warnings
+        found.update(cleared.blocked)
+        if not cleared.freed:
+            continue
+        try:
+            retried = again(root)
+        except Exception as exc:  # noqa: BLE001 - the first result stands; the next apply creates them
+            warnings.append(
+                f"{root.path}: applying again once the names of {', '.join(cleared.freed)} were free "
+                f"failed ({first_line(str(exc))}); the next apply creates them"
+            )
+            continue
+        out[i] = replace(
+            retried,
+            add=result.add + retried.add,
+            change=result.change + retried.change,
+            remove=result.remove + retried.remove,
+            completed=result.completed + retried.completed,
+            warnings=result.warnings + retried.warnings,
+        )
+    return out, Cleared(tuple(warnings), found)
 
 
 def explained(blocked: dict[str, Blocked], diag: Diagnostic) -> str | None:
@@ -727,11 +821,11 @@ def apply_service(
             if not converged:
                 _forget_unused_workspace(ws, first)
                 return report
+            # (a replica whose create was blocked has its own error naming what holds it)
+            unsaved = [r for r in [*unsaved, *step.recreated] if r.id not in step.blocked]
             if unsaved:
-                # (a replica whose create was blocked has its own error naming what holds it)
-                unsaved = [r for r in unsaved if r.id not in step.blocked]
                 report.warnings += instances_left_unsaved(spec, state, unsaved)
-                unsaved = []
+            unsaved = []
             if step.asked:
                 asking = None
             moved = (len(report.created), len(report.deleted)) != before
@@ -858,6 +952,8 @@ class _Step:
     asked: bool = False  # the confirmation was shown (and accepted)
     #: replicas whose create a cloud's `clear_before_apply` found blocked (their error says why)
     blocked: dict[str, Blocked] = field(default_factory=dict)
+    #: replicas this step re-created under their ID (`recreated_replicas`)
+    recreated: list[ReplicaRecord] = field(default_factory=list)
 
     def converge(self, confirm: Confirm | None, max_rounds: int, route: bool) -> bool:
         """False if the user declined the plan (`report.cancelled`)."""
@@ -925,12 +1021,28 @@ class _Step:
                     check=False,
                 )
 
+            ids_before = {r.id: r.cloud_id for r in state.live()}
             try:
                 results = run_parallel(changed, run)
+                results, freed = free_taken_names(
+                    spec,
+                    state,
+                    changed,
+                    results,
+                    ws,
+                    engine,
+                    lambda root: run(root, {}),
+                    blocked=cleared.blocked,
+                )
             except KeyboardInterrupt:  # Terraform has stopped (the pool waited for it)
                 _stop_cut_short_launches(ws, changed, self.say)
                 raise
-            round_failures = _absorb_round(report, state, changed, results, clock, cleared.blocked)
+            report.warnings += freed.warnings
+            self.blocked.update(freed.blocked)
+            blocked = {**cleared.blocked, **freed.blocked}
+            round_failures = _absorb_round(report, state, changed, results, clock, blocked)
+            seen = {r.id for r in self.recreated}
+            self.recreated += [r for r in recreated_replicas(state, ids_before) if r.id not in seen]
             state.log(
                 {
                     "event": "apply",

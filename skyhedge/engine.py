@@ -870,6 +870,31 @@ class Terraform:
         Why the state and not `output`: Terraform saves each resource as it is created, but the
         root outputs only once the whole walk is done (a failed or killed apply leaves them as
         before), so a replica saved just before a `kill -9` is in the resources, not the outputs."""
+        return {key for _type, key, _attrs in self._pulled_instances(root)}
+
+    def held_instances(
+        self, root: TerraformRoot, resource_type: str, attribute: str = "id"
+    ) -> dict[str, set[str]]:
+        """Per replica ID, the cloud IDs (`attribute` of each `resource_type` object: the current
+        one and any deposed one) Terraform's state of `root` holds, read as `held_replicas` reads
+        it. An empty set: held, its ID not recorded.
+
+        Why IDs, not only replica IDs: a replica re-created under its ID runs on a new machine,
+        and only the machine's cloud ID tells the one Terraform holds from one an interrupted run
+        launched and Terraform never saved (on GCP both carry the replica's instance name)."""
+        held: dict[str, set[str]] = {}
+        for rtype, key, attrs in self._pulled_instances(root):
+            if rtype != resource_type:
+                continue
+            ids = held.setdefault(key, set())
+            value = attrs.get(attribute)
+            if isinstance(value, (str, int)) and not isinstance(value, bool) and str(value):
+                ids.add(str(value))
+        return held
+
+    def _pulled_instances(self, root: TerraformRoot) -> list[tuple[str, str, dict[str, Any]]]:
+        """(resource type, replica ID, attributes) of each managed resource object keyed by a
+        replica ID in `root`'s state, from `terraform state pull`."""
         self.init(root)
         _usable_local_state(root)
         done = self.run(self.invocation(["state", "pull"], root.path, root))
@@ -878,21 +903,23 @@ class Terraform:
                 f"terraform state pull failed in {root.name}", stderr=done.stderr.strip(), root=root.name
             )
         if not done.stdout.strip():
-            return set()  # no state yet
+            return []  # no state yet
         try:
             doc = json.loads(done.stdout)
-            held = {
-                str(inst["index_key"])
+            found = [
+                (str(res.get("type", "")), str(inst["index_key"]), inst.get("attributes") or {})
                 for res in doc.get("resources") or []
                 if res.get("mode") == "managed"
                 for inst in res.get("instances") or []
                 if isinstance(inst.get("index_key"), str)
-            }
+            ]
+            if not all(isinstance(attrs, dict) for _t, _k, attrs in found):
+                raise TypeError("attributes: expected an object")
         except (ValueError, AttributeError, TypeError, KeyError) as exc:
             raise EngineError(
                 f"terraform state pull in {root.name} is not a state ({exc})", root=root.name
             ) from exc
-        return {key for key in held if replica_of(f'x["{key}"]') == key}
+        return [item for item in found if replica_of(f'x["{item[1]}"]') == item[1]]
 
     def output(self, root: TerraformRoot) -> dict[str, Any]:
         """Root outputs as plain values (`{"replicas": {...}}`)."""

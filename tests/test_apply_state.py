@@ -889,5 +889,11 @@ def test_the_replicas_terraform_saved_are_read_from_its_state_not_from_its_outpu
     tfstate.write_text(json.dumps(doc))
     assert engine.output(root) == {}  # what `terraform output` would say
     assert engine.held_replicas(root) == {"r-0001", "r-0002"}
+    # and the machine each holds, by its cloud ID (what tells a replica's machine from one an
+    # interrupted re-create of it launched): the IDs the replicas recorded
+    recorded = {r.id: {r.cloud_id} for r in load_state(svc.state_dir, spec.name).live()}
+    assert engine.held_instances(root, "terraform_data", "id") == recorded
+    assert engine.held_instances(root, "aws_instance", "id") == {}
     assert destroy_service(spec, svc.state_dir, route=False).ok
     assert engine.held_replicas(root) == set()
+    assert engine.held_instances(root, "terraform_data") == {}

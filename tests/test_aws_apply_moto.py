@@ -524,3 +524,102 @@ def test_a_watcher_restarted_after_a_killed_run_terminates_what_that_run_launche
     }
     assert deployments == {state.extra["deployment"]}
     assert destroy_service(spec, state_dir, route=False).ok
+
+
+@pytest.mark.parametrize("via", ["apply", "watch"])
+def test_a_replica_recreated_by_a_killed_apply_leaves_no_instance_running_behind(
+    tmp_path: Path, moto_endpoint: str, via: str
+) -> None:
+    """EC2 took r-0001's spot instance before any watcher noticed; the next apply (a scale-up)
+    re-created r-0001 under its ID (Terraform's refresh drops a terminated instance) and was
+    killed after EC2's create call, before Terraform saved it. r-0001 is not "unsaved" in
+    skyhedge's state (it records the terminated instance), so the apply after that launched it
+    once more and the killed run's instance ran on, in no Terraform state, named only by a
+    watcher's warning after 10 minutes.
+
+    Now an apply that re-creates a replica under its ID terminates what this state launched for
+    it that no replica owns (its deployment tag), once that region's apply is clean; another
+    state's instance of the same replica ID is named, never terminated. A watcher's pass does
+    the same (its warning notes)."""
+    from skyhedge.apply import record_plan
+    from skyhedge.service import compute_plan, resolve_placement
+    from skyhedge.state import save_state
+
+    ec2 = boto3.client("ec2", region_name=REGION, endpoint_url=moto_endpoint)
+
+    def spec_of(replicas: int) -> Path:
+        path = tmp_path / f"recreated-{replicas}.yaml"
+        path.write_text(
+            "name: recreated\n"
+            "placement: {clouds: [aws], regions: [us-east-1], zones: [use1-az1]}\n"
+            f"resources: {{instance_type: {{aws: g6.xlarge}}, image_id: {{aws: {AMI}}}}}\n"
+            f"replica_policy: {{min_replicas: {replicas}, num_overprovision: 0, "
+            "dynamic_ondemand_fallback: false, policy: spothedge}\n"
+            "run: {command: 'python3 -m http.server 8000'}\n"
+            "aws: {ingress_cidrs: [10.0.0.0/8], public_ip: false}\n"
+        )
+        return path
+
+    def launch(rid: str, deployment: str) -> str:
+        tags = {"skyhedge:service": "recreated", "skyhedge:replica": rid, "skyhedge:deployment": deployment}
+        return ec2.run_instances(
+            ImageId=AMI,
+            InstanceType="g6.xlarge",
+            MinCount=1,
+            MaxCount=1,
+            TagSpecifications=[
+                {"ResourceType": "instance", "Tags": [{"Key": k, "Value": v} for k, v in tags.items()]}
+            ],
+        )["Instances"][0]["InstanceId"]
+
+    state_dir = tmp_path / "state-recreated"
+    assert apply_service(load_spec(spec_of(1)), state_dir, route=False, wait=False).ok
+    state = load_state(state_dir, "recreated")
+    [rec] = state.live()
+    first = str(rec.cloud_id)
+    ec2.terminate_instances(InstanceIds=[first])  # the spot instance taken by EC2
+
+    # the killed apply of the scale-up: its plan recorded, r-0001's new instance launched (with
+    # this state's tag, as the module tags it), Terraform's state never written
+    bigger = load_spec(spec_of(2))
+    placement = resolve_placement(bigger)
+    now = time.time()
+    plan, memory = compute_plan(bigger, state, now=now, placement=placement)
+    record_plan(state, plan, memory, placement, now)
+    save_state(state_dir, state)
+    orphan = launch(rec.id, state.extra["deployment"])
+    elsewhere = launch(rec.id, "0123456789abcdef")  # another state dir's replica of that ID
+
+    if via == "apply":
+        report = apply_service(bigger, state_dir, route=False, wait=False)
+        assert report.ok, report.errors
+        warnings = report.warnings
+    else:
+        from skyhedge.controller.executor import TerraformExecutor
+        from skyhedge.controller.loop import Controller
+
+        ctl = Controller(bigger, state_dir, executor=TerraformExecutor(bigger, state_dir))
+        ctl.tick()
+        assert not any("apply failed" in n.text for n in ctl.notes), [n.text for n in ctl.notes]
+        warnings = [n.text for n in ctl.notes if n.text.startswith("aws ")]
+    after = load_state(state_dir, "recreated")
+    recreated = str(after.replicas[rec.id].cloud_id)
+    assert recreated not in (first, orphan, elsewhere)
+    assert warnings == [
+        "aws us-east-1: terminated 1 instance(s) of recreated that an interrupted run of this state "
+        f"launched and Terraform never saved: {orphan} ({rec.id})",
+        "aws us-east-1: 1 instance(s) tagged for recreated still run, in no Terraform state (an apply "
+        f"killed before Terraform saved them?): {elsewhere} ({rec.id}); this apply launches their replicas "
+        f"again; they bill until terminated: aws ec2 terminate-instances --region {REGION} --instance-ids "
+        f"{elsewhere}",
+    ]
+    assert _instance_states(moto_endpoint, [orphan, elsewhere, recreated]) == {
+        orphan: "terminated",
+        elsewhere: "running",
+        recreated: "running",
+    }
+    assert {r.id for r in after.live()} == {rec.id, "r-0002"}
+    ec2.terminate_instances(InstanceIds=[elsewhere])
+    again = apply_service(bigger, state_dir, route=False, wait=False)
+    assert again.ok and again.warnings == [] and again.created == []
+    assert destroy_service(bigger, state_dir, route=False).ok

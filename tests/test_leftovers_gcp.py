@@ -28,6 +28,7 @@ import pytest
 from fake_http import json_methods_server
 
 from skyhedge.apply import apply_service, deployment_id, destroy_service, record_plan
+from skyhedge.clouds.common import Cleared
 from skyhedge.clouds.gcp import leftovers
 from skyhedge.clouds.gcp.events import ENDPOINT_ENV
 from skyhedge.engine import ApplyResult, Diagnostic, ResourceChange, TerraformRoot
@@ -385,14 +386,21 @@ def gce_base() -> str:
 
 class FakeGoogleTerraform:
     """Terraform with the google provider, as far as these replicas go: a state per root (replica
-    ID -> instance ID), each apply creating the module's instances (its names and labels, from the
-    root's tfvars) in `gce`, failing a create whose name is taken with the provider's error, and
-    destroying what the tfvars no longer hold."""
+    ID -> instance ID), each apply refreshing it (by instance name, as the provider reads), then
+    creating the module's instances (its names and labels, from the root's tfvars) in `gce`,
+    failing a create whose name is taken with the provider's error, and destroying what the
+    tfvars no longer hold; `kill` stops an apply as a `kill -9` would."""
 
     def __init__(self, gce: FakeGce) -> None:
         self.gce = gce
         self.state: dict[str, dict[str, str]] = {}
         self.calls: list[tuple[str, str]] = []
+        #: the replica whose create the next apply is killed in (`kill -9`), after Compute Engine's
+        #: insert and before Terraform saves it; `kill_saved` says whether Terraform had written its
+        #: state before (another resource done first: the refreshed state, without the replica's
+        #: gone instance, as measured with Terraform 1.11) or had written nothing at all.
+        self.kill: str | None = None
+        self.kill_saved = True
 
     def init(self, root: TerraformRoot, *, force: bool = False) -> bool:
         return False
@@ -401,12 +409,38 @@ class FakeGoogleTerraform:
         self.calls.append(("held", root.name))
         return set(self.state.get(root.name, {}))
 
+    def held_instances(self, root: TerraformRoot, resource_type: str, attribute: str) -> dict[str, set[str]]:
+        """`terraform state pull`: the instance IDs (`instance_id`) Terraform's state holds per replica."""
+        assert (resource_type, attribute) == ("google_compute_instance", "instance_id")
+        self.calls.append(("held_instances", root.name))
+        return {rid: {iid} for rid, iid in self.state.get(root.name, {}).items()}
+
+    def _refresh(self, held: dict[str, str], tfvars: dict[str, Any]) -> None:
+        """The provider's Read before planning: each instance the state holds is read by its NAME in
+        its zone (resource_compute_instance.go's getInstance: `Instances.Get(project, zone, name)`):
+        a 404 drops it from the state, and whatever instance carries the name now is the one the
+        state holds from then on (its `instance_id` read anew)."""
+        for rid in sorted(held):
+            name = f"skyhedge-{tfvars['service']}-{rid}"
+            zones = {z for (z, n), inst in self.gce.instances.items() if n == name}
+            zone = (tfvars["replicas"].get(rid) or {}).get("zone")
+            found = self.gce.instances.get((zone, name)) if zone else None
+            if found is None and zone is None and zones:
+                found = self.gce.instances[(sorted(zones)[0], name)]
+            if found is None:
+                del held[rid]
+            else:
+                held[rid] = found["id"]
+
     def apply(self, root: TerraformRoot, *, plan_file=None, on_event=None, check=True) -> ApplyResult:
         self.calls.append(("apply", root.name))
         tfvars = json.loads((root.path / TFVARS_FILE).read_text())
         held = self.state.setdefault(root.name, {})
+        before = dict(held)
+        self._refresh(held, tfvars)
         completed: list[ResourceChange] = []
         errors: list[Diagnostic] = []
+        killed = False
         for rid in sorted(set(held) - set(tfvars["replicas"])):
             iid = held.pop(rid)
             for key, inst in list(self.gce.instances.items()):
@@ -435,8 +469,17 @@ class FakeGoogleTerraform:
                 )
                 continue
             lab = labels(rid, deployment=tfvars.get("deployment"), service=tfvars["service"])
-            held[rid] = self.gce.add(r["zone"], name, lab)
+            iid = self.gce.add(r["zone"], name, lab)
+            if rid == self.kill:
+                killed = True  # inserted; Terraform is killed before it saves it
+                continue
+            held[rid] = iid
             completed.append(ResourceChange(address, "create"))
+        if killed:
+            self.kill = None
+            if not self.kill_saved:
+                self.state[root.name] = before
+            raise KeyboardInterrupt  # as a kill -9: nothing of this run is read back
         outputs = {
             "replicas": {
                 rid: {"cloud_id": iid, "name": f"skyhedge-llm-{rid}", "endpoint": f"http://10.0.0.{i}:8000"}
@@ -612,3 +655,201 @@ def test_a_restarted_watcher_deletes_what_the_killed_run_launched_and_labels_wha
     state = load_state(state_dir, "llm")
     assert sorted(r.id for r in state.live() if r.cloud_id) == sorted(launched)
     assert {i["labels"]["skyhedge-deployment"] for i in gce.instances.values()} == {state.extra["deployment"]}
+
+
+# ------------------------------------------------------------------------------------------------
+# A replica Terraform re-creates under its own name (its spot VM deleted), killed mid-create
+
+
+def spot_vm_deleted(gce: FakeGce, state_dir: Path, rid: str) -> tuple[str, str]:
+    """GCE deletes a preempted spot VM (the module's `instance_termination_action = "DELETE"`)
+    before any watcher noticed: skyhedge and Terraform still record the replica's instance.
+    Returns (zone, name)."""
+    rec = load_state(state_dir, "llm").replicas[rid]
+    key = (rec.zone, f"skyhedge-llm-{rid}")
+    assert gce.instances.pop(key)["id"] == rec.cloud_id
+    return key
+
+
+def test_a_replica_recreated_under_its_name_by_a_killed_apply_is_deleted_and_created_again(
+    gce, spec, tmp_path, write_spec
+):
+    """The apply that scales up also re-creates r-0001 under its name (Terraform's refresh found
+    its instance gone); it is killed after Compute Engine's insert of r-0001, once Terraform had
+    written its state (the scale-up's replica done first: written without r-0001, as the refresh
+    left it). r-0001 is neither in Terraform's state nor "unsaved" in skyhedge's (it records the
+    deleted instance): before, every later create of it failed with the provider's 409
+    alreadyExists, at every apply, while the killed run's instance billed on.
+
+    Now the 409 on a name this state's interrupted run holds deletes that instance (it is in no
+    Terraform state: compared by instance ID with what `terraform state pull` holds) and the
+    root is applied once more, creating the replica."""
+    bigger = load_spec(write_spec(SPEC.replace("min_replicas: 2", "min_replicas: 3"), name="bigger.yaml"))
+    state_dir = tmp_path / "state"
+    engine = FakeGoogleTerraform(gce)
+    assert apply_service(spec, state_dir, engine=engine, route=False, wait=False).ok
+    old = load_state(state_dir, "llm").replicas["r-0001"].cloud_id
+    key = spot_vm_deleted(gce, state_dir, "r-0001")
+    engine.kill = "r-0001"
+    with pytest.raises(KeyboardInterrupt):
+        apply_service(bigger, state_dir, engine=engine, route=False, wait=False)
+    orphan = gce.instances[key]["id"]
+    assert set(engine.state["gcp/us-central1"]) == {"r-0002", "r-0003"}  # r-0001 dropped by the refresh
+    assert load_state(state_dir, "llm").replicas["r-0001"].cloud_id == old  # never read back
+    gce.requests.clear()
+    engine.calls.clear()
+
+    report = apply_service(bigger, state_dir, engine=engine, route=False, wait=False)
+    assert report.ok, [str(e) for e in report.errors]
+    assert report.warnings == [
+        "gcp us-central1: deleted 1 instance(s) of llm that an interrupted run of this state launched and "
+        f"Terraform never saved, holding their replicas' names: skyhedge-llm-r-0001 (r-0001, {key[0]}); "
+        "this apply creates them again"
+    ]
+    assert gce.deletes() == ["skyhedge-llm-r-0001"]
+    new = load_state(state_dir, "llm").replicas["r-0001"].cloud_id
+    assert new not in (old, orphan) and gce.instances[key]["id"] == new
+    assert engine.calls == [
+        ("held", "gcp/us-central1"),  # r-0003, the scale-up's replica, is unsaved: held, never looked up
+        ("apply", "gcp/us-central1"),  # 409 for r-0001
+        ("held_instances", "gcp/us-central1"),
+        ("apply", "gcp/us-central1"),  # once more, its name free
+    ]
+    again = apply_service(bigger, state_dir, engine=engine, route=False, wait=False)
+    assert again.ok and again.warnings == []
+
+
+def test_killed_before_terraform_wrote_its_state_the_refresh_adopts_the_instance_by_name(
+    gce, spec, tmp_path, write_spec
+):
+    """Killed before Terraform wrote anything: its state still holds r-0001's deleted instance.
+    The google provider reads an instance by name, so the next refresh takes the killed run's
+    instance as r-0001's: it serves as r-0001 and is never deleted. (The scale-up's r-0003,
+    inserted too and never saved, is the unsaved replica's instance, deleted before Terraform
+    creates r-0003 again, as before.)"""
+    bigger = load_spec(write_spec(SPEC.replace("min_replicas: 2", "min_replicas: 3"), name="bigger.yaml"))
+    state_dir = tmp_path / "state"
+    engine = FakeGoogleTerraform(gce)
+    assert apply_service(spec, state_dir, engine=engine, route=False, wait=False).ok
+    key = spot_vm_deleted(gce, state_dir, "r-0001")
+    engine.kill, engine.kill_saved = "r-0001", False
+    with pytest.raises(KeyboardInterrupt):
+        apply_service(bigger, state_dir, engine=engine, route=False, wait=False)
+    orphan = gce.instances[key]["id"]
+    report = apply_service(bigger, state_dir, engine=engine, route=False, wait=False)
+    assert report.ok, [str(e) for e in report.errors]
+    [warning] = report.warnings
+    assert "skyhedge-llm-r-0003 (r-0003, " in warning and "r-0001" not in warning
+    assert gce.deletes() == ["skyhedge-llm-r-0003"]
+    assert load_state(state_dir, "llm").replicas["r-0001"].cloud_id == orphan == gce.instances[key]["id"]
+
+
+@pytest.mark.parametrize("found", [None, "0123456789abcdef"], ids=["no-label", "another-state"])
+def test_a_name_someone_else_holds_blocks_the_recreated_replica_in_one_line_and_is_never_deleted(
+    gce, spec, tmp_path, found
+):
+    """The 409 is looked into as above, but the instance under the name is not this state's:
+    never deleted, no second apply, and the error is one line with the command that deletes it
+    (before: the provider's 409 text)."""
+    state_dir = tmp_path / "state"
+    engine = FakeGoogleTerraform(gce)
+    assert apply_service(spec, state_dir, engine=engine, route=False, wait=False).ok
+    zone, name = spot_vm_deleted(gce, state_dir, "r-0001")
+    del engine.state["gcp/us-central1"]["r-0001"]  # as a killed apply's written state
+    gce.add(zone, name, labels("r-0001", deployment=found))
+    state = load_state(state_dir, "llm")
+    state.extra["terraform"]["roots"]["gcp/us-central1"]["digest"] = "killed mid-apply"
+    save_state(state_dir, state)
+    engine.calls.clear()
+    report = apply_service(spec, state_dir, engine=engine, route=False, wait=False)
+    assert gce.deletes() == [] and report.warnings == []
+    [error] = report.errors
+    assert str(error).startswith(
+        f"terraform apply failed in gcp/us-central1: r-0001: instance {name} already exists in {zone}, in no "
+        "Terraform state of this service and "
+    )
+    assert str(error).endswith(f"gcloud compute instances delete {name} --zone {zone} --project proj-1")
+    assert "alreadyExists" in error.stderr
+    assert [c for c, _ in engine.calls] == ["apply", "held_instances"]
+
+
+def test_no_gce_request_and_no_state_pull_unless_a_run_was_interrupted(gce, spec, tmp_path, write_spec):
+    """What finds those instances costs nothing on the usual path: a fresh apply, a scale-up and
+    an apply with nothing to change make no Compute Engine request and read no Terraform state."""
+    state_dir = tmp_path / "state"
+    engine = FakeGoogleTerraform(gce)
+    bigger = load_spec(write_spec(SPEC.replace("min_replicas: 2", "min_replicas: 3"), name="bigger.yaml"))
+    for s in (spec, bigger, bigger):
+        report = apply_service(s, state_dir, engine=engine, route=False, wait=False)
+        assert report.ok and report.warnings == []
+    assert gce.requests == []
+    assert [c for c, _ in engine.calls] == ["apply", "apply"]
+
+
+def test_a_restarted_watcher_frees_the_name_of_a_replica_recreated_by_a_killed_run(
+    gce, spec, tmp_path, write_spec
+):
+    """The watcher's executor does as `apply`: the 409 on a name this state's killed run holds
+    deletes that instance and applies the root once more (before, the replica failed at every
+    pass, was given up after 3, and the instance ran on)."""
+    from skyhedge.controller.executor import TerraformExecutor
+    from skyhedge.controller.loop import Controller
+
+    bigger = load_spec(write_spec(SPEC.replace("min_replicas: 2", "min_replicas: 3"), name="bigger.yaml"))
+    state_dir = tmp_path / "state"
+    engine = FakeGoogleTerraform(gce)
+    assert apply_service(spec, state_dir, engine=engine, route=False, wait=False).ok
+    key = spot_vm_deleted(gce, state_dir, "r-0001")
+    engine.kill = "r-0001"
+    with pytest.raises(KeyboardInterrupt):
+        apply_service(bigger, state_dir, engine=engine, route=False, wait=False)
+    orphan = gce.instances[key]["id"]
+    ctl = Controller(bigger, state_dir, executor=TerraformExecutor(bigger, state_dir, engine=engine))
+    ctl.tick()
+    assert not any("apply failed" in n.text for n in ctl.notes), [n.text for n in ctl.notes]
+    [note] = [n.text for n in ctl.notes if "deleted" in n.text]
+    assert note.startswith("gcp us-central1: deleted 1 instance(s) of llm") and "skyhedge-llm-r-0001" in note
+    new = load_state(state_dir, "llm").replicas["r-0001"].cloud_id
+    assert new != orphan and gce.instances[key]["id"] == new
+
+
+def test_only_a_create_refused_for_its_own_instance_name_counts_as_a_name_taken():
+    def at(rid: str) -> str:
+        return f'module.replicas.google_compute_instance.replica["{rid}"]'
+
+    def taken(name: str) -> str:
+        return (
+            "Error creating instance: googleapi: Error 409: The resource "
+            f"'projects/proj-1/zones/{ZONE}/instances/{name}' already exists, alreadyExists"
+        )
+
+    errors = [
+        Diagnostic("error", taken("skyhedge-llm-r-0001"), "", at("r-0001")),
+        Diagnostic("error", taken("skyhedge-llm-r-0009"), "", at("r-0002")),  # not its name
+        Diagnostic("error", taken("skyhedge-llm-r-0003-x"), "", at("r-0003")),
+        Diagnostic("error", "Error creating Firewall: googleapi: Error 409: already exists, alreadyExists"),
+        Diagnostic(
+            "error",
+            "Error creating instance: googleapi: Error 503: ZONE_RESOURCE_POOL_EXHAUSTED",
+            "",
+            at("r-0004"),
+        ),
+    ]
+    assert leftovers.names_taken("llm", errors) == {"r-0001"}
+
+
+def test_after_a_name_conflict_nothing_terraform_holds_is_looked_up_or_deleted(gce, spec):
+    """Compared by instance ID: an instance whose ID Terraform's state holds is never deleted,
+    whatever its labels say, and a replica Terraform holds is not even looked up."""
+    held_by_terraform = gce.add(ZONE, "skyhedge-llm-r-0001", labels("r-0001"))
+    gce.add(ZONE, "skyhedge-llm-r-0002", labels("r-0002"))
+    cleared = leftovers.clear_name_conflicts(
+        spec,
+        [record("r-0001"), record("r-0002")],
+        held={"r-0002": {"7"}, "r-0009": {held_by_terraform}},
+        deployment=DEPLOYMENT,
+    )
+    assert cleared == Cleared()
+    assert gce.requests == [
+        ("GET", f"/compute/v1/projects/{PROJECT}/zones/{ZONE}/instances/skyhedge-llm-r-0001")
+    ]

@@ -85,9 +85,12 @@ class Blocked:
 
 @dataclass(frozen=True)
 class Cleared:
-    """What a cloud's `clear_before_apply` did before Terraform applied a root: `warnings`
-    (`warning:` lines: machines removed, lookups that failed) and the replicas whose create it
-    knows will fail (`blocked`, by replica ID)."""
+    """What a cloud's `clear_before_apply` did before Terraform applied a root (or its
+    `clear_name_conflicts` after a create found a name taken): `warnings` (`warning:` lines:
+    machines removed, lookups that failed), the replicas whose create it knows will fail
+    (`blocked`, by replica ID), and those whose machine name it found free, or freed (`freed`:
+    a create that failed on the name succeeds if applied again)."""
 
     warnings: tuple[str, ...] = ()
     blocked: dict[str, Blocked] = field(default_factory=dict)
+    freed: tuple[str, ...] = ()

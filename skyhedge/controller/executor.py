@@ -19,14 +19,15 @@ from skyhedge.apply import (
     changed_roots,
     clear_before_apply,
     explained,
+    free_taken_names,
     instance_types,
     roots_with_resources,
 )
 from skyhedge.controller.ports import ExecResult
-from skyhedge.engine import EventCallback, Terraform, run_parallel
+from skyhedge.engine import ApplyResult, EventCallback, Terraform, run_parallel
 from skyhedge.errors import EngineError
 from skyhedge.planner import Plan
-from skyhedge.render import render_tree, write_tree
+from skyhedge.render import RenderedRoot, render_tree, write_tree
 from skyhedge.service import Placement, resolve_placement
 from skyhedge.spec import ServiceSpec
 from skyhedge.state import ServiceState
@@ -69,12 +70,17 @@ class TerraformExecutor:
             return ExecResult()
         write_tree(tree, ws.tree_dir)
         cleared = clear_before_apply(self.spec, state, plan, changed, ws, self.engine)
-        results = run_parallel(
-            changed,
-            lambda root: self.engine.apply(
-                ws.root(root.cloud, root.region), on_event=self.on_event, check=False
-            ),
+
+        def run(root: RenderedRoot) -> ApplyResult:
+            return self.engine.apply(ws.root(root.cloud, root.region), on_event=self.on_event, check=False)
+
+        results = run_parallel(changed, run)
+        # a create that failed on its machine name, which this state's killed run holds: freed,
+        # and the root applied once more (`free_taken_names`)
+        results, freed = free_taken_names(
+            self.spec, state, changed, results, ws, self.engine, run, blocked=cleared.blocked
         )
+        blocked = {**cleared.blocked, **freed.blocked}
         now = self.clock()  # the results are as of now, after Terraform ran
         errors: list[str] = []
         refused: list[str] = []
@@ -92,7 +98,7 @@ class TerraformExecutor:
                 failed_ids = {f.replica_id for f in failures}
                 other = [d for d in result.errors if d.replica_id not in failed_ids]
                 for diag in list(other):
-                    if (line := explained(cleared.blocked, diag)) is not None:
+                    if (line := explained(blocked, diag)) is not None:
                         other.remove(diag)
                         errors.append(f"{root.path}: {line}")
                 if other or not result.errors:
@@ -113,5 +119,5 @@ class TerraformExecutor:
             errors=tuple(errors),
             launch_failures=tuple(refused),
             detail="\n".join(d for d in detail if d),
-            warnings=cleared.warnings,
+            warnings=cleared.warnings + freed.warnings,
         )

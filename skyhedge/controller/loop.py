@@ -41,6 +41,7 @@ from skyhedge.apply import (
     held_replicas,
     instances_left_unsaved,
     record_plan,
+    recreated_replicas,
     reopen_unfinished_deletes,
     unsaved_replicas,
 )
@@ -322,6 +323,9 @@ class Controller:
         self._unsaved = [] if is_gitops(self.state) else unsaved_replicas(self.state)
         self._written: _Written | None = None  # what `save` last wrote (None: nothing yet)
         self._policy_clocks: dict[str, frozenset[str]] = {}  # policy name -> its clock_memory
+        # replicas a pass re-created under their ID (`recreated_replicas`): looked for as those,
+        # once a pass applied cleanly (what a killed re-create launched; in memory only)
+        self._recreated: list[ReplicaRecord] = []
 
     def reconfigure(
         self,
@@ -773,6 +777,7 @@ class Controller:
                     replicas=tuple(replace(r, action=KEEP) if r.id in held else r for r in plan.replicas),
                 )
         before = {r.id: r.provisioned_at for r in st.live()}
+        cloud_ids = {r.id: r.cloud_id for r in st.live()}
         started = self.clock()
         try:
             result = self.executor.apply(st, plan, started)
@@ -791,13 +796,16 @@ class Controller:
             rec = st.replicas.get(rid)
             zone = rec.zone if rec is not None else "?"
             self.note(f"launch of {rid} refused in {zone}: no spot capacity, re-planning", done)
+        if not is_gitops(st):
+            seen = {r.id for r in self._recreated}
+            self._recreated += [r for r in recreated_replicas(st, cloud_ids) if r.id not in seen]
         if result.applied and not result.failed:
             why = "" if plan.has_changes else " (reconciling with Terraform's state)"
             self.note(f"applied {', '.join(result.applied)} in {done - started:.1f}s{why}", done)
-            if self._unsaved:
-                for line in instances_left_unsaved(self.spec, st, self._unsaved):
+            if self._unsaved or self._recreated:
+                for line in instances_left_unsaved(self.spec, st, [*self._unsaved, *self._recreated]):
                     self.note(line, done, level=logging.WARNING)
-                self._unsaved = []
+                self._unsaved, self._recreated = [], []
         cause = apply_cause(result.detail)
         for line in result.errors:
             self.note(f"apply failed: {with_cause(line, cause)}", done, level=logging.WARNING)

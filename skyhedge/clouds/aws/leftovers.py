@@ -11,6 +11,11 @@ apply that renders the root): such an instance is terminated, named in one line.
 tagged for the service (a GitOps apply, another state dir of the same service name, an instance
 from before the tag) may be someone's live replica: skyhedge names it, with the command that
 terminates it, and leaves the choice to the user.
+
+The replicas looked for are those an earlier run recorded and never read back, and those an
+apply re-created under their ID (`skyhedge.apply.recreated_replicas`: Terraform replaces a
+replica whose instance EC2 terminated; an earlier apply killed while doing so left its instance
+behind, and the replica, recording the terminated instance, was not "unsaved").
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """GCE instances labelled for a service that no Terraform state holds (`skyhedge.apply` finds
-this file per cloud: `clear_before_apply` before Terraform applies a root, `instances_left`
-after).
+this file per cloud: `clear_before_apply` before Terraform applies a root, `names_taken` and
+`clear_name_conflicts` when a create failed on its name, `instances_left` after).
 
 An apply killed (`kill -9`, the OOM killer, a cancelled CI runner) between Compute Engine's
 insert call and Terraform saving its state leaves a running instance that Terraform's state
@@ -19,6 +19,14 @@ it is never deleted; the apply's failure for that replica says so in one line, w
 `gcloud` command that deletes it. After the apply, and after `destroy`, instances labelled for
 the service that no live replica owns are handled the same way (`instances_left`).
 
+A replica Terraform re-creates under its name (its spot VM deleted by GCE) is not "unsaved":
+skyhedge records its deleted VM. Killed mid-create after Terraform wrote its refreshed state
+(without the replica), the killed run's instance held the name and the replica's create failed
+with 409 at every apply. That 409 is the trigger (`names_taken`): the instance is deleted when it
+is this state's and its numeric ID is not one Terraform's state holds (`clear_name_conflicts`),
+and the caller applies the root once more. (Killed before Terraform wrote anything, the
+provider, which reads an instance by name, adopts the instance at the next refresh.)
+
 A lookup or a delete that fails or times out is a warning, never the command's failure.
 """
 
@@ -26,7 +34,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
@@ -43,6 +51,7 @@ from skyhedge.clouds.gcp.events import (
 from skyhedge.errors import CloudError
 
 if TYPE_CHECKING:
+    from skyhedge.engine import Diagnostic
     from skyhedge.spec import ServiceSpec
     from skyhedge.state import ReplicaRecord
 
@@ -61,7 +70,15 @@ POLL_SECONDS = 2.0
 #: A test or a caller with its own authorized session sets this.
 SESSION: Any = None
 
-__all__ = ["LABEL_DEPLOYMENT", "clear_before_apply", "instance_name", "instances_left"]
+__all__ = [
+    "INSTANCE_RESOURCE",
+    "LABEL_DEPLOYMENT",
+    "clear_before_apply",
+    "clear_name_conflicts",
+    "instance_name",
+    "instances_left",
+    "names_taken",
+]
 
 
 def instance_name(service: str, replica_id: str) -> str:
@@ -201,6 +218,117 @@ def _operation_error(op: Mapping[str, Any]) -> str | None:
     return f"the delete failed: {error}"
 
 
+def _whose(labels: Mapping[str, Any], service: str, rid: str, deployment: str | None) -> str | None:
+    """None when `labels` are those this state's module gives replica `rid` of `service` (its
+    deployment ID, service and replica): launched by this very state. Else how the instance is
+    labelled, as its replica's `Blocked` line says it."""
+    if (
+        deployment is not None
+        and labels.get(LABEL_DEPLOYMENT) == deployment
+        and labels.get(LABEL_SERVICE) == service
+        and labels.get(LABEL_REPLICA) == rid
+    ):
+        return None
+    mark = labels.get(LABEL_DEPLOYMENT)
+    if mark and mark == deployment:
+        # this state's ID on an instance not labelled as this replica: its labels were edited,
+        # so what it runs is unknown (never this state's own ID called another state's)
+        return (
+            f"labelled with this state's {LABEL_DEPLOYMENT} but as {LABEL_SERVICE}="
+            f"{labels.get(LABEL_SERVICE, '(none)')}, "
+            f"{LABEL_REPLICA}={labels.get(LABEL_REPLICA, '(none)')} (labels edited by hand?)"
+        )
+    return (
+        f"labelled as another skyhedge state's ({LABEL_DEPLOYMENT}={mark})"
+        if mark
+        else f"with no {LABEL_DEPLOYMENT} label of this state"
+    ) + " (another state dir, a GitOps CI, or a skyhedge from before the label may run it)"
+
+
+def _someone_elses(project: str, rec: ReplicaRecord, name: str, whose: str) -> Blocked:
+    return Blocked(
+        f"{rec.id}: instance {name} already exists in {rec.zone}, in no Terraform state of this "
+        f"service and {whose}: skyhedge leaves it alone and cannot create the replica under its "
+        "name; if it is no one's, delete it and apply again: " + _delete_command(project, rec.zone, [name]),
+        evidence=name,
+    )
+
+
+@dataclass
+class _Names:
+    """What holds each replica's instance name in its zone (`_look_up`)."""
+
+    ours: dict[tuple[str, str], tuple[ReplicaRecord, dict[str, Any]]] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    blocked: dict[str, Blocked] = field(default_factory=dict)  # names someone else holds
+    free: list[str] = field(default_factory=list)  # replicas whose name nothing holds
+
+
+def _look_up(
+    compute: _Compute, spec: ServiceSpec, todo: Sequence[ReplicaRecord], deployment: str | None
+) -> _Names:
+    """Each replica's instance name in its zone: the instances this state launched for them,
+    keyed by (zone, name), are `ours`."""
+    names = _Names()
+    for rec in todo:
+        name = instance_name(spec.name, rec.id)
+        try:
+            inst = compute.instance(rec.zone, name)
+        except CloudError as exc:
+            names.warnings.append(
+                f"gcp {rec.zone}: could not look for instance {name} ({rec.id}) that an interrupted run "
+                f"may have left holding its name ({exc})"
+            )
+            continue
+        if inst is None:
+            names.free.append(rec.id)
+            continue
+        labels = inst.get("labels") if isinstance(inst.get("labels"), dict) else {}
+        whose = _whose(labels, spec.name, rec.id, deployment)
+        if whose is None:
+            names.ours[(rec.zone, name)] = (rec, inst)
+        else:
+            names.blocked[rec.id] = _someone_elses(compute.project, rec, name, whose)
+    return names
+
+
+def _delete_ours(
+    compute: _Compute, spec: ServiceSpec, regions: str, ours: Mapping[tuple[str, str], ReplicaRecord]
+) -> tuple[list[str], dict[str, Blocked], list[str]]:
+    """Delete the instances an interrupted run of this state left holding their replicas' names
+    (waiting for each zone operation: the name is free only then): (warnings, `Blocked` lines for
+    those not deleted, replicas whose name is free now)."""
+    warnings: list[str] = []
+    blocked: dict[str, Blocked] = {}
+    if not ours:
+        return warnings, blocked, []
+    outcome = compute.delete(sorted(ours))
+    done = [key for key in sorted(ours) if outcome.get(key) is None]
+    if done:
+        warnings.append(
+            f"gcp {regions}: deleted {len(done)} instance(s) of {spec.name} that an interrupted run of "
+            "this state launched and Terraform never saved, holding their replicas' names: "
+            + ", ".join(f"{name} ({ours[(zone, name)].id}, {zone})" for zone, name in done)
+            + "; this apply creates them again"
+        )
+    for key in sorted(ours):
+        why = outcome.get(key)
+        if why is None:
+            continue
+        (zone, name), rid = key, ours[key].id
+        warnings.append(
+            f"gcp {zone}: could not delete instance {name} ({rid}) that an interrupted run of this "
+            f"state launched and Terraform never saved: {why}"
+        )
+        blocked[rid] = Blocked(
+            f"{rid}: instance {name} in {zone}, launched by an interrupted run of this state and "
+            f"never saved by Terraform, still holds the replica's name ({why}); the next apply "
+            f"deletes it again, or: {_delete_command(compute.project, zone, [name])}",
+            evidence=name,
+        )
+    return warnings, blocked, [ours[key].id for key in done]
+
+
 def clear_before_apply(
     spec: ServiceSpec,
     replicas: Sequence[ReplicaRecord],
@@ -224,82 +352,84 @@ def clear_before_apply(
         return Cleared()
     regions = ", ".join(sorted({r.region for r in todo}))
     try:
-        project = _project(spec)
-        compute = _Compute(project)
+        compute = _Compute(_project(spec))
     except CloudError as exc:
         return Cleared((f"gcp {regions}: could not look for instances an interrupted run left ({exc})",))
-    warnings: list[str] = []
-    blocked: dict[str, Blocked] = {}
-    ours: dict[tuple[str, str], ReplicaRecord] = {}
-    for rec in todo:
-        name = instance_name(spec.name, rec.id)
-        try:
-            inst = compute.instance(rec.zone, name)
-        except CloudError as exc:
-            warnings.append(
-                f"gcp {rec.zone}: could not look for instance {name} ({rec.id}) that an interrupted run "
-                f"may have left holding its name ({exc})"
-            )
-            continue
-        if inst is None:
-            continue
-        labels = inst.get("labels") if isinstance(inst.get("labels"), dict) else {}
-        if (
-            deployment is not None
-            and labels.get(LABEL_DEPLOYMENT) == deployment
-            and labels.get(LABEL_SERVICE) == spec.name
-            and labels.get(LABEL_REPLICA) == rec.id
-        ):
-            ours[(rec.zone, name)] = rec
-            continue
-        mark = labels.get(LABEL_DEPLOYMENT)
-        if mark and mark == deployment:
-            # this state's ID on an instance not labelled as this replica: its labels were edited,
-            # so what it runs is unknown (never this state's own ID called another state's)
-            whose = (
-                f"labelled with this state's {LABEL_DEPLOYMENT} but as {LABEL_SERVICE}="
-                f"{labels.get(LABEL_SERVICE, '(none)')}, "
-                f"{LABEL_REPLICA}={labels.get(LABEL_REPLICA, '(none)')} (labels edited by hand?)"
-            )
-        else:
-            whose = (
-                f"labelled as another skyhedge state's ({LABEL_DEPLOYMENT}={mark})"
-                if mark
-                else f"with no {LABEL_DEPLOYMENT} label of this state"
-            ) + " (another state dir, a GitOps CI, or a skyhedge from before the label may run it)"
-        blocked[rec.id] = Blocked(
-            f"{rec.id}: instance {name} already exists in {rec.zone}, in no Terraform state of this "
-            f"service and {whose}: skyhedge leaves it alone and cannot create the replica under its "
-            "name; if it is no one's, delete it and apply again: "
-            + _delete_command(project, rec.zone, [name]),
-            evidence=name,
+    names = _look_up(compute, spec, todo, deployment)
+    more, not_deleted, _freed = _delete_ours(
+        compute, spec, regions, {k: r for k, (r, _i) in names.ours.items()}
+    )
+    return Cleared(tuple(names.warnings + more), {**names.blocked, **not_deleted})
+
+
+#: The module's instance resource and the attribute holding its server-assigned ID
+#: (`Terraform.held_instances`). Not `id` nor `self_link`: both are made of the name, the same
+#: for a replica's first instance and one re-created under its name.
+INSTANCE_RESOURCE = ("google_compute_instance", "instance_id")
+
+
+def names_taken(service: str, errors: Iterable[Diagnostic]) -> set[str]:
+    """The replicas whose create Terraform's apply reports failed because their instance name
+    is taken: the google provider's `Error creating instance: googleapi: Error 409: The resource
+    'projects/P/zones/Z/instances/skyhedge-NAME-r-0003' already exists, alreadyExists`."""
+    return {
+        rid
+        for diag in errors
+        if (rid := diag.replica_id)
+        and "alreadyExists" in diag.text
+        and f"/instances/{instance_name(service, rid)}'" in diag.text
+    }
+
+
+def clear_name_conflicts(
+    spec: ServiceSpec,
+    replicas: Sequence[ReplicaRecord],
+    *,
+    held: Mapping[str, set[str]],
+    deployment: str | None,
+) -> Cleared:
+    """After Terraform's create of `replicas` failed on their instance name (`names_taken`):
+    the instance holding each name, when it is this state's and Terraform's state does not hold
+    it, is deleted, and the replica is `freed` (the caller applies the root once more).
+
+    Why after the failure, not before every apply: such an instance is left by an apply killed
+    while it re-created, under its ID, a replica Terraform held (its spot VM deleted by GCE),
+    after Terraform had written its state without the replica (another resource of the root
+    done first). skyhedge still records the deleted VM for that replica, so nothing before the
+    apply sets it apart from any replica it keeps: finding it there would take a `terraform
+    state pull` and a Compute request per replica at every apply. The provider's 409 names it
+    exactly, at no cost until then: measured, 0 Compute requests and 0 `state pull` over a
+    fresh apply, a scale-up and an apply with nothing to change. (Killed before Terraform wrote
+    anything, its state still holds the replica's deleted VM, and the provider, which reads an
+    instance by its name, adopts the killed run's instance at the next refresh: no 409, nothing
+    to delete.)
+
+    `held`: per replica, the instance IDs Terraform's state holds (`Terraform.held_instances`,
+    read after the failed apply). A replica Terraform holds is never looked at, and an instance
+    whose ID it holds is never deleted. Else as `clear_before_apply`: an instance this state's
+    labels do not mark as this replica's is left alone, and the replica's error is one line
+    with the command that deletes it. Failures to look or to delete are warnings, never raised."""
+    kept = {iid for ids in held.values() for iid in ids}
+    todo = [r for r in sorted(replicas, key=lambda r: r.id) if r.id not in held]
+    if not todo:
+        return Cleared()
+    regions = ", ".join(sorted({r.region for r in todo}))
+    try:
+        compute = _Compute(_project(spec))
+    except CloudError as exc:
+        return Cleared(
+            (f"gcp {regions}: could not look for the instances holding the names of {_ids(todo)} ({exc})",)
         )
-    if ours:
-        outcome = compute.delete(sorted(ours))
-        done = [key for key in sorted(ours) if outcome.get(key) is None]
-        if done:
-            warnings.append(
-                f"gcp {regions}: deleted {len(done)} instance(s) of {spec.name} that an interrupted run of "
-                "this state launched and Terraform never saved, holding their replicas' names: "
-                + ", ".join(f"{name} ({ours[(zone, name)].id}, {zone})" for zone, name in done)
-                + "; this apply creates them again"
-            )
-        for key in sorted(ours):
-            why = outcome.get(key)
-            if why is None:
-                continue
-            (zone, name), rid = key, ours[key].id
-            warnings.append(
-                f"gcp {zone}: could not delete instance {name} ({rid}) that an interrupted run of this "
-                f"state launched and Terraform never saved: {why}"
-            )
-            blocked[rid] = Blocked(
-                f"{rid}: instance {name} in {zone}, launched by an interrupted run of this state and "
-                f"never saved by Terraform, still holds the replica's name ({why}); the next apply "
-                f"deletes it again, or: {_delete_command(project, zone, [name])}",
-                evidence=name,
-            )
-    return Cleared(tuple(warnings), blocked)
+    names = _look_up(compute, spec, todo, deployment)
+    ours = {key: rec for key, (rec, inst) in names.ours.items() if str(inst.get("id", "")) not in kept}
+    more, not_deleted, freed = _delete_ours(compute, spec, regions, ours)
+    return Cleared(
+        tuple(names.warnings + more), {**names.blocked, **not_deleted}, tuple(sorted([*names.free, *freed]))
+    )
+
+
+def _ids(records: Sequence[ReplicaRecord]) -> str:
+    return ", ".join(r.id for r in records)
 
 
 @dataclass(frozen=True)
