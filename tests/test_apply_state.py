@@ -481,6 +481,30 @@ def test_status_says_what_the_autoscaler_decided_and_why(tmp_path: Path):
     )
 
 
+def test_status_shows_times_no_clock_can_show_instead_of_dying_on_them(tmp_path: Path):
+    """`status` now prints when the rate was measured (`qps_at`, the last sample's time): a state
+    whose times no local clock can show (written under a clock far in the future, or edited by
+    hand; the loader checks only that they are numbers) made the text end in an OverflowError
+    traceback, and so did a wish's `adopt_at` and a launch hold's `until`. It shows them as the
+    numbers they are, and the rest of the state with them."""
+    spec = tmp_path / "s.yaml"
+    spec.write_text(
+        "name: busy\nplacement: {clouds: [local]}\nrun: {command: 'true'}\n"
+        "replica_policy: {min_replicas: 2, max_replicas: 4, target_qps_per_replica: 20}\n"
+    )
+    far = 1e20
+    scaler = {"samples": [[0.0, 0.0], [far, 3090.0]], "target": 4, "pending": 3, "pending_since": far}
+    hold = {"until": far, "reason": "crash loop"}
+    extra = {"autoscaler": {**scaler, "qps": 51.5}, "launch_hold": hold}
+    save_state(tmp_path / "st", ServiceState(service="busy", target=4, extra=extra))
+    out = run_cli("status", str(spec), "--state-dir", str(tmp_path / "st"))
+    assert out.exit_code == 0, out.output
+    text = " ".join(out.output.split())
+    assert "51.5 req/s over the 60 s to 1e+20 (not a time)" in text
+    assert "wants 3, adopted at 1e+20 (not a time) if the rate holds" in text
+    assert "Launches held until 1e+20 (not a time): crash loop" in text
+
+
 def test_status_shows_what_the_local_capacity_file_holds_back(tmp_path: Path):
     """A zone `skyhedge preempt` closed, a market replay's finite pool and the replay itself: a
     user wondering why launches are refused sees why (status --json and the text alike)."""

@@ -232,6 +232,40 @@ def test_the_working_copy_is_clean_after_each_commit_and_ci_rerenders_the_commit
         assert (tmp_path / "again" / name).read_bytes() == (repo / "infra" / name).read_bytes(), name
 
 
+def test_idle_passes_after_a_commit_leave_the_committed_state_file_as_committed(tmp_path, repo, write_spec):
+    """A commit writes state.json whole (`finish`) after the pass's own save: the watcher must
+    count that as its last write. It did not, so the very next idle pass rewrote state.json for
+    its clocks alone (one write more per commit, and the working copy dirty one pass after every
+    commit, not SAVE_EVERY later)."""
+    from skyhedge.controller.loop import SAVE_EVERY
+
+    clock, sdir = Clock(1_700_000_000.0), repo / "state"
+    spec = load_spec(write_spec(SPEC.replace("policy: spothedge", "policy: skyhedge")))
+    ctl = Controller(
+        spec,
+        sdir,
+        executor=GitOpsExecutor(spec, sdir, repo, clock=clock),
+        sources=[FakeSource()],
+        clock=clock,
+        options=ControllerOptions(assume_ready=True, survival_period=3600),
+    )
+    ctl.tick()
+    assert len(commits(repo)) == 1 and git(repo, "status", "--porcelain") == ""
+    committed = (sdir / "state.json").read_bytes()
+    committed_at = clock()
+    while clock() + 10 - committed_at < SAVE_EVERY:  # idle passes: only their clocks move
+        clock.advance(10)
+        ctl.tick()
+        assert git(repo, "status", "--porcelain") == ""
+        assert (sdir / "state.json").read_bytes() == committed
+    assert len(commits(repo)) == 1
+    clock.advance(10)
+    ctl.tick()  # SAVE_EVERY after the commit: the clocks are written (the next commit carries them)
+    assert git(repo, "status", "--porcelain").split() == ["M", "state/state.json"]
+    disk = json.loads((sdir / "state.json").read_text())
+    assert disk["extra"]["decided_at"] == ctl.state.extra["decided_at"] == clock()
+
+
 def test_an_emptied_region_stays_rendered_empty_so_ci_destroys_what_ran_there(tmp_path, repo, write_spec):
     clock = Clock(1_700_000_000.0)
     sdir = repo / "state"

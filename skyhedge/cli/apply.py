@@ -416,6 +416,16 @@ def autoscaler_status(spec: ServiceSpec, state: ServiceState) -> dict[str, Any] 
     }
 
 
+def clock_time(at: Any, fmt: str = "%H:%M:%S") -> str:
+    """`at` (a Unix time from the state or a file beside it) as local time, or as the number it is
+    when it is no time the platform can show (a hand edit, a clock far in the future): `status`
+    shows such a state in full rather than dying on an OverflowError in the middle of it."""
+    try:
+        return time.strftime(fmt, time.localtime(float(at)))
+    except (OverflowError, ValueError, OSError, TypeError):
+        return f"{at!r} (not a time)"
+
+
 def _describe_autoscaler(scaler: dict[str, Any]) -> str:
     bounds = f"{scaler['min_replicas']}-{scaler['max_replicas']}"
     window = f"{scaler['window_seconds']:.0f} s"
@@ -424,14 +434,14 @@ def _describe_autoscaler(scaler: dict[str, Any]) -> str:
     elif scaler.get("qps_at") is None:
         rate = f"{scaler['qps']:.1f} req/s over the last {window}"
     else:  # as last saved: up to a minute behind the running watcher (its /metrics has it live)
-        at = time.strftime("%H:%M:%S", time.localtime(float(scaler["qps_at"])))
+        at = clock_time(scaler["qps_at"])
         rate = f"{scaler['qps']:.1f} req/s over the {window} to {at}"
     text = (
         f"target {scaler['target']} ({rate}, "
         f"{scaler['target_qps_per_replica']:g} req/s per replica, {bounds} replicas)"
     )
     if scaler["pending"] is not None:
-        when = time.strftime("%H:%M:%S", time.localtime(float(scaler["adopt_at"])))
+        when = clock_time(scaler["adopt_at"])
         text += f"; wants {scaler['pending']}, adopted at {when} if the rate holds"
     return text
 
@@ -529,7 +539,7 @@ def status(spec: Path, state_dir: Path | None, as_json: bool, include_gone: bool
     if watcher is None:
         console.print("Watcher: not running")
     else:
-        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(watcher.started_at))
+        since = clock_time(watcher.started_at, "%Y-%m-%d %H:%M:%S")
         # the spec's path and the reload's text are data: `[prod]/svc.yaml` must not lose `[prod]`
         console.print(
             f"Watcher: pid {watcher.pid} since {since} ({watcher.mode}; {watcher.spec}, "
@@ -543,7 +553,7 @@ def status(spec: Path, state_dir: Path | None, as_json: bool, include_gone: bool
     if held_back is not None:
         console.print(f"Local capacity: {_describe_capacity(held_back)}", markup=False)
     if hold is not None:
-        until = time.strftime("%H:%M:%S", time.localtime(float(hold["until"])))
+        until = clock_time(hold["until"])
         console.print(f"Launches held until {until}: {hold['reason']}", markup=False)
     if scaler is not None:
         console.print(f"Autoscaler: {_describe_autoscaler(scaler)}", markup=False)
@@ -566,8 +576,7 @@ def _answers(endpoint: object) -> bool:
 
 def _describe_capacity(held: dict[str, Any]) -> str:
     parts = [
-        f"{zone} out of spot capacity "
-        + ("until cleared" if until is None else time.strftime("until %H:%M:%S", time.localtime(until)))
+        f"{zone} out of spot capacity " + ("until cleared" if until is None else f"until {clock_time(until)}")
         for zone, until in sorted(held["preempted"].items())
     ]
     parts += [

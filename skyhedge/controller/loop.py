@@ -546,6 +546,10 @@ class Controller:
                 committed = getattr(self.executor, "last_commit", None)
                 if isinstance(committed, ExecResult) and committed is not landed:
                     self.last_apply = committed
+                    # the commit wrote state.json with this very state: it is the last write,
+                    # or the next idle pass rewrote it for its clocks alone (the working copy
+                    # dirty a pass after every commit, not SAVE_EVERY later)
+                    self._written = _Written(*self._texts(), self.clock(), self._stamp())
                 if note:
                     self.note(note)
         for source in [*self.sources, *self._retiring]:
