@@ -29,6 +29,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from skyhedge.clouds.local import capacity, runtime_dir
 from skyhedge.clouds.local.processes import (
@@ -39,6 +40,7 @@ from skyhedge.clouds.local.processes import (
     proc_starttime,
     prune_logs,
     read_pidfile,
+    readopt,
     rotate_logs,
     stop_replica,
 )
@@ -114,6 +116,15 @@ class LocalEventSource(EventSource):
             proc = read_pidfile(self.runtime, rec.id)
             if proc is not None and is_running(proc):
                 continue
+            if proc is None and (found := self._readopt(rec)) is not None:
+                log.warning(
+                    "%s: its pid file was gone (deleted by hand?) but process %d (%s) runs on: recorded "
+                    "again, kept serving",
+                    rec.id,
+                    found.pid,
+                    rec.zone,
+                )
+                continue
             if rec.market == "spot" and rec.zone not in marked and evicted is None:
                 evicted = _evicted(self.runtime)
             taken = rec.zone in marked or rec.id in (evicted or ())  # a pool emptied or shrunk
@@ -130,6 +141,24 @@ class LocalEventSource(EventSource):
                 )
             )
         return events
+
+    def _readopt(self, rec: ReplicaRecord) -> LocalProcess | None:
+        try:
+            port = urlsplit(rec.endpoint or "").port or 0
+        except ValueError:
+            port = 0
+        try:
+            return readopt(
+                self.runtime,
+                rec.id,
+                port=port,
+                zone=rec.zone,
+                market=rec.market,
+                started_at=rec.provisioned_at or rec.launched_at,
+            )
+        except OSError as exc:  # the runtime dir cannot be made again: judged by what is known
+            log.warning("%s: its pid file is gone and cannot be written again (%s)", rec.id, exc)
+            return None
 
     def sweep(self, live_ids: set[str]) -> list[str]:
         """Stop replica processes of this service that no live replica owns (orphans); return their IDs.

@@ -87,6 +87,45 @@ def write_pidfile(runtime_dir: Path, proc: LocalProcess) -> None:
     os.replace(tmp, path)
 
 
+def readopt(
+    runtime_dir: Path, replica_id: str, *, port: int, zone: str, market: str, started_at: float
+) -> LocalProcess | None:
+    """The replica's process when its pid file is gone but the process runs on (the runtime dir
+    or the file deleted by hand, `rm -rf .skyhedge/svc/local`), recorded again; None when no
+    process of it runs. Found by the markers the launcher puts in its environment
+    (`find_processes`), as `stop_replica` finds what left the group. Without it, a replica that
+    still served was judged gone: routed around at once (503s), replaced, and then stopped."""
+    pids = find_processes(runtime_dir, replica_id)
+    if not pids:
+        return None
+
+    def group(pid: int) -> int | None:
+        try:
+            return os.getpgid(pid)
+        except OSError:
+            return None
+
+    leaders = [pid for pid in pids if group(pid) == pid]  # the launcher starts a session per replica
+    pid = leaders[0] if leaders else pids[0]
+    starttime = proc_starttime(pid)
+    if starttime is None:
+        return None
+    proc = LocalProcess(
+        id=replica_id,
+        pid=pid,
+        pgid=group(pid) or pid,
+        port=port,
+        zone=zone,
+        market=market,
+        started_at=started_at,
+        starttime=starttime,
+        log=str(log_path(runtime_dir, replica_id)),
+    )
+    replicas_dir(runtime_dir).mkdir(parents=True, exist_ok=True)
+    write_pidfile(runtime_dir, proc)
+    return proc
+
+
 def list_pidfiles(runtime_dir: Path) -> list[LocalProcess]:
     out = []
     for path in sorted(replicas_dir(runtime_dir).glob("r-*.json")):
