@@ -88,6 +88,7 @@ __all__ = [
     "instance_types",
     "instances_left_unsaved",
     "live_rows",
+    "lost_replicas",
     "record_plan",
     "recreated_replicas",
     "committed_roots",
@@ -377,8 +378,30 @@ def recreated_replicas(state: ServiceState, before: Mapping[str, str | None]) ->
     ]
 
 
+def lost_replicas(state: ServiceState, before: Sequence[ReplicaRecord]) -> list[ReplicaRecord]:
+    """Of the replicas live in `before`, those with a recorded machine that `state` now records
+    gone, on clouds that can look for leftover machines (`_leftovers`): a watcher's event
+    sources found their machine gone.
+
+    Why they are looked for too: a run killed while Terraform re-created such a replica under its
+    ID (`recreated_replicas`) left a machine tagged for it, in no Terraform state. A watcher
+    started after that run reconciles before it applies (AWS: its first pass lists the region),
+    finds the recorded machine gone and records the replica gone, so no pass re-creates it and
+    the killed run's machine ran on, named only by the 10-minute warning. Looked for only once
+    an apply dropped the replica from its root (`held_replicas`): Terraform holds nothing of it
+    then."""
+    return [
+        rec
+        for r in before
+        if r.cloud_id
+        and (rec := state.replicas.get(r.id)) is not None
+        and rec.gone_at is not None
+        and _leftovers(rec.cloud) is not None
+    ]
+
+
 def instances_left_unsaved(
-    spec: ServiceSpec, state: ServiceState, unsaved: Sequence[ReplicaRecord]
+    spec: ServiceSpec, state: ServiceState, unsaved: Sequence[ReplicaRecord], *, spare: Iterable[str] = ()
 ) -> list[str]:
     """`warning:` lines for the running instances tagged for the `unsaved` replicas (recorded by an
     earlier run, never read back from Terraform; or re-created under their ID by this apply,
@@ -386,8 +409,14 @@ def instances_left_unsaved(
     had saved were read back (their replica owns them), the rest are in no Terraform state. Those
     this state launched (its deployment tag) are terminated, but only in a region whose root's
     Terraform state was read back whole (`_read_back`): where its apply failed, an instance
-    Terraform saved is owned by no replica either, and is only named. One listing per region."""
+    Terraform saved is owned by no replica either, and is only named. One listing per region.
+
+    An instance skyhedge read back for a replica (a gone record's cloud ID, or one in `spare`: the
+    machines re-created replicas ran on before) is never terminated either, only named: a killed
+    run's instance never was read back, while one Terraform's state lost (lost, or restored from an
+    older copy) and launched anew may still serve until its replacement is READY."""
     owned = {r.cloud_id for r in state.live() if r.cloud_id}
+    recorded = {r.cloud_id for r in state.replicas.values() if r.cloud_id} | set(spare)
     deployment = state.extra.get(DEPLOYMENT_KEY)
     unsaved = list({r.id: r for r in unsaved}.values())
     lines: list[str] = []
@@ -403,6 +432,7 @@ def instances_left_unsaved(
                 deployment=deployment,
                 unread=not _read_back(state, cloud, region),
                 spec=spec,
+                spare=recorded - owned,
             )
     return lines
 
@@ -824,7 +854,7 @@ def apply_service(
             # (a replica whose create was blocked has its own error naming what holds it)
             unsaved = [r for r in [*unsaved, *step.recreated] if r.id not in step.blocked]
             if unsaved:
-                report.warnings += instances_left_unsaved(spec, state, unsaved)
+                report.warnings += instances_left_unsaved(spec, state, unsaved, spare=step.replaced)
             unsaved = []
             if step.asked:
                 asking = None
@@ -954,6 +984,8 @@ class _Step:
     blocked: dict[str, Blocked] = field(default_factory=dict)
     #: replicas this step re-created under their ID (`recreated_replicas`)
     recreated: list[ReplicaRecord] = field(default_factory=list)
+    #: the cloud IDs those replicas had before (never terminated by the sweep: `instances_left_unsaved`)
+    replaced: set[str] = field(default_factory=set)
 
     def converge(self, confirm: Confirm | None, max_rounds: int, route: bool) -> bool:
         """False if the user declined the plan (`report.cancelled`)."""
@@ -1042,7 +1074,9 @@ class _Step:
             blocked = {**cleared.blocked, **freed.blocked}
             round_failures = _absorb_round(report, state, changed, results, clock, blocked)
             seen = {r.id for r in self.recreated}
-            self.recreated += [r for r in recreated_replicas(state, ids_before) if r.id not in seen]
+            again = [r for r in recreated_replicas(state, ids_before) if r.id not in seen]
+            self.recreated += again
+            self.replaced |= {cid for r in again if (cid := ids_before.get(r.id))}
             state.log(
                 {
                     "event": "apply",

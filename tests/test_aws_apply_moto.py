@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import boto3
 import pytest
@@ -526,21 +527,14 @@ def test_a_watcher_restarted_after_a_killed_run_terminates_what_that_run_launche
     assert destroy_service(spec, state_dir, route=False).ok
 
 
-@pytest.mark.parametrize("via", ["apply", "watch"])
-def test_a_replica_recreated_by_a_killed_apply_leaves_no_instance_running_behind(
-    tmp_path: Path, moto_endpoint: str, via: str
-) -> None:
+def _recreated_by_a_killed_apply(
+    tmp_path: Path, moto_endpoint: str
+) -> tuple[Any, Path, Any, str, str, str, str]:
     """EC2 took r-0001's spot instance before any watcher noticed; the next apply (a scale-up)
     re-created r-0001 under its ID (Terraform's refresh drops a terminated instance) and was
-    killed after EC2's create call, before Terraform saved it. r-0001 is not "unsaved" in
-    skyhedge's state (it records the terminated instance), so the apply after that launched it
-    once more and the killed run's instance ran on, in no Terraform state, named only by a
-    watcher's warning after 10 minutes.
-
-    Now an apply that re-creates a replica under its ID terminates what this state launched for
-    it that no replica owns (its deployment tag), once that region's apply is clean; another
-    state's instance of the same replica ID is named, never terminated. A watcher's pass does
-    the same (its warning notes)."""
+    killed after EC2's create call, before Terraform saved it. Returns (the scale-up's spec, the
+    state dir, an EC2 client, r-0001's ID, its first instance, the killed run's instance, and an
+    instance another state dir runs for a replica of the same ID)."""
     from skyhedge.apply import record_plan
     from skyhedge.service import compute_plan, resolve_placement
     from skyhedge.state import save_state
@@ -589,7 +583,24 @@ def test_a_replica_recreated_by_a_killed_apply_leaves_no_instance_running_behind
     save_state(state_dir, state)
     orphan = launch(rec.id, state.extra["deployment"])
     elsewhere = launch(rec.id, "0123456789abcdef")  # another state dir's replica of that ID
+    return bigger, state_dir, ec2, rec.id, first, orphan, elsewhere
 
+
+@pytest.mark.parametrize("via", ["apply", "watch"])
+def test_a_replica_recreated_by_a_killed_apply_leaves_no_instance_running_behind(
+    tmp_path: Path, moto_endpoint: str, via: str
+) -> None:
+    """(`_recreated_by_a_killed_apply`) r-0001 is not "unsaved" in skyhedge's state (it records
+    the terminated instance), so the apply after that launched it once more and the killed run's
+    instance ran on, in no Terraform state, named only by a watcher's warning after 10 minutes.
+
+    Now an apply that re-creates a replica under its ID terminates what this state launched for
+    it that no replica owns (its deployment tag), once that region's apply is clean; another
+    state's instance of the same replica ID is named, never terminated. A watcher's pass does
+    the same (its warning notes)."""
+    bigger, state_dir, ec2, rid, first, orphan, elsewhere = _recreated_by_a_killed_apply(
+        tmp_path, moto_endpoint
+    )
     if via == "apply":
         report = apply_service(bigger, state_dir, route=False, wait=False)
         assert report.ok, report.errors
@@ -603,13 +614,13 @@ def test_a_replica_recreated_by_a_killed_apply_leaves_no_instance_running_behind
         assert not any("apply failed" in n.text for n in ctl.notes), [n.text for n in ctl.notes]
         warnings = [n.text for n in ctl.notes if n.text.startswith("aws ")]
     after = load_state(state_dir, "recreated")
-    recreated = str(after.replicas[rec.id].cloud_id)
+    recreated = str(after.replicas[rid].cloud_id)
     assert recreated not in (first, orphan, elsewhere)
     assert warnings == [
         "aws us-east-1: terminated 1 instance(s) of recreated that an interrupted run of this state "
-        f"launched and Terraform never saved: {orphan} ({rec.id})",
+        f"launched and Terraform never saved: {orphan} ({rid})",
         "aws us-east-1: 1 instance(s) tagged for recreated still run, in no Terraform state (an apply "
-        f"killed before Terraform saved them?): {elsewhere} ({rec.id}); this apply launches their replicas "
+        f"killed before Terraform saved them?): {elsewhere} ({rid}); this apply launches their replicas "
         f"again; they bill until terminated: aws ec2 terminate-instances --region {REGION} --instance-ids "
         f"{elsewhere}",
     ]
@@ -618,8 +629,100 @@ def test_a_replica_recreated_by_a_killed_apply_leaves_no_instance_running_behind
         elsewhere: "running",
         recreated: "running",
     }
-    assert {r.id for r in after.live()} == {rec.id, "r-0002"}
+    assert {r.id for r in after.live()} == {rid, "r-0002"}
     ec2.terminate_instances(InstanceIds=[elsewhere])
     again = apply_service(bigger, state_dir, route=False, wait=False)
     assert again.ok and again.warnings == [] and again.created == []
     assert destroy_service(bigger, state_dir, route=False).ok
+
+
+def test_a_restarted_watcher_that_finds_the_recreated_replicas_instance_gone_terminates_the_orphan(
+    tmp_path: Path, moto_endpoint: str
+) -> None:
+    """(`_recreated_by_a_killed_apply`) A watcher started after the killed run reconciles before
+    it applies (its AWS event source lists the region on its first pass): r-0001's recorded
+    instance is terminated, so r-0001 is recorded gone and a new replica takes its place; no pass
+    re-creates r-0001 under its ID. The killed run's instance, tagged for r-0001 with this state's
+    ID, ran on (named only by the 10-minute warning). Now the replicas a watcher records gone
+    are looked for as those it re-creates: once the pass applied their region cleanly, this
+    state's instance is terminated and another state's named."""
+    from skyhedge.controller.executor import TerraformExecutor
+    from skyhedge.controller.loop import Controller
+
+    bigger, state_dir, _ec2, rid, first, orphan, elsewhere = _recreated_by_a_killed_apply(
+        tmp_path, moto_endpoint
+    )
+    source = AwsEventSource("recreated", [REGION], session=boto3.Session(region_name=REGION))
+    ctl = Controller(bigger, state_dir, executor=TerraformExecutor(bigger, state_dir), sources=[source])
+    try:
+        ctl.tick()
+    finally:
+        source.close()
+    texts = [n.text for n in ctl.notes]
+    assert not any("apply failed" in t for t in texts), texts
+    after = load_state(state_dir, "recreated")
+    assert rid not in {r.id for r in after.live()} and len(after.live()) == 2  # replaced, not re-created
+    assert [t for t in texts if t.startswith("aws ")] == [
+        "aws us-east-1: terminated 1 instance(s) of recreated that an interrupted run of this state "
+        f"launched and Terraform never saved: {orphan} ({rid})",
+        "aws us-east-1: 1 instance(s) tagged for recreated still run, in no Terraform state (an apply "
+        f"killed before Terraform saved them?): {elsewhere} ({rid}); this apply launches their replicas "
+        f"again; they bill until terminated: aws ec2 terminate-instances --region {REGION} --instance-ids "
+        f"{elsewhere}",
+    ]
+    live = [str(r.cloud_id) for r in after.live()]
+    assert _instance_states(moto_endpoint, [orphan, elsewhere, *live]) == {
+        orphan: "terminated",
+        elsewhere: "running",
+        **dict.fromkeys(live, "running"),
+    }
+    _ec2.terminate_instances(InstanceIds=[elsewhere])
+    assert destroy_service(bigger, state_dir, route=False).ok
+
+
+def test_instances_terraform_lost_are_named_not_terminated_when_it_launches_their_replicas_anew(
+    tmp_path: Path, moto_endpoint: str
+) -> None:
+    """Terraform's state lost (deleted, or restored from an older copy) while the replicas serve:
+    the next apply that runs the root launches every replica it no longer holds anew, under its ID.
+    Those replicas look re-created, and their old instances carry this state's tag: the sweep for
+    a killed run's leftovers terminated them at once, before their replacements were READY (every
+    replica of the root down for a cold start). skyhedge read them back, which no killed run's
+    instance ever was: they are named, with the command, never terminated."""
+    spec_path = tmp_path / "lost.yaml"
+
+    def write(replicas: int) -> None:
+        spec_path.write_text(
+            "name: lost\n"
+            "placement: {clouds: [aws], regions: [us-east-1], zones: [use1-az1]}\n"
+            f"resources: {{instance_type: {{aws: g6.xlarge}}, image_id: {{aws: {AMI}}}}}\n"
+            f"replica_policy: {{min_replicas: {replicas}, num_overprovision: 0, "
+            "dynamic_ondemand_fallback: false, policy: spothedge}\n"
+            "run: {command: 'python3 -m http.server 8000'}\n"
+            "aws: {ingress_cidrs: [10.0.0.0/8], public_ip: false}\n"
+        )
+
+    write(1)
+    state_dir = tmp_path / "state-lost"
+    assert apply_service(load_spec(spec_path), state_dir, route=False, wait=False).ok
+    [rec] = load_state(state_dir, "lost").live()
+    serving = str(rec.cloud_id)
+    (state_dir / "tf" / "state" / f"aws-{REGION}.tfstate").unlink()
+
+    write(2)  # a scale-up: the root runs again, without the state that held r-0001
+    report = apply_service(load_spec(spec_path), state_dir, route=False, wait=False)
+    assert report.ok, report.errors
+    after = load_state(state_dir, "lost")
+    assert str(after.replicas[rec.id].cloud_id) != serving  # launched anew under its ID
+    assert _instance_states(moto_endpoint, [serving]) == {serving: "running"}
+    assert not any(": terminated " in w for w in report.warnings), report.warnings
+    assert any(
+        w.startswith(f"aws {REGION}: 1 instance(s) of lost that skyhedge recorded for its replicas still run")
+        and f"{serving} ({rec.id})" in w
+        and f"--instance-ids {serving}" in w
+        for w in report.warnings
+    ), report.warnings
+    boto3.client("ec2", region_name=REGION, endpoint_url=moto_endpoint).terminate_instances(
+        InstanceIds=[serving]
+    )
+    assert destroy_service(load_spec(spec_path), state_dir, route=False).ok

@@ -347,6 +347,22 @@ def test_instances_left_deletes_this_states_and_names_the_others_with_the_gcloud
     )
 
 
+def test_an_instance_skyhedge_read_back_for_a_replica_is_named_never_deleted_by_the_sweep(gce, spec):
+    """`spare`: the machines skyhedge recorded for replicas (a replica Terraform's lost state made
+    it launch anew ran there, and may still serve): this state's label does not make them a killed
+    run's, which never was read back."""
+    old = gce.add(ZONE, "skyhedge-llm-r-0001", labels("r-0001"))
+    lines = leftovers.instances_left("llm", {"us-central1"}, deployment=DEPLOYMENT, spare={old}, spec=spec)
+    assert gce.deletes() == []
+    assert lines == [
+        "gcp us-central1: 1 instance(s) of llm that skyhedge recorded for its replicas still run, but "
+        "Terraform's state no longer holds them (lost, or restored from an older copy?) and it launched "
+        "others in their place: skyhedge-llm-r-0001 (r-0001, us-central1-a); not deleted (they may still "
+        "serve): once the new replicas are READY, they bill until deleted: gcloud compute instances delete "
+        "skyhedge-llm-r-0001 --zone us-central1-a --project proj-1"
+    ]
+
+
 def test_where_the_apply_failed_before_reading_terraforms_state_back_nothing_is_deleted(gce, spec):
     """An instance Terraform saved is owned by no replica until the apply reads it back: after
     a failed apply there, even one labelled with this state's ID may be a live replica."""
@@ -853,3 +869,43 @@ def test_after_a_name_conflict_nothing_terraform_holds_is_looked_up_or_deleted(g
     assert gce.requests == [
         ("GET", f"/compute/v1/projects/{PROJECT}/zones/{ZONE}/instances/skyhedge-llm-r-0001")
     ]
+
+
+def test_an_instance_skyhedge_records_as_its_replicas_own_is_never_deleted_after_a_name_conflict(
+    gce, spec, tmp_path, write_spec
+):
+    """Terraform's state of a root holds none of its replicas any more (the state file lost or
+    restored from an old copy, a `terraform state rm`, a backend pointed elsewhere) while each
+    replica serves on the instance skyhedge read back for it. The next apply that changes the root
+    (here a scale-up) creates them all again, and every create fails 409 on its name: the
+    instance under it carries this state's labels and no ID Terraform holds. It is still the very
+    instance skyhedge records as the replica's (its `cloud_id`): a live, serving replica, not a
+    killed run's machine (one of those was never read back). It is never deleted (before: every
+    replica of the root deleted at once, then created anew); the replica's error is one line
+    saying so, with the command."""
+    bigger = load_spec(write_spec(SPEC.replace("min_replicas: 2", "min_replicas: 3"), name="bigger.yaml"))
+    state_dir = tmp_path / "state"
+    engine = FakeGoogleTerraform(gce)
+    assert apply_service(spec, state_dir, engine=engine, route=False, wait=False).ok
+    live = load_state(state_dir, "llm").live()
+    serving = {r.id: r.cloud_id for r in live}
+    zones = {r.id: r.zone for r in live}
+    assert sorted(serving) == ["r-0001", "r-0002"]
+    engine.state["gcp/us-central1"] = {}  # Terraform's state lost
+
+    report = apply_service(bigger, state_dir, engine=engine, route=False, wait=False)
+    assert gce.deletes() == []
+    assert {i["id"] for i in gce.instances.values()} >= set(serving.values())
+    errors = sorted(str(e) for e in report.errors)
+    assert len(errors) == 2
+    for error, (rid, iid) in zip(errors, sorted(serving.items()), strict=True):
+        name = f"skyhedge-llm-{rid}"
+        assert error.startswith(
+            f"terraform apply failed in gcp/us-central1: {rid}: instance {name} ({iid}) already exists"
+        ), error
+        assert "the one skyhedge recorded for the replica" in error
+        assert error.endswith(
+            f"gcloud compute instances delete {name} --zone {zones[rid]} --project {PROJECT}"
+        )
+    state = load_state(state_dir, "llm")
+    assert {rid: state.replicas[rid].cloud_id for rid in serving} == serving

@@ -40,6 +40,7 @@ from skyhedge.apply import (
     deployment_id,
     held_replicas,
     instances_left_unsaved,
+    lost_replicas,
     record_plan,
     recreated_replicas,
     reopen_unfinished_deletes,
@@ -326,6 +327,10 @@ class Controller:
         # replicas a pass re-created under their ID (`recreated_replicas`): looked for as those,
         # once a pass applied cleanly (what a killed re-create launched; in memory only)
         self._recreated: list[ReplicaRecord] = []
+        self._replaced: set[str] = set()  # the cloud IDs those had before: never terminated
+        # replicas the event sources found gone (`lost_replicas`): looked for as those, once an
+        # apply dropped them from their root (a killed re-create of one left a machine; in memory)
+        self._lost: list[ReplicaRecord] = []
 
     def reconfigure(
         self,
@@ -453,8 +458,12 @@ class Controller:
         now = self.clock()
         self.ticks += 1
         events = self._poll(now)
+        live = self.state.live()
         for line in ingest(self.state, events, now):
             self.note(line, now)
+        if not is_gitops(self.state):
+            seen = {r.id for r in self._lost}
+            self._lost += [r for r in lost_replicas(self.state, live) if r.id not in seen]
         self._expire_warnings(now)
         learned = self._probe(now) or bool(events)
         # Probing takes time and stamps what it finds when found: the rest of the pass must see
@@ -802,14 +811,22 @@ class Controller:
             self.note(f"launch of {rid} refused in {zone}: no spot capacity, re-planning", done)
         if not is_gitops(st):
             seen = {r.id for r in self._recreated}
-            self._recreated += [r for r in recreated_replicas(st, cloud_ids) if r.id not in seen]
+            again = [r for r in recreated_replicas(st, cloud_ids) if r.id not in seen]
+            self._recreated += again
+            self._replaced |= {cid for r in again if (cid := cloud_ids.get(r.id))}
         if result.applied and not result.failed:
             why = "" if plan.has_changes else " (reconciling with Terraform's state)"
             self.note(f"applied {', '.join(result.applied)} in {done - started:.1f}s{why}", done)
-            if self._unsaved or self._recreated:
-                for line in instances_left_unsaved(self.spec, st, [*self._unsaved, *self._recreated]):
+            # (a gone replica a root still holds is looked for once an apply dropped it)
+            holding = held_replicas(st)
+            lost = [r for r in self._lost if r.id not in holding.get(f"{r.cloud}/{r.region}", ())]
+            if self._unsaved or self._recreated or lost:
+                swept = [*self._unsaved, *self._recreated, *lost]
+                for line in instances_left_unsaved(self.spec, st, swept, spare=self._replaced):
                     self.note(line, done, level=logging.WARNING)
-                self._unsaved, self._recreated = [], []
+                self._unsaved, self._recreated, self._replaced = [], [], set()
+                looked = {r.id for r in lost}
+                self._lost = [r for r in self._lost if r.id not in looked]
         cause = apply_cause(result.detail)
         for line in result.errors:
             self.note(f"apply failed: {with_cause(line, cause)}", done, level=logging.WARNING)

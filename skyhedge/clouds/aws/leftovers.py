@@ -15,7 +15,9 @@ terminates it, and leaves the choice to the user.
 The replicas looked for are those an earlier run recorded and never read back, and those an
 apply re-created under their ID (`skyhedge.apply.recreated_replicas`: Terraform replaces a
 replica whose instance EC2 terminated; an earlier apply killed while doing so left its instance
-behind, and the replica, recording the terminated instance, was not "unsaved").
+behind, and the replica, recording the terminated instance, was not "unsaved"), and those a
+watcher's event sources found gone (`skyhedge.apply.lost_replicas`: a watcher started after such
+a run records the replica gone and replaces it under a new ID, re-creating nothing).
 """
 
 from __future__ import annotations
@@ -62,6 +64,17 @@ class InstancesLeft:
             f"{' '.join(ids)}"
         )
 
+    def recorded(self, service: str) -> str:
+        """Instances skyhedge read back for replicas (`spare`) that no Terraform state holds now."""
+        ids = [iid for iid, _ in self.instances]
+        return (
+            f"aws {self.region}: {len(ids)} instance(s) of {service} that skyhedge recorded for its replicas "
+            f"still run, but Terraform's state no longer holds them (lost, or restored from an older "
+            f"copy?) and it launched others in their place: {_named(self.instances)}; not terminated "
+            "(they may still serve): once the new replicas are READY, they bill until terminated: aws ec2 "
+            f"terminate-instances --region {self.region} --instance-ids {' '.join(ids)}"
+        )
+
     def terminated(self, service: str) -> str:
         return (
             f"aws {self.region}: terminated {len(self.instances)} instance(s) of {service} that an "
@@ -79,6 +92,7 @@ def instances_left(
     deployment: str | None = None,
     unread: bool = False,
     spec: ServiceSpec | None = None,
+    spare: Iterable[str] = (),
 ) -> list[str]:
     """`warning:` lines, one per region holding running instances tagged for `service`
     (`replicas`: only those tagged for these replica IDs) that no live replica owns (`owned`:
@@ -90,10 +104,13 @@ def instances_left(
     refuses the termination (no credentials, no endpoint) is a warning too, never the command's
     failure. `unread`: the regions' Terraform state was not read back (their apply failed), so
     an instance there may be one Terraform saved, that no replica owns yet: nothing is
-    terminated, and the line says why. (`spec`: unused; EC2 needs the region only, where GCP
-    needs the spec's project.)"""
+    terminated, and the line says why. `spare`: instance IDs skyhedge read back for a replica
+    (an interrupted run's never were): never terminated, named in their own line (Terraform's
+    state lost, its replica launched anew: the old instance may still serve). (`spec`: unused;
+    EC2 needs the region only, where GCP needs the spec's project.)"""
     mine = None if replicas is None else set(replicas)
     skip = set(owned)
+    kept = set(spare)
     out: list[str] = []
     for region in sorted(set(regions)):
         try:
@@ -106,8 +123,12 @@ def instances_left(
             if left:
                 out.append(InstancesLeft(region, _pairs(left)).warning(service, unread=True))
             continue
+        recorded = _pairs(r for r in left if r.instance_id in kept)
+        left = [r for r in left if r.instance_id not in kept]
         ours = _pairs(r for r in left if deployment is not None and r.deployment == deployment)
         others = _pairs(r for r in left if deployment is None or r.deployment != deployment)
+        if recorded:
+            out.append(InstancesLeft(region, recorded).recorded(service))
         if ours:
             try:
                 terminate_instances(region, [iid for iid, _ in ours])

@@ -406,9 +406,11 @@ def clear_name_conflicts(
 
     `held`: per replica, the instance IDs Terraform's state holds (`Terraform.held_instances`,
     read after the failed apply). A replica Terraform holds is never looked at, and an instance
-    whose ID it holds is never deleted. Else as `clear_before_apply`: an instance this state's
-    labels do not mark as this replica's is left alone, and the replica's error is one line
-    with the command that deletes it. Failures to look or to delete are warnings, never raised."""
+    whose ID it holds is never deleted, nor one whose ID skyhedge recorded for the replica (its
+    `cloud_id`: read back, so no killed run's, but the live replica's; `_recorded`). Else as
+    `clear_before_apply`: an instance this state's labels do not mark as this replica's is left
+    alone, and the replica's error is one line with the command that deletes it. Failures to
+    look or to delete are warnings, never raised."""
     kept = {iid for ids in held.values() for iid in ids}
     todo = [r for r in sorted(replicas, key=lambda r: r.id) if r.id not in held]
     if not todo:
@@ -421,10 +423,35 @@ def clear_name_conflicts(
             (f"gcp {regions}: could not look for the instances holding the names of {_ids(todo)} ({exc})",)
         )
     names = _look_up(compute, spec, todo, deployment)
-    ours = {key: rec for key, (rec, inst) in names.ours.items() if str(inst.get("id", "")) not in kept}
+    ours: dict[tuple[str, str], ReplicaRecord] = {}
+    for key, (rec, inst) in names.ours.items():
+        iid = str(inst.get("id", ""))
+        if iid in kept:
+            continue
+        if rec.cloud_id and iid == rec.cloud_id:
+            names.blocked[rec.id] = _recorded(compute.project, rec, key[1], iid)
+            continue
+        ours[key] = rec
     more, not_deleted, freed = _delete_ours(compute, spec, regions, ours)
     return Cleared(
         tuple(names.warnings + more), {**names.blocked, **not_deleted}, tuple(sorted([*names.free, *freed]))
+    )
+
+
+def _recorded(project: str, rec: ReplicaRecord, name: str, iid: str) -> Blocked:
+    """The line for a name held by the very instance skyhedge read back for the replica (its
+    `cloud_id`) though Terraform's state no longer holds it.
+
+    Why it is never deleted: a killed run's instance was never read back, so this one is the
+    replica's live machine, serving. Terraform lost it (its state file lost or restored from an
+    older copy, a `terraform state rm`, a backend pointed elsewhere): deleting it would take every
+    such replica of the root down at once, to create them anew."""
+    return Blocked(
+        f"{rec.id}: instance {name} ({iid}) already exists in {rec.zone} and is the one skyhedge "
+        "recorded for the replica, but Terraform's state does not hold it (its state lost, or "
+        "restored from an older copy?): skyhedge leaves it alone; restore Terraform's state, or "
+        "delete it and apply again: " + _delete_command(project, rec.zone, [name]),
+        evidence=name,
     )
 
 
@@ -472,6 +499,7 @@ def instances_left(
     deployment: str | None = None,
     unread: bool = False,
     spec: ServiceSpec | None = None,
+    spare: Iterable[str] = (),
 ) -> list[str]:
     """`warning:` lines, per region holding instances labelled for `service` (`replicas`: only
     those labelled for these replica IDs) that are not stopped and that no live replica owns
@@ -483,10 +511,12 @@ def instances_left(
     fails is a warning too, never the command's failure. The project is the spec's, as `apply`
     finds it. `unread`: the regions' Terraform state was not read back (their apply failed), so
     an instance there may be one Terraform saved that no replica owns yet: nothing is deleted,
-    and the line says why (as AWS's)."""
+    and the line says why (as AWS's). `spare`: instance IDs skyhedge read back for a replica
+    (an interrupted run's never were): never deleted, named in their own line (as AWS's)."""
     wanted = sorted(set(regions))
     mine = None if replicas is None else set(replicas)
     skip = _owned_keys(owned)
+    kept = _owned_keys(spare)
     try:
         project = _project(spec)
         compute = _Compute(project)
@@ -497,6 +527,7 @@ def instances_left(
     for region in wanted:
         ours: list[_Left] = []
         others: list[_Left] = []
+        recorded: list[_Left] = []
         for inst in found:
             labels = inst.get("labels") if isinstance(inst.get("labels"), dict) else {}
             rid = labels.get(LABEL_REPLICA)
@@ -510,10 +541,20 @@ def instances_left(
             ):
                 continue
             left = _Left(inst["name"], inst["zone"], rid)
-            if not unread and deployment is not None and labels.get(LABEL_DEPLOYMENT) == deployment:
+            if str(inst.get("id", "")) in kept or (link and _owned_keys([link]) & kept):
+                recorded.append(left)
+            elif not unread and deployment is not None and labels.get(LABEL_DEPLOYMENT) == deployment:
                 ours.append(left)
             else:
                 others.append(left)
+        if recorded:
+            out.append(
+                f"gcp {region}: {len(recorded)} instance(s) of {service} that skyhedge recorded for its "
+                "replicas still run, but Terraform's state no longer holds them (lost, or restored from an "
+                f"older copy?) and it launched others in their place: {_said(recorded)}; not deleted (they "
+                "may still serve): once the new replicas are READY, they bill until deleted: "
+                + _commands(project, recorded)
+            )
         if ours:
             outcome = compute.delete([(i.zone, i.name) for i in ours])
             done = [i for i in ours if outcome.get((i.zone, i.name)) is None]
