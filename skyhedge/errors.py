@@ -111,3 +111,9 @@ def escape_controls(text: str) -> str:
     it printed must not retitle, clear or recolour the operator's terminal, and a line break in
     it must not split a one-line error."""
     return _CONTROL.sub(lambda m: f"\\x{ord(m[0]):02x}", text)
+
+
+def first_line(text: str) -> str:
+    """The first non-blank line of an error's text (Terraform's diagnostics, a cloud's reply), for
+    the one-line messages skyhedge prints: the rest stays in the detail shown below them."""
+    return next((line.strip() for line in text.splitlines() if line.strip()), text.strip())

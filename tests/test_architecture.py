@@ -38,6 +38,7 @@ IO_SKYHEDGE = {
     "state",
     "probe",
     "apply",
+    "leftovers",
     "catalog",
     "simulator",
     "events",

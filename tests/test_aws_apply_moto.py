@@ -308,7 +308,8 @@ def _killed_apply(
     recorded, and an instance per new replica tagged as the module tags it, with the state's
     deployment ID (`deployment_tag=False`: as a skyhedge from before that tag launched them).
     Returns the spec, the state dir and instance ID -> replica ID."""
-    from skyhedge.apply import deployment_id, record_plan
+    from skyhedge.apply import record_plan
+    from skyhedge.leftovers import deployment_id
     from skyhedge.service import compute_plan, resolve_placement
     from skyhedge.state import ServiceState, save_state
 

@@ -27,11 +27,12 @@ from typing import Any
 import pytest
 from fake_http import json_methods_server
 
-from skyhedge.apply import apply_service, deployment_id, destroy_service, record_plan
+from skyhedge.apply import apply_service, destroy_service, record_plan
 from skyhedge.clouds.common import Cleared
 from skyhedge.clouds.gcp import leftovers
 from skyhedge.clouds.gcp.events import ENDPOINT_ENV
 from skyhedge.engine import ApplyResult, Diagnostic, ResourceChange, TerraformRoot
+from skyhedge.leftovers import deployment_id
 from skyhedge.render import TFVARS_FILE
 from skyhedge.service import compute_plan, resolve_placement
 from skyhedge.spec import load_spec

@@ -539,7 +539,7 @@ def test_a_state_that_applies_tags_its_aws_machines_with_its_deployment_id_and_a
 
 
 def test_a_state_gets_one_deployment_id_and_keeps_it():
-    from skyhedge.apply import deployment_id
+    from skyhedge.leftovers import deployment_id
     from skyhedge.state import ServiceState
 
     state = ServiceState(service="llm")

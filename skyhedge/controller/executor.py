@@ -13,28 +13,16 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from skyhedge.apply import (
-    Workspace,
-    absorb_result,
-    changed_roots,
-    clear_before_apply,
-    explained,
-    free_taken_names,
-    instance_types,
-    roots_with_resources,
-)
+from skyhedge.apply import Workspace, absorb_result, changed_roots, instance_types, roots_with_resources
 from skyhedge.controller.ports import ExecResult
 from skyhedge.engine import ApplyResult, EventCallback, Terraform, run_parallel
-from skyhedge.errors import EngineError
+from skyhedge.errors import EngineError, first_line
+from skyhedge.leftovers import clear_before_apply, explained, free_taken_names
 from skyhedge.planner import Plan
 from skyhedge.render import RenderedRoot, render_tree, write_tree
 from skyhedge.service import Placement, resolve_placement
 from skyhedge.spec import ServiceSpec
 from skyhedge.state import ServiceState
-
-
-def _first_line(text: str) -> str:
-    return next((line.strip() for line in text.splitlines() if line.strip()), text.strip())
 
 
 class TerraformExecutor:
@@ -103,7 +91,7 @@ class TerraformExecutor:
                         errors.append(f"{root.path}: {line}")
                 if other or not result.errors:
                     first = other[0].headline if other else f"exit code {result.exit_code}"
-                    errors.append(f"{root.path}: {_first_line(first)}")
+                    errors.append(f"{root.path}: {first_line(first)}")
                 detail.append(result.error_text())
         state.log(
             {

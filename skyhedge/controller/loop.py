@@ -36,16 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from skyhedge import autoscaler
-from skyhedge.apply import (
-    deployment_id,
-    held_replicas,
-    instances_left_unsaved,
-    lost_replicas,
-    record_plan,
-    recreated_replicas,
-    reopen_unfinished_deletes,
-    unsaved_replicas,
-)
+from skyhedge.apply import held_replicas, record_plan, reopen_unfinished_deletes
 from skyhedge.controller.facts import (
     WARNING_GRACE_SECONDS,
     ProbeResult,
@@ -58,6 +49,13 @@ from skyhedge.controller.facts import (
 from skyhedge.controller.ports import ExecResult, Executor, Prober, RouterPort
 from skyhedge.errors import RoutingError, SkyhedgeError
 from skyhedge.events import EventSource, PreemptionEvent
+from skyhedge.leftovers import (
+    deployment_id,
+    instances_left_unsaved,
+    lost_replicas,
+    recreated_replicas,
+    unsaved_replicas,
+)
 from skyhedge.planner import CREATE, DELETE, KEEP, Plan, PlannedReplica
 from skyhedge.policy.base import clock_memory
 from skyhedge.policy.types import EventKind, Market, ReplicaStatus, ZoneEvent

@@ -1,4 +1,4 @@
-"""EC2 instances tagged for a service that no Terraform state holds (`skyhedge.apply` finds
+"""EC2 instances tagged for a service that no Terraform state holds (`skyhedge.leftovers` finds
 this file per cloud: `instances_left`).
 
 An apply killed between EC2's create call and Terraform saving its state leaves such an
@@ -13,10 +13,10 @@ from before the tag) may be someone's live replica: skyhedge names it, with the 
 terminates it, and leaves the choice to the user.
 
 The replicas looked for are those an earlier run recorded and never read back, and those an
-apply re-created under their ID (`skyhedge.apply.recreated_replicas`: Terraform replaces a
+apply re-created under their ID (`skyhedge.leftovers.recreated_replicas`: Terraform replaces a
 replica whose instance EC2 terminated; an earlier apply killed while doing so left its instance
 behind, and the replica, recording the terminated instance, was not "unsaved"), and those a
-watcher's event sources found gone (`skyhedge.apply.lost_replicas`: a watcher started after such
+watcher's event sources found gone (`skyhedge.leftovers.lost_replicas`: a watcher started after such
 a run records the replica gone and replaces it under a new ID, re-creating nothing).
 """
 

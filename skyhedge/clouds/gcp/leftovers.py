@@ -1,4 +1,4 @@
-"""GCE instances labelled for a service that no Terraform state holds (`skyhedge.apply` finds
+"""GCE instances labelled for a service that no Terraform state holds (`skyhedge.leftovers` finds
 this file per cloud: `clear_before_apply` before Terraform applies a root, `names_taken` and
 `clear_name_conflicts` when a create failed on its name, `instances_left` after).
 
