@@ -528,6 +528,34 @@ def test_a_watcher_restarted_after_a_killed_run_terminates_what_that_run_launche
     assert destroy_service(spec, state_dir, route=False).ok
 
 
+def _one_zone_spec(path: Path, name: str, replicas: int) -> Path:
+    """`replicas` spot replicas in one zone, no extra and no on-demand fallback: exactly one
+    instance per replica, so a test can name each."""
+    path.write_text(
+        f"name: {name}\n"
+        "placement: {clouds: [aws], regions: [us-east-1], zones: [use1-az1]}\n"
+        f"resources: {{instance_type: {{aws: g6.xlarge}}, image_id: {{aws: {AMI}}}}}\n"
+        f"replica_policy: {{min_replicas: {replicas}, num_overprovision: 0, "
+        "dynamic_ondemand_fallback: false, policy: spothedge}\n"
+        "run: {command: 'python3 -m http.server 8000'}\n"
+        "aws: {ingress_cidrs: [10.0.0.0/8], public_ip: false}\n"
+    )
+    return path
+
+
+def _swept(rid: str, orphan: str, elsewhere: str) -> list[str]:
+    """The warnings of the sweep after `_recreated_by_a_killed_apply`: this state's orphan
+    terminated, another state's instance of the same replica ID named."""
+    return [
+        "aws us-east-1: terminated 1 instance(s) of recreated that an interrupted run of this state "
+        f"launched and Terraform never saved: {orphan} ({rid})",
+        "aws us-east-1: 1 instance(s) tagged for recreated still run, in no Terraform state (an apply "
+        f"killed before Terraform saved them?): {elsewhere} ({rid}); this apply launches their replicas "
+        f"again; they bill until terminated: aws ec2 terminate-instances --region {REGION} --instance-ids "
+        f"{elsewhere}",
+    ]
+
+
 def _recreated_by_a_killed_apply(
     tmp_path: Path, moto_endpoint: str
 ) -> tuple[Any, Path, Any, str, str, str, str]:
@@ -543,17 +571,7 @@ def _recreated_by_a_killed_apply(
     ec2 = boto3.client("ec2", region_name=REGION, endpoint_url=moto_endpoint)
 
     def spec_of(replicas: int) -> Path:
-        path = tmp_path / f"recreated-{replicas}.yaml"
-        path.write_text(
-            "name: recreated\n"
-            "placement: {clouds: [aws], regions: [us-east-1], zones: [use1-az1]}\n"
-            f"resources: {{instance_type: {{aws: g6.xlarge}}, image_id: {{aws: {AMI}}}}}\n"
-            f"replica_policy: {{min_replicas: {replicas}, num_overprovision: 0, "
-            "dynamic_ondemand_fallback: false, policy: spothedge}\n"
-            "run: {command: 'python3 -m http.server 8000'}\n"
-            "aws: {ingress_cidrs: [10.0.0.0/8], public_ip: false}\n"
-        )
-        return path
+        return _one_zone_spec(tmp_path / f"recreated-{replicas}.yaml", "recreated", replicas)
 
     def launch(rid: str, deployment: str) -> str:
         tags = {"skyhedge:service": "recreated", "skyhedge:replica": rid, "skyhedge:deployment": deployment}
@@ -617,14 +635,7 @@ def test_a_replica_recreated_by_a_killed_apply_leaves_no_instance_running_behind
     after = load_state(state_dir, "recreated")
     recreated = str(after.replicas[rid].cloud_id)
     assert recreated not in (first, orphan, elsewhere)
-    assert warnings == [
-        "aws us-east-1: terminated 1 instance(s) of recreated that an interrupted run of this state "
-        f"launched and Terraform never saved: {orphan} ({rid})",
-        "aws us-east-1: 1 instance(s) tagged for recreated still run, in no Terraform state (an apply "
-        f"killed before Terraform saved them?): {elsewhere} ({rid}); this apply launches their replicas "
-        f"again; they bill until terminated: aws ec2 terminate-instances --region {REGION} --instance-ids "
-        f"{elsewhere}",
-    ]
+    assert warnings == _swept(rid, orphan, elsewhere)
     assert _instance_states(moto_endpoint, [orphan, elsewhere, recreated]) == {
         orphan: "terminated",
         elsewhere: "running",
@@ -663,14 +674,7 @@ def test_a_restarted_watcher_that_finds_the_recreated_replicas_instance_gone_ter
     assert not any("apply failed" in t for t in texts), texts
     after = load_state(state_dir, "recreated")
     assert rid not in {r.id for r in after.live()} and len(after.live()) == 2  # replaced, not re-created
-    assert [t for t in texts if t.startswith("aws ")] == [
-        "aws us-east-1: terminated 1 instance(s) of recreated that an interrupted run of this state "
-        f"launched and Terraform never saved: {orphan} ({rid})",
-        "aws us-east-1: 1 instance(s) tagged for recreated still run, in no Terraform state (an apply "
-        f"killed before Terraform saved them?): {elsewhere} ({rid}); this apply launches their replicas "
-        f"again; they bill until terminated: aws ec2 terminate-instances --region {REGION} --instance-ids "
-        f"{elsewhere}",
-    ]
+    assert [t for t in texts if t.startswith("aws ")] == _swept(rid, orphan, elsewhere)
     live = [str(r.cloud_id) for r in after.live()]
     assert _instance_states(moto_endpoint, [orphan, elsewhere, *live]) == {
         orphan: "terminated",
@@ -693,15 +697,7 @@ def test_instances_terraform_lost_are_named_not_terminated_when_it_launches_thei
     spec_path = tmp_path / "lost.yaml"
 
     def write(replicas: int) -> None:
-        spec_path.write_text(
-            "name: lost\n"
-            "placement: {clouds: [aws], regions: [us-east-1], zones: [use1-az1]}\n"
-            f"resources: {{instance_type: {{aws: g6.xlarge}}, image_id: {{aws: {AMI}}}}}\n"
-            f"replica_policy: {{min_replicas: {replicas}, num_overprovision: 0, "
-            "dynamic_ondemand_fallback: false, policy: spothedge}\n"
-            "run: {command: 'python3 -m http.server 8000'}\n"
-            "aws: {ingress_cidrs: [10.0.0.0/8], public_ip: false}\n"
-        )
+        _one_zone_spec(spec_path, "lost", replicas)
 
     write(1)
     state_dir = tmp_path / "state-lost"

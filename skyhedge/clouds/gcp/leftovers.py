@@ -346,15 +346,10 @@ def clear_before_apply(
     `blocked`, and the apply's error for it names the instance and the command that deletes it.
     A replica Terraform did save (a kill after the save) is in `held`: never looked at, the apply
     reads it back. Failures to look or to delete are warnings, never raised."""
-    keep = set(held)
-    todo = [r for r in sorted(replicas, key=lambda r: r.id) if r.id not in keep]
-    if not todo:
-        return Cleared()
-    regions = ", ".join(sorted({r.region for r in todo}))
-    try:
-        compute = _Compute(_project(spec))
-    except CloudError as exc:
-        return Cleared((f"gcp {regions}: could not look for instances an interrupted run left ({exc})",))
+    todo = [r for r in sorted(replicas, key=lambda r: r.id) if r.id not in set(held)]
+    regions, compute = _regions_and_compute(spec, todo)
+    if isinstance(compute, Cleared):
+        return compute
     names = _look_up(compute, spec, todo, deployment)
     more, not_deleted, _freed = _delete_ours(
         compute, spec, regions, {k: r for k, (r, _i) in names.ours.items()}
@@ -413,15 +408,9 @@ def clear_name_conflicts(
     look or to delete are warnings, never raised."""
     kept = {iid for ids in held.values() for iid in ids}
     todo = [r for r in sorted(replicas, key=lambda r: r.id) if r.id not in held]
-    if not todo:
-        return Cleared()
-    regions = ", ".join(sorted({r.region for r in todo}))
-    try:
-        compute = _Compute(_project(spec))
-    except CloudError as exc:
-        return Cleared(
-            (f"gcp {regions}: could not look for the instances holding the names of {_ids(todo)} ({exc})",)
-        )
+    regions, compute = _regions_and_compute(spec, todo, f"the instances holding the names of {_ids(todo)}")
+    if isinstance(compute, Cleared):
+        return compute
     names = _look_up(compute, spec, todo, deployment)
     ours: dict[tuple[str, str], ReplicaRecord] = {}
     for key, (rec, inst) in names.ours.items():
@@ -453,6 +442,21 @@ def _recorded(project: str, rec: ReplicaRecord, name: str, iid: str) -> Blocked:
         "delete it and apply again: " + _delete_command(project, rec.zone, [name]),
         evidence=name,
     )
+
+
+def _regions_and_compute(
+    spec: ServiceSpec, todo: Sequence[ReplicaRecord], what: str = "instances an interrupted run left"
+) -> tuple[str, _Compute | Cleared]:
+    """The regions of `todo` (as said in warnings), and a Compute client for the spec's project;
+    or, instead of the client, what to return: nothing to do (no replica), or the one warning
+    that the project or credentials could not be had (never raised: see the module docstring)."""
+    regions = ", ".join(sorted({r.region for r in todo}))
+    if not todo:
+        return regions, Cleared()
+    try:
+        return regions, _Compute(_project(spec))
+    except CloudError as exc:
+        return regions, Cleared((f"gcp {regions}: could not look for {what} ({exc})",))
 
 
 def _ids(records: Sequence[ReplicaRecord]) -> str:
