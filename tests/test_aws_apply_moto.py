@@ -13,6 +13,7 @@ from typing import Any
 
 import boto3
 import pytest
+import requests
 from routing_support import free_port
 from terraform_support import MIRROR_ENV, mirror_config, mirror_holding
 
@@ -37,7 +38,10 @@ pytestmark = pytest.mark.skipif(
 @pytest.fixture
 def moto_endpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     """A moto server on 127.0.0.1, and the environment that points Terraform's AWS provider (and
-    boto3) at it, with providers read from the mirror only."""
+    boto3) at it, with providers read from the mirror only. moto keeps its accounts in this
+    process, whichever server serves them: they are reset before and after each test, so no test
+    sees another's instances, and a test destroys the service only where `destroy` is what it
+    checks (each destroy costs the provider's termination waiter, about 14 s)."""
     from moto.server import ThreadedMotoServer
 
     port = free_port()
@@ -56,10 +60,15 @@ def moto_endpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[s
     }.items():
         monkeypatch.setenv(name, value)
     monkeypatch.delenv("AWS_PROFILE", raising=False)
+    reset = f"{endpoint}/moto-api/reset"
     try:
+        requests.post(reset, timeout=30).raise_for_status()
         yield endpoint
     finally:
-        server.stop()
+        try:
+            requests.post(reset, timeout=30)
+        finally:
+            server.stop()
 
 
 def test_apply_preempt_and_destroy_through_the_real_provider(tmp_path: Path, moto_endpoint: str) -> None:
@@ -293,11 +302,6 @@ def test_without_aws_subnets_replicas_go_to_each_zones_default_subnet(
         # a default subnet gives a public IP, and the router reaches it there
         assert rec.endpoint == f"http://{inst['PublicIpAddress']}:8000"
 
-    destroyed = destroy_service(spec, state_dir, route=False)
-    assert destroyed.ok, destroyed.errors
-    left = ec2.describe_instances(Filters=[{"Name": "tag:skyhedge:service", "Values": ["plain"]}])
-    assert {i["State"]["Name"] for r in left["Reservations"] for i in r["Instances"]} <= {"terminated"}
-
 
 def _killed_apply(
     tmp_path: Path, moto_endpoint: str, name: str, *, deployment_tag: bool = True
@@ -487,7 +491,6 @@ def test_an_apply_after_a_killed_apply_terminates_what_that_run_launched_and_not
     assert again.warnings == []
     assert {r.id: r.cloud_id for r in load_state(state_dir, "again").live()} == instances
     assert set(_instance_states(moto_endpoint, instances.values()).values()) == {"running"}
-    assert destroy_service(spec, state_dir, route=False).ok
 
 
 def test_a_watcher_restarted_after_a_killed_run_terminates_what_that_run_launched(
@@ -525,7 +528,6 @@ def test_a_watcher_restarted_after_a_killed_run_terminates_what_that_run_launche
         if t["Key"] == "skyhedge:deployment"
     }
     assert deployments == {state.extra["deployment"]}
-    assert destroy_service(spec, state_dir, route=False).ok
 
 
 def _one_zone_spec(path: Path, name: str, replicas: int) -> Path:
@@ -645,7 +647,6 @@ def test_a_replica_recreated_by_a_killed_apply_leaves_no_instance_running_behind
     ec2.terminate_instances(InstanceIds=[elsewhere])
     again = apply_service(bigger, state_dir, route=False, wait=False)
     assert again.ok and again.warnings == [] and again.created == []
-    assert destroy_service(bigger, state_dir, route=False).ok
 
 
 def test_a_restarted_watcher_that_finds_the_recreated_replicas_instance_gone_terminates_the_orphan(
@@ -681,8 +682,6 @@ def test_a_restarted_watcher_that_finds_the_recreated_replicas_instance_gone_ter
         elsewhere: "running",
         **dict.fromkeys(live, "running"),
     }
-    _ec2.terminate_instances(InstanceIds=[elsewhere])
-    assert destroy_service(bigger, state_dir, route=False).ok
 
 
 def test_instances_terraform_lost_are_named_not_terminated_when_it_launches_their_replicas_anew(
@@ -719,7 +718,3 @@ def test_instances_terraform_lost_are_named_not_terminated_when_it_launches_thei
         and f"--instance-ids {serving}" in w
         for w in report.warnings
     ), report.warnings
-    boto3.client("ec2", region_name=REGION, endpoint_url=moto_endpoint).terminate_instances(
-        InstanceIds=[serving]
-    )
-    assert destroy_service(load_spec(spec_path), state_dir, route=False).ok
