@@ -260,6 +260,9 @@ class ApplyReport:
     # replicas whose process died while the apply waited for them to be READY (local: recorded
     # gone at once, rather than waited on for the rest of the probe's initial delay)
     exited: list[str] = field(default_factory=list)
+    # ... and those of them a spot market took back (`skyhedge preempt`): not in `exited`, whose
+    # error points at the logs, which tell nothing of a preemption
+    preempted: list[str] = field(default_factory=list)
     router: dict[str, Any] | None = None
     notes: list[str] = field(default_factory=list)
     rollout_steps: int = 0  # steps that changed something (more than one: a rolling update)
@@ -622,10 +625,12 @@ def apply_service(
                     lines = notice_dead_local_replicas(state, ws.state_dir, now, skip=others)
                     for line in lines:
                         say(line)
-                    report.exited += [rid for rid in waiting if state.replicas[rid].gone_at is not None]
+                    for rid in waiting:
+                        if (rec := state.replicas[rid]).gone_at is not None:
+                            (report.preempted if rec.reason == "preempted" else report.exited).append(rid)
                     return lines
 
-                report.exited = []
+                report.exited, report.preempted = [], []
                 ready, not_ready = wait_ready(spec, state, clock=clock, died=died)
                 report.ready = sorted({*report.ready, *ready} - set(not_ready))
                 report.not_ready = not_ready
@@ -645,6 +650,7 @@ def apply_service(
                 and not report.errors
                 and not report.not_ready
                 and not report.exited
+                and not report.preempted
             ):
                 break
             if steps_left is None:

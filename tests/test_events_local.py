@@ -18,7 +18,14 @@ from test_local_launcher import config as launch_config
 
 from skyhedge.clouds.local import capacity, runtime_dir
 from skyhedge.clouds.local.events import LocalEventSource, kill_zone, preempt_zone, set_zone_capacity
-from skyhedge.clouds.local.processes import find_processes, is_running, kill_all, read_pidfile, stop_replica
+from skyhedge.clouds.local.processes import (
+    find_processes,
+    is_running,
+    kill_all,
+    proc_starttime,
+    read_pidfile,
+    stop_replica,
+)
 from skyhedge.events import Signal
 from skyhedge.state import ReplicaRecord
 
@@ -453,3 +460,124 @@ def test_a_replica_whose_pid_file_is_gone_and_that_runs_no_more_is_gone(state_di
     runtime_dir(state_dir).joinpath("replicas", "r-0001.json").unlink(missing_ok=True)
     (event,) = LocalEventSource(state_dir, REGION_OF).poll(time.time(), [rec])
     assert event.signal is Signal.GONE and event.detail == "no pid file"
+
+
+def _launch_running(sdir: Path, rid: str, command: str, setup: str | None = None) -> ReplicaRecord:
+    """`launch`, with the replica's own `run.command` (and `run.setup`)."""
+    cfg = {
+        "id": rid,
+        "service": "svc",
+        "region": "local",
+        "zone": "local-a",
+        "market": "spot",
+        "port": free_port(),
+        "command": command,
+        "setup": setup,
+        "env": {},
+        "workdir": str(sdir),
+        "runtime_dir": str(runtime_dir(sdir)),
+    }
+    env = {**os.environ, "SKYHEDGE_LOCAL_REPLICA": json.dumps(cfg), "PYTHONPATH": str(REPO)}
+    done = subprocess.run(
+        [sys.executable, "-m", "skyhedge.clouds.local.launcher", "start", rid],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    now = time.time()
+    return ReplicaRecord(
+        id=rid,
+        cloud="local",
+        region="local",
+        zone="local-a",
+        market="spot",
+        launched_at=now,
+        provisioned_at=now,
+        cloud_id=f"tf-{rid}",
+        endpoint=f"http://127.0.0.1:{cfg['port']}",
+    )
+
+
+def _kill_one(pid: int) -> None:
+    os.kill(pid, signal.SIGKILL)
+    _gone(pid)
+
+
+def _gone(pid: int) -> None:
+    """Wait until `pid` has exited (a zombie counts as exited, as for `proc_starttime`)."""
+    deadline = time.monotonic() + 5
+    while proc_starttime(pid) is not None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert proc_starttime(pid) is None
+
+
+def test_a_replica_without_pid_file_whose_command_died_is_gone_though_its_setup_left_a_helper(state_dir):
+    """What `run.setup` left in the background carries the replica's markers too: with the pid
+    file gone and the replica's command dead, that helper was taken for the replica, which was
+    then "kept serving" (and `apply` kept routing to it) for as long as the helper lived."""
+    rec = _launch_running(state_dir, "r-0001", SLEEPER, setup=f"{SLEEPER} &")
+    runtime = runtime_dir(state_dir)
+    main = read_pidfile(runtime, "r-0001")
+    runtime.joinpath("replicas", "r-0001.json").unlink()
+    os.killpg(main.pgid, signal.SIGKILL)  # the command, all of it
+    _gone(main.pid)
+    assert find_processes(runtime, "r-0001")  # the setup's helper runs on
+    events = LocalEventSource(state_dir, REGION_OF).poll(time.time(), [rec])
+    taken = read_pidfile(runtime, "r-0001")
+    if taken is not None:  # (the runner's own group must not be SIGKILLed by the fixture's kill_all)
+        runtime.joinpath("replicas", "r-0001.json").unlink()
+    # the helper runs in the launcher's process group (here, the test's): recorded as the replica,
+    # its group was what stopping or preempting the replica would SIGKILL
+    assert taken is None or taken.pgid != os.getpgrp()
+    (event,) = events
+    assert event.signal is Signal.GONE and event.detail == "no pid file"
+
+
+def test_a_replica_without_pid_file_whose_leader_died_is_gone_as_with_its_pid_file(state_dir):
+    """The pid file names the process the launcher started; when it exited, the replica is gone
+    even though a child of it runs on (`stop_replica` then stops that child). Without the pid
+    file the child was recorded in the leader's place and the replica kept, as if it served."""
+    rec = _launch_running(state_dir, "r-0001", f"{SLEEPER}; true")  # the shell stays, as the parent
+    runtime = runtime_dir(state_dir)
+    leader = read_pidfile(runtime, "r-0001").pid
+    _kill_one(leader)
+    assert find_processes(runtime, "r-0001")  # its child runs on
+    (with_file,) = LocalEventSource(state_dir, REGION_OF).poll(time.time(), [rec])
+    assert with_file.signal is Signal.GONE
+    runtime.joinpath("replicas", "r-0001.json").unlink()
+    (without,) = LocalEventSource(state_dir, REGION_OF).poll(time.time(), [rec])
+    assert without.signal is Signal.GONE and without.detail == "no pid file"
+
+
+def test_a_replica_without_pid_file_is_recorded_again_as_its_leader_not_a_helper(state_dir):
+    """The process recorded again is the one the launcher started (its session's leader), not a
+    helper the command started in a session of its own, which would then speak for the replica."""
+    rec = _launch_running(state_dir, "r-0001", f"setsid {SLEEPER} & exec {SLEEPER}")
+    runtime = runtime_dir(state_dir)
+    leader = read_pidfile(runtime, "r-0001")
+    deadline = time.monotonic() + 5
+    while len(find_processes(runtime, "r-0001")) < 2 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    runtime.joinpath("replicas", "r-0001.json").unlink()
+    assert LocalEventSource(state_dir, REGION_OF).poll(time.time(), [rec]) == []
+    again = read_pidfile(runtime, "r-0001")
+    assert (again.pid, again.pgid, again.starttime) == (leader.pid, leader.pgid, leader.starttime)
+
+
+def test_a_spot_replica_without_pid_file_is_preempted_with_its_zone_not_recorded_again(state_dir):
+    """`skyhedge preempt` kills what the pid files name: a replica whose pid file was deleted
+    outlived its zone's preemption, and was then recorded again and kept serving in a zone marked
+    out of spot capacity (before pid files were written again it read as preempted, as now)."""
+    rec = _launch_running(state_dir, "r-0001", SLEEPER)
+    runtime = runtime_dir(state_dir)
+    runtime.joinpath("replicas", "r-0001.json").unlink()
+    src = LocalEventSource(state_dir, REGION_OF)
+    assert src.poll(time.time(), [rec]) == []  # recorded again while its zone has capacity
+    runtime.joinpath("replicas", "r-0001.json").unlink()
+    assert preempt_zone(state_dir, "local-a") == []  # (it found no pid file to kill by)
+    (event,) = [e for e in src.poll(time.time(), [rec]) if e.signal is Signal.GONE]
+    assert event.replica_id == "r-0001" and event.reason == "preempted"
+    assert read_pidfile(runtime, "r-0001") is None

@@ -416,6 +416,46 @@ def test_an_apply_stops_waiting_on_a_replica_that_crashed_while_loading_and_says
     assert "CUDA out of memory" in logs.output
 
 
+def test_an_apply_whose_replica_is_preempted_while_it_waits_says_preempted_not_exited(svc):
+    """`skyhedge preempt` (or a market) taking a spot replica back while the apply waited for it
+    read "exited before READY" and pointed at its logs, which tell nothing of a preemption; the
+    replica is PREEMPTED, and the error says so (exit 1 as before: the service is short of it)."""
+    import threading
+
+    import yaml
+
+    from skyhedge.clouds.local import runtime_dir
+    from skyhedge.clouds.local.events import preempt_zone
+    from skyhedge.clouds.local.processes import read_pidfile
+
+    svc.write(replicas=1, zones=("local-a",), command="exec sleep 120")  # never READY by itself
+    data = yaml.safe_load(svc.spec_path.read_text())
+    data["readiness_probe"]["initial_delay_seconds"] = 120
+    svc.spec_path.write_text(yaml.safe_dump(data))
+
+    def preempt_once_launched() -> None:
+        deadline = time.monotonic() + 60
+        while read_pidfile(runtime_dir(svc.state_dir), "r-0001") is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(2.5)  # past the launch's own check: the apply waits for readiness by now
+        preempt_zone(svc.state_dir, "local-a")
+
+    chaos = threading.Thread(target=preempt_once_launched, daemon=True)
+    chaos.start()
+    args = [str(svc.spec_path), "--state-dir", str(svc.state_dir)]
+    started = time.monotonic()
+    result = CliRunner().invoke(main, ["apply", *args, "--auto-approve", "--no-routing"])
+    chaos.join(timeout=60)
+    assert result.exit_code == 1 and time.monotonic() - started < 60
+    assert result.stderr.strip().startswith("error: preempted before READY: r-0001 ("), result.stderr
+    assert "exited" not in result.stderr and "skyhedge logs" not in result.stderr
+    watch = f"`skyhedge watch {svc.spec_path} --state-dir {svc.state_dir}` replaces it)"
+    assert result.stderr.strip().endswith(watch), result.stderr
+    status = CliRunner().invoke(main, ["status", *args, "--json", "--all"])
+    (rec,) = [r for r in json.loads(status.stdout)["replicas"] if r["id"] == "r-0001"]
+    assert rec["state"] == "PREEMPTED"
+
+
 def test_an_apply_whose_replica_never_gets_ready_names_the_logs_command(svc):
     """It named a file path for local replicas and the clouds' own CLIs for VMs; `skyhedge logs`
     reads both, and the hint is a line to paste."""

@@ -260,17 +260,25 @@ def apply(
     if report.rollout_stopped:  # N READY still serve, but CI must see the update did not finish
         err_console.print(f"error: the rolling update stopped short: {report.rollout_stopped}", markup=False)
         sys.exit(1)
-    if report.exited or report.not_ready:
-        # local: the process's output; a cloud VM: its console, where the boot script's errors go
-        first = (report.exited or report.not_ready)[0]
-        logs = f"`{command_line('logs', spec, state_dir)} {shlex.quote(first)}`"
+    if report.exited or report.not_ready or report.preempted:
         why = []
         if report.exited:
             why.append(f"exited before READY: {', '.join(report.exited)}")
+        if report.preempted:
+            why.append(f"preempted before READY: {', '.join(report.preempted)}")
         if report.not_ready:
             delay = service.readiness_probe.initial_delay_seconds
             why.append(f"not ready after {delay}s: {', '.join(report.not_ready)}")
-        err_console.print(f"error: {'; '.join(why)} (their logs: {logs})", markup=False)
+        if failed := report.exited or report.not_ready:
+            # local: the process's output; a cloud VM: its console, where the boot script's errors go
+            hint = f"their logs: `{command_line('logs', spec, state_dir)} {shlex.quote(failed[0])}`"
+        else:  # a preemption leaves nothing in the logs to read
+            hint = (
+                f"`{command_line('apply', spec, state_dir)}` or "
+                f"`{command_line('watch', spec, state_dir)}` replaces it"
+            )
+        # one line however long (PIPE_WIDTH off a terminal): the hint is pasted whole
+        err_console.print(f"error: {'; '.join(why)} ({hint})", markup=False, soft_wrap=True)
         sys.exit(1)
 
 

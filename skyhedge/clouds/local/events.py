@@ -116,7 +116,10 @@ class LocalEventSource(EventSource):
             proc = read_pidfile(self.runtime, rec.id)
             if proc is not None and is_running(proc):
                 continue
-            if proc is None and (found := self._readopt(rec)) is not None:
+            # (not a spot replica of a zone marked out of capacity: `skyhedge preempt` finds what
+            # it kills by pid file, so one without it outlived its zone's preemption by chance)
+            spot_taken = rec.market == "spot" and rec.zone in marked
+            if proc is None and not spot_taken and (found := self._readopt(rec)) is not None:
                 log.warning(
                     "%s: its pid file was gone (deleted by hand?) but process %d (%s) runs on: recorded "
                     "again, kept serving",

@@ -95,25 +95,26 @@ def readopt(
     process of it runs. Found by the markers the launcher puts in its environment
     (`find_processes`), as `stop_replica` finds what left the group. Without it, a replica that
     still served was judged gone: routed around at once (503s), replaced, and then stopped."""
-    pids = find_processes(runtime_dir, replica_id)
-    if not pids:
+    # Only the process the launcher started counts, as only it was in the pid file: the leader
+    # of a session of its own (`start_new_session`). Others carry the markers too: a child of it
+    # (its leader gone, the replica is gone, as the pid file would say), what `run.setup` left in
+    # the background (in the launcher's process group: the caller's own, Terraform's or the
+    # watcher's, which stopping the replica would then SIGKILL) or a `setsid` helper of the
+    # command (started after it: the earliest leader is the launcher's; one that outlived the
+    # command cannot be told from it, and is taken for it).
+    leaders = []
+    for pid in find_processes(runtime_dir, replica_id):
+        with contextlib.suppress(OSError):
+            leads = os.getsid(pid) == pid and os.getpgid(pid) == pid
+            if leads and (starttime := proc_starttime(pid)) is not None:
+                leaders.append((starttime, pid))
+    if not leaders:
         return None
-
-    def group(pid: int) -> int | None:
-        try:
-            return os.getpgid(pid)
-        except OSError:
-            return None
-
-    leaders = [pid for pid in pids if group(pid) == pid]  # the launcher starts a session per replica
-    pid = leaders[0] if leaders else pids[0]
-    starttime = proc_starttime(pid)
-    if starttime is None:
-        return None
+    starttime, pid = min(leaders)
     proc = LocalProcess(
         id=replica_id,
         pid=pid,
-        pgid=group(pid) or pid,
+        pgid=pid,
         port=port,
         zone=zone,
         market=market,
