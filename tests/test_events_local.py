@@ -43,9 +43,17 @@ def state_dir(tmp_path: Path):
 
 
 def start(
-    sdir: Path, rid: str, zone: str, market: str = "spot", port: int = 0
+    sdir: Path,
+    rid: str,
+    zone: str,
+    market: str = "spot",
+    port: int = 0,
+    *,
+    command: str = SLEEPER,
+    setup: str | None = None,
 ) -> subprocess.CompletedProcess:
-    """Run the launcher's `start` as Terraform's local-exec does."""
+    """Run the launcher's `start` as Terraform's local-exec does (`command`, `setup`: the
+    replica's `run.command` and `run.setup`)."""
     cfg = {
         "id": rid,
         "service": "svc",
@@ -53,7 +61,8 @@ def start(
         "zone": zone,
         "market": market,
         "port": port or free_port(),  # never a fixed port: a parallel run or a user's service may hold it
-        "command": SLEEPER,
+        "command": command,
+        "setup": setup,
         "env": {},
         "workdir": str(sdir),
         "runtime_dir": str(runtime_dir(sdir)),
@@ -69,8 +78,17 @@ def start(
     )
 
 
-def launch(sdir: Path, rid: str, zone: str, market: str = "spot", port: int = 0) -> ReplicaRecord:
-    done = start(sdir, rid, zone, market, port)
+def launch(
+    sdir: Path,
+    rid: str,
+    zone: str,
+    market: str = "spot",
+    port: int = 0,
+    *,
+    command: str = SLEEPER,
+    setup: str | None = None,
+) -> ReplicaRecord:
+    done = start(sdir, rid, zone, market, port, command=command, setup=setup)
     assert done.returncode == 0, done.stderr
     proc = read_pidfile(runtime_dir(sdir), rid)
     return ReplicaRecord(
@@ -462,45 +480,6 @@ def test_a_replica_whose_pid_file_is_gone_and_that_runs_no_more_is_gone(state_di
     assert event.signal is Signal.GONE and event.detail == "no pid file"
 
 
-def _launch_running(sdir: Path, rid: str, command: str, setup: str | None = None) -> ReplicaRecord:
-    """`launch`, with the replica's own `run.command` (and `run.setup`)."""
-    cfg = {
-        "id": rid,
-        "service": "svc",
-        "region": "local",
-        "zone": "local-a",
-        "market": "spot",
-        "port": free_port(),
-        "command": command,
-        "setup": setup,
-        "env": {},
-        "workdir": str(sdir),
-        "runtime_dir": str(runtime_dir(sdir)),
-    }
-    env = {**os.environ, "SKYHEDGE_LOCAL_REPLICA": json.dumps(cfg), "PYTHONPATH": str(REPO)}
-    done = subprocess.run(
-        [sys.executable, "-m", "skyhedge.clouds.local.launcher", "start", rid],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr
-    now = time.time()
-    return ReplicaRecord(
-        id=rid,
-        cloud="local",
-        region="local",
-        zone="local-a",
-        market="spot",
-        launched_at=now,
-        provisioned_at=now,
-        cloud_id=f"tf-{rid}",
-        endpoint=f"http://127.0.0.1:{cfg['port']}",
-    )
-
-
 def _kill_one(pid: int) -> None:
     os.kill(pid, signal.SIGKILL)
     _gone(pid)
@@ -518,7 +497,7 @@ def test_a_replica_without_pid_file_whose_command_died_is_gone_though_its_setup_
     """What `run.setup` left in the background carries the replica's markers too: with the pid
     file gone and the replica's command dead, that helper was taken for the replica, which was
     then "kept serving" (and `apply` kept routing to it) for as long as the helper lived."""
-    rec = _launch_running(state_dir, "r-0001", SLEEPER, setup=f"{SLEEPER} &")
+    rec = launch(state_dir, "r-0001", "local-a", command=SLEEPER, setup=f"{SLEEPER} &")
     runtime = runtime_dir(state_dir)
     main = read_pidfile(runtime, "r-0001")
     runtime.joinpath("replicas", "r-0001.json").unlink()
@@ -540,7 +519,7 @@ def test_a_replica_without_pid_file_whose_leader_died_is_gone_as_with_its_pid_fi
     """The pid file names the process the launcher started; when it exited, the replica is gone
     even though a child of it runs on (`stop_replica` then stops that child). Without the pid
     file the child was recorded in the leader's place and the replica kept, as if it served."""
-    rec = _launch_running(state_dir, "r-0001", f"{SLEEPER}; true")  # the shell stays, as the parent
+    rec = launch(state_dir, "r-0001", "local-a", command=f"{SLEEPER}; true")  # the shell stays, as the parent
     runtime = runtime_dir(state_dir)
     leader = read_pidfile(runtime, "r-0001").pid
     _kill_one(leader)
@@ -555,7 +534,7 @@ def test_a_replica_without_pid_file_whose_leader_died_is_gone_as_with_its_pid_fi
 def test_a_replica_without_pid_file_is_recorded_again_as_its_leader_not_a_helper(state_dir):
     """The process recorded again is the one the launcher started (its session's leader), not a
     helper the command started in a session of its own, which would then speak for the replica."""
-    rec = _launch_running(state_dir, "r-0001", f"setsid {SLEEPER} & exec {SLEEPER}")
+    rec = launch(state_dir, "r-0001", "local-a", command=f"setsid {SLEEPER} & exec {SLEEPER}")
     runtime = runtime_dir(state_dir)
     leader = read_pidfile(runtime, "r-0001")
     deadline = time.monotonic() + 5
@@ -571,7 +550,7 @@ def test_a_spot_replica_without_pid_file_is_preempted_with_its_zone_not_recorded
     """`skyhedge preempt` kills what the pid files name: a replica whose pid file was deleted
     outlived its zone's preemption, and was then recorded again and kept serving in a zone marked
     out of spot capacity (before pid files were written again it read as preempted, as now)."""
-    rec = _launch_running(state_dir, "r-0001", SLEEPER)
+    rec = launch(state_dir, "r-0001", "local-a", command=SLEEPER)
     runtime = runtime_dir(state_dir)
     runtime.joinpath("replicas", "r-0001.json").unlink()
     src = LocalEventSource(state_dir, REGION_OF)
