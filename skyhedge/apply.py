@@ -56,13 +56,13 @@ from skyhedge.engine import (
 from skyhedge.errors import EngineError, RenderError, SpecError, first_line
 from skyhedge.leftovers import (
     DEPLOYMENT_KEY,
+    Recreated,
     clear_before_apply,
     cloud_leftovers,
     deployment_id,
     explained,
     free_taken_names,
     instances_left_unsaved,
-    recreated_replicas,
     unsaved_replicas,
 )
 from skyhedge.planner import CREATE, DELETE, KEEP, Plan, PlannedReplica
@@ -609,9 +609,9 @@ def apply_service(
                 _forget_unused_workspace(ws, first)
                 return report
             # (a replica whose create was blocked has its own error naming what holds it)
-            unsaved = [r for r in [*unsaved, *step.recreated] if r.id not in step.blocked]
+            unsaved = [r for r in [*unsaved, *step.recreated.replicas] if r.id not in step.blocked]
             if unsaved:
-                report.warnings += instances_left_unsaved(spec, state, unsaved, spare=step.replaced)
+                report.warnings += instances_left_unsaved(spec, state, unsaved, spare=step.recreated.before)
             unsaved = []
             if step.asked:
                 asking = None
@@ -742,10 +742,8 @@ class _Step:
     asked: bool = False  # the confirmation was shown (and accepted)
     #: replicas whose create a cloud's `clear_before_apply` found blocked (their error says why)
     blocked: dict[str, Blocked] = field(default_factory=dict)
-    #: replicas this step re-created under their ID (`recreated_replicas`)
-    recreated: list[ReplicaRecord] = field(default_factory=list)
-    #: the cloud IDs those replicas had before (never terminated by the sweep: `instances_left_unsaved`)
-    replaced: set[str] = field(default_factory=set)
+    #: replicas this step re-created under their ID, and their cloud IDs before
+    recreated: Recreated = field(default_factory=Recreated)
 
     def converge(self, confirm: Confirm | None, max_rounds: int, route: bool) -> bool:
         """False if the user declined the plan (`report.cancelled`)."""
@@ -833,10 +831,7 @@ class _Step:
             self.blocked.update(freed.blocked)
             blocked = {**cleared.blocked, **freed.blocked}
             round_failures = _absorb_round(report, state, changed, results, clock, blocked)
-            seen = {r.id for r in self.recreated}
-            again = [r for r in recreated_replicas(state, ids_before) if r.id not in seen]
-            self.recreated += again
-            self.replaced |= {cid for r in again if (cid := ids_before.get(r.id))}
+            self.recreated.note(state, ids_before)
             state.log(
                 {
                     "event": "apply",

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from skyhedge.clouds.common import Blocked, Cleared
@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEPLOYMENT_KEY",
+    "Recreated",
     "clear_before_apply",
     "cloud_leftovers",
     "deployment_id",
@@ -112,6 +113,24 @@ def recreated_replicas(state: ServiceState, before: Mapping[str, str | None]) ->
         and r.cloud_id != before[r.id]
         and cloud_leftovers(r.cloud) is not None
     ]
+
+
+@dataclass
+class Recreated:
+    """The replicas applies re-created under their ID (`recreated_replicas`), collected until a
+    clean apply sweeps for what a killed re-create left, and the cloud IDs they had before (never
+    terminated by the sweep: `instances_left_unsaved`'s `spare`). `apply`'s step and the watcher
+    each keep one."""
+
+    replicas: list[ReplicaRecord] = field(default_factory=list)
+    before: set[str] = field(default_factory=set)
+
+    def note(self, state: ServiceState, before: Mapping[str, str | None]) -> None:
+        """After an apply: `before` is each live replica's cloud ID taken before Terraform ran."""
+        seen = {r.id for r in self.replicas}
+        again = [r for r in recreated_replicas(state, before) if r.id not in seen]
+        self.replicas += again
+        self.before |= {cid for r in again if (cid := before.get(r.id))}
 
 
 def lost_replicas(state: ServiceState, before: Sequence[ReplicaRecord]) -> list[ReplicaRecord]:

@@ -50,10 +50,10 @@ from skyhedge.controller.ports import ExecResult, Executor, Prober, RouterPort
 from skyhedge.errors import RoutingError, SkyhedgeError
 from skyhedge.events import EventSource, PreemptionEvent
 from skyhedge.leftovers import (
+    Recreated,
     deployment_id,
     instances_left_unsaved,
     lost_replicas,
-    recreated_replicas,
     unsaved_replicas,
 )
 from skyhedge.planner import CREATE, DELETE, KEEP, Plan, PlannedReplica
@@ -324,8 +324,7 @@ class Controller:
         self._policy_clocks: dict[str, frozenset[str]] = {}  # policy name -> its clock_memory
         # replicas a pass re-created under their ID (`recreated_replicas`): looked for as those,
         # once a pass applied cleanly (what a killed re-create launched; in memory only)
-        self._recreated: list[ReplicaRecord] = []
-        self._replaced: set[str] = set()  # the cloud IDs those had before: never terminated
+        self._recreated = Recreated()
         # replicas the event sources found gone (`lost_replicas`): looked for as those, once an
         # apply dropped them from their root (a killed re-create of one left a machine; in memory)
         self._lost: list[ReplicaRecord] = []
@@ -808,21 +807,18 @@ class Controller:
             zone = rec.zone if rec is not None else "?"
             self.note(f"launch of {rid} refused in {zone}: no spot capacity, re-planning", done)
         if not is_gitops(st):
-            seen = {r.id for r in self._recreated}
-            again = [r for r in recreated_replicas(st, cloud_ids) if r.id not in seen]
-            self._recreated += again
-            self._replaced |= {cid for r in again if (cid := cloud_ids.get(r.id))}
+            self._recreated.note(st, cloud_ids)
         if result.applied and not result.failed:
             why = "" if plan.has_changes else " (reconciling with Terraform's state)"
             self.note(f"applied {', '.join(result.applied)} in {done - started:.1f}s{why}", done)
             # (a gone replica a root still holds is looked for once an apply dropped it)
             holding = held_replicas(st)
             lost = [r for r in self._lost if r.id not in holding.get(f"{r.cloud}/{r.region}", ())]
-            if self._unsaved or self._recreated or lost:
-                swept = [*self._unsaved, *self._recreated, *lost]
-                for line in instances_left_unsaved(self.spec, st, swept, spare=self._replaced):
+            if self._unsaved or self._recreated.replicas or lost:
+                swept = [*self._unsaved, *self._recreated.replicas, *lost]
+                for line in instances_left_unsaved(self.spec, st, swept, spare=self._recreated.before):
                     self.note(line, done, level=logging.WARNING)
-                self._unsaved, self._recreated, self._replaced = [], [], set()
+                self._unsaved, self._recreated = [], Recreated()
                 looked = {r.id for r in lost}
                 self._lost = [r for r in self._lost if r.id not in looked]
         cause = apply_cause(result.detail)
