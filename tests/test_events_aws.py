@@ -69,23 +69,32 @@ def _event(detail_type: str, detail: dict, **extra) -> str:
     )
 
 
-def test_parse_interruption_warning_with_zone():
+@pytest.mark.parametrize(
+    "arn",
+    [
+        "arn:aws:ec2:us-east-1:123456789012:instance/i-1",  # the EC2 User Guide's example now
+        "arn:aws:ec2:us-east-1a:instance/i-1",  # an older example's: a zone *name*
+    ],
+)
+def test_parse_interruption_warning_as_documented(arn):
+    """The EC2 User Guide's `EC2 Spot Instance Interruption Warning`. Its ARN never gives a zone
+    ID (skyhedge's AWS zones: use1-az1), so the event carries no location of its own; the replica
+    it names has one."""
     body = _event(
         DETAIL_WARNING,
         {"instance-id": "i-1", "instance-action": "terminate"},
-        resources=["arn:aws:ec2:us-east-1a:instance/i-1"],
+        resources=[arn],
     )
     ev = parse_message(body, received_at=0)
     assert ev is not None and ev.signal is Signal.WARNING and ev.cloud_id == "i-1"
-    assert ev.location is not None and ev.location.zone == "us-east-1a"
+    assert ev.location is None
     assert ev.at == pytest.approx(1714564800.0)
 
 
 def test_parse_rebalance_and_state_changes():
-    assert (
-        parse_message(_event(DETAIL_REBALANCE, {"instance-id": "i-2"}), received_at=0).signal
-        is Signal.REBALANCE
-    )
+    arn = ["arn:aws:ec2:us-east-1:123456789012:instance/i-2"]
+    rebalance = parse_message(_event(DETAIL_REBALANCE, {"instance-id": "i-2"}, resources=arn), received_at=0)
+    assert rebalance.signal is Signal.REBALANCE and rebalance.location is None
     gone = parse_message(_event(DETAIL_STATE, {"instance-id": "i-3", "state": "terminated"}), received_at=0)
     assert gone.signal is Signal.GONE and gone.reason == ""
     assert (

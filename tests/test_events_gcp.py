@@ -6,6 +6,7 @@ preempted and replaces it in another zone; an instance that disappears from the 
 
 from __future__ import annotations
 
+import re
 import time
 from datetime import datetime, timezone
 
@@ -60,24 +61,57 @@ class FakeCompute:
         if len(parts) != 7 or parts[:3] != ["compute", "v1", "projects"] or parts[3] != PROJECT:
             return 404, {"error": {"message": f"no route {path}"}}
         zone, kind = parts[5], parts[6]
+        refused = _list_query_refused(query)
+        if refused:
+            return 400, {"error": {"code": 400, "message": refused, "errors": [{"reason": "invalid"}]}}
         flt = query.get("filter", [""])[0]
         if kind == "operations":
             items = [
                 op for op in self.operations.get(zone, []) if f'operationType="{op["operationType"]}"' == flt
             ]
-            if query.get("pageToken") == ["2"]:
-                return 200, {"items": items[1:]}
-            if len(items) > 1:
-                return 200, {"items": items[:1], "nextPageToken": "2"}
-            return 200, {"items": items}
-        if kind == "instances":
+        elif kind == "instances":
             items = [
-                {"name": name, "status": inst["status"], "labels": inst["labels"]}
+                {
+                    "kind": "compute#instance",
+                    "id": str(abs(hash((zone, name))) % 10**18),
+                    "name": name,
+                    "status": inst["status"],
+                    "labels": inst["labels"],
+                    "zone": f"https://www.googleapis.com/compute/v1/projects/{PROJECT}/zones/{zone}",
+                }
                 for name, inst in self.instances.get(zone, {}).items()
                 if flt == f"labels.skyhedge-service={inst['labels'].get('skyhedge-service')}"
             ]
-            return 200, {"items": items}
-        return 404, {"error": {"message": "unknown collection"}}
+        else:
+            return 404, {"error": {"message": "unknown collection"}}
+        # Compute pages every listing (maxResults, 500 by default): one item a page here, so that a
+        # reader stopping at the first page is caught
+        page = int(query.get("pageToken", ["0"])[0])
+        body: dict = {"kind": f"compute#{kind[:-1]}List", "items": items[page : page + 1]}
+        if page + 1 < len(items):
+            body["nextPageToken"] = str(page + 1)
+        return 200, body
+
+
+#: Compute's AIP-160 filter as skyhedge writes it: `field=value` or `field="value"`.
+_FILTER = re.compile(r'^[A-Za-z][A-Za-z0-9_.-]*=(?:[A-Za-z0-9_.-]+|"[^"\\]*")$')
+
+
+def _list_query_refused(query: dict) -> str | None:
+    """Why Compute answers a list request HTTP 400, or None: an unparsable filter, an order other
+    than the two it sorts by, or a filter and an order together, which it refuses ("Specifying both
+    a list filter and sort order is not currently supported")."""
+    flt, order = query.get("filter", [None])[0], query.get("orderBy", [None])[0]
+    if flt is not None and not _FILTER.fullmatch(flt):
+        return f"Invalid value for field 'filter': '{flt}'. Invalid list filter expression."
+    if order is not None and order not in ("name", "creationTimestamp desc"):
+        return f"Invalid value for field 'orderBy': '{order}'. Only name or creationTimestamp desc."
+    if flt is not None and order is not None:
+        return (
+            f"Invalid value for field 'orderBy': '{order}'. Specifying both a list filter and sort order "
+            "is not currently supported."
+        )
+    return None
 
 
 @pytest.fixture
@@ -307,7 +341,8 @@ def _instances_reply(odd):
     """A handler answering instance listings with `odd(items)`, everything else as usual."""
 
     def handle(real, path, query):
-        code, body = real(path, query)
+        # (the odd reply's own page token is not the fake's: its first page stands in)
+        code, body = real(path, {k: v for k, v in query.items() if k != "pageToken"})
         return (code, odd(body["items"])) if path.endswith("/instances") and code == 200 else (code, body)
 
     return handle
@@ -443,7 +478,7 @@ def test_an_unrecorded_replica_never_listed_is_not_taken_for_gone(compute, sessi
 def test_an_operation_older_than_the_replica_is_about_an_earlier_machine(
     compute, session, tmp_path, write_spec
 ):
-    """Replica IDs start over with a fresh state dir, and GCP keeps operations for weeks: a new
+    """Replica IDs start over with a fresh state dir, and Compute keeps operations up to 14 days: a new
     watcher reads them all. One dated before the replica's launch is not about it."""
     ctl, clock = _controller(compute, session, tmp_path, write_spec)
     victim = ctl.state.live()[0]
@@ -469,31 +504,24 @@ def test_a_poll_failing_in_a_later_zone_loses_no_operation(compute, session, tmp
     assert any("gcp-operations: gone" in n.text for n in ctl.notes)  # the operation, not the listing
 
 
-def test_an_endpoint_refusing_the_newest_first_order_is_read_unordered(
-    compute, session, tmp_path, write_spec
+def test_zone_operations_are_asked_with_the_filter_alone_which_compute_accepts(
+    compute, session, tmp_path, write_spec, caplog
 ):
-    """Newest first (`orderBy`) lets a poll stop at what is too old to matter; an endpoint that
-    refuses the order with this filter must not blind the watcher: it reads everything instead."""
+    """Compute refuses a list filter together with `orderBy` (HTTP 400: "Specifying both a list
+    filter and sort order is not currently supported"; the fake answers so too). The watcher asks
+    the filter alone, and its first poll neither fails nor warns about the refusal."""
+    import logging
+
     ctl, clock = _controller(compute, session, tmp_path, write_spec)
     victim = ctl.state.live()[0]
     compute.operations[victim.zone] = [_preempted("21", victim.zone, f"llm-{victim.id}", clock() + 1)]
-    real = compute.handle
-    refused = []
-
-    def handle(path, query):
-        if path.endswith("/operations") and "orderBy" in query:
-            refused.append(path)
-            return 400, {"error": {"code": 400, "message": "Invalid value for field 'orderBy'"}}
-        return real(path, query)
-
-    compute.handle = handle
     clock.advance(10)
-    ctl.tick()
-    assert refused and victim.gone_at is not None and victim.reason == "preempted"
-    asked = len(refused)
-    clock.advance(10)
-    ctl.tick()
-    assert len(refused) == asked  # not asked again with the order
+    with caplog.at_level(logging.WARNING, logger="skyhedge.clouds.gcp.events"):
+        ctl.tick()
+    assert victim.gone_at is not None and victim.reason == "preempted"
+    asked = [q for path, q in compute.requests if path.endswith("/operations")]
+    assert asked and all(q == {"filter": [f'operationType="{PREEMPTED_OP}"']} for q in asked)
+    assert not [r for r in caplog.records if "HTTP 400" in r.getMessage()]
 
 
 def test_the_watched_project_is_found_as_apply_finds_it(monkeypatch, write_spec, tmp_path):
@@ -569,33 +597,28 @@ def test_an_operation_about_an_earlier_vm_of_the_same_name_is_not_about_the_repl
     assert victim.gone_at is not None and victim.reason == "preempted"
 
 
-def test_operations_are_read_newest_first_down_to_the_oldest_live_replica(
+def test_preemptions_older_than_the_oldest_live_replica_are_read_to_the_end_and_ignored(
     compute, session, tmp_path, write_spec
 ):
-    """GCP keeps operations for weeks and a project's other spot VMs leave theirs in the same zones:
-    the listing is asked newest first and read only as far back as a live replica's launch."""
+    """Compute keeps operations up to 14 days and a project's other spot VMs leave theirs in the same
+    zones; unordered (a filter cannot be combined with an order), the listing is read to its last
+    page: a preemption of this watch's replica on that last page still counts, the older ones none."""
     ctl, clock = _controller(compute, session, tmp_path, write_spec, sync=ModuleSync)
     live = ctl.state.live()
-    busy = live[0].zone
-    pages = []
-    real = compute.handle
-
-    def handle(path, query):
-        if path.endswith(f"zones/{busy}/operations"):
-            assert query.get("orderBy") == ["creationTimestamp desc"]
-            page = int(query.get("pageToken", ["0"])[0])
-            pages.append(page)
-            items = [
-                _preempted(f"{page}-{i}", busy, f"batch-{page}-{i}", live[0].launched_at - 3600 * (page + 1))
-                for i in range(500)
-            ]
-            return 200, {"items": items, "nextPageToken": str(page + 1)}  # weeks of them
-        return real(path, query)
-
-    compute.handle = handle
-    other = next(r for r in live if r.zone != busy)
-    compute.instances[other.zone][f"skyhedge-llm-{other.id}"]["status"] = "TERMINATED"
+    victim = live[0]
+    old = [
+        _preempted(f"old-{i}", victim.zone, f"skyhedge-llm-{r.id}", victim.launched_at - 3600 * (i + 1))
+        for i, r in enumerate(live * 2)
+    ]
+    compute.operations[victim.zone] = [
+        *old,
+        _preempted("new", victim.zone, f"skyhedge-llm-{victim.id}", clock() + 1),
+    ]
     clock.advance(10)
+    before = len(compute.requests)
     ctl.tick()
-    assert pages == [0]  # stopped at the first operation older than the replicas
-    assert other.gone_at is not None
+    asked = compute.requests[before:]
+    pages = [q.get("pageToken") for p, q in asked if p.endswith(f"zones/{victim.zone}/operations")]
+    assert len(pages) == len(old) + 1  # one item a page: every page read
+    assert victim.gone_at is not None and victim.reason == "preempted"
+    assert [r.id for r in ctl.state.replicas.values() if r.gone_at is not None] == [victim.id]

@@ -18,6 +18,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -104,12 +105,21 @@ class FakeGce:
             rest = parts[4:]
             if rest == ["aggregated", "instances"] and method == "GET":
                 flt = query.get("filter", [""])[0]
-                items: dict[str, Any] = {}
+                if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_.-]*=[A-Za-z0-9_.-]+", flt):
+                    msg = f"Invalid value for field 'filter': '{flt}'. Invalid list filter expression."
+                    return 400, {"error": {"code": 400, "message": msg, "errors": [{"reason": "invalid"}]}}
+                scopes: dict[str, Any] = {}
                 for (zone, _name), inst in sorted(self.instances.items()):
                     if flt == f"labels.skyhedge-service={inst['labels'].get('skyhedge-service')}":
-                        items.setdefault(f"zones/{zone}", {"instances": []})["instances"].append(inst)
-                items["zones/europe-west4-a"] = {"warning": {"code": "NO_RESULTS_ON_PAGE"}}
-                return 200, {"kind": "compute#instanceAggregatedList", "items": items}
+                        scopes.setdefault(f"zones/{zone}", {"instances": []})["instances"].append(inst)
+                scopes["zones/europe-west4-a"] = {"warning": {"code": "NO_RESULTS_ON_PAGE"}}
+                # Compute pages aggregated listings too: one scope a page here
+                page = int(query.get("pageToken", ["0"])[0])
+                keys = sorted(scopes)
+                body = {"kind": "compute#instanceAggregatedList", "items": {keys[page]: scopes[keys[page]]}}
+                if page + 1 < len(keys):
+                    body["nextPageToken"] = str(page + 1)
+                return 200, body
             if len(rest) == 4 and rest[0] == "zones" and rest[2] == "instances":
                 key = (rest[1], rest[3])
                 if key not in self.instances:
@@ -388,6 +398,28 @@ def test_a_failing_listing_is_one_warning_per_region(gce, spec):
         f"gcp {r}: could not look for instances of llm left running (GET {gce_base()}/projects/proj-1/"
         "aggregated/instances: HTTP 403: Required 'compute.instances.list')"
         for r in ("us-central1", "us-east4")
+    ]
+
+
+def test_a_listing_answered_not_found_is_a_warning_not_an_empty_listing(gce, spec):
+    """Compute answers 404 for a project it does not know (`notFound`): for an instance or an
+    operation that means gone, but for the aggregated listing it means nothing was listed, so
+    instances left running there would go unsaid."""
+    gce.add(ZONE, "skyhedge-llm-r-0009", labels("r-0009", deployment=None))
+    gce.fail[("GET", "/aggregated/instances")] = (
+        404,
+        {
+            "error": {
+                "code": 404,
+                "message": "The resource 'projects/proj-1' was not found",
+                "errors": [{"reason": "notFound"}],
+            }
+        },
+    )
+    assert leftovers.instances_left("llm", {"us-central1"}, spec=spec) == [
+        "gcp us-central1: could not look for instances of llm left running (GET "
+        f"{gce_base()}/projects/proj-1/aggregated/instances: HTTP 404: The resource 'projects/proj-1' "
+        "was not found)"
     ]
 
 

@@ -4,7 +4,9 @@ here, so `terraform validate` runs only where a provider mirror is configured)."
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -583,3 +585,82 @@ def test_a_state_that_applies_labels_its_gcp_instances_with_its_deployment_id_an
     assert json.loads((tmp_path / "b" / "gcp" / "us-central1" / TFVARS_FILE).read_text())["deployment"] == (
         "5f0c2a9d41b7e3c8"
     )
+
+
+@pytest.mark.parametrize(
+    ("cloud", "region", "zone", "itype", "fits", "too_big", "limit"),
+    [
+        ("aws", "us-east-1", "use1-az1", "g6.xlarge", 9_000, 13_000, "16384 bytes EC2 takes as user data"),
+        (
+            "gcp",
+            "us-central1",
+            "us-central1-a",
+            "g2-standard-4",
+            150_000,
+            200_000,
+            "262144 bytes Compute Engine takes as a metadata value",
+        ),
+    ],
+)
+def test_a_run_too_large_for_the_clouds_boot_script_is_refused_naming_its_largest_part(
+    tmp_path, cloud, region, zone, itype, fits, too_big, limit
+):
+    """EC2 takes at most 16 KB of user data (before base64) and Compute Engine a metadata value of
+    at most 256 KiB; the boot script carries `run` as base64 JSON (a third larger). Past that the
+    cloud refuses every launch (moto and the local fakes never do): refused at render instead."""
+    from skyhedge.errors import SpecError
+
+    def run(setup: str) -> dict[str, Any]:
+        return {"run": {"command": "serve", "setup": setup, "env": {"K": "v"}}}
+
+    p = plan(cloud, region, [zone])
+    rendered(tmp_path / "ok", cloud, itype, p, **run("x" * fits))
+    with pytest.raises(SpecError, match=rf"^<spec>: run\.setup: a {cloud} replica's boot script") as err:
+        rendered(tmp_path / "big", cloud, itype, p, **run("x" * too_big))
+    assert f"over the {limit}" in str(err.value) and "\n" not in str(err.value)
+    # a root left with no replica (all destroyed) renders whatever the spec's run
+    empty = Plan("llm", 0, "test", (), 10, 0.0)
+    rendered(tmp_path / "empty", cloud, itype, empty, **run("x" * too_big))
+
+
+@pytest.mark.skipif(shutil.which("terraform") is None, reason="no terraform binary")
+@pytest.mark.parametrize(
+    ("module", "template"), [("aws-replicas", "user_data.sh.tftpl"), ("gcp-replicas", "startup.sh.tftpl")]
+)
+def test_the_boot_script_size_is_a_close_upper_bound_of_what_terraform_renders(tmp_path, module, template):
+    """`boot_script_bytes` against Terraform's own `templatefile(base64encode(jsonencode(...)))`
+    (no provider needed): never less, `<`, `>`, `&` and U+2028 escaped as Terraform escapes them."""
+    from skyhedge.clouds.common import boot_script_bytes
+
+    config = {
+        "replica_id": "r-0001",
+        "service": "llm",
+        "port": 8000,
+        "command": "vllm serve <m> && echo é \u2028 done " + "y" * 3000,
+        "image": None,
+        "setup": "x\ty\n",
+        "env": {"K": "v&w", "Z": "ü"},
+        "gpu": True,
+    }
+    work = tmp_path / "tf"
+    work.mkdir()
+    (work / template).write_bytes(
+        (Path(__file__).resolve().parents[1] / "modules" / module / template).read_bytes()
+    )
+    (work / "config.json").write_text(json.dumps(config), encoding="utf-8")
+    encoded = 'base64encode(jsonencode(jsondecode(file("config.json"))))'
+    expr = f'length(templatefile("{template}", {{config = {encoded}}}))'
+    out = subprocess.run(
+        ["terraform", "console"],
+        input=expr,
+        cwd=work,
+        # no version check: nothing leaves the machine
+        env={**os.environ, "CHECKPOINT_DISABLE": "1", "TF_CLI_CONFIG_FILE": str(work / "none.tfrc")},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    actual = int(out.stdout.strip())  # characters, and the rendered script is ASCII: bytes
+    estimate = boot_script_bytes(module, template, config)
+    assert actual <= estimate <= actual + 8

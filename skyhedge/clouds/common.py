@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import json
+import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from skyhedge._resources import modules_dir
 from skyhedge.catalog import load_catalog
 from skyhedge.errors import CatalogError, RenderError, SpecError
 
@@ -23,6 +26,59 @@ def run_config(spec: ServiceSpec) -> dict[str, Any]:
         if value is not None:
             run[key] = value
     return run
+
+
+def terraform_json_bytes(value: Any) -> int:
+    """An upper bound of `value`'s size in Terraform's `jsonencode` (compact, UTF-8): `<`, `>`
+    and `&` become `\\u003c`-style escapes, U+2028/U+2029 `\\u2028`, and a backspace or form
+    feed may be a 6-byte escape too."""
+    text = json.dumps(value, ensure_ascii=False, separators=(",", ":"), sort_keys=True)
+    wider = 5 * sum(text.count(c) for c in "<>&") + 4 * sum(text.count(c) for c in ("\\b", "\\f"))
+    return len(text.encode("utf-8", "surrogatepass")) + wider + 3 * sum(text.count(c) for c in "\u2028\u2029")
+
+
+#: What a module's boot script template interpolates: the replica's settings, base64 JSON.
+BOOT_CONFIG = "${config}"
+
+
+def boot_script_bytes(module: str, template: str, config: Mapping[str, Any]) -> int:
+    """Bytes of the boot script that `template` of `module` renders for `config` (at most: its one
+    interpolation is `base64encode(jsonencode(config))`)."""
+    text = (modules_dir() / module / template).read_text(encoding="utf-8")
+    encoded = 4 * math.ceil(terraform_json_bytes(dict(config)) / 3)
+    return len(text.encode("utf-8")) - text.count(BOOT_CONFIG) * len(BOOT_CONFIG) + encoded
+
+
+def boot_config(spec: ServiceSpec, replicas: Sequence[PlannedReplica], gpu: bool) -> dict[str, Any]:
+    """The largest `config` a module's boot script gets among `replicas` (what it jsonencodes)."""
+    return {
+        "replica_id": max((r.id for r in replicas), key=len),
+        "service": spec.name,
+        "port": spec.resources.ports,
+        "command": spec.run.command,
+        "image": spec.run.image,
+        "setup": spec.run.setup,
+        "env": dict(spec.run.env),
+        "gpu": gpu,
+    }
+
+
+def require_boot_script_fits(spec: ServiceSpec, cloud: str, size: int, limit: int, where: str) -> None:
+    """A replica whose boot script (`size` bytes, `boot_script_bytes`) is over what the cloud takes
+    (`limit`, in `where`) is refused here, naming the largest `run` part: the cloud would refuse
+    it only at launch, replica after replica (moto never does)."""
+    if size <= limit:
+        return
+    parts = {"run.command": spec.run.command or "", "run.setup": spec.run.setup or ""}
+    parts.update({f"run.env.{k}": v for k, v in spec.run.env.items()})
+    largest = max(parts, key=lambda part: terraform_json_bytes(parts[part]))
+    raise SpecError(
+        f"a {cloud} replica's boot script would be about {size} bytes with run.command, run.setup "
+        f"and run.env (base64 JSON), over the {limit} {where}; this is the largest part: put it in "
+        "a file the replica downloads, or in its image",
+        file=spec.source,
+        path=largest,
+    )
 
 
 def catalog_gpus(cloud: str, instance_type: str) -> tuple[str | None, int] | None:

@@ -95,7 +95,7 @@ def ingest(state: ServiceState, events: Iterable[PreemptionEvent], now: float) -
             continue
         if at < rec.launched_at - EVENT_SKEW_SECONDS:
             # about an earlier machine of the same name (replica IDs start over with a fresh state
-            # dir; GCP keeps operations for weeks and a new watcher reads them all again)
+            # dir; GCP keeps operations up to 14 days and a new watcher reads them all again)
             log.debug("ignoring %s (older than %s's launch)", event.describe(), rec.id)
             continue
         if event.signal is Signal.REBALANCE:

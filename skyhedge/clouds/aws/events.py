@@ -25,7 +25,6 @@ from typing import Any, NamedTuple
 from skyhedge.clouds.aws import new_session
 from skyhedge.errors import CloudError
 from skyhedge.events import EventSource, LeftoverWatch, PreemptionEvent, ProblemLog, Signal, unparseable
-from skyhedge.policy.types import Location
 from skyhedge.state import ReplicaRecord
 
 log = logging.getLogger("skyhedge.clouds.aws.events")
@@ -63,19 +62,6 @@ def _epoch(text: Any, fallback: float) -> float:
         return fallback
 
 
-def _zone_from_resources(resources: Any, region: str | None) -> Location | None:
-    """EC2's interruption events carry `arn:aws:ec2:<zone>:instance/<id>`; use the zone when present."""
-    if not isinstance(resources, list):
-        return None
-    for arn in resources:
-        parts = arn.split(":") if isinstance(arn, str) else []
-        if len(parts) >= 5 and parts[2] == "ec2":
-            where = parts[3]
-            if region and where.startswith(region) and where != region:
-                return Location("aws", region, where)
-    return None
-
-
 def parse_message(body: str, *, received_at: float, source: str = "aws-sqs") -> PreemptionEvent | None:
     """One SQS message body (an EventBridge event, optionally wrapped by SNS) -> one event.
 
@@ -103,8 +89,10 @@ def parse_message(body: str, *, received_at: float, source: str = "aws-sqs") -> 
         unparseable(source, body, "no detail.instance-id")
         return None
     at = _epoch(event.get("time"), received_at)
-    region = event.get("region") if isinstance(event.get("region"), str) else None
-    location = _zone_from_resources(event.get("resources"), region)
+    # No location: an event's `resources` ARN names the region (`arn:aws:ec2:us-east-2:ACCOUNT:
+    # instance/ID`; older examples had a zone *name*, `us-east-2a`), while skyhedge's AWS zones
+    # are zone IDs (use1-az1), which a name maps to only per account. The replica it names has
+    # its zone; an event naming none of them is ignored.
     if kind == DETAIL_WARNING:
         action = detail.get("instance-action", "terminate")
         return PreemptionEvent(
@@ -112,7 +100,6 @@ def parse_message(body: str, *, received_at: float, source: str = "aws-sqs") -> 
             at,
             source,
             cloud_id=instance,
-            location=location,
             detail=f"spot interruption warning ({action})",
         )
     if kind == DETAIL_REBALANCE:
@@ -121,7 +108,6 @@ def parse_message(body: str, *, received_at: float, source: str = "aws-sqs") -> 
             at,
             source,
             cloud_id=instance,
-            location=location,
             detail="rebalance recommendation",
         )
     if kind == DETAIL_STATE:
@@ -136,7 +122,6 @@ def parse_message(body: str, *, received_at: float, source: str = "aws-sqs") -> 
                 at,
                 source,
                 cloud_id=instance,
-                location=location,
                 reason="",
                 detail=f"instance {state}",
             )

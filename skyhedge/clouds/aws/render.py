@@ -8,7 +8,16 @@ from typing import TYPE_CHECKING, Any
 
 from skyhedge.catalog import load_catalog
 from skyhedge.clouds import RenderContext
-from skyhedge.clouds.common import has_gpus, replica_map, require_arm_image, require_instance_type, run_config
+from skyhedge.clouds.common import (
+    boot_config,
+    boot_script_bytes,
+    has_gpus,
+    replica_map,
+    require_arm_image,
+    require_boot_script_fits,
+    require_instance_type,
+    run_config,
+)
 from skyhedge.engine import register_spec_field
 
 if TYPE_CHECKING:
@@ -19,6 +28,9 @@ if TYPE_CHECKING:
 #: Arm instance families: Graviton's (a generation digit followed by `g`: c7g, m6gd, t4g, g5g,
 #: im4gn, is4gen), the first Graviton (a1) and NVIDIA Grace superchips (p6e-gb200).
 _ARM_FAMILY = re.compile(r"^(a1|[a-z]+\d+g[a-z]*|[a-z0-9]+-gb\d+)$")
+
+#: EC2 takes at most 16 KB of user data, counted before base64 (RunInstances refuses more).
+USER_DATA_MAX_BYTES = 16 * 1024
 
 
 def is_arm(instance_type: str) -> bool:
@@ -62,6 +74,11 @@ class AwsCloud:
     ) -> dict[str, Any]:
         itype = require_instance_type(spec, self.name, instance_type)
         require_arm_image(spec, self.name, itype, is_arm(itype))
+        gpu = has_gpus(spec, self.name, itype)
+        if replicas:
+            size = boot_script_bytes(self.module_name, "user_data.sh.tftpl", boot_config(spec, replicas, gpu))
+            where = "bytes EC2 takes as user data"
+            require_boot_script_fits(spec, self.name, size, USER_DATA_MAX_BYTES, where)
         # a launched replica stays in the subnet it was launched in (and so in its VPC): passed
         # back only where aws.subnets now names another for its zone, or none at all. A replica on
         # its zone's default subnet records no subnet (module output), so inputs do not churn.
@@ -83,7 +100,7 @@ class AwsCloud:
                 for rid, value in replica_map(replicas).items()
             },
             "run": run_config(spec),
-            "gpu": has_gpus(spec, self.name, itype),
+            "gpu": gpu,
             "subnet_ids": _region_subnets(spec, region),
             "key_name": spec.aws.key_name,
             "iam_instance_profile": spec.aws.iam_instance_profile,

@@ -78,8 +78,8 @@ def parse_operation(op: Any, *, region_of: dict[str, str], received_at: float) -
     location = Location("gcp", region_of[zone], zone) if zone in region_of else None
     at = _epoch(op.get("insertTime"))
     if at is None:
-        # Undated, it could be weeks old (GCP keeps operations) and would pass for a preemption
-        # of the replica holding that name now; a real one also shows in the instance listing.
+        # Undated, it could be days old (Compute keeps operations up to 14 days) and would pass for
+        # a preemption of the replica holding that name now; a real one also shows in the listing.
         unparseable("gcp-operations", op, "no readable insertTime")
         return None
     return PreemptionEvent(
@@ -152,7 +152,6 @@ class GcpEventSource(EventSource):
         self._listed: set[str] = set()  # unrecorded replicas (GitOps) once seen listed
         self._leftovers = LeftoverWatch()
         self._problems: list[str] = []  # zones whose poll failed while others reported events
-        self._ordered = True  # zone operations asked newest first (orderBy), read down to a cutoff
 
     @property
     def session(self) -> Any:
@@ -160,12 +159,10 @@ class GcpEventSource(EventSource):
             self._session = default_session()
         return self._session
 
-    def _get(self, path: str, params: dict[str, str], *, stop: Any = None) -> list[Any]:
+    def _get(self, path: str, params: dict[str, str]) -> list[Any]:
         """GET a Compute list, following `nextPageToken`. A reply that is not a list page (an
         `error` object, `items` not a list) or a listing longer than MAX_PAGES pages is an error,
-        never a shorter list: an instance missing from the list reads as a preemption.
-        `stop(item)` true ends the listing before that item (a list sorted newest first, read
-        down to what is too old to matter)."""
+        never a shorter list: an instance missing from the list reads as a preemption."""
         import requests
         from google.auth.exceptions import GoogleAuthError
 
@@ -185,13 +182,7 @@ class GcpEventSource(EventSource):
             page = body.get("items", [])
             if not isinstance(page, list):
                 raise CloudError(f"gcp: GET {url}: items: expected a list, got {type(page).__name__}")
-            if stop is not None:
-                for item in page:
-                    if stop(item):
-                        return items
-                    items.append(item)
-            else:
-                items.extend(page)
+            items.extend(page)
             token = body.get("nextPageToken")
             if not token:
                 return items
@@ -251,8 +242,11 @@ class GcpEventSource(EventSource):
         events: list[PreemptionEvent],
     ) -> None:
         """One zone's preempted operations and instance listing, appended to `events`."""
-        # Newest first, and only as far back as the oldest live replica here: GCP keeps operations
-        # for weeks, and a project's other spot VMs leave theirs in the same zones.
+        # Only as far back as the oldest live replica here: Compute keeps a finished operation up
+        # to 14 days, and a project's other spot VMs leave theirs in the same zones. Filtered, not
+        # ordered: Compute refuses a list filter together with `orderBy` (HTTP 400, "Specifying
+        # both a list filter and sort order is not currently supported"), so every preemption it
+        # keeps is read and the old ones dropped here.
         cutoff = min(r.launched_at for r in mine if r.zone == zone) - OPERATION_SKEW_SECONDS
 
         def too_old(op: Any) -> bool:
@@ -260,19 +254,7 @@ class GcpEventSource(EventSource):
             return at is not None and at < cutoff
 
         query = {"filter": f'operationType="{PREEMPTED_OP}"'}
-        if self._ordered:
-            try:
-                ops = self._get(
-                    f"zones/{zone}/operations", {**query, "orderBy": "creationTimestamp desc"}, stop=too_old
-                )
-            except CloudError as exc:
-                if ": HTTP 400:" not in str(exc):
-                    raise
-                # an endpoint refusing the order with this filter: read everything, as before
-                log.warning("%s; reading zone operations unordered from now on", exc)
-                self._ordered = False
-        if not self._ordered:
-            ops = [op for op in self._get(f"zones/{zone}/operations", query) if not too_old(op)]
+        ops = [op for op in self._get(f"zones/{zone}/operations", query) if not too_old(op)]
         for op in ops:
             key = str(op.get("id") or op.get("name") or op) if isinstance(op, dict) else repr(op)
             if key in self._seen_ops or key in read:

@@ -115,8 +115,12 @@ class _Compute:
         self.session = SESSION if SESSION is not None else default_session(SCOPES)
         self.base = f"{compute_endpoint()}/projects/{quote(project, safe=':')}"
 
-    def call(self, method: str, path: str, params: Mapping[str, str] | None = None) -> dict[str, Any] | None:
-        """The reply's JSON object; None for a 404 (no such instance or operation)."""
+    def call(
+        self, method: str, path: str, params: Mapping[str, str] | None = None, *, gone_if_404: bool = True
+    ) -> dict[str, Any] | None:
+        """The reply's JSON object; None for a 404 (no such instance or operation). A listing
+        (`gone_if_404` false) takes a 404 (an unknown project) for the error it is: nothing was
+        listed, which must not read as nothing left running."""
         import requests
         from google.auth.exceptions import GoogleAuthError
 
@@ -125,7 +129,7 @@ class _Compute:
             reply = self.session.request(method, url, params=dict(params or {}), timeout=REQUEST_TIMEOUT)
         except (requests.RequestException, GoogleAuthError) as exc:  # a token refresh can fail too
             raise CloudError(f"{method} {url}: {exc.__class__.__name__}: {exc}") from exc
-        if reply.status_code == 404:
+        if reply.status_code == 404 and gone_if_404:
             return None
         if reply.status_code != 200:
             raise CloudError(f"{method} {url}: HTTP {reply.status_code}: {api_error_message(reply)}")
@@ -140,7 +144,7 @@ class _Compute:
         found: list[dict[str, Any]] = []
         params = {"filter": f"labels.{LABEL_SERVICE}={service}"}
         for _ in range(MAX_PAGES):
-            body = self.call("GET", "aggregated/instances", params) or {}
+            body = self.call("GET", "aggregated/instances", params, gone_if_404=False) or {}
             scopes = body.get("items") or {}
             if not isinstance(scopes, dict):
                 raise CloudError(

@@ -7,9 +7,12 @@ from typing import TYPE_CHECKING, Any
 
 from skyhedge.clouds import RenderContext
 from skyhedge.clouds.common import (
+    boot_config,
+    boot_script_bytes,
     catalog_gpus,
     replica_map,
     require_arm_image,
+    require_boot_script_fits,
     require_instance_type,
     run_config,
 )
@@ -48,6 +51,9 @@ BUILT_IN_PREFIXES = ("a2-", "a3-", "a4-", "g2-", "g4-")
 GVNIC_PREFIXES = ("a3-", "a4-", "g4-")
 HYPERDISK_ONLY_PREFIXES = ("a3-ultragpu-", "a4-", "g4-")
 
+
+#: Compute Engine takes a metadata value (the startup script) of at most 256 KiB.
+METADATA_VALUE_MAX_BYTES = 256 * 1024
 
 #: Arm machine series: Ampere Altra (T2A), Google Axion (C4A, N4A), NVIDIA Grace (A4X).
 ARM_PREFIXES = ("t2a-", "c4a-", "n4a-", "a4x-")
@@ -139,6 +145,10 @@ class GcpCloud:
         machine_type = require_instance_type(spec, self.name, instance_type)
         require_arm_image(spec, self.name, machine_type, machine_type.startswith(ARM_PREFIXES))
         accelerator, gpu = accelerator_for(spec, machine_type)
+        if replicas:
+            size = boot_script_bytes(self.module_name, "startup.sh.tftpl", boot_config(spec, replicas, gpu))
+            where = "bytes Compute Engine takes as a metadata value"
+            require_boot_script_fits(spec, self.name, size, METADATA_VALUE_MAX_BYTES, where)
         return {
             "service": spec.name,
             "project": spec.gcp.project,
