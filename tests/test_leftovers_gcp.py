@@ -71,6 +71,7 @@ class FakeGce:
         self.polls_until_done = 1
         self.fail: dict[tuple[str, str], tuple[int, dict[str, Any]]] = {}  # (method, path part) -> reply
         self.op_error: dict[str, Any] | None = None  # a delete whose operation ends in this error
+        self.unreachable: set[str] = set()  # zones the aggregated listing answers UNREACHABLE for
         self._ids = itertools.count(7000000000000000001)
         self.lock = threading.Lock()
 
@@ -113,6 +114,14 @@ class FakeGce:
                     if flt == f"labels.skyhedge-service={inst['labels'].get('skyhedge-service')}":
                         scopes.setdefault(f"zones/{zone}", {"instances": []})["instances"].append(inst)
                 scopes["zones/europe-west4-a"] = {"warning": {"code": "NO_RESULTS_ON_PAGE"}}
+                for zone in self.unreachable:  # Compute lists the others and says so in the scope
+                    scopes[f"zones/{zone}"] = {
+                        "warning": {
+                            "code": "UNREACHABLE",
+                            "message": f"Scope zones/{zone} is unreachable; results may be incomplete.",
+                            "data": [{"key": "scope", "value": f"zones/{zone}"}],
+                        }
+                    }
                 # Compute pages aggregated listings too: one scope a page here
                 page = int(query.get("pageToken", ["0"])[0])
                 keys = sorted(scopes)
@@ -421,6 +430,24 @@ def test_a_listing_answered_not_found_is_a_warning_not_an_empty_listing(gce, spe
         f"{gce_base()}/projects/proj-1/aggregated/instances: HTTP 404: The resource 'projects/proj-1' "
         "was not found)"
     ]
+
+
+def test_a_zone_the_listing_could_not_reach_is_a_warning_not_a_zone_without_instances(gce, spec):
+    """Compute answers an aggregated listing with the zones it could reach and marks the others
+    UNREACHABLE in their scope: an instance left running there was not seen, which the sweep says
+    (once per region holding such a zone) rather than report nothing."""
+    gce.add(ZONE, "skyhedge-llm-r-0003", labels("r-0003", deployment=None))
+    gce.add("us-central1-b", "skyhedge-llm-r-0004", labels("r-0004", deployment=None))
+    gce.unreachable = {"us-central1-b", "us-east4-a"}
+    lines = leftovers.instances_left("llm", {"us-central1"}, spec=spec)
+    assert lines[0] == (
+        "gcp us-central1: could not look for instances of llm left running in us-central1-b (Compute "
+        "answered UNREACHABLE for that zone); the next apply looks again"
+    )
+    assert len(lines) == 2 and "skyhedge-llm-r-0003 (r-0003, us-central1-a)" in lines[1]
+    assert "r-0004" not in lines[1]
+    gce.unreachable = set()
+    assert leftovers.instances_left("llm", {"us-east4"}, spec=spec) == []
 
 
 def gce_base() -> str:

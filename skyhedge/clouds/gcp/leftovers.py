@@ -138,10 +138,13 @@ class _Compute:
     def instance(self, zone: str, name: str) -> dict[str, Any] | None:
         return self.call("GET", f"zones/{quote(zone, safe='')}/instances/{quote(name, safe='')}")
 
-    def labelled(self, service: str) -> list[dict[str, Any]]:
+    def labelled(self, service: str) -> tuple[list[dict[str, Any]], set[str]]:
         """Every instance labelled for `service`, in every zone (one aggregated listing), each with
-        `zone` as a plain zone name."""
+        `zone` as a plain zone name; and the zones the listing could not read (a scope whose
+        `warning.code` is UNREACHABLE: Compute lists the others and says so there, so an instance
+        left running in such a zone would otherwise go unsaid)."""
         found: list[dict[str, Any]] = []
+        unreachable: set[str] = set()
         params = {"filter": f"labels.{LABEL_SERVICE}={service}"}
         for _ in range(MAX_PAGES):
             body = self.call("GET", "aggregated/instances", params, gone_if_404=False) or {}
@@ -151,6 +154,9 @@ class _Compute:
                     f"aggregated/instances: items: expected an object, got {type(scopes).__name__}"
                 )
             for scope, held in scopes.items():
+                warning = held.get("warning") if isinstance(held, dict) else None
+                if isinstance(warning, dict) and warning.get("code") == "UNREACHABLE":
+                    unreachable.add(_last(scope) or str(scope))
                 listed = held.get("instances") if isinstance(held, dict) else None
                 for inst in listed if isinstance(listed, list) else []:
                     if isinstance(inst, dict) and isinstance(inst.get("name"), str):
@@ -158,7 +164,7 @@ class _Compute:
                         found.append({**inst, "zone": zone})
             token = body.get("nextPageToken")
             if not token:
-                return found
+                return found, unreachable
             params["pageToken"] = str(token)
         raise CloudError(f"aggregated/instances: more than {MAX_PAGES} pages; not read to its end")
 
@@ -528,11 +534,17 @@ def instances_left(
     try:
         project = _project(spec)
         compute = _Compute(project)
-        found = compute.labelled(service)
+        found, unreachable = compute.labelled(service)
     except CloudError as exc:
         return [f"gcp {r}: could not look for instances of {service} left running ({exc})" for r in wanted]
     out: list[str] = []
     for region in wanted:
+        dark = sorted(z for z in unreachable if _region_of(z) == region)
+        if dark:
+            out.append(
+                f"gcp {region}: could not look for instances of {service} left running in "
+                f"{', '.join(dark)} (Compute answered UNREACHABLE for that zone); the next apply looks again"
+            )
         ours: list[_Left] = []
         others: list[_Left] = []
         recorded: list[_Left] = []
