@@ -26,6 +26,7 @@ from typing import Any
 
 from filelock import FileLock, Timeout
 
+from skyhedge._interrupts import interrupts_deferred
 from skyhedge._json import JSON_LIMITS, has_lone_surrogate, json_limit
 from skyhedge.errors import LockHeld, OutputError, StateError
 from skyhedge.policy.types import EventKind, Location, Market, ReplicaFact, ZoneEvent
@@ -477,10 +478,12 @@ def probe_new_file(directory: Path) -> None:
     The only reliable test that a directory takes new files: mode bits lie to root, and a
     read-only mount, an immutable directory (`chattr +i`) or a full quota show only when tried.
     Atomic writes need exactly this (a new temp file next to the target)."""
-    fd, probe = tempfile.mkstemp(prefix=".skyhedge-probe-", dir=directory)
-    os.close(fd)
-    with contextlib.suppress(OSError):
-        os.unlink(probe)
+    # a Ctrl-C between the two left the probe behind, in the user's state dir or --out's parent
+    with interrupts_deferred():
+        fd, probe = tempfile.mkstemp(prefix=".skyhedge-probe-", dir=directory)
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(probe)
 
 
 def atomic_write_text(path: Path, text: str) -> None:

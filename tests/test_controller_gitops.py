@@ -117,6 +117,9 @@ def test_watch_gitops_once_from_the_cli(tmp_path, repo, write_spec):
     assert second.exit_code == 0, second.output
     assert len(commits(repo)) == 1
     assert (repo / "infra" / "skyhedge-tree.json").is_file()
+    # one pass and done: "Ctrl-C stops the watcher" read as a watcher left running
+    assert "watching svc (gitops into" in first.output
+    assert "Ctrl-C" not in first.output and "keeps running" not in first.output
 
 
 def test_state_inside_the_repo_is_committed_with_the_tree(repo, write_spec):

@@ -381,3 +381,42 @@ def test_two_traces_of_one_name_are_refused_naming_both_paths_and_the_way_out(tr
     folder = small(tmp_path / "years", "--policy", "spothedge", "--json")
     assert folder.exit_code == 0, folder.output
     assert [row["trace"] for row in json.loads(folder.stdout)] == ["2023/aws", "2024/aws"]
+
+
+def test_a_plot_beside_a_wide_legend_is_laid_out_and_its_titles_stay_apart(trace_dir, tmp_path, monkeypatch):
+    """`simulate --trace ../shared/traces --plot` (77 legend entries, long trace names): the
+    legend beside the axes made matplotlib give up its layout ("UserWarning: Tight layout not
+    applied" on stderr), the panels' titles ran into the axis label above them, and a long trace
+    name ran one panel's title into the other's (found walking the README as a new user)."""
+    import warnings
+
+    import matplotlib.pyplot as plt
+
+    from skyhedge.simulator import plot
+
+    folder = tmp_path / "many"
+    for i in range(30):
+        name = folder / "availability" / "1-node" / f"aws-10-26-2022-region-{i:02d}"
+        name.mkdir(parents=True)
+        for zone in trace_dir.iterdir():
+            (name / zone.name).write_bytes(zone.read_bytes())
+    figures = []
+    monkeypatch.setattr(plot.plt, "close", figures.append)  # keep the figure to measure it
+    png = tmp_path / "many.png"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # matplotlib's layout warning fails the plot here
+        result = small(folder, "--policy", "spothedge,skyserve,rr", "--plot", str(png), "--repeats", "1")
+    assert result.exit_code == 0, result.output
+    assert "Warning" not in result.output
+    [fig] = figures
+    try:
+        renderer = fig.canvas.get_renderer()
+        scatter, *panels = fig.axes
+        titled = [ax for ax in panels if ax.get_title()]
+        assert len(titled) == 2
+        left, right = (ax.title.get_window_extent(renderer) for ax in titled)
+        assert left.x1 < right.x0  # side by side, apart
+        label = scatter.xaxis.label.get_window_extent(renderer)
+        assert max(left.y1, right.y1) < label.y0  # below the axis label above them
+    finally:
+        plt.close(fig)

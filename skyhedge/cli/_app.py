@@ -173,6 +173,24 @@ class SkyhedgeGroup(click.Group):
                 _show_help(exc)
             report_usage_error(exc, " ".join(filter(None, (ctx.command_path, ctx.invoked_subcommand))))
             sys.exit(1)
+        except KeyboardInterrupt as exc:
+            # click's answer is a bare "Aborted!" and exit 1, the status of a failed command: a
+            # Ctrl-C'd `render`, `plan` or `simulate` says so in one line and exits as a shell
+            # reports a Ctrl-C'd (130) or SIGTERM'd (143) command (`apply`, `destroy` and the
+            # watcher say more, and exit the same way, before it gets here)
+            by, code = interrupted_by(exc)
+            echo(f"error: {_subcommand_path(ctx) or 'skyhedge'} interrupted by {by}", err=True)
+            sys.exit(code)
+
+
+def _subcommand_path(ctx: click.Context) -> str:
+    """The command `ctx` runs, below the root (`render`, `routing up`): the root's own name is
+    `skyhedge`, or `python -m skyhedge` when run that way."""
+    names = [ctx.invoked_subcommand or ""]
+    while ctx.parent is not None:
+        names.append(ctx.info_name or "")
+        ctx = ctx.parent
+    return " ".join(reversed([name for name in names if name]))
 
 
 def stop_quietly() -> NoReturn:

@@ -13,7 +13,16 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from skyhedge.cli._app import FiniteFloat, blamed_on, console, echo, err_console, fitted, main
+from skyhedge.cli._app import (
+    FiniteFloat,
+    blamed_on,
+    console,
+    echo,
+    err_console,
+    fitted,
+    main,
+    sigterm_as_interrupt,
+)
 from skyhedge.errors import SkyhedgeError, TraceError
 from skyhedge.simulator import OPTIMAL, SimConfig, load_prices, unmatched_prices
 from skyhedge.simulator import simulate as run_simulation
@@ -278,9 +287,12 @@ def simulate(
             text = escape(f"{trace} {policy} window {window + 1}/{repeats}")  # "aws[k80_1]": no markup
             progress.update(task, advance=1, description=text)
 
-        summaries = run_simulation(
-            traces, policies, config, progress=advance, keep_timelines_of=0 if plot_path else None
-        )
+        # a SIGTERM (`kill`, a supervisor, a cancelled job) stops as a Ctrl-C does: the solver
+        # processes are stopped with it, and the command says so in one line (exit 143)
+        with sigterm_as_interrupt():
+            summaries = run_simulation(
+                traces, policies, config, progress=advance, keep_timelines_of=0 if plot_path else None
+            )
 
     rows = [summary.to_json() for summary in summaries]
     if as_json:

@@ -325,11 +325,9 @@ def watch(
         ):
             _serve_metrics(metrics_server, watcher, metrics_port, log_format)
             mode = f"gitops into {gitops}" if gitops else "applying with Terraform"
-            _say(
-                f"watching {service.name} ({mode}); state in {sdir}; Ctrl-C stops the watcher "
-                "(the service keeps running)",
-                log_format,
-            )
+            # `--once` is one pass and done: nothing to stop (the line read as a watcher left running)
+            stop = "" if once else "; Ctrl-C stops the watcher (the service keeps running)"
+            _say(f"watching {service.name} ({mode}); state in {sdir}{stop}", log_format)
             watcher.run(once=once)
     except KeyboardInterrupt:  # a second Ctrl-C: the pass in progress, or the watcher's shutdown
         interrupted = True  # after it (as for `up`: a double tap lands there), was cut short

@@ -36,6 +36,7 @@ from typing import Any
 
 import jinja2
 
+from skyhedge._interrupts import interrupts_deferred
 from skyhedge._resources import modules_dir, templates_dir
 from skyhedge.clouds import RenderContext, get_cloud
 from skyhedge.errors import RenderError
@@ -420,16 +421,19 @@ def write_tree(tree: RenderedTree, out: Path) -> None:
                 "destroy or move that state before rendering"
             )
     check_writable(out, "rendered tree", directory=True)
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-        os.chmod(tmp, umask_mode("dir"))  # mkdtemp's 0700 would outlive the rename
-    except OSError as exc:
-        raise RenderError(f"{out}: cannot write the rendered tree ({exc.strerror or exc})") from exc
-    try:
-        _swap_in(tree, tmp, out, new_roots)
-    except OSError as exc:
-        raise RenderError(f"{out}: cannot write the rendered tree ({exc.strerror or exc})") from exc
+    # A Ctrl-C between two steps of the swap left the old tree beside the new one, or deleted
+    # it with its `.terraform` and workspace state: taken once the tree is whole (_interrupts)
+    with interrupts_deferred():
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+            os.chmod(tmp, umask_mode("dir"))  # mkdtemp's 0700 would outlive the rename
+        except OSError as exc:
+            raise RenderError(f"{out}: cannot write the rendered tree ({exc.strerror or exc})") from exc
+        try:
+            _swap_in(tree, tmp, out, new_roots)
+        except OSError as exc:
+            raise RenderError(f"{out}: cannot write the rendered tree ({exc.strerror or exc})") from exc
 
 
 def snapshot_tree(out: Path) -> tuple[tuple[str, bytes], ...] | None:
@@ -453,10 +457,11 @@ def restore_tree(out: Path, files: tuple[tuple[str, bytes], ...] | None) -> None
         shutil.rmtree(out, ignore_errors=True)
         return
     out = Path(out).resolve()
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    os.chmod(tmp, umask_mode("dir"))
     cached = {p.parent.relative_to(out).as_posix() for p in out.rglob(".terraform") if p.is_dir()}
-    _swap_in(RenderedTree(service="", roots=(), files=files), tmp, out, cached, carried=(".terraform",))
+    with interrupts_deferred():  # as write_tree's swap
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+        os.chmod(tmp, umask_mode("dir"))
+        _swap_in(RenderedTree(service="", roots=(), files=files), tmp, out, cached, carried=(".terraform",))
 
 
 _RENAME_EXCHANGE = 2  # linux/fs.h

@@ -115,11 +115,12 @@ def plot_results(
     ax.set_title("cost vs availability (mean ± std over windows)")
     ax.grid(alpha=0.3)
     entries = len(summaries)
+    beside = None
     if entries <= MAX_LEGEND_INSIDE:
         ax.legend(fontsize=7, ncol=2, loc="lower right")
     else:  # beside the axes, in as many columns as it takes: inside, it hid the points and ran off the top
         columns_needed = -(-entries // LEGEND_ROWS)
-        ax.legend(
+        beside = ax.legend(
             fontsize=7, ncol=columns_needed, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0
         )
 
@@ -127,7 +128,15 @@ def plot_results(
         for column, summary in enumerate(shown):
             _timeline(fig, grid, column, summary, trace, target)
 
+    # The legend beside the axes is wider than the figure leaves it: counted in, tight_layout gave
+    # up ("UserWarning: Tight layout not applied", with matplotlib's source path, on stderr) and
+    # the panels' titles ran into the axis label above them. Laid out without it, it is still in
+    # the saved image, whose tight bounding box grows to hold it.
+    if beside is not None:
+        beside.set_in_layout(False)
     fig.tight_layout()
+    if beside is not None:
+        beside.set_in_layout(True)
     image = io.BytesIO()
     try:
         fig.savefig(image, format=fmt, dpi=110, bbox_inches="tight")
@@ -163,11 +172,13 @@ def _timeline(fig: Any, grid: Any, column: int, summary: Summary, trace: Trace, 
         zax.set_ylabel(_literal(trace.zones[z].zone), fontsize=8)
         zax.tick_params(labelbottom=False)
         if i == 0:
+            # two lines: a long trace name on one ran into the title of the panel beside it
             zax.set_title(
                 _literal(
-                    f"{summary.policy} on {trace.name}, window {window.window.index} "
-                    f"(offset {window.window.offset} ticks)"
-                )
+                    f"{summary.policy}, window {window.window.index} (offset {window.window.offset} ticks)\n"
+                    f"{trace.name}"
+                ),
+                fontsize=10,
             )
             zax.legend(fontsize=7, loc="upper right")
     tax = fig.add_subplot(grid[1 + zones, column])

@@ -460,6 +460,47 @@ def _usable_cpus() -> int:
         return os.cpu_count() or 1
 
 
+#: how often a worker checks that the simulating process still runs, in seconds
+PARENT_CHECK_SECONDS = 0.5
+
+
+def _worker_started(parent: int) -> None:
+    """In each process solving windows of the optimum, first: a Ctrl-C is the simulating
+    process's to act on (a terminal sends it to every process of the job: each worker printed
+    a 20-line traceback, and went on solving until the pool's shutdown), and a worker whose
+    simulating process is gone ends too. Killed (`kill -9`, the OOM killer) or stopped by a
+    SIGTERM sent to it alone (`kill PID`, a supervisor stopping its child), that process left
+    its workers waiting for work for ever (130 MB each on AWS1, 10 minutes and counting), and the caller's
+    stdout and stderr open, so a script reading them never saw them end."""
+    import signal
+    import threading
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(PARENT_CHECK_SECONDS)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="skyhedge-parent-watch", daemon=True).start()
+
+
+def _stop_workers(pool: ProcessPoolExecutor) -> None:
+    """Stop the pool's workers now, in the middle of their windows: leaving the `with` block
+    waited for every window already handed out (0.6-6 s of CPU each; 5 s after a Ctrl-C on
+    AWS1) before the command could stop."""
+    terminate = getattr(pool, "terminate_workers", None)  # Python 3.14
+    if terminate is not None:
+        terminate()
+        return
+    processes = list((getattr(pool, "_processes", None) or {}).values())
+    pool.shutdown(wait=False, cancel_futures=True)
+    for process in processes:
+        process.terminate()
+    for process in processes:
+        process.join(timeout=10)
+
+
 def _solved(future: Future[WindowResult], trace: Trace, window: Window) -> WindowResult:
     """The optimum of one window from a worker process, or one `SkyhedgeError` when the worker
     died: the kernel's OOM killer ends it with SIGKILL (a 31559-tick window with a one-day cold
@@ -512,7 +553,13 @@ def simulate(
             if name == OPTIMAL and parallel:
                 # spawn: no fork of a threaded process (rich's progress thread), workers end with the pool
                 context = multiprocessing.get_context("spawn")
-                with ProcessPoolExecutor(max_workers=min(workers, len(windows)), mp_context=context) as pool:
+                pool = ProcessPoolExecutor(
+                    max_workers=min(workers, len(windows)),
+                    mp_context=context,
+                    initializer=_worker_started,
+                    initargs=(os.getpid(),),
+                )
+                try:
                     futures = [
                         pool.submit(
                             run_window, *_window_only(trace, window, config), name, config, keep_timeline=keep
@@ -525,6 +572,10 @@ def simulate(
                         summary.windows.append(solved)
                         if progress is not None:
                             progress(trace.name, name, window.index)
+                except BaseException:  # a Ctrl-C, a SIGTERM taken as one, a worker that died
+                    _stop_workers(pool)
+                    raise
+                pool.shutdown()
             else:
                 for window, keep in zip(windows, keeps, strict=True):
                     summary.windows.append(run_window(trace, window, name, config, keep_timeline=keep))
