@@ -278,9 +278,10 @@ def plan(
             console.print(said, markup=False, highlight=False)
         if pending.replicas:
             console.print(
-                f"{len(pending.replicas)} recorded replica(s) were never created "
-                f"({', '.join(sorted(pending.replicas))}): an apply failed or was interrupted; "
-                "the next `apply` creates them."
+                f"{len(pending.replicas)} recorded replica(s) were never read back "
+                f"({', '.join(sorted(pending.replicas))}): an apply failed or was interrupted before "
+                "recording them (an interrupted one may have started them); the next `apply` creates "
+                "them, or records those that run."
             )
         if pending.releasing:
             console.print(
