@@ -57,7 +57,7 @@ def test_show_json_filters(cache_dir: Path) -> None:
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--cloud", "azure"], "error: unknown cloud 'azure': expected one of aws, gcp, local"),
+        (["--cloud", "azure"], "error: --cloud: unknown cloud 'azure': expected one of aws, gcp, local"),
         (
             ["--cloud", "aws", "--instance-type", "g5.xlarg"],
             "unknown instance type 'g5.xlarg' for cloud 'aws'",

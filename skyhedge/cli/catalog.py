@@ -51,7 +51,11 @@ def catalog_group() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (the catalog file format).")
 def show(cloud: str, instance_type: str | None, region: str | None, as_json: bool) -> None:
     """List zones with on-demand and spot prices, and where the prices come from."""
-    catalog = load_catalog(check_cloud(cloud))
+    try:
+        check_cloud(cloud)
+    except CatalogError as exc:
+        raise CatalogError(f"--cloud: {exc}") from None  # the flag's value, not a catalog file
+    catalog = load_catalog(cloud)
     offers = list(catalog.offers_for(instance_type)) if instance_type else list(catalog.offers)
     if region:
         catalog.zones_in(region)
