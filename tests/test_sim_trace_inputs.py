@@ -202,6 +202,14 @@ def test_a_non_finite_number_is_null_in_the_json_never_infinity():
     json.dumps(row, allow_nan=False)  # valid JSON
 
 
+def test_the_spot_share_is_the_mean_over_the_windows_where_replicas_ran():
+    """A window where no replica ran has no spot share (NaN): it is left out of the mean, not
+    allowed to turn the whole trace's figure into null."""
+    ran = WindowResult("p", Window(0, 0, (0,)), 1.0, 0.5, 0.5, 0.25, 0, 0, 0.0)
+    idle = WindowResult("p", Window(1, 0, (0,)), 1.0, 0.0, 0.0, math.nan, 0, 0, 0.0)
+    assert Summary("t", "p", [ran, idle]).to_json()["spot_share"] == 0.25
+
+
 # --- public-trace-family inputs ---------------------------------------------------------
 
 
@@ -346,6 +354,9 @@ def test_a_worker_killed_while_solving_the_optimum_is_one_line(tmp_path, monkeyp
         def __exit__(self, *exc: object) -> None:
             return None
 
+        def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+            return None
+
         def submit(self, *args: object, **kwargs: object) -> Future:
             future: Future = Future()
             future.set_exception(BrokenProcessPool("A process in the process pool was terminated abruptly"))
@@ -375,6 +386,9 @@ def test_a_worker_solving_one_window_is_sent_that_window_not_the_whole_trace(tmp
             return self
 
         def __exit__(self, *exc: object) -> None:
+            return None
+
+        def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
             return None
 
         def submit(self, fn, trace, window, *args: object, **kwargs: object) -> Future:
@@ -410,6 +424,9 @@ def test_the_optimum_runs_one_process_per_cpu_the_process_may_use(tmp_path, monk
             return self
 
         def __exit__(self, *exc: object) -> None:
+            return None
+
+        def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
             return None
 
         def submit(self, fn, *args: object, **kwargs: object) -> Future:
