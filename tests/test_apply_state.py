@@ -152,6 +152,22 @@ def test_routing_goes_up_after_readiness_drains_before_destroy_and_goes_down(svc
     assert load_state(svc.state_dir, "applied").router is None
 
 
+def test_apply_routes_only_replicas_that_are_ready_now():
+    """The router `apply` brings up (and drains to) gets the READY replicas: not one failing its
+    probes since (a watcher recorded it NOT_READY), nor one being released, nor one starting."""
+    state = ServiceState(service="svc")
+    kinds = {
+        "r-0001": {},
+        "r-0002": {"not_ready_since": 30.0},
+        "r-0003": {"draining": True},
+        "r-0004": {"ready_at": None},
+    }
+    for i, (rid, fields) in enumerate(kinds.items(), start=1):
+        record = {"ready_at": 20.0, "endpoint": f"http://127.0.0.1:{18000 + i}", **fields}
+        state.replicas[rid] = ReplicaRecord(rid, "local", "local", "local-a", "spot", 0.0, **record)
+    assert [u.id for u in apply_mod._upstreams(state)] == ["r-0001"]
+
+
 def test_apply_notices_a_local_replica_that_died_and_replaces_it(svc):
     """Without a watcher nothing else notices: Terraform's refresh cannot see a dead process, so
     apply said "No changes" and kept routing to it."""
@@ -712,6 +728,17 @@ def test_a_corrupt_state_file_is_one_state_error_naming_the_file_and_the_field(
     assert str(exc.value) == f"{path}: malformed state ({problem})"
 
 
+@pytest.mark.parametrize("version", [2, 0, True, "1", None])
+def test_a_state_file_of_another_version_is_refused_naming_the_version(tmp_path, version):
+    """A state written by a newer skyhedge may mean other things by its fields: refused in one
+    line, never read as version 1 (`true` is not 1 here either)."""
+    path = tmp_path / STATE_FILE
+    path.write_text(json.dumps({**written_state(), "version": version}))
+    with pytest.raises(StateError) as exc:
+        load_state(tmp_path, "idle")
+    assert str(exc.value) == f"{path}: state version {version!r} is not supported (expected 1)"
+
+
 def test_a_state_file_skyhedge_wrote_still_loads_with_unknown_replica_fields_and_null_lists(tmp_path):
     written = written_state()
     newer = edit(json.loads(json.dumps(written)), (*R1, "added_by_a_newer_skyhedge"), 1)
@@ -755,6 +782,27 @@ def test_only_the_newest_gone_replicas_are_kept():
     assert len(gone) == GONE_KEPT and gone[0] == "r-0101"  # the oldest hundred went
     assert len(state.live()) == 3 and state.next_id == GONE_KEPT + 104
     assert state.prune_gone() == 0
+
+
+def test_pruning_keeps_the_most_recently_gone_replicas_whatever_their_ids():
+    """IDs do not say when a replica went (a long-lived r-0001 goes after many newer ones), and a
+    loaded state holds its records in ID order: the history kept is the latest to go."""
+    state = ServiceState(service="svc", next_id=6)
+    for i, gone_at in enumerate([50.0, 10.0, 40.0, 20.0, 30.0], start=1):
+        rec = ReplicaRecord(f"r-{i:04d}", "local", "local", "local-a", "spot", launched_at=0.0)
+        rec.gone_at, rec.reason = gone_at, "preempted"
+        state.replicas[rec.id] = rec
+    assert state.prune_gone(keep=2) == 3
+    assert sorted(state.replicas) == ["r-0001", "r-0003"]  # gone at 50 and 40
+
+
+def test_the_state_history_keeps_only_its_newest_entries():
+    """Every pass may log; the state file is rewritten after each, so the log is bounded."""
+    state = ServiceState(service="svc")
+    limit = ServiceState.HISTORY_LIMIT
+    for n in range(limit + 50):
+        state.log({"event": "note", "n": n})
+    assert [entry["n"] for entry in state.history] == list(range(50, limit + 50))
 
 
 def test_destroy_forgets_the_autoscalers_target_so_the_next_apply_starts_from_min_replicas(svc):

@@ -1,4 +1,5 @@
-"""AWS events: the EventBridge message parser, setup-events, and the watcher on moto.
+"""AWS events: the EventBridge message parser, setup-events, the watcher on moto, and the sweep for
+instances an interrupted run left (clouds/aws/leftovers.py).
 
 EventBridge `put_events` of an interruption warning is delivered by moto to the SQS queue that
 `setup_events` created; the controller reads it and replaces the replica in another zone. A
@@ -545,3 +546,66 @@ def test_an_odd_message_does_not_hold_back_the_valid_ones_of_its_batch(aws, tmp_
     assert (
         attrs["ApproximateNumberOfMessages"] == "0" and attrs["ApproximateNumberOfMessagesNotVisible"] == "0"
     )
+
+
+# -- instances an interrupted run left (skyhedge/clouds/aws/leftovers.py) --------------------------
+
+DEPLOYMENT = "5f0c2a9d41b7e3c8"
+
+
+def _tagged(ec2, rid: str, deployment: str | None) -> str:
+    tags = [{"Key": "skyhedge:service", "Value": "llm"}, {"Key": "skyhedge:replica", "Value": rid}]
+    if deployment is not None:
+        tags.append({"Key": "skyhedge:deployment", "Value": deployment})
+    return ec2.run_instances(
+        ImageId="ami-12c6146b",
+        MinCount=1,
+        MaxCount=1,
+        TagSpecifications=[{"ResourceType": "instance", "Tags": tags}],
+    )["Instances"][0]["InstanceId"]
+
+
+def _states(ec2) -> dict[str, str]:
+    pages = ec2.describe_instances()["Reservations"]
+    return {i["InstanceId"]: i["State"]["Name"] for r in pages for i in r["Instances"]}
+
+
+def test_only_what_an_interrupted_run_of_this_state_launched_is_terminated(aws, monkeypatch):
+    """Terminated: tagged with this state's deployment ID, owned by no live replica, not one
+    skyhedge read back for a replica (`spare`), in a region whose Terraform state was read back.
+    Everything else tagged for the service is named with the command, never terminated."""
+    from skyhedge.clouds.aws import leftovers
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    ec2 = aws.client("ec2", region_name=REGION)
+    served = _tagged(ec2, "r-0001", DEPLOYMENT)  # a live replica owns it
+    killed = _tagged(ec2, "r-0003", DEPLOYMENT)
+    untagged = _tagged(ec2, "r-0004", None)
+    other = _tagged(ec2, "r-0005", "0123456789abcdef")
+    recorded = _tagged(ec2, "r-0006", DEPLOYMENT)  # read back for a replica before
+
+    def sweep(**given):
+        return leftovers.instances_left("llm", {REGION}, owned={served}, spare={recorded}, **given)
+
+    lines = sweep(deployment=DEPLOYMENT, unread=True)  # the apply failed before reading back
+    assert len(lines) == 1 and "not terminated: the apply failed there" in lines[0]
+    assert set(_states(ec2).values()) == {"running"}
+    assert sweep(deployment=None)[-1].startswith(f"aws {REGION}: 3 instance(s) tagged for llm still run")
+    assert set(_states(ec2).values()) == {"running"}  # no ID of this state: nothing is proven its
+
+    recorded_line, terminated, named = sweep(deployment=DEPLOYMENT)
+    assert recorded_line.startswith(f"aws {REGION}: 1 instance(s) of llm that skyhedge recorded")
+    assert f"{recorded} (r-0006)" in recorded_line
+    assert terminated == (
+        f"aws {REGION}: terminated 1 instance(s) of llm that an interrupted run of this state launched "
+        f"and Terraform never saved: {killed} (r-0003)"
+    )
+    assert f"{untagged} (r-0004)" in named and f"{other} (r-0005)" in named and served not in named
+    assert _states(ec2) == {
+        served: "running",
+        killed: "terminated",
+        untagged: "running",
+        other: "running",
+        recorded: "running",
+    }

@@ -266,8 +266,10 @@ def test_an_instance_with_this_states_id_but_another_replicas_labels_is_kept_and
     ) in line
 
 
-def test_a_state_without_a_deployment_id_deletes_nothing(gce, spec):
-    gce.add(ZONE, "skyhedge-llm-r-0003", labels("r-0003"))
+@pytest.mark.parametrize("found", [DEPLOYMENT, None], ids=["another-states-label", "no-label"])
+def test_a_state_without_a_deployment_id_deletes_nothing(gce, spec, found):
+    """Not even an instance without the label either: "no ID" matches no ID, it proves nothing."""
+    gce.add(ZONE, "skyhedge-llm-r-0003", labels("r-0003", deployment=found))
     cleared = leftovers.clear_before_apply(spec, [record("r-0003")], held=set(), deployment=None)
     assert gce.deletes() == [] and set(cleared.blocked) == {"r-0003"}
 
@@ -396,6 +398,57 @@ def test_where_the_apply_failed_before_reading_terraforms_state_back_nothing_is_
         "--project proj-1"
     ]
     assert gce.deletes() == []
+
+
+def test_the_sweep_tells_the_cloud_which_machines_skyhedge_recorded_and_where_state_was_not_read(
+    spec, monkeypatch
+):
+    """Cloud-neutral (`skyhedge.leftovers.instances_left_unsaved`, what every cloud's sweep gets):
+    a live replica's machine is `owned`; one skyhedge read back for a replica (a gone record's, or
+    the one a re-created replica ran on before: `spare`) is `spare`, never a killed run's; and a
+    region whose last apply failed before reading Terraform's state back is `unread` (its
+    instances may be ones Terraform saved)."""
+    import skyhedge.leftovers as sweep
+
+    asked: list[dict[str, Any]] = []
+
+    class Cloud:
+        @staticmethod
+        def instances_left(service: str, regions: set[str], **given: Any) -> list[str]:
+            asked.append({"service": service, "regions": regions, **given})
+            return []
+
+    monkeypatch.setattr(sweep, "cloud_leftovers", lambda cloud: Cloud)
+    state = ServiceState(service="llm", extra={sweep.DEPLOYMENT_KEY: DEPLOYMENT})
+    live, gone = record("r-0003"), record("r-0001")
+    live.cloud_id, gone.cloud_id, gone.gone_at = "7001", "7000", 5.0
+    state.replicas = {r.id: r for r in (live, gone)}
+    sweep.instances_left_unsaved(spec, state, [live], spare={"6999", "7001"})
+    state.extra["terraform"] = {"roots": {"gcp/us-central1": {"digest": None}}}  # its apply failed
+    sweep.instances_left_unsaved(spec, state, [live])
+    clean, failed = asked
+    assert clean["service"] == "llm" and clean["regions"] == {"us-central1"}
+    assert clean["replicas"] == {"r-0003"} and clean["deployment"] == DEPLOYMENT
+    assert clean["owned"] == {"7001"} and clean["spare"] == {"7000", "6999"} and clean["unread"] is False
+    assert failed["spare"] == {"7000"} and failed["unread"] is True
+
+
+def test_only_replicas_found_gone_with_a_recorded_machine_are_lost():
+    """`lost_replicas`: what a watcher's event sources found gone since `before`, and that had a
+    machine (one never launched left none). A replica still live is not lost: looking for its
+    leftovers would cost a listing per region at every scale-down."""
+    from copy import deepcopy
+
+    from skyhedge.leftovers import lost_replicas
+
+    state = ServiceState(service="llm")
+    for rid, cloud_id in (("r-0001", "7001"), ("r-0002", "7002"), ("r-0003", None)):
+        state.replicas[rid] = record(rid)
+        state.replicas[rid].cloud_id = cloud_id
+    before = deepcopy(state.live())
+    for rid in ("r-0002", "r-0003"):  # found gone by the event sources
+        state.replicas[rid].gone_at = 9.0
+    assert [r.id for r in lost_replicas(state, before)] == ["r-0002"]
 
 
 def test_a_failing_listing_is_one_warning_per_region(gce, spec):

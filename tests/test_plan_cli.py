@@ -586,3 +586,87 @@ def test_apply_asks_with_the_pending_and_releasing_replicas_marked_as_plan_shows
     for shown in (asked.output, planned.output):
         assert "+ create (pending)" in shown and "- delete (draining)" in shown, shown
         assert "  keep " not in shown, shown
+
+
+# -- the rolling update's release rule (`service._next_to_retire`) ------------------------------
+
+
+def _rolling(tmp_path: Path, write_spec, replicas: dict[str, dict]) -> list[str]:
+    """The IDs `compute_plan` deletes for the `LOCAL` service (N = 2, spothedge) after its `run`
+    changed, given spot replicas r-0001 onwards (zones local-a, -b, -c in turn), each READY since
+    t=20 and launched at its number unless `replicas[id]` says otherwise (`outdated`: launched
+    under the old `run`; other keys are `ReplicaRecord` fields)."""
+    from skyhedge.service import compute_plan
+    from skyhedge.spec import load_spec, replica_revision
+
+    old = replica_revision(load_spec(write_spec(LOCAL, "old.yaml")))
+    spec = load_spec(write_spec(LOCAL.replace("python3 server.py", "python3 server.py --v2"), "new.yaml"))
+    state = ServiceState(service="echo", next_id=len(replicas) + 1)
+    for i, (rid, fields) in enumerate(replicas.items(), start=1):
+        fields = dict(fields)
+        revision = old if fields.pop("outdated", False) else replica_revision(spec)
+        record = {"launched_at": float(i), "provisioned_at": 10.0, "ready_at": 20.0, **fields}
+        zone = ["local-a", "local-b", "local-c"][(i - 1) % 3]
+        state.replicas[rid] = ReplicaRecord(rid, "local", "local", zone, "spot", revision=revision, **record)
+    plan, _ = compute_plan(spec, state, now=100.0, probe_ports=False)
+    return sorted(r.id for r in plan.replicas if r.action == "delete")
+
+
+def test_a_rolling_update_releases_an_outdated_replica_that_is_not_ready_before_serving_ones(
+    tmp_path, write_spec
+):
+    """It serves nothing: releasing it first keeps every READY one serving (the oldest outdated
+    READY replica goes in a later pass)."""
+    outdated = {"outdated": True}
+    replicas = {f"r-000{i}": outdated for i in range(1, 4)}
+    replicas["r-0004"] = {"outdated": True, "ready_at": None}
+    assert _rolling(tmp_path, write_spec, replicas) == ["r-0004"]
+
+
+def test_a_rolling_update_releases_one_outdated_replica_per_pass_even_when_the_policy_releases_one(
+    tmp_path, write_spec
+):
+    """Five READY outdated spot replicas against N + surge + extra = 4: the policy releases one
+    (the newest); that is this pass's release, however many READY replicas would remain."""
+    replicas = {f"r-000{i}": {"outdated": True} for i in range(1, 6)}
+    assert _rolling(tmp_path, write_spec, replicas) == ["r-0005"]
+
+
+def test_a_rolling_update_never_counts_a_replica_being_released_as_ready(tmp_path, write_spec):
+    """Two current replicas READY, one of them draining: only one still serves after the drain,
+    so the outdated replica stays until a replacement is READY (releasing it left one of N = 2)."""
+    replicas = {"r-0001": {"outdated": True}, "r-0002": {}, "r-0003": {"draining": True}}
+    assert _rolling(tmp_path, write_spec, replicas) == []
+
+
+def test_a_rolling_update_never_deletes_an_outdated_replica_that_is_already_draining(tmp_path, write_spec):
+    """Draining, it runs until its requests end (deleting it now would cut them off); the next
+    outdated replica is the one released while more than N READY replicas remain."""
+    replicas = {"r-0001": {"outdated": True, "draining": True}, "r-0002": {"outdated": True}, "r-0003": {}}
+    replicas["r-0004"] = {}
+    assert _rolling(tmp_path, write_spec, replicas) == ["r-0002"]
+
+
+AUTOSCALED = LOCAL.replace(
+    "{min_replicas: 2, policy: spothedge}",
+    "{min_replicas: 3, max_replicas: 6, target_qps_per_replica: 5, policy: spothedge}",
+)
+
+
+@pytest.mark.parametrize(
+    ("spec_text", "autoscaled_to", "target"),
+    [
+        (AUTOSCALED, 1, 3),  # min_replicas raised above the autoscaler's last word: the floor holds
+        (AUTOSCALED, 9, 6),  # max_replicas lowered below it: the ceiling holds
+        (AUTOSCALED, 4, 4),  # within the bounds: the autoscaler's word
+        (LOCAL, 4, 2),  # autoscaling turned off: min_replicas, not the last autoscaled size
+    ],
+)
+def test_plan_targets_the_autoscalers_last_word_within_the_specs_bounds(
+    tmp_path, write_spec, spec_text, autoscaled_to, target
+):
+    spec = write_spec(spec_text)
+    save_state(tmp_path / "st", ServiceState(service="echo", target=autoscaled_to))
+    result = run("plan", str(spec), "--state-dir", str(tmp_path / "st"), "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["target"] == target

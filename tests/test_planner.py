@@ -124,6 +124,25 @@ def test_steady_state_cost_leaves_out_replicas_being_released():
     assert s["steady_state_hourly_cost"] == 1.5 + 3.0
 
 
+def test_steady_state_cost_keeps_the_base_on_demand_replicas_that_always_run():
+    """`base_ondemand_fallback_replicas` run on-demand whatever the spot replicas do: with every
+    spot replica READY they still bill, so the settled cost `plan` shows must count them."""
+    spot = [fact("r-0001"), fact("r-0002", B)]
+    base = fact("r-0003", A, Market.ON_DEMAND)
+    plan = make_plan(
+        service="s",
+        target=2,
+        policy="p",
+        current=[*spot, base],
+        decisions=[],
+        next_id=4,
+        prices=PRICES,
+        ondemand_price=3.0,
+        base_ondemand=1,
+    )
+    assert plan.summary()["steady_state_hourly_cost"] == 1.0 + 1.5 + 3.0
+
+
 ZONES = [Location("aws", f"r{i // 3}", f"r{i // 3}{'abc'[i % 3]}") for i in range(9)]
 
 

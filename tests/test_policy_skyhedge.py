@@ -652,3 +652,90 @@ def test_a_single_zone_preemption_is_no_wave() -> None:
     od = (fact("od1", z[0], spot=False, at=t0),)
     decisions = policy.decide(Observation(t0 + 30, 3, cands, calm[:3] + od, lost))
     assert Terminate("od1") in decisions
+
+
+def test_replicas_launched_at_start_up_are_covered_until_their_zones_settle() -> None:
+    """Start-up counts as trouble for the replicas launched since, from the first decision on
+    (those found running by a freshly started controller are settled): READY at 150 s, two cold
+    starts (240 s) after start-up has not passed, so the on-demand cover stays until then."""
+    z = zones(3)
+    cands = tuple(Candidate(loc, 1.0, 3.0) for loc in z)
+    policy = SkyHedge()
+    first = policy.decide(Observation(0.0, 3, cands))
+    spot = tuple(fact(f"s{i}", loc) for i, loc in enumerate(spot_launches(first)))
+    ondemand = tuple(fact(f"o{i}", d.location, spot=False) for i, d in enumerate(first[len(spot) :]))
+    assert all(isinstance(d, LaunchOnDemand) for d in first[len(spot) :])
+    assert len(spot) == 4 and len(ondemand) == 3
+    cover = {r.id for r in ondemand}
+    at_150 = policy.decide(Observation(150.0, 3, cands, spot + ondemand))
+    assert not {d.replica_id for d in at_150 if isinstance(d, Terminate)} & cover
+    at_300 = policy.decide(Observation(300.0, 3, cands, spot + ondemand))
+    assert {d.replica_id for d in at_300 if isinstance(d, Terminate)} >= cover
+
+
+def test_surplus_on_demand_replicas_go_newest_first() -> None:
+    """With one base on-demand replica asked and two running (both READY), the one launched last
+    goes: the older one has served longest without trouble."""
+    z = zones(3)
+    cands = tuple(Candidate(loc, 1.0, 3.0) for loc in z)
+    policy = SkyHedge(PolicyConfig(base_ondemand_fallback_replicas=1))
+    spot = tuple(fact(f"s{i}", loc) for i, loc in enumerate(z))
+    ondemand = (fact("od1", z[0], spot=False), fact("od2", z[0], spot=False, at=100.0))
+    assert policy.decide(Observation(HOUR, 3, cands, spot + ondemand)) == [Terminate("od2")]
+
+
+def test_the_extra_is_kept_while_fewer_than_n_spot_replicas_are_ready() -> None:
+    """Zones calm for a day would let the extra go, but only once N spot replicas are READY:
+    releasing a starting one now would leave the service waiting on the others' cold start."""
+    z = zones(3)
+    cands = tuple(Candidate(loc, 1.0, 3.0) for loc in z)
+    policy = SkyHedge()
+    policy.decide(Observation(0.0, 2, cands))
+    starting = 24 * HOUR - 60
+    held = (
+        fact("a1", z[0]),
+        fact("b1", z[1], ready=False, at=starting),
+        fact("c1", z[2], ready=False, at=starting),
+    )
+    assert kinds(policy.decide(Observation(24 * HOUR, 2, cands, held))) == (0, 2, 0)
+
+
+def test_warned_replicas_are_forgotten_once_they_are_gone() -> None:
+    """The memory names a warned replica only while it runs (it is saved in the state at every
+    pass: a watcher's churn would grow it without end)."""
+    z = zones(4)
+    cands = tuple(Candidate(loc, 1.0, 3.0) for loc in z)
+    policy = SkyHedge()
+    held = tuple(fact(f"r{i}", loc) for i, loc in enumerate(z))
+    warning = (ZoneEvent(EventKind.WARNING, z[2], HOUR + 10, "r2"),)
+    policy.decide(Observation(HOUR + 30, 3, cands, held, warning))
+    assert policy.snapshot()["warned"] == ["r2"]
+    taken = (ZoneEvent(EventKind.PREEMPTED, z[2], HOUR + 100, "r2"),)
+    rest = (*(r for r in held if r.id != "r2"), fact("r4", z[1], at=HOUR + 30, ready=False))
+    policy.decide(Observation(HOUR + 120, 3, cands, rest, taken))
+    assert policy.snapshot()["warned"] == []
+
+
+def test_in_a_finite_pool_where_every_zone_refused_lately_the_missing_replica_is_still_asked_for() -> None:
+    """Rule 7 skips zones that refused within HAZARD_SCALE only while another ACTIVE zone can take
+    the replica; when all of them refused, one is asked again (never none: the spot replica would
+    never come back, and the on-demand stand-in would bill on)."""
+    z = zones(3)
+    cands = tuple(Candidate(loc, 1.0, 3.0) for loc in z)
+    policy = SkyHedge()
+    policy.decide(Observation(0.0, 2, cands))
+    two = (fact("a1", z[0]), fact("a2", z[0]))
+    policy.decide(Observation(600.0, 2, cands, two, (ZoneEvent(EventKind.LAUNCH_FAILED, z[0], 590.0),)))
+    everywhere = tuple(ZoneEvent(EventKind.LAUNCH_FAILED, loc, 890.0) for loc in z)
+    decisions = policy.decide(Observation(900.0, 2, cands, two, everywhere))
+    assert spot_launches(decisions) == [z[1]]
+
+
+def test_marked_zones_stay_marked_while_exactly_half_the_zones_are_active() -> None:
+    """Rule 8 asks marked zones again only while fewer than half of the zones are ACTIVE (at
+    exactly half it cost aws-04-22-2023 a seed, docs/policy.md): six zones, three ACTIVE."""
+    policy, z, held = _spread_with_most_zones_marked(6, refused_at=600.0)
+    cands = tuple(Candidate(loc, 1.0, 3.0) for loc in z)
+    decisions = policy.decide(Observation(600.0 + HAZARD_SCALE + 300, 3, cands, held))
+    assert decisions == [LaunchSpot(z[0])]
+    assert list(policy.zone_status(cands).values()).count("PREEMPTED") == 3

@@ -128,6 +128,15 @@ def test_ondemand_goes_away_as_spot_becomes_ready_newest_first():
     assert decisions == [Terminate("o2"), Terminate("o1")]  # 4 READY spot: no on-demand, newest first
 
 
+def test_a_spot_replica_failing_its_probes_is_covered_by_on_demand_like_one_not_ready_yet():
+    """READY once but failing its probes now (NOT_READY), it serves nothing: the dynamic fallback
+    stands an on-demand replica in for it, as for a spot replica still starting."""
+    policy = SpotHedge(PolicyConfig(num_overprovision=0))
+    failing = ReplicaFact("s2", B, Market.SPOT, 0, 0, 0, not_ready_since=20.0)
+    decisions = policy.decide(Observation(30, 2, cands(A, B), (spot("s1", A), failing)))
+    assert decisions == [LaunchOnDemand(A)]
+
+
 def test_fallback_targets_formula():
     cfg = PolicyConfig(num_overprovision=1, base_ondemand_fallback_replicas=1)
     assert fallback_targets(cfg, 3, 0) == (3, 3)  # spot 3+1-1; on-demand 1 + 3, capped at N

@@ -92,6 +92,7 @@ def test_rendering_is_deterministic_and_order_independent(tmp_path):
         "http://127.0.0.1:8000/v1",
         "http://127.0.0.1:8000?x=1",
         "http://127.0.0.1:99999",
+        "http://127.0.0.1:0",  # not "no port": nginx was told 127.0.0.1:80, another server
         "http://127.0.0.1:8000;evil",
         "http://user@127.0.0.1:8000",
         "http://bad_host$x:8000",

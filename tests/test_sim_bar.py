@@ -62,6 +62,7 @@ def test_needs_both_references_on_the_same_trace():
     assert judge(mixed) == {}
     # a reference without numbers (no windows) judges nothing
     assert judge([row("spothedge", None, None), REFS[1], row("skyhedge", 1.0, 0.3)]) == {}
+    assert judge([REFS[0], row("optimal", None, None), row("skyhedge", 1.0, 0.3)]) == {}
 
 
 def test_every_other_policy_on_every_trace_is_judged_separately():

@@ -470,6 +470,11 @@ BAD_SPECS: list[tuple[str, str]] = [
         + "]" * 1000,
         "invalid YAML: nested too deeply",
     ),
+    (  # the first plan's last ID: min 1 + num_overprovision 1 spot, then 1 on-demand stand-in
+        _with("resources: {local_base_port: 31100}\nservice: {port: 31103}\n"),
+        "service.port: 31103 is the port of local replica r-0003 (resources.local_base_port 31100 + 3): "
+        "the router and that replica cannot both listen there; pick a service.port outside the replicas' range",
+    ),
 ]
 
 

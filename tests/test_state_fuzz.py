@@ -135,6 +135,7 @@ def test_policy_memory_the_policy_refuses_names_the_file_and_the_way_out(spec_fi
         ("warned", {"r-0002": "soon"}, "an object of replica id -> time, got {'r-0002': 'soon'}"),
         ("terraform", "x", "an object, got 'x'"),
         ("launch_failures", "x", "a non-negative integer, got 'x'"),
+        ("launch_failures", -1, "a non-negative integer, got -1"),
         ("survival_at", [], "a finite number or null, got []"),
     ],
 )

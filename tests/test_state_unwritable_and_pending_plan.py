@@ -8,6 +8,8 @@
    recorded replica never created (`pending`), or a root whose inputs differ from its last
    successful apply (`pending_roots`); the table shows such replicas as `+ create (pending)`.
 3. The service name's rule says a name may not end with '-'.
+4. A save replaces state.json whole (a temp file flushed to disk, then renamed over it): a
+   reader sees the old file or the new one, a failed save leaves the old one and no temp file.
 
 A directory that refuses new files is simulated by refusing `tempfile.mkstemp` there (the tests
 run as root, whom `chmod` does not stop; one test uses a real `chmod` when not run as root).
@@ -160,6 +162,47 @@ def test_a_state_write_that_fails_later_is_one_state_error_and_keeps_the_old_fil
     assert str(info.value) == f"{tmp_path}: {DENIED}"
     assert (tmp_path / STATE_FILE).read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == [STATE_FILE]  # no temp file left behind
+
+
+def test_a_state_write_the_disk_refuses_when_flushed_is_one_state_error_and_keeps_the_old_file(
+    tmp_path, monkeypatch
+):
+    """A full disk or an I/O error often shows only when the data is flushed (fsync): the save
+    fails in one line, before the new file replaces the old, and leaves no temp file behind."""
+    save_state(tmp_path, ServiceState(service="svc"))
+    before = (tmp_path / STATE_FILE).read_bytes()
+
+    def fsync(fd: int) -> None:
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    with pytest.raises(StateError) as info:
+        save_state(tmp_path, ServiceState(service="svc", next_id=9))
+    assert str(info.value) == f"{tmp_path}: cannot write the state dir ({os.strerror(errno.EIO)})"
+    assert (tmp_path / STATE_FILE).read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == [STATE_FILE]  # no temp file left behind
+
+
+def test_a_reader_of_the_state_file_sees_the_old_one_whole_while_a_save_replaces_it(tmp_path):
+    """`status` or a second reader opening state.json during a save reads the file it opened,
+    never one truncated and being rewritten in place."""
+    save_state(tmp_path, ServiceState(service="svc"))
+    before = (tmp_path / STATE_FILE).read_bytes()
+    with (tmp_path / STATE_FILE).open("rb") as reader:
+        save_state(tmp_path, ServiceState(service="svc", next_id=9, history=[{"n": i} for i in range(50)]))
+        assert reader.read() == before
+    assert load_state(tmp_path, "svc").next_id == 9
+
+
+def test_the_state_file_gets_the_permissions_a_plain_write_would_not_the_temp_files(tmp_path):
+    """GitOps commits state.json and teams share state dirs: it is made as any file the user
+    writes (umask), not with the 0600 of the temp file it was written to."""
+    old = os.umask(0o022)
+    try:
+        save_state(tmp_path, ServiceState(service="svc"))
+    finally:
+        os.umask(old)
+    assert (tmp_path / STATE_FILE).stat().st_mode & 0o777 == 0o644
 
 
 @pytest.mark.parametrize(

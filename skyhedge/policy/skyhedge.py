@@ -56,7 +56,7 @@ spot traces (`benchmarks/policy_report.py`, docs/policy.md), never from one trac
    zone instead: a spot replica hedging a partial shrink, at a third of the price. All-or-nothing
    zones keep SpotHedge's retries (a stacked extra hedges nothing there).
 8. **Many all-or-nothing zones: marked zones are asked again when the extra needs them.** While
-   the extra replica is wanted but fewer than N + 1 zones are ACTIVE and at most half of the
+   the extra replica is wanted but fewer than N + 1 zones are ACTIVE and fewer than half of the
    zones are, the zones marked PREEMPTED that have been calm for HAZARD_SCALE are made ACTIVE
    again, calmest first, as many as the spread needs. SpotHedge's reset waits until fewer than
    two zones are ACTIVE; in a nine-zone market that leaves most zones marked for hours, and
@@ -311,9 +311,10 @@ class SkyHedge(SpotHedge):
         SpotHedge's reset makes every zone ACTIVE only when fewer than two are left: in a market of
         three or four zones that comes soon, in one of nine most zones can stay PREEMPTED for
         hours, and all-or-nothing zones give the extra replica no N + 1 distinct zones to spread
-        over (rule 4), so the replicas sat gathered through the most turbulent hours. Only while at
-        most half of the zones are ACTIVE, and only zones calm for HAZARD_SCALE since their last
-        trouble: a zone that refuses is marked again and its calm starts over.
+        over (rule 4), so the replicas sat gathered through the most turbulent hours. Only while
+        fewer than half of the zones are ACTIVE (at exactly half it cost a seed, docs/policy.md),
+        and only zones calm for HAZARD_SCALE since their last trouble: a zone that refuses is
+        marked again and its calm starts over.
         """
         if 2 * active >= len(obs.candidates):
             return False

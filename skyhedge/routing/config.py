@@ -50,7 +50,8 @@ class Upstream:
         """The `host:port` of nginx's `server` line."""
         parts = urlsplit(self.endpoint)
         try:
-            port = parts.port or 80
+            # an explicit port 0 is refused below, not taken for "no port" (80): another server
+            port = 80 if parts.port is None else parts.port
         except ValueError:
             port = -1
         if (
