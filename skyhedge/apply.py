@@ -67,6 +67,7 @@ from skyhedge.leftovers import (
 )
 from skyhedge.planner import CREATE, DELETE, KEEP, Plan, PlannedReplica
 from skyhedge.policy.types import EventKind, Location, Market, ZoneEvent
+from skyhedge.probe import probe_workers
 from skyhedge.render import RenderedRoot, RenderedTree, render_tree, restore_tree, snapshot_tree, write_tree
 from skyhedge.service import (
     GITOPS_KEY,
@@ -465,7 +466,7 @@ def wait_ready(
     deadline = time.monotonic() + limit
     ready: list[str] = []
     checked = time.monotonic()  # (the launch itself just checked the processes' first moments)
-    with ThreadPoolExecutor(max_workers=min(16, max(1, len(pending)))) as pool:
+    with ThreadPoolExecutor(max_workers=probe_workers(len(pending))) as pool:
         while pending:
             if died is not None and time.monotonic() - checked >= DIED_CHECK_SECONDS:
                 checked = time.monotonic()
@@ -713,7 +714,7 @@ def _not_answering(spec: ServiceSpec, state: ServiceState) -> list[str]:
         if r.endpoint and r.ready_at is not None and r.not_ready_since is None and not r.draining
     ]
     for attempt in range(2):
-        with ThreadPoolExecutor(max_workers=min(16, max(1, len(ready)))) as pool:
+        with ThreadPoolExecutor(max_workers=probe_workers(len(ready))) as pool:
             ok = _probe_each(pool, probe, readiness, ready)
         ready = [r for r, good in zip(ready, ok, strict=True) if not good]
         if not ready:

@@ -19,7 +19,7 @@ from skyhedge.clouds.local.launcher import port_in_use
 from skyhedge.errors import CatalogError, PolicyError, SpecError, StateError
 from skyhedge.planner import Plan, make_plan, replica_number
 from skyhedge.policy import Candidate, Location, Market, Observation, ReplicaFact, Terminate, make_policy
-from skyhedge.spec import MAX_PORT, AwsConfig, GcpConfig, ServiceSpec, replica_revision
+from skyhedge.spec import MAX_PORT, AwsConfig, GcpConfig, ServiceSpec, revision_digests
 from skyhedge.state import ReplicaRecord, ServiceState
 
 #: `state.extra` key of GitOps mode (`watch --gitops`): commits that CI applies later, not applies
@@ -525,13 +525,13 @@ def compute_plan(
         # not for `render` (same spec and state -> same tree, on any machine) nor under GitOps
         skip_numbers=_taken_port_numbers(spec, state, probe=probe_ports and not gitops),
     )
+    revision = revision_digests(spec)
     plan = replace(
         plan,
         replicas=tuple(
             replace(
                 r,
-                revision=(live[r.id].revision if r.id in live else None)
-                or replica_revision(spec, r.location.cloud),
+                revision=(live[r.id].revision if r.id in live else None) or revision(r.location.cloud),
                 port=_launched_port(live[r.id]) if r.id in live else None,
                 # pinned only where the spec has moved it (else inputs churn after every launch)
                 subnet_id=_launched_subnet(live[r.id])
@@ -582,10 +582,11 @@ def outdated_replicas(
     """IDs of the live replicas launched under another revision of `spec` (rolling update pending)
     and, given the placement, those in a location it no longer allows (moved the same way).
     Replicas recorded before revisions existed count as current."""
+    revision = revision_digests(spec)
     return sorted(
         r.id
         for r in state.live()
-        if (r.revision is not None and r.revision != replica_revision(spec, r.cloud))
+        if (r.revision is not None and r.revision != revision(r.cloud))
         or (placement is not None and not placement.allows(r.location, Market(r.market)))
         or _subnet_moved(spec, r)
     )

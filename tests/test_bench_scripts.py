@@ -34,6 +34,9 @@ def bench(tmp_path: Path, script: str, *args: str, timeout: float = 60) -> subpr
         ("reaction_bench.py", ["--rounds", "0"]),
         ("state_write_bench.py", ["--passes", "0"]),
         ("routing_bench.py", ["--replicas", "0"]),
+        ("scale_bench.py", ["--replicas", "0"]),
+        ("scale_bench.py", ["--passes", "0"]),
+        ("probe_bench.py", ["--timeout", "0"]),
         ("simulate_bench.py", ["--repeats", "0"]),
         ("simulate_bench.py", ["--optimal-windows", "-1"]),
         ("policy_subsets.py", [".", "--seeds", "x"]),
@@ -53,6 +56,8 @@ def test_a_count_out_of_range_is_one_usage_error(tmp_path, script, args):
         ("apply_bench.py", ["--sizes", "abc"], "--sizes: expected comma-separated whole numbers"),
         ("apply_bench.py", ["--sizes", "0"], "--sizes: expected replica counts of at least 1"),
         ("simulate_bench.py", ["--trace", "no-such-trace"], "--trace: no-such-trace: no such trace"),
+        ("scale_bench.py", ["--zones", "3,x"], "argument --zones: expected comma-separated whole numbers"),
+        ("probe_bench.py", ["--hung", "-1"], "argument --hung: expected counts of at least 0"),
     ],
 )
 def test_a_bad_size_or_trace_is_one_usage_error(tmp_path, script, args, says):
@@ -82,3 +87,22 @@ def test_routing_bench_removes_its_temp_dir(tmp_path):
     assert done.returncode == 0, done.stderr
     assert "req/s" in done.stdout
     assert not list(tmp_path.glob("routing-bench-*"))
+
+
+def test_scale_bench_prints_the_policies_and_the_watcher_and_removes_its_temp_dir(tmp_path):
+    done = bench(
+        tmp_path, "scale_bench.py", "--replicas", "20", "--zones", "6", "--watch-zones", "6", "--passes", "2"
+    )
+    assert done.returncode == 0, done.stderr
+    assert "skyhedge     6 zones,    20 replicas: steady" in done.stdout
+    assert "20 replicas, 6 zones: first pass" in done.stdout and "idle pass median" in done.stdout
+    assert not list(tmp_path.glob("scale-bench-*"))
+
+
+@pytest.mark.timeout(60)
+def test_probe_bench_times_a_round_with_hung_replicas_and_removes_its_temp_dir(tmp_path):
+    done = bench(tmp_path, "probe_bench.py", "--replicas", "4", "--hung", "0,2", "--timeout", "1", timeout=50)
+    assert done.returncode == 0, done.stderr
+    rounds = [line for line in done.stdout.splitlines() if "replicas," in line]
+    assert len(rounds) == 2 and "2 hung: watcher's probe round" in rounds[1]
+    assert not list(tmp_path.glob("probe-bench-*"))

@@ -1246,3 +1246,29 @@ def test_a_change_beyond_the_clocks_is_written_by_the_pass_that_makes_it(world, 
     ctl.tick()
     assert ctl.state.extra["autoscaler"]["pending"] == 4 and len(writes) == 1
     assert load_state(world["dir"], "svc").extra["autoscaler"] == ctl.state.extra["autoscaler"]
+
+
+def test_a_line_per_replica_does_not_walk_every_recent_line_for_each(world):
+    """A zone of 1,000 replicas preempted notes a line for each (and as many again when their
+    replacements are READY): the table of recent lines that suppresses repeats was pruned at
+    every line, walking all of them each time (0.7 s of that pass). It is pruned once it has
+    doubled; repeats are suppressed as before, and the table stays bounded."""
+    ctl = make(world)
+    walked = [0]
+
+    class At(float):  # a time that counts how often it is compared with a noted line's
+        def __sub__(self, other: float) -> float:
+            walked[0] += 1
+            return float(self) - float(other)
+
+    for i in range(2000):
+        ctl.note(f"r-{i:04d} preempted", At(1000.0 + i / 1000))
+    assert len(ctl.notes) > 0
+    assert walked[0] <= 10 * 2000  # (pruned per line: 2,000,000)
+    ctl.note("r-0007 preempted", At(1010.0))
+    assert ctl.notes[-1].text == "r-1999 preempted"  # a repeat within the minute: not noted again
+    for second in range(600):  # a line a second for ten minutes: the table keeps about a minute
+        ctl.note(f"line {second}", At(2000.0 + second))
+    assert len(ctl._noted) <= 2 * 61 + 1
+    ctl.note("r-0007 preempted", At(3000.0))
+    assert ctl.notes[-1].text == "r-0007 preempted"  # a minute later it is

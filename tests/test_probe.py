@@ -264,3 +264,40 @@ def test_what_a_replica_answers_reaches_the_error_as_one_line_without_control_ch
     assert long.ok is False and long.error is not None
     assert long.error.startswith("BadStatusLine: HTTP/1.1 xxx") and long.error.endswith("...")
     assert len(long.error) < 350
+
+
+def test_a_round_probes_up_to_256_replicas_at_once(monkeypatch):
+    """A probe that hangs costs the whole timeout (a booting VM whose address drops connections, a
+    wedged server): with 32 probes at once (16 in apply's wait for READY), 200 booting replicas
+    held each round for 7 timeouts (13), minutes at the default 15 s. Every probe of a round of
+    up to 256 runs at once, so the round costs one timeout; beyond that, they run in batches."""
+    import skyhedge.probe as probe_module
+    from skyhedge.apply import wait_ready
+    from skyhedge.probe import MAX_PROBES_AT_ONCE
+    from skyhedge.state import ReplicaRecord, ServiceState
+
+    assert MAX_PROBES_AT_ONCE == 256
+    replicas = 200
+    together = threading.Barrier(replicas, timeout=10)  # broken unless all 200 wait at once
+
+    def hung(endpoint, readiness, *, timeout=None):
+        together.wait()
+        return probe_module.ProbeResult(endpoint, True, 200, None, 0.0)
+
+    monkeypatch.setattr(probe_module, "check", hung)
+    endpoints = [f"http://127.0.0.1:1/r{i}" for i in range(replicas)]
+    assert all(probe_all(endpoints, ReadinessProbe()).values())
+
+    together.reset()
+    state = ServiceState(service="s")
+    for i in range(replicas):
+        rid = f"r-{i + 1:04d}"
+        state.replicas[rid] = ReplicaRecord(
+            rid, "local", "local", "local-a", "spot", 0.0, endpoint=endpoints[i]
+        )
+
+    class Spec:  # what wait_ready reads of a spec
+        readiness_probe = ReadinessProbe(initial_delay_seconds=30)
+
+    ready, waiting = wait_ready(Spec(), state, probe=lambda e, r, *, timeout: together.wait() >= 0)
+    assert len(ready) == replicas and waiting == []

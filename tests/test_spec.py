@@ -1023,3 +1023,33 @@ def test_a_spec_path_with_a_line_break_is_quoted_in_the_one_line(tmp_path):
     with pytest.raises(SpecError) as info:
         load_spec(path)
     assert "\n" not in str(info.value) and str(info.value).startswith(repr(str(path)))
+
+
+def test_a_plan_digests_the_replica_revision_once_per_cloud_not_per_replica(tmp_path, monkeypatch):
+    """Every pass plans with the revision of every live replica (is it outdated?) and of every
+    replica it creates: digested per replica (a JSON dump of `run` and `resources` each), it was
+    about 70 ms of each watcher pass at 1,000 replicas. It depends on the spec and cloud alone."""
+    import skyhedge.spec as spec_module
+    from skyhedge.state import ReplicaRecord
+
+    spec = _echo_spec(tmp_path, base_port=20000, min_replicas=300)
+    current = spec_module.replica_revision(spec, "local")
+    state = ServiceState(service="echo", next_id=201)
+    for n in range(1, 201):
+        rid = f"r-{n:04d}"
+        state.replicas[rid] = ReplicaRecord(
+            rid, "local", "local", "local-a", "spot", 0.0, provisioned_at=1.0, ready_at=2.0, revision=current
+        )
+    import skyhedge.service as service_module
+
+    digests = []
+    real = spec_module.replica_revision
+    for module in (spec_module, service_module):  # (wherever the plan looks it up)
+        monkeypatch.setattr(
+            module, "replica_revision", lambda *a: digests.append(a) or real(*a), raising=False
+        )
+    plan, _ = compute_plan(spec, state, now=10.0, probe_ports=False)
+    assert len([r for r in plan.replicas if r.action == "create"]) >= 100
+    assert not any(r.outdated for r in plan.replicas)
+    assert {r.revision for r in plan.replicas} == {current}
+    assert len(digests) <= 2  # once for the outdated check, once for the new replicas

@@ -88,6 +88,8 @@ DRAIN_FLOOR_SECONDS = 600.0
 log = logging.getLogger("skyhedge.controller")
 #: A note identical to the previous one is repeated at most this often (see Controller.note).
 NOTE_REPEAT_SECONDS = 60.0
+#: The table of noted lines is first pruned at this size (then at twice what pruning left).
+NOTED_PRUNE_AT = 64
 #: How often (real seconds) a pass bounds what grows with time and traffic (Controller._housekeep).
 HOUSEKEEP_SECONDS = 60.0
 #: `state.extra` key: when spot replicas that stayed READY last reported their zone SURVIVED.
@@ -287,6 +289,7 @@ class Controller:
         self.scaler = autoscaler.AutoscalerConfig.from_spec(spec)
         self.notes: deque[Note] = deque(maxlen=50)
         self._noted: dict[str, float] = {}  # text -> when last noted (repeats suppressed)
+        self._noted_cap = NOTED_PRUNE_AT  # size at which `_noted` is next pruned
         self.last_plan: Plan | None = None
         self.ticks = 0
         self._failures = int(self.state.extra.get("launch_failures", 0))
@@ -373,7 +376,12 @@ class Controller:
         if last is not None and 0 <= at - last < NOTE_REPEAT_SECONDS:
             log.debug("%s: %s (repeated)", self.spec.name, text)
             return
-        self._noted = {t: a for t, a in self._noted.items() if 0 <= at - a < NOTE_REPEAT_SECONDS}
+        if len(self._noted) >= self._noted_cap:
+            # lines older than the window are dropped once the table has doubled since it was last
+            # pruned, not at every line: a pass noting one line per replica (a zone of 1,000
+            # preempted, as many READY) walked the whole table for each, 0.7 s of the pass
+            self._noted = {t: a for t, a in self._noted.items() if 0 <= at - a < NOTE_REPEAT_SECONDS}
+            self._noted_cap = max(NOTED_PRUNE_AT, 2 * len(self._noted))
         self._noted[text] = at
         self.notes.append(Note(at, text))
         log.log(level, "%s: %s", self.spec.name, text)

@@ -41,6 +41,7 @@ from skyhedge.clouds.local.processes import (
     prune_logs,
     read_pidfile,
     readopt,
+    replica_processes,
     rotate_logs,
     stop_replica,
 )
@@ -108,6 +109,7 @@ class LocalEventSource(EventSource):
                 )
         self._known_marked = marked
         evicted: set[str] | None = None
+        running: dict[str, list[int]] | None = None  # replicas' processes, looked up once a poll
         for rec in live:
             if rec.cloud != "local" or rec.provisioned_at is None or rec.cloud_id is None:
                 # Not launched by our Terraform yet (or, in GitOps mode, never by us): Terraform is
@@ -119,7 +121,9 @@ class LocalEventSource(EventSource):
             # (not a spot replica of a zone marked out of capacity: `skyhedge preempt` finds what
             # it kills by pid file, so one without it outlived its zone's preemption by chance)
             spot_taken = rec.market == "spot" and rec.zone in marked
-            if proc is None and not spot_taken and (found := self._readopt(rec)) is not None:
+            if proc is None and not spot_taken and running is None:
+                running = replica_processes(self.runtime)
+            if proc is None and not spot_taken and (found := self._readopt(rec, running)) is not None:
                 log.warning(
                     "%s: its pid file was gone (deleted by hand?) but process %d (%s) runs on: recorded "
                     "again, kept serving",
@@ -145,7 +149,7 @@ class LocalEventSource(EventSource):
             )
         return events
 
-    def _readopt(self, rec: ReplicaRecord) -> LocalProcess | None:
+    def _readopt(self, rec: ReplicaRecord, running: dict[str, list[int]] | None) -> LocalProcess | None:
         try:
             port = urlsplit(rec.endpoint or "").port or 0
         except ValueError:
@@ -158,6 +162,7 @@ class LocalEventSource(EventSource):
                 zone=rec.zone,
                 market=rec.market,
                 started_at=rec.provisioned_at or rec.launched_at,
+                pids=None if running is None else running.get(rec.id, []),
             )
         except OSError as exc:  # the runtime dir cannot be made again: judged by what is known
             log.warning("%s: its pid file is gone and cannot be written again (%s)", rec.id, exc)

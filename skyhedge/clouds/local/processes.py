@@ -18,6 +18,7 @@ import os
 import shutil
 import signal
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -88,7 +89,14 @@ def write_pidfile(runtime_dir: Path, proc: LocalProcess) -> None:
 
 
 def readopt(
-    runtime_dir: Path, replica_id: str, *, port: int, zone: str, market: str, started_at: float
+    runtime_dir: Path,
+    replica_id: str,
+    *,
+    port: int,
+    zone: str,
+    market: str,
+    started_at: float,
+    pids: Sequence[int] | None = None,
 ) -> LocalProcess | None:
     """The replica's process when its pid file is gone but the process runs on (the runtime dir
     or the file deleted by hand, `rm -rf .skyhedge/svc/local`), recorded again; None when no
@@ -102,8 +110,9 @@ def readopt(
     # watcher's, which stopping the replica would then SIGKILL) or a `setsid` helper of the
     # command (started after it: the earliest leader is the launcher's; one that outlived the
     # command cannot be told from it, and is taken for it).
+    # `pids`: the replica's processes as `replica_processes` found them for every replica at once
     leaders = []
-    for pid in find_processes(runtime_dir, replica_id):
+    for pid in find_processes(runtime_dir, replica_id) if pids is None else pids:
         with contextlib.suppress(OSError):
             leads = os.getsid(pid) == pid and os.getpgid(pid) == pid
             if leads and (starttime := proc_starttime(pid)) is not None:
@@ -151,6 +160,27 @@ def _environ(pid: int) -> dict[str, str]:
         if sep:
             env[key.decode(errors="replace")] = value.decode(errors="replace")
     return env
+
+
+def replica_processes(runtime_dir: Path) -> dict[str, list[int]]:
+    """`find_processes(runtime_dir, ID)` of every replica ID at once, in one walk of /proc: a pass
+    that lost the pid files of many replicas (the runtime dir deleted by hand) walked every
+    process's environment once per replica, 1,000 x 90 reads, 2.5 s of each `plan`."""
+    marker = str(Path(runtime_dir).resolve())
+    found: dict[str, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        pid = int(entry.name)
+        if pid == os.getpid():
+            continue
+        env = _environ(pid)
+        rid = env.get(REPLICA_ENV)
+        if env.get(RUNTIME_ENV) != marker or rid is None:
+            continue
+        if proc_starttime(pid) is not None:
+            found.setdefault(rid, []).append(pid)
+    return {rid: sorted(pids) for rid, pids in found.items()}
 
 
 def find_processes(runtime_dir: Path, replica_id: str | None = None) -> list[int]:
