@@ -11,6 +11,7 @@ through an HTTP proxy from the environment.
 from __future__ import annotations
 
 import contextlib
+import errno
 import http.client
 import json
 import socket
@@ -27,13 +28,18 @@ from skyhedge.spec import ReadinessProbe
 
 @dataclass(frozen=True)
 class ProbeResult:
-    """One probe's outcome; `status` is the HTTP code when there was one, `error` says why not ready."""
+    """One probe's outcome; `status` is the HTTP code when there was one, `error` says why not ready.
+
+    `local`: the probe could not even be made here, this process being out of file descriptors
+    (EMFILE, its own limit: the router and the replicas are not short of them). Such a result
+    says nothing about the replica, and the watcher does not judge it by it (`HttpProber`)."""
 
     endpoint: str
     ok: bool
     status: int | None
     error: str | None
     seconds: float
+    local: bool = False
 
 
 #: The part of the answer a probe reads: the whole body, or this much of a longer one.
@@ -101,6 +107,7 @@ def check(endpoint: str, readiness: ReadinessProbe, *, timeout: float | None = N
     limit = float(readiness.timeout_seconds if timeout is None else timeout)
     status: int | None = None
     error: str | None = None
+    local = False
     expired = threading.Event()
     conn: http.client.HTTPConnection | None = None
 
@@ -126,6 +133,7 @@ def check(endpoint: str, readiness: ReadinessProbe, *, timeout: float | None = N
     except (OSError, http.client.HTTPException, ValueError) as exc:
         text = _printable(str(exc))
         error = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+        local = isinstance(exc, OSError) and exc.errno == errno.EMFILE
     finally:
         timer.cancel()
         if conn is not None:
@@ -135,7 +143,7 @@ def check(endpoint: str, readiness: ReadinessProbe, *, timeout: float | None = N
     ok = status is not None and 200 <= status < 300 and error is None
     if status is not None and not 200 <= status < 300:
         error = f"HTTP {status}"
-    return ProbeResult(endpoint, ok, status, error, time.monotonic() - started)
+    return ProbeResult(endpoint, ok, status, error, time.monotonic() - started, local=local and not ok)
 
 
 def probe(endpoint: str, readiness: ReadinessProbe, *, timeout: float | None = None) -> bool:

@@ -428,14 +428,23 @@ def umask_mode(kind: str = "file") -> int:
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write `data` to `path` so readers see the old file or the new one, never half of one."""
+    """Write `data` to `path` so readers see the old file or the new one, never half of one.
+
+    A write or fsync that fails (a full disk, a quota) raises an OSError naming `path`: its own
+    error names no file, and a watcher's log said only `routing: [Errno 28] No space left on
+    device`, not which of its files (on which disk) could not be written."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+        except OSError as exc:
+            if exc.filename is not None or exc.errno is None:
+                raise
+            raise OSError(exc.errno, exc.strerror, str(path)) from exc  # (the same subclass)
         os.chmod(tmp, umask_mode())
         os.replace(tmp, path)
     except BaseException:

@@ -68,12 +68,16 @@ class FakeExecutor:
         self.refuse_zones: set[str] = set()
         self.fail_next: str | None = None
         self.broken: str | None = None  # every apply fails with this error until cleared
+        # every apply fails with this error, naming no replica (Terraform's state lock held), until cleared
+        self.root_broken: str | None = None
         self.crash_next = False
 
     def apply(self, state: ServiceState, plan: Plan, now: float) -> ExecResult:
         self.calls.append(sorted(r.id for r in plan.desired))
         if self.broken:
             return ExecResult(errors=(self.broken,))
+        if self.root_broken:
+            return ExecResult(errors=(self.root_broken,), failed_replicas=())
         if self.crash_next:
             self.crash_next = False
             raise KeyboardInterrupt("simulated kill mid-apply")

@@ -561,6 +561,88 @@ def test_a_launch_that_keeps_failing_is_given_up_and_replaced_under_a_new_id(wor
     assert not any(n.text.startswith(("crash loop", "launches keep failing")) for n in ctl.notes)
 
 
+def test_an_apply_that_fails_before_reaching_any_replica_gives_none_up(world):
+    # Terraform's state lock held by another process (or the rendered tree on a full disk, or
+    # Terraform unable to start): measured live, the replacement was "given up after 3 failed
+    # launches" and placed again under a new ID every three failed applies, though it never ran,
+    # and those give-ups held new launches back once the cause was gone
+    ctl, clock, src = make(world), world["clock"], world["source"]
+    settle(ctl, clock)
+    victim = next(r for r in ctl.state.live() if r.zone == "local-a")
+    src.queue.append(PreemptionEvent(Signal.GONE, clock(), "fake", replica_id=victim.id, reason="preempted"))
+    world[
+        "executor"
+    ].root_broken = "local/local: Error acquiring the state lock: resource temporarily unavailable"
+    for _ in range(30):  # ten minutes of failed applies
+        ctl.tick()
+        clock.advance(20)
+    assert not [n.text for n in ctl.notes if "given up" in n.text]
+    assert not [
+        r.id for r in ctl.state.replicas.values() if r.reason == "failed" and r.provisioned_at is None
+    ]
+    waiting = {r.id for r in ctl.state.live() if r.provisioned_at is None}
+    assert waiting and ctl._failures == 30
+    world["executor"].root_broken = None  # the lock is released
+    ctl.tick()
+    live = ctl.state.live()
+    assert waiting <= {r.id for r in live} and all(r.provisioned_at is not None for r in live)
+    assert not any(n.text.startswith(("launches keep failing", "crash loop")) for n in ctl.notes)
+
+
+def test_a_wall_clock_stepped_back_during_a_backoff_does_not_stretch_it(world):
+    # the controller's clock is the wall clock (its times are stored in the state), and an apply's
+    # backoff was a time on it: stepped back an hour (NTP, a VM's clock set right), the passes
+    # skipped their applies and asked the supervisor to sleep 3602 s, probing and routing nothing
+    ctl, clock, src, ex = make(world), world["clock"], world["source"], world["executor"]
+    settle(ctl, clock)
+    victim = ctl.state.live()[0]
+    src.queue.append(PreemptionEvent(Signal.GONE, clock(), "fake", replica_id=victim.id, reason="failed"))
+    ex.root_broken = "local/local: Error acquiring the state lock"
+    backoff = ctl.tick()
+    assert 0 < backoff <= 2
+    ex.root_broken = None
+    clock.advance(-3600)
+    ctl.woken = False  # as the supervisor runs it: for the delay's end, not for an event
+    delay = ctl.tick()
+    assert delay <= backoff
+    clock.advance(delay)
+    ctl.tick()
+    assert ctl._failures == 0  # applied at the backoff's end, as without the step
+    assert all(r.provisioned_at is not None for r in ctl.state.live())
+
+
+def test_probes_the_watcher_cannot_make_leave_the_replicas_as_they_were(world, monkeypatch):
+    # the watcher out of file descriptors (measured by a chaos run: `prlimit --nofile` on it):
+    # every probe failed with EMFILE, every READY replica went NOT_READY (on-demand covers were
+    # launched for them), and after 180 s all of them would be FAILED and replaced
+    import errno
+    import socket
+
+    from skyhedge.controller.adapters import HttpProber
+
+    ctl, clock = make(world), world["clock"]
+    settle(ctl, clock)
+    ready = sorted(r.id for r in ctl.state.live())
+    ctl.prober = HttpProber(world["spec"])
+
+    def no_descriptor(*args: object, **kwargs: object) -> socket.socket:
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    with monkeypatch.context() as m:
+        m.setattr(socket, "create_connection", no_descriptor)
+        for _ in range(25):  # four minutes
+            ctl.tick()
+            clock.advance(10)
+    live = ctl.state.live()
+    assert sorted(r.id for r in live) == ready
+    assert all(r.fact().status is ReplicaStatus.READY for r in live)
+    said = [n.text for n in ctl.notes if n.text.startswith("readiness probes could not be made")]
+    assert len(said) == 5 and len(set(said)) == 1  # once a minute, not every pass
+    assert "Too many open files" in said[0]
+    ctl.tick()  # descriptors again (nothing listens at the fake endpoints: refused, and judged)
+    assert "readiness probes can be made again" in [n.text for n in ctl.notes]
+
+
 def _held_until(ctl: Controller) -> list[str]:
     return [
         n.text.rsplit("held until ", 1)[1].split()[0]

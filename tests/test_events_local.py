@@ -3,6 +3,7 @@ the orphan sweep, and the chaos helpers behind `skyhedge preempt` and market rep
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -184,6 +185,46 @@ def test_watch_wakes_within_a_second_of_an_exit(state_dir):
     src.watch(woke.set)
     try:
         time.sleep(0.5)
+        woke.clear()
+        started = time.monotonic()
+        kill_zone(state_dir, "local-a")
+        assert woke.wait(2.0)
+        assert time.monotonic() - started < 1.0
+        assert [e.replica_id for e in src.poll(time.time(), [rec])] == ["r-0004"]
+    finally:
+        src.close()
+
+
+def test_watch_outlives_a_failing_turn_says_so_once_and_still_wakes_at_an_exit(state_dir, monkeypatch):
+    # the watcher out of file descriptors (found by a chaos run: `prlimit --nofile` on it): the
+    # waking thread died of the OSError with a traceback, and replica exits waited for the next
+    # pass, up to `--interval`, for as long as the watcher ran after
+    from skyhedge.clouds.local import events
+
+    rec = launch(state_dir, "r-0004", "local-a")
+    real = events.list_pidfiles
+    calls = {"n": 0}
+
+    def list_pidfiles(runtime: Path):  # every other turn fails, 16 turns long: descriptors run out
+        calls["n"] += 1
+        if calls["n"] <= 16 and calls["n"] % 2:
+            raise OSError(24, "Too many open files", str(runtime / "replicas"))
+        return real(runtime)
+
+    monkeypatch.setattr(events, "list_pidfiles", list_pidfiles)
+    monkeypatch.setattr(events, "WATCH_RECOVERED_SECONDS", 1.0)
+    src = LocalEventSource(state_dir, REGION_OF)
+    woke = threading.Event()
+    src.watch(woke.set)
+    try:
+        deadline = time.monotonic() + 10
+        while calls["n"] <= 16 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        said = src.problems()
+        assert len(said) == 1, said  # once, not at every failing turn nor with each working one between
+        assert "Too many open files" in said[0] and "retrying" in said[0]
+        time.sleep(1.5)  # working for longer than WATCH_RECOVERED_SECONDS
+        assert src.problems() == ["local replica processes: watching them works again"]
         woke.clear()
         started = time.monotonic()
         kill_zone(state_dir, "local-a")
@@ -377,6 +418,26 @@ def test_preempt_with_a_malformed_capacity_file_is_one_line(state_dir, write_spe
             and "capacity.json: cannot read" in line
             and "fix it or delete it" in line
         )
+
+
+def test_a_capacity_file_this_process_cannot_open_is_not_called_broken(state_dir, monkeypatch):
+    # a watcher out of file descriptors was told to "fix it or delete it" about a sound file:
+    # deleting it would have thrown the zones' marks away
+    runtime = runtime_dir(state_dir)
+    runtime.mkdir(parents=True, exist_ok=True)
+    path = runtime / capacity.CAPACITY_FILE
+    path.write_text('{"version": 1, "preempted": {"local-a": null}}')
+    real = Path.read_text
+
+    def read_text(self: Path, *args, **kwargs) -> str:
+        if self == path:
+            raise OSError(errno.EMFILE, "Too many open files", str(self))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "read_text", read_text)
+    with pytest.raises(capacity.CapacityFileError) as info:
+        capacity.read_capacity(runtime)
+    assert "Too many open files" in str(info.value) and "delete" not in str(info.value)
 
 
 def test_a_gone_event_whose_reason_the_controller_judges_shows_no_empty_brackets():

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -232,6 +233,35 @@ def test_stop_escalates_to_sigkill_for_the_whole_group(runtime, tmp_path):
     started = time.monotonic()
     assert stop_replica(runtime, "r-0001", grace=0.5) is True
     assert time.monotonic() - started < 5
+    assert find_processes(runtime) == []
+
+
+def test_a_stopped_replica_is_stopped_gracefully_without_waiting_out_the_grace(runtime, tmp_path):
+    # a hung replica (found by a chaos run: SIGSTOP on its process group): it acts on no SIGTERM
+    # while stopped, so its stop waited the whole grace, then SIGKILLed it without its shutdown
+    port = free_base_port(1) + 1
+    done = tmp_path / "shut-down"
+    graceful = (
+        "import signal, sys, time\n"
+        "def bye(*_):\n"
+        f"    open({str(done)!r}, 'w').close()\n"
+        "    sys.exit(0)\n"
+        "signal.signal(signal.SIGTERM, bye)\n"
+        "time.sleep(60)\n"
+    )
+    script = tmp_path / "graceful.py"
+    script.write_text(graceful, encoding="utf-8")
+    assert (
+        launch("start", config(runtime, tmp_path, port, command=f"exec {sys.executable} {script}")).returncode
+        == 0
+    )
+    proc = read_pidfile(runtime, "r-0001")
+    assert proc is not None
+    os.killpg(proc.pgid, signal.SIGSTOP)
+    started = time.monotonic()
+    assert stop_replica(runtime, "r-0001", grace=10.0) is True
+    assert time.monotonic() - started < 5
+    assert done.exists()  # its own SIGTERM handler ran: not killed at the grace's end
     assert find_processes(runtime) == []
 
 

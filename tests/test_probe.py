@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import socket
 import threading
@@ -130,6 +131,19 @@ def test_unreachable_and_malformed_endpoints_are_not_ready():
     result = check(closed, ReadinessProbe())
     assert result.ok is False and result.status is None and "refused" in (result.error or "").lower()
     assert probe("not a url", ReadinessProbe()) is False
+
+
+def test_a_probe_this_process_has_no_file_descriptor_for_says_so_apart(server, monkeypatch):
+    # EMFILE is the prober's own limit, not the replica's failure: the watcher must not judge a
+    # replica by it (`HttpProber`); a refused connection stays the replica's
+    def no_descriptor(*args: object, **kwargs: object) -> socket.socket:
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    refused = check(f"http://127.0.0.1:{free_port()}", ReadinessProbe())
+    assert refused.ok is False and refused.local is False
+    monkeypatch.setattr(socket, "create_connection", no_descriptor)
+    result = check(url(server) + "/ok", ReadinessProbe())
+    assert result.ok is False and result.local is True and "Too many open files" in (result.error or "")
 
 
 def test_probe_all_is_concurrent_and_keyed_by_endpoint(server):

@@ -39,6 +39,7 @@ from skyhedge.state import (
     STATE_FILE,
     ReplicaRecord,
     ServiceState,
+    atomic_write_text,
     load_state,
     save_state,
     writer_lock,
@@ -203,6 +204,27 @@ def test_the_state_file_gets_the_permissions_a_plain_write_would_not_the_temp_fi
     finally:
         os.umask(old)
     assert (tmp_path / STATE_FILE).stat().st_mode & 0o777 == 0o644
+
+
+def test_a_write_a_full_disk_refuses_names_the_file_and_keeps_the_old_one(tmp_path, monkeypatch):
+    # measured with the state dir on a full tmpfs: the watcher's log said `routing: [Errno 28] No
+    # space left on device`, naming no file (the router's config, under the state dir)
+    target = tmp_path / "router" / "conf" / "nginx.conf"
+    atomic_write_text(target, "old\n")
+    save_state(tmp_path, ServiceState(service="svc"))
+
+    def full(fd: int) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(OSError) as info:
+        atomic_write_text(target, "new\n")
+    assert info.value.errno == errno.ENOSPC and str(target) in str(info.value)
+    assert target.read_text() == "old\n"
+    assert [p.name for p in target.parent.iterdir()] == ["nginx.conf"]  # no temp file left behind
+    with pytest.raises(StateError) as state_info:  # (the state file's own error stays one line)
+        save_state(tmp_path, ServiceState(service="svc", next_id=9))
+    assert str(state_info.value) == f"{tmp_path}: cannot write the state dir ({os.strerror(errno.ENOSPC)})"
 
 
 @pytest.mark.parametrize(

@@ -36,6 +36,11 @@ class NginxRouter:
     def running(self) -> bool:
         return self.router.pid() is not None
 
+    def pid(self) -> int | None:
+        """The running nginx master's pid (None: not running): the watcher wakes its loop when
+        that process exits (`runner.Watcher._watch_router`)."""
+        return self.router.pid()
+
     def outdated(self) -> str | None:
         """Why the running config must be reloaded though the upstreams did not change (a renewed
         TLS certificate, a deleted config: `Router.outdated`), or None."""
@@ -113,17 +118,42 @@ class NginxRouter:
 
 
 class HttpProber:
-    """`Prober` over `skyhedge.probe`: the spec's readiness probe, all replicas concurrently."""
+    """`Prober` over `skyhedge.probe`: the spec's readiness probe, all replicas concurrently.
+
+    A probe this process could not make (out of file descriptors: `ProbeResult.local`) is left
+    out of the results, so the replica keeps the state it had, and said once a minute through
+    `problems()`. Judged failed, every READY replica went NOT_READY at once (on-demand covers
+    launched for them) and, after 180 s of it, FAILED and replaced: a healthy service taken down
+    by its watcher's own trouble."""
 
     def __init__(self, spec: ServiceSpec) -> None:
         self.readiness = spec.readiness_probe
+        self._said: list[str] = []
+        self._unmade = False  # the last probes this process could not make
 
     def probe(self, records: Sequence[ReplicaRecord]) -> dict[str, tuple[bool, str]]:
         by_endpoint = {r.endpoint: r.id for r in records if r.endpoint}
         results = check_all(list(by_endpoint), self.readiness)
         out: dict[str, tuple[bool, str]] = {}
+        why = ""
         for endpoint, rid in by_endpoint.items():
             res = results.get(endpoint)
-            if res is not None:
+            if res is not None and res.local:
+                why = res.error or "?"
+            elif res is not None:
                 out[rid] = (res.ok, res.error or f"HTTP {res.status}")
+        if why:
+            # the same words every time: the controller says a line again only a minute later
+            self._said.append(
+                f"readiness probes could not be made from this process ({why}): the replicas "
+                "keep their last state until they can"
+            )
+        elif out and self._unmade:
+            self._said.append("readiness probes can be made again")
+        self._unmade = bool(why) or (self._unmade and not out)
         return out
+
+    def problems(self) -> list[str]:
+        """What the last probes could not do, for the controller to note (as a warning)."""
+        said, self._said = self._said, []
+        return said

@@ -72,6 +72,7 @@ class TerraformExecutor:
         now = self.clock()  # the results are as of now, after Terraform ran
         errors: list[str] = []
         refused: list[str] = []
+        named: list[str] = []  # replicas an error names: their own launch failed
         detail: list[str] = []
         for root, result in zip(changed, results, strict=True):
             if isinstance(result, BaseException):
@@ -85,6 +86,7 @@ class TerraformExecutor:
             if not result.ok:
                 failed_ids = {f.replica_id for f in failures}
                 other = [d for d in result.errors if d.replica_id not in failed_ids]
+                named += [d.replica_id for d in other if d.replica_id is not None]
                 for diag in list(other):
                     if (line := explained(blocked, diag)) is not None:
                         other.remove(diag)
@@ -108,4 +110,6 @@ class TerraformExecutor:
             launch_failures=tuple(refused),
             detail="\n".join(d for d in detail if d),
             warnings=cleared.warnings + freed.warnings,
+            # (a root whose run raised, or failed naming no replica, reached none of them)
+            failed_replicas=tuple(dict.fromkeys(named)),
         )

@@ -434,8 +434,8 @@ class GitOpsExecutor:
         else:
             try:
                 self._stage(tree)
-            except RenderError as exc:
-                return ExecResult(errors=(str(exc),))
+            except RenderError as exc:  # the tree could not be written: no replica's doing
+                return ExecResult(errors=(str(exc),), failed_replicas=())
         info = state.extra.setdefault(GITOPS_KEY, {})
         # What CI will apply: roots emptied by this commit stay rendered a while (roots_with_resources)
         before = info.get("roots") if isinstance(info.get("roots"), dict) else {}

@@ -519,13 +519,12 @@ class Controller:
             # or held by a root since): a replica its probe failed still runs (on a cloud, a
             # billed machine) until an apply drops it from its root, and the held launches are
             # what used to carry that apply, so it ran for as long as the hold lasted.
-            backing_off = self._retry_at is not None and now < self._retry_at
+            backing_off = self._retry_left(now) > 0
             if plan.has_changes or ((learned or self._gone_still_applied()) and not backing_off):
                 result = self._act(plan, memory, now)
         elif (
             self._failures
-            and self._retry_at is not None
-            and now < self._retry_at
+            and self._retry_left(now) > 0
             and not (learned or refresh or self._unsettled or self.woken)
         ):
             # backing off after a failed apply, and this pass (run to probe the replicas that
@@ -589,7 +588,8 @@ class Controller:
         for source in [*self.sources, *self._retiring]:
             try:
                 out.extend(source.poll(now, live))
-            except SkyhedgeError as exc:  # one broken source must not blind the others
+            except (SkyhedgeError, OSError) as exc:  # one broken source must not blind the others
+                # (an OSError: the machine's, e.g. out of file descriptors: one line, no traceback)
                 self.note(f"event source {source.name}: {exc}", now, level=logging.WARNING)
             except Exception as exc:  # a bug or an unwrapped library error: contained the same way
                 log.exception("event source %s failed", source.name)
@@ -620,6 +620,9 @@ class Controller:
         if not targets:
             return False
         results = self.prober.probe(targets)
+        problems = getattr(self.prober, "problems", None)  # probes it could not make (`HttpProber`)
+        for problem in problems() if problems is not None else ():
+            self.note(problem, level=logging.WARNING)
         probes = [ProbeResult(rid, ok, detail) for rid, (ok, detail) in results.items()]
         delay = float(self.spec.readiness_probe.initial_delay_seconds)
         lines = apply_probes(self.state, probes, self.clock(), initial_delay=delay)
@@ -799,8 +802,9 @@ class Controller:
         started = self.clock()
         try:
             result = self.executor.apply(st, plan, started)
-        except SkyhedgeError as exc:
-            result = ExecResult(errors=(str(exc),), detail=getattr(exc, "stderr", "") or "")
+        except SkyhedgeError as exc:  # (the spec does not render, ...: no replica's own launch failed)
+            detail = getattr(exc, "stderr", "") or ""
+            result = ExecResult(errors=(str(exc),), detail=detail, failed_replicas=())
         done = self.clock()
         for line in result.warnings:
             self.note(line, done, level=logging.WARNING)
@@ -1066,14 +1070,22 @@ class Controller:
 
     def _give_up_launches(self, result: ExecResult, at: float) -> None:
         """A replica still never provisioned after LAUNCH_ATTEMPTS failed applies of its own is
-        recorded failed, so the policy places a new one instead of retrying it for good."""
+        recorded failed, so the policy places a new one instead of retrying it for good. Only
+        applies whose errors name it count (`ExecResult.failed_replicas`): an apply that failed
+        before reaching any replica (Terraform's state lock held, a full disk, Terraform unable to
+        start) gave up replicas that never ran, said so in a warning each ("given up after 3 failed
+        launches"), and its give-ups, one burst every three backoffs, held new launches back once
+        the cause was gone (measured: "launches keep failing: 4 bursts ..." after a disk full)."""
         pending = {
             rec.id: rec for rec in self.state.live() if rec.provisioned_at is None and rec.cloud_id is None
         }
         self._attempts = {rid: n for rid, n in self._attempts.items() if rid in pending}
         if not result.errors:
             return
+        named = result.failed_replicas
         for rid, rec in pending.items():
+            if named is not None and rid not in named:
+                continue  # the apply never got to it
             self._attempts[rid] = self._attempts.get(rid, 0) + 1
             if self._attempts[rid] < LAUNCH_ATTEMPTS:
                 continue
@@ -1095,13 +1107,25 @@ class Controller:
         opts = self.options
         return min(opts.max_backoff, opts.busy_interval * (2 ** min(self._failures, 10)))
 
+    def _retry_left(self, now: float) -> float:
+        """Seconds before the next apply after failed ones (0: due now, or nothing failed). Never
+        more than the backoff itself: `_retry_at` is a time on the controller's clock, the wall
+        clock, and a clock stepped back (NTP, a VM's clock set right) left it that much ahead:
+        the passes skipped their applies and asked to sleep as long (3602 s after a 1 h step),
+        with nothing probed, routed or replaced meanwhile unless an event woke the loop."""
+        if self._retry_at is None:
+            return 0.0
+        if self._retry_at - now > self._backoff():  # the clock stepped back: wait a backoff from now
+            self._retry_at = now + self._backoff()
+        return max(0.0, self._retry_at - now)
+
     def _next_delay(self) -> float:
         opts = self.options
         if self._routing_failed and not self._failures:
             return min(opts.interval, max(opts.busy_interval, 2.0))
         if self._failures:
             now = self.clock()
-            left = self._backoff() if self._retry_at is None else max(0.0, self._retry_at - now)
+            left = self._backoff() if self._retry_at is None else self._retry_left(now)
             if any(r.fact().status in PROBED for r in self.state.live()):
                 # replicas the failed apply did start (beside a refused launch) are probed at the
                 # busy pace: READY, routed and their on-demand cover released within a pass, not

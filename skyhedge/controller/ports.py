@@ -29,6 +29,13 @@ class ExecResult:
     was refused for capacity or quota (recorded gone with a LAUNCH_FAILED zone event);
     `detail`: the engine's full error text, for the log; `warnings`: lines noted as warnings
     (machines an interrupted run left, removed before Terraform ran, or lookups that failed).
+
+    `failed_replicas`: the replicas an error names (their own launch failed: a local port taken,
+    a command that exits at once, an image or quota error), or None when the executor cannot tell,
+    and every replica still waiting for its launch then counts as failed by this apply. An error
+    naming none (Terraform's state lock held, its working directory unreadable, a full disk for
+    the rendered tree) never reached a replica: it does not count towards giving one up
+    (`loop.LAUNCH_ATTEMPTS`), which would replace it under a new ID to fail the same way.
     """
 
     applied: tuple[str, ...] = ()
@@ -37,6 +44,7 @@ class ExecResult:
     detail: str = ""
     note: str = ""
     warnings: tuple[str, ...] = ()
+    failed_replicas: tuple[str, ...] | None = None
 
     @property
     def failed(self) -> bool:
@@ -79,7 +87,8 @@ class RouterPort(Protocol):
 
     # Optional: `outdated() -> str | None`, why the running config needs a reload though the
     # upstreams are the same (a renewed TLS certificate, a deleted config); routers without it
-    # are reloaded on changes only.
+    # are reloaded on changes only. `pid() -> int | None`, the router process: a watcher wakes
+    # its loop when it exits (killed, crashed), to start it again at once.
 
 
 class Prober(Protocol):

@@ -21,6 +21,7 @@ import copy
 import hashlib
 import logging
 import os
+import select
 import signal
 import threading
 import time
@@ -54,6 +55,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("skyhedge.controller")
 #: How often a running watcher stats its spec file, to take an edit without waiting for a pass.
 SPEC_POLL_SECONDS = 1.0
+#: How often the router watch reads which process is the router (a restart makes a new one). Its
+#: exit itself wakes the loop at once where the kernel has pidfds (Linux 5.3), else within this.
+ROUTER_POLL_SECONDS = 1.0
 
 
 def event_sources(
@@ -124,6 +128,15 @@ def _build_sources(
             )
         else:  # only replicas the spec moves away from GCP are left there: watch what can be
             log.warning("gcp: replicas remain there but no project is known: their preemptions go unseen")
+
+
+def _pidfd(pid: int) -> int | None:
+    """A pidfd for `pid` (readable once it exits), or None: gone already, or no pidfds here (an
+    old kernel, a sandbox), where its exit is seen by looking again a little later."""
+    try:
+        return os.pidfd_open(pid)
+    except (AttributeError, OSError):
+        return None
 
 
 def source_keys(
@@ -590,7 +603,7 @@ class Watcher:
         for source in self.controller.sources:
             source.watch(self.supervisor.wake)
         self._watching = True
-        with self._signals(handle_signals) as requests_heard, self._watch_spec_file():
+        with self._signals(handle_signals) as requests_heard, self._watch_spec_file(), self._watch_router():
             # announced once the handlers are in, retracted before they go: `skyhedge reload`
             # never signals a watcher that would die of SIGUSR1's default action
             self._announce(on_request=requests_heard)
@@ -627,6 +640,69 @@ class Watcher:
         finally:
             done.set()
             thread.join(timeout=5)
+
+    @contextlib.contextmanager
+    def _watch_router(self) -> Iterator[None]:
+        """Wake the loop as soon as the router's process exits (nginx killed, OOM-killed, crashed):
+        the pass starts it again (`Controller._route`). Nothing watched it before, and every
+        client was refused until the next pass: up to `--interval` (measured under load at the
+        default 10 s: 9.5 s of refused connections, 379 of 607 requests failed). The router is
+        looked up at every turn, so a reloaded spec's is followed."""
+        ctl, supervisor = self.controller, self.supervisor
+        if ctl is None or supervisor is None or not self.route or self.gitops is not None:
+            yield
+            return
+        done = threading.Event()
+
+        def master() -> int | None:
+            pid_of = getattr(ctl.router, "pid", None)
+            if pid_of is None:
+                return None
+            try:
+                pid = pid_of()
+            except OSError:  # its pid file unreadable for a moment: looked at again next turn
+                return None
+            return pid if isinstance(pid, int) else None
+
+        def watch() -> None:
+            watched: int | None = None
+            fd: int | None = None
+            try:
+                while not done.is_set():
+                    try:
+                        pid = master()
+                        if pid != watched:
+                            if watched is not None and pid is None and fd is None:
+                                supervisor.wake()  # gone, seen without a pidfd
+                            if fd is not None:
+                                os.close(fd)
+                            watched, fd = pid, _pidfd(pid) if pid is not None else None
+                        if fd is None:
+                            done.wait(ROUTER_POLL_SECONDS)
+                            continue
+                        ready, _, _ = select.select([fd], [], [], ROUTER_POLL_SECONDS)
+                        if ready and not done.is_set():
+                            supervisor.wake()
+                            os.close(fd)
+                            watched = fd = None
+                    except Exception as exc:  # never the end of the watch: start over next turn
+                        log.debug("watching the router: %s: %s", type(exc).__name__, exc)
+                        if fd is not None:
+                            with contextlib.suppress(OSError):
+                                os.close(fd)
+                        watched = fd = None
+                        done.wait(ROUTER_POLL_SECONDS)
+            finally:
+                if fd is not None:
+                    os.close(fd)
+
+        thread = threading.Thread(target=watch, daemon=True, name="skyhedge-router-watch")
+        thread.start()
+        try:
+            yield
+        finally:
+            done.set()
+            thread.join(timeout=ROUTER_POLL_SECONDS + 5)
 
     def _retract(self) -> None:
         if self._record is not None:

@@ -21,6 +21,7 @@ launcher only reads it (and holds its lock while it checks the room left and sta
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import tempfile
@@ -38,8 +39,14 @@ class CapacityFileError(ValueError):
     message says what to do: every command that meets it (a launch under `apply` or `watch`,
     `status`, `preempt`) repeats it."""
 
-    def __init__(self, message: str) -> None:
-        super().__init__(f"{message}; fix it or delete it (every local zone then has its spot capacity)")
+    def __init__(self, message: str, *, the_files_fault: bool = True) -> None:
+        advice = "; fix it or delete it (every local zone then has its spot capacity)"
+        super().__init__(message + (advice if the_files_fault else ""))
+
+
+#: Errors reading the file that are this process's or the machine's, not the file's: deleting the
+#: file, as the usual advice says, would throw away the zones' marks for nothing.
+_NOT_THE_FILES_FAULT = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EINTR})
 
 
 def capacity_path(runtime_dir: Path) -> Path:
@@ -57,7 +64,11 @@ def _read_doc(runtime_dir: Path) -> dict:
     except FileNotFoundError:
         return {}
     except (OSError, ValueError) as exc:
-        raise CapacityFileError(f"{path}: cannot read the local capacity file ({exc})") from exc
+        # (measured: a watcher out of file descriptors was told to fix or delete a sound file)
+        faulty = not isinstance(exc, OSError) or exc.errno not in _NOT_THE_FILES_FAULT
+        raise CapacityFileError(
+            f"{path}: cannot read the local capacity file ({exc})", the_files_fault=faulty
+        ) from exc
     if not isinstance(data, dict) or not all(
         isinstance(data.get(key, {}), dict) for key in ("preempted", "limits", "evicted", "replay")
     ):

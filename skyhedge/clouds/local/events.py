@@ -45,13 +45,15 @@ from skyhedge.clouds.local.processes import (
     rotate_logs,
     stop_replica,
 )
-from skyhedge.events import EventSource, PreemptionEvent, Signal
+from skyhedge.events import EventSource, PreemptionEvent, ProblemLog, Signal
 from skyhedge.policy.types import Location
 from skyhedge.state import ReplicaRecord
 
 log = logging.getLogger("skyhedge.clouds.local.events")
 
 WATCH_PERIOD = 0.2
+#: How long the waking thread must work again, after failing, before it says so.
+WATCH_RECOVERED_SECONDS = 10.0
 #: `set_zone_capacity` counts from this up mean "no limit" (a trace's unlimited, a replay's end).
 UNLIMITED_COUNT = 1_000_000
 
@@ -84,6 +86,7 @@ class LocalEventSource(EventSource):
         except (OSError, capacity.CapacityFileError) as exc:
             log.warning("%s", exc)
         self._known_marked: set[str] | None = None
+        self._problems = ProblemLog(log)  # what the waking thread failed at (`problems()`)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -203,46 +206,83 @@ class LocalEventSource(EventSource):
         self._thread.start()
 
     def _watch(self, wake: Callable[[], None]) -> None:
+        """Wake the controller when a replica process exits or the capacity file changes. A turn
+        that fails (the watcher out of file descriptors, the runtime dir unreadable for a while)
+        is said once (then once a minute, `problems()`) and retried: it ended this thread with a
+        traceback, and for as long as the watcher ran after, replica exits waited for the next pass
+        (up to `--interval`; measured 7-9 s at the default 10 s, instead of milliseconds)."""
         fds: dict[tuple[int, int], int] = {}  # (pid, starttime) -> pidfd
         mtime = self._capacity_mtime()
         use_pidfd = hasattr(os, "pidfd_open")
         alive: set[tuple[int, int]] = set()
+        failed: float | None = None  # time.monotonic() of the last failed turn
         try:
             while not self._stop.is_set():
-                procs = {(p.pid, p.starttime): p for p in list_pidfiles(self.runtime)}
-                current = {k for k, p in procs.items() if is_running(p)}
-                if alive - current:
-                    wake()
-                alive = current
-                for key in [k for k in fds if k not in current]:
-                    os.close(fds.pop(key))
-                if use_pidfd:
-                    for key in current - set(fds):
-                        try:
-                            fds[key] = os.pidfd_open(key[0])
-                        except OSError as exc:
-                            if exc.errno in (errno.ENOSYS, errno.EPERM):
-                                use_pidfd = False  # old kernel or sandbox: poll liveness instead
-                if fds:
-                    ready, _, _ = select.select(list(fds.values()), [], [], WATCH_PERIOD)
-                    if ready:
-                        wake()
-                else:
+                try:
+                    use_pidfd, mtime, alive = self._watch_turn(wake, fds, use_pidfd, mtime, alive)
+                except Exception as exc:  # an OSError most likely; a bug must not end wake-ups either
+                    failed = time.monotonic()
+                    self._problems.report(
+                        "watch",
+                        f"local replica processes: watching them failed ({type(exc).__name__}: {exc}); "
+                        "retrying (until then, a replica's exit is seen at the next pass)",
+                    )
                     self._stop.wait(WATCH_PERIOD)
-                new_mtime = self._capacity_mtime()
-                if new_mtime != mtime:
-                    mtime = new_mtime
-                    wake()
+                    continue
+                # works again only once it kept working a while: turns that fail every other
+                # time (file descriptors running out and freed) said both lines each second
+                if failed is not None and time.monotonic() - failed >= WATCH_RECOVERED_SECONDS:
+                    failed = None
+                    self._problems.clear("watch", "local replica processes: watching them works again")
         finally:
             for fd in fds.values():
                 with contextlib.suppress(OSError):
                     os.close(fd)
+
+    def _watch_turn(
+        self,
+        wake: Callable[[], None],
+        fds: dict[tuple[int, int], int],
+        use_pidfd: bool,
+        mtime: float | None,
+        alive: set[tuple[int, int]],
+    ) -> tuple[bool, float | None, set[tuple[int, int]]]:
+        """One turn of `_watch`: up to WATCH_PERIOD waiting for an exit. Returns whether pidfds are
+        still used, the capacity file's mtime and the processes alive, for the next turn."""
+        procs = {(p.pid, p.starttime): p for p in list_pidfiles(self.runtime)}
+        current = {k for k, p in procs.items() if is_running(p)}
+        if alive - current:
+            wake()
+        alive = current
+        for key in [k for k in fds if k not in current]:
+            os.close(fds.pop(key))
+        if use_pidfd:
+            for key in current - set(fds):
+                try:
+                    fds[key] = os.pidfd_open(key[0])
+                except OSError as exc:
+                    if exc.errno in (errno.ENOSYS, errno.EPERM):
+                        use_pidfd = False  # old kernel or sandbox: poll liveness instead
+        if fds:
+            ready, _, _ = select.select(list(fds.values()), [], [], WATCH_PERIOD)
+            if ready:
+                wake()
+        else:
+            self._stop.wait(WATCH_PERIOD)
+        new_mtime = self._capacity_mtime()
+        if new_mtime != mtime:
+            mtime = new_mtime
+            wake()
+        return use_pidfd, mtime, alive
 
     def _capacity_mtime(self) -> float | None:
         try:
             return capacity.capacity_path(self.runtime).stat().st_mtime_ns / 1e9
         except OSError:
             return None
+
+    def problems(self) -> list[str]:
+        return self._problems.take()
 
     def close(self) -> None:
         self._stop.set()

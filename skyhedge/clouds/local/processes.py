@@ -232,6 +232,11 @@ def stop_replica(runtime_dir: Path, replica_id: str, *, grace: float = 10.0) -> 
         pid_path(runtime_dir, replica_id).unlink(missing_ok=True)
         return False
     _signal(strays, pgid, signal.SIGTERM)
+    # A stopped process (SIGSTOP, a debugger, a replica hung that way on purpose) acts on no
+    # signal but SIGKILL until continued: without this it waited out the whole grace, then died
+    # without its shutdown (measured: the apply replacing one took 10.7 s instead of ~1 s). As
+    # systemd does, continue it so that it gets its SIGTERM now.
+    _signal(strays, pgid, signal.SIGCONT)
     deadline = time.monotonic() + max(grace, 0.0)
     while _alive(strays, pgid, leader) and time.monotonic() < deadline:
         time.sleep(0.05)
