@@ -13,6 +13,8 @@ import sys
 import time
 from pathlib import Path
 
+from _argtypes import positive
+
 from skyhedge.planner import make_plan
 from skyhedge.policy import Candidate, Location, Market, Observation, PolicyConfig, ReplicaFact, make_policy
 
@@ -32,13 +34,6 @@ def synthetic(n_zones: int, n_replicas: int) -> Observation:
         for i in range(int(n_replicas * 0.9))
     )
     return Observation(now=100.0, target=n_replicas, candidates=cands, replicas=replicas)
-
-
-def positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text}")
-    return value
 
 
 def main() -> None:

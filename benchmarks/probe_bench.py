@@ -26,6 +26,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from _argtypes import counts_of_at_least  # noqa: E402
+
 from skyhedge.apply import wait_ready  # noqa: E402
 from skyhedge.controller.adapters import HttpProber  # noqa: E402
 from skyhedge.spec import load_spec  # noqa: E402
@@ -54,16 +56,6 @@ class Healthy(BaseHTTPRequestHandler):
 
     def log_message(self, *args: object) -> None:
         pass
-
-
-def counts(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated whole numbers, got {text!r}") from None
-    if any(v < 0 for v in values):
-        raise argparse.ArgumentTypeError(f"expected counts of at least 0, got {text!r}")
-    return values
 
 
 def timeout(text: str) -> int:
@@ -117,6 +109,7 @@ def peak_threads(fn) -> tuple[float, int]:  # type: ignore[no-untyped-def]
 
 def main() -> None:
     ap = argparse.ArgumentParser(prog="probe_bench.py", description=__doc__.splitlines()[0])
+    counts = counts_of_at_least(0)
     ap.add_argument("--replicas", type=counts, default=[50, 200], help="replica counts (50,200)")
     ap.add_argument("--hung", type=counts, default=[0, 10, 40, 200], help="hung replica counts (0,10,40,200)")
     ap.add_argument("--timeout", type=timeout, default=2, help="readiness_probe.timeout_seconds (2)")

@@ -27,6 +27,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from _argtypes import positive  # noqa: E402
+
 from skyhedge.clouds.local import capacity, runtime_dir  # noqa: E402
 from skyhedge.clouds.local.events import preempt_zone  # noqa: E402
 from skyhedge.clouds.local.processes import kill_all  # noqa: E402
@@ -81,13 +83,6 @@ def one_round(sdir: Path) -> dict[str, float]:
         "ready": float(st.replicas[new].ready_at) - t0,
         "routed": routed["at"] - t0,
     }
-
-
-def positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text}")
-    return value
 
 
 def main() -> None:

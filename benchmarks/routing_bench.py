@@ -29,6 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
+from _argtypes import positive  # noqa: E402
 from routing_support import Fleet, complete, free_port, make_spec, teardown_router  # noqa: E402
 
 from skyhedge.routing import Router  # noqa: E402
@@ -69,13 +70,6 @@ def load(endpoint: str, total: int, threads: int) -> tuple[float, float]:
         t.join()
     elapsed = time.perf_counter() - t0
     return len(latencies) / elapsed, statistics.median(latencies) * 1000
-
-
-def positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text}")
-    return value
 
 
 def main() -> None:

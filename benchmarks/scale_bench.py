@@ -30,6 +30,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from _argtypes import counts_of_at_least, positive  # noqa: E402
+
 from skyhedge.policy import (  # noqa: E402
     Candidate,
     Location,
@@ -49,26 +51,6 @@ readiness_probe: {path: /health, initial_delay_seconds: 30}
 service: {port: 19990}
 run: {command: "true"}
 """
-
-
-def counts(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated whole numbers, got {text!r}") from None
-    if any(v < 1 for v in values):
-        raise argparse.ArgumentTypeError(f"expected counts of at least 1, got {text!r}")
-    return values
-
-
-def positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected at least 1, got {value}")
-    return value
 
 
 def fleet(zones: int, replicas: int) -> tuple[tuple[Candidate, ...], tuple[ReplicaFact, ...]]:
@@ -200,6 +182,7 @@ def watcher(replicas: int, zones: int, passes: int) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(prog="scale_bench.py", description=__doc__.splitlines()[0])
+    counts = counts_of_at_least(1)
     ap.add_argument("--replicas", type=counts, default=[200, 1000], help="replica counts (200,1000)")
     ap.add_argument("--zones", type=counts, default=[30, 300], help="zone counts for the policies (30,300)")
     ap.add_argument("--watch-zones", type=positive, default=50, help="local zones for the watcher (50)")

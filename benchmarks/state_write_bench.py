@@ -29,6 +29,8 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from _argtypes import positive  # noqa: E402
+
 import skyhedge.state as state_module  # noqa: E402
 from skyhedge.controller.loop import Controller  # noqa: E402
 from skyhedge.controller.ports import ExecResult, root_key  # noqa: E402
@@ -204,16 +206,6 @@ def run(spec_path: Path, gone: int, passes: int, load: bool) -> dict[str, float]
         }
     finally:
         shutil.rmtree(sdir, ignore_errors=True)
-
-
-def positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected at least 1, got {value}")
-    return value
 
 
 def main() -> None:
