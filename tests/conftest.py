@@ -52,3 +52,32 @@ def fleet(tmp_path: Path) -> Iterator[Fleet]:
         yield f
     finally:
         f.close()
+
+
+#: How many descriptors `high_descriptors` holds: past select()'s FD_SETSIZE (1024).
+HELD_DESCRIPTORS = 1100
+
+
+@pytest.fixture
+def high_descriptors() -> Iterator[None]:
+    """This process holding HELD_DESCRIPTORS open descriptors, so the next ones it opens (a pidfd)
+    are numbered past 1024, as in a watcher with a raised limit and about a thousand open (a pidfd
+    per local replica process, a socket per probe in flight). The soft limit is raised for it where
+    the hard one allows (skipped where not), and put back after."""
+    import os
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    need = HELD_DESCRIPTORS + 256
+    if soft != resource.RLIM_INFINITY and soft < need:
+        if hard != resource.RLIM_INFINITY and hard < need:
+            pytest.skip(f"the hard descriptor limit ({hard}) is under {need}")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (need, hard))
+    held: list[int] = []
+    try:
+        held.extend(os.open(os.devnull, os.O_RDONLY) for _ in range(HELD_DESCRIPTORS))
+        yield
+    finally:
+        for fd in held:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

@@ -1022,3 +1022,20 @@ def test_an_instance_skyhedge_records_as_its_replicas_own_is_never_deleted_after
         )
     state = load_state(state_dir, "llm")
     assert {rid: state.replicas[rid].cloud_id for rid in serving} == serving
+
+
+def test_a_service_whose_run_outgrew_the_boot_script_limit_since_its_launch_is_still_destroyed(
+    gce, write_spec, tmp_path
+):
+    """The boot-script size check refuses launches the cloud would refuse; `destroy` launches
+    nothing, and renders the running replicas only to tear them down: a `run` grown past the
+    limit since (a 200 KB run.setup) must not keep the service from being destroyed."""
+    state_dir = tmp_path / "state"
+    engine = FakeGoogleTerraform(gce)
+    assert apply_service(load_spec(write_spec(SPEC)), state_dir, engine=engine, route=False, wait=False).ok
+    assert len(gce.instances) == 2
+    setup = "x" * 200_000  # base64 JSON: ~267 KB, over Compute's 256 KiB metadata value
+    grown = load_spec(write_spec(SPEC.replace("{command: serve}", f"{{command: serve, setup: {setup}}}")))
+    report = destroy_service(grown, state_dir, engine=engine, route=False)
+    assert report.ok, report.errors
+    assert gce.instances == {}

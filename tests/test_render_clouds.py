@@ -613,14 +613,19 @@ def test_a_run_too_large_for_the_clouds_boot_script_is_refused_naming_its_larges
     def run(setup: str) -> dict[str, Any]:
         return {"run": {"command": "serve", "setup": setup, "env": {"K": "v"}}}
 
-    p = plan(cloud, region, [zone])
+    p = plan(cloud, region, [zone, zone])  # r-0001 runs (KEEP), r-0002 is launched (CREATE)
     rendered(tmp_path / "ok", cloud, itype, p, **run("x" * fits))
     with pytest.raises(SpecError, match=rf"^<spec>: run\.setup: a {cloud} replica's boot script") as err:
         rendered(tmp_path / "big", cloud, itype, p, **run("x" * too_big))
     assert f"over the {limit}" in str(err.value) and "\n" not in str(err.value)
-    # a root left with no replica (all destroyed) renders whatever the spec's run
+    # a root left with no replica (all destroyed) renders whatever the spec's run, and so does one
+    # whose replicas all run already (`destroy` renders them so, to tear them down): the module
+    # ignores a launched replica's boot script, and no launch is asked for
     empty = Plan("llm", 0, "test", (), 10, 0.0)
     rendered(tmp_path / "empty", cloud, itype, empty, **run("x" * too_big))
+    running = plan(cloud, region, [zone])
+    assert [r.action for r in running.replicas] == [KEEP]
+    rendered(tmp_path / "running", cloud, itype, running, **run("x" * too_big))
 
 
 @pytest.mark.skipif(shutil.which("terraform") is None, reason="no terraform binary")

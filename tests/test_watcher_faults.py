@@ -147,6 +147,72 @@ def test_a_router_killed_from_outside_is_started_again_at_once_not_at_the_next_p
     assert router.pid() not in (None, killed)
 
 
+class _Master:
+    """A stand-in router master: a real process (a pidfd is taken on it) whose `pid()` a router
+    watch asks; `exit_on_next_look` ends it inside the next `pid()` call, so the process exits
+    after the watch's last wait on it and before its next look."""
+
+    def __init__(self) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+        self.exit_on_next_look = False
+        self.looks = 0
+
+    def pid(self) -> int | None:
+        self.looks += 1
+        if self.exit_on_next_look:
+            self.kill()
+        return self.proc.pid if self.proc.returncode is None else None  # (reaped: not alive)
+
+    def kill(self) -> None:
+        if self.proc.returncode is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@pytest.fixture
+def router_watch(monkeypatch) -> Iterator[tuple[_Master, threading.Event]]:
+    """`Watcher._watch_router` running over a `_Master` (1 s between looks, as in a watcher), and
+    the event its wake-ups set; the watch stopped and the process killed after."""
+    from types import SimpleNamespace
+
+    master = _Master()
+    woke = threading.Event()
+    watcher = SimpleNamespace(
+        controller=SimpleNamespace(router=master),
+        supervisor=SimpleNamespace(wake=woke.set),
+        route=True,
+        gitops=None,
+    )
+    try:
+        with Watcher._watch_router(watcher):  # type: ignore[arg-type]
+            _wait_for("the watch's first look", lambda: master.looks > 0, 5)
+            time.sleep(0.2)
+            yield master, woke
+    finally:
+        master.kill()
+
+
+def test_the_router_watch_wakes_at_an_exit_with_descriptors_past_1024(high_descriptors, router_watch):
+    """select() refuses a descriptor numbered 1024 or more: the watch failed every turn on its
+    pidfd, and a killed router was started again only at the next pass (measured: no wake-up in
+    5 s, instead of 1 ms)."""
+    master, woke = router_watch
+    assert not woke.is_set()
+    master.kill()
+    assert woke.wait(2.0)
+
+
+def test_the_router_watch_wakes_for_a_router_that_exits_between_two_looks(router_watch):
+    """The router exiting after one wait on its pidfd timed out and before the watch looked which
+    process is the router: the look finds none, and the watch, which woke only when its pidfd
+    said so, forgot the process without a wake-up (a restart waited for the next pass)."""
+    master, woke = router_watch
+    looks = master.looks
+    master.exit_on_next_look = True
+    _wait_for("the next look", lambda: master.looks > looks, 5)
+    assert woke.wait(2.0)
+
+
 def _out_of_descriptors(*_: object) -> NoReturn:
     raise OSError(errno.EMFILE, "Too many open files", "/proc")
 

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 from skyhedge._resources import modules_dir
 from skyhedge.catalog import load_catalog
 from skyhedge.errors import CatalogError, RenderError, SpecError
+from skyhedge.planner import CREATE
 
 if TYPE_CHECKING:
     from skyhedge.planner import PlannedReplica
@@ -47,6 +48,14 @@ def boot_script_bytes(module: str, template: str, config: Mapping[str, Any]) -> 
     text = (modules_dir() / module / template).read_text(encoding="utf-8")
     encoded = 4 * math.ceil(terraform_json_bytes(dict(config)) / 3)
     return len(text.encode("utf-8")) - text.count(BOOT_CONFIG) * len(BOOT_CONFIG) + encoded
+
+
+def launches(replicas: Sequence[PlannedReplica]) -> list[PlannedReplica]:
+    """The replicas of a root that its apply creates: only they get a boot script from the spec as
+    it is now. The others run already (their boot script is ignored by the module once launched),
+    and `destroy` renders them to tear them down: a spec whose `run` grew past the boot script's
+    limit since must not keep them from being destroyed or released."""
+    return [r for r in replicas if r.action == CREATE]
 
 
 def boot_config(spec: ServiceSpec, replicas: Sequence[PlannedReplica], gpu: bool) -> dict[str, Any]:

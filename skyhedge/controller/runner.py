@@ -21,7 +21,6 @@ import copy
 import hashlib
 import logging
 import os
-import select
 import signal
 import threading
 import time
@@ -31,6 +30,7 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING
 
+from skyhedge._fds import readable
 from skyhedge.controller import presence
 from skyhedge.controller.loop import Controller, ControllerOptions, apply_cause, with_cause
 from skyhedge.controller.supervisor import Supervisor
@@ -672,16 +672,18 @@ class Watcher:
                     try:
                         pid = master()
                         if pid != watched:
-                            if watched is not None and pid is None and fd is None:
-                                supervisor.wake()  # gone, seen without a pidfd
+                            # the process watched is the router no more: woken if it exited (its
+                            # pidfd says so; one that exited after the last wait timed out, and
+                            # before this look, was missed), or if none runs now and no pidfd tells
+                            if watched is not None and (readable([fd], 0) if fd is not None else pid is None):
+                                supervisor.wake()
                             if fd is not None:
                                 os.close(fd)
                             watched, fd = pid, _pidfd(pid) if pid is not None else None
                         if fd is None:
                             done.wait(ROUTER_POLL_SECONDS)
                             continue
-                        ready, _, _ = select.select([fd], [], [], ROUTER_POLL_SECONDS)
-                        if ready and not done.is_set():
+                        if readable([fd], ROUTER_POLL_SECONDS) and not done.is_set():
                             supervisor.wake()
                             os.close(fd)
                             watched = fd = None

@@ -12,6 +12,7 @@ from skyhedge.clouds.common import (
     boot_config,
     boot_script_bytes,
     has_gpus,
+    launches,
     replica_map,
     require_arm_image,
     require_boot_script_fits,
@@ -75,8 +76,8 @@ class AwsCloud:
         itype = require_instance_type(spec, self.name, instance_type)
         require_arm_image(spec, self.name, itype, is_arm(itype))
         gpu = has_gpus(spec, self.name, itype)
-        if replicas:
-            size = boot_script_bytes(self.module_name, "user_data.sh.tftpl", boot_config(spec, replicas, gpu))
+        if new := launches(replicas):  # (not those running already: `launches`)
+            size = boot_script_bytes(self.module_name, "user_data.sh.tftpl", boot_config(spec, new, gpu))
             where = "bytes EC2 takes as user data"
             require_boot_script_fits(spec, self.name, size, USER_DATA_MAX_BYTES, where)
         # a launched replica stays in the subnet it was launched in (and so in its VPC): passed

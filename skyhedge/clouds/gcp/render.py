@@ -10,6 +10,7 @@ from skyhedge.clouds.common import (
     boot_config,
     boot_script_bytes,
     catalog_gpus,
+    launches,
     replica_map,
     require_arm_image,
     require_boot_script_fits,
@@ -145,8 +146,8 @@ class GcpCloud:
         machine_type = require_instance_type(spec, self.name, instance_type)
         require_arm_image(spec, self.name, machine_type, machine_type.startswith(ARM_PREFIXES))
         accelerator, gpu = accelerator_for(spec, machine_type)
-        if replicas:
-            size = boot_script_bytes(self.module_name, "startup.sh.tftpl", boot_config(spec, replicas, gpu))
+        if new := launches(replicas):  # (not those running already: `launches`)
+            size = boot_script_bytes(self.module_name, "startup.sh.tftpl", boot_config(spec, new, gpu))
             where = "bytes Compute Engine takes as a metadata value"
             require_boot_script_fits(spec, self.name, size, METADATA_VALUE_MAX_BYTES, where)
         return {

@@ -9,7 +9,7 @@ The local cloud's "machines" are processes started by the launcher (pid files un
   capacity away), else `failed` (the process crashed);
 - ZONE_LOST when a zone holding spot replicas of the service becomes marked preempted.
 
-Waking: a background thread holds a pidfd (Linux >= 5.3) per replica process and `select`s on
+Waking: a background thread holds a pidfd (Linux >= 5.3) per replica process and `poll`s
 them, so a process exit wakes the controller within milliseconds; the capacity file's mtime is
 checked on the same loop. Without pidfds it falls back to checking liveness every 0.2 s.
 
@@ -23,7 +23,6 @@ import contextlib
 import errno
 import logging
 import os
-import select
 import signal
 import threading
 import time
@@ -31,6 +30,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from skyhedge._fds import readable
 from skyhedge.clouds.local import capacity, runtime_dir
 from skyhedge.clouds.local.processes import (
     LocalProcess,
@@ -264,8 +264,7 @@ class LocalEventSource(EventSource):
                     if exc.errno in (errno.ENOSYS, errno.EPERM):
                         use_pidfd = False  # old kernel or sandbox: poll liveness instead
         if fds:
-            ready, _, _ = select.select(list(fds.values()), [], [], WATCH_PERIOD)
-            if ready:
+            if readable(fds.values(), WATCH_PERIOD):
                 wake()
         else:
             self._stop.wait(WATCH_PERIOD)
