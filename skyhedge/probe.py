@@ -30,9 +30,9 @@ from skyhedge.spec import ReadinessProbe
 class ProbeResult:
     """One probe's outcome; `status` is the HTTP code when there was one, `error` says why not ready.
 
-    `local`: the probe could not even be made here, this process being out of file descriptors
-    (EMFILE, its own limit: the router and the replicas are not short of them). Such a result
-    says nothing about the replica, and the watcher does not judge it by it (`HttpProber`)."""
+    `local`: the probe could not even be made here, this machine being out of what a connection
+    needs (`LOCAL_ERRNOS`: file descriptors, ephemeral ports, kernel buffers). Such a result says
+    nothing about the replica, and the watcher does not judge it by it (`HttpProber`)."""
 
     endpoint: str
     ok: bool
@@ -41,6 +41,14 @@ class ProbeResult:
     seconds: float
     local: bool = False
 
+
+#: Errors of a probe that say this machine could not open the connection, not that the replica
+#: failed: this process out of file descriptors (EMFILE), the system's file table full (ENFILE),
+#: no ephemeral port left to connect from (EADDRNOTAVAIL, "Cannot assign requested address": a
+#: host churning short connections, TIME_WAIT filling the port range), the kernel out of socket
+#: buffers or memory (ENOBUFS, ENOMEM). Judged as failures, every replica went NOT_READY at once,
+#: on-demand covers were launched for all of them, and they were FAILED after initial_delay.
+LOCAL_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.EADDRNOTAVAIL, errno.ENOBUFS, errno.ENOMEM})
 
 #: The part of the answer a probe reads: the whole body, or this much of a longer one.
 BODY_LIMIT = 65536
@@ -133,7 +141,7 @@ def check(endpoint: str, readiness: ReadinessProbe, *, timeout: float | None = N
     except (OSError, http.client.HTTPException, ValueError) as exc:
         text = _printable(str(exc))
         error = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-        local = isinstance(exc, OSError) and exc.errno == errno.EMFILE
+        local = isinstance(exc, OSError) and exc.errno in LOCAL_ERRNOS
     finally:
         timer.cancel()
         if conn is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import os
 import socket
 import threading
 import time
@@ -133,17 +134,23 @@ def test_unreachable_and_malformed_endpoints_are_not_ready():
     assert probe("not a url", ReadinessProbe()) is False
 
 
-def test_a_probe_this_process_has_no_file_descriptor_for_says_so_apart(server, monkeypatch):
-    # EMFILE is the prober's own limit, not the replica's failure: the watcher must not judge a
-    # replica by it (`HttpProber`); a refused connection stays the replica's
-    def no_descriptor(*args: object, **kwargs: object) -> socket.socket:
-        raise OSError(errno.EMFILE, "Too many open files")
+@pytest.mark.parametrize(
+    "code",
+    [errno.EMFILE, errno.ENFILE, errno.EADDRNOTAVAIL, errno.ENOBUFS, errno.ENOMEM],
+    ids=["EMFILE", "ENFILE", "EADDRNOTAVAIL", "ENOBUFS", "ENOMEM"],
+)
+def test_a_probe_this_machine_cannot_open_a_connection_for_says_so_apart(server, monkeypatch, code):
+    # out of descriptors, file table, ephemeral ports or socket buffers: the prober's own limit,
+    # not the replica's failure. The watcher must not judge a replica by it (`HttpProber`); a
+    # refused connection stays the replica's
+    def cannot_connect(*args: object, **kwargs: object) -> socket.socket:
+        raise OSError(code, os.strerror(code))
 
     refused = check(f"http://127.0.0.1:{free_port()}", ReadinessProbe())
     assert refused.ok is False and refused.local is False
-    monkeypatch.setattr(socket, "create_connection", no_descriptor)
+    monkeypatch.setattr(socket, "create_connection", cannot_connect)
     result = check(url(server) + "/ok", ReadinessProbe())
-    assert result.ok is False and result.local is True and "Too many open files" in (result.error or "")
+    assert result.ok is False and result.local is True and os.strerror(code) in (result.error or "")
 
 
 def test_probe_all_is_concurrent_and_keyed_by_endpoint(server):

@@ -120,7 +120,7 @@ class NginxRouter:
 class HttpProber:
     """`Prober` over `skyhedge.probe`: the spec's readiness probe, all replicas concurrently.
 
-    A probe this process could not make (out of file descriptors: `ProbeResult.local`) is left
+    A probe this machine could not make (out of descriptors or ports: `ProbeResult.local`) is left
     out of the results, so the replica keeps the state it had, and said once a minute through
     `problems()`. Judged failed, every READY replica went NOT_READY at once (on-demand covers
     launched for them) and, after 180 s of it, FAILED and replaced: a healthy service taken down
