@@ -26,11 +26,11 @@ class RenderContext:
     """Facts about where skyhedge runs that some clouds need (the local cloud runs processes here).
 
     `state_dir`: the service's state dir (absolute); `workdir`: where local replicas run their
-    command (the directory skyhedge was started in); `python`/`pythonpath`: how Terraform's
-    local-exec starts skyhedge's launcher; `deployment`: the ID of the skyhedge state that applies
-    the tree (`apply`, `watch`), which clouds tag their machines with so that a later apply can
-    tell the machines an interrupted run of this very state launched from anyone else's (None
-    for a tree rendered to be applied elsewhere: `render`, GitOps).
+    command (`run.workdir`, else the directory skyhedge was started in); `python`/`pythonpath`:
+    how Terraform's local-exec starts skyhedge's launcher; `deployment`: the ID of the skyhedge
+    state that applies the tree (`apply`, `watch`), which clouds tag their machines with so that a
+    later apply can tell the machines an interrupted run of this very state launched from anyone
+    else's (None for a tree rendered to be applied elsewhere: `render`, GitOps).
     """
 
     state_dir: Path

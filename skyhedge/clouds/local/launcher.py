@@ -7,7 +7,8 @@ The replica's settings arrive as JSON in `$SKYHEDGE_LOCAL_REPLICA` (see
 modules/local-replicas/main.tf), so quotes, `${...}`, `%{...}` or newlines in a command or an env
 value are data, never syntax. `start` refuses a spot launch into a zone the capacity file marks
 preempted (exit 3, `InsufficientCapacity`, the marker skyhedge's engine recognises), then runs
-`run.setup` (if any) and starts `/bin/sh -c run.command` detached: its own session, stdin from
+`run.setup` (if any) and starts `/bin/sh -c run.command` detached, both in the replica's `workdir`
+(`run.workdir`, else the directory skyhedge was started in): its own session, stdin from
 /dev/null, output to the replica's log file, `$PORT` and `run.env` set. `stop` sends SIGTERM to the
 process group and SIGKILL after the grace period. Both are safe to repeat.
 
