@@ -370,6 +370,7 @@ def test_an_unknown_policy_is_refused_before_anything_starts(tmp_path, write_spe
     assert result.exit_code == 1
     (line,) = result.output.strip().splitlines()
     assert line.startswith("error: --policy: ") and "unknown policy 'nope'" in line
+    assert line.endswith(" or 'module:Class')")  # as the spec's and `simulate`'s say: plug-ins too
     assert not (tmp_path / "state").exists()
 
 

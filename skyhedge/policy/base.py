@@ -90,7 +90,9 @@ def policy_class(name: str) -> type[Policy]:
             return _load_target(ep.value)
     if ":" in name:
         return _load_target(name)
-    raise PolicyError(f"unknown policy {name!r} (available: {', '.join(available_policies())})")
+    raise PolicyError(
+        f"unknown policy {name!r} (available: {', '.join(available_policies())} or 'module:Class')"
+    )
 
 
 def clock_memory(name: str) -> frozenset[str]:
