@@ -81,7 +81,15 @@ from skyhedge.service import (
     set_gitops,
 )
 from skyhedge.spec import ServiceSpec
-from skyhedge.state import STATE_FILE, ReplicaRecord, ServiceState, load_state, save_state, writer_lock
+from skyhedge.state import (
+    STATE_FILE,
+    ReplicaRecord,
+    ServiceState,
+    load_state,
+    private_dir,
+    save_state,
+    writer_lock,
+)
 
 __all__ = [
     "ApplyReport",
@@ -161,6 +169,16 @@ class Workspace:
 
     def engine(self, terraform_bin: str | None = None) -> Terraform:
         return Terraform(home=self.tf_dir, binary=terraform_bin)
+
+    def write_tree(self, tree: RenderedTree) -> None:
+        """Write `tree` as the state's tree (`tf/tree`), in a `tf/` only the owner can open: its
+        tfvars, saved plans and local Terraform state hold the `run.env` values (`private_dir`)."""
+        try:
+            private_dir(self.tf_dir)
+        except OSError as exc:
+            why = exc.strerror or exc
+            raise RenderError(f"{self.tf_dir}: cannot write the rendered tree ({why})") from exc
+        write_tree(tree, self.tree_dir)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -771,7 +789,7 @@ class _Step:
             )
             asking = round_no == 1 and confirm is not None
             before = snapshot_tree(ws.tree_dir) if asking else None
-            write_tree(tree, ws.tree_dir)
+            ws.write_tree(tree)
             changed = changed_roots(state, tree)
             plan_files: dict[str, str] = {}
             if round_no == 1:
@@ -1032,7 +1050,7 @@ def destroy_service(
                 instance_types=types,
                 extra_roots=keys,
             )
-            write_tree(tree, ws.tree_dir)
+            ws.write_tree(tree)
             roots = [tree.root(c, r) for c, r in keys]
             # Every root must initialise (a changed backend, a provider that cannot be installed)
             # before the router goes down: failing after it would leave the replicas running and

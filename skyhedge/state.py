@@ -3,7 +3,8 @@
 Layout of a state dir (default `./.skyhedge/<service>/`):
     state.json      this file's `ServiceState` (facts, never derived status)
     state.lock      held by the one process allowed to write (apply, destroy, watch)
-    tf/             the rendered Terraform roots and their local Terraform state
+    tf/             the rendered Terraform roots and their local Terraform state (0700: it holds
+                    the `run.env` values, see `private_dir`)
     router/         nginx prefix (routing)
 
 We store what was observed (launched/ready/gone timestamps, endpoints, Terraform outputs) and
@@ -425,6 +426,20 @@ def umask_mode(kind: str = "file") -> int:
     mask = os.umask(0o022)
     os.umask(mask)
     return (0o777 if kind == "dir" else 0o666) & ~mask
+
+
+def private_dir(path: Path) -> None:
+    """Make the directory `path` (and its missing parents) and let only its owner open it (0700).
+
+    For what holds secrets: the state dir's `tf/` holds every `run.env` value (in each root's
+    tfvars, in saved plans, and on AWS/GCP in Terraform's local state), and under the usual umask
+    (022) every other account on the machine could read those files. An existing directory is
+    narrowed too (one made by an older skyhedge); one owned by another account, which cannot be,
+    is left as it is (the writer lock already proved it writable)."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if os.stat(path).st_mode & 0o077:
+        with contextlib.suppress(PermissionError):
+            os.chmod(path, 0o700)
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

@@ -19,7 +19,7 @@ from skyhedge.engine import ApplyResult, EventCallback, Terraform, run_parallel
 from skyhedge.errors import EngineError, first_line
 from skyhedge.leftovers import clear_before_apply, explained, free_taken_names
 from skyhedge.planner import Plan
-from skyhedge.render import RenderedRoot, render_tree, write_tree
+from skyhedge.render import RenderedRoot, render_tree
 from skyhedge.service import Placement, resolve_placement
 from skyhedge.spec import ServiceSpec
 from skyhedge.state import ServiceState
@@ -56,7 +56,7 @@ class TerraformExecutor:
         changed = changed_roots(state, tree)
         if not changed:
             return ExecResult()
-        write_tree(tree, ws.tree_dir)
+        ws.write_tree(tree)
         cleared = clear_before_apply(self.spec, state, plan, changed, ws, self.engine)
 
         def run(root: RenderedRoot) -> ApplyResult:

@@ -379,7 +379,8 @@ def write_tree(tree: RenderedTree, out: Path) -> None:
     The new tree is written to a temp dir beside `out`, then swapped in: on Linux by one atomic
     exchange of the two directories (renameat2), elsewhere by two renames, between which a reader
     may briefly find no tree (never a partial one). Terraform's own
-    files inside a root (`.terraform/`, the lock file, local state) are carried over. `out` must be
+    files inside a root (`.terraform/`, the lock file, local state) are carried over (one that is a
+    symbolic link as the link, never as the file it points to). `out` must be
     absent, empty, or a tree skyhedge rendered (it holds `skyhedge-tree.json`) that holds no
     git repository of its own (`.git`): anything else is refused rather than replaced. A
     symlink is written through (its target is replaced, the link stays), and `out` may not be
@@ -495,6 +496,12 @@ def _exchange(a: Path, b: Path) -> bool:
     return function(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), _RENAME_EXCHANGE) == 0
 
 
+def _copy_link(src: Path, dst: Path) -> None:
+    """Recreate the symbolic link `src` at `dst`, pointing where it points (read, not followed)."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    os.symlink(os.readlink(src), dst)
+
+
 def _swap_in(
     tree: RenderedTree, tmp: Path, out: Path, new_roots: set[str], carried: tuple[str, ...] = _PRESERVED
 ) -> None:
@@ -509,7 +516,13 @@ def _swap_in(
             for root in new_roots:
                 for item in carried:
                     src = out / root / item
-                    if src.is_file():
+                    if src.is_symlink():
+                        # carried as the link it is, never as what it points to: a tree is often
+                        # a git checkout, where anyone who can merge can plant a link, and a
+                        # `.terraform.lock.hcl -> /proc/self/environ` was copied in as the
+                        # watcher's environment (cloud keys and all), which GitOps then committed
+                        _copy_link(src, tmp / root / item)
+                    elif src.is_file():
                         shutil.copy2(src, tmp / root / item)
                     elif src.is_dir():
                         moved.append((src, tmp / root / item))
