@@ -20,10 +20,12 @@ from skyhedge.clouds.local.launcher import CONFIG_ENV, EXIT_CAPACITY
 from skyhedge.clouds.local.processes import (
     REPLICA_ENV,
     RUNTIME_ENV,
+    LocalProcess,
     find_processes,
     is_running,
     kill_all,
     list_pidfiles,
+    pid_path,
     read_pidfile,
     stop_replica,
     stop_unrecorded,
@@ -289,6 +291,32 @@ def test_kill_all_stops_everything_and_clears_pid_files_a_crash_left(runtime, tm
     assert running.pid in kill_all(runtime)
     assert find_processes(runtime) == []
     assert read_pidfile(runtime, "r-0001") is None and read_pidfile(runtime, "r-0002") is None
+
+
+def test_a_pid_file_is_never_written_through_a_link_planted_where_its_temp_file_goes(runtime, tmp_path):
+    """The temp file of a pid file had a predictable name (`.<file>.<pid>.tmp`) and was opened
+    through whatever stood there: a link planted in a runtime dir another account can write
+    turned the launcher's write onto any file it may write."""
+    victim = tmp_path / "victim"
+    victim.write_text("keep me\n", encoding="utf-8")
+    proc = LocalProcess(
+        id="r-0007",
+        pid=os.getpid(),
+        pgid=os.getpgid(0),
+        port=1234,
+        zone="local-a",
+        market="spot",
+        started_at=0.0,
+        starttime=-1,
+        log=str(tmp_path / "r-0007.log"),
+    )
+    target = pid_path(runtime, proc.id)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    (target.parent / f".{target.name}.{os.getpid()}.tmp").symlink_to(victim)
+    write_pidfile(runtime, proc)
+    assert victim.read_text(encoding="utf-8") == "keep me\n"
+    assert read_pidfile(runtime, proc.id) == proc
+    assert not target.is_symlink()
 
 
 def _start_in_background(cfg: dict) -> subprocess.Popen[str]:

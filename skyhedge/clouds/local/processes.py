@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 import signal
+import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
@@ -82,10 +83,21 @@ def read_pidfile(runtime_dir: Path, replica_id: str) -> LocalProcess | None:
 
 
 def write_pidfile(runtime_dir: Path, proc: LocalProcess) -> None:
+    """Write the replica's pid file whole (a temp file renamed over it), the temp file created
+    new under a name no one can guess: a predictable name was opened through whatever link
+    stood there (a runtime dir another account can write, e.g. a state dir under /tmp, let it
+    point the launcher at any file the launcher may write), and it was left behind on failure."""
     path = pid_path(runtime_dir, proc.id)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(asdict(proc), indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    data = (json.dumps(asdict(proc), indent=2, sort_keys=True) + "\n").encode("utf-8")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def readopt(
