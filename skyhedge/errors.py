@@ -113,6 +113,18 @@ def escape_controls(text: str) -> str:
     return _CONTROL.sub(lambda m: f"\\x{ord(m[0]):02x}", text)
 
 
+#: The same, line breaks kept: for text printed as lines of its own (stderr's messages).
+_CONTROL_IN_LINES = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def escape_controls_in_lines(text: str) -> str:
+    """`text` with control characters escaped as `escape_controls` does, but tabs and line breaks
+    kept: what skyhedge prints to stderr (an error and the Terraform detail under it, warnings)
+    quotes what clouds and replicas said (an instance's tags, an API's error text, a replica's
+    output), and an escape sequence in it must not reach the terminal as one."""
+    return _CONTROL_IN_LINES.sub(lambda m: f"\\x{ord(m[0]):02x}", text)
+
+
 def first_line(text: str) -> str:
     """The first non-blank line of an error's text (Terraform's diagnostics, a cloud's reply), for
     the one-line messages skyhedge prints: the rest stays in the detail shown below them."""

@@ -215,3 +215,15 @@ def test_a_destroy_failing_in_one_root_still_says_what_the_others_destroyed(tmp_
     assert result.exit_code == 1
     assert "Destroyed 2 replica(s): r-0001, r-0002." in result.stdout
     assert result.stderr.startswith("error: terraform destroy failed in aws/us-west-2")
+
+
+def test_what_an_error_quotes_reaches_the_terminal_without_its_escape_sequences(capsys):
+    """An error quotes what a cloud or a replica said (an API's error text, an instance's tags,
+    Terraform's diagnostics): escape sequences in it would retitle, clear or recolour the
+    operator's terminal. They are shown escaped; the detail's own line breaks stay."""
+    from skyhedge.cli._app import report_error
+    from skyhedge.errors import EngineError
+
+    report_error(EngineError("gcp: HTTP 403: \x1b]0;OWNED\x07denied", stderr="first\n\x1b[2Jsecond\n"))
+    err = capsys.readouterr().err
+    assert err == "error: gcp: HTTP 403: \\x1b]0;OWNED\\x07denied\nfirst\n\\x1b[2Jsecond\n"

@@ -25,7 +25,14 @@ from rich.table import Table
 from rich.text import Text
 
 from skyhedge import __version__
-from skyhedge.errors import EngineError, LockHeld, PolicyError, RoutingError, SkyhedgeError
+from skyhedge.errors import (
+    EngineError,
+    LockHeld,
+    PolicyError,
+    RoutingError,
+    SkyhedgeError,
+    escape_controls_in_lines,
+)
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -206,6 +213,8 @@ def echo(text: str, *, err: bool = False) -> None:
     goes on and keeps its own exit status (2 for `plan --detailed-exitcode`'s changes, 1 for an
     error it goes on to report), not the 0 of a command stopped at that write."""
     stream = sys.stderr if err else sys.stdout
+    if err:  # messages, which quote what clouds and replicas said: no terminal escapes in them
+        text = escape_controls_in_lines(text)
     try:
         click.echo(text, err=err)
     except BrokenPipeError:
