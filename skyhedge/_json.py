@@ -9,6 +9,7 @@ catalog, prices, traces) names its file in one line for these, as for a syntax e
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 #: Catch these after `json.JSONDecodeError` (a subclass of ValueError) when loading a user file.
@@ -27,3 +28,25 @@ def has_lone_surrogate(data: Any) -> bool:
     except UnicodeEncodeError:
         return True
     return False
+
+
+def finite(data: Any) -> Any:
+    """`data` (a JSON value) with every number that is not finite (NaN, Infinity) as null.
+
+    What `--json` prints must be JSON, which has no such numbers: `json.dumps` writes them as
+    `NaN` and `Infinity` by default, and a strict parser (jq, Go's encoding/json, JavaScript's
+    JSON.parse) then refuses the whole document. They reached `status --json` from a state or
+    capacity file edited by hand (`1e999` reads as Infinity), where null (unknown, none) is
+    what a script can take."""
+    if isinstance(data, float):
+        return data if math.isfinite(data) else None
+    if isinstance(data, dict):
+        return {key: finite(value) for key, value in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [finite(value) for value in data]
+    return data
+
+
+def dumps(data: Any, **options: Any) -> str:
+    """`data` as strict JSON text (`finite`: NaN and Infinity as null), for `--json` outputs."""
+    return json.dumps(finite(data), allow_nan=False, **options)

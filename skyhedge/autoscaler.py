@@ -79,6 +79,10 @@ class AutoscalerState:
 
     @classmethod
     def from_json(cls, data: Any) -> AutoscalerState:
+        """The saved memory, or a fresh one when it is not what `to_json` writes. A number that is
+        not finite (`Infinity`, `1e999`, `NaN`, or `"nan"` as text, which `float` takes) counts as
+        damage too: an infinite target crashed `status` (OverflowError) and every watcher pass,
+        and an infinite rate or time reached `status --json` as `Infinity`, which is not JSON."""
         if not isinstance(data, dict):
             return cls()
         try:
@@ -87,15 +91,19 @@ class AutoscalerState:
             pending = data.get("pending")
             since = data.get("pending_since")
             qps = data.get("qps")
-            return cls(
+            state = cls(
                 samples=samples,
                 target=int(target) if target is not None else None,
                 pending=int(pending) if pending is not None else None,
                 pending_since=float(since) if since is not None else None,
                 qps=float(qps) if qps is not None else None,
             )
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             return cls()
+        numbers = [*(v for sample in state.samples for v in sample), state.pending_since, state.qps]
+        if not all(math.isfinite(v) for v in numbers if v is not None):
+            return cls()
+        return state
 
 
 def request_rate(samples: tuple[tuple[float, float], ...]) -> float | None:

@@ -15,6 +15,7 @@ import json
 import math
 import os
 import re
+import unicodedata
 import urllib.parse
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields, is_dataclass
@@ -231,15 +232,42 @@ def nginx_host(host: str) -> str | None:
     """`host` as nginx's `listen` and `server` directives take it (an IPv6 address in brackets),
     or None when it is neither an IP address nor a host name (`HOST_NAME_RE`). An IPv6 zone index
     (`fe80::1%eth0`) is refused: nginx has no syntax for it. `service.host` is checked with this
-    when the spec is read, and skyhedge.routing.config writes what it returns."""
+    when the spec is read, and skyhedge.routing.config writes what it returns. An IPv4-mapped
+    IPv6 address (`::ffff:127.0.0.1`) is written as the IPv4 address it stands for: nginx listens
+    on IPv6 only (`ipv6only=on`), where binding one fails (`bind() ... (22: Invalid argument)`),
+    so a spec that passed `plan` never got its router up."""
     bare = host[1:-1] if host.startswith("[") and host.endswith("]") else host
     try:
         ip = ipaddress.ip_address(bare)
     except ValueError:
         return bare if HOST_NAME_RE.fullmatch(bare) else None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None and not ip.scope_id:
+        return str(ip.ipv4_mapped)
     if ip.version == 6:
         return None if ip.scope_id else f"[{ip}]"
     return str(ip)
+
+
+def nfc_change(text: str) -> int | None:
+    """The index of the first character of `text` that Unicode NFC rewrites, or None when NFC
+    leaves `text` as it is.
+
+    Terraform converts every string it reads (tfvars, backend settings) to NFC: a decomposed
+    accent (`e` + U+0301, as macOS file names hold it) is composed, a compatibility character
+    (U+212B ANGSTROM SIGN, a CJK compatibility ideograph) replaced. Such a value reached the
+    replicas as other text, and such a path named another directory (a local replica's launch
+    failed, its files went to a twin of the state dir that Terraform created)."""
+    if unicodedata.is_normalized("NFC", text):
+        return None
+    for i in range(len(text)):  # NFC composes, replaces or reorders: two neighbours show it
+        if not unicodedata.is_normalized("NFC", text[max(0, i - 1) : i + 1]):
+            return i
+    return len(text) - 1
+
+
+def nfc_hint(text: str, index: int) -> str:
+    """Where NFC changes `text` (from `nfc_change`), without the value: it may be a secret."""
+    return f"U+{ord(text[index]):04X} at character {index + 1}"
 
 
 def private_only(cidrs: Sequence[str]) -> bool:
@@ -1058,6 +1086,38 @@ def _run(ctx: _Ctx, raw: Any) -> Run:
     return Run(command=command, image=image, env=env, setup=setup, workdir=workdir)
 
 
+def _check_terraform_texts(ctx: _Ctx, run: Run, resources: Resources, terraform: TerraformConfig) -> None:
+    """Refuse a spec value that reaches Terraform (and through it the replicas or the backend)
+    if Terraform would change it (`nfc_change`), naming the field and the character, not the
+    value (it may be a secret). Only for commands that launch replicas, as `run.workdir`'s
+    existence: `destroy` must still tear down what an older skyhedge launched with such a spec."""
+    texts: dict[str, str | None] = {
+        "run.command": run.command,
+        "run.image": run.image,
+        "run.setup": run.setup,
+    }
+    texts.update({f"run.env.{k}": v for k, v in run.env.items()})
+    texts.update({f"resources.image_id.{k}": v for k, v in resources.image_id.items()})
+    texts.update({f"terraform.config.{k}": v for k, v in terraform.config.items() if isinstance(v, str)})
+    for where, text in texts.items():
+        index = None if text is None else nfc_change(text)
+        if index is not None and text is not None:
+            raise ctx.fail(
+                where,
+                "Terraform converts every string to Unicode NFC, which would change this one "
+                f"({nfc_hint(text, index)}): write it composed (NFC: é as U+00E9, not e + U+0301)",
+            )
+    workdir = str(run.workdir) if run.workdir is not None else ""
+    index = nfc_change(workdir)
+    if index is not None:
+        raise ctx.fail(
+            "run.workdir",
+            f"{workdir!r} is not in Unicode NFC ({nfc_hint(workdir, index)}), to which Terraform "
+            "converts every string: the replicas would look for another directory; give the "
+            "directory its composed (NFC) name",
+        )
+
+
 def _check_local_workdir(ctx: _Ctx, run: Run, clouds: Sequence[str], *, launches: bool = True) -> None:
     """`run.workdir` is a directory of this machine: only local replicas run in one. It must exist
     for a command that may launch replicas (`launches`), not for one that stops or reads them."""
@@ -1120,6 +1180,15 @@ def _terraform(ctx: _Ctx, raw: Any) -> TerraformConfig:
             _bool(ctx, f"terraform.config.{k}", v)
         else:
             _str(ctx, f"terraform.config.{k}", v)
+    key = cfg.get("key") if backend == "s3" else None
+    if key is not None and (not key.rstrip("/") or key.startswith("/") or "//" in key.rstrip("/")):
+        # skyhedge appends /<cloud>/<region>/terraform.tfstate; the S3 backend refuses a key that
+        # starts with '/' or holds '//' at `terraform init`, naming neither the spec nor the field
+        raise ctx.fail(
+            "terraform.config.key",
+            f"expected an S3 key prefix like 'skyhedge/llm', got {key!r}: the S3 backend refuses a "
+            "key that starts with '/' or holds '//'",
+        )
     if backend == "local" and cfg.get("path"):
         _expand_home(ctx, "terraform.config.path", cfg["path"])
     return TerraformConfig(backend=backend, config=cfg)
@@ -1205,6 +1274,9 @@ def parse_spec(data: Any, *, source: str = "<spec>", launches: bool = True) -> S
     if "local" in placement.clouds:
         _check_local_run_size(ctx, run)
     _check_local_workdir(ctx, run, placement.clouds, launches=launches)
+    terraform = _terraform(ctx, d.get("terraform"))
+    if launches:
+        _check_terraform_texts(ctx, run, resources, terraform)
     return ServiceSpec(
         name=name,
         resources=resources,
@@ -1213,7 +1285,7 @@ def parse_spec(data: Any, *, source: str = "<spec>", launches: bool = True) -> S
         readiness_probe=readiness_probe,
         service=service,
         run=run,
-        terraform=_terraform(ctx, d.get("terraform")),
+        terraform=terraform,
         aws=_aws(ctx, aws),
         gcp=_gcp(ctx, gcp),
         source=source,

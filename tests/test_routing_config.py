@@ -6,12 +6,13 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from routing_support import make_spec, needs_nginx
+from routing_support import free_port, make_spec, needs_nginx
 
 from skyhedge.errors import RoutingError
 from skyhedge.routing import RouterOptions, Upstream, parse_stub_status, render_config
 from skyhedge.routing.config import RouterPaths, listen_address
 from skyhedge.routing.nginx import find_nginx
+from skyhedge.spec import parse_spec
 
 UPS = [Upstream(f"r-000{i}", f"http://127.0.0.1:1800{i}") for i in (3, 1, 2)]
 
@@ -200,3 +201,44 @@ def test_nginx_accepts_every_generated_variant(tmp_path, case):
     )
     assert out.returncode == 0, out.stderr
     assert out.stderr.strip() == ""  # not even a warning
+
+
+@needs_nginx
+def test_an_ipv4_mapped_ipv6_host_is_listened_on_as_the_ipv4_address_it_stands_for(tmp_path):
+    """`service.host: ::ffff:127.0.0.1` passed the spec, but nginx listens on IPv6 only
+    (ipv6only=on), where binding such an address fails: `bind() to [::ffff:127.0.0.1]:PORT
+    failed (22: Invalid argument)`, and the router never came up. An upstream so written is the
+    IPv4 address too."""
+    port = free_port()
+    spec = parse_spec(
+        {
+            "name": "echo",
+            "placement": {"clouds": ["aws"]},
+            "run": {"command": "x"},
+            "service": {"host": "::ffff:127.0.0.1", "port": port},
+        }
+    )
+    assert listen_address(spec) == f"127.0.0.1:{port}"
+    assert Upstream("r-0001", "http://[::ffff:10.0.0.5]:8000").server == "10.0.0.5:8000"
+    paths = RouterPaths(tmp_path / "router")
+    for d in (paths.conf.parent, paths.logs, paths.temp):
+        d.mkdir(parents=True)
+    paths.conf.write_text(render_config(spec, UPS, paths=paths, status_port=None))
+    out = subprocess.run(
+        [
+            find_nginx(),
+            "-t",
+            "-q",
+            "-p",
+            f"{paths.prefix}/",
+            "-c",
+            str(paths.conf),
+            "-e",
+            str(paths.error_log),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr

@@ -381,6 +381,36 @@ BAD_SPECS: list[tuple[str, str]] = [
         _with("terraform: {backend: gcs, config: {bucket: b, key: k}}\n"),
         "terraform.config.key: unknown field (allowed: bucket, prefix)",
     ),
+    # skyhedge appends /<cloud>/<region>/terraform.tfstate: the S3 backend refused these keys at
+    # `terraform init` ("The value must not start or end with "/"", "must not contain "//"")
+    *(
+        (
+            _with(f"terraform: {{backend: s3, config: {{bucket: b, region: us-east-1, key: '{key}'}}}}\n"),
+            f"terraform.config.key: expected an S3 key prefix like 'skyhedge/llm', got '{key}': the S3 "
+            "backend refuses a key that starts with '/' or holds '//'",
+        )
+        for key in ("/skyhedge/llm", "skyhedge//llm", "/")
+    ),
+    # Terraform converts every string to Unicode NFC: a decomposed é reached the replica composed
+    # (the value is not shown: it may be a secret)
+    (
+        _with(
+            'run: {command: x, env: {PASSWORD: "cafe\\u0301"}}\n',
+            base="name: echo\nplacement: {clouds: [local]}\n",
+        ),
+        "run.env.PASSWORD: Terraform converts every string to Unicode NFC, which would change this one "
+        "(U+0301 at character 5): write it composed (NFC: é as U+00E9, not e + U+0301)",
+    ),
+    (  # a compatibility character is replaced (U+212B ANGSTROM SIGN by U+00C5)
+        _with('run: {command: "echo \\u212b"}\n', base="name: echo\nplacement: {clouds: [aws]}\n"),
+        "run.command: Terraform converts every string to Unicode NFC, which would change this one "
+        "(U+212B at character 6): write it composed (NFC: é as U+00E9, not e + U+0301)",
+    ),
+    (
+        _with('terraform: {backend: local, config: {path: "/srv/cafe\\u0301"}}\n'),
+        "terraform.config.path: Terraform converts every string to Unicode NFC, which would change this "
+        "one (U+0301 at character 10): write it composed (NFC: é as U+00E9, not e + U+0301)",
+    ),
     (_with("replicas: 3\n"), "replicas: unknown field (did you mean 'replica_policy'?)"),
     (
         _with("zzz: 3\n"),
@@ -1053,3 +1083,30 @@ def test_a_plan_digests_the_replica_revision_once_per_cloud_not_per_replica(tmp_
     assert not any(r.outdated for r in plan.replicas)
     assert {r.revision for r in plan.replicas} == {current}
     assert len(digests) <= 2  # once for the outdated check, once for the new replicas
+
+
+def test_a_text_terraform_would_change_is_refused_only_where_replicas_launch(write_spec):
+    """Terraform converts every string to Unicode NFC, so a decomposed accent reached the replicas
+    composed: refused for `plan`, `apply` and `watch`, but `destroy` and `logs` (which launch
+    nothing) still read the spec, to tear down what an older skyhedge launched with it."""
+    path = write_spec("name: echo\nplacement: {clouds: [local]}\nrun: {command: 'echo cafe\u0301'}\n")
+    with pytest.raises(SpecError, match=r"run\.command: Terraform converts every string to Unicode NFC"):
+        load_spec(path)
+    assert load_spec(path, launches=False).run.command == "echo cafe\u0301"
+    composed = write_spec("name: echo\nplacement: {clouds: [local]}\nrun: {command: 'echo caf\u00e9'}\n")
+    assert load_spec(composed).run.command == "echo caf\u00e9"
+
+
+def test_a_run_workdir_whose_name_is_not_nfc_is_refused(tmp_path):
+    """A folder copied from macOS keeps its decomposed name on Linux; Terraform handed the
+    launcher the composed one, another (missing) directory, and every local launch failed."""
+    folder = tmp_path / "cafe\u0301"
+    folder.mkdir()
+    spec = folder / "service.yaml"
+    spec.write_text("name: echo\nplacement: {clouds: [local]}\nrun: {command: x, workdir: .}\n")
+    with pytest.raises(SpecError) as info:
+        load_spec(spec)
+    assert ": run.workdir: " in str(info.value) and "is not in Unicode NFC (U+0301 at character" in str(
+        info.value
+    )
+    assert load_spec(spec, launches=False).run.workdir == folder

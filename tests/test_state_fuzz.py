@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import shutil
 from pathlib import Path
 from typing import Any
@@ -113,6 +114,57 @@ def test_the_unfuzzed_state_plans_and_shows(spec_file, tmp_path):
         assert result.exit_code == 0, result.output
     rows = json.loads(result.stdout)["replicas"]
     assert sorted(r["id"] for r in rows) == ["r-0002", "r-0003", "r-0004", "r-0006"]
+
+
+def strict_json(text: str) -> Any:
+    """`text` parsed as JSON proper: `NaN` and `Infinity`, which Python's json reads and writes by
+    default, are refused, as jq, Go and JavaScript refuse them."""
+
+    def refuse(constant: str) -> Any:
+        raise ValueError(f"{constant} is not JSON")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+@pytest.mark.parametrize(
+    "autoscaler",
+    [
+        {"qps": math.inf, "samples": [[T0, 1.0], [T0 + 60, 100.0]]},
+        {"qps": "nan"},  # float() takes it
+        {"target": math.inf},  # int(inf): OverflowError, a traceback from `status`
+        {"pending": 3, "pending_since": math.nan, "samples": [[T0, 1.0], [math.inf, 5.0]]},
+    ],
+)
+def test_status_json_is_json_whatever_the_autoscaler_memory_holds(spec_file, tmp_path, autoscaler):
+    """A hand-edited memory (`1e999` reads as Infinity) reached `status --json` as `Infinity` or
+    `NaN`, which no strict JSON parser reads: a damaged memory is a fresh one, as any other."""
+    data = copy.deepcopy(STATE)
+    data["extra"]["autoscaler"] = autoscaler
+    (tmp_path / "state.json").write_text(json.dumps(data, allow_nan=True))
+    for args in (["status", "--json"], ["status"], ["plan", "--json"]):
+        result = CliRunner().invoke(main, [*args, str(spec_file), "--state-dir", str(tmp_path)])
+        assert result.exit_code == 0, (args, repr(result.exception), result.output)
+        if "--json" in args:
+            strict_json(result.stdout)
+    scaler = strict_json(
+        CliRunner().invoke(main, ["status", "--json", str(spec_file), "--state-dir", str(tmp_path)]).stdout
+    )["autoscaler"]
+    assert (scaler["target"], scaler["qps"], scaler["pending"]) == (2, None, None)  # min_replicas
+
+
+def test_status_json_is_json_whatever_the_capacity_file_holds(spec_file, tmp_path):
+    """`skyhedge preempt` writes the local capacity file; a hand edit may put `1e999` (Infinity:
+    "for good") or NaN in it, which `status --json` passed through as is."""
+    (tmp_path / "state.json").write_text(json.dumps(STATE))
+    (tmp_path / "local").mkdir()
+    (tmp_path / "local" / "capacity.json").write_text(
+        '{"version": 1, "preempted": {"local-a": 1e999}, "replay": {"speed": NaN}}'
+    )
+    result = CliRunner().invoke(main, ["status", "--json", str(spec_file), "--state-dir", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    held = strict_json(result.stdout)["local_capacity"]
+    assert held["preempted"] == {"local-a": None}  # null: no end, as the file's own null says
+    assert held["replay"] == {"speed": None}
 
 
 def test_policy_memory_the_policy_refuses_names_the_file_and_the_way_out(spec_file, tmp_path):
@@ -218,6 +270,8 @@ def test_a_damaged_state_is_read_or_refused_in_one_line(spec_file, tmp_path, dat
             repr(result.exception),
         )
         assert result.exit_code in (0, 1), (args, result.output)
+        if result.exit_code == 0:
+            strict_json(result.stdout)
         if result.exit_code == 1:
             lines = result.stderr.strip().splitlines()
             assert len(lines) == 1 and lines[0].startswith("error: "), (args, result.stderr)

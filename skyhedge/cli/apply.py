@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import json
 import shlex
 import sys
 import threading
@@ -18,6 +17,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
+from skyhedge._json import dumps as strict_json
 from skyhedge.apply import ApplyReport, apply_service, destroy_service, live_router, live_rows, rolls_on
 from skyhedge.cli._app import (
     command_line,
@@ -517,7 +517,7 @@ def status(spec: Path, state_dir: Path | None, as_json: bool, include_gone: bool
         echo(note, err=True)
     if as_json:
         record = watcher.to_json() if watcher is not None else None
-        echo(json.dumps(status_json(name, rows, router, record, held_back, hold, scaler), indent=2))
+        echo(strict_json(status_json(name, rows, router, record, held_back, hold, scaler), indent=2))
         return
     table = Table(title=Text(f"skyhedge status: {name}"))
     # One location column keeps the endpoint readable (unwrapped) in an 80-column terminal.

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import datetime as dt
 import importlib
-import json
 from dataclasses import replace
 from typing import Any
 
@@ -12,6 +11,7 @@ import click
 from rich.markup import escape
 from rich.table import Table
 
+from skyhedge._json import dumps as strict_json
 from skyhedge.catalog import (
     CloudCatalog,
     bundled_path,
@@ -67,7 +67,7 @@ def show(cloud: str, instance_type: str | None, region: str | None, as_json: boo
         data["instance_types"] = {k: v for k, v in data["instance_types"].items() if k in kept_types}
         data["offers"] = [row for row, o in zip(data["offers"], catalog.offers, strict=True) if o in keep]
         data["path"] = catalog.path
-        echo(json.dumps(data, indent=2))
+        echo(strict_json(data, indent=2))
         return
     # catalog strings are data, not Rich markup (a user catalog file may hold anything)
     console.print(f"[bold]{escape(catalog.cloud)}[/] catalog: {escape(str(catalog.path))}")

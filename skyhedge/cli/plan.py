@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from collections import defaultdict
@@ -14,6 +13,7 @@ from typing import Any
 import click
 from rich.table import Table
 
+from skyhedge._json import dumps as strict_json
 from skyhedge.apply import (
     Workspace,
     changed_roots,
@@ -262,7 +262,7 @@ def plan(
     result, _memory = compute_plan(service, state, now=now, placement=placement, policy_name=policy)
     pending = pending_work(service, state, result, sdir, placement)
     if as_json:
-        echo(json.dumps(plan_to_json(result, pending, gone), indent=2))
+        echo(strict_json(plan_to_json(result, pending, gone), indent=2))
     else:
         console.print(fitted(render_plan_table(result, pending.replicas, pending.releasing), console))
         console.print(render_savings(result))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -10,6 +9,7 @@ from typing import Any
 import click
 from rich.markup import escape
 
+from skyhedge._json import dumps as strict_json
 from skyhedge.apply import notice_dead_local_replicas
 from skyhedge.cli._app import (
     command_line,
@@ -59,7 +59,7 @@ def upstreams_from_state(service: ServiceSpec, state: ServiceState, *, probe_now
 
 def _show(verb: str, status: dict[str, Any], as_json: bool) -> None:
     if as_json:
-        echo(json.dumps(status, indent=2, sort_keys=True))
+        echo(strict_json(status, indent=2, sort_keys=True))
         return
     ups = status["upstreams"]
     console.print(

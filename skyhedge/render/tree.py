@@ -29,7 +29,7 @@ import sys
 import tempfile
 import uuid
 from collections import defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,9 +40,9 @@ from skyhedge._interrupts import interrupts_deferred
 from skyhedge._resources import modules_dir, templates_dir
 from skyhedge.clouds import RenderContext, get_cloud
 from skyhedge.errors import RenderError
-from skyhedge.planner import Plan, PlannedReplica
+from skyhedge.planner import CREATE, Plan, PlannedReplica
 from skyhedge.render.backend import backend_config
-from skyhedge.spec import ServiceSpec
+from skyhedge.spec import ServiceSpec, nfc_change, nfc_hint
 from skyhedge.state import check_writable, umask_mode
 
 TREE_MANIFEST = "skyhedge-tree.json"
@@ -103,15 +103,25 @@ def _json_bytes(data: Any, where: str = "") -> bytes:
         ) from None
 
 
-def _not_utf8(data: Any, path: str = "") -> tuple[str, str] | None:
+def _not_utf8(data: Any) -> tuple[str, str] | None:
     """The key path and value of the first string in `data` (a JSON value) that UTF-8 cannot
     encode (surrogate escapes of undecodable bytes), or None."""
+    return _first_string(data, _unencodable)
+
+
+def _unencodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def _first_string(data: Any, bad: Callable[[str], bool], path: str = "") -> tuple[str, str] | None:
+    """The key path and value of the first string in `data` (a JSON value, keys included) that
+    is `bad`, or None."""
     if isinstance(data, str):
-        try:
-            data.encode("utf-8")
-        except UnicodeEncodeError:
-            return path, data
-        return None
+        return (path, data) if bad(data) else None
     if isinstance(data, dict):
         pairs = [(f"{path}.{key}" if path else str(key), value) for key, value in data.items()]
         pairs = [(path, key) for key in data] + pairs
@@ -120,10 +130,28 @@ def _not_utf8(data: Any, path: str = "") -> tuple[str, str] | None:
     else:
         return None
     for here, value in pairs:
-        found = _not_utf8(value, here)
+        found = _first_string(value, bad, here)
         if found is not None:
             return found
     return None
+
+
+def _require_nfc(data: Any, where: str) -> None:
+    """Refuse a root input Terraform would change (it converts every string to Unicode NFC,
+    `skyhedge.spec.nfc_change`): a state dir, working directory or skyhedge install path named
+    so (Linux keeps file names as bytes; macOS writes them decomposed) reached the launcher as
+    another path, whose directories Terraform then created as a twin of the real ones, and the
+    local replicas failed to start. The spec's own values are refused when it is read."""
+    found = _first_string(data, lambda text: nfc_change(text) is not None)
+    if found is not None:
+        field, value = found
+        # a path is shown; a spec text (a command, an env value: maybe a secret) is not
+        shown = "" if field.startswith("run.") and field != "run.workdir" else f"{value!r} "
+        raise RenderError(
+            f"{where}{field}: {shown}is not in Unicode NFC ({nfc_hint(value, nfc_change(value) or 0)}), "
+            "to which Terraform converts every string: it would name another path; use a state "
+            "dir, `run.workdir` and working directory whose names are composed (NFC)"
+        )
 
 
 def _tidy(text: str) -> bytes:
@@ -233,8 +261,11 @@ def _render_root(
     except jinja2.TemplateError as exc:
         raise RenderError(f"rendering the {cloud}/{region} root failed: {exc}") from exc
     prefix = f"{cloud}/{region}/"
+    backend = backend_config(spec, cloud, region)
+    if any(r.action == CREATE for r in replicas):  # (`destroy` tears down what was launched)
+        _require_nfc({**inputs, **{f"backend.{k}": v for k, v in backend.items()}}, f"{cloud}/{region}: ")
     files = (
-        (prefix + BACKEND_FILE, _json_bytes(backend_config(spec, cloud, region), f"{cloud}/{region}: ")),
+        (prefix + BACKEND_FILE, _json_bytes(backend, f"{cloud}/{region}: ")),
         (prefix + "main.tf", _tidy(main_tf)),
         (prefix + "outputs.tf", _tidy(outputs_tf)),
         (prefix + TFVARS_FILE, _json_bytes(inputs, f"{cloud}/{region}: ")),
