@@ -16,6 +16,7 @@ import yaml
 from controller_fakes import Clock, FakeSource
 from local_support import make_service
 from test_controller_gitops import REGIONS
+from test_gitops_commits import git
 
 from skyhedge.apply import Workspace, apply_service
 from skyhedge.controller.gitops import GitOpsExecutor
@@ -43,16 +44,6 @@ def secret_file(tmp_path: Path) -> Path:
     path.parent.mkdir(parents=True)
     path.write_text(f"[default]\naws_secret_access_key = {SECRET}\n")
     return path
-
-
-def git(repo: Path, *args: str) -> str:
-    done = subprocess.run(
-        ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@example.com", *args],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    return done.stdout
 
 
 def holding(root: Path, text: str) -> list[Path]:
