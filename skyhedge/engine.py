@@ -36,7 +36,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -332,6 +332,137 @@ def restore_cut_short_state(root: TerraformRoot) -> str | None:
     )
 
 
+#: Where Terraform puts the state it could not save to its backend (a full disk, a file it may not
+#: write, a lost connection): its working directory, which is the root's folder of the tree.
+ERRORED_STATE = "errored.tfstate"
+
+
+def _state_doc(text: str) -> dict[str, Any] | None:
+    """`text` as a Terraform state document (an object with `version`, `lineage` and a numeric
+    `serial`), or None: empty, cut short, or something else."""
+    try:
+        doc = json.loads(text)
+    except ValueError:
+        return None
+    if not isinstance(doc, dict) or "version" not in doc or not isinstance(doc.get("lineage"), str):
+        return None
+    serial = doc.get("serial")
+    return doc if isinstance(serial, int) and not isinstance(serial, bool) else None
+
+
+def restore_errored_state(root: TerraformRoot) -> str | None:
+    """Put back the state Terraform could not save at its last run; returns what was done.
+
+    Terraform that cannot write its state after an apply (measured: a full disk cut the local
+    state file at 4096 bytes) writes the whole state to `errored.tfstate` in its working
+    directory, the root's folder of the rendered tree, and asks for `terraform state push`:
+    "Running terraform apply again at this point will create a forked state". It is the only
+    record of what that apply launched. The next render's tree swap deleted it, and every run
+    after failed on the cut-short file; removing that (the way out offered) launched every
+    replica again. With skyhedge's local backend the file is put in place of the state, as
+    `state push` would (same lineage, not older), and kept beside it as `<state>.errored`; with any
+    other backend Terraform is not run in the root until it is pushed (an EngineError says how)."""
+    errored = root.path / ERRORED_STATE
+    try:
+        saved = errored.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return None
+    doc = _state_doc(saved)
+    if doc is None:
+        return None  # not a state Terraform wrote: nothing to restore from
+    path = _local_state_path(root)
+    if path is None:
+        raise EngineError(
+            f"{root.name}: Terraform could not save its state at an earlier run and left it in {errored}: "
+            "in that folder, `terraform init -backend-config=backend.tfbackend.json`, then `terraform "
+            "state push errored.tfstate`, then remove the file (Terraform run before that would fork "
+            "the state)",
+            root=root.name,
+        )
+    kept = path.with_name(f"{path.name}.errored")
+    try:
+        current = _state_doc(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        current = None
+    except (OSError, UnicodeDecodeError):
+        return None  # unreadable: `local_state_problem` names it
+    if current is not None and current["lineage"] != doc["lineage"]:
+        raise EngineError(
+            f"{root.name}: {errored} (the state Terraform could not save) and {path} are not the same "
+            "state (their lineage differs): keep the one that tracks what runs and remove the other",
+            root=root.name,
+        )
+    newer = current is None or current["serial"] < doc["serial"]
+    try:
+        # written, not renamed: the tree and the state may be on two file systems
+        for target in (path, kept) if newer else (kept,):
+            tmp = target.with_name(f".{target.name}.restore-{os.getpid()}")
+            try:
+                tmp.write_text(saved, encoding="utf-8")
+                os.replace(tmp, target)
+            finally:
+                tmp.unlink(missing_ok=True)
+        errored.unlink()  # out of the tree, so that it is not restored again
+    except OSError as exc:
+        raise EngineError(
+            f"{root.name}: Terraform could not save its state at an earlier run and left it in {errored}, "
+            f"which could not be put in place of {path} ({exc.strerror or exc}); free the space "
+            f"(or fix the permissions) and run again, or copy it there by hand",
+            root=root.name,
+        ) from exc
+    if not newer:  # pushed by hand already (or older): the state in place is kept
+        return f"{root.name}: {errored} is no newer than Terraform's state {path}; moved it to {kept}"
+    return (
+        f"{root.name}: Terraform could not save its state at an earlier run and wrote it to {errored}; "
+        f"restored {path} from it (kept as {kept})"
+    )
+
+
+_LOCK_HELD = "Error acquiring the state lock"
+
+
+def local_lock_holder(path: Path) -> str | None:
+    """Who holds Terraform's lock on the local state file `path` (the POSIX lock its local
+    backend takes, as /proc/locks lists it): "pid N (command)", or None when none is seen."""
+    try:
+        st = os.stat(path)
+        table = Path("/proc/locks").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return None
+    wanted = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    for line in table.splitlines():
+        fields = line.split()  # "1: POSIX ADVISORY WRITE <pid> <maj:min:inode> <start> <end>"
+        if len(fields) >= 6 and fields[1] == "POSIX" and fields[5] == wanted and fields[4].isdigit():
+            pid = int(fields[4])
+            try:
+                argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            except OSError:
+                return f"pid {pid}"
+            words = [os.path.basename(argv[0].decode(errors="replace"))]
+            words += [a.decode(errors="replace") for a in argv[1:4] if a]
+            shown = " ".join(words).splitlines()[0].strip()  # one line: an argument may hold more
+            return f"pid {pid} ({shown[:60]})"
+    return None
+
+
+def _explain_lock(root: TerraformRoot, diags: tuple[Diagnostic, ...]) -> tuple[Diagnostic, ...]:
+    """Terraform's "Error acquiring the state lock" (after `-lock-timeout`), with who holds the
+    lock and what to do first: its own text offers `-lock=false` and, in the lock info, an ID to
+    force-unlock. The holder is typically a Terraform run still going whose skyhedge was killed
+    (it finishes on its own and saves its state); forcing its lock would fork the state."""
+    path = _local_state_path(root)
+    if path is None or not any(d.summary == _LOCK_HELD for d in diags):
+        return diags
+    holder = local_lock_holder(path)
+    if holder is None:
+        return diags
+    said = (
+        f"held by {holder}, a Terraform run still going (one a killed skyhedge left finishes on its "
+        "own): run again once it ends; never force-unlock a lock in use"
+    )
+    return tuple(replace(d, detail=f"{said}\n{d.detail}") if d.summary == _LOCK_HELD else d for d in diags)
+
+
 def _damaged_backend_file(data_dir: Path) -> Path | None:
     """`<TF_DATA_DIR>/terraform.tfstate` (the backend settings `terraform init` recorded; no
     resource is in it) when it is there but not a JSON object: empty or cut short."""
@@ -478,11 +609,13 @@ def _group_descendants(roots: set[int]) -> set[int]:
 
 
 def _usable_local_state(root: TerraformRoot) -> None:
-    """Before Terraform reads `root`'s local state: a state file a kill cut short is restored
-    from its backup (said in a warning), and one that cannot be used is an EngineError naming it."""
-    restored = restore_cut_short_state(root)
-    if restored is not None:
-        log.warning("%s", restored)
+    """Before Terraform reads `root`'s state: the state it could not save at its last run is put
+    back, a state file a kill cut short is restored from its backup (each said in a warning), and
+    one that cannot be used is an EngineError naming it."""
+    # the state Terraform could not save first: newer than the backup a cut-short one goes back to
+    for restored in (restore_errored_state(root), restore_cut_short_state(root)):
+        if restored is not None:
+            log.warning("%s", restored)
     problem = local_state_problem(root)
     if problem is not None:
         raise EngineError(problem, root=root.name)
@@ -769,7 +902,7 @@ class Terraform:
         done, events = self._run_json(
             root, self.plan_args(out=out, destroy=destroy, refresh=refresh), on_event
         )
-        diags = _diagnostics(events)
+        diags = _explain_lock(root, _diagnostics(events))
         if done.exit_code not in (0, 2):
             errors = [d for d in diags if d.severity == "error"]
             text = "\n".join(d.text for d in errors) + (
@@ -816,7 +949,7 @@ class Terraform:
         recover_outputs: bool = False,
     ) -> ApplyResult:
         done, events = self._run_json(root, args, on_event)
-        diags = _diagnostics(events)
+        diags = _explain_lock(root, _diagnostics(events))
         add, change, remove = _summary(events, operation={"apply", "destroy"})
         completed = tuple(
             ResourceChange(e["hook"]["resource"]["addr"], e["hook"].get("action", ""))
@@ -838,7 +971,7 @@ class Terraform:
             change=change,
             remove=remove,
             completed=completed,
-            errors=tuple(d for d in diags if d.severity == "error"),
+            errors=_cause_first(d for d in diags if d.severity == "error"),
             warnings=tuple(d for d in diags if d.severity == "warning"),
             outputs=outputs,
             stderr=done.stderr,
@@ -993,6 +1126,23 @@ def _diagnostics(events: Iterable[Event]) -> tuple[Diagnostic, ...]:
     )
 
 
+#: Terraform's summaries for a state it could not save, the OS's reason first ("write PATH: no
+#: space left on device"). What else it reports then follows from it (its own later reads of the
+#: cut-short file fail: "Unsupported state file format"), so these head the error.
+_STATE_NOT_SAVED = ("Failed to write state", "Failed to save state", "Failed to persist state to backend")
+
+
+def _cause_first(errors: Iterable[Diagnostic]) -> tuple[Diagnostic, ...]:
+    """`errors` in Terraform's order, except that a state it could not save comes first."""
+    ranked = _STATE_NOT_SAVED.index
+    return tuple(
+        sorted(
+            errors,
+            key=lambda d: ranked(d.summary) if d.summary in _STATE_NOT_SAVED else len(_STATE_NOT_SAVED),
+        )
+    )
+
+
 def _summary(events: Iterable[Event], operation: set[str] | None = None) -> tuple[int, int, int]:
     add = change = remove = 0
     for e in events:
@@ -1061,12 +1211,32 @@ def _embedded_main(args: list[str]) -> int:
         return 2
     stream = TerraformCommand(backend="thread").stream(args[0], args=args[1:], json=False)
     for line in stream:
-        sys.stdout.write(line + "\n")
-        sys.stdout.flush()
+        _say(sys.stdout, line + "\n")
     if stream.stderr:
-        sys.stderr.write(stream.stderr)
-        sys.stderr.flush()
+        _say(sys.stderr, stream.stderr)
     return int(stream.retcode or 0)
+
+
+def _say(out: Any, text: str) -> None:
+    """Write to skyhedge through `out`, a pipe; once skyhedge is gone (`kill -9`), drop the text.
+
+    Terraform runs on in this process's threads: a `BrokenPipeError` at its next line (its
+    "Still creating... [10s elapsed]") ended the process with Terraform mid-apply, its state
+    unwritten and its lock released, while the launches it had started ran on, recorded
+    nowhere, beside the next run's launches of the same replicas. Left to finish, it saves its
+    state, and the next run waits for its lock. (A `terraform` binary still dies there: Go ends
+    a program whose standard output is a broken pipe, whatever the signal's disposition.)"""
+    if out.closed:
+        return
+    try:
+        out.write(text)
+        out.flush()
+    except (BrokenPipeError, ValueError):
+        # nowhere to write; replaced so that the interpreter's own flush at exit says nothing
+        with contextlib.suppress(OSError):
+            null = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(null, out.fileno())
+            os.close(null)
 
 
 if __name__ == "__main__":

@@ -581,7 +581,8 @@ def outdated_replicas(
 ) -> list[str]:
     """IDs of the live replicas launched under another revision of `spec` (rolling update pending)
     and, given the placement, those in a location it no longer allows (moved the same way).
-    Replicas recorded before revisions existed count as current."""
+    Replicas recorded before revisions existed count as current (until `apply.record_plan` gives
+    them the revision their root is rendered with)."""
     revision = revision_digests(spec)
     return sorted(
         r.id

@@ -180,12 +180,14 @@ def wait_healthy(
 
 
 def teardown_router(router: Router) -> None:
-    """Stop nginx however it is (graceful, then by force), leaving no process of it behind."""
-    pid = nginx_proc.read_pid(router.paths.pid)
+    """Stop nginx however it is (graceful, then by force), leaving no process of it behind: also
+    a master whose pid file is gone with its folder (found by its command line)."""
+    pids = {nginx_proc.read_pid(router.paths.pid), *nginx_proc.masters_of(router.paths.conf)} - {None}
     with contextlib.suppress(Exception):
         router.down(timeout=3.0)
-    if pid and "nginx" in nginx_proc.cmdline(pid):
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(pid, signal.SIGKILL)
-    for p in nginx_proc.leftovers(pid) if pid else []:
-        nginx_proc.signal_pid(p, signal.SIGKILL)
+    for pid in pids:
+        if "nginx" in nginx_proc.cmdline(pid):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pid, signal.SIGKILL)
+        for p in nginx_proc.leftovers(pid):
+            nginx_proc.signal_pid(p, signal.SIGKILL)

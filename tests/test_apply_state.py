@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -238,6 +239,35 @@ def test_an_apply_after_a_killed_launch_replaces_the_replica_terraform_kept_but_
     assert sorted(svc.pids()) == sorted(r.id for r in live)
 
 
+def test_an_apply_after_terraform_could_not_save_its_state_keeps_every_replica_it_launched(svc, caplog):
+    """A full disk under the state dir (measured: a 16 KiB tmpfs on tf/state): Terraform launched
+    every replica but could not write its state, cut the file at 4096 bytes, and wrote the whole
+    state to `errored.tfstate` in the root's folder. The next apply's render swapped the tree
+    and deleted that file; every apply after failed on the cut-short one ("restore it from
+    .backup": there was none), and removing it launched every replica again."""
+    spec = load_spec(svc.write(replicas=2))
+    assert apply_service(spec, svc.state_dir, route=False).ok
+    pids = svc.pids()
+    # what the failed save left: the state whole in the root's folder only, and skyhedge's records
+    # without what a refresh would have read back
+    tfstate = svc.state_dir / "tf" / "state" / "local-local.tfstate"
+    root = svc.state_dir / "tf" / "tree" / "local" / "local"
+    (root / "errored.tfstate").write_bytes(tfstate.read_bytes())
+    tfstate.write_bytes(tfstate.read_bytes()[:1000])
+    state = load_state(svc.state_dir, "applied")
+    for rec in state.live():
+        rec.endpoint = rec.cloud_id = rec.ready_at = None
+        rec.outputs = {}
+    state.extra["terraform"]["roots"]["local/local"]["digest"] = None
+    save_state(svc.state_dir, state)
+
+    report = apply_service(spec, svc.state_dir, route=False)
+    assert report.ok and not report.created and sorted(report.ready) == ["r-0001", "r-0002"], report.errors
+    assert svc.pids() == pids  # the same processes: none launched again
+    assert "restored" in caplog.text and "errored.tfstate" in caplog.text
+    assert destroy_service(spec, svc.state_dir).ok and not svc.processes()
+
+
 def _broken_terraform(tmp_path: Path) -> str:
     broken = tmp_path / "terraform"
     broken.write_text("#!/bin/sh\necho 'Error: Backend configuration changed' >&2\nexit 1\n")
@@ -383,6 +413,27 @@ def test_cli_apply_status_destroy(svc):
     assert gone.exit_code == 0 and "Destroyed 2 replica(s)" in gone.output
     assert svc.processes() == []
     assert json.loads(run_cli("status", spec, "--state-dir", sd, "--json").output)["replicas"] == []
+
+
+def test_destroy_stops_what_a_deleted_state_dir_still_runs(svc):
+    """The state dir deleted under a running service (`rm -rf .skyhedge`, `git clean -fdx`):
+    `destroy` said "Nothing to destroy." and exited 0 while every replica served on, and no
+    command could stop them. They are found by the runtime dir in their environment (the router,
+    by its command line: test_routing_nginx), stopped once confirmed, and nothing is made on disk."""
+    spec = str(svc.write(replicas=2))
+    sd = str(svc.state_dir)
+    assert run_cli("apply", spec, "--state-dir", sd, "--no-routing", "--auto-approve").exit_code == 0
+    assert len(svc.pids()) == 2
+    shutil.rmtree(svc.state_dir)
+    no = run_cli("destroy", spec, "--state-dir", sd, input="n\n")
+    assert no.exit_code == 1 and "Stop them?" in no.output and len(svc.processes()) >= 2
+    out = run_cli("destroy", spec, "--state-dir", sd, "--auto-approve")
+    assert out.exit_code == 0, out.output
+    assert out.output.splitlines()[0] == (
+        f"Nothing recorded (the state dir {svc.state_dir} is gone); stopped what it still ran: "
+        "2 local replica(s) (r-0001, r-0002)."
+    )
+    assert svc.processes() == [] and not svc.state_dir.exists()
 
 
 def test_cli_reports_a_failed_apply_in_one_line_plus_terraforms_text(svc):

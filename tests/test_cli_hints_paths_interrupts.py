@@ -385,12 +385,35 @@ def test_a_watcher_log_that_cannot_be_opened_is_one_state_error(tmp_path, monkey
     def refuse(*args, **kwargs):
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(logging.handlers, "RotatingFileHandler", refuse)
+    monkeypatch.setattr(logging.handlers.RotatingFileHandler, "_open", refuse)
     refused = pytest.raises(
         StateError, match=r"watch.log: cannot write the watcher's log \(Permission denied\)"
     )
     with refused, _logging("info", tmp_path / "watch.log"):
         pass
+
+
+def test_a_watcher_log_that_stops_taking_lines_says_so_once_not_a_traceback_per_line(tmp_path, capfd):
+    """`up` under its dashboard with its state dir on a full file system: every line the watcher
+    logged printed logging's "--- Logging error ---" and a 50-line traceback into the dashboard
+    (measured on a full tmpfs). Said once now, in one line naming the file, until a line is
+    written again. (/dev/full refuses every write with ENOSPC, as a full disk does.)"""
+    import logging
+
+    from skyhedge.cli.watch import _logging
+
+    full = Path("/dev/full")
+    if not full.exists():
+        pytest.skip("no /dev/full on this system")
+    log = logging.getLogger("skyhedge.controller")
+    with _logging("info", full):
+        for i in range(3):
+            log.info("svc: plan: +r-%04d local-a spot", i)
+    err = capfd.readouterr().err
+    assert err.splitlines() == [
+        "warning: /dev/full: cannot write the watcher's log (No space left on device); its lines "
+        "are lost until it can"
+    ]
 
 
 def test_the_watchers_log_file_is_rotated_past_its_cap_and_keeps_one_old_generation(tmp_path, monkeypatch):

@@ -254,3 +254,54 @@ def test_a_bad_time_limit_is_one_error_naming_the_variable(raw, monkeypatch):
     monkeypatch.setenv("SKYHEDGE_TERRAFORM_TIMEOUT", raw)
     with pytest.raises(EngineError, match=r"\$SKYHEDGE_TERRAFORM_TIMEOUT: expected seconds >= 0"):
         run_timeout()
+
+
+def test_a_state_terraform_could_not_save_heads_the_error(tmp_path):
+    """On a full disk Terraform's first error was the cut-short file it read back ("Unsupported
+    state file format: ... syntax error at byte offset 4096"), the `apply` error line said only
+    that, and the cause (no space left, the state in errored.tfstate) was 20 lines further down.
+    The diagnostics below are the ones it printed then, in its order."""
+    import json
+
+    said = [
+        (
+            "Unsupported state file format",
+            "The state file could not be parsed as JSON: syntax error at byte offset 4096.",
+        ),
+        (
+            "Failed to write state",
+            "An error occured while writing the serialized state: write /s.tfstate: no space left on device.",
+        ),
+        ("Failed to save state", "Error saving state: 2 problems:"),
+        (
+            "Failed to persist state to backend",
+            "The error shown above has prevented Terraform from writing the updated state to the "
+            "configured backend. To allow for recovery, the state has been written to the file "
+            '"errored.tfstate" in the current working directory.',
+        ),
+    ]
+    lines = [
+        json.dumps({"type": "diagnostic", "diagnostic": {"severity": "error", "summary": s, "detail": d}})
+        for s, d in said
+    ]
+    fake = tmp_path / "terraform"
+    fake.write_text(
+        f"#!{sys.executable}\nimport sys\nif sys.argv[1] != 'init':\n"
+        f"    print({chr(10).join(lines)!r})\n    sys.exit(1)\n"
+    )
+    fake.chmod(0o755)
+    root = TerraformRoot(tmp_path / "root", "local/local", tmp_path / "data")
+    root.path.mkdir()
+    result = Terraform(home=tmp_path, binary=fake).apply(root, check=False)
+    assert [d.summary for d in result.errors] == [
+        "Failed to write state",
+        "Failed to save state",
+        "Failed to persist state to backend",
+        "Unsupported state file format",
+    ]
+    with pytest.raises(EngineError) as exc:
+        result.raise_for_errors()
+    assert str(exc.value) == (
+        "terraform failed in local/local: Failed to write state: An error occured while writing the "
+        "serialized state: write /s.tfstate: no space left on device."
+    )

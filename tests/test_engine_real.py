@@ -3,8 +3,10 @@ installed): init/plan/apply/output/destroy, errors carrying Terraform's text, pa
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
+import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -193,3 +195,186 @@ def test_an_empty_state_without_a_backup_is_left_alone(engine, tmp_path):
     state.write_text("")
     assert engine.plan(root).add == 1
     assert state.read_text() == ""
+
+
+def _failed_save(engine: Terraform, tmp_path: Path, name: str) -> tuple[TerraformRoot, Path, str, str]:
+    """A root whose last apply (three replicas) Terraform could not save: what it leaves behind
+    (measured on a full disk): the whole state in `errored.tfstate` in its working directory, the
+    root's folder. Returns the root, its state file, and the states after two and three replicas."""
+    root = make_root(tmp_path, name, {"r-0001": False, "r-0002": False}, backend=True)
+    assert engine.apply(root).ok
+    state = tmp_path / "state" / f"{name}.tfstate"
+    two = state.read_text()
+    make_root(tmp_path, name, {"r-0001": False, "r-0002": False, "r-0003": False}, backend=True)
+    assert engine.apply(root).ok
+    three = state.read_text()
+    (root.path / "errored.tfstate").write_text(three)
+    return root, state, two, three
+
+
+@pytest.mark.parametrize("left", ["cut short", "not written"])
+def test_the_state_terraform_could_not_save_is_put_back_before_it_runs_again(engine, tmp_path, caplog, left):
+    """A full disk cut the state file at 4096 bytes, and Terraform wrote the whole state to
+    `errored.tfstate` ("Running terraform apply again at this point will create a forked
+    state"): every later run failed on the cut-short file, and removing it (the way out offered)
+    launched every replica again. A state file Terraform could not open keeps the older state."""
+    root, state, two, three = _failed_save(engine, tmp_path, "full")
+    state.write_text(three[: len(three) // 2] if left == "cut short" else two)
+    plan = engine.plan(root)
+    assert plan.exit_code == 0 and not plan.changes  # all three known: nothing launched again
+    assert json.loads(state.read_text()) == json.loads(three)
+    kept = state.with_name("full.tfstate.errored")
+    assert not (root.path / "errored.tfstate").exists() and kept.read_text() == three
+    errored = root.path / "errored.tfstate"
+    assert (
+        f"full: Terraform could not save its state at an earlier run and wrote it to {errored}; "
+        f"restored {state} from it (kept as {kept})"
+    ) in caplog.text
+
+
+def test_a_state_terraform_could_not_save_is_never_put_over_a_newer_or_another_state(engine, tmp_path):
+    root, state, two, three = _failed_save(engine, tmp_path, "old")
+    errored = root.path / "errored.tfstate"
+    errored.write_text(two)  # pushed by hand since, and applied again: the state in place is newer
+    assert not engine.plan(root).changes and state.read_text() == three and not errored.exists()
+    other = json.loads(two)
+    other["lineage"] = "another-state"
+    errored.write_text(json.dumps(other))
+    with pytest.raises(
+        EngineError,
+        match=r"old: .*errored.tfstate \(the state Terraform could not save\) and .*old.tfstate are not",
+    ):
+        engine.plan(root)
+    assert state.read_text() == three and errored.is_file()  # neither touched
+
+
+def test_with_another_backend_terraform_is_not_run_before_the_unsaved_state_is_pushed(engine, tmp_path):
+    """Only skyhedge's own local state file is put back; elsewhere (S3, GCS, a path the spec
+    sets) Terraform would fork the state, so the root waits for `terraform state push`."""
+    root = make_root(tmp_path, "remote", {"r-0001": False})
+    root = TerraformRoot(root.path, root.name, root.data_dir)  # no state path skyhedge knows
+    (root.path / "errored.tfstate").write_text('{"version": 4, "serial": 1, "lineage": "l", "resources": []}')
+    with pytest.raises(EngineError) as exc:
+        engine.plan(root)
+    assert str(exc.value) == (
+        f"remote: Terraform could not save its state at an earlier run and left it in "
+        f"{root.path / 'errored.tfstate'}: in that folder, `terraform init "
+        "-backend-config=backend.tfbackend.json`, then `terraform state push errored.tfstate`, then "
+        "remove the file (Terraform run before that would fork the state)"
+    )
+
+
+SLOW_MAIN = textwrap.dedent(
+    """
+    terraform {
+      backend "local" {}
+    }
+
+    resource "terraform_data" "replica" {
+      for_each = toset(["r-0001", "r-0002"])
+      input    = each.key
+
+      provisioner "local-exec" {
+        interpreter = ["/bin/sh", "-c"]
+        command     = "touch ${path.module}/started-${each.key}; sleep 11"
+      }
+    }
+    """
+)
+
+DRIVER = textwrap.dedent(
+    """
+    import sys
+    from pathlib import Path
+    from skyhedge.engine import Terraform, TerraformRoot
+    base, binary = Path(sys.argv[1]), sys.argv[2] or None
+    root = TerraformRoot(base / "slow", "slow", base / "data", (f"path={base / 'slow.tfstate'}",))
+    Terraform(home=base / "home", binary=binary).apply(root)
+    """
+)
+
+
+def test_a_terraform_whose_skyhedge_was_killed_finishes_and_saves_its_state(tmp_path):
+    """`kill -9` of skyhedge alone (the OOM killer, a `kill` of its pid) left Terraform running
+    with nowhere to write: it died at its next line of output ("Still creating... [10s
+    elapsed]"), mid-apply, its state unwritten and its lock released, while the launches it had
+    started ran on, recorded nowhere, and raced the next run's launches of the same replicas
+    (measured: that apply failed, `run.setup exited with -15`). It finishes now: its state holds
+    every replica it launched, and the next run waits for its lock. (The embedded engine: a
+    `terraform` binary is ended there by Go itself.)"""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    root = tmp_path / "slow"
+    root.mkdir()
+    (root / "main.tf").write_text(SLOW_MAIN)
+    driver = subprocess.Popen(
+        [sys.executable, "-c", DRIVER, str(tmp_path), ""],
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+        start_new_session=True,  # Terraform and its provisioners share its group: killed at the end
+    )
+    state = tmp_path / "slow.tfstate"
+    try:
+        deadline = time.monotonic() + 60
+        while len(list(root.glob("started-*"))) < 2:
+            assert driver.poll() is None and time.monotonic() < deadline, "the apply never started"
+            time.sleep(0.1)
+        os.kill(driver.pid, signal.SIGKILL)  # skyhedge alone, as the OOM killer does
+        driver.wait()
+        deadline = time.monotonic() + 40
+        held: list[str] = []
+        while time.monotonic() < deadline and len(held) < 2:
+            time.sleep(0.5)
+            try:
+                doc = json.loads(state.read_text() or "{}")
+            except (OSError, ValueError):
+                continue
+            held = [i["index_key"] for r in doc.get("resources", []) for i in r.get("instances", [])]
+        assert sorted(held) == ["r-0001", "r-0002"]
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(driver.pid, signal.SIGKILL)
+
+
+def test_a_state_lock_still_held_names_its_holder_and_what_to_do(engine, tmp_path):
+    """A Terraform run still going (one a killed skyhedge left, finishing on its own) holds the
+    lock on the state: after `-lock-timeout` the next run failed with "Error acquiring the state
+    lock: Error message: resource temporarily unavailable", and Terraform's own advice, an ID
+    to force-unlock and `-lock=false`, which would fork the state."""
+    import os
+
+    root = make_root(tmp_path, "held", {"r-0001": False}, backend=True)
+    assert engine.apply(root).ok
+    state = tmp_path / "state" / "held.tfstate"
+    holder = subprocess.Popen(  # the run still going: holds the lock Terraform's local backend takes
+        [sys.executable, "-c", HOLD, str(state)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+        with pytest.raises(EngineError) as exc:
+            Terraform(home=engine.home, binary=engine.binary, lock_timeout="1s").plan(root)
+        assert str(exc.value).startswith(
+            f"terraform plan failed in held: Error acquiring the state lock: held by pid {holder.pid} "
+            f"({os.path.basename(sys.executable)} -c"
+        )
+        assert (
+            "a Terraform run still going (one a killed skyhedge left finishes on its own): run again"
+            in str(exc.value)
+        )
+    finally:
+        holder.kill()
+        holder.communicate()
+    assert not engine.plan(root).changes  # released: the next run goes through
+
+
+HOLD = textwrap.dedent(
+    """
+    import fcntl, sys, time
+    f = open(sys.argv[1], "r+")
+    fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    print("held", flush=True)
+    time.sleep(60)
+    """
+)

@@ -13,6 +13,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import pytest
 from local_support import SERVER, free_base_port, get
 
 from skyhedge.clouds.local import capacity
@@ -158,6 +159,41 @@ def test_port_in_use_and_instant_exit_are_clear_failures(runtime, tmp_path):
     # the log keeps every attempt of the ID; the error quotes only the last one
     assert "boom" not in slow.stderr and slow.stderr.count("=== skyhedge: starting") == 1
     assert find_processes(runtime) == []
+
+
+def test_a_disk_that_refuses_the_log_or_the_pid_file_is_named_and_leaves_nothing(
+    runtime, tmp_path, monkeypatch
+):
+    """A full disk under the state dir: the launch failed with "OSError: [Errno 28] No space
+    left on device", naming no file (which disk?). The log and the pid file are named now, and
+    a pid file write leaves no temp file behind. (/dev/full refuses writes as a full disk does.)"""
+    import errno
+
+    import skyhedge.clouds.local.processes as processes
+
+    if not Path("/dev/full").exists():
+        pytest.skip("no /dev/full on this system")
+    port = free_base_port(1) + 1
+    log = runtime / "replicas" / "r-0001.log"
+    log.parent.mkdir(parents=True)
+    log.symlink_to("/dev/full")
+    done = launch("start", config(runtime, tmp_path, port))
+    assert done.returncode == 1, done.stderr
+    assert (
+        done.stderr.strip() == f"skyhedge-local: r-0001: cannot write its log {log} (No space left on device)"
+    )
+    assert find_processes(runtime) == []
+
+    proc = processes.LocalProcess("r-0002", 1, 1, port, "local-a", "spot", 0.0, 0, str(log))
+
+    def full(src, dst):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with monkeypatch.context() as patched, pytest.raises(OSError) as exc:
+        patched.setattr(processes.os, "replace", full)
+        write_pidfile(runtime, proc)
+    assert exc.value.filename == str(runtime / "replicas" / "r-0002.json")
+    assert sorted(p.name for p in (runtime / "replicas").iterdir()) == ["r-0001.log"]
 
 
 def test_escape_sequences_a_failed_replica_printed_reach_the_error_escaped(runtime, tmp_path):

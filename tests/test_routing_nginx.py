@@ -383,6 +383,23 @@ def test_a_router_whose_folder_was_deleted_is_found_and_reloaded_in_place(fleet,
     assert served == {"r-0001", "r-0002"}
 
 
+def test_down_stops_a_router_whose_state_dir_was_deleted_and_makes_nothing_again(fleet, make_router):
+    """`rm -rf .skyhedge` (`git clean -fdx`) under a running service: `routing down` said
+    "router down" and `destroy` "Nothing to destroy." while nginx held the port, and no command
+    stopped it. Found by its command line, it is stopped; no folder is made for it."""
+    fleet.start(1)
+    router = make_router()
+    pid = router.up(fleet.upstreams())["pid"]
+    workers = set(nginx_proc.workers(pid))
+    state_dir = router.paths.prefix.parent
+    shutil.rmtree(state_dir)
+    router.down()
+    assert not nginx_proc.alive(pid) and not any(nginx_proc.alive(w) for w in workers)
+    assert router.pid() is None and not state_dir.exists()
+    with pytest.raises(OSError):
+        request(router.endpoint, "GET", "/-/health", timeout=1.0)
+
+
 @pytest.mark.parametrize("lost", ["router.json", "the router's folder"])
 def test_a_router_that_lost_its_record_keeps_its_request_counter_across_a_reload(fleet, make_router, lost):
     """router.json is written once nginx answers: a `kill -9` of `apply` or `routing up` in

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import shlex
 import sys
 import threading
@@ -297,6 +298,9 @@ def _interrupted(exc: KeyboardInterrupt, verb: str, kept: str, finish: str) -> N
 def _confirm_destroy(
     records: Sequence[ReplicaRecord], roots: Sequence[str], heard: list[KeyboardInterrupt] | None = None
 ) -> bool:
+    if not records:  # nothing recorded: what a deleted state dir still runs (`roots` says what)
+        console.print(f"Stopping {', '.join(roots)}.", markup=False)
+        return _ask("Stop them?", "destroy", heard)
     console.print(f"Destroying {len(records)} replica(s) in {', '.join(roots)}:", markup=False)
     for r in records:
         console.print(f"  {r.id}  {r.location}  {r.market}", markup=False)
@@ -341,7 +345,13 @@ def destroy(spec: Path, state_dir: Path | None, auto_approve: bool, terraform_bi
                 markup=False,
             )
         raise report.errors[0]
-    if not report.roots:
+    if report.orphans:
+        console.print(
+            f"Nothing recorded (the state dir {os.path.abspath(sdir)} is gone); stopped what it still "
+            f"ran: {' and '.join(report.orphans)}.",
+            markup=False,
+        )
+    elif not report.roots:
         console.print("Nothing to destroy.")
         note = no_state_note(sdir, service.name, given=state_dir is not None)
         if note:

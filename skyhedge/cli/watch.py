@@ -218,15 +218,48 @@ def _say(text: str, log_format: str) -> None:
 LOG_FILE_MAX_BYTES = 16 * 2**20
 
 
+class _LogFile(logging.handlers.RotatingFileHandler):
+    """`up`'s log file under the dashboard. A line it cannot write (a full disk, a quota, an I/O
+    error) is said in one line on stderr, once until a line is written again: logging's own
+    `handleError` printed a 50-line "--- Logging error ---" traceback into the dashboard for
+    every line the watcher logged (measured with the state dir on a full file system)."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path, maxBytes=LOG_FILE_MAX_BYTES, backupCount=1)
+        self._failing = False  # said; silent until a line is written again
+        self._failed = False  # the line being written failed
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self._failed = False
+        super().emit(record)  # (calls handleError on a failure)
+        if not self._failed:
+            self._failing = False
+
+    def close(self) -> None:
+        """Closed on the way out: lines still buffered that cannot be written either (said
+        already) are dropped, not an OSError traceback as `up` exits."""
+        with contextlib.suppress(OSError):
+            super().close()
+
+    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 (logging's name)
+        self._failed = True
+        if self._failing:
+            return
+        self._failing = True
+        exc = sys.exc_info()[1]
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+        with contextlib.suppress(OSError, ValueError):
+            sys.stderr.write(
+                f"warning: {self.baseFilename}: cannot write the watcher's log ({reason}); "
+                "its lines are lost until it can\n"
+            )
+
+
 @contextlib.contextmanager
 def _logging(level: str, path: Path | None = None, log_format: str = "text") -> Iterator[None]:
     """Log skyhedge's lines to stderr (or a file, under the dashboard) while the command runs."""
     try:
-        handler: logging.Handler = (
-            logging.handlers.RotatingFileHandler(path, maxBytes=LOG_FILE_MAX_BYTES, backupCount=1)
-            if path
-            else logging.StreamHandler(sys.stderr)
-        )
+        handler: logging.Handler = _LogFile(path) if path else logging.StreamHandler(sys.stderr)
     except OSError as exc:  # a state dir that takes no new file (read-only, immutable)
         raise StateError(f"{path}: cannot write the watcher's log ({exc.strerror or exc})") from exc
     if log_format == "json":

@@ -58,6 +58,9 @@ _PRESERVED = (
     "terraform.tfstate",
     "terraform.tfstate.backup",
     "terraform.tfstate.d",
+    # the state Terraform could not save (a full disk): the only record of what its apply launched,
+    # until the next run puts it back in place (`engine.restore_errored_state`)
+    "errored.tfstate",
 )
 
 

@@ -253,7 +253,14 @@ class Router:
     def down(self, *, timeout: float = 10.0) -> None:
         """Graceful quit (in-flight requests finish, bounded by `timeout`), then fast, then kill."""
         if not self.paths.prefix.is_dir():
-            return  # never started here
+            # never started here, or its folder deleted under a running nginx (`rm -rf` of the
+            # state dir, `git clean -fdx`): found by its command line, it is stopped all the same
+            # (it went on holding the port while `routing down` said "router down"; no lock: a
+            # lock file would make the folder again)
+            pid = self.pid()
+            if pid is not None:
+                self._stop(pid, timeout)
+            return
         with self._locked():
             pid = self.pid()
             if pid is not None:

@@ -213,11 +213,14 @@ def _prepare(runtime: Path, cfg: dict[str, Any], now: float) -> Path:
     if not workdir.is_dir():
         raise LaunchError(f"{rid}: working directory {workdir} does not exist")
     log = log_path(runtime, rid)
-    with open(log, "ab") as fh:
-        fh.write(
-            f"=== skyhedge: starting {rid} ({zone}, {market}) on port {port} at {now:.3f} ===\n".encode()
-        )
-        fh.flush()
+    # unbuffered: a write the disk refuses fails here, named, not later as a bare errno
+    with open(log, "ab", buffering=0) as fh:
+        try:
+            fh.write(
+                f"=== skyhedge: starting {rid} ({zone}, {market}) on port {port} at {now:.3f} ===\n".encode()
+            )
+        except OSError as exc:  # a full disk: "OSError: [Errno 28] No space left on device", no file
+            raise LaunchError(f"{rid}: cannot write its log {log} ({exc.strerror or exc})") from exc
         shell = _shell(cfg, runtime, fh)
         if cfg.get("setup"):
             try:

@@ -86,17 +86,24 @@ def write_pidfile(runtime_dir: Path, proc: LocalProcess) -> None:
     """Write the replica's pid file whole (a temp file renamed over it), the temp file created
     new under a name no one can guess: a predictable name was opened through whatever link
     stood there (a runtime dir another account can write, e.g. a state dir under /tmp, let it
-    point the launcher at any file the launcher may write), and it was left behind on failure."""
+    point the launcher at any file the launcher may write). A write the disk refuses raises an
+    OSError naming the pid file, and leaves no temp file behind (a watcher retrying each pass on
+    a full disk left one per attempt)."""
     path = pid_path(runtime_dir, proc.id)
     data = (json.dumps(asdict(proc), indent=2, sort_keys=True) + "\n").encode("utf-8")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise OSError(exc.errno, exc.strerror, str(path)) from exc
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if isinstance(exc, OSError):
+            raise OSError(exc.errno, exc.strerror, str(path)) from exc
         raise
 
 
