@@ -445,13 +445,16 @@ class Router:
             current = self.paths.conf.read_text(encoding="utf-8")
         except OSError:
             current = None
-        if text == current:
+        if text == current and self._read_meta() == self._meta(ups, status_port):
             # Nothing changes: no needless worker churn. Workers still finishing an earlier reload
             # may hold requests to replicas removed then, so a drain waits for them.
-            if self._read_meta() != self._meta(ups, status_port):
-                self._write_meta(ups, status_port)
             return {p for p, title in before.items() if "shutting down" in title}
-        self._install(text)
+        if text != current:
+            self._install(text)
+        # else the config is in place but its reload was never confirmed: the record, written
+        # once nginx took a config, says other upstreams (a kill between installing the config
+        # and signalling nginx left nginx on the old one, and every later pass, finding the file
+        # as it would write it, skipped the reload: removed replicas stayed routed), or is gone
         mark = nginx.log_size(self.paths.error_log)
         os.kill(pid, signal.SIGHUP)
         if nginx.CAN_SEE_WORKERS:  # confirm a new generation of workers took over
