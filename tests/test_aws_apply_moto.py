@@ -35,20 +35,31 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-@pytest.fixture
-def moto_endpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    """A moto server on 127.0.0.1, and the environment that points Terraform's AWS provider (and
-    boto3) at it, with providers read from the mirror only. moto keeps its accounts in this
-    process, whichever server serves them: they are reset before and after each test, so no test
-    sees another's instances, and a test destroys the service only where `destroy` is what it
-    checks (each destroy costs the provider's termination waiter, about 14 s)."""
+@pytest.fixture(scope="module")
+def moto_server() -> Iterator[str]:
+    """A moto server on 127.0.0.1 for the module's tests: one, since stopping one takes half a
+    second (its HTTP server polls for the shutdown) and its accounts are reset per test anyway
+    (`moto_endpoint`)."""
     from moto.server import ThreadedMotoServer
 
     port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def moto_endpoint(moto_server: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """The moto server, and the environment that points Terraform's AWS provider (and boto3) at
+    it, with providers read from the mirror only. moto keeps its accounts in this process,
+    whichever server serves them: they are reset before and after each test, so no test sees
+    another's instances, and a test destroys the service only where `destroy` is what it checks
+    (each destroy costs the provider's termination waiter, about 14 s)."""
     rc = mirror_config(tmp_path, "aws")
-    endpoint = f"http://127.0.0.1:{port}"
+    endpoint = moto_server
     for name, value in {
         "TF_CLI_CONFIG_FILE": str(rc),
         "AWS_ENDPOINT_URL": endpoint,
@@ -61,14 +72,11 @@ def moto_endpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[s
         monkeypatch.setenv(name, value)
     monkeypatch.delenv("AWS_PROFILE", raising=False)
     reset = f"{endpoint}/moto-api/reset"
+    requests.post(reset, timeout=30).raise_for_status()
     try:
-        requests.post(reset, timeout=30).raise_for_status()
         yield endpoint
     finally:
-        try:
-            requests.post(reset, timeout=30)
-        finally:
-            server.stop()
+        requests.post(reset, timeout=30)
 
 
 def test_apply_preempt_and_destroy_through_the_real_provider(tmp_path: Path, moto_endpoint: str) -> None:

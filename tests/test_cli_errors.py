@@ -227,3 +227,23 @@ def test_what_an_error_quotes_reaches_the_terminal_without_its_escape_sequences(
     report_error(EngineError("gcp: HTTP 403: \x1b]0;OWNED\x07denied", stderr="first\n\x1b[2Jsecond\n"))
     err = capsys.readouterr().err
     assert err == "error: gcp: HTTP 403: \\x1b]0;OWNED\\x07denied\nfirst\n\\x1b[2Jsecond\n"
+
+
+@pytest.mark.parametrize("columns", [None, "80"], ids=["pipe", "COLUMNS=80"])
+def test_a_message_off_a_terminal_stays_one_line_however_long(capsys, monkeypatch, columns):
+    """`up`'s last words name a command to paste (`skyhedge destroy <spec> --state-dir <dir>
+    --auto-approve`): written to a log file or a pipe, rich cut it in two at 240 columns (at 80
+    under CI's COLUMNS=80), half a command per line for grep, a log pipeline or a test."""
+    from skyhedge.cli._app import _console
+
+    if columns is None:
+        monkeypatch.delenv("COLUMNS", raising=False)
+    else:
+        monkeypatch.setenv("COLUMNS", columns)
+    text = (
+        "destroy interrupted by Ctrl-C; `skyhedge destroy "
+        + "/a-long-folder" * 30
+        + " --auto-approve` finishes it."
+    )
+    _console().print(text, markup=False, highlight=False)
+    assert capsys.readouterr().out == text + "\n"

@@ -125,6 +125,52 @@ def test_a_capacity_refusal_is_typed_and_partial_results_are_kept(engine, tmp_pa
         engine.apply(root)  # check=True raises at once
 
 
+def test_a_plan_that_fails_after_reading_data_sources_is_not_followed_by_a_refresh(
+    engine, tmp_path, monkeypatch
+):
+    """Terraform reports each data source read of the plan as an apply hook ("read"). Taken for
+    a created replica, a plan refused by a precondition (the AWS module's checks of
+    `aws.subnets`) was followed by a refresh-only apply that had nothing to read back: on AWS,
+    3.5-4 s and three more provider starts before the error was shown."""
+    root = make_root(tmp_path, "refused", {"r-0001": False}, backend=True)
+    (root.path / "other.tfstate").write_text(
+        json.dumps({"version": 4, "serial": 1, "lineage": "x", "outputs": {}, "resources": []})
+    )
+    (root.path / "main.tf").write_text(
+        (root.path / "main.tf").read_text()
+        + textwrap.dedent(
+            """
+            data "terraform_remote_state" "other" {
+              backend = "local"
+              config  = { path = "${path.module}/other.tfstate" }
+            }
+
+            resource "terraform_data" "checked" {
+              lifecycle {
+                precondition {
+                  condition     = length(data.terraform_remote_state.other.outputs) > 0
+                  error_message = "refused before anything runs"
+                }
+              }
+            }
+            """
+        )
+    )
+    ran: list[tuple[str, ...]] = []
+    real_run = engine.run
+
+    def run(inv, on_line=None):
+        ran.append(inv.argv[len(engine.command_prefix()) :][:2])
+        return real_run(inv, on_line)
+
+    monkeypatch.setattr(engine, "run", run)
+    result = engine.apply(root, check=False)
+    assert not result.ok and "refused before anything runs" in result.error_text()
+    assert [c.action for c in result.completed] == ["read"]  # the data source, read in the plan
+    assert result.outputs is None
+    assert [args[0] for args in ran] == ["init", "apply"] and ("apply", "-refresh-only") not in ran
+
+
 def test_roots_apply_in_parallel(tmp_path):
     engine = Terraform(home=tmp_path / "home")
     roots = [make_root(tmp_path, f"root{i}", {f"r-000{i}": False}) for i in range(1, 4)]

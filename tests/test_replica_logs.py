@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 
@@ -52,22 +53,42 @@ def _chatty(svc) -> str:
 
 def _follow(args: list[str], meanwhile: Callable[[], None]) -> tuple[int, str, str]:
     """`skyhedge logs ARGS --tail 0 -f` in a process of its own; once it follows, `meanwhile()`;
-    then its (exit code, stdout, stderr) when it ends by itself (20 s at most, else killed)."""
-    follow = subprocess.Popen(
+    then its (exit code, stdout, stderr) when it ends by itself (20 s at most, else killed).
+
+    It follows once it has printed the log's origin (`==> ... <==`): that line comes right after
+    the read that fixed where the follow starts, so what `meanwhile()` writes comes after it."""
+    with subprocess.Popen(
         [sys.executable, "-m", "skyhedge.cli", "logs", *args, "--tail", "0", "-f", "--interval", "0.1"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-    )
-    try:
-        time.sleep(1.5)  # the follower has read the log to its end by now
-        meanwhile()
-        out, err = follow.communicate(timeout=20)
-    finally:
-        if follow.poll() is None:
-            follow.kill()
-            follow.communicate()
-    return follow.returncode, out, err
+    ) as follow:
+        assert follow.stdout is not None and follow.stderr is not None
+        stderr = follow.stderr
+        err: list[str] = []
+        following = threading.Event()
+
+        def read_stderr() -> None:
+            for line in stderr:
+                err.append(line)
+                if line.startswith("==> "):
+                    following.set()
+            following.set()  # ended: whatever it said is in `err`
+
+        reader = threading.Thread(target=read_stderr, daemon=True)
+        reader.start()
+        try:
+            assert following.wait(20), "no `==> ... <==` line within 20 s"
+            assert follow.poll() is None, "".join(err)  # following, not ended already
+            meanwhile()
+            follow.wait(timeout=20)
+            out = follow.stdout.read()
+        finally:
+            if follow.poll() is None:
+                follow.kill()
+                follow.wait()
+            reader.join(timeout=10)
+    return follow.returncode, out, "".join(err)
 
 
 def test_a_local_replica_log_is_its_process_output_and_follow_ends_when_it_is_gone(svc):

@@ -53,6 +53,15 @@ class _Console(Console):
         self.quiet = True
         _to_devnull(self.file)
 
+    def print(self, *objects: Any, soft_wrap: bool | None = None, **kwargs: Any) -> None:
+        """As rich prints, but off a terminal a message (text, not a table) is one line however
+        long: a log file, a pipe or a CI log met `up`'s last words, the `skyhedge destroy ...
+        --auto-approve` to paste, cut in two at 240 columns (at 80 under COLUMNS=80), where a
+        line-oriented reader (grep, a log pipeline, a test) saw half a command per line."""
+        if soft_wrap is None and not self.is_terminal and all(isinstance(o, str) for o in objects):
+            soft_wrap = True
+        super().print(*objects, soft_wrap=soft_wrap, **kwargs)
+
 
 def _console(*, stderr: bool = False) -> Console:
     """A rich console; off a terminal (and without COLUMNS set) as wide as PIPE_WIDTH."""
