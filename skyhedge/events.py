@@ -213,6 +213,8 @@ class LeftoverWatch:
         One owned again, or gone, in the same scope starts over."""
         keys = {(scope, name) for name in unowned}
         self._first = {key: at for key, at in self._first.items() if key[0] != scope or key in keys}
+        # (those reported too: kept for good, every leftover ever reported stayed in memory)
+        self._reported = {key for key in self._reported if key[0] != scope or key in keys}
         out = []
         for key in sorted(keys):
             first = self._first.setdefault(key, now)

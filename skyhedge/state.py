@@ -18,6 +18,7 @@ import contextlib
 import errno
 import json
 import math
+import operator
 import os
 import tempfile
 from collections.abc import Callable, Iterator
@@ -410,6 +411,11 @@ class ServiceState:
 #: The fields `to_json` (and so state.json) holds: all but `source`.
 _STATE_FIELDS = tuple(f.name for f in fields(ServiceState) if f.name != "source")
 _RECORD_FIELDS = tuple(f.name for f in fields(ReplicaRecord))
+#: The fields of a replica record as state.json holds them, in order.
+RECORD_FIELDS = _RECORD_FIELDS
+#: A record's field values in RECORD_FIELDS' order, as a tuple (one C call, no dict built): what
+#: the watcher compares with a record's values when it last encoded it (`Controller._texts`).
+record_values = operator.attrgetter(*_RECORD_FIELDS)
 
 
 def state_text(state: ServiceState) -> str:

@@ -19,7 +19,7 @@ from google.auth.transport.requests import AuthorizedSession
 from skyhedge.clouds.gcp.events import ENDPOINT_ENV, PREEMPTED_OP, GcpEventSource, parse_operation
 from skyhedge.controller.loop import Controller, ControllerOptions
 from skyhedge.errors import CloudError
-from skyhedge.events import Signal
+from skyhedge.events import LeftoverWatch, Signal
 from skyhedge.spec import load_spec
 
 PROJECT = "proj-1"
@@ -294,6 +294,31 @@ def test_polls_are_rate_limited_and_paginated(compute, session, tmp_path, write_
     assert [e for e in src.poll(clock() + 12, live) if e.source == "gcp-operations"] == []  # seen already
 
 
+def test_operations_compute_no_longer_lists_are_forgotten(compute, session, tmp_path, write_spec):
+    """A soak audit: every preempted operation read in a zone was remembered for the watcher's
+    life, one more ID for each preemption there (the project's other spot VMs' too, which the
+    filter by operation type cannot tell apart), though Compute drops them after 14 days. Only
+    those the zone still lists are remembered: each is reported once all the same."""
+    ctl, clock = _controller(compute, session, tmp_path, write_spec)
+    src = ctl.sources[0]
+    live = ctl.state.live()
+    zone = live[0].zone
+    for day in range(20):  # 25 preemptions a "day"; Compute lists the last day's only
+        compute.operations[zone] = [
+            _preempted(f"{day}-{i}", zone, f"other-{day}-{i}", clock()) for i in range(25)
+        ]
+        clock.advance(10)
+        first = [e for e in src.poll(clock(), live) if e.source == "gcp-operations"]
+        src.ack()
+        clock.advance(10)
+        again = [e for e in src.poll(clock(), live) if e.source == "gcp-operations"]
+        src.ack()
+        assert len(first) == 25 and again == []  # each reported once, while it is listed
+    kept = src._seen_ops  # the operation IDs remembered as recorded (per zone)
+    remembered = sum(map(len, kept.values())) if isinstance(kept, dict) else len(kept)
+    assert remembered == 25  # (500 before: every operation ever read)
+
+
 def test_api_errors_become_cloud_errors(compute, session, tmp_path, write_spec):
     ctl, clock = _controller(compute, session, tmp_path, write_spec)
     compute.fail_next = True
@@ -446,6 +471,21 @@ def test_a_leftover_instance_is_reported_once_after_a_grace(compute, session, tm
     assert f"gcloud compute instances delete llm-r-0099 --zone {zone} --project {PROJECT}" in reports[0]
     others = [m for m in (r.getMessage() for r in caplog.records) if "belongs to no live replica" in m]
     assert others == reports  # the service's own replicas are never reported
+
+
+def test_leftovers_deleted_since_their_report_are_forgotten():
+    """A soak audit: every leftover instance ever reported stayed in the watch's memory (AWS and
+    GCP share it) for the watcher's life. One no longer listed is forgotten, as one not reported
+    yet always was; one that stays is still reported once."""
+    watch = LeftoverWatch(grace=600)
+    for day in range(30):
+        names = [f"llm-r-{day}-{i}" for i in range(3)]
+        t = day * 86400.0
+        assert watch.due("us-central1-a", names, t) == []
+        assert watch.due("us-central1-a", names, t + 600) == names
+        assert watch.due("us-central1-a", names, t + 1200) == []  # once
+        assert watch.due("us-central1-a", [], t + 1800) == []  # deleted by the operator
+    assert len(watch._reported) == 0  # (90 before: each one reported)
 
 
 def test_gitops_replicas_without_a_recorded_instance_are_still_watched(

@@ -17,6 +17,7 @@ import skyhedge.apply
 from skyhedge.cli import main
 from skyhedge.cli._app import Terminated
 from skyhedge.controller.runner import Watcher
+from skyhedge.errors import EngineError
 from skyhedge.state import ReplicaRecord, ServiceState, save_state
 
 
@@ -98,3 +99,33 @@ def test_an_interrupted_down_on_exit_destroy_says_by_what_and_exits_as_a_shell_r
         f"destroy interrupted by {by}; "
         f"`skyhedge destroy {spec} --state-dir {sdir} --auto-approve` finishes it."
     )
+
+
+def test_a_failed_down_on_exit_destroy_is_the_commands_error_not_a_success(served, monkeypatch):
+    """A soak audit: `--down-on-exit` whose destroy failed (there, `terraform init` refused the
+    backend of a state dir copied elsewhere; on a cloud, a root's destroy refused) said
+    "destroyed 0 replica(s) and the router" and exited 0, the router still serving and the
+    replicas running. It is the command's error now, with what still runs and the command that
+    finishes it; what it did destroy, and the destroy's warnings, are said before it."""
+    spec, sdir = served
+    monkeypatch.setattr(Watcher, "run", lambda self, *args, **kwargs: None)
+    failed = skyhedge.apply.DestroyReport(
+        roots=["local/local"],
+        destroyed=["r-0002"],
+        errors=[EngineError("terraform destroy failed in local/local: boom", stderr="Error: boom")],
+        warnings=["aws us-east-1: 1 instance(s) tagged for svc still run, in no Terraform state"],
+    )
+    monkeypatch.setattr(skyhedge.apply, "destroy_service", lambda *args, **kwargs: failed)
+    args = ["up", str(spec), "--state-dir", str(sdir), "--no-dashboard", "--down-on-exit"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 1, result.output
+    assert "replica(s) and the router" not in result.stdout
+    assert result.stdout.splitlines()[-2:] == [
+        "warning: aws us-east-1: 1 instance(s) tagged for svc still run, in no Terraform state",
+        "destroyed 1 replica(s): r-0002",
+    ]
+    assert (
+        "error: --down-on-exit: terraform destroy failed in local/local: boom; the replicas not destroyed "
+        f"still run: `skyhedge destroy {spec} --state-dir {sdir} --auto-approve` finishes it"
+    ) in result.stderr
+    assert "Error: boom" in result.stderr  # Terraform's own text, as `destroy` shows it

@@ -524,12 +524,42 @@ def up(
             by, code = interrupted_by(exc)
             _last_words(f"destroy interrupted by {by}; `{finish}` finishes it.", said, logging.WARNING)
             raise SystemExit(code) from None
-        _last_words(f"destroyed {len(report.destroyed)} replica(s) and the router", said)
+        _down_reported(report, spec, sdir, state_dir, said)
     else:
         ctl = watcher.controller
         assert ctl is not None
         log_note = "" if no_dashboard else f" Log: {log_file}"  # without the dashboard it went to stderr
         _last_words(stopped_message(watcher.spec, ctl.state, spec, state_dir) + log_note, said)
+
+
+def _down_reported(report: Any, spec: Path, sdir: Path, state_dir: Path | None, log_format: str) -> None:
+    """Say what `--down-on-exit`'s destroy did (`apply.DestroyReport`). One that failed is the
+    command's error, naming what still runs and the command that finishes it: it used to say
+    "destroyed 0 replica(s) and the router" and exit 0, the router still serving and the replicas
+    running (found by a soak audit: `terraform init` refused a moved state dir's backend; on a
+    cloud, a root whose destroy failed bills on). The destroy's warnings (instances left running,
+    on AWS and GCP) are said as `destroy` says them."""
+    from skyhedge.errors import EngineError
+    from skyhedge.routing.router import running_router_pid
+
+    for line in report.warnings:
+        _last_words(f"warning: {line}", log_format, logging.WARNING)
+    if not report.errors:
+        _last_words(f"destroyed {len(report.destroyed)} replica(s) and the router", log_format)
+        return
+    if report.destroyed:
+        gone = ", ".join(sorted(report.destroyed))
+        _last_words(f"destroyed {len(report.destroyed)} replica(s): {gone}", log_format, logging.WARNING)
+    first = report.errors[0]
+    more = f" (and {len(report.errors) - 1} more)" if len(report.errors) > 1 else ""
+    left = "the replicas not destroyed"
+    if running_router_pid(sdir) is not None:  # (a root that failed to initialise: before the router)
+        left = f"the router and {left}"
+    finish = f"{command_line('destroy', spec, state_dir)} --auto-approve"
+    raise EngineError(
+        f"--down-on-exit: {first}{more}; {left} still run: `{finish}` finishes it",
+        stderr=getattr(first, "stderr", ""),
+    )
 
 
 def _drive(replay: Any, watcher: Any) -> None:

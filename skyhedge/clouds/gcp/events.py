@@ -147,8 +147,9 @@ class GcpEventSource(EventSource):
         self.poll_every = poll_every
         self.timeout = timeout
         self._last_poll: float | None = None
-        self._seen_ops: set[str] = set()
-        self._unacked: set[str] = set()  # operations returned by poll, not yet recorded
+        # per zone, the preempted operations recorded (`ack`) that its last poll still listed
+        self._seen_ops: dict[str, set[str]] = {}
+        self._unacked: dict[str, set[str]] = {}  # per zone, operations returned by poll, not yet recorded
         self._listed: set[str] = set()  # unrecorded replicas (GitOps) once seen listed
         self._leftovers = LeftoverWatch()
         self._problems: list[str] = []  # zones whose poll failed while others reported events
@@ -201,7 +202,7 @@ class GcpEventSource(EventSource):
         self._last_poll = now
         # Operations count as seen only once the controller recorded them (`ack`): a poll failing
         # in a later zone must not lose the ones already read.
-        read: set[str] = set()
+        read: dict[str, set[str]] = {}  # per zone
         # A replica whose instance name is not recorded (GitOps mode: CI applied it) is known by
         # the module's naming and its label.
         by_name = {self.instance_name(r.id): r.id for r in mine if not r.cloud_id}
@@ -221,7 +222,8 @@ class GcpEventSource(EventSource):
             except CloudError as exc:  # one zone's failure must not blind the others
                 failures.append(exc)
         self._listed &= {r.id for r in mine}
-        self._unacked |= read
+        for zone, keys in read.items():
+            self._unacked.setdefault(zone, set()).update(keys)
         if failures and not events:
             raise failures[0]
         self._problems.extend(str(f) for f in failures)  # said by `problems()`, with the events kept
@@ -238,7 +240,7 @@ class GcpEventSource(EventSource):
         mine: Sequence[ReplicaRecord],
         by_name: dict[str, str],
         id_of: dict[str, str],
-        read: set[str],
+        read: dict[str, set[str]],
         events: list[PreemptionEvent],
     ) -> None:
         """One zone's preempted operations and instance listing, appended to `events`."""
@@ -255,11 +257,20 @@ class GcpEventSource(EventSource):
 
         query = {"filter": f'operationType="{PREEMPTED_OP}"'}
         ops = [op for op in self._get(f"zones/{zone}/operations", query) if not too_old(op)]
-        for op in ops:
-            key = str(op.get("id") or op.get("name") or op) if isinstance(op, dict) else repr(op)
-            if key in self._seen_ops or key in read:
+        keys = [str(op.get("id") or op.get("name") or op) if isinstance(op, dict) else repr(op) for op in ops]
+        # Only what this listing still holds is remembered: an operation Compute dropped (after 14
+        # days), or older than the zone's oldest live replica (a bound that only moves on), is not
+        # listed again, and if it were, an event about a machine gone or older than its replica is
+        # ignored (`facts.ingest`). Remembered for good, every preemption in the zone, the
+        # project's other spot VMs' included, stayed in memory for the watcher's life.
+        seen = self._seen_ops.get(zone)
+        if seen:
+            seen &= set(keys)
+        taken = read.setdefault(zone, set())
+        for op, key in zip(ops, keys, strict=True):
+            if (seen and key in seen) or key in taken:
                 continue
-            read.add(key)
+            taken.add(key)
             event = parse_operation(op, region_of=self.region_of, received_at=now)
             if event is not None:
                 target_id = str(op.get("targetId") or "")
@@ -317,8 +328,9 @@ class GcpEventSource(EventSource):
             )
 
     def ack(self) -> None:
-        self._seen_ops |= self._unacked
-        self._unacked = set()
+        for zone, keys in self._unacked.items():
+            self._seen_ops.setdefault(zone, set()).update(keys)
+        self._unacked = {}
 
     def _check_leftovers(
         self,
