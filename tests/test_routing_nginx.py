@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
+from click.testing import CliRunner
 from routing_support import (
     Response,
     complete,
@@ -26,6 +28,7 @@ from routing_support import (
     teardown_router,
 )
 
+from skyhedge.cli import main
 from skyhedge.errors import RoutingError
 from skyhedge.probe import probe_all
 from skyhedge.routing import Router, RouterOptions, Upstream, read_stub_status
@@ -411,6 +414,21 @@ def test_down_stops_a_router_whose_state_dir_was_deleted_and_makes_nothing_again
     workers = set(nginx_proc.workers(pid))
     state_dir = router.paths.prefix.parent
     shutil.rmtree(state_dir)
+    # `status` said "Router: not running" while it held the port
+    spec_file = state_dir.parent / f"{state_dir.name}.yaml"
+    spec_file.write_text(
+        yaml.safe_dump(
+            {
+                "name": "echo",
+                "placement": {"clouds": ["local"]},
+                "run": {"command": "true"},
+                "service": {"host": "127.0.0.1", "port": router.spec.service.port},
+            }
+        )
+    )
+    said = CliRunner().invoke(main, ["status", str(spec_file), "--state-dir", str(state_dir)])
+    assert said.exit_code == 0, said.output
+    assert f"Router: not recorded, but nginx pid {pid} of this state dir still runs" in said.output
     router.down()
     assert not nginx_proc.alive(pid) and not any(nginx_proc.alive(w) for w in workers)
     assert router.pid() is None and not state_dir.exists()

@@ -295,6 +295,15 @@ def _interrupted(exc: KeyboardInterrupt, verb: str, kept: str, finish: str) -> N
     raise SystemExit(code)
 
 
+def _unrecorded_router(state_dir: Path) -> int | None:
+    """The pid of an nginx routing for `state_dir` that no state records, or None."""
+    try:
+        from skyhedge.routing import running_router_pid
+    except ImportError:
+        return None
+    return running_router_pid(state_dir)
+
+
 def _confirm_destroy(
     records: Sequence[ReplicaRecord], roots: Sequence[str], heard: list[KeyboardInterrupt] | None = None
 ) -> bool:
@@ -550,6 +559,14 @@ def status(spec: Path, state_dir: Path | None, as_json: bool, include_gone: bool
             f"Router: not running (nginx pid {state.router.get('pid')} is gone{still}; "
             f"`{command_line('routing up', spec, state_dir)}` or `{command_line('watch', spec, state_dir)}` "
             "starts it again)",
+            markup=False,
+        )
+    elif (unrecorded := _unrecorded_router(sdir)) is not None:
+        # its state dir deleted under it (`rm -rf .skyhedge`, `git clean -fdx`): nothing recorded,
+        # but the nginx of this state dir, found by its command line, still holds the port
+        console.print(
+            f"Router: not recorded, but nginx pid {unrecorded} of this state dir still runs "
+            f"(`{command_line('destroy', spec, state_dir)}` stops it)",
             markup=False,
         )
     else:
