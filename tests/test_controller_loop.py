@@ -52,6 +52,11 @@ def world(tmp_path: Path, write_spec):
     return parts
 
 
+def preempt(src, clock, victim) -> None:
+    """The fake cloud reports `victim` preempted (gone) now."""
+    src.queue.append(PreemptionEvent(Signal.GONE, clock(), "fake", replica_id=victim.id, reason="preempted"))
+
+
 def make(world, **opts) -> Controller:
     return Controller(
         world["spec"],
@@ -90,7 +95,7 @@ def test_preemption_is_replaced_in_another_zone_and_routing_follows(world):
     ctl, clock, src = make(world), world["clock"], world["source"]
     settle(ctl, clock)
     victim = next(r for r in ctl.state.live() if r.zone == "local-a")
-    src.queue.append(PreemptionEvent(Signal.GONE, clock(), "fake", replica_id=victim.id, reason="preempted"))
+    preempt(src, clock, victim)
     ctl.tick()
     assert victim.id not in zones(ctl)
     assert victim.id not in world["router"].current
@@ -341,7 +346,7 @@ def test_a_routing_failure_does_not_block_replacement(world):
     settle(ctl, clock)
     assert ctl.state.router["endpoint"] == "http://127.0.0.1:8080"
     victim = ctl.state.live()[0]
-    src.queue.append(PreemptionEvent(Signal.GONE, clock(), "fake", replica_id=victim.id, reason="preempted"))
+    preempt(src, clock, victim)
     router.fail_next = True
     delay = ctl.tick()
     assert any("nginx refused" in n.text for n in ctl.notes)
@@ -369,7 +374,7 @@ def test_a_refused_router_config_says_nginx_reason_once(world):
 
     router.reload = refuse
     victim = ctl.state.live()[0]
-    src.queue.append(PreemptionEvent(Signal.GONE, clock(), "fake", replica_id=victim.id, reason="preempted"))
+    preempt(src, clock, victim)
     ctl.tick()
     refused = [n.text for n in ctl.notes if "nginx refused" in n.text]
     kept = "kept as nginx.conf.rejected"
@@ -389,7 +394,7 @@ def test_a_failure_retried_every_pass_is_noted_once_a_minute(world):
 
     router.reload = refuse
     victim = ctl.state.live()[0]
-    src.queue.append(PreemptionEvent(Signal.GONE, clock(), "fake", replica_id=victim.id, reason="preempted"))
+    preempt(src, clock, victim)
     for _ in range(60):  # two minutes of passes every 2 s
         ctl.tick()
         clock.advance(2)
@@ -472,7 +477,7 @@ def test_a_pass_that_could_not_save_its_plan_is_applied_by_the_next_one(world, m
     ctl, clock, src = make(world), world["clock"], world["source"]
     settle(ctl, clock)
     victim = next(r for r in ctl.state.live() if r.zone == "local-a")
-    src.queue.append(PreemptionEvent(Signal.GONE, clock(), "fake", replica_id=victim.id, reason="preempted"))
+    preempt(src, clock, victim)
     real, calls = loop.save_state, {"n": 0}
 
     def failing_once(*args, **kwargs):
@@ -495,7 +500,7 @@ def test_router_files_that_cannot_be_written_never_block_replacing_a_replica(wor
     ctl, clock, src = make(world), world["clock"], world["source"]
     settle(ctl, clock)
     victim = next(r for r in ctl.state.live() if r.zone == "local-a")
-    src.queue.append(PreemptionEvent(Signal.GONE, clock(), "fake", replica_id=victim.id, reason="preempted"))
+    preempt(src, clock, victim)
     world["router"].unwritable = 3
     ctl.tick()  # before: PermissionError out of the pass, before planning
     assert victim.id not in zones(ctl)
@@ -540,7 +545,7 @@ def test_a_launch_that_keeps_failing_is_given_up_and_replaced_under_a_new_id(wor
     ctl, clock, src = make(world), world["clock"], world["source"]
     settle(ctl, clock)
     victim = next(r for r in ctl.state.live() if r.zone == "local-a")
-    src.queue.append(PreemptionEvent(Signal.GONE, clock(), "fake", replica_id=victim.id, reason="preempted"))
+    preempt(src, clock, victim)
     world[
         "executor"
     ].broken = "local/local: r-0004: port 127.0.0.1:20004 is already in use by another process"
@@ -569,7 +574,7 @@ def test_an_apply_that_fails_before_reaching_any_replica_gives_none_up(world):
     ctl, clock, src = make(world), world["clock"], world["source"]
     settle(ctl, clock)
     victim = next(r for r in ctl.state.live() if r.zone == "local-a")
-    src.queue.append(PreemptionEvent(Signal.GONE, clock(), "fake", replica_id=victim.id, reason="preempted"))
+    preempt(src, clock, victim)
     world[
         "executor"
     ].root_broken = "local/local: Error acquiring the state lock: resource temporarily unavailable"
@@ -738,7 +743,7 @@ def test_a_reloaded_spec_with_a_new_revision_starts_the_crash_count_over(world, 
     before = ctl.state.next_id
     settle(ctl, clock)
     victim = ctl.state.live()[0]
-    src.queue.append(PreemptionEvent(Signal.GONE, clock(), "fake", replica_id=victim.id, reason="preempted"))
+    preempt(src, clock, victim)
     n = ctl.state.next_id
     settle(ctl, clock, ticks=1)
     assert ctl.state.next_id > n > before  # the replacement is launched at once
@@ -1302,7 +1307,7 @@ def test_a_change_beyond_the_clocks_is_written_by_the_pass_that_makes_it(world, 
     clock.advance(10)
     assert writes == []
     victim = next(r for r in ctl.state.live() if r.zone == "local-a")
-    src.queue.append(PreemptionEvent(Signal.GONE, clock(), "fake", replica_id=victim.id, reason="preempted"))
+    preempt(src, clock, victim)
     before, seen_by_apply = set(ctl.state.replicas), []
     real_apply = ex.apply
 

@@ -150,6 +150,21 @@ def source_keys(
     }
 
 
+@contextlib.contextmanager
+def _beside(
+    target: Callable[[], None], done: threading.Event, name: str, *, join_timeout: float
+) -> Iterator[None]:
+    """Run `target` in a daemon thread for the `with` block; at its end set `done` (which
+    `target` waits on) and give the thread `join_timeout` seconds to finish."""
+    thread = threading.Thread(target=target, daemon=True, name=name)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join(timeout=join_timeout)
+
+
 @dataclass
 class _SpecFile:
     """The spec file as last read: its stat stamp (cheap to compare every pass) and digest."""
@@ -633,13 +648,8 @@ class Watcher:
                     supervisor.wake()
                 seen = stamp
 
-        thread = threading.Thread(target=poll, daemon=True, name="skyhedge-spec-file")
-        thread.start()
-        try:
+        with _beside(poll, done, "skyhedge-spec-file", join_timeout=5):
             yield
-        finally:
-            done.set()
-            thread.join(timeout=5)
 
     @contextlib.contextmanager
     def _watch_router(self) -> Iterator[None]:
@@ -698,13 +708,8 @@ class Watcher:
                 if fd is not None:
                     os.close(fd)
 
-        thread = threading.Thread(target=watch, daemon=True, name="skyhedge-router-watch")
-        thread.start()
-        try:
+        with _beside(watch, done, "skyhedge-router-watch", join_timeout=ROUTER_POLL_SECONDS + 5):
             yield
-        finally:
-            done.set()
-            thread.join(timeout=ROUTER_POLL_SECONDS + 5)
 
     def _retract(self) -> None:
         if self._record is not None:
