@@ -94,11 +94,25 @@ _QUOTA = re.compile(r"\bquota\b[^\n]*\bexceeded\b", re.IGNORECASE)
 # limit 'Queries per minute' of service 'compute.googleapis.com'", reason rateLimitExceeded): a
 # throttled call says nothing about the zone, and is retried like any other failure.
 _RATE_LIMIT = re.compile(r"quota metric|rateLimitExceeded|userRateLimitExceeded", re.IGNORECASE)
+# A zone that does not offer the machine (a catalog out of date, a user catalog): a fact about the
+# zone, as a stock-out is, so the policy places the replica elsewhere rather than retrying it
+# there. EC2 answers RunInstances with error code `Unsupported` ("Your requested instance type
+# (g5.xlarge) is not supported in your requested Availability Zone (us-east-1e)", or for spot
+# "The requested configuration is currently not supported"; docs.aws.amazon.com/AWSEC2/latest/
+# APIReference/errors-overview.html); matched only on a launch, with its case, as Terraform says
+# "Unsupported argument" and "Unsupported state file format" of its own. Compute Engine answers
+# "Machine type with name 'g2-standard-4' does not exist in zone 'us-central1-f'".
+_ZONE_LACKS_TYPE = re.compile(
+    r"(?:RunInstances\b[^\n]*\bapi error |creating EC2 Instance: )Unsupported: "
+    r"|Machine type with name '[^'\n]+' does not exist in zone"
+)
 
 
 def _is_capacity(text: str) -> bool:
     folded = text.casefold()
     if any(m.casefold() in folded for m in CAPACITY_MARKERS):
+        return True
+    if _ZONE_LACKS_TYPE.search(text) is not None:
         return True
     return _QUOTA.search(text) is not None and _RATE_LIMIT.search(text) is None
 

@@ -218,6 +218,31 @@ def test_run_parallel_keeps_order_and_returns_exceptions():
             False,
         ),
         ("InvalidAMIID.NotFound: The image id does not exist", False),
+        # EC2's answer for a zone that does not offer the type (terraform-provider-aws's wording,
+        # docs.aws.amazon.com/AWSEC2/latest/APIReference/errors-overview.html `Unsupported`)
+        (
+            "creating EC2 Instance: operation error EC2: RunInstances, https response error StatusCode: "
+            "400, RequestID: 88d96f72, api error Unsupported: Your requested instance type (g5.xlarge) is "
+            "not supported in your requested Availability Zone (us-east-1e). Please retry your request by "
+            "not specifying an Availability Zone or choosing us-east-1a, us-east-1b.",
+            True,
+        ),
+        ("creating EC2 Instance: Unsupported: The requested configuration is currently not supported.", True),
+        # ...but Terraform's own "Unsupported" diagnostics, and other calls' `Unsupported`, are not
+        ('Unsupported argument: An argument named "spot_type" is not expected here.', False),
+        ("Unsupported state file format: This state file uses format version 5", False),
+        (
+            "modifying EC2 Instance (i-1) attribute: operation error EC2: ModifyInstanceAttribute, "
+            "api error Unsupported: not supported",
+            False,
+        ),
+        # Compute Engine's answer for a zone that does not offer the machine type
+        (
+            "Error creating instance: googleapi: Error 400: Invalid value for field "
+            "'resource.machineType': 'zones/us-central1-f/machineTypes/g2-standard-4'. Machine type "
+            "with name 'g2-standard-4' does not exist in zone 'us-central1-f'., invalid",
+            True,
+        ),
     ],
 )
 def test_which_launch_errors_count_as_a_refusal_the_policy_routes_around(text, refused):

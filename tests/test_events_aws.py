@@ -267,6 +267,30 @@ def test_reconcile_finds_a_terminated_instance(aws, tmp_path, write_spec):
     assert len(live) == 3 and all(r.zone != victim.zone for r in live)
 
 
+def test_the_reconcile_reads_every_page_of_describe_instances(aws, tmp_path, write_spec):
+    """EC2 pages DescribeInstances (`NextToken`); a reconcile that read the first page only would
+    take every replica listed on a later one for terminated. Pages of one reservation here (moto
+    takes a MaxResults below EC2's minimum of 5), so each replica is on a page of its own."""
+    ctl, source, clock = _controller(aws, tmp_path, write_spec, reconcile_every=30)
+    pages: list[bool] = []
+
+    def one_a_page(params, **_kwargs):
+        params["MaxResults"] = 1
+
+    def count(parsed, **_kwargs):
+        pages.append(bool(parsed.get("NextToken")))
+
+    aws.events.register("provide-client-params.ec2.DescribeInstances", one_a_page)
+    aws.events.register("after-call.ec2.DescribeInstances", count)
+    try:
+        events = source.reconcile(clock(), ctl.state.live())
+    finally:
+        aws.events.unregister("provide-client-params.ec2.DescribeInstances", one_a_page)
+        aws.events.unregister("after-call.ec2.DescribeInstances", count)
+    assert events == []  # all three running, on pages 1 to 3
+    assert len(pages) >= 3 and pages[0] and not pages[-1]
+
+
 def test_missing_queue_falls_back_to_reconcile(aws, caplog):
     source = AwsEventSource("nosvc", [REGION], session=aws)
     with caplog.at_level(logging.WARNING):

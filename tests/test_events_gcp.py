@@ -16,6 +16,8 @@ from fake_http import json_server
 from google.auth.credentials import AnonymousCredentials
 from google.auth.transport.requests import AuthorizedSession
 
+from skyhedge.clouds import gcp
+from skyhedge.clouds.gcp import RETRY_ATTEMPTS
 from skyhedge.clouds.gcp.events import ENDPOINT_ENV, PREEMPTED_OP, GcpEventSource, parse_operation
 from skyhedge.controller.loop import Controller, ControllerOptions
 from skyhedge.errors import CloudError
@@ -48,14 +50,22 @@ class FakeCompute:
         self.instances: dict[str, dict[str, dict]] = {}
         self.operations: dict[str, list[dict]] = {}
         self.requests: list[tuple[str, dict]] = []
-        self.fail_next = False
-        self.fail_path: str | None = None  # fail the next request whose path contains this
+        # fail this many of the next requests (those whose path contains `fail_path`, if set) with
+        # `fail_reply`: skyhedge tries a call RETRY_ATTEMPTS times before it gives up
+        self.failures = 0
+        self.fail_path: str | None = None
+        self.fail_reply: tuple[int, dict] = (
+            503,
+            {"error": {"code": 503, "message": "backend error", "errors": [{"reason": "backendError"}]}},
+        )
 
     def handle(self, path: str, query: dict) -> tuple[int, dict]:
         self.requests.append((path, query))
-        if self.fail_next or (self.fail_path and self.fail_path in path):
-            self.fail_next, self.fail_path = False, None
-            return 503, {"error": {"code": 503, "message": "backend error", "errors": [{"reason": "x"}]}}
+        if self.failures and (self.fail_path is None or self.fail_path in path):
+            self.failures -= 1
+            if not self.failures:
+                self.fail_path = None
+            return self.fail_reply
         parts = path.strip("/").split("/")
         # compute/v1/projects/{p}/zones/{z}/{kind}
         if len(parts) != 7 or parts[:3] != ["compute", "v1", "projects"] or parts[3] != PROJECT:
@@ -117,6 +127,7 @@ def _list_query_refused(query: dict) -> str | None:
 @pytest.fixture
 def compute(monkeypatch):
     fake = FakeCompute()
+    monkeypatch.setattr(gcp, "RETRY_BASE_SECONDS", 0.01)  # the backoff between attempts, kept short
     # looked up per request: tests swap `fake.handle`; Google pretty-prints its replies
     with json_server(lambda path, query: fake.handle(path, query), indent=2) as base:
         monkeypatch.setenv(ENDPOINT_ENV, f"{base}/compute/v1")
@@ -256,10 +267,13 @@ def test_preempted_operation_replaces_replica_in_another_zone(compute, session, 
     assert f"/compute/v1/projects/{PROJECT}/zones/{victim.zone}/operations" in paths
 
 
-def test_terminated_instance_is_gone(compute, session, tmp_path, write_spec):
+# Compute's Instance.status values of a machine on its way out: DEPROVISIONING (the tear-down after
+# a stop or delete, listed between STOPPING and its end) and PENDING_STOP (a graceful shutdown)
+@pytest.mark.parametrize("status", ["TERMINATED", "STOPPING", "DEPROVISIONING", "PENDING_STOP"])
+def test_terminated_instance_is_gone(compute, session, tmp_path, write_spec, status):
     ctl, clock = _controller(compute, session, tmp_path, write_spec)
     victim = ctl.state.live()[1]
-    compute.instances[victim.zone][f"llm-{victim.id}"]["status"] = "TERMINATED"
+    compute.instances[victim.zone][f"llm-{victim.id}"]["status"] = status
     clock.advance(10)
     ctl.tick()
     assert victim.reason == "preempted"  # a spot VM stopped without us: the cloud took it
@@ -321,14 +335,106 @@ def test_operations_compute_no_longer_lists_are_forgotten(compute, session, tmp_
 
 def test_api_errors_become_cloud_errors(compute, session, tmp_path, write_spec):
     ctl, clock = _controller(compute, session, tmp_path, write_spec)
-    compute.fail_next = True
+    compute.failures = RETRY_ATTEMPTS  # failing every attempt
     with pytest.raises(CloudError, match=r"HTTP 503: backend error$") as failed:
         ctl.sources[0].poll(clock() + 100, ctl.state.live())
     assert "\n" not in str(failed.value)  # Google's pretty-printed error JSON, reduced to its message
-    compute.fail_next = True
+    compute.failures = RETRY_ATTEMPTS
     clock.advance(200)  # failures are rate-limited like successes (poll_every)
     ctl.tick()  # the controller notes it and carries on
     assert any("event source gcp" in n.text for n in ctl.notes)
+
+
+#: Compute's answers to a project over its per-minute read limit (HTTP 429, or 403 with reason
+#: rateLimitExceeded: "Quota exceeded for quota metric 'Read requests'") and a passing backend error:
+#: Google's API guidance is to try them again with exponential backoff, as botocore does for EC2.
+_TRY_AGAIN = {
+    "429": (
+        429,
+        {"error": {"code": 429, "message": "Too many requests", "errors": [{"reason": "rateLimitExceeded"}]}},
+    ),
+    "403-rate-limit": (
+        403,
+        {
+            "error": {
+                "code": 403,
+                "message": "Quota exceeded for quota metric 'Read requests' and limit 'Read requests per "
+                "minute' of service 'compute.googleapis.com'",
+                "errors": [{"reason": "rateLimitExceeded", "domain": "usageLimits"}],
+            }
+        },
+    ),
+    "503": (
+        503,
+        {"error": {"code": 503, "message": "backend error", "errors": [{"reason": "backendError"}]}},
+    ),
+}
+
+
+@pytest.mark.parametrize("reply", list(_TRY_AGAIN), ids=list(_TRY_AGAIN))
+def test_a_call_google_says_to_try_again_is_tried_again(compute, session, tmp_path, write_spec, reply):
+    """One throttled or failed-over request used to fail the whole poll (a warning, and the
+    preemption seen a poll later); now it is tried again, and the poll reports what it finds."""
+    ctl, clock = _controller(compute, session, tmp_path, write_spec)
+    victim = ctl.state.live()[0]
+    compute.instances[victim.zone][f"llm-{victim.id}"]["status"] = "TERMINATED"
+    compute.fail_reply, compute.failures = _TRY_AGAIN[reply], RETRY_ATTEMPTS - 1
+    before = len(compute.requests)
+    events = ctl.sources[0].poll(clock() + 100, ctl.state.live())
+    assert [e.replica_id for e in events] == [victim.id]
+    assert compute.failures == 0 and len(compute.requests) - before > RETRY_ATTEMPTS - 1
+
+
+class _Reply:
+    def __init__(self, status: int, reason: str = "", headers: dict | None = None) -> None:
+        self.status_code, self.headers = status, headers or {}
+        self._body = {"error": {"code": status, "message": reason, "errors": [{"reason": reason}]}}
+
+    def json(self) -> dict:
+        return self._body
+
+
+class _Scripted:
+    """A session answering each request with the next of `replies`, recording the methods asked."""
+
+    def __init__(self, *replies: _Reply) -> None:
+        self.replies, self.asked = list(replies), []
+
+    def request(self, method, url, **_kwargs):
+        self.asked.append(method)
+        return self.replies.pop(0)
+
+
+def test_retry_after_is_honoured_and_a_delete_is_not_repeated_on_a_server_error():
+    """A 5xx may answer a delete Compute started: asking again would race the operation. A 429 is
+    a refusal before anything was done, so any method is asked again, after its `Retry-After`."""
+    waits: list[float] = []
+    session = _Scripted(_Reply(429, "rateLimitExceeded", {"Retry-After": "2"}), _Reply(200))
+    assert gcp.request(session, "DELETE", "u", timeout=1, sleep=waits.append).status_code == 200
+    assert session.asked == ["DELETE", "DELETE"] and waits == [2.0]
+    session = _Scripted(_Reply(503, "backendError"), _Reply(200))
+    assert gcp.request(session, "DELETE", "u", timeout=1, sleep=waits.append).status_code == 503
+    assert session.asked == ["DELETE"]
+    session = _Scripted(*[_Reply(503, "backendError")] * RETRY_ATTEMPTS)
+    assert gcp.request(session, "GET", "u", timeout=1, sleep=waits.append).status_code == 503
+    assert session.asked == ["GET"] * RETRY_ATTEMPTS  # then the last answer is the caller's
+
+
+def test_a_permission_denied_is_not_tried_again(compute, session, tmp_path, write_spec):
+    """A 403 that is no rate limit (a permission, a real quota) answers the same every time."""
+    ctl, clock = _controller(compute, session, tmp_path, write_spec)
+    denied = {
+        "error": {
+            "code": 403,
+            "message": "Required 'compute.zoneOperations.list' permission",
+            "errors": [{"reason": "forbidden"}],
+        }
+    }
+    compute.fail_reply, compute.failures = (403, denied), 10
+    with pytest.raises(CloudError, match="HTTP 403: Required 'compute.zoneOperations.list' permission"):
+        ctl.sources[0].poll(clock() + 100, ctl.state.live())
+    zones = {r.zone for r in ctl.state.live()}
+    assert compute.failures == 10 - len(zones)  # asked once per zone (each zone's poll fails alone)
 
 
 def test_a_token_refresh_failure_is_a_cloud_error_noted_by_the_controller(
@@ -536,7 +642,7 @@ def test_a_poll_failing_in_a_later_zone_loses_no_operation(compute, session, tmp
     assert len(zones) >= 2
     victim = next(r for r in ctl.state.live() if r.zone == zones[0])
     compute.operations[victim.zone] = [_preempted("11", victim.zone, f"llm-{victim.id}", clock() + 1)]
-    compute.fail_path = f"zones/{zones[1]}/"
+    compute.fail_path, compute.failures = f"zones/{zones[1]}/", RETRY_ATTEMPTS
     clock.advance(10)
     ctl.tick()  # the first zone's operations were read, then the second zone failed
     assert any("HTTP 503" in n.text for n in ctl.notes)  # the failing zone is noted...

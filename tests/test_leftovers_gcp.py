@@ -72,6 +72,8 @@ class FakeGce:
         self.fail: dict[tuple[str, str], tuple[int, dict[str, Any]]] = {}  # (method, path part) -> reply
         self.op_error: dict[str, Any] | None = None  # a delete whose operation ends in this error
         self.unreachable: set[str] = set()  # zones the aggregated listing answers UNREACHABLE for
+        # ...in the reply's `unreachables` (asked for a partial success) rather than in their scope
+        self.unreachables_field = False
         self._ids = itertools.count(7000000000000000001)
         self.lock = threading.Lock()
 
@@ -114,7 +116,17 @@ class FakeGce:
                     if flt == f"labels.skyhedge-service={inst['labels'].get('skyhedge-service')}":
                         scopes.setdefault(f"zones/{zone}", {"instances": []})["instances"].append(inst)
                 scopes["zones/europe-west4-a"] = {"warning": {"code": "NO_RESULTS_ON_PAGE"}}
-                for zone in self.unreachable:  # Compute lists the others and says so in the scope
+                partial = query.get("returnPartialSuccess", [""])[0] == "true"
+                if self.unreachables_field and self.unreachable:
+                    if not partial:  # "partial results in case of failure" only when opted in
+                        msg = "Internal error. Please try again or contact Google Support."
+                        return 500, {
+                            "error": {"code": 500, "message": msg, "errors": [{"reason": "backendError"}]}
+                        }
+                    for zone in self.unreachable:
+                        scopes.pop(f"zones/{zone}", None)
+                for zone in self.unreachable if not self.unreachables_field else ():
+                    # Compute lists the others and says so in the scope
                     scopes[f"zones/{zone}"] = {
                         "warning": {
                             "code": "UNREACHABLE",
@@ -126,6 +138,8 @@ class FakeGce:
                 page = int(query.get("pageToken", ["0"])[0])
                 keys = sorted(scopes)
                 body = {"kind": "compute#instanceAggregatedList", "items": {keys[page]: scopes[keys[page]]}}
+                if self.unreachables_field and partial:
+                    body["unreachables"] = sorted(f"zones/{zone}" for zone in self.unreachable)
                 if page + 1 < len(keys):
                     body["nextPageToken"] = str(page + 1)
                 return 200, body
@@ -485,13 +499,16 @@ def test_a_listing_answered_not_found_is_a_warning_not_an_empty_listing(gce, spe
     ]
 
 
-def test_a_zone_the_listing_could_not_reach_is_a_warning_not_a_zone_without_instances(gce, spec):
+@pytest.mark.parametrize("where", ["scope-warning", "unreachables-field"])
+def test_a_zone_the_listing_could_not_reach_is_a_warning_not_a_zone_without_instances(gce, spec, where):
     """Compute answers an aggregated listing with the zones it could reach and marks the others
-    UNREACHABLE in their scope: an instance left running there was not seen, which the sweep says
-    (once per region holding such a zone) rather than report nothing."""
+    UNREACHABLE in their scope, or, asked for a partial success, names them in the reply's
+    `unreachables` (InstanceAggregatedList): an instance left running there was not seen, which
+    the sweep says (once per region holding such a zone) rather than report nothing."""
     gce.add(ZONE, "skyhedge-llm-r-0003", labels("r-0003", deployment=None))
     gce.add("us-central1-b", "skyhedge-llm-r-0004", labels("r-0004", deployment=None))
     gce.unreachable = {"us-central1-b", "us-east4-a"}
+    gce.unreachables_field = where == "unreachables-field"
     lines = leftovers.instances_left("llm", {"us-central1"}, spec=spec)
     assert lines[0] == (
         "gcp us-central1: could not look for instances of llm left running in us-central1-b (Compute "

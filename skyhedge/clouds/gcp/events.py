@@ -21,7 +21,7 @@ from datetime import datetime
 from typing import Any
 from urllib.parse import quote
 
-from skyhedge.clouds.gcp import api_error_message, json_object
+from skyhedge.clouds.gcp import api_error_message, json_object, request
 from skyhedge.errors import CloudError
 from skyhedge.events import EventSource, LeftoverWatch, PreemptionEvent, Signal, unparseable
 from skyhedge.policy.types import Location
@@ -32,7 +32,12 @@ log = logging.getLogger("skyhedge.clouds.gcp.events")
 DEFAULT_ENDPOINT = "https://compute.googleapis.com/compute/v1"
 ENDPOINT_ENV = "SKYHEDGE_GCP_COMPUTE_ENDPOINT"
 PREEMPTED_OP = "compute.instances.preempted"
-GONE_STATUSES = frozenset({"STOPPING", "STOPPED", "TERMINATED", "SUSPENDING", "SUSPENDED"})
+#: Instance statuses of a machine that no longer serves (Compute's Instance.status: PENDING_STOP is
+#: a graceful shutdown under way, DEPROVISIONING the tear-down after a stop or delete; REPAIRING
+#: and PENDING, a flex-start VM waiting for capacity, come back or go on to RUNNING).
+GONE_STATUSES = frozenset(
+    {"PENDING_STOP", "STOPPING", "STOPPED", "TERMINATED", "SUSPENDING", "SUSPENDED", "DEPROVISIONING"}
+)
 # Labels the gcp-replicas Terraform module puts on every instance (labels cannot hold ':').
 LABEL_SERVICE = "skyhedge-service"
 LABEL_REPLICA = "skyhedge-replica"
@@ -172,7 +177,7 @@ class GcpEventSource(EventSource):
         params = dict(params)
         for _ in range(MAX_PAGES):
             try:
-                reply = self.session.get(url, params=params, timeout=self.timeout)
+                reply = request(self.session, "GET", url, params=params, timeout=self.timeout)
             except (requests.RequestException, GoogleAuthError) as exc:  # a token refresh can fail too
                 raise CloudError(f"gcp: GET {url}: {exc}") from exc
             if reply.status_code != 200:

@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 from skyhedge.clouds.common import Blocked, Cleared
-from skyhedge.clouds.gcp import PROJECT_ENV, api_error_message, json_object, resolve_project
+from skyhedge.clouds.gcp import PROJECT_ENV, api_error_message, json_object, request, resolve_project
 from skyhedge.clouds.gcp.events import (
     GONE_STATUSES,
     LABEL_REPLICA,
@@ -126,7 +126,7 @@ class _Compute:
 
         url = f"{self.base}/{path}"
         try:
-            reply = self.session.request(method, url, params=dict(params or {}), timeout=REQUEST_TIMEOUT)
+            reply = request(self.session, method, url, params=params, timeout=REQUEST_TIMEOUT)
         except (requests.RequestException, GoogleAuthError) as exc:  # a token refresh can fail too
             raise CloudError(f"{method} {url}: {exc.__class__.__name__}: {exc}") from exc
         if reply.status_code == 404 and gone_if_404:
@@ -141,11 +141,15 @@ class _Compute:
     def labelled(self, service: str) -> tuple[list[dict[str, Any]], set[str]]:
         """Every instance labelled for `service`, in every zone (one aggregated listing), each with
         `zone` as a plain zone name; and the zones the listing could not read (a scope whose
-        `warning.code` is UNREACHABLE: Compute lists the others and says so there, so an instance
-        left running in such a zone would otherwise go unsaid)."""
+        `warning.code` is UNREACHABLE, or one named in the reply's `unreachables`, where Compute
+        puts them when asked for a partial success: it lists the others, so an instance left
+        running in such a zone would otherwise go unsaid).
+
+        `returnPartialSuccess`: without it, one zone that cannot be read may fail the listing of
+        every other zone, and the sweep would say nothing but "could not look"."""
         found: list[dict[str, Any]] = []
         unreachable: set[str] = set()
-        params = {"filter": f"labels.{LABEL_SERVICE}={service}"}
+        params = {"filter": f"labels.{LABEL_SERVICE}={service}", "returnPartialSuccess": "true"}
         for _ in range(MAX_PAGES):
             body = self.call("GET", "aggregated/instances", params, gone_if_404=False) or {}
             scopes = body.get("items") or {}
@@ -153,6 +157,9 @@ class _Compute:
                 raise CloudError(
                     f"aggregated/instances: items: expected an object, got {type(scopes).__name__}"
                 )
+            dark = body.get("unreachables")
+            for scope in dark if isinstance(dark, list) else []:
+                unreachable.add(_last(scope) or str(scope))
             for scope, held in scopes.items():
                 warning = held.get("warning") if isinstance(held, dict) else None
                 if isinstance(warning, dict) and warning.get("code") == "UNREACHABLE":

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
-from skyhedge.clouds.gcp import api_error_message, resolve_project
+from skyhedge.clouds.gcp import api_error_message, request, resolve_project
 from skyhedge.clouds.gcp.events import compute_endpoint, default_session
 from skyhedge.errors import CloudError
 from skyhedge.replica_logs import LogChunk
@@ -46,7 +46,7 @@ def read_log(spec: ServiceSpec, state_dir: Path, record: ReplicaRecord, start: o
         params["start"] = str(start)
     session = SESSION or default_session()
     try:
-        reply = session.get(url, params=params, timeout=30)
+        reply = request(session, "GET", url, params=params, timeout=30)
     except (requests.RequestException, GoogleAuthError) as exc:
         raise CloudError(f"gcp: {record.id}: GET {url}: {exc}") from exc
     if reply.status_code != 200:
