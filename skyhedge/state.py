@@ -344,11 +344,33 @@ class ServiceState:
         return len(drop)
 
     def record_event(self, event: ZoneEvent) -> None:
+        """Queue a zone event for the policy (`pending_events`) and keep it in `history`.
+
+        A SURVIVED report (a zone's spot replicas stayed READY through a `survival_period`) says
+        nothing changed: reports of one zone with nothing else about it recorded in between are one
+        history entry, `at` the first report, `last_at` the latest and `count` how many. Each was
+        an entry of its own, and under a market replay (a report per zone every 60/K s) they
+        filled the 200 entries kept within seconds, pushing out the preemptions, launches and
+        READYs an operator reads `history` for. The policy still gets every report."""
         item = {"kind": event.kind.value, "location": event.location.key, "at": event.at}
         if event.replica_id:
             item["replica_id"] = event.replica_id
         self.pending_events.append(item)
+        if event.kind is EventKind.SURVIVED and (run := self._survival_run(item["location"])) is not None:
+            # changed in place: readers that follow the history by identity (the metrics) are not lost
+            run["last_at"] = event.at
+            run["count"] = int(run.get("count", 1)) + 1
+            if event.replica_id:
+                run["replica_id"] = event.replica_id
+            return
         self.log({"event": event.kind.value, **item})
+
+    def _survival_run(self, location: str) -> dict[str, Any] | None:
+        """The history's latest entry about `location` when it is a SURVIVED one (else None)."""
+        for entry in reversed(self.history):
+            if isinstance(entry, dict) and entry.get("location") == location:
+                return entry if entry.get("event") == EventKind.SURVIVED.value else None
+        return None
 
     def log(self, entry: dict[str, Any]) -> None:
         self.history.append(entry)

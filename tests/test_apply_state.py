@@ -856,6 +856,31 @@ def test_the_state_history_keeps_only_its_newest_entries():
     assert [entry["n"] for entry in state.history] == list(range(50, limit + 50))
 
 
+def test_survival_reports_of_a_zone_with_nothing_else_between_are_one_history_entry():
+    """SURVIVED says nothing changed: a run of them per zone is one entry (first `at`, `last_at`,
+    `count`), broken by anything else recorded about the zone; the policy still gets each one."""
+    from skyhedge.policy.types import EventKind, Location, ZoneEvent
+
+    state = ServiceState(service="svc")
+    a, b = Location("local", "local", "local-a"), Location("local", "local", "local-b")
+    for t in range(10):
+        state.record_event(ZoneEvent(EventKind.SURVIVED, a, 100.0 + t, "r-0001"))
+        state.record_event(ZoneEvent(EventKind.SURVIVED, b, 100.0 + t, "r-0002"))
+    state.record_event(ZoneEvent(EventKind.PREEMPTED, a, 120.0, "r-0001"))
+    state.record_event(ZoneEvent(EventKind.SURVIVED, a, 130.0, "r-0003"))
+    state.record_event(ZoneEvent(EventKind.SURVIVED, b, 130.0, "r-0002"))
+    assert len(state.pending_events) == 23
+    rows = [
+        (h["event"], h["location"][-7:], h["at"], h.get("last_at"), h.get("count")) for h in state.history
+    ]
+    assert rows == [
+        ("survived", "local-a", 100.0, 109.0, 10),
+        ("survived", "local-b", 100.0, 130.0, 11),
+        ("preempted", "local-a", 120.0, None, None),
+        ("survived", "local-a", 130.0, None, None),
+    ]
+
+
 def test_destroy_forgets_the_autoscalers_target_so_the_next_apply_starts_from_min_replicas(svc):
     from skyhedge.service import service_target
     from skyhedge.state import save_state

@@ -479,6 +479,38 @@ def test_zones_past_the_traces_are_named_in_the_replays_description(tmp_path: Pa
     )
 
 
+def test_a_replays_survival_reports_leave_the_preemptions_and_launches_in_the_history(
+    tmp_path: Path, write_spec
+):
+    """Under a replay a zone reports SURVIVED every 60/K s (2 s at K = 30): recorded one entry
+    each, ten minutes of them filled the 200 history entries kept, and the preemption, the
+    launches and READYs an operator looks for were gone (measured: 200 of 200 entries `survived`)."""
+    from collections import Counter
+
+    from skyhedge.events import PreemptionEvent, Signal
+
+    trace = tmp_path / "trace"
+    trace.mkdir()
+    (trace / "us-east-1a_v100_1.json").write_text(json.dumps({"metadata": {"gap_seconds": 30}, "data": [1]}))
+    spec = load_spec(write_spec(LOCAL.replace("min_replicas: 1", "min_replicas: 2")))
+    ctl = fake_controller(spec, tmp_path / "state")
+    MarketReplay(trace, ["local-a", "local-b"], tmp_path / "state", speedup=30).attach(ctl)
+    for _ in range(10):
+        ctl.tick()
+        ctl.clock.advance(1)
+    victim = next(r for r in ctl.state.live() if r.market == "spot" and r.ready_at is not None)
+    ctl.sources[0].queue.append(
+        PreemptionEvent(Signal.GONE, ctl.clock(), "fake", replica_id=victim.id, reason="preempted")
+    )
+    for _ in range(600):  # ten minutes: 300 survival periods
+        ctl.tick()
+        ctl.clock.advance(1)
+    kinds = Counter(h["event"] for h in ctl.state.history)
+    assert kinds["preempted"] == 1 and kinds["gone"] == 1 and kinds["launched"] >= 3 and kinds["ready"] >= 3
+    assert kinds["survived"] <= 6, kinds  # a run per zone between the other entries about it
+    assert sum(h.get("count", 1) for h in ctl.state.history if h["event"] == "survived") >= 500
+
+
 def test_market_replay_logs_each_change_once(tmp_path: Path, caplog):
     """With a listener (the controller's `note`, which logs), the replay does not log it too;
     without one, it logs it itself."""

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from skyhedge.controller.facts import UNPROBED_SECONDS
 from skyhedge.errors import RoutingError
 from skyhedge.probe import check_all
 from skyhedge.routing import Router, Upstream, read_stub_status, workers_alive
@@ -121,10 +122,10 @@ class HttpProber:
     """`Prober` over `skyhedge.probe`: the spec's readiness probe, all replicas concurrently.
 
     A probe this machine could not make (out of descriptors or ports: `ProbeResult.local`) is left
-    out of the results, so the replica keeps the state it had, and said once a minute through
-    `problems()`. Judged failed, every READY replica went NOT_READY at once (on-demand covers
-    launched for them) and, after 180 s of it, FAILED and replaced: a healthy service taken down
-    by its watcher's own trouble."""
+    out of the results, so the replica keeps the state it had (for up to UNPROBED_SECONDS: see
+    `Controller._probe`), and said once a minute through `problems()`. Judged failed, every READY
+    replica went NOT_READY at once (on-demand covers launched for them) and, after 180 s of it,
+    FAILED and replaced: a healthy service taken down by its watcher's own trouble."""
 
     def __init__(self, spec: ServiceSpec) -> None:
         self.readiness = spec.readiness_probe
@@ -146,7 +147,8 @@ class HttpProber:
             # the same words every time: the controller says a line again only a minute later
             self._said.append(
                 f"readiness probes could not be made from this process ({why}): the replicas "
-                "keep their last state until they can"
+                f"keep their last state for up to {UNPROBED_SECONDS:.0f}s, then count NOT_READY until "
+                "a probe can be made"
             )
         elif out and self._unmade:
             self._said.append("readiness probes can be made again")

@@ -17,8 +17,9 @@ Bookkeeping the controller keeps in `state.extra` (plain JSON):
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from skyhedge.events import PreemptionEvent, Signal, find_replica
 from skyhedge.policy.types import EventKind, Market, ReplicaStatus, ZoneEvent
@@ -30,6 +31,9 @@ log = logging.getLogger("skyhedge.controller")
 NOT_READY_GRACE_SECONDS = 180.0
 # A warned replica the cloud has not taken after this long is terminated by us.
 WARNING_GRACE_SECONDS = 300.0
+# A READY replica no probe could be made of for this long (every probe failing with a local error,
+# `skyhedge.probe.LOCAL_ERRNOS`) is no longer counted READY: NOT_READY, until a probe can be made.
+UNPROBED_SECONDS = NOT_READY_GRACE_SECONDS
 
 
 def warned(state: ServiceState) -> dict[str, float]:
@@ -220,3 +224,66 @@ def status_counts(state: ServiceState) -> dict[ReplicaStatus, int]:
         st = rec.fact().status
         counts[st] = counts.get(st, 0) + 1
     return counts
+
+
+def mark_unprobed(state: ServiceState, rec: ReplicaRecord, now: float, seconds: float) -> str | None:
+    """A READY replica no probe could be made of for `seconds` (UNPROBED_SECONDS or more) is
+    NOT_READY: what is known of it is too old to claim it serves (its process or machine may be
+    gone while the watcher, out of descriptors, can neither probe it nor hear from its cloud). It
+    is not FAILED for it: only a probe that was made counts against a replica (`apply_probes`).
+    Returns the line to note, or None when it was not READY."""
+    if rec.gone_at is not None or rec.ready_at is None or rec.not_ready_since is not None or rec.draining:
+        return None
+    rec.not_ready_since = now
+    return (
+        f"{rec.id} NOT_READY (no probe of it could be made for {seconds:.0f}s: not counted READY "
+        "until one can)"
+    )
+
+
+def shift_times(state: ServiceState, jump: float, moved: Callable[[float], bool]) -> int:
+    """Move by `jump` seconds every time the controller measures a duration from that `moved`
+    says was stamped before the wall clock jumped by `jump` (see `Controller._follow_clock`): the
+    replicas' launch, provisioning, READY, NOT_READY and gone times, interruption warnings,
+    drains, launches given up, the last SURVIVED report and the autoscaler's window. Durations
+    then read as they were (a replica loading its model for 10 s still has 10 s behind it), where a
+    clock set forward by hours failed every replica still loading (past `initial_delay_seconds`)
+    or failing its probe, and ended drains and interruption warnings at once. Returns how many
+    times moved. (The policy's memory keeps its own clock: `Policy.clock_memory`.)"""
+    count = 0
+
+    def shift(t: Any) -> Any:
+        nonlocal count
+        if isinstance(t, (int, float)) and not isinstance(t, bool) and moved(float(t)):
+            count += 1
+            return float(t) + jump
+        return t
+
+    for rec in state.replicas.values():
+        rec.launched_at = shift(rec.launched_at)
+        rec.provisioned_at = shift(rec.provisioned_at)
+        rec.ready_at = shift(rec.ready_at)
+        rec.not_ready_since = shift(rec.not_ready_since)
+        rec.gone_at = shift(rec.gone_at)
+    extra = state.extra
+    for key in ("warned", "given_up"):
+        table = extra.get(key)
+        if isinstance(table, dict):
+            for rid, at in table.items():
+                table[rid] = shift(at)
+    drains = extra.get("drain")
+    if isinstance(drains, dict):
+        for entry in drains.values():
+            if isinstance(entry, dict) and "since" in entry:
+                entry["since"] = shift(entry["since"])
+    if "survival_at" in extra:
+        extra["survival_at"] = shift(extra["survival_at"])
+    scaler = extra.get("autoscaler")
+    if isinstance(scaler, dict):
+        if isinstance(scaler.get("samples"), list):
+            scaler["samples"] = [
+                [shift(s[0]), *s[1:]] if isinstance(s, list) and s else s for s in scaler["samples"]
+            ]
+        if "pending_since" in scaler:
+            scaler["pending_since"] = shift(scaler["pending_since"])
+    return count

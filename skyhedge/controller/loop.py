@@ -29,6 +29,7 @@ import logging
 import math
 import os
 import re
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -39,12 +40,15 @@ from typing import Any
 from skyhedge import autoscaler
 from skyhedge.apply import held_replicas, record_plan, reopen_unfinished_deletes
 from skyhedge.controller.facts import (
+    UNPROBED_SECONDS,
     WARNING_GRACE_SECONDS,
     ProbeResult,
     apply_probes,
     ingest,
     mark_gone,
+    mark_unprobed,
     routable,
+    shift_times,
     warned,
 )
 from skyhedge.controller.ports import ExecResult, Executor, Prober, RouterPort
@@ -128,6 +132,17 @@ CRASH_HOLD_MAX_SECONDS = 600.0
 #: port taken by another process) is given up, and the policy places a new one (new ID, port).
 #: CRASHES_BEFORE_HOLD bursts of launches given up hold new launches as a crash loop does.
 LAUNCH_ATTEMPTS = 3
+#: The wall clock moving this much more (or less) than the monotonic clock between two passes is a
+#: jump (NTP stepping it, an operator setting it): the controller's timers are moved with it
+#: (`Controller._follow_clock`). NTP slews offsets under 128 ms and steps larger ones.
+CLOCK_JUMP_SECONDS = 5.0
+
+
+def _boottime() -> float:
+    """Seconds on a clock no one sets: CLOCK_BOOTTIME where there is one (it counts a suspend,
+    which the replicas of a cloud live through), else `time.monotonic`."""
+    boottime = getattr(time, "CLOCK_BOOTTIME", None)
+    return time.clock_gettime(boottime) if boottime is not None else time.monotonic()
 
 
 def _bursts(times: list[float]) -> list[float]:
@@ -281,6 +296,7 @@ class Controller:
         clock: Callable[[], float] = time.time,
         options: ControllerOptions | None = None,
         placement: Placement | None = None,
+        monotonic: Callable[[], float] | None = None,
     ) -> None:
         self.spec = spec
         self.state_dir = state_dir
@@ -289,6 +305,13 @@ class Controller:
         self.prober = prober
         self.sources = list(sources)
         self.clock = clock
+        # a clock no one sets, to tell the wall clock's jumps from time passing (`_follow_clock`)
+        # and to measure how long a replica went unprobed; `clock` itself when that is not the wall
+        # clock (a test's fake clock, whose steps are time passing)
+        self._mono: Callable[[], float] = monotonic or (_boottime if clock is time.time else clock)
+        self._clock_seen: tuple[float, float] | None = None  # (clock, monotonic) at the last pass
+        self._probed: dict[str, float] = {}  # replica ID -> when (monotonic) a probe was last made
+        self._unprobed: set[str] = set()  # NOT_READY for want of a probe made (`mark_unprobed`)
         # the policy's time when it runs faster than `clock`: a market replay's (`up --market-trace`)
         self.policy_clock: PolicyClock | None = None
         self.options = options or ControllerOptions()
@@ -303,6 +326,7 @@ class Controller:
         self.notes: deque[Note] = deque(maxlen=50)
         self._noted: dict[str, float] = {}  # text -> when last noted (repeats suppressed)
         self._noted_cap = NOTED_PRUNE_AT  # size at which `_noted` is next pruned
+        self._note_lock = threading.Lock()  # `note` runs in the replay's thread too (`_noted`, `notes`)
         self.last_plan: Plan | None = None
         self.ticks = 0
         self._failures = int(self.state.extra.get("launch_failures", 0))
@@ -386,19 +410,24 @@ class Controller:
         apply, routing, an event source, a crash loop), so that a log pipeline alerting on
         warnings sees it and `--log-level warning` keeps it (every notice was INFO)."""
         at = self.clock() if at is None else at
-        last = self._noted.get(text)
-        if last is not None and 0 <= at - last < NOTE_REPEAT_SECONDS:
-            log.debug("%s: %s (repeated)", self.spec.name, text)
-            return
-        if len(self._noted) >= self._noted_cap:
-            # lines older than the window are dropped once the table has doubled since it was last
-            # pruned, not at every line: a pass noting one line per replica (a zone of 1,000
-            # preempted, as many READY) walked the whole table for each, 0.7 s of the pass
-            self._noted = {t: a for t, a in self._noted.items() if 0 <= at - a < NOTE_REPEAT_SECONDS}
-            self._noted_cap = max(NOTED_PRUNE_AT, 2 * len(self._noted))
-        self._noted[text] = at
-        self.notes.append(Note(at, text))
-        log.log(level, "%s: %s", self.spec.name, text)
+        # Called from other threads too (a market replay's, `up --market-trace`): the table of
+        # lines noted and `notes` change together under one lock. Without it, a pass pruning the
+        # table while the replay noted lost the replay's lines from it (their repeats noted
+        # again), and two threads noting one line both noted it.
+        with self._note_lock:
+            last = self._noted.get(text)
+            if last is not None and 0 <= at - last < NOTE_REPEAT_SECONDS:
+                log.debug("%s: %s (repeated)", self.spec.name, text)
+                return
+            if len(self._noted) >= self._noted_cap:
+                # lines older than the window are dropped once the table has doubled since it was
+                # last pruned, not at every line: a pass noting one line per replica (a zone of
+                # 1,000 preempted, as many READY) walked the whole table for each, 0.7 s of the pass
+                self._noted = {t: a for t, a in self._noted.items() if 0 <= at - a < NOTE_REPEAT_SECONDS}
+                self._noted_cap = max(NOTED_PRUNE_AT, 2 * len(self._noted))
+            self._noted[text] = at
+            self.notes.append(Note(at, text))
+            log.log(level, "%s: %s", self.spec.name, text)  # (in the lock: the log in `notes`' order)
 
     def subscribe(self, listener: Callable[[Controller], None]) -> None:
         """Called after every tick (the dashboard redraws from it)."""
@@ -496,6 +525,7 @@ class Controller:
     def tick(self) -> float:
         """One reconcile pass; returns how long to wait before the next (unless woken)."""
         now = self.clock()
+        self._follow_clock(now)
         self.ticks += 1
         events = self._poll(now)
         live = self.state.live()
@@ -647,20 +677,78 @@ class Controller:
                     f"{rid} still up {WARNING_GRACE_SECONDS:.0f}s after its warning: terminating it", now
                 )
 
+    def _follow_clock(self, wall: float) -> None:
+        """Move the controller's timers with a jump of the wall clock (CLOCK_JUMP_SECONDS or more
+        against the monotonic clock since the last pass): the times it measures durations from are
+        wall-clock times, persisted in the state, and a clock set forward by hours read as hours
+        passed: every replica still loading its model was FAILED (past `initial_delay_seconds`),
+        every NOT_READY one too, drains and interruption warnings ended at once. Forward, what was
+        stamped up to the last pass's reading plus the time elapsed since moves (anything later
+        was stamped after the jump); back, what lies ahead of the clock now (anything older is
+        past either way, and the checks that see a time ahead of the clock start over from now)."""
+        mono = self._mono()
+        last, self._clock_seen = self._clock_seen, (wall, mono)
+        if last is None:
+            return
+        elapsed = mono - last[1]
+        jump = (wall - last[0]) - elapsed
+        if abs(jump) < CLOCK_JUMP_SECONDS:
+            return
+        before = last[0] + max(0.0, elapsed)  # the latest the wall clock read before the jump
+        moved = shift_times(
+            self.state, jump, (lambda t: t <= before) if jump > 0 else (lambda t: wall < t <= before)
+        )
+        self._given_up = {rid: at + jump if at <= before else at for rid, at in self._given_up.items()}
+        if self._retry_at is not None and self._retry_at <= before + self._backoff():
+            self._retry_at += jump
+        self.note(
+            f"the wall clock jumped {jump:+.0f}s (set by NTP or by hand?): {moved} replica, drain and "
+            "warning times moved with it, so no timer counts the jump as time passed",
+            wall,
+            level=logging.WARNING,
+        )
+
     def _probe(self, now: float) -> bool:
-        """Probe every replica with an endpoint; True when a replica changed state."""
+        """Probe every replica with an endpoint; True when a replica changed state.
+
+        A replica the prober returns nothing for (a probe this process could not make: out of
+        descriptors or ports, `HttpProber`) keeps its state, for up to UNPROBED_SECONDS since the
+        last probe made of it (or since this watcher first saw it): then a READY one is NOT_READY
+        (`mark_unprobed`), not FAILED. Local errors count neither for nor against a replica, but
+        the READY they leave in place grows stale: a replica whose process died while the watcher
+        could neither probe it nor read its pid file (the same EMFILE) stayed READY, routed and
+        counted by the policy, for as long as that lasted. Once probes can be made, its grace
+        (NOT_READY_GRACE_SECONDS) counts from the first that fails."""
         if self.options.assume_ready or self.prober is None:
             return False
         targets = [r for r in self.state.live() if r.endpoint]
         if not targets:
+            self._probed.clear()
+            self._unprobed.clear()
             return False
         results = self.prober.probe(targets)
         problems = getattr(self.prober, "problems", None)  # probes it could not make (`HttpProber`)
         for problem in problems() if problems is not None else ():
             self.note(problem, level=logging.WARNING)
+        mono, at = self._mono(), self.clock()
+        probed = {rid: self._probed.get(rid, mono) for rid in (r.id for r in targets)}
+        lines: list[str] = []
+        for rec in targets:
+            if rec.id in results:
+                probed[rec.id] = mono
+                if rec.id in self._unprobed and not results[rec.id][0] and rec.not_ready_since is not None:
+                    rec.not_ready_since = at  # its first real failure: the grace starts now
+                self._unprobed.discard(rec.id)
+            elif mono - probed[rec.id] >= UNPROBED_SECONDS:
+                line = mark_unprobed(self.state, rec, at, mono - probed[rec.id])
+                if line is not None:
+                    self._unprobed.add(rec.id)
+                    lines.append(line)
+        self._probed = probed  # (replicas gone or without an endpoint are forgotten)
+        self._unprobed &= probed.keys()
         probes = [ProbeResult(rid, ok, detail) for rid, (ok, detail) in results.items()]
         delay = float(self.spec.readiness_probe.initial_delay_seconds)
-        lines = apply_probes(self.state, probes, self.clock(), initial_delay=delay)
+        lines += apply_probes(self.state, probes, at, initial_delay=delay)
         for line in lines:
             self.note(line)
         return bool(lines)
