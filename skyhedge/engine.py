@@ -40,6 +40,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
+from skyhedge._relay import say
 from skyhedge.errors import EngineError, InsufficientCapacity
 
 log = logging.getLogger("skyhedge.engine")
@@ -549,6 +550,9 @@ def resolve_binary(binary: str | os.PathLike[str] | None) -> str | None:
     )
 
 
+#: What a `terraform` binary runs under, by its path (it imports nothing of skyhedge's).
+_RELAY = str(Path(__file__).resolve().with_name("_relay.py"))
+
 # The Terraform processes running now (any thread), so that a SIGTERM to skyhedge can be passed
 # on to them as the SIGINT a terminal's Ctrl-C sends the whole process group.
 _running: set[subprocess.Popen[str]] = set()
@@ -786,9 +790,12 @@ class Terraform:
 
     def run(self, inv: Invocation, on_line: Callable[[str], None] | None = None) -> Completed:
         """Run one invocation to completion, handing each stdout line to `on_line` as it arrives."""
+        # A binary runs under the relay (`skyhedge/_relay.py`), as the embedded engine runs in
+        # `python -m skyhedge.engine`: a pipe that breaks with a killed skyhedge must not end it.
+        argv = list(inv.argv) if self.embedded else [sys.executable, "-I", "-S", _RELAY, *inv.argv]
         try:
             proc = subprocess.Popen(
-                list(inv.argv),
+                argv,
                 cwd=inv.cwd,
                 env=dict(inv.env),
                 stdin=subprocess.DEVNULL,
@@ -1239,26 +1246,9 @@ def _embedded_main(args: list[str]) -> int:
     return int(stream.retcode or 0)
 
 
-def _say(out: Any, text: str) -> None:
-    """Write to skyhedge through `out`, a pipe; once skyhedge is gone (`kill -9`), drop the text.
-
-    Terraform runs on in this process's threads: a `BrokenPipeError` at its next line (its
-    "Still creating... [10s elapsed]") ended the process with Terraform mid-apply, its state
-    unwritten and its lock released, while the launches it had started ran on, recorded
-    nowhere, beside the next run's launches of the same replicas. Left to finish, it saves its
-    state, and the next run waits for its lock. (A `terraform` binary still dies there: Go ends
-    a program whose standard output is a broken pipe, whatever the signal's disposition.)"""
-    if out.closed:
-        return
-    try:
-        out.write(text)
-        out.flush()
-    except (BrokenPipeError, ValueError):
-        # nowhere to write; replaced so that the interpreter's own flush at exit says nothing
-        with contextlib.suppress(OSError):
-            null = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(null, out.fileno())
-            os.close(null)
+#: Terraform runs on in this process's threads once skyhedge is gone: its output is dropped then
+#: (`_relay.say`), as a `terraform` binary's is by the relay it runs under.
+_say = say
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import sys
@@ -258,7 +259,7 @@ def test_a_hung_terraform_is_stopped_after_the_time_limit(tmp_path):
     import time
 
     hung = tmp_path / "terraform"
-    hung.write_text("#!/bin/sh\necho 'starting' >&2\nexec sleep 60\n")
+    hung.write_text(f"#!/bin/sh\necho $$ > {tmp_path}/pid\necho 'starting' >&2\nexec sleep 60\n")
     hung.chmod(0o755)
     engine = Terraform(home=tmp_path, binary=hung, timeout=1)
     started = time.monotonic()
@@ -266,6 +267,108 @@ def test_a_hung_terraform_is_stopped_after_the_time_limit(tmp_path):
         engine.run(engine.invocation(["apply"], tmp_path))
     assert time.monotonic() - started < 10
     assert "SKYHEDGE_TERRAFORM_TIMEOUT" in str(caught.value) and "starting" in caught.value.stderr
+    pid = int((tmp_path / "pid").read_text())
+    deadline = time.monotonic() + 5
+    while _runs(pid) and time.monotonic() < deadline:  # the binary itself, not only what ran it
+        time.sleep(0.05)
+    assert not _runs(pid)
+
+
+def _runs(pid: int) -> bool:
+    """Whether `pid` is a process that has not exited (a zombie has)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rfind(")") + 2] not in "ZX"
+
+
+# A `terraform` that counts the interrupts it gets, says Terraform's "Interrupt received" at the
+# first, and finishes 0.5 s later with one more line: what a graceful stop looks like.
+GRACEFUL = """#!{python}
+import signal, sys, time
+heard = []
+signal.signal(signal.SIGINT, lambda *_: heard.append(1) or print("Interrupt received", flush=True))
+print("started", flush=True)
+deadline = time.monotonic() + 20
+while not heard and time.monotonic() < deadline:
+    time.sleep(0.05)
+time.sleep(0.5)
+print(f"interrupts: {{len(heard)}}", flush=True)
+"""
+
+RUN_IT = """
+import json, signal, sys
+from pathlib import Path
+from skyhedge.engine import Terraform
+signal.signal(signal.SIGINT, lambda *_: None)  # skyhedge waits for Terraform after a Ctrl-C
+engine = Terraform(home=Path(sys.argv[1]), binary=sys.argv[2])
+done = engine.run(engine.invocation(["apply"], Path(sys.argv[1])))
+print(json.dumps([done.exit_code, done.stdout]), flush=True)
+"""
+
+
+def test_a_ctrl_c_reaches_a_terraform_binary_once_and_what_it_says_after_reaches_skyhedge(tmp_path):
+    """A `terraform` binary runs under a relay (so that it outlives a killed skyhedge); a Ctrl-C,
+    which the terminal sends the whole process group, must still reach it exactly once (a second
+    interrupt is Terraform's "exit now", state unwritten), and end neither the relay nor the
+    lines Terraform says while it finishes."""
+    import json
+    import signal
+    import subprocess
+    import time
+
+    fake = tmp_path / "terraform"
+    fake.write_text(GRACEFUL.format(python=sys.executable))
+    fake.chmod(0o755)
+    driver = subprocess.Popen(
+        [sys.executable, "-c", RUN_IT, str(tmp_path), str(fake)],
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # its own group: the Ctrl-C below reaches it and its children only
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while not any(_cmdline_has(pid, str(fake)) for pid in _group(driver.pid)):
+            assert driver.poll() is None and time.monotonic() < deadline, "terraform never started"
+            time.sleep(0.05)
+        time.sleep(0.3)  # its handler installed
+        os.killpg(driver.pid, signal.SIGINT)  # a terminal's Ctrl-C
+        out, _ = driver.communicate(timeout=30)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(driver.pid, signal.SIGKILL)
+    code, said = json.loads(out)
+    assert code == 0
+    assert said.splitlines() == ["started", "Interrupt received", "interrupts: 1"]
+
+
+def test_a_terraform_binary_ended_by_a_signal_is_reported_so(tmp_path):
+    """The relay a binary runs under ends as the binary did: a signal, not a made-up exit code."""
+    fake = tmp_path / "terraform"
+    fake.write_text("#!/bin/sh\necho going\nkill -SEGV $$\n")
+    fake.chmod(0o755)
+    engine = Terraform(home=tmp_path, binary=fake)
+    done = engine.run(engine.invocation(["apply"], tmp_path))
+    assert (done.exit_code, done.stdout) == (-11, "going\n")
+
+
+def _group(pgid: int) -> list[int]:
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                if os.getpgid(int(entry.name)) == pgid:
+                    out.append(int(entry.name))
+    return out
+
+
+def _cmdline_has(pid: int, text: str) -> bool:
+    try:
+        return text.encode() in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
 
 
 @pytest.mark.parametrize(("raw", "limit"), [("", 3600.0), ("0", 0.0), ("90", 90.0)])

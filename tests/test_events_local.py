@@ -282,6 +282,35 @@ def test_the_logs_of_replicas_the_state_forgot_are_removed_and_the_others_kept(s
     assert src.forget({"r-0003"}) == []
 
 
+def test_the_logs_of_gone_replicas_are_bounded_by_count_and_bytes_newest_kept(state_dir):
+    """The state keeps 500 gone replicas, and each kept its log (up to 64 MiB, and as much in its
+    rotated `.log.1`): 500 logs, tens of GB at worst, until the state forgot them. Now the logs
+    of gone replicas are kept newest first, at most `GONE_LOGS_KEPT` and `GONE_LOGS_BYTES`
+    together; the newest is always kept (`skyhedge logs` of the replica just preempted works),
+    as is a running replica's whatever its age or size."""
+    from skyhedge.clouds.local.processes import GONE_LOGS_BYTES, GONE_LOGS_KEPT, prune_logs
+
+    assert (GONE_LOGS_KEPT, GONE_LOGS_BYTES) == (100, 256 * 2**20)  # as README and docs say
+    launch(state_dir, "r-0009", "local-a")  # running: never counted, never removed
+    rt = runtime_dir(state_dir)
+    replicas = rt / "replicas"
+    os.utime(replicas / "r-0009.log", (1, 1))  # the oldest of all
+    for n in range(1, 7):  # r-0001 oldest ... r-0006 newest, 10 bytes each
+        log = replicas / f"r-000{n}.log"
+        log.write_text("x" * 9 + "\n")
+        os.utime(log, (1000 + n, 1000 + n))
+    (replicas / "r-0002.log.1").write_text("y" * 30)  # a rotated part counts with its log
+    os.utime(replicas / "r-0002.log.1", (1002, 1002))
+    known = {f"r-000{n}" for n in range(1, 10)}
+
+    assert prune_logs(rt, known, max_count=4, max_bytes=1000) == ["r-0001", "r-0002"]  # by count
+    assert not (replicas / "r-0002.log.1").exists()
+    assert prune_logs(rt, known, max_count=4, max_bytes=25) == ["r-0003", "r-0004"]  # by bytes
+    assert prune_logs(rt, known, max_count=1, max_bytes=0) == ["r-0005"]  # the newest stays
+    assert sorted(p.name for p in replicas.glob("*.log*")) == ["r-0006.log", "r-0009.log"]
+    assert is_running(read_pidfile(rt, "r-0009"))
+
+
 def test_a_running_replicas_log_is_rotated_past_its_cap_and_keeps_taking_lines(state_dir):
     """The process writes to the log it was started with, for as long as it runs: a chatty
     server running for weeks filled the disk. Past the cap the log is copied to `<id>.log.1` and

@@ -166,22 +166,27 @@ def test_a_disk_that_refuses_the_log_or_the_pid_file_is_named_and_leaves_nothing
 ):
     """A full disk under the state dir: the launch failed with "OSError: [Errno 28] No space
     left on device", naming no file (which disk?). The log and the pid file are named now, and
-    a pid file write leaves no temp file behind. (/dev/full refuses writes as a full disk does.)"""
+    a pid file write leaves no temp file behind."""
     import errno
+    import resource
 
     import skyhedge.clouds.local.processes as processes
 
-    if not Path("/dev/full").exists():
-        pytest.skip("no /dev/full on this system")
     port = free_base_port(1) + 1
     log = runtime / "replicas" / "r-0001.log"
     log.parent.mkdir(parents=True)
-    log.symlink_to("/dev/full")
-    done = launch("start", config(runtime, tmp_path, port))
-    assert done.returncode == 1, done.stderr
-    assert (
-        done.stderr.strip() == f"skyhedge-local: r-0001: cannot write its log {log} (No space left on device)"
+    # a file size limit of 0 refuses every write as a full disk does (EFBIG rather than ENOSPC);
+    # the log is never a link to /dev/full: a link in its place is refused (test below)
+    done = subprocess.run(
+        [sys.executable, "-m", "skyhedge.clouds.local.launcher", "start", "r-0001"],
+        env={**os.environ, CONFIG_ENV: json.dumps(config(runtime, tmp_path, port)), "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=30,
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (0, 0)),
     )
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.strip() == f"skyhedge-local: r-0001: cannot write its log {log} (File too large)"
     assert find_processes(runtime) == []
 
     proc = processes.LocalProcess("r-0002", 1, 1, port, "local-a", "spot", 0.0, 0, str(log))
@@ -194,6 +199,57 @@ def test_a_disk_that_refuses_the_log_or_the_pid_file_is_named_and_leaves_nothing
         write_pidfile(runtime, proc)
     assert exc.value.filename == str(runtime / "replicas" / "r-0002.json")
     assert sorted(p.name for p in (runtime / "replicas").iterdir()) == ["r-0001.log"]
+
+
+def _plant(kind: str, at: Path, victim: Path) -> str:
+    """Put `kind` of file at `at` where a log goes (pointing at `victim`); the refusal it gets."""
+    at.parent.mkdir(parents=True, exist_ok=True)
+    if kind == "symlink":
+        at.symlink_to(victim)
+        return "a symbolic link, not a log the launcher made: refused"
+    if kind == "hardlink":
+        os.link(victim, at)
+        return "a file with 2 names (a hard link): refused"
+    os.mkfifo(at)
+    return "not a regular file: refused"
+
+
+@pytest.mark.parametrize("kind", ["symlink", "hardlink", "fifo"])
+def test_a_log_replaced_by_a_link_is_never_written_through(runtime, tmp_path, kind):
+    """Whoever can write the replicas dir (the replicas themselves; other accounts, for a state
+    dir under /tmp) could put a link to a file of the user running skyhedge where the next
+    launch's log goes: the launcher appended its header and the replica's whole output to it
+    (`~/.bashrc` taking the lines a replica prints). The launch fails in one line instead."""
+    victim = tmp_path / "victim"
+    victim.write_text("precious\n")
+    log = runtime / "replicas" / "r-0001.log"
+    why = _plant(kind, log, victim)
+    port = free_base_port(1) + 1
+    done = launch("start", config(runtime, tmp_path, port, command="echo leaked; exec sleep 30"))
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.strip() == f"skyhedge-local: r-0001: cannot write its log {log} ({why})"
+    assert victim.read_text() == "precious\n"
+    assert find_processes(runtime) == [] and read_pidfile(runtime, "r-0001") is None
+
+
+def test_rotation_neither_truncates_nor_copies_through_a_planted_link(runtime, tmp_path):
+    """`rotate_logs` copied a log past its cap (following a link there) to `<id>.log.1`
+    (following a link there too) and truncated it (through the link): a link to a big file of
+    the user's emptied it."""
+    from skyhedge.clouds.local.processes import rotate_logs
+
+    big, other = tmp_path / "big", tmp_path / "other"
+    big.write_text("x" * 100)
+    other.write_text("mine\n")
+    replicas = runtime / "replicas"
+    _plant("symlink", replicas / "r-0001.log", big)
+    (replicas / "r-0002.log").write_text("y" * 100)  # a real log past the cap, whose .1 is a link
+    _plant("symlink", replicas / "r-0002.log.1", other)
+    assert rotate_logs(runtime, max_bytes=10) == ["r-0002"]
+    assert big.read_text() == "x" * 100 and other.read_text() == "mine\n"
+    assert (replicas / "r-0002.log").read_text() == ""
+    rotated = replicas / "r-0002.log.1"
+    assert not rotated.is_symlink() and rotated.read_text() == "y" * 100
 
 
 def test_escape_sequences_a_failed_replica_printed_reach_the_error_escaped(runtime, tmp_path):

@@ -7,6 +7,7 @@ output (moto); gcp: serial port 1 (a local server speaking Compute's REST shape)
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -175,6 +176,50 @@ def test_an_unknown_replica_or_a_bad_tail_is_one_line(svc):
     for bad in ("-1", "many"):
         result = CliRunner().invoke(main, ["logs", *args[:1], "r-0001", *args[1:], "--tail", bad])
         assert result.exit_code == 1 and "--tail" in result.stderr and "'all'" in result.stderr
+
+
+@pytest.mark.parametrize("kind", ["symlink", "hardlink", "fifo"])
+def test_a_log_replaced_by_a_link_is_refused_in_one_line_not_printed(svc, tmp_path, kind):
+    """A replica (or anyone who can write its log's folder) could replace its log by a link to a
+    file of the user running skyhedge (a key, a token): `skyhedge logs` printed that file. It
+    reads the log only as a regular file of its own now, and says so in one line. (A FIFO there
+    hung the command; it is refused at once too.)"""
+    svc.write(replicas=1)
+    state = ServiceState(service="logs")
+    state.replicas["r-0001"] = ReplicaRecord(
+        "r-0001", "local", "local", "local-a", "spot", launched_at=1.0, provisioned_at=2.0
+    )
+    save_state(svc.state_dir, state)
+    secret = tmp_path / "secret"
+    secret.write_text("TOKEN=hunter2\n")
+    path = log_path(svc.runtime, "r-0001")
+    path.parent.mkdir(parents=True)
+    if kind == "symlink":
+        path.symlink_to(secret)
+        why = "a symbolic link, not a log the launcher made: refused"
+    elif kind == "hardlink":
+        path.hardlink_to(secret)
+        why = "a file with 2 names (a hard link): refused"
+    else:
+        os.mkfifo(path)
+        why = "not a regular file: refused"
+    args = ["logs", str(svc.spec_path), "r-0001", "--state-dir", str(svc.state_dir)]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 1
+    assert "hunter2" not in result.output
+    assert result.stderr == f"error: r-0001: cannot read its log {path}: {why}\n"
+
+
+def test_a_gone_replica_whose_log_was_pruned_says_which_logs_are_kept(tmp_path):
+    record = ReplicaRecord(
+        "r-0001", "local", "local", "local-a", "spot", launched_at=1.0, provisioned_at=2.0, gone_at=3.0
+    )
+    with pytest.raises(CloudError) as exc:
+        local_logs.read_log(None, tmp_path, record, None)  # type: ignore[arg-type]
+    assert str(exc.value) == (
+        "r-0001: its log is gone (a watcher keeps the logs of the 100 most recently gone replicas, "
+        f"256 MiB at most): {log_path((tmp_path / 'local').resolve(), 'r-0001')}"
+    )
 
 
 def test_a_local_log_read_on_survives_truncation_long_logs_and_cut_characters(tmp_path, monkeypatch):

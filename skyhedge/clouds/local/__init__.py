@@ -3,9 +3,10 @@
 Everything the local cloud keeps lives under `<state dir>/local/` (its "runtime dir"):
 
     replicas/<id>.json   pid file: pid, process group, port, zone, market, start time
-    replicas/<id>.log    the replica's stdout and stderr (removed by a watcher once the state no
-                         longer records the replica: see `processes.prune_logs`; past 64 MiB a
-                         watcher moves it to <id>.log.1: `processes.rotate_logs`)
+    replicas/<id>.log    the replica's stdout and stderr (a watcher keeps those of the 100 most
+                         recently gone replicas, 256 MiB together, and removes the rest: see
+                         `processes.prune_logs`; past 64 MiB a watcher moves it to <id>.log.1:
+                         `processes.rotate_logs`); never opened through a link (`open_log`)
     capacity.json        zones marked preempted (see `capacity`): spot launches there fail
 
 This package's `__init__` stays import-light: the launcher runs once per replica launch.

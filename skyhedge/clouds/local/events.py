@@ -192,7 +192,8 @@ class LocalEventSource(EventSource):
 
     def forget(self, known_ids: set[str]) -> list[str]:
         """Bound the replicas' logs: remove those of replicas the state no longer records (it
-        keeps the last `state.GONE_KEPT` gone ones), and rotate those past 64 MiB
+        keeps the last `state.GONE_KEPT` gone ones) and of gone ones past the last
+        `processes.GONE_LOGS_KEPT` (or `GONE_LOGS_BYTES` together), and rotate those past 64 MiB
         (`processes.rotate_logs`). Returns the IDs whose logs were removed."""
         rotate_logs(self.runtime)
         return prune_logs(self.runtime, known_ids)

@@ -38,6 +38,7 @@ from skyhedge.clouds.local.processes import (
     is_running,
     list_pidfiles,
     log_path,
+    open_log,
     proc_starttime,
     replicas_dir,
     stop_replica,
@@ -91,7 +92,8 @@ def _log_tail(path: Path, lines: int = 20) -> str:
     the dashboard), so control characters in it are shown escaped: an escape sequence the
     replica printed (a title, a cleared screen, a colour) must not act on the terminal."""
     try:
-        text = path.read_text(encoding="utf-8", errors="replace")
+        with os.fdopen(open_log(path), "rb") as fh:
+            text = fh.read().decode("utf-8", errors="replace")
     except OSError:
         return ""
     attempt = text.splitlines()
@@ -190,6 +192,15 @@ def _check_room(runtime: Path, rid: str, zone: str, now: float) -> None:
             )
 
 
+def _open_for_append(rid: str, log: Path) -> int:
+    """The replica's log opened to append (created if need be), never through a link planted in
+    its place (`processes.open_log`): a LaunchError naming it if refused."""
+    try:
+        return open_log(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+    except OSError as exc:
+        raise LaunchError(f"{rid}: cannot write its log {log} ({exc.strerror or exc})") from exc
+
+
 def _shell(cfg: dict[str, Any], runtime: Path, log: IO[bytes]) -> dict[str, Any]:
     """How setup and command alike run: in the replica's directory and environment, output to its log."""
     return {
@@ -214,7 +225,7 @@ def _prepare(runtime: Path, cfg: dict[str, Any], now: float) -> Path:
         raise LaunchError(f"{rid}: working directory {workdir} does not exist")
     log = log_path(runtime, rid)
     # unbuffered: a write the disk refuses fails here, named, not later as a bare errno
-    with open(log, "ab", buffering=0) as fh:
+    with os.fdopen(_open_for_append(rid, log), "ab", buffering=0) as fh:
         try:
             fh.write(
                 f"=== skyhedge: starting {rid} ({zone}, {market}) on port {port} at {now:.3f} ===\n".encode()
@@ -248,7 +259,7 @@ def _prepare(runtime: Path, cfg: dict[str, Any], now: float) -> Path:
 
 def _spawn(runtime: Path, cfg: dict[str, Any], log: Path) -> subprocess.Popen[bytes]:
     """Start `run.command` detached: its own session, so that it outlives the launcher."""
-    with open(log, "ab") as fh:
+    with os.fdopen(_open_for_append(cfg["id"], log), "ab") as fh:
         return subprocess.Popen(
             ["/bin/sh", "-c", cfg["command"]],
             start_new_session=True,

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from skyhedge.clouds.local import runtime_dir
-from skyhedge.clouds.local.processes import log_path
+from skyhedge.clouds.local.processes import GONE_LOGS_BYTES, GONE_LOGS_KEPT, log_path, open_log
 from skyhedge.errors import CloudError
 from skyhedge.replica_logs import RECENT_BYTES, LogChunk
 
@@ -22,7 +22,8 @@ def read_log(spec: ServiceSpec, state_dir: Path, record: ReplicaRecord, start: o
     path = log_path(runtime_dir(state_dir), record.id)
     start = start if isinstance(start, int) else None
     try:
-        with open(path, "rb") as f:
+        # never through a link planted in its place: it printed whatever file it pointed to
+        with os.fdopen(open_log(path), "rb") as f:
             size = os.fstat(f.fileno()).st_size
             skipped = ""
             if start is None:
@@ -36,7 +37,13 @@ def read_log(spec: ServiceSpec, state_dir: Path, record: ReplicaRecord, start: o
     except FileNotFoundError:
         if record.provisioned_at is None and record.ready_at is None:
             raise CloudError(f"{record.id}: no log yet (its process was never started): {path}") from None
-        raise CloudError(f"{record.id}: its log is gone: {path}") from None
+        kept = (
+            f" (a watcher keeps the logs of the {GONE_LOGS_KEPT} most recently gone replicas, "
+            f"{GONE_LOGS_BYTES // 2**20} MiB at most)"
+            if record.gone_at is not None
+            else ""
+        )
+        raise CloudError(f"{record.id}: its log is gone{kept}: {path}") from None
     except OSError as exc:
         raise CloudError(f"{record.id}: cannot read its log {path}: {exc.strerror or exc}") from None
     data = _whole_characters(data)  # the rest of a character being written comes with the next read

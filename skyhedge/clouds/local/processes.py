@@ -13,10 +13,11 @@ pid file, or a child that left the process group): see `find_processes`.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
-import shutil
 import signal
+import stat
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
@@ -57,6 +58,44 @@ def pid_path(runtime_dir: Path, replica_id: str) -> Path:
 
 def log_path(runtime_dir: Path, replica_id: str) -> Path:
     return replicas_dir(runtime_dir) / f"{replica_id}.log"
+
+
+def open_log(path: Path, flags: int = os.O_RDONLY) -> int:
+    """A file descriptor on the replica log at `path`, opened with `flags`, never through a link.
+
+    The replicas dir is writable by whoever runs the replicas (and, for a state dir under /tmp, by
+    other accounts): a log replaced by a symbolic link to a file of the user running skyhedge
+    (`~/.ssh/id_ed25519`, `~/.bashrc`) was printed by `skyhedge logs`, written through by the
+    launcher (the replica's whole output appended to it) and truncated by the watcher's rotation.
+    So the last component is opened with O_NOFOLLOW (O_NONBLOCK: a FIFO planted there must not
+    hang the open), and only a regular file with a single link is used (a hard link is another
+    name of someone's file). Refusals are OSErrors whose `strerror` says why in a few words."""
+    try:
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
+    except OSError as exc:
+        try:
+            mode = os.lstat(path).st_mode
+        except OSError:
+            raise exc from None
+        if stat.S_ISLNK(mode):  # ELOOP
+            raise OSError(
+                exc.errno, "a symbolic link, not a log the launcher made: refused", str(path)
+            ) from None
+        if not stat.S_ISREG(mode):  # a FIFO without a reader to write to: ENXIO
+            raise OSError(exc.errno, "not a regular file: refused", str(path)) from None
+        raise
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise OSError(errno.EINVAL, "not a regular file: refused", str(path))
+        if info.st_nlink > 1:
+            why = f"a file with {info.st_nlink} names (a hard link): refused"
+            raise OSError(errno.EMLINK, why, str(path))
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def proc_starttime(pid: int) -> int | None:
@@ -280,22 +319,62 @@ def stop_unrecorded(runtime_dir: Path) -> list[str]:
     return stopped
 
 
-def prune_logs(runtime_dir: Path, keep: set[str]) -> list[str]:
-    """Remove the logs of replicas not in `keep` that do not run (no pid file); returns their IDs.
+#: The logs of gone replicas (no pid file) a watcher keeps for `skyhedge logs`, newest first: at
+#: most this many, and at most `GONE_LOGS_BYTES` together (a log and its rotated `.log.1`). The
+#: newest is kept whatever its size, so that the replica that just went (preempted, crashed) can
+#: always be read. Live replicas' logs are not counted: rotation bounds each (`rotate_logs`).
+GONE_LOGS_KEPT = 100
+GONE_LOGS_BYTES = 256 * 2**20
 
-    A replica's log outlives it, for `status --all` and post-mortems; but every launch writes a
-    new one (IDs are never reused), so without this a churny fleet's folder grew by a file per
-    replica for as long as the service ran."""
+
+def prune_logs(
+    runtime_dir: Path,
+    keep: set[str],
+    *,
+    max_count: int = GONE_LOGS_KEPT,
+    max_bytes: int = GONE_LOGS_BYTES,
+) -> list[str]:
+    """Remove the logs of replicas that do not run (no pid file) beyond what is kept: those not
+    in `keep` (the IDs the state records), then the oldest (by last write) past `max_count` logs
+    or `max_bytes` bytes together; returns the IDs removed.
+
+    A replica's log outlives it, for `skyhedge logs` of a replica just preempted and for
+    post-mortems; but every launch writes a new one (IDs are never reused), so without this a
+    churny fleet's folder grew by a file per replica for as long as the service ran, and the
+    state's 500 gone replicas could hold 500 logs of up to 128 MiB each (a log and its `.1`)."""
+    gone: list[tuple[float, int, str, list[Path]]] = []  # (last write, bytes, id, files)
     removed = []
     for path in replicas_dir(runtime_dir).glob("r-*.log"):
         rid = path.stem
-        if rid in keep or pid_path(runtime_dir, rid).exists():
+        if pid_path(runtime_dir, rid).exists():
             continue
-        with contextlib.suppress(FileNotFoundError):
-            path.with_name(f"{path.name}.1").unlink(missing_ok=True)  # its rotated part too
-            path.unlink()
+        files = [path, path.with_name(f"{path.name}.1")]  # its rotated part goes with it
+        if rid not in keep:
+            _unlink(files)
+            removed.append(rid)
+            continue
+        sizes = [st for f in files if (st := _lstat(f)) is not None]
+        if sizes:
+            gone.append((max(st.st_mtime for st in sizes), sum(st.st_size for st in sizes), rid, files))
+    total = 0
+    for i, (_, size, rid, files) in enumerate(sorted(gone, reverse=True)):
+        total += size
+        if i > 0 and (i >= max_count or total > max_bytes):
+            _unlink(files)
             removed.append(rid)
     return sorted(removed)
+
+
+def _lstat(path: Path) -> os.stat_result | None:
+    try:
+        return os.lstat(path)
+    except FileNotFoundError:
+        return None
+
+
+def _unlink(paths: list[Path]) -> None:
+    for path in paths:
+        path.unlink(missing_ok=True)
 
 
 #: A running local replica's log past this size is rotated by `rotate_logs`.
@@ -311,14 +390,36 @@ def rotate_logs(runtime_dir: Path, max_bytes: int = LOG_ROTATE_BYTES) -> list[st
     rotated = []
     for path in replicas_dir(runtime_dir).glob("r-*.log"):
         try:
-            if path.stat().st_size <= max_bytes:
+            fd = open_log(path, os.O_RDWR)  # a link planted there is neither copied nor truncated
+        except OSError:
+            continue  # gone, or refused: `skyhedge logs` says why
+        try:
+            if os.fstat(fd).st_size <= max_bytes:
                 continue
-            shutil.copyfile(path, path.with_name(f"{path.name}.1"))
-            os.truncate(path, 0)
+            _copy_whole(fd, path.with_name(f"{path.name}.1"))
+            os.ftruncate(fd, 0)
         except FileNotFoundError:
             continue
+        finally:
+            os.close(fd)
         rotated.append(path.stem)
     return sorted(rotated)
+
+
+def _copy_whole(src: int, dest: Path) -> None:
+    """Copy the file open at `src` to `dest`: a temp file renamed over it, so that a link planted
+    at `dest` is replaced, never written through."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+    try:
+        with os.fdopen(fd, "wb") as out, os.fdopen(os.dup(src), "rb") as inp:
+            inp.seek(0)
+            while chunk := inp.read(1 << 20):
+                out.write(chunk)
+        os.replace(tmp, dest)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def kill_all(runtime_dir: Path) -> list[int]:
