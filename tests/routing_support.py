@@ -12,8 +12,11 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -191,3 +194,55 @@ def teardown_router(router: Router) -> None:
                 os.killpg(pid, signal.SIGKILL)
         for p in nginx_proc.leftovers(pid):
             nginx_proc.signal_pid(p, signal.SIGKILL)
+
+
+class _Answers500(BaseHTTPRequestHandler):
+    """A replica whose model broke while its server runs: `/health` passes, completions answer
+    500 (`poison`: only those whose body holds that word, as a prompt tripping a model bug)."""
+
+    protocol_version = "HTTP/1.1"
+    poison: bytes | None = None
+
+    def do_GET(self) -> None:  # noqa: N802
+        self._answer(200, b'{"status": "ok"}')
+
+    def do_POST(self) -> None:  # noqa: N802
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        if self.poison is None or self.poison in body:
+            self._answer(500, b'{"error": {"message": "model failure", "type": "internal_error"}}')
+        else:
+            self._answer(200, b'{"choices": [{"text": " fine"}]}')
+
+    def _answer(self, code: int, body: bytes) -> None:
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("X-Replica-Id", self.server.replica_id)  # type: ignore[attr-defined]
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+class _QuietServer(ThreadingHTTPServer):
+    def handle_error(self, request: object, client_address: object) -> None:
+        """nginx closing its idle keep-alive connections at teardown is no error worth a traceback."""
+
+
+@contextlib.contextmanager
+def replica_answering_500(replica_id: str, *, poison: bytes | None = None) -> Iterator[Upstream]:
+    """A fake replica on 127.0.0.1 answering completions with 500 (all of them, or with `poison`
+    those holding that word) while `/health` says 200; stopped when the block ends."""
+    handler = type("Handler", (_Answers500,), {"poison": poison})
+    server = _QuietServer(("127.0.0.1", 0), handler)
+    server.replica_id = replica_id  # type: ignore[attr-defined]
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield Upstream(replica_id, f"http://127.0.0.1:{server.server_address[1]}")
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)

@@ -37,6 +37,8 @@ def bench(tmp_path: Path, script: str, *args: str, timeout: float = 60) -> subpr
         ("scale_bench.py", ["--replicas", "0"]),
         ("scale_bench.py", ["--passes", "0"]),
         ("probe_bench.py", ["--timeout", "0"]),
+        ("traffic_bench.py", ["--rate", "0"]),
+        ("traffic_bench.py", ["--scenarios", "kill,nap"]),
         ("simulate_bench.py", ["--repeats", "0"]),
         ("simulate_bench.py", ["--optimal-windows", "-1"]),
         ("policy_subsets.py", [".", "--seeds", "x"]),

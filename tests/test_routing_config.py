@@ -34,12 +34,19 @@ def test_full_config_has_every_piece_issue_4_asks_for(tmp_path):
         "server 127.0.0.1:18001 max_fails=1 fail_timeout=10s;  # r-0001",
         "server 127.0.0.1:18002 max_fails=1 fail_timeout=10s;  # r-0002",
         "server 127.0.0.1:18003 max_fails=1 fail_timeout=10s;  # r-0003",
+        # the group retrying a replica's 500: never counted against a replica
+        "server 127.0.0.1:18001 max_fails=0;  # r-0001",
+        "server 127.0.0.1:18002 max_fails=0;  # r-0002",
+        "server 127.0.0.1:18003 max_fails=0;  # r-0003",
     ]
     for line in (
         "keepalive 32;",
         "proxy_http_version 1.1;",
         'proxy_set_header Connection "";',
         "proxy_next_upstream error timeout http_502 http_503 non_idempotent;",
+        "proxy_intercept_errors on;",
+        "error_page 500 = @retry_500;",
+        "proxy_next_upstream error timeout http_500 http_502 http_503 http_504 non_idempotent;",
         "proxy_next_upstream_tries 3;",
         "proxy_next_upstream_timeout 30s;",
         "proxy_read_timeout 600s;",
@@ -56,6 +63,12 @@ def test_full_config_has_every_piece_issue_4_asks_for(tmp_path):
     assert "/var/log/nginx" not in text and "/var/lib/nginx" not in text
     # least_conn must come before keepalive in the upstream block (nginx requirement).
     assert text.index("least_conn;") < text.index("keepalive 32;")
+
+
+def test_without_retries_a_replicas_500_is_not_retried_either(tmp_path):
+    text = render(tmp_path, options=RouterOptions(next_upstream_tries=1))
+    assert "location @retry_500" not in text and "proxy_intercept_errors" not in text
+    assert "skyhedge_replicas_retry" not in text
 
 
 def test_round_robin_is_nginx_default_and_options_flow_through(tmp_path):

@@ -24,6 +24,7 @@ from routing_support import (
     free_port,
     make_spec,
     needs_nginx,
+    replica_answering_500,
     request,
     teardown_router,
 )
@@ -245,6 +246,46 @@ class BrokenRouter(Router):
             if self.broken
             else text
         )
+
+
+@pytest.mark.parametrize("lb", ["least_load", "round_robin"])
+def test_a_replica_answering_500_loses_no_request_while_the_others_can_answer(fleet, make_router, lb):
+    # A replica whose model broke while /health still passes: the controller keeps it routed.
+    # Its 500s went to the clients, and under least_conn it drew most requests (it answers at
+    # once, so it holds the fewest connections): benchmarks/traffic_bench.py saw half fail.
+    fleet.start(2)
+    router = make_router(lb=lb)
+    with replica_answering_500("r-0003") as broken:
+        router.up([*fleet.upstreams(), broken])
+        answers = [complete(router.endpoint) for _ in range(120)]
+    failed = [f"HTTP {r.status} from {r.replica}" for r in answers if r.status != 200]
+    assert failed == []
+    assert {r.replica for r in answers} == {"r-0001", "r-0002"}
+
+
+def test_a_request_every_replica_answers_500_gets_that_500_and_takes_no_replica_out(make_router):
+    # Retrying a 500 must not count it against the replica (max_fails): counted, two requests
+    # that make every replica answer 500 (a prompt tripping a model bug) took all three out for
+    # fail_timeout, and every other client got 503 meanwhile.
+    router = make_router()
+    with contextlib.ExitStack() as stack:
+        ups = [stack.enter_context(replica_answering_500(f"r-000{n}", poison=b"poison")) for n in (1, 2, 3)]
+        router.up(ups)
+        base = router.endpoint
+        bad = [request(base, "POST", "/v1/completions", {"prompt": "poison"}) for _ in range(4)]
+        good = [request(base, "POST", "/v1/completions", {"prompt": "fine"}) for _ in range(30)]
+    assert [r.status for r in bad] == [500] * 4
+    assert bad[0].json()["error"]["message"] == "model failure"  # the replica's own answer
+    assert collections.Counter(r.status for r in good) == {200: 30}
+
+
+def test_without_retries_a_replicas_500_reaches_the_client(fleet, make_router):
+    fleet.start(1)
+    router = make_router(options=RouterOptions(next_upstream_tries=1))
+    with replica_answering_500("r-0002") as broken:
+        router.up([*fleet.upstreams(), broken])
+        statuses = collections.Counter(complete(router.endpoint).status for _ in range(20))
+    assert statuses[500] > 0 and statuses[200] > 0
 
 
 def test_invalid_candidate_is_refused_and_the_old_config_keeps_serving(fleet, make_router):

@@ -199,6 +199,8 @@ def render_config(
             upstreams=[{"id": u.id, "server": u.server} for u in ups],
             zone_kb=upstream_zone_kb(len(ups)),
             least_conn=spec.service.load_balancing_policy == "least_load",
+            # a replica's 500 is retried on the replicas, unless retries are off
+            retry_500=(options or spec.service.router).next_upstream_tries > 1,
             listen=listen_address(spec),
             tls={"cert": tls.certfile, "key": tls.keyfile, "digest": tls_digest} if tls is not None else None,
             status_listen=f"127.0.0.1:{status_port}" if status_port else None,
