@@ -616,12 +616,26 @@ def test_a_wall_clock_stepped_back_during_a_backoff_does_not_stretch_it(world):
     assert all(r.provisioned_at is not None for r in ctl.state.live())
 
 
+def probe_out_of_descriptors(ctl, clock, monkeypatch, *, passes: int) -> None:
+    """`passes` passes 10 s apart with every probe connection failing EMFILE (the watcher out of
+    file descriptors: a probe that cannot be made, not a replica failing one)."""
+    import errno
+    import socket
+
+    def no_descriptor(*args: object, **kwargs: object) -> socket.socket:
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    with monkeypatch.context() as m:
+        m.setattr(socket, "create_connection", no_descriptor)
+        for _ in range(passes):
+            ctl.tick()
+            clock.advance(10)
+
+
 def test_probes_the_watcher_cannot_make_leave_the_replicas_as_they_were(world, monkeypatch):
     # the watcher out of file descriptors (measured by a chaos run: `prlimit --nofile` on it):
     # every probe failed with EMFILE, every READY replica went NOT_READY at once (on-demand covers
     # were launched for them), and after 180 s all of them would be FAILED and replaced
-    import errno
-    import socket
 
     from skyhedge.controller.adapters import HttpProber
     from skyhedge.controller.facts import UNPROBED_SECONDS
@@ -630,15 +644,7 @@ def test_probes_the_watcher_cannot_make_leave_the_replicas_as_they_were(world, m
     settle(ctl, clock)
     ready = sorted(r.id for r in ctl.state.live())
     ctl.prober = HttpProber(world["spec"])
-
-    def no_descriptor(*args: object, **kwargs: object) -> socket.socket:
-        raise OSError(errno.EMFILE, "Too many open files")
-
-    with monkeypatch.context() as m:
-        m.setattr(socket, "create_connection", no_descriptor)
-        for _ in range(int(UNPROBED_SECONDS // 10)):  # up to the bound on what goes unprobed
-            ctl.tick()
-            clock.advance(10)
+    probe_out_of_descriptors(ctl, clock, monkeypatch, passes=int(UNPROBED_SECONDS // 10))  # to the bound
     live = ctl.state.live()
     assert sorted(r.id for r in live) == ready
     assert all(r.fact().status is ReplicaStatus.READY for r in live)
@@ -654,8 +660,6 @@ def test_a_replica_no_probe_can_be_made_of_is_not_ready_for_ever(world, monkeypa
     # aged: a replica whose process died while the watcher was out of descriptors (its probes
     # EMFILE, its pid file unreadable: no GONE either) stayed READY, routed and counted by the
     # policy, for as long as that lasted (measured: 10 minutes of it, still READY).
-    import errno
-    import socket
 
     from skyhedge.controller.adapters import HttpProber
     from skyhedge.controller.facts import NOT_READY_GRACE_SECONDS, UNPROBED_SECONDS
@@ -664,15 +668,7 @@ def test_a_replica_no_probe_can_be_made_of_is_not_ready_for_ever(world, monkeypa
     settle(ctl, clock)
     ready = sorted(r.id for r in ctl.state.live())
     ctl.prober = HttpProber(world["spec"])
-
-    def no_descriptor(*args: object, **kwargs: object) -> socket.socket:
-        raise OSError(errno.EMFILE, "Too many open files")
-
-    with monkeypatch.context() as m:
-        m.setattr(socket, "create_connection", no_descriptor)
-        for _ in range(60):  # ten minutes
-            ctl.tick()
-            clock.advance(10)
+    probe_out_of_descriptors(ctl, clock, monkeypatch, passes=60)  # ten minutes
     kept = {rid: ctl.state.replicas[rid] for rid in ready}
     # none READY past the bound, none FAILED for it (no probe made failed), all still routed (panic)
     assert all(r.gone_at is None and r.fact().status is ReplicaStatus.NOT_READY for r in kept.values())
