@@ -208,6 +208,17 @@ class LeftoverWatch:
         self._first: dict[tuple[str, str], float] = {}  # (scope, instance) -> first seen unowned
         self._reported: set[tuple[str, str]] = set()
 
+    def shift_times(self, jump: float, moved: Callable[[float], bool]) -> int:
+        """Move the first-seen times with a wall clock jump (`Controller._follow_clock`): a clock
+        set forward by more than the grace reported every instance seen unowned a pass earlier
+        (one just launched, its ID not yet recorded) as a leftover. Returns how many moved."""
+        count = 0
+        for key, at in self._first.items():
+            if moved(at):
+                self._first[key] = at + jump
+                count += 1
+        return count
+
     def due(self, scope: str, unowned: Sequence[str], now: float) -> list[str]:
         """Of the instances unowned now in `scope` (a region, a zone), the ones to report now.
         One owned again, or gone, in the same scope starts over."""

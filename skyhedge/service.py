@@ -81,6 +81,10 @@ class PolicyClock:
     def at(self, t: float) -> float:
         return self.origin + (t - self.origin) * self.rate
 
+    def wall(self, t: float) -> float:
+        """The controller's time at which the policy's clock reads `t` (`at` undone)."""
+        return self.origin + (t - self.origin) / self.rate if self.rate else t
+
     def key(self) -> list[float]:
         """Saved beside the policy's memory: memory kept on one clock is not read on another."""
         return [self.origin, self.rate]
@@ -109,6 +113,42 @@ def remember_decision(state: ServiceState, memory: dict[str, Any], now: float) -
     """Keep the policy's memory after deciding at `now` (whether or not the plan changed)."""
     state.policy_memory = memory
     state.extra[DECIDED_AT_KEY] = now
+
+
+def shift_policy_memory(
+    spec: ServiceSpec,
+    state: ServiceState,
+    jump: float,
+    moved: Callable[[float], bool],
+    *,
+    policy_name: str | None = None,
+    clock: PolicyClock | None = None,
+) -> int:
+    """Move the times of the policy's saved memory with a wall clock jump (`Policy.shift_times`),
+    as `facts.shift_times` moves the state's; returns how many moved. The policy is pure: it
+    measures every age from `obs.now`, so only the memory it keeps between decisions needs moving.
+    Memory `compute_plan` would not read (another policy's, another clock's) is left alone, and
+    so is one the policy cannot load (the next plan says why). Under a market replay the memory
+    holds the replay's times (`PolicyClock`): `moved` is asked about the controller's time of
+    each, and the jump moves them `rate` times as far."""
+    name = spec.replica_policy.policy if policy_name is None else policy_name
+    saved = state.policy_memory
+    memory = saved.get("memory")
+    clock_key = None if clock is None else clock.key()
+    if saved.get("policy") != name or saved.get("clock") != clock_key or not isinstance(memory, dict):
+        return 0
+    try:
+        policy = make_policy(name, spec.replica_policy.policy_config(), seed=0)
+        policy.restore(memory)
+        if clock is None:
+            count = policy.shift_times(jump, moved)
+        else:
+            count = policy.shift_times(jump * clock.rate, lambda t: moved(clock.wall(t)))
+        if count:
+            state.policy_memory = {**saved, "memory": policy.snapshot()}
+    except PolicyError:
+        return 0
+    return count
 
 
 @dataclass(frozen=True)

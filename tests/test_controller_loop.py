@@ -988,6 +988,33 @@ def test_a_released_replica_is_destroyed_only_after_its_requests_end_and_the_pas
     assert any(n.text == f"{victims[0].id}: drained, its requests ended; removing it" for n in ctl.notes)
 
 
+def test_a_released_replica_that_hangs_is_destroyed_after_the_not_ready_grace_not_the_drain_deadline(
+    world, write_spec
+):
+    """A released replica that stops answering (accepts connections, answers nothing) holds the
+    requests its drain waits for: they end only when it is destroyed (its connections reset:
+    nginx retries them elsewhere or answers 503, measured with real nginx) or at read_timeout.
+    Its destroy waited for them, up to the 600 s drain deadline; it now comes once it failed its
+    probes for NOT_READY_GRACE_SECONDS, as for a replica still routed."""
+    from skyhedge.controller.facts import NOT_READY_GRACE_SECONDS
+
+    ctl, clock, router = _scaled_down_while_draining(world, write_spec)
+    victims = [r for r in ctl.state.live() if r.draining]
+    assert victims and router.busy
+    world["prober"].down |= {r.id for r in victims}
+    ctl.tick()
+    assert all(r.not_ready_since == clock() for r in victims)
+    clock.advance(NOT_READY_GRACE_SECONDS - 1)
+    ctl.tick()
+    assert all(r.gone_at is None for r in victims)  # a busy health endpoint gets its grace
+    clock.advance(2)
+    settle(ctl, clock, ticks=2)
+    assert router.busy  # the old workers still hold the requests stuck on it
+    assert all(ctl.state.replicas[r.id].gone_at is not None for r in victims)
+    assert not {r.id for r in victims} & world["executor"].ids()
+    assert any(n.text.startswith(f"{victims[0].id}: not answering its probes for") for n in ctl.notes)
+
+
 def test_the_plan_note_counts_replicas_on_their_way_out_apart(world, write_spec):
     """A plan made while a released replica drains names the layout the service is headed for:
     the draining replica is not one of its spot replicas, it is counted apart."""
@@ -1551,7 +1578,7 @@ def test_notes_from_a_replays_thread_and_the_loops_lose_and_double_nothing(world
     assert len(ctl.notes) == ctl.notes.maxlen
 
 
-def _jumping(world) -> tuple[Controller, Clock, Clock]:
+def _jumping(world, **opts) -> tuple[Controller, Clock, Clock]:
     """A controller whose wall clock (`clock`) can jump while its monotonic clock runs on."""
     wall, mono = world["clock"], Clock(50.0)
     ctl = Controller(
@@ -1563,6 +1590,7 @@ def _jumping(world) -> tuple[Controller, Clock, Clock]:
         sources=[world["source"]],
         clock=wall,
         monotonic=mono,
+        options=ControllerOptions(**opts),
     )
     return ctl, wall, mono
 
@@ -1606,3 +1634,96 @@ def test_a_wall_clock_jump_fails_no_replica_and_moves_no_timer(world, jump):
     _both(wall, mono, NOT_READY_GRACE_SECONDS - 30)
     ctl.tick()
     assert failing.gone_at == wall() and failing.reason == "failed"
+
+
+SKYHEDGE_SPEC = SPEC.replace("policy: spothedge", "policy: skyhedge\n  availability_target: 0.95")
+
+
+def _layout(ctl: Controller) -> list[tuple[str, str, str, bool]]:
+    return sorted((r.id, r.zone, r.market, r.draining) for r in ctl.state.live())
+
+
+def _policy_view(ctl: Controller) -> tuple[dict[str, float], float]:
+    """The `skyhedge` policy's zone ages and decision period as its next decision sees them."""
+    from skyhedge.policy.skyhedge import SkyHedge
+
+    policy = SkyHedge()
+    policy.restore(ctl.state.policy_memory["memory"])
+    now = ctl.clock()
+    return {z: policy.zone_age(Location.parse(f"local/local/{z}"), now) for z in ("local-a", "local-b")}, (
+        policy.outage_seconds
+    )
+
+
+def test_a_wall_clock_jump_does_not_age_the_policys_zones(tmp_path, write_spec):
+    # The skyhedge policy ages zones from remembered times (its last trouble seen per zone, its
+    # start) and averages its decision period: after a +2 h step it saw 2 h of calm everywhere,
+    # a 300 s period, released its extra replica and the on-demand cover of unsettled spot ones.
+    # A run whose clock jumps must decide exactly as one whose clock does not.
+    def run(jump: float, where: str) -> tuple[Controller, list, tuple]:
+        spec = load_spec(write_spec(SKYHEDGE_SPEC, name=f"{where}.yaml"))
+        wall, mono = Clock(), Clock(50.0)
+        src = FakeSource()
+        ctl = Controller(
+            spec,
+            tmp_path / where,
+            executor=FakeExecutor(),
+            router=FakeRouter(),
+            prober=FakeProber(),
+            sources=[src],
+            clock=wall,
+            monotonic=mono,
+        )
+        for _ in range(5):
+            ctl.tick()
+            _both(wall, mono, 1)
+        wall.advance(jump)
+        view = _policy_view(ctl)  # (read before the pass that sees the jump: as the clock reads now)
+        for _ in range(3):
+            ctl.tick()
+            _both(wall, mono, 1)
+        return ctl, _layout(ctl), view
+
+    still, layout, _ = run(0.0, "still")
+    jumped, after, _ = run(7200.0, "jumped")
+    assert any(market == "on-demand" for _, _, market, _ in layout)  # the hedge this is about
+    assert after == layout
+    assert _policy_view(jumped) == _policy_view(still)
+    memory = jumped.state.policy_memory["memory"]
+    assert memory["last_now"] == jumped.clock() - 1 and memory["start"] == 1000.0 + 7200.0
+
+
+def test_a_watcher_restarted_after_the_clock_was_set_back_moves_the_states_times_back(world):
+    # The clock set back 2 h while no watcher ran: the state's times lay 2 h ahead of it. Replicas
+    # still loading their model were judged against initial_delay_seconds (30 s) only 2 h later,
+    # and the policy's last decision lay in the future. Moved back, the latest to now, they read
+    # as if no time passed while the watcher was down, and keep their order and distances.
+    ctl, wall, mono = _jumping(world, policy="skyhedge")
+    for _ in range(3):
+        ctl.tick()
+        _both(wall, mono, 1)
+    victim = ctl.state.live()[0]
+    world["source"].queue.append(
+        PreemptionEvent(Signal.GONE, wall(), "fake", replica_id=victim.id, reason="preempted")
+    )
+    ctl.tick()  # the replacement starts loading
+    _both(wall, mono, 10)
+    loading = [r for r in ctl.state.live() if r.ready_at is None]
+    assert loading
+    world["prober"].down |= {r.id for r in loading}
+    ctl.tick()
+    ctl.flush()
+    last = wall()
+    wall.advance(-7200.0)
+    restarted, _, mono = _jumping(world, policy="skyhedge")
+    restarted.tick()
+    assert any(n.text.startswith("the state's times run up to 7200s ahead") for n in restarted.notes)
+    assert restarted.state.extra["decided_at"] == wall()
+    assert all(r.launched_at <= wall() for r in restarted.state.replicas.values())
+    assert restarted.state.policy_memory["memory"]["last_now"] == wall()
+    gone = restarted.state.replicas[victim.id].gone_at
+    assert gone == last - 10 - 7200.0  # 10 s before the last pass, as it was
+    assert all(restarted.state.replicas[r.id].launched_at == gone for r in loading)
+    _both(wall, mono, 21)  # 31 s since their launch: past initial_delay_seconds
+    restarted.tick()
+    assert all(restarted.state.replicas[r.id].reason == "failed" for r in loading)

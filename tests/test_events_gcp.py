@@ -768,3 +768,47 @@ def test_preemptions_older_than_the_oldest_live_replica_are_read_to_the_end_and_
     assert len(pages) == len(old) + 1  # one item a page: every page read
     assert victim.gone_at is not None and victim.reason == "preempted"
     assert [r.id for r in ctl.state.replicas.values() if r.gone_at is not None] == [victim.id]
+
+
+def test_a_clock_set_forward_does_not_end_the_leftover_grace_at_once(
+    compute, session, tmp_path, write_spec, caplog
+):
+    """The 10-minute grace before a leftover instance is reported counts wall-clock time: a clock
+    stepped forward 2 h reported an instance seen unowned 10 s earlier (its replica's ID perhaps
+    not recorded yet) at the next pass. The watcher moves the grace's times with the jump."""
+    import logging
+
+    spec = load_spec(write_spec(SPEC))
+    wall, mono = Clock(time.time()), Clock(100.0)
+    ctl = Controller(
+        spec,
+        tmp_path / "state",
+        executor=CloudSync(FakeExecutor(), compute),
+        router=FakeRouter(),
+        prober=FakeProber(),
+        sources=[GcpEventSource("llm", PROJECT, {}, session=session, poll_every=5)],
+        clock=wall,
+        monotonic=mono,
+    )
+    zone = None
+    with caplog.at_level(logging.WARNING):
+        for i in range(4):
+            ctl.tick()
+            if i == 1:
+                zone = ctl.state.live()[0].zone
+                compute.instances[zone]["llm-r-0099"] = {
+                    "status": "RUNNING",
+                    "labels": {"skyhedge-service": "llm", "skyhedge-replica": "r-0099"},
+                }
+            wall.advance(10)
+            mono.advance(10)
+        wall.advance(7200)
+        ctl.tick()
+        assert any("the wall clock jumped +7200s" in n.text for n in ctl.notes)
+        assert not [r for r in caplog.records if "llm-r-0099" in r.getMessage()]
+        for _ in range(60):  # the grace runs on the clock as it now reads
+            wall.advance(10)
+            mono.advance(10)
+            ctl.tick()
+    reports = [r.getMessage() for r in caplog.records if "llm-r-0099" in r.getMessage()]
+    assert len(reports) == 1 and "belongs to no live replica" in reports[0]

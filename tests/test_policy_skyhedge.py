@@ -835,3 +835,38 @@ def test_a_large_scale_down_ranks_each_zone_once_not_once_per_released_replica()
     decisions = policy.decide(Observation(20 * HOUR, 100, cands, fleet))
     assert kinds(decisions) == (0, 0, 900)
     assert len(asked) <= 10 * len(z)  # a handful of times per zone, not per zone per release
+
+
+def test_shifting_its_times_makes_a_clock_jump_look_like_no_time_passed() -> None:
+    """The controller moves the policy's memory with a wall clock jump (`Policy.shift_times`):
+    every remembered time stamped before the jump moves, so zone ages, refusals, the wave window
+    and the decision period read as they did; times `moved` refuses stay."""
+    z = zones(3)
+    cands = tuple(Candidate(loc, 1.0, 3.0) for loc in z)
+    policy = finite_capacity_policy(z)  # zone 0 refused at t=0, decided at t=30
+    lost = (
+        ZoneEvent(EventKind.PREEMPTED, z[1], 40.0, "b1"),
+        ZoneEvent(EventKind.PREEMPTED, z[2], 45.0, "c1"),
+    )
+    policy.decide(Observation(60.0, 3, cands, (fact("a1", z[0]), fact("a2", z[0])), lost))
+    before = policy.snapshot()
+    ages = [policy.zone_age(loc, 60.0) for loc in z]
+    jump = 2 * HOUR
+    moved = policy.shift_times(jump, lambda t: t <= 60.0)
+    after = policy.snapshot()
+    # start, last decision, wave, two zones' trouble (zone 0 refused at its usual size: no
+    # trouble), one refusal, two losses
+    assert moved == 8
+    assert [policy.zone_age(loc, 60.0 + jump) for loc in z] == ages
+    assert after["last_now"] == before["last_now"] + jump and after["wave_at"] == before["wave_at"] + jump
+    assert after["refused"] == {k: t + jump for k, t in before["refused"].items()}
+    times = {"start", "last_now", "wave_at", "trouble", "refused", "lost_at"}
+    assert {k: v for k, v in after.items() if k not in times} == {
+        k: v for k, v in before.items() if k not in times
+    }
+    # the next decision's period is the time that passed (30 s), not the jump
+    policy.decide(Observation(90.0 + jump, 3, cands, (fact("a1", z[0]), fact("a2", z[0]))))
+    assert policy.snapshot()["interval"] == pytest.approx(0.8 * before["interval"] + 0.2 * 30.0)
+    assert SkyHedge().shift_times(jump, lambda t: True) == 0  # a fresh memory holds no times
+    kept = policy.snapshot()
+    assert policy.shift_times(-jump, lambda t: False) == 0 and policy.snapshot() == kept

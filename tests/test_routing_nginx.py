@@ -763,3 +763,64 @@ def test_a_log_past_its_cap_is_rotated_once_and_nginx_writes_a_fresh_one(fleet, 
         time.sleep(0.02)
     assert (old.read_text() + access.read_text()).count("POST /v1/completions") == sent
     assert router.rotate_logs(max_bytes=300) == []  # under the cap again: nothing to do
+
+
+def test_requests_stuck_on_a_hung_replica_end_when_its_process_is_killed(fleet, make_router, tmp_path):
+    """A replica that accepts connections and never answers keeps the requests nginx sent it, in
+    the old workers, after a reload drops it (NOT_READY); destroying it (the local cloud kills its
+    process) resets them: nginx retries each on another replica while `next_upstream_timeout`
+    allows (past it nginx answers 503, the client's to retry), so none waits for read_timeout.
+    This is why the controller destroys a replica that hangs while draining once it failed its
+    probes for the NOT_READY grace, not at the drain's deadline."""
+    import subprocess
+    import sys
+
+    fleet.start(1)
+    port = free_port()
+    hang = tmp_path / "hang.py"
+    hang.write_text(
+        "import socket, sys\n"
+        "s = socket.socket()\n"
+        "s.bind(('127.0.0.1', int(sys.argv[1])))\n"
+        "s.listen(64)\n"
+        "held = []\n"
+        "while True:\n"
+        "    held.append(s.accept()[0])\n",
+        encoding="utf-8",
+    )
+    hung = subprocess.Popen([sys.executable, str(hang), str(port)], start_new_session=True)
+    try:
+        deadline = time.monotonic() + 10
+        while True:  # until it listens
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except ConnectionRefusedError:
+                assert time.monotonic() < deadline and hung.poll() is None
+                time.sleep(0.02)
+        router = make_router(lb="round_robin", spec_router={"next_upstream_timeout": 20})
+        router.up([*fleet.upstreams(), Upstream("r-hung", f"http://127.0.0.1:{port}")])
+        results: list[tuple[int, str | None, float]] = []
+
+        def one() -> None:
+            began = time.monotonic()
+            r = complete(router.endpoint, timeout=30)
+            results.append((r.status, r.replica, time.monotonic() - began))
+
+        threads = [threading.Thread(target=one) for _ in range(4)]
+        for t in threads:
+            t.start()
+            time.sleep(0.05)
+        time.sleep(0.5)
+        router.reload(fleet.upstreams())  # NOT_READY: out of the router; the old workers keep them
+        time.sleep(0.5)
+        assert len(results) < 4  # (round robin: some went to the hung replica and wait)
+        hung.kill()
+        killed = time.monotonic()
+        for t in threads:
+            t.join(30)
+        assert len(results) == 4 and all(status == 200 and rid == "r-0001" for status, rid, _ in results)
+        assert time.monotonic() - killed < 5
+    finally:
+        hung.kill()
+        hung.wait(timeout=5)

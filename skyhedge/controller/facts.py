@@ -241,49 +241,78 @@ def mark_unprobed(state: ServiceState, rec: ReplicaRecord, now: float, seconds: 
     )
 
 
-def shift_times(state: ServiceState, jump: float, moved: Callable[[float], bool]) -> int:
-    """Move by `jump` seconds every time the controller measures a duration from that `moved`
-    says was stamped before the wall clock jumped by `jump` (see `Controller._follow_clock`): the
-    replicas' launch, provisioning, READY, NOT_READY and gone times, interruption warnings,
-    drains, launches given up, the last SURVIVED report and the autoscaler's window. Durations
-    then read as they were (a replica loading its model for 10 s still has 10 s behind it), where a
-    clock set forward by hours failed every replica still loading (past `initial_delay_seconds`)
-    or failing its probe, and ended drains and interruption warnings at once. Returns how many
-    times moved. (The policy's memory keeps its own clock: `Policy.clock_memory`.)"""
-    count = 0
+def _map_times(state: ServiceState, shift: Callable[[float], float]) -> None:
+    """Replace every time `shift_times` moves by `shift(time)` (one walk for moving and reading)."""
 
-    def shift(t: Any) -> Any:
-        nonlocal count
-        if isinstance(t, (int, float)) and not isinstance(t, bool) and moved(float(t)):
-            count += 1
-            return float(t) + jump
+    def each(t: Any) -> Any:
+        if isinstance(t, (int, float)) and not isinstance(t, bool):
+            return shift(float(t))
         return t
 
     for rec in state.replicas.values():
-        rec.launched_at = shift(rec.launched_at)
-        rec.provisioned_at = shift(rec.provisioned_at)
-        rec.ready_at = shift(rec.ready_at)
-        rec.not_ready_since = shift(rec.not_ready_since)
-        rec.gone_at = shift(rec.gone_at)
+        rec.launched_at = each(rec.launched_at)
+        rec.provisioned_at = each(rec.provisioned_at)
+        rec.ready_at = each(rec.ready_at)
+        rec.not_ready_since = each(rec.not_ready_since)
+        rec.gone_at = each(rec.gone_at)
+    for event in state.pending_events:
+        if isinstance(event, dict) and "at" in event:
+            event["at"] = each(event["at"])
     extra = state.extra
     for key in ("warned", "given_up"):
         table = extra.get(key)
         if isinstance(table, dict):
             for rid, at in table.items():
-                table[rid] = shift(at)
+                table[rid] = each(at)
     drains = extra.get("drain")
     if isinstance(drains, dict):
         for entry in drains.values():
             if isinstance(entry, dict) and "since" in entry:
-                entry["since"] = shift(entry["since"])
-    if "survival_at" in extra:
-        extra["survival_at"] = shift(extra["survival_at"])
+                entry["since"] = each(entry["since"])
+    for key in ("survival_at", "decided_at"):
+        if key in extra:
+            extra[key] = each(extra[key])
     scaler = extra.get("autoscaler")
     if isinstance(scaler, dict):
         if isinstance(scaler.get("samples"), list):
             scaler["samples"] = [
-                [shift(s[0]), *s[1:]] if isinstance(s, list) and s else s for s in scaler["samples"]
+                [each(s[0]), *s[1:]] if isinstance(s, list) and s else s for s in scaler["samples"]
             ]
         if "pending_since" in scaler:
-            scaler["pending_since"] = shift(scaler["pending_since"])
+            scaler["pending_since"] = each(scaler["pending_since"])
+
+
+def shift_times(state: ServiceState, jump: float, moved: Callable[[float], bool]) -> int:
+    """Move by `jump` seconds every time the controller measures a duration from that `moved`
+    says was stamped before the wall clock jumped by `jump` (see `Controller._follow_clock`): the
+    replicas' launch, provisioning, READY, NOT_READY and gone times, zone events the policy has
+    not seen yet, interruption warnings, drains, launches given up, the last SURVIVED report and
+    decision, and the autoscaler's window. Durations then read as they were (a replica loading
+    its model for 10 s still has 10 s behind it), where a clock set forward by hours failed every
+    replica still loading (past `initial_delay_seconds`) or failing its probe, and ended drains
+    and interruption warnings at once. Returns how many times moved. (The policy's memory is
+    moved by the policy: `Policy.shift_times`.)"""
+    count = 0
+
+    def shift(t: float) -> float:
+        nonlocal count
+        if not moved(t):
+            return t
+        count += 1
+        return t + jump
+
+    _map_times(state, shift)
     return count
+
+
+def latest_time(state: ServiceState) -> float | None:
+    """The latest of the times `shift_times` moves (None: none): a watcher starting on a state
+    stamped ahead of its clock finds how far the clock was set back while none ran."""
+    seen: list[float] = []
+
+    def note(t: float) -> float:
+        seen.append(t)
+        return t
+
+    _map_times(state, note)
+    return max(seen, default=None)

@@ -40,11 +40,13 @@ from typing import Any
 from skyhedge import autoscaler
 from skyhedge.apply import held_replicas, record_plan, reopen_unfinished_deletes
 from skyhedge.controller.facts import (
+    NOT_READY_GRACE_SECONDS,
     UNPROBED_SECONDS,
     WARNING_GRACE_SECONDS,
     ProbeResult,
     apply_probes,
     ingest,
+    latest_time,
     mark_gone,
     mark_unprobed,
     routable,
@@ -73,6 +75,7 @@ from skyhedge.service import (
     remember_decision,
     resolve_placement,
     set_gitops,
+    shift_policy_memory,
 )
 from skyhedge.spec import ServiceSpec, replica_revision
 from skyhedge.state import (
@@ -682,30 +685,85 @@ class Controller:
         against the monotonic clock since the last pass): the times it measures durations from are
         wall-clock times, persisted in the state, and a clock set forward by hours read as hours
         passed: every replica still loading its model was FAILED (past `initial_delay_seconds`),
-        every NOT_READY one too, drains and interruption warnings ended at once. Forward, what was
-        stamped up to the last pass's reading plus the time elapsed since moves (anything later
-        was stamped after the jump); back, what lies ahead of the clock now (anything older is
-        past either way, and the checks that see a time ahead of the clock start over from now)."""
+        every NOT_READY one too, drains and interruption warnings ended at once, and the policy
+        saw hours of calm in every zone and released its hedge. Forward, what was stamped up to
+        the last pass's reading plus the time elapsed since moves (anything later was stamped
+        after the jump); back, what lies ahead of the clock (anything older is past either way,
+        and the checks that see a time ahead of the clock start over from now). The first pass
+        has no last reading: it moves back what a clock set back while no watcher ran left ahead
+        of it (`_catch_up`)."""
         mono = self._mono()
         last, self._clock_seen = self._clock_seen, (wall, mono)
         if last is None:
+            self._catch_up(wall)
             return
         elapsed = mono - last[1]
         jump = (wall - last[0]) - elapsed
         if abs(jump) < CLOCK_JUMP_SECONDS:
             return
         before = last[0] + max(0.0, elapsed)  # the latest the wall clock read before the jump
-        moved = shift_times(
-            self.state, jump, (lambda t: t <= before) if jump > 0 else (lambda t: wall < t <= before)
-        )
-        self._given_up = {rid: at + jump if at <= before else at for rid, at in self._given_up.items()}
+        moved = self._shift(jump, (lambda t: t <= before) if jump > 0 else (lambda t: wall < t <= before))
         if self._retry_at is not None and self._retry_at <= before + self._backoff():
             self._retry_at += jump
         self.note(
-            f"the wall clock jumped {jump:+.0f}s (set by NTP or by hand?): {moved} replica, drain and "
-            "warning times moved with it, so no timer counts the jump as time passed",
+            f"the wall clock jumped {jump:+.0f}s (set by NTP or by hand?): {moved} replica, drain, "
+            "warning and policy times moved with it, so no timer counts the jump as time passed",
             wall,
             level=logging.WARNING,
+        )
+
+    def _catch_up(self, wall: float) -> None:
+        """A state stamped ahead of the clock (CLOCK_JUMP_SECONDS or more): the clock was set back
+        while no watcher ran. Its times ahead of the clock move back by how far the latest is
+        ahead, as a running watcher moves them (`_follow_clock`): the latest reads as now, the
+        others keep their order and distances, and the time the watcher was down counts as none
+        (it cannot be known). Left ahead, a replica launched "in the future" was judged against
+        `initial_delay_seconds` only once the clock caught up, a drain or a warning lasted that
+        much longer, and the policy counted every zone in trouble until then."""
+        latest = latest_time(self.state)
+        seen: list[float] = []
+
+        def note(t: float) -> bool:
+            seen.append(t)
+            return False
+
+        self._shift_policy(0.0, note)
+        latest = max([*seen, *([] if latest is None else [latest])], default=None)
+        if latest is None or latest - wall < CLOCK_JUMP_SECONDS:
+            return
+        ahead = latest - wall
+        moved = self._shift(-ahead, lambda t: wall < t <= latest)
+        self.note(
+            f"the state's times run up to {ahead:.0f}s ahead of the wall clock (set back while no "
+            f"watcher ran?): {moved} of them moved back with it, the latest to now",
+            wall,
+            level=logging.WARNING,
+        )
+
+    def _shift(self, jump: float, moved: Callable[[float], bool]) -> int:
+        """Move by `jump` the times `moved` says were stamped before a jump: the state's, the
+        policy's memory, launches given up, and what event sources time (`shift_times` on a
+        source: the clouds' leftover-instance grace). Returns how many moved."""
+        count = shift_times(self.state, jump, moved) + self._shift_policy(jump, moved)
+        self._given_up = {rid: at + jump if moved(at) else at for rid, at in self._given_up.items()}
+        for source in [*self.sources, *self._retiring]:
+            shift = getattr(source, "shift_times", None)
+            if shift is None:
+                continue
+            try:
+                count += int(shift(jump, moved) or 0)
+            except Exception as exc:  # a source's bug must not cost the pass
+                log.debug("moving the times of event source %s: %s", source.name, exc)
+        return count
+
+    def _shift_policy(self, jump: float, moved: Callable[[float], bool]) -> int:
+        return shift_policy_memory(
+            self.spec,
+            self.state,
+            jump,
+            moved,
+            policy_name=self.options.policy,
+            clock=self.policy_clock,
         )
 
     def _probe(self, now: float) -> bool:
@@ -1107,8 +1165,22 @@ class Controller:
         if not isinstance(entry, dict) or not isinstance(entry.get("since"), (int, float)):
             entry = {"since": -math.inf, "pids": []}  # a hand-edited hold: not one to wait for
         pending = getattr(self.router, "draining", None)
+        rec = self.state.replicas.get(rid)
+        silent = None if rec is None or rec.not_ready_since is None else now - rec.not_ready_since
         if now - float(entry["since"]) >= self.drain_deadline():
             self.note(f"{rid}: requests still in flight after {self.drain_deadline():.0f}s; removing it", now)
+        elif silent is not None and silent > NOT_READY_GRACE_SECONDS:
+            # Hung (accepting connections, answering nothing): the requests the drain waits for
+            # wait on it, and end only when it is destroyed (a local process killed resets them:
+            # nginx retries them elsewhere, or answers 503) or at read_timeout. Waiting for them
+            # held it, billed, for the whole drain deadline (600 s), where a routed replica that
+            # fails its probes this long is FAILED and replaced (`apply_probes`).
+            self.note(
+                f"{rid}: not answering its probes for {silent:.0f}s while draining; removing it "
+                "(its requests in flight end)",
+                now,
+                level=logging.WARNING,
+            )
         elif pending is not None and pending(entry["pids"]) or rid in {r.id for r in routable(self.state)}:
             return False
         else:  # (a line of its own: the plan that removes it repeats the one that released it)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from importlib.metadata import entry_points
 from typing import Any, ClassVar
 
@@ -45,6 +46,17 @@ class Policy(ABC):
 
     def restore(self, data: dict[str, Any]) -> None:  # noqa: B027 - optional hook, memoryless by default
         """Load memory saved by `snapshot()`."""
+
+    def shift_times(self, jump: float, moved: Callable[[float], bool]) -> int:
+        """Move by `jump` seconds every time the memory holds (each one `moved` is asked about)
+        that `moved` says was stamped before the wall clock jumped; returns how many moved.
+
+        The controller calls it when the wall clock is stepped (NTP, an operator: see
+        `Controller._follow_clock`), after moving the state's own times: a policy that measures
+        ages from remembered times (the `skyhedge` policy's zone calm, its decision period) would
+        otherwise read a clock set forward 2 h as 2 h without trouble everywhere, and release the
+        hedge that trouble a minute earlier made it hold. Default: a memory holding no times."""
+        return 0
 
 
 _BUILTINS: dict[str, str] = {}
@@ -155,6 +167,12 @@ class GuardedPolicy(Policy):
 
     def restore(self, data: dict[str, Any]) -> None:
         self._call("restore", data)
+
+    def shift_times(self, jump: float, moved: Callable[[float], bool]) -> int:
+        count = self._call("shift_times", jump, moved)
+        if isinstance(count, bool) or not isinstance(count, int):
+            raise PolicyError(f"policy {self.label!r}: shift_times() must return an int, got {count!r:.80}")
+        return count
 
     def _call(self, method: str, *args: Any) -> Any:
         try:

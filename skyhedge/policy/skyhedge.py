@@ -105,7 +105,7 @@ from __future__ import annotations
 
 import heapq
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import replace
 from typing import Any, ClassVar
 
@@ -528,6 +528,30 @@ class SkyHedge(SpotHedge):
         return victims
 
     # -- persistence --------------------------------------------------------------------------
+
+    def shift_times(self, jump: float, moved: Callable[[float], bool]) -> int:
+        """Move the remembered times (start-up, each zone's last trouble, refusal and loss, the
+        last wave, the last decision) with a wall clock jump: zone ages and the decision period
+        then read as before it (a +2 h step read as 2 h of calm in every zone and one 2 h
+        decision period, and released the hedge)."""
+        count = 0
+
+        def shift(t: float | None) -> float | None:
+            nonlocal count
+            if t is None or not moved(t):
+                return t
+            count += 1
+            return t + jump
+
+        self._start = shift(self._start)
+        self._last_now = shift(self._last_now)
+        self._wave_at = shift(self._wave_at)
+        for table in (self._trouble, self._refused, self._lost_at):
+            for zone, at in table.items():
+                if moved(at):
+                    count += 1
+                    table[zone] = at + jump
+        return count
 
     def snapshot(self) -> dict[str, Any]:
         data = super().snapshot()

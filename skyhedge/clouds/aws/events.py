@@ -363,6 +363,10 @@ class AwsEventSource(EventSource):
         self._foreign.update(i for i in unknown if i not in names)
         return names
 
+    def shift_times(self, jump: float, moved: Callable[[float], bool]) -> int:
+        """Move the leftover-instance grace's times with a wall clock jump (`LeftoverWatch`)."""
+        return self._leftovers.shift_times(jump, moved)
+
     def ack(self) -> None:
         """Delete the messages returned by the previous poll (they are recorded in state now)."""
         from botocore.exceptions import BotoCoreError, ClientError

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from datetime import datetime
 from typing import Any
@@ -331,6 +331,10 @@ class GcpEventSource(EventSource):
                     detail=detail,
                 )
             )
+
+    def shift_times(self, jump: float, moved: Callable[[float], bool]) -> int:
+        """Move the leftover-instance grace's times with a wall clock jump (`LeftoverWatch`)."""
+        return self._leftovers.shift_times(jump, moved)
 
     def ack(self) -> None:
         for zone, keys in self._unacked.items():
