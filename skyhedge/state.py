@@ -614,7 +614,9 @@ def writer_lock(state_dir: Path, *, timeout: float = 0.0) -> Iterator[HeldLock]:
     lock = FileLock(str(state_dir / LOCK_FILE), timeout=timeout)
     created = _missing_dirs(state_dir)
     try:
+        check_trusted(state_dir)  # before making anything under a directory that is not
         state_dir.mkdir(parents=True, exist_ok=True)
+        check_trusted(state_dir)  # and what mkdir found there (made by another in the meantime)
         lock.acquire()
     except Timeout:
         held = "another skyhedge process (apply, destroy or watch) holds the lock for this service"
@@ -639,6 +641,36 @@ def writer_lock(state_dir: Path, *, timeout: float = 0.0) -> Iterator[HeldLock]:
         if created:
             _remove_if_unused(created, state_dir / LOCK_FILE)
         lock.release()
+
+
+def check_trusted(state_dir: Path) -> None:
+    """Refuse a state dir that another account could change under this one (`StateError`).
+
+    What the state dir holds is run: its Terraform roots (whose `terraform_data` commands start
+    the local replicas), the pid files that decide which processes a stop signals, the nginx
+    config. A state dir another account made first (`--state-dir /tmp/svc`, created by someone
+    else before the user's first run), or one under a directory every account may rename entries
+    in, let that account run commands as this user (or as root, under sudo). As ssh does for
+    `~/.ssh`: the state dir and the directory holding it must be owned by this account or root,
+    and neither may be writable by every account unless sticky (/tmp itself is fine). Group
+    write is allowed: a umask of 002 with per-user groups makes every directory so."""
+    me = os.geteuid()
+    for where in (state_dir, state_dir.parent):
+        try:
+            st = os.stat(where)
+        except OSError:  # cannot look (no permission): the writes that follow say why
+            continue
+        if st.st_uid not in (me, 0):
+            raise StateError(
+                f"{where}: owned by another account (uid {st.st_uid}), not by you (uid {me}) or root: "
+                "it could change the Terraform roots and pid files skyhedge acts on; "
+                "use a state dir of your own (--state-dir)"
+            )
+        if st.st_mode & 0o002 and not st.st_mode & 0o1000:
+            raise StateError(
+                f"{where}: writable by every account (mode {st.st_mode & 0o7777:04o}): any of them could "
+                "change what skyhedge runs; chmod o-w it or use another state dir (--state-dir)"
+            )
 
 
 def _missing_dirs(path: Path) -> list[Path]:

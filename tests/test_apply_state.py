@@ -1045,3 +1045,54 @@ def test_the_replicas_terraform_saved_are_read_from_its_state_not_from_its_outpu
     assert destroy_service(spec, svc.state_dir, route=False).ok
     assert engine.held_replicas(root) == set()
     assert engine.held_instances(root, "terraform_data") == {}
+
+
+def test_a_state_dir_another_account_owns_is_refused_before_anything_is_written(tmp_path, monkeypatch):
+    # What the state dir holds is run (Terraform roots, pid files a stop signals): a state dir
+    # another account made first let that account run commands as the user who applies it.
+    sdir = tmp_path / "svc"
+    sdir.mkdir()
+    owner = os.stat(sdir).st_uid
+    monkeypatch.setattr(os, "geteuid", lambda: owner + 4242)  # as if someone else made it
+    if owner == 0:
+        monkeypatch.setattr(os, "stat", _owned_by(sdir, 4243, os.stat))
+    refused = pytest.raises(StateError, match=r"svc: owned by another account .*use a state dir of your own")
+    with refused, writer_lock(sdir):
+        pass
+    assert list(sdir.iterdir()) == []  # no lock file left in it
+
+
+def test_a_state_dir_under_a_directory_every_account_may_write_is_refused(tmp_path):
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    refused = pytest.raises(StateError, match=r"shared: writable by every account \(mode 0777\)")
+    with refused, writer_lock(shared / "svc"):
+        pass
+    assert not (shared / "svc").exists()  # refused before it was made
+    shared.chmod(0o1777)  # sticky, as /tmp: others cannot rename or remove what is ours
+    with writer_lock(shared / "svc"):
+        pass
+
+
+def test_a_state_dir_of_ones_own_in_a_group_writable_directory_is_used(tmp_path):
+    # umask 002 with per-user groups makes every directory group-writable: not refused
+    parent = tmp_path / "proj"
+    parent.mkdir()
+    parent.chmod(0o775)
+    with writer_lock(parent / "svc"):
+        pass
+
+
+def _owned_by(path, uid, real_stat):
+    """os.stat, reporting `path` as owned by `uid` (a root test run cannot be another account)."""
+
+    def fake(p, *args, **kwargs):
+        st = real_stat(p, *args, **kwargs)
+        if os.path.realpath(p) != os.path.realpath(path):
+            return st
+        fields = list(st)
+        fields[4] = uid
+        return os.stat_result(fields)
+
+    return fake
