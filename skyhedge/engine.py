@@ -639,6 +639,23 @@ def _usable_local_state(root: TerraformRoot) -> None:
         raise EngineError(problem, root=root.name)
 
 
+def _readable_config(path: Path, source: str) -> bool:
+    """Whether the user's Terraform CLI config `path` exists (a missing one is no config); one it
+    cannot read is an EngineError naming it. Why: an unprivileged user with a TF_CLI_CONFIG_FILE
+    (or HOME) left pointing into root's home got a bare `[Errno 13] Permission denied` at every
+    apply, naming neither the variable nor what to do."""
+    try:
+        if not path.is_file():
+            return False
+        with open(path, "rb"):
+            return True
+    except OSError as exc:
+        raise EngineError(
+            f"{source}{path}: cannot read this Terraform CLI config ({exc.strerror or exc}): "
+            + ("make it readable or unset the variable" if source else "is HOME your home directory?")
+        ) from exc
+
+
 class Terraform:
     """Runs Terraform commands in roots. Thread-safe: each command is its own child process."""
 
@@ -677,13 +694,13 @@ class Terraform:
     def cli_config_file(self) -> str:
         """The user's CLI config if it exists (it may set a provider mirror), else an empty one."""
         user = os.environ.get("TF_CLI_CONFIG_FILE")
-        if user and Path(user).expanduser().is_file():
+        if user and _readable_config(Path(user).expanduser(), "TF_CLI_CONFIG_FILE="):
             return str(Path(user).expanduser())
         try:
             rc: Path | None = Path.home() / ".terraformrc"
         except RuntimeError:  # no home directory (HOME unset, no passwd entry): no user CLI config
             rc = None
-        if not user and rc is not None and rc.is_file():
+        if not user and rc is not None and _readable_config(rc, ""):
             return str(rc)
         path = self.home / CLI_CONFIG_NAME
         if not path.is_file():

@@ -80,8 +80,16 @@ def _wait_for_setups(svc: LocalService, proc: subprocess.Popen[str], count: int)
 
 
 def test_a_sigterm_during_apply_stops_terraform_and_the_setups_and_says_so_exit_143(service):
+    # --no-routing: the router is not what this is about, and its preflight refused the whole
+    # apply wherever another process held the default service.port 8080
     apply = _start(
-        service, "apply", str(service.spec_path), "--state-dir", str(service.state_dir), "--auto-approve"
+        service,
+        "apply",
+        str(service.spec_path),
+        "--state-dir",
+        str(service.state_dir),
+        "--auto-approve",
+        "--no-routing",
     )
     _wait_for_setups(service, apply, 2)
     apply.send_signal(signal.SIGTERM)

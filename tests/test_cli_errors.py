@@ -131,11 +131,15 @@ def test_a_plot_into_an_unwritable_directory_is_refused(trace_csv, tmp_path, mon
 @pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs /proc")
 def test_a_plot_where_even_root_cannot_create_a_file_fails_before_simulating(trace_csv, monkeypatch):
     """/proc passes access() for root (CI runs as root) but refuses any new file: the check
-    creates one to know, so the run fails before the simulation, not after it."""
+    creates one to know, so the run fails before the simulation, not after it. access() is made
+    to pass for /proc as it does for root, so the test means the same run by any user (for whom
+    access() alone refuses it: `/proc is not writable`)."""
     import skyhedge.cli.simulate as sim_cli
 
     ran = []
     monkeypatch.setattr(sim_cli, "run_simulation", lambda *a, **k: ran.append(1) or [])
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: Path(p) == Path("/proc") or real_access(p, mode))
     result = run("simulate", "--trace", str(trace_csv), "--repeats", "1", "--plot", "/proc/p.png")
     one_error_line(result, "/proc/p.png: cannot write the plot: /proc: ")
     assert ran == []

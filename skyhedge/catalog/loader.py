@@ -118,11 +118,20 @@ def catalog_path(cloud: str) -> Path:
     if _user_cache_dir_or_none() is None:  # no home directory: no user catalog to read
         return bundled_path(cloud)
     user = user_cache_path(cloud)
-    if user.is_dir():  # not silently the bundled catalog: the user meant to override it
-        raise CatalogError(f"{user}: is a directory, expected a catalog file (or nothing)")
-    if user.is_file():
-        return user
-    return _earlier_refresh(cloud) or bundled_path(cloud)
+    try:
+        if user.is_dir():  # not silently the bundled catalog: the user meant to override it
+            raise CatalogError(f"{user}: is a directory, expected a catalog file (or nothing)")
+        if user.is_file():
+            return user
+        return _earlier_refresh(cloud) or bundled_path(cloud)
+    except OSError as exc:
+        # a user whose HOME (or XDG_CACHE_HOME) still names root's (`sudo -E -u`): one line,
+        # not a traceback, from every command that plans
+        where = Path(exc.filename) if exc.filename else user
+        raise CatalogError(
+            f"{where}: cannot look for a user catalog there ({exc.strerror or exc}): is HOME "
+            f"(or XDG_CACHE_HOME) yours? ${ENV_DIR} names another folder"
+        ) from exc
 
 
 def load_catalog(cloud: str) -> CloudCatalog:

@@ -62,6 +62,29 @@ def has_stub_status(binary: str) -> bool:
     return "--with-http_stub_status_module" in out.stderr + out.stdout
 
 
+# Linux file capabilities (`setcap cap_net_bind_service=+ep nginx`): struct vfs_cap_data, little
+# endian: magic_etc (revision | the effective flag), then the permitted set's low 32 bits.
+_CAP_NET_BIND_SERVICE = 10
+_VFS_CAP_FLAGS_EFFECTIVE = 0x000001
+
+
+@functools.lru_cache(maxsize=8)
+def binds_low_ports(binary: str) -> bool:
+    """Whether this nginx may bind ports below 1024 whoever runs it: its file carries
+    CAP_NET_BIND_SERVICE, permitted and effective (the usual way to serve :80 or :443 without
+    root). Why: the router's port check binds in this process, which lacks that capability, so
+    without asking the binary it refused a port nginx itself binds."""
+    try:
+        raw = os.getxattr(binary, "security.capability")
+    except (OSError, AttributeError):  # no capabilities, no xattr support, not Linux
+        return False
+    if len(raw) < 8:
+        return False
+    magic = int.from_bytes(raw[0:4], "little")
+    permitted = int.from_bytes(raw[4:8], "little")
+    return bool(magic & _VFS_CAP_FLAGS_EFFECTIVE and permitted & (1 << _CAP_NET_BIND_SERVICE))
+
+
 def _base_args(binary: str, paths: RouterPaths, conf: Path) -> list[str]:
     # -e: the error log before the config is read, so nginx never touches /var/log/nginx.
     return [binary, "-p", f"{paths.prefix}/", "-c", str(conf), "-e", str(paths.error_log)]

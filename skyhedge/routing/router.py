@@ -167,6 +167,16 @@ class Router:
                 except OSError as exc:
                     if orphaned and exc.errno == errno.EADDRINUSE:
                         continue
+                    if exc.errno == errno.EACCES:
+                        # a port below 1024 for a user: nginx may bind it all the same (setcap)
+                        if nginx.binds_low_ports(self.binary):
+                            continue
+                        raise RoutingError(
+                            f"{name} {port} on {host} is not available for the router (Permission "
+                            "denied: a port below 1024 takes root, or an nginx allowed to bind it: "
+                            f"`sudo setcap cap_net_bind_service=+ep {self.binary}`): choose a port "
+                            f"above 1023 for {name}"
+                        ) from exc
                     raise RoutingError(
                         f"{name} {port} on {host} is not available for the router "
                         f"({exc.strerror or exc}): free it or choose another {name}"
