@@ -7,6 +7,7 @@ not act, and say in one `error:` line which flag skips the question, whether std
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import signal
 import subprocess
@@ -91,6 +92,7 @@ def _interrupt_at_the_question(cwd: Path, signum: int, *args: str) -> tuple[int,
         stderr=subprocess.PIPE,
         start_new_session=True,
     )
+    pool = concurrent.futures.ThreadPoolExecutor(2)
     try:
         assert proc.stdout is not None
         out = b""
@@ -99,11 +101,20 @@ def _interrupt_at_the_question(cwd: Path, signum: int, *args: str) -> tuple[int,
             assert chunk, "the command ended without asking"
             out += chunk
         proc.send_signal(signum)
-        rest, err = proc.communicate(timeout=60)
+        # stdin stays open until the command has ended: `communicate` closed it at once, and a
+        # command reading end-of-input before its signal handler ran (a loaded machine) answered
+        # "no answer on stdin", not the signal
+        rest_f = pool.submit(proc.stdout.read)
+        err_f = pool.submit(proc.stderr.read)  # type: ignore[union-attr]
+        proc.wait(timeout=60)
+        rest, err = rest_f.result(timeout=60), err_f.result(timeout=60)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+        pool.shutdown()  # (the reads end with the process)
+        for pipe in (proc.stdin, proc.stdout, proc.stderr):
+            pipe.close()  # type: ignore[union-attr]
     return proc.returncode, (out + rest).decode(), err.decode()
 
 
