@@ -568,10 +568,13 @@ def load_state(state_dir: Path, service: str) -> ServiceState:
     return state
 
 
-def _unwritable(state_dir: Path, exc: OSError) -> StateError:
+def unwritable(state_dir: Path, exc: OSError) -> StateError:
     """The one-line error for a state dir that refuses a write (the CLI prints it, exit 1; a
     watcher logs it and retries at its next pass, rather than a traceback per pass)."""
-    return StateError(f"{state_dir}: cannot write the state dir ({exc.strerror or exc})")
+    where = ""
+    if not state_dir.is_absolute():  # the default is: name where it is (run from `/`, a read-only checkout)
+        where = f", under {Path.cwd()}: run from a directory you can write, or give --state-dir"
+    return StateError(f"{state_dir}: cannot write the state dir ({exc.strerror or exc}){where}")
 
 
 def save_state(state_dir: Path, state: ServiceState) -> None:
@@ -581,7 +584,7 @@ def save_state(state_dir: Path, state: ServiceState) -> None:
     try:
         atomic_write_text(state_dir / STATE_FILE, text)
     except OSError as exc:
-        raise _unwritable(state_dir, exc) from exc
+        raise unwritable(state_dir, exc) from exc
 
 
 @dataclass(frozen=True)
@@ -622,7 +625,7 @@ def writer_lock(state_dir: Path, *, timeout: float = 0.0) -> Iterator[HeldLock]:
         held = "another skyhedge process (apply, destroy or watch) holds the lock for this service"
         raise LockHeld(f"{state_dir}: {held}", state_dir) from None
     except OSError as exc:  # a read-only file system, a path under a file, no permission
-        raise _unwritable(state_dir, exc) from exc
+        raise unwritable(state_dir, exc) from exc
     try:
         # The lock file of an earlier run opens even where no new file can be made (a directory
         # made read-only, immutable or mounted read-only since): refuse here, before the holder
@@ -630,7 +633,7 @@ def writer_lock(state_dir: Path, *, timeout: float = 0.0) -> Iterator[HeldLock]:
         try:
             probe_new_file(state_dir)
         except OSError as exc:
-            raise _unwritable(state_dir, exc) from exc
+            raise unwritable(state_dir, exc) from exc
         try:
             st = os.stat(state_dir / LOCK_FILE)
             identity: tuple[int, int] | None = (st.st_dev, st.st_ino)

@@ -403,3 +403,20 @@ def test_a_name_ending_with_a_dash_is_refused_by_a_rule_that_says_so(write_spec)
     docs = (REPO / "docs" / "spec.md").read_text()
     row = next(line for line in docs.splitlines() if line.startswith("| `name` |"))
     assert "does not end with `-`" in row
+
+
+def test_a_relative_state_dir_that_refuses_a_write_is_named_with_the_directory_it_is_under(
+    tmp_path, monkeypatch
+):
+    # the default state dir is relative (.skyhedge/NAME): "cannot write" named only that, not the
+    # directory the command was run from (`/`, a read-only checkout)
+    from skyhedge.state import writer_lock
+
+    (tmp_path / ".skyhedge").write_text("a file where the state dirs' folder would be")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(StateError) as info, writer_lock(Path(".skyhedge/svc")):
+        pass
+    assert str(info.value) == (
+        f".skyhedge/svc: cannot write the state dir ({os.strerror(errno.ENOTDIR)}), under {tmp_path}: "
+        "run from a directory you can write, or give --state-dir"
+    )

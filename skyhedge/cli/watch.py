@@ -35,7 +35,7 @@ from skyhedge.controller.loop import ControllerOptions
 from skyhedge.errors import SpecError, StateError
 from skyhedge.service import Placement, resolve_placement
 from skyhedge.spec import ServiceSpec, load_spec
-from skyhedge.state import STATE_FILE, ServiceState, default_state_dir, load_state
+from skyhedge.state import STATE_FILE, ServiceState, default_state_dir, load_state, unwritable
 
 _terraform_bin = click.option(
     "--terraform-bin",
@@ -469,7 +469,7 @@ def up(
         try:  # and removes a new one again if the run is refused before it writes anything)
             sdir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise StateError(f"{sdir}: cannot write the state dir ({exc.strerror or exc})") from exc
+            raise unwritable(sdir, exc) from exc
     options = ControllerOptions(interval=interval, policy=policy, busy_interval=0.5)
     # the last words: with the dashboard the log went to a file and they are for the terminal
     said = log_format if no_dashboard else "text"
