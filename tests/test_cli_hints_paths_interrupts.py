@@ -177,11 +177,28 @@ def test_up_says_keeps_serving_only_with_routed_replicas_and_gives_a_pasteable_d
 def test_up_stopped_before_anything_was_routed_does_not_claim_to_serve(tmp_path, write_spec):
     """A Ctrl-C during the first apply: replicas recorded, none READY, nginx with 0 upstreams."""
     service = load_spec(write_spec(LOCAL_SPEC))
-    state = _state(_replica("r-0001"), _replica("r-0002"), _replica("r-0003", gone_at=2.0), routed=[])
+    state = _state(
+        _replica("r-0001", provisioned_at=1.5),
+        _replica("r-0002", provisioned_at=1.5),
+        _replica("r-0003", gone_at=2.0),
+        _replica("r-0004"),  # not created yet
+        routed=[],
+    )
     text = stopped_message(service, state, Path("service.yaml"), None)
     assert "keeps serving" not in text
-    assert "2 replica(s) of svc left starting, none routed" in text
+    assert "2 replica(s) of svc left starting (1 more planned, not launched), none routed" in text
     assert "`skyhedge up service.yaml` finishes them, `skyhedge destroy service.yaml` removes them" in text
+
+
+def test_up_stopped_after_an_apply_that_launched_nothing_does_not_call_them_starting(tmp_path, write_spec):
+    """An apply that failed before Terraform created anything (an unreadable Terraform CLI
+    config): the records are plans, nothing is starting."""
+    service = load_spec(write_spec(LOCAL_SPEC))
+    state = _state(_replica("r-0001"), _replica("r-0002"), routed=[])
+    text = stopped_message(service, state, Path("service.yaml"), None)
+    assert "starting" not in text
+    assert "2 replica(s) of svc planned, none launched, none routed" in text
+    assert "`skyhedge up service.yaml` launches them" in text
 
 
 # --- Ctrl-C ----------------------------------------------------------------------------

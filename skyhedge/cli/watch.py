@@ -638,8 +638,17 @@ def stopped_message(
             f"replica(s){rest} (`{destroy}` removes it)."
         )
     if unrouted:
+        # a replica Terraform never created (the apply failed before it: an unreadable Terraform
+        # CLI config, a refused launch) is not "starting": no process or machine is there to wait for
+        created = sum(1 for r in state.live() if r.id not in routed and r.provisioned_at is not None)
+        if not created:
+            return (
+                f"{how}; {unrouted} replica(s) of {service.name} planned, none launched, none routed "
+                f"({url} answers 503): `{finish}` launches them, `{destroy}` removes the rest."
+            )
+        rest = f" ({unrouted - created} more planned, not launched)" if created < unrouted else ""
         return (
-            f"{how}; {unrouted} replica(s) of {service.name} left starting, none routed "
+            f"{how}; {created} replica(s) of {service.name} left starting{rest}, none routed "
             f"({url} answers 503): `{finish}` finishes them, `{destroy}` removes them."
         )
     return (
