@@ -3,9 +3,12 @@ fakes), that the exposition is valid text format 0.0.4, and the HTTP endpoint's 
 
 from __future__ import annotations
 
+import logging
 import random
 import re
 import socket
+import struct
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -359,6 +362,40 @@ def test_head_answers_like_get_without_a_body(ctl):
             assert resp.status == 200 and resp.headers["Content-Type"] == CONTENT_TYPE
             assert int(resp.headers["Content-Length"]) == len(metrics.text().encode())
             assert resp.read() == b""
+
+
+def _reset(port: int, request: bytes) -> None:
+    """Connect, send `request`, and reset the connection (SO_LINGER 0): what a TCP health check,
+    a port scanner or a scrape cut short by its timeout does to the endpoint."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        if request:
+            sock.sendall(request)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+
+def test_a_client_that_resets_its_connection_leaves_no_traceback_on_stderr(ctl, capfd, caplog):
+    """Under `--log-format json` stderr is the log pipeline's: every line must be a JSON record.
+    A peer that went away is a debug line of the watcher's log, and the endpoint keeps serving."""
+    caplog.set_level(logging.DEBUG, logger="skyhedge.controller")
+    metrics = Metrics()
+    metrics.watch(ctl)
+    ctl.tick()
+    with MetricsServer(metrics, port=free_port()) as server:
+        port = int(server.address.rsplit(":", 1)[1].split("/")[0])
+        for request in (b"", b"GET /metr"):  # a bare TCP check; a request cut short
+            _reset(port, request)
+        deadline, err = time.monotonic() + 5, ""
+        while time.monotonic() < deadline:  # each is handled in a thread of its own
+            gone = [r for r in caplog.records if r.getMessage().startswith("metrics: 127.0.0.1: ")]
+            err += capfd.readouterr().err
+            if len(gone) == 2 or err:
+                break
+            time.sleep(0.02)
+        assert _get(server.address)[0] == 200
+    time.sleep(0.1)  # what a failing handler would still print
+    err += capfd.readouterr().err
+    assert err == ""
+    assert len(gone) == 2 and {r.levelno for r in gone} == {logging.DEBUG}
 
 
 ROUTED = SPEC + "service: {port: 8080, router: {status_port: 17990}}\n"

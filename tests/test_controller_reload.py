@@ -116,6 +116,33 @@ def test_a_spec_it_cannot_take_is_refused_in_one_line_and_the_running_one_stays(
         assert notes(w)[-1] == f"spec {spec_file} re-read: no change from the running spec"
 
 
+def test_a_refused_spec_shows_in_the_metrics_until_the_file_is_fixed(spec_file, tmp_path, capsys):
+    """A refused edit leaves the watcher on its old spec: a deploy that never took effect, which
+    only a log line told. `--metrics-port` says it too (`skyhedge_spec_refused`), so Prometheus
+    can alert on it, and stops saying it once the file loads again."""
+    from skyhedge.cli.watch import _serve_metrics
+    from skyhedge.controller.metrics import Metrics, MetricsServer
+
+    def refused(w: Watcher, server: MetricsServer) -> str:
+        assert w.controller is not None
+        server.metrics.observe(w.controller)  # what the listener does after each pass
+        (line,) = [x for x in server.metrics.text().splitlines() if x.startswith("skyhedge_spec_refused ")]
+        return line.split()[1]
+
+    with watcher_for(spec_file, tmp_path) as w, MetricsServer(Metrics(), port=0) as server:
+        _serve_metrics(server, w, None, "text")
+        assert refused(w, server) == "0"
+        rewrite(spec_file, "min_replicas: 1", "min_replicas: one")
+        w._check_spec()
+        assert refused(w, server) == "1"
+        w.request_reload()  # asked again, the same bad file: still refused
+        w._check_spec()
+        assert refused(w, server) == "1"
+        rewrite(spec_file, "min_replicas: one", "min_replicas: 2")
+        w._check_spec()
+        assert w.spec.replica_policy.min_replicas == 2 and refused(w, server) == "0"
+
+
 def test_event_sources_are_rebuilt_only_when_the_locations_change(spec_file, tmp_path):
     with watcher_for(spec_file, tmp_path) as w:
         assert w.controller is not None

@@ -29,7 +29,7 @@ def served_families(tmp_path: Path, write_spec) -> set[str]:
     """The metric families a watcher of an AWS service serves after a pass."""
     ctl = fake_controller(load_spec(write_spec(AWS_SPEC)), tmp_path / "state")
     metrics = Metrics()
-    metrics.watch(ctl)
+    metrics.watch(ctl, lambda: None)  # as `watch --metrics-port` does, with its reload outcome
     ctl.tick()
     return set(re.findall(r"^# TYPE (\S+) ", metrics.text(), flags=re.M))
 
@@ -70,3 +70,23 @@ def test_the_systemd_units_command_is_one_skyhedge_watch_accepts():
     assert ctx.params["state_dir"] == Path("/srv/skyhedge/state")
     assert unit["Service"]["KillMode"] == "process"  # the router outlives a restart
     assert unit["Service"]["ExecReload"] == "/bin/kill -HUP $MAINPID"
+
+
+#: PromQL's aggregation operators, with the `by (...)` clause written before the parenthesis
+AGGREGATION = re.compile(
+    r"\b(sum|count|avg|min|max|group|stddev|stdvar|topk|bottomk|quantile|count_values)\s*"
+    r"(?:by\s*\(([^)]*)\))?\s*\("
+)
+
+
+def test_every_alert_fires_per_watcher_and_names_it():
+    """One Prometheus scrapes several watchers (a unit per service): an aggregation that drops
+    `instance` mixes their series (one zone lost by each of two watchers fired a wave "in 2
+    zones"; two scrapes of one watcher, one zone lost: the same) and the alert cannot say which
+    watcher it is about."""
+    rules = yaml.safe_load((EXAMPLE / "alerts.yml").read_text())["groups"][0]["rules"]
+    for rule in rules:
+        for m in AGGREGATION.finditer(rule["expr"]):
+            kept = {label.strip() for label in (m[2] or "").split(",")}
+            assert {"job", "instance"} <= kept, (rule["alert"], m[0])
+        assert "$labels.instance" in rule["annotations"]["summary"], rule["alert"]

@@ -160,7 +160,7 @@ def _serve_metrics(server: Any, watcher: Any, port: int | None, log_format: str)
     """Feed the listening `server` (`_metrics`) from the watcher's passes, and say where."""
     if server is None:
         return
-    server.metrics.watch(watcher.controller)
+    server.metrics.watch(watcher.controller, lambda: watcher.last_reload_outcome)
     watcher.metrics_url = server.address  # `status` shows it
     watcher.metrics_port = port  # a reloaded spec moving local replicas onto it is refused
     _say(f"metrics at {server.address}", log_format)

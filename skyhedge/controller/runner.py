@@ -250,6 +250,9 @@ class Watcher:
         #: still say what was taken, not "no change"
         self._taken_unasked: str | None = None
         self._spec_missing = 0  # passes in a row that found no spec file (moved, renamed, deleted)
+        #: the last spec reload's outcome (taken, unchanged, refused, failed; None before any):
+        #: `--metrics-port` shows a refused one, which otherwise only the log and `status` told
+        self.last_reload_outcome: str | None = None
         self._record: presence.WatcherRecord | None = None  # <state dir>/watcher.json while running
         self.metrics_url: str | None = None  # announced in watcher.json when metrics are served
         #: the port metrics are served on (`--metrics-port`): a reloaded spec whose local replicas
@@ -468,6 +471,7 @@ class Watcher:
         else:
             log.debug("%s", text)
         self._taken_unasked = text if outcome == "taken" and not self._answering else None
+        self.last_reload_outcome = outcome
         if self._record is not None:
             self._record = presence.record_reload(
                 self.state_dir, self._record, self.clock(), outcome, text, requests=self._reloads_seen
