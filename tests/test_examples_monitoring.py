@@ -6,6 +6,7 @@ from __future__ import annotations
 import configparser
 import re
 import shlex
+import time
 from pathlib import Path
 
 import yaml
@@ -90,3 +91,15 @@ def test_every_alert_fires_per_watcher_and_names_it():
             kept = {label.strip() for label in (m[2] or "").split(",")}
             assert {"job", "instance"} <= kept, (rule["alert"], m[0])
         assert "$labels.instance" in rule["annotations"]["summary"], rule["alert"]
+
+
+def test_the_stalled_watcher_alert_has_a_series_before_the_first_pass_ends():
+    # the last pass's time is served only once a pass has ended: a first pass that hung (a
+    # Terraform run that never returns) left SkyhedgeWatcherStalled with no series to fire on
+    rules = yaml.safe_load((EXAMPLE / "alerts.yml").read_text())["groups"][0]["rules"]
+    [stalled] = [r for r in rules if r["alert"] == "SkyhedgeWatcherStalled"]
+    before_any_pass = set(re.findall(r"^# TYPE (\S+) ", Metrics().text(), flags=re.M))
+    used = set(re.findall(r"\bskyhedge_[a-z_]+\b", stalled["expr"]))
+    assert used & before_any_pass, (used, before_any_pass)
+    started = re.search(r"^skyhedge_watcher_start_timestamp_seconds (\S+)$", Metrics().text(), flags=re.M)
+    assert started is not None and abs(float(started.group(1)) - time.time()) < 60

@@ -20,6 +20,7 @@ import math
 import socket
 import sys
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
@@ -160,6 +161,10 @@ class Metrics:
         self._reload_outcome: Callable[[], str | None] | None = None
         self.serving_seconds = 0.0
         self.observed_seconds = 0.0
+        # when this watcher started, served from the first scrape: the last pass's time appears
+        # only once a pass has ended, so a first pass that hung (a Terraform run that never
+        # returns) left the stalled-watcher alert nothing to fire on
+        self.started_at = time.time()
         self._text = self._render(None)
         self._lock = threading.Lock()
 
@@ -275,6 +280,9 @@ class Metrics:
 
         passes = family("skyhedge_passes_total", "counter", "Reconcile passes since the watcher started.")
         passes.add(ctl.ticks if ctl is not None else 0)
+        family("skyhedge_watcher_start_timestamp_seconds", "gauge", "When this watcher process started.").add(
+            self.started_at
+        )
         if ctl is not None:
             state = ctl.state
             plan = ctl.last_plan
