@@ -270,11 +270,46 @@ def nfc_hint(text: str, index: int) -> str:
     return f"U+{ord(text[index]):04X} at character {index + 1}"
 
 
+#: The IPv4 ranges `ingress_cidrs` may lie in to count as private: IANA's special-purpose ranges,
+#: not reached from the internet (RFC 1918's 10/8, 172.16/12 and 192.168/16 among them), as
+#: Python 3.11 and 3.12 list them, and RFC 6598's 100.64.0.0/10 (which `is_private` leaves out,
+#: but which the internet does not route to either: AWS and GCP networks may be numbered from
+#: it). Spelled out rather than read from `ipaddress`'s `is_private`, whose answer depends on the
+#: Python release: on 3.10 (CPython gh-82836, fixed in 3.11) `0.0.0.0/0`, the default
+#: `ingress_cidrs`, is private, so every default spec routed to the replicas' private IPs, which a
+#: router outside the network cannot reach; 3.13 widened 192.0.0.0/29 to 192.0.0.0/24.
+PRIVATE_NETWORKS: tuple[ipaddress.IPv4Network, ...] = tuple(
+    ipaddress.IPv4Network(net)
+    for net in (
+        "0.0.0.0/8",
+        "10.0.0.0/8",
+        "100.64.0.0/10",  # shared address space (RFC 6598): no internet route; VPCs are numbered from it
+        "127.0.0.0/8",
+        "169.254.0.0/16",
+        "172.16.0.0/12",
+        "192.0.0.0/29",
+        "192.0.0.170/31",
+        "192.0.2.0/24",
+        "192.168.0.0/16",
+        "198.18.0.0/15",
+        "198.51.100.0/24",
+        "203.0.113.0/24",
+        "240.0.0.0/4",
+        "255.255.255.255/32",
+    )
+)
+
+
 def private_only(cidrs: Sequence[str]) -> bool:
     """Whether the replicas' port is open to private address ranges only: the router is then
     inside the network (or a peered one), and a connection to a replica's public IP would come
     from a public address the firewall refuses, so the endpoint is the private IP."""
-    return bool(cidrs) and all(ipaddress.ip_network(c, strict=False).is_private for c in cidrs)
+
+    def private(cidr: str) -> bool:
+        net = ipaddress.ip_network(cidr, strict=False)
+        return isinstance(net, ipaddress.IPv4Network) and any(net.subnet_of(p) for p in PRIVATE_NETWORKS)
+
+    return bool(cidrs) and all(private(c) for c in cidrs)
 
 
 @dataclass(frozen=True)

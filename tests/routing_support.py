@@ -130,9 +130,16 @@ class Fleet:
 
     def start(self, count: int, *, env: dict[str, str] | None = None, first: int = 1) -> list[Replica]:
         started = []
+        # A replica binds its port some time after it starts, so until then the kernel may hand the
+        # same free port out again: two replicas given one port, the second dies, and a router
+        # config listing both is refused (`share the endpoint`). Never hand out a port twice.
+        taken = {r.port for r in self.replicas.values() if r.proc.poll() is None}
         for n in range(first, first + count):
             rid = f"r-{n:04d}"
             port = free_port()
+            while port in taken:
+                port = free_port()
+            taken.add(port)
             full_env = {**os.environ, "PORT": str(port), "SKYHEDGE_REPLICA_ID": rid, **(env or {})}
             log = open(self.log_dir / f"{rid}.log", "wb")  # noqa: SIM115 (the child owns it)
             with log:

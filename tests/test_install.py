@@ -3,6 +3,8 @@ catalog data: checked on a freshly built wheel, and on the installed copy when t
 
 from __future__ import annotations
 
+import configparser
+import re
 import shutil
 import subprocess
 import sys
@@ -38,6 +40,24 @@ def wheel(tmp_path_factory) -> Path:
     if proc.returncode != 0:
         pytest.fail(f"pip wheel failed:\n{proc.stderr[-2000:]}")
     return next(out.glob("skyhedge-*.whl"))
+
+
+def _names(requirements: list[str]) -> set[str]:
+    return {re.split(r"[<>=!~\[;\s]", r.strip().strip("\"'"))[0].lower() for r in requirements if r.strip()}
+
+
+def test_the_test_extra_brings_the_build_backend_these_tests_build_with():
+    """The wheel builds here run without build isolation, with the environment's own setuptools
+    and wheel; a venv of Python 3.12 or newer has no setuptools, so after the README's
+    `pip install '.[test]'` they failed (`No module named 'setuptools'`) unless the test extra
+    brings every requirement of pyproject's `[build-system]`."""
+    cfg = configparser.ConfigParser()
+    cfg.read(REPO / "setup.cfg", encoding="utf-8")
+    extra = _names(cfg["options.extras_require"]["test"].splitlines())
+    build = re.search(r"^requires\s*=\s*\[(.*?)\]", (REPO / "pyproject.toml").read_text(), re.M | re.S)
+    assert build is not None, "pyproject.toml: no [build-system] requires"
+    backend = _names(build.group(1).split(","))
+    assert backend and backend <= extra, f"the test extra lacks {sorted(backend - extra)}"
 
 
 def test_wheel_carries_templates_modules_and_catalog(wheel):

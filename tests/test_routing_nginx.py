@@ -102,6 +102,22 @@ class Client(threading.Thread):
         return out
 
 
+def test_a_fleet_never_gives_two_replicas_one_port(fleet, monkeypatch):
+    """The kernel may hand out a free port again before the replica given it has bound it: the
+    test fleet must not start a second replica on it (seen once in a full run: `upstreams r-0001
+    and r-0003 share the endpoint`)."""
+    import routing_support
+
+    first, second = free_port(), free_port()
+    while second == first:
+        second = free_port()
+    ports = iter([first, first, second])
+    monkeypatch.setattr(routing_support, "free_port", lambda: next(ports))
+    replicas = fleet.start(2)
+    assert sorted(r.port for r in replicas) == sorted([first, second])
+    assert all(r.proc.poll() is None for r in replicas)
+
+
 @pytest.mark.parametrize("lb", ["least_load", "round_robin"])
 def test_300_requests_through_three_replicas_all_succeed_and_all_replicas_serve(fleet, make_router, lb):
     fleet.start(3)

@@ -1010,6 +1010,42 @@ def test_replicas_kept_off_the_internet_are_reached_privately_and_are_a_new_revi
     assert replica_revision(private, "aws") != replica_revision(plain, "aws")
 
 
+@pytest.mark.parametrize(
+    "cidrs, private",
+    [
+        ("[0.0.0.0/0]", False),  # the default: the router may be anywhere
+        ("[0.0.0.0/1]", False),  # 0.0.0.0 and 127.255.255.255 are special; the addresses between are not
+        ("[10.0.0.0/8]", True),
+        ("[10.0.0.0/16, 192.168.0.0/16, 172.16.0.0/12]", True),
+        ("[10.0.0.0/8, 0.0.0.0/0]", False),
+        ("[172.32.0.0/16]", False),  # just past 172.16.0.0/12
+        ("[100.64.0.0/10]", True),  # RFC 6598 shared space: no internet route (is_private says no)
+        ("[100.128.0.0/16]", False),  # just past it
+        ("[192.0.0.0/24]", False),  # private on Python 3.13 only
+    ],
+)
+def test_private_endpoints_follow_ingress_ranges_on_any_python(write_spec, monkeypatch, cidrs, private):
+    """Replicas are reached at their private IPs when every `ingress_cidrs` range is private, by
+    skyhedge's own list of ranges: `ipaddress`'s `is_private` answers differently per Python release
+    (3.10 counts 0.0.0.0/0 private, so a default spec on 3.10 routed a router outside the network to
+    the replicas' private IPs). Here `is_private` answers as 3.10's does, and must not matter."""
+    import ipaddress
+
+    def py310_is_private(net: ipaddress.IPv4Network) -> bool:
+        return net.network_address.is_private and net.broadcast_address.is_private
+
+    monkeypatch.setattr(ipaddress.IPv4Network, "is_private", property(py310_is_private))
+    assert ipaddress.ip_network("0.0.0.0/0").is_private  # the 3.10 answer is in force
+    spec = load_spec(
+        write_spec(
+            "name: llm\nplacement: {clouds: [aws, gcp]}\n"
+            "resources: {instance_type: {aws: g5.xlarge, gcp: g2-standard-4}}\nrun: {command: serve}\n"
+            f"aws: {{ingress_cidrs: {cidrs}}}\ngcp: {{ingress_cidrs: {cidrs}}}\n"
+        )
+    )
+    assert (spec.aws.private_endpoint, spec.gcp.private_endpoint) == (private, private)
+
+
 def test_env_numbers_are_taken_as_written(write_spec):
     """YAML 1.1 reads 01234 as 668, 1.10 as 1.1 and 1:30 as 90: an env value is the text written."""
     spec = load_spec(

@@ -407,6 +407,19 @@ def git_repository_in(out: Path) -> str | None:
     return None
 
 
+def resolve_path(path: Path) -> Path:
+    """`path` made absolute with every symbolic link resolved; it need not exist. A symlink loop
+    raises on every Python: `Path.resolve` raises RuntimeError for one up to 3.12, but from 3.13
+    on returns the path with the looping link left in it, which the caller would then try to write
+    through (`Not a directory`). A link still left in the resolved path is such a loop: resolving
+    it strictly raises the OS's ELOOP error."""
+    resolved = path.resolve()
+    for part in (resolved, *resolved.parents):
+        if part.is_symlink():
+            part.resolve(strict=True)
+    return resolved
+
+
 def write_tree(tree: RenderedTree, out: Path) -> None:
     """Write `tree` to `out` so readers see the old tree or the new one, never a mix.
 
@@ -421,8 +434,8 @@ def write_tree(tree: RenderedTree, out: Path) -> None:
     the current directory or hold it: the swap would leave the shell in a deleted directory.
     """
     try:
-        out = Path(out).resolve()  # "." has no name to rename; a link would itself be replaced
-    except (RuntimeError, OSError) as exc:  # a symlink loop (RuntimeError before Python 3.13)
+        out = resolve_path(Path(out))  # "." has no name to rename; a link would itself be replaced
+    except (RuntimeError, OSError) as exc:  # a symlink loop
         raise RenderError(f"{out}: cannot resolve the path ({exc})") from exc
     if Path.cwd().resolve().is_relative_to(out):
         raise RenderError(
