@@ -2,7 +2,8 @@
 against `skyhedge up` on the local cloud, with events injected, counted per second.
 
     python benchmarks/traffic_bench.py [--rate 40] [--phase 20] [--token-delay 0.005]
-                                       [--scenarios kill,scaledown,hang,http500]
+                                       [--scenarios kill,scaledown,hang,http500,rollout]
+                                       [--keep-log FILE]
 
 A load generator (open loop: `--rate` POSTs to /v1/completions per second, whatever the
 latency; a third of the clients open a connection per request, a third keep it alive and reuse
@@ -17,6 +18,11 @@ client retries anything) runs through the whole run, and these happen in turn, `
   http500    one replica answers every completion with HTTP 500 (its /health stays 200): a
              router-only run (`Router` with two local-echo replicas and that one), the
              controller cannot see it
+  rollout    (only when named) `skyhedge up` on a copy of examples/local-echo (its own ports),
+             the spec edited under the load: run.env (every replica rolls over), min_replicas
+             2 -> 3 -> 2, an invalid edit (refused), load_balancing_policy (an nginx reload), a
+             run.command that never listens for a minute, then reverted; prints how long each
+             took and the lowest READY count `skyhedge status --json` showed per phase
 
 Printed: one row per second (ok, 5xx by code, connection resets/refusals, client timeouts,
 latency p50/p99 of the requests sent in that second, what happened), then totals per phase.
@@ -43,6 +49,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -294,9 +301,9 @@ def replica_pgid(sdir: Path, rid: str) -> int:
     return proc.pgid
 
 
-def history_marks(sdir: Path, since: float) -> list[tuple[float, str]]:
+def history_marks(sdir: Path, since: float, name: str = "traffic") -> list[tuple[float, str]]:
     out = []
-    for h in load_state(sdir, "traffic").history:
+    for h in load_state(sdir, name).history:
         if h.get("at", 0) < since:
             continue
         if h.get("event") == "routed":
@@ -355,6 +362,249 @@ def run_controller(args: argparse.Namespace, scenarios: list[str]) -> None:
             marks += history_marks(sdir, t0)
             marks.sort()
             report(load.samples, marks, t0)
+
+
+# ---- the rollout scenario: spec changes under traffic, on the local-echo example ----------------
+
+
+@dataclass
+class StatusPoller:
+    """Polls `skyhedge status --json` once a second (what an operator's script would see): READY
+    replicas and live IDs over time, to check none of the spec's changes went below the target."""
+
+    spec: Path
+    sdir: Path
+    cwd: Path
+    rows: list[tuple[float, int, frozenset[str]]] = field(default_factory=list)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    def _poll(self) -> None:
+        cmd = [sys.executable, "-m", "skyhedge", "status", str(self.spec), "--state-dir", str(self.sdir)]
+        env = dict(os.environ, PYTHONPATH=str(REPO))
+        while not self._stop.is_set():
+            at = time.time()
+            done = subprocess.run(
+                [*cmd, "--json"], cwd=self.cwd, env=env, capture_output=True, text=True, check=False
+            )
+            with contextlib.suppress(ValueError, KeyError, TypeError):
+                rows = json.loads(done.stdout)["replicas"]
+                ready = sum(1 for r in rows if r["state"] == "READY")
+                self.rows.append((at, ready, frozenset(r["id"] for r in rows)))
+            self._stop.wait(max(0.0, 1.0 - (time.time() - at)))
+
+    def min_ready(self, start: float, end: float) -> int | None:
+        seen = [ready for at, ready, _ in self.rows if start <= at < end]
+        return min(seen) if seen else None
+
+
+def _live(sdir: Path, name: str) -> dict[str, Any]:
+    return {r.id: r for r in load_state(sdir, name).live()}
+
+
+def _settled(sdir: Path, name: str, old: set[str], want: int) -> bool:
+    """Every live replica READY and routed, none of `old` left, at least `want` of them."""
+    live = _live(sdir, name)
+    routed_ids = {p[0] for p in load_state(sdir, name).extra.get("routed") or []}
+    return (
+        len(live) >= want
+        and not (old & set(live))
+        and all(r.fact().status.value == "READY" for r in live.values())
+        and set(live) <= routed_ids
+    )
+
+
+def _edit(spec_path: Path, old: str, new: str) -> None:
+    """Replace one line of the spec in one step (as an editor saving it does)."""
+    text = spec_path.read_text()
+    assert old in text, old
+    tmp = spec_path.with_suffix(".tmp")
+    tmp.write_text(text.replace(old, new, 1))
+    tmp.replace(spec_path)
+
+
+def _log_lines(log: Path, start: int, needle: str) -> list[str]:
+    return [ln for ln in log.read_text(errors="replace").splitlines()[start:] if needle in ln]
+
+
+def run_rollout(args: argparse.Namespace) -> None:
+    """`skyhedge up --no-dashboard` on a copy of examples/local-echo (own ports) while the spec
+    is edited: a `run.env` change (every replica rolls over), min_replicas up and down, an
+    invalid edit, a router option, and a command whose replicas never get READY."""
+    with tempfile.TemporaryDirectory(prefix="skyhedge-rollout-") as tmpname:
+        tmp = Path(tmpname)
+        svc = tmp / "svc"
+        svc.mkdir()
+        for name in ("server.py", "corpus.txt"):
+            (svc / name).write_bytes((REPO / "examples/local-echo" / name).read_bytes())
+        port = free_port()
+        base = free_port() % 10000 + 20000
+        text = (REPO / "examples/local-echo/service.yaml").read_text()
+        text = text.replace("port: 8080", f"port: {port}").replace(
+            "local_base_port: 18000", f"local_base_port: {base}"
+        )
+        text = text.replace(
+            'ECHO_MODEL_SEED: "7"', f'ECHO_MODEL_SEED: "7"\n    ECHO_TOKEN_DELAY: "{args.token_delay}"'
+        )
+        spec_path = svc / "service.yaml"
+        spec_path.write_text(text)
+        sdir = tmp / "state"
+        name = "local-echo"
+        env = dict(os.environ, PYTHONPATH=str(REPO))
+        log_path = tmp / "up.log"
+        log = open(log_path, "wb")  # noqa: SIM115
+        up = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "skyhedge",
+                "up",
+                str(spec_path),
+                "--state-dir",
+                str(sdir),
+                "--no-dashboard",
+            ],
+            cwd=tmp,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        poller = StatusPoller(spec_path, sdir, tmp)
+        load = Load("127.0.0.1", port, args.rate)
+        marks: list[tuple[float, str]] = []
+        durations: list[tuple[str, float | None, str]] = []
+        try:
+            wait_for(lambda: _settled(sdir, name, set(), 2), 180, "2 READY routed replicas")
+            poller.start()
+            t0 = time.time()
+            load.start()
+            marks.append((time.time(), "phase steady"))
+            time.sleep(args.phase)
+
+            def step(phase: str, old: str, new: str, want: int, timeout: float = 240) -> None:
+                before = set(_live(sdir, name))
+                marks.append((time.time(), f"phase {phase}"))
+                at = time.time()
+                _edit(spec_path, old, new)
+                roll = phase == "env"
+                try:
+                    wait_for(lambda: _settled(sdir, name, before if roll else set(), want), timeout, phase)
+                    durations.append((phase, time.time() - at, ""))
+                except SystemExit as exc:
+                    durations.append((phase, None, str(exc)))
+                marks.append((time.time(), f"{phase} settled"))
+                time.sleep(args.phase)
+
+            step("env", 'ECHO_MODEL_SEED: "7"', 'ECHO_MODEL_SEED: "8"', 2)
+            step("scaleup", "min_replicas: 2", "min_replicas: 3", 3)
+            step("scaledown", "min_replicas: 3", "min_replicas: 2", 2)
+            # (c) an invalid edit: refused in one line, the service unaffected
+            marks.append((time.time(), "phase invalid"))
+            seen = len(log_path.read_text(errors="replace").splitlines())
+            _edit(spec_path, "min_replicas: 2", "min_replicas: many")
+            wait_for(lambda: bool(_log_lines(log_path, seen, "refused")), 30, "the refusal")
+            durations.append(("invalid", None, " | ".join(_log_lines(log_path, seen, "refused"))))
+            time.sleep(args.phase)
+            _edit(spec_path, "min_replicas: many", "min_replicas: 2")
+            # (d) a router change: a graceful nginx reload with the new config
+            marks.append((time.time(), "phase router"))
+            seen = len(log_path.read_text(errors="replace").splitlines())
+            _edit(spec_path, "load_balancing_policy: least_load", "load_balancing_policy: round_robin")
+            wait_for(lambda: bool(_log_lines(log_path, seen, "load_balancing_policy")), 30, "router reload")
+            durations.append(("router", None, " | ".join(_log_lines(log_path, seen, "load_balancing"))))
+            time.sleep(args.phase)
+            # (e) a revision whose replicas never get READY (a command that never listens)
+            before = set(_live(sdir, name))
+            marks.append((time.time(), "phase badcmd"))
+            seen = len(log_path.read_text(errors="replace").splitlines())
+            _edit(spec_path, "command: python3 server.py", "command: sleep 3600")
+            time.sleep(max(args.phase, 60))
+            durations.append(
+                ("badcmd", None, f"old replicas still live: {sorted(before & set(_live(sdir, name)))}")
+            )
+            marks.append((time.time(), "phase fixed"))
+            _edit(spec_path, "command: sleep 3600", "command: python3 server.py")
+            at = time.time()
+            try:
+                wait_for(
+                    lambda: _settled(sdir, name, set(), 2) and not _outdated(spec_path, sdir), 240, "fixed"
+                )
+                durations.append(("fixed", time.time() - at, ""))
+            except SystemExit as exc:
+                durations.append(("fixed", None, str(exc)))
+            time.sleep(args.phase)
+            marks.append((time.time(), "phase end"))
+            bad_lines = [
+                ln
+                for ln in log_path.read_text(errors="replace").splitlines()[seen:]
+                if "sleep 3600" in ln or "rolling" in ln or "FAILED" in ln or "crash" in ln or "hold" in ln
+            ]
+        finally:
+            load.stop()
+            poller.stop()
+            up.send_signal(signal.SIGINT)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                up.wait(timeout=60)
+            if up.poll() is None:
+                os.killpg(up.pid, signal.SIGKILL)
+                up.wait()
+            log.close()
+            subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "skyhedge",
+                    "destroy",
+                    str(spec_path),
+                    "--state-dir",
+                    str(sdir),
+                    "--auto-approve",
+                ],
+                cwd=tmp,
+                env=env,
+                capture_output=True,
+                timeout=180,
+                check=False,
+            )
+            with contextlib.suppress(Exception):
+                from skyhedge.spec import load_spec
+
+                teardown_router(Router(load_spec(spec_path), sdir))
+            kill_all(runtime_dir(sdir))
+            if args.keep_log:
+                Path(args.keep_log).write_bytes(log_path.read_bytes())
+        marks += history_marks(sdir, t0, name)
+        marks.sort()
+        report(load.samples, marks, t0)
+        print()
+        print("took (edit -> every replica READY, routed, none of the old ones left):")
+        for phase, took, note in durations:
+            print(f"  {phase:<10} {'-' if took is None else f'{took:.1f} s':>8}  {note}")
+        print("READY replicas (status --json, once a second), lowest per phase:")
+        phases = [m for m in marks if m[1].startswith("phase ")]
+        for i, (start, what) in enumerate(phases[:-1]):
+            print(f"  {what.removeprefix('phase '):<10} {poller.min_ready(start, phases[i + 1][0])}")
+        print("watcher log during badcmd/fixed:")
+        for ln in bad_lines[:40]:
+            print("  " + ln[:300])
+
+
+def _outdated(spec_path: Path, sdir: Path) -> list[str]:
+    from skyhedge.service import outdated_replicas
+    from skyhedge.spec import load_spec
+
+    spec = load_spec(spec_path)
+    return outdated_replicas(spec, load_state(sdir, spec.name))
 
 
 class _Http500(BaseHTTPRequestHandler):
@@ -421,14 +671,18 @@ def main() -> None:
     parser.add_argument("--phase", type=positive, default=20, help="seconds per phase")
     parser.add_argument("--token-delay", type=float, default=0.005, help="replica seconds per token")
     parser.add_argument("--scenarios", default="kill,scaledown,hang,http500")
+    parser.add_argument("--keep-log", metavar="FILE", help="rollout: copy the watcher's log here")
     args = parser.parse_args()
     scenarios = [s for s in args.scenarios.split(",") if s]
-    unknown = set(scenarios) - {"kill", "scaledown", "hang", "http500"}
+    unknown = set(scenarios) - {"kill", "scaledown", "hang", "http500", "rollout"}
     if unknown:
         parser.error(f"argument --scenarios: unknown {', '.join(sorted(unknown))}")
     if set(scenarios) & {"kill", "scaledown", "hang"}:
         print("== controller run: skyhedge up, local cloud, 3 replicas ==")
         run_controller(args, scenarios)
+    if "rollout" in scenarios:
+        print("\n== rollout run: skyhedge up on examples/local-echo, spec edited under load ==")
+        run_rollout(args)
     if "http500" in scenarios:
         print("\n== router run: 2 local-echo replicas + 1 answering 500 ==")
         run_http500(args)

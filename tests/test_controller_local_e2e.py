@@ -509,3 +509,37 @@ def test_a_replica_released_mid_generation_finishes_it_while_the_watcher_goes_on
     assert noticed - released_at < 8
     assert float(service.state().replicas[victim.id].gone_at) >= min(float(s["end"]) for s in mine) - 1.0  # type: ignore[arg-type]
     assert "drain" not in service.state().extra  # the hold is released with the replica
+
+
+def test_a_rollout_to_a_command_that_never_gets_ready_keeps_every_old_replica_serving(service):
+    """A new `run.command` whose replicas never listen: the watcher keeps launching them (and
+    holds its launches once they crash-loop), but none of the three READY replicas of the earlier
+    spec (N = 2 plus the policy's extra) is released, and the log says the update stopped. Before,
+    the outdated replicas were released against N alone, before any replacement was READY: the
+    extra went at once, leaving N for as long as the bad spec stayed."""
+    service.start_watcher()
+    service.wait("3 READY spot replicas routed", service.converged, timeout=90)
+    before = {r.id for r in service.state().live()}
+    url = f"http://127.0.0.1:{service.port}"
+    with Load(url) as load:
+        service.wait("traffic", lambda: load.ok > 50, timeout=20)
+        text = service.spec_path.read_text()
+        bad = text.replace(f"command: {sys.executable} {SERVER}", "command: sleep 3600").replace(
+            "initial_delay_seconds: 30", "initial_delay_seconds: 2"
+        )
+        assert bad != text
+        service.spec_path.with_suffix(".tmp").write_text(bad)
+        os.replace(service.spec_path.with_suffix(".tmp"), service.spec_path)
+        deadline = time.monotonic() + 60
+        while "rolling update stopped" not in service.logs():
+            st = service.state()
+            live = {r.id for r in st.live() if not r.draining}
+            routed = {pair[0] for pair in st.extra.get("routed") or []}
+            assert before <= live and before <= routed, (sorted(live), sorted(routed), service.logs())
+            assert time.monotonic() < deadline, service.logs()
+            time.sleep(0.2)
+    assert not load.failed, load.failed[:5]
+    assert before <= {r.id for r in service.state().live()}
+    logs = (service.tmp / "watch-0.log").read_text(errors="replace")
+    line = next(ln for ln in logs.splitlines() if "rolling update stopped" in ln)
+    assert "3 replica(s) of the earlier spec keep serving" in line, line

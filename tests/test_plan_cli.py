@@ -187,12 +187,12 @@ def test_a_changed_run_is_a_rolling_update_not_an_in_place_restart(tmp_path, wri
     result = run("plan", str(changed), "--state-dir", str(state_dir), "--json", "--detailed-exitcode")
     assert result.exit_code == 2, result.output
     data = json.loads(result.output)
-    assert data["summary"]["outdated"] == 2  # left after this pass: one goes now
-    # all three kept; one more spot replica launched (the surge: 3 READY are N + 1 already, so the
-    # oldest outdated one is released in the same pass)
+    assert data["summary"]["outdated"] == 3  # none goes before the surge is READY
+    # all three kept; one more spot replica launched (the surge): the 3 READY are N + 1, the
+    # policy's extra included, so none is released until the surge is READY too (releasing the
+    # oldest in this pass left N, the extra gone for the whole update)
     actions = {r["id"]: (r["action"], r["outdated"]) for r in data["replicas"]}
-    assert actions["r-0001"] == ("delete", True)
-    assert actions["r-0002"] == actions["r-0003"] == ("keep", True)
+    assert actions["r-0001"] == actions["r-0002"] == actions["r-0003"] == ("keep", True)
     new = [r for r in data["replicas"] if r["id"] >= "r-0004"]
     assert all(r["action"] == "create" and not r["outdated"] for r in new)
     assert [r["market"] for r in new if r["market"] == "spot"] == [
@@ -675,8 +675,21 @@ def test_a_rolling_update_never_deletes_an_outdated_replica_that_is_already_drai
     """Draining, it runs until its requests end (deleting it now would cut them off); the next
     outdated replica is the one released while more than N READY replicas remain."""
     replicas = {"r-0001": {"outdated": True, "draining": True}, "r-0002": {"outdated": True}, "r-0003": {}}
-    replicas["r-0004"] = {}
+    replicas["r-0004"] = replicas["r-0005"] = {}
     assert _rolling(tmp_path, write_spec, replicas) == ["r-0002"]
+
+
+def test_a_rolling_update_releases_no_ready_replica_before_its_replacement_is_ready(tmp_path, write_spec):
+    """N = 2 plus the policy's extra: three READY outdated replicas and the surge, launched under
+    the new `run`, not READY yet. Releasing one against N alone (3 READY > 2) dropped the extra
+    before anything replaced it, and a new revision whose replicas never get READY (a bad command)
+    released outdated ones down to N and kept the service there (measured through `skyhedge up`:
+    5 READY -> 2 within 3 s). Now they stay until the surge is READY, then go one at a time."""
+    replicas = {f"r-000{i}": {"outdated": True} for i in range(1, 4)}
+    replicas["r-0004"] = {"ready_at": None, "launched_at": 50.0}
+    assert _rolling(tmp_path, write_spec, replicas) == []
+    replicas["r-0004"] = {"launched_at": 50.0}  # the surge READY: the oldest goes
+    assert _rolling(tmp_path, write_spec, replicas) == ["r-0001"]
 
 
 AUTOSCALED = LOCAL.replace(

@@ -575,6 +575,14 @@ class Controller:
                     f"after {LAUNCH_ATTEMPTS} failed applies in {window}"
                 )
                 see = " (see the apply errors above)"
+            kept = sorted(r.id for r in plan.replicas if r.outdated and r.action != DELETE)
+            if kept:
+                # a rolling update to a revision whose replicas fail: it stops where it is, the
+                # outdated replicas serving (none is released before a replacement is READY)
+                why += (
+                    f"; rolling update stopped: {len(kept)} replica(s) of the earlier spec keep serving "
+                    f"({', '.join(kept)}) until replicas of the new one get READY (fix or revert the spec)"
+                )
             self.note(f"{why}; new launches held until {until}{see}", level=logging.WARNING)
             # `status` says so too: an empty table with no reason sent the operator to the log
             self.state.extra[LAUNCH_HOLD_KEY] = {"until": now + hold, "reason": why}
