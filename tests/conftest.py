@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import textwrap
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from routing_support import Fleet
@@ -13,6 +15,33 @@ from skyhedge.clouds.local.processes import kill_all
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
+
+
+#: The variables rich sizes a console by (and a few tests set or clear).
+TERMINAL_VARS = ("COLUMNS", "LINES")
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node: Any) -> None:
+    """(pytest-xdist, in the controlling process) Hand each worker this run's own COLUMNS and
+    LINES. The controller has imported readline, which puts COLUMNS=80 LINES=24 into the C
+    environment (off a terminal) without touching `os.environ`: a worker starts with them in
+    its `os.environ`, and every console the tests make there is 80 columns wide, where the
+    same test run without `-n` sees none."""
+    node.workerinput["skyhedge_terminal_env"] = {name: os.environ.get(name) for name in TERMINAL_VARS}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """In an xdist worker: put COLUMNS and LINES back as the controller has them (see
+    `pytest_configure_node`), before any test module (or skyhedge's CLI console) is imported."""
+    terminal = getattr(config, "workerinput", {}).get("skyhedge_terminal_env")
+    if terminal is None:
+        return
+    for name, value in terminal.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
 
 
 @pytest.fixture

@@ -5,6 +5,7 @@ Each records its calls and can be told to fail, so tests assert what the control
 
 from __future__ import annotations
 
+import os
 import socket
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,8 +23,12 @@ from skyhedge.state import ReplicaRecord, ServiceState
 def _free_router_port() -> int:
     """A port free now, below Linux's ephemeral range (no client socket is handed it later) and
     away from local replicas' ports (18000 + N): the suite must pass while a developer's own
-    service holds the default 8080."""
-    for port in range(24080, 32000, 101):
+    service holds the default 8080. Each pytest-xdist worker (gw0, gw1, ...) looks in its own
+    series (24080, 24181, ... for gw0; 24081, 24182, ... for gw1): workers import this at the
+    same moment, and one series for all would hand every worker the same port."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw")
+    offset = int(worker) % 101 if worker.isdigit() else 0
+    for port in range(24080 + offset, 32000, 101):
         with socket.socket() as s:
             try:
                 s.bind(("127.0.0.1", port))

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 import yaml
 from click.testing import CliRunner
+from controller_fakes import ROUTER_PORT
 from local_support import LocalService, make_service
 
 import skyhedge.engine as engine_module
@@ -40,6 +41,9 @@ def service(tmp_path: Path) -> Iterator[LocalService]:
     data = yaml.safe_load(svc.spec_path.read_text(encoding="utf-8"))
     data["run"]["setup"] = f'touch "{tmp_path}/setup-$SKYHEDGE_REPLICA_ID"; sleep 60'
     data["readiness_probe"]["initial_delay_seconds"] = 120  # the setup's limit: never the cause here
+    # the router's port free now (not the default 8080: a developer's own service, another
+    # pytest-xdist worker's apply): `apply` checks it before it launches anything
+    data["service"] = {"port": ROUTER_PORT}
     svc.spec_path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
     procs: list[subprocess.Popen[str]] = []
     svc.procs = procs  # type: ignore[attr-defined]
