@@ -552,6 +552,39 @@ def test_the_json_log_formatter_keeps_one_record_on_one_line():
     assert "ValueError: bad\nthing" in out["exception"]
 
 
+def test_json_log_lines_carry_the_service_and_the_replica_a_line_is_about(tmp_path, write_spec, caplog):
+    """A log pipeline filters on fields, not on a prefix inside `message`: every line of a
+    watcher has `service`; one about a single replica has its `replica_id`, `zone` and `market`.
+    `message` stays the text format's, service prefix included."""
+    import json
+    import logging
+
+    from skyhedge.cli.watch import JsonLogFormatter
+
+    ctl = fake_controller(load_spec(write_spec(LOCAL)), tmp_path / "s")
+    caplog.set_level(logging.INFO, logger="skyhedge")
+    ctl.tick()
+    ctl.clock.advance(1)  # type: ignore[attr-defined]
+    ctl.tick()
+    rec = min(ctl.state.live(), key=lambda r: r.id)
+    rid = rec.id
+    ctl.note("applied local/local in 0.1s")
+    formatter = JsonLogFormatter("svc")
+    lines = [json.loads(formatter.format(r)) for r in caplog.records if r.name == "skyhedge.controller"]
+    assert lines and all(line["service"] == "svc" for line in lines)
+    ready = next(line for line in lines if line["message"].startswith(f"svc: {rid} READY in "))
+    assert ready["message"] == f"svc: {rid} READY in {rec.zone} after 1.0s"
+    assert (ready["replica_id"], ready["zone"], ready["market"]) == (rid, rec.zone, rec.market)
+    applied = next(line for line in lines if line["message"] == "svc: applied local/local in 0.1s")
+    assert not {"replica_id", "zone", "market"} & set(applied)
+    # a line naming several replicas names none of them
+    ctl.note(f"plan: +{rid} {rec.zone} spot, -r-0099 -> ...")
+    assert "replica_id" not in json.loads(formatter.format(caplog.records[-1]))
+    # a line from elsewhere in the watcher (no fields of its own) still names the service
+    other = logging.LogRecord("skyhedge.controller", logging.ERROR, __file__, 1, "tick failed", (), None)
+    assert json.loads(formatter.format(other))["service"] == "svc"
+
+
 def test_market_replay_gives_a_finite_zone_its_pool_size(tmp_path: Path):
     """A trace value n > 0 is a pool of n: the launcher refuses spot launches beyond it (before,
     only 0 was enforced, and a zone the trace gave 2 ran 4 spot replicas until its next change)."""

@@ -114,6 +114,75 @@ def test_preemption_is_replaced_in_another_zone_and_routing_follows(world):
     assert src.acked >= 2
 
 
+def test_a_preemption_reloads_the_router_twice_and_never_routes_the_on_demand_cover(world):
+    """Every nginx reload costs a request per kept-alive connection a client reuses blindly
+    (docs/routing.md). The replica gone leaves the router in the pass that hears of it; the pass
+    that finds its replacement READY routes it in the same reload that would release SpotHedge's
+    on-demand cover, READY in that pass too: the cover, never routed, goes without a reload.
+    (It took three: +spot +cover, then -cover, a pass after the removal.)"""
+    ctl, clock, src, router = make(world), world["clock"], world["source"], world["router"]
+    settle(ctl, clock)
+    victim = next(r for r in ctl.state.live() if r.zone == "local-a")
+    survivors = sorted(r.id for r in ctl.state.live() if r is not victim)
+    before = len(router.reloads)
+    preempt(src, clock, victim)
+    ctl.tick()
+    assert router.reloads[before:] == [survivors]  # gone: out at once
+    new = {r.market: r.id for r in ctl.state.live() if r.launched_at == clock()}
+    assert set(new) == {"spot", "on-demand"}
+    clock.advance(1)
+    ctl.tick()
+    assert router.reloads[before + 1 :] == [sorted([*survivors, new["spot"]])]
+    assert new["on-demand"] not in {r.id for r in ctl.state.live()}  # released, destroyed
+    settle(ctl, clock)
+    assert len(router.reloads) - before == 2
+    assert all(new["on-demand"] not in upstreams for upstreams in router.reloads)
+
+
+def _without_cover(world, write_spec) -> None:
+    """The world's spec with no on-demand cover: a replica failing a probe launches nothing."""
+    text = SPEC.replace("  policy: spothedge\n", "  policy: spothedge\n  dynamic_ondemand_fallback: false\n")
+    world["spec"] = load_spec(write_spec(text, "no-cover.yaml"))
+
+
+def test_a_replica_gone_leaves_the_router_in_the_same_reload_as_one_newly_ready(world, write_spec):
+    """Only additions wait for the pass's plan: a pass that finds one replica gone and another
+    READY again reloads once, before its apply, with both changes."""
+    _without_cover(world, write_spec)
+    ctl, clock, src, router = make(world), world["clock"], world["source"], world["router"]
+    settle(ctl, clock)
+    sick, victim, other = sorted(ctl.state.live(), key=lambda r: r.id)
+    world["prober"].down.add(sick.id)
+    ctl.tick()
+    clock.advance(1)
+    assert router.current == sorted([victim.id, other.id])  # NOT_READY: out
+    world["prober"].down.clear()  # READY again, and another one preempted in the same pass
+    preempt(src, clock, victim)
+    before = len(router.reloads)
+    order: list[int] = []
+    real_apply = world["executor"].apply
+    world["executor"].apply = lambda *a: (order.append(len(router.reloads)), real_apply(*a))[1]
+    ctl.tick()
+    assert router.reloads[before:] == [sorted([sick.id, other.id])]
+    assert order == [before + 1]  # (the replacement's launch) routed before the apply
+
+
+def test_a_replica_ready_again_is_routed_in_its_pass_when_the_plan_changes_nothing(world, write_spec):
+    _without_cover(world, write_spec)
+    ctl, clock, router = make(world), world["clock"], world["router"]
+    settle(ctl, clock)
+    sick = sorted(ctl.state.live(), key=lambda r: r.id)[0]
+    world["prober"].down.add(sick.id)
+    ctl.tick()
+    clock.advance(1)
+    assert sick.id not in router.current
+    world["prober"].down.clear()
+    before = len(router.reloads)
+    ctl.tick()
+    assert ctl.last_plan is not None and not ctl.last_plan.has_changes
+    assert router.reloads[before:] == [sorted(r.id for r in ctl.state.live())]
+
+
 def test_interruption_warning_replaces_first_and_keeps_serving(world):
     ctl, clock, src = make(world), world["clock"], world["source"]
     settle(ctl, clock)

@@ -46,9 +46,11 @@ def test_up_json_logs_says_what_it_leaves_behind_as_a_json_record(served, monkey
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     assert result.stdout == ""
-    last = records(result.stderr)[-1]
+    lines = records(result.stderr)
+    last = lines[-1]
     assert last["level"] == "info" and last["logger"] == "skyhedge"
     assert last["message"].startswith("watcher stopped; svc keeps serving at http://127.0.0.1:")
+    assert [line["service"] for line in lines] == ["svc"] * len(lines)  # the log's lines and the last words
 
 
 def test_up_text_logs_keep_the_last_words_on_stdout(served, monkeypatch):
@@ -73,7 +75,7 @@ def test_a_second_ctrl_c_with_json_logs_is_a_json_warning(served, monkeypatch, v
     assert result.exit_code == 130, result.output
     assert result.stdout == ""
     last = records(result.stderr)[-1]
-    assert last["level"] == "warning"
+    assert last["level"] == "warning" and last["service"] == "svc"
     assert last["message"].startswith("watcher interrupted by a second Ctrl-C (its pass cut short)")
 
 

@@ -171,35 +171,55 @@ _log_format = click.option(
     type=click.Choice(["text", "json"]),
     default="text",
     show_default=True,
-    help="json: one JSON object per line (time, level, logger, message) for a log pipeline; the "
-    "watcher's own notices go through the log too.",
+    help="json: one JSON object per line (time, level, logger, message, service, and replica_id, "
+    "zone, market on a line about one replica) for a log pipeline; the watcher's own notices go "
+    "through the log too.",
 )
 
 
+#: Fields a record may carry (`logging`'s `extra`, set by `Controller.note`) that a JSON line
+#: gives as its own, for a log pipeline to filter on without parsing `message`.
+JSON_LOG_FIELDS = ("service", "replica_id", "zone", "market")
+
+
 class JsonLogFormatter(logging.Formatter):
-    """One JSON object per record: `time` (UTC, ISO 8601, ms), `level`, `logger`, `message`, and
-    `exception` when there is one. Newlines stay escaped inside the object: one record, one line."""
+    """One JSON object per record: `time` (UTC, ISO 8601, ms), `level`, `logger`, `message`,
+    `service` (the record's, else `service`: a watcher's lines are all about its one service),
+    `replica_id`, `zone` and `market` when the line is about one replica (`Controller.note`), and
+    `exception` when there is one. `message` is the text format's, service prefix included, so
+    that both formats say the same. Newlines stay escaped inside the object: one record, one line."""
+
+    def __init__(self, service: str | None = None) -> None:
+        super().__init__()
+        self.service = service
 
     def format(self, record: logging.LogRecord) -> str:
         stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-        out = {
+        out: dict[str, Any] = {
             "time": f"{stamp}.{int(record.msecs):03d}Z",
             "level": record.levelname.lower(),
             "logger": record.name,
             "message": record.getMessage(),
         }
+        if self.service is not None:
+            out["service"] = self.service
+        for key in JSON_LOG_FIELDS:
+            value = getattr(record, key, None)
+            if isinstance(value, str):
+                out[key] = value
         if record.exc_info:
             out["exception"] = self.formatException(record.exc_info)
         return json.dumps(out, ensure_ascii=False)
 
 
-def _last_words(text: str, log_format: str, level: int = logging.INFO) -> None:
+def _last_words(text: str, log_format: str, level: int = logging.INFO, *, service: str | None = None) -> None:
     """What the command leaves behind, said once its log is closed: a line on stdout, or with
     `--log-format json` one more JSON record on stderr, after the log's own (under systemd or
-    docker both streams reach the pipeline, which met this one line that was not JSON)."""
+    docker both streams reach the pipeline, which met this one line that was not JSON), with the
+    `service` field the log's lines have."""
     if log_format == "json":
         record = logging.LogRecord("skyhedge", level, __file__, 0, "%s", (text,), None)
-        echo(JsonLogFormatter().format(record), err=True)
+        echo(JsonLogFormatter(service).format(record), err=True)
     else:
         console.print(text, markup=False, highlight=False)  # paths and names are data
 
@@ -256,14 +276,17 @@ class _LogFile(logging.handlers.RotatingFileHandler):
 
 
 @contextlib.contextmanager
-def _logging(level: str, path: Path | None = None, log_format: str = "text") -> Iterator[None]:
-    """Log skyhedge's lines to stderr (or a file, under the dashboard) while the command runs."""
+def _logging(
+    level: str, path: Path | None = None, log_format: str = "text", *, service: str | None = None
+) -> Iterator[None]:
+    """Log skyhedge's lines to stderr (or a file, under the dashboard) while the command runs;
+    `service`: the JSON lines' `service` field (`JsonLogFormatter`)."""
     try:
         handler: logging.Handler = _LogFile(path) if path else logging.StreamHandler(sys.stderr)
     except OSError as exc:  # a state dir that takes no new file (read-only, immutable)
         raise StateError(f"{path}: cannot write the watcher's log ({exc.strerror or exc})") from exc
     if log_format == "json":
-        handler.setFormatter(JsonLogFormatter())
+        handler.setFormatter(JsonLogFormatter(service))
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
     logger = logging.getLogger("skyhedge")
@@ -341,7 +364,7 @@ def watch(
     interrupted = False
     try:
         with (
-            _logging(log_level, log_format=log_format),
+            _logging(log_level, log_format=log_format, service=service.name),
             _metrics(metrics_host, metrics_port) as metrics_server,
             Watcher(
                 service,
@@ -370,6 +393,7 @@ def watch(
             f"was last applied, and `{command_line('watch', spec, state_dir)}` resumes.",
             log_format,
             logging.WARNING,
+            service=service.name,
         )
         raise SystemExit(130)
 
@@ -475,7 +499,7 @@ def up(
     said = log_format if no_dashboard else "text"
     try:
         with (
-            _logging("info", None if no_dashboard else log_file, log_format),
+            _logging("info", None if no_dashboard else log_file, log_format, service=service.name),
             _metrics(metrics_host, metrics_port) as metrics_server,
             Watcher(
                 service,
@@ -515,24 +539,38 @@ def up(
     if down_on_exit:
         from skyhedge.apply import destroy_service
 
-        _last_words("destroying the replicas and the router (--down-on-exit)", said)
+        _last_words("destroying the replicas and the router (--down-on-exit)", said, service=service.name)
         try:
             with sigterm_as_interrupt():  # a SIGTERM stops Terraform gracefully, as a Ctrl-C does
                 report = destroy_service(watcher.spec, sdir, terraform_bin=terraform_bin)  # as last reloaded
         except KeyboardInterrupt as exc:
             finish = f"{command_line('destroy', spec, state_dir)} --auto-approve"
             by, code = interrupted_by(exc)
-            _last_words(f"destroy interrupted by {by}; `{finish}` finishes it.", said, logging.WARNING)
+            _last_words(
+                f"destroy interrupted by {by}; `{finish}` finishes it.",
+                said,
+                logging.WARNING,
+                service=service.name,
+            )
             raise SystemExit(code) from None
-        _down_reported(report, spec, sdir, state_dir, said)
+        _down_reported(report, spec, sdir, state_dir, said, service=service.name)
     else:
         ctl = watcher.controller
         assert ctl is not None
         log_note = "" if no_dashboard else f" Log: {log_file}"  # without the dashboard it went to stderr
-        _last_words(stopped_message(watcher.spec, ctl.state, spec, state_dir) + log_note, said)
+        text = stopped_message(watcher.spec, ctl.state, spec, state_dir) + log_note
+        _last_words(text, said, service=service.name)
 
 
-def _down_reported(report: Any, spec: Path, sdir: Path, state_dir: Path | None, log_format: str) -> None:
+def _down_reported(
+    report: Any,
+    spec: Path,
+    sdir: Path,
+    state_dir: Path | None,
+    log_format: str,
+    *,
+    service: str | None = None,
+) -> None:
     """Say what `--down-on-exit`'s destroy did (`apply.DestroyReport`). One that failed is the
     command's error, naming what still runs and the command that finishes it: it used to say
     "destroyed 0 replica(s) and the router" and exit 0, the router still serving and the replicas
@@ -543,13 +581,16 @@ def _down_reported(report: Any, spec: Path, sdir: Path, state_dir: Path | None, 
     from skyhedge.routing.router import running_router_pid
 
     for line in report.warnings:
-        _last_words(f"warning: {line}", log_format, logging.WARNING)
+        _last_words(f"warning: {line}", log_format, logging.WARNING, service=service)
     if not report.errors:
-        _last_words(f"destroyed {len(report.destroyed)} replica(s) and the router", log_format)
+        _last_words(
+            f"destroyed {len(report.destroyed)} replica(s) and the router", log_format, service=service
+        )
         return
     if report.destroyed:
         gone = ", ".join(sorted(report.destroyed))
-        _last_words(f"destroyed {len(report.destroyed)} replica(s): {gone}", log_format, logging.WARNING)
+        text = f"destroyed {len(report.destroyed)} replica(s): {gone}"
+        _last_words(text, log_format, logging.WARNING, service=service)
     first = report.errors[0]
     more = f" (and {len(report.errors) - 1} more)" if len(report.errors) > 1 else ""
     left = "the replicas not destroyed"
@@ -599,7 +640,7 @@ def _interrupted(
     text = stopped_message(service, state, spec, state_dir, how=how)
     if down_on_exit:
         text += " --down-on-exit was skipped."
-    _last_words(text, log_format, logging.WARNING)
+    _last_words(text, log_format, logging.WARNING, service=service.name)
     raise SystemExit(130)
 
 

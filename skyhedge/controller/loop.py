@@ -166,6 +166,9 @@ BUSY = frozenset(
 PROBED = frozenset({ReplicaStatus.STARTING, ReplicaStatus.NOT_READY})
 
 
+#: A replica ID in a noted line (`skyhedge.planner.replica_id`'s `r-0007`), as a word of its own.
+_REPLICA_ID = re.compile(r"\br-\d+\b")
+
 #: A traceback's last line: `[module.]NameError[: message]`.
 _EXCEPTION_LINE = re.compile(
     r"^(?:[A-Za-z_][\w.]*\.)?([A-Za-z_]\w*(?:Error|Exception|Interrupt|Exit))\b(?::\s*(.*))?$"
@@ -430,7 +433,23 @@ class Controller:
                 self._noted_cap = max(NOTED_PRUNE_AT, 2 * len(self._noted))
             self._noted[text] = at
             self.notes.append(Note(at, text))
-            log.log(level, "%s: %s", self.spec.name, text)  # (in the lock: the log in `notes`' order)
+            # (in the lock: the log in `notes`' order)
+            log.log(level, "%s: %s", self.spec.name, text, extra=self._log_fields(text))
+
+    def _log_fields(self, text: str) -> dict[str, str]:
+        """A noted line's structured fields (`--log-format json`): `service`, and `replica_id`,
+        `zone` and `market` when the line names exactly one replica of the state (`r-0007 READY in
+        ...`, `launch of r-0007 refused ...`): a log pipeline filters on them without parsing the
+        text, which stays the text format's. A line naming several (a plan, a routing change with
+        several upstreams) or none names no replica."""
+        fields = {"service": self.spec.name}
+        named = set(_REPLICA_ID.findall(text))
+        if len(named) == 1:
+            rid = named.pop()
+            rec = self.state.replicas.get(rid)
+            if rec is not None:
+                fields.update(replica_id=rid, zone=rec.zone, market=rec.market)
+        return fields
 
     def subscribe(self, listener: Callable[[Controller], None]) -> None:
         """Called after every tick (the dashboard redraws from it)."""
@@ -545,7 +564,9 @@ class Controller:
         self._autoscale(now)
         self._survival(now)
         refresh = not self._started or self._refresh
-        self._route(force=refresh)  # gone or newly READY replicas: route before applying
+        # replicas gone leave the router now; newly READY ones join at the pass's next routing,
+        # right after the plan, in the same nginx reload as the replicas it releases
+        self._route(force=refresh, defer_additions=True)
         plan, memory = compute_plan(
             self.spec,
             self.state,
@@ -973,11 +994,16 @@ class Controller:
             self.note(self._plan_line(plan, creates, deletes), now)
         self.save(now=True)  # the intent is durable before anything changes outside
         routed_ids = {pair[0] for pair in st.extra.get("routed") or []}
-        if any(r.id in routed_ids for r in deletes):
+        draining = any(r.id in routed_ids for r in deletes)
+        # Route before the apply (which may take minutes on a cloud): replicas READY since the last
+        # routing join, and those the plan releases leave, in one reload (`_route`'s
+        # `defer_additions`). A replica released before it was ever routed (SpotHedge's on-demand
+        # cover, once the spot replica it covered is READY) is destroyed without being routed.
+        pids = self._route(drain=draining)
+        if draining:
             # drain before destroy: removed replicas leave the router first. Without waiting:
             # their destroy is held until their requests end (`_finalise`), and this pass goes
             # on, launching the plan's replacements now and noticing preemptions meanwhile.
-            pids = self._route(drain=True)
             needed = {r.id for r in routable(st)}  # panic: still the only ones that can answer
             held = [r.id for r in deletes if r.id in routed_ids and (pids or r.id in needed)]
             if held:
@@ -1077,9 +1103,21 @@ class Controller:
             except (OSError, SkyhedgeError) as exc:
                 self.note(f"pruning what {source.name} keeps failed: {exc}", level=logging.WARNING)
 
-    def _route(self, force: bool = False, drain: bool = False) -> list[int] | None:
+    def _route(
+        self, force: bool = False, drain: bool = False, *, defer_additions: bool = False
+    ) -> list[int] | None:
         """Route to the routable replicas. With `drain` and a router that can drain without
-        waiting, returns the old nginx workers' pids (empty: nothing was in flight)."""
+        waiting, returns the old nginx workers' pids (empty: nothing was in flight).
+
+        `defer_additions`: when the only change is replicas to add, and the router runs and
+        serves some already, reload nothing now: the pass routes again once it has its plan, and
+        one reload then takes the additions and the plan's releases. Every reload closes the
+        kept-alive connections of nginx's old workers, and a client that reuses one blindly
+        (Python's http.client) loses a request on it: after a local preemption the newly READY
+        spot replica and its on-demand cover were routed, then the cover released, two reloads a
+        pass apart: 3 reloads per preemption, 2 now (`benchmarks/traffic_bench.py`'s kill phase:
+        24-25 of 480 requests failed, 15-20 now). A replica gone, or one whose endpoint moved,
+        is never deferred: nginx would keep sending it requests."""
         if self.router is None or self.options.assume_ready:
             return None
         wanted = [[r.id, r.endpoint] for r in routable(self.state)]
@@ -1087,10 +1125,15 @@ class Controller:
         # a router that can say its config is out of date (a renewed TLS certificate, its config
         # deleted) is reloaded with the same upstreams: nginx reads its files at a reload only
         outdated = getattr(self.router, "outdated", None)
-        stale = outdated() if outdated is not None and self.router.running() else None
-        same = wanted == routed and self.router.running()
+        running = self.router.running()
+        stale = outdated() if outdated is not None and running else None
+        same = wanted == routed and running
         if not force and not self._routing_failed and same and not stale:
             return None
+        if defer_additions and not force and not self._routing_failed and running and not stale and routed:
+            now_routed = {(str(rid), str(ep)) for rid, ep in routed}
+            if now_routed <= {(str(rid), str(ep)) for rid, ep in wanted}:
+                return None  # only additions: the pass's next routing takes them
         if stale:
             self.note(f"routing: {stale}; reloading nginx")
         pairs = [(str(rid), str(ep)) for rid, ep in wanted]
