@@ -227,6 +227,32 @@ run:
 """
 
 
+def stop_and_destroy(
+    up: subprocess.Popen,
+    log: Any,
+    spec_path: Path,
+    sdir: Path,
+    tmp: Path,
+    env: dict[str, str],
+    *,
+    wait: float,
+    destroy_timeout: float,
+) -> None:
+    """Stop `up` as a Ctrl-C does (SIGKILL to its group if it outlasts `wait`), then destroy
+    what it left, so a run leaves no replica or nginx behind."""
+    up.send_signal(signal.SIGINT)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        up.wait(timeout=wait)
+    if up.poll() is None:
+        os.killpg(up.pid, signal.SIGKILL)
+        up.wait()
+    log.close()
+    argv = [sys.executable, "-m", "skyhedge", "destroy", str(spec_path), "--state-dir", str(sdir)]
+    subprocess.run(
+        [*argv, "--auto-approve"], cwd=tmp, env=env, capture_output=True, timeout=destroy_timeout, check=False
+    )
+
+
 @contextlib.contextmanager
 def controller(tmp: Path, delay: float) -> Iterator[tuple[Path, Path, int]]:
     """`skyhedge up --no-dashboard` on a 3-replica local service; yields (spec, state dir, port)."""
@@ -255,30 +281,7 @@ def controller(tmp: Path, delay: float) -> Iterator[tuple[Path, Path, int]]:
         wait_for(lambda: len(routed(sdir)) == 3, 120, "3 routed replicas")
         yield spec_path, sdir, port
     finally:
-        up.send_signal(signal.SIGINT)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            up.wait(timeout=30)
-        if up.poll() is None:
-            os.killpg(up.pid, signal.SIGKILL)
-            up.wait()
-        log.close()
-        subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "skyhedge",
-                "destroy",
-                str(spec_path),
-                "--state-dir",
-                str(sdir),
-                "--auto-approve",
-            ],
-            cwd=tmp,
-            env=env,
-            capture_output=True,
-            timeout=120,
-            check=False,
-        )
+        stop_and_destroy(up, log, spec_path, sdir, tmp, env, wait=30, destroy_timeout=120)
         _router_down(spec_path, sdir)
         kill_all(runtime_dir(sdir))
 
@@ -552,30 +555,7 @@ def run_rollout(args: argparse.Namespace) -> None:
         finally:
             load.stop()
             poller.stop()
-            up.send_signal(signal.SIGINT)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                up.wait(timeout=60)
-            if up.poll() is None:
-                os.killpg(up.pid, signal.SIGKILL)
-                up.wait()
-            log.close()
-            subprocess.run(
-                [
-                    sys.executable,
-                    "-m",
-                    "skyhedge",
-                    "destroy",
-                    str(spec_path),
-                    "--state-dir",
-                    str(sdir),
-                    "--auto-approve",
-                ],
-                cwd=tmp,
-                env=env,
-                capture_output=True,
-                timeout=180,
-                check=False,
-            )
+            stop_and_destroy(up, log, spec_path, sdir, tmp, env, wait=60, destroy_timeout=180)
             with contextlib.suppress(Exception):
                 from skyhedge.spec import load_spec
 
