@@ -14,14 +14,23 @@ locals {
 resource "terraform_data" "replica" {
   for_each = var.replicas
 
-  # A change to any of these is a different replica: replace it (stop, then start). `run` is not
-  # here: a replica keeps the revision it was launched with, and a spec change reaches the service
-  # through new replicas that skyhedge rolls in one at a time (never all stopped at once).
+  # What the replica was launched as. `run` is not here: a replica keeps the revision it was
+  # launched with, and a spec change reaches the service through new replicas that skyhedge rolls
+  # in one at a time (never all stopped at once). skyhedge never changes these for a replica ID
+  # (a new zone, market, port or revision is a new ID), so they are kept as launched (below).
   triggers_replace = {
     zone     = each.value.zone
     market   = each.value.market
     port     = each.value.port
     revision = each.value.revision
+  }
+
+  lifecycle {
+    # Never replace a running replica because this map changed shape: skyhedge releases before
+    # 2026-11-28 launched replicas with {zone, market, port, command, setup, env}, and Terraform
+    # replaced (stopped, then started) every replica of a state dir they wrote at the first apply
+    # of a newer skyhedge, all at once: an outage (docs/controller.md, "Upgrading skyhedge").
+    ignore_changes = [triggers_replace]
   }
 
   # What the destroy-time provisioner needs: it may only read `self`.

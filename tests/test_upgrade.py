@@ -1,0 +1,203 @@
+"""Upgrading skyhedge under a running service: the current code takes over a state dir that an
+older release wrote, and leaves the replicas that release launched running.
+
+The fixture (tests/data/upgrade/) is what a release wrote, stripped of this machine's paths and
+ports (placeholders `@...@`, filled in here): `2026-11-28-local` is commit 4b717e0's
+`skyhedge up` of a two-zone local service (three READY replicas, watcher stopped), before replicas
+recorded a revision. Its Terraform state launched each replica with
+`triggers_replace = {zone, market, port, command, setup, env}`; the module now has
+`{zone, market, port, revision}`, and the first apply of the current code replaced (stopped, then
+started) every replica at once. docs/controller.md, "Upgrading skyhedge"."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from local_support import SERVER, free_base_port, get
+
+import skyhedge
+from skyhedge.apply import apply_service
+from skyhedge.clouds.local import runtime_dir
+from skyhedge.clouds.local.processes import (
+    REPLICA_ENV,
+    RUNTIME_ENV,
+    LocalProcess,
+    kill_all,
+    log_path,
+    proc_starttime,
+    replicas_dir,
+    write_pidfile,
+)
+from skyhedge.spec import load_spec
+from skyhedge.state import load_state
+
+FIXTURES = Path(__file__).parent / "data" / "upgrade"
+
+
+def _terraform_ids(tfstate: Path) -> dict[str, str]:
+    """replica ID -> the `id` of its terraform_data (a new one is a replaced replica)."""
+    data = json.loads(tfstate.read_text(encoding="utf-8"))
+    return {
+        inst["index_key"]: inst["attributes"]["id"]
+        for res in data["resources"]
+        if res["type"] == "terraform_data"
+        for inst in res["instances"]
+    }
+
+
+class OldService:
+    """The fixture's state dir under `root`, with the replicas it records running as processes
+    the older release would have left behind (pid files in the launcher's format)."""
+
+    def __init__(self, root: Path, fixture: str) -> None:
+        self.root = root
+        self.state_dir = root / "state"
+        self.runtime = runtime_dir(self.state_dir).resolve()
+        self.base = free_base_port(3)
+        self.server = root / "server.py"
+        self.server.write_text(SERVER, encoding="utf-8")
+        self.processes: list[subprocess.Popen[bytes]] = []
+        values = {
+            "@RUNTIME_DIR@": str(self.runtime),
+            "@PYTHON@": sys.executable,
+            "@PYTHONPATH@": str(Path(skyhedge.__file__).resolve().parent.parent),
+            **{f"@PORT{n}@": str(self.base + n) for n in (1, 2, 3)},
+        }
+
+        def fill(name: str, dest: Path) -> None:
+            text = (FIXTURES / fixture / name).read_text(encoding="utf-8")
+            for key, value in values.items():
+                text = text.replace(key, value)
+            assert "@" not in text, f"{name}: a placeholder left unfilled"
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            dest.write_text(text, encoding="utf-8")
+
+        fill("state.json", self.state_dir / "state.json")
+        fill("local-local.terraform-state.json", self.tfstate)
+        replicas_dir(self.runtime).mkdir(parents=True, exist_ok=True)
+
+    @property
+    def tfstate(self) -> Path:
+        return self.state_dir / "tf" / "state" / "local-local.tfstate"
+
+    def write_spec(self) -> Path:
+        """The spec the fixture was written with (its command: the test's replica server)."""
+        spec = {
+            "name": "local-echo",
+            "placement": {"clouds": ["local"], "zones": ["local-a", "local-b"]},
+            "resources": {"local_base_port": self.base},
+            "replica_policy": {
+                "min_replicas": 1,
+                "max_replicas": 2,
+                "target_qps_per_replica": 20,
+                "num_overprovision": 1,
+                "upscale_delay_seconds": 10,
+                "downscale_delay_seconds": 30,
+                "policy": "skyhedge",
+            },
+            "readiness_probe": {"path": "/health", "initial_delay_seconds": 10, "timeout_seconds": 2},
+            "service": {"host": "127.0.0.1", "port": free_base_port(1) + 1},
+            "run": {"command": f"exec {sys.executable} {self.server}"},
+        }
+        path = self.root / "service.yaml"
+        path.write_text(yaml.safe_dump(spec, sort_keys=False), encoding="utf-8")
+        return path
+
+    def start_replicas(self) -> dict[str, int]:
+        """Start each live replica of the state as the launcher does (its own session, marked with
+        the runtime dir and its ID) and record its pid file; returns ID -> pid once all answer."""
+        state = json.loads((self.state_dir / "state.json").read_text(encoding="utf-8"))
+        pids: dict[str, int] = {}
+        for rid, rec in sorted(state["replicas"].items()):
+            port = int(rec["outputs"]["port"])
+            env = {**os.environ, "PORT": str(port), RUNTIME_ENV: str(self.runtime), REPLICA_ENV: rid}
+            proc = subprocess.Popen(
+                [sys.executable, str(self.server)],
+                env=env,
+                start_new_session=True,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            self.processes.append(proc)
+            log_path(self.runtime, rid).touch()
+            started = proc_starttime(proc.pid)
+            assert started is not None
+            write_pidfile(
+                self.runtime,
+                LocalProcess(
+                    id=rid,
+                    pid=proc.pid,
+                    pgid=proc.pid,
+                    port=port,
+                    zone=rec["zone"],
+                    market=rec["market"],
+                    started_at=time.time(),
+                    starttime=started,
+                    log=str(log_path(self.runtime, rid)),
+                ),
+            )
+            pids[rid] = proc.pid
+        deadline = time.monotonic() + 10
+        for rid, rec in state["replicas"].items():
+            while True:
+                try:
+                    get(f"{rec['endpoint']}/health")
+                    break
+                except OSError:
+                    assert time.monotonic() < deadline, f"{rid} never answered"
+                    time.sleep(0.05)
+        return pids
+
+    def cleanup(self) -> None:
+        kill_all(self.runtime)
+        for proc in self.processes:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=5)
+
+
+@pytest.fixture
+def old_service(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    svc = OldService(tmp_path, "2026-11-28-local")
+    yield svc
+    svc.cleanup()
+    shutil.rmtree(tmp_path / "state", ignore_errors=True)
+
+
+def test_the_first_apply_after_an_upgrade_keeps_the_replicas_an_older_release_launched(old_service):
+    pids = old_service.start_replicas()
+    ids = _terraform_ids(old_service.tfstate)
+    spec = load_spec(old_service.write_spec())
+    recorded = load_state(old_service.state_dir, "local-echo")
+    fixture_time = max(r.launched_at for r in recorded.live())
+
+    report = apply_service(
+        spec, old_service.state_dir, route=False, wait=False, clock=lambda: fixture_time + 60
+    )
+
+    assert report.ok, report.errors
+    # the root was re-applied (new module, new launcher inputs) ...
+    assert report.applied_roots == ["local/local"]
+    # ... in place: not one replica stopped or started, no Terraform resource replaced
+    assert all(proc.poll() is None for proc in old_service.processes)
+    assert {rid: proc_starttime(pid) is not None for rid, pid in pids.items()} == dict.fromkeys(pids, True)
+    assert _terraform_ids(old_service.tfstate) == ids
+    state = load_state(old_service.state_dir, "local-echo")
+    assert sorted(r.id for r in state.live()) == sorted(pids)
+    # a replica recorded before revisions existed takes the current one (so it is not outdated)
+    assert all(r.revision for r in state.live())
+    # and a second apply has nothing left to do
+    again = apply_service(
+        spec, old_service.state_dir, route=False, wait=False, clock=lambda: fixture_time + 70
+    )
+    assert again.ok and again.applied_roots == []
