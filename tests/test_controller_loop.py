@@ -57,7 +57,7 @@ def preempt(src, clock, victim) -> None:
     src.queue.append(PreemptionEvent(Signal.GONE, clock(), "fake", replica_id=victim.id, reason="preempted"))
 
 
-def make(world, **opts) -> Controller:
+def make(world, monotonic: Clock | None = None, **opts) -> Controller:
     return Controller(
         world["spec"],
         world["dir"],
@@ -67,6 +67,7 @@ def make(world, **opts) -> Controller:
         sources=[world["source"]],
         clock=world["clock"],
         options=ControllerOptions(**opts),
+        monotonic=monotonic,
     )
 
 
@@ -1650,17 +1651,7 @@ def test_notes_from_a_replays_thread_and_the_loops_lose_and_double_nothing(world
 def _jumping(world, **opts) -> tuple[Controller, Clock, Clock]:
     """A controller whose wall clock (`clock`) can jump while its monotonic clock runs on."""
     wall, mono = world["clock"], Clock(50.0)
-    ctl = Controller(
-        world["spec"],
-        world["dir"],
-        executor=world["executor"],
-        router=world["router"],
-        prober=world["prober"],
-        sources=[world["source"]],
-        clock=wall,
-        monotonic=mono,
-        options=ControllerOptions(**opts),
-    )
+    ctl = make(world, monotonic=mono, **opts)
     return ctl, wall, mono
 
 
