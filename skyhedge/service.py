@@ -140,14 +140,16 @@ def shift_policy_memory(
     try:
         policy = make_policy(name, spec.replica_policy.policy_config(), seed=0)
         policy.restore(memory)
-        if clock is None:
-            count = policy.shift_times(jump, moved)
-        else:
-            count = policy.shift_times(jump * clock.rate, lambda t: moved(clock.wall(t)))
-        if count:
-            state.policy_memory = {**saved, "memory": policy.snapshot()}
-    except PolicyError:
+    except PolicyError:  # memory it cannot load: the next plan says why
         return 0
+    # a policy that fails to move its memory raises `PolicyError` to the caller, which says so:
+    # swallowed, a plug-in's broken `shift_times` left its memory aged by the jump, unannounced
+    if clock is None:
+        count = policy.shift_times(jump, moved)
+    else:
+        count = policy.shift_times(jump * clock.rate, lambda t: moved(clock.wall(t)))
+    if count:
+        state.policy_memory = {**saved, "memory": policy.snapshot()}
     return count
 
 

@@ -1787,3 +1787,38 @@ def test_a_watcher_restarted_after_the_clock_was_set_back_moves_the_states_times
     _both(wall, mono, 21)  # 31 s since their launch: past initial_delay_seconds
     restarted.tick()
     assert all(restarted.state.replicas[r.id].reason == "failed" for r in loading)
+
+
+def test_a_policy_that_cannot_move_its_memory_with_a_clock_jump_is_said_to(tmp_path, write_spec, monkeypatch):
+    # a plug-in's shift_times() that raised (or returned no count) was swallowed: its memory kept
+    # the jump as time passed, and nothing said so
+    from skyhedge.errors import PolicyError
+    from skyhedge.policy.skyhedge import SkyHedge
+
+    def broken(self, jump, moved):
+        raise PolicyError("policy 'mine:Policy': shift_times() raised ValueError: no")
+
+    spec = load_spec(write_spec(SKYHEDGE_SPEC))
+    wall, mono = Clock(), Clock(50.0)
+    ctl = Controller(
+        spec,
+        tmp_path / "state",
+        executor=FakeExecutor(),
+        router=FakeRouter(),
+        prober=FakeProber(),
+        sources=[FakeSource()],
+        clock=wall,
+        monotonic=mono,
+    )
+    for _ in range(3):
+        ctl.tick()
+        _both(wall, mono, 1)
+    monkeypatch.setattr(SkyHedge, "shift_times", broken)
+    wall.advance(7200)
+    ctl.tick()  # the pass goes on
+    said = [n.text for n in ctl.notes if "memory was not moved" in n.text]
+    assert said == [
+        "the policy's memory was not moved with the clock: policy 'mine:Policy': shift_times() raised "
+        "ValueError: no; it may take the jump as time passed"
+    ]
+    assert any("the wall clock jumped +7200s" in n.text for n in ctl.notes)

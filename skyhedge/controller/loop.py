@@ -54,7 +54,7 @@ from skyhedge.controller.facts import (
     warned,
 )
 from skyhedge.controller.ports import ExecResult, Executor, Prober, RouterPort
-from skyhedge.errors import RoutingError, SkyhedgeError
+from skyhedge.errors import PolicyError, RoutingError, SkyhedgeError
 from skyhedge.events import EventSource, PreemptionEvent
 from skyhedge.leftovers import (
     Recreated,
@@ -786,14 +786,22 @@ class Controller:
         return count
 
     def _shift_policy(self, jump: float, moved: Callable[[float], bool]) -> int:
-        return shift_policy_memory(
-            self.spec,
-            self.state,
-            jump,
-            moved,
-            policy_name=self.options.policy,
-            clock=self.policy_clock,
-        )
+        try:
+            return shift_policy_memory(
+                self.spec,
+                self.state,
+                jump,
+                moved,
+                policy_name=self.options.policy,
+                clock=self.policy_clock,
+            )
+        except PolicyError as exc:  # (the jump is still followed: the state's times moved)
+            self.note(
+                f"the policy's memory was not moved with the clock: {exc}; it may take the jump as "
+                "time passed",
+                level=logging.WARNING,
+            )
+            return 0
 
     def _probe(self, now: float) -> bool:
         """Probe every replica with an endpoint; True when a replica changed state.
