@@ -47,7 +47,6 @@ import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -56,11 +55,17 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
 from _argtypes import positive  # noqa: E402
-from routing_support import Fleet, free_port, make_spec, teardown_router  # noqa: E402
+from routing_support import (  # noqa: E402
+    Fleet,
+    free_port,
+    make_spec,
+    replica_answering_500,
+    teardown_router,
+)
 
 from skyhedge.clouds.local import runtime_dir  # noqa: E402
 from skyhedge.clouds.local.processes import kill_all, read_pidfile  # noqa: E402
-from skyhedge.routing import Router, Upstream  # noqa: E402
+from skyhedge.routing import Router  # noqa: E402
 from skyhedge.state import load_state  # noqa: E402
 
 BODY = json.dumps({"prompt": "The keeper", "max_tokens": 8}).encode()
@@ -587,60 +592,27 @@ def _outdated(spec_path: Path, sdir: Path) -> list[str]:
     return outdated_replicas(spec, load_state(sdir, spec.name))
 
 
-class _Http500(BaseHTTPRequestHandler):
-    """A replica whose model broke: /health says 200, every completion 500."""
-
-    protocol_version = "HTTP/1.1"
-
-    def do_GET(self) -> None:  # noqa: N802
-        self._answer(200, b'{"status": "ok"}')
-
-    def do_POST(self) -> None:  # noqa: N802
-        self.rfile.read(int(self.headers.get("Content-Length") or 0))
-        self._answer(500, b'{"error": {"message": "CUDA error: an illegal memory access"}}')
-
-    def _answer(self, code: int, body: bytes) -> None:
-        self.send_response(code)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args: object) -> None:
-        pass
-
-
-class _QuietServer(ThreadingHTTPServer):
-    def handle_error(self, request: object, client_address: object) -> None:
-        """nginx closing its idle keep-alive connections at the end is no error to print."""
-
-
 def run_http500(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory(prefix="skyhedge-traffic-") as tmpname:
         tmp = Path(tmpname)
         fleet = Fleet(tmp)
         port = free_port()
         router = Router(make_spec(port), tmp / "state")
-        broken = _QuietServer(("127.0.0.1", 0), _Http500)
-        serving = threading.Thread(target=broken.serve_forever, daemon=True)
-        serving.start()
         try:
-            fleet.start(2, env={"ECHO_TOKEN_DELAY": str(args.token_delay)})
-            bad = Upstream("r-0003", f"http://127.0.0.1:{broken.server_address[1]}")
-            router.up([*fleet.upstreams(), bad])
-            load = Load("127.0.0.1", port, args.rate)
-            t0 = time.time()
-            marks = [(t0, "phase http500")]
-            load.start()
-            time.sleep(args.phase)
-            marks.append((time.time(), "phase end"))
-            load.stop()
-            report(load.samples, marks, t0)
+            with replica_answering_500("r-0003") as bad:  # its model broke; /health still passes
+                fleet.start(2, env={"ECHO_TOKEN_DELAY": str(args.token_delay)})
+                router.up([*fleet.upstreams(), bad])
+                load = Load("127.0.0.1", port, args.rate)
+                t0 = time.time()
+                marks = [(t0, "phase http500")]
+                load.start()
+                time.sleep(args.phase)
+                marks.append((time.time(), "phase end"))
+                load.stop()
+                report(load.samples, marks, t0)
         finally:
             teardown_router(router)
             fleet.close()
-            broken.shutdown()
-            broken.server_close()
 
 
 def main() -> None:
