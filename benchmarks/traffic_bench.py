@@ -516,21 +516,29 @@ def run_rollout(args: argparse.Namespace) -> None:
             step("env", 'ECHO_MODEL_SEED: "7"', 'ECHO_MODEL_SEED: "8"', 2)
             step("scaleup", "min_replicas: 2", "min_replicas: 3", 3)
             step("scaledown", "min_replicas: 3", "min_replicas: 2", 2)
+
+            def logged(phase: str, old: str, new: str, needle: str, what: str, shown: str) -> None:
+                """Edit the spec, wait for the watcher's log line holding `needle`, keep those
+                holding `shown`, then hold the phase."""
+                marks.append((time.time(), f"phase {phase}"))
+                seen = len(log_path.read_text(errors="replace").splitlines())
+                _edit(spec_path, old, new)
+                wait_for(lambda: bool(_log_lines(log_path, seen, needle)), 30, what)
+                durations.append((phase, None, " | ".join(_log_lines(log_path, seen, shown))))
+                time.sleep(args.phase)
+
             # (c) an invalid edit: refused in one line, the service unaffected
-            marks.append((time.time(), "phase invalid"))
-            seen = len(log_path.read_text(errors="replace").splitlines())
-            _edit(spec_path, "min_replicas: 2", "min_replicas: many")
-            wait_for(lambda: bool(_log_lines(log_path, seen, "refused")), 30, "the refusal")
-            durations.append(("invalid", None, " | ".join(_log_lines(log_path, seen, "refused"))))
-            time.sleep(args.phase)
+            logged("invalid", "min_replicas: 2", "min_replicas: many", "refused", "the refusal", "refused")
             _edit(spec_path, "min_replicas: many", "min_replicas: 2")
             # (d) a router change: a graceful nginx reload with the new config
-            marks.append((time.time(), "phase router"))
-            seen = len(log_path.read_text(errors="replace").splitlines())
-            _edit(spec_path, "load_balancing_policy: least_load", "load_balancing_policy: round_robin")
-            wait_for(lambda: bool(_log_lines(log_path, seen, "load_balancing_policy")), 30, "router reload")
-            durations.append(("router", None, " | ".join(_log_lines(log_path, seen, "load_balancing"))))
-            time.sleep(args.phase)
+            logged(
+                "router",
+                "load_balancing_policy: least_load",
+                "load_balancing_policy: round_robin",
+                "load_balancing_policy",
+                "router reload",
+                "load_balancing",
+            )
             # (e) a revision whose replicas never get READY (a command that never listens)
             before = set(_live(sdir, name))
             marks.append((time.time(), "phase badcmd"))
