@@ -10,13 +10,14 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import pytest
 from local_support import SERVER, free_base_port, get
 
-from skyhedge.clouds.local import capacity
+from skyhedge.clouds.local import capacity, runtime_dir
+from skyhedge.clouds.local import logs as local_logs
 from skyhedge.clouds.local.launcher import CONFIG_ENV, EXIT_CAPACITY
 from skyhedge.clouds.local.processes import (
     REPLICA_ENV,
@@ -27,11 +28,16 @@ from skyhedge.clouds.local.processes import (
     kill_all,
     list_pidfiles,
     pid_path,
+    proc_starttime,
+    prune_logs,
     read_pidfile,
+    rotate_logs,
     stop_replica,
     stop_unrecorded,
     write_pidfile,
 )
+from skyhedge.errors import CloudError
+from skyhedge.state import ReplicaRecord
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -191,7 +197,7 @@ def test_a_disk_that_refuses_the_log_or_the_pid_file_is_named_and_leaves_nothing
 
     proc = processes.LocalProcess("r-0002", 1, 1, port, "local-a", "spot", 0.0, 0, str(log))
 
-    def full(src, dst):
+    def full(src, dst, **dir_fds):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     with monkeypatch.context() as patched, pytest.raises(OSError) as exc:
@@ -250,6 +256,127 @@ def test_rotation_neither_truncates_nor_copies_through_a_planted_link(runtime, t
     assert (replicas / "r-0002.log").read_text() == ""
     rotated = replicas / "r-0002.log.1"
     assert not rotated.is_symlink() and rotated.read_text() == "y" * 100
+
+
+#: An account that is not this one: files are given to it with chown, which needs root.
+OTHER_UID = 4242
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="giving a file to another account needs root")
+
+
+def _forged_pidfile(folder: Path, victim: subprocess.Popen) -> None:
+    """A pid file naming `victim` (its real start time: it passes the pid-reuse check)."""
+    starttime = proc_starttime(victim.pid)
+    forged = LocalProcess("r-0009", victim.pid, victim.pid, 1, "local-a", "spot", 0.0, starttime or 0, "x")
+    (folder / "r-0009.json").write_text(json.dumps(asdict(forged)))
+
+
+@pytest.mark.parametrize("link", ["local", "local/replicas"])
+def test_a_local_or_replicas_folder_that_is_a_link_is_never_used(tmp_path, link):
+    """`<state>/local` or `local/replicas` made a symbolic link to a folder elsewhere (by a tool
+    of the user's, or by an account the state dir's group lets write it, which `check_trusted`
+    allows): every log and pid file went there. A log planted there took the replica's whole
+    output, a pid file planted there named the process group a stop SIGKILLs, `prune_logs`
+    deleted the `r-*.log` files there and `skyhedge logs` printed them. Nothing goes through the
+    link now: the launch fails in one line, the rest find nothing there and touch nothing."""
+    state, elsewhere = tmp_path / "state", tmp_path / "elsewhere"
+    (elsewhere / "replicas").mkdir(parents=True)
+    (state / link).parent.mkdir(parents=True)
+    (state / link).symlink_to(elsewhere if link == "local" else elsewhere / "replicas")
+    folder = elsewhere / "replicas"
+    (folder / "r-0001.log").write_text("")
+    (folder / "r-0005.log").write_text("my own data\n")  # a gone replica's name, in the link's target
+    runtime = runtime_dir(state)
+    victim = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    try:
+        _forged_pidfile(folder, victim)
+        port = free_base_port(1) + 1
+        done = launch("start", config(runtime, tmp_path, port, command="echo SECRET; exec sleep 30"))
+        assert done.returncode == 1
+        assert done.stderr == (
+            f"skyhedge-local: r-0001: cannot keep its log and pid file: {runtime.parent / link}: "
+            "a symbolic link, not the folder skyhedge made: refused (links are not followed)\n"
+        )
+        assert (folder / "r-0001.log").read_text() == "" and not (folder / "r-0001.json").exists()
+        assert find_processes(runtime) == []
+        assert read_pidfile(runtime, "r-0009") is None and list_pidfiles(runtime) == []
+        assert stop_replica(runtime, "r-0009", grace=0.0) is False
+        assert victim.poll() is None and (folder / "r-0009.json").exists()
+        assert prune_logs(runtime, keep=set()) == [] and rotate_logs(runtime, max_bytes=1) == []
+        assert (folder / "r-0005.log").read_text() == "my own data\n"
+        record = ReplicaRecord(
+            "r-0005", "local", "local", "local-a", "spot", launched_at=1.0, provisioned_at=2.0
+        )
+        with pytest.raises(CloudError, match="a symbolic link, not the folder skyhedge made: refused"):
+            local_logs.read_log(None, state, record, None)  # type: ignore[arg-type]
+    finally:
+        victim.kill()
+        victim.wait()
+        kill_all(runtime)
+
+
+@needs_root
+def test_a_local_folder_another_account_made_first_is_refused(tmp_path):
+    """A state dir its group may write (allowed: umask 002): another account made `local/` first,
+    as a folder of its own, and so owned every log and pid file the launcher put there."""
+    state = tmp_path / "state"
+    (state / "local").mkdir(parents=True)
+    os.chown(state / "local", OTHER_UID, OTHER_UID)
+    runtime = runtime_dir(state)
+    try:
+        done = launch("start", config(runtime, tmp_path, free_base_port(1) + 1))
+        assert done.returncode == 1
+        assert done.stderr == (
+            f"skyhedge-local: r-0001: cannot keep its log and pid file: {runtime}: owned by another "
+            f"account (uid {OTHER_UID}), not by you or root: refused\n"
+        )
+        assert list((state / "local").iterdir()) == [] and find_processes(runtime) == []
+    finally:
+        kill_all(runtime)
+
+
+@needs_root
+def test_a_log_or_pid_file_another_account_made_is_not_used_and_a_restart_appends(runtime, tmp_path):
+    """In a replicas dir the state dir's group may write, another account could make the next
+    replica's log first, as a regular file of its own: the launcher appended the replica's whole
+    output to it (for that account to read), and `skyhedge logs` showed what it wrote there. The
+    launch replaces it with a log of its own, `skyhedge logs` refuses one another account made,
+    and a pid file of another account's names no process to stop. A replica restarted under its
+    ID still appends to its own log."""
+    replicas = runtime / "replicas"
+    replicas.mkdir()
+    log = replicas / "r-0001.log"
+    log.write_text("all good here\n")
+    os.chown(log, OTHER_UID, OTHER_UID)
+    os.chmod(log, 0o666)
+    record = ReplicaRecord("r-0001", "local", "local", "local-a", "spot", launched_at=1.0, provisioned_at=2.0)
+    with pytest.raises(CloudError) as refused:
+        local_logs.read_log(None, runtime.parent, record, None)  # type: ignore[arg-type]
+    assert str(refused.value) == (
+        f"r-0001: cannot read its log {log}: owned by another account (uid {OTHER_UID}), "
+        "not a log the launcher made: refused"
+    )
+    port = free_base_port(1) + 1
+    assert (
+        launch("start", config(runtime, tmp_path, port, command="echo first; exec sleep 30")).returncode == 0
+    )
+    assert os.stat(log).st_uid == os.geteuid() and "all good" not in log.read_text()
+    assert stop_replica(runtime, "r-0001", grace=0.0)
+    assert (
+        launch("start", config(runtime, tmp_path, port, command="echo second; exec sleep 30")).returncode == 0
+    )
+    text = local_logs.read_log(None, runtime.parent, record, None).text  # type: ignore[arg-type]
+    assert text.count("=== skyhedge: starting r-0001") == 2 and "first" in text and "second" in text
+    victim = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    try:
+        _forged_pidfile(replicas, victim)
+        os.chown(replicas / "r-0009.json", OTHER_UID, OTHER_UID)
+        assert read_pidfile(runtime, "r-0009") is None
+        assert [p.id for p in list_pidfiles(runtime)] == ["r-0001"]
+        stop_replica(runtime, "r-0009", grace=0.0)
+        assert victim.poll() is None
+    finally:
+        victim.kill()
+        victim.wait()
 
 
 def test_escape_sequences_a_failed_replica_printed_reach_the_error_escaped(runtime, tmp_path):

@@ -109,3 +109,38 @@ def test_every_time_the_policy_sees_is_mapped_and_only_those():
     assert (seen.replicas[1].gone_at, seen.replicas[1].reason) == (150.0, "preempted")
     assert [(e.at, e.replica_id) for e in seen.events] == [(150.0, "r-0002")]
     assert PolicyClock(origin=100.0).observe(obs) == obs  # rate 1: real time
+
+
+@pytest.mark.parametrize("jump", [7200.0, -7200.0])
+def test_a_wall_clock_step_during_a_replay_leaves_the_policys_decisions_as_they_were(spec, jump):
+    """A replay's policy reads controller time t as origin + (t - origin) * rate. A wall clock
+    stepped by J during it (NTP, an operator) moves the state's times by J (`facts.shift_times`)
+    and the policy's memory by J * rate (`shift_policy_memory`), the origin staying where it is:
+    the policy's clock then moves by J * rate too, and every age it reads is what it was. (Moving
+    the origin with the jump as well, as for another stored time, would read every remembered
+    time (rate - 1) * J off: 70 h at speedup 36 after a 2 h step.) Measured with the controller's
+    `_follow_clock` on the `skyhedge` policy: 0 of 60 passes decided otherwise for +-2 h at
+    speedups 36 and 600."""
+    from skyhedge.controller.facts import shift_times
+    from skyhedge.service import shift_policy_memory
+
+    still, stepped = three_ready_spot(), three_ready_spot()
+    clock = PolicyClock(origin=1000.0, rate=36.0)
+    hedged = [("local-a", "on-demand"), ("local-d", "spot")]
+    for state in (still, stepped):
+        assert creates(decide(spec, state, 1000.0, clock)) == hedged
+        assert creates(decide(spec, state, 1010.0, clock)) == hedged
+    # the step, as the controller follows it (`Controller._follow_clock`) at its next pass
+    now = 1015.0 + jump
+    moved = (lambda t: t <= 1015.0) if jump > 0 else (lambda t: now < t <= 1015.0)
+    assert shift_times(stepped, jump, moved) > 0
+    assert shift_policy_memory(spec, stepped, jump, moved, clock=clock) > 0
+    memory = stepped.policy_memory["memory"]["last_now"]
+    assert memory == still.policy_memory["memory"]["last_now"] + 36 * jump  # policy time: rate times as far
+    assert creates(decide(spec, stepped, now, clock)) == creates(decide(spec, still, 1015.0, clock)) == hedged
+    # later: the same decisions; an hour on (36 h of trace) both release the extra, neither sooner
+    for later in (1000.0, 3585.0):
+        assert creates(decide(spec, stepped, now + later, clock)) == creates(
+            decide(spec, still, 1015.0 + later, clock)
+        )
+    assert creates(decide(spec, still, 4700.0, clock)) == [("local-a", "spot")]

@@ -6,8 +6,13 @@ Everything the local cloud keeps lives under `<state dir>/local/` (its "runtime 
     replicas/<id>.log    the replica's stdout and stderr (a watcher keeps those of the 100 most
                          recently gone replicas, 256 MiB together, and removes the rest: see
                          `processes.prune_logs`; past 64 MiB a watcher moves it to <id>.log.1:
-                         `processes.rotate_logs`); never opened through a link (`open_log`)
+                         `processes.rotate_logs`); never opened through a link (`open_log`),
+                         and one another account made is refused (replaced by a launch)
     capacity.json        zones marked preempted (see `capacity`): spot launches there fail
+
+`local/` and `replicas/` are used only as real folders of this account's (or root's): never
+through a symbolic link, whatever it points to (`processes.open_replicas_dir`); logs and pid
+files are opened relative to the folder so checked, never by a path.
 
 This package's `__init__` stays import-light: the launcher runs once per replica launch.
 """
@@ -20,8 +25,11 @@ RUNTIME_SUBDIR = "local"
 
 
 def runtime_dir(state_dir: Path) -> Path:
-    """The local cloud's runtime dir for a service state dir (always absolute)."""
-    return (Path(state_dir) / RUNTIME_SUBDIR).resolve()
+    """The local cloud's runtime dir for a service state dir (always absolute). The state dir's
+    path is resolved (it may be a link: a state dir kept on another disk), `local/` itself is not:
+    one that is a link is refused where it is opened (`processes.open_replicas_dir`), where
+    resolving it here led every pid file, log and prune to wherever it pointed."""
+    return Path(state_dir).resolve() / RUNTIME_SUBDIR
 
 
 def local_port(base: int, number: int, highest: int = 65535) -> int:

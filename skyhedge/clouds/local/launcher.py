@@ -39,6 +39,7 @@ from skyhedge.clouds.local.processes import (
     list_pidfiles,
     log_path,
     open_log,
+    open_replicas_dir,
     proc_starttime,
     replicas_dir,
     stop_replica,
@@ -122,11 +123,17 @@ def replica_env(cfg: dict[str, Any], runtime: Path) -> dict[str, str]:
 
 
 def start(cfg: dict[str, Any], *, now: float | None = None) -> LocalProcess:
-    runtime = Path(cfg["runtime_dir"]).resolve()
+    given = Path(cfg["runtime_dir"])
+    runtime = given.parent.resolve() / given.name  # `local/` itself unresolved: a link there is refused
     rid, zone, market = cfg["id"], cfg["zone"], cfg["market"]
     fixed_now = now
     now = time.time() if now is None else now
-    replicas_dir(runtime).mkdir(parents=True, exist_ok=True)
+    try:  # before anything is written there: a `local/` or `replicas/` that is a link, or another's
+        os.close(open_replicas_dir(runtime, create=True))
+    except OSError as exc:
+        why = exc.strerror or str(exc)  # a refusal's names the folder; an error of the system's does not
+        why = why if str(exc.filename) in why else f"{exc.filename or replicas_dir(runtime)}: {why}"
+        raise LaunchError(f"{rid}: cannot keep its log and pid file: {why}") from exc
     spot = market == "spot"
     if spot:  # a zone without room refuses at once, before a setup runs for nothing
         with capacity.locked(runtime):

@@ -16,13 +16,14 @@ import contextlib
 import errno
 import json
 import os
+import secrets
 import signal
 import stat
-import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import IO
 
 REPLICAS_SUBDIR = "replicas"
 RUNTIME_ENV = "SKYHEDGE_LOCAL_RUNTIME"
@@ -60,37 +61,139 @@ def log_path(runtime_dir: Path, replica_id: str) -> Path:
     return replicas_dir(runtime_dir) / f"{replica_id}.log"
 
 
-def open_log(path: Path, flags: int = os.O_RDONLY) -> int:
-    """A file descriptor on the replica log at `path`, opened with `flags`, never through a link.
+def _trusted(uid: int) -> bool:
+    """Whether a file or folder owned by `uid` may be used: this account's, or root's (as
+    `state.check_trusted` trusts a state dir)."""
+    return uid in (os.geteuid(), 0)
 
-    The replicas dir is writable by whoever runs the replicas (and, for a state dir under /tmp, by
-    other accounts): a log replaced by a symbolic link to a file of the user running skyhedge
+
+def _what(name: str, dir_fd: int | None) -> int | None:
+    """The type bits of `name` (relative to `dir_fd`), not following a link; None if it is gone."""
+    try:
+        return os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode
+    except OSError:
+        return None
+
+
+def _open_dir(name: str | Path, dir_fd: int | None, shown: Path, create: bool) -> int:
+    """A descriptor on the folder `name` (relative to `dir_fd`), made if `create` and missing;
+    refused (an OSError naming `shown`) when it is a symbolic link, another account's, or
+    writable by every account without the sticky bit."""
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        fd = os.open(name, flags, dir_fd=dir_fd)
+    except FileNotFoundError:
+        if not create:
+            raise
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(name, 0o777, dir_fd=dir_fd)
+        return _open_dir(name, dir_fd, shown, create=False)
+    except OSError as exc:
+        mode = _what(str(name), dir_fd)
+        if mode is not None and stat.S_ISLNK(mode):  # ELOOP
+            why = f"{shown}: a symbolic link, not the folder skyhedge made: refused (links are not followed)"
+            raise OSError(exc.errno, why, str(shown)) from None
+        raise
+    try:
+        info = os.fstat(fd)
+        if not _trusted(info.st_uid):
+            why = f"{shown}: owned by another account (uid {info.st_uid}), not by you or root: refused"
+            raise OSError(errno.EPERM, why, str(shown))
+        if info.st_mode & 0o002 and not info.st_mode & 0o1000:
+            why = f"{shown}: writable by every account (mode {info.st_mode & 0o7777:04o}): refused"
+            raise OSError(errno.EPERM, why, str(shown))
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def open_replicas_dir(runtime_dir: Path, *, create: bool = False) -> int:
+    """A descriptor on `<runtime_dir>/replicas`, which logs and pid files are opened relative to
+    (`dir_fd`), never by a path that could lead elsewhere. Made if `create` and missing.
+
+    A `local/` or `replicas/` folder that is a symbolic link (a tool of the user's, or an account
+    sharing the state dir's group, which `check_trusted` allows to write it, pointing it at a
+    folder of its own) took every log, pid file and prune there: the launcher wrote the replicas'
+    whole output into a file that account could read, a pid file it wrote there had skyhedge
+    SIGKILL any process of the user's (`stop_replica`), and `prune_logs` deleted the `r-*.log` files
+    of whatever folder it led to. One another account owns (made first in a group-writable state
+    dir) is as much its own. Both are refused (an OSError whose `strerror` names the folder and
+    why); the state dir itself may be a link (`runtime_dir` resolves it)."""
+    runtime = Path(runtime_dir)
+    if create:
+        runtime.parent.mkdir(parents=True, exist_ok=True)
+    top = _open_dir(runtime, None, runtime, create)
+    try:
+        return _open_dir(REPLICAS_SUBDIR, top, runtime / REPLICAS_SUBDIR, create)
+    finally:
+        os.close(top)
+
+
+def open_log(path: Path, flags: int = os.O_RDONLY) -> int:
+    """A file descriptor on the replica log at `path` (`log_path(...)`), opened with `flags`,
+    never through a link: `open_log_at` in the replicas dir `open_replicas_dir` checked (made, with
+    O_CREAT)."""
+    dir_fd = open_replicas_dir(path.parent.parent, create=bool(flags & os.O_CREAT))
+    try:
+        return open_log_at(dir_fd, path.name, flags, path)
+    finally:
+        os.close(dir_fd)
+
+
+def open_log_at(dir_fd: int, name: str, flags: int, shown: Path) -> int:
+    """A file descriptor on the replica log `name` in the replicas dir open at `dir_fd`.
+
+    The replicas dir is writable by whoever runs the replicas (and, for a group-writable state
+    dir, by the group): a log replaced by a symbolic link to a file of the user running skyhedge
     (`~/.ssh/id_ed25519`, `~/.bashrc`) was printed by `skyhedge logs`, written through by the
     launcher (the replica's whole output appended to it) and truncated by the watcher's rotation.
-    So the last component is opened with O_NOFOLLOW (O_NONBLOCK: a FIFO planted there must not
-    hang the open), and only a regular file with a single link is used (a hard link is another
-    name of someone's file). Refusals are OSErrors whose `strerror` says why in a few words."""
+    So it is opened with O_NOFOLLOW (O_NONBLOCK: a FIFO planted there must not hang the open),
+    and only a regular file with a single link is used (a hard link is another name of someone's
+    file). A log another account made in advance (its owner could read what the replica prints,
+    or write what `skyhedge logs` shows) is refused too; opened to create (the launcher), it is
+    replaced by a new one instead: a replica restarted under its ID still appends to its own.
+    Refusals are OSErrors whose `strerror` says why in a few words."""
+    fd = _open_file_at(dir_fd, name, flags, shown)
     try:
-        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
+        owner = os.fstat(fd).st_uid
+        if _trusted(owner):
+            return fd
+    except BaseException:
+        os.close(fd)
+        raise
+    os.close(fd)
+    why = f"owned by another account (uid {owner}), not a log the launcher made: refused"
+    if not flags & os.O_CREAT:
+        raise OSError(errno.EPERM, why, str(shown))
+    try:
+        os.unlink(name, dir_fd=dir_fd)
+        return _open_file_at(dir_fd, name, flags | os.O_EXCL, shown)
+    except OSError as exc:  # (made again in between: EEXIST)
+        raise OSError(exc.errno, f"{why} (and not replaced: {exc.strerror or exc})", str(shown)) from None
+
+
+def _open_file_at(dir_fd: int, name: str, flags: int, shown: Path) -> int:
+    try:
+        fd = os.open(name, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o644, dir_fd=dir_fd)
     except OSError as exc:
-        try:
-            mode = os.lstat(path).st_mode
-        except OSError:
+        mode = _what(name, dir_fd)
+        if mode is None:
             raise exc from None
         if stat.S_ISLNK(mode):  # ELOOP
             raise OSError(
-                exc.errno, "a symbolic link, not a log the launcher made: refused", str(path)
+                exc.errno, "a symbolic link, not a log the launcher made: refused", str(shown)
             ) from None
         if not stat.S_ISREG(mode):  # a FIFO without a reader to write to: ENXIO
-            raise OSError(exc.errno, "not a regular file: refused", str(path)) from None
+            raise OSError(exc.errno, "not a regular file: refused", str(shown)) from None
         raise
     try:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
-            raise OSError(errno.EINVAL, "not a regular file: refused", str(path))
+            raise OSError(errno.EINVAL, "not a regular file: refused", str(shown))
         if info.st_nlink > 1:
             why = f"a file with {info.st_nlink} names (a hard link): refused"
-            raise OSError(errno.EMLINK, why, str(path))
+            raise OSError(errno.EMLINK, why, str(shown))
         os.set_blocking(fd, True)
     except BaseException:
         os.close(fd)
@@ -113,11 +216,33 @@ def proc_starttime(pid: int) -> int | None:
 
 
 def read_pidfile(runtime_dir: Path, replica_id: str) -> LocalProcess | None:
+    """The replica's pid file; None when there is none, or none to trust (`_read_pidfile_at`)."""
     try:
-        return LocalProcess.from_json(
-            json.loads(pid_path(runtime_dir, replica_id).read_text(encoding="utf-8"))
-        )
-    except (FileNotFoundError, ValueError, KeyError, TypeError):
+        dir_fd = open_replicas_dir(runtime_dir)
+    except OSError:  # no replicas dir, or one refused: the launcher says why
+        return None
+    try:
+        return _read_pidfile_at(dir_fd, replica_id)
+    finally:
+        os.close(dir_fd)
+
+
+def _read_pidfile_at(dir_fd: int, replica_id: str) -> LocalProcess | None:
+    """The pid file of `replica_id` in the replicas dir open at `dir_fd`: None when it is missing
+    or unreadable, or is a link or another account's file (a pid file decides which process
+    group a stop SIGKILLs: a forged one named any process of the user's)."""
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC  # (a FIFO there: no hang)
+    try:
+        fd = os.open(f"{replica_id}.json", flags, dir_fd=dir_fd)
+    except OSError:
+        return None
+    try:
+        with os.fdopen(fd, "rb") as fh:
+            info = os.fstat(fh.fileno())
+            if not stat.S_ISREG(info.st_mode) or not _trusted(info.st_uid):
+                return None
+            return LocalProcess.from_json(json.loads(fh.read().decode("utf-8")))
+    except (OSError, ValueError, KeyError, TypeError):
         return None
 
 
@@ -131,19 +256,64 @@ def write_pidfile(runtime_dir: Path, proc: LocalProcess) -> None:
     path = pid_path(runtime_dir, proc.id)
     data = (json.dumps(asdict(proc), indent=2, sort_keys=True) + "\n").encode("utf-8")
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        dir_fd = open_replicas_dir(runtime_dir, create=True)
     except OSError as exc:
         raise OSError(exc.errno, exc.strerror, str(path)) from exc
     try:
+        _write_whole_at(dir_fd, path.name, lambda fh: fh.write(data), path)
+    finally:
+        os.close(dir_fd)
+
+
+def _write_whole_at(dir_fd: int, name: str, write: Callable[[IO[bytes]], object], shown: Path) -> None:
+    """Write `name` in the folder open at `dir_fd` whole: `write` fills a temp file made new under a
+    name no one can guess, renamed over `name` (a link planted at `name` is replaced, never
+    written through). An OSError names `shown`; no temp file is left behind."""
+    try:
+        fd, tmp = _new_temp_at(dir_fd, name)
+    except OSError as exc:
+        raise OSError(exc.errno, exc.strerror, str(shown)) from exc
+    try:
         with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
+            write(fh)
+        os.replace(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
     except BaseException as exc:
         with contextlib.suppress(OSError):
-            os.unlink(tmp)
+            os.unlink(tmp, dir_fd=dir_fd)
         if isinstance(exc, OSError):
-            raise OSError(exc.errno, exc.strerror, str(path)) from exc
+            raise OSError(exc.errno, exc.strerror, str(shown)) from exc
         raise
+
+
+def _new_temp_at(dir_fd: int, name: str) -> tuple[int, str]:
+    """A new file `.<name>.<random>.tmp` in the folder open at `dir_fd` (as `tempfile.mkstemp`)."""
+    for _ in range(100):
+        tmp = f".{name}.{secrets.token_hex(6)}.tmp"
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        try:
+            return os.open(tmp, flags, 0o600, dir_fd=dir_fd), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(errno.EEXIST, "no unused temporary name")
+
+
+def _unlink_at(runtime_dir: Path, names: Sequence[str]) -> None:
+    """Remove `names` from the replicas dir, if it is one to trust (`open_replicas_dir`)."""
+    try:
+        dir_fd = open_replicas_dir(runtime_dir)
+    except OSError:
+        return
+    try:
+        for name in names:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(name, dir_fd=dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def _names(dir_fd: int, suffix: str) -> list[str]:
+    """The `r-*<suffix>` entries of the folder open at `dir_fd`, sorted (as `glob` finds them)."""
+    return sorted(n for n in os.listdir(dir_fd) if n.startswith("r-") and n.endswith(suffix))
 
 
 def readopt(
@@ -189,18 +359,20 @@ def readopt(
         starttime=starttime,
         log=str(log_path(runtime_dir, replica_id)),
     )
-    replicas_dir(runtime_dir).mkdir(parents=True, exist_ok=True)
     write_pidfile(runtime_dir, proc)
     return proc
 
 
 def list_pidfiles(runtime_dir: Path) -> list[LocalProcess]:
-    out = []
-    for path in sorted(replicas_dir(runtime_dir).glob("r-*.json")):
-        proc = read_pidfile(runtime_dir, path.stem)
-        if proc is not None:
-            out.append(proc)
-    return out
+    try:
+        dir_fd = open_replicas_dir(runtime_dir)
+    except OSError:  # no replicas dir, or one refused (`read_pidfile`)
+        return []
+    try:
+        procs = (_read_pidfile_at(dir_fd, name[: -len(".json")]) for name in _names(dir_fd, ".json"))
+        return [proc for proc in procs if proc is not None]
+    finally:
+        os.close(dir_fd)
 
 
 def is_running(proc: LocalProcess) -> bool:
@@ -280,7 +452,7 @@ def stop_replica(runtime_dir: Path, replica_id: str, *, grace: float = 10.0) -> 
     pgid = leader.pgid if leader is not None else None
     strays = find_processes(runtime_dir, replica_id)
     if leader is None and not strays:
-        pid_path(runtime_dir, replica_id).unlink(missing_ok=True)
+        _unlink_at(runtime_dir, [f"{replica_id}.json"])
         return False
     _signal(strays, pgid, signal.SIGTERM)
     # A stopped process (SIGSTOP, a debugger, a replica hung that way on purpose) acts on no
@@ -296,7 +468,7 @@ def stop_replica(runtime_dir: Path, replica_id: str, *, grace: float = 10.0) -> 
         deadline = time.monotonic() + 5.0
         while _alive(strays, pgid, leader) and time.monotonic() < deadline:
             time.sleep(0.05)
-    pid_path(runtime_dir, replica_id).unlink(missing_ok=True)
+    _unlink_at(runtime_dir, [f"{replica_id}.json"])
     return True
 
 
@@ -342,39 +514,52 @@ def prune_logs(
     post-mortems; but every launch writes a new one (IDs are never reused), so without this a
     churny fleet's folder grew by a file per replica for as long as the service ran, and the
     state's 500 gone replicas could hold 500 logs of up to 128 MiB each (a log and its `.1`)."""
-    gone: list[tuple[float, int, str, list[Path]]] = []  # (last write, bytes, id, files)
+    try:
+        dir_fd = open_replicas_dir(runtime_dir)
+    except OSError:  # none yet, or refused (a link, another account's): nothing of ours to prune
+        return []
+    try:
+        return _prune_at(dir_fd, keep, max_count, max_bytes)
+    finally:
+        os.close(dir_fd)
+
+
+def _prune_at(dir_fd: int, keep: set[str], max_count: int, max_bytes: int) -> list[str]:
+    """`prune_logs` in the replicas dir open at `dir_fd`: every name relative to it."""
+    gone: list[tuple[float, int, str, list[str]]] = []  # (last write, bytes, id, files)
     removed = []
-    for path in replicas_dir(runtime_dir).glob("r-*.log"):
-        rid = path.stem
-        if pid_path(runtime_dir, rid).exists():
+    for name in _names(dir_fd, ".log"):
+        rid = name[: -len(".log")]
+        if _stat_at(dir_fd, f"{rid}.json") is not None:
             continue
-        files = [path, path.with_name(f"{path.name}.1")]  # its rotated part goes with it
+        files = [name, f"{name}.1"]  # its rotated part goes with it
         if rid not in keep:
-            _unlink(files)
+            _unlink_names(dir_fd, files)
             removed.append(rid)
             continue
-        sizes = [st for f in files if (st := _lstat(f)) is not None]
+        sizes = [st for f in files if (st := _stat_at(dir_fd, f)) is not None]
         if sizes:
             gone.append((max(st.st_mtime for st in sizes), sum(st.st_size for st in sizes), rid, files))
     total = 0
     for i, (_, size, rid, files) in enumerate(sorted(gone, reverse=True)):
         total += size
         if i > 0 and (i >= max_count or total > max_bytes):
-            _unlink(files)
+            _unlink_names(dir_fd, files)
             removed.append(rid)
     return sorted(removed)
 
 
-def _lstat(path: Path) -> os.stat_result | None:
+def _stat_at(dir_fd: int, name: str) -> os.stat_result | None:
     try:
-        return os.lstat(path)
+        return os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
     except FileNotFoundError:
         return None
 
 
-def _unlink(paths: list[Path]) -> None:
-    for path in paths:
-        path.unlink(missing_ok=True)
+def _unlink_names(dir_fd: int, names: list[str]) -> None:
+    for name in names:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(name, dir_fd=dir_fd)
 
 
 #: A running local replica's log past this size is rotated by `rotate_logs`.
@@ -387,39 +572,40 @@ def rotate_logs(runtime_dir: Path, max_bytes: int = LOG_ROTATE_BYTES) -> list[st
     was started with (appending: its next line lands at the new start). A chatty server running
     for weeks filled the disk. Lines written between the copy and the truncation are lost, as
     with logrotate's copytruncate. Returns the IDs rotated."""
+    try:
+        dir_fd = open_replicas_dir(runtime_dir)
+    except OSError:  # none yet, or refused: `skyhedge logs` says why
+        return []
     rotated = []
-    for path in replicas_dir(runtime_dir).glob("r-*.log"):
-        try:
-            fd = open_log(path, os.O_RDWR)  # a link planted there is neither copied nor truncated
-        except OSError:
-            continue  # gone, or refused: `skyhedge logs` says why
-        try:
-            if os.fstat(fd).st_size <= max_bytes:
+    try:
+        for name in _names(dir_fd, ".log"):
+            shown = replicas_dir(runtime_dir) / name
+            try:
+                fd = open_log_at(dir_fd, name, os.O_RDWR, shown)  # a link there is neither copied nor cut
+            except OSError:
+                continue  # gone, or refused: `skyhedge logs` says why
+            try:
+                if os.fstat(fd).st_size <= max_bytes:
+                    continue
+                _write_whole_at(dir_fd, f"{name}.1", lambda out, fd=fd: _copy_whole(fd, out), shown)
+                os.ftruncate(fd, 0)
+            except FileNotFoundError:
                 continue
-            _copy_whole(fd, path.with_name(f"{path.name}.1"))
-            os.ftruncate(fd, 0)
-        except FileNotFoundError:
-            continue
-        finally:
-            os.close(fd)
-        rotated.append(path.stem)
+            finally:
+                os.close(fd)
+            rotated.append(name[: -len(".log")])
+    finally:
+        os.close(dir_fd)
     return sorted(rotated)
 
 
-def _copy_whole(src: int, dest: Path) -> None:
-    """Copy the file open at `src` to `dest`: a temp file renamed over it, so that a link planted
-    at `dest` is replaced, never written through."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
-    try:
-        with os.fdopen(fd, "wb") as out, os.fdopen(os.dup(src), "rb") as inp:
-            inp.seek(0)
-            while chunk := inp.read(1 << 20):
-                out.write(chunk)
-        os.replace(tmp, dest)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+def _copy_whole(src: int, out: IO[bytes]) -> None:
+    """Copy the file open at `src` to `out`, from its start (into a temp file `_write_whole_at`
+    renames over `<id>.log.1`, so that a link planted there is replaced, never written through)."""
+    with os.fdopen(os.dup(src), "rb") as inp:
+        inp.seek(0)
+        while chunk := inp.read(1 << 20):
+            out.write(chunk)
 
 
 def kill_all(runtime_dir: Path) -> list[int]:
@@ -438,5 +624,5 @@ def kill_all(runtime_dir: Path) -> list[int]:
         time.sleep(0.02)
     for proc in list_pidfiles(runtime_dir):
         if not is_running(proc):
-            pid_path(runtime_dir, proc.id).unlink(missing_ok=True)
+            _unlink_at(runtime_dir, [f"{proc.id}.json"])
     return sorted(pids)
