@@ -2,8 +2,8 @@
 against `skyhedge up` on the local cloud, with events injected, counted per second.
 
     python benchmarks/traffic_bench.py [--rate 40] [--phase 20] [--token-delay 0.005]
-                                       [--scenarios kill,scaledown,hang,http500,rollout]
-                                       [--keep-log FILE]
+                                       [--scenarios kill,vanish,scaledown,hang,http500,rollout]
+                                       [--client-timeout 30] [--keep-log FILE]
 
 A load generator (open loop: `--rate` POSTs to /v1/completions per second, whatever the
 latency; a third of the clients open a connection per request, a third keep it alive and reuse
@@ -13,6 +13,9 @@ client retries anything) runs through the whole run, and these happen in turn, `
   steady     nothing (3 READY replicas)
   kill       one replica's process is SIGKILLed (a preemption: `skyhedge preempt` kills so too);
              the controller launches a replacement, probes it READY and reloads nginx
+  vanish     the same, but as a cloud VM vanishes: its connections are neither answered nor
+             reset (the killed process's sockets are kept open by this script); requests in
+             flight on it waited for service.router.read_timeout before the watcher cut them
   scaledown  the spec goes from 3 replicas to 2 (`skyhedge reload`): drain, then destroy
   hang       one replica is SIGSTOPped (accepts connections, never answers) for a phase
   http500    one replica answers every completion with HTTP 500 (its /health stays 200): a
@@ -65,7 +68,7 @@ from routing_support import (  # noqa: E402
 
 from skyhedge.clouds.local import runtime_dir  # noqa: E402
 from skyhedge.clouds.local.processes import kill_all, read_pidfile  # noqa: E402
-from skyhedge.routing import Router  # noqa: E402
+from skyhedge.routing import Router, nginx  # noqa: E402
 from skyhedge.state import load_state  # noqa: E402
 
 BODY = json.dumps({"prompt": "The keeper", "max_tokens": 8}).encode()
@@ -89,6 +92,7 @@ class Load:
     port: int
     rate: float
     threads: int = 48
+    timeout: float = CLIENT_TIMEOUT
     samples: list[Sample] = field(default_factory=list)
     _todo: queue.Queue[float | None] = field(default_factory=queue.Queue)
     _stop: threading.Event = field(default_factory=threading.Event)
@@ -109,7 +113,7 @@ class Load:
         for _ in range(self.threads):
             self._todo.put(None)
         for t in self._pool:
-            t.join(timeout=CLIENT_TIMEOUT + 5)
+            t.join(timeout=self.timeout + 5)
 
     def _tick(self) -> None:
         step = 1.0 / self.rate
@@ -129,7 +133,7 @@ class Load:
                 conn.close()
                 conn = None
             if conn is None:
-                conn = http.client.HTTPConnection(self.host, self.port, timeout=CLIENT_TIMEOUT)
+                conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
             t0 = time.time()
             headers = {"Content-Type": "application/json"}
             if kind == "new":
@@ -195,7 +199,9 @@ def report(samples: list[Sample], marks: list[tuple[float, str]], t0: float) -> 
             f"{pct(lat, 0.5):>7.1f} {pct(lat, 0.99):>8.1f}  {what}"
         )
     print()
-    print(f"{'phase':<12} {'sent':>6} {'ok':>6} {'failed':>6}  {'p50ms':>7} {'p99ms':>8}  failures")
+    print(
+        f"{'phase':<12} {'sent':>6} {'ok':>6} {'failed':>6}  {'p50ms':>7} {'p99ms':>8} {'max s':>6}  failures"
+    )
     phases = [m for m in marks if m[1].startswith("phase ")]
     for i, (start, name) in enumerate(phases[:-1]):  # the last mark ends the run
         end = phases[i + 1][0]
@@ -204,7 +210,8 @@ def report(samples: list[Sample], marks: list[tuple[float, str]], t0: float) -> 
         lat = [s.latency * 1000 for s in rows if s.outcome == "ok"]
         print(
             f"{name.removeprefix('phase '):<12} {len(rows):>6} {len(rows) - sum(fails.values()):>6} "
-            f"{sum(fails.values()):>6}  {pct(lat, 0.5):>7.1f} {pct(lat, 0.99):>8.1f}  "
+            f"{sum(fails.values()):>6}  {pct(lat, 0.5):>7.1f} {pct(lat, 0.99):>8.1f} "
+            f"{max((s.latency for s in rows), default=float('nan')):>6.1f}  "
             + " ".join(f"{k}={v}" for k, v in sorted(fails.items()))
         )
 
@@ -309,6 +316,28 @@ def replica_pgid(sdir: Path, rid: str) -> int:
     return proc.pgid
 
 
+def vanish(pgid: int) -> list[int]:
+    """A replica's VM vanishes, as a spot VM preempted does: its connections are neither answered
+    nor reset. Its processes are stopped, this process takes a copy of every connected socket
+    they hold (`borrow_fd`), then they are killed (what the local cloud's preemption does, and
+    how the controller hears of it): the kernel resets nothing while the copies stay open.
+    Returns the copies; closing them ends the connections."""
+    os.killpg(pgid, signal.SIGSTOP)
+    held: list[int] = []
+    pids = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()]
+    for pid in pids:
+        fields = nginx.stat_fields(pid)
+        if fields is None or int(fields[2]) != pgid:
+            continue
+        peers = nginx.tcp_peers(pid)
+        for inode, fd in nginx.socket_fds(pid).items():
+            if inode in peers:
+                with contextlib.suppress(OSError):
+                    held.append(nginx.borrow_fd(pid, fd))
+    os.killpg(pgid, signal.SIGKILL)
+    return held
+
+
 def history_marks(sdir: Path, since: float, name: str = "traffic") -> list[tuple[float, str]]:
     out = []
     for h in load_state(sdir, name).history:
@@ -325,19 +354,29 @@ def run_controller(args: argparse.Namespace, scenarios: list[str]) -> None:
     with tempfile.TemporaryDirectory(prefix="skyhedge-traffic-") as tmpname:
         tmp = Path(tmpname)
         with controller(tmp, args.token_delay) as (spec_path, sdir, port):
-            load = Load("127.0.0.1", port, args.rate)
+            load = Load("127.0.0.1", port, args.rate, timeout=args.client_timeout)
             marks: list[tuple[float, str]] = []
             t0 = time.time()
             load.start()
             marks.append((time.time(), "phase steady"))
             time.sleep(args.phase)
             stopped: int | None = None
+            held: list[int] = []
             try:
                 if "kill" in scenarios:
                     victim = sorted(routed(sdir))[0]
                     marks.append((time.time(), "phase kill"))
                     os.killpg(replica_pgid(sdir, victim), signal.SIGKILL)
                     marks.append((time.time(), f"SIGKILL {victim}"))
+                    wait_for(
+                        lambda: len(routed(sdir)) == 3 and victim not in routed(sdir), 120, "replacement"
+                    )
+                    time.sleep(args.phase)
+                if "vanish" in scenarios:
+                    victim = sorted(routed(sdir))[0]
+                    marks.append((time.time(), "phase vanish"))
+                    held = vanish(replica_pgid(sdir, victim))  # open until the run ends
+                    marks.append((time.time(), f"{victim} vanished ({len(held)} connections left open)"))
                     wait_for(
                         lambda: len(routed(sdir)) == 3 and victim not in routed(sdir), 120, "replacement"
                     )
@@ -367,6 +406,8 @@ def run_controller(args: argparse.Namespace, scenarios: list[str]) -> None:
                 if stopped is not None:
                     os.killpg(stopped, signal.SIGCONT)
                 load.stop()
+                for fd in held:
+                    os.close(fd)
             marks += history_marks(sdir, t0)
             marks.sort()
             report(load.samples, marks, t0)
@@ -630,14 +671,17 @@ def main() -> None:
     parser.add_argument("--rate", type=positive, default=40, help="requests per second")
     parser.add_argument("--phase", type=positive, default=20, help="seconds per phase")
     parser.add_argument("--token-delay", type=float, default=0.005, help="replica seconds per token")
-    parser.add_argument("--scenarios", default="kill,scaledown,hang,http500")
+    parser.add_argument(
+        "--client-timeout", type=positive, default=CLIENT_TIMEOUT, help="seconds a client waits for an answer"
+    )
+    parser.add_argument("--scenarios", default="kill,vanish,scaledown,hang,http500")
     parser.add_argument("--keep-log", metavar="FILE", help="rollout: copy the watcher's log here")
     args = parser.parse_args()
     scenarios = [s for s in args.scenarios.split(",") if s]
-    unknown = set(scenarios) - {"kill", "scaledown", "hang", "http500", "rollout"}
+    unknown = set(scenarios) - {"kill", "vanish", "scaledown", "hang", "http500", "rollout"}
     if unknown:
         parser.error(f"argument --scenarios: unknown {', '.join(sorted(unknown))}")
-    if set(scenarios) & {"kill", "scaledown", "hang"}:
+    if set(scenarios) & {"kill", "vanish", "scaledown", "hang"}:
         print("== controller run: skyhedge up, local cloud, 3 replicas ==")
         run_controller(args, scenarios)
     if "rollout" in scenarios:

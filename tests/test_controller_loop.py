@@ -140,6 +140,20 @@ def test_a_preemption_reloads_the_router_twice_and_never_routes_the_on_demand_co
     assert all(new["on-demand"] not in upstreams for upstreams in router.reloads)
 
 
+def test_at_start_up_the_first_ready_replicas_are_routed_in_one_reload_without_their_covers(world):
+    """From nothing, SpotHedge launches on-demand covers with the spot replicas; all get READY in
+    the same pass. The first routing waits for that pass's plan (milliseconds, before any
+    apply), so the spot replicas are routed in one reload and the covers, released by that plan,
+    never are: it took two reloads (+spot +covers, then -covers) and a drain of the covers."""
+    ctl, clock, router = make(world), world["clock"], world["router"]
+    settle(ctl, clock)
+    live = ctl.state.live()
+    assert sorted(r.market for r in live) == ["spot"] * 3
+    assert [upstreams for upstreams in router.reloads if upstreams] == [sorted(r.id for r in live)]
+    assert router.drains == 0
+    assert "drain" not in ctl.state.extra
+
+
 def _without_cover(world, write_spec) -> None:
     """The world's spec with no on-demand cover: a replica failing a probe launches nothing."""
     text = SPEC.replace("  policy: spothedge\n", "  policy: spothedge\n  dynamic_ondemand_fallback: false\n")
@@ -1010,6 +1024,11 @@ class DrainingRouter(FakeRouter):
         super().__init__()
         self.busy: set[int] = set()
         self._next = 1000
+        self.severed: list[str] = []  # endpoints whose connections were cut
+
+    def sever(self, endpoints) -> int:
+        self.severed += endpoints
+        return len(endpoints)
 
     def begin_drain(self, upstreams):
         self._next += 1
@@ -1027,7 +1046,7 @@ def _scaled_down_while_draining(world, write_spec) -> tuple[Controller, Clock, D
     world["router"] = router
     ctl, clock = make(world), world["clock"]
     settle(ctl, clock)
-    router.busy.clear()  # the start-up's on-demand covers drained
+    router.busy.clear()  # (nothing drains after start-up: the on-demand covers are never routed)
     settle(ctl, clock)
     assert len(ctl.state.live()) == 3 and "drain" not in ctl.state.extra
     smaller = (
@@ -1056,6 +1075,7 @@ def test_a_released_replica_is_destroyed_only_after_its_requests_end_and_the_pas
     assert not {r.id for r in victims} & world["executor"].ids()
     assert "drain" not in ctl.state.extra
     assert any(n.text == f"{victims[0].id}: drained, its requests ended; removing it" for n in ctl.notes)
+    assert router.severed == []  # a drain's requests are never cut
 
 
 def test_a_released_replica_that_hangs_is_destroyed_after_the_not_ready_grace_not_the_drain_deadline(
@@ -1083,6 +1103,28 @@ def test_a_released_replica_that_hangs_is_destroyed_after_the_not_ready_grace_no
     assert all(ctl.state.replicas[r.id].gone_at is not None for r in victims)
     assert not {r.id for r in victims} & world["executor"].ids()
     assert any(n.text.startswith(f"{victims[0].id}: not answering its probes for") for n in ctl.notes)
+    # destroyed with requests in flight: they are cut, as a cloud VM deleted would not reset them
+    assert sorted(router.severed) == sorted(r.endpoint for r in victims)
+
+
+def test_a_preempted_replicas_connections_are_cut_once_it_is_out_of_the_router(world):
+    """A VM preempted sends no reset: the requests in flight on it would wait for read_timeout
+    on nginx's old workers. Once the reload took it out, the router cuts them (nginx retries them
+    on another replica); no other replica's connections are touched."""
+    router = DrainingRouter()
+    world["router"] = router
+    ctl, clock, src = make(world), world["clock"], world["source"]
+    settle(ctl, clock)
+    victim = next(r for r in ctl.state.live() if r.zone == "local-a")
+    preempt(src, clock, victim)
+    ctl.tick()
+    assert victim.id not in router.current
+    assert router.severed == [victim.endpoint]
+    assert any(
+        n.text == f"routing: closed 1 connection(s) to gone {victim.id}: requests retried" for n in ctl.notes
+    )
+    settle(ctl, clock)
+    assert router.severed == [victim.endpoint]
 
 
 def test_the_plan_note_counts_replicas_on_their_way_out_apart(world, write_spec):

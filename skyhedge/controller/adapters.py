@@ -73,6 +73,11 @@ class NginxRouter:
     def draining(self, pids: Sequence[int]) -> bool:
         return workers_alive(pids)
 
+    def sever(self, endpoints: Sequence[str]) -> int:
+        """Close nginx's connections to replicas known gone (`Router.sever`): their requests in
+        flight are retried elsewhere at once instead of waiting out `read_timeout`."""
+        return self.router.sever(endpoints)
+
     def _up(self, ups: list[Upstream]) -> dict[str, Any]:
         """Start-or-reload; after a start, the fresh nginx's counter is read at once as the new
         baseline: the router's own health check of the new nginx is not client traffic."""

@@ -1117,9 +1117,10 @@ class Controller:
         """Route to the routable replicas. With `drain` and a router that can drain without
         waiting, returns the old nginx workers' pids (empty: nothing was in flight).
 
-        `defer_additions`: when the only change is replicas to add, and the router runs and
-        serves some already, reload nothing now: the pass routes again once it has its plan, and
-        one reload then takes the additions and the plan's releases. Every reload closes the
+        `defer_additions`: when the only change is replicas to add, and the router runs (serving
+        some already, or none yet at start-up), reload nothing now: the pass routes again once
+        it has its plan (milliseconds later, before any apply), and one reload then takes the
+        additions and the plan's releases. Every reload closes the
         kept-alive connections of nginx's old workers, and a client that reuses one blindly
         (Python's http.client) loses a request on it: after a local preemption the newly READY
         spot replica and its on-demand cover were routed, then the cover released, two reloads a
@@ -1138,7 +1139,17 @@ class Controller:
         same = wanted == routed and running
         if not force and not self._routing_failed and same and not stale:
             return None
-        if defer_additions and not force and not self._routing_failed and running and not stale and routed:
+        # (also when nothing is routed yet: the plan comes within milliseconds, before any
+        # apply, and at start-up SpotHedge's on-demand covers, READY with the spot replicas they
+        # cover, were routed and then released: two reloads and a drain instead of one reload)
+        if (
+            defer_additions
+            and not force
+            and not self._routing_failed
+            and running
+            and not stale
+            and routed is not None
+        ):
             now_routed = {(str(rid), str(ep)) for rid, ep in routed}
             if now_routed <= {(str(rid), str(ep)) for rid, ep in wanted}:
                 return None  # only additions: the pass's next routing takes them
@@ -1197,7 +1208,36 @@ class Controller:
             )
             change = (f" +{','.join(added)}" if added else "") + (f" -{','.join(removed)}" if removed else "")
             self.note(f"routing: {len(wanted)} upstreams{change}", now)
+        # Replicas gone (preempted, terminated, failed) are out of the new config, but the old
+        # workers' requests on them wait on: a vanished VM sends no reset. Cut them now.
+        serving = {str(ep) for _, ep in wanted}
+        dead = {
+            str(ep): str(rid)
+            for rid, ep in routed or []
+            if str(rid) in removed
+            and str(ep) not in serving
+            and ((rec := self.state.replicas.get(str(rid))) is None or rec.gone_at is not None)
+        }
+        self._sever(dead, now)
         return old
+
+    def _sever(self, endpoints: dict[str, str], now: float) -> None:
+        """Close the router's connections to these endpoints (endpoint -> replica ID), replicas
+        known gone or being destroyed: requests in flight on a vanished VM are retried on
+        another replica at once (or answered 503) instead of waiting for `read_timeout` (600 s
+        by default) with no reset ever coming. Healthy replicas' requests are not touched: a
+        drain still waits for them."""
+        sever = getattr(self.router, "sever", None)
+        if sever is None or not endpoints:
+            return
+        ids = ",".join(sorted(endpoints.values()))
+        try:
+            closed = sever(sorted(endpoints))
+        except (RoutingError, OSError) as exc:
+            self.note(f"routing: {exc}", now, level=logging.WARNING)
+            return
+        if closed:
+            self.note(f"routing: closed {closed} connection(s) to gone {ids}: requests retried", now)
 
     def _hold_for_drain(self, ids: Sequence[str], pids: Sequence[int], now: float) -> None:
         """Keep `ids` running (out of the router) until the nginx workers that may still serve
@@ -1244,6 +1284,11 @@ class Controller:
             return False
         else:  # (a line of its own: the plan that removes it repeats the one that released it)
             self.note(f"{rid}: drained, its requests ended; removing it", now)
+            rec = None  # nothing in flight: nothing to cut
+        serving = {r.endpoint for r in routable(self.state)}
+        if rec is not None and rec.endpoint and rec.endpoint not in serving:
+            # destroyed with requests in flight: a cloud VM deleted sends no reset either
+            self._sever({rec.endpoint: rid}, now)
         self.state.extra[DRAIN_KEY].pop(rid, None)
         if not self.state.extra[DRAIN_KEY]:
             self.state.extra.pop(DRAIN_KEY)

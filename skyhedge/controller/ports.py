@@ -88,7 +88,9 @@ class RouterPort(Protocol):
     # Optional: `outdated() -> str | None`, why the running config needs a reload though the
     # upstreams are the same (a renewed TLS certificate, a deleted config); routers without it
     # are reloaded on changes only. `pid() -> int | None`, the router process: a watcher wakes
-    # its loop when it exits (killed, crashed), to start it again at once.
+    # its loop when it exits (killed, crashed), to start it again at once. `sever(endpoints) ->
+    # int`, close the router's connections to replicas known gone (a vanished VM sends no reset),
+    # so that requests in flight on them are retried at once: the connections closed.
 
 
 class Prober(Protocol):

@@ -9,13 +9,18 @@ that is not a zombie (a container's init may never reap it).
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import functools
+import ipaddress
 import os
 import re
 import shutil
+import socket
 import subprocess
+import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from skyhedge.errors import RoutingError
@@ -285,3 +290,115 @@ def _collapse_repeats(lines: list[str]) -> list[str]:
             counts[key] = 0
         counts[key] += 1
     return [f"{first[k]} ({counts[k]} times)" if counts[k] > 1 else first[k] for k in order]
+
+
+# -- closing connections to a replica that vanished ------------------------------------------------
+
+#: pidfd_getfd(2): the same number on every Linux architecture (Linux 5.6 on).
+_SYS_PIDFD_GETFD = 438
+#: /proc/net/tcp states with a peer: everything but LISTEN (0A) and CLOSE (07).
+_NO_PEER_STATES = {"07", "0A"}
+
+
+def _peer(hex_addr: str) -> tuple[str, int]:
+    """`0100007F:1F90` (/proc/net/tcp's remote address: 32-bit words in host order) as
+    ("127.0.0.1", 8080); an IPv4-mapped IPv6 address as its IPv4 form."""
+    addr, port = hex_addr.split(":")
+    raw = bytes.fromhex(addr)
+    if sys.byteorder == "little":
+        raw = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
+    ip = ipaddress.ip_address(raw)
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return str(ip), int(port, 16)
+
+
+def tcp_peers(pid: int) -> dict[int, tuple[str, int]]:
+    """Socket inode -> (peer address, peer port) of the TCP connections in `pid`'s network
+    namespace (/proc/<pid>/net/tcp and tcp6), listening sockets left out."""
+    out: dict[int, tuple[str, int]] = {}
+    for name in ("tcp", "tcp6"):
+        try:
+            lines = (_PROC / str(pid) / "net" / name).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if len(fields) < 10 or fields[3] in _NO_PEER_STATES:
+                continue
+            with contextlib.suppress(ValueError):
+                out[int(fields[9])] = _peer(fields[2])
+    return out
+
+
+def socket_fds(pid: int) -> dict[int, int]:
+    """Socket inode -> file descriptor number in process `pid` (empty when it cannot be read)."""
+    out: dict[int, int] = {}
+    base = _PROC / str(pid) / "fd"
+    try:
+        entries = list(base.iterdir())
+    except OSError:
+        return out
+    for entry in entries:
+        with contextlib.suppress(OSError, ValueError):
+            target = os.readlink(entry)
+            if target.startswith("socket:["):
+                out[int(target[8:-1])] = int(entry.name)
+    return out
+
+
+def borrow_fd(pid: int, fd: int) -> int:
+    """A duplicate, in this process, of descriptor `fd` of process `pid` (pidfd_getfd(2); Linux
+    5.6+, and the right to ptrace `pid`: the same user where ptrace is not restricted, or root).
+    The socket it names is shared: `shutdown()` on the copy acts on `pid`'s connection."""
+    pidfd = os.pidfd_open(pid)
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        got = int(libc.syscall(_SYS_PIDFD_GETFD, pidfd, fd, 0))
+        if got < 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err))
+        return got
+    finally:
+        os.close(pidfd)
+
+
+def sever(pids: Iterable[int], peers: set[tuple[str, int]]) -> int:
+    """Shut down (both ways) every TCP connection that processes `pids` hold to one of `peers`
+    ((address, port)); returns how many. Why: a cloud VM that vanishes (a spot preemption)
+    sends no reset, so nginx's connections to it wait for `proxy_read_timeout`. Shut down, the
+    worker reads the end of the connection at once ("upstream prematurely closed connection"),
+    an error `proxy_next_upstream` retries on another replica. Raises OSError (EPERM: not
+    allowed to take the worker's descriptors; ENOSYS: a kernel before 5.6) when none could be
+    shut down."""
+    done = 0
+    failure: OSError | None = None
+    pids = list(pids)
+    # the workers share the master's network namespace: its connection table is read once
+    wanted = {inode for inode, peer in tcp_peers(pids[0]).items() if peer in peers} if pids else set()
+    for pid in pids:
+        for inode, fd in socket_fds(pid).items():
+            if inode not in wanted:
+                continue
+            try:
+                copy = borrow_fd(pid, fd)
+            except OSError as exc:  # gone meanwhile (ESRCH, EBADF), or not allowed
+                if exc.errno not in (errno.ESRCH, errno.EBADF):
+                    failure = exc
+                continue
+            # the worker may have closed that descriptor and reused its number (for another
+            # connection, a file) since it was listed: only the very socket found is shut down
+            try:
+                if os.fstat(copy).st_ino == inode:
+                    with socket.socket(fileno=copy) as sock:
+                        copy = -1  # closed with `sock`
+                        sock.shutdown(socket.SHUT_RDWR)
+                        done += 1
+            except OSError:  # the connection ended meanwhile (ENOTCONN)
+                pass
+            finally:
+                if copy >= 0:
+                    os.close(copy)
+    if failure is not None and not done:
+        raise failure
+    return done

@@ -17,6 +17,7 @@ import contextlib
 import errno
 import grp
 import hashlib
+import ipaddress
 import json
 import os
 import pwd
@@ -30,6 +31,7 @@ import urllib.request
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from filelock import FileLock, Timeout
 
@@ -259,6 +261,36 @@ class Router:
         ups = sorted_upstreams(upstreams)
         with self._locked():
             return self._reload(ups)
+
+    def sever(self, endpoints: Iterable[str]) -> int:
+        """Close nginx's connections to `endpoints` now, without waiting for an answer: call it
+        for replicas known gone (preempted, terminated, failed) once a reload took them out.
+
+        Why: a cloud VM that vanishes sends no TCP reset, so the requests in flight on it waited
+        for `read_timeout` (600 s by default) on the old workers, though the controller knew it
+        gone within seconds. Shut down, each such connection ends at once: a request that got no
+        byte of its answer yet is retried on another replica (`proxy_next_upstream error`, within
+        `next_upstream_timeout` of its start), others end (a 503, or a stream cut short).
+        Healthy replicas' connections are not touched, so their long generations go on across
+        the reload (nginx's `worker_shutdown_timeout` would cut them all). Returns how many
+        connections were closed; RoutingError when nginx's could not be reached (not allowed:
+        see docs/routing.md)."""
+        pid = self.pid()
+        if pid is None or not nginx.CAN_SEE_WORKERS:
+            return 0
+        endpoints = list(endpoints)
+        peers = {peer for endpoint in endpoints for peer in _peers(endpoint)}
+        if not peers:
+            return 0
+        try:
+            return nginx.sever(nginx.workers(pid), peers)
+        except OSError as exc:
+            raise RoutingError(
+                f"could not close nginx's connections to {', '.join(endpoints)} "
+                f"({exc.strerror or exc}): requests in flight to them end only at "
+                "service.router.read_timeout (run skyhedge as the user nginx runs as, with the "
+                "right to ptrace it: see docs/routing.md)"
+            ) from exc
 
     def down(self, *, timeout: float = 10.0) -> None:
         """Graceful quit (in-flight requests finish, bounded by `timeout`), then fast, then kill."""
@@ -561,6 +593,27 @@ class Router:
     def _write_meta(self, ups: list[Upstream], status_port: int | None) -> None:
         text = json.dumps(self._meta(ups, status_port), indent=2, sort_keys=True) + "\n"
         atomic_write_text(self.paths.meta, text)
+
+
+def _peers(endpoint: str) -> set[tuple[str, int]]:
+    """The (address, port) pairs nginx may connect to for `endpoint` (`http[s]://HOST[:PORT]`): its
+    address, or what its host name resolves to now (nothing when it does not resolve)."""
+    parts = urlsplit(endpoint)
+    try:
+        host, port = parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:  # a port out of range: nginx never connected there
+        return set()
+    if not host:
+        return set()
+    try:
+        return {(str(ipaddress.ip_address(host)), port)}
+    except ValueError:
+        pass
+    try:
+        found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError:
+        return set()
+    return {(str(info[4][0]), port) for info in found}
 
 
 def _master_pid(paths: RouterPaths) -> int | None:

@@ -1,0 +1,252 @@
+"""A replica that vanishes without a TCP reset (a cloud VM preempted or deleted: its kernel is gone
+with it, nothing answers and nothing closes) while requests are in flight on it.
+
+nginx's connections to it wait for an answer: before, they waited out `service.router.read_timeout`
+(600 s by default) on the old workers even after the controller knew the replica gone and reloaded
+nginx without it. Now the controller closes them (`Router.sever`) once the reload took the replica
+out: each request is retried on another replica at once. Healthy replicas' requests are not touched.
+
+Here a replica "vanishes" by SIGSTOP: it keeps its sockets open and answers nothing, as a VM that
+stopped existing does (killing a local process instead would reset its connections).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from controller_fakes import Clock, FakeExecutor, FakeProber, FakeSource
+from routing_support import Fleet, complete, free_port, make_spec, needs_nginx, teardown_router
+
+from skyhedge.controller.adapters import NginxRouter
+from skyhedge.controller.loop import Controller
+from skyhedge.errors import RoutingError
+from skyhedge.events import PreemptionEvent, Signal
+from skyhedge.routing import Router
+from skyhedge.routing import nginx as nginx_proc
+from skyhedge.routing.router import _peers
+from skyhedge.spec import load_spec
+
+pytestmark = needs_nginx
+
+# 40 tokens at 50 ms: a 2 s generation, so requests are surely in flight when the replica vanishes
+SLOW = {"ECHO_TOKEN_DELAY": "0.05"}
+TOKENS = 40
+# far above what the test waits: a request left waiting for it fails the test
+READ_TIMEOUT = 120
+CLIENT_TIMEOUT = 15.0
+
+
+class Clients:
+    """`n` completions sent at once through the router, each recording (status, replica, tokens,
+    seconds) or the exception it got."""
+
+    def __init__(self, url: str, n: int, tokens: int = TOKENS) -> None:
+        self.results: list[tuple[object, ...]] = []
+        self._lock = threading.Lock()
+        self._threads = [threading.Thread(target=self._one, args=(url, tokens)) for _ in range(n)]
+        for t in self._threads:
+            t.start()
+
+    def _one(self, url: str, tokens: int) -> None:
+        t0 = time.monotonic()
+        try:
+            resp = complete(url, max_tokens=tokens, timeout=CLIENT_TIMEOUT)
+            got = (
+                json.loads(resp.body).get("usage", {}).get("completion_tokens")
+                if resp.status == 200
+                else None
+            )
+            row: tuple[object, ...] = (resp.status, resp.replica, got, time.monotonic() - t0)
+        except OSError as exc:
+            row = (type(exc).__name__, None, None, time.monotonic() - t0)
+        with self._lock:
+            self.results.append(row)
+
+    def join(self) -> list[tuple[object, ...]]:
+        for t in self._threads:
+            t.join(timeout=CLIENT_TIMEOUT + 5)
+        return self.results
+
+
+def in_flight_to(router: Router, endpoint: str) -> int:
+    """nginx's connections to `endpoint` now (requests waiting on it)."""
+    host, port = endpoint.removeprefix("http://").rsplit(":", 1)
+    pid = router.pid()
+    assert pid is not None
+    count = 0
+    for worker in nginx_proc.workers(pid):
+        peers = nginx_proc.tcp_peers(worker)
+        count += sum(1 for inode in nginx_proc.socket_fds(worker) if peers.get(inode) == (host, int(port)))
+    return count
+
+
+def wait_until(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+@pytest.fixture
+def fleet(tmp_path: Path):
+    f = Fleet(tmp_path)
+    try:
+        yield f
+    finally:
+        for r in f.replicas.values():  # a SIGSTOPped process dies of SIGKILL all the same
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(r.proc.pid, signal.SIGCONT)
+        f.close()
+
+
+@pytest.fixture
+def routers():
+    made: list[Router] = []
+    yield made
+    for router in made:
+        teardown_router(router)
+
+
+def test_requests_on_a_vanished_replica_are_retried_at_once_and_healthy_ones_finish(
+    tmp_path, fleet, routers, monkeypatch
+):
+    port = free_port()
+    router = Router(make_spec(port, router={"read_timeout": READ_TIMEOUT}), tmp_path / "state")
+    routers.append(router)
+    fleet.start(2, env=SLOW)
+    gone, kept = fleet.replicas["r-0001"], fleet.replicas["r-0002"]
+    router.up(fleet.upstreams())
+    clients = Clients(f"http://127.0.0.1:{port}", 4)
+    wait_until(lambda: in_flight_to(router, gone.endpoint) >= 1, 5, "requests in flight on r-0001")
+    os.killpg(gone.proc.pid, signal.SIGSTOP)  # the VM vanishes: no reset, no answer
+    stopped = time.monotonic()
+    router.reload([kept.upstream])
+    assert in_flight_to(router, gone.endpoint) >= 1  # the reload alone leaves them waiting
+
+    # not allowed to reach nginx's sockets: one line saying what it costs, nothing closed
+    def refused(pid: int, fd: int) -> int:
+        raise PermissionError(errno.EPERM, "Operation not permitted")
+
+    with monkeypatch.context() as m:
+        m.setattr(nginx_proc, "borrow_fd", refused)
+        with pytest.raises(RoutingError, match=r"Operation not permitted.*read_timeout"):
+            router.sever([gone.endpoint])
+    assert in_flight_to(router, gone.endpoint) >= 1
+
+    assert router.sever([gone.endpoint]) >= 1
+    results = clients.join()
+    assert len(results) == 4
+    # every request answered in full, by the replica left (retried there), within seconds
+    assert all(r[0] == 200 and r[1] == "r-0002" and r[2] == TOKENS for r in results), results
+    assert max(r[3] for r in results) < 10, results
+    assert time.monotonic() - stopped < 10
+    assert in_flight_to(router, gone.endpoint) == 0
+
+
+SPEC = """
+name: vanish
+placement:
+  clouds: [local]
+  zones: [local-a, local-b]
+replica_policy: {{min_replicas: 2, max_replicas: 2, num_overprovision: 0, policy: spothedge}}
+readiness_probe: {{path: /health, initial_delay_seconds: 30}}
+service: {{port: {port}, router: {{read_timeout: {read_timeout}}}}}
+run: {{command: "true"}}
+"""
+
+
+class FleetExecutor(FakeExecutor):
+    """The fake Terraform, each replica it launches a real local-echo process of the fleet."""
+
+    def __init__(self, fleet: Fleet) -> None:
+        super().__init__()
+        self.fleet = fleet
+
+    def apply(self, state, plan, now):
+        result = super().apply(state, plan, now)
+        for rid, rec in state.replicas.items():
+            if rec.gone_at is None and rec.endpoint and rid not in self.fleet.replicas:
+                self.fleet.start(1, first=int(rid.split("-")[1]), env=SLOW)
+            if rid in self.fleet.replicas:
+                rec.endpoint = self.fleet.replicas[rid].endpoint
+        return result
+
+
+def test_the_watcher_cuts_a_preempted_replicas_requests_so_they_are_retried_not_left_waiting(
+    tmp_path, write_spec, fleet, routers
+):
+    port = free_port()
+    spec = load_spec(write_spec(SPEC.format(port=port, read_timeout=READ_TIMEOUT)))
+    clock, source = Clock(), FakeSource()
+    adapter = NginxRouter(spec, tmp_path / "state")
+    routers.append(adapter.router)
+    ctl = Controller(
+        spec,
+        tmp_path / "state",
+        executor=FleetExecutor(fleet),
+        router=adapter,
+        prober=FakeProber(),
+        sources=[source],
+        clock=clock,
+    )
+    for _ in range(3):
+        ctl.tick()
+        clock.advance(1)
+    routed = sorted(pair[0] for pair in ctl.state.extra["routed"])
+    assert len(routed) == 2
+    victim = ctl.state.replicas[routed[0]]
+    clients = Clients(f"http://127.0.0.1:{port}", 4)
+    wait_until(lambda: in_flight_to(adapter.router, victim.endpoint) >= 1, 5, "requests on the victim")
+    os.killpg(fleet.replicas[victim.id].proc.pid, signal.SIGSTOP)  # preempted: the VM is gone
+    source.queue.append(
+        PreemptionEvent(Signal.GONE, clock(), "fake", replica_id=victim.id, reason="preempted")
+    )
+    ctl.tick()
+    assert victim.id not in {pair[0] for pair in ctl.state.extra["routed"]}
+    results = clients.join()
+    assert len(results) == 4
+    assert all(r[0] == 200 and r[1] != victim.id and r[2] == TOKENS for r in results), results
+    assert max(r[3] for r in results) < 10, results
+    assert any(f"to gone {victim.id}: requests retried" in n.text for n in ctl.notes), [
+        n.text for n in ctl.notes
+    ]
+
+
+@pytest.mark.skipif(sys.byteorder != "little", reason="/proc/net/tcp spells addresses in host order")
+@pytest.mark.parametrize(
+    ("raw", "peer"),
+    [
+        ("0100007F:1F90", ("127.0.0.1", 8080)),
+        ("0500000A:0050", ("10.0.0.5", 80)),
+        ("00000000000000000000000001000000:1F40", ("::1", 8000)),
+        ("0000000000000000FFFF00000500000A:1F40", ("10.0.0.5", 8000)),  # IPv4-mapped: as IPv4
+    ],
+)
+def test_proc_net_tcp_addresses_are_read_as_the_endpoints_spell_them(raw, peer):
+    assert nginx_proc._peer(raw) == peer
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "peers"),
+    [
+        ("http://127.0.0.1:8081", {("127.0.0.1", 8081)}),
+        ("http://10.0.0.7", {("10.0.0.7", 80)}),
+        ("https://10.0.0.7", {("10.0.0.7", 443)}),
+        ("http://[::1]:9000", {("::1", 9000)}),
+        ("http://10.0.0.7:99999", set()),
+    ],
+)
+def test_a_replicas_endpoint_names_the_address_and_port_nginx_connected_to(
+    endpoint: str, peers: set[tuple[str, int]]
+) -> None:
+    assert _peers(endpoint) == peers
