@@ -365,6 +365,23 @@ def _state_doc(text: str) -> dict[str, Any] | None:
     return doc if isinstance(serial, int) and not isinstance(serial, bool) else None
 
 
+def _same_serial_other_state(current: dict[str, Any], saved: dict[str, Any]) -> bool:
+    """True when `saved` (errored.tfstate) carries the serial of the state in place but other
+    content: the state Terraform could not save when the write that failed was its first of the
+    run, the `.backup` copy it makes before it counts the serial up (measured: a full disk with
+    room for the lock file alone; errored.tfstate held the two replicas that apply launched, at
+    the serial of the state before it). `terraform state push` takes an equal serial too; once
+    pushed (or saved by a later run) the serial in place is higher, so an equal one with other
+    content is always the state before the apply that could not be saved."""
+    if current["serial"] != saved["serial"]:
+        return False
+
+    def content(doc: dict[str, Any]) -> dict[str, Any]:
+        return {key: value for key, value in doc.items() if key != "terraform_version"}
+
+    return content(current) != content(saved)
+
+
 def restore_errored_state(root: TerraformRoot) -> str | None:
     """Put back the state Terraform could not save at its last run; returns what was done.
 
@@ -407,7 +424,7 @@ def restore_errored_state(root: TerraformRoot) -> str | None:
             "state (their lineage differs): keep the one that tracks what runs and remove the other",
             root=root.name,
         )
-    newer = current is None or current["serial"] < doc["serial"]
+    newer = current is None or current["serial"] < doc["serial"] or _same_serial_other_state(current, doc)
     try:
         # written, not renamed: the tree and the state may be on two file systems
         for target in (path, kept) if newer else (kept,):
@@ -510,9 +527,19 @@ def local_state_problem(root: TerraformRoot) -> str | None:
     try:
         json.loads(text)
     except ValueError as exc:
+        backup = path.with_name(path.name + ".backup")
+        if not backup.exists():
+            # a full disk cut the first save of a new root: there is no backup, and pointing at
+            # one sent the operator looking for a file that never was
+            return (
+                f"{root.name}: Terraform's state {path} is not valid JSON ({exc}) and there is no "
+                f"{backup.name} to restore it from (a root's first save cut short, e.g. by a full disk, "
+                "leaves none); remove it only if nothing it tracked still runs (the next apply "
+                "launches its replicas again)"
+            )
         return (
             f"{root.name}: Terraform's state {path} is not valid JSON ({exc}); restore it from "
-            f"{path}.backup if that is intact (it is the state before the last Terraform run: replicas "
+            f"{backup} if that is intact (it is the state before the last Terraform run: replicas "
             "that run launched are then launched again), or remove it only if nothing it tracked still runs"
         )
     return None

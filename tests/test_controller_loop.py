@@ -1339,6 +1339,31 @@ def test_the_watcher_has_the_routers_logs_rotated_about_once_a_minute(world, mon
     assert world["router"].rotations == 3
 
 
+def test_a_full_disk_failing_every_pass_still_has_the_logs_rotated(world, monkeypatch):
+    """On a full disk every pass failed at its write of state.json, before its housekeeping:
+    the logs it rotates (nginx's, a local replica's), often what filled the disk, grew on and
+    the disk stayed full. The housekeeping now runs after a failed pass too."""
+    import skyhedge.controller.loop as loop
+    from skyhedge.errors import StateError
+
+    world["router"] = RotatingRouter()
+    ctl = make(world)
+    settle(ctl, world["clock"])
+    assert world["router"].rotations == 1
+
+    def full(state_dir, state):
+        raise StateError(f"{state_dir}: cannot write the state dir (No space left on device)")
+
+    monkeypatch.setattr(loop, "save_state", full)
+    monkeypatch.setattr(loop, "HOUSEKEEP_SECONDS", 0.0)
+    for victim in sorted(ctl.state.live(), key=lambda r: r.id)[:2]:
+        preempt(world["source"], world["clock"], victim)
+        with pytest.raises(StateError, match="No space left on device"):
+            ctl.tick()
+        world["clock"].advance(1)
+    assert world["router"].rotations == 3
+
+
 class ForgettingSource(FakeSource):
     def __init__(self) -> None:
         super().__init__()

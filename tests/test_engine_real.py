@@ -12,6 +12,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from disk_support import fill, small_fs
 
 from skyhedge.engine import Terraform, TerraformRoot, run_parallel
 from skyhedge.errors import EngineError, InsufficientCapacity
@@ -276,6 +277,60 @@ def test_the_state_terraform_could_not_save_is_put_back_before_it_runs_again(eng
         f"full: Terraform could not save its state at an earlier run and wrote it to {errored}; "
         f"restored {state} from it (kept as {kept})"
     ) in caplog.text
+
+
+def test_a_state_terraform_could_not_save_at_its_first_write_is_put_back(engine, tmp_path, caplog):
+    """A disk too full for the `.backup` copy Terraform writes before it counts the serial up:
+    errored.tfstate holds what the apply launched at the serial of the state before it. It was
+    taken for "no newer" than that state and set aside, and the next apply launched those
+    replicas again (measured on the local example: r-0020 and r-0021 restarted under new pids)."""
+    root = make_root(tmp_path, "full", {"r-0001": False, "r-0002": False}, backend=True)
+    with small_fs(tmp_path / "state"):
+        assert engine.apply(root).ok
+        state = tmp_path / "state" / "full.tfstate"
+        before = state.read_text()
+        filler = fill(state.parent, leave=4096)  # room for Terraform's lock file, not the backup
+        make_root(tmp_path, "full", {"r-0001": False, "r-0002": False, "r-0003": False}, backend=True)
+        with pytest.raises(EngineError, match="failed to write to local state backup file"):
+            engine.apply(root)
+        filler.unlink()
+        plan = engine.plan(root)  # (the failed apply's refresh of its outputs may have put it back)
+        assert not plan.changes, [c.replica_id for c in plan.changes]  # (its outputs may be stale)
+        instances = json.loads(state.read_text())["resources"][0]["instances"]
+        assert sorted(i["index_key"] for i in instances) == ["r-0001", "r-0002", "r-0003"]
+        kept = json.loads(state.with_name("full.tfstate.errored").read_text())
+        assert kept["serial"] == json.loads(before)["serial"]  # the case: no higher than the state before
+        assert f"restored {state} from it" in caplog.text
+
+
+def test_an_unsaved_state_at_the_serial_in_place_is_put_back_unless_it_is_the_same(engine, tmp_path):
+    """What the full-disk test above makes, without a mount: errored.tfstate at the serial of
+    the state in place, holding more. The same state at the same serial is only moved aside."""
+    root, state, two, three = _failed_save(engine, tmp_path, "equal")
+    unsaved = json.loads(three)
+    unsaved["serial"] = json.loads(two)["serial"]
+    state.write_text(two)
+    (root.path / "errored.tfstate").write_text(json.dumps(unsaved))
+    assert not engine.plan(root).changes  # r-0003 is known: not launched again
+    assert json.loads(state.read_text())["resources"] == unsaved["resources"]
+    (root.path / "errored.tfstate").write_text(state.read_text())  # pushed by hand already
+    before = state.read_text()
+    assert not engine.plan(root).changes and state.read_text() == before
+
+
+def test_a_first_state_cut_short_without_a_backup_names_no_backup_to_restore(engine, tmp_path):
+    """A disk full at a new root's first apply cut its state at 4096 bytes, with no `.backup`
+    (Terraform keeps one of a state it read) and an empty errored.tfstate (the tree on the same
+    disk): the error said to restore the state from a `.backup` that never existed."""
+    root = make_root(tmp_path, "first", {"r-0001": False}, backend=True)
+    assert engine.apply(root).ok
+    state = tmp_path / "state" / "first.tfstate"
+    state.with_name("first.tfstate.backup").unlink(missing_ok=True)
+    state.write_text(state.read_text()[:100])
+    with pytest.raises(EngineError) as exc:
+        engine.plan(root)
+    assert "there is no first.tfstate.backup to restore it from" in str(exc.value)
+    assert "if that is intact" not in str(exc.value)
 
 
 def test_a_state_terraform_could_not_save_is_never_put_over_a_newer_or_another_state(engine, tmp_path):

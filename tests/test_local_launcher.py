@@ -379,6 +379,34 @@ def test_a_log_or_pid_file_another_account_made_is_not_used_and_a_restart_append
         victim.wait()
 
 
+@pytest.mark.parametrize("room", ["made by the old generation", "none"])
+def test_rotation_on_a_disk_the_logs_filled_frees_it(tmp_path, room):
+    """The copy to `<id>.log.1` needs as much room again as the log: on a disk full of logs it
+    failed (ENOSPC) before the truncation, and the disk stayed full. The old generation goes
+    first; with no room even then, the log is truncated uncopied: lines lost, the disk freed."""
+    from disk_support import fill, small_fs
+
+    from skyhedge.clouds.local.processes import rotate_logs
+
+    with small_fs(tmp_path / "runtime", size="512k") as runtime:
+        replicas = runtime / "replicas"
+        replicas.mkdir()
+        log, old = replicas / "r-0001.log", replicas / "r-0001.log.1"
+        log.write_bytes(b"new\n" * 25_000)  # 100 KB
+        old.write_bytes(b"old\n" * (25_000 if room == "made by the old generation" else 1))
+        filler = fill(runtime)
+        try:
+            assert rotate_logs(runtime, max_bytes=50_000) == ["r-0001"]
+        finally:
+            filler.unlink()
+        assert log.stat().st_size == 0
+        if room == "none":
+            assert not old.exists()
+        else:
+            assert old.read_bytes() == b"new\n" * 25_000
+        assert sorted(p.name for p in replicas.iterdir()) == sorted(p.name for p in (log, old) if p.exists())
+
+
 def test_escape_sequences_a_failed_replica_printed_reach_the_error_escaped(runtime, tmp_path):
     """The log tail in a failed launch's error reaches the operator's terminal (apply's error,
     the watcher's log line, the dashboard): what the replica printed may not retitle, clear or

@@ -18,13 +18,14 @@ ECHO_MODEL_NAME (default "local-echo"), ECHO_MODEL_SEED (default seed, 0),
 ECHO_TOKEN_DELAY (seconds per generated token, default 0: simulates a slow model),
 ECHO_STARTUP_DELAY (seconds /health answers 503 "loading", default 0),
 ECHO_DRAIN_SECONDS (on SIGTERM, how long in-flight requests may finish, default 10),
-ECHO_ACCESS_LOG (1 to log every request to stderr).
+ECHO_ACCESS_LOG (1 to log every request to stderr; a line the disk refuses is dropped).
 
 SIGTERM/SIGINT: stop accepting, let in-flight requests finish (bounded), exit 0.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -50,6 +51,13 @@ def _env_float(name: str, default: float) -> float:
         return float(os.environ.get(name, default))
     except ValueError:
         sys.exit(f"local-echo: {name} must be a number, got {os.environ[name]!r}")
+
+
+def say(line: str) -> None:
+    """A line on stderr, or none where it cannot be written (its disk full): a lost log line must
+    not stop the server, nor make a clean stop exit non-zero."""
+    with contextlib.suppress(OSError):
+        print(line, file=sys.stderr, flush=True)
 
 
 def tokenize(text: str) -> list[str]:
@@ -192,7 +200,10 @@ class EchoHandler(BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (stdlib signature)
         if self.server.access_log:
-            super().log_message(format, *args)
+            # stderr is the replica's log on the state dir's disk: on a full disk the write raised
+            # and every request went unanswered, for a log line
+            with contextlib.suppress(OSError):
+                super().log_message(format, *args)
 
     def _common_headers(self) -> None:
         if self.server.replica_id:
@@ -405,19 +416,15 @@ def main() -> int:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    print(
+    say(
         f"local-echo: serving {httpd.model_name} on http://{host}:{port} "
-        f"(replica {httpd.replica_id or '-'}, pid {os.getpid()})",
-        file=sys.stderr,
-        flush=True,
+        f"(replica {httpd.replica_id or '-'}, pid {os.getpid()})"
     )
     httpd.serve_forever(poll_interval=0.2)
     httpd.socket.close()  # refuse new connections at once while in-flight requests finish
     finished = httpd.wait_idle(drain_seconds)
     httpd.server_close()
-    print(
-        f"local-echo: stopped ({'drained' if finished else 'drain timed out'})", file=sys.stderr, flush=True
-    )
+    say(f"local-echo: stopped ({'drained' if finished else 'drain timed out'})")
     return 0
 
 

@@ -545,7 +545,21 @@ class Controller:
     # -- the tick --------------------------------------------------------------------------------
 
     def tick(self) -> float:
-        """One reconcile pass; returns how long to wait before the next (unless woken)."""
+        """One reconcile pass; returns how long to wait before the next (unless woken).
+
+        The housekeeping runs whether the pass succeeds or fails: on a full disk every pass
+        failed at its first write of state.json, before it, so the logs it rotates and prunes
+        (nginx's, the local replicas') were never rotated or pruned again, and the disk they
+        filled stayed full."""
+        try:
+            delay = self._pass()
+        except Exception:
+            self._housekeep()
+            raise
+        self._housekeep()
+        return delay
+
+    def _pass(self) -> float:
         now = self.clock()
         self._follow_clock(now)
         self.ticks += 1
@@ -639,7 +653,6 @@ class Controller:
         self._refresh = False
         self._route()
         self.save()
-        self._housekeep()
         finish = getattr(self.executor, "finish", None)  # GitOps: commit with the state just saved
         commit_failed: SkyhedgeError | None = None
         if finish is not None:

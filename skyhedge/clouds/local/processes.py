@@ -571,7 +571,9 @@ def rotate_logs(runtime_dir: Path, max_bytes: int = LOG_ROTATE_BYTES) -> list[st
     before), then truncated in place, since the replica's process keeps writing to the file it
     was started with (appending: its next line lands at the new start). A chatty server running
     for weeks filled the disk. Lines written between the copy and the truncation are lost, as
-    with logrotate's copytruncate. Returns the IDs rotated."""
+    with logrotate's copytruncate; on a disk too full for the copy, the old `.1` goes first, and
+    if that is not room enough the log is truncated uncopied (`_copy_keeping_room`). Returns the
+    IDs rotated."""
     try:
         dir_fd = open_replicas_dir(runtime_dir)
     except OSError:  # none yet, or refused: `skyhedge logs` says why
@@ -587,7 +589,7 @@ def rotate_logs(runtime_dir: Path, max_bytes: int = LOG_ROTATE_BYTES) -> list[st
             try:
                 if os.fstat(fd).st_size <= max_bytes:
                     continue
-                _write_whole_at(dir_fd, f"{name}.1", lambda out, fd=fd: _copy_whole(fd, out), shown)
+                _copy_keeping_room(dir_fd, f"{name}.1", fd, shown)
                 os.ftruncate(fd, 0)
             except FileNotFoundError:
                 continue
@@ -597,6 +599,27 @@ def rotate_logs(runtime_dir: Path, max_bytes: int = LOG_ROTATE_BYTES) -> list[st
     finally:
         os.close(dir_fd)
     return sorted(rotated)
+
+
+_NO_ROOM = (errno.ENOSPC, errno.EDQUOT)
+
+
+def _copy_keeping_room(dir_fd: int, name: str, src: int, shown: Path) -> None:
+    """Copy the log open at `src` to `name` (`<id>.log.1`) in the folder open at `dir_fd`, on a
+    disk too full for it (often full of these very logs) after dropping the generation `name`
+    holds; failing that too, no copy: the log is truncated with its lines lost. Before, the
+    copy's ENOSPC stopped the rotation before the truncation, so a disk the logs filled stayed
+    full, and every launch and state write of the watcher failed with it."""
+    for attempt in range(2):
+        try:
+            _write_whole_at(dir_fd, name, lambda out: _copy_whole(src, out), shown)
+            return
+        except OSError as exc:
+            if exc.errno not in _NO_ROOM:
+                raise
+        if attempt == 0:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(name, dir_fd=dir_fd)
 
 
 def _copy_whole(src: int, out: IO[bytes]) -> None:
