@@ -2,8 +2,10 @@
 against `skyhedge up` on the local cloud, with events injected, counted per second.
 
     python benchmarks/traffic_bench.py [--rate 40] [--phase 20] [--token-delay 0.005]
-                                       [--scenarios kill,vanish,scaledown,hang,http500,rollout]
-                                       [--client-timeout 30] [--keep-log FILE]
+                                       [--scenarios kill,vanish,scaledown,hang,http500,rollout,ramp]
+                                       [--client-timeout 30] [--keep-log FILE] [--target-qps 10]
+                                       [--upscale-delay 10] [--downscale-delay 30] [--ramp-hold 60]
+                                       [--near-hold 300]
 
 A load generator (open loop: `--rate` POSTs to /v1/completions per second, whatever the
 latency; a third of the clients open a connection per request, a third keep it alive and reuse
@@ -26,6 +28,12 @@ client retries anything) runs through the whole run, and these happen in turn, `
              2 -> 3 -> 2, an invalid edit (refused), load_balancing_policy (an nginx reload), a
              run.command that never listens for a minute, then reverted; prints how long each
              took and the lowest READY count `skyhedge status --json` showed per phase
+  ramp       (only when named) `skyhedge up --metrics-port` of an autoscaled local service (1-3
+             replicas, `--target-qps` per replica, Poisson arrivals): 0.5x the target rate,
+             a step to 2.5x, an nginx reload and a watcher restart under it, 2.0x (right at a
+             threshold) for `--near-hold` seconds, a drop to 0.5x, then target_qps_per_replica
+             divided by 5 and max_replicas 3 -> 2 edited; prints how long each move took (from
+             /metrics, scraped twice a second), the targets seen, and the watcher's autoscaler lines
 
 Printed: one row per second (ok, 5xx by code, connection resets/refusals, client timeouts,
 latency p50/p99 of the requests sent in that second, what happened), then totals per phase.
@@ -40,8 +48,10 @@ import http.client
 import json
 import os
 import queue
+import random
 import select
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -57,7 +67,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
-from _argtypes import positive  # noqa: E402
+from _argtypes import at_least, positive  # noqa: E402
 from routing_support import (  # noqa: E402
     Fleet,
     free_port,
@@ -93,6 +103,7 @@ class Load:
     rate: float
     threads: int = 48
     timeout: float = CLIENT_TIMEOUT
+    poisson: bool = False  # arrivals at random (exponential gaps), as independent clients make them
     samples: list[Sample] = field(default_factory=list)
     _todo: queue.Queue[float | None] = field(default_factory=queue.Queue)
     _stop: threading.Event = field(default_factory=threading.Event)
@@ -116,11 +127,12 @@ class Load:
             t.join(timeout=self.timeout + 5)
 
     def _tick(self) -> None:
-        step = 1.0 / self.rate
         at = time.monotonic()
+        rnd = random.Random(7)
         while not self._stop.is_set():
             self._todo.put(time.time())
-            at += step
+            # `rate` is read each time: the ramp scenario changes it under way
+            at += rnd.expovariate(self.rate) if self.poisson else 1.0 / self.rate
             time.sleep(max(0.0, at - time.monotonic()))
 
     def _client(self, kind: str) -> None:
@@ -305,8 +317,8 @@ def _router_down(spec_path: Path, sdir: Path) -> None:
         teardown_router(Router(load_spec(spec_path), sdir))
 
 
-def routed(sdir: Path) -> list[str]:
-    return [p[0] for p in load_state(sdir, "traffic").extra.get("routed") or []]
+def routed(sdir: Path, name: str = "traffic") -> list[str]:
+    return [p[0] for p in load_state(sdir, name).extra.get("routed") or []]
 
 
 def replica_pgid(sdir: Path, rid: str) -> int:
@@ -641,6 +653,240 @@ def _outdated(spec_path: Path, sdir: Path) -> list[str]:
     return outdated_replicas(spec, load_state(sdir, spec.name))
 
 
+# ---- the ramp scenario: the request-rate autoscaler under a load that steps up and down -------
+
+RAMP_SPEC = """\
+name: ramp
+placement: {{clouds: [local], zones: [local-a, local-b, local-c]}}
+resources: {{local_base_port: {base}}}
+replica_policy:
+  min_replicas: 1
+  max_replicas: 3
+  target_qps_per_replica: {tq}
+  upscale_delay_seconds: {up}
+  downscale_delay_seconds: {down}
+  num_overprovision: 0
+  policy: spothedge
+readiness_probe: {{path: /health, initial_delay_seconds: 30, timeout_seconds: 2}}
+service: {{port: {port}, load_balancing_policy: least_load}}
+run:
+  command: {python} {server}
+  env: {{ECHO_TOKEN_DELAY: "{delay}"}}
+"""
+
+
+@dataclass
+class MetricsPoller:
+    """Scrapes the watcher's /metrics twice a second: the live request rate, the target and the
+    READY count (what a dashboard sees; the state file holds the rate only once a minute)."""
+
+    port: int
+    rows: list[tuple[float, float | None, int | None, int | None]] = field(default_factory=list)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    def _poll(self) -> None:
+        while not self._stop.is_set():
+            at = time.time()
+            values: dict[str, float] = {}
+            with contextlib.suppress(OSError, http.client.HTTPException, ValueError):
+                conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=2)
+                conn.request("GET", "/metrics")
+                for line in conn.getresponse().read().decode().splitlines():
+                    name, _, value = line.partition(" ")
+                    if name in ("skyhedge_requests_per_second", "skyhedge_target_replicas"):
+                        values[name] = float(value)
+                    elif name.startswith("skyhedge_replicas{") and 'state="READY"' in name:
+                        values["ready"] = values.get("ready", 0) + float(value)
+                conn.close()
+            target = values.get("skyhedge_target_replicas")
+            ready = values.get("ready")
+            self.rows.append(
+                (
+                    at,
+                    values.get("skyhedge_requests_per_second"),
+                    None if target is None else int(target),
+                    None if ready is None else int(ready),
+                )
+            )
+            self._stop.wait(0.5)
+
+    def first(
+        self, since: float, pred: Callable[[float | None, int | None, int | None], bool]
+    ) -> float | None:
+        for at, qps, target, ready in self.rows:
+            if at >= since and pred(qps, target, ready):
+                return at - since
+        return None
+
+    def targets(self, start: float, end: float) -> list[int]:
+        """The distinct targets seen in [start, end), in order (a change each time it moved)."""
+        out: list[int] = []
+        for at, _, target, _ in self.rows:
+            if start <= at < end and target is not None and (not out or out[-1] != target):
+                out.append(target)
+        return out
+
+    def qps_range(self, start: float, end: float) -> tuple[float, float] | None:
+        seen = [q for at, q, _, _ in self.rows if start <= at < end and q is not None]
+        return (min(seen), max(seen)) if seen else None
+
+
+def free_port_below(top: int) -> int:
+    """A free port under `top`: the watcher refuses a metrics port in the replicas' range."""
+    for port in range(top - 1, top - 100, -1):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise SystemExit(f"traffic_bench.py: error: no free port below {top}")
+
+
+def run_ramp(args: argparse.Namespace) -> None:
+    """`skyhedge up` of a 1-3 replica autoscaled local service under a load that steps up, holds
+    through an nginx reload and a watcher restart, hovers at a threshold, drops, and then has its
+    autoscaling fields edited. Prints per phase how long the autoscaler took and what it chose."""
+    tq = args.target_qps
+    with tempfile.TemporaryDirectory(prefix="skyhedge-ramp-") as tmpname:
+        tmp = Path(tmpname)
+        base = free_port() % 5000 + 25000
+        port, mport = free_port_below(base), free_port_below(base - 100)
+        spec_path = tmp / "service.yaml"
+        spec_path.write_text(
+            RAMP_SPEC.format(
+                base=base,
+                port=port,
+                tq=tq,
+                up=args.upscale_delay,
+                down=args.downscale_delay,
+                python=sys.executable,
+                server=REPO / "examples/local-echo/server.py",
+                delay=args.token_delay,
+            )
+        )
+        sdir = tmp / "state"
+        env = dict(os.environ, PYTHONPATH=str(REPO))
+        log_path = tmp / "up.log"
+        argv = [sys.executable, "-m", "skyhedge", "up", str(spec_path), "--state-dir", str(sdir)]
+        argv += ["--no-dashboard", "--metrics-port", str(mport)]
+
+        def start_up() -> tuple[subprocess.Popen, Any]:
+            log = open(log_path, "ab")  # noqa: SIM115
+            proc = subprocess.Popen(
+                argv, cwd=tmp, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
+            return proc, log
+
+        up, log = start_up()
+        poller = MetricsPoller(mport)
+        load = Load("127.0.0.1", port, 0.5 * tq, poisson=True)
+        marks: list[tuple[float, str]] = []
+        took: list[tuple[str, str]] = []
+        t0 = time.time()
+
+        def phase(name: str, rate: float | None = None) -> float:
+            if rate is not None:
+                load.rate = rate
+            at = time.time()
+            marks.append((at, f"phase {name}"))
+            return at
+
+        def until(
+            what: str,
+            pred: Callable[[float | None, int | None, int | None], bool],
+            since: float,
+            timeout: float = 300,
+        ) -> float | None:
+            deadline = time.time() + timeout
+            while time.time() < deadline:
+                row = poller.rows[-1] if poller.rows else None
+                if row is not None and row[0] >= since and pred(*row[1:]):
+                    took.append((what, f"{row[0] - since:.1f} s"))
+                    return row[0] - since
+                time.sleep(0.2)
+            took.append((what, f"not within {timeout:.0f} s"))
+            return None
+
+        hold = args.ramp_hold
+        try:
+            wait_for(lambda: len(routed(sdir, "ramp")) >= 1, 120, "1 routed replica")
+            poller.start()
+            load.start()
+            at = phase("low", 0.5 * tq)
+            until("low: rate measured", lambda q, t, r: q is not None and q > 0.3 * tq, at)
+            time.sleep(hold)
+            at = phase("step", 2.5 * tq)
+            until("step 0.5->2.5 x target: target 3", lambda q, t, r: t == 3, at)
+            until("step 0.5->2.5 x target: 3 READY", lambda q, t, r: r == 3, at)
+            time.sleep(hold / 2)
+            at = phase("reload")
+            _edit(spec_path, "load_balancing_policy: least_load", "load_balancing_policy: round_robin")
+            time.sleep(hold / 2)
+            rng = poller.qps_range(at, time.time())
+            took.append(("reload: req/s seen", f"{rng}, targets {poller.targets(at, time.time())}"))
+            at = phase("restart")
+            up.send_signal(signal.SIGINT)
+            up.wait(timeout=60)
+            log.close()
+            up, log = start_up()
+            until("restart: metrics back", lambda q, t, r: t is not None, at, 60)
+            time.sleep(hold / 2)
+            rng = poller.qps_range(at, time.time())
+            took.append(("restart: req/s seen", f"{rng}, targets {poller.targets(at, time.time())}"))
+            at = phase("near", 2.0 * tq)  # a steady load right at the 2-replica threshold
+            time.sleep(args.near_hold)
+            seen = poller.targets(at, time.time())
+            took.append((f"near: 2 x target for {args.near_hold:g} s: targets", f"{seen}"))
+            took.append(("near: target changes", f"{len(seen) - 1}"))
+            at = phase("drop", 0.5 * tq)
+            until("drop 2->0.5 x target: target 1", lambda q, t, r: t == 1, at)
+            until("drop: 1 READY", lambda q, t, r: r == 1, at)
+            time.sleep(hold / 2)
+            at = phase("edit")
+            _edit(spec_path, f"target_qps_per_replica: {tq}", f"target_qps_per_replica: {tq / 5:g}")
+            until("edit target_qps_per_replica /5 (rate 0.5 x old): target 3", lambda q, t, r: t == 3, at)
+            until("edit: 3 READY", lambda q, t, r: r == 3, at)
+            at = phase("edit-max")
+            _edit(spec_path, "max_replicas: 3", "max_replicas: 2")
+            until("edit max_replicas 3->2: target 2", lambda q, t, r: t == 2, at, 60)
+            until("edit-max: 2 READY", lambda q, t, r: r == 2, at, 120)
+            time.sleep(hold / 4)
+            marks.append((time.time(), "phase end"))
+        finally:
+            load.stop()
+            poller.stop()
+            stop_and_destroy(up, log, spec_path, sdir, tmp, env, wait=60, destroy_timeout=180)
+            _router_down(spec_path, sdir)
+            kill_all(runtime_dir(sdir))
+            lines = [ln for ln in log_path.read_text(errors="replace").splitlines() if "autoscaler" in ln]
+            if args.keep_log:
+                Path(args.keep_log).write_bytes(log_path.read_bytes())
+        marks += history_marks(sdir, t0, "ramp") if sdir.exists() else []
+        marks.sort()
+        report(load.samples, marks, t0)
+        print()
+        print(
+            f"autoscaler (target_qps_per_replica {tq:g}, upscale {args.upscale_delay} s, "
+            f"downscale {args.downscale_delay} s):"
+        )
+        for what, value in took:
+            print(f"  {what:<58} {value}")
+        print("watcher log, autoscaler lines:")
+        for ln in lines[:60]:
+            print("  " + ln[:200])
+
+
 def run_http500(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory(prefix="skyhedge-traffic-") as tmpname:
         tmp = Path(tmpname)
@@ -675,10 +921,19 @@ def main() -> None:
         "--client-timeout", type=positive, default=CLIENT_TIMEOUT, help="seconds a client waits for an answer"
     )
     parser.add_argument("--scenarios", default="kill,vanish,scaledown,hang,http500")
-    parser.add_argument("--keep-log", metavar="FILE", help="rollout: copy the watcher's log here")
+    parser.add_argument("--keep-log", metavar="FILE", help="rollout, ramp: copy the watcher's log here")
+    parser.add_argument("--target-qps", type=positive, default=10, help="ramp: target_qps_per_replica")
+    parser.add_argument("--upscale-delay", type=at_least(0), default=10, help="ramp: upscale_delay_seconds")
+    parser.add_argument(
+        "--downscale-delay", type=at_least(0), default=30, help="ramp: downscale_delay_seconds"
+    )
+    parser.add_argument("--ramp-hold", type=positive, default=60, help="ramp: seconds each level is held")
+    parser.add_argument(
+        "--near-hold", type=positive, default=300, help="ramp: seconds of a load at a threshold"
+    )
     args = parser.parse_args()
     scenarios = [s for s in args.scenarios.split(",") if s]
-    unknown = set(scenarios) - {"kill", "vanish", "scaledown", "hang", "http500", "rollout"}
+    unknown = set(scenarios) - {"kill", "vanish", "scaledown", "hang", "http500", "rollout", "ramp"}
     if unknown:
         parser.error(f"argument --scenarios: unknown {', '.join(sorted(unknown))}")
     if set(scenarios) & {"kill", "vanish", "scaledown", "hang"}:
@@ -687,6 +942,9 @@ def main() -> None:
     if "rollout" in scenarios:
         print("\n== rollout run: skyhedge up on examples/local-echo, spec edited under load ==")
         run_rollout(args)
+    if "ramp" in scenarios:
+        print("\n== ramp run: skyhedge up, autoscaled 1-3 local replicas, load stepped up and down ==")
+        run_ramp(args)
     if "http500" in scenarios:
         print("\n== router run: 2 local-echo replicas + 1 answering 500 ==")
         run_http500(args)

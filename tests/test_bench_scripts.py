@@ -39,6 +39,8 @@ def bench(tmp_path: Path, script: str, *args: str, timeout: float = 60) -> subpr
         ("probe_bench.py", ["--timeout", "0"]),
         ("traffic_bench.py", ["--rate", "0"]),
         ("traffic_bench.py", ["--scenarios", "kill,nap"]),
+        ("traffic_bench.py", ["--scenarios", "ramp", "--target-qps", "0"]),
+        ("traffic_bench.py", ["--scenarios", "ramp", "--downscale-delay", "-1"]),
         ("simulate_bench.py", ["--repeats", "0"]),
         ("simulate_bench.py", ["--optimal-windows", "-1"]),
         ("policy_subsets.py", [".", "--seeds", "x"]),

@@ -529,3 +529,36 @@ def test_what_the_counters_remember_per_replica_stays_bounded_by_the_state(ctl):
     assert len(metrics._provisioned) <= len(ctl.state.replicas) < 10
     ctl.tick()
     assert total(parse(metrics.text()), "skyhedge_launches_total") == launched  # nothing counted twice
+
+
+def test_a_wish_of_the_autoscaler_waiting_out_its_delay_is_a_series(tmp_path, write_spec):
+    """The target the rate asks for, beside the target: a scrape shows a change coming (it was in
+    the log and `status` only), and none at all without autoscaling."""
+    spec = SPEC.replace(
+        "replica_policy: {min_replicas: 2, num_overprovision: 1, policy: spothedge}",
+        "replica_policy: {min_replicas: 1, max_replicas: 4, target_qps_per_replica: 10, "
+        "upscale_delay_seconds: 30, num_overprovision: 0, policy: spothedge}",
+    )
+    ctl = fake_controller(load_spec(write_spec(spec)), tmp_path / "state")
+    metrics = Metrics()
+    metrics.watch(ctl)
+    router = ctl.router
+    for _ in range(8):  # a full window at 5 req/s
+        ctl.tick()
+        ctl.clock.advance(10)  # type: ignore[attr-defined]
+        router.count += 50  # type: ignore[union-attr]
+    samples = parse(metrics.text())
+    assert value(samples, "skyhedge_target_replicas") == 1
+    assert value(samples, "skyhedge_autoscaler_wanted_replicas") == 1
+    for _ in range(3):  # 35 req/s: 4 replicas wanted, waiting out upscale_delay_seconds
+        router.count += 350  # type: ignore[union-attr]
+        ctl.clock.advance(10)  # type: ignore[attr-defined]
+        ctl.tick()
+    samples = parse(metrics.text())
+    assert value(samples, "skyhedge_target_replicas") == 1
+    assert value(samples, "skyhedge_autoscaler_wanted_replicas") > 1
+    plain = fake_controller(load_spec(write_spec(SPEC, "plain.yaml")), tmp_path / "plain")
+    metrics = Metrics()
+    metrics.watch(plain)
+    plain.tick()
+    assert "skyhedge_autoscaler_wanted_replicas" not in metrics.text()

@@ -337,11 +337,24 @@ class Metrics:
                     "1 while the spec file's last reload was refused or failed (the watcher runs the "
                     "spec it read before).",
                 ).add(1 if self._reload_outcome() in ("refused", "failed") else 0)
-            qps = (state.extra.get("autoscaler") or {}).get("qps")
+            scaler = state.extra.get("autoscaler") or {}
+            qps = scaler.get("qps")
             if isinstance(qps, (int, float)) and not isinstance(qps, bool):
                 family(
                     "skyhedge_requests_per_second", "gauge", "Client requests per second through the router."
                 ).add(float(qps))
+            if ctl.scaler.enabled:
+                # a wish waiting out its delay (up to downscale_delay_seconds: 20 minutes by
+                # default) was in the log and `status` only: a dashboard saw the target move
+                # without warning, and could not tell a target held at max_replicas from one at rest
+                pending = scaler.get("pending")
+                wanted = pending if isinstance(pending, int) and not isinstance(pending, bool) else target
+                family(
+                    "skyhedge_autoscaler_wanted_replicas",
+                    "gauge",
+                    "The target the request rate asks for; differs from skyhedge_target_replicas while "
+                    "the change waits out upscale_delay_seconds or downscale_delay_seconds.",
+                ).add(wanted)
             marked = {str(k) for k in ((state.policy_memory.get("memory") or {}).get("preempted") or [])}
             zones = family(
                 "skyhedge_zone_marked_preempted",
