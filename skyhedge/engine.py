@@ -370,9 +370,11 @@ def _same_serial_other_state(current: dict[str, Any], saved: dict[str, Any]) -> 
     content: the state Terraform could not save when the write that failed was its first of the
     run, the `.backup` copy it makes before it counts the serial up (measured: a full disk with
     room for the lock file alone; errored.tfstate held the two replicas that apply launched, at
-    the serial of the state before it). `terraform state push` takes an equal serial too; once
-    pushed (or saved by a later run) the serial in place is higher, so an equal one with other
-    content is always the state before the apply that could not be saved."""
+    the serial of the state before it). Terraform never writes other content at a serial it
+    read (a changed state counts the serial up; `terraform state push` refuses an equal serial
+    with other content, and `-force` counts it up past it: measured with 1.11.4), so once saved
+    by a later run or pushed the serial in place is higher: an equal one with other content is
+    always the state before the apply that could not be saved."""
     if current["serial"] != saved["serial"]:
         return False
 

@@ -1127,6 +1127,33 @@ def test_a_preempted_replicas_connections_are_cut_once_it_is_out_of_the_router(w
     assert router.severed == [victim.endpoint]
 
 
+def test_a_gone_replicas_endpoint_another_live_replica_has_now_is_never_cut(world):
+    """A replica preempted while routing failed stays in nginx's config; its address and port may
+    go to a replica launched meanwhile (a cloud's private IP handed out again, a local port
+    wrapped around), which then answers what nginx still sends there. When routing recovers,
+    the gone replica leaves the router and its endpoint was cut: the connections of the live
+    replica that has it now, requests in flight on a healthy machine. An endpoint a live
+    replica has is never cut."""
+    router = DrainingRouter()
+    world["router"] = router
+    ctl, clock, src = make(world), world["clock"], world["source"]
+    settle(ctl, clock)
+    victim = next(r for r in ctl.state.live() if r.zone == "local-a")
+    before = {r.id for r in ctl.state.live()}
+    preempt(src, clock, victim)
+    router.unwritable = 10  # every routing of the pass fails: the victim stays routed
+    ctl.tick()
+    router.unwritable = 0
+    assert victim.id in {pair[0] for pair in ctl.state.extra["routed"]}
+    newcomer = next(r for r in ctl.state.live() if r.id not in before)
+    newcomer.endpoint, newcomer.ready_at = victim.endpoint, None  # launched there, not READY yet
+    world["prober"].down.add(newcomer.id)
+    clock.advance(1)
+    ctl.tick()
+    assert victim.id not in router.current
+    assert router.severed == []
+
+
 def test_the_plan_note_counts_replicas_on_their_way_out_apart(world, write_spec):
     """A plan made while a released replica drains names the layout the service is headed for:
     the draining replica is not one of its spot replicas, it is counted apart."""

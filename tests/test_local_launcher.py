@@ -14,6 +14,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 import pytest
+from account_support import as_user
 from local_support import SERVER, free_base_port, get
 
 from skyhedge.clouds.local import capacity, runtime_dir
@@ -653,3 +654,48 @@ def test_stop_unrecorded_stops_what_a_cut_short_launch_left_and_spares_recorded_
         setup.kill()
         setup.wait()
         kill_all(runtime)
+
+
+#: The account skyhedge runs as in `as_user`: not root, so file modes bind it.
+USER_UID = 4243
+
+
+@pytest.fixture
+def shared_tmp():
+    """A folder every account may traverse (pytest's tmp_path is root's alone): for a process of
+    USER_UID's to reach a runtime dir inside it. Removed at teardown."""
+    import shutil
+    import tempfile
+
+    where = Path(tempfile.mkdtemp(prefix="skyhedge-shared-"))
+    os.chmod(where, 0o711)
+    yield where
+    shutil.rmtree(where, ignore_errors=True)
+
+
+@needs_root
+def test_a_log_another_account_made_that_we_may_not_write_is_replaced_too(shared_tmp):
+    """Another account in the state dir's group made the next replica's log first, with the
+    usual mode 0644: the launch (run by anyone but root) could not open it for writing, and failed
+    with "Permission denied" (any launch of that ID, for good), where a log it may write was
+    replaced by one of its own."""
+    from skyhedge.clouds.local.processes import open_log
+
+    runtime = shared_tmp / "state" / "local"
+    (runtime / "replicas").mkdir(parents=True)
+    for folder in (shared_tmp / "state", runtime, runtime / "replicas"):
+        os.chown(folder, USER_UID, USER_UID)
+        os.chmod(folder, 0o775)  # the state dir's group may write it (umask 002): allowed
+    log = runtime / "replicas" / "r-0001.log"
+    log.write_text("planted\n")
+    os.chown(log, OTHER_UID, OTHER_UID)
+    os.chmod(log, 0o644)
+
+    def launcher_opens_its_log() -> int:
+        fd = open_log(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+        os.write(fd, b"mine\n")
+        os.close(fd)
+        return os.stat(log).st_uid
+
+    assert as_user(USER_UID, launcher_opens_its_log) == ("ok", USER_UID)
+    assert log.read_text() == "mine\n"

@@ -1222,13 +1222,15 @@ class Controller:
             change = (f" +{','.join(added)}" if added else "") + (f" -{','.join(removed)}" if removed else "")
             self.note(f"routing: {len(wanted)} upstreams{change}", now)
         # Replicas gone (preempted, terminated, failed) are out of the new config, but the old
-        # workers' requests on them wait on: a vanished VM sends no reset. Cut them now.
-        serving = {str(ep) for _, ep in wanted}
+        # workers' requests on them wait on: a vanished VM sends no reset. Cut them now; never an
+        # endpoint a live replica has (routed, or not: one launched, while routing failed, at the
+        # address and port a gone one left answers what nginx still sent there).
+        kept_eps = {str(ep) for _, ep in wanted} | {str(r.endpoint) for r in self.state.live() if r.endpoint}
         dead = {
             str(ep): str(rid)
             for rid, ep in routed or []
             if str(rid) in removed
-            and str(ep) not in serving
+            and str(ep) not in kept_eps
             and ((rec := self.state.replicas.get(str(rid))) is None or rec.gone_at is not None)
         }
         self._sever(dead, now)
@@ -1298,7 +1300,10 @@ class Controller:
         else:  # (a line of its own: the plan that removes it repeats the one that released it)
             self.note(f"{rid}: drained, its requests ended; removing it", now)
             rec = None  # nothing in flight: nothing to cut
-        serving = {r.endpoint for r in routable(self.state)}
+        # (not an endpoint another live replica has: its requests are not this one's)
+        serving = {r.endpoint for r in routable(self.state)} | {
+            r.endpoint for r in self.state.live() if r.id != rid
+        }
         if rec is not None and rec.endpoint and rec.endpoint not in serving:
             # destroyed with requests in flight: a cloud VM deleted sends no reset either
             self._sever({rec.endpoint: rid}, now)

@@ -14,6 +14,7 @@ import errno
 import functools
 import ipaddress
 import os
+import platform
 import re
 import shutil
 import socket
@@ -294,8 +295,21 @@ def _collapse_repeats(lines: list[str]) -> list[str]:
 
 # -- closing connections to a replica that vanished ------------------------------------------------
 
-#: pidfd_getfd(2): the same number on every Linux architecture (Linux 5.6 on).
+#: pidfd_getfd(2) (Linux 5.6 on): 438 on the architectures whose newer system calls share one
+#: numbering (x86, arm, arm64, riscv, powerpc, s390, ...); alpha and ia64 add an offset, and
+#: mips's depends on its ABI (4438, 5438 or 6438): there 438 names another call, or none.
 _SYS_PIDFD_GETFD = 438
+_PIDFD_GETFD_ELSEWHERE = {"alpha": 548, "ia64": 1462}
+
+
+def _pidfd_getfd_number() -> int | None:
+    """The system call number of pidfd_getfd on this machine; None where it is not known (mips)."""
+    machine = platform.machine().lower()
+    if machine.startswith("mips"):
+        return None
+    return _PIDFD_GETFD_ELSEWHERE.get(machine, _SYS_PIDFD_GETFD)
+
+
 #: /proc/net/tcp states with a peer: everything but LISTEN (0A) and CLOSE (07).
 _NO_PEER_STATES = {"07", "0A"}
 
@@ -333,12 +347,17 @@ def tcp_peers(pid: int) -> dict[int, tuple[str, int]]:
 
 def socket_fds(pid: int) -> dict[int, int]:
     """Socket inode -> file descriptor number in process `pid` (empty when it cannot be read)."""
-    out: dict[int, int] = {}
-    base = _PROC / str(pid) / "fd"
     try:
-        entries = list(base.iterdir())
+        return _listed_socket_fds(pid)
     except OSError:
-        return out
+        return {}
+
+
+def _listed_socket_fds(pid: int) -> dict[int, int]:
+    """`socket_fds`, raising the OSError that listing /proc/<pid>/fd met (ENOENT: gone; EACCES:
+    not ours to look into, e.g. a process made not dumpable by a file capability)."""
+    out: dict[int, int] = {}
+    entries = list((_PROC / str(pid) / "fd").iterdir())
     for entry in entries:
         with contextlib.suppress(OSError, ValueError):
             target = os.readlink(entry)
@@ -351,10 +370,13 @@ def borrow_fd(pid: int, fd: int) -> int:
     """A duplicate, in this process, of descriptor `fd` of process `pid` (pidfd_getfd(2); Linux
     5.6+, and the right to ptrace `pid`: the same user where ptrace is not restricted, or root).
     The socket it names is shared: `shutdown()` on the copy acts on `pid`'s connection."""
+    number = _pidfd_getfd_number()
+    if number is None:
+        raise OSError(errno.ENOSYS, f"pidfd_getfd's number on {platform.machine()} is not known to skyhedge")
     pidfd = os.pidfd_open(pid)
     try:
         libc = ctypes.CDLL(None, use_errno=True)
-        got = int(libc.syscall(_SYS_PIDFD_GETFD, pidfd, fd, 0))
+        got = int(libc.syscall(number, pidfd, fd, 0))
         if got < 0:
             err = ctypes.get_errno()
             raise OSError(err, os.strerror(err))
@@ -369,15 +391,32 @@ def sever(pids: Iterable[int], peers: set[tuple[str, int]]) -> int:
     sends no reset, so nginx's connections to it wait for `proxy_read_timeout`. Shut down, the
     worker reads the end of the connection at once ("upstream prematurely closed connection"),
     an error `proxy_next_upstream` retries on another replica. Raises OSError (EPERM: not
-    allowed to take the worker's descriptors; ENOSYS: a kernel before 5.6) when none could be
-    shut down."""
+    allowed to take the worker's descriptors; EACCES: not allowed to list them; ENOSYS: a kernel
+    before 5.6) when none could be shut down."""
     done = 0
     failure: OSError | None = None
     pids = list(pids)
-    # the workers share the master's network namespace: its connection table is read once
-    wanted = {inode for inode, peer in tcp_peers(pids[0]).items() if peer in peers} if pids else set()
+    # the workers share the master's network namespace: its connection table is read once, from
+    # the first worker whose table can be read (the first listed may be an old worker that exited
+    # since: its /proc entry gone, it showed no connection at all, and nothing was closed)
+    table: dict[int, tuple[str, int]] = {}
     for pid in pids:
-        for inode, fd in socket_fds(pid).items():
+        if table := tcp_peers(pid):
+            break
+    wanted = {inode for inode, peer in table.items() if peer in peers}
+    if not wanted:
+        return 0
+    for pid in pids:
+        try:
+            fds = _listed_socket_fds(pid)
+        except OSError as exc:
+            # EACCES: a worker we may not look into (an nginx given a file capability to bind a
+            # port below 1024 is not dumpable: its /proc/<pid>/fd is root's): said, not passed
+            # over as one without connections
+            if exc.errno in (errno.EACCES, errno.EPERM):
+                failure = exc
+            continue
+        for inode, fd in fds.items():
             if inode not in wanted:
                 continue
             try:

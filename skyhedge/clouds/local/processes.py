@@ -154,15 +154,27 @@ def open_log_at(dir_fd: int, name: str, flags: int, shown: Path) -> int:
     or write what `skyhedge logs` shows) is refused too; opened to create (the launcher), it is
     replaced by a new one instead: a replica restarted under its ID still appends to its own.
     Refusals are OSErrors whose `strerror` says why in a few words."""
-    fd = _open_file_at(dir_fd, name, flags, shown)
     try:
-        owner = os.fstat(fd).st_uid
-        if _trusted(owner):
-            return fd
-    except BaseException:
+        fd = _open_file_at(dir_fd, name, flags, shown)
+    except PermissionError:
+        # one we may not open (another account's, mode 0644: the usual one), opened to create:
+        # replaced all the same, or every launch of that ID failed for good ("Permission denied")
+        try:
+            info = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        except OSError:
+            info = None
+        if not flags & os.O_CREAT or info is None or not stat.S_ISREG(info.st_mode) or _trusted(info.st_uid):
+            raise
+        owner = info.st_uid
+    else:
+        try:
+            owner = os.fstat(fd).st_uid
+            if _trusted(owner):
+                return fd
+        except BaseException:
+            os.close(fd)
+            raise
         os.close(fd)
-        raise
-    os.close(fd)
     why = f"owned by another account (uid {owner}), not a log the launcher made: refused"
     if not flags & os.O_CREAT:
         raise OSError(errno.EPERM, why, str(shown))
