@@ -53,7 +53,7 @@ from skyhedge.engine import (
     capacity_reason,
     run_parallel,
 )
-from skyhedge.errors import EngineError, RenderError, SpecError, first_line
+from skyhedge.errors import EngineError, RenderError, RoutingError, SpecError, first_line
 from skyhedge.leftovers import (
     DEPLOYMENT_KEY,
     Recreated,
@@ -540,11 +540,50 @@ def drain_before_destroy(spec: ServiceSpec, state: ServiceState, state_dir: Path
     if router is None or router.pid() is None:
         return
     say(f"draining {', '.join(sorted(r.id for r in state.live() if r.draining))} from the router")
-    router.drain(_upstreams(state), timeout=30.0)
+    ups = _upstreams(state)
+    router.drain(ups, timeout=30.0)
+    state.extra["routed"] = [[u.id, u.endpoint] for u in ups]  # what it serves now (as the watcher's)
+
+
+def cut_gone_connections(
+    router: Any, state: ServiceState, served: Iterable[Sequence[Any]], say: Say, warn: Say
+) -> int:
+    """Close the router's connections to the replicas of `served` ((ID, endpoint) pairs it routed
+    to before) that are gone now (destroyed, preempted, forgotten) or moved to another endpoint (a
+    machine replaced under its ID), once it no longer routes to them; returns how many closed.
+
+    Why: a cloud VM that is deleted or vanishes sends no TCP reset, so nginx's requests in flight
+    on it (a drain that timed out, a replica Terraform replaced) waited for `read_timeout` (600 s
+    by default) after `apply` or `routing reload` took it out. Cut (`Router.sever`), each is
+    retried on another replica at once, as the watcher does (`Controller._sever`). Replicas still
+    there are not touched (a local replica's killed process reset its connections already: none
+    are left to close). Being refused the cut (see docs/routing.md) is one `warn` line: those
+    requests wait as before, and the command goes on."""
+    dead: dict[str, str] = {}
+    for pair in served:
+        rid, endpoint = str(pair[0]), str(pair[1] or "")
+        rec = state.replicas.get(rid)
+        if endpoint and (rec is None or rec.gone_at is not None or rec.endpoint != endpoint):
+            dead[endpoint] = rid
+    if not dead or router is None or router.pid() is None:
+        return 0
+    serving = {str(u.get("endpoint")) for u in router.status().get("upstreams", []) if isinstance(u, dict)}
+    dead = {ep: rid for ep, rid in dead.items() if ep not in serving}
+    if not dead:
+        return 0
+    try:
+        closed = int(router.sever(sorted(dead)))
+    except RoutingError as exc:
+        warn(f"routing: {exc}")
+        return 0
+    if closed:
+        ids = ",".join(sorted(set(dead.values())))
+        say(f"routing: closed {closed} connection(s) to gone {ids}: requests retried")
+    return closed
 
 
 def bring_routing_up(
-    spec: ServiceSpec, state: ServiceState, state_dir: Path, say: Say
+    spec: ServiceSpec, state: ServiceState, state_dir: Path, say: Say, warn: Say | None = None
 ) -> dict[str, Any] | None:
     router = _router(spec, state_dir)
     if router is None:
@@ -555,9 +594,13 @@ def bring_routing_up(
         if router.pid() is not None:
             state.router = router.status()
         return state.router
+    served = state.extra.get("routed")
     state.router = router.up(ups)
     # what the router serves, as the watcher records it: its next pass diffs against this
     state.extra["routed"] = [[u.id, u.endpoint] for u in ups]
+    if isinstance(served, list):  # replicas gone since (a VM Terraform replaced): their requests too
+        pairs = [p for p in served if isinstance(p, (list, tuple)) and len(p) == 2]
+        cut_gone_connections(router, state, pairs, say, warn or say)
     return state.router
 
 
@@ -667,7 +710,7 @@ def apply_service(
                     # drained for a delete the failed apply did not carry out: they still serve,
                     # so the router takes them back (the next plan decides about them again)
                     say(f"{', '.join(kept)}: not deleted (the apply failed); routing to them again")
-                report.router = bring_routing_up(spec, state, ws.state_dir, say)
+                report.router = bring_routing_up(spec, state, ws.state_dir, say, report.warnings.append)
                 save_state(ws.state_dir, state)
             outdated = set(outdated_replicas(spec, state, placement))
             if not (
@@ -839,6 +882,7 @@ class _Step:
                 )
 
             ids_before = {r.id: r.cloud_id for r in state.live()}
+            served = [(r.id, r.endpoint) for r in state.live() if r.endpoint]
             try:
                 results = run_parallel(changed, run)
                 results, freed = free_taken_names(
@@ -858,6 +902,11 @@ class _Step:
             self.blocked.update(freed.blocked)
             blocked = {**cleared.blocked, **freed.blocked}
             round_failures = _absorb_round(report, state, changed, results, clock, blocked)
+            if route:
+                # destroyed (a drain that timed out: requests still in flight) or replaced: a cloud
+                # VM gone sends no reset, and the readiness wait for new replicas may last minutes
+                router = _router(spec, ws.state_dir)
+                cut_gone_connections(router, state, served, self.say, report.warnings.append)
             self.recreated.note(state, ids_before)
             state.log(
                 {

@@ -128,6 +128,10 @@ class FakeRouter:
         FakeRouter.calls.append(("drain", sorted(u.id for u in upstreams)))
         return True
 
+    def sever(self, endpoints) -> int:
+        FakeRouter.calls.append(("sever", sorted(endpoints)))
+        return 0
+
     def down(self, *, timeout: float = 10.0) -> None:
         FakeRouter.calls.append(("down", None))
 
@@ -144,10 +148,13 @@ def test_routing_goes_up_after_readiness_drains_before_destroy_and_goes_down(svc
     assert state.router["pid"] == 4242
     # recorded as the watcher records it: a watcher's first pass diffs against what is served
     assert [pair[0] for pair in state.extra["routed"]] == ["r-0001", "r-0002", "r-0003"]
+    endpoints = {r.id: r.endpoint for r in load_state(svc.state_dir, "applied").live()}
     shrink = apply_service(load_spec(svc.write(replicas=2)), svc.state_dir)
     [victim] = shrink.deleted
     survivors = sorted({"r-0001", "r-0002", "r-0003"} - {victim})
-    assert FakeRouter.calls[1:] == [("drain", survivors), ("up", survivors)]
+    # once Terraform destroyed it, what may still wait on it is cut (a cloud VM sends no reset:
+    # its requests past the drain's 30 s waited for read_timeout), before the readiness wait
+    assert FakeRouter.calls[1:] == [("drain", survivors), ("sever", [endpoints[victim]]), ("up", survivors)]
     gone = destroy_service(load_spec(svc.spec_path), svc.state_dir)
     assert gone.ok and FakeRouter.calls[-1] == ("down", None)
     assert load_state(svc.state_dir, "applied").router is None

@@ -1847,6 +1847,63 @@ def test_a_wall_clock_jump_does_not_age_the_policys_zones(tmp_path, write_spec):
     assert memory["last_now"] == jumped.clock() - 1 and memory["start"] == 1000.0 + 7200.0
 
 
+WAVE_SPEC = """
+name: svc
+placement:
+  clouds: [local]
+  zones: [local-a, local-b, local-c]
+replica_policy: {min_replicas: 2, policy: skyhedge, availability_target: 0.95}
+readiness_probe: {path: /health, initial_delay_seconds: 30}
+run: {command: "true"}
+"""
+
+
+@pytest.mark.parametrize("jump", [4.0, -4.0])
+def test_a_small_wall_clock_step_during_a_market_replay_changes_no_decision(tmp_path, write_spec, jump):
+    """A replay's policy clock runs `rate` times as fast as the wall clock (`PolicyClock`), and so
+    does a step of it: 4 s at speedup 600 is 2,400 s of market time, under the 5 s the controller
+    followed, so never moved back (a wave's 900 s hold ended at once; measured: 5 of 400 passes
+    decided otherwise for +4 s, 29 for -4 s). Followed from 5 s of the replay's time on, a run
+    whose clock steps decides as one whose clock does not."""
+    from skyhedge.service import PolicyClock
+
+    def run(step: float, where: str) -> tuple[list[list[tuple[str, str]]], list[str]]:
+        spec = load_spec(write_spec(WAVE_SPEC, name=f"{where}.yaml"))
+        wall, mono = Clock(), Clock(50.0)
+        src = FakeSource()
+        ctl = Controller(
+            spec,
+            tmp_path / where,
+            executor=FakeExecutor(),
+            router=FakeRouter(),
+            prober=FakeProber(),
+            sources=[src],
+            clock=wall,
+            monotonic=mono,
+        )
+        ctl.policy_clock = PolicyClock(origin=wall(), rate=600.0)  # as `MarketReplay.attach` sets it
+        layouts = []
+        for i in range(70):
+            if i == 20:  # a wave: two zones preempted at once
+                for rec in ctl.state.live()[:2]:
+                    src.queue.append(
+                        PreemptionEvent(Signal.GONE, wall(), "fake", replica_id=rec.id, reason="preempted")
+                    )
+            if i == 30:
+                wall.advance(step)
+            ctl.tick()
+            layouts.append(sorted((r.zone, r.market) for r in ctl.state.live() if not r.draining))
+            _both(wall, mono, 0.1)  # a pass every 2 ticks of the trace (60 s of market time)
+        return layouts, [n.text for n in ctl.notes if "wall clock jumped" in n.text]
+
+    still, _ = run(0.0, "still")
+    stepped, said = run(jump, "stepped")
+    assert any(market == "on-demand" for layout in still for _, market in layout)  # the hedge at stake
+    assert stepped == still
+    assert len(said) == 1
+    assert f"jumped {jump:+.1f}s ({jump * 600:+.0f}s of the market replay's time)" in said[0]
+
+
 def test_a_watcher_restarted_after_the_clock_was_set_back_moves_the_states_times_back(world):
     # The clock set back 2 h while no watcher ran: the state's times lay 2 h ahead of it. Replicas
     # still loading their model were judged against initial_delay_seconds (30 s) only 2 h later,

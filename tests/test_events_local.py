@@ -476,17 +476,24 @@ def test_a_capacity_file_this_process_cannot_open_is_not_called_broken(state_dir
     runtime.mkdir(parents=True, exist_ok=True)
     path = runtime / capacity.CAPACITY_FILE
     path.write_text('{"version": 1, "preempted": {"local-a": null}}')
-    real = Path.read_text
+    real = capacity._open_in
 
-    def read_text(self: Path, *args, **kwargs) -> str:
-        if self == path:
-            raise OSError(errno.EMFILE, "Too many open files", str(self))
-        return real(self, *args, **kwargs)
+    def open_in(dir_fd: int, name: str, flags: int, shown: Path) -> int:
+        if name == capacity.CAPACITY_FILE:
+            raise OSError(errno.EMFILE, "Too many open files", str(shown))
+        return real(dir_fd, name, flags, shown)
 
-    monkeypatch.setattr(Path, "read_text", read_text)
+    monkeypatch.setattr(capacity, "_open_in", open_in)
     with pytest.raises(capacity.CapacityFileError) as info:
         capacity.read_capacity(runtime)
     assert "Too many open files" in str(info.value) and "delete" not in str(info.value)
+    # nor about its folder, opened first
+    monkeypatch.setattr(
+        capacity, "open_runtime_dir", lambda *a, **k: (_ for _ in ()).throw(OSError(errno.EMFILE, "Too many"))
+    )
+    with pytest.raises(capacity.CapacityFileError) as info:
+        capacity.read_capacity(runtime)
+    assert "Too many" in str(info.value) and "delete" not in str(info.value)
 
 
 def test_a_gone_event_whose_reason_the_controller_judges_shows_no_empty_brackets():

@@ -23,9 +23,12 @@ import time
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 from controller_fakes import Clock, FakeExecutor, FakeProber, FakeSource
 from routing_support import Fleet, complete, free_port, make_spec, needs_nginx, teardown_router
 
+from skyhedge import apply as apply_mod
+from skyhedge.cli import main
 from skyhedge.controller.adapters import NginxRouter
 from skyhedge.controller.loop import Controller
 from skyhedge.errors import RoutingError
@@ -34,6 +37,7 @@ from skyhedge.routing import Router
 from skyhedge.routing import nginx as nginx_proc
 from skyhedge.routing.router import _peers
 from skyhedge.spec import load_spec
+from skyhedge.state import ReplicaRecord, ServiceState, save_state
 
 pytestmark = needs_nginx
 
@@ -250,3 +254,111 @@ def test_a_replicas_endpoint_names_the_address_and_port_nginx_connected_to(
     endpoint: str, peers: set[tuple[str, int]]
 ) -> None:
     assert _peers(endpoint) == peers
+
+
+# -- the paths without a watcher: `apply` and `routing reload` ---------------------------------------
+
+
+def vm_records(fleet: Fleet, gone: str) -> ServiceState:
+    """The state of two READY cloud replicas (VMs: nothing resets their connections when they go),
+    served by the fleet's processes; `gone` is recorded terminated (destroyed, or preempted)."""
+    state = ServiceState(service="echo")
+    for rid, replica in fleet.replicas.items():
+        state.replicas[rid] = ReplicaRecord(
+            rid,
+            "aws",
+            "us-east-1",
+            "us-east-1a",
+            "spot",
+            launched_at=1.0,
+            provisioned_at=2.0,
+            ready_at=3.0,
+            endpoint=replica.endpoint,
+        )
+    state.extra["routed"] = [[rid, r.endpoint] for rid, r in sorted(fleet.replicas.items())]
+    state.replicas[gone].gone_at, state.replicas[gone].reason = 4.0, "terminated"
+    return state
+
+
+def test_apply_cuts_the_requests_of_a_vm_gone_when_it_takes_it_out_of_the_router(
+    tmp_path, fleet, routers, monkeypatch
+):
+    """`apply` takes a replica Terraform destroyed or replaced out of the router: its requests in
+    flight waited for read_timeout (600 s by default), a VM sends no reset. Now they are cut and
+    retried on another replica; a cut refused is one warning line, the routing goes on."""
+    port = free_port()
+    spec = make_spec(port, router={"read_timeout": READ_TIMEOUT})
+    state_dir = tmp_path / "state"
+    router = Router(spec, state_dir)
+    routers.append(router)
+    fleet.start(2, env=SLOW)
+    gone, kept = fleet.replicas["r-0001"], fleet.replicas["r-0002"]
+    router.up(fleet.upstreams())
+    clients = Clients(f"http://127.0.0.1:{port}", 4)
+    wait_until(lambda: in_flight_to(router, gone.endpoint) >= 1, 5, "requests in flight on r-0001")
+    os.killpg(gone.proc.pid, signal.SIGSTOP)  # the VM is deleted: no reset, no answer
+    stopped = time.monotonic()
+    state = vm_records(fleet, "r-0001")
+    said: list[str] = []
+    warned: list[str] = []
+
+    def refused(pid: int, fd: int) -> int:
+        raise PermissionError(errno.EPERM, "Operation not permitted")
+
+    with monkeypatch.context() as m:
+        m.setattr(nginx_proc, "borrow_fd", refused)
+        apply_mod.bring_routing_up(spec, state, state_dir, said.append, warned.append)
+    assert [u["id"] for u in router.status()["upstreams"]] == ["r-0002"]
+    assert state.extra["routed"] == [["r-0002", kept.endpoint]]
+    assert len(warned) == 1 and "Operation not permitted" in warned[0] and "read_timeout" in warned[0]
+    assert in_flight_to(router, gone.endpoint) >= 1  # refused: they wait on
+
+    # allowed: the same cut, as `apply` makes it once Terraform destroyed the replica
+    closed = apply_mod.cut_gone_connections(
+        router, state, [("r-0001", gone.endpoint)], said.append, warned.append
+    )
+    assert closed >= 1 and said == [
+        f"routing: closed {closed} connection(s) to gone r-0001: requests retried"
+    ]
+    results = clients.join()
+    assert len(results) == 4
+    assert all(r[0] == 200 and r[1] == "r-0002" and r[2] == TOKENS for r in results), results
+    assert max(r[3] for r in results) < 10, results
+    assert time.monotonic() - stopped < 10
+    assert in_flight_to(router, gone.endpoint) == 0
+
+
+def test_routing_reload_cuts_the_requests_of_a_replica_the_state_knows_gone(
+    tmp_path, write_spec, fleet, routers
+):
+    """`skyhedge routing reload` after a VM was recorded gone (a watcher stopped before it
+    reloaded, an operator) takes it out of the router and cuts what waited on it."""
+    port = free_port()
+    spec_path = write_spec(
+        f"""
+        name: echo
+        placement: {{clouds: [local]}}
+        run: {{command: "true"}}
+        service: {{host: 127.0.0.1, port: {port}, router: {{read_timeout: {READ_TIMEOUT}}}}}
+        readiness_probe: {{path: /health, timeout_seconds: 2}}
+        """
+    )
+    state_dir = tmp_path / "state"
+    router = Router(load_spec(spec_path), state_dir)
+    routers.append(router)
+    fleet.start(2, env=SLOW)
+    gone = fleet.replicas["r-0001"]
+    router.up(fleet.upstreams())
+    save_state(state_dir, vm_records(fleet, "r-0001"))
+    clients = Clients(f"http://127.0.0.1:{port}", 4)
+    wait_until(lambda: in_flight_to(router, gone.endpoint) >= 1, 5, "requests in flight on r-0001")
+    os.killpg(gone.proc.pid, signal.SIGSTOP)
+    stopped = time.monotonic()
+    result = CliRunner().invoke(main, ["routing", "reload", str(spec_path), "--state-dir", str(state_dir)])
+    assert result.exit_code == 0, result.output
+    assert "connection(s) to gone r-0001: requests retried" in result.stderr
+    results = clients.join()
+    assert len(results) == 4
+    assert all(r[0] == 200 and r[1] == "r-0002" and r[2] == TOKENS for r in results), results
+    assert max(r[3] for r in results) < 10, results
+    assert time.monotonic() - stopped < 10

@@ -10,7 +10,7 @@ import click
 from rich.markup import escape
 
 from skyhedge._json import dumps as strict_json
-from skyhedge.apply import notice_dead_local_replicas
+from skyhedge.apply import cut_gone_connections, notice_dead_local_replicas
 from skyhedge.cli._app import (
     command_line,
     console,
@@ -93,9 +93,20 @@ def _route(spec: Path, state_dir: Path | None, *, start: bool, probe_now: bool, 
             # nginx found and the ports free, checked before the router's folder is made: a
             # refused first `up` leaves no state dir behind (as `apply` checks before it launches)
             router.preflight()
+        served = [(u["id"], u["endpoint"]) for u in router.status()["upstreams"]] if router.pid() else []
         status = router.up(upstreams) if start else router.reload(upstreams)
         state.router = status
         save_state(sdir, state)
+        # replicas the state knows gone, taken out by this reload: a vanished VM's requests in
+        # flight waited for read_timeout; cut, they are retried at once. Not one that merely failed
+        # a probe (`--probe`): it may be busy, not gone, and its answers still coming.
+        cut_gone_connections(
+            router,
+            state,
+            served,
+            lambda text: err_console.print(text, markup=False),
+            lambda text: echo(f"warning: {text}", err=True),
+        )
     _show("up" if start else "reloaded", status, as_json)
 
 

@@ -139,6 +139,14 @@ LAUNCH_ATTEMPTS = 3
 #: jump (NTP stepping it, an operator setting it): the controller's timers are moved with it
 #: (`Controller._follow_clock`). NTP slews offsets under 128 ms and steps larger ones.
 CLOCK_JUMP_SECONDS = 5.0
+#: Under a market replay the policy's clock runs `rate` times as fast (`PolicyClock`), and a step
+#: of the wall clock moves it `rate` times as far: a 4 s step at speedup 600 moved the policy's
+#: times by 2,400 s of market time (a wave's 900 s hold ended at once, a zone's age grew 40 min),
+#: unfollowed below CLOCK_JUMP_SECONDS. So a replay follows steps of CLOCK_JUMP_SECONDS / rate
+#: and more, down to this floor: below NTP's 128 ms (every step it makes is followed; its slews
+#: move the monotonic clock alike), above what a thread switch between a pass's readings of the
+#: two clocks may put there (each would read as a jump, and be announced).
+REPLAY_CLOCK_JUMP_FLOOR_SECONDS = 0.1
 
 
 def _boottime() -> float:
@@ -741,18 +749,29 @@ class Controller:
             return
         elapsed = mono - last[1]
         jump = (wall - last[0]) - elapsed
-        if abs(jump) < CLOCK_JUMP_SECONDS:
+        if abs(jump) < self._jump_threshold():
             return
         before = last[0] + max(0.0, elapsed)  # the latest the wall clock read before the jump
         moved = self._shift(jump, (lambda t: t <= before) if jump > 0 else (lambda t: wall < t <= before))
         if self._retry_at is not None and self._retry_at <= before + self._backoff():
             self._retry_at += jump
+        rate = self.policy_clock.rate if self.policy_clock is not None else 1.0
+        size = f"{jump:+.0f}s" if abs(jump) >= 10 else f"{jump:+.1f}s"
+        replayed = f" ({jump * rate:+.0f}s of the market replay's time)" if rate != 1.0 else ""
         self.note(
-            f"the wall clock jumped {jump:+.0f}s (set by NTP or by hand?): {moved} replica, drain, "
-            "warning and policy times moved with it, so no timer counts the jump as time passed",
+            f"the wall clock jumped {size}{replayed} (set by NTP or by hand?): {moved} replica, "
+            "drain, warning and policy times moved with it, so no timer counts the jump as time passed",
             wall,
             level=logging.WARNING,
         )
+
+    def _jump_threshold(self) -> float:
+        """The least step of the wall clock `_follow_clock` follows: CLOCK_JUMP_SECONDS, and under
+        a market replay that much of the replay's time (REPLAY_CLOCK_JUMP_FLOOR_SECONDS at least)."""
+        rate = self.policy_clock.rate if self.policy_clock is not None else 1.0
+        if rate <= 1.0:
+            return CLOCK_JUMP_SECONDS
+        return max(CLOCK_JUMP_SECONDS / rate, REPLAY_CLOCK_JUMP_FLOOR_SECONDS)
 
     def _catch_up(self, wall: float) -> None:
         """A state stamped ahead of the clock (CLOCK_JUMP_SECONDS or more): the clock was set back

@@ -12,7 +12,9 @@ Everything the local cloud keeps lives under `<state dir>/local/` (its "runtime 
 
 `local/` and `replicas/` are used only as real folders of this account's (or root's): never
 through a symbolic link, whatever it points to (`processes.open_replicas_dir`); logs and pid
-files are opened relative to the folder so checked, never by a path.
+files are opened relative to the folder so checked, never by a path. So are `capacity.json` and
+its lock (`processes.open_runtime_dir`), by `skyhedge preempt` and a market replay as by the
+launcher: never through a link, and only as this account's (or root's) files.
 
 This package's `__init__` stays import-light: the launcher runs once per replica launch.
 """

@@ -24,11 +24,12 @@ import contextlib
 import errno
 import json
 import os
-import tempfile
+import secrets
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 
-from skyhedge.clouds.local.processes import proc_starttime
+from skyhedge.clouds.local.processes import open_runtime_dir, proc_starttime
 
 CAPACITY_FILE = "capacity.json"
 VERSION = 1
@@ -57,12 +58,72 @@ def capacity_path(runtime_dir: Path) -> Path:
 EVICTED_KEEP_SECONDS = 3600.0
 
 
+def _open_runtime(runtime_dir: Path, *, create: bool = False) -> int | None:
+    """A descriptor on `local/` (`processes.open_runtime_dir`), None when it does not exist (and
+    not `create`). A `local/` that is a link, or another account's, is refused (CapacityFileError):
+    `skyhedge preempt` and a market replay wrote their marks through it, and read another
+    account's marks as theirs, where only the launcher checked it."""
+    try:
+        return open_runtime_dir(Path(runtime_dir), create=create)
+    except FileNotFoundError:
+        if create:
+            raise
+        return None
+    except OSError as exc:
+        why = exc.strerror or str(exc)  # a refusal's names the folder; an error of the system's does not
+        why = why if str(exc.filename) in why else f"{exc.filename or runtime_dir}: {why}"
+        raise CapacityFileError(why, the_files_fault=False) from exc
+
+
+def _open_in(dir_fd: int, name: str, flags: int, shown: Path) -> int:
+    """`name` in the `local/` folder open at `dir_fd`, never through a symbolic link (it led the
+    lock's create, and every read of the marks, to wherever it pointed) and only as a regular
+    file of this account's or root's (another account's marks are not ours to act on: a watcher
+    kills the replicas of a zone they close). Refusals are CapacityFileErrors naming `shown`."""
+    lock = name != CAPACITY_FILE
+
+    def refused(why: str) -> CapacityFileError:
+        # the lock holds nothing: deleting it loses no mark (the file's advice says what it costs)
+        advice = "; delete it (a lock file: no mark is lost)" if lock else ""
+        return CapacityFileError(f"{shown}: {why}: refused{advice}", the_files_fault=not lock)
+
+    try:
+        fd = os.open(name, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o600, dir_fd=dir_fd)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise refused("a symbolic link (links are not followed)") from None
+        if exc.errno == errno.ENXIO:  # a socket (or a FIFO opened to write): not a file of ours
+            raise refused("not a regular file") from None
+        raise
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise refused("not a regular file")
+        if info.st_uid not in (os.geteuid(), 0):
+            raise refused(f"owned by another account (uid {info.st_uid})")
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 def _read_doc(runtime_dir: Path) -> dict:
     path = capacity_path(runtime_dir)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        dir_fd = _open_runtime(runtime_dir)
+        if dir_fd is None:
+            return {}
+        try:
+            fd = _open_in(dir_fd, CAPACITY_FILE, os.O_RDONLY, path)
+        finally:
+            os.close(dir_fd)
+        with os.fdopen(fd, "rb") as fh:
+            data = json.loads(fh.read().decode("utf-8"))
     except FileNotFoundError:
         return {}
+    except CapacityFileError:
+        raise
     except (OSError, ValueError) as exc:
         # (measured: a watcher out of file descriptors was told to fix or delete a sound file)
         faulty = not isinstance(exc, OSError) or exc.errno not in _NOT_THE_FILES_FAULT
@@ -123,8 +184,6 @@ def _write(runtime_dir: Path, marks: dict[str, float | None], **sections: dict) 
     """Write the marks; `limits`, `evicted` and `replay` are kept as they are unless given."""
     # Its own atomic write, not skyhedge.state's: the launcher imports this module under
     # `python -S`, where state's third-party imports (filelock) are not available.
-    path = capacity_path(runtime_dir)
-    path.parent.mkdir(parents=True, exist_ok=True)
     doc: dict = {"version": VERSION, "preempted": dict(sorted(marks.items()))}
     old = _read_doc(runtime_dir)
     for key in ("limits", "evicted", "replay"):
@@ -132,14 +191,22 @@ def _write(runtime_dir: Path, marks: dict[str, float | None], **sections: dict) 
         if value:
             doc[key] = dict(sorted(value.items()))
     text = json.dumps(doc, indent=2) + "\n"
-    fd, tmp = tempfile.mkstemp(prefix=".capacity.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    dir_fd = _open_runtime(runtime_dir, create=True)
+    assert dir_fd is not None
+    try:  # written and renamed relative to the folder checked, never by a path
+        tmp = f".capacity.{secrets.token_hex(8)}.tmp"
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        fd = os.open(tmp, flags, 0o600, dir_fd=dir_fd)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                fh.write(text)
+            os.replace(tmp, CAPACITY_FILE, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp, dir_fd=dir_fd)
+            raise
+    finally:
+        os.close(dir_fd)
 
 
 @contextlib.contextmanager
@@ -152,9 +219,14 @@ def locked(runtime_dir: Path) -> Iterator[None]:
     no filelock); readers need none, writes are atomic renames."""
     import fcntl
 
-    path = Path(runtime_dir) / (CAPACITY_FILE + ".lock")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+b") as fh:
+    name = CAPACITY_FILE + ".lock"
+    dir_fd = _open_runtime(runtime_dir, create=True)
+    assert dir_fd is not None
+    try:
+        fd = _open_in(dir_fd, name, os.O_RDWR | os.O_CREAT, Path(runtime_dir) / name)
+    finally:
+        os.close(dir_fd)
+    with os.fdopen(fd, "r+b") as fh:
         fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
         try:
             yield

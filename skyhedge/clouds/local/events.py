@@ -277,7 +277,7 @@ class LocalEventSource(EventSource):
 
     def _capacity_mtime(self) -> float | None:
         try:
-            return capacity.capacity_path(self.runtime).stat().st_mtime_ns / 1e9
+            return os.stat(capacity.capacity_path(self.runtime), follow_symlinks=False).st_mtime_ns / 1e9
         except OSError:
             return None
 

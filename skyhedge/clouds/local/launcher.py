@@ -357,6 +357,9 @@ def _run(args: list[str]) -> int:
     except LaunchError as exc:
         print(f"skyhedge-local: {exc}", file=sys.stderr)
         return exc.code
+    except capacity.CapacityFileError as exc:  # its lock refused (a link, another account's file)
+        print(f"skyhedge-local: {action} {rid}: {exc}", file=sys.stderr)
+        return EXIT_FAILED
     except (KeyError, OSError) as exc:
         print(f"skyhedge-local: {action} {rid}: {exc.__class__.__name__}: {exc}", file=sys.stderr)
         return EXIT_FAILED

@@ -121,13 +121,21 @@ def open_replicas_dir(runtime_dir: Path, *, create: bool = False) -> int:
     dir) is as much its own. Both are refused (an OSError whose `strerror` names the folder and
     why); the state dir itself may be a link (`runtime_dir` resolves it)."""
     runtime = Path(runtime_dir)
-    if create:
-        runtime.parent.mkdir(parents=True, exist_ok=True)
-    top = _open_dir(runtime, None, runtime, create)
+    top = open_runtime_dir(runtime, create=create)
     try:
         return _open_dir(REPLICAS_SUBDIR, top, runtime / REPLICAS_SUBDIR, create)
     finally:
         os.close(top)
+
+
+def open_runtime_dir(runtime_dir: Path, *, create: bool = False) -> int:
+    """A descriptor on `<runtime_dir>` itself (`local/`), refused as `open_replicas_dir` refuses it
+    (a link, another account's, writable by all): the capacity file and its lock are opened
+    relative to it (`capacity.py`), as logs and pid files are to `replicas/`."""
+    runtime = Path(runtime_dir)
+    if create:
+        runtime.parent.mkdir(parents=True, exist_ok=True)
+    return _open_dir(runtime, None, runtime, create)
 
 
 def open_log(path: Path, flags: int = os.O_RDONLY) -> int:
