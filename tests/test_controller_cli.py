@@ -446,6 +446,28 @@ def test_a_replay_that_cannot_start_is_one_line_and_leaves_no_state_dir(
     assert not sdir.exists()
 
 
+def test_a_replay_over_a_damaged_capacity_file_is_one_error_line(tmp_path: Path, write_spec):
+    """A replay records its zones in `local/capacity.json` as it starts: one that cannot be read
+    (damaged, or refused: a link) ended `up --market-trace` in a traceback. It is one line now, as
+    `preempt` says it, and nothing is left running."""
+    trace = tmp_path / "trace"
+    trace.mkdir()
+    (trace / "us-east-1a_v100_1.json").write_text(json.dumps({"metadata": {"gap_seconds": 30}, "data": [1]}))
+    sdir = tmp_path / "state"
+    (sdir / "local").mkdir(parents=True)
+    (sdir / "local" / "capacity.json").write_text("{bad")
+    args = ["up", str(write_spec(LOCAL)), "--state-dir", str(sdir), "--no-dashboard"]
+    out = CliRunner().invoke(main, [*args, "--market-trace", str(trace)])
+    assert out.exit_code == 1, out.output
+    errors = [line for line in out.output.splitlines() if line.startswith("error: ")]
+    assert errors == [
+        f"error: {sdir / 'local' / 'capacity.json'}: cannot read the local capacity file (Expecting "
+        "property name enclosed in double quotes: line 1 column 2 (char 1)); fix it or delete it (every "
+        "local zone then has its spot capacity)"
+    ]
+    assert "Traceback" not in out.output and not list((sdir / "local").glob("replicas/*.json"))
+
+
 def test_an_up_refused_before_its_first_write_leaves_no_state_dir(tmp_path: Path, write_spec):
     """Found by an audit: `up` with a Terraform binary that is not there made the state dir and
     its lock file, then refused; the directory stayed behind holding only `state.lock`."""

@@ -517,7 +517,16 @@ def up(
             ctl = watcher.controller
             assert ctl is not None
             if replay is not None:
-                _drive(replay, watcher)
+                from skyhedge.clouds.local import capacity, runtime_dir
+
+                try:
+                    _drive(replay, watcher)
+                except capacity.CapacityFileError as exc:  # (as `preempt` says it: one line)
+                    raise StateError(str(exc)) from exc
+                except OSError as exc:
+                    raise StateError(
+                        f"{runtime_dir(sdir)}: cannot record the market replay ({exc.strerror or exc})"
+                    ) from exc
             try:
                 if no_dashboard:
                     _say(
