@@ -1973,3 +1973,58 @@ def test_a_policy_that_cannot_move_its_memory_with_a_clock_jump_is_said_to(tmp_p
         "ValueError: no; it may take the jump as time passed"
     ]
     assert any("the wall clock jumped +7200s" in n.text for n in ctl.notes)
+
+
+class _NewProbe(FakeProber):
+    """The new spec's probe (the new version's health path): nothing passes it while the new
+    version's replicas boot, and the old version's never do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: set[str] = set()
+        self.booted = False  # the new version's replicas answer it
+
+    def probe(self, records):
+        self.calls += 1
+        self.seen |= {r.id for r in records}
+        return {r.id: (self.booted, "200" if self.booted else "HTTP 404") for r in records}
+
+
+def test_a_probe_changed_with_the_revision_is_not_the_old_replicas_probe(world, write_spec):
+    """A new version with a new health path (`run` and `readiness_probe.path` edited together):
+    the old replicas were probed with the new path, went NOT_READY at the reload and FAILED 180 s
+    later, while the new version's replicas, a cloud cold start away, were not READY yet: nothing
+    left to route to. The outdated replicas keep the probe they were launched under until the
+    rolling update releases them."""
+    ctl, clock = make(world), world["clock"]
+    settle(ctl, clock)
+    old = {r.id for r in ctl.state.live()}
+    assert len(old) == 3 and all(r.fact().status is ReplicaStatus.READY for r in ctl.state.live())
+    new_spec = load_spec(
+        write_spec(
+            SPEC.replace("path: /health", "path: /v2/health").replace('"true"', '"serve v2"'), "v2.yaml"
+        )
+    )
+    new_probe = _NewProbe()
+    ctl.reconfigure(
+        new_spec,
+        placement=ctl.placement,
+        executor=ctl.executor,
+        router=ctl.router,
+        prober=new_probe,
+        sources=ctl.sources,
+    )
+    for _ in range(50):  # 250 s: past NOT_READY_GRACE_SECONDS, the replacements still booting
+        ctl.tick()
+        clock.advance(5)
+    live = {r.id: r for r in ctl.state.live()}
+    assert old <= set(live), "an old replica was failed by the new version's probe"
+    assert all(live[rid].fact().status is ReplicaStatus.READY for rid in old)
+    assert set(world["router"].reloads[-1]) >= old  # still routed
+    assert not new_probe.seen & old  # the new probe is the new replicas' only
+    assert new_probe.seen  # (which it did probe)
+    new_probe.booted = True  # the new version is up: the rolling update releases the old replicas
+    for _ in range(20):
+        ctl.tick()
+        clock.advance(5)
+    assert not old & {r.id for r in ctl.state.live()} and ctl._earlier_probers == {}

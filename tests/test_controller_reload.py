@@ -116,6 +116,82 @@ def test_a_spec_it_cannot_take_is_refused_in_one_line_and_the_running_one_stays(
         assert notes(w)[-1] == f"spec {spec_file} re-read: no change from the running spec"
 
 
+def test_every_reload_outcome_is_said_even_when_the_same_words_were_said_a_moment_ago(spec_file, tmp_path):
+    """Each outcome answers an edit of its own. The watcher says a repeated line once a minute (a
+    failure retried every pass), and reload outcomes went through that too: the same typo made
+    again after a fix, and the fix itself re-read as "no change", were not logged at all within
+    the minute (measured live: a refused `min_replicas: many`, fixed, then made again, logged one
+    refusal of two; `skyhedge_spec_refused` and `status` said 1, the log said nothing)."""
+    with watcher_for(spec_file, tmp_path) as w:
+        for _ in range(2):
+            rewrite(spec_file, "min_replicas: 1", "min_replicas: many")
+            w._check_spec()
+            rewrite(spec_file, "min_replicas: many", "min_replicas: 1")
+            w._check_spec()
+            rewrite(spec_file, "min_replicas: 1", "min_replicas: 2")
+            w._check_spec()
+            rewrite(spec_file, "min_replicas: 2", "min_replicas: 1")
+            w._check_spec()
+        said = notes(w)
+        assert [line.split(":")[0] for line in said] == [
+            "spec reload refused",
+            f"spec {spec_file} re-read",
+            f"spec reloaded from {spec_file}",
+            f"spec reloaded from {spec_file}",
+        ] * 2, said
+        assert said[:4] == said[4:]
+
+
+def _ready_replica(rid: str, endpoint: str, spec) -> ReplicaRecord:
+    from skyhedge.spec import replica_revision
+
+    now = time.time()
+    return ReplicaRecord(
+        id=rid,
+        cloud="local",
+        region="local",
+        zone="local-a",
+        market="spot",
+        launched_at=now - 60,
+        provisioned_at=now - 55,
+        ready_at=now - 50,
+        endpoint=endpoint,
+        revision=replica_revision(spec, "local"),
+    )
+
+
+def test_a_probe_edit_no_ready_replica_passes_is_refused_before_it_fails_them_all(spec_file, tmp_path):
+    """The next probe uses a reloaded `readiness_probe`, on every replica at once: a path typo
+    made every READY replica NOT_READY, then FAILED and replaced 180 s later by replicas of the
+    same revision failing the same probe (measured live, 5 READY to 0 routed, every request 503
+    from then on). Such an edit is refused, probed against the READY replicas before it is
+    taken; one that some of them pass is taken, and so is one that comes with a new revision
+    (the new version's health path, which the old replicas cannot be expected to answer)."""
+    from fake_http import json_server
+
+    def answer(path: str, _query: dict) -> tuple[int, object]:
+        return (200, {"status": "ok"}) if path in ("/health", "/ready") else (404, {"error": "no such path"})
+
+    with json_server(answer) as one, json_server(answer) as two, watcher_for(spec_file, tmp_path) as w:
+        assert w.controller is not None
+        state = w.controller.state
+        for rid, base in (("r-0001", one), ("r-0002", two)):
+            state.replicas[rid] = _ready_replica(rid, base, w.spec)
+        rewrite(spec_file, "run:", "readiness_probe: {path: /helth}\nrun:")
+        w._check_spec()
+        line = notes(w)[-1]
+        refused = f"spec reload refused: {spec_file}: readiness_probe: none of the 2 READY"
+        assert line.startswith(refused), line
+        assert "(r-0001: HTTP 404)" in line and line.endswith("; keeping the running spec")
+        assert w.spec.readiness_probe.path == "/health" and w.last_reload_outcome == "refused"
+        rewrite(spec_file, "path: /helth", "path: /ready")  # one they pass: taken
+        w._check_spec()
+        assert w.spec.readiness_probe.path == "/ready", notes(w)[-1]
+        rewrite(spec_file, 'path: /ready}\nrun: {command: "true"}', 'path: /v2/up}\nrun: {command: "v2"}')
+        w._check_spec()  # a new version with its own health path: the rolling update's to judge
+        assert w.spec.readiness_probe.path == "/v2/up", notes(w)[-1]
+
+
 def test_a_refused_spec_shows_in_the_metrics_until_the_file_is_fixed(spec_file, tmp_path, capsys):
     """A refused edit leaves the watcher on its old spec: a deploy that never took effect, which
     only a log line told. `--metrics-port` says it too (`skyhedge_spec_refused`), so Prometheus
@@ -272,6 +348,12 @@ def test_a_host_change_on_the_same_port_needs_a_router_restart_and_says_so(spec_
             w._check_spec()
             assert f"service.host: the router listens on 127.0.0.1:{ROUTER_PORT}" in notes(w)[-1]
             assert "restart the router" in notes(w)[-1] and w.spec.service.host == "127.0.0.1"
+            # the remedy works under this watcher: `routing down` alone is refused, the lock held
+            # by the watcher (it was told "`skyhedge routing down SPEC`, then `up`")
+            assert (
+                "(stop the watcher, `skyhedge routing down SPEC`, then start the watcher again)"
+                in (notes(w)[-1])
+            )
         finally:
             router.down(timeout=5)
 

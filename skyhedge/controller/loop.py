@@ -369,6 +369,9 @@ class Controller:
         self._listeners: list[Callable[[Controller], None]] = []
         self._refresh = False  # a reloaded spec: apply and route on the next pass
         self._retiring: list[EventSource] = []  # sources of an earlier spec: one last poll
+        # revision -> the prober of the spec its replicas were launched under, for a reload that
+        # changed the readiness probe together with the revision (`reconfigure`; in memory only)
+        self._earlier_probers: dict[str, Prober] = {}
         self._housekept: float | None = None  # time.monotonic() of the last housekeeping
         # replicas a killed run recorded and never read back: once this watcher's first apply has
         # run, what such a run launched and Terraform never saved is found (and, where this
@@ -399,7 +402,26 @@ class Controller:
         longer in `sources` are polled once more by it (what they caught since the last pass is
         not lost), acknowledged and closed. A new revision (`run`, `resources`) starts the
         crash-loop count over (`_crashes` counts the current revision's replicas only). The
-        operator's notes, the launch bookkeeping and the autoscaler's history stay."""
+        operator's notes, the launch bookkeeping and the autoscaler's history stay.
+
+        A new `readiness_probe` that comes with a new revision (the new version's health path)
+        is the new replicas' probe: the outdated ones are still probed with the one they were
+        launched under until the rolling update releases them. Probed with the new one, they
+        all went NOT_READY at the reload and FAILED 180 s later, while a cloud replacement may
+        take longer than that to come up: nothing was left to route to (every request 503) until
+        it did. A probe-only edit is every replica's (`runner._check_new_probe` refuses one that
+        none of them passes)."""
+        if self.prober is not None and prober is not None:
+            live = self.state.live()
+            current = {cloud: replica_revision(spec, cloud) for cloud in {r.cloud for r in live}}
+            if self.spec.readiness_probe != spec.readiness_probe:
+                for rec in live:
+                    if rec.revision is not None and rec.revision != current[rec.cloud]:
+                        self._earlier_probers.setdefault(rec.revision, self.prober)
+            # a revision current again (a spec reverted) is probed with the spec's probe
+            self._earlier_probers = {
+                rev: p for rev, p in self._earlier_probers.items() if rev not in current.values()
+            }
         self._retiring += [s for s in self.sources if s not in sources]
         self.spec = spec
         self.placement = placement
@@ -417,12 +439,17 @@ class Controller:
 
     # -- small helpers ---------------------------------------------------------------------------
 
-    def note(self, text: str, at: float | None = None, *, level: int = logging.INFO) -> None:
+    def note(
+        self, text: str, at: float | None = None, *, level: int = logging.INFO, repeats: bool = False
+    ) -> None:
         """Record and log a line for the operator. A line noted in the last NOTE_REPEAT_SECONDS (a
         failure retried every pass) is not noted again, so it does not flood the log and push
         everything else out of the dashboard's history. `level`: WARNING for what failed (an
         apply, routing, an event source, a crash loop), so that a log pipeline alerting on
-        warnings sees it and `--log-level warning` keeps it (every notice was INFO)."""
+        warnings sees it and `--log-level warning` keeps it (every notice was INFO). `repeats`:
+        the line answers an event of its own each time (a spec reload's outcome: an edit, a
+        request), so it is noted even when the same words were noted a moment ago: the same
+        typo made again, or a fix re-read as "no change", went unsaid for a minute."""
         at = self.clock() if at is None else at
         # Called from other threads too (a market replay's, `up --market-trace`): the table of
         # lines noted and `notes` change together under one lock. Without it, a pass pruning the
@@ -430,7 +457,7 @@ class Controller:
         # again), and two threads noting one line both noted it.
         with self._note_lock:
             last = self._noted.get(text)
-            if last is not None and 0 <= at - last < NOTE_REPEAT_SECONDS:
+            if not repeats and last is not None and 0 <= at - last < NOTE_REPEAT_SECONDS:
                 log.debug("%s: %s (repeated)", self.spec.name, text)
                 return
             if len(self._noted) >= self._noted_cap:
@@ -853,10 +880,12 @@ class Controller:
             self._probed.clear()
             self._unprobed.clear()
             return False
-        results = self.prober.probe(targets)
-        problems = getattr(self.prober, "problems", None)  # probes it could not make (`HttpProber`)
-        for problem in problems() if problems is not None else ():
-            self.note(problem, level=logging.WARNING)
+        results: dict[str, tuple[bool, str]] = {}
+        for prober, records in self._probers(targets):
+            results.update(prober.probe(records))
+            problems = getattr(prober, "problems", None)  # probes it could not make (`HttpProber`)
+            for problem in problems() if problems is not None else ():
+                self.note(problem, level=logging.WARNING)
         mono, at = self._mono(), self.clock()
         probed = {rid: self._probed.get(rid, mono) for rid in (r.id for r in targets)}
         lines: list[str] = []
@@ -879,6 +908,34 @@ class Controller:
         for line in lines:
             self.note(line)
         return bool(lines)
+
+    def _probers(self, targets: list[ReplicaRecord]) -> list[tuple[Prober, list[ReplicaRecord]]]:
+        """Which prober probes which replicas: the current spec's, but for outdated replicas of a
+        revision whose probe a reload changed with it (`reconfigure`), probed with theirs. The
+        earlier probers of revisions no live replica runs any more (or current again: a spec
+        reverted) are dropped."""
+        assert self.prober is not None
+        if not self._earlier_probers:
+            return [(self.prober, targets)]
+        current: dict[str, str] = {}
+
+        def revision(cloud: str) -> str:
+            if cloud not in current:
+                current[cloud] = replica_revision(self.spec, cloud)
+            return current[cloud]
+
+        earlier: dict[str, list[ReplicaRecord]] = {}
+        rest: list[ReplicaRecord] = []
+        for rec in targets:
+            rev = rec.revision
+            if rev is not None and rev in self._earlier_probers and rev != revision(rec.cloud):
+                earlier.setdefault(rev, []).append(rec)
+            else:
+                rest.append(rec)
+        live = {r.revision for r in self.state.live()} - set(current.values())
+        self._earlier_probers = {rev: p for rev, p in self._earlier_probers.items() if rev in live}
+        groups = [(self._earlier_probers[rev], recs) for rev, recs in earlier.items()]
+        return [(self.prober, rest), *groups] if rest else groups
 
     def _autoscale(self, now: float) -> None:
         if not self.scaler.enabled and (self.state.target is not None or "autoscaler" in self.state.extra):

@@ -199,6 +199,35 @@ class _SpecFile:
         return data
 
 
+def _check_new_probe(
+    old: ServiceSpec, new: ServiceSpec, prober: Prober, live: Sequence[ReplicaRecord]
+) -> None:
+    """Refuse a `readiness_probe` edit that none of the READY replicas passes (SpecError), when the
+    edit leaves them current (no new revision to roll over to). Taken, the next probe marks every
+    one NOT_READY at once and FAILED 180 s later: they were replaced by replicas of the same
+    revision, which failed the same probe, and the service went to 503 for every request (measured
+    live: a `readiness_probe.path` typo took 5 READY replicas to 0 routed in 3 minutes). An edit
+    that rolls the replicas over (`run` changed too, the new version's new health path) is not
+    checked: the old replicas cannot be expected to pass it. Replicas that could not be probed
+    from here (`HttpProber` leaves them out) prove nothing either way."""
+    clouds = {r.cloud for r in live}
+    if any(replica_revision(old, c) != replica_revision(new, c) for c in clouds):
+        return
+    ready = [r for r in live if r.ready_at is not None and r.not_ready_since is None and not r.draining]
+    results = prober.probe(ready) if ready else {}
+    if not results or any(ok for ok, _ in results.values()):
+        return
+    rid = sorted(results)[0]
+    raise SpecError(
+        f"none of the {len(results)} READY replica(s) passes the new probe ({rid}: {results[rid][1]}): "
+        "taken, it would mark them all NOT_READY at once and replace them with replicas of the same "
+        "revision after 180 s; fix the probe (or change `run` with it, to roll the replicas over to a "
+        "version that passes it)",
+        file=new.source,
+        path="readiness_probe",
+    )
+
+
 class Watcher:
     """The `watch` process: lock, controller, supervisor, wake-ups, clean shutdown."""
 
@@ -371,7 +400,12 @@ class Watcher:
         router = None
         if self.route:
             # no nginx, or a taken port (a moved one, on a reload): one error now, not a banner
-            Router(spec, sdir).preflight()
+            # a host moved on the same port: this watcher (running: a reload) holds the lock
+            # `routing down` needs, so the restart it names stops the watcher first
+            restart = "`skyhedge routing down SPEC`, then start the watcher again"
+            Router(spec, sdir).preflight(
+                restart=restart if running is None else f"stop the watcher, {restart}"
+            )
             router = running if isinstance(running, NginxRouter) else NginxRouter(spec, sdir)
         return executor, router, HttpProber(spec)
 
@@ -467,7 +501,7 @@ class Watcher:
         assert self.controller is not None
         if note:  # a refused or failed reload is a warning (the running spec stays)
             level = logging.INFO if outcome in ("taken", "unchanged") else logging.WARNING
-            self.controller.note(text, level=level)
+            self.controller.note(text, level=level, repeats=True)  # each answers an edit or a request
         else:
             log.debug("%s", text)
         self._taken_unasked = text if outcome == "taken" and not self._answering else None
@@ -542,6 +576,8 @@ class Watcher:
                 placement=placement,
             )
             executor, router, prober = self._parts(new, placement, ctl.router)
+            if prober is not None and any(c.startswith("readiness_probe.") for c in changes):
+                _check_new_probe(old, new, prober, ctl.state.live())
         except SkyhedgeError as exc:
             self._outcome("refused", f"spec reload refused: {exc}; keeping the running spec")
             return False

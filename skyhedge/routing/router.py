@@ -120,12 +120,13 @@ class Router:
     def endpoint(self) -> str:
         return self.spec.service.url
 
-    def preflight(self) -> None:
+    def preflight(self, *, restart: str = "`skyhedge routing down SPEC`, then `up`") -> None:
         """Raise RoutingError now if `up` could not work: no nginx, or the service port (or a
         set `service.router.status_port`) held by another process; a running router of ours holds
         its own ports, but not a status port the spec changed since. Why: `apply` launches
         replicas before routing comes up, and a failure found only then leaves them running with
-        no router and a failed command."""
+        no router and a failed command. `restart`: how the caller's user restarts the router
+        (a running watcher holds the lock `routing down` needs: it must be stopped first)."""
         _ = self.binary
         self._check_tls_files()
         running = self.pid() is not None
@@ -140,7 +141,7 @@ class Router:
             raise RoutingError(
                 f"service.host: the router listens on {listening}; nginx cannot rebind port "
                 f"{service.port} to another address by a reload: restart the router "
-                "(`skyhedge routing down SPEC`, then `up`), or move the port too"
+                f"({restart}), or move the port too"
             )
         ports = [] if running and not moved else [("service.port", host, service.port)]
         status_port = self.options.status_port
