@@ -1754,6 +1754,22 @@ def _both(wall: Clock, mono: Clock, seconds: float) -> None:
     mono.advance(seconds)
 
 
+def _jumping_controller(spec, sdir: Path) -> tuple[Controller, Clock, Clock]:
+    """`_jumping` for a spec of a test's own: fakes all round, one fake source."""
+    wall, mono = Clock(), Clock(50.0)
+    ctl = Controller(
+        spec,
+        sdir,
+        executor=FakeExecutor(),
+        router=FakeRouter(),
+        prober=FakeProber(),
+        sources=[FakeSource()],
+        clock=wall,
+        monotonic=mono,
+    )
+    return ctl, wall, mono
+
+
 @pytest.mark.parametrize("jump", [7200.0, -7200.0])
 def test_a_wall_clock_jump_fails_no_replica_and_moves_no_timer(world, jump):
     # the controller's times are wall-clock times kept in the state: a clock set forward 2 h (NTP
@@ -1816,18 +1832,7 @@ def test_a_wall_clock_jump_does_not_age_the_policys_zones(tmp_path, write_spec):
     # A run whose clock jumps must decide exactly as one whose clock does not.
     def run(jump: float, where: str) -> tuple[Controller, list, tuple]:
         spec = load_spec(write_spec(SKYHEDGE_SPEC, name=f"{where}.yaml"))
-        wall, mono = Clock(), Clock(50.0)
-        src = FakeSource()
-        ctl = Controller(
-            spec,
-            tmp_path / where,
-            executor=FakeExecutor(),
-            router=FakeRouter(),
-            prober=FakeProber(),
-            sources=[src],
-            clock=wall,
-            monotonic=mono,
-        )
+        ctl, wall, mono = _jumping_controller(spec, tmp_path / where)
         for _ in range(5):
             ctl.tick()
             _both(wall, mono, 1)
@@ -1869,18 +1874,8 @@ def test_a_small_wall_clock_step_during_a_market_replay_changes_no_decision(tmp_
 
     def run(step: float, where: str) -> tuple[list[list[tuple[str, str]]], list[str]]:
         spec = load_spec(write_spec(WAVE_SPEC, name=f"{where}.yaml"))
-        wall, mono = Clock(), Clock(50.0)
-        src = FakeSource()
-        ctl = Controller(
-            spec,
-            tmp_path / where,
-            executor=FakeExecutor(),
-            router=FakeRouter(),
-            prober=FakeProber(),
-            sources=[src],
-            clock=wall,
-            monotonic=mono,
-        )
+        ctl, wall, mono = _jumping_controller(spec, tmp_path / where)
+        src = ctl.sources[0]
         ctl.policy_clock = PolicyClock(origin=wall(), rate=600.0)  # as `MarketReplay.attach` sets it
         layouts = []
         for i in range(70):
@@ -1950,17 +1945,7 @@ def test_a_policy_that_cannot_move_its_memory_with_a_clock_jump_is_said_to(tmp_p
         raise PolicyError("policy 'mine:Policy': shift_times() raised ValueError: no")
 
     spec = load_spec(write_spec(SKYHEDGE_SPEC))
-    wall, mono = Clock(), Clock(50.0)
-    ctl = Controller(
-        spec,
-        tmp_path / "state",
-        executor=FakeExecutor(),
-        router=FakeRouter(),
-        prober=FakeProber(),
-        sources=[FakeSource()],
-        clock=wall,
-        monotonic=mono,
-    )
+    ctl, wall, mono = _jumping_controller(spec, tmp_path / "state")
     for _ in range(3):
         ctl.tick()
         _both(wall, mono, 1)
