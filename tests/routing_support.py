@@ -25,6 +25,7 @@ import pytest
 from skyhedge.routing import Router, Upstream
 from skyhedge.routing import nginx as nginx_proc
 from skyhedge.spec import ServiceSpec, parse_spec
+from skyhedge.state import ReplicaRecord
 
 REPO = Path(__file__).resolve().parents[1]
 ECHO = REPO / "examples" / "local-echo" / "server.py"
@@ -253,3 +254,20 @@ def replica_answering_500(replica_id: str, *, poison: bytes | None = None) -> It
         server.shutdown()
         server.server_close()
         thread.join(timeout=5)
+
+
+def record(rid: str, endpoint: str | None, *, ready: bool = True, **kw: object) -> ReplicaRecord:
+    """A local replica record launched a minute ago, READY (unless `ready` is false) at `endpoint`."""
+    now = time.time()
+    return ReplicaRecord(
+        id=rid,
+        cloud="local",
+        region="local",
+        zone="local-a",
+        market="spot",
+        launched_at=now - 60,
+        provisioned_at=now - 50,
+        ready_at=now - 40 if ready else None,
+        endpoint=endpoint,
+        **kw,  # type: ignore[arg-type]
+    )

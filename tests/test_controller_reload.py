@@ -21,14 +21,14 @@ from pathlib import Path
 import pytest
 from controller_fakes import LOCAL_SPEC as LOCAL
 from controller_fakes import ROUTER_PORT
-from routing_support import needs_nginx
+from routing_support import needs_nginx, record
 
 from skyhedge.clouds.local import capacity, runtime_dir
 from skyhedge.controller import presence
 from skyhedge.controller.runner import Watcher
 from skyhedge.errors import RoutingError
 from skyhedge.routing import Router
-from skyhedge.spec import load_spec, spec_changes
+from skyhedge.spec import load_spec, replica_revision, spec_changes
 from skyhedge.state import ReplicaRecord
 
 REPO = Path(__file__).resolve().parents[1]
@@ -142,24 +142,6 @@ def test_every_reload_outcome_is_said_even_when_the_same_words_were_said_a_momen
         assert said[:4] == said[4:]
 
 
-def _ready_replica(rid: str, endpoint: str, spec) -> ReplicaRecord:
-    from skyhedge.spec import replica_revision
-
-    now = time.time()
-    return ReplicaRecord(
-        id=rid,
-        cloud="local",
-        region="local",
-        zone="local-a",
-        market="spot",
-        launched_at=now - 60,
-        provisioned_at=now - 55,
-        ready_at=now - 50,
-        endpoint=endpoint,
-        revision=replica_revision(spec, "local"),
-    )
-
-
 def test_a_probe_edit_no_ready_replica_passes_is_refused_before_it_fails_them_all(spec_file, tmp_path):
     """The next probe uses a reloaded `readiness_probe`, on every replica at once: a path typo
     made every READY replica NOT_READY, then FAILED and replaced 180 s later by replicas of the
@@ -176,7 +158,7 @@ def test_a_probe_edit_no_ready_replica_passes_is_refused_before_it_fails_them_al
         assert w.controller is not None
         state = w.controller.state
         for rid, base in (("r-0001", one), ("r-0002", two)):
-            state.replicas[rid] = _ready_replica(rid, base, w.spec)
+            state.replicas[rid] = record(rid, base, revision=replica_revision(w.spec, "local"))
         rewrite(spec_file, "run:", "readiness_probe: {path: /helth}\nrun:")
         w._check_spec()
         line = notes(w)[-1]

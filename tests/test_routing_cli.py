@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from routing_support import Fleet, complete, free_port, needs_nginx, teardown_router
+from routing_support import Fleet, complete, free_port, needs_nginx, record, teardown_router
 
 from skyhedge.cli import main
 from skyhedge.routing import Router
 from skyhedge.spec import load_spec
-from skyhedge.state import ReplicaRecord, ServiceState, load_state, save_state
+from skyhedge.state import ServiceState, load_state, save_state
 
 pytestmark = [needs_nginx, pytest.mark.timeout(60)]
 
@@ -38,22 +38,6 @@ def setup(tmp_path: Path, write_spec) -> Iterator[tuple[Path, Path, Fleet]]:
     finally:
         teardown_router(Router(load_spec(spec_path), state_dir))
         fleet.close()
-
-
-def record(rid: str, endpoint: str | None, *, ready: bool = True, **kw: object) -> ReplicaRecord:
-    now = time.time()
-    return ReplicaRecord(
-        id=rid,
-        cloud="local",
-        region="local",
-        zone="local-a",
-        market="spot",
-        launched_at=now - 60,
-        provisioned_at=now - 50,
-        ready_at=now - 40 if ready else None,
-        endpoint=endpoint,
-        **kw,  # type: ignore[arg-type]
-    )
 
 
 def run(*args: str):
