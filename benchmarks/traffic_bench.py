@@ -428,8 +428,28 @@ def run_controller(args: argparse.Namespace, scenarios: list[str]) -> None:
 # ---- the rollout scenario: spec changes under traffic, on the local-echo example ----------------
 
 
+class _Poller:
+    """A daemon thread running `_poll` until `stop` (the pollers below; as dataclass mixin)."""
+
+    _stop: threading.Event
+    _thread: threading.Thread | None
+    join_timeout = 30.0
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=self.join_timeout)
+
+    def _poll(self) -> None:
+        raise NotImplementedError
+
+
 @dataclass
-class StatusPoller:
+class StatusPoller(_Poller):
     """Polls `skyhedge status --json` once a second (what an operator's script would see): READY
     replicas and live IDs over time, to check none of the spec's changes went below the target."""
 
@@ -439,15 +459,6 @@ class StatusPoller:
     rows: list[tuple[float, int, frozenset[str]]] = field(default_factory=list)
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
-
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._poll, daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=30)
 
     def _poll(self) -> None:
         cmd = [sys.executable, "-m", "skyhedge", "status", str(self.spec), "--state-dir", str(self.sdir)]
@@ -676,7 +687,7 @@ run:
 
 
 @dataclass
-class MetricsPoller:
+class MetricsPoller(_Poller):
     """Scrapes the watcher's /metrics twice a second: the live request rate, the target and the
     READY count (what a dashboard sees; the state file holds the rate only once a minute)."""
 
@@ -685,14 +696,7 @@ class MetricsPoller:
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
 
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._poll, daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
+    join_timeout = 10.0
 
     def _poll(self) -> None:
         while not self._stop.is_set():
