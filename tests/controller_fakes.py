@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -196,3 +197,15 @@ def fake_controller(spec: ServiceSpec, state_dir: Path, **options: object) -> Co
         clock=Clock(),
         options=ControllerOptions(**options),  # type: ignore[arg-type]
     )
+
+
+def edit_spec(path: Path, old: str, new: str) -> None:
+    """Edit a running watcher's spec file in place and date it a moment ago, past the watcher's
+    SPEC_SETTLE_SECONDS (the edit is done: the next pass reads it, not the one after)."""
+    from skyhedge.controller.runner import SPEC_SETTLE_SECONDS
+
+    text = path.read_text()
+    assert old in text
+    path.write_text(text.replace(old, new))
+    done = time.time() - 2 * SPEC_SETTLE_SECONDS
+    os.utime(path, (done, done))

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from controller_fakes import Clock, FakeSource
+from controller_fakes import Clock, FakeSource, edit_spec
 
 from skyhedge.cli import main
 from skyhedge.controller.gitops import GitOpsExecutor
@@ -411,7 +411,7 @@ def test_a_reloaded_spec_is_committed_by_the_same_watcher(tmp_path, repo, write_
         w._tick()
         assert len(tfvars_replicas(repo)) == 3 and len(commits(repo)) == 1
         first = w.controller.executor
-        path.write_text(path.read_text().replace("min_replicas: 2", "min_replicas: 3"))
+        edit_spec(path, "min_replicas: 2", "min_replicas: 3")
         w._tick()
         assert w.controller.executor is not first and w.controller.executor.spec is w.spec
         assert len(tfvars_replicas(repo)) == 4 and len(commits(repo)) == 2
@@ -434,7 +434,7 @@ def test_a_spec_edited_while_head_is_detached_is_taken_and_committed_once_back_o
         assert len(commits(repo)) == 1
         branch = git(repo, "symbolic-ref", "--short", "HEAD").strip()
         git(repo, "checkout", "-q", "--detach")
-        path.write_text(path.read_text().replace("min_replicas: 2", "min_replicas: 3"))
+        edit_spec(path, "min_replicas: 2", "min_replicas: 3")
         w._tick()
         assert w.spec.replica_policy.min_replicas == 3  # taken, not refused
         assert len(commits(repo)) == 1  # but no commit while HEAD is detached
@@ -474,7 +474,7 @@ def test_a_policy_move_keeps_n_booted_replicas_in_every_commit(tmp_path, repo, w
         w._tick()
         clock.advance(1000)  # the four have booted
         w._tick()
-        path.write_text(path.read_text().replace("min_replicas: 3", "min_replicas: 4"))
+        edit_spec(path, "min_replicas: 3", "min_replicas: 4")
         shown = len(commits(repo))
         for _ in range(80):
             w._tick()

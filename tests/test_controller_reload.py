@@ -25,7 +25,7 @@ from routing_support import needs_nginx, record
 
 from skyhedge.clouds.local import capacity, runtime_dir
 from skyhedge.controller import presence
-from skyhedge.controller.runner import Watcher
+from skyhedge.controller.runner import SPEC_SETTLE_SECONDS, Watcher
 from skyhedge.errors import RoutingError
 from skyhedge.routing import Router
 from skyhedge.spec import load_spec, replica_revision, spec_changes
@@ -35,11 +35,14 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def rewrite(path: Path, old: str, new: str) -> None:
-    """Edit the spec as an editor would; the stamp moves even within one mtime tick (size, inode)."""
+    """Edit the spec as an editor would; the stamp moves even within one mtime tick (size, inode).
+    Dated a moment ago, past SPEC_SETTLE_SECONDS: the edit is done, and the next pass reads it."""
     text = path.read_text()
     assert old in text
     tmp = path.with_suffix(".swp")
     tmp.write_text(text.replace(old, new))
+    done = time.time() - 2 * SPEC_SETTLE_SECONDS
+    os.utime(tmp, (done, done))
     os.replace(tmp, path)
 
 
@@ -72,6 +75,37 @@ def test_an_edited_spec_is_taken_before_the_next_pass_and_the_change_is_named(sp
         assert notes(w)[-1] == f"spec reloaded from {spec_file}: replica_policy.min_replicas: 1 -> 2"
         w._check_spec()  # read once: not again
         assert len(notes(w)) == 1
+
+
+def test_a_spec_written_in_place_is_read_once_it_stands_still_not_half_written(spec_file, tmp_path):
+    """A writer that rewrites the file in place (truncate, then write in pieces) leaves a prefix
+    of the new spec between its writes, and a prefix can be a valid spec: read then, a watcher
+    took `run.command: p` and started rolling every replica over to it. An edit is read once the
+    file has stood still for SPEC_SETTLE_SECONDS; a reload request reads at once."""
+    full = LOCAL.replace('run: {command: "true"}', "run:\n  command: python3 -m http.server")
+    prefix = full[: full.index("python3") + 1] + "\n"  # `command: p`: a valid spec
+    assert load_spec(_written(tmp_path / "prefix.yaml", prefix)).run.command == "p"
+    with watcher_for(spec_file, tmp_path) as w:
+        spec_file.write_text(prefix)  # the first piece, this moment
+        w._check_spec()
+        assert w.spec.run.command == "true" and notes(w) == []
+        spec_file.write_text(full)  # the rest, still within the settle time
+        w._check_spec()
+        assert w.spec.run.command == "true" and notes(w) == []
+        done = time.time() - 2 * SPEC_SETTLE_SECONDS  # ... and then it stood still
+        os.utime(spec_file, (done, done))
+        w._check_spec()
+        assert w.spec.run.command == "python3 -m http.server"
+        assert len(notes(w)) == 1 and "run.command" in notes(w)[0]
+        spec_file.write_text(LOCAL)  # written this moment, but asked for: read at once
+        w.request_reload()
+        w._check_spec()
+        assert w.spec.run.command == "true"
+
+
+def _written(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
 
 
 def test_a_run_change_names_no_value_and_says_the_replicas_roll_over(spec_file, tmp_path):

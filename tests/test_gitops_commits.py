@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from controller_fakes import Clock, FakeSource
+from controller_fakes import Clock, FakeSource, edit_spec
 from test_controller_gitops import REGIONS as GITOPS_REGIONS
 from test_controller_gitops import SPEC as GITOPS_SPEC
 
@@ -306,7 +306,7 @@ def test_a_spec_edit_after_a_zone_event_is_not_a_move_off_the_zone(tmp_path, rep
         )
         w._tick()
         assert len(messages(repo)) == 2  # the zone event alone changed no replica: no commit
-        path.write_text(path.read_text().replace("min_replicas: 2", "min_replicas: 3"))
+        edit_spec(path, "min_replicas: 2", "min_replicas: 3")
         w._tick()
         msg = messages(repo)[0]
         assert msg.startswith("skyhedge: svc: scale to 4 replicas"), msg
@@ -314,7 +314,7 @@ def test_a_spec_edit_after_a_zone_event_is_not_a_move_off_the_zone(tmp_path, rep
         assert "zone in local/local/local-a (preempted at" in msg
         created, deleted = plus_minus(msg)
         assert len(created) == 1 and deleted == []
-        path.write_text(path.read_text().replace("min_replicas: 3", "min_replicas: 2"))
+        edit_spec(path, "min_replicas: 3", "min_replicas: 2")
         w._tick()
         msg = messages(repo)[0]
         created, deleted = plus_minus(msg)

@@ -55,6 +55,12 @@ if TYPE_CHECKING:
 log = logging.getLogger("skyhedge.controller")
 #: How often a running watcher stats its spec file, to take an edit without waiting for a pass.
 SPEC_POLL_SECONDS = 1.0
+#: An edit is read once the file has not changed for this long. A writer that rewrites the file
+#: in place (truncate, then write in pieces: `cat >`, many config tools) leaves a prefix of the
+#: new spec between its writes, and a prefix can be a valid spec (of the example's 1,643 byte
+#: prefixes, 26 load, such as one whose `run.command` is `p`): read then, it started a rolling
+#: update to it. A `skyhedge reload` (SIGHUP, SIGUSR1) reads at once: the edit is done.
+SPEC_SETTLE_SECONDS = 1.0
 #: How often the router watch reads which process is the router (a restart makes a new one). Its
 #: exit itself wakes the loop at once where the kernel has pidfds (Linux 5.3), else within this.
 ROUTER_POLL_SECONDS = 1.0
@@ -180,6 +186,13 @@ class _SpecFile:
         except OSError:
             return None
         return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+    @staticmethod
+    def settling(stamp: tuple[int, int, int]) -> bool:
+        """Whether the file stamped `stamp` changed less than SPEC_SETTLE_SECONDS ago (a writer
+        may be between two of its writes). A time ahead of the clock (a skewed network file
+        system) counts as settled: waiting would not end."""
+        return 0 <= time.time() - stamp[0] / 1e9 < SPEC_SETTLE_SECONDS
 
     def changed(self) -> bytes | None:
         """The file's bytes if they differ from the last read ones, else None (also when the
@@ -459,6 +472,10 @@ class Watcher:
             spec_file.stamp = spec_file.digest = None  # read it whatever its stamp says
         elif not self.reload_on_change:
             return
+        else:
+            stamp = spec_file.peek()
+            if stamp is not None and stamp != spec_file.stamp and spec_file.settling(stamp):
+                return  # being written, maybe: the file poll wakes the loop once it is still
         if spec_file.changed() is None:
             if asked:
                 text = f"spec reload: cannot read {spec_file.path}; keeping the running spec"
@@ -671,9 +688,10 @@ class Watcher:
 
     @contextlib.contextmanager
     def _watch_spec_file(self) -> Iterator[None]:
-        """Wake the loop within a second of an edit to the spec file, rather than at the next
-        pass (`--interval`, or a backoff after failed applies: the edit may be the fix). A stat a
-        second; the pass itself decides whether the content changed."""
+        """Wake the loop within a second or two of an edit to the spec file (once it is still:
+        SPEC_SETTLE_SECONDS), rather than at the next pass (`--interval`, or a backoff after
+        failed applies: the edit may be the fix). A stat a second; the pass itself decides
+        whether the content changed."""
         spec_file, supervisor = self._spec_file, self.supervisor
         if spec_file is None or not self.reload_on_change or supervisor is None:
             yield
@@ -681,11 +699,17 @@ class Watcher:
         done = threading.Event()
 
         def poll() -> None:
-            seen = spec_file.stamp
+            # woken on a change, and once more when a changed file has stood still for a poll:
+            # the pass a change woke may have found it still settling (SPEC_SETTLE_SECONDS)
+            seen, still = spec_file.stamp, spec_file.stamp
             while not done.wait(SPEC_POLL_SECONDS):
                 stamp = spec_file.peek()
-                if stamp is not None and stamp != seen and stamp != spec_file.stamp:
-                    supervisor.wake()
+                if stamp is not None and stamp != spec_file.stamp:
+                    if stamp != seen:
+                        supervisor.wake()
+                    elif stamp != still:
+                        still = stamp
+                        supervisor.wake()
                 seen = stamp
 
         with _beside(poll, done, "skyhedge-spec-file", join_timeout=5):
