@@ -1154,6 +1154,55 @@ def test_a_gone_replicas_endpoint_another_live_replica_has_now_is_never_cut(worl
     assert router.severed == []
 
 
+def test_a_replica_taken_out_not_ready_is_cut_only_once_known_gone(world):
+    """A vanished VM's probe fails before its preemption is known: the reload takes it out alive,
+    and the GONE event after that changes no routing. Its connections are cut then (they waited
+    for read_timeout: a soak measured clients giving up at 30 s), not while it is only NOT_READY
+    (a slow replica keeps its requests), and once only."""
+    router = DrainingRouter()
+    world["router"] = router
+    ctl, clock, src, prober = make(world), world["clock"], world["source"], world["prober"]
+    settle(ctl, clock)
+    victim = next(r for r in ctl.state.live() if r.zone == "local-a")
+    prober.down.add(victim.id)
+    ctl.tick()
+    assert victim.id not in router.current and victim.gone_at is None
+    assert router.severed == []
+    executor, seen_by_apply = world["executor"], []
+    real_apply = executor.apply
+
+    def apply(state, plan, now):
+        seen_by_apply.append(list(router.severed))
+        return real_apply(state, plan, now)
+
+    executor.apply = apply
+    clock.advance(1)
+    preempt(src, clock, victim)
+    ctl.tick()
+    assert router.severed == [victim.endpoint]
+    assert seen_by_apply == [[victim.endpoint]]  # cut before the replacement's apply (minutes on a cloud)
+    settle(ctl, clock)
+    assert router.severed == [victim.endpoint]
+    assert ctl._unrouted == {}  # forgotten once cut: nothing kept per gone replica
+
+
+def test_a_replica_taken_out_not_ready_that_recovers_is_never_cut(world):
+    """Routed again once its probe passes, a replica taken out NOT_READY is no longer one to cut:
+    its later exit through a drain (a release) waits for its requests instead."""
+    router = DrainingRouter()
+    world["router"] = router
+    ctl, clock, prober = make(world), world["clock"], world["prober"]
+    settle(ctl, clock)
+    victim = next(r for r in ctl.state.live() if r.zone == "local-a")
+    prober.down.add(victim.id)
+    ctl.tick()
+    assert victim.id not in router.current
+    prober.down.discard(victim.id)
+    settle(ctl, clock)
+    assert victim.id in router.current
+    assert router.severed == []
+
+
 def test_the_plan_note_counts_replicas_on_their_way_out_apart(world, write_spec):
     """A plan made while a released replica drains names the layout the service is headed for:
     the draining replica is not one of its spot replicas, it is counted apart."""

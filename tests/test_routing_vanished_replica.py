@@ -362,3 +362,53 @@ def test_routing_reload_cuts_the_requests_of_a_replica_the_state_knows_gone(
     assert all(r[0] == 200 and r[1] == "r-0002" and r[2] == TOKENS for r in results), results
     assert max(r[3] for r in results) < 10, results
     assert time.monotonic() - stopped < 10
+
+
+def test_a_vanished_replica_whose_probe_failed_first_has_its_requests_cut_once_known_gone(
+    tmp_path, write_spec, fleet, routers
+):
+    """A VM that vanishes fails its probe before its preemption is known: the reload takes it out
+    alive (NOT_READY, not cut: a replica that is only slow keeps its requests), and the GONE
+    event a pass later changes no routing. Its requests in flight must be cut then all the same;
+    they waited for `read_timeout` (measured in a soak: clients gave up at 30 s)."""
+    port = free_port()
+    spec = load_spec(write_spec(SPEC.format(port=port, read_timeout=READ_TIMEOUT)))
+    clock, source, prober = Clock(), FakeSource(), FakeProber()
+    adapter = NginxRouter(spec, tmp_path / "state")
+    routers.append(adapter.router)
+    ctl = Controller(
+        spec,
+        tmp_path / "state",
+        executor=FleetExecutor(fleet),
+        router=adapter,
+        prober=prober,
+        sources=[source],
+        clock=clock,
+    )
+    for _ in range(3):
+        ctl.tick()
+        clock.advance(1)
+    routed = sorted(pair[0] for pair in ctl.state.extra["routed"])
+    assert len(routed) == 2
+    victim = ctl.state.replicas[routed[0]]
+    clients = Clients(f"http://127.0.0.1:{port}", 4)
+    wait_until(lambda: in_flight_to(adapter.router, victim.endpoint) >= 1, 5, "requests on the victim")
+    os.killpg(fleet.replicas[victim.id].proc.pid, signal.SIGSTOP)  # the VM is gone
+    prober.down.add(victim.id)
+    ctl.tick()  # its probe fails first: out of the router, alive
+    assert victim.id not in {pair[0] for pair in ctl.state.extra["routed"]}
+    assert victim.gone_at is None
+    assert in_flight_to(adapter.router, victim.endpoint) >= 1
+    clock.advance(1)
+    source.queue.append(
+        PreemptionEvent(Signal.GONE, clock(), "fake", replica_id=victim.id, reason="preempted")
+    )
+    ctl.tick()
+    results = clients.join()
+    assert len(results) == 4
+    assert all(r[0] == 200 and r[1] != victim.id and r[2] == TOKENS for r in results), results
+    assert max(r[3] for r in results) < 10, results
+    assert any(f"to gone {victim.id}: requests retried" in n.text for n in ctl.notes), [
+        n.text for n in ctl.notes
+    ]
+    assert ctl._unrouted == {}

@@ -326,6 +326,9 @@ class Controller:
         self._clock_seen: tuple[float, float] | None = None  # (clock, monotonic) at the last pass
         self._probed: dict[str, float] = {}  # replica ID -> when (monotonic) a probe was last made
         self._unprobed: set[str] = set()  # NOT_READY for want of a probe made (`mark_unprobed`)
+        # replica ID -> endpoint: taken out of the router while not known gone (a failed probe),
+        # its connections to be cut once it is (`_sever_gone_unrouted`)
+        self._unrouted: dict[str, str] = {}
         # the policy's time when it runs faster than `clock`: a market replay's (`up --market-trace`)
         self.policy_clock: PolicyClock | None = None
         self.options = options or ControllerOptions()
@@ -616,6 +619,7 @@ class Controller:
         # replicas gone leave the router now; newly READY ones join at the pass's next routing,
         # right after the plan, in the same nginx reload as the replicas it releases
         self._route(force=refresh, defer_additions=True)
+        self._sever_gone_unrouted()  # before the apply: a cloud's takes minutes
         plan, memory = compute_plan(
             self.spec,
             self.state,
@@ -687,6 +691,7 @@ class Controller:
         self._started = True
         self._refresh = False
         self._route()
+        self._sever_gone_unrouted()
         self.save()
         finish = getattr(self.executor, "finish", None)  # GitOps: commit with the state just saved
         commit_failed: SkyhedgeError | None = None
@@ -1309,8 +1314,46 @@ class Controller:
             and str(ep) not in kept_eps
             and ((rec := self.state.replicas.get(str(rid))) is None or rec.gone_at is not None)
         }
+        # Taken out alive (NOT_READY: its probe failed first, as a VM vanishing fails it before the
+        # preemption is known): not cut now, a replica that is only slow keeps its requests; cut
+        # once it is known gone, a pass or more later (`_sever_gone_unrouted`). A released one
+        # (draining) is not: its drain waits for its requests (`_drained` cuts what outlives it).
+        for rid, ep in routed or []:
+            rec = self.state.replicas.get(str(rid))
+            if (
+                str(rid) in removed
+                and rec is not None
+                and rec.gone_at is None
+                and not rec.draining
+                and str(ep) not in {str(e) for _, e in wanted}
+            ):
+                self._unrouted[str(rid)] = str(ep)
+        for rid in kept:
+            self._unrouted.pop(rid, None)
         self._sever(dead, now)
         return old
+
+    def _sever_gone_unrouted(self) -> None:
+        """Cut the router's connections to replicas taken out of it while alive (NOT_READY) that
+        are now known gone. Why: a vanished VM's probe fails first, its reload then takes it out
+        alive, and the GONE event that follows changes no routing: `_route` never cut its
+        requests in flight, which waited for `read_timeout` (600 s by default). Measured in a
+        35 min soak: 6 of 14 vanished local replicas each left a request waiting until its
+        client's 30 s timeout. Only replicas known gone are cut: a slow one keeps its requests."""
+        if not self._unrouted:
+            return
+        # never an endpoint a live replica has (handed to a new replica since: `_route`)
+        kept_eps = {str(ep) for _, ep in self.state.extra.get("routed") or []}
+        kept_eps |= {str(r.endpoint) for r in self.state.live() if r.endpoint}
+        dead: dict[str, str] = {}
+        for rid, ep in list(self._unrouted.items()):
+            rec = self.state.replicas.get(rid)
+            if rec is not None and rec.gone_at is None:
+                continue
+            del self._unrouted[rid]
+            if ep not in kept_eps:
+                dead[ep] = rid
+        self._sever(dead, self.clock())
 
     def _sever(self, endpoints: dict[str, str], now: float) -> None:
         """Close the router's connections to these endpoints (endpoint -> replica ID), replicas
