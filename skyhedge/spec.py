@@ -9,6 +9,7 @@ instance type or zone) live in `skyhedge.service.resolve_placement` where the ca
 
 from __future__ import annotations
 
+import copy
 import difflib
 import ipaddress
 import json
@@ -920,6 +921,25 @@ def _probe(ctx: _Ctx, raw: Any) -> ReadinessProbe:
         post_data=post,
         headers=_headers(ctx, f"{p}.headers", d.get("headers")),
     )
+
+
+def readiness_probe_json(probe: ReadinessProbe) -> dict[str, Any]:
+    """`probe` as plain JSON, which `parse_readiness_probe` reads back: the watcher keeps the probe
+    of the spec outdated replicas were launched under in its state, so that a restart mid-rolling-
+    update probes them with it still (`Controller.reconfigure`)."""
+    return {
+        "path": probe.path,
+        "initial_delay_seconds": probe.initial_delay_seconds,
+        "timeout_seconds": probe.timeout_seconds,
+        "post_data": copy.deepcopy(probe.post_data),
+        "headers": dict(probe.headers),
+    }
+
+
+def parse_readiness_probe(data: Any, *, source: str) -> ReadinessProbe:
+    """A `readiness_probe` mapping checked as the spec's is (raises SpecError naming `source`): one
+    read back from a state file may have been edited by hand."""
+    return _probe(_Ctx(source), data)
 
 
 #: The most values, and levels of nesting, a probe body may hold. YAML aliases repeat what their

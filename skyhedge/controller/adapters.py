@@ -14,7 +14,7 @@ from skyhedge.controller.facts import UNPROBED_SECONDS
 from skyhedge.errors import RoutingError
 from skyhedge.probe import check_all
 from skyhedge.routing import Router, Upstream, read_stub_status, workers_alive
-from skyhedge.spec import ServiceSpec
+from skyhedge.spec import ReadinessProbe, ServiceSpec
 from skyhedge.state import ReplicaRecord
 
 log = logging.getLogger("skyhedge.controller")
@@ -132,8 +132,10 @@ class HttpProber:
     replica went NOT_READY at once (on-demand covers launched for them) and, after 180 s of it,
     FAILED and replaced: a healthy service taken down by its watcher's own trouble."""
 
-    def __init__(self, spec: ServiceSpec) -> None:
-        self.readiness = spec.readiness_probe
+    def __init__(self, spec: ServiceSpec | ReadinessProbe) -> None:
+        # a spec's probe, or a probe alone: an earlier spec's, which a restarted watcher reads back
+        # from the state for the outdated replicas of a rolling update (`Controller`)
+        self.readiness = spec if isinstance(spec, ReadinessProbe) else spec.readiness_probe
         self._said: list[str] = []
         self._unmade = False  # the last probes this process could not make
 

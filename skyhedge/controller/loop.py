@@ -77,7 +77,13 @@ from skyhedge.service import (
     set_gitops,
     shift_policy_memory,
 )
-from skyhedge.spec import ServiceSpec, replica_revision
+from skyhedge.spec import (
+    ReadinessProbe,
+    ServiceSpec,
+    parse_readiness_probe,
+    readiness_probe_json,
+    replica_revision,
+)
 from skyhedge.state import (
     LAUNCH_HOLD_KEY,
     RECORD_FIELDS,
@@ -94,6 +100,15 @@ from skyhedge.state import (
 DRAIN_KEY = "drain"
 #: The shortest a drain may last before its replica is removed anyway (see `drain_deadline`).
 DRAIN_FLOOR_SECONDS = 600.0
+#: `state.extra` key: `{replica_id: endpoint}` of replicas taken out of the router alive (NOT_READY),
+#: whose connections are cut once they are known gone (`Controller._sever_gone_unrouted`). In the
+#: state so that one taken out before a watcher restart and found gone after it is cut all the same.
+UNROUTED_KEY = "unrouted"
+#: `state.extra` key: `{revision: readiness_probe}`, the probe of the spec the outdated replicas of
+#: that revision were launched under, when a reload changed it together with the revision
+#: (`Controller.reconfigure`). In the state so that a restart mid-rolling-update keeps probing them
+#: with it, not with the new version's probe (which they may fail: NOT_READY, FAILED 180 s later).
+EARLIER_PROBES_KEY = "earlier_probes"
 
 log = logging.getLogger("skyhedge.controller")
 #: A note identical to the previous one is repeated at most this often (see Controller.note).
@@ -295,6 +310,13 @@ class _RecordText:
     text: str
 
 
+def _http_prober(readiness: ReadinessProbe) -> Prober:
+    """The watcher's prober (`runner`'s), for an earlier spec's probe read back from the state."""
+    from skyhedge.controller.adapters import HttpProber  # (adapters imports this module's peers)
+
+    return HttpProber(readiness)
+
+
 class Controller:
     """Owns one service's state while the supervisor holds its writer lock."""
 
@@ -373,8 +395,11 @@ class Controller:
         self._refresh = False  # a reloaded spec: apply and route on the next pass
         self._retiring: list[EventSource] = []  # sources of an earlier spec: one last poll
         # revision -> the prober of the spec its replicas were launched under, for a reload that
-        # changed the readiness probe together with the revision (`reconfigure`; in memory only)
+        # changed the readiness probe together with the revision (`reconfigure`), and that probe as
+        # JSON, kept in the state (EARLIER_PROBES_KEY): a restarted watcher rebuilds the prober from
+        # it (an HttpProber, as the watcher's own prober is: `runner`)
         self._earlier_probers: dict[str, Prober] = {}
+        self._earlier_probes: dict[str, dict[str, Any]] = {}
         self._housekept: float | None = None  # time.monotonic() of the last housekeeping
         # replicas a killed run recorded and never read back: once this watcher's first apply has
         # run, what such a run launched and Terraform never saved is found (and, where this
@@ -389,6 +414,7 @@ class Controller:
         # replicas the event sources found gone (`lost_replicas`): looked for as those, once an
         # apply dropped them from their root (a killed re-create of one left a machine; in memory)
         self._lost: list[ReplicaRecord] = []
+        self._load_kept_tables()
 
     def reconfigure(
         self,
@@ -419,12 +445,18 @@ class Controller:
             current = {cloud: replica_revision(spec, cloud) for cloud in {r.cloud for r in live}}
             if self.spec.readiness_probe != spec.readiness_probe:
                 for rec in live:
-                    if rec.revision is not None and rec.revision != current[rec.cloud]:
-                        self._earlier_probers.setdefault(rec.revision, self.prober)
+                    if (
+                        rec.revision is not None
+                        and rec.revision != current[rec.cloud]
+                        and rec.revision not in self._earlier_probers
+                    ):
+                        self._earlier_probers[rec.revision] = self.prober
+                        self._earlier_probes[rec.revision] = readiness_probe_json(self.spec.readiness_probe)
             # a revision current again (a spec reverted) is probed with the spec's probe
             self._earlier_probers = {
                 rev: p for rev, p in self._earlier_probers.items() if rev not in current.values()
             }
+            self._keep_earlier_probes()
         self._retiring += [s for s in self.sources if s not in sources]
         self.spec = spec
         self.placement = placement
@@ -939,6 +971,7 @@ class Controller:
                 rest.append(rec)
         live = {r.revision for r in self.state.live()} - set(current.values())
         self._earlier_probers = {rev: p for rev, p in self._earlier_probers.items() if rev in live}
+        self._keep_earlier_probes()
         groups = [(self._earlier_probers[rev], recs) for rev, recs in earlier.items()]
         return [(self.prober, rest), *groups] if rest else groups
 
@@ -1330,6 +1363,7 @@ class Controller:
                 self._unrouted[str(rid)] = str(ep)
         for rid in kept:
             self._unrouted.pop(rid, None)
+        self._keep_unrouted()
         self._sever(dead, now)
         return old
 
@@ -1353,7 +1387,74 @@ class Controller:
             del self._unrouted[rid]
             if ep not in kept_eps:
                 dead[ep] = rid
+        self._keep_unrouted()
         self._sever(dead, self.clock())
+
+    # -- tables kept in the state for a restarted watcher ----------------------------------------
+
+    def _load_kept_tables(self) -> None:
+        """Read back `UNROUTED_KEY` and `EARLIER_PROBES_KEY`. A state written by a release that did
+        not keep them has neither (nothing to read); a malformed value (a hand edit) is dropped
+        with a warning, never a crash: what is lost is a cut or an earlier probe, not the service."""
+        extra = self.state.extra
+        raw = extra.get(UNROUTED_KEY)
+        if raw is not None:
+            table = raw if isinstance(raw, dict) else {}
+            self._unrouted = {str(rid): ep for rid, ep in table.items() if isinstance(ep, str) and ep}
+            if not isinstance(raw, dict) or len(self._unrouted) != len(table):
+                self.note(
+                    f"{STATE_FILE}: extra.{UNROUTED_KEY}: expected an object of replica id -> endpoint; "
+                    "ignored what is not: those replicas' requests are not cut once they are gone",
+                    level=logging.WARNING,
+                )
+        raw = extra.get(EARLIER_PROBES_KEY)
+        if raw is not None:
+            table = raw if isinstance(raw, dict) else {}
+            where = f"{STATE_FILE}: extra.{EARLIER_PROBES_KEY}"
+            bad = (
+                []
+                if isinstance(raw, dict)
+                else [f"{where}: expected an object of revision -> readiness_probe"]
+            )
+            for rev, probe in table.items():
+                try:
+                    readiness = parse_readiness_probe(probe, source=f"{where}.{rev}")
+                except SkyhedgeError as exc:
+                    bad.append(str(exc))
+                    continue
+                self._earlier_probes[str(rev)] = readiness_probe_json(readiness)
+                if self.prober is not None:  # (GitOps: no prober, nothing is probed)
+                    self._earlier_probers[str(rev)] = _http_prober(readiness)
+            # revisions no live replica runs any more, or current (the spec reverted while stopped)
+            live = self.state.live()
+            current = {replica_revision(self.spec, cloud) for cloud in {r.cloud for r in live}}
+            running = {r.revision for r in live} - current
+            self._earlier_probers = {r: p for r, p in self._earlier_probers.items() if r in running}
+            if bad:
+                self.note(
+                    f"{'; '.join(bad)}: ignored, those replicas are probed with the spec's probe",
+                    level=logging.WARNING,
+                )
+        self._keep_unrouted()
+        self._keep_earlier_probes()
+
+    def _keep_unrouted(self) -> None:
+        """Mirror `_unrouted` into the state (written with the pass that changed it)."""
+        if self._unrouted:
+            self.state.extra[UNROUTED_KEY] = dict(sorted(self._unrouted.items()))
+        else:
+            self.state.extra.pop(UNROUTED_KEY, None)
+
+    def _keep_earlier_probes(self) -> None:
+        """Mirror the earlier probes into the state: those of `_earlier_probers` only, whose
+        revisions some live replica runs (`_probers` and `reconfigure` drop the rest)."""
+        self._earlier_probes = {
+            rev: p for rev, p in self._earlier_probes.items() if rev in self._earlier_probers
+        }
+        if self._earlier_probes:
+            self.state.extra[EARLIER_PROBES_KEY] = dict(sorted(self._earlier_probes.items()))
+        else:
+            self.state.extra.pop(EARLIER_PROBES_KEY, None)
 
     def _sever(self, endpoints: dict[str, str], now: float) -> None:
         """Close the router's connections to these endpoints (endpoint -> replica ID), replicas
