@@ -596,7 +596,8 @@ def _recreated_by_a_killed_apply(
         )["Instances"][0]["InstanceId"]
 
     state_dir = tmp_path / "state-recreated"
-    assert apply_service(load_spec(spec_of(1)), state_dir, route=False, wait=False).ok
+    created = apply_service(load_spec(spec_of(1)), state_dir, route=False, wait=False)
+    assert created.ok, created.errors
     state = load_state(state_dir, "recreated")
     [rec] = state.live()
     first = str(rec.cloud_id)
@@ -708,7 +709,8 @@ def test_instances_terraform_lost_are_named_not_terminated_when_it_launches_thei
 
     write(1)
     state_dir = tmp_path / "state-lost"
-    assert apply_service(load_spec(spec_path), state_dir, route=False, wait=False).ok
+    created = apply_service(load_spec(spec_path), state_dir, route=False, wait=False)
+    assert created.ok, created.errors
     [rec] = load_state(state_dir, "lost").live()
     serving = str(rec.cloud_id)
     (state_dir / "tf" / "state" / f"aws-{REGION}.tfstate").unlink()
