@@ -20,6 +20,7 @@ import signal
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -186,9 +187,29 @@ class FleetExecutor(FakeExecutor):
         return result
 
 
-def test_the_watcher_cuts_a_preempted_replicas_requests_so_they_are_retried_not_left_waiting(
-    tmp_path, write_spec, fleet, routers
-):
+@dataclass
+class VictimRun:
+    """A controller over a real nginx and two slow replicas, with requests in flight on one of
+    them (`victim`), which is then SIGSTOPped: a VM gone, its sockets neither answered nor reset."""
+
+    ctl: Controller
+    adapter: NginxRouter
+    clock: Clock
+    source: FakeSource
+    victim: ReplicaRecord
+    clients: Clients
+
+    def answered_elsewhere(self) -> None:
+        """Every request answered in full by the other replica, within seconds, and the cut said."""
+        results = self.clients.join()
+        assert len(results) == 4
+        assert all(r[0] == 200 and r[1] != self.victim.id and r[2] == TOKENS for r in results), results
+        assert max(r[3] for r in results) < 10, results
+        notes = [n.text for n in self.ctl.notes]
+        assert any(f"to gone {self.victim.id}: requests retried" in n for n in notes), notes
+
+
+def _victim_run(tmp_path, write_spec, fleet, routers, prober: FakeProber) -> VictimRun:
     port = free_port()
     spec = load_spec(write_spec(SPEC.format(port=port, read_timeout=READ_TIMEOUT)))
     clock, source = Clock(), FakeSource()
@@ -199,7 +220,7 @@ def test_the_watcher_cuts_a_preempted_replicas_requests_so_they_are_retried_not_
         tmp_path / "state",
         executor=FleetExecutor(fleet),
         router=adapter,
-        prober=FakeProber(),
+        prober=prober,
         sources=[source],
         clock=clock,
     )
@@ -211,19 +232,20 @@ def test_the_watcher_cuts_a_preempted_replicas_requests_so_they_are_retried_not_
     victim = ctl.state.replicas[routed[0]]
     clients = Clients(f"http://127.0.0.1:{port}", 4)
     wait_until(lambda: in_flight_to(adapter.router, victim.endpoint) >= 1, 5, "requests on the victim")
-    os.killpg(fleet.replicas[victim.id].proc.pid, signal.SIGSTOP)  # preempted: the VM is gone
-    source.queue.append(
-        PreemptionEvent(Signal.GONE, clock(), "fake", replica_id=victim.id, reason="preempted")
+    os.killpg(fleet.replicas[victim.id].proc.pid, signal.SIGSTOP)  # the VM is gone
+    return VictimRun(ctl, adapter, clock, source, victim, clients)
+
+
+def test_the_watcher_cuts_a_preempted_replicas_requests_so_they_are_retried_not_left_waiting(
+    tmp_path, write_spec, fleet, routers
+):
+    run = _victim_run(tmp_path, write_spec, fleet, routers, FakeProber())
+    run.source.queue.append(
+        PreemptionEvent(Signal.GONE, run.clock(), "fake", replica_id=run.victim.id, reason="preempted")
     )
-    ctl.tick()
-    assert victim.id not in {pair[0] for pair in ctl.state.extra["routed"]}
-    results = clients.join()
-    assert len(results) == 4
-    assert all(r[0] == 200 and r[1] != victim.id and r[2] == TOKENS for r in results), results
-    assert max(r[3] for r in results) < 10, results
-    assert any(f"to gone {victim.id}: requests retried" in n.text for n in ctl.notes), [
-        n.text for n in ctl.notes
-    ]
+    run.ctl.tick()
+    assert run.victim.id not in {pair[0] for pair in run.ctl.state.extra["routed"]}
+    run.answered_elsewhere()
 
 
 @pytest.mark.skipif(sys.byteorder != "little", reason="/proc/net/tcp spells addresses in host order")
@@ -371,44 +393,18 @@ def test_a_vanished_replica_whose_probe_failed_first_has_its_requests_cut_once_k
     alive (NOT_READY, not cut: a replica that is only slow keeps its requests), and the GONE
     event a pass later changes no routing. Its requests in flight must be cut then all the same;
     they waited for `read_timeout` (measured in a soak: clients gave up at 30 s)."""
-    port = free_port()
-    spec = load_spec(write_spec(SPEC.format(port=port, read_timeout=READ_TIMEOUT)))
-    clock, source, prober = Clock(), FakeSource(), FakeProber()
-    adapter = NginxRouter(spec, tmp_path / "state")
-    routers.append(adapter.router)
-    ctl = Controller(
-        spec,
-        tmp_path / "state",
-        executor=FleetExecutor(fleet),
-        router=adapter,
-        prober=prober,
-        sources=[source],
-        clock=clock,
-    )
-    for _ in range(3):
-        ctl.tick()
-        clock.advance(1)
-    routed = sorted(pair[0] for pair in ctl.state.extra["routed"])
-    assert len(routed) == 2
-    victim = ctl.state.replicas[routed[0]]
-    clients = Clients(f"http://127.0.0.1:{port}", 4)
-    wait_until(lambda: in_flight_to(adapter.router, victim.endpoint) >= 1, 5, "requests on the victim")
-    os.killpg(fleet.replicas[victim.id].proc.pid, signal.SIGSTOP)  # the VM is gone
+    prober = FakeProber()
+    run = _victim_run(tmp_path, write_spec, fleet, routers, prober)
+    ctl, victim = run.ctl, run.victim
     prober.down.add(victim.id)
     ctl.tick()  # its probe fails first: out of the router, alive
     assert victim.id not in {pair[0] for pair in ctl.state.extra["routed"]}
     assert victim.gone_at is None
-    assert in_flight_to(adapter.router, victim.endpoint) >= 1
-    clock.advance(1)
-    source.queue.append(
-        PreemptionEvent(Signal.GONE, clock(), "fake", replica_id=victim.id, reason="preempted")
+    assert in_flight_to(run.adapter.router, victim.endpoint) >= 1
+    run.clock.advance(1)
+    run.source.queue.append(
+        PreemptionEvent(Signal.GONE, run.clock(), "fake", replica_id=victim.id, reason="preempted")
     )
     ctl.tick()
-    results = clients.join()
-    assert len(results) == 4
-    assert all(r[0] == 200 and r[1] != victim.id and r[2] == TOKENS for r in results), results
-    assert max(r[3] for r in results) < 10, results
-    assert any(f"to gone {victim.id}: requests retried" in n.text for n in ctl.notes), [
-        n.text for n in ctl.notes
-    ]
+    run.answered_elsewhere()
     assert ctl._unrouted == {}
