@@ -54,6 +54,19 @@ run: {{command: "true"}}
 """
 
 
+#: Three local zones, 2 replicas and SpotHedge's extra one, a probe with a 30 s initial delay:
+#: the metrics and restart tests' service.
+THREE_ZONE_SPEC = """
+name: svc
+placement:
+  clouds: [local]
+  zones: [local-a, local-b, local-c]
+replica_policy: {min_replicas: 2, num_overprovision: 1, policy: spothedge}
+readiness_probe: {path: /health, initial_delay_seconds: 30}
+run: {command: "true"}
+"""
+
+
 class Clock:
     def __init__(self, start: float = 1000.0) -> None:
         self.now = start

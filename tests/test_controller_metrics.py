@@ -14,6 +14,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from controller_fakes import THREE_ZONE_SPEC as SPEC
 from controller_fakes import fake_controller
 from routing_support import free_port
 
@@ -22,16 +23,6 @@ from skyhedge.controller.metrics import CONTENT_TYPE, Metrics, MetricsServer, _l
 from skyhedge.errors import SkyhedgeError
 from skyhedge.events import PreemptionEvent, Signal
 from skyhedge.spec import load_spec
-
-SPEC = """
-name: svc
-placement:
-  clouds: [local]
-  zones: [local-a, local-b, local-c]
-replica_policy: {min_replicas: 2, num_overprovision: 1, policy: spothedge}
-readiness_probe: {path: /health, initial_delay_seconds: 30}
-run: {command: "true"}
-"""
 
 SAMPLE = re.compile(
     r'^(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)(\{(?P<labels>[a-zA-Z_][a-zA-Z0-9_]*="(?:[^"\\\n]|\\.)*"'

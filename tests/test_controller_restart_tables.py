@@ -11,6 +11,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
+from controller_fakes import THREE_ZONE_SPEC as SPEC
 from controller_fakes import Clock, FakeExecutor, FakeProber, FakeRouter, FakeSource
 from fake_http import json_server
 
@@ -20,15 +21,6 @@ from skyhedge.policy.types import ReplicaStatus
 from skyhedge.spec import ServiceSpec, load_spec, replica_revision
 from skyhedge.state import load_state
 
-SPEC = """
-name: svc
-placement:
-  clouds: [local]
-  zones: [local-a, local-b, local-c]
-replica_policy: {min_replicas: 2, num_overprovision: 1, policy: spothedge}
-readiness_probe: {path: /health, initial_delay_seconds: 30}
-run: {command: "true"}
-"""
 #: The next version: a new command, and its new health path with it.
 SPEC_V2 = SPEC.replace("/health", "/v2/health").replace('"true"', '"serve v2"')
 

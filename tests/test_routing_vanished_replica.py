@@ -122,6 +122,17 @@ def routers():
         teardown_router(router)
 
 
+def _answered_by_r0002(clients: Clients, router, gone: str, stopped: float) -> None:
+    """Every request answered in full by the replica left (r-0002, retried there), within
+    seconds of the stop, and nothing left in flight to the gone replica's endpoint `gone`."""
+    results = clients.join()
+    assert len(results) == 4
+    assert all(r[0] == 200 and r[1] == "r-0002" and r[2] == TOKENS for r in results), results
+    assert max(r[3] for r in results) < 10, results
+    assert time.monotonic() - stopped < 10
+    assert in_flight_to(router, gone) == 0
+
+
 def test_requests_on_a_vanished_replica_are_retried_at_once_and_healthy_ones_finish(
     tmp_path, fleet, routers, monkeypatch
 ):
@@ -149,13 +160,7 @@ def test_requests_on_a_vanished_replica_are_retried_at_once_and_healthy_ones_fin
     assert in_flight_to(router, gone.endpoint) >= 1
 
     assert router.sever([gone.endpoint]) >= 1
-    results = clients.join()
-    assert len(results) == 4
-    # every request answered in full, by the replica left (retried there), within seconds
-    assert all(r[0] == 200 and r[1] == "r-0002" and r[2] == TOKENS for r in results), results
-    assert max(r[3] for r in results) < 10, results
-    assert time.monotonic() - stopped < 10
-    assert in_flight_to(router, gone.endpoint) == 0
+    _answered_by_r0002(clients, router, gone.endpoint, stopped)
 
 
 SPEC = """
@@ -342,12 +347,7 @@ def test_apply_cuts_the_requests_of_a_vm_gone_when_it_takes_it_out_of_the_router
     assert closed >= 1 and said == [
         f"routing: closed {closed} connection(s) to gone r-0001: requests retried"
     ]
-    results = clients.join()
-    assert len(results) == 4
-    assert all(r[0] == 200 and r[1] == "r-0002" and r[2] == TOKENS for r in results), results
-    assert max(r[3] for r in results) < 10, results
-    assert time.monotonic() - stopped < 10
-    assert in_flight_to(router, gone.endpoint) == 0
+    _answered_by_r0002(clients, router, gone.endpoint, stopped)
 
 
 def test_routing_reload_cuts_the_requests_of_a_replica_the_state_knows_gone(
