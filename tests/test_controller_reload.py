@@ -7,6 +7,7 @@ over under load.)"""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -101,6 +102,42 @@ def test_a_spec_written_in_place_is_read_once_it_stands_still_not_half_written(s
         w.request_reload()
         w._check_spec()
         assert w.spec.run.command == "true"
+
+
+def test_an_in_place_rewrite_that_starts_between_the_settle_check_and_the_read_is_not_taken(
+    spec_file, tmp_path, monkeypatch
+):
+    """The settle check and the read were two stats apart: a writer truncating the file and
+    writing its first piece between them (right after an edit that had stood still) had that
+    prefix read, unchecked, and taken (a valid spec: `run.command: p`). What is read is the file
+    whose stamp was checked, and a file that changed while it was read is read again later."""
+    from skyhedge.controller import runner
+
+    full = LOCAL.replace('run: {command: "true"}', "run:\n  command: python3 -m http.server")
+    prefix = full[: full.index("python3") + 1] + "\n"  # `command: p`: a valid spec
+    with watcher_for(spec_file, tmp_path) as w:
+        rewrite(spec_file, "min_replicas: 1", "min_replicas: 2")  # an edit done a moment ago
+        settling = runner._SpecFile.settling
+
+        def then_a_writer_starts(stamp):
+            answer = settling(stamp)
+            with open(spec_file, "r+") as fh:  # in place: truncated, then its first piece
+                fh.truncate(0)
+                fh.write(prefix)
+            return answer
+
+        monkeypatch.setattr(runner._SpecFile, "settling", staticmethod(then_a_writer_starts))
+        w._check_spec()
+        assert w.spec.run.command == "true", notes(w)
+        monkeypatch.setattr(runner._SpecFile, "settling", staticmethod(settling))
+        spec_file.write_text(full)  # the writer's last piece: read once it stands still
+        w._check_spec()
+        assert w.spec.run.command == "true", notes(w)
+        done = time.time() - 2 * SPEC_SETTLE_SECONDS
+        os.utime(spec_file, (done, done))
+        w._check_spec()
+        assert w.spec.run.command == "python3 -m http.server"
+        assert w.spec.replica_policy.min_replicas == 1
 
 
 def _written(path: Path, text: str) -> Path:
@@ -206,6 +243,79 @@ def test_a_probe_edit_no_ready_replica_passes_is_refused_before_it_fails_them_al
         rewrite(spec_file, 'path: /ready}\nrun: {command: "true"}', 'path: /v2/up}\nrun: {command: "v2"}')
         w._check_spec()  # a new version with its own health path: the rolling update's to judge
         assert w.spec.readiness_probe.path == "/v2/up", notes(w)[-1]
+
+
+@pytest.mark.parametrize("case", ["outdated fail it", "outdated pass it"])
+def test_a_probe_edit_mid_rolling_update_is_judged_by_the_replicas_it_will_probe(spec_file, tmp_path, case):
+    """Mid-rolling-update, the outdated replicas keep the probe they were launched under
+    (`earlier_probes`): a probe-only edit is the current revision's replicas' alone, and only they
+    can say whether it is passable. Judged by every READY replica, an edit was refused because
+    the outdated ones (the old version, without the new health path) failed a probe they are
+    never probed with, and nothing retried it once the update was done; and a typo that every
+    current replica fails was taken because an outdated one answered it (then the current ones
+    went NOT_READY, FAILED and were replaced by replicas failing it alike)."""
+    from fake_http import json_server
+
+    def old_version(path: str, _query: dict) -> tuple[int, object]:
+        return (200, {}) if case == "outdated pass it" or path == "/health" else (404, {})
+
+    def new_version(path: str, _query: dict) -> tuple[int, object]:
+        return (200, {}) if path == "/v2/health" else (404, {})
+
+    rewrite(spec_file, 'run: {command: "true"}', 'readiness_probe: {path: /v2/health}\nrun: {command: "v2"}')
+    with contextlib.ExitStack() as servers:
+        old, new = (servers.enter_context(json_server(h)) for h in (old_version, new_version))
+        with watcher_for(spec_file, tmp_path) as w:
+            assert w.controller is not None
+            state = w.controller.state
+            state.replicas["r-0001"] = record("r-0001", old, revision="0ld0ld0ld0ld")
+            # the new version's replica: still booting, or READY
+            state.replicas["r-0002"] = record(
+                "r-0002", new, ready=case != "outdated fail it", revision=replica_revision(w.spec, "local")
+            )
+            if case == "outdated fail it":  # a longer timeout, for the new version: passable
+                rewrite(spec_file, "path: /v2/health}", "path: /v2/health, timeout_seconds: 20}")
+                w._check_spec()
+                assert w.last_reload_outcome == "taken", notes(w)[-1]
+                assert w.spec.readiness_probe.timeout_seconds == 20
+            else:  # a typo the new version's replica fails, though the old version answers it
+                rewrite(spec_file, "path: /v2/health}", "path: /v2/helth}")
+                w._check_spec()
+                assert w.last_reload_outcome == "refused", notes(w)[-1]
+                said = "none of the 1 READY replica(s) passes the new probe (r-0002: HTTP 404)"
+                assert said in notes(w)[-1]
+                assert w.spec.readiness_probe.path == "/v2/health"
+
+
+def test_a_probe_edit_refused_while_the_replicas_could_not_answer_it_is_taken_when_asked_again(
+    spec_file, tmp_path
+):
+    """A refusal is kept for the file as it is (a pass does not probe the replicas again), so an
+    edit refused while its only READY replica could not answer it (busy, restarting its server)
+    stayed refused with nothing saying how to have it taken: the line names `skyhedge reload`,
+    and a reload asked for probes them again."""
+    from fake_http import json_server
+
+    answering = {"/health"}
+
+    def answer(path: str, _query: dict) -> tuple[int, object]:
+        return (200, {}) if path in answering else (503, {})
+
+    with json_server(answer) as base, watcher_for(spec_file, tmp_path) as w:
+        assert w.controller is not None
+        w.controller.state.replicas["r-0001"] = record(
+            "r-0001", base, revision=replica_revision(w.spec, "local")
+        )
+        rewrite(spec_file, "run:", "readiness_probe: {path: /ready}\nrun:")
+        w._check_spec()
+        assert w.last_reload_outcome == "refused"
+        assert "`skyhedge reload SPEC` probes them again" in notes(w)[-1]
+        answering.add("/ready")  # it answers now
+        w._check_spec()
+        assert w.spec.readiness_probe.path == "/health"  # the file as it is: not retried
+        w.request_reload()
+        w._check_spec()
+        assert w.spec.readiness_probe.path == "/ready" and w.last_reload_outcome == "taken"
 
 
 def test_a_refused_spec_shows_in_the_metrics_until_the_file_is_fixed(spec_file, tmp_path, capsys):

@@ -188,3 +188,32 @@ def test_malformed_kept_tables_are_ignored_with_a_warning(tmp_path, write_spec, 
     assert len(ctl.state.live()) == 3
     extra = load_state(state_dir, "svc").extra
     assert UNROUTED_KEY not in extra and EARLIER_PROBES_KEY not in extra
+
+
+@pytest.mark.parametrize("answers_again", [False, True])
+def test_a_replica_taken_out_alive_and_recreated_under_its_id_has_the_old_machines_requests_cut(
+    tmp_path, write_spec, answers_again
+):
+    """A vanished VM fails its probe first (out of the router, alive), and an apply may then
+    re-create it under its ID (`recreated_replicas`) at a new address, its record never gone. The
+    old machine is gone all the same: its requests in flight wait for `read_timeout` unless cut.
+    They were never cut: the entry waited for a `gone_at` that never came, and was dropped
+    unsevered once the new machine was routed under the same ID."""
+    spec, clock = load_spec(write_spec(SPEC)), Clock()
+    router, prober = SeveringRouter(), FakeProber()
+    state_dir = tmp_path / "state"
+    ctl = controller(spec, state_dir, clock, router=router, prober=prober)
+    run(ctl, clock, 3)
+    victim = ctl.state.live()[0]
+    old_endpoint = victim.endpoint
+    prober.down.add(victim.id)
+    run(ctl, clock, 1)
+    assert load_state(state_dir, "svc").extra[UNROUTED_KEY] == {victim.id: old_endpoint}
+    victim.endpoint = "http://127.0.0.1:29999"  # re-created under its ID: a new machine
+    if answers_again:
+        prober.down.clear()  # the new machine is READY: routed again under the same ID
+    run(ctl, clock, 2)
+    assert router.severed == [old_endpoint]
+    assert UNROUTED_KEY not in load_state(state_dir, "svc").extra
+    if answers_again:
+        assert victim.id in router.current

@@ -1361,8 +1361,11 @@ class Controller:
                 and str(ep) not in {str(e) for _, e in wanted}
             ):
                 self._unrouted[str(rid)] = str(ep)
-        for rid in kept:
-            self._unrouted.pop(rid, None)
+        # routed again at the endpoint it was taken out at: only slow, never to be cut. At another
+        # one (a machine re-created under its ID), the one taken out is gone: `_sever_gone_unrouted`
+        for rid, ep in wanted:
+            if self._unrouted.get(str(rid)) == str(ep):
+                del self._unrouted[str(rid)]
         self._keep_unrouted()
         self._sever(dead, now)
         return old
@@ -1373,7 +1376,9 @@ class Controller:
         alive, and the GONE event that follows changes no routing: `_route` never cut its
         requests in flight, which waited for `read_timeout` (600 s by default). Measured in a
         35 min soak: 6 of 14 vanished local replicas each left a request waiting until its
-        client's 30 s timeout. Only replicas known gone are cut: a slow one keeps its requests."""
+        client's 30 s timeout. Only replicas known gone are cut (a slow one keeps its requests),
+        and those re-created under their ID at another endpoint (an apply replaced the vanished
+        machine; the record is never gone): the machine taken out is gone."""
         if not self._unrouted:
             return
         # never an endpoint a live replica has (handed to a new replica since: `_route`)
@@ -1382,7 +1387,9 @@ class Controller:
         dead: dict[str, str] = {}
         for rid, ep in list(self._unrouted.items()):
             rec = self.state.replicas.get(rid)
-            if rec is not None and rec.gone_at is None:
+            # alive at that endpoint still; at another one, the machine taken out is gone (an apply
+            # re-created the replica under its ID: its record is never marked gone)
+            if rec is not None and rec.gone_at is None and str(rec.endpoint) == ep:
                 continue
             del self._unrouted[rid]
             if ep not in kept_eps:

@@ -171,6 +171,11 @@ def _beside(
         thread.join(timeout=join_timeout)
 
 
+def _stamp(st: os.stat_result) -> tuple[int, int, int]:
+    """A file's stat stamp: any write moves one of them (the size or inode within one mtime tick)."""
+    return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+
 @dataclass
 class _SpecFile:
     """The spec file as last read: its stat stamp (cheap to compare every pass) and digest."""
@@ -182,10 +187,9 @@ class _SpecFile:
     def peek(self) -> tuple[int, int, int] | None:
         """The file's stat stamp now (None: cannot stat it), without reading it."""
         try:
-            st = os.stat(self.path)
+            return _stamp(os.stat(self.path))
         except OSError:
             return None
-        return (st.st_mtime_ns, st.st_size, st.st_ino)
 
     @staticmethod
     def settling(stamp: tuple[int, int, int]) -> bool:
@@ -194,14 +198,25 @@ class _SpecFile:
         system) counts as settled: waiting would not end."""
         return 0 <= time.time() - stamp[0] / 1e9 < SPEC_SETTLE_SECONDS
 
-    def changed(self) -> bytes | None:
+    def changed(self, *, settle: bool = False) -> bytes | None:
         """The file's bytes if they differ from the last read ones, else None (also when the
-        file cannot be read now: an editor between unlink and rename; the next pass retries)."""
+        file cannot be read now: an editor between unlink and rename; the next pass retries).
+        `settle`: None, too, while the file is `settling`. The stamp checked is the one of the
+        file read (`fstat` of the descriptor read), and a file that changed while read is read
+        again later: checked by one stat and read after another, a writer that truncated the file
+        in between (an edit that had stood still, then rewritten in place) had its first piece
+        read unchecked, a prefix that can load as a spec."""
         stamp = self.peek()
         if stamp is None or stamp == self.stamp:
             return None
         try:
-            data = self.path.read_bytes()
+            with open(self.path, "rb") as fh:
+                stamp = _stamp(os.fstat(fh.fileno()))
+                if stamp == self.stamp or (settle and self.settling(stamp)):
+                    return None
+                data = fh.read()
+                if _stamp(os.fstat(fh.fileno())) != stamp:
+                    return None  # written while read: the file poll wakes the loop for it
         except OSError:
             return None
         self.stamp = stamp
@@ -222,11 +237,23 @@ def _check_new_probe(
     live: a `readiness_probe.path` typo took 5 READY replicas to 0 routed in 3 minutes). An edit
     that rolls the replicas over (`run` changed too, the new version's new health path) is not
     checked: the old replicas cannot be expected to pass it. Replicas that could not be probed
-    from here (`HttpProber` leaves them out) prove nothing either way."""
+    from here (`HttpProber` leaves them out) prove nothing either way, and neither do the outdated
+    replicas of a rolling update under way: they keep the probe they were launched under
+    (`Controller.reconfigure`), so the edit is the current revision's replicas' alone (judged by
+    all, an edit was refused for the old version's replicas failing a probe never theirs, and a
+    typo every current replica failed was taken because an old one answered it)."""
     clouds = {r.cloud for r in live}
-    if any(replica_revision(old, c) != replica_revision(new, c) for c in clouds):
+    current = {c: replica_revision(new, c) for c in clouds}
+    if any(replica_revision(old, c) != rev for c, rev in current.items()):
         return
-    ready = [r for r in live if r.ready_at is not None and r.not_ready_since is None and not r.draining]
+    ready = [
+        r
+        for r in live
+        if r.ready_at is not None
+        and r.not_ready_since is None
+        and not r.draining
+        and r.revision in (None, current[r.cloud])
+    ]
     results = prober.probe(ready) if ready else {}
     if not results or any(ok for ok, _ in results.values()):
         return
@@ -235,7 +262,8 @@ def _check_new_probe(
         f"none of the {len(results)} READY replica(s) passes the new probe ({rid}: {results[rid][1]}): "
         "taken, it would mark them all NOT_READY at once and replace them with replicas of the same "
         "revision after 180 s; fix the probe (or change `run` with it, to roll the replicas over to a "
-        "version that passes it)",
+        "version that passes it); if they could not answer it just then, `skyhedge reload SPEC` probes "
+        "them again (the file as it is is not retried until it changes)",
         file=new.source,
         path="readiness_probe",
     )
@@ -472,11 +500,9 @@ class Watcher:
             spec_file.stamp = spec_file.digest = None  # read it whatever its stamp says
         elif not self.reload_on_change:
             return
-        else:
-            stamp = spec_file.peek()
-            if stamp is not None and stamp != spec_file.stamp and spec_file.settling(stamp):
-                return  # being written, maybe: the file poll wakes the loop once it is still
-        if spec_file.changed() is None:
+        # unasked, a file still settling is being written, maybe: the file poll wakes the loop
+        # once it is still; asked, the edit is done
+        if spec_file.changed(settle=not asked) is None:
             if asked:
                 text = f"spec reload: cannot read {spec_file.path}; keeping the running spec"
                 self._outcome("failed", text)
