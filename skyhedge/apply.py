@@ -131,9 +131,11 @@ class Workspace:
         self.tf_dir = self.state_dir / "tf"
         self.tree_dir = self.tf_dir / "tree"
 
-    def context(self, state: ServiceState | None = None) -> RenderContext:
+    def context(self, state: ServiceState | None = None, *, tree_dir: Path | None = None) -> RenderContext:
         """What the clouds need to render this workspace's roots; with the `state` that will
-        apply them, its deployment ID too (`deployment_id`; the tree of `render` carries none)."""
+        apply them, its deployment ID too (`deployment_id`; the tree of `render` carries none);
+        with `tree_dir`, for a tree written there to be applied elsewhere (`render --out`,
+        GitOps), which names no path of this machine (`RenderContext.portable_path`)."""
         try:
             workdir = self.spec.run.workdir or Path.cwd().resolve()
         except FileNotFoundError:
@@ -149,6 +151,7 @@ class Workspace:
             python=sys.executable,
             pythonpath=str(Path(skyhedge.__file__).resolve().parent.parent),
             deployment=None if state is None else state.extra.get(DEPLOYMENT_KEY),
+            tree_dir=tree_dir,
         )
 
     def root(self, cloud: str, region: str) -> TerraformRoot:
@@ -172,13 +175,15 @@ class Workspace:
 
     def write_tree(self, tree: RenderedTree) -> None:
         """Write `tree` as the state's tree (`tf/tree`), in a `tf/` only the owner can open: its
-        tfvars, saved plans and local Terraform state hold the `run.env` values (`private_dir`)."""
+        tfvars, saved plans and local Terraform state hold the `run.env` values (`private_dir`).
+        Nobody keeps files of their own there, so a file skyhedge did not render is dropped, not
+        refused (`strict=False`): a watcher's pass never stops on one."""
         try:
             private_dir(self.tf_dir)
         except OSError as exc:
             why = exc.strerror or exc
             raise RenderError(f"{self.tf_dir}: cannot write the rendered tree ({why})") from exc
-        write_tree(tree, self.tree_dir)
+        write_tree(tree, self.tree_dir, strict=False)
 
 
 # ------------------------------------------------------------------------------------------------

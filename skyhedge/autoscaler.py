@@ -13,11 +13,13 @@ A sample lower than the previous one is a reset; the window then starts over.
 
 Two departures from SkyServe, both measured (docs/controller.md, "Autoscaling under load"):
 
-- Downwards, the wish is for as few replicas as serve the rate with DOWNSCALE_TOLERANCE (10 %)
-  of room (Kubernetes' HPA ignores changes within 10 % too). With the formula alone, a steady load at
-  a threshold (20 req/s at 10 per replica) reads a little above it one minute and a little below
-  the next, and each side that outlasted its delay launched or released a replica: 56 moves in
-  2 hours at the example's 10 s / 30 s delays.
+- Downwards, the wish is for as few replicas as serve the rate with `downscale_tolerance` (10 %
+  by default) of room (Kubernetes' HPA ignores changes within 10 % too), and more where the count
+  is small (`downscale_band`: DOWNSCALE_SIGMAS standard deviations of a Poisson count). With the
+  formula alone, a steady load at a threshold (20 req/s at 10 per replica) reads a little above it
+  one minute and a little below the next, and each side that outlasted its delay launched or
+  released a replica: 56 moves in 2 hours at the example's 10 s / 30 s delays. With a fixed 10 %
+  band the same happened at 1 req/s per replica, where 10 % is about one standard deviation.
 - A rate is acted on only once its samples span the whole window, and only while the router is
   read. After a start, a watcher restart or an nginx restart the window starts over, and a rate
   over the first seconds (Poisson arrivals at 5 req/s read 11.4 req/s over 1.3 s) started
@@ -41,8 +43,20 @@ QPS_WINDOW_SECONDS = 60.0
 #: whose only changes are these at most once a minute; a new target or wish is written at once.
 MEASUREMENTS = ("samples", "qps")
 MIN_SPAN_SECONDS = 1.0  # below this the rate is noise: keep the current target
-#: A wish for fewer replicas is for as few as serve the rate at (1 - this) of their target.
+#: A wish for fewer replicas is for as few as serve the rate with at least this much of their
+#: target to spare: the default of `replica_policy.downscale_tolerance` (Kubernetes' HPA ignores
+#: changes within 10 % too). `downscale_band` widens it where the count is small.
 DOWNSCALE_TOLERANCE = 0.1
+#: ... and with at least this many standard deviations of the count the fewer replicas would serve
+#: to spare. Chosen by replaying Poisson loads at a threshold (benchmarks/autoscaler_replay.py;
+#: docs/controller.md, "Autoscaling under load"): 3 left 1-2 moves an hour at 1.9 times 1-2 req/s
+#: per replica with 10 s / 30 s delays; 4 kept half a replica's load at 0.5 req/s per replica on 2
+#: replicas for over 40 minutes in 1 run of 10 with 60 s / 300 s delays.
+DOWNSCALE_SIGMAS = 3.5
+#: The noise never widens the band past this: at 0.1 req/s per replica and short delays a replica
+#: serves 9 requests in the 90 s a wish down takes to be adopted, too few to tell anything; the
+#: service still scales down once the rate is half what the fewer replicas serve.
+MAX_NOISE_BAND = 0.5
 
 
 @dataclass(frozen=True)
@@ -53,6 +67,7 @@ class AutoscalerConfig:
     upscale_delay_seconds: float
     downscale_delay_seconds: float
     window_seconds: float = QPS_WINDOW_SECONDS
+    downscale_tolerance: float = DOWNSCALE_TOLERANCE
 
     @property
     def enabled(self) -> bool:
@@ -67,6 +82,7 @@ class AutoscalerConfig:
             target_qps_per_replica=rp.target_qps_per_replica,
             upscale_delay_seconds=float(rp.upscale_delay_seconds),
             downscale_delay_seconds=float(rp.downscale_delay_seconds),
+            downscale_tolerance=float(rp.downscale_tolerance),
         )
 
     def clip(self, n: int) -> int:
@@ -139,17 +155,40 @@ def raw_target(config: AutoscalerConfig, qps: float) -> int:
     return config.clip(math.ceil(qps / config.target_qps_per_replica - 1e-9))
 
 
-def wanted_target(config: AutoscalerConfig, qps: float, current: int) -> int:
-    """The size `qps` asks for from `current`: SkyServe's formula upwards; downwards only as far as
-    serves `qps` with DOWNSCALE_TOLERANCE of room (so never below the formula, never above
-    `current`). A 10 % band between the rate that adds a replica and the one that removes it: the
-    noise of a steady load at a threshold crosses the threshold both ways, not the band."""
+def downscale_band(config: AutoscalerConfig, replicas: int, span: float) -> float:
+    """The share of their target that `replicas` must have to spare before a wish is for them.
+
+    At least `downscale_tolerance`; wider when the window holds few requests. The rate is a count
+    of Poisson arrivals, and a count of k varies by sqrt(k): at 1 req/s per replica, 2 replicas
+    serve 120 requests a minute, so a steady load at their threshold read 9 % low one minute in
+    six, a fixed 10 % band was crossed by noise alone, and the target moved 7-13 times an hour at
+    10 s / 30 s delays. So the rate must also lie DOWNSCALE_SIGMAS standard deviations below what
+    they serve over the window and the downscale delay (a wish down is adopted only once every
+    sample over the delay wanted it, so the arrivals of both back it). Capped at MAX_NOISE_BAND.
+    At 10 req/s per replica and more, two replicas or more, or the default delays, the noise is
+    under 10 % and the tolerance decides, as before."""
+    assert config.target_qps_per_replica
+    served = replicas * config.target_qps_per_replica * (span + config.downscale_delay_seconds)
+    noise = DOWNSCALE_SIGMAS / math.sqrt(served) if served > 0 else math.inf
+    return max(config.downscale_tolerance, min(MAX_NOISE_BAND, noise))
+
+
+def wanted_target(config: AutoscalerConfig, qps: float, current: int, span: float | None = None) -> int:
+    """The size `qps` (measured over `span` seconds, the window by default) asks for from
+    `current`: SkyServe's formula upwards; downwards only as far as serves `qps` with
+    `downscale_band` of room (so never below the formula, never above `current`). A band between
+    the rate that adds a replica and the one that removes it: the noise of a steady load at a
+    threshold crosses the threshold both ways, not the band."""
     wanted = raw_target(config, qps)
     if wanted >= current:
         return wanted
     assert config.target_qps_per_replica
-    roomy = math.ceil(qps / (config.target_qps_per_replica * (1.0 - DOWNSCALE_TOLERANCE)) - 1e-9)
-    return min(current, max(wanted, config.clip(roomy)))
+    span = config.window_seconds if span is None else span
+    for fewer in range(wanted, current):
+        room = fewer * config.target_qps_per_replica * (1.0 - downscale_band(config, fewer, span))
+        if qps <= room * (1 + 1e-9):
+            return fewer
+    return current
 
 
 def step(
@@ -175,7 +214,7 @@ def step(
         # shown, not acted on: a rate over the first seconds of a window, or one nobody read
         # since; a wish waiting keeps its start, and is adopted once a full window still wants it
         return state
-    wanted = wanted_target(config, qps, current)
+    wanted = wanted_target(config, qps, current, samples[-1][0] - samples[0][0])
     if wanted == current:
         return replace(state, pending=None, pending_since=None)
     same_direction = state.pending is not None and (state.pending > current) == (wanted > current)

@@ -99,6 +99,7 @@ class ReplicaPolicy:
     dynamic_ondemand_fallback: bool = True
     upscale_delay_seconds: int = 300
     downscale_delay_seconds: int = 1200
+    downscale_tolerance: float = 0.1
     availability_target: float | None = None
     policy: str = "skyhedge"
 
@@ -829,6 +830,9 @@ def _replica_policy(ctx: _Ctx, raw: Any) -> ReplicaPolicy:
         ),
         downscale_delay_seconds=_int(
             ctx, f"{p}.downscale_delay_seconds", d.get("downscale_delay_seconds", 1200), lo=0
+        ),
+        downscale_tolerance=_number(
+            ctx, f"{p}.downscale_tolerance", d.get("downscale_tolerance", 0.1), lo=0, hi=0.9
         ),
         availability_target=target,
         policy=policy,

@@ -487,3 +487,21 @@ def test_a_policy_move_keeps_n_booted_replicas_in_every_commit(tmp_path, repo, w
         messages = commits(repo)[: len(commits(repo)) - shown]
     assert len(zones) == 1 and len(w.controller.state.live()) == 4  # gathered, one step a commit
     assert len(messages) >= 4 and not any("replace r-0002, r-0003" in m for m in messages)
+
+
+def test_a_file_someone_added_to_the_tree_stops_the_commit_in_one_line_and_is_kept(
+    tmp_path, repo, write_spec
+):
+    """The watcher's re-render swapped the whole of `infra/` and deleted a file a team had put
+    there (notes, an `override.tf`), then committed its deletion (found by the GitOps audit)."""
+    spec = write_spec(SPEC)
+    args = ["watch", str(spec), "--state-dir", str(tmp_path / "state"), "--gitops", str(repo), "--once"]
+    assert CliRunner().invoke(main, args).exit_code == 0
+    (repo / "infra" / "NOTES.md").write_text("ours")
+    spec.write_text(SPEC.replace("min_replicas: 2", "min_replicas: 3"))
+    refused = CliRunner().invoke(main, args)
+    assert refused.exit_code == 1, refused.output
+    assert f"{repo}/infra/NOTES.md: not a file skyhedge renders" in refused.output
+    assert (repo / "infra" / "NOTES.md").read_text() == "ours" and len(commits(repo)) == 1
+    (repo / "infra" / "NOTES.md").unlink()
+    assert CliRunner().invoke(main, args).exit_code == 0 and len(commits(repo)) == 2

@@ -216,8 +216,8 @@ def test_write_tree_is_atomic_and_keeps_terraform_working_files(tmp_path):
     (root / "terraform.tfstate").write_text('{"version": 4}')
     (root / ".terraform" / "modules").mkdir(parents=True)
     (root / ".terraform" / "modules" / "modules.json").write_text("{}")
-    (root / "stray.tf").write_text("# not rendered: goes away")
-    write_tree(tree, out)
+    (root / "stray.tf").write_text("# not rendered: goes away from the state's own tree")
+    write_tree(tree, out, strict=False)
     assert (root / ".terraform.lock.hcl").read_text() == "lock"
     assert (root / "terraform.tfstate").read_text() == '{"version": 4}'
     assert (root / ".terraform" / "modules" / "modules.json").is_file()
@@ -225,6 +225,47 @@ def test_write_tree_is_atomic_and_keeps_terraform_working_files(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["infra"]  # no temp or backup dirs left
     _render_without_the_local_root_is_refused(out)
     assert (root / "terraform.tfstate").is_file()
+
+
+def test_a_file_a_user_added_to_the_tree_is_refused_in_one_line_never_deleted(tmp_path):
+    """The swap replaced every file the plan does not render: a note, a script or an `override.tf`
+    a team added to its GitOps tree was gone after the next `skyhedge render`, without a word
+    (found by the GitOps audit). It is refused instead, naming it; Terraform's scratch files and
+    the roots the plan dropped still go."""
+    out = tmp_path / "infra"
+    write_tree(render_tree(spec_of(("aws", "gcp")), MULTI, context=CTX, instance_types=TYPES), out)
+    (out / "NOTES.md").write_text("ours")
+    (out / "extra").mkdir()
+    (out / "extra" / "a.tf").write_text("# ours")
+    (out / "aws" / "us-east-1" / "override.tf").write_text("# ours")
+    (out / "aws" / "us-east-1" / "crash.log").write_text("Terraform's")
+    (out / "aws" / "us-west-2" / "old.tfplan").write_text("Terraform's")
+    before = files_of(out)
+    fewer = plan_of(("r-0001", "aws", "us-east-1", "use1-az1", "spot", CREATE))
+    tree = render_tree(spec_of(("aws",)), fewer, context=CTX, instance_types=TYPES)
+    with pytest.raises(RenderError) as refused:
+        write_tree(tree, out)
+    assert str(refused.value) == (
+        f"{out}/NOTES.md (and 2 more: aws/us-east-1/override.tf, extra/a.tf): not a file skyhedge "
+        "renders, and the re-rendered tree would replace it; move it out of the tree (or delete it) "
+        "and render again"
+    )
+    assert files_of(out) == before and sorted(p.name for p in tmp_path.iterdir()) == ["infra"]
+    for name in ("NOTES.md", "extra/a.tf", "aws/us-east-1/override.tf"):
+        (out / name).unlink()
+    write_tree(tree, out)
+    assert sorted(files_of(out)) == sorted(name for name, _ in tree.files)  # dropped roots: gone
+    assert not (out / "aws" / "us-west-2").exists() and not (out / "gcp").exists()
+
+
+def test_render_refuses_a_link_a_user_added_to_the_tree(tmp_path):
+    out = tmp_path / "infra"
+    tree = render_tree(spec_of(), LOCAL, context=CTX, instance_types=TYPES)
+    write_tree(tree, out)
+    (out / "docs").symlink_to(tmp_path)
+    with pytest.raises(RenderError, match=r"infra/docs: not a file skyhedge renders"):
+        write_tree(tree, out)
+    assert (out / "docs").is_symlink()
 
 
 def _render_without_the_local_root_is_refused(out: Path) -> None:
@@ -435,6 +476,11 @@ def test_cli_render_writes_the_tree_and_never_the_state(tmp_path, monkeypatch):
     assert files_of(tmp_path / "infra") == snapshot
     assert not (tmp_path / "st").exists()
     assert json.loads(snapshot[f"local/local/{TFVARS_FILE}"])["replicas"].keys() == {"r-0001", "r-0002"}
+    (tmp_path / "infra" / "NOTES.md").write_text("ours")
+    kept = runner.invoke(main, args)
+    assert kept.exit_code == 1 and kept.output.count("\n") == 1, kept.output
+    assert kept.output.startswith(f"error: {tmp_path}/infra/NOTES.md: not a file skyhedge renders")
+    assert (tmp_path / "infra" / "NOTES.md").read_text() == "ours"
     bad = runner.invoke(main, ["render", "missing.yaml", "--out", "x"])
     assert bad.exit_code == 1 and "missing.yaml" in bad.output and not (tmp_path / "x").exists()
 

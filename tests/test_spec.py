@@ -36,6 +36,17 @@ def test_minimal_spec_gets_skyserve_defaults(write_spec):
     assert spec.placement.clouds == ("local",)
 
 
+def test_the_downscale_tolerance_reaches_the_autoscaler(write_spec):
+    """`replica_policy.downscale_tolerance` (optional, 0.1 by default: the band that was a constant)."""
+    from skyhedge.autoscaler import DOWNSCALE_TOLERANCE, AutoscalerConfig
+
+    scaled = "replica_policy: {max_replicas: 3, target_qps_per_replica: 2}\n"
+    assert AutoscalerConfig.from_spec(load_spec(write_spec(GOOD + scaled))).downscale_tolerance == 0.1
+    assert DOWNSCALE_TOLERANCE == 0.1
+    wide = scaled.replace("}", ", downscale_tolerance: 0.25}")
+    assert AutoscalerConfig.from_spec(load_spec(write_spec(GOOD + wide))).downscale_tolerance == 0.25
+
+
 def test_examples_load():
     root = Path(__file__).resolve().parents[1] / "examples"
     for path in sorted(root.glob("*/service.yaml")):
@@ -234,6 +245,18 @@ BAD_SPECS: list[tuple[str, str]] = [
     (
         _with("replica_policy: {upscale_delay_seconds: -5}\n"),
         "replica_policy.upscale_delay_seconds: expected an integer >= 0, got -5",
+    ),
+    (  # 1 or more: no rate would ever be low enough to release a replica
+        _with("replica_policy: {downscale_tolerance: 1}\n"),
+        "replica_policy.downscale_tolerance: expected a number in [0, 0.9], got 1",
+    ),
+    (
+        _with("replica_policy: {downscale_tolerance: -0.1}\n"),
+        "replica_policy.downscale_tolerance: expected a number in [0, 0.9], got -0.1",
+    ),
+    (  # a share, not a percentage
+        _with("replica_policy: {downscale_tolerance: 10%}\n"),
+        "replica_policy.downscale_tolerance: expected a number in [0, 0.9], got '10%'",
     ),
     (
         _with("readiness_probe: {path: health}\n"),

@@ -49,7 +49,7 @@ variable "replicas" {
 }
 
 variable "run" {
-  description = "What each replica runs: `command` (run by /bin/sh -c with $PORT set), an optional `setup` run first (stopped, and the launch failed, after `setup_timeout` seconds when set), `env` added to the process environment, and `workdir` the directory both run in."
+  description = "What each replica runs: `command` (run by /bin/sh -c with $PORT set), an optional `setup` run first (stopped, and the launch failed, after `setup_timeout` seconds when set), `env` added to the process environment, and `workdir` the directory both run in (absolute, or relative to the root's directory)."
   type = object({
     command       = string
     setup         = optional(string)
@@ -65,25 +65,25 @@ variable "run" {
 }
 
 variable "runtime_dir" {
-  description = "Absolute directory holding the replicas' pid and log files (replicas/) and the zone capacity file (capacity.json)."
+  description = "Directory holding the replicas' pid and log files (replicas/) and the zone capacity file (capacity.json): absolute, or relative to the root's directory."
   type        = string
 
   validation {
-    condition     = startswith(var.runtime_dir, "/")
-    error_message = "runtime_dir must be an absolute path."
+    condition     = length(trimspace(var.runtime_dir)) > 0
+    error_message = "runtime_dir must name a directory."
   }
 }
 
 variable "launcher" {
-  description = "The Python interpreter that runs skyhedge's replica launcher (with -S), and the directory holding the skyhedge package (its PYTHONPATH)."
+  description = "The Python interpreter that runs skyhedge's replica launcher (with -S), and the directory holding the skyhedge package (its PYTHONPATH); both empty in a tree rendered to be applied elsewhere: then $SKYHEDGE_LAUNCHER_PYTHON, else the python3 on PATH, with its own site-packages."
   type = object({
     python     = string
     pythonpath = string
   })
 
   validation {
-    condition     = startswith(var.launcher.pythonpath, "/")
-    error_message = "launcher.pythonpath must be the absolute directory holding the skyhedge package."
+    condition     = var.launcher.pythonpath == "" || startswith(var.launcher.pythonpath, "/")
+    error_message = "launcher.pythonpath must be the absolute directory holding the skyhedge package (or empty)."
   }
 }
 

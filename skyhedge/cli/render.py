@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -44,7 +45,8 @@ def render(spec: Path, out: Path, state_dir: Path | None) -> None:
     tree = render_tree(
         service,
         plan,
-        context=Workspace(service, sdir).context(),
+        # a tree for a repository: no path of this machine in it (relative ones from its roots)
+        context=Workspace(service, sdir).context(tree_dir=Path(os.path.abspath(out))),
         instance_types=instance_types(state, placement),
         extra_roots=roots_with_resources(state, now),
     )

@@ -11,6 +11,7 @@ Import-light on purpose: the local launcher imports this package once per replic
 from __future__ import annotations
 
 import importlib
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +31,12 @@ class RenderContext:
     how Terraform's local-exec starts skyhedge's launcher; `deployment`: the ID of the skyhedge
     state that applies the tree (`apply`, `watch`), which clouds tag their machines with so that a
     later apply can tell the machines an interrupted run of this very state launched from anyone
-    else's (None for a tree rendered to be applied elsewhere: `render`, GitOps).
+    else's (None for a tree rendered to be applied elsewhere: `render`, GitOps). `tree_dir`: where
+    such a tree is written (`render --out`, the GitOps folder), None for the state's own tree: a
+    tree that leaves this machine names no path of it (no interpreter, no install directory), and
+    the directories it needs only relative to its root's folder, so that it applies from another
+    clone, user or install the same (a committed tree naming `/home/me/.venv/bin/python` failed
+    everywhere else, and two installs rendered two trees).
     """
 
     state_dir: Path
@@ -38,6 +44,16 @@ class RenderContext:
     python: str
     pythonpath: str
     deployment: str | None = None
+    tree_dir: Path | None = None
+
+    def portable_path(self, path: Path, cloud: str, region: str) -> str:
+        """`path` as a root of this tree should name it: absolute for the state's own tree,
+        relative to the root's folder for a tree applied elsewhere (symbolic links resolved on
+        both sides, as the tree and the paths are where they are written)."""
+        if self.tree_dir is None:
+            return str(path)
+        root = self.tree_dir.resolve() / cloud / region
+        return Path(os.path.relpath(path.resolve(), root)).as_posix()
 
 
 class CloudRenderer(Protocol):

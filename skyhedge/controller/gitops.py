@@ -422,7 +422,7 @@ class GitOpsExecutor:
         tree = render_tree(
             self.spec,
             plan,
-            context=self.workspace.context(),
+            context=self.workspace.context(tree_dir=self.out),
             instance_types=instance_types(state, self.placement),
             extra_roots=roots_with_resources(state, now),
         )

@@ -8,13 +8,20 @@ skyhedge appends `<cloud>/<region>`.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
 from skyhedge.spec import ServiceSpec
 
 
-def backend_config(spec: ServiceSpec, cloud: str, region: str) -> dict[str, Any]:
+def backend_config(
+    spec: ServiceSpec, cloud: str, region: str, *, tree_dir: Path | None = None
+) -> dict[str, Any]:
+    """The backend settings of the (cloud, region) root. A local backend's `path` is absolute,
+    or, in a tree written to `tree_dir` to be applied elsewhere (`render --out`, GitOps), relative
+    to the root's folder (where Terraform runs: it resolves a relative `path` there), so that the
+    committed tree names no directory of the machine that rendered it."""
     cfg = dict(spec.terraform.config)
     backend = spec.terraform.backend
     default_prefix = f"skyhedge/{spec.name}"
@@ -38,5 +45,9 @@ def backend_config(spec: ServiceSpec, cloud: str, region: str) -> dict[str, Any]
         base = Path(str(cfg["path"])).expanduser()
         if not base.is_absolute():
             base = Path(spec.source).resolve().parent / base
-        return {"path": str(base / f"{cloud}-{region}.tfstate")}
+        state = base / f"{cloud}-{region}.tfstate"
+        if tree_dir is not None:
+            root = tree_dir.resolve() / cloud / region
+            return {"path": Path(os.path.relpath(state.resolve(), root)).as_posix()}
+        return {"path": str(state)}
     return {}

@@ -1,7 +1,7 @@
 """Render the Terraform tree of a plan in memory, then write it atomically.
 
-Tree layout (everything a GitOps repository needs, nothing machine-local but the local cloud's
-paths in its own tfvars):
+Tree layout (everything a GitOps repository needs; a tree written for one, `RenderContext.tree_dir`,
+names no path of this machine: the local cloud's paths are relative to its root's folder):
 
     skyhedge-tree.json                 manifest: service, backend, roots and their replica IDs
     README.md, .gitignore
@@ -264,7 +264,7 @@ def _render_root(
     except jinja2.TemplateError as exc:
         raise RenderError(f"rendering the {cloud}/{region} root failed: {exc}") from exc
     prefix = f"{cloud}/{region}/"
-    backend = backend_config(spec, cloud, region)
+    backend = backend_config(spec, cloud, region, tree_dir=context.tree_dir)
     if any(r.action == CREATE for r in replicas):  # (`destroy` tears down what was launched)
         _require_nfc({**inputs, **{f"backend.{k}": v for k, v in backend.items()}}, f"{cloud}/{region}: ")
     files = (
@@ -390,6 +390,57 @@ def _state_dirs(out: Path) -> set[str]:
     return found
 
 
+# The files a root holds besides Terraform's carried-over ones (`_PRESERVED`), and Terraform's
+# throw-away working files there (the tree's .gitignore): a re-render may drop both.
+_ROOT_FILES = frozenset({"main.tf", "variables.tf", "outputs.tf", TFVARS_FILE, BACKEND_FILE})
+_SCRATCH = (".terraform.tfstate.lock.info", "crash.log")
+_SCRATCH_SUFFIXES = (".tfplan",)
+_TOP_FILES = frozenset({TREE_MANIFEST, "README.md", ".gitignore"})
+
+
+def _is_terraforms(name: str) -> bool:
+    return (
+        name in _PRESERVED
+        or name in _SCRATCH
+        or name.endswith(_SCRATCH_SUFFIXES)
+        or ".tfstate" in name  # terraform.tfstate.backup, foo.tfstate: state (checked apart)
+    )
+
+
+def foreign_files(out: Path, tree: RenderedTree) -> list[str]:
+    """The files (and links) in the rendered tree at `out` that neither skyhedge renders nor
+    Terraform made, sorted: the swap would delete them. A README or a script a user added to a
+    GitOps tree (`infra/NOTES.md`), or an `override.tf` in a root, vanished at the next render
+    without a word; `write_tree(strict=True)` refuses them instead. Files skyhedge renders in any
+    root the old or new manifest lists, and any file of a module it ships (an older release's
+    included), are its own, so a root dropped from the plan still goes away."""
+    roots = {r.path for r in tree.roots} | set(_old_roots(out))
+    shipped = {p.name for p in modules_dir().iterdir() if p.is_dir()} if modules_dir().is_dir() else set()
+    rendered = {name for name, _ in tree.files}
+    found: list[str] = []
+    for folder, dirs, files in os.walk(out):
+        here = Path(folder).relative_to(out).as_posix()
+        here = "" if here == "." else here
+        in_root = here in roots
+        parts = here.split("/") if here else []
+        in_module = len(parts) >= 2 and parts[0] == "modules" and parts[1] in shipped
+        entries = list(files)
+        for d in list(dirs):
+            if os.path.islink(os.path.join(folder, d)):
+                entries.append(d)  # a link is an entry, never walked into
+                dirs.remove(d)
+            elif d == ".terraform" or (in_root and d == "terraform.tfstate.d"):
+                dirs.remove(d)  # Terraform's own (carried, or checked for state apart)
+        for name in entries:
+            rel = f"{here}/{name}" if here else name
+            if rel in rendered or in_module or (not here and name in _TOP_FILES):
+                continue
+            if in_root and (name in _ROOT_FILES or _is_terraforms(name)):
+                continue
+            found.append(rel)
+    return sorted(found)
+
+
 def git_repository_in(out: Path) -> str | None:
     """Why the rendered tree may not replace `out`, when `out` holds a git repository of its own
     (`.git`: a folder, or a worktree's or submodule's file), else None. The swap replaces every
@@ -420,8 +471,12 @@ def resolve_path(path: Path) -> Path:
     return resolved
 
 
-def write_tree(tree: RenderedTree, out: Path) -> None:
+def write_tree(tree: RenderedTree, out: Path, *, strict: bool = True) -> None:
     """Write `tree` to `out` so readers see the old tree or the new one, never a mix.
+
+    `strict` (a tree for people and repositories: `render --out`, GitOps) refuses a file in `out`
+    that the swap would delete but that neither skyhedge rendered nor Terraform made
+    (`foreign_files`); the state's own tree (`tf/tree`) passes False: nobody keeps files there.
 
     The new tree is written to a temp dir beside `out`, then swapped in: on Linux by one atomic
     exchange of the two directories (renameat2), elsewhere by two renames, between which a reader
@@ -468,6 +523,14 @@ def write_tree(tree: RenderedTree, out: Path) -> None:
                 f"{out / old}: holds Terraform state but the plan has no {old} root any more; "
                 "destroy or move that state before rendering"
             )
+    foreign = foreign_files(out, tree) if strict and out.exists() else []
+    if foreign:
+        more = f" (and {len(foreign) - 1} more: {', '.join(foreign[1:4])}" if len(foreign) > 1 else ""
+        more += ", ...)" if len(foreign) > 4 else (")" if more else "")
+        raise RenderError(
+            f"{out / foreign[0]}{more}: not a file skyhedge renders, and the re-rendered tree "
+            "would replace it; move it out of the tree (or delete it) and render again"
+        )
     check_writable(out, "rendered tree", directory=True)
     # A Ctrl-C between two steps of the swap left the old tree beside the new one, or deleted
     # it with its `.terraform` and workspace state: taken once the tree is whole (_interrupts)

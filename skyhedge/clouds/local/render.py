@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from skyhedge.clouds import RenderContext
@@ -61,7 +62,7 @@ class LocalCloud:
         run: dict[str, Any] = {
             "command": spec.run.command,
             "env": dict(sorted(spec.run.env.items())),
-            "workdir": str(context.workdir),
+            "workdir": context.portable_path(Path(context.workdir), "local", region),
         }
         if spec.run.setup:
             run["setup"] = spec.run.setup
@@ -73,8 +74,14 @@ class LocalCloud:
             "region": region,
             "replicas": reps,
             "run": run,
-            "runtime_dir": str(runtime_dir(context.state_dir)),
-            "launcher": {"python": context.python, "pythonpath": context.pythonpath},
+            "runtime_dir": context.portable_path(runtime_dir(context.state_dir), "local", region),
+            # a tree applied elsewhere leaves the interpreter to the machine applying it (the
+            # module's fallback): this one's install path is no fact of the service
+            "launcher": (
+                {"python": context.python, "pythonpath": context.pythonpath}
+                if context.tree_dir is None
+                else {"python": "", "pythonpath": ""}
+            ),
         }
 
 
