@@ -546,8 +546,89 @@ def drain_before_destroy(spec: ServiceSpec, state: ServiceState, state_dir: Path
         return
     say(f"draining {', '.join(sorted(r.id for r in state.live() if r.draining))} from the router")
     ups = _upstreams(state)
+    served = _routed_pairs(state)
     router.drain(ups, timeout=30.0)
     state.extra["routed"] = [[u.id, u.endpoint] for u in ups]  # what it serves now (as the watcher's)
+    note_unrouted(state, served, ups)
+
+
+def _routed_pairs(state: ServiceState) -> list[Sequence[Any]]:
+    """`extra.routed`: the (ID, endpoint) pairs the router was last given (a hand edit: none)."""
+    served = state.extra.get("routed")
+    if not isinstance(served, list):
+        return []
+    return [p for p in served if isinstance(p, (list, tuple)) and len(p) == 2]
+
+
+#: `state.extra` key: `{replica_id: endpoint}` of replicas taken out of the router alive (not READY,
+#: a failed probe), whose nginx connections are cut once they are known gone. The watcher keeps the
+#: same table (`Controller._sever_gone_unrouted`); `routing reload`/`up` and `apply` keep it too, so
+#: whichever runs after the replica is recorded gone cuts what still waits on it.
+UNROUTED_KEY = "unrouted"
+
+
+def note_unrouted(state: ServiceState, served: Iterable[Sequence[Any]], routed: Iterable[Any]) -> list[str]:
+    """Record in `extra.unrouted` the replicas of `served` ((ID, endpoint) pairs routed before) that
+    the reload to `routed` (Upstreams) took out alive: not gone, not draining, on the same endpoint.
+    Drop the ones routed again at that endpoint. Returns the IDs recorded now.
+
+    Why not cut them at once: a replica that fails its probe may still finish its requests in
+    flight: busy, or shutting down gracefully, where its port already refuses connections
+    (measured: local-echo SIGTERMed, its probe refused, the 2 requests nginx had on it answered
+    200 by it, in full). One whose process died has no connection left to cut (its kernel reset
+    them: measured, 0 of 2 left right after a SIGKILL). One that
+    vanished (a VM: no reset) is cut once it is recorded gone, by whichever of `routing reload`,
+    `apply` or the watcher runs then (`cut_gone_connections`)."""
+    now = {(str(u.id), str(u.endpoint)) for u in routed}
+    now_ids = {rid for rid, _ in now}
+    now_eps = {ep for _, ep in now}
+    raw = state.extra.get(UNROUTED_KEY)
+    table = {str(k): v for k, v in raw.items() if isinstance(v, str) and v} if isinstance(raw, dict) else {}
+    added: list[str] = []
+    for pair in served:
+        rid, endpoint = str(pair[0]), str(pair[1] or "")
+        rec = state.replicas.get(rid)
+        if (
+            endpoint
+            and rid not in now_ids
+            and endpoint not in now_eps
+            and rec is not None
+            and rec.gone_at is None
+            and not rec.draining
+            and rec.endpoint == endpoint
+        ):
+            table[rid] = endpoint
+            added.append(rid)
+    # Routed again at the endpoint it was taken out at: nothing to cut. Routed again at another one
+    # (a machine re-created under its ID), the one taken out is gone: `_gone_unrouted` cuts it.
+    for rid, endpoint in now:
+        if table.get(rid) == endpoint:
+            del table[rid]
+    if table:
+        state.extra[UNROUTED_KEY] = dict(sorted(table.items()))
+    else:
+        state.extra.pop(UNROUTED_KEY, None)
+    return sorted(added)
+
+
+def _gone_unrouted(state: ServiceState) -> dict[str, str]:
+    """Take out of `extra.unrouted` the replicas now gone (or forgotten, or moved to another
+    endpoint); returns their old endpoint -> ID, less any endpoint a live replica has now."""
+    raw = state.extra.get(UNROUTED_KEY)
+    if not isinstance(raw, dict):
+        return {}
+    live_eps = {str(r.endpoint) for r in state.live() if r.endpoint}
+    gone: dict[str, str] = {}
+    for rid, endpoint in list(raw.items()):
+        rec = state.replicas.get(str(rid))
+        if rec is not None and rec.gone_at is None and rec.endpoint == endpoint:
+            continue
+        del raw[rid]
+        if isinstance(endpoint, str) and endpoint and endpoint not in live_eps:
+            gone[endpoint] = str(rid)
+    if not raw:
+        state.extra.pop(UNROUTED_KEY, None)
+    return gone
 
 
 def cut_gone_connections(
@@ -563,8 +644,9 @@ def cut_gone_connections(
     retried on another replica at once, as the watcher does (`Controller._sever`). Replicas still
     there are not touched (a local replica's killed process reset its connections already: none
     are left to close). Being refused the cut (see docs/routing.md) is one `warn` line: those
-    requests wait as before, and the command goes on."""
-    dead: dict[str, str] = {}
+    requests wait as before, and the command goes on. Replicas taken out earlier while alive
+    (`note_unrouted`) and gone since are cut too."""
+    dead: dict[str, str] = _gone_unrouted(state)
     for pair in served:
         rid, endpoint = str(pair[0]), str(pair[1] or "")
         rec = state.replicas.get(rid)
@@ -599,13 +681,13 @@ def bring_routing_up(
         if router.pid() is not None:
             state.router = router.status()
         return state.router
-    served = state.extra.get("routed")
+    pairs = _routed_pairs(state)
     state.router = router.up(ups)
     # what the router serves, as the watcher records it: its next pass diffs against this
     state.extra["routed"] = [[u.id, u.endpoint] for u in ups]
-    if isinstance(served, list):  # replicas gone since (a VM Terraform replaced): their requests too
-        pairs = [p for p in served if isinstance(p, (list, tuple)) and len(p) == 2]
-        cut_gone_connections(router, state, pairs, say, warn or say)
+    note_unrouted(state, pairs, ups)  # taken out alive: cut once gone, not now
+    # replicas gone since (a VM Terraform replaced), or taken out alive before and gone since
+    cut_gone_connections(router, state, pairs, say, warn or say)
     return state.router
 
 

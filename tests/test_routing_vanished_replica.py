@@ -29,16 +29,18 @@ from controller_fakes import Clock, FakeExecutor, FakeProber, FakeSource
 from routing_support import Fleet, complete, free_port, make_spec, needs_nginx, teardown_router
 
 from skyhedge import apply as apply_mod
+from skyhedge.apply import UNROUTED_KEY
 from skyhedge.cli import main
 from skyhedge.controller.adapters import NginxRouter
 from skyhedge.controller.loop import Controller
 from skyhedge.errors import RoutingError
 from skyhedge.events import PreemptionEvent, Signal
+from skyhedge.probe import probe
 from skyhedge.routing import Router
 from skyhedge.routing import nginx as nginx_proc
 from skyhedge.routing.router import _peers
 from skyhedge.spec import load_spec
-from skyhedge.state import ReplicaRecord, ServiceState, save_state
+from skyhedge.state import ReplicaRecord, ServiceState, load_state, save_state
 
 pytestmark = needs_nginx
 
@@ -286,7 +288,7 @@ def test_a_replicas_endpoint_names_the_address_and_port_nginx_connected_to(
 # -- the paths without a watcher: `apply` and `routing reload` ---------------------------------------
 
 
-def vm_records(fleet: Fleet, gone: str) -> ServiceState:
+def vm_records(fleet: Fleet, gone: str | None) -> ServiceState:
     """The state of two READY cloud replicas (VMs: nothing resets their connections when they go),
     served by the fleet's processes; `gone` is recorded terminated (destroyed, or preempted)."""
     state = ServiceState(service="echo")
@@ -303,7 +305,8 @@ def vm_records(fleet: Fleet, gone: str) -> ServiceState:
             endpoint=replica.endpoint,
         )
     state.extra["routed"] = [[rid, r.endpoint] for rid, r in sorted(fleet.replicas.items())]
-    state.replicas[gone].gone_at, state.replicas[gone].reason = 4.0, "terminated"
+    if gone is not None:
+        state.replicas[gone].gone_at, state.replicas[gone].reason = 4.0, "terminated"
     return state
 
 
@@ -408,3 +411,91 @@ def test_a_vanished_replica_whose_probe_failed_first_has_its_requests_cut_once_k
     ctl.tick()
     run.answered_elsewhere()
     assert ctl._unrouted == {}
+
+
+def _probe_run(tmp_path, write_spec, fleet, routers) -> tuple[Path, Path, Router, int]:
+    """Two READY cloud replicas (2 s generations) behind a running router, their state saved;
+    returns the spec's path, the state dir, the router and its port."""
+    port = free_port()
+    spec_path = write_spec(
+        f"""
+        name: echo
+        placement: {{clouds: [local]}}
+        run: {{command: "true"}}
+        service: {{host: 127.0.0.1, port: {port}, router: {{read_timeout: {READ_TIMEOUT}}}}}
+        readiness_probe: {{path: /health, timeout_seconds: 1}}
+        """
+    )
+    state_dir = tmp_path / "state"
+    router = Router(load_spec(spec_path), state_dir)
+    routers.append(router)
+    fleet.start(2, env={**SLOW, "ECHO_DRAIN_SECONDS": "30"})
+    router.up(fleet.upstreams())
+    save_state(state_dir, vm_records(fleet, None))
+    return spec_path, state_dir, router, port
+
+
+def _routing(*args: str):
+    result = CliRunner().invoke(main, ["routing", *args])
+    assert result.exit_code == 0, result.output
+    return result
+
+
+def test_routing_reload_probe_leaves_a_failing_replicas_requests_and_cuts_them_once_it_is_known_gone(
+    tmp_path, write_spec, fleet, routers
+):
+    """`routing reload --probe` takes out a replica whose probe fails (here a VM that vanished: it
+    answers nothing, resets nothing) without cutting its requests in flight: a replica that only
+    fails its probe may be busy, as the watcher keeps a NOT_READY one's. It records the replica
+    (`extra.unrouted`, the watcher's table), so the `routing reload` after it is recorded gone
+    cuts them and they are retried at once; before, that reload did not (the replica was no
+    longer routed), and they waited for read_timeout."""
+    spec_path, state_dir, router, port = _probe_run(tmp_path, write_spec, fleet, routers)
+    gone = fleet.replicas["r-0001"]
+    clients = Clients(f"http://127.0.0.1:{port}", 4)
+    wait_until(lambda: in_flight_to(router, gone.endpoint) >= 1, 5, "requests in flight on r-0001")
+    os.killpg(gone.proc.pid, signal.SIGSTOP)
+    stopped = time.monotonic()
+    where = ["--state-dir", str(state_dir)]
+    result = _routing("reload", str(spec_path), *where, "--probe")
+    assert "r-0001" in result.stderr and "not ready" in result.stderr
+    assert "r-0001: out of the router; its requests in flight may finish" in result.stderr
+    assert "connection(s) to gone" not in result.stderr
+    assert [u["id"] for u in router.status()["upstreams"]] == ["r-0002"]
+    assert in_flight_to(router, gone.endpoint) >= 1  # not cut: it might only be busy
+    state = load_state(state_dir, "echo")
+    assert state.extra[UNROUTED_KEY] == {"r-0001": gone.endpoint}
+
+    # recorded gone (a watcher's GONE event, `apply`'s refresh), then routed again
+    state.replicas["r-0001"].gone_at, state.replicas["r-0001"].reason = time.time(), "preempted"
+    save_state(state_dir, state)
+    result = _routing("reload", str(spec_path), *where)
+    assert "connection(s) to gone r-0001: requests retried" in result.stderr
+    _answered_by_r0002(clients, router, gone.endpoint, stopped)
+    assert UNROUTED_KEY not in load_state(state_dir, "echo").extra
+
+
+def test_routing_reload_probe_lets_a_replica_shutting_down_finish_its_requests(
+    tmp_path, write_spec, fleet, routers
+):
+    """A replica shutting down gracefully (SIGTERM: its port refuses connections at once, its
+    requests in flight go on) fails `--probe` with "Connection refused", yet is not gone: the
+    reload takes it out and leaves its requests to finish on it, in full. (A replica whose process
+    died has no connection left to cut: its kernel reset them.)"""
+    spec_path, state_dir, router, port = _probe_run(tmp_path, write_spec, fleet, routers)
+    leaving = fleet.replicas["r-0001"]
+    clients = Clients(f"http://127.0.0.1:{port}", 4)
+    wait_until(lambda: in_flight_to(router, leaving.endpoint) >= 1, 5, "requests in flight on r-0001")
+    held = in_flight_to(router, leaving.endpoint)
+    os.kill(leaving.proc.pid, signal.SIGTERM)
+    where = ["--state-dir", str(state_dir)]
+    readiness = load_spec(spec_path).readiness_probe
+    wait_until(lambda: not probe(leaving.endpoint, readiness, timeout=0.2), 5, "its port refusing")
+    result = _routing("reload", str(spec_path), *where, "--probe")
+    assert "Connection refused" in result.stderr
+    assert "connection(s) to gone" not in result.stderr
+    assert [u["id"] for u in router.status()["upstreams"]] == ["r-0002"]
+    results = clients.join()
+    assert all(r[0] == 200 and r[2] == TOKENS for r in results), results
+    assert sum(1 for r in results if r[1] == "r-0001") == held, results  # finished where they ran
+    assert load_state(state_dir, "echo").extra[UNROUTED_KEY] == {"r-0001": leaving.endpoint}

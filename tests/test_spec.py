@@ -487,6 +487,10 @@ BAD_SPECS: list[tuple[str, str]] = [
         "service.router.worker_connections: expected an integer in [64, 1048576], got 3",
     ),
     (
+        _with("service: {router: {client_keepalive_timeout: -1}}\n"),
+        "service.router.client_keepalive_timeout: expected an integer in [0, 86400], got -1",
+    ),
+    (
         _with("service: {router: {keepalive: 99999999999999999999}}\n"),
         "service.router.keepalive: expected an integer in [1, 65535], got 99999999999999999999",
     ),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import time
 from pathlib import Path
 from typing import Any
@@ -10,7 +11,7 @@ import click
 from rich.markup import escape
 
 from skyhedge._json import dumps as strict_json
-from skyhedge.apply import cut_gone_connections, notice_dead_local_replicas
+from skyhedge.apply import UNROUTED_KEY, cut_gone_connections, note_unrouted, notice_dead_local_replicas
 from skyhedge.cli._app import (
     command_line,
     console,
@@ -96,10 +97,18 @@ def _route(spec: Path, state_dir: Path | None, *, start: bool, probe_now: bool, 
         served = [(u["id"], u["endpoint"]) for u in router.status()["upstreams"]] if router.pid() else []
         status = router.up(upstreams) if start else router.reload(upstreams)
         state.router = status
+        # Taken out alive (failed `--probe`, or not READY): not cut, as the watcher does not cut a
+        # NOT_READY one: busy or shutting down gracefully (its port refusing connections already),
+        # its answers may still come. Recorded, so its requests are cut once it is known gone.
+        for rid in note_unrouted(state, served, upstreams):
+            err_console.print(
+                f"{rid}: out of the router; its requests in flight may finish (cut once it is recorded gone)",
+                markup=False,
+            )
         save_state(sdir, state)
-        # replicas the state knows gone, taken out by this reload: a vanished VM's requests in
-        # flight waited for read_timeout; cut, they are retried at once. Not one that merely failed
-        # a probe (`--probe`): it may be busy, not gone, and its answers still coming.
+        unrouted = copy.deepcopy(state.extra.get(UNROUTED_KEY))
+        # replicas the state knows gone, taken out by this reload or taken out alive before: a
+        # vanished VM's requests in flight waited for read_timeout; cut, they are retried at once
         cut_gone_connections(
             router,
             state,
@@ -107,6 +116,8 @@ def _route(spec: Path, state_dir: Path | None, *, start: bool, probe_now: bool, 
             lambda text: err_console.print(text, markup=False),
             lambda text: echo(f"warning: {text}", err=True),
         )
+        if state.extra.get(UNROUTED_KEY) != unrouted:  # the ones cut (gone) left the table
+            save_state(sdir, state)
     _show("up" if start else "reloaded", status, as_json)
 
 

@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from skyhedge import autoscaler
-from skyhedge.apply import held_replicas, record_plan, reopen_unfinished_deletes
+from skyhedge.apply import UNROUTED_KEY, held_replicas, record_plan, reopen_unfinished_deletes
 from skyhedge.controller.facts import (
     NOT_READY_GRACE_SECONDS,
     UNPROBED_SECONDS,
@@ -100,10 +100,10 @@ from skyhedge.state import (
 DRAIN_KEY = "drain"
 #: The shortest a drain may last before its replica is removed anyway (see `drain_deadline`).
 DRAIN_FLOOR_SECONDS = 600.0
-#: `state.extra` key: `{replica_id: endpoint}` of replicas taken out of the router alive (NOT_READY),
-#: whose connections are cut once they are known gone (`Controller._sever_gone_unrouted`). In the
-#: state so that one taken out before a watcher restart and found gone after it is cut all the same.
-UNROUTED_KEY = "unrouted"
+# `UNROUTED_KEY` (`state.extra`, from skyhedge.apply): `{replica_id: endpoint}` of replicas taken out
+# of the router alive (NOT_READY), whose connections are cut once they are known gone
+# (`Controller._sever_gone_unrouted`). In the state so that one taken out before a watcher restart
+# (or by `routing reload --probe`, `apply`) and found gone after it is cut all the same.
 #: `state.extra` key: `{revision: readiness_probe}`, the probe of the spec the outdated replicas of
 #: that revision were launched under, when a reload changed it together with the revision
 #: (`Controller.reconfigure`). In the state so that a restart mid-rolling-update keeps probing them
