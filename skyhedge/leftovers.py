@@ -18,11 +18,11 @@ these; nothing here runs unless a run was interrupted or a replica was re-create
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
+from skyhedge.clouds import cloud_module
 from skyhedge.clouds.common import Blocked, Cleared
 from skyhedge.engine import ApplyResult, Diagnostic, Terraform
 from skyhedge.errors import EngineError, first_line
@@ -77,16 +77,12 @@ def cloud_leftovers(cloud: str) -> Any:
     that file; this module only finds it (as `replica_logs` finds `logs.py`)."""
     if cloud in _WITHOUT_LEFTOVERS:
         return None
-    name = f"skyhedge.clouds.{cloud}.leftovers"
-    try:
-        return importlib.import_module(name)
-    except ModuleNotFoundError as exc:
-        if exc.name not in {f"skyhedge.clouds.{cloud}", name}:
-            raise
+    module = cloud_module(cloud, "leftovers")
+    if module is None:
         # a missing module is searched for afresh at every import (0.1 ms): a pass asks once per
         # replica found gone, 1,000 of them when a zone holding them all is preempted
         _WITHOUT_LEFTOVERS.add(cloud)
-        return None
+    return module
 
 
 #: Clouds found to have no `leftovers.py` (`cloud_leftovers`).

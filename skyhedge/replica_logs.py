@@ -20,11 +20,11 @@ Adding a cloud's logs is adding its `logs.py`; this module only finds it.
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from skyhedge.clouds import cloud_module
 from skyhedge.errors import CloudError
 
 if TYPE_CHECKING:
@@ -50,12 +50,9 @@ class LogChunk:
 
 def read_log(spec: ServiceSpec, state_dir: Path, record: ReplicaRecord, start: object = None) -> LogChunk:
     """The log of `record` through its cloud's `logs.py` (a CloudError when the cloud has none)."""
-    try:
-        module = importlib.import_module(f"skyhedge.clouds.{record.cloud}.logs")
-    except ModuleNotFoundError as exc:
-        if exc.name not in {f"skyhedge.clouds.{record.cloud}", f"skyhedge.clouds.{record.cloud}.logs"}:
-            raise
-        raise CloudError(f"{record.cloud}: skyhedge cannot read replica logs on this cloud") from None
+    module = cloud_module(record.cloud, "logs")
+    if module is None:
+        raise CloudError(f"{record.cloud}: skyhedge cannot read replica logs on this cloud")
     chunk: LogChunk = module.read_log(spec, state_dir, record, start)
     return chunk
 

@@ -25,11 +25,11 @@ from typing import Any
 
 import yaml
 
+from skyhedge.clouds import cloud_names
 from skyhedge.errors import RoutingError, SpecError
 from skyhedge.policy import available_policies
 from skyhedge.policy.types import PolicyConfig
 
-CLOUDS = ("aws", "gcp", "local")
 NAME_RE = re.compile(r"^[a-z]([a-z0-9-]{0,38}[a-z0-9])?$")
 ZONE_RE = re.compile(r"^[a-z0-9][a-z0-9-]*$")
 # An AWS zone *name* (us-east-1a, us-gov-west-1a). The catalog and this product use zone IDs.
@@ -758,7 +758,7 @@ def _cloud_map(ctx: _Ctx, path: str, value: Any) -> dict[str, str]:
         return {}
     if isinstance(value, str):
         raise ctx.fail(path, f"expected a mapping of cloud to value (e.g. {{aws: ...}}), got {value!r}")
-    d = _mapping(ctx, path, value, set(CLOUDS))
+    d = _mapping(ctx, path, value, set(cloud_names()))
     return {k: _str(ctx, f"{path}.{k}", v) for k, v in d.items()}
 
 
@@ -766,7 +766,7 @@ def _placement(ctx: _Ctx, raw: Any) -> Placement:
     d = _mapping(ctx, "placement", raw, {"clouds", "regions", "zones", "exclude_zones"})
 
     def cloud_ok(p: str, s: str) -> None:
-        _choice(ctx, p, s, CLOUDS)
+        _choice(ctx, p, s, cloud_names())
 
     def region_ok(p: str, s: str) -> None:
         if not ZONE_RE.fullmatch(s):

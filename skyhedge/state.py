@@ -30,9 +30,10 @@ from filelock import FileLock, Timeout
 
 from skyhedge._interrupts import interrupts_deferred
 from skyhedge._json import JSON_LIMITS, has_lone_surrogate, json_limit
+from skyhedge.clouds import cloud_names
 from skyhedge.errors import LockHeld, OutputError, StateError
 from skyhedge.policy.types import EventKind, Location, Market, ReplicaFact, ZoneEvent
-from skyhedge.spec import CLOUDS, ZONE_RE
+from skyhedge.spec import ZONE_RE
 
 STATE_VERSION = 1
 #: Gone replicas kept in the state as history (see ServiceState.prune_gone).
@@ -103,7 +104,12 @@ class ReplicaRecord:
 _MISSING: Any = object()
 
 # A rule is (what is expected, in words; a test of a value).
-Rule = tuple[str, Callable[[Any], bool]]
+# (what is expected, for the error: text, or a function making it when a check fails; the check)
+Rule = tuple[str | Callable[[], str], Callable[[Any], bool]]
+
+
+def _said(expected: str | Callable[[], str]) -> str:
+    return expected() if callable(expected) else expected
 
 
 def _is_number(value: Any) -> bool:
@@ -136,7 +142,7 @@ def _one_of(values: list[str]) -> Rule:
 
 def _or_null(rule: Rule) -> Rule:
     expected, ok = rule
-    return f"{expected} or null", lambda v: v is None or ok(v)
+    return (lambda: f"{_said(expected)} or null"), lambda v: v is None or ok(v)
 
 
 _STRING: Rule = ("a string", lambda v: isinstance(v, str))
@@ -157,10 +163,17 @@ _PLACE: Rule = (
     lambda v: isinstance(v, str) and ZONE_RE.fullmatch(v) is not None,
 )
 
+# A cloud skyhedge knows (`cloud_names`: its cloud folders and the registered ones), asked at each
+# check: a cloud registered after this module was imported is one too.
+_CLOUD: Rule = (
+    lambda: f"one of {', '.join(cloud_names())}",
+    lambda v: isinstance(v, str) and v in cloud_names(),
+)
+
 # One rule per `ReplicaRecord` field (checked just below, so a new field cannot go unvalidated).
 _REPLICA_RULES: dict[str, Rule] = {
     "id": _REPLICA_ID,
-    "cloud": _one_of(list(CLOUDS)),
+    "cloud": _CLOUD,
     "region": _PLACE,
     "zone": _PLACE,
     "market": _one_of([m.value for m in Market]),
@@ -237,7 +250,7 @@ def _key(parent: str, key: str) -> str:
 def _check(value: Any, rule: Rule, path: str) -> Any:
     expected, ok = rule
     if value is _MISSING or not ok(value):
-        raise _Malformed(path, expected, value)
+        raise _Malformed(path, _said(expected), value)
     return value
 
 

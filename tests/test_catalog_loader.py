@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 
 from skyhedge.catalog import (
-    CLOUDS,
     MAX_PRICE,
     bundled_path,
     catalog_from_dict,
@@ -22,6 +21,7 @@ from skyhedge.catalog import (
     user_cache_path,
     write_catalog_file,
 )
+from skyhedge.clouds import builtin_clouds
 from skyhedge.errors import CatalogError
 
 
@@ -55,7 +55,7 @@ def minimal(cloud: str = "local", **override: object) -> dict:
 # --- bundled data -----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("cloud", CLOUDS)
+@pytest.mark.parametrize("cloud", builtin_clouds())
 def test_bundled_catalogs_load_and_round_trip(cloud: str) -> None:
     catalog = load_catalog(cloud)
     assert catalog.cloud == cloud

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from skyhedge.catalog.accelerators import parse_accelerator
 from skyhedge.catalog.loader import (
-    CLOUDS,
     bundled_path,
     catalog_from_dict,
     catalog_path,
@@ -28,7 +27,6 @@ from skyhedge.catalog.loader import (
 from skyhedge.catalog.model import MAX_PRICE, CloudCatalog, InstanceType, Offer
 
 __all__ = [
-    "CLOUDS",
     "MAX_PRICE",
     "CloudCatalog",
     "InstanceType",

@@ -21,10 +21,10 @@ from typing import Any
 
 from skyhedge._json import JSON_LIMITS, has_lone_surrogate, json_limit
 from skyhedge.catalog.model import MAX_PRICE, CloudCatalog, InstanceType, Offer, did_you_mean
+from skyhedge.clouds import cloud_names, cloud_package
 from skyhedge.errors import CatalogError
 from skyhedge.state import atomic_write_text
 
-CLOUDS: tuple[str, ...] = ("aws", "gcp", "local")
 # Clouds whose prices `catalog refresh` fetches: (module, function(base, *, regions, instance_types,
 # now) -> RefreshResult). Named, not imported, so loading a catalog never imports a cloud SDK.
 PRICE_APIS: dict[str, tuple[str, str]] = {
@@ -57,15 +57,19 @@ _lock = threading.Lock()
 
 
 def check_cloud(cloud: str) -> str:
-    if cloud not in CLOUDS:
+    """`cloud` if skyhedge knows it (`clouds.cloud_names`: a cloud folder, or a registered cloud)."""
+    known = cloud_names()
+    if cloud not in known:
         raise CatalogError(
-            f"unknown cloud {cloud!r}: expected one of {', '.join(CLOUDS)}{did_you_mean(cloud, CLOUDS)}"
+            f"unknown cloud {cloud!r}: expected one of {', '.join(known)}{did_you_mean(cloud, known)}"
         )
     return cloud
 
 
 def bundled_path(cloud: str) -> Path:
-    return _DATA_DIR / f"{check_cloud(cloud)}.json"
+    """The catalog shipped with the cloud: skyhedge's `data/<cloud>.json`, or the file a cloud
+    registered from outside skyhedge named (`clouds.register_cloud(catalog=...)`)."""
+    return cloud_package(check_cloud(cloud)).catalog or _DATA_DIR / f"{cloud}.json"
 
 
 def _user_cache_dir_or_none() -> Path | None:
@@ -135,7 +139,8 @@ def catalog_path(cloud: str) -> Path:
 
 
 def load_catalog(cloud: str) -> CloudCatalog:
-    """The catalog of `cloud` ("aws", "gcp" or "local"); CatalogError for an unknown cloud or a bad file."""
+    """The catalog of `cloud` (a name `clouds.cloud_names` lists); CatalogError for an unknown cloud
+    or a bad file."""
     path = catalog_path(cloud)
     try:
         st = path.stat()
@@ -267,8 +272,8 @@ def catalog_from_dict(data: Any, *, origin: str, expect_cloud: str | None = None
         top.fail("format", f"expected {FORMAT_VERSION}", version)
     cloud = top.str("cloud")
     assert cloud is not None
-    if cloud not in CLOUDS:
-        top.fail("cloud", f"expected one of {', '.join(CLOUDS)}", cloud)
+    if cloud not in cloud_names():
+        top.fail("cloud", f"expected one of {', '.join(cloud_names())}", cloud)
     if expect_cloud is not None and cloud != expect_cloud:
         top.fail("cloud", f"expected {expect_cloud!r} (file is for another cloud)", cloud)
     source = top.str("source")

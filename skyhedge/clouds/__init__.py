@@ -1,20 +1,29 @@
-"""Cloud registry: cloud name -> the object that turns a plan into that cloud's Terraform inputs.
+"""Cloud registry: which clouds exist, and where each one's parts live.
 
 Each cloud is one folder, `skyhedge/clouds/<name>/`, whose `render.py` defines `CLOUD`, an object
-with the `CloudRenderer` shape below; with a module `modules/<module_name>/` and a provider
-template `templates/terraform/providers/<name>.tf.j2`, that is all a new cloud needs. The other
-files of a cloud folder (event sources, reconcile listings) are looked up by their own users.
+with the `CloudRenderer` shape below; with a module `modules/<module_name>/`, a provider template
+`templates/terraform/providers/<name>.tf.j2` and a catalog `skyhedge/catalog/data/<name>.json`,
+that is all a new cloud needs: the folder *is* the registration (`cloud_names` lists the folders
+that hold a `render.py`; the spec, the state and the catalog take exactly those names). The
+other files of a cloud folder (`logs.py`, `leftovers.py`) are optional and found through
+`cloud_module` by their users.
+
+A cloud that lives outside skyhedge (a plug-in, a test's temp folder) is one `register_cloud`
+call naming its Python package and, since it has no place in skyhedge's data folders, its
+module, provider template and catalog files (DESIGN.md, "Adding a cloud").
 
 Import-light on purpose: the local launcher imports this package once per replica launch.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
@@ -77,17 +86,100 @@ class CloudRenderer(Protocol):
         ...
 
 
+@dataclass(frozen=True)
+class CloudPackage:
+    """Where cloud `name`'s parts live: `package`, the Python package holding its `render.py` (and
+    its optional `logs.py`, `leftovers.py`); the data files, when not skyhedge's own (None: the
+    module `modules/<module_name>/`, the template `templates/terraform/providers/<name>.tf.j2`,
+    the catalog `skyhedge/catalog/data/<name>.json`)."""
+
+    name: str
+    package: str
+    module_dir: Path | None = None
+    provider_template: Path | None = None
+    catalog: Path | None = None
+
+
+_HERE = Path(__file__).resolve().parent
+#: Clouds registered from outside skyhedge (`register_cloud`), by name.
+_REGISTERED: dict[str, CloudPackage] = {}
+
+
+@functools.cache
+def builtin_clouds() -> tuple[str, ...]:
+    """The cloud folders shipped with skyhedge (sorted): those under this package with a `render.py`
+    (looked up once: the state's loader asks for every replica record)."""
+    return tuple(
+        sorted(p.name for p in _HERE.iterdir() if (p / "render.py").is_file() and not p.name.startswith("_"))
+    )
+
+
+def cloud_names() -> tuple[str, ...]:
+    """Every cloud skyhedge knows (sorted): its own folders and the registered ones. Asked at each
+    use, not frozen at import, so that a cloud registered after skyhedge loaded is taken."""
+    return tuple(sorted({*builtin_clouds(), *_REGISTERED}))
+
+
+def register_cloud(
+    name: str,
+    package: str,
+    *,
+    module_dir: Path | None = None,
+    provider_template: Path | None = None,
+    catalog: Path | None = None,
+) -> CloudPackage:
+    """Make cloud `name` known to skyhedge: the one registration point of a cloud that is not a
+    folder of `skyhedge/clouds/` (see the module docstring). A built-in name is refused: the
+    spec, the state and the catalog would mean two clouds by it."""
+    if not name or not name.replace("-", "").isalnum() or name != name.lower():
+        raise ValueError(f"cloud name {name!r}: expected lowercase letters, digits and '-'")
+    if name in builtin_clouds():
+        raise ValueError(f"cloud {name!r} is built into skyhedge (skyhedge/clouds/{name}/)")
+    entry = CloudPackage(name, package, module_dir, provider_template, catalog)
+    _REGISTERED[name] = entry
+    return entry
+
+
+def unregister_cloud(name: str) -> None:
+    """Forget a cloud `register_cloud` made known (tests clean up with it)."""
+    _REGISTERED.pop(name, None)
+
+
+def cloud_package(name: str) -> CloudPackage:
+    """Where cloud `name`'s parts live (a built-in cloud's: `skyhedge.clouds.<name>`)."""
+    return _REGISTERED.get(name) or CloudPackage(name, f"{__name__}.{name}")
+
+
+def cloud_module(name: str, part: str) -> ModuleType | None:
+    """The module `part` (`render`, `logs`, `leftovers`) of cloud `name`, or None when the cloud
+    has no such file (an error inside the file itself is raised as is)."""
+    package = cloud_package(name).package
+    try:
+        return importlib.import_module(f"{package}.{part}")
+    except ModuleNotFoundError as exc:
+        if exc.name in {package, f"{package}.{part}"}:
+            return None
+        raise
+
+
 def get_cloud(name: str) -> CloudRenderer:
     """The renderer of cloud `name`; ImportError-free lookup errors become a clear KeyError."""
-    try:
-        module = importlib.import_module(f"skyhedge.clouds.{name}.render")
-    except ModuleNotFoundError as exc:
-        if exc.name in {f"skyhedge.clouds.{name}", f"skyhedge.clouds.{name}.render"}:
-            raise KeyError(
-                f"no renderer for cloud {name!r} (expected skyhedge/clouds/{name}/render.py)"
-            ) from None
-        raise
+    module = cloud_module(name, "render")
+    if module is None:
+        package = cloud_package(name).package
+        raise KeyError(f"no renderer for cloud {name!r} (expected {package.replace('.', '/')}/render.py)")
     return module.CLOUD  # type: ignore[no-any-return]
 
 
-__all__ = ["CloudRenderer", "RenderContext", "get_cloud"]
+__all__ = [
+    "CloudPackage",
+    "CloudRenderer",
+    "RenderContext",
+    "builtin_clouds",
+    "cloud_module",
+    "cloud_names",
+    "cloud_package",
+    "get_cloud",
+    "register_cloud",
+    "unregister_cloud",
+]

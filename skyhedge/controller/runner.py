@@ -31,11 +31,11 @@ from types import FrameType
 from typing import TYPE_CHECKING
 
 from skyhedge._fds import readable
+from skyhedge.clouds import cloud_module, cloud_names
 from skyhedge.controller import presence
 from skyhedge.controller.loop import Controller, ControllerOptions, apply_cause, with_cause
 from skyhedge.controller.supervisor import Supervisor
 from skyhedge.errors import (
-    CloudError,
     EngineError,
     LockHeld,
     RoutingError,
@@ -45,7 +45,7 @@ from skyhedge.errors import (
 )
 from skyhedge.events import EventSource
 from skyhedge.service import Placement, compute_plan, resolve_placement
-from skyhedge.spec import CLOUDS, ServiceSpec, load_spec, replica_revision, spec_changes
+from skyhedge.spec import ServiceSpec, load_spec, replica_revision, spec_changes
 from skyhedge.state import HeldLock, ReplicaRecord, writer_lock
 
 if TYPE_CHECKING:
@@ -108,32 +108,15 @@ def _build_sources(
     sources: list[EventSource],
     only: Collection[str] | None,
 ) -> None:
+    """Each cloud's source comes from its `events.py`'s `event_source(spec, state_dir, watched)`
+    (None: nothing to watch); a cloud without one is not watched for preemptions (its replicas
+    are still probed)."""
     clouds = set(watched) if only is None else set(watched) & set(only)
-    if "local" in clouds:
-        from skyhedge.clouds.local.events import LocalEventSource
-
-        sources.append(
-            LocalEventSource(state_dir, {z: r for zones in watched.values() for z, r in zones.items()})
-        )
-    if "aws" in clouds:
-        from skyhedge.clouds.aws.events import AwsEventSource
-
-        regions = sorted(set(watched["aws"].values()))
-        sources.append(AwsEventSource(spec.name, regions, queue_name=spec.aws.events_queue))
-    if "gcp" in clouds:
-        from skyhedge.clouds.gcp import PROJECT_ENV, resolve_project
-        from skyhedge.clouds.gcp.events import GcpEventSource
-
-        project = resolve_project(spec.gcp.project)
-        if project:
-            sources.append(GcpEventSource(spec.name, project, dict(watched["gcp"])))
-        elif "gcp" in spec.placement.clouds:
-            raise CloudError(
-                f"gcp: no project to watch: set gcp.project in {spec.source} "
-                f"or ${PROJECT_ENV[0]} (as for apply)"
-            )
-        else:  # only replicas the spec moves away from GCP are left there: watch what can be
-            log.warning("gcp: replicas remain there but no project is known: their preemptions go unseen")
+    for cloud in sorted(clouds):
+        module = cloud_module(cloud, "events")
+        make = getattr(module, "event_source", None)
+        if make is not None and (source := make(spec, state_dir, watched)) is not None:
+            sources.append(source)
 
 
 def _pidfd(pid: int) -> int | None:
@@ -665,7 +648,7 @@ class Watcher:
                 log.warning("after the spec reload: %s: %s", type(exc).__name__, exc)
         shown = changes if len(changes) <= 6 else [*changes[:5], f"and {len(changes) - 5} more"]
         # per cloud: a new gcp.external_ip rolls over GCP replicas only
-        clouds = {r.cloud for r in live} | set(new.placement.clouds or CLOUDS)
+        clouds = {r.cloud for r in live} | set(new.placement.clouds or cloud_names())
         roll = any(replica_revision(old, c) != replica_revision(new, c) for c in clouds)
         self._outcome(
             "taken",

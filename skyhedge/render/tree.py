@@ -38,7 +38,7 @@ import jinja2
 
 from skyhedge._interrupts import interrupts_deferred
 from skyhedge._resources import modules_dir, templates_dir
-from skyhedge.clouds import RenderContext, get_cloud
+from skyhedge.clouds import RenderContext, cloud_names, cloud_package, get_cloud
 from skyhedge.errors import RenderError
 from skyhedge.planner import CREATE, Plan, PlannedReplica
 from skyhedge.render.backend import backend_config
@@ -72,10 +72,33 @@ def hcl_string(value: str) -> str:
     return json.dumps(value, ensure_ascii=False).replace("${", "$${").replace("%{", "%%{")
 
 
+def _registered_template(name: str) -> tuple[str, str, Callable[[], bool]] | None:
+    """`providers/<cloud>.tf.j2` of a cloud registered from outside skyhedge (`register_cloud`
+    names the file): skyhedge's templates folder holds only its own clouds' ones."""
+    folder, _, file = name.partition("/")
+    cloud = file.removesuffix(".tf.j2")
+    if folder != "providers" or cloud not in cloud_names():
+        return None
+    path = cloud_package(cloud).provider_template
+    if path is None:
+        return None
+    mtime = path.stat().st_mtime_ns
+
+    def uptodate() -> bool:  # (the cloud may be registered again since, with another file)
+        try:
+            return cloud_package(cloud).provider_template == path and path.stat().st_mtime_ns == mtime
+        except OSError:
+            return False
+
+    return path.read_text(encoding="utf-8"), str(path), uptodate
+
+
 @functools.lru_cache(maxsize=4)
 def _environment(root: str) -> jinja2.Environment:
     env = jinja2.Environment(
-        loader=jinja2.FileSystemLoader(root),
+        loader=jinja2.ChoiceLoader(
+            [jinja2.FileSystemLoader(root), jinja2.FunctionLoader(_registered_template)]
+        ),
         undefined=jinja2.StrictUndefined,
         autoescape=False,
         keep_trailing_newline=True,
@@ -173,11 +196,17 @@ def _module_files_cached(
     return tuple((name, (base / name).read_bytes()) for name, _, _ in stamp)
 
 
-def module_files(module_name: str) -> tuple[tuple[str, bytes], ...]:
+def module_dir(cloud: str, module_name: str) -> Path:
+    """Cloud `cloud`'s Terraform module: skyhedge's `modules/<module_name>/`, or the folder that a
+    cloud registered from outside skyhedge named (`register_cloud(module_dir=...)`)."""
+    return cloud_package(cloud).module_dir or modules_dir() / module_name
+
+
+def module_files(cloud: str, module_name: str) -> tuple[tuple[str, bytes], ...]:
     """The module's files (relative path, bytes), sorted; cached until a file changes."""
-    base = modules_dir() / module_name
+    base = module_dir(cloud, module_name)
     if not base.is_dir():
-        raise RenderError(f"Terraform module {module_name!r} not found under {modules_dir()}")
+        raise RenderError(f"Terraform module {module_name!r} of cloud {cloud!r} not found: no folder {base}")
     stamp = []
     for path in sorted(base.rglob("*")):
         rel = path.relative_to(base)
@@ -275,7 +304,7 @@ def _render_root(
         (prefix + "variables.tf", _tidy(variables_tf)),
     )
     digest = hashlib.sha256()
-    for name, data in (*files, *(("modules/" + n, b) for n, b in module_files(renderer.module_name))):
+    for name, data in (*files, *(("modules/" + n, b) for n, b in module_files(cloud, renderer.module_name))):
         digest.update(name.encode() + b"\0" + hashlib.sha256(data).digest())
     return RenderedRoot(
         cloud=cloud,
@@ -321,7 +350,7 @@ def render_tree(
     files: dict[str, bytes] = {}
     for root in roots:
         files.update(root.files)
-        for name, data in module_files(root.module):
+        for name, data in module_files(root.cloud, root.module):
             files[f"modules/{root.module}/{name}"] = data
     manifest = {
         "format": FORMAT,

@@ -17,15 +17,19 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from datetime import datetime
-from typing import Any, NamedTuple
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from skyhedge.clouds.aws import new_session
 from skyhedge.errors import CloudError
 from skyhedge.events import EventSource, LeftoverWatch, PreemptionEvent, ProblemLog, Signal, unparseable
 from skyhedge.state import ReplicaRecord
+
+if TYPE_CHECKING:
+    from skyhedge.spec import ServiceSpec
 
 log = logging.getLogger("skyhedge.clouds.aws.events")
 
@@ -43,6 +47,7 @@ SPOT_TERMINATION_CODES = frozenset({"Server.SpotInstanceTermination", "Server.Sp
 FILTER_VALUES_MAX = 200
 
 __all__ = [
+    "event_source",
     "AwsEventSource",
     "default_queue_name",
     "parse_message",
@@ -514,6 +519,14 @@ class Running(NamedTuple):
     instance_id: str
     replica: str | None
     deployment: str | None
+
+
+def event_source(spec: ServiceSpec, state_dir: Path, watched: Mapping[str, Mapping[str, str]]) -> EventSource:
+    """The watcher's event source for this cloud (`controller.runner.event_sources` calls it for
+    each cloud the spec uses or a live replica is on; `watched`: cloud -> {zone: region}):
+    the queue of `aws.events_queue` for the regions of the watched AWS zones."""
+    regions = sorted(set(watched["aws"].values()))
+    return AwsEventSource(spec.name, regions, queue_name=spec.aws.events_queue)
 
 
 def running_instances(service: str, region: str, *, session: Any = None) -> list[Running]:

@@ -15,17 +15,21 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from datetime import datetime
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
-from skyhedge.clouds.gcp import api_error_message, json_object, request
+from skyhedge.clouds.gcp import PROJECT_ENV, api_error_message, json_object, request, resolve_project
 from skyhedge.errors import CloudError
 from skyhedge.events import EventSource, LeftoverWatch, PreemptionEvent, Signal, unparseable
 from skyhedge.policy.types import Location
 from skyhedge.state import ReplicaRecord
+
+if TYPE_CHECKING:
+    from skyhedge.spec import ServiceSpec
 
 log = logging.getLogger("skyhedge.clouds.gcp.events")
 
@@ -48,7 +52,25 @@ MAX_PAGES = 50
 #: (the controller ignores them too: controller/facts.py EVENT_SKEW_SECONDS).
 OPERATION_SKEW_SECONDS = 60.0
 
-__all__ = ["GcpEventSource", "compute_endpoint", "parse_instance", "parse_operation"]
+__all__ = ["GcpEventSource", "event_source", "compute_endpoint", "parse_instance", "parse_operation"]
+
+
+def event_source(
+    spec: ServiceSpec, state_dir: Path, watched: Mapping[str, Mapping[str, str]]
+) -> EventSource | None:
+    """The watcher's event source for this cloud (`controller.runner.event_sources` calls it for
+    each cloud the spec uses or a live replica is on; `watched`: cloud -> {zone: region}):
+    the project's zone operations. No project known is an error when the spec places replicas
+    on GCP, and only a warning when the spec moved away and replicas remain there."""
+    project = resolve_project(spec.gcp.project)
+    if project:
+        return GcpEventSource(spec.name, project, dict(watched["gcp"]))
+    if "gcp" in spec.placement.clouds:
+        raise CloudError(
+            f"gcp: no project to watch: set gcp.project in {spec.source} or ${PROJECT_ENV[0]} (as for apply)"
+        )
+    log.warning("gcp: replicas remain there but no project is known: their preemptions go unseen")
+    return None
 
 
 def compute_endpoint() -> str:

@@ -26,8 +26,9 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from skyhedge._fds import readable
@@ -49,6 +50,9 @@ from skyhedge.events import EventSource, PreemptionEvent, ProblemLog, Signal
 from skyhedge.policy.types import Location
 from skyhedge.state import ReplicaRecord
 
+if TYPE_CHECKING:
+    from skyhedge.spec import ServiceSpec
+
 log = logging.getLogger("skyhedge.clouds.local.events")
 
 WATCH_PERIOD = 0.2
@@ -57,7 +61,7 @@ WATCH_RECOVERED_SECONDS = 10.0
 #: `set_zone_capacity` counts from this up mean "no limit" (a trace's unlimited, a replay's end).
 UNLIMITED_COUNT = 1_000_000
 
-__all__ = ["LocalEventSource", "kill_zone", "preempt_zone", "set_zone_capacity"]
+__all__ = ["LocalEventSource", "event_source", "kill_zone", "preempt_zone", "set_zone_capacity"]
 
 
 def _marked(runtime: Path, now: float) -> set[str]:
@@ -289,6 +293,13 @@ class LocalEventSource(EventSource):
         if self._thread is not None:
             self._thread.join(timeout=2.0)
             self._thread = None
+
+
+def event_source(spec: ServiceSpec, state_dir: Path, watched: Mapping[str, Mapping[str, str]]) -> EventSource:
+    """The watcher's event source for this cloud (`controller.runner.event_sources` calls it for
+    each cloud the spec uses or a live replica is on; `watched`: cloud -> {zone: region}): the
+    local source is handed every watched zone, of every cloud, as it always was."""
+    return LocalEventSource(state_dir, {z: r for zones in watched.values() for z, r in zones.items()})
 
 
 def _evicted(runtime: Path) -> set[str]:
