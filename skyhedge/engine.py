@@ -32,6 +32,7 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -450,6 +451,142 @@ def restore_errored_state(root: TerraformRoot) -> str | None:
         f"{root.name}: Terraform could not save its state at an earlier run and wrote it to {errored}; "
         f"restored {path} from it (kept as {kept})"
     )
+
+
+#: The message of the line in which Terraform prints the whole state when it could write it
+#: neither to its backend nor to errored.tfstate (its "emergency state dump"; with `-json` a log
+#: event on stdout carrying the state as `state`, from the embedded engine and a binary alike).
+EMERGENCY_DUMP = "Emergency state dump"
+#: The reserve kept in Terraform's home (the state dir's `tf/`): room set aside so that a state
+#: Terraform could not save on a full disk can still be written (`save_emergency_dump`).
+STATE_RESERVE = "state-reserve"
+STATE_RESERVE_BYTES = 4 * 1024 * 1024
+
+
+def keep_state_reserve(home: Path, size: int = STATE_RESERVE_BYTES) -> bool:
+    """Make the reserve file `home/state-reserve` (`size` bytes, allocated) if it is missing and
+    the disk has room for it twice over; returns whether it is there now.
+
+    Why: a disk that fills while a new root's first apply runs (measured: the replicas' own
+    output) leaves Terraform room for neither its state nor errored.tfstate; its last resort,
+    the state printed on stdout, was all that recorded the replicas it launched, and skyhedge
+    dropped it. Freeing the reserve right before writing that state makes room for it. Made only
+    with `size` to spare beyond it, so it never takes the last room of a disk; best effort (no
+    room, or a file system that cannot allocate: no reserve, as before)."""
+    path = home / STATE_RESERVE
+    with contextlib.suppress(OSError):
+        if path.stat().st_size >= size:
+            return True
+    tmp = home / f".{STATE_RESERVE}.{os.getpid()}.tmp"
+    try:
+        home.mkdir(parents=True, exist_ok=True)
+        fs = os.statvfs(home)
+        if fs.f_bavail * fs.f_frsize < 2 * size:
+            return False
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            if hasattr(os, "posix_fallocate"):
+                os.posix_fallocate(fd, 0, size)  # blocks reserved, not a sparse file
+            else:  # pragma: no cover - macOS
+                chunk = b"\0" * 65536
+                for _ in range(0, size, len(chunk)):
+                    os.write(fd, chunk)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+        return True
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        return False
+
+
+def emergency_dump(events: Iterable[Event]) -> str | None:
+    """The state of Terraform's emergency dump among `events` (the last), as a state file's
+    text; None when there is none or it is no state."""
+    for e in reversed(list(events)):
+        if e.get("@message") == EMERGENCY_DUMP and isinstance(e.get("state"), dict):
+            text = json.dumps(e["state"], indent=2) + "\n"
+            return text if _state_doc(text) is not None else None
+    return None
+
+
+def save_emergency_dump(root: TerraformRoot, text: str, home: Path) -> str:
+    """Write `text`, the state Terraform could save neither to its backend nor to
+    errored.tfstate and printed instead, to the root's errored.tfstate, where the next run puts
+    it in place (`restore_errored_state`); returns what was done, for a warning or an error.
+
+    Written whole or not at all (a temp file renamed over the one Terraform left, empty or cut
+    short); a disk still full gets the reserve (`keep_state_reserve`) freed and one more try.
+    Never over an errored.tfstate of the same state at a higher serial (none should be there:
+    the one an earlier run left is put in place before Terraform runs again)."""
+    from skyhedge.state import atomic_write_text  # (skyhedge.state imports no engine)
+
+    errored = root.path / ERRORED_STATE
+    doc = _state_doc(text) or {"lineage": None, "serial": 0}  # (`emergency_dump` gives a state)
+    with contextlib.suppress(OSError, UnicodeDecodeError):
+        there = _state_doc(errored.read_text(encoding="utf-8"))
+        if there is not None and there["lineage"] == doc["lineage"] and there["serial"] > doc["serial"]:
+            return f"{root.name}: {errored} holds a newer state than the one Terraform printed: kept it"
+    saved = (
+        f"{root.name}: Terraform could save its state neither to its backend nor to {errored} "
+        f"and printed it instead; skyhedge wrote it to {errored}, which the next run puts in place"
+    )
+    try:
+        atomic_write_text(errored, text)
+        return saved
+    except OSError:
+        pass
+    with contextlib.suppress(OSError):
+        (home / STATE_RESERVE).unlink()
+    try:
+        atomic_write_text(errored, text)
+        return f"{saved} (in the room of {home / STATE_RESERVE}, freed for it)"
+    except OSError as exc:
+        why = exc.strerror or str(exc)
+    # last resort: anywhere it fits (the temp dir: another disk, often), named, so that it is not
+    # lost with this process; else, as Terraform's own last resort, the state in the message
+    elsewhere = ""
+    try:
+        fd, elsewhere = tempfile.mkstemp(prefix=f"skyhedge-{root.name.replace('/', '-')}-", suffix=".tfstate")
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+    except OSError:
+        if elsewhere:
+            with contextlib.suppress(OSError):
+                os.unlink(elsewhere)
+        return (
+            f"{root.name}: Terraform could not save its state and skyhedge could not write it either "
+            f"({errored}: {why}); save the state that follows as {errored} once there is room (the "
+            f"next run puts it in place):\n{text}"
+        )
+    return (
+        f"{root.name}: Terraform could not save its state, nor could skyhedge write it to {errored} "
+        f"({why}); it is in {elsewhere}: once there is room, move it to {errored} (the next run "
+        "puts it in place)"
+    )
+
+
+#: Terraform's error after its emergency dump, whose advice (copy the state "printed above" into
+#: errored.tfstate, then `terraform state push` it) skyhedge follows itself: the state was never
+#: shown, as it is one line of the JSON event stream.
+_PRINTED_STATE = "Failed to persist state to backend"
+
+
+def _retold(event: Event, said: str) -> Event:
+    """`event`, with the detail of Terraform's advice on the state it printed replaced by `said`,
+    what skyhedge did with it."""
+    diag = event.get("diagnostic")
+    if (
+        event.get("type") != "diagnostic"
+        or not isinstance(diag, dict)
+        or diag.get("summary") != _PRINTED_STATE
+    ):
+        return event
+    return {**event, "diagnostic": {**diag, "detail": said}}
 
 
 _LOCK_HELD = "Error acquiring the state lock"
@@ -910,6 +1047,11 @@ class Terraform:
                 on_event(root.name, event)
 
         done = self.run(self.invocation(args, root.path, root), handle)
+        dumped = emergency_dump(events)
+        if dumped is not None:  # before anything else runs in the root: its only record
+            said = save_emergency_dump(root, dumped, self.home)
+            log.warning("%s", said)
+            events = [_retold(e, said) for e in events]
         return done, events
 
     def _init_key(self, root: TerraformRoot) -> str:
@@ -1015,6 +1157,7 @@ class Terraform:
         *,
         recover_outputs: bool = False,
     ) -> ApplyResult:
+        keep_state_reserve(self.home)
         done, events = self._run_json(root, args, on_event)
         diags = _explain_lock(root, _diagnostics(events))
         add, change, remove = _summary(events, operation={"apply", "destroy"})

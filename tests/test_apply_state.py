@@ -7,12 +7,14 @@ import json
 import os
 import re
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 from click.testing import CliRunner
+from disk_support import small_fs
 from local_support import get, make_service
 
 from skyhedge import apply as apply_mod
@@ -273,6 +275,44 @@ def test_an_apply_after_terraform_could_not_save_its_state_keeps_every_replica_i
     assert svc.pids() == pids  # the same processes: none launched again
     assert "restored" in caplog.text and "errored.tfstate" in caplog.text
     assert destroy_service(spec, svc.state_dir).ok and not svc.processes()
+
+
+def test_a_disk_that_fills_during_a_first_apply_loses_no_replica_that_apply_launched(svc, tmp_path, caplog):
+    """The state dir's disk filled during a new root's first apply (here by the replicas, once
+    both are launched): Terraform could write neither its state nor errored.tfstate and printed
+    the state on stdout, which skyhedge dropped. Measured before: no Terraform state left at all;
+    the next apply launched both replicas again (new pids; on AWS or GCP, new machines beside
+    the old ones, recorded nowhere), and `destroy` ended the processes only as strays."""
+    once = tmp_path / "fill-once"
+    once.touch()
+    with small_fs(svc.state_dir, size="16m") as disk:
+        try:
+            replicas = svc.runtime / "replicas"
+            fill = (
+                f'i=0; while [ "$(ls {replicas} | grep -c "json$")" -lt 2 ] && [ $i -lt 200 ]; '
+                f"do sleep 0.05; i=$((i+1)); done; "
+                f"[ -e {once} ] && dd if=/dev/zero of={disk}/.filler-$SKYHEDGE_REPLICA_ID bs=4k 2>/dev/null; "
+                f"exec {sys.executable} {svc.server}"
+            )
+            spec = load_spec(svc.write(replicas=2, command=fill))
+            report = apply_service(spec, svc.state_dir, route=False)
+            assert not report.ok and "no space left on device" in str(report.errors[0])
+            pids = svc.pids()
+            assert sorted(pids) == ["r-0001", "r-0002"]
+            once.unlink()
+            for filler in disk.glob(".filler-*"):  # room again
+                filler.unlink()
+
+            report = apply_service(spec, svc.state_dir, route=False)
+            assert report.ok and not report.created, report.errors
+            assert svc.pids() == pids  # the same processes: none launched again
+            destroyed = destroy_service(spec, svc.state_dir)
+            assert destroyed.ok and sorted(destroyed.destroyed) == ["r-0001", "r-0002"]
+            assert destroyed.strays == []  # Terraform stopped them: it knew them
+            assert not svc.processes()
+            assert "skyhedge wrote it to" in caplog.text
+        finally:
+            svc.cleanup()  # while the disk holding the pid files is still mounted
 
 
 def _broken_terraform(tmp_path: Path) -> str:

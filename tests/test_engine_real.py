@@ -4,17 +4,22 @@ installed): init/plan/apply/output/destroy, errors carrying Terraform's text, pa
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
+import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
 from pathlib import Path
 
 import pytest
 from disk_support import fill, small_fs
 
-from skyhedge.engine import Terraform, TerraformRoot, run_parallel
+from skyhedge import engine as engine_mod
+from skyhedge import state as state_mod
+from skyhedge.engine import STATE_RESERVE, STATE_RESERVE_BYTES, Terraform, TerraformRoot, run_parallel
 from skyhedge.errors import EngineError, InsufficientCapacity
 
 TERRAFORM_BIN = shutil.which("terraform")
@@ -301,6 +306,81 @@ def test_a_state_terraform_could_not_save_at_its_first_write_is_put_back(engine,
         kept = json.loads(state.with_name("full.tfstate.errored").read_text())
         assert kept["serial"] == json.loads(before)["serial"]  # the case: no higher than the state before
         assert f"restored {state} from it" in caplog.text
+
+
+# A launch that fills the disk it runs on (the replicas' own output, in the measured case): the
+# disk is full from then on, when Terraform comes to write the state.
+FILL_THE_DISK = textwrap.dedent(
+    """
+    import contextlib, pathlib
+    with open(pathlib.Path(__file__).resolve().parents[1] / ".filler", "ab", buffering=0) as fh:
+        with contextlib.suppress(OSError):  # ENOSPC: full
+            while True:
+                fh.write(bytes(4096))
+    """
+)
+
+
+@pytest.mark.parametrize("room", ["what Terraform freed", "none"])
+def test_a_first_state_terraform_could_write_nowhere_is_saved_from_the_state_it_printed(
+    engine, tmp_path, caplog, monkeypatch, room
+):
+    """A disk that fills during a new root's first apply: Terraform launched both replicas, then
+    could write neither its state (none was left at all) nor errored.tfstate (left empty), and
+    printed the state on stdout as its last resort, which skyhedge dropped: nothing recorded the
+    replicas, and the next apply launched them again. It is now written to errored.tfstate, in
+    the room of the reserve freed for it, and put in place before Terraform runs again."""
+    with small_fs(tmp_path / "disk", size="16m") as disk:
+        root = make_root(disk, "first", {"r-0001": False, "r-0002": False}, backend=True)
+        (root.path / "launch.py").write_text(FILL_THE_DISK)
+        home = disk / "home"  # the state dir's tf/: the reserve is kept there
+        tf = Terraform(home=home, binary=engine.binary)
+        if room == "none":  # the page of its lock file, which Terraform removes on its way out, too
+            save = engine_mod.save_emergency_dump
+
+            def full_again(*args):
+                fill(disk).rename(disk / ".filler-2")
+                return save(*args)
+
+            monkeypatch.setattr(engine_mod, "save_emergency_dump", full_again)
+        with pytest.raises(EngineError, match="Failed to write state") as failed:
+            tf.apply(root)
+        # Terraform's advice (copy the state "printed above", then `state push` it) is followed
+        assert "skyhedge wrote it to" in failed.value.stderr and "printed above" not in failed.value.stderr
+        for filler in disk.glob(".filler*"):
+            filler.unlink()
+        assert tf.held_replicas(root) == {"r-0001", "r-0002"}
+        plan = tf.plan(root)
+        assert not plan.changes, [c.replica_id for c in plan.changes]  # none launched again
+        assert f"skyhedge wrote it to {root.path / 'errored.tfstate'}" in caplog.text
+        freed = f"in the room of {home / STATE_RESERVE}, freed for it"
+        assert (freed in caplog.text) == (room == "none")
+        assert tf.apply(root).ok  # (nothing to do)
+        assert (home / STATE_RESERVE).stat().st_size == STATE_RESERVE_BYTES  # made again: there is room
+
+
+def test_a_printed_state_goes_where_it_fits_and_never_over_a_newer_one(tmp_path, monkeypatch):
+    """The tree's disk with no room even once the reserve is freed: the state goes to the temp
+    dir, named in the message, rather than lost with the process."""
+    root = TerraformRoot(tmp_path / "root", "local/local")
+    root.path.mkdir()
+    errored = root.path / "errored.tfstate"
+    printed = {"version": 4, "serial": 3, "lineage": "L", "outputs": {}, "resources": []}
+    errored.write_text(json.dumps({**printed, "serial": 4}))
+    said = engine_mod.save_emergency_dump(root, json.dumps(printed), tmp_path / "home")
+    assert "holds a newer state" in said and json.loads(errored.read_text())["serial"] == 4
+    errored.write_text("")  # what Terraform left
+
+    def full(path: Path, text: str) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    monkeypatch.setattr(state_mod, "atomic_write_text", full)
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    said = engine_mod.save_emergency_dump(root, json.dumps(printed), tmp_path / "home")
+    [elsewhere] = (tmp_path / "tmp").glob("skyhedge-local-local-*.tfstate")
+    assert json.loads(elsewhere.read_text()) == printed and errored.read_text() == ""
+    assert f"it is in {elsewhere}: once there is room, move it to {errored}" in said
 
 
 def test_an_unsaved_state_at_the_serial_in_place_is_put_back_unless_it_is_the_same(engine, tmp_path):
