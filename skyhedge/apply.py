@@ -546,13 +546,13 @@ def drain_before_destroy(spec: ServiceSpec, state: ServiceState, state_dir: Path
         return
     say(f"draining {', '.join(sorted(r.id for r in state.live() if r.draining))} from the router")
     ups = _upstreams(state)
-    served = _routed_pairs(state)
+    served = routed_pairs(state)
     router.drain(ups, timeout=30.0)
     state.extra["routed"] = [[u.id, u.endpoint] for u in ups]  # what it serves now (as the watcher's)
     note_unrouted(state, served, ups)
 
 
-def _routed_pairs(state: ServiceState) -> list[Sequence[Any]]:
+def routed_pairs(state: ServiceState) -> list[Sequence[Any]]:
     """`extra.routed`: the (ID, endpoint) pairs the router was last given (a hand edit: none)."""
     served = state.extra.get("routed")
     if not isinstance(served, list):
@@ -681,7 +681,7 @@ def bring_routing_up(
         if router.pid() is not None:
             state.router = router.status()
         return state.router
-    pairs = _routed_pairs(state)
+    pairs = routed_pairs(state)
     state.router = router.up(ups)
     # what the router serves, as the watcher records it: its next pass diffs against this
     state.extra["routed"] = [[u.id, u.endpoint] for u in ups]

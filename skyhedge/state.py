@@ -4,7 +4,9 @@ Layout of a state dir (default `./.skyhedge/<service>/`):
     state.json      this file's `ServiceState` (facts, never derived status)
     state.lock      held by the one process allowed to write (apply, destroy, watch)
     tf/             the rendered Terraform roots and their local Terraform state (0700: it holds
-                    the `run.env` values, see `private_dir`)
+                    the `run.env` values, see `private_dir`), and `probes.json`, the readiness
+                    probes the watcher keeps for its restart (they may hold a token:
+                    `controller.probe_store`)
     router/         nginx prefix (routing)
 
 We store what was observed (launched/ready/gone timestamps, endpoints, Terraform outputs) and
@@ -483,8 +485,10 @@ def private_dir(path: Path) -> None:
             os.chmod(path, 0o700)
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
+def atomic_write_bytes(path: Path, data: bytes, *, mode: int | None = None) -> None:
     """Write `data` to `path` so readers see the old file or the new one, never half of one.
+    `mode`: the file's permissions (default: what the umask gives a new file); 0600 for one that
+    holds a secret, set before it is renamed into place, so it is never readable by others.
 
     A write or fsync that fails (a full disk, a quota) raises an OSError naming `path`: its own
     error names no file, and a watcher's log said only `routing: [Errno 28] No space left on
@@ -501,7 +505,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             if exc.filename is not None or exc.errno is None:
                 raise
             raise OSError(exc.errno, exc.strerror, str(path)) from exc  # (the same subclass)
-        os.chmod(tmp, umask_mode())
+        os.chmod(tmp, umask_mode() if mode is None else mode)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

@@ -813,3 +813,41 @@ def test_replicas_left_where_the_spec_no_longer_allows_are_still_watched(spec_fi
             for source in sources:
                 source.close()
     assert [s.name for s in event_sources(spec, tmp_path / "state", resolve_placement(spec))] == ["local"]
+
+
+def test_a_restart_that_kept_the_earlier_probe_checks_the_specs_again_when_asked(spec_file, tmp_path):
+    """A watcher restarted with a probe edit that no READY replica passes keeps probing them with
+    the probe they had (`Controller._check_restart_probe`). The spec file is unchanged since the
+    restart, so `skyhedge reload SPEC` read it as "no change" and nothing could have it taken: a
+    request checks it again, refused while they fail it and taken once they pass it."""
+    from fake_http import json_server
+
+    answering = {"/health"}
+
+    def answer(path: str, _query: dict) -> tuple[int, object]:
+        return (200, {}) if path in answering else (404, {})
+
+    with json_server(answer) as base:
+        with watcher_for(spec_file, tmp_path) as w:
+            assert w.controller is not None
+            w.controller.state.replicas["r-0001"] = record(
+                "r-0001", base, revision=replica_revision(w.spec, "local")
+            )
+            w.controller.save(now=True)  # probed with the default /health until the restart
+        rewrite(spec_file, "run:", "readiness_probe: {path: /ready}\nrun:")
+        with watcher_for(spec_file, tmp_path) as w:
+            ctl = w.controller
+            assert ctl is not None
+            ctl._probe(w.clock())
+            assert "none of the 1 READY replica(s) passes it (r-0001: HTTP 404)" in notes(w)[-1]
+            assert ctl.held_probe is not None and ctl.held_probe["path"] == "/health"
+            assert ctl.state.replicas["r-0001"].not_ready_since is None  # probed with /health still
+            w.request_reload()
+            w._check_spec()
+            assert w.last_reload_outcome == "refused", notes(w)[-1]
+            assert "none of the 1 READY replica(s) passes the new probe" in notes(w)[-1]
+            answering.add("/ready")  # the new version answers it now
+            w.request_reload()
+            w._check_spec()
+            assert w.last_reload_outcome == "taken", notes(w)[-1]
+            assert ctl.held_probe is None and w.spec.readiness_probe.path == "/ready"

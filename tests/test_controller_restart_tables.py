@@ -16,6 +16,7 @@ from controller_fakes import Clock, FakeExecutor, FakeProber, FakeRouter, FakeSo
 from fake_http import json_server
 
 from skyhedge.controller.loop import EARLIER_PROBES_KEY, UNROUTED_KEY, Controller
+from skyhedge.controller.probe_store import ProbeStore
 from skyhedge.events import PreemptionEvent, Signal
 from skyhedge.policy.types import ReplicaStatus
 from skyhedge.spec import ServiceSpec, load_spec, replica_revision
@@ -142,8 +143,8 @@ def test_a_restart_mid_rolling_update_keeps_probing_outdated_replicas_with_their
     revision = ctl.state.replicas[old[0]].revision
     assert revision is not None and revision != replica_revision(v2, "local")
     kept = load_state(state_dir, "svc").extra[EARLIER_PROBES_KEY]
-    assert kept == {revision: json.loads(json.dumps(kept[revision]))}
-    assert kept[revision]["path"] == "/health"
+    probes, problem = ProbeStore(state_dir).read()  # state.json: a digest; the probe: tf/probes.json
+    assert problem is None and probes[kept[revision]]["path"] == "/health"
 
     new_probe = NewProbe()  # the watcher restarts under the new spec
     ctl = controller(v2, state_dir, clock, router=router, executor=ctl.executor, prober=new_probe)

@@ -18,6 +18,7 @@ from typing import Any
 import click
 from rich.markup import escape
 
+from skyhedge.apply import routed_pairs
 from skyhedge.cli._app import (
     FiniteFloat,
     check_policy_flag,
@@ -655,9 +656,8 @@ def _interrupted(
 
 def _routed_ids(state: ServiceState) -> set[str]:
     """The replicas nginx was last given: the watcher's record, else the router's (an `apply`)."""
-    routed = state.extra.get("routed")
-    if routed is not None:
-        return {str(pair[0]) for pair in routed}
+    if state.extra.get("routed") is not None:  # (a hand edit's pairs that are none: none routed)
+        return {str(pair[0]) for pair in routed_pairs(state)}
     return {str(u.get("id")) for u in (state.router or {}).get("upstreams") or []}
 
 

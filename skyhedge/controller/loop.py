@@ -54,6 +54,7 @@ from skyhedge.controller.facts import (
     warned,
 )
 from skyhedge.controller.ports import ExecResult, Executor, Prober, RouterPort
+from skyhedge.controller.probe_store import ProbeStore
 from skyhedge.errors import PolicyError, RoutingError, SkyhedgeError
 from skyhedge.events import EventSource, PreemptionEvent
 from skyhedge.leftovers import (
@@ -80,6 +81,7 @@ from skyhedge.service import (
 from skyhedge.spec import (
     ReadinessProbe,
     ServiceSpec,
+    SpecError,
     parse_readiness_probe,
     readiness_probe_json,
     replica_revision,
@@ -93,6 +95,7 @@ from skyhedge.state import (
     load_state,
     record_values,
     save_state,
+    unwritable,
 )
 
 #: `state.extra` key: removed replicas kept running until their requests end, with when their
@@ -108,7 +111,14 @@ DRAIN_FLOOR_SECONDS = 600.0
 #: that revision were launched under, when a reload changed it together with the revision
 #: (`Controller.reconfigure`). In the state so that a restart mid-rolling-update keeps probing them
 #: with it, not with the new version's probe (which they may fail: NOT_READY, FAILED 180 s later).
+#: Only a keyed digest of each probe is in state.json (`{revision: digest}`; a release before
+#: this one wrote the probe itself, read back all the same): a probe may carry a token, and the
+#: probes are in the state dir's private `tf/probes.json` (`probe_store`).
 EARLIER_PROBES_KEY = "earlier_probes"
+#: `state.extra` key: the digest of the probe the current revision's replicas are probed with (the
+#: probe itself in `tf/probes.json`): a watcher restarted with a spec whose probe differs checks
+#: it as a reload would (`Controller._check_restart_probe`) instead of taking it unchecked.
+PROBE_KEY = "probe"
 
 log = logging.getLogger("skyhedge.controller")
 #: A note identical to the previous one is repeated at most this often (see Controller.note).
@@ -317,6 +327,54 @@ def _http_prober(readiness: ReadinessProbe) -> Prober:
     return HttpProber(readiness)
 
 
+def _is_routed_table(value: Any) -> bool:
+    """Whether `extra.routed` is what the watcher writes: a list of [replica id, endpoint] pairs."""
+    return isinstance(value, list) and all(
+        isinstance(p, list) and len(p) == 2 and isinstance(p[0], str) and isinstance(p[1], str) for p in value
+    )
+
+
+#: `state.extra` tables the watcher reads back as these shapes: (what is expected, its test, what
+#: dropping a malformed one costs). A hand edit that breaks one was a traceback at every pass
+#: (`routed`: ValueError unpacking a pair; `drain`: AttributeError popping from a string).
+_KEPT_SHAPES: dict[str, tuple[str, Callable[[Any], bool], str]] = {
+    "routed": (
+        "a list of [replica id, endpoint] pairs",
+        _is_routed_table,
+        "the router is given the routable replicas again",
+    ),
+    DRAIN_KEY: (
+        "an object of replica id -> drain",
+        lambda v: isinstance(v, dict),
+        "released replicas are removed without waiting for their requests",
+    ),
+    "autoscaler": ("an object", lambda v: isinstance(v, dict), "the autoscaler starts afresh"),
+}
+
+
+def probe_refused(
+    prober: Prober, live: Sequence[ReplicaRecord], current: dict[str, str]
+) -> tuple[int, str, str] | None:
+    """Probe the READY replicas of the current revision (`current`: cloud -> revision) with
+    `prober`: (how many were probed, the first one's ID, why it failed) when none passes, else
+    None (one passes, or none could be asked: replicas this process could not probe prove nothing
+    either way). Outdated replicas keep the probe they were launched under, so they are not
+    asked; neither are replicas not READY or draining."""
+    ready = [
+        r
+        for r in live
+        if r.ready_at is not None
+        and r.not_ready_since is None
+        and not r.draining
+        and r.revision in (None, current.get(r.cloud))
+    ]
+    results = prober.probe(ready) if ready else {}
+    if not results or any(ok for ok, _ in results.values()):
+        return None
+    rid = sorted(results)[0]
+    return len(results), rid, results[rid][1]
+
+
 class Controller:
     """Owns one service's state while the supervisor holds its writer lock."""
 
@@ -400,6 +458,14 @@ class Controller:
         # it (an HttpProber, as the watcher's own prober is: `runner`)
         self._earlier_probers: dict[str, Prober] = {}
         self._earlier_probes: dict[str, dict[str, Any]] = {}
+        self._probe_store = ProbeStore(state_dir)  # where those probes are kept (not state.json)
+        # the probe the current revision's replicas were probed with before a restart, when the
+        # spec's differs: checked at the first probe (`_check_restart_probe`), as a reload's is
+        self._restart_probe: tuple[ReadinessProbe, dict[str, Any]] | None = None
+        # that probe and its prober, kept for the current revision's replicas because none of them
+        # passed the spec's: until a reload takes a probe they pass (`held_probe`)
+        self._held: tuple[Prober, dict[str, Any]] | None = None
+        self._spec_probe: tuple[ServiceSpec, dict[str, Any]] | None = None  # `_in_force`'s
         self._housekept: float | None = None  # time.monotonic() of the last housekeeping
         # replicas a killed run recorded and never read back: once this watcher's first apply has
         # run, what such a run launched and Terraform never saved is found (and, where this
@@ -443,29 +509,52 @@ class Controller:
         if self.prober is not None and prober is not None:
             live = self.state.live()
             current = {cloud: replica_revision(spec, cloud) for cloud in {r.cloud for r in live}}
-            if self.spec.readiness_probe != spec.readiness_probe:
+            # the probe in force: the spec's, or the one a restart kept (`held_probe`, or not
+            # checked yet: `_restart_probe`)
+            if self._held is not None:
+                was_prober, was = self._held
+            elif self._restart_probe is not None:
+                was_prober, was = _http_prober(self._restart_probe[0]), self._restart_probe[1]
+            else:
+                was_prober, was = self.prober, readiness_probe_json(self.spec.readiness_probe)
+            if was != readiness_probe_json(spec.readiness_probe):
                 for rec in live:
                     if (
                         rec.revision is not None
                         and rec.revision != current[rec.cloud]
                         and rec.revision not in self._earlier_probers
                     ):
-                        self._earlier_probers[rec.revision] = self.prober
-                        self._earlier_probes[rec.revision] = readiness_probe_json(self.spec.readiness_probe)
+                        self._earlier_probers[rec.revision] = was_prober
+                        self._earlier_probes[rec.revision] = was
             # a revision current again (a spec reverted) is probed with the spec's probe
             self._earlier_probers = {
                 rev: p for rev, p in self._earlier_probers.items() if rev not in current.values()
             }
-            self._keep_earlier_probes()
         self._retiring += [s for s in self.sources if s not in sources]
         self.spec = spec
         self.placement = placement
         self.executor = executor
         self.router = router
         self.prober = prober
+        # a reload was checked against the probe in force (`runner._check_new_probe`, which a
+        # held probe makes it run); one not checked yet is still checked at the first probe,
+        # unless the reload went back to it
+        self._held = None
+        if self._restart_probe is not None and self._restart_probe[1] == readiness_probe_json(
+            spec.readiness_probe
+        ):
+            self._restart_probe = None
+        self._keep_earlier_probes()
         self.sources = list(sources)
         self.scaler = autoscaler.AutoscalerConfig.from_spec(spec)
         self._refresh = True
+
+    @property
+    def held_probe(self) -> dict[str, Any] | None:
+        """The probe the current revision's replicas are probed with when it is not the spec's
+        (as JSON): a restart found that none of them passes the spec's (`_check_restart_probe`).
+        A reload checks the spec's probe against them again, even when the file is unchanged."""
+        return None if self._held is None else self._held[1]
 
     @property
     def retiring(self) -> list[EventSource]:
@@ -554,6 +643,12 @@ class Controller:
             self._write(durable, clocks, self.clock())
 
     def _write(self, durable: str, clocks: str, at: float) -> None:
+        # the probes first: state.json never names a digest the probes file does not hold
+        in_force = self._in_force()
+        try:
+            self._probe_store.write([*([in_force] if in_force else []), *self._earlier_probes.values()])
+        except OSError as exc:
+            raise unwritable(self.state_dir, exc) from exc
         save_state(self.state_dir, self.state)
         self._written = _Written(durable, clocks, at, self._stamp())
 
@@ -917,6 +1012,8 @@ class Controller:
             self._probed.clear()
             self._unprobed.clear()
             return False
+        if self._restart_probe is not None:
+            self._check_restart_probe()
         results: dict[str, tuple[bool, str]] = {}
         for prober, records in self._probers(targets):
             results.update(prober.probe(records))
@@ -952,8 +1049,9 @@ class Controller:
         earlier probers of revisions no live replica runs any more (or current again: a spec
         reverted) are dropped."""
         assert self.prober is not None
+        prober = self.prober if self._held is None else self._held[0]
         if not self._earlier_probers:
-            return [(self.prober, targets)]
+            return [(prober, targets)]
         current: dict[str, str] = {}
 
         def revision(cloud: str) -> str:
@@ -973,7 +1071,7 @@ class Controller:
         self._earlier_probers = {rev: p for rev, p in self._earlier_probers.items() if rev in live}
         self._keep_earlier_probes()
         groups = [(self._earlier_probers[rev], recs) for rev, recs in earlier.items()]
-        return [(self.prober, rest), *groups] if rest else groups
+        return [(prober, rest), *groups] if rest else groups
 
     def _autoscale(self, now: float) -> None:
         if not self.scaler.enabled and (self.state.target is not None or "autoscaler" in self.state.extra):
@@ -1400,10 +1498,20 @@ class Controller:
     # -- tables kept in the state for a restarted watcher ----------------------------------------
 
     def _load_kept_tables(self) -> None:
-        """Read back `UNROUTED_KEY` and `EARLIER_PROBES_KEY`. A state written by a release that did
-        not keep them has neither (nothing to read); a malformed value (a hand edit) is dropped
-        with a warning, never a crash: what is lost is a cut or an earlier probe, not the service."""
+        """Read back `routed`, `UNROUTED_KEY`, `EARLIER_PROBES_KEY` and `PROBE_KEY`. A state written by
+        a release that did not keep them has none (nothing to read); a malformed value (a hand
+        edit) is dropped with a warning, never a crash: what is lost is a reload, a cut or an
+        earlier probe, not the service."""
         extra = self.state.extra
+        for key, (expected, ok, lost) in _KEPT_SHAPES.items():
+            value = extra.get(key)
+            if value is not None and not ok(value):
+                shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+                self.note(
+                    f"{STATE_FILE}: extra.{key}: expected {expected}, got {shown}; ignored: {lost}",
+                    level=logging.WARNING,
+                )
+                del extra[key]
         raw = extra.get(UNROUTED_KEY)
         if raw is not None:
             table = raw if isinstance(raw, dict) else {}
@@ -1414,35 +1522,113 @@ class Controller:
                     "ignored what is not: those replicas' requests are not cut once they are gone",
                     level=logging.WARNING,
                 )
-        raw = extra.get(EARLIER_PROBES_KEY)
-        if raw is not None:
-            table = raw if isinstance(raw, dict) else {}
-            where = f"{STATE_FILE}: extra.{EARLIER_PROBES_KEY}"
-            bad = (
-                []
-                if isinstance(raw, dict)
-                else [f"{where}: expected an object of revision -> readiness_probe"]
-            )
-            for rev, probe in table.items():
-                try:
-                    readiness = parse_readiness_probe(probe, source=f"{where}.{rev}")
-                except SkyhedgeError as exc:
-                    bad.append(str(exc))
-                    continue
-                self._earlier_probes[str(rev)] = readiness_probe_json(readiness)
-                if self.prober is not None:  # (GitOps: no prober, nothing is probed)
-                    self._earlier_probers[str(rev)] = _http_prober(readiness)
-            # revisions no live replica runs any more, or current (the spec reverted while stopped)
-            live = self.state.live()
-            current = {replica_revision(self.spec, cloud) for cloud in {r.cloud for r in live}}
-            running = {r.revision for r in live} - current
-            self._earlier_probers = {r: p for r, p in self._earlier_probers.items() if r in running}
-            if bad:
-                self.note(
-                    f"{'; '.join(bad)}: ignored, those replicas are probed with the spec's probe",
-                    level=logging.WARNING,
-                )
+        self._load_probes()
         self._keep_unrouted()
+        self._keep_earlier_probes()
+
+    def _load_probes(self) -> None:
+        """The earlier probes (`EARLIER_PROBES_KEY`) and the probe in force before the restart
+        (`PROBE_KEY`), from the digests state.json holds and the probes file (`probe_store`); an
+        earlier release's state.json holds the earlier probes themselves (read, and rewritten as
+        digests at the next write). A probes file missing, unreadable or not matching the digests
+        falls back to what the watcher did before it kept them, with one warning line: the
+        outdated replicas are probed with the spec's probe, which is taken unchecked."""
+        extra = self.state.extra
+        raw, in_force = extra.get(EARLIER_PROBES_KEY), extra.get(PROBE_KEY)
+        if raw is None and in_force is None:
+            return
+        where = f"{STATE_FILE}: extra.{EARLIER_PROBES_KEY}"
+        bad = (
+            []
+            if raw is None or isinstance(raw, dict)
+            else [f"{where}: expected an object of revision -> digest"]
+        )
+        stored: dict[str, dict[str, Any]] | None = None
+        unmatched: list[str] = []  # what names a probe the probes file does not hold
+        problem: str | None = None
+
+        def kept(digest: str, name: str) -> Any:
+            nonlocal stored, problem
+            if stored is None:
+                stored, problem = self._probe_store.read()
+            if digest not in stored:
+                unmatched.append(name)
+            return stored.get(digest)
+
+        for rev, value in (raw if isinstance(raw, dict) else {}).items():
+            probe = kept(value, str(rev)) if isinstance(value, str) else value  # (an earlier release's)
+            if probe is None:
+                continue
+            try:
+                readiness = parse_readiness_probe(probe, source=f"{where}.{rev}")
+            except SkyhedgeError as exc:
+                bad.append(str(exc))
+                continue
+            self._earlier_probes[str(rev)] = readiness_probe_json(readiness)
+            if self.prober is not None:  # (GitOps: no prober, nothing is probed)
+                self._earlier_probers[str(rev)] = _http_prober(readiness)
+        before: ReadinessProbe | None = None
+        unchecked = False  # the probe in force before the restart is named, but not to be had
+        if isinstance(in_force, str):
+            probe = kept(in_force, f"extra.{PROBE_KEY}")
+            try:
+                before = None if probe is None else parse_readiness_probe(probe, source=f"extra.{PROBE_KEY}")
+            except SpecError as exc:
+                bad.append(str(exc))
+            unchecked = before is None
+        elif in_force is not None:
+            unchecked = True
+            bad.append(f"{STATE_FILE}: extra.{PROBE_KEY}: expected a probe's digest, got {in_force!r:.40}")
+        if unmatched:
+            path = self._probe_store.path
+            why = problem or (f"{path}: missing" if not path.exists() else f"{path}: holds no such probe")
+            bad.append(f"{why} (named by {STATE_FILE}'s {', '.join(unmatched)})")
+        # revisions no live replica runs any more, or current (the spec reverted while stopped)
+        live = self.state.live()
+        current = {cloud: replica_revision(self.spec, cloud) for cloud in {r.cloud for r in live}}
+        if before is not None and self.prober is not None:
+            was = readiness_probe_json(before)
+            if was != readiness_probe_json(self.spec.readiness_probe):
+                # as a reload would: outdated replicas keep the probe they were probed with, and the
+                # current revision's replicas are checked against the spec's (at the first probe)
+                for rec in live:
+                    if rec.revision not in (None, current[rec.cloud], *self._earlier_probers):
+                        self._earlier_probers[str(rec.revision)] = _http_prober(before)
+                        self._earlier_probes[str(rec.revision)] = was
+                self._restart_probe = (before, was)
+        running = {r.revision for r in live} - set(current.values())
+        self._earlier_probers = {r: p for r, p in self._earlier_probers.items() if r in running}
+        if bad:
+            lost = "outdated replicas are probed with the spec's probe"
+            if unchecked:
+                lost += ", which is taken unchecked"
+            self.note(f"{'; '.join(bad)}: ignored: {lost}", level=logging.WARNING)
+
+    def _check_restart_probe(self) -> None:
+        """The spec's probe differs from the one the current revision's replicas were probed with
+        before the restart (a spec edited while the watcher was stopped, or one a running watcher
+        refused: `runner._check_new_probe`). Checked as a reload's is: taken when a READY replica
+        passes it (or none can be asked); else the replicas keep the probe they had, which a
+        reload then checks again. Taken, a probe that every replica fails marks them all
+        NOT_READY at once and FAILED 180 s later: the restart would do what the reload refused."""
+        assert self._restart_probe is not None and self.prober is not None
+        before, was = self._restart_probe
+        self._restart_probe = None
+        live = self.state.live()
+        current = {cloud: replica_revision(self.spec, cloud) for cloud in {r.cloud for r in live}}
+        refused = probe_refused(self.prober, live, current)
+        said = "readiness_probe: the spec's is not the one the replicas were probed with before the restart"
+        if refused is None:
+            self.note(f"{said}: checked (a READY replica passes it, or none could be asked): taken")
+        else:
+            self._held = (_http_prober(before), was)
+            self.note(
+                f"{said}, and none of the {refused[0]} READY replica(s) passes it "
+                f"({refused[1]}: {refused[2]}): "
+                "not taken, they are still probed with the earlier one; fix the probe, or "
+                "`skyhedge reload SPEC` to check it again",
+                level=logging.WARNING,
+            )
         self._keep_earlier_probes()
 
     def _keep_unrouted(self) -> None:
@@ -1452,16 +1638,38 @@ class Controller:
         else:
             self.state.extra.pop(UNROUTED_KEY, None)
 
+    def _in_force(self) -> dict[str, Any] | None:
+        """The probe the current revision's replicas are probed with (None: none is, GitOps): the
+        spec's, or the one kept before a restart (held, or not checked yet: a watcher stopped
+        before its first probe leaves it to the next to check)."""
+        if self.prober is None:
+            return None
+        if self._held is not None:
+            return self._held[1]
+        if self._restart_probe is not None:
+            return self._restart_probe[1]
+        if self._spec_probe is None or self._spec_probe[0] is not self.spec:  # (one JSON per spec)
+            self._spec_probe = (self.spec, readiness_probe_json(self.spec.readiness_probe))
+        return self._spec_probe[1]
+
     def _keep_earlier_probes(self) -> None:
-        """Mirror the earlier probes into the state: those of `_earlier_probers` only, whose
-        revisions some live replica runs (`_probers` and `reconfigure` drop the rest)."""
+        """Mirror the probes kept into the state, as digests (the probes themselves are written to
+        the probes file with the state, `_write`): those of `_earlier_probers` only, whose
+        revisions some live replica runs (`_probers` and `reconfigure` drop the rest), and the
+        probe in force."""
         self._earlier_probes = {
             rev: p for rev, p in self._earlier_probes.items() if rev in self._earlier_probers
         }
+        extra, digest = self.state.extra, self._probe_store.digest
         if self._earlier_probes:
-            self.state.extra[EARLIER_PROBES_KEY] = dict(sorted(self._earlier_probes.items()))
+            extra[EARLIER_PROBES_KEY] = {rev: digest(p) for rev, p in sorted(self._earlier_probes.items())}
         else:
-            self.state.extra.pop(EARLIER_PROBES_KEY, None)
+            extra.pop(EARLIER_PROBES_KEY, None)
+        in_force = self._in_force()
+        if in_force is not None:
+            extra[PROBE_KEY] = digest(in_force)
+        else:
+            extra.pop(PROBE_KEY, None)
 
     def _sever(self, endpoints: dict[str, str], now: float) -> None:
         """Close the router's connections to these endpoints (endpoint -> replica ID), replicas
@@ -1486,7 +1694,9 @@ class Controller:
         them (`pids`) are gone, or `drain_deadline` passes: `_finalise` destroys them then."""
         table = self.state.extra.setdefault(DRAIN_KEY, {})
         for rid in ids:
-            entry = table.get(rid) or {"since": now, "pids": []}
+            entry = table.get(rid)
+            if not isinstance(entry, dict) or not isinstance(entry.get("pids"), list):
+                entry = {"since": now, "pids": []}  # (a hand-edited hold: `_drained`)
             entry["pids"] = sorted({*entry["pids"], *pids})
             table[rid] = entry
 

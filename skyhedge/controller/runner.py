@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING
 from skyhedge._fds import readable
 from skyhedge.clouds import cloud_module, cloud_names
 from skyhedge.controller import presence
-from skyhedge.controller.loop import Controller, ControllerOptions, apply_cause, with_cause
+from skyhedge.controller.loop import Controller, ControllerOptions, apply_cause, probe_refused, with_cause
 from skyhedge.controller.supervisor import Supervisor
 from skyhedge.errors import (
     EngineError,
@@ -45,7 +45,7 @@ from skyhedge.errors import (
 )
 from skyhedge.events import EventSource
 from skyhedge.service import Placement, compute_plan, resolve_placement
-from skyhedge.spec import ServiceSpec, load_spec, replica_revision, spec_changes
+from skyhedge.spec import ServiceSpec, load_spec, readiness_probe_json, replica_revision, spec_changes
 from skyhedge.state import HeldLock, ReplicaRecord, writer_lock
 
 if TYPE_CHECKING:
@@ -229,20 +229,12 @@ def _check_new_probe(
     current = {c: replica_revision(new, c) for c in clouds}
     if any(replica_revision(old, c) != rev for c, rev in current.items()):
         return
-    ready = [
-        r
-        for r in live
-        if r.ready_at is not None
-        and r.not_ready_since is None
-        and not r.draining
-        and r.revision in (None, current[r.cloud])
-    ]
-    results = prober.probe(ready) if ready else {}
-    if not results or any(ok for ok, _ in results.values()):
+    refused = probe_refused(prober, live, current)
+    if refused is None:
         return
-    rid = sorted(results)[0]
+    count, rid, why = refused
     raise SpecError(
-        f"none of the {len(results)} READY replica(s) passes the new probe ({rid}: {results[rid][1]}): "
+        f"none of the {count} READY replica(s) passes the new probe ({rid}: {why}): "
         "taken, it would mark them all NOT_READY at once and replace them with replicas of the same "
         "revision after 180 s; fix the probe (or change `run` with it, to roll the replicas over to a "
         "version that passes it); if they could not answer it just then, `skyhedge reload SPEC` probes "
@@ -582,6 +574,13 @@ class Watcher:
                         path="resources.local_base_port",
                     )
             changes = spec_changes(old, new)
+            held = ctl.held_probe  # a restart kept the earlier probe: the spec's was refused
+            if (
+                held is not None
+                and held != readiness_probe_json(new.readiness_probe)
+                and not any(c.startswith("readiness_probe.") for c in changes)
+            ):
+                changes = [*changes, "readiness_probe.* (the spec's, which the restart did not take)"]
             if not changes:
                 taken = self._taken_unasked if self._answering else None
                 if taken is not None:  # the edit this request is about, taken a moment before it
