@@ -489,7 +489,9 @@ def wait_ready(
     `died(now, pending IDs)`, asked at most every DIED_CHECK_SECONDS, records replicas known to
     be dead as gone in `state` (`notice_dead_local_replicas`) and returns a line for each: they are
     waited on no longer. A model server that crashes while loading would otherwise hold the apply
-    for the rest of the initial delay (often 10 min for an LLM) before "not ready" said anything."""
+    for the rest of the initial delay (often 10 min for an LLM) before "not ready" said anything.
+    It is asked too, about those that passed, before a pass counts: a local replica whose port
+    another service's replica took passed by that one's answer (`foreign_listeners`)."""
     probe = probe or _probe_fn()
     readiness = spec.readiness_probe
     pending = {r.id: r for r in state.live() if r.endpoint and r.ready_at is None and not r.draining}
@@ -508,8 +510,16 @@ def wait_ready(
                     break
             recs = list(pending.values())
             results = _probe_each(pool, probe, readiness, recs)
+            passed = [rec.id for rec, ok in zip(recs, results, strict=True) if ok]
+            if passed and died is not None:
+                # a pass is taken only from a replica still its port's: one whose port another
+                # service's replica took while it loaded passed by that one's answer (`died`
+                # records it gone: `LocalEventSource.poll`), and apply routed to the other's model
+                died(clock(), passed)
             for rec, ok in zip(recs, results, strict=True):
-                if ok:
+                if state.replicas[rec.id].gone_at is not None:
+                    pending.pop(rec.id, None)
+                elif ok:
                     rec.ready_at, rec.not_ready_since = clock(), None
                     ready.append(rec.id)
                     del pending[rec.id]

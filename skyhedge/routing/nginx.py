@@ -188,18 +188,23 @@ def is_master(pid: int, conf: Path) -> bool:
         return False
     if not _PROC.is_dir():
         return True
-    cmd = cmdline(pid)
-    return "nginx: master process" in cmd and str(conf) in cmd
+    return _master_of(cmdline(pid), conf)
+
+
+def _master_of(cmd: str, conf: Path) -> bool:
+    """Whether the command line `cmd` (an nginx master's title: `nginx: master process BINARY -p
+    PREFIX -c CONF -e LOG`, `_base_args`) is that of a master started with `conf`: its `-c`
+    argument whole. Why: `conf` found anywhere in it took the router of the state dir
+    `/home/u/srv/svc` for that of `/srv/svc` (the one path ends the other): a pid file of
+    `/srv/svc`'s dead router naming a pid reused by the other's master had `routing down`,
+    `destroy` and `routing reload` of one service stop, or reload, the other's router."""
+    return "nginx: master process " in cmd and f" -c {conf} " in f"{cmd} "
 
 
 def masters_of(conf: Path) -> list[int]:
     """Live nginx masters started with `conf`, found by their command line: what a router whose
     pid file is gone (its folder deleted under it, `rm -rf router/`) is still known by."""
-    return sorted(
-        pid
-        for pid, cmd in _live_where(lambda _st: True).items()
-        if "nginx: master process" in cmd and f" {conf} " in f" {cmd} "
-    )
+    return sorted(pid for pid, cmd in _live_where(lambda _st: True).items() if _master_of(cmd, conf))
 
 
 def _live_where(test: Callable[[tuple[str, int, int]], bool]) -> dict[int, str]:

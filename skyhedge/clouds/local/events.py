@@ -7,6 +7,8 @@ The local cloud's "machines" are processes started by the launcher (pid files un
 - GONE for a live replica whose process no longer runs: `preempted` when its zone is marked
   preempted in the capacity file (that is how `skyhedge preempt` and market traces take
   capacity away), else `failed` (the process crashed);
+- GONE (`failed`) for one not READY whose port another replica listens on (another service's
+  whose port range overlaps, that took the port while ours loaded: `processes.foreign_listeners`);
 - ZONE_LOST when a zone holding spot replicas of the service becomes marked preempted.
 
 Waking: a background thread holds a pidfd (Linux >= 5.3) per replica process and `poll`s
@@ -36,6 +38,7 @@ from skyhedge.clouds.local import capacity, runtime_dir
 from skyhedge.clouds.local.processes import (
     LocalProcess,
     find_processes,
+    foreign_listeners,
     is_running,
     list_pidfiles,
     proc_starttime,
@@ -117,6 +120,7 @@ class LocalEventSource(EventSource):
         self._known_marked = marked
         evicted: set[str] | None = None
         running: dict[str, list[int]] | None = None  # replicas' processes, looked up once a poll
+        unproven: dict[str, int] = {}  # running replicas not READY now: ID -> port
         for rec in live:
             if rec.cloud != "local" or rec.provisioned_at is None or rec.cloud_id is None:
                 # Not launched by our Terraform yet (or, in GitOps mode, never by us): Terraform is
@@ -124,6 +128,8 @@ class LocalEventSource(EventSource):
                 continue
             proc = read_pidfile(self.runtime, rec.id)
             if proc is not None and is_running(proc):
+                if rec.ready_at is None or rec.not_ready_since is not None:
+                    unproven[rec.id] = proc.port
                 continue
             # (not a spot replica of a zone marked out of capacity: `skyhedge preempt` finds what
             # it kills by pid file, so one without it outlived its zone's preemption by chance)
@@ -152,6 +158,22 @@ class LocalEventSource(EventSource):
             events.append(
                 PreemptionEvent(
                     Signal.GONE, now, "local-process", replica_id=rec.id, reason=reason, detail=why
+                )
+            )
+        # Before a probe may find one READY: its port answered for another replica (another
+        # service's, whose port range overlaps) that took it while ours loaded (`foreign_listeners`).
+        # It cannot serve there while that one holds it: gone, and replaced under a new ID and port.
+        # READY ones are not looked at: they held their port when found READY, and hold it still.
+        for rid, other in sorted(foreign_listeners(self.runtime, unproven).items()):
+            events.append(
+                PreemptionEvent(
+                    Signal.GONE,
+                    now,
+                    "local-process",
+                    replica_id=rid,
+                    reason="failed",
+                    detail=f"its port {unproven[rid]} is held by replica {other}, which its probes "
+                    "would reach",
                 )
             )
         return events

@@ -20,7 +20,7 @@ import secrets
 import signal
 import stat
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import IO
@@ -444,6 +444,88 @@ def find_processes(runtime_dir: Path, replica_id: str | None = None) -> list[int
     return sorted(
         pid for pid, env in _marked(runtime_dir) if replica_id is None or env.get(REPLICA_ENV) == replica_id
     )
+
+
+#: /proc/net/tcp's state of a listening socket.
+_LISTEN = "0A"
+
+
+def listening_sockets(ports: Iterable[int]) -> dict[int, set[int]]:
+    """Port -> inodes of the TCP sockets listening on it (on any address, IPv4 or IPv6) in this
+    network namespace, for the `ports` asked about (/proc/net/tcp and tcp6; empty without them)."""
+    wanted = set(ports)
+    found: dict[int, set[int]] = {}
+    for name in ("tcp", "tcp6"):
+        try:
+            lines = Path(f"/proc/net/{name}").read_text(encoding="ascii", errors="replace").splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if len(fields) < 10 or fields[3] != _LISTEN:
+                continue
+            with contextlib.suppress(ValueError, IndexError):
+                port, inode = int(fields[1].rsplit(":", 1)[1], 16), int(fields[9])
+                if port in wanted:
+                    found.setdefault(port, set()).add(inode)
+    return found
+
+
+def _socket_inodes(pid: int) -> set[int]:
+    """The inodes of the sockets process `pid` holds open (empty when it cannot be read)."""
+    inodes: set[int] = set()
+    try:
+        entries = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return inodes
+    for fd in entries:
+        with contextlib.suppress(OSError, ValueError):
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            if target.startswith("socket:["):
+                inodes.add(int(target[8:-1]))
+    return inodes
+
+
+def foreign_listeners(runtime_dir: Path, ports: Mapping[str, int]) -> dict[str, str]:
+    """Of this runtime dir's replicas `ports` (ID -> its port), those whose port another skyhedge
+    replica listens on: one of another state dir (a service on this machine whose
+    `local_base_port` range overlaps this one's) or another replica of this one. ID -> that
+    replica, as `r-0001 of <its runtime dir>`.
+
+    Why: a replica's port is free until its server binds it, and a model server loads its weights
+    first (minutes), so another service's replica launched meanwhile can be handed that port and
+    take it. Its probes answered 200 for ours: the watcher marked ours READY and routed this
+    service's clients to the other service's model (measured: 63 of 465 requests through the
+    router, until ours failed to bind). Only a listener positively known as another replica's (by
+    the markers the launcher puts in its environment) counts: one this account cannot look into
+    (docker-proxy forwarding `docker run -p $PORT:...`, root's) is nobody's, and judges nothing.
+    Nothing is read for no `ports` (every replica READY); else one read of /proc/net/tcp (30 ms
+    with 5,000 sockets open on the machine), and /proc is walked only when some port asked about
+    has a listener: a pass looks while a replica loads, not once all are READY."""
+    if not ports:
+        return {}
+    held = listening_sockets(ports.values())
+    if not held:
+        return {}
+    wanted = set().union(*held.values())
+    owners: dict[int, set[tuple[str, str]]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        env = _environ(int(entry.name))
+        runtime, rid = env.get(RUNTIME_ENV), env.get(REPLICA_ENV)
+        if runtime is None or rid is None:
+            continue
+        for inode in _socket_inodes(int(entry.name)) & wanted:
+            owners.setdefault(inode, set()).add((runtime, rid))
+    mine = str(Path(runtime_dir).resolve())
+    out: dict[str, str] = {}
+    for rid, port in ports.items():
+        holders = {who for inode in held.get(port, ()) for who in owners.get(inode, ())}
+        if holders and (mine, rid) not in holders:
+            runtime, other = min(holders)
+            out[rid] = f"{other} of {'this service' if runtime == mine else runtime}"
+    return out
 
 
 def _signal(pids: list[int], pgid: int | None, sig: signal.Signals) -> None:
