@@ -11,7 +11,11 @@ server this test runs on 127.0.0.1.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import os
+import subprocess
 import sys
 import threading
 import uuid
@@ -27,7 +31,14 @@ from click.testing import CliRunner
 from skyhedge import leftovers
 from skyhedge.apply import apply_service, destroy_service
 from skyhedge.cli import main
-from skyhedge.clouds import builtin_clouds, cloud_names, register_cloud, unregister_cloud
+from skyhedge.clouds import (
+    builtin_clouds,
+    cloud_names,
+    cloud_package,
+    forget_plugins,
+    register_cloud,
+    unregister_cloud,
+)
 from skyhedge.controller.runner import event_sources
 from skyhedge.errors import SpecError
 from skyhedge.service import resolve_placement
@@ -135,16 +146,15 @@ class FakeCloudFolder:
     package: str
 
 
-@pytest.fixture
-def fake_cloud(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeCloudFolder]:
-    """The `fake` cloud, written into a temp folder and registered; forgotten again afterwards."""
-    folder = tmp_path / "fake-cloud"
-    package = f"skyhedge_test_fake_cloud_{uuid.uuid4().hex[:8]}"
-    (folder / package).mkdir(parents=True)
-    (folder / package / "__init__.py").write_text('"""A cloud outside skyhedge."""\n', encoding="utf-8")
-    (folder / package / "render.py").write_text(RENDER_PY, encoding="utf-8")
-    (folder / package / "events.py").write_text(EVENTS_PY, encoding="utf-8")
-    (folder / package / "logs.py").write_text(LOGS_PY, encoding="utf-8")
+def write_fake_cloud(root: Path, package: str) -> Path:
+    """The `fake` cloud's every part, written into the Python package `root/package` (its code,
+    its Terraform module, provider template and catalog beside it); returns the package's folder."""
+    folder = root / package
+    folder.mkdir(parents=True)
+    (folder / "__init__.py").write_text('"""A cloud outside skyhedge."""\n', encoding="utf-8")
+    (folder / "render.py").write_text(RENDER_PY, encoding="utf-8")
+    (folder / "events.py").write_text(EVENTS_PY, encoding="utf-8")
+    (folder / "logs.py").write_text(LOGS_PY, encoding="utf-8")
     (folder / "module").mkdir()
     (folder / "module" / "main.tf").write_text(MAIN_TF.lstrip(), encoding="utf-8")
     (folder / "provider.tf.j2").write_text(PROVIDER_TF_J2, encoding="utf-8")
@@ -168,7 +178,21 @@ def fake_cloud(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Fake
         ],
     }
     (folder / "catalog.json").write_text(json.dumps(catalog), encoding="utf-8")
-    monkeypatch.syspath_prepend(str(folder))
+    return folder
+
+
+def forget_modules(package: str) -> None:
+    for name in [m for m in sys.modules if m == package or m.startswith(package + ".")]:
+        del sys.modules[name]
+
+
+@pytest.fixture
+def fake_cloud(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeCloudFolder]:
+    """The `fake` cloud, written into a temp folder and registered; forgotten again afterwards."""
+    root = tmp_path / "fake-cloud"
+    package = f"skyhedge_test_fake_cloud_{uuid.uuid4().hex[:8]}"
+    folder = write_fake_cloud(root, package)
+    monkeypatch.syspath_prepend(str(root))
     monkeypatch.delenv("SKYHEDGE_CATALOG_DIR", raising=False)  # the bundled catalog: the one registered
     register_cloud(
         "fake",
@@ -177,11 +201,10 @@ def fake_cloud(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Fake
         provider_template=folder / "provider.tf.j2",
         catalog=folder / "catalog.json",
     )
-    yield FakeCloudFolder(folder, package)
+    yield FakeCloudFolder(root, package)
     unregister_cloud("fake")
     leftovers._WITHOUT_LEFTOVERS.discard("fake")
-    for name in [m for m in sys.modules if m == package or m.startswith(package + ".")]:
-        del sys.modules[name]
+    forget_modules(package)
 
 
 @pytest.fixture
@@ -292,3 +315,269 @@ def test_the_builtin_clouds_are_the_cloud_folders():
     """A folder of skyhedge/clouds/ with a render.py is a cloud: nothing else lists them."""
     folders = Path(__file__).resolve().parents[1] / "skyhedge" / "clouds"
     assert builtin_clouds() == tuple(sorted(p.parent.name for p in folders.glob("*/render.py")))
+
+
+# -- Installed plug-ins: the `skyhedge.clouds` entry point group -------------------------------
+#
+# A distribution is "installed" the way pip leaves one: a `<name>-<version>.dist-info` folder with
+# METADATA and entry_points.txt, in a folder on the path, beside its package.
+
+REPO = Path(__file__).resolve().parents[1]
+
+ENTRY_MODULE = """
+'''What the entry point names: where the fake cloud's parts are, as one CloudPackage.'''
+
+from pathlib import Path
+
+from skyhedge.clouds import CloudPackage
+
+HERE = Path(__file__).resolve().parent
+CLOUD = CloudPackage(
+    "fake",
+    __package__,
+    module_dir=HERE / "module",
+    provider_template=HERE / "provider.tf.j2",
+    catalog=HERE / "catalog.json",
+)
+"""
+
+
+@dataclass
+class Site:
+    """A folder on sys.path that distributions are "installed" into (`install`)."""
+
+    root: Path
+    packages: list[str]
+
+    def install(
+        self, dist: str, entry_points: str, *, module: str = ENTRY_MODULE, metadata: bytes | None = None
+    ) -> str:
+        """Install distribution `dist` 1.0: the fake cloud in a package of its own, whose
+        `skyhedge_cloud.py` holds `module`, declaring `entry_points` (lines of the
+        `[skyhedge.clouds]` section unless it starts a section of its own, `{pkg}` standing for
+        its package), with the METADATA `metadata` if given; returns the package."""
+        package = f"skyhedge_test_cloud_{uuid.uuid4().hex[:8]}"
+        folder = write_fake_cloud(self.root, package)
+        (folder / "skyhedge_cloud.py").write_text(module, encoding="utf-8")
+        info = self.root / f"{dist.replace('-', '_')}-1.0.dist-info"
+        info.mkdir()
+        (info / "METADATA").write_bytes(
+            metadata or f"Metadata-Version: 2.1\nName: {dist}\nVersion: 1.0\n".encode()
+        )
+        section = "" if entry_points.startswith("[") else "[skyhedge.clouds]\n"
+        (info / "entry_points.txt").write_text(
+            section + entry_points.format(pkg=package) + "\n", encoding="utf-8"
+        )
+        self.packages.append(package)
+        return package
+
+
+@pytest.fixture
+def site(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Site]:
+    """An empty site folder on sys.path; the plug-ins are read again with it, and again without."""
+    root = tmp_path / "site"
+    root.mkdir()
+    monkeypatch.syspath_prepend(str(root))
+    monkeypatch.delenv("SKYHEDGE_CATALOG_DIR", raising=False)  # each cloud's own catalog
+    forget_plugins()
+    made = Site(root, [])
+    yield made
+    forget_plugins()
+    leftovers._WITHOUT_LEFTOVERS.discard("fake")
+    for package in made.packages:
+        forget_modules(package)
+
+
+def plan_in_process(spec_path: Path, state_dir: Path):
+    return CliRunner().invoke(main, ["plan", str(spec_path), "--state-dir", str(state_dir), "--json"])
+
+
+def warnings_of(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("warning:")]
+
+
+def test_an_installed_plugin_cloud_is_planned_by_the_cli_with_no_registration_call(site, tmp_path):
+    """`python -m skyhedge plan` in a process of its own: nothing but the installed distribution
+    (on PYTHONPATH) makes `fake` known, and it says no warning."""
+    site.install("skyhedge-fake-cloud", "fake = {pkg}.skyhedge_cloud:CLOUD")
+    spec_path = write_spec(tmp_path / "service.yaml", "http://127.0.0.1:9")
+    env = {k: v for k, v in os.environ.items() if k != "SKYHEDGE_CATALOG_DIR"}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(site.root)])
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "skyhedge",
+            "plan",
+            str(spec_path),
+            "--state-dir",
+            str(tmp_path / "st"),
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert warnings_of(done.stderr) == []
+    rows = json.loads(done.stdout)["replicas"]
+    assert sorted((r["cloud"], r["zone"]) for r in rows) == [("fake", z) for z in ZONES]
+
+
+def test_an_installed_plugin_cloud_is_rendered_from_its_own_files(site, tmp_path):
+    package = site.install("skyhedge-fake-cloud", "fake = {pkg}.skyhedge_cloud:CLOUD")
+    assert "fake" in cloud_names() and "fake" not in builtin_clouds()
+    assert cloud_package("fake").package == package
+    spec_path = write_spec(tmp_path / "service.yaml", "http://127.0.0.1:9")
+    out = tmp_path / "tree"
+    rendered = cli("render", str(spec_path), "--state-dir", str(tmp_path / "st"), "--out", str(out))
+    assert rendered.exit_code == 0, rendered.output
+    assert (out / "modules" / "fake-replicas" / "main.tf").read_text(encoding="utf-8") == MAIN_TF.lstrip()
+
+
+NOT_A_CLOUD = "CLOUD = {'name': 'fake'}\n"
+BROKEN_IMPORT = "import skyhedge_no_such_module_anywhere\n"
+EXITS = "raise SystemExit(3)\n"
+MISNAMED = ENTRY_MODULE.replace('"fake",', '"other",')
+RELATIVE = ENTRY_MODULE.replace('catalog=HERE / "catalog.json"', 'catalog=Path("catalog.json")')
+
+
+@pytest.mark.parametrize(
+    ("entry", "module", "why"),
+    [
+        (
+            "fake = {pkg}.skyhedge_cloud:CLOUD",
+            BROKEN_IMPORT,
+            "cannot load (ModuleNotFoundError: No module named",
+        ),
+        ("fake = {pkg}.skyhedge_cloud:CLOUD", EXITS, "cannot load (SystemExit: 3)"),
+        ("fake = {pkg}.skyhedge_cloud:NOPE", ENTRY_MODULE, "cannot load (AttributeError:"),
+        (
+            "fake = {pkg}.skyhedge_cloud:CLOUD",
+            NOT_A_CLOUD,
+            "names a dict, expected a skyhedge.clouds.CloudPackage",
+        ),
+        ("fake = {pkg}.skyhedge_cloud:CLOUD", MISNAMED, "its CloudPackage is named 'other', not 'fake'"),
+        (
+            "fake = {pkg}.skyhedge_cloud:CLOUD",
+            RELATIVE,
+            "its CloudPackage.catalog PosixPath('catalog.json') is not",
+        ),
+        ("Fake = {pkg}.skyhedge_cloud:CLOUD", ENTRY_MODULE, "cloud name 'Fake': expected lowercase letters"),
+    ],
+    ids=["import-error", "exits", "no-such-object", "wrong-type", "wrong-name", "relative-path", "bad-name"],
+)
+def test_a_broken_plugin_is_one_warning_line_and_its_cloud_stays_unknown(site, tmp_path, entry, module, why):
+    site.install("skyhedge-broken-cloud", entry, module=module)
+    spec_path = write_spec(tmp_path / "service.yaml", "http://127.0.0.1:9")
+    planned = plan_in_process(spec_path, tmp_path / "st")
+    lines = warnings_of(planned.stderr)
+    assert len(lines) == 1, planned.stderr
+    assert lines[0].startswith(f"warning: cloud plug-in '{entry.split(' =')[0]} = ") and why in lines[0]
+    assert "of skyhedge-broken-cloud 1.0 skipped: " in lines[0]
+    assert planned.exit_code == 1 and "Traceback" not in planned.output
+    assert "fake: unknown field (allowed: aws, gcp, local)" in planned.stderr
+    assert "fake" not in cloud_names()
+
+
+def test_a_plugin_named_like_a_builtin_cloud_is_skipped_and_the_builtin_kept(site):
+    site.install("skyhedge-shadow", "aws = {pkg}.skyhedge_cloud:CLOUD\nfake = {pkg}.skyhedge_cloud:CLOUD")
+    captured = io.StringIO()
+    with contextlib.redirect_stderr(captured):
+        assert "fake" in cloud_names()  # the good entry point of the same distribution is taken
+    assert warnings_of(captured.getvalue()) == [
+        f"warning: cloud plug-in 'aws = {site.packages[0]}.skyhedge_cloud:CLOUD' of skyhedge-shadow 1.0 "
+        "skipped: cloud 'aws' is built into skyhedge (skyhedge/clouds/aws/)"
+    ]
+    assert cloud_package("aws").package == "skyhedge.clouds.aws"
+
+
+def test_a_cloud_two_distributions_declare_is_one_warning_line_and_neither_is_used(site, tmp_path):
+    first = site.install("skyhedge-cloud-one", "fake = {pkg}.skyhedge_cloud:CLOUD")
+    second = site.install("skyhedge-cloud-two", "fake = {pkg}.skyhedge_cloud:CLOUD")
+    spec_path = write_spec(tmp_path / "service.yaml", "http://127.0.0.1:9")
+    planned = plan_in_process(spec_path, tmp_path / "st")
+    lines = warnings_of(planned.stderr)
+    assert len(lines) == 1, planned.stderr
+    assert f"'fake = {first}.skyhedge_cloud:CLOUD' of skyhedge-cloud-one 1.0" in lines[0]
+    assert f"'fake = {second}.skyhedge_cloud:CLOUD' of skyhedge-cloud-two 1.0" in lines[0]
+    assert lines[0].endswith("skipped: each declares cloud 'fake' (uninstall all but one)")
+    assert planned.exit_code == 1 and "fake: unknown field (allowed: aws, gcp, local)" in planned.stderr
+
+
+def test_a_distribution_whose_entry_points_do_not_parse_costs_only_its_own_clouds(site):
+    """importlib.metadata's `entry_points()` raises for every distribution when one
+    entry_points.txt has a line without `=`: the others' clouds are still taken, and only a
+    broken file that declares clouds is a warning."""
+    good = site.install("skyhedge-fake-cloud", "fake = {pkg}.skyhedge_cloud:CLOUD")
+    site.install("skyhedge-broken-cloud", "[skyhedge.clouds]\nother {pkg}.skyhedge_cloud:CLOUD")
+    site.install("unrelated-tool", "[console_scripts]\nno-equals-sign-here")
+    captured = io.StringIO()
+    with contextlib.redirect_stderr(captured):
+        assert "fake" in cloud_names() and "other" not in cloud_names()
+    assert cloud_package("fake").package == good
+    lines = warnings_of(captured.getvalue())
+    assert len(lines) == 1, captured.getvalue()
+    assert lines[0].startswith(
+        f"warning: cloud plug-ins of {site.root / 'skyhedge_broken_cloud-1.0.dist-info'} "
+    )
+    assert "skipped: cannot read it (" in lines[0]
+
+
+def test_a_plugin_whose_metadata_does_not_decode_is_named_by_its_folder(site):
+    site.install(
+        "skyhedge-fake-cloud",
+        "fake = {pkg}.skyhedge_cloud:NOPE",
+        metadata=b"Metadata-Version: 2.1\nName: skyhedge-fake-cloud\nSummary: \xff\xfe\n",
+    )
+    captured = io.StringIO()
+    with contextlib.redirect_stderr(captured):
+        assert "fake" not in cloud_names()
+    lines = warnings_of(captured.getvalue())
+    assert len(lines) == 1, captured.getvalue()
+    assert (
+        f"of {site.root / 'skyhedge_fake_cloud-1.0.dist-info'} skipped: cannot load (AttributeError"
+        in lines[0]
+    )
+
+
+def test_the_plugins_are_read_once_per_process(site):
+    site.install("skyhedge-broken-cloud", "fake = {pkg}.skyhedge_cloud:CLOUD", module=NOT_A_CLOUD)
+    captured = io.StringIO()
+    with contextlib.redirect_stderr(captured):
+        for _ in range(3):
+            assert "fake" not in cloud_names()
+    assert len(warnings_of(captured.getvalue())) == 1
+
+
+def test_a_registered_cloud_wins_over_a_plugin_of_its_name(site, fake_cloud):
+    site.install("skyhedge-fake-cloud", "fake = {pkg}.skyhedge_cloud:CLOUD")
+    assert cloud_package("fake").package == fake_cloud.package
+
+
+PROBE = """
+import sys
+import skyhedge.clouds.local.launcher
+from skyhedge.clouds import cloud_names, cloud_package
+print(cloud_package("local").package, {package!r} in sys.modules, "importlib.metadata" in sys.modules)
+print("fake" in cloud_names(), {package!r} + ".skyhedge_cloud" in sys.modules)
+"""
+
+
+def test_the_plugins_are_read_when_a_cloud_list_is_needed_not_at_import(site, tmp_path):
+    """The local launcher imports skyhedge.clouds per replica launch: importing it (and asking
+    for a built-in cloud) reads no entry point and imports no plug-in."""
+    package = site.install("skyhedge-fake-cloud", "fake = {pkg}.skyhedge_cloud:CLOUD")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), str(site.root)]))
+    done = subprocess.run(
+        [sys.executable, "-c", PROBE.format(package=package)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["skyhedge.clouds.local False False", "True True"]

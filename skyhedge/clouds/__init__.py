@@ -8,11 +8,15 @@ that hold a `render.py`; the spec, the state and the catalog take exactly those 
 other files of a cloud folder (`logs.py`, `leftovers.py`) are optional and found through
 `cloud_module` by their users.
 
-A cloud that lives outside skyhedge (a plug-in, a test's temp folder) is one `register_cloud`
-call naming its Python package and, since it has no place in skyhedge's data folders, its
-module, provider template and catalog files (DESIGN.md, "Adding a cloud").
+A cloud that lives outside skyhedge names its Python package and, since it has no place in
+skyhedge's data folders, its module, provider template and catalog files, in a `CloudPackage`:
+an installed distribution declares it under the `skyhedge.clouds` entry point group (found the
+first time the cloud list is needed, so `skyhedge plan/apply/watch` take it with no wrapper), or
+a program (a test's temp folder) passes the same to `register_cloud` (DESIGN.md, "Adding a cloud").
 
-Import-light on purpose: the local launcher imports this package once per replica launch.
+Import-light on purpose: the local launcher imports this package once per replica launch, so
+the entry points (`importlib.metadata`, ~13 ms, and each plug-in's import) are read only when a
+name that is not a built-in cloud is asked about, never at import.
 """
 
 from __future__ import annotations
@@ -20,10 +24,12 @@ from __future__ import annotations
 import functools
 import importlib
 import os
-from collections.abc import Sequence
+import sys
+import threading
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
+from types import MappingProxyType, ModuleType
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
@@ -103,6 +109,8 @@ class CloudPackage:
 _HERE = Path(__file__).resolve().parent
 #: Clouds registered from outside skyhedge (`register_cloud`), by name.
 _REGISTERED: dict[str, CloudPackage] = {}
+#: The entry point group an installed distribution declares its clouds under.
+ENTRY_POINT_GROUP = "skyhedge.clouds"
 
 
 @functools.cache
@@ -115,9 +123,20 @@ def builtin_clouds() -> tuple[str, ...]:
 
 
 def cloud_names() -> tuple[str, ...]:
-    """Every cloud skyhedge knows (sorted): its own folders and the registered ones. Asked at each
-    use, not frozen at import, so that a cloud registered after skyhedge loaded is taken."""
-    return tuple(sorted({*builtin_clouds(), *_REGISTERED}))
+    """Every cloud skyhedge knows (sorted): its own folders, the installed plug-ins and the
+    registered ones. Asked at each use, not frozen at import, so that a cloud registered after
+    skyhedge loaded is taken."""
+    return tuple(sorted({*builtin_clouds(), *plugin_clouds(), *_REGISTERED}))
+
+
+def _name_problem(name: object) -> str | None:
+    """Why `name` cannot name an outside cloud (None: it can). A built-in name is refused: the
+    spec, the state and the catalog would mean two clouds by it."""
+    if not isinstance(name, str) or not name or not name.replace("-", "").isalnum() or name != name.lower():
+        return f"cloud name {name!r}: expected lowercase letters, digits and '-'"
+    if name in builtin_clouds():
+        return f"cloud {name!r} is built into skyhedge (skyhedge/clouds/{name}/)"
+    return None
 
 
 def register_cloud(
@@ -128,16 +147,153 @@ def register_cloud(
     provider_template: Path | None = None,
     catalog: Path | None = None,
 ) -> CloudPackage:
-    """Make cloud `name` known to skyhedge: the one registration point of a cloud that is not a
-    folder of `skyhedge/clouds/` (see the module docstring). A built-in name is refused: the
-    spec, the state and the catalog would mean two clouds by it."""
-    if not name or not name.replace("-", "").isalnum() or name != name.lower():
-        raise ValueError(f"cloud name {name!r}: expected lowercase letters, digits and '-'")
-    if name in builtin_clouds():
-        raise ValueError(f"cloud {name!r} is built into skyhedge (skyhedge/clouds/{name}/)")
+    """Make cloud `name` known to skyhedge from this process (a test, a program embedding
+    skyhedge); an installed plug-in declares the same `CloudPackage` as an entry point instead
+    (`plugin_clouds`). A registration here wins over a plug-in of the same name."""
+    problem = _name_problem(name)
+    if problem:
+        raise ValueError(problem)
     entry = CloudPackage(name, package, module_dir, provider_template, catalog)
     _REGISTERED[name] = entry
     return entry
+
+
+def _warn(line: str) -> None:
+    """One `warning:` line on stderr (a plug-in's error text escaped, so it stays one line).
+    Not `logging`: the plug-ins are read while the spec is, before a command sets up its log, and
+    the line must reach the user whatever logging's settings."""
+    from skyhedge.errors import escape_controls  # (its regexes are not on `import skyhedge.clouds`)
+
+    try:
+        sys.stderr.write(f"warning: {escape_controls(line)}\n")
+        sys.stderr.flush()
+    except (OSError, ValueError):  # a closed or full stderr: the plug-in is skipped all the same
+        pass
+
+
+def _entry_point_label(ep: Any) -> str:
+    """`name = value` of entry point `ep` and the distribution declaring it, as a user finds them
+    in `pip show`/`entry_points.txt`."""
+    dist = getattr(ep, "dist", None)
+    try:
+        where = f"{dist.name} {dist.version}" if dist is not None else "an unknown distribution"
+    except Exception:  # noqa: BLE001 - a METADATA that does not parse: name its folder instead
+        where = str(getattr(dist, "_path", "an unreadable distribution"))
+    return f"'{ep.name} = {ep.value}' of {where}"
+
+
+def _plugin_problem(ep: Any, obj: object) -> str | None:
+    """Why the object entry point `ep` names is no usable cloud (None: it is one)."""
+    if not isinstance(obj, CloudPackage):
+        return f"names a {type(obj).__name__}, expected a skyhedge.clouds.CloudPackage"
+    if obj.name != ep.name:
+        return f"its CloudPackage is named {obj.name!r}, not {ep.name!r}"
+    for field in ("module_dir", "provider_template", "catalog"):
+        path = getattr(obj, field)
+        if path is not None and not (isinstance(path, Path) and path.is_absolute()):
+            return f"its CloudPackage.{field} {path!r} is not an absolute Path"
+    return None
+
+
+_PLUGINS: Mapping[str, CloudPackage] | None = None  # read once, by `plugin_clouds`
+_PLUGINS_LOCK = threading.RLock()  # re-entrant: a plug-in's import may ask for the clouds itself
+_READING = False
+
+
+def plugin_clouds() -> Mapping[str, CloudPackage]:
+    """The clouds installed distributions declare in the `skyhedge.clouds` entry point group, by
+    name: `mycloud = mypkg.skyhedge_cloud:CLOUD`, where `CLOUD` is a `CloudPackage` named
+    `mycloud` whose paths are absolute (DESIGN.md, "Adding a cloud").
+
+    Read once per process, the first time a cloud that is not built in is asked about (the local
+    launcher, which only needs its own cloud, never pays for it). A plug-in that cannot be used
+    (an invalid or built-in name, an error importing it, the wrong object, a name two
+    distributions declare) is one `warning:` line naming its entry point and distribution, and
+    skyhedge goes on without it: a spec naming that cloud meets the usual "expected one of ...".
+    Two distributions declaring one name are both left out: which one a spec meant (and a state
+    was applied with) would depend on the order of `sys.path`."""
+    global _PLUGINS, _READING
+    with _PLUGINS_LOCK:
+        if _PLUGINS is not None:
+            return _PLUGINS
+        if _READING:  # asked from a plug-in's own import: the plug-ins are not known yet
+            return MappingProxyType({})
+        _READING = True
+        try:
+            _PLUGINS = MappingProxyType(_read_plugins())
+        finally:
+            _READING = False
+        return _PLUGINS
+
+
+def forget_plugins() -> None:
+    """Read the entry points again at the next use (tests that put a distribution on the path)."""
+    global _PLUGINS
+    with _PLUGINS_LOCK:
+        _PLUGINS = None
+
+
+def _declared_entry_points() -> list[Any]:
+    """The `skyhedge.clouds` entry points of the installed distributions (the first of each name
+    on the path, as `entry_points` gives them). One distribution whose entry_points.txt or
+    METADATA does not parse made `entry_points` raise for all of them (a traceback out of every
+    command, measured): then each is read on its own, and one that cannot be read and may
+    declare a cloud is a `warning:` line."""
+    from importlib.metadata import distributions, entry_points  # ~13 ms: not on the launcher's path
+
+    try:
+        return list(entry_points(group=ENTRY_POINT_GROUP))
+    except Exception:  # noqa: BLE001 - read again one distribution at a time, below
+        pass
+    found: list[Any] = []
+    seen: set[str] = set()
+    for dist in distributions():
+        try:
+            name = dist.metadata["Name"] or ""
+            key = name.lower().replace("_", "-").replace(".", "-")
+            if key in seen:
+                continue  # shadowed by the copy earlier on the path
+            seen.add(key)
+            found.extend(dist.entry_points.select(group=ENTRY_POINT_GROUP))
+        except Exception as exc:  # noqa: BLE001 - a broken install is a warning, not a traceback
+            text = _read_or_none(dist, "entry_points.txt")
+            if text is None or f"[{ENTRY_POINT_GROUP}]" in text:
+                where = getattr(dist, "_path", None) or "a distribution"
+                _warn(f"cloud plug-ins of {where} skipped: cannot read it ({type(exc).__name__}: {exc})")
+    return found
+
+
+def _read_or_none(dist: Any, filename: str) -> str | None:
+    try:
+        return dist.read_text(filename) or ""
+    except Exception:  # noqa: BLE001 - unreadable: the caller says so
+        return None
+
+
+def _read_plugins() -> dict[str, CloudPackage]:
+    candidates: dict[str, list[tuple[str, CloudPackage]]] = {}
+    for ep in _declared_entry_points():
+        label = _entry_point_label(ep)
+        problem = _name_problem(ep.name)
+        if problem is None:
+            try:
+                obj = ep.load()
+            except (Exception, SystemExit) as exc:  # the plug-in's own code: any error, even exit()
+                problem = f"cannot load ({type(exc).__name__}: {exc})"
+            else:
+                problem = _plugin_problem(ep, obj)
+        if problem:
+            _warn(f"cloud plug-in {label} skipped: {problem}")
+        else:
+            candidates.setdefault(ep.name, []).append((label, obj))
+    found: dict[str, CloudPackage] = {}
+    for name, declared in candidates.items():
+        if len(declared) == 1:
+            found[name] = declared[0][1]
+        else:
+            labels = " and ".join(label for label, _ in declared)
+            _warn(f"cloud plug-ins {labels} skipped: each declares cloud {name!r} (uninstall all but one)")
+    return found
 
 
 def unregister_cloud(name: str) -> None:
@@ -146,8 +302,13 @@ def unregister_cloud(name: str) -> None:
 
 
 def cloud_package(name: str) -> CloudPackage:
-    """Where cloud `name`'s parts live (a built-in cloud's: `skyhedge.clouds.<name>`)."""
-    return _REGISTERED.get(name) or CloudPackage(name, f"{__name__}.{name}")
+    """Where cloud `name`'s parts live (a built-in cloud's: `skyhedge.clouds.<name>`; the entry
+    points are read only for a name that is neither registered nor built in)."""
+    if name in _REGISTERED:
+        return _REGISTERED[name]
+    if name not in builtin_clouds() and name in plugin_clouds():
+        return plugin_clouds()[name]
+    return CloudPackage(name, f"{__name__}.{name}")
 
 
 def cloud_module(name: str, part: str) -> ModuleType | None:
@@ -172,6 +333,7 @@ def get_cloud(name: str) -> CloudRenderer:
 
 
 __all__ = [
+    "ENTRY_POINT_GROUP",
     "CloudPackage",
     "CloudRenderer",
     "RenderContext",
@@ -179,7 +341,9 @@ __all__ = [
     "cloud_module",
     "cloud_names",
     "cloud_package",
+    "forget_plugins",
     "get_cloud",
+    "plugin_clouds",
     "register_cloud",
     "unregister_cloud",
 ]
