@@ -222,3 +222,30 @@ def test_a_plugins_clock_memory_is_held_back_like_the_builtin_ones_and_a_bad_one
     assert clock_memory(f"{plugin}:Clocked") == {"tick"}
     assert clock_memory(f"{plugin}:BadClocks") == frozenset()
     assert clock_memory("no-such-policy") == frozenset()
+
+
+def _dist(site: Path, name: str, entry_points: str) -> None:
+    """`name` 1.0 "installed" into `site` (a `*.dist-info` folder on the path) with `entry_points`."""
+    info = site / f"{name.replace('-', '_')}-1.0.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.0\n")
+    (info / "entry_points.txt").write_text(entry_points)
+
+
+def test_an_unrelated_distribution_whose_entry_points_do_not_parse_breaks_no_plan(
+    plugin, tmp_path, monkeypatch
+):
+    """importlib.metadata's `entry_points()` raises for every distribution when one
+    entry_points.txt has a line without `=`: `plan` ended in a traceback (`TypeError:
+    Pair.__new__()`) for every spec, as the policy registry reads the entry points. Now the other
+    distributions' policies are still found, and a broken file that declares none says nothing."""
+    site = tmp_path / "site"
+    _dist(site, "unrelated-tool", "[console_scripts]\nno-equals-sign-here\n")
+    _dist(site, "shplug-policies", f"[skyhedge.policies]\nfine = {plugin}:Fine\n")
+    monkeypatch.syspath_prepend(str(site))
+    spec = REPO / "examples/local-echo/service.yaml"
+    for policy in ("skyhedge", "fine"):
+        args = ["plan", str(spec), "--state-dir", str(tmp_path / "state"), "--policy", policy]
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 0, result.output
+        assert "warning" not in result.output and "Traceback" not in result.output

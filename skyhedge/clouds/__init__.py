@@ -24,13 +24,15 @@ from __future__ import annotations
 import functools
 import importlib
 import os
-import sys
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType, ModuleType
 from typing import TYPE_CHECKING, Any, Protocol
+
+from skyhedge._entry_points import declared as declared_entry_points
+from skyhedge._entry_points import warn as _warn
 
 if TYPE_CHECKING:
     from skyhedge.planner import PlannedReplica
@@ -158,19 +160,6 @@ def register_cloud(
     return entry
 
 
-def _warn(line: str) -> None:
-    """One `warning:` line on stderr (a plug-in's error text escaped, so it stays one line).
-    Not `logging`: the plug-ins are read while the spec is, before a command sets up its log, and
-    the line must reach the user whatever logging's settings."""
-    from skyhedge.errors import escape_controls  # (its regexes are not on `import skyhedge.clouds`)
-
-    try:
-        sys.stderr.write(f"warning: {escape_controls(line)}\n")
-        sys.stderr.flush()
-    except (OSError, ValueError):  # a closed or full stderr: the plug-in is skipped all the same
-        pass
-
-
 def _entry_point_label(ep: Any) -> str:
     """`name = value` of entry point `ep` and the distribution declaring it, as a user finds them
     in `pip show`/`entry_points.txt`."""
@@ -233,46 +222,9 @@ def forget_plugins() -> None:
         _PLUGINS = None
 
 
-def _declared_entry_points() -> list[Any]:
-    """The `skyhedge.clouds` entry points of the installed distributions (the first of each name
-    on the path, as `entry_points` gives them). One distribution whose entry_points.txt or
-    METADATA does not parse made `entry_points` raise for all of them (a traceback out of every
-    command, measured): then each is read on its own, and one that cannot be read and may
-    declare a cloud is a `warning:` line."""
-    from importlib.metadata import distributions, entry_points  # ~13 ms: not on the launcher's path
-
-    try:
-        return list(entry_points(group=ENTRY_POINT_GROUP))
-    except Exception:  # noqa: BLE001 - read again one distribution at a time, below
-        pass
-    found: list[Any] = []
-    seen: set[str] = set()
-    for dist in distributions():
-        try:
-            name = dist.metadata["Name"] or ""
-            key = name.lower().replace("_", "-").replace(".", "-")
-            if key in seen:
-                continue  # shadowed by the copy earlier on the path
-            seen.add(key)
-            found.extend(dist.entry_points.select(group=ENTRY_POINT_GROUP))
-        except Exception as exc:  # noqa: BLE001 - a broken install is a warning, not a traceback
-            text = _read_or_none(dist, "entry_points.txt")
-            if text is None or f"[{ENTRY_POINT_GROUP}]" in text:
-                where = getattr(dist, "_path", None) or "a distribution"
-                _warn(f"cloud plug-ins of {where} skipped: cannot read it ({type(exc).__name__}: {exc})")
-    return found
-
-
-def _read_or_none(dist: Any, filename: str) -> str | None:
-    try:
-        return dist.read_text(filename) or ""
-    except Exception:  # noqa: BLE001 - unreadable: the caller says so
-        return None
-
-
 def _read_plugins() -> dict[str, CloudPackage]:
     candidates: dict[str, list[tuple[str, CloudPackage]]] = {}
-    for ep in _declared_entry_points():
+    for ep in declared_entry_points(ENTRY_POINT_GROUP, "cloud plug-ins"):
         label = _entry_point_label(ep)
         problem = _name_problem(ep.name)
         if problem is None:

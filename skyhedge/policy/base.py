@@ -14,9 +14,9 @@ from __future__ import annotations
 import importlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from importlib.metadata import entry_points
 from typing import Any, ClassVar
 
+from skyhedge._entry_points import declared
 from skyhedge.errors import PolicyError
 from skyhedge.policy.types import Decision, LaunchSpot, Observation, PolicyConfig
 
@@ -66,9 +66,13 @@ def register_builtin(name: str, target: str) -> None:
     _BUILTINS[name] = target
 
 
+#: The entry point group of policy plug-ins (README, "Plug-in policies").
+ENTRY_POINT_GROUP = "skyhedge.policies"
+
+
 def available_policies() -> list[str]:
     names = set(_BUILTINS)
-    names.update(ep.name for ep in entry_points(group="skyhedge.policies"))
+    names.update(ep.name for ep in declared(ENTRY_POINT_GROUP, "policy plug-ins"))
     return sorted(names)
 
 
@@ -97,7 +101,7 @@ def policy_class(name: str) -> type[Policy]:
     """Resolve a policy by built-in name, entry point name or `module:Class`."""
     if name in _BUILTINS:
         return _load_target(_BUILTINS[name])
-    for ep in entry_points(group="skyhedge.policies"):
+    for ep in declared(ENTRY_POINT_GROUP, "policy plug-ins"):
         if ep.name == name:
             return _load_target(ep.value)
     if ":" in name:
