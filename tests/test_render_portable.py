@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -169,3 +170,45 @@ def test_a_committed_local_tree_applies_with_plain_terraform_from_another_clone(
     assert not rendered.exists()
     terraform("destroy", "-auto-approve")
     assert kill_all(runtime_dir(clone / "state")) == []
+
+
+def render_outside(repo: Path, outside: Path) -> dict[str, Any]:
+    """The tfvars and backend settings of the local root of a repository at `repo` whose spec
+    names a local backend by an absolute path, and whose state dir is not in the repository:
+    both under `outside`."""
+    data = {
+        "name": "portable",
+        "placement": {"clouds": ["local"]},
+        "run": {"command": "python3 server.py"},
+        "terraform": {"backend": "local", "config": {"path": str(outside / "srv" / "tfstate")}},
+    }
+    (repo / ".git").mkdir(parents=True)
+    spec = parse_spec(data, source=str(repo / "service.yaml"))
+    context = RenderContext(
+        state_dir=outside / "var" / "state",
+        workdir=repo / "app",
+        python=sys.executable,
+        pythonpath=str(CHECKOUT),
+        tree_dir=repo / "deploy" / "infra",
+    )
+    out = repo / "deploy" / "infra"
+    write_tree(render_tree(spec, local_plan(), context=context), out)
+    return {
+        **json.loads((out / "local" / "local" / TFVARS_FILE).read_text()),
+        "backend": json.loads((out / "local" / "local" / BACKEND_FILE).read_text()),
+    }
+
+
+def test_a_path_outside_the_repository_stays_absolute_so_a_clone_at_another_depth_finds_it(tmp_path):
+    """A local backend the spec names by an absolute path (`path: /srv/tfstate`) and a state dir
+    outside the repository were written relative to the root (`../../../../../srv/tfstate/...`):
+    the committed tree, applied from a clone at another depth (CI's `/builds/group/job/repo`),
+    resolved them to another folder, found no state there and planned every replica anew (`2 to
+    add` for the 2 running), their pid files in a folder nobody reads. Paths in the repository
+    stay relative."""
+    shallow = render_outside(tmp_path / "repo", tmp_path)
+    deep = render_outside(tmp_path / "ci" / "builds" / "job" / "repo", tmp_path)
+    assert shallow == deep
+    assert shallow["backend"] == {"path": str(tmp_path / "srv" / "tfstate" / "local-local.tfstate")}
+    assert shallow["runtime_dir"] == str(runtime_dir(tmp_path / "var" / "state"))
+    assert shallow["run"]["workdir"] == "../../../../app"  # in the repository: relative

@@ -258,6 +258,24 @@ def test_a_file_a_user_added_to_the_tree_is_refused_in_one_line_never_deleted(tm
     assert not (out / "aws" / "us-west-2").exists() and not (out / "gcp").exists()
 
 
+def test_an_override_file_added_to_a_module_copy_is_refused_too(tmp_path):
+    """A file in a module folder skyhedge ships is taken as an older release's and swapped away;
+    an `override.tf` there went too, without a word, although Terraform reads it (a team's
+    patch of the copied module: tags, a lifecycle rule) and no skyhedge module ever had one."""
+    out = tmp_path / "infra"
+    tree = render_tree(spec_of(), LOCAL, context=CTX, instance_types=TYPES)
+    write_tree(tree, out)
+    module = out / "modules" / "local-replicas"
+    for name in ("override.tf", "tags_override.tf.json"):
+        (module / name).write_text("# ours")
+    with pytest.raises(RenderError, match=r"modules/local-replicas/override.tf \(and 1 more: "):
+        write_tree(tree, out)
+    assert (module / "override.tf").read_text() == "# ours"
+    (module / "override.tf").unlink()
+    (module / "tags_override.tf.json").unlink()
+    write_tree(tree, out)
+
+
 def test_render_refuses_a_link_a_user_added_to_the_tree(tmp_path):
     out = tmp_path / "infra"
     tree = render_tree(spec_of(), LOCAL, context=CTX, instance_types=TYPES)

@@ -51,9 +51,9 @@ class RenderContext:
     else's (None for a tree rendered to be applied elsewhere: `render`, GitOps). `tree_dir`: where
     such a tree is written (`render --out`, the GitOps folder), None for the state's own tree: a
     tree that leaves this machine names no path of it (no interpreter, no install directory), and
-    the directories it needs only relative to its root's folder, so that it applies from another
-    clone, user or install the same (a committed tree naming `/home/me/.venv/bin/python` failed
-    everywhere else, and two installs rendered two trees).
+    the directories it needs in its repository only relative to its root's folder (`tree_path`),
+    so that it applies from another clone, user or install the same (a committed tree naming
+    `/home/me/.venv/bin/python` failed everywhere else, and two installs rendered two trees).
     """
 
     state_dir: Path
@@ -64,13 +64,38 @@ class RenderContext:
     tree_dir: Path | None = None
 
     def portable_path(self, path: Path, cloud: str, region: str) -> str:
-        """`path` as a root of this tree should name it: absolute for the state's own tree,
-        relative to the root's folder for a tree applied elsewhere (symbolic links resolved on
-        both sides, as the tree and the paths are where they are written)."""
+        """`path` as a root of this tree should name it: absolute for the state's own tree; for a
+        tree applied elsewhere, see `tree_path`."""
         if self.tree_dir is None:
             return str(path)
-        root = self.tree_dir.resolve() / cloud / region
-        return Path(os.path.relpath(path.resolve(), root)).as_posix()
+        return tree_path(path, self.tree_dir, cloud, region)
+
+
+def repository_top(tree_dir: Path) -> Path:
+    """The folder a tree written to `tree_dir` travels with: the nearest folder above it holding a
+    `.git` (a clone, a worktree or a submodule), else its parent (`render --out` outside git)."""
+    tree = tree_dir.resolve()
+    for folder in tree.parents:
+        if (folder / ".git").exists():
+            return folder
+    return tree.parent
+
+
+def tree_path(path: Path, tree_dir: Path, cloud: str, region: str) -> str:
+    """`path` as the (cloud, region) root of a tree written to `tree_dir` names it: relative to the
+    root's folder when `path` is in the repository holding the tree (`repository_top`), so that a
+    clone at any path applies it the same; absolute otherwise. A path outside the repository (a
+    local backend the spec names `/srv/tfstate`, a `--state-dir` elsewhere) is no part of a
+    clone: written relative (`../../../../srv/...`), a clone at another depth resolved it to
+    another folder, found no state there and planned every replica anew (`2 to add` for the 2
+    running). Symbolic links are resolved on both sides; the `..` steps then stay in the
+    repository, so a clone reached through a link above it (whose logical path Terraform's
+    `abspath` cleans) resolves them the same."""
+    target = path.resolve()
+    tree = tree_dir.resolve()
+    if not target.is_relative_to(repository_top(tree)):
+        return str(path if path.is_absolute() else target)
+    return Path(os.path.relpath(target, tree / cloud / region)).as_posix()
 
 
 class CloudRenderer(Protocol):
@@ -297,5 +322,7 @@ __all__ = [
     "get_cloud",
     "plugin_clouds",
     "register_cloud",
+    "repository_top",
+    "tree_path",
     "unregister_cloud",
 ]

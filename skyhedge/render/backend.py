@@ -8,10 +8,10 @@ skyhedge appends `<cloud>/<region>`.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
+from skyhedge.clouds import tree_path
 from skyhedge.spec import ServiceSpec
 
 
@@ -20,8 +20,9 @@ def backend_config(
 ) -> dict[str, Any]:
     """The backend settings of the (cloud, region) root. A local backend's `path` is absolute,
     or, in a tree written to `tree_dir` to be applied elsewhere (`render --out`, GitOps), relative
-    to the root's folder (where Terraform runs: it resolves a relative `path` there), so that the
-    committed tree names no directory of the machine that rendered it."""
+    to the root's folder (where Terraform runs: it resolves a relative `path` there) when it lies
+    in the tree's repository, so that the committed tree names no directory of the machine that
+    rendered it (`clouds.tree_path`; one outside the repository stays absolute)."""
     cfg = dict(spec.terraform.config)
     backend = spec.terraform.backend
     default_prefix = f"skyhedge/{spec.name}"
@@ -46,8 +47,5 @@ def backend_config(
         if not base.is_absolute():
             base = Path(spec.source).resolve().parent / base
         state = base / f"{cloud}-{region}.tfstate"
-        if tree_dir is not None:
-            root = tree_dir.resolve() / cloud / region
-            return {"path": Path(os.path.relpath(state.resolve(), root)).as_posix()}
-        return {"path": str(state)}
+        return {"path": str(state) if tree_dir is None else tree_path(state, tree_dir, cloud, region)}
     return {}

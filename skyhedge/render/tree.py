@@ -436,13 +436,21 @@ def _is_terraforms(name: str) -> bool:
     )
 
 
+def _is_override(name: str) -> bool:
+    """Whether Terraform reads `name` as an override file (`override.tf`, `x_override.tf`, and
+    their `.tf.json`): someone's change to the module beside it, as no skyhedge module has one."""
+    stem = name.removesuffix(".json")
+    return stem == "override.tf" or stem.endswith("_override.tf")
+
+
 def foreign_files(out: Path, tree: RenderedTree) -> list[str]:
     """The files (and links) in the rendered tree at `out` that neither skyhedge renders nor
     Terraform made, sorted: the swap would delete them. A README or a script a user added to a
     GitOps tree (`infra/NOTES.md`), or an `override.tf` in a root, vanished at the next render
     without a word; `write_tree(strict=True)` refuses them instead. Files skyhedge renders in any
     root the old or new manifest lists, and any file of a module it ships (an older release's
-    included), are its own, so a root dropped from the plan still goes away."""
+    included) but an override file (`_is_override`), are its own, so a root dropped from the
+    plan still goes away."""
     roots = {r.path for r in tree.roots} | set(_old_roots(out))
     shipped = {p.name for p in modules_dir().iterdir() if p.is_dir()} if modules_dir().is_dir() else set()
     rendered = {name for name, _ in tree.files}
@@ -462,7 +470,7 @@ def foreign_files(out: Path, tree: RenderedTree) -> list[str]:
                 dirs.remove(d)  # Terraform's own (carried, or checked for state apart)
         for name in entries:
             rel = f"{here}/{name}" if here else name
-            if rel in rendered or in_module or (not here and name in _TOP_FILES):
+            if rel in rendered or (in_module and not _is_override(name)) or (not here and name in _TOP_FILES):
                 continue
             if in_root and (name in _ROOT_FILES or _is_terraforms(name)):
                 continue
