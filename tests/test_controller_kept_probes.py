@@ -367,6 +367,67 @@ def test_a_malformed_drain_table_is_one_warning_and_taken_as_no_drain(tmp_path, 
         ctl = controller(spec, state_dir, clock)
         run(ctl, clock, 2)
     said = [r.getMessage() for r in caplog.records if "extra.drain" in r.getMessage()]
-    assert len(said) == 1 and "expected an object of replica id -> drain" in said[0], said
+    assert len(said) == 1 and "expected an object of replica id -> {since, pids}" in said[0], said
     assert "drain" not in load_state(state_dir, "svc").extra
     assert len(ctl.state.live()) == 3
+
+
+# -- the initial delay of the probe kept ------------------------------------------------------------
+
+
+#: The probe the replicas run under allows a model 600 s to load; the edit (a typo no replica
+#: passes) would allow 30 s.
+SLOW_LOAD = SPEC_TOKEN.replace("initial_delay_seconds: 30", "initial_delay_seconds: 600")
+SLOW_LOAD_TYPO = SLOW_LOAD.replace("path: /health", "path: /helth").replace(
+    "initial_delay_seconds: 600", "initial_delay_seconds: 30"
+)
+
+
+def test_a_replica_launched_while_the_earlier_probe_is_kept_gets_that_probes_initial_delay(
+    tmp_path, write_spec, old_version
+):
+    """A restart that did not take the spec's probe (no READY replica passes it) probes the
+    replicas with the probe they had, but judged a replacement launched meanwhile by the spec's
+    `initial_delay_seconds`: a model that loads in minutes was FAILED after 30 s, relaunched,
+    FAILED again, a launch loop under a probe edit that was refused. The probe kept is kept
+    whole: a replacement has its 600 s."""
+    spec, clock = load_spec(write_spec(SLOW_LOAD)), Clock()
+    ctl = controller(spec, tmp_path / "state", clock)
+    run(ctl, clock, 3)
+    ids = sorted(r.id for r in ctl.state.live())
+    for rid, endpoint in zip(ids, old_version, strict=True):
+        ctl.state.replicas[rid].endpoint = endpoint
+    run(ctl, clock, 1)
+    edit = load_spec(write_spec(SLOW_LOAD_TYPO, "typo.yaml"))
+    ctl = controller(edit, ctl.state_dir, clock, router=ctl.router, executor=ctl.executor, prober=NewProbe())
+    run(ctl, clock, 2)
+    assert ctl.held_probe is not None and ctl.held_probe["initial_delay_seconds"] == 600
+    gone = ctl.state.replicas[ids[0]]
+    gone.gone_at, gone.reason = clock(), "preempted"
+    run(ctl, clock, 2)
+    new = [r.id for r in ctl.state.live() if r.id not in ids]  # still loading: nothing answers there
+    assert new
+    run(ctl, clock, 40, step=5)  # 200 s: past the spec's 30 s, well within the kept probe's 600 s
+    failed = [rid for rid, r in ctl.state.replicas.items() if r.reason == "failed"]
+    assert failed == [], [n.text for n in ctl.notes if "FAILED" in n.text]
+    assert all(ctl.state.replicas[rid].gone_at is None for rid in new)
+
+
+def test_an_outdated_replica_still_loading_at_a_reload_keeps_its_probes_initial_delay(tmp_path, write_spec):
+    """The same for the outdated replicas of a rolling update: one of the old version still
+    loading when a reload changed the probe with the version is judged by the probe it runs
+    under, 600 s, not the new version's 30 s."""
+    spec, clock = load_spec(write_spec(SLOW_LOAD)), Clock()
+    prober = FakeProber()
+    ctl = controller(spec, tmp_path / "state", clock, prober=prober)
+    run(ctl, clock, 3)
+    loading = ctl.state.live()[0]  # say a replacement, just provisioned, its model loading
+    loading.ready_at, loading.provisioned_at = None, clock()
+    prober.down = {loading.id}
+    v2 = load_spec(write_spec(SPEC_V2, "v2.yaml"))
+    assert v2.readiness_probe.initial_delay_seconds == 30 and loading.revision != replica_revision(v2)
+    ctl.reconfigure(
+        v2, placement=ctl.placement, executor=ctl.executor, router=ctl.router, prober=NewProbe(), sources=[]
+    )
+    run(ctl, clock, 20, step=5)  # 100 s
+    assert loading.reason != "failed", [n.text for n in ctl.notes if loading.id in n.text]

@@ -1078,6 +1078,39 @@ def test_a_released_replica_is_destroyed_only_after_its_requests_end_and_the_pas
     assert router.severed == []  # a drain's requests are never cut
 
 
+@pytest.mark.parametrize("pids", [5, None, "missing"])
+def test_a_drain_hold_whose_workers_a_hand_edit_broke_is_one_warning_not_a_crash_per_pass(
+    world, write_spec, caplog, pids
+):
+    """`extra.drain` an object but a hold's `pids` not a list of worker pids: each pass asked the
+    router whether those workers still ran, a TypeError (iterating 5 or None) or KeyError (no
+    `pids`) that crashed every pass. Read back, such a table is dropped with one warning line,
+    as one that is not an object at all is: the replicas released are removed."""
+    import json
+    import logging
+
+    from skyhedge.state import STATE_FILE
+
+    ctl, clock, router = _scaled_down_while_draining(world, write_spec)
+    victims = [r.id for r in ctl.state.live() if r.draining]
+    assert victims and ctl.state.extra["drain"]
+    path = world["dir"] / STATE_FILE
+    data = json.loads(path.read_text())
+    hold = data["extra"]["drain"][victims[0]]
+    if pids == "missing":
+        del hold["pids"]
+    else:
+        hold["pids"] = pids
+    path.write_text(json.dumps(data))
+    world["spec"] = ctl.spec
+    with caplog.at_level(logging.WARNING, logger="skyhedge.controller"):
+        ctl = make(world)
+        settle(ctl, clock, ticks=3)
+    said = [r.getMessage() for r in caplog.records if "extra.drain" in r.getMessage()]
+    assert len(said) == 1, said
+    assert all(ctl.state.replicas[rid].gone_at is not None for rid in victims)
+
+
 def test_a_released_replica_that_hangs_is_destroyed_after_the_not_ready_grace_not_the_drain_deadline(
     world, write_spec
 ):

@@ -851,3 +851,55 @@ def test_a_restart_that_kept_the_earlier_probe_checks_the_specs_again_when_asked
             w._check_spec()
             assert w.last_reload_outcome == "taken", notes(w)[-1]
             assert ctl.held_probe is None and w.spec.readiness_probe.path == "/ready"
+
+
+def test_a_restart_that_kept_the_earlier_probe_shows_in_status_and_the_metrics_until_a_reload_takes_one(
+    spec_file, tmp_path, monkeypatch
+):
+    """A restart that does not take the spec's probe runs on one that is not the file's, as a
+    refused reload does; only one warning line said so, while `status` and
+    `skyhedge_spec_refused` said nothing was refused (0) for as long as it ran. Now it is recorded
+    as a refused reload until a reload takes a probe."""
+    from fake_http import json_server
+
+    from skyhedge.cli.watch import _serve_metrics
+    from skyhedge.controller.metrics import Metrics, MetricsServer
+
+    answering = {"/health"}
+
+    def answer(path: str, _query: dict) -> tuple[int, object]:
+        return (200, {}) if path in answering else (404, {})
+
+    def refused(w: Watcher, server: MetricsServer) -> str:
+        assert w.controller is not None
+        server.metrics.observe(w.controller)
+        (line,) = [x for x in server.metrics.text().splitlines() if x.startswith("skyhedge_spec_refused ")]
+        return line.split()[1]
+
+    with json_server(answer) as base:
+        with watcher_for(spec_file, tmp_path) as w:
+            assert w.controller is not None
+            w.controller.state.replicas["r-0001"] = record(
+                "r-0001", base, revision=replica_revision(w.spec, "local")
+            )
+            w.controller.save(now=True)
+        rewrite(spec_file, "run:", "readiness_probe: {path: /ready}\nrun:")
+        with watcher_for(spec_file, tmp_path) as w, MetricsServer(Metrics(), port=0) as server:
+            _serve_metrics(server, w, None, "text")
+            ctl = w.controller
+            assert ctl is not None
+
+            def a_pass() -> float:  # (its probe is all this test needs of a pass)
+                ctl._probe(w.clock())
+                return 1.0
+
+            monkeypatch.setattr(ctl, "tick", a_pass)
+            w._tick()
+            assert ctl.held_probe is not None
+            assert w.last_reload_outcome == "refused" and refused(w, server) == "1"
+            w._tick()  # and at later passes
+            assert refused(w, server) == "1"
+            answering.add("/ready")
+            w.request_reload()
+            w._tick()
+            assert ctl.held_probe is None and w.last_reload_outcome == "taken" and refused(w, server) == "0"

@@ -334,6 +334,17 @@ def _is_routed_table(value: Any) -> bool:
     )
 
 
+def _is_drain_hold(value: Any) -> bool:
+    """Whether one `extra.drain` entry is what `_hold_for_drain` writes: `{since, pids: [pid, ...]}`.
+    Its `pids` go to the router's `draining` each pass: a number there (a hand edit) was a
+    TypeError at every pass, as a `drain` that is no object was."""
+    if not isinstance(value, dict):
+        return False
+    since, pids = value.get("since"), value.get("pids")
+    number = isinstance(since, (int, float)) and not isinstance(since, bool) and math.isfinite(since)
+    return number and isinstance(pids, list) and all(type(p) is int for p in pids)
+
+
 #: `state.extra` tables the watcher reads back as these shapes: (what is expected, its test, what
 #: dropping a malformed one costs). A hand edit that breaks one was a traceback at every pass
 #: (`routed`: ValueError unpacking a pair; `drain`: AttributeError popping from a string).
@@ -344,8 +355,8 @@ _KEPT_SHAPES: dict[str, tuple[str, Callable[[Any], bool], str]] = {
         "the router is given the routable replicas again",
     ),
     DRAIN_KEY: (
-        "an object of replica id -> drain",
-        lambda v: isinstance(v, dict),
+        "an object of replica id -> {since, pids}",
+        lambda v: isinstance(v, dict) and all(_is_drain_hold(h) for h in v.values()),
         "released replicas are removed without waiting for their requests",
     ),
     "autoscaler": ("an object", lambda v: isinstance(v, dict), "the autoscaler starts afresh"),
@@ -1036,12 +1047,33 @@ class Controller:
                     lines.append(line)
         self._probed = probed  # (replicas gone or without an endpoint are forgotten)
         self._unprobed &= probed.keys()
-        probes = [ProbeResult(rid, ok, detail) for rid, (ok, detail) in results.items()]
-        delay = float(self.spec.readiness_probe.initial_delay_seconds)
-        lines += apply_probes(self.state, probes, at, initial_delay=delay)
+        by_delay: dict[float, list[ProbeResult]] = {}
+        for rec in targets:
+            if rec.id in results:
+                ok, detail = results[rec.id]
+                by_delay.setdefault(self._initial_delay(rec), []).append(ProbeResult(rec.id, ok, detail))
+        for delay, probes in by_delay.items():
+            lines += apply_probes(self.state, probes, at, initial_delay=delay)
         for line in lines:
             self.note(line)
         return bool(lines)
+
+    def _initial_delay(self, rec: ReplicaRecord) -> float:
+        """The `initial_delay_seconds` of the probe `rec` is probed with (`_probers`): a probe kept
+        is kept whole. Judged by the spec's, a replacement launched while a restart held the
+        earlier probe (`held_probe`) was FAILED at the refused edit's shorter delay (a model
+        that loads in minutes, at 30 s: a launch loop), and an outdated replica still loading at
+        a reload at the new version's."""
+        probe: dict[str, Any] | None = None
+        rev = rec.revision
+        if rev is not None and rev in self._earlier_probers and rev != replica_revision(self.spec, rec.cloud):
+            probe = self._earlier_probes.get(rev)
+        elif self._held is not None:
+            probe = self._held[1]
+        delay = (probe or {}).get("initial_delay_seconds")
+        if isinstance(delay, (int, float)) and not isinstance(delay, bool):
+            return float(delay)
+        return float(self.spec.readiness_probe.initial_delay_seconds)
 
     def _probers(self, targets: list[ReplicaRecord]) -> list[tuple[Prober, list[ReplicaRecord]]]:
         """Which prober probes which replicas: the current spec's, but for outdated replicas of a

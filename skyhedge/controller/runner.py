@@ -444,7 +444,26 @@ class Watcher:
         self._check_spec()
         if self.supervisor is not None:
             self.controller.woken = self.supervisor.woken
-        return self.controller.tick()
+        delay = self.controller.tick()
+        self._note_held_probe()
+        return delay
+
+    def _note_held_probe(self) -> None:
+        """A restart that did not take the spec's probe (`Controller.held_probe`: no READY replica
+        passes it) runs on a probe that is not the file's, as a refused reload runs on the spec
+        read before: recorded as a refused reload, so `status` (`last spec reload`) and
+        `skyhedge_spec_refused` say so until a reload takes a probe. Only its one warning line said
+        it, and the watcher could run on the earlier probe for weeks unnoticed."""
+        ctl = self.controller
+        if ctl is None or ctl.held_probe is None or self.last_reload_outcome in ("refused", "failed"):
+            return
+        self._outcome(
+            "refused",
+            "readiness_probe: the spec's was not taken at the restart (none of the READY replicas "
+            "passes it): they are still probed with the earlier one; fix the probe, or "
+            "`skyhedge reload SPEC` to check it again",
+            note=False,  # (the controller's warning said it, naming the replica's failure)
+        )
 
     def _check_held(self) -> None:
         """Stop, touching nothing, once the state dir is not the one whose lock this watcher
