@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from routing_support import Fleet
+from routing_support import Fleet, free_port
 
 from skyhedge.clouds.local.processes import kill_all
 
@@ -110,3 +110,49 @@ def high_descriptors() -> Iterator[None]:
         for fd in held:
             os.close(fd)
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+@pytest.fixture(scope="module")
+def moto_server() -> Iterator[str]:
+    """A moto server on 127.0.0.1 for a module's tests (moto_support.MotoServer): one, since
+    stopping one takes half a second (its HTTP server polls for the shutdown) and its accounts
+    are reset per test anyway (`moto_endpoint`)."""
+    from moto_support import MotoServer
+
+    server = MotoServer(free_port())
+    server.start()
+    try:
+        yield server.url
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def moto_endpoint(moto_server: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """The moto server, and the environment that points Terraform's AWS provider (and boto3) at
+    it, with providers read from the mirror only. moto keeps its accounts in this process,
+    whichever server serves them: they are reset before and after each test, so no test sees
+    another's instances, and a test destroys the service only where `destroy` is what it checks
+    (each destroy costs the provider's termination waiter, about 14 s)."""
+    import requests
+    from moto_support import REGION
+    from terraform_support import mirror_config
+
+    rc = mirror_config(tmp_path, "aws")
+    for name, value in {
+        "TF_CLI_CONFIG_FILE": str(rc),
+        "AWS_ENDPOINT_URL": moto_server,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_REGION": REGION,
+        "AWS_DEFAULT_REGION": REGION,
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    reset = f"{moto_server}/moto-api/reset"
+    requests.post(reset, timeout=30).raise_for_status()
+    try:
+        yield moto_server
+    finally:
+        requests.post(reset, timeout=30)
