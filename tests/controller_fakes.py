@@ -181,6 +181,19 @@ class FakeProber:
         return {r.id: (r.id not in self.down, "down" if r.id in self.down else "200") for r in records}
 
 
+class NewProbe(FakeProber):
+    """A probe no replica passes (a new version's the old replicas fail, or a typo); records whom
+    it probed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: set[str] = set()
+
+    def probe(self, records: Sequence[ReplicaRecord]) -> dict[str, tuple[bool, str]]:
+        self.seen |= {r.id for r in records}
+        return {r.id: (False, "HTTP 404") for r in records}
+
+
 class FakeSource(EventSource):
     name = "fake"
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 from controller_fakes import THREE_ZONE_SPEC as SPEC
-from controller_fakes import Clock, FakeExecutor, FakeProber, FakeRouter, FakeSource
+from controller_fakes import Clock, FakeExecutor, FakeProber, FakeRouter, FakeSource, NewProbe
 
 from skyhedge.controller.loop import EARLIER_PROBES_KEY, PROBE_KEY, Controller
 from skyhedge.controller.probe_store import PROBES_FILE, ProbeStore
@@ -40,18 +40,6 @@ SPEC_TOKEN = SPEC.replace(
 SPEC_V2 = (
     SPEC_TOKEN.replace("/health", "/v2/health").replace(TOKEN, "v2-token").replace('"true"', '"serve v2"')
 )
-
-
-class NewProbe(FakeProber):
-    """A probe no replica passes (the new version's, or a typo); records whom it probed."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.seen: set[str] = set()
-
-    def probe(self, records):
-        self.seen |= {r.id for r in records}
-        return {r.id: (False, "HTTP 404") for r in records}
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from controller_fakes import THREE_ZONE_SPEC as SPEC
-from controller_fakes import Clock, FakeExecutor, FakeProber, FakeRouter, FakeSource
+from controller_fakes import Clock, FakeExecutor, FakeProber, FakeRouter, FakeSource, NewProbe
 from fake_http import json_server
 
 from skyhedge.controller.loop import EARLIER_PROBES_KEY, UNROUTED_KEY, Controller
@@ -36,18 +36,6 @@ class SeveringRouter(FakeRouter):
     def sever(self, endpoints: Sequence[str]) -> int:
         self.severed += endpoints
         return len(endpoints)
-
-
-class NewProbe(FakeProber):
-    """The new version's probe: the old version's replicas fail it; records whom it probed."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.seen: set[str] = set()
-
-    def probe(self, records):
-        self.seen |= {r.id for r in records}
-        return {r.id: (False, "HTTP 404") for r in records}
 
 
 @pytest.fixture
