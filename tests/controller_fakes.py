@@ -10,6 +10,7 @@ import socket
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from skyhedge.controller.loop import Controller, ControllerOptions
 from skyhedge.controller.ports import ExecResult, root_key
@@ -223,6 +224,20 @@ def fake_controller(spec: ServiceSpec, state_dir: Path, **options: object) -> Co
         clock=Clock(),
         options=ControllerOptions(**options),  # type: ignore[arg-type]
     )
+
+
+def clocked_controller(spec: ServiceSpec, state_dir: Path, clock: Clock, **parts: Any) -> Controller:
+    """A controller of `spec` on `clock` over the fakes, any of them (`executor`, `router`,
+    `prober`, `sources`) or other Controller arguments replaced by `parts`."""
+    parts = {"executor": FakeExecutor(), "router": FakeRouter(), "prober": FakeProber(), **parts}
+    return Controller(spec, state_dir, sources=parts.pop("sources", [FakeSource()]), clock=clock, **parts)
+
+
+def run_ticks(ctl: Controller, clock: Clock, ticks: int, step: float = 1.0) -> None:
+    """`ticks` passes of `ctl`, `step` seconds of `clock` apart."""
+    for _ in range(ticks):
+        ctl.tick()
+        clock.advance(step)
 
 
 def edit_spec(path: Path, old: str, new: str) -> None:

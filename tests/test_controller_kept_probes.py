@@ -21,12 +21,14 @@ from pathlib import Path
 
 import pytest
 from controller_fakes import THREE_ZONE_SPEC as SPEC
-from controller_fakes import Clock, FakeExecutor, FakeProber, FakeRouter, FakeSource, NewProbe
+from controller_fakes import Clock, FakeProber, FakeRouter, NewProbe
+from controller_fakes import clocked_controller as controller
+from controller_fakes import run_ticks as run
 
 from skyhedge.controller.loop import EARLIER_PROBES_KEY, PROBE_KEY, Controller
 from skyhedge.controller.probe_store import PROBES_FILE, ProbeStore
 from skyhedge.policy.types import ReplicaStatus
-from skyhedge.spec import ServiceSpec, load_spec, readiness_probe_json, replica_revision
+from skyhedge.spec import load_spec, readiness_probe_json, replica_revision
 from skyhedge.state import STATE_FILE, load_state
 
 TOKEN = "s3cret-probe-token"
@@ -74,17 +76,6 @@ def old_version() -> Iterator[list[str]]:
             stack.callback(server.shutdown)
             bases.append(f"http://127.0.0.1:{server.server_address[1]}")
         yield bases
-
-
-def controller(spec: ServiceSpec, state_dir: Path, clock: Clock, **parts) -> Controller:
-    parts = {"executor": FakeExecutor(), "router": FakeRouter(), "prober": FakeProber(), **parts}
-    return Controller(spec, state_dir, sources=parts.pop("sources", [FakeSource()]), clock=clock, **parts)
-
-
-def run(ctl: Controller, clock: Clock, ticks: int, step: float = 1.0) -> None:
-    for _ in range(ticks):
-        ctl.tick()
-        clock.advance(step)
 
 
 def mid_rolling_update(

@@ -8,18 +8,19 @@ import contextlib
 import json
 import logging
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 
 import pytest
 from controller_fakes import THREE_ZONE_SPEC as SPEC
 from controller_fakes import Clock, FakeExecutor, FakeProber, FakeRouter, FakeSource, NewProbe
+from controller_fakes import clocked_controller as controller
+from controller_fakes import run_ticks as run
 from fake_http import json_server
 
-from skyhedge.controller.loop import EARLIER_PROBES_KEY, UNROUTED_KEY, Controller
+from skyhedge.controller.loop import EARLIER_PROBES_KEY, UNROUTED_KEY
 from skyhedge.controller.probe_store import ProbeStore
 from skyhedge.events import PreemptionEvent, Signal
 from skyhedge.policy.types import ReplicaStatus
-from skyhedge.spec import ServiceSpec, load_spec, replica_revision
+from skyhedge.spec import load_spec, replica_revision
 from skyhedge.state import load_state
 
 #: The next version: a new command, and its new health path with it.
@@ -47,17 +48,6 @@ def old_version() -> Iterator[list[str]]:
 
     with contextlib.ExitStack() as stack:
         yield [stack.enter_context(json_server(handle)) for _ in range(3)]
-
-
-def controller(spec: ServiceSpec, state_dir: Path, clock: Clock, **parts) -> Controller:
-    parts = {"executor": FakeExecutor(), "router": FakeRouter(), "prober": FakeProber(), **parts}
-    return Controller(spec, state_dir, sources=parts.pop("sources", [FakeSource()]), clock=clock, **parts)
-
-
-def run(ctl: Controller, clock: Clock, ticks: int, step: float = 1.0) -> None:
-    for _ in range(ticks):
-        ctl.tick()
-        clock.advance(step)
 
 
 def test_a_replica_taken_out_alive_before_a_restart_is_cut_once_known_gone_after_it(tmp_path, write_spec):
