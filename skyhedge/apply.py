@@ -164,6 +164,8 @@ class Workspace:
             name=f"{cloud}/{region}",
             data_dir=self.tf_dir / "data" / slug,
             backend_config=extra,
+            # the state file is the state dir's own: a moved or restored state dir names it anew
+            reconfigure=bool(extra),
         )
 
     def plan_file(self, cloud: str, region: str) -> Path:

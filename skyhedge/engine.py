@@ -276,12 +276,21 @@ class ApplyResult:
 @dataclass(frozen=True)
 class TerraformRoot:
     """A root module to run in: its directory, where Terraform keeps its working data (TF_DATA_DIR;
-    None = `.terraform/` inside the root) and extra `-backend-config` values for `init`."""
+    None = `.terraform/` inside the root) and extra `-backend-config` values for `init`.
+
+    `reconfigure`: the backend settings are skyhedge's own (the local state file under the state
+    dir), so `init` takes them as they are now (`-reconfigure`), never offering to migrate a state
+    from the settings it recorded before. Why: those name the state dir's old path once it is
+    moved, restored from a backup elsewhere or copied (`mv`, `cp -a`, another `--state-dir`), and
+    `terraform init` refused every pass from then on ("A change in the backend configuration has
+    been detected"): the watcher never applied again. The state file is where the state dir is
+    now; migrating would have read the old path's (another state dir's, or gone)."""
 
     path: Path
     name: str
     data_dir: Path | None = None
     backend_config: tuple[str, ...] = ()
+    reconfigure: bool = False
 
 
 @dataclass(frozen=True)
@@ -906,6 +915,8 @@ class Terraform:
         if (root.path / "backend.tfbackend.json").is_file():
             args.append("-backend-config=backend.tfbackend.json")
         args += [f"-backend-config={value}" for value in root.backend_config]
+        if root.reconfigure:
+            args.append("-reconfigure")
         return args
 
     def plan_args(self, *, out: str | None = None, destroy: bool = False, refresh: bool = True) -> list[str]:

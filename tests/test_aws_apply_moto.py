@@ -312,3 +312,38 @@ def test_instances_terraform_lost_are_named_not_terminated_when_it_launches_thei
         and f"--instance-ids {serving}" in w
         for w in report.warnings
     ), report.warnings
+
+
+def test_a_state_dir_restored_at_another_path_adopts_the_running_instances(
+    tmp_path: Path, moto_endpoint: str
+) -> None:
+    """A backup of the state dir restored onto a fresh machine (at another path) while the VMs run
+    on: Terraform's restored state holds them; nothing is launched again. Before, the backend path
+    Terraform recorded at init named the old place, and every apply that ran Terraform failed at
+    `terraform init`."""
+    import shutil
+
+    spec = load_spec(one_zone_spec(tmp_path / "service.yaml", "restored", 2))
+    first = apply_service(spec, tmp_path / "state", route=False, wait=False)
+    assert first.ok, first.errors
+    ids = sorted(str(r.cloud_id) for r in load_state(tmp_path / "state", "restored").live())
+    restored = tmp_path / "restored-elsewhere"
+    shutil.copytree(tmp_path / "state", restored, symlinks=True)
+    shutil.rmtree(tmp_path / "state")
+
+    # the next apply that runs Terraform (a scale-up: one that changes nothing runs none)
+    grown = load_spec(one_zone_spec(tmp_path / "service.yaml", "restored", 3))
+    again = apply_service(grown, restored, route=False, wait=False)
+    assert again.ok, again.errors  # was: "terraform init failed in aws/us-east-1"
+    assert len(again.created) == 1 and again.deleted == []
+    live = {r.id: str(r.cloud_id) for r in load_state(restored, "restored").live()}
+    assert sorted(v for k, v in live.items() if k not in again.created) == ids  # the running ones kept
+    ec2 = boto3.client("ec2", region_name=REGION, endpoint_url=moto_endpoint)
+    found = ec2.describe_instances(Filters=[{"Name": "tag:skyhedge:service", "Values": ["restored"]}])
+    running = sorted(
+        i["InstanceId"]
+        for r in found["Reservations"]
+        for i in r["Instances"]
+        if i["State"]["Name"] == "running"
+    )
+    assert running == sorted(live.values())  # nothing launched twice

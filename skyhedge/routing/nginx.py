@@ -201,6 +201,18 @@ def _master_of(cmd: str, conf: Path) -> bool:
     return "nginx: master process " in cmd and f" -c {conf} " in f"{cmd} "
 
 
+def master_conf(pid: int) -> Path | None:
+    """The config file (`-c`) the live nginx master `pid` was started with (`_base_args`), or None
+    (not an nginx master, gone, or a command line this account cannot read)."""
+    if not alive(pid):
+        return None
+    cmd = cmdline(pid)
+    if not cmd.startswith("nginx: master process "):
+        return None
+    found = re.search(r" -c (.+?) -e ", cmd) or re.search(r" -c (\S+)", cmd)
+    return Path(found.group(1)) if found else None
+
+
 def masters_of(conf: Path) -> list[int]:
     """Live nginx masters started with `conf`, found by their command line: what a router whose
     pid file is gone (its folder deleted under it, `rm -rf router/`) is still known by."""

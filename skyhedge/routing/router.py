@@ -19,6 +19,7 @@ import grp
 import hashlib
 import ipaddress
 import json
+import logging
 import os
 import pwd
 import re
@@ -97,6 +98,16 @@ def _wait(predicate: Any, timeout: float) -> bool:
         time.sleep(_POLL)
 
 
+log = logging.getLogger("skyhedge.routing")
+
+
+def _router_home(conf: Path) -> Path | None:
+    """The state dir whose router `conf` is (`<state dir>/router/conf/nginx.conf`), else None."""
+    if conf.name != "nginx.conf" or conf.parent.name != "conf" or conf.parent.parent.name != "router":
+        return None
+    return conf.parent.parent.parent
+
+
 class Router:
     """The nginx in front of `spec`'s replicas, listening on `spec.service.host:port`."""
 
@@ -170,6 +181,8 @@ class Router:
                 except OSError as exc:
                     if orphaned and exc.errno == errno.EADDRINUSE:
                         continue
+                    if not running and exc.errno == errno.EADDRINUSE and self._moved_router() is not None:
+                        continue  # this state dir's own router, from before it moved: `_start` replaces it
                     if exc.errno == errno.EACCES:
                         # a port below 1024 for a user: nginx may bind it all the same (setcap)
                         if nginx.binds_low_ports(self.binary):
@@ -184,6 +197,28 @@ class Router:
                         f"{name} {port} on {host} is not available for the router "
                         f"({exc.strerror or exc}): free it or choose another {name}"
                     ) from exc
+
+    def _moved_router(self) -> tuple[int, Path] | None:
+        """(pid, its state dir) of the router this state dir had before it was moved: the live nginx
+        master its pid file names, started from the router folder of another path that no longer
+        records it (gone: `mv`; or holding another pid file). Why: that nginx holds the service
+        port with a config at a path that is gone, and could neither be reloaded (it re-reads its
+        config from there) nor was recognised: every `up` and watcher pass failed on "Address
+        already in use", with the router serving the old upstreams for good. It is replaced (`_start`).
+        A RoutingError when it is the running router of a state dir this one is a copy of (`cp -a`),
+        which must not be touched: the two would route one service."""
+        pid = nginx.read_pid(self.paths.pid)
+        conf = None if pid is None else nginx.master_conf(pid)
+        if pid is None or conf is None or conf == self.paths.conf or (home := _router_home(conf)) is None:
+            return None
+        if nginx.read_pid(conf.parent.parent / "nginx.pid") == pid:
+            raise RoutingError(
+                f"service.port {self.spec.service.port} is held by the router of the state dir {home} "
+                f"(nginx {pid}), whose pid file this state dir holds too: this one is a copy of it "
+                f"(`cp -a`?), and two state dirs must not route one service; use {home}, or, if this "
+                f"copy replaces it, stop its watcher and `skyhedge routing down` it first"
+            )
+        return pid, home
 
     def _check_tls_files(self) -> None:
         """`service.tls`'s files exist and can be read: nginx's own error names neither the field
@@ -450,6 +485,16 @@ class Router:
         self._check_tls_files()
         status_port = self._status_port()
         self._install(self.render(ups, status_port))
+        if (moved := self._moved_router()) is not None:
+            pid, home = moved
+            log.warning(
+                "the router of %s runs from %s, where this state dir was before it moved (nginx %d): "
+                "replaced by one started from here",
+                self.spec.name,
+                home,
+                pid,
+            )
+            self._stop(pid, 10.0)
         stale = nginx.read_pid(self.paths.pid)
         if stale is not None:  # pid() said no live master owns it: a crash or a reboot
             self._reap(stale)

@@ -2,7 +2,9 @@
 
 Everything the local cloud keeps lives under `<state dir>/local/` (its "runtime dir"):
 
-    replicas/<id>.json   pid file: pid, process group, port, zone, market, start time
+    replicas/<id>.json   pid file: pid, process group, port, zone, market, start time, and the
+                         runtime dir whose replica it is (a state dir moved or copied: see
+                         `processes.ownership`)
     replicas/<id>.log    the replica's stdout and stderr (a watcher keeps those of the 100 most
                          recently gone replicas, 256 MiB together, and removes the rest: see
                          `processes.prune_logs`; past 64 MiB a watcher moves it to <id>.log.1:

@@ -290,6 +290,7 @@ def _record(
         started_at=now,
         starttime=starttime if starttime is not None else -1,
         log=str(log),
+        runtime=str(runtime),
     )
     write_pidfile(runtime, proc)
     return proc

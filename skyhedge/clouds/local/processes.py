@@ -7,7 +7,10 @@ away from us, and whoever adopted it may never reap it).
 
 Every replica also carries `SKYHEDGE_LOCAL_RUNTIME=<runtime dir>` in its environment, so the
 processes of one service can be found even without their pid files (crash between launch and
-pid file, or a child that left the process group): see `find_processes`.
+pid file, or a child that left the process group): see `find_processes`. That marker is the path
+the replica was launched under: a state dir moved since holds pid files of processes marked with
+its old path, and a copy of one (`cp -a`) pid files of processes its original records too;
+`ownership` tells the two apart (the local cloud's render adopts the first, refuses the second).
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import signal
 import stat
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import IO
 
@@ -43,10 +46,15 @@ class LocalProcess:
     started_at: float
     starttime: int
     log: str
+    #: The runtime dir whose replica this is (resolved): the launcher's, or the one that adopted it
+    #: when the state dir was moved or restored (`ownership`). "" in pid files of earlier
+    #: releases: the marker in the process's environment (`RUNTIME_ENV`) says then.
+    runtime: str = ""
 
     @classmethod
     def from_json(cls, data: dict[str, object]) -> LocalProcess:
-        return cls(**{k: data[k] for k in cls.__dataclass_fields__})  # type: ignore[arg-type]
+        # (a field with a default may be missing: a pid file of an earlier release)
+        return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})  # type: ignore[arg-type]
 
 
 def replicas_dir(runtime_dir: Path) -> Path:
@@ -378,6 +386,7 @@ def readopt(
         started_at=started_at,
         starttime=starttime,
         log=str(log_path(runtime_dir, replica_id)),
+        runtime=str(Path(runtime_dir).resolve()),
     )
     write_pidfile(runtime_dir, proc)
     return proc
@@ -397,6 +406,64 @@ def list_pidfiles(runtime_dir: Path) -> list[LocalProcess]:
 
 def is_running(proc: LocalProcess) -> bool:
     return proc_starttime(proc.pid) == proc.starttime
+
+
+def owner_of(proc: LocalProcess) -> str | None:
+    """The runtime dir `proc` is a replica of: its pid file's `runtime`, else (a pid file of an
+    earlier release) the marker the launcher put in its environment; None when neither says."""
+    return proc.runtime or _environ(proc.pid).get(RUNTIME_ENV)
+
+
+@dataclass(frozen=True)
+class Ownership:
+    """Whose the running replicas recorded in a runtime dir are, when not plainly its own.
+
+    `shared`: ID -> the runtime dir that records the very same process (pid and start time) as
+    its own replica: this state dir is a copy of that one (`cp -a`), and two watchers would manage
+    one set of processes (each stopping, replacing and routing them as its own). `moved`: those
+    recorded for a runtime dir that no longer records them (gone, or holding no pid file of that
+    process): the state dir was moved here (`mv`, a restore onto another path), so they are this
+    one's."""
+
+    shared: dict[str, str]
+    moved: list[LocalProcess]
+
+
+def ownership(runtime_dir: Path) -> Ownership:
+    """`Ownership` of the running replicas whose pid files are in `runtime_dir` (one read of each
+    pid file here and, for a replica recorded for another path, of that path's pid file). Cheap
+    when nothing moved: an owner is only looked up for a pid file naming another runtime dir."""
+    mine = str(Path(runtime_dir).resolve())
+    shared: dict[str, str] = {}
+    moved: list[LocalProcess] = []
+    for proc in list_pidfiles(runtime_dir):
+        if not is_running(proc):
+            continue
+        owner = owner_of(proc)
+        if owner is None or owner == mine:
+            continue
+        with contextlib.suppress(OSError):  # (resolves to this very folder: a link to it)
+            if str(Path(owner).resolve()) == mine:
+                continue
+        theirs = read_pidfile(Path(owner), proc.id)
+        if theirs is not None and (theirs.pid, theirs.starttime) == (proc.pid, proc.starttime):
+            shared[proc.id] = owner
+        else:
+            moved.append(proc)
+    return Ownership(shared, moved)
+
+
+def adopt(runtime_dir: Path, procs: Iterable[LocalProcess]) -> list[str]:
+    """Record `procs` (`Ownership.moved`) as replicas of `runtime_dir` from now on (their pid
+    files rewritten with it as `runtime`); returns their IDs. Why: their processes keep the marker
+    of the path they were launched under, and a copy made later of this state dir must find that
+    they are this one's (`ownership`), not the old path's, which no longer records them."""
+    mine = str(Path(runtime_dir).resolve())
+    done = []
+    for proc in procs:
+        write_pidfile(runtime_dir, replace(proc, runtime=mine, log=str(log_path(runtime_dir, proc.id))))
+        done.append(proc.id)
+    return sorted(done)
 
 
 def _environ(pid: int) -> dict[str, str]:
@@ -509,6 +576,7 @@ def foreign_listeners(runtime_dir: Path, ports: Mapping[str, int]) -> dict[str, 
         return {}
     wanted = set().union(*held.values())
     owners: dict[int, set[tuple[str, str]]] = {}
+    groups: dict[int, set[int]] = {}  # inode -> process groups of its holders
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit() or int(entry.name) == os.getpid():
             continue
@@ -518,10 +586,21 @@ def foreign_listeners(runtime_dir: Path, ports: Mapping[str, int]) -> dict[str, 
             continue
         for inode in _socket_inodes(int(entry.name)) & wanted:
             owners.setdefault(inode, set()).add((runtime, rid))
+            with contextlib.suppress(OSError):
+                groups.setdefault(inode, set()).add(os.getpgid(int(entry.name)))
     mine = str(Path(runtime_dir).resolve())
+    # A replica's own process, as its pid file here records it, is ours whatever its marker says:
+    # one launched before the state dir was moved carries the old path (`ownership`), and was
+    # judged another service's replica holding our port (GONE, replaced) as soon as it was not
+    # READY (a probe failing once)
+    recorded = {
+        rid: proc.pgid for rid in ports if (proc := read_pidfile(runtime_dir, rid)) and is_running(proc)
+    }
     out: dict[str, str] = {}
     for rid, port in ports.items():
         holders = {who for inode in held.get(port, ()) for who in owners.get(inode, ())}
+        if rid in recorded and any(recorded[rid] in groups.get(inode, ()) for inode in held.get(port, ())):
+            continue
         if holders and (mine, rid) not in holders:
             runtime, other = min(holders)
             out[rid] = f"{other} of {'this service' if runtime == mine else runtime}"

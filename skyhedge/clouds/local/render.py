@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from skyhedge.clouds import RenderContext
 from skyhedge.clouds.local import local_port, runtime_dir
+from skyhedge.clouds.local.processes import adopt, owner_of, ownership
 from skyhedge.errors import RenderError
 from skyhedge.planner import replica_number
 from skyhedge.spec import replica_revision
@@ -17,6 +19,8 @@ if TYPE_CHECKING:
     from skyhedge.spec import ServiceSpec
 
 MAX_PORT = 65535
+
+log = logging.getLogger("skyhedge.clouds.local.render")
 
 
 def replica_port(spec: ServiceSpec, replica_id: str) -> int:
@@ -50,6 +54,8 @@ class LocalCloud:
             raise RenderError(
                 f"{spec.source}: run.command: the local cloud runs a command (run.image needs a VM cloud)"
             )
+        if context.tree_dir is None:  # the state's own tree: its replicas are processes of this machine
+            claim_replicas(runtime_dir(context.state_dir))
         reps = {
             r.id: {
                 "zone": r.location.zone,
@@ -83,6 +89,50 @@ class LocalCloud:
                 else {"python": "", "pythonpath": ""}
             ),
         }
+
+
+def claim_replicas(runtime: Path) -> list[str]:
+    """Make sure the replica processes recorded under `runtime` are this state dir's to manage,
+    before its Terraform runs; returns the IDs adopted.
+
+    A state dir moved (`mv`, a `--state-dir` at the new path after `cp -a`, a restore from a
+    backup onto another path) holds the pid files of replicas launched under its old path: they
+    are adopted (`processes.adopt`), kept running, said in one log line. A copy of a state dir
+    whose original still records the same processes (`cp -a` of a live one, a backup restored
+    next to it) is refused in one line: two state dirs applying would each stop, replace and
+    route the same replicas as their own (the copy's plan stopping the original's, the original
+    then launching them again). The process's recorded state dir decides (`processes.ownership`).
+    """
+    try:
+        found = ownership(runtime)
+    except OSError as exc:  # unreadable: the launcher says why, with the folder named
+        log.warning("%s: cannot tell whose its replicas are (%s)", runtime, exc.strerror or exc)
+        return []
+    if found.shared:
+        home = Path(min(found.shared.values())).parent
+        raise RenderError(
+            f"{runtime.parent}: replicas {', '.join(sorted(found.shared))} are the running replicas of the "
+            f"state dir {home}, which records the same processes: this one is a copy of it (`cp -a`?), "
+            f"and two state dirs must not manage one set of replicas; use {home}, or, if this copy "
+            f"replaces it, stop its watcher and delete {home} first"
+        )
+    if not found.moved:
+        return []
+    try:
+        ids = adopt(runtime, found.moved)
+    except OSError as exc:
+        raise RenderError(
+            f"{runtime}: cannot record the replicas of the state dir moved here ({exc.strerror or exc})"
+        ) from exc
+    was = sorted({str(Path(owner).parent) for p in found.moved if (owner := owner_of(p))})
+    log.warning(
+        "%s: replicas %s were launched under %s, which no longer records them (the state dir was moved "
+        "or restored here): adopted, kept running",
+        runtime.parent,
+        ", ".join(ids),
+        ", ".join(was) or "another path",
+    )
+    return ids
 
 
 CLOUD = LocalCloud()
