@@ -35,7 +35,7 @@ import contextlib
 import shutil
 import sys
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,6 +68,7 @@ from skyhedge.leftovers import (
 from skyhedge.planner import CREATE, DELETE, KEEP, Plan, PlannedReplica
 from skyhedge.policy.types import EventKind, Location, Market, ZoneEvent
 from skyhedge.probe import probe_workers
+from skyhedge.probe_store import earlier_probes, earlier_revision
 from skyhedge.render import RenderedRoot, RenderedTree, render_tree, restore_tree, snapshot_tree, write_tree
 from skyhedge.service import (
     GITOPS_KEY,
@@ -80,7 +81,7 @@ from skyhedge.service import (
     resolve_placement,
     set_gitops,
 )
-from skyhedge.spec import ServiceSpec
+from skyhedge.spec import ReadinessProbe, ServiceSpec
 from skyhedge.state import (
     STATE_FILE,
     ReplicaRecord,
@@ -468,11 +469,36 @@ def _probe_fn() -> Callable[..., bool]:
     return probe
 
 
+def _readiness_of(
+    spec: ServiceSpec, earlier: Mapping[str, ReadinessProbe] | None
+) -> Callable[[ReplicaRecord], ReadinessProbe]:
+    """Each replica's readiness probe: the spec's, but an outdated replica's is the one of the
+    spec it was launched under when one is kept (`earlier`: `probe_store.earlier_probes`), as the
+    watcher chooses (`earlier_revision`). Probed with the spec's (the new version's health path),
+    the replicas still serving the old version failed it mid rolling update."""
+    kept = earlier or {}
+    current: dict[str, str] = {}
+
+    def of(rec: ReplicaRecord) -> ReadinessProbe:
+        rev = earlier_revision(rec, kept, spec, current)
+        return spec.readiness_probe if rev is None else kept[rev]
+
+    return of
+
+
 def _probe_each(
-    pool: ThreadPoolExecutor, probe: Callable[..., bool], readiness: Any, records: Sequence[ReplicaRecord]
+    pool: ThreadPoolExecutor,
+    probe: Callable[..., bool],
+    readiness_of: Callable[[ReplicaRecord], ReadinessProbe],
+    records: Sequence[ReplicaRecord],
 ) -> list[bool]:
-    """The readiness probe of every record, concurrently, in their order."""
-    return list(pool.map(lambda r: probe(r.endpoint, readiness, timeout=readiness.timeout_seconds), records))
+    """The readiness probe of every record (`readiness_of` it), concurrently, in their order."""
+
+    def one(rec: ReplicaRecord) -> bool:
+        readiness = readiness_of(rec)
+        return probe(rec.endpoint, readiness, timeout=readiness.timeout_seconds)
+
+    return list(pool.map(one, records))
 
 
 def wait_ready(
@@ -484,9 +510,12 @@ def wait_ready(
     interval: float = 0.25,
     probe: Callable[..., bool] | None = None,
     died: Callable[[float, Sequence[str]], list[str]] | None = None,
+    earlier: Mapping[str, ReadinessProbe] | None = None,
 ) -> tuple[list[str], list[str]]:
     """Probe live replicas that are not READY yet until they are, or `timeout` (default: the
-    spec's `initial_delay_seconds`) passes. Returns (became ready, still not ready).
+    longest `initial_delay_seconds` of their probes) passes. Returns (became ready, still not
+    ready). An outdated replica is probed with its revision's kept probe (`earlier`), as the
+    watcher probes it (`_readiness_of`).
 
     `died(now, pending IDs)`, asked at most every DIED_CHECK_SECONDS, records replicas known to
     be dead as gone in `state` (`notice_dead_local_replicas`) and returns a line for each: they are
@@ -495,9 +524,10 @@ def wait_ready(
     It is asked too, about those that passed, before a pass counts: a local replica whose port
     another service's replica took passed by that one's answer (`foreign_listeners`)."""
     probe = probe or _probe_fn()
-    readiness = spec.readiness_probe
+    readiness = _readiness_of(spec, earlier)
     pending = {r.id: r for r in state.live() if r.endpoint and r.ready_at is None and not r.draining}
-    limit = float(readiness.initial_delay_seconds if timeout is None else timeout)
+    delay = max((readiness(r).initial_delay_seconds for r in pending.values()), default=0)
+    limit = float(delay if timeout is None else timeout)
     deadline = time.monotonic() + limit
     ready: list[str] = []
     checked = time.monotonic()  # (the launch itself just checked the processes' first moments)
@@ -749,6 +779,11 @@ def apply_service(
             say(f"{', '.join(reopened)}: deletes a killed run left unfinished; the plan decides again")
         for note in notice_dead_local_replicas(state, ws.state_dir, clock()):
             say(note)
+        # the probes of the outdated replicas a watcher kept (mid rolling update): probed with
+        # the spec's, they failed it (an earlier health path)
+        earlier, problem = earlier_probes(ws.state_dir, state, spec) if wait else ({}, None)
+        if problem:
+            report.warnings.append(problem)
         # recorded by an earlier run that failed or was killed, never saved by Terraform: did EC2
         # launch them all the same?
         # (Terraform may have saved them though: a kill -9 of skyhedge alone, or a SIGTERM, after
@@ -800,7 +835,7 @@ def apply_service(
                     return lines
 
                 report.exited, report.preempted = [], []
-                ready, not_ready = wait_ready(spec, state, clock=clock, died=died)
+                ready, not_ready = wait_ready(spec, state, clock=clock, died=died, earlier=earlier)
                 report.ready = sorted({*report.ready, *ready} - set(not_ready))
                 report.not_ready = not_ready
                 save_state(ws.state_dir, state)
@@ -830,7 +865,7 @@ def apply_service(
             if steps_left <= 0:
                 report.rollout_stopped = "it took more steps than two per outdated replica, plus two"
                 break
-            silent = _not_answering(spec, state)
+            silent = _not_answering(spec, state, earlier)
             if silent:
                 report.rollout_stopped = (
                     f"{', '.join(silent)} no longer answer(s) the readiness probe: not releasing "
@@ -871,11 +906,15 @@ def rolls_on(spec: ServiceSpec, state_dir: Path, *, route: bool, wait: bool) -> 
     return router is None or router.pid() is None
 
 
-def _not_answering(spec: ServiceSpec, state: ServiceState) -> list[str]:
+def _not_answering(
+    spec: ServiceSpec, state: ServiceState, earlier: Mapping[str, ReadinessProbe] | None = None
+) -> list[str]:
     """READY replicas that fail their readiness probe now, twice (preempted or crashed during a
-    long rolling update, unseen by an apply that holds the lock `watch` would need)."""
+    long rolling update, unseen by an apply that holds the lock `watch` would need). Outdated
+    replicas are asked their revision's kept probe (`earlier`): asked the new version's health
+    path, they all failed it and the rolling update stopped."""
     probe = _probe_fn()
-    readiness = spec.readiness_probe
+    readiness = _readiness_of(spec, earlier)
     ready = [
         r
         for r in state.live()

@@ -6,7 +6,7 @@ Layout of a state dir (default `./.skyhedge/<service>/`):
     tf/             the rendered Terraform roots and their local Terraform state (0700: it holds
                     the `run.env` values, see `private_dir`), and `probes.json`, the readiness
                     probes the watcher keeps for its restart (they may hold a token:
-                    `controller.probe_store`)
+                    `probe_store`)
     router/         nginx prefix (routing)
 
 We store what was observed (launched/ready/gone timestamps, endpoints, Terraform outputs) and

@@ -26,8 +26,8 @@ from controller_fakes import clocked_controller as controller
 from controller_fakes import run_ticks as run
 
 from skyhedge.controller.loop import EARLIER_PROBES_KEY, PROBE_KEY, Controller
-from skyhedge.controller.probe_store import PROBES_FILE, ProbeStore
 from skyhedge.policy.types import ReplicaStatus
+from skyhedge.probe_store import PROBES_FILE, ProbeStore
 from skyhedge.spec import load_spec, readiness_probe_json, replica_revision
 from skyhedge.state import STATE_FILE, load_state
 

@@ -17,9 +17,9 @@ from controller_fakes import run_ticks as run
 from fake_http import json_server
 
 from skyhedge.controller.loop import EARLIER_PROBES_KEY, UNROUTED_KEY
-from skyhedge.controller.probe_store import ProbeStore
 from skyhedge.events import PreemptionEvent, Signal
 from skyhedge.policy.types import ReplicaStatus
+from skyhedge.probe_store import ProbeStore
 from skyhedge.spec import load_spec, replica_revision
 from skyhedge.state import load_state
 

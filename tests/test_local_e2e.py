@@ -198,7 +198,7 @@ def test_a_rollout_that_stops_short_fails_the_command(svc, monkeypatch):
 
     apply(svc, replicas=2, env={"MARK": "1"})
     svc.write(replicas=2, env={"MARK": "2"})
-    monkeypatch.setattr(apply_mod, "_not_answering", lambda spec, state: ["r-0001"])
+    monkeypatch.setattr(apply_mod, "_not_answering", lambda spec, state, earlier: ["r-0001"])
     args = ["apply", str(svc.spec_path), "--state-dir", str(svc.state_dir), "--no-routing"]
     asked = CliRunner().invoke(main, args, input="n\n")
     assert "Then the rolling update goes on: r-0001" in asked.output and "cancelled" in asked.output

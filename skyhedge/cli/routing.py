@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +25,10 @@ from skyhedge.cli._app import (
 )
 from skyhedge.errors import RoutingError
 from skyhedge.policy.types import ReplicaStatus
-from skyhedge.probe import check_all
+from skyhedge.probe import ProbeResult, check_all
+from skyhedge.probe_store import by_probe, earlier_probes
 from skyhedge.routing import Router, Upstream
-from skyhedge.spec import ServiceSpec, load_spec
+from skyhedge.spec import ReadinessProbe, ServiceSpec, load_spec
 from skyhedge.state import ServiceState, default_state_dir, load_state, save_state, writer_lock
 
 _probe_option = click.option(
@@ -38,15 +40,28 @@ _probe_option = click.option(
 _json_option = click.option("--json", "as_json", is_flag=True, help="Print the router's status as JSON.")
 
 
-def upstreams_from_state(service: ServiceSpec, state: ServiceState, *, probe_now: bool) -> list[Upstream]:
-    """READY replicas with an endpoint; with `probe_now`, the live non-draining ones that pass a probe."""
+def upstreams_from_state(
+    service: ServiceSpec,
+    state: ServiceState,
+    *,
+    probe_now: bool,
+    earlier: Mapping[str, ReadinessProbe] | None = None,
+) -> list[Upstream]:
+    """READY replicas with an endpoint; with `probe_now`, the live non-draining ones that pass a
+    probe: the spec's, but an outdated replica's is its revision's kept probe (`earlier`), as the
+    watcher's (`probe_store.by_probe`). Mid rolling update to a new health path, the replicas still
+    serving the old version failed the spec's and left the router (all of them: an outage)."""
     live = [r for r in state.live() if r.endpoint]
     if not probe_now:
         return [
             Upstream(r.id, r.endpoint) for r in live if r.fact().status is ReplicaStatus.READY and r.endpoint
         ]
     candidates = [r for r in live if not r.draining]
-    results = check_all([r.endpoint or "" for r in candidates], service.readiness_probe)
+    kept = earlier or {}
+    rest, outdated = by_probe(candidates, kept, service)
+    results: dict[str, ProbeResult] = {}
+    for readiness, group in [(service.readiness_probe, rest), *((kept[v], g) for v, g in outdated.items())]:
+        results.update(check_all([r.endpoint or "" for r in group], readiness))
     out: list[Upstream] = []
     for rec in candidates:
         result = results[rec.endpoint or ""]
@@ -89,7 +104,12 @@ def _route(spec: Path, state_dir: Path | None, *, start: bool, probe_now: bool, 
         # gone (recorded so), not an upstream, whatever its last recorded status
         for line in notice_dead_local_replicas(state, sdir, time.time()):
             err_console.print(line, markup=False)
-        upstreams = upstreams_from_state(service, state, probe_now=probe_now)
+        earlier: dict[str, ReadinessProbe] = {}
+        if probe_now:  # the probes a watcher kept for the outdated replicas (read, never written)
+            earlier, problem = earlier_probes(sdir, state, service)
+            if problem:
+                echo(f"warning: {problem}", err=True)
+        upstreams = upstreams_from_state(service, state, probe_now=probe_now, earlier=earlier)
         if start and router.pid() is None:
             # nginx found and the ports free, checked before the router's folder is made: a
             # refused first `up` leaves no state dir behind (as `apply` checks before it launches)

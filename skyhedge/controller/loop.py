@@ -54,7 +54,6 @@ from skyhedge.controller.facts import (
     warned,
 )
 from skyhedge.controller.ports import ExecResult, Executor, Prober, RouterPort
-from skyhedge.controller.probe_store import ProbeStore
 from skyhedge.errors import PolicyError, RoutingError, SkyhedgeError
 from skyhedge.events import EventSource, PreemptionEvent
 from skyhedge.leftovers import (
@@ -67,6 +66,15 @@ from skyhedge.leftovers import (
 from skyhedge.planner import CREATE, DELETE, KEEP, Plan, PlannedReplica
 from skyhedge.policy.base import clock_memory
 from skyhedge.policy.types import EventKind, Market, ReplicaStatus, ZoneEvent
+from skyhedge.probe_store import (  # (the keys re-exported: the watcher's tables)
+    EARLIER_PROBES_KEY,
+    FALLBACK,
+    PROBE_KEY,
+    ProbeStore,
+    by_probe,
+    earlier_revision,
+    read_kept,
+)
 from skyhedge.service import (
     DECIDED_AT_KEY,
     Placement,
@@ -81,8 +89,6 @@ from skyhedge.service import (
 from skyhedge.spec import (
     ReadinessProbe,
     ServiceSpec,
-    SpecError,
-    parse_readiness_probe,
     readiness_probe_json,
     replica_revision,
 )
@@ -107,18 +113,6 @@ DRAIN_FLOOR_SECONDS = 600.0
 # of the router alive (NOT_READY), whose connections are cut once they are known gone
 # (`Controller._sever_gone_unrouted`). In the state so that one taken out before a watcher restart
 # (or by `routing reload --probe`, `apply`) and found gone after it is cut all the same.
-#: `state.extra` key: `{revision: readiness_probe}`, the probe of the spec the outdated replicas of
-#: that revision were launched under, when a reload changed it together with the revision
-#: (`Controller.reconfigure`). In the state so that a restart mid-rolling-update keeps probing them
-#: with it, not with the new version's probe (which they may fail: NOT_READY, FAILED 180 s later).
-#: Only a keyed digest of each probe is in state.json (`{revision: digest}`; a release before
-#: this one wrote the probe itself, read back all the same): a probe may carry a token, and the
-#: probes are in the state dir's private `tf/probes.json` (`probe_store`).
-EARLIER_PROBES_KEY = "earlier_probes"
-#: `state.extra` key: the digest of the probe the current revision's replicas are probed with (the
-#: probe itself in `tf/probes.json`): a watcher restarted with a spec whose probe differs checks
-#: it as a reload would (`Controller._check_restart_probe`) instead of taking it unchecked.
-PROBE_KEY = "probe"
 
 log = logging.getLogger("skyhedge.controller")
 #: A note identical to the previous one is repeated at most this often (see Controller.note).
@@ -1065,8 +1059,8 @@ class Controller:
         that loads in minutes, at 30 s: a launch loop), and an outdated replica still loading at
         a reload at the new version's."""
         probe: dict[str, Any] | None = None
-        rev = rec.revision
-        if rev is not None and rev in self._earlier_probers and rev != replica_revision(self.spec, rec.cloud):
+        rev = earlier_revision(rec, self._earlier_probers, self.spec)
+        if rev is not None:
             probe = self._earlier_probes.get(rev)
         elif self._held is not None:
             probe = self._held[1]
@@ -1084,21 +1078,8 @@ class Controller:
         prober = self.prober if self._held is None else self._held[0]
         if not self._earlier_probers:
             return [(prober, targets)]
-        current: dict[str, str] = {}
-
-        def revision(cloud: str) -> str:
-            if cloud not in current:
-                current[cloud] = replica_revision(self.spec, cloud)
-            return current[cloud]
-
-        earlier: dict[str, list[ReplicaRecord]] = {}
-        rest: list[ReplicaRecord] = []
-        for rec in targets:
-            rev = rec.revision
-            if rev is not None and rev in self._earlier_probers and rev != revision(rec.cloud):
-                earlier.setdefault(rev, []).append(rec)
-            else:
-                rest.append(rec)
+        current: dict[str, str] = {}  # (the spec's revision of the clouds asked about)
+        rest, earlier = by_probe(targets, self._earlier_probers, self.spec, current)
         live = {r.revision for r in self.state.live()} - set(current.values())
         self._earlier_probers = {rev: p for rev, p in self._earlier_probers.items() if rev in live}
         self._keep_earlier_probes()
@@ -1565,56 +1546,12 @@ class Controller:
         digests at the next write). A probes file missing, unreadable or not matching the digests
         falls back to what the watcher did before it kept them, with one warning line: the
         outdated replicas are probed with the spec's probe, which is taken unchecked."""
-        extra = self.state.extra
-        raw, in_force = extra.get(EARLIER_PROBES_KEY), extra.get(PROBE_KEY)
-        if raw is None and in_force is None:
-            return
-        where = f"{STATE_FILE}: extra.{EARLIER_PROBES_KEY}"
-        bad = (
-            []
-            if raw is None or isinstance(raw, dict)
-            else [f"{where}: expected an object of revision -> digest"]
-        )
-        stored: dict[str, dict[str, Any]] | None = None
-        unmatched: list[str] = []  # what names a probe the probes file does not hold
-        problem: str | None = None
-
-        def kept(digest: str, name: str) -> Any:
-            nonlocal stored, problem
-            if stored is None:
-                stored, problem = self._probe_store.read()
-            if digest not in stored:
-                unmatched.append(name)
-            return stored.get(digest)
-
-        for rev, value in (raw if isinstance(raw, dict) else {}).items():
-            probe = kept(value, str(rev)) if isinstance(value, str) else value  # (an earlier release's)
-            if probe is None:
-                continue
-            try:
-                readiness = parse_readiness_probe(probe, source=f"{where}.{rev}")
-            except SkyhedgeError as exc:
-                bad.append(str(exc))
-                continue
-            self._earlier_probes[str(rev)] = readiness_probe_json(readiness)
+        found = read_kept(self._probe_store, self.state.extra)
+        for rev, readiness in found.earlier.items():
+            self._earlier_probes[rev] = readiness_probe_json(readiness)
             if self.prober is not None:  # (GitOps: no prober, nothing is probed)
-                self._earlier_probers[str(rev)] = _http_prober(readiness)
-        before: ReadinessProbe | None = None
-        unchecked = False  # the probe in force before the restart is named, but not to be had
-        if isinstance(in_force, str):
-            probe = kept(in_force, f"extra.{PROBE_KEY}")
-            try:
-                before = None if probe is None else parse_readiness_probe(probe, source=f"extra.{PROBE_KEY}")
-            except SpecError as exc:
-                bad.append(str(exc))
-            unchecked = before is None
-        elif in_force is not None:
-            unchecked = True
-            bad.append(f"{STATE_FILE}: extra.{PROBE_KEY}: expected a probe's digest, got {in_force!r:.40}")
-        if unmatched:
-            path = self._probe_store.path
-            why = problem or (f"{path}: missing" if not path.exists() else f"{path}: holds no such probe")
-            bad.append(f"{why} (named by {STATE_FILE}'s {', '.join(unmatched)})")
+                self._earlier_probers[rev] = _http_prober(readiness)
+        before, bad = found.before, found.problems
         # revisions no live replica runs any more, or current (the spec reverted while stopped)
         live = self.state.live()
         current = {cloud: replica_revision(self.spec, cloud) for cloud in {r.cloud for r in live}}
@@ -1631,8 +1568,8 @@ class Controller:
         running = {r.revision for r in live} - set(current.values())
         self._earlier_probers = {r: p for r, p in self._earlier_probers.items() if r in running}
         if bad:
-            lost = "outdated replicas are probed with the spec's probe"
-            if unchecked:
+            lost = FALLBACK
+            if found.unchecked:
                 lost += ", which is taken unchecked"
             self.note(f"{'; '.join(bad)}: ignored: {lost}", level=logging.WARNING)
 

@@ -1,0 +1,255 @@
+"""The readiness probes a watcher keeps for its restart, out of state.json.
+
+A probe may carry a token (`readiness_probe.headers`, `post_data`). state.json is written with the
+umask's mode (0644 under 022: teams share state dirs) and, under `watch --gitops`, committed to
+git, where the spec itself may deliberately not be. So state.json holds only a keyed digest of each
+probe kept (`extra.earlier_probes`, `extra.probe`), and the probes themselves are in
+`tf/probes.json`: the state dir's private directory (0700, `state.private_dir`, which holds the
+`run.env` values already), in an owner-only (0600) file written atomically.
+
+The digest is an HMAC keyed with a random key that lives in that file only, so state.json says
+nothing a reader could test guessed header values against; and a probes file that does not belong
+to the state.json beside it (lost, restored from another time, edited) is found out: its probes do
+not match the digests, and the watcher falls back to the spec's probe with one warning line.
+
+Which probe a replica is probed with is chosen here too (`earlier_revision`), for the watcher and
+for the commands that probe replicas without it (`apply`, `routing reload|up --probe`), which read
+the kept probes (`earlier_probes`) and never write them: mid rolling update they probed every
+replica with the spec's probe, which the outdated ones (an earlier health path) failed, and took
+them out of the router (every replica, while the replacements were still booting: an outage).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import hmac
+import json
+import secrets
+from collections.abc import Container, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from skyhedge.errors import SkyhedgeError, SpecError
+from skyhedge.spec import ReadinessProbe, ServiceSpec, parse_readiness_probe, replica_revision
+from skyhedge.state import STATE_FILE, ReplicaRecord, ServiceState, atomic_write_bytes, private_dir
+
+#: Under the state dir's private directory (`tf/`, with the `run.env` values).
+PROBES_FILE = "probes.json"
+PRIVATE_DIR = "tf"
+_VERSION = 1
+
+#: `state.extra` key: `{revision: readiness_probe}`, the probe of the spec the outdated replicas of
+#: that revision were launched under, when a reload changed it together with the revision
+#: (`Controller.reconfigure`). In the state so that a restart mid-rolling-update keeps probing them
+#: with it, not with the new version's probe (which they may fail: NOT_READY, FAILED 180 s later).
+#: Only a keyed digest of each probe is in state.json (`{revision: digest}`; a release before
+#: this one wrote the probe itself, read back all the same): a probe may carry a token, and the
+#: probes are in the state dir's private `tf/probes.json` (`ProbeStore`).
+EARLIER_PROBES_KEY = "earlier_probes"
+#: `state.extra` key: the digest of the probe the current revision's replicas are probed with (the
+#: probe itself in `tf/probes.json`): a watcher restarted with a spec whose probe differs checks
+#: it as a reload would (`Controller._check_restart_probe`) instead of taking it unchecked.
+PROBE_KEY = "probe"
+
+
+def _canonical(probe: dict[str, Any]) -> bytes:
+    return json.dumps(probe, sort_keys=True, separators=(",", ":")).encode("utf-8")
+
+
+class ProbeStore:
+    """`tf/probes.json` of one state dir: `{"version", "key", "probes": {digest: probe}}`."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.path = Path(state_dir) / PRIVATE_DIR / PROBES_FILE
+        self._key: bytes | None = None
+        self._written: bytes | None = None  # the file's content as last written or read
+        # id(probe) -> (probe, digest): the watcher asks at every pass for the same few probes,
+        # whose `post_data` may be large (kept alive here, so an id is never reused meanwhile)
+        self._memo: dict[int, tuple[dict[str, Any], str]] = {}
+
+    def read(self) -> tuple[dict[str, dict[str, Any]], str | None]:
+        """The probes of the file by digest, and what was wrong with it (None: nothing, or no file
+        at all, which a caller that expects probes reports itself). Entries whose digest does not
+        match their probe are left out (and reported)."""
+        try:
+            raw = self.path.read_bytes()
+        except FileNotFoundError:
+            return {}, None
+        except OSError as exc:
+            return {}, f"{self.path}: cannot read ({exc.strerror or exc})"
+        try:
+            data = json.loads(raw)
+            key = bytes.fromhex(data["key"]) if data.get("version") == _VERSION else b""
+            table = data["probes"]
+        except (ValueError, TypeError, KeyError, AttributeError, RecursionError):
+            return {}, f"{self.path}: not a probes file skyhedge wrote"
+        if len(key) < 16 or not isinstance(table, dict):
+            return {}, f"{self.path}: not a probes file skyhedge wrote"
+        self._key, self._written, self._memo = key, raw, {}
+        probes = {
+            d: p for d, p in table.items() if isinstance(p, dict) and hmac.compare_digest(self.digest(p), d)
+        }
+        problem = None if len(probes) == len(table) else f"{self.path}: probes that do not match their digest"
+        return probes, problem
+
+    def digest(self, probe: dict[str, Any]) -> str:
+        """The keyed digest state.json holds for `probe` (a key is made if none was read yet)."""
+        known = self._memo.get(id(probe))
+        if known is not None and known[0] is probe:
+            return known[1]
+        if self._key is None:
+            self._key = secrets.token_bytes(32)
+        digest = hmac.new(self._key, _canonical(probe), hashlib.sha256).hexdigest()
+        if len(self._memo) >= 64:
+            self._memo.clear()
+        self._memo[id(probe)] = (probe, digest)
+        return digest
+
+    def write(self, probes: list[dict[str, Any]]) -> None:
+        """Keep exactly `probes` (0600, atomically; nothing written when the file holds them
+        already). None to keep removes the file: no stale token stays behind."""
+        if not probes:
+            if self._written is not None or self.path.exists():
+                with contextlib.suppress(FileNotFoundError):
+                    self.path.unlink()
+                self._written = None
+            return
+        table = {self.digest(p): p for p in probes}
+        assert self._key is not None
+        data = {"version": _VERSION, "key": self._key.hex(), "probes": dict(sorted(table.items()))}
+        text = (json.dumps(data, indent=2, sort_keys=True) + "\n").encode("utf-8")
+        if text == self._written and self.path.exists():
+            return
+        private_dir(self.path.parent)
+        atomic_write_bytes(self.path, text, mode=0o600)
+        self._written = text
+
+
+R = TypeVar("R", bound=ReplicaRecord)
+
+
+def earlier_revision(
+    rec: ReplicaRecord, kept: Container[str], spec: ServiceSpec, current: dict[str, str] | None = None
+) -> str | None:
+    """The revision whose kept probe `rec` is probed with (`kept`: the revisions a probe is kept
+    for, `EARLIER_PROBES_KEY`), or None: the probe in force (the spec's, or one a restarted
+    watcher holds). An outdated replica keeps the probe of the spec it was launched under; a
+    replica of the spec's revision (a spec reverted) takes the spec's. The one choice of the
+    watcher (`Controller._probers`), `apply` and `routing --probe`: they must agree, or one of
+    them takes out of the router what the others keep in it. `current`: cloud -> the spec's
+    revision, filled as asked (one digest per cloud, not per replica)."""
+    rev = rec.revision
+    if rev is None or rev not in kept:
+        return None
+    if current is None:
+        current = {}
+    if rec.cloud not in current:
+        current[rec.cloud] = replica_revision(spec, rec.cloud)
+    return rev if rev != current[rec.cloud] else None
+
+
+def by_probe(
+    records: Iterable[R], kept: Container[str], spec: ServiceSpec, current: dict[str, str] | None = None
+) -> tuple[list[R], dict[str, list[R]]]:
+    """`records` split by the probe they are probed with (`earlier_revision`): those probed with
+    the probe in force, and by revision those probed with their revision's kept probe."""
+    current = {} if current is None else current
+    rest: list[R] = []
+    earlier: dict[str, list[R]] = {}
+    for rec in records:
+        rev = earlier_revision(rec, kept, spec, current)
+        if rev is None:
+            rest.append(rec)
+        else:
+            earlier.setdefault(rev, []).append(rec)
+    return rest, earlier
+
+
+@dataclass
+class KeptProbes:
+    """The probes state.json names (`EARLIER_PROBES_KEY`, `PROBE_KEY`), read back from the probes
+    file. `before`: the probe in force when the state was written; `unchecked`: one is named but
+    not to be had; `problems`: what was wrong (each a line part; none: nothing)."""
+
+    earlier: dict[str, ReadinessProbe] = field(default_factory=dict)
+    before: ReadinessProbe | None = None
+    unchecked: bool = False
+    problems: list[str] = field(default_factory=list)
+
+
+def read_kept(store: ProbeStore, extra: Mapping[str, Any]) -> KeptProbes:
+    """The probes `extra` (a state's) names, from their digests and `store`'s file, which is only
+    read (and only when a digest is to be looked up); an earlier release's state.json holds the
+    earlier probes themselves (taken as they are). What is missing, unreadable or not matching is
+    left out and said in `problems`: the caller probes those replicas with the spec's probe."""
+    out = KeptProbes()
+    raw, in_force = extra.get(EARLIER_PROBES_KEY), extra.get(PROBE_KEY)
+    if raw is None and in_force is None:
+        return out
+    where = f"{STATE_FILE}: extra.{EARLIER_PROBES_KEY}"
+    if raw is not None and not isinstance(raw, dict):
+        out.problems.append(f"{where}: expected an object of revision -> digest")
+    stored: dict[str, dict[str, Any]] | None = None
+    unmatched: list[str] = []  # what names a probe the probes file does not hold
+    problem: str | None = None
+
+    def kept(digest: str, name: str) -> Any:
+        nonlocal stored, problem
+        if stored is None:
+            stored, problem = store.read()
+        if digest not in stored:
+            unmatched.append(name)
+        return stored.get(digest)
+
+    for rev, value in (raw if isinstance(raw, dict) else {}).items():
+        probe = kept(value, str(rev)) if isinstance(value, str) else value  # (an earlier release's)
+        if probe is None:
+            continue
+        try:
+            out.earlier[str(rev)] = parse_readiness_probe(probe, source=f"{where}.{rev}")
+        except SkyhedgeError as exc:
+            out.problems.append(str(exc))
+    if isinstance(in_force, str):
+        probe = kept(in_force, f"extra.{PROBE_KEY}")
+        try:
+            out.before = None if probe is None else parse_readiness_probe(probe, source=f"extra.{PROBE_KEY}")
+        except SpecError as exc:
+            out.problems.append(str(exc))
+        out.unchecked = out.before is None
+    elif in_force is not None:
+        out.unchecked = True
+        out.problems.append(
+            f"{STATE_FILE}: extra.{PROBE_KEY}: expected a probe's digest, got {in_force!r:.40}"
+        )
+    if unmatched:
+        path = store.path
+        why = problem or (f"{path}: missing" if not path.exists() else f"{path}: holds no such probe")
+        out.problems.append(f"{why} (named by {STATE_FILE}'s {', '.join(unmatched)})")
+    return out
+
+
+#: What a probe not to be had costs (the end of the warning line).
+FALLBACK = "outdated replicas are probed with the spec's probe"
+
+
+def earlier_probes(
+    state_dir: Path, state: ServiceState, spec: ServiceSpec
+) -> tuple[dict[str, ReadinessProbe], str | None]:
+    """The kept probes of the outdated replicas live in `state` (revision -> probe), for a command
+    that probes replicas while no watcher runs (`apply`, `routing reload|up --probe`: each holds
+    the writer lock a watcher would need), and what was wrong, as one warning line (None:
+    nothing). Read only: the probes file is the watcher's to keep, and a revision no live
+    outdated replica runs is not looked up (no warning about a probe nobody needs)."""
+    raw = state.extra.get(EARLIER_PROBES_KEY)
+    if raw is None:
+        return {}, None
+    if isinstance(raw, dict):
+        _, wanted = by_probe(state.live(), raw, spec)
+        raw = {rev: value for rev, value in raw.items() if rev in wanted}
+        if not raw:
+            return {}, None
+    found = read_kept(ProbeStore(state_dir), {EARLIER_PROBES_KEY: raw})
+    warning = f"{'; '.join(found.problems)}: ignored: {FALLBACK}" if found.problems else None
+    return found.earlier, warning
