@@ -32,6 +32,8 @@ Where things live under the state dir:
 from __future__ import annotations
 
 import contextlib
+import json
+import os
 import shutil
 import sys
 import time
@@ -160,13 +162,25 @@ class Workspace:
         extra: tuple[str, ...] = ()
         if self.spec.terraform.backend == "local" and not self.spec.terraform.config.get("path"):
             extra = (f"path={self.tf_dir / 'state' / f'{slug}.tfstate'}",)
+        data_dir = self.tf_dir / "data" / slug
+        reconfigure, refused = False, None
+        if extra:
+            # the state file is the state dir's own: a moved or restored state dir names it anew
+            # (never when the backend `init` recorded is another: its state must be migrated)
+            reconfigure, copied = _own_backend_recorded(data_dir, self.tf_dir / "state" / f"{slug}.tfstate")
+            if copied is not None:
+                refused = (
+                    f"{self.state_dir}: the Terraform state of {cloud}/{region} is a copy of {copied}'s, "
+                    "which is still there and records the same machines: two state dirs must not manage "
+                    f"one set of replicas; use {copied}, or, if this copy replaces it, delete {copied} first"
+                )
         return TerraformRoot(
             path=self.tree_dir / cloud / region,
             name=f"{cloud}/{region}",
-            data_dir=self.tf_dir / "data" / slug,
+            data_dir=data_dir,
             backend_config=extra,
-            # the state file is the state dir's own: a moved or restored state dir names it anew
-            reconfigure=bool(extra),
+            reconfigure=reconfigure,
+            refused=refused,
         )
 
     def plan_file(self, cloud: str, region: str) -> Path:
@@ -187,6 +201,41 @@ class Workspace:
             why = exc.strerror or exc
             raise RenderError(f"{self.tf_dir}: cannot write the rendered tree ({why})") from exc
         write_tree(tree, self.tree_dir, strict=False)
+
+
+def _own_backend_recorded(data_dir: Path, state_file: Path) -> tuple[bool, Path | None]:
+    """Whether `terraform init` may take the state dir's own local state file `state_file` as the
+    root's backend as it is now (`-reconfigure`), and the state dir this one is a copy of, if so.
+
+    `-reconfigure` only when the backend `init` last recorded (`<data dir>/terraform.tfstate`) is
+    a state dir's own file `tf/state/<name>` too: this one's before it was moved or restored
+    elsewhere (or none is recorded yet). Why: after the spec named another backend (an S3 bucket,
+    a `terraform.config.path`) and then none, `-reconfigure` forgot that state without a word,
+    planned from the state dir's own (empty) one and launched every replica again beside the
+    running ones (VMs no state records any more); Terraform's "Backend configuration changed"
+    refusal says to migrate it. And a state file recorded at another path that is still there,
+    holding resources, is the original's of a copy (`cp -a`, a backup restored next to it): both
+    would manage the same machines (the copy's apply replacing or destroying the original's)."""
+    try:
+        recorded = json.loads((data_dir / "terraform.tfstate").read_text(encoding="utf-8"))["backend"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return True, None  # nothing (readable) recorded: `init` records it afresh (or says why it cannot)
+    config = recorded.get("config") if isinstance(recorded, dict) else None
+    path = config.get("path") if isinstance(config, dict) else None
+    if recorded.get("type") != "local" or not isinstance(path, str):
+        return False, None
+    old = Path(path)
+    if old.parts[-3:] != ("tf", "state", state_file.name):
+        return False, None
+    if old == state_file:
+        return True, None
+    try:
+        if os.path.samefile(old, state_file):  # this very file under another name (a bind mount)
+            return True, None
+        held = json.loads(old.read_text(encoding="utf-8")).get("resources")
+    except (OSError, ValueError, AttributeError):
+        return True, None  # gone with the old path: moved
+    return True, (old.parent.parent.parent if held else None)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -284,13 +284,18 @@ class TerraformRoot:
     moved, restored from a backup elsewhere or copied (`mv`, `cp -a`, another `--state-dir`), and
     `terraform init` refused every pass from then on ("A change in the backend configuration has
     been detected"): the watcher never applied again. The state file is where the state dir is
-    now; migrating would have read the old path's (another state dir's, or gone)."""
+    now; migrating would have read the old path's (another state dir's, or gone). Set only when
+    the backend `init` recorded is such a state file too (`Workspace.root`): another one's state
+    (a backend the spec named before) must be migrated, never dropped."""
 
     path: Path
     name: str
     data_dir: Path | None = None
     backend_config: tuple[str, ...] = ()
     reconfigure: bool = False
+    #: Why this root must not be initialised (its state is a copy of another state dir's): `init`
+    #: fails with it, before Terraform reads any state.
+    refused: str | None = None
 
 
 @dataclass(frozen=True)
@@ -1079,6 +1084,8 @@ class Terraform:
     def init(self, root: TerraformRoot, *, force: bool = False) -> bool:
         """`terraform init` unless this root was already initialised for the same configuration.
         Returns True if init ran."""
+        if root.refused is not None:
+            raise EngineError(root.refused, root=root.name)
         key = self._init_key(root)
         marker = self._marker(root)
         damaged = _damaged_backend_file(marker.parent)

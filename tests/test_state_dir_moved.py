@@ -207,3 +207,255 @@ def test_the_router_of_a_moved_state_dir_is_replaced_and_a_copys_is_refused(tmp_
     finally:
         teardown_router(router)
         teardown_router(first)
+
+
+def test_a_state_kept_elsewhere_is_not_dropped_when_the_spec_switches_to_the_state_dirs_own(svc, tmp_path):
+    """`-reconfigure` is for the state dir's own state file at a new path, not for a backend the
+    spec named before (a `terraform.config.path`, an S3 bucket): taken then, `init` forgot that
+    state without a word, the state dir's own (empty) state was planned from, and every replica was
+    launched again beside the running ones (their processes, or VMs, no state recorded any more).
+    Terraform's refusal stands instead: the user migrates the state (docs/controller.md)."""
+    import yaml
+
+    kept = tmp_path / "tfstate"
+    data = yaml.safe_load(svc.spec_path.read_text())
+    svc.spec_path.write_text(
+        yaml.safe_dump({**data, "terraform": {"backend": "local", "config": {"path": str(kept)}}})
+    )
+    first = _apply(svc.state_dir, svc.spec_path)
+    assert first.ok, first.errors
+    before = _running(svc.state_dir)
+    assert sorted(before) == ["r-0001", "r-0002"]
+
+    svc.write(replicas=2)  # the same spec, its `terraform` section dropped
+    again = _apply(svc.state_dir, svc.spec_path)
+    assert not again.ok and again.created == []  # was: ok, with r-0003 and r-0004 launched
+    assert "Backend configuration changed" in again.errors[0].stderr
+    assert _running(svc.state_dir) == before
+
+
+@pytest.mark.skipif(not have_nginx(), reason="nginx is not installed")
+@pytest.mark.parametrize("its_pid_file", ["kept", "deleted"])
+def test_a_stale_router_pid_now_another_services_router_is_neither_a_copy_nor_stopped(tmp_path, its_pid_file):
+    """Our router gone without its pid file (`kill -9`, a reboot), its pid taken since by the
+    router of another service on this machine (another port): that one is not ours from before a
+    move, since it does not hold our port. Before, `up` refused this state dir as "a copy" of the
+    other's (every pass, until the pid file was deleted by hand), or, the other's router folder
+    deleted (`rm -rf router/`: a case `routing` supports), SIGQUIT the other service's router."""
+    from routing_support import make_spec
+
+    ups = [Upstream("r-0001", "http://127.0.0.1:9")]
+    other = Router(make_spec(free_port(), name="other"), tmp_path / "other")
+    ours = Router(make_spec(free_port()), tmp_path / "ours")
+    try:
+        other.up(ups)
+        theirs = other.pid()
+        assert theirs is not None
+        ours.up(ups)
+        teardown_router(ours)  # gone, and its pid file left naming a pid the other's router has now
+        ours.paths.pid.write_text(f"{theirs}\n")
+        if its_pid_file == "deleted":
+            other.paths.pid.unlink()
+        ours.preflight()
+        ours.up(ups)  # was: "... is held by the router of the state dir .../other ...: a copy of it"
+        assert ours.pid() not in (None, theirs)
+        assert nginx_alive(theirs)  # was (its pid file deleted): stopped by SIGQUIT
+    finally:
+        teardown_router(ours)
+        teardown_router(other)
+        for pid in nginx_masters(other):
+            os.kill(pid, signal.SIGKILL)
+
+
+def nginx_alive(pid: int) -> bool:
+    from skyhedge.routing import nginx
+
+    return nginx.alive(pid) and "nginx: master process" in nginx.cmdline(pid)
+
+
+def nginx_masters(router: Router) -> list[int]:
+    from skyhedge.routing import nginx
+
+    return nginx.masters_of(router.paths.conf)
+
+
+def test_a_moved_replicas_worker_in_a_process_group_of_its_own_holds_its_port_for_it(tmp_path):
+    """A server whose worker binds the port from a session of its own (`setsid`): after a move its
+    marker names the old path like its leader's, and its process group is not the recorded one;
+    it was judged another state dir's replica on our port (GONE, replaced) once not READY."""
+    port = free_port()
+    old, new = tmp_path / "old" / "local", tmp_path / "new" / "local"
+    env = {**os.environ, RUNTIME_ENV: str(old), REPLICA_ENV: "r-0001"}
+    worker = (
+        f"import socket,time; s=socket.socket(); s.bind(('127.0.0.1',{port})); s.listen(); time.sleep(600)"
+    )
+    leader = (
+        "import os,subprocess,sys,time; "
+        f"w=subprocess.Popen([sys.executable,'-c',{worker!r}], start_new_session=True); "
+        "print(w.pid, flush=True); w.wait()"
+    )
+    child = subprocess.Popen(
+        [sys.executable, "-c", leader], env=env, start_new_session=True, stdout=subprocess.PIPE, text=True
+    )
+    assert child.stdout is not None
+    worker_pid = int(child.stdout.readline())
+    try:
+        starttime = proc_starttime(child.pid)
+        assert starttime is not None
+        write_pidfile(
+            new,
+            LocalProcess("r-0001", child.pid, child.pid, port, "local-a", "spot", 0.0, starttime, ""),
+        )
+        _wait_listening(port)
+        assert os.getpgid(worker_pid) != child.pid
+        assert foreign_listeners(new, {"r-0001": port}) == {}  # was: {"r-0001": "r-0001 of <old>"}
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(worker_pid, signal.SIGKILL)
+        child.kill()
+        child.wait()
+        child.stdout.close()
+
+
+def _wait_listening(port: int) -> None:
+    import socket
+
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise AssertionError(f"nothing listens on {port}")
+
+
+def test_plan_of_a_moved_state_dir_writes_no_pid_file(svc, tmp_path):
+    """`plan` writes nothing (docs): it renders the roots in memory to tell pending work, and that
+    render rewrote the moved replicas' pid files (adopting them). `apply` adopts them still."""
+    assert _apply(svc.state_dir, svc.spec_path).ok
+    moved = tmp_path / "elsewhere"
+    os.rename(svc.state_dir, moved)
+    files = sorted((runtime_dir(moved) / "replicas").glob("*.json"))
+    before = {f.name: f.read_bytes() for f in files}
+    from click.testing import CliRunner
+
+    from skyhedge.cli import main
+
+    done = CliRunner().invoke(main, ["plan", str(svc.spec_path), "--state-dir", str(moved)])
+    assert done.exit_code == 0, done.output
+    assert {f.name: f.read_bytes() for f in files} == before  # was: rewritten, `runtime` the new path
+    assert _apply(moved, svc.spec_path).ok
+    assert {p.runtime for p in list_pidfiles(runtime_dir(moved))} == {str(runtime_dir(moved))}
+
+
+def _can_bind_mount() -> bool:
+    if shutil.which("unshare") is None or shutil.which("mount") is None:
+        return False
+    probe = subprocess.run(["unshare", "-rm", "true"], capture_output=True, timeout=30)
+    return probe.returncode == 0
+
+
+@pytest.mark.skipif(not _can_bind_mount(), reason="no `unshare -rm` (user and mount namespaces)")
+def test_the_state_dir_under_a_second_name_is_not_a_copy_of_itself(svc, tmp_path):
+    """The same state dir reached through a bind mount (a container's volume, `/mnt/x` bound to
+    `/data`): its pid files name it by the path the replicas were launched under, and that path's
+    pid files are the very same files. Before, `ownership` took them for a copy's, and the
+    original was refused as "a copy of" itself."""
+    assert _apply(svc.state_dir, svc.spec_path).ok
+    alias = tmp_path / "alias"
+    alias.mkdir()
+    check = (
+        "import sys; from pathlib import Path; from skyhedge.clouds.local.render import claim_replicas; "
+        "print(claim_replicas(Path(sys.argv[1])))"
+    )
+    script = f'mount --bind "$1" "$2" && exec {sys.executable} -c "$3" "$2/local"'
+    done = subprocess.run(
+        ["unshare", "-rm", "sh", "-c", script, "sh", str(svc.state_dir), str(alias), check],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)},
+    )
+    assert (done.returncode, done.stdout) == (0, "[]\n"), done.stderr  # was: "...: this one is a copy of it"
+
+
+def test_a_copy_whose_original_still_holds_its_terraform_state_is_refused_at_init(svc, tmp_path):
+    """`-reconfigure` took a copied state dir's own state file as its state whatever the original
+    did: on AWS or GCP, where no local process tells a copy (`cp -a`, a backup restored next to the
+    original), the copy's apply then replaced, scaled down or destroyed the original's machines
+    (here: local replicas no longer running, so only Terraform's state tells; before
+    `-reconfigure`, `init` refused such a copy). Refused in one line naming the original."""
+    assert _apply(svc.state_dir, svc.spec_path).ok
+    kill_all(runtime_dir(svc.state_dir))  # no running process tells the copy any more
+    copy = tmp_path / "elsewhere-copy"
+    shutil.copytree(svc.state_dir, copy, symlinks=True)
+    again = _apply(copy, svc.spec_path)
+    assert not again.ok and again.created == []  # was: ok, r-0003 and r-0004 launched by the copy
+    assert str(again.errors[0]).startswith(
+        f"{copy}: the Terraform state of local/local is a copy of {svc.state_dir.resolve()}'s, which "
+        "is still there"
+    )
+    assert _running(copy) == {}
+    assert _apply(svc.state_dir, svc.spec_path).ok  # the original: as before
+
+
+def test_stopping_a_moved_replica_stops_its_worker_in_a_session_of_its_own(tmp_path):
+    """Stopping a replica signals its process group and the processes carrying its markers, found
+    by this runtime dir's path: one launched before a move carries the old path, and its worker in
+    a session of its own (setsid) outlived every stop of it after the move (its port held)."""
+    from skyhedge.clouds.local.processes import stop_replica
+
+    port = free_port()
+    old, new = tmp_path / "old" / "local", tmp_path / "new" / "local"
+    env = {**os.environ, RUNTIME_ENV: str(old), REPLICA_ENV: "r-0001"}
+    worker = (
+        f"import socket,time; s=socket.socket(); s.bind(('127.0.0.1',{port})); s.listen(); time.sleep(600)"
+    )
+    leader = (
+        "import subprocess,sys; "
+        f"w=subprocess.Popen([sys.executable,'-c',{worker!r}], start_new_session=True); "
+        "print(w.pid, flush=True); w.wait()"
+    )
+    child = subprocess.Popen(
+        [sys.executable, "-c", leader], env=env, start_new_session=True, stdout=subprocess.PIPE, text=True
+    )
+    assert child.stdout is not None
+    worker_pid = int(child.stdout.readline())
+    try:
+        _wait_listening(port)
+        starttime = proc_starttime(child.pid)
+        assert starttime is not None
+        write_pidfile(
+            new,
+            LocalProcess("r-0001", child.pid, child.pid, port, "local-a", "spot", 0.0, starttime, ""),
+        )
+        assert stop_replica(new, "r-0001", grace=2.0)
+        child.wait(timeout=10)
+        deadline = time.monotonic() + 5
+        while proc_starttime(worker_pid) is not None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert proc_starttime(worker_pid) is None  # was: running on, its port held
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(worker_pid, signal.SIGKILL)
+        child.kill()
+        child.wait()
+        child.stdout.close()
+
+
+@pytest.mark.parametrize(
+    ("recorded", "reconfigure"),
+    [
+        ({"type": "s3", "config": {"bucket": "b", "key": "k"}}, False),
+        ({"type": "local", "config": {"path": "/srv/tfstate/local-local.tfstate"}}, False),
+        ({"type": "local", "config": {"path": "/gone/state/tf/state/local-local.tfstate"}}, True),
+    ],
+)
+def test_only_a_state_dirs_own_recorded_backend_is_reconfigured(svc, tmp_path, recorded, reconfigure):
+    ws = Workspace(load_spec(svc.spec_path), svc.state_dir)
+    data = ws.tf_dir / "data" / "local-local"
+    data.mkdir(parents=True)
+    (data / "terraform.tfstate").write_text(json.dumps({"version": 3, "backend": recorded}))
+    root = ws.root("local", "local")
+    assert root.reconfigure is reconfigure and root.refused is None
+    assert ("-reconfigure" in Terraform(home=tmp_path).init_args(root)) is reconfigure

@@ -72,8 +72,8 @@ def _applied_roots_readable(state: ServiceState) -> bool:
 def _as_apply_renders(context: RenderContext) -> RenderContext:
     """`context` as the next apply renders with it: a state applied before deployment IDs
     existed gets one at that apply (`deployment_id`), which tags its machines, so its roots
-    count as changed, as that apply will find them."""
-    return context if context.deployment else replace(context, deployment="0" * 16)
+    count as changed, as that apply will find them. Read-only: `plan` records nothing."""
+    return replace(context, deployment=context.deployment or "0" * 16, read_only=True)
 
 
 def pending_work(

@@ -54,6 +54,9 @@ class RenderContext:
     the directories it needs in its repository only relative to its root's folder (`tree_path`),
     so that it applies from another clone, user or install the same (a committed tree naming
     `/home/me/.venv/bin/python` failed everywhere else, and two installs rendered two trees).
+    `read_only`: the render is only looked at (`plan` telling pending work), so a cloud records
+    nothing of this machine's (the local cloud adopts no replica of a moved state dir: `plan`
+    writes nothing, and may run as an account that could not).
     """
 
     state_dir: Path
@@ -62,6 +65,7 @@ class RenderContext:
     pythonpath: str
     deployment: str | None = None
     tree_dir: Path | None = None
+    read_only: bool = False
 
     def portable_path(self, path: Path, cloud: str, region: str) -> str:
         """`path` as a root of this tree should name it: absolute for the state's own tree; for a

@@ -213,6 +213,27 @@ def master_conf(pid: int) -> Path | None:
     return Path(found.group(1)) if found else None
 
 
+def listens_on(pid: int, port: int) -> bool:
+    """Whether process `pid` holds a TCP socket listening on `port` (any address; its network
+    namespace's /proc/<pid>/net/tcp and tcp6, and its descriptors); False when it cannot be told."""
+    inodes = set(socket_fds(pid))
+    if not inodes:
+        return False
+    for name in ("tcp", "tcp6"):
+        try:
+            lines = (_PROC / str(pid) / "net" / name).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if len(fields) < 10 or fields[3] != "0A":  # LISTEN
+                continue
+            with contextlib.suppress(ValueError, IndexError):
+                if int(fields[1].rsplit(":", 1)[1], 16) == port and int(fields[9]) in inodes:
+                    return True
+    return False
+
+
 def masters_of(conf: Path) -> list[int]:
     """Live nginx masters started with `conf`, found by their command line: what a router whose
     pid file is gone (its folder deleted under it, `rm -rf router/`) is still known by."""

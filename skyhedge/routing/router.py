@@ -201,15 +201,21 @@ class Router:
     def _moved_router(self) -> tuple[int, Path] | None:
         """(pid, its state dir) of the router this state dir had before it was moved: the live nginx
         master its pid file names, started from the router folder of another path that no longer
-        records it (gone: `mv`; or holding another pid file). Why: that nginx holds the service
-        port with a config at a path that is gone, and could neither be reloaded (it re-reads its
-        config from there) nor was recognised: every `up` and watcher pass failed on "Address
-        already in use", with the router serving the old upstreams for good. It is replaced (`_start`).
+        records it (gone: `mv`; or holding another pid file), listening on our service port. Why:
+        that nginx holds the service port with a config at a path that is gone, and could neither
+        be reloaded (it re-reads its config from there) nor was recognised: every `up` and watcher
+        pass failed on "Address already in use", with the router serving the old upstreams for
+        good. It is replaced (`_start`).
         A RoutingError when it is the running router of a state dir this one is a copy of (`cp -a`),
         which must not be touched: the two would route one service."""
         pid = nginx.read_pid(self.paths.pid)
         conf = None if pid is None else nginx.master_conf(pid)
         if pid is None or conf is None or conf == self.paths.conf or (home := _router_home(conf)) is None:
+            return None
+        if not nginx.listens_on(pid, self.spec.service.port):
+            # not in our way, and not ours: a pid our router had, taken since (a `kill -9`, a
+            # reboot) by another service's router on its own port. Taken for ours, it had this
+            # state dir refused as "a copy" of that one's, or (that one's pid file deleted) stopped
             return None
         if nginx.read_pid(conf.parent.parent / "nginx.pid") == pid:
             raise RoutingError(

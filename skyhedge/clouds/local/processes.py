@@ -442,8 +442,10 @@ def ownership(runtime_dir: Path) -> Ownership:
         owner = owner_of(proc)
         if owner is None or owner == mine:
             continue
-        with contextlib.suppress(OSError):  # (resolves to this very folder: a link to it)
-            if str(Path(owner).resolve()) == mine:
+        with contextlib.suppress(OSError):  # this very folder under another name: a link to it, or
+            # a bind mount (`/mnt/x` bound to `/data`), which no resolve() sees through: its pid
+            # files are these very files, and this state dir was refused as "a copy" of itself
+            if os.path.samefile(owner, runtime_dir):
                 continue
         theirs = read_pidfile(Path(owner), proc.id)
         if theirs is not None and (theirs.pid, theirs.starttime) == (proc.pid, proc.starttime):
@@ -592,15 +594,18 @@ def foreign_listeners(runtime_dir: Path, ports: Mapping[str, int]) -> dict[str, 
     # A replica's own process, as its pid file here records it, is ours whatever its marker says:
     # one launched before the state dir was moved carries the old path (`ownership`), and was
     # judged another service's replica holding our port (GONE, replaced) as soon as it was not
-    # READY (a probe failing once)
-    recorded = {
-        rid: proc.pgid for rid in ports if (proc := read_pidfile(runtime_dir, rid)) and is_running(proc)
-    }
+    # READY (a probe failing once). So is a process carrying the marker its recorded process
+    # carries (that old path): a server's worker in a process group of its own (setsid) binds the
+    # port for it, and was judged "r-0001 of <old path>" after every move
+    recorded = {rid: proc for rid in ports if (proc := read_pidfile(runtime_dir, rid)) and is_running(proc)}
     out: dict[str, str] = {}
     for rid, port in ports.items():
         holders = {who for inode in held.get(port, ()) for who in owners.get(inode, ())}
-        if rid in recorded and any(recorded[rid] in groups.get(inode, ()) for inode in held.get(port, ())):
-            continue
+        if (proc := recorded.get(rid)) is not None:
+            if any(proc.pgid in groups.get(inode, ()) for inode in held.get(port, ())):
+                continue
+            if (_environ(proc.pid).get(RUNTIME_ENV), rid) in holders:
+                continue
         if holders and (mine, rid) not in holders:
             runtime, other = min(holders)
             out[rid] = f"{other} of {'this service' if runtime == mine else runtime}"
@@ -622,6 +627,18 @@ def _alive(pids: list[int], pgid: int | None, leader: LocalProcess | None) -> bo
     return any(proc_starttime(p) is not None for p in pids)
 
 
+def _strays(runtime_dir: Path, replica_id: str, leader: LocalProcess | None) -> list[int]:
+    """The processes carrying `replica_id`'s markers: this runtime dir's and, for a replica
+    launched under the path a moved state dir had (`adopt`), its leader's. Why: a worker in a
+    session of its own (setsid) or what `run.setup` left in the background carries the old path,
+    and outlived the replica's stop after every move (holding its port, and a GPU's memory)."""
+    found = set(find_processes(runtime_dir, replica_id))
+    marker = None if leader is None else _environ(leader.pid).get(RUNTIME_ENV)
+    if marker is not None and marker != str(Path(runtime_dir).resolve()):
+        found.update(pid for pid, env in _marked(Path(marker)) if env.get(REPLICA_ENV) == replica_id)
+    return sorted(found)
+
+
 def stop_replica(runtime_dir: Path, replica_id: str, *, grace: float = 10.0) -> bool:
     """Stop a replica: SIGTERM its process group (and strays carrying its ID), SIGKILL after `grace`.
 
@@ -631,7 +648,7 @@ def stop_replica(runtime_dir: Path, replica_id: str, *, grace: float = 10.0) -> 
     if leader is not None and not is_running(leader):
         leader = None
     pgid = leader.pgid if leader is not None else None
-    strays = find_processes(runtime_dir, replica_id)
+    strays = _strays(runtime_dir, replica_id, leader)
     if leader is None and not strays:
         _unlink_at(runtime_dir, [f"{replica_id}.json"])
         return False
@@ -645,7 +662,7 @@ def stop_replica(runtime_dir: Path, replica_id: str, *, grace: float = 10.0) -> 
     while _alive(strays, pgid, leader) and time.monotonic() < deadline:
         time.sleep(0.05)
     if _alive(strays, pgid, leader):
-        _signal(strays + find_processes(runtime_dir, replica_id), pgid, signal.SIGKILL)
+        _signal(strays + _strays(runtime_dir, replica_id, leader), pgid, signal.SIGKILL)
         deadline = time.monotonic() + 5.0
         while _alive(strays, pgid, leader) and time.monotonic() < deadline:
             time.sleep(0.05)

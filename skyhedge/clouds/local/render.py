@@ -55,7 +55,7 @@ class LocalCloud:
                 f"{spec.source}: run.command: the local cloud runs a command (run.image needs a VM cloud)"
             )
         if context.tree_dir is None:  # the state's own tree: its replicas are processes of this machine
-            claim_replicas(runtime_dir(context.state_dir))
+            claim_replicas(runtime_dir(context.state_dir), record=not context.read_only)
         reps = {
             r.id: {
                 "zone": r.location.zone,
@@ -91,7 +91,7 @@ class LocalCloud:
         }
 
 
-def claim_replicas(runtime: Path) -> list[str]:
+def claim_replicas(runtime: Path, *, record: bool = True) -> list[str]:
     """Make sure the replica processes recorded under `runtime` are this state dir's to manage,
     before its Terraform runs; returns the IDs adopted.
 
@@ -102,6 +102,8 @@ def claim_replicas(runtime: Path) -> list[str]:
     next to it) is refused in one line: two state dirs applying would each stop, replace and
     route the same replicas as their own (the copy's plan stopping the original's, the original
     then launching them again). The process's recorded state dir decides (`processes.ownership`).
+    Without `record` (`plan`, which writes nothing) a copy is refused the same, and the replicas
+    a move left are only named: the apply that follows adopts them.
     """
     try:
         found = ownership(runtime)
@@ -118,6 +120,8 @@ def claim_replicas(runtime: Path) -> list[str]:
         )
     if not found.moved:
         return []
+    if not record:
+        return sorted(p.id for p in found.moved)
     try:
         ids = adopt(runtime, found.moved)
     except OSError as exc:
