@@ -24,6 +24,8 @@ import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+from skyhedge._procnet import LISTEN, local_port, tcp_rows
+from skyhedge._procnet import socket_fds as listed_socket_fds
 from skyhedge.errors import RoutingError
 from skyhedge.routing.config import RouterPaths
 
@@ -219,18 +221,10 @@ def listens_on(pid: int, port: int) -> bool:
     inodes = set(socket_fds(pid))
     if not inodes:
         return False
-    for name in ("tcp", "tcp6"):
-        try:
-            lines = (_PROC / str(pid) / "net" / name).read_text().splitlines()[1:]
-        except OSError:
-            continue
-        for line in lines:
-            fields = line.split()
-            if len(fields) < 10 or fields[3] != "0A":  # LISTEN
-                continue
-            with contextlib.suppress(ValueError, IndexError):
-                if int(fields[1].rsplit(":", 1)[1], 16) == port and int(fields[9]) in inodes:
-                    return True
+    for fields in tcp_rows(_PROC / str(pid) / "net"):
+        with contextlib.suppress(ValueError, IndexError):
+            if fields[3] == LISTEN and local_port(fields) == port and int(fields[9]) in inodes:
+                return True
     return False
 
 
@@ -369,15 +363,8 @@ def tcp_peers(pid: int) -> dict[int, tuple[str, int]]:
     """Socket inode -> (peer address, peer port) of the TCP connections in `pid`'s network
     namespace (/proc/<pid>/net/tcp and tcp6), listening sockets left out."""
     out: dict[int, tuple[str, int]] = {}
-    for name in ("tcp", "tcp6"):
-        try:
-            lines = (_PROC / str(pid) / "net" / name).read_text().splitlines()[1:]
-        except OSError:
-            continue
-        for line in lines:
-            fields = line.split()
-            if len(fields) < 10 or fields[3] in _NO_PEER_STATES:
-                continue
+    for fields in tcp_rows(_PROC / str(pid) / "net"):
+        if fields[3] not in _NO_PEER_STATES:
             with contextlib.suppress(ValueError):
                 out[int(fields[9])] = _peer(fields[2])
     return out
@@ -392,16 +379,8 @@ def socket_fds(pid: int) -> dict[int, int]:
 
 
 def _listed_socket_fds(pid: int) -> dict[int, int]:
-    """`socket_fds`, raising the OSError that listing /proc/<pid>/fd met (ENOENT: gone; EACCES:
-    not ours to look into, e.g. a process made not dumpable by a file capability)."""
-    out: dict[int, int] = {}
-    entries = list((_PROC / str(pid) / "fd").iterdir())
-    for entry in entries:
-        with contextlib.suppress(OSError, ValueError):
-            target = os.readlink(entry)
-            if target.startswith("socket:["):
-                out[int(target[8:-1])] = int(entry.name)
-    return out
+    """`socket_fds`, raising the OSError that listing /proc/<pid>/fd met."""
+    return listed_socket_fds(_PROC / str(pid))
 
 
 def borrow_fd(pid: int, fd: int) -> int:

@@ -28,6 +28,8 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import IO
 
+from skyhedge._procnet import LISTEN, local_port, socket_fds, tcp_rows
+
 REPLICAS_SUBDIR = "replicas"
 RUNTIME_ENV = "SKYHEDGE_LOCAL_RUNTIME"
 REPLICA_ENV = "SKYHEDGE_REPLICA_ID"
@@ -515,44 +517,24 @@ def find_processes(runtime_dir: Path, replica_id: str | None = None) -> list[int
     )
 
 
-#: /proc/net/tcp's state of a listening socket.
-_LISTEN = "0A"
-
-
 def listening_sockets(ports: Iterable[int]) -> dict[int, set[int]]:
     """Port -> inodes of the TCP sockets listening on it (on any address, IPv4 or IPv6) in this
     network namespace, for the `ports` asked about (/proc/net/tcp and tcp6; empty without them)."""
     wanted = set(ports)
     found: dict[int, set[int]] = {}
-    for name in ("tcp", "tcp6"):
-        try:
-            lines = Path(f"/proc/net/{name}").read_text(encoding="ascii", errors="replace").splitlines()[1:]
-        except OSError:
-            continue
-        for line in lines:
-            fields = line.split()
-            if len(fields) < 10 or fields[3] != _LISTEN:
-                continue
-            with contextlib.suppress(ValueError, IndexError):
-                port, inode = int(fields[1].rsplit(":", 1)[1], 16), int(fields[9])
-                if port in wanted:
-                    found.setdefault(port, set()).add(inode)
+    for fields in tcp_rows(Path("/proc/net")):
+        with contextlib.suppress(ValueError, IndexError):
+            if fields[3] == LISTEN and (port := local_port(fields)) in wanted:
+                found.setdefault(port, set()).add(int(fields[9]))
     return found
 
 
 def _socket_inodes(pid: int) -> set[int]:
     """The inodes of the sockets process `pid` holds open (empty when it cannot be read)."""
-    inodes: set[int] = set()
     try:
-        entries = os.listdir(f"/proc/{pid}/fd")
+        return set(socket_fds(Path(f"/proc/{pid}")))
     except OSError:
-        return inodes
-    for fd in entries:
-        with contextlib.suppress(OSError, ValueError):
-            target = os.readlink(f"/proc/{pid}/fd/{fd}")
-            if target.startswith("socket:["):
-                inodes.add(int(target[8:-1]))
-    return inodes
+        return set()
 
 
 def foreign_listeners(runtime_dir: Path, ports: Mapping[str, int]) -> dict[str, str]:
