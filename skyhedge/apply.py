@@ -70,7 +70,13 @@ from skyhedge.leftovers import (
 from skyhedge.planner import CREATE, DELETE, KEEP, Plan, PlannedReplica
 from skyhedge.policy.types import EventKind, Location, Market, ZoneEvent
 from skyhedge.probe import probe_workers
-from skyhedge.probe_store import earlier_probes, earlier_revision
+from skyhedge.probe_store import (
+    EARLIER_PROBES_KEY,
+    PROBE_KEY,
+    AppliedProbes,
+    applied_probes,
+    earlier_revision,
+)
 from skyhedge.render import RenderedRoot, RenderedTree, render_tree, restore_tree, snapshot_tree, write_tree
 from skyhedge.service import (
     GITOPS_KEY,
@@ -333,6 +339,9 @@ class ApplyReport:
     errors: list[EngineError] = field(default_factory=list)
     ready: list[str] = field(default_factory=list)
     not_ready: list[str] = field(default_factory=list)
+    #: how long `not_ready` were waited on (seconds): the longest `initial_delay_seconds` of the
+    #: probes of the replicas waited on, a kept probe's among them (not always the spec's)
+    not_ready_after: float | None = None
     # replicas whose process died while the apply waited for them to be READY (local: recorded
     # gone at once, rather than waited on for the rest of the probe's initial delay)
     exited: list[str] = field(default_factory=list)
@@ -522,7 +531,7 @@ def _readiness_of(
     spec: ServiceSpec, earlier: Mapping[str, ReadinessProbe] | None
 ) -> Callable[[ReplicaRecord], ReadinessProbe]:
     """Each replica's readiness probe: the spec's, but an outdated replica's is the one of the
-    spec it was launched under when one is kept (`earlier`: `probe_store.earlier_probes`), as the
+    spec it was launched under when one is kept (`earlier`: `probe_store.applied_probes`), as the
     watcher chooses (`earlier_revision`). Probed with the spec's (the new version's health path),
     the replicas still serving the old version failed it mid rolling update."""
     kept = earlier or {}
@@ -550,6 +559,21 @@ def _probe_each(
     return list(pool.map(one, records))
 
 
+def _waited_on(state: ServiceState) -> list[ReplicaRecord]:
+    """The replicas `wait_ready` waits on: live, with an endpoint, not READY yet, not released."""
+    return [r for r in state.live() if r.endpoint and r.ready_at is None and not r.draining]
+
+
+def readiness_wait(
+    spec: ServiceSpec, state: ServiceState, earlier: Mapping[str, ReadinessProbe] | None = None
+) -> float:
+    """How long `wait_ready` waits by default: the longest `initial_delay_seconds` of the probes
+    of the replicas it waits on (an outdated one's is its kept probe's, `earlier`). `apply` says
+    it in its "not ready after Ns" line, which showed the spec's delay when a longer one applied."""
+    readiness = _readiness_of(spec, earlier)
+    return float(max((readiness(r).initial_delay_seconds for r in _waited_on(state)), default=0))
+
+
 def wait_ready(
     spec: ServiceSpec,
     state: ServiceState,
@@ -574,9 +598,8 @@ def wait_ready(
     another service's replica took passed by that one's answer (`foreign_listeners`)."""
     probe = probe or _probe_fn()
     readiness = _readiness_of(spec, earlier)
-    pending = {r.id: r for r in state.live() if r.endpoint and r.ready_at is None and not r.draining}
-    delay = max((readiness(r).initial_delay_seconds for r in pending.values()), default=0)
-    limit = float(delay if timeout is None else timeout)
+    pending = {r.id: r for r in _waited_on(state)}
+    limit = readiness_wait(spec, state, earlier) if timeout is None else float(timeout)
     deadline = time.monotonic() + limit
     ready: list[str] = []
     checked = time.monotonic()  # (the launch itself just checked the processes' first moments)
@@ -828,11 +851,14 @@ def apply_service(
             say(f"{', '.join(reopened)}: deletes a killed run left unfinished; the plan decides again")
         for note in notice_dead_local_replicas(state, ws.state_dir, clock()):
             say(note)
-        # the probes of the outdated replicas a watcher kept (mid rolling update): probed with
-        # the spec's, they failed it (an earlier health path)
-        earlier, problem = earlier_probes(ws.state_dir, state, spec) if wait else ({}, None)
-        if problem:
-            report.warnings.append(problem)
+        # the probes of the outdated replicas (mid rolling update), kept by a watcher or an earlier
+        # apply: probed with the spec's, they failed it (an earlier health path). And the probe
+        # this apply moves away from, kept for them as a watcher's reload keeps it: recorded with
+        # the first step that goes ahead (`_Step.converge`), for later applies and watchers
+        probes = applied_probes(ws.state_dir, state, spec)
+        earlier = probes.probes if wait else {}
+        if probes.warning and wait:
+            report.warnings.append(probes.warning)
         # recorded by an earlier run that failed or was killed, never saved by Terraform: did EC2
         # launch them all the same?
         # (Terraform may have saved them though: a kill -9 of skyhedge alone, or a SIGTERM, after
@@ -851,7 +877,9 @@ def apply_service(
         asking = confirm  # until a step that changes something has been confirmed
         steps_left: int | None = None  # two per outdated replica: one launches, one releases
         while True:
-            step = _Step(spec, ws, engine, placement, state, report, on_event, say, clock, policy_name)
+            step = _Step(
+                spec, ws, engine, placement, state, report, on_event, say, clock, policy_name, probes
+            )
             before = (len(report.created), len(report.deleted))
             try:
                 converged = step.converge(asking, max_rounds, route)
@@ -884,9 +912,13 @@ def apply_service(
                     return lines
 
                 report.exited, report.preempted = [], []
-                ready, not_ready = wait_ready(spec, state, clock=clock, died=died, earlier=earlier)
+                limit = readiness_wait(spec, state, earlier)  # (a kept probe's delay may be longer)
+                ready, not_ready = wait_ready(
+                    spec, state, clock=clock, timeout=limit, died=died, earlier=earlier
+                )
                 report.ready = sorted({*report.ready, *ready} - set(not_ready))
                 report.not_ready = not_ready
+                report.not_ready_after = limit if not_ready else None
                 save_state(ws.state_dir, state)
             if route:
                 if report.errors and (kept := reopen_unfinished_deletes(state)):
@@ -925,6 +957,10 @@ def apply_service(
             say(f"rolling update: {len(outdated)} outdated replica(s) left")
         live = {r.id for r in state.live()}
         report.ready = [rid for rid in report.ready if rid in live]  # not ones released since
+        named = {k: state.extra.get(k) for k in (EARLIER_PROBES_KEY, PROBE_KEY)}
+        probes.keep(state, spec)  # the probes of revisions released by the last step go
+        if named != {k: state.extra.get(k) for k in (EARLIER_PROBES_KEY, PROBE_KEY)}:
+            save_state(ws.state_dir, state)
         if outdated:
             report.notes.append(
                 f"{len(outdated)} replica(s) still run an older spec or outside the placement "
@@ -995,6 +1031,9 @@ class _Step:
     say: Say
     clock: Clock
     policy_name: str | None
+    #: the readiness probes this apply keeps (`probe_store.applied_probes`), recorded before the
+    #: state is first saved: a declined plan records nothing
+    probes: AppliedProbes | None = None
 
     asked: bool = False  # the confirmation was shown (and accepted)
     #: replicas whose create a cloud's `clear_before_apply` found blocked (their error says why)
@@ -1049,6 +1088,8 @@ class _Step:
                     self.asked = True
                     plan_files = {name: str(ws.plan_file(*_root_key(name))) for name in previews}
             record_plan(state, plan, memory, self.placement, now)
+            if self.probes is not None:
+                self.probes.keep(state, spec)  # (the probes file first, then state.json)
             save_state(ws.state_dir, state)
             report.rounds += 1
             if not changed:

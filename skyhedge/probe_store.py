@@ -13,10 +13,15 @@ to the state.json beside it (lost, restored from another time, edited) is found 
 not match the digests, and the watcher falls back to the spec's probe with one warning line.
 
 Which probe a replica is probed with is chosen here too (`earlier_revision`), for the watcher and
-for the commands that probe replicas without it (`apply`, `routing reload|up --probe`), which read
-the kept probes (`earlier_probes`) and never write them: mid rolling update they probed every
-replica with the spec's probe, which the outdated ones (an earlier health path) failed, and took
-them out of the router (every replica, while the replacements were still booting: an outage).
+for the commands that probe replicas without it (`apply`, `routing reload|up --probe`): mid rolling
+update they probed every replica with the spec's probe, which the outdated ones (an earlier health
+path) failed, and took them out of the router (every replica, while the replacements were still
+booting: an outage). `routing` only reads the kept probes (`earlier_probes`). The two writers are
+the watcher (at a spec reload, `Controller.reconfigure`) and `apply` (`applied_probes`), each
+holding the state dir's writer lock, through the same `ProbeStore.keep` / `ProbeStore.name` and
+the same choice of which revisions take the outgoing probe (`outgoing_revisions`): with no
+watcher, `apply` of v1 then of v2 (a new health path) recorded nothing, and the v2 apply's
+rolling update stopped after its first step, the v1 replicas failing the v2 probe.
 """
 
 from __future__ import annotations
@@ -26,14 +31,27 @@ import hashlib
 import hmac
 import json
 import secrets
-from collections.abc import Container, Iterable, Mapping
+from collections.abc import Container, Iterable, Mapping, MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
 from skyhedge.errors import SkyhedgeError, SpecError
-from skyhedge.spec import ReadinessProbe, ServiceSpec, parse_readiness_probe, replica_revision
-from skyhedge.state import STATE_FILE, ReplicaRecord, ServiceState, atomic_write_bytes, private_dir
+from skyhedge.spec import (
+    ReadinessProbe,
+    ServiceSpec,
+    parse_readiness_probe,
+    readiness_probe_json,
+    replica_revision,
+)
+from skyhedge.state import (
+    STATE_FILE,
+    ReplicaRecord,
+    ServiceState,
+    atomic_write_bytes,
+    private_dir,
+    unwritable,
+)
 
 #: Under the state dir's private directory (`tf/`, with the `run.env` values).
 PROBES_FILE = "probes.json"
@@ -126,8 +144,48 @@ class ProbeStore:
         atomic_write_bytes(self.path, text, mode=0o600)
         self._written = text
 
+    def keep(self, in_force: dict[str, Any] | None, earlier: Mapping[str, dict[str, Any]]) -> None:
+        """Write the probes a state names (`name`): the probe in force and the earlier ones. Called
+        before the state is saved: state.json never names a digest the file does not hold."""
+        self.write([*([in_force] if in_force else []), *earlier.values()])
+
+    def name(
+        self,
+        extra: MutableMapping[str, Any],
+        in_force: dict[str, Any] | None,
+        earlier: Mapping[str, dict[str, Any]],
+    ) -> None:
+        """Name the probes kept in a state's `extra`, as digests (`EARLIER_PROBES_KEY`, revision ->
+        digest; `PROBE_KEY`): none kept, no key (a state without them reads as before)."""
+        if earlier:
+            extra[EARLIER_PROBES_KEY] = {rev: self.digest(p) for rev, p in sorted(earlier.items())}
+        else:
+            extra.pop(EARLIER_PROBES_KEY, None)
+        if in_force is not None:
+            extra[PROBE_KEY] = self.digest(in_force)
+        else:
+            extra.pop(PROBE_KEY, None)
+
 
 R = TypeVar("R", bound=ReplicaRecord)
+
+
+def outgoing_revisions(
+    live: Iterable[ReplicaRecord], kept: Container[str], current: Mapping[str, str]
+) -> list[str]:
+    """The revisions that take the outgoing probe when the probe in force changes (a spec reload,
+    a restart with an edited spec, an `apply` of a new version): those live replicas run that are
+    outdated (not `current`, cloud -> the spec's revision) and have no kept probe yet (`kept`:
+    one launched under a still earlier spec keeps its own). The choice of the watcher and of
+    `apply`: they must agree, or a watcher started after an apply probes the outdated replicas
+    with another probe than the apply did."""
+    return sorted(
+        {
+            rec.revision
+            for rec in live
+            if rec.revision is not None and rec.revision != current[rec.cloud] and rec.revision not in kept
+        }
+    )
 
 
 def earlier_revision(
@@ -238,10 +296,11 @@ def earlier_probes(
     state_dir: Path, state: ServiceState, spec: ServiceSpec
 ) -> tuple[dict[str, ReadinessProbe], str | None]:
     """The kept probes of the outdated replicas live in `state` (revision -> probe), for a command
-    that probes replicas while no watcher runs (`apply`, `routing reload|up --probe`: each holds
-    the writer lock a watcher would need), and what was wrong, as one warning line (None:
-    nothing). Read only: the probes file is the watcher's to keep, and a revision no live
-    outdated replica runs is not looked up (no warning about a probe nobody needs)."""
+    that probes replicas while no watcher runs (`routing reload|up --probe`: it holds the writer
+    lock a watcher would need), and what was wrong, as one warning line (None: nothing). Read
+    only: the probes file is the watcher's and `apply`'s to keep (`applied_probes`), and a
+    revision no live outdated replica runs is not looked up (no warning about a probe nobody
+    needs)."""
     raw = state.extra.get(EARLIER_PROBES_KEY)
     if raw is None:
         return {}, None
@@ -253,3 +312,79 @@ def earlier_probes(
     found = read_kept(ProbeStore(state_dir), {EARLIER_PROBES_KEY: raw})
     warning = f"{'; '.join(found.problems)}: ignored: {FALLBACK}" if found.problems else None
     return found.earlier, warning
+
+
+@dataclass
+class AppliedProbes:
+    """The probes an `apply` keeps, as the watcher keeps them at a reload: `in_force`, the probe the
+    current revision's replicas are probed with (as JSON), and `earlier`, revision -> the probe
+    its outdated replicas were launched under (JSON; `probes`: the same, parsed, to probe them
+    with). `warning`: what was wrong with the probes the state named, as one line (None: nothing,
+    or nothing any live replica needs)."""
+
+    store: ProbeStore
+    in_force: dict[str, Any]
+    earlier: dict[str, dict[str, Any]] = field(default_factory=dict)
+    probes: dict[str, ReadinessProbe] = field(default_factory=dict)
+    warning: str | None = None
+
+    def keep(self, state: ServiceState, spec: ServiceSpec) -> None:
+        """Write the probes file, then name its probes in `state` (saved by the caller, which holds
+        the writer lock): a watcher, `routing --probe` or the next apply finds them there. A
+        revision no live outdated replica runs any more is dropped (released, or current again),
+        as the watcher drops it (`Controller._probers`)."""
+        _, wanted = by_probe(state.live(), self.earlier, spec)
+        self.earlier = {rev: p for rev, p in self.earlier.items() if rev in wanted}
+        self.probes = {rev: p for rev, p in self.probes.items() if rev in wanted}
+        try:
+            self.store.keep(self.in_force, self.earlier)
+        except OSError as exc:
+            raise unwritable(self.store.path.parent.parent, exc) from exc
+        self.store.name(state.extra, self.in_force, self.earlier)
+
+
+def applied_probes(state_dir: Path, state: ServiceState, spec: ServiceSpec) -> AppliedProbes:
+    """What `apply` of `spec` keeps (nothing is written here: `AppliedProbes.keep`, once the apply
+    goes ahead). The probes the state names are read back (`read_kept`); when the probe in force
+    before (`PROBE_KEY`) is not the spec's, the outdated replicas with no kept probe take it
+    (`outgoing_revisions`), exactly as at a watcher's reload. The spec's probe is the one in force
+    from now on, except while replicas of the spec's revision run that were probed with the one
+    before (a probe-only edit, or one a watcher refused and held): `apply` has not checked them
+    against it, so the state keeps naming the earlier one and a watcher checks it at its start
+    (`Controller._check_restart_probe`), as it would have without this apply.
+
+    A state from before probes were kept (no `PROBE_KEY`) has nothing to carry over: its outdated
+    replicas are probed with the spec's probe, as before; from this apply on, the spec's is
+    recorded. Only what some live replica needs is looked up (and warned about)."""
+    store = ProbeStore(state_dir)
+    spec_probe = readiness_probe_json(spec.readiness_probe)
+    out = AppliedProbes(store, spec_probe)
+    live = state.live()
+    current = {cloud: replica_revision(spec, cloud) for cloud in {r.cloud for r in live}}
+    raw, in_force = state.extra.get(EARLIER_PROBES_KEY), state.extra.get(PROBE_KEY)
+    if isinstance(raw, dict):
+        _, wanted = by_probe(live, raw, spec, current)
+        raw = {rev: value for rev, value in raw.items() if rev in wanted} or None
+    kept_revs = raw if isinstance(raw, dict) else {}
+    outgoing = outgoing_revisions(live, kept_revs, current)
+    ours = any(r.revision is not None and r.revision == current[r.cloud] for r in live)
+    lookup: dict[str, Any] = {}
+    if raw is not None:
+        lookup[EARLIER_PROBES_KEY] = raw
+    if in_force is not None and (outgoing or ours):
+        lookup[PROBE_KEY] = in_force
+    found = read_kept(store, lookup)
+    if not lookup:
+        store.read()  # (its key: the digests state.json names stay the same from apply to apply)
+    for rev, readiness in found.earlier.items():
+        out.earlier[rev], out.probes[rev] = readiness_probe_json(readiness), readiness
+    if found.before is not None:
+        was = readiness_probe_json(found.before)
+        if was != spec_probe:
+            for rev in outgoing_revisions(live, out.earlier, current):
+                out.earlier[rev], out.probes[rev] = was, found.before
+            if ours:
+                out.in_force = was
+    if found.problems and (raw is not None or outgoing):
+        out.warning = f"{'; '.join(found.problems)}: ignored: {FALLBACK}"
+    return out

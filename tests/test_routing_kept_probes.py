@@ -5,7 +5,9 @@ Mid rolling update from v1 (its model server answers /health) to v2 (`run` chang
 /v2/health), the watcher probes the v1 replicas with /health (`extra.earlier_probes`, the probes in
 the private `tf/probes.json`). `routing reload --probe` and `apply` probed every replica with the
 spec's /v2/health: the v1 replicas still serving failed it and left the router (every replica, an
-outage, while the v2 ones were still booting). Real local-echo replicas and a real nginx here.
+outage, while the v2 ones were still booting). And with no watcher at all, `apply` records the
+probe of the spec it applies as a watcher's reload does: `apply` of v1 then of v2 rolls every
+replica over. Real local-echo replicas and a real nginx here.
 """
 
 from __future__ import annotations
@@ -19,12 +21,21 @@ from pathlib import Path
 import pytest
 import yaml
 from click.testing import CliRunner
+from controller_fakes import Clock, clocked_controller
 from local_support import LocalService, make_service, spec_dict
 from routing_support import Fleet, complete, free_port, needs_nginx, record, teardown_router
 
-from skyhedge.apply import _not_answering, apply_service, wait_ready
+from skyhedge.apply import ApplyReport, _not_answering, apply_service, readiness_wait, wait_ready
 from skyhedge.cli import main
-from skyhedge.probe_store import EARLIER_PROBES_KEY, PROBES_FILE, ProbeStore, earlier_probes
+from skyhedge.probe_store import (
+    EARLIER_PROBES_KEY,
+    FALLBACK,
+    PROBE_KEY,
+    PROBES_FILE,
+    ProbeStore,
+    applied_probes,
+    earlier_probes,
+)
 from skyhedge.routing import Router
 from skyhedge.spec import load_spec, readiness_probe_json, replica_revision
 from skyhedge.state import ServiceState, load_state, save_state
@@ -189,14 +200,15 @@ def test_without_kept_probes_nothing_changes(mid_update):
     assert routed(state_dir) == ["r-0003"]
 
 
-#: A replica server whose health path is $HEALTH (the version it runs): 200 there, 404 elsewhere.
+#: A replica server whose health path is $HEALTH (the version it runs): 200 there and at /work
+#: (a request any version serves), 404 elsewhere.
 VERSIONED_SERVER = """
 import os
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
 class Handler(BaseHTTPRequestHandler):
     def do_GET(self):
-        self.send_response(200 if self.path == os.environ["HEALTH"] else 404)
+        self.send_response(200 if self.path in (os.environ["HEALTH"], "/work") else 404)
         self.send_header("Content-Length", "0")
         self.end_headers()
 
@@ -218,9 +230,13 @@ def local_svc(tmp_path: Path, monkeypatch) -> Iterator[LocalService]:
         service.cleanup()
 
 
-def write_version(svc: LocalService, health: str) -> Path:
+def write_version(svc: LocalService, health: str, router_port: int | None = None) -> Path:
+    """The spec of the version whose health path is `health` (its `run.env`: a new revision), two
+    replicas; routed by an nginx on `router_port` if given."""
     data = spec_dict(svc.name, svc.base_port, replicas=2, server=svc.server, env={"HEALTH": health})
     data["readiness_probe"]["path"] = health
+    if router_port is not None:
+        data["service"] = {"host": "127.0.0.1", "port": router_port}
     svc.spec_path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
     return svc.spec_path
 
@@ -247,3 +263,254 @@ def test_apply_mid_update_takes_the_whole_rolling_update_with_the_kept_probe(loc
     live = load_state(local_svc.state_dir, "kept").live()
     assert len(live) == 2 and {r.revision for r in live} == {replica_revision(v2, "local")}
     assert sorted(report.deleted) == sorted(first.ready)
+
+
+# -- `apply` keeps the probes it applies, as a watcher's reload does (no watcher at all here) -------
+
+
+@pytest.fixture
+def routed_svc(local_svc: LocalService) -> Iterator[tuple[LocalService, int]]:
+    """`local_svc` routed by a real nginx on a free port, taken down after the test."""
+    port = free_port()
+    try:
+        yield local_svc, port
+    finally:
+        with contextlib.suppress(Exception):
+            teardown_router(Router(load_spec(write_version(local_svc, "/health", port)), local_svc.state_dir))
+
+
+def kept_digest(state_dir: Path, spec) -> str:
+    """The digest state.json names for `spec`'s probe when the probes file holds it."""
+    store = ProbeStore(state_dir)
+    probes, problem = store.read()
+    digest = store.digest(readiness_probe_json(spec.readiness_probe))
+    assert problem is None and digest in probes, (problem, sorted(probes))
+    return digest
+
+
+def apply_cli(spec_path: Path, state_dir: Path, *args: str):
+    return CliRunner().invoke(
+        main, ["apply", str(spec_path), "--state-dir", str(state_dir), "--auto-approve", *args]
+    )
+
+
+class FleetWatch:
+    """What a client and an operator see while an apply runs: every 50 ms the READY replicas and
+    the routed ones as state.json records them, and one request through nginx (a new connection
+    each: the reload's closing of idle keep-alive connections is another matter)."""
+
+    def __init__(self, state_dir: Path, name: str) -> None:
+        self.state_dir, self.name = state_dir, name
+        self.ready: list[int] = []
+        self.routed: list[int] = []
+        self.answers: list[int | str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> FleetWatch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        import http.client
+
+        while not self._stop.wait(0.05):
+            state = load_state(self.state_dir, self.name)
+            live = state.live()
+            self.ready.append(
+                sum(r.ready_at is not None and r.not_ready_since is None and not r.draining for r in live)
+            )
+            router = state.router or {}
+            self.routed.append(len(router.get("upstreams") or []))
+            endpoint = router.get("endpoint")
+            if not endpoint:
+                continue
+            host, port = endpoint.removeprefix("http://").rsplit(":", 1)
+            conn = http.client.HTTPConnection(host, int(port), timeout=5)
+            try:
+                conn.request("GET", "/work")
+                self.answers.append(conn.getresponse().status)
+            except OSError as exc:
+                self.answers.append(type(exc).__name__)
+            finally:
+                conn.close()
+
+
+@pytest.mark.timeout(240)
+def test_apply_v1_then_v2_rolls_every_replica_over_never_below_min(routed_svc):
+    """No watcher ever runs: `apply` of v1 (/health), then `apply` of v2 (a new `run.env`, its
+    health path /v2/health). Before, nothing recorded v1's probe and the v2 apply stopped after
+    its first step ("r-0001, r-0002 no longer answer(s) the readiness probe", exit 1); now the v1
+    apply records it as the probe in force, the v2 apply keeps it for the v1 replicas (as a
+    watcher's reload does) and rolls them all over, never with fewer than 2 READY and routed
+    replicas, every request through nginx answered."""
+    svc, port = routed_svc
+    first = apply_cli(write_version(svc, "/health", port), svc.state_dir)
+    assert first.exit_code == 0, first.output
+    v2 = load_spec(write_version(svc, "/v2/health", port))
+    with FleetWatch(svc.state_dir, "kept") as seen:
+        result = apply_cli(svc.spec_path, svc.state_dir)
+    assert result.exit_code == 0, result.output
+    assert "stopped short" not in result.output and "warning:" not in result.output, result.output
+    live = load_state(svc.state_dir, "kept").live()
+    assert len(live) == 2 and {r.revision for r in live} == {replica_revision(v2, "local")}
+    assert min(seen.ready) >= 2 and min(seen.routed) >= 2, (seen.ready, seen.routed)
+    assert seen.answers and set(seen.answers) == {200}, seen.answers
+    # the v1 replicas released, their probe goes too: v2's alone is kept
+    after = load_state(svc.state_dir, "kept").extra
+    assert EARLIER_PROBES_KEY not in after
+    assert after[PROBE_KEY] == kept_digest(svc.state_dir, v2)
+
+
+@pytest.mark.timeout(240)
+def test_a_later_apply_and_a_watcher_find_what_an_apply_kept(routed_svc):
+    """`apply` of v2 with --no-rollout takes one step and leaves the v1 replicas serving, their
+    probe kept: `routing reload --probe` keeps them routed, a watcher started then reads the store
+    as it reads its own (the v1 probe for the v1 revision; the probe in force is the spec's, so no
+    "probe changed" check at its start, no warning), and a later `apply` finishes the update."""
+    svc, port = routed_svc
+    assert apply_cli(write_version(svc, "/health", port), svc.state_dir).exit_code == 0
+    v1, v2 = load_spec(svc.spec_path), load_spec(write_version(svc, "/v2/health", port))
+    step = apply_cli(svc.spec_path, svc.state_dir, "--no-rollout")
+    assert step.exit_code == 0, step.output
+    state = load_state(svc.state_dir, "kept")
+    v1_rev = replica_revision(v1, "local")
+    assert v1_rev in {r.revision for r in state.live()}
+    assert (svc.state_dir / "tf" / PROBES_FILE).stat().st_mode & 0o777 == 0o600
+
+    reload = run("routing", "reload", str(svc.spec_path), "--state-dir", str(svc.state_dir), "--probe")
+    assert reload.exit_code == 0 and "warning:" not in reload.output, reload.output
+    after = load_state(svc.state_dir, "kept")
+    assert after.router is not None and len(after.router["upstreams"]) == len(after.live()) == 3
+
+    clock = Clock()
+    ctl = clocked_controller(v2, svc.state_dir, clock)
+    assert ctl._earlier_probes == {v1_rev: readiness_probe_json(v1.readiness_probe)}
+    assert ctl._restart_probe is None and ctl.held_probe is None
+    assert [n.text for n in ctl.notes if "probe" in n.text] == []
+    assert ctl.state.extra[PROBE_KEY] == state.extra[PROBE_KEY]  # (the same store, the same key)
+
+    rest = apply_cli(svc.spec_path, svc.state_dir)
+    assert rest.exit_code == 0, rest.output
+    assert {r.revision for r in load_state(svc.state_dir, "kept").live()} == {replica_revision(v2, "local")}
+
+
+@pytest.mark.timeout(240)
+def test_a_state_from_before_the_store_stops_as_before_then_records(local_svc):
+    """A state written before probes were kept (no `extra.probe`, no probes file): nothing tells
+    v1's probe, so the v2 apply stops after its first step as it always did, with no warning
+    about a store it never had; from then on the spec's probe is recorded."""
+    v1 = load_spec(write_version(local_svc, "/health"))
+    assert apply_service(v1, local_svc.state_dir, route=False).ok
+    state = load_state(local_svc.state_dir, "kept")
+    del state.extra[PROBE_KEY]
+    save_state(local_svc.state_dir, state)
+    (local_svc.state_dir / "tf" / PROBES_FILE).unlink()
+    v2 = load_spec(write_version(local_svc, "/v2/health"))
+    report = apply_service(v2, local_svc.state_dir, route=False)
+    assert report.rollout_stopped is not None and "no longer answer" in report.rollout_stopped
+    assert report.warnings == []
+    extra = load_state(local_svc.state_dir, "kept").extra
+    assert EARLIER_PROBES_KEY not in extra
+    assert extra[PROBE_KEY] == kept_digest(local_svc.state_dir, v2)
+
+
+# -- what `apply` keeps, on states made by hand (no replica runs) -----------------------------------
+
+
+def kept_state(state_dir: Path, spec, revision: str) -> ServiceState:
+    """Two READY replicas of `revision` (nothing listens: nothing is probed here), `spec`'s probe
+    recorded as the one in force, as an apply or a watcher of `spec` leaves it."""
+    state = ServiceState(service="echo")
+    state.replicas = {
+        rid: record(rid, f"http://127.0.0.1:{free_port()}", revision=revision) for rid in ("r-0001", "r-0002")
+    }
+    store = ProbeStore(state_dir)
+    probe = readiness_probe_json(spec.readiness_probe)
+    store.keep(probe, {})
+    store.name(state.extra, probe, {})
+    save_state(state_dir, state)
+    return state
+
+
+def test_apply_of_a_new_version_keeps_the_outgoing_probe_for_the_outdated_replicas(tmp_path, write_spec):
+    """As at a watcher's reload: the v1 replicas keep /health, v2's /v2/health is in force."""
+    port = free_port()
+    v1, v2 = (
+        load_spec(write_spec(V1.format(port=port))),
+        load_spec(write_spec(V2.format(port=port), "v2.yaml")),
+    )
+    state = kept_state(tmp_path, v1, replica_revision(v1, "local"))
+    kept = applied_probes(tmp_path, state, v2)
+    assert kept.warning is None
+    assert kept.in_force == readiness_probe_json(v2.readiness_probe)
+    assert kept.earlier == {replica_revision(v1, "local"): readiness_probe_json(v1.readiness_probe)}
+    assert kept.probes[replica_revision(v1, "local")].path == "/health"
+
+
+def test_apply_of_a_probe_only_edit_leaves_the_check_to_a_watcher(tmp_path, write_spec):
+    """A probe-only edit (same revision): `apply` does not probe the READY replicas with it, so it
+    does not record it as checked; the probe they were probed with stays named, and a watcher
+    started later checks the spec's against them (`_check_restart_probe`), as without the apply."""
+    port = free_port()
+    v1 = load_spec(write_spec(V1.format(port=port)))
+    edited = load_spec(
+        write_spec(V1.format(port=port).replace("timeout_seconds: 2", "timeout_seconds: 3"), "e.yaml")
+    )
+    assert replica_revision(edited, "local") == replica_revision(v1, "local")
+    state = kept_state(tmp_path, v1, replica_revision(v1, "local"))
+    kept = applied_probes(tmp_path, state, edited)
+    assert kept.in_force == readiness_probe_json(v1.readiness_probe) and kept.earlier == {}
+    kept.keep(state, edited)
+    save_state(tmp_path, state)
+    ctl = clocked_controller(edited, tmp_path, Clock())
+    assert ctl._restart_probe is not None and ctl._restart_probe[1] == readiness_probe_json(
+        v1.readiness_probe
+    )
+
+
+def test_a_lost_probes_file_is_one_warning_only_when_an_outdated_replica_needs_it(tmp_path, write_spec):
+    """The probes file gone: the v2 apply cannot tell the v1 replicas' probe (one warning line, and
+    the spec's probe for them); a plain re-apply of v1 needs none (no warning), and records v1's."""
+    port = free_port()
+    v1, v2 = (
+        load_spec(write_spec(V1.format(port=port))),
+        load_spec(write_spec(V2.format(port=port), "v2.yaml")),
+    )
+    state = kept_state(tmp_path, v1, replica_revision(v1, "local"))
+    (tmp_path / "tf" / PROBES_FILE).unlink()
+    kept = applied_probes(tmp_path, state, v2)
+    assert kept.earlier == {} and kept.warning is not None
+    assert PROBES_FILE in kept.warning and "missing" in kept.warning and FALLBACK in kept.warning
+    again = applied_probes(tmp_path, state, v1)
+    assert again.warning is None and again.in_force == readiness_probe_json(v1.readiness_probe)
+
+
+def test_the_not_ready_line_says_how_long_they_were_waited_on(tmp_path, write_spec, monkeypatch):
+    """An outdated replica still loading is waited on as long as its kept probe says (600 s), not
+    the spec's 20 s: the wait (`readiness_wait`) and `apply`'s "not ready after Ns" line agree."""
+    port = free_port()
+    v1_text = V1.format(port=port).replace(
+        "timeout_seconds: 2", "timeout_seconds: 2, initial_delay_seconds: 600"
+    )
+    v2_text = V2.format(port=port).replace(
+        "timeout_seconds: 2", "timeout_seconds: 2, initial_delay_seconds: 20"
+    )
+    v1, v2 = load_spec(write_spec(v1_text)), load_spec(write_spec(v2_text, "v2.yaml"))
+    state = kept_state(tmp_path, v1, replica_revision(v1, "local"))
+    state.replicas["r-0002"].ready_at = None  # still loading
+    kept = applied_probes(tmp_path, state, v2)
+    assert readiness_wait(v2, state, kept.probes) == 600.0
+    assert readiness_wait(v2, state) == 20.0  # (no kept probe: the spec's)
+
+    import skyhedge.cli.apply as cli_apply
+
+    report = ApplyReport(not_ready=["r-0002"], not_ready_after=600.0)
+    monkeypatch.setattr(cli_apply, "apply_service", lambda *a, **kw: report)
+    result = CliRunner().invoke(main, ["apply", str(tmp_path / "v2.yaml"), "--state-dir", str(tmp_path)])
+    assert result.exit_code == 1
+    assert "not ready after 600s: r-0002" in result.output, result.output

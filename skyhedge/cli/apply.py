@@ -268,8 +268,12 @@ def apply(
         if report.preempted:
             why.append(f"preempted before READY: {', '.join(report.preempted)}")
         if report.not_ready:
-            delay = service.readiness_probe.initial_delay_seconds
-            why.append(f"not ready after {delay}s: {', '.join(report.not_ready)}")
+            # how long they were waited on: a kept probe's delay (an outdated replica's) may be
+            # longer than the spec's
+            delay = report.not_ready_after
+            if delay is None:
+                delay = float(service.readiness_probe.initial_delay_seconds)
+            why.append(f"not ready after {delay:g}s: {', '.join(report.not_ready)}")
         if failed := report.exited or report.not_ready:
             # local: the process's output; a cloud VM: its console, where the boot script's errors go
             hint = f"their logs: `{command_line('logs', spec, state_dir)} {shlex.quote(failed[0])}`"

@@ -67,12 +67,13 @@ from skyhedge.planner import CREATE, DELETE, KEEP, Plan, PlannedReplica
 from skyhedge.policy.base import clock_memory
 from skyhedge.policy.types import EventKind, Market, ReplicaStatus, ZoneEvent
 from skyhedge.probe_store import (  # (the keys re-exported: the watcher's tables)
-    EARLIER_PROBES_KEY,
+    EARLIER_PROBES_KEY,  # noqa: F401
     FALLBACK,
-    PROBE_KEY,
+    PROBE_KEY,  # noqa: F401
     ProbeStore,
     by_probe,
     earlier_revision,
+    outgoing_revisions,
     read_kept,
 )
 from skyhedge.service import (
@@ -523,14 +524,9 @@ class Controller:
             else:
                 was_prober, was = self.prober, readiness_probe_json(self.spec.readiness_probe)
             if was != readiness_probe_json(spec.readiness_probe):
-                for rec in live:
-                    if (
-                        rec.revision is not None
-                        and rec.revision != current[rec.cloud]
-                        and rec.revision not in self._earlier_probers
-                    ):
-                        self._earlier_probers[rec.revision] = was_prober
-                        self._earlier_probes[rec.revision] = was
+                for rev in outgoing_revisions(live, self._earlier_probers, current):  # (as `apply`)
+                    self._earlier_probers[rev] = was_prober
+                    self._earlier_probes[rev] = was
             # a revision current again (a spec reverted) is probed with the spec's probe
             self._earlier_probers = {
                 rev: p for rev, p in self._earlier_probers.items() if rev not in current.values()
@@ -651,7 +647,7 @@ class Controller:
         # the probes first: state.json never names a digest the probes file does not hold
         in_force = self._in_force()
         try:
-            self._probe_store.write([*([in_force] if in_force else []), *self._earlier_probes.values()])
+            self._probe_store.keep(in_force, self._earlier_probes)
         except OSError as exc:
             raise unwritable(self.state_dir, exc) from exc
         save_state(self.state_dir, self.state)
@@ -1560,10 +1556,9 @@ class Controller:
             if was != readiness_probe_json(self.spec.readiness_probe):
                 # as a reload would: outdated replicas keep the probe they were probed with, and the
                 # current revision's replicas are checked against the spec's (at the first probe)
-                for rec in live:
-                    if rec.revision not in (None, current[rec.cloud], *self._earlier_probers):
-                        self._earlier_probers[str(rec.revision)] = _http_prober(before)
-                        self._earlier_probes[str(rec.revision)] = was
+                for rev in outgoing_revisions(live, self._earlier_probers, current):
+                    self._earlier_probers[rev] = _http_prober(before)
+                    self._earlier_probes[rev] = was
                 self._restart_probe = (before, was)
         running = {r.revision for r in live} - set(current.values())
         self._earlier_probers = {r: p for r, p in self._earlier_probers.items() if r in running}
@@ -1629,16 +1624,7 @@ class Controller:
         self._earlier_probes = {
             rev: p for rev, p in self._earlier_probes.items() if rev in self._earlier_probers
         }
-        extra, digest = self.state.extra, self._probe_store.digest
-        if self._earlier_probes:
-            extra[EARLIER_PROBES_KEY] = {rev: digest(p) for rev, p in sorted(self._earlier_probes.items())}
-        else:
-            extra.pop(EARLIER_PROBES_KEY, None)
-        in_force = self._in_force()
-        if in_force is not None:
-            extra[PROBE_KEY] = digest(in_force)
-        else:
-            extra.pop(PROBE_KEY, None)
+        self._probe_store.name(self.state.extra, self._in_force(), self._earlier_probes)
 
     def _sever(self, endpoints: dict[str, str], now: float) -> None:
         """Close the router's connections to these endpoints (endpoint -> replica ID), replicas
