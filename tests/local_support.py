@@ -51,8 +51,22 @@ SERVER = textwrap.dedent(
 )
 
 
+def ephemeral_low() -> int:
+    """The first port the kernel hands out to outgoing connections (their local end): a replica
+    port picked at or above it can be taken between the check and the launch by any client of
+    127.0.0.1 (nginx to an upstream, a test's request, Terraform's provider), and the launch then
+    fails, "already in use by another process" (seen once in CI)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
+
+
 def free_base_port(count: int, *, low: int = 20000, high: int = 58000) -> int:
-    """A base port such that base+1 .. base+count are all free on 127.0.0.1 right now."""
+    """A base port such that base+1 .. base+count are all free on 127.0.0.1 right now, below the
+    ephemeral range when there is room there (`ephemeral_low`)."""
+    if ephemeral_low() - low > 4 * count:
+        high = min(high, ephemeral_low())
     rng = random.Random()
     for _ in range(200):
         base = rng.randrange(low, high - count)
