@@ -298,7 +298,9 @@ def earlier_probes(
     """The kept probes of the outdated replicas live in `state` (revision -> probe), for a command
     that probes replicas while no watcher runs (`routing reload|up --probe`: it holds the writer
     lock a watcher would need), and what was wrong, as one warning line (None: nothing). Read
-    only: the probes file is the watcher's and `apply`'s to keep (`applied_probes`), and a
+    only (an earlier release's probes held in `state` are moved to the file when the caller saves
+    it: `digest_inline_probes`): the probes file is the watcher's and `apply`'s to keep
+    (`applied_probes`), and a
     revision no live outdated replica runs is not looked up (no warning about a probe nobody
     needs)."""
     raw = state.extra.get(EARLIER_PROBES_KEY)
@@ -388,3 +390,27 @@ def applied_probes(state_dir: Path, state: ServiceState, spec: ServiceSpec) -> A
     if found.problems and (raw is not None or outgoing):
         out.warning = f"{'; '.join(found.problems)}: ignored: {FALLBACK}"
     return out
+
+
+def digest_inline_probes(state_dir: Path, state: ServiceState) -> None:
+    """Replace the probes an earlier release kept in `state` itself (`EARLIER_PROBES_KEY`:
+    revision -> the probe, its headers and `post_data` included) by their digests, the probes
+    written to the probes file first (with those it holds whose digest `state` names, still
+    matching). Called by `save_state`, the one writer of state.json, before each write.
+
+    Why there: only a watcher's write rewrote them, so after an upgrade run by `apply` alone
+    (`routing reload|up --probe`, `destroy`) every write put the token back into state.json (0644,
+    committed by `--gitops`) for as long as the revision ran. A value that is not a probe is left
+    for the reader's one warning line. Raises OSError when the probes file cannot be written
+    (state.json is then not written either: it would name a digest the file does not hold)."""
+    raw = state.extra.get(EARLIER_PROBES_KEY)
+    if not isinstance(raw, dict) or not any(isinstance(v, dict) for v in raw.values()):
+        return
+    store = ProbeStore(state_dir)
+    stored, _ = store.read()  # (a file not to be read gets a new key: what it held matches nothing)
+    named = {v for v in raw.values() if isinstance(v, str)} | {state.extra.get(PROBE_KEY)}
+    inline = [v for v in raw.values() if isinstance(v, dict)]
+    store.write([*(p for d, p in stored.items() if d in named), *inline])
+    state.extra[EARLIER_PROBES_KEY] = {
+        rev: store.digest(v) if isinstance(v, dict) else v for rev, v in raw.items()
+    }

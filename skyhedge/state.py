@@ -596,7 +596,15 @@ def unwritable(state_dir: Path, exc: OSError) -> StateError:
 
 def save_state(state_dir: Path, state: ServiceState) -> None:
     """Write `state` atomically; a state dir that refuses it (read-only, immutable, full, no
-    permission) raises `StateError`, and the previous state.json stays as it was."""
+    permission) raises `StateError`, and the previous state.json stays as it was. Probes an
+    earlier release kept in it (a token in their headers) are written as digests, the probes to
+    the private `tf/probes.json` (`probe_store.digest_inline_probes`), whichever command writes."""
+    from skyhedge.probe_store import digest_inline_probes  # (it imports this module)
+
+    try:
+        digest_inline_probes(state_dir, state)
+    except OSError as exc:
+        raise unwritable(state_dir, exc) from exc
     text = state_text(state)
     try:
         atomic_write_text(state_dir / STATE_FILE, text)

@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -37,8 +38,9 @@ from skyhedge.clouds.local.processes import (
     replicas_dir,
     write_pidfile,
 )
+from skyhedge.probe_store import EARLIER_PROBES_KEY, PROBE_KEY, ProbeStore
 from skyhedge.spec import load_spec
-from skyhedge.state import load_state
+from skyhedge.state import STATE_FILE, ServiceState, load_state, save_state
 
 FIXTURES = Path(__file__).parent / "data" / "upgrade"
 
@@ -201,3 +203,72 @@ def test_the_first_apply_after_an_upgrade_keeps_the_replicas_an_older_release_la
         spec, old_service.state_dir, route=False, wait=False, clock=lambda: fixture_time + 70
     )
     assert again.ok and again.applied_roots == []
+
+
+#: What a release before `tf/probes.json` (commit c1e790b) kept in state.json for the outdated
+#: replicas of a revision, when a reload changed the probe with the revision: the probe itself,
+#: its token included.
+TOKEN = "Bearer old-release-T0KEN"
+OLD_RELEASE_PROBE = {
+    "headers": {"Authorization": TOKEN},
+    "initial_delay_seconds": 10,
+    "path": "/health",
+    "post_data": None,
+    "timeout_seconds": 2,
+}
+
+
+def _with_old_release_probe(state_dir: Path, revision: str) -> None:
+    path = state_dir / STATE_FILE
+    data = json.loads(path.read_text(encoding="utf-8"))
+    data["extra"][EARLIER_PROBES_KEY] = {revision: OLD_RELEASE_PROBE}
+    path.write_text(json.dumps(data, indent=2), encoding="utf-8")
+
+
+def test_the_first_apply_after_an_upgrade_moves_a_kept_probes_token_out_of_state_json(old_service):
+    """An earlier release kept the probe (its `Authorization` token) in state.json, which the umask
+    makes 0644 and `--gitops` may commit. Only a watcher's write rewrote it as a digest: `apply`,
+    `routing reload|up --probe` and `destroy` wrote it back as they read it, and after an upgrade
+    run by `apply` alone the token stayed in state.json for as long as the revision ran."""
+    old_service.start_replicas()
+    spec = load_spec(old_service.write_spec())
+    _with_old_release_probe(old_service.state_dir, "0a6762250693")
+    fixture_time = max(r.launched_at for r in load_state(old_service.state_dir, "local-echo").live())
+
+    report = apply_service(
+        spec, old_service.state_dir, route=False, wait=False, clock=lambda: fixture_time + 60
+    )
+
+    assert report.ok, report.errors
+    text = (old_service.state_dir / STATE_FILE).read_text(encoding="utf-8")
+    assert "T0KEN" not in text
+    # no live replica runs that revision (these were recorded before revisions, so they run the
+    # current one): `apply` drops its probe, as a watcher does, instead of writing it back
+    assert "0a6762250693" not in json.loads(text)["extra"].get(EARLIER_PROBES_KEY, {})
+    store = ProbeStore(old_service.state_dir)
+    assert stat.S_IMODE(store.path.stat().st_mode) == 0o600
+
+
+def test_any_state_write_keeps_an_earlier_releases_probe_as_a_digest(tmp_path):
+    """The one writer of state.json (`save_state`: `apply`, `routing`, `destroy`, GitOps and the
+    watcher) never writes a probe back into it; probes the file kept already (the probe in force,
+    another revision's) still match their digests afterwards."""
+    state_dir = tmp_path / "state"
+    store = ProbeStore(state_dir)
+    in_force = {**OLD_RELEASE_PROBE, "path": "/v2/health", "headers": {"Authorization": "Bearer v2"}}
+    store.write([in_force])
+    state = ServiceState(service="echo")
+    state.extra[PROBE_KEY] = store.digest(in_force)
+    state.extra[EARLIER_PROBES_KEY] = {"rev-a": dict(OLD_RELEASE_PROBE), "rev-b": 3}
+
+    save_state(state_dir, state)
+
+    text = (state_dir / STATE_FILE).read_text(encoding="utf-8")
+    assert "T0KEN" not in text
+    saved = json.loads(text)["extra"]
+    assert saved[EARLIER_PROBES_KEY]["rev-b"] == 3  # not a probe: left for the reader's warning
+    probes, problem = ProbeStore(state_dir).read()
+    assert problem is None
+    assert probes[saved[EARLIER_PROBES_KEY]["rev-a"]] == OLD_RELEASE_PROBE
+    assert probes[saved[PROBE_KEY]] == in_force
+    assert stat.S_IMODE((state_dir / "tf" / "probes.json").stat().st_mode) == 0o600
