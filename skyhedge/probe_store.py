@@ -353,7 +353,10 @@ def applied_probes(state_dir: Path, state: ServiceState, spec: ServiceSpec) -> A
     from now on, except while replicas of the spec's revision run that were probed with the one
     before (a probe-only edit, or one a watcher refused and held): `apply` has not checked them
     against it, so the state keeps naming the earlier one and a watcher checks it at its start
-    (`Controller._check_restart_probe`), as it would have without this apply.
+    (`Controller._check_restart_probe`), as it would have without this apply. Replicas of a
+    revision that had a kept probe (current again: the spec reverted, e.g. after an update whose
+    launches failed) were probed with that one, not the one before: the spec's is in force, as
+    after a watcher's reload.
 
     A state from before probes were kept (no `PROBE_KEY`) has nothing to carry over: its outdated
     replicas are probed with the spec's probe, as before; from this apply on, the spec's is
@@ -364,12 +367,19 @@ def applied_probes(state_dir: Path, state: ServiceState, spec: ServiceSpec) -> A
     live = state.live()
     current = {cloud: replica_revision(spec, cloud) for cloud in {r.cloud for r in live}}
     raw, in_force = state.extra.get(EARLIER_PROBES_KEY), state.extra.get(PROBE_KEY)
+    table = raw if isinstance(raw, dict) else {}  # (before dropping the revisions no one needs)
     if isinstance(raw, dict):
         _, wanted = by_probe(live, raw, spec, current)
         raw = {rev: value for rev, value in raw.items() if rev in wanted} or None
     kept_revs = raw if isinstance(raw, dict) else {}
     outgoing = outgoing_revisions(live, kept_revs, current)
-    ours = any(r.revision is not None and r.revision == current[r.cloud] for r in live)
+    # replicas of the spec's revision that were probed with the probe in force: not those of a
+    # revision current again (the spec reverted), which were probed with their kept probe. Taken as
+    # ours, a failed update reverted by `apply` kept the failed version's probe in force, and its
+    # next apply kept none for the replicas it replaces (they failed its probe mid update)
+    ours = any(
+        r.revision is not None and r.revision == current[r.cloud] and r.revision not in table for r in live
+    )
     lookup: dict[str, Any] = {}
     if raw is not None:
         lookup[EARLIER_PROBES_KEY] = raw

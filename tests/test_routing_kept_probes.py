@@ -509,8 +509,69 @@ def test_the_not_ready_line_says_how_long_they_were_waited_on(tmp_path, write_sp
 
     import skyhedge.cli.apply as cli_apply
 
-    report = ApplyReport(not_ready=["r-0002"], not_ready_after=600.0)
-    monkeypatch.setattr(cli_apply, "apply_service", lambda *a, **kw: report)
-    result = CliRunner().invoke(main, ["apply", str(tmp_path / "v2.yaml"), "--state-dir", str(tmp_path)])
-    assert result.exit_code == 1
-    assert "not ready after 600s: r-0002" in result.output, result.output
+    for waited, said in ((600.0, "600s"), (1_000_000.0, "1000000s"), (2.5, "2.5s")):
+        report = ApplyReport(not_ready=["r-0002"], not_ready_after=waited)
+        monkeypatch.setattr(cli_apply, "apply_service", lambda *a, report=report, **kw: report)
+        result = CliRunner().invoke(main, ["apply", str(tmp_path / "v2.yaml"), "--state-dir", str(tmp_path)])
+        assert result.exit_code == 1
+        assert f"not ready after {said}: r-0002" in result.output, result.output
+
+
+def test_an_apply_reverting_a_failed_update_records_the_specs_probe_not_the_failed_ones(tmp_path, write_spec):
+    """`apply` of v2 whose launches all failed (Terraform's error: no v2 replica runs) recorded
+    v2's probe as the one in force and kept /health for the v1 replicas. Reverting to v1 with
+    `apply` then kept v2's probe named as in force, as if the v1 replicas had been probed with
+    it (they were probed with their kept /health), and dropped the kept one: a later `apply` of
+    v2 found its own probe in force, kept none for the v1 replicas, and probed them with
+    /v2/health, which they fail (the rolling update stops after its first step)."""
+    port = free_port()
+    v1, v2 = (
+        load_spec(write_spec(V1.format(port=port))),
+        load_spec(write_spec(V2.format(port=port), "v2.yaml")),
+    )
+    v1_rev = replica_revision(v1, "local")
+    state = kept_state(tmp_path, v1, v1_rev)
+    failed = applied_probes(tmp_path, state, v2)  # the v2 apply: recorded, then Terraform failed
+    failed.keep(state, v2)
+    save_state(tmp_path, state)
+    assert set(state.extra[EARLIER_PROBES_KEY]) == {v1_rev}
+
+    reverted = applied_probes(tmp_path, state, v1)
+    assert reverted.in_force == readiness_probe_json(v1.readiness_probe)
+    reverted.keep(state, v1)
+    save_state(tmp_path, state)
+
+    again = applied_probes(tmp_path, state, v2)
+    assert again.warning is None
+    assert again.probes[v1_rev].path == "/health"
+
+
+@pytest.mark.timeout(240)
+def test_a_failed_update_reverted_by_apply_leaves_the_next_apply_the_probe_to_keep(local_svc):
+    """No watcher: `apply` of v1 (/health); `apply` of a broken v2 (/v2/health, a command that
+    exits at once: Terraform's apply fails, the v1 replicas keep serving); `apply` of v1 again
+    (the revert). Before, the revert kept the broken version's probe named as the one in force,
+    as if the v1 replicas had been probed with it, so the next `apply` of a v2 with /v2/health saw
+    no probe change, kept none for the v1 replicas and asked them /v2/health: both "no longer
+    answer" (its rolling update stops after the first step). Now v1's probe is in force again,
+    and the v1 replicas are asked /health, which they answer."""
+    v1 = load_spec(write_version(local_svc, "/health"))
+    assert apply_service(v1, local_svc.state_dir, route=False).ok
+
+    write_version(local_svc, "/v2/health")
+    data = yaml.safe_load(local_svc.spec_path.read_text(encoding="utf-8"))
+    data["run"]["command"] = "exit 3"
+    local_svc.spec_path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    broken = apply_service(load_spec(local_svc.spec_path), local_svc.state_dir, route=False)
+    assert not broken.ok and "exited at once" in str(broken.errors[0])
+
+    assert apply_service(load_spec(write_version(local_svc, "/health")), local_svc.state_dir, route=False).ok
+    state = load_state(local_svc.state_dir, "kept")
+    assert state.extra[PROBE_KEY] == kept_digest(local_svc.state_dir, v1)
+
+    v2 = load_spec(write_version(local_svc, "/v2/health"))
+    kept = applied_probes(local_svc.state_dir, state, v2)
+    assert kept.probes[replica_revision(v1, "local")].path == "/health"
+    v1_ready = sorted(r.id for r in state.live() if r.revision == replica_revision(v1, "local"))
+    assert v1_ready == ["r-0001", "r-0002"]
+    assert _not_answering(v2, state, kept.probes) == []  # before: ['r-0001', 'r-0002']

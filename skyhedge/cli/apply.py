@@ -273,7 +273,9 @@ def apply(
             delay = report.not_ready_after
             if delay is None:
                 delay = float(service.readiness_probe.initial_delay_seconds)
-            why.append(f"not ready after {delay:g}s: {', '.join(report.not_ready)}")
+            # (whole seconds as the spec wrote them: `:g` alone made 1000000 "1e+06")
+            shown = str(int(delay)) if float(delay).is_integer() else f"{delay:g}"
+            why.append(f"not ready after {shown}s: {', '.join(report.not_ready)}")
         if failed := report.exited or report.not_ready:
             # local: the process's output; a cloud VM: its console, where the boot script's errors go
             hint = f"their logs: `{command_line('logs', spec, state_dir)} {shlex.quote(failed[0])}`"
