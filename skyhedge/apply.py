@@ -89,7 +89,7 @@ from skyhedge.service import (
     resolve_placement,
     set_gitops,
 )
-from skyhedge.spec import ReadinessProbe, ServiceSpec
+from skyhedge.spec import ReadinessProbe, ServiceSpec, revision_digests
 from skyhedge.state import (
     STATE_FILE,
     ReplicaRecord,
@@ -449,9 +449,18 @@ def record_plan(
 
 
 def absorb_result(
-    state: ServiceState, root: RenderedRoot, result: ApplyResult | None, now: float
+    state: ServiceState, root: RenderedRoot, result: ApplyResult | None, now: float, *, revision: str
 ) -> list[LaunchFailure]:
-    """Update the records of `root`'s replicas from one apply (complete, partial or failed)."""
+    """Update the records of `root`'s replicas from one apply (complete, partial or failed).
+
+    `revision` is the one the applied spec gives `root`'s replicas (`replica_revision(spec,
+    root.cloud)`): a replica Terraform (re)created here records it, whatever revision it had.
+    A root launches every replica with the spec it was rendered from (the local module's `run`,
+    a VM's user data), so a kept replica Terraform re-created under its ID (a launch of a failed
+    update left it tainted, a spot VM gone) runs that spec. Recorded under its old revision, the
+    launch of a broken update re-created by the `apply` reverting it stayed "outdated", probed
+    with the broken version's probe, never READY, and the next update's rolling step waited on
+    it for good: "3 replica(s) still run an older spec", nothing created."""
     tracked = _tracked(state)
     in_root = [rec for rec in state.replicas.values() if (rec.cloud, rec.region) == root.key]
     desired = set(root.replicas)
@@ -466,6 +475,7 @@ def absorb_result(
         return failures
     errors = {d.replica_id: d for d in result.errors if d.replica_id}
     done = {c.replica_id: c.action for c in result.completed if c.replica_id}
+    launched = {c.replica_id for c in result.completed if c.replica_id and c.action in {"create", "replace"}}
     outputs = (result.outputs or {}).get("replicas") or {}
     for rec in in_root:
         if rec.id in desired and rec.gone_at is None:
@@ -488,6 +498,8 @@ def absorb_result(
                     rec.provisioned_at = now
             elif done.get(rec.id) in {"create", "replace"} and rec.provisioned_at is None:
                 rec.provisioned_at = now  # created; the outputs could not be read back
+            if rec.id in launched:
+                rec.revision = revision
         elif rec.id not in desired:
             destroyed = result.ok or done.get(rec.id) == "delete"
             if rec.gone_at is None:
@@ -1129,7 +1141,9 @@ class _Step:
             report.warnings += freed.warnings
             self.blocked.update(freed.blocked)
             blocked = {**cleared.blocked, **freed.blocked}
-            round_failures = _absorb_round(report, state, changed, results, clock, blocked)
+            round_failures = _absorb_round(
+                report, state, changed, results, clock, revision_digests(spec), blocked
+            )
             if route:
                 # destroyed (a drain that timed out: requests still in flight) or replaced: a cloud
                 # VM gone sends no reset, and the readiness wait for new replicas may last minutes
@@ -1199,9 +1213,11 @@ def _absorb_round(
     roots: Sequence[RenderedRoot],
     results: Sequence[ApplyResult | Exception],
     clock: Clock,
+    revision: Callable[[str | None], str],
     blocked: dict[str, Blocked] | None = None,
 ) -> list[LaunchFailure]:
     """Record one round's per-root results in state and report; return its capacity refusals.
+    `revision`: the applied spec's `revision_digests` (what a replica launched here records).
     A replica's error `clear_before_apply` explained (`blocked`) is one error of its own, in
     those words (Terraform's text in its detail)."""
     failures: list[LaunchFailure] = []
@@ -1212,9 +1228,9 @@ def _absorb_round(
                 if isinstance(result, EngineError)
                 else EngineError(f"{root.path}: {result.__class__.__name__}: {result}", root=root.path)
             )
-            absorb_result(state, root, None, clock())
+            absorb_result(state, root, None, clock(), revision=revision(root.cloud))
             continue
-        refused = absorb_result(state, root, result, clock())
+        refused = absorb_result(state, root, result, clock(), revision=revision(root.cloud))
         failures += refused
         if root.path not in report.applied_roots:  # (once, over the rounds and steps of an apply)
             report.applied_roots.append(root.path)

@@ -241,6 +241,15 @@ def write_version(svc: LocalService, health: str, router_port: int | None = None
     return svc.spec_path
 
 
+def write_broken(svc: LocalService) -> Path:
+    """A broken v2 (/v2/health): its command exits 3 at once, so its launches fail."""
+    write_version(svc, "/v2/health")
+    data = yaml.safe_load(svc.spec_path.read_text(encoding="utf-8"))
+    data["run"]["command"] = "exit 3"
+    svc.spec_path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    return svc.spec_path
+
+
 @pytest.mark.timeout(180)
 def test_apply_mid_update_takes_the_whole_rolling_update_with_the_kept_probe(local_svc):
     """A watcher stopped mid update (v1 probe kept for the v1 revision), then `apply` of v2: it
@@ -558,11 +567,7 @@ def test_a_failed_update_reverted_by_apply_leaves_the_next_apply_the_probe_to_ke
     v1 = load_spec(write_version(local_svc, "/health"))
     assert apply_service(v1, local_svc.state_dir, route=False).ok
 
-    write_version(local_svc, "/v2/health")
-    data = yaml.safe_load(local_svc.spec_path.read_text(encoding="utf-8"))
-    data["run"]["command"] = "exit 3"
-    local_svc.spec_path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
-    broken = apply_service(load_spec(local_svc.spec_path), local_svc.state_dir, route=False)
+    broken = apply_service(load_spec(write_broken(local_svc)), local_svc.state_dir, route=False)
     assert not broken.ok and "exited at once" in str(broken.errors[0])
 
     assert apply_service(load_spec(write_version(local_svc, "/health")), local_svc.state_dir, route=False).ok
@@ -573,5 +578,36 @@ def test_a_failed_update_reverted_by_apply_leaves_the_next_apply_the_probe_to_ke
     kept = applied_probes(local_svc.state_dir, state, v2)
     assert kept.probes[replica_revision(v1, "local")].path == "/health"
     v1_ready = sorted(r.id for r in state.live() if r.revision == replica_revision(v1, "local"))
-    assert v1_ready == ["r-0001", "r-0002"]
+    assert v1_ready == ["r-0001", "r-0002", "r-0003"]  # r-0003: re-created by the revert, with v1
     assert _not_answering(v2, state, kept.probes) == []  # before: ['r-0001', 'r-0002']
+
+
+@pytest.mark.timeout(120)
+def test_the_failed_launch_an_apply_reverting_an_update_recreates_records_the_reverted_to_revision(local_svc):
+    """No watcher: `apply` of v1; `apply` of a broken v2 (its new r-0003 fails to launch, left
+    tainted, recorded under the broken revision); `apply` of v1 again, which re-creates r-0003
+    with v1's command. Before, r-0003 kept the broken revision in state.json: outdated, asked the
+    broken version's /v2/health, never READY, and the next `apply` of a (fixed) v2 created nothing
+    ("3 replica(s) still run an older spec"). Now it records v1's revision, is READY, and v2
+    rolls every replica over."""
+    v1 = load_spec(write_version(local_svc, "/health"))
+    assert apply_service(v1, local_svc.state_dir, route=False).ok
+    broken = load_spec(write_broken(local_svc))
+    assert not apply_service(broken, local_svc.state_dir, route=False).ok
+    launched = load_state(local_svc.state_dir, "kept").replicas["r-0003"]
+    assert launched.revision == replica_revision(broken, "local")  # what it failed to launch as
+
+    revert = apply_service(load_spec(write_version(local_svc, "/health")), local_svc.state_dir, route=False)
+    assert revert.ok and "r-0003" in revert.created, revert.errors
+    state = load_state(local_svc.state_dir, "kept")
+    assert {r.id: r.revision for r in state.live()} == dict.fromkeys(
+        ["r-0001", "r-0002", "r-0003"], replica_revision(v1, "local")
+    )  # before: r-0003 under the broken revision
+    assert "r-0003" in revert.ready and revert.notes == []
+
+    v2 = load_spec(write_version(local_svc, "/v2/health"))
+    report = apply_service(v2, local_svc.state_dir, route=False)
+    assert report.ok and report.rollout_stopped is None and report.notes == [], report.notes
+    assert sorted(report.deleted) == ["r-0001", "r-0002", "r-0003"]  # before: nothing created nor deleted
+    live = load_state(local_svc.state_dir, "kept").live()
+    assert len(live) == 2 and {r.revision for r in live} == {replica_revision(v2, "local")}

@@ -21,7 +21,7 @@ from skyhedge.leftovers import clear_before_apply, explained, free_taken_names
 from skyhedge.planner import Plan
 from skyhedge.render import RenderedRoot, render_tree
 from skyhedge.service import Placement, resolve_placement
-from skyhedge.spec import ServiceSpec
+from skyhedge.spec import ServiceSpec, revision_digests
 from skyhedge.state import ServiceState
 
 
@@ -74,14 +74,15 @@ class TerraformExecutor:
         refused: list[str] = []
         named: list[str] = []  # replicas an error names: their own launch failed
         detail: list[str] = []
+        revision = revision_digests(self.spec)  # what a replica launched here records
         for root, result in zip(changed, results, strict=True):
             if isinstance(result, BaseException):
                 err = result if isinstance(result, EngineError) else EngineError(f"{root.path}: {result}")
-                absorb_result(state, root, None, now)
+                absorb_result(state, root, None, now, revision=revision(root.cloud))
                 errors.append(f"{root.path}: {err}")
                 detail.append(err.stderr)
                 continue
-            failures = absorb_result(state, root, result, now)
+            failures = absorb_result(state, root, result, now, revision=revision(root.cloud))
             refused += [f.replica_id for f in failures]
             if not result.ok:
                 failed_ids = {f.replica_id for f in failures}
