@@ -279,18 +279,15 @@ def nginx_masters(router: Router) -> list[int]:
     return nginx.masters_of(router.paths.conf)
 
 
-def test_a_moved_replicas_worker_in_a_process_group_of_its_own_holds_its_port_for_it(tmp_path):
-    """A server whose worker binds the port from a session of its own (`setsid`): after a move its
-    marker names the old path like its leader's, and its process group is not the recorded one;
-    it was judged another state dir's replica on our port (GONE, replaced) once not READY."""
-    port = free_port()
-    old, new = tmp_path / "old" / "local", tmp_path / "new" / "local"
-    env = {**os.environ, RUNTIME_ENV: str(old), REPLICA_ENV: "r-0001"}
+def _leader_with_a_setsid_worker(runtime: Path, port: int) -> tuple[subprocess.Popen[str], int]:
+    """Replica r-0001 of `runtime` as a server whose worker binds `port` from a session of its own
+    (`setsid`); returns the leader and the worker's pid."""
+    env = {**os.environ, RUNTIME_ENV: str(runtime), REPLICA_ENV: "r-0001"}
     worker = (
         f"import socket,time; s=socket.socket(); s.bind(('127.0.0.1',{port})); s.listen(); time.sleep(600)"
     )
     leader = (
-        "import os,subprocess,sys,time; "
+        "import subprocess,sys; "
         f"w=subprocess.Popen([sys.executable,'-c',{worker!r}], start_new_session=True); "
         "print(w.pid, flush=True); w.wait()"
     )
@@ -298,7 +295,16 @@ def test_a_moved_replicas_worker_in_a_process_group_of_its_own_holds_its_port_fo
         [sys.executable, "-c", leader], env=env, start_new_session=True, stdout=subprocess.PIPE, text=True
     )
     assert child.stdout is not None
-    worker_pid = int(child.stdout.readline())
+    return child, int(child.stdout.readline())
+
+
+def test_a_moved_replicas_worker_in_a_process_group_of_its_own_holds_its_port_for_it(tmp_path):
+    """A server whose worker binds the port from a session of its own (`setsid`): after a move its
+    marker names the old path like its leader's, and its process group is not the recorded one;
+    it was judged another state dir's replica on our port (GONE, replaced) once not READY."""
+    port = free_port()
+    old, new = tmp_path / "old" / "local", tmp_path / "new" / "local"
+    child, worker_pid = _leader_with_a_setsid_worker(old, port)
     try:
         starttime = proc_starttime(child.pid)
         assert starttime is not None
@@ -407,20 +413,7 @@ def test_stopping_a_moved_replica_stops_its_worker_in_a_session_of_its_own(tmp_p
 
     port = free_port()
     old, new = tmp_path / "old" / "local", tmp_path / "new" / "local"
-    env = {**os.environ, RUNTIME_ENV: str(old), REPLICA_ENV: "r-0001"}
-    worker = (
-        f"import socket,time; s=socket.socket(); s.bind(('127.0.0.1',{port})); s.listen(); time.sleep(600)"
-    )
-    leader = (
-        "import subprocess,sys; "
-        f"w=subprocess.Popen([sys.executable,'-c',{worker!r}], start_new_session=True); "
-        "print(w.pid, flush=True); w.wait()"
-    )
-    child = subprocess.Popen(
-        [sys.executable, "-c", leader], env=env, start_new_session=True, stdout=subprocess.PIPE, text=True
-    )
-    assert child.stdout is not None
-    worker_pid = int(child.stdout.readline())
+    child, worker_pid = _leader_with_a_setsid_worker(old, port)
     try:
         _wait_listening(port)
         starttime = proc_starttime(child.pid)
