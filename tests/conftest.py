@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from routing_support import Fleet, free_port
+from routing_support import Fleet, free_port, teardown_router
 
 from skyhedge.clouds.local.processes import kill_all
 
@@ -81,6 +81,15 @@ def fleet(tmp_path: Path) -> Iterator[Fleet]:
         yield f
     finally:
         f.close()
+
+
+@pytest.fixture
+def routers() -> Iterator[list[Any]]:
+    """Routers a test starts (appended to the list); each is taken down at teardown."""
+    made: list[Any] = []
+    yield made
+    for router in made:
+        teardown_router(router)
 
 
 #: How many descriptors `high_descriptors` holds: past select()'s FD_SETSIZE (1024).

@@ -226,10 +226,12 @@ def test_a_probe_token_never_reaches_a_gitops_commit(tmp_path, write_spec, old_v
 PROBE_EDIT = SPEC_TOKEN.replace("path: /health", "path: /helth")  # a typo; the same revision
 
 
-def probed_replicas(tmp_path: Path, write_spec, old_version: list[str]) -> tuple[Controller, list[str]]:
+def probed_replicas(
+    tmp_path: Path, write_spec, old_version: list[str], text: str = SPEC_TOKEN
+) -> tuple[Controller, list[str]]:
     """Three READY replicas of the current revision (serving on 127.0.0.1), probed with the
-    token-bearing /health probe (by a FakeProber until the restart)."""
-    spec, clock = load_spec(write_spec(SPEC_TOKEN)), Clock()
+    token-bearing /health probe of spec `text` (by a FakeProber until the restart)."""
+    spec, clock = load_spec(write_spec(text)), Clock()
     ctl = controller(spec, tmp_path / "state", clock)
     run(ctl, clock, 3)
     ids = sorted(r.id for r in ctl.state.live())
@@ -370,13 +372,8 @@ def test_a_replica_launched_while_the_earlier_probe_is_kept_gets_that_probes_ini
     `initial_delay_seconds`: a model that loads in minutes was FAILED after 30 s, relaunched,
     FAILED again, a launch loop under a probe edit that was refused. The probe kept is kept
     whole: a replacement has its 600 s."""
-    spec, clock = load_spec(write_spec(SLOW_LOAD)), Clock()
-    ctl = controller(spec, tmp_path / "state", clock)
-    run(ctl, clock, 3)
-    ids = sorted(r.id for r in ctl.state.live())
-    for rid, endpoint in zip(ids, old_version, strict=True):
-        ctl.state.replicas[rid].endpoint = endpoint
-    run(ctl, clock, 1)
+    ctl, ids = probed_replicas(tmp_path, write_spec, old_version, SLOW_LOAD)
+    clock = ctl.clock
     edit = load_spec(write_spec(SLOW_LOAD_TYPO, "typo.yaml"))
     ctl = controller(edit, ctl.state_dir, clock, router=ctl.router, executor=ctl.executor, prober=NewProbe())
     run(ctl, clock, 2)

@@ -15,8 +15,7 @@ import signal
 import threading
 import time
 
-import pytest
-from routing_support import Fleet, free_port, make_spec, needs_nginx, teardown_router
+from routing_support import free_port, make_spec, needs_nginx
 
 from skyhedge.routing import Router
 
@@ -25,23 +24,6 @@ pytestmark = needs_nginx
 BODY = b'{"prompt": "The sea", "max_tokens": 2, "seed": 1}'
 CLIENTS = 2
 RELOADS = 5
-
-
-@pytest.fixture
-def fleet(tmp_path):
-    f = Fleet(tmp_path)
-    try:
-        yield f
-    finally:
-        f.close()
-
-
-@pytest.fixture
-def routers():
-    made: list[Router] = []
-    yield made
-    for router in made:
-        teardown_router(router)
 
 
 def blind_clients_across_reloads(router: Router, port: int) -> tuple[int, int, set[str]]:

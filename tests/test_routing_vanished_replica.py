@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 from controller_fakes import Clock, FakeExecutor, FakeProber, FakeSource
-from routing_support import Fleet, complete, free_port, make_spec, needs_nginx, teardown_router
+from routing_support import Fleet, complete, free_port, make_spec, needs_nginx
 
 from skyhedge import apply as apply_mod
 from skyhedge.apply import UNROUTED_KEY
@@ -114,14 +114,6 @@ def fleet(tmp_path: Path):
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(r.proc.pid, signal.SIGCONT)
         f.close()
-
-
-@pytest.fixture
-def routers():
-    made: list[Router] = []
-    yield made
-    for router in made:
-        teardown_router(router)
 
 
 def _answered_by_r0002(clients: Clients, router, gone: str, stopped: float) -> None:
@@ -353,11 +345,9 @@ def test_apply_cuts_the_requests_of_a_vm_gone_when_it_takes_it_out_of_the_router
     _answered_by_r0002(clients, router, gone.endpoint, stopped)
 
 
-def test_routing_reload_cuts_the_requests_of_a_replica_the_state_knows_gone(
-    tmp_path, write_spec, fleet, routers
-):
-    """`skyhedge routing reload` after a VM was recorded gone (a watcher stopped before it
-    reloaded, an operator) takes it out of the router and cuts what waited on it."""
+def _local_router(tmp_path, write_spec, routers, *, probe_timeout: int) -> tuple[Path, Path, Router, int]:
+    """A local service's spec (its router on a free port, `read_timeout: READ_TIMEOUT`) and its
+    router, not started; returns the spec's path, the state dir, the router and its port."""
     port = free_port()
     spec_path = write_spec(
         f"""
@@ -365,12 +355,21 @@ def test_routing_reload_cuts_the_requests_of_a_replica_the_state_knows_gone(
         placement: {{clouds: [local]}}
         run: {{command: "true"}}
         service: {{host: 127.0.0.1, port: {port}, router: {{read_timeout: {READ_TIMEOUT}}}}}
-        readiness_probe: {{path: /health, timeout_seconds: 2}}
+        readiness_probe: {{path: /health, timeout_seconds: {probe_timeout}}}
         """
     )
     state_dir = tmp_path / "state"
     router = Router(load_spec(spec_path), state_dir)
     routers.append(router)
+    return spec_path, state_dir, router, port
+
+
+def test_routing_reload_cuts_the_requests_of_a_replica_the_state_knows_gone(
+    tmp_path, write_spec, fleet, routers
+):
+    """`skyhedge routing reload` after a VM was recorded gone (a watcher stopped before it
+    reloaded, an operator) takes it out of the router and cuts what waited on it."""
+    spec_path, state_dir, router, port = _local_router(tmp_path, write_spec, routers, probe_timeout=2)
     fleet.start(2, env=SLOW)
     gone = fleet.replicas["r-0001"]
     router.up(fleet.upstreams())
@@ -416,19 +415,7 @@ def test_a_vanished_replica_whose_probe_failed_first_has_its_requests_cut_once_k
 def _probe_run(tmp_path, write_spec, fleet, routers) -> tuple[Path, Path, Router, int]:
     """Two READY cloud replicas (2 s generations) behind a running router, their state saved;
     returns the spec's path, the state dir, the router and its port."""
-    port = free_port()
-    spec_path = write_spec(
-        f"""
-        name: echo
-        placement: {{clouds: [local]}}
-        run: {{command: "true"}}
-        service: {{host: 127.0.0.1, port: {port}, router: {{read_timeout: {READ_TIMEOUT}}}}}
-        readiness_probe: {{path: /health, timeout_seconds: 1}}
-        """
-    )
-    state_dir = tmp_path / "state"
-    router = Router(load_spec(spec_path), state_dir)
-    routers.append(router)
+    spec_path, state_dir, router, port = _local_router(tmp_path, write_spec, routers, probe_timeout=1)
     fleet.start(2, env={**SLOW, "ECHO_DRAIN_SECONDS": "30"})
     router.up(fleet.upstreams())
     save_state(state_dir, vm_records(fleet, None))
