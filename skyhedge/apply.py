@@ -82,7 +82,7 @@ from skyhedge.service import (
     GITOPS_KEY,
     TERRAFORM_KEY,
     Placement,
-    check_subnets_cover,
+    check_cloud_sections,
     compute_plan,
     outdated_replicas,
     remember_decision,
@@ -1337,7 +1337,7 @@ def destroy_service(
     engine = engine or ws.engine(terraform_bin)
     with writer_lock(ws.state_dir):
         state = load_state(ws.state_dir, spec.name)
-        check_subnets_cover(spec, state)  # before asking or stopping anything
+        check_cloud_sections(spec, state, destroying=True)  # before asking or stopping anything
         keys = sorted(roots_with_resources(state) | {(r.cloud, r.region) for r in state.live()})
         report.roots = [f"{c}/{r}" for c, r in keys]
         if confirm is not None and keys and not confirm(state.live(), report.roots):

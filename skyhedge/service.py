@@ -14,12 +14,13 @@ from urllib.parse import urlsplit
 
 from skyhedge.catalog import load_catalog, parse_accelerator
 from skyhedge.catalog.model import Offer, did_you_mean
+from skyhedge.clouds import CloudConfig, cloud_spec_section
 from skyhedge.clouds.local import local_port
 from skyhedge.clouds.local.launcher import port_in_use
 from skyhedge.errors import CatalogError, PolicyError, SpecError, StateError
 from skyhedge.planner import Plan, make_plan, replica_number
 from skyhedge.policy import Candidate, Location, Market, Observation, ReplicaFact, Terminate, make_policy
-from skyhedge.spec import MAX_PORT, AwsConfig, GcpConfig, ServiceSpec, revision_digests
+from skyhedge.spec import MAX_PORT, ServiceSpec, revision_digests
 from skyhedge.state import ReplicaRecord, ServiceState
 
 #: `state.extra` key of GitOps mode (`watch --gitops`): commits that CI applies later, not applies
@@ -262,8 +263,9 @@ def resolve_placement(spec: ServiceSpec, policy: str | None = None) -> Placement
         for i, name in enumerate(names):
             if name not in known:
                 hint = did_you_mean(name, known)
-                if not hint and what == "zone" and "aws" in p.clouds:
-                    hint = " (AWS zones are zone IDs such as 'use1-az1')"
+                if not hint and what == "zone":  # how a cloud's zones are written (AWS: zone IDs)
+                    hints = (getattr(cloud_spec_section(c), "zone_hint", "") for c in p.clouds)
+                    hint = next((h for h in hints if h), "")
                 raise SpecError(
                     f"unknown {what} {name!r} for clouds {', '.join(p.clouds)}{hint}",
                     file=spec.source,
@@ -287,7 +289,7 @@ def resolve_placement(spec: ServiceSpec, policy: str | None = None) -> Placement
             offer: Offer,
             regions: set[str] = regions,
             zones: set[str] = zones,
-            network: AwsConfig | GcpConfig | None = network,
+            network: CloudConfig | None = network,
         ) -> bool:
             return (
                 (not regions or offer.region in regions)
@@ -350,54 +352,14 @@ def _check_subnet_zones(spec: ServiceSpec, catalogs: dict[str, Any]) -> None:
                 )
 
 
-def check_subnets_cover(spec: ServiceSpec, state: ServiceState) -> None:
-    """With `aws.subnets`, every live AWS replica's zone must keep a subnet: Terraform evaluates
-    each replica's subnet (for the ones being moved or destroyed too), and a region's VPC is its
-    subnets'. Dropping a zone's subnet under running replicas would fail every apply and
-    destroy of that region, so it is refused here, with the order that works."""
-    if not spec.aws.subnets:
-        return
-    listed = {zone for zone, _ in spec.aws.subnets}
-    stranded: dict[str, list[str]] = {}
-    for rec in state.live():
-        if rec.cloud == "aws" and rec.zone not in listed:
-            stranded.setdefault(rec.zone, []).append(rec.id)
-    if stranded:
-        zone, ids = sorted(stranded.items())[0]
-        raise SpecError(
-            f"no subnet for {zone}, where {', '.join(sorted(ids))} still run: keep its subnet and put the "
-            "zone in placement.exclude_zones; once they have moved, remove the subnet",
-            file=spec.source,
-            path="aws.subnets",
-        )
-
-
-def _gcp_name(network: str) -> str:
-    """A network's name, from a name or any form of its link (the API answers with full links)."""
-    return network.rstrip("/").rsplit("/", 1)[-1]
-
-
-def check_gcp_network_kept(spec: ServiceSpec, state: ServiceState) -> None:
-    """GCP replicas keep the network they were launched in, but the firewall rule opening their
-    port belongs to one network: a new `gcp.network` would move the rule away from the running
-    replicas (the router could no longer reach them). Refused, with the order that works."""
-    wanted = _gcp_name(spec.gcp.network or "default")
-    elsewhere = sorted(
-        rec.id
-        for rec in state.live()
-        if rec.cloud == "gcp"
-        and isinstance(rec.outputs.get("network"), str)
-        and _gcp_name(rec.outputs["network"]) != wanted
-    )
-    if elsewhere:
-        had = _gcp_name(state.replicas[elsewhere[0]].outputs["network"])
-        raise SpecError(
-            f"{', '.join(elsewhere)} run in network {had}, not {wanted}: a new network takes the "
-            f"firewall rule away from them; keep gcp.network {had} until they are gone (remove gcp "
-            "from placement.clouds and apply, or destroy), then change it",
-            file=spec.source,
-            path="gcp.network",
-        )
+def check_cloud_sections(spec: ServiceSpec, state: ServiceState, *, destroying: bool) -> None:
+    """Each cloud's own spec section refuses what the live replicas cannot follow
+    (`CloudConfig.check_state`: `aws.subnets` dropping a zone AWS replicas still run in, a new
+    `gcp.network` under running GCP replicas), before a plan (`destroying` False) or a destroy
+    acts on the spec."""
+    for config in spec.cloud_sections.values():
+        if isinstance(config, CloudConfig):
+            config.check_state(spec, state, destroying=destroying)
 
 
 def service_target(spec: ServiceSpec, state: ServiceState) -> int:
@@ -485,8 +447,7 @@ def compute_plan(
     policy's memory after deciding (the caller persists it only if it acts on the plan).
     `clock`: the policy's time, when it runs faster than the state's (a market replay)."""
     placement = placement or resolve_placement(spec, policy_name)
-    check_subnets_cover(spec, state)
-    check_gcp_network_kept(spec, state)  # (not at destroy: destroying needs no firewall rule)
+    check_cloud_sections(spec, state, destroying=False)
     facts = state.facts()
     # Replicas where the spec no longer allows them (placement narrowed, or a zone that stopped
     # selling spot under a spot replica) are moved like outdated ones: the policy, which sees only
@@ -586,7 +547,7 @@ def compute_plan(
                 port=_launched_port(live[r.id]) if r.id in live else None,
                 # pinned only where the spec has moved it (else inputs churn after every launch)
                 subnet_id=_launched_subnet(live[r.id])
-                if r.id in live and _subnet_moved(spec, live[r.id])
+                if r.id in live and _moved_by_section(spec, live[r.id])
                 else None,
                 outdated=r.id in outdated or r.id in outside,
             )
@@ -640,25 +601,15 @@ def outdated_replicas(
         for r in state.live()
         if (r.revision is not None and r.revision != revision(r.cloud))
         or (placement is not None and not placement.allows(r.location, Market(r.market)))
-        or _subnet_moved(spec, r)
+        or _moved_by_section(spec, r)
     )
 
 
-def _subnet_moved(spec: ServiceSpec, rec: ReplicaRecord) -> bool:
-    """An AWS replica launched in another subnet than `aws.subnets` now gives its zone (or in a
-    subnet `aws.subnets` chose, when the spec names none any more): it moves like an outdated one
-    (a new VPC's replicas cannot share the old one's security group). A replica launched on its
-    zone's default subnet records it with `subnet_default` (module output): it moves when
-    `aws.subnets` names another subnet for its zone (another VPC's, typically)."""
-    if rec.cloud != "aws":
-        return False
-    launched = _launched_subnet(rec)
-    if launched is None:  # not known (recorded before the module reported it)
-        return False
-    wanted = spec.aws.subnet_of(rec.zone)
-    if wanted is None:  # the zone's default subnet now: moved unless it runs on that one
-        return rec.outputs.get("subnet_default") is not True
-    return launched != wanted
+def _moved_by_section(spec: ServiceSpec, rec: ReplicaRecord) -> bool:
+    """Whether its cloud's own spec section says live replica `rec` must move like an outdated one
+    (`CloudConfig.moved`: an AWS replica whose zone `aws.subnets` now gives another subnet)."""
+    config = spec.network(rec.cloud)
+    return config is not None and config.moved(rec)
 
 
 def _next_to_retire(

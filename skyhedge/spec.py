@@ -5,6 +5,11 @@ Field names follow SkyServe's where it has them (`replica_policy.min_replicas`,
 `readiness_probe.post_data`, ...). Every field is checked here, unknown fields included (with a
 did-you-mean), so nothing downstream has to re-validate. Checks that need the catalog (unknown
 instance type or zone) live in `skyhedge.service.resolve_placement` where the catalog is joined in.
+
+A cloud's own top-level section (`aws:`, `gcp:`) is not this module's: each cloud that has one
+owns it in its folder (`skyhedge/clouds/<cloud>/spec.py`, a `CloudSpecSection`), and `parse_spec`
+asks every known cloud for its section, so a plug-in cloud brings its own. The checks every
+section uses are in skyhedge.spec_fields; `AwsConfig` and `GcpConfig` are re-exported here.
 """
 
 from __future__ import annotations
@@ -25,38 +30,29 @@ from typing import Any
 
 import yaml
 
-from skyhedge.clouds import cloud_names
-from skyhedge.errors import RoutingError, SpecError
+from skyhedge.clouds import CloudConfig, CloudSpecSection, cloud_names, cloud_spec_section
+from skyhedge.clouds.aws.spec import AwsConfig  # noqa: F401 - re-exported (`from skyhedge.spec import`)
+from skyhedge.clouds.gcp.spec import GcpConfig  # noqa: F401 - re-exported, as AwsConfig
+from skyhedge.errors import CloudError, RoutingError, SpecError
 from skyhedge.policy import available_policies
 from skyhedge.policy.types import PolicyConfig
+from skyhedge.spec_fields import PRIVATE_NETWORKS, ZONE_RE, private_only  # noqa: F401 - re-exported
+from skyhedge.spec_fields import SpecContext as _Ctx
+from skyhedge.spec_fields import boolean as _bool
+from skyhedge.spec_fields import choice as _choice
+from skyhedge.spec_fields import integer as _int
+from skyhedge.spec_fields import mapping as _mapping
+from skyhedge.spec_fields import number as _number
+from skyhedge.spec_fields import show as _show
+from skyhedge.spec_fields import str_list as _str_list
+from skyhedge.spec_fields import str_map as _str_map
+from skyhedge.spec_fields import string as _str
 
 NAME_RE = re.compile(r"^[a-z]([a-z0-9-]{0,38}[a-z0-9])?$")
-ZONE_RE = re.compile(r"^[a-z0-9][a-z0-9-]*$")
-# An AWS zone *name* (us-east-1a, us-gov-west-1a). The catalog and this product use zone IDs.
-AWS_ZONE_NAME_RE = re.compile(r"^[a-z]{2}(-gov)?-[a-z]+-[0-9]+[a-z]$")
 #: A host name the router may listen on (letters, digits, '.', '-'): `service.host`, checked when
 #: the spec is read and again by skyhedge.routing.config for what it writes into nginx's `listen`.
 HOST_NAME_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?$")
 HEADER_NAME_RE = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")  # an RFC 9110 token
-#: A GCP project ID (6-30 of a-z, 0-9, '-', a letter first), optionally domain-scoped
-#: (`example.com:my-project`): it goes into API paths, so nothing else may pass.
-GCP_PROJECT_RE = re.compile(r"^(?:[a-z0-9][a-z0-9.-]{0,61}[a-z0-9]:)?[a-z][a-z0-9-]{4,28}[a-z0-9]$")
-#: An EC2 subnet ID.
-SUBNET_RE = re.compile(r"^subnet-[0-9a-f]{8,17}$")
-#: A GCE resource name (RFC 1035), or a path to one (`projects/P/global/networks/N`,
-#: `projects/P/regions/R/subnetworks/S`, optionally as a full https self link).
-_GCE_NAME = r"[a-z](?:[-a-z0-9]{0,61}[a-z0-9])?"
-_GCE_PROJECT = r"(?:[a-z0-9][a-z0-9.-]{0,61}[a-z0-9]:)?[a-z][a-z0-9-]{4,28}[a-z0-9]"
-_GCE_LINK = r"(?:https://www\.googleapis\.com/compute/v1/)?projects/" + _GCE_PROJECT
-GCP_NETWORK_RE = re.compile(rf"^(?:{_GCE_NAME}|{_GCE_LINK}/global/networks/{_GCE_NAME})$")
-GCP_SUBNETWORK_RE = re.compile(
-    rf"^(?:{_GCE_NAME}|{_GCE_LINK}/regions/[a-z]+-[a-z]+[0-9]+/subnetworks/{_GCE_NAME})$"
-)
-GCP_REGION_RE = re.compile(r"^[a-z]+-[a-z]+[0-9]+$")
-#: An EC2 key pair or IAM instance profile name (printable ASCII, no quotes or spaces).
-AWS_NAME_RE = re.compile(r"^[A-Za-z0-9_+=,.@/-]{1,128}$")
-#: An SQS queue name (1-80 of A-Z, a-z, 0-9, '-', '_'; `.fifo` ends a FIFO queue's).
-SQS_QUEUE_RE = re.compile(r"^[A-Za-z0-9_-]{1,80}$|^[A-Za-z0-9_-]{1,75}\.fifo$")
 PLUGIN_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*:[A-Za-z_][A-Za-z0-9_]*$")  # module:Class
 MAX_PORT = 65535
 #: What `http.client` can send as a header value: visible Latin-1, spaces and tabs, no CR/LF.
@@ -282,134 +278,6 @@ def nfc_hint(text: str, index: int) -> str:
     return f"U+{ord(text[index]):04X} at character {index + 1}"
 
 
-#: The IPv4 ranges `ingress_cidrs` may lie in to count as private: IANA's special-purpose ranges,
-#: not reached from the internet (RFC 1918's 10/8, 172.16/12 and 192.168/16 among them), as
-#: Python 3.11 and 3.12 list them, and RFC 6598's 100.64.0.0/10 (which `is_private` leaves out,
-#: but which the internet does not route to either: AWS and GCP networks may be numbered from
-#: it). Spelled out rather than read from `ipaddress`'s `is_private`, whose answer depends on the
-#: Python release: on 3.10 (CPython gh-82836, fixed in 3.11) `0.0.0.0/0`, the default
-#: `ingress_cidrs`, is private, so every default spec routed to the replicas' private IPs, which a
-#: router outside the network cannot reach; 3.13 widened 192.0.0.0/29 to 192.0.0.0/24.
-PRIVATE_NETWORKS: tuple[ipaddress.IPv4Network, ...] = tuple(
-    ipaddress.IPv4Network(net)
-    for net in (
-        "0.0.0.0/8",
-        "10.0.0.0/8",
-        "100.64.0.0/10",  # shared address space (RFC 6598): no internet route; VPCs are numbered from it
-        "127.0.0.0/8",
-        "169.254.0.0/16",
-        "172.16.0.0/12",
-        "192.0.0.0/29",
-        "192.0.0.170/31",
-        "192.0.2.0/24",
-        "192.168.0.0/16",
-        "198.18.0.0/15",
-        "198.51.100.0/24",
-        "203.0.113.0/24",
-        "240.0.0.0/4",
-        "255.255.255.255/32",
-    )
-)
-
-
-def private_only(cidrs: Sequence[str]) -> bool:
-    """Whether the replicas' port is open to private address ranges only: the router is then
-    inside the network (or a peered one), and a connection to a replica's public IP would come
-    from a public address the firewall refuses, so the endpoint is the private IP."""
-
-    def private(cidr: str) -> bool:
-        net = ipaddress.ip_network(cidr, strict=False)
-        return isinstance(net, ipaddress.IPv4Network) and any(net.subnet_of(p) for p in PRIVATE_NETWORKS)
-
-    return bool(cidrs) and all(private(c) for c in cidrs)
-
-
-@dataclass(frozen=True)
-class AwsConfig:
-    """`aws:`: where AWS replicas live on the network and what they may use.
-
-    `subnets` (availability zone ID -> subnet ID) launches into those subnets, and only into their
-    zones, instead of each zone's default subnet: an account without a default VPC needs it. The
-    replicas' VPC is the subnets'. `ingress_cidrs` may reach the model server port (the router
-    must be among them). `public_ip` overrides the subnets' own public-IP setting: false keeps
-    replicas off the internet (organisations that forbid public IPs; the router then reaches them
-    at their private IPs, from inside the network)."""
-
-    events_queue: str | None = None
-    subnets: tuple[tuple[str, str], ...] = ()
-    key_name: str | None = None
-    iam_instance_profile: str | None = None
-    ingress_cidrs: tuple[str, ...] = ("0.0.0.0/0",)
-    public_ip: bool | None = None
-
-    @property
-    def private_endpoint(self) -> bool:
-        """Whether the router reaches AWS replicas at their private IPs (see `private_only`)."""
-        return self.public_ip is False or private_only(self.ingress_cidrs)
-
-    def subnet_of(self, zone: str) -> str | None:
-        return dict(self.subnets).get(zone)
-
-    def confines(self, region: str, zone: str) -> bool:
-        """Whether AWS replicas may go to `zone`: with `subnets`, only to the zones they list."""
-        return not self.subnets or zone in dict(self.subnets)
-
-    @property
-    def confined(self) -> bool:
-        return bool(self.subnets)
-
-    #: What `confines` keeps replicas to, for errors that say why no zone is left.
-    confinement = "AWS zones are those of aws.subnets"
-    #: The field naming them, what its keys are, and the catalog's list they must be in.
-    confining_field, confining_kind, confining_level = "aws.subnets", "AWS zone ID", "zones"
-
-    def confining_keys(self) -> tuple[str, ...]:
-        return tuple(zone for zone, _ in self.subnets)
-
-
-@dataclass(frozen=True)
-class GcpConfig:
-    """`gcp:`: the project, and where GCP replicas live on the network.
-
-    `network` (default: the project's `default` network) holds the replicas and their firewall
-    rule; `subnetworks` (region -> subnetwork) launches into those subnetworks, and only into their
-    regions: a custom-mode network (an organisation without the default network) needs both.
-    `ingress_cidrs` may reach the model server port (the router must be among them).
-    `external_ip: false` gives replicas no external IP (organisations whose policy forbids them);
-    they then need Cloud NAT for boot-time downloads, and the router reaches them at their
-    internal IPs, from inside the network."""
-
-    project: str | None = None
-    network: str | None = None
-    subnetworks: tuple[tuple[str, str], ...] = ()
-    ingress_cidrs: tuple[str, ...] = ("0.0.0.0/0",)
-    external_ip: bool = True
-
-    @property
-    def private_endpoint(self) -> bool:
-        """Whether the router reaches GCP replicas at their internal IPs (see `private_only`)."""
-        return not self.external_ip or private_only(self.ingress_cidrs)
-
-    def subnetwork_of(self, region: str) -> str | None:
-        return dict(self.subnetworks).get(region)
-
-    def confines(self, region: str, zone: str) -> bool:
-        """Whether GCP replicas may go to `region`: with `subnetworks`, only to the regions they list."""
-        return not self.subnetworks or region in dict(self.subnetworks)
-
-    @property
-    def confined(self) -> bool:
-        return bool(self.subnetworks)
-
-    #: What `confines` keeps replicas to, for errors that say why no zone is left.
-    confinement = "GCP regions are those of gcp.subnetworks"
-    #: The field naming them, what its keys are, and the catalog's list they must be in.
-    confining_field, confining_kind, confining_level = "gcp.subnetworks", "GCP region", "regions"
-
-    def confining_keys(self) -> tuple[str, ...]:
-        return tuple(region for region, _ in self.subnetworks)
-
-
 @dataclass(frozen=True)
 class ServiceSpec:
     name: str
@@ -420,300 +288,29 @@ class ServiceSpec:
     service: ServiceConfig
     run: Run
     terraform: TerraformConfig
-    aws: AwsConfig = field(default_factory=AwsConfig)
-    gcp: GcpConfig = field(default_factory=GcpConfig)
+    #: Each known cloud's own top-level section, by cloud name (= its key): what its
+    #: `CloudSpecSection.parse` made of `aws:`, `gcp:`, a plug-in's `foo:` (`{}` when absent).
+    cloud_sections: dict[str, Any] = field(default_factory=dict)
     source: str = "<spec>"
 
     @property
     def clouds(self) -> tuple[str, ...]:
         return self.placement.clouds
 
-    def network(self, cloud: str) -> AwsConfig | GcpConfig | None:
-        """The cloud's network settings (`aws:` / `gcp:`): what confines its replicas to some zones."""
-        return {"aws": self.aws, "gcp": self.gcp}.get(cloud)
+    def __getattr__(self, name: str) -> Any:
+        """A cloud's section as `spec.<cloud>` (`spec.aws.subnets`, `spec.gcp.project`), as when
+        they were fields of this class. Only called for a name that is no attribute; names with
+        a leading `_` are never sections (copy and pickle look those up on a bare instance)."""
+        sections = self.__dict__.get("cloud_sections") if not name.startswith("_") else None
+        if sections is not None and name in sections:
+            return sections[name]
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
-
-# --------------------------------------------------------------------------------------------
-# Validation helpers: each returns the checked value or raises SpecError(path=...)
-
-
-class _Ctx:
-    def __init__(self, file: str) -> None:
-        self.file = file
-
-    def fail(self, path: str, message: str) -> SpecError:
-        return SpecError(message, file=self.file, path=_display_path(path) or None)
-
-
-def _display_path(path: str) -> str:
-    """`path` for a one-line message: a key the user wrote with a line break, a tab or other
-    invisible characters in it (or an empty one) is shown quoted, so it is seen and the error
-    stays one line."""
-    if _plain(path):
-        return path
-    return ".".join(seg if seg and _plain(seg) else repr(seg) for seg in path.split("."))
-
-
-def _plain(text: str) -> bool:
-    return text.isprintable() and not any(c.isspace() for c in text)
-
-
-def _kind(value: Any) -> str:
-    """What a value is, without the value (for fields that may hold secrets)."""
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, int):
-        return "an integer (quote it)"
-    if isinstance(value, float):
-        return "a number (quote it)"
-    return type(value).__name__ if isinstance(value, (list, dict)) else "null" if value is None else "a value"
-
-
-def _show(value: Any) -> str:
-    if isinstance(value, str):
-        return repr(value)
-    if isinstance(value, bool):
-        return str(value).lower()
-    if value is None:
-        return "null"
-    if isinstance(value, (int, float)):
-        return str(value)
-    return type(value).__name__ if isinstance(value, (list, dict)) else repr(value)
-
-
-def _mapping(ctx: _Ctx, path: str, value: Any, allowed: set[str]) -> dict[str, Any]:
-    if value is None:
-        return {}
-    if not isinstance(value, Mapping):
-        raise ctx.fail(path, f"expected a mapping, got {_show(value)}")
-    for key in value:
-        if not isinstance(key, str):
-            raise ctx.fail(path, f"expected string keys, got {_show(key)}")
-        if key not in allowed:
-            where = f"{path}.{key}" if path else key
-            close = difflib.get_close_matches(key, sorted(allowed), n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else f" (allowed: {', '.join(sorted(allowed))})"
-            raise ctx.fail(where, f"unknown field{hint}")
-    return dict(value)
-
-
-def _int(ctx: _Ctx, path: str, value: Any, *, lo: int | None = None, hi: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        bound = _bounds(lo, hi)
-        raise ctx.fail(path, f"expected an integer{bound}, got {_show(value)}")
-    if (lo is not None and value < lo) or (hi is not None and value > hi):
-        raise ctx.fail(path, f"expected an integer{_bounds(lo, hi)}, got {value}")
-    return int(value)  # a plain int, not the loader's int that remembers its text
-
-
-def _bounds(lo: float | None, hi: float | None) -> str:
-    if lo is not None and hi is not None:
-        return f" in [{lo}, {hi}]"
-    if lo is not None:
-        return f" >= {lo}"
-    if hi is not None:
-        return f" <= {hi}"
-    return ""
-
-
-def _number(
-    ctx: _Ctx,
-    path: str,
-    value: Any,
-    *,
-    lo: float | None = None,
-    hi: float | None = None,
-    open_lo: bool = False,
-) -> float:
-    """A finite int or float within the bounds. Non-finite values are refused first: `.inf` passes
-    a lower-only bound (`target_qps_per_replica`) and `.nan` passes every comparison."""
-    word = f" > {lo}" if open_lo and hi is None else _bounds(lo, hi)
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ctx.fail(path, f"expected a number{word}, got {_show(value)}")
-    try:
-        v = float(value)
-    except OverflowError:  # an integer literal too large for a float
-        v = math.inf
-    if not math.isfinite(v):
-        raise ctx.fail(path, f"expected a finite number{word}, got {value}")
-    if (lo is not None and (v < lo or (open_lo and v == lo))) or (hi is not None and v > hi):
-        raise ctx.fail(path, f"expected a number{word}, got {value}")
-    return v
-
-
-def _bool(ctx: _Ctx, path: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise ctx.fail(path, f"expected true or false, got {_show(value)}")
-    return value
-
-
-def _str(ctx: _Ctx, path: str, value: Any, *, nonempty: bool = True) -> str:
-    if not isinstance(value, str):
-        raise ctx.fail(path, f"expected a string, got {_show(value)}")
-    if nonempty and not value.strip():
-        raise ctx.fail(path, "expected a non-empty string")
-    return value
-
-
-def _aws(ctx: _Ctx, d: dict[str, Any]) -> AwsConfig:
-    subnets = _str_map(ctx, "aws.subnets", d.get("subnets"), numbers=False)
-    seen: dict[str, str] = {}
-    for zone, subnet in subnets.items():
-        if subnet in seen:  # a subnet lies in one zone: the second zone's replicas would land in the first
-            raise ctx.fail(
-                f"aws.subnets.{zone}", f"{subnet} is given for {seen[subnet]} too; a subnet lies in one zone"
-            )
-        seen[subnet] = zone
-        if not ZONE_RE.fullmatch(zone) or AWS_ZONE_NAME_RE.fullmatch(zone):
-            raise ctx.fail(f"aws.subnets.{zone}", "expected an availability zone ID such as 'use1-az1'")
-        _matching(ctx, f"aws.subnets.{zone}", subnet, SUBNET_RE, "a subnet ID such as 'subnet-0123abcd'")
-    cidrs = _str_list(ctx, "aws.ingress_cidrs", d.get("ingress_cidrs", ["0.0.0.0/0"]), _cidr_ok(ctx))
-    if not cidrs:
-        raise ctx.fail(
-            "aws.ingress_cidrs", "expected at least one CIDR block (the router must reach the replicas)"
-        )
-    return AwsConfig(
-        events_queue=_matching(
-            ctx, "aws.events_queue", d.get("events_queue"), SQS_QUEUE_RE, "an SQS queue name"
-        ),
-        subnets=tuple(sorted((str(z), str(s)) for z, s in subnets.items())),
-        key_name=_matching(ctx, "aws.key_name", d.get("key_name"), AWS_NAME_RE, "an EC2 key pair name"),
-        iam_instance_profile=_matching(
-            ctx,
-            "aws.iam_instance_profile",
-            d.get("iam_instance_profile"),
-            AWS_NAME_RE,
-            "an instance profile name",
-        ),
-        ingress_cidrs=cidrs,
-        public_ip=None if d.get("public_ip") is None else _bool(ctx, "aws.public_ip", d["public_ip"]),
-    )
-
-
-def _gcp(ctx: _Ctx, d: dict[str, Any]) -> GcpConfig:
-    subnetworks = _str_map(ctx, "gcp.subnetworks", d.get("subnetworks"), numbers=False)
-    for region, subnetwork in subnetworks.items():
-        if not GCP_REGION_RE.fullmatch(region):
-            raise ctx.fail(f"gcp.subnetworks.{region}", "expected a GCP region such as 'us-central1'")
-        _matching(
-            ctx,
-            f"gcp.subnetworks.{region}",
-            subnetwork,
-            GCP_SUBNETWORK_RE,
-            "a subnetwork name or 'projects/P/regions/R/subnetworks/S'",
-        )
-        link_region = re.search(r"/regions/([^/]+)/", subnetwork)
-        if link_region and link_region.group(1) != region:  # a subnetwork lies in one region
-            raise ctx.fail(
-                f"gcp.subnetworks.{region}", f"{subnetwork} is in {link_region.group(1)}, not {region}"
-            )
-    network = _matching(
-        ctx,
-        "gcp.network",
-        d.get("network"),
-        GCP_NETWORK_RE,
-        "a network name or 'projects/P/global/networks/N'",
-    )
-    if subnetworks and network is None:
-        # the firewall rule belongs to a network: it would open the port on `default` instead
-        raise ctx.fail("gcp.subnetworks", "needs gcp.network too: the network the subnetworks belong to")
-    net_project = re.match(r"projects/([^/]+)/", network or "")
-    for region, subnetwork in sorted(subnetworks.items()):
-        sub_project = re.match(r"projects/([^/]+)/", subnetwork)
-        if net_project and sub_project and sub_project.group(1) != net_project.group(1):
-            # a subnetwork lies in its network's project (a shared VPC's host project)
-            raise ctx.fail(
-                f"gcp.subnetworks.{region}",
-                f"{subnetwork} is in project {sub_project.group(1)}, but gcp.network is in "
-                f"{net_project.group(1)}; a subnetwork belongs to its network's project",
-            )
-    cidrs = _str_list(ctx, "gcp.ingress_cidrs", d.get("ingress_cidrs", ["0.0.0.0/0"]), _cidr_ok(ctx))
-    if not cidrs:
-        raise ctx.fail(
-            "gcp.ingress_cidrs", "expected at least one CIDR block (the router must reach the replicas)"
-        )
-    return GcpConfig(
-        project=_matching(ctx, "gcp.project", d.get("project"), GCP_PROJECT_RE, "a GCP project ID"),
-        network=network,
-        subnetworks=tuple(sorted((str(r), str(s)) for r, s in subnetworks.items())),
-        ingress_cidrs=cidrs,
-        external_ip=_bool(ctx, "gcp.external_ip", d.get("external_ip", True)),
-    )
-
-
-def _cidr_ok(ctx: _Ctx) -> Callable[[str, str], None]:
-    def check(path: str, text: str) -> None:
-        # what the security group's cidr_blocks take: IPv4, written as its network address
-        try:
-            if "/" not in text:
-                raise ValueError("no prefix length")
-            ipaddress.IPv4Network(text, strict=True)
-        except ValueError:
-            raise ctx.fail(
-                path, f"expected an IPv4 CIDR block (its network address) such as '10.0.0.0/8', got {text!r}"
-            ) from None
-
-    return check
-
-
-def _matching(ctx: _Ctx, path: str, value: Any, pattern: re.Pattern[str], what: str) -> str | None:
-    """An optional string that must be `what` (`pattern`): cloud names go into API calls."""
-    if value is None:
-        return None
-    text = _str(ctx, path, value)
-    if not pattern.fullmatch(text):
-        raise ctx.fail(path, f"expected {what}, got {_show(text)}")
-    return text
-
-
-def _choice(ctx: _Ctx, path: str, value: Any, choices: tuple[str, ...]) -> str:
-    if not isinstance(value, str) or value not in choices:
-        close = difflib.get_close_matches(str(value), choices, n=1) if isinstance(value, str) else []
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ctx.fail(path, f"expected one of {', '.join(choices)}, got {_show(value)}{hint}")
-    return value
-
-
-def _str_list(
-    ctx: _Ctx, path: str, value: Any, check: Callable[[str, str], None] | None = None
-) -> tuple[str, ...]:
-    if value is None:
-        return ()
-    if isinstance(value, str):
-        value = [value]
-    if not isinstance(value, list):
-        raise ctx.fail(path, f"expected a list of strings, got {_show(value)}")
-    out: list[str] = []
-    for i, item in enumerate(value):
-        item_path = f"{path}[{i}]"
-        s = _str(ctx, item_path, item)
-        if check:
-            check(item_path, s)
-        if s in out:
-            raise ctx.fail(item_path, f"duplicate entry {s!r}")
-        out.append(s)
-    return tuple(out)
-
-
-def _str_map(ctx: _Ctx, path: str, value: Any, *, numbers: bool = True) -> dict[str, str]:
-    """A mapping of non-empty string keys to strings. With `numbers`, numeric values are taken
-    as their text (`PORT: 8000` in `run.env`); without, only strings are (probe headers)."""
-    if value is None:
-        return {}
-    if not isinstance(value, Mapping):
-        raise ctx.fail(path, f"expected a mapping of strings, got {_show(value)}")
-    out: dict[str, str] = {}
-    for k, v in value.items():
-        if not isinstance(k, str) or not k:
-            expected = "non-empty keys" if isinstance(k, str) else "string keys"
-            raise ctx.fail(path, f"expected {expected}, got {_show(k)}")
-        if isinstance(v, bool) or not isinstance(v, (str, int, float) if numbers else str):
-            # (the kind only: a probe header's value may be a secret, and errors reach logs)
-            got = _show(v) if numbers else _kind(v)
-            raise ctx.fail(f"{path}.{k}", f"expected a string, got {got}")
-        # a number as the user wrote it: YAML 1.1 reads 0755 as 493, 1.10 as 1.1 and 1:30 as 90
-        out[k] = getattr(v, "yaml_text", None) or str(v)
-    return out
+    def network(self, cloud: str) -> CloudConfig | None:
+        """What `cloud`'s own section says about where its replicas may go (`CloudConfig`), or
+        None for a cloud without one (the local cloud)."""
+        config = self.cloud_sections.get(cloud)
+        return config if isinstance(config, CloudConfig) else None
 
 
 # --------------------------------------------------------------------------------------------
@@ -775,14 +372,11 @@ def _placement(ctx: _Ctx, raw: Any) -> Placement:
     def zone_ok(p: str, s: str) -> None:
         if not ZONE_RE.fullmatch(s):
             raise ctx.fail(p, f"expected a zone like 'use1-az1' (AWS zone ID) or 'us-central1-a', got {s!r}")
-        if "aws" in clouds and AWS_ZONE_NAME_RE.fullmatch(s):
-            # Zone names are shuffled per AWS account, so no table can turn one into the zone ID the
-            # catalog is keyed on; the user has to look it up in their own account.
-            raise ctx.fail(
-                p,
-                f"{s!r} is an AWS zone name; AWS zones are given as zone IDs such as 'use1-az1' "
-                "(the name-to-ID mapping differs per account: 'aws ec2 describe-availability-zones')",
-            )
+        for cloud in clouds:  # a cloud that owns a spec section may refuse what cannot be its zone
+            section = cloud_spec_section(cloud)
+            problem = section.zone_problem(s) if section is not None else None
+            if problem:
+                raise ctx.fail(p, problem)
 
     clouds = _str_list(ctx, "placement.clouds", d.get("clouds"), cloud_ok)
     if not clouds:
@@ -1293,18 +887,27 @@ def _check_local_ports(ctx: _Ctx, resources: Resources, rp: ReplicaPolicy, servi
             )
 
 
-TOP_LEVEL = {
-    "name",
-    "resources",
-    "placement",
-    "replica_policy",
-    "readiness_probe",
-    "service",
-    "run",
-    "terraform",
-    "aws",
-    "gcp",
-}
+#: The top-level keys skyhedge's core owns; each cloud with a spec section owns one more, its name
+#: (`cloud_spec_sections`).
+CORE_TOP_LEVEL = frozenset(
+    {"name", "resources", "placement", "replica_policy", "readiness_probe", "service", "run", "terraform"}
+)
+
+
+def cloud_spec_sections() -> dict[str, CloudSpecSection]:
+    """Every known cloud's own top-level spec section, by cloud name (sorted, as `cloud_names`),
+    asked of the clouds at each read: a cloud registered after skyhedge loaded brings its section.
+    A cloud named like one of the core's keys (a plug-in cloud `run`) cannot own a section: a
+    `CloudError` saying so, not a spec whose `run:` means two things."""
+    found: dict[str, CloudSpecSection] = {}
+    for cloud in cloud_names():
+        section = cloud_spec_section(cloud)
+        if section is None:
+            continue
+        if section.key in CORE_TOP_LEVEL:
+            raise CloudError(f"cloud {cloud!r}: its spec section would take the spec's own key {cloud!r}")
+        found[cloud] = section
+    return found
 
 
 def parse_spec(data: Any, *, source: str = "<spec>", launches: bool = True) -> ServiceSpec:
@@ -1313,7 +916,8 @@ def parse_spec(data: Any, *, source: str = "<spec>", launches: bool = True) -> S
     ctx = _Ctx(source)
     if not isinstance(data, Mapping):
         raise ctx.fail("", f"expected a mapping at the top level, got {_show(data)}")
-    d = _mapping(ctx, "", data, TOP_LEVEL)
+    sections = cloud_spec_sections()
+    d = _mapping(ctx, "", data, {*CORE_TOP_LEVEL, *sections})
     if "name" not in d:
         raise ctx.fail("name", "required")
     name = _str(ctx, "name", d["name"])
@@ -1325,8 +929,8 @@ def parse_spec(data: Any, *, source: str = "<spec>", launches: bool = True) -> S
         )
     if "placement" not in d:
         raise ctx.fail("placement", "required (at least placement.clouds)")
-    aws = _mapping(ctx, "aws", d.get("aws"), {f.name for f in fields(AwsConfig)})
-    gcp = _mapping(ctx, "gcp", d.get("gcp"), {f.name for f in fields(GcpConfig)})
+    # each cloud section's fields are checked here, before the rest; its values after the rest
+    raw_sections = {key: _mapping(ctx, key, d.get(key), sec.field_names()) for key, sec in sections.items()}
     resources = _resources(ctx, d.get("resources"))
     placement = _placement(ctx, d.get("placement"))
     replica_policy = _replica_policy(ctx, d.get("replica_policy"))
@@ -1355,8 +959,7 @@ def parse_spec(data: Any, *, source: str = "<spec>", launches: bool = True) -> S
         service=service,
         run=run,
         terraform=terraform,
-        aws=_aws(ctx, aws),
-        gcp=_gcp(ctx, gcp),
+        cloud_sections={key: sec.parse(ctx, raw_sections[key]) for key, sec in sections.items()},
         source=source,
     )
 
@@ -1536,7 +1139,10 @@ def spec_changes(old: ServiceSpec, new: ServiceSpec) -> list[str]:
             return
         if is_dataclass(a) and type(a) is type(b):
             for f in fields(a):
-                if path or f.name != "source":
+                if not path and f.name == "cloud_sections":  # each section by its own key: `aws.public_ip`
+                    for key in sorted(a.cloud_sections.keys() | b.cloud_sections.keys()):
+                        walk(key, a.cloud_sections.get(key), b.cloud_sections.get(key))
+                elif path or f.name != "source":
                     walk(f"{path}.{f.name}" if path else f.name, getattr(a, f.name), getattr(b, f.name))
             return
         if (a is None and is_dataclass(b)) or (b is None and is_dataclass(a)):
@@ -1560,8 +1166,9 @@ def spec_changes(old: ServiceSpec, new: ServiceSpec) -> list[str]:
 
 def replica_revision(spec: ServiceSpec, cloud: str | None = None) -> str:
     """A short digest of everything that makes up one replica's machine and process: `run`,
-    `resources`, the AWS key pair and, for a replica of `cloud`, whether that cloud gives it a
-    public IP (`cloud=None`: of any cloud, e.g. to tell whether a spec change rolls anything).
+    `resources` and what the clouds' own sections add for a replica of `cloud` (the AWS key pair;
+    whether AWS or GCP gives it a public IP) (`cloud=None`: of any cloud, e.g. to tell whether a
+    spec change rolls anything).
     Replicas launched under another revision are *outdated*: the planner replaces them one at a
     time, each after a replacement is READY (a rolling update), and Terraform never restarts or
     replaces them in place (docs/controller.md, "Changing the spec")."""
@@ -1573,14 +1180,11 @@ def replica_revision(spec: ServiceSpec, cloud: str | None = None) -> str:
     if run.pop("workdir") is not None and cloud in (None, "local"):
         run["workdir"] = str(spec.run.workdir)
     data: dict[str, object] = {"run": run, "resources": asdict(spec.resources)}
-    if spec.aws.key_name is not None:  # a new key pair means new machines (absent: digest as before)
-        data["aws_key_name"] = spec.aws.key_name
-    # so is a public IP given or taken away (EC2 sets it at launch; GCE would change running VMs),
-    # for that cloud's replicas only: `gcp.external_ip` does not roll AWS or local replicas over
-    if spec.aws.public_ip is not None and cloud in (None, "aws"):
-        data["aws_public_ip"] = spec.aws.public_ip
-    if not spec.gcp.external_ip and cloud in (None, "gcp"):
-        data["gcp_external_ip"] = False
+    # and what each cloud's own section puts in (`CloudConfig.revision`: the AWS key pair, and a
+    # public IP given or taken away for that cloud's replicas only; absent: the digest as before)
+    for config in spec.cloud_sections.values():
+        if isinstance(config, CloudConfig):
+            data.update(config.revision(cloud))
     text = json.dumps(data, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:12]
 

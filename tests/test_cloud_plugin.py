@@ -12,6 +12,7 @@ server this test runs on 127.0.0.1.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import io
 import json
 import os
@@ -40,9 +41,9 @@ from skyhedge.clouds import (
     unregister_cloud,
 )
 from skyhedge.controller.runner import event_sources
-from skyhedge.errors import SpecError
+from skyhedge.errors import CloudError, SpecError
 from skyhedge.service import resolve_placement
-from skyhedge.spec import load_spec
+from skyhedge.spec import load_spec, parse_spec, replica_revision, spec_changes
 from skyhedge.state import load_state
 
 RENDER_PY = '''
@@ -137,6 +138,54 @@ PROVIDER_TF_J2 = """{# terraform_data needs no provider plugin. #}
 {% macro configure() %}{% endmacro %}
 """
 
+SPEC_PY = '''
+"""The fake cloud's own top-level spec section, `fake:`: which of its zones replicas may use, and
+a tag that makes up its machines."""
+
+from dataclasses import dataclass
+
+from skyhedge.clouds import CloudConfig, CloudSpecSection
+from skyhedge.spec_fields import str_list, string
+
+
+@dataclass(frozen=True)
+class FakeConfig(CloudConfig):
+    zones: tuple[str, ...] = ()
+    tag: str | None = None
+
+    confinement = "fake zones are those of fake.zones"
+    confining_field, confining_kind, confining_level = "fake.zones", "fake zone", "zones"
+
+    def confines(self, region, zone):
+        return not self.zones or zone in self.zones
+
+    @property
+    def confined(self):
+        return bool(self.zones)
+
+    def confining_keys(self):
+        return self.zones
+
+    def revision(self, cloud):
+        return {"fake_tag": self.tag} if self.tag is not None and cloud in (None, "fake") else {}
+
+
+class FakeSection(CloudSpecSection):
+    key = "fake"
+    config = FakeConfig
+    zone_hint = " (fake zones are IDs such as 'fake-1a')"
+
+    def parse(self, ctx, d):
+        tag = string(ctx, "fake.tag", d["tag"]) if d.get("tag") is not None else None
+        return FakeConfig(zones=str_list(ctx, "fake.zones", d.get("zones")), tag=tag)
+
+    def zone_problem(self, zone):
+        return f"{zone!r} is a fake zone name; give its ID" if zone.startswith("name-") else None
+
+
+SECTION = FakeSection()
+'''
+
 ZONES = ("fake-1a", "fake-1b")
 
 
@@ -146,13 +195,16 @@ class FakeCloudFolder:
     package: str
 
 
-def write_fake_cloud(root: Path, package: str) -> Path:
+def write_fake_cloud(root: Path, package: str, *, section: bool = False) -> Path:
     """The `fake` cloud's every part, written into the Python package `root/package` (its code,
-    its Terraform module, provider template and catalog beside it); returns the package's folder."""
+    its Terraform module, provider template and catalog beside it; with `section`, its own spec
+    section `fake:` too); returns the package's folder."""
     folder = root / package
     folder.mkdir(parents=True)
     (folder / "__init__.py").write_text('"""A cloud outside skyhedge."""\n', encoding="utf-8")
     (folder / "render.py").write_text(RENDER_PY, encoding="utf-8")
+    if section:
+        (folder / "spec.py").write_text(SPEC_PY, encoding="utf-8")
     (folder / "events.py").write_text(EVENTS_PY, encoding="utf-8")
     (folder / "logs.py").write_text(LOGS_PY, encoding="utf-8")
     (folder / "module").mkdir()
@@ -317,6 +369,136 @@ def test_the_builtin_clouds_are_the_cloud_folders():
     assert builtin_clouds() == tuple(sorted(p.parent.name for p in folders.glob("*/render.py")))
 
 
+# -- A cloud's own top-level spec section (its `spec.py`) ---------------------------------------
+
+
+@pytest.fixture
+def sectioned_cloud(fake_cloud: FakeCloudFolder) -> FakeCloudFolder:
+    """The registered `fake` cloud with its own spec section, `fake:` (its package's `spec.py`)."""
+    (fake_cloud.root / fake_cloud.package / "spec.py").write_text(SPEC_PY, encoding="utf-8")
+    importlib.invalidate_caches()  # the package's folder was listed before the file was there
+    return fake_cloud
+
+
+def with_section(path: Path, section: object, **placement: object) -> Path:
+    """The spec at `path` with the top-level `fake:` section `section` (and `placement` fields)."""
+    data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    data["fake"] = section
+    data["placement"].update(placement)
+    path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    return path
+
+
+def test_a_cloud_owns_its_top_level_spec_section_from_its_own_folder(sectioned_cloud, tmp_path):
+    """No line of skyhedge names `fake:`: the spec takes it because the fake cloud's `spec.py` says
+    so, checks it with the cloud's own code, and the core asks it where replicas may go."""
+    spec_path = with_section(
+        write_spec(tmp_path / "service.yaml", "http://127.0.0.1:9"), {"zones": ["fake-1b"]}
+    )
+    spec = load_spec(spec_path)
+    assert type(spec.fake).__name__ == "FakeConfig" and spec.fake.zones == ("fake-1b",)
+    assert spec.network("fake") is spec.fake and spec.aws.subnets == ()  # the built-in sections as ever
+    placement = resolve_placement(spec)
+    assert {c.location.zone for c in placement.candidates} == {"fake-1b"}  # `confines` asked
+
+    planned = cli("plan", str(spec_path), "--state-dir", str(tmp_path / "st"), "--json")
+    assert planned.exit_code == 0, planned.output
+    assert {r["zone"] for r in json.loads(planned.output)["replicas"]} == {"fake-1b"}
+
+
+@pytest.mark.parametrize(
+    ("section", "placement", "message"),
+    [
+        ({"zone": ["fake-1a"]}, {}, r"fake\.zone: unknown field \(did you mean 'zones'\?\)"),
+        ({"tag": 5}, {}, r"fake\.tag: expected a string, got 5"),
+        ([], {}, r"fake: expected a mapping, got list"),
+        ({}, {"zones": ["name-1a"]}, r"placement\.zones\[0\]: 'name-1a' is a fake zone name; give its ID"),
+    ],
+    ids=["unknown-field", "its-own-check", "not-a-mapping", "its-zone-check"],
+)
+def test_a_cloud_sections_errors_are_one_line_naming_the_field(
+    sectioned_cloud, tmp_path, section, placement, message
+):
+    spec_path = with_section(
+        write_spec(tmp_path / "service.yaml", "http://127.0.0.1:9"), section, **placement
+    )
+    with pytest.raises(SpecError, match=message):
+        load_spec(spec_path)
+
+
+def test_a_cloud_sections_zones_are_checked_against_its_catalog(sectioned_cloud, tmp_path):
+    spec_path = with_section(
+        write_spec(tmp_path / "service.yaml", "http://127.0.0.1:9"), {"zones": ["fake-9z"]}
+    )
+    with pytest.raises(SpecError, match=r"fake\.zones\.fake-9z: unknown fake zone 'fake-9z'"):
+        resolve_placement(load_spec(spec_path))
+    spec_path = write_spec(tmp_path / "other.yaml", "http://127.0.0.1:9")
+    with_section(spec_path, {}, zones=["zz-9"])  # no close name: the cloud's own hint
+    with pytest.raises(
+        SpecError, match=r"unknown zone 'zz-9' for clouds fake \(fake zones are IDs such as 'fake-1a'\)$"
+    ):
+        resolve_placement(load_spec(spec_path))
+
+
+def test_a_cloud_sections_revision_rolls_its_replicas_and_its_changes_are_named(sectioned_cloud, tmp_path):
+    base = write_spec(tmp_path / "service.yaml", "http://127.0.0.1:9")
+    plain = load_spec(base)
+    v1 = load_spec(with_section(write_spec(tmp_path / "v1.yaml", "http://127.0.0.1:9"), {"tag": "v1"}))
+    v2 = load_spec(with_section(write_spec(tmp_path / "v2.yaml", "http://127.0.0.1:9"), {"tag": "v2"}))
+    assert replica_revision(v1, "fake") != replica_revision(v2, "fake") != replica_revision(plain, "fake")
+    assert replica_revision(v1, "local") == replica_revision(plain, "local")  # its own replicas only
+    assert spec_changes(v1, v2) == ["fake.tag: v1 -> v2"]
+
+
+def test_a_cloud_sections_key_is_unknown_once_the_cloud_is(sectioned_cloud, tmp_path):
+    spec_path = with_section(write_spec(tmp_path / "service.yaml", "http://127.0.0.1:9"), {"tag": "v1"})
+    data = yaml.safe_load(spec_path.read_text(encoding="utf-8"))
+    data["placement"]["clouds"] = ["local"]
+    data["resources"] = {}
+    unregister_cloud("fake")
+    with pytest.raises(
+        SpecError,
+        match=r"<spec>: fake: unknown field \(allowed: aws, gcp, name, placement, readiness_probe, "
+        r"replica_policy, resources, run, service, terraform\)$",
+    ):
+        parse_spec(data)
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (('key = "fake"', 'key = "other"'), r"SECTION\.key is 'other'; a cloud owns the key 'fake'"),
+        (
+            ("SECTION = FakeSection()", "SECTION = None"),
+            r"defines no SECTION \(a CloudSpecSection\), got none",
+        ),
+    ],
+    ids=["another-key", "no-section"],
+)
+def test_a_cloud_section_that_is_not_its_own_is_one_line_naming_the_file(
+    sectioned_cloud, tmp_path, edit, message
+):
+    spec_py = sectioned_cloud.root / sectioned_cloud.package / "spec.py"
+    spec_py.write_text(SPEC_PY.replace(*edit), encoding="utf-8")
+    with pytest.raises(CloudError, match=rf"cloud 'fake': {sectioned_cloud.package}/spec\.py.*{message}"):
+        load_spec(write_spec(tmp_path / "service.yaml", "http://127.0.0.1:9"))
+
+
+def test_a_cloud_named_like_a_core_key_cannot_own_a_section(sectioned_cloud, tmp_path):
+    """A plug-in cloud `run` with a section would make the spec's `run:` mean two things."""
+    folder = write_fake_cloud(sectioned_cloud.root, f"{sectioned_cloud.package}_run", section=True)
+    (folder / "spec.py").write_text(SPEC_PY.replace('key = "fake"', 'key = "run"'), encoding="utf-8")
+    register_cloud("run", folder.name, catalog=folder / "catalog.json")
+    try:
+        with pytest.raises(
+            CloudError, match=r"^cloud 'run': its spec section would take the spec's own key 'run'$"
+        ):
+            load_spec(write_spec(tmp_path / "service.yaml", "http://127.0.0.1:9"))
+    finally:
+        unregister_cloud("run")
+        forget_modules(folder.name)
+
+
 # -- Installed plug-ins: the `skyhedge.clouds` entry point group -------------------------------
 #
 # A distribution is "installed" the way pip leaves one: a `<name>-<version>.dist-info` folder with
@@ -350,14 +532,21 @@ class Site:
     packages: list[str]
 
     def install(
-        self, dist: str, entry_points: str, *, module: str = ENTRY_MODULE, metadata: bytes | None = None
+        self,
+        dist: str,
+        entry_points: str,
+        *,
+        module: str = ENTRY_MODULE,
+        metadata: bytes | None = None,
+        section: bool = False,
     ) -> str:
-        """Install distribution `dist` 1.0: the fake cloud in a package of its own, whose
-        `skyhedge_cloud.py` holds `module`, declaring `entry_points` (lines of the
-        `[skyhedge.clouds]` section unless it starts a section of its own, `{pkg}` standing for
-        its package), with the METADATA `metadata` if given; returns the package."""
+        """Install distribution `dist` 1.0: the fake cloud in a package of its own (with its spec
+        section `fake:` if `section`), whose `skyhedge_cloud.py` holds `module`, declaring
+        `entry_points` (lines of the `[skyhedge.clouds]` section unless it starts a section of its
+        own, `{pkg}` standing for its package), with the METADATA `metadata` if given; returns the
+        package."""
         package = f"skyhedge_test_cloud_{uuid.uuid4().hex[:8]}"
-        folder = write_fake_cloud(self.root, package)
+        folder = write_fake_cloud(self.root, package, section=section)
         (folder / "skyhedge_cloud.py").write_text(module, encoding="utf-8")
         info = self.root / f"{dist.replace('-', '_')}-1.0.dist-info"
         info.mkdir()
@@ -581,3 +770,15 @@ def test_the_plugins_are_read_when_a_cloud_list_is_needed_not_at_import(site, tm
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines() == ["skyhedge.clouds.local False False", "True True"]
+
+
+def test_an_installed_plugin_cloud_owns_its_top_level_spec_section(site, tmp_path):
+    """The section comes with the distribution's package (`<package>/spec.py`), found through the
+    entry point as the renderer is: a spec with `fake:` plans with no registration call."""
+    site.install("skyhedge-fake-cloud", "fake = {pkg}.skyhedge_cloud:CLOUD", section=True)
+    spec_path = with_section(
+        write_spec(tmp_path / "service.yaml", "http://127.0.0.1:9"), {"zones": ["fake-1a"]}
+    )
+    planned = plan_in_process(spec_path, tmp_path / "st")
+    assert planned.exit_code == 0, planned.output
+    assert {r["zone"] for r in json.loads(planned.output)["replicas"]} == {"fake-1a"}

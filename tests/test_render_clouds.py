@@ -160,7 +160,7 @@ def test_aws_replicas_keep_the_subnet_they_were_launched_in_and_private_ingress_
 def test_a_replica_moves_when_aws_subnets_gives_its_zone_another_subnet():
     """Rolled over like an outdated replica (a security group serves one VPC), judged from the
     module's outputs: the subnet it runs in and whether that is its zone's default one."""
-    from skyhedge.service import _subnet_moved
+    from skyhedge.service import _moved_by_section
     from skyhedge.state import ReplicaRecord
 
     def rec(**outputs: object) -> ReplicaRecord:
@@ -174,13 +174,13 @@ def test_a_replica_moves_when_aws_subnets_gives_its_zone_another_subnet():
         return parse_spec({**data, "aws": {"subnets": subnets}} if subnets else data)
 
     on_default = rec(subnet_id="subnet-0aaaaaaaa", subnet_default=True)
-    assert not _subnet_moved(spec(None), on_default)
-    assert _subnet_moved(spec({"use1-az1": "subnet-0bbbbbbbb"}), on_default)  # e.g. another VPC
-    assert not _subnet_moved(spec({"use1-az1": "subnet-0aaaaaaaa"}), on_default)
+    assert not _moved_by_section(spec(None), on_default)
+    assert _moved_by_section(spec({"use1-az1": "subnet-0bbbbbbbb"}), on_default)  # e.g. another VPC
+    assert not _moved_by_section(spec({"use1-az1": "subnet-0aaaaaaaa"}), on_default)
     given = rec(subnet_id="subnet-0bbbbbbbb", subnet_default=False)
-    assert _subnet_moved(spec(None), given)  # back to the default subnet
-    assert not _subnet_moved(spec({"use1-az1": "subnet-0bbbbbbbb"}), given)
-    assert not _subnet_moved(spec({"use1-az1": "subnet-0ccccccccc"}), rec())  # recorded before: unknown
+    assert _moved_by_section(spec(None), given)  # back to the default subnet
+    assert not _moved_by_section(spec({"use1-az1": "subnet-0bbbbbbbb"}), given)
+    assert not _moved_by_section(spec({"use1-az1": "subnet-0ccccccccc"}), rec())  # recorded before: unknown
 
 
 def test_aws_boot_script_only_interpolates_the_base64_config():

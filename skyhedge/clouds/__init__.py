@@ -22,6 +22,7 @@ name that is not a built-in cloud is asked about, never at import.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -31,6 +32,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 if TYPE_CHECKING:
     from skyhedge.planner import PlannedReplica
     from skyhedge.spec import ServiceSpec
+    from skyhedge.spec_fields import SpecContext
+    from skyhedge.state import ReplicaRecord, ServiceState
 
 
 @dataclass(frozen=True)
@@ -117,6 +120,84 @@ class CloudRenderer(Protocol):
         ...
 
 
+class CloudConfig:
+    """What skyhedge's core asks of a cloud's parsed spec section (`AwsConfig`, `GcpConfig`): a
+    section's frozen dataclass derives from this and overrides what applies to its cloud; the
+    defaults say "no say" (all zones allowed, nothing in the replicas' revision, no check against
+    the state). A section whose config does not derive from it is parsed and kept
+    (`spec.<cloud>`), and the core asks it nothing.
+
+    Why here and not in the core: which zones a cloud's network reaches (`aws.subnets`,
+    `gcp.subnetworks`), what of its section makes up a replica's machine, and which changes
+    running replicas cannot follow, are that cloud's knowledge; the core used to keep them in
+    `{"aws": ..., "gcp": ...}` tables and `if cloud == "aws"` branches that a new cloud had to
+    edit."""
+
+    #: What `confines` keeps replicas to, for the error that says why no zone is left.
+    confinement = ""
+    #: The field naming them (`aws.subnets`), what its keys are (`AWS zone ID`) and the catalog's
+    #: list they must be in (`zones` or `regions`): each key the catalog lacks is refused.
+    confining_field, confining_kind, confining_level = "", "", "zones"
+
+    def confines(self, region: str, zone: str) -> bool:
+        """Whether this cloud's replicas may go to `zone` of `region`."""
+        return True
+
+    @property
+    def confined(self) -> bool:
+        """Whether `confines` leaves any zone out (then its keys are checked against the catalog)."""
+        return False
+
+    def confining_keys(self) -> tuple[str, ...]:
+        """The zones or regions (`confining_level`) the section names, to check against the catalog."""
+        return ()
+
+    def revision(self, cloud: str | None) -> dict[str, object]:
+        """What of this section makes up the machine of a replica of `cloud` (None: of any cloud),
+        merged into `spec.replica_revision`'s digest: a change of it rolls those replicas over. Its
+        keys must not be another cloud's (prefix them with the cloud's name)."""
+        return {}
+
+    def moved(self, rec: ReplicaRecord) -> bool:
+        """Whether live replica `rec` of this cloud must move like an outdated one, though its
+        revision is current (an AWS replica whose zone `aws.subnets` now gives another subnet)."""
+        return False
+
+    def check_state(self, spec: ServiceSpec, state: ServiceState, *, destroying: bool) -> None:
+        """Refuse (`SpecError` naming the field) a section the live replicas cannot follow, before a
+        plan (`destroying` False) or a destroy (True) acts on it."""
+
+
+class CloudSpecSection:
+    """The top-level spec section a cloud owns: `skyhedge/clouds/<cloud>/spec.py` (a plug-in
+    cloud's `<package>/spec.py`) defines `SECTION`, an instance of a subclass. skyhedge.spec
+    takes the section's key at the top level, refuses a field `config` lacks (did-you-mean and
+    all, before any section is parsed), then hands the mapping to `parse` (an absent section as
+    `{}`): every known cloud's section is parsed for every spec, so `spec.<cloud>` always holds
+    one, as `spec.aws` always held an `AwsConfig`."""
+
+    #: The top-level key, which must be the cloud's name: two clouds can never claim one key.
+    key: str = ""
+    #: The frozen dataclass `parse` returns (preferably a `CloudConfig`); its fields are the
+    #: section's fields, as the unknown-field check and docs/spec.md's table list them.
+    config: type = CloudConfig
+    #: Said after "unknown zone 'x' for clouds ..." when no catalog of the spec's clouds has it.
+    zone_hint: str = ""
+
+    def field_names(self) -> set[str]:
+        return {f.name for f in dataclasses.fields(self.config)}
+
+    def parse(self, ctx: SpecContext, data: dict[str, Any]) -> Any:
+        """The section as `config`, checked; errors are `ctx.fail(path, message)` with `path`
+        starting with `key` (skyhedge.spec_fields has the checks the other sections use)."""
+        raise NotImplementedError
+
+    def zone_problem(self, zone: str) -> str | None:
+        """Why `zone`, in `placement.zones`/`exclude_zones` of a spec placing on this cloud, cannot
+        be one (None: it may be; the catalog is asked later)."""
+        return None
+
+
 from skyhedge.clouds.registry import (  # noqa: E402 - after CloudRenderer, which it names
     ENTRY_POINT_GROUP,
     CloudPackage,
@@ -124,6 +205,7 @@ from skyhedge.clouds.registry import (  # noqa: E402 - after CloudRenderer, whic
     cloud_module,
     cloud_names,
     cloud_package,
+    cloud_spec_section,
     forget_plugins,
     get_cloud,
     plugin_clouds,
@@ -133,13 +215,16 @@ from skyhedge.clouds.registry import (  # noqa: E402 - after CloudRenderer, whic
 
 __all__ = [
     "ENTRY_POINT_GROUP",
+    "CloudConfig",
     "CloudPackage",
     "CloudRenderer",
+    "CloudSpecSection",
     "RenderContext",
     "builtin_clouds",
     "cloud_module",
     "cloud_names",
     "cloud_package",
+    "cloud_spec_section",
     "forget_plugins",
     "get_cloud",
     "plugin_clouds",

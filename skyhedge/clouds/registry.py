@@ -6,6 +6,7 @@ about, never at import: the local launcher imports `skyhedge.clouds` once per re
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib
 import threading
@@ -19,7 +20,7 @@ from skyhedge._entry_points import declared as declared_entry_points
 from skyhedge._entry_points import warn as _warn
 
 if TYPE_CHECKING:
-    from skyhedge.clouds import CloudRenderer
+    from skyhedge.clouds import CloudRenderer, CloudSpecSection
 
 
 @dataclass(frozen=True)
@@ -211,3 +212,28 @@ def get_cloud(name: str) -> CloudRenderer:
         package = cloud_package(name).package
         raise KeyError(f"no renderer for cloud {name!r} (expected {package.replace('.', '/')}/render.py)")
     return module.CLOUD  # type: ignore[no-any-return]
+
+
+def cloud_spec_section(name: str) -> CloudSpecSection | None:
+    """The top-level spec section cloud `name` owns (its `spec.py`'s `SECTION`), or None when the
+    cloud has none (the local cloud). A `spec.py` whose `SECTION` is missing or is no
+    `CloudSpecSection` for this cloud is a `CloudError` naming the file: a plug-in's own mistake,
+    said in one line rather than a traceback at the first spec read."""
+    from skyhedge.clouds import CloudSpecSection
+    from skyhedge.errors import CloudError
+
+    module = cloud_module(name, "spec")
+    if module is None:
+        return None
+    section = getattr(module, "SECTION", None)
+    where = f"{cloud_package(name).package.replace('.', '/')}/spec.py"
+    if not isinstance(section, CloudSpecSection):
+        got = "none" if section is None else f"a {type(section).__name__}"
+        raise CloudError(f"cloud {name!r}: {where} defines no SECTION (a CloudSpecSection), got {got}")
+    if section.key != name:
+        raise CloudError(
+            f"cloud {name!r}: {where}: SECTION.key is {section.key!r}; a cloud owns the key {name!r}"
+        )
+    if not dataclasses.is_dataclass(section.config):
+        raise CloudError(f"cloud {name!r}: {where}: SECTION.config is not a dataclass")
+    return section
