@@ -485,7 +485,12 @@ def compute_plan(
     outdated = set(outdated_replicas(spec, state)) - outside
     # A rolling update: while replicas of an older spec run, the policy is asked for one replica
     # more (the surge); once that many are READY, the oldest outdated replica is released. So N
-    # stay READY throughout, and the update costs one replica more for a few cold starts. One
+    # stay READY throughout, and the update costs one replica more for a few cold starts. The
+    # policy is told which one is the surge (`Observation.surge`): asked for N + 1 as if the
+    # service needed them, it covered the starting surge with an on-demand replica (SpotHedge's
+    # fallback; the `skyhedge` policy also took its released extra back, with its cover: two
+    # spot and two on-demand launches per step where one spot replica was needed) while the
+    # outdated replica it replaces served throughout. One
     # already released (draining: the policy no longer counts it) needs no surge: asking for one
     # more while the last of them drains launched a replica (and its on-demand cover) that was
     # released again as soon as the drain ended.
@@ -502,9 +507,11 @@ def compute_plan(
             replace(f, ready_at=None) if f.ready_at is not None and now - f.ready_at < grace else f
             for f in inside
         )
+    surge = 1 if rolling and target > 0 else 0
     obs = Observation(
         now=now,
-        target=target + 1 if rolling and target > 0 else target,
+        target=target + surge,
+        surge=surge,
         candidates=placement.candidates,
         replicas=inside,
         events=state.events(),

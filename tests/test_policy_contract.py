@@ -46,9 +46,10 @@ markets = st.fixed_dictionaries(
 )
 
 
-def play(name: str, market: dict, seed: int = 0, *, restore_every: int = 0):
+def play(name: str, market: dict, seed: int = 0, *, restore_every: int = 0, surge: int = 0):
     """A small world: spot capped at capacity (newest first), cold start, events like the simulator.
-    Yields (decisions, alive replicas after acting) each tick."""
+    Yields (decisions, alive replicas after acting) each tick. `surge`: asked for on top of the
+    market's target as a rolling update's (`Observation.surge`)."""
     zones = ZONES[: market["n_zones"]]
     od_price = 3 * max(market["prices"])
     prices = market["prices"][: len(zones)]
@@ -83,7 +84,8 @@ def play(name: str, market: dict, seed: int = 0, *, restore_every: int = 0):
             memory = json.loads(json.dumps(policy.snapshot()))
             policy = make_policy(name, config, seed=seed)
             policy.restore(memory)
-        decisions = policy.decide(Observation(now, market["target"], cands, facts, tuple(events)))
+        target = market["target"] + surge
+        decisions = policy.decide(Observation(now, target, cands, facts, tuple(events), surge=surge))
         events = []
         for d in decisions:
             if isinstance(d, Terminate):
@@ -115,6 +117,20 @@ def test_never_fewer_than_target_and_within_budget(name, market):
         assert spot + ondemand >= target, "a policy must always ask for at least the target"
         assert ondemand <= target, "on-demand fallback is capped at the target"
         assert spot <= target + max(extra, 2), "spot stays within target + over-provisioning budget"
+
+
+@pytest.mark.parametrize("name", ONLINE)
+@settings(max_examples=40, deadline=None)
+@given(market=markets)
+def test_a_rolling_updates_surge_is_asked_on_spot_and_never_covered_on_demand(name, market):
+    """Mid rolling update the controller asks for N + 1, the one a surge (its outdated replica
+    still serves): the service's N stay asked for and covered, the surge adds spot only."""
+    target, extra = market["target"], market["extra"]
+    for _, alive in play(name, market, surge=1):
+        spot = sum(1 for r in alive if r.market is Market.SPOT)
+        assert len(alive) >= target, "the service's N are always asked for"
+        assert len(alive) - spot <= target, "on-demand covers the service's N at most"
+        assert spot <= target + 1 + max(extra, 2), "spot stays within the budget, plus the surge"
 
 
 @pytest.mark.parametrize("name", ONLINE)

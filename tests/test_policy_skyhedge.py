@@ -8,7 +8,7 @@ not depend on the simulator's internals.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -419,6 +419,31 @@ def test_never_below_n_ready_when_releasing() -> None:
     ready = (fact("a1", z[0]), fact("a2", z[0], at=20 * HOUR), fact("b1", z[1]), fact("c1", z[2]))
     decisions = policy.decide(Observation(20 * HOUR + 300, 3, cands, ready))
     assert len(decisions) == 1 and decisions[0] in (Terminate("b1"), Terminate("c1"))
+
+
+def test_a_rolling_updates_surge_gathers_with_the_rest_and_buys_no_on_demand() -> None:
+    """The controller asks for N + 1 while an outdated replica is replaced (`Observation.surge`).
+    Taken for a service of N + 1, three calm gathered replicas (the extra released, rule 2) got
+    the extra back, spread out, plus an on-demand replica for each spot one not READY (rule 3):
+    two spot and two on-demand launches per step, 6 on-demand per update of N = 3 (measured
+    under `watch`, five zones), released again, and the replicas left gathered ended spread.
+    The outdated replica serves until the surge is READY: the surge is one more spot replica,
+    in the anchor zone, and the hedge and cover stay the service's N's."""
+    z = zones(5)
+    cands = tuple(Candidate(loc, 1.0, 3.0) for loc in z)
+    policy = SkyHedge()
+    policy.decide(Observation(0.0, 3, cands))
+    t = 20 * HOUR
+    gathered = tuple(fact(f"a{i}", z[0], at=HOUR) for i in range(3))
+    assert policy.decide(Observation(t, 3, cands, gathered)) == []  # calm: no extra, no cover
+    assert policy.decide(Observation(t + 30, 4, cands, gathered, surge=1)) == [LaunchSpot(z[0])]
+    starting = (*gathered, fact("a9", z[0], ready=False, at=t + 30))
+    assert policy.decide(Observation(t + 60, 4, cands, starting, surge=1)) == []
+    # an outdated replica that stopped serving leaves the service short (2 of N READY): as
+    # without an update, the extra comes back, covered, and so is the missing replica
+    failing = replace(gathered[0], not_ready_since=t + 50)
+    decisions = policy.decide(Observation(t + 90, 4, cands, (failing, *starting[1:]), surge=1))
+    assert kinds(decisions) == (1, 2, 0)
 
 
 @pytest.mark.parametrize("target", [0.0, 1.5, float("nan"), "high", True])

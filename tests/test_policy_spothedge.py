@@ -144,6 +144,27 @@ def test_fallback_targets_formula():
     assert fallback_targets(cfg, 3, 3) == (3, 1)  # the base stays
     assert fallback_targets(PolicyConfig(dynamic_ondemand_fallback=False), 3, 0) == (4, 0)
     assert fallback_targets(cfg, 0, 0) == (0, 0)
+    # a rolling update's surge (N = 3 asked as 4): one more spot replica, no more cover
+    assert fallback_targets(cfg, 4, 3, surge=1) == (4, 1)  # the base alone: 3 READY serve N
+    assert fallback_targets(cfg, 4, 0, surge=1) == (4, 3)  # still capped at the service's N
+
+
+def test_a_rolling_updates_surge_is_a_spot_replica_with_no_on_demand_stand_in():
+    """The controller asks for N + 1 while an outdated replica is replaced (`Observation.surge`):
+    that replica is READY and serving, so the starting surge needs no on-demand cover. Asked for
+    N + 1 as if the service needed them, SpotHedge bought one per step of every update (measured
+    under `watch`, N = 3, five zones: 4 on-demand launches, 480 on-demand replica-seconds, per
+    update), each released again once the surge was READY."""
+    policy = SpotHedge()
+    zones = [Location("aws", "r", f"r{c}") for c in "abcde"]
+    serving = tuple(spot(f"s{i}", z) for i, z in enumerate(zones[:4]))  # N + the extra, READY
+    decisions = policy.decide(Observation(30, 4, cands(*zones), serving, surge=1))
+    assert decisions == [LaunchSpot(zones[4])]
+    starting = (*serving, spot("s9", zones[4], at=30, ready=False))
+    assert policy.decide(Observation(60, 4, cands(*zones), starting, surge=1)) == []
+    # an outdated replica that stopped serving is one the service lacks: covered as ever
+    failing = (*starting[1:], ReplicaFact("s0", zones[0], Market.SPOT, 0, 0, 0, not_ready_since=50.0))
+    assert policy.decide(Observation(90, 4, cands(*zones), failing, surge=1)) == [LaunchOnDemand(zones[0])]
 
 
 def test_surplus_spot_is_trimmed_not_ready_and_newest_first():

@@ -30,7 +30,9 @@ spot traces (`benchmarks/policy_report.py`, docs/policy.md), never from one trac
    the time). A READY spot replica counts as serving for the on-demand fallback only once its zone
    has been trouble-free for two cold starts; until then on-demand replicas cover it, so that
    losing the unsettled ones still leaves N. As in SpotHedge, on-demand also stands in for spot
-   replicas that are not READY (at most N on-demand replicas, SpotHedge's cap).
+   replicas that are not READY (at most N on-demand replicas, SpotHedge's cap). A rolling
+   update's surge (`Observation.surge`) is not part of N, for this cover or for rule 2's hedge:
+   the outdated replica it replaces still serves, so it is one spot replica more.
 4. **Without the extra, consolidate.** When no extra replica is held, SkyHedge gathers the N
    replicas, one at a time, into the calmest held zone (the *anchor*), which exposes one zone
    instead of several (SpotHedge's layout also exposes one: the zone holding two). This holds in
@@ -306,13 +308,16 @@ class SkyHedge(SpotHedge):
         """Predicted unavailability without the extra replica: D * sum of held zones' hazards."""
         return self.outage_seconds * sum(hazard(self.zone_age(z, now)) for z in held)
 
-    def extra_replicas(self, obs: Observation, spot: list[ReplicaFact], ready_spot: int) -> int:
-        """How many spot replicas beyond N to hold now (rules 2 and 4)."""
+    def extra_replicas(
+        self, obs: Observation, spot: list[ReplicaFact], ready_spot: int, *, n: int | None = None
+    ) -> int:
+        """How many spot replicas beyond N to hold now (rules 2 and 4); N is `obs.target` unless
+        `n` says otherwise (the service's own N during a rolling update's surge)."""
         base = max(0, self.config.num_overprovision)
         held = {r.location for r in spot}
         if base == 0 or not held:
             return base
-        n = obs.target
+        n = obs.target if n is None else n
         if len(spot) >= n and ready_spot >= n and self.unhedged_risk(held, obs.now) <= 1.0 - self.target:
             return 0
         if not self._partial:
@@ -373,10 +378,17 @@ class SkyHedge(SpotHedge):
             return [Terminate(r.id) for r in spot_all] + self._ondemand_to(ondemand, base)
         now = obs.now
 
+        # A rolling update's surge (`Observation.surge`): one spot replica more, placed as any
+        # other, but the hedge and the on-demand cover are the service's N's (`served`): the
+        # outdated replica it replaces still serves. Judged against N + surge, the extra came back
+        # (N + surge spot replicas are never READY while the surge starts) and on-demand replicas
+        # covered the surge and the extra, 2 per step (6 per update of N = 3), released again.
+        surge = min(max(0, obs.surge), n)
+        served = n - surge
         # Warned replicas keep serving but no longer count: their replacements start now.
         spot = [r for r in spot_all if r.id not in self._warned]
         ready_spot = sum(1 for r in spot if is_ready(r))
-        want = n + self.extra_replicas(obs, spot, ready_spot)
+        want = n + self.extra_replicas(obs, spot, ready_spot, n=served)
         held: dict[Location, int] = {}
         for replica in spot:
             held[replica.location] = held.get(replica.location, 0) + 1
@@ -397,10 +409,10 @@ class SkyHedge(SpotHedge):
         if self.config.dynamic_ondemand_fallback:
             settle = self.settle_seconds
             settled = sum(1 for r in spot if is_ready(r) and self._settled(r, now, settle))
-            missing = want - ready_spot
-            if want > n and ready_spot >= n and not self._stand_in_pays(obs, set(held), now):
+            missing = want - surge - ready_spot
+            if want > n and ready_spot >= served and not self._stand_in_pays(obs, set(held), now):
                 missing = 0  # rule 10: the extra's on-demand stand-in only while risk pays for it
-            dynamic = min(n, max(0, missing, n - settled))
+            dynamic = min(served, max(0, missing, served - settled))
             if len(held) == 1 and self._wave_at is not None and 0 <= now - self._wave_at < WAVE_HOLD_SECONDS:
                 dynamic = max(dynamic, 1)  # rule 9: the zone that survived a wave holds them all
         decisions.extend(self._ondemand_to(ondemand, base + dynamic))

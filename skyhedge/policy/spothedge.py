@@ -16,7 +16,8 @@ Counts (SkyServe's `replica_policy` knobs, see `PolicyConfig`):
 - spot target = N + num_overprovision - base_ondemand_fallback_replicas;
 - on-demand target = base + (dynamic fallback: max(0, spot target - READY spot)), capped at N,
   so on-demand replicas cover exactly the spot replicas that are not serving yet and go away as
-  spot replicas become READY;
+  spot replicas become READY (a rolling update's surge, `Observation.surge`, is not covered: the
+  outdated replica it replaces is still serving);
 - surplus replicas are terminated not-ready first, then newest first (the oldest READY ones are
   the ones serving traffic).
 
@@ -101,16 +102,22 @@ def pick_victims(replicas: Sequence[ReplicaFact], count: int) -> list[ReplicaFac
     return [replicas[i] for i in order[:count]]
 
 
-def fallback_targets(config: PolicyConfig, target: int, ready_spot: int) -> tuple[int, int]:
-    """(spot target, on-demand target) for N = `target` with `ready_spot` spot replicas READY."""
+def fallback_targets(config: PolicyConfig, target: int, ready_spot: int, surge: int = 0) -> tuple[int, int]:
+    """(spot target, on-demand target) for N = `target` with `ready_spot` spot replicas READY.
+
+    `surge` (`Observation.surge`): replicas of `target` a rolling update asks for beyond the
+    service's N. They are spot replicas like the rest, but the on-demand fallback covers the
+    service's N only: the outdated replica a surge replica replaces is READY and serving, so an
+    on-demand stand-in for the surge would serve nothing the service lacks."""
     if target <= 0:
         return 0, 0
+    surge = min(max(0, surge), target)
     base = max(0, config.base_ondemand_fallback_replicas)
     spot_target = max(0, target + max(0, config.num_overprovision) - base)
     ondemand = base
     if config.dynamic_ondemand_fallback:
-        ondemand += max(0, spot_target - ready_spot)
-    return spot_target, min(ondemand, target)
+        ondemand += max(0, spot_target - surge - ready_spot)
+    return spot_target, min(ondemand, target - surge)
 
 
 def _cheapest_ondemand(candidates: Sequence[Candidate]) -> Candidate:
@@ -227,7 +234,7 @@ class SpotHedge(Policy):
         for replica in spot:
             if replica.ready_at is not None and replica.not_ready_since is None:
                 ready_spot += 1
-        spot_target, ondemand_target = fallback_targets(self.config, obs.target, ready_spot)
+        spot_target, ondemand_target = fallback_targets(self.config, obs.target, ready_spot, obs.surge)
 
         decisions: list[Decision] = []
         if len(spot) < spot_target:

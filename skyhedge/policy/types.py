@@ -172,6 +172,13 @@ class Observation:
     `candidates` are the allowed locations that sell spot, with prices, in a stable order (ties
     break by it). `ondemand_only` are allowed locations that sell the type on-demand only: an
     on-demand replica may go there (`ondemand_choices()`), a spot one never.
+    `surge`: how many of `target` a rolling update asks for beyond the service's own N (the
+    controller's replacement for an outdated replica that is still in `replicas`, READY and
+    serving): the service needs `target - surge` READY, so the on-demand fallback covers that
+    many and the surge is placed as one more spot replica, not stood in for. Without it, each
+    step of every rolling update bought an on-demand stand-in for the starting surge (N = 3: 3 to
+    6 on-demand launches per update), paid for a cold start and released again. Never set by
+    the simulator (it rolls nothing); 0 leaves every decision as it was.
     """
 
     now: float
@@ -180,6 +187,7 @@ class Observation:
     replicas: tuple[ReplicaFact, ...] = ()
     events: tuple[ZoneEvent, ...] = ()
     ondemand_only: tuple[Candidate, ...] = ()
+    surge: int = 0
 
     def ondemand_choices(self) -> tuple[Candidate, ...]:
         """Where an on-demand replica may go: every candidate, then the on-demand-only locations."""
