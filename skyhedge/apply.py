@@ -74,8 +74,10 @@ from skyhedge.probe_store import (
     EARLIER_PROBES_KEY,
     PROBE_KEY,
     AppliedProbes,
+    ProbeStore,
     applied_probes,
     earlier_revision,
+    spec_probe_refused,
 )
 from skyhedge.render import RenderedRoot, RenderedTree, render_tree, restore_tree, snapshot_tree, write_tree
 from skyhedge.service import (
@@ -89,7 +91,7 @@ from skyhedge.service import (
     resolve_placement,
     set_gitops,
 )
-from skyhedge.spec import ReadinessProbe, ServiceSpec, revision_digests
+from skyhedge.spec import ReadinessProbe, ServiceSpec, readiness_probe_json, revision_digests
 from skyhedge.state import (
     STATE_FILE,
     ReplicaRecord,
@@ -871,6 +873,8 @@ def apply_service(
         earlier = probes.probes if wait else {}
         if probes.warning and wait:
             report.warnings.append(probes.warning)
+        if wait:
+            _check_spec_probe(spec, state, probes, report, say)
         # recorded by an earlier run that failed or was killed, never saved by Terraform: did EC2
         # launch them all the same?
         # (Terraform may have saved them though: a kill -9 of skyhedge alone, or a SIGTERM, after
@@ -1001,6 +1005,31 @@ def rolls_on(spec: ServiceSpec, state_dir: Path, *, route: bool, wait: bool) -> 
         return True
     router = _router(spec, Path(state_dir))
     return router is None or router.pid() is None
+
+
+def _check_spec_probe(
+    spec: ServiceSpec, state: ServiceState, probes: AppliedProbes, report: ApplyReport, say: Say
+) -> None:
+    """A spec whose probe is not the one the current revision's READY replicas were probed with
+    (a probe-only edit, or one a watcher refused): check it against them as a watcher does at its
+    start (`spec_probe_refused`). Taken (one passes, or none can be asked), it is the one in force
+    from now on; refused, they keep the one they had, said in one warning line. Before, `apply`
+    took it unchecked into nothing: the state kept the earlier one named until a watcher ran, said
+    nothing of a probe every replica failed, and `routing reload --probe` took them all out."""
+    spec_probe = readiness_probe_json(spec.readiness_probe)
+    if probes.in_force == spec_probe:
+        return
+    said = "readiness_probe: the spec's is not the one its replicas were probed with"
+    refused = spec_probe_refused(spec, state.live())
+    if refused is None:
+        probes.in_force = spec_probe
+        say(f"{said}: checked (a READY replica passes it, or none could be asked): taken")
+        return
+    count, rid, why = refused
+    report.warnings.append(
+        f"{said}, and none of the {count} READY replica(s) passes it ({rid}: {why}): not taken, they "
+        "are still probed with the earlier one; fix the probe and apply again"
+    )
 
 
 def _not_answering(
@@ -1344,6 +1373,7 @@ def destroy_service(
             report.cancelled = True
             return report
         roots: list[RenderedRoot] = []
+        types: Mapping[str, str] | None = None
         if keys:
             placement: Placement | None = None
             with contextlib.suppress(SpecError):  # else the spec dropped these clouds: records' types do
@@ -1435,6 +1465,23 @@ def destroy_service(
             save_state(ws.state_dir, state)
         if "local" in spec.placement.clouds or any(c == "local" for c, _ in keys):
             report.strays = _stop_local_strays(ws, state, say) if not report.errors else []
+        if not report.errors and not state.live():
+            report.warnings += _forget_what_only_replicas_needed(ws, state)
+            if keys:
+                # the state's tree described the destroyed replicas (`run.env` values included):
+                # a `terraform apply` run by hand there, as its README invites, launched them
+                # again. Rendered anew with none, every root still there (Terraform runs in it)
+                try:
+                    empty = render_tree(
+                        spec,
+                        _kept_plan(spec, state),
+                        context=ws.context(state),
+                        instance_types=types,
+                        extra_roots=keys,
+                    )
+                    ws.write_tree(empty)
+                except (RenderError, OSError) as exc:
+                    report.warnings.append(f"{ws.tree_dir}: still lists the destroyed replicas ({exc})")
         if not report.errors:  # a cloud's machines of the service still running after a clean destroy
             live_clouds = {r.cloud for r in state.live()}
             for cloud in sorted({c for c, _ in keys} - live_clouds):
@@ -1487,15 +1534,37 @@ def _stop_what_a_deleted_state_dir_ran(
     report.orphans = what
 
 
+def _forget_what_only_replicas_needed(ws: Workspace, state: ServiceState) -> list[str]:
+    """After a clean destroy (no replica left), remove what only the replicas needed: the kept
+    readiness probes (`tf/probes.json`, and their names in the state: a probe's headers or
+    `post_data` may hold a token, and no replica is left to probe with them). What stays is what
+    the docs say stays: `state.json` (replica IDs, history, the deployment ID), Terraform's state
+    and data, the replicas' and the router's logs. Returns warnings."""
+    warnings: list[str] = []
+    if any(state.extra.get(k) is not None for k in (EARLIER_PROBES_KEY, PROBE_KEY)):
+        state.extra.pop(EARLIER_PROBES_KEY, None)
+        state.extra.pop(PROBE_KEY, None)
+        save_state(ws.state_dir, state)  # first: state.json never names a probe the file lacks
+    store = ProbeStore(ws.state_dir)
+    try:
+        store.write([])
+    except OSError as exc:
+        warnings.append(f"{store.path}: cannot remove the kept probes ({exc.strerror or exc})")
+    return warnings
+
+
 def _stop_local_strays(ws: Workspace, state: ServiceState, say: Say) -> list[int]:
     """After a clean destroy nothing of this service may run locally: stop leftovers of crashes."""
     from skyhedge.clouds.local import runtime_dir
-    from skyhedge.clouds.local.processes import kill_all
+    from skyhedge.clouds.local.processes import forget_paths, kill_all, moved_strays
 
     live_local = [r for r in state.live() if r.cloud == "local"]
     if live_local:
         return []
-    pids = kill_all(runtime_dir(ws.state_dir))
+    # and those carrying the path the state dir had before it was moved (nothing is there now)
+    runtime = runtime_dir(ws.state_dir)
+    pids = kill_all(runtime, also=moved_strays(runtime, ws.spec.name))
+    forget_paths(runtime)  # none of them runs: the next launch records the path it has then
     if pids:
         say(f"stopped {len(pids)} stray local process(es) left by an earlier crash: {pids}")
     return pids

@@ -424,3 +424,41 @@ def digest_inline_probes(state_dir: Path, state: ServiceState) -> None:
     state.extra[EARLIER_PROBES_KEY] = {
         rev: store.digest(v) if isinstance(v, dict) else v for rev, v in raw.items()
     }
+
+
+def spec_probe_refused(spec: ServiceSpec, live: Iterable[ReplicaRecord]) -> tuple[int, str, str] | None:
+    """The watcher's check of a probe it did not take yet (`Controller._check_restart_probe`), for
+    a command without one: probe the READY replicas of the spec's revision with the spec's probe;
+    (how many were probed, the first one's ID, why it failed) when none passes, else None (one
+    passes, or none could be asked). `apply` records the spec's probe only then, and `routing
+    --probe` probes with it only then: both took it unchecked, or not at all, while a watcher
+    refused it (measured: after `apply` of a probe-only edit to a path the replicas do not serve,
+    `routing reload --probe` took both replicas out, every request 503)."""
+    from skyhedge.probe import check_all
+
+    ready = [
+        r
+        for r in live
+        if r.endpoint
+        and r.ready_at is not None
+        and r.not_ready_since is None
+        and not r.draining
+        and r.revision in (None, replica_revision(spec, r.cloud))
+    ]
+    results = check_all([r.endpoint or "" for r in ready], spec.readiness_probe) if ready else {}
+    if not results or any(result.ok for result in results.values()):
+        return None
+    first = min(ready, key=lambda r: r.id)
+    return len(ready), first.id, results[first.endpoint or ""].error or "failed"
+
+
+def probe_in_force(state_dir: Path, state: ServiceState, spec: ServiceSpec) -> ReadinessProbe | None:
+    """The probe the state names as the one the current revision's replicas are probed with
+    (`PROBE_KEY`), when it is not the spec's (a probe-only edit a watcher or `apply` has not taken
+    yet); None when it is the spec's, none is named, or it is not to be had (read only)."""
+    if not isinstance(state.extra.get(PROBE_KEY), str):
+        return None
+    before = read_kept(ProbeStore(state_dir), {PROBE_KEY: state.extra[PROBE_KEY]}).before
+    if before is None or readiness_probe_json(before) == readiness_probe_json(spec.readiness_probe):
+        return None
+    return before

@@ -489,6 +489,30 @@ def test_a_policy_move_keeps_n_booted_replicas_in_every_commit(tmp_path, repo, w
     assert len(messages) >= 4 and not any("replace r-0002, r-0003" in m for m in messages)
 
 
+def test_litter_of_an_os_or_editor_in_the_tree_is_kept_and_never_committed(tmp_path, repo, write_spec):
+    """A `.DS_Store` or a vim swap file in `infra/` stopped every `--gitops` pass as a file skyhedge
+    does not render (exit 1, no commit, for as long as Finder or the editor kept it there). The pass
+    commits now, and neither the litter nor a folder of it ends up in the commit; a folder made
+    for the tree that Finder had been in (only a `.DS_Store`) is taken as new."""
+    spec = write_spec(SPEC)
+    (repo / "infra").mkdir()
+    (repo / "infra" / ".DS_Store").write_bytes(b"finder")
+    args = ["watch", str(spec), "--state-dir", str(tmp_path / "state"), "--gitops", str(repo), "--once"]
+    first = CliRunner().invoke(main, args)
+    assert first.exit_code == 0, first.output
+    (repo / "infra" / "local" / "local" / ".main.tf.swp").write_bytes(b"vim")
+    (repo / "infra" / "local" / "local" / "main.tf~").write_bytes(b"backup")
+    spec.write_text(SPEC.replace("min_replicas: 2", "min_replicas: 3"))
+    second = CliRunner().invoke(main, args)
+    assert second.exit_code == 0, second.output
+    assert len(commits(repo)) == 2 and len(tfvars_replicas(repo)) == 4
+    tracked = git(repo, "ls-files").split()
+    assert not [name for name in tracked if name.endswith(("DS_Store", ".swp", "~"))], tracked
+    assert (repo / "infra" / ".DS_Store").read_bytes() == b"finder"
+    assert (repo / "infra" / "local" / "local" / ".main.tf.swp").read_bytes() == b"vim"
+    assert git(repo, "status", "--porcelain", "--", "infra") == ""  # ignored: nothing to commit
+
+
 def test_a_file_someone_added_to_the_tree_stops_the_commit_in_one_line_and_is_kept(
     tmp_path, repo, write_spec
 ):

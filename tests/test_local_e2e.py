@@ -244,3 +244,31 @@ def test_replicas_launched_from_a_venv_since_removed_are_still_destroyed(svc):
     gone = destroy_service(load_spec(svc.spec_path), svc.state_dir, route=False)
     assert gone.ok, gone.errors
     assert find_processes(svc.runtime) == [] and svc.pids() == {}
+
+
+def test_a_clean_destroy_leaves_no_kept_probe_and_a_tree_without_the_destroyed_replicas(svc):
+    """A destroy left `tf/probes.json` (the probe replicas were probed with: its headers or
+    `post_data` may hold a token) named by `state.json`, and the state's tree `tf/tree`, whose
+    tfvars still listed the destroyed replicas (a `terraform apply` by hand there launched them
+    again); nothing read either until the next apply replaced them. A clean destroy removes the
+    probes (and the local runtime dir's `paths.json`) and renders the tree with no replica; what
+    the docs say stays, stays, and the next apply records its probe again."""
+    spec, report = apply(svc, replicas=2)
+    assert report.ok, report.errors
+    tf = svc.state_dir / "tf"
+    assert (tf / "probes.json").is_file() and (tf / "tree").is_dir()
+    assert load_state(svc.state_dir, "e2e").extra.get("probe")
+    assert destroy_service(spec, svc.state_dir, route=False).ok
+    assert not (tf / "probes.json").exists()  # was: left, with the probe
+    tfvars = json.loads((tf / "tree" / "local" / "local" / "skyhedge.auto.tfvars.json").read_text())
+    assert tfvars["replicas"] == {}  # was: r-0001, r-0002, which `terraform apply` there relaunched
+    assert not (svc.runtime / "paths.json").exists()
+    state = load_state(svc.state_dir, "e2e")
+    assert "probe" not in state.extra and "earlier_probes" not in state.extra
+    assert state.live() == [] and state.next_id == 3  # IDs are never reused
+    assert (tf / "state" / "local-local.tfstate").is_file()  # Terraform's (empty) state stays
+    assert sorted(p.name for p in (svc.runtime / "replicas").iterdir()) == ["r-0001.log", "r-0002.log"]
+    spec, again = apply(svc, replicas=1)
+    assert again.ok and again.created == ["r-0003"]
+    assert (tf / "probes.json").is_file() and load_state(svc.state_dir, "e2e").extra.get("probe")
+    assert destroy_service(spec, svc.state_dir, route=False).ok

@@ -258,6 +258,68 @@ def test_a_file_a_user_added_to_the_tree_is_refused_in_one_line_never_deleted(tm
     assert not (out / "aws" / "us-west-2").exists() and not (out / "gcp").exists()
 
 
+#: What an operating system or an editor leaves in a tree someone browsed or edited (`is_litter`).
+LITTER = (
+    ".DS_Store",
+    "aws/us-east-1/.main.tf.swp",
+    "aws/us-east-1/.variables.tf.swo",
+    "aws/us-east-1/main.tf~",
+    "aws/us-east-1/4913",
+    "modules/aws-replicas/Thumbs.db",
+    "gcp/us-central1/.DS_Store",  # in a root the next plan drops
+)
+
+
+def test_litter_of_an_os_or_editor_neither_blocks_a_render_nor_is_deleted(tmp_path):
+    """A `.DS_Store` Finder left, a vim swap file of an edit in progress or an emacs lock in the
+    tree was refused as a file skyhedge does not render: every render (and every `--gitops` pass)
+    failed until it was deleted by hand. It is kept where it is, as it is (an emacs lock as the
+    dangling link it is, in a root the plan dropped too), while a real foreign file is still
+    refused, alone."""
+    out = tmp_path / "infra"
+    write_tree(render_tree(spec_of(("aws", "gcp")), MULTI, context=CTX, instance_types=TYPES), out)
+    for n, name in enumerate(LITTER):
+        (out / name).write_bytes(f"litter {n}".encode())
+    (out / "aws" / "us-east-1" / ".#main.tf").symlink_to("me@laptop.4242:1764547200")
+    fewer = plan_of(("r-0001", "aws", "us-east-1", "use1-az1", "spot", CREATE))
+    tree = render_tree(spec_of(("aws",)), fewer, context=CTX, instance_types=TYPES)
+    (out / "NOTES.md").write_text("ours")
+    with pytest.raises(RenderError) as refused:
+        write_tree(tree, out)
+    assert str(refused.value).startswith(f"{out}/NOTES.md: not a file skyhedge renders, and")
+    (out / "NOTES.md").unlink()
+    write_tree(tree, out)
+    for n, name in enumerate(LITTER):
+        assert (out / name).read_bytes() == f"litter {n}".encode(), name
+    assert os.readlink(out / "aws" / "us-east-1" / ".#main.tf") == "me@laptop.4242:1764547200"
+    rendered = {name for name, _ in tree.files}
+    assert set(files_of(out)) == rendered | set(LITTER)  # the dropped roots' own files: gone
+    assert not (out / "aws" / "us-west-2").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["infra"]
+    write_tree(tree, out)  # and again: the litter stays
+    assert set(files_of(out)) == rendered | set(LITTER)
+    gitignore = files_of(out)[".gitignore"].decode()
+    for pattern in (".DS_Store", "Thumbs.db", ".*.sw[a-p]", "*~", ".#*", "4913"):
+        assert pattern in gitignore.splitlines()
+
+
+def test_a_new_folder_holding_only_litter_takes_a_tree(tmp_path):
+    """A folder made for the tree and opened in Finder first (a `.DS_Store`) was refused as "not
+    empty and not a skyhedge-rendered tree"; a folder with a file of someone's still is."""
+    out = tmp_path / "infra"
+    out.mkdir()
+    (out / ".DS_Store").write_bytes(b"finder")
+    tree = render_tree(spec_of(), LOCAL, context=CTX, instance_types=TYPES)
+    write_tree(tree, out)
+    assert (out / ".DS_Store").read_bytes() == b"finder" and (out / TREE_MANIFEST).is_file()
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / ".DS_Store").write_bytes(b"finder")
+    (other / "notes.txt").write_text("ours")
+    with pytest.raises(RenderError, match="not empty and not a skyhedge-rendered tree"):
+        write_tree(tree, other)
+
+
 def test_an_override_file_added_to_a_module_copy_is_refused_too(tmp_path):
     """A file in a module folder skyhedge ships is taken as an older release's and swapped away;
     an `override.tf` there went too, without a word, although Terraform reads it (a team's

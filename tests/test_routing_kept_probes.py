@@ -462,9 +462,10 @@ def test_apply_of_a_new_version_keeps_the_outgoing_probe_for_the_outdated_replic
 
 
 def test_apply_of_a_probe_only_edit_leaves_the_check_to_a_watcher(tmp_path, write_spec):
-    """A probe-only edit (same revision): `apply` does not probe the READY replicas with it, so it
-    does not record it as checked; the probe they were probed with stays named, and a watcher
-    started later checks the spec's against them (`_check_restart_probe`), as without the apply."""
+    """A probe-only edit (same revision): `applied_probes` alone does not take it (`apply` checks it
+    against the READY replicas when it waits: `_check_spec_probe`; with `--no-wait` it asks none);
+    the probe they were probed with stays named, and a watcher started later checks the spec's
+    against them (`_check_restart_probe`), as without the apply."""
     port = free_port()
     v1 = load_spec(write_spec(V1.format(port=port)))
     edited = load_spec(
@@ -611,3 +612,50 @@ def test_the_failed_launch_an_apply_reverting_an_update_recreates_records_the_re
     assert sorted(report.deleted) == ["r-0001", "r-0002", "r-0003"]  # before: nothing created nor deleted
     live = load_state(local_svc.state_dir, "kept").live()
     assert len(live) == 2 and {r.revision for r in live} == {replica_revision(v2, "local")}
+
+
+def _edit_probe_path(svc: LocalService, path: str) -> Path:
+    """The spec with only its readiness probe's path changed (same revision: nothing rolls)."""
+    data = yaml.safe_load(svc.spec_path.read_text(encoding="utf-8"))
+    data["readiness_probe"]["path"] = path
+    svc.spec_path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    return svc.spec_path
+
+
+def _in_force(state_dir: Path) -> str:
+    store = ProbeStore(state_dir)
+    probes, _ = store.read()
+    return probes[load_state(state_dir, "kept").extra[PROBE_KEY]]["path"]
+
+
+@needs_nginx
+def test_apply_checks_a_probe_only_edit_and_routing_probe_agrees_with_it(routed_svc):
+    """A probe-only edit to a path no replica serves, applied: `apply` said nothing and kept the
+    earlier probe named, unchecked, until a watcher ran; then `routing up --probe` probed with the
+    spec's and took both replicas out (measured: "0 upstreams", every request 503), where a
+    watcher refuses that probe and keeps them. `apply` checks it now as the watcher does (one
+    warning, the earlier one kept in force), `routing --probe` does the same (both stay routed),
+    and an edit that a READY replica passes is checked and taken."""
+    svc, port = routed_svc
+    spec_path = write_version(svc, "/v1/health", port)
+    first = apply_service(load_spec(spec_path), svc.state_dir, route=False)
+    assert first.ok and sorted(first.ready) == ["r-0001", "r-0002"], first.errors
+    assert _in_force(svc.state_dir) == "/v1/health"
+
+    _edit_probe_path(svc, "/v2/health")
+    edited = apply_service(load_spec(spec_path), svc.state_dir, route=False)
+    assert edited.ok and edited.created == [] and edited.deleted == []
+    assert any(
+        "none of the 2 READY replica(s) passes it (r-0001: HTTP 404): not taken" in w for w in edited.warnings
+    ), edited.warnings
+    assert _in_force(svc.state_dir) == "/v1/health"
+    routed_up = run("routing", "up", str(spec_path), "--state-dir", str(svc.state_dir), "--probe")
+    assert routed_up.exit_code == 0, routed_up.output
+    assert "not taken, they are probed with the earlier one" in routed_up.output
+    router = load_state(svc.state_dir, "kept").router
+    assert router is not None and [u["id"] for u in router["upstreams"]] == ["r-0001", "r-0002"]  # was: []
+
+    _edit_probe_path(svc, "/work")  # one they answer: checked, taken
+    taken = apply_service(load_spec(spec_path), svc.state_dir, route=False)
+    assert taken.ok and not taken.warnings, taken.warnings
+    assert _in_force(svc.state_dir) == "/work"  # was: /v1/health until a watcher ran

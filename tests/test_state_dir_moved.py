@@ -209,6 +209,37 @@ def test_the_router_of_a_moved_state_dir_is_replaced_and_a_copys_is_refused(tmp_
         teardown_router(first)
 
 
+def test_the_router_of_a_moved_state_dir_is_stopped_by_routing_down(tmp_path):
+    """`mv state elsewhere`, then `destroy` (or `routing down`) from the new path: the nginx started
+    from the old path was not its master, so only the pid file was removed, and nginx held the
+    service port for good (measured: `destroy --auto-approve` said "taking the router down",
+    exit 0, and the master ran on, found by no command any more). It is stopped, as `up` replaces
+    it; a pid of it taken since by another service's router on another port is left alone
+    (`_moved_router`)."""
+    from routing_support import make_spec
+
+    spec = make_spec(free_port())
+    first = Router(spec, tmp_path / "state")
+    first.up([Upstream("r-0001", "http://127.0.0.1:9")])
+    old_pid = first.pid()
+    assert old_pid is not None
+    moved = tmp_path / "elsewhere"
+    router = Router(spec, moved)
+    try:
+        os.rename(tmp_path / "state", moved)
+        router.down(timeout=3.0)
+        deadline = time.monotonic() + 5
+        while proc_starttime(old_pid) is not None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert proc_starttime(old_pid) is None  # was: running on, the service port held
+    finally:
+        teardown_router(router)
+        teardown_router(first)
+        with contextlib.suppress(ProcessLookupError):
+            if proc_starttime(old_pid) is not None:
+                os.kill(old_pid, signal.SIGKILL)
+
+
 def test_a_state_kept_elsewhere_is_not_dropped_when_the_spec_switches_to_the_state_dirs_own(svc, tmp_path):
     """`-reconfigure` is for the state dir's own state file at a new path, not for a backend the
     spec named before (a `terraform.config.path`, an S3 bucket): taken then, `init` forgot that
@@ -452,3 +483,62 @@ def test_only_a_state_dirs_own_recorded_backend_is_reconfigured(svc, tmp_path, r
     root = ws.root("local", "local")
     assert root.reconfigure is reconfigure and root.refused is None
     assert ("-reconfigure" in Terraform(home=tmp_path).init_args(root)) is reconfigure
+
+
+def _marked_with(runtime: Path, rid: str, service: str) -> subprocess.Popen[bytes]:
+    """A process carrying the launcher's markers (`runtime`, replica `rid`, `service`), in a
+    session of its own, as a replica's worker or what a cut-short `run.setup` left is."""
+    env = {**os.environ, RUNTIME_ENV: str(runtime), REPLICA_ENV: rid, "SKYHEDGE_SERVICE": service}
+    return subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(600)"], env=env, start_new_session=True
+    )
+
+
+def test_destroy_of_a_moved_state_dir_stops_what_carries_its_old_path_and_nothing_else(svc, tmp_path):
+    """Moved, applied (the replicas adopted: their pid files name the new path), then `destroy`:
+    what carried the old path and no pid file named was left running, since destroy's sweep looked
+    only for the new path's marker (measured: a crashed replica's setsid worker, `sleep 600`, ran
+    on after `destroy` exited 0). The paths the state dir had are kept in `local/paths.json`; a
+    process marked with one that nothing holds now is stopped, one of another path or service is
+    not."""
+    svc.write(replicas=2, command=f"setsid -f sleep 600; exec {sys.executable} {svc.server}")
+    assert _apply(svc.state_dir, svc.spec_path).ok
+    old = runtime_dir(svc.state_dir).resolve()
+    cut_short = _marked_with(old, "r-0003", "moved")  # a launch cut short: no pid file
+    other_dir = tmp_path / "other-state" / "local"
+    other_dir.mkdir(parents=True)
+    foreign = [
+        _marked_with(other_dir, "r-0001", "moved"),  # another state dir's, still there
+        _marked_with(old, "r-0009", "another-service"),
+    ]
+    try:
+        moved = tmp_path / "elsewhere"
+        os.rename(svc.state_dir, moved)
+        assert _apply(moved, svc.spec_path).ok  # adopts r-0001, r-0002 (pid files rewritten)
+        leader = {p.id: p for p in list_pidfiles(runtime_dir(moved))}["r-0001"]
+        os.killpg(leader.pgid, signal.SIGKILL)  # the replica crashed; its setsid worker runs on
+        report = destroy_service(load_spec(svc.spec_path), moved, route=False)
+        assert report.ok, report.errors
+        deadline = time.monotonic() + 5
+        while _carrying(old, "moved") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _carrying(old, "moved") == []  # was: the worker and the cut-short launch
+        assert cut_short.poll() is not None
+        assert all(p.poll() is None for p in foreign)  # not ours: untouched
+    finally:
+        for proc in [cut_short, *foreign]:
+            proc.kill()
+            proc.wait()
+        kill_all(old)
+
+
+def _carrying(runtime: Path, service: str) -> list[int]:
+    from skyhedge.clouds.local.processes import find_processes
+
+    found = []
+    marker = f"\0SKYHEDGE_SERVICE={service}\0".encode()
+    for pid in find_processes(runtime):
+        with contextlib.suppress(OSError):  # (gone meanwhile)
+            if marker in b"\0" + Path(f"/proc/{pid}/environ").read_bytes():
+                found.append(pid)
+    return found

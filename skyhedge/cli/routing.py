@@ -26,7 +26,7 @@ from skyhedge.cli._app import (
 from skyhedge.errors import RoutingError
 from skyhedge.policy.types import ReplicaStatus
 from skyhedge.probe import ProbeResult, check_all
-from skyhedge.probe_store import by_probe, earlier_probes
+from skyhedge.probe_store import by_probe, earlier_probes, probe_in_force
 from skyhedge.routing import Router, Upstream
 from skyhedge.spec import ReadinessProbe, ServiceSpec, load_spec
 from skyhedge.state import ServiceState, default_state_dir, load_state, save_state, writer_lock
@@ -46,11 +46,15 @@ def upstreams_from_state(
     *,
     probe_now: bool,
     earlier: Mapping[str, ReadinessProbe] | None = None,
+    in_force: ReadinessProbe | None = None,
 ) -> list[Upstream]:
     """READY replicas with an endpoint; with `probe_now`, the live non-draining ones that pass a
     probe: the spec's, but an outdated replica's is its revision's kept probe (`earlier`), as the
     watcher's (`probe_store.by_probe`). Mid rolling update to a new health path, the replicas still
-    serving the old version failed the spec's and left the router (all of them: an outage)."""
+    serving the old version failed the spec's and left the router (all of them: an outage).
+    `in_force`: the probe the state names for the current revision when it is not the spec's
+    (`probe_store.probe_in_force`): the spec's is taken only if a READY replica passes it, as the
+    watcher takes it (`Controller._check_restart_probe`), else they are probed with that one."""
     live = [r for r in state.live() if r.endpoint]
     if not probe_now:
         return [
@@ -62,6 +66,19 @@ def upstreams_from_state(
     results: dict[str, ProbeResult] = {}
     for readiness, group in [(service.readiness_probe, rest), *((kept[v], g) for v, g in outdated.items())]:
         results.update(check_all([r.endpoint or "" for r in group], readiness))
+    ready = [r for r in rest if r.fact().status is ReplicaStatus.READY]
+    if in_force is not None and ready and not any(results[r.endpoint or ""].ok for r in ready):
+        # the spec's probe, which the state does not name as the one in force (a probe-only edit
+        # not checked yet), passed by none of the READY replicas: as the watcher, not taken
+        first = min(ready, key=lambda r: r.id)
+        why = results[first.endpoint or ""].error
+        echo(
+            "warning: readiness_probe: the spec's is not the one its replicas were probed with, and "
+            f"none of the {len(ready)} READY replica(s) passes it ({first.id}: {why}): not taken, they "
+            "are probed with the earlier one; fix the probe",
+            err=True,
+        )
+        results.update(check_all([r.endpoint or "" for r in rest], in_force))
     out: list[Upstream] = []
     for rec in candidates:
         result = results[rec.endpoint or ""]
@@ -105,11 +122,15 @@ def _route(spec: Path, state_dir: Path | None, *, start: bool, probe_now: bool, 
         for line in notice_dead_local_replicas(state, sdir, time.time()):
             err_console.print(line, markup=False)
         earlier: dict[str, ReadinessProbe] = {}
+        in_force: ReadinessProbe | None = None
         if probe_now:  # the probes a watcher kept for the outdated replicas (read, never written)
             earlier, problem = earlier_probes(sdir, state, service)
             if problem:
                 echo(f"warning: {problem}", err=True)
-        upstreams = upstreams_from_state(service, state, probe_now=probe_now, earlier=earlier)
+            in_force = probe_in_force(sdir, state, service)
+        upstreams = upstreams_from_state(
+            service, state, probe_now=probe_now, earlier=earlier, in_force=in_force
+        )
         if start and router.pid() is None:
             # nginx found and the ports free, checked before the router's folder is made: a
             # refused first `up` leaves no state dir behind (as `apply` checks before it launches)

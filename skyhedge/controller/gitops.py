@@ -44,7 +44,7 @@ from skyhedge.controller.ports import ExecResult
 from skyhedge.errors import RenderError, SkyhedgeError, StateError
 from skyhedge.planner import CREATE, DELETE, Plan
 from skyhedge.render import render_tree, write_tree
-from skyhedge.render.tree import TREE_MANIFEST, RenderedTree, git_repository_in
+from skyhedge.render.tree import TREE_MANIFEST, RenderedTree, git_repository_in, holds_only_litter
 from skyhedge.service import GITOPS_KEY, Placement, resolve_placement
 from skyhedge.spec import ServiceSpec, load_spec, spec_changes
 from skyhedge.state import STATE_FILE, ServiceState, save_state
@@ -164,7 +164,7 @@ def _check_tree_dir(out: Path, where: str, state_dir: Path, service: str) -> Non
     if not out.is_dir():
         raise StateError(f"{flag}: {out} is a file, not a folder: name a folder for the tree")
     try:
-        empty = not any(out.iterdir())
+        empty = holds_only_litter(out)  # (a `.DS_Store` Finder left: still a new folder)
     except OSError as exc:
         raise StateError(f"{flag}: {out}: cannot read the folder ({exc.strerror or exc})") from exc
     if empty:

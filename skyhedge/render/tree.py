@@ -436,6 +436,47 @@ def _is_terraforms(name: str) -> bool:
     )
 
 
+#: What an operating system or an editor leaves beside the files it shows or edits: Finder's
+#: `.DS_Store`, Explorer's `Thumbs.db`, vim's swap files (`.main.tf.swp`, `.swo`, ... `.swa`) and
+#: write probe (`4913`), the backups of vim and emacs (`main.tf~`) and emacs's lock links
+#: (`.#main.tf`). Browsing or editing a tree made them, and each blocked the next render and every
+#: `--gitops` pass as a file skyhedge does not render (a `.DS_Store` in a Finder window left open).
+#: They are neither refused nor deleted: a re-render carries them over where they are (an edit
+#: in progress keeps its swap file), and the tree's `.gitignore` lists them, so `--gitops` never
+#: commits them (one a user committed by hand stays theirs).
+LITTER_NAMES = frozenset({".DS_Store", "Thumbs.db", "4913"})
+_LITTER_RE = re.compile(r"\..+\.sw[a-p]|.+~|\.#.+")
+
+
+def is_litter(name: str) -> bool:
+    """Whether a file named `name` is an operating system's or an editor's (`LITTER_NAMES`)."""
+    return name in LITTER_NAMES or _LITTER_RE.fullmatch(name) is not None
+
+
+def _litter(out: Path) -> list[str]:
+    """The litter files (and links) in the tree at `out` (`is_litter`), relative, sorted; what
+    Terraform keeps (`.terraform/`, a root's workspaces) is carried whole and not looked into."""
+    found: list[str] = []
+    for folder, dirs, files in os.walk(out):
+        here = Path(folder).relative_to(out).as_posix()
+        here = "" if here == "." else here
+        entries = list(files)
+        for d in list(dirs):
+            if os.path.islink(os.path.join(folder, d)):
+                entries.append(d)
+                dirs.remove(d)
+            elif d in (".terraform", "terraform.tfstate.d"):
+                dirs.remove(d)
+        found += [f"{here}/{name}" if here else name for name in entries if is_litter(name)]
+    return sorted(found)
+
+
+def holds_only_litter(out: Path) -> bool:
+    """Whether the folder `out` is empty but for litter files (`is_litter`): a new folder for a
+    tree that Finder or an editor has already been in counts as empty, not as someone's folder."""
+    return all(is_litter(p.name) and (p.is_symlink() or not p.is_dir()) for p in out.iterdir())
+
+
 def _is_override(name: str) -> bool:
     """Whether Terraform reads `name` as an override file (`override.tf`, `x_override.tf`, and
     their `.tf.json`): someone's change to the module beside it, as no skyhedge module has one."""
@@ -450,7 +491,8 @@ def foreign_files(out: Path, tree: RenderedTree) -> list[str]:
     without a word; `write_tree(strict=True)` refuses them instead. Files skyhedge renders in any
     root the old or new manifest lists, and any file of a module it ships (an older release's
     included) but an override file (`_is_override`), are its own, so a root dropped from the
-    plan still goes away."""
+    plan still goes away. An OS's or editor's litter (`is_litter`) is nobody's to refuse: the
+    swap carries it over."""
     roots = {r.path for r in tree.roots} | set(_old_roots(out))
     shipped = {p.name for p in modules_dir().iterdir() if p.is_dir()} if modules_dir().is_dir() else set()
     rendered = {name for name, _ in tree.files}
@@ -473,6 +515,8 @@ def foreign_files(out: Path, tree: RenderedTree) -> list[str]:
             if rel in rendered or (in_module and not _is_override(name)) or (not here and name in _TOP_FILES):
                 continue
             if in_root and (name in _ROOT_FILES or _is_terraforms(name)):
+                continue
+            if is_litter(name):  # carried over by the swap, never refused (`LITTER_NAMES`)
                 continue
             found.append(rel)
     return sorted(found)
@@ -514,6 +558,8 @@ def write_tree(tree: RenderedTree, out: Path, *, strict: bool = True) -> None:
     `strict` (a tree for people and repositories: `render --out`, GitOps) refuses a file in `out`
     that the swap would delete but that neither skyhedge rendered nor Terraform made
     (`foreign_files`); the state's own tree (`tf/tree`) passes False: nobody keeps files there.
+    With `strict`, an operating system's or an editor's litter (`is_litter`: `.DS_Store`, swap
+    files) is neither refused nor deleted: it is carried over where it is.
 
     The new tree is written to a temp dir beside `out`, then swapped in: on Linux by one atomic
     exchange of the two directories (renameat2), elsewhere by two renames, between which a reader
@@ -537,7 +583,7 @@ def write_tree(tree: RenderedTree, out: Path, *, strict: bool = True) -> None:
     if out.exists():
         if not out.is_dir():
             raise RenderError(f"{out}: exists and is not a directory")
-        if any(out.iterdir()) and not (out / TREE_MANIFEST).is_file():
+        if not holds_only_litter(out) and not (out / TREE_MANIFEST).is_file():
             raise RenderError(
                 f"{out}: not empty and not a skyhedge-rendered tree (no {TREE_MANIFEST}); "
                 "refusing to replace it"
@@ -579,7 +625,7 @@ def write_tree(tree: RenderedTree, out: Path, *, strict: bool = True) -> None:
         except OSError as exc:
             raise RenderError(f"{out}: cannot write the rendered tree ({exc.strerror or exc})") from exc
         try:
-            _swap_in(tree, tmp, out, new_roots)
+            _swap_in(tree, tmp, out, new_roots, litter=_litter(out) if strict and out.exists() else ())
         except OSError as exc:
             raise RenderError(f"{out}: cannot write the rendered tree ({exc.strerror or exc})") from exc
 
@@ -650,9 +696,16 @@ def _copy_link(src: Path, dst: Path) -> None:
 
 
 def _swap_in(
-    tree: RenderedTree, tmp: Path, out: Path, new_roots: set[str], carried: tuple[str, ...] = _PRESERVED
+    tree: RenderedTree,
+    tmp: Path,
+    out: Path,
+    new_roots: set[str],
+    carried: tuple[str, ...] = _PRESERVED,
+    litter: Iterable[str] = (),
 ) -> None:
-    """Fill `tmp` with `tree` and Terraform's files (`carried`) from `out`, then rename it to `out`."""
+    """Fill `tmp` with `tree`, Terraform's files (`carried`) and the `litter` files from `out`
+    (paths relative to it, each kept where it is: its folder made again if the tree dropped
+    it), then rename it to `out`."""
     moved: list[tuple[Path, Path]] = []
     try:
         for name, data in tree.files:
@@ -673,6 +726,16 @@ def _swap_in(
                         shutil.copy2(src, tmp / root / item)
                     elif src.is_dir():
                         moved.append((src, tmp / root / item))
+            for rel in litter:
+                src, dst = out / rel, tmp / rel
+                if os.path.lexists(dst):  # (no rendered or carried file has such a name)
+                    continue
+                with contextlib.suppress(FileNotFoundError):  # gone meanwhile (vim's `4913` is)
+                    if src.is_symlink():  # an emacs lock is a dangling link: copied as the link
+                        _copy_link(src, dst)
+                    elif src.is_file():
+                        dst.parent.mkdir(parents=True, exist_ok=True)
+                        shutil.copy2(src, dst)
         backup = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
         if out.exists():
             if _exchange(tmp, out):  # one atomic step: `out` is never absent

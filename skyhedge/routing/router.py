@@ -347,8 +347,21 @@ class Router:
             return
         with self._locked():
             pid = self.pid()
+            moved = self._moved_router() if pid is None else None
             if pid is not None:
                 self._stop(pid, timeout)
+            elif moved is not None:
+                # started before the state dir was moved: its pid file moved here, its config is
+                # gone with the old path. Only the pid file went (`destroy` said "taking the router
+                # down"), and nginx held the service port for good, found by nothing any more
+                log.warning(
+                    "the router of %s runs from %s, where this state dir was before it moved (nginx %d): "
+                    "stopped",
+                    self.spec.name,
+                    moved[1],
+                    moved[0],
+                )
+                self._stop(moved[0], timeout)
             else:
                 stale = nginx.read_pid(self.paths.pid)
                 if stale is not None:  # the master crashed: its workers may still hold the port

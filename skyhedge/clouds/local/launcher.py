@@ -34,6 +34,7 @@ from skyhedge.clouds.local import capacity
 from skyhedge.clouds.local.processes import (
     REPLICA_ENV,
     RUNTIME_ENV,
+    SERVICE_ENV,
     LocalProcess,
     is_running,
     list_pidfiles,
@@ -41,6 +42,7 @@ from skyhedge.clouds.local.processes import (
     open_log,
     open_replicas_dir,
     proc_starttime,
+    remember_paths,
     replicas_dir,
     stop_replica,
     write_pidfile,
@@ -113,7 +115,7 @@ def replica_env(cfg: dict[str, Any], runtime: Path) -> dict[str, str]:
         {
             "PORT": str(cfg["port"]),
             REPLICA_ENV: cfg["id"],
-            "SKYHEDGE_SERVICE": cfg["service"],
+            SERVICE_ENV: cfg["service"],
             "SKYHEDGE_ZONE": cfg["zone"],
             "SKYHEDGE_MARKET": cfg["market"],
             RUNTIME_ENV: str(runtime),
@@ -141,6 +143,11 @@ def start(cfg: dict[str, Any], *, now: float | None = None) -> LocalProcess:
     # run.setup runs outside the capacity lock: under it, every spot launch's setup waited for
     # the one before (five replicas with a 60 s setup took five minutes)
     log = _prepare(runtime, cfg, now)
+    try:  # the path its processes carry (`RUNTIME_ENV`): found again after the state dir moved
+        remember_paths(runtime)
+    except OSError as exc:
+        why = f"{exc.filename}: {exc.strerror or exc}"
+        raise LaunchError(f"{rid}: cannot record its runtime dir's path: {why}") from exc
     try:
         # A spot launch holds the capacity file's lock from checking its zone's room (again: it
         # may have filled, or been marked preempted, during the setup) until its pid file is

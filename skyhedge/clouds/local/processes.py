@@ -33,6 +33,11 @@ from skyhedge._procnet import LISTEN, local_port, socket_fds, tcp_rows
 REPLICAS_SUBDIR = "replicas"
 RUNTIME_ENV = "SKYHEDGE_LOCAL_RUNTIME"
 REPLICA_ENV = "SKYHEDGE_REPLICA_ID"
+SERVICE_ENV = "SKYHEDGE_SERVICE"
+#: In the runtime dir: the paths it had when replicas were launched into it (`remember_paths`).
+PATHS_FILE = "paths.json"
+#: How many of those paths are kept (the newest): a state dir is not moved that often.
+PATHS_KEPT = 16
 
 
 @dataclass(frozen=True)
@@ -613,12 +618,99 @@ def _strays(runtime_dir: Path, replica_id: str, leader: LocalProcess | None) -> 
     """The processes carrying `replica_id`'s markers: this runtime dir's and, for a replica
     launched under the path a moved state dir had (`adopt`), its leader's. Why: a worker in a
     session of its own (setsid) or what `run.setup` left in the background carries the old path,
-    and outlived the replica's stop after every move (holding its port, and a GPU's memory)."""
-    found = set(find_processes(runtime_dir, replica_id))
+    and outlived the replica's stop after every move (holding its port, and a GPU's memory).
+    With no leader left to ask (it crashed, its worker ran on), the paths this runtime dir had
+    that nothing holds now (`moved_from`) are looked at: the worker outlived `destroy` else."""
+    markers = {str(Path(runtime_dir).resolve())}
     marker = None if leader is None else _environ(leader.pid).get(RUNTIME_ENV)
-    if marker is not None and marker != str(Path(runtime_dir).resolve()):
-        found.update(pid for pid, env in _marked(Path(marker)) if env.get(REPLICA_ENV) == replica_id)
-    return sorted(found)
+    if marker is not None:
+        markers.add(marker)
+    else:
+        markers.update(moved_from(runtime_dir))
+    return sorted(pid for pid, env in _marked_any(markers) if env.get(REPLICA_ENV) == replica_id)
+
+
+def _read_paths(runtime_dir: Path) -> list[str]:
+    """The paths `PATHS_FILE` lists, oldest first; none when it is missing, unreadable, or not a
+    file to trust (a link, another account's: it decides which processes a destroy stops)."""
+    try:
+        dir_fd = open_runtime_dir(runtime_dir)
+    except OSError:
+        return []
+    try:
+        fd = _open_file_at(dir_fd, PATHS_FILE, os.O_RDONLY, Path(runtime_dir) / PATHS_FILE)
+        with os.fdopen(fd, "rb") as fh:
+            if not _trusted(os.fstat(fh.fileno()).st_uid):
+                return []
+            paths = json.loads(fh.read().decode("utf-8")).get("paths")
+    except (OSError, ValueError, AttributeError):
+        return []
+    finally:
+        os.close(dir_fd)
+    return [p for p in paths if isinstance(p, str) and os.path.isabs(p)] if isinstance(paths, list) else []
+
+
+def remember_paths(runtime_dir: Path, also: Iterable[str] = ()) -> None:
+    """Add the path `runtime_dir` has now (resolved), and `also` (the paths replicas adopted here
+    were launched under), to its `PATHS_FILE` (the newest `PATHS_KEPT`; written only when that
+    changes it). The launcher calls it at each launch. Why: a replica's processes carry the path
+    they were launched under (`RUNTIME_ENV`), and once the state dir was moved and its pid files
+    rewritten (`adopt`), nothing in it said that path any more: `destroy` stopped only what
+    carried the new one, and a worker of a crashed replica launched before the move ran on."""
+    mine = str(Path(runtime_dir).resolve())
+    known = _read_paths(runtime_dir)
+    adopted = list(dict.fromkeys(also))
+    paths = [p for p in known if p != mine and p not in adopted] + [*adopted, mine]
+    paths = [p for p in dict.fromkeys(paths) if os.path.isabs(p)][-PATHS_KEPT:]
+    if paths == known:
+        return
+    data = (json.dumps({"paths": paths}, indent=2) + "\n").encode("utf-8")
+    dir_fd = open_runtime_dir(runtime_dir, create=True)
+    try:
+        _write_whole_at(dir_fd, PATHS_FILE, lambda fh: fh.write(data), Path(runtime_dir) / PATHS_FILE)
+    finally:
+        os.close(dir_fd)
+
+
+def forget_paths(runtime_dir: Path) -> None:
+    """Remove the `PATHS_FILE` (a destroy stopped everything carrying any of its paths)."""
+    try:
+        dir_fd = open_runtime_dir(runtime_dir)
+    except OSError:
+        return
+    try:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(PATHS_FILE, dir_fd=dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def moved_from(runtime_dir: Path) -> list[str]:
+    """The paths this runtime dir had before it moved (`remember_paths`) at which nothing is now:
+    processes still carrying one of those markers can only be this one's. One that holds a file or
+    folder again (a state dir made anew there, a copy left behind) may be another's: left out."""
+    mine = str(Path(runtime_dir).resolve())
+    return [p for p in _read_paths(runtime_dir) if p != mine and not os.path.lexists(p)]
+
+
+def _marked_any(runtime_dirs: Iterable[str]) -> Iterator[tuple[int, dict[str, str]]]:
+    """`_marked` of several runtime dirs (resolved paths) in one walk of /proc."""
+    markers = set(runtime_dirs)
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        env = _environ(int(entry.name))
+        if env.get(RUNTIME_ENV) in markers and proc_starttime(int(entry.name)) is not None:
+            yield int(entry.name), env
+
+
+def moved_strays(runtime_dir: Path, service: str) -> list[int]:
+    """The live processes of `service` carrying a marker of a path this runtime dir had before it
+    moved (`moved_from`): `kill_all` of the runtime dir finds only those carrying its path now."""
+    olds = moved_from(runtime_dir)
+    if not olds:
+        return []
+    return sorted(pid for pid, env in _marked_any(olds) if env.get(SERVICE_ENV) == service)
 
 
 def stop_replica(runtime_dir: Path, replica_id: str, *, grace: float = 10.0) -> bool:
@@ -811,10 +903,11 @@ def _copy_whole(src: int, out: IO[bytes]) -> None:
             out.write(chunk)
 
 
-def kill_all(runtime_dir: Path) -> list[int]:
+def kill_all(runtime_dir: Path, also: Iterable[int] = ()) -> list[int]:
     """SIGKILL every process of this runtime dir at once (test teardown, `destroy` safety net),
-    and remove the pid files left without a process (a crash skips the launcher's own cleanup)."""
-    pids = set(find_processes(runtime_dir))
+    and `also` (`moved_strays`), and remove the pid files left without a process (a crash skips
+    the launcher's own cleanup)."""
+    pids = set(find_processes(runtime_dir)) | set(also)
     groups = {p.pgid for p in list_pidfiles(runtime_dir) if is_running(p)}
     for pgid in groups:
         with contextlib.suppress(ProcessLookupError, PermissionError):

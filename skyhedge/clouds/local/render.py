@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from skyhedge.clouds import RenderContext
 from skyhedge.clouds.local import local_port, runtime_dir
-from skyhedge.clouds.local.processes import adopt, owner_of, ownership
+from skyhedge.clouds.local.processes import adopt, owner_of, ownership, remember_paths
 from skyhedge.errors import RenderError
 from skyhedge.planner import replica_number
 from skyhedge.spec import replica_revision
@@ -122,13 +122,15 @@ def claim_replicas(runtime: Path, *, record: bool = True) -> list[str]:
         return []
     if not record:
         return sorted(p.id for p in found.moved)
+    was_under = sorted({owner for p in found.moved if (owner := owner_of(p))})
     try:
+        remember_paths(runtime, also=was_under)  # (what a pid file of an earlier release said)
         ids = adopt(runtime, found.moved)
     except OSError as exc:
         raise RenderError(
             f"{runtime}: cannot record the replicas of the state dir moved here ({exc.strerror or exc})"
         ) from exc
-    was = sorted({str(Path(owner).parent) for p in found.moved if (owner := owner_of(p))})
+    was = sorted({str(Path(owner).parent) for owner in was_under})
     log.warning(
         "%s: replicas %s were launched under %s, which no longer records them (the state dir was moved "
         "or restored here): adopted, kept running",
