@@ -50,6 +50,9 @@ class ProbeResult:
 #: on-demand covers were launched for all of them, and they were FAILED after initial_delay.
 LOCAL_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.EADDRNOTAVAIL, errno.ENOBUFS, errno.ENOMEM})
 
+#: How the error of a probe that got no complete answer in time begins (`check`, `timed_out`).
+TIMED_OUT = "TimeoutError"
+
 #: The part of the answer a probe reads: the whole body, or this much of a longer one.
 BODY_LIMIT = 65536
 #: The most of an error's text a probe keeps (a bad status line may be 64 KiB long).
@@ -142,16 +145,27 @@ def check(endpoint: str, readiness: ReadinessProbe, *, timeout: float | None = N
         text = _printable(str(exc))
         error = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
         local = isinstance(exc, OSError) and exc.errno in LOCAL_ERRNOS
+        if isinstance(exc, TimeoutError):  # the socket's own timeout, a hair before the timer's
+            expired.set()
     finally:
         timer.cancel()
         if conn is not None:
             conn.close()
     if expired.is_set():
-        error = f"TimeoutError: timed out (no complete answer within {limit:g}s)"
+        error = f"{TIMED_OUT}: timed out (no complete answer within {limit:g}s)"
     ok = status is not None and 200 <= status < 300 and error is None
     if status is not None and not 200 <= status < 300:
         error = f"HTTP {status}"
     return ProbeResult(endpoint, ok, status, error, time.monotonic() - started, local=local and not ok)
+
+
+def timed_out(error: str) -> bool:
+    """Whether a probe's error (`ProbeResult.error`, a watcher's probe detail) says the replica
+    did not answer in time: connected (or not even that) and left waiting, as a hung server or
+    a vanished machine leaves its clients, where a refused connection or an error status is an
+    answer of sorts. The watcher cuts such a replica's unanswered requests when it takes it out
+    of the router (`Controller._cut_hung`)."""
+    return error.startswith(TIMED_OUT)
 
 
 def probe(endpoint: str, readiness: ReadinessProbe, *, timeout: float | None = None) -> bool:

@@ -6,13 +6,14 @@
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from skyhedge.controller.facts import UNPROBED_SECONDS
 from skyhedge.errors import RoutingError
-from skyhedge.probe import check_all
+from skyhedge.probe import MAX_PROBES_AT_ONCE, ProbeResult, check, check_all, timed_out
 from skyhedge.routing import Router, Upstream, read_stub_status, workers_alive
 from skyhedge.spec import ReadinessProbe, ServiceSpec
 from skyhedge.state import ReplicaRecord
@@ -73,10 +74,11 @@ class NginxRouter:
     def draining(self, pids: Sequence[int]) -> bool:
         return workers_alive(pids)
 
-    def sever(self, endpoints: Sequence[str]) -> int:
+    def sever(self, endpoints: Sequence[str], *, awaiting_within: float | None = None) -> int:
         """Close nginx's connections to replicas known gone (`Router.sever`): their requests in
-        flight are retried elsewhere at once instead of waiting out `read_timeout`."""
-        return self.router.sever(endpoints)
+        flight are retried elsewhere at once instead of waiting out `read_timeout`. With
+        `awaiting_within`, only the requests nginx can still retry (a hung replica's)."""
+        return self.router.sever(endpoints, awaiting_within=awaiting_within)
 
     def _up(self, ups: list[Upstream]) -> dict[str, Any]:
         """Start-or-reload; after a start, the fresh nginx's counter is read at once as the new
@@ -123,6 +125,20 @@ class NginxRouter:
         self.router.down()
 
 
+class _Behind:
+    """One probe running in a daemon thread (`HttpProber`); `result` once it ended, which it does
+    within the probe's timeout (`skyhedge.probe.check` bounds the whole probe)."""
+
+    def __init__(self, endpoint: str, readiness: ReadinessProbe) -> None:
+        self.result: ProbeResult | None = None
+        threading.Thread(
+            target=self._run, args=(endpoint, readiness), name="skyhedge-probe", daemon=True
+        ).start()
+
+    def _run(self, endpoint: str, readiness: ReadinessProbe) -> None:
+        self.result = check(endpoint, readiness)
+
+
 class HttpProber:
     """`Prober` over `skyhedge.probe`: the spec's readiness probe, all replicas concurrently.
 
@@ -130,7 +146,16 @@ class HttpProber:
     out of the results, so the replica keeps the state it had (for up to UNPROBED_SECONDS: see
     `Controller._probe`), and said once a minute through `problems()`. Judged failed, every READY
     replica went NOT_READY at once (on-demand covers launched for them) and, after 180 s of it,
-    FAILED and replaced: a healthy service taken down by its watcher's own trouble."""
+    FAILED and replaced: a healthy service taken down by its watcher's own trouble.
+
+    A replica whose last probe timed out (hung, or a machine gone silent) is probed in the
+    background instead: a round starts its probe and does not wait for it, and a later round
+    takes its result (left out of the results meanwhile, so the replica keeps its state). Why:
+    waited for, it held every pass of the watcher for the whole timeout for as long as it hung
+    (until FAILED, 180 s: 15 s a pass at the default timeout, up to an hour at the longest), and
+    with it everything else the pass does: measured, a replica killed meanwhile left the router
+    21 s after its exit, and a cover launched for the hung one was seen READY 17.1 s after its
+    launch instead of 2.5 s. Only the round that finds it hung waits for it."""
 
     def __init__(self, spec: ServiceSpec | ReadinessProbe) -> None:
         # a spec's probe, or a probe alone: an earlier spec's, which a restarted watcher reads back
@@ -138,10 +163,37 @@ class HttpProber:
         self.readiness = spec if isinstance(spec, ReadinessProbe) else spec.readiness_probe
         self._said: list[str] = []
         self._unmade = False  # the last probes this process could not make
+        self._slow: set[str] = set()  # endpoints whose last probe timed out
+        self._behind: dict[str, _Behind] = {}  # their probes under way
+
+    def _results(self, endpoints: Sequence[str]) -> dict[str, ProbeResult]:
+        """This round's results: every endpoint probed at once, but those found hung before,
+        whose probes run in the background (at most MAX_PROBES_AT_ONCE; any more are waited
+        for): theirs only once one ended."""
+        self._slow &= set(endpoints)
+        self._behind = {ep: b for ep, b in self._behind.items() if ep in self._slow}  # (they end alone)
+        waited = [ep for ep in endpoints if ep not in self._slow]
+        done: dict[str, ProbeResult] = {}
+        for ep in sorted(self._slow):
+            behind = self._behind.get(ep)
+            if behind is None and len(self._behind) < MAX_PROBES_AT_ONCE:
+                self._behind[ep] = _Behind(ep, self.readiness)
+            elif behind is None:
+                waited.append(ep)
+            elif behind.result is not None:
+                done[ep] = behind.result
+                del self._behind[ep]
+        results = {**check_all(waited, self.readiness), **done}
+        for ep, res in results.items():
+            if not res.ok and not res.local and timed_out(res.error or ""):
+                self._slow.add(ep)
+            else:
+                self._slow.discard(ep)
+        return results
 
     def probe(self, records: Sequence[ReplicaRecord]) -> dict[str, tuple[bool, str]]:
         by_endpoint = {r.endpoint: r.id for r in records if r.endpoint}
-        results = check_all(list(by_endpoint), self.readiness)
+        results = self._results(list(by_endpoint))
         out: dict[str, tuple[bool, str]] = {}
         why = ""
         for endpoint, rid in by_endpoint.items():

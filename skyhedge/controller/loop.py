@@ -24,6 +24,7 @@ created twice, and the local event source stops any process no live replica owns
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 import logging
 import math
@@ -66,6 +67,7 @@ from skyhedge.leftovers import (
 from skyhedge.planner import CREATE, DELETE, KEEP, Plan, PlannedReplica
 from skyhedge.policy.base import clock_memory
 from skyhedge.policy.types import EventKind, Market, ReplicaStatus, ZoneEvent
+from skyhedge.probe import timed_out
 from skyhedge.probe_store import (  # (the keys re-exported: the watcher's tables)
     EARLIER_PROBES_KEY,  # noqa: F401
     FALLBACK,
@@ -415,6 +417,9 @@ class Controller:
         # replica ID -> endpoint: taken out of the router while not known gone (a failed probe),
         # its connections to be cut once it is (`_sever_gone_unrouted`)
         self._unrouted: dict[str, str] = {}
+        # replicas whose last probe timed out (no answer at all: hung, or a vanished machine):
+        # taken out of the router, their unanswered requests are cut to be retried (`_cut_hung`)
+        self._timed_out: set[str] = set()
         # the policy's time when it runs faster than `clock`: a market replay's (`up --market-trace`)
         self.policy_clock: PolicyClock | None = None
         self.options = options or ControllerOptions()
@@ -1037,6 +1042,12 @@ class Controller:
                     lines.append(line)
         self._probed = probed  # (replicas gone or without an endpoint are forgotten)
         self._unprobed &= probed.keys()
+        self._timed_out &= probed.keys()
+        for rid, (ok, detail) in results.items():
+            if not ok and timed_out(str(detail)):
+                self._timed_out.add(rid)
+            else:
+                self._timed_out.discard(rid)
         by_delay: dict[float, list[ProbeResult]] = {}
         for rec in targets:
             if rec.id in results:
@@ -1456,8 +1467,11 @@ class Controller:
         }
         # Taken out alive (NOT_READY: its probe failed first, as a VM vanishing fails it before the
         # preemption is known): not cut now, a replica that is only slow keeps its requests; cut
-        # once it is known gone, a pass or more later (`_sever_gone_unrouted`). A released one
-        # (draining) is not: its drain waits for its requests (`_drained` cuts what outlives it).
+        # once it is known gone, a pass or more later (`_sever_gone_unrouted`). But for one whose
+        # probe timed out (hung), the requests it has not begun to answer that nginx can still
+        # retry are cut now (`_cut_hung`). A released one (draining) is not: its drain waits
+        # for its requests (`_drained` cuts what outlives it).
+        hung: dict[str, str] = {}
         for rid, ep in routed or []:
             rec = self.state.replicas.get(str(rid))
             if (
@@ -1468,6 +1482,11 @@ class Controller:
                 and str(ep) not in {str(e) for _, e in wanted}
             ):
                 self._unrouted[str(rid)] = str(ep)
+                # (never an endpoint another live replica has: its requests are not this one's)
+                if str(rid) in self._timed_out and not any(
+                    r.endpoint == str(ep) and r.id != str(rid) for r in self.state.live()
+                ):
+                    hung[str(ep)] = str(rid)
         # routed again at the endpoint it was taken out at: only slow, never to be cut. At another
         # one (a machine re-created under its ID), the one taken out is gone: `_sever_gone_unrouted`
         for rid, ep in wanted:
@@ -1475,6 +1494,7 @@ class Controller:
                 del self._unrouted[str(rid)]
         self._keep_unrouted()
         self._sever(dead, now)
+        self._cut_hung(hung, now)
         return old
 
     def _sever_gone_unrouted(self) -> None:
@@ -1643,6 +1663,38 @@ class Controller:
             return
         if closed:
             self.note(f"routing: closed {closed} connection(s) to gone {ids}: requests retried", now)
+
+    def _cut_hung(self, endpoints: dict[str, str], now: float) -> None:
+        """Close the router's connections to replicas just taken out because their probe timed
+        out (endpoint -> replica ID), but only those carrying a request of which nothing came
+        back yet and that nginx can still retry on another replica (sent within
+        `next_upstream_timeout`, less a second for the cut itself: `Router.sever`'s
+        `awaiting_within`). Why: a hung replica (alive, its port open: the kernel completes
+        connections into its backlog) answers none of them, and they waited on the old nginx
+        workers until it was FAILED 180 s later, when nginx no longer retried them (measured:
+        12 clients on 3 replicas, all 12 held 189 s, then 503). A replica only slow to answer
+        its probe loses nothing: those requests start over on another replica, and its streams
+        under way (answer begun: nginx could not retry them) and older requests are left to it,
+        cut only once it is known gone (`_sever_gone_unrouted`)."""
+        sever = getattr(self.router, "sever", None)
+        # (a router whose `sever` takes endpoints only would cut everything: streams included)
+        if sever is None or not endpoints or "awaiting_within" not in inspect.signature(sever).parameters:
+            return
+        within = float(self.spec.service.router.next_upstream_timeout) - 1.0
+        if within <= 0:
+            return
+        ids = ",".join(sorted(endpoints.values()))
+        try:
+            closed = sever(sorted(endpoints), awaiting_within=within)
+        except (RoutingError, OSError) as exc:
+            self.note(f"routing: {exc}", now, level=logging.WARNING)
+            return
+        if closed:
+            self.note(
+                f"routing: closed {closed} connection(s) to hung {ids} (its probe timed out): "
+                "requests it had not begun to answer retried on another replica",
+                now,
+            )
 
     def _hold_for_drain(self, ids: Sequence[str], pids: Sequence[int], now: float) -> None:
         """Keep `ids` running (out of the router) until the nginx workers that may still serve

@@ -90,7 +90,9 @@ class RouterPort(Protocol):
     # are reloaded on changes only. `pid() -> int | None`, the router process: a watcher wakes
     # its loop when it exits (killed, crashed), to start it again at once. `sever(endpoints) ->
     # int`, close the router's connections to replicas known gone (a vanished VM sends no reset),
-    # so that requests in flight on them are retried at once: the connections closed.
+    # so that requests in flight on them are retried at once: the connections closed; given
+    # `awaiting_within=S` (keyword), only those awaiting the answer to a request sent less than
+    # S s ago (a hung replica's requests nginx can still retry: `Controller._cut_hung`).
 
 
 class Prober(Protocol):

@@ -18,6 +18,7 @@ import platform
 import re
 import shutil
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -402,14 +403,44 @@ def borrow_fd(pid: int, fd: int) -> int:
         os.close(pidfd)
 
 
-def sever(pids: Iterable[int], peers: set[tuple[str, int]]) -> int:
+#: struct tcp_info (linux/tcp.h): 8 one-byte fields, then u32s; `tcpi_last_data_sent` is the 10th
+#: u32 and `tcpi_last_data_recv` the 12th, each in milliseconds (the ages of the last data sent and
+#: of the last data received on the connection).
+_TCP_INFO_LEN = 104
+_LAST_DATA_SENT_AT = 44
+_LAST_DATA_RECV_AT = 52
+
+
+def awaiting_answer(sock: socket.socket, within: float) -> bool:
+    """Whether `sock` (nginx's end of an upstream connection) carries a request sent less than
+    `within` seconds ago of which nothing came back yet: nothing received since the last data
+    sent. That is a request nginx may still retry on another replica if its connection is
+    closed (no byte of its answer reached the client, and `next_upstream_timeout` has not
+    passed). A stream under way (data received since) is not, nor is an idle kept-alive
+    connection (its answer came after its request). False when the kernel does not say."""
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_LEN)
+    except (OSError, AttributeError):
+        return False
+    if len(info) < _LAST_DATA_RECV_AT + 4:
+        return False
+    (sent_ms,) = struct.unpack_from("=I", info, _LAST_DATA_SENT_AT)
+    (recv_ms,) = struct.unpack_from("=I", info, _LAST_DATA_RECV_AT)
+    return recv_ms >= sent_ms and sent_ms < within * 1000
+
+
+def sever(
+    pids: Iterable[int],
+    peers: set[tuple[str, int]],
+    only: Callable[[socket.socket], bool] | None = None,
+) -> int:
     """Shut down (both ways) every TCP connection that processes `pids` hold to one of `peers`
-    ((address, port)); returns how many. Why: a cloud VM that vanishes (a spot preemption)
-    sends no reset, so nginx's connections to it wait for `proxy_read_timeout`. Shut down, the
-    worker reads the end of the connection at once ("upstream prematurely closed connection"),
-    an error `proxy_next_upstream` retries on another replica. Raises OSError (EPERM: not
-    allowed to take the worker's descriptors; EACCES: not allowed to list them; ENOSYS: a kernel
-    before 5.6) when none could be shut down."""
+    ((address, port)), or those of them `only` accepts; returns how many. Why: a cloud VM that
+    vanishes (a spot preemption) sends no reset, so nginx's connections to it wait for
+    `proxy_read_timeout`. Shut down, the worker reads the end of the connection at once
+    ("upstream prematurely closed connection"), an error `proxy_next_upstream` retries on another
+    replica. Raises OSError (EPERM: not allowed to take the worker's descriptors; EACCES: not
+    allowed to list them; ENOSYS: a kernel before 5.6) when none could be shut down."""
     done = 0
     failure: OSError | None = None
     pids = list(pids)
@@ -448,8 +479,9 @@ def sever(pids: Iterable[int], peers: set[tuple[str, int]]) -> int:
                 if os.fstat(copy).st_ino == inode:
                     with socket.socket(fileno=copy) as sock:
                         copy = -1  # closed with `sock`
-                        sock.shutdown(socket.SHUT_RDWR)
-                        done += 1
+                        if only is None or only(sock):
+                            sock.shutdown(socket.SHUT_RDWR)
+                            done += 1
             except OSError:  # the connection ended meanwhile (ENOTCONN)
                 pass
             finally:

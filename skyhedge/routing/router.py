@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import grp
 import hashlib
 import ipaddress
@@ -304,9 +305,16 @@ class Router:
         with self._locked():
             return self._reload(ups)
 
-    def sever(self, endpoints: Iterable[str]) -> int:
+    def sever(self, endpoints: Iterable[str], *, awaiting_within: float | None = None) -> int:
         """Close nginx's connections to `endpoints` now, without waiting for an answer: call it
         for replicas known gone (preempted, terminated, failed) once a reload took them out.
+
+        `awaiting_within`: close only the connections on which a request was sent less than this
+        many seconds ago and nothing came back since (`nginx.awaiting_answer`): those nginx
+        retries on another replica. For a replica taken out alive because it stopped answering
+        (its probe timed out: hung), whose streams under way must not be cut, and whose other
+        requests are either retried now or left to it (too old for nginx to retry: cut, they
+        would only fail sooner).
 
         Why: a cloud VM that vanishes sends no TCP reset, so the requests in flight on it waited
         for `read_timeout` (600 s by default) on the old workers, though the controller knew it
@@ -325,7 +333,10 @@ class Router:
         if not peers:
             return 0
         try:
-            return nginx.sever(nginx.workers(pid), peers)
+            only = None
+            if awaiting_within is not None:
+                only = functools.partial(nginx.awaiting_answer, within=awaiting_within)
+            return nginx.sever(nginx.workers(pid), peers, only)
         except OSError as exc:
             raise RoutingError(
                 f"could not close nginx's connections to {', '.join(endpoints)} "

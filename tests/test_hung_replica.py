@@ -1,0 +1,218 @@
+"""A replica that hangs: alive, its port open (the kernel completes connections into its backlog),
+answering nothing. Here a real local-echo process stopped with SIGSTOP, behind a real nginx.
+
+Its readiness probe times out and the watcher takes it out of the router (NOT_READY), but the
+requests nginx had already sent it wait on the old workers: before, until it was FAILED 180 s
+later and its connections cut, when nginx no longer retried them (past `next_upstream_timeout`):
+measured with `skyhedge watch`, 3 replicas and 12 clients, every one of the 12 clients held for
+189 s, then answered 503. Now the requests it has not begun to answer, and that nginx can still
+retry, are cut when it is taken out for a probe that timed out, and answered by another replica
+within seconds. What it has begun to answer (a stream) is left alone: a replica only slow to
+answer its probe keeps its streams, and nginx could not retry them anyway.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import json
+import os
+import signal
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from controller_fakes import Clock, FakeSource
+from routing_support import Fleet, free_port, make_spec, needs_nginx
+from test_routing_vanished_replica import SLOW, TOKENS, FleetExecutor, in_flight_to, wait_until
+
+from skyhedge.controller.adapters import HttpProber, NginxRouter
+from skyhedge.controller.loop import Controller
+from skyhedge.routing import Router
+from skyhedge.spec import load_spec, parse_readiness_probe
+from skyhedge.state import ReplicaRecord
+
+pytestmark = needs_nginx
+
+CLIENT_TIMEOUT = 20.0
+
+
+@pytest.fixture
+def fleet(tmp_path: Path):
+    f = Fleet(tmp_path)
+    try:
+        yield f
+    finally:
+        for r in f.replicas.values():  # continued first: a stopped process must not linger
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(r.proc.pid, signal.SIGCONT)
+        f.close()
+
+
+class Call:
+    """One completion through the router in a thread: (status, replica, tokens or chunks, seconds)."""
+
+    def __init__(self, url: str, *, stream: bool) -> None:
+        self.stream = stream
+        self.result: tuple[object, ...] | None = None
+        self.first_byte = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(url,))
+        self._thread.start()
+
+    def _run(self, url: str) -> None:
+        t0 = time.monotonic()
+        host, port = url.removeprefix("http://").rsplit(":", 1)
+        conn = http.client.HTTPConnection(host, int(port), timeout=CLIENT_TIMEOUT)
+        try:
+            body = {"prompt": "The keeper", "max_tokens": TOKENS, "stream": self.stream}
+            conn.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
+            resp = conn.getresponse()
+            self.first_byte.set()
+            data = resp.read()
+            if self.stream:
+                got: object = sum(1 for line in data.splitlines() if line.startswith(b"data: {"))
+            elif resp.status == 200:
+                got = json.loads(data).get("usage", {}).get("completion_tokens")
+            else:
+                got = None
+            self.result = (resp.status, resp.getheader("X-Replica-Id"), got, time.monotonic() - t0)
+        except OSError as exc:
+            self.result = (type(exc).__name__, None, None, time.monotonic() - t0)
+        finally:
+            conn.close()
+            self.first_byte.set()
+
+    def join(self) -> tuple[object, ...]:
+        self._thread.join(timeout=CLIENT_TIMEOUT + 5)
+        assert self.result is not None
+        return self.result
+
+
+def test_only_requests_awaiting_their_answer_and_still_retryable_are_cut(tmp_path, fleet, routers):
+    """`Router.sever(..., awaiting_within=S)` shuts down only the connections on which a request
+    was sent less than S seconds ago and nothing came back since: nginx retries those on another
+    replica. A stream under way (its answer begun) is left to finish where it runs."""
+    port = free_port()
+    spec = make_spec(port, lb="round_robin", router={"read_timeout": 120, "worker_processes": "1"})
+    router = Router(spec, tmp_path / "state")
+    routers.append(router)
+    fleet.start(2, env=SLOW)
+    slow, other = fleet.replicas["r-0001"], fleet.replicas["r-0002"]
+    router.up(fleet.upstreams())
+    url = f"http://127.0.0.1:{port}"
+    # round robin, one worker: one stream and one plain request on each replica
+    streams = [Call(url, stream=True) for _ in range(2)]
+    for s in streams:
+        assert s.first_byte.wait(5)
+    plain = [Call(url, stream=False) for _ in range(2)]
+    wait_until(lambda: in_flight_to(router, slow.endpoint) == 2, 5, "a stream and a request on r-0001")
+    time.sleep(0.3)  # tokens of the stream came since its request was sent
+    router.reload([other.upstream])  # taken out, as the watcher does at NOT_READY
+
+    assert router.sever([slow.endpoint], awaiting_within=0.1) == 0  # sent too long ago to retry
+    assert router.sever([slow.endpoint], awaiting_within=30) == 1  # the plain one only
+    stream_results = [s.join() for s in streams]
+    plain_results = [p.join() for p in plain]
+    assert all(r[0] == 200 and r[2] == TOKENS + 1 for r in stream_results), stream_results  # + [DONE]
+    assert sorted(str(r[1]) for r in stream_results) == ["r-0001", "r-0002"], stream_results
+    assert all(r[0] == 200 and r[1] == "r-0002" and r[2] == TOKENS for r in plain_results), plain_results
+
+
+SPEC = """
+name: hung
+placement:
+  clouds: [local]
+  zones: [local-a, local-b]
+replica_policy: {{min_replicas: 2, max_replicas: 2, num_overprovision: 0, policy: spothedge}}
+readiness_probe: {{path: /health, initial_delay_seconds: 30, timeout_seconds: 1}}
+service: {{port: {port}, router: {{read_timeout: 120}}}}
+run: {{command: "true"}}
+"""
+
+
+def test_a_hung_replicas_requests_are_answered_elsewhere_once_its_probe_times_out(
+    tmp_path, write_spec, fleet, routers
+):
+    """The watcher's pass: the stopped replica's probe times out, it leaves the router, and the
+    requests nginx sent it are retried on the other replica at once; before, they waited for it
+    to be FAILED (180 s), then nginx answered 503."""
+    port = free_port()
+    spec = load_spec(write_spec(SPEC.format(port=port)))
+    clock = Clock()
+    adapter = NginxRouter(spec, tmp_path / "state")
+    routers.append(adapter.router)
+    ctl = Controller(
+        spec,
+        tmp_path / "state",
+        executor=FleetExecutor(fleet),
+        router=adapter,
+        prober=HttpProber(spec),
+        sources=[FakeSource()],
+        clock=clock,
+    )
+    for _ in range(3):
+        ctl.tick()
+        clock.advance(1)
+    routed = sorted(pair[0] for pair in ctl.state.extra["routed"])
+    assert len(routed) == 2
+    victim = ctl.state.replicas[routed[0]]
+    url = f"http://127.0.0.1:{port}"
+    calls = [Call(url, stream=False) for _ in range(4)]
+    wait_until(lambda: in_flight_to(adapter.router, victim.endpoint) >= 1, 5, "requests on the victim")
+    os.killpg(fleet.replicas[victim.id].proc.pid, signal.SIGSTOP)  # hung: alive, answering nothing
+    stopped = time.monotonic()
+    ctl.tick()
+    assert victim.not_ready_since is not None and victim.gone_at is None
+    assert victim.id not in {pair[0] for pair in ctl.state.extra["routed"]}
+    results = [c.join() for c in calls]
+    assert all(r[0] == 200 and r[1] != victim.id and r[2] == TOKENS for r in results), results
+    assert time.monotonic() - stopped < 10, results
+    assert in_flight_to(adapter.router, victim.endpoint) == 0
+    notes = [n.text for n in ctl.notes]
+    assert any(f"to hung {victim.id}" in n and "retried" in n for n in notes), notes
+
+
+@pytest.fixture
+def hung_and_healthy(fleet):
+    """(endpoint of a hung replica, endpoint of a healthy one): a socket that listens and never
+    accepts (the kernel completes connections into its backlog; nothing answers), and local-echo."""
+    hung = socket.socket()
+    hung.bind(("127.0.0.1", 0))
+    hung.listen(16)
+    try:
+        healthy = fleet.start(1)[0]
+        yield f"http://127.0.0.1:{hung.getsockname()[1]}", healthy.endpoint
+    finally:
+        hung.close()
+
+
+def test_a_hung_replica_holds_one_probe_round_not_every_pass(hung_and_healthy):
+    """Once a replica's probe timed out, the next rounds do not wait for it: its probe goes on
+    in the background and its result is taken by a later round. Before, every pass waited out
+    its timeout for as long as it hung (180 s until FAILED, at 15 s a pass by default): measured
+    with `skyhedge watch`, a replica killed meanwhile left the router 21 s after its exit, and
+    an on-demand cover was seen READY 17.1 s after its launch (2.5 s without the hung one)."""
+    hung, healthy = hung_and_healthy
+    records = [
+        ReplicaRecord("r-0001", "local", "local", "local-a", "spot", 0.0, endpoint=hung),
+        ReplicaRecord("r-0002", "local", "local", "local-b", "spot", 0.0, endpoint=healthy),
+    ]
+    readiness = parse_readiness_probe({"path": "/health", "timeout_seconds": 1}, source="test")
+    prober = HttpProber(readiness)
+
+    def timed() -> tuple[dict[str, tuple[bool, str]], float]:
+        t0 = time.monotonic()
+        got = prober.probe(records)
+        return got, time.monotonic() - t0
+
+    first, took = timed()
+    assert took >= 0.9 and first["r-0002"][0] is True
+    assert first["r-0001"][0] is False and first["r-0001"][1].startswith("TimeoutError")
+    second, took = timed()  # its probe is under way: this round does not wait for it
+    assert took < 0.5 and second == {"r-0002": (True, second["r-0002"][1])}
+    time.sleep(1.2)  # the background probe timed out meanwhile: a later round reports it
+    third, took = timed()
+    assert took < 0.5 and third["r-0001"][0] is False and third["r-0001"][1].startswith("TimeoutError")
+    assert third["r-0002"][0] is True
