@@ -30,7 +30,14 @@ from typing import Any
 
 import yaml
 
-from skyhedge.clouds import CloudConfig, CloudSpecSection, cloud_names, cloud_spec_section
+from skyhedge.clouds import (
+    CloudConfig,
+    CloudSpecSection,
+    builtin_clouds,
+    cloud_names,
+    cloud_package,
+    cloud_spec_section,
+)
 from skyhedge.clouds.aws.spec import AwsConfig  # noqa: F401 - re-exported (`from skyhedge.spec import`)
 from skyhedge.clouds.gcp.spec import GcpConfig  # noqa: F401 - re-exported, as AwsConfig
 from skyhedge.errors import CloudError, RoutingError, SpecError
@@ -898,16 +905,51 @@ def cloud_spec_sections() -> dict[str, CloudSpecSection]:
     """Every known cloud's own top-level spec section, by cloud name (sorted, as `cloud_names`),
     asked of the clouds at each read: a cloud registered after skyhedge loaded brings its section.
     A cloud named like one of the core's keys (a plug-in cloud `run`) cannot own a section: a
-    `CloudError` saying so, not a spec whose `run:` means two things."""
+    `CloudError` saying so, not a spec whose `run:` means two things; so is a plug-in's section
+    that cannot be had (`cloud_spec_section`)."""
+    found, unusable = _cloud_spec_sections()
+    for problem in unusable.values():
+        raise problem
+    return found
+
+
+def _cloud_spec_sections() -> tuple[dict[str, CloudSpecSection], dict[str, CloudError]]:
+    """The sections `cloud_spec_sections` returns, and apart, why each plug-in cloud whose section
+    cannot be had (its `spec.py` does not import, or holds no section) has none: that matters only
+    to a spec placing on that cloud or writing its key (`parse_spec`). Raised at once, a plug-in
+    with a dependency missing refused every spec, local-only ones too, with a traceback."""
     found: dict[str, CloudSpecSection] = {}
+    unusable: dict[str, CloudError] = {}
     for cloud in cloud_names():
-        section = cloud_spec_section(cloud)
+        try:
+            section = cloud_spec_section(cloud)
+        except CloudError as exc:
+            unusable[cloud] = exc
+            continue
         if section is None:
             continue
         if section.key in CORE_TOP_LEVEL:
             raise CloudError(f"cloud {cloud!r}: its spec section would take the spec's own key {cloud!r}")
         found[cloud] = section
-    return found
+    return found, unusable
+
+
+def _parse_section(ctx: _Ctx, section: CloudSpecSection, raw: dict[str, Any]) -> Any:
+    """`section.parse` of the spec's mapping; a plug-in's parse that fails with anything but a
+    `SpecError` (its own bug, on a value it did not expect) is a one-line `CloudError` naming its
+    file, not a traceback out of `load_spec`. A built-in cloud's is skyhedge's bug, shown whole."""
+    try:
+        return section.parse(ctx, raw)
+    except SpecError:
+        raise
+    except Exception as exc:
+        if section.key in builtin_clouds():
+            raise
+        where = f"{cloud_package(section.key).package.replace('.', '/')}/spec.py"
+        raise CloudError(
+            f"cloud {section.key!r}: {where}: SECTION.parse failed on the spec's {section.key + ':'!r} "
+            f"({type(exc).__name__}: {exc})"
+        ) from exc
 
 
 def parse_spec(data: Any, *, source: str = "<spec>", launches: bool = True) -> ServiceSpec:
@@ -916,7 +958,10 @@ def parse_spec(data: Any, *, source: str = "<spec>", launches: bool = True) -> S
     ctx = _Ctx(source)
     if not isinstance(data, Mapping):
         raise ctx.fail("", f"expected a mapping at the top level, got {_show(data)}")
-    sections = cloud_spec_sections()
+    sections, unusable = _cloud_spec_sections()
+    for key in data:
+        if key in unusable:  # its key written: the section it cannot be read with is the error
+            raise unusable[key]
     d = _mapping(ctx, "", data, {*CORE_TOP_LEVEL, *sections})
     if "name" not in d:
         raise ctx.fail("name", "required")
@@ -933,6 +978,9 @@ def parse_spec(data: Any, *, source: str = "<spec>", launches: bool = True) -> S
     raw_sections = {key: _mapping(ctx, key, d.get(key), sec.field_names()) for key, sec in sections.items()}
     resources = _resources(ctx, d.get("resources"))
     placement = _placement(ctx, d.get("placement"))
+    for cloud in placement.clouds:
+        if cloud in unusable:
+            raise unusable[cloud]
     replica_policy = _replica_policy(ctx, d.get("replica_policy"))
     service = _service(ctx, d.get("service"))
     if "local" in placement.clouds:
@@ -959,7 +1007,7 @@ def parse_spec(data: Any, *, source: str = "<spec>", launches: bool = True) -> S
         service=service,
         run=run,
         terraform=terraform,
-        cloud_sections={key: sec.parse(ctx, raw_sections[key]) for key, sec in sections.items()},
+        cloud_sections={key: _parse_section(ctx, sec, raw_sections[key]) for key, sec in sections.items()},
         source=source,
     )
 

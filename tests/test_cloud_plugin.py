@@ -484,6 +484,57 @@ def test_a_cloud_section_that_is_not_its_own_is_one_line_naming_the_file(
         load_spec(write_spec(tmp_path / "service.yaml", "http://127.0.0.1:9"))
 
 
+def local_only(spec_path: Path, **extra: object) -> dict[str, object]:
+    """The spec at `spec_path` placed on the local cloud only (plus top-level `extra`)."""
+    data = yaml.safe_load(spec_path.read_text(encoding="utf-8"))
+    data["placement"] = {"clouds": ["local"], "zones": ["local-a"]}
+    data["resources"] = {}
+    return {**data, **extra}
+
+
+@pytest.mark.parametrize(
+    ("spec_py", "message"),
+    [
+        ("import skyhedge_test_no_such_dependency\n", r"cannot be imported \(ModuleNotFoundError: .*"),
+        ("raise RuntimeError('half installed')\n", r"cannot be imported \(RuntimeError: half installed\)"),
+        (SPEC_PY.replace("SECTION = FakeSection()", "SECTION = None"), r"defines no SECTION .*got none"),
+    ],
+    ids=["missing-dependency", "raises-at-import", "no-section"],
+)
+def test_a_cloud_whose_section_cannot_be_had_fails_only_the_specs_that_use_it_in_one_line(
+    sectioned_cloud, tmp_path, spec_py, message
+):
+    """A plug-in cloud whose `spec.py` does not import (a dependency missing) or is no section:
+    every spec was refused with a traceback out of `cloud_module` (the section of every known
+    cloud is asked for at every read), a local-only one as well. Only a spec placing on that
+    cloud or writing its key is refused, in one line naming the file."""
+    (sectioned_cloud.root / sectioned_cloud.package / "spec.py").write_text(spec_py, encoding="utf-8")
+    spec_path = write_spec(tmp_path / "service.yaml", "http://127.0.0.1:9")
+    assert parse_spec(local_only(spec_path)).clouds == ("local",)
+    one_line = rf"^cloud 'fake': {sectioned_cloud.package}/spec\.py:? {message}$"
+    with pytest.raises(CloudError, match=one_line):
+        load_spec(spec_path)
+    with pytest.raises(CloudError, match=one_line):
+        parse_spec(local_only(spec_path, fake={"tag": "v1"}))
+    done = cli("plan", str(spec_path), "--state-dir", str(tmp_path / "st"))
+    assert done.exit_code == 1 and len(done.output.strip().splitlines()) == 1, done.output
+    assert done.output.startswith("error: cloud 'fake'"), done.output
+
+
+def test_a_cloud_sections_parse_that_crashes_is_one_line_naming_the_file(sectioned_cloud, tmp_path):
+    """A plug-in's `parse` raising anything but a SpecError (its own bug, on a value it did not
+    expect) was a traceback out of `load_spec`."""
+    spec_py = sectioned_cloud.root / sectioned_cloud.package / "spec.py"
+    spec_py.write_text(SPEC_PY.replace("tag = string(", "tag = int(d['tag']) or string("), encoding="utf-8")
+    spec_path = with_section(write_spec(tmp_path / "service.yaml", "http://127.0.0.1:9"), {"tag": "v1"})
+    with pytest.raises(
+        CloudError,
+        match=rf"^cloud 'fake': {sectioned_cloud.package}/spec\.py: SECTION\.parse failed on the "
+        r"spec's 'fake:' \(ValueError: invalid literal for int\(\) with base 10: 'v1'\)$",
+    ):
+        load_spec(spec_path)
+
+
 def test_a_cloud_named_like_a_core_key_cannot_own_a_section(sectioned_cloud, tmp_path):
     """A plug-in cloud `run` with a section would make the spec's `run:` mean two things."""
     folder = write_fake_cloud(sectioned_cloud.root, f"{sectioned_cloud.package}_run", section=True)

@@ -1419,6 +1419,42 @@ def test_a_rolling_update_of_serving_spot_replicas_buys_no_on_demand_and_keeps_n
     assert lowest == 3
 
 
+@pytest.mark.parametrize("n", [1, 3])
+def test_a_rolling_update_of_an_all_on_demand_service_keeps_n_ready(tmp_path: Path, write_spec, n):
+    """`base_ondemand_fallback_replicas` = N with the default policy: the update's surge is a spot
+    replica (with its extra), each on-demand replica is replaced once the surge is READY, and
+    when the last outdated one was released the policy, back to N on-demand replicas and no
+    spot, released the READY spot replicas in the pass that launched the last on-demand
+    replacement (measured, 120 s cold start: N = 1 at 0 READY, N = 3 at 2, for 120 s). They
+    serve until the on-demand replicas are READY."""
+    text = (
+        "name: svc\nplacement: {clouds: [local], zones: [local-a, local-b, local-c]}\n"
+        f"replica_policy: {{min_replicas: {n}, base_ondemand_fallback_replicas: {n}}}\n"
+        "readiness_probe: {path: /health, initial_delay_seconds: 600}\n"
+        'run: {command: "v1"}\n'
+    )
+    clock = Clock()
+    ctl = clocked_controller(
+        load_spec(write_spec(text)), tmp_path / "state", clock, prober=ColdStartProber(clock)
+    )
+    for _ in range(30):
+        ctl.tick()
+        clock.advance(120.0)
+    old = ctl.state.live()
+    assert [r.market for r in old] == ["on-demand"] * n
+    _reconfigure(ctl, load_spec(write_spec(text.replace('"v1"', '"v2"'), "v2.yaml")))
+    lowest = n
+    for _ in range(300):  # 1500 s: N steps of a cold start or two each
+        ctl.tick()
+        live = ctl.state.live()
+        lowest = min(lowest, sum(r.fact().status is ReplicaStatus.READY and not r.draining for r in live))
+        clock.advance(5.0)
+    live = ctl.state.live()
+    assert not {r.id for r in live} & {r.id for r in old}  # rolled over
+    assert [r.market for r in live] == ["on-demand"] * n  # and back to on-demand only
+    assert lowest == n
+
+
 def test_replicas_started_beside_refused_launches_are_probed_without_waiting_for_the_backoff(world):
     """A market replay opened one zone after every zone had refused launches for a while: the
     apply that launched into it had refusals too, so it counted as failed, and the next pass

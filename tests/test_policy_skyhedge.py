@@ -579,9 +579,32 @@ def test_base_on_demand_replicas_always_run_and_the_rest_is_hedged_spot() -> Non
         kinds(decisions)[1] == 0
         and sum(isinstance(d, Terminate) and d.replica_id.startswith("od") for d in decisions) == 1
     )
-    # a base as large as N: on-demand only
+    # a base as large as N: on-demand only, the READY spot replicas serving until they are READY
     everything = SkyHedge(PolicyConfig(base_ondemand_fallback_replicas=5))
-    assert kinds(everything.decide(Observation(0.0, 3, cands, held))) == (0, 3, 2)
+    assert kinds(everything.decide(Observation(0.0, 3, cands, held))) == (0, 3, 0)
+    od = tuple(fact(f"od{i}", z[0], spot=False) for i in range(3))
+    assert kinds(everything.decide(Observation(300.0, 3, cands, held + od))) == (0, 0, 2)
+
+
+def test_an_all_on_demand_service_releases_spot_only_behind_ready_on_demand_replicas() -> None:
+    """N = base on-demand replicas: after a rolling update (its surge and extra were spot) or a
+    base raised under spot replicas, the READY spot replicas serve until on-demand ones stand in
+    for them, not-ready and newest released first. All released in the pass that launched the
+    on-demand replacement, a rolling update of N = 1 served nothing for a cold start."""
+    z = zones(3)
+    cands = tuple(Candidate(loc, 1.0, 3.0) for loc in z)
+    policy = SkyHedge(PolicyConfig(base_ondemand_fallback_replicas=1))
+    surge, extra = fact("s1", z[0], at=0.0), fact("s2", z[1], at=60.0)
+    starting = fact("s3", z[2], ready=False, at=200.0)
+    assert policy.decide(Observation(300.0, 1, cands, (surge, extra, starting))) == [
+        Terminate("s2"),
+        Terminate("s3"),
+        LaunchOnDemand(z[0]),
+    ]
+    new_od = fact("od1", z[0], ready=False, at=300.0, spot=False)
+    assert policy.decide(Observation(305.0, 1, cands, (surge, new_od))) == []
+    ready_od = fact("od1", z[0], at=300.0, spot=False)
+    assert policy.decide(Observation(420.0, 1, cands, (surge, ready_od))) == [Terminate("s1")]
 
 
 def test_without_dynamic_fallback_no_on_demand_covers_spot() -> None:

@@ -216,17 +216,23 @@ def get_cloud(name: str) -> CloudRenderer:
 
 def cloud_spec_section(name: str) -> CloudSpecSection | None:
     """The top-level spec section cloud `name` owns (its `spec.py`'s `SECTION`), or None when the
-    cloud has none (the local cloud). A `spec.py` whose `SECTION` is missing or is no
-    `CloudSpecSection` for this cloud is a `CloudError` naming the file: a plug-in's own mistake,
-    said in one line rather than a traceback at the first spec read."""
+    cloud has none (the local cloud). A plug-in's `spec.py` that cannot be imported (an error in it,
+    a dependency missing), or whose `SECTION` is missing or is no `CloudSpecSection` for this
+    cloud, is a `CloudError` naming the file: a plug-in's own mistake, said in one line rather than
+    a traceback at the first spec read."""
     from skyhedge.clouds import CloudSpecSection
     from skyhedge.errors import CloudError
 
-    module = cloud_module(name, "spec")
+    where = f"{cloud_package(name).package.replace('.', '/')}/spec.py"
+    try:
+        module = cloud_module(name, "spec")
+    except (Exception, SystemExit) as exc:  # a plug-in's own code, even exit(): a dependency missing
+        if name in builtin_clouds():
+            raise  # skyhedge's own file: a bug, shown whole
+        raise CloudError(f"cloud {name!r}: {where} cannot be imported ({type(exc).__name__}: {exc})") from exc
     if module is None:
         return None
     section = getattr(module, "SECTION", None)
-    where = f"{cloud_package(name).package.replace('.', '/')}/spec.py"
     if not isinstance(section, CloudSpecSection):
         got = "none" if section is None else f"a {type(section).__name__}"
         raise CloudError(f"cloud {name!r}: {where} defines no SECTION (a CloudSpecSection), got {got}")

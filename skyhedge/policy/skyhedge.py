@@ -375,7 +375,7 @@ class SkyHedge(SpotHedge):
         if n <= 0 or not candidates:
             if not candidates:
                 return [Terminate(r.id) for r in spot_all + ondemand]
-            return [Terminate(r.id) for r in spot_all] + self._ondemand_to(ondemand, base)
+            return self._spot_behind(spot_all, ondemand, base) + self._ondemand_to(ondemand, base)
         now = obs.now
 
         # A rolling update's surge (`Observation.surge`): one spot replica more, placed as any
@@ -417,6 +417,19 @@ class SkyHedge(SpotHedge):
                 dynamic = max(dynamic, 1)  # rule 9: the zone that survived a wave holds them all
         decisions.extend(self._ondemand_to(ondemand, base + dynamic))
         return decisions
+
+    @staticmethod
+    def _spot_behind(spot: list[ReplicaFact], ondemand: list[ReplicaFact], base: int) -> list[Decision]:
+        """With the base on-demand replicas the whole target (N <= base), the spot replicas go,
+        but a READY one only once READY on-demand replicas stand in for it: the ones left from a
+        rolling update's surge and extra, or a base raised to N under spot replicas, were all
+        released in the pass that launched their on-demand replacements (a rolling update of N = 1
+        on-demand replicas served nothing for a cold start; of N = 3, two). Not-ready and newest
+        go first."""
+        keep = max(0, base - sum(1 for r in ondemand if is_ready(r)))
+        ranked = sorted(spot, key=lambda r: (not is_ready(r), r.ready_at or 0.0, r.launched_at))
+        kept = {r.id for r in ranked[:keep] if is_ready(r)}
+        return [Terminate(r.id) for r in spot if r.id not in kept]
 
     def _stand_in_pays(self, obs: Observation, held: set[Location], now: float) -> bool:
         """Rule 10: an on-demand replica standing in for the extra costs `ratio` times the spot
