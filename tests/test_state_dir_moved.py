@@ -40,7 +40,7 @@ from skyhedge.clouds.local.processes import (
     write_pidfile,
 )
 from skyhedge.engine import Terraform
-from skyhedge.errors import RenderError
+from skyhedge.errors import RenderError, RoutingError
 from skyhedge.routing import Router, Upstream
 from skyhedge.spec import load_spec
 from skyhedge.state import load_state
@@ -234,6 +234,39 @@ def test_the_router_of_a_moved_state_dir_is_stopped_by_routing_down(tmp_path):
         assert proc_starttime(old_pid) is None  # was: running on, the service port held
     finally:
         teardown_router(router)
+        teardown_router(first)
+        with contextlib.suppress(ProcessLookupError):
+            if proc_starttime(old_pid) is not None:
+                os.kill(old_pid, signal.SIGKILL)
+
+
+def test_a_copy_of_a_moved_state_dir_never_stops_the_router_the_original_runs(tmp_path):
+    """`mv state a`, then `cp -a a c`: both hold the pid file of the router started from `state`
+    (a path now gone), which is `a`'s. `routing down` (or `destroy`) of the copy stopped it
+    (measured before: `a`'s nginx gone, its service port refusing connections) and `up` of the
+    copy replaced it by the copy's. The router's own open log, which the kernel names at the path
+    it has now (inside `a`), says whose it is: the copy is refused in one line, nothing stopped."""
+    from routing_support import make_spec
+
+    spec = make_spec(free_port())
+    first = Router(spec, tmp_path / "state")
+    first.up([Upstream("r-0001", "http://127.0.0.1:9")])
+    old_pid = first.pid()
+    assert old_pid is not None
+    moved, copy = tmp_path / "a", tmp_path / "c"
+    try:
+        os.rename(tmp_path / "state", moved)
+        shutil.copytree(moved, copy, symlinks=True)
+        for attempt in (Router(spec, copy).down, Router(spec, copy).preflight):
+            with pytest.raises(RoutingError, match=r"this one is a copy of it"):
+                attempt()
+            assert proc_starttime(old_pid) is not None  # was: stopped by the copy's `down`
+        Router(spec, moved).down(timeout=3.0)  # the original's own: stopped
+        deadline = time.monotonic() + 5
+        while proc_starttime(old_pid) is not None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert proc_starttime(old_pid) is None
+    finally:
         teardown_router(first)
         with contextlib.suppress(ProcessLookupError):
             if proc_starttime(old_pid) is not None:
@@ -485,10 +518,15 @@ def test_only_a_state_dirs_own_recorded_backend_is_reconfigured(svc, tmp_path, r
     assert ("-reconfigure" in Terraform(home=tmp_path).init_args(root)) is reconfigure
 
 
-def _marked_with(runtime: Path, rid: str, service: str) -> subprocess.Popen[bytes]:
-    """A process carrying the launcher's markers (`runtime`, replica `rid`, `service`), in a
-    session of its own, as a replica's worker or what a cut-short `run.setup` left is."""
+def _marked_with(runtime: Path, rid: str, service: str, *, launched: bool = False) -> subprocess.Popen[bytes]:
+    """A process carrying the launcher's markers (`runtime`, replica `rid`, `service`, and with
+    `launched` the runtime dir's identity, as the launcher gives), in a session of its own, as a
+    replica's worker or what a cut-short `run.setup` left is."""
+    from skyhedge.clouds.local.processes import RUNTIME_ID_ENV, runtime_identity
+
     env = {**os.environ, RUNTIME_ENV: str(runtime), REPLICA_ENV: rid, "SKYHEDGE_SERVICE": service}
+    if launched:
+        env[RUNTIME_ID_ENV] = str(runtime_identity(runtime))
     return subprocess.Popen(
         [sys.executable, "-c", "import time; time.sleep(600)"], env=env, start_new_session=True
     )
@@ -504,12 +542,13 @@ def test_destroy_of_a_moved_state_dir_stops_what_carries_its_old_path_and_nothin
     svc.write(replicas=2, command=f"setsid -f sleep 600; exec {sys.executable} {svc.server}")
     assert _apply(svc.state_dir, svc.spec_path).ok
     old = runtime_dir(svc.state_dir).resolve()
-    cut_short = _marked_with(old, "r-0003", "moved")  # a launch cut short: no pid file
+    cut_short = _marked_with(old, "r-0003", "moved", launched=True)  # a launch cut short: no pid file
     other_dir = tmp_path / "other-state" / "local"
     other_dir.mkdir(parents=True)
     foreign = [
         _marked_with(other_dir, "r-0001", "moved"),  # another state dir's, still there
-        _marked_with(old, "r-0009", "another-service"),
+        _marked_with(old, "r-0009", "another-service", launched=True),
+        _marked_with(old, "r-0004", "moved"),  # carrying the old path, not launched from this dir
     ]
     try:
         moved = tmp_path / "elsewhere"
@@ -519,10 +558,11 @@ def test_destroy_of_a_moved_state_dir_stops_what_carries_its_old_path_and_nothin
         os.killpg(leader.pgid, signal.SIGKILL)  # the replica crashed; its setsid worker runs on
         report = destroy_service(load_spec(svc.spec_path), moved, route=False)
         assert report.ok, report.errors
+        strangers = {p.pid for p in foreign}
         deadline = time.monotonic() + 5
-        while _carrying(old, "moved") and time.monotonic() < deadline:
+        while set(_carrying(old, "moved")) - strangers and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert _carrying(old, "moved") == []  # was: the worker and the cut-short launch
+        assert set(_carrying(old, "moved")) - strangers == set()  # was: the worker and the cut-short launch
         assert cut_short.poll() is not None
         assert all(p.poll() is None for p in foreign)  # not ours: untouched
     finally:
@@ -542,3 +582,76 @@ def _carrying(runtime: Path, service: str) -> list[int]:
             if marker in b"\0" + Path(f"/proc/{pid}/environ").read_bytes():
                 found.append(pid)
     return found
+
+
+def _launched_into(runtime: Path, rid: str, service: str) -> subprocess.Popen[bytes]:
+    """A replica's process as the launcher starts it into `runtime` (its environment's markers
+    from `replica_env`, the path recorded in `paths.json`), in a session of its own."""
+    from skyhedge.clouds.local.launcher import replica_env
+    from skyhedge.clouds.local.processes import remember_paths
+
+    remember_paths(runtime)
+    cfg = {"id": rid, "service": service, "port": 9, "zone": "z1", "market": "spot"}
+    return subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(600)"],
+        env=replica_env(cfg, runtime),
+        start_new_session=True,
+    )
+
+
+@pytest.mark.parametrize("other_service", ["moved", "another-service"])
+def test_a_moved_sweep_never_takes_another_state_dir_that_was_at_the_same_path(tmp_path, other_service):
+    """State dir A ran at PATH and was moved away; another one (B) was made at PATH later, ran
+    replicas, and was moved away too. Nothing is at PATH now, so both list it in `paths.json`,
+    and B's processes carry PATH's marker with the same replica IDs. A's sweep must take none of
+    them (measured before: A's `stop_replica` of its crashed r-0001, which every launch of r-0001
+    runs first, killed B's r-0001 whatever its service; A's `destroy` took every process of B's
+    of the same service name)."""
+    from skyhedge.clouds.local.processes import moved_strays, remember_paths, stop_replica
+
+    place = tmp_path / "sd"
+    (place / "local").mkdir(parents=True)
+    mine = _launched_into(place / "local", "r-0002", "moved")  # A's worker, outliving its replica
+    os.rename(place, tmp_path / "a")
+    (place / "local").mkdir(parents=True)
+    theirs = _launched_into(place / "local", "r-0001", other_service)
+    os.rename(place, tmp_path / "b")
+    a_runtime = tmp_path / "a" / "local"
+    remember_paths(a_runtime)  # (A launched again after its move)
+    try:
+        assert stop_replica(a_runtime, "r-0001", grace=0.0) is False  # none of A's carries r-0001
+        assert moved_strays(a_runtime, "moved") == [mine.pid]
+        assert theirs.poll() is None
+        assert stop_replica(a_runtime, "r-0002", grace=0.0) is True  # A's own still found
+        assert mine.wait(timeout=5) is not None
+    finally:
+        for proc in (mine, theirs):
+            proc.kill()
+            proc.wait()
+
+
+def test_a_hostile_or_malformed_paths_json_is_one_line_and_stops_nothing(tmp_path, caplog):
+    """`local/paths.json` decides where destroy looks for a moved state dir's processes: one that
+    is malformed (deeply nested JSON, not UTF-8, not an object) must neither raise out of a
+    launch or a destroy (measured before: `[[[[...` raised RecursionError, a traceback) nor make a
+    process carrying one of the paths it lists stopped unless this runtime dir launched it."""
+    from skyhedge.clouds.local.processes import PATHS_FILE, moved_strays, remember_paths
+
+    runtime = tmp_path / "sd" / "local"
+    runtime.mkdir(parents=True)
+    other = tmp_path / "gone" / "local"  # nothing there: a path no state dir holds now
+    stranger = _marked_with(other, "r-0001", "moved")
+    try:
+        for text in ("[" * 100000, "\xff\xfe", '["/x"]', "{"):
+            (runtime / PATHS_FILE).write_bytes(text.encode("latin-1"))
+            caplog.clear()
+            assert moved_strays(runtime, "moved") == []
+            said = [r.getMessage() for r in caplog.records]
+            assert len(said) == 1 and said[0].startswith(f"{runtime / PATHS_FILE}: not a JSON object"), said
+            remember_paths(runtime)  # a launch: rewritten with the path it has now
+        (runtime / PATHS_FILE).write_text(json.dumps({"paths": [str(other)]}))  # hostile
+        assert moved_strays(runtime, "moved") == []
+        assert stranger.poll() is None
+    finally:
+        stranger.kill()
+        stranger.wait()

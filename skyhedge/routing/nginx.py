@@ -229,6 +229,25 @@ def listens_on(pid: int, port: int) -> bool:
     return False
 
 
+def held_folders(pid: int) -> list[Path] | None:
+    """The folders of the files process `pid` holds open (an nginx master: its logs), as the
+    kernel names them now: a folder renamed since (`mv` of a state dir) by its new path, so
+    that they say whose the process is where its command line (`-c`) names where it was started;
+    None when its descriptors cannot be read (gone, another account's)."""
+    fd_dir = _PROC / str(pid) / "fd"
+    try:
+        names = os.listdir(fd_dir)
+    except OSError:
+        return None
+    found: list[Path] = []
+    for name in names:
+        with contextlib.suppress(OSError):
+            target = os.readlink(fd_dir / name)
+            if target.startswith("/"):
+                found.append(Path(target.removesuffix(" (deleted)")).parent)
+    return found
+
+
 def masters_of(conf: Path) -> list[int]:
     """Live nginx masters started with `conf`, found by their command line: what a router whose
     pid file is gone (its folder deleted under it, `rm -rf router/`) is still known by."""

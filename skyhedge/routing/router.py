@@ -109,6 +109,15 @@ def _router_home(conf: Path) -> Path | None:
     return conf.parent.parent.parent
 
 
+def _same_folder(a: Path, b: Path) -> bool:
+    """Whether `a` and `b` are one folder (device and inode: a path may be spelled two ways)."""
+    try:
+        sa, sb = os.stat(a), os.stat(b)
+    except OSError:
+        return False
+    return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
+
+
 class Router:
     """The nginx in front of `spec`'s replicas, listening on `spec.service.host:port`."""
 
@@ -224,6 +233,23 @@ class Router:
                 f"(nginx {pid}), whose pid file this state dir holds too: this one is a copy of it "
                 f"(`cp -a`?), and two state dirs must not route one service; use {home}, or, if this "
                 f"copy replaces it, stop its watcher and `skyhedge routing down` it first"
+            )
+        # Where it started says where, not whose: a copy (`cp -a`) of a moved state dir holds the
+        # same pid file, and its `routing down` stopped the original's router (its `up` replaced
+        # it). The logs nginx holds open are named at their path now: in our `router/logs/`
+        # only if it is this state dir's own (moved with it), else in the one it is a copy of.
+        held = nginx.held_folders(pid)
+        if held is None:
+            return None  # (gone meanwhile, or not ours to read: not ours to stop either)
+        if not any(_same_folder(folder, self.paths.logs) for folder in held):
+            logs = (f for f in held if f.name == "logs" and f.parent.name == "router")
+            now = next((f.parent.parent for f in logs), home)
+            raise RoutingError(
+                f"service.port {self.spec.service.port} is held by the router of the state dir {now} "
+                f"(nginx {pid}, started from {home} before it moved), whose pid file this state dir "
+                f"holds too: this one is a copy of it (`cp -a`?), and two state dirs must not route "
+                f"one service; use {now}, or, if this copy replaces it, stop its watcher and "
+                f"`skyhedge routing down` it first"
             )
         return pid, home
 

@@ -34,6 +34,7 @@ from skyhedge.clouds.local import capacity
 from skyhedge.clouds.local.processes import (
     REPLICA_ENV,
     RUNTIME_ENV,
+    RUNTIME_ID_ENV,
     SERVICE_ENV,
     LocalProcess,
     is_running,
@@ -44,6 +45,7 @@ from skyhedge.clouds.local.processes import (
     proc_starttime,
     remember_paths,
     replicas_dir,
+    runtime_identity,
     stop_replica,
     write_pidfile,
 )
@@ -121,6 +123,10 @@ def replica_env(cfg: dict[str, Any], runtime: Path) -> dict[str, str]:
             RUNTIME_ENV: str(runtime),
         }
     )
+    env.pop(RUNTIME_ID_ENV, None)  # (a launcher run from a replica's shell: never its runtime dir's)
+    identity = runtime_identity(runtime)  # which runtime dir launched it, once its path is gone
+    if identity is not None:
+        env[RUNTIME_ID_ENV] = identity
     return env
 
 

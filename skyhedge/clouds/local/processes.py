@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import logging
 import os
 import secrets
 import signal
@@ -30,10 +31,15 @@ from typing import IO
 
 from skyhedge._procnet import LISTEN, local_port, socket_fds, tcp_rows
 
+log = logging.getLogger(__name__)
+
 REPLICAS_SUBDIR = "replicas"
 RUNTIME_ENV = "SKYHEDGE_LOCAL_RUNTIME"
 REPLICA_ENV = "SKYHEDGE_REPLICA_ID"
 SERVICE_ENV = "SKYHEDGE_SERVICE"
+#: The identity of the runtime dir a process was launched into (`runtime_identity`): what tells
+#: this state dir's processes from another's that once had the same path (`moved_from`).
+RUNTIME_ID_ENV = "SKYHEDGE_LOCAL_RUNTIME_ID"
 #: In the runtime dir: the paths it had when replicas were launched into it (`remember_paths`).
 PATHS_FILE = "paths.json"
 #: How many of those paths are kept (the newest): a state dir is not moved that often.
@@ -619,15 +625,52 @@ def _strays(runtime_dir: Path, replica_id: str, leader: LocalProcess | None) -> 
     launched under the path a moved state dir had (`adopt`), its leader's. Why: a worker in a
     session of its own (setsid) or what `run.setup` left in the background carries the old path,
     and outlived the replica's stop after every move (holding its port, and a GPU's memory).
-    With no leader left to ask (it crashed, its worker ran on), the paths this runtime dir had
-    that nothing holds now (`moved_from`) are looked at: the worker outlived `destroy` else."""
+    With no leader left to ask (it crashed, its worker ran on), the processes this runtime dir
+    launched under a path it had before (`moved_from`, `_launched_here`) are looked at: the worker
+    outlived `destroy` else."""
     markers = {str(Path(runtime_dir).resolve())}
     marker = None if leader is None else _environ(leader.pid).get(RUNTIME_ENV)
     if marker is not None:
         markers.add(marker)
-    else:
-        markers.update(moved_from(runtime_dir))
-    return sorted(pid for pid, env in _marked_any(markers) if env.get(REPLICA_ENV) == replica_id)
+    accept = _launched_here(runtime_dir, moved_from(runtime_dir)) if marker is None else None
+    return sorted(
+        pid
+        for pid, env in _marked_any(markers | set(accept.olds if accept else ()), accept)
+        if env.get(REPLICA_ENV) == replica_id
+    )
+
+
+def runtime_identity(runtime_dir: Path) -> str | None:
+    """`device:inode` of the runtime dir (not followed if a link), which its processes carry
+    (`RUNTIME_ID_ENV`); None when it cannot be read. A `mv` within a file system keeps it, a copy
+    (`cp -a`) or another state dir made later at the same path has its own. Why: a path alone
+    did not say whose a process is, once a state dir was moved away and another made there (and
+    moved on in turn): both listed the path in `paths.json`, and each one's sweep stopped the
+    other's processes carrying it (measured: a launch of r-0001 killed the other's r-0001)."""
+    try:
+        st = os.stat(runtime_dir, follow_symlinks=False)
+    except OSError:
+        return None
+    return f"{st.st_dev}:{st.st_ino}"
+
+
+@dataclass(frozen=True)
+class _LaunchedHere:
+    """Which processes carrying an earlier path (`olds`) this runtime dir launched: those whose
+    `RUNTIME_ID_ENV` is its identity (`runtime_identity`); a process carrying one of this runtime
+    dir's own current markers is judged by its path, as before."""
+
+    olds: frozenset[str]
+    identity: str | None
+
+    def __call__(self, env: Mapping[str, str]) -> bool:
+        if env.get(RUNTIME_ENV) not in self.olds:
+            return True
+        return self.identity is not None and env.get(RUNTIME_ID_ENV) == self.identity
+
+
+def _launched_here(runtime_dir: Path, olds: Iterable[str]) -> _LaunchedHere:
+    return _LaunchedHere(frozenset(olds), runtime_identity(runtime_dir))
 
 
 def _read_paths(runtime_dir: Path) -> list[str]:
@@ -642,8 +685,16 @@ def _read_paths(runtime_dir: Path) -> list[str]:
         with os.fdopen(fd, "rb") as fh:
             if not _trusted(os.fstat(fh.fileno()).st_uid):
                 return []
-            paths = json.loads(fh.read().decode("utf-8")).get("paths")
-    except (OSError, ValueError, AttributeError):
+            raw = fh.read()
+        paths = json.loads(raw.decode("utf-8")).get("paths")
+    except OSError:
+        return []
+    except (ValueError, AttributeError, RecursionError):  # (`[[[[...`: RecursionError, a traceback)
+        log.warning(
+            "%s: not a JSON object of paths: ignored (rewritten at the next launch; a process "
+            "launched under a path it listed is no longer found once its replica is gone)",
+            Path(runtime_dir) / PATHS_FILE,
+        )
         return []
     finally:
         os.close(dir_fd)
@@ -693,24 +744,34 @@ def moved_from(runtime_dir: Path) -> list[str]:
     return [p for p in _read_paths(runtime_dir) if p != mine and not os.path.lexists(p)]
 
 
-def _marked_any(runtime_dirs: Iterable[str]) -> Iterator[tuple[int, dict[str, str]]]:
-    """`_marked` of several runtime dirs (resolved paths) in one walk of /proc."""
+def _marked_any(
+    runtime_dirs: Iterable[str], accept: Callable[[Mapping[str, str]], bool] | None = None
+) -> Iterator[tuple[int, dict[str, str]]]:
+    """`_marked` of several runtime dirs (resolved paths) in one walk of /proc; only the
+    processes `accept` takes, when given (`_LaunchedHere`)."""
     markers = set(runtime_dirs)
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit() or int(entry.name) == os.getpid():
             continue
         env = _environ(int(entry.name))
-        if env.get(RUNTIME_ENV) in markers and proc_starttime(int(entry.name)) is not None:
+        if (
+            env.get(RUNTIME_ENV) in markers
+            and (accept is None or accept(env))
+            and proc_starttime(int(entry.name)) is not None
+        ):
             yield int(entry.name), env
 
 
 def moved_strays(runtime_dir: Path, service: str) -> list[int]:
-    """The live processes of `service` carrying a marker of a path this runtime dir had before it
-    moved (`moved_from`): `kill_all` of the runtime dir finds only those carrying its path now."""
+    """The live processes of `service` that this runtime dir launched under a path it had before
+    it moved (`moved_from`; `RUNTIME_ID_ENV` says which runtime dir launched them): `kill_all` of
+    the runtime dir finds only those carrying its path now. One carrying such a path that another
+    state dir launched (made at that path after this one left it) is not this one's."""
     olds = moved_from(runtime_dir)
     if not olds:
         return []
-    return sorted(pid for pid, env in _marked_any(olds) if env.get(SERVICE_ENV) == service)
+    accept = _launched_here(runtime_dir, olds)
+    return sorted(pid for pid, env in _marked_any(olds, accept) if env.get(SERVICE_ENV) == service)
 
 
 def stop_replica(runtime_dir: Path, replica_id: str, *, grace: float = 10.0) -> bool:
