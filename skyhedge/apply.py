@@ -1379,13 +1379,18 @@ def destroy_service(
             with contextlib.suppress(SpecError):  # else the spec dropped these clouds: records' types do
                 placement = resolve_placement(spec)
             types = instance_types(state, placement)
-            tree = render_tree(
-                spec,
-                _kept_plan(spec, state),
-                context=ws.context(state),
-                instance_types=types,
-                extra_roots=keys,
-            )
+
+            def destroy_tree() -> RenderedTree:
+                """The state's replicas as they are (kept), in every root that may hold some."""
+                return render_tree(
+                    spec,
+                    _kept_plan(spec, state),
+                    context=ws.context(state),
+                    instance_types=types,
+                    extra_roots=keys,
+                )
+
+            tree = destroy_tree()
             ws.write_tree(tree)
             roots = [tree.root(c, r) for c, r in keys]
             # Every root must initialise (a changed backend, a provider that cannot be installed)
@@ -1472,14 +1477,7 @@ def destroy_service(
                 # a `terraform apply` run by hand there, as its README invites, launched them
                 # again. Rendered anew with none, every root still there (Terraform runs in it)
                 try:
-                    empty = render_tree(
-                        spec,
-                        _kept_plan(spec, state),
-                        context=ws.context(state),
-                        instance_types=types,
-                        extra_roots=keys,
-                    )
-                    ws.write_tree(empty)
+                    ws.write_tree(destroy_tree())
                 except (RenderError, OSError) as exc:
                     report.warnings.append(f"{ws.tree_dir}: still lists the destroyed replicas ({exc})")
         if not report.errors:  # a cloud's machines of the service still running after a clean destroy

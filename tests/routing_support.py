@@ -168,7 +168,11 @@ class Fleet:
         return proc.wait(timeout=wait)
 
     def close(self) -> None:
+        """Kill every replica; a test's SIGSTOPped (hung, vanished) one is continued first, so
+        that no stopped process group lingers whatever the test did."""
         for r in self.replicas.values():
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(r.proc.pid, signal.SIGCONT)
             if r.proc.poll() is None:
                 with contextlib.suppress(ProcessLookupError):
                     r.proc.kill()

@@ -13,7 +13,6 @@ answer its probe keeps its streams, and nginx could not retry them anyway.
 
 from __future__ import annotations
 
-import contextlib
 import http.client
 import json
 import os
@@ -21,15 +20,13 @@ import signal
 import socket
 import threading
 import time
-from pathlib import Path
 
 import pytest
-from controller_fakes import Clock, FakeSource
-from routing_support import Fleet, free_port, make_spec, needs_nginx
-from test_routing_vanished_replica import SLOW, TOKENS, FleetExecutor, in_flight_to, wait_until
+from controller_fakes import FakeSource
+from routing_support import free_port, make_spec, needs_nginx
+from test_routing_vanished_replica import SLOW, TOKENS, in_flight_to, routed_fleet, wait_until
 
-from skyhedge.controller.adapters import HttpProber, NginxRouter
-from skyhedge.controller.loop import Controller
+from skyhedge.controller.adapters import HttpProber
 from skyhedge.routing import Router
 from skyhedge.spec import load_spec, parse_readiness_probe
 from skyhedge.state import ReplicaRecord
@@ -37,18 +34,6 @@ from skyhedge.state import ReplicaRecord
 pytestmark = needs_nginx
 
 CLIENT_TIMEOUT = 20.0
-
-
-@pytest.fixture
-def fleet(tmp_path: Path):
-    f = Fleet(tmp_path)
-    try:
-        yield f
-    finally:
-        for r in f.replicas.values():  # continued first: a stopped process must not linger
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(r.proc.pid, signal.SIGCONT)
-        f.close()
 
 
 class Call:
@@ -140,24 +125,8 @@ def test_a_hung_replicas_requests_are_answered_elsewhere_once_its_probe_times_ou
     to be FAILED (180 s), then nginx answered 503."""
     port = free_port()
     spec = load_spec(write_spec(SPEC.format(port=port)))
-    clock = Clock()
-    adapter = NginxRouter(spec, tmp_path / "state")
-    routers.append(adapter.router)
-    ctl = Controller(
-        spec,
-        tmp_path / "state",
-        executor=FleetExecutor(fleet),
-        router=adapter,
-        prober=HttpProber(spec),
-        sources=[FakeSource()],
-        clock=clock,
-    )
-    for _ in range(3):
-        ctl.tick()
-        clock.advance(1)
-    routed = sorted(pair[0] for pair in ctl.state.extra["routed"])
-    assert len(routed) == 2
-    victim = ctl.state.replicas[routed[0]]
+    ctl, adapter, clock = routed_fleet(tmp_path, spec, fleet, routers, HttpProber(spec), FakeSource())
+    victim = ctl.state.replicas[sorted(pair[0] for pair in ctl.state.extra["routed"])[0]]
     url = f"http://127.0.0.1:{port}"
     calls = [Call(url, stream=False) for _ in range(4)]
     wait_until(lambda: in_flight_to(adapter.router, victim.endpoint) >= 1, 5, "requests on the victim")

@@ -12,7 +12,6 @@ stopped existing does (killing a local process instead would reset its connectio
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import json
 import os
@@ -102,18 +101,6 @@ def wait_until(predicate, timeout: float, what: str) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.02)
-
-
-@pytest.fixture
-def fleet(tmp_path: Path):
-    f = Fleet(tmp_path)
-    try:
-        yield f
-    finally:
-        for r in f.replicas.values():  # a SIGSTOPped process dies of SIGKILL all the same
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(r.proc.pid, signal.SIGCONT)
-        f.close()
 
 
 def _answered_by_r0002(clients: Clients, router, gone: str, stopped: float) -> None:
@@ -208,10 +195,12 @@ class VictimRun:
         assert any(f"to gone {self.victim.id}: requests retried" in n for n in notes), notes
 
 
-def _victim_run(tmp_path, write_spec, fleet, routers, prober: FakeProber) -> VictimRun:
-    port = free_port()
-    spec = load_spec(write_spec(SPEC.format(port=port, read_timeout=READ_TIMEOUT)))
-    clock, source = Clock(), FakeSource()
+def routed_fleet(
+    tmp_path, spec, fleet, routers, prober, source: FakeSource
+) -> tuple[Controller, NginxRouter, Clock]:
+    """A controller over a real nginx and the fleet's real replicas (launched as it plans them),
+    after three passes: both replicas READY and routed."""
+    clock = Clock()
     adapter = NginxRouter(spec, tmp_path / "state")
     routers.append(adapter.router)
     ctl = Controller(
@@ -226,9 +215,16 @@ def _victim_run(tmp_path, write_spec, fleet, routers, prober: FakeProber) -> Vic
     for _ in range(3):
         ctl.tick()
         clock.advance(1)
-    routed = sorted(pair[0] for pair in ctl.state.extra["routed"])
-    assert len(routed) == 2
-    victim = ctl.state.replicas[routed[0]]
+    assert len(ctl.state.extra["routed"]) == 2
+    return ctl, adapter, clock
+
+
+def _victim_run(tmp_path, write_spec, fleet, routers, prober: FakeProber) -> VictimRun:
+    port = free_port()
+    spec = load_spec(write_spec(SPEC.format(port=port, read_timeout=READ_TIMEOUT)))
+    source = FakeSource()
+    ctl, adapter, clock = routed_fleet(tmp_path, spec, fleet, routers, prober, source)
+    victim = ctl.state.replicas[sorted(pair[0] for pair in ctl.state.extra["routed"])[0]]
     clients = Clients(f"http://127.0.0.1:{port}", 4)
     wait_until(lambda: in_flight_to(adapter.router, victim.endpoint) >= 1, 5, "requests on the victim")
     os.killpg(fleet.replicas[victim.id].proc.pid, signal.SIGSTOP)  # the VM is gone
