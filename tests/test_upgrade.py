@@ -26,13 +26,15 @@ import yaml
 from local_support import SERVER, free_base_port, get
 
 import skyhedge
-from skyhedge.apply import apply_service
+from skyhedge.apply import apply_service, destroy_service
 from skyhedge.clouds.local import runtime_dir
 from skyhedge.clouds.local.processes import (
     REPLICA_ENV,
     RUNTIME_ENV,
+    SERVICE_ENV,
     LocalProcess,
     kill_all,
+    list_pidfiles,
     log_path,
     proc_starttime,
     replicas_dir,
@@ -159,6 +161,22 @@ class OldService:
                     time.sleep(0.05)
         return pids
 
+    def worker(self, replica_id: str) -> subprocess.Popen[bytes]:
+        """A process carrying the markers the older release's launcher gave `replica_id` (its
+        runtime dir's path, the ID, the service; no runtime dir identity: that release had none),
+        in a session of its own: a replica's `setsid` worker, which its replica's group kill misses."""
+        env = {
+            **os.environ,
+            RUNTIME_ENV: str(self.runtime),
+            REPLICA_ENV: replica_id,
+            SERVICE_ENV: "local-echo",
+        }
+        proc = subprocess.Popen(
+            [sys.executable, "-c", "import time; time.sleep(600)"], env=env, start_new_session=True
+        )
+        self.processes.append(proc)
+        return proc
+
     def cleanup(self) -> None:
         kill_all(self.runtime)
         for proc in self.processes:
@@ -272,3 +290,52 @@ def test_any_state_write_keeps_an_earlier_releases_probe_as_a_digest(tmp_path):
     assert probes[saved[EARLIER_PROBES_KEY]["rev-a"]] == OLD_RELEASE_PROBE
     assert probes[saved[PROBE_KEY]] == in_force
     assert stat.S_IMODE((state_dir / "tf" / "probes.json").stat().st_mode) == 0o600
+
+
+def test_a_state_dir_moved_after_an_upgrade_still_stops_the_older_releases_strays(old_service, tmp_path):
+    """Upgraded, then moved (`mv` while no watcher runs), then `up` at the new path: the replicas
+    the older release launched are adopted, and their processes carry only the old path (no
+    `SKYHEDGE_LOCAL_RUNTIME_ID`: that release set none). One of them crashes, leaving its `setsid`
+    worker: its replacement and `destroy` must stop the worker (measured before, a real `up` of
+    the older release then this one: a crashed replica's `sleep` worker outlived both its
+    replacement and `destroy`, exit 0). What carries the old path under an ID this state dir never
+    adopted from it may be another state dir's that was there: left alone."""
+    old_service.start_replicas()
+    spec = load_spec(old_service.write_spec())
+    fixture_time = max(r.launched_at for r in load_state(old_service.state_dir, "local-echo").live())
+    worker = old_service.worker("r-0001")
+    stranger = old_service.worker("r-0009")  # no replica of this state dir had that ID
+    assert apply_service(
+        spec, old_service.state_dir, route=False, wait=False, clock=lambda: fixture_time + 60
+    ).ok  # the upgrade: every replica kept
+    moved = tmp_path / "moved"
+    os.rename(old_service.state_dir, moved)
+    report = apply_service(spec, moved, route=False, wait=False, clock=lambda: fixture_time + 70)
+    assert report.ok, report.errors
+    leaders = {p.id: p for p in list_pidfiles(runtime_dir(moved))}
+    assert sorted(leaders) == ["r-0001", "r-0002", "r-0003"]  # adopted, kept running
+    os.killpg(leaders["r-0001"].pgid, signal.SIGKILL)  # crashed; its worker runs on
+
+    report = destroy_service(spec, moved, route=False)
+
+    assert report.ok, report.errors
+    assert worker.wait(timeout=10) is not None  # was: still running after destroy
+    assert stranger.poll() is None
+
+
+def test_a_launch_keeps_which_replicas_an_older_release_launched_under_an_earlier_path(tmp_path):
+    """`local/paths.json` is rewritten at every launch (the path the state dir has then): the IDs
+    adopted from an older release under an earlier path stay with that path, so a replacement
+    launched after the move does not make its earlier-release siblings' strays unfindable."""
+    from skyhedge.clouds.local.processes import RUNTIME_ID_ENV, _launched_here, moved_from, remember_paths
+
+    runtime = tmp_path / "moved" / "local"
+    runtime.mkdir(parents=True)
+    gone = str(tmp_path / "state" / "local")  # where the older release launched them: nothing there now
+    remember_paths(runtime, also=[gone], unmarked={gone: ["r-0002", "r-0001"]})
+    remember_paths(runtime)  # a launch after the move
+
+    accept = _launched_here(runtime, moved_from(runtime))
+    assert accept({RUNTIME_ENV: gone, REPLICA_ENV: "r-0002"})
+    assert not accept({RUNTIME_ENV: gone, REPLICA_ENV: "r-0003"})  # never adopted from there
+    assert not accept({RUNTIME_ENV: gone, REPLICA_ENV: "r-0001", RUNTIME_ID_ENV: "1:2"})  # another dir's

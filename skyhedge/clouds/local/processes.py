@@ -25,7 +25,7 @@ import signal
 import stat
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import IO
 
@@ -44,6 +44,9 @@ RUNTIME_ID_ENV = "SKYHEDGE_LOCAL_RUNTIME_ID"
 PATHS_FILE = "paths.json"
 #: How many of those paths are kept (the newest): a state dir is not moved that often.
 PATHS_KEPT = 16
+#: In `PATHS_FILE`, beside `paths`: path -> the IDs of the replicas launched under it by a release
+#: before `RUNTIME_ID_ENV` that this runtime dir adopted (`unmarked_replicas`, `claim_replicas`).
+UNMARKED_KEY = "unmarked"
 
 
 @dataclass(frozen=True)
@@ -658,69 +661,120 @@ def runtime_identity(runtime_dir: Path) -> str | None:
 class _LaunchedHere:
     """Which processes carrying an earlier path (`olds`) this runtime dir launched: those whose
     `RUNTIME_ID_ENV` is its identity (`runtime_identity`); a process carrying one of this runtime
-    dir's own current markers is judged by its path, as before."""
+    dir's own current markers is judged by its path, as before. One with no `RUNTIME_ID_ENV` (an
+    earlier release launched it) is this runtime dir's only if it carries the ID of a replica that
+    this runtime dir adopted from that path (`unmarked`): else it may be another state dir's that
+    was at that path, and is left alone."""
 
     olds: frozenset[str]
     identity: str | None
+    unmarked: Mapping[str, frozenset[str]] = field(default_factory=dict)
 
     def __call__(self, env: Mapping[str, str]) -> bool:
-        if env.get(RUNTIME_ENV) not in self.olds:
+        path = env.get(RUNTIME_ENV)
+        if path not in self.olds:
             return True
+        if RUNTIME_ID_ENV not in env:
+            return env.get(REPLICA_ENV) in self.unmarked.get(path, frozenset())
         return self.identity is not None and env.get(RUNTIME_ID_ENV) == self.identity
 
 
 def _launched_here(runtime_dir: Path, olds: Iterable[str]) -> _LaunchedHere:
-    return _LaunchedHere(frozenset(olds), runtime_identity(runtime_dir))
+    olds = frozenset(olds)
+    unmarked = {path: frozenset(ids) for path, ids in _read_record(runtime_dir)[1].items() if path in olds}
+    return _LaunchedHere(olds, runtime_identity(runtime_dir), unmarked)
 
 
 def _read_paths(runtime_dir: Path) -> list[str]:
     """The paths `PATHS_FILE` lists, oldest first; none when it is missing, unreadable, or not a
     file to trust (a link, another account's: it decides which processes a destroy stops)."""
+    return _read_record(runtime_dir)[0]
+
+
+def _read_record(runtime_dir: Path) -> tuple[list[str], dict[str, list[str]]]:
+    """`PATHS_FILE` read: its paths (`_read_paths`) and, of those, the ones replicas an earlier
+    release launched were adopted from, with their IDs (`UNMARKED_KEY`); both empty when it is
+    not a file to trust."""
     try:
         dir_fd = open_runtime_dir(runtime_dir)
     except OSError:
-        return []
+        return [], {}
     try:
         fd = _open_file_at(dir_fd, PATHS_FILE, os.O_RDONLY, Path(runtime_dir) / PATHS_FILE)
         with os.fdopen(fd, "rb") as fh:
             if not _trusted(os.fstat(fh.fileno()).st_uid):
-                return []
+                return [], {}
             raw = fh.read()
-        paths = json.loads(raw.decode("utf-8")).get("paths")
+        data = json.loads(raw.decode("utf-8"))
+        paths, unmarked = data.get("paths"), data.get(UNMARKED_KEY)
     except OSError:
-        return []
+        return [], {}
     except (ValueError, AttributeError, RecursionError):  # (`[[[[...`: RecursionError, a traceback)
         log.warning(
             "%s: not a JSON object of paths: ignored (rewritten at the next launch; a process "
             "launched under a path it listed is no longer found once its replica is gone)",
             Path(runtime_dir) / PATHS_FILE,
         )
-        return []
+        return [], {}
     finally:
         os.close(dir_fd)
-    return [p for p in paths if isinstance(p, str) and os.path.isabs(p)] if isinstance(paths, list) else []
+    paths = [p for p in paths if isinstance(p, str) and os.path.isabs(p)] if isinstance(paths, list) else []
+    ids = {
+        path: sorted({i for i in rids if isinstance(i, str)})
+        for path, rids in (unmarked.items() if isinstance(unmarked, dict) else ())
+        if path in paths and isinstance(rids, list)
+    }
+    return paths, {path: rids for path, rids in ids.items() if rids}
 
 
-def remember_paths(runtime_dir: Path, also: Iterable[str] = ()) -> None:
+def remember_paths(
+    runtime_dir: Path, also: Iterable[str] = (), unmarked: Mapping[str, Iterable[str]] | None = None
+) -> None:
     """Add the path `runtime_dir` has now (resolved), and `also` (the paths replicas adopted here
     were launched under), to its `PATHS_FILE` (the newest `PATHS_KEPT`; written only when that
     changes it). The launcher calls it at each launch. Why: a replica's processes carry the path
     they were launched under (`RUNTIME_ENV`), and once the state dir was moved and its pid files
     rewritten (`adopt`), nothing in it said that path any more: `destroy` stopped only what
-    carried the new one, and a worker of a crashed replica launched before the move ran on."""
+    carried the new one, and a worker of a crashed replica launched before the move ran on.
+
+    `unmarked`: path -> IDs of replicas adopted here that a release before `RUNTIME_ID_ENV`
+    launched under it (`unmarked_replicas`); kept with the path. Why: their processes carry no
+    identity, and without it a crashed one's setsid worker outlived its replacement and `destroy`
+    of a state dir moved after the upgrade (measured: `sleep` workers of the older release's
+    replicas ran on after `destroy` exited 0)."""
     mine = str(Path(runtime_dir).resolve())
-    known = _read_paths(runtime_dir)
+    known, known_unmarked = _read_record(runtime_dir)
     adopted = list(dict.fromkeys(also))
     paths = [p for p in known if p != mine and p not in adopted] + [*adopted, mine]
     paths = [p for p in dict.fromkeys(paths) if os.path.isabs(p)][-PATHS_KEPT:]
-    if paths == known:
+    merged = {p: set(ids) for p, ids in known_unmarked.items()}
+    for path, ids in (unmarked or {}).items():
+        merged.setdefault(path, set()).update(ids)
+    kept = {p: sorted(merged[p]) for p in paths if merged.get(p)}
+    if paths == known and kept == known_unmarked:
         return
-    data = (json.dumps({"paths": paths}, indent=2) + "\n").encode("utf-8")
+    record: dict[str, object] = {"paths": paths}
+    if kept:
+        record[UNMARKED_KEY] = kept
+    data = (json.dumps(record, indent=2) + "\n").encode("utf-8")
     dir_fd = open_runtime_dir(runtime_dir, create=True)
     try:
         _write_whole_at(dir_fd, PATHS_FILE, lambda fh: fh.write(data), Path(runtime_dir) / PATHS_FILE)
     finally:
         os.close(dir_fd)
+
+
+def unmarked_replicas(procs: Iterable[LocalProcess]) -> dict[str, list[str]]:
+    """Of the running replicas `procs` (`Ownership.moved`), those a release before
+    `RUNTIME_ID_ENV` launched (none in their environment), by the path they carry (`RUNTIME_ENV`):
+    path -> IDs, for `remember_paths`."""
+    found: dict[str, set[str]] = {}
+    for proc in procs:
+        env = _environ(proc.pid)
+        path = env.get(RUNTIME_ENV)
+        if path and RUNTIME_ID_ENV not in env:
+            found.setdefault(path, set()).add(env.get(REPLICA_ENV) or proc.id)
+    return {path: sorted(ids) for path, ids in found.items()}
 
 
 def forget_paths(runtime_dir: Path) -> None:

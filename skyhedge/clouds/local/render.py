@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from skyhedge.clouds import RenderContext
 from skyhedge.clouds.local import local_port, runtime_dir
-from skyhedge.clouds.local.processes import adopt, owner_of, ownership, remember_paths
+from skyhedge.clouds.local.processes import adopt, owner_of, ownership, remember_paths, unmarked_replicas
 from skyhedge.errors import RenderError
 from skyhedge.planner import replica_number
 from skyhedge.spec import replica_revision
@@ -123,8 +123,11 @@ def claim_replicas(runtime: Path, *, record: bool = True) -> list[str]:
     if not record:
         return sorted(p.id for p in found.moved)
     was_under = sorted({owner for p in found.moved if (owner := owner_of(p))})
+    # replicas a release before runtime identities launched: their processes carry only a path,
+    # and once their leader is gone only this record says that those carrying it are this one's
+    unmarked = unmarked_replicas(found.moved)
     try:
-        remember_paths(runtime, also=was_under)  # (what a pid file of an earlier release said)
+        remember_paths(runtime, also=[*was_under, *sorted(set(unmarked) - set(was_under))], unmarked=unmarked)
         ids = adopt(runtime, found.moved)
     except OSError as exc:
         raise RenderError(
