@@ -44,3 +44,17 @@ def socket_fds(proc_dir: Path) -> dict[int, int]:
             if target.startswith("socket:["):
                 out[int(target[8:-1])] = int(entry.name)
     return out
+
+
+def open_files(proc_dir: Path) -> list[str]:
+    """The files the process of `proc_dir` (`/proc/<pid>`) holds open, as the kernel names them
+    now (a file renamed since by its new path, a deleted one ending in " (deleted)"): where a
+    process's command line or environment says where it was started, these say where that is
+    today (a state dir moved with `mv`). Raises the OSError that listing its `fd` folder met."""
+    out: list[str] = []
+    for entry in list((proc_dir / "fd").iterdir()):
+        with contextlib.suppress(OSError):
+            target = os.readlink(entry)
+            if target.startswith("/"):
+                out.append(target)
+    return out

@@ -1154,7 +1154,11 @@ def test_a_preempted_replicas_connections_are_cut_once_it_is_out_of_the_router(w
     assert victim.id not in router.current
     assert router.severed == [victim.endpoint]
     assert any(
-        n.text == f"routing: closed 1 connection(s) to gone {victim.id}: requests retried" for n in ctl.notes
+        n.text
+        == f"routing: closed 1 connection(s) to gone {victim.id}: a request not answered yet is retried "
+        "on another replica within next_upstream_timeout (30s) of its start, others end (503, or a stream "
+        "cut short)"
+        for n in ctl.notes
     )
     settle(ctl, clock)
     assert router.severed == [victim.endpoint]

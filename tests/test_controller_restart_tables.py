@@ -76,7 +76,7 @@ def test_a_replica_taken_out_alive_before_a_restart_is_cut_once_known_gone_after
     ctl.tick()
     assert ctl.state.replicas[victim.id].gone_at is not None
     assert router.severed == [victim.endpoint]
-    assert any(f"to gone {victim.id}: requests retried" in n.text for n in ctl.notes)
+    assert any(f"to gone {victim.id}: a request not answered yet is retried" in n.text for n in ctl.notes)
     assert UNROUTED_KEY not in load_state(state_dir, "svc").extra  # cut: forgotten
 
 

@@ -14,6 +14,7 @@ answer its probe keeps its streams, and nginx could not retry them anyway.
 from __future__ import annotations
 
 import http.client
+import http.server
 import json
 import os
 import signal
@@ -185,3 +186,78 @@ def test_a_hung_replica_holds_one_probe_round_not_every_pass(hung_and_healthy):
     third, took = timed()
     assert took < 0.5 and third["r-0001"][0] is False and third["r-0001"][1].startswith("TimeoutError")
     assert third["r-0002"][0] is True
+
+
+class _Healthy(http.server.BaseHTTPRequestHandler):
+    def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+        self.send_response(200)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_a_background_probe_result_goes_only_to_the_replica_it_probed():
+    """A hung replica's probe runs in the background; the replica is gone meanwhile and a new one
+    launched at its address (local ports are handed out again). Before, the background probes were
+    kept by endpoint alone: the new replica was given the probe of the hung one before it (here
+    what its closed socket gave: a failure, for a replica answering 200) and left unprobed while
+    that probe was under way. Now a result only ever goes to the replica (ID and launch) it
+    probed: the new one is probed as any new replica, at once."""
+    hung = socket.socket()
+    hung.bind(("127.0.0.1", 0))
+    hung.listen(16)
+    port = hung.getsockname()[1]
+    endpoint = f"http://127.0.0.1:{port}"
+    readiness = parse_readiness_probe({"path": "/health", "timeout_seconds": 1}, source="test")
+    prober = HttpProber(readiness)
+    was = [ReplicaRecord("r-0001", "local", "local", "local-a", "spot", 0.0, endpoint=endpoint)]
+    server = None
+    try:
+        assert prober.probe(was)["r-0001"][1].startswith("TimeoutError")
+        assert prober.probe(was) == {}  # its probe under way, in the background
+        hung.close()  # r-0001 gone; r-0005 launched at the port it had, and answering
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", port), _Healthy)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        now = [ReplicaRecord("r-0005", "local", "local", "local-a", "spot", 50.0, endpoint=endpoint)]
+        got = prober.probe(now)
+        # was: {} (r-0001's probe under way), or r-0001's result (False, "ConnectionRefusedError...")
+        assert got == {"r-0005": (True, "HTTP 200")}
+        relaunched = [ReplicaRecord("r-0001", "local", "local", "local-a", "spot", 90.0, endpoint=endpoint)]
+        assert prober.probe(relaunched) == {"r-0001": (True, "HTTP 200")}  # (same ID, another launch)
+    finally:
+        hung.close()
+        if server is not None:
+            server.shutdown()
+            server.server_close()
+
+
+def test_with_no_retries_a_hung_replicas_requests_are_left_to_it_and_none_is_said_retried(
+    tmp_path, write_spec, fleet, routers
+):
+    """`next_upstream_tries: 1`: nginx retries nothing, so a cut request is not answered elsewhere
+    but 503 at once (measured before: both requests on the hung replica cut and answered 503 in
+    1.2 s, and the note said "retried on another replica"), and a replica only slow to answer its
+    probe would lose what it was answering. As with a `next_upstream_timeout` too short for any
+    request to be retried, nothing is cut and nothing said: cut once it is FAILED, as before."""
+    port = free_port()
+    text = SPEC.format(port=port).replace(
+        "{read_timeout: 120}", "{read_timeout: 120, next_upstream_tries: 1}"
+    )
+    spec = load_spec(write_spec(text))
+    ctl, adapter, _ = routed_fleet(tmp_path, spec, fleet, routers, HttpProber(spec), FakeSource())
+    victim = ctl.state.replicas[sorted(pair[0] for pair in ctl.state.extra["routed"])[0]]
+    calls = [Call(f"http://127.0.0.1:{port}", stream=False) for _ in range(4)]
+    wait_until(lambda: in_flight_to(adapter.router, victim.endpoint) >= 1, 5, "requests on the victim")
+    held = in_flight_to(adapter.router, victim.endpoint)
+    os.killpg(fleet.replicas[victim.id].proc.pid, signal.SIGSTOP)
+    ctl.tick()
+    assert victim.not_ready_since is not None
+    assert victim.id not in {pair[0] for pair in ctl.state.extra["routed"]}
+    assert in_flight_to(adapter.router, victim.endpoint) == held  # was: all cut, answered 503
+    assert not [n.text for n in ctl.notes if "connection(s)" in n.text]
+    os.killpg(fleet.replicas[victim.id].proc.pid, signal.SIGCONT)  # only slow after all
+    results = [c.join() for c in calls]
+    assert all(r[0] == 200 and r[2] == TOKENS for r in results), results
+    assert sum(1 for r in results if r[1] == victim.id) == held, results  # answered where they ran

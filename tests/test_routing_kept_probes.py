@@ -659,3 +659,40 @@ def test_apply_checks_a_probe_only_edit_and_routing_probe_agrees_with_it(routed_
     taken = apply_service(load_spec(spec_path), svc.state_dir, route=False)
     assert taken.ok and not taken.warnings, taken.warnings
     assert _in_force(svc.state_dir) == "/work"  # was: /v1/health until a watcher ran
+
+
+def test_a_declined_apply_neither_takes_nor_says_taken_the_edited_probe(local_svc):
+    """A probe edit (to a path the replicas answer) applied with another change, the plan then
+    declined at the prompt: before, `apply` had already said the new probe was "checked ...:
+    taken", though a declined plan records nothing. Now that is said only once the plan goes
+    ahead, and the state names the earlier probe still; the apply confirmed after takes it."""
+    spec_path = write_version(local_svc, "/v1/health")
+    first = apply_service(load_spec(spec_path), local_svc.state_dir, route=False)
+    assert first.ok and sorted(first.ready) == ["r-0001", "r-0002"], first.errors
+    _edit_probe_path(local_svc, "/work")
+    data = yaml.safe_load(spec_path.read_text(encoding="utf-8"))
+    data["replica_policy"]["min_replicas"] = data["replica_policy"]["max_replicas"] = 3
+    spec_path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    state_file = local_svc.state_dir / "state.json"
+    before = state_file.read_bytes()
+
+    said: list[str] = []
+    asked: list[int] = []
+    declined = apply_service(
+        load_spec(spec_path),
+        local_svc.state_dir,
+        route=False,
+        confirm=lambda *_: asked.append(1) and False,
+        say=said.append,
+    )
+    assert asked and declined.cancelled and declined.created == []
+    assert not [line for line in said if "readiness_probe" in line], said  # was: "...: taken"
+    assert state_file.read_bytes() == before and _in_force(local_svc.state_dir) == "/v1/health"
+
+    taken = apply_service(load_spec(spec_path), local_svc.state_dir, route=False, say=said.append)
+    assert taken.ok and len(taken.created) == 1, taken.errors
+    assert [line for line in said if line.startswith("readiness_probe:")] == [
+        "readiness_probe: the spec's is not the one its replicas were probed with: checked (a READY "
+        "replica passes it, or none could be asked): taken"
+    ]
+    assert _in_force(local_svc.state_dir) == "/work"

@@ -87,7 +87,10 @@ def test_an_unrouted_replica_is_cut_once_gone_and_only_then():
     state.replicas["r-1"].gone_at = 9.0
     assert cut_gone_connections(router, state, [("r-2", B)], said.append, said.append) == 1
     assert router.cut == [[A]]
-    assert said == ["routing: closed 1 connection(s) to gone r-1: requests retried"]
+    assert said == [
+        "routing: closed 1 connection(s) to gone r-1: a request not answered yet is retried on another "
+        "replica within next_upstream_timeout of its start, others end (503, or a stream cut short)"
+    ]
     assert state.extra[UNROUTED_KEY] == {"r-3": C}
 
 

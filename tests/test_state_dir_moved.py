@@ -655,3 +655,55 @@ def test_a_hostile_or_malformed_paths_json_is_one_line_and_stops_nothing(tmp_pat
     finally:
         stranger.kill()
         stranger.wait()
+
+
+def test_a_copy_of_a_moved_state_dir_refuses_and_the_moved_one_still_adopts(svc, tmp_path):
+    """`mv state a; cp -a a c` before `a` ran anything: both hold pid files naming the path the
+    replicas were launched under, which is gone, so by path alone each took them for its own, moved
+    there (measured: `c` adopted `a`'s replicas, and its apply with one replica fewer stopped one of
+    them). The replicas carry the identity of the `local/` folder they were launched into
+    (`SKYHEDGE_LOCAL_RUNTIME_ID`), which `mv` keeps and `cp -a` does not: the copy is refused as a
+    plain copy is, naming `a`, and touches nothing; `a` adopts them as any moved state dir."""
+    assert _apply(svc.state_dir, svc.spec_path).ok
+    before = _running(svc.state_dir)
+    moved = tmp_path / "elsewhere"
+    os.rename(svc.state_dir, moved)
+    copy = tmp_path / "elsewhere-copy"
+    shutil.copytree(moved, copy, symlinks=True)
+    pid_files = sorted((runtime_dir(copy) / "replicas").glob("*.json"))
+    kept = {f.name: f.read_bytes() for f in pid_files}
+
+    svc.write(replicas=1)
+    with pytest.raises(RenderError) as refused:
+        _apply(copy, svc.spec_path)
+    assert str(refused.value).startswith(
+        f"{copy}: replicas r-0001, r-0002 are the running replicas of the state dir {moved.resolve()}, which "
+        "records the same processes: this one is a copy of it (`cp -a`?)"
+    )
+    assert "\n" not in str(refused.value)
+    assert {f.name: f.read_bytes() for f in pid_files} == kept  # was: adopted (rewritten)
+    assert _running(moved) == before  # was: r-0002 stopped by the copy's scale-down
+
+    svc.write(replicas=2)
+    again = _apply(moved, svc.spec_path)  # the real move: adopted, kept running
+    assert again.ok and again.created == [] and again.deleted == [], again.errors
+    assert _running(moved) == before
+    assert {p.runtime for p in list_pidfiles(runtime_dir(moved))} == {str(runtime_dir(moved))}
+
+
+def test_a_state_dir_copied_to_another_place_then_deleted_there_adopts_its_replicas(svc, tmp_path):
+    """A move to another file system is a copy, then a delete: the `local/` folder the replicas
+    were launched into is gone (their log open under a deleted path), so nothing else records
+    them, and the copy adopts them, keeps them running, launches none (as before the identity
+    check: only a folder still there can be the one it is a copy of)."""
+    assert _apply(svc.state_dir, svc.spec_path).ok
+    before = _running(svc.state_dir)
+    moved = tmp_path / "elsewhere"
+    os.rename(svc.state_dir, moved)
+    copy = tmp_path / "elsewhere-copy"
+    shutil.copytree(moved, copy, symlinks=True)
+    shutil.rmtree(moved)
+    again = _apply(copy, svc.spec_path)
+    assert again.ok and again.created == [] and again.deleted == [], again.errors
+    assert _running(copy) == before
+    assert {p.runtime for p in list_pidfiles(runtime_dir(copy))} == {str(runtime_dir(copy))}

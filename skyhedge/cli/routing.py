@@ -12,7 +12,13 @@ import click
 from rich.markup import escape
 
 from skyhedge._json import dumps as strict_json
-from skyhedge.apply import UNROUTED_KEY, cut_gone_connections, note_unrouted, notice_dead_local_replicas
+from skyhedge.apply import (
+    UNROUTED_KEY,
+    cut_gone_connections,
+    cut_hung_connections,
+    note_unrouted,
+    notice_dead_local_replicas,
+)
 from skyhedge.cli._app import (
     command_line,
     console,
@@ -25,7 +31,7 @@ from skyhedge.cli._app import (
 )
 from skyhedge.errors import RoutingError
 from skyhedge.policy.types import ReplicaStatus
-from skyhedge.probe import ProbeResult, check_all
+from skyhedge.probe import ProbeResult, check_all, timed_out
 from skyhedge.probe_store import by_probe, earlier_probes, probe_in_force
 from skyhedge.routing import Router, Upstream
 from skyhedge.spec import ReadinessProbe, ServiceSpec, load_spec
@@ -47,6 +53,7 @@ def upstreams_from_state(
     probe_now: bool,
     earlier: Mapping[str, ReadinessProbe] | None = None,
     in_force: ReadinessProbe | None = None,
+    hung: dict[str, str] | None = None,
 ) -> list[Upstream]:
     """READY replicas with an endpoint; with `probe_now`, the live non-draining ones that pass a
     probe: the spec's, but an outdated replica's is its revision's kept probe (`earlier`), as the
@@ -54,7 +61,8 @@ def upstreams_from_state(
     serving the old version failed the spec's and left the router (all of them: an outage).
     `in_force`: the probe the state names for the current revision when it is not the spec's
     (`probe_store.probe_in_force`): the spec's is taken only if a READY replica passes it, as the
-    watcher takes it (`Controller._check_restart_probe`), else they are probed with that one."""
+    watcher takes it (`Controller._check_restart_probe`), else they are probed with that one.
+    `hung`, when given, gets endpoint -> ID of those left out because their probe timed out."""
     live = [r for r in state.live() if r.endpoint]
     if not probe_now:
         return [
@@ -87,6 +95,8 @@ def upstreams_from_state(
         else:
             detail = escape(f"{rec.endpoint}: not ready ({result.error})")  # error texts are data
             err_console.print(f"[yellow]{escape(rec.id)}[/] {detail}")
+            if hung is not None and not result.local and timed_out(result.error or ""):
+                hung[rec.endpoint or ""] = rec.id
     return out
 
 
@@ -128,8 +138,9 @@ def _route(spec: Path, state_dir: Path | None, *, start: bool, probe_now: bool, 
             if problem:
                 echo(f"warning: {problem}", err=True)
             in_force = probe_in_force(sdir, state, service)
+        timed_out_now: dict[str, str] = {}  # endpoint -> ID: its `--probe` timed out (hung)
         upstreams = upstreams_from_state(
-            service, state, probe_now=probe_now, earlier=earlier, in_force=in_force
+            service, state, probe_now=probe_now, earlier=earlier, in_force=in_force, hung=timed_out_now
         )
         if start and router.pid() is None:
             # nginx found and the ports free, checked before the router's folder is made: a
@@ -140,12 +151,30 @@ def _route(spec: Path, state_dir: Path | None, *, start: bool, probe_now: bool, 
         state.router = status
         # Taken out alive (failed `--probe`, or not READY): not cut, as the watcher does not cut a
         # NOT_READY one: busy or shutting down gracefully (its port refusing connections already),
-        # its answers may still come. Recorded, so its requests are cut once it is known gone.
-        for rid in note_unrouted(state, served, upstreams):
+        # its answers may still come. Recorded, so its requests are cut once it is known gone. But
+        # one whose probe timed out (hung) has what nginx can still retry cut now, as the watcher
+        # does (`cut_hung_connections`): with no watcher, it waited for `read_timeout`.
+        taken_out = note_unrouted(state, served, upstreams)
+        live_eps = {r.id: r.endpoint for r in state.live() if r.endpoint}
+        hung = {  # (never an endpoint another live replica has: its requests are not this one's)
+            ep: rid
+            for ep, rid in timed_out_now.items()
+            if rid in taken_out and not any(e == ep and other != rid for other, e in live_eps.items())
+        }
+        for rid in taken_out:
+            hung_one = rid in hung.values()  # (its probe timed out)
+            now_cut = "what nginx can still retry is cut, its other requests" if hung_one else "its requests"
             err_console.print(
-                f"{rid}: out of the router; its requests in flight may finish (cut once it is recorded gone)",
+                f"{rid}: out of the router; {now_cut} in flight may finish (cut once it is recorded gone)",
                 markup=False,
             )
+        cut_hung_connections(
+            router,
+            service.service.router,
+            hung,
+            lambda text: err_console.print(text, markup=False),
+            lambda text: echo(f"warning: {text}", err=True),
+        )
         save_state(sdir, state)
         unrouted = copy.deepcopy(state.extra.get(UNROUTED_KEY))
         # replicas the state knows gone, taken out by this reload or taken out alive before: a

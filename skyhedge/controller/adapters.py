@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -125,6 +126,15 @@ class NginxRouter:
         self.router.down()
 
 
+@dataclass(frozen=True, order=True)
+class _Probed:
+    """What one probe is of: the replica (its ID and launch) at its endpoint."""
+
+    endpoint: str
+    replica: str
+    launched_at: float
+
+
 class _Behind:
     """One probe running in a daemon thread (`HttpProber`); `result` once it ended, which it does
     within the probe's timeout (`skyhedge.probe.check` bounds the whole probe)."""
@@ -163,45 +173,51 @@ class HttpProber:
         self.readiness = spec if isinstance(spec, ReadinessProbe) else spec.readiness_probe
         self._said: list[str] = []
         self._unmade = False  # the last probes this process could not make
-        self._slow: set[str] = set()  # endpoints whose last probe timed out
-        self._behind: dict[str, _Behind] = {}  # their probes under way
+        # replicas (`_Probed`: endpoint and replica, for a new replica at a reused address must
+        # never be given what a probe of the hung one before it found) whose last probe timed out
+        self._slow: set[_Probed] = set()
+        self._behind: dict[_Probed, _Behind] = {}  # their probes under way
 
-    def _results(self, endpoints: Sequence[str]) -> dict[str, ProbeResult]:
-        """This round's results: every endpoint probed at once, but those found hung before,
-        whose probes run in the background (at most MAX_PROBES_AT_ONCE; any more are waited
-        for): theirs only once one ended."""
-        self._slow &= set(endpoints)
-        self._behind = {ep: b for ep, b in self._behind.items() if ep in self._slow}  # (they end alone)
-        waited = [ep for ep in endpoints if ep not in self._slow]
-        done: dict[str, ProbeResult] = {}
-        for ep in sorted(self._slow):
-            behind = self._behind.get(ep)
+    def _results(self, targets: Sequence[_Probed]) -> dict[_Probed, ProbeResult]:
+        """This round's results: every target probed at once, but those found hung before, whose
+        probes run in the background (at most MAX_PROBES_AT_ONCE; any more are waited for):
+        theirs only once one ended, and only to the replica it probed. Why keyed by replica too:
+        local ports (and a cloud's private addresses) are handed out again, and a replica
+        launched at the address of a hung one gone meanwhile was given that one's stale result
+        (a timeout, or what its closing socket gave) and left unprobed while it was under way."""
+        self._slow &= set(targets)
+        self._behind = {t: b for t, b in self._behind.items() if t in self._slow}  # (they end alone)
+        waited = [t for t in targets if t not in self._slow]
+        done: dict[_Probed, ProbeResult] = {}
+        for target in sorted(self._slow):
+            behind = self._behind.get(target)
             if behind is None and len(self._behind) < MAX_PROBES_AT_ONCE:
-                self._behind[ep] = _Behind(ep, self.readiness)
+                self._behind[target] = _Behind(target.endpoint, self.readiness)
             elif behind is None:
-                waited.append(ep)
+                waited.append(target)
             elif behind.result is not None:
-                done[ep] = behind.result
-                del self._behind[ep]
-        results = {**check_all(waited, self.readiness), **done}
-        for ep, res in results.items():
+                done[target] = behind.result
+                del self._behind[target]
+        fresh = check_all([t.endpoint for t in waited], self.readiness)  # (an address probed once)
+        results = {**{t: fresh[t.endpoint] for t in waited if t.endpoint in fresh}, **done}
+        for target, res in results.items():
             if not res.ok and not res.local and timed_out(res.error or ""):
-                self._slow.add(ep)
+                self._slow.add(target)
             else:
-                self._slow.discard(ep)
+                self._slow.discard(target)
         return results
 
     def probe(self, records: Sequence[ReplicaRecord]) -> dict[str, tuple[bool, str]]:
-        by_endpoint = {r.endpoint: r.id for r in records if r.endpoint}
-        results = self._results(list(by_endpoint))
+        targets = [_Probed(r.endpoint, r.id, r.launched_at) for r in records if r.endpoint]
+        results = self._results(targets)
         out: dict[str, tuple[bool, str]] = {}
         why = ""
-        for endpoint, rid in by_endpoint.items():
-            res = results.get(endpoint)
+        for target in targets:
+            res = results.get(target)
             if res is not None and res.local:
                 why = res.error or "?"
             elif res is not None:
-                out[rid] = (res.ok, res.error or f"HTTP {res.status}")
+                out[target.replica] = (res.ok, res.error or f"HTTP {res.status}")
         if why:
             # the same words every time: the controller says a line again only a minute later
             self._said.append(

@@ -24,7 +24,6 @@ created twice, and the local event source stops any process no live replica owns
 from __future__ import annotations
 
 import copy
-import inspect
 import json
 import logging
 import math
@@ -39,7 +38,14 @@ from pathlib import Path
 from typing import Any
 
 from skyhedge import autoscaler
-from skyhedge.apply import UNROUTED_KEY, held_replicas, record_plan, reopen_unfinished_deletes
+from skyhedge.apply import (
+    UNROUTED_KEY,
+    cut_hung_connections,
+    gone_cut_note,
+    held_replicas,
+    record_plan,
+    reopen_unfinished_deletes,
+)
 from skyhedge.controller.facts import (
     NOT_READY_GRACE_SECONDS,
     UNPROBED_SECONDS,
@@ -1662,39 +1668,20 @@ class Controller:
             self.note(f"routing: {exc}", now, level=logging.WARNING)
             return
         if closed:
-            self.note(f"routing: closed {closed} connection(s) to gone {ids}: requests retried", now)
+            self.note(gone_cut_note(closed, ids, self.spec.service.router), now)
 
     def _cut_hung(self, endpoints: dict[str, str], now: float) -> None:
         """Close the router's connections to replicas just taken out because their probe timed
-        out (endpoint -> replica ID), but only those carrying a request of which nothing came
-        back yet and that nginx can still retry on another replica (sent within
-        `next_upstream_timeout`, less a second for the cut itself: `Router.sever`'s
-        `awaiting_within`). Why: a hung replica (alive, its port open: the kernel completes
-        connections into its backlog) answers none of them, and they waited on the old nginx
-        workers until it was FAILED 180 s later, when nginx no longer retried them (measured:
-        12 clients on 3 replicas, all 12 held 189 s, then 503). A replica only slow to answer
-        its probe loses nothing: those requests start over on another replica, and its streams
-        under way (answer begun: nginx could not retry them) and older requests are left to it,
-        cut only once it is known gone (`_sever_gone_unrouted`)."""
-        sever = getattr(self.router, "sever", None)
-        # (a router whose `sever` takes endpoints only would cut everything: streams included)
-        if sever is None or not endpoints or "awaiting_within" not in inspect.signature(sever).parameters:
-            return
-        within = float(self.spec.service.router.next_upstream_timeout) - 1.0
-        if within <= 0:
-            return
-        ids = ",".join(sorted(endpoints.values()))
-        try:
-            closed = sever(sorted(endpoints), awaiting_within=within)
-        except (RoutingError, OSError) as exc:
-            self.note(f"routing: {exc}", now, level=logging.WARNING)
-            return
-        if closed:
-            self.note(
-                f"routing: closed {closed} connection(s) to hung {ids} (its probe timed out): "
-                "requests it had not begun to answer retried on another replica",
-                now,
-            )
+        out (endpoint -> replica ID) that carry a request nginx can still retry on another
+        replica: `apply.cut_hung_connections` says which and why (`routing reload --probe` cuts
+        the same way)."""
+        cut_hung_connections(
+            self.router,
+            self.spec.service.router,
+            endpoints,
+            lambda text: self.note(text, now),
+            lambda text: self.note(text, now, level=logging.WARNING),
+        )
 
     def _hold_for_drain(self, ids: Sequence[str], pids: Sequence[int], now: float) -> None:
         """Keep `ids` running (out of the router) until the nginx workers that may still serve

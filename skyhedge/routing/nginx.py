@@ -25,7 +25,7 @@ import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from skyhedge._procnet import LISTEN, local_port, tcp_rows
+from skyhedge._procnet import LISTEN, local_port, open_files, tcp_rows
 from skyhedge._procnet import socket_fds as listed_socket_fds
 from skyhedge.errors import RoutingError
 from skyhedge.routing.config import RouterPaths
@@ -234,18 +234,11 @@ def held_folders(pid: int) -> list[Path] | None:
     kernel names them now: a folder renamed since (`mv` of a state dir) by its new path, so
     that they say whose the process is where its command line (`-c`) names where it was started;
     None when its descriptors cannot be read (gone, another account's)."""
-    fd_dir = _PROC / str(pid) / "fd"
     try:
-        names = os.listdir(fd_dir)
+        targets = open_files(_PROC / str(pid))
     except OSError:
         return None
-    found: list[Path] = []
-    for name in names:
-        with contextlib.suppress(OSError):
-            target = os.readlink(fd_dir / name)
-            if target.startswith("/"):
-                found.append(Path(target.removesuffix(" (deleted)")).parent)
-    return found
+    return [Path(target.removesuffix(" (deleted)")).parent for target in targets]
 
 
 def masters_of(conf: Path) -> list[int]:

@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import IO
 
-from skyhedge._procnet import LISTEN, local_port, socket_fds, tcp_rows
+from skyhedge._procnet import LISTEN, local_port, open_files, socket_fds, tcp_rows
 
 log = logging.getLogger(__name__)
 
@@ -436,10 +436,12 @@ class Ownership:
 
     `shared`: ID -> the runtime dir that records the very same process (pid and start time) as
     its own replica: this state dir is a copy of that one (`cp -a`), and two watchers would manage
-    one set of processes (each stopping, replacing and routing them as its own). `moved`: those
+    one set of processes (each stopping, replacing and routing them as its own); that runtime dir
+    is found by the path the replica was launched under, or, when that records it no more, by the
+    identity of the folder it was launched into (a copy of a moved state dir). `moved`: those
     recorded for a runtime dir that no longer records them (gone, or holding no pid file of that
-    process): the state dir was moved here (`mv`, a restore onto another path), so they are this
-    one's."""
+    process) and launched into no other folder still there: the state dir was moved here (`mv`,
+    a restore onto another path), so they are this one's."""
 
     shared: dict[str, str]
     moved: list[LocalProcess]
@@ -450,6 +452,7 @@ def ownership(runtime_dir: Path) -> Ownership:
     pid file here and, for a replica recorded for another path, of that path's pid file). Cheap
     when nothing moved: an owner is only looked up for a pid file naming another runtime dir."""
     mine = str(Path(runtime_dir).resolve())
+    identity = runtime_identity(runtime_dir)
     shared: dict[str, str] = {}
     moved: list[LocalProcess] = []
     for proc in list_pidfiles(runtime_dir):
@@ -463,12 +466,49 @@ def ownership(runtime_dir: Path) -> Ownership:
             # files are these very files, and this state dir was refused as "a copy" of itself
             if os.path.samefile(owner, runtime_dir):
                 continue
-        theirs = read_pidfile(Path(owner), proc.id)
-        if theirs is not None and (theirs.pid, theirs.starttime) == (proc.pid, proc.starttime):
+        if _records(Path(owner), proc):
             shared[proc.id] = owner
+            continue
+        # The path it was launched under records it no more: this state dir was moved here, or is
+        # a copy of one that was (`mv state a; cp -a a c`: both hold the pid files, and by path
+        # alone each took the replicas for its own). The runtime dir it was launched into, found
+        # by its identity where it is now, is the judge: it records the very same process only
+        # if this one is a copy of it (it is this folder itself, under `mv`).
+        launched_into = _runtime_now(proc.pid, identity or "")
+        if launched_into is not None and _records(launched_into, proc):
+            shared[proc.id] = str(launched_into)
         else:
             moved.append(proc)
     return Ownership(shared, moved)
+
+
+def _records(runtime_dir: Path, proc: LocalProcess) -> bool:
+    """Whether `runtime_dir` has a pid file of the very process `proc` (pid and start time)."""
+    theirs = read_pidfile(runtime_dir, proc.id)
+    return theirs is not None and (theirs.pid, theirs.starttime) == (proc.pid, proc.starttime)
+
+
+def _runtime_now(pid: int, mine: str) -> Path | None:
+    """The runtime dir process `pid` was launched into (its `RUNTIME_ID_ENV`), by the path it has
+    now, when that is another folder than this one (identity `mine`) and still there: found among
+    the files the process holds open (its log, under `replicas/`), which the kernel names at
+    their path now. None when it carries no identity (launched by an earlier release), carries
+    this one's (a `mv` keeps it), or that folder is gone (a move to another file system: a copy,
+    then a delete) or cannot be seen: then its path is all there is to judge by, as before."""
+    launched = _environ(pid).get(RUNTIME_ID_ENV)
+    if not launched or launched == mine:
+        return None
+    try:
+        targets = open_files(Path(f"/proc/{pid}"))
+    except OSError:
+        return None
+    for target in targets:
+        if target.endswith(" (deleted)"):
+            continue
+        for folder in Path(target).parents:
+            if folder != Path("/") and runtime_identity(folder) == launched:
+                return folder
+    return None
 
 
 def adopt(runtime_dir: Path, procs: Iterable[LocalProcess]) -> list[str]:

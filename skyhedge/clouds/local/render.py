@@ -101,7 +101,9 @@ def claim_replicas(runtime: Path, *, record: bool = True) -> list[str]:
     whose original still records the same processes (`cp -a` of a live one, a backup restored
     next to it) is refused in one line: two state dirs applying would each stop, replace and
     route the same replicas as their own (the copy's plan stopping the original's, the original
-    then launching them again). The process's recorded state dir decides (`processes.ownership`).
+    then launching them again). The process's recorded state dir decides, or, when that records it
+    no more, the `local/` folder it was launched into, wherever that is now: a copy of a moved
+    state dir (`mv state a; cp -a a c`) is refused too, not adopting `a`'s (`processes.ownership`).
     Without `record` (`plan`, which writes nothing) a copy is refused the same, and the replicas
     a move left are only named: the apply that follows adopts them.
     """
