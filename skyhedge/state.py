@@ -327,6 +327,29 @@ class ServiceState:
 
     HISTORY_LIMIT = 200
 
+    def __post_init__(self) -> None:
+        # who hears of every entry `log` appends (`on_log`); not a field: neither saved nor compared
+        self._log_listeners: list[Callable[[dict[str, Any]], None]] = []
+
+    def __getstate__(self) -> dict[str, Any]:
+        # a copy (`copy.deepcopy`: a spec reload's trial plan) tells no one what it logs, and its
+        # listeners (the metrics, holding a lock) are not copied with it
+        data = dict(self.__dict__)
+        data.pop("_log_listeners", None)
+        return data
+
+    def __setstate__(self, data: dict[str, Any]) -> None:
+        self.__dict__.update(data)
+        self._log_listeners = []
+
+    def on_log(self, listener: Callable[[dict[str, Any]], None]) -> None:
+        """Call `listener(entry)` with every history entry appended from now on, in the thread
+        that appends it. The history keeps the last HISTORY_LIMIT entries and one pass may append
+        more (a zone of 100 replicas preempted: their `preempted`, their replacements' `launched`
+        and `ready`...): the metrics looked for what a pass appended in the history, and lost all
+        that the same pass pushed out of it (6 preemptions counted 0 past a cap of 3)."""
+        self._log_listeners.append(listener)
+
     def live(self) -> list[ReplicaRecord]:
         return [r for r in self.replicas.values() if r.gone_at is None]
 
@@ -390,6 +413,8 @@ class ServiceState:
     def log(self, entry: dict[str, Any]) -> None:
         self.history.append(entry)
         del self.history[: -self.HISTORY_LIMIT]
+        for listener in self._log_listeners:
+            listener(entry)
 
     def to_json(self) -> dict[str, Any]:
         # the records are converted once each (sorted); `asdict` of the whole state converted

@@ -34,6 +34,8 @@ def bench(tmp_path: Path, script: str, *args: str, timeout: float = 60) -> subpr
         ("reaction_bench.py", ["--rounds", "0"]),
         ("state_write_bench.py", ["--passes", "0"]),
         ("routing_bench.py", ["--replicas", "0"]),
+        ("soak_bench.py", ["--replicas", "0"]),
+        ("soak_bench.py", ["--minutes", "0"]),
         ("scale_bench.py", ["--replicas", "0"]),
         ("scale_bench.py", ["--passes", "0"]),
         ("probe_bench.py", ["--timeout", "0"]),
@@ -94,6 +96,15 @@ def test_routing_bench_removes_its_temp_dir(tmp_path):
     assert done.returncode == 0, done.stderr
     assert "req/s" in done.stdout
     assert not list(tmp_path.glob("routing-bench-*"))
+
+
+@needs_nginx
+@pytest.mark.timeout(180)
+def test_soak_bench_drives_a_watcher_prints_rows_and_leaves_nothing_behind(tmp_path):
+    done = bench(tmp_path, "soak_bench.py", "--gone", "4", "--replicas", "2", "--every", "2", timeout=170)
+    assert done.returncode == 0, done.stderr
+    assert " rss " in done.stdout and "no problem found" in done.stdout, done.stdout
+    assert not list(tmp_path.glob("skyhedge-soak-*"))
 
 
 def test_scale_bench_prints_the_policies_and_the_watcher_and_removes_its_temp_dir(tmp_path):

@@ -3,6 +3,7 @@ fakes), that the exposition is valid text format 0.0.4, and the HTTP endpoint's 
 
 from __future__ import annotations
 
+import copy
 import logging
 import random
 import re
@@ -23,6 +24,7 @@ from skyhedge.controller.metrics import CONTENT_TYPE, Metrics, MetricsServer, _l
 from skyhedge.errors import SkyhedgeError
 from skyhedge.events import PreemptionEvent, Signal
 from skyhedge.spec import load_spec
+from skyhedge.state import ServiceState
 
 SAMPLE = re.compile(
     r'^(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)(\{(?P<labels>[a-zA-Z_][a-zA-Z0-9_]*="(?:[^"\\\n]|\\.)*"'
@@ -251,6 +253,22 @@ def test_a_failing_listener_does_not_fail_the_pass(ctl, caplog):
     assert delay > 0 and len(ctl.state.live()) == 5  # 3 spot + SpotHedge's 2 on-demand stand-ins
     assert value(parse(metrics.text()), "skyhedge_passes_total") == 1
     assert "a listener of the reconcile pass failed" in caplog.text
+
+
+def test_a_failure_counting_an_entry_does_not_fail_the_pass_that_appends_it(ctl, caplog, monkeypatch):
+    """The counters take each history entry as the pass appends it, in the middle of the pass: a
+    bug there is logged, and the pass goes on (as with a failing listener of the pass)."""
+    metrics = Metrics()
+    metrics.watch(ctl)
+
+    def broken(_ctl: Controller, _entry: dict) -> None:
+        raise RuntimeError("metrics bug")
+
+    monkeypatch.setattr(metrics, "_count", broken)
+    delay = ctl.tick()
+    assert delay > 0 and len(ctl.state.live()) == 5 and ctl.state.history
+    assert value(parse(metrics.text()), "skyhedge_passes_total") == 1
+    assert "counting a history entry for the metrics failed" in caplog.text
 
 
 def test_metrics_host_without_a_port_is_a_usage_error(tmp_path, write_spec):
@@ -520,6 +538,39 @@ def test_what_the_counters_remember_per_replica_stays_bounded_by_the_state(ctl):
     assert len(metrics._provisioned) <= len(ctl.state.replicas) < 10
     ctl.tick()
     assert total(parse(metrics.text()), "skyhedge_launches_total") == launched  # nothing counted twice
+
+
+SIX_REPLICAS = SPEC.replace("min_replicas: 2, num_overprovision: 1", "min_replicas: 6, num_overprovision: 0")
+
+
+def test_a_pass_appending_more_entries_than_the_history_keeps_loses_no_count(
+    tmp_path, write_spec, monkeypatch
+):
+    """The history keeps its last HISTORY_LIMIT (200) entries; a pass that appends more (a zone of
+    100 replicas preempted: their `preempted`, their replacements' `launched`...) pushed the
+    preemptions out before the metrics looked for them: here 6 preemptions counted 0 past a cap
+    of 3 (the pass's last 3 entries were launches)."""
+    ctl = fake_controller(load_spec(write_spec(SIX_REPLICAS)), tmp_path / "state")
+    metrics = Metrics()
+    metrics.watch(ctl)
+    for _ in range(3):
+        ctl.tick()
+        ctl.clock.advance(60)  # type: ignore[attr-defined]
+    spot = [r for r in ctl.state.live() if r.market == "spot"]
+    assert len(spot) == 6
+    monkeypatch.setattr(ServiceState, "HISTORY_LIMIT", 3)
+    for victim in spot:
+        send(ctl, PreemptionEvent(Signal.GONE, ctl.clock(), "fake", replica_id=victim.id, reason="preempted"))
+    ctl.tick()
+    assert len(ctl.state.history) == 3
+    samples = parse(metrics.text())
+    assert total(samples, "skyhedge_preemptions_total", market="spot") == 6
+    assert total(samples, "skyhedge_launches_total", market="spot") == 12  # 6, then 6 replacements
+    # a copy of the state (a spec reload's trial plan) neither fails to copy nor counts what it logs
+    trial = copy.deepcopy(ctl.state)
+    trial.log({"event": "preempted", "replica_id": spot[0].id, "location": spot[0].location.key})
+    ctl.tick()
+    assert total(parse(metrics.text()), "skyhedge_preemptions_total") == 6
 
 
 def test_a_wish_of_the_autoscaler_waiting_out_its_delay_is_a_series(tmp_path, write_spec):

@@ -518,6 +518,20 @@ def test_a_zone_emptied_and_reopened_before_the_poll_still_reports_preempted(sta
     assert [(e.replica_id, e.reason) for e in events] == [("r-0031", "preempted")]
 
 
+def test_a_preemption_whose_mark_ran_out_before_the_poll_still_reports_preempted(state_dir):
+    """`skyhedge preempt --for S` and a watcher that polls only after S (busy in an apply longer
+    than that, or started later): its victims must read preempted, not failed. They read failed,
+    and three such bursts held every launch as a crash loop (a soak preempting a zone every few
+    seconds with `--for 3`: 5 of the first 102 replicas gone `failed`, launches held 30 s)."""
+    a = launch(state_dir, "r-0041", "local-a")
+    src = LocalEventSource(state_dir, REGION_OF)
+    assert src.poll(time.time(), [a]) == []
+    assert [p.id for p in preempt_zone(state_dir, "local-a", seconds=0.5)] == ["r-0041"]
+    later = time.time() + 1.0  # the mark has run out
+    events = [e for e in src.poll(later, [a]) if e.signal is Signal.GONE]
+    assert [(e.replica_id, e.reason) for e in events] == [("r-0041", "preempted")]
+
+
 def kill_a_replay_midway(sdir: Path) -> None:
     """What `kill -9` of `up --market-trace` leaves: a replay recorded as driving local-a and
     local-b, local-a emptied and local-b cut to a pool of 1, and no `stop` to give them back."""

@@ -9,7 +9,8 @@ applies). The numbers come from the same state the dashboard and `status` read.
 Threading: the exposition is built in the controller's thread after every pass (a `subscribe`
 listener) and only handed over to the HTTP thread as a finished string, so a scrape never reads
 the state while a pass changes it. Counters are kept here, in memory, from the history entries
-each pass appends: they start at zero when the watcher starts, as Prometheus counters may.
+as each pass appends them (not read back from the history, which keeps only its last 200): they
+start at zero when the watcher starts, as Prometheus counters may.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from skyhedge.controller.loop import Controller
@@ -147,12 +148,12 @@ def _where(key: str | None) -> dict[str, str]:
 
 
 class Metrics:
-    """The watcher's metrics: counters fed from each pass's new history entries, gauges read from
-    the state at the end of each pass. `observe(ctl)` after a pass; `text()` any time."""
+    """The watcher's metrics: counters fed from the history entries as a pass appends them (in
+    the controller's thread), gauges read from the state at the end of each pass. `observe(ctl)`
+    after a pass; `text()` any time."""
 
     def __init__(self) -> None:
         self._counts: Counter[tuple[str, tuple[tuple[str, str], ...]]] = Counter()
-        self._last_entry: dict[str, Any] | None = None
         self._last_apply: object | None = None
         self._provisioned: set[str] = set()  # replica IDs whose launch was counted (or predates us)
         self._warned: set[str] = set()  # replica IDs whose interruption warning was counted
@@ -176,8 +177,9 @@ class Metrics:
         `reload_outcome`: the watcher's last spec reload outcome (`Watcher.last_reload_outcome`),
         shown as `skyhedge_spec_refused`."""
         self._reload_outcome = reload_outcome
-        if ctl.state.history:
-            self._last_entry = ctl.state.history[-1]
+        # each entry as it is appended: the history is capped, and one pass may append more
+        # entries than it keeps (`ServiceState.on_log`)
+        ctl.state.on_log(lambda entry: self._heard(ctl, entry))
         self._provisioned = {r.id for r in ctl.state.replicas.values() if r.provisioned_at is not None}
         self._warned = set(_warned_ids(ctl))
         self._last_apply = ctl.last_apply
@@ -186,7 +188,6 @@ class Metrics:
     def observe(self, ctl: Controller) -> None:
         """Take in one finished pass (a `Controller.subscribe` listener)."""
         now = ctl.clock()
-        self._count(ctl, self._new_entries(ctl.state.history))
         for rec in ctl.state.replicas.values():
             if rec.provisioned_at is not None and rec.id not in self._provisioned:
                 self._provisioned.add(rec.id)
@@ -229,37 +230,30 @@ class Metrics:
         with self._lock:
             self._text = text
 
-    def _new_entries(self, history: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """Entries appended since the last pass (the history is capped, so it is searched from
-        the end for the last entry seen, by identity)."""
-        start = 0
-        if self._last_entry is not None:
-            for i in range(len(history) - 1, -1, -1):
-                if history[i] is self._last_entry:
-                    start = i + 1
-                    break
-        new = history[start:]
-        if history:
-            self._last_entry = history[-1]
-        return new
-
     def _add(self, name: str, **labels: str) -> None:
         self._counts[_series(name, labels)] += 1
 
-    def _count(self, ctl: Controller, entries: Iterable[dict[str, Any]]) -> None:
-        """Counters from the zone events the pass recorded: exactly one `preempted` event with a
-        replica ID per replica taken (at its warning, or when it went without one), one
+    def _heard(self, ctl: Controller, entry: dict[str, Any]) -> None:
+        """`_count` of an entry as it is appended, in the middle of a pass: a metrics bug must
+        not cost the pass its result (as for the listeners of the pass, `Controller.subscribe`)."""
+        try:
+            self._count(ctl, entry)
+        except Exception:
+            log.exception("%s: counting a history entry for the metrics failed", ctl.spec.name)
+
+    def _count(self, ctl: Controller, entry: dict[str, Any]) -> None:
+        """Counters from a zone event as the pass records it: exactly one `preempted` event with
+        a replica ID per replica taken (at its warning, or when it went without one), one
         `launch_failed` per refused launch, one `warning` per rebalance recommendation."""
-        markets = {rid: rec.market for rid, rec in ctl.state.replicas.items()}
-        for entry in entries:
-            event, rid = entry.get("event"), entry.get("replica_id")
-            where = _where(entry.get("location"))
-            if event == "preempted" and rid is not None:
-                self._add("skyhedge_preemptions_total", **where, market=markets.get(str(rid), "spot"))
-            elif event == "launch_failed":
-                self._add("skyhedge_launch_failures_total", **where)
-            elif event == "warning":
-                self._add("skyhedge_interruption_warnings_total", **where, kind="rebalance")
+        event, rid = entry.get("event"), entry.get("replica_id")
+        where = _where(entry.get("location"))
+        if event == "preempted" and rid is not None:
+            rec = ctl.state.replicas.get(str(rid))
+            self._add("skyhedge_preemptions_total", **where, market=rec.market if rec is not None else "spot")
+        elif event == "launch_failed":
+            self._add("skyhedge_launch_failures_total", **where)
+        elif event == "warning":
+            self._add("skyhedge_interruption_warnings_total", **where, kind="rebalance")
 
     @staticmethod
     def _target(ctl: Controller) -> int:

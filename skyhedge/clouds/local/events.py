@@ -390,11 +390,18 @@ def preempt_zone(
 ) -> list[LocalProcess]:
     """Mark `zone` out of spot capacity (for `seconds`, or until cleared) and kill its spot replicas.
 
-    The mark comes first, so the controller's replacement cannot land back in the same zone.
+    The mark comes first, so the controller's replacement cannot land back in the same zone. The
+    victims are recorded as evicted too (as `set_zone_capacity` records them): a watcher that
+    notices one only after a short mark ran out (busy in an apply longer than `--for`, or started
+    later) read it as a crash (`failed`), and three such bursts held every new launch as a crash
+    loop (`skyhedge preempt --for 3` every few seconds: 5 of 102 gone replicas `failed`, launches
+    held 30 s within a minute). Under the capacity file's lock, as the launcher checks it.
     """
     now = time.time() if now is None else now
-    capacity.mark_preempted(runtime_dir(state_dir), zone, until=None if seconds is None else now + seconds)
-    return kill_zone(state_dir, zone)
+    runtime = runtime_dir(state_dir)
+    with capacity.locked(runtime):
+        capacity.mark_preempted(runtime, zone, until=None if seconds is None else now + seconds, lock=False)
+        return kill_zone(state_dir, zone, evict=True)
 
 
 def set_zone_capacity(state_dir: Path, zone: str, count: int) -> list[LocalProcess]:
