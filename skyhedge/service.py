@@ -508,10 +508,26 @@ def compute_plan(
             for f in inside
         )
     surge = 1 if rolling and target > 0 else 0
+    # A move (placement narrowed): the policy sees none of the replicas outside, so it places N
+    # inside, but the ones outside still serve until those are READY (`_next_to_retire`). Their
+    # replacements are surge too (`Observation.surge`: no on-demand cover for capacity that
+    # serves). Told nothing, the policy took a move out of the zone holding the service for an
+    # outage: N = 3 gathered replicas' move bought 3 on-demand replicas for a cold start while
+    # the 3 outside served throughout. Only READY ones count (one that is not serves nothing),
+    # and under GitOps only those READY for the grace, as for the policy's own.
+    serving_outside = sum(
+        1
+        for f in facts
+        if f.id in outside
+        and not live[f.id].draining
+        and f.ready_at is not None
+        and f.not_ready_since is None
+        and now - f.ready_at >= grace
+    )
     obs = Observation(
         now=now,
         target=target + surge,
-        surge=surge,
+        surge=min(surge + serving_outside, target + surge),
         candidates=placement.candidates,
         replicas=inside,
         events=state.events(),

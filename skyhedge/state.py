@@ -204,6 +204,23 @@ _REPLICA_REQUIRED = {
 #: `extra` key of the launch hold in force (`until`, `reason`): set by the watcher while a crash
 #: loop (or launches given up) holds new launches back, shown by `status`.
 LAUNCH_HOLD_KEY = "launch_hold"
+#: `extra` key of the rolling update (or placement move) in progress (`replicas` still serving
+#: until replaced, `since`; `refused`, `refused_since`, `stalled_since` while no replacement could
+#: be launched): set by the watcher, shown by `status`.
+ROLLOUT_KEY = "rollout"
+
+
+def _is_rollout(v: Any) -> bool:
+    return (
+        isinstance(v, dict)
+        and isinstance(v.get("replicas"), list)
+        and all(isinstance(x, str) for x in v["replicas"])
+        and _is_number(v.get("since"))
+        and isinstance(v.get("refused", {}), dict)
+        and all(_is_int(n) for n in v.get("refused", {}).values())
+        and all(v.get(k) is None or _is_number(v.get(k)) for k in ("refused_since", "stalled_since"))
+    )
+
 
 _EXTRA_RULES: dict[str, Rule] = {
     "warned": (
@@ -218,6 +235,13 @@ _EXTRA_RULES: dict[str, Rule] = {
         (
             "an object with until (a time) and reason (text)",
             lambda v: isinstance(v, dict) and _is_number(v.get("until")) and isinstance(v.get("reason"), str),
+        )
+    ),
+    ROLLOUT_KEY: _or_null(
+        (
+            "an object with replicas (a list of ids), since (a time), refused (zone -> count), "
+            "refused_since and stalled_since (times or null)",
+            _is_rollout,
         )
     ),
 }

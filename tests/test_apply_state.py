@@ -539,6 +539,7 @@ def test_status_of_a_service_never_applied(tmp_path: Path):
         "local_capacity": None,
         "launch_hold": None,
         "autoscaler": None,
+        "rollout": None,
     }
 
 
@@ -617,6 +618,37 @@ def test_status_shows_times_no_clock_can_show_instead_of_dying_on_them(tmp_path:
     assert "51.5 req/s over the 60 s to 1e+20 (not a time)" in text
     assert "wants 3, adopted at 1e+20 (not a time) if the rate holds" in text
     assert "Launches held until 1e+20 (not a time): crash loop" in text
+
+
+def test_status_shows_a_rollout_only_while_a_replica_it_names_is_live_and_a_broken_one_is_refused(
+    tmp_path: Path,
+):
+    """The watcher's `rollout` record (a stalled rolling update) is shown while a replica it
+    names still runs; one an `apply` finished after the watcher stopped is not (the update is
+    over). A hand edit that breaks it is refused in one line naming the field."""
+    spec = tmp_path / "s.yaml"
+    spec.write_text("name: busy\nplacement: {clouds: [local]}\nrun: {command: 'true'}\n")
+    rec = ReplicaRecord("r-0001", "local", "local", "local-a", "spot", 0.0)
+    rollout = {"replicas": ["r-0001"], "since": 0.0, "refused": {"local-b": 61}, "refused_since": 0.0}
+    rollout["stalled_since"] = 300.0
+    save_state(
+        tmp_path / "st", ServiceState(service="busy", replicas={"r-0001": rec}, extra={"rollout": rollout})
+    )
+    text = " ".join(run_cli("status", str(spec), "--state-dir", str(tmp_path / "st")).output.split())
+    assert "Rolling update: r-0001 (of an earlier spec, or outside the placement)" in text
+    assert "STALLED since" in text and "(local-b 61x: no spot capacity)" in text
+    rec.gone_at = 400.0
+    save_state(
+        tmp_path / "st", ServiceState(service="busy", replicas={"r-0001": rec}, extra={"rollout": rollout})
+    )
+    out = run_cli("status", str(spec), "--state-dir", str(tmp_path / "st"), "--json")
+    assert "Rolling update" not in out.output and json.loads(out.output)["rollout"] is None
+    state_file = tmp_path / "st" / "state.json"
+    data = json.loads(state_file.read_text())
+    data["extra"]["rollout"] = {"replicas": "r-0001", "since": 0.0}
+    state_file.write_text(json.dumps(data))
+    with pytest.raises(StateError, match=r"extra\.rollout: expected an object with replicas"):
+        load_state(tmp_path / "st", "busy")
 
 
 def test_status_shows_what_the_local_capacity_file_holds_back(tmp_path: Path):

@@ -3,6 +3,7 @@ launch failures -> zone marked preempted with backoff, restart after a crash mid
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -1457,6 +1458,175 @@ def test_a_rolling_update_of_an_all_on_demand_service_keeps_n_ready(tmp_path: Pa
     assert not {r.id for r in live} & {r.id for r in old}  # rolled over
     assert [r.market for r in live] == ["on-demand"] * n  # and back to on-demand only
     assert lowest == n
+
+
+def _calm_gathered(tmp_path: Path, write_spec, text: str) -> tuple[Controller, Clock]:
+    """A controller of `text` (cold starts of 120 s) after 20 h of calm: replicas settled."""
+    clock = Clock()
+    ctl = clocked_controller(
+        load_spec(write_spec(text)), tmp_path / "state", clock, prober=ColdStartProber(clock)
+    )
+    for _ in range(600):
+        ctl.tick()
+        clock.advance(120.0)
+    return ctl, clock
+
+
+def _narrow(ctl: Controller, spec) -> None:
+    """The watcher's reload of a spec whose placement changed: the placement resolved anew."""
+    from skyhedge.service import resolve_placement
+
+    ctl.reconfigure(
+        spec,
+        placement=resolve_placement(spec),
+        executor=ctl.executor,
+        router=ctl.router,
+        prober=ctl.prober,
+        sources=ctl.sources,
+    )
+
+
+@pytest.mark.parametrize("policy", ["skyhedge", "spothedge"])
+def test_a_narrowed_placement_moves_serving_spot_replicas_without_buying_on_demand(
+    tmp_path: Path, write_spec, policy
+):
+    """N = 3 calm spot replicas, a 120 s cold start; `placement` drops the zone holding them
+    (all three with `skyhedge`, which gathers them; two with `spothedge`, which spreads N + 1).
+    The replicas outside keep serving until their replacements are READY, so the move needs no
+    on-demand cover: the policy, which sees only the replicas inside, was told nothing of them
+    and took the move for an outage (measured: 3 on-demand launches, 360 on-demand
+    replica-seconds with `skyhedge`; 2 and 240 s with `spothedge`; the move took as long)."""
+    zones = "zones: [local-a, local-b, local-c]"
+    text = (
+        f"name: svc\nplacement: {{clouds: [local], {zones}}}\n"
+        f"replica_policy: {{min_replicas: 3, num_overprovision: 1, policy: {policy}}}\n"
+        "readiness_probe: {path: /health, initial_delay_seconds: 600}\n"
+        'run: {command: "v1"}\n'
+    )
+    ctl, clock = _calm_gathered(tmp_path, write_spec, text)
+    old = ctl.state.live()
+    assert all(r.market == "spot" and r.fact().status is ReplicaStatus.READY for r in old)
+    dropped = old[0].zone
+    kept = ", ".join(z for z in ("local-a", "local-b", "local-c") if z != dropped)
+    moving = {r.id for r in old if r.zone == dropped}
+    started = clock()
+    _narrow(ctl, load_spec(write_spec(text.replace(zones, f"zones: [{kept}]"), "narrowed.yaml")))
+    lowest, done = 99, None
+    for _ in range(120):  # 600 s: the move is one cold start
+        ctl.tick()
+        ready = [r for r in ctl.state.live() if r.fact().status is ReplicaStatus.READY and not r.draining]
+        lowest = min(lowest, len(ready))
+        if done is None and not moving & {r.id for r in ctl.state.live()}:
+            done = clock() - started
+        clock.advance(5.0)
+    assert {r.zone for r in ctl.state.live()} <= set(kept.split(", "))
+    launched = [r for r in ctl.state.replicas.values() if r.launched_at >= started]
+    assert [r.market for r in launched if r.market != "spot"] == [], [(r.id, r.market) for r in launched]
+    assert lowest >= 3
+    assert done is not None and done <= 150.0, done  # one cold start and a pass per release
+
+
+def test_replicas_outside_a_narrowed_placement_stand_in_only_while_they_serve(tmp_path: Path, write_spec):
+    """The move's replicas outside stand in for their replacements only while READY: lost mid
+    move (preempted, failing their probe), they serve nothing, and on-demand covers the starting
+    replacements as it covers any spot replica not READY."""
+    text = (
+        "name: svc\nplacement: {clouds: [local], zones: [local-a, local-b, local-c]}\n"
+        "replica_policy: {min_replicas: 3, num_overprovision: 1}\n"
+        "readiness_probe: {path: /health, initial_delay_seconds: 600}\n"
+        'run: {command: "v1"}\n'
+    )
+    ctl, clock = _calm_gathered(tmp_path, write_spec, text)
+    old = ctl.state.live()
+    dropped = old[0].zone
+    kept = [z for z in ("local-a", "local-b", "local-c") if z != dropped]
+    narrowed = text.replace("local-a, local-b, local-c", ", ".join(kept))
+    _narrow(ctl, load_spec(write_spec(narrowed, "narrowed.yaml")))
+    ctl.tick()
+    clock.advance(5.0)
+    assert [r.market for r in ctl.state.live() if r.market != "spot"] == []
+    for rec in old:
+        ctl.sources[0].queue.append(
+            PreemptionEvent(Signal.GONE, clock(), "fake", replica_id=rec.id, reason="preempted")
+        )
+    ctl.tick()
+    assert not {r.id for r in old} & {r.id for r in ctl.state.live()}
+    assert sum(r.market != "spot" for r in ctl.state.live()) == 3  # nothing READY serves: covered
+
+
+@pytest.mark.parametrize("change", ["revision", "placement"])
+def test_a_rolling_update_in_a_spot_drought_is_said_stalled_by_status_until_it_moves_again(
+    tmp_path: Path, write_spec, change, caplog
+):
+    """Every spot launch refused (a drought in every allowed zone) while a rolling update or a
+    placement move waits for its replacements: the outdated replicas serve on (no on-demand
+    stand-in for them), so `status` showed 3 READY replicas and nothing else for as long as it
+    lasted, and the watcher's log a refusal every few seconds. The watcher now says once that the
+    update is stalled and why, `status` (text and --json) shows it, and both end once spot
+    capacity is back and the update is done."""
+    from click.testing import CliRunner
+
+    from skyhedge.cli import main
+    from skyhedge.state import ROLLOUT_KEY
+
+    text = (
+        "name: svc\nplacement: {clouds: [local], zones: [local-a, local-b, local-c]}\n"
+        "replica_policy: {min_replicas: 3, num_overprovision: 1}\n"
+        "readiness_probe: {path: /health, initial_delay_seconds: 600}\n"
+        'run: {command: "v1"}\n'
+    )
+    ctl, clock = _calm_gathered(tmp_path, write_spec, text)
+    old = ctl.state.live()
+    ctl.executor.refuse_zones = {"local-a", "local-b", "local-c"}
+    if change == "revision":
+        edited = text.replace('"v1"', '"v2"')
+    else:
+        kept = [z for z in ("local-a", "local-b", "local-c") if z != old[0].zone]
+        edited = text.replace("local-a, local-b, local-c", ", ".join(kept))
+    spec_path = write_spec(edited, "edited.yaml")
+    _narrow(ctl, load_spec(spec_path))
+
+    def status(*flags: str) -> str:
+        args = ["status", str(spec_path), "--state-dir", str(tmp_path / "state"), *flags]
+        out = CliRunner().invoke(main, args)
+        assert out.exit_code == 0, out.output
+        return out.output if flags else " ".join(out.output.split())
+
+    for _ in range(40):  # 200 s: refused, not stalled yet
+        ctl.tick()
+        clock.advance(5.0)
+    assert ctl.state.extra[ROLLOUT_KEY]["stalled_since"] is None
+    assert "Rolling update: r-" in status() and "STALLED" not in status()
+    for _ in range(40):  # 400 s
+        ctl.tick()
+        clock.advance(5.0)
+        assert sum(r.fact().status is ReplicaStatus.READY for r in ctl.state.live()) >= 3
+    said = [r.getMessage() for r in caplog.records if "rolling update stalled" in r.getMessage()]
+    assert len(said) == 1 and "no spot capacity" in said[0], said
+    shown = status()
+    assert "STALLED since" in shown and "was refused (local-" in shown, shown
+    assert all(r.id in shown for r in old)
+    record = json.loads(status("--json"))["rollout"]
+    assert record["stalled_since"] is not None and sorted(record["replicas"]) == sorted(r.id for r in old)
+    ctl.executor.refuse_zones = set()  # spot is back: the update goes on and ends
+    for _ in range(200):
+        ctl.tick()
+        clock.advance(5.0)
+    assert not {r.id for r in old} & {r.id for r in ctl.state.live()}
+    assert ROLLOUT_KEY not in ctl.state.extra and "Rolling update" not in status()
+
+
+def test_a_wall_clock_jump_moves_the_rolling_updates_times():
+    """The refusals' start is a wall-clock time: a clock set forward 2 h read as 2 h of refused
+    launches, and the next refusal said the update stalled at once."""
+    from skyhedge.controller.facts import shift_times
+    from skyhedge.state import ROLLOUT_KEY, ServiceState
+
+    record = {"replicas": ["r-0001"], "since": 1000.0, "refused": {"local-b": 2}}
+    record |= {"refused_since": 1010.0, "stalled_since": None}
+    state = ServiceState(service="svc", extra={ROLLOUT_KEY: dict(record)})
+    shift_times(state, 7200.0, lambda t: t <= 1020.0)
+    assert state.extra[ROLLOUT_KEY] == {**record, "since": 8200.0, "refused_since": 8210.0}
 
 
 def test_replicas_started_beside_refused_launches_are_probed_without_waiting_for_the_backoff(world):

@@ -36,12 +36,20 @@ from skyhedge.cli._app import (
 )
 from skyhedge.cli.plan import render_plan_table
 from skyhedge.controller import presence
+from skyhedge.controller.facts import rollout_line
 from skyhedge.engine import PlanResult, replica_of
 from skyhedge.errors import SpecError, StateError
 from skyhedge.planner import Plan
 from skyhedge.render import RenderedRoot
 from skyhedge.spec import ServiceSpec, load_spec, service_name_in
-from skyhedge.state import LAUNCH_HOLD_KEY, ReplicaRecord, ServiceState, default_state_dir, load_state
+from skyhedge.state import (
+    LAUNCH_HOLD_KEY,
+    ROLLOUT_KEY,
+    ReplicaRecord,
+    ServiceState,
+    default_state_dir,
+    load_state,
+)
 
 _terraform_bin_option = click.option(
     "--terraform-bin",
@@ -400,11 +408,14 @@ def status_json(
     local_capacity: dict[str, Any] | None = None,
     launch_hold: dict[str, Any] | None = None,
     autoscaler: dict[str, Any] | None = None,
+    rollout: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The documented `status --json` object: `service`, `replicas` (rows), `router`, `watcher`
     (the running watcher's record, or null), `local_capacity` (null: every local zone open),
     `launch_hold` (the watcher holding new launches back: `until`, `reason`; null: none) and
-    `autoscaler` (its target, the rate it is based on, the wish pending; null: autoscaling off)."""
+    `autoscaler` (its target, the rate it is based on, the wish pending; null: autoscaling off)
+    and `rollout` (the rolling update or placement move the watcher last saw in progress, and
+    whether it is stalled: `state.extra["rollout"]`; null: none)."""
     return {
         "service": service_name,
         "replicas": rows,
@@ -413,6 +424,7 @@ def status_json(
         "local_capacity": local_capacity,
         "launch_hold": launch_hold,
         "autoscaler": autoscaler,
+        "rollout": rollout,
     }
 
 
@@ -485,6 +497,18 @@ def launch_hold(state: ServiceState, now: float) -> dict[str, Any] | None:
     return hold if isinstance(hold, dict) and float(hold.get("until", 0.0)) > now else None
 
 
+def current_rollout(state: ServiceState) -> dict[str, Any] | None:
+    """The rolling update (or placement move) the watcher last recorded, if any replica it names
+    is still live: an `apply` or `destroy` that finished it after the watcher stopped leaves the
+    record behind, and `status` must not show an update that is over."""
+    record = state.extra.get(ROLLOUT_KEY)
+    if not isinstance(record, dict):
+        return None
+    live = {r.id for r in state.live()}
+    kept = [rid for rid in record.get("replicas") or [] if rid in live]
+    return {**record, "replicas": kept} if kept else None
+
+
 def local_capacity(sdir: Path) -> dict[str, Any] | None:
     """What the local cloud's capacity file holds back (`skyhedge preempt`, a market replay):
     zones out of spot capacity (until when, null: until cleared), pools with room for n, and the
@@ -535,6 +559,7 @@ def status(spec: Path, state_dir: Path | None, as_json: bool, include_gone: bool
         held_back = None
         err_console.print(f"warning: {exc}", markup=False, highlight=False, soft_wrap=True)
     hold = launch_hold(state, time.time())
+    rollout = current_rollout(state)
     scaler = autoscaler_status(loaded, state) if loaded is not None else None
     # --json: the object alone, for scripts
     note = None if as_json else no_state_note(sdir, name, given=state_dir is not None)
@@ -542,7 +567,7 @@ def status(spec: Path, state_dir: Path | None, as_json: bool, include_gone: bool
         echo(note, err=True)
     if as_json:
         record = watcher.to_json() if watcher is not None else None
-        echo(strict_json(status_json(name, rows, router, record, held_back, hold, scaler), indent=2))
+        echo(strict_json(status_json(name, rows, router, record, held_back, hold, scaler, rollout), indent=2))
         return
     table = Table(title=Text(f"skyhedge status: {name}"))
     # One location column keeps the endpoint readable (unwrapped) in an 80-column terminal.
@@ -596,6 +621,8 @@ def status(spec: Path, state_dir: Path | None, as_json: bool, include_gone: bool
     if hold is not None:
         until = clock_time(hold["until"])
         console.print(f"Launches held until {until}: {hold['reason']}", markup=False)
+    if rollout is not None:
+        console.print(f"Rolling update: {rollout_line(rollout)}", markup=False)
     if scaler is not None:
         console.print(f"Autoscaler: {_describe_autoscaler(scaler)}", markup=False)
 

@@ -12,11 +12,13 @@ Bookkeeping the controller keeps in `state.extra` (plain JSON):
     routed      [[id, endpoint], ...]  the upstreams the router last loaded
     autoscaler  the request-rate autoscaler's memory
     launch_failures  consecutive failed applies (for backoff)
+    rollout     the rolling update or placement move in progress (`rollout_line`)
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -272,6 +274,11 @@ def _map_times(state: ServiceState, shift: Callable[[float], float]) -> None:
     for key in ("survival_at", "decided_at"):
         if key in extra:
             extra[key] = each(extra[key])
+    rollout = extra.get("rollout")
+    if isinstance(rollout, dict):  # (a jump forward read as 5 minutes of refusals: stalled)
+        for key in ("since", "refused_since", "stalled_since"):
+            if isinstance(rollout.get(key), (int, float)):
+                rollout[key] = each(rollout[key])
     scaler = extra.get("autoscaler")
     if isinstance(scaler, dict):
         if isinstance(scaler.get("samples"), list):
@@ -287,11 +294,11 @@ def shift_times(state: ServiceState, jump: float, moved: Callable[[float], bool]
     says was stamped before the wall clock jumped by `jump` (see `Controller._follow_clock`): the
     replicas' launch, provisioning, READY, NOT_READY and gone times, zone events the policy has
     not seen yet, interruption warnings, drains, launches given up, the last SURVIVED report and
-    decision, and the autoscaler's window. Durations then read as they were (a replica loading
-    its model for 10 s still has 10 s behind it), where a clock set forward by hours failed every
-    replica still loading (past `initial_delay_seconds`) or failing its probe, and ended drains
-    and interruption warnings at once. Returns how many times moved. (The policy's memory is
-    moved by the policy: `Policy.shift_times`.)"""
+    decision, the autoscaler's window, and the rolling update's times (`rollout`). Durations then
+    read as they were (a replica loading its model for 10 s still has 10 s behind it), where a
+    clock set forward by hours failed every replica still loading (past `initial_delay_seconds`)
+    or failing its probe, and ended drains and interruption warnings at once. Returns how many
+    times moved. (The policy's memory is moved by the policy: `Policy.shift_times`.)"""
     count = 0
 
     def shift(t: float) -> float:
@@ -316,3 +323,34 @@ def latest_time(state: ServiceState) -> float | None:
 
     _map_times(state, note)
     return max(seen, default=None)
+
+
+def _at(t: Any) -> str:
+    try:
+        return time.strftime("%H:%M:%S", time.localtime(float(t)))
+    except (OverflowError, ValueError, OSError, TypeError):
+        return f"{t!r} (not a time)"
+
+
+def rollout_stall_reason(record: dict[str, Any]) -> str:
+    """Why the rolling update in `record` (`state.extra["rollout"]`) is not moving, in one line:
+    every replacement's launch refused since `refused_since`, per zone."""
+    refused = record.get("refused") or {}
+    zones = ", ".join(f"{zone} {count}x" for zone, count in sorted(refused.items()))
+    return (
+        f"every launch of a replacement since {_at(record.get('refused_since'))} was refused "
+        f"({zones}: no spot capacity); the replicas it replaces keep serving, and it goes on by "
+        "itself once a launch succeeds (replicas that serve get no on-demand stand-in)"
+    )
+
+
+def rollout_line(record: dict[str, Any]) -> str:
+    """`status`'s line for the rolling update or placement move in progress."""
+    kept = record.get("replicas") or []
+    head = (
+        f"{', '.join(kept)} (of an earlier spec, or outside the placement) serve until replaced, "
+        f"since {_at(record.get('since'))}"
+    )
+    if record.get("stalled_since") is None:
+        return head
+    return f"{head}; STALLED since {_at(record['stalled_since'])}: {rollout_stall_reason(record)}"

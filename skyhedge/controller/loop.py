@@ -56,6 +56,7 @@ from skyhedge.controller.facts import (
     latest_time,
     mark_gone,
     mark_unprobed,
+    rollout_stall_reason,
     routable,
     shift_times,
     warned,
@@ -104,6 +105,7 @@ from skyhedge.spec import (
 from skyhedge.state import (
     LAUNCH_HOLD_KEY,
     RECORD_FIELDS,
+    ROLLOUT_KEY,
     STATE_FILE,
     ReplicaRecord,
     ServiceState,
@@ -124,6 +126,11 @@ DRAIN_FLOOR_SECONDS = 600.0
 # (or by `routing reload --probe`, `apply`) and found gone after it is cut all the same.
 
 log = logging.getLogger("skyhedge.controller")
+#: A rolling update (or placement move) none of whose replacements could be launched for this
+#: long, every launch refused, is stalled: the watcher says so once and `status` shows it. The
+#: replicas it replaces keep serving and no on-demand replica stands in for them, so without it a
+#: roll in a spot drought looked healthy for ever (N READY, nothing else said in `status`).
+ROLLOUT_STALL_SECONDS = 300.0
 #: A note identical to the previous one is repeated at most this often (see Controller.note).
 NOTE_REPEAT_SECONDS = 60.0
 #: The table of noted lines is first pruned at this size (then at twice what pruning left).
@@ -825,6 +832,7 @@ class Controller:
         else:  # nothing to do: the policy has still seen the events (saved below)
             remember_decision(self.state, memory, now)
             self.state.pending_events = []
+        self._track_rollout(plan, result, now)
         if result is not None and not result.failed:
             self._sweep()
         self._started = True
@@ -1321,6 +1329,46 @@ class Controller:
         self.save(now=True)
         self._unsettled = False
         return result
+
+    def _track_rollout(self, plan: Plan, result: ExecResult | None, now: float) -> None:
+        """Keep `state.extra[ROLLOUT_KEY]` for `status`: the outdated replicas (an earlier spec's,
+        or outside the placement) that serve until replaced, and whether their replacements can
+        be launched at all. A replacement is one spot replica while the one it replaces serves
+        (no on-demand stand-in), so when every spot launch is refused (a spot drought in every
+        allowed zone) the update waits, the service READY on the outdated replicas: correct,
+        but `status` showed N READY replicas and nothing else, for as long as it lasted. Once no
+        launch has succeeded for ROLLOUT_STALL_SECONDS since the first refusal, it is stalled:
+        said once as a warning, and by `status` until a launch succeeds or the update ends."""
+        extra = self.state.extra
+        kept = sorted(r.id for r in plan.replicas if r.outdated and r.action != DELETE)
+        if not kept:
+            extra.pop(ROLLOUT_KEY, None)
+            return
+        record = extra.get(ROLLOUT_KEY)
+        if not isinstance(record, dict):
+            record = {"since": now, "refused": {}, "refused_since": None, "stalled_since": None}
+        record["replicas"] = kept
+        if result is not None:
+            created = [r.id for r in plan.replicas if r.action == CREATE]
+            if any(
+                self.state.replicas[rid].provisioned_at is not None
+                for rid in created
+                if rid in self.state.replicas
+            ):
+                record.update(refused={}, refused_since=None, stalled_since=None)  # under way again
+            refused: dict[str, int] = record.setdefault("refused", {})
+            for rid in result.launch_failures:
+                rec = self.state.replicas.get(rid)
+                zone = rec.zone if rec is not None else "?"
+                refused[zone] = refused.get(zone, 0) + 1
+                if record.get("refused_since") is None:
+                    record["refused_since"] = now
+        first = record.get("refused_since")
+        if record.get("stalled_since") is None and first is not None and now - first >= ROLLOUT_STALL_SECONDS:
+            record["stalled_since"] = now
+            line = f"rolling update stalled ({len(kept)} replica(s) left: {', '.join(kept)}): "
+            self.note(line + rollout_stall_reason(record), now, level=logging.WARNING)
+        extra[ROLLOUT_KEY] = record
 
     def _sweep(self) -> None:
         """Every root is converged: stop whatever runs that no live replica owns (crash leftovers)."""

@@ -32,7 +32,8 @@ spot traces (`benchmarks/policy_report.py`, docs/policy.md), never from one trac
    losing the unsettled ones still leaves N. As in SpotHedge, on-demand also stands in for spot
    replicas that are not READY (at most N on-demand replicas, SpotHedge's cap). A rolling
    update's surge (`Observation.surge`) is not part of N, for this cover or for rule 2's hedge:
-   the outdated replica it replaces still serves, so it is one spot replica more.
+   the outdated replica it replaces still serves, so it is one spot replica more. Nor are a
+   placement move's replacements of replicas outside it that serve meanwhile (also `surge`).
 4. **Without the extra, consolidate.** When no extra replica is held, SkyHedge gathers the N
    replicas, one at a time, into the calmest held zone (the *anchor*), which exposes one zone
    instead of several (SpotHedge's layout also exposes one: the zone holding two). This holds in

@@ -105,10 +105,11 @@ def pick_victims(replicas: Sequence[ReplicaFact], count: int) -> list[ReplicaFac
 def fallback_targets(config: PolicyConfig, target: int, ready_spot: int, surge: int = 0) -> tuple[int, int]:
     """(spot target, on-demand target) for N = `target` with `ready_spot` spot replicas READY.
 
-    `surge` (`Observation.surge`): replicas of `target` a rolling update asks for beyond the
-    service's N. They are spot replicas like the rest, but the on-demand fallback covers the
-    service's N only: the outdated replica a surge replica replaces is READY and serving, so an
-    on-demand stand-in for the surge would serve nothing the service lacks."""
+    `surge` (`Observation.surge`): replicas of `target` whose outdated replica serves meanwhile
+    (a rolling update's beyond the service's N; a placement move's, for replicas outside it).
+    They are spot replicas like the rest, but the on-demand fallback covers the service's N only:
+    the outdated replica a surge replica replaces is READY and serving, so an on-demand stand-in
+    for the surge would serve nothing the service lacks."""
     if target <= 0:
         return 0, 0
     surge = min(max(0, surge), target)

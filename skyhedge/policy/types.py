@@ -172,12 +172,15 @@ class Observation:
     `candidates` are the allowed locations that sell spot, with prices, in a stable order (ties
     break by it). `ondemand_only` are allowed locations that sell the type on-demand only: an
     on-demand replica may go there (`ondemand_choices()`), a spot one never.
-    `surge`: how many of `target` a rolling update asks for beyond the service's own N (the
-    controller's replacement for an outdated replica that is still in `replicas`, READY and
-    serving): the service needs `target - surge` READY, so the on-demand fallback covers that
-    many and the surge is placed as one more spot replica, not stood in for. Without it, each
+    `surge`: how many of `target` replace replicas that are READY and serving meanwhile: a
+    rolling update's replica beyond the service's own N (the controller's replacement for an
+    outdated replica that is still in `replicas`), and, in a placement move, the READY replicas
+    outside the allowed locations (not in `replicas`: the policy places N inside while they serve
+    until those are READY). The service needs `target - surge` READY from `replicas`, so the
+    on-demand fallback covers that many and the surge is placed as spot, not stood in for. Without it, each
     step of every rolling update bought an on-demand stand-in for the starting surge (N = 3: 3 to
-    6 on-demand launches per update), paid for a cold start and released again. Never set by
+    6 on-demand launches per update), paid for a cold start and released again; a move out of
+    the zone holding N = 3 bought 3. Never set by
     the simulator (it rolls nothing); 0 leaves every decision as it was.
     """
 
