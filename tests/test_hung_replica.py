@@ -261,3 +261,47 @@ def test_with_no_retries_a_hung_replicas_requests_are_left_to_it_and_none_is_sai
     results = [c.join() for c in calls]
     assert all(r[0] == 200 and r[2] == TOKENS for r in results), results
     assert sum(1 for r in results if r[1] == victim.id) == held, results  # answered where they ran
+
+
+class _Severing:
+    """A router that can cut only what nginx could retry (`awaiting_within`), recording each cut."""
+
+    def __init__(self) -> None:
+        self.cuts: list[tuple[list[str], float | None]] = []
+
+    def sever(self, endpoints, *, awaiting_within=None) -> int:
+        self.cuts.append((list(endpoints), awaiting_within))
+        return 1
+
+
+def test_a_hung_replica_is_cut_only_when_a_replica_its_old_workers_routed_still_serves():
+    """nginx's old workers hold a hung replica's requests and retry them only among the replicas
+    of their own config: with none of those still routed (the hung one was the only one, or every
+    other failed its probe too, or the one routed now was added by this very reload), a cut
+    request ends at once (503) where a replica only slow would have answered it. So the watcher
+    and `routing reload --probe` cut only with a replica routed before and after the reload."""
+    from skyhedge.routing.cuts import cut_hung_connections, retry_targets
+    from skyhedge.spec import RouterOptions
+
+    a, b, c = "http://127.0.0.1:9001", "http://127.0.0.1:9002", "http://127.0.0.1:9003"
+    hung = {a: "r-0001"}
+    said: list[str] = []
+    for before, after in [([a], []), ([a], [b]), ([a, b], [])]:  # alone; B new; B failed too
+        router = _Severing()
+        retry_on = retry_targets(before, after, hung)
+        assert (
+            cut_hung_connections(router, RouterOptions(), hung, said.append, said.append, retry_on=retry_on)
+            == 0
+        )
+        assert router.cuts == [] and said == [], (before, after)
+    router = _Severing()
+    retry_on = retry_targets([a, b, c], [b], hung)
+    assert retry_on == {b}
+    assert (
+        cut_hung_connections(router, RouterOptions(), hung, said.append, said.append, retry_on=retry_on) == 1
+    )
+    assert router.cuts == [([a], 29.0)]
+    assert said == [
+        "routing: closed 1 connection(s) to hung r-0001 (its probe timed out): requests it had not begun "
+        "to answer, sent less than 29s ago, retried on another replica"
+    ]

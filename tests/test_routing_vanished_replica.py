@@ -464,6 +464,34 @@ def test_routing_reload_probe_cuts_what_a_hung_replica_holds_that_nginx_can_retr
     assert UNROUTED_KEY not in load_state(state_dir, "echo").extra
 
 
+def test_routing_reload_probe_cuts_nothing_when_no_replica_is_left_to_retry_on(
+    tmp_path, write_spec, fleet, routers
+):
+    """A replica only slow (its probe timed out, 1 s) and no other replica that nginx's old workers
+    could retry on: `routing reload --probe` takes it out (no panic mode, unlike the watcher) but
+    cuts nothing, and says nothing retried. Before, its requests were cut, nothing could retry
+    them, and both were answered 503 in 1.3 s (the line saying them "retried on another
+    replica"); left to it, they are answered in full once it goes on."""
+    spec_path, state_dir, router, port = _local_router(tmp_path, write_spec, routers, probe_timeout=1)
+    fleet.start(1, env=SLOW)
+    router.up(fleet.upstreams())
+    save_state(state_dir, vm_records(fleet, None))
+    slow = fleet.replicas["r-0001"]
+    clients = Clients(f"http://127.0.0.1:{port}", 2)
+    wait_until(lambda: in_flight_to(router, slow.endpoint) >= 2, 5, "requests in flight on r-0001")
+    os.killpg(slow.proc.pid, signal.SIGSTOP)
+    try:
+        result = _routing("reload", str(spec_path), "--state-dir", str(state_dir), "--probe")
+        assert "r-0001" in result.stderr and "TimeoutError" in result.stderr
+        assert "connection(s) to hung" not in result.stderr  # was: closed 2, "retried on another replica"
+        assert "r-0001: out of the router; its requests in flight may finish" in result.stderr
+        assert in_flight_to(router, slow.endpoint) == 2
+    finally:
+        os.killpg(slow.proc.pid, signal.SIGCONT)  # only slow after all
+    results = clients.join()
+    assert sorted(r[:3] for r in results) == [(200, "r-0001", TOKENS)] * 2, results  # was: 503, 503
+
+
 def test_routing_reload_probe_lets_a_replica_shutting_down_finish_its_requests(
     tmp_path, write_spec, fleet, routers
 ):

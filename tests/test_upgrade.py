@@ -124,15 +124,16 @@ class OldService:
         for rid, rec in sorted(state["replicas"].items()):
             port = int(rec["outputs"]["port"])
             env = {**os.environ, "PORT": str(port), RUNTIME_ENV: str(self.runtime), REPLICA_ENV: rid}
-            proc = subprocess.Popen(
-                [sys.executable, str(self.server)],
-                env=env,
-                start_new_session=True,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-            )
+            # its output to its log, which it holds open (as the older release's launcher had it)
+            with open(log_path(self.runtime, rid), "ab") as log:
+                proc = subprocess.Popen(
+                    [sys.executable, str(self.server)],
+                    env=env,
+                    start_new_session=True,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                )
             self.processes.append(proc)
-            log_path(self.runtime, rid).touch()
             started = proc_starttime(proc.pid)
             assert started is not None
             write_pidfile(
@@ -339,3 +340,41 @@ def test_a_launch_keeps_which_replicas_an_older_release_launched_under_an_earlie
     assert accept({RUNTIME_ENV: gone, REPLICA_ENV: "r-0002"})
     assert not accept({RUNTIME_ENV: gone, REPLICA_ENV: "r-0003"})  # never adopted from there
     assert not accept({RUNTIME_ENV: gone, REPLICA_ENV: "r-0001", RUNTIME_ID_ENV: "1:2"})  # another dir's
+
+
+def test_a_copy_of_a_state_dir_moved_after_an_upgrade_refuses_the_older_releases_replicas(
+    old_service, tmp_path
+):
+    """`mv state a; cp -a a c` after an upgrade, before `a` ran anything: the older release's
+    replicas carry no `SKYHEDGE_LOCAL_RUNTIME_ID`, only the path they were launched under, which is
+    gone, so by it alone both `a` and `c` took them for their own, moved there (measured: `c`
+    adopted `a`'s three replicas, recorded them in its `paths.json` as `"unmarked"`, and its apply
+    of `min_replicas: 1` stopped `a`'s r-0001). The log each replica holds open, named by the kernel at
+    its path now (`a`'s `local/replicas/`), says which folder launched it: `c` is refused in one
+    line naming `a` and touches nothing; `a` adopts them as any moved state dir."""
+    from skyhedge.errors import RenderError
+
+    pids = old_service.start_replicas()
+    spec_path = old_service.write_spec()
+    spec = load_spec(spec_path)
+    fixture_time = max(r.launched_at for r in load_state(old_service.state_dir, "local-echo").live())
+    assert apply_service(
+        spec, old_service.state_dir, route=False, wait=False, clock=lambda: fixture_time + 60
+    ).ok  # the upgrade: every replica kept
+    moved, copy = tmp_path / "a", tmp_path / "c"
+    os.rename(old_service.state_dir, moved)
+    shutil.copytree(moved, copy, symlinks=True)
+    kept = {p.name: p.read_bytes() for p in replicas_dir(runtime_dir(copy)).glob("*.json")}
+
+    with pytest.raises(RenderError) as refused:
+        apply_service(spec, copy, route=False, wait=False, clock=lambda: fixture_time + 70)
+    assert str(refused.value).startswith(
+        f"{copy}: replicas r-0001, r-0002, r-0003 are the running replicas of the state dir {moved.resolve()}"
+    ), refused.value
+    assert {p.name: p.read_bytes() for p in replicas_dir(runtime_dir(copy)).glob("*.json")} == kept
+    assert not (runtime_dir(copy) / "paths.json").exists()  # was: the three recorded as its own
+    assert all(proc_starttime(pid) is not None for pid in pids.values())
+
+    report = apply_service(spec, moved, route=False, wait=False, clock=lambda: fixture_time + 80)
+    assert report.ok and report.created == [] and report.deleted == [], report.errors
+    assert {p.id: p.pid for p in list_pidfiles(runtime_dir(moved))} == pids

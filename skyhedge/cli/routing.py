@@ -12,13 +12,7 @@ import click
 from rich.markup import escape
 
 from skyhedge._json import dumps as strict_json
-from skyhedge.apply import (
-    UNROUTED_KEY,
-    cut_gone_connections,
-    cut_hung_connections,
-    note_unrouted,
-    notice_dead_local_replicas,
-)
+from skyhedge.apply import UNROUTED_KEY, cut_gone_connections, note_unrouted, notice_dead_local_replicas
 from skyhedge.cli._app import (
     command_line,
     console,
@@ -34,6 +28,7 @@ from skyhedge.policy.types import ReplicaStatus
 from skyhedge.probe import ProbeResult, check_all, timed_out
 from skyhedge.probe_store import by_probe, earlier_probes, probe_in_force
 from skyhedge.routing import Router, Upstream
+from skyhedge.routing.cuts import cut_hung_connections, retry_targets
 from skyhedge.spec import ReadinessProbe, ServiceSpec, load_spec
 from skyhedge.state import ServiceState, default_state_dir, load_state, save_state, writer_lock
 
@@ -161,6 +156,11 @@ def _route(spec: Path, state_dir: Path | None, *, start: bool, probe_now: bool, 
             for ep, rid in timed_out_now.items()
             if rid in taken_out and not any(e == ep and other != rid for other, e in live_eps.items())
         }
+        # nginx's old workers, which hold those requests, retry them only on a replica they routed:
+        # with none routed still (every one failed its probe), a cut request ends (503) at once
+        retry_on = retry_targets([str(ep) for _, ep in served], [u.endpoint for u in upstreams], hung)
+        if not retry_on:
+            hung = {}
         for rid in taken_out:
             hung_one = rid in hung.values()  # (its probe timed out)
             now_cut = "what nginx can still retry is cut, its other requests" if hung_one else "its requests"
@@ -174,6 +174,7 @@ def _route(spec: Path, state_dir: Path | None, *, start: bool, probe_now: bool, 
             hung,
             lambda text: err_console.print(text, markup=False),
             lambda text: echo(f"warning: {text}", err=True),
+            retry_on=retry_on,
         )
         save_state(sdir, state)
         unrouted = copy.deepcopy(state.extra.get(UNROUTED_KEY))

@@ -38,14 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from skyhedge import autoscaler
-from skyhedge.apply import (
-    UNROUTED_KEY,
-    cut_hung_connections,
-    gone_cut_note,
-    held_replicas,
-    record_plan,
-    reopen_unfinished_deletes,
-)
+from skyhedge.apply import UNROUTED_KEY, held_replicas, record_plan, reopen_unfinished_deletes
 from skyhedge.controller.facts import (
     NOT_READY_GRACE_SECONDS,
     UNPROBED_SECONDS,
@@ -85,6 +78,7 @@ from skyhedge.probe_store import (  # (the keys re-exported: the watcher's table
     outgoing_revisions,
     read_kept,
 )
+from skyhedge.routing.cuts import cut_hung_connections, gone_cut_note, retry_targets
 from skyhedge.service import (
     DECIDED_AT_KEY,
     Placement,
@@ -1548,7 +1542,9 @@ class Controller:
                 del self._unrouted[str(rid)]
         self._keep_unrouted()
         self._sever(dead, now)
-        self._cut_hung(hung, now)
+        # (nginx's old workers, which hold those requests, retry them only among what they routed)
+        retry_on = retry_targets([str(ep) for _, ep in routed or []], [str(ep) for _, ep in wanted], hung)
+        self._cut_hung(hung, retry_on, now)
         return old
 
     def _sever_gone_unrouted(self) -> None:
@@ -1718,17 +1714,19 @@ class Controller:
         if closed:
             self.note(gone_cut_note(closed, ids, self.spec.service.router), now)
 
-    def _cut_hung(self, endpoints: dict[str, str], now: float) -> None:
+    def _cut_hung(self, endpoints: dict[str, str], retry_on: set[str], now: float) -> None:
         """Close the router's connections to replicas just taken out because their probe timed
         out (endpoint -> replica ID) that carry a request nginx can still retry on another
-        replica: `apply.cut_hung_connections` says which and why (`routing reload --probe` cuts
-        the same way)."""
+        replica (`retry_on`: one routed before the reload and after it):
+        `routing.cuts.cut_hung_connections` says which and why (`routing reload --probe` cuts the
+        same way)."""
         cut_hung_connections(
             self.router,
             self.spec.service.router,
             endpoints,
             lambda text: self.note(text, now),
             lambda text: self.note(text, now, level=logging.WARNING),
+            retry_on=retry_on,
         )
 
     def _hold_for_drain(self, ids: Sequence[str], pids: Sequence[int], now: float) -> None:

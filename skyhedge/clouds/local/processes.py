@@ -472,9 +472,10 @@ def ownership(runtime_dir: Path) -> Ownership:
         # The path it was launched under records it no more: this state dir was moved here, or is
         # a copy of one that was (`mv state a; cp -a a c`: both hold the pid files, and by path
         # alone each took the replicas for its own). The runtime dir it was launched into, found
-        # by its identity where it is now, is the judge: it records the very same process only
-        # if this one is a copy of it (it is this folder itself, under `mv`).
-        launched_into = _runtime_now(proc.pid, identity or "")
+        # by its identity where it is now (one an earlier release launched: where its log is
+        # open), is the judge: it records the very same process only if this one is a copy of it
+        # (it is this folder itself, under `mv`).
+        launched_into = _runtime_now(proc, runtime_dir, identity or "")
         if launched_into is not None and _records(launched_into, proc):
             shared[proc.id] = str(launched_into)
         else:
@@ -488,25 +489,39 @@ def _records(runtime_dir: Path, proc: LocalProcess) -> bool:
     return theirs is not None and (theirs.pid, theirs.starttime) == (proc.pid, proc.starttime)
 
 
-def _runtime_now(pid: int, mine: str) -> Path | None:
-    """The runtime dir process `pid` was launched into (its `RUNTIME_ID_ENV`), by the path it has
-    now, when that is another folder than this one (identity `mine`) and still there: found among
-    the files the process holds open (its log, under `replicas/`), which the kernel names at
-    their path now. None when it carries no identity (launched by an earlier release), carries
-    this one's (a `mv` keeps it), or that folder is gone (a move to another file system: a copy,
-    then a delete) or cannot be seen: then its path is all there is to judge by, as before."""
-    launched = _environ(pid).get(RUNTIME_ID_ENV)
-    if not launched or launched == mine:
+def _runtime_now(proc: LocalProcess, runtime_dir: Path, mine: str) -> Path | None:
+    """The runtime dir replica `proc` was launched into, by the path it has now, when that is
+    another folder than `runtime_dir` (identity `mine`) and still there: found among the files the
+    process holds open (its log, under `replicas/`), which the kernel names at their path now.
+    One carrying `RUNTIME_ID_ENV` names that folder by its identity; one an earlier release
+    launched (none) by where its own log is open (`<runtime dir>/replicas/<ID>.log`: before, the
+    copy of a state dir moved after an upgrade adopted the older release's replicas, recorded them
+    as its own and stopped them at its next scale-down). None when it carries this one's identity
+    (a `mv` keeps it), or that folder is gone (a move to another file system: a copy, then a
+    delete) or cannot be seen: then its path is all there is to judge by, as before."""
+    launched = _environ(proc.pid).get(RUNTIME_ID_ENV)
+    if launched == mine and mine:
         return None
     try:
-        targets = open_files(Path(f"/proc/{pid}"))
+        targets = open_files(Path(f"/proc/{proc.pid}"))
     except OSError:
         return None
+    seen: set[Path] = set()
     for target in targets:
         if target.endswith(" (deleted)"):
             continue
+        if not launched:
+            folder = Path(target).parent.parent
+            if Path(target).name == f"{proc.id}.log" and Path(target).parent.name == REPLICAS_SUBDIR:
+                with contextlib.suppress(OSError):
+                    if not os.path.samefile(folder, runtime_dir):
+                        return folder
+            continue
         for folder in Path(target).parents:
-            if folder != Path("/") and runtime_identity(folder) == launched:
+            if folder in seen or folder == Path("/"):
+                continue
+            seen.add(folder)
+            if runtime_identity(folder) == launched:
                 return folder
     return None
 
