@@ -67,7 +67,7 @@ from skyhedge.leftovers import (
     instances_left_unsaved,
     unsaved_replicas,
 )
-from skyhedge.planner import CREATE, DELETE, KEEP, Plan, PlannedReplica
+from skyhedge.planner import CREATE, DELETE, KEEP, Plan, PlannedReplica, by_replica_id, replica_order
 from skyhedge.policy.types import EventKind, Location, Market, ZoneEvent
 from skyhedge.probe import probe_workers
 from skyhedge.probe_store import (
@@ -381,7 +381,7 @@ def reopen_unfinished_deletes(state: ServiceState, *, keep: Iterable[str] = ()) 
     reopened = [r.id for r in state.live() if r.draining and r.id not in kept]
     for rid in reopened:
         state.replicas[rid].draining = False
-    return sorted(reopened)
+    return sorted(reopened, key=replica_order)
 
 
 def notice_dead_local_replicas(
@@ -622,7 +622,7 @@ def wait_ready(
         while pending:
             if died is not None and time.monotonic() - checked >= DIED_CHECK_SECONDS:
                 checked = time.monotonic()
-                died(clock(), sorted(pending))
+                died(clock(), sorted(pending, key=replica_order))
                 for rid in [rid for rid in pending if state.replicas[rid].gone_at is not None]:
                     del pending[rid]
                 if not pending:
@@ -645,7 +645,7 @@ def wait_ready(
             if not pending or time.monotonic() >= deadline:
                 break
             time.sleep(interval)
-    return sorted(ready), sorted(pending)
+    return sorted(ready, key=replica_order), sorted(pending, key=replica_order)
 
 
 def _upstreams(state: ServiceState) -> list[Any]:
@@ -673,7 +673,8 @@ def drain_before_destroy(spec: ServiceSpec, state: ServiceState, state_dir: Path
     router = _router(spec, state_dir)
     if router is None or router.pid() is None:
         return
-    say(f"draining {', '.join(sorted(r.id for r in state.live() if r.draining))} from the router")
+    draining = [r.id for r in sorted(state.live(), key=by_replica_id) if r.draining]
+    say(f"draining {', '.join(draining)} from the router")
     ups = _upstreams(state)
     served = routed_pairs(state)
     router.drain(ups, timeout=30.0)
@@ -737,7 +738,7 @@ def note_unrouted(state: ServiceState, served: Iterable[Sequence[Any]], routed: 
         state.extra[UNROUTED_KEY] = dict(sorted(table.items()))
     else:
         state.extra.pop(UNROUTED_KEY, None)
-    return sorted(added)
+    return sorted(added, key=replica_order)
 
 
 def _gone_unrouted(state: ServiceState) -> dict[str, str]:
@@ -793,7 +794,7 @@ def cut_gone_connections(
         warn(f"routing: {exc}")
         return 0
     if closed:
-        ids = ",".join(sorted(set(dead.values())))
+        ids = ",".join(sorted(set(dead.values()), key=replica_order))
         options = getattr(getattr(router, "spec", None), "service", None)
         say(gone_cut_note(closed, ids, getattr(options, "router", None)))
     return closed
@@ -937,7 +938,7 @@ def apply_service(
                 ready, not_ready = wait_ready(
                     spec, state, clock=clock, timeout=limit, died=died, earlier=earlier
                 )
-                report.ready = sorted({*report.ready, *ready} - set(not_ready))
+                report.ready = sorted({*report.ready, *ready} - set(not_ready), key=replica_order)
                 report.not_ready = not_ready
                 report.not_ready_after = limit if not_ready else None
                 save_state(ws.state_dir, state)
@@ -985,8 +986,8 @@ def apply_service(
         if outdated:
             report.notes.append(
                 f"{len(outdated)} replica(s) still run an older spec or outside the placement "
-                f"({', '.join(sorted(outdated))}): `apply` or `watch` continues the rolling update, "
-                "releasing each once its replacement is READY" + single
+                f"({', '.join(sorted(outdated, key=replica_order))}): `apply` or `watch` continues the "
+                "rolling update, releasing each once its replacement is READY" + single
             )
     return report
 
@@ -1062,7 +1063,7 @@ def _not_answering(
             break
         if attempt == 0:
             time.sleep(1.0)  # one blip is not a lost replica
-    return sorted(r.id for r in ready)
+    return sorted((r.id for r in ready), key=replica_order)
 
 
 @dataclass
@@ -1346,7 +1347,7 @@ def _kept_plan(spec: ServiceSpec, state: ServiceState) -> Plan:
     """The live replicas as a plan that changes nothing (to render the roots as they stand)."""
     replicas = tuple(
         PlannedReplica(r.id, r.location, Market(r.market), KEEP, 0.0)
-        for r in sorted(state.live(), key=lambda r: r.id)
+        for r in sorted(state.live(), key=by_replica_id)
     )
     return Plan(spec.name, len(replicas), "destroy", replicas, state.next_id, 0.0)
 
@@ -1607,5 +1608,5 @@ def live_rows(state: ServiceState, *, include_gone: bool = False) -> list[dict[s
             "endpoint": r.endpoint,
             "state": r.fact().status.value,
         }
-        for r in sorted(recs, key=lambda r: r.id)
+        for r in sorted(recs, key=by_replica_id)
     ]

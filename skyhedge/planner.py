@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from skyhedge.policy.types import (
     Decision,
@@ -25,6 +26,11 @@ KEEP = "keep"
 DELETE = "delete"
 
 
+class _HasId(Protocol):
+    @property
+    def id(self) -> str: ...
+
+
 def replica_id(n: int) -> str:
     return f"r-{n:04d}"
 
@@ -32,6 +38,27 @@ def replica_id(n: int) -> str:
 def replica_number(rid: str) -> int:
     """The counter value inside an ID (`r-0007` -> 7); IDs beyond 9999 simply grow wider."""
     return int(rid.split("-", 1)[1])
+
+
+def replica_order(rid: str) -> tuple[int, int, str]:
+    """The sort key of replica IDs: the order they were handed out in, `r-9999` before `r-10000`.
+
+    IDs are never reused, so a long-lived service with preemption churn passes r-9999 (a soak
+    reached r-4000 in 30 minutes), and as text "r-10000" sorts before "r-9999": a state reloaded
+    from state.json listed its replicas in that order, and SpotHedge's "newest first" then released
+    r-9999 where the same state in memory released r-10001. Every ordering of replica IDs goes
+    through this key (`by_replica_id` for records), so below r-10000 nothing changes (the 4-digit
+    IDs' text order is their number's). A string not shaped like an ID sorts after all IDs, as text.
+    """
+    digits = rid[2:] if rid.startswith("r-") else ""
+    if digits.isascii() and digits.isdigit():
+        return (0, int(digits), rid)
+    return (1, 0, rid)
+
+
+def by_replica_id(item: _HasId) -> tuple[int, int, str]:
+    """`replica_order` of `item.id`: the sort key of records, facts and planned replicas."""
+    return replica_order(item.id)
 
 
 @dataclass(frozen=True)
@@ -175,7 +202,7 @@ def make_plan(
         )
         for r in live.values()
     ]
-    replicas = tuple(sorted([*kept, *created], key=lambda r: replica_number(r.id)))
+    replicas = tuple(sorted([*kept, *created], key=by_replica_id))
     kept_ids = [r.id for r in live.values() if r.id not in deleted]
     return Plan(
         service=service,

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from skyhedge.errors import SkyhedgeError, SpecError
+from skyhedge.planner import by_replica_id
 from skyhedge.spec import (
     ReadinessProbe,
     ServiceSpec,
@@ -448,7 +449,7 @@ def spec_probe_refused(spec: ServiceSpec, live: Iterable[ReplicaRecord]) -> tupl
     results = check_all([r.endpoint or "" for r in ready], spec.readiness_probe) if ready else {}
     if not results or any(result.ok for result in results.values()):
         return None
-    first = min(ready, key=lambda r: r.id)
+    first = min(ready, key=by_replica_id)
     return len(ready), first.id, results[first.endpoint or ""].error or "failed"
 
 

@@ -18,7 +18,7 @@ from skyhedge.clouds import CloudConfig, cloud_spec_section
 from skyhedge.clouds.local import local_port
 from skyhedge.clouds.local.launcher import port_in_use
 from skyhedge.errors import CatalogError, PolicyError, SpecError, StateError
-from skyhedge.planner import Plan, make_plan, replica_number
+from skyhedge.planner import Plan, make_plan, replica_number, replica_order
 from skyhedge.policy import Candidate, Location, Market, Observation, ReplicaFact, Terminate, make_policy
 from skyhedge.spec import MAX_PORT, ServiceSpec, revision_digests
 from skyhedge.state import ReplicaRecord, ServiceState
@@ -620,11 +620,14 @@ def outdated_replicas(
     them the revision their root is rendered with)."""
     revision = revision_digests(spec)
     return sorted(
-        r.id
-        for r in state.live()
-        if (r.revision is not None and r.revision != revision(r.cloud))
-        or (placement is not None and not placement.allows(r.location, Market(r.market)))
-        or _moved_by_section(spec, r)
+        (
+            r.id
+            for r in state.live()
+            if (r.revision is not None and r.revision != revision(r.cloud))
+            or (placement is not None and not placement.allows(r.location, Market(r.market)))
+            or _moved_by_section(spec, r)
+        ),
+        key=replica_order,
     )
 
 
@@ -673,7 +676,8 @@ def _next_to_retire(
     candidates = [live[rid] for rid in outdated if not live[rid].draining]
     if not candidates:
         return None
-    oldest = min(candidates, key=lambda r: (r.ready_at is not None, r.launched_at, r.id))
+    # replicas launched together (one apply) share `launched_at`: the lower ID is the older
+    oldest = min(candidates, key=lambda r: (r.ready_at is not None, r.launched_at, replica_order(r.id)))
     if oldest.id not in {r.id for r in ready}:
         return oldest.id  # it serves nothing: releasing it costs no READY replica
     # what the policy keeps and launches: its replicas not released (draining ones it no longer

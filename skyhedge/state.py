@@ -34,6 +34,7 @@ from skyhedge._interrupts import interrupts_deferred
 from skyhedge._json import JSON_LIMITS, has_lone_surrogate, json_limit
 from skyhedge.clouds import cloud_names
 from skyhedge.errors import LockHeld, OutputError, StateError
+from skyhedge.planner import replica_order
 from skyhedge.policy.types import EventKind, Location, Market, ReplicaFact, ZoneEvent
 from skyhedge.spec import ZONE_RE
 
@@ -446,7 +447,7 @@ class ServiceState:
         # (`save_state` serialises `json_view`, which copies nothing)
         data = asdict(replace(self, replicas={}))
         del data["source"]
-        data["replicas"] = {k: asdict(v) for k, v in sorted(self.replicas.items())}
+        data["replicas"] = {k: asdict(self.replicas[k]) for k in sorted(self.replicas, key=replica_order)}
         return data
 
     def json_view(self, **replaced: Any) -> dict[str, Any]:
@@ -481,7 +482,10 @@ class ServiceState:
                 service=_check(data["service"], _STRING, "service"),
                 version=version,
                 next_id=_check(data.get("next_id", 1), ("a positive integer", _is_positive_int), "next_id"),
-                replicas={k: _check_replica(k, v) for k, v in replicas.items()},
+                # in the order the IDs were handed out, as a state that never left memory holds
+                # them: state.json's keys are in text order ("r-10000" before "r-9999"), and the
+                # policy's ties (replicas launched together) go by the order it is shown them
+                replicas={k: _check_replica(k, replicas[k]) for k in sorted(replicas, key=replica_order)},
                 policy_memory=_check_policy_memory(_optional(data, "policy_memory", _OBJECT, {})),
                 pending_events=[_check_event(i, e) for i, e in enumerate(events)],
                 history=list(_optional(data, "history", _LIST, [])),

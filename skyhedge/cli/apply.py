@@ -39,7 +39,7 @@ from skyhedge.controller import presence
 from skyhedge.controller.facts import rollout_line
 from skyhedge.engine import PlanResult, replica_of
 from skyhedge.errors import SpecError, StateError
-from skyhedge.planner import Plan
+from skyhedge.planner import Plan, replica_order
 from skyhedge.render import RenderedRoot
 from skyhedge.spec import ServiceSpec, load_spec, service_name_in
 from skyhedge.state import (
@@ -142,7 +142,7 @@ def _confirm_apply(
     for root in roots:
         p = previews.get(root.path)
         console.print(f"  {root.path}: " + (f"+{p.add} ~{p.change} -{p.remove}" if p else "?"), markup=False)
-    outdated = sorted(r.id for r in plan.replicas if r.outdated and r.action != "delete")
+    outdated = sorted((r.id for r in plan.replicas if r.outdated and r.action != "delete"), key=replica_order)
     if outdated and rollout:
         console.print(
             f"Then the rolling update goes on: {', '.join(outdated)} and any other outdated replica "
@@ -363,8 +363,9 @@ def destroy(spec: Path, state_dir: Path | None, auto_approve: bool, terraform_bi
         report_error(err)
     if report.errors:
         if report.destroyed:  # what did go, before the error that stops the command
+            destroyed = ", ".join(sorted(report.destroyed, key=replica_order))
             console.print(
-                f"Destroyed {len(report.destroyed)} replica(s): {', '.join(sorted(report.destroyed))}.",
+                f"Destroyed {len(report.destroyed)} replica(s): {destroyed}.",
                 markup=False,
             )
         raise report.errors[0]
@@ -382,13 +383,13 @@ def destroy(spec: Path, state_dir: Path | None, auto_approve: bool, terraform_bi
     else:
         forgot = (
             f"; {len(report.never_created)} recorded but never created, forgotten "
-            f"({', '.join(sorted(report.never_created))})"
+            f"({', '.join(sorted(report.never_created, key=replica_order))})"
             if report.never_created
             else ""
         )
         held = (
             f"; also {len(report.held_gone)} already recorded gone that Terraform still held "
-            f"({', '.join(sorted(report.held_gone))})"
+            f"({', '.join(sorted(report.held_gone, key=replica_order))})"
             if report.held_gone
             else ""
         )

@@ -19,6 +19,7 @@ from skyhedge.cli._app import (
     stop_quietly,
 )
 from skyhedge.errors import CloudError, SkyhedgeError
+from skyhedge.planner import replica_order
 from skyhedge.replica_logs import last_lines, read_log
 from skyhedge.spec import ServiceSpec, load_spec
 from skyhedge.state import ReplicaRecord, default_state_dir, load_state
@@ -51,7 +52,7 @@ def _find(
     record = records.get(replica)
     if record is not None:
         return record
-    live = sorted(r.id for r in records.values() if r.gone_at is None)
+    live = sorted((r.id for r in records.values() if r.gone_at is None), key=replica_order)
     known = f"live: {', '.join(live)}" if live else "no live replica"
     raise SkyhedgeError(
         f"REPLICA: no replica {replica!r} in the state ({known}; "

@@ -23,7 +23,7 @@ from skyhedge.apply import (
 )
 from skyhedge.cli._app import check_policy_flag, console, echo, fitted, main, spec_argument, state_dir_option
 from skyhedge.clouds import RenderContext
-from skyhedge.planner import CREATE, DELETE, KEEP, Plan, replica_number
+from skyhedge.planner import CREATE, DELETE, KEEP, Plan, by_replica_id, replica_order
 from skyhedge.render import render_tree
 from skyhedge.service import TERRAFORM_KEY, Placement, compute_plan, is_gitops, resolve_placement
 from skyhedge.spec import ServiceSpec, load_spec
@@ -158,7 +158,7 @@ def plan_to_json(
                 "market": r.market,
                 "reason": r.reason,
             }
-            for r in sorted(gone, key=lambda r: replica_number(r.id))
+            for r in sorted(gone, key=by_replica_id)
         ],
         "summary": summary,
     }
@@ -279,15 +279,15 @@ def plan(
         if pending.replicas:
             console.print(
                 f"{len(pending.replicas)} recorded replica(s) were never read back "
-                f"({', '.join(sorted(pending.replicas))}): an apply failed or was interrupted before "
-                "recording them (an interrupted one may have started them); the next `apply` creates "
-                "them, or records those that run."
+                f"({', '.join(sorted(pending.replicas, key=replica_order))}): an apply failed or was "
+                "interrupted before recording them (an interrupted one may have started them); the "
+                "next `apply` creates them, or records those that run."
             )
         if pending.releasing:
             console.print(
                 f"{len(pending.releasing)} replica(s) being released "
-                f"({', '.join(sorted(pending.releasing))}): out of the router until their requests end, "
-                "then destroyed."
+                f"({', '.join(sorted(pending.releasing, key=replica_order))}): out of the router until "
+                "their requests end, then destroyed."
             )
         if pending.roots:
             console.print(

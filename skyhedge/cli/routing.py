@@ -24,6 +24,7 @@ from skyhedge.cli._app import (
     state_dir_option,
 )
 from skyhedge.errors import RoutingError
+from skyhedge.planner import by_replica_id
 from skyhedge.policy.types import ReplicaStatus
 from skyhedge.probe import ProbeResult, check_all, timed_out
 from skyhedge.probe_store import by_probe, earlier_probes, probe_in_force
@@ -73,7 +74,7 @@ def upstreams_from_state(
     if in_force is not None and ready and not any(results[r.endpoint or ""].ok for r in ready):
         # the spec's probe, which the state does not name as the one in force (a probe-only edit
         # not checked yet), passed by none of the READY replicas: as the watcher, not taken
-        first = min(ready, key=lambda r: r.id)
+        first = min(ready, key=by_replica_id)
         why = results[first.endpoint or ""].error
         echo(
             "warning: readiness_probe: the spec's is not the one its replicas were probed with, and "

@@ -34,6 +34,7 @@ from skyhedge.cli._app import (
 )
 from skyhedge.controller.loop import ControllerOptions
 from skyhedge.errors import SpecError, StateError
+from skyhedge.planner import replica_order
 from skyhedge.service import Placement, resolve_placement
 from skyhedge.spec import ServiceSpec, load_spec
 from skyhedge.state import STATE_FILE, ServiceState, default_state_dir, load_state, unwritable
@@ -598,7 +599,7 @@ def _down_reported(
         )
         return
     if report.destroyed:
-        gone = ", ".join(sorted(report.destroyed))
+        gone = ", ".join(sorted(report.destroyed, key=replica_order))
         text = f"destroyed {len(report.destroyed)} replica(s): {gone}"
         _last_words(text, log_format, logging.WARNING, service=service)
     first = report.errors[0]

@@ -27,6 +27,7 @@ from rich.table import Table
 from rich.text import Text
 
 from skyhedge.controller.loop import Controller
+from skyhedge.planner import by_replica_id
 from skyhedge.policy.types import ReplicaStatus
 
 STATUS_STYLE = {
@@ -68,7 +69,7 @@ def render(
     None) followed by a row counting the rest."""
     now = ctl.clock() if now is None else now
     state = ctl.state
-    live = sorted(state.live(), key=lambda r: r.id)
+    live = sorted(state.live(), key=by_replica_id)
     statuses = Counter(r.fact().status for r in live)
     plan = ctl.last_plan
     summary = plan.summary() if plan is not None else {}

@@ -42,7 +42,7 @@ from typing import Any
 from skyhedge.apply import Workspace, instance_types, roots_with_resources
 from skyhedge.controller.ports import ExecResult
 from skyhedge.errors import RenderError, SkyhedgeError, StateError
-from skyhedge.planner import CREATE, DELETE, Plan
+from skyhedge.planner import CREATE, DELETE, Plan, replica_order
 from skyhedge.render import render_tree, write_tree
 from skyhedge.render.tree import TREE_MANIFEST, RenderedTree, git_repository_in, holds_only_litter
 from skyhedge.service import GITOPS_KEY, Placement, resolve_placement
@@ -226,14 +226,14 @@ def commit_message(
     else:
         desired = {r.id: r for r in plan.desired}
         creates = [
-            (rid, r.location.key, r.market.value)
-            for rid, r in sorted(desired.items())
+            (rid, desired[rid].location.key, desired[rid].market.value)
+            for rid in sorted(desired, key=replica_order)
             if rid not in committed
         ]
         deletes = [
             (rid, str(where[0]), str(where[1]))
-            for rid, where in sorted(committed.items())
-            if rid not in desired and isinstance(where, (list, tuple)) and len(where) == 2
+            for rid in sorted(committed, key=replica_order)
+            if rid not in desired and isinstance(where := committed[rid], (list, tuple)) and len(where) == 2
         ]
     s = plan.summary()
     # taken by the cloud: named by a zone event since the last commit, or recorded so (an event

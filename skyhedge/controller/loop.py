@@ -64,7 +64,7 @@ from skyhedge.leftovers import (
     lost_replicas,
     unsaved_replicas,
 )
-from skyhedge.planner import CREATE, DELETE, KEEP, Plan, PlannedReplica
+from skyhedge.planner import CREATE, DELETE, KEEP, Plan, PlannedReplica, by_replica_id, replica_order
 from skyhedge.policy.base import clock_memory
 from skyhedge.policy.types import EventKind, Market, ReplicaStatus, ZoneEvent
 from skyhedge.probe import timed_out
@@ -386,7 +386,7 @@ def probe_refused(
     results = prober.probe(ready) if ready else {}
     if not results or any(ok for ok, _ in results.values()):
         return None
-    rid = sorted(results)[0]
+    rid = min(results, key=replica_order)
     return len(results), rid, results[rid][1]
 
 
@@ -789,7 +789,9 @@ class Controller:
                     f"after {LAUNCH_ATTEMPTS} failed applies in {window}"
                 )
                 see = " (see the apply errors above)"
-            kept = sorted(r.id for r in plan.replicas if r.outdated and r.action != DELETE)
+            kept = sorted(
+                (r.id for r in plan.replicas if r.outdated and r.action != DELETE), key=replica_order
+            )
             if kept:
                 # a rolling update to a revision whose replicas fail: it stops where it is, the
                 # outdated replicas serving (none is released before a replacement is READY)
@@ -1218,13 +1220,13 @@ class Controller:
             )
             plan = self._finalise(plan)
         net = [replace(r, action=KEEP if r.id in before else CREATE) for r in plan.desired]
-        for rid in sorted(before - {r.id for r in plan.desired}):
+        for rid in sorted(before - {r.id for r in plan.desired}, key=replica_order):
             rec = st.replicas[rid]
             market = Market(rec.market)
             net.append(
                 PlannedReplica(rid, rec.location, market, DELETE, prices.get((rec.location, market), 0.0))
             )
-        net.sort(key=lambda r: r.id)
+        net.sort(key=by_replica_id)  # as `make_plan` orders them
         return replace(plan, replicas=tuple(net), next_id=max(plan.next_id, st.next_id)), memory
 
     # -- acting ----------------------------------------------------------------------------------
@@ -1238,7 +1240,8 @@ class Controller:
         where = ", ".join(f"+{r.id} {r.location.zone} {r.market.value}" for r in creates)
         gone = ", ".join(f"-{r.id}" for r in deletes)
         zones = f"{s['zones_used']} zone{'' if s['zones_used'] == 1 else 's'}"
-        tail = f"; {len(leaving)} more on their way out ({', '.join(sorted(leaving))})" if leaving else ""
+        out = ", ".join(sorted(leaving, key=replica_order))
+        tail = f"; {len(leaving)} more on their way out ({out})" if leaving else ""
         return (
             f"plan: {' '.join(x for x in (where, gone) if x)} -> {s['spot']} spot / {s['on_demand']} "
             f"on-demand in {zones}, ${s['hourly_cost']:.4f}/h{tail}"
@@ -1487,8 +1490,8 @@ class Controller:
         before = {pair[0] for pair in routed or []}
         self.state.extra["routed"] = wanted
         now = self.clock()
-        added = sorted({pair[0] for pair in wanted} - before)
-        removed = sorted(before - {pair[0] for pair in wanted})
+        added = sorted({pair[0] for pair in wanted} - before, key=replica_order)
+        removed = sorted(before - {pair[0] for pair in wanted}, key=replica_order)
         if added or removed or force:
             self.state.log(
                 {
@@ -1705,7 +1708,7 @@ class Controller:
         sever = getattr(self.router, "sever", None)
         if sever is None or not endpoints:
             return
-        ids = ",".join(sorted(endpoints.values()))
+        ids = ",".join(sorted(endpoints.values(), key=replica_order))
         try:
             closed = sever(sorted(endpoints))
         except (RoutingError, OSError) as exc:
@@ -1942,4 +1945,4 @@ class Controller:
     # -- status for the CLI and the dashboard ----------------------------------------------------
 
     def replicas(self) -> list[ReplicaRecord]:
-        return sorted(self.state.live(), key=lambda r: r.id)
+        return sorted(self.state.live(), key=by_replica_id)

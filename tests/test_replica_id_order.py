@@ -1,0 +1,173 @@
+"""Replica IDs past r-9999: ordered by number everywhere, never as text.
+
+IDs are never reused, so a long-lived service with preemption churn hands out r-10000 one day (a
+soak reached r-4000 in 30 minutes), and as text "r-10000" sorts before "r-9999". Where the order
+decides something (which replica a policy releases, which outdated one a rolling update releases
+first) or is shown (status, the dashboard, plan lines, commit messages), it is the order the IDs
+were handed out in; below r-10000 that is the text order, so nothing there changed.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from controller_fakes import Clock, FakeExecutor, FakeProber, FakeRouter, FakeSource, clocked_controller
+
+from skyhedge.apply import live_rows
+from skyhedge.controller.gitops import commit_message
+from skyhedge.events import PreemptionEvent, Signal
+from skyhedge.planner import DELETE, by_replica_id, replica_id, replica_order
+from skyhedge.service import compute_plan
+from skyhedge.spec import load_spec
+from skyhedge.state import ReplicaRecord, ServiceState, load_state, save_state, state_text
+
+ONE_ZONE = """
+name: svc
+placement: {{clouds: [local], zones: [local-a]}}
+replica_policy:
+  {{min_replicas: {n}, num_overprovision: 0, policy: {policy}, dynamic_ondemand_fallback: false}}
+run: {{command: "true"}}
+"""
+
+
+def _ready(n: int, *, launched_at: float = 100.0, revision: str | None = None) -> ReplicaRecord:
+    rid = replica_id(n)
+    return ReplicaRecord(
+        rid,
+        "local",
+        "local",
+        "local-a",
+        "spot",
+        launched_at=launched_at,
+        provisioned_at=launched_at + 1,
+        ready_at=launched_at + 50,
+        endpoint=f"http://127.0.0.1:{20000 + n}",
+        revision=revision,
+    )
+
+
+def _state(*records: ReplicaRecord) -> ServiceState:
+    st = ServiceState(service="svc")
+    for rec in records:
+        st.replicas[rec.id] = rec
+    st.next_id = max(int(r.id[2:]) for r in records) + 1
+    return st
+
+
+def _reloaded(st: ServiceState) -> ServiceState:
+    """`st` as the next command (or a restarted watcher) reads it back from state.json."""
+    return ServiceState.from_json(json.loads(state_text(st)), where="state.json")
+
+
+def test_the_sort_key_orders_ids_by_number_and_keeps_four_digit_ids_in_text_order():
+    ids = ["r-10001", "r-9999", "r-0007", "r-10000", "r-9998", "r-123456"]
+    assert sorted(ids, key=replica_order) == ["r-0007", "r-9998", "r-9999", "r-10000", "r-10001", "r-123456"]
+    four = [replica_id(n) for n in (9999, 7, 1000, 42, 999)]
+    assert sorted(four, key=replica_order) == sorted(four)  # below r-10000: as before
+    # anything not shaped like an ID (never made by skyhedge) comes last, as text, without raising
+    assert sorted(["x", "r-", "r-0002", "r-1a"], key=replica_order) == ["r-0002", "r-", "r-1a", "x"]
+    assert sorted([_ready(10000), _ready(9999)], key=by_replica_id)[0].id == "r-9999"
+
+
+def test_a_state_read_back_lists_its_replicas_in_the_order_they_were_handed_out():
+    st = _state(*(_ready(n) for n in range(9998, 10002)))
+    assert [r.id for r in _reloaded(st).live()] == ["r-9998", "r-9999", "r-10000", "r-10001"]
+    # state.json itself is as it was: its keys in text order (json's sort_keys), byte for byte
+    on_disk = list(json.loads(state_text(st))["replicas"])
+    assert on_disk == ["r-10000", "r-10001", "r-9998", "r-9999"]
+    assert state_text(_reloaded(st)) == state_text(st)
+
+
+def test_spothedge_releases_the_newest_replica_whether_or_not_the_state_was_read_back(write_spec):
+    # four READY spot replicas launched together (one apply: one `launched_at`), one too many:
+    # SpotHedge releases the newest, and among equals the last it is shown. Read back from
+    # state.json, the state showed r-9999 last and it went, where the state in memory released
+    # r-10001: a watcher restart, or `apply` after `watch`, chose another replica
+    spec = load_spec(write_spec(ONE_ZONE.format(n=3, policy="spothedge")))
+    st = _state(*(_ready(n) for n in range(9998, 10002)))
+    chosen = []
+    for state in (st, _reloaded(st)):
+        plan, _ = compute_plan(spec, state, now=1000.0, probe_ports=False)
+        chosen.append([r.id for r in plan.replicas if r.action == DELETE])
+    assert chosen == [["r-10001"], ["r-10001"]]
+
+
+def test_both_policies_decide_alike_on_a_state_read_back_past_r9999(write_spec):
+    st = _state(*(_ready(n) for n in range(9997, 10003)))
+    for policy in ("spothedge", "skyhedge"):
+        spec = load_spec(write_spec(ONE_ZONE.format(n=4, policy=policy)))
+        memory, back = (compute_plan(spec, s, now=1000.0, probe_ports=False)[0] for s in (st, _reloaded(st)))
+        pairs = [[(r.id, r.action) for r in plan.replicas] for plan in (memory, back)]
+        assert pairs[0] == pairs[1], policy
+
+
+def test_a_rolling_update_releases_the_lowest_id_first_among_replicas_launched_together(write_spec):
+    # three outdated replicas launched by one apply, and their surge replacement READY: the
+    # oldest outdated one goes first; among equal launch times the lowest ID (before: r-10000,
+    # as text the lowest)
+    spec = load_spec(write_spec(ONE_ZONE.format(n=3, policy="spothedge")))
+    outdated = [_ready(n, revision="an-older-spec") for n in (9998, 9999, 10000)]
+    st = _state(*outdated, _ready(10001, launched_at=500.0))
+    plan, _ = compute_plan(spec, st, now=1000.0, probe_ports=False)
+    assert [r.id for r in plan.replicas if r.action == DELETE] == ["r-9998"]
+    assert [r.id for r in plan.replicas] == ["r-9998", "r-9999", "r-10000", "r-10001"]
+
+
+def test_status_rows_list_replicas_by_number():
+    st = _state(*(_ready(n) for n in (10001, 9999, 10000, 9998)))
+    assert [row["id"] for row in live_rows(st)] == ["r-9998", "r-9999", "r-10000", "r-10001"]
+    assert [row["id"] for row in live_rows(_reloaded(st), include_gone=True)] == [
+        "r-9998",
+        "r-9999",
+        "r-10000",
+        "r-10001",
+    ]
+
+
+def test_a_gitops_commit_message_lists_created_and_removed_replicas_by_number(write_spec):
+    spec = load_spec(write_spec(ONE_ZONE.format(n=2, policy="spothedge")))
+    st = _state(_ready(9998), _ready(9999), _ready(10000), _ready(10001))
+    plan, _ = compute_plan(spec, st, now=1000.0, probe_ports=False)
+    committed = {"r-9990": ["local/local/local-a", "spot"], "r-10002": ["local/local/local-a", "spot"]}
+    body = commit_message("svc", plan, st, None, None, committed=committed)
+    lines = [line.split()[1] for line in body.splitlines() if line.startswith(("  + ", "  - "))]
+    kept = [r.id for r in plan.desired]
+    assert lines == [*kept, "r-9990", "r-10002"]
+    assert kept == sorted(kept, key=replica_order)
+
+
+def test_a_watcher_that_crosses_r9999_shows_and_reloads_its_replicas_in_launch_order(
+    tmp_path: Path, write_spec
+):
+    """A watcher of a state whose next ID is 9998: launches and replacements cross into r-10000;
+    its status, and a restarted watcher's view of the same state, list them by number."""
+    spec = load_spec(write_spec(ONE_ZONE.format(n=3, policy="spothedge")))
+    state_dir = tmp_path / "state"
+    state_dir.mkdir()
+    save_state(state_dir, ServiceState(service="svc", next_id=9998))
+    clock, src = Clock(), FakeSource()
+
+    def controller():
+        parts = {"executor": FakeExecutor(), "router": FakeRouter(), "prober": FakeProber()}
+        return clocked_controller(spec, state_dir, clock, sources=[src], **parts)
+
+    ctl = controller()
+    for _ in range(3):
+        ctl.tick()
+        clock.advance(1)
+    for _ in range(2):  # preempt the newest live replica, twice: r-9998 and r-9999 stay
+        victim = max(ctl.state.live(), key=by_replica_id)
+        gone = PreemptionEvent(Signal.GONE, clock(), "fake", replica_id=victim.id, reason="preempted")
+        src.queue.append(gone)
+        for _ in range(3):
+            ctl.tick()
+            clock.advance(1)
+    live = [r.id for r in ctl.replicas()]
+    assert any(len(rid) > 6 for rid in live) and ctl.state.next_id > 10000, live
+    assert live == sorted(live, key=replica_order)
+    in_memory = [r.id for r in ctl.state.live()]
+    again = controller()
+    assert [r.id for r in again.state.live()] == in_memory == live
+    assert [r.id for r in again.replicas()] == live
+    assert [row["id"] for row in live_rows(load_state(state_dir, "svc"))] == live
