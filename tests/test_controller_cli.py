@@ -276,6 +276,9 @@ def test_a_controller_attached_to_a_replay_retries_refused_launches_once_a_trace
         ctl.clock.advance(delays[-1])
     assert ctl._failures >= 10  # the launches kept being refused
     assert max(delays) <= replay.period == 1.0  # retried, and decided, once a tick of trace
+    # each zone too, not after the watcher's drought pause (30 s doubling to 5 min real)
+    refused = [r.zone for r in ctl.state.replicas.values() if r.reason == "failed"]
+    assert min(refused.count("local-a"), refused.count("local-b")) >= 10
 
 
 def test_market_replay_starts_where_asked_and_refuses_a_start_past_the_trace(tmp_path: Path):

@@ -1637,7 +1637,8 @@ def test_replicas_started_beside_refused_launches_are_probed_without_waiting_for
     the probes of replicas that did start."""
     ex, clock, prober = world["executor"], world["clock"], world["prober"]
     ex.refuse_zones = {"local-a", "local-b", "local-c"}
-    ctl = make(world, busy_interval=0.5, max_backoff=60.0)
+    # (a replay's pace: its zones are asked again a tick after a refusal, `MarketReplay.attach`)
+    ctl = make(world, busy_interval=0.5, max_backoff=60.0, spot_retry=0.5, max_spot_retry=0.5)
     for _ in range(7):  # every spot launch refused, pass after pass: the backoff grows
         clock.advance(ctl.tick())
         ctl.woken = True

@@ -14,7 +14,9 @@ Each tick is safe to repeat and safe to be killed at any point (`kill -9` includ
    rendered inputs differ from the ones last applied successfully (`skyhedge.apply` keeps that
    digest per root in the state) and records outputs, destroyed replicas and refused launches.
 5. A launch refused for capacity marks its zone preempted (LAUNCH_FAILED); the next tick places
-   the replica elsewhere, with backoff while applies keep failing.
+   the replica elsewhere, with backoff while applies keep failing. Spot launches into a zone that
+   keeps refusing wait there (30 s doubling to 5 min, `ControllerOptions.spot_retry`), while
+   on-demand replicas cover for them at once.
 
 After a crash mid-apply the root's digest is still the old one, so the next tick (the first after
 a restart always runs the executor) applies it again: Terraform converges it, no replica ID is
@@ -66,7 +68,7 @@ from skyhedge.leftovers import (
 )
 from skyhedge.planner import CREATE, DELETE, KEEP, Plan, PlannedReplica, by_replica_id, replica_order
 from skyhedge.policy.base import clock_memory
-from skyhedge.policy.types import EventKind, Market, ReplicaStatus, ZoneEvent
+from skyhedge.policy.types import EventKind, Location, Market, ReplicaStatus, ZoneEvent
 from skyhedge.probe import timed_out
 from skyhedge.probe_store import (  # (the keys re-exported: the watcher's tables)
     EARLIER_PROBES_KEY,  # noqa: F401
@@ -164,6 +166,20 @@ CRASH_HOLD_MAX_SECONDS = 600.0
 #: port taken by another process) is given up, and the policy places a new one (new ID, port).
 #: CRASHES_BEFORE_HOLD bursts of launches given up hold new launches as a crash loop does.
 LAUNCH_ATTEMPTS = 3
+#: A spot drought: a zone that refused a spot launch for capacity gets no new spot launch for
+#: `ControllerOptions.spot_retry` seconds, doubling with each further refusal in a row there up
+#: to `max_spot_retry`, and is asked at once again after a spot launch there succeeds. The policy
+#: knows nothing of it (its plans, and `simulate`'s, are unchanged): the watcher leaves those spot
+#: creates out of the pass's plan, while on-demand replicas stand in for them. Without it, with
+#: every zone refusing, the policy's reset rule made every zone ACTIVE again at once and every pass
+#: after the apply backoff (1 s doubling to 60 s) re-planned and applied N + 1 refused spot
+#: launches: measured over the controller fakes, N = 3, an hour's drought, 64 applies and 256
+#: refused launches (each a cloud API call, a log line and a replica ID); with these defaults,
+#: 15-30 asks (30-45 Terraform runs) and 60-90 refused launches, and spot is asked for again at
+#: most 5 min after capacity is back (spot READY 170-410 s after it, 180-200 s before: see
+#: docs/controller.md, "In a spot drought").
+SPOT_RETRY_SECONDS = 30.0
+SPOT_RETRY_MAX_SECONDS = 300.0
 #: The wall clock moving this much more (or less) than the monotonic clock between two passes is a
 #: jump (NTP stepping it, an operator setting it): the controller's timers are moved with it
 #: (`Controller._follow_clock`). NTP slews offsets under 128 ms and steps larger ones.
@@ -281,14 +297,18 @@ class ControllerOptions:
 
     `interval`: the period when nothing is happening (events wake the loop sooner);
     `busy_interval`: while replicas start, drain or fail probes; `max_backoff`: the longest wait
-    after failed applies; `survival_period`: how often spot replicas that stayed READY report
-    their zone as SURVIVED to the policy; `assume_ready`: GitOps mode (CI applies; replicas count
-    as READY once committed, and nothing is probed or routed).
+    after failed applies; `spot_retry`: how long spot launches into a zone that refused one for
+    capacity wait, doubling per refusal in a row there up to `max_spot_retry` (0: retried at
+    the next apply; see SPOT_RETRY_SECONDS); `survival_period`: how often spot replicas that
+    stayed READY report their zone as SURVIVED to the policy; `assume_ready`: GitOps mode (CI
+    applies; replicas count as READY once committed, and nothing is probed or routed).
     """
 
     interval: float = 10.0
     busy_interval: float = 1.0
     max_backoff: float = 60.0
+    spot_retry: float = SPOT_RETRY_SECONDS
+    max_spot_retry: float = SPOT_RETRY_MAX_SECONDS
     survival_period: float = 60.0
     policy: str | None = None
     autoscale: bool = True
@@ -466,6 +486,11 @@ class Controller:
             if isinstance(v, (int, float)) and not isinstance(v, bool)
         }
         self._attempts: dict[str, int] = {}  # failed applies per replica never provisioned
+        # a zone's spot refusals in a row -> (how many, when the last was): spot launches there
+        # wait (`_spot_wait`); forgotten at the first spot launch there that succeeds. Kept in
+        # memory only: a restarted watcher asks every zone once more, then paces them again.
+        self._spot_refused: dict[Location, tuple[int, float]] = {}
+        self._spot_due: float | None = None  # the earliest a spot launch left out is due
         self._routing_failed = False
         self._listeners: list[Callable[[Controller], None]] = []
         self._refresh = False  # a reloaded spec: apply and route on the next pass
@@ -769,6 +794,7 @@ class Controller:
             clock=self.policy_clock,
         )
         plan = self._finalise(plan)
+        plan = self._pace_spot(plan, now)
         if plan.has_changes and self.options.assume_ready:
             plan, memory = self._settle(plan, memory, now)
         self.last_plan = plan
@@ -982,6 +1008,9 @@ class Controller:
         source: the clouds' leftover-instance grace). Returns how many moved."""
         count = shift_times(self.state, jump, moved) + self._shift_policy(jump, moved)
         self._given_up = {rid: at + jump if moved(at) else at for rid, at in self._given_up.items()}
+        self._spot_refused = {
+            loc: (n, at + jump if moved(at) else at) for loc, (n, at) in self._spot_refused.items()
+        }
         for source in [*self.sources, *self._retiring]:
             shift = getattr(source, "shift_times", None)
             if shift is None:
@@ -1291,12 +1320,14 @@ class Controller:
             if rec.id in before and before[rec.id] is None and rec.provisioned_at is not None:
                 if Market(rec.market) is Market.SPOT:
                     st.record_event(ZoneEvent(EventKind.LAUNCHED, rec.location, done, rec.id))
+                    self._spot_refused.pop(rec.location, None)  # capacity there: asked at once again
                 if self.options.assume_ready and rec.ready_at is None:
                     rec.ready_at = done
         for rid in result.launch_failures:
             rec = st.replicas.get(rid)
             zone = rec.zone if rec is not None else "?"
             self.note(f"launch of {rid} refused in {zone}: no spot capacity, re-planning", done)
+        self._note_spot_refusals(result, done)
         if not is_gitops(st):
             self._recreated.note(st, cloud_ids)
         if result.applied and not result.failed:
@@ -1899,6 +1930,62 @@ class Controller:
                     level=logging.WARNING,
                 )
 
+    def _note_spot_refusals(self, result: ExecResult, at: float) -> None:
+        """Count this apply's refused spot launches per zone (one apply's refusals in a zone are
+        one refusal: the zone said no once) and say how long spot launches there now wait."""
+        zones: dict[Location, int] = {}
+        for rid in result.launch_failures:
+            rec = self.state.replicas.get(rid)
+            if rec is not None and Market(rec.market) is Market.SPOT:
+                zones[rec.location] = zones.get(rec.location, 0) + 1
+        if self.options.spot_retry <= 0:
+            return
+        for loc in sorted(zones, key=lambda loc: loc.key):
+            count = self._spot_refused.get(loc, (0, at))[0] + 1
+            self._spot_refused[loc] = (count, at)
+            wait = self._spot_pause(count)
+            self.note(f"spot launches in {loc.zone} paused {wait:.0f}s after {count} refusal(s) in a row", at)
+
+    def _spot_pause(self, refusals: int) -> float:
+        """How long spot launches wait in a zone after `refusals` refusals in a row there."""
+        opts = self.options
+        return min(opts.max_spot_retry, opts.spot_retry * 2 ** min(refusals - 1, 20))
+
+    def _spot_wait(self, loc: Location, now: float) -> float:
+        """Seconds before a spot launch into `loc` is asked again (0: now). Never more than the
+        pause itself: a refusal stamped ahead of a clock stepped back counts from now."""
+        entry = self._spot_refused.get(loc)
+        if entry is None or self.options.spot_retry <= 0:
+            return 0.0
+        count, at = entry
+        if at > now:
+            at = now
+            self._spot_refused[loc] = (count, at)
+        return max(0.0, at + self._spot_pause(count) - now)
+
+    def _pace_spot(self, plan: Plan, now: float) -> Plan:
+        """`plan` without its spot launches into zones still waiting after refusals (`_spot_wait`).
+        The policy plans them every pass (its reset rule makes a drought's zones ACTIVE again at
+        once) and its on-demand cover for them is kept: the service gets its N replicas at once,
+        and each zone is asked for spot again when its pause ends. A plan left with no launch at
+        all hands out no replica ID."""
+        self._spot_due = None
+        if not self._spot_refused:
+            return plan
+        dues = {
+            r.id: wait
+            for r in plan.replicas
+            if r.action == CREATE
+            and r.market is Market.SPOT
+            and (wait := self._spot_wait(r.location, now)) > 0
+        }
+        if not dues:
+            return plan
+        self._spot_due = now + min(dues.values())
+        kept = tuple(r for r in plan.replicas if r.id not in dues)
+        launches = any(r.action == CREATE for r in kept)
+        return replace(plan, replicas=kept, next_id=plan.next_id if launches else self.state.next_id)
+
     def _backoff(self) -> float:
         """How long failed applies wait before the next one: busy_interval doubling per failure."""
         opts = self.options
@@ -1940,6 +2027,8 @@ class Controller:
         scaler = self.state.extra.get("autoscaler") or {}
         if scaler.get("pending_since") is not None:
             delay = min(delay, max(opts.busy_interval, 1.0))
+        if self._spot_due is not None:  # a zone's spot pause ends: asked then, not a pass later
+            delay = min(delay, max(opts.busy_interval, self._spot_due - self.clock()))
         return delay
 
     # -- status for the CLI and the dashboard ----------------------------------------------------

@@ -109,8 +109,8 @@ class MarketReplay:
         it 30 s, overestimating the outage an unhedged loss costs (cold start + one period). Not
         faster than MIN_PASS_SECONDS, though: at a speedup of 600 a pass every 50 ms would spend
         a good part of a core on deciding nothing new. Refused launches are retried at that pace
-        too (the controller's backoff after failed applies is capped at it), as `simulate`
-        retries them every tick."""
+        too (the controller's backoff after failed applies, and its pause of spot launches into
+        a zone that refused, are capped at it), as `simulate` retries them every tick."""
         rate = TICK_SECONDS / self.period
         ctl.policy_clock = PolicyClock(origin=ctl.clock(), rate=rate)
         pace = max(self.period, MIN_PASS_SECONDS)
@@ -124,6 +124,10 @@ class MarketReplay:
             # pass that ends it sees a zone's refusal batched with its later SURVIVED report (the
             # full zone stays ACTIVE, the reopened ones stay PREEMPTED, on-demand stays)
             max_backoff=min(ctl.options.max_backoff, pace),
+            # and a zone that refused is asked again a tick later, as `simulate` asks it, not
+            # after the watcher's drought pause (30 s doubling to 5 min real: hours of trace)
+            spot_retry=min(ctl.options.spot_retry, pace),
+            max_spot_retry=min(ctl.options.max_spot_retry, pace),
         )
 
     def describe(self) -> str:
