@@ -94,6 +94,7 @@ from skyhedge.service import (
 )
 from skyhedge.spec import ReadinessProbe, ServiceSpec, readiness_probe_json, revision_digests
 from skyhedge.state import (
+    ROLLOUT_KEY,
     STATE_FILE,
     ReplicaRecord,
     ServiceState,
@@ -438,6 +439,17 @@ def record_plan(
             state.replicas[r.id].draining = True
         elif r.action == KEEP and r.revision and (rec := state.replicas.get(r.id)) and rec.revision is None:
             rec.revision = r.revision
+    # The rolling update `status` shows (`rollout`, which the watcher keeps): only the replicas
+    # this plan still replaces. An `apply` that left none (the spec reverted, or the update
+    # finished by it) left the watcher's record naming live replicas, which `status` then showed
+    # being replaced, STALLED, for as long as they ran.
+    rollout = state.extra.get(ROLLOUT_KEY)
+    if isinstance(rollout, dict):
+        kept = sorted(r.id for r in plan.replicas if r.outdated and r.action != DELETE)
+        if kept:
+            rollout["replicas"] = kept
+        else:
+            state.extra.pop(ROLLOUT_KEY)
     if plan.has_changes:
         state.log(
             {

@@ -1179,3 +1179,32 @@ def _owned_by(path, uid, real_stat):
         return os.stat_result(fields)
 
     return fake
+
+
+def test_an_apply_that_leaves_nothing_to_roll_over_ends_the_rollout_status_shows(svc):
+    """A watcher stopped while its rolling update was stalled left `rollout` naming the replicas
+    it was replacing; the spec reverted and applied, nothing is left to roll over, but those
+    replicas stay live, so `status` said for as long as they ran that they were being replaced
+    and the update STALLED. `apply` keeps the record in step with its plan, as the watcher does."""
+    spec = svc.write(replicas=2)
+    first = run_cli("apply", str(spec), "--state-dir", str(svc.state_dir), "--no-routing", "--auto-approve")
+    assert first.exit_code == 0, first.output
+    state = load_state(svc.state_dir, "applied")
+    ids = sorted(r.id for r in state.live())
+    state.extra["rollout"] = {
+        "replicas": ids,
+        "since": 1000.0,
+        "refused": {"local-b": 61},
+        "refused_since": 1000.0,
+        "stalled_since": 1300.0,
+    }
+    save_state(svc.state_dir, state)
+    shown = run_cli("status", str(spec), "--state-dir", str(svc.state_dir))
+    assert "Rolling update:" in shown.output  # (the record as the watcher left it)
+    again = run_cli("apply", str(spec), "--state-dir", str(svc.state_dir), "--no-routing", "--auto-approve")
+    assert again.exit_code == 0, again.output
+    assert sorted(r.id for r in load_state(svc.state_dir, "applied").live()) == ids  # nothing rolled
+    shown = run_cli("status", str(spec), "--state-dir", str(svc.state_dir))
+    assert "Rolling update" not in shown.output and "STALLED" not in shown.output, shown.output
+    out = run_cli("status", str(spec), "--state-dir", str(svc.state_dir), "--json")
+    assert json.loads(out.output)["rollout"] is None

@@ -1424,17 +1424,19 @@ def test_a_rolling_update_of_serving_spot_replicas_buys_no_on_demand_and_keeps_n
     assert lowest == 3
 
 
+@pytest.mark.parametrize("policy", ["skyhedge", "spothedge", "skyserve"])
 @pytest.mark.parametrize("n", [1, 3])
-def test_a_rolling_update_of_an_all_on_demand_service_keeps_n_ready(tmp_path: Path, write_spec, n):
-    """`base_ondemand_fallback_replicas` = N with the default policy: the update's surge is a spot
-    replica (with its extra), each on-demand replica is replaced once the surge is READY, and
-    when the last outdated one was released the policy, back to N on-demand replicas and no
-    spot, released the READY spot replicas in the pass that launched the last on-demand
-    replacement (measured, 120 s cold start: N = 1 at 0 READY, N = 3 at 2, for 120 s). They
-    serve until the on-demand replicas are READY."""
+def test_a_rolling_update_of_an_all_on_demand_service_keeps_n_ready(tmp_path: Path, write_spec, n, policy):
+    """`base_ondemand_fallback_replicas` = N: the update's surge is a spot replica (with its
+    extra), each on-demand replica is replaced once the surge is READY, and when the last
+    outdated one was released the policy, back to N on-demand replicas and no spot, released the
+    READY spot replicas in the pass that launched the last on-demand replacement (measured, 120 s
+    cold start: N = 1 at 0 READY, N = 3 at 2, for 120 s; the default policy first, SpotHedge
+    and SkyServe until review 4). They serve until the on-demand replicas are READY."""
     text = (
         "name: svc\nplacement: {clouds: [local], zones: [local-a, local-b, local-c]}\n"
-        f"replica_policy: {{min_replicas: {n}, base_ondemand_fallback_replicas: {n}}}\n"
+        f"replica_policy: {{min_replicas: {n}, num_overprovision: 0, base_ondemand_fallback_replicas: {n}, "
+        f"policy: {policy}}}\n"
         "readiness_probe: {path: /health, initial_delay_seconds: 600}\n"
         'run: {command: "v1"}\n'
     )
@@ -1457,6 +1459,44 @@ def test_a_rolling_update_of_an_all_on_demand_service_keeps_n_ready(tmp_path: Pa
     live = ctl.state.live()
     assert not {r.id for r in live} & {r.id for r in old}  # rolled over
     assert [r.market for r in live] == ["on-demand"] * n  # and back to on-demand only
+    assert lowest == n
+
+
+@pytest.mark.parametrize("policy", ["skyhedge", "spothedge", "skyserve"])
+@pytest.mark.parametrize("n", [2, 3])
+def test_a_rolling_update_with_a_base_on_demand_replica_keeps_n_ready(tmp_path: Path, write_spec, policy, n):
+    """`base_ondemand_fallback_replicas: 1`, no extra: the base replica's replacement is a surge,
+    a spot replica, and once the outdated base replica was released the fallback traded a spot
+    replica back for an on-demand one, released READY in the pass that launched it (measured,
+    120 s cold start: N = 2 at 1 READY with `skyhedge`, N = 3 at 2 with SpotHedge and SkyServe,
+    for a cold start). The READY spot replica serves until the on-demand one is READY."""
+    text = (
+        "name: svc\nplacement: {clouds: [local], zones: [local-a, local-b, local-c]}\n"
+        f"replica_policy: {{min_replicas: {n}, num_overprovision: 0, base_ondemand_fallback_replicas: 1, "
+        f"policy: {policy}}}\n"
+        "readiness_probe: {path: /health, initial_delay_seconds: 600}\n"
+        'run: {command: "v1"}\n'
+    )
+    clock = Clock()
+    ctl = clocked_controller(
+        load_spec(write_spec(text)), tmp_path / "state", clock, prober=ColdStartProber(clock)
+    )
+    for _ in range(150):
+        ctl.tick()
+        clock.advance(120.0)
+    old = ctl.state.live()
+    assert sorted(r.market for r in old) == ["on-demand"] + ["spot"] * (n - 1)
+    assert all(r.fact().status is ReplicaStatus.READY for r in old)
+    _reconfigure(ctl, load_spec(write_spec(text.replace('"v1"', '"v2"'), "v2.yaml")))
+    lowest = n
+    for _ in range(240):  # 1200 s: N steps of a cold start each
+        ctl.tick()
+        live = ctl.state.live()
+        lowest = min(lowest, sum(r.fact().status is ReplicaStatus.READY and not r.draining for r in live))
+        clock.advance(5.0)
+    live = ctl.state.live()
+    assert not {r.id for r in live} & {r.id for r in old}  # rolled over
+    assert sorted(r.market for r in live) == ["on-demand"] + ["spot"] * (n - 1)
     assert lowest == n
 
 
@@ -1524,6 +1564,54 @@ def test_a_narrowed_placement_moves_serving_spot_replicas_without_buying_on_dema
     assert [r.market for r in launched if r.market != "spot"] == [], [(r.id, r.market) for r in launched]
     assert lowest >= 3
     assert done is not None and done <= 150.0, done  # one cold start and a pass per release
+
+
+@pytest.mark.parametrize("policy", ["spothedge", "skyserve", "skyhedge"])
+def test_a_narrowed_placement_keeps_the_base_on_demand_replicas_through_the_move(
+    tmp_path: Path, write_spec, monkeypatch, policy
+):
+    """`base_ondemand_fallback_replicas: 1` runs on-demand at all times, a move too. A catalog
+    where local-a sells on-demand cheapest and spot dearest puts the base there and the 3 spot
+    replicas (N = 3 and the extra) in local-b..d; `placement` then keeps local-a and local-e only,
+    so all three spot replicas serve outside: the move's surge is all of N. SpotHedge's fallback
+    capped its on-demand replicas at N - surge, so it terminated the READY base replica, left the
+    service without one until the replicas outside were released, and launched it again."""
+    import json as _json
+
+    catalog = _json.loads((Path(__file__).parents[1] / "skyhedge/catalog/data/local.json").read_text())
+    for offer in catalog["offers"]:
+        dear = offer["zone"] == "local-a"
+        offer["ondemand_price"], offer["spot_price"] = (0.5, 0.9) if dear else (1.0, 0.3)
+    (tmp_path / "catalog").mkdir()
+    (tmp_path / "catalog" / "local.json").write_text(_json.dumps(catalog))
+    monkeypatch.setenv("SKYHEDGE_CATALOG_DIR", str(tmp_path / "catalog"))
+    zones = "zones: [local-a, local-b, local-c, local-d, local-e]"
+    text = (
+        f"name: svc\nplacement: {{clouds: [local], {zones}}}\n"
+        "replica_policy: {min_replicas: 3, num_overprovision: 1, base_ondemand_fallback_replicas: 1, "
+        f"policy: {policy}}}\n"
+        "readiness_probe: {path: /health, initial_delay_seconds: 600}\n"
+        'run: {command: "v1"}\n'
+    )
+    ctl, clock = _calm_gathered(tmp_path, write_spec, text)
+    old = ctl.state.live()
+    base = [r for r in old if r.market != "spot"]
+    assert [r.zone for r in base] == ["local-a"] and all(r.zone != "local-a" for r in old if r not in base)
+    assert all(r.fact().status is ReplicaStatus.READY for r in old)
+    started = clock()
+    _narrow(ctl, load_spec(write_spec(text.replace(zones, "zones: [local-a, local-e]"), "narrowed.yaml")))
+    lowest, lowest_ondemand = 99, 99
+    for _ in range(120):  # 600 s: the move is one cold start
+        ctl.tick()
+        ready = [r for r in ctl.state.live() if r.fact().status is ReplicaStatus.READY and not r.draining]
+        lowest = min(lowest, len(ready))
+        lowest_ondemand = min(lowest_ondemand, sum(r.market != "spot" for r in ready))
+        clock.advance(5.0)
+    assert {r.zone for r in ctl.state.live()} <= {"local-a", "local-e"}
+    assert base[0].id in {r.id for r in ctl.state.live()}  # the base replica was never released
+    launched = [r for r in ctl.state.replicas.values() if r.launched_at >= started]
+    assert [r.id for r in launched if r.market != "spot"] == []
+    assert lowest_ondemand == 1 and lowest >= 3
 
 
 def test_replicas_outside_a_narrowed_placement_stand_in_only_while_they_serve(tmp_path: Path, write_spec):

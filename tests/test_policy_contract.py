@@ -46,15 +46,26 @@ markets = st.fixed_dictionaries(
 )
 
 
-def play(name: str, market: dict, seed: int = 0, *, restore_every: int = 0, surge: int = 0):
+def play(
+    name: str,
+    market: dict,
+    seed: int = 0,
+    *,
+    restore_every: int = 0,
+    surge: int = 0,
+    moved: int = 0,
+    base: int = 0,
+):
     """A small world: spot capped at capacity (newest first), cold start, events like the simulator.
     Yields (decisions, alive replicas after acting) each tick. `surge`: asked for on top of the
-    market's target as a rolling update's (`Observation.surge`)."""
+    market's target as a rolling update's (`Observation.surge`). `moved`: that many of the target
+    told to be surge without being asked on top, as a placement move's (replicas serving outside
+    the allowed locations). `base`: `base_ondemand_fallback_replicas`."""
     zones = ZONES[: market["n_zones"]]
     od_price = 3 * max(market["prices"])
     prices = market["prices"][: len(zones)]
     cands = tuple(Candidate(z, p, od_price) for z, p in zip(zones, prices, strict=True))
-    config = PolicyConfig(num_overprovision=market["extra"])
+    config = PolicyConfig(num_overprovision=market["extra"], base_ondemand_fallback_replicas=base)
     policy = make_policy(name, config, seed=seed)
     alive: dict[str, ReplicaFact] = {}
     events: list[ZoneEvent] = []
@@ -85,7 +96,8 @@ def play(name: str, market: dict, seed: int = 0, *, restore_every: int = 0, surg
             policy = make_policy(name, config, seed=seed)
             policy.restore(memory)
         target = market["target"] + surge
-        decisions = policy.decide(Observation(now, target, cands, facts, tuple(events), surge=surge))
+        told = min(surge + moved, target)
+        decisions = policy.decide(Observation(now, target, cands, facts, tuple(events), surge=told))
         events = []
         for d in decisions:
             if isinstance(d, Terminate):
@@ -131,6 +143,23 @@ def test_a_rolling_updates_surge_is_asked_on_spot_and_never_covered_on_demand(na
         assert len(alive) >= target, "the service's N are always asked for"
         assert len(alive) - spot <= target, "on-demand covers the service's N at most"
         assert spot <= target + 1 + max(extra, 2), "spot stays within the budget, plus the surge"
+
+
+@pytest.mark.parametrize("name", ONLINE)
+@settings(max_examples=40, deadline=None)
+@given(market=markets, data=st.data())
+def test_a_moves_surge_never_takes_the_base_on_demand_replicas(name, market, data):
+    """A placement move tells the policy that up to all of N serve outside (`surge` up to the
+    target, nothing asked on top). `base_ondemand_fallback_replicas` run on-demand at all times:
+    SpotHedge's fallback capped its on-demand replicas at N - surge, so a move of all N
+    terminated the READY base replicas, to launch them again once the ones outside went."""
+    target = market["target"]
+    base = data.draw(st.integers(1, target), label="base")
+    moved = data.draw(st.integers(0, target), label="moved")
+    for decisions, alive in play(name, market, moved=moved, base=base):
+        ondemand = sum(1 for r in alive if r.market is Market.ON_DEMAND)
+        assert ondemand >= base, (decisions, alive)
+        assert ondemand <= target, "on-demand stays capped at the target"
 
 
 @pytest.mark.parametrize("name", ONLINE)

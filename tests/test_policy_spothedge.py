@@ -290,8 +290,16 @@ def _check(policy, obs, decisions):
     killed = [ids[d.replica_id] for d in decisions if isinstance(d, Terminate)]
     new_spot = launches(decisions)
     new_od = launches(decisions, LaunchOnDemand)
-    # counts: after the decisions, exactly the targets (there is always a candidate here)
-    assert len(live_spot) - sum(r.is_spot for r in killed) + len(new_spot) == spot_target
+    # counts: after the decisions, exactly the targets (there is always a candidate here); READY
+    # surplus spot replicas stay only while READY on-demand replicas do not make up the on-demand
+    # target yet (`spot_surplus`)
+    kept_spot = [r for r in live_spot if r not in killed]
+    if len(live_spot) > spot_target:
+        spare = sorted(kept_spot, key=lambda r: (r.ready, -r.launched_at))[: len(kept_spot) - spot_target]
+        assert not new_spot and all(r.ready for r in spare)
+        assert len(spare) <= max(0, od_target - sum(1 for r in live_od if r.ready))
+    else:
+        assert len(kept_spot) + len(new_spot) == spot_target
     assert len(live_od) - sum(not r.is_spot for r in killed) + len(new_od) == od_target
     # fallback cap
     assert od_target <= max(obs.target, 0)

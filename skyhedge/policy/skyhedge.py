@@ -416,6 +416,18 @@ class SkyHedge(SpotHedge):
             dynamic = min(served, max(0, missing, served - settled))
             if len(held) == 1 and self._wave_at is not None and 0 <= now - self._wave_at < WAVE_HOLD_SECONDS:
                 dynamic = max(dynamic, 1)  # rule 9: the zone that survived a wave holds them all
+        # READY spot replicas released as surplus serve on while on-demand replicas that make up
+        # the target are not READY yet: the surplus is spot traded for on-demand (a base replica
+        # coming back after a rolling update, whose surge was spot, replaced it), and released in
+        # the pass that launched its replacement it took N = 2 with a base of 1 to 1 READY for a
+        # cold start (as `_spot_behind` does when the base is the whole target)
+        spare = base + dynamic - sum(1 for r in ondemand if is_ready(r))
+        if spare > 0:
+            ready = {r.id: r for r in spot if is_ready(r)}
+            going = [d for d in decisions if isinstance(d, Terminate) and d.replica_id in ready]
+            going.sort(key=lambda d: (ready[d.replica_id].ready_at or 0.0, ready[d.replica_id].launched_at))
+            kept = {d.replica_id for d in going[:spare]}
+            decisions = [d for d in decisions if not (isinstance(d, Terminate) and d.replica_id in kept)]
         decisions.extend(self._ondemand_to(ondemand, base + dynamic))
         return decisions
 

@@ -109,7 +109,12 @@ def fallback_targets(config: PolicyConfig, target: int, ready_spot: int, surge: 
     (a rolling update's beyond the service's N; a placement move's, for replicas outside it).
     They are spot replicas like the rest, but the on-demand fallback covers the service's N only:
     the outdated replica a surge replica replaces is READY and serving, so an on-demand stand-in
-    for the surge would serve nothing the service lacks."""
+    for the surge would serve nothing the service lacks. The `base_ondemand_fallback_replicas`
+    run whatever the surge: a move's surge can be all of N (every replica outside a narrowed
+    placement still serving), and capped at `target - surge` the base was terminated mid move,
+    READY, and launched again once the replicas outside were released (measured, N = 3 moved
+    out of three zones, a 120 s cold start: 245 s without a READY on-demand replica, and one
+    on-demand launch to put the base back)."""
     if target <= 0:
         return 0, 0
     surge = min(max(0, surge), target)
@@ -118,7 +123,23 @@ def fallback_targets(config: PolicyConfig, target: int, ready_spot: int, surge: 
     ondemand = base
     if config.dynamic_ondemand_fallback:
         ondemand += max(0, spot_target - surge - ready_spot)
-    return spot_target, min(ondemand, target - surge)
+    return spot_target, min(ondemand, max(min(base, target), target - surge))
+
+
+def spot_surplus(
+    spot: Sequence[ReplicaFact], ondemand: Sequence[ReplicaFact], count: int, ondemand_target: int
+) -> list[ReplicaFact]:
+    """`count` surplus spot replicas to release (`pick_victims`), but a READY one only once READY
+    on-demand replicas make up `ondemand_target`: the surplus is spot the fallback trades for
+    on-demand (a base on-demand replica coming back after a rolling update, whose surge was spot,
+    replaced it), and released in the pass that launched that replacement it took the service
+    one READY replica below N for a cold start (N = 1, `base_ondemand_fallback_replicas: 1`: 0
+    READY; N = 3 with a base of 1: 2). The oldest READY ones serve on until then."""
+    victims = pick_victims(spot, count)
+    spare = max(0, ondemand_target - sum(1 for r in ondemand if is_ready(r)))
+    ready = [r for r in victims if is_ready(r)]  # last in `victims`, the oldest last
+    kept = {r.id for r in ready[max(0, len(ready) - spare) :]}
+    return [r for r in victims if r.id not in kept]
 
 
 def _cheapest_ondemand(candidates: Sequence[Candidate]) -> Candidate:
@@ -245,7 +266,8 @@ class SpotHedge(Policy):
             for location in self.place_spot(spot_target - len(spot), holding):
                 decisions.append(LaunchSpot(location))
         elif len(spot) > spot_target:
-            decisions.extend(Terminate(r.id) for r in pick_victims(spot, len(spot) - spot_target))
+            surplus = spot_surplus(spot, ondemand, len(spot) - spot_target, ondemand_target)
+            decisions.extend(Terminate(r.id) for r in surplus)
 
         if len(ondemand) < ondemand_target:
             if self._ondemand_best is not None:
