@@ -1381,6 +1381,32 @@ class ColdStartProber(FakeProber):
         return {rid: (ok, "200" if ok else "down") for rid, ok in up.items()}
 
 
+def _calm_gathered(tmp_path: Path, write_spec, text: str, passes: int = 600) -> tuple[Controller, Clock]:
+    """A controller of `text` (cold starts of 120 s) after `passes` passes 120 s apart (600: 20 h
+    of calm, the replicas settled)."""
+    clock = Clock()
+    ctl = clocked_controller(
+        load_spec(write_spec(text)), tmp_path / "state", clock, prober=ColdStartProber(clock)
+    )
+    for _ in range(passes):
+        ctl.tick()
+        clock.advance(120.0)
+    return ctl, clock
+
+
+def _roll(ctl: Controller, clock: Clock, write_spec, text: str, passes: int) -> int:
+    """Edit `run.command` v1 -> v2 (a rolling update) and run `passes` passes 5 s apart; returns
+    the fewest READY replicas not draining seen after any pass."""
+    _reconfigure(ctl, load_spec(write_spec(text.replace('"v1"', '"v2"'), "v2.yaml")))
+    lowest = len(ctl.state.live())
+    for _ in range(passes):
+        ctl.tick()
+        live = ctl.state.live()
+        lowest = min(lowest, sum(r.fact().status is ReplicaStatus.READY and not r.draining for r in live))
+        clock.advance(5.0)
+    return lowest
+
+
 @pytest.mark.parametrize("zone_count", [3, 5])
 def test_a_rolling_update_of_serving_spot_replicas_buys_no_on_demand_and_keeps_n_ready(
     tmp_path: Path, write_spec, zone_count
@@ -1399,23 +1425,12 @@ def test_a_rolling_update_of_serving_spot_replicas_buys_no_on_demand_and_keeps_n
         "readiness_probe: {path: /health, initial_delay_seconds: 600}\n"
         'run: {command: "v1"}\n'
     )
-    clock = Clock()
-    ctl = clocked_controller(
-        load_spec(write_spec(text)), tmp_path / "state", clock, prober=ColdStartProber(clock)
-    )
-    for _ in range(600):  # 20 h of calm: the extra released, the replicas gathered
-        ctl.tick()
-        clock.advance(120.0)
+    ctl, clock = _calm_gathered(tmp_path, write_spec, text)  # the extra released, the replicas gathered
     old = ctl.state.live()
     assert [r.market for r in old] == ["spot"] * 3 and len({r.zone for r in old}) == 1
     assert all(r.fact().status is ReplicaStatus.READY for r in old)
     started = clock()
-    _reconfigure(ctl, load_spec(write_spec(text.replace('"v1"', '"v2"'), "v2.yaml")))
-    lowest = 3
-    for _ in range(200):  # 1000 s: a step is one cold start
-        ctl.tick()
-        lowest = min(lowest, sum(r.fact().status is ReplicaStatus.READY for r in ctl.state.live()))
-        clock.advance(5.0)
+    lowest = _roll(ctl, clock, write_spec, text, 200)  # 1000 s: a step is one cold start
     live = ctl.state.live()
     assert not {r.id for r in live} & {r.id for r in old}  # rolled over
     assert [r.market for r in live] == ["spot"] * 3 and {r.zone for r in live} == {old[0].zone}
@@ -1440,22 +1455,10 @@ def test_a_rolling_update_of_an_all_on_demand_service_keeps_n_ready(tmp_path: Pa
         "readiness_probe: {path: /health, initial_delay_seconds: 600}\n"
         'run: {command: "v1"}\n'
     )
-    clock = Clock()
-    ctl = clocked_controller(
-        load_spec(write_spec(text)), tmp_path / "state", clock, prober=ColdStartProber(clock)
-    )
-    for _ in range(30):
-        ctl.tick()
-        clock.advance(120.0)
+    ctl, clock = _calm_gathered(tmp_path, write_spec, text, passes=30)
     old = ctl.state.live()
     assert [r.market for r in old] == ["on-demand"] * n
-    _reconfigure(ctl, load_spec(write_spec(text.replace('"v1"', '"v2"'), "v2.yaml")))
-    lowest = n
-    for _ in range(300):  # 1500 s: N steps of a cold start or two each
-        ctl.tick()
-        live = ctl.state.live()
-        lowest = min(lowest, sum(r.fact().status is ReplicaStatus.READY and not r.draining for r in live))
-        clock.advance(5.0)
+    lowest = _roll(ctl, clock, write_spec, text, 300)  # 1500 s: N steps of a cold start or two each
     live = ctl.state.live()
     assert not {r.id for r in live} & {r.id for r in old}  # rolled over
     assert [r.market for r in live] == ["on-demand"] * n  # and back to on-demand only
@@ -1477,39 +1480,15 @@ def test_a_rolling_update_with_a_base_on_demand_replica_keeps_n_ready(tmp_path: 
         "readiness_probe: {path: /health, initial_delay_seconds: 600}\n"
         'run: {command: "v1"}\n'
     )
-    clock = Clock()
-    ctl = clocked_controller(
-        load_spec(write_spec(text)), tmp_path / "state", clock, prober=ColdStartProber(clock)
-    )
-    for _ in range(150):
-        ctl.tick()
-        clock.advance(120.0)
+    ctl, clock = _calm_gathered(tmp_path, write_spec, text, passes=150)
     old = ctl.state.live()
     assert sorted(r.market for r in old) == ["on-demand"] + ["spot"] * (n - 1)
     assert all(r.fact().status is ReplicaStatus.READY for r in old)
-    _reconfigure(ctl, load_spec(write_spec(text.replace('"v1"', '"v2"'), "v2.yaml")))
-    lowest = n
-    for _ in range(240):  # 1200 s: N steps of a cold start each
-        ctl.tick()
-        live = ctl.state.live()
-        lowest = min(lowest, sum(r.fact().status is ReplicaStatus.READY and not r.draining for r in live))
-        clock.advance(5.0)
+    lowest = _roll(ctl, clock, write_spec, text, 240)  # 1200 s: N steps of a cold start each
     live = ctl.state.live()
     assert not {r.id for r in live} & {r.id for r in old}  # rolled over
     assert sorted(r.market for r in live) == ["on-demand"] + ["spot"] * (n - 1)
     assert lowest == n
-
-
-def _calm_gathered(tmp_path: Path, write_spec, text: str) -> tuple[Controller, Clock]:
-    """A controller of `text` (cold starts of 120 s) after 20 h of calm: replicas settled."""
-    clock = Clock()
-    ctl = clocked_controller(
-        load_spec(write_spec(text)), tmp_path / "state", clock, prober=ColdStartProber(clock)
-    )
-    for _ in range(600):
-        ctl.tick()
-        clock.advance(120.0)
-    return ctl, clock
 
 
 def _narrow(ctl: Controller, spec) -> None:

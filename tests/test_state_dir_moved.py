@@ -657,6 +657,18 @@ def test_a_hostile_or_malformed_paths_json_is_one_line_and_stops_nothing(tmp_pat
         stranger.wait()
 
 
+def _moved_and_copied(svc, tmp_path) -> tuple[Path, Path, dict[str, int]]:
+    """Apply, `mv state elsewhere`, `cp -a elsewhere elsewhere-copy`: (moved, copy, the running
+    replicas before)."""
+    assert _apply(svc.state_dir, svc.spec_path).ok
+    before = _running(svc.state_dir)
+    moved = tmp_path / "elsewhere"
+    os.rename(svc.state_dir, moved)
+    copy = tmp_path / "elsewhere-copy"
+    shutil.copytree(moved, copy, symlinks=True)
+    return moved, copy, before
+
+
 def test_a_copy_of_a_moved_state_dir_refuses_and_the_moved_one_still_adopts(svc, tmp_path):
     """`mv state a; cp -a a c` before `a` ran anything: both hold pid files naming the path the
     replicas were launched under, which is gone, so by path alone each took them for its own, moved
@@ -664,12 +676,7 @@ def test_a_copy_of_a_moved_state_dir_refuses_and_the_moved_one_still_adopts(svc,
     them). The replicas carry the identity of the `local/` folder they were launched into
     (`SKYHEDGE_LOCAL_RUNTIME_ID`), which `mv` keeps and `cp -a` does not: the copy is refused as a
     plain copy is, naming `a`, and touches nothing; `a` adopts them as any moved state dir."""
-    assert _apply(svc.state_dir, svc.spec_path).ok
-    before = _running(svc.state_dir)
-    moved = tmp_path / "elsewhere"
-    os.rename(svc.state_dir, moved)
-    copy = tmp_path / "elsewhere-copy"
-    shutil.copytree(moved, copy, symlinks=True)
+    moved, copy, before = _moved_and_copied(svc, tmp_path)
     pid_files = sorted((runtime_dir(copy) / "replicas").glob("*.json"))
     kept = {f.name: f.read_bytes() for f in pid_files}
 
@@ -696,12 +703,7 @@ def test_a_state_dir_copied_to_another_place_then_deleted_there_adopts_its_repli
     were launched into is gone (their log open under a deleted path), so nothing else records
     them, and the copy adopts them, keeps them running, launches none (as before the identity
     check: only a folder still there can be the one it is a copy of)."""
-    assert _apply(svc.state_dir, svc.spec_path).ok
-    before = _running(svc.state_dir)
-    moved = tmp_path / "elsewhere"
-    os.rename(svc.state_dir, moved)
-    copy = tmp_path / "elsewhere-copy"
-    shutil.copytree(moved, copy, symlinks=True)
+    moved, copy, before = _moved_and_copied(svc, tmp_path)
     shutil.rmtree(moved)
     again = _apply(copy, svc.spec_path)
     assert again.ok and again.created == [] and again.deleted == [], again.errors
