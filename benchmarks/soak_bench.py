@@ -35,7 +35,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -47,6 +46,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from _argtypes import positive  # noqa: E402
+from _ports import free_base, free_port_below  # noqa: E402
 
 from skyhedge.clouds.local import runtime_dir  # noqa: E402
 from skyhedge.clouds.local.events import preempt_zone  # noqa: E402
@@ -75,34 +75,6 @@ class Handler(BaseHTTPRequestHandler):
 
 HTTPServer(("127.0.0.1", int(os.environ["PORT"])), Handler).serve_forever()
 """
-
-
-def free_port_below(limit: int) -> int:
-    """A free port under `limit`: the metrics and router ports stay out of the replicas' range."""
-    for port in range(limit - 1, 10000, -7):
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-        return port
-    raise RuntimeError(f"no free port below {limit}")
-
-
-def free_base(span: int) -> int:
-    """A base port with `span` free ports above it, below the ephemeral range where possible."""
-    for base in range(20000, 32000 - span, 97):
-        ok = True
-        for p in range(base + 1, base + span + 1):
-            with socket.socket() as s:
-                try:
-                    s.bind(("127.0.0.1", p))
-                except OSError:
-                    ok = False
-                    break
-        if ok:
-            return base
-    raise RuntimeError("no free port range")
 
 
 def _stat(pid: int) -> tuple[str, int] | None:

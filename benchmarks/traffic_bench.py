@@ -51,7 +51,6 @@ import queue
 import random
 import select
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -68,6 +67,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
 from _argtypes import at_least, positive  # noqa: E402
+from _ports import free_port_below  # noqa: E402
 from routing_support import (  # noqa: E402
     Fleet,
     free_port,
@@ -743,18 +743,6 @@ class MetricsPoller(_Poller):
     def qps_range(self, start: float, end: float) -> tuple[float, float] | None:
         seen = [q for at, q, _, _ in self.rows if start <= at < end and q is not None]
         return (min(seen), max(seen)) if seen else None
-
-
-def free_port_below(top: int) -> int:
-    """A free port under `top`: the watcher refuses a metrics port in the replicas' range."""
-    for port in range(top - 1, top - 100, -1):
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise SystemExit(f"traffic_bench.py: error: no free port below {top}")
 
 
 def run_ramp(args: argparse.Namespace) -> None:

@@ -63,7 +63,8 @@ def test_a_count_out_of_range_is_one_usage_error(tmp_path, script, args):
     ("script", "args", "says"),
     [
         ("apply_bench.py", ["--sizes", "abc"], "--sizes: expected comma-separated whole numbers"),
-        ("apply_bench.py", ["--sizes", "0"], "--sizes: expected replica counts of at least 1"),
+        ("apply_bench.py", ["--sizes", "0"], "--sizes: expected replica counts of at least 5"),
+        ("apply_bench.py", ["--sizes", "2"], "--sizes: expected replica counts of at least 5"),
         ("simulate_bench.py", ["--trace", "no-such-trace"], "--trace: no-such-trace: no such trace"),
         ("scale_bench.py", ["--zones", "3,x"], "argument --zones: expected comma-separated whole numbers"),
         ("probe_bench.py", ["--hung", "-1"], "argument --hung: expected counts of at least 0"),
