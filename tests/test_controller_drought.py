@@ -6,6 +6,7 @@ paces them (`woken` False: no wake-up between passes)."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
@@ -137,3 +138,96 @@ def test_a_wall_clock_stepped_back_during_a_pause_does_not_stretch_it(drought):
     watch(ctl, clock, SPOT_RETRY_SECONDS + 5)
     asks = [at for at, zones in ex.spot_asks[before:] if "local-a" in zones]
     assert asks and asks[0] - stepped <= SPOT_RETRY_SECONDS + 2.0
+
+
+def _back_after_a_long_drought(ctl: Controller, clock: Clock, ex: Recording, hours: float = 1.0) -> float:
+    """A drought of `hours` (the pauses at their longest), then capacity back between two passes:
+    seconds from then until the first spot launch that succeeds."""
+    end = clock() + 3600 * hours
+    while clock() < end + SPOT_RETRY_MAX_SECONDS + 60:
+        if clock() >= end:
+            ex.refuse_zones = set()
+        delay = ctl.tick()
+        ctl.woken = False
+        if any(r.market == "spot" and r.provisioned_at is not None for r in ctl.state.live()):
+            return clock() - end
+        clock.advance(max(0.05, delay))
+    return float("inf")
+
+
+@pytest.mark.parametrize(
+    "policy",
+    [
+        "{min_replicas: 3, dynamic_ondemand_fallback: false}",  # SpotHedge's cover switched off
+        "{min_replicas: 3, base_ondemand_fallback_replicas: 1, dynamic_ondemand_fallback: false}",
+        "{min_replicas: 3, policy: even}",  # a spot-only policy: no cover at all
+    ],
+)
+def test_spot_launches_no_on_demand_covers_are_never_paused(
+    tmp_path: Path, write_spec, caplog: pytest.LogCaptureFixture, policy: str
+):
+    """The pause trades asks for on-demand replica-hours only where on-demand covers the paused
+    launches. Without cover, a paused zone was the service's outage: capacity back, the service
+    kept fewer than N replicas until the zone's pause ended (up to 5 min, where the apply backoff
+    retried within 1 min), and the replicas it still had were all it had."""
+    clock, ex = Clock(), Recording()
+    ex.refuse_zones = set(ZONES)
+    spec = SPEC.replace("replica_policy: {min_replicas: 3}", f"replica_policy: {policy}")
+    ctl = clocked_controller(load_spec(write_spec(spec)), tmp_path / "state", clock, executor=ex)
+    caplog.set_level(logging.INFO)
+    assert _back_after_a_long_drought(ctl, clock, ex) <= ctl.options.max_backoff + 2.0
+    # and the log says so: "paused" alone was wrong at every refused apply
+    said = [r.getMessage() for r in caplog.records if "spot launches in local-" in r.getMessage()]
+    assert said and all("not the ones the service is short of" in line for line in said), said[:2]
+
+
+def test_a_rolling_update_begun_in_a_drought_is_said_stalled_on_time(drought, write_spec):
+    """Its replacements' zones paused, nothing is asked, so nothing was refused: the update was
+    said stalled (`state.extra["rollout"]`, `status`) only once a pause ended and a zone refused
+    again, 448 s into it here where ROLLOUT_STALL_SECONDS (300 s) was meant."""
+    from skyhedge.controller.loop import ROLLOUT_STALL_SECONDS
+    from skyhedge.service import resolve_placement
+    from skyhedge.state import ROLLOUT_KEY
+
+    ctl, clock, ex = drought
+    watch(ctl, clock, 600)  # every zone paused, the longest pause running
+    assert ready(ctl, "on-demand") and ctl._spot_refused
+    spec = load_spec(write_spec(SPEC.replace('"true"', '"v2"'), "v2.yaml"))
+    parts = {"executor": ex, "router": ctl.router, "prober": ctl.prober, "sources": ctl.sources}
+    ctl.reconfigure(spec, placement=resolve_placement(spec), **parts)
+    begun = clock()
+    watch(ctl, clock, ROLLOUT_STALL_SECONDS + 10)
+    record = ctl.state.extra[ROLLOUT_KEY]
+    assert record["stalled_since"] is not None, record
+    assert record["stalled_since"] - begun <= ROLLOUT_STALL_SECONDS + 5
+    assert set(record["refused"]) <= ZONES and record["refused"]
+    assert len(ready(ctl, "on-demand")) >= 3  # serving all along
+
+
+class NoOnDemand(Recording):
+    """A fake Terraform whose on-demand launches are refused too (an on-demand quota used up):
+    the cover the policy plans is never bought."""
+
+    def apply(self, state: ServiceState, plan: Plan, now: float):  # type: ignore[override]
+        from dataclasses import replace
+
+        from skyhedge.policy.types import EventKind, Market, ZoneEvent
+
+        refused = [r.id for r in plan.replicas if r.action == CREATE and r.market is Market.ON_DEMAND]
+        for rid in refused:
+            rec = state.replicas[rid]
+            rec.gone_at, rec.reason = now, "failed"
+            state.record_event(ZoneEvent(EventKind.LAUNCH_FAILED, rec.location, now, rid))
+        result = super().apply(
+            state, replace(plan, replicas=tuple(r for r in plan.replicas if r.id not in refused)), now
+        )
+        return replace(result, launch_failures=(*result.launch_failures, *refused))
+
+
+def test_an_on_demand_cover_refused_too_does_not_let_spot_launches_pause(tmp_path: Path, write_spec):
+    """The policy plans its on-demand cover at every pass, but a cover refused (quota) covers
+    nothing: capacity back, the first spot launch came only when its zone's pause ended."""
+    clock, ex = Clock(), NoOnDemand()
+    ex.refuse_zones = set(ZONES)
+    ctl = clocked_controller(load_spec(write_spec(SPEC)), tmp_path / "state", clock, executor=ex)
+    assert _back_after_a_long_drought(ctl, clock, ex) <= ctl.options.max_backoff + 2.0

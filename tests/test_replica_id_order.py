@@ -171,3 +171,15 @@ def test_a_watcher_that_crosses_r9999_shows_and_reloads_its_replicas_in_launch_o
     assert [r.id for r in again.state.live()] == in_memory == live
     assert [r.id for r in again.replicas()] == live
     assert [row["id"] for row in live_rows(load_state(state_dir, "svc"))] == live
+
+
+def test_a_rolling_update_past_r9999_is_shown_in_launch_order(tmp_path: Path, write_spec):
+    """`status`'s `Rolling update:` line and the watcher's stall warning list the replicas it
+    replaces (`state.extra["rollout"]["replicas"]`) by number, as the crash hold's line does."""
+    spec = load_spec(write_spec(ONE_ZONE.format(n=2, policy="spothedge")))
+    state_dir = tmp_path / "state"
+    state_dir.mkdir()
+    save_state(state_dir, _state(_ready(9999, revision="old"), _ready(10000, revision="old")))
+    ctl = clocked_controller(spec, state_dir, Clock(), prober=FakeProber())
+    ctl.tick()
+    assert ctl.state.extra["rollout"]["replicas"] == ["r-9999", "r-10000"]

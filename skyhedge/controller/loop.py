@@ -177,7 +177,8 @@ LAUNCH_ATTEMPTS = 3
 #: refused launches (each a cloud API call, a log line and a replica ID); with these defaults,
 #: 15-30 asks (30-45 Terraform runs) and 60-90 refused launches, and spot is asked for again at
 #: most 5 min after capacity is back (spot READY 170-410 s after it, 180-200 s before: see
-#: docs/controller.md, "In a spot drought").
+#: docs/controller.md, "In a spot drought"). Only launches on-demand (or anything else) covers
+#: wait: those the service is short of without them are asked at every apply (`_pace_spot`).
 SPOT_RETRY_SECONDS = 30.0
 SPOT_RETRY_MAX_SECONDS = 300.0
 #: The wall clock moving this much more (or less) than the monotonic clock between two passes is a
@@ -491,6 +492,10 @@ class Controller:
         # memory only: a restarted watcher asks every zone once more, then paces them again.
         self._spot_refused: dict[Location, tuple[int, float]] = {}
         self._spot_due: float | None = None  # the earliest a spot launch left out is due
+        self._spot_held: set[Location] = set()  # the zones this pass's plan left spot launches out of
+        # where the last on-demand launch was refused (quota, capacity): an on-demand launch
+        # planned there covers no paused spot launch (`_pace_spot`) until one there succeeds
+        self._ondemand_refused: set[Location] = set()
         self._routing_failed = False
         self._listeners: list[Callable[[Controller], None]] = []
         self._refresh = False  # a reloaded spec: apply and route on the next pass
@@ -1321,6 +1326,8 @@ class Controller:
                 if Market(rec.market) is Market.SPOT:
                     st.record_event(ZoneEvent(EventKind.LAUNCHED, rec.location, done, rec.id))
                     self._spot_refused.pop(rec.location, None)  # capacity there: asked at once again
+                else:
+                    self._ondemand_refused.discard(rec.location)
                 if self.options.assume_ready and rec.ready_at is None:
                     rec.ready_at = done
         for rid in result.launch_failures:
@@ -1368,7 +1375,7 @@ class Controller:
         launch has succeeded for ROLLOUT_STALL_SECONDS since the first refusal, it is stalled:
         said once as a warning, and by `status` until a launch succeeds or the update ends."""
         extra = self.state.extra
-        kept = sorted(r.id for r in plan.replicas if r.outdated and r.action != DELETE)
+        kept = sorted((r.id for r in plan.replicas if r.outdated and r.action != DELETE), key=replica_order)
         if not kept:
             extra.pop(ROLLOUT_KEY, None)
             return
@@ -1391,6 +1398,20 @@ class Controller:
                 refused[zone] = refused.get(zone, 0) + 1
                 if record.get("refused_since") is None:
                     record["refused_since"] = now
+        if record.get("refused_since") is None and self._spot_held:
+            # its replacements held back by their zones' spot pauses (`_pace_spot`) count as
+            # refused there, once: the zone refused the launch before it. Counted only from
+            # their first ask, an update begun in a drought was said stalled up to a pause late
+            # (448 s into it, measured, where it was 300 s before the pauses).
+            held = sorted(
+                (loc for loc in self._spot_held if loc in self._spot_refused), key=lambda loc: loc.key
+            )
+            refused = record.setdefault("refused", {})
+            for loc in held:
+                refused[loc.zone] = refused.get(loc.zone, 0) + 1
+            if held:
+                last = min(self._spot_refused[loc][1] for loc in held)
+                record["refused_since"] = max(float(record.get("since", now)), last)
         first = record.get("refused_since")
         if record.get("stalled_since") is None and first is not None and now - first >= ROLLOUT_STALL_SECONDS:
             record["stalled_since"] = now
@@ -1938,13 +1959,25 @@ class Controller:
             rec = self.state.replicas.get(rid)
             if rec is not None and Market(rec.market) is Market.SPOT:
                 zones[rec.location] = zones.get(rec.location, 0) + 1
+            elif rec is not None:
+                self._ondemand_refused.add(rec.location)
         if self.options.spot_retry <= 0:
             return
+        # fewer than N replicas serve or start without spot: the launches that make up N are not
+        # paused (`_pace_spot`), and the line said they were, at every refused apply
+        target = self.last_plan.target if self.last_plan is not None else 0
+        serving = sum(1 for r in self.state.live() if not r.draining and r.provisioned_at is not None)
+        tail = (
+            ""
+            if serving >= target
+            else f" (but not the ones the service is short of: {serving} of {target} run)"
+        )
         for loc in sorted(zones, key=lambda loc: loc.key):
             count = self._spot_refused.get(loc, (0, at))[0] + 1
             self._spot_refused[loc] = (count, at)
             wait = self._spot_pause(count)
-            self.note(f"spot launches in {loc.zone} paused {wait:.0f}s after {count} refusal(s) in a row", at)
+            line = f"spot launches in {loc.zone} paused {wait:.0f}s after {count} refusal(s) in a row"
+            self.note(line + tail, at)
 
     def _spot_pause(self, refusals: int) -> float:
         """How long spot launches wait in a zone after `refusals` refusals in a row there."""
@@ -1968,8 +2001,18 @@ class Controller:
         The policy plans them every pass (its reset rule makes a drought's zones ACTIVE again at
         once) and its on-demand cover for them is kept: the service gets its N replicas at once,
         and each zone is asked for spot again when its pause ends. A plan left with no launch at
-        all hands out no replica ID."""
+        all hands out no replica ID.
+
+        Only launches something else covers are left out: while the plan's replicas without them
+        (those it keeps or launches, not the ones on their way out) are fewer than the target, the
+        missing ones are asked for at every apply, as before the pauses. Without on-demand cover
+        (`dynamic_ondemand_fallback: false`, a spot-only policy, no on-demand offer) a paused zone
+        was the service's outage: capacity back, the service stayed short until the pause ended
+        (up to 5 min: 2-265 s measured after an hour's drought, where the apply backoff asks
+        within 1 min: 2-57 s). An on-demand launch into a location that refused the last one
+        (quota) and a replica whose launch failed are no cover: they may fail again."""
         self._spot_due = None
+        self._spot_held = set()
         if not self._spot_refused:
             return plan
         dues = {
@@ -1979,9 +2022,22 @@ class Controller:
             and r.market is Market.SPOT
             and (wait := self._spot_wait(r.location, now)) > 0
         }
+        refused = self._ondemand_refused
+        covered = sum(
+            1
+            for r in plan.desired
+            if r.id not in dues
+            and r.id not in plan.releasing
+            and r.id not in plan.unlaunched  # (its launch failed: retried, maybe failing again)
+            and not (r.action == CREATE and r.market is Market.ON_DEMAND and r.location in refused)
+        )
+        short = max(0, plan.target - covered)
+        for rid in sorted(dues, key=lambda rid: (dues[rid], replica_order(rid)))[:short]:
+            del dues[rid]  # the service is short without it: asked now
         if not dues:
             return plan
         self._spot_due = now + min(dues.values())
+        self._spot_held = {r.location for r in plan.replicas if r.id in dues}
         kept = tuple(r for r in plan.replicas if r.id not in dues)
         launches = any(r.action == CREATE for r in kept)
         return replace(plan, replicas=kept, next_id=plan.next_id if launches else self.state.next_id)
