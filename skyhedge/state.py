@@ -158,7 +158,15 @@ _LIST: Rule = ("a list", lambda v: isinstance(v, list))
 # `for_each`, names a local replica's pid and log files, and is shown in tables and logs.
 _REPLICA_ID: Rule = (
     "a replica ID such as 'r-0007'",
-    lambda v: isinstance(v, str) and v.startswith("r-") and v[2:].isascii() and v[2:].isdigit(),
+    # as `planner.replica_id` writes them: 'r-00010000' next to 'r-10000' (a hand edit) was two
+    # IDs of one number, i.e. one local port for two replicas
+    lambda v: (
+        isinstance(v, str)
+        and v.startswith("r-")
+        and v[2:].isascii()
+        and v[2:].isdigit()
+        and f"r-{int(v[2:]):04d}" == v
+    ),
 )
 # A region or zone as the spec takes them (`spec.ZONE_RE`): shown in tables, logs and metrics.
 _PLACE: Rule = (

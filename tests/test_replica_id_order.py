@@ -12,10 +12,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from controller_fakes import Clock, FakeExecutor, FakeProber, FakeRouter, FakeSource, clocked_controller
 
 from skyhedge.apply import live_rows
 from skyhedge.controller.gitops import commit_message
+from skyhedge.errors import StateError
 from skyhedge.events import PreemptionEvent, Signal
 from skyhedge.planner import DELETE, by_replica_id, replica_id, replica_order
 from skyhedge.service import compute_plan
@@ -183,3 +185,18 @@ def test_a_rolling_update_past_r9999_is_shown_in_launch_order(tmp_path: Path, wr
     ctl = clocked_controller(spec, state_dir, Clock(), prober=FakeProber())
     ctl.tick()
     assert ctl.state.extra["rollout"]["replicas"] == ["r-9999", "r-10000"]
+
+
+def test_a_hand_edited_id_padded_past_four_digits_is_refused_in_one_line():
+    """`r-00010000` beside `r-10000` is two IDs of one number: one local port (base + N) for two
+    replicas. Only IDs as skyhedge writes them are read back, each bad one in one line naming it."""
+    data = json.loads(state_text(_state(_ready(10000))))
+    record = dict(data["replicas"]["r-10000"], id="r-00010000")
+    data["replicas"]["r-00010000"] = record
+    with pytest.raises(StateError) as refused:
+        ServiceState.from_json(data, where="state.json")
+    assert "r-00010000" in str(refused.value) and "replica ID such as 'r-0007'" in str(refused.value)
+    assert "\n" not in str(refused.value)
+    for good in ("r-0007", "r-9999", "r-10000"):
+        data = json.loads(state_text(_state(_ready(int(good[2:])))))
+        assert [r.id for r in ServiceState.from_json(data, where="state.json").live()] == [good]
