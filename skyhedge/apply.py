@@ -445,7 +445,8 @@ def record_plan(
     # being replaced, STALLED, for as long as they ran.
     rollout = state.extra.get(ROLLOUT_KEY)
     if isinstance(rollout, dict):
-        kept = sorted(r.id for r in plan.replicas if r.outdated and r.action != DELETE)
+        # (in launch order, as the watcher keeps them: `planner.replica_order`, never as text)
+        kept = sorted((r.id for r in plan.replicas if r.outdated and r.action != DELETE), key=replica_order)
         if kept:
             rollout["replicas"] = kept
         else:

@@ -187,6 +187,21 @@ def test_a_rolling_update_past_r9999_is_shown_in_launch_order(tmp_path: Path, wr
     assert ctl.state.extra["rollout"]["replicas"] == ["r-9999", "r-10000"]
 
 
+def test_an_apply_keeps_the_rolling_updates_replicas_in_launch_order(write_spec):
+    """`apply` narrows the watcher's `rollout` record to the replicas its plan still replaces
+    (`record_plan`): it wrote them back as text ("r-10000" before "r-9999"), so `status` listed
+    them out of launch order after any `apply`, where the watcher lists them by number."""
+    from skyhedge.apply import record_plan
+    from skyhedge.service import resolve_placement
+
+    spec = load_spec(write_spec(ONE_ZONE.format(n=2, policy="spothedge")))
+    st = _state(_ready(9999, revision="old"), _ready(10000, revision="old"))
+    st.extra["rollout"] = {"replicas": ["r-9999", "r-10000"], "since": 100.0, "refused": {}}
+    plan, memory = compute_plan(spec, st, now=200.0)
+    record_plan(st, plan, memory, resolve_placement(spec), 200.0)
+    assert st.extra["rollout"]["replicas"] == ["r-9999", "r-10000"]
+
+
 def test_a_hand_edited_id_padded_past_four_digits_is_refused_in_one_line():
     """`r-00010000` beside `r-10000` is two IDs of one number: one local port (base + N) for two
     replicas. Only IDs as skyhedge writes them are read back, each bad one in one line naming it."""
