@@ -1381,6 +1381,16 @@ class ColdStartProber(FakeProber):
         return {rid: (ok, "200" if ok else "down") for rid, ok in up.items()}
 
 
+#: N = 3 with the extra in three local zones, run.command v1, probes that never time out the
+#: 120 s cold starts (`_calm_gathered`): the rolling-update and placement-move tests' service.
+THREE_ZONES_V1 = (
+    "name: svc\nplacement: {clouds: [local], zones: [local-a, local-b, local-c]}\n"
+    "replica_policy: {min_replicas: 3, num_overprovision: 1}\n"
+    "readiness_probe: {path: /health, initial_delay_seconds: 600}\n"
+    'run: {command: "v1"}\n'
+)
+
+
 def _calm_gathered(tmp_path: Path, write_spec, text: str, passes: int = 600) -> tuple[Controller, Clock]:
     """A controller of `text` (cold starts of 120 s) after `passes` passes 120 s apart (600: 20 h
     of calm, the replicas settled)."""
@@ -1597,12 +1607,7 @@ def test_replicas_outside_a_narrowed_placement_stand_in_only_while_they_serve(tm
     """The move's replicas outside stand in for their replacements only while READY: lost mid
     move (preempted, failing their probe), they serve nothing, and on-demand covers the starting
     replacements as it covers any spot replica not READY."""
-    text = (
-        "name: svc\nplacement: {clouds: [local], zones: [local-a, local-b, local-c]}\n"
-        "replica_policy: {min_replicas: 3, num_overprovision: 1}\n"
-        "readiness_probe: {path: /health, initial_delay_seconds: 600}\n"
-        'run: {command: "v1"}\n'
-    )
+    text = THREE_ZONES_V1
     ctl, clock = _calm_gathered(tmp_path, write_spec, text)
     old = ctl.state.live()
     dropped = old[0].zone
@@ -1636,12 +1641,7 @@ def test_a_rolling_update_in_a_spot_drought_is_said_stalled_by_status_until_it_m
     from skyhedge.cli import main
     from skyhedge.state import ROLLOUT_KEY
 
-    text = (
-        "name: svc\nplacement: {clouds: [local], zones: [local-a, local-b, local-c]}\n"
-        "replica_policy: {min_replicas: 3, num_overprovision: 1}\n"
-        "readiness_probe: {path: /health, initial_delay_seconds: 600}\n"
-        'run: {command: "v1"}\n'
-    )
+    text = THREE_ZONES_V1
     ctl, clock = _calm_gathered(tmp_path, write_spec, text)
     old = ctl.state.live()
     ctl.executor.refuse_zones = {"local-a", "local-b", "local-c"}

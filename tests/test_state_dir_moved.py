@@ -66,6 +66,20 @@ def _apply(state_dir: Path, spec_path: Path):
     return apply_service(load_spec(spec_path), state_dir, route=False)
 
 
+def _copy_refused(svc, copy: Path, original: Path) -> None:
+    """Apply the copy `copy` with one replica fewer: refused in one line naming `original`, the
+    state dir whose running replicas (r-0001, r-0002) it records too."""
+    svc.write(replicas=1)
+    with pytest.raises(RenderError) as refused:
+        _apply(copy, svc.spec_path)
+    line = str(refused.value)
+    assert line.startswith(
+        f"{copy}: replicas r-0001, r-0002 are the running replicas of the state dir "
+        f"{original.resolve()}, which records the same processes: this one is a copy of it (`cp -a`?)"
+    )
+    assert "\n" not in line
+
+
 def _running(state_dir: Path) -> dict[str, int]:
     return {
         p.id: p.pid for p in list_pidfiles(runtime_dir(state_dir)) if proc_starttime(p.pid) == p.starttime
@@ -107,13 +121,7 @@ def test_a_moved_state_dir_keeps_its_replicas_and_a_copy_of_it_refuses(svc, tmp_
     # an operator's mistake: a copy of the live state dir, applied with one replica fewer
     copy = tmp_path / "elsewhere-copy"
     shutil.copytree(moved, copy, symlinks=True)
-    svc.write(replicas=1)
-    with pytest.raises(RenderError) as refused:
-        _apply(copy, svc.spec_path)
-    assert str(refused.value).startswith(
-        f"{copy}: replicas r-0001, r-0002 are the running replicas of the state dir {moved.resolve()}, which "
-        "records the same processes: this one is a copy of it (`cp -a`?)"
-    )
+    _copy_refused(svc, copy, moved)
     assert _running(moved) == before and _running(copy) == before  # nothing stopped
 
     # the one that launched them still manages them: it scales down and destroys as before
@@ -680,14 +688,7 @@ def test_a_copy_of_a_moved_state_dir_refuses_and_the_moved_one_still_adopts(svc,
     pid_files = sorted((runtime_dir(copy) / "replicas").glob("*.json"))
     kept = {f.name: f.read_bytes() for f in pid_files}
 
-    svc.write(replicas=1)
-    with pytest.raises(RenderError) as refused:
-        _apply(copy, svc.spec_path)
-    assert str(refused.value).startswith(
-        f"{copy}: replicas r-0001, r-0002 are the running replicas of the state dir {moved.resolve()}, which "
-        "records the same processes: this one is a copy of it (`cp -a`?)"
-    )
-    assert "\n" not in str(refused.value)
+    _copy_refused(svc, copy, moved)
     assert {f.name: f.read_bytes() for f in pid_files} == kept  # was: adopted (rewritten)
     assert _running(moved) == before  # was: r-0002 stopped by the copy's scale-down
 
