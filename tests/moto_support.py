@@ -108,10 +108,7 @@ def killed_apply(
     recorded, and an instance per new replica tagged as the module tags it, with the state's
     deployment ID (`deployment_tag=False`: as a skyhedge from before that tag launched them).
     Returns the spec, the state dir and instance ID -> replica ID."""
-    from skyhedge.apply import record_plan
-    from skyhedge.leftovers import deployment_id
-    from skyhedge.service import compute_plan, resolve_placement
-    from skyhedge.state import ServiceState, save_state
+    from state_support import first_plan_recorded
 
     ec2 = boto3.client("ec2", region_name=REGION, endpoint_url=moto_endpoint)
     spec_path = tmp_path / f"{name}.yaml"
@@ -126,13 +123,7 @@ def killed_apply(
     )
     spec = load_spec(spec_path)
     state_dir = tmp_path / f"state-{name}"
-    state = ServiceState(service=name)
-    now = time.time()
-    placement = resolve_placement(spec)
-    plan, memory = compute_plan(spec, state, now=now, placement=placement)
-    record_plan(state, plan, memory, placement, now)
-    deployment = deployment_id(state)
-    save_state(state_dir, state)
+    state, deployment = first_plan_recorded(spec, state_dir)
     subnet = next(
         s["SubnetId"]
         for s in ec2.describe_subnets()["Subnets"]

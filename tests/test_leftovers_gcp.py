@@ -27,15 +27,14 @@ from typing import Any
 
 import pytest
 from fake_http import json_methods_server
+from state_support import first_plan_recorded
 
-from skyhedge.apply import apply_service, destroy_service, record_plan
+from skyhedge.apply import apply_service, destroy_service
 from skyhedge.clouds.common import Cleared
 from skyhedge.clouds.gcp import leftovers
 from skyhedge.clouds.gcp.events import ENDPOINT_ENV
 from skyhedge.engine import ApplyResult, Diagnostic, ResourceChange, TerraformRoot
-from skyhedge.leftovers import deployment_id
 from skyhedge.render import TFVARS_FILE
-from skyhedge.service import compute_plan, resolve_placement
 from skyhedge.spec import load_spec
 from skyhedge.state import ReplicaRecord, ServiceState, load_state, save_state
 
@@ -655,13 +654,7 @@ def killed_apply(spec, state_dir: Path, gce: FakeGce, *, deployment_label: bool 
     """What an apply killed between Compute Engine's inserts and Terraform saving its state leaves:
     the plan recorded with the state's deployment ID, an instance per new replica, named and
     labelled as the module does, and Terraform's state empty. Returns replica ID -> instance ID."""
-    state = ServiceState(service="llm")
-    now = time.time()
-    placement = resolve_placement(spec)
-    plan, memory = compute_plan(spec, state, now=now, placement=placement)
-    record_plan(state, plan, memory, placement, now)
-    deployment = deployment_id(state)
-    save_state(state_dir, state)
+    state, deployment = first_plan_recorded(spec, state_dir)
     return {
         rec.id: gce.add(
             rec.zone, f"skyhedge-llm-{rec.id}", labels(rec.id, deployment if deployment_label else None)

@@ -20,6 +20,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 
@@ -351,10 +352,14 @@ def nginx_masters(router: Router) -> list[int]:
     return nginx.masters_of(router.paths.conf)
 
 
-def _leader_with_a_setsid_worker(runtime: Path, port: int) -> tuple[subprocess.Popen[str], int]:
-    """Replica r-0001 of `runtime` as a server whose worker binds `port` from a session of its own
-    (`setsid`); returns the leader and the worker's pid."""
-    env = {**os.environ, RUNTIME_ENV: str(runtime), REPLICA_ENV: "r-0001"}
+@contextlib.contextmanager
+def _moved_leader_with_a_setsid_worker(
+    old: Path, new: Path, port: int
+) -> Iterator[tuple[subprocess.Popen[str], int]]:
+    """Replica r-0001 launched under runtime dir `old` (its markers name it) as a server whose
+    worker binds `port` from a session of its own (`setsid`), recorded in `new`'s pid file as a
+    moved state dir records it; yields the leader and the worker's pid, both killed on the way out."""
+    env = {**os.environ, RUNTIME_ENV: str(old), REPLICA_ENV: "r-0001"}
     worker = (
         f"import socket,time; s=socket.socket(); s.bind(('127.0.0.1',{port})); s.listen(); time.sleep(600)"
     )
@@ -367,7 +372,21 @@ def _leader_with_a_setsid_worker(runtime: Path, port: int) -> tuple[subprocess.P
         [sys.executable, "-c", leader], env=env, start_new_session=True, stdout=subprocess.PIPE, text=True
     )
     assert child.stdout is not None
-    return child, int(child.stdout.readline())
+    worker_pid = int(child.stdout.readline())
+    try:
+        starttime = proc_starttime(child.pid)
+        assert starttime is not None
+        write_pidfile(
+            new,
+            LocalProcess("r-0001", child.pid, child.pid, port, "local-a", "spot", 0.0, starttime, ""),
+        )
+        yield child, worker_pid
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(worker_pid, signal.SIGKILL)
+        child.kill()
+        child.wait()
+        child.stdout.close()
 
 
 def test_a_moved_replicas_worker_in_a_process_group_of_its_own_holds_its_port_for_it(tmp_path):
@@ -376,23 +395,10 @@ def test_a_moved_replicas_worker_in_a_process_group_of_its_own_holds_its_port_fo
     it was judged another state dir's replica on our port (GONE, replaced) once not READY."""
     port = free_port()
     old, new = tmp_path / "old" / "local", tmp_path / "new" / "local"
-    child, worker_pid = _leader_with_a_setsid_worker(old, port)
-    try:
-        starttime = proc_starttime(child.pid)
-        assert starttime is not None
-        write_pidfile(
-            new,
-            LocalProcess("r-0001", child.pid, child.pid, port, "local-a", "spot", 0.0, starttime, ""),
-        )
+    with _moved_leader_with_a_setsid_worker(old, new, port) as (child, worker_pid):
         _wait_listening(port)
         assert os.getpgid(worker_pid) != child.pid
         assert foreign_listeners(new, {"r-0001": port}) == {}  # was: {"r-0001": "r-0001 of <old>"}
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(worker_pid, signal.SIGKILL)
-        child.kill()
-        child.wait()
-        child.stdout.close()
 
 
 def _wait_listening(port: int) -> None:
@@ -485,27 +491,14 @@ def test_stopping_a_moved_replica_stops_its_worker_in_a_session_of_its_own(tmp_p
 
     port = free_port()
     old, new = tmp_path / "old" / "local", tmp_path / "new" / "local"
-    child, worker_pid = _leader_with_a_setsid_worker(old, port)
-    try:
+    with _moved_leader_with_a_setsid_worker(old, new, port) as (child, worker_pid):
         _wait_listening(port)
-        starttime = proc_starttime(child.pid)
-        assert starttime is not None
-        write_pidfile(
-            new,
-            LocalProcess("r-0001", child.pid, child.pid, port, "local-a", "spot", 0.0, starttime, ""),
-        )
         assert stop_replica(new, "r-0001", grace=2.0)
         child.wait(timeout=10)
         deadline = time.monotonic() + 5
         while proc_starttime(worker_pid) is not None and time.monotonic() < deadline:
             time.sleep(0.05)
         assert proc_starttime(worker_pid) is None  # was: running on, its port held
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(worker_pid, signal.SIGKILL)
-        child.kill()
-        child.wait()
-        child.stdout.close()
 
 
 @pytest.mark.parametrize(
