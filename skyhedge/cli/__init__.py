@@ -9,8 +9,14 @@ other command would otherwise pay for at start-up (and a Ctrl-C then showed nump
 from __future__ import annotations
 
 import importlib
+import sys
 
-from skyhedge.cli._app import main
+try:
+    from skyhedge.cli._app import main
+except KeyboardInterrupt:
+    # A Ctrl-C while click and rich load, before `main` can say it in its words: see below.
+    sys.stderr.write("error: skyhedge interrupted by Ctrl-C\n")
+    raise SystemExit(130) from None
 
 _COMMAND_MODULES = (
     "plan",
@@ -24,12 +30,24 @@ _COMMAND_MODULES = (
 #: command name -> the module that registers it, imported on first use.
 _LAZY_COMMANDS = {"simulate": "skyhedge.cli.simulate"}
 
-for _module in _COMMAND_MODULES:
-    try:
-        importlib.import_module(f"skyhedge.cli.{_module}")
-    except ModuleNotFoundError as _exc:  # a command module not written yet
-        if _exc.name != f"skyhedge.cli.{_module}":
-            raise
+
+def _import_commands() -> None:
+    for module in _COMMAND_MODULES:
+        try:
+            importlib.import_module(f"skyhedge.cli.{module}")
+        except ModuleNotFoundError as exc:  # a command module not written yet
+            if exc.name != f"skyhedge.cli.{module}":
+                raise
+
+
+try:
+    _import_commands()
+except KeyboardInterrupt:
+    # Loading the commands is about half a second, most of a `status --json` poll's run: a
+    # Ctrl-C there printed Python's traceback and the process died of the signal, where every
+    # other moment of a command gives one `error:` line and exit 130 (README, "Commands"). The
+    # command is not parsed yet, so the line names skyhedge, as a Ctrl-C before a subcommand does.
+    main.interrupted(KeyboardInterrupt())
 main.lazy_commands.update(_LAZY_COMMANDS)
 
 __all__ = ["main"]

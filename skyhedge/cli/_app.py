@@ -150,6 +150,8 @@ class SkyhedgeGroup(click.Group):
     ) -> click.Context:
         try:
             return super().make_context(info_name, args, parent=parent, **extra)
+        except KeyboardInterrupt as exc:  # while parsing (or `--version`, `--help`): not click's
+            self.interrupted(exc, _subcommand_path(parent, info_name) if parent is not None else "")
         except click.UsageError as exc:
             if isinstance(exc, _NO_ARGS_IS_HELP):  # bare `skyhedge` (or `skyhedge catalog`): help,
                 _show_help(exc)  # and exit 0, not click's 2 (`plan --detailed-exitcode`'s)
@@ -194,15 +196,23 @@ class SkyhedgeGroup(click.Group):
             # Ctrl-C'd `render`, `plan` or `simulate` says so in one line and exits as a shell
             # reports a Ctrl-C'd (130) or SIGTERM'd (143) command (`apply`, `destroy` and the
             # watcher say more, and exit the same way, before it gets here)
-            by, code = interrupted_by(exc)
-            echo(f"error: {_subcommand_path(ctx) or 'skyhedge'} interrupted by {by}", err=True)
-            sys.exit(code)
+            self.interrupted(exc, _subcommand_path(ctx))
+
+    @staticmethod
+    def interrupted(exc: KeyboardInterrupt, command: str = "") -> NoReturn:
+        """`error: COMMAND interrupted by Ctrl-C` (or SIGTERM) on stderr, and the exit status a
+        shell gives a command stopped so (130, 143): a script tells "interrupted" from "failed"
+        (1) and from `plan --detailed-exitcode`'s "changes" (2)."""
+        by, code = interrupted_by(exc)
+        echo(f"error: {command or 'skyhedge'} interrupted by {by}", err=True)
+        sys.exit(code)
 
 
-def _subcommand_path(ctx: click.Context) -> str:
-    """The command `ctx` runs, below the root (`render`, `routing up`): the root's own name is
-    `skyhedge`, or `python -m skyhedge` when run that way."""
-    names = [ctx.invoked_subcommand or ""]
+def _subcommand_path(ctx: click.Context, name: str | None = None) -> str:
+    """The command `ctx` runs (or `name`, the one it is making a context for), below the root
+    (`render`, `routing up`): the root's own name is `skyhedge`, or `python -m skyhedge` when
+    run that way."""
+    names = [name or ctx.invoked_subcommand or ""]
     while ctx.parent is not None:
         names.append(ctx.info_name or "")
         ctx = ctx.parent

@@ -19,6 +19,7 @@ import jinja2
 
 from skyhedge._resources import templates_dir
 from skyhedge.errors import RoutingError
+from skyhedge.planner import replica_order
 from skyhedge.spec import UNSAFE_NGINX_PATH_CHARS as _UNSAFE_PATH_CHARS
 from skyhedge.spec import RouterOptions, ServiceSpec, nginx_host
 
@@ -134,8 +135,12 @@ def listen_address(spec: ServiceSpec) -> str:
 
 
 def sorted_upstreams(upstreams: Iterable[Upstream]) -> list[Upstream]:
-    """Sorted by id (stable config text) and checked for duplicate ids or endpoints."""
-    out = sorted(upstreams, key=lambda u: u.id)
+    """Sorted by replica ID as skyhedge orders them everywhere (`replica_order`: `r-9999` before
+    `r-10000`), for a stable config text and the `upstreams` list `routing --json` and `status
+    --json` show; and checked for duplicate ids or endpoints. As text, a service past r-9999 listed
+    its upstreams in another order than its replicas (`r-10000` first), so a script joining the two
+    lists, or a diff of two runs across the boundary, saw a reorder nothing had made."""
+    out = sorted(upstreams, key=lambda u: replica_order(u.id))
     ids: set[str] = set()
     servers: dict[str, str] = {}
     for u in out:
