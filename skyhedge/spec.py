@@ -462,6 +462,8 @@ def _policy_name(ctx: _Ctx, path: str, value: Any) -> str:
             raise ctx.fail(path, f"expected 'module:Class' (e.g. 'mypkg.policies:Greedy'), got {name!r}")
         return name
     known = available_policies()
+    if name not in known:  # (a plug-in installed since the entry points were read: read again)
+        known = available_policies(fresh=True)
     if name not in known:
         close = difflib.get_close_matches(name, known, n=1)
         hint = f"did you mean {close[0]!r}?" if close else f"available: {', '.join(known)} or 'module:Class'"

@@ -33,6 +33,7 @@ def bench(tmp_path: Path, script: str, *args: str, timeout: float = 60) -> subpr
         ("plan_bench.py", ["--repeats", "0"]),
         ("reaction_bench.py", ["--rounds", "0"]),
         ("state_write_bench.py", ["--passes", "0"]),
+        ("spec_load_bench.py", ["--repeats", "0"]),
         ("routing_bench.py", ["--replicas", "0"]),
         ("soak_bench.py", ["--replicas", "0"]),
         ("soak_bench.py", ["--minutes", "0"]),

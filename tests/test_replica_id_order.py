@@ -215,3 +215,203 @@ def test_a_hand_edited_id_padded_past_four_digits_is_refused_in_one_line():
     for good in ("r-0007", "r-9999", "r-10000"):
         data = json.loads(state_text(_state(_ready(int(good[2:])))))
         assert [r.id for r in ServiceState.from_json(data, where="state.json").live()] == [good]
+
+
+# -- what users read: the Terraform inputs and nginx's upstream block ----------------------------
+
+CROSSING = ("r-9998", "r-9999", "r-10000", "r-10001")
+
+
+def _local_tree(ids: tuple[str, ...]):
+    """The rendered tree of a local service whose replicas are `ids` (kept, all in one root)."""
+    import sys
+
+    from skyhedge.clouds import RenderContext
+    from skyhedge.planner import KEEP, Plan, PlannedReplica
+    from skyhedge.policy.types import Location, Market
+    from skyhedge.render import render_tree
+    from skyhedge.spec import parse_spec
+
+    spec = parse_spec(
+        {"name": "svc", "placement": {"clouds": ["local"]}, "run": {"command": "true"}}, source="svc.yaml"
+    )
+    replicas = tuple(
+        PlannedReplica(rid, Location("local", "local", "local-a"), Market.SPOT, KEEP, 0.0) for rid in ids
+    )
+    ctx = RenderContext(Path("/srv/state").resolve(), Path("/srv/work"), sys.executable, "/opt/skyhedge")
+    return render_tree(spec, Plan("svc", len(ids), "test", replicas, 10002, 0.0), context=ctx)
+
+
+def _as_an_earlier_release_wrote(data: bytes) -> bytes:
+    """A tree JSON file as releases before ID order wrote it: every key, and the manifest's
+    replica lists, in text order (r-10000 before r-9998)."""
+
+    def text_order(value):
+        if isinstance(value, dict):
+            return {k: text_order(v) for k, v in value.items()}
+        if isinstance(value, list):
+            items = [text_order(v) for v in value]
+            return (
+                sorted(items)
+                if items and all(isinstance(v, str) and v.startswith("r-") for v in items)
+                else items
+            )
+        return value
+
+    value = text_order(json.loads(data))
+    return (json.dumps(value, indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode()
+
+
+def test_the_terraform_inputs_and_the_trees_manifest_list_replicas_by_number(tmp_path: Path):
+    from skyhedge.render import TFVARS_FILE, TREE_MANIFEST, write_tree
+
+    tree = _local_tree(CROSSING)
+    write_tree(tree, tmp_path / "tree")
+    tfvars = (tmp_path / "tree" / "local" / "local" / TFVARS_FILE).read_text()
+    assert list(json.loads(tfvars)["replicas"]) == list(CROSSING)  # the file's order: was r-10000 first
+    manifest = json.loads((tmp_path / "tree" / TREE_MANIFEST).read_text())
+    assert manifest["roots"][0]["replicas"] == list(CROSSING)
+
+
+def test_a_tree_an_earlier_release_wrote_in_text_order_is_neither_applied_again_nor_rewritten(tmp_path: Path):
+    """An existing deployment past r-9999: its root's digest (what `apply` and the watcher compare
+    with the one last applied) is the one the earlier release recorded, so no Terraform run; and
+    `write_tree` leaves its files as they are, so a GitOps repository gets no commit that only
+    reorders lines. Its next real change (a replica added) writes the inputs in ID order."""
+    import hashlib
+
+    from skyhedge.render import TFVARS_FILE, TREE_MANIFEST, write_tree
+    from skyhedge.render.tree import module_files
+
+    out = tmp_path / "tree"
+    tree = _local_tree(CROSSING)
+    write_tree(tree, out)
+    legacy = {}
+    for name in (f"local/local/{TFVARS_FILE}", TREE_MANIFEST):
+        legacy[name] = _as_an_earlier_release_wrote((out / name).read_bytes())
+        assert legacy[name] != (out / name).read_bytes()
+        (out / name).write_bytes(legacy[name])
+    # the digest as the earlier release took it: over the files it wrote, then the module's
+    root = tree.root("local", "local")
+    digest = hashlib.sha256()
+    files = [(n, legacy.get(n, data)) for n, data in root.files]
+    for name, data in (*files, *(("modules/" + n, b) for n, b in module_files("local", root.module))):
+        digest.update(name.encode() + b"\0" + hashlib.sha256(data).digest())
+    assert root.digest == digest.hexdigest()  # the same inputs: nothing to apply
+    write_tree(_local_tree(CROSSING), out)
+    for name, data in legacy.items():
+        assert (out / name).read_bytes() == data, name  # no diff
+    write_tree(_local_tree((*CROSSING, "r-10002")), out)
+    tfvars = json.loads((out / "local" / "local" / TFVARS_FILE).read_text())
+    assert list(tfvars["replicas"]) == [*CROSSING, "r-10002"]
+
+
+@pytest.mark.skipif(not __import__("shutil").which("terraform"), reason="no terraform binary")
+def test_terraform_sees_no_change_in_a_map_reordered_but_would_in_a_list(tmp_path: Path):
+    """Why the inputs may be reordered: every module takes `replicas` as a map and `for_each`es
+    over it, and Terraform keys a map's instances by key, so the order in the file is no change
+    (a list under `count` would be: every instance after the first moved index)."""
+    import os
+    import re
+    import subprocess
+
+    for module in ("aws-replicas", "gcp-replicas", "local-replicas"):
+        text = (Path(__file__).resolve().parents[1] / "modules" / module / "variables.tf").read_text()
+        assert re.search(r'variable "replicas" \{[^}]*type = map\(object', text, re.S), module
+    env = {**os.environ, "TF_IN_AUTOMATION": "1", "TF_CLI_CONFIG_FILE": os.devnull, "CHECKPOINT_DISABLE": "1"}
+
+    def terraform(*args: str, cwd: Path) -> int:
+        return subprocess.run(
+            ["terraform", *args, "-input=false", "-no-color"],
+            cwd=cwd,
+            env=env,
+            capture_output=True,
+            timeout=60,
+        ).returncode
+
+    def plan_after_reorder(main: str, first: dict, second: dict) -> int:
+        root = tmp_path / str(len(list(tmp_path.iterdir())))
+        root.mkdir()
+        (root / "main.tf").write_text(main)
+        (root / "x.auto.tfvars.json").write_text(json.dumps(first))
+        assert terraform("init", cwd=root) == 0
+        assert terraform("apply", "-auto-approve", cwd=root) == 0
+        (root / "x.auto.tfvars.json").write_text(json.dumps(second))
+        return terraform("plan", "-detailed-exitcode", cwd=root)  # 0: no changes, 2: changes
+
+    as_map = """variable "replicas" { type = map(object({ zone = string })) }
+resource "terraform_data" "replica" {
+  for_each = var.replicas
+  input    = each.value.zone
+}
+"""
+    text = {rid: {"zone": f"z{i}"} for i, rid in enumerate(sorted(CROSSING))}
+    number = {rid: text[rid] for rid in CROSSING}
+    assert plan_after_reorder(as_map, {"replicas": text}, {"replicas": number}) == 0
+    as_list = """variable "replicas" { type = list(string) }
+resource "terraform_data" "replica" {
+  count = length(var.replicas)
+  input = var.replicas[count.index]
+}
+"""
+    assert plan_after_reorder(as_list, {"replicas": sorted(CROSSING)}, {"replicas": list(CROSSING)}) == 2
+
+
+def _crossing_upstreams():
+    from skyhedge.routing import Upstream
+
+    return [Upstream(rid, f"http://127.0.0.1:{20000 + i}") for i, rid in enumerate(CROSSING)]  # never dialled
+
+
+def test_nginx_upstream_blocks_list_replicas_by_number():
+    from skyhedge.routing.config import sorted_upstreams
+
+    assert [u.id for u in sorted_upstreams(reversed(_crossing_upstreams()))] == list(CROSSING)
+
+
+@pytest.fixture
+def router(tmp_path: Path):
+    from routing_support import free_port, make_spec, teardown_router
+
+    from skyhedge.routing import Router
+
+    made = Router(make_spec(free_port()), tmp_path / "state")
+    try:
+        yield made
+    finally:
+        teardown_router(made)
+
+
+def test_a_router_an_earlier_release_started_in_text_order_is_not_reloaded_for_the_order_alone(
+    router, monkeypatch: pytest.MonkeyPatch
+):
+    """`routing reload`, `apply` and a restarted watcher reload the router with the upstreams it
+    runs: the order alone must not churn nginx's workers (each reload closes their kept-alive
+    connections). Its next real change writes the block in ID order."""
+    from routing_support import have_nginx
+
+    import skyhedge.routing.router as router_module
+    from skyhedge.routing import nginx as nginx_proc
+
+    if not have_nginx():
+        pytest.skip("nginx is not installed")
+    ups = _crossing_upstreams()
+    from skyhedge.routing import config
+
+    real = config.sorted_upstreams
+    with monkeypatch.context() as m:  # the earlier release: text order
+        for module in (config, router_module):
+            m.setattr(module, "sorted_upstreams", lambda u, text_order=False: real(u, text_order=True))
+        pid = router.up(ups)["pid"]
+    written = router.paths.conf.read_bytes()
+    assert written.index(b"# r-10000") < written.index(b"# r-9998")
+    workers = set(nginx_proc.workers(pid))
+    assert workers
+    router.reload(ups)
+    router.up(ups)
+    assert set(nginx_proc.workers(pid)) == workers  # no reload
+    assert router.paths.conf.read_bytes() == written
+    router.reload(ups[1:])  # r-9998 released: a real change
+    text = router.paths.conf.read_text()
+    assert "# r-9998" not in text and text.index("# r-9999") < text.index("# r-10000")
+    assert [u["id"] for u in router.status()["upstreams"]] == list(CROSSING[1:])

@@ -70,9 +70,13 @@ def register_builtin(name: str, target: str) -> None:
 ENTRY_POINT_GROUP = "skyhedge.policies"
 
 
-def available_policies() -> list[str]:
+def available_policies(*, fresh: bool = False) -> list[str]:
+    """The built-in policies and the installed plug-ins' names. The plug-ins are read once per
+    process while the path is unchanged (`skyhedge._entry_points.declared`), which the watcher's
+    spec loads (every pass) rely on; `fresh` reads them again: a name not found before is looked
+    for once more so, so a plug-in installed while a watcher runs is found however it was."""
     names = set(_BUILTINS)
-    names.update(ep.name for ep in declared(ENTRY_POINT_GROUP, "policy plug-ins"))
+    names.update(ep.name for ep in declared(ENTRY_POINT_GROUP, "policy plug-ins", fresh=fresh))
     return sorted(names)
 
 
@@ -101,9 +105,10 @@ def policy_class(name: str) -> type[Policy]:
     """Resolve a policy by built-in name, entry point name or `module:Class`."""
     if name in _BUILTINS:
         return _load_target(_BUILTINS[name])
-    for ep in declared(ENTRY_POINT_GROUP, "policy plug-ins"):
-        if ep.name == name:
-            return _load_target(ep.value)
+    for fresh in (False, True):  # (not found among the entry points kept: read them again)
+        for ep in declared(ENTRY_POINT_GROUP, "policy plug-ins", fresh=fresh):
+            if ep.name == name:
+                return _load_target(ep.value)
     if ":" in name:
         return _load_target(name)
     raise PolicyError(

@@ -25,6 +25,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import sys
 import tempfile
 import uuid
@@ -40,7 +41,7 @@ from skyhedge._interrupts import interrupts_deferred
 from skyhedge._resources import modules_dir, templates_dir
 from skyhedge.clouds import RenderContext, cloud_names, cloud_package, get_cloud
 from skyhedge.errors import RenderError
-from skyhedge.planner import CREATE, Plan, PlannedReplica
+from skyhedge.planner import CREATE, Plan, PlannedReplica, replica_order
 from skyhedge.render.backend import backend_config
 from skyhedge.spec import ServiceSpec, nfc_change, nfc_hint
 from skyhedge.state import check_writable, umask_mode
@@ -127,6 +128,40 @@ def _json_bytes(data: Any, where: str = "") -> bytes:
             "holding bytes outside UTF-8 (the state dir, `run.workdir`, or the directory skyhedge runs "
             "in); use one whose name is UTF-8"
         ) from None
+
+
+def _tfvars_bytes(inputs: dict[str, Any], where: str) -> bytes:
+    """A root's inputs as `_json_bytes` writes them, but for the `replicas` map, in the order its
+    IDs were handed out (`replica_order`: `r-9999` before `r-10000`, where text order puts
+    `r-10000` first). Terraform reads a map by key, so the order is the reader's only; the root's
+    digest is taken over `_json_bytes` (`_render_root`), so a tree rendered before this order
+    is not applied again for it, and `write_tree` keeps a file that differs by key order only."""
+    ordered = json.loads(_json_bytes(inputs, where))  # (every object's keys in text order)
+    replicas = ordered.get("replicas")
+    if isinstance(replicas, dict):
+        ordered["replicas"] = {rid: replicas[rid] for rid in sorted(replicas, key=replica_order)}
+    return (json.dumps(ordered, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
+
+
+def _same_json(old: bytes, new: bytes) -> bool:
+    """Whether two JSON files of the tree hold the same values, but for the order of object keys
+    and of lists of replica IDs (`replica_order`): a tree written in text order (r-10000 before
+    r-9999) that renders the same inputs again."""
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        if isinstance(value, list):
+            items = [plain(v) for v in value]
+            if items and all(isinstance(v, str) and replica_order(v)[0] == 0 for v in items):
+                return sorted(items, key=replica_order)
+            return items
+        return value
+
+    try:
+        return plain(json.loads(old)) == plain(json.loads(new))
+    except (ValueError, RecursionError):
+        return False
 
 
 def _not_utf8(data: Any) -> tuple[str, str] | None:
@@ -300,17 +335,20 @@ def _render_root(
         (prefix + BACKEND_FILE, _json_bytes(backend, f"{cloud}/{region}: ")),
         (prefix + "main.tf", _tidy(main_tf)),
         (prefix + "outputs.tf", _tidy(outputs_tf)),
-        (prefix + TFVARS_FILE, _json_bytes(inputs, f"{cloud}/{region}: ")),
+        (prefix + TFVARS_FILE, _tfvars_bytes(inputs, f"{cloud}/{region}: ")),
         (prefix + "variables.tf", _tidy(variables_tf)),
     )
+    # the inputs' digest is of their text-ordered JSON, as it was before the `replicas` map was
+    # written in ID order: the same inputs, the same digest, so nothing is applied again for it
+    canonical = {prefix + TFVARS_FILE: _json_bytes(inputs, f"{cloud}/{region}: ")}
     digest = hashlib.sha256()
     for name, data in (*files, *(("modules/" + n, b) for n, b in module_files(cloud, renderer.module_name))):
-        digest.update(name.encode() + b"\0" + hashlib.sha256(data).digest())
+        digest.update(name.encode() + b"\0" + hashlib.sha256(canonical.get(name, data)).digest())
     return RenderedRoot(
         cloud=cloud,
         region=region,
         module=renderer.module_name,
-        replicas=tuple(sorted(r.id for r in replicas)),
+        replicas=tuple(sorted((r.id for r in replicas), key=replica_order)),
         files=files,
         digest=digest.hexdigest(),
     )
@@ -625,9 +663,31 @@ def write_tree(tree: RenderedTree, out: Path, *, strict: bool = True) -> None:
         except OSError as exc:
             raise RenderError(f"{out}: cannot write the rendered tree ({exc.strerror or exc})") from exc
         try:
+            tree = _kept_as_written(tree, out)
             _swap_in(tree, tmp, out, new_roots, litter=_litter(out) if strict and out.exists() else ())
         except OSError as exc:
             raise RenderError(f"{out}: cannot write the rendered tree ({exc.strerror or exc})") from exc
+
+
+def _kept_as_written(tree: RenderedTree, out: Path) -> RenderedTree:
+    """`tree` with the bytes `out` holds for each JSON file whose values are the same but for
+    their order (`_same_json`): a tree rendered before replica IDs were listed in ID order
+    (r-9999 before r-10000) is not rewritten for it, so a GitOps repository gets no commit,
+    and `render --out` no diff, that only reorders lines. A file whose values change is
+    written in the new order."""
+    if not out.is_dir():
+        return tree
+    files = []
+    for name, data in tree.files:
+        if name.endswith(".json"):
+            path, old = out / name, None
+            with contextlib.suppress(OSError):  # (a regular file only: never a FIFO or a link's target)
+                if stat.S_ISREG(os.lstat(path).st_mode):
+                    old = path.read_bytes()
+            if old is not None and old != data and _same_json(old, data):
+                data = old
+        files.append((name, data))
+    return RenderedTree(service=tree.service, roots=tree.roots, files=tuple(files))
 
 
 def snapshot_tree(out: Path) -> tuple[tuple[str, bytes], ...] | None:

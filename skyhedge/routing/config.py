@@ -134,13 +134,13 @@ def listen_address(spec: ServiceSpec) -> str:
     return _host_port(spec.service.host, spec.service.port, what="service.host")
 
 
-def sorted_upstreams(upstreams: Iterable[Upstream]) -> list[Upstream]:
-    """Sorted by replica ID as skyhedge orders them everywhere (`replica_order`: `r-9999` before
-    `r-10000`), for a stable config text and the `upstreams` list `routing --json` and `status
-    --json` show; and checked for duplicate ids or endpoints. As text, a service past r-9999 listed
-    its upstreams in another order than its replicas (`r-10000` first), so a script joining the two
-    lists, or a diff of two runs across the boundary, saw a reorder nothing had made."""
-    out = sorted(upstreams, key=lambda u: replica_order(u.id))
+def sorted_upstreams(upstreams: Iterable[Upstream], *, text_order: bool = False) -> list[Upstream]:
+    """Sorted by id (stable config text) in the order replica IDs were handed out
+    (`replica_order`: `r-9999` before `r-10000`, which text order put after it), as the `upstreams`
+    lists of `routing --json` and `status --json` show them next to the replicas, and checked for
+    duplicate ids or endpoints. `text_order`: as releases before that sorted them (to tell a
+    running config that differs by the order alone: `Router._as_text_ordered`)."""
+    out = sorted(upstreams, key=(lambda u: u.id) if text_order else (lambda u: replica_order(u.id)))
     ids: set[str] = set()
     servers: dict[str, str] = {}
     for u in out:
@@ -184,6 +184,7 @@ def render_config(
     status_port: int | None = None,
     run_as: tuple[str, str] | None = None,
     tls_digest: str | None = None,
+    text_order: bool = False,
 ) -> str:
     """The nginx.conf text routing `spec`'s service address to `upstreams` (READY replicas only).
 
@@ -191,8 +192,9 @@ def render_config(
     stub_status server. `run_as` (user, group) emits nginx's `user` directive, needed only when
     the master runs as root. `tls_digest` (of `service.tls`'s files, read by the caller) goes
     into the config as a comment: a renewed certificate changes the text, so a reload takes it.
+    `text_order`: the upstreams listed as releases before ID order did (`sorted_upstreams`).
     """
-    ups = sorted_upstreams(upstreams)
+    ups = sorted_upstreams(upstreams, text_order=text_order)
     tls = spec.service.tls
     if tls is not None:
         for what, path in (("certfile", tls.certfile), ("keyfile", tls.keyfile)):

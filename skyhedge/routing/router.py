@@ -431,6 +431,11 @@ class Router:
 
     def render(self, upstreams: Iterable[Upstream], status_port: int | None) -> str:
         """The config text for `upstreams`; a method so a subclass can change it (tests do)."""
+        return self._render(upstreams, status_port)
+
+    def _render(
+        self, upstreams: Iterable[Upstream], status_port: int | None, text_order: bool = False
+    ) -> str:
         return render_config(
             self.spec,
             upstreams,
@@ -439,6 +444,7 @@ class Router:
             status_port=status_port,
             run_as=self._run_as(),
             tls_digest=self._tls_digest(),
+            text_order=text_order,
         )
 
     def _tls_digest(self) -> str | None:
@@ -589,6 +595,9 @@ class Router:
             current = self.paths.conf.read_text(encoding="utf-8")
         except OSError:
             current = None
+        if text != current and current is not None and self._as_text_ordered(ups, status_port, current):
+            text = current  # (the same upstreams, listed as an earlier release did: not reloaded)
+            ups = sorted_upstreams(ups, text_order=True)
         if text == current and self._read_meta() == self._meta(ups, status_port):
             # Nothing changes: no needless worker churn. Workers still finishing an earlier reload
             # may hold requests to replicas removed then, so a drain waits for them.
@@ -617,6 +626,18 @@ class Router:
         if nginx.read_pid(self.paths.pid) != pid:  # nginx writes it at start only
             atomic_write_text(self.paths.pid, f"{pid}\n")
         return set(before)
+
+    def _as_text_ordered(self, ups: list[Upstream], status_port: int | None, current: str) -> bool:
+        """Whether nginx runs `ups` already, listed in the text order of their IDs (`r-10000`
+        before `r-9999`) as releases before `sorted_upstreams` ordered them by number wrote them:
+        reloading it for the order alone would churn its workers (and close kept-alive
+        connections) for no change of upstreams."""
+        legacy = sorted_upstreams(ups, text_order=True)
+        return (
+            legacy != ups
+            and current == self._render(legacy, status_port, text_order=True)
+            and self._read_meta() == self._meta(legacy, status_port)
+        )
 
     def _stop(self, pid: int, timeout: float) -> None:
         """Graceful quit, then fast shutdown, then SIGKILL to the master's whole process group."""
