@@ -217,6 +217,22 @@ LAUNCH_HOLD_KEY = "launch_hold"
 #: until replaced, `since`; `refused`, `refused_since`, `stalled_since` while no replacement could
 #: be launched): set by the watcher, shown by `status`.
 ROLLOUT_KEY = "rollout"
+#: `extra` key of the Terraform roots whose applies keep failing for another reason than capacity
+#: (a cloud's credentials expired, its endpoint unreachable, throttled): root key -> `since`,
+#: `failures` (in a row), `retry_at` (times) and `reason` (the error line). Set by the watcher,
+#: which holds each back with a backoff of its own (`controller.loop.RootOutage`), shown by `status`.
+FAILING_ROOTS_KEY = "failing_roots"
+
+
+def _is_failing_roots(v: Any) -> bool:
+    return isinstance(v, dict) and all(
+        isinstance(o, dict)
+        and _is_number(o.get("since"))
+        and _is_number(o.get("retry_at"))
+        and _is_int(o.get("failures"))
+        and isinstance(o.get("reason"), str)
+        for o in v.values()
+    )
 
 
 def _is_rollout(v: Any) -> bool:
@@ -244,6 +260,12 @@ _EXTRA_RULES: dict[str, Rule] = {
         (
             "an object with until (a time) and reason (text)",
             lambda v: isinstance(v, dict) and _is_number(v.get("until")) and isinstance(v.get("reason"), str),
+        )
+    ),
+    FAILING_ROOTS_KEY: _or_null(
+        (
+            "an object of root -> since, retry_at (times), failures (a count) and reason (text)",
+            _is_failing_roots,
         )
     ),
     ROLLOUT_KEY: _or_null(

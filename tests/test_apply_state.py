@@ -540,6 +540,7 @@ def test_status_of_a_service_never_applied(tmp_path: Path):
         "launch_hold": None,
         "autoscaler": None,
         "rollout": None,
+        "failing_roots": None,
     }
 
 

@@ -43,6 +43,7 @@ from skyhedge.planner import Plan, replica_order
 from skyhedge.render import RenderedRoot
 from skyhedge.spec import ServiceSpec, load_spec, service_name_in
 from skyhedge.state import (
+    FAILING_ROOTS_KEY,
     LAUNCH_HOLD_KEY,
     ROLLOUT_KEY,
     ReplicaRecord,
@@ -410,13 +411,16 @@ def status_json(
     launch_hold: dict[str, Any] | None = None,
     autoscaler: dict[str, Any] | None = None,
     rollout: dict[str, Any] | None = None,
+    failing_roots: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The documented `status --json` object: `service`, `replicas` (rows), `router`, `watcher`
     (the running watcher's record, or null), `local_capacity` (null: every local zone open),
     `launch_hold` (the watcher holding new launches back: `until`, `reason`; null: none) and
     `autoscaler` (its target, the rate it is based on, the wish pending; null: autoscaling off)
     and `rollout` (the rolling update or placement move the watcher last saw in progress, and
-    whether it is stalled: `state.extra["rollout"]`; null: none)."""
+    whether it is stalled: `state.extra["rollout"]`; null: none) and `failing_roots` (the
+    Terraform roots, one per cloud region, whose applies the running watcher sees failing: root
+    -> `since`, `failures` in a row, `retry_at`, `reason`; null: none, or no watcher runs)."""
     return {
         "service": service_name,
         "replicas": rows,
@@ -426,6 +430,7 @@ def status_json(
         "launch_hold": launch_hold,
         "autoscaler": autoscaler,
         "rollout": rollout,
+        "failing_roots": failing_roots,
     }
 
 
@@ -498,6 +503,21 @@ def launch_hold(state: ServiceState, now: float) -> dict[str, Any] | None:
     return hold if isinstance(hold, dict) and float(hold.get("until", 0.0)) > now else None
 
 
+def failing_roots(state: ServiceState, watcher: Any) -> dict[str, Any] | None:
+    """The roots whose applies the running watcher sees failing (its cloud's API gone: expired
+    credentials, an endpoint refusing, throttling), or None. Only while a watcher runs: the
+    record is its view, and an `apply` run since it stopped may have worked."""
+    roots = state.extra.get(FAILING_ROOTS_KEY)
+    return dict(roots) if watcher is not None and isinstance(roots, dict) and roots else None
+
+
+def _describe_failing(key: str, outage: dict[str, Any]) -> str:
+    return (
+        f"{key}: applies failing since {clock_time(outage['since'])} ({outage['failures']} in a row; "
+        f"next try {clock_time(outage['retry_at'])}; the other roots apply as usual): {outage['reason']}"
+    )
+
+
 def current_rollout(state: ServiceState) -> dict[str, Any] | None:
     """The rolling update (or placement move) the watcher last recorded, if any replica it names
     is still live: an `apply` or `destroy` that finished it after the watcher stopped leaves the
@@ -561,6 +581,7 @@ def status(spec: Path, state_dir: Path | None, as_json: bool, include_gone: bool
         err_console.print(f"warning: {exc}", markup=False, highlight=False, soft_wrap=True)
     hold = launch_hold(state, time.time())
     rollout = current_rollout(state)
+    failing = failing_roots(state, watcher)
     scaler = autoscaler_status(loaded, state) if loaded is not None else None
     # --json: the object alone, for scripts
     note = None if as_json else no_state_note(sdir, name, given=state_dir is not None)
@@ -568,7 +589,8 @@ def status(spec: Path, state_dir: Path | None, as_json: bool, include_gone: bool
         echo(note, err=True)
     if as_json:
         record = watcher.to_json() if watcher is not None else None
-        echo(strict_json(status_json(name, rows, router, record, held_back, hold, scaler, rollout), indent=2))
+        printed = status_json(name, rows, router, record, held_back, hold, scaler, rollout, failing)
+        echo(strict_json(printed, indent=2))
         return
     table = Table(title=Text(f"skyhedge status: {name}"))
     # One location column keeps the endpoint readable (unwrapped) in an 80-column terminal.
@@ -624,6 +646,8 @@ def status(spec: Path, state_dir: Path | None, as_json: bool, include_gone: bool
         console.print(f"Launches held until {until}: {hold['reason']}", markup=False)
     if rollout is not None:
         console.print(f"Rolling update: {rollout_line(rollout)}", markup=False)
+    for key, outage in sorted((failing or {}).items()):
+        console.print(f"Failing: {_describe_failing(key, outage)}", markup=False, soft_wrap=True)
     if scaler is not None:
         console.print(f"Autoscaler: {_describe_autoscaler(scaler)}", markup=False)
 

@@ -44,7 +44,12 @@ class TerraformExecutor:
         self.placement = placement or resolve_placement(spec)
         self.on_event = on_event
 
-    def apply(self, state: ServiceState, plan: Plan, now: float) -> ExecResult:
+    def apply(
+        self, state: ServiceState, plan: Plan, now: float, *, hold: frozenset[str] = frozenset()
+    ) -> ExecResult:
+        """Apply the roots whose rendered inputs changed, but those in `hold` (root keys the
+        controller holds back while their cloud's API fails: their turn comes with their own
+        backoff, and a Terraform run against a dead endpoint takes 7-30 s, throttled minutes)."""
         ws = self.workspace
         tree = render_tree(
             self.spec,
@@ -53,7 +58,7 @@ class TerraformExecutor:
             instance_types=instance_types(state, self.placement),
             extra_roots=roots_with_resources(state),
         )
-        changed = changed_roots(state, tree)
+        changed = [r for r in changed_roots(state, tree) if r.path not in hold]
         if not changed:
             return ExecResult()
         ws.write_tree(tree)
@@ -71,6 +76,7 @@ class TerraformExecutor:
         blocked = {**cleared.blocked, **freed.blocked}
         now = self.clock()  # the results are as of now, after Terraform ran
         errors: list[str] = []
+        failed_roots: list[str] = []  # failed for another reason than capacity
         refused: list[str] = []
         named: list[str] = []  # replicas an error names: their own launch failed
         detail: list[str] = []
@@ -80,11 +86,13 @@ class TerraformExecutor:
                 err = result if isinstance(result, EngineError) else EngineError(f"{root.path}: {result}")
                 absorb_result(state, root, None, now, revision=revision(root.cloud))
                 errors.append(f"{root.path}: {err}")
+                failed_roots.append(root.path)
                 detail.append(err.stderr)
                 continue
             failures = absorb_result(state, root, result, now, revision=revision(root.cloud))
             refused += [f.replica_id for f in failures]
             if not result.ok:
+                said = len(errors)
                 failed_ids = {f.replica_id for f in failures}
                 other = [d for d in result.errors if d.replica_id not in failed_ids]
                 named += [d.replica_id for d in other if d.replica_id is not None]
@@ -95,6 +103,8 @@ class TerraformExecutor:
                 if other or not result.errors:
                     first = other[0].headline if other else f"exit code {result.exit_code}"
                     errors.append(f"{root.path}: {first_line(first)}")
+                if len(errors) > said:  # (launches refused for capacity alone are no outage)
+                    failed_roots.append(root.path)
                 detail.append(result.error_text())
         state.log(
             {
@@ -113,4 +123,5 @@ class TerraformExecutor:
             warnings=cleared.warnings + freed.warnings,
             # (a root whose run raised, or failed naming no replica, reached none of them)
             failed_replicas=tuple(dict.fromkeys(named)),
+            failed_roots=tuple(failed_roots),
         )

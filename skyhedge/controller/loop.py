@@ -99,6 +99,7 @@ from skyhedge.spec import (
     replica_revision,
 )
 from skyhedge.state import (
+    FAILING_ROOTS_KEY,
     LAUNCH_HOLD_KEY,
     RECORD_FIELDS,
     ROLLOUT_KEY,
@@ -302,16 +303,19 @@ class ControllerOptions:
 
     `interval`: the period when nothing is happening (events wake the loop sooner);
     `busy_interval`: while replicas start, drain or fail probes; `max_backoff`: the longest wait
-    after failed applies; `spot_retry`: how long spot launches into a zone that refused one for
-    capacity wait, doubling per refusal in a row there up to `max_spot_retry` (0: retried at
-    the next apply; see SPOT_RETRY_SECONDS); `survival_period`: how often spot replicas that
-    stayed READY report their zone as SURVIVED to the policy; `assume_ready`: GitOps mode (CI
-    applies; replicas count as READY once committed, and nothing is probed or routed).
+    after failed applies; `max_root_backoff`: the longest wait before a root whose applies keep
+    failing (its cloud's API gone: `RootOutage`) is applied again; `spot_retry`: how long spot
+    launches into a zone that refused one for capacity wait, doubling per refusal in a row there
+    up to `max_spot_retry` (0: retried at the next apply; see SPOT_RETRY_SECONDS);
+    `survival_period`: how often spot replicas that stayed READY report their zone as SURVIVED
+    to the policy; `assume_ready`: GitOps mode (CI applies; replicas count as READY once
+    committed, and nothing is probed or routed).
     """
 
     interval: float = 10.0
     busy_interval: float = 1.0
     max_backoff: float = 60.0
+    max_root_backoff: float = 300.0
     spot_retry: float = SPOT_RETRY_SECONDS
     max_spot_retry: float = SPOT_RETRY_MAX_SECONDS
     survival_period: float = 60.0
@@ -435,6 +439,76 @@ def probe_refused(
     return len(results), rid, results[rid][1]
 
 
+#: A failing root's next retry waits at least this many times as long as its last failed run
+#: took (`Controller._track_outages`): the loop waits for a run at most 1 / (1 + this) of the time.
+ROOT_RETRY_SPACING = 3.0
+
+
+def _root_of(line: str, roots: Sequence[str] | set[str] | dict[str, Any]) -> str | None:
+    """The root of `roots` an executor's error line (`aws/us-east-1: ...`) is about, if any."""
+    head = line.split(": ", 1)[0]
+    return head if head in roots else None
+
+
+@dataclass
+class RootOutage:
+    """A Terraform root (one cloud region) whose applies fail for a reason other than capacity:
+    expired credentials, an endpoint refusing connections, throttling, a permission removed.
+
+    The root is held back with a backoff of its own (`busy_interval` doubling per failure, up
+    to `max_root_backoff`) while the other roots apply as usual: one backoff for the whole apply
+    re-ran the dead root (a Terraform run of 7 s with expired credentials, 28 s against a refused
+    endpoint, minutes throttled) at every pass that learned anything, holding up the replacements
+    of the other clouds behind it, and up to 75 times an hour. Kept in `state.extra` for `status`
+    (`since`, `failures`, `retry_at`, `reason`: the apply's error line, secrets masked)."""
+
+    since: float
+    failures: int
+    retry_at: float
+    reason: str
+    wait: float = 0.0  # the wait before `retry_at` (in memory: a restarted watcher tries at once)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "since": self.since,
+            "failures": self.failures,
+            "retry_at": self.retry_at,
+            "reason": self.reason,
+        }
+
+    @classmethod
+    def from_json(cls, value: Any) -> RootOutage | None:
+        """A kept record, or None for one a hand edit broke (dropped: the root is tried again)."""
+        if not isinstance(value, dict):
+            return None
+        try:
+            since, retry_at = float(value["since"]), float(value["retry_at"])
+            failures, reason = int(value["failures"]), str(value["reason"])
+        except (KeyError, TypeError, ValueError):
+            return None
+        return cls(since, max(1, failures), retry_at, reason) if math.isfinite(since + retry_at) else None
+
+
+#: What an error line must not carry into the log and `status`: AWS access key IDs, and long
+#: opaque tokens (a session token, a bearer token echoed in a signature mismatch's canonical
+#: request). Terraform's errors hold none of them in the cases measured; this is a guard.
+_SECRETS = re.compile(r"\b(?:AKIA|ASIA)[A-Z0-9]{16}\b|[A-Za-z0-9+/=_-]{40,}")
+
+
+def masked(text: str) -> str:
+    """`text` with what looks like a key or a token replaced by `***`."""
+    return _SECRETS.sub("***", text)
+
+
+def _span(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
 class Controller:
     """Owns one service's state while the supervisor holds its writer lock."""
 
@@ -490,6 +564,15 @@ class Controller:
         self.last_plan: Plan | None = None
         self.ticks = 0
         self._failures = int(self.state.extra.get("launch_failures", 0))
+        # root key -> its outage (`RootOutage`): held back with its own backoff. A restarted
+        # watcher tries each at once (the operator may have restarted it for renewed credentials),
+        # its count of failures kept, so a root still failing backs off from where it was.
+        kept = self.state.extra.get(FAILING_ROOTS_KEY)
+        self._outages: dict[str, RootOutage] = {}
+        for key, value in kept.items() if isinstance(kept, dict) else ():
+            if (outage := RootOutage.from_json(value)) is not None:
+                outage.retry_at = 0.0
+                self._outages[str(key)] = outage
         # after a failed apply (or a refused launch), no apply before this time unless a pass
         # learns something new (a source event, a probe changing a replica's state)
         self._retry_at: float | None = None
@@ -879,7 +962,7 @@ class Controller:
             # did start) learned nothing new: no apply yet, nothing consumed (the pass that
             # applies decides with these events)
             pass
-        elif plan.has_changes or refresh or self._failures or self._unsettled:
+        elif plan.has_changes or refresh or self._failures or self._unsettled or self._outage_due(now):
             result = self._act(plan, memory, now)
         else:  # nothing to do: the policy has still seen the events (saved below)
             remember_decision(self.state, memory, now)
@@ -1340,7 +1423,11 @@ class Controller:
         cloud_ids = {r.id: r.cloud_id for r in st.live()}
         started = self.clock()
         try:
-            result = self.executor.apply(st, plan, started)
+            hold = self._held_roots(started)
+            if hold:  # (only executors reporting failed roots have any: `Executor.apply`)
+                result = self.executor.apply(st, plan, started, hold=hold)  # type: ignore[call-arg]
+            else:
+                result = self.executor.apply(st, plan, started)
         except SkyhedgeError as exc:  # (the spec does not render, ...: no replica's own launch failed)
             detail = getattr(exc, "stderr", "") or ""
             result = ExecResult(errors=(str(exc),), detail=detail, failed_replicas=())
@@ -1378,15 +1465,22 @@ class Controller:
                 looked = {r.id for r in lost}
                 self._lost = [r for r in self._lost if r.id not in looked]
         cause = apply_cause(result.detail)
+        held = self._track_outages(result, with_cause, cause, done, took=done - started)
+        self._refuse_launches_into_failing_roots(done)
         for line in result.errors:
-            self.note(f"apply failed: {with_cause(line, cause)}", done, level=logging.WARNING)
+            if _root_of(line, result.failed_roots) is not None:
+                continue  # said by `_track_outages`, with its backoff
+            self.note(f"apply failed: {masked(with_cause(line, cause))}", done, level=logging.WARNING)
         if result.detail:
             log.debug("%s", result.detail)
         self.last_apply = result
         if result.note:
             self.note(result.note, done)
-        self._failures = self._failures + 1 if result.failed else 0
-        self._retry_at = done + self._backoff() if result.failed else None
+        # the apply backoff counts the failures no root outage accounts for (a refused launch, an
+        # executor that names no root): a failing root has its own, and must not slow the others
+        whole = result.launch_failures or any(_root_of(e, held) is None for e in result.errors)
+        self._failures = self._failures + 1 if whole else 0
+        self._retry_at = done + self._backoff() if whole else None
         self._give_up_launches(result, done)
         self.save(now=True)
         self._unsettled = False
@@ -2116,6 +2210,89 @@ class Controller:
         launches = any(r.action == CREATE for r in kept)
         return replace(plan, replicas=kept, next_id=plan.next_id if launches else self.state.next_id)
 
+    def _root_backoff(self, failures: int) -> float:
+        opts = self.options
+        return min(opts.max_root_backoff, opts.busy_interval * (2 ** min(failures, 12)))
+
+    def _held_roots(self, now: float) -> frozenset[str]:
+        """The failing roots whose retry is not due: the executor leaves them out this time."""
+        for outage in self._outages.values():  # a clock stepped back: a backoff from now at most
+            wait = max(outage.wait, self._root_backoff(outage.failures))
+            outage.retry_at = min(outage.retry_at, now + wait)
+        return frozenset(k for k, o in self._outages.items() if o.retry_at > now)
+
+    def _outage_due(self, now: float) -> bool:
+        """A failing root's retry is due: the pass applies (that root) even if nothing changed."""
+        return any(o.retry_at <= now for o in self._outages.values())
+
+    def _track_outages(
+        self, result: ExecResult, cause_of: Callable[[str, str], str], cause: str, done: float, took: float
+    ) -> set[str]:
+        """Keep the failing roots (`RootOutage`) after an apply, and say each failure in one line:
+        the root, why (secrets masked), since when, and when it is tried again, the other roots
+        applying meanwhile; and a recovery once. Returns the roots failing now.
+
+        A retry waits at least ROOT_RETRY_SPACING times as long as the failed apply `took`: the
+        pass waits for a root's Terraform run, and against a throttled API one ran for over
+        15 minutes (the provider retrying each call), so retries every 5 minutes would hold the
+        loop, and the other clouds' replacements, most of the time."""
+        failing = set(result.failed_roots)
+        for key in failing:
+            line = next((e for e in result.errors if _root_of(e, {key}) is not None), f"{key}: failed")
+            reason = masked(cause_of(line, cause))
+            was = self._outages.get(key)
+            failures = 1 if was is None else was.failures + 1
+            since = done if was is None else was.since
+            retry = max(self._root_backoff(failures), ROOT_RETRY_SPACING * took)
+            self._outages[key] = RootOutage(since, failures, done + retry, reason, retry)
+            self.note(
+                f"apply failed: {reason}; {key} failed {failures} time(s) in a row since "
+                f"{time.strftime('%H:%M:%S', time.localtime(since))}, tried again in {_span(retry)} "
+                "(the other roots apply meanwhile)",
+                done,
+                level=logging.WARNING,
+            )
+        for key in [k for k in result.applied if k in self._outages and k not in failing]:
+            outage = self._outages.pop(key)
+            self.note(
+                f"{key}: applied again after {_span(done - outage.since)} "
+                f"and {outage.failures} failed apply(ies)",
+                done,
+            )
+        if self._outages:
+            self.state.extra[FAILING_ROOTS_KEY] = {k: o.to_json() for k, o in sorted(self._outages.items())}
+        else:
+            self.state.extra.pop(FAILING_ROOTS_KEY, None)
+        return failing
+
+    def _refuse_launches_into_failing_roots(self, at: float) -> None:
+        """Launches waiting on a root out for LAUNCH_ATTEMPTS failed applies in a row are refused,
+        as a zone without capacity refuses them: recorded failed with a LAUNCH_FAILED zone event,
+        so the policy places them where launches work (another zone, another cloud) and spot
+        launches into those zones are paused (`_note_spot_refusals`). Waiting there, they were
+        counted by the policy as replicas on their way for as long as the outage lasted, and
+        SpotHedge covered each with an on-demand replica elsewhere (measured over an hour of an
+        AWS outage with local preemptions: 3 spot replicas waiting on the dead root, 3 on-demand
+        ones covering them). A root failing fewer times in a row (a blip, Terraform's state lock
+        held a moment) keeps its launches waiting under their IDs, as before."""
+        refused: list[str] = []
+        for key, outage in sorted(self._outages.items()):
+            if outage.failures < LAUNCH_ATTEMPTS:
+                continue
+            for rec in sorted(self.state.live(), key=by_replica_id):
+                if f"{rec.cloud}/{rec.region}" != key or rec.provisioned_at is not None or rec.cloud_id:
+                    continue
+                why = f"launch refused: {key} applies keep failing ({outage.reason})"
+                if mark_gone(self.state, rec, at, "failed", why):
+                    self.state.record_event(ZoneEvent(EventKind.LAUNCH_FAILED, rec.location, at, rec.id))
+                    refused.append(rec.id)
+                    self.note(
+                        f"launch of {rec.id} refused in {rec.zone}: {key} applies keep failing, re-planning",
+                        at,
+                    )
+        if refused:
+            self._note_spot_refusals(ExecResult(launch_failures=tuple(refused)), at)
+
     def _backoff(self) -> float:
         """How long failed applies wait before the next one: busy_interval doubling per failure."""
         opts = self.options
@@ -2159,6 +2336,9 @@ class Controller:
             delay = min(delay, max(opts.busy_interval, 1.0))
         if self._spot_due is not None:  # a zone's spot pause ends: asked then, not a pass later
             delay = min(delay, max(opts.busy_interval, self._spot_due - self.clock()))
+        if self._outages:  # a failing root's retry: at its time, not up to an interval later
+            due = min(o.retry_at for o in self._outages.values())
+            delay = min(delay, max(opts.busy_interval, due - self.clock()))
         return delay
 
     # -- status for the CLI and the dashboard ----------------------------------------------------

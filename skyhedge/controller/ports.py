@@ -30,6 +30,12 @@ class ExecResult:
     `detail`: the engine's full error text, for the log; `warnings`: lines noted as warnings
     (machines an interrupted run left, removed before Terraform ran, or lookups that failed).
 
+    `failed_roots`: the root keys (`aws/us-east-1`) whose apply failed for a reason other than
+    capacity: the controller holds each back with a backoff of its own (`loop.RootOutage`), so
+    that a cloud whose API is gone (credentials expired, endpoint unreachable, throttled) does not
+    hold back the others. An executor that cannot tell leaves it empty: its errors are then the
+    whole apply's, retried with the apply backoff.
+
     `failed_replicas`: the replicas an error names (their own launch failed: a local port taken,
     a command that exits at once, an image or quota error), or None when the executor cannot tell,
     and every replica still waiting for its launch then counts as failed by this apply. An error
@@ -45,6 +51,7 @@ class ExecResult:
     note: str = ""
     warnings: tuple[str, ...] = ()
     failed_replicas: tuple[str, ...] | None = None
+    failed_roots: tuple[str, ...] = ()
 
     @property
     def failed(self) -> bool:
@@ -59,6 +66,10 @@ class Executor(Protocol):
         record in `state`: endpoints, cloud IDs and `provisioned_at` of created replicas; destroyed
         ones gone (`terminated`); launches refused for capacity gone (`failed`) with a
         LAUNCH_FAILED zone event. Must not raise for a failed root: report it.
+
+        An executor that reports `ExecResult.failed_roots` is also called with `hold`, the root
+        keys it must not apply this time (failing, their retry not due yet): their changes wait,
+        the other roots apply as usual. Executors that report none are never given one.
 
         An executor may also have `finish(state) -> str`, called at the end of every pass once the
         state is saved (GitOps commits there, with that state); it returns a note or ''."""
