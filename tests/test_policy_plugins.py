@@ -324,3 +324,15 @@ def test_a_watchers_spec_loads_read_the_plugins_once_and_still_see_one_installed
         assert entry_point_reads.count("skyhedge.policies") == reads + 2
     finally:
         _sys.path.remove(str(site))
+
+
+def test_a_module_class_policy_chosen_at_every_pass_reads_the_plugins_at_most_once(plugin, entry_point_reads):
+    """`compute_plan` builds the policy at every watcher pass (`make_policy`). A `module:Class`
+    name is no entry point, so it was never among the ones kept, and each pass read every
+    distribution again for it (`fresh`): the scan the kept entry points save at each spec load,
+    paid at each plan. An entry point of that name is still found among the kept ones."""
+    from skyhedge.policy import make_policy
+
+    for _ in range(5):
+        make_policy(f"{plugin}:Fine")
+    assert entry_point_reads.count("skyhedge.policies") <= 1  # was 6: one per pass, and the first

@@ -306,6 +306,36 @@ def test_a_tree_an_earlier_release_wrote_in_text_order_is_neither_applied_again_
     assert list(tfvars["replicas"]) == [*CROSSING, "r-10002"]
 
 
+@pytest.mark.parametrize(
+    ("old", "rendered"),
+    [
+        # a number where the inputs now hold a bool: Python's `==` says 0 == False, Terraform
+        # refuses a number for a bool variable
+        ({"replicas": {}, "spot": 0}, {"replicas": {}, "spot": False}),
+        # a plug-in's list under `count`: its order is a change to Terraform (see the test below)
+        ({"order": ["r-0002", "r-0001"], "replicas": {}}, {"order": ["r-0001", "r-0002"], "replicas": {}}),
+        # the same values, reformatted by hand (the tree's README: a diff here is a real change)
+        ({"replicas": {"r-0001": {"zone": "a"}}}, {"replicas": {"r-0001": {"zone": "a"}}}),
+    ],
+    ids=["number-for-bool", "ordered-list", "reformatted"],
+)
+def test_a_tree_file_kept_as_written_is_only_one_an_earlier_release_wrote_for_the_same_values(
+    tmp_path: Path, old, rendered
+):
+    """Only the exact bytes of the text-ordered file are kept: a file whose values differ, or that
+    is formatted otherwise, is written as rendered, so Terraform reads what the digest was taken
+    over. Compared as parsed values (and lists of IDs as sets), each of these was kept."""
+    from skyhedge.render import TFVARS_FILE
+    from skyhedge.render.tree import RenderedTree, _kept_as_written
+
+    name = f"local/local/{TFVARS_FILE}"
+    data = (json.dumps(rendered, indent=2, sort_keys=True) + "\n").encode()
+    (tmp_path / "local" / "local").mkdir(parents=True)
+    (tmp_path / name).write_text(json.dumps(old, separators=(",", ":"), sort_keys=True))
+    kept = _kept_as_written(RenderedTree(service="svc", roots=(), files=((name, data),)), tmp_path)
+    assert kept.files == ((name, data),)
+
+
 @pytest.mark.skipif(not __import__("shutil").which("terraform"), reason="no terraform binary")
 def test_terraform_sees_no_change_in_a_map_reordered_but_would_in_a_list(tmp_path: Path):
     """Why the inputs may be reordered: every module takes `replicas` as a map and `for_each`es
@@ -407,10 +437,12 @@ def test_a_router_an_earlier_release_started_in_text_order_is_not_reloaded_for_t
     assert written.index(b"# r-10000") < written.index(b"# r-9998")
     workers = set(nginx_proc.workers(pid))
     assert workers
-    router.reload(ups)
-    router.up(ups)
+    shown = [router.reload(ups), router.up(ups), router.status()]
     assert set(nginx_proc.workers(pid)) == workers  # no reload
     assert router.paths.conf.read_bytes() == written
+    # what `routing --json` and `status --json` (its `router`) say, beside replicas listed by ID
+    for said in shown:
+        assert [u["id"] for u in said["upstreams"]] == list(CROSSING)  # was r-10000 first
     router.reload(ups[1:])  # r-9998 released: a real change
     text = router.paths.conf.read_text()
     assert "# r-9998" not in text and text.index("# r-9999") < text.index("# r-10000")

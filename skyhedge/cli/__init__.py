@@ -42,12 +42,12 @@ def _import_commands() -> None:
 
 try:
     _import_commands()
-except KeyboardInterrupt:
+except KeyboardInterrupt as _exc:
     # Loading the commands is about half a second, most of a `status --json` poll's run: a
     # Ctrl-C there printed Python's traceback and the process died of the signal, where every
     # other moment of a command gives one `error:` line and exit 130 (README, "Commands"). The
     # command is not parsed yet, so the line names skyhedge, as a Ctrl-C before a subcommand does.
-    main.interrupted(KeyboardInterrupt())
+    main.interrupted(_exc)
 main.lazy_commands.update(_LAZY_COMMANDS)
 
 __all__ = ["main"]

@@ -105,7 +105,10 @@ def policy_class(name: str) -> type[Policy]:
     """Resolve a policy by built-in name, entry point name or `module:Class`."""
     if name in _BUILTINS:
         return _load_target(_BUILTINS[name])
-    for fresh in (False, True):  # (not found among the entry points kept: read them again)
+    # not found among the entry points kept: read them again, but for a `module:Class` name (the
+    # spec takes one as such, never as an entry point), which `compute_plan` asks for at every
+    # watcher pass: each pass read every distribution for it, the scan kept entry points save
+    for fresh in (False, True) if ":" not in name else (False,):
         for ep in declared(ENTRY_POINT_GROUP, "policy plug-ins", fresh=fresh):
             if ep.name == name:
                 return _load_target(ep.value)

@@ -135,7 +135,8 @@ def _tfvars_bytes(inputs: dict[str, Any], where: str) -> bytes:
     IDs were handed out (`replica_order`: `r-9999` before `r-10000`, where text order puts
     `r-10000` first). Terraform reads a map by key, so the order is the reader's only; the root's
     digest is taken over `_json_bytes` (`_render_root`), so a tree rendered before this order
-    is not applied again for it, and `write_tree` keeps a file that differs by key order only."""
+    is not applied again for it, and `write_tree` keeps a file an earlier release wrote in text order
+    (`_kept_as_written`)."""
     ordered = json.loads(_json_bytes(inputs, where))  # (every object's keys in text order)
     replicas = ordered.get("replicas")
     if isinstance(replicas, dict):
@@ -143,25 +144,18 @@ def _tfvars_bytes(inputs: dict[str, Any], where: str) -> bytes:
     return (json.dumps(ordered, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
 
 
-def _same_json(old: bytes, new: bytes) -> bool:
-    """Whether two JSON files of the tree hold the same values, but for the order of object keys
-    and of lists of replica IDs (`replica_order`): a tree written in text order (r-10000 before
-    r-9999) that renders the same inputs again."""
-
-    def plain(value: Any) -> Any:
-        if isinstance(value, dict):
-            return {k: plain(v) for k, v in value.items()}
-        if isinstance(value, list):
-            items = [plain(v) for v in value]
-            if items and all(isinstance(v, str) and replica_order(v)[0] == 0 for v in items):
-                return sorted(items, key=replica_order)
-            return items
-        return value
-
-    try:
-        return plain(json.loads(old)) == plain(json.loads(new))
-    except (ValueError, RecursionError):
-        return False
+def _as_an_earlier_release_wrote(name: str, data: bytes) -> bytes | None:
+    """The bytes a release before ID order wrote for the tree file `name` that this one writes as
+    `data`, or None for a file whose bytes it did not order so (every other file). Only the order
+    differs: the tfvars' keys (the `replicas` map among them) all in text order, as `_json_bytes`
+    writes them, and the manifest's replica lists sorted as text (r-10000 before r-9999)."""
+    if not (name == TREE_MANIFEST or (name.endswith("/" + TFVARS_FILE) and not name.startswith("modules/"))):
+        return None
+    value = json.loads(data)  # (this release's own output: valid JSON)
+    if name == TREE_MANIFEST:
+        for root in value.get("roots", []):
+            root["replicas"] = sorted(root["replicas"])
+    return _json_bytes(value)
 
 
 def _not_utf8(data: Any) -> tuple[str, str] | None:
@@ -670,22 +664,24 @@ def write_tree(tree: RenderedTree, out: Path, *, strict: bool = True) -> None:
 
 
 def _kept_as_written(tree: RenderedTree, out: Path) -> RenderedTree:
-    """`tree` with the bytes `out` holds for each JSON file whose values are the same but for
-    their order (`_same_json`): a tree rendered before replica IDs were listed in ID order
-    (r-9999 before r-10000) is not rewritten for it, so a GitOps repository gets no commit,
-    and `render --out` no diff, that only reorders lines. A file whose values change is
-    written in the new order."""
+    """`tree` with the bytes `out` holds for each file that is, byte for byte, what a release
+    before replica IDs were listed in ID order (r-9999 before r-10000) wrote for the same values
+    (`_as_an_earlier_release_wrote`): such a tree is not rewritten for the order alone, so a GitOps
+    repository gets no commit, and `render --out` no diff, that only reorders lines. Any other
+    difference is written as rendered, as every render before did: a value, a list's order (a
+    plug-in's list under `count` is a change to Terraform), a number for a bool (`0` for `false`,
+    which Python's `==` holds equal), a file edited or reformatted by hand. (Compared as parsed
+    values instead, all of those were kept, and Terraform went on reading the old file.)"""
     if not out.is_dir():
         return tree
     files = []
     for name, data in tree.files:
-        if name.endswith(".json"):
-            path, old = out / name, None
+        legacy = _as_an_earlier_release_wrote(name, data)
+        if legacy is not None and legacy != data:
             with contextlib.suppress(OSError):  # (a regular file only: never a FIFO or a link's target)
-                if stat.S_ISREG(os.lstat(path).st_mode):
-                    old = path.read_bytes()
-            if old is not None and old != data and _same_json(old, data):
-                data = old
+                path = out / name
+                if stat.S_ISREG(os.lstat(path).st_mode) and path.read_bytes() == legacy:
+                    data = legacy
         files.append((name, data))
     return RenderedTree(service=tree.service, roots=tree.roots, files=tuple(files))
 

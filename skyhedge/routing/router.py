@@ -38,6 +38,7 @@ from urllib.parse import urlsplit
 from filelock import FileLock, Timeout
 
 from skyhedge.errors import RoutingError
+from skyhedge.planner import replica_order
 from skyhedge.routing import nginx
 from skyhedge.routing.config import (
     RouterOptions,
@@ -116,6 +117,11 @@ def _same_folder(a: Path, b: Path) -> bool:
     except OSError:
         return False
     return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
+
+
+def _listed_order(entry: Any) -> tuple[int, int, str]:
+    """The sort key of one `upstreams` entry of the router's record (`replica_order` of its id)."""
+    return replica_order(str(entry.get("id"))) if isinstance(entry, dict) else (2, 0, "")
 
 
 class Router:
@@ -284,7 +290,9 @@ class Router:
         return {
             "endpoint": self.endpoint,
             "pid": pid,
-            "upstreams": list(meta.get("upstreams", [])),
+            # by ID as skyhedge lists replicas (`r-9999` before `r-10000`): the record of a config an
+            # earlier release wrote in text order, kept as it runs (`_as_text_ordered`), lists them so
+            "upstreams": sorted(meta.get("upstreams", []), key=_listed_order),
             "status_url": f"http://127.0.0.1:{port}/stub_status" if port else None,
         }
 
