@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Any
 
 import skyhedge
-from skyhedge.clouds import RenderContext
+from skyhedge.clouds import QuotaRefusal, RenderContext, quota_refusal
 from skyhedge.clouds.common import Blocked
 from skyhedge.engine import (
     ApplyResult,
@@ -325,10 +325,14 @@ def changed_roots(state: ServiceState, tree: RenderedTree) -> list[RenderedRoot]
 
 @dataclass(frozen=True)
 class LaunchFailure:
+    """A launch refused for capacity or quota: `message`, the cloud's own words; `quota`, what they
+    say of an account quota used up (its cloud's `quota.py`), None for a zone out of capacity."""
+
     replica_id: str
     location: Location
     market: str
     message: str
+    quota: QuotaRefusal | None = None
 
 
 @dataclass
@@ -500,7 +504,12 @@ def absorb_result(
                 if diag.capacity and rec.provisioned_at is None:
                     rec.gone_at, rec.reason = now, "failed"
                     state.record_event(ZoneEvent(EventKind.LAUNCH_FAILED, rec.location, now, rec.id))
-                    failures.append(LaunchFailure(rec.id, rec.location, rec.market, capacity_reason(diag)))
+                    said = f"{diag.summary}\n{diag.detail}"
+                    quota = quota_refusal(
+                        rec.cloud, said, region=rec.region, market=rec.market, instance_type=rec.instance_type
+                    )
+                    why = capacity_reason(diag)
+                    failures.append(LaunchFailure(rec.id, rec.location, rec.market, why, quota))
                 continue
             if rec.id in outputs:
                 out = dict(outputs[rec.id] or {})
@@ -1214,7 +1223,8 @@ class _Step:
             save_state(ws.state_dir, state)
             for f in round_failures:
                 self.say(
-                    f"{f.replica_id}: launch refused in {f.location} ({f.market}): {first_line(f.message)}"
+                    f"{f.replica_id}: launch refused in {f.location} ({f.market}): "
+                    + first_line(f.quota.reason if f.quota else f.message)
                 )
             # A launch a killed run cut short (Terraform and its launcher killed together) stays
             # in Terraform's state as created, with no process: this run changed nothing for it,

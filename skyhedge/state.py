@@ -235,6 +235,25 @@ def _is_failing_roots(v: Any) -> bool:
     )
 
 
+#: `extra` key of the account quotas found used up: `{"cloud/region/market": {reason, since,
+#: refusals, at, next_at}}` (region `*`: a quota across the cloud's regions): set by the watcher at
+#: a launch refused for quota, dropped at the first launch there that succeeds; shown by `status`.
+QUOTA_KEY = "quota"
+
+
+def _is_quota_table(v: Any) -> bool:
+    return isinstance(v, dict) and all(
+        isinstance(k, str)
+        and k.count("/") == 2
+        and isinstance(e, dict)
+        and isinstance(e.get("reason"), str)
+        and _is_int(e.get("refusals"))
+        and e["refusals"] >= 1
+        and all(_is_number(e.get(t)) for t in ("since", "at", "next_at"))
+        for k, e in v.items()
+    )
+
+
 def _is_rollout(v: Any) -> bool:
     return (
         isinstance(v, dict)
@@ -267,6 +286,11 @@ _EXTRA_RULES: dict[str, Rule] = {
             "an object of root -> since, retry_at (times), failures (a count) and reason (text)",
             _is_failing_roots,
         )
+    ),
+    QUOTA_KEY: (
+        "an object of 'cloud/region/market' -> {reason (text), refusals (a positive integer), "
+        "since, at, next_at (times)}",
+        _is_quota_table,
     ),
     ROLLOUT_KEY: _or_null(
         (

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from skyhedge.clouds import QuotaRefusal, quota_refusal
 from skyhedge.controller.loop import Controller, ControllerOptions
 from skyhedge.controller.ports import ExecResult, root_key
 from skyhedge.errors import RoutingError
@@ -79,6 +80,22 @@ class Clock:
         self.now += seconds
 
 
+#: The clouds' own words for a launch over quota (terraform-provider-aws's RunInstances error;
+#: terraform-provider-google's insert operation error), by (cloud, market).
+QUOTA_ERRORS = {
+    ("aws", "spot"): "creating EC2 Instance: operation error EC2: RunInstances, https response error "
+    "StatusCode: 400, RequestID: 0, api error MaxSpotInstanceCountExceeded: Max spot instance count exceeded",
+    ("aws", "on-demand"): "creating EC2 Instance: operation error EC2: RunInstances, https response error "
+    "StatusCode: 400, RequestID: 0, api error VcpuLimitExceeded: You have requested more vCPU capacity than "
+    "your current vCPU limit of 0 allows for the instance bucket that the specified instance type "
+    "belongs to.",
+    ("gcp", "spot"): "Error waiting for instance to create: Quota 'PREEMPTIBLE_NVIDIA_L4_GPUS' exceeded. "
+    "Limit: 0.0 in region us-central1.",
+    ("gcp", "on-demand"): "Error waiting for instance to create: Quota 'NVIDIA_L4_GPUS' exceeded. "
+    "Limit: 0.0 in region us-central1.",
+}
+
+
 class FakeExecutor:
     """A fake Terraform: keeps {root_key: {replica_id: zone}} and records outcomes like the real one."""
 
@@ -91,6 +108,27 @@ class FakeExecutor:
         # every apply fails with this error, naming no replica (Terraform's state lock held), until cleared
         self.root_broken: str | None = None
         self.crash_next = False
+        # (region, market) -> how many replicas of that market the account's quota lets run in
+        # the region (0: none): launches past it are refused with `QUOTA_ERRORS`' words for the
+        # cloud and market, read by the cloud's `quota.py` as the real executor reads them
+        self.quota: dict[tuple[str, str], int] = {}
+
+    def _over_quota(self, state: ServiceState, r: Any, taken: dict[tuple[str, str], int]) -> bool:
+        """Whether launching `r` passes its region's quota; `taken` counts, per (region, market),
+        the replicas running when this apply began and those it launched."""
+        key = (r.location.region, r.market.value)
+        if key not in self.quota:
+            return False
+        if key not in taken:
+            taken[key] = sum(
+                1
+                for rec in state.live()
+                if (rec.region, rec.market) == key and rec.provisioned_at is not None
+            )
+        if taken[key] >= self.quota[key]:
+            return True
+        taken[key] += 1
+        return False
 
     def apply(self, state: ServiceState, plan: Plan, now: float) -> ExecResult:
         self.calls.append(sorted(r.id for r in plan.desired))
@@ -105,6 +143,8 @@ class FakeExecutor:
             text, self.fail_next = self.fail_next, None
             return ExecResult(errors=(text,))
         refused: list[str] = []
+        quota: list[tuple[str, QuotaRefusal]] = []
+        planned: dict[tuple[str, str], int] = {}
         applied = set()
         for r in plan.replicas:
             key = root_key(r.root)
@@ -118,7 +158,19 @@ class FakeExecutor:
                 continue
             if r.id in tf:
                 continue
-            if r.location.zone in self.refuse_zones and r.market.value == "spot":
+            over = self._over_quota(state, r, planned)
+            if over:
+                text = QUOTA_ERRORS[(r.location.cloud, r.market.value)]
+                found = quota_refusal(
+                    r.location.cloud,
+                    text,
+                    region=r.location.region,
+                    market=r.market.value,
+                    instance_type=rec.instance_type,
+                )
+                assert found is not None, text
+                quota.append((r.id, found))
+            if over or (r.location.zone in self.refuse_zones and r.market.value == "spot"):
                 refused.append(r.id)
                 rec.gone_at, rec.reason = now, "failed"
                 state.record_event(ZoneEvent(EventKind.LAUNCH_FAILED, rec.location, now, r.id))
@@ -131,7 +183,9 @@ class FakeExecutor:
             for rid in list(tf):
                 if state.replicas[rid].gone_at is not None:
                     del tf[rid]
-        return ExecResult(applied=tuple(sorted(applied)), launch_failures=tuple(refused))
+        return ExecResult(
+            applied=tuple(sorted(applied)), launch_failures=tuple(refused), quota_refusals=tuple(quota)
+        )
 
     def ids(self) -> set[str]:
         return {rid for root in self.tf.values() for rid in root}

@@ -541,6 +541,7 @@ def test_status_of_a_service_never_applied(tmp_path: Path):
         "autoscaler": None,
         "rollout": None,
         "failing_roots": None,
+        "quota": None,
     }
 
 

@@ -45,6 +45,7 @@ from skyhedge.spec import ServiceSpec, load_spec, service_name_in
 from skyhedge.state import (
     FAILING_ROOTS_KEY,
     LAUNCH_HOLD_KEY,
+    QUOTA_KEY,
     ROLLOUT_KEY,
     ReplicaRecord,
     ServiceState,
@@ -412,15 +413,18 @@ def status_json(
     autoscaler: dict[str, Any] | None = None,
     rollout: dict[str, Any] | None = None,
     failing_roots: dict[str, Any] | None = None,
+    quota: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """The documented `status --json` object: `service`, `replicas` (rows), `router`, `watcher`
     (the running watcher's record, or null), `local_capacity` (null: every local zone open),
     `launch_hold` (the watcher holding new launches back: `until`, `reason`; null: none) and
     `autoscaler` (its target, the rate it is based on, the wish pending; null: autoscaling off)
     and `rollout` (the rolling update or placement move the watcher last saw in progress, and
-    whether it is stalled: `state.extra["rollout"]`; null: none) and `failing_roots` (the
+    whether it is stalled: `state.extra["rollout"]`; null: none), `failing_roots` (the
     Terraform roots, one per cloud region, whose applies the running watcher sees failing: root
-    -> `since`, `failures` in a row, `retry_at`, `reason`; null: none, or no watcher runs)."""
+    -> `since`, `failures` in a row, `retry_at`, `reason`; null: none, or no watcher runs) and
+    `quota` (the account quotas the watcher found used up, whose launches wait: `quota_status`;
+    null: none)."""
     return {
         "service": service_name,
         "replicas": rows,
@@ -431,7 +435,23 @@ def status_json(
         "autoscaler": autoscaler,
         "rollout": rollout,
         "failing_roots": failing_roots,
+        "quota": quota,
     }
+
+
+def quota_status(state: ServiceState) -> list[dict[str, Any]] | None:
+    """The account quotas the watcher last found used up (`state.extra[QUOTA_KEY]`), one per
+    cloud, region (null: every region of the cloud) and market: the cloud's one line naming the
+    quota and where to raise it, since when and how many refusals in a row, the last one (`at`)
+    and when launches there are asked again (`next_at`). None when none is known."""
+    table = state.extra.get(QUOTA_KEY)
+    if not isinstance(table, dict) or not table:
+        return None
+    out = []
+    for key, entry in sorted(table.items()):
+        cloud, region, market = key.split("/")
+        out.append({"cloud": cloud, "region": None if region == "*" else region, "market": market, **entry})
+    return out
 
 
 def autoscaler_status(spec: ServiceSpec, state: ServiceState) -> dict[str, Any] | None:
@@ -582,6 +602,7 @@ def status(spec: Path, state_dir: Path | None, as_json: bool, include_gone: bool
     hold = launch_hold(state, time.time())
     rollout = current_rollout(state)
     failing = failing_roots(state, watcher)
+    quota = quota_status(state)
     scaler = autoscaler_status(loaded, state) if loaded is not None else None
     # --json: the object alone, for scripts
     note = None if as_json else no_state_note(sdir, name, given=state_dir is not None)
@@ -589,8 +610,8 @@ def status(spec: Path, state_dir: Path | None, as_json: bool, include_gone: bool
         echo(note, err=True)
     if as_json:
         record = watcher.to_json() if watcher is not None else None
-        printed = status_json(name, rows, router, record, held_back, hold, scaler, rollout, failing)
-        echo(strict_json(printed, indent=2))
+        shown = status_json(name, rows, router, record, held_back, hold, scaler, rollout, failing, quota)
+        echo(strict_json(shown, indent=2))
         return
     table = Table(title=Text(f"skyhedge status: {name}"))
     # One location column keeps the endpoint readable (unwrapped) in an 80-column terminal.
@@ -648,6 +669,10 @@ def status(spec: Path, state_dir: Path | None, as_json: bool, include_gone: bool
         console.print(f"Rolling update: {rollout_line(rollout)}", markup=False)
     for key, outage in sorted((failing or {}).items()):
         console.print(f"Failing: {_describe_failing(key, outage)}", markup=False, soft_wrap=True)
+    for entry in quota or ():
+        times = f"{entry['refusals']} refusal(s) since {clock_time(entry['since'])}"
+        again = f"asked again at {clock_time(entry['next_at'])}"
+        console.print(f"Quota: {entry['reason']} ({entry['market']}; {times}; {again})", markup=False)
     if scaler is not None:
         console.print(f"Autoscaler: {_describe_autoscaler(scaler)}", markup=False)
 

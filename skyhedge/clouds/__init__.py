@@ -6,7 +6,7 @@ with the `CloudRenderer` shape below; with a module `modules/<module_name>/`, a 
 `templates/terraform/providers/<name>.tf.j2` and a catalog `skyhedge/catalog/data/<name>.json`,
 that is all a new cloud needs: the folder *is* the registration (`cloud_names` lists the folders
 that hold a `render.py`; the spec, the state and the catalog take exactly those names). The
-other files of a cloud folder (`logs.py`, `leftovers.py`) are optional and found through
+other files of a cloud folder (`logs.py`, `leftovers.py`, `quota.py`) are optional and found through
 `cloud_module` by their users.
 
 A cloud that lives outside skyhedge names its Python package and, since it has no place in
@@ -198,6 +198,36 @@ class CloudSpecSection:
         return None
 
 
+#: Where a quota holds: every zone of the launch's region, or every region of the cloud (a
+#: project's or account's quota across regions, GCP's `GPUS_ALL_REGIONS`).
+QUOTA_SCOPES = ("region", "cloud")
+
+
+@dataclass(frozen=True)
+class QuotaRefusal:
+    """A launch refused because an account's quota is used up, not because a zone is out of
+    capacity: it holds for a whole region (or cloud) and until a person raises it, so the
+    watcher stops asking zone by zone. `reason` is one line naming the quota, where it holds
+    and where to raise it; `scope` one of QUOTA_SCOPES."""
+
+    reason: str
+    scope: str = "region"
+
+
+def quota_refusal(
+    cloud: str, text: str, *, region: str, market: str, instance_type: str | None = None
+) -> QuotaRefusal | None:
+    """What a launch's refusal `text` says of a quota, by the cloud's optional `quota.py`
+    (`refusal(text, region=, market=, instance_type=)`), None when it is no quota refusal (a
+    stock-out) or the cloud has no such file: each cloud knows its own error codes, and where
+    its users raise a quota."""
+    module = cloud_module(cloud, "quota")
+    if module is None:
+        return None
+    found = module.refusal(text, region=region, market=market, instance_type=instance_type)
+    return found if isinstance(found, QuotaRefusal) and found.scope in QUOTA_SCOPES else None
+
+
 from skyhedge.clouds.registry import (  # noqa: E402 - after CloudRenderer, which it names
     ENTRY_POINT_GROUP,
     CloudPackage,
@@ -219,6 +249,7 @@ __all__ = [
     "CloudPackage",
     "CloudRenderer",
     "CloudSpecSection",
+    "QuotaRefusal",
     "RenderContext",
     "builtin_clouds",
     "cloud_module",
@@ -228,6 +259,7 @@ __all__ = [
     "forget_plugins",
     "get_cloud",
     "plugin_clouds",
+    "quota_refusal",
     "register_cloud",
     "repository_top",
     "tree_path",

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from skyhedge.apply import Workspace, absorb_result, changed_roots, instance_types, roots_with_resources
+from skyhedge.clouds import QuotaRefusal
 from skyhedge.controller.ports import ExecResult
 from skyhedge.engine import ApplyResult, EventCallback, Terraform, run_parallel
 from skyhedge.errors import EngineError, first_line
@@ -78,6 +79,7 @@ class TerraformExecutor:
         errors: list[str] = []
         failed_roots: list[str] = []  # failed for another reason than capacity
         refused: list[str] = []
+        quota: list[tuple[str, QuotaRefusal]] = []  # those of them an account quota refused
         named: list[str] = []  # replicas an error names: their own launch failed
         detail: list[str] = []
         revision = revision_digests(self.spec)  # what a replica launched here records
@@ -91,6 +93,7 @@ class TerraformExecutor:
                 continue
             failures = absorb_result(state, root, result, now, revision=revision(root.cloud))
             refused += [f.replica_id for f in failures]
+            quota += [(f.replica_id, f.quota) for f in failures if f.quota is not None]
             if not result.ok:
                 said = len(errors)
                 failed_ids = {f.replica_id for f in failures}
@@ -119,6 +122,7 @@ class TerraformExecutor:
             applied=tuple(r.path for r in changed),
             errors=tuple(errors),
             launch_failures=tuple(refused),
+            quota_refusals=tuple(quota),
             detail="\n".join(d for d in detail if d),
             warnings=cleared.warnings + freed.warnings,
             # (a root whose run raised, or failed naming no replica, reached none of them)

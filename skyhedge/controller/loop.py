@@ -41,6 +41,7 @@ from typing import Any
 
 from skyhedge import autoscaler
 from skyhedge.apply import UNROUTED_KEY, held_replicas, record_plan, reopen_unfinished_deletes
+from skyhedge.clouds import QuotaRefusal
 from skyhedge.controller.facts import (
     NOT_READY_GRACE_SECONDS,
     UNPROBED_SECONDS,
@@ -101,6 +102,7 @@ from skyhedge.spec import (
 from skyhedge.state import (
     FAILING_ROOTS_KEY,
     LAUNCH_HOLD_KEY,
+    QUOTA_KEY,
     RECORD_FIELDS,
     ROLLOUT_KEY,
     STATE_FILE,
@@ -186,6 +188,18 @@ SPOT_RETRY_MAX_SECONDS = 300.0
 #: the refusals in a row there and when the last was (`Controller._spot_refused`), so that a
 #: restarted watcher resumes each pause where it was.
 SPOT_PAUSES_KEY = "spot_pauses"
+# At a quota: an account quota used up (`ExecResult.quota_refusals`: EC2's
+# MaxSpotInstanceCountExceeded or VcpuLimitExceeded, Compute's "Quota 'PREEMPTIBLE_NVIDIA_L4_GPUS'
+# exceeded. Limit: 0.0 in region us-central1") refuses every launch of its market in its region
+# (or, for a quota across regions, in the cloud) until a person raises it. After one such answer
+# none is asked there for `spot_retry` seconds, doubling with each further one up to
+# `max_spot_retry` (the drought's schedule, so a raised quota is taken within 5 min), whether or
+# not the service is short of them (asking sooner cannot succeed): one pause for the region, not
+# one per zone. Said once, with the quota's name and where to raise it, and kept for `status`
+# (`state.extra[QUOTA_KEY]`) until a launch there succeeds. Before, each was a zone's stock-out:
+# "no spot capacity" per refused replica (on-demand ones too), zone by zone, and a spot-only
+# policy asked at every apply (1 s doubling to 60 s) for as long as the quota lasted (measured in
+# docs/controller.md, "At a quota").
 #: The wall clock moving this much more (or less) than the monotonic clock between two passes is a
 #: jump (NTP stepping it, an operator setting it): the controller's timers are moved with it
 #: (`Controller._follow_clock`). NTP slews offsets under 128 ms and steps larger ones.
@@ -604,6 +618,10 @@ class Controller:
         # where the last on-demand launch was refused (quota, capacity): an on-demand launch
         # planned there covers no paused spot launch (`_pace_spot`) until one there succeeds
         self._ondemand_refused: set[Location] = set()
+        # quotas found used up, "cloud/region/market" (region "*": the cloud's) -> {reason, since,
+        # refusals, at, next_at}: no launch there until next_at (`_pace_quota`); kept in the state
+        # (QUOTA_KEY) for `status` and a restarted watcher; dropped at a launch there that succeeds
+        self._quota: dict[str, dict[str, Any]] = {}
         self._routing_failed = False
         self._listeners: list[Callable[[Controller], None]] = []
         self._refresh = False  # a reloaded spec: apply and route on the next pass
@@ -1125,6 +1143,10 @@ class Controller:
             loc: (n, at + jump if moved(at) else at) for loc, (n, at) in self._spot_refused.items()
         }
         self._keep_spot_pauses()
+        for entry in self._quota.values():
+            for name in ("since", "at", "next_at"):
+                entry[name] = entry[name] + jump if moved(entry[name]) else entry[name]
+        self._keep_quota()
         for source in [*self.sources, *self._retiring]:
             shift = getattr(source, "shift_times", None)
             if shift is None:
@@ -1441,12 +1463,17 @@ class Controller:
                     self._spot_refused.pop(rec.location, None)  # capacity there: asked at once again
                 else:
                     self._ondemand_refused.discard(rec.location)
+                self._lift_quota(rec, done)
                 if self.options.assume_ready and rec.ready_at is None:
                     rec.ready_at = done
+        by_quota = dict(result.quota_refusals)
         for rid in result.launch_failures:
             rec = st.replicas.get(rid)
-            zone = rec.zone if rec is not None else "?"
-            self.note(f"launch of {rid} refused in {zone}: no spot capacity, re-planning", done)
+            if rid in by_quota:
+                continue  # said once per quota (`_note_quota`), not per replica and zone
+            zone, market = (rec.zone, rec.market) if rec is not None else ("?", "spot")
+            self.note(f"launch of {rid} refused in {zone}: no {market} capacity, re-planning", done)
+        self._note_quota(result, done)
         self._note_spot_refusals(result, done)
         self._keep_spot_pauses()
         if not is_gitops(st):
@@ -1779,6 +1806,8 @@ class Controller:
                 )
         self._load_probes()
         self._load_spot_pauses()
+        quota = self.state.extra.get(QUOTA_KEY)  # (its shape checked when the state was read)
+        self._quota = {k: dict(v) for k, v in quota.items()} if isinstance(quota, dict) else {}
         self._keep_unrouted()
         self._keep_earlier_probes()
 
@@ -2122,8 +2151,9 @@ class Controller:
         """Count this apply's refused spot launches per zone (one apply's refusals in a zone are
         one refusal: the zone said no once) and say how long spot launches there now wait."""
         zones: dict[Location, int] = {}
+        by_quota = dict(result.quota_refusals)  # (paced per region: `_note_quota`)
         for rid in result.launch_failures:
-            rec = self.state.replicas.get(rid)
+            rec = self.state.replicas.get(rid) if rid not in by_quota else None
             if rec is not None and Market(rec.market) is Market.SPOT:
                 zones[rec.location] = zones.get(rec.location, 0) + 1
             elif rec is not None:
@@ -2181,6 +2211,7 @@ class Controller:
         (quota) and a replica whose launch failed are no cover: they may fail again."""
         self._spot_due = None
         self._spot_held = set()
+        plan = self._pace_quota(plan, now)
         if not self._spot_refused:
             return plan
         dues = {
@@ -2204,7 +2235,8 @@ class Controller:
             del dues[rid]  # the service is short without it: asked now
         if not dues:
             return plan
-        self._spot_due = now + min(dues.values())
+        due = now + min(dues.values())
+        self._spot_due = due if self._spot_due is None else min(self._spot_due, due)
         self._spot_held = {r.location for r in plan.replicas if r.id in dues}
         kept = tuple(r for r in plan.replicas if r.id not in dues)
         launches = any(r.action == CREATE for r in kept)
@@ -2292,6 +2324,94 @@ class Controller:
                     )
         if refused:
             self._note_spot_refusals(ExecResult(launch_failures=tuple(refused)), at)
+
+    def _quota_wait(self, loc: Location, market: Market, now: float) -> float:
+        """Seconds before a launch on `market` into `loc` is asked again after its region's (or
+        cloud's) quota refused one (0: now). A time ahead of the clock counts from now."""
+        wait = 0.0
+        for key in (f"{loc.cloud}/{loc.region}/{market.value}", f"{loc.cloud}/*/{market.value}"):
+            entry = self._quota.get(key)
+            if entry is not None:
+                pause = self._spot_pause(int(entry["refusals"]))
+                wait = max(wait, min(pause, float(entry["next_at"]) - now))
+        return wait
+
+    def _pace_quota(self, plan: Plan, now: float) -> Plan:
+        """`plan` without its launches into a region (or cloud) whose quota for their market is
+        used up and not due to be asked again (`_quota_wait`), covered or not: asking sooner is
+        refused again, whatever the service is short of (a stock-out may end any minute; a quota
+        waits for a person)."""
+        if not self._quota:
+            return plan
+        dues = {
+            r.id: wait
+            for r in plan.replicas
+            if r.action == CREATE and (wait := self._quota_wait(r.location, r.market, now)) > 0
+        }
+        if not dues:
+            return plan
+        self._spot_due = now + min(dues.values())
+        kept = tuple(r for r in plan.replicas if r.id not in dues)
+        launches = any(r.action == CREATE for r in kept)
+        return replace(plan, replicas=kept, next_id=plan.next_id if launches else self.state.next_id)
+
+    def _note_quota(self, result: ExecResult, at: float) -> None:
+        """Record this apply's quota refusals, one per region (or cloud) and market, however many
+        replicas and zones it refused there: every launch of that market there waits
+        (`_pace_quota`), where per-zone pauses asked each zone apart and a launch the service was
+        short of at every apply. Said once per quota (again only when its words change), at
+        WARNING, with the quota and where to raise it. (The policy is told only of the zones
+        asked: telling it every zone of the region changed no measured figure, the policies
+        asking a region's zones together or ignoring the events.)"""
+        found: dict[str, tuple[QuotaRefusal, list[ReplicaRecord]]] = {}
+        for rid, refusal in result.quota_refusals:
+            rec = self.state.replicas.get(rid)
+            if rec is None:
+                continue
+            region = rec.region if refusal.scope == "region" else "*"
+            found.setdefault(f"{rec.cloud}/{region}/{rec.market}", (refusal, []))[1].append(rec)
+        for key, (refusal, recs) in sorted(found.items()):
+            before = self._quota.get(key)
+            count = int(before["refusals"]) + 1 if before is not None else 1
+            wait = self._spot_pause(count) if self.options.spot_retry > 0 else 0.0
+            self._quota[key] = {
+                "reason": refusal.reason,
+                "since": float(before["since"]) if before is not None else at,
+                "refusals": count,
+                "at": at,
+                "next_at": at + wait,
+            }
+            cloud, region, market = key.split("/")
+            if before is None or before["reason"] != refusal.reason:
+                ids = ", ".join(sorted((r.id for r in recs), key=replica_order))
+                where = region if region != "*" else f"every {cloud} region"
+                self.note(
+                    f"launch of {ids} refused: {refusal.reason}; {market} launches in {where} wait "
+                    f"until one succeeds (asked again in {wait:.0f}s, then at most every "
+                    f"{self.options.max_spot_retry:.0f}s)",
+                    at,
+                    level=logging.WARNING,
+                )
+            else:
+                log.debug("%s: %s refused again (%d in a row)", self.spec.name, key, count)
+        if found:
+            self._keep_quota()
+
+    def _lift_quota(self, rec: ReplicaRecord, at: float) -> None:
+        """A launch that succeeded where a quota refused: raised (or freed), said once."""
+        for key in (f"{rec.cloud}/{rec.region}/{rec.market}", f"{rec.cloud}/*/{rec.market}"):
+            entry = self._quota.pop(key, None)
+            if entry is not None:
+                where = rec.region if "/*/" not in key else f"{rec.cloud}'s regions"
+                self.note(f"{rec.market} launches in {where} succeed again ({rec.id}): quota raised", at)
+                self._keep_quota()
+
+    def _keep_quota(self) -> None:
+        """Mirror `_quota` into the state (written with the pass that changed it)."""
+        if self._quota:
+            self.state.extra[QUOTA_KEY] = {k: dict(v) for k, v in sorted(self._quota.items())}
+        else:
+            self.state.extra.pop(QUOTA_KEY, None)
 
     def _backoff(self) -> float:
         """How long failed applies wait before the next one: busy_interval doubling per failure."""

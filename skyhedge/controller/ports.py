@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from skyhedge.clouds import QuotaRefusal
 from skyhedge.planner import Plan
 from skyhedge.state import ReplicaRecord, ServiceState
 
@@ -27,6 +28,9 @@ class ExecResult:
     `applied`: root keys applied (fully or partly); `errors`: one line per root that failed for a
     reason other than capacity (retried with backoff); `launch_failures`: replica IDs whose launch
     was refused for capacity or quota (recorded gone with a LAUNCH_FAILED zone event);
+    `quota_refusals`: (replica ID, what its cloud says of the quota) for those of
+    `launch_failures` refused because an account quota is used up (a whole region's, or cloud's,
+    until a person raises it), not a zone's capacity;
     `detail`: the engine's full error text, for the log; `warnings`: lines noted as warnings
     (machines an interrupted run left, removed before Terraform ran, or lookups that failed).
 
@@ -47,6 +51,7 @@ class ExecResult:
     applied: tuple[str, ...] = ()
     errors: tuple[str, ...] = ()
     launch_failures: tuple[str, ...] = ()
+    quota_refusals: tuple[tuple[str, QuotaRefusal], ...] = ()
     detail: str = ""
     note: str = ""
     warnings: tuple[str, ...] = ()
