@@ -51,6 +51,8 @@ def bench(tmp_path: Path, script: str, *args: str, timeout: float = 60) -> subpr
         ("autoscaler_replay.py", ["--tolerance", "1"]),
         ("policy_subsets.py", [".", "--seeds", "x"]),
         ("policy_subsets.py", [".", "--seeds", "3-1"]),
+        ("memory_bench.py", ["--cycles", "0"]),
+        ("memory_bench.py", ["--refreshes", "0"]),
     ],
 )
 def test_a_count_out_of_range_is_one_usage_error(tmp_path, script, args):

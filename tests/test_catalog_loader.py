@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import os
+import weakref
 from pathlib import Path
 
 import pytest
@@ -221,6 +223,30 @@ def test_parse_cache_sees_a_rewritten_file(empty_cache_dir: Path) -> None:
     later = path.stat().st_mtime_ns + 10_000_000  # make the change visible even on coarse clocks
     os.utime(path, ns=(later, later))
     assert load_catalog("local").offer("m", "r1-a").spot_price == 0.125  # type: ignore[union-attr]
+
+
+def test_a_long_running_process_keeps_one_parsed_catalog_however_often_it_is_refreshed(
+    empty_cache_dir: Path,
+) -> None:
+    """A watcher runs for months while `catalog refresh` rewrites the user catalog (a daily cron,
+    say), and loads the catalog again after each (a spec reload, a render looking up a GPU or a
+    subnet). Every version it parsed was kept, keyed by the file's stamp: one parsed catalog more
+    per refresh (174 kB for the bundled AWS one) for the process's life. Only the current one may
+    stay alive."""
+    path = empty_cache_dir / "local.json"
+    seen: list[weakref.ref] = []
+    for i in range(20):
+        data = minimal("local")
+        data["offers"][0]["spot_price"] = 0.5 + i / 100
+        path.write_text(json.dumps(data))
+        stamp = 1_700_000_000_000_000_000 + i * 1_000_000_000  # each refresh a second later
+        os.utime(path, ns=(stamp, stamp))
+        catalog = load_catalog("local")
+        assert catalog.offer("m", "r1-a").spot_price == 0.5 + i / 100  # type: ignore[union-attr]
+        seen.append(weakref.ref(catalog))
+    del catalog
+    gc.collect()
+    assert [ref() is not None for ref in seen] == [False] * 19 + [True]
 
 
 def test_write_is_atomic_and_round_trips(tmp_path: Path) -> None:
