@@ -65,6 +65,7 @@ from skyhedge.leftovers import (
     explained,
     free_taken_names,
     instances_left_unsaved,
+    lost_replicas,
     unsaved_replicas,
 )
 from skyhedge.planner import CREATE, DELETE, KEEP, Plan, PlannedReplica, by_replica_id, replica_order
@@ -395,9 +396,8 @@ def notice_dead_local_replicas(
     """Record local replicas whose process died since the state was written (a preemption, a
     crash) as gone; returns one line per replica. Without a watcher nothing else would notice:
     Terraform's refresh cannot (a `terraform_data` launch has no remote object to read), so
-    `apply` said "No changes" and kept routing to the dead replica. (VM clouds need no such step
-    here: their refresh sees a terminated instance and Terraform replaces it.) Replicas in
-    `skip` are not judged."""
+    `apply` said "No changes" and kept routing to the dead replica. (VMs deleted outside
+    skyhedge: `notice_gone_replicas`.) Replicas in `skip` are not judged."""
     skipped = set(skip)
     live = [r for r in state.live() if r.id not in skipped]
     if not any(r.cloud == "local" for r in live):
@@ -852,6 +852,54 @@ def _noop(_: str) -> None:
     pass
 
 
+def notice_gone_replicas(
+    spec: ServiceSpec, state: ServiceState, state_dir: Path, now: float
+) -> tuple[list[str], list[str]]:
+    """Record live replicas that no longer run as gone, asking each cloud they are on once, as a
+    watcher's pass does (its `events.py`'s source: `reconcile` where it has one, a VM listing,
+    else `poll`); returns (one line per replica recorded gone, one warning per cloud that could
+    not be asked).
+
+    Why every cloud and not only the local one: `apply` runs Terraform only in a root whose
+    files changed, so Terraform's refresh never saw a VM terminated outside skyhedge (from the
+    console, `aws ec2 terminate-instances`, a GCP instance deleted): `plan` showed it kept and
+    `apply` said "No changes" while the service ran a replica short, until something else
+    changed the root (measured on moto). Recorded gone here, the policy replaces it under a new
+    ID, as a watcher would. A cloud that cannot be asked (no credentials, no project) only
+    warns: its replicas are then judged by the state, as before."""
+    from skyhedge.clouds import cloud_module
+    from skyhedge.controller.facts import ingest
+    from skyhedge.events import Signal
+
+    lines = notice_dead_local_replicas(state, state_dir, now)  # every local one, launched or not
+    # Only replicas whose machine was recorded: one never read back is the leftovers' business
+    # (`unsaved_replicas`), and a fresh apply asks no cloud anything.
+    by_cloud: dict[str, list[ReplicaRecord]] = {}
+    for rec in state.live():
+        if rec.cloud_id:
+            by_cloud.setdefault(rec.cloud, []).append(rec)
+    gone: list[Any] = []
+    warnings: list[str] = []
+    for cloud, mine in sorted(by_cloud.items()):
+        try:
+            module = cloud_module(cloud, "events")
+            make = getattr(module, "event_source", None) if module is not None else None
+            source = make(spec, state_dir, {cloud: {r.zone: r.region for r in mine}}) if make else None
+            if source is None:
+                continue
+            try:
+                look = getattr(source, "reconcile", None) or source.poll
+                gone += [e for e in look(now, mine) if e.signal is Signal.GONE]
+            finally:
+                source.close()
+        except Exception as exc:  # a cloud that cannot be asked must not stop the apply
+            warnings.append(
+                f"{cloud}: could not check which replicas still run ({first_line(str(exc))}); "
+                "those gone since the state was written are replaced once a watcher or apply sees them"
+            )
+    return lines + ingest(state, gone, now), warnings
+
+
 def apply_service(
     spec: ServiceSpec,
     state_dir: Path,
@@ -888,8 +936,14 @@ def apply_service(
         state = load_state(ws.state_dir, spec.name)
         if reopened := reopen_unfinished_deletes(state):
             say(f"{', '.join(reopened)}: deletes a killed run left unfinished; the plan decides again")
-        for note in notice_dead_local_replicas(state, ws.state_dir, clock()):
+        live_before = state.live()
+        notes, unasked = notice_gone_replicas(spec, state, ws.state_dir, clock())
+        for note in notes:
             say(note)
+        report.warnings += unasked
+        # found gone with a recorded machine: a run killed while it re-created one under its ID
+        # left a machine tagged for it, looked for (as a watcher does) once a step dropped it
+        lost = lost_replicas(state, live_before)
         # the probes of the outdated replicas (mid rolling update), kept by a watcher or an earlier
         # apply: probed with the spec's, they failed it (an earlier health path). And the probe
         # this apply moves away from, kept for them as a watcher's reload keeps it: recorded with
@@ -934,7 +988,10 @@ def apply_service(
                 say(probe_taken)
                 probe_taken = None
             # (a replica whose create was blocked has its own error naming what holds it)
-            unsaved = [r for r in [*unsaved, *step.recreated.replicas] if r.id not in step.blocked]
+            holding = held_replicas(state)
+            dropped = [r for r in lost if r.id not in holding.get(f"{r.cloud}/{r.region}", ())]
+            lost = [r for r in lost if r not in dropped]
+            unsaved = [r for r in [*unsaved, *step.recreated.replicas, *dropped] if r.id not in step.blocked]
             if unsaved:
                 report.warnings += instances_left_unsaved(spec, state, unsaved, spare=step.recreated.before)
             unsaved = []

@@ -648,6 +648,33 @@ def _explain_lock(root: TerraformRoot, diags: tuple[Diagnostic, ...]) -> tuple[D
     return tuple(replace(d, detail=f"{said}\n{d.detail}") if d.summary == _LOCK_HELD else d for d in diags)
 
 
+#: Terraform's dependency lock file, in the root's folder: the provider versions and checksums.
+DEPENDENCY_LOCK_FILE = ".terraform.lock.hcl"
+#: What Terraform says of providers that do not match the dependency lock file (an edited one):
+#: `init` of a checksum or a version it cannot find, any other command of what `init` installed.
+_LOCK_FILE_MISMATCH = (
+    "checksums previously recorded in the dependency lock file",
+    "does not match any of the checksums recorded in the dependency lock file",
+    "not consistent with the packages selected in the dependency lock file",
+    "locked provider",
+)
+
+
+def _explain_lock_file(root: TerraformRoot, text: str) -> str | None:
+    """One line naming the root's dependency lock file and the way out, when Terraform's error
+    `text` is about providers not matching it, else None. Terraform names neither the file nor
+    what to do ("Required plugins are not installed ... You must install the required plugins")."""
+    flat = " ".join(text.split())  # Terraform wraps its diagnostics at 78 columns
+    if not any(marker in flat for marker in _LOCK_FILE_MISMATCH):
+        return None
+    path = root.path / DEPENDENCY_LOCK_FILE
+    return (
+        f"{root.name}: the providers do not match Terraform's dependency lock file {path} (edited by "
+        "hand?): put back the one you trust (it pins each provider's version and checksums), or "
+        "remove it to have the next run record the providers it installs"
+    )
+
+
 def _damaged_backend_file(data_dir: Path) -> Path | None:
     """`<TF_DATA_DIR>/terraform.tfstate` (the backend settings `terraform init` recorded; no
     resource is in it) when it is there but not a JSON object: empty or cut short."""
@@ -659,6 +686,11 @@ def _damaged_backend_file(data_dir: Path) -> Path | None:
     except (OSError, UnicodeDecodeError, ValueError):
         return path
     return None if isinstance(doc, dict) else path
+
+
+#: The state format (the state's `version`) every Terraform since 0.12 reads and writes (1.15.5,
+#: the embedded engine, included); a later format is one this Terraform cannot read.
+STATE_FORMAT = 4
 
 
 def local_state_problem(root: TerraformRoot) -> str | None:
@@ -678,7 +710,7 @@ def local_state_problem(root: TerraformRoot) -> str | None:
     if not text.strip():
         return None
     try:
-        json.loads(text)
+        doc = json.loads(text)
     except ValueError as exc:
         backup = path.with_name(path.name + ".backup")
         if not backup.exists():
@@ -694,6 +726,17 @@ def local_state_problem(root: TerraformRoot) -> str | None:
             f"{root.name}: Terraform's state {path} is not valid JSON ({exc}); restore it from "
             f"{backup} if that is intact (it is the state before the last Terraform run: replicas "
             "that run launched are then launched again), or remove it only if nothing it tracked still runs"
+        )
+    fmt = doc.get("version") if isinstance(doc, dict) else None
+    if isinstance(fmt, int) and not isinstance(fmt, bool) and fmt > STATE_FORMAT:
+        # Terraform says "Error acquiring the state lock" of it too, and offers -lock=false
+        by = doc.get("terraform_version")
+        return (
+            f"{root.name}: Terraform's state {path} is in format {fmt}"
+            + (f", written by Terraform {by}" if isinstance(by, str) and by else "")
+            + f", which this Terraform (format {STATE_FORMAT}) cannot read: run with that Terraform or a "
+            "newer one (--terraform-bin PATH, or $SKYHEDGE_TERRAFORM); never remove the file (the next "
+            "apply would launch every replica it tracks again)"
         )
     return None
 
@@ -1071,10 +1114,19 @@ class Terraform:
         return done, events
 
     def _init_key(self, root: TerraformRoot) -> str:
+        """What `init` depends on. The dependency lock file is part of it: edited by hand or
+        removed, `init` was skipped all the same, and every later command failed ("Required
+        plugins are not installed", "Inconsistent dependency lock file") without naming the
+        file; now `init` runs again, which records a removed one anew and names an edited one
+        (`_explain_lock_file`)."""
         digest = hashlib.sha256()
-        for name in ("main.tf", "backend.tfbackend.json"):
+        for name in ("main.tf", "backend.tfbackend.json", DEPENDENCY_LOCK_FILE):
             path = root.path / name
-            digest.update(name.encode() + b"\0" + (path.read_bytes() if path.is_file() else b""))
+            if path.is_symlink():
+                content = os.readlink(path).encode()  # its target is not read (render refuses one)
+            else:
+                content = path.read_bytes() if path.is_file() else b""
+            digest.update(name.encode() + b"\0" + content)
         digest.update("\0".join([self.description, *root.backend_config]).encode())
         return digest.hexdigest()
 
@@ -1107,13 +1159,20 @@ class Terraform:
             return False
         done = self.run(self.invocation(self.init_args(root), root.path, root))
         if done.exit_code != 0:
+            output = (done.stderr or done.stdout).strip()
             raise EngineError(
-                f"terraform init failed in {root.name}",
-                stderr=(done.stderr or done.stdout).strip(),
+                _explain_lock_file(root, output) or f"terraform init failed in {root.name}",
+                stderr=output,
                 root=root.name,
             )
         marker.parent.mkdir(parents=True, exist_ok=True)
-        marker.write_text(key + "\n", encoding="utf-8")
+        tmp = marker.with_name(f".{marker.name}.{os.getpid()}")
+        try:
+            # after init: the lock file it wrote (a first init, one removed) is part of the key
+            tmp.write_text(self._init_key(root) + "\n", encoding="utf-8")
+            os.replace(tmp, marker)
+        finally:
+            tmp.unlink(missing_ok=True)
         return True
 
     def plan(

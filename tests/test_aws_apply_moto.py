@@ -314,6 +314,72 @@ def test_instances_terraform_lost_are_named_not_terminated_when_it_launches_thei
     ), report.warnings
 
 
+def test_an_instance_terminated_outside_skyhedge_is_shown_by_plan_and_replaced_by_the_next_apply(
+    tmp_path: Path, moto_endpoint: str
+) -> None:
+    """Terminated through the EC2 API (the console, a script, an admin's cleanup), no watcher
+    running: `plan` called it kept and `apply` said "No changes: every Terraform root is up to
+    date" (the root's files had not changed, so Terraform's refresh never ran), while the service
+    ran a replica short (measured). Now both ask EC2 first: the replica is recorded gone and
+    replaced under a new ID, nothing else launched or terminated."""
+    from click.testing import CliRunner
+
+    from skyhedge.cli import main
+
+    spec = one_zone_spec(tmp_path / "service.yaml", "drift", 2)
+    state_dir = tmp_path / "state"
+    assert apply_service(load_spec(spec), state_dir, route=False, wait=False).ok
+    victim, kept = sorted(load_state(state_dir, "drift").live(), key=lambda r: r.id)
+    ec2 = boto3.client("ec2", region_name=REGION, endpoint_url=moto_endpoint)
+    ec2.terminate_instances(InstanceIds=[str(victim.cloud_id)])
+    args = [str(spec), "--state-dir", str(state_dir)]
+
+    planned = CliRunner().invoke(main, ["plan", *args])
+    assert planned.exit_code == 0, planned.output
+    assert "Plan: 1 to create, 1 to keep, 0 to delete." in planned.output
+    assert f"aws-reconcile: gone {victim.id}: instance terminated" in planned.output
+    applied = CliRunner().invoke(main, ["apply", *args, "--auto-approve", "--no-routing", "--no-wait"])
+    assert applied.exit_code == 0, applied.output
+    assert "No changes" not in applied.output and "1 created, 0 destroyed" in applied.output
+    state = load_state(state_dir, "drift")
+    assert state.replicas[victim.id].gone_at is not None
+    [new] = [r for r in state.live() if r.id != kept.id]
+    assert new.id > victim.id and state.replicas[kept.id].cloud_id == kept.cloud_id
+    found = ec2.describe_instances(Filters=[{"Name": "tag:skyhedge:service", "Values": ["drift"]}])
+    states = {i["InstanceId"]: i["State"]["Name"] for r in found["Reservations"] for i in r["Instances"]}
+    assert sorted(i for i, st in states.items() if st == "running") == sorted([kept.cloud_id, new.cloud_id])
+
+
+def test_an_edited_dependency_lock_file_is_named_in_one_line_and_a_removed_one_recorded_again(
+    tmp_path: Path, moto_endpoint: str
+) -> None:
+    """`init` ran once per configuration, so an edited `.terraform.lock.hcl` failed every later
+    apply with "Required plugins are not installed", naming neither the file nor what to do, and
+    a removed one failed every apply with "Inconsistent dependency lock file" (both measured).
+    The lock file is part of what `init` depends on: an edited one is named in the error's first
+    line; a removed one is recorded again and the apply goes on."""
+    import re
+
+    spec_path = tmp_path / "service.yaml"
+    state_dir = tmp_path / "state"
+    first = apply_service(load_spec(one_zone_spec(spec_path, "pins", 1)), state_dir, route=False, wait=False)
+    assert first.ok, first.errors
+    lock = state_dir / "tf" / "tree" / "aws" / REGION / ".terraform.lock.hcl"
+    trusted = lock.read_text()
+    lock.write_text(re.sub(r'"h1:[^"]+"', '"h1:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="', trusted))
+    failed = apply_service(load_spec(one_zone_spec(spec_path, "pins", 2)), state_dir, route=False, wait=False)
+    [error] = failed.errors
+    assert str(error).splitlines()[0] == (
+        f"aws/{REGION}: the providers do not match Terraform's dependency lock file {lock} (edited by "
+        "hand?): put back the one you trust (it pins each provider's version and checksums), or remove "
+        "it to have the next run record the providers it installs"
+    )
+    lock.unlink()
+    again = apply_service(load_spec(spec_path), state_dir, route=False, wait=False)
+    assert again.ok, again.errors
+    assert len(load_state(state_dir, "pins").live()) == 2 and lock.read_text() == trusted
+
+
 def test_a_state_dir_restored_at_another_path_adopts_the_running_instances(
     tmp_path: Path, moto_endpoint: str
 ) -> None:

@@ -249,6 +249,32 @@ def test_an_empty_state_without_a_backup_is_left_alone(engine, tmp_path):
     assert state.read_text() == ""
 
 
+def test_a_state_a_newer_terraform_wrote_in_a_format_this_one_cannot_read_is_named_in_one_line(
+    engine, tmp_path
+):
+    """A state written by a later Terraform in a later format (`version` 5): Terraform called it
+    "Error acquiring the state lock" and offered `-lock=false`; `apply` and every `watch` pass
+    printed that, over several lines. Now one line names the file, the Terraform that wrote it and
+    the way out, and the file is left as it is."""
+    root = make_root(tmp_path, "newer", {"r-0001": False}, backend=True)
+    assert engine.apply(root).ok
+    state = tmp_path / "state" / "newer.tfstate"
+    doc = json.loads(state.read_text())
+    doc.update(version=5, terraform_version="1.99.0")
+    written = json.dumps(doc)
+    state.write_text(written)
+    with pytest.raises(EngineError) as caught:
+        engine.plan(root)
+    said = str(caught.value)
+    assert said == (
+        f"newer: Terraform's state {state} is in format 5, written by Terraform 1.99.0, which this "
+        "Terraform (format 4) cannot read: run with that Terraform or a newer one (--terraform-bin PATH, "
+        "or $SKYHEDGE_TERRAFORM); never remove the file (the next apply would launch every replica it "
+        "tracks again)"
+    )
+    assert "state lock" not in said + caught.value.stderr and state.read_text() == written
+
+
 def _failed_save(engine: Terraform, tmp_path: Path, name: str) -> tuple[TerraformRoot, Path, str, str]:
     """A root whose last apply (three replicas) Terraform could not save: what it leaves behind
     (measured on a full disk): the whole state in `errored.tfstate` in its working directory, the

@@ -267,6 +267,22 @@ def test_reconcile_finds_a_terminated_instance(aws, tmp_path, write_spec):
     assert len(live) == 3 and all(r.zone != victim.zone for r in live)
 
 
+def test_an_instance_whose_tags_were_edited_by_hand_is_not_taken_for_gone(aws, tmp_path, write_spec):
+    """Its service tag removed or changed (in the console, by a tag policy), a replica's instance
+    is no longer in the tag listing: the reconcile called it gone ("instance no longer listed"),
+    and a healthy machine was replaced, then terminated by Terraform. Its recorded ID is looked up
+    before it is judged; terminated, it is gone as before."""
+    ctl, source, clock = _controller(aws, tmp_path, write_spec, reconcile_every=30)
+    ec2 = aws.client("ec2", region_name=REGION)
+    edited, renamed = ctl.state.live()[:2]
+    ec2.delete_tags(Resources=[edited.cloud_id], Tags=[{"Key": "skyhedge:service"}])
+    ec2.create_tags(Resources=[renamed.cloud_id], Tags=[{"Key": "skyhedge:service", "Value": "other"}])
+    assert source.reconcile(clock(), ctl.state.live()) == []
+    ec2.terminate_instances(InstanceIds=[edited.cloud_id])
+    [gone] = source.reconcile(clock(), ctl.state.live())
+    assert (gone.signal, gone.replica_id, gone.detail) == (Signal.GONE, edited.id, "instance terminated")
+
+
 def test_the_reconcile_reads_every_page_of_describe_instances(aws, tmp_path, write_spec):
     """EC2 pages DescribeInstances (`NextToken`); a reconcile that read the first page only would
     take every replica listed on a later one for terminated. Pages of one reservation here (moto

@@ -15,6 +15,7 @@ the google provider (its state per root, the module's names and labels, that 409
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import logging
@@ -142,6 +143,18 @@ class FakeGce:
                 if page + 1 < len(keys):
                     body["nextPageToken"] = str(page + 1)
                 return 200, body
+            if len(rest) == 3 and rest[0] == "zones" and rest[2] in ("instances", "operations"):
+                # a zone's listings, which `apply` reads to find replicas gone since the last run
+                # (no preemption operations here: a deleted instance is just no longer listed)
+                flt = query.get("filter", [""])[0]
+                items = [
+                    inst
+                    for (zone, _name), inst in sorted(self.instances.items())
+                    if rest[2] == "instances"
+                    and zone == rest[1]
+                    and flt == f"labels.skyhedge-service={inst['labels'].get('skyhedge-service')}"
+                ]
+                return 200, {"items": items}
             if len(rest) == 4 and rest[0] == "zones" and rest[2] == "instances":
                 key = (rest[1], rest[3])
                 if key not in self.instances:
@@ -800,6 +813,18 @@ def test_a_restarted_watcher_deletes_what_the_killed_run_launched_and_labels_wha
 # A replica Terraform re-creates under its own name (its spot VM deleted), killed mid-create
 
 
+@contextlib.contextmanager
+def apply_blind_to_deletes(gce: FakeGce) -> Iterator[None]:
+    """The zone listings refused meanwhile (as to an account that may not list them), so that an
+    apply does not find a VM deleted since its last run and records nothing gone: Terraform's
+    refresh then finds it, and the apply re-creates the replica under its name."""
+    gce.fail[("GET", "/operations")] = (403, {"error": {"code": 403, "message": "listing denied"}})
+    try:
+        yield
+    finally:
+        del gce.fail[("GET", "/operations")]
+
+
 def spot_vm_deleted(gce: FakeGce, state_dir: Path, rid: str) -> tuple[str, str]:
     """GCE deletes a preempted spot VM (the module's `instance_termination_action = "DELETE"`)
     before any watcher noticed: skyhedge and Terraform still record the replica's instance.
@@ -808,6 +833,27 @@ def spot_vm_deleted(gce: FakeGce, state_dir: Path, rid: str) -> tuple[str, str]:
     key = (rec.zone, f"skyhedge-llm-{rid}")
     assert gce.instances.pop(key)["id"] == rec.cloud_id
     return key
+
+
+def test_a_vm_deleted_since_the_last_run_is_replaced_by_the_next_apply_though_nothing_else_changed(
+    gce, spec, tmp_path
+):
+    """A replica's VM deleted outside skyhedge (the console, `gcloud`, a spot VM GCE deleted) with
+    no watcher running: `apply` ran Terraform only in changed roots, so it said "No changes" and
+    the service ran a replica short until something else changed the root. The zone listing finds
+    it gone first: recorded so, and replaced under a new ID, as a watcher would; nothing else is
+    deleted or launched."""
+    state_dir = tmp_path / "state"
+    engine = FakeGoogleTerraform(gce)
+    assert apply_service(spec, state_dir, engine=engine, route=False, wait=False).ok
+    spot_vm_deleted(gce, state_dir, "r-0001")
+    report = apply_service(spec, state_dir, engine=engine, route=False, wait=False)
+    assert report.ok and report.warnings == [], report.warnings
+    assert report.created == ["r-0003"] and gce.deletes() == []
+    state = load_state(state_dir, "llm")
+    assert state.replicas["r-0001"].gone_at is not None
+    assert sorted(r.id for r in state.live()) == ["r-0002", "r-0003"]
+    assert sorted(i["labels"]["skyhedge-replica"] for i in gce.instances.values()) == ["r-0002", "r-0003"]
 
 
 def test_a_replica_recreated_under_its_name_by_a_killed_apply_is_deleted_and_created_again(
@@ -830,7 +876,7 @@ def test_a_replica_recreated_under_its_name_by_a_killed_apply_is_deleted_and_cre
     old = load_state(state_dir, "llm").replicas["r-0001"].cloud_id
     key = spot_vm_deleted(gce, state_dir, "r-0001")
     engine.kill = "r-0001"
-    with pytest.raises(KeyboardInterrupt):
+    with apply_blind_to_deletes(gce), pytest.raises(KeyboardInterrupt):
         apply_service(bigger, state_dir, engine=engine, route=False, wait=False)
     orphan = gce.instances[key]["id"]
     assert set(engine.state["gcp/us-central1"]) == {"r-0002", "r-0003"}  # r-0001 dropped by the refresh
@@ -872,7 +918,7 @@ def test_killed_before_terraform_wrote_its_state_the_refresh_adopts_the_instance
     assert apply_service(spec, state_dir, engine=engine, route=False, wait=False).ok
     key = spot_vm_deleted(gce, state_dir, "r-0001")
     engine.kill, engine.kill_saved = "r-0001", False
-    with pytest.raises(KeyboardInterrupt):
+    with apply_blind_to_deletes(gce), pytest.raises(KeyboardInterrupt):
         apply_service(bigger, state_dir, engine=engine, route=False, wait=False)
     orphan = gce.instances[key]["id"]
     report = apply_service(bigger, state_dir, engine=engine, route=False, wait=False)
@@ -914,14 +960,21 @@ def test_a_name_someone_else_holds_blocks_the_recreated_replica_in_one_line_and_
 
 def test_no_gce_request_and_no_state_pull_unless_a_run_was_interrupted(gce, spec, tmp_path, write_spec):
     """What finds those instances costs nothing on the usual path: a fresh apply, a scale-up and
-    an apply with nothing to change make no Compute Engine request and read no Terraform state."""
+    an apply with nothing to change read no Terraform state, and ask Compute Engine only for the
+    listings of the zones that hold replicas (which find a VM deleted since the last run); a fresh
+    apply asks nothing at all."""
     state_dir = tmp_path / "state"
     engine = FakeGoogleTerraform(gce)
     bigger = load_spec(write_spec(SPEC.replace("min_replicas: 2", "min_replicas: 3"), name="bigger.yaml"))
-    for s in (spec, bigger, bigger):
+    for i, s in enumerate((spec, bigger, bigger)):
         report = apply_service(s, state_dir, engine=engine, route=False, wait=False)
         assert report.ok and report.warnings == []
-    assert gce.requests == []
+        if i == 0:
+            assert gce.requests == []
+    assert gce.requests and {(m, p.rsplit("/", 1)[-1]) for m, p in gce.requests} == {
+        ("GET", "operations"),
+        ("GET", "instances"),
+    }
     assert [c for c, _ in engine.calls] == ["apply", "apply"]
 
 
@@ -940,7 +993,7 @@ def test_a_restarted_watcher_frees_the_name_of_a_replica_recreated_by_a_killed_r
     assert apply_service(spec, state_dir, engine=engine, route=False, wait=False).ok
     key = spot_vm_deleted(gce, state_dir, "r-0001")
     engine.kill = "r-0001"
-    with pytest.raises(KeyboardInterrupt):
+    with apply_blind_to_deletes(gce), pytest.raises(KeyboardInterrupt):
         apply_service(bigger, state_dir, engine=engine, route=False, wait=False)
     orphan = gce.instances[key]["id"]
     ctl = Controller(bigger, state_dir, executor=TerraformExecutor(bigger, state_dir, engine=engine))

@@ -509,7 +509,7 @@ def test_a_replica_a_watcher_is_releasing_is_a_pending_delete(tmp_path, write_sp
     from skyhedge.spec import load_spec
 
     # the records stand for running processes this test does not start
-    monkeypatch.setattr("skyhedge.cli.plan.notice_dead_local_replicas", lambda *args: [])
+    monkeypatch.setattr("skyhedge.cli.plan.notice_gone_replicas", lambda *args: ([], []))
 
     spec, state = _ready_pair(tmp_path, write_spec)
     state.replicas["r-0002"].draining = True
@@ -603,7 +603,8 @@ def test_apply_asks_with_the_pending_and_releasing_replicas_marked_as_plan_shows
     (pending)` and `- delete (draining)`."""
     # the records stand for running processes this test does not start
     monkeypatch.setattr("skyhedge.apply.notice_dead_local_replicas", lambda *args: [])
-    monkeypatch.setattr("skyhedge.cli.plan.notice_dead_local_replicas", lambda *args: [])
+    monkeypatch.setattr("skyhedge.apply.notice_gone_replicas", lambda *args: ([], []))
+    monkeypatch.setattr("skyhedge.cli.plan.notice_gone_replicas", lambda *args: ([], []))
     spec, state = _ready_pair(tmp_path, write_spec)
     state.replicas["r-0001"].draining = True  # warned of its interruption: apply keeps the mark
     state.replicas["r-0001"].cloud_id = "id"

@@ -18,7 +18,7 @@ from skyhedge.apply import (
     Workspace,
     changed_roots,
     instance_types,
-    notice_dead_local_replicas,
+    notice_gone_replicas,
     roots_with_resources,
 )
 from skyhedge.cli._app import check_policy_flag, console, echo, fitted, main, spec_argument, state_dir_option
@@ -254,15 +254,18 @@ def plan(
     check_policy_flag(policy)
     placement = resolve_placement(service, policy)
     now = time.time()
-    # As `apply` does first: a local replica whose process died since the state was written is
-    # gone, so the plan shows its replacement, not "keep" (in memory only: plan never writes).
+    # As `apply` does first: a replica that no longer runs (a local process that died, a VM
+    # terminated outside skyhedge) is gone, so the plan shows its replacement, not "keep" (in
+    # memory only: plan never writes).
     before = {r.id for r in state.live()}
-    dead = notice_dead_local_replicas(state, sdir, now)
+    dead, unasked = notice_gone_replicas(service, state, sdir, now)
     gone = [state.replicas[rid] for rid in before - {r.id for r in state.live()}]
     result, _memory = compute_plan(service, state, now=now, placement=placement, policy_name=policy)
     pending = pending_work(service, state, result, sdir, placement)
     if as_json:
         echo(strict_json(plan_to_json(result, pending, gone), indent=2))
+        for line in unasked:  # on stderr: stdout stays one JSON object
+            click.echo(f"warning: {line}", err=True)
     else:
         console.print(fitted(render_plan_table(result, pending.replicas, pending.releasing), console))
         console.print(render_savings(result))
@@ -276,6 +279,8 @@ def plan(
         for note in dead:
             said = f"{note} (the next `apply` records it and replaces it)"
             console.print(said, markup=False, highlight=False)
+        for line in unasked:
+            console.print(f"warning: {line}", markup=False, highlight=False)
         if pending.replicas:
             console.print(
                 f"{len(pending.replicas)} recorded replica(s) were never read back "

@@ -414,8 +414,11 @@ class AwsEventSource(EventSource):
         except (ClientError, BotoCoreError) as exc:
             raise CloudError(f"aws {region}: terminate_instances: {exc}") from exc
 
-    def list_instances(self, region: str, *, instance_ids: Sequence[str] = ()) -> list[dict[str, Any]]:
-        """Every instance tagged for this service in `region` (of `instance_ids` if given), any state."""
+    def list_instances(
+        self, region: str, *, instance_ids: Sequence[str] = (), tagged_only: bool = True
+    ) -> list[dict[str, Any]]:
+        """Every instance tagged for this service in `region` (of `instance_ids` if given), any
+        state; `tagged_only=False` (with `instance_ids`): those instances whatever their tags."""
         from botocore.exceptions import BotoCoreError, ClientError
 
         ec2 = self._client("ec2", region)
@@ -426,7 +429,10 @@ class AwsEventSource(EventSource):
         # instances of the account must not turn every lookup into an error
         requests = (
             [
-                [tagged, {"Name": "instance-id", "Values": ids[i : i + FILTER_VALUES_MAX]}]
+                [
+                    *([tagged] if tagged_only else []),
+                    {"Name": "instance-id", "Values": ids[i : i + FILTER_VALUES_MAX]},
+                ]
                 for i in range(0, len(ids), FILTER_VALUES_MAX)
             ]
             if ids
@@ -451,6 +457,17 @@ class AwsEventSource(EventSource):
         for region in sorted({r.region for r in live}):
             instances = self.list_instances(region)
             by_id = {i.get("InstanceId"): i for i in instances}
+            # A recorded instance the tag listing misses had its tags edited by hand (the service
+            # tag removed or changed): it is looked up by its ID before it is judged gone. Judged
+            # "no longer listed", a healthy machine was replaced (and destroyed by Terraform) at
+            # every pass that saw it so.
+            mine = [r for r in live if r.region == region]
+            untagged = sorted({str(r.cloud_id) for r in mine if r.cloud_id and r.cloud_id not in by_id})
+            if untagged:
+                by_id.update(
+                    (i.get("InstanceId"), i)
+                    for i in self.list_instances(region, instance_ids=untagged, tagged_only=False)
+                )
             by_replica: dict[str, dict[str, Any]] = {}
             for inst in instances:
                 tags = {t.get("Key"): t.get("Value") for t in inst.get("Tags") or []}
