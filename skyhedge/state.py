@@ -217,7 +217,7 @@ LAUNCH_HOLD_KEY = "launch_hold"
 #: until replaced, `since`; `refused`, `refused_since`, `stalled_since` while no replacement could
 #: be launched): set by the watcher, shown by `status`.
 ROLLOUT_KEY = "rollout"
-#: `extra` key of the Terraform roots whose applies keep failing for another reason than capacity
+#: `extra` key of the Terraform roots whose applies keep failing naming no launch of their own
 #: (a cloud's credentials expired, its endpoint unreachable, throttled): root key -> `since`,
 #: `failures` (in a row), `retry_at` (times) and `reason` (the error line). Set by the watcher,
 #: which holds each back with a backoff of its own (`controller.loop.RootOutage`), shown by `status`.

@@ -22,7 +22,7 @@ from skyhedge.events import PreemptionEvent, Signal
 from skyhedge.planner import Plan
 from skyhedge.service import resolve_placement
 from skyhedge.spec import load_spec
-from skyhedge.state import FAILING_ROOTS_KEY, ServiceState, load_state
+from skyhedge.state import FAILING_ROOTS_KEY, ServiceState, load_state, save_state
 
 #: Two AWS zones (one root, aws/us-east-1) and two local ones (local/local), four spot replicas.
 SPEC = """
@@ -72,6 +72,7 @@ class DeadCloud(FakeExecutor):
             launch_failures=result.launch_failures,
             failed_replicas=(),
             failed_roots=tuple(dead),
+            root_seconds=tuple((k, self.run_seconds) for k in dead),
         )
 
 
@@ -151,8 +152,10 @@ def test_a_dead_clouds_root_is_retried_with_its_own_backoff_and_the_loop_keeps_i
     assert len(hour) <= 20, len(hour)  # 47 an hour before (60 s apply backoff, and every event)
     gaps = [b - a for a, b in zip(hour, hour[1:], strict=False)]
     assert max(gaps) <= svc.ctl.options.max_root_backoff + REFUSED_RUN + 1.0
-    # the other replicas were still probed at the watcher's pace (a pass every 60 s before)
-    assert svc.ctl.prober.calls - probes >= 3600 / svc.ctl.options.interval
+    # the other replicas were still probed at the watcher's pace (a pass every 60 s before), but
+    # while the pass waited for the dead root's runs
+    probing = svc.clock.now - start - len(svc.ex.dead_runs) * REFUSED_RUN
+    assert svc.ctl.prober.calls - probes >= probing / svc.ctl.options.interval
     assert svc.ctl.state.extra[FAILING_ROOTS_KEY][AWS]["failures"] == len(svc.ex.dead_runs)
 
 
@@ -283,3 +286,199 @@ def test_the_terraform_executor_leaves_held_roots_out_and_names_the_roots_that_f
     held = ex.apply(state, plan, 1001.0, hold=frozenset({AWS}))
     assert len(engine.applied) == 1 and held.failed_roots == ("local/local",)
     assert not any(e.startswith(f"{AWS}: ") for e in held.errors)
+
+
+#: One AWS region, two zones: the dead root is the service's only one.
+ONE_ROOT = """
+name: svc
+resources: {instance_type: {aws: g5.xlarge}}
+placement: {clouds: [aws], regions: [us-east-1], zones: [use1-az1, use1-az2]}
+replica_policy: {min_replicas: 2, num_overprovision: 0, policy: spothedge}
+run: {command: serve}
+"""
+
+
+def _service(tmp_path: Path, write_spec, text: str) -> Service:
+    clock = Clock()
+    ex, source, router = DeadCloud(clock), FakeSource(), FakeRouter()
+    ctl = clocked_controller(
+        load_spec(write_spec(text)), tmp_path / "state", clock, executor=ex, sources=[source], router=router
+    )
+    service = Service(ctl, clock, ex, source, router)
+    service.run(30)
+    return service
+
+
+def test_a_service_whose_only_root_fails_is_not_handed_a_new_replica_id_at_every_pass(tmp_path, write_spec):
+    """Its launches are refused when the root is tried and fails, as a zone refuses when asked:
+    refused at every pass while the root was held back, the policy placed a new replica there at
+    every pass (606 replica IDs in an hour, each a record in state.json; 2 before the outage
+    handling), and a launch waiting on a held root ran the pass at the busy pace, applying nothing."""
+    svc = _service(tmp_path, write_spec, ONE_ROOT)
+    assert len(svc.live("aws", None)) == 2
+    svc.ex.dead[AWS] = EXPIRED
+    svc.ctl.prober.down.add(svc.live("aws")[0])  # replaced where the only root is dead
+    first, ticks, start, calls = svc.ctl.state.next_id, svc.ctl.ticks, svc.clock.now, len(svc.ex.calls)
+    svc.run(3600)
+    handed = svc.ctl.state.next_id - first
+    assert 0 < handed <= 2 * len(svc.ex.dead_runs), (handed, len(svc.ex.dead_runs))  # 606 before
+    passes = svc.ctl.ticks - ticks  # the interval's pace, but while waiting for the dead root's runs
+    assert passes <= (svc.clock.now - start) / svc.ctl.options.interval + len(svc.ex.dead_runs), passes
+    # a pass whose changes all wait on the held root does not call the executor (31 calls, 16 runs)
+    assert len(svc.ex.calls) - calls <= len(svc.ex.dead_runs) + 1, len(svc.ex.calls) - calls
+    del svc.ex.dead[AWS]
+    svc.run(600)
+    assert len(svc.live("aws", None)) == 2 and FAILING_ROOTS_KEY not in svc.ctl.state.extra
+
+
+def test_a_kept_failing_root_left_with_nothing_to_apply_is_no_longer_failing(svc, tmp_path):
+    """A watcher stopped during an outage of aws/us-west-2, its region then taken out of the spec
+    and destroyed by an `apply`: restarted, the root has nothing left to apply, so it is never
+    applied again. Kept failing, its retry was due at every pass: a pass every second (600 in
+    10 minutes, 60 at the interval's pace) and `status` said it failing for good. So for an
+    executor that applies no roots of its own (GitOps: CI applies)."""
+    svc.ctl.flush()
+    state = load_state(tmp_path / "state", "svc")
+    stale = {"since": 10.0, "failures": 9, "retry_at": 500.0, "reason": "aws/us-west-2: boom"}
+    state.extra[FAILING_ROOTS_KEY] = {"aws/us-west-2": stale}
+    save_state(tmp_path / "state", state)
+    for executor in (DeadCloud(svc.clock), Silent()):
+        again = clocked_controller(svc.ctl.spec, tmp_path / "state", svc.clock, executor=executor)
+        ticks = again.ticks
+        Service(again, svc.clock, svc.ex, svc.source, FakeRouter()).run(600)
+        assert FAILING_ROOTS_KEY not in again.state.extra
+        assert again.ticks - ticks <= 600 / again.options.interval + 5, again.ticks - ticks
+        said = "aws/us-west-2: no longer failing: nothing left to apply there"
+        assert any(n.text == said for n in again.notes)
+        again.flush()
+        state = load_state(tmp_path / "state", "svc")
+        state.extra[FAILING_ROOTS_KEY] = {"aws/us-west-2": stale}
+        save_state(tmp_path / "state", state)
+
+
+class Silent(FakeExecutor):
+    """An executor that applies nothing itself and names no root (as the GitOps one: CI applies)."""
+
+    def apply(self, state: ServiceState, plan: Plan, now: float) -> ExecResult:  # type: ignore[override]
+        super().apply(state, plan, now)
+        return ExecResult()
+
+
+class _OneEngine:
+    """A Terraform engine whose every apply fails with `diagnostic`, an AWS root's run taking
+    7 s of `clock`."""
+
+    def __init__(self, diagnostic: Diagnostic, clock: Clock) -> None:
+        self.diagnostic, self.clock = diagnostic, clock
+
+    def apply(self, root, *, on_event=None, check=True) -> ApplyResult:
+        if "aws" in Path(str(root)).parts:
+            self.clock.advance(7.0)
+        return ApplyResult(root=str(root), exit_code=1, errors=(self.diagnostic,))
+
+
+@pytest.mark.parametrize(
+    ("address", "outage"),
+    [
+        ('module.replicas.aws_instance.replica["{launch}"]', False),  # the launch's own failure
+        (None, True),  # the provider could not be configured: its cloud's API
+        ('module.replicas.aws_instance.replica["{running}"]', True),  # a running machine unreadable
+    ],
+)
+def test_only_a_root_failing_beyond_its_own_launches_is_an_outage_of_its_cloud(
+    tmp_path, write_spec, address, outage
+):
+    """A bad AMI or instance type (the spec's fault) fails each launch on its own: it stays the
+    launch's failure (given up after LAUNCH_ATTEMPTS applies of its own, a launch hold after
+    bursts of them). Taken for an outage of the root's cloud, every launch into it was refused as
+    a zone without capacity refuses one, and the root's other changes held back with its backoff."""
+    from skyhedge.controller.executor import TerraformExecutor
+    from skyhedge.service import compute_plan
+
+    spec = load_spec(write_spec(SPEC))
+    state = load_state(tmp_path / "state", "svc")
+    plan, memory = compute_plan(spec, state, now=1000.0)
+    record_plan(state, plan, memory, resolve_placement(spec), 1000.0)
+    ids = sorted(r.id for r in state.live() if r.cloud == "aws")
+    state.replicas[ids[0]].provisioned_at = 1000.0  # running
+    state.replicas[ids[0]].cloud_id = "i-0abc"
+    named = address.format(launch=ids[1], running=ids[0]) if address else None
+    clock = Clock()
+    diagnostic = Diagnostic("error", "creating EC2 Instance: InvalidAMIID.NotFound", address=named)
+    engine = _OneEngine(diagnostic, clock)
+    ex = TerraformExecutor(spec, tmp_path / "state", engine=engine, clock=clock)  # type: ignore[arg-type]
+    result = ex.apply(state, plan, 1000.0)
+    assert any(e.startswith(f"{AWS}: ") for e in result.errors)
+    assert (AWS in result.failed_roots) is outage, result.failed_roots
+    assert dict(result.root_seconds)[AWS] == 7.0  # its own run, for its retry's spacing
+
+
+class SlowSibling(DeadCloud):
+    """DeadCloud whose local root's runs that launch take 2 minutes (as a cloud's creating VMs)."""
+
+    def apply(self, state: ServiceState, plan: Plan, now: float, *, hold: frozenset[str] = frozenset()):  # type: ignore[override]
+        if any(r.action == "create" and root_key(r.root) == "local/local" for r in plan.replicas):
+            self.clock.advance(120.0)
+        return super().apply(state, plan, now, hold=hold)
+
+
+def test_a_root_failing_once_beside_a_slow_root_is_retried_after_its_own_runs_time(svc):
+    """A blip (Terraform's state lock held a moment) on the AWS root, in the apply in which the
+    local root took 2 minutes to launch: AWS is retried three times its own run's 7 s later. It
+    was held three times the whole apply's time, 6m21s, past the 5 minutes' cap, its replacement
+    waiting all along."""
+    ex = SlowSibling(svc.clock, run_seconds=7.0)
+    ex.tf = svc.ex.tf
+    svc.ctl.executor = svc.ex = ex
+    svc.ctl.prober.down.update({svc.live("aws")[0], svc.live("local")[0]})  # both die
+    ex.dead[AWS] = "Error acquiring the state lock"
+    start = svc.clock.now
+
+    def recovered() -> bool:
+        if ex.dead_runs:
+            ex.dead.clear()  # failed once
+        return bool(ex.dead_runs) and FAILING_ROOTS_KEY not in svc.ctl.state.extra
+
+    took = svc.run(1800, until=recovered)
+    assert took is not None and ex.dead_runs
+    held = took - (ex.dead_runs[0] - start)
+    assert held <= 3 * 7.0 + 7.0 + 2.0, held  # 381 s before
+
+
+@pytest.mark.parametrize(
+    ("line", "shown"),
+    [
+        # what a permission error names is kept: it says what to grant, and where
+        (
+            "Error 403: Required 'compute.instances.create' permission for "
+            "'projects/my-project/zones/us-central1-a/instances/svc-r-0001'",
+            None,
+        ),
+        (
+            "User: arn:aws:sts::123456789012:assumed-role/skyhedge-deployer/botocore-session-1700000 is not",
+            None,
+        ),
+        (
+            "GET https://www.googleapis.com/compute/v1/projects/my-project-123/zones/us-central1-a/operations/o",
+            None,
+        ),
+        ("Error loading state: s3://my-state-bucket-prod/skyhedge/services/svc/aws/us-east-1.tfstate", None),
+        # secrets go, short ones in a URL too
+        (
+            "proxy https://admin:hunter2@proxy.internal:3128 refused",
+            "proxy https://***@proxy.internal:3128 refused",
+        ),
+        (
+            "GET /b/o?X-Goog-Signature=abc123&access_token=ya29.short x",
+            "GET /b/o?X-Goog-Signature=***&access_token=*** x",
+        ),
+        ("secret wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY used", "secret *** used"),
+        ("Bearer ya29.a0AfH6SMBx3Jk9ZQ2vLmNop7QrStUvWxYz0123456789abcdEFGH", "Bearer ya29.***"),
+        ("token abcdef0123456789abcdef0123456789abcdef01/x", "token ***"),
+    ],
+)
+def test_an_error_line_loses_its_secrets_but_not_the_names_it_gives(line, shown):
+    """Masked before: the resource, role, API URL and state bucket a permission error names
+    (`'***'`), which the operator needs to fix it; kept: a URL's password and short tokens in
+    a query string."""
+    assert masked(line) == (line if shown is None else shown)

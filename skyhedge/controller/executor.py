@@ -65,9 +65,20 @@ class TerraformExecutor:
         ws.write_tree(tree)
         cleared = clear_before_apply(self.spec, state, plan, changed, ws, self.engine)
 
-        def run(root: RenderedRoot) -> ApplyResult:
-            return self.engine.apply(ws.root(root.cloud, root.region), on_event=self.on_event, check=False)
+        took: dict[str, float] = {}  # root key -> seconds its runs took (each in its own thread)
 
+        def run(root: RenderedRoot) -> ApplyResult:
+            began = self.clock()
+            try:
+                return self.engine.apply(
+                    ws.root(root.cloud, root.region), on_event=self.on_event, check=False
+                )
+            finally:
+                took[root.path] = took.get(root.path, 0.0) + max(0.0, self.clock() - began)
+
+        # the launches this run makes: an error naming one of them alone is that launch's own
+        # failure (a bad image or instance type, its port held), not the root's cloud failing
+        launching = {rec.id for rec in state.live() if rec.provisioned_at is None}
         results = run_parallel(changed, run)
         # a create that failed on its machine name, which this state's killed run holds: freed,
         # and the root applied once more (`free_taken_names`)
@@ -77,7 +88,7 @@ class TerraformExecutor:
         blocked = {**cleared.blocked, **freed.blocked}
         now = self.clock()  # the results are as of now, after Terraform ran
         errors: list[str] = []
-        failed_roots: list[str] = []  # failed for another reason than capacity
+        failed_roots: list[str] = []  # failed naming no launch of its own: its cloud's API
         refused: list[str] = []
         quota: list[tuple[str, QuotaRefusal]] = []  # those of them an account quota refused
         named: list[str] = []  # replicas an error names: their own launch failed
@@ -106,7 +117,17 @@ class TerraformExecutor:
                 if other or not result.errors:
                     first = other[0].headline if other else f"exit code {result.exit_code}"
                     errors.append(f"{root.path}: {first_line(first)}")
-                if len(errors) > said:  # (launches refused for capacity alone are no outage)
+                # An outage of the root's cloud (held back by the controller with a backoff of its
+                # own) is an error naming no launch: the provider not configured, a machine that
+                # runs unreadable. Launches refused for capacity alone are none, and neither are
+                # launches failing on their own (a bad AMI or instance type: the spec's fault), whose
+                # give-up after LAUNCH_ATTEMPTS applies of their own, and the launch hold after
+                # bursts of them, stay theirs; as an outage, every launch into the root was refused
+                # as a zone without capacity refuses one, with no hold, a new replica ID each time.
+                cloud = [d for d in result.errors if d.replica_id not in failed_ids]
+                if len(errors) > said and (
+                    not cloud or any(d.replica_id is None or d.replica_id not in launching for d in cloud)
+                ):
                     failed_roots.append(root.path)
                 detail.append(result.error_text())
         state.log(
@@ -128,4 +149,5 @@ class TerraformExecutor:
             # (a root whose run raised, or failed naming no replica, reached none of them)
             failed_replicas=tuple(dict.fromkeys(named)),
             failed_roots=tuple(failed_roots),
+            root_seconds=tuple(sorted(took.items())),
         )

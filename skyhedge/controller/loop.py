@@ -57,7 +57,7 @@ from skyhedge.controller.facts import (
     shift_times,
     warned,
 )
-from skyhedge.controller.ports import ExecResult, Executor, Prober, RouterPort
+from skyhedge.controller.ports import ExecResult, Executor, Prober, RouterPort, root_key
 from skyhedge.errors import PolicyError, RoutingError, SkyhedgeError
 from skyhedge.events import EventSource, PreemptionEvent
 from skyhedge.leftovers import (
@@ -466,8 +466,9 @@ def _root_of(line: str, roots: Sequence[str] | set[str] | dict[str, Any]) -> str
 
 @dataclass
 class RootOutage:
-    """A Terraform root (one cloud region) whose applies fail for a reason other than capacity:
-    expired credentials, an endpoint refusing connections, throttling, a permission removed.
+    """A Terraform root (one cloud region) whose applies fail naming no launch of its own (not
+    for capacity, not a bad image: `ExecResult.failed_roots`): expired credentials, an endpoint
+    refusing connections, throttling, a permission removed.
 
     The root is held back with a backoff of its own (`busy_interval` doubling per failure, up
     to `max_root_backoff`) while the other roots apply as usual: one backoff for the whole apply
@@ -507,11 +508,25 @@ class RootOutage:
 #: opaque tokens (a session token, a bearer token echoed in a signature mismatch's canonical
 #: request). Terraform's errors hold none of them in the cases measured; this is a guard.
 _SECRETS = re.compile(r"\b(?:AKIA|ASIA)[A-Z0-9]{16}\b|[A-Za-z0-9+/=_-]{40,}")
+#: A long run that is a path of lower-case names (`projects/p/zones/z/instances/svc-r-0001`, an
+#: IAM role's `assumed-role/deployer/session`, an API URL's or a state bucket's path): what a
+#: permission error names, no secret. A key or a token mixes cases (a secret access key's `/`s
+#: included), and so does no path's name: one of 40 characters (a hex token in a path) is masked.
+_PATH = re.compile(r"/*[a-z0-9._-]{1,39}(?:/+[a-z0-9._-]{0,39})+")
+#: A URL's `user:password@`, and a query parameter carrying a credential (`access_token=`,
+#: `X-Goog-Signature=`, `X-Amz-Credential=`): short ones too.
+_URL_SECRETS = re.compile(
+    r"(?<=://)[^/\s:@]+:[^/\s@]+(?=@)"
+    r"|(?i:(?<=[?&;])[\w.-]*(?:token|signature|secret|password|passw|credential|key)[\w.-]*=)[^&\s'\")]+"
+)
 
 
 def masked(text: str) -> str:
-    """`text` with what looks like a key or a token replaced by `***`."""
-    return _SECRETS.sub("***", text)
+    """`text` with what looks like a key, a token or a URL's password replaced by `***`."""
+    text = _URL_SECRETS.sub(
+        lambda m: m.group(0).split("=", 1)[0] + "=***" if "=" in m.group(0) else "***", text
+    )
+    return _SECRETS.sub(lambda m: m.group(0) if _PATH.fullmatch(m.group(0)) else "***", text)
 
 
 def _span(seconds: float) -> str:
@@ -980,6 +995,15 @@ class Controller:
             # did start) learned nothing new: no apply yet, nothing consumed (the pass that
             # applies decides with these events)
             pass
+        elif (
+            plan.has_changes
+            and self._waits_on_held_roots(plan, now)
+            and not (refresh or self._failures or self._unsettled or self._outage_due(now))
+        ):
+            # every change waits on a root held back (its cloud's API failing) until its retry:
+            # nothing to apply before then, nothing consumed (a launch waiting there applied,
+            # and state.json was written twice, at every pass of the busy pace)
+            pass
         elif plan.has_changes or refresh or self._failures or self._unsettled or self._outage_due(now):
             result = self._act(plan, memory, now)
         else:  # nothing to do: the policy has still seen the events (saved below)
@@ -1444,8 +1468,8 @@ class Controller:
         before = {r.id: r.provisioned_at for r in st.live()}
         cloud_ids = {r.id: r.cloud_id for r in st.live()}
         started = self.clock()
+        hold = self._held_roots(started)
         try:
-            hold = self._held_roots(started)
             if hold:  # (only executors reporting failed roots have any: `Executor.apply`)
                 result = self.executor.apply(st, plan, started, hold=hold)  # type: ignore[call-arg]
             else:
@@ -1453,6 +1477,9 @@ class Controller:
         except SkyhedgeError as exc:  # (the spec does not render, ...: no replica's own launch failed)
             detail = getattr(exc, "stderr", "") or ""
             result = ExecResult(errors=(str(exc),), detail=detail, failed_replicas=())
+            tried: frozenset[str] = frozenset()
+        else:  # the failing roots not held were run, or had nothing left to apply
+            tried = frozenset(self._outages) - hold
         done = self.clock()
         for line in result.warnings:
             self.note(line, done, level=logging.WARNING)
@@ -1492,8 +1519,8 @@ class Controller:
                 looked = {r.id for r in lost}
                 self._lost = [r for r in self._lost if r.id not in looked]
         cause = apply_cause(result.detail)
-        held = self._track_outages(result, with_cause, cause, done, took=done - started)
-        self._refuse_launches_into_failing_roots(done)
+        held = self._track_outages(result, with_cause, cause, done, took=done - started, tried=tried)
+        self._refuse_launches_into_failing_roots(held, done)
         for line in result.errors:
             if _root_of(line, result.failed_roots) is not None:
                 continue  # said by `_track_outages`, with its backoff
@@ -2253,29 +2280,54 @@ class Controller:
             outage.retry_at = min(outage.retry_at, now + wait)
         return frozenset(k for k, o in self._outages.items() if o.retry_at > now)
 
+    def _waits_on_held_roots(self, plan: Plan, now: float) -> bool:
+        """Every change of `plan` is in a root held back (`_held_roots`): applying it would
+        apply nothing."""
+        held = {k for k, o in self._outages.items() if o.retry_at > now}
+        return bool(held) and all(root_key(r.root) in held for r in plan.changes)
+
     def _outage_due(self, now: float) -> bool:
         """A failing root's retry is due: the pass applies (that root) even if nothing changed."""
         return any(o.retry_at <= now for o in self._outages.values())
 
     def _track_outages(
-        self, result: ExecResult, cause_of: Callable[[str, str], str], cause: str, done: float, took: float
+        self,
+        result: ExecResult,
+        cause_of: Callable[[str, str], str],
+        cause: str,
+        done: float,
+        took: float,
+        tried: frozenset[str] = frozenset(),
     ) -> set[str]:
         """Keep the failing roots (`RootOutage`) after an apply, and say each failure in one line:
         the root, why (secrets masked), since when, and when it is tried again, the other roots
         applying meanwhile; and a recovery once. Returns the roots failing now.
 
-        A retry waits at least ROOT_RETRY_SPACING times as long as the failed apply `took`: the
-        pass waits for a root's Terraform run, and against a throttled API one ran for over
-        15 minutes (the provider retrying each call), so retries every 5 minutes would hold the
-        loop, and the other clouds' replacements, most of the time."""
+        A retry waits at least ROOT_RETRY_SPACING times as long as the root's failed run took
+        (`ExecResult.root_seconds`; the whole apply's `took` from an executor that does not time
+        its roots): the pass waits for a root's Terraform run, and against a throttled API one
+        ran for over 15 minutes (the provider retrying each call), so retries every 5 minutes
+        would hold the loop, and the other clouds' replacements, most of the time.
+
+        A failing root in `tried` (given to the executor, not held) that did not fail again is no
+        longer failing even if the executor did not apply it: it has nothing left to apply (the
+        spec no longer places replicas there and an `apply` run meanwhile destroyed them), or the
+        executor applies no roots of its own (GitOps: CI applies). Kept, its retry was due at
+        every pass for good: the watcher ran a pass every `busy_interval` (600 passes and
+        executor runs in 10 minutes, where 60 is the pace) and `status` said it failing."""
         failing = set(result.failed_roots)
+        whole = any(_root_of(e, failing) is None for e in result.errors)
+        for key in sorted(tried - failing - set(result.applied)) if not whole else ():
+            if self._outages.pop(key, None) is not None:
+                self.note(f"{key}: no longer failing: nothing left to apply there", done)
         for key in failing:
             line = next((e for e in result.errors if _root_of(e, {key}) is not None), f"{key}: failed")
             reason = masked(cause_of(line, cause))
             was = self._outages.get(key)
             failures = 1 if was is None else was.failures + 1
             since = done if was is None else was.since
-            retry = max(self._root_backoff(failures), ROOT_RETRY_SPACING * took)
+            ran = dict(result.root_seconds).get(key, took)
+            retry = max(self._root_backoff(failures), ROOT_RETRY_SPACING * ran)
             self._outages[key] = RootOutage(since, failures, done + retry, reason, retry)
             self.note(
                 f"apply failed: {reason}; {key} failed {failures} time(s) in a row since "
@@ -2297,7 +2349,7 @@ class Controller:
             self.state.extra.pop(FAILING_ROOTS_KEY, None)
         return failing
 
-    def _refuse_launches_into_failing_roots(self, at: float) -> None:
+    def _refuse_launches_into_failing_roots(self, failing: set[str], at: float) -> None:
         """Launches waiting on a root out for LAUNCH_ATTEMPTS failed applies in a row are refused,
         as a zone without capacity refuses them: recorded failed with a LAUNCH_FAILED zone event,
         so the policy places them where launches work (another zone, another cloud) and spot
@@ -2306,10 +2358,16 @@ class Controller:
         SpotHedge covered each with an on-demand replica elsewhere (measured over an hour of an
         AWS outage with local preemptions: 3 spot replicas waiting on the dead root, 3 on-demand
         ones covering them). A root failing fewer times in a row (a blip, Terraform's state lock
-        held a moment) keeps its launches waiting under their IDs, as before."""
+        held a moment) keeps its launches waiting under their IDs, as before.
+
+        Only the roots `failing` in this very apply refuse, as a zone refuses when asked: a launch
+        the policy places in a root held back since waits for the root's next try. Refused at
+        once, a service whose every root failed (one cloud region, its API gone) was planned a
+        new replica at every pass, refused at once: 606 replica IDs in an hour (two before),
+        each a record in `state.json`."""
         refused: list[str] = []
         for key, outage in sorted(self._outages.items()):
-            if outage.failures < LAUNCH_ATTEMPTS:
+            if outage.failures < LAUNCH_ATTEMPTS or key not in failing:
                 continue
             for rec in sorted(self.state.live(), key=by_replica_id):
                 if f"{rec.cloud}/{rec.region}" != key or rec.provisioned_at is not None or rec.cloud_id:
@@ -2444,7 +2502,10 @@ class Controller:
                 return min(left, opts.busy_interval)
             return left
         delay = opts.interval
-        if any(r.fact().status in BUSY for r in self.state.live()) or warned(self.state):
+        now = self.clock()
+        held = {k for k, o in self._outages.items() if o.retry_at > now}  # (their retry: below)
+        busy = (r for r in self.state.live() if f"{r.cloud}/{r.region}" not in held)
+        if any(r.fact().status in BUSY for r in busy) or warned(self.state):
             delay = opts.busy_interval
         if self.state.extra.get(DRAIN_KEY):  # replicas wait for their requests to end
             delay = min(delay, max(opts.busy_interval, 1.0))

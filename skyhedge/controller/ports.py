@@ -34,11 +34,14 @@ class ExecResult:
     `detail`: the engine's full error text, for the log; `warnings`: lines noted as warnings
     (machines an interrupted run left, removed before Terraform ran, or lookups that failed).
 
-    `failed_roots`: the root keys (`aws/us-east-1`) whose apply failed for a reason other than
-    capacity: the controller holds each back with a backoff of its own (`loop.RootOutage`), so
-    that a cloud whose API is gone (credentials expired, endpoint unreachable, throttled) does not
-    hold back the others. An executor that cannot tell leaves it empty: its errors are then the
-    whole apply's, retried with the apply backoff.
+    `failed_roots`: the root keys (`aws/us-east-1`) whose apply failed naming no launch of its
+    own (not for capacity, not a bad image): the controller holds each back with a backoff of its
+    own (`loop.RootOutage`), so that a cloud whose API is gone (credentials expired, endpoint
+    unreachable, throttled) does not hold back the others. An executor that cannot tell leaves
+    it empty: its errors are then the whole apply's, retried with the apply backoff.
+    `root_seconds`: (root key, seconds) its run took, where the executor timed it: a failing
+    root's retry waits at least three times its own run, not the whole apply's (a sibling root
+    creating machines for 2 minutes held a root failing once for over 6 minutes).
 
     `failed_replicas`: the replicas an error names (their own launch failed: a local port taken,
     a command that exits at once, an image or quota error), or None when the executor cannot tell,
@@ -57,6 +60,7 @@ class ExecResult:
     warnings: tuple[str, ...] = ()
     failed_replicas: tuple[str, ...] | None = None
     failed_roots: tuple[str, ...] = ()
+    root_seconds: tuple[tuple[str, float], ...] = ()
 
     @property
     def failed(self) -> bool:
