@@ -95,6 +95,7 @@ from skyhedge.service import (
 )
 from skyhedge.spec import ReadinessProbe, ServiceSpec, readiness_probe_json, revision_digests
 from skyhedge.state import (
+    QUOTA_KEY,
     ROLLOUT_KEY,
     STATE_FILE,
     ReplicaRecord,
@@ -525,6 +526,8 @@ def absorb_result(
                 rec.provisioned_at = now  # created; the outputs could not be read back
             if rec.id in launched:
                 rec.revision = revision
+            if rec.id in launched and rec.provisioned_at is not None:
+                _lift_quota(state, rec)
         elif rec.id not in desired:
             destroyed = result.ok or done.get(rec.id) == "delete"
             if rec.gone_at is None:
@@ -548,6 +551,20 @@ def absorb_result(
             - {rid for rid, action in done.items() if action == "delete"}
         )
     return failures
+
+
+def _lift_quota(state: ServiceState, rec: ReplicaRecord) -> None:
+    """A launch that succeeded where the watcher had found the account's quota used up: the quota
+    has room now (raised, or freed), so `status` stops naming it. Here, in the path `apply` and
+    the watcher share: an `apply` that launched there left the `Quota:` line (and, for the next
+    watcher, its pause) in place, since only the watcher's own launches lifted it."""
+    table = state.extra.get(QUOTA_KEY)
+    if not isinstance(table, dict):
+        return
+    for key in (f"{rec.cloud}/{rec.region}/{rec.market}", f"{rec.cloud}/*/{rec.market}"):
+        table.pop(key, None)
+    if not table:
+        state.extra.pop(QUOTA_KEY, None)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1550,6 +1567,12 @@ def destroy_service(
                     "errors": [str(e) for e in report.errors],
                 }
             )
+            save_state(ws.state_dir, state)
+        if not report.errors and not state.live() and QUOTA_KEY in state.extra:
+            # nothing of the service runs: the quotas the watcher found used up are no fact about
+            # it any more (`status` named them, "asked again at" a time past, until the next launch
+            # there succeeded, which the next service's placement may never ask for)
+            state.extra.pop(QUOTA_KEY, None)
             save_state(ws.state_dir, state)
         if not report.errors and (state.target is not None or "autoscaler" in state.extra):
             # The service is gone, and so is its load: the next apply starts from min_replicas,

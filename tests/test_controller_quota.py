@@ -136,7 +136,7 @@ def test_status_and_status_json_name_the_quota_until_a_launch_there_succeeds(tmp
     text = CliRunner().invoke(main, args, env={"COLUMNS": "200"})
     assert text.exit_code == 0
     (line,) = [ln for ln in text.output.splitlines() if ln.startswith("Quota: ")]
-    assert SPOT_QUOTA in line and "Service Quotas" in line and "asked again at" in line, line
+    assert SPOT_QUOTA in line and "Service Quotas" in line and "no watcher runs" in line, line
     # a quota raised: the next launch there succeeds and the entry goes
     ex.quota = {}
     watch(ctl, clock, SPOT_RETRY_MAX_SECONDS + 10)
@@ -269,3 +269,174 @@ def test_terraforms_quota_error_reaches_the_watcher_as_the_quota_not_a_stock_out
     quota = by_id["r-0001"].quota
     assert quota is not None and SPOT_QUOTA in quota.reason and quota.scope == "region"
     assert by_id["r-0002"].quota is None
+
+
+@pytest.mark.parametrize(
+    ("instance_type", "spot", "on_demand"),
+    [
+        ("p3.2xlarge", "All P4, P3 and P2 Spot Instance Requests", "Running On-Demand P instances"),
+        ("p4d.24xlarge", "All P4, P3 and P2 Spot Instance Requests", "Running On-Demand P instances"),
+        ("p5.48xlarge", "All P5 Spot Instance Requests", "Running On-Demand P instances"),
+        ("g6e.xlarge", "All G and VT Spot Instance Requests", "Running On-Demand G and VT instances"),
+    ],
+)
+def test_aws_names_the_p_familys_spot_quota_by_its_generation(instance_type, spot, on_demand):
+    """EC2 has no "All P Spot Instance Requests": P2 to P4 spot count against "All P4, P3 and P2
+    Spot Instance Requests", P5 against "All P5 Spot Instance Requests" (their on-demand quota is
+    one). Before, p3, p4d and p5 (the catalog's P types) were all told to raise the first, which
+    the Service Quotas console does not list."""
+    said = "api error MaxSpotInstanceCountExceeded: Max spot instance count exceeded"
+    found = quota_refusal("aws", said, region="us-east-1", market="spot", instance_type=instance_type)
+    assert found is not None and f"'{spot}'" in found.reason, found
+    said = "api error VcpuLimitExceeded: You have requested more vCPU capacity"
+    found = quota_refusal("aws", said, region="us-east-1", market="on-demand", instance_type=instance_type)
+    assert found is not None and f"'{on_demand}'" in found.reason, found
+
+
+def _reconfigured(ctl: Controller, spec_path: Path) -> None:
+    from skyhedge.service import resolve_placement
+
+    spec = load_spec(spec_path)
+    ctl.reconfigure(
+        spec,
+        placement=resolve_placement(spec),
+        executor=ctl.executor,
+        router=ctl.router,
+        prober=ctl.prober,
+        sources=ctl.sources,
+    )
+
+
+def test_a_reload_that_leaves_the_quotas_region_or_instance_type_forgets_the_quota(
+    tmp_path: Path, write_spec, caplog: pytest.LogCaptureFixture
+):
+    """Before, the entry outlived the region: no launch was asked there any more, so none could
+    succeed to lift it, and `status` named the quota ("asked again at" a time past) for good."""
+    from skyhedge.state import QUOTA_KEY
+
+    caplog.set_level(logging.INFO)
+    ctl, clock, _ = _controller(tmp_path, write_spec, ", policy: even")
+    watch(ctl, clock, 20)
+    assert set(ctl._quota) == {f"aws/{BLOCKED}/spot"}
+    _reconfigured(ctl, write_spec(SPEC.replace("usw2-az3", "use1-az6") % ", policy: even"))
+    assert set(ctl._quota) == {f"aws/{BLOCKED}/spot"}  # still placed there: kept
+    _reconfigured(ctl, write_spec(SPEC.replace(", usw2-az1, usw2-az2, usw2-az3", "") % ", policy: even"))
+    assert ctl._quota == {} and QUOTA_KEY not in ctl.state.extra
+    assert said(caplog, f"aws/{BLOCKED}/spot no longer followed: the spec no longer places")
+
+    (tmp_path / "again").mkdir()
+    ctl, clock, _ = _controller(tmp_path / "again", write_spec, ", policy: even")
+    watch(ctl, clock, 20)
+    assert set(ctl._quota) == {f"aws/{BLOCKED}/spot"}
+    _reconfigured(ctl, write_spec(SPEC.replace("g5.xlarge", "p4d.24xlarge") % ", policy: even"))
+    assert ctl._quota == {}  # another machine, another quota: asked for, not paused
+
+
+def test_a_restarted_watcher_forgets_the_quotas_of_places_its_spec_no_longer_has(tmp_path: Path, write_spec):
+    from skyhedge.state import QUOTA_KEY, load_state, save_state
+
+    entry = {"reason": "x", "since": 1.0, "refusals": 2, "at": 1.0, "next_at": 61.0}
+    state = load_state(tmp_path / "state", "svc")
+    state.extra[QUOTA_KEY] = {
+        f"aws/{BLOCKED}/spot": dict(entry),
+        "aws/eu-west-1/spot": dict(entry),  # a region the spec dropped while no watcher ran
+        "gcp/*/spot": dict(entry),  # a cloud the spec no longer has
+    }
+    save_state(tmp_path / "state", state)
+    ctl, _, _ = _controller(tmp_path, write_spec, ", policy: even")
+    assert set(ctl._quota) == {f"aws/{BLOCKED}/spot"}
+    assert set(ctl.state.extra[QUOTA_KEY]) == {f"aws/{BLOCKED}/spot"}
+
+
+def test_an_apply_that_launches_where_a_quota_refused_lifts_it_for_that_market_only():
+    """`apply` and the watcher share `absorb_result`: a launch it reports done there lifts the
+    quota of its region and market (its market's cloud-wide one too), not the other market's.
+    Before, only the watcher's own launches did: after an `apply` that launched there, `status`
+    still named the quota as used up, and a watcher started later paused the region again."""
+    from skyhedge.apply import absorb_result
+    from skyhedge.engine import ApplyResult, ResourceChange
+    from skyhedge.render.tree import RenderedRoot
+    from skyhedge.state import QUOTA_KEY, ReplicaRecord
+
+    state = ServiceState(service="svc")
+    state.replicas["r-0001"] = ReplicaRecord(
+        "r-0001", "aws", BLOCKED, "usw2-az1", "spot", 1.0, instance_type="g5.xlarge"
+    )
+    entry = {"reason": "x", "since": 1.0, "refusals": 2, "at": 1.0, "next_at": 61.0}
+    state.extra[QUOTA_KEY] = {
+        f"aws/{BLOCKED}/spot": dict(entry),
+        f"aws/{BLOCKED}/on-demand": dict(entry),
+        "aws/*/spot": dict(entry),
+        "aws/us-east-1/spot": dict(entry),
+    }
+    root = RenderedRoot("aws", BLOCKED, "aws", ("r-0001",), (), "digest")
+    address = 'module.replicas.aws_instance.replica["r-0001"]'
+    done = ApplyResult(
+        root.path,
+        0,
+        completed=(ResourceChange(address, "create"),),
+        outputs={"replicas": {"r-0001": {"cloud_id": "i-1", "endpoint": "http://10.0.0.1:8000"}}},
+    )
+    assert absorb_result(state, root, done, 2.0, revision="rev") == []
+    assert state.replicas["r-0001"].provisioned_at == 2.0
+    assert set(state.extra[QUOTA_KEY]) == {f"aws/{BLOCKED}/on-demand", "aws/us-east-1/spot"}
+
+
+def test_a_clean_destroy_forgets_the_quotas(tmp_path: Path, write_spec):
+    """Nothing of the service runs after it: before, `status` went on naming the quotas."""
+    from skyhedge.apply import destroy_service
+    from skyhedge.state import QUOTA_KEY, load_state, save_state
+
+    spec = write_spec("""
+        name: svc
+        placement: {clouds: [local], zones: [local-a]}
+        replica_policy: {min_replicas: 1}
+        run: {command: "true"}
+    """)
+    state = load_state(tmp_path / "state", "svc")
+    state.extra[QUOTA_KEY] = {
+        "aws/us-west-2/spot": {"reason": "x", "since": 1, "refusals": 1, "at": 1, "next_at": 31}
+    }
+    save_state(tmp_path / "state", state)
+    report = destroy_service(load_spec(spec), tmp_path / "state", route=False)
+    assert report.ok
+    assert QUOTA_KEY not in load_state(tmp_path / "state", "svc").extra
+
+
+def test_the_quota_line_says_asked_again_at_a_time_only_while_a_watcher_will_ask_then():
+    """Before: "asked again at 10:17:00" with no watcher running, or at 12:00 for an ask due at
+    10:17 that never came (the policy placing elsewhere)."""
+    from skyhedge.cli.apply import _describe_quota, clock_time
+
+    entry = {"reason": "aws: quota 'q' used up", "market": "spot", "since": 1000.0, "refusals": 3}
+    entry |= {"at": 1090.0, "next_at": 1210.0}
+    ahead = _describe_quota(entry, watching=True, now=1100.0)
+    assert f"asked again at {clock_time(1210.0)}" in ahead
+    past = _describe_quota(entry, watching=True, now=5000.0)
+    assert "asked again at the next launch placed there" in past and clock_time(1210.0) not in past
+    alone = _describe_quota(entry, watching=False, now=1100.0)
+    assert "no watcher runs" in alone and clock_time(1210.0) not in alone
+
+
+def test_a_quota_beside_a_stock_out_runs_terraform_no_more_than_the_stock_out_would(
+    tmp_path: Path, write_spec
+):
+    """Spot quota of 1 in us-west-2, us-east-1 out of spot, an hour (on-demand serves): the
+    region's pause and the zones' pauses fall on different passes, and each refused apply's
+    retry ran Terraform with every launch held: 100 Terraform runs, 42 asking nothing (60 when
+    the quota was taken for a stock-out). The retry now goes with the launches at the pause's
+    end: 53, each asking something, the service's READY replicas as before."""
+    ctl, clock, ex = _controller(tmp_path, write_spec, quota={(BLOCKED, "spot"): 1})
+    ex.refuse_zones = {"use1-az1", "use1-az2", "use1-az4"}
+    asked: list[int] = []
+    apply = ex.apply
+
+    def counting(state, plan, now):
+        asked.append(sum(1 for r in plan.replicas if r.action == CREATE))
+        return apply(state, plan, now)
+
+    ex.apply = counting  # type: ignore[method-assign]
+    watch(ctl, clock, 3600)
+    assert len(ready(ctl)) >= 3
+    assert len(asked) <= 60, len(asked)
+    assert asked.count(0) <= 1, asked  # (the first pass's reconcile at most)

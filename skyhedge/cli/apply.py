@@ -454,6 +454,20 @@ def quota_status(state: ServiceState) -> list[dict[str, Any]] | None:
     return out
 
 
+def _describe_quota(entry: dict[str, Any], watching: bool, now: float) -> str:
+    """One `Quota:` line. "Asked again at" a time only while a watcher runs and its pause is
+    ahead: past it (the policy placing its launches elsewhere, or none needed) or with no watcher,
+    nothing asks at any time, and the line showed a time long past as the next ask."""
+    times = f"{entry['refusals']} refusal(s) since {clock_time(entry['since'])}"
+    if not watching:
+        again = "no watcher runs: asked again by the next apply that places a launch there"
+    elif float(entry["next_at"]) > now:
+        again = f"asked again at {clock_time(entry['next_at'])}"
+    else:
+        again = f"last refused at {clock_time(entry['at'])}; asked again at the next launch placed there"
+    return f"{entry['reason']} ({entry['market']}; {times}; {again})"
+
+
 def autoscaler_status(spec: ServiceSpec, state: ServiceState) -> dict[str, Any] | None:
     """What the request-rate autoscaler decided and why, from the state the watcher saved: the
     target, its bounds, the rate over the window and when it was measured (`qps_at`: a running
@@ -670,9 +684,7 @@ def status(spec: Path, state_dir: Path | None, as_json: bool, include_gone: bool
     for key, outage in sorted((failing or {}).items()):
         console.print(f"Failing: {_describe_failing(key, outage)}", markup=False, soft_wrap=True)
     for entry in quota or ():
-        times = f"{entry['refusals']} refusal(s) since {clock_time(entry['since'])}"
-        again = f"asked again at {clock_time(entry['next_at'])}"
-        console.print(f"Quota: {entry['reason']} ({entry['market']}; {times}; {again})", markup=False)
+        console.print(f"Quota: {_describe_quota(entry, watcher is not None, time.time())}", markup=False)
     if scaler is not None:
         console.print(f"Autoscaler: {_describe_autoscaler(scaler)}", markup=False)
 

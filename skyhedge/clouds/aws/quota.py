@@ -7,7 +7,9 @@ account often has 0 or a few), and with `VcpuLimitExceeded` (`InstanceLimitExcee
 still counted in instances) for the on-demand one ("Running On-Demand G and VT instances").
 Either holds for every zone of the region until a person raises it in the Service Quotas console,
 where the quota has exactly these names (docs.aws.amazon.com/ec2/latest/instancetypes/
-ec2-instance-quotas.html).
+ec2-instance-quotas.html). The P family's spot quota is split by generation ("All P4, P3 and P2
+Spot Instance Requests", "All P5 Spot Instance Requests"; there is no "All P Spot Instance
+Requests"), its on-demand one is not.
 """
 
 from __future__ import annotations
@@ -29,14 +31,24 @@ _FAMILIES = {
 }
 
 
+#: The P family's spot quotas are split by generation where its on-demand one is not ("Running
+#: On-Demand P instances" for all): a generation -> its spot quota's family name. A P generation
+#: not listed (a newer one) is named generically rather than by a quota that may not hold it.
+_P_SPOT = {"2": "P4, P3 and P2", "3": "P4, P3 and P2", "4": "P4, P3 and P2", "5": "P5"}
+
+
 def quota_name(market: str, instance_type: str | None) -> str | None:
     """The Service Quotas name of the EC2 quota a launch of `instance_type` on `market` counts
     against (None: a type whose family this does not know)."""
-    letters = re.match(r"[a-z]+(?=[0-9])", (instance_type or "").lower())
-    family = _FAMILIES.get(letters.group(0)) if letters else None
-    if family is None:
+    letters = re.match(r"([a-z]+)([0-9])", (instance_type or "").lower())
+    family = _FAMILIES.get(letters.group(1)) if letters else None
+    if family is None or letters is None:
         return None
     if market == "spot":
+        if family == "P":
+            family = _P_SPOT.get(letters.group(2))
+            if family is None:
+                return None
         return f"All {family} Spot Instance Requests"
     return f"Running On-Demand {family} instances"
 
