@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import socket
 import textwrap
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -42,6 +44,76 @@ def pytest_configure(config: pytest.Config) -> None:
             os.environ.pop(name, None)
         else:
             os.environ[name] = value
+
+
+#: Network calls the tests' own process made to somewhere other than this machine (the guard
+#: below): each one fails the test that made it.
+_OFF_MACHINE: list[str] = []
+_LOCAL_NAMES = frozenset({"localhost", "localhost.localdomain", "ip6-localhost", ""})
+
+
+def _is_loopback(host: object) -> bool:
+    if host is None or (isinstance(host, str) and host.casefold() in _LOCAL_NAMES):
+        return True
+    text = host.decode() if isinstance(host, bytes) else str(host)
+    try:
+        return ipaddress.ip_address(text.split("%", 1)[0]).is_loopback
+    except ValueError:
+        return False
+
+
+def _install_network_guard() -> None:
+    """No test reaches the internet (the project's rule): a connect to an address that is not
+    loopback, or a name lookup of another host, is refused as an unreachable network would, and
+    recorded, so the test that made it fails (`_no_traffic_off_this_machine`) where it would
+    have passed here (no internet) and reached a real cloud on a machine with credentials. (A
+    `plan` that began asking clouds which replicas still run is what such a test would miss.)
+    Subprocesses (Terraform, nginx) are not covered: their endpoints are set by the tests."""
+    if getattr(socket.socket.connect, "_skyhedge_guard", False):
+        return
+    connect, connect_ex, getaddrinfo = socket.socket.connect, socket.socket.connect_ex, socket.getaddrinfo
+
+    def _check(sock: socket.socket, address: Any) -> None:
+        if sock.family in (socket.AF_INET, socket.AF_INET6) and not _is_loopback(address[0]):
+            _OFF_MACHINE.append(f"connect to {address[0]}:{address[1]}")
+            raise OSError(101, f"test network guard: {address[0]} is not this machine")
+
+    def guarded_connect(self: socket.socket, address: Any) -> None:
+        _check(self, address)
+        return connect(self, address)
+
+    def guarded_connect_ex(self: socket.socket, address: Any) -> int:
+        _check(self, address)
+        return connect_ex(self, address)
+
+    def guarded_getaddrinfo(host: Any, *args: Any, **kwargs: Any) -> Any:
+        if not _is_loopback(host) and host != socket.gethostname():
+            _OFF_MACHINE.append(f"name lookup of {host}")
+            raise socket.gaierror(socket.EAI_NONAME, f"test network guard: {host} is not this machine")
+        return getaddrinfo(host, *args, **kwargs)
+
+    guarded_connect._skyhedge_guard = True  # type: ignore[attr-defined]
+    socket.socket.connect = guarded_connect  # type: ignore[method-assign]
+    socket.socket.connect_ex = guarded_connect_ex  # type: ignore[method-assign]
+    socket.getaddrinfo = guarded_getaddrinfo
+
+
+_install_network_guard()
+# The cloud SDKs' own look for credentials on a cloud VM's metadata server (169.254.169.254):
+# off in every test and every CLI a test runs (they inherit this environment), as a laptop
+# without a cloud account has no such server to ask.
+os.environ.setdefault("NO_GCE_CHECK", "true")
+os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
+
+
+@pytest.fixture(autouse=True)
+def _no_traffic_off_this_machine() -> Iterator[None]:
+    """Fails a test whose process tried to reach another machine (`_install_network_guard`)."""
+    _OFF_MACHINE.clear()
+    yield
+    tried, _OFF_MACHINE[:] = list(_OFF_MACHINE), []
+    if tried:
+        pytest.fail("the test tried to reach another machine: " + "; ".join(sorted(set(tried))[:5]))
 
 
 @pytest.fixture
