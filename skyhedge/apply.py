@@ -907,6 +907,13 @@ def notice_gone_replicas(
             try:
                 look = getattr(source, "reconcile", None) or source.poll
                 gone += [e for e in look(now, mine) if e.signal is Signal.GONE]
+                # what failed beside the events found (GCP: a zone that could not be listed while
+                # another could): its replicas were not judged, which is said as for a whole cloud
+                warnings += [
+                    f"{cloud}: could not check which replicas still run ({first_line(p)}); those gone "
+                    "since the state was written are replaced once a watcher or apply sees them"
+                    for p in source.problems()
+                ]
             finally:
                 source.close()
         except Exception as exc:  # a cloud that cannot be asked must not stop the apply

@@ -812,3 +812,57 @@ def test_a_clock_set_forward_does_not_end_the_leftover_grace_at_once(
             ctl.tick()
     reports = [r.getMessage() for r in caplog.records if "llm-r-0099" in r.getMessage()]
     assert len(reports) == 1 and "belongs to no live replica" in reports[0]
+
+
+def _three_zones() -> list:
+    """Three recorded replicas, one per zone."""
+    from skyhedge.state import ReplicaRecord
+
+    return [
+        ReplicaRecord(
+            f"r-000{i}", "gcp", "us-central1", zone, "spot", 1.0, provisioned_at=2.0, cloud_id=f"{i}"
+        )
+        for i, zone in enumerate(("us-central1-a", "us-central1-b", "us-central1-c"), start=1)
+    ]
+
+
+def test_a_host_without_credentials_looks_them_up_once_not_once_per_zone(monkeypatch):
+    """`plan` and `apply` ask the zones holding replicas which still run. Without credentials,
+    google-auth waits for Google's metadata server before it gives up (12 s measured where that
+    address does not answer), and each zone looked the credentials up again: 36 s for 3 zones.
+    They are the project's, not a zone's: looked up once, and the poll fails with that."""
+    calls: list[int] = []
+
+    def no_credentials(*_args, **_kwargs):
+        calls.append(1)
+        raise CloudError("gcp: no credentials (none found)")
+
+    monkeypatch.setattr("skyhedge.clouds.gcp.events.default_session", no_credentials)
+    source = GcpEventSource("llm", PROJECT, {})
+    with pytest.raises(CloudError, match="no credentials"):
+        source.poll(100.0, _three_zones())
+    assert len(calls) == 1
+
+
+def test_compute_unreachable_is_not_asked_again_for_every_zone(monkeypatch, session):
+    """A connection Compute never answers (egress blocked: 10 s a zone measured, the request
+    timeout) fails the same way whatever the zone: the poll stops at the first, not after
+    waiting as long again for each zone (30 s for 3 zones, for every `plan`)."""
+    import socket
+
+    with socket.socket() as probe:  # a port of this host nothing listens on: refused at once
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    monkeypatch.setenv(ENDPOINT_ENV, f"http://127.0.0.1:{port}/compute/v1")
+    asked: list[str] = []
+    real = session.request
+
+    def counted(method, url, **kwargs):
+        asked.append(url)
+        return real(method, url, **kwargs)
+
+    monkeypatch.setattr(session, "request", counted)
+    source = GcpEventSource("llm", PROJECT, {}, session=session)
+    with pytest.raises(CloudError, match="us-central1-a/operations"):
+        source.poll(100.0, _three_zones())
+    assert len(asked) == 1, asked

@@ -856,6 +856,45 @@ def test_a_vm_deleted_since_the_last_run_is_replaced_by_the_next_apply_though_no
     assert sorted(i["labels"]["skyhedge-replica"] for i in gce.instances.values()) == ["r-0002", "r-0003"]
 
 
+def test_a_vm_whose_labels_were_edited_by_hand_is_not_taken_for_gone_by_apply(gce, spec, tmp_path):
+    """Its `skyhedge-service` label removed (in the console, by a label policy), a replica's VM is no
+    longer in the zone's labelled listing: `apply` recorded it gone ("instance no longer listed"),
+    launched a replacement and Terraform deleted the healthy VM (as on AWS before its tags were
+    looked past). Its recorded name is looked up before it is judged: running, it is kept; deleted,
+    it is gone as before."""
+    state_dir = tmp_path / "state"
+    engine = FakeGoogleTerraform(gce)
+    assert apply_service(spec, state_dir, engine=engine, route=False, wait=False).ok
+    rec = load_state(state_dir, "llm").replicas["r-0001"]
+    del gce.instances[(rec.zone, f"skyhedge-llm-{rec.id}")]["labels"]["skyhedge-service"]
+    report = apply_service(spec, state_dir, engine=engine, route=False, wait=False)
+    assert report.ok and report.created == [] and gce.deletes() == [], (report.created, gce.deletes())
+    assert sorted(r.id for r in load_state(state_dir, "llm").live()) == ["r-0001", "r-0002"]
+    spot_vm_deleted(gce, state_dir, "r-0001")
+    report = apply_service(spec, state_dir, engine=engine, route=False, wait=False)
+    assert report.ok and report.created == ["r-0003"]
+    assert load_state(state_dir, "llm").replicas["r-0001"].gone_at is not None
+
+
+def test_a_zone_that_could_not_be_listed_is_said_when_another_zone_found_a_vm_gone(gce, spec, tmp_path):
+    """One zone's listing refused while another's finds a VM deleted: the poll returns what it
+    found and keeps the refusal for the watcher's `problems()`, which `apply` never read: the
+    refused zone's replicas went unchecked without a word. Now said as a warning, naming it."""
+    state_dir = tmp_path / "state"
+    engine = FakeGoogleTerraform(gce)
+    assert apply_service(spec, state_dir, engine=engine, route=False, wait=False).ok
+    live = {r.id: r for r in load_state(state_dir, "llm").live()}
+    assert live["r-0001"].zone != live["r-0002"].zone
+    spot_vm_deleted(gce, state_dir, "r-0001")
+    refused = f"zones/{live['r-0002'].zone}/operations"
+    gce.fail[("GET", refused)] = (403, {"error": {"code": 403, "message": "listing denied"}})
+    report = apply_service(spec, state_dir, engine=engine, route=False, wait=False)
+    assert report.ok and report.created == ["r-0003"]
+    [warning] = report.warnings
+    assert warning.startswith("gcp: could not check which replicas still run (gcp: GET ")
+    assert refused in warning and "HTTP 403: listing denied" in warning
+
+
 def test_a_replica_recreated_under_its_name_by_a_killed_apply_is_deleted_and_created_again(
     gce, spec, tmp_path, write_spec
 ):

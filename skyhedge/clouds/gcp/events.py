@@ -52,7 +52,19 @@ MAX_PAGES = 50
 #: (the controller ignores them too: controller/facts.py EVENT_SKEW_SECONDS).
 OPERATION_SKEW_SECONDS = 60.0
 
-__all__ = ["GcpEventSource", "event_source", "compute_endpoint", "parse_instance", "parse_operation"]
+__all__ = [
+    "GcpEventSource",
+    "Unreachable",
+    "event_source",
+    "compute_endpoint",
+    "parse_instance",
+    "parse_operation",
+]
+
+
+class Unreachable(CloudError):
+    """Compute could not be reached at all (a connection refused or timed out, a token that cannot
+    be refreshed): whatever the zone, the next call would fail the same way, after as long."""
 
 
 def event_source(
@@ -191,17 +203,11 @@ class GcpEventSource(EventSource):
         """GET a Compute list, following `nextPageToken`. A reply that is not a list page (an
         `error` object, `items` not a list) or a listing longer than MAX_PAGES pages is an error,
         never a shorter list: an instance missing from the list reads as a preemption."""
-        import requests
-        from google.auth.exceptions import GoogleAuthError
-
-        url = f"{compute_endpoint()}/projects/{quote(self.project, safe=':')}/{path}"  # from env too
+        url = self._url(path)
         items: list[Any] = []
         params = dict(params)
         for _ in range(MAX_PAGES):
-            try:
-                reply = request(self.session, "GET", url, params=params, timeout=self.timeout)
-            except (requests.RequestException, GoogleAuthError) as exc:  # a token refresh can fail too
-                raise CloudError(f"gcp: GET {url}: {exc}") from exc
+            reply = self._request(url, params)
             if reply.status_code != 200:
                 raise CloudError(f"gcp: GET {url}: HTTP {reply.status_code}: {api_error_message(reply)}")
             body = json_object(reply, f"gcp: GET {url}")
@@ -216,6 +222,42 @@ class GcpEventSource(EventSource):
                 return items
             params["pageToken"] = token
         raise CloudError(f"gcp: GET {url}: more than {MAX_PAGES} pages; the listing was not read to its end")
+
+    def _url(self, path: str) -> str:
+        return f"{compute_endpoint()}/projects/{quote(self.project, safe=':')}/{path}"  # from env too
+
+    def _request(self, url: str, params: dict[str, str]) -> Any:
+        """One GET (tried again as `request` does): Compute's reply, whatever its status. A failure
+        to reach Compute at all is `Unreachable`."""
+        import requests
+        from google.auth.exceptions import GoogleAuthError
+
+        try:
+            return request(self.session, "GET", url, params=params, timeout=self.timeout)
+        except requests.ConnectionError as exc:  # refused, no route, connect timed out, DNS
+            raise Unreachable(f"gcp: GET {url}: {exc}") from exc
+        except GoogleAuthError as exc:  # a token refresh failing: no zone can be asked either
+            raise Unreachable(f"gcp: GET {url}: {exc}") from exc
+        except requests.RequestException as exc:
+            raise CloudError(f"gcp: GET {url}: {exc}") from exc
+
+    def instance_status(self, zone: str, name: str, instance_id: str | None) -> str | None:
+        """The status of instance `name` in `zone` whatever its labels, or None when Compute holds
+        none of that name (or only another machine of that name than `instance_id`, when given).
+
+        Why: the zone's listing is filtered by the service's label, so a replica's VM whose labels
+        were edited by hand (the `skyhedge-service` label removed or changed) is not in it. Judged
+        "no longer listed", a healthy VM was recorded gone, replaced, and deleted by Terraform."""
+        url = self._url(f"zones/{quote(zone, safe='')}/instances/{quote(name, safe='')}")
+        reply = self._request(url, {})
+        if reply.status_code == 404:
+            return None
+        if reply.status_code != 200:
+            raise CloudError(f"gcp: GET {url}: HTTP {reply.status_code}: {api_error_message(reply)}")
+        body = json_object(reply, f"gcp: GET {url}")
+        if instance_id and instance_id.isdigit() and str(body.get("id", instance_id)) != instance_id:
+            return None  # that name was given to another machine since: the recorded one is gone
+        return str(body.get("status", ""))
 
     def instance_name(self, replica_id: str) -> str:
         """The name the gcp-replicas module gives a replica's instance (modules/gcp-replicas)."""
@@ -242,10 +284,17 @@ class GcpEventSource(EventSource):
         }
         events: list[PreemptionEvent] = []
         failures: list[CloudError] = []
+        # The credentials are the project's, not a zone's: looked up once, before any zone. Looked
+        # up per zone, a host without any waited for Google's metadata server in each (12 s a zone
+        # measured where that address does not answer: 36 s for a `plan` with 3 zones).
+        _ = self.session
         for zone in sorted({r.zone for r in mine}):
             self.region_of.setdefault(zone, next(r.region for r in mine if r.zone == zone))
             try:
                 self._poll_zone(zone, now, mine, by_name, id_of, read, events)
+            except Unreachable as exc:  # Compute itself, not this zone: the next zones would wait too
+                failures.append(exc)
+                break
             except CloudError as exc:  # one zone's failure must not blind the others
                 failures.append(exc)
         self._listed &= {r.id for r in mine}
@@ -332,6 +381,8 @@ class GcpEventSource(EventSource):
                 name = str(rec.outputs.get("name") or _last(rec.cloud_id) or rec.cloud_id)
                 if name not in status:
                     name = by_label.get(rec.id, name)
+                if name not in status and (found := self.instance_status(zone, name, rec.cloud_id)):
+                    status[name] = found  # its labels edited by hand: looked up by its name
             else:
                 name = by_label.get(rec.id, self.instance_name(rec.id))
                 if name in status:
