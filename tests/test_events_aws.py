@@ -495,11 +495,16 @@ def test_a_failing_reconcile_keeps_the_queues_events_and_waits_its_turn(aws, tmp
     undo()
 
 
-def test_clients_have_bounded_timeouts(aws):
+def test_clients_have_bounded_timeouts_and_only_sqs_waits_past_its_long_poll(aws):
+    """An EC2 endpoint that accepts and never answers holds a listing (and `plan`, which asks EC2
+    which replicas still run) for read timeout x attempts: 10 s reads, where SQS's long poll
+    needs its wait plus a margin."""
     source = AwsEventSource("llm", [REGION], session=aws, wait_seconds=20)
-    config = source._client("ec2", REGION).meta.config
-    assert config.connect_timeout == 5 and config.read_timeout == 30
-    assert config.retries["mode"] == "standard"
+    ec2 = source._client("ec2", REGION).meta.config
+    sqs = source._client("sqs", REGION).meta.config
+    assert ec2.connect_timeout == 5 and ec2.read_timeout == 10
+    assert sqs.connect_timeout == 5 and sqs.read_timeout == 30
+    assert ec2.retries["mode"] == sqs.retries["mode"] == "standard"
 
 
 def _leftover(aws, replica_id: str) -> str:

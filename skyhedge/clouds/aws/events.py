@@ -54,6 +54,10 @@ __all__ = [
 ]
 
 
+#: Seconds an EC2 call's reply may take (SQS reads wait longer: `AwsEventSource._client`).
+EC2_READ_TIMEOUT = 10
+
+
 def default_queue_name(service: str) -> str:
     return f"skyhedge-{service}-events"
 
@@ -181,12 +185,15 @@ class AwsEventSource(EventSource):
 
     def _client(self, service: str, region: str) -> Any:
         """A boto3 client with bounded waits: botocore's defaults (60 s connect, 60 s read, legacy
-        retries) let one unresponsive endpoint hold a controller tick for five minutes."""
+        retries) let one unresponsive endpoint hold a controller tick for five minutes. Only SQS
+        reads wait past its long poll; EC2's listings answer in seconds, and with the SQS read
+        timeout an endpoint that accepted and never answered held `plan` (which asks EC2 which
+        replicas still run) 125 s per region (measured: 30 s x 3 attempts and backoff)."""
         from botocore.config import Config
 
         config = Config(
             connect_timeout=5,
-            read_timeout=max(30, self.wait_seconds + 10),  # above the SQS long-poll wait
+            read_timeout=max(30, self.wait_seconds + 10) if service == "sqs" else EC2_READ_TIMEOUT,
             retries={"mode": "standard", "max_attempts": 3},
         )
         return self.session.client(service, region_name=region, config=config)
