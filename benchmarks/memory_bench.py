@@ -41,16 +41,6 @@ sys.path.insert(0, str(REPO / "tests"))
 
 from _argtypes import at_least, positive  # noqa: E402
 
-SPEC = """
-name: svc
-placement:
-  clouds: [local]
-  zones: [local-a, local-b, local-c]
-replica_policy: {min_replicas: 2, num_overprovision: 1, policy: spothedge}
-readiness_probe: {path: /health, initial_delay_seconds: 30}
-run: {command: "true"}
-"""
-
 
 def _traced() -> int:
     gc.collect()
@@ -58,7 +48,7 @@ def _traced() -> int:
 
 
 def controller_churn(cycles: int, warmup: int) -> None:
-    from controller_fakes import Clock, FakeExecutor, FakeProber, FakeRouter, FakeSource
+    from controller_fakes import THREE_ZONE_SPEC, Clock, FakeExecutor, FakeProber, FakeRouter, FakeSource
 
     from skyhedge.controller.loop import Controller
     from skyhedge.controller.metrics import Metrics
@@ -67,7 +57,7 @@ def controller_churn(cycles: int, warmup: int) -> None:
 
     with tempfile.TemporaryDirectory(prefix="skyhedge-memory-") as tmp:
         spec_path = Path(tmp) / "svc.yaml"
-        spec_path.write_text(SPEC)
+        spec_path.write_text(THREE_ZONE_SPEC)
         clock = Clock(1_700_000_000.0)
         executor, router, source = FakeExecutor(), FakeRouter(), FakeSource()
         ctl = Controller(

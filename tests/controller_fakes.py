@@ -294,6 +294,30 @@ def run_ticks(ctl: Controller, clock: Clock, ticks: int, step: float = 1.0) -> N
         clock.advance(step)
 
 
+def run_for(ctl: Controller, clock: Clock, seconds: float) -> None:
+    """Passes for `seconds` of the clock, each after the delay the last one asked for (as the
+    watcher sleeps between passes)."""
+    end = clock() + seconds
+    while clock() < end:
+        delay = ctl.tick()
+        ctl.woken = False
+        clock.advance(max(0.05, delay))
+
+
+def reconfigured(ctl: Controller, spec: ServiceSpec) -> None:
+    """The watcher's reload of an edited spec: its placement resolved anew, the same parts."""
+    from skyhedge.service import resolve_placement
+
+    ctl.reconfigure(
+        spec,
+        placement=resolve_placement(spec),
+        executor=ctl.executor,
+        router=ctl.router,
+        prober=ctl.prober,
+        sources=ctl.sources,
+    )
+
+
 def edit_spec(path: Path, old: str, new: str) -> None:
     """Edit a running watcher's spec file in place and date it a moment ago, past the watcher's
     SPEC_SETTLE_SECONDS (the edit is done: the next pass reads it, not the one after)."""

@@ -10,7 +10,7 @@ import logging
 from pathlib import Path
 
 import pytest
-from controller_fakes import Clock, FakeExecutor, clocked_controller
+from controller_fakes import Clock, FakeExecutor, clocked_controller, run_for
 
 from skyhedge.controller.loop import SPOT_RETRY_MAX_SECONDS, SPOT_RETRY_SECONDS, Controller
 from skyhedge.events import PreemptionEvent, Signal
@@ -58,15 +58,6 @@ def drought(tmp_path: Path, write_spec) -> tuple[Controller, Clock, Recording]:
     return ctl, clock, ex
 
 
-def watch(ctl: Controller, clock: Clock, seconds: float) -> None:
-    """Passes for `seconds` of the clock, each after the delay the last one asked for."""
-    end = clock() + seconds
-    while clock() < end:
-        delay = ctl.tick()
-        ctl.woken = False
-        clock.advance(max(0.05, delay))
-
-
 def ready(ctl: Controller, market: str) -> list[str]:
     return [r.id for r in ctl.state.live() if r.market == market and r.fact().status is ReplicaStatus.READY]
 
@@ -79,9 +70,9 @@ def test_a_spot_drought_is_served_on_demand_at_once_and_each_zone_is_asked_again
     start = clock()
     ctl.tick()  # the first apply: on-demand launched beside the refused spot launches
     assert len([r for r in ctl.state.live() if r.market == "on-demand" and r.provisioned_at]) == 3
-    watch(ctl, clock, 5)
+    run_for(ctl, clock, 5)
     assert len(ready(ctl, "on-demand")) == 3  # availability first
-    watch(ctl, clock, 3600 - (clock() - start))
+    run_for(ctl, clock, 3600 - (clock() - start))
     for zone in sorted(ZONES):
         asks = ex.asked(zone)
         gaps = [later - earlier for earlier, later in zip(asks, asks[1:], strict=False)]
@@ -97,10 +88,10 @@ def test_a_spot_drought_is_served_on_demand_at_once_and_each_zone_is_asked_again
 
 def test_spot_is_back_within_the_longest_pause_once_capacity_is_and_the_zones_pause_starts_over(drought):
     ctl, clock, ex = drought
-    watch(ctl, clock, 3600)  # the pauses are at their longest
+    run_for(ctl, clock, 3600)  # the pauses are at their longest
     ex.refuse_zones = set()
     back = clock()
-    watch(ctl, clock, SPOT_RETRY_MAX_SECONDS + 10)
+    run_for(ctl, clock, SPOT_RETRY_MAX_SECONDS + 10)
     assert len(ready(ctl, "spot")) >= 3
     assert ready(ctl, "on-demand") == []  # the cover released once spot serves
     assert ctl._spot_refused == {}  # a launch that succeeded ends its zone's pause
@@ -111,7 +102,7 @@ def test_spot_is_back_within_the_longest_pause_once_capacity_is_and_the_zones_pa
         if rec.market == "spot":
             source.queue.append(PreemptionEvent(Signal.GONE, clock(), "fake", replica_id=rec.id))
     again = clock()
-    watch(ctl, clock, 120)
+    run_for(ctl, clock, 120)
     zone = min(ZONES, key=lambda z: ex.asked(z, since=again)[:1] or [float("inf")])
     asks = ex.asked(zone, since=again)
     assert len(asks) >= 2 and asks[1] - asks[0] == pytest.approx(SPOT_RETRY_SECONDS, abs=2.0)
@@ -121,7 +112,7 @@ def test_spot_is_back_within_the_longest_pause_once_capacity_is_and_the_zones_pa
 def test_a_refusal_in_one_zone_leaves_spot_launches_in_the_others_unpaced(drought):
     ctl, clock, ex = drought
     ex.refuse_zones = {"local-a"}
-    watch(ctl, clock, 10)
+    run_for(ctl, clock, 10)
     spot = [r for r in ctl.state.live() if r.market == "spot"]
     assert spot and all(r.zone != "local-a" and r.provisioned_at is not None for r in spot)
     assert len(ex.asked("local-a")) == 1  # asked once, then paused
@@ -131,11 +122,11 @@ def test_a_wall_clock_stepped_back_during_a_pause_does_not_stretch_it(drought):
     """The pause is kept in wall-clock time: a clock set back an hour must not leave a zone
     unasked for that hour (on-demand paid all along)."""
     ctl, clock, ex = drought
-    watch(ctl, clock, 5)
+    run_for(ctl, clock, 5)
     assert len(ex.asked("local-a")) == 1
     clock.advance(-3600.0)
     stepped, before = clock(), len(ex.spot_asks)
-    watch(ctl, clock, SPOT_RETRY_SECONDS + 5)
+    run_for(ctl, clock, SPOT_RETRY_SECONDS + 5)
     asks = [at for at, zones in ex.spot_asks[before:] if "local-a" in zones]
     assert asks and asks[0] - stepped <= SPOT_RETRY_SECONDS + 2.0
 
@@ -190,13 +181,13 @@ def test_a_rolling_update_begun_in_a_drought_is_said_stalled_on_time(drought, wr
     from skyhedge.state import ROLLOUT_KEY
 
     ctl, clock, ex = drought
-    watch(ctl, clock, 600)  # every zone paused, the longest pause running
+    run_for(ctl, clock, 600)  # every zone paused, the longest pause running
     assert ready(ctl, "on-demand") and ctl._spot_refused
     spec = load_spec(write_spec(SPEC.replace('"true"', '"v2"'), "v2.yaml"))
     parts = {"executor": ex, "router": ctl.router, "prober": ctl.prober, "sources": ctl.sources}
     ctl.reconfigure(spec, placement=resolve_placement(spec), **parts)
     begun = clock()
-    watch(ctl, clock, ROLLOUT_STALL_SECONDS + 10)
+    run_for(ctl, clock, ROLLOUT_STALL_SECONDS + 10)
     record = ctl.state.extra[ROLLOUT_KEY]
     assert record["stalled_since"] is not None, record
     assert record["stalled_since"] - begun <= ROLLOUT_STALL_SECONDS + 5
@@ -246,14 +237,14 @@ def test_a_watcher_restarted_in_a_drought_resumes_each_zones_pause_where_it_was(
     zones refusing for 10 to 63 min: 16 refused spot launches in the 5 minutes after a restart;
     now 4, none before its zone's pause ends."""
     ctl, clock, ex = drought
-    watch(ctl, clock, 3600)  # every zone's pause at its longest
+    run_for(ctl, clock, 3600)  # every zone's pause at its longest
     last = {zone: ex.asked(zone)[-1] for zone in ZONES}
     kept = dict(ctl._spot_refused)
     assert kept and all(n >= 5 for n, _ in kept.values())
     restart = clock()
     ctl = _restarted(ctl, clock, ex)
     assert ctl._spot_refused == kept
-    watch(ctl, clock, 300)
+    run_for(ctl, clock, 300)
     asked = [(at, zone) for at, zones in ex.spot_asks if at >= restart for zone in zones]
     assert len(asked) <= 6, asked  # was 16
     for at, zone in asked:  # each zone waits out its pause, counted from its last refusal
@@ -270,7 +261,7 @@ def test_a_kept_pause_stamped_far_ahead_of_the_clock_waits_no_longer_than_the_lo
     from skyhedge.state import save_state
 
     ctl, clock, ex = drought
-    watch(ctl, clock, 5)
+    run_for(ctl, clock, 5)
     ctl.flush()
     future = clock() + 365 * 86400.0
     ctl.state.extra[SPOT_PAUSES_KEY] = {
@@ -279,7 +270,7 @@ def test_a_kept_pause_stamped_far_ahead_of_the_clock_waits_no_longer_than_the_lo
     save_state(ctl.state_dir, ctl.state)
     restart = clock()
     ctl = clocked_controller(ctl.spec, ctl.state_dir, clock, executor=ex, sources=ctl.sources)
-    watch(ctl, clock, SPOT_RETRY_MAX_SECONDS + 10)
+    run_for(ctl, clock, SPOT_RETRY_MAX_SECONDS + 10)
     for zone in sorted(ZONES):
         asks = ex.asked(zone, since=restart)
         assert asks and asks[0] - restart <= SPOT_RETRY_MAX_SECONDS + 2.0, (zone, asks)

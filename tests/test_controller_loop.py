@@ -7,7 +7,15 @@ import json
 from pathlib import Path
 
 import pytest
-from controller_fakes import Clock, FakeExecutor, FakeProber, FakeRouter, FakeSource, clocked_controller
+from controller_fakes import (
+    Clock,
+    FakeExecutor,
+    FakeProber,
+    FakeRouter,
+    FakeSource,
+    clocked_controller,
+    reconfigured,
+)
 
 from skyhedge.controller.facts import WARNING_GRACE_SECONDS
 from skyhedge.controller.loop import Controller, ControllerOptions
@@ -1501,20 +1509,6 @@ def test_a_rolling_update_with_a_base_on_demand_replica_keeps_n_ready(tmp_path: 
     assert lowest == n
 
 
-def _narrow(ctl: Controller, spec) -> None:
-    """The watcher's reload of a spec whose placement changed: the placement resolved anew."""
-    from skyhedge.service import resolve_placement
-
-    ctl.reconfigure(
-        spec,
-        placement=resolve_placement(spec),
-        executor=ctl.executor,
-        router=ctl.router,
-        prober=ctl.prober,
-        sources=ctl.sources,
-    )
-
-
 @pytest.mark.parametrize("policy", ["skyhedge", "spothedge"])
 def test_a_narrowed_placement_moves_serving_spot_replicas_without_buying_on_demand(
     tmp_path: Path, write_spec, policy
@@ -1539,7 +1533,7 @@ def test_a_narrowed_placement_moves_serving_spot_replicas_without_buying_on_dema
     kept = ", ".join(z for z in ("local-a", "local-b", "local-c") if z != dropped)
     moving = {r.id for r in old if r.zone == dropped}
     started = clock()
-    _narrow(ctl, load_spec(write_spec(text.replace(zones, f"zones: [{kept}]"), "narrowed.yaml")))
+    reconfigured(ctl, load_spec(write_spec(text.replace(zones, f"zones: [{kept}]"), "narrowed.yaml")))
     lowest, done = 99, None
     for _ in range(120):  # 600 s: the move is one cold start
         ctl.tick()
@@ -1588,7 +1582,9 @@ def test_a_narrowed_placement_keeps_the_base_on_demand_replicas_through_the_move
     assert [r.zone for r in base] == ["local-a"] and all(r.zone != "local-a" for r in old if r not in base)
     assert all(r.fact().status is ReplicaStatus.READY for r in old)
     started = clock()
-    _narrow(ctl, load_spec(write_spec(text.replace(zones, "zones: [local-a, local-e]"), "narrowed.yaml")))
+    reconfigured(
+        ctl, load_spec(write_spec(text.replace(zones, "zones: [local-a, local-e]"), "narrowed.yaml"))
+    )
     lowest, lowest_ondemand = 99, 99
     for _ in range(120):  # 600 s: the move is one cold start
         ctl.tick()
@@ -1613,7 +1609,7 @@ def test_replicas_outside_a_narrowed_placement_stand_in_only_while_they_serve(tm
     dropped = old[0].zone
     kept = [z for z in ("local-a", "local-b", "local-c") if z != dropped]
     narrowed = text.replace("local-a, local-b, local-c", ", ".join(kept))
-    _narrow(ctl, load_spec(write_spec(narrowed, "narrowed.yaml")))
+    reconfigured(ctl, load_spec(write_spec(narrowed, "narrowed.yaml")))
     ctl.tick()
     clock.advance(5.0)
     assert [r.market for r in ctl.state.live() if r.market != "spot"] == []
@@ -1651,7 +1647,7 @@ def test_a_rolling_update_in_a_spot_drought_is_said_stalled_by_status_until_it_m
         kept = [z for z in ("local-a", "local-b", "local-c") if z != old[0].zone]
         edited = text.replace("local-a, local-b, local-c", ", ".join(kept))
     spec_path = write_spec(edited, "edited.yaml")
-    _narrow(ctl, load_spec(spec_path))
+    reconfigured(ctl, load_spec(spec_path))
 
     def status(*flags: str) -> str:
         args = ["status", str(spec_path), "--state-dir", str(tmp_path / "state"), *flags]

@@ -12,7 +12,7 @@ import logging
 from pathlib import Path
 
 import pytest
-from controller_fakes import Clock, FakeExecutor, clocked_controller
+from controller_fakes import Clock, FakeExecutor, clocked_controller, reconfigured, run_for
 
 from skyhedge.clouds import quota_refusal
 from skyhedge.controller.loop import SPOT_RETRY_MAX_SECONDS, Controller
@@ -62,14 +62,6 @@ def _controller(
     return clocked_controller(spec, tmp_path / "state", clock, executor=ex), clock, ex
 
 
-def watch(ctl: Controller, clock: Clock, seconds: float) -> None:
-    end = clock() + seconds
-    while clock() < end:
-        delay = ctl.tick()
-        ctl.woken = False
-        clock.advance(max(0.05, delay))
-
-
 def ready(ctl: Controller) -> list[str]:
     return [r.id for r in ctl.state.live() if r.fact().status is ReplicaStatus.READY]
 
@@ -87,7 +79,7 @@ def test_a_regions_spot_quota_is_asked_on_the_droughts_schedule_not_at_every_app
     at every apply after the 1 s-to-60 s backoff, the quota read as a zone's stock-out; the
     default policy moved to us-east-1 after its first apply (3 refused) and still does."""
     ctl, clock, ex = _controller(tmp_path, write_spec, policy)
-    watch(ctl, clock, 3600)
+    run_for(ctl, clock, 3600)
     asks = sorted(set(ex.asked(BLOCKED, "spot")))
     gaps = [later - earlier for earlier, later in zip(asks, asks[1:], strict=False)]
     assert len(asks) <= 16, asks  # one ask per pause: 30, 60, 120, 240, then every 300 s
@@ -102,7 +94,7 @@ def test_the_quota_is_said_once_naming_it_the_region_and_where_to_raise_it(
     replica and zone at every refused apply, "quota" never said (0 lines of 334 in an hour)."""
     caplog.set_level(logging.INFO)
     ctl, clock, ex = _controller(tmp_path, write_spec, ", policy: even")
-    watch(ctl, clock, 3600)
+    run_for(ctl, clock, 3600)
     assert len(ex.asked(BLOCKED, "spot")) > 3  # asked again and again: said once all the same
     lines = said(caplog, "quota")
     assert len(lines) == 1, lines
@@ -119,7 +111,7 @@ def test_status_and_status_json_name_the_quota_until_a_launch_there_succeeds(tmp
     from skyhedge.cli import main
 
     ctl, clock, ex = _controller(tmp_path, write_spec, ", policy: even")  # (it keeps asking there)
-    watch(ctl, clock, 20)
+    run_for(ctl, clock, 20)
     ctl.flush()
     spec = tmp_path / "service.yaml"
     args = ["status", str(spec), "--state-dir", str(ctl.state_dir)]
@@ -139,7 +131,7 @@ def test_status_and_status_json_name_the_quota_until_a_launch_there_succeeds(tmp
     assert SPOT_QUOTA in line and "Service Quotas" in line and "no watcher runs" in line, line
     # a quota raised: the next launch there succeeds and the entry goes
     ex.quota = {}
-    watch(ctl, clock, SPOT_RETRY_MAX_SECONDS + 10)
+    run_for(ctl, clock, SPOT_RETRY_MAX_SECONDS + 10)
     ctl.flush()
     out = CliRunner().invoke(main, [*args, "--json"])
     assert json.loads(out.output)["quota"] is None
@@ -148,11 +140,11 @@ def test_status_and_status_json_name_the_quota_until_a_launch_there_succeeds(tmp
 def test_a_raised_quota_is_taken_within_the_longest_pause(tmp_path: Path, write_spec, caplog):
     caplog.set_level(logging.INFO)
     ctl, clock, ex = _controller(tmp_path, write_spec, ", policy: even")
-    watch(ctl, clock, 3600)
+    run_for(ctl, clock, 3600)
     assert len(ready(ctl)) < 3  # `even` keeps its replicas in us-west-2: short all along
     ex.quota = {}
     raised = clock()
-    watch(ctl, clock, SPOT_RETRY_MAX_SECONDS + 10)
+    run_for(ctl, clock, SPOT_RETRY_MAX_SECONDS + 10)
     first = ex.asked(BLOCKED, "spot", since=raised)
     assert first and first[0] - raised <= SPOT_RETRY_MAX_SECONDS + 1.0
     assert len(ready(ctl)) >= 3
@@ -166,7 +158,7 @@ def test_an_on_demand_quota_is_paced_and_not_called_a_spot_stock_out(
     8 applies (24 launches) in the first 3 minutes, each logged "no spot capacity"."""
     caplog.set_level(logging.INFO)
     ctl, clock, ex = _controller(tmp_path, write_spec, quota={(BLOCKED, "on-demand"): 0})
-    watch(ctl, clock, 3600)
+    run_for(ctl, clock, 3600)
     assert len(ready(ctl)) >= 3
     assert len(set(ex.asked(BLOCKED, "on-demand"))) <= 4  # was 8
     assert said(caplog, "no spot capacity") == []
@@ -178,7 +170,7 @@ def test_a_quota_that_lets_one_replica_run_keeps_it_and_asks_for_more_once_a_pau
     tmp_path: Path, write_spec
 ):
     ctl, clock, ex = _controller(tmp_path, write_spec, ", policy: even", quota={(BLOCKED, "spot"): 1})
-    watch(ctl, clock, 600)
+    run_for(ctl, clock, 600)
     running = [r for r in ctl.state.live() if r.region == BLOCKED and r.provisioned_at is not None]
     assert len(running) <= 1
     asks = sorted(set(ex.asked(BLOCKED, "spot")))
@@ -187,14 +179,14 @@ def test_a_quota_that_lets_one_replica_run_keeps_it_and_asks_for_more_once_a_pau
 
 def test_a_restarted_watcher_keeps_the_quota_and_its_pause(tmp_path: Path, write_spec):
     ctl, clock, ex = _controller(tmp_path, write_spec, ", policy: even")
-    watch(ctl, clock, 3600)
+    run_for(ctl, clock, 3600)
     kept = json.loads(json.dumps(ctl._quota))
     last = max(ex.asked(BLOCKED, "spot"))
     ctl.flush()
     restart = clock()
     ctl = clocked_controller(ctl.spec, ctl.state_dir, clock, executor=ex, sources=ctl.sources)
     assert ctl._quota == kept
-    watch(ctl, clock, 60)
+    run_for(ctl, clock, 60)
     assert all(at >= last + SPOT_RETRY_MAX_SECONDS - 1.0 for at in ex.asked(BLOCKED, "spot", since=restart))
 
 
@@ -293,20 +285,6 @@ def test_aws_names_the_p_familys_spot_quota_by_its_generation(instance_type, spo
     assert found is not None and f"'{on_demand}'" in found.reason, found
 
 
-def _reconfigured(ctl: Controller, spec_path: Path) -> None:
-    from skyhedge.service import resolve_placement
-
-    spec = load_spec(spec_path)
-    ctl.reconfigure(
-        spec,
-        placement=resolve_placement(spec),
-        executor=ctl.executor,
-        router=ctl.router,
-        prober=ctl.prober,
-        sources=ctl.sources,
-    )
-
-
 def test_a_reload_that_leaves_the_quotas_region_or_instance_type_forgets_the_quota(
     tmp_path: Path, write_spec, caplog: pytest.LogCaptureFixture
 ):
@@ -316,19 +294,21 @@ def test_a_reload_that_leaves_the_quotas_region_or_instance_type_forgets_the_quo
 
     caplog.set_level(logging.INFO)
     ctl, clock, _ = _controller(tmp_path, write_spec, ", policy: even")
-    watch(ctl, clock, 20)
+    run_for(ctl, clock, 20)
     assert set(ctl._quota) == {f"aws/{BLOCKED}/spot"}
-    _reconfigured(ctl, write_spec(SPEC.replace("usw2-az3", "use1-az6") % ", policy: even"))
+    reconfigured(ctl, load_spec(write_spec(SPEC.replace("usw2-az3", "use1-az6") % ", policy: even")))
     assert set(ctl._quota) == {f"aws/{BLOCKED}/spot"}  # still placed there: kept
-    _reconfigured(ctl, write_spec(SPEC.replace(", usw2-az1, usw2-az2, usw2-az3", "") % ", policy: even"))
+    reconfigured(
+        ctl, load_spec(write_spec(SPEC.replace(", usw2-az1, usw2-az2, usw2-az3", "") % ", policy: even"))
+    )
     assert ctl._quota == {} and QUOTA_KEY not in ctl.state.extra
     assert said(caplog, f"aws/{BLOCKED}/spot no longer followed: the spec no longer places")
 
     (tmp_path / "again").mkdir()
     ctl, clock, _ = _controller(tmp_path / "again", write_spec, ", policy: even")
-    watch(ctl, clock, 20)
+    run_for(ctl, clock, 20)
     assert set(ctl._quota) == {f"aws/{BLOCKED}/spot"}
-    _reconfigured(ctl, write_spec(SPEC.replace("g5.xlarge", "p4d.24xlarge") % ", policy: even"))
+    reconfigured(ctl, load_spec(write_spec(SPEC.replace("g5.xlarge", "p4d.24xlarge") % ", policy: even")))
     assert ctl._quota == {}  # another machine, another quota: asked for, not paused
 
 
@@ -436,7 +416,7 @@ def test_a_quota_beside_a_stock_out_runs_terraform_no_more_than_the_stock_out_wo
         return apply(state, plan, now)
 
     ex.apply = counting  # type: ignore[method-assign]
-    watch(ctl, clock, 3600)
+    run_for(ctl, clock, 3600)
     assert len(ready(ctl)) >= 3
     assert len(asked) <= 60, len(asked)
     assert asked.count(0) <= 1, asked  # (the first pass's reconcile at most)
