@@ -6,7 +6,10 @@
 - every relative link and `#anchor` between the docs resolves;
 - the JSON fields docs/terraform.md shows for `status --json`, and docs/simulate.md lists for
   `simulate --json`, are the fields those commands print (README's `plan --json` example is
-  checked against real output in test_cli_errors.py).
+  checked against real output in test_cli_errors.py);
+- docs/controller.md's table of `state.json`'s `extra` keys names every key the code keeps there,
+  and only those;
+- README.md lists every benchmark script (DESIGN.md says it does).
 
 Found by walking the docs: docs/terraform.md named a `skyhedge routing status --json` that never
 existed (the router status is what `routing up --json` and `routing reload --json` print).
@@ -25,11 +28,12 @@ from click.testing import CliRunner
 
 from skyhedge import spec as spec_module
 from skyhedge.cli import main
-from skyhedge.cli.apply import autoscaler_status, live_rows, status_json
+from skyhedge.cli.apply import autoscaler_status, live_rows, quota_status, status_json
 from skyhedge.clouds import builtin_clouds
+from skyhedge.controller.loop import RootOutage
 from skyhedge.controller.presence import WatcherRecord
 from skyhedge.spec import load_spec
-from skyhedge.state import ReplicaRecord, load_state
+from skyhedge.state import _EXTRA_RULES, ReplicaRecord, load_state
 
 REPO = Path(__file__).resolve().parents[1]
 #: What a user reads for the command line and the spec.
@@ -297,6 +301,35 @@ def test_the_status_json_example_has_the_fields_status_json_prints(tmp_path):
     assert set(example["watcher"]["last_reload"]) == {"at", "outcome", "text", "requests"}
 
 
+QUOTA_SPEC = """
+name: svc
+placement: {clouds: [aws], zones: [usw2-az1, usw2-az2]}
+resources: {instance_type: {aws: g5.xlarge}}
+replica_policy: {min_replicas: 2}
+run: {command: "true"}
+"""
+
+
+def test_the_status_json_examples_failing_root_and_quota_have_the_fields_the_watcher_keeps(
+    tmp_path, write_spec
+):
+    """The entries of `failing_roots` and `quota` are the watcher's own records: a root's
+    `RootOutage`, and the quota entry a launch refused over quota leaves (over the fakes)."""
+    from controller_fakes import Clock, FakeExecutor, clocked_controller
+
+    example = _json_example("docs/terraform.md", "`status --json` prints one object:")
+    (root,) = example["failing_roots"].values()
+    assert set(root) == set(RootOutage(0.0, 1, 0.0, "x").to_json())
+    clock, ex = Clock(), FakeExecutor()
+    ex.quota = {("us-west-2", "spot"): 0}
+    ctl = clocked_controller(load_spec(write_spec(QUOTA_SPEC)), tmp_path / "state", clock, executor=ex)
+    for _ in range(5):
+        clock.advance(max(0.05, ctl.tick()))
+    printed = quota_status(ctl.state)
+    assert printed, "the fakes refused no launch over quota"
+    assert [set(e) for e in example["quota"]] == [set(printed[0])]
+
+
 def _field_table(doc: str, heading: str) -> set[str]:
     """The backticked names in the first column of the first table under `heading`."""
     text = (REPO / doc).read_text(encoding="utf-8")
@@ -323,3 +356,42 @@ def test_simulate_json_prints_exactly_the_fields_docs_simulate_lists(tmp_path):
     assert printed == _field_table("docs/simulate.md", "## JSON output")
     judged = [row["vs_spothedge"] for row in rows if "vs_spothedge" in row]
     assert judged and set(judged[0]) == _field_table("docs/simulate.md", "## The SpotHedge bar")
+
+
+def _extra_keys_the_code_keeps() -> set[str]:
+    """Every key skyhedge reads or writes in a state's `extra`: `state.extra[...]`,
+    `.get(...)`, `.pop(...)`, `.setdefault(...)` with a literal or a `*_KEY` constant."""
+    sources = {p: p.read_text(encoding="utf-8") for p in (REPO / "skyhedge").rglob("*.py")}
+    names: dict[str, str] = {}
+    for text in sources.values():
+        names.update(re.findall(r'^([A-Z][A-Z0-9_]*_KEY)(?:: \w+)? = "([\w-]+)"', text, re.M))
+    for text in sources.values():  # an alias: `EXTRA_KEY = TERRAFORM_KEY`
+        for alias, name in re.findall(r"^([A-Z][A-Z0-9_]*_KEY) = ([A-Z][A-Z0-9_]*_KEY)$", text, re.M):
+            names.setdefault(alias, names[name])
+    access = re.compile(
+        r'\b(?:state|st)\.extra(?:\.get|\.pop|\.setdefault)?[\[(]\s*(?:"([\w-]+)"|([A-Z]\w*))'
+    )
+    keys, unknown = set(), set()
+    for path, text in sources.items():
+        for literal, constant in access.findall(text):
+            if literal or constant in names:
+                keys.add(literal or names[constant])
+            else:
+                unknown.add(f"{path.relative_to(REPO)}: {constant}")
+    assert not unknown, f"extra keys this test cannot resolve: {sorted(unknown)}"
+    return keys
+
+
+def test_the_state_extra_table_names_every_key_the_code_keeps_and_only_those():
+    documented = _field_table("docs/controller.md", "## State the controller keeps") - {"extra"}  # (header)
+    kept = _extra_keys_the_code_keeps()
+    assert set(_EXTRA_RULES) <= kept  # (the scan sees every key the loader checks)
+    assert documented == kept, (
+        f"undocumented: {sorted(kept - documented)}; no such key: {sorted(documented - kept)}"
+    )
+
+
+def test_readme_lists_every_benchmark():
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    scripts = {p.name for p in (REPO / "benchmarks").glob("*.py") if not p.name.startswith("_")}
+    assert scripts and not {s for s in scripts if f"{s}`" not in readme}

@@ -175,7 +175,7 @@ LAUNCH_ATTEMPTS = 3
 #: knows nothing of it (its plans, and `simulate`'s, are unchanged): the watcher leaves those spot
 #: creates out of the pass's plan, while on-demand replicas stand in for them. Without it, with
 #: every zone refusing, the policy's reset rule made every zone ACTIVE again at once and every pass
-#: after the apply backoff (1 s doubling to 60 s) re-planned and applied N + 1 refused spot
+#: after the apply backoff (2 s doubling to 60 s) re-planned and applied N + 1 refused spot
 #: launches: measured over the controller fakes, N = 3, an hour's drought, 64 applies and 256
 #: refused launches (each a cloud API call, a log line and a replica ID); with these defaults,
 #: 15-30 asks (30-45 Terraform runs) and 60-90 refused launches, and spot is asked for again at
@@ -198,7 +198,7 @@ SPOT_PAUSES_KEY = "spot_pauses"
 # one per zone. Said once, with the quota's name and where to raise it, and kept for `status`
 # (`state.extra[QUOTA_KEY]`) until a launch there succeeds. Before, each was a zone's stock-out:
 # "no spot capacity" per refused replica (on-demand ones too), zone by zone, and a spot-only
-# policy asked at every apply (1 s doubling to 60 s) for as long as the quota lasted (measured in
+# policy asked at every apply (2 s doubling to 60 s) for as long as the quota lasted (measured in
 # docs/controller.md, "At a quota").
 #: The wall clock moving this much more (or less) than the monotonic clock between two passes is a
 #: jump (NTP stepping it, an operator setting it): the controller's timers are moved with it

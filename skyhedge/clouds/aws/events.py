@@ -188,7 +188,8 @@ class AwsEventSource(EventSource):
         retries) let one unresponsive endpoint hold a controller tick for five minutes. Only SQS
         reads wait past its long poll; EC2's listings answer in seconds, and with the SQS read
         timeout an endpoint that accepted and never answered held `plan` (which asks EC2 which
-        replicas still run) 125 s per region (measured: 30 s x 3 attempts and backoff)."""
+        replicas still run) 122 s per region (measured: 30 s x 4 attempts, botocore's 3 retries
+        and the first)."""
         from botocore.config import Config
 
         config = Config(
