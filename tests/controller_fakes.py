@@ -9,6 +9,7 @@ import os
 import socket
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -189,6 +190,43 @@ class FakeExecutor:
 
     def ids(self) -> set[str]:
         return {rid for root in self.tf.values() for rid in root}
+
+
+#: How long one Terraform run against an endpoint refusing connections took (measured: 27.5 s)
+REFUSED_RUN = 27.5
+
+
+class DeadCloud(FakeExecutor):
+    """A fake Terraform whose roots in `dead` fail naming no replica (the provider cannot even be
+    configured), each such run costing `run_seconds` of the clock, as the real executor reports
+    (`failed_roots`); the other roots apply as FakeExecutor does, in the same call. Honours `hold`."""
+
+    def __init__(self, clock: Clock, run_seconds: float = REFUSED_RUN) -> None:
+        super().__init__()
+        self.clock, self.run_seconds = clock, run_seconds
+        self.dead: dict[str, str] = {}
+        self.dead_runs: list[float] = []  # when a dead root was run
+
+    def apply(self, state: ServiceState, plan: Plan, now: float, *, hold: frozenset[str] = frozenset()):  # type: ignore[override]
+        roots = {root_key(r.root) for r in plan.replicas} - hold
+        dead = sorted(k for k in self.dead if k in roots)
+        if dead:
+            self.dead_runs.append(self.clock.now)
+            self.clock.advance(self.run_seconds)
+        alive = tuple(
+            r for r in plan.replicas if root_key(r.root) not in self.dead and root_key(r.root) not in hold
+        )
+        result = super().apply(state, replace(plan, replicas=alive), now)
+        if not dead:
+            return result
+        return ExecResult(
+            applied=tuple(sorted({*result.applied, *dead})),
+            errors=tuple(f"{k}: {self.dead[k]}" for k in dead),
+            launch_failures=result.launch_failures,
+            failed_replicas=(),
+            failed_roots=tuple(dead),
+            root_seconds=tuple((k, self.run_seconds) for k in dead),
+        )
 
 
 class FakeRouter:

@@ -16,15 +16,17 @@ from pathlib import Path
 
 import pytest
 from controller_fakes import THREE_ZONE_SPEC as SPEC
-from controller_fakes import fake_controller
+from controller_fakes import Clock, DeadCloud, FakeExecutor, clocked_controller, fake_controller, run_for
+from rich.console import Console
 from routing_support import free_port
 
-from skyhedge.controller.loop import Controller
+from skyhedge.controller.dashboard import render
+from skyhedge.controller.loop import SPOT_RETRY_MAX_SECONDS, Controller
 from skyhedge.controller.metrics import CONTENT_TYPE, Metrics, MetricsServer, _labels
 from skyhedge.errors import SkyhedgeError
 from skyhedge.events import PreemptionEvent, Signal
 from skyhedge.spec import load_spec
-from skyhedge.state import ServiceState
+from skyhedge.state import FAILING_ROOTS_KEY, QUOTA_KEY, ServiceState
 
 SAMPLE = re.compile(
     r'^(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)(\{(?P<labels>[a-zA-Z_][a-zA-Z0-9_]*="(?:[^"\\\n]|\\.)*"'
@@ -604,3 +606,118 @@ def test_a_wish_of_the_autoscaler_waiting_out_its_delay_is_a_series(tmp_path, wr
     metrics.watch(plain)
     plain.tick()
     assert "skyhedge_autoscaler_wanted_replicas" not in metrics.text()
+
+
+#: Two AWS zones (one root, aws/us-east-1) and two local ones (root local/local), four spot replicas.
+TWO_ROOT_SPEC = """
+name: svc
+resources: {instance_type: {aws: g5.xlarge}}
+placement: {clouds: [aws, local], regions: [us-east-1, local], zones: [use1-az1, use1-az2, local-a, local-b]}
+replica_policy: {min_replicas: 4, num_overprovision: 0, policy: spothedge}
+run: {command: serve}
+"""
+#: Two AWS regions of three zones each: us-west-2 the cheaper, where `even` keeps placing spot.
+TWO_REGION_SPEC = """
+name: svc
+placement:
+  clouds: [aws]
+  zones: [use1-az1, use1-az2, use1-az4, usw2-az1, usw2-az2, usw2-az3]
+resources: {instance_type: {aws: g5.xlarge}}
+replica_policy: {min_replicas: 3, policy: even}
+run: {command: "true"}
+"""
+
+
+def dashboard_text(ctl: Controller) -> str:
+    console = Console(record=True, width=160)
+    console.print(render(ctl))
+    return console.export_text()
+
+
+def test_a_root_whose_applies_keep_failing_is_a_series_and_a_dashboard_line_until_it_applies_again(
+    tmp_path, write_spec
+):
+    """What `status` said in a `Failing:` line (its cloud's credentials expired): before, no
+    series carried it, and on the dashboard it was a warning among the events, scrolled away."""
+    clock = Clock()
+    ex = DeadCloud(clock)
+    ctl = clocked_controller(load_spec(write_spec(TWO_ROOT_SPEC)), tmp_path / "state", clock, executor=ex)
+    metrics = Metrics()
+    metrics.watch(ctl)
+    run_for(ctl, clock, 30)
+    samples = parse(metrics.text())
+    aws, local = {"cloud": "aws", "region": "us-east-1"}, {"cloud": "local", "region": "local"}
+    assert value(samples, "skyhedge_root_failing", **aws) == 0  # every root's series from the start
+    assert value(samples, "skyhedge_root_failing", **local) == 0
+    assert "failing:" not in dashboard_text(ctl)
+
+    ex.dead["aws/us-east-1"] = "Retrieving AWS account details: api error ExpiredToken: expired"
+    aws_replica = next(r for r in ctl.state.live() if r.cloud == "aws")
+    ctl.prober.down.add(aws_replica.id)  # type: ignore[union-attr]  # (replaced: the root is applied)
+    run_for(ctl, clock, 900)
+    failures = ctl.state.extra[FAILING_ROOTS_KEY]["aws/us-east-1"]["failures"]
+    samples = parse(metrics.text())
+    assert value(samples, "skyhedge_root_failing", **aws) == 1
+    assert value(samples, "skyhedge_root_failing", **local) == 0
+    assert total(samples, "skyhedge_root_failing") == 1
+    [line] = [ln for ln in dashboard_text(ctl).splitlines() if "failing:" in ln]
+    assert "aws/us-east-1 applies since" in line and f"{failures} in a row" in line and "ExpiredToken" in line
+
+    del ex.dead["aws/us-east-1"]  # the API answers again
+    run_for(ctl, clock, ctl.options.max_root_backoff + 60)
+    assert FAILING_ROOTS_KEY not in ctl.state.extra
+    samples = parse(metrics.text())
+    assert value(samples, "skyhedge_root_failing", **aws) == 0  # back to 0: an alert on it resolves
+    assert "failing:" not in dashboard_text(ctl)
+
+
+def test_a_used_up_quota_is_a_series_per_region_and_market_and_a_dashboard_line_until_it_is_raised(
+    tmp_path, write_spec
+):
+    """What `status` said in a `Quota:` line (a spot quota of 0 in us-west-2): before, no series
+    carried it, and on the dashboard it was one warning among the events, said once."""
+    clock = Clock()
+    ex = FakeExecutor()
+    ex.quota = {("us-west-2", "spot"): 0}
+    ctl = clocked_controller(load_spec(write_spec(TWO_REGION_SPEC)), tmp_path / "state", clock, executor=ex)
+    metrics = Metrics()
+    metrics.watch(ctl)
+    run_for(ctl, clock, 20)
+    assert "aws/us-west-2/spot" in ctl.state.extra[QUOTA_KEY]
+    samples = parse(metrics.text())
+    west = {"cloud": "aws", "region": "us-west-2"}
+    east = {"cloud": "aws", "region": "us-east-1"}
+    assert value(samples, "skyhedge_quota_exhausted", **west, market="spot") == 1
+    assert value(samples, "skyhedge_quota_exhausted", **west, market="on-demand") == 0
+    assert value(samples, "skyhedge_quota_exhausted", **east, market="spot") == 0
+    assert value(samples, "skyhedge_quota_exhausted", **east, market="on-demand") == 0
+    [line] = [ln for ln in dashboard_text(ctl).splitlines() if "quota:" in ln]
+    assert "spot in aws/us-west-2 used up since" in line and "All G and VT Spot" in line
+
+    ex.quota = {}  # raised: the next ask there succeeds
+    run_for(ctl, clock, SPOT_RETRY_MAX_SECONDS + 10)
+    assert QUOTA_KEY not in ctl.state.extra
+    samples = parse(metrics.text())
+    assert value(samples, "skyhedge_quota_exhausted", **west, market="spot") == 0
+    assert "quota:" not in dashboard_text(ctl)
+
+
+def test_a_quota_across_a_clouds_regions_holds_every_region_of_that_cloud(tmp_path, write_spec):
+    """A quota found used up for the whole cloud (`cloud/*/market`, GCP's GPUS_ALL_REGIONS) holds
+    the launches of every region there (`Controller._quota_wait`): each region's series says so,
+    with no `region="*"` series that could not go back to 0."""
+    ctl = fake_controller(load_spec(write_spec(TWO_REGION_SPEC)), tmp_path / "state")
+    metrics = Metrics()
+    metrics.watch(ctl)
+    ctl.tick()
+    entry = {"reason": "quota used up", "since": 1000.0, "refusals": 1, "at": 1000.0, "next_at": 1030.0}
+    ctl.state.extra[QUOTA_KEY] = {"aws/*/on-demand": entry}
+    metrics.observe(ctl)
+    samples = parse(metrics.text())
+    for region in ("us-east-1", "us-west-2"):
+        assert value(samples, "skyhedge_quota_exhausted", cloud="aws", region=region, market="on-demand") == 1
+        assert value(samples, "skyhedge_quota_exhausted", cloud="aws", region=region, market="spot") == 0
+    assert {dict(lab)["region"] for (n, lab) in samples if n == "skyhedge_quota_exhausted"} == {
+        "us-east-1",
+        "us-west-2",
+    }

@@ -7,11 +7,19 @@ passes paced as the watcher paces them (`woken` False unless an event woke the l
 
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from controller_fakes import Clock, FakeExecutor, FakeProber, FakeRouter, FakeSource, clocked_controller
+from controller_fakes import (
+    REFUSED_RUN,
+    Clock,
+    DeadCloud,
+    FakeExecutor,
+    FakeProber,
+    FakeRouter,
+    FakeSource,
+    clocked_controller,
+)
 
 from skyhedge.apply import record_plan
 from skyhedge.cli.apply import _describe_failing, failing_roots, status_json
@@ -39,41 +47,6 @@ EXPIRED = (
     "from STS: operation error STS: GetCallerIdentity, https response error StatusCode: 403, "
     "RequestID: x, api error ExpiredToken: The security token included in the request is expired"
 )
-#: How long one Terraform run against an endpoint refusing connections took (measured: 27.5 s)
-REFUSED_RUN = 27.5
-
-
-class DeadCloud(FakeExecutor):
-    """A fake Terraform whose roots in `dead` fail naming no replica (the provider cannot even be
-    configured), each such run costing `run_seconds` of the clock, as the real executor reports
-    (`failed_roots`); the other roots apply as FakeExecutor does, in the same call. Honours `hold`."""
-
-    def __init__(self, clock: Clock, run_seconds: float = REFUSED_RUN) -> None:
-        super().__init__()
-        self.clock, self.run_seconds = clock, run_seconds
-        self.dead: dict[str, str] = {}
-        self.dead_runs: list[float] = []  # when a dead root was run
-
-    def apply(self, state: ServiceState, plan: Plan, now: float, *, hold: frozenset[str] = frozenset()):  # type: ignore[override]
-        roots = {root_key(r.root) for r in plan.replicas} - hold
-        dead = sorted(k for k in self.dead if k in roots)
-        if dead:
-            self.dead_runs.append(self.clock.now)
-            self.clock.advance(self.run_seconds)
-        alive = tuple(
-            r for r in plan.replicas if root_key(r.root) not in self.dead and root_key(r.root) not in hold
-        )
-        result = super().apply(state, replace(plan, replicas=alive), now)
-        if not dead:
-            return result
-        return ExecResult(
-            applied=tuple(sorted({*result.applied, *dead})),
-            errors=tuple(f"{k}: {self.dead[k]}" for k in dead),
-            launch_failures=result.launch_failures,
-            failed_replicas=(),
-            failed_roots=tuple(dead),
-            root_seconds=tuple((k, self.run_seconds) for k in dead),
-        )
 
 
 class Service:

@@ -8,7 +8,7 @@
   `simulate --json`, are the fields those commands print (README's `plan --json` example is
   checked against real output in test_cli_errors.py);
 - docs/controller.md's table of `state.json`'s `extra` keys names every key the code keeps there,
-  and only those;
+  and only those; its metrics table, every metric the watcher serves, and only those;
 - README.md lists every benchmark script (DESIGN.md says it does).
 
 Found by walking the docs: docs/terraform.md named a `skyhedge routing status --json` that never
@@ -388,6 +388,16 @@ def test_the_state_extra_table_names_every_key_the_code_keeps_and_only_those():
     assert set(_EXTRA_RULES) <= kept  # (the scan sees every key the loader checks)
     assert documented == kept, (
         f"undocumented: {sorted(kept - documented)}; no such key: {sorted(documented - kept)}"
+    )
+
+
+def test_the_metrics_table_names_every_metric_the_watcher_serves_and_only_those():
+    documented = _field_table("docs/controller.md", "## Metrics")
+    source = (REPO / "skyhedge" / "controller" / "metrics.py").read_text(encoding="utf-8")
+    served = set(re.findall(r'"(skyhedge_[a-z_]+)"', source))
+    assert "skyhedge_root_failing" in served  # (the scan sees the families)
+    assert documented == served, (
+        f"undocumented: {sorted(served - documented)}; no such metric: {sorted(documented - served)}"
     )
 
 

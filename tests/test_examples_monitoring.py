@@ -93,6 +93,30 @@ def test_every_alert_fires_per_watcher_and_names_it():
         assert "$labels.instance" in rule["annotations"]["summary"], rule["alert"]
 
 
+def test_every_label_a_summary_names_is_one_the_rules_series_carry(tmp_path, write_spec):
+    """A summary naming a label its series lack renders it empty ("applies to / have failed"): the
+    labels of the metrics a rule uses as served, or those its outermost aggregation keeps."""
+    rules = yaml.safe_load((EXAMPLE / "alerts.yml").read_text())["groups"][0]["rules"]
+    ctl = fake_controller(load_spec(write_spec(AWS_SPEC)), tmp_path / "state")
+    metrics = Metrics()
+    metrics.watch(ctl, lambda: None)
+    ctl.tick()
+    carried: dict[str, set[str]] = {}
+    for name, labels in re.findall(r"^(skyhedge_[a-z_]+)\{([^}]*)\}", metrics.text(), flags=re.M):
+        carried.setdefault(name, set()).update(re.findall(r'([a-z_]+)="', labels))
+    for rule in rules:
+        named = set(re.findall(r"\$labels\.([a-z_]+)", rule["annotations"]["summary"]))
+        outermost = AGGREGATION.search(rule["expr"])
+        if outermost is not None:
+            kept = {label.strip() for label in (outermost[2] or "").split(",")}
+        else:
+            used = re.findall(r"\bskyhedge_[a-z_]+\b", rule["expr"])
+            kept = {"job", "instance"} | set.intersection(*(carried.get(m, set()) for m in used or [""]))
+        assert named <= kept, (rule["alert"], named - kept)
+    names = {rule["alert"] for rule in rules}
+    assert {"SkyhedgeRootFailing", "SkyhedgeQuotaExhausted"} <= names
+
+
 def test_the_stalled_watcher_alert_has_a_series_before_the_first_pass_ends():
     # the last pass's time is served only once a pass has ended: a first pass that hung (a
     # Terraform run that never returns) left SkyhedgeWatcherStalled with no series to fire on

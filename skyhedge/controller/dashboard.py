@@ -1,4 +1,5 @@
-"""The live dashboard of `skyhedge up`: replicas per zone and market, readiness, cost, events.
+"""The live dashboard of `skyhedge up`: replicas per zone and market, readiness, cost, events, and
+the roots whose applies keep failing and the quotas used up.
 
 `render(controller)` builds one rich renderable from the controller's state (pure: tests render
 it to text); `Dashboard` redraws it after every tick inside a `rich.live.Live`. Every cell is a
@@ -29,6 +30,7 @@ from rich.text import Text
 from skyhedge.controller.loop import Controller
 from skyhedge.planner import by_replica_id
 from skyhedge.policy.types import ReplicaStatus
+from skyhedge.state import FAILING_ROOTS_KEY, QUOTA_KEY
 
 STATUS_STYLE = {
     ReplicaStatus.PROVISIONING: "yellow",
@@ -49,6 +51,33 @@ def _age(seconds: float) -> str:
     if seconds < 7200:
         return f"{seconds / 60:.0f}m"
     return f"{seconds / 3600:.1f}h"
+
+
+def _trouble(state: Any, now: float) -> list[Text]:
+    """One line per Terraform root whose applies keep failing and per account quota used up (what
+    `status` says in its `Failing:` and `Quota:` lines): both wait for a person (credentials
+    renewed, a quota raised), and the dashboard showed them only as a warning among the events,
+    scrolled away by the next ten. One line each, cut to the terminal's width (`status` has them
+    in full)."""
+    lines: list[Text] = []
+    roots = state.extra.get(FAILING_ROOTS_KEY)
+    for key, outage in sorted(roots.items()) if isinstance(roots, dict) else ():
+        since = time.strftime("%H:%M:%S", time.localtime(float(outage["since"])))
+        reason = str(outage["reason"]).removeprefix(f"{key}: ")  # (the error line names the root)
+        line = Text(f"failing: {key} applies since {since} ({outage['failures']} in a row", style="red")
+        line.append(f", next try in {_age(float(outage['retry_at']) - now)}): {reason}")
+        lines.append(line)
+    quota = state.extra.get(QUOTA_KEY)
+    for key, entry in sorted(quota.items()) if isinstance(quota, dict) else ():
+        cloud, region, market = str(key).split("/")
+        where = f"{cloud}/{region}" if region != "*" else f"every {cloud} region"
+        since = time.strftime("%H:%M:%S", time.localtime(float(entry["since"])))
+        line = Text(f"quota: {market} in {where} used up since {since}", style="yellow")
+        line.append(f" ({entry['refusals']} refusal(s)): {entry['reason']}")
+        lines.append(line)
+    for line in lines:
+        line.no_wrap, line.overflow = True, "ellipsis"
+    return lines
 
 
 #: Events shown when the terminal has room; `fit` shows fewer (down to MIN_EVENTS) before it
@@ -143,7 +172,8 @@ def render(
     events.add_column("what", ratio=1)  # the time keeps its width on a wide terminal
     for note in list(ctl.notes)[-max_events:] if max_events > 0 else []:
         events.add_row(Text(time.strftime("%H:%M:%S", time.localtime(note.at))), Text(note.text))
-    return Panel(Group(head, zones, reps, events), title="skyhedge up", border_style="blue")
+    trouble = _trouble(state, now)
+    return Panel(Group(head, *trouble, zones, reps, events), title="skyhedge up", border_style="blue")
 
 
 def _height(console: Console, renderable: Any, width: int) -> int:

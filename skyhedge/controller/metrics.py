@@ -3,8 +3,10 @@
 Platform teams watch fleets with Prometheus, not with a terminal dashboard, so the watcher can
 serve `GET /metrics` in Prometheus' text exposition format (0.0.4): what runs where (replicas
 per zone, market and state), whether the service is serving (READY >= target), what it costs,
-and counters of what happened (preemptions, launches, refused launches, interruption warnings,
-applies). The numbers come from the same state the dashboard and `status` read.
+which clouds' applies keep failing and which quotas are used up (what `status` says in its
+`Failing:` and `Quota:` lines, where only someone looking saw it), and counters of what
+happened (preemptions, launches, refused launches, interruption warnings, applies). The
+numbers come from the same state the dashboard and `status` read.
 
 Threading: the exposition is built in the controller's thread after every pass (a `subscribe`
 listener) and only handed over to the HTTP thread as a finished string, so a scrape never reads
@@ -30,6 +32,7 @@ from skyhedge.controller.loop import Controller
 from skyhedge.errors import SkyhedgeError
 from skyhedge.policy.types import Location, ReplicaStatus
 from skyhedge.spec import MAX_PORT
+from skyhedge.state import FAILING_ROOTS_KEY, QUOTA_KEY
 
 if TYPE_CHECKING:
     from skyhedge.spec import ServiceSpec
@@ -137,6 +140,38 @@ def _zero_series(ctl: Controller) -> list[tuple[str, tuple[tuple[str, str], ...]
 def _warned_ids(ctl: Controller) -> list[str]:
     table = ctl.state.extra.get("warned")
     return [str(k) for k in table] if isinstance(table, dict) else []
+
+
+def _failing_roots(ctl: Controller) -> dict[tuple[str, str], int]:
+    """(cloud, region) -> 1 for each Terraform root whose applies the watcher sees failing
+    (`loop.RootOutage`, kept in `state.extra`), 0 for every other root of the placement: a series
+    from the start, back to 0 when the root applies again, so an alert on it resolves."""
+    out = {(c.location.cloud, c.location.region): 0 for c in ctl.placement.locations}
+    table = ctl.state.extra.get(FAILING_ROOTS_KEY)
+    for key in table if isinstance(table, dict) else ():
+        cloud, _, region = str(key).partition("/")
+        out[(cloud, region)] = 1
+    return out
+
+
+def _quota_exhausted(ctl: Controller) -> dict[tuple[str, str, str], int]:
+    """(cloud, region, market) -> 1 while launches of that market into the region wait on an
+    account quota found used up (`state.extra["quota"]`, dropped at the first launch there that
+    succeeds), 0 for every other region and market of the placement. A quota across a cloud's
+    regions (`cloud/*/market`, GCP's GPUS_ALL_REGIONS) holds every region of that cloud, as
+    `Controller._quota_wait` reads it: each is 1, so the labels stay the placement's own."""
+    out: dict[tuple[str, str, str], int] = {}
+    for cand in ctl.placement.locations:
+        loc = cand.location
+        for market in ("spot", "on-demand") if cand.sells_spot else ("on-demand",):
+            out[(loc.cloud, loc.region, market)] = 0
+    table = ctl.state.extra.get(QUOTA_KEY)
+    for key in table if isinstance(table, dict) else ():
+        cloud, region, market = (str(key).split("/") + ["", ""])[:3]
+        regions = {r for c, r, _ in out if c == cloud} if region == "*" else {region}
+        for reg in regions:
+            out[(cloud, reg, market)] = 1
+    return out
 
 
 def _where(key: str | None) -> dict[str, str]:
@@ -358,6 +393,22 @@ class Metrics:
             for cand in ctl.placement.candidates:
                 loc = cand.location
                 zones.add(1 if loc.key in marked else 0, cloud=loc.cloud, region=loc.region, zone=loc.zone)
+            failing = family(
+                "skyhedge_root_failing",
+                "gauge",
+                "1 while the Terraform root of a cloud region fails its applies for a reason of its own "
+                "(credentials expired, endpoint unreachable, throttled): held back, retried with a backoff.",
+            )
+            for (cloud, region), on in sorted(_failing_roots(ctl).items()):
+                failing.add(on, cloud=cloud, region=region)
+            quota = family(
+                "skyhedge_quota_exhausted",
+                "gauge",
+                "1 while an account quota of a market in a region is used up: it refused a launch there "
+                "and none has succeeded since (launches there wait until a person raises it).",
+            )
+            for (cloud, region, market), on in sorted(_quota_exhausted(ctl).items()):
+                quota.add(on, cloud=cloud, region=region, market=market)
         serving = family(
             "skyhedge_serving_seconds_total",
             "counter",
