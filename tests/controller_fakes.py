@@ -199,7 +199,8 @@ REFUSED_RUN = 27.5
 class DeadCloud(FakeExecutor):
     """A fake Terraform whose roots in `dead` fail naming no replica (the provider cannot even be
     configured), each such run costing `run_seconds` of the clock, as the real executor reports
-    (`failed_roots`); the other roots apply as FakeExecutor does, in the same call. Honours `hold`."""
+    (`failed_roots`); the other roots apply as FakeExecutor does (its quotas and refusing zones
+    included), in the same call. Honours `hold`."""
 
     def __init__(self, clock: Clock, run_seconds: float = REFUSED_RUN) -> None:
         super().__init__()
@@ -223,6 +224,7 @@ class DeadCloud(FakeExecutor):
             applied=tuple(sorted({*result.applied, *dead})),
             errors=tuple(f"{k}: {self.dead[k]}" for k in dead),
             launch_failures=result.launch_failures,
+            quota_refusals=result.quota_refusals,
             failed_replicas=(),
             failed_roots=tuple(dead),
             root_seconds=tuple((k, self.run_seconds) for k in dead),

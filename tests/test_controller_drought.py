@@ -311,3 +311,35 @@ def test_a_broken_kept_pause_is_ignored_with_one_warning_line(
     kept = {loc.zone for loc in ctl._spot_refused}
     assert kept == (set() if not isinstance(table, dict) else {"local-b"})
     ctl.tick()  # and the watcher runs on
+
+
+def test_a_reload_or_restart_without_a_paused_zone_forgets_its_pause(
+    drought, write_spec, caplog: pytest.LogCaptureFixture
+):
+    """No spot launch is asked in a zone the spec dropped, so none succeeds there to end its pause:
+    before, its entry outlived the reload and every restart (`state.json`, for good), and the zone
+    put back in the spec later began at the old drought's refusal count."""
+    from controller_fakes import reconfigured
+
+    from skyhedge.controller.loop import SPOT_PAUSES_KEY
+
+    caplog.set_level(logging.INFO)
+    ctl, clock, ex = drought
+    run_for(ctl, clock, 120)
+    assert {loc.zone for loc in ctl._spot_refused} == ZONES
+    reconfigured(ctl, load_spec(write_spec(SPEC.replace("local-a, local-b, local-c", "local-a, local-b"))))
+    assert {loc.zone for loc in ctl._spot_refused} == {"local-a", "local-b"}
+    assert set(ctl.state.extra[SPOT_PAUSES_KEY]) == {"local/local/local-a", "local/local/local-b"}
+    lines = [r.getMessage() for r in caplog.records if "no longer followed" in r.getMessage()]
+    assert len(lines) == 1 and "local/local/local-c" in lines[0], lines
+    assert "no longer places spot" in lines[0], lines
+    run_for(ctl, clock, 10)
+    ctl.flush()
+    # a watcher restarted under a spec that dropped another zone while none ran
+    caplog.clear()
+    spec = load_spec(write_spec(SPEC.replace("local-a, local-b, local-c", "local-a, local-c")))
+    ctl = clocked_controller(spec, ctl.state_dir, clock, executor=ex, sources=ctl.sources)
+    assert {loc.zone for loc in ctl._spot_refused} == {"local-a"}
+    assert set(ctl.state.extra[SPOT_PAUSES_KEY]) == {"local/local/local-a"}
+    said = [r.getMessage() for r in caplog.records if "no longer followed" in r.getMessage()]
+    assert len(said) == 1 and "local/local/local-b" in said[0], said

@@ -723,6 +723,7 @@ class Controller:
         self.spec = spec
         before, self.placement = self.placement, placement
         self._forget_quotas_out_of_reach(before)
+        self._forget_spot_pauses_out_of_reach(before)
         self.executor = executor
         self.router = router
         self.prober = prober
@@ -1845,6 +1846,7 @@ class Controller:
                 )
         self._load_probes()
         self._load_spot_pauses()
+        self._forget_spot_pauses_out_of_reach(None)
         quota = self.state.extra.get(QUOTA_KEY)  # (its shape checked when the state was read)
         self._quota = {k: dict(v) for k, v in quota.items()} if isinstance(quota, dict) else {}
         self._forget_quotas_out_of_reach(None)
@@ -1885,6 +1887,34 @@ class Controller:
                 level=logging.WARNING,
             )
         self._keep_spot_pauses()
+
+    def _forget_spot_pauses_out_of_reach(self, before: Placement | None) -> None:
+        """Drop the spot pauses of zones where the placement no longer places spot replicas, and
+        those of a cloud whose instance type changed since `before` (a stock-out is one type's),
+        as `_forget_quotas_out_of_reach` drops quotas: no spot launch is asked there any more, so
+        none would succeed there to end them. Kept, they outlived a reload and every restart
+        (measured: a reload dropping us-east-1 mid-outage left its two zones' entries in
+        `state.json` for good), and a zone put back in the spec days later started from the
+        refusal count of the old drought (a 5 min pause at its first refusal, not 30 s)."""
+        if not self._spot_refused:
+            return
+        now_types = self.placement.instance_types
+        gone: dict[str, list[Location]] = {}
+        for loc in self._spot_refused:
+            if not self.placement.allows(loc, Market.SPOT):
+                why = "the spec no longer places spot replicas there"
+            elif before is not None and before.instance_types.get(loc.cloud) != now_types.get(loc.cloud):
+                why = f"the spec's {loc.cloud} instance type is now {now_types.get(loc.cloud)}"
+            else:
+                continue
+            gone.setdefault(why, []).append(loc)
+        for why, locs in sorted(gone.items()):
+            for loc in locs:
+                del self._spot_refused[loc]
+            zones = ", ".join(sorted(loc.key for loc in locs))
+            self.note(f"spot pause(s) of {zones} no longer followed: {why}")
+        if gone:
+            self._keep_spot_pauses()
 
     def _keep_spot_pauses(self) -> None:
         """Mirror `_spot_refused` into the state (written with the pass that changed it)."""
