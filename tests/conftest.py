@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import ipaddress
 import os
-import socket
 import textwrap
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import network_guard
 import pytest
 from routing_support import Fleet, free_port, teardown_router
 
@@ -46,59 +45,7 @@ def pytest_configure(config: pytest.Config) -> None:
             os.environ[name] = value
 
 
-#: Network calls the tests' own process made to somewhere other than this machine (the guard
-#: below): each one fails the test that made it.
-_OFF_MACHINE: list[str] = []
-_LOCAL_NAMES = frozenset({"localhost", "localhost.localdomain", "ip6-localhost", ""})
-
-
-def _is_loopback(host: object) -> bool:
-    if host is None or (isinstance(host, str) and host.casefold() in _LOCAL_NAMES):
-        return True
-    text = host.decode() if isinstance(host, bytes) else str(host)
-    try:
-        return ipaddress.ip_address(text.split("%", 1)[0]).is_loopback
-    except ValueError:
-        return False
-
-
-def _install_network_guard() -> None:
-    """No test reaches the internet (the project's rule): a connect to an address that is not
-    loopback, or a name lookup of another host, is refused as an unreachable network would, and
-    recorded, so the test that made it fails (`_no_traffic_off_this_machine`) where it would
-    have passed here (no internet) and reached a real cloud on a machine with credentials. (A
-    `plan` that began asking clouds which replicas still run is what such a test would miss.)
-    Subprocesses (Terraform, nginx) are not covered: their endpoints are set by the tests."""
-    if getattr(socket.socket.connect, "_skyhedge_guard", False):
-        return
-    connect, connect_ex, getaddrinfo = socket.socket.connect, socket.socket.connect_ex, socket.getaddrinfo
-
-    def _check(sock: socket.socket, address: Any) -> None:
-        if sock.family in (socket.AF_INET, socket.AF_INET6) and not _is_loopback(address[0]):
-            _OFF_MACHINE.append(f"connect to {address[0]}:{address[1]}")
-            raise OSError(101, f"test network guard: {address[0]} is not this machine")
-
-    def guarded_connect(self: socket.socket, address: Any) -> None:
-        _check(self, address)
-        return connect(self, address)
-
-    def guarded_connect_ex(self: socket.socket, address: Any) -> int:
-        _check(self, address)
-        return connect_ex(self, address)
-
-    def guarded_getaddrinfo(host: Any, *args: Any, **kwargs: Any) -> Any:
-        if not _is_loopback(host) and host != socket.gethostname():
-            _OFF_MACHINE.append(f"name lookup of {host}")
-            raise socket.gaierror(socket.EAI_NONAME, f"test network guard: {host} is not this machine")
-        return getaddrinfo(host, *args, **kwargs)
-
-    guarded_connect._skyhedge_guard = True  # type: ignore[attr-defined]
-    socket.socket.connect = guarded_connect  # type: ignore[method-assign]
-    socket.socket.connect_ex = guarded_connect_ex  # type: ignore[method-assign]
-    socket.getaddrinfo = guarded_getaddrinfo
-
-
-_install_network_guard()
+network_guard.install()  # (see its module: no test reaches another machine)
 # The cloud SDKs' own look for credentials on a cloud VM's metadata server (169.254.169.254):
 # off in every test and every CLI a test runs (they inherit this environment), as a laptop
 # without a cloud account has no such server to ask.
@@ -108,12 +55,18 @@ os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
 
 @pytest.fixture(autouse=True)
 def _no_traffic_off_this_machine() -> Iterator[None]:
-    """Fails a test whose process tried to reach another machine (`_install_network_guard`)."""
-    _OFF_MACHINE.clear()
-    yield
-    tried, _OFF_MACHINE[:] = list(_OFF_MACHINE), []
-    if tried:
-        pytest.fail("the test tried to reach another machine: " + "; ".join(sorted(set(tried))[:5]))
+    """Fails a test whose process tried to reach another machine (`network_guard`)."""
+    yield from network_guard.watch_test()
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """What was tried after the last test's check (a session fixture's teardown, a thread still
+    running) fails the run: no test is left to fail for it."""
+    if tried := network_guard.take():
+        print(
+            "\nthe test process tried to reach another machine after its last test: " + "; ".join(tried[:5])
+        )
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 @pytest.fixture
