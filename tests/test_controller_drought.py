@@ -343,3 +343,64 @@ def test_a_reload_or_restart_without_a_paused_zone_forgets_its_pause(
     assert set(ctl.state.extra[SPOT_PAUSES_KEY]) == {"local/local/local-a"}
     said = [r.getMessage() for r in caplog.records if "no longer followed" in r.getMessage()]
     assert len(said) == 1 and "local/local/local-b" in said[0], said
+
+
+def test_a_kept_pause_of_a_zone_where_spot_was_launched_since_is_over_at_a_restart(drought, caplog):
+    """A spot launch that succeeds ends its zone's run of refusals. The watcher's own ends its
+    pause; one it did not make (an `apply` while no watcher ran, or a release before pauses were
+    kept, downgraded to and upgraded from again, which never dropped them) left the pause in the
+    state: the restarted watcher held that zone's spot launches while it sold them, and its next
+    refusal there paused it from the old drought's count (measured, a0a4e01 downgraded to:
+    "paused 120s after 3 refusal(s) in a row", not 30 s after 1)."""
+    from skyhedge.controller.loop import SPOT_PAUSES_KEY
+    from skyhedge.state import ReplicaRecord, load_state, save_state
+
+    ctl, clock, ex = drought
+    run_for(ctl, clock, 200)
+    ctl.flush()
+    kept = {loc.zone: entry for loc, entry in ctl._spot_refused.items()}
+    assert set(kept) == ZONES and all(n >= 2 for n, _ in kept.values()), kept
+    # while no watcher runs, local-b sells spot again and something else launches a replica there
+    clock.advance(60)
+    ex.refuse_zones.discard("local-b")
+    state = load_state(ctl.state_dir, "svc")
+    rid = "r-9000"
+    state.replicas[rid] = ReplicaRecord(
+        id=rid,
+        cloud="local",
+        region="local",
+        zone="local-b",
+        market="spot",
+        launched_at=clock(),
+        provisioned_at=clock(),
+        endpoint="http://127.0.0.1:29000",
+        cloud_id=f"id-{rid}",
+    )
+    ex.tf.setdefault("local/local", {})[rid] = "local-b"
+    save_state(ctl.state_dir, state)
+
+    caplog.set_level(logging.INFO)
+    ctl = clocked_controller(ctl.spec, ctl.state_dir, clock, executor=ex, sources=ctl.sources)
+    assert {loc.zone: entry for loc, entry in ctl._spot_refused.items()} == {
+        z: kept[z] for z in ("local-a", "local-c")
+    }
+    said = [r.getMessage() for r in caplog.records if "local/local/local-b" in r.getMessage()]
+    assert len(said) == 1 and "over" in said[0], said
+    assert sorted(ctl.state.extra[SPOT_PAUSES_KEY]) == ["local/local/local-a", "local/local/local-c"]
+
+
+def test_a_kept_pause_refused_after_the_zones_last_spot_launch_is_kept(drought):
+    """The spot replicas a zone ran before its refusals began do not end its pause."""
+    ctl, clock, ex = drought
+    ex.refuse_zones = set()
+    run_for(ctl, clock, 30)  # spot replicas launched in the zones
+    assert ready(ctl, "spot")
+    ex.refuse_zones = set(ZONES)
+    for rec in ctl.state.live():  # a drought preempts them all
+        if rec.market == "spot":
+            ctl.sources[0].queue.append(PreemptionEvent(Signal.GONE, clock(), "fake", replica_id=rec.id))
+    run_for(ctl, clock, 200)
+    kept = dict(ctl._spot_refused)
+    assert {loc.zone for loc in kept} == ZONES
+    ctl = _restarted(ctl, clock, ex)
+    assert ctl._spot_refused == kept

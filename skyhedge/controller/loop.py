@@ -1886,6 +1886,7 @@ class Controller:
                 "spot launches there are asked for at once",
                 level=logging.WARNING,
             )
+        self._forget_spot_pauses_launched_since()
         self._keep_spot_pauses()
 
     def _forget_spot_pauses_out_of_reach(self, before: Placement | None) -> None:
@@ -1915,6 +1916,33 @@ class Controller:
             self.note(f"spot pause(s) of {zones} no longer followed: {why}")
         if gone:
             self._keep_spot_pauses()
+
+    def _forget_spot_pauses_launched_since(self) -> None:
+        """Drop the kept pauses of zones where a spot replica was launched (provisioned) after
+        the pause's last refusal: that launch ended the run of refusals, as a watcher's own spot
+        launch there does (`_act`), but it was not the watcher's: an `apply` run while no
+        watcher ran, or a release before pauses were kept (downgraded to, then upgraded from
+        again), which never dropped them. Kept, such a pause held that zone's spot launches
+        after the restart while it sold them, and the next refusal there, days later, paused
+        it from the old drought's count (measured: a0a4e01's watcher launched spot in local-b
+        after this release's pauses of 2 refusals; upgraded again, the next refusal there
+        paused it 120 s after "3 refusal(s) in a row", not 30 s after 1)."""
+        if not self._spot_refused:
+            return
+        launched: dict[Location, float] = {}
+        for rec in self.state.replicas.values():
+            if rec.market == Market.SPOT.value and rec.provisioned_at is not None:
+                loc = rec.location
+                launched[loc] = max(launched.get(loc, rec.provisioned_at), rec.provisioned_at)
+        over = sorted(
+            (loc for loc, (_n, at) in self._spot_refused.items() if launched.get(loc, -math.inf) > at),
+            key=lambda loc: loc.key,
+        )
+        for loc in over:
+            del self._spot_refused[loc]
+        if over:
+            zones = ", ".join(loc.key for loc in over)
+            self.note(f"spot pause(s) of {zones} over: a spot launch there succeeded since its last refusal")
 
     def _keep_spot_pauses(self) -> None:
         """Mirror `_spot_refused` into the state (written with the pass that changed it)."""
