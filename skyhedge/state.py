@@ -219,8 +219,10 @@ LAUNCH_HOLD_KEY = "launch_hold"
 ROLLOUT_KEY = "rollout"
 #: `extra` key of the Terraform roots whose applies keep failing naming no launch of their own
 #: (a cloud's credentials expired, its endpoint unreachable, throttled): root key -> `since`,
-#: `failures` (in a row), `retry_at` (times) and `reason` (the error line). Set by the watcher,
-#: which holds each back with a backoff of its own (`controller.loop.RootOutage`), shown by `status`.
+#: `failures` (in a row), `retry_at` (times), `reason` (the error line) and `idle_since` (a time
+#: since which it has had nothing to apply, still failing; null or absent: not idle). Set by the
+#: watcher, which holds each back with a backoff of its own (`controller.loop.RootOutage`), shown by
+#: `status`. (Releases before `idle_since` check the other four only, and so read it.)
 FAILING_ROOTS_KEY = "failing_roots"
 
 
@@ -231,6 +233,7 @@ def _is_failing_roots(v: Any) -> bool:
         and _is_number(o.get("retry_at"))
         and _is_int(o.get("failures"))
         and isinstance(o.get("reason"), str)
+        and (o.get("idle_since") is None or _is_number(o.get("idle_since")))
         for o in v.values()
     )
 
@@ -283,7 +286,8 @@ _EXTRA_RULES: dict[str, Rule] = {
     ),
     FAILING_ROOTS_KEY: _or_null(
         (
-            "an object of root -> since, retry_at (times), failures (a count) and reason (text)",
+            "an object of root -> since, retry_at (times), failures (a count), reason (text) "
+            "and idle_since (a time or null)",
             _is_failing_roots,
         )
     ),

@@ -19,10 +19,12 @@ from controller_fakes import (
     FakeRouter,
     FakeSource,
     clocked_controller,
+    reconfigured,
 )
 
 from skyhedge.apply import record_plan
 from skyhedge.cli.apply import _describe_failing, failing_roots, status_json
+from skyhedge.controller.dashboard import _trouble
 from skyhedge.controller.loop import Controller, RootOutage, masked
 from skyhedge.controller.ports import ExecResult, root_key
 from skyhedge.engine import ApplyResult, Diagnostic
@@ -321,12 +323,180 @@ def test_a_kept_failing_root_left_with_nothing_to_apply_is_no_longer_failing(svc
         Service(again, svc.clock, svc.ex, svc.source, FakeRouter()).run(600)
         assert FAILING_ROOTS_KEY not in again.state.extra
         assert again.ticks - ticks <= 600 / again.options.interval + 5, again.ticks - ticks
-        said = "aws/us-west-2: no longer failing: nothing left to apply there"
+        # (dropped at start-up now, the spec not placing us-west-2: the line says so)
+        said = "aws/us-west-2: failing root no longer followed: the spec no longer places replicas there"
         assert any(n.text == said for n in again.notes)
         again.flush()
         state = load_state(tmp_path / "state", "svc")
         state.extra[FAILING_ROOTS_KEY] = {"aws/us-west-2": stale}
         save_state(tmp_path / "state", state)
+
+
+def _dead_from_the_start(tmp_path: Path, write_spec) -> Service:
+    """The reviewer's service: AWS dead from its first pass, local working; run until the AWS
+    root, its launches refused and placed on local, has had nothing to apply for a while."""
+    clock = Clock()
+    ex, source, router = DeadCloud(clock), FakeSource(), FakeRouter()
+    ex.dead[AWS] = EXPIRED
+    ctl = clocked_controller(
+        load_spec(write_spec(SPEC)), tmp_path / "state", clock, executor=ex, sources=[source], router=router
+    )
+    return Service(ctl, clock, ex, source, router)
+
+
+def test_a_failing_root_whose_launches_went_elsewhere_stays_failing_while_the_service_runs_elsewhere(
+    tmp_path, write_spec
+):
+    """Three failed tries, its launches refused and placed on local: the AWS root has nothing
+    left to apply. Dropped then, `skyhedge_root_failing` was 1 from 28 s to 330 s of two hours,
+    so `SkyhedgeRootFailing` (15 minutes) never paged while the credentials stayed expired and
+    the service quietly ran elsewhere. It stays failing, idle: no pass is run for it."""
+    from skyhedge.controller.metrics import _failing_roots
+
+    svc = _dead_from_the_start(tmp_path, write_spec)
+    gauge: list[tuple[float, int]] = []
+    svc.run(7200, until=lambda: gauge.append((svc.clock.now, _failing_roots(svc.ctl)[("aws", "us-east-1")])))
+    first = next(t for t, on in gauge if on)
+    assert first - 1000.0 <= REFUSED_RUN + 1.0
+    assert all(on for t, on in gauge if t >= first), [t - 1000.0 for t, on in gauge if t >= first and not on][
+        :1
+    ]
+    assert len(svc.live("local")) == 4 and svc.live("aws", None) == []  # (where launches work)
+    assert len(svc.ex.dead_runs) == 3  # no run while idle: nothing to apply there
+    second_hour = sum(1 for t, _ in gauge if t >= 1000.0 + 3600)
+    assert second_hour <= 3600 / svc.ctl.options.interval + 2, second_hour  # the interval's pace
+    state = load_state(tmp_path / "state", "svc")  # as `status` reads it
+    printed = failing_roots(state, watcher=object())
+    assert printed is not None and printed[AWS]["idle_since"] is not None and printed[AWS]["failures"] == 3
+    assert "tried with the next launch placed there" in _describe_failing(AWS, printed[AWS])
+    said = [n.text for n in svc.ctl.notes if n.text.startswith(f"{AWS}: nothing left to apply there")]
+    assert len(said) == 1, said
+    (line,) = _trouble(state, svc.clock.now)  # up's dashboard: no "next try" long past
+    assert "idle, tried with the next launch there" in line.plain
+
+
+@pytest.mark.parametrize("back", [False, True], ids=["still-dead", "api-back"])
+def test_a_launch_placed_again_on_an_idle_failing_root_is_tried_at_once(tmp_path, write_spec, back):
+    """The spec reloaded to place AWS only: its launches go to the idle root in the reload's
+    own pass (not held back, no retry waited for). Still dead, the outage counts on (and its
+    launches are refused again); the API back, the launches apply and the outage ends with its
+    recovery line."""
+    svc = _dead_from_the_start(tmp_path, write_spec)
+    svc.run(1200)
+    assert svc.ctl.state.extra[FAILING_ROOTS_KEY][AWS]["idle_since"] is not None
+    if back:
+        del svc.ex.dead[AWS]
+    runs, calls, reload_at = len(svc.ex.dead_runs), len(svc.ex.calls), svc.clock.now
+    reconfigured(svc.ctl, load_spec(write_spec(ONE_ROOT)))
+    svc.ctl.tick()
+    assert len(svc.ex.calls) == calls + 1  # the reload's own pass
+    if not back:
+        assert svc.ex.dead_runs[runs:] == [reload_at]
+        kept = svc.ctl.state.extra[FAILING_ROOTS_KEY][AWS]
+        assert kept["failures"] == 4 and kept["idle_since"] is None  # counts on from its 3 failures
+        refused = [n for n in svc.ctl.notes if "applies keep failing, re-planning" in n.text]
+        assert refused and all(n.at > reload_at for n in refused[-2:])  # placed elsewhere again
+    else:
+        assert FAILING_ROOTS_KEY not in svc.ctl.state.extra
+        assert any(n.text.startswith(f"{AWS}: applied again after ") for n in svc.ctl.notes)
+        assert len(svc.ex.tf[AWS]) == 2
+
+
+def test_a_restarted_watcher_keeps_an_idle_failing_root_without_running_it(tmp_path, write_spec):
+    """A watcher restarted (an upgrade) while the AWS root is idle: still failing (the page
+    goes on), and not run at its first pass or later, nothing being placed there."""
+    svc = _dead_from_the_start(tmp_path, write_spec)
+    svc.run(1200)
+    svc.ctl.flush()
+    kept = dict(svc.ctl.state.extra[FAILING_ROOTS_KEY][AWS])
+    runs = len(svc.ex.dead_runs)
+    again = clocked_controller(
+        svc.ctl.spec, tmp_path / "state", svc.clock, executor=svc.ex, sources=[svc.source], router=svc.router
+    )
+    ticks = again.ticks
+    Service(again, svc.clock, svc.ex, svc.source, svc.router).run(600)
+    assert len(svc.ex.dead_runs) == runs
+    assert again.state.extra[FAILING_ROOTS_KEY][AWS] == kept
+    assert again.ticks - ticks <= 600 / again.options.interval + 2, again.ticks - ticks
+
+
+def test_a_reload_that_no_longer_places_an_idle_failing_roots_region_drops_it(tmp_path, write_spec):
+    """AWS taken out of the spec while its root is idle (no replica there): nothing is ever
+    applied there again, so it is dropped at the reload, in one line, and its series ends."""
+    from skyhedge.controller.metrics import _failing_roots
+
+    svc = _dead_from_the_start(tmp_path, write_spec)
+    svc.run(1200)
+    assert AWS in svc.ctl.state.extra[FAILING_ROOTS_KEY]
+    local_only = SPEC.replace("clouds: [aws, local], regions: [us-east-1, local]", "clouds: [local]")
+    local_only = local_only.replace(
+        "zones: [use1-az1, use1-az2, local-a, local-b]", "zones: [local-a, local-b]"
+    )
+    reconfigured(svc.ctl, load_spec(write_spec(local_only)))
+    said = f"{AWS}: failing root no longer followed: the spec no longer places replicas there"
+    assert any(n.text == said for n in svc.ctl.notes)
+    assert FAILING_ROOTS_KEY not in svc.ctl.state.extra
+    svc.run(60)
+    assert ("aws", "us-east-1") not in _failing_roots(svc.ctl)
+
+
+def test_a_reload_keeps_a_failing_root_out_of_the_spec_while_replicas_still_live_there(svc, write_spec):
+    """AWS taken out of the spec while its root fails with its replicas still running: their
+    destroy is an apply there, so the root is still followed (and its series still 1)."""
+    svc.ex.dead[AWS] = EXPIRED
+    svc.ctl.prober.down.add(svc.live("aws")[0])
+    svc.run(600)
+    local_only = SPEC.replace("clouds: [aws, local], regions: [us-east-1, local]", "clouds: [local]")
+    local_only = local_only.replace(
+        "zones: [use1-az1, use1-az2, local-a, local-b]", "zones: [local-a, local-b]"
+    )
+    reconfigured(svc.ctl, load_spec(write_spec(local_only)))
+    assert svc.live("aws", None) and AWS in svc.ctl.state.extra[FAILING_ROOTS_KEY]
+    assert not any("failing root no longer followed" in n.text for n in svc.ctl.notes)
+
+
+class Committing(FakeExecutor):
+    """An executor that applies no roots itself (as the GitOps one: CI applies), with its `finish`."""
+
+    def apply(self, state: ServiceState, plan: Plan, now: float) -> ExecResult:  # type: ignore[override]
+        super().apply(state, plan, now)
+        return ExecResult()
+
+    def finish(self, state: ServiceState) -> str:
+        return ""
+
+
+def test_under_gitops_a_failing_root_with_nothing_to_apply_is_dropped_as_before(svc, tmp_path):
+    """In GitOps mode the watcher never learns whether CI applied a root: a kept failing record of
+    a root the spec places is dropped at its first try, as before (kept idle, it would page for
+    good)."""
+    svc.ctl.flush()
+    state = load_state(tmp_path / "state", "svc")
+    state.extra[FAILING_ROOTS_KEY] = {AWS: {"since": 10.0, "failures": 9, "retry_at": 500.0, "reason": "x"}}
+    save_state(tmp_path / "state", state)
+    again = clocked_controller(svc.ctl.spec, tmp_path / "state", svc.clock, executor=Committing())
+    Service(again, svc.clock, svc.ex, svc.source, FakeRouter()).run(60)
+    assert FAILING_ROOTS_KEY not in again.state.extra
+    assert any(n.text == f"{AWS}: no longer failing: nothing left to apply there" for n in again.notes)
+
+
+def test_an_idle_failing_root_is_kept_as_earlier_releases_read_it(tmp_path):
+    """`idle_since` rides in the record: a record without it (an earlier release's) is not idle;
+    the state check refuses a hand edit that breaks it, naming the field, in one line. (Earlier
+    releases check `since`, `retry_at`, `failures` and `reason` only, and drop it on reading.)"""
+    idle = RootOutage(100.0, 3, 400.0, "aws/us-east-1: boom", idle_since=400.0)
+    assert RootOutage.from_json(idle.to_json()) == idle
+    old = {k: v for k, v in idle.to_json().items() if k != "idle_since"}
+    assert RootOutage.from_json(old) == RootOutage(100.0, 3, 400.0, "aws/us-east-1: boom")
+    assert not idle.held(0.0) and not idle.due(1e12)
+    state = ServiceState(service="svc")
+    state.extra[FAILING_ROOTS_KEY] = {AWS: idle.to_json()}
+    save_state(tmp_path, state)
+    assert load_state(tmp_path, "svc").extra[FAILING_ROOTS_KEY][AWS]["idle_since"] == 400.0
+    state.extra[FAILING_ROOTS_KEY] = {AWS: {**idle.to_json(), "idle_since": "soon"}}
+    save_state(tmp_path, state)
+    with pytest.raises(Exception, match=r"extra\.failing_roots: expected .*idle_since"):
+        load_state(tmp_path, "svc")
 
 
 class Silent(FakeExecutor):

@@ -422,7 +422,8 @@ def status_json(
     and `rollout` (the rolling update or placement move the watcher last saw in progress, and
     whether it is stalled: `state.extra["rollout"]`; null: none), `failing_roots` (the
     Terraform roots, one per cloud region, whose applies the running watcher sees failing: root
-    -> `since`, `failures` in a row, `retry_at`, `reason`; null: none, or no watcher runs) and
+    -> `since`, `failures` in a row, `retry_at`, `reason`, `idle_since` (null unless its launches
+    went elsewhere and it has nothing to apply); null: none, or no watcher runs) and
     `quota` (the account quotas the watcher found used up, whose launches wait: `quota_status`;
     null: none)."""
     return {
@@ -546,9 +547,14 @@ def failing_roots(state: ServiceState, watcher: Any) -> dict[str, Any] | None:
 
 
 def _describe_failing(key: str, outage: dict[str, Any]) -> str:
+    idle = outage.get("idle_since")  # (absent from an earlier release's record)
+    if idle is not None:  # its launches placed elsewhere: no retry of its own
+        when = f"nothing to apply there since {clock_time(idle)}: tried with the next launch placed there"
+    else:
+        when = f"next try {clock_time(outage['retry_at'])}"
     return (
         f"{key}: applies failing since {clock_time(outage['since'])} ({outage['failures']} in a row; "
-        f"next try {clock_time(outage['retry_at'])}; the other roots apply as usual): {outage['reason']}"
+        f"{when}; the other roots apply as usual): {outage['reason']}"
     )
 
 

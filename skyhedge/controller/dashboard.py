@@ -65,7 +65,10 @@ def _trouble(state: Any, now: float) -> list[Text]:
         since = time.strftime("%H:%M:%S", time.localtime(float(outage["since"])))
         reason = str(outage["reason"]).removeprefix(f"{key}: ")  # (the error line names the root)
         line = Text(f"failing: {key} applies since {since} ({outage['failures']} in a row", style="red")
-        line.append(f", next try in {_age(float(outage['retry_at']) - now)}): {reason}")
+        if outage.get("idle_since") is not None:  # nothing to apply there: no retry of its own
+            line.append(f", idle, tried with the next launch there): {reason}")
+        else:
+            line.append(f", next try in {_age(float(outage['retry_at']) - now)}): {reason}")
         lines.append(line)
     quota = state.extra.get(QUOTA_KEY)
     for key, entry in sorted(quota.items()) if isinstance(quota, dict) else ():

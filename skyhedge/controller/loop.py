@@ -475,13 +475,30 @@ class RootOutage:
     re-ran the dead root (a Terraform run of 7 s with expired credentials, 28 s against a refused
     endpoint, minutes throttled) at every pass that learned anything, holding up the replacements
     of the other clouds behind it, and up to 75 times an hour. Kept in `state.extra` for `status`
-    (`since`, `failures`, `retry_at`, `reason`: the apply's error line, secrets masked)."""
+    (`since`, `failures`, `retry_at`, `reason`: the apply's error line, secrets masked;
+    `idle_since`, below).
+
+    An outage is *idle* (`idle_since`) once its root, tried, had nothing left to apply (its
+    launches refused and placed elsewhere): it stays failing (its last try failed, and nothing
+    says the API is back), so `status` and `skyhedge_root_failing` keep saying so, but it is
+    neither due (no pass is run for it) nor held (a launch placed there again is tried at once).
+    Dropped, the page never fired while the credentials stayed expired: 1 for 5 minutes of a
+    2-hour outage, the service quietly running (and billed) elsewhere."""
 
     since: float
     failures: int
     retry_at: float
     reason: str
     wait: float = 0.0  # the wait before `retry_at` (in memory: a restarted watcher tries at once)
+    idle_since: float | None = None  # since when it has had nothing to apply (None: not idle)
+
+    def held(self, now: float) -> bool:
+        """Held back by the executor: a retry not due yet (an idle outage is never held)."""
+        return self.idle_since is None and self.retry_at > now
+
+    def due(self, now: float) -> bool:
+        """Its retry is due: the pass applies even with nothing changed (never when idle)."""
+        return self.idle_since is None and self.retry_at <= now
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -489,6 +506,7 @@ class RootOutage:
             "failures": self.failures,
             "retry_at": self.retry_at,
             "reason": self.reason,
+            "idle_since": self.idle_since,
         }
 
     @classmethod
@@ -501,7 +519,11 @@ class RootOutage:
             failures, reason = int(value["failures"]), str(value["reason"])
         except (KeyError, TypeError, ValueError):
             return None
-        return cls(since, max(1, failures), retry_at, reason) if math.isfinite(since + retry_at) else None
+        if not math.isfinite(since + retry_at):
+            return None
+        idle = value.get("idle_since")  # (absent from an earlier release's record: not idle)
+        ok = isinstance(idle, (int, float)) and not isinstance(idle, bool) and math.isfinite(idle)
+        return cls(since, max(1, failures), retry_at, reason, idle_since=float(idle) if ok else None)
 
 
 #: What an error line must not carry into the log and `status`: AWS access key IDs, and long
@@ -600,7 +622,8 @@ class Controller:
         self._outages: dict[str, RootOutage] = {}
         for key, value in kept.items() if isinstance(kept, dict) else ():
             if (outage := RootOutage.from_json(value)) is not None:
-                outage.retry_at = 0.0
+                if outage.idle_since is None:  # (an idle one is tried with a launch placed there)
+                    outage.retry_at = 0.0
                 self._outages[str(key)] = outage
         # after a failed apply (or a refused launch), no apply before this time unless a pass
         # learns something new (a source event, a probe changing a replica's state)
@@ -724,6 +747,7 @@ class Controller:
         before, self.placement = self.placement, placement
         self._forget_quotas_out_of_reach(before)
         self._forget_spot_pauses_out_of_reach(before)
+        self._forget_failing_roots_out_of_reach()
         self.executor = executor
         self.router = router
         self.prober = prober
@@ -1850,6 +1874,7 @@ class Controller:
         quota = self.state.extra.get(QUOTA_KEY)  # (its shape checked when the state was read)
         self._quota = {k: dict(v) for k, v in quota.items()} if isinstance(quota, dict) else {}
         self._forget_quotas_out_of_reach(None)
+        self._forget_failing_roots_out_of_reach()
         self._keep_unrouted()
         self._keep_earlier_probes()
 
@@ -2347,19 +2372,29 @@ class Controller:
     def _held_roots(self, now: float) -> frozenset[str]:
         """The failing roots whose retry is not due: the executor leaves them out this time."""
         for outage in self._outages.values():  # a clock stepped back: a backoff from now at most
-            wait = max(outage.wait, self._root_backoff(outage.failures))
-            outage.retry_at = min(outage.retry_at, now + wait)
-        return frozenset(k for k, o in self._outages.items() if o.retry_at > now)
+            if outage.idle_since is None:
+                wait = max(outage.wait, self._root_backoff(outage.failures))
+                outage.retry_at = min(outage.retry_at, now + wait)
+        return frozenset(k for k, o in self._outages.items() if o.held(now))
 
     def _waits_on_held_roots(self, plan: Plan, now: float) -> bool:
         """Every change of `plan` is in a root held back (`_held_roots`): applying it would
         apply nothing."""
-        held = {k for k, o in self._outages.items() if o.retry_at > now}
+        held = {k for k, o in self._outages.items() if o.held(now)}
         return bool(held) and all(root_key(r.root) in held for r in plan.changes)
 
     def _outage_due(self, now: float) -> bool:
         """A failing root's retry is due: the pass applies (that root) even if nothing changed."""
-        return any(o.retry_at <= now for o in self._outages.values())
+        return any(o.due(now) for o in self._outages.values())
+
+    def _applies_roots_itself(self) -> bool:
+        """The executor runs the roots (not GitOps, where CI applies: its executor has `finish`,
+        and whether a root applies is never known here)."""
+        return not self.options.assume_ready and getattr(self.executor, "finish", None) is None
+
+    def _placed_roots(self) -> set[str]:
+        """The root keys (`cloud/region`) of the placement's locations."""
+        return {f"{c.location.cloud}/{c.location.region}" for c in self.placement.locations}
 
     def _track_outages(
         self,
@@ -2380,17 +2415,33 @@ class Controller:
         ran for over 15 minutes (the provider retrying each call), so retries every 5 minutes
         would hold the loop, and the other clouds' replacements, most of the time.
 
-        A failing root in `tried` (given to the executor, not held) that did not fail again is no
-        longer failing even if the executor did not apply it: it has nothing left to apply (the
-        spec no longer places replicas there and an `apply` run meanwhile destroyed them), or the
-        executor applies no roots of its own (GitOps: CI applies). Kept, its retry was due at
-        every pass for good: the watcher ran a pass every `busy_interval` (600 passes and
-        executor runs in 10 minutes, where 60 is the pace) and `status` said it failing."""
+        A failing root in `tried` (given to the executor, not held) that neither failed again nor
+        applied had nothing left to apply: its launches were refused and placed elsewhere. Its
+        last try failed, so it is still failing, but idle (`RootOutage.idle_since`): shown by
+        `status` and `skyhedge_root_failing`, never due nor held, tried again with the next launch
+        placed there. Dropped, the page never fired (1 from 28 s to 330 s of a 2-hour outage)
+        while the service quietly ran elsewhere. Dropped it still is where it can never apply
+        again: a root the spec no longer places (an `apply` destroyed its replicas while no
+        watcher ran), or under an executor that applies no roots of its own (GitOps: CI
+        applies). Kept due, its retry ran a pass every `busy_interval` for good (600 passes and
+        executor runs in 10 minutes, where 60 is the pace)."""
         failing = set(result.failed_roots)
         whole = any(_root_of(e, failing) is None for e in result.errors)
+        placed, applies = self._placed_roots(), self._applies_roots_itself()
         for key in sorted(tried - failing - set(result.applied)) if not whole else ():
-            if self._outages.pop(key, None) is not None:
+            outage = self._outages.get(key)
+            if outage is None:
+                continue
+            if not applies or key not in placed:
+                del self._outages[key]
                 self.note(f"{key}: no longer failing: nothing left to apply there", done)
+            elif outage.idle_since is None:
+                outage.idle_since = done
+                self.note(
+                    f"{key}: nothing left to apply there (its launches placed elsewhere); still failing "
+                    "since its last try, tried again with the next launch placed there",
+                    done,
+                )
         for key in failing:
             line = next((e for e in result.errors if _root_of(e, {key}) is not None), f"{key}: failed")
             reason = masked(cause_of(line, cause))
@@ -2414,10 +2465,7 @@ class Controller:
                 f"and {outage.failures} failed apply(ies)",
                 done,
             )
-        if self._outages:
-            self.state.extra[FAILING_ROOTS_KEY] = {k: o.to_json() for k, o in sorted(self._outages.items())}
-        else:
-            self.state.extra.pop(FAILING_ROOTS_KEY, None)
+        self._keep_outages()
         return failing
 
     def _refuse_launches_into_failing_roots(self, failing: set[str], at: float) -> None:
@@ -2561,6 +2609,30 @@ class Controller:
         if gone:
             self._keep_quota()
 
+    def _forget_failing_roots_out_of_reach(self) -> None:
+        """Drop the failing roots (`RootOutage`) of a cloud region the placement no longer reaches
+        and where no replica of the service lives (none left to destroy there): nothing is ever
+        applied there again, so none would recover, and an idle one would be shown failing, and
+        `skyhedge_root_failing` page, for as long as the state lived. A root still holding
+        replicas keeps its record: their destroy is an apply there."""
+        if not self._outages:
+            return
+        placed = self._placed_roots()
+        lived = {f"{r.cloud}/{r.region}" for r in self.state.live()}
+        gone = sorted(k for k in self._outages if k not in placed and k not in lived)
+        for key in gone:
+            del self._outages[key]
+            self.note(f"{key}: failing root no longer followed: the spec no longer places replicas there")
+        if gone:
+            self._keep_outages()
+
+    def _keep_outages(self) -> None:
+        """Mirror `_outages` into the state (written with the pass that changed it)."""
+        if self._outages:
+            self.state.extra[FAILING_ROOTS_KEY] = {k: o.to_json() for k, o in sorted(self._outages.items())}
+        else:
+            self.state.extra.pop(FAILING_ROOTS_KEY, None)
+
     def _keep_quota(self) -> None:
         """Mirror `_quota` into the state (written with the pass that changed it)."""
         if self._quota:
@@ -2619,7 +2691,7 @@ class Controller:
             return left
         delay = opts.interval
         now = self.clock()
-        held = {k for k, o in self._outages.items() if o.retry_at > now}  # (their retry: below)
+        held = {k for k, o in self._outages.items() if o.held(now)}  # (their retry: below)
         busy = (r for r in self.state.live() if f"{r.cloud}/{r.region}" not in held)
         if any(r.fact().status in BUSY for r in busy) or warned(self.state):
             delay = opts.busy_interval
@@ -2633,9 +2705,9 @@ class Controller:
             delay = min(delay, max(opts.busy_interval, 1.0))
         if self._spot_due is not None:  # a zone's spot pause ends: asked then, not a pass later
             delay = min(delay, max(opts.busy_interval, self._spot_due - self.clock()))
-        if self._outages:  # a failing root's retry: at its time, not up to an interval later
-            due = min(o.retry_at for o in self._outages.values())
-            delay = min(delay, max(opts.busy_interval, due - self.clock()))
+        # a failing root's retry: at its time, not up to an interval later (an idle one has none)
+        if retries := [o.retry_at for o in self._outages.values() if o.idle_since is None]:
+            delay = min(delay, max(opts.busy_interval, min(retries) - self.clock()))
         return delay
 
     # -- status for the CLI and the dashboard ----------------------------------------------------
