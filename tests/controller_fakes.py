@@ -57,6 +57,29 @@ run: {{command: "true"}}
 """
 
 
+#: Two AWS zones (one root, aws/us-east-1) and two local ones (root local/local), four spot
+#: replicas: the outage and metrics tests' service, one of whose clouds goes away.
+TWO_ROOT_SPEC = """
+name: svc
+resources: {instance_type: {aws: g5.xlarge}}
+placement: {clouds: [aws, local], regions: [us-east-1, local], zones: [use1-az1, use1-az2, local-a, local-b]}
+replica_policy: {min_replicas: 4, num_overprovision: 0, policy: spothedge}
+run: {command: serve}
+"""
+
+#: Two AWS regions of three zones each, N = 3, the replica policy's other keys filled in with
+#: `%`; us-west-2 is the cheaper (the policies go there first): the quota tests' service.
+TWO_REGION_SPEC = """
+name: svc
+placement:
+  clouds: [aws]
+  zones: [use1-az1, use1-az2, use1-az4, usw2-az1, usw2-az2, usw2-az3]
+resources: {instance_type: {aws: g5.xlarge}}
+replica_policy: {min_replicas: 3%s}
+run: {command: "true"}
+"""
+
+
 #: Three local zones, 2 replicas and SpotHedge's extra one, a probe with a 30 s initial delay:
 #: the metrics and restart tests' service.
 THREE_ZONE_SPEC = """

@@ -16,7 +16,16 @@ from pathlib import Path
 
 import pytest
 from controller_fakes import THREE_ZONE_SPEC as SPEC
-from controller_fakes import Clock, DeadCloud, FakeExecutor, clocked_controller, fake_controller, run_for
+from controller_fakes import (
+    TWO_REGION_SPEC,
+    TWO_ROOT_SPEC,
+    Clock,
+    DeadCloud,
+    FakeExecutor,
+    clocked_controller,
+    fake_controller,
+    run_for,
+)
 from rich.console import Console
 from routing_support import free_port
 
@@ -32,6 +41,10 @@ SAMPLE = re.compile(
     r'^(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)(\{(?P<labels>[a-zA-Z_][a-zA-Z0-9_]*="(?:[^"\\\n]|\\.)*"'
     r'(?:,[a-zA-Z_][a-zA-Z0-9_]*="(?:[^"\\\n]|\\.)*")*)\})? (?P<value>-?[0-9.e+-]+|NaN|[+-]Inf)$'
 )
+
+
+#: The quota tests' two regions under `even`, which keeps placing spot in the blocked one.
+EVEN_TWO_REGIONS = TWO_REGION_SPEC % ", policy: even"
 
 
 def parse(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
@@ -608,26 +621,6 @@ def test_a_wish_of_the_autoscaler_waiting_out_its_delay_is_a_series(tmp_path, wr
     assert "skyhedge_autoscaler_wanted_replicas" not in metrics.text()
 
 
-#: Two AWS zones (one root, aws/us-east-1) and two local ones (root local/local), four spot replicas.
-TWO_ROOT_SPEC = """
-name: svc
-resources: {instance_type: {aws: g5.xlarge}}
-placement: {clouds: [aws, local], regions: [us-east-1, local], zones: [use1-az1, use1-az2, local-a, local-b]}
-replica_policy: {min_replicas: 4, num_overprovision: 0, policy: spothedge}
-run: {command: serve}
-"""
-#: Two AWS regions of three zones each: us-west-2 the cheaper, where `even` keeps placing spot.
-TWO_REGION_SPEC = """
-name: svc
-placement:
-  clouds: [aws]
-  zones: [use1-az1, use1-az2, use1-az4, usw2-az1, usw2-az2, usw2-az3]
-resources: {instance_type: {aws: g5.xlarge}}
-replica_policy: {min_replicas: 3, policy: even}
-run: {command: "true"}
-"""
-
-
 def dashboard_text(ctl: Controller) -> str:
     console = Console(record=True, width=160)
     console.print(render(ctl))
@@ -679,7 +672,7 @@ def test_a_used_up_quota_is_a_series_per_region_and_market_and_a_dashboard_line_
     clock = Clock()
     ex = FakeExecutor()
     ex.quota = {("us-west-2", "spot"): 0}
-    ctl = clocked_controller(load_spec(write_spec(TWO_REGION_SPEC)), tmp_path / "state", clock, executor=ex)
+    ctl = clocked_controller(load_spec(write_spec(EVEN_TWO_REGIONS)), tmp_path / "state", clock, executor=ex)
     metrics = Metrics()
     metrics.watch(ctl)
     run_for(ctl, clock, 20)
@@ -706,7 +699,7 @@ def test_a_quota_across_a_clouds_regions_holds_every_region_of_that_cloud(tmp_pa
     """A quota found used up for the whole cloud (`cloud/*/market`, GCP's GPUS_ALL_REGIONS) holds
     the launches of every region there (`Controller._quota_wait`): each region's series says so,
     with no `region="*"` series that could not go back to 0."""
-    ctl = fake_controller(load_spec(write_spec(TWO_REGION_SPEC)), tmp_path / "state")
+    ctl = fake_controller(load_spec(write_spec(EVEN_TWO_REGIONS)), tmp_path / "state")
     metrics = Metrics()
     metrics.watch(ctl)
     ctl.tick()

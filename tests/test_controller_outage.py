@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from controller_fakes import (
     REFUSED_RUN,
+    TWO_ROOT_SPEC,
     Clock,
     DeadCloud,
     FakeExecutor,
@@ -34,14 +35,7 @@ from skyhedge.service import resolve_placement
 from skyhedge.spec import load_spec
 from skyhedge.state import FAILING_ROOTS_KEY, ServiceState, load_state, save_state
 
-#: Two AWS zones (one root, aws/us-east-1) and two local ones (local/local), four spot replicas.
-SPEC = """
-name: svc
-resources: {instance_type: {aws: g5.xlarge}}
-placement: {clouds: [aws, local], regions: [us-east-1, local], zones: [use1-az1, use1-az2, local-a, local-b]}
-replica_policy: {min_replicas: 4, num_overprovision: 0, policy: spothedge}
-run: {command: serve}
-"""
+SPEC = TWO_ROOT_SPEC
 AWS = "aws/us-east-1"
 #: What Terraform's AWS provider says when the session token expired (measured, terraform 1.11.4)
 EXPIRED = (

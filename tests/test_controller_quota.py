@@ -12,7 +12,7 @@ import logging
 from pathlib import Path
 
 import pytest
-from controller_fakes import Clock, FakeExecutor, clocked_controller, reconfigured, run_for
+from controller_fakes import TWO_REGION_SPEC, Clock, FakeExecutor, clocked_controller, reconfigured, run_for
 
 from skyhedge.clouds import quota_refusal
 from skyhedge.controller.loop import SPOT_RETRY_MAX_SECONDS, Controller
@@ -21,17 +21,7 @@ from skyhedge.policy.types import ReplicaStatus
 from skyhedge.spec import load_spec
 from skyhedge.state import ServiceState
 
-#: Two AWS regions of three zones each, N = 3; us-west-2 (the cheaper, where the policies go
-#: first) is the region whose quota is used up.
-SPEC = """
-name: svc
-placement:
-  clouds: [aws]
-  zones: [use1-az1, use1-az2, use1-az4, usw2-az1, usw2-az2, usw2-az3]
-resources: {instance_type: {aws: g5.xlarge}}
-replica_policy: {min_replicas: 3%s}
-run: {command: "true"}
-"""
+SPEC = TWO_REGION_SPEC  # (us-west-2: the region whose quota is used up)
 BLOCKED = "us-west-2"
 SPOT_QUOTA = "'All G and VT Spot Instance Requests'"
 
