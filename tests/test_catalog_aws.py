@@ -231,3 +231,16 @@ def test_refresh_rejects_unknown_region_and_type() -> None:
         refresh_aws(base, regions=["us-east-7"], client_factory=lambda region: None)
     with pytest.raises(CatalogError, match="unknown instance type 'g5.huge'"):
         refresh_aws(base, instance_types=["g5.huge"], client_factory=lambda region: None)
+
+
+def test_a_refresh_asks_ec2_with_bounded_waits(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An EC2 endpoint that accepts and never answers must not hold `catalog refresh` for
+    botocore's defaults (60 s per read, legacy retries) in every region: 5 s to connect, 30 s
+    per read, 3 retries in standard mode."""
+    from skyhedge.catalog.aws import _boto3_client_factory
+
+    for name, value in {"AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "y"}.items():
+        monkeypatch.setenv(name, value)
+    config = _boto3_client_factory()("us-east-1").meta.config
+    assert (config.connect_timeout, config.read_timeout) == (5, 30)
+    assert config.retries["mode"] == "standard" and config.retries["total_max_attempts"] == 4

@@ -214,11 +214,17 @@ def refresh_aws(
 
 
 def _boto3_client_factory() -> Any:
+    """EC2 clients with bounded waits, as the watcher's (`clouds.aws.events`): with botocore's
+    defaults (60 s to connect, 60 s per read, legacy retries) an endpoint that accepts and never
+    answers held `catalog refresh` for minutes per region."""
     import boto3
+    from botocore.config import Config
+
+    config = Config(connect_timeout=5, read_timeout=30, retries={"mode": "standard", "max_attempts": 3})
 
     def factory(region: str) -> Any:
         try:
-            return boto3.client("ec2", region_name=region)
+            return boto3.client("ec2", region_name=region, config=config)
         except (BotoCoreError, ClientError) as exc:
             raise CloudError(f"cannot create an EC2 client for {region}: {exc}") from exc
 
