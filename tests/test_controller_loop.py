@@ -1399,6 +1399,18 @@ THREE_ZONES_V1 = (
 )
 
 
+def _base_ondemand_spec(n: int, base: int, policy: str) -> str:
+    """Three local zones, N replicas of which `base` are the base on-demand ones, no extra, and a
+    probe whose cold start (600 s) outlasts a pass: the rolling-update-with-base tests' service."""
+    return (
+        "name: svc\nplacement: {clouds: [local], zones: [local-a, local-b, local-c]}\n"
+        f"replica_policy: {{min_replicas: {n}, num_overprovision: 0, "
+        f"base_ondemand_fallback_replicas: {base}, policy: {policy}}}\n"
+        "readiness_probe: {path: /health, initial_delay_seconds: 600}\n"
+        'run: {command: "v1"}\n'
+    )
+
+
 def _calm_gathered(tmp_path: Path, write_spec, text: str, passes: int = 600) -> tuple[Controller, Clock]:
     """A controller of `text` (cold starts of 120 s) after `passes` passes 120 s apart (600: 20 h
     of calm, the replicas settled)."""
@@ -1466,13 +1478,7 @@ def test_a_rolling_update_of_an_all_on_demand_service_keeps_n_ready(tmp_path: Pa
     READY spot replicas in the pass that launched the last on-demand replacement (measured, 120 s
     cold start: N = 1 at 0 READY, N = 3 at 2, for 120 s; the default policy first, SpotHedge
     and SkyServe until review 4). They serve until the on-demand replicas are READY."""
-    text = (
-        "name: svc\nplacement: {clouds: [local], zones: [local-a, local-b, local-c]}\n"
-        f"replica_policy: {{min_replicas: {n}, num_overprovision: 0, base_ondemand_fallback_replicas: {n}, "
-        f"policy: {policy}}}\n"
-        "readiness_probe: {path: /health, initial_delay_seconds: 600}\n"
-        'run: {command: "v1"}\n'
-    )
+    text = _base_ondemand_spec(n, n, policy)
     ctl, clock = _calm_gathered(tmp_path, write_spec, text, passes=30)
     old = ctl.state.live()
     assert [r.market for r in old] == ["on-demand"] * n
@@ -1491,13 +1497,7 @@ def test_a_rolling_update_with_a_base_on_demand_replica_keeps_n_ready(tmp_path: 
     replica back for an on-demand one, released READY in the pass that launched it (measured,
     120 s cold start: N = 2 at 1 READY with `skyhedge`, N = 3 at 2 with SpotHedge and SkyServe,
     for a cold start). The READY spot replica serves until the on-demand one is READY."""
-    text = (
-        "name: svc\nplacement: {clouds: [local], zones: [local-a, local-b, local-c]}\n"
-        f"replica_policy: {{min_replicas: {n}, num_overprovision: 0, base_ondemand_fallback_replicas: 1, "
-        f"policy: {policy}}}\n"
-        "readiness_probe: {path: /health, initial_delay_seconds: 600}\n"
-        'run: {command: "v1"}\n'
-    )
+    text = _base_ondemand_spec(n, 1, policy)
     ctl, clock = _calm_gathered(tmp_path, write_spec, text, passes=150)
     old = ctl.state.live()
     assert sorted(r.market for r in old) == ["on-demand"] + ["spot"] * (n - 1)
